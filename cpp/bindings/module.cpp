@@ -1,0 +1,214 @@
+// normengine._C: the only pybind11 code. Python tensors (torch, numpy: anything with __dlpack__)
+// become non-owning TensorViews for the duration of a call; C++ errors become the classes of
+// normengine.errors. Kernels run with the GIL released.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "dlpack/dlpack.h"
+#include "normengine/ops.h"
+
+namespace py = pybind11;
+using ne::TensorView;
+
+namespace {
+
+// Keeps the DLPack capsules (and so the producers' tensors) alive while a call runs.
+struct Borrowed {
+  std::vector<py::object> keep;
+};
+
+ne::DType dtype_of(const DLDataType& t, const char* name) {
+  if (t.lanes == 1) {
+    if (t.code == kDLFloat && t.bits == 32) return ne::DType::F32;
+    if (t.code == kDLFloat && t.bits == 16) return ne::DType::F16;
+    if (t.code == kDLFloat && t.bits == 64) return ne::DType::F64;
+    if (t.code == kDLBfloat && t.bits == 16) return ne::DType::BF16;
+    if (t.code == kDLInt && t.bits == 8) return ne::DType::I8;
+    if (t.code == kDLInt && t.bits == 32) return ne::DType::I32;
+    if (t.code == kDLInt && t.bits == 64) return ne::DType::I64;
+    if (t.code == kDLUInt && t.bits == 8) return ne::DType::U8;
+    if (t.code == kDLBool) return ne::DType::Bool;
+  }
+  throw ne::DTypeError(std::string(name) + ": unsupported element type (DLPack code " + std::to_string(t.code) +
+                       ", " + std::to_string(t.bits) + " bits)");
+}
+
+TensorView view_of(py::handle obj, const char* name, Borrowed& b) {
+  if (obj.is_none()) throw ne::ValueError(std::string(name) + ": expected a tensor, got None");
+  py::object src = py::reinterpret_borrow<py::object>(obj);
+  if (!py::hasattr(src, "__dlpack__"))
+    throw ne::DTypeError(std::string(name) + ": expected a torch tensor or numpy array, got " +
+                         std::string(py::str(py::type::of(src).attr("__name__"))));
+  // torch refuses to export tensors that require grad; the kernels only read them.
+  if (py::hasattr(src, "requires_grad") && src.attr("requires_grad").cast<bool>()) src = src.attr("detach")();
+  py::object cap = src.attr("__dlpack__")();
+  b.keep.push_back(cap);
+  PyObject* c = cap.ptr();
+  DLTensor* t = nullptr;
+  if (PyCapsule_IsValid(c, "dltensor")) {
+    t = &static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"))->dl_tensor;
+  } else if (PyCapsule_IsValid(c, "dltensor_versioned")) {
+    t = &static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(c, "dltensor_versioned"))->dl_tensor;
+  } else {
+    throw ne::DTypeError(std::string(name) + ": __dlpack__ did not return a DLPack capsule");
+  }
+  if (t->ndim > ne::kMaxDims)
+    throw ne::ShapeError(std::string(name) + ": at most " + std::to_string(ne::kMaxDims) + " dimensions supported");
+  TensorView v;
+  v.name = name;
+  v.dtype = dtype_of(t->dtype, name);
+  v.data = static_cast<char*>(t->data) + t->byte_offset;
+  v.ndim = t->ndim;
+  int64_t st = 1;
+  for (int d = t->ndim - 1; d >= 0; --d) {
+    v.shape[d] = t->shape[d];
+    v.strides[d] = t->strides ? t->strides[d] : st;
+    st *= t->shape[d];
+  }
+  if (t->device.device_type == kDLCPU) {
+    v.device = {ne::DeviceType::CPU, 0};
+  } else if (t->device.device_type == kDLCUDA) {
+    v.device = {ne::DeviceType::CUDA, t->device.device_id};
+  } else {
+    throw ne::DeviceError(std::string(name) + ": unsupported device (DLPack device type " +
+                          std::to_string(t->device.device_type) + "); normengine runs on CPU and CUDA");
+  }
+  return v;
+}
+
+struct Opt {  // an optional tensor argument
+  bool has = false;
+  TensorView v;
+  const TensorView* ptr() const { return has ? &v : nullptr; }
+};
+Opt opt_view(py::handle obj, const char* name, Borrowed& b) {
+  Opt o;
+  if (!obj.is_none()) {
+    o.v = view_of(obj, name, b);
+    o.has = true;
+  }
+  return o;
+}
+
+ne::NormKind norm_kind(int k) {
+  if (k < 0 || k > 2) throw ne::ValueError("kind: expected 0 (layer), 1 (rms) or 2 (crms)");
+  return static_cast<ne::NormKind>(k);
+}
+
+ne::Ctx ctx_of(std::uintptr_t stream) {
+  ne::Ctx c;
+  c.cuda_stream = reinterpret_cast<void*>(stream);
+  return c;
+}
+
+void raise_as(const char* cls, const char* fallback_builtin, const char* msg) {
+  // normengine.errors holds the classes; fall back to builtins if it cannot be imported.
+  try {
+    py::object mod = py::module_::import("normengine.errors");
+    PyErr_SetString(mod.attr(cls).ptr(), msg);
+  } catch (py::error_already_set&) {
+    PyErr_SetString(py::module_::import("builtins").attr(fallback_builtin).ptr(), msg);
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "normengine native kernels";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const ne::ShapeError& e) {
+      raise_as("ShapeError", "ValueError", e.what());
+    } catch (const ne::DTypeError& e) {
+      raise_as("DTypeError", "TypeError", e.what());
+    } catch (const ne::DeviceError& e) {
+      raise_as("DeviceError", "ValueError", e.what());
+    } catch (const ne::UnsupportedError& e) {
+      raise_as("UnsupportedError", "ValueError", e.what());
+    } catch (const ne::ValueError& e) {
+      raise_as("ArgumentError", "ValueError", e.what());
+    } catch (const ne::Error& e) {
+      raise_as("NormEngineError", "RuntimeError", e.what());
+    }
+  });
+
+  // ---------------------------------------------------------------- runtime
+  m.def("cpu_isa", &ne::cpu_isa, "The CPU kernels in use: 'avx512', 'avx2' or 'generic'.");
+  m.def("force_cpu_isa", [](const std::string& s) { ne::force_cpu_isa(s.c_str()); }, py::arg("isa"),
+        "Use a lower ISA's CPU kernels (testing the fallbacks).");
+  m.def("num_threads", &ne::num_threads);
+  m.def("set_num_threads", &ne::set_num_threads, py::arg("n"));
+  m.def("built_with_cuda", &ne::built_with_cuda);
+  m.def("cuda_available", &ne::cuda_available);
+
+  // ---------------------------------------------------------------- normalization
+  m.def(
+      "norm_forward",
+      [](int kind, py::handle x, py::handle residual, py::handle weight, py::handle bias, double eps,
+         py::handle y, py::handle residual_out, py::handle mean, py::handle rstd, std::uintptr_t stream) {
+        Borrowed b;
+        TensorView vx = view_of(x, "x", b), vy = view_of(y, "out", b);
+        Opt r = opt_view(residual, "residual", b), w = opt_view(weight, "weight", b),
+            bi = opt_view(bias, "bias", b), ro = opt_view(residual_out, "residual_out", b),
+            mu = opt_view(mean, "mean", b), rs = opt_view(rstd, "rstd", b);
+        py::gil_scoped_release nogil;
+        ne::norm_forward(norm_kind(kind), vx, r.ptr(), w.ptr(), bi.ptr(), eps, vy, ro.ptr(), mu.ptr(), rs.ptr(),
+                         ctx_of(stream));
+      },
+      py::arg("kind"), py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
+      py::arg("y"), py::arg("residual_out"), py::arg("mean"), py::arg("rstd"), py::arg("stream") = 0);
+
+  m.def(
+      "norm_backward",
+      [](int kind, py::handle dy, py::handle h, py::handle weight, py::handle rstd, py::handle dresidual,
+         py::handle dx, py::handle dweight, py::handle dbias, std::uintptr_t stream) {
+        Borrowed b;
+        TensorView vdy = view_of(dy, "grad_output", b), vh = view_of(h, "x", b), vr = view_of(rstd, "rstd", b),
+                   vdx = view_of(dx, "grad_input", b);
+        Opt w = opt_view(weight, "weight", b), dr = opt_view(dresidual, "grad_residual", b),
+            dw = opt_view(dweight, "grad_weight", b), db = opt_view(dbias, "grad_bias", b);
+        py::gil_scoped_release nogil;
+        ne::norm_backward(norm_kind(kind), vdy, vh, w.ptr(), vr, dr.ptr(), vdx, dw.ptr(), db.ptr(), ctx_of(stream));
+      },
+      py::arg("kind"), py::arg("dy"), py::arg("h"), py::arg("weight"), py::arg("rstd"), py::arg("dresidual"),
+      py::arg("dx"), py::arg("dweight"), py::arg("dbias"), py::arg("stream") = 0);
+
+  // ---------------------------------------------------------------- per-channel
+  m.def(
+      "channel_moments",
+      [](py::handle x, py::handle dy, py::handle out1, py::handle out2, std::uintptr_t stream) {
+        Borrowed b;
+        TensorView vx = view_of(x, "x", b), o1 = view_of(out1, "out1", b);
+        Opt d = opt_view(dy, "grad_output", b), o2 = opt_view(out2, "out2", b);
+        py::gil_scoped_release nogil;
+        ne::channel_moments(vx, d.ptr(), o1, o2.ptr(), ctx_of(stream));
+      },
+      py::arg("x"), py::arg("dy"), py::arg("out1"), py::arg("out2"), py::arg("stream") = 0);
+
+  m.def(
+      "channel_affine",
+      [](py::handle x, py::handle a, py::handle bias, py::handle y, std::uintptr_t stream) {
+        Borrowed b;
+        TensorView vx = view_of(x, "x", b), va = view_of(a, "scale", b), vy = view_of(y, "out", b);
+        Opt vb = opt_view(bias, "shift", b);
+        py::gil_scoped_release nogil;
+        ne::channel_affine(vx, va, vb.ptr(), vy, ctx_of(stream));
+      },
+      py::arg("x"), py::arg("a"), py::arg("b"), py::arg("y"), py::arg("stream") = 0);
+
+  m.def(
+      "channel_lincomb",
+      [](py::handle u, py::handle a, py::handle v, py::handle c, py::handle out, std::uintptr_t stream) {
+        Borrowed b;
+        TensorView vu = view_of(u, "u", b), va = view_of(a, "a", b), vv = view_of(v, "v", b),
+                   vc = view_of(c, "b", b), vo = view_of(out, "out", b);
+        py::gil_scoped_release nogil;
+        ne::channel_lincomb(vu, va, vv, vc, vo, ctx_of(stream));
+      },
+      py::arg("u"), py::arg("a"), py::arg("v"), py::arg("b"), py::arg("out"), py::arg("stream") = 0);
+}

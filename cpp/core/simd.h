@@ -1,0 +1,197 @@
+// The vector abstraction the CPU kernels are written against. A kernel source file is compiled once
+// per ISA (CMake adds -DNE_ISA_AVX512 / -DNE_ISA_AVX2 / -DNE_ISA_GENERIC with matching -m flags and
+// -DNE_ISA_NS=<namespace>); this header then defines, inside that namespace:
+//
+//   VF  float lanes (16 on AVX-512, 8 on AVX2, 8 plain floats in the generic build)
+//   VD  one double "lane": the same kernels run in float64 for the float64 entry points (gradcheck)
+//
+// Each provides N, acc_t, zero(), set1(), load<T>(p) / load<T>(p, k) (the first k lanes, rest 0),
+// store<T>(p, v) / store<T>(p, v, k), add, sub, mul, fma(a, b, c) = a*b + c, keep(v, k) (lanes >= k
+// set to 0) and reduce (sum of lanes). T is the element type in memory (float, bf16, f16; double for VD); values are converted to
+// acc_t on load and rounded to nearest-even on store.
+//
+// Everything here lives in the ISA's namespace and uses only intrinsics and builtins, so no inline
+// function compiled with AVX-512 flags can be merged by the linker into code that runs on a lesser CPU.
+#pragma once
+#include <cstdint>
+
+#include "core/half.h"
+
+#if defined(NE_ISA_AVX512) || defined(NE_ISA_AVX2)
+#include <immintrin.h>
+#endif
+
+#ifndef NE_ISA_NS
+#error "compile kernel files through CMake's per-ISA targets (NE_ISA_NS undefined)"
+#endif
+
+namespace ne {
+namespace NE_ISA_NS {
+
+// ------------------------------------------------------------------------------------ VD
+struct VD {
+  using acc_t = double;
+  using R = double;
+  static constexpr int N = 1;
+  static R zero() { return 0.0; }
+  static R set1(double a) { return a; }
+  template <class T> static R load(const T* p) { return static_cast<double>(*p); }
+  template <class T> static R load(const T* p, int k) { return k > 0 ? static_cast<double>(*p) : 0.0; }
+  template <class T> static void store(T* p, R v) { *p = static_cast<T>(v); }
+  template <class T> static void store(T* p, R v, int k) { if (k > 0) *p = static_cast<T>(v); }
+  static R add(R a, R b) { return a + b; }
+  static R sub(R a, R b) { return a - b; }
+  static R mul(R a, R b) { return a * b; }
+  static R fma(R a, R b, R c) { return a * b + c; }
+  static double reduce(R a) { return a; }
+  static R keep(R a, int k) { return k > 0 ? a : 0.0; }
+};
+
+#if defined(NE_ISA_AVX512)
+// ------------------------------------------------------------------------------------ AVX-512
+struct VF {
+  using acc_t = float;
+  using R = __m512;
+  static constexpr int N = 16;
+  static __mmask16 mask(int k) { return static_cast<__mmask16>((1u << k) - 1u); }
+  static R zero() { return _mm512_setzero_ps(); }
+  static R set1(float a) { return _mm512_set1_ps(a); }
+  static R widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+  static __m256i narrow_bf16(R v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+  }
+  // full loads
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static R load(const bf16* p) { return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static R load(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  // partial loads
+  static R load(const float* p, int k) { return _mm512_maskz_loadu_ps(mask(k), p); }
+  static R load(const bf16* p, int k) { return widen_bf16(_mm256_maskz_loadu_epi16(mask(k), p)); }
+  static R load(const f16* p, int k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(k), p)); }
+  // stores
+  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static void store(bf16* p, R v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow_bf16(v)); }
+  static void store(f16* p, R v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static void store(float* p, R v, int k) { _mm512_mask_storeu_ps(p, mask(k), v); }
+  static void store(bf16* p, R v, int k) { _mm256_mask_storeu_epi16(p, mask(k), narrow_bf16(v)); }
+  static void store(f16* p, R v, int k) {
+    _mm256_mask_storeu_epi16(p, mask(k), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R keep(R a, int k) { return _mm512_maskz_mov_ps(mask(k), a); }
+  static double reduce(R a) {  // pairwise in float, final adds in double
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    alignas(16) float t[4];
+    _mm_store_ps(t, q);
+    return (static_cast<double>(t[0]) + t[1]) + (static_cast<double>(t[2]) + t[3]);
+  }
+};
+
+#elif defined(NE_ISA_AVX2)
+// ------------------------------------------------------------------------------------ AVX2 + FMA + F16C
+struct VF {
+  using acc_t = float;
+  using R = __m256;
+  static constexpr int N = 8;
+  static __m256i mask(int k) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static R zero() { return _mm256_setzero_ps(); }
+  static R set1(float a) { return _mm256_set1_ps(a); }
+  static R widen_bf16(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+  static __m128i narrow_bf16(R v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    __m256i qn = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    r = _mm256_blendv_epi8(r, qn, nan);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  }
+  static __m128i load16(const void* p, int k) {  // first k of 8 16-bit values, rest zero
+    alignas(16) uint16_t t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    __builtin_memcpy(t, p, static_cast<unsigned>(k) * 2u);
+    return _mm_load_si128(reinterpret_cast<const __m128i*>(t));
+  }
+  static void store16(void* p, __m128i v, int k) {
+    alignas(16) uint16_t t[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(t), v);
+    __builtin_memcpy(p, t, static_cast<unsigned>(k) * 2u);
+  }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static R load(const bf16* p) { return widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static R load(const f16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static R load(const float* p, int k) { return _mm256_maskload_ps(p, mask(k)); }
+  static R load(const bf16* p, int k) { return widen_bf16(load16(p, k)); }
+  static R load(const f16* p, int k) { return _mm256_cvtph_ps(load16(p, k)); }
+  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static void store(bf16* p, R v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow_bf16(v)); }
+  static void store(f16* p, R v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static void store(float* p, R v, int k) { _mm256_maskstore_ps(p, mask(k), v); }
+  static void store(bf16* p, R v, int k) { store16(p, narrow_bf16(v), k); }
+  static void store(f16* p, R v, int k) {
+    store16(p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), k);
+  }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R keep(R a, int k) { return _mm256_and_ps(a, _mm256_castsi256_ps(mask(k))); }
+  static double reduce(R a) {
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    alignas(16) float t[4];
+    _mm_store_ps(t, q);
+    return (static_cast<double>(t[0]) + t[1]) + (static_cast<double>(t[2]) + t[3]);
+  }
+};
+
+#else
+// ------------------------------------------------------------------------------------ portable
+// Eight plain floats; the loops are simple enough for the compiler's auto-vectorizer (SSE2 on
+// baseline x86-64, NEON on arm64).
+struct VF {
+  using acc_t = float;
+  static constexpr int N = 8;
+  struct R { float v[8]; };
+  static R zero() { R r; for (int i = 0; i < N; ++i) r.v[i] = 0.f; return r; }
+  static R set1(float a) { R r; for (int i = 0; i < N; ++i) r.v[i] = a; return r; }
+  template <class T> static R load(const T* p) { R r; for (int i = 0; i < N; ++i) r.v[i] = to_f32(p[i]); return r; }
+  template <class T> static R load(const T* p, int k) {
+    R r; for (int i = 0; i < N; ++i) r.v[i] = i < k ? to_f32(p[i]) : 0.f; return r;
+  }
+  template <class T> static void store(T* p, R a) { for (int i = 0; i < N; ++i) p[i] = from_f32<T>(a.v[i]); }
+  template <class T> static void store(T* p, R a, int k) { for (int i = 0; i < k; ++i) p[i] = from_f32<T>(a.v[i]); }
+  static R add(R a, R b) { for (int i = 0; i < N; ++i) a.v[i] += b.v[i]; return a; }
+  static R sub(R a, R b) { for (int i = 0; i < N; ++i) a.v[i] -= b.v[i]; return a; }
+  static R mul(R a, R b) { for (int i = 0; i < N; ++i) a.v[i] *= b.v[i]; return a; }
+  static R fma(R a, R b, R c) { for (int i = 0; i < N; ++i) c.v[i] += a.v[i] * b.v[i]; return c; }
+  static R keep(R a, int k) { for (int i = k; i < N; ++i) a.v[i] = 0.f; return a; }
+  static double reduce(R a) {
+    double s = 0; for (int i = 0; i < N; ++i) s += a.v[i]; return s;
+  }
+};
+#endif
+
+// Load/store the first k <= N elements: the full-width instruction when k == N.
+template <class V, class T> inline typename V::R loadn(const T* p, int k) {
+  return k == V::N ? V::load(p) : V::load(p, k);
+}
+template <class V, class T> inline void storen(T* p, typename V::R v, int k) {
+  if (k == V::N) V::store(p, v); else V::store(p, v, k);
+}
+
+}  // namespace NE_ISA_NS
+}  // namespace ne

@@ -1,0 +1,65 @@
+// Every op's forward/backward entry point. Each takes views of caller-owned memory (outputs too:
+// nothing here allocates a tensor-sized buffer), checks its arguments (throwing ne::*Error naming the
+// argument), and runs the CPU kernel for the best ISA of this machine or the CUDA kernel, chosen by
+// the inputs' device.
+//
+// Dtype rule for the norm family: x, residual, y, dy, dx share one dtype (f32, f16, bf16, f64);
+// per-channel vectors (weight, bias, their gradients) and per-row statistics (mean, rstd) are f32,
+// or f64 when x is f64. All accumulation is in f32 (f64 for f64 inputs).
+#pragma once
+#include "normengine/tensor.h"
+
+namespace ne {
+
+// Where CUDA kernels run: the caller's stream (torch's current stream from Python). Ignored on CPU.
+struct Ctx {
+  void* cuda_stream = nullptr;
+};
+
+// ---------------------------------------------------------------- runtime
+const char* cpu_isa();            // "avx512", "avx2" or "generic": the kernels in use on this CPU
+void force_cpu_isa(const char* isa);  // testing: use a lower ISA's kernels ("avx2", "generic")
+int num_threads();
+void set_num_threads(int n);      // n <= 0: one per available core
+bool built_with_cuda();
+bool cuda_available();            // built with CUDA and a device is visible
+
+// ---------------------------------------------------------------- normalization
+enum class NormKind : int {
+  LayerNorm = 0,  // y = (x - mean(x)) / sqrt(var(x) + eps) * w + b
+  RMSNorm = 1,    // y = x / sqrt(mean(x^2) + eps) * w
+  CRMSNorm = 2,   // x: first d-1 coords of a zero-mean d-vector (d = n + 1):
+                  // y = x / sqrt((sum x^2 + (sum x)^2) / d + eps) * w
+};
+
+// y = norm(h) with h = x (+ residual). With `residual`, h is also written to `residual_out`
+// (x + residual in x's dtype, the value the norm then reads), in one pass over memory.
+// weight, bias: [n] or null. mean, rstd: [rows] or null (mean only for LayerNorm).
+void norm_forward(NormKind kind, const TensorView& x, const TensorView* residual,
+                  const TensorView* weight, const TensorView* bias, double eps,
+                  const TensorView& y, const TensorView* residual_out, const TensorView* mean,
+                  const TensorView* rstd, const Ctx& ctx = {});
+
+// Gradients of y = norm(h) * w + b given dy, the normalized input h and the saved rstd.
+// dx = dnorm/dh . dy (+ dresidual: the gradient reaching residual_out, for the fused add).
+// dweight, dbias ([n], accumulator dtype): written (not accumulated into), or null when not needed.
+void norm_backward(NormKind kind, const TensorView& dy, const TensorView& h,
+                   const TensorView* weight, const TensorView& rstd, const TensorView* dresidual,
+                   const TensorView& dx, const TensorView* dweight, const TensorView* dbias,
+                   const Ctx& ctx = {});
+
+// ---------------------------------------------------------------- per-channel ops (Unified Norm)
+// Column reductions over the rows of x [rows, n]:
+//   dy == null: out1[c] = sum_r x[r,c]^2
+//   dy != null: out1[c] = sum_r x[r,c] * dy[r,c],  out2[c] = sum_r dy[r,c]  (out2 may be null)
+// Outputs [n] in the accumulator dtype.
+void channel_moments(const TensorView& x, const TensorView* dy, const TensorView& out1,
+                     const TensorView* out2, const Ctx& ctx = {});
+// y[r,c] = a[c] * x[r,c] (+ b[c])
+void channel_affine(const TensorView& x, const TensorView& a, const TensorView* b,
+                    const TensorView& y, const Ctx& ctx = {});
+// out[r,c] = a[c] * u[r,c] + b[c] * v[r,c]
+void channel_lincomb(const TensorView& u, const TensorView& a, const TensorView& v,
+                     const TensorView& b, const TensorView& out, const Ctx& ctx = {});
+
+}  // namespace ne

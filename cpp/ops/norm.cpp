@@ -1,0 +1,462 @@
+// Normalization kernels (CPU): LayerNorm, RMSNorm, CRMSNorm, each optionally fused with the residual
+// add before it, forward and backward; and the per-channel reductions and affines that Unified
+// Normalization is built from.
+//
+// This file is compiled once per ISA (see CMakeLists.txt); the entry points at the bottom are
+// compiled only in the generic build and pick the best ISA's kernel table at run time.
+//
+// Work split: one row (token) at a time, rows spread over threads. A row of up to several thousand
+// features stays in L1/L2 while the kernel makes its passes over it, so each kernel streams every
+// tensor through memory once: forward reads x (and residual) and writes y (and x + residual);
+// backward reads dy and h and writes dx. That is the traffic of a copy, the bound these kernels aim at.
+#include "core/parallel.h"
+#include "core/simd.h"
+#include "ops/norm.h"
+
+namespace ne {
+namespace NE_ISA_NS {
+
+template <class V, class T>
+struct NormRows {
+  using R = typename V::R;
+  using A = typename V::acc_t;  // float, or double for float64 tensors
+  static constexpr int N = V::N;
+
+  static int width(int64_t n, int64_t i) { return n - i < N ? static_cast<int>(n - i) : N; }
+
+  // sum over the row of term(i, k), a vector whose lanes >= k are zero; two accumulators.
+  template <class F>
+  static double row_sum(int64_t n, F term) {
+    R a0 = V::zero(), a1 = V::zero();
+    int64_t i = 0;
+    for (; i + 2 * N <= n; i += 2 * N) {
+      a0 = V::add(a0, term(i, N));
+      a1 = V::add(a1, term(i + N, N));
+    }
+    for (; i < n; i += N) a0 = V::add(a0, term(i, width(n, i)));
+    return V::reduce(V::add(a0, a1));
+  }
+
+  static R load_w(const A* w, int64_t i, int k) { return w ? loadn<V>(w + i, k) : V::set1(A(1)); }
+  static R load_b(const A* b, int64_t i, int k) { return b ? loadn<V>(b + i, k) : V::zero(); }
+
+  // ---------------------------------------------------------------- row statistics
+  // LayerNorm, shifted two-pass. With K = h[0]:
+  //   delta = mean(h - K),   mean = K + delta,   var = mean((h - K - delta)^2)
+  // h - K is exact for values near K, so rows such as 1e4 + N(0, 1) keep every significant digit
+  // (a plain sum of h, or E[h^2] - E[h]^2, loses them in float32).
+  static void ln_center(const T* h, int64_t n, A& K, A& delta) {
+    K = static_cast<A>(V::reduce(V::load(h, 1)));
+    const R Kv = V::set1(K);
+    delta = static_cast<A>(
+        row_sum(n, [&](int64_t i, int k) { return V::keep(V::sub(loadn<V>(h + i, k), Kv), k); }) / n);
+  }
+  static A ln_rstd(const T* h, int64_t n, A K, A delta, double eps) {
+    const R Kv = V::set1(K), Dv = V::set1(delta);
+    double q = row_sum(n, [&](int64_t i, int k) {
+      R c = V::keep(V::sub(V::sub(loadn<V>(h + i, k), Kv), Dv), k);
+      return V::mul(c, c);
+    });
+    return static_cast<A>(1.0 / __builtin_sqrt(q / n + eps));
+  }
+  // RMSNorm: rstd = 1 / sqrt(mean(h^2) + eps)
+  static A rms_rstd(const T* h, int64_t n, double eps) {
+    double q = row_sum(n, [&](int64_t i, int k) { R v = loadn<V>(h + i, k); return V::mul(v, v); });
+    return static_cast<A>(1.0 / __builtin_sqrt(q / n + eps));
+  }
+  // CRMSNorm over the n = d - 1 stored coordinates; the missing one is -sum(h):
+  //   rstd = 1 / sqrt((sum h^2 + (sum h)^2) / d + eps)
+  static A crms_rstd(const T* h, int64_t n, double eps, double& s) {
+    s = row_sum(n, [&](int64_t i, int k) { return loadn<V>(h + i, k); });
+    double q = row_sum(n, [&](int64_t i, int k) { R v = loadn<V>(h + i, k); return V::mul(v, v); });
+    return static_cast<A>(1.0 / __builtin_sqrt((q + s * s) / static_cast<double>(n + 1) + eps));
+  }
+
+  // ---------------------------------------------------------------- forward, one row
+  //   h = x (+ r, stored to h_out in T, and normalized as stored)
+  //   LayerNorm: y = (h - mean) * rstd * w + b      RMSNorm / CRMSNorm: y = h * rstd * w
+  static void forward_row(const NormFwdArgs& a, int64_t r) {
+    const int64_t n = a.x.cols;
+    const A* w = static_cast<const A*>(a.w);
+    const A* b = static_cast<const A*>(a.b);
+    const T* h = a.x.row<const T>(r);
+    if (a.res.data) {
+      const T* res = a.res.row<const T>(r);
+      T* ho = a.res_out.row<T>(r);
+      for (int64_t i = 0; i < n; i += N) {
+        int k = width(n, i);
+        storen<V>(ho + i, V::add(loadn<V>(h + i, k), loadn<V>(res + i, k)), k);
+      }
+      h = ho;
+    }
+    T* y = a.y.row<T>(r);
+    A rstd, mean = A(0);
+    if (a.kind == NormKind::LayerNorm) {
+      A K, delta;
+      ln_center(h, n, K, delta);
+      rstd = ln_rstd(h, n, K, delta, a.eps);
+      mean = K + delta;
+      const R Kv = V::set1(K), Dv = V::set1(delta), Sv = V::set1(rstd);
+      for (int64_t i = 0; i < n; i += N) {
+        int k = width(n, i);
+        R xhat = V::mul(V::sub(V::sub(loadn<V>(h + i, k), Kv), Dv), Sv);
+        storen<V>(y + i, V::fma(xhat, load_w(w, i, k), load_b(b, i, k)), k);
+      }
+    } else {
+      double s = 0;
+      rstd = a.kind == NormKind::RMSNorm ? rms_rstd(h, n, a.eps) : crms_rstd(h, n, a.eps, s);
+      const R Sv = V::set1(rstd);
+      for (int64_t i = 0; i < n; i += N) {
+        int k = width(n, i);
+        R xhat = V::mul(loadn<V>(h + i, k), Sv);
+        storen<V>(y + i, b ? V::fma(xhat, load_w(w, i, k), load_b(b, i, k)) : V::mul(xhat, load_w(w, i, k)), k);
+      }
+    }
+    if (a.mean) static_cast<A*>(a.mean)[r] = mean;
+    if (a.rstd) static_cast<A*>(a.rstd)[r] = rstd;
+  }
+
+  // ---------------------------------------------------------------- backward, one row
+  // With g = dy * w and xhat the normalized row (as in forward):
+  //   LayerNorm: dh = rstd * (g - mean(g) - xhat * mean(g * xhat))
+  //   RMSNorm:   dh = rstd * (g - xhat * mean(g * xhat))
+  //   CRMSNorm:  dh = rstd * (g - (xhat + rstd * sum(h)) * sum(g * xhat) / d)     (d = n + 1)
+  //   dx = dh (+ dres);  dw += dy * xhat;  db += dy   (into this thread's partial sums)
+  static void backward_row(const NormBwdArgs& a, int64_t r, A* dw, A* db) {
+    const int64_t n = a.h.cols;
+    const A* w = static_cast<const A*>(a.w);
+    const T* h = a.h.row<const T>(r);
+    const T* dy = a.dy.row<const T>(r);
+    const T* dres = a.dres.data ? a.dres.row<const T>(r) : nullptr;
+    T* dx = a.dx.row<T>(r);
+    const A rstd = static_cast<const A*>(a.rstd)[r];
+    const R Sv = V::set1(rstd);
+    // xhat = (h - shift) * rstd, with shift = K + delta for LayerNorm, 0 otherwise
+    A K = A(0), delta = A(0);
+    double hsum = 0;
+    if (a.kind == NormKind::LayerNorm) ln_center(h, n, K, delta);
+    if (a.kind == NormKind::CRMSNorm) hsum = row_sum(n, [&](int64_t i, int k) { return loadn<V>(h + i, k); });
+    const R Kv = V::set1(K), Dv = V::set1(delta);
+    auto xhat_at = [&](int64_t i, int k) { return V::mul(V::sub(V::sub(loadn<V>(h + i, k), Kv), Dv), Sv); };
+
+    R sg0 = V::zero(), sgx0 = V::zero();
+    for (int64_t i = 0; i < n; i += N) {
+      int k = width(n, i);
+      R d = loadn<V>(dy + i, k), xh = V::keep(xhat_at(i, k), k);
+      R g = V::mul(d, load_w(w, i, k));
+      sg0 = V::add(sg0, g);
+      sgx0 = V::fma(g, xh, sgx0);
+      if (dw) storen<V>(dw + i, V::fma(d, xh, loadn<V>(dw + i, k)), k);
+      if (db) storen<V>(db + i, V::add(d, loadn<V>(db + i, k)), k);
+    }
+    const double sg = V::reduce(sg0), sgx = V::reduce(sgx0);
+    R c_mean, c_xhat;  // dh = rstd * (g - c_mean - c_xhat * xhat)
+    if (a.kind == NormKind::LayerNorm) {
+      c_mean = V::set1(static_cast<A>(sg / n));
+      c_xhat = V::set1(static_cast<A>(sgx / n));
+    } else if (a.kind == NormKind::RMSNorm) {
+      c_mean = V::zero();
+      c_xhat = V::set1(static_cast<A>(sgx / n));
+    } else {
+      const double m = sgx / static_cast<double>(n + 1);
+      c_mean = V::set1(static_cast<A>(rstd * hsum * m));
+      c_xhat = V::set1(static_cast<A>(m));
+    }
+    for (int64_t i = 0; i < n; i += N) {
+      int k = width(n, i);
+      R g = V::mul(loadn<V>(dy + i, k), load_w(w, i, k));
+      R t = V::sub(V::sub(g, c_mean), V::mul(c_xhat, xhat_at(i, k)));
+      R d = V::mul(Sv, t);
+      if (dres) d = V::add(d, loadn<V>(dres + i, k));
+      storen<V>(dx + i, d, k);
+    }
+  }
+
+  // Rows per task: enough that a thread's share is worth waking it for (~16K elements).
+  static int64_t grain(int64_t cols) { return cols >= 16384 ? 1 : 16384 / (cols > 0 ? cols : 1); }
+
+  // Sum the per-thread partials [threads][n] into out[n].
+  static void reduce_partials(const A* part, int threads, int64_t n, A* out) {
+    for (int64_t i = 0; i < n; i += N) {
+      int k = width(n, i);
+      R s = V::zero();
+      for (int t = 0; t < threads; ++t) s = V::add(s, loadn<V>(part + static_cast<int64_t>(t) * n + i, k));
+      storen<V>(out + i, s, k);
+    }
+  }
+  static void zero(A* p, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) p[i] = A(0);
+  }
+
+  static void forward(const NormFwdArgs& a) {
+    parallel_for(a.x.rows, grain(a.x.cols), [&](int64_t r0, int64_t r1, int) {
+      for (int64_t r = r0; r < r1; ++r) forward_row(a, r);
+    });
+  }
+
+  static void backward(const NormBwdArgs& a) {
+    const int64_t n = a.h.cols;
+    const int threads = num_threads();
+    A* pdw = static_cast<A*>(a.partials);
+    A* pdb = pdw + static_cast<int64_t>(threads) * n;
+    if (a.dw || a.db) zero(pdw, 2 * static_cast<int64_t>(threads) * n);
+    parallel_for(a.h.rows, grain(n), [&](int64_t r0, int64_t r1, int tid) {
+      A* dw = a.dw ? pdw + static_cast<int64_t>(tid) * n : nullptr;
+      A* db = a.db ? pdb + static_cast<int64_t>(tid) * n : nullptr;
+      for (int64_t r = r0; r < r1; ++r) backward_row(a, r, dw, db);
+    });
+    if (a.dw) reduce_partials(pdw, threads, n, static_cast<A*>(a.dw));
+    if (a.db) reduce_partials(pdb, threads, n, static_cast<A*>(a.db));
+  }
+
+  // ---------------------------------------------------------------- per-channel (Unified Norm)
+  // moments: out1[c] = sum_r x[r,c]^2, or with dy: out1[c] = sum_r x*dy, out2[c] = sum_r dy
+  static void moments(const ChannelArgs& a) {
+    const int64_t n = a.x.cols;
+    const int threads = num_threads();
+    A* p1 = static_cast<A*>(a.partials);
+    A* p2 = p1 + static_cast<int64_t>(threads) * n;
+    zero(p1, 2 * static_cast<int64_t>(threads) * n);
+    const bool with_dy = a.dy.data != nullptr;
+    parallel_for(a.x.rows, grain(n), [&](int64_t r0, int64_t r1, int tid) {
+      A* s1 = p1 + static_cast<int64_t>(tid) * n;
+      A* s2 = p2 + static_cast<int64_t>(tid) * n;
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* x = a.x.row<const T>(r);
+        const T* dy = with_dy ? a.dy.row<const T>(r) : nullptr;
+        for (int64_t i = 0; i < n; i += N) {
+          int k = width(n, i);
+          R v = loadn<V>(x + i, k);
+          if (with_dy) {
+            R d = loadn<V>(dy + i, k);
+            storen<V>(s1 + i, V::fma(v, d, loadn<V>(s1 + i, k)), k);
+            storen<V>(s2 + i, V::add(d, loadn<V>(s2 + i, k)), k);
+          } else {
+            storen<V>(s1 + i, V::fma(v, v, loadn<V>(s1 + i, k)), k);
+          }
+        }
+      }
+    });
+    reduce_partials(p1, threads, n, static_cast<A*>(a.out1));
+    if (with_dy && a.out2) reduce_partials(p2, threads, n, static_cast<A*>(a.out2));
+  }
+
+  // out[r,c] = a[c] * u[r,c] + b[c]            (v.data == null)
+  // out[r,c] = a[c] * u[r,c] + b[c] * v[r,c]
+  static void affine(const ChannelArgs& a) {
+    const int64_t n = a.u.cols;
+    const A* ca = static_cast<const A*>(a.a);
+    const A* cb = static_cast<const A*>(a.b);
+    parallel_for(a.u.rows, grain(n), [&](int64_t r0, int64_t r1, int) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* u = a.u.row<const T>(r);
+        const T* v = a.v.data ? a.v.row<const T>(r) : nullptr;
+        T* o = a.out.row<T>(r);
+        for (int64_t i = 0; i < n; i += N) {
+          int k = width(n, i);
+          R t = v ? V::mul(load_b(cb, i, k), loadn<V>(v + i, k)) : load_b(cb, i, k);
+          storen<V>(o + i, V::fma(loadn<V>(ca + i, k), loadn<V>(u + i, k), t), k);
+        }
+      }
+    });
+  }
+};
+
+template <class V, class T>
+using Rows = NormRows<V, T>;
+
+const NormTable* norm_table() {
+  static const NormTable table = {
+      {Rows<VF, float>::forward, Rows<VF, f16>::forward, Rows<VF, bf16>::forward, Rows<VD, double>::forward},
+      {Rows<VF, float>::backward, Rows<VF, f16>::backward, Rows<VF, bf16>::backward, Rows<VD, double>::backward},
+      {Rows<VF, float>::moments, Rows<VF, f16>::moments, Rows<VF, bf16>::moments, Rows<VD, double>::moments},
+      {Rows<VF, float>::affine, Rows<VF, f16>::affine, Rows<VF, bf16>::affine, Rows<VD, double>::affine},
+  };
+  return &table;
+}
+
+}  // namespace NE_ISA_NS
+}  // namespace ne
+
+#if defined(NE_ISA_GENERIC)
+// ==================================================================================== entry points
+#include <vector>
+
+namespace ne {
+namespace {
+
+DType acc_dtype(DType t) { return t == DType::F64 ? DType::F64 : DType::F32; }
+
+// A per-channel vector ([n], accumulator dtype, contiguous, on x's device), when given.
+void check_channel_vec(const TensorView* v, const TensorView& x, int64_t n) {
+  if (!v) return;
+  check_same_device(x, *v);
+  check_dtype(*v, acc_dtype(x.dtype));
+  check_shape_1d(*v, n);
+}
+// A per-row statistic ([rows], accumulator dtype, contiguous, on x's device), when given.
+void check_row_vec(const TensorView* v, const TensorView& x, int64_t rows) {
+  if (!v) return;
+  check_same_device(x, *v);
+  check_dtype(*v, acc_dtype(x.dtype));
+  if (v->numel() != rows || !v->is_contiguous())
+    throw ShapeError(std::string(v->name) + ": expected " + std::to_string(rows) +
+                     " contiguous elements (one per row of " + x.name + "), got shape " + shape_str(*v));
+}
+// Another tensor of x's shape, dtype and device.
+RowMatrix like_x(const TensorView& t, const TensorView& x) {
+  check_same_device(x, t);
+  check_same_dtype(x, t);
+  check_same_shape(x, t);
+  return as_rows(t);
+}
+void check_eps(double eps) {
+  if (!(eps >= 0.0)) throw ValueError("eps: expected a non-negative number, got " + std::to_string(eps));
+}
+void* cpu_scratch(int64_t n, DType t) {  // 2 * threads * n accumulators, reused across calls
+  thread_local std::vector<double> buf;
+  size_t need = static_cast<size_t>(2 * num_threads() * n * dtype_size(acc_dtype(t)) + 7) / 8;
+  if (buf.size() < need) buf.resize(need);
+  return buf.data();
+}
+const NormTable& cpu_norm() {
+  static const NormTable* t = NE_PICK_ISA(norm_table);
+  return *t;
+}
+[[noreturn]] void no_cuda(const TensorView& x) {
+  throw DeviceError(std::string(x.name) + " is on " + x.device.str() +
+                    ", but this build of normengine has no CUDA kernels (it was built without nvcc)");
+}
+bool on_cuda(const TensorView& x) { return x.device.type == DeviceType::CUDA; }
+
+}  // namespace
+
+void norm_forward(NormKind kind, const TensorView& x, const TensorView* residual, const TensorView* weight,
+                  const TensorView* bias, double eps, const TensorView& y, const TensorView* residual_out,
+                  const TensorView* mean, const TensorView* rstd, const Ctx& ctx) {
+  check_float(x);
+  check_eps(eps);
+  NormFwdArgs a{};
+  a.kind = kind;
+  a.x = as_rows(x);
+  const int64_t n = a.x.cols;
+  if (x.ndim == 0 || n < 1) throw ShapeError(std::string(x.name) + ": expected at least one feature in the last dimension, got shape " + shape_str(x));
+  if (kind == NormKind::CRMSNorm && bias) throw ValueError("bias: crms_norm takes no bias");
+  a.y = like_x(y, x);
+  if (residual) {
+    if (!residual_out) throw ValueError("residual_out: required with residual");
+    a.res = like_x(*residual, x);
+    a.res_out = like_x(*residual_out, x);
+  }
+  check_channel_vec(weight, x, n);
+  check_channel_vec(bias, x, n);
+  check_row_vec(mean, x, a.x.rows);
+  check_row_vec(rstd, x, a.x.rows);
+  a.w = weight ? weight->data : nullptr;
+  a.b = bias ? bias->data : nullptr;
+  a.mean = mean ? mean->data : nullptr;
+  a.rstd = rstd ? rstd->data : nullptr;
+  a.eps = eps;
+  if (a.x.rows == 0) return;
+  if (on_cuda(x)) {
+#if defined(NE_WITH_CUDA)
+    return cuda::norm_forward(a, ctx.cuda_stream);
+#else
+    no_cuda(x);
+#endif
+  }
+  (void)ctx;
+  cpu_norm().forward[float_slot(x.dtype)](a);
+}
+
+void norm_backward(NormKind kind, const TensorView& dy, const TensorView& h, const TensorView* weight,
+                   const TensorView& rstd, const TensorView* dresidual, const TensorView& dx,
+                   const TensorView* dweight, const TensorView* dbias, const Ctx& ctx) {
+  check_float(h);
+  NormBwdArgs a{};
+  a.kind = kind;
+  a.h = as_rows(h);
+  const int64_t n = a.h.cols;
+  if (h.ndim == 0 || n < 1) throw ShapeError(std::string(h.name) + ": expected at least one feature in the last dimension, got shape " + shape_str(h));
+  a.dy = like_x(dy, h);
+  a.dx = like_x(dx, h);
+  if (dresidual) a.dres = like_x(*dresidual, h);
+  check_channel_vec(weight, h, n);
+  check_row_vec(&rstd, h, a.h.rows);
+  check_channel_vec(dweight, h, n);
+  check_channel_vec(dbias, h, n);
+  if (kind == NormKind::CRMSNorm && dbias) throw ValueError("dbias: crms_norm has no bias");
+  a.w = weight ? weight->data : nullptr;
+  a.rstd = rstd.data;
+  a.dw = dweight ? dweight->data : nullptr;
+  a.db = dbias ? dbias->data : nullptr;
+  if (on_cuda(h)) {
+#if defined(NE_WITH_CUDA)
+    return cuda::norm_backward(a, ctx.cuda_stream);
+#else
+    no_cuda(h);
+#endif
+  }
+  (void)ctx;
+  a.partials = cpu_scratch(n, h.dtype);
+  cpu_norm().backward[float_slot(h.dtype)](a);
+}
+
+void channel_moments(const TensorView& x, const TensorView* dy, const TensorView& out1, const TensorView* out2,
+                     const Ctx& ctx) {
+  check_float(x);
+  ChannelArgs a{};
+  a.x = as_rows(x);
+  const int64_t n = a.x.cols;
+  if (dy) a.dy = like_x(*dy, x);
+  check_channel_vec(&out1, x, n);
+  check_channel_vec(out2, x, n);
+  a.out1 = out1.data;
+  a.out2 = out2 ? out2->data : nullptr;
+  if (on_cuda(x)) {
+#if defined(NE_WITH_CUDA)
+    return cuda::channel_moments(a, ctx.cuda_stream);
+#else
+    no_cuda(x);
+#endif
+  }
+  (void)ctx;
+  a.partials = cpu_scratch(n, x.dtype);
+  cpu_norm().moments[float_slot(x.dtype)](a);
+}
+
+static void channel_affine_impl(const TensorView& u, const TensorView& a_, const TensorView* v,
+                                const TensorView* b_, const TensorView& out, const Ctx& ctx) {
+  check_float(u);
+  ChannelArgs a{};
+  a.u = as_rows(u);
+  const int64_t n = a.u.cols;
+  if (v) a.v = like_x(*v, u);
+  a.out = like_x(out, u);
+  check_channel_vec(&a_, u, n);
+  check_channel_vec(b_, u, n);
+  a.a = a_.data;
+  a.b = b_ ? b_->data : nullptr;
+  if (on_cuda(u)) {
+#if defined(NE_WITH_CUDA)
+    return cuda::channel_affine(a, ctx.cuda_stream);
+#else
+    no_cuda(u);
+#endif
+  }
+  (void)ctx;
+  cpu_norm().affine[float_slot(u.dtype)](a);
+}
+
+void channel_affine(const TensorView& x, const TensorView& a, const TensorView* b, const TensorView& y,
+                    const Ctx& ctx) {
+  channel_affine_impl(x, a, nullptr, b, y, ctx);
+}
+
+void channel_lincomb(const TensorView& u, const TensorView& a, const TensorView& v, const TensorView& b,
+                     const TensorView& out, const Ctx& ctx) {
+  channel_affine_impl(u, a, &v, &b, out, ctx);
+}
+
+}  // namespace ne
+#endif  // NE_ISA_GENERIC

@@ -1,0 +1,27 @@
+"""normengine.ops: functional ops over the native kernels, differentiable where noted, on CPU and
+CUDA tensors alike (the input's device picks the kernel)."""
+
+from .channel import channel_affine, channel_dot, channel_lincomb, channel_sumsq
+from .norm import (
+    AddNormFunction,
+    NormFunction,
+    add_layer_norm,
+    add_rms_norm,
+    crms_norm,
+    layer_norm,
+    rms_norm,
+)
+
+__all__ = [
+    "layer_norm",
+    "rms_norm",
+    "crms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "NormFunction",
+    "AddNormFunction",
+    "channel_sumsq",
+    "channel_dot",
+    "channel_affine",
+    "channel_lincomb",
+]

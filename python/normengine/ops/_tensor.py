@@ -1,0 +1,127 @@
+"""Argument checks and layout preparation shared by every op wrapper.
+
+The native kernels take views of torch tensors (zero-copy, through DLPack); these helpers make
+sure what reaches them is valid, raising normengine errors that name the argument, and make a
+tensor contiguous only when its layout cannot be read as rows of its last dimension."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import DeviceError, DTypeError, ShapeError
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulator / statistics dtype for tensors of `dtype`: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def stream_of(t: torch.Tensor) -> int:
+    """The CUDA stream kernels on `t` run on (torch's current stream); 0 on the CPU."""
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def from_numpy(x, name: str):
+    """Accept a numpy array as a tensor (forward ops only); returns (tensor, was_numpy)."""
+    if isinstance(x, np.ndarray):
+        if x.dtype not in (np.float32, np.float16, np.float64):
+            raise DTypeError(f"{name}: unsupported numpy dtype {x.dtype}; use float32, float16 or float64")
+        return torch.from_numpy(np.ascontiguousarray(x)), True
+    return x, False
+
+
+def _rows_ok(x: torch.Tensor) -> bool:
+    """Can x be read as rows of its last dim with one row stride (what the kernels accept)?"""
+    if x.dim() == 0:
+        return True
+    if x.size(-1) > 1 and x.stride(-1) != 1:
+        return False
+    expect = None
+    for size, stride in zip(reversed(x.shape[:-1]), reversed(x.stride()[:-1])):
+        if size == 1:
+            continue
+        if expect is None:
+            if stride < x.size(-1):
+                return False
+            expect = stride * size
+        elif stride != expect:
+            return False
+        else:
+            expect *= size
+    return True
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """x itself if the kernels can read it in place (contiguous, or a column slice of rows),
+    else an explicit contiguous copy."""
+    return x if _rows_ok(x) else x.contiguous()
+
+
+def check_input(x, name: str = "x") -> torch.Tensor:
+    """The main input of a row-wise op: a floating-point tensor with at least one dimension."""
+    if not isinstance(x, torch.Tensor):
+        raise DTypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise DTypeError(
+            f"{name}: expected float32, float16, bfloat16 or float64, got {x.dtype}"
+        )
+    if x.device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"{name}: tensors on {x.device} are not supported (cpu or cuda)")
+    if x.dim() == 0 or x.size(-1) == 0:
+        raise ShapeError(f"{name}: expected at least one feature in the last dimension, got shape {tuple(x.shape)}")
+    return rows(x)
+
+
+def check_like(t, x: torch.Tensor, name: str, xname: str = "x") -> torch.Tensor:
+    """A second tensor of x's shape, dtype and device (residual, grad_output)."""
+    if not isinstance(t, torch.Tensor):
+        raise DTypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device != x.device:
+        raise DeviceError(f"{name} is on {t.device} but {xname} is on {x.device}; move them to one device")
+    if t.shape != x.shape:
+        raise ShapeError(f"{name}: shape {tuple(t.shape)} does not match {xname}'s {tuple(x.shape)}")
+    if t.dtype != x.dtype:
+        raise DTypeError(f"{name}: dtype {t.dtype} does not match {xname}'s {x.dtype}")
+    return rows(t)
+
+
+def channel_vector(v, x: torch.Tensor, name: str, n: int | None = None):
+    """A per-channel vector (weight, bias) for x: shape (n,), on x's device, any float dtype;
+    returned contiguous in the accumulator dtype the kernels read (None stays None)."""
+    if v is None:
+        return None
+    n = x.size(-1) if n is None else n
+    if not isinstance(v, torch.Tensor):
+        raise DTypeError(f"{name}: expected a torch.Tensor or None, got {type(v).__name__}")
+    if v.device != x.device:
+        raise DeviceError(f"{name} is on {v.device} but x is on {x.device}; move them to one device")
+    if v.dtype not in FLOAT_DTYPES:
+        raise DTypeError(f"{name}: expected a floating-point tensor, got {v.dtype}")
+    if v.dim() != 1 or v.size(0) != n:
+        raise ShapeError(
+            f"{name}: expected shape ({n},) to match x's last dimension, got {tuple(v.shape)}"
+        )
+    return v.detach().to(acc_dtype(x.dtype)).contiguous()
+
+
+def check_eps(eps) -> float:
+    from ..errors import ArgumentError
+
+    try:
+        e = float(eps)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"eps: expected a number, got {eps!r}") from None
+    if not e >= 0.0:
+        raise ArgumentError(f"eps: expected a non-negative number, got {eps!r}")
+    return e
+
+
+def check_out(out, x: torch.Tensor, name: str = "out") -> torch.Tensor:
+    """A caller-provided output buffer: x's shape, dtype and device, readable as rows."""
+    out = check_like(out, x, name)
+    if not _rows_ok(out):
+        raise ShapeError(f"{name}: must be contiguous in its last dimension with collapsible rows")
+    return out

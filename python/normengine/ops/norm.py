@@ -1,0 +1,182 @@
+"""Normalization ops: LayerNorm, RMSNorm, CRMSNorm and their fused residual-add forms, as autograd
+Functions over the native kernels (CPU and CUDA, chosen by the input's device).
+
+Every function accepts float32, float16, bfloat16 and float64 tensors of shape [..., n] (statistics
+over the last dimension, accumulated in float32, float64 for float64 input); forward ops also take
+numpy arrays and return numpy arrays. ``out=`` writes the result into a caller's buffer (only when
+no gradient is needed)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+from ..errors import ArgumentError
+from ._tensor import (
+    acc_dtype,
+    channel_vector,
+    check_eps,
+    check_input,
+    check_like,
+    check_out,
+    from_numpy,
+    rows,
+    stream_of,
+)
+
+LAYER, RMS, CRMS = 0, 1, 2
+_NAMES = {LAYER: "layer_norm", RMS: "rms_norm", CRMS: "crms_norm"}
+
+
+def _forward(kind, x, residual, w, b, eps, out=None, residual_out=None, stats=True):
+    """Run the native forward; returns (y, h, mean, rstd) with h = x + residual (or x)."""
+    y = out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = None
+    if residual is not None:
+        h = residual_out if residual_out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rows_ = x.numel() // x.size(-1)
+    mean = rstd = None
+    if stats:
+        acc = acc_dtype(x.dtype)
+        rstd = torch.empty(rows_, dtype=acc, device=x.device)
+        if kind == LAYER:
+            mean = torch.empty(rows_, dtype=acc, device=x.device)
+    _C.norm_forward(kind, x, residual, w, b, eps, y, h, mean, rstd, stream_of(x))
+    return y, (h if h is not None else x), mean, rstd
+
+
+def _backward(kind, dy, h, w, rstd, dres, need_w, need_b):
+    dy = rows(dy)
+    dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    acc = acc_dtype(h.dtype)
+    n = h.size(-1)
+    dw = torch.empty(n, dtype=acc, device=h.device) if need_w else None
+    db = torch.empty(n, dtype=acc, device=h.device) if need_b else None
+    if dres is not None:
+        dres = rows(dres)
+    _C.norm_backward(kind, dy, h, w, rstd, dres, dx, dw, db, stream_of(h))
+    return dx, dw, db
+
+
+class NormFunction(torch.autograd.Function):
+    """y = norm(x) * weight (+ bias) for kind in {LAYER, RMS, CRMS}. Saves x and the per-row rstd;
+    backward recomputes the row mean (LayerNorm) from x."""
+
+    @staticmethod
+    def forward(ctx, kind, x, weight, bias, eps, w32, b32):
+        y, _, _, rstd = _forward(kind, x, None, w32, b32, eps)
+        ctx.kind = kind
+        ctx.save_for_backward(x, w32, rstd)
+        ctx.wdtype = None if weight is None else weight.dtype
+        ctx.bdtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w32, rstd = ctx.saved_tensors
+        need_w, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        dx, dw, db = _backward(ctx.kind, dy, x, w32, rstd, None, need_w, need_b)
+        dw = dw.to(ctx.wdtype) if dw is not None else None
+        db = db.to(ctx.bdtype) if db is not None else None
+        return None, dx, dw, db, None, None, None
+
+
+class AddNormFunction(torch.autograd.Function):
+    """(norm(x + residual) * weight (+ bias), x + residual) in one pass over memory. Saves the sum h;
+    the gradient reaching h through the second output is added into dx by the kernel."""
+
+    @staticmethod
+    def forward(ctx, kind, x, residual, weight, bias, eps, w32, b32):
+        y, h, _, rstd = _forward(kind, x, residual, w32, b32, eps)
+        ctx.kind = kind
+        ctx.save_for_backward(h, w32, rstd)
+        ctx.wdtype = None if weight is None else weight.dtype
+        ctx.bdtype = None if bias is None else bias.dtype
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        h, w32, rstd = ctx.saved_tensors
+        need_w, need_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        if dy is None:
+            dy = torch.zeros_like(h)
+        dx, dw, db = _backward(ctx.kind, dy, h, w32, rstd, dh, need_w, need_b)
+        dw = dw.to(ctx.wdtype) if dw is not None else None
+        db = db.to(ctx.bdtype) if db is not None else None
+        # d(x + residual)/dx = d(x + residual)/dresidual = 1: one gradient serves both.
+        return None, dx, dx, dw, db, None, None, None
+
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
+
+
+def _norm(kind, x, weight, bias, eps, out):
+    x, was_np = from_numpy(x, "x")
+    x = check_input(x)
+    eps = check_eps(eps)
+    w32 = channel_vector(weight, x, "weight")
+    b32 = channel_vector(bias, x, "bias")
+    if _needs_grad(x, weight, bias):
+        if out is not None:
+            raise ArgumentError(f"out: {_NAMES[kind]} cannot write into out= when gradients are required")
+        return NormFunction.apply(kind, x, weight, bias, eps, w32, b32)
+    if out is not None:
+        out = check_out(out, x)
+    y = _forward(kind, x, None, w32, b32, eps, out=out, stats=False)[0]
+    return y.numpy() if was_np else y
+
+
+def _add_norm(kind, x, residual, weight, bias, eps, out, residual_out):
+    x, was_np = from_numpy(x, "x")
+    residual, _ = from_numpy(residual, "residual")
+    x = check_input(x)
+    residual = check_like(residual, x, "residual")
+    eps = check_eps(eps)
+    w32 = channel_vector(weight, x, "weight")
+    b32 = channel_vector(bias, x, "bias")
+    if _needs_grad(x, residual, weight, bias):
+        if out is not None or residual_out is not None:
+            raise ArgumentError(f"out: add_{_NAMES[kind]} cannot write into out= when gradients are required")
+        return AddNormFunction.apply(kind, x, residual, weight, bias, eps, w32, b32)
+    if out is not None:
+        out = check_out(out, x)
+    if residual_out is not None:
+        residual_out = check_out(residual_out, x, "residual_out")
+    y, h, _, _ = _forward(kind, x, residual, w32, b32, eps, out=out, residual_out=residual_out, stats=False)
+    return (y.numpy(), h.numpy()) if was_np else (y, h)
+
+
+def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, *, out=None):
+    """LayerNorm over the last dimension: y = (x - mean) / sqrt(var + eps) * weight + bias.
+
+    Statistics are computed shifted by the row's first element and in two passes, so rows with a
+    large mean (1e4 + N(0, 1)) normalize to float32 precision."""
+    return _norm(LAYER, x, weight, bias, eps, out)
+
+
+def rms_norm(x, weight=None, eps: float = 1e-6, *, out=None):
+    """RMSNorm over the last dimension: y = x / sqrt(mean(x^2) + eps) * weight."""
+    return _norm(RMS, x, weight, None, eps, out)
+
+
+def crms_norm(x, weight=None, eps: float = 1e-6, *, out=None):
+    """Compressed RMSNorm (Jiang et al. 2023). x holds the first d-1 coordinates of a zero-mean
+    d-vector whose last coordinate, -sum(x), is not stored:
+
+        y = x / sqrt((sum x_i^2 + (sum x_i)^2) / d + eps) * weight
+
+    equal to RMSNorm of the full d-vector, restricted to its first d-1 coordinates. The output has
+    the d-1 features of x."""
+    return _norm(CRMS, x, weight, None, eps, out)
+
+
+def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5, *, out=None, residual_out=None):
+    """(layer_norm(x + residual), x + residual), reading x and residual once and writing both
+    outputs once. The sum is rounded to x's dtype before it is normalized, as an unfused add would."""
+    return _add_norm(LAYER, x, residual, weight, bias, eps, out, residual_out)
+
+
+def add_rms_norm(x, residual, weight=None, eps: float = 1e-6, *, out=None, residual_out=None):
+    """(rms_norm(x + residual), x + residual) in one pass over memory."""
+    return _add_norm(RMS, x, residual, weight, None, eps, out, residual_out)

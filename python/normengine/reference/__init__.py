@@ -1,0 +1,20 @@
+"""Pure-torch references of every normengine op, written as the formula (float64-safe). The native
+kernels, CUDA kernels and autograd Functions are all tested against these."""
+
+from .norm import (
+    add_layer_norm,
+    add_rms_norm,
+    crms_norm,
+    layer_norm,
+    rms_norm,
+    unified_norm_eval,
+)
+
+__all__ = [
+    "layer_norm",
+    "rms_norm",
+    "crms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "unified_norm_eval",
+]
