@@ -323,7 +323,7 @@ const NormTable& cpu_norm() {
   static const NormTable* t = NE_PICK_ISA(norm_table);
   return *t;
 }
-[[noreturn]] void no_cuda(const TensorView& x) {
+[[noreturn, maybe_unused]] void no_cuda(const TensorView& x) {
   throw DeviceError(std::string(x.name) + " is on " + x.device.str() +
                     ", but this build of normengine has no CUDA kernels (it was built without nvcc)");
 }

@@ -1,0 +1,57 @@
+"""Shared fixtures: the devices and CPU ISAs every op is checked on, and error metrics.
+
+Like llama.cpp's test-backend-ops, each op test runs on every backend this machine has (each CPU
+ISA the processor supports, and CUDA when a GPU is visible) against the one reference in
+normengine.reference."""
+
+import pytest
+import torch
+
+import normengine
+from normengine import _C
+
+_ISA_ORDER = ["generic", "avx2", "avx512"]
+
+
+def _supported_isas():
+    best = _C.cpu_isa()
+    return _ISA_ORDER[: _ISA_ORDER.index(best) + 1]
+
+
+def _backends():
+    out = [pytest.param(("cpu", isa), id=f"cpu-{isa}") for isa in _supported_isas()]
+    gpu = torch.cuda.is_available() and normengine.cuda_available()
+    out.append(
+        pytest.param(("cuda", None), id="cuda", marks=pytest.mark.skipif(not gpu, reason="no CUDA GPU visible"))
+    )
+    return out
+
+
+@pytest.fixture(params=_backends())
+def device(request):
+    """A device string; for the CPU, the kernels of one ISA are forced for the test's duration."""
+    dev, isa = request.param
+    if dev == "cpu":
+        best = _C.cpu_isa()
+        _C.force_cpu_isa(isa)
+        yield "cpu"
+        _C.force_cpu_isa(best)
+    else:
+        yield "cuda"
+
+
+def rel_err(got, want, floor=1e-300):
+    """max |got - want| / max(max |want|, floor), computed in float64. `floor` is the scale below
+    which differences count as absolute (gradients that cancel to ~0, e.g. of a 1-wide norm)."""
+    got = torch.as_tensor(got).detach().to(torch.float64).cpu()
+    want = torch.as_tensor(want).detach().to(torch.float64).cpu()
+    denom = want.abs().max().clamp_min(floor)
+    return ((got - want).abs().max() / denom).item()
+
+
+@pytest.fixture
+def gen():
+    """A fresh generator per test: new random inputs every run (seed printed on failure)."""
+    seed = torch.seed() % (2**31)
+    g = torch.Generator().manual_seed(seed)
+    return g
