@@ -10,7 +10,7 @@ import torch
 import normengine
 from normengine import _C
 
-_ISA_ORDER = ["generic", "avx2", "avx512"]
+_ISA_ORDER = ["generic", "avx2", "avx512", "avx512bf16"]
 
 
 def _supported_isas():

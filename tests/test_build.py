@@ -43,7 +43,10 @@ def test_isa_detection_matches_cpu():
     flags = _cpu_flags()
     if not flags:
         pytest.skip("no /proc/cpuinfo")
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"} <= flags:
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"}
+    if avx512 | {"avx512_bf16"} <= flags:
+        assert ne.cpu_isa() == "avx512bf16"
+    elif avx512 <= flags:
         assert ne.cpu_isa() == "avx512"
     elif {"avx2", "fma", "f16c"} <= flags:
         assert ne.cpu_isa() == "avx2"
@@ -61,9 +64,9 @@ def test_isa_env_cap_in_fresh_process():
 def test_force_isa_rejects_unknown_and_unsupported():
     with pytest.raises(ne.ArgumentError):
         _C.force_cpu_isa("sse9")
-    if ne.cpu_isa() != "avx512":
+    if ne.cpu_isa() != "avx512bf16":
         with pytest.raises(ne.UnsupportedError):
-            _C.force_cpu_isa("avx512")
+            _C.force_cpu_isa("avx512bf16")
 
 
 def test_set_num_threads():

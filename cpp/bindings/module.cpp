@@ -138,7 +138,7 @@ PYBIND11_MODULE(_C, m) {
   });
 
   // ---------------------------------------------------------------- runtime
-  m.def("cpu_isa", &ne::cpu_isa, "The CPU kernels in use: 'avx512', 'avx2' or 'generic'.");
+  m.def("cpu_isa", &ne::cpu_isa, "The CPU kernels in use: 'avx512bf16', 'avx512', 'avx2' or 'generic'.");
   m.def("force_cpu_isa", [](const std::string& s) { ne::force_cpu_isa(s.c_str()); }, py::arg("isa"),
         "Use a lower ISA's CPU kernels (testing the fallbacks).");
   m.def("num_threads", &ne::num_threads);

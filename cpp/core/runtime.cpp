@@ -17,6 +17,7 @@ Isa detect_isa() {
                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
               __builtin_cpu_supports("f16c");
+  if (avx512 && avx2 && __builtin_cpu_supports("avx512bf16")) return Isa::AVX512BF16;
   if (avx512 && avx2) return Isa::AVX512;
   if (avx2) return Isa::AVX2;
 #endif
@@ -25,10 +26,11 @@ Isa detect_isa() {
 
 Isa parse_isa(const char* s) {
   std::string v(s);
+  if (v == "avx512bf16") return Isa::AVX512BF16;
   if (v == "avx512") return Isa::AVX512;
   if (v == "avx2") return Isa::AVX2;
   if (v == "generic") return Isa::Generic;
-  throw ValueError("isa: expected 'avx512', 'avx2' or 'generic', got '" + v + "'");
+  throw ValueError("isa: expected 'avx512bf16', 'avx512', 'avx2' or 'generic', got '" + v + "'");
 }
 
 const Isa kDetected = detect_isa();
@@ -51,6 +53,7 @@ Isa active_isa() { return static_cast<Isa>(g_isa.load(std::memory_order_relaxed)
 
 const char* cpu_isa() {
   switch (active_isa()) {
+    case Isa::AVX512BF16: return "avx512bf16";
     case Isa::AVX512: return "avx512";
     case Isa::AVX2: return "avx2";
     default: return "generic";

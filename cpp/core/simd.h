@@ -1,6 +1,7 @@
 // The vector abstraction the CPU kernels are written against. A kernel source file is compiled once
 // per ISA (CMake adds -DNE_ISA_AVX512 / -DNE_ISA_AVX2 / -DNE_ISA_GENERIC with matching -m flags and
-// -DNE_ISA_NS=<namespace>); this header then defines, inside that namespace:
+// -DNE_ISA_NS=<namespace>; the avx512bf16 build is the AVX-512 one with -mavx512bf16, which turns
+// the float -> bf16 store into one instruction); this header then defines, inside that namespace:
 //
 //   VF  float lanes (16 on AVX-512, 8 on AVX2, 8 plain floats in the generic build)
 //   VD  one double "lane": the same kernels run in float64 for the float64 entry points (gradcheck)
@@ -58,6 +59,10 @@ struct VF {
   static R set1(float a) { return _mm512_set1_ps(a); }
   static R widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
   static __m256i narrow_bf16(R v) {
+#if defined(__AVX512BF16__)
+    // one instruction: round to nearest even, NaN stays NaN (fp32 denormals flush to zero)
+    return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+#endif
     __m512i u = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);

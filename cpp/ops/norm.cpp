@@ -24,40 +24,72 @@ struct NormRows {
 
   static int width(int64_t n, int64_t i) { return n - i < N ? static_cast<int>(n - i) : N; }
 
-  // sum over the row of term(i, k), a vector whose lanes >= k are zero; two accumulators.
+  // sum over the row of term(i, k), a vector whose lanes >= k are zero; four accumulators (the
+  // adds' latency, not memory, would otherwise bound a row that sits in L1).
   template <class F>
   static double row_sum(int64_t n, F term) {
-    R a0 = V::zero(), a1 = V::zero();
+    R a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
     int64_t i = 0;
-    for (; i + 2 * N <= n; i += 2 * N) {
+    for (; i + 4 * N <= n; i += 4 * N) {
       a0 = V::add(a0, term(i, N));
       a1 = V::add(a1, term(i + N, N));
+      a2 = V::add(a2, term(i + 2 * N, N));
+      a3 = V::add(a3, term(i + 3 * N, N));
     }
     for (; i < n; i += N) a0 = V::add(a0, term(i, width(n, i)));
-    return V::reduce(V::add(a0, a1));
+    return V::reduce(V::add(V::add(a0, a1), V::add(a2, a3)));
   }
 
   static R load_w(const A* w, int64_t i, int k) { return w ? loadn<V>(w + i, k) : V::set1(A(1)); }
   static R load_b(const A* b, int64_t i, int k) { return b ? loadn<V>(b + i, k) : V::zero(); }
 
   // ---------------------------------------------------------------- row statistics
-  // LayerNorm, shifted two-pass. With K = h[0]:
-  //   delta = mean(h - K),   mean = K + delta,   var = mean((h - K - delta)^2)
+  // LayerNorm statistics, shifted. K = mean of the row's first vector (up to N values), a value
+  // close to the row's mean, and
+  //   delta = mean(h - K),   mean = K + delta,   var = mean((h - K)^2) - delta^2.
   // h - K is exact for values near K, so rows such as 1e4 + N(0, 1) keep every significant digit
-  // (a plain sum of h, or E[h^2] - E[h]^2, loses them in float32).
+  // (a plain sum of h, or E[h^2] - E[h]^2, loses them in float32). The one-pass variance cancels
+  // only when K sits far from the mean (delta^2 > 3 var): then an exact second pass computes
+  // mean((h - K - delta)^2) instead.
+  static A ln_shift(const T* h, int64_t n) {
+    int k = width(n, 0);
+    return static_cast<A>(V::reduce(V::load(h, k)) / k);
+  }
   static void ln_center(const T* h, int64_t n, A& K, A& delta) {
-    K = static_cast<A>(V::reduce(V::load(h, 1)));
+    K = ln_shift(h, n);
     const R Kv = V::set1(K);
     delta = static_cast<A>(
         row_sum(n, [&](int64_t i, int k) { return V::keep(V::sub(loadn<V>(h + i, k), Kv), k); }) / n);
   }
-  static A ln_rstd(const T* h, int64_t n, A K, A delta, double eps) {
-    const R Kv = V::set1(K), Dv = V::set1(delta);
-    double q = row_sum(n, [&](int64_t i, int k) {
-      R c = V::keep(V::sub(V::sub(loadn<V>(h + i, k), Kv), Dv), k);
-      return V::mul(c, c);
-    });
-    return static_cast<A>(1.0 / __builtin_sqrt(q / n + eps));
+  static void ln_stats(const T* h, int64_t n, double eps, A& K, A& delta, A& rstd) {
+    K = ln_shift(h, n);
+    const R Kv = V::set1(K);
+    R s0 = V::zero(), s1 = V::zero(), q0 = V::zero(), q1 = V::zero();
+    int64_t i = 0;
+    for (; i + 2 * N <= n; i += 2 * N) {
+      R c0 = V::sub(V::load(h + i), Kv), c1 = V::sub(V::load(h + i + N), Kv);
+      s0 = V::add(s0, c0);
+      s1 = V::add(s1, c1);
+      q0 = V::fma(c0, c0, q0);
+      q1 = V::fma(c1, c1, q1);
+    }
+    for (; i < n; i += N) {
+      int k = width(n, i);
+      R c = V::keep(V::sub(loadn<V>(h + i, k), Kv), k);
+      s0 = V::add(s0, c);
+      q0 = V::fma(c, c, q0);
+    }
+    const double d = V::reduce(V::add(s0, s1)) / n, m2 = V::reduce(V::add(q0, q1)) / n;
+    delta = static_cast<A>(d);
+    double var = m2 - d * d;
+    if (!(var * 4.0 >= m2)) {  // cancelled (or NaN): the exact second pass
+      const R Dv = V::set1(delta);
+      var = row_sum(n, [&](int64_t j, int k) {
+              R c = V::keep(V::sub(V::sub(loadn<V>(h + j, k), Kv), Dv), k);
+              return V::mul(c, c);
+            }) / n;
+    }
+    rstd = static_cast<A>(1.0 / __builtin_sqrt(var + eps));
   }
   // RMSNorm: rstd = 1 / sqrt(mean(h^2) + eps)
   static A rms_rstd(const T* h, int64_t n, double eps) {
@@ -93,8 +125,7 @@ struct NormRows {
     A rstd, mean = A(0);
     if (a.kind == NormKind::LayerNorm) {
       A K, delta;
-      ln_center(h, n, K, delta);
-      rstd = ln_rstd(h, n, K, delta, a.eps);
+      ln_stats(h, n, a.eps, K, delta, rstd);
       mean = K + delta;
       const R Kv = V::set1(K), Dv = V::set1(delta), Sv = V::set1(rstd);
       for (int64_t i = 0; i < n; i += N) {

@@ -30,7 +30,7 @@ def num_threads() -> int:
 
 
 def cpu_isa() -> str:
-    """The CPU kernels chosen for this machine: 'avx512', 'avx2' or 'generic'."""
+    """The CPU kernels chosen for this machine: 'avx512bf16', 'avx512', 'avx2' or 'generic'."""
     return _C.cpu_isa()
 
 

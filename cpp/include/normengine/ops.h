@@ -17,7 +17,7 @@ struct Ctx {
 };
 
 // ---------------------------------------------------------------- runtime
-const char* cpu_isa();            // "avx512", "avx2" or "generic": the kernels in use on this CPU
+const char* cpu_isa();  // "avx512bf16", "avx512", "avx2" or "generic": the kernels in use on this CPU
 void force_cpu_isa(const char* isa);  // testing: use a lower ISA's kernels ("avx2", "generic")
 int num_threads();
 void set_num_threads(int n);      // n <= 0: one per available core
