@@ -1,5 +1,6 @@
 """normengine.nn: torch.nn modules over normengine.ops."""
 
 from .norm import CRMSNorm, LayerNorm, RMSNorm
+from .unified_norm import UnifiedNorm
 
-__all__ = ["LayerNorm", "RMSNorm", "CRMSNorm"]
+__all__ = ["LayerNorm", "RMSNorm", "CRMSNorm", "UnifiedNorm"]
