@@ -7,91 +7,16 @@
 #include <string>
 #include <vector>
 
-#include "dlpack/dlpack.h"
+#include "bindings/interop.h"
 #include "normengine/ops.h"
+#include "ops/gemm.h"
 
 namespace py = pybind11;
 using ne::TensorView;
 
 namespace {
 
-// Keeps the DLPack capsules (and so the producers' tensors) alive while a call runs.
-struct Borrowed {
-  std::vector<py::object> keep;
-};
-
-ne::DType dtype_of(const DLDataType& t, const char* name) {
-  if (t.lanes == 1) {
-    if (t.code == kDLFloat && t.bits == 32) return ne::DType::F32;
-    if (t.code == kDLFloat && t.bits == 16) return ne::DType::F16;
-    if (t.code == kDLFloat && t.bits == 64) return ne::DType::F64;
-    if (t.code == kDLBfloat && t.bits == 16) return ne::DType::BF16;
-    if (t.code == kDLInt && t.bits == 8) return ne::DType::I8;
-    if (t.code == kDLInt && t.bits == 32) return ne::DType::I32;
-    if (t.code == kDLInt && t.bits == 64) return ne::DType::I64;
-    if (t.code == kDLUInt && t.bits == 8) return ne::DType::U8;
-    if (t.code == kDLBool) return ne::DType::Bool;
-  }
-  throw ne::DTypeError(std::string(name) + ": unsupported element type (DLPack code " + std::to_string(t.code) +
-                       ", " + std::to_string(t.bits) + " bits)");
-}
-
-TensorView view_of(py::handle obj, const char* name, Borrowed& b) {
-  if (obj.is_none()) throw ne::ValueError(std::string(name) + ": expected a tensor, got None");
-  py::object src = py::reinterpret_borrow<py::object>(obj);
-  if (!py::hasattr(src, "__dlpack__"))
-    throw ne::DTypeError(std::string(name) + ": expected a torch tensor or numpy array, got " +
-                         std::string(py::str(py::type::of(src).attr("__name__"))));
-  // torch refuses to export tensors that require grad; the kernels only read them.
-  if (py::hasattr(src, "requires_grad") && src.attr("requires_grad").cast<bool>()) src = src.attr("detach")();
-  py::object cap = src.attr("__dlpack__")();
-  b.keep.push_back(cap);
-  PyObject* c = cap.ptr();
-  DLTensor* t = nullptr;
-  if (PyCapsule_IsValid(c, "dltensor")) {
-    t = &static_cast<DLManagedTensor*>(PyCapsule_GetPointer(c, "dltensor"))->dl_tensor;
-  } else if (PyCapsule_IsValid(c, "dltensor_versioned")) {
-    t = &static_cast<DLManagedTensorVersioned*>(PyCapsule_GetPointer(c, "dltensor_versioned"))->dl_tensor;
-  } else {
-    throw ne::DTypeError(std::string(name) + ": __dlpack__ did not return a DLPack capsule");
-  }
-  if (t->ndim > ne::kMaxDims)
-    throw ne::ShapeError(std::string(name) + ": at most " + std::to_string(ne::kMaxDims) + " dimensions supported");
-  TensorView v;
-  v.name = name;
-  v.dtype = dtype_of(t->dtype, name);
-  v.data = static_cast<char*>(t->data) + t->byte_offset;
-  v.ndim = t->ndim;
-  int64_t st = 1;
-  for (int d = t->ndim - 1; d >= 0; --d) {
-    v.shape[d] = t->shape[d];
-    v.strides[d] = t->strides ? t->strides[d] : st;
-    st *= t->shape[d];
-  }
-  if (t->device.device_type == kDLCPU) {
-    v.device = {ne::DeviceType::CPU, 0};
-  } else if (t->device.device_type == kDLCUDA) {
-    v.device = {ne::DeviceType::CUDA, t->device.device_id};
-  } else {
-    throw ne::DeviceError(std::string(name) + ": unsupported device (DLPack device type " +
-                          std::to_string(t->device.device_type) + "); normengine runs on CPU and CUDA");
-  }
-  return v;
-}
-
-struct Opt {  // an optional tensor argument
-  bool has = false;
-  TensorView v;
-  const TensorView* ptr() const { return has ? &v : nullptr; }
-};
-Opt opt_view(py::handle obj, const char* name, Borrowed& b) {
-  Opt o;
-  if (!obj.is_none()) {
-    o.v = view_of(obj, name, b);
-    o.has = true;
-  }
-  return o;
-}
+using namespace ne_bind;
 
 ne::NormKind norm_kind(int k) {
   if (k < 0 || k > 2) throw ne::ValueError("kind: expected 0 (layer), 1 (rms) or 2 (crms)");
@@ -116,8 +41,11 @@ void raise_as(const char* cls, const char* fallback_builtin, const char* msg) {
 
 }  // namespace
 
+void bind_runner(py::module_& m);  // bindings/runner.cpp
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "normengine native kernels";
+  bind_runner(m);
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -211,4 +139,39 @@ PYBIND11_MODULE(_C, m) {
         ne::channel_lincomb(vu, va, vv, vc, vo, ctx_of(stream));
       },
       py::arg("u"), py::arg("a"), py::arg("v"), py::arg("b"), py::arg("out"), py::arg("stream") = 0);
+
+  // ---------------------------------------------------------------- dense linear
+  m.def(
+      "linear",
+      [](py::handle x, py::handle w, py::handle bias, py::handle y, std::uintptr_t stream) {
+        Borrowed b;
+        TensorView vx = view_of(x, "x", b), vw = view_of(w, "weight", b), vy = view_of(y, "out", b);
+        Opt vb = opt_view(bias, "bias", b);
+        py::gil_scoped_release nogil;
+        ne::linear(vx, vw, vb.ptr(), vy, ctx_of(stream));
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("stream") = 0);
+
+  // Testing hook: the runner's raw contract ne::gemm_f32 (with `accumulate`), on CPU tensors that
+  // ne::linear has already validated as x [M, K], weight [N, K], bias [N] or None, out [M, N].
+  m.def(
+      "gemm_f32",
+      [](py::handle x, py::handle w, py::handle bias, py::handle y, bool accumulate) {
+        Borrowed b;
+        TensorView vx = view_of(x, "x", b), vw = view_of(w, "weight", b), vy = view_of(y, "out", b);
+        Opt vb = opt_view(bias, "bias", b);
+        if (vx.ndim != 2 || vy.ndim != 2 || vx.device.type != ne::DeviceType::CPU)
+          throw ne::ShapeError("gemm_f32: expected 2-D CPU tensors x and out");
+        TensorView px = vx, py_ = vy;  // validate everything as linear() does, on zero rows
+        px.shape[0] = py_.shape[0] = 0;
+        ne::linear(px, vw, vb.ptr(), py_);
+        ne::RowMatrix xr = ne::as_rows(vx), yr = ne::as_rows(vy);
+        if (xr.rows != yr.rows) throw ne::ShapeError("out: expected as many rows as x");
+        const int64_t N = vw.shape[0], K = vw.shape[1];
+        py::gil_scoped_release nogil;
+        ne::gemm_f32(xr.rows, N, K, static_cast<const float*>(xr.data), xr.ld, vw.data, vw.dtype,
+                     N > 1 ? vw.strides[0] : K, vb.has ? static_cast<const float*>(vb.v.data) : nullptr,
+                     static_cast<float*>(yr.data), yr.ld, accumulate);
+      },
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("accumulate"));
 }

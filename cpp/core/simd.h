@@ -198,5 +198,46 @@ template <class V, class T> inline void storen(T* p, typename V::R v, int k) {
   if (k == V::N) V::store(p, v); else V::store(p, v, k);
 }
 
+// exp(x) for float lanes, to ~2 ulp over [-87, 88] (below: 0, above: +Inf, NaN stays NaN).
+// exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in a
+// high and a low part so r is exact), exp(r) by its degree-6 Taylor polynomial (Horner form).
+inline VF::R vexp(VF::R x) {
+  using R = VF::R;
+  alignas(64) float t[VF::N], n_[VF::N];
+  // The range reduction needs round() and an integer exponent add; lane-wise through memory keeps
+  // this one routine the same for every ISA, and the compiler vectorizes the loops.
+  VF::store(t, x);
+  for (int i = 0; i < VF::N; ++i) {
+    float v = t[i];
+    v = v < -87.3f ? -87.3f : v;
+    v = v > 88.7f ? 88.7f : v;
+    n_[i] = __builtin_rintf(v * 1.44269504088896341f);
+    t[i] = (v - n_[i] * 0.693359375f) + n_[i] * 2.12194440e-4f;  // v - n*ln2 (hi + lo)
+  }
+  R r = VF::load(static_cast<const float*>(t));
+  R p = VF::set1(1.f / 720);
+  p = VF::fma(p, r, VF::set1(1.f / 120));
+  p = VF::fma(p, r, VF::set1(1.f / 24));
+  p = VF::fma(p, r, VF::set1(1.f / 6));
+  p = VF::fma(p, r, VF::set1(0.5f));
+  p = VF::fma(p, r, VF::set1(1.f));
+  p = VF::fma(p, r, VF::set1(1.f));
+  alignas(64) float o[VF::N];
+  VF::store(o, p);
+  VF::store(t, x);
+  for (int i = 0; i < VF::N; ++i) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, &o[i], 4);
+    bits += static_cast<uint32_t>(static_cast<int32_t>(n_[i])) << 23;  // times 2^n
+    float e;
+    __builtin_memcpy(&e, &bits, 4);
+    if (t[i] < -87.3f) e = 0.f;
+    if (t[i] > 88.7f) e = __builtin_inff();
+    if (t[i] != t[i]) e = t[i];
+    o[i] = e;
+  }
+  return VF::load(static_cast<const float*>(o));
+}
+
 }  // namespace NE_ISA_NS
 }  // namespace ne

@@ -42,8 +42,13 @@ def cuda_available() -> bool:
 from . import ops  # noqa: E402
 from . import nn  # noqa: E402
 from . import reference  # noqa: E402
+from .config import ModelConfig  # noqa: E402
+from .model import Model, load  # noqa: E402
 
 __all__ = [
+    "load",
+    "Model",
+    "ModelConfig",
     "ops",
     "nn",
     "reference",

@@ -62,9 +62,82 @@ def cmd_ops(args) -> int:
     return 0
 
 
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _load(args):
+    import torch
+
+    import normengine as ne
+
+    dtype = getattr(torch, _DTYPES[args.dtype]) if getattr(args, "dtype", None) else None
+    return ne.load(args.path, device=args.device, dtype=dtype)
+
+
+def cmd_generate(args) -> int:
+    """Generate from a checkpoint (or the default model shipped in the package), streaming tokens."""
+    from normengine.errors import NormEngineError
+
+    try:
+        model = _load(args)
+        if args.ids is not None:
+            prompt = [int(t) for t in args.ids.replace(",", " ").split()]
+        else:
+            prompt = args.prompt
+            if model.tokenizer is None:
+                raise NormEngineError("this checkpoint has no tokenizer.json: pass --ids 1,2,3 instead of --prompt")
+        stream = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=True)
+        if isinstance(prompt, str):
+            sys.stdout.write(prompt)
+        for tok in stream:
+            sys.stdout.write(tok if isinstance(tok, str) else f" {tok}")
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except (NormEngineError, OSError) as e:
+        print(f"normengine: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_info(args) -> int:
+    """Describe a checkpoint: architecture, sizes, parameter count, dtype."""
+    from normengine.errors import NormEngineError
+
+    try:
+        info = _load(args).info()
+    except (NormEngineError, OSError) as e:
+        print(f"normengine: error: {e}", file=sys.stderr)
+        return 2
+    width = max(len(k) for k in info)
+    for k, v in info.items():
+        if k == "parameters":
+            v = f"{v:,} ({v / 1e6:.2f}M)"
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="normengine", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="generate text (or token ids) from a checkpoint, streaming")
+    g.add_argument("path", nargs="?", default=None,
+                   help="checkpoint directory or file (default: the small model shipped in the package)")
+    g.add_argument("--prompt", default="The function returns")
+    g.add_argument("--ids", default=None, help="prompt as token ids, e.g. '1,2,3' (instead of --prompt)")
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", choices=list(_DTYPES), default=None, help="weights dtype (default: as stored)")
+    g.set_defaults(fn=cmd_generate)
+    i = sub.add_parser("info", help="architecture, sizes, parameter count and dtype of a checkpoint")
+    i.add_argument("path", nargs="?", default=None)
+    i.add_argument("--device", default="cpu")
+    i.add_argument("--dtype", choices=list(_DTYPES), default=None)
+    i.set_defaults(fn=cmd_info)
     o = sub.add_parser("ops", help="check and time the native norm ops against torch on this machine")
     o.add_argument("--rows", type=int, default=4096)
     o.add_argument("--cols", type=int, default=4096)

@@ -62,4 +62,14 @@ void channel_affine(const TensorView& x, const TensorView& a, const TensorView* 
 void channel_lincomb(const TensorView& u, const TensorView& a, const TensorView& v,
                      const TensorView& b, const TensorView& out, const Ctx& ctx = {});
 
+// ---------------------------------------------------------------- dense linear
+// y[..., n] = sum_k x[..., k] * w[n, k] (+ bias[n])      (torch.nn.functional.linear)
+// x [..., K] float32 (rows readable as one row stride: contiguous or a column slice); w [N, K]
+// float32, bfloat16 or float16 with unit stride along K (any row stride >= K); bias [N] float32 or
+// null; y [..., N] float32. Accumulation in float32; 16-bit weights are widened in registers.
+// CPU only for now (CUDA tensors: UnsupportedError). The runner calls the raw kernel
+// ne::gemm_f32 (cpp/ops/gemm.h) directly.
+void linear(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& y,
+            const Ctx& ctx = {});
+
 }  // namespace ne

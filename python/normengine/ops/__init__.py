@@ -2,6 +2,7 @@
 CUDA tensors alike (the input's device picks the kernel)."""
 
 from .channel import channel_affine, channel_dot, channel_lincomb, channel_sumsq
+from .linear import linear
 from .norm import (
     AddNormFunction,
     NormFunction,
@@ -24,4 +25,5 @@ __all__ = [
     "channel_dot",
     "channel_affine",
     "channel_lincomb",
+    "linear",
 ]

@@ -1,6 +1,7 @@
 """Pure-torch references of every normengine op, written as the formula (float64-safe). The native
 kernels, CUDA kernels and autograd Functions are all tested against these."""
 
+from .linear import linear
 from .norm import (
     add_layer_norm,
     add_rms_norm,
@@ -17,4 +18,5 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "unified_norm_eval",
+    "linear",
 ]

@@ -1,0 +1,185 @@
+// bench_gemm: CPU throughput of the dense linear kernels (ne::gemm_f32), GPT-2-small shapes.
+//
+//   bench_gemm [--threads N] [--isa avx512|avx2|generic] [--repeats K] [--gemv-only | --gemm-only]
+//
+// GEMV (decode, M = 1 and M = 4 rows): y = x W^T for W [N, K] in f32 / bf16. Prints the median time
+// of K runs, the bandwidth of W's bytes (the traffic that bounds the kernel: x and y are < 0.1%),
+// and that as a percentage of a chunked memcpy on the engine's thread pool moving the same bytes
+// (copying |W|/2 bytes reads and writes |W| bytes), timed interleaved with the kernel. Caches are
+// evicted before every timed run, so W streams from DRAM as in a model larger than the L3.
+//
+// GEMM (prefill, M = 16, 128, 512): GFLOP/s (2 M N K flops) of the median of K warm runs.
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/half.h"
+#include "core/parallel.h"
+#include "normengine/ops.h"
+#include "ops/gemm.h"
+
+namespace {
+
+using ne::DType;
+
+struct Buffer {
+  char* p = nullptr;
+  explicit Buffer(size_t bytes) {
+    p = static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
+    if (!p) { std::fprintf(stderr, "out of memory (%zu bytes)\n", bytes); std::exit(1); }
+    std::memset(p, 0, bytes);  // touch every page once, before any timing
+  }
+  ~Buffer() { std::free(p); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+};
+
+// Deterministic values in [-1, 1) in the given dtype.
+void fill(void* p, DType t, int64_t count, uint32_t seed) {
+  uint32_t s = seed * 2654435761u + 1;
+  for (int64_t i = 0; i < count; ++i) {
+    s = s * 1664525u + 1013904223u;
+    float v = static_cast<float>(s >> 8) * (2.0f / 16777216.0f) - 1.0f;
+    if (t == DType::F32) static_cast<float*>(p)[i] = v;
+    else static_cast<uint16_t*>(p)[i] = ne::f32_to_bf16(v);
+  }
+}
+
+void parallel_memcpy(char* dst, const char* src, int64_t bytes) {
+  ne::parallel_for(bytes, int64_t(1) << 16, [&](int64_t b, int64_t e, int) {
+    std::memcpy(dst + b, src + b, static_cast<size_t>(e - b));
+  });
+}
+
+double seconds_of(const std::function<void()>& fn) {
+  auto t0 = std::chrono::steady_clock::now();
+  fn();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// Evict the caches with a read of 128 MB (no dirty lines left to write back during the timing).
+volatile float g_sink;
+void flush_caches(const Buffer& scratch, int64_t bytes) {
+  std::vector<float> part(64, 0.0f);
+  ne::parallel_for(bytes / 64, 4096, [&](int64_t b, int64_t e, int tid) {
+    float s = 0;
+    for (int64_t i = b; i < e; ++i) s += reinterpret_cast<const float*>(scratch.p)[i * 16];
+    part[tid] += s;
+  });
+  g_sink = part[0];
+}
+
+int64_t arg_int(int argc, char** argv, int& i) {
+  if (i + 1 >= argc) { std::fprintf(stderr, "%s needs a value\n", argv[i]); std::exit(2); }
+  return std::atoll(argv[++i]);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int threads = 0, repeats = 15;
+  bool do_gemv = true, do_gemm = true;
+  std::string isa;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--threads") threads = static_cast<int>(arg_int(argc, argv, i));
+    else if (a == "--repeats") repeats = static_cast<int>(arg_int(argc, argv, i));
+    else if (a == "--isa" && i + 1 < argc) isa = argv[++i];
+    else if (a == "--gemv-only") do_gemm = false;
+    else if (a == "--gemm-only") do_gemv = false;
+    else {
+      std::fprintf(stderr, "usage: %s [--threads N] [--isa avx512|avx2|generic] [--repeats K] "
+                   "[--gemv-only | --gemm-only]\n", argv[0]);
+      return 2;
+    }
+  }
+  if (repeats < 5) { std::fprintf(stderr, "--repeats: at least 5\n"); return 2; }
+  // (K, N): attention qkv, attention out, MLP up, LM head, MLP down
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {
+      {768, 768}, {768, 2304}, {768, 3072}, {768, 50257}, {3072, 768}};
+
+  try {
+    if (threads > 0) ne::set_num_threads(threads);
+    if (!isa.empty()) ne::force_cpu_isa(isa.c_str());
+    const int64_t max_w = 768 * 50257, max_m = 512, max_k = 3072, max_n = 50257;
+    Buffer w(static_cast<size_t>(max_w) * 4), x(max_m * max_k * 4), y(max_m * max_n * 4), bias(max_n * 4);
+    Buffer csrc(static_cast<size_t>(max_w) * 2 + 4096), cdst(static_cast<size_t>(max_w) * 2 + 4096);
+    const int64_t kFlush = int64_t(128) << 20;  // 4x the 32 MB L3
+    Buffer scratch(kFlush);
+    auto flush = [&] { flush_caches(scratch, kFlush); };
+    fill(x.p, DType::F32, max_m * max_k, 1);
+    fill(bias.p, DType::F32, max_n, 2);
+    std::memset(csrc.p, 1, static_cast<size_t>(max_w) * 2);
+    const float* xp = reinterpret_cast<const float*>(x.p);
+    const float* bp = reinterpret_cast<const float*>(bias.p);
+    float* yp = reinterpret_cast<float*>(y.p);
+
+    std::printf("normengine bench_gemm: isa=%s threads=%d repeats=%d (median)\n", ne::cpu_isa(),
+                ne::num_threads(), repeats);
+    for (DType dt : {DType::F32, DType::BF16}) {
+      const char* dname = dt == DType::F32 ? "f32" : "bf16";
+      const int es = ne::dtype_size(dt);
+      fill(w.p, dt, max_w, 3);
+      if (do_gemv) {
+        std::printf("\nGEMV  W %s, cold caches; copy = memcpy of |W|/2 bytes (|W| bytes of traffic)\n", dname);
+        std::printf("%2s %5s %6s %9s %9s %9s %7s\n", "M", "K", "N", "ms", "W GB/s", "copyGB/s", "%copy");
+        for (int64_t M : {1, 4}) {
+          for (auto [K, N] : shapes) {
+            const double wbytes = static_cast<double>(N * K * es);
+            const int64_t cbytes = static_cast<int64_t>(wbytes / 2) / 64 * 64;
+            auto op = [&] { ne::gemm_f32(M, N, K, xp, K, w.p, dt, K, bp, yp, N); };
+            auto copy = [&] { parallel_memcpy(cdst.p, csrc.p, cbytes); };
+            for (int i = 0; i < 2; ++i) { op(); copy(); }
+            std::vector<double> a, b;
+            for (int i = 0; i < repeats; ++i) {
+              flush();
+              a.push_back(seconds_of(op));
+              flush();
+              b.push_back(seconds_of(copy));
+            }
+            const double t = median(a), tc = median(b);
+            const double gbs = wbytes / t / 1e9, cgbs = 2.0 * cbytes / tc / 1e9;
+            std::printf("%2lld %5lld %6lld %9.3f %9.1f %9.1f %6.1f%%\n", static_cast<long long>(M),
+                        static_cast<long long>(K), static_cast<long long>(N), t * 1e3, gbs, cgbs, 100.0 * gbs / cgbs);
+            std::fflush(stdout);
+          }
+        }
+      }
+      if (do_gemm) {
+        std::printf("\nGEMM  W %s, warm caches\n", dname);
+        std::printf("%4s %5s %6s %9s %9s\n", "M", "K", "N", "ms", "GFLOP/s");
+        for (auto [K, N] : shapes) {
+          if (K == 768 && N == 768) continue;
+          for (int64_t M : {16, 128, 512}) {
+            auto op = [&] { ne::gemm_f32(M, N, K, xp, K, w.p, dt, K, bp, yp, N); };
+            op();
+            std::vector<double> a;
+            const int reps = M * N * K > (int64_t(1) << 33) ? std::max(5, repeats / 3) : repeats;
+            for (int i = 0; i < reps; ++i) a.push_back(seconds_of(op));
+            const double t = median(a);
+            std::printf("%4lld %5lld %6lld %9.3f %9.1f\n", static_cast<long long>(M), static_cast<long long>(K),
+                        static_cast<long long>(N), t * 1e3, 2.0 * M * N * K / t / 1e9);
+            std::fflush(stdout);
+          }
+        }
+      }
+    }
+  } catch (const ne::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,118 @@
+// Bindings of the native transformer runner and the sampler (part of the one module normengine._C).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <random>
+#include <string>
+
+#include "bindings/interop.h"
+#include "normengine/model.h"
+
+namespace py = pybind11;
+using namespace ne_bind;
+
+namespace {
+
+ne::ModelSpec spec_from(const py::dict& d) {
+  ne::ModelSpec s;
+  auto get = [&](const char* k) -> py::object {
+    if (!d.contains(k)) throw ne::ValueError(std::string("spec: missing field '") + k + "'");
+    return d[k];
+  };
+  s.vocab = get("vocab").cast<int>();
+  s.d_model = get("d_model").cast<int>();
+  s.n_layers = get("n_layers").cast<int>();
+  s.n_heads = get("n_heads").cast<int>();
+  s.n_kv_heads = get("n_kv_heads").cast<int>();
+  s.head_dim = get("head_dim").cast<int>();
+  s.d_ff = get("d_ff").cast<int>();
+  s.max_seq_len = get("max_seq_len").cast<int>();
+  s.norm = get("norm").cast<int>();
+  s.norm_eps = get("norm_eps").cast<double>();
+  s.activation = get("activation").cast<int>();
+  s.gated_mlp = get("gated_mlp").cast<bool>();
+  s.learned_pos = get("learned_pos").cast<bool>();
+  s.rope_theta = get("rope_theta").cast<double>();
+  s.qkv_bias = get("qkv_bias").cast<bool>();
+  s.o_bias = get("o_bias").cast<bool>();
+  s.mlp_bias = get("mlp_bias").cast<bool>();
+  s.head_bias = get("head_bias").cast<bool>();
+  if (s.norm < -1 || s.norm > 2) throw ne::ValueError("spec.norm: expected -1..2");
+  if (s.activation < 0 || s.activation > 3) throw ne::ValueError("spec.activation: expected 0..3");
+  return s;
+}
+
+// A contiguous CPU int32 vector argument.
+const int32_t* i32(const TensorView& t, int64_t n) {
+  if (t.device.type != ne::DeviceType::CPU) throw ne::DeviceError(std::string(t.name) + ": expected a CPU tensor");
+  if (t.dtype != ne::DType::I32) throw ne::DTypeError(std::string(t.name) + ": expected int32, got " + ne::dtype_name(t.dtype));
+  if (!t.is_contiguous() || t.ndim != 1 || (n >= 0 && t.shape[0] != n))
+    throw ne::ShapeError(std::string(t.name) + ": expected a contiguous 1-D tensor" +
+                         (n >= 0 ? " of " + std::to_string(n) + " elements" : std::string()) + ", got " +
+                         ne::shape_str(t));
+  return t.ptr<const int32_t>();
+}
+
+struct Sampler {
+  std::mt19937_64 rng;
+  explicit Sampler(uint64_t seed) : rng(seed) {}
+};
+
+}  // namespace
+
+void bind_runner(py::module_& m) {
+  py::class_<ne::Runner>(m, "Runner", "Native transformer runner: weights, KV caches, prefill and decode.")
+      .def(py::init([](py::dict spec, int slots, int ctx) { return new ne::Runner(spec_from(spec), slots, ctx); }),
+           py::arg("spec"), py::arg("slots"), py::arg("ctx"))
+      .def(
+          "set_tensor",
+          [](ne::Runner& r, const std::string& name, py::handle t) {
+            Borrowed b;
+            TensorView v = view_of(t, name.c_str(), b);
+            r.set_tensor(name, v);
+          },
+          py::arg("name"), py::arg("tensor"), "Hand over a weight; the caller keeps it alive.")
+      .def("finalize", &ne::Runner::finalize)
+      .def(
+          "forward",
+          [](ne::Runner& r, py::handle slots, py::handle tokens, py::handle lens, py::handle logits, bool all_logits) {
+            Borrowed b;
+            TensorView vs = view_of(slots, "slots", b), vt = view_of(tokens, "tokens", b),
+                       vl = view_of(lens, "lens", b), vo = view_of(logits, "logits", b);
+            const int n = static_cast<int>(vs.numel());
+            const int32_t* ps = i32(vs, -1);
+            const int32_t* pl = i32(vl, n);
+            int64_t total = 0;
+            for (int i = 0; i < n; ++i) total += pl[i];
+            const int32_t* pt = i32(vt, total);
+            const int64_t rows = all_logits ? total : n;
+            if (vo.device.type != ne::DeviceType::CPU || vo.dtype != ne::DType::F32 || !vo.is_contiguous() ||
+                vo.numel() != rows * r.spec().vocab)
+              throw ne::ShapeError("logits: expected a contiguous float32 CPU tensor of " + std::to_string(rows) +
+                                   " x " + std::to_string(r.spec().vocab) + " elements");
+            py::gil_scoped_release nogil;
+            r.forward(n, ps, pt, pl, vo.ptr<float>(), all_logits);
+          },
+          py::arg("slots"), py::arg("tokens"), py::arg("lens"), py::arg("logits"), py::arg("all_logits"))
+      .def("reset", &ne::Runner::reset, py::arg("slot"))
+      .def("length", &ne::Runner::length, py::arg("slot"))
+      .def_property_readonly("slots", &ne::Runner::slots)
+      .def_property_readonly("ctx", &ne::Runner::ctx);
+
+  py::class_<Sampler>(m, "Sampler", "Next-token sampler with its own random generator.")
+      .def(py::init<uint64_t>(), py::arg("seed"))
+      .def(
+          "sample",
+          [](Sampler& s, py::handle logits, float temperature, int top_k, float top_p) {
+            Borrowed b;
+            TensorView v = view_of(logits, "logits", b);
+            if (v.device.type != ne::DeviceType::CPU || v.dtype != ne::DType::F32 || v.ndim != 1 || v.strides[0] != 1)
+              throw ne::ShapeError("logits: expected a contiguous 1-D float32 CPU tensor");
+            ne::SamplingParams p;
+            p.temperature = temperature;
+            p.top_k = top_k;
+            p.top_p = top_p;
+            return ne::sample_token(v.ptr<const float>(), static_cast<int>(v.shape[0]), p, s.rng);
+          },
+          py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"));
+}

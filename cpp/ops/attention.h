@@ -1,0 +1,58 @@
+// Internal: causal softmax attention over a KV cache, and rotary position embedding (CPU kernels in
+// cpp/ops/attention.cpp, one instance per ISA).
+#pragma once
+#include <cstdint>
+
+#include "core/dispatch.h"
+
+namespace ne {
+
+// Each query row t (a token of some sequence) attends to rows 0..pos[t] of its own sequence's cache.
+struct AttnArgs {
+  int64_t n_tokens;
+  const float* q;            // [n_tokens, n_heads * head_dim], row stride ldq
+  int64_t ldq;
+  float* out;                // [n_tokens, n_heads * head_dim], row stride ldo
+  int64_t ldo;
+  const float* const* k;     // per token: its sequence's K cache [ctx, n_kv_heads * head_dim]
+  const float* const* v;     // per token: its sequence's V cache, same layout
+  const int32_t* pos;        // per token: its position; keys 0..pos are visible (causal)
+  int n_heads, n_kv_heads, head_dim;
+  float scale;               // 1 / sqrt(head_dim)
+  float* scratch;            // num_threads() * scratch_stride floats (scores of one query)
+  int64_t scratch_stride;    // >= max pos + 1
+};
+
+// Rotary embedding, "rotate half" pairing (i, i + D/2) as in Llama:
+//   x'[i] = x[i] cos(a) - x[i + D/2] sin(a),  x'[i + D/2] = x[i + D/2] cos(a) + x[i] sin(a)
+// with a = pos * inv_freq[i]; cos/sin come from a table [max_pos, D/2] built once per model.
+struct RopeArgs {
+  int64_t n_tokens;
+  float* x;                  // [n_tokens, n_heads * head_dim], in place
+  int64_t ldx;
+  int n_heads, head_dim;
+  const int32_t* pos;
+  const float* cos;          // [max_pos, head_dim / 2]
+  const float* sin;
+};
+
+enum class Act : int { GeluTanh = 0, Gelu = 1, Silu = 2, Relu = 3 };
+
+// out = act(a)  or, gated, out = act(a) * b ; rows of n, row strides lda/ldb/ldo
+struct ActArgs {
+  Act act;
+  int64_t rows, n;
+  const float* a; int64_t lda;
+  const float* b; int64_t ldb;  // null: not gated
+  float* out; int64_t ldo;
+};
+
+struct AttentionTable {
+  void (*attention)(const AttnArgs&);
+  void (*rope)(const RopeArgs&);
+  void (*activation)(const ActArgs&);
+};
+
+}  // namespace ne
+
+NE_DECLARE_ISA_TABLES(::ne::AttentionTable, attention_table)

@@ -1,0 +1,440 @@
+// Dense linear kernels (CPU): y = x W^T (+ bias) (+ y), W in torch.nn.Linear layout [N, K], stored as
+// f32, bf16 or f16 and widened to f32 on the fly; x, y and all accumulation in f32.
+//
+// This file is compiled once per ISA (see CMakeLists.txt); the entry points at the bottom are
+// compiled only in the generic build and pick the best ISA's kernel table at run time.
+//
+// Two paths, chosen by the number of rows M of x:
+//   GEMV (M <= kGemvMaxRows, decode): memory-bound. Every element of W is used M times only, so the
+//     bound is the time to stream W from memory once; each thread streams its own rows of W.
+//   GEMM (larger M, prefill): compute-bound. W is packed panel by panel (transposed, widened to f32)
+//     into a per-thread scratch block that stays in L2, and a register-blocked micro-kernel
+//     computes MR x NR tiles of y as outer products: broadcast x[m, k], times NR packed weights.
+#include "core/parallel.h"
+#include "core/simd.h"
+#include "normengine/ops.h"
+#include "ops/gemm.h"
+
+namespace ne {
+namespace NE_ISA_NS {
+
+// ------------------------------------------------------------------------------------ blocking
+// MR x NR tile of y held in MR * NV vector registers (NR = NV * lanes):
+//   AVX-512: 8 x 48 = 24 zmm accumulators + 3 weight vectors + 1 broadcast (of 32 registers)
+//   AVX2:    6 x 16 = 12 ymm accumulators + 2 + 1 (of 16)
+//   generic: 4 x 8 floats, left to the auto-vectorizer
+#if defined(NE_ISA_AVX512)
+constexpr int kMR = 8, kNV = 3;
+#elif defined(NE_ISA_AVX2)
+constexpr int kMR = 6, kNV = 2;
+#else
+constexpr int kMR = 4, kNV = 1;
+#endif
+constexpr int kNR = kNV * VF::N;
+// K is cut into blocks of at most kKC (balanced); a packed block of W is kKC x kNC floats
+// (256 x 384 x 4 B = 384 KiB on AVX-512: it stays in the 1 MiB L2 while every row tile of x
+// passes over it, and the x micro-panel, MR x kc floats = 8 KiB, stays in L1).
+constexpr int64_t kKC = 256;
+constexpr int64_t kNC = kNR * (384 / kNR);
+constexpr int64_t kPackFloats = kKC * kNC;
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Sum of the lanes of v. AVX-512: shuffles within the register; the zero-masking forms (all lanes
+// kept) because the plain ones, and VF::reduce's extract, trip a false GCC 12 -Wuninitialized here.
+#if defined(NE_ISA_AVX512)
+inline float hsum(__m512 v) {
+  const __mmask16 all = 0xFFFF;
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(all, v, v, 0x4E));  // + the other 256-bit half
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(all, v, v, 0xB1));  // + the neighbouring 128 bits
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(all, v, 0x4E));
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(all, v, 0xB1));
+  return _mm512_cvtss_f32(v);
+}
+#else
+inline float hsum(VF::R v) { return static_cast<float>(VF::reduce(v)); }
+#endif
+
+// ======================================================================================== GEMV
+// For M <= 4 rows of x and a group of RR rows of W at a time:
+//   acc[m][r] += x[m, k:k+L] * W[n+r, k:k+L]    (L = vector lanes; one accumulator per output)
+//   y[m, n+r] = reduce(acc[m][r]) (+ bias[n+r]) (+ y[m, n+r])
+// Memory traffic: W once (N * K * sizeof(T)), x M * K * 4 (from L1/L2, re-read per group), y M * N * 4.
+// The bound is W's stream: the RR rows are RR concurrent sequential streams, the M * RR independent
+// FMA chains keep far ahead of memory. Each output's arithmetic does not depend on the grouping, so
+// results are bitwise identical for any split of N over threads.
+template <class V, class T>
+struct Gemv {
+  using R = typename V::R;
+  static constexpr int L = V::N;
+  static constexpr int kRows = 4;              // RR for the main groups
+  static constexpr int64_t kPrefetch = 1024;   // bytes ahead on each W row
+
+  template <int MM, int RR>
+  static void group(const GemmArgs& a, int64_t n) {
+    const int64_t K = a.K;
+    const T* w = static_cast<const T*>(a.w) + n * a.ldw;
+    R acc[MM][RR];
+    for (int m = 0; m < MM; ++m)
+      for (int r = 0; r < RR; ++r) acc[m][r] = V::zero();
+    int64_t k = 0;
+    for (; k + L <= K; k += L) {
+      R wv[RR];
+      for (int r = 0; r < RR; ++r) {
+        __builtin_prefetch(reinterpret_cast<const char*>(w + r * a.ldw + k) + kPrefetch, 0, 0);
+        wv[r] = V::load(w + r * a.ldw + k);
+      }
+      for (int m = 0; m < MM; ++m) {
+        R xv = V::load(a.x + m * a.ldx + k);
+        for (int r = 0; r < RR; ++r) acc[m][r] = V::fma(xv, wv[r], acc[m][r]);
+      }
+    }
+    if (k < K) {
+      const int t = static_cast<int>(K - k);
+      R wv[RR];
+      for (int r = 0; r < RR; ++r) wv[r] = V::load(w + r * a.ldw + k, t);
+      for (int m = 0; m < MM; ++m) {
+        R xv = V::load(a.x + m * a.ldx + k, t);
+        for (int r = 0; r < RR; ++r) acc[m][r] = V::fma(xv, wv[r], acc[m][r]);
+      }
+    }
+    for (int m = 0; m < MM; ++m) {
+      float* y = a.y + m * a.ldy + n;
+      for (int r = 0; r < RR; ++r) {
+        float v = hsum(acc[m][r]);
+        if (a.bias) v += a.bias[n + r];
+        if (a.accumulate) v += y[r];
+        y[r] = v;
+      }
+    }
+  }
+
+  template <int MM>
+  static void rows(const GemmArgs& a, int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + kRows <= n1; n += kRows) group<MM, kRows>(a, n);
+    switch (n1 - n) {
+      case 3: group<MM, 3>(a, n); break;
+      case 2: group<MM, 2>(a, n); break;
+      case 1: group<MM, 1>(a, n); break;
+      default: break;
+    }
+  }
+
+  static void run(const GemmArgs& a) {
+    // a thread's share: at least 64 KiB of W, so that small layers stay on one thread
+    const int64_t row_bytes = max64(1, a.K * static_cast<int64_t>(sizeof(T)));
+    const int64_t grain = max64(kRows, cdiv(int64_t(64) << 10, row_bytes));
+    parallel_for(a.N, grain, [&](int64_t b, int64_t e, int) {
+      switch (a.M) {
+        case 1: rows<1>(a, b, e); break;
+        case 2: rows<2>(a, b, e); break;
+        case 3: rows<3>(a, b, e); break;
+        default: rows<4>(a, b, e); break;
+      }
+    });
+  }
+};
+static_assert(kGemvMaxRows == 4, "Gemv::run handles up to 4 rows");
+
+// ======================================================================================== GEMM
+// ---------------------------------------------------------------- packing W
+// One panel: NR consecutive rows n of W, a block of kc columns k, stored transposed and widened:
+//   bp[k * NR + j] = float(W[n0 + j, k0 + k])      j < NR (rows past the panel's end: 0)
+// Traffic: each element of W is read once per call, and the panel (kc * NR * 4 B) written to L2.
+// AVX-512 and AVX2 transpose 16 x 16 (8 x 8) blocks in registers; the generic build copies scalars.
+#if defined(NE_ISA_AVX512)
+// r[j] lane c -> r[c] lane j, in 64 shuffles.
+inline void transpose_block(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // per 128-bit lane L, u[4g + c] holds rows 4g..4g+3 of column 4L + c
+  __m512 u[16];
+  for (int g = 0; g < 4; ++g) {
+    __m512d a0 = _mm512_castps_pd(t[4 * g]), a1 = _mm512_castps_pd(t[4 * g + 1]);
+    __m512d a2 = _mm512_castps_pd(t[4 * g + 2]), a3 = _mm512_castps_pd(t[4 * g + 3]);
+    u[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+  }
+  for (int c = 0; c < 4; ++c) {
+    __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);       // g0 L0, g0 L2, g1 L0, g1 L2
+    __m512 v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);       // g0 L1, g0 L3, g1 L1, g1 L3
+    __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);  // g2 .., g3 ..
+    __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);       // column c      (lane L0 of every group)
+    r[8 + c] = _mm512_shuffle_f32x4(v0, v2, 0xDD);   // column 8 + c  (L2)
+    r[4 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);   // column 4 + c  (L1)
+    r[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xDD);  // column 12 + c (L3)
+  }
+}
+#define NE_GEMM_VECTOR_PACK 1
+#elif defined(NE_ISA_AVX2)
+inline void transpose_block(__m256 r[8]) {
+  __m256 t[8], s[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h) {  // rows 4h..4h+3; s[4h + c] = column c (low lane) and c + 4 (high lane)
+    s[4 * h + 0] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
+    s[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
+    s[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+    s[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(s[c], s[4 + c], 0x20);
+    r[4 + c] = _mm256_permute2f128_ps(s[c], s[4 + c], 0x31);
+  }
+}
+#define NE_GEMM_VECTOR_PACK 1
+#endif
+
+template <class V, class T>
+void pack_panel(const T* w, int64_t ldw, int rows, int64_t kc, float* bp) {
+#if defined(NE_GEMM_VECTOR_PACK)
+  using R = typename V::R;
+  constexpr int L = V::N;
+  for (int j0 = 0; j0 < kNR; j0 += L) {  // L rows of W at a time
+    for (int64_t k0 = 0; k0 < kc; k0 += L) {
+      const int kt = static_cast<int>(min64(L, kc - k0));
+      R r[L];
+      for (int j = 0; j < L; ++j)
+        r[j] = j0 + j < rows ? loadn<V>(w + (j0 + j) * ldw + k0, kt) : V::zero();
+      transpose_block(r);
+      for (int c = 0; c < kt; ++c) V::store(bp + (k0 + c) * kNR + j0, r[c]);
+    }
+  }
+#else
+  for (int64_t k = 0; k < kc; ++k)
+    for (int j = 0; j < kNR; ++j) bp[k * kNR + j] = j < rows ? to_f32(w[j * ldw + k]) : 0.0f;
+#endif
+}
+
+// ---------------------------------------------------------------- micro-kernel
+// One MR x NR tile of y over one block of kc columns:
+//   acc[i][j] = sum_{k < kc} x[i, k] * bp[k, j*L : (j+1)*L]      (broadcast x, NV vector FMAs each)
+//   y[i, :cols] = acc (+ y[i, :cols] if load_y) (+ bias[:cols] if bias)
+// Per k: NV aligned loads from the packed panel (L1/L2), MR broadcasts of x (L1), MR * NV FMAs.
+// Each output's arithmetic is independent of MR, so any row tiling gives the same bits.
+template <class V, int MR>
+void tile(int64_t kc, const float* x, int64_t ldx, const float* bp, float* y, int64_t ldy, int cols,
+          const float* bias, bool load_y) {
+  using R = typename V::R;
+  constexpr int L = V::N;
+  R acc[MR][kNV];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kNV; ++j) acc[i][j] = V::zero();
+  const float* xr[MR];
+  for (int i = 0; i < MR; ++i) xr[i] = x + i * ldx;
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < kc; ++k) {
+    R b[kNV];
+    for (int j = 0; j < kNV; ++j) b[j] = V::load(bp + k * kNR + j * L);
+    for (int i = 0; i < MR; ++i) {
+      const R xi = V::set1(xr[i][k]);
+      for (int j = 0; j < kNV; ++j) acc[i][j] = V::fma(xi, b[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* yi = y + i * ldy;
+    for (int j = 0; j < kNV; ++j) {
+      const int w = cols - j * L < L ? cols - j * L : L;
+      if (w <= 0) break;
+      R v = acc[i][j];
+      if (load_y) v = V::add(loadn<V>(yi + j * L, w), v);
+      if (bias) v = V::add(v, loadn<V>(bias + j * L, w));
+      storen<V>(yi + j * L, v, w);
+    }
+  }
+}
+
+using TileFn = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, int, const float*, bool);
+
+template <class V, int... I>
+struct TileTable {
+  static constexpr TileFn fns[sizeof...(I)] = {tile<V, I + 1>...};
+};
+
+// tiles[mr - 1]: the kernel for a tile of mr <= MR rows
+#if defined(NE_ISA_AVX512)
+using Tiles = TileTable<VF, 0, 1, 2, 3, 4, 5, 6, 7>;
+#elif defined(NE_ISA_AVX2)
+using Tiles = TileTable<VF, 0, 1, 2, 3, 4, 5>;
+#else
+using Tiles = TileTable<VF, 0, 1, 2, 3>;
+#endif
+static_assert(sizeof(Tiles::fns) / sizeof(TileFn) == kMR, "one tile kernel per row count");
+
+// ---------------------------------------------------------------- driver
+// A thread's block of y: rows [m0, m1), columns of panels [p0, p1) (panel p = columns p*NR ...).
+//   for each group of panels (kNC columns), for each K block (kc columns):
+//     pack W[group, K block] into bp (L2);  for each row tile: for each panel: tile()
+// Traffic: W read once; x read once per panel group (from L2/L3); y read and written once per K
+// block after the first.
+template <class V, class T>
+struct Gemm {
+  static void block(const GemmArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1, float* bp) {
+    const T* W = static_cast<const T*>(a.w);
+    const int64_t nkb = cdiv(a.K, kKC), kcb = cdiv(a.K, nkb);  // balanced K blocks
+    constexpr int64_t kPanels = kNC / kNR;
+    for (int64_t pc = p0; pc < p1; pc += kPanels) {
+      const int64_t pe = min64(p1, pc + kPanels);
+      for (int64_t k0 = 0; k0 < a.K; k0 += kcb) {
+        const int64_t kc = min64(kcb, a.K - k0);
+        for (int64_t p = pc; p < pe; ++p) {
+          const int rows = static_cast<int>(min64(kNR, a.N - p * kNR));
+          pack_panel<V, T>(W + p * kNR * a.ldw + k0, a.ldw, rows, kc, bp + (p - pc) * kc * kNR);
+        }
+        const bool first = k0 == 0;
+        const bool load_y = !first || a.accumulate;
+        for (int64_t m = m0; m < m1; m += kMR) {
+          const TileFn fn = Tiles::fns[min64(kMR, m1 - m) - 1];
+          const float* xm = a.x + m * a.ldx + k0;
+          for (int64_t p = pc; p < pe; ++p) {
+            const int64_t n = p * kNR;
+            fn(kc, xm, a.ldx, bp + (p - pc) * kc * kNR, a.y + m * a.ldy + n, a.ldy,
+               static_cast<int>(min64(kNR, a.N - n)), first && a.bias ? a.bias + n : nullptr, load_y);
+          }
+        }
+      }
+    }
+  }
+
+  // Threads split the panels of N; when there are fewer panels than threads, rows of M too
+  // (tasks = row chunk x panel, consecutive tasks share a row chunk).
+  static void run(const GemmArgs& a) {
+    const int64_t panels = cdiv(a.N, kNR);
+    const int threads = num_threads();
+    const int64_t mtiles = cdiv(a.M, kMR);
+    const int64_t mchunks = panels >= threads ? 1 : min64(mtiles, cdiv(threads, panels));
+    const int64_t chunk_rows = cdiv(mtiles, mchunks) * kMR;
+    const int64_t tasks = mchunks * panels;
+    // at least ~2^20 multiply-adds per thread
+    const int64_t task_macs = max64(1, min64(a.M, chunk_rows) * a.K * kNR);
+    const int64_t grain = max64(1, (int64_t(1) << 20) / task_macs);
+    parallel_for(tasks, grain, [&](int64_t b, int64_t e, int tid) {
+      float* bp = a.pack + tid * kPackFloats;
+      for (int64_t t = b; t < e;) {
+        const int64_t mc = t / panels, p0 = t % panels;
+        const int64_t p1 = min64(panels, p0 + (e - t));
+        const int64_t m0 = mc * chunk_rows, m1 = min64(a.M, m0 + chunk_rows);
+        if (m0 < m1) block(a, m0, m1, p0, p1, bp);
+        t += p1 - p0;
+      }
+    });
+  }
+};
+
+const GemmTable* gemm_table() {
+  static const GemmTable table = {
+      {Gemv<VF, float>::run, Gemv<VF, f16>::run, Gemv<VF, bf16>::run},
+      {Gemm<VF, float>::run, Gemm<VF, f16>::run, Gemm<VF, bf16>::run},
+      kPackFloats,
+  };
+  return &table;
+}
+
+}  // namespace NE_ISA_NS
+}  // namespace ne
+
+#if defined(NE_ISA_GENERIC)
+// ==================================================================================== entry points
+#include <vector>
+
+namespace ne {
+namespace {
+
+const GemmTable& cpu_gemm() {
+  static const GemmTable* t = NE_PICK_ISA(gemm_table);
+  return *t;
+}
+
+// Per-thread packed panels for the GEMM path, reused across calls (grown, never shrunk).
+float* pack_scratch(int64_t floats_per_thread) {
+  thread_local std::vector<float> buf;
+  const size_t need = static_cast<size_t>(floats_per_thread * num_threads() + 16);
+  if (buf.size() < need) buf.resize(need);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
+}
+
+}  // namespace
+
+void gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, DType wdtype,
+              int64_t ldw, const float* bias, float* y, int64_t ldy, bool accumulate) {
+  if (wdtype != DType::F32 && wdtype != DType::BF16 && wdtype != DType::F16)
+    throw DTypeError(std::string("weight: expected float32, bfloat16 or float16, got ") + dtype_name(wdtype));
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {  // empty sum
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n)
+        y[m * ldy + n] = (accumulate ? y[m * ldy + n] : 0.0f) + (bias ? bias[n] : 0.0f);
+    return;
+  }
+  const GemmTable& t = cpu_gemm();
+  GemmArgs a{M, N, K, x, ldx, w, ldw, bias, y, ldy, accumulate, nullptr};
+  if (M <= kGemvMaxRows) {
+    t.gemv[gemm_wslot(wdtype)](a);
+  } else {
+    a.pack = pack_scratch(t.pack_floats);
+    t.gemm[gemm_wslot(wdtype)](a);
+  }
+}
+
+void linear(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& y,
+            const Ctx& ctx) {
+  // weight: [N, K] f32 / bf16 / f16, unit stride along K
+  if (w.ndim != 2)
+    throw ShapeError(std::string(w.name) + ": expected a 2-D tensor [out_features, in_features], got shape " +
+                     shape_str(w));
+  if (w.dtype != DType::F32 && w.dtype != DType::BF16 && w.dtype != DType::F16)
+    throw DTypeError(std::string(w.name) + ": expected float32, bfloat16 or float16, got " + dtype_name(w.dtype));
+  check_dtype(x, DType::F32);
+  check_same_device(x, w);
+  check_same_device(x, y);
+  if (bias) check_same_device(x, *bias);
+  if (x.ndim == 0) throw ShapeError(std::string(x.name) + ": expected at least one dimension, got a scalar");
+  const RowMatrix xr = as_rows(x);
+  const int64_t N = w.shape[0], K = w.shape[1];
+  if (xr.cols != K)
+    throw ShapeError(std::string(x.name) + ": last dimension " + std::to_string(xr.cols) + " does not match " +
+                     w.name + "'s in_features " + std::to_string(K) + " (shape " + shape_str(w) + ")");
+  if (K > 1 && w.strides[1] != 1)
+    throw ShapeError(std::string(w.name) + ": rows must be contiguous (stride 1 along in_features), got stride " +
+                     std::to_string(w.strides[1]));
+  const int64_t ldw = N > 1 ? w.strides[0] : K;
+  if (N > 1 && ldw < K)
+    throw ShapeError(std::string(w.name) + ": rows overlap (row stride " + std::to_string(ldw) + " < " +
+                     std::to_string(K) + ")");
+  if (bias) {
+    check_dtype(*bias, DType::F32);
+    check_shape_1d(*bias, N);
+    if (N > 1 && bias->strides[0] != 1) throw ShapeError(std::string(bias->name) + ": expected a contiguous tensor");
+  }
+  // out: x's shape with the last dimension N, float32
+  check_dtype(y, DType::F32);
+  bool shape_ok = y.ndim == x.ndim && y.shape[y.ndim - 1] == N;
+  for (int i = 0; shape_ok && i < x.ndim - 1; ++i) shape_ok = y.shape[i] == x.shape[i];
+  if (!shape_ok) {
+    TensorView want = x;
+    want.shape[want.ndim - 1] = N;
+    throw ShapeError(std::string(y.name) + ": expected shape " + shape_str(want) + ", got " + shape_str(y));
+  }
+  const RowMatrix yr = as_rows(y);
+  if (x.device.type == DeviceType::CUDA)
+    throw UnsupportedError("linear: not implemented on CUDA yet (" + std::string(x.name) + " is on " +
+                           x.device.str() + ")");
+  (void)ctx;
+  gemm_f32(xr.rows, N, K, static_cast<const float*>(xr.data), xr.ld, w.data, w.dtype, ldw,
+           bias ? static_cast<const float*>(bias->data) : nullptr, static_cast<float*>(yr.data), yr.ld, false);
+}
+
+}  // namespace ne
+#endif  // NE_ISA_GENERIC

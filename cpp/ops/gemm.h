@@ -1,0 +1,52 @@
+// Internal: the dense linear kernel family (cpp/ops/gemm.cpp, one instance per ISA).
+//
+// ne::gemm_f32 is the raw contract the native runner calls directly (no views, no checks beyond the
+// weight dtype): it computes, for m < M and n < N,
+//
+//     y[m, n] = sum_k x[m, k] * W[n, k]  (+ bias[n])  (+ y[m, n] if accumulate)
+//
+// x: M rows of K floats, row stride ldx;  W: N rows of K elements (torch.nn.Linear layout), row stride
+// ldw, in F32, BF16 or F16 (widened to float in registers or in a small packed panel, never into a
+// W-sized buffer);  bias: N floats or null;  y: M rows of N floats, row stride ldy. Accumulation in
+// fp32. Runs on the engine's thread pool. Results are bitwise identical for any thread count.
+// y must not overlap x or W. Strides are in elements.
+#pragma once
+#include <cstdint>
+
+#include "core/dispatch.h"
+#include "normengine/tensor.h"
+
+namespace ne {
+
+void gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, DType wdtype,
+              int64_t ldw, const float* bias, float* y, int64_t ldy, bool accumulate = false);
+
+// At most this many rows of x take the GEMV path (stream W once, dot products); more take the
+// register-blocked GEMM path (W packed panel by panel).
+constexpr int64_t kGemvMaxRows = 4;
+
+struct GemmArgs {
+  int64_t M, N, K;
+  const float* x;
+  int64_t ldx;
+  const void* w;
+  int64_t ldw;
+  const float* bias;  // null: no bias
+  float* y;
+  int64_t ldy;
+  bool accumulate;
+  float* pack;        // GEMM path: table.pack_floats floats per pool thread, 64-byte aligned
+};
+
+// Index of a weight dtype in the tables: F32, F16, BF16.
+inline int gemm_wslot(DType t) { return t == DType::F32 ? 0 : t == DType::F16 ? 1 : 2; }
+
+struct GemmTable {
+  void (*gemv[3])(const GemmArgs&);  // M <= kGemvMaxRows
+  void (*gemm[3])(const GemmArgs&);  // any M
+  int64_t pack_floats;               // scratch each thread needs for its packed W panel (floats)
+};
+
+}  // namespace ne
+
+NE_DECLARE_ISA_TABLES(::ne::GemmTable, gemm_table)

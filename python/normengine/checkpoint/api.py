@@ -1,0 +1,223 @@
+"""load_checkpoint / save_checkpoint: checkpoint files <-> (ModelConfig, canonical tensors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Dict, Mapping, Tuple
+
+import torch
+
+from ..config import ModelConfig, expected_shapes
+from ..errors import ArgumentError, CheckpointError
+from . import hf
+from .readers import CONFIG_NAME, SAFE_WEIGHTS, locate, read_located
+from .safetensors_io import write_safetensors
+
+NORMENGINE_ARCHITECTURE = "NormEngineModel"
+META_CONFIG = "normengine_config"
+META_ALIASES = "normengine_aliases"
+
+_DTYPES = {
+    torch.float32: torch.float32,
+    torch.bfloat16: torch.bfloat16,
+    torch.float16: torch.float16,
+    torch.float64: torch.float64,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def _target_dtype(dtype):
+    if dtype is None:
+        return None
+    try:
+        return _DTYPES[dtype]
+    except (KeyError, TypeError):
+        raise ArgumentError(
+            f"dtype: expected None, torch.float32, torch.bfloat16, torch.float16 or torch.float64, got {dtype!r}"
+        ) from None
+
+
+def check_tensors(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], where: str, provenance=None, source=None,
+                  error=CheckpointError) -> None:
+    """Every tensor expected_shapes(cfg) names is present with its shape; raises `error` naming the
+    tensor, its expected and found shape (and where it came from)."""
+    provenance = provenance or {}
+    for name, shape in expected_shapes(cfg).items():
+        t = tensors.get(name)
+        if t is None:
+            src = source(name) if source else None
+            frm = f" (stored as '{src}')" if src else ""
+            raise error(f"{where}: missing tensor '{name}'{frm}: expected shape {tuple(shape)}, found none")
+        if not isinstance(t, torch.Tensor):
+            raise error(f"{where}: tensor '{name}': expected a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(shape):
+            frm = f" (from {provenance[name]})" if name in provenance else ""
+            raise error(
+                f"{where}: tensor '{name}'{frm} has the wrong shape for the config: expected {tuple(shape)}, "
+                f"found {tuple(t.shape)}"
+            )
+
+
+def _convert(tensors: Dict[str, torch.Tensor], dtype) -> Dict[str, torch.Tensor]:
+    """Floating tensors to dtype; tensors shared before stay shared."""
+    if dtype is None:
+        return tensors
+    memo = {}
+    out = {}
+    for k, t in tensors.items():
+        if id(t) not in memo:
+            memo[id(t)] = t.to(dtype) if t.is_floating_point() else t
+        out[k] = memo[id(t)]
+    return out
+
+
+def _normengine_config(raw):
+    """The ModelConfig of a normengine-saved checkpoint (config.json, else the safetensors
+    metadata), or None for any other checkpoint."""
+    if raw.config is not None and "normengine" in raw.config:
+        d, where = raw.config["normengine"], raw.config_path
+    else:
+        found = next(((f, m[META_CONFIG]) for f, m in raw.metadata if META_CONFIG in m), None)
+        if found is None:
+            return None
+        where = f"{found[0]} (metadata '{META_CONFIG}')"
+        try:
+            d = json.loads(found[1])
+        except ValueError as e:
+            raise CheckpointError(f"{where}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{where}: the normengine config must be an object, got {type(d).__name__}")
+    try:
+        return ModelConfig.from_dict(d)
+    except (ArgumentError, TypeError) as e:
+        raise CheckpointError(f"{where}: invalid normengine config: {e}") from e
+
+
+def _restore_aliases(raw, tensors):
+    for f, meta in raw.metadata:
+        if META_ALIASES not in meta:
+            continue
+        try:
+            aliases = json.loads(meta[META_ALIASES])
+            ok = isinstance(aliases, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+            )
+        except ValueError:
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{f}: corrupt metadata '{META_ALIASES}': expected a JSON object of names")
+        for alias, target in aliases.items():
+            if alias in tensors:
+                raise CheckpointError(f"{f}: tensor '{alias}' is stored and also recorded as an alias of '{target}'")
+            if target not in tensors:
+                raise CheckpointError(f"{f}: tensor '{alias}' is an alias of '{target}', which is missing")
+            tensors[alias] = tensors[target]
+
+
+def load_checkpoint(path, dtype=None) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+    """Load a checkpoint as (ModelConfig, {canonical name: tensor}).
+
+    path: a Hugging Face-style directory (config.json + model.safetensors, sharded safetensors with
+    model.safetensors.index.json, pytorch_model.bin or sharded pytorch_model.bin.index.json); a single
+    .safetensors / .pt / .pth / .bin state-dict file (or an *.index.json) with config.json beside it;
+    or a directory written by save_checkpoint (a lone model.safetensors written by it also loads
+    without config.json). Supported architectures: hf.SUPPORTED_ARCHITECTURES.
+
+    dtype: None keeps the stored dtype (tensors then map the file, copy-on-write); else
+    torch.float32 / bfloat16 / float16 / float64 converts the floating tensors (integer ones stay).
+
+    Tensors are CPU tensors. A tied head is returned as one tensor object under both tok_emb.weight
+    and lm_head.weight. cfg.source_dtype is the dtype the checkpoint stores (not `dtype`).
+    """
+    target = _target_dtype(dtype)
+    loc = locate(path)
+    where = loc.root
+    arch = hf_cfg = None
+    if loc.config is not None and "normengine" not in loc.config:
+        # the architecture and its options are checked before any weight is touched
+        arch = hf.architecture_of(loc.config, loc.config_path)
+        hf_cfg = hf.parse_config(arch, loc.config, loc.config_path, loc.generation_config)
+    raw = read_located(loc)
+    cfg = _normengine_config(raw) if arch is None else None
+    if cfg is not None:
+        tensors = dict(raw.tensors)
+        _restore_aliases(raw, tensors)
+        if "lm_head.weight" not in tensors and cfg.tied_head and "tok_emb.weight" in tensors:
+            tensors["lm_head.weight"] = tensors["tok_emb.weight"]
+        prov = {k: f"'{k}' in {raw.origin[k]}" for k in raw.tensors}
+        check_tensors(cfg, tensors, where, prov)
+    else:
+        if arch is None:
+            raise CheckpointError(
+                f"{where}: no {CONFIG_NAME} beside the weights (needed to know the architecture and sizes)"
+            )
+        cfg, mapped, prov = hf.convert_hf(arch, hf_cfg, raw.tensors, raw.config, where, raw.origin)
+        check_tensors(cfg, mapped, where, prov, source=lambda n: hf.source_name(arch, n))
+        keep = expected_shapes(cfg)
+        tensors = {k: mapped[k] for k in keep}
+        extra = sorted(set(mapped) - set(keep))
+        if extra:
+            warnings.warn(
+                f"{where}: ignoring tensors the config does not use: "
+                + ", ".join(f"{k} (from {prov[k]})" for k in extra[:8])
+                + (f", ... ({len(extra)} in all)" if len(extra) > 8 else ""),
+                stacklevel=2,
+            )
+    return cfg, _convert(tensors, target)
+
+
+def save_checkpoint(path_dir, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write cfg and canonical tensors to directory `path_dir` (created if needed): config.json
+    ({"architectures": ["NormEngineModel"], "model_type": "normengine", "normengine": cfg.to_dict()})
+    and model.safetensors (metadata: format "pt", normengine_config, normengine_aliases). Tensors
+    that are the same memory (same storage, offset, shape, strides and dtype, e.g. a tied head) are
+    stored once and loaded back as one shared tensor. Files are replaced atomically."""
+    if not isinstance(cfg, ModelConfig):
+        raise ArgumentError(f"cfg: expected a ModelConfig, got {type(cfg).__name__}")
+    if not isinstance(tensors, Mapping):
+        raise ArgumentError(f"tensors: expected a dict of name -> tensor, got {type(tensors).__name__}")
+    for k, t in tensors.items():
+        if not isinstance(k, str):
+            raise ArgumentError(f"tensors: names must be str, got {k!r}")
+        if not isinstance(t, torch.Tensor):
+            raise ArgumentError(f"tensors['{k}']: expected a torch.Tensor, got {type(t).__name__}")
+    check_tensors(cfg, tensors, "tensors", error=ArgumentError)
+
+    stored, aliases, seen = {}, {}, {}
+    for k, t in tensors.items():
+        if t.numel() > 0 and t.device.type != "meta":
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if key in seen:
+                aliases[k] = seen[key]
+                continue
+            seen[key] = k
+        stored[k] = t
+    meta = {
+        "format": "pt",
+        META_CONFIG: cfg.to_json(),
+        META_ALIASES: json.dumps(aliases, sort_keys=True),
+    }
+    d = os.fspath(path_dir)
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise ArgumentError(f"path_dir: {d} exists and is not a directory")
+    os.makedirs(d, exist_ok=True)
+    write_safetensors(os.path.join(d, SAFE_WEIGHTS), stored, meta)
+    config = {"architectures": [NORMENGINE_ARCHITECTURE], "model_type": "normengine", "normengine": cfg.to_dict()}
+    cpath = os.path.join(d, CONFIG_NAME)
+    tmp = f"{cpath}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, cpath)
+
+
+__all__ = ["load_checkpoint", "save_checkpoint", "check_tensors", "NORMENGINE_ARCHITECTURE"]

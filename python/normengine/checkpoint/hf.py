@@ -1,0 +1,442 @@
+"""Hugging Face architectures -> ModelConfig + canonical tensor names (see normengine.config).
+
+Adding an architecture = one entry in ARCHITECTURES: a config parser and a list of name rules.
+
+Each rule maps a source name template to canonical name(s), with "{i}" standing for the layer index:
+
+    copy     the tensor as stored
+    t        a GPT-2 Conv1D weight, stored [in, out]: transposed to nn.Linear's [out, in] (contiguous)
+    t_split3 GPT-2 c_attn weight [d, 3d]: transposed, then split row-wise into q, k, v
+    split3   GPT-2 c_attn bias [3d]: split into q, k, v
+
+Layouts the runner must follow with these tensors (they are Hugging Face's, unchanged):
+  * RoPE (Llama family) rotates the pairs (j, j + head_dim/2) of each head ("rotate_half", GPT-NeoX
+    style), not the interleaved pairs (2j, 2j+1) of Meta's original / GGUF layout; inverse frequencies
+    rope_theta ** (-2j / head_dim).
+  * Grouped-query attention: query head h uses key/value head h // (n_heads // n_kv_heads).
+  * Gated MLP: down(act(gate(x)) * up(x)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import ArgumentError, CheckpointError, UnsupportedError
+
+_ACTIVATIONS = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",  # the same tanh formula as gelu_new
+    "gelu": "gelu",
+    "silu": "silu",
+    "swish": "silu",
+    "relu": "relu",
+}
+
+_MISSING = object()
+
+
+class _Conf:
+    """Typed access to a config.json dict; errors name the file and field."""
+
+    def __init__(self, d: dict, where: str):
+        self.d, self.where = d, where
+
+    def get(self, key, default=None):
+        v = self.d.get(key)
+        return default if v is None else v
+
+    def req(self, key, alt=None):
+        v = self.d.get(key)
+        if v is None and alt is not None:
+            v = self.d.get(alt)
+        if v is None:
+            raise CheckpointError(f"{self.where}: missing required field '{key}'")
+        return v
+
+    def int(self, key, default=_MISSING, alt=None):
+        v = self.req(key, alt) if default is _MISSING else self.get(key, default)
+        if type(v) is not int or v < 1:
+            raise CheckpointError(f"{self.where}: field '{key}' must be a positive int, got {v!r}")
+        return v
+
+    def float(self, key, default):
+        v = self.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise CheckpointError(f"{self.where}: field '{key}' must be a positive number, got {v!r}")
+        return float(v)
+
+    def unsupported(self, key, why):
+        raise UnsupportedError(f"{self.where}: field '{key}' = {self.d.get(key)!r} is not supported: {why}")
+
+
+def _activation(c: _Conf, key, default):
+    v = c.get(key, default)
+    if v not in _ACTIVATIONS:
+        c.unsupported(key, f"known activations are {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[v]
+
+
+def _token_ids(c: _Conf, gen: Optional[dict]):
+    """bos/eos ids: generation_config.json wins where it sets them (e.g. Llama 3 instruct lists two
+    eos ids there), else config.json."""
+    out = {}
+    for key in ("bos_token_id", "eos_token_id"):
+        v = (gen or {}).get(key)
+        if v is None:
+            v = c.d.get(key)
+        if v is not None and not (
+            (type(v) is int) or (isinstance(v, list) and v and all(type(x) is int for x in v))
+        ):
+            raise CheckpointError(f"{c.where}: field '{key}' must be an int or a list of ints, got {v!r}")
+        if isinstance(v, list) and len(v) == 1:
+            v = v[0]
+        out[key] = v
+    return out
+
+
+def _check_rope(c: _Conf):
+    """Only plain RoPE: any rope scaling (linear, dynamic, yarn, llama3, ...) or partial rotary is
+    unsupported. Transformers 5 writes 'rope_parameters' ({"rope_type": "default", "rope_theta": ..});
+    older configs 'rope_scaling' next to 'rope_theta'."""
+    for key in ("rope_scaling", "rope_parameters"):
+        rs = c.d.get(key)
+        if not rs:
+            continue
+        if not isinstance(rs, dict):
+            c.unsupported(key, "expected an object")
+        rope_type = rs.get("rope_type", rs.get("type"))
+        other = set(rs) - {"rope_type", "type", "rope_theta"}
+        if rope_type == "default" or (rope_type is None and not other):
+            prf = rs.get("partial_rotary_factor")
+            if prf not in (None, 1, 1.0):
+                c.unsupported(key, "partial rotary embeddings (partial_rotary_factor) are not implemented")
+            continue
+        c.unsupported(key, f"RoPE scaling (type {rope_type!r}) is not implemented; only plain RoPE")
+    prf = c.d.get("partial_rotary_factor")
+    if prf not in (None, 1, 1.0):
+        c.unsupported("partial_rotary_factor", "partial rotary embeddings are not implemented")
+
+
+def _rope_theta(c: _Conf):
+    if c.d.get("rope_theta") is not None:
+        return c.float("rope_theta", 10000.0)
+    rp = c.d.get("rope_parameters")
+    if isinstance(rp, dict) and rp.get("rope_theta") is not None:
+        v = rp["rope_theta"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise CheckpointError(f"{c.where}: field 'rope_parameters.rope_theta' must be a positive number, got {v!r}")
+        return float(v)
+    return 10000.0
+
+
+def _gpt2_config(c: _Conf, gen) -> ModelConfig:
+    d = c.int("n_embd")
+    h = c.int("n_head")
+    if d % h:
+        raise CheckpointError(f"{c.where}: n_embd ({d}) is not a multiple of n_head ({h})")
+    if c.d.get("scale_attn_weights") is False:
+        c.unsupported("scale_attn_weights", "attention without the 1/sqrt(head_dim) scale is not implemented")
+    if c.d.get("scale_attn_by_inverse_layer_idx"):
+        c.unsupported("scale_attn_by_inverse_layer_idx", "per-layer attention scaling is not implemented")
+    return ModelConfig(
+        arch="gpt2",
+        vocab_size=c.int("vocab_size"),
+        d_model=d,
+        n_layers=c.int("n_layer"),
+        n_heads=h,
+        n_kv_heads=h,
+        head_dim=d // h,
+        d_ff=c.int("n_inner", 4 * d),
+        max_seq_len=c.int("n_positions", alt="n_ctx"),
+        norm="layernorm",
+        norm_eps=c.float("layer_norm_epsilon", 1e-5),
+        activation=_activation(c, "activation_function", "gelu_new"),
+        gated_mlp=False,
+        learned_pos=True,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        tied_head=bool(c.get("tie_word_embeddings", True)),
+        **_token_ids(c, gen),
+    )
+
+
+def _llama_family_config(c: _Conf, gen, family: str) -> ModelConfig:
+    d = c.int("hidden_size")
+    h = c.int("num_attention_heads")
+    kv = c.int("num_key_value_heads", h)
+    if c.d.get("head_dim") is not None:
+        head_dim = c.int("head_dim")
+    elif d % h:
+        raise CheckpointError(f"{c.where}: hidden_size ({d}) is not a multiple of num_attention_heads ({h})")
+    else:
+        head_dim = d // h
+    if h % kv:
+        raise CheckpointError(
+            f"{c.where}: num_attention_heads ({h}) is not a multiple of num_key_value_heads ({kv})"
+        )
+    max_pos = c.int("max_position_embeddings")
+    _check_rope(c)
+    if family == "mistral":
+        sw = c.d.get("sliding_window")
+        if sw is not None and sw < max_pos:
+            c.unsupported(
+                "sliding_window",
+                f"sliding-window attention narrower than max_position_embeddings ({max_pos}) is not implemented",
+            )
+    if family == "qwen2":
+        if c.d.get("use_sliding_window"):
+            c.unsupported("use_sliding_window", "sliding-window attention is not implemented")
+    lt = c.d.get("layer_types")
+    if isinstance(lt, list) and any(t != "full_attention" for t in lt):
+        c.unsupported("layer_types", "only full attention layers are implemented")
+    attention_bias = bool(c.get("attention_bias", False))
+    return ModelConfig(
+        arch="llama",
+        vocab_size=c.int("vocab_size"),
+        d_model=d,
+        n_layers=c.int("num_hidden_layers"),
+        n_heads=h,
+        n_kv_heads=kv,
+        head_dim=head_dim,
+        d_ff=c.int("intermediate_size"),
+        max_seq_len=max_pos,
+        norm="rmsnorm",
+        norm_eps=c.float("rms_norm_eps", 1e-6),
+        activation=_activation(c, "hidden_act", "silu"),
+        gated_mlp=True,
+        learned_pos=False,
+        rope_theta=_rope_theta(c),
+        qkv_bias=True if family == "qwen2" else (attention_bias if family == "llama" else False),
+        o_bias=attention_bias if family == "llama" else False,
+        mlp_bias=bool(c.get("mlp_bias", False)) if family == "llama" else False,
+        tied_head=bool(c.get("tie_word_embeddings", False)),
+        **_token_ids(c, gen),
+    )
+
+
+# (source template, canonical template(s), kind)
+_GPT2_RULES = [
+    ("wte.weight", "tok_emb.weight", "copy"),
+    ("wpe.weight", "pos_emb.weight", "copy"),
+    ("h.{i}.ln_1.weight", "blocks.{i}.attn_norm.weight", "copy"),
+    ("h.{i}.ln_1.bias", "blocks.{i}.attn_norm.bias", "copy"),
+    (
+        "h.{i}.attn.c_attn.weight",
+        ("blocks.{i}.attn.q.weight", "blocks.{i}.attn.k.weight", "blocks.{i}.attn.v.weight"),
+        "t_split3",
+    ),
+    (
+        "h.{i}.attn.c_attn.bias",
+        ("blocks.{i}.attn.q.bias", "blocks.{i}.attn.k.bias", "blocks.{i}.attn.v.bias"),
+        "split3",
+    ),
+    ("h.{i}.attn.c_proj.weight", "blocks.{i}.attn.o.weight", "t"),
+    ("h.{i}.attn.c_proj.bias", "blocks.{i}.attn.o.bias", "copy"),
+    ("h.{i}.ln_2.weight", "blocks.{i}.mlp_norm.weight", "copy"),
+    ("h.{i}.ln_2.bias", "blocks.{i}.mlp_norm.bias", "copy"),
+    ("h.{i}.mlp.c_fc.weight", "blocks.{i}.mlp.up.weight", "t"),
+    ("h.{i}.mlp.c_fc.bias", "blocks.{i}.mlp.up.bias", "copy"),
+    ("h.{i}.mlp.c_proj.weight", "blocks.{i}.mlp.down.weight", "t"),
+    ("h.{i}.mlp.c_proj.bias", "blocks.{i}.mlp.down.bias", "copy"),
+    ("ln_f.weight", "final_norm.weight", "copy"),
+    ("ln_f.bias", "final_norm.bias", "copy"),
+    ("lm_head.weight", "lm_head.weight", "copy"),
+]
+_GPT2_IGNORE = [r"h\.\d+\.attn\.(bias|masked_bias)"]  # causal-mask buffers of old checkpoints
+
+_LLAMA_RULES = [("embed_tokens.weight", "tok_emb.weight", "copy")]
+for _p in ("weight", "bias"):
+    _LLAMA_RULES += [(f"layers.{{i}}.self_attn.{x}_proj.{_p}", f"blocks.{{i}}.attn.{x}.{_p}", "copy") for x in "qkvo"]
+    _LLAMA_RULES += [
+        (f"layers.{{i}}.mlp.{x}_proj.{_p}", f"blocks.{{i}}.mlp.{x}.{_p}", "copy") for x in ("gate", "up", "down")
+    ]
+_LLAMA_RULES += [
+    ("layers.{i}.input_layernorm.weight", "blocks.{i}.attn_norm.weight", "copy"),
+    ("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.mlp_norm.weight", "copy"),
+    ("norm.weight", "final_norm.weight", "copy"),
+    ("lm_head.weight", "lm_head.weight", "copy"),
+]
+_LLAMA_IGNORE = [r"(.*\.)?rotary_emb\.inv_freq"]  # a buffer, recomputed from rope_theta
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str                         # e.g. "LlamaForCausalLM"
+    parse_config: Callable            # (_Conf, generation_config dict|None) -> ModelConfig
+    rules: list
+    ignore: list                      # regexes (on prefix-stripped names) of harmless extra tensors
+    prefix: str                       # optional prefix of every name but lm_head.*
+
+
+ARCHITECTURES: Dict[str, Architecture] = {
+    "GPT2LMHeadModel": Architecture("GPT2LMHeadModel", _gpt2_config, _GPT2_RULES, _GPT2_IGNORE, "transformer."),
+}
+for _name, _family in (("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "mistral"), ("Qwen2ForCausalLM", "qwen2")):
+    ARCHITECTURES[_name] = Architecture(
+        _name, lambda c, g, _f=_family: _llama_family_config(c, g, _f), _LLAMA_RULES, _LLAMA_IGNORE, "model."
+    )
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+_MODEL_TYPES = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+def _template_regex(t: str):
+    return re.compile(re.escape(t).replace(re.escape("{i}"), r"(\d+)"))
+
+
+def architecture_of(config: dict, where: str) -> Architecture:
+    archs = config.get("architectures")
+    name = archs[0] if isinstance(archs, list) and archs else None
+    if name is None:
+        mt = config.get("model_type")
+        name = _MODEL_TYPES.get(mt, mt)
+    if name not in ARCHITECTURES:
+        shown = name if name is not None else "(none: no 'architectures' or 'model_type' field)"
+        raise UnsupportedError(
+            f"{where}: architecture {shown!r} is not supported; supported architectures: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[name]
+
+
+def parse_config(arch: Architecture, config: dict, where: str, generation_config=None) -> ModelConfig:
+    try:
+        return arch.parse_config(_Conf(config, where), generation_config)
+    except ArgumentError as e:  # ModelConfig's own checks: the file's config is inconsistent
+        raise CheckpointError(f"{where}: {e}") from e
+
+
+def _source_dtype(tensors) -> Optional[str]:
+    """The floating dtype holding most of the weights' elements."""
+    count: Dict[torch.dtype, int] = {}
+    seen = set()
+    for t in tensors.values():
+        if id(t) in seen or not t.is_floating_point():
+            continue
+        seen.add(id(t))
+        count[t.dtype] = count.get(t.dtype, 0) + t.numel()
+    if not count:
+        return None
+    return str(max(count, key=count.get)).replace("torch.", "")
+
+
+def map_tensors(arch: Architecture, raw: Dict[str, torch.Tensor], cfg: ModelConfig, where: str, origin=None):
+    """Canonical tensors from an architecture's state dict. Returns (tensors, provenance) where
+    provenance maps canonical name -> 'source name (file)' for error messages. Tensors that have no
+    canonical name (or belong to none of cfg's layers) are dropped with a warning; known buffers
+    silently."""
+    origin = origin or {}
+    rules = [(_template_regex(src), src, dst, kind) for src, dst, kind in arch.rules]
+    ignore = [re.compile(r) for r in arch.ignore]
+    out: Dict[str, torch.Tensor] = {}
+    prov: Dict[str, str] = {}
+    dropped: List[str] = []
+
+    def put(name, t, src, src_shape=None):
+        if name in out:
+            raise CheckpointError(f"{where}: tensor '{name}' is given twice (second time by '{src}')")
+        out[name] = t
+        f = origin.get(src)
+        prov[name] = (
+            f"'{src}'"
+            + (f" of shape {tuple(src_shape)}" if src_shape is not None else "")
+            + (f" in {f}" if f else "")
+        )
+
+    for src_name, t in raw.items():
+        name = src_name[len(arch.prefix):] if src_name.startswith(arch.prefix) else src_name
+        for rx, _, dst, kind in rules:
+            m = rx.fullmatch(name)
+            if m:
+                break
+        else:
+            if not any(r.fullmatch(name) for r in ignore):
+                dropped.append(src_name)
+            continue
+        i = m.group(1) if m.groups() else None
+        if i is not None and int(i) >= cfg.n_layers:
+            dropped.append(src_name)
+            continue
+        fill = (lambda s: s.replace("{i}", str(int(i)))) if i is not None else (lambda s: s)
+        if kind == "copy":
+            put(fill(dst), t, src_name)
+        elif kind == "t":
+            if t.dim() != 2:
+                raise CheckpointError(
+                    f"{where}: tensor '{src_name}': expected a 2-D Conv1D weight, found shape {tuple(t.shape)}"
+                )
+            put(fill(dst), t.t().contiguous(), src_name, t.shape)
+        elif kind in ("t_split3", "split3"):
+            src_shape = t.shape
+            if kind == "t_split3":
+                if t.dim() != 2:
+                    raise CheckpointError(
+                        f"{where}: tensor '{src_name}': expected a 2-D Conv1D weight, found shape {tuple(t.shape)}"
+                    )
+                t = t.t().contiguous()
+            if t.dim() < 1 or t.shape[0] % 3:
+                raise CheckpointError(
+                    f"{where}: tensor '{src_name}': the fused q/k/v dimension of shape {tuple(t.shape)}"
+                    f"{' (transposed)' if kind == 't_split3' else ''} is not divisible by 3"
+                )
+            for part, n in zip(t.split(t.shape[0] // 3, dim=0), dst):
+                put(fill(n), part, src_name, src_shape)
+        else:  # pragma: no cover
+            raise AssertionError(kind)
+
+    if cfg.tied_head and "tok_emb.weight" in out:
+        # the stored head (if any) is ignored, as transformers does: the head is the embedding
+        out["lm_head.weight"] = out["tok_emb.weight"]
+        prov["lm_head.weight"] = prov["tok_emb.weight"] + " (tied head)"
+
+    if dropped:
+        shown = ", ".join(dropped[:8]) + (f", ... ({len(dropped)} in all)" if len(dropped) > 8 else "")
+        warnings.warn(f"{where}: ignoring tensors with no canonical {arch.name} name: {shown}", stacklevel=3)
+    return out, prov
+
+
+def source_name(arch: Architecture, canonical: str) -> Optional[str]:
+    """The source name a canonical tensor is read from (for 'missing tensor' messages)."""
+    for src, dst, _ in arch.rules:
+        for d in (dst,) if isinstance(dst, str) else dst:
+            m = _template_regex(d).fullmatch(canonical)
+            if m:
+                s = src.replace("{i}", m.group(1)) if m.groups() else src
+                return s if s.startswith("lm_head.") else arch.prefix + s
+    return None
+
+
+def convert_hf(arch: Architecture, cfg: ModelConfig, raw_tensors, config: dict, where: str, origin=None):
+    """A supported architecture's state dict -> (ModelConfig with source_dtype set, canonical
+    tensors, provenance). `arch`, `cfg`: from architecture_of / parse_config of `config`."""
+    tensors, prov = map_tensors(arch, raw_tensors, cfg, where, origin)
+    sd = _source_dtype(tensors)
+    if sd is None:
+        sd = config.get("torch_dtype") or config.get("dtype") or "float32"
+    cfg = dataclasses.replace(cfg, source_dtype=str(sd))
+    return cfg, tensors, prov
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "SUPPORTED_ARCHITECTURES",
+    "Architecture",
+    "architecture_of",
+    "parse_config",
+    "map_tensors",
+    "source_name",
+    "convert_hf",
+]

@@ -1,0 +1,225 @@
+"""Our own reader and writer of the safetensors format (https://github.com/huggingface/safetensors).
+
+File layout:
+
+    [8 bytes]  N, the header length, unsigned little-endian
+    [N bytes]  JSON header: {"__metadata__": {str: str}, name: {"dtype": "F32", "shape": [..],
+               "data_offsets": [begin, end]}, ...}; offsets are relative to the data section
+    [rest]     data section: each tensor's bytes, C order, little-endian
+
+Reading maps the file copy-on-write (numpy.memmap mode "c", i.e. MAP_PRIVATE): a tensor is a view of
+the mapped pages, so a large checkpoint is never read into memory twice, and writing into a loaded
+tensor never touches the file. Everything is validated before any tensor is made: header length sane
+and inside the file, JSON an object, dtypes known, shapes non-negative ints, offsets inside the data
+section, sized exactly prod(shape) * itemsize and not overlapping. Any failure raises CheckpointError
+naming the file.
+
+Writing puts tensors in order of decreasing item size and pads the header to 8 bytes, so every
+tensor starts aligned to its item size and the data section has no holes (what the reference
+implementation requires).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, Mapping, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import ArgumentError, CheckpointError
+
+# safetensors dtype -> (torch dtype, numpy dtype used to view the bytes, itemsize)
+_DTYPES = {
+    "F64": (torch.float64, np.dtype("<f8")),
+    "F32": (torch.float32, np.dtype("<f4")),
+    "F16": (torch.float16, np.dtype("<f2")),
+    "BF16": (torch.bfloat16, np.dtype("<i2")),  # no numpy bfloat16: view as int16, then reinterpret
+    "I64": (torch.int64, np.dtype("<i8")),
+    "I32": (torch.int32, np.dtype("<i4")),
+    "I16": (torch.int16, np.dtype("<i2")),
+    "I8": (torch.int8, np.dtype("i1")),
+    "U8": (torch.uint8, np.dtype("u1")),
+    "BOOL": (torch.bool, np.dtype("?")),
+}
+_TORCH_TO_ST = {td: name for name, (td, _) in _DTYPES.items()}
+SUPPORTED_DTYPES = tuple(_DTYPES)
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def read_header(path) -> Tuple[dict, Dict[str, str], int]:
+    """Parse and validate a safetensors file's header without touching its data.
+
+    Returns (entries, metadata, data_start): entries maps each tensor name to a dict with keys
+    "dtype" (safetensors name), "shape" (tuple), "begin" and "end" (absolute byte offsets in the
+    file); metadata is the "__metadata__" dict (empty when absent)."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise CheckpointError(
+                    f"{path}: not a safetensors file: {size} bytes, too short for the 8-byte header length"
+                )
+            n = int.from_bytes(raw_len, "little")
+            if n < 2 or n > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{path}: corrupt safetensors header: header length {n} is not within [2, {MAX_HEADER_BYTES}]"
+                )
+            if 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: truncated or corrupt safetensors file: header length {n} runs past the end of the "
+                    f"{size}-byte file"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file: {e}") from e
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header: not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header: expected a JSON object, got {type(header).__name__}"
+        )
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings")
+
+    data_start = 8 + n
+    data_size = size - data_start
+    entries = {}
+    for name, info in header.items():
+        where = f"{path}: tensor '{name}'"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: header entry must be an object, got {type(info).__name__}")
+        dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dt not in _DTYPES:
+            raise CheckpointError(f"{where}: unsupported dtype {dt!r} (supported: {', '.join(SUPPORTED_DTYPES)})")
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise CheckpointError(f"{where}: shape must be a list of non-negative ints, got {shape!r}")
+        if (
+            not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(type(o) is int for o in offs)
+            or not 0 <= offs[0] <= offs[1]
+        ):
+            raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offs!r}")
+        itemsize = _DTYPES[dt][1].itemsize
+        nbytes = math.prod(shape) * itemsize
+        if offs[1] - offs[0] != nbytes:
+            raise CheckpointError(
+                f"{where}: data_offsets {offs} span {offs[1] - offs[0]} bytes, but shape {tuple(shape)} of {dt} "
+                f"needs {nbytes}"
+            )
+        if offs[1] > data_size:
+            raise CheckpointError(
+                f"{where}: data_offsets {offs} run past the end of the data section ({data_size} bytes): "
+                f"the file is truncated or corrupt"
+            )
+        entries[name] = {"dtype": dt, "shape": tuple(shape), "begin": data_start + offs[0], "end": data_start + offs[1]}
+
+    spans = sorted((e["begin"], e["end"], k) for k, e in entries.items() if e["end"] > e["begin"])
+    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensors '{k0}' and '{k1}' overlap")
+    return entries, metadata, data_start
+
+
+def read_safetensors(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Map every tensor of a safetensors file (zero-copy, copy-on-write). Returns (tensors, metadata)."""
+    path = os.fspath(path)
+    entries, metadata, _ = read_header(path)
+    mm = None
+    if any(e["end"] > e["begin"] for e in entries.values()):
+        try:
+            mm = np.memmap(path, dtype=np.uint8, mode="c")
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot map safetensors file: {e}") from e
+    out = {}
+    for name, e in entries.items():
+        tdtype, ndtype = _DTYPES[e["dtype"]]
+        if e["end"] == e["begin"]:
+            out[name] = torch.empty(e["shape"], dtype=tdtype)
+            continue
+        arr = mm[e["begin"] : e["end"]]
+        if e["begin"] % ndtype.itemsize:  # unaligned tensor (legal, unusual): copy to aligned memory
+            arr = np.array(arr, copy=True)
+        arr = arr.view(ndtype).reshape(e["shape"])
+        t = torch.from_numpy(arr)
+        if e["dtype"] == "BF16":
+            t = t.view(torch.bfloat16)
+        out[name] = t
+    return out, dict(metadata)
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors (CPU or not, any strides) to a safetensors file, atomically (temp file + rename).
+    Each tensor is written separately: callers dedupe shared tensors before."""
+    path = os.fspath(path)
+    metadata = dict(metadata or {})
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ArgumentError(f"metadata: keys and values must be str, got {k!r}: {type(v).__name__}")
+    items = []
+    for name, t in tensors.items():
+        if not isinstance(name, str) or name == "__metadata__":
+            raise ArgumentError(f"tensors: invalid tensor name {name!r}")
+        if not isinstance(t, torch.Tensor):
+            raise ArgumentError(f"tensors['{name}']: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _TORCH_TO_ST:
+            raise ArgumentError(
+                f"tensors['{name}']: dtype {t.dtype} cannot be stored (supported: "
+                f"{', '.join(str(d) for d in _TORCH_TO_ST)})"
+            )
+        items.append((name, t))
+    # decreasing item size keeps every tensor aligned to its item size, with no holes
+    items.sort(key=lambda it: (-it[1].element_size(), it[0]))
+    header = {"__metadata__": metadata} if metadata else {}
+    off = 0
+    for name, t in items:
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hjson += b" " * (-(8 + len(hjson)) % 8)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(hjson).to_bytes(8, "little"))
+            f.write(hjson)
+            for _, t in items:
+                f.write(_tensor_bytes(t))
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+__all__ = ["read_header", "read_safetensors", "write_safetensors", "SUPPORTED_DTYPES", "MAX_HEADER_BYTES"]

@@ -1,0 +1,147 @@
+"""ModelConfig and the canonical weight names: the one vocabulary every reader, conversion and the
+native runner share (as GGUF does). A reader maps an architecture's names onto these once;
+everything downstream sees only canonical names.
+
+Canonical tensors (all linear weights in torch.nn.Linear layout [out_features, in_features]):
+
+    tok_emb.weight                 [vocab, d]
+    pos_emb.weight                 [max_seq_len, d]           learned positions (GPT-2) only
+    blocks.{i}.attn_norm.weight    [d]     (.bias [d] for LayerNorm)
+    blocks.{i}.attn.q.weight       [n_heads * head_dim, d]     (.bias when qkv_bias)
+    blocks.{i}.attn.k.weight       [n_kv_heads * head_dim, d]  (.bias when qkv_bias)
+    blocks.{i}.attn.v.weight       [n_kv_heads * head_dim, d]  (.bias when qkv_bias)
+    blocks.{i}.attn.o.weight       [d, n_heads * head_dim]     (.bias when o_bias)
+    blocks.{i}.mlp_norm.weight     [d]     (.bias [d] for LayerNorm)
+    blocks.{i}.mlp.up.weight       [d_ff, d]                   (.bias when mlp_bias)
+    blocks.{i}.mlp.gate.weight     [d_ff, d]                   gated MLPs (SwiGLU) only
+    blocks.{i}.mlp.down.weight     [d, d_ff]                   (.bias when mlp_bias)
+    final_norm.weight              [d]     (.bias [d] for LayerNorm)
+    lm_head.weight                 [vocab, d]                  always present (a tied head is the
+                                                               embedding tensor itself, shared)
+    lm_head.bias                   [vocab]                     only after conversions that create it
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from .errors import ArgumentError
+
+NORMS = ("layernorm", "rmsnorm", "crmsnorm", "none")
+ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
+ATTENTION_TYPES = ("softmax", "linear", "mala", "norm")
+
+
+@dataclass
+class ModelConfig:
+    arch: str                      # source architecture family: "gpt2" or "llama"
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_seq_len: int
+    norm: str = "layernorm"        # one of NORMS: the norm before attention, MLP and head
+    norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"  # MLP activation; with gated_mlp: act(gate) * up
+    gated_mlp: bool = False
+    learned_pos: bool = False      # learned absolute positions (pos_emb) vs RoPE
+    rope_theta: float = 10000.0
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tied_head: bool = False        # lm_head.weight is tok_emb.weight in the source checkpoint
+    head_bias: bool = False        # lm_head.bias present (created by norm conversions)
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    source_dtype: str = "float32"  # dtype of the checkpoint's weights
+    attention: list = field(default_factory=list)  # per-layer attention type; empty = all softmax
+    conversions: list = field(default_factory=list)  # conversions applied, in order (recorded on save)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ArgumentError(f"config.{name}: expected a positive int, got {v!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ArgumentError(
+                f"config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.norm not in NORMS:
+            raise ArgumentError(f"config.norm: expected one of {NORMS}, got {self.norm!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ArgumentError(f"config.activation: expected one of {ACTIVATIONS}, got {self.activation!r}")
+        for t in self.attention:
+            if t not in ATTENTION_TYPES:
+                raise ArgumentError(f"config.attention: expected entries of {ATTENTION_TYPES}, got {t!r}")
+        if self.attention and len(self.attention) != self.n_layers:
+            raise ArgumentError(
+                f"config.attention: expected {self.n_layers} entries (one per layer), got {len(self.attention)}"
+            )
+
+    @property
+    def residual_width(self) -> int:
+        """Width of the residual stream: d_model, or d_model - 1 in the compressed (CRMSNorm) form."""
+        return self.d_model - 1 if self.norm == "crmsnorm" else self.d_model
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ArgumentError(f"config: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict:
+    """Canonical tensor name -> shape, for every tensor a model of this config must have."""
+    d, dq, dkv, f = cfg.residual_width, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
+    has_norm_bias = cfg.norm == "layernorm"
+    s = {"tok_emb.weight": (cfg.vocab_size, d), "lm_head.weight": (cfg.vocab_size, d)}
+    if cfg.learned_pos:
+        s["pos_emb.weight"] = (cfg.max_seq_len, d)
+    if cfg.head_bias:
+        s["lm_head.bias"] = (cfg.vocab_size,)
+
+    def norm(prefix):
+        if cfg.norm == "none":
+            return
+        s[f"{prefix}.weight"] = (d,)
+        if has_norm_bias:
+            s[f"{prefix}.bias"] = (d,)
+
+    for i in range(cfg.n_layers):
+        p = f"blocks.{i}"
+        norm(f"{p}.attn_norm")
+        s[f"{p}.attn.q.weight"] = (dq, d)
+        s[f"{p}.attn.k.weight"] = (dkv, d)
+        s[f"{p}.attn.v.weight"] = (dkv, d)
+        s[f"{p}.attn.o.weight"] = (d, dq)
+        if cfg.qkv_bias:
+            s[f"{p}.attn.q.bias"] = (dq,)
+            s[f"{p}.attn.k.bias"] = (dkv,)
+            s[f"{p}.attn.v.bias"] = (dkv,)
+        if cfg.o_bias:
+            s[f"{p}.attn.o.bias"] = (d,)
+        norm(f"{p}.mlp_norm")
+        s[f"{p}.mlp.up.weight"] = (f, d)
+        if cfg.gated_mlp:
+            s[f"{p}.mlp.gate.weight"] = (f, d)
+        s[f"{p}.mlp.down.weight"] = (d, f)
+        if cfg.mlp_bias:
+            s[f"{p}.mlp.up.bias"] = (f,)
+            if cfg.gated_mlp:
+                s[f"{p}.mlp.gate.bias"] = (f,)
+            s[f"{p}.mlp.down.bias"] = (d,)
+    norm("final_norm")
+    return s

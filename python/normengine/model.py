@@ -1,0 +1,340 @@
+"""normengine.load(checkpoint) -> Model: the native runner behind a small Python API.
+
+The Model hands every weight to the C++ runner once (zero-copy views of tensors it keeps alive);
+prefill, decode, the KV cache and sampling run natively. Python only shapes the inputs, streams
+the outputs and decodes text."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator
+
+import torch
+
+from . import _C
+from .config import ModelConfig
+from .errors import ArgumentError, DeviceError, DTypeError, ShapeError, UnsupportedError
+
+_NORM_KIND = {"layernorm": 0, "rmsnorm": 1, "crmsnorm": 2, "none": -1}
+_ACT = {"gelu_tanh": 0, "gelu": 1, "silu": 2, "relu": 3}
+_WEIGHT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
+
+
+def _is_vector(name: str) -> bool:
+    return name.endswith(".bias") or "norm" in name
+
+
+class Model:
+    """A loaded model. Use `normengine.load(path)` to make one.
+
+    logits(ids) -> float32 [B, T, vocab];  generate(prompt, ...) -> new ids or text."""
+
+    def __init__(self, config: ModelConfig, tensors: dict, *, device: str = "cpu", dtype=None, tokenizer=None,
+                 path: str | None = None):
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            raise UnsupportedError(
+                "device: the native runner runs on the CPU in this version (CUDA kernels cover the ops); "
+                "use device='cpu'"
+            )
+        if dev.type != "cpu":
+            raise DeviceError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+        if dtype is not None and dtype not in _WEIGHT_DTYPES:
+            raise DTypeError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+        if config.attention and any(a != "softmax" for a in config.attention):
+            raise UnsupportedError("config.attention: only softmax attention layers run in the native runner so far")
+        self.config = config
+        self.path = path
+        self.tokenizer = tokenizer
+        self.device = dev
+        # Linear weights and embeddings in the requested dtype (or as stored); norm gains and biases
+        # in float32, as the kernels read them. Tensors shared in the checkpoint stay shared.
+        converted: dict = {}
+        by_id: dict = {}
+        for name, t in tensors.items():
+            key = (id(t), _is_vector(name))
+            if key in by_id:
+                converted[name] = by_id[key]
+                continue
+            if not t.is_floating_point():
+                raise DTypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+            want = torch.float32 if _is_vector(name) else (dtype or (t.dtype if t.dtype in _WEIGHT_DTYPES else torch.float32))
+            c = t.detach().to(device="cpu", dtype=want)
+            if not c.is_contiguous():
+                c = c.contiguous()
+            by_id[key] = converted[name] = c
+        self.tensors = converted
+        self.dtype = dtype or next(
+            (t.dtype for n, t in converted.items() if n.endswith("attn.q.weight")), torch.float32
+        )
+        self._runner = None
+        self._slots = self._ctx = 0
+
+    # ------------------------------------------------------------------ runner management
+    def _spec(self) -> dict:
+        c = self.config
+        return dict(
+            vocab=c.vocab_size, d_model=c.residual_width, n_layers=c.n_layers, n_heads=c.n_heads,
+            n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, d_ff=c.d_ff, max_seq_len=c.max_seq_len,
+            norm=_NORM_KIND[c.norm], norm_eps=float(c.norm_eps), activation=_ACT[c.activation],
+            gated_mlp=c.gated_mlp, learned_pos=c.learned_pos, rope_theta=float(c.rope_theta),
+            qkv_bias=c.qkv_bias, o_bias=c.o_bias, mlp_bias=c.mlp_bias, head_bias=c.head_bias,
+        )
+
+    def _runner_for(self, slots: int, ctx: int):
+        """A runner with at least `slots` sequences of `ctx` positions (made anew only when larger)."""
+        if ctx > self.config.max_seq_len:
+            raise ShapeError(
+                f"sequence length {ctx} exceeds the model's context of {self.config.max_seq_len} tokens"
+            )
+        if self._runner is None or slots > self._slots or ctx > self._ctx:
+            slots = max(slots, self._slots)
+            ctx = max(ctx, self._ctx)
+            self._runner = None  # free the old caches first
+            r = _C.Runner(self._spec(), slots, ctx)
+            for name, t in self.tensors.items():
+                r.set_tensor(name, t)
+            r.finalize()
+            self._runner, self._slots, self._ctx = r, slots, ctx
+        for s in range(slots):
+            self._runner.reset(s)
+        return self._runner
+
+    # ------------------------------------------------------------------ inputs
+    def _check_ids(self, seq, what="prompt") -> list:
+        if isinstance(seq, torch.Tensor):
+            seq = seq.tolist()
+        if not isinstance(seq, (list, tuple)):
+            raise DTypeError(f"{what}: expected a list of token ids, got {type(seq).__name__}")
+        if len(seq) == 0:
+            raise ShapeError(f"{what}: empty prompt (at least one token is needed)")
+        out = []
+        for i, t in enumerate(seq):
+            if isinstance(t, bool) or not isinstance(t, int):
+                try:
+                    import numpy as np
+
+                    if isinstance(t, np.integer):
+                        t = int(t)
+                    else:
+                        raise TypeError
+                except TypeError:
+                    raise DTypeError(f"{what}[{i}]: expected an int token id, got {type(t).__name__}") from None
+            if not 0 <= t < self.config.vocab_size:
+                raise ArgumentError(f"{what}[{i}]: token id {t} out of range [0, {self.config.vocab_size})")
+            out.append(t)
+        return out
+
+    def _batch_ids(self, ids) -> tuple[list, bool]:
+        """(list of id lists, was_batched)."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise DTypeError(f"ids: expected an integer tensor, got {ids.dtype}")
+            if ids.dim() == 1:
+                return [self._check_ids(ids)], False
+            if ids.dim() != 2:
+                raise ShapeError(f"ids: expected shape [T] or [B, T], got {tuple(ids.shape)}")
+            return [self._check_ids(r, f"ids[{i}]") for i, r in enumerate(ids)], True
+        if isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], (list, tuple, torch.Tensor)):
+            return [self._check_ids(r, f"ids[{i}]") for i, r in enumerate(ids)], True
+        return [self._check_ids(ids, "ids")], False
+
+    # ------------------------------------------------------------------ logits
+    def logits(self, ids) -> torch.Tensor:
+        """Logits of every position: ids is a list of ids, a list of equal-length lists, or an int
+        tensor [B, T]; returns float32 [B, T, vocab] (a 1-D input still gets B = 1)."""
+        seqs, _ = self._batch_ids(ids)
+        T = len(seqs[0])
+        if any(len(s) != T for s in seqs):
+            raise ShapeError("ids: sequences of different lengths; logits() needs equal lengths (or call it per sequence)")
+        B = len(seqs)
+        r = self._runner_for(B, T)
+        out = torch.empty(B * T, self.config.vocab_size, dtype=torch.float32)
+        tokens = torch.tensor([t for s in seqs for t in s], dtype=torch.int32)
+        r.forward(torch.arange(B, dtype=torch.int32), tokens, torch.full((B,), T, dtype=torch.int32), out, True)
+        return out.view(B, T, -1)
+
+    # ------------------------------------------------------------------ generation
+    def _encode(self, text: str) -> list:
+        if self.tokenizer is None:
+            raise UnsupportedError(
+                "prompt: a text prompt needs a tokenizer.json beside the checkpoint; pass token ids instead"
+            )
+        return self.tokenizer.encode(text).ids
+
+    def _eos(self) -> set:
+        e = self.config.eos_token_id
+        if e is None:
+            return set()
+        return set(e) if isinstance(e, (list, tuple)) else {e}
+
+    def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop=None, stream: bool = False):
+        """Generate up to max_new_tokens after each prompt.
+
+        prompt: a list of ids (returns the list of new ids), a string when the checkpoint has a
+        tokenizer.json (returns the new text), or a list of either, of any lengths (returns a list).
+        temperature 0 is greedy; otherwise softmax sampling restricted by top_k / top_p, reproducible
+        under `seed` (each sequence of a batch draws from its own generator seeded seed + i, so a batch
+        gives what its prompts give one by one). Generation of a sequence stops at the model's eos
+        token (kept in the output) or at any of `stop` (token ids, or strings for text prompts).
+        stream=True returns an iterator yielding each new token (id, or text piece) as it is made;
+        for a batch it yields (index, token) pairs."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ArgumentError(f"max_new_tokens: expected a non-negative int, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ArgumentError(f"temperature: expected a number >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ArgumentError(f"top_k: expected a non-negative int or None, got {top_k!r}")
+        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ArgumentError(f"top_p: expected a number in (0, 1] or None, got {top_p!r}")
+        batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], (str, list, tuple))
+        prompts = list(prompt) if batched else [prompt]
+        text = [isinstance(p, str) for p in prompts]
+        ids = [self._encode(p) if t else self._check_ids(p) for p, t in zip(prompts, text)]
+        for i, s in enumerate(ids):
+            if len(s) == 0:
+                raise ShapeError(f"prompt[{i}]: empty prompt (at least one token is needed)" if batched
+                                 else "prompt: empty prompt (at least one token is needed)")
+            if len(s) > self.config.max_seq_len:
+                raise ShapeError(f"prompt: {len(s)} tokens exceed the model's context of {self.config.max_seq_len}")
+        stop_ids, stop_strs = set(), []
+        for s in ([] if stop is None else (stop if isinstance(stop, (list, tuple, set)) else [stop])):
+            if isinstance(s, str):
+                stop_strs.append(s)
+            elif isinstance(s, int) and not isinstance(s, bool):
+                stop_ids.add(s)
+            else:
+                raise ArgumentError(f"stop: expected token ids or strings, got {s!r}")
+        gen = self._generate(ids, text, max_new_tokens, float(temperature), top_k or 0,
+                             1.0 if top_p is None else float(top_p), seed, stop_ids | self._eos(), stop_strs)
+        if stream:
+            return self._stream(gen, batched)
+        results = [[] for _ in ids]
+        for i, tok in gen:
+            results[i].append(tok)
+        outs = [self._finish(r, t, stop_strs) for r, t in zip(results, text)]
+        return outs if batched else outs[0]
+
+    def _finish(self, new_ids, is_text, stop_strs):
+        if not is_text:
+            return new_ids
+        s = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        for st in stop_strs:
+            k = s.find(st)
+            if k >= 0:
+                s = s[:k]
+        return s
+
+    def _stream(self, gen, batched) -> Iterator:
+        for i, tok in gen:
+            yield (i, tok) if batched else tok
+
+    def _generate(self, ids, text, max_new, temperature, top_k, top_p, seed, stop_ids, stop_strs):
+        """Yields (sequence index, new token id, or text piece for text prompts) as tokens are made."""
+        if max_new == 0:
+            return
+        B = len(ids)
+        ctx = min(self.config.max_seq_len, max(len(s) for s in ids) + max_new)
+        r = self._runner_for(B, ctx)
+        base = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        samplers = [_C.Sampler(base + i) for i in range(B)]
+        vocab = self.config.vocab_size
+        logits = torch.empty(B, vocab, dtype=torch.float32)
+        tokens = torch.tensor([t for s in ids for t in s], dtype=torch.int32)
+        lens = torch.tensor([len(s) for s in ids], dtype=torch.int32)
+        active = list(range(B))
+        r.forward(torch.tensor(active, dtype=torch.int32), tokens, lens, logits, False)
+        produced = [[] for _ in range(B)]
+        shown = [""] * B  # text already yielded, per text sequence
+        n = 0
+        while active:
+            nxt = []
+            for row, i in enumerate(active):
+                tok = samplers[i].sample(logits[row], temperature, top_k, top_p)
+                produced[i].append(tok)
+                done = tok in stop_ids or len(ids[i]) + len(produced[i]) >= self.config.max_seq_len
+                if text[i]:
+                    full = self.tokenizer.decode(produced[i], skip_special_tokens=True)
+                    hit = next((full.find(s) for s in stop_strs if s in full), -1)
+                    if hit >= 0:
+                        full, done = full[:hit], True
+                    if not full.endswith("\ufffd") or done:  # wait for the rest of a multi-byte char
+                        piece, shown[i] = full[len(shown[i]):], full
+                        if piece:
+                            yield i, piece
+                else:
+                    yield i, tok
+                if not done:
+                    nxt.append(i)
+            n += 1
+            active = nxt if n < max_new else []
+            if active:
+                cur = torch.tensor([produced[i][-1] for i in active], dtype=torch.int32)
+                r.forward(torch.tensor(active, dtype=torch.int32), cur, torch.ones(len(active), dtype=torch.int32),
+                          logits[: len(active)], False)
+
+    # ------------------------------------------------------------------ description
+    def num_parameters(self) -> int:
+        seen, n = set(), 0
+        for t in self.tensors.values():
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                n += t.numel()
+        return n
+
+    def info(self) -> dict:
+        c = self.config
+        return {
+            "path": self.path,
+            "architecture": c.arch,
+            "layers": c.n_layers,
+            "d_model": c.d_model,
+            "heads": c.n_heads,
+            "kv_heads": c.n_kv_heads,
+            "head_dim": c.head_dim,
+            "d_ff": c.d_ff,
+            "vocab": c.vocab_size,
+            "context": c.max_seq_len,
+            "norm": c.norm,
+            "positions": "learned" if c.learned_pos else f"rope (theta={c.rope_theta:g})",
+            "mlp": ("gated " if c.gated_mlp else "") + c.activation,
+            "tied_head": c.tied_head,
+            "parameters": self.num_parameters(),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "source_dtype": c.source_dtype,
+            "conversions": list(c.conversions),
+        }
+
+    def __repr__(self):
+        i = self.info()
+        return (f"normengine.Model({i['architecture']}, {i['layers']} layers, d={i['d_model']}, "
+                f"{i['parameters'] / 1e6:.1f}M params, {i['dtype']})")
+
+
+def _load_tokenizer(path: str):
+    d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    f = os.path.join(d, "tokenizer.json")
+    if not os.path.exists(f):
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:  # pragma: no cover - tokenizers is a dependency
+        return None
+    return Tokenizer.from_file(f)
+
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "data", "tiny-gpt2")
+
+
+def load(path: str | None = None, device: str = "cpu", dtype=None) -> Model:
+    """Load a checkpoint (Hugging Face directory, sharded or not, safetensors or pytorch_model.bin;
+    or one .safetensors/.pt/.bin file with config.json beside it) into the native runner.
+
+    path None loads the small default model shipped in the package. dtype: None keeps the
+    checkpoint's (16-bit stays 16-bit), or torch.float32 / bfloat16 / float16 for the linear weights."""
+    from .checkpoint import load_checkpoint
+
+    path = DEFAULT_MODEL if path is None else os.fspath(path)
+    cfg, tensors = load_checkpoint(path)
+    return Model(cfg, tensors, device=device, dtype=dtype, tokenizer=_load_tokenizer(path), path=path)

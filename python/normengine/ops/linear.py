@@ -1,0 +1,83 @@
+"""Dense linear layer over the native kernel: y = x @ weight.T + bias (torch.nn.functional.linear).
+
+Forward only (no autograd). x is float32 [..., in_features]; weight [out_features, in_features] in
+float32, bfloat16 or float16 (16-bit weights are widened to float32 inside the kernel, never copied);
+bias [out_features] (any float dtype, used as float32). Accumulation is in float32. CPU only for now:
+CUDA tensors raise UnsupportedError."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+from ..errors import DeviceError, DTypeError, ShapeError
+from ._tensor import FLOAT_DTYPES, _rows_ok, check_input, stream_of
+
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_weight(weight, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor):
+        raise DTypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+    if weight.device != x.device:
+        raise DeviceError(f"weight is on {weight.device} but x is on {x.device}; move them to one device")
+    if weight.dtype not in WEIGHT_DTYPES:
+        raise DTypeError(f"weight: expected float32, bfloat16 or float16, got {weight.dtype}")
+    if weight.dim() != 2:
+        raise ShapeError(
+            f"weight: expected a 2-D tensor [out_features, in_features], got shape {tuple(weight.shape)}"
+        )
+    if weight.size(1) != x.size(-1):
+        raise ShapeError(
+            f"x: last dimension {x.size(-1)} does not match weight's in_features {weight.size(1)} "
+            f"(weight shape {tuple(weight.shape)})"
+        )
+    # the kernel reads rows with unit stride along in_features, any row stride
+    return weight if _rows_ok(weight) else weight.contiguous()
+
+
+def _check_bias(bias, x: torch.Tensor, n: int):
+    if bias is None:
+        return None
+    if not isinstance(bias, torch.Tensor):
+        raise DTypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.device != x.device:
+        raise DeviceError(f"bias is on {bias.device} but x is on {x.device}; move them to one device")
+    if bias.dtype not in FLOAT_DTYPES:
+        raise DTypeError(f"bias: expected a floating-point tensor, got {bias.dtype}")
+    if bias.dim() != 1 or bias.size(0) != n:
+        raise ShapeError(f"bias: expected shape ({n},) to match weight's out_features, got {tuple(bias.shape)}")
+    return bias.detach().to(torch.float32).contiguous()
+
+
+def _check_out(out, x: torch.Tensor, n: int) -> torch.Tensor:
+    want = tuple(x.shape[:-1]) + (n,)
+    if not isinstance(out, torch.Tensor):
+        raise DTypeError(f"out: expected a torch.Tensor, got {type(out).__name__}")
+    if out.device != x.device:
+        raise DeviceError(f"out is on {out.device} but x is on {x.device}; move them to one device")
+    if out.dtype != torch.float32:
+        raise DTypeError(f"out: expected dtype torch.float32, got {out.dtype}")
+    if tuple(out.shape) != want:
+        raise ShapeError(f"out: expected shape {want}, got {tuple(out.shape)}")
+    if not _rows_ok(out):
+        raise ShapeError("out: must be contiguous in its last dimension with collapsible rows")
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, out=None) -> torch.Tensor:
+    """y[..., n] = sum_k x[..., k] * weight[n, k] + bias[n], as torch.nn.functional.linear.
+
+    ``out=`` writes y into a caller's float32 buffer of shape x.shape[:-1] + (out_features,)."""
+    x = check_input(x)
+    if x.dtype != torch.float32:
+        raise DTypeError(f"x: expected dtype torch.float32 (other input dtypes are not supported yet), got {x.dtype}")
+    weight = _check_weight(weight, x)
+    n = weight.size(0)
+    bias = _check_bias(bias, x, n)
+    if out is None:
+        y = torch.empty(tuple(x.shape[:-1]) + (n,), dtype=torch.float32, device=x.device)
+    else:
+        y = _check_out(out, x, n)
+    _C.linear(x, weight, bias, y, stream_of(x))
+    return y

@@ -1,0 +1,191 @@
+"""Dense linear (ne.ops.linear and the runner's raw contract ne::gemm_f32) against
+normengine.reference.linear in float64, on every CPU ISA: odd sizes on both kernel paths (GEMV for
+M <= 4 rows, packed GEMM above), 16-bit weights, bias, accumulate, strided inputs, NaN, thread
+counts, and argument errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normengine as ne
+from normengine import _C
+from normengine import reference as ref
+from conftest import rel_err
+
+WDTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+@pytest.fixture
+def cpu(device):
+    """The CPU ISA variants of the `device` fixture (linear has no CUDA kernel yet)."""
+    if device != "cpu":
+        pytest.skip("linear has no CUDA kernel yet (see test_cuda_unsupported)")
+    return device
+
+
+def randn(*shape, gen, dtype=torch.float32):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def err(y, x, w, want_):
+    """max |y - want| relative to max |want|, with a floor at the size of the terms' sum of squares,
+    max_mn sqrt(sum_k (x[m,k] w[n,k])^2): the magnitude of a sum of K random-sign terms. (A single
+    output whose terms cancel to ~0 is held to fp32 accuracy on the terms, not on the result.)"""
+    floor = ((x.double() ** 2).reshape(-1, x.size(-1)) @ (w.double() ** 2).T).sqrt().max().item()
+    return rel_err(y, want_, floor=floor)
+
+
+def want(x, w, b=None, y0=None):
+    """The reference in float64 on exactly the values the kernel sees (16-bit weights upcast)."""
+    r = ref.linear(x.double(), w.double(), None if b is None else b.double())
+    return r if y0 is None else r + y0.double()
+
+
+# ----------------------------------------------------------------------------------- values
+@pytest.mark.parametrize("K", [1, 5, 31, 769, 4097])
+@pytest.mark.parametrize("wdtype", WDTYPES)
+def test_odd_sizes(K, wdtype, cpu, gen):
+    for M in (1, 3, 17, 64):
+        for N in (1, 7, 33, 257):
+            x = randn(M, K, gen=gen)
+            w = randn(N, K, gen=gen, dtype=WDTYPES[wdtype])
+            b = randn(N, gen=gen)
+            for bias in (b, None):
+                y = ne.ops.linear(x, w, bias)
+                assert y.shape == (M, N) and y.dtype == torch.float32
+                assert err(y, x, w, want(x, w, bias)) <= 1e-5, (M, N, K, bias is None, gen.initial_seed())
+
+
+@pytest.mark.parametrize("MNK", [(2, 2304, 768), (100, 800, 1030), (9, 3, 300), (130, 50, 64)])
+@pytest.mark.parametrize("wdtype", WDTYPES)
+def test_blocked_shapes(MNK, wdtype, cpu, gen):
+    """Several K blocks, panel groups and row tiles (and GPT-2's decode shape)."""
+    M, N, K = MNK
+    x, w, b = randn(M, K, gen=gen), randn(N, K, gen=gen, dtype=WDTYPES[wdtype]), randn(N, gen=gen)
+    assert err(ne.ops.linear(x, w, b), x, w, want(x, w, b)) <= 1e-5, gen.initial_seed()
+
+
+def test_matches_torch(gen):
+    x, w, b = randn(3, 5, 96, gen=gen), randn(40, 96, gen=gen), randn(40, gen=gen)
+    assert rel_err(ne.ops.linear(x, w, b), F.linear(x.double(), w.double(), b.double())) <= 1e-5
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 17, 64])
+@pytest.mark.parametrize("wdtype", WDTYPES)
+def test_accumulate(M, wdtype, cpu, gen):
+    """ne::gemm_f32(..., accumulate=true): y += x W^T (+ bias), through the testing hook."""
+    for N, K in ((7, 5), (33, 769), (257, 300)):
+        x, w, b = randn(M, K, gen=gen), randn(N, K, gen=gen, dtype=WDTYPES[wdtype]), randn(N, gen=gen)
+        for bias in (b, None):
+            y0 = randn(M, N, gen=gen)
+            y = y0.clone()
+            _C.gemm_f32(x, w, bias, y, True)
+            assert err(y, x, w, want(x, w, bias, y0)) <= 1e-5, (M, N, K, gen.initial_seed())
+            _C.gemm_f32(x, w, bias, y, False)  # overwrites
+            assert err(y, x, w, want(x, w, bias)) <= 1e-5, (M, N, K, gen.initial_seed())
+
+
+@pytest.mark.parametrize("M", [1, 3, 17])
+def test_strided(M, cpu, gen):
+    K, N = 70, 45
+    xb = randn(M, K + 9, gen=gen)
+    x = xb[:, 4 : 4 + K]  # column slice: rows K + 9 apart
+    wb = randn(N, K + 3, gen=gen, dtype=torch.bfloat16)
+    w = wb[:, :K]  # weight rows with a row stride
+    b = randn(N, gen=gen)
+    ob = torch.full((M, N + 5), 7.0)
+    out = ob[:, 2 : 2 + N]
+    y = ne.ops.linear(x, w, b, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert err(out, x, w, want(x, w, b)) <= 1e-5
+    assert (ob[:, :2] == 7).all() and (ob[:, 2 + N :] == 7).all()  # nothing written outside out
+    # leading dimensions, and a layout that needs a copy (transposed x)
+    x3 = randn(2, M, K, gen=gen)
+    assert err(ne.ops.linear(x3, w, b), x3, w, want(x3, w, b)) <= 1e-5
+    xt = randn(K, M, gen=gen).t()
+    assert err(ne.ops.linear(xt, w), xt, w, want(xt, w)) <= 1e-5
+
+
+@pytest.mark.parametrize("M", [1, 4, 17])
+def test_nan_propagation(M, cpu, gen):
+    K, N = 100, 60
+    x, w = randn(M, K, gen=gen), randn(N, K, gen=gen)
+    x[M // 2, 7] = float("nan")
+    w[5, 99] = float("nan")
+    y = ne.ops.linear(x, w)
+    rows = torch.arange(M) == M // 2
+    cols = torch.arange(N) == 5
+    assert torch.isnan(y[rows]).all() and torch.isnan(y[:, cols]).all()
+    assert torch.isfinite(y[~rows][:, ~cols]).all()
+
+
+def test_threads_agree(gen):
+    """Bitwise identical results for 1, 2 and 3 threads (the N split and the M split)."""
+    before = ne.num_threads()
+    cases = [(1, 2304, 768), (3, 500, 333), (64, 7, 4097), (100, 800, 1030), (17, 50257 // 16, 64)]
+    data = [(randn(M, K, gen=gen), randn(N, K, gen=gen, dtype=torch.bfloat16), randn(N, gen=gen)) for M, N, K in cases]
+    try:
+        results = []
+        for t in (1, 2, 3):
+            ne.set_num_threads(t)
+            results.append([ne.ops.linear(x, w, b) for x, w, b in data])
+        for r in results[1:]:
+            for a, b in zip(results[0], r):
+                assert torch.equal(a, b)
+    finally:
+        ne.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------- errors
+def test_errors():
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    with pytest.raises(ne.ShapeError, match="in_features"):
+        ne.ops.linear(x, torch.randn(6, 9))
+    with pytest.raises(ne.ShapeError, match="weight"):
+        ne.ops.linear(x, torch.randn(6, 8, 1))
+    with pytest.raises(ne.ShapeError, match=r"bias.*\(6,\)"):
+        ne.ops.linear(x, w, torch.randn(5))
+    with pytest.raises(ne.DTypeError, match="weight"):
+        ne.ops.linear(x, torch.ones(6, 8, dtype=torch.int8))
+    with pytest.raises(ne.DTypeError, match="x"):
+        ne.ops.linear(x.double(), w)
+    with pytest.raises(ne.DTypeError, match="x"):
+        ne.ops.linear(torch.ones(4, 8, dtype=torch.int32), w)
+    with pytest.raises(ne.DeviceError, match="weight"):
+        ne.ops.linear(x, torch.randn(6, 8, device="meta"))
+    with pytest.raises(ne.DeviceError, match="bias"):
+        ne.ops.linear(x, w, torch.randn(6, device="meta"))
+    with pytest.raises(ne.DeviceError, match="x"):
+        ne.ops.linear(torch.randn(4, 8, device="meta"), w)
+    with pytest.raises(ne.ShapeError, match="out"):
+        ne.ops.linear(x, w, out=torch.empty(4, 7))
+    with pytest.raises(ne.DTypeError, match="out"):
+        ne.ops.linear(x, w, out=torch.empty(4, 6, dtype=torch.float64))
+
+
+def test_native_checks():
+    """The C++ entry point validates on its own (what the Python wrapper normally catches first)."""
+    x, w, y = torch.randn(4, 8), torch.randn(6, 8), torch.empty(4, 6)
+    with pytest.raises(ne.ShapeError, match="x.*in_features"):
+        _C.linear(x, torch.randn(6, 9), None, y)
+    with pytest.raises(ne.DTypeError, match="weight"):
+        _C.linear(x, torch.ones(6, 8, dtype=torch.int32), None, y)
+    with pytest.raises(ne.ShapeError, match="bias"):
+        _C.linear(x, w, torch.randn(7), y)
+    with pytest.raises(ne.DTypeError, match="bias"):
+        _C.linear(x, w, torch.randn(6, dtype=torch.float64), y)
+    with pytest.raises(ne.ShapeError, match="out"):
+        _C.linear(x, w, None, torch.empty(4, 5))
+    with pytest.raises(ne.DTypeError, match="x"):
+        _C.linear(x.double(), w, None, y)
+    with pytest.raises(ne.ShapeError, match="weight"):
+        _C.linear(x, torch.randn(8, 6).t(), None, y)  # not unit stride along in_features
+    with pytest.raises(ne.ShapeError, match="out"):
+        _C.gemm_f32(x, w, None, torch.empty(3, 6), True)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and ne.cuda_available()), reason="no CUDA GPU visible")
+def test_cuda_unsupported():
+    x, w = torch.randn(4, 8, device="cuda"), torch.randn(6, 8, device="cuda")
+    with pytest.raises(ne.UnsupportedError, match="CUDA"):
+        ne.ops.linear(x, w)
