@@ -306,6 +306,18 @@ class Model:
             "conversions": list(c.conversions),
         }
 
+    def save(self, path: str) -> None:
+        """Write this model (with its conversions, recorded in the metadata) as a checkpoint directory
+        that normengine.load reads back: config.json + model.safetensors (+ tokenizer.json)."""
+        from .checkpoint import save_checkpoint
+
+        tensors = {n: t.detach().cpu() for n, t in self.tensors.items()}
+        if self.config.tied_head:  # keep the tie explicit for the writer's alias table
+            tensors["lm_head.weight"] = tensors["tok_emb.weight"]
+        save_checkpoint(path, self.config, tensors)
+        if self.tokenizer is not None:
+            self.tokenizer.save(os.path.join(path, "tokenizer.json"))
+
     def __repr__(self):
         i = self.info()
         return (f"normengine.Model({i['architecture']}, {i['layers']} layers, d={i['d_model']}, "
@@ -327,14 +339,21 @@ def _load_tokenizer(path: str):
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "data", "tiny-gpt2")
 
 
-def load(path: str | None = None, device: str = "cpu", dtype=None) -> Model:
+def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | None = None) -> Model:
     """Load a checkpoint (Hugging Face directory, sharded or not, safetensors or pytorch_model.bin;
-    or one .safetensors/.pt/.bin file with config.json beside it) into the native runner.
+    or one .safetensors/.pt/.bin file with config.json beside it; or a directory Model.save wrote)
+    into the native runner.
 
     path None loads the small default model shipped in the package. dtype: None keeps the
-    checkpoint's (16-bit stays 16-bit), or torch.float32 / bfloat16 / float16 for the linear weights."""
+    checkpoint's (16-bit stays 16-bit), or torch.float32 / bfloat16 / float16 for the linear weights.
+    norm: None keeps the checkpoint's normalization; 'rmsnorm' turns a Pre-LN model into the exactly
+    equivalent Pre-RMSNorm one (or folds an RMSNorm model's gains into the next linear layers);
+    'crmsnorm' goes on to the compressed form (d - 1 wide residual stream); see normengine.convert."""
     from .checkpoint import load_checkpoint
+    from .convert import convert_norm
 
     path = DEFAULT_MODEL if path is None else os.fspath(path)
     cfg, tensors = load_checkpoint(path)
+    if norm is not None:
+        cfg, tensors = convert_norm(cfg, tensors, norm)
     return Model(cfg, tensors, device=device, dtype=dtype, tokenizer=_load_tokenizer(path), path=path)

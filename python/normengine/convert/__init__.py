@@ -1,0 +1,6 @@
+"""Pure conversions of a loaded model: (config, canonical state dict) -> (config, state dict),
+each recorded in config.conversions (and so in a saved checkpoint's metadata)."""
+
+from .norms import convert_norm, fold_norm_affine, layernorm_to_rmsnorm, rmsnorm_to_crmsnorm
+
+__all__ = ["convert_norm", "fold_norm_affine", "layernorm_to_rmsnorm", "rmsnorm_to_crmsnorm"]

@@ -1,0 +1,194 @@
+"""Exact normalization transforms (Jiang et al. 2023, "Pre-RMSNorm and Pre-CRMSNorm Transformers").
+
+Each conversion is a pure function (config, state dict) -> (config, state dict) over canonical names
+(normengine.config), computed in float64 and returned in each tensor's original dtype, and recorded
+in config.conversions.
+
+Readers and writers of the residual stream x (width d):
+    writers: tok_emb, pos_emb, blocks.i.attn.o, blocks.i.mlp.down       (add into x)
+    readers: attn.q/k/v after attn_norm, mlp.up/gate after mlp_norm, lm_head after final_norm
+
+fold_norm_affine:        norm(x) * g + b followed by y = W z + c  ==  W' norm(x) + c'
+                         with W' = W diag(g), c' = c + W b; the norm is left with g = 1, b = 0.
+layernorm_to_rmsnorm:    re-centre every writer so x has zero mean over d; then LayerNorm(x) is
+                         RMSNorm(x) exactly (same eps). The LM head reads x and keeps the original
+                         (un-centred) embedding, which unties a tied head.
+rmsnorm_to_crmsnorm:     x has zero mean, so its last coordinate is -sum of the others: writers drop
+                         their last output row, readers use W[:, :-1] - W[:, -1:], and every norm is
+                         CRMSNorm over d - 1 stored coordinates.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import UnsupportedError
+
+_READERS = {
+    "attn_norm": ("attn.q", "attn.k", "attn.v"),
+    "mlp_norm": ("mlp.up", "mlp.gate"),
+}
+
+
+def _norm_groups(cfg: ModelConfig):
+    """(norm prefix, [reader prefixes]) for every norm of the model."""
+    for i in range(cfg.n_layers):
+        for norm, readers in _READERS.items():
+            yield f"blocks.{i}.{norm}", [f"blocks.{i}.{r}" for r in readers]
+    yield "final_norm", ["lm_head"]
+
+
+def _f64(t):
+    return t.detach().to(torch.float64)
+
+
+def fold_norm_affine(cfg: ModelConfig, sd: dict):
+    """Fold every norm's gain (and LayerNorm bias) into the linear layers reading it:
+    W' = W diag(g), c' = c + W b. The norms keep unit gains (and zero biases): same outputs."""
+    if cfg.norm == "none":
+        raise UnsupportedError("fold_norm_affine: this model has no norms to fold")
+    cfg = copy.deepcopy(cfg)
+    out = dict(sd)
+    for norm, readers in _norm_groups(cfg):
+        g = _f64(sd[f"{norm}.weight"])
+        b = _f64(sd[f"{norm}.bias"]) if f"{norm}.bias" in sd else None
+        for r in readers:
+            wname = f"{r}.weight"
+            if wname not in sd:
+                continue  # e.g. no gate in an ungated MLP
+            w = sd[wname]
+            w64 = _f64(w)
+            out[wname] = (w64 * g).to(w.dtype)
+            if b is not None:
+                bname = f"{r}.bias"
+                c = _f64(sd[bname]) if bname in sd else torch.zeros(w.shape[0], dtype=torch.float64)
+                out[bname] = (c + w64 @ b).to(sd[bname].dtype if bname in sd else w.dtype)
+        out[f"{norm}.weight"] = torch.ones_like(sd[f"{norm}.weight"])
+        if b is not None:
+            out[f"{norm}.bias"] = torch.zeros_like(sd[f"{norm}.bias"])
+    # The head now differs from the embedding (its gain is folded in): it is no longer tied.
+    if cfg.tied_head:
+        cfg.tied_head = False
+    if cfg.norm == "layernorm":
+        # Biases created on readers: record them in the config flags the runner checks.
+        cfg.qkv_bias = True
+        cfg.mlp_bias = cfg.mlp_bias or "blocks.0.mlp.up.bias" in out
+        if "lm_head.bias" in out:
+            cfg.head_bias = True
+        if cfg.mlp_bias:
+            _ensure_biases(cfg, out)
+    cfg.conversions = list(cfg.conversions) + ["fold_norm_affine"]
+    return cfg, out
+
+
+def _ensure_biases(cfg: ModelConfig, sd: dict):
+    """With mlp_bias set every MLP linear needs a bias tensor: add zeros where one is missing."""
+    for i in range(cfg.n_layers):
+        for lin in ("mlp.up", "mlp.gate", "mlp.down"):
+            w = sd.get(f"blocks.{i}.{lin}.weight")
+            if w is not None and f"blocks.{i}.{lin}.bias" not in sd:
+                sd[f"blocks.{i}.{lin}.bias"] = torch.zeros(w.shape[0], dtype=w.dtype)
+
+
+def _drop_norm_biases(cfg: ModelConfig, sd: dict):
+    for norm, _ in _norm_groups(cfg):
+        b = sd.pop(f"{norm}.bias", None)
+        if b is not None and b.abs().max().item() != 0:
+            raise AssertionError(f"{norm}.bias should have been folded to zero")  # internal invariant
+
+
+def _centre_rows(w):
+    """Zero-mean outputs: subtract from every column its mean over the output rows,
+    W[:, j] -= mean_i W[i, j], so W z has zero mean over the model width for any z."""
+    w64 = _f64(w)
+    return (w64 - w64.mean(dim=0, keepdim=True)).to(w.dtype)
+
+
+def layernorm_to_rmsnorm(cfg: ModelConfig, sd: dict):
+    """Pre-LN -> Pre-RMSNorm (exact). Folds the norms' affines first, then re-centres the writers."""
+    if cfg.norm != "layernorm":
+        raise UnsupportedError(
+            f"rmsnorm: the Pre-LN -> Pre-RMSNorm transform needs a LayerNorm model; this one uses {cfg.norm} "
+            "(for an RMSNorm model, fold_norm_affine folds its gains)"
+        )
+    cfg, out = fold_norm_affine(cfg, sd)
+    # The head reads the stream: it keeps the original (uncentred) embedding with the final norm's
+    # affine folded in; fold_norm_affine has done exactly that on lm_head (a copy when tied).
+    if out["lm_head.weight"] is out["tok_emb.weight"]:
+        out["lm_head.weight"] = out["tok_emb.weight"].clone()
+    # Writers: zero-mean outputs.
+    for name in ("tok_emb.weight", "pos_emb.weight"):
+        if name in out:
+            e = _f64(out[name])
+            out[name] = (e - e.mean(dim=1, keepdim=True)).to(out[name].dtype)  # each vector's own mean
+    for i in range(cfg.n_layers):
+        for lin in ("attn.o", "mlp.down"):
+            w = f"blocks.{i}.{lin}.weight"
+            out[w] = _centre_rows(out[w])
+            b = f"blocks.{i}.{lin}.bias"
+            if b in out:
+                bb = _f64(out[b])
+                out[b] = (bb - bb.mean()).to(out[b].dtype)
+    _drop_norm_biases(cfg, out)
+    cfg.norm = "rmsnorm"
+    cfg.conversions = list(cfg.conversions) + ["layernorm_to_rmsnorm"]
+    return cfg, out
+
+
+def rmsnorm_to_crmsnorm(cfg: ModelConfig, sd: dict):
+    """Pre-RMSNorm with a zero-mean residual stream -> Pre-CRMSNorm (exact): the stream keeps d - 1
+    coordinates."""
+    if cfg.norm != "rmsnorm" or "layernorm_to_rmsnorm" not in cfg.conversions:
+        raise UnsupportedError(
+            "crmsnorm: compression needs a zero-mean residual stream, which only the Pre-LN -> Pre-RMSNorm "
+            f"transform guarantees; this model's norm is {cfg.norm} and its conversions are "
+            f"{cfg.conversions or 'none'}"
+        )
+    cfg = copy.deepcopy(cfg)
+    out = dict(sd)
+    # Writers drop their last output coordinate.
+    for name in ("tok_emb.weight", "pos_emb.weight"):
+        if name in out:
+            out[name] = out[name][:, :-1].contiguous()
+    for i in range(cfg.n_layers):
+        for lin in ("attn.o", "mlp.down"):
+            out[f"blocks.{i}.{lin}.weight"] = out[f"blocks.{i}.{lin}.weight"][:-1].contiguous()
+            b = f"blocks.{i}.{lin}.bias"
+            if b in out:
+                out[b] = out[b][:-1].contiguous()
+    # Readers: x_d = -sum(x_<d), so W x = (W[:, :-1] - W[:, -1:]) x_<d.
+    for norm, readers in _norm_groups(cfg):
+        for r in readers:
+            w = out.get(f"{r}.weight")
+            if w is None:
+                continue
+            w64 = _f64(w)
+            out[f"{r}.weight"] = (w64[:, :-1] - w64[:, -1:]).to(w.dtype).contiguous()
+        g = out[f"{norm}.weight"]
+        if (g != 1).any():
+            raise AssertionError(f"{norm}.weight should have been folded to ones")  # internal invariant
+        out[f"{norm}.weight"] = g[:-1].contiguous()
+    cfg.norm = "crmsnorm"
+    cfg.conversions = list(cfg.conversions) + ["rmsnorm_to_crmsnorm"]
+    return cfg, out
+
+
+def convert_norm(cfg: ModelConfig, sd: dict, norm: str):
+    """The model in the requested norm form:
+    'layernorm': as is (a LayerNorm model only);
+    'rmsnorm':   Pre-LN -> Pre-RMSNorm, or for an RMSNorm model (Llama family) its gains folded;
+    'crmsnorm':  Pre-LN -> Pre-RMSNorm -> Pre-CRMSNorm (needs the zero-mean stream of a Pre-LN model)."""
+    if norm not in ("layernorm", "rmsnorm", "crmsnorm"):
+        raise UnsupportedError(f"norm={norm!r}: expected 'layernorm', 'rmsnorm' or 'crmsnorm'")
+    if norm == cfg.norm and (norm != "rmsnorm" or "fold_norm_affine" in cfg.conversions):
+        return cfg, sd
+    if norm == "layernorm":
+        raise UnsupportedError(f"norm='layernorm': this model uses {cfg.norm}; converting back is not supported")
+    if cfg.norm == "layernorm":
+        cfg, sd = layernorm_to_rmsnorm(cfg, sd)
+    elif norm == "rmsnorm":
+        return fold_norm_affine(cfg, sd)
+    return (cfg, sd) if norm == "rmsnorm" else rmsnorm_to_crmsnorm(cfg, sd)

@@ -1,0 +1,136 @@
+"""Norm conversions: Pre-LN -> Pre-RMSNorm -> Pre-CRMSNorm and gain folding are exact: logits of the
+converted models equal the original transformers model's, generations are identical, and a saved
+converted model reads back to the same logits."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import normengine as ne
+from normengine.checkpoint import load_checkpoint
+from normengine.convert import convert_norm, fold_norm_affine
+from conftest import rel_err
+
+transformers = pytest.importorskip("transformers")
+VOCAB = 89
+
+
+def _random_norms(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln_" in name or "norm" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+    return model
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    torch.manual_seed(3)
+    cfg = transformers.GPT2Config(n_layer=3, n_embd=48, n_head=4, vocab_size=VOCAB, n_positions=80,
+                                  bos_token_id=0, eos_token_id=0)
+    hf = _random_norms(transformers.GPT2LMHeadModel(cfg), 9).eval()
+    d = tmp_path_factory.mktemp("gpt2")
+    hf.save_pretrained(d)
+    return hf, str(d)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    torch.manual_seed(4)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=80,
+                                   bos_token_id=0, eos_token_id=0, tie_word_embeddings=True)
+    hf = _random_norms(transformers.LlamaForCausalLM(cfg), 10).eval()
+    d = tmp_path_factory.mktemp("llama")
+    hf.save_pretrained(d)
+    return hf, str(d)
+
+
+def _greedy(hf, ids, n):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                          attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    return out[: out.index(0) + 1] if 0 in out else out
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "crmsnorm"])
+def test_gpt2_forms_match_transformers(gpt2, norm):
+    hf, path = gpt2
+    m = ne.load(path, norm=norm)
+    assert m.config.norm == norm
+    assert m.config.residual_width == (47 if norm == "crmsnorm" else 48)
+    assert "layernorm_to_rmsnorm" in m.config.conversions
+    assert not m.config.tied_head and "lm_head.bias" in m.tensors  # the head was untied, with a bias
+    ids = torch.randint(1, VOCAB, (3, 25), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(ids).logits
+    assert rel_err(m.logits(ids), want) <= 1e-4
+    for T in (2, 9):
+        p = ids[0, :T].tolist()
+        assert m.generate(p, max_new_tokens=32) == _greedy(hf, p, 32)
+
+
+def test_residual_stream_is_zero_mean_after_recentring(gpt2):
+    _, path = gpt2
+    cfg, sd = load_checkpoint(path)
+    c2, s2 = convert_norm(cfg, sd, "rmsnorm")
+    for name in ("tok_emb.weight", "pos_emb.weight"):
+        assert s2[name].double().mean(dim=1).abs().max() < 1e-6
+    for i in range(cfg.n_layers):
+        for lin in ("attn.o", "mlp.down"):
+            w, b = s2[f"blocks.{i}.{lin}.weight"].double(), s2[f"blocks.{i}.{lin}.bias"].double()
+            assert w.mean(dim=0).abs().max() < 1e-6 and abs(b.mean().item()) < 1e-6
+    # conversions are pure: the input state dict is untouched
+    assert torch.equal(sd["tok_emb.weight"], load_checkpoint(path)[1]["tok_emb.weight"])
+
+
+def test_llama_gain_folding(llama):
+    hf, path = llama
+    m = ne.load(path, norm="rmsnorm")
+    assert m.config.conversions == ["fold_norm_affine"]
+    assert all(torch.all(t == 1) for n, t in m.tensors.items() if n.endswith("norm.weight"))
+    ids = torch.randint(1, VOCAB, (2, 19), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = hf(ids).logits
+    assert rel_err(m.logits(ids), want) <= 1e-4
+    p = ids[0, :6].tolist()
+    assert m.generate(p, max_new_tokens=32) == _greedy(hf, p, 32)
+
+
+def test_conversions_the_model_does_not_admit(llama, gpt2):
+    _, lpath = llama
+    with pytest.raises(ne.UnsupportedError, match="zero-mean residual"):
+        ne.load(lpath, norm="crmsnorm")
+    with pytest.raises(ne.UnsupportedError, match="layernorm"):
+        ne.load(lpath, norm="layernorm")
+    with pytest.raises(ne.UnsupportedError, match="expected"):
+        ne.load(gpt2[1], norm="batchnorm")
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "crmsnorm"])
+def test_save_and_reload_converted(gpt2, tmp_path, norm):
+    _, path = gpt2
+    m = ne.load(path, norm=norm)
+    ids = torch.randint(1, VOCAB, (2, 15), generator=torch.Generator().manual_seed(5))
+    want = m.logits(ids)
+    out = tmp_path / norm
+    m.save(str(out))
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["normengine"]["conversions"] == m.config.conversions
+    again = ne.load(str(out))
+    assert again.config.norm == norm and again.config.conversions == m.config.conversions
+    assert torch.equal(again.logits(ids), want)
+    # reloading with the form it already has is a no-op, not a second conversion
+    assert ne.load(str(out), norm=norm).config.conversions == m.config.conversions
+
+
+def test_fold_is_exact_in_float64(gpt2):
+    """fold_norm_affine alone (norms keep unit gains): same logits."""
+    hf, path = gpt2
+    cfg, sd = load_checkpoint(path)
+    c2, s2 = fold_norm_affine(cfg, sd)
+    ids = torch.randint(1, VOCAB, (1, 12), generator=torch.Generator().manual_seed(8))
+    assert rel_err(ne.Model(c2, s2).logits(ids), ne.Model(cfg, sd).logits(ids)) <= 1e-5
