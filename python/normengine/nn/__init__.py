@@ -1,6 +1,7 @@
 """normengine.nn: torch.nn modules over normengine.ops."""
 
+from .fold import fold_norms
 from .norm import CRMSNorm, LayerNorm, RMSNorm
 from .unified_norm import UnifiedNorm
 
-__all__ = ["LayerNorm", "RMSNorm", "CRMSNorm", "UnifiedNorm"]
+__all__ = ["LayerNorm", "RMSNorm", "CRMSNorm", "UnifiedNorm", "fold_norms"]
