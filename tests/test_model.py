@@ -185,6 +185,11 @@ def test_default_model_generates_text():
     assert "".join(m.generate("The function returns", max_new_tokens=16, stream=True)) == text
     batch = m.generate(["The function returns", "A"], max_new_tokens=8)
     assert batch[0] == m.generate("The function returns", max_new_tokens=8)
+    assert isinstance(batch[1], str)
+    # a stop string ends the text before it
+    stop = text.strip()[2:5]
+    cut = m.generate("The function returns", max_new_tokens=16, stop=[stop])
+    assert stop not in cut and text.startswith(cut)
 
 
 def test_cli_generate_and_info():

@@ -33,11 +33,8 @@ class Model:
                  path: str | None = None):
         dev = torch.device(device)
         if dev.type == "cuda":
-            raise UnsupportedError(
-                "device: the native runner runs on the CPU in this version (CUDA kernels cover the ops); "
-                "use device='cpu'"
-            )
-        if dev.type != "cpu":
+            dev = _cuda_device(dev, device)
+        elif dev.type != "cpu":
             raise DeviceError(f"device: expected 'cpu' or 'cuda', got {device!r}")
         if dtype is not None and dtype not in _WEIGHT_DTYPES:
             raise DTypeError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
@@ -59,7 +56,7 @@ class Model:
             if not t.is_floating_point():
                 raise DTypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
             want = torch.float32 if _is_vector(name) else (dtype or (t.dtype if t.dtype in _WEIGHT_DTYPES else torch.float32))
-            c = t.detach().to(device="cpu", dtype=want)
+            c = t.detach().to(device=dev, dtype=want)
             if not c.is_contiguous():
                 c = c.contiguous()
             by_id[key] = converted[name] = c
@@ -91,7 +88,10 @@ class Model:
             slots = max(slots, self._slots)
             ctx = max(ctx, self._ctx)
             self._runner = None  # free the old caches first
-            r = _C.Runner(self._spec(), slots, ctx)
+            if self.device.type == "cuda":
+                r = _C.CudaRunner(self._spec(), slots, ctx, self.device.index)
+            else:
+                r = _C.Runner(self._spec(), slots, ctx)
             for name, t in self.tensors.items():
                 r.set_tensor(name, t)
             r.finalize()
@@ -99,6 +99,13 @@ class Model:
         for s in range(slots):
             self._runner.reset(s)
         return self._runner
+
+    def _forward(self, r, slots, tokens, lens, logits, all_logits: bool) -> None:
+        """One runner step. On CUDA it is enqueued on torch's current stream (logits: a CUDA tensor)."""
+        if self.device.type == "cuda":
+            r.forward(slots, tokens, lens, logits, all_logits, torch.cuda.current_stream(self.device).cuda_stream)
+        else:
+            r.forward(slots, tokens, lens, logits, all_logits)
 
     # ------------------------------------------------------------------ inputs
     def _check_ids(self, seq, what="prompt") -> list:
@@ -142,16 +149,16 @@ class Model:
     # ------------------------------------------------------------------ logits
     def logits(self, ids) -> torch.Tensor:
         """Logits of every position: ids is a list of ids, a list of equal-length lists, or an int
-        tensor [B, T]; returns float32 [B, T, vocab] (a 1-D input still gets B = 1)."""
+        tensor [B, T]; returns float32 [B, T, vocab] (a 1-D input still gets B = 1), on the model's device."""
         seqs, _ = self._batch_ids(ids)
         T = len(seqs[0])
         if any(len(s) != T for s in seqs):
             raise ShapeError("ids: sequences of different lengths; logits() needs equal lengths (or call it per sequence)")
         B = len(seqs)
         r = self._runner_for(B, T)
-        out = torch.empty(B * T, self.config.vocab_size, dtype=torch.float32)
+        out = torch.empty(B * T, self.config.vocab_size, dtype=torch.float32, device=self.device)
         tokens = torch.tensor([t for s in seqs for t in s], dtype=torch.int32)
-        r.forward(torch.arange(B, dtype=torch.int32), tokens, torch.full((B,), T, dtype=torch.int32), out, True)
+        self._forward(r, torch.arange(B, dtype=torch.int32), tokens, torch.full((B,), T, dtype=torch.int32), out, True)
         return out.view(B, T, -1)
 
     # ------------------------------------------------------------------ generation
@@ -216,10 +223,10 @@ class Model:
         outs = [self._finish(r, t, stop_strs) for r, t in zip(results, text)]
         return outs if batched else outs[0]
 
-    def _finish(self, new_ids, is_text, stop_strs):
+    def _finish(self, new, is_text, stop_strs):
         if not is_text:
-            return new_ids
-        s = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+            return new
+        s = "".join(new)  # for a text prompt _generate yields text pieces, not ids
         for st in stop_strs:
             k = s.find(st)
             if k >= 0:
@@ -240,18 +247,20 @@ class Model:
         base = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         samplers = [_C.Sampler(base + i) for i in range(B)]
         vocab = self.config.vocab_size
-        logits = torch.empty(B, vocab, dtype=torch.float32)
+        on_gpu = self.device.type == "cuda"
+        logits = torch.empty(B, vocab, dtype=torch.float32, device=self.device)
         tokens = torch.tensor([t for s in ids for t in s], dtype=torch.int32)
         lens = torch.tensor([len(s) for s in ids], dtype=torch.int32)
         active = list(range(B))
-        r.forward(torch.tensor(active, dtype=torch.int32), tokens, lens, logits, False)
+        self._forward(r, torch.tensor(active, dtype=torch.int32), tokens, lens, logits, False)
+        host = logits.cpu() if on_gpu else logits  # the sampler reads CPU rows
         produced = [[] for _ in range(B)]
         shown = [""] * B  # text already yielded, per text sequence
         n = 0
         while active:
             nxt = []
             for row, i in enumerate(active):
-                tok = samplers[i].sample(logits[row], temperature, top_k, top_p)
+                tok = samplers[i].sample(host[row], temperature, top_k, top_p)
                 produced[i].append(tok)
                 done = tok in stop_ids or len(ids[i]) + len(produced[i]) >= self.config.max_seq_len
                 if text[i]:
@@ -271,8 +280,9 @@ class Model:
             active = nxt if n < max_new else []
             if active:
                 cur = torch.tensor([produced[i][-1] for i in active], dtype=torch.int32)
-                r.forward(torch.tensor(active, dtype=torch.int32), cur, torch.ones(len(active), dtype=torch.int32),
-                          logits[: len(active)], False)
+                self._forward(r, torch.tensor(active, dtype=torch.int32), cur,
+                              torch.ones(len(active), dtype=torch.int32), logits[: len(active)], False)
+                host = logits[: len(active)].cpu() if on_gpu else logits
 
     # ------------------------------------------------------------------ description
     def num_parameters(self) -> int:
@@ -322,6 +332,25 @@ class Model:
         i = self.info()
         return (f"normengine.Model({i['architecture']}, {i['layers']} layers, d={i['d_model']}, "
                 f"{i['parameters'] / 1e6:.1f}M params, {i['dtype']})")
+
+
+def _cuda_device(dev: torch.device, asked) -> torch.device:
+    """The CUDA device the model runs on (an index always set), or DeviceError naming what is missing."""
+    if not _C.built_with_cuda() or not hasattr(_C, "CudaRunner"):
+        raise DeviceError(
+            f"device={asked!r}: this build of normengine has no CUDA kernels (it was built without nvcc); "
+            "use device='cpu'"
+        )
+    if not _C.cuda_available():
+        raise DeviceError(f"device={asked!r}: no CUDA GPU is visible to normengine (no GPU or no driver); "
+                          "use device='cpu'")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"device={asked!r}: this PyTorch build cannot use the GPU "
+                          f"(torch {torch.__version__}, torch.cuda.is_available() is False); use device='cpu'")
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if not 0 <= index < torch.cuda.device_count():
+        raise DeviceError(f"device={asked!r}: no such GPU ({torch.cuda.device_count()} visible)")
+    return torch.device("cuda", index)
 
 
 def _load_tokenizer(path: str):
