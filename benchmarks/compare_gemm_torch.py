@@ -1,17 +1,24 @@
 """normengine dense linear against PyTorch (MKL / oneDNN sgemm) on the CPU: speed ratios.
 
-    PYTHONPATH=python python3 benchmarks/compare_gemm_torch.py [--threads 2] [--repeats 15]
+    PYTHONPATH=python python3 benchmarks/compare_gemm_torch.py [--threads 2] [--repeats 11]
                                                                [--gemm-only | --gemv-only]
 
 Both sides write into preallocated outputs, with the same thread count (torch.set_num_threads and
 normengine.set_num_threads), no bias:
   ours   _C.linear(x, w, None, out)            (the entry point under normengine.ops.linear)
   torch  torch.matmul(x, w.t(), out=out)       (fp32 weights)
-GEMM (M = 16, 128, 512; GPT-2-small prefill shapes): warm caches, fp32 weights; also ours with bf16
-weights (torch has no fp32 x bf16 matmul, so that row is ours only, ratio against torch fp32).
-GEMV (M = 1; decode): every call from cold caches (a 128 MB read first), fp32 and bf16 weights;
-torch's bf16 row is F.linear on bf16 x and bf16 weights (bf16 output), for reference.
-Variants are timed round-robin and each figure is the median of --repeats calls.
+GEMM (M = 16, 128, 512; GPT-2-small prefill shapes), fp32 weights; also ours with bf16 weights
+(torch has no fp32 x bf16 matmul, so that column is ours only, its ratio against torch fp32).
+GEMV (M = 1; decode), fp32 and bf16 weights; torch's bf16 column is F.linear on bf16 x and bf16
+weights (bf16 output), for reference.
+
+Timing: each variant runs back to back for >= 20 ms per sample (the first call untimed), variants
+round-robin, the figure is the median of --repeats samples. Back-to-back calls keep each side's
+worker threads awake, as in a model's forward pass; a 30 ms pause before each sample lets the other
+side's spinning threads (libgomp's spin for ~10 ms after a parallel region, our pool's for 0.2 ms)
+go idle first, and the sample's first call (untimed) wakes its own. For the GEMV, consecutive calls
+cycle through distinct copies of the weight (>= 128 MB in all, 4x the L3), so every call streams its
+weight from DRAM, as a decode step does, without a cache flush between calls.
 ratio = torch time / our time (> 1: ours faster).
 """
 
@@ -29,31 +36,33 @@ from normengine import _C
 
 SHAPES = [(768, 2304), (768, 3072), (3072, 768), (768, 50257)]  # (K, N)
 GEMV_SHAPES = [(768, 768)] + SHAPES
+MIN_SAMPLE_S = 0.02
+IDLE_S = 0.03  # libgomp's workers spin ~10 ms after a parallel region (measured here), ours 0.2 ms
 
 
-class Timer:
-    def __init__(self, repeats: int, cold: bool):
-        self.repeats, self.cold = repeats, cold
-        self.scratch = torch.empty(32 << 20, dtype=torch.float32)  # 128 MB: 4x the L3
+def sample(fn) -> float:
+    """Seconds per call of fn(i) (i = call index), over >= MIN_SAMPLE_S of back-to-back calls."""
+    time.sleep(IDLE_S)  # let the previous variant's spinning workers go idle
+    fn(0)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn(n)
+        n += 1
+        t = time.perf_counter() - t0
+        if t >= MIN_SAMPLE_S and n >= 2:
+            return t / n
 
-    def medians(self, variants: dict) -> dict:
-        for fn in variants.values():  # warm-up
-            fn()
-            fn()
-        times = {k: [] for k in variants}
-        for _ in range(self.repeats):
-            for k, fn in variants.items():
-                if self.cold:
-                    self.scratch.sum()
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
-        return {k: statistics.median(v) for k, v in times.items()}
+
+def medians(variants: dict, repeats: int) -> dict:
+    times = {k: [] for k in variants}
+    for _ in range(repeats):
+        for k, fn in variants.items():
+            times[k].append(sample(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def gemm(args):
-    t = Timer(args.repeats, cold=False)
-    print(f"\nGEMM (warm caches), GFLOP/s and ratio = torch time / ours")
+    print("\nGEMM (warm caches), GFLOP/s and ratio = torch time / ours")
     print(f"{'M':>4} {'K':>5} {'N':>6} {'torch':>8} {'ours':>8} {'ratio':>6} {'ours-bf16w':>10} {'ratio':>6}")
     for K, N in SHAPES:
         for M in (16, 128, 512):
@@ -62,37 +71,37 @@ def gemm(args):
             w = torch.randn(N, K, generator=g)
             wb = w.bfloat16()
             y1, y2, y3 = torch.empty(M, N), torch.empty(M, N), torch.empty(M, N)
-            flops = 2.0 * M * N * K
-            reps = t.repeats if flops < 2e10 else max(5, t.repeats // 3)
-            t.repeats, saved = reps, t.repeats
-            m = t.medians({
-                "torch": lambda: torch.matmul(x, w.t(), out=y1),
-                "ours": lambda: _C.linear(x, w, None, y2, 0),
-                "ours_bf16": lambda: _C.linear(x, wb, None, y3, 0),
-            })
-            t.repeats = saved
+            m = medians({
+                "torch": lambda i: torch.matmul(x, w.t(), out=y1),
+                "ours": lambda i: _C.linear(x, w, None, y2, 0),
+                "ours_bf16": lambda i: _C.linear(x, wb, None, y3, 0),
+            }, args.repeats)
             assert torch.allclose(y1, y2, rtol=1e-3, atol=1e-3)
+            flops = 2.0 * M * N * K
             gf = {k: flops / v / 1e9 for k, v in m.items()}
             print(f"{M:>4} {K:>5} {N:>6} {gf['torch']:>8.1f} {gf['ours']:>8.1f} {m['torch'] / m['ours']:>6.2f} "
                   f"{gf['ours_bf16']:>10.1f} {m['torch'] / m['ours_bf16']:>6.2f}", flush=True)
 
 
 def gemv(args):
-    t = Timer(args.repeats, cold=True)
-    print(f"\nGEMV M=1 (cold caches), GB/s of weights and ratio = torch time / ours")
+    print("\nGEMV M=1 (weights from DRAM), GB/s of weights and ratio = torch time / ours")
     print(f"{'K':>5} {'N':>6} {'torch':>8} {'ours':>8} {'ratio':>6} {'torch-bf16':>10} {'ours-bf16':>9} {'ratio':>6}")
     for K, N in GEMV_SHAPES:
         g = torch.Generator().manual_seed(0)
+        copies = max(2, -(-(128 << 20) // (4 * N * K)))
+        ws = [torch.randn(N, K, generator=g) for _ in range(copies)]
+        wbs = [w.bfloat16() for w in ws]
         x = torch.randn(1, K, generator=g)
-        w = torch.randn(N, K, generator=g)
-        xb, wb = x.bfloat16(), w.bfloat16()
-        y1, y2, y4 = torch.empty(1, N), torch.empty(1, N), torch.empty(1, N)
-        m = t.medians({
-            "torch": lambda: torch.matmul(x, w.t(), out=y1),
-            "ours": lambda: _C.linear(x, w, None, y2, 0),
-            "torch_bf16": lambda: F.linear(xb, wb),
-            "ours_bf16": lambda: _C.linear(x, wb, None, y4, 0),
-        })
+        xb = x.bfloat16()
+        y1, y2, y3, y4 = torch.empty(1, N), torch.empty(1, N), torch.empty(1, N, dtype=torch.bfloat16), torch.empty(1, N)
+        c = len(ws)
+        m = medians({
+            "torch": lambda i: torch.matmul(x, ws[i % c].t(), out=y1),
+            "ours": lambda i: _C.linear(x, ws[i % c], None, y2, 0),
+            "torch_bf16": lambda i: torch.matmul(xb, wbs[i % c].t(), out=y3),
+            "ours_bf16": lambda i: _C.linear(x, wbs[i % c], None, y4, 0),
+        }, args.repeats)
+        del ws, wbs
         b32, b16 = 4.0 * N * K, 2.0 * N * K
         print(f"{K:>5} {N:>6} {b32 / m['torch'] / 1e9:>8.1f} {b32 / m['ours'] / 1e9:>8.1f} "
               f"{m['torch'] / m['ours']:>6.2f} {b16 / m['torch_bf16'] / 1e9:>10.1f} "
@@ -102,7 +111,7 @@ def gemv(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=0, help="threads for both (default: normengine's default)")
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--gemm-only", action="store_true")
     p.add_argument("--gemv-only", action="store_true")
     args = p.parse_args()

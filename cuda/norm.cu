@@ -972,9 +972,76 @@ void with_kind(NormKind k, Fn&& fn) {
   throw ValueError("norm kind: unknown value " + std::to_string(static_cast<int>(k)));
 }
 
+
+// ============================================================================ row statistics only
+// norm_linear's first step: rstd (and the LayerNorm mean) of each row, nothing written per element.
+// One 256-thread block per row (grid-stride over rows), strided over the row's features:
+//   LayerNorm: K = h[0]; delta = mean(h - K); var = mean((h - K - delta)^2)   (two passes, shifted)
+//   RMSNorm:   rstd = 1 / sqrt(mean(h^2) + eps)
+//   CRMSNorm:  rstd = 1 / sqrt((sum h^2 + (sum h)^2) / (n + 1) + eps)
+// Traffic: x read once (LayerNorm: twice, the second pass mostly from L1/L2).
+template <class T, NormKind KIND>
+__global__ void __launch_bounds__(256) stats_kernel(const T* x, int64_t ld, int64_t rows, int64_t n, double eps,
+                                                    acc_t<T>* mean, acc_t<T>* rstd) {
+  using A = acc_t<T>;
+  __shared__ A red[2 * 32];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* h = x + r * ld;
+    if (KIND == NormKind::LayerNorm) {
+      const A K = Elem<T>::load(h[0]);
+      A v[1] = {A(0)};
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) v[0] += Elem<T>::load(h[i]) - K;
+      row_sum<1>(v, red);
+      const A delta = mean_of<A>(v[0], n);
+      A q[1] = {A(0)};
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        A c = (Elem<T>::load(h[i]) - K) - delta;
+        q[0] += c * c;
+      }
+      row_sum<1>(q, red);
+      if (threadIdx.x == 0) {
+        if (mean) mean[r] = K + delta;
+        rstd[r] = inv_sqrt<A>(static_cast<double>(q[0]) / static_cast<double>(n), eps);
+      }
+    } else {
+      A v[2] = {A(0), A(0)};  // sum h, sum h^2
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        A e = Elem<T>::load(h[i]);
+        v[0] += e;
+        v[1] += e * e;
+      }
+      row_sum<2>(v, red);
+      if (threadIdx.x == 0) {
+        const double s = v[0], q = v[1];
+        const double ms = KIND == NormKind::RMSNorm ? q / static_cast<double>(n)
+                                                    : (q + s * s) / static_cast<double>(n + 1);
+        if (mean) mean[r] = A(0);
+        rstd[r] = inv_sqrt<A>(ms, eps);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // ============================================================================ entry points
+
+void norm_stats(const NormFwdArgs& a, void* stream) {
+  if (a.x.rows == 0 || a.x.cols == 0) return;
+  check_cols(a.x.cols);
+  cudaStream_t s = as_stream(stream);
+  const unsigned grid = static_cast<unsigned>(a.x.rows < (1 << 30) ? a.x.rows : (1 << 30));
+  with_dtype(a.x.dtype, [&](auto t) {
+    using T = decltype(t);
+    using A = acc_t<T>;
+    with_kind(a.kind, [&](auto k) {
+      stats_kernel<T, decltype(k)::value><<<grid, 256, 0, s>>>(
+          static_cast<const T*>(a.x.data), a.x.ld, a.x.rows, a.x.cols, a.eps, static_cast<A*>(a.mean),
+          static_cast<A*>(a.rstd));
+    });
+  });
+  check_launch("norm_stats");
+}
 
 void norm_forward(const NormFwdArgs& a, void* stream) {
   if (a.x.rows == 0 || a.x.cols == 0) return;

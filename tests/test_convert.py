@@ -134,3 +134,25 @@ def test_fold_is_exact_in_float64(gpt2):
     c2, s2 = fold_norm_affine(cfg, sd)
     ids = torch.randint(1, VOCAB, (1, 12), generator=torch.Generator().manual_seed(8))
     assert rel_err(ne.Model(c2, s2).logits(ids), ne.Model(cfg, sd).logits(ids)) <= 1e-5
+
+
+def test_load_folds_in_place_without_touching_files(gpt2, tmp_path):
+    """load() folds norm gains into the mapped weights copy-on-write: the files stay as they were."""
+    import hashlib
+
+    hf, path = gpt2
+    files = {}
+    pt = tmp_path / "pt"
+    pt.mkdir()
+    torch.save(hf.state_dict(), pt / "pytorch_model.bin")
+    (pt / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    for d in (path, str(pt)):
+        for f in os.listdir(d):
+            files[os.path.join(d, f)] = hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+    ids = torch.randint(1, VOCAB, (1, 10), generator=torch.Generator().manual_seed(6))
+    a = ne.load(path)
+    b = ne.load(str(pt))
+    assert "fold_norm_affine" in a.config.conversions
+    assert torch.equal(a.logits(ids), b.logits(ids))
+    for f, h in files.items():
+        assert hashlib.sha256(open(f, "rb").read()).hexdigest() == h, f

@@ -204,3 +204,40 @@ def test_cli_generate_and_info():
     bad = subprocess.run([sys.executable, "-m", "normengine.cli", "info", "/nonexistent/model"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "nonexistent" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------- CUDA runner
+_GPU = torch.cuda.is_available() and ne.cuda_available()
+
+
+@pytest.mark.skipif(not _GPU, reason="no CUDA GPU visible (or normengine built without CUDA)")
+def test_cuda_runner_matches_transformers_and_cpu(saved):
+    name, hf, path = saved
+    m = ne.load(path, device="cuda")
+    assert all(t.is_cuda for t in m.tensors.values())
+    ids = torch.randint(1, VOCAB, (3, 17), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = hf(ids).logits
+    got = m.logits(ids)
+    assert got.is_cuda and got.dtype == torch.float32 and got.shape == want.shape
+    assert rel_err(got.cpu(), want) <= 1e-4, name
+    cpu = ne.load(path)
+    assert rel_err(got.cpu(), cpu.logits(ids)) <= 1e-4, name
+    # greedy decoding (prefill, then one-token steps through the KV cache) gives the CPU runner's tokens
+    g = torch.Generator().manual_seed(11)
+    for T in (1, 5, 23):
+        p = torch.randint(1, VOCAB, (T,), generator=g).tolist()
+        assert m.generate(p, max_new_tokens=32) == cpu.generate(p, max_new_tokens=32), (name, T)
+    # a batch of prompts of different lengths (one forward over all of them, then batched decode)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (3, 11, 1, 6)]
+    assert m.generate(prompts, max_new_tokens=12) == cpu.generate(prompts, max_new_tokens=12), name
+    # 16-bit weights stay 16-bit on the GPU
+    m16 = ne.load(path, device="cuda", dtype=torch.bfloat16)
+    assert m16.tensors["blocks.0.attn.q.weight"].dtype == torch.bfloat16
+    assert rel_err(m16.logits(ids).cpu(), want) <= 5e-2, name
+
+
+@pytest.mark.skipif(_GPU, reason="a CUDA GPU is visible")
+def test_cuda_device_without_gpu_is_a_device_error():
+    with pytest.raises(ne.DeviceError, match="cuda"):
+        ne.load(device="cuda")

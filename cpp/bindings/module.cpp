@@ -106,6 +106,31 @@ PYBIND11_MODULE(_C, m) {
       py::arg("kind"), py::arg("dy"), py::arg("h"), py::arg("weight"), py::arg("rstd"), py::arg("dresidual"),
       py::arg("dx"), py::arg("dweight"), py::arg("dbias"), py::arg("stream") = 0);
 
+  m.def(
+      "norm_stats",
+      [](int kind, py::handle x, double eps, py::handle mean, py::handle rstd, std::uintptr_t stream) {
+        Borrowed b;
+        TensorView vx = view_of(x, "x", b), vr = view_of(rstd, "rstd", b);
+        Opt mu = opt_view(mean, "mean", b);
+        py::gil_scoped_release nogil;
+        ne::norm_stats(norm_kind(kind), vx, eps, mu.ptr(), vr, ctx_of(stream));
+      },
+      py::arg("kind"), py::arg("x"), py::arg("eps"), py::arg("mean"), py::arg("rstd"), py::arg("stream") = 0);
+
+  m.def(
+      "norm_linear",
+      [](int kind, py::handle x, py::handle w, py::handle bias, double eps, py::handle col_sum, py::handle y,
+         py::handle mean, py::handle rstd, std::uintptr_t stream) {
+        Borrowed b;
+        TensorView vx = view_of(x, "x", b), vw = view_of(w, "weight", b), vy = view_of(y, "out", b),
+                   vr = view_of(rstd, "rstd", b);
+        Opt vb = opt_view(bias, "bias", b), vc = opt_view(col_sum, "col_sum", b), mu = opt_view(mean, "mean", b);
+        py::gil_scoped_release nogil;
+        ne::norm_linear(norm_kind(kind), vx, vw, vb.ptr(), eps, vc.ptr(), vy, mu.ptr(), vr, ctx_of(stream));
+      },
+      py::arg("kind"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("col_sum"),
+      py::arg("y"), py::arg("mean"), py::arg("rstd"), py::arg("stream") = 0);
+
   // ---------------------------------------------------------------- per-channel
   m.def(
       "channel_moments",

@@ -73,6 +73,7 @@ void bind_runner(py::module_& m) {
           },
           py::arg("name"), py::arg("tensor"), "Hand over a weight; the caller keeps it alive.")
       .def("finalize", &ne::Runner::finalize)
+      .def("fused_norms", &ne::Runner::fused_norms)
       .def(
           "forward",
           [](ne::Runner& r, py::handle slots, py::handle tokens, py::handle lens, py::handle logits, bool all_logits) {
@@ -98,6 +99,58 @@ void bind_runner(py::module_& m) {
       .def("length", &ne::Runner::length, py::arg("slot"))
       .def_property_readonly("slots", &ne::Runner::slots)
       .def_property_readonly("ctx", &ne::Runner::ctx);
+
+#if defined(NE_WITH_CUDA)
+  py::class_<ne::CudaRunner>(m, "CudaRunner",
+                             "Native transformer runner on a CUDA GPU: weights (CUDA tensors, zero-copy), KV caches in "
+                             "device memory, prefill and decode enqueued on the caller's stream.")
+      .def(py::init([](py::dict spec, int slots, int ctx, int device) {
+             return new ne::CudaRunner(spec_from(spec), slots, ctx, device);
+           }),
+           py::arg("spec"), py::arg("slots"), py::arg("ctx"), py::arg("device") = -1)
+      .def(
+          "set_tensor",
+          [](ne::CudaRunner& r, const std::string& name, py::handle t) {
+            Borrowed b;
+            TensorView v = view_of(t, name.c_str(), b);
+            r.set_tensor(name, v);
+          },
+          py::arg("name"), py::arg("tensor"), "Hand over a weight (a CUDA tensor); the caller keeps it alive.")
+      .def("finalize", &ne::CudaRunner::finalize)
+      .def("fused_norms", &ne::CudaRunner::fused_norms)
+      .def(
+          "forward",
+          [](ne::CudaRunner& r, py::handle slots, py::handle tokens, py::handle lens, py::handle logits, bool all_logits,
+             std::uintptr_t stream) {
+            Borrowed b;
+            TensorView vs = view_of(slots, "slots", b), vt = view_of(tokens, "tokens", b),
+                       vl = view_of(lens, "lens", b), vo = view_of(logits, "logits", b);
+            const int n = static_cast<int>(vs.numel());
+            const int32_t* ps = i32(vs, -1);
+            const int32_t* pl = i32(vl, n);
+            int64_t total = 0;
+            for (int i = 0; i < n; ++i) total += pl[i];
+            const int32_t* pt = i32(vt, total);
+            const int64_t rows = all_logits ? total : n;
+            if (vo.device.type != ne::DeviceType::CUDA || vo.device.index != r.device())
+              throw ne::DeviceError("logits: expected a CUDA tensor on cuda:" + std::to_string(r.device()) + ", got " +
+                                    vo.device.str());
+            if (vo.dtype != ne::DType::F32 || !vo.is_contiguous() || vo.numel() != rows * r.spec().vocab)
+              throw ne::ShapeError("logits: expected a contiguous float32 CUDA tensor of " + std::to_string(rows) +
+                                   " x " + std::to_string(r.spec().vocab) + " elements");
+            py::gil_scoped_release nogil;
+            r.forward(n, ps, pt, pl, vo.ptr<float>(), all_logits, reinterpret_cast<void*>(stream));
+          },
+          py::arg("slots"), py::arg("tokens"), py::arg("lens"), py::arg("logits"), py::arg("all_logits"),
+          py::arg("stream") = 0,
+          "Enqueue one step on `stream` (a cudaStream_t as an int, e.g. torch.cuda.current_stream().cuda_stream; "
+          "0: the default stream). slots / tokens / lens: CPU int32; logits: CUDA float32 [rows, vocab].")
+      .def("reset", &ne::CudaRunner::reset, py::arg("slot"))
+      .def("length", &ne::CudaRunner::length, py::arg("slot"))
+      .def_property_readonly("slots", &ne::CudaRunner::slots)
+      .def_property_readonly("ctx", &ne::CudaRunner::ctx)
+      .def_property_readonly("device", &ne::CudaRunner::device);
+#endif
 
   py::class_<Sampler>(m, "Sampler", "Next-token sampler with its own random generator.")
       .def(py::init<uint64_t>(), py::arg("seed"))

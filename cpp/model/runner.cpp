@@ -57,9 +57,16 @@ struct Runner::Layer {
   W attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob;
   W mlp_norm_w, mlp_norm_b, up, gate, down, upb, gateb, downb;
   std::vector<float> kcache, vcache;  // [slots][ctx][n_kv_heads * head_dim]
+  std::vector<float> csum_q, csum_k, csum_v, csum_up, csum_gate;  // fused LayerNorm: W.sum(1)
 };
 
 struct Runner::Impl {
+  // Norms with unit gains and zero biases (folded into the readers, normengine.convert): every
+  // norm + linear then runs as norm_linear: row statistics, and the GEMMs read the raw stream and
+  // apply them in their epilogue (LayerNorm: with the readers' column sums).
+  bool fused = false;
+  std::vector<float> mean, rstd;
+  std::vector<float> head_csum;
   std::vector<Layer> layers;
   W tok_emb, pos_emb, final_w, final_b, head, head_b;
   std::vector<int> len;  // tokens held per slot
@@ -203,7 +210,34 @@ void Runner::finalize() {
       if (s.gated_mlp) need(L.gateb, p + "mlp.gate.bias");
     }
   }
+  // Fused norms when every norm is the bare normalization (gains 1, biases 0).
+  auto unit = [&](const W& w, const W& b) {
+    for (int64_t i = 0; i < s.d_model; ++i)
+      if (w.f32()[i] != 1.0f || (b.present() && b.f32()[i] != 0.0f)) return false;
+    return true;
+  };
+  bool fused = has_norm && unit(impl_->final_w, impl_->final_b);
+  for (int i = 0; fused && i < s.n_layers; ++i) {
+    const Layer& L = impl_->layers[i];
+    fused = unit(L.attn_norm_w, L.attn_norm_b) && unit(L.mlp_norm_w, L.mlp_norm_b);
+  }
+  impl_->fused = fused;
+  if (fused && ln) {  // column sums c_n = sum_k W[n, k] of every reader
+    auto csum = [&](const W& w, std::vector<float>& out) {
+      if (!w.present()) return;
+      std::vector<float> one(static_cast<size_t>(w.cols), 1.0f);
+      out.assign(static_cast<size_t>(w.rows), 0.0f);
+      gemm_f32(1, w.rows, w.cols, one.data(), w.cols, w.data, w.dtype, w.ld, nullptr, out.data(), w.rows, false);
+    };
+    for (auto& L : impl_->layers) {
+      csum(L.q, L.csum_q); csum(L.k, L.csum_k); csum(L.v, L.csum_v);
+      csum(L.up, L.csum_up); csum(L.gate, L.csum_gate);
+    }
+    csum(impl_->head, impl_->head_csum);
+  }
 }
+
+bool Runner::fused_norms() const { return impl_->fused; }
 
 void Runner::reset(int slot) {
   if (slot < 0 || slot >= n_slots_) throw ValueError("slot: out of range");
@@ -221,6 +255,26 @@ namespace {
 void linear(const W& w, const W& b, const float* x, int64_t T, float* y, bool accumulate) {
   gemm_f32(T, w.rows, w.cols, x, w.cols, w.data, w.dtype, w.ld, b.present() ? b.f32() : nullptr, y, w.rows,
            accumulate);
+}
+
+// y[T, N] = norm(x) W^T (+ b) with norm's statistics applied in the GEMM epilogue (norm_linear).
+void linear_normed(const W& w, const W& b, const float* x, int64_t T, float* y, const float* rstd,
+                   const float* mean, const std::vector<float>& csum) {
+  GemmEpilogue ep;
+  ep.row_scale = rstd;
+  ep.row_shift = mean;
+  ep.col_sum = mean ? csum.data() : nullptr;
+  gemm_f32(T, w.rows, w.cols, x, w.cols, w.data, w.dtype, w.ld, b.present() ? b.f32() : nullptr, y, w.rows, false,
+           &ep);
+}
+
+// Per-row statistics of the stream (rstd, and mean for LayerNorm) for the fused path.
+void row_stats(const ModelSpec& s, const float* x, int64_t T, float* mean, float* rstd) {
+  const int64_t d = s.d_model;
+  TensorView xv = TensorView::make(const_cast<float*>(x), DType::F32, {T, d}, Device{}, "x");
+  TensorView mv = TensorView::make(mean, DType::F32, {T}, Device{}, "mean");
+  TensorView rv = TensorView::make(rstd, DType::F32, {T}, Device{}, "rstd");
+  norm_stats(static_cast<NormKind>(s.norm), xv, s.norm_eps, s.norm == 0 ? &mv : nullptr, rv);
 }
 
 void norm_rows(const ModelSpec& s, const W& w, const W& b, const float* x, float* y, int64_t T) {
@@ -273,6 +327,7 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
   grow(m.att, T * dq); grow(m.up, T * f);
   if (s.gated_mlp) grow(m.gate, T * f);
   grow(m.pos, T); grow(m.kptr, T); grow(m.vptr, T);
+  grow(m.mean, T); grow(m.rstd, T);
   grow(m.scratch, static_cast<size_t>(num_threads()) * ctx_);
 
   // ---- token (and position) embeddings; each token's slot and position
@@ -301,10 +356,18 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
   for (int li = 0; li < s.n_layers; ++li) {
     Layer& L = m.layers[li];
     // ---- attention
-    norm_rows(s, L.attn_norm_w, L.attn_norm_b, m.x.data(), m.xn.data(), T);
-    linear(L.q, L.qb, m.xn.data(), T, m.q.data(), false);
-    linear(L.k, L.kb, m.xn.data(), T, m.k.data(), false);
-    linear(L.v, L.vb, m.xn.data(), T, m.v.data(), false);
+    const float* mu = s.norm == 0 ? m.mean.data() : nullptr;
+    if (m.fused) {
+      row_stats(s, m.x.data(), T, m.mean.data(), m.rstd.data());
+      linear_normed(L.q, L.qb, m.x.data(), T, m.q.data(), m.rstd.data(), mu, L.csum_q);
+      linear_normed(L.k, L.kb, m.x.data(), T, m.k.data(), m.rstd.data(), mu, L.csum_k);
+      linear_normed(L.v, L.vb, m.x.data(), T, m.v.data(), m.rstd.data(), mu, L.csum_v);
+    } else {
+      norm_rows(s, L.attn_norm_w, L.attn_norm_b, m.x.data(), m.xn.data(), T);
+      linear(L.q, L.qb, m.xn.data(), T, m.q.data(), false);
+      linear(L.k, L.kb, m.xn.data(), T, m.k.data(), false);
+      linear(L.v, L.vb, m.xn.data(), T, m.v.data(), false);
+    }
     if (!s.learned_pos) {
       K.rope({T, m.q.data(), dq, s.n_heads, s.head_dim, m.pos.data(), m.rope_cos.data(), m.rope_sin.data()});
       K.rope({T, m.k.data(), dkv, s.n_kv_heads, s.head_dim, m.pos.data(), m.rope_cos.data(), m.rope_sin.data()});
@@ -322,10 +385,16 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
     K.attention(aa);
     linear(L.o, L.ob, m.att.data(), T, m.x.data(), true);  // x += attn Wo^T + bo
     // ---- MLP
-    norm_rows(s, L.mlp_norm_w, L.mlp_norm_b, m.x.data(), m.xn.data(), T);
-    linear(L.up, L.upb, m.xn.data(), T, m.up.data(), false);
+    if (m.fused) {
+      row_stats(s, m.x.data(), T, m.mean.data(), m.rstd.data());
+      linear_normed(L.up, L.upb, m.x.data(), T, m.up.data(), m.rstd.data(), mu, L.csum_up);
+      if (s.gated_mlp) linear_normed(L.gate, L.gateb, m.x.data(), T, m.gate.data(), m.rstd.data(), mu, L.csum_gate);
+    } else {
+      norm_rows(s, L.mlp_norm_w, L.mlp_norm_b, m.x.data(), m.xn.data(), T);
+      linear(L.up, L.upb, m.xn.data(), T, m.up.data(), false);
+      if (s.gated_mlp) linear(L.gate, L.gateb, m.xn.data(), T, m.gate.data(), false);
+    }
     if (s.gated_mlp) {
-      linear(L.gate, L.gateb, m.xn.data(), T, m.gate.data(), false);
       K.activation({static_cast<Act>(s.activation), T, f, m.gate.data(), f, m.up.data(), f, m.up.data(), f});
     } else {
       K.activation({static_cast<Act>(s.activation), T, f, m.up.data(), f, nullptr, 0, m.up.data(), f});
@@ -345,8 +414,14 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
     }
     src = m.sel.data();
   }
-  norm_rows(s, m.final_w, m.final_b, src, m.xn.data(), rows);
-  linear(m.head, m.head_b, m.xn.data(), rows, logits, false);
+  if (m.fused) {
+    row_stats(s, src, rows, m.mean.data(), m.rstd.data());
+    linear_normed(m.head, m.head_b, src, rows, logits, m.rstd.data(), s.norm == 0 ? m.mean.data() : nullptr,
+                  m.head_csum);
+  } else {
+    norm_rows(s, m.final_w, m.final_b, src, m.xn.data(), rows);
+    linear(m.head, m.head_b, m.xn.data(), rows, logits, false);
+  }
   for (int i = 0; i < n_seqs; ++i) m.len[slots[i]] += lens[i];
 }
 

@@ -58,75 +58,67 @@ inline float hsum(VF::R v) { return static_cast<float>(VF::reduce(v)); }
 #endif
 
 // ======================================================================================== GEMV
-// For M <= 4 rows of x and a group of RR rows of W at a time:
-//   acc[m][r] += x[m, k:k+L] * W[n+r, k:k+L]    (L = vector lanes; one accumulator per output)
-//   y[m, n+r] = reduce(acc[m][r]) (+ bias[n+r]) (+ y[m, n+r])
-// Memory traffic: W once (N * K * sizeof(T)), x M * K * 4 (from L1/L2, re-read per group), y M * N * 4.
-// The bound is W's stream: the RR rows are RR concurrent sequential streams, the M * RR independent
-// FMA chains keep far ahead of memory. Each output's arithmetic does not depend on the grouping, so
-// results are bitwise identical for any split of N over threads.
+// For M <= 4 rows of x, one row n of W at a time, in U = 4 interleaved accumulators over k:
+//   acc[m][u] += x[m, k:k+L] * W[n, k:k+L]      for the u-th vector of each group of U
+//   y[m, n] = hsum((acc[m][0] + acc[m][1]) + (acc[m][2] + acc[m][3])) (+ bias[n]) (+ y[m, n])
+// Memory traffic: W once (N * K * sizeof(T)), x M * K * 4 (L1/L2), y M * N * 4. The bound is W's
+// stream: a thread reads its rows of W front to back, one sequential stream that the hardware
+// prefetcher follows, and software prefetches kPrefetch bytes ahead of it. The M * U independent
+// FMA chains keep far ahead of memory. Each output's arithmetic does not depend on which thread
+// computes it, so results are bitwise identical for any split of N.
 template <class V, class T>
 struct Gemv {
   using R = typename V::R;
   static constexpr int L = V::N;
-  static constexpr int kRows = 4;              // RR for the main groups
-  static constexpr int64_t kPrefetch = 1024;   // bytes ahead on each W row
+  static constexpr int U = 4;
+  static constexpr int kStepBytes = U * L * static_cast<int>(sizeof(T));
+  // Software prefetch distance: 16 steps ahead (4 KiB of f32, 2 KiB of 16-bit weights). Unlike the
+  // hardware prefetcher it crosses 4 KiB pages, where W's stream would otherwise stall on every page.
+  static constexpr int64_t kPrefetch = 16 * kStepBytes;
 
-  template <int MM, int RR>
-  static void group(const GemmArgs& a, int64_t n) {
+  template <int MM>
+  static void row(const GemmArgs& a, int64_t n) {
     const int64_t K = a.K;
     const T* w = static_cast<const T*>(a.w) + n * a.ldw;
-    R acc[MM][RR];
+    const char* pf = reinterpret_cast<const char*>(w) + kPrefetch;
+    R acc[MM][U];
     for (int m = 0; m < MM; ++m)
-      for (int r = 0; r < RR; ++r) acc[m][r] = V::zero();
+      for (int u = 0; u < U; ++u) acc[m][u] = V::zero();
     int64_t k = 0;
-    for (; k + L <= K; k += L) {
-      R wv[RR];
-      for (int r = 0; r < RR; ++r) {
-        __builtin_prefetch(reinterpret_cast<const char*>(w + r * a.ldw + k) + kPrefetch, 0, 0);
-        wv[r] = V::load(w + r * a.ldw + k);
-      }
-      for (int m = 0; m < MM; ++m) {
-        R xv = V::load(a.x + m * a.ldx + k);
-        for (int r = 0; r < RR; ++r) acc[m][r] = V::fma(xv, wv[r], acc[m][r]);
-      }
+    for (; k + U * L <= K; k += U * L) {
+      for (int b = 0; b < kStepBytes; b += 64)  // into L2 (prefetcht1): L1's own prefetcher takes it from there
+        __builtin_prefetch(pf + k * static_cast<int64_t>(sizeof(T)) + b, 0, 2);
+      R wv[U];
+      for (int u = 0; u < U; ++u) wv[u] = V::load(w + k + u * L);
+      for (int m = 0; m < MM; ++m)
+        for (int u = 0; u < U; ++u) acc[m][u] = V::fma(V::load(a.x + m * a.ldx + k + u * L), wv[u], acc[m][u]);
     }
-    if (k < K) {
-      const int t = static_cast<int>(K - k);
-      R wv[RR];
-      for (int r = 0; r < RR; ++r) wv[r] = V::load(w + r * a.ldw + k, t);
-      for (int m = 0; m < MM; ++m) {
-        R xv = V::load(a.x + m * a.ldx + k, t);
-        for (int r = 0; r < RR; ++r) acc[m][r] = V::fma(xv, wv[r], acc[m][r]);
-      }
+    for (int u = 0; k < K; k += L, ++u) {  // up to U - 1 whole vectors and a partial one
+      const int t = static_cast<int>(min64(L, K - k));
+      const R wv = loadn<V>(w + k, t);
+      for (int m = 0; m < MM; ++m) acc[m][u] = V::fma(loadn<V>(a.x + m * a.ldx + k, t), wv, acc[m][u]);
     }
+    const GemmEpilogue& ep = a.ep;
     for (int m = 0; m < MM; ++m) {
+      float v = hsum(V::add(V::add(acc[m][0], acc[m][1]), V::add(acc[m][2], acc[m][3])));
       float* y = a.y + m * a.ldy + n;
-      for (int r = 0; r < RR; ++r) {
-        float v = hsum(acc[m][r]);
-        if (a.bias) v += a.bias[n + r];
-        if (a.accumulate) v += y[r];
-        y[r] = v;
-      }
+      if (ep.row_scale) v *= ep.row_scale[m];
+      if (ep.row_shift) v += -(ep.row_scale ? ep.row_scale[m] : 1.0f) * ep.row_shift[m] * ep.col_sum[n];
+      if (a.bias) v += a.bias[n];
+      if (a.accumulate) v += *y;
+      *y = v;
     }
   }
 
   template <int MM>
   static void rows(const GemmArgs& a, int64_t n0, int64_t n1) {
-    int64_t n = n0;
-    for (; n + kRows <= n1; n += kRows) group<MM, kRows>(a, n);
-    switch (n1 - n) {
-      case 3: group<MM, 3>(a, n); break;
-      case 2: group<MM, 2>(a, n); break;
-      case 1: group<MM, 1>(a, n); break;
-      default: break;
-    }
+    for (int64_t n = n0; n < n1; ++n) row<MM>(a, n);
   }
 
   static void run(const GemmArgs& a) {
     // a thread's share: at least 64 KiB of W, so that small layers stay on one thread
     const int64_t row_bytes = max64(1, a.K * static_cast<int64_t>(sizeof(T)));
-    const int64_t grain = max64(kRows, cdiv(int64_t(64) << 10, row_bytes));
+    const int64_t grain = max64(1, cdiv(int64_t(64) << 10, row_bytes));
     parallel_for(a.N, grain, [&](int64_t b, int64_t e, int) {
       switch (a.M) {
         case 1: rows<1>(a, b, e); break;
@@ -218,14 +210,27 @@ void pack_panel(const T* w, int64_t ldw, int rows, int64_t kc, float* bp) {
 }
 
 // ---------------------------------------------------------------- micro-kernel
+// Where a tile's results land: y[i, j] for i < rows, j < cols, and the epilogue's vectors at the
+// tile's first row / column.
+struct TileOut {
+  float* y;
+  int64_t ldy;
+  int cols;
+  bool load_y;          // add y's current value (a later K block, or accumulate)
+  bool last;            // the last K block: apply the column terms below
+  const float* bias;    // [cols] or null
+  const float* scale;   // [rows] or null: multiplies this block's dot products
+  const float* shift;   // [rows] or null: with csum, - scale * shift * csum
+  const float* csum;    // [cols]
+};
+
 // One MR x NR tile of y over one block of kc columns:
 //   acc[i][j] = sum_{k < kc} x[i, k] * bp[k, j*L : (j+1)*L]      (broadcast x, NV vector FMAs each)
-//   y[i, :cols] = acc (+ y[i, :cols] if load_y) (+ bias[:cols] if bias)
+//   y[i, :cols] = (y[i, :cols] if load_y) + scale_i * acc  (- scale_i shift_i csum + bias if last)
 // Per k: NV aligned loads from the packed panel (L1/L2), MR broadcasts of x (L1), MR * NV FMAs.
 // Each output's arithmetic is independent of MR, so any row tiling gives the same bits.
 template <class V, int MR>
-void tile(int64_t kc, const float* x, int64_t ldx, const float* bp, float* y, int64_t ldy, int cols,
-          const float* bias, bool load_y) {
+void tile(int64_t kc, const float* x, int64_t ldx, const float* bp, const TileOut& o) {
   using R = typename V::R;
   constexpr int L = V::N;
   R acc[MR][kNV];
@@ -243,19 +248,25 @@ void tile(int64_t kc, const float* x, int64_t ldx, const float* bp, float* y, in
     }
   }
   for (int i = 0; i < MR; ++i) {
-    float* yi = y + i * ldy;
+    float* yi = o.y + i * o.ldy;
+    const float s = o.scale ? o.scale[i] : 1.0f;
+    const R sv = V::set1(s);
+    const R shv = V::set1(o.shift ? -s * o.shift[i] : 0.0f);
     for (int j = 0; j < kNV; ++j) {
-      const int w = cols - j * L < L ? cols - j * L : L;
+      const int w = o.cols - j * L < L ? o.cols - j * L : L;
       if (w <= 0) break;
-      R v = acc[i][j];
-      if (load_y) v = V::add(loadn<V>(yi + j * L, w), v);
-      if (bias) v = V::add(v, loadn<V>(bias + j * L, w));
+      R v = o.scale ? V::mul(acc[i][j], sv) : acc[i][j];
+      if (o.load_y) v = V::add(loadn<V>(yi + j * L, w), v);
+      if (o.last) {
+        if (o.shift) v = V::fma(shv, loadn<V>(o.csum + j * L, w), v);
+        if (o.bias) v = V::add(v, loadn<V>(o.bias + j * L, w));
+      }
       storen<V>(yi + j * L, v, w);
     }
   }
 }
 
-using TileFn = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, int, const float*, bool);
+using TileFn = void (*)(int64_t, const float*, int64_t, const float*, const TileOut&);
 
 template <class V, int... I>
 struct TileTable {
@@ -276,8 +287,8 @@ static_assert(sizeof(Tiles::fns) / sizeof(TileFn) == kMR, "one tile kernel per r
 // A thread's block of y: rows [m0, m1), columns of panels [p0, p1) (panel p = columns p*NR ...).
 //   for each group of panels (kNC columns), for each K block (kc columns):
 //     pack W[group, K block] into bp (L2);  for each row tile: for each panel: tile()
-// Traffic: W read once; x read once per panel group (from L2/L3); y read and written once per K
-// block after the first.
+// Traffic: W read once; x read once per panel group (from L2/L3); y written once per K block and
+// read back once per K block after the first.
 template <class V, class T>
 struct Gemm {
   static void block(const GemmArgs& a, int64_t m0, int64_t m1, int64_t p0, int64_t p1, float* bp) {
@@ -292,15 +303,22 @@ struct Gemm {
           const int rows = static_cast<int>(min64(kNR, a.N - p * kNR));
           pack_panel<V, T>(W + p * kNR * a.ldw + k0, a.ldw, rows, kc, bp + (p - pc) * kc * kNR);
         }
-        const bool first = k0 == 0;
-        const bool load_y = !first || a.accumulate;
+        TileOut o{};
+        o.ldy = a.ldy;
+        o.load_y = k0 > 0 || a.accumulate;
+        o.last = k0 + kc >= a.K;
         for (int64_t m = m0; m < m1; m += kMR) {
           const TileFn fn = Tiles::fns[min64(kMR, m1 - m) - 1];
           const float* xm = a.x + m * a.ldx + k0;
+          o.scale = a.ep.row_scale ? a.ep.row_scale + m : nullptr;
+          o.shift = a.ep.row_shift ? a.ep.row_shift + m : nullptr;
           for (int64_t p = pc; p < pe; ++p) {
             const int64_t n = p * kNR;
-            fn(kc, xm, a.ldx, bp + (p - pc) * kc * kNR, a.y + m * a.ldy + n, a.ldy,
-               static_cast<int>(min64(kNR, a.N - n)), first && a.bias ? a.bias + n : nullptr, load_y);
+            o.y = a.y + m * a.ldy + n;
+            o.cols = static_cast<int>(min64(kNR, a.N - n));
+            o.bias = a.bias ? a.bias + n : nullptr;
+            o.csum = a.ep.col_sum ? a.ep.col_sum + n : nullptr;
+            fn(kc, xm, a.ldx, bp + (p - pc) * kc * kNR, o);
           }
         }
       }
@@ -351,10 +369,8 @@ const GemmTable* gemm_table() {
 namespace ne {
 namespace {
 
-const GemmTable& cpu_gemm() {
-  static const GemmTable* t = NE_PICK_ISA(gemm_table);
-  return *t;
-}
+// Picked on every call (a few loads and compares), so that force_cpu_isa() takes effect at once.
+const GemmTable& cpu_gemm() { return *NE_PICK_ISA(gemm_table); }
 
 // Per-thread packed panels for the GEMM path, reused across calls (grown, never shrunk).
 float* pack_scratch(int64_t floats_per_thread) {
@@ -368,18 +384,22 @@ float* pack_scratch(int64_t floats_per_thread) {
 }  // namespace
 
 void gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, DType wdtype,
-              int64_t ldw, const float* bias, float* y, int64_t ldy, bool accumulate) {
+              int64_t ldw, const float* bias, float* y, int64_t ldy, bool accumulate, const GemmEpilogue* ep) {
   if (wdtype != DType::F32 && wdtype != DType::BF16 && wdtype != DType::F16)
     throw DTypeError(std::string("weight: expected float32, bfloat16 or float16, got ") + dtype_name(wdtype));
   if (M <= 0 || N <= 0) return;
-  if (K <= 0) {  // empty sum
+  const GemmEpilogue e = ep ? *ep : GemmEpilogue{};
+  if (e.row_shift && !e.col_sum) throw ValueError("gemm_f32: the epilogue's row_shift needs col_sum");
+  if (K <= 0) {  // empty sum: the epilogue's terms and the bias
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n)
-        y[m * ldy + n] = (accumulate ? y[m * ldy + n] : 0.0f) + (bias ? bias[n] : 0.0f);
+      for (int64_t n = 0; n < N; ++n) {
+        float v = e.row_shift ? -(e.row_scale ? e.row_scale[m] : 1.0f) * e.row_shift[m] * e.col_sum[n] : 0.0f;
+        y[m * ldy + n] = (accumulate ? y[m * ldy + n] : 0.0f) + v + (bias ? bias[n] : 0.0f);
+      }
     return;
   }
   const GemmTable& t = cpu_gemm();
-  GemmArgs a{M, N, K, x, ldx, w, ldw, bias, y, ldy, accumulate, nullptr};
+  GemmArgs a{M, N, K, x, ldx, w, ldw, bias, y, ldy, accumulate, e, nullptr};
   if (M <= kGemvMaxRows) {
     t.gemv[gemm_wslot(wdtype)](a);
   } else {
@@ -390,6 +410,11 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, cons
 
 void linear(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& y,
             const Ctx& ctx) {
+  linear(x, w, bias, y, ctx, nullptr);
+}
+
+void linear(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& y, const Ctx& ctx,
+            const GemmEpilogue* ep) {
   // weight: [N, K] f32 / bf16 / f16, unit stride along K
   if (w.ndim != 2)
     throw ShapeError(std::string(w.name) + ": expected a 2-D tensor [out_features, in_features], got shape " +
@@ -433,7 +458,7 @@ void linear(const TensorView& x, const TensorView& w, const TensorView* bias, co
                            x.device.str() + ")");
   (void)ctx;
   gemm_f32(xr.rows, N, K, static_cast<const float*>(xr.data), xr.ld, w.data, w.dtype, ldw,
-           bias ? static_cast<const float*>(bias->data) : nullptr, static_cast<float*>(yr.data), yr.ld, false);
+           bias ? static_cast<const float*>(bias->data) : nullptr, static_cast<float*>(yr.data), yr.ld, false, ep);
 }
 
 }  // namespace ne

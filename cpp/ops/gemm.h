@@ -14,12 +14,28 @@
 #include <cstdint>
 
 #include "core/dispatch.h"
+#include "normengine/ops.h"
 #include "normengine/tensor.h"
 
 namespace ne {
 
+// Optional per-row / per-column epilogue (norm_linear: the norm's statistics applied after the dot
+// product). With it, y[m, n] = s_m * (dot[m, n] - mu_m * c_n) + bias[n] (+ y[m, n] if accumulate),
+// s = row_scale [M] (null: 1), mu = row_shift [M] (null: 0), c = col_sum [N] (needed with row_shift).
+struct GemmEpilogue {
+  const float* row_scale = nullptr;
+  const float* row_shift = nullptr;
+  const float* col_sum = nullptr;
+};
+
 void gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, DType wdtype,
-              int64_t ldw, const float* bias, float* y, int64_t ldy, bool accumulate = false);
+              int64_t ldw, const float* bias, float* y, int64_t ldy, bool accumulate = false,
+              const GemmEpilogue* ep = nullptr);
+
+// ne::linear (ops.h) with an epilogue: the same checks, then gemm_f32(..., ep). ep's arrays are the
+// caller's responsibility (M and N floats).
+void linear(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& y, const Ctx& ctx,
+            const GemmEpilogue* ep);
 
 // At most this many rows of x take the GEMV path (stream W once, dot products); more take the
 // register-blocked GEMM path (W packed panel by panel).
@@ -35,6 +51,7 @@ struct GemmArgs {
   float* y;
   int64_t ldy;
   bool accumulate;
+  GemmEpilogue ep;    // all null: none
   float* pack;        // GEMM path: table.pack_floats floats per pool thread, 64-byte aligned
 };
 

@@ -225,6 +225,28 @@ struct NormRows {
     });
   }
 
+  // Row statistics only (norm_linear applies them in the GEMM epilogue): rstd per row, and for
+  // LayerNorm the mean, without writing the normalized row.
+  static void stats(const NormFwdArgs& a) {
+    const int64_t n = a.x.cols;
+    parallel_for(a.x.rows, grain(n), [&](int64_t r0, int64_t r1, int) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* h = a.x.row<const T>(r);
+        A rstd, mean = A(0);
+        if (a.kind == NormKind::LayerNorm) {
+          A K, delta;
+          ln_stats(h, n, a.eps, K, delta, rstd);
+          mean = K + delta;
+        } else {
+          double s = 0;
+          rstd = a.kind == NormKind::RMSNorm ? rms_rstd(h, n, a.eps) : crms_rstd(h, n, a.eps, s);
+        }
+        if (a.mean) static_cast<A*>(a.mean)[r] = mean;
+        static_cast<A*>(a.rstd)[r] = rstd;
+      }
+    });
+  }
+
   static void backward(const NormBwdArgs& a) {
     const int64_t n = a.h.cols;
     const int threads = num_threads();
@@ -302,6 +324,7 @@ const NormTable* norm_table() {
       {Rows<VF, float>::backward, Rows<VF, f16>::backward, Rows<VF, bf16>::backward, Rows<VD, double>::backward},
       {Rows<VF, float>::moments, Rows<VF, f16>::moments, Rows<VF, bf16>::moments, Rows<VD, double>::moments},
       {Rows<VF, float>::affine, Rows<VF, f16>::affine, Rows<VF, bf16>::affine, Rows<VD, double>::affine},
+      {Rows<VF, float>::stats, Rows<VF, f16>::stats, Rows<VF, bf16>::stats, Rows<VD, double>::stats},
   };
   return &table;
 }
@@ -398,6 +421,32 @@ void norm_forward(NormKind kind, const TensorView& x, const TensorView* residual
   }
   (void)ctx;
   cpu_norm().forward[float_slot(x.dtype)](a);
+}
+
+void norm_stats(NormKind kind, const TensorView& x, double eps, const TensorView* mean, const TensorView& rstd,
+                const Ctx& ctx) {
+  check_float(x);
+  check_eps(eps);
+  NormFwdArgs a{};
+  a.kind = kind;
+  a.x = as_rows(x);
+  if (x.ndim == 0 || a.x.cols < 1)
+    throw ShapeError(std::string(x.name) + ": expected at least one feature in the last dimension, got shape " + shape_str(x));
+  check_row_vec(mean, x, a.x.rows);
+  check_row_vec(&rstd, x, a.x.rows);
+  a.mean = mean ? mean->data : nullptr;
+  a.rstd = rstd.data;
+  a.eps = eps;
+  if (a.x.rows == 0) return;
+  if (on_cuda(x)) {
+#if defined(NE_WITH_CUDA)
+    return cuda::norm_stats(a, ctx.cuda_stream);
+#else
+    no_cuda(x);
+#endif
+  }
+  (void)ctx;
+  cpu_norm().stats[float_slot(x.dtype)](a);
 }
 
 void norm_backward(NormKind kind, const TensorView& dy, const TensorView& h, const TensorView* weight,

@@ -56,6 +56,7 @@ struct NormTable {
   void (*backward[4])(const NormBwdArgs&);
   void (*moments[4])(const ChannelArgs&);
   void (*affine[4])(const ChannelArgs&);  // handles lincomb when v.data != null
+  void (*stats[4])(const NormFwdArgs&);   // rstd (and LayerNorm mean) per row of x only
 };
 
 namespace cuda {
@@ -63,6 +64,7 @@ namespace cuda {
 // route CUDA tensors; defined only in builds with CUDA.
 void norm_forward(const NormFwdArgs& a, void* stream);
 void norm_backward(const NormBwdArgs& a, void* stream);
+void norm_stats(const NormFwdArgs& a, void* stream);  // a.x, a.mean (may be null), a.rstd, a.eps
 void channel_moments(const ChannelArgs& a, void* stream);
 void channel_affine(const ChannelArgs& a, void* stream);
 }  // namespace cuda

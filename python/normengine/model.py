@@ -314,6 +314,7 @@ class Model:
             "dtype": str(self.dtype).replace("torch.", ""),
             "source_dtype": c.source_dtype,
             "conversions": list(c.conversions),
+            "fused_norms": bool(self._runner_for(1, 1).fused_norms()) if c.norm != "none" else False,
         }
 
     def save(self, path: str) -> None:
@@ -375,14 +376,18 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
 
     path None loads the small default model shipped in the package. dtype: None keeps the
     checkpoint's (16-bit stays 16-bit), or torch.float32 / bfloat16 / float16 for the linear weights.
-    norm: None keeps the checkpoint's normalization; 'rmsnorm' turns a Pre-LN model into the exactly
-    equivalent Pre-RMSNorm one (or folds an RMSNorm model's gains into the next linear layers);
-    'crmsnorm' goes on to the compressed form (d - 1 wide residual stream); see normengine.convert."""
+    norm: None keeps the checkpoint's kind of normalization, with the norms' gains (and biases) folded
+    into the linear layers that read them (exact); 'rmsnorm' turns a Pre-LN model into the exactly
+    equivalent Pre-RMSNorm one (an RMSNorm model: gains folded); 'crmsnorm' goes on to the compressed
+    form (d - 1 wide residual stream); see normengine.convert. With folded norms the runner applies
+    every norm inside the following GEMM (norm_linear)."""
     from .checkpoint import load_checkpoint
-    from .convert import convert_norm
+    from .convert import convert_norm, fold_norm_affine
 
     path = DEFAULT_MODEL if path is None else os.fspath(path)
     cfg, tensors = load_checkpoint(path)
     if norm is not None:
         cfg, tensors = convert_norm(cfg, tensors, norm)
+    elif cfg.norm != "none" and "fold_norm_affine" not in cfg.conversions:
+        cfg, tensors = fold_norm_affine(cfg, tensors, inplace=True)  # the mapped checkpoint is ours
     return Model(cfg, tensors, device=device, dtype=dtype, tokenizer=_load_tokenizer(path), path=path)

@@ -52,6 +52,10 @@ class Runner {
   void forward(int n_seqs, const int32_t* slots, const int32_t* tokens, const int32_t* lens, float* logits,
                bool all_logits);
 
+  // True when every norm has unit gain and zero bias (folded): norm + linear then run fused
+  // (norm_linear: statistics in the GEMM epilogue). Known after finalize().
+  bool fused_norms() const;
+
   void reset(int slot);  // forget a sequence
   int length(int slot) const;
   int slots() const { return n_slots_; }
@@ -65,6 +69,44 @@ class Runner {
   int n_slots_, ctx_;
   std::unique_ptr<Impl> impl_;
 };
+
+#if defined(NE_WITH_CUDA)
+// The same runner on a CUDA GPU (cuda/runner.cu): the same spec, tensor names and checks, with
+// weights in device memory (zero-copy: views of CUDA tensors on `device`, kept alive by the
+// caller), the KV cache [slots][ctx][n_kv_heads * head_dim] float32 and the activations in device
+// memory owned by the runner. slots / tokens / lens stay host arrays; logits is a device float32
+// pointer [rows, vocab]. Everything of a call is enqueued on `stream` (null: the legacy default
+// stream); forward returns without waiting for the GPU.
+class CudaRunner {
+ public:
+  // device < 0: the current CUDA device. Throws DeviceError when no GPU is visible.
+  CudaRunner(const ModelSpec& spec, int slots, int ctx, int device = -1);
+  ~CudaRunner();
+  CudaRunner(const CudaRunner&) = delete;
+  CudaRunner& operator=(const CudaRunner&) = delete;
+
+  void set_tensor(const std::string& name, const TensorView& t);
+  void finalize();
+  void forward(int n_seqs, const int32_t* slots, const int32_t* tokens, const int32_t* lens, float* logits,
+               bool all_logits, void* stream = nullptr);
+  // Runner's query; the CUDA runner runs norm and linear as separate kernels: always false.
+  bool fused_norms() const { return false; }
+
+  void reset(int slot);
+  int length(int slot) const;
+  int slots() const { return n_slots_; }
+  int ctx() const { return ctx_; }
+  int device() const;
+  const ModelSpec& spec() const { return spec_; }
+
+ private:
+  struct Layer;
+  struct Impl;
+  ModelSpec spec_;
+  int n_slots_, ctx_;
+  std::unique_ptr<Impl> impl_;
+};
+#endif
 
 // Next token from one row of logits: greedy at temperature 0, else softmax(logits / T) restricted
 // to the top_k most likely and then to the smallest set whose probability reaches top_p.

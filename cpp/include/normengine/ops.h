@@ -40,6 +40,11 @@ void norm_forward(NormKind kind, const TensorView& x, const TensorView* residual
                   const TensorView& y, const TensorView* residual_out, const TensorView* mean,
                   const TensorView* rstd, const Ctx& ctx = {});
 
+// Row statistics of x alone: rstd [rows] (and mean [rows] for LayerNorm, or null), as
+// norm_forward computes them, without writing the normalized rows (norm_linear's first step).
+void norm_stats(NormKind kind, const TensorView& x, double eps, const TensorView* mean, const TensorView& rstd,
+                const Ctx& ctx = {});
+
 // Gradients of y = norm(h) * w + b given dy, the normalized input h and the saved rstd.
 // dx = dnorm/dh . dy (+ dresidual: the gradient reaching residual_out, for the fused add).
 // dweight, dbias ([n], accumulator dtype): written (not accumulated into), or null when not needed.
@@ -71,5 +76,14 @@ void channel_lincomb(const TensorView& u, const TensorView& a, const TensorView&
 // ne::gemm_f32 (cpp/ops/gemm.h) directly.
 void linear(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& y,
             const Ctx& ctx = {});
+
+// ---------------------------------------------------------------- norm fused into linear
+// y = norm(x) w^T + bias with the norm's per-row statistics applied in the GEMM epilogue
+// (cpp/ops/norm_linear.cpp): norm(x) is never written. The norm has no gain/bias (fold them into
+// w and bias). x float32 [..., K]; rstd [rows] and, for LayerNorm, mean [rows] float32 outputs;
+// col_sum [N] = w.sum(1) for LayerNorm (null: computed). CPU (CUDA: UnsupportedError).
+void norm_linear(NormKind kind, const TensorView& x, const TensorView& w, const TensorView* bias, double eps,
+                 const TensorView* col_sum, const TensorView& y, const TensorView* mean, const TensorView& rstd,
+                 const Ctx& ctx = {});
 
 }  // namespace ne

@@ -45,13 +45,25 @@ def _f64(t):
     return t.detach().to(torch.float64)
 
 
-def fold_norm_affine(cfg: ModelConfig, sd: dict):
+def _scale_columns(w, g, inplace: bool, chunk: int = 4096):
+    """w * g (g along the input dimension) in float64, rounded to w's dtype; row chunks bound the
+    float64 temporary. inplace writes into w (a copy-on-write mapping stays one copy in memory)."""
+    out = w if inplace else torch.empty_like(w)
+    for r0 in range(0, w.shape[0], chunk):
+        out[r0:r0 + chunk] = (_f64(w[r0:r0 + chunk]) * g).to(w.dtype)
+    return out
+
+
+def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False):
     """Fold every norm's gain (and LayerNorm bias) into the linear layers reading it:
-    W' = W diag(g), c' = c + W b. The norms keep unit gains (and zero biases): same outputs."""
+    W' = W diag(g), c' = c + W b. The norms keep unit gains (and zero biases): same outputs.
+    inplace=True overwrites the readers' weight tensors (not a tied head's, which gets its own)
+    instead of allocating new ones: normengine.load uses it on freshly mapped checkpoints."""
     if cfg.norm == "none":
         raise UnsupportedError("fold_norm_affine: this model has no norms to fold")
     cfg = copy.deepcopy(cfg)
     out = dict(sd)
+    tied = sd.get("lm_head.weight") is sd.get("tok_emb.weight")
     for norm, readers in _norm_groups(cfg):
         g = _f64(sd[f"{norm}.weight"])
         b = _f64(sd[f"{norm}.bias"]) if f"{norm}.bias" in sd else None
@@ -60,12 +72,12 @@ def fold_norm_affine(cfg: ModelConfig, sd: dict):
             if wname not in sd:
                 continue  # e.g. no gate in an ungated MLP
             w = sd[wname]
-            w64 = _f64(w)
-            out[wname] = (w64 * g).to(w.dtype)
-            if b is not None:
+            if b is not None:  # c' = c + W b, from the weights before scaling
                 bname = f"{r}.bias"
                 c = _f64(sd[bname]) if bname in sd else torch.zeros(w.shape[0], dtype=torch.float64)
-                out[bname] = (c + w64 @ b).to(sd[bname].dtype if bname in sd else w.dtype)
+                wb = torch.cat([_f64(w[i:i + 4096]) @ b for i in range(0, w.shape[0], 4096)])
+                out[bname] = (c + wb).to(sd[bname].dtype if bname in sd else w.dtype)
+            out[wname] = _scale_columns(w, g, inplace and not (tied and r == "lm_head"))
         out[f"{norm}.weight"] = torch.ones_like(sd[f"{norm}.weight"])
         if b is not None:
             out[f"{norm}.bias"] = torch.zeros_like(sd[f"{norm}.bias"])

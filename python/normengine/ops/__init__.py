@@ -3,6 +3,7 @@ CUDA tensors alike (the input's device picks the kernel)."""
 
 from .channel import channel_affine, channel_dot, channel_lincomb, channel_sumsq
 from .linear import linear
+from .norm_linear import NormLinearFunction, norm_linear
 from .norm import (
     AddNormFunction,
     NormFunction,
@@ -26,4 +27,6 @@ __all__ = [
     "channel_affine",
     "channel_lincomb",
     "linear",
+    "norm_linear",
+    "NormLinearFunction",
 ]

@@ -16,13 +16,14 @@ from ._tensor import FLOAT_DTYPES, _rows_ok, check_input, stream_of
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_weight(weight, x: torch.Tensor) -> torch.Tensor:
+def _check_weight(weight, x: torch.Tensor, dtypes=WEIGHT_DTYPES) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor):
         raise DTypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
     if weight.device != x.device:
         raise DeviceError(f"weight is on {weight.device} but x is on {x.device}; move them to one device")
-    if weight.dtype not in WEIGHT_DTYPES:
-        raise DTypeError(f"weight: expected float32, bfloat16 or float16, got {weight.dtype}")
+    if weight.dtype not in dtypes:
+        raise DTypeError(f"weight: expected one of {', '.join(str(d).replace('torch.', '') for d in dtypes)}, "
+                         f"got {weight.dtype}")
     if weight.dim() != 2:
         raise ShapeError(
             f"weight: expected a 2-D tensor [out_features, in_features], got shape {tuple(weight.shape)}"

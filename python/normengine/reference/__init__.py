@@ -7,6 +7,7 @@ from .norm import (
     add_rms_norm,
     crms_norm,
     layer_norm,
+    norm_linear,
     rms_norm,
     unified_norm_eval,
 )
@@ -19,4 +20,5 @@ __all__ = [
     "add_rms_norm",
     "unified_norm_eval",
     "linear",
+    "norm_linear",
 ]

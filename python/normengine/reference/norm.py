@@ -49,3 +49,15 @@ def unified_norm_eval(x, weight, bias, running_var, eps=1e-5):
     if bias is not None:
         y = y + bias
     return y
+
+
+def norm_linear(x, weight, bias=None, norm="rms", eps=None):
+    """Unfused: y = norm(x) @ weight.T + bias, norm without gain (folded into weight)."""
+    if norm in ("layer", "layernorm"):
+        n = layer_norm(x, eps=1e-5 if eps is None else eps)
+    elif norm in ("crms", "crmsnorm"):
+        n = crms_norm(x, eps=1e-6 if eps is None else eps)
+    else:
+        n = rms_norm(x, eps=1e-6 if eps is None else eps)
+    y = n @ weight.t().to(n.dtype)
+    return y + bias if bias is not None else y

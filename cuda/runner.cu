@@ -1,0 +1,1042 @@
+// The transformer runner on a CUDA GPU: ne::CudaRunner, the twin of the CPU ne::Runner
+// (cpp/model/runner.cpp) with the same contract, the same math and the same buffers, in device memory.
+// One forward call stacks the tokens of any mix of sequences (prefill and decode) into one
+// activation matrix x [T, d]; per layer:
+//   xn = norm(x)                                  (ne::norm_forward -> cuda/norm.cu)
+//   q, k, v = xn Wq^T (+bq), xn Wk^T (+bk), xn Wv^T (+bv)           (linear: gemv / tiled GEMM)
+//   RoPE(q, k) unless learned positions; K/V cache[slot][pos] = k, v  (rope_cache_kernel)
+//   att = softmax(q K^T / sqrt(D)) V over keys 0..pos, GQA            (attention_kernel)
+//   x += att Wo^T (+bo)                           (the GEMM's accumulate epilogue: beta = 1)
+//   xn = norm(x);  up = xn Wu^T (+bu);  gated: up = act(xn Wg^T (+bg)) * up, else up = act(up)
+//   x += up Wd^T (+bd)
+// then logits = norm(x) Wlm^T (+blm) on all rows or on each sequence's last row (gather_rows_kernel).
+//
+// Everything of one call runs on the caller's stream; the only host work is checking the
+// arguments and one small host-to-device copy of the per-token indices (token, position, slot) from
+// a pinned staging buffer. Weights are the caller's device memory (zero-copy); the KV cache, the
+// RoPE table and the activations are allocated once (activations grow only when a larger call comes).
+//
+// Linear layers: y[M, N] (+)= x[M, K] W[N, K]^T (+ b), x and y float32, W float32 / bfloat16 /
+// float16 (widened in registers, never copied), accumulation in float32 FMA (no TF32, no 16-bit
+// rounding of activations: the numbers of the CPU runner, up to summation order).
+//   M <= kGemvMaxRows: gemv_kernel, one warp per output column, W streamed once with 16-byte loads
+//     (memory bound: the decode step's traffic is the weights once).
+//   else: gemm_tiled_kernel, a BM x BN tile per 256-thread block, BK-deep k-steps staged through
+//     shared memory (k-major, padded), each thread an TM x TN register tile read as float4s, the next
+//     k-step's global loads in flight while the current one is multiplied.
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common.cuh"
+#include "normengine/model.h"
+
+namespace ne {
+namespace cuda {
+
+// A weight as the kernels read it (device memory owned by the caller). Outside the anonymous
+// namespace: CudaRunner's members hold it.
+struct DevW {
+  const void* data = nullptr;
+  DType dtype = DType::F32;
+  int64_t rows = 0, cols = 0, ld = 0;
+  bool present() const { return data != nullptr; }
+  const float* f32() const { return static_cast<const float*>(data); }
+};
+
+namespace {
+
+// ============================================================================ device helpers
+
+constexpr int kDtF32 = static_cast<int>(DType::F32), kDtF16 = static_cast<int>(DType::F16);
+
+// Element i of a float32 / float16 / bfloat16 array, as float (dt: a DType value).
+__device__ __forceinline__ float load_any(const void* p, int dt, int64_t i) {
+  if (dt == kDtF32) return static_cast<const float*>(p)[i];
+  if (dt == kDtF16) return __half2float(static_cast<const __half*>(p)[i]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Four consecutive elements as one aligned load (16 bytes for float, 8 for 16-bit types).
+template <class T> struct alignas(4 * sizeof(T)) Quad { T e[4]; };
+
+// Elements k .. k+3 of a row of K elements, as float; those >= K (or all, when !ok) read as 0.
+// vec: the row start is 4-element aligned (and k a multiple of 4), so a full quad is one load.
+template <class T>
+__device__ __forceinline__ void load4(const T* row, int64_t k, int64_t K, bool ok, bool vec, float (&o)[4]) {
+  if (ok && vec && k + 4 <= K) {
+    const Quad<T> q = *reinterpret_cast<const Quad<T>*>(row + k);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) o[c] = Elem<T>::load(q.e[c]);
+    return;
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) o[c] = ok && k + c < K ? Elem<T>::load(row[k + c]) : 0.f;
+}
+
+// ============================================================================ linear
+
+struct GemmParams {
+  const float* x;
+  int64_t ldx;
+  const void* w;
+  int64_t ldw;
+  const float* bias;  // [N] or null
+  float* y;
+  int64_t ldy;
+  int M, N, K;
+  bool accumulate;  // y += ...  (else y = ...)
+  bool vec;         // the kernel's vector-load conditions hold (see launch_linear)
+};
+
+constexpr int kGemvRows = 8;      // rows of x per gemv block row (grid.y walks the rest)
+constexpr int kGemvMaxRows = 16;  // at most this many rows take the gemv path
+constexpr int kGemvWarps = 8;     // output columns per gemv block
+
+// ---------------------------------------------------------------------------- gemv_kernel
+// y[m, n] (+)= sum_k x[m, k] W[n, k] (+ b[n]) for the R rows m0 .. m0+R-1 (m0 = blockIdx.y * R)
+// and the column n = blockIdx.x * 8 + warp. The warp's lanes stride along K, 16 bytes of W each
+// (4 f32 / 8 f16/bf16), and multiply them into every row of x (tiny, cached in L1); warp sums at the end.
+// Traffic: W once (per block row of R rows), the bound of a decode step.
+// vec: W's row starts and x's row starts 16-byte aligned.
+template <class TW, int R>
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemmParams p) {
+  constexpr int V = static_cast<int>(16 / sizeof(TW));
+  const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
+  if (n >= p.N) return;  // the whole warp leaves; no block barrier follows
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * R;
+  const int64_t left = static_cast<int64_t>(p.M) - m0;
+  const int rows = left < R ? static_cast<int>(left) : R;
+  const TW* w = static_cast<const TW*>(p.w) + n * p.ldw;
+  const float* x = p.x + m0 * p.ldx;
+  const int64_t K = p.K;
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+
+  const int64_t kv = p.vec ? (K / V) * V : 0;  // [0, kv): full vectors
+  for (int64_t k = static_cast<int64_t>(lane) * V; k < kv; k += 32 * V) {
+    const Pack<TW, V> wp = *reinterpret_cast<const Pack<TW, V>*>(w + k);
+    float wf[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) wf[i] = Elem<TW>::load(wp.e[i]);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r < rows) {
+#pragma unroll
+        for (int c = 0; c < V / 4; ++c) {
+          const float4 xv = *reinterpret_cast<const float4*>(x + r * p.ldx + k + 4 * c);
+          acc[r] = fmaf(xv.x, wf[4 * c + 0], acc[r]);
+          acc[r] = fmaf(xv.y, wf[4 * c + 1], acc[r]);
+          acc[r] = fmaf(xv.z, wf[4 * c + 2], acc[r]);
+          acc[r] = fmaf(xv.w, wf[4 * c + 3], acc[r]);
+        }
+      }
+    }
+  }
+  for (int64_t k = kv + lane; k < K; k += 32) {  // the tail (everything when !vec)
+    const float wk = Elem<TW>::load(w[k]);
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      if (r < rows) acc[r] = fmaf(x[r * p.ldx + k], wk, acc[r]);
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
+  if (lane == 0) {
+    const float b = p.bias ? p.bias[n] : 0.f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r < rows) {
+        float* yp = p.y + (m0 + r) * p.ldy + n;
+        float v = acc[r] + b;
+        if (p.accumulate) v += *yp;
+        *yp = v;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- gemm_tiled_kernel
+// Block (blockIdx.x, blockIdx.y) computes y[m0 .. m0+BM, n0 .. n0+BN), m0 = blockIdx.y * BM,
+// n0 = blockIdx.x * BN. Per k-step of BK: the x tile [BM x BK] and the W tile [BN x BK] (both
+// K-contiguous in memory) are read as quads of 4 k-values (one 16- or 8-byte load each when vec),
+// widened to float and stored k-major into shared memory As[BK][BM+4], Bs[BK][BN+4] (the +4 pad
+// keeps float4 alignment and spreads the transposing stores over the banks). Thread (tx, ty) owns
+// rows  (i/4) * (4 TY) + 4 ty + i%4  (i < TM)  and columns  (j/4) * (4 TX) + 4 tx + j%4  (j < TN):
+// groups of 4 adjacent rows / columns spaced so that a warp's float4 reads of a k-row of Bs are
+// contiguous (conflict-free) and those of As are broadcasts. The next k-step's quads are loaded into
+// registers before the current step's FMAs (one shared buffer, two barriers per step).
+// Traffic: x read N/BN times, W read M/BM times (mostly from L2), y written (and read when
+// accumulating) once.
+constexpr int kTileThreads = 256;
+
+template <class TW, int BM, int BN, int BK, int TM, int TN>
+__global__ void __launch_bounds__(kTileThreads) gemm_tiled_kernel(const GemmParams p) {
+  constexpr int TX = BN / TN, TY = BM / TM;
+  static_assert(TX * TY == kTileThreads, "one output tile per thread");
+  static_assert(TM % 4 == 0 && TN % 4 == 0 && BK % 4 == 0, "quads of 4");
+  constexpr int KQ = BK / 4;                           // quads per tile row
+  constexpr int LA = BM * KQ / kTileThreads, LB = BN * KQ / kTileThreads;  // quads per thread
+  static_assert(LA >= 1 && LA * kTileThreads == BM * KQ, "x tile: whole quads per thread");
+  static_assert(LB >= 1 && LB * kTileThreads == BN * KQ, "W tile: whole quads per thread");
+  __shared__ __align__(16) float As[BK][BM + 4];
+  __shared__ __align__(16) float Bs[BK][BN + 4];
+
+  const int tid = static_cast<int>(threadIdx.x), tx = tid % TX, ty = tid / TX;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM, n0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const TW* W = static_cast<const TW*>(p.w);
+  const int64_t K = p.K;
+
+  float ra[LA][4], rb[LB][4];
+  auto load_tiles = [&](int64_t k0) {
+#pragma unroll
+    for (int l = 0; l < LA; ++l) {
+      const int e = tid + l * kTileThreads, r = e / KQ, kq = e % KQ;
+      const int64_t m = m0 + r;
+      const bool ok = m < p.M;
+      load4<float>(ok ? p.x + m * p.ldx : p.x, k0 + 4 * kq, K, ok, p.vec, ra[l]);
+    }
+#pragma unroll
+    for (int l = 0; l < LB; ++l) {
+      const int e = tid + l * kTileThreads, r = e / KQ, kq = e % KQ;
+      const int64_t n = n0 + r;
+      const bool ok = n < p.N;
+      load4<TW>(ok ? W + n * p.ldw : W, k0 + 4 * kq, K, ok, p.vec, rb[l]);
+    }
+  };
+  auto store_tiles = [&]() {
+#pragma unroll
+    for (int l = 0; l < LA; ++l) {
+      const int e = tid + l * kTileThreads, r = e / KQ, kq = e % KQ;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) As[4 * kq + c][r] = ra[l][c];
+    }
+#pragma unroll
+    for (int l = 0; l < LB; ++l) {
+      const int e = tid + l * kTileThreads, r = e / KQ, kq = e % KQ;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) Bs[4 * kq + c][r] = rb[l][c];
+    }
+  };
+
+  float acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+
+  const int64_t steps = (K + BK - 1) / BK;
+  load_tiles(0);
+  store_tiles();
+  __syncthreads();
+  for (int64_t s = 0; s < steps; ++s) {
+    const bool more = s + 1 < steps;  // uniform over the block
+    if (more) load_tiles((s + 1) * BK);
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+      float a[TM], b[TN];
+#pragma unroll
+      for (int g = 0; g < TM / 4; ++g) {
+        const float4 v = *reinterpret_cast<const float4*>(&As[kk][g * 4 * TY + 4 * ty]);
+        a[4 * g + 0] = v.x; a[4 * g + 1] = v.y; a[4 * g + 2] = v.z; a[4 * g + 3] = v.w;
+      }
+#pragma unroll
+      for (int g = 0; g < TN / 4; ++g) {
+        const float4 v = *reinterpret_cast<const float4*>(&Bs[kk][g * 4 * TX + 4 * tx]);
+        b[4 * g + 0] = v.x; b[4 * g + 1] = v.y; b[4 * g + 2] = v.z; b[4 * g + 3] = v.w;
+      }
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();  // every thread is done reading this step's tiles
+    if (more) {
+      store_tiles();
+      __syncthreads();
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int64_t m = m0 + (i / 4) * 4 * TY + 4 * ty + (i % 4);
+    if (m >= p.M) continue;
+    float* yr = p.y + m * p.ldy;
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int64_t n = n0 + (j / 4) * 4 * TX + 4 * tx + (j % 4);
+      if (n < p.N) {
+        float v = acc[i][j];
+        if (p.bias) v += p.bias[n];
+        if (p.accumulate) v += yr[n];
+        yr[n] = v;
+      }
+    }
+  }
+}
+
+// Two tile shapes: 128 x 128 (8 x 8 per thread) when the grid still fills the GPU twice over, else
+// 64 x 64 (4 x 4 per thread) for more blocks on smaller problems.
+constexpr int kBigBM = 128, kBigBN = 128, kBigBK = 8, kBigTM = 8, kBigTN = 8;
+constexpr int kSmallBM = 64, kSmallBN = 64, kSmallBK = 16, kSmallTM = 4, kSmallTN = 4;
+
+// ============================================================================ per-token kernels
+
+// x[t, :] = E[tok[t], :] (+ P[pos[t], :]): one block per token, threads along d.
+struct EmbedParams {
+  const void* emb;
+  int emb_dt;
+  int64_t emb_ld;
+  const void* pos_emb;  // null without learned positions
+  int pos_dt;
+  int64_t pos_ld;
+  const int32_t* tok;
+  const int32_t* pos;
+  float* x;
+  int64_t d;
+};
+
+__global__ void embed_kernel(const EmbedParams p) {
+  const int64_t t = blockIdx.x;
+  const int64_t er = static_cast<int64_t>(p.tok[t]) * p.emb_ld, pr = static_cast<int64_t>(p.pos[t]) * p.pos_ld;
+  float* x = p.x + t * p.d;
+  for (int64_t i = threadIdx.x; i < p.d; i += blockDim.x) {
+    float v = load_any(p.emb, p.emb_dt, er + i);
+    if (p.pos_emb) v += load_any(p.pos_emb, p.pos_dt, pr + i);
+    x[i] = v;
+  }
+}
+
+// Rotary embedding of q (in place) and k, and the K/V cache write of token t (one block per token):
+//   x'[i] = x[i] cos - x[i + D/2] sin,  x'[i + D/2] = x[i + D/2] cos + x[i] sin   (per head, i < D/2)
+// with cos/sin = table[pos[t], i] (built on the host in float32 exactly as the CPU runner does).
+// K' goes straight to kcache[slot][pos], V is copied to vcache[slot][pos]. Without RoPE (cos null),
+// K is copied as is.
+struct RopeCacheParams {
+  float* q;
+  const float* k;
+  const float* v;
+  int64_t ldq, ldkv;
+  const int32_t* pos;
+  const int32_t* slot;
+  const float* cos;  // [ctx, D/2] or null (learned positions)
+  const float* sin;
+  float* kcache;     // [slots][ctx][n_kv_heads * D]
+  float* vcache;
+  int64_t ctx;
+  int n_heads, n_kv_heads, head_dim;
+};
+
+__global__ void rope_cache_kernel(const RopeCacheParams p) {
+  const int64_t t = blockIdx.x;
+  const int D = p.head_dim, half = D / 2;
+  const int64_t pos = p.pos[t], dkv = static_cast<int64_t>(p.n_kv_heads) * D;
+  const int64_t row = (static_cast<int64_t>(p.slot[t]) * p.ctx + pos) * dkv;
+  float* kdst = p.kcache + row;
+  float* vdst = p.vcache + row;
+  const float* k = p.k + t * p.ldkv;
+  const float* v = p.v + t * p.ldkv;
+  if (p.cos) {
+    const float* cs = p.cos + pos * half;
+    const float* sn = p.sin + pos * half;
+    float* q = p.q + t * p.ldq;
+    for (int e = threadIdx.x; e < p.n_heads * half; e += blockDim.x) {
+      const int h = e / half, i = e % half;
+      float* x = q + h * D;
+      const float c = cs[i], s = sn[i], x1 = x[i], x2 = x[i + half];
+      x[i] = x1 * c - x2 * s;
+      x[i + half] = x2 * c + x1 * s;
+    }
+    for (int e = threadIdx.x; e < p.n_kv_heads * half; e += blockDim.x) {
+      const int h = e / half, i = e % half;
+      const float* x = k + h * D;
+      const float c = cs[i], s = sn[i], x1 = x[i], x2 = x[i + half];
+      kdst[h * D + i] = x1 * c - x2 * s;
+      kdst[h * D + i + half] = x2 * c + x1 * s;
+    }
+  } else {
+    for (int64_t e = threadIdx.x; e < dkv; e += blockDim.x) kdst[e] = k[e];
+  }
+  for (int64_t e = threadIdx.x; e < dkv; e += blockDim.x) vdst[e] = v[e];
+}
+
+// ---------------------------------------------------------------------------- attention_kernel
+// Query row t, head h (kv head g = h / (n_heads / n_kv_heads)); keys and values j = 0 .. pos[t] of
+// the token's own slot:
+//   s_j = scale * q . k_j,   o = sum_j exp(s_j - max s) v_j / sum_j exp(s_j - max s)
+// One block of kAttnWarps warps per (token, head) (blockIdx.x = t * n_heads + h). Warp w takes the
+// groups of 4 keys w*4 + i*(4 * warps): per key, its lanes hold head dims lane, lane+32, ... (DPL
+// of them, D <= 32 DPL) of q, k_j and the output, the dot product is a warp sum, and the warp keeps
+// an online softmax (running max m, sum l, output acc rescaled by exp(m_old - m_new)). The warps'
+// (m, l, acc) are merged through shared memory at the end. Any context length: no per-key storage.
+// Traffic: the visible K and V rows of the head once per query head.
+constexpr int kAttnWarps = 8;
+constexpr int kAttnKeys = 4;  // keys a warp has in flight at once
+
+struct AttnParams {
+  const float* q;
+  float* out;
+  int64_t ldq, ldo;
+  const float* kcache;
+  const float* vcache;
+  const int32_t* pos;
+  const int32_t* slot;
+  int64_t ctx;
+  int n_heads, n_kv_heads, head_dim;
+  float scale;
+};
+
+template <int DPL>
+__global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(const AttnParams p) {
+  __shared__ float s_m[kAttnWarps], s_l[kAttnWarps];
+  __shared__ float s_acc[kAttnWarps][DPL * 32];
+  const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t t = blockIdx.x / p.n_heads;
+  const int h = static_cast<int>(blockIdx.x % p.n_heads);
+  const int g = h / (p.n_heads / p.n_kv_heads);
+  const int D = p.head_dim;
+  const int64_t dkv = static_cast<int64_t>(p.n_kv_heads) * D;
+  const int64_t L = static_cast<int64_t>(p.pos[t]) + 1;  // visible keys
+  const int64_t base = static_cast<int64_t>(p.slot[t]) * p.ctx * dkv + static_cast<int64_t>(g) * D;
+  const float* K = p.kcache + base;
+  const float* V = p.vcache + base;
+
+  float qr[DPL];
+  const float* q = p.q + t * p.ldq + static_cast<int64_t>(h) * D;
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) qr[i] = lane + 32 * i < D ? q[lane + 32 * i] : 0.f;
+
+  float m = -INFINITY, l = 0.f, acc[DPL];
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) acc[i] = 0.f;
+
+  for (int64_t j0 = static_cast<int64_t>(warp) * kAttnKeys; j0 < L; j0 += kAttnWarps * kAttnKeys) {
+    float s[kAttnKeys];
+#pragma unroll
+    for (int u = 0; u < kAttnKeys; ++u) {
+      float d = 0.f;
+      if (j0 + u < L) {
+        const float* kr = K + (j0 + u) * dkv;
+#pragma unroll
+        for (int i = 0; i < DPL; ++i)
+          if (lane + 32 * i < D) d = fmaf(qr[i], kr[lane + 32 * i], d);
+      }
+      s[u] = d;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+#pragma unroll
+      for (int u = 0; u < kAttnKeys; ++u) s[u] += __shfl_xor_sync(0xffffffffu, s[u], off);
+    float mx = m;
+#pragma unroll
+    for (int u = 0; u < kAttnKeys; ++u) {
+      s[u] = j0 + u < L ? p.scale * s[u] : -INFINITY;
+      mx = fmaxf(mx, s[u]);
+    }
+    // mx is finite: key j0 < L is valid. exp(-inf) = 0 drops the invalid keys and the empty start.
+    const float corr = expf(m - mx);
+    float pr[kAttnKeys], psum = 0.f;
+#pragma unroll
+    for (int u = 0; u < kAttnKeys; ++u) {
+      pr[u] = expf(s[u] - mx);
+      psum += pr[u];
+    }
+    l = l * corr + psum;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) {
+      float a = acc[i] * corr;
+      if (lane + 32 * i < D) {
+#pragma unroll
+        for (int u = 0; u < kAttnKeys; ++u)
+          if (j0 + u < L) a = fmaf(pr[u], V[(j0 + u) * dkv + lane + 32 * i], a);
+      }
+      acc[i] = a;
+    }
+    m = mx;
+  }
+
+  // merge the warps: M = max m_w, l = sum l_w e^(m_w - M), o = sum acc_w e^(m_w - M) / l
+  if (lane == 0) {
+    s_m[warp] = m;
+    s_l[warp] = l;
+  }
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) s_acc[warp][lane + 32 * i] = acc[i];
+  __syncthreads();
+  float M = s_m[0];  // warp 0 always saw key 0: finite
+#pragma unroll
+  for (int w = 1; w < kAttnWarps; ++w) M = fmaxf(M, s_m[w]);
+  float f[kAttnWarps], tot = 0.f;
+#pragma unroll
+  for (int w = 0; w < kAttnWarps; ++w) {
+    f[w] = expf(s_m[w] - M);  // 0 for a warp that saw no key (m = -inf, l = 0)
+    tot = fmaf(s_l[w], f[w], tot);
+  }
+  const float inv = 1.f / tot;
+  float* o = p.out + t * p.ldo + static_cast<int64_t>(h) * D;
+  for (int e = static_cast<int>(threadIdx.x); e < D; e += kAttnWarps * 32) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kAttnWarps; ++w) v = fmaf(s_acc[w][e], f[w], v);
+    o[e] = v * inv;
+  }
+}
+
+// ---------------------------------------------------------------------------- activation
+// out = act(a) (* b), elementwise over n contiguous floats (out may be b or a):
+//   gelu_tanh(x) = x / 2 (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
+//   gelu(x) = x / 2 (1 + erf(x / sqrt 2)),  silu(x) = x sigmoid(x),  relu(x) = max(x, 0) (NaN kept)
+__device__ __forceinline__ float act_fn(int kind, float x) {
+  switch (kind) {
+    case 0: {
+      const float u = 0.7978845608028654f * fmaf(0.044715f * x, x * x, x);
+      return x / (1.f + expf(-2.f * u));
+    }
+    case 1: return 0.5f * x * (1.f + erff(x * 0.7071067811865476f));
+    case 2: return x / (1.f + expf(-x));
+    default: return x > 0.f ? x : (x != x ? x : 0.f);
+  }
+}
+
+__global__ void activation_kernel(int kind, int64_t n, const float* a, const float* b, float* out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float y = act_fn(kind, a[i]);
+    if (b) y *= b[i];
+    out[i] = y;
+  }
+}
+
+// dst[i, :] = src[rows[i], :]  (each sequence's last token, for the head): one block per row.
+__global__ void gather_rows_kernel(const float* src, const int32_t* rows, float* dst, int64_t d) {
+  const int64_t i = blockIdx.x;
+  const float* s = src + static_cast<int64_t>(rows[i]) * d;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) dst[i * d + c] = s[c];
+}
+
+// ============================================================================ host side
+
+bool aligned_to(const void* p, size_t n) { return (reinterpret_cast<std::uintptr_t>(p) % n) == 0; }
+
+template <class TW>
+void launch_linear_t(const DevW& w, const float* bias, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
+                     bool accumulate, cudaStream_t s) {
+  GemmParams p{};
+  p.x = x;
+  p.ldx = ldx;
+  p.w = w.data;
+  p.ldw = w.ld;
+  p.bias = bias;
+  p.y = y;
+  p.ldy = ldy;
+  p.M = static_cast<int>(M);
+  p.N = static_cast<int>(w.rows);
+  p.K = static_cast<int>(w.cols);
+  p.accumulate = accumulate;
+  if (M <= kGemvMaxRows) {
+    // 16-byte vectors of W and of x rows
+    p.vec = aligned_to(w.data, 16) && (w.ld * static_cast<int64_t>(sizeof(TW))) % 16 == 0 && aligned_to(x, 16) &&
+            ldx % 4 == 0;
+    const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kGemvWarps)), static_cast<unsigned>(ceil_div(M, kGemvRows)));
+    gemv_kernel<TW, kGemvRows><<<grid, kGemvWarps * 32, 0, s>>>(p);
+    check_launch("gemv_kernel");
+    return;
+  }
+  // quads of 4 elements of W and of x rows
+  p.vec = aligned_to(w.data, 4 * sizeof(TW)) && w.ld % 4 == 0 && aligned_to(x, 16) && ldx % 4 == 0;
+  const int64_t big_blocks = ceil_div(M, kBigBM) * ceil_div(p.N, kBigBN);
+  if (big_blocks >= 2 * static_cast<int64_t>(sm_count())) {
+    const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kBigBN)), static_cast<unsigned>(ceil_div(M, kBigBM)));
+    gemm_tiled_kernel<TW, kBigBM, kBigBN, kBigBK, kBigTM, kBigTN><<<grid, kTileThreads, 0, s>>>(p);
+  } else {
+    const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kSmallBN)), static_cast<unsigned>(ceil_div(M, kSmallBM)));
+    gemm_tiled_kernel<TW, kSmallBM, kSmallBN, kSmallBK, kSmallTM, kSmallTN><<<grid, kTileThreads, 0, s>>>(p);
+  }
+  check_launch("gemm_tiled_kernel");
+}
+
+// y[M, N] (+)= x[M, K] W^T (+ b)   (N = w.rows, K = w.cols)
+void launch_linear(const DevW& w, const DevW& b, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
+                   bool accumulate, cudaStream_t s) {
+  if (M <= 0) return;
+  const float* bias = b.present() ? b.f32() : nullptr;
+  switch (w.dtype) {
+    case DType::F32: return launch_linear_t<float>(w, bias, x, ldx, M, y, ldy, accumulate, s);
+    case DType::F16: return launch_linear_t<__half>(w, bias, x, ldx, M, y, ldy, accumulate, s);
+    case DType::BF16: return launch_linear_t<__nv_bfloat16>(w, bias, x, ldx, M, y, ldy, accumulate, s);
+    default: throw DTypeError(std::string("linear weight: unsupported dtype ") + dtype_name(w.dtype));
+  }
+}
+
+void launch_attention(const AttnParams& p, int64_t T, cudaStream_t s) {
+  const unsigned grid = static_cast<unsigned>(T * p.n_heads);
+  const int D = p.head_dim;
+  if (D <= 32)
+    attention_kernel<1><<<grid, kAttnWarps * 32, 0, s>>>(p);
+  else if (D <= 64)
+    attention_kernel<2><<<grid, kAttnWarps * 32, 0, s>>>(p);
+  else if (D <= 128)
+    attention_kernel<4><<<grid, kAttnWarps * 32, 0, s>>>(p);
+  else
+    attention_kernel<8><<<grid, kAttnWarps * 32, 0, s>>>(p);
+  check_launch("attention_kernel");
+}
+
+constexpr int kMaxHeadDim = 256;  // attention_kernel<8>
+
+// Makes `dev` the current device for a scope (and restores the previous one).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int dev) {
+    check(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (prev_ != dev)
+      check(cudaSetDevice(dev), "cudaSetDevice");
+    else
+      prev_ = -1;
+  }
+  ~DeviceGuard() {
+    if (prev_ >= 0) cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = -1;
+};
+
+size_t round_floats(size_t n) { return (n + 63) / 64 * 64; }  // 256-byte sub-buffers
+
+}  // namespace
+}  // namespace cuda
+
+using cuda::check;
+using cuda::DevW;
+
+struct CudaRunner::Layer {
+  DevW attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob;
+  DevW mlp_norm_w, mlp_norm_b, up, gate, down, upb, gateb, downb;
+  float* kcache = nullptr;  // [slots][ctx][n_kv_heads * head_dim], inside Impl::cache
+  float* vcache = nullptr;
+};
+
+struct CudaRunner::Impl {
+  int dev = 0;
+  std::vector<Layer> layers;
+  DevW tok_emb, pos_emb, final_w, final_b, head, head_b;
+  std::vector<int> len;  // tokens held per slot
+  // device memory owned by the runner
+  float* cache = nullptr;  // every layer's K and V caches
+  float* rope = nullptr;   // cos [ctx, D/2] then sin [ctx, D/2]; null with learned positions
+  float* act = nullptr;    // activations for cap_tokens rows (carved below)
+  int32_t* idx = nullptr;  // per-token indices of a call: tok, pos, slot [T each], last rows [n_seqs]
+  int32_t* host_idx = nullptr;  // pinned staging of idx
+  cudaEvent_t staged = nullptr;  // recorded after the copy out of host_idx
+  int64_t cap_tokens = 0;
+  float *x = nullptr, *xn = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *att = nullptr, *up = nullptr,
+        *gate = nullptr, *sel = nullptr;
+
+  ~Impl() {
+    // Never throws: a failure here (a broken context) leaves nothing better to do.
+    int prev = -1;
+    const bool switched = cudaGetDevice(&prev) == cudaSuccess && prev != dev && cudaSetDevice(dev) == cudaSuccess;
+    if (staged) cudaEventSynchronize(staged);
+    if (cache || act || idx || rope) cudaDeviceSynchronize();  // work of a call may still read them
+    cudaFree(cache);
+    cudaFree(rope);
+    cudaFree(act);
+    cudaFree(idx);
+    cudaFreeHost(host_idx);
+    if (staged) cudaEventDestroy(staged);
+    cudaGetLastError();
+    if (switched) cudaSetDevice(prev);
+  }
+};
+
+CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spec_(s), n_slots_(slots), ctx_(ctx) {
+  if (s.vocab < 1 || s.d_model < 1 || s.n_layers < 1 || s.n_heads < 1 || s.n_kv_heads < 1 || s.head_dim < 1 ||
+      s.d_ff < 1 || s.max_seq_len < 1)
+    throw ValueError("spec: every size must be positive");
+  if (s.n_heads % s.n_kv_heads) throw ValueError("spec: n_heads must be a multiple of n_kv_heads");
+  if (!s.learned_pos && s.head_dim % 2) throw ValueError("spec: RoPE needs an even head_dim");
+  if (s.head_dim > cuda::kMaxHeadDim)
+    throw UnsupportedError("spec: the CUDA runner's attention supports head_dim up to " +
+                           std::to_string(cuda::kMaxHeadDim) + ", got " + std::to_string(s.head_dim));
+  if (slots < 1) throw ValueError("slots: expected >= 1, got " + std::to_string(slots));
+  if (ctx < 1 || ctx > s.max_seq_len)
+    throw ValueError("ctx: expected 1.." + std::to_string(s.max_seq_len) + " (the model's context), got " +
+                     std::to_string(ctx));
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count < 1) {
+    cudaGetLastError();
+    throw DeviceError("CudaRunner: no CUDA device is visible (no GPU, or no driver)");
+  }
+  if (device < 0) check(cudaGetDevice(&device), "cudaGetDevice");
+  if (device >= count)
+    throw DeviceError("CudaRunner: device " + std::to_string(device) + " out of range (" + std::to_string(count) +
+                      " visible)");
+  impl_ = std::make_unique<Impl>();
+  Impl& m = *impl_;
+  m.dev = device;
+  cuda::DeviceGuard guard(device);
+  m.layers.resize(s.n_layers);
+  m.len.assign(slots, 0);
+
+  const size_t per = static_cast<size_t>(slots) * ctx * s.n_kv_heads * s.head_dim;  // floats per cache
+  const size_t total = per * 2 * static_cast<size_t>(s.n_layers);
+  check(cudaMalloc(reinterpret_cast<void**>(&m.cache), total * sizeof(float)), "cudaMalloc (KV cache)");
+  check(cudaMemset(m.cache, 0, total * sizeof(float)), "cudaMemset (KV cache)");
+  for (int i = 0; i < s.n_layers; ++i) {
+    m.layers[i].kcache = m.cache + per * (2 * static_cast<size_t>(i));
+    m.layers[i].vcache = m.cache + per * (2 * static_cast<size_t>(i) + 1);
+  }
+  if (!s.learned_pos) {
+    // As Hugging Face computes them, in float32: inv_freq_i = 1 / theta^(2i / D), angle = pos * inv_freq_i
+    // (the CPU runner's table, bit for bit).
+    const int half = s.head_dim / 2;
+    const size_t n = static_cast<size_t>(ctx) * half;
+    std::vector<float> tab(2 * n);
+    for (int i = 0; i < half; ++i) {
+      float inv = 1.0f / std::pow(static_cast<float>(s.rope_theta), static_cast<float>(2 * i) / s.head_dim);
+      for (int p = 0; p < ctx; ++p) {
+        float a = static_cast<float>(p) * inv;
+        tab[static_cast<size_t>(p) * half + i] = static_cast<float>(std::cos(static_cast<double>(a)));
+        tab[n + static_cast<size_t>(p) * half + i] = static_cast<float>(std::sin(static_cast<double>(a)));
+      }
+    }
+    check(cudaMalloc(reinterpret_cast<void**>(&m.rope), tab.size() * sizeof(float)), "cudaMalloc (RoPE table)");
+    check(cudaMemcpy(m.rope, tab.data(), tab.size() * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy (RoPE table)");
+  }
+  check(cudaEventCreateWithFlags(&m.staged, cudaEventDisableTiming), "cudaEventCreate");
+}
+
+CudaRunner::~CudaRunner() = default;
+
+int CudaRunner::device() const { return impl_->dev; }
+
+void CudaRunner::set_tensor(const std::string& name, const TensorView& t) {
+  const ModelSpec& s = spec_;
+  const int64_t d = s.d_model, dq = static_cast<int64_t>(s.n_heads) * s.head_dim,
+                dkv = static_cast<int64_t>(s.n_kv_heads) * s.head_dim, f = s.d_ff;
+  const int dev = impl_->dev;
+  auto view = [&](int64_t rows, int64_t cols, bool vec, bool f32_only) {
+    if (t.device.type != DeviceType::CUDA || t.device.index != dev)
+      throw DeviceError(name + ": the CUDA runner's weights must be on cuda:" + std::to_string(dev) + ", got " +
+                        t.device.str());
+    if (!is_float(t.dtype) || t.dtype == DType::F64 || (f32_only && t.dtype != DType::F32))
+      throw DTypeError(name + ": expected " + (f32_only ? std::string("float32") : "float32, bfloat16 or float16") +
+                       ", got " + dtype_name(t.dtype));
+    bool ok = vec ? (t.ndim == 1 && t.shape[0] == cols) : (t.ndim == 2 && t.shape[0] == rows && t.shape[1] == cols);
+    if (!ok) {
+      std::string want = vec ? "(" + std::to_string(cols) + ",)"
+                             : "(" + std::to_string(rows) + ", " + std::to_string(cols) + ")";
+      throw ShapeError(name + ": expected shape " + want + ", got " + shape_str(t));
+    }
+    if ((vec && t.strides[0] != 1) || (!vec && (t.strides[1] != 1 || t.strides[0] < cols)))
+      throw ShapeError(name + ": expected contiguous rows");
+    DevW w;
+    w.data = t.data;
+    w.dtype = t.dtype;
+    w.rows = vec ? 1 : rows;
+    w.cols = cols;
+    w.ld = vec ? cols : t.strides[0];
+    return w;
+  };
+  auto mat = [&](int64_t r, int64_t c) { return view(r, c, false, false); };
+  auto vecf = [&](int64_t n) { return view(1, n, true, true); };
+  Impl& m = *impl_;
+
+  if (name == "tok_emb.weight") { m.tok_emb = mat(s.vocab, d); return; }
+  if (name == "pos_emb.weight") { m.pos_emb = mat(s.max_seq_len, d); return; }
+  if (name == "final_norm.weight") { m.final_w = vecf(d); return; }
+  if (name == "final_norm.bias") { m.final_b = vecf(d); return; }
+  if (name == "lm_head.weight") { m.head = mat(s.vocab, d); return; }
+  if (name == "lm_head.bias") { m.head_b = vecf(s.vocab); return; }
+  if (name.rfind("blocks.", 0) == 0) {
+    size_t dot = name.find('.', 7);
+    int i = -1;
+    try {
+      i = std::stoi(name.substr(7, dot - 7));
+    } catch (...) {
+    }
+    if (i < 0 || i >= s.n_layers || dot == std::string::npos)
+      throw ValueError(name + ": no such layer (the model has " + std::to_string(s.n_layers) + ")");
+    Layer& L = m.layers[i];
+    const std::string r = name.substr(dot + 1);
+    if (r == "attn_norm.weight") { L.attn_norm_w = vecf(d); return; }
+    if (r == "attn_norm.bias") { L.attn_norm_b = vecf(d); return; }
+    if (r == "mlp_norm.weight") { L.mlp_norm_w = vecf(d); return; }
+    if (r == "mlp_norm.bias") { L.mlp_norm_b = vecf(d); return; }
+    if (r == "attn.q.weight") { L.q = mat(dq, d); return; }
+    if (r == "attn.k.weight") { L.k = mat(dkv, d); return; }
+    if (r == "attn.v.weight") { L.v = mat(dkv, d); return; }
+    if (r == "attn.o.weight") { L.o = mat(d, dq); return; }
+    if (r == "attn.q.bias") { L.qb = vecf(dq); return; }
+    if (r == "attn.k.bias") { L.kb = vecf(dkv); return; }
+    if (r == "attn.v.bias") { L.vb = vecf(dkv); return; }
+    if (r == "attn.o.bias") { L.ob = vecf(d); return; }
+    if (r == "mlp.up.weight") { L.up = mat(f, d); return; }
+    if (r == "mlp.gate.weight") { L.gate = mat(f, d); return; }
+    if (r == "mlp.down.weight") { L.down = mat(d, f); return; }
+    if (r == "mlp.up.bias") { L.upb = vecf(f); return; }
+    if (r == "mlp.gate.bias") { L.gateb = vecf(f); return; }
+    if (r == "mlp.down.bias") { L.downb = vecf(d); return; }
+  }
+  throw ValueError(name + ": not a tensor of this model");
+}
+
+void CudaRunner::finalize() {
+  const ModelSpec& s = spec_;
+  const Impl& m = *impl_;
+  auto need = [](const DevW& w, const std::string& name) {
+    if (!w.present()) throw ValueError(name + ": missing (never handed to the runner)");
+  };
+  const bool has_norm = s.norm >= 0, ln = s.norm == 0;
+  need(m.tok_emb, "tok_emb.weight");
+  need(m.head, "lm_head.weight");
+  if (s.learned_pos) need(m.pos_emb, "pos_emb.weight");
+  if (has_norm) need(m.final_w, "final_norm.weight");
+  if (ln) need(m.final_b, "final_norm.bias");
+  if (s.head_bias) need(m.head_b, "lm_head.bias");
+  for (int i = 0; i < s.n_layers; ++i) {
+    const Layer& L = m.layers[i];
+    const std::string p = "blocks." + std::to_string(i) + ".";
+    if (has_norm) { need(L.attn_norm_w, p + "attn_norm.weight"); need(L.mlp_norm_w, p + "mlp_norm.weight"); }
+    if (ln) { need(L.attn_norm_b, p + "attn_norm.bias"); need(L.mlp_norm_b, p + "mlp_norm.bias"); }
+    need(L.q, p + "attn.q.weight"); need(L.k, p + "attn.k.weight"); need(L.v, p + "attn.v.weight");
+    need(L.o, p + "attn.o.weight"); need(L.up, p + "mlp.up.weight"); need(L.down, p + "mlp.down.weight");
+    if (s.gated_mlp) need(L.gate, p + "mlp.gate.weight");
+    if (s.qkv_bias) { need(L.qb, p + "attn.q.bias"); need(L.kb, p + "attn.k.bias"); need(L.vb, p + "attn.v.bias"); }
+    if (s.o_bias) need(L.ob, p + "attn.o.bias");
+    if (s.mlp_bias) {
+      need(L.upb, p + "mlp.up.bias");
+      need(L.downb, p + "mlp.down.bias");
+      if (s.gated_mlp) need(L.gateb, p + "mlp.gate.bias");
+    }
+  }
+}
+
+void CudaRunner::reset(int slot) {
+  if (slot < 0 || slot >= n_slots_) throw ValueError("slot: out of range");
+  impl_->len[slot] = 0;
+}
+
+int CudaRunner::length(int slot) const {
+  if (slot < 0 || slot >= n_slots_) throw ValueError("slot: out of range");
+  return impl_->len[slot];
+}
+
+void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, const int32_t* lens, float* logits,
+                         bool all_logits, void* stream) {
+  const ModelSpec& s = spec_;
+  Impl& m = *impl_;
+  if (n_seqs < 1) throw ValueError("n_seqs: expected at least one sequence");
+  // ---- validate everything before touching any state
+  int64_t T = 0;
+  std::vector<int> seen(n_slots_, 0);
+  for (int i = 0; i < n_seqs; ++i) {
+    if (slots[i] < 0 || slots[i] >= n_slots_)
+      throw ValueError("slot " + std::to_string(slots[i]) + ": out of range [0, " + std::to_string(n_slots_) + ")");
+    if (seen[slots[i]]++) throw ValueError("slot " + std::to_string(slots[i]) + ": appears twice in one call");
+    if (lens[i] < 1) throw ValueError("lens: every sequence needs at least one token");
+    if (m.len[slots[i]] + lens[i] > ctx_)
+      throw ValueError("sequence in slot " + std::to_string(slots[i]) + ": " + std::to_string(m.len[slots[i]]) +
+                       " + " + std::to_string(lens[i]) + " tokens exceed the context of " + std::to_string(ctx_));
+    T += lens[i];
+  }
+  for (int64_t t = 0; t < T; ++t)
+    if (tokens[t] < 0 || tokens[t] >= s.vocab)
+      throw ValueError("token id " + std::to_string(tokens[t]) + " at index " + std::to_string(t) +
+                       ": out of range [0, " + std::to_string(s.vocab) + ")");
+  if (logits == nullptr) throw ValueError("logits: null pointer");
+
+  const int64_t d = s.d_model, dq = static_cast<int64_t>(s.n_heads) * s.head_dim,
+                dkv = static_cast<int64_t>(s.n_kv_heads) * s.head_dim, f = s.d_ff;
+  // Launch limits: gemm grids walk rows in gridDim.y (<= 65535 blocks of 64 rows), attention has one
+  // block per (token, head) in gridDim.x.
+  if (T > 65535LL * cuda::kSmallBM || T * s.n_heads > INT_MAX)
+    throw UnsupportedError("forward: " + std::to_string(T) + " tokens in one call are too many for the CUDA runner");
+
+  cuda::DeviceGuard guard(m.dev);
+  cudaStream_t st = cuda::as_stream(stream);
+
+  // ---- buffers for T rows (grown only when a larger call comes)
+  if (T > m.cap_tokens) {
+    const int64_t cap = std::max<int64_t>(T, 16);
+    check(cudaDeviceSynchronize(), "cudaDeviceSynchronize (growing the runner's buffers)");
+    if (m.staged) check(cudaEventSynchronize(m.staged), "cudaEventSynchronize");
+    cudaFree(m.act);
+    cudaFree(m.idx);
+    cudaFreeHost(m.host_idx);
+    m.act = nullptr;
+    m.idx = m.host_idx = nullptr;
+    m.cap_tokens = 0;
+    const size_t c = static_cast<size_t>(cap);
+    const size_t sizes[] = {c * d, c * d, c * dq, c * dkv, c * dkv, c * dq, c * f, s.gated_mlp ? c * f : 0, c * d};
+    size_t total = 0;
+    for (size_t z : sizes) total += cuda::round_floats(z);
+    check(cudaMalloc(reinterpret_cast<void**>(&m.act), total * sizeof(float)), "cudaMalloc (activations)");
+    float** dst[] = {&m.x, &m.xn, &m.q, &m.k, &m.v, &m.att, &m.up, &m.gate, &m.sel};
+    size_t off = 0;
+    for (int i = 0; i < 9; ++i) {
+      *dst[i] = sizes[i] ? m.act + off : nullptr;
+      off += cuda::round_floats(sizes[i]);
+    }
+    check(cudaMalloc(reinterpret_cast<void**>(&m.idx), 4 * c * sizeof(int32_t)), "cudaMalloc (token indices)");
+    check(cudaMallocHost(reinterpret_cast<void**>(&m.host_idx), 4 * c * sizeof(int32_t)), "cudaMallocHost");
+    m.cap_tokens = cap;
+  }
+
+  // ---- per-token indices: token, position, slot [T each]; the last row of each sequence [n_seqs]
+  check(cudaEventSynchronize(m.staged), "cudaEventSynchronize");  // the previous call's copy has left host_idx
+  int32_t* h_tok = m.host_idx;
+  int32_t* h_pos = h_tok + T;
+  int32_t* h_slot = h_pos + T;
+  int32_t* h_last = h_slot + T;
+  {
+    int64_t t = 0;
+    for (int i = 0; i < n_seqs; ++i) {
+      for (int j = 0; j < lens[i]; ++j, ++t) {
+        h_tok[t] = tokens[t];
+        h_pos[t] = m.len[slots[i]] + j;
+        h_slot[t] = slots[i];
+      }
+      h_last[i] = static_cast<int32_t>(t - 1);
+    }
+  }
+  check(cudaMemcpyAsync(m.idx, m.host_idx, (3 * static_cast<size_t>(T) + n_seqs) * sizeof(int32_t),
+                        cudaMemcpyHostToDevice, st),
+        "cudaMemcpyAsync (token indices)");
+  check(cudaEventRecord(m.staged, st), "cudaEventRecord");
+  const int32_t* d_tok = m.idx;
+  const int32_t* d_pos = d_tok + T;
+  const int32_t* d_slot = d_pos + T;
+  const int32_t* d_last = d_slot + T;
+
+  const Device devc{DeviceType::CUDA, m.dev};
+  const bool has_norm = s.norm >= 0;
+  auto norm_rows = [&](const DevW& w, const DevW& b, const float* x, float* y, int64_t rows) {
+    TensorView xv = TensorView::make(const_cast<float*>(x), DType::F32, {rows, d}, devc, "x");
+    TensorView yv = TensorView::make(y, DType::F32, {rows, d}, devc, "y");
+    TensorView wv = TensorView::make(const_cast<void*>(w.data), DType::F32, {d}, devc, "weight");
+    TensorView bv = TensorView::make(const_cast<void*>(b.data), DType::F32, {d}, devc, "bias");
+    Ctx c;
+    c.cuda_stream = stream;
+    norm_forward(static_cast<NormKind>(s.norm), xv, nullptr, &wv, b.present() ? &bv : nullptr, s.norm_eps, yv,
+                 nullptr, nullptr, nullptr, c);
+  };
+  const unsigned grid_t = static_cast<unsigned>(T);
+
+  // ---- token (and position) embeddings
+  {
+    cuda::EmbedParams p{};
+    p.emb = m.tok_emb.data;
+    p.emb_dt = static_cast<int>(m.tok_emb.dtype);
+    p.emb_ld = m.tok_emb.ld;
+    p.pos_emb = s.learned_pos ? m.pos_emb.data : nullptr;
+    p.pos_dt = static_cast<int>(m.pos_emb.dtype);
+    p.pos_ld = m.pos_emb.ld;
+    p.tok = d_tok;
+    p.pos = d_pos;
+    p.x = m.x;
+    p.d = d;
+    cuda::embed_kernel<<<grid_t, 256, 0, st>>>(p);
+    cuda::check_launch("embed_kernel");
+  }
+
+  const int half = s.head_dim / 2;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+  const int64_t act_n = T * f;
+  const unsigned act_grid = static_cast<unsigned>(std::min<int64_t>(cuda::ceil_div(act_n, 256), 65536));
+  for (int li = 0; li < s.n_layers; ++li) {
+    Layer& L = m.layers[li];
+    // ---- attention
+    const float* xin = m.x;
+    if (has_norm) {
+      norm_rows(L.attn_norm_w, L.attn_norm_b, m.x, m.xn, T);
+      xin = m.xn;
+    }
+    cuda::launch_linear(L.q, L.qb, xin, d, T, m.q, dq, false, st);
+    cuda::launch_linear(L.k, L.kb, xin, d, T, m.k, dkv, false, st);
+    cuda::launch_linear(L.v, L.vb, xin, d, T, m.v, dkv, false, st);
+    {
+      cuda::RopeCacheParams p{};
+      p.q = m.q;
+      p.k = m.k;
+      p.v = m.v;
+      p.ldq = dq;
+      p.ldkv = dkv;
+      p.pos = d_pos;
+      p.slot = d_slot;
+      p.cos = s.learned_pos ? nullptr : m.rope;
+      p.sin = s.learned_pos ? nullptr : m.rope + static_cast<size_t>(ctx_) * half;
+      p.kcache = L.kcache;
+      p.vcache = L.vcache;
+      p.ctx = ctx_;
+      p.n_heads = s.n_heads;
+      p.n_kv_heads = s.n_kv_heads;
+      p.head_dim = s.head_dim;
+      cuda::rope_cache_kernel<<<grid_t, 128, 0, st>>>(p);
+      cuda::check_launch("rope_cache_kernel");
+    }
+    {
+      cuda::AttnParams p{};
+      p.q = m.q;
+      p.out = m.att;
+      p.ldq = dq;
+      p.ldo = dq;
+      p.kcache = L.kcache;
+      p.vcache = L.vcache;
+      p.pos = d_pos;
+      p.slot = d_slot;
+      p.ctx = ctx_;
+      p.n_heads = s.n_heads;
+      p.n_kv_heads = s.n_kv_heads;
+      p.head_dim = s.head_dim;
+      p.scale = scale;
+      cuda::launch_attention(p, T, st);
+    }
+    cuda::launch_linear(L.o, L.ob, m.att, dq, T, m.x, d, true, st);  // x += attn Wo^T + bo
+    // ---- MLP
+    xin = m.x;
+    if (has_norm) {
+      norm_rows(L.mlp_norm_w, L.mlp_norm_b, m.x, m.xn, T);
+      xin = m.xn;
+    }
+    cuda::launch_linear(L.up, L.upb, xin, d, T, m.up, f, false, st);
+    if (s.gated_mlp) {
+      cuda::launch_linear(L.gate, L.gateb, xin, d, T, m.gate, f, false, st);
+      cuda::activation_kernel<<<act_grid, 256, 0, st>>>(s.activation, act_n, m.gate, m.up, m.up);
+    } else {
+      cuda::activation_kernel<<<act_grid, 256, 0, st>>>(s.activation, act_n, m.up, nullptr, m.up);
+    }
+    cuda::check_launch("activation_kernel");
+    cuda::launch_linear(L.down, L.downb, m.up, f, T, m.x, d, true, st);  // x += act Wd^T + bd
+  }
+
+  // ---- head, on the rows asked for
+  const int64_t rows = all_logits ? T : n_seqs;
+  const float* src = m.x;
+  if (!all_logits) {
+    cuda::gather_rows_kernel<<<static_cast<unsigned>(n_seqs), 256, 0, st>>>(m.x, d_last, m.sel, d);
+    cuda::check_launch("gather_rows_kernel");
+    src = m.sel;
+  }
+  if (has_norm) {
+    norm_rows(m.final_w, m.final_b, src, m.xn, rows);
+    src = m.xn;
+  }
+  cuda::launch_linear(m.head, m.head_b, src, d, rows, logits, s.vocab, false, st);
+  for (int i = 0; i < n_seqs; ++i) m.len[slots[i]] += lens[i];
+}
+
+}  // namespace ne

@@ -1,0 +1,102 @@
+"""norm_linear: y = norm(x) W^T + b, the normalization applied inside the GEMM (its per-row
+statistics scale the GEMM's output in the epilogue), so norm(x) is never written to memory.
+
+The norm has no gain or bias of its own here: fold them into W and b first (normengine.convert
+folds a whole model; normengine.nn.fold_norms a module). Forward runs natively; backward recomputes
+norm(x) from x and the saved statistics:
+    dW = dy^T norm(x),  db = sum dy,  d norm(x) = dy W,  dx = norm_backward(d norm(x))."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+from ..errors import ArgumentError, DTypeError
+from ._tensor import check_eps, check_input, stream_of
+from .linear import WEIGHT_DTYPES, _check_bias, _check_weight
+from .norm import CRMS, LAYER, RMS
+
+_KINDS = {"layer": LAYER, "layernorm": LAYER, "rms": RMS, "rmsnorm": RMS, "crms": CRMS, "crmsnorm": CRMS}
+
+
+def _kind(norm) -> int:
+    try:
+        return _KINDS[norm]
+    except KeyError:
+        raise ArgumentError(f"norm: expected 'layer', 'rms' or 'crms', got {norm!r}") from None
+
+
+def _normalized(kind, x, mean, rstd):
+    """norm(x) from the saved statistics (for backward), in x's dtype."""
+    shape = x.shape[:-1] + (1,)
+    if kind == LAYER:
+        return (x - mean.view(shape).to(x.dtype)) * rstd.view(shape).to(x.dtype)
+    return x * rstd.view(shape).to(x.dtype)
+
+
+def _forward_native(kind, x, w, b, eps, col_sum):
+    n_rows = x.numel() // x.size(-1)
+    acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rstd = torch.empty(n_rows, dtype=acc_t, device=x.device)
+    mean = torch.empty(n_rows, dtype=acc_t, device=x.device) if kind == LAYER else None
+    if x.is_cuda or x.dtype != torch.float32:
+        # CUDA, and float64 (gradcheck): the same math composed: native statistics, the GEMM through
+        # torch (cuBLAS on the GPU), then the per-row epilogue.
+        _C.norm_stats(kind, x, eps, mean, rstd, stream_of(x))
+        acc = x @ w.t().to(x.dtype)
+        shape = x.shape[:-1] + (1,)
+        if kind == LAYER:
+            c = col_sum.to(x.dtype) if col_sum is not None else w.to(x.dtype).sum(1)
+            acc = acc - mean.view(shape) * c
+        y = acc * rstd.view(shape)
+        if b is not None:
+            y = y + b.to(y.dtype)
+        return y, mean, rstd
+    y = torch.empty(x.shape[:-1] + (w.shape[0],), dtype=torch.float32, device=x.device)
+    _C.norm_linear(kind, x, w, b, eps, col_sum, y, mean, rstd, 0)
+    return y, mean, rstd
+
+
+class NormLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kind, x, weight, bias, eps, col_sum):
+        w = weight.detach()
+        y, mean, rstd = _forward_native(kind, x, w, None if bias is None else bias.detach(), eps, col_sum)
+        ctx.kind = kind
+        ctx.save_for_backward(x, weight, mean if mean is not None else rstd, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, mean, rstd = ctx.saved_tensors
+        kind = ctx.kind
+        dy = dy.contiguous()
+        dx = dw = db = None
+        n = _normalized(kind, x, mean, rstd)
+        if ctx.needs_input_grad[2]:
+            dw = (dy.reshape(-1, dy.size(-1)).t() @ n.reshape(-1, n.size(-1))).to(w.dtype)
+        if ctx.needs_input_grad[3]:
+            db = dy.reshape(-1, dy.size(-1)).sum(0)
+        if ctx.needs_input_grad[1]:
+            dn = (dy @ w.to(dy.dtype)).contiguous()
+            dx = torch.empty_like(x)
+            _C.norm_backward(kind, dn, x, None, rstd, None, dx, None, None, stream_of(x))
+        return None, dx, dw, db, None, None
+
+
+def norm_linear(x, weight, bias=None, norm: str = "rms", eps: float | None = None, *, col_sum=None):
+    """y = norm(x) @ weight.T + bias, norm in {'rms', 'crms', 'layer'} over the last dimension of x,
+    without writing norm(x). x: float32 [..., K]; weight: [N, K] float32 / bfloat16 / float16;
+    bias: [N] float32. col_sum (LayerNorm only): weight.sum(1) precomputed, else computed per call.
+    eps defaults to 1e-5 for 'layer', 1e-6 otherwise."""
+    kind = _kind(norm)
+    eps = check_eps((1e-5 if kind == LAYER else 1e-6) if eps is None else eps)
+    x = check_input(x)
+    if x.dtype not in (torch.float32, torch.float64):
+        raise DTypeError(f"x: norm_linear takes float32 (or float64) activations, got {x.dtype}")
+    # float64 x (the composed path, for gradcheck) takes float64 weights too
+    w = _check_weight(weight, x, WEIGHT_DTYPES + ((torch.float64,) if x.dtype == torch.float64 else ()))
+    if bias is not None:
+        _check_bias(bias, x, w.size(0))
+        bias = bias.to(x.dtype)
+    return NormLinearFunction.apply(kind, x, w, bias, eps, col_sum)
