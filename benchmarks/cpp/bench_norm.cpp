@@ -1,6 +1,6 @@
 // bench_norm: CPU throughput of the norm kernels against a multithreaded memcpy of the same traffic.
 //
-//   bench_norm [--rows R --cols C] [--threads N] [--isa avx2|generic] [--repeats K]
+//   bench_norm [--rows R --cols C] [--threads N] [--isa avx512|avx2|generic] [--repeats K]
 //
 // For each shape (default [4096 x 4096] and [8192 x 1024]), dtype (f32, bf16) and op, prints the
 // median time of K runs (after warm-up), the bandwidth of the op's minimal memory traffic (every
@@ -122,7 +122,7 @@ int main(int argc, char** argv) {
     else if (a == "--repeats") repeats = static_cast<int>(arg_int(argc, argv, i));
     else if (a == "--isa" && i + 1 < argc) isa = argv[++i];
     else {
-      std::fprintf(stderr, "usage: %s [--rows R --cols C] [--threads N] [--isa avx2|generic] [--repeats K]\n",
+      std::fprintf(stderr, "usage: %s [--rows R --cols C] [--threads N] [--isa avx512|avx2|generic] [--repeats K]\n",
                    argv[0]);
       return 2;
     }

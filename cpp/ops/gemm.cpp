@@ -32,9 +32,10 @@ constexpr int kMR = 4, kNV = 1;
 #endif
 constexpr int kNR = kNV * VF::N;
 // K is cut into blocks of at most kKC (balanced); a packed block of W is kKC x kNC floats
-// (256 x 384 x 4 B = 384 KiB on AVX-512: it stays in the 1 MiB L2 while every row tile of x
-// passes over it, and the x micro-panel, MR x kc floats = 8 KiB, stays in L1).
-constexpr int64_t kKC = 256;
+// (384 x 384 x 4 B = 576 KiB: it stays in the 1 MiB L2 while every row tile of x passes over it,
+// and the x micro-panel, MR x kc floats = 12 KiB on AVX-512, stays in L1). Measured on Zen 4:
+// 256 x 384 and 512 x 192 within a few percent.
+constexpr int64_t kKC = 384;
 constexpr int64_t kNC = kNR * (384 / kNR);
 constexpr int64_t kPackFloats = kKC * kNC;
 
@@ -58,67 +59,85 @@ inline float hsum(VF::R v) { return static_cast<float>(VF::reduce(v)); }
 #endif
 
 // ======================================================================================== GEMV
-// For M <= 4 rows of x, one row n of W at a time, in U = 4 interleaved accumulators over k:
-//   acc[m][u] += x[m, k:k+L] * W[n, k:k+L]      for the u-th vector of each group of U
-//   y[m, n] = hsum((acc[m][0] + acc[m][1]) + (acc[m][2] + acc[m][3])) (+ bias[n]) (+ y[m, n])
+// For M <= 4 rows of x and RR rows of W at a time (RR = 1 for M = 1, else 2), in U interleaved
+// accumulators over k (U = 4 for M = 1, else 2):
+//   acc[m][r][u] += x[m, k:k+L] * W[n+r, k:k+L]      for the u-th vector of each group of U
+//   y[m, n+r] = hsum(sum_u acc[m][r][u]) (+ bias[n+r]) (+ y[m, n+r])
 // Memory traffic: W once (N * K * sizeof(T)), x M * K * 4 (L1/L2), y M * N * 4. The bound is W's
-// stream: a thread reads its rows of W front to back, one sequential stream that the hardware
-// prefetcher follows, and software prefetches kPrefetch bytes ahead of it. The M * U independent
-// FMA chains keep far ahead of memory. Each output's arithmetic does not depend on which thread
-// computes it, so results are bitwise identical for any split of N.
+// stream: a thread reads its rows of W front to back (RR adjacent rows side by side), which the
+// hardware prefetcher follows, and software prefetches kPrefetch bytes ahead, across the 4 KiB
+// pages where the hardware prefetcher stops. For M > 1 the FMAs (M per 16 weights) and the loads
+// of x start to count: two rows of W share each load of x. Each output's arithmetic does not depend
+// on the grouping, so results are bitwise identical for any split of N over threads.
 template <class V, class T>
 struct Gemv {
   using R = typename V::R;
   static constexpr int L = V::N;
-  static constexpr int U = 4;
-  static constexpr int kStepBytes = U * L * static_cast<int>(sizeof(T));
-  // Software prefetch distance: 16 steps ahead (4 KiB of f32, 2 KiB of 16-bit weights). Unlike the
-  // hardware prefetcher it crosses 4 KiB pages, where W's stream would otherwise stall on every page.
-  static constexpr int64_t kPrefetch = 16 * kStepBytes;
 
-  template <int MM>
-  static void row(const GemmArgs& a, int64_t n) {
+  template <int MM, int RR>
+  static void group(const GemmArgs& a, int64_t n) {
+    constexpr int U = MM == 1 ? 4 : 2;
+    constexpr int kStepBytes = U * L * static_cast<int>(sizeof(T));
+    // 16 steps of M = 1 ahead: 4 KiB of f32, 2 KiB of 16-bit weights
+    constexpr int64_t kPrefetch = 64 * L * static_cast<int64_t>(sizeof(T));
     const int64_t K = a.K;
     const T* w = static_cast<const T*>(a.w) + n * a.ldw;
-    const char* pf = reinterpret_cast<const char*>(w) + kPrefetch;
-    R acc[MM][U];
+    R acc[MM][RR][U];
     for (int m = 0; m < MM; ++m)
-      for (int u = 0; u < U; ++u) acc[m][u] = V::zero();
+      for (int r = 0; r < RR; ++r)
+        for (int u = 0; u < U; ++u) acc[m][r][u] = V::zero();
     int64_t k = 0;
     for (; k + U * L <= K; k += U * L) {
-      for (int b = 0; b < kStepBytes; b += 64)  // into L2 (prefetcht1): L1's own prefetcher takes it from there
-        __builtin_prefetch(pf + k * static_cast<int64_t>(sizeof(T)) + b, 0, 2);
-      R wv[U];
-      for (int u = 0; u < U; ++u) wv[u] = V::load(w + k + u * L);
+      R wv[RR][U];
+      for (int r = 0; r < RR; ++r) {
+        const char* pf = reinterpret_cast<const char*>(w + r * a.ldw + k) + kPrefetch;
+        for (int b = 0; b < kStepBytes; b += 64) __builtin_prefetch(pf + b, 0, 2);  // into L2 (prefetcht1)
+        for (int u = 0; u < U; ++u) wv[r][u] = V::load(w + r * a.ldw + k + u * L);
+      }
+      R xv[MM][U];
       for (int m = 0; m < MM; ++m)
-        for (int u = 0; u < U; ++u) acc[m][u] = V::fma(V::load(a.x + m * a.ldx + k + u * L), wv[u], acc[m][u]);
+        for (int u = 0; u < U; ++u) xv[m][u] = V::load(a.x + m * a.ldx + k + u * L);
+      for (int m = 0; m < MM; ++m)
+        for (int u = 0; u < U; ++u)
+          for (int r = 0; r < RR; ++r) acc[m][r][u] = V::fma(xv[m][u], wv[r][u], acc[m][r][u]);
     }
     for (int u = 0; k < K; k += L, ++u) {  // up to U - 1 whole vectors and a partial one
       const int t = static_cast<int>(min64(L, K - k));
-      const R wv = loadn<V>(w + k, t);
-      for (int m = 0; m < MM; ++m) acc[m][u] = V::fma(loadn<V>(a.x + m * a.ldx + k, t), wv, acc[m][u]);
+      R wv[RR];
+      for (int r = 0; r < RR; ++r) wv[r] = loadn<V>(w + r * a.ldw + k, t);
+      for (int m = 0; m < MM; ++m) {
+        const R xv = loadn<V>(a.x + m * a.ldx + k, t);
+        for (int r = 0; r < RR; ++r) acc[m][r][u] = V::fma(xv, wv[r], acc[m][r][u]);
+      }
     }
     const GemmEpilogue& ep = a.ep;
     for (int m = 0; m < MM; ++m) {
-      float v = hsum(V::add(V::add(acc[m][0], acc[m][1]), V::add(acc[m][2], acc[m][3])));
-      float* y = a.y + m * a.ldy + n;
-      if (ep.row_scale) v *= ep.row_scale[m];
-      if (ep.row_shift) v += -(ep.row_scale ? ep.row_scale[m] : 1.0f) * ep.row_shift[m] * ep.col_sum[n];
-      if (a.bias) v += a.bias[n];
-      if (a.accumulate) v += *y;
-      *y = v;
+      for (int r = 0; r < RR; ++r) {
+        R t = U == 4 ? V::add(V::add(acc[m][r][0], acc[m][r][1]), V::add(acc[m][r][2], acc[m][r][3]))
+                     : V::add(acc[m][r][0], acc[m][r][1]);
+        float v = hsum(t);
+        float* y = a.y + m * a.ldy + n + r;
+        if (ep.row_scale) v *= ep.row_scale[m];
+        if (ep.row_shift) v += -(ep.row_scale ? ep.row_scale[m] : 1.0f) * ep.row_shift[m] * ep.col_sum[n + r];
+        if (a.bias) v += a.bias[n + r];
+        if (a.accumulate) v += *y;
+        *y = v;
+      }
     }
   }
 
   template <int MM>
   static void rows(const GemmArgs& a, int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) row<MM>(a, n);
+    constexpr int RR = MM == 1 ? 1 : 2;
+    int64_t n = n0;
+    for (; n + RR <= n1; n += RR) group<MM, RR>(a, n);
+    if (n < n1) group<MM, 1>(a, n);
   }
 
   static void run(const GemmArgs& a) {
     // a thread's share: at least 64 KiB of W, so that small layers stay on one thread
     const int64_t row_bytes = max64(1, a.K * static_cast<int64_t>(sizeof(T)));
-    const int64_t grain = max64(1, cdiv(int64_t(64) << 10, row_bytes));
+    const int64_t grain = max64(2, cdiv(int64_t(64) << 10, row_bytes));
     parallel_for(a.N, grain, [&](int64_t b, int64_t e, int) {
       switch (a.M) {
         case 1: rows<1>(a, b, e); break;
@@ -188,14 +207,18 @@ inline void transpose_block(__m256 r[8]) {
 #define NE_GEMM_VECTOR_PACK 1
 #endif
 
+// `next` (null: none) is the next panel's block, `next_rows` its rows: its lines are prefetched one
+// panel ahead, since W's short row segments (kc elements) give the hardware prefetcher little to go on.
 template <class V, class T>
-void pack_panel(const T* w, int64_t ldw, int rows, int64_t kc, float* bp) {
+void pack_panel(const T* w, int64_t ldw, int rows, int64_t kc, float* bp, const T* next, int next_rows) {
 #if defined(NE_GEMM_VECTOR_PACK)
   using R = typename V::R;
   constexpr int L = V::N;
   for (int j0 = 0; j0 < kNR; j0 += L) {  // L rows of W at a time
     for (int64_t k0 = 0; k0 < kc; k0 += L) {
       const int kt = static_cast<int>(min64(L, kc - k0));
+      if (next)
+        for (int j = j0; j < j0 + L && j < next_rows; ++j) __builtin_prefetch(next + j * ldw + k0, 0, 2);
       R r[L];
       for (int j = 0; j < L; ++j)
         r[j] = j0 + j < rows ? loadn<V>(w + (j0 + j) * ldw + k0, kt) : V::zero();
@@ -238,6 +261,13 @@ void tile(int64_t kc, const float* x, int64_t ldx, const float* bp, const TileOu
     for (int j = 0; j < kNV; ++j) acc[i][j] = V::zero();
   const float* xr[MR];
   for (int i = 0; i < MR; ++i) xr[i] = x + i * ldx;
+  // y's tile is read (or first written) after the k loop: fetch its lines now, so that their latency
+  // (L3 or DRAM once y outgrows the L2) hides behind the loop
+  for (int i = 0; i < MR; ++i) {
+    const char* yi = reinterpret_cast<const char*>(o.y + i * o.ldy);
+    for (int b = 0; b < o.cols * 4; b += 64) __builtin_prefetch(yi + b, 1, 3);
+    __builtin_prefetch(yi + o.cols * 4 - 1, 1, 3);
+  }
 #pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k) {
     R b[kNV];
@@ -301,7 +331,10 @@ struct Gemm {
         const int64_t kc = min64(kcb, a.K - k0);
         for (int64_t p = pc; p < pe; ++p) {
           const int rows = static_cast<int>(min64(kNR, a.N - p * kNR));
-          pack_panel<V, T>(W + p * kNR * a.ldw + k0, a.ldw, rows, kc, bp + (p - pc) * kc * kNR);
+          const bool more = p + 1 < pe;
+          pack_panel<V, T>(W + p * kNR * a.ldw + k0, a.ldw, rows, kc, bp + (p - pc) * kc * kNR,
+                           more ? W + (p + 1) * kNR * a.ldw + k0 : nullptr,
+                           more ? static_cast<int>(min64(kNR, a.N - (p + 1) * kNR)) : 0);
         }
         TileOut o{};
         o.ldy = a.ldy;

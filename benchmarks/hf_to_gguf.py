@@ -1,0 +1,289 @@
+"""Convert a Hugging Face GPT-2 or Llama checkpoint directory to GGUF (f32 or f16), for llama.cpp.
+
+    python benchmarks/hf_to_gguf.py CHECKPOINT_DIR OUT.gguf [--outtype f32|f16] [--no-output]
+
+Our own converter, written against the `gguf` package's GGUFWriter (pip install gguf; it ships
+with llama-cpp-python's benchmarks set-up). It produces the tensor names and layouts llama.cpp's
+`gpt2` and `llama` architectures load:
+
+  GPT-2 (GPT2LMHeadModel / GPT2Model):
+    wte -> token_embd, wpe -> position_embd, h.N.ln_1 -> blk.N.attn_norm,
+    h.N.attn.c_attn -> blk.N.attn_qkv, h.N.attn.c_proj -> blk.N.attn_output, h.N.ln_2 -> blk.N.ffn_norm,
+    h.N.mlp.c_fc -> blk.N.ffn_up, h.N.mlp.c_proj -> blk.N.ffn_down, ln_f -> output_norm,
+    and output = wte (the tied head, written out as convert_hf_to_gguf.py does; --no-output leaves
+    it out and llama.cpp then reuses token_embd). GPT-2's Conv1D weights are stored [in, out]; they
+    are transposed to the [out, in] layout (ggml ne = [in, out]) every GGUF linear weight has. The
+    fused c_attn keeps its q | k | v row order, which is what llama.cpp's attn_qkv expects.
+  Llama (LlamaForCausalLM):
+    embed_tokens -> token_embd, layers.N.input_layernorm -> blk.N.attn_norm,
+    self_attn.{q,k,v,o}_proj -> blk.N.attn_{q,k,v,output}, post_attention_layernorm -> blk.N.ffn_norm,
+    mlp.{gate,up,down}_proj -> blk.N.ffn_{gate,up,down}, norm -> output_norm, lm_head -> output
+    (absent when tied: llama.cpp then uses token_embd). q and k are permuted from Hugging Face's
+    rotate-half RoPE layout (first half of each head = real parts) to llama.cpp's interleaved pairs,
+    per head: rows [h, 2, D/2] -> [h, D/2, 2].
+
+Norm gains and all biases (1-D tensors) stay float32 in f16 files, as llama.cpp's converter does.
+
+Tokenizer: llama.cpp needs a vocabulary to load a model. With a byte-level BPE tokenizer.json beside
+the checkpoint (GPT-2 style), its vocab and merges are written (padded to the model's vocab size);
+otherwise a synthetic one: tokenizer.ggml.model "gpt2", tokens "<t0>" ... "<tV-1>" (plain ASCII,
+which byte-level BPE decodes as itself) and a single dummy merge (llama.cpp requires the merges key;
+GGUFWriter drops empty arrays). Fine for feeding token ids, not for text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+
+# ---------------------------------------------------------------------------------------- reading
+def read_hf_tensors(path: str) -> dict:
+    """name -> torch.Tensor for every tensor of the checkpoint (safetensors, sharded or not, else a
+    pytorch_model.bin)."""
+    import torch
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    out = {}
+    if files:
+        from safetensors import safe_open
+
+        for f in files:
+            with safe_open(f, framework="pt") as sf:
+                for k in sf.keys():
+                    out[k] = sf.get_tensor(k)
+        return out
+    bins = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    if not bins:
+        raise SystemExit(f"{path}: no *.safetensors or pytorch_model*.bin found")
+    for f in bins:
+        out.update(torch.load(f, map_location="cpu", weights_only=True))
+    return out
+
+
+def strip_prefix(tensors: dict, prefixes) -> dict:
+    out = {}
+    for k, v in tensors.items():
+        for p in prefixes:
+            if k.startswith(p):
+                k = k[len(p):]
+                break
+        out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------- tensors
+def to_np(t, outtype: str, is_1d: bool) -> np.ndarray:
+    import torch
+
+    t = t.detach().to(torch.float32).contiguous()
+    a = t.numpy()
+    if outtype == "f16" and not is_1d:
+        a = a.astype(np.float16)
+    return np.ascontiguousarray(a)
+
+
+def gpt2_tensors(cfg: dict, raw: dict, write_output: bool):
+    """Yields (gguf name, torch tensor in [out, in] layout)."""
+    t = strip_prefix(raw, ("transformer.",))
+    n_layer = cfg["n_layer"]
+    yield "token_embd.weight", t["wte.weight"]
+    yield "position_embd.weight", t["wpe.weight"]
+    for i in range(n_layer):
+        p = f"h.{i}."
+        yield f"blk.{i}.attn_norm.weight", t[p + "ln_1.weight"]
+        yield f"blk.{i}.attn_norm.bias", t[p + "ln_1.bias"]
+        yield f"blk.{i}.attn_qkv.weight", t[p + "attn.c_attn.weight"].T  # Conv1D [in, out] -> [out, in]
+        yield f"blk.{i}.attn_qkv.bias", t[p + "attn.c_attn.bias"]
+        yield f"blk.{i}.attn_output.weight", t[p + "attn.c_proj.weight"].T
+        yield f"blk.{i}.attn_output.bias", t[p + "attn.c_proj.bias"]
+        yield f"blk.{i}.ffn_norm.weight", t[p + "ln_2.weight"]
+        yield f"blk.{i}.ffn_norm.bias", t[p + "ln_2.bias"]
+        yield f"blk.{i}.ffn_up.weight", t[p + "mlp.c_fc.weight"].T
+        yield f"blk.{i}.ffn_up.bias", t[p + "mlp.c_fc.bias"]
+        yield f"blk.{i}.ffn_down.weight", t[p + "mlp.c_proj.weight"].T
+        yield f"blk.{i}.ffn_down.bias", t[p + "mlp.c_proj.bias"]
+    yield "output_norm.weight", t["ln_f.weight"]
+    yield "output_norm.bias", t["ln_f.bias"]
+    if write_output:
+        yield "output.weight", t.get("lm_head.weight", t["wte.weight"])
+
+
+def permute_rope(w, n_head: int):
+    """Hugging Face rotate-half row order -> llama.cpp interleaved pairs, per head."""
+    rows = w.shape[0]
+    d = rows // n_head
+    return w.reshape(n_head, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_tensors(cfg: dict, raw: dict, write_output: bool):
+    t = strip_prefix(raw, ("model.",))
+    n_layer, n_head = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads") or n_head
+    yield "token_embd.weight", t["embed_tokens.weight"]
+    for i in range(n_layer):
+        p = f"layers.{i}."
+        yield f"blk.{i}.attn_norm.weight", t[p + "input_layernorm.weight"]
+        yield f"blk.{i}.attn_q.weight", permute_rope(t[p + "self_attn.q_proj.weight"], n_head)
+        yield f"blk.{i}.attn_k.weight", permute_rope(t[p + "self_attn.k_proj.weight"], n_kv)
+        yield f"blk.{i}.attn_v.weight", t[p + "self_attn.v_proj.weight"]
+        yield f"blk.{i}.attn_output.weight", t[p + "self_attn.o_proj.weight"]
+        for hf, gg in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
+            b = t.get(p + f"self_attn.{hf}.bias")
+            if b is not None:
+                if hf == "q_proj":
+                    b = permute_rope(b, n_head)
+                elif hf == "k_proj":
+                    b = permute_rope(b, n_kv)
+                yield f"blk.{i}.{gg}.bias", b
+        yield f"blk.{i}.ffn_norm.weight", t[p + "post_attention_layernorm.weight"]
+        yield f"blk.{i}.ffn_gate.weight", t[p + "mlp.gate_proj.weight"]
+        yield f"blk.{i}.ffn_up.weight", t[p + "mlp.up_proj.weight"]
+        yield f"blk.{i}.ffn_down.weight", t[p + "mlp.down_proj.weight"]
+    yield "output_norm.weight", t["norm.weight"]
+    head = raw.get("lm_head.weight")
+    tied = cfg.get("tie_word_embeddings", False) or head is None
+    if not tied:
+        yield "output.weight", head
+    elif write_output:  # tied: llama.cpp falls back to token_embd without it
+        yield "output.weight", t["embed_tokens.weight"]
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+def write_tokenizer(w, path: str, vocab_size: int, arch: str, bos, eos) -> str:
+    import gguf
+
+    tokens = types = merges = None
+    kind = "synthetic"
+    tj = os.path.join(path, "tokenizer.json")
+    if os.path.exists(tj):
+        with open(tj, encoding="utf-8") as f:
+            tok = json.load(f)
+        model = tok.get("model", {})
+        if model.get("type") == "BPE" and isinstance(model.get("vocab"), dict) and model.get("merges"):
+            id_to_tok = {i: s for s, i in model["vocab"].items()}
+            special = {}
+            for a in tok.get("added_tokens", []):
+                id_to_tok[a["id"]] = a["content"]
+                special[a["id"]] = a.get("special", False)
+            tokens, types = [], []
+            for i in range(vocab_size):
+                if i in id_to_tok:
+                    tokens.append(id_to_tok[i])
+                    types.append(gguf.TokenType.CONTROL if special.get(i) else
+                                 gguf.TokenType.USER_DEFINED if i in special else gguf.TokenType.NORMAL)
+                else:
+                    tokens.append(f"[PAD{i}]")
+                    types.append(gguf.TokenType.UNUSED)
+            merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+            kind = "tokenizer.json"
+    if tokens is None:
+        tokens = [f"<t{i}>" for i in range(vocab_size)]
+        types = [gguf.TokenType.NORMAL] * vocab_size
+        merges = ["< t"]
+    w.add_tokenizer_model("gpt2")
+    if arch == "gpt2":
+        w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    for tid, add in ((bos, w.add_bos_token_id), (eos, w.add_eos_token_id)):
+        if isinstance(tid, list):
+            tid = tid[0] if tid else None
+        if isinstance(tid, int) and 0 <= tid < vocab_size:
+            add(tid)
+    return kind
+
+
+# ---------------------------------------------------------------------------------------- main
+def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True, quiet: bool = False) -> dict:
+    import gguf
+
+    if outtype not in ("f32", "f16"):
+        raise SystemExit(f"--outtype: f32 or f16, got {outtype!r}")
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    mt = cfg.get("model_type")
+    raw = read_hf_tensors(path)
+    if mt == "gpt2":
+        arch = "gpt2"
+        w = gguf.GGUFWriter(out, arch)
+        d, n_head = cfg["n_embd"], cfg["n_head"]
+        w.add_name(os.path.basename(os.path.normpath(path)))
+        w.add_context_length(cfg["n_positions"])
+        w.add_embedding_length(d)
+        w.add_feed_forward_length(cfg.get("n_inner") or 4 * d)
+        w.add_block_count(cfg["n_layer"])
+        w.add_head_count(n_head)
+        w.add_layer_norm_eps(float(cfg.get("layer_norm_epsilon", 1e-5)))
+        act = cfg.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+            print(f"warning: activation {act!r}; llama.cpp's gpt2 uses gelu (tanh form)", file=sys.stderr)
+        vocab = cfg["vocab_size"]
+        tensors = gpt2_tensors(cfg, raw, write_output)
+    elif mt == "llama":
+        arch = "llama"
+        w = gguf.GGUFWriter(out, arch)
+        d, n_head = cfg["hidden_size"], cfg["num_attention_heads"]
+        n_kv = cfg.get("num_key_value_heads") or n_head
+        head_dim = cfg.get("head_dim") or d // n_head
+        w.add_name(os.path.basename(os.path.normpath(path)))
+        w.add_context_length(cfg["max_position_embeddings"])
+        w.add_embedding_length(d)
+        w.add_feed_forward_length(cfg["intermediate_size"])
+        w.add_block_count(cfg["num_hidden_layers"])
+        w.add_head_count(n_head)
+        w.add_head_count_kv(n_kv)
+        w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+        rope = cfg.get("rope_parameters") or {}
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        w.add_rope_freq_base(float(theta))
+        w.add_rope_dimension_count(head_dim)
+        if head_dim != d // n_head:
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+        scaling = cfg.get("rope_scaling") or {}
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+            print(f"warning: rope_scaling {scaling} not converted", file=sys.stderr)
+        vocab = cfg["vocab_size"]
+        w.add_vocab_size(vocab)
+        tensors = llama_tensors(cfg, raw, write_output)
+    else:
+        raise SystemExit(f"{path}: model_type {mt!r} not supported (gpt2, llama)")
+
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    tok = write_tokenizer(w, path, vocab, arch, cfg.get("bos_token_id"), cfg.get("eos_token_id"))
+    n_bytes = n = 0
+    for name, t in tensors:
+        a = to_np(t, outtype, t.dim() == 1)
+        w.add_tensor(name, a)
+        n_bytes += a.nbytes
+        n += 1
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    info = {"arch": arch, "outtype": outtype, "tensors": n, "tensor_bytes": n_bytes, "tokenizer": tok, "path": out}
+    if not quiet:
+        print(f"wrote {out}: {arch}, {n} tensors, {n_bytes / 1e6:.1f} MB ({outtype}), tokenizer: {tok}")
+    return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", help="Hugging Face checkpoint directory (config.json + weights)")
+    ap.add_argument("out", help="output .gguf file")
+    ap.add_argument("--outtype", default="f32", choices=("f32", "f16"))
+    ap.add_argument("--no-output", action="store_true",
+                    help="leave out a tied head's output.weight (llama.cpp then reuses token_embd)")
+    a = ap.parse_args(argv)
+    convert(a.checkpoint, a.out, a.outtype, write_output=not a.no_output)
+
+
+if __name__ == "__main__":
+    main()
