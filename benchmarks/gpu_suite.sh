@@ -16,6 +16,7 @@ mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 exec > >(tee -a "$OUT_DIR/gpu_suite.log") 2>&1
 cd "$ROOT"
+export NORMENGINE_CUDA=ON  # the build must have CUDA kernels; tests/test_build.py reads it too
 PY="${PYTHON:-python}"
 command -v "$PY" >/dev/null || PY=python3
 
@@ -35,12 +36,12 @@ if [ "$mode" = auto ]; then
 fi
 echo "build mode: $mode"
 if [ "$mode" = pip ]; then
-  NORMENGINE_CUDA=ON "$PY" -m pip install --no-build-isolation -v . 2>&1 | tee "$OUT_DIR/build.log"
+  "$PY" -m pip install --no-build-isolation -v . 2>&1 | tee "$OUT_DIR/build.log"
   RUN_DIR="$OUT_DIR/run"  # run from outside the repo so `import normengine` is the installed one
 else
   BUILD="$ROOT/build/gpu"
   gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
-  { cmake -S . -B "$BUILD" "${gen[@]}" -DNORMENGINE_CUDA=ON -DNORMENGINE_PYTHON=ON -DNORMENGINE_BENCHMARKS=ON \
+  { cmake -S . -B "$BUILD" "${gen[@]}" -DNORMENGINE_CUDA="$NORMENGINE_CUDA" -DNORMENGINE_PYTHON=ON -DNORMENGINE_BENCHMARKS=ON \
           -DPython_EXECUTABLE="$(command -v "$PY")" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" &&
     cmake --build "$BUILD" -j"$(nproc)"; } 2>&1 | tee "$OUT_DIR/build.log"
   rm -rf "$BUILD/pkg" && mkdir -p "$BUILD/pkg"

@@ -8,8 +8,10 @@
 // x: M rows of K floats, row stride ldx;  W: N rows of K elements (torch.nn.Linear layout), row stride
 // ldw, in F32, BF16 or F16 (widened to float in registers or in a small packed panel, never into a
 // W-sized buffer);  bias: N floats or null;  y: M rows of N floats, row stride ldy. Accumulation in
-// fp32. Runs on the engine's thread pool. Results are bitwise identical for any thread count.
-// y must not overlap x or W. Strides are in elements.
+// fp32; with `ep`, a per-row / per-column epilogue (below). Runs on the engine's thread pool; results
+// are bitwise identical for any thread count. y must not overlap x or W. Strides are in elements.
+// M <= kGemvMaxRows streams W once (GEMV); larger M packs W into a per-calling-thread scratch that is
+// allocated on first use and reused (so calls from several threads at once are safe).
 #pragma once
 #include <cstdint>
 
