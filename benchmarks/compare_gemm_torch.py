@@ -9,7 +9,7 @@ normengine.set_num_threads), no bias:
   torch  torch.matmul(x, w.t(), out=out)       (fp32 weights)
 GEMM (M = 16, 128, 512; GPT-2-small prefill shapes), fp32 weights; also ours with bf16 weights
 (torch has no fp32 x bf16 matmul, so that column is ours only, its ratio against torch fp32).
-GEMV (M = 1; decode), fp32 and bf16 weights; torch's bf16 column is F.linear on bf16 x and bf16
+GEMV (M = 1; decode), fp32 and bf16 weights; torch's bf16 column is torch.matmul on bf16 x and bf16
 weights (bf16 output), for reference.
 
 Timing: each variant runs back to back for >= 20 ms per sample (the first call untimed), variants
@@ -29,7 +29,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 import normengine
 from normengine import _C
@@ -101,7 +100,6 @@ def gemv(args):
             "torch_bf16": lambda i: torch.matmul(xb, wbs[i % c].t(), out=y3),
             "ours_bf16": lambda i: _C.linear(x, wbs[i % c], None, y4, 0),
         }, args.repeats)
-        del ws, wbs
         b32, b16 = 4.0 * N * K, 2.0 * N * K
         print(f"{K:>5} {N:>6} {b32 / m['torch'] / 1e9:>8.1f} {b32 / m['ours'] / 1e9:>8.1f} "
               f"{m['torch'] / m['ours']:>6.2f} {b16 / m['torch_bf16'] / 1e9:>10.1f} "
