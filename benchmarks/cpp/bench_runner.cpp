@@ -36,6 +36,8 @@
 #include <utility>
 #include <vector>
 
+#include <unistd.h>
+
 #include "core/half.h"
 #include "core/parallel.h"
 #include "normengine/model.h"
@@ -137,6 +139,32 @@ long vm_hwm_kb() {
     if (std::strncmp(line, "VmHWM:", 6) == 0) kb = std::atol(line + 6);
   std::fclose(f);
   return kb;
+}
+
+// CPU time used by the whole machine (non-idle, all cores) and by this process, in clock ticks:
+// their difference over a timed stretch is what other processes took from us.
+long long machine_busy_ticks() {
+  FILE* f = std::fopen("/proc/stat", "r");
+  if (!f) return -1;
+  long long v[10] = {0};
+  int n = std::fscanf(f, "cpu %lld %lld %lld %lld %lld %lld %lld %lld", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5],
+                      &v[6], &v[7]);
+  std::fclose(f);
+  return n == 8 ? v[0] + v[1] + v[2] + v[5] + v[6] + v[7] : -1;  // user nice system (idle iowait) irq softirq steal
+}
+long long self_ticks() {
+  FILE* f = std::fopen("/proc/self/stat", "r");
+  if (!f) return -1;
+  char buf[2048];
+  size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+  std::fclose(f);
+  buf[n] = 0;
+  const char* p = std::strrchr(buf, ')');
+  if (!p) return -1;
+  long long ut = 0, st = 0;
+  // after ")": state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
+  if (std::sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lld %lld", &ut, &st) != 2) return -1;
+  return ut + st;
 }
 
 struct TensorDef {
@@ -321,12 +349,16 @@ int main(int argc, char** argv) {
     copy();
     read();
     std::vector<double> tp, td, tc, tr;
+    const long long mb0 = machine_busy_ticks(), sb0 = self_ticks();
+    const double tw0 = now_s();
     for (int r = 0; r < repeats; ++r) {
       tp.push_back(seconds_of(do_prefill));
       td.push_back(seconds_of(do_decode));
       tc.push_back(seconds_of(copy));
       tr.push_back(seconds_of(read));
     }
+    const double others = static_cast<double>((machine_busy_ticks() - mb0) - (self_ticks() - sb0)) /
+                          static_cast<double>(sysconf(_SC_CLK_TCK)) / (now_s() - tw0);
     const double p = median(tp), dd = median(td), c = median(tc);
     const double bw = 2.0 * cbytes / c;                 // bytes/s of traffic
     const double step = dd / gen;                       // s per decode token
@@ -343,6 +375,8 @@ int main(int argc, char** argv) {
     const double rbw = cbytes / median(tr);
     std::printf("(read-only stream: %.1f GB/s; decode streams its weights at %.1f GB/s = %.1f%% of that)\n",
                 rbw / 1e9, per_token / step / 1e9, 100.0 * per_token / step / rbw);
+    std::printf("other processes used %.2f cores on average while this was timed (0: the machine was ours)\n",
+                others);
     std::printf("spread: prefill min/max %.2f/%.2f ms, decode min/max %.2f/%.2f ms\n",
                 *std::min_element(tp.begin(), tp.end()) * 1e3, *std::max_element(tp.begin(), tp.end()) * 1e3,
                 *std::min_element(td.begin(), td.end()) * 1e3, *std::max_element(td.begin(), td.end()) * 1e3);
