@@ -45,10 +45,8 @@ float elem_f32(const void* p, DType t, int64_t i) {
   }
 }
 
-const AttentionTable& attn_kernels() {
-  static const AttentionTable* t = NE_PICK_ISA(attention_table);
-  return *t;
-}
+// Picked per call, so force_cpu_isa() takes effect at once.
+const AttentionTable& attn_kernels() { return *NE_PICK_ISA(attention_table); }
 
 }  // namespace
 

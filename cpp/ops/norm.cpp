@@ -373,10 +373,8 @@ void* cpu_scratch(int64_t n, DType t) {  // 2 * threads * n accumulators, reused
   if (buf.size() < need) buf.resize(need);
   return buf.data();
 }
-const NormTable& cpu_norm() {
-  static const NormTable* t = NE_PICK_ISA(norm_table);
-  return *t;
-}
+// Picked per call (each getter returns a static table), so force_cpu_isa() takes effect at once.
+const NormTable& cpu_norm() { return *NE_PICK_ISA(norm_table); }
 [[noreturn, maybe_unused]] void no_cuda(const TensorView& x) {
   throw DeviceError(std::string(x.name) + " is on " + x.device.str() +
                     ", but this build of normengine has no CUDA kernels (it was built without nvcc)");
