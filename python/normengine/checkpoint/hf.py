@@ -29,6 +29,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ArgumentError, CheckpointError, UnsupportedError
+from .safetensors_io import release_pages
 
 _ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
@@ -379,6 +380,7 @@ def map_tensors(arch: Architecture, raw: Dict[str, torch.Tensor], cfg: ModelConf
                     f"{where}: tensor '{src_name}': expected a 2-D Conv1D weight, found shape {tuple(t.shape)}"
                 )
             put(fill(dst), t.t().contiguous(), src_name, t.shape)
+            release_pages(t)  # the mapped original is not read again: its pages leave our memory
         elif kind in ("t_split3", "split3"):
             src_shape = t.shape
             if kind == "t_split3":
@@ -386,7 +388,8 @@ def map_tensors(arch: Architecture, raw: Dict[str, torch.Tensor], cfg: ModelConf
                     raise CheckpointError(
                         f"{where}: tensor '{src_name}': expected a 2-D Conv1D weight, found shape {tuple(t.shape)}"
                     )
-                t = t.t().contiguous()
+                src, t = t, t.t().contiguous()
+                release_pages(src)
             if t.dim() < 1 or t.shape[0] % 3:
                 raise CheckpointError(
                     f"{where}: tensor '{src_name}': the fused q/k/v dimension of shape {tuple(t.shape)}"

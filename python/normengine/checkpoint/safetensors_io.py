@@ -21,9 +21,12 @@ implementation requires).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import mmap
 import os
+import weakref
 from typing import Dict, Mapping, Tuple
 
 import numpy as np
@@ -142,6 +145,45 @@ def read_header(path) -> Tuple[dict, Dict[str, str], int]:
     return entries, metadata, data_start
 
 
+# ------------------------------------------------------------------ releasing mapped pages
+# The pages of a mapped checkpoint that a tensor view has read stay resident (and count in the
+# process's memory) for as long as the mapping lives, i.e. as long as any tensor of the file does.
+# When a loader replaces a mapped tensor by a transformed copy (a transposed GPT-2 Conv1D weight, a
+# dtype conversion), release_pages(source) hands those pages back, so peak memory stays near one copy
+# of the weights. Only ranges inside a live mapping this module made are touched.
+_MAPS: list = []  # (start address, end address, weakref to the np.memmap)
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+
+
+def _register_map(mm) -> None:
+    _MAPS[:] = [m for m in _MAPS if m[2]() is not None]
+    base = mm.ctypes.data
+    _MAPS.append((base, base + mm.nbytes, weakref.ref(mm)))
+
+
+def release_pages(t: torch.Tensor) -> int:
+    """Drop the resident pages that lie entirely inside tensor `t`'s bytes, if `t` is a view of a
+    checkpoint file this module mapped. The caller promises `t` is not read again, or that its pages
+    were never written (clean pages are read back from the file on the next access). Returns the
+    number of bytes released (0 when `t` is not mapped memory)."""
+    if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.numel() == 0:
+        return 0
+    lo = t.data_ptr()
+    hi = lo + t.numel() * t.element_size()
+    for start, end, ref in _MAPS:
+        if start <= lo and hi <= end and ref() is not None:
+            a = -(-lo // _PAGE) * _PAGE
+            b = hi // _PAGE * _PAGE
+            if b <= a:
+                return 0
+            if ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a),
+                                                         _MADV_DONTNEED) != 0:
+                return 0
+            return b - a
+    return 0
+
+
 def read_safetensors(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """Map every tensor of a safetensors file (zero-copy, copy-on-write). Returns (tensors, metadata)."""
     path = os.fspath(path)
@@ -152,6 +194,7 @@ def read_safetensors(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
             mm = np.memmap(path, dtype=np.uint8, mode="c")
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot map safetensors file: {e}") from e
+        _register_map(mm)
     out = {}
     for name, e in entries.items():
         tdtype, ndtype = _DTYPES[e["dtype"]]

@@ -45,10 +45,17 @@ def _f64(t):
     return t.detach().to(torch.float64)
 
 
-def _scale_columns(w, g, inplace: bool, chunk: int = 4096):
+def _rows_per_chunk(w) -> int:
+    """Rows of w whose float64 copy is about 1 MB: small temporaries are reused by the allocator,
+    where large ones leave the heap fragmented (and the process's peak memory doubled)."""
+    return max(1, (1 << 17) // max(1, w.shape[-1]))
+
+
+def _scale_columns(w, g, inplace: bool, chunk: int | None = None):
     """w * g (g along the input dimension) in float64, rounded to w's dtype; row chunks bound the
     float64 temporary. inplace writes into w (a copy-on-write mapping stays one copy in memory)."""
     out = w if inplace else torch.empty_like(w)
+    chunk = chunk or _rows_per_chunk(w)
     for r0 in range(0, w.shape[0], chunk):
         out[r0:r0 + chunk] = (_f64(w[r0:r0 + chunk]) * g).to(w.dtype)
     return out
@@ -75,7 +82,8 @@ def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False):
             if b is not None:  # c' = c + W b, from the weights before scaling
                 bname = f"{r}.bias"
                 c = _f64(sd[bname]) if bname in sd else torch.zeros(w.shape[0], dtype=torch.float64)
-                wb = torch.cat([_f64(w[i:i + 4096]) @ b for i in range(0, w.shape[0], 4096)])
+                n = _rows_per_chunk(w)
+                wb = torch.cat([_f64(w[i:i + n]) @ b for i in range(0, w.shape[0], n)])
                 out[bname] = (c + wb).to(sd[bname].dtype if bname in sd else w.dtype)
             out[wname] = _scale_columns(w, g, inplace and not (tied and r == "lm_head"))
         out[f"{norm}.weight"] = torch.ones_like(sd[f"{norm}.weight"])

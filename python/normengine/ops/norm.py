@@ -92,14 +92,17 @@ class AddNormFunction(torch.autograd.Function):
         ctx.save_for_backward(h, w32, rstd)
         ctx.wdtype = None if weight is None else weight.dtype
         ctx.bdtype = None if bias is None else bias.dtype
+        # An unused output (often h = x + residual) gets a None gradient instead of a materialized
+        # zero tensor, so the kernel skips adding it (one full read less).
+        ctx.set_materialize_grads(False)
         return y, h
 
     @staticmethod
     def backward(ctx, dy, dh):
         h, w32, rstd = ctx.saved_tensors
         need_w, need_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        if dy is None:
-            dy = torch.zeros_like(h)
+        if dy is None:  # only h = x + residual was used: its gradient passes straight through
+            return None, dh, dh, None, None, None, None, None
         dx, dw, db = _backward(ctx.kind, dy, h, w32, rstd, dh, need_w, need_b)
         dw = dw.to(ctx.wdtype) if dw is not None else None
         db = db.to(ctx.bdtype) if db is not None else None
