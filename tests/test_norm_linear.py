@@ -66,3 +66,21 @@ def test_bad_input(gen):
         ne.ops.norm_linear(x.half(), torch.randn(3, 8))
     with pytest.raises(ne.ShapeError, match="bias"):
         ne.ops.norm_linear(x, torch.randn(3, 8), torch.randn(4))
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms", "crms"])
+def test_norm_linear_out(norm, gen):
+    """out= writes the same values as the allocating call, into the given memory."""
+    x = torch.randn(5, 37, generator=gen) * 2 + 1
+    w = torch.randn(11, 37, generator=gen)
+    b = torch.randn(11, generator=gen)
+    out = torch.full((5, 11), float("nan"))
+    got = ne.ops.norm_linear(x, w, b, norm=norm, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    want = ref.norm_linear(x.double(), w.double(), b.double(), norm=norm)
+    assert rel_err(out, want) < 1e-5
+    with pytest.raises(ne.errors.ShapeError, match="out"):
+        ne.ops.norm_linear(x, w, b, norm=norm, out=torch.empty(5, 10))
+    xg = x.clone().requires_grad_()
+    with pytest.raises(ne.errors.ArgumentError, match="out"):
+        ne.ops.norm_linear(xg, w, b, norm=norm, out=out)

@@ -84,11 +84,12 @@ class NormLinearFunction(torch.autograd.Function):
         return None, dx, dw, db, None, None
 
 
-def norm_linear(x, weight, bias=None, norm: str = "rms", eps: float | None = None, *, col_sum=None):
+def norm_linear(x, weight, bias=None, norm: str = "rms", eps: float | None = None, *, col_sum=None, out=None):
     """y = norm(x) @ weight.T + bias, norm in {'rms', 'crms', 'layer'} over the last dimension of x,
     without writing norm(x). x: float32 [..., K]; weight: [N, K] float32 / bfloat16 / float16;
     bias: [N] float32. col_sum (LayerNorm only): weight.sum(1) precomputed, else computed per call.
-    eps defaults to 1e-5 for 'layer', 1e-6 otherwise."""
+    eps defaults to 1e-5 for 'layer', 1e-6 otherwise. out: a float32 [..., N] tensor to write into
+    (reused memory; only when no gradient is needed)."""
     kind = _kind(norm)
     eps = check_eps((1e-5 if kind == LAYER else 1e-6) if eps is None else eps)
     x = check_input(x)
@@ -99,4 +100,18 @@ def norm_linear(x, weight, bias=None, norm: str = "rms", eps: float | None = Non
     if bias is not None:
         _check_bias(bias, x, w.size(0))
         bias = bias.to(x.dtype)
+    if out is not None:
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
+            raise ArgumentError("out: norm_linear cannot write into out= when gradients are required")
+        from .linear import _check_out
+
+        out = _check_out(out, x, w.size(0))
+        if x.is_cuda or x.dtype != torch.float32:
+            out.copy_(_forward_native(kind, x, w.detach(), bias, eps, col_sum)[0])
+            return out
+        n_rows = x.numel() // x.size(-1)
+        rstd = torch.empty(n_rows, dtype=torch.float32)
+        mean = torch.empty(n_rows, dtype=torch.float32) if kind == LAYER else None
+        _C.norm_linear(kind, x, w.detach(), bias, eps, col_sum, out, mean, rstd, 0)
+        return out
     return NormLinearFunction.apply(kind, x, w, bias, eps, col_sum)
