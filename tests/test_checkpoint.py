@@ -1051,3 +1051,20 @@ def test_bad_normengine_checkpoint(tmp_path):
     (out / "config.json").write_text(json.dumps(conf))
     with pytest.raises(ne.CheckpointError, match="bogus_field"):
         load_checkpoint(out)
+
+
+def test_release_pages_of_mapped_tensor(tmp_path):
+    """release_pages drops the resident pages of a tensor mapped from a checkpoint file; a later
+    read faults them back in from the file (clean pages), and tensors not mapped by us are left alone."""
+    from normengine.checkpoint.safetensors_io import read_safetensors, release_pages, write_safetensors
+
+    big = torch.arange(300_000, dtype=torch.float32)
+    small = torch.ones(3)
+    write_safetensors(str(tmp_path / "m.safetensors"), {"big": big, "small": small}, {})
+    tensors, _ = read_safetensors(str(tmp_path / "m.safetensors"))
+    assert torch.equal(tensors["big"], big)  # touch every page
+    assert release_pages(tensors["big"]) > 0
+    assert torch.equal(tensors["big"], big)  # read back from the file
+    assert release_pages(tensors["small"]) == 0  # no whole page inside it
+    own = torch.arange(300_000, dtype=torch.float32)
+    assert release_pages(own) == 0 and torch.equal(own, big)  # ordinary memory: untouched

@@ -51,21 +51,28 @@ def _rows_per_chunk(w) -> int:
     return max(1, (1 << 17) // max(1, w.shape[-1]))
 
 
-def _scale_columns(w, g, inplace: bool, chunk: int | None = None):
-    """w * g (g along the input dimension) in float64, rounded to w's dtype; row chunks bound the
-    float64 temporary. inplace writes into w (a copy-on-write mapping stays one copy in memory)."""
-    out = w if inplace else torch.empty_like(w)
+def _scale_columns(w, g, inplace: bool, chunk: int | None = None, dtype=None):
+    """w * g (g along the input dimension) in float64, rounded (once) to `dtype` (default w's);
+    row chunks bound the float64 temporary. inplace writes into w when the dtype stays (a
+    copy-on-write mapping stays one copy in memory)."""
+    dtype = dtype or w.dtype
+    out = w if (inplace and dtype == w.dtype) else torch.empty(w.shape, dtype=dtype)
     chunk = chunk or _rows_per_chunk(w)
     for r0 in range(0, w.shape[0], chunk):
-        out[r0:r0 + chunk] = (_f64(w[r0:r0 + chunk]) * g).to(w.dtype)
+        out[r0:r0 + chunk] = (_f64(w[r0:r0 + chunk]) * g).to(dtype)
     return out
 
 
-def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False):
+def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False, dtype=None):
     """Fold every norm's gain (and LayerNorm bias) into the linear layers reading it:
     W' = W diag(g), c' = c + W b. The norms keep unit gains (and zero biases): same outputs.
     inplace=True overwrites the readers' weight tensors (not a tied head's, which gets its own)
-    instead of allocating new ones: normengine.load uses it on freshly mapped checkpoints."""
+    instead of allocating new ones, and replaces each reader in `sd` itself as soon as it is
+    folded, so a source that changes dtype is freed at once: normengine.load uses it on freshly
+    mapped checkpoints. dtype: the readers' weights come out in this dtype (one rounding from the
+    float64 product), e.g. torch.bfloat16 for a 16-bit model loaded from float32 weights."""
+    from ..checkpoint.safetensors_io import release_pages
+
     if cfg.norm == "none":
         raise UnsupportedError("fold_norm_affine: this model has no norms to fold")
     cfg = copy.deepcopy(cfg)
@@ -85,7 +92,13 @@ def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False):
                 n = _rows_per_chunk(w)
                 wb = torch.cat([_f64(w[i:i + n]) @ b for i in range(0, w.shape[0], n)])
                 out[bname] = (c + wb).to(sd[bname].dtype if bname in sd else w.dtype)
-            out[wname] = _scale_columns(w, g, inplace and not (tied and r == "lm_head"))
+            own = inplace and not (tied and r == "lm_head")
+            out[wname] = _scale_columns(w, g, own, dtype=dtype if (dtype and w.is_floating_point()) else None)
+            if inplace and out[wname] is not w:
+                if own:  # the source is ours and replaced: its mapped pages can go
+                    release_pages(w)
+                sd[wname] = out[wname]
+            del w
         out[f"{norm}.weight"] = torch.ones_like(sd[f"{norm}.weight"])
         if b is not None:
             out[f"{norm}.bias"] = torch.zeros_like(sd[f"{norm}.bias"])
