@@ -54,7 +54,12 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ENGINES = ("ne-f32", "ne-bf16", "hf-f32", "llama-f32", "llama-f16")
+ENGINES = ("ne-f32", "ne-bf16", "hf-f32", "llama-f32", "llama-f16", "ne-int8", "ne-int4", "llama-q8_0",
+           "llama-q4_0")
+DEFAULT_ENGINES = ("ne-f32", "ne-bf16", "hf-f32", "llama-f32", "llama-f16")
+# bytes per weight of each engine's matrices (for the weight-bytes and bandwidth-bound columns)
+BYTES_PER_WEIGHT = {"f32": 4, "bf16": 2, "f16": 2, "int8": 1 + 4 / 768, "q8_0": 34 / 32, "int4": 0.5 + 4 / 128,
+                    "q4_0": 18 / 32}
 
 
 def rss_kb(field: str) -> int:
@@ -174,7 +179,8 @@ def worker(a) -> dict:
         torch.set_num_threads(n)
         rss0 = rss_kb("VmRSS")
         t = time.perf_counter()
-        m = normengine.load(a.model_dir, dtype=torch.bfloat16 if a.worker == "ne-bf16" else None)
+        quant = {"ne-int8": "int8", "ne-int4": "int4"}.get(a.worker)
+        m = normengine.load(a.model_dir, dtype=torch.bfloat16 if a.worker == "ne-bf16" else None, quant=quant)
         res["load_s"] = time.perf_counter() - t
         res["isa"] = normengine.cpu_isa()
         if a.dump_logits:
@@ -353,7 +359,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--archs", default="gpt2,llama")
-    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
+                    help=f"comma-separated, of {','.join(ENGINES)}")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="also write every figure to this file")
     ap.add_argument("--no-check", action="store_true", help="skip the logits check")
@@ -392,7 +399,9 @@ def main():
     dirs = make_models(workdir, archs)
     ggufs = {}
     for arch in archs:
-        for ot in ("f32", "f16"):
+        for ot in ("f32", "f16", "q8_0", "q4_0"):
+            if ot not in ("f32", "f16") and f"llama-{ot}" not in engines:
+                continue
             g = os.path.join(workdir, f"{arch}-{ot}.gguf")
             if not os.path.exists(g):
                 hf_to_gguf.convert(dirs[arch], g, ot, write_output=False)
@@ -409,7 +418,7 @@ def main():
         # round), so the noise of a shared machine falls on all of them alike
         ws = {}
         for e in engines:
-            g = ggufs[(arch, e.split("-")[1])] if e.startswith("llama") else None
+            g = ggufs[(arch, e.split("-", 1)[1])] if e.startswith("llama") else None
             ws[e] = Worker(a, e, arch, dirs[arch], g)
         for e in engines:
             ws[e].call("run")
@@ -478,7 +487,7 @@ def main():
 
         for e in engines:
             r = base[e]
-            es = 4 if e.endswith("f32") else 2
+            es = BYTES_PER_WEIGHT[e.split("-", 1)[1]]
             wbytes = wi["bytes"](es)
             pre, dec = a.prompt / r["prefill_s"], a.gen / r["decode_s"]
             bound = bw / wi["step_bytes"](es)
@@ -502,6 +511,11 @@ def main():
                   f"{row['peak_over_w']:7.2f} {row['inc_over_w']:6.2f} | {row['pre_vs_hf']:6.2f} "
                   f"{row['dec_vs_hf']:6.2f} | {row['pre_vs_l32']:7.2f} {row['dec_vs_l32']:7.2f} "
                   f"{row['pre_vs_l16']:7.2f} {row['dec_vs_l16']:7.2f}")
+        for ours, theirs in (("ne-int8", "llama-q8_0"), ("ne-int4", "llama-q4_0")):
+            if ours in base and theirs in base:
+                rp, rd = ratio(ours, theirs, "prefill_s"), ratio(ours, theirs, "decode_s")
+                rows.append(dict(arch=arch, engine=f"{ours} vs {theirs}", pre_ratio=rp, dec_ratio=rd))
+                print(f"{ours} vs {theirs}: prefill {rp:.2f}x, decode {rd:.2f}x (their time / ours, paired)")
         print(f"(bound at {bw / 1e9:.1f} GB/s: {bw / wi['step_bytes'](4):.1f} tok/s f32, "
               f"{bw / wi['step_bytes'](2):.1f} tok/s 16-bit; %bnd-p: median over rounds against the bandwidth "
               f"measured after each round; ratios = other engine's time / this engine's time, median over rounds "

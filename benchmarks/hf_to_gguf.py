@@ -1,6 +1,6 @@
-"""Convert a Hugging Face GPT-2 or Llama checkpoint directory to GGUF (f32 or f16), for llama.cpp.
+"""Convert a Hugging Face GPT-2 or Llama checkpoint directory to GGUF (f32, f16, or llama.cpp's q8_0 / q4_0 blocks), for llama.cpp.
 
-    python benchmarks/hf_to_gguf.py CHECKPOINT_DIR OUT.gguf [--outtype f32|f16] [--no-output]
+    python benchmarks/hf_to_gguf.py CHECKPOINT_DIR OUT.gguf [--outtype f32|f16|q8_0|q4_0] [--no-output]
 
 Our own converter, written against the `gguf` package's GGUFWriter (pip install gguf; it ships
 with llama-cpp-python's benchmarks set-up). It produces the tensor names and layouts llama.cpp's
@@ -78,6 +78,12 @@ def strip_prefix(tensors: dict, prefixes) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- tensors
+def quant_type(outtype: str):
+    import gguf
+
+    return {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[outtype]
+
+
 def to_np(t, outtype: str, is_1d: bool) -> np.ndarray:
     import torch
 
@@ -85,6 +91,11 @@ def to_np(t, outtype: str, is_1d: bool) -> np.ndarray:
     a = t.numpy()
     if outtype == "f16" and not is_1d:
         a = a.astype(np.float16)
+    elif outtype in ("q8_0", "q4_0") and not is_1d and a.ndim == 2 and a.shape[1] % 32 == 0:
+        # llama.cpp's own block formats, packed by gguf-py's reference quantizer
+        import gguf
+
+        return gguf.quants.quantize(np.ascontiguousarray(a), quant_type(outtype))
     return np.ascontiguousarray(a)
 
 
@@ -204,8 +215,8 @@ def write_tokenizer(w, path: str, vocab_size: int, arch: str, bos, eos) -> str:
 def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True, quiet: bool = False) -> dict:
     import gguf
 
-    if outtype not in ("f32", "f16"):
-        raise SystemExit(f"--outtype: f32 or f16, got {outtype!r}")
+    if outtype not in ("f32", "f16", "q8_0", "q4_0"):
+        raise SystemExit(f"--outtype: f32, f16, q8_0 or q4_0, got {outtype!r}")
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     mt = cfg.get("model_type")
@@ -256,12 +267,16 @@ def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True
     else:
         raise SystemExit(f"{path}: model_type {mt!r} not supported (gpt2, llama)")
 
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[outtype])
     tok = write_tokenizer(w, path, vocab, arch, cfg.get("bos_token_id"), cfg.get("eos_token_id"))
     n_bytes = n = 0
     for name, t in tensors:
         a = to_np(t, outtype, t.dim() == 1)
-        w.add_tensor(name, a)
+        if a.dtype == np.uint8:  # quantized blocks: tell the writer their type (shape: from the bytes)
+            w.add_tensor(name, a, raw_dtype=quant_type(outtype))
+        else:
+            w.add_tensor(name, a)
         n_bytes += a.nbytes
         n += 1
     w.write_header_to_file()
@@ -278,7 +293,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="Hugging Face checkpoint directory (config.json + weights)")
     ap.add_argument("out", help="output .gguf file")
-    ap.add_argument("--outtype", default="f32", choices=("f32", "f16"))
+    ap.add_argument("--outtype", default="f32", choices=("f32", "f16", "q8_0", "q4_0"))
     ap.add_argument("--no-output", action="store_true",
                     help="leave out a tied head's output.weight (llama.cpp then reuses token_embd)")
     a = ap.parse_args(argv)

@@ -671,6 +671,12 @@ CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spe
   if (s.head_dim > cuda::kMaxHeadDim)
     throw UnsupportedError("spec: the CUDA runner's attention supports head_dim up to " +
                            std::to_string(cuda::kMaxHeadDim) + ", got " + std::to_string(s.head_dim));
+  for (int a : s.attention)
+    if (a != 0)
+      throw UnsupportedError("spec.attention: the CUDA runner runs softmax attention layers only so far (linear, MALA "
+                             "and norm attention layers run on the CPU runner)");
+  if (s.lmul_scope != 0)
+    throw UnsupportedError("spec.lmul_scope: L-Mul arithmetic runs on the CPU runner only so far");
   if (slots < 1) throw ValueError("slots: expected >= 1, got " + std::to_string(slots));
   if (ctx < 1 || ctx > s.max_seq_len)
     throw ValueError("ctx: expected 1.." + std::to_string(s.max_seq_len) + " (the model's context), got " +

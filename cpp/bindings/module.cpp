@@ -42,10 +42,14 @@ void raise_as(const char* cls, const char* fallback_builtin, const char* msg) {
 }  // namespace
 
 void bind_runner(py::module_& m);  // bindings/runner.cpp
+void bind_arith(py::module_& m);   // bindings/arith.cpp: quantized GEMM
+void bind_lmul(py::module_& m);    // bindings/lmul.cpp: L-Mul elementwise / batched, CPU + CUDA
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "normengine native kernels";
   bind_runner(m);
+  bind_arith(m);
+  bind_lmul(m);
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {

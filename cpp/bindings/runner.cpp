@@ -37,6 +37,14 @@ ne::ModelSpec spec_from(const py::dict& d) {
   s.o_bias = get("o_bias").cast<bool>();
   s.mlp_bias = get("mlp_bias").cast<bool>();
   s.head_bias = get("head_bias").cast<bool>();
+  // optional fields (defaults: every layer softmax, exact arithmetic)
+  if (d.contains("attention")) s.attention = d["attention"].cast<std::vector<int>>();
+  if (d.contains("linear_feature_map")) s.linear_feature_map = d["linear_feature_map"].cast<int>();
+  if (d.contains("linear_normalize")) s.linear_normalize = d["linear_normalize"].cast<bool>();
+  if (d.contains("norm_attention_norm")) s.norm_attention_norm = d["norm_attention_norm"].cast<int>();
+  if (d.contains("linear_eps")) s.linear_eps = d["linear_eps"].cast<double>();
+  if (d.contains("lmul_scope")) s.lmul_scope = d["lmul_scope"].cast<int>();
+  if (d.contains("lmul_bits")) s.lmul_bits = d["lmul_bits"].cast<int>();
   if (s.norm < -1 || s.norm > 2) throw ne::ValueError("spec.norm: expected -1..2");
   if (s.activation < 0 || s.activation > 3) throw ne::ValueError("spec.activation: expected 0..3");
   return s;
@@ -72,8 +80,24 @@ void bind_runner(py::module_& m) {
             r.set_tensor(name, v);
           },
           py::arg("name"), py::arg("tensor"), "Hand over a weight; the caller keeps it alive.")
+      .def(
+          "set_quant_tensor",
+          [](ne::Runner& r, const std::string& name, int format, py::handle data, py::handle scale, py::handle zero,
+             int64_t group) {
+            Borrowed b;
+            const std::string dn = name + ".qdata", sn = name + ".qscale", zn = name + ".qzero";
+            TensorView vd = view_of(data, dn.c_str(), b), vs = view_of(scale, sn.c_str(), b);
+            TensorView vz;
+            const bool has_zero = !zero.is_none();
+            if (has_zero) vz = view_of(zero, zn.c_str(), b);
+            r.set_quant_tensor(name, format, vd, vs, has_zero ? &vz : nullptr, group);
+          },
+          py::arg("name"), py::arg("format"), py::arg("data"), py::arg("scale"), py::arg("zero"), py::arg("group"),
+          "Hand over a quantized linear weight (QWeight layout); the caller keeps the tensors alive.")
       .def("finalize", &ne::Runner::finalize)
       .def("fused_norms", &ne::Runner::fused_norms)
+      .def("cache_bytes", &ne::Runner::cache_bytes,
+           "Bytes of per-sequence memory: KV caches of softmax layers plus fixed-size linear-attention states.")
       .def(
           "forward",
           [](ne::Runner& r, py::handle slots, py::handle tokens, py::handle lens, py::handle logits, bool all_logits) {

@@ -11,6 +11,18 @@
 //   xn = norm(x)                                   (mlp_norm)
 //   x += act(xn Wg^T) * (xn Wu^T) Wd^T  (gated)  or  act(xn Wu^T + bu) Wd^T + bd
 // then logits = norm(x) Wlm^T (+blm) for the rows asked for.
+//
+// Variants, chosen per model when it is loaded (normengine.load):
+// - attention type per layer (spec.attention): softmax layers read and extend a KV cache; linear,
+//   MALA and norm-attention layers (ops/linear_attention.h) carry one fixed-size state per sequence,
+//   [n_heads, head_dim + 1, head_dim + 1] floats, updated in place (prefill: chunked, decode:
+//   recurrent), so their memory never grows with the length. RoPE, when the model uses it, rotates q
+//   and k before the feature map, as for softmax layers.
+// - quantized linear weights (set_quant_tensor, ops/quant_gemm.h): each projection runs the
+//   format's GEMM (int8 W8A8, int8 weights, int4 groups, fp8 blocks); an embedding held quantized
+//   is dequantized one looked-up row at a time.
+// - L-Mul arithmetic (spec.lmul_scope, ops/lmul.h): attention products only, or every matmul.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -21,16 +33,21 @@
 #include "normengine/model.h"
 #include "ops/attention.h"
 #include "ops/gemm.h"
+#include "ops/linear_attention.h"
+#include "ops/lmul.h"
+#include "ops/quant_gemm.h"
 
 namespace ne {
 
 namespace {
 
-// A weight as the kernels read it.
+// A weight as the kernels read it: dense (data, dtype, ld) or quantized (quant, q).
 struct W {
   const void* data = nullptr;
   DType dtype = DType::F32;
   int64_t rows = 0, cols = 0, ld = 0;
+  bool quant = false;
+  QWeight q;
   bool present() const { return data != nullptr; }
   const float* f32() const { return static_cast<const float*>(data); }
 };
@@ -45,16 +62,85 @@ float elem_f32(const void* p, DType t, int64_t i) {
   }
 }
 
+// E4M3 (fn) bits -> float: s eeee mmm, bias 7, subnormals at e = 0, 0x7f / 0xff NaN, no Inf.
+float e4m3_to_f32(uint8_t b) {
+  const int e = (b >> 3) & 15, m = b & 7;
+  float v;
+  if (e == 15 && m == 7) v = NAN;
+  else if (e == 0) v = std::ldexp(static_cast<float>(m) / 8.0f, -6);
+  else v = std::ldexp(1.0f + static_cast<float>(m) / 8.0f, e - 7);
+  return (b & 0x80) ? -v : v;
+}
+
+// Row n of a weight as float32 (embedding lookups): dense rows widened, quantized rows dequantized
+// exactly as the GEMMs read them.
+void weight_row(const W& w, int64_t n, float* out) {
+  if (!w.quant) {
+    const char* r = static_cast<const char*>(w.data) + n * w.ld * static_cast<int64_t>(dtype_size(w.dtype));
+    for (int64_t i = 0; i < w.cols; ++i) out[i] = elem_f32(r, w.dtype, i);
+    return;
+  }
+  const QWeight& q = w.q;
+  const int64_t K = q.K;
+  switch (q.format) {
+    case QFormat::Int8:
+    case QFormat::Int8Weight: {
+      const int8_t* r = static_cast<const int8_t*>(q.data) + n * K;
+      for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(r[k]) * q.scale[n];
+      break;
+    }
+    case QFormat::Int4: {  // w = (nibble - zero) * scale, per group of q.group along K
+      const uint8_t* r = static_cast<const uint8_t*>(q.data) + n * (K / 2);
+      const int64_t G = K / q.group;
+      for (int64_t k = 0; k < K; ++k) {
+        const int nib = (k & 1) ? (r[k / 2] >> 4) : (r[k / 2] & 15);
+        const float z = q.zero ? q.zero[n * G + k / q.group] : 8.0f;
+        out[k] = (static_cast<float>(nib) - z) * q.scale[n * G + k / q.group];
+      }
+      break;
+    }
+    case QFormat::FP8: {  // w = e4m3(q) * scale (per tensor, or per 128 x 128 block)
+      const uint8_t* r = static_cast<const uint8_t*>(q.data) + n * K;
+      const int64_t kb = (K + 127) / 128;
+      for (int64_t k = 0; k < K; ++k)
+        out[k] = e4m3_to_f32(r[k]) * (q.group == 0 ? q.scale[0] : q.scale[(n / 128) * kb + k / 128]);
+      break;
+    }
+  }
+}
+
 // Picked per call, so force_cpu_isa() takes effect at once.
 const AttentionTable& attn_kernels() { return *NE_PICK_ISA(attention_table); }
+
+// y[T, N] (+)= x[T, K] W^T (+ b) (with an optional norm epilogue), by the weight's kind: dense
+// (gemm_f32), quantized (quant_gemm_f32: the format's own activation handling), or, when lmul_bits
+// > 0, every product an L-Mul (lmul_gemm_f32; float32 weights, no epilogue).
+void linear(const W& w, const W& b, const float* x, int64_t T, float* y, bool accumulate, int lmul_bits = 0,
+            const GemmEpilogue* ep = nullptr) {
+  const float* bias = b.present() ? b.f32() : nullptr;
+  if (w.quant) {
+    quant_gemm_f32(T, x, w.cols, w.q, bias, y, w.rows, accumulate, ep);
+  } else if (lmul_bits > 0) {
+    lmul_gemm_f32(T, w.rows, w.cols, x, w.cols, w.f32(), w.ld, bias, y, w.rows, accumulate, lmul_bits);
+  } else {
+    gemm_f32(T, w.rows, w.cols, x, w.cols, w.data, w.dtype, w.ld, bias, y, w.rows, accumulate, ep);
+  }
+}
 
 }  // namespace
 
 
 struct Runner::Layer {
-  W attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob;
+  AttnType type = AttnType::Softmax;
+  W attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob, decay;
   W mlp_norm_w, mlp_norm_b, up, gate, down, upb, gateb, downb;
-  std::vector<float> kcache, vcache;  // [slots][ctx][n_kv_heads * head_dim]
+  std::vector<float> kcache, vcache;  // softmax: [slots][ctx][n_kv_heads * head_dim]
+  std::vector<float> state;           // linear family: [slots][n_heads][(head_dim + 1)^2]
+  // Projections that read the same input and whose weights lie back to back in memory run as one
+  // GEMM (one pass over the input, one longer stream of weights): qkv = [q; k; v] (rows dq + 2 dkv),
+  // gate_up = [gate; up] (rows 2 d_ff). Present only when the weights (and biases) are adjacent.
+  W qkv, qkvb, gate_up, gate_upb;
+  std::vector<float> csum_qkv, csum_gate_up;
   std::vector<float> csum_q, csum_k, csum_v, csum_up, csum_gate;  // fused LayerNorm: W.sum(1)
 };
 
@@ -68,9 +154,13 @@ struct Runner::Impl {
   std::vector<Layer> layers;
   W tok_emb, pos_emb, final_w, final_b, head, head_b;
   std::vector<int> len;  // tokens held per slot
-  std::vector<float> rope_cos, rope_sin;
+  // RoPE: inv_freq per pair, and the cos / sin of each row of the current call (built per call from
+  // the rows' positions, so nothing here grows with the context)
+  std::vector<float> rope_inv, rope_cos, rope_sin;
+  std::vector<int32_t> rope_row;
+  bool any_softmax = true;
   // activations, grown to the largest call seen and reused
-  std::vector<float> x, xn, q, k, v, att, up, gate, sel;
+  std::vector<float> x, xn, q, k, v, att, up, gate, sel, qkv, gu;
   std::vector<int32_t> pos;
   std::vector<const float*> kptr, vptr;
   std::vector<float> scratch;
@@ -86,27 +176,40 @@ Runner::Runner(const ModelSpec& s, int slots, int ctx) : spec_(s), n_slots_(slot
   if (ctx < 1 || ctx > s.max_seq_len)
     throw ValueError("ctx: expected 1.." + std::to_string(s.max_seq_len) + " (the model's context), got " +
                      std::to_string(ctx));
+  if (!s.attention.empty() && static_cast<int>(s.attention.size()) != s.n_layers)
+    throw ValueError("spec.attention: expected one entry per layer (" + std::to_string(s.n_layers) + "), got " +
+                     std::to_string(s.attention.size()));
+  for (int a : s.attention)
+    if (a < 0 || a > 3) throw ValueError("spec.attention: expected 0 (softmax), 1 (linear), 2 (mala) or 3 (norm)");
+  if (s.linear_feature_map < 0 || s.linear_feature_map > 2)
+    throw ValueError("spec.linear_feature_map: expected 0 (elu1), 1 (relu) or 2 (identity)");
+  if (s.norm_attention_norm < 0 || s.norm_attention_norm > 1)
+    throw ValueError("spec.norm_attention_norm: expected 0 (rms) or 1 (layer)");
+  if (s.lmul_scope < 0 || s.lmul_scope > 2) throw ValueError("spec.lmul_scope: expected 0 (off), 1 (attention) or 2 (all)");
+  if (s.lmul_scope && (s.lmul_bits < 1 || s.lmul_bits > 23))
+    throw ValueError("spec.lmul_bits: expected 1..23 mantissa bits, got " + std::to_string(s.lmul_bits));
   impl_ = std::make_unique<Impl>();
   impl_->layers.resize(s.n_layers);
   const size_t cache = static_cast<size_t>(slots) * ctx * s.n_kv_heads * s.head_dim;
-  for (auto& l : impl_->layers) {
-    l.kcache.assign(cache, 0.f);
-    l.vcache.assign(cache, 0.f);
+  for (int i = 0; i < s.n_layers; ++i) {
+    Layer& l = impl_->layers[i];
+    l.type = s.attention.empty() ? AttnType::Softmax : static_cast<AttnType>(s.attention[i]);
+    if (l.type == AttnType::Softmax) {
+      l.kcache.assign(cache, 0.f);
+      l.vcache.assign(cache, 0.f);
+    } else {
+      l.state.assign(static_cast<size_t>(slots) * s.n_heads * (s.head_dim + 1) * (s.head_dim + 1), 0.f);
+    }
   }
   impl_->len.assign(slots, 0);
+  impl_->any_softmax = false;
+  for (const auto& l : impl_->layers) impl_->any_softmax |= l.type == AttnType::Softmax;
   if (!s.learned_pos) {
     // As Hugging Face computes them, in float32: inv_freq_i = 1 / theta^(2i / D), angle = pos * inv_freq_i.
     const int half = s.head_dim / 2;
-    impl_->rope_cos.resize(static_cast<size_t>(ctx) * half);
-    impl_->rope_sin.resize(static_cast<size_t>(ctx) * half);
-    for (int i = 0; i < half; ++i) {
-      float inv = 1.0f / std::pow(static_cast<float>(s.rope_theta), static_cast<float>(2 * i) / s.head_dim);
-      for (int p = 0; p < ctx; ++p) {
-        float a = static_cast<float>(p) * inv;
-        impl_->rope_cos[static_cast<size_t>(p) * half + i] = static_cast<float>(std::cos(static_cast<double>(a)));
-        impl_->rope_sin[static_cast<size_t>(p) * half + i] = static_cast<float>(std::sin(static_cast<double>(a)));
-      }
-    }
+    impl_->rope_inv.resize(half);
+    for (int i = 0; i < half; ++i)
+      impl_->rope_inv[i] = 1.0f / std::pow(static_cast<float>(s.rope_theta), static_cast<float>(2 * i) / s.head_dim);
   }
 }
 
@@ -170,6 +273,11 @@ void Runner::set_tensor(const std::string& name, const TensorView& t) {
     if (r == "attn.k.bias") { L.kb = vecf(dkv); return; }
     if (r == "attn.v.bias") { L.vb = vecf(dkv); return; }
     if (r == "attn.o.bias") { L.ob = vecf(d); return; }
+    if (r == "attn.decay") {
+      if (L.type != AttnType::Norm) throw ValueError(name + ": only norm-attention layers take a decay");
+      L.decay = vecf(s.n_heads);
+      return;
+    }
     if (r == "mlp.up.weight") { L.up = mat(f, d); return; }
     if (r == "mlp.gate.weight") { L.gate = mat(f, d); return; }
     if (r == "mlp.down.weight") { L.down = mat(d, f); return; }
@@ -178,6 +286,90 @@ void Runner::set_tensor(const std::string& name, const TensorView& t) {
     if (r == "mlp.down.bias") { L.downb = vecf(d); return; }
   }
   throw ValueError(name + ": not a tensor of this model");
+}
+
+void Runner::set_quant_tensor(const std::string& name, int format, const TensorView& data, const TensorView& scale,
+                              const TensorView* zero, int64_t group) {
+  const ModelSpec& s = spec_;
+  const int64_t d = s.d_model, dq = static_cast<int64_t>(s.n_heads) * s.head_dim,
+                dkv = static_cast<int64_t>(s.n_kv_heads) * s.head_dim, f = s.d_ff;
+  // The matrix this name refers to, and its [rows, cols].
+  W* w = nullptr;
+  int64_t N = 0, K = 0;
+  if (name == "tok_emb.weight") { w = &impl_->tok_emb; N = s.vocab; K = d; }
+  else if (name == "lm_head.weight") { w = &impl_->head; N = s.vocab; K = d; }
+  else if (name.rfind("blocks.", 0) == 0) {
+    size_t dot = name.find('.', 7);
+    int i = -1;
+    try { i = std::stoi(name.substr(7, dot - 7)); } catch (...) {}
+    if (i < 0 || i >= s.n_layers || dot == std::string::npos)
+      throw ValueError(name + ": no such layer (the model has " + std::to_string(s.n_layers) + ")");
+    Layer& L = impl_->layers[i];
+    const std::string r = name.substr(dot + 1);
+    if (r == "attn.q.weight") { w = &L.q; N = dq; K = d; }
+    else if (r == "attn.k.weight") { w = &L.k; N = dkv; K = d; }
+    else if (r == "attn.v.weight") { w = &L.v; N = dkv; K = d; }
+    else if (r == "attn.o.weight") { w = &L.o; N = d; K = dq; }
+    else if (r == "mlp.up.weight") { w = &L.up; N = f; K = d; }
+    else if (r == "mlp.gate.weight") { w = &L.gate; N = f; K = d; }
+    else if (r == "mlp.down.weight") { w = &L.down; N = d; K = f; }
+  }
+  if (!w) throw ValueError(name + ": not a quantizable weight of this model (linear weights and embeddings only)");
+  if (format < 0 || format > 3) throw ValueError(name + ": format: expected 0..3 (QFormat), got " + std::to_string(format));
+  const QFormat fmt = static_cast<QFormat>(format);
+  auto cpu_contig = [&](const TensorView& t, DType want, const std::vector<int64_t>& shape, const char* what) {
+    if (t.device.type != DeviceType::CPU) throw DeviceError(name + "." + what + ": expected a CPU tensor");
+    if (t.dtype != want)
+      throw DTypeError(name + "." + what + ": expected " + dtype_name(want) + ", got " + dtype_name(t.dtype));
+    bool ok = t.is_contiguous() && t.ndim == static_cast<int>(shape.size());
+    for (size_t j = 0; ok && j < shape.size(); ++j) ok = t.shape[j] == shape[j];
+    if (!ok) {
+      std::string want_s = "(";
+      for (size_t j = 0; j < shape.size(); ++j) want_s += (j ? ", " : "") + std::to_string(shape[j]);
+      throw ShapeError(name + "." + what + ": expected a contiguous tensor of shape " + want_s + "), got " +
+                       shape_str(t));
+    }
+  };
+  QWeight q;
+  q.format = fmt;
+  q.N = N;
+  q.K = K;
+  q.group = group;
+  switch (fmt) {
+    case QFormat::Int8:
+    case QFormat::Int8Weight:
+      if (group != 0) throw ValueError(name + ": int8 formats take no group size (group 0), got " + std::to_string(group));
+      cpu_contig(data, DType::I8, {N, K}, "qdata");
+      cpu_contig(scale, DType::F32, {N}, "qscale");
+      break;
+    case QFormat::Int4:
+      if (group != 32 && group != 64 && group != 128)
+        throw ValueError(name + ": int4 group size must be 32, 64 or 128, got " + std::to_string(group));
+      if (K % group) throw ShapeError(name + ": in_features " + std::to_string(K) + " is not a multiple of the group size " + std::to_string(group));
+      cpu_contig(data, DType::U8, {N, K / 2}, "qdata");
+      cpu_contig(scale, DType::F32, {N, K / group}, "qscale");
+      if (zero) cpu_contig(*zero, DType::F32, {N, K / group}, "qzero");
+      break;
+    case QFormat::FP8:
+      if (group != 0 && group != 128) throw ValueError(name + ": fp8 scales are per tensor (0) or 128 x 128 blocks (128), got " + std::to_string(group));
+      cpu_contig(data, DType::U8, {N, K}, "qdata");
+      if (group == 0) cpu_contig(scale, DType::F32, {1}, "qscale");
+      else cpu_contig(scale, DType::F32, {(N + 127) / 128, (K + 127) / 128}, "qscale");
+      break;
+  }
+  if (zero && fmt != QFormat::Int4) throw ValueError(name + ": only int4 takes zero points");
+  q.data = data.data;
+  q.scale = static_cast<const float*>(scale.data);
+  q.zero = zero ? static_cast<const float*>(zero->data) : nullptr;
+  W out;
+  out.data = data.data;  // present()
+  out.dtype = DType::F32;
+  out.rows = N;
+  out.cols = K;
+  out.ld = K;
+  out.quant = true;
+  out.q = q;
+  *w = out;
 }
 
 void Runner::finalize() {
@@ -214,7 +406,56 @@ void Runner::finalize() {
       if (w.f32()[i] != 1.0f || (b.present() && b.f32()[i] != 0.0f)) return false;
     return true;
   };
-  bool fused = has_norm && unit(impl_->final_w, impl_->final_b);
+  if (s.lmul_scope == 2) {  // L-Mul everywhere reads float32 weights
+    auto f32_only = [](const W& w, const std::string& name) {
+      if (w.present() && (w.quant || w.dtype != DType::F32))
+        throw DTypeError(name + ": L-Mul in every matmul (lmul_scope all) needs float32 weights, got " +
+                         (w.quant ? std::string("a quantized weight") : dtype_name(w.dtype)));
+    };
+    f32_only(impl_->head, "lm_head.weight");
+    for (int i = 0; i < s.n_layers; ++i) {
+      const Layer& L = impl_->layers[i];
+      const std::string p = "blocks." + std::to_string(i) + ".";
+      f32_only(L.q, p + "attn.q.weight"); f32_only(L.k, p + "attn.k.weight"); f32_only(L.v, p + "attn.v.weight");
+      f32_only(L.o, p + "attn.o.weight"); f32_only(L.up, p + "mlp.up.weight"); f32_only(L.gate, p + "mlp.gate.weight");
+      f32_only(L.down, p + "mlp.down.weight");
+    }
+  }
+  // Back-to-back weights (and biases) run as one GEMM: [q; k; v] and [gate; up].
+  auto follows = [](const W& a, const W& b) {  // b starts where a ends, same layout
+    if (!a.present() || !b.present() || a.quant || b.quant || a.dtype != b.dtype || a.ld != b.ld || a.cols != b.cols)
+      return false;
+    return static_cast<const char*>(a.data) + a.rows * a.ld * static_cast<int64_t>(dtype_size(a.dtype)) == b.data;
+  };
+  auto vec_follows = [](const W& a, const W& b) {
+    return a.present() && b.present() && static_cast<const float*>(a.data) + a.cols == b.data;
+  };
+  auto join = [](const W& a, int64_t rows) {
+    W w = a;
+    w.rows = rows;
+    w.cols = a.cols;
+    return w;
+  };
+  auto join_vec = [](const W& a, int64_t n) {
+    W w = a;
+    w.cols = n;
+    return w;
+  };
+  for (auto& L : impl_->layers) {
+    L.qkv = L.qkvb = L.gate_up = L.gate_upb = W{};
+    if (follows(L.q, L.k) && follows(L.k, L.v) &&
+        (!L.qb.present() || (vec_follows(L.qb, L.kb) && vec_follows(L.kb, L.vb)))) {
+      L.qkv = join(L.q, L.q.rows + L.k.rows + L.v.rows);
+      if (L.qb.present()) L.qkvb = join_vec(L.qb, L.q.rows + L.k.rows + L.v.rows);
+    }
+    if (s.gated_mlp && follows(L.gate, L.up) &&
+        (L.upb.present() == L.gateb.present()) && (!L.gateb.present() || vec_follows(L.gateb, L.upb))) {
+      L.gate_up = join(L.gate, L.gate.rows + L.up.rows);
+      if (L.gateb.present()) L.gate_upb = join_vec(L.gateb, L.gate.rows + L.up.rows);
+    }
+  }
+  // L-Mul GEMMs have no norm epilogue: with lmul_scope all, norms run as their own pass.
+  bool fused = has_norm && s.lmul_scope != 2 && unit(impl_->final_w, impl_->final_b);
   for (int i = 0; fused && i < s.n_layers; ++i) {
     const Layer& L = impl_->layers[i];
     fused = unit(L.attn_norm_w, L.attn_norm_b) && unit(L.mlp_norm_w, L.mlp_norm_b);
@@ -225,11 +466,12 @@ void Runner::finalize() {
       if (!w.present()) return;
       std::vector<float> one(static_cast<size_t>(w.cols), 1.0f);
       out.assign(static_cast<size_t>(w.rows), 0.0f);
-      gemm_f32(1, w.rows, w.cols, one.data(), w.cols, w.data, w.dtype, w.ld, nullptr, out.data(), w.rows, false);
+      linear(w, W{}, one.data(), 1, out.data(), false);  // quantized: sums of the weights as the GEMM sees them
     };
     for (auto& L : impl_->layers) {
       csum(L.q, L.csum_q); csum(L.k, L.csum_k); csum(L.v, L.csum_v);
       csum(L.up, L.csum_up); csum(L.gate, L.csum_gate);
+      csum(L.qkv, L.csum_qkv); csum(L.gate_up, L.csum_gate_up);
     }
     csum(impl_->head, impl_->head_csum);
   }
@@ -237,9 +479,20 @@ void Runner::finalize() {
 
 bool Runner::fused_norms() const { return impl_->fused; }
 
+size_t Runner::cache_bytes() const {
+  size_t n = 0;
+  for (const auto& L : impl_->layers) n += L.kcache.size() + L.vcache.size() + L.state.size();
+  return n * sizeof(float);
+}
+
 void Runner::reset(int slot) {
   if (slot < 0 || slot >= n_slots_) throw ValueError("slot: out of range");
   impl_->len[slot] = 0;
+  for (auto& L : impl_->layers)
+    if (!L.state.empty()) {
+      const size_t per = L.state.size() / n_slots_;
+      std::fill(L.state.begin() + slot * per, L.state.begin() + (slot + 1) * per, 0.0f);
+    }
 }
 
 int Runner::length(int slot) const {
@@ -249,12 +502,6 @@ int Runner::length(int slot) const {
 
 namespace {
 
-// y[T, N] (+)= x[T, K] W^T (+ b)
-void linear(const W& w, const W& b, const float* x, int64_t T, float* y, bool accumulate) {
-  gemm_f32(T, w.rows, w.cols, x, w.cols, w.data, w.dtype, w.ld, b.present() ? b.f32() : nullptr, y, w.rows,
-           accumulate);
-}
-
 // y[T, N] = norm(x) W^T (+ b) with norm's statistics applied in the GEMM epilogue (norm_linear).
 void linear_normed(const W& w, const W& b, const float* x, int64_t T, float* y, const float* rstd,
                    const float* mean, const std::vector<float>& csum) {
@@ -262,8 +509,7 @@ void linear_normed(const W& w, const W& b, const float* x, int64_t T, float* y, 
   ep.row_scale = rstd;
   ep.row_shift = mean;
   ep.col_sum = mean ? csum.data() : nullptr;
-  gemm_f32(T, w.rows, w.cols, x, w.cols, w.data, w.dtype, w.ld, b.present() ? b.f32() : nullptr, y, w.rows, false,
-           &ep);
+  linear(w, b, x, T, y, false, 0, &ep);
 }
 
 // Per-row statistics of the stream (rstd, and mean for LayerNorm) for the fused path.
@@ -321,12 +567,13 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
 
   const int64_t d = s.d_model, dq = static_cast<int64_t>(s.n_heads) * s.head_dim,
                 dkv = static_cast<int64_t>(s.n_kv_heads) * s.head_dim, f = s.d_ff;
+  const int64_t dqkv = dq + 2 * dkv;
   grow(m.x, T * d); grow(m.xn, T * d); grow(m.q, T * dq); grow(m.k, T * dkv); grow(m.v, T * dkv);
-  grow(m.att, T * dq); grow(m.up, T * f);
-  if (s.gated_mlp) grow(m.gate, T * f);
+  grow(m.att, T * dq); grow(m.up, T * f); grow(m.qkv, T * dqkv);
+  if (s.gated_mlp) { grow(m.gate, T * f); grow(m.gu, T * 2 * f); }
   grow(m.pos, T); grow(m.kptr, T); grow(m.vptr, T);
   grow(m.mean, T); grow(m.rstd, T);
-  grow(m.scratch, static_cast<size_t>(num_threads()) * ctx_);
+  if (m.any_softmax) grow(m.scratch, static_cast<size_t>(num_threads()) * ctx_);
 
   // ---- token (and position) embeddings; each token's slot and position
   std::vector<int32_t> slot_of(T);
@@ -341,8 +588,7 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
   const W& E = m.tok_emb;
   for (int64_t t = 0; t < T; ++t) {
     float* xr = m.x.data() + t * d;
-    const char* er = static_cast<const char*>(E.data) + static_cast<int64_t>(tokens[t]) * E.ld * dtype_size(E.dtype);
-    for (int64_t i = 0; i < d; ++i) xr[i] = elem_f32(er, E.dtype, i);
+    weight_row(E, tokens[t], xr);
     if (s.learned_pos) {
       const char* pr =
           static_cast<const char*>(m.pos_emb.data) + static_cast<int64_t>(m.pos[t]) * m.pos_emb.ld * dtype_size(m.pos_emb.dtype);
@@ -350,54 +596,127 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
     }
   }
 
+  if (!s.learned_pos) {  // cos / sin of every row's angles pos * inv_freq_i (float32 angle, as HF)
+    const int half = s.head_dim / 2;
+    grow(m.rope_cos, T * half);
+    grow(m.rope_sin, T * half);
+    grow(m.rope_row, T);
+    for (int64_t t = 0; t < T; ++t) {
+      m.rope_row[t] = static_cast<int32_t>(t);
+      for (int i = 0; i < half; ++i) {
+        const float a = static_cast<float>(m.pos[t]) * m.rope_inv[i];
+        m.rope_cos[t * half + i] = static_cast<float>(std::cos(static_cast<double>(a)));
+        m.rope_sin[t * half + i] = static_cast<float>(std::sin(static_cast<double>(a)));
+      }
+    }
+  }
   const AttentionTable& K = attn_kernels();
+  const int lmul_all = s.lmul_scope == 2 ? s.lmul_bits : 0;  // L-Mul bits of the projections (0: exact)
   for (int li = 0; li < s.n_layers; ++li) {
     Layer& L = m.layers[li];
     // ---- attention
     const float* mu = s.norm == 0 ? m.mean.data() : nullptr;
+    // q, k, v rows: three buffers, or column blocks of one [T, dq + 2 dkv] buffer (fused qkv)
+    const bool fqkv = L.qkv.present();
+    float* qp = fqkv ? m.qkv.data() : m.q.data();
+    float* kp = fqkv ? m.qkv.data() + dq : m.k.data();
+    float* vp = fqkv ? m.qkv.data() + dq + dkv : m.v.data();
+    const int64_t ldq = fqkv ? dqkv : dq, ldkv = fqkv ? dqkv : dkv;
     if (m.fused) {
       row_stats(s, m.x.data(), T, m.mean.data(), m.rstd.data());
-      linear_normed(L.q, L.qb, m.x.data(), T, m.q.data(), m.rstd.data(), mu, L.csum_q);
-      linear_normed(L.k, L.kb, m.x.data(), T, m.k.data(), m.rstd.data(), mu, L.csum_k);
-      linear_normed(L.v, L.vb, m.x.data(), T, m.v.data(), m.rstd.data(), mu, L.csum_v);
+      if (fqkv) {
+        linear_normed(L.qkv, L.qkvb, m.x.data(), T, m.qkv.data(), m.rstd.data(), mu, L.csum_qkv);
+      } else {
+        linear_normed(L.q, L.qb, m.x.data(), T, m.q.data(), m.rstd.data(), mu, L.csum_q);
+        linear_normed(L.k, L.kb, m.x.data(), T, m.k.data(), m.rstd.data(), mu, L.csum_k);
+        linear_normed(L.v, L.vb, m.x.data(), T, m.v.data(), m.rstd.data(), mu, L.csum_v);
+      }
     } else {
       norm_rows(s, L.attn_norm_w, L.attn_norm_b, m.x.data(), m.xn.data(), T);
-      linear(L.q, L.qb, m.xn.data(), T, m.q.data(), false);
-      linear(L.k, L.kb, m.xn.data(), T, m.k.data(), false);
-      linear(L.v, L.vb, m.xn.data(), T, m.v.data(), false);
+      if (fqkv) {
+        linear(L.qkv, L.qkvb, m.xn.data(), T, m.qkv.data(), false, lmul_all);
+      } else {
+        linear(L.q, L.qb, m.xn.data(), T, m.q.data(), false, lmul_all);
+        linear(L.k, L.kb, m.xn.data(), T, m.k.data(), false, lmul_all);
+        linear(L.v, L.vb, m.xn.data(), T, m.v.data(), false, lmul_all);
+      }
     }
     if (!s.learned_pos) {
-      K.rope({T, m.q.data(), dq, s.n_heads, s.head_dim, m.pos.data(), m.rope_cos.data(), m.rope_sin.data()});
-      K.rope({T, m.k.data(), dkv, s.n_kv_heads, s.head_dim, m.pos.data(), m.rope_cos.data(), m.rope_sin.data()});
+      // the tables hold this call's rows: index them by row
+      K.rope({T, qp, ldq, s.n_heads, s.head_dim, m.rope_row.data(), m.rope_cos.data(), m.rope_sin.data()});
+      K.rope({T, kp, ldkv, s.n_kv_heads, s.head_dim, m.rope_row.data(), m.rope_cos.data(), m.rope_sin.data()});
     }
-    for (int64_t t = 0; t < T; ++t) {
-      const size_t base = (static_cast<size_t>(slot_of[t]) * ctx_) * dkv;
-      std::memcpy(&L.kcache[base + static_cast<size_t>(m.pos[t]) * dkv], &m.k[t * dkv], sizeof(float) * dkv);
-      std::memcpy(&L.vcache[base + static_cast<size_t>(m.pos[t]) * dkv], &m.v[t * dkv], sizeof(float) * dkv);
-      m.kptr[t] = &L.kcache[base];
-      m.vptr[t] = &L.vcache[base];
+    if (L.type == AttnType::Softmax) {
+      for (int64_t t = 0; t < T; ++t) {
+        const size_t base = (static_cast<size_t>(slot_of[t]) * ctx_) * dkv;
+        std::memcpy(&L.kcache[base + static_cast<size_t>(m.pos[t]) * dkv], kp + t * ldkv, sizeof(float) * dkv);
+        std::memcpy(&L.vcache[base + static_cast<size_t>(m.pos[t]) * dkv], vp + t * ldkv, sizeof(float) * dkv);
+        m.kptr[t] = &L.kcache[base];
+        m.vptr[t] = &L.vcache[base];
+      }
+      AttnArgs aa{T, qp, ldq, m.att.data(), dq, m.kptr.data(), m.vptr.data(), m.pos.data(),
+                  s.n_heads, s.n_kv_heads, s.head_dim, 1.0f / std::sqrt(static_cast<float>(s.head_dim)),
+                  m.scratch.data(), ctx_};
+      if (s.lmul_scope > 0) lmul_cache_attention(aa, s.lmul_bits);
+      else K.attention(aa);
+    } else {
+      // Linear family: each sequence's rows continue from, and update, its slot's fixed-size state.
+      LinAttnParams p;
+      p.kind = L.type == AttnType::Linear ? LinAttnKind::Linear
+             : L.type == AttnType::Mala   ? LinAttnKind::Mala
+                                          : LinAttnKind::Norm;
+      p.fmap = static_cast<FeatureMap>(s.linear_feature_map);
+      p.causal = true;
+      p.normalize = s.linear_normalize;
+      p.out_norm = s.norm_attention_norm;
+      p.eps = static_cast<float>(s.linear_eps);
+      const size_t per_slot = static_cast<size_t>(s.n_heads) * (s.head_dim + 1) * (s.head_dim + 1);
+      int64_t t0 = 0;
+      for (int i = 0; i < n_seqs; ++i) {
+        LinAttnSeqArgs la;
+        la.p = p;
+        la.T = lens[i];
+        la.n_heads = s.n_heads;
+        la.n_kv_heads = s.n_kv_heads;
+        la.dk = la.dv = s.head_dim;
+        la.q = qp + t0 * ldq; la.ldq = ldq;
+        la.k = kp + t0 * ldkv; la.ldk = ldkv;
+        la.v = vp + t0 * ldkv; la.ldv = ldkv;
+        la.decay = L.decay.present() ? L.decay.f32() : nullptr;
+        la.state = L.state.data() + static_cast<size_t>(slots[i]) * per_slot;
+        la.o = m.att.data() + t0 * dq; la.ldo = dq;
+        linear_attention_sequence(la);
+        t0 += lens[i];
+      }
     }
-    AttnArgs aa{T, m.q.data(), dq, m.att.data(), dq, m.kptr.data(), m.vptr.data(), m.pos.data(),
-                s.n_heads, s.n_kv_heads, s.head_dim, 1.0f / std::sqrt(static_cast<float>(s.head_dim)),
-                m.scratch.data(), ctx_};
-    K.attention(aa);
-    linear(L.o, L.ob, m.att.data(), T, m.x.data(), true);  // x += attn Wo^T + bo
+    linear(L.o, L.ob, m.att.data(), T, m.x.data(), true, lmul_all);  // x += attn Wo^T + bo
     // ---- MLP
+    const bool fgu = L.gate_up.present();  // [gate; up] in one GEMM: gu = [T, 2 d_ff], gate first
     if (m.fused) {
       row_stats(s, m.x.data(), T, m.mean.data(), m.rstd.data());
-      linear_normed(L.up, L.upb, m.x.data(), T, m.up.data(), m.rstd.data(), mu, L.csum_up);
-      if (s.gated_mlp) linear_normed(L.gate, L.gateb, m.x.data(), T, m.gate.data(), m.rstd.data(), mu, L.csum_gate);
+      if (fgu) {
+        linear_normed(L.gate_up, L.gate_upb, m.x.data(), T, m.gu.data(), m.rstd.data(), mu, L.csum_gate_up);
+      } else {
+        linear_normed(L.up, L.upb, m.x.data(), T, m.up.data(), m.rstd.data(), mu, L.csum_up);
+        if (s.gated_mlp) linear_normed(L.gate, L.gateb, m.x.data(), T, m.gate.data(), m.rstd.data(), mu, L.csum_gate);
+      }
     } else {
       norm_rows(s, L.mlp_norm_w, L.mlp_norm_b, m.x.data(), m.xn.data(), T);
-      linear(L.up, L.upb, m.xn.data(), T, m.up.data(), false);
-      if (s.gated_mlp) linear(L.gate, L.gateb, m.xn.data(), T, m.gate.data(), false);
+      if (fgu) {
+        linear(L.gate_up, L.gate_upb, m.xn.data(), T, m.gu.data(), false, lmul_all);
+      } else {
+        linear(L.up, L.upb, m.xn.data(), T, m.up.data(), false, lmul_all);
+        if (s.gated_mlp) linear(L.gate, L.gateb, m.xn.data(), T, m.gate.data(), false, lmul_all);
+      }
     }
-    if (s.gated_mlp) {
+    if (fgu) {
+      K.activation({static_cast<Act>(s.activation), T, f, m.gu.data(), 2 * f, m.gu.data() + f, 2 * f, m.up.data(), f});
+    } else if (s.gated_mlp) {
       K.activation({static_cast<Act>(s.activation), T, f, m.gate.data(), f, m.up.data(), f, m.up.data(), f});
     } else {
       K.activation({static_cast<Act>(s.activation), T, f, m.up.data(), f, nullptr, 0, m.up.data(), f});
     }
-    linear(L.down, L.downb, m.up.data(), T, m.x.data(), true);  // x += act Wd^T + bd
+    linear(L.down, L.downb, m.up.data(), T, m.x.data(), true, lmul_all);  // x += act Wd^T + bd
   }
 
   // ---- head, on the rows asked for
@@ -418,7 +737,7 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
                   m.head_csum);
   } else {
     norm_rows(s, m.final_w, m.final_b, src, m.xn.data(), rows);
-    linear(m.head, m.head_b, m.xn.data(), rows, logits, false);
+    linear(m.head, m.head_b, m.xn.data(), rows, logits, false, lmul_all);
   }
   for (int i = 0; i < n_seqs; ++i) m.len[slots[i]] += lens[i];
 }

@@ -71,7 +71,9 @@ def _load(args):
     import normengine as ne
 
     dtype = getattr(torch, _DTYPES[args.dtype]) if getattr(args, "dtype", None) else None
-    return ne.load(args.path, device=args.device, dtype=dtype)
+    return ne.load(args.path, device=args.device, dtype=dtype, norm=args.norm, quant=args.quant,
+                   group_size=args.group_size, attention=args.attention, arithmetic=args.arithmetic,
+                   lmul_bits=args.lmul_bits, lmul_scope=args.lmul_scope)
 
 
 def cmd_generate(args) -> int:
@@ -105,7 +107,12 @@ def cmd_info(args) -> int:
     from normengine.errors import NormEngineError
 
     try:
-        info = _load(args).info()
+        model = _load(args)
+        info = model.info()
+        if args.arithmetic == "lmul":
+            rep = model.arithmetic_report(args.lmul_bits, args.lmul_scope, args.context)
+        else:
+            model = None
     except (NormEngineError, OSError) as e:
         print(f"normengine: error: {e}", file=sys.stderr)
         return 2
@@ -113,8 +120,36 @@ def cmd_info(args) -> int:
     for k, v in info.items():
         if k == "parameters":
             v = f"{v:,} ({v / 1e6:.2f}M)"
+        elif k == "weight_bytes":
+            v = f"{v:,} ({v / 2**20:.1f} MiB)"
         print(f"{k:<{width}}  {v}")
+    if model is not None:
+        e, c = rep["energy"], rep["multiplies_per_token"]
+        print(f"\nL-Mul multiply-energy estimate per generated token (context {c['context']}, scope {rep['scope']}, "
+              f"{rep['mantissa_bits']}-bit mantissa):")
+        print(f"  multiplies per token: attention {c['attention']:,}, linear layers {c['linear']:,}; "
+              f"done as L-Mul: {rep['lmul_multiplies']:,}")
+        for k, v in e.items():
+            if k not in ("source", "sources"):
+                print(f"  {k}: {v}")
+        src = e.get("source") or e.get("sources")
+        if src:
+            print(f"  source: {src}")
     return 0
+
+
+def _model_options(p) -> None:
+    """The load-time options shared by `generate` and `info` (normengine.load's arguments)."""
+    p.add_argument("--norm", choices=["layernorm", "rmsnorm", "crmsnorm"], default=None,
+                   help="convert the normalization (exact transforms; default: keep, gains folded)")
+    p.add_argument("--quant", choices=["int8", "int8-weight", "int4", "fp8"], default=None,
+                   help="quantize the linear weights at load time")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size / fp8 block (with --quant)")
+    p.add_argument("--attention", choices=["softmax", "linear", "mala", "norm"], default=None,
+                   help="read the attention weights with another attention type")
+    p.add_argument("--arithmetic", choices=["exact", "lmul"], default=None, help="lmul: L-Mul products")
+    p.add_argument("--lmul-bits", type=int, default=4, help="L-Mul mantissa bits (default 4)")
+    p.add_argument("--lmul-scope", choices=["attention", "all"], default="attention")
 
 
 def main(argv=None) -> int:
@@ -132,11 +167,15 @@ def main(argv=None) -> int:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0: reproducible)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", choices=list(_DTYPES), default=None, help="weights dtype (default: as stored)")
+    _model_options(g)
     g.set_defaults(fn=cmd_generate)
     i = sub.add_parser("info", help="architecture, sizes, parameter count and dtype of a checkpoint")
     i.add_argument("path", nargs="?", default=None)
     i.add_argument("--device", default="cpu")
     i.add_argument("--dtype", choices=list(_DTYPES), default=None)
+    _model_options(i)
+    i.add_argument("--context", type=int, default=None,
+                   help="with --arithmetic lmul: context length of the energy estimate (default: half the model's)")
     i.set_defaults(fn=cmd_info)
     o = sub.add_parser("ops", help="check and time the native norm ops against torch on this machine")
     o.add_argument("--rows", type=int, default=4096)

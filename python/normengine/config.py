@@ -19,6 +19,22 @@ Canonical tensors (all linear weights in torch.nn.Linear layout [out_features, i
     lm_head.weight                 [vocab, d]                  always present (a tied head is the
                                                                embedding tensor itself, shared)
     lm_head.bias                   [vocab]                     only after conversions that create it
+    blocks.{i}.attn.decay          [n_heads]  float32          optional, norm-attention layers only:
+                                                               the per-head decay lambda (1 when absent)
+
+Attention types (`attention`, one entry per layer, hybrids allowed; empty = all softmax):
+"softmax" (KV cache), "linear" (phi(q)^T S / phi(q).z with feature map `linear_feature_map`,
+normalized unless `linear_normalize` is false), "mala" (magnitude-aware linear attention), "norm"
+(TransNormer's NormAttention, `norm_attention_norm` "rms" or "layer" over each head). The linear
+family keeps a fixed-size state per sequence in the runner instead of a KV cache. They use the same
+q/k/v/o weights as softmax layers, so a softmax checkpoint can be loaded with another attention type
+as a starting point for linearization (normengine.load(..., attention="linear")).
+
+Quantized checkpoints (`quantization` set: "int8", "int8-weight", "int4" or "fp8"): every linear
+weight of the blocks and the head (and a tied embedding, the same tensors) is stored as
+`<name>.qdata`, `<name>.qscale` and, for asymmetric int4, `<name>.qzero` (the layouts of
+normengine.ops.QuantizedWeight) instead of `<name>`; `quant_group_size` is the int4 group size or
+the fp8 block size (0: one fp8 scale per tensor).
 """
 
 from __future__ import annotations
@@ -32,6 +48,9 @@ from .errors import ArgumentError
 NORMS = ("layernorm", "rmsnorm", "crmsnorm", "none")
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 ATTENTION_TYPES = ("softmax", "linear", "mala", "norm")
+FEATURE_MAPS = ("elu1", "relu", "identity")
+QUANT_FORMATS = ("int8", "int8-weight", "int4", "fp8")
+QUANT_LINEAR = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.gate", "mlp.down")
 
 
 @dataclass
@@ -60,6 +79,13 @@ class ModelConfig:
     eos_token_id: int | list | None = None
     source_dtype: str = "float32"  # dtype of the checkpoint's weights
     attention: list = field(default_factory=list)  # per-layer attention type; empty = all softmax
+    linear_feature_map: str = "elu1"  # "linear" layers: one of FEATURE_MAPS
+    linear_normalize: bool = True     # "linear" layers: divide by phi(q) . z (+ linear_eps)
+    norm_attention_norm: str = "rms"  # "norm" layers: "rms" or "layer" over each head's outputs
+    linear_eps: float = 1e-6
+    quantization: str | None = None  # one of QUANT_FORMATS when the linear weights are stored quantized
+    quant_group_size: int = 0         # int4: 32 / 64 / 128; fp8: 0 (per tensor) or 128 (blocks)
+    quant_symmetric: bool = True      # int4: no zero points
     conversions: list = field(default_factory=list)  # conversions applied, in order (recorded on save)
 
     def __post_init__(self):
@@ -78,6 +104,16 @@ class ModelConfig:
         for t in self.attention:
             if t not in ATTENTION_TYPES:
                 raise ArgumentError(f"config.attention: expected entries of {ATTENTION_TYPES}, got {t!r}")
+        if self.linear_feature_map not in FEATURE_MAPS:
+            raise ArgumentError(f"config.linear_feature_map: expected one of {FEATURE_MAPS}, got {self.linear_feature_map!r}")
+        if self.norm_attention_norm not in ("rms", "layer"):
+            raise ArgumentError(f"config.norm_attention_norm: expected 'rms' or 'layer', got {self.norm_attention_norm!r}")
+        if self.quantization is not None and self.quantization not in QUANT_FORMATS:
+            raise ArgumentError(f"config.quantization: expected None or one of {QUANT_FORMATS}, got {self.quantization!r}")
+        if self.quantization == "int4" and self.quant_group_size not in (32, 64, 128):
+            raise ArgumentError(f"config.quant_group_size: int4 needs 32, 64 or 128, got {self.quant_group_size!r}")
+        if self.quantization == "fp8" and self.quant_group_size not in (0, 128):
+            raise ArgumentError(f"config.quant_group_size: fp8 needs 0 (per tensor) or 128 (blocks), got {self.quant_group_size!r}")
         if self.attention and len(self.attention) != self.n_layers:
             raise ArgumentError(
                 f"config.attention: expected {self.n_layers} entries (one per layer), got {len(self.attention)}"
@@ -103,8 +139,47 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+def quant_shapes(fmt: str, n: int, k: int, group_size: int, symmetric: bool = True) -> dict:
+    """Suffix -> shape of the packed tensors of one [n, k] weight quantized as `fmt`."""
+    if fmt in ("int8", "int8-weight"):
+        return {"qdata": (n, k), "qscale": (n,)}
+    if fmt == "int4":
+        s = {"qdata": (n, k // 2), "qscale": (n, k // group_size)}
+        if not symmetric:
+            s["qzero"] = (n, k // group_size)
+        return s
+    if fmt == "fp8":
+        return {"qdata": (n, k), "qscale": (1,) if group_size == 0 else (-(-n // 128), -(-k // 128))}
+    raise ArgumentError(f"quantization: expected one of {QUANT_FORMATS}, got {fmt!r}")
+
+
+def is_quantized_name(cfg: ModelConfig, name: str) -> bool:
+    """True when a quantized checkpoint of this config stores `name` as packed tensors."""
+    if cfg.quantization is None:
+        return False
+    if name == "lm_head.weight" or (name == "tok_emb.weight" and cfg.tied_head):
+        return True
+    return name.startswith("blocks.") and name.endswith(".weight") and name.split(".", 2)[2][: -len(".weight")] in QUANT_LINEAR
+
+
 def expected_shapes(cfg: ModelConfig) -> dict:
-    """Canonical tensor name -> shape, for every tensor a model of this config must have."""
+    """Canonical tensor name -> shape, for every tensor a model of this config must have (quantized
+    weights as their packed tensors, `<name>.qdata` ...)."""
+    s = _dense_shapes(cfg)
+    if cfg.quantization is None:
+        return s
+    out = {}
+    for name, shape in s.items():
+        if is_quantized_name(cfg, name):
+            for suf, qs in quant_shapes(cfg.quantization, shape[0], shape[1], cfg.quant_group_size,
+                                        cfg.quant_symmetric).items():
+                out[f"{name}.{suf}"] = qs
+        else:
+            out[name] = shape
+    return out
+
+
+def _dense_shapes(cfg: ModelConfig) -> dict:
     d, dq, dkv, f = cfg.residual_width, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
     has_norm_bias = cfg.norm == "layernorm"
     s = {"tok_emb.weight": (cfg.vocab_size, d), "lm_head.weight": (cfg.vocab_size, d)}

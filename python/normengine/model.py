@@ -17,6 +17,10 @@ from .errors import ArgumentError, DeviceError, DTypeError, ShapeError, Unsuppor
 
 _NORM_KIND = {"layernorm": 0, "rmsnorm": 1, "crmsnorm": 2, "none": -1}
 _ACT = {"gelu_tanh": 0, "gelu": 1, "silu": 2, "relu": 3}
+_ATTN = {"softmax": 0, "linear": 1, "mala": 2, "norm": 3}
+_FMAP = {"elu1": 0, "relu": 1, "identity": 2}
+_QFORMAT = {"int8": 0, "int8-weight": 1, "int4": 2, "fp8": 3}
+_LMUL_SCOPES = {"attention": 1, "all": 2}
 _WEIGHT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 
 
@@ -30,7 +34,11 @@ class Model:
     logits(ids) -> float32 [B, T, vocab];  generate(prompt, ...) -> new ids or text."""
 
     def __init__(self, config: ModelConfig, tensors: dict, *, device: str = "cpu", dtype=None, tokenizer=None,
-                 path: str | None = None):
+                 path: str | None = None, arithmetic: str | None = None, lmul_bits: int = 4,
+                 lmul_scope: str = "attention", _owned: bool = False):
+        from .checkpoint.safetensors_io import release_pages
+        from .convert.quant import is_quantized
+
         dev = torch.device(device)
         if dev.type == "cuda":
             dev = _cuda_device(dev, device)
@@ -38,31 +46,74 @@ class Model:
             raise DeviceError(f"device: expected 'cpu' or 'cuda', got {device!r}")
         if dtype is not None and dtype not in _WEIGHT_DTYPES:
             raise DTypeError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
-        if config.attention and any(a != "softmax" for a in config.attention):
-            raise UnsupportedError("config.attention: only softmax attention layers run in the native runner so far")
+        if arithmetic not in (None, "exact", "lmul"):
+            raise ArgumentError(f"arithmetic: expected None, 'exact' or 'lmul', got {arithmetic!r}")
+        if arithmetic == "lmul":
+            if lmul_scope not in _LMUL_SCOPES:
+                raise ArgumentError(f"lmul_scope: expected 'attention' or 'all', got {lmul_scope!r}")
+            if isinstance(lmul_bits, bool) or not isinstance(lmul_bits, int) or not 1 <= lmul_bits <= 23:
+                raise ArgumentError(f"lmul_bits: expected an int mantissa width in 1..23, got {lmul_bits!r}")
+            if dev.type == "cuda":
+                raise UnsupportedError("arithmetic='lmul': the L-Mul model mode runs on the CPU runner only so far "
+                                       "(the lmul ops themselves run on CUDA)")
+            if lmul_scope == "all" and config.quantization is not None:
+                raise ArgumentError("arithmetic='lmul' with lmul_scope='all' needs full-precision weights, "
+                                    f"but the model is quantized ({config.quantization})")
+            if lmul_scope == "all":
+                dtype = torch.float32  # L-Mul reads float32 operands
+        self.arithmetic = "lmul" if arithmetic == "lmul" else "exact"
+        self.lmul_bits = int(lmul_bits) if arithmetic == "lmul" else 0
+        self.lmul_scope = lmul_scope if arithmetic == "lmul" else None
+        if dev.type == "cuda" and config.attention and any(a != "softmax" for a in config.attention):
+            raise UnsupportedError("config.attention: linear, MALA and norm attention layers run on the CPU runner "
+                                   "only so far; load with device='cpu'")
+        if dev.type == "cuda" and config.quantization is not None:
+            raise UnsupportedError(f"quantization {config.quantization!r}: quantized models run on the CPU runner "
+                                   "only so far (the quantized GEMMs themselves run on CUDA: "
+                                   "normengine.ops.quantized_linear); load with device='cpu'")
         self.config = config
         self.path = path
         self.tokenizer = tokenizer
         self.device = dev
         # Linear weights and embeddings in the requested dtype (or as stored); norm gains and biases
         # in float32, as the kernels read them. Tensors shared in the checkpoint stay shared.
+        # _owned (normengine.load): `tensors` is ours to consume; each source leaves the dict once
+        # converted and the pages of a mapped source are handed back, so the old and the new copy of
+        # the weights never coexist in full.
         converted: dict = {}
-        by_id: dict = {}
+        groups: dict = {}
         for name, t in tensors.items():
-            key = (id(t), _is_vector(name))
-            if key in by_id:
-                converted[name] = by_id[key]
-                continue
-            if not t.is_floating_point():
-                raise DTypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-            want = torch.float32 if _is_vector(name) else (dtype or (t.dtype if t.dtype in _WEIGHT_DTYPES else torch.float32))
-            c = t.detach().to(device=dev, dtype=want)
-            if not c.is_contiguous():
-                c = c.contiguous()
-            by_id[key] = converted[name] = c
+            groups.setdefault((id(t), _is_vector(name)), []).append(name)
+        for (_, vec), names in groups.items():
+            t = tensors[names[0]]
+            if is_quantized(t):  # packed weights stay packed (the runner reads them as they are)
+                c = t.to(dev)
+            else:
+                if not t.is_floating_point():
+                    raise DTypeError(f"{names[0]}: expected a floating-point tensor, got {t.dtype}")
+                want = torch.float32 if vec else (dtype or (t.dtype if t.dtype in _WEIGHT_DTYPES else torch.float32))
+                c = t.detach().to(device=dev, dtype=want)
+                if not c.is_contiguous():
+                    c = c.contiguous()
+            for n in names:
+                converted[n] = c
+            if _owned:
+                if isinstance(c, torch.Tensor) and c.data_ptr() != t.data_ptr():
+                    release_pages(t)
+                for n in names:
+                    del tensors[n]
+            del t
+        # Projections reading the same input run as one GEMM in the runner when their weights lie
+        # back to back: place [q; k; v] and [gate; up] (and their biases) in one buffer each.
+        for i in range(config.n_layers):
+            p = f"blocks.{i}."
+            for group in (("attn.q", "attn.k", "attn.v"), ("mlp.gate", "mlp.up")):
+                for suffix in (".weight", ".bias"):
+                    _make_adjacent(converted, [p + g + suffix for g in group], release_pages if _owned else None)
         self.tensors = converted
         self.dtype = dtype or next(
-            (t.dtype for n, t in converted.items() if n.endswith("attn.q.weight")), torch.float32
+            (t.dtype for n, t in converted.items() if n.endswith("attn.q.weight") and isinstance(t, torch.Tensor)),
+            torch.float32,
         )
         self._runner = None
         self._slots = self._ctx = 0
@@ -76,6 +127,10 @@ class Model:
             norm=_NORM_KIND[c.norm], norm_eps=float(c.norm_eps), activation=_ACT[c.activation],
             gated_mlp=c.gated_mlp, learned_pos=c.learned_pos, rope_theta=float(c.rope_theta),
             qkv_bias=c.qkv_bias, o_bias=c.o_bias, mlp_bias=c.mlp_bias, head_bias=c.head_bias,
+            attention=[_ATTN[a] for a in c.attention], linear_feature_map=_FMAP[c.linear_feature_map],
+            linear_normalize=bool(c.linear_normalize), norm_attention_norm=0 if c.norm_attention_norm == "rms" else 1,
+            linear_eps=float(c.linear_eps), lmul_scope=_LMUL_SCOPES.get(self.lmul_scope, 0),
+            lmul_bits=self.lmul_bits or 4,
         )
 
     def _runner_for(self, slots: int, ctx: int):
@@ -92,8 +147,14 @@ class Model:
                 r = _C.CudaRunner(self._spec(), slots, ctx, self.device.index)
             else:
                 r = _C.Runner(self._spec(), slots, ctx)
+            from .convert.quant import is_quantized
+
             for name, t in self.tensors.items():
-                r.set_tensor(name, t)
+                if is_quantized(t):
+                    r.set_quant_tensor(name, _QFORMAT[t.format], t.data, t.scale, t.zero,
+                                       t.group_size if t.format in ("int4", "fp8") else 0)
+                else:
+                    r.set_tensor(name, t)
             r.finalize()
             self._runner, self._slots, self._ctx = r, slots, ctx
         for s in range(slots):
@@ -288,10 +349,54 @@ class Model:
     def num_parameters(self) -> int:
         seen, n = set(), 0
         for t in self.tensors.values():
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                n += t.numel()
+            key = id(t) if not isinstance(t, torch.Tensor) else t.data_ptr()
+            if key not in seen:
+                seen.add(key)
+                n += t.numel() if isinstance(t, torch.Tensor) else t.shape[0] * t.shape[1]
         return n
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as the runner holds them (packed weights: data, scales, zero points)."""
+        seen, n = set(), 0
+        for t in self.tensors.values():
+            parts = [t] if isinstance(t, torch.Tensor) else list(t.tensors().values())
+            for p in parts:
+                if p.data_ptr() not in seen:
+                    seen.add(p.data_ptr())
+                    n += p.numel() * p.element_size()
+        return n
+
+    def multiply_counts(self, n_tokens: int = 1, context: int | None = None) -> dict:
+        """Multiplications one forward pass makes per `n_tokens` new tokens at a context of `context`
+        positions (default the model's context / 2), split into the attention products (q.k and p.v of
+        softmax layers, the state products of linear ones) and the linear layers (projections, MLP, head)."""
+        c = self.config
+        ctx = c.max_seq_len // 2 if context is None else int(context)
+        d, dq, dkv, f = c.residual_width, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.d_ff
+        per_layer = d * dq + 2 * d * dkv + dq * d + (3 if c.gated_mlp else 2) * d * f
+        linear = n_tokens * (c.n_layers * per_layer + d * c.vocab_size)
+        attn = 0
+        for t in (c.attention or ["softmax"] * c.n_layers):
+            if t == "softmax":
+                attn += n_tokens * 2 * c.n_heads * c.head_dim * ctx
+            else:  # state update + readout with the (head_dim + 1)^2 augmented state
+                attn += n_tokens * 2 * c.n_heads * (c.head_dim + 1) ** 2
+        return {"attention": attn, "linear": linear, "total": attn + linear, "context": ctx, "tokens": n_tokens}
+
+    def arithmetic_report(self, mantissa_bits: int | None = None, scope: str | None = None,
+                          context: int | None = None) -> dict:
+        """Estimated multiply energy per generated token with L-Mul (in `scope`: 'attention' or 'all')
+        against exact fp32 multiplies (normengine.ops.lmul.multiply_energy: per-operation energies
+        from the published figures it names)."""
+        from .ops.lmul import multiply_energy
+
+        bits = mantissa_bits or self.lmul_bits or 4
+        scope = scope or self.lmul_scope or "attention"
+        counts = self.multiply_counts(1, context)
+        n = counts["attention"] if scope == "attention" else counts["total"]
+        e = multiply_energy(n, bits)
+        return {"scope": scope, "mantissa_bits": bits, "multiplies_per_token": counts, "lmul_multiplies": n,
+                "energy": e}
 
     def info(self) -> dict:
         c = self.config
@@ -315,15 +420,22 @@ class Model:
             "source_dtype": c.source_dtype,
             "conversions": list(c.conversions),
             "fused_norms": bool(self._runner_for(1, 1).fused_norms()) if c.norm != "none" else False,
+            "attention": ",".join(sorted(set(c.attention))) if c.attention else "softmax",
+            "quantization": c.quantization or "none",
+            "weight_bytes": self.weight_bytes(),
+            "arithmetic": self.arithmetic if self.arithmetic == "exact"
+            else f"lmul (mantissa {self.lmul_bits} bits, scope {self.lmul_scope})",
         }
 
     def save(self, path: str) -> None:
         """Write this model (with its conversions, recorded in the metadata) as a checkpoint directory
         that normengine.load reads back: config.json + model.safetensors (+ tokenizer.json)."""
         from .checkpoint import save_checkpoint
+        from .convert.quant import pack_quantized
 
-        tensors = {n: t.detach().cpu() for n, t in self.tensors.items()}
-        if self.config.tied_head:  # keep the tie explicit for the writer's alias table
+        tensors = pack_quantized(self.config, {n: t.to("cpu") if not isinstance(t, torch.Tensor) else t.detach().cpu()
+                                               for n, t in self.tensors.items()})
+        if self.config.tied_head and "tok_emb.weight" in tensors:  # keep the tie explicit for the alias table
             tensors["lm_head.weight"] = tensors["tok_emb.weight"]
         save_checkpoint(path, self.config, tensors)
         if self.tokenizer is not None:
@@ -333,6 +445,32 @@ class Model:
         i = self.info()
         return (f"normengine.Model({i['architecture']}, {i['layers']} layers, d={i['d_model']}, "
                 f"{i['parameters'] / 1e6:.1f}M params, {i['dtype']})")
+
+
+def _make_adjacent(tensors: dict, names: list, release=None) -> None:
+    """Make the dense tensors `names` consecutive rows of one buffer (views), unless they already are
+    or cannot be (missing, packed, mixed dtypes or widths, shared with another name)."""
+    ts = [tensors.get(n) for n in names]
+    if any(not isinstance(t, torch.Tensor) for t in ts):
+        return
+    t0 = ts[0]
+    if any(t.dtype != t0.dtype or t.device != t0.device or t.dim() != t0.dim() or t.shape[1:] != t0.shape[1:]
+           for t in ts):
+        return
+    others = {id(v) for k, v in tensors.items() if k not in names}
+    if any(id(t) in others for t in ts):
+        return
+    es = t0.element_size()
+    if all(t.is_contiguous() for t in ts) and all(
+            b.data_ptr() == a.data_ptr() + a.numel() * es for a, b in zip(ts, ts[1:])):
+        return
+    buf = torch.cat(ts, 0)
+    off = 0
+    for n, t in zip(names, ts):
+        tensors[n] = buf[off:off + t.shape[0]]
+        off += t.shape[0]
+        if release is not None:
+            release(t)
 
 
 def _cuda_device(dev: torch.device, asked) -> torch.device:
@@ -369,7 +507,11 @@ def _load_tokenizer(path: str):
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "data", "tiny-gpt2")
 
 
-def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | None = None) -> Model:
+def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | None = None, *,
+         quant: str | None = None, group_size: int | None = None, symmetric: bool = True,
+         smooth: float | None = None,
+         attention=None, arithmetic: str | None = None, lmul_bits: int = 4, lmul_scope: str = "attention",
+         progress: bool | None = None) -> Model:
     """Load a checkpoint (Hugging Face directory, sharded or not, safetensors or pytorch_model.bin;
     or one .safetensors/.pt/.bin file with config.json beside it; or a directory Model.save wrote)
     into the native runner.
@@ -380,14 +522,53 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     into the linear layers that read them (exact); 'rmsnorm' turns a Pre-LN model into the exactly
     equivalent Pre-RMSNorm one (an RMSNorm model: gains folded); 'crmsnorm' goes on to the compressed
     form (d - 1 wide residual stream); see normengine.convert. With folded norms the runner applies
-    every norm inside the following GEMM (norm_linear)."""
-    from .checkpoint import load_checkpoint
-    from .convert import convert_norm, fold_norm_affine
+    every norm inside the following GEMM (norm_linear).
 
+    quant: quantize the linear weights at load time ('int8' W8A8, 'int8-weight', 'int4', 'fp8'; after
+    the norm folding), with group_size (int4: 32/64/128, default 128; fp8: 128 x 128 blocks or 0 for
+    one scale per tensor) and symmetric (int4 zero points when False); progress shows a bar (default:
+    for models above 50M weights). smooth=alpha (e.g. 0.5) first applies SmoothQuant-style smoothing
+    folded into the norms' gains (normengine.convert.smooth_model; calibrated on random prompts), which
+    helps W8A8 on models with outlier channels (the norms then run as their own pass). A checkpoint Model.save wrote from a quantized model loads
+    quantized, without re-quantizing.
+
+    attention: read the checkpoint's q/k/v/o weights with another attention type, 'linear', 'mala' or
+    'norm' (or a list, one per layer): the starting point for linearization by fine-tuning; those
+    layers keep a fixed-size state instead of a KV cache. A checkpoint whose config names these types
+    loads with them (see normengine.config).
+
+    arithmetic='lmul' runs the model with L-Mul products (lmul_bits of mantissa): lmul_scope
+    'attention' for the attention products only, 'all' for every matmul (float32 weights)."""
+    from .checkpoint import load_checkpoint
+    from .convert import convert_norm, fold_norm_affine, quantize_model, smooth_model, swap_attention, unpack_quantized
+
+    if dtype is not None and dtype not in _WEIGHT_DTYPES:
+        raise DTypeError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
     path = DEFAULT_MODEL if path is None else os.fspath(path)
     cfg, tensors = load_checkpoint(path)
-    if norm is not None:
+    if cfg.quantization is not None:
+        tensors = unpack_quantized(cfg, tensors)
+        if quant is not None and quant != cfg.quantization:
+            raise ArgumentError(f"quant={quant!r}: the checkpoint is already quantized as {cfg.quantization!r}; "
+                                "load the full-precision checkpoint to quantize it another way")
+        if norm is not None and norm != cfg.norm:
+            raise ArgumentError(f"norm={norm!r}: the checkpoint is quantized; norm conversions need the "
+                                "full-precision weights")
+        quant = None
+    if attention is not None:
+        cfg = swap_attention(cfg, attention)
+    if norm is not None and cfg.quantization is None:
         cfg, tensors = convert_norm(cfg, tensors, norm)
-    elif cfg.norm != "none" and "fold_norm_affine" not in cfg.conversions:
-        cfg, tensors = fold_norm_affine(cfg, tensors, inplace=True)  # the mapped checkpoint is ours
-    return Model(cfg, tensors, device=device, dtype=dtype, tokenizer=_load_tokenizer(path), path=path)
+    elif cfg.norm != "none" and "fold_norm_affine" not in cfg.conversions and cfg.quantization is None:
+        # the mapped checkpoint is ours; 16-bit targets are rounded once, from the float64 products
+        cfg, tensors = fold_norm_affine(cfg, tensors, inplace=True, dtype=dtype)
+    if smooth is not None:
+        if quant is None:
+            raise ArgumentError("smooth: SmoothQuant smoothing is applied before quantizing; pass quant= too")
+        cfg, tensors = smooth_model(cfg, tensors, smooth)
+    if quant is not None:
+        cfg, tensors = quantize_model(cfg, tensors, quant, group_size, symmetric, progress)
+    elif group_size is not None:
+        raise ArgumentError("group_size: only meaningful with quant=")
+    return Model(cfg, tensors, device=device, dtype=dtype, tokenizer=_load_tokenizer(path), path=path,
+                 arithmetic=arithmetic, lmul_bits=lmul_bits, lmul_scope=lmul_scope, _owned=True)

@@ -27,7 +27,21 @@ struct ModelSpec {
   bool learned_pos = false;
   double rope_theta = 10000.0;
   bool qkv_bias = false, o_bias = false, mlp_bias = false, head_bias = false;
+  // Attention type per layer (AttnType values); empty: every layer softmax. Softmax layers keep a KV
+  // cache that grows with the context; the linear family keeps one fixed-size state per sequence:
+  // [n_heads, head_dim + 1, head_dim + 1] floats (ops/linear_attention.h), whatever the length.
+  std::vector<int> attention;
+  int linear_feature_map = 0;     // linear layers: 0 elu+1, 1 relu, 2 identity (FeatureMap)
+  bool linear_normalize = true;   // linear layers: divide by phi(q) . z
+  int norm_attention_norm = 0;    // norm-attention layers: 0 RMS, 1 LayerNorm (no affine) over each head
+  double linear_eps = 1e-6;
+  // Arithmetic (L-Mul, ops/lmul.h): 0 exact; 1 every attention product (q.k, p.v) an L-Mul;
+  // 2 every matmul of the model (projections, MLP, head too; needs float32 weights).
+  int lmul_scope = 0;
+  int lmul_bits = 4;
 };
+
+enum class AttnType : int { Softmax = 0, Linear = 1, Mala = 2, Norm = 3 };
 
 struct SamplingParams {
   float temperature = 0.f;  // 0: greedy (argmax)
@@ -43,6 +57,12 @@ class Runner {
 
   // Hand over a weight; its memory must outlive the runner (the Python Model keeps it).
   void set_tensor(const std::string& name, const TensorView& t);
+  // Hand over a quantized linear weight (ops/quant_gemm.h QWeight layouts; format a QFormat value):
+  // data int8 [N, K] (int8 formats), uint8 [N, K/2] (int4) or uint8 [N, K] (fp8 E4M3); scale and zero
+  // float32 as QWeight documents (zero null: symmetric). Any linear weight, the head, and the token
+  // embedding (rows dequantized on lookup; a tied model hands the head's tensors under both names).
+  void set_quant_tensor(const std::string& name, int format, const TensorView& data, const TensorView& scale,
+                        const TensorView* zero, int64_t group);
   // Checks every required tensor is present (throws naming the first missing one).
   void finalize();
 
@@ -61,6 +81,9 @@ class Runner {
   int slots() const { return n_slots_; }
   int ctx() const { return ctx_; }
   const ModelSpec& spec() const { return spec_; }
+  // Bytes of per-sequence memory: the softmax layers' KV caches (slots x ctx positions) plus the
+  // linear-family layers' fixed-size states (slots x n_heads x (head_dim + 1)^2 floats).
+  size_t cache_bytes() const;
 
  private:
   struct Layer;

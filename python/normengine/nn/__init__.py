@@ -2,6 +2,7 @@
 
 from .fold import fold_norms
 from .norm import CRMSNorm, LayerNorm, RMSNorm
+from .quant import QuantLinear
 from .unified_norm import UnifiedNorm
 
-__all__ = ["LayerNorm", "RMSNorm", "CRMSNorm", "UnifiedNorm", "fold_norms"]
+__all__ = ["LayerNorm", "RMSNorm", "CRMSNorm", "UnifiedNorm", "fold_norms", "QuantLinear"]

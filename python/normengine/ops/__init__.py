@@ -4,6 +4,7 @@ CUDA tensors alike (the input's device picks the kernel)."""
 from .channel import channel_affine, channel_dot, channel_lincomb, channel_sumsq
 from .linear import linear
 from .norm_linear import NormLinearFunction, norm_linear
+from .quant import QuantizedWeight, quantize_weight, quantized_linear
 from .norm import (
     AddNormFunction,
     NormFunction,
@@ -29,4 +30,7 @@ __all__ = [
     "linear",
     "norm_linear",
     "NormLinearFunction",
+    "QuantizedWeight",
+    "quantize_weight",
+    "quantized_linear",
 ]

@@ -1,0 +1,87 @@
+// Bindings of the quantized GEMM kernels (part of the one module normengine._C).
+// The Python wrapper (normengine.ops.quant) checks and lays out the tensors;
+// here every tensor is checked once more for what the raw kernels read.
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "bindings/interop.h"
+#include "ops/quant_gemm.h"
+
+namespace py = pybind11;
+using namespace ne_bind;
+
+namespace {
+
+// A CPU tensor of dtype `dt`, `rows` x `cols` elements with unit stride along the columns (cols < 0:
+// any); returns its row stride.
+int64_t matrix(const ne::TensorView& t, ne::DType dt, int64_t rows, int64_t cols) {
+  if (t.device.type != ne::DeviceType::CPU)
+    throw ne::DeviceError(std::string(t.name) + ": expected a CPU tensor, got " + t.device.str());
+  if (t.dtype != dt)
+    throw ne::DTypeError(std::string(t.name) + ": expected " + ne::dtype_name(dt) + ", got " + ne::dtype_name(t.dtype));
+  const bool ok = t.ndim == 2 && t.shape[0] == rows && (cols < 0 || t.shape[1] == cols) &&
+                  (t.shape[1] <= 1 || t.strides[1] == 1) && (rows <= 1 || t.strides[0] >= t.shape[1]);
+  if (!ok)
+    throw ne::ShapeError(std::string(t.name) + ": expected a [" + std::to_string(rows) + ", " +
+                         (cols < 0 ? std::string("*") : std::to_string(cols)) + "] matrix with contiguous rows, got " +
+                         ne::shape_str(t));
+  return rows > 1 ? t.strides[0] : t.shape[1];
+}
+
+const float* vec(const Opt& o, int64_t n) {
+  if (!o.ptr()) return nullptr;
+  const ne::TensorView& t = *o.ptr();
+  if (t.device.type != ne::DeviceType::CPU || t.dtype != ne::DType::F32 || t.ndim != 1 || t.shape[0] != n ||
+      (n > 1 && t.strides[0] != 1))
+    throw ne::ShapeError(std::string(t.name) + ": expected a contiguous float32 CPU vector of " + std::to_string(n) +
+                         " elements, got " + ne::shape_str(t));
+  return static_cast<const float*>(t.data);
+}
+
+}  // namespace
+
+void bind_arith(py::module_& m) {
+  m.def(
+      "quant_linear",
+      [](py::handle x, int fmt, py::handle data, py::handle scale, py::handle zero, int64_t group, int64_t N,
+         int64_t K, py::handle bias, py::handle out) {
+        Borrowed b;
+        TensorView vx = view_of(x, "x", b), vd = view_of(data, "qweight.data", b), vs = view_of(scale, "qweight.scale", b),
+                   vo = view_of(out, "out", b);
+        Opt vz = opt_view(zero, "qweight.zero", b), vb = opt_view(bias, "bias", b);
+        if (fmt < 0 || fmt > 3) throw ne::ValueError("format: expected 0..3, got " + std::to_string(fmt));
+        const int64_t M = vx.ndim == 2 ? vx.shape[0] : -1;
+        const int64_t ldx = matrix(vx, ne::DType::F32, M, K), ldy = matrix(vo, ne::DType::F32, M, N);
+        ne::QWeight w;
+        w.format = static_cast<ne::QFormat>(fmt);
+        w.N = N;
+        w.K = K;
+        w.group = group;
+        const bool int4 = w.format == ne::QFormat::Int4;
+        matrix(vd, (w.format == ne::QFormat::FP8 || int4) ? ne::DType::U8 : ne::DType::I8, N, int4 ? K / 2 : K);
+        if (!vs.is_contiguous() || vs.dtype != ne::DType::F32 || vs.device.type != ne::DeviceType::CPU)
+          throw ne::ShapeError("qweight.scale: expected a contiguous float32 CPU tensor");
+        const int64_t want_scales = w.format == ne::QFormat::Int4 ? N * (K / (group > 0 ? group : 1))
+                                    : w.format == ne::QFormat::FP8 ? (group == 0 ? 1 : ((N + 127) / 128) * ((K + 127) / 128))
+                                                                   : N;
+        if (vs.numel() != want_scales)
+          throw ne::ShapeError("qweight.scale: expected " + std::to_string(want_scales) + " scales, got " +
+                               std::to_string(vs.numel()));
+        if (vz.ptr()) {
+          if (!int4) throw ne::ValueError("qweight.zero: only int4 takes zero points");
+          if (!vz.ptr()->is_contiguous() || vz.ptr()->dtype != ne::DType::F32 || vz.ptr()->numel() != want_scales)
+            throw ne::ShapeError("qweight.zero: expected a contiguous float32 tensor of " + std::to_string(want_scales) +
+                                 " zero points");
+        }
+        w.data = vd.data;
+        w.scale = static_cast<const float*>(vs.data);
+        w.zero = vz.ptr() ? static_cast<const float*>(vz.ptr()->data) : nullptr;
+        const float* pb = vec(vb, N);
+        py::gil_scoped_release nogil;
+        ne::quant_gemm_f32(M, static_cast<const float*>(vx.data), ldx, w, pb, static_cast<float*>(vo.data), ldy);
+      },
+      py::arg("x"), py::arg("format"), py::arg("data"), py::arg("scale"), py::arg("zero"), py::arg("group"),
+      py::arg("N"), py::arg("K"), py::arg("bias"), py::arg("out"),
+      "out[M, N] = x[M, K] @ dequant(W)^T (+ bias), the format's own activation handling (quant_gemm.h).");
+}

@@ -1,0 +1,287 @@
+// L-Mul kernels (see ops/lmul.h for the definition and special values), compiled once per ISA.
+//
+// Every product is integer arithmetic on fp32 bit patterns. Operands are prepared once:
+//   t(x) = (x is NaN ? 0x7fc00000 : bits(x)) & trunc          (canonical NaN, mantissa truncated)
+// Checked product (any operands; 13 integer ops and 4 blends per vector):
+//   A = t(x) & 0x7fffffff,  B = t(y) & 0x7fffffff,  s = (t(x) ^ t(y)) & 0x80000000
+//   u = A + B (< 2^32, unsigned),  r = u - C
+//   r -> 0 if u < C + 2^23 (exponent underflow),  -> Inf if r >= 0x7f800000 (overflow)
+//   -> 0 if an operand is zero/subnormal, -> Inf if one is Inf, -> NaN if NaN, or Inf with zero;  | s
+// Fast product, valid on a tile whose operands are all normal and whose exponent ranges keep every
+// product normal (e_x,min + e_w,min >= 128 and e_x,max + e_w,max <= 378, biased):
+//   r = (t(x) - C) + t(w)       (one 32-bit add; the sign bits add mod 2 = XOR, the carry drops out)
+// x is stored prepared as t(x) - C, so the fast inner loop is one integer add and one float add per
+// product. GEMM: W panels of 2 vectors of columns, K blocks of kKc packed as [k][column] (t(w) bits),
+// register tiles of 4 rows x 2 vectors, x broadcast; accumulation strictly in k order per output.
+// Traffic: W read once per call (packed panel by panel), x (prepared, M*K*4 bytes) re-read once per
+// panel from cache; y written once.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "ops/lmul.h"
+
+#if defined(NE_ISA_AVX512) || defined(NE_ISA_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace ne {
+namespace NE_ISA_NS {
+namespace {
+
+constexpr uint32_t kAbs = 0x7fffffffu, kSign = 0x80000000u, kInf = 0x7f800000u, kQNaN = 0x7fc00000u,
+                   kMin = 0x00800000u;
+
+#if defined(NE_ISA_AVX512)
+struct VI {
+  using R = __m512i;
+  using F = __m512;
+  static constexpr int L = 16;
+  static R load(const void* p) { return _mm512_loadu_si512(p); }
+  static void store(void* p, R v) { _mm512_storeu_si512(p, v); }
+  static R set1(uint32_t a) { return _mm512_set1_epi32(static_cast<int>(a)); }
+  static R add(R a, R b) { return _mm512_add_epi32(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_epi32(a, b); }
+  static R and_(R a, R b) { return _mm512_and_si512(a, b); }
+  static R or_(R a, R b) { return _mm512_or_si512(a, b); }
+  static R xor_(R a, R b) { return _mm512_xor_si512(a, b); }
+  static R eq(R a, R b) { return _mm512_movm_epi32(_mm512_cmpeq_epi32_mask(a, b)); }
+  static R gt_s(R a, R b) { return _mm512_movm_epi32(_mm512_cmpgt_epi32_mask(a, b)); }
+  static R lt_u(R a, R b) { return _mm512_movm_epi32(_mm512_cmplt_epu32_mask(a, b)); }
+  static R blend(R m, R a, R b) { return _mm512_ternarylogic_epi32(m, a, b, 0xd8); }  // m ? b : a
+  static R andnot(R m, R a) { return _mm512_andnot_si512(m, a); }                     // a & ~m
+  static F fzero() { return _mm512_setzero_ps(); }
+  static F fload(const float* p) { return _mm512_loadu_ps(p); }
+  static void fstore(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F fadd_bits(F acc, R bits) { return _mm512_add_ps(acc, _mm512_castsi512_ps(bits)); }
+};
+#elif defined(NE_ISA_AVX2)
+struct VI {
+  using R = __m256i;
+  using F = __m256;
+  static constexpr int L = 8;
+  static R load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static void store(void* p, R v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
+  static R set1(uint32_t a) { return _mm256_set1_epi32(static_cast<int>(a)); }
+  static R add(R a, R b) { return _mm256_add_epi32(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_epi32(a, b); }
+  static R and_(R a, R b) { return _mm256_and_si256(a, b); }
+  static R or_(R a, R b) { return _mm256_or_si256(a, b); }
+  static R xor_(R a, R b) { return _mm256_xor_si256(a, b); }
+  static R eq(R a, R b) { return _mm256_cmpeq_epi32(a, b); }
+  static R gt_s(R a, R b) { return _mm256_cmpgt_epi32(a, b); }
+  static R lt_u(R a, R b) {  // unsigned a < b: flip the sign bits, compare signed
+    const R s = set1(kSign);
+    return _mm256_cmpgt_epi32(_mm256_xor_si256(b, s), _mm256_xor_si256(a, s));
+  }
+  static R blend(R m, R a, R b) { return _mm256_blendv_epi8(a, b, m); }
+  static R andnot(R m, R a) { return _mm256_andnot_si256(m, a); }
+  static F fzero() { return _mm256_setzero_ps(); }
+  static F fload(const float* p) { return _mm256_loadu_ps(p); }
+  static void fstore(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F fadd_bits(F acc, R bits) { return _mm256_add_ps(acc, _mm256_castsi256_ps(bits)); }
+};
+#else
+struct VI {  // portable: 8 lanes of plain integers (the compiler may vectorize the loops)
+  struct R { uint32_t v[8]; };
+  struct F { float v[8]; };
+  static constexpr int L = 8;
+#define NE_LANES(expr) R r; for (int i = 0; i < 8; ++i) r.v[i] = (expr); return r
+  static R load(const void* p) { R r; std::memcpy(r.v, p, sizeof r.v); return r; }
+  static void store(void* p, R v) { std::memcpy(p, v.v, sizeof v.v); }
+  static R set1(uint32_t a) { NE_LANES(a); }
+  static R add(R a, R b) { NE_LANES(a.v[i] + b.v[i]); }
+  static R sub(R a, R b) { NE_LANES(a.v[i] - b.v[i]); }
+  static R and_(R a, R b) { NE_LANES(a.v[i] & b.v[i]); }
+  static R or_(R a, R b) { NE_LANES(a.v[i] | b.v[i]); }
+  static R xor_(R a, R b) { NE_LANES(a.v[i] ^ b.v[i]); }
+  static R eq(R a, R b) { NE_LANES(a.v[i] == b.v[i] ? ~0u : 0u); }
+  static R gt_s(R a, R b) { NE_LANES(static_cast<int32_t>(a.v[i]) > static_cast<int32_t>(b.v[i]) ? ~0u : 0u); }
+  static R lt_u(R a, R b) { NE_LANES(a.v[i] < b.v[i] ? ~0u : 0u); }
+  static R blend(R m, R a, R b) { NE_LANES((a.v[i] & ~m.v[i]) | (b.v[i] & m.v[i])); }
+  static R andnot(R m, R a) { NE_LANES(a.v[i] & ~m.v[i]); }
+#undef NE_LANES
+  static F fzero() { F f{}; return f; }
+  static F fload(const float* p) { F f; std::memcpy(f.v, p, sizeof f.v); return f; }
+  static void fstore(float* p, F v) { std::memcpy(p, v.v, sizeof v.v); }
+  static F fadd_bits(F acc, R bits) {
+    for (int i = 0; i < 8; ++i) { float b; std::memcpy(&b, &bits.v[i], 4); acc.v[i] += b; }
+    return acc;
+  }
+};
+#endif
+using R = VI::R;
+using F = VI::F;
+constexpr int L = VI::L;
+constexpr int NP = 2 * L;     // panel width (columns)
+constexpr int MR = 4;         // register tile rows
+constexpr int64_t kKc = 256;  // K block
+
+inline uint32_t bits_of(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float float_of(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+// t(x): canonical NaN, truncated mantissa
+inline uint32_t prep1(uint32_t x, uint32_t trunc) { return ((x & kAbs) > kInf ? kQNaN : x) & trunc; }
+inline R prepv(R x, R trunc) {
+  R nan = VI::gt_s(VI::and_(x, VI::set1(kAbs)), VI::set1(kInf));
+  return VI::and_(VI::blend(nan, x, VI::set1(kQNaN)), trunc);
+}
+
+// checked product of prepared operands (scalar: the definition; vector: the same, lane by lane)
+inline uint32_t checked1(uint32_t a, uint32_t b, uint32_t C) {
+  const uint32_t A = a & kAbs, B = b & kAbs, s = (a ^ b) & kSign;
+  if (A > kInf || B > kInf) return kQNaN;
+  const bool zero = A < kMin || B < kMin, inf = A == kInf || B == kInf;
+  if (inf) return zero ? kQNaN : (kInf | s);
+  if (zero) return s;
+  const uint32_t u = A + B, r = u - C;
+  if (u < C + kMin) return s;
+  if (r >= kInf) return kInf | s;
+  return r | s;
+}
+inline R checkedv(R a, R b, R C) {
+  const R abs = VI::set1(kAbs), inf = VI::set1(kInf), mn = VI::set1(kMin);
+  const R A = VI::and_(a, abs), B = VI::and_(b, abs);
+  const R s = VI::and_(VI::xor_(a, b), VI::set1(kSign));
+  const R u = VI::add(A, B), r = VI::sub(u, C);
+  R res = VI::blend(VI::lt_u(VI::set1(kInf - 1), r), r, inf);       // overflow -> Inf
+  res = VI::andnot(VI::lt_u(u, VI::add(C, mn)), res);               // underflow -> 0
+  const R zop = VI::or_(VI::gt_s(mn, A), VI::gt_s(mn, B));          // zero / subnormal operand
+  const R iop = VI::or_(VI::eq(A, inf), VI::eq(B, inf));            // Inf operand
+  res = VI::andnot(zop, res);
+  res = VI::blend(iop, res, inf);
+  res = VI::or_(res, s);
+  const R nan = VI::or_(VI::or_(VI::gt_s(A, inf), VI::gt_s(B, inf)), VI::and_(iop, zop));
+  return VI::blend(nan, res, VI::set1(kQNaN));
+}
+
+// ------------------------------------------------------------------------------------ GEMM
+// acc[r][h] (+)= sum_k product(x[r, k], w[k, h*L .. h*L+L)) over one K block, k in order.
+template <int RR, bool FAST>
+void tile(const uint32_t* xp, int64_t K, const uint32_t* pack, int64_t kc, float* t, bool first, uint32_t C) {
+  F acc[RR][2];
+  for (int r = 0; r < RR; ++r)
+    for (int h = 0; h < 2; ++h) acc[r][h] = first ? VI::fzero() : VI::fload(t + r * NP + h * L);
+  const R Cv = VI::set1(C);
+  for (int64_t k = 0; k < kc; ++k) {
+    const R w0 = VI::load(pack + k * NP), w1 = VI::load(pack + k * NP + L);
+    for (int r = 0; r < RR; ++r) {
+      if (FAST) {
+        const R xb = VI::set1(xp[r * K + k]);  // t(x) - C
+        acc[r][0] = VI::fadd_bits(acc[r][0], VI::add(xb, w0));
+        acc[r][1] = VI::fadd_bits(acc[r][1], VI::add(xb, w1));
+      } else {
+        const R xb = VI::set1(xp[r * K + k] + C);  // t(x)
+        acc[r][0] = VI::fadd_bits(acc[r][0], checkedv(xb, w0, Cv));
+        acc[r][1] = VI::fadd_bits(acc[r][1], checkedv(xb, w1, Cv));
+      }
+    }
+  }
+  for (int r = 0; r < RR; ++r)
+    for (int h = 0; h < 2; ++h) VI::fstore(t + r * NP + h * L, acc[r][h]);
+}
+
+using TileFn = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, float*, bool, uint32_t);
+constexpr TileFn kTiles[2][MR] = {{tile<1, false>, tile<2, false>, tile<3, false>, tile<4, false>},
+                                  {tile<1, true>, tile<2, true>, tile<3, true>, tile<4, true>}};
+
+void gemm_cols(const LmulArgs& a, int64_t n0, int64_t n1) {
+  const LmulConst kc_ = lmul_const(a.bits);
+  const int64_t M = a.M, K = a.K;
+  std::vector<uint32_t> pack(static_cast<size_t>(std::min(K, kKc) * NP + NP));
+  std::vector<float> tacc(static_cast<size_t>(M * NP));
+  for (int64_t p0 = n0; p0 < n1; p0 += NP) {
+    const int nw = static_cast<int>(std::min<int64_t>(NP, n1 - p0));
+    if (K == 0) std::fill(tacc.begin(), tacc.end(), 0.0f);
+    for (int64_t kb = 0; kb < K; kb += kKc) {
+      const int64_t kc = std::min(kKc, K - kb);
+      // pack t(w) as [k][column]; stats of the valid columns
+      int32_t emin = 255, emax = 0, bad = 0;
+      for (int j = 0; j < NP; ++j) {
+        if (j >= nw) {
+          for (int64_t k = 0; k < kc; ++k) pack[k * NP + j] = 0;
+          continue;
+        }
+        const float* wr = a.w + (p0 + j) * a.ldw + kb;
+        for (int64_t k = 0; k < kc; ++k) {
+          const uint32_t t = prep1(bits_of(wr[k]), kc_.trunc);
+          const int32_t e = static_cast<int32_t>((t >> 23) & 0xff);
+          emin = std::min(emin, e);
+          emax = std::max(emax, e);
+          pack[k * NP + j] = t;
+        }
+      }
+      bad = emin == 0 || emax == 255;
+      for (int64_t m0 = 0; m0 < M; m0 += MR) {
+        const int rr = static_cast<int>(std::min<int64_t>(MR, M - m0));
+        bool fast = !bad;
+        for (int r = 0; r < rr && fast; ++r) {
+          const LmulRowStat& s = a.xstat[m0 + r];
+          fast = !s.bad && s.emin + emin >= 128 && s.emax + emax <= 378;
+        }
+        kTiles[fast][rr - 1](a.xp + m0 * K + kb, K, pack.data(), kc, tacc.data() + m0 * NP, kb == 0, kc_.c);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      float* yr = a.y + m * a.ldy + p0;
+      for (int j = 0; j < nw; ++j) {
+        float v = tacc[m * NP + j];
+        if (a.bias) v += a.bias[p0 + j];
+        if (a.accumulate) v += yr[j];
+        yr[j] = v;
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------ elementwise
+void map(int64_t n, const float* a, const float* b, float* out, int bits) {
+  const LmulConst k = lmul_const(bits);
+  const R trunc = VI::set1(k.trunc), C = VI::set1(k.c);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) VI::store(out + i, checkedv(prepv(VI::load(a + i), trunc), prepv(VI::load(b + i), trunc), C));
+  for (; i < n; ++i)
+    out[i] = float_of(checked1(prep1(bits_of(a[i]), k.trunc), prep1(bits_of(b[i]), k.trunc), k.c));
+}
+
+void axpy(int64_t n, float p, const float* v, float* out, int bits) {
+  const LmulConst k = lmul_const(bits);
+  const uint32_t ps = prep1(bits_of(p), k.trunc);
+  const R trunc = VI::set1(k.trunc), C = VI::set1(k.c), pv = VI::set1(ps);
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    VI::fstore(out + i, VI::fadd_bits(VI::fload(out + i), checkedv(pv, prepv(VI::load(v + i), trunc), C)));
+  for (; i < n; ++i) out[i] += float_of(checked1(ps, prep1(bits_of(v[i]), k.trunc), k.c));
+}
+
+LmulRowStat prep_row(int64_t n, const float* x, uint32_t* xp, int bits) {
+  const LmulConst k = lmul_const(bits);
+  LmulRowStat s{255, 0, 0};
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t t = prep1(bits_of(x[i]), k.trunc);
+    const int32_t e = static_cast<int32_t>((t >> 23) & 0xff);
+    s.emin = std::min(s.emin, e);
+    s.emax = std::max(s.emax, e);
+    xp[i] = t - k.c;
+  }
+  s.bad = s.emin == 0 || s.emax == 255;
+  return s;
+}
+
+}  // namespace
+
+const LmulTable* lmul_table() {
+  static const LmulTable table = {gemm_cols, map, axpy, prep_row};
+  return &table;
+}
+
+#if defined(NE_ISA_GENERIC)
+// The scalar definition (ops/lmul.h), shared by everything that needs one product.
+float lmul_scalar_impl(float a, float b, int bits) {
+  const LmulConst k = lmul_const(bits);
+  return float_of(checked1(prep1(bits_of(a), k.trunc), prep1(bits_of(b), k.trunc), k.c));
+}
+#endif
+
+}  // namespace NE_ISA_NS
+}  // namespace ne

@@ -1,0 +1,330 @@
+// Quantized GEMM kernels (CPU). Compiled once per ISA; entry points in the generic build. For every
+// output y[m, n] = sum_k x[m, k] * W[n, k] with W packed (quant_gemm.h):
+//   Int8 (W8A8)  y = sx[m] * sw[n] * sum_k xq[m, k] * wq[n, k]            int32 sums
+//   Int8Weight   y = sw[n] * sum_k x[m, k] * wq[n, k]                     fp32 sums
+//   Int4         y = sum_g s[n, g] * (sum_{k in g} q[n, k] x[m, k] - z[n, g] * gsum[m, g])
+//   FP8          y = sum_b sx[m, b] * sw(n, b) * sum_{k in b} xf[m, k] * e4m3(wq[n, k])
+// then the norm epilogue y = r_m (y - mu_m c_n), + bias, (+ y). Each thread owns a range of W's
+// rows and streams them once per row of x (GEMV order; x rows and their prepared forms stay in
+// L1/L2), so the traffic is the packed weights once per call: 1 byte per weight (int8, fp8), 1/2
+// (int4), plus the scales.
+// AVX2 (and the AVX-512 builds, which use the same 256-bit code): int8 products with vpmaddubsw on
+// (|w|, x * sign(w)) — |w| <= 127 and |x| <= 127 keep each pair sum <= 32258, below the int16
+// saturation — then vpmaddwd with ones into int32; int4 nibbles widened to fp32 in registers and
+// FMA'd with x; int8 weights widened likewise. Generic: the same sums in scalar code.
+#include <cmath>
+#include <cstring>
+
+#include "core/parallel.h"
+#include "ops/quant_gemm.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace ne {
+namespace NE_ISA_NS {
+namespace {
+
+// E4M3 (fn) value of every byte (NaN for 0x7f / 0xff).
+struct E4M3Table {
+  float v[256];
+  E4M3Table() {
+    for (int b = 0; b < 256; ++b) {
+      const int e = (b >> 3) & 15, m = b & 7;
+      float f = (e == 15 && m == 7) ? NAN
+              : e == 0              ? std::ldexp(static_cast<float>(m) / 8.0f, -6)
+                                    : std::ldexp(1.0f + static_cast<float>(m) / 8.0f, e - 7);
+      v[b] = (b & 0x80) ? -f : f;
+    }
+  }
+};
+const E4M3Table& e4m3() {
+  static const E4M3Table t;
+  return t;
+}
+
+inline void finish(const QArgs& a, int64_t m, int64_t n, float v) {
+  if (a.ep.row_scale || a.ep.row_shift) {
+    const float mu = a.ep.row_shift ? a.ep.row_shift[m] * a.ep.col_sum[n] : 0.0f;
+    v = (a.ep.row_scale ? a.ep.row_scale[m] : 1.0f) * (v - mu);
+  }
+  if (a.bias) v += a.bias[n];
+  float& y = a.y[m * a.ldy + n];
+  y = a.accumulate ? y + v : v;
+}
+
+#if defined(__AVX2__)
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// ---------------------------------------------------------------- Int8 (W8A8): integer dot products
+void block_int8(const QArgs& a, int64_t n0, int64_t n1) {
+  const QWeight& w = *a.w;
+  const int64_t K = w.K;
+  const int8_t* W = static_cast<const int8_t*>(w.data);
+  for (int64_t m = 0; m < a.M; ++m) {
+    const int8_t* xq = a.xq + m * a.ldxq;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* wr = W + n * K;
+      int64_t k = 0;
+      int32_t dot = 0;
+#if defined(__AVX2__)
+      const __m256i ones = _mm256_set1_epi16(1);
+      __m256i acc = _mm256_setzero_si256();
+      for (; k + 32 <= K; k += 32) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
+        const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+      }
+      dot = hsum_i32(acc);
+#endif
+      for (; k < K; ++k) dot += static_cast<int32_t>(xq[k]) * wr[k];
+      finish(a, m, n, static_cast<float>(dot) * a.sx[m * a.ldsx] * w.scale[n]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- Int8Weight: fp32 x, int8 W
+void block_int8w(const QArgs& a, int64_t n0, int64_t n1) {
+  const QWeight& w = *a.w;
+  const int64_t K = w.K;
+  const int8_t* W = static_cast<const int8_t*>(w.data);
+  for (int64_t m = 0; m < a.M; ++m) {
+    const float* x = a.x + m * a.ldx;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* wr = W + n * K;
+      int64_t k = 0;
+      float dot = 0.0f;
+#if defined(__AVX2__)
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      for (; k + 16 <= K; k += 16) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k));
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+        acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), acc0);
+        acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), acc1);
+      }
+      dot = hsum_ps(_mm256_add_ps(acc0, acc1));
+#endif
+      for (; k < K; ++k) dot += x[k] * static_cast<float>(wr[k]);
+      finish(a, m, n, dot * w.scale[n]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- Int4: nibbles, groups along K
+void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
+  const QWeight& w = *a.w;
+  const int64_t K = w.K, g = w.group, G = K / g;
+  const uint8_t* W = static_cast<const uint8_t*>(w.data);
+  for (int64_t m = 0; m < a.M; ++m) {
+    const float* x = a.x + m * a.ldx;
+    const float* gs = a.gsum + m * G;
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* wr = W + n * (K / 2);
+      float y = 0.0f;
+      for (int64_t gi = 0; gi < G; ++gi) {
+        const int64_t k0 = gi * g;
+        float dot = 0.0f;  // sum_k q x over the group
+        int64_t k = k0;
+#if defined(__AVX2__)
+        const __m256i lo_mask = _mm256_set1_epi32(15);
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (; k + 16 <= k0 + g; k += 16) {
+          // 8 bytes = 16 nibbles: byte j holds k + 2j (low) and k + 2j + 1 (high); x is de-interleaved
+          // by loading it as pairs: even k from the low nibbles, odd from the high ones
+          const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + k / 2)));
+          const __m256 qlo = _mm256_cvtepi32_ps(_mm256_and_si256(b, lo_mask));
+          const __m256 qhi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+          const __m256 xa = _mm256_loadu_ps(x + k), xb = _mm256_loadu_ps(x + k + 8);
+          // x even / odd lanes: (x0 x2 x4 x6 | x8 ...) via shuffles of the two halves
+          const __m256 ev = _mm256_shuffle_ps(xa, xb, 0x88), od = _mm256_shuffle_ps(xa, xb, 0xDD);
+          // shuffle_ps interleaves 128-bit lanes: ev = x0 x2 x8 x10 | x4 x6 x12 x14; reorder to k order
+          const __m256 ev_o = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8));
+          const __m256 od_o = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8));
+          acc0 = _mm256_fmadd_ps(qlo, ev_o, acc0);
+          acc1 = _mm256_fmadd_ps(qhi, od_o, acc1);
+        }
+        dot = hsum_ps(_mm256_add_ps(acc0, acc1));
+#endif
+        for (; k < k0 + g; ++k) {
+          const int q = (k & 1) ? (wr[k / 2] >> 4) : (wr[k / 2] & 15);
+          dot += static_cast<float>(q) * x[k];
+        }
+        const float z = w.zero ? w.zero[n * G + gi] : 8.0f;
+        y += w.scale[n * G + gi] * (dot - z * gs[gi]);
+      }
+      finish(a, m, n, y);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- FP8: E4M3 x E4M3, fp32 products
+void block_fp8(const QArgs& a, int64_t n0, int64_t n1) {
+  const QWeight& w = *a.w;
+  const int64_t K = w.K, KB = (K + 127) / 128;
+  const uint8_t* W = static_cast<const uint8_t*>(w.data);
+  const float* lut = e4m3().v;
+  for (int64_t m = 0; m < a.M; ++m) {
+    const float* xf = a.xf + m * K;
+    const float* sx = a.sx + m * a.ldsx;
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* wr = W + n * K;
+      float y = 0.0f;
+      for (int64_t b = 0; b < KB; ++b) {
+        const int64_t k1 = b * 128 + 128 < K ? b * 128 + 128 : K;
+        float part = 0.0f;  // e4m3 x e4m3 products are exact in fp32
+        for (int64_t k = b * 128; k < k1; ++k) part += xf[k] * lut[wr[k]];
+        const float sw = w.group == 0 ? w.scale[0] : w.scale[(n / 128) * KB + b];
+        y += sx[b] * sw * part;
+      }
+      finish(a, m, n, y);
+    }
+  }
+}
+
+}  // namespace
+
+const QuantTable* quant_table() {
+  static const QuantTable t{{&block_int8, &block_int8w, &block_int4, &block_fp8}};
+  return &t;
+}
+
+}  // namespace NE_ISA_NS
+}  // namespace ne
+
+#if defined(NE_ISA_GENERIC)
+// ==================================================================================== entry points
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "normengine/errors.h"
+
+namespace ne {
+namespace {
+
+// E4M3 round-to-nearest-even of v (|v| <= 448 here: the scale maps the block's amax to 448).
+float round_e4m3(float v) {
+  if (v == 0.0f || std::isnan(v)) return v;
+  const float a = std::fabs(v);
+  int e;
+  std::frexp(a, &e);                     // a in [2^(e-1), 2^e)
+  const int ex = std::max(e - 1, -6);    // subnormals share the step of 2^-6's binade
+  const float step = std::ldexp(1.0f, ex - 3);
+  float r = std::nearbyint(a / step) * step;  // the default rounding mode: to nearest, ties to even
+  r = std::min(r, 448.0f);
+  return v < 0 ? -r : r;
+}
+
+void check_qweight(const QWeight& w) {
+  if (w.N < 1 || w.K < 1 || !w.data || !w.scale) throw ValueError("qweight: empty or missing data / scale");
+  switch (w.format) {
+    case QFormat::Int8:
+    case QFormat::Int8Weight:
+      if (w.group != 0) throw ValueError("qweight: int8 formats take no group size");
+      break;
+    case QFormat::Int4:
+      if (w.group != 32 && w.group != 64 && w.group != 128)
+        throw ValueError("qweight: int4 group size must be 32, 64 or 128, got " + std::to_string(w.group));
+      if (w.K % w.group)
+        throw ShapeError("qweight: in_features " + std::to_string(w.K) + " is not a multiple of the group size " +
+                         std::to_string(w.group));
+      break;
+    case QFormat::FP8:
+      if (w.group != 0 && w.group != 128) throw ValueError("qweight: fp8 scales are per tensor (0) or 128 blocks");
+      break;
+    default:
+      throw ValueError("qweight: unknown format");
+  }
+}
+
+}  // namespace
+
+void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, const float* bias, float* y, int64_t ldy,
+                    bool accumulate, const GemmEpilogue* ep) {
+  check_qweight(w);
+  if (M <= 0) return;
+  const int64_t K = w.K;
+  QArgs a{};
+  a.M = M;
+  a.x = x;
+  a.ldx = ldx;
+  a.w = &w;
+  a.bias = bias;
+  a.y = y;
+  a.ldy = ldy;
+  a.accumulate = accumulate;
+  if (ep) a.ep = *ep;
+  // prepared activations: per calling thread, grown and reused
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> xf, sx, gs;
+  if (w.format == QFormat::Int8) {
+    // per row: s = max|x| / 127, q = round-to-nearest-even(x / s) in [-127, 127]
+    const int64_t Kp = (K + 31) / 32 * 32;
+    xq.assign(static_cast<size_t>(M * Kp), 0);
+    sx.resize(M);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* r = x + m * ldx;
+      float amax = 0.0f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(r[k]));
+      const float s = amax / 127.0f;
+      sx[m] = s;
+      const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+      for (int64_t k = 0; k < K; ++k)
+        xq[m * Kp + k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(r[k] * inv))));
+    }
+    a.xq = xq.data();
+    a.ldxq = Kp;
+    a.sx = sx.data();
+    a.ldsx = 1;
+  } else if (w.format == QFormat::FP8) {
+    // per row and 128-channel block: s = max|x| / 448, x_q = e4m3(x / s)
+    const int64_t KB = (K + 127) / 128;
+    xf.resize(static_cast<size_t>(M * K));
+    sx.resize(static_cast<size_t>(M * KB));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < KB; ++b) {
+        const int64_t k0 = b * 128, k1 = std::min(K, k0 + 128);
+        float amax = 0.0f;
+        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[m * ldx + k]));
+        const float s = amax / 448.0f;
+        sx[m * KB + b] = s;
+        for (int64_t k = k0; k < k1; ++k) xf[m * K + k] = s > 0.0f ? round_e4m3(x[m * ldx + k] / s) : 0.0f;
+      }
+    a.xf = xf.data();
+    a.sx = sx.data();
+    a.ldsx = KB;
+  } else if (w.format == QFormat::Int4) {
+    const int64_t G = K / w.group;
+    gs.resize(static_cast<size_t>(M * G));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.0f;
+        for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) s += x[m * ldx + k];
+        gs[m * G + g] = s;
+      }
+    a.gsum = gs.data();
+  }
+  if (a.ep.row_shift && !a.ep.col_sum) throw ValueError("quant_gemm_f32: the epilogue's row_shift needs col_sum");
+  const QuantTable& t = *NE_PICK_ISA(quant_table);
+  auto* fn = t.block[static_cast<int>(w.format)];
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M));
+  parallel_for(w.N, grain, [&](int64_t n0, int64_t n1, int) { fn(a, n0, n1); });
+}
+
+}  // namespace ne
+#endif  // NE_ISA_GENERIC

@@ -1,0 +1,69 @@
+// Quantized linear layers (CPU kernels in cpp/ops/quant_gemm.cpp, one instance per ISA; on CUDA
+// tensors normengine.ops.quantized_linear composes torch ops for now): y = x W^T with W packed as int8 (per output channel), int4 (groups along K,
+// symmetric or with zero points) or fp8 E4M3 (per tensor or 128 x 128 blocks), dequantized in
+// registers, never to a W-sized buffer. Python: normengine.ops.quantize_weight / quantized_linear;
+// the packing itself (quantization) is done in torch there.
+#pragma once
+#include <cstdint>
+
+#include "core/dispatch.h"
+#include "normengine/tensor.h"
+#include "ops/gemm.h"
+
+namespace ne {
+
+// Packed weight formats. Every layout is plain row-major over the [N, K] weight (torch.nn.Linear layout).
+enum class QFormat : int { Int8 = 0, Int8Weight = 1, Int4 = 2, FP8 = 3 };
+struct QWeight {
+  QFormat format = QFormat::Int8;
+  int64_t N = 0, K = 0;
+  // Int8 / Int8Weight: int8 [N, K], q in [-127, 127], w ~= q * scale[n].
+  // Int4: uint8 [N, K/2]; byte j of row n holds k = 2j in its low nibble and k = 2j+1 in its high nibble;
+  //       nibble q in 0..15; w ~= (q - zero[n, k/group]) * scale[n, k/group]; zero == nullptr means symmetric (zero point 8).
+  // FP8: uint8 [N, K] holding E4M3 (fn: no Inf, 0x7f/0xff NaN, max 448) bit patterns; w ~= e4m3(q) * scale.
+  const void* data = nullptr;
+  // Int8*: [N]; Int4: [N, K/group]; FP8: [1] when group == 0 (per tensor), [ceil(N/128), ceil(K/128)] when group == 128 (block scales).
+  const float* scale = nullptr;
+  const float* zero = nullptr;  // Int4 asymmetric only: [N, K/group], in quantized units (float)
+  int64_t group = 0;            // Int4: 32, 64 or 128 (K % group == 0); FP8: 0 or 128; Int8*: 0
+};
+
+// Row epilogue as in ops/gemm.h's GemmEpilogue (reuse that struct): y[m,n] = s_m * (dot[m,n] - mu_m * c_n) + bias[n] (+ y).
+// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) (+ y[m, n] if accumulate), CPU, float32 x rows (row stride ldx) and y (ldy).
+// Activation handling by format: Int8 (W8A8): x quantized per row (token) on the fly, s_x = max|x_m| / 127,
+// q_x = round-to-nearest-even(x / s_x) clamped to [-127, 127], int32 dot products, y = s_x * s_w[n] * dot (+ bias);
+// Int8Weight / Int4: x used in fp32, weights dequantized in registers; FP8: x quantized per row and per 128-channel
+// block, s = max|x[m, block]| / 448, x_q = E4M3 round-to-nearest-even of x / s, products e4m3 * e4m3 exact in fp32,
+// y = sum over K-blocks of s_x[m, b] * s_w[n-block, b] * (fp32 sum of products in the block)  (per-tensor: s_w constant).
+// Multithreaded on the engine's pool; scratch for quantized activations is per thread and reused, never a W-sized buffer.
+void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, const float* bias, float* y, int64_t ldy,
+                    bool accumulate = false, const GemmEpilogue* ep = nullptr);
+
+
+// ------------------------------------------------------------------------- kernel table (internal)
+// Activations prepared once per call by the entry point: Int8: x quantized per row (xq int8 [M, Kp],
+// Kp = K rounded up to 32, zero padded; sx [M]); FP8: x / s rounded to E4M3 values held as floats
+// (xf [M, K]) with s per row and 128-channel block (sx [M, ceil(K/128)]); Int4: per-row sums of x
+// over each group (gsum [M, K/group], for the zero points); Int8Weight: x as given.
+struct QArgs {
+  int64_t M;
+  const float* x; int64_t ldx;
+  const int8_t* xq; int64_t ldxq;
+  const float* xf;
+  const float* sx; int64_t ldsx;
+  const float* gsum;
+  const QWeight* w;
+  const float* bias;
+  float* y; int64_t ldy;
+  bool accumulate;
+  GemmEpilogue ep;
+};
+
+struct QuantTable {
+  void (*block[4])(const QArgs& a, int64_t n0, int64_t n1);  // by QFormat: outputs [0, M) x [n0, n1)
+};
+
+}  // namespace ne
+
+NE_DECLARE_ISA_TABLES(::ne::QuantTable, quant_table)
+

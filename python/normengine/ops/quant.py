@@ -1,0 +1,229 @@
+"""Quantized linear layers: quantize_weight packs a [N, K] weight (int8, int4, fp8), and
+quantized_linear runs y = x @ dequant(W)^T (+ bias) with the native quantized GEMMs
+(cpp/ops/quant_gemm.h) on the CPU. Formats (layouts: quant_gemm.h, and `QuantizedWeight`):
+
+    "int8"         W8A8: int8 weights per output channel (symmetric, s = max|w_n| / 127); the
+                   activations are quantized per token on the fly (s = max|x_m| / 127, round to
+                   nearest even), int32 dot products, both scales and the bias in the epilogue.
+    "int8-weight"  int8 weights as above, fp32 activations.
+    "int4"         4-bit weights in groups of `group_size` (32, 64, 128) along K, two per byte (low
+                   nibble first), symmetric (q in 0..15 around a zero point of 8, s = max|w_g| / 7) or
+                   asymmetric (s = (max - min) / 15, zero point round(-min / s)); fp32 activations.
+    "fp8"          E4M3 weights with one scale per tensor (group_size 0) or per 128 x 128 block (128);
+                   activations rounded to E4M3 per token and 128-channel block (s = amax / 448), products
+                   in fp32: an exact emulation of an fp8 GEMM.
+
+Quantization itself is plain torch (any device). On CUDA tensors quantized_linear computes the
+same numbers by composing torch ops (the dedicated tensor-core kernels are not in this build)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
+
+FORMATS = ("int8", "int8-weight", "int4", "fp8")
+_CODE = {"int8": 0, "int8-weight": 1, "int4": 2, "fp8": 3}
+_E4M3_MAX = 448.0
+
+
+class QuantizedWeight:
+    """A packed [N, K] weight. data: int8 [N, K] (int8 formats), uint8 [N, K/2] (int4: byte j of a
+    row holds k = 2j in its low nibble, k = 2j + 1 in its high one) or uint8 [N, K] (fp8: E4M3 bit
+    patterns); scale: float32 [N] (int8), [N, K/group] (int4), [1] or [ceil(N/128), ceil(K/128)] (fp8);
+    zero: float32 [N, K/group] for asymmetric int4, else None."""
+
+    def __init__(self, format: str, shape, data, scale, zero=None, group_size: int = 0):
+        if format not in FORMATS:
+            raise ArgumentError(f"format: expected one of {FORMATS}, got {format!r}")
+        self.format = format
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.data, self.scale, self.zero = data, scale, zero
+        self.group_size = int(group_size or 0)
+
+    # ---------------------------------------------------------------- description
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def __repr__(self):
+        g = f", group_size={self.group_size}" if self.format in ("int4", "fp8") else ""
+        return f"QuantizedWeight({self.format}, shape={self.shape}{g}, {self.nbytes() / 2**20:.2f} MiB)"
+
+    def tensors(self) -> dict:
+        """The packed tensors under the suffixes a checkpoint stores them with."""
+        out = {"qdata": self.data, "qscale": self.scale}
+        if self.zero is not None:
+            out["qzero"] = self.zero
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, format: str, group_size: int, shape) -> "QuantizedWeight":
+        for k in ("qdata", "qscale"):
+            if k not in tensors:
+                raise ShapeError(f"packed weight: missing '{k}'")
+        return cls(format, shape, tensors["qdata"], tensors["qscale"], tensors.get("qzero"), group_size)
+
+    def to(self, device) -> "QuantizedWeight":
+        z = self.zero.to(device) if self.zero is not None else None
+        return QuantizedWeight(self.format, self.shape, self.data.to(device), self.scale.to(device), z,
+                               self.group_size)
+
+    # ---------------------------------------------------------------- values
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """The [N, K] weight the GEMMs multiply by, in `dtype` (exact in float32 and float64)."""
+        N, K = self.shape
+        if self.format in ("int8", "int8-weight"):
+            return (self.data.to(torch.float64) * self.scale.to(torch.float64)[:, None]).to(dtype)
+        if self.format == "int4":
+            g = self.group_size
+            q = torch.stack([self.data & 15, self.data >> 4], -1).reshape(N, K).to(torch.float64)
+            z = self.zero.to(torch.float64) if self.zero is not None else torch.full((N, K // g), 8.0,
+                                                                                    dtype=torch.float64,
+                                                                                    device=q.device)
+            w = (q.view(N, K // g, g) - z[..., None]) * self.scale.to(torch.float64)[..., None]
+            return w.reshape(N, K).to(dtype)
+        v = self.data.view(torch.float8_e4m3fn).to(torch.float64)
+        if self.group_size == 0:
+            return (v * self.scale.to(torch.float64)[0]).to(dtype)
+        s = self.scale.to(torch.float64).repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]
+        return (v * s).to(dtype)
+
+
+def _check_format(format, group_size):
+    if format not in FORMATS:
+        raise ArgumentError(f"format: expected one of {FORMATS}, got {format!r}")
+    if format in ("int8", "int8-weight"):
+        if group_size not in (None, 0):
+            raise ArgumentError(f"group_size: {format} quantizes per output channel, got group_size={group_size}")
+        return 0
+    if format == "int4":
+        g = 128 if group_size is None else group_size
+        if g not in (32, 64, 128):
+            raise ArgumentError(f"group_size: int4 needs 32, 64 or 128, got {group_size!r}")
+        return g
+    g = 128 if group_size is None else group_size
+    if g not in (0, 128):
+        raise ArgumentError(f"group_size: fp8 needs 0 (one scale per tensor) or 128 (128 x 128 blocks), got {group_size!r}")
+    return g
+
+
+def _e4m3_bits(x: torch.Tensor) -> torch.Tensor:
+    """E4M3 (fn) bit patterns of x (|x| <= 448), round to nearest even, as uint8."""
+    return x.to(torch.float32).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+def quantize_weight(w: torch.Tensor, format: str, group_size: int | None = None, symmetric: bool = True):
+    """Pack a [N, K] float weight (torch.nn.Linear layout) as `format`; returns a QuantizedWeight.
+    group_size: int4 group along K (32, 64, 128; default 128), fp8 scale block (128 default, 0 =
+    per tensor). symmetric: int4 without zero points (False: with)."""
+    if not isinstance(w, torch.Tensor):
+        raise DTypeError(f"w: expected a torch.Tensor, got {type(w).__name__}")
+    if not w.is_floating_point():
+        raise DTypeError(f"w: expected a floating-point tensor, got {w.dtype}")
+    if w.dim() != 2:
+        raise ShapeError(f"w: expected a 2-D weight [out_features, in_features], got shape {tuple(w.shape)}")
+    g = _check_format(format, group_size)
+    N, K = w.shape
+    w64 = w.detach().to(torch.float64)
+    if not torch.isfinite(w64).all():
+        raise ArgumentError("w: holds NaN or Inf; a quantized weight needs finite values")
+    if format in ("int8", "int8-weight"):
+        s = w64.abs().amax(1) / 127.0
+        q = torch.where(s[:, None] > 0, torch.round(w64 / torch.where(s > 0, s, 1.0)[:, None]), 0.0)
+        return QuantizedWeight(format, (N, K), q.clamp(-127, 127).to(torch.int8).contiguous(),
+                               s.to(torch.float32).contiguous())
+    if format == "int4":
+        if K % g:
+            raise ShapeError(f"w: in_features {K} is not a multiple of the int4 group size {g}")
+        wg = w64.view(N, K // g, g)
+        if symmetric:
+            s = wg.abs().amax(-1) / 7.0
+            z = None
+            q = torch.round(wg / torch.where(s > 0, s, 1.0)[..., None]).clamp(-8, 7) + 8
+        else:
+            lo, hi = wg.amin(-1), wg.amax(-1)
+            s = (hi - lo) / 15.0
+            safe = torch.where(s > 0, s, 1.0)
+            z = torch.round(-lo / safe).clamp(0, 15)
+            q = (torch.round(wg / safe[..., None]) + z[..., None]).clamp(0, 15)
+        q = q.reshape(N, K).to(torch.uint8)
+        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+        return QuantizedWeight("int4", (N, K), packed, s.to(torch.float32).contiguous(),
+                               None if z is None else z.to(torch.float32).contiguous(), g)
+    # fp8: scale so the (block's) largest magnitude maps to 448
+    if g == 0:
+        amax = w64.abs().amax()
+        s = (amax / _E4M3_MAX).reshape(1)
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q = _e4m3_bits(w64 / s)
+    else:
+        nb, kb = -(-N // 128), -(-K // 128)
+        pad = torch.zeros(nb * 128, kb * 128, dtype=torch.float64, device=w.device)
+        pad[:N, :K] = w64.abs()
+        s = pad.view(nb, 128, kb, 128).amax((1, 3)) / _E4M3_MAX
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        full = s.repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]
+        q = _e4m3_bits(w64 / full)
+    return QuantizedWeight("fp8", (N, K), q.contiguous(), s.to(torch.float32).contiguous(), None, g)
+
+
+def _emulated(x2: torch.Tensor, qw: QuantizedWeight, bias):
+    """The native kernels' numbers composed of torch ops (any device): activation quantization as
+    the format prescribes, then the product with the dequantized weight."""
+    from ..reference.quant import quantized_linear as ref
+
+    return ref(x2, qw, bias, dtype=torch.float32)
+
+
+def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, out=None) -> torch.Tensor:
+    """y = x @ dequant(qweight)^T (+ bias), x [..., K] float32 / bfloat16 / float16 (computed in
+    float32); returns float32 [..., N]. Forward only (normengine.nn.QuantLinear trains through it with
+    a straight-through estimator)."""
+    if not isinstance(qweight, QuantizedWeight):
+        raise DTypeError(f"qweight: expected a QuantizedWeight (normengine.ops.quantize_weight), got "
+                         f"{type(qweight).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise DTypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise DTypeError(f"x: expected float32, bfloat16 or float16, got {x.dtype}")
+    N, K = qweight.shape
+    if x.dim() == 0 or x.size(-1) != K:
+        raise ShapeError(f"x: last dimension {x.size(-1) if x.dim() else None} does not match the weight's "
+                         f"in_features {K} (weight shape {qweight.shape})")
+    if x.device != qweight.device:
+        raise DeviceError(f"x is on {x.device} but qweight is on {qweight.device}; move them to one device")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.numel() != N:
+            raise ShapeError(f"bias: expected a tensor of shape ({N},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        if bias.device != x.device:
+            raise DeviceError(f"bias is on {bias.device} but x is on {x.device}; move them to one device")
+        bias = bias.detach().to(torch.float32).contiguous()
+    lead = x.shape[:-1]
+    x2 = x.detach().reshape(-1, K).to(torch.float32).contiguous()
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or tuple(out.shape) != tuple(lead) + (N,) \
+                or not out.is_contiguous() or out.device != x.device:
+            raise ShapeError(f"out: expected a contiguous float32 tensor of shape {tuple(lead) + (N,)} on {x.device}")
+    if x.device.type != "cpu":
+        y = _emulated(x2, qweight, bias)
+        if out is not None:
+            out.copy_(y.view(out.shape))
+            return out
+        return y.view(*lead, N)
+    y = out.view(-1, N) if out is not None else torch.empty(x2.shape[0], N, dtype=torch.float32)
+    if x2.shape[0]:
+        _C.quant_linear(x2, _CODE[qweight.format], qweight.data, qweight.scale, qweight.zero,
+                        qweight.group_size if qweight.format in ("int4", "fp8") else 0, N, K, bias, y)
+    return out if out is not None else y.view(*lead, N)
+
+
+__all__ = ["QuantizedWeight", "quantize_weight", "quantized_linear", "FORMATS"]

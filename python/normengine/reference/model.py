@@ -1,0 +1,174 @@
+"""The whole model as plain torch, written as the formulas (float64-safe): the reference the native
+runner is tested against for every variant it runs (norm kinds, attention types per layer,
+quantized weights read as their dequantized values, L-Mul products).
+
+forward(cfg, tensors, ids) -> logits [T, vocab] for one sequence of token ids, computed from the
+canonical tensors (normengine.config) in `dtype` (float64 by default).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .norm import crms_norm, layer_norm, rms_norm
+
+
+def _w(t, dtype):
+    """A weight as a dense tensor: packed weights (normengine.ops.QuantizedWeight) dequantized."""
+    if not isinstance(t, torch.Tensor):
+        t = t.dequantize()
+    return t.to(dtype)
+
+
+def _norm(cfg, x, w, b):
+    if cfg.norm == "none":
+        return x
+    if cfg.norm == "layernorm":
+        return layer_norm(x, w, b, cfg.norm_eps)
+    if cfg.norm == "rmsnorm":
+        return rms_norm(x, w, cfg.norm_eps)
+    return crms_norm(x, w, cfg.norm_eps)
+
+
+def _act(name, x):
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "silu":
+        return F.silu(x)
+    return F.relu(x)
+
+
+def _rope(cfg, x, pos):
+    """Rotate-half RoPE with Hugging Face's float32 angles. x [T, H, D]."""
+    D = cfg.head_dim
+    half = D // 2
+    inv = 1.0 / (torch.tensor(cfg.rope_theta, dtype=torch.float32) ** (torch.arange(0, half, dtype=torch.float32) * 2 / D))
+    ang = pos.to(torch.float32)[:, None] * inv[None, :]
+    cos = torch.cos(ang.double()).to(torch.float32).to(x.dtype)[:, None, :]
+    sin = torch.sin(ang.double()).to(torch.float32).to(x.dtype)[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def _matmul(a, b, lmul_bits):
+    """a @ b, or with every product an L-Mul (normengine.reference.lmul) when lmul_bits > 0."""
+    if not lmul_bits:
+        return a @ b
+    from .lmul import lmul
+
+    return lmul(a.unsqueeze(-1), b.unsqueeze(-3), lmul_bits).sum(-2)
+
+
+def _softmax_attention(q, k, v, scale, lmul_bits):
+    """Causal softmax attention. q [T, H, D], k/v [T, H, D] (GQA already expanded)."""
+    T = q.size(0)
+    s = _matmul(q.transpose(0, 1), k.transpose(0, 1).transpose(1, 2), lmul_bits) * scale  # [H, T, T]
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, -1)
+    return _matmul(p, v.transpose(0, 1), lmul_bits).transpose(0, 1)  # [T, H, D]
+
+
+def _linear_family(kind, cfg, q, k, v, decay):
+    """The linear-attention family, causal, as per-token recurrences on the augmented state
+    S'_t = lambda S'_{t-1} + [f(k_t); 1][v_t; 1]^T (ops/linear_attention.h). q/k/v [T, H, D]."""
+    T, H, D = q.shape
+    eps = cfg.linear_eps
+    if kind == "linear":
+        fm = cfg.linear_feature_map
+        phi = (lambda x: F.elu(x) + 1) if fm == "elu1" else (F.relu if fm == "relu" else (lambda x: x))
+    elif kind == "mala":
+        phi = lambda x: F.elu(x) + 1  # noqa: E731
+    else:
+        phi = lambda x: x  # noqa: E731
+    fq, fk = phi(q), phi(k)
+    S = torch.zeros(H, D, D, dtype=q.dtype)
+    z = torch.zeros(H, D, dtype=q.dtype)
+    vs = torch.zeros(H, D, dtype=q.dtype)
+    lam = decay.to(q.dtype)[:, None, None] if (kind == "norm" and decay is not None) else None
+    out = []
+    for t in range(T):
+        if lam is not None:
+            S = lam * S
+        S = S + fk[t][:, :, None] * v[t][:, None, :]
+        z = z + fk[t]
+        vs = vs + v[t]
+        n = t + 1
+        num = torch.einsum("hd,hde->he", fq[t], S)
+        if kind == "linear":
+            o = num / ((fq[t] * z).sum(-1, keepdim=True) + eps) if cfg.linear_normalize else num
+        elif kind == "mala":
+            c = 1.0 / math.sqrt(D)
+            zt = c * (fq[t] * z).sum(-1, keepdim=True) / n
+            beta = 1 + 1 / (zt + eps)
+            o = beta * (c / n) * num - zt * vs / n
+        else:
+            if cfg.norm_attention_norm == "rms":
+                o = num / torch.sqrt((num * num).mean(-1, keepdim=True) + eps)
+            else:
+                mu = num.mean(-1, keepdim=True)
+                o = (num - mu) / torch.sqrt(((num - mu) ** 2).mean(-1, keepdim=True) + eps)
+        out.append(o)
+    return torch.stack(out)
+
+
+def forward(cfg, tensors: dict, ids, dtype=torch.float64, lmul_bits: int = 0, lmul_scope: str | None = None,
+            stats: dict | None = None):
+    """Logits [T, vocab] of one sequence `ids` (list or 1-D tensor of token ids), computed in `dtype`.
+    lmul_bits > 0 with lmul_scope 'attention' makes the softmax attention products L-Mul, 'all' every
+    matmul too. stats: a dict that collects, per norm ('blocks.{i}.attn_norm', ..., 'final_norm'), the
+    per-channel maximum |output| over the tokens seen (calibration for SmoothQuant)."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    T = ids.numel()
+    W = lambda n: _w(tensors[n], dtype)  # noqa: E731
+    V = lambda n: tensors[n].to(dtype) if n in tensors else None  # noqa: E731
+    lin_bits = lmul_bits if lmul_scope == "all" else 0
+    att_bits = lmul_bits if lmul_scope in ("attention", "all") else 0
+
+    def record(name, h):
+        if stats is not None:
+            m = h.detach().abs().amax(0).to(torch.float64)
+            stats[name] = torch.maximum(stats[name], m) if name in stats else m
+        return h
+
+    def linear(x, n, bias=None):
+        y = _matmul(x, W(n).t(), lin_bits)
+        b = V(bias) if bias else None
+        return y + b if b is not None else y
+
+    x = W("tok_emb.weight")[ids]
+    pos = torch.arange(T)
+    if cfg.learned_pos:
+        x = x + W("pos_emb.weight")[pos]
+    H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    types = cfg.attention or ["softmax"] * cfg.n_layers
+    for i in range(cfg.n_layers):
+        p = f"blocks.{i}."
+        h = record(p + "attn_norm", _norm(cfg, x, V(p + "attn_norm.weight"), V(p + "attn_norm.bias")))
+        q = linear(h, p + "attn.q.weight", p + "attn.q.bias" if cfg.qkv_bias else None).view(T, H, D)
+        k = linear(h, p + "attn.k.weight", p + "attn.k.bias" if cfg.qkv_bias else None).view(T, Hkv, D)
+        v = linear(h, p + "attn.v.weight", p + "attn.v.bias" if cfg.qkv_bias else None).view(T, Hkv, D)
+        if not cfg.learned_pos:
+            q, k = _rope(cfg, q, pos), _rope(cfg, k, pos)
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+        if types[i] == "softmax":
+            a = _softmax_attention(q, k, v, 1.0 / math.sqrt(D), att_bits)
+        else:
+            a = _linear_family(types[i], cfg, q, k, v, tensors.get(p + "attn.decay"))
+        x = x + linear(a.reshape(T, H * D), p + "attn.o.weight", p + "attn.o.bias" if cfg.o_bias else None)
+        h = record(p + "mlp_norm", _norm(cfg, x, V(p + "mlp_norm.weight"), V(p + "mlp_norm.bias")))
+        up = linear(h, p + "mlp.up.weight", p + "mlp.up.bias" if cfg.mlp_bias else None)
+        if cfg.gated_mlp:
+            g = linear(h, p + "mlp.gate.weight", p + "mlp.gate.bias" if cfg.mlp_bias else None)
+            up = _act(cfg.activation, g) * up
+        else:
+            up = _act(cfg.activation, up)
+        x = x + linear(up, p + "mlp.down.weight", p + "mlp.down.bias" if cfg.mlp_bias else None)
+    h = record("final_norm", _norm(cfg, x, V("final_norm.weight"), V("final_norm.bias")))
+    return linear(h, "lm_head.weight", "lm_head.bias" if cfg.head_bias else None)
