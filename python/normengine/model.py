@@ -567,7 +567,7 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
             raise ArgumentError("smooth: SmoothQuant smoothing is applied before quantizing; pass quant= too")
         cfg, tensors = smooth_model(cfg, tensors, smooth)
     if quant is not None:
-        cfg, tensors = quantize_model(cfg, tensors, quant, group_size, symmetric, progress)
+        cfg, tensors = quantize_model(cfg, tensors, quant, group_size, symmetric, progress, consume=True)
     elif group_size is not None:
         raise ArgumentError("group_size: only meaningful with quant=")
     return Model(cfg, tensors, device=device, dtype=dtype, tokenizer=_load_tokenizer(path), path=path,

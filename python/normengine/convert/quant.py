@@ -40,7 +40,9 @@ class _Progress:
 
     def step(self, k: int = 1):
         self.n += k
-        if self.enabled:
+        now = time.time()
+        if self.enabled and (self.n >= self.total or now - getattr(self, "_last", 0.0) >= 0.25):
+            self._last = now
             w = 30
             fill = int(w * self.n / max(self.total, 1))
             sys.stderr.write(f"\r{self.what} [{'#' * fill}{'.' * (w - fill)}] {self.n}/{self.total} "
@@ -51,13 +53,14 @@ class _Progress:
 
 
 def quantize_model(cfg: ModelConfig, sd: dict, fmt: str, group_size: int | None = None, symmetric: bool = True,
-                   progress: bool | None = None):
+                   progress: bool | None = None, consume: bool = False):
     """(cfg, sd) -> (cfg', sd') with the linear weights quantized as `fmt`.
 
     group_size: int4 group along in_features (32, 64 or 128; default 128), fp8 scale block (128, the
     default: 128 x 128 blocks; 0: one scale per tensor); int8 formats take none. symmetric: int4
     without zero points (False: asymmetric, with zero points). progress: a progress bar on stderr
-    (default: when the model has more than 50M quantized weights)."""
+    (default: when the model has more than 50M quantized weights). consume: replace each weight in
+    `sd` itself as soon as it is packed (normengine.load: the full-precision copy is freed at once)."""
     from ..ops.quant import quantize_weight
 
     if fmt not in QUANT_FORMATS:
@@ -91,18 +94,26 @@ def quantize_model(cfg: ModelConfig, sd: dict, fmt: str, group_size: int | None 
                                  "(pick a group size that divides it, or another format)")
     total = sum(shapes[n][0] * shapes[n][1] for n in names)
     bar = _Progress(f"quantizing to {fmt}", len(names), total > 50_000_000 if progress is None else progress)
+    from ..checkpoint.safetensors_io import release_pages
+
     out = dict(sd)
     done = {}
     for n in names:
         w = sd[n]
         if id(w) in done:  # a tied embedding / head: one packed weight under both names
-            out[n] = done[id(w)]
+            out[n] = sd[n] = done[id(w)]
             bar.step()
             continue
         kw = {"symmetric": symmetric} if fmt == "int4" else {}
         q = quantize_weight(w.detach().to(torch.float32), fmt, group_size=group_size, **kw) \
             if fmt in ("int4", "fp8") else quantize_weight(w.detach().to(torch.float32), fmt)
         done[id(w)] = out[n] = q
+        if consume:  # the caller's dict gives up the full-precision weight at once
+            others = [k for k, v in sd.items() if v is w and k != n]
+            if not others:
+                release_pages(w)
+                sd[n] = q
+        del w
         bar.step()
     return new, out
 

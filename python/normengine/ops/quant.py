@@ -123,7 +123,8 @@ def _e4m3_bits(x: torch.Tensor) -> torch.Tensor:
 def quantize_weight(w: torch.Tensor, format: str, group_size: int | None = None, symmetric: bool = True):
     """Pack a [N, K] float weight (torch.nn.Linear layout) as `format`; returns a QuantizedWeight.
     group_size: int4 group along K (32, 64, 128; default 128), fp8 scale block (128 default, 0 =
-    per tensor). symmetric: int4 without zero points (False: with)."""
+    per tensor). symmetric: int4 without zero points (False: with). The arithmetic is float64, a
+    block of rows at a time (temporaries of about 8 MB whatever the weight's size)."""
     if not isinstance(w, torch.Tensor):
         raise DTypeError(f"w: expected a torch.Tensor, got {type(w).__name__}")
     if not w.is_floating_point():
@@ -132,47 +133,70 @@ def quantize_weight(w: torch.Tensor, format: str, group_size: int | None = None,
         raise ShapeError(f"w: expected a 2-D weight [out_features, in_features], got shape {tuple(w.shape)}")
     g = _check_format(format, group_size)
     N, K = w.shape
-    w64 = w.detach().to(torch.float64)
-    if not torch.isfinite(w64).all():
-        raise ArgumentError("w: holds NaN or Inf; a quantized weight needs finite values")
+    if format == "int4" and K % g:
+        raise ShapeError(f"w: in_features {K} is not a multiple of the int4 group size {g}")
+    w = w.detach()
+    # rows per block: ~1M elements, a multiple of 128 (fp8 blocks never straddle two row blocks)
+    step = max(128, (1 << 20) // max(K, 1) // 128 * 128)
+    blocks = [(r, min(N, r + step)) for r in range(0, N, step)]
+
+    def rows(r0, r1):
+        b = w[r0:r1].to(torch.float64)
+        if not torch.isfinite(b).all():
+            raise ArgumentError("w: holds NaN or Inf; a quantized weight needs finite values")
+        return b
+
     if format in ("int8", "int8-weight"):
-        s = w64.abs().amax(1) / 127.0
-        q = torch.where(s[:, None] > 0, torch.round(w64 / torch.where(s > 0, s, 1.0)[:, None]), 0.0)
-        return QuantizedWeight(format, (N, K), q.clamp(-127, 127).to(torch.int8).contiguous(),
-                               s.to(torch.float32).contiguous())
+        q = torch.empty(N, K, dtype=torch.int8, device=w.device)
+        s = torch.empty(N, dtype=torch.float32, device=w.device)
+        for r0, r1 in blocks:
+            b = rows(r0, r1)
+            sb = b.abs().amax(1) / 127.0
+            safe = torch.where(sb > 0, sb, torch.ones_like(sb))
+            q[r0:r1] = torch.round(b / safe[:, None]).clamp(-127, 127).to(torch.int8)
+            s[r0:r1] = sb.to(torch.float32)
+        return QuantizedWeight(format, (N, K), q, s)
     if format == "int4":
-        if K % g:
-            raise ShapeError(f"w: in_features {K} is not a multiple of the int4 group size {g}")
-        wg = w64.view(N, K // g, g)
-        if symmetric:
-            s = wg.abs().amax(-1) / 7.0
-            z = None
-            q = torch.round(wg / torch.where(s > 0, s, 1.0)[..., None]).clamp(-8, 7) + 8
-        else:
-            lo, hi = wg.amin(-1), wg.amax(-1)
-            s = (hi - lo) / 15.0
-            safe = torch.where(s > 0, s, 1.0)
-            z = torch.round(-lo / safe).clamp(0, 15)
-            q = (torch.round(wg / safe[..., None]) + z[..., None]).clamp(0, 15)
-        q = q.reshape(N, K).to(torch.uint8)
-        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-        return QuantizedWeight("int4", (N, K), packed, s.to(torch.float32).contiguous(),
-                               None if z is None else z.to(torch.float32).contiguous(), g)
+        packed = torch.empty(N, K // 2, dtype=torch.uint8, device=w.device)
+        s = torch.empty(N, K // g, dtype=torch.float32, device=w.device)
+        z = None if symmetric else torch.empty(N, K // g, dtype=torch.float32, device=w.device)
+        for r0, r1 in blocks:
+            wg = rows(r0, r1).view(r1 - r0, K // g, g)
+            if symmetric:
+                sb = wg.abs().amax(-1) / 7.0
+                qb = torch.round(wg / torch.where(sb > 0, sb, 1.0)[..., None]).clamp(-8, 7) + 8
+            else:
+                lo, hi = wg.amin(-1), wg.amax(-1)
+                sb = (hi - lo) / 15.0
+                safe = torch.where(sb > 0, sb, 1.0)
+                zb = torch.round(-lo / safe).clamp(0, 15)
+                qb = (torch.round(wg / safe[..., None]) + zb[..., None]).clamp(0, 15)
+                z[r0:r1] = zb.to(torch.float32)
+            qb = qb.reshape(r1 - r0, K).to(torch.uint8)
+            packed[r0:r1] = qb[:, 0::2] | (qb[:, 1::2] << 4)
+            s[r0:r1] = sb.to(torch.float32)
+        return QuantizedWeight("int4", (N, K), packed, s, z, g)
     # fp8: scale so the (block's) largest magnitude maps to 448
+    q = torch.empty(N, K, dtype=torch.uint8, device=w.device)
     if g == 0:
-        amax = w64.abs().amax()
-        s = (amax / _E4M3_MAX).reshape(1)
-        s = torch.where(s > 0, s, torch.ones_like(s))
-        q = _e4m3_bits(w64 / s)
-    else:
-        nb, kb = -(-N // 128), -(-K // 128)
-        pad = torch.zeros(nb * 128, kb * 128, dtype=torch.float64, device=w.device)
-        pad[:N, :K] = w64.abs()
-        s = pad.view(nb, 128, kb, 128).amax((1, 3)) / _E4M3_MAX
-        s = torch.where(s > 0, s, torch.ones_like(s))
-        full = s.repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]
-        q = _e4m3_bits(w64 / full)
-    return QuantizedWeight("fp8", (N, K), q.contiguous(), s.to(torch.float32).contiguous(), None, g)
+        amax = max(float(rows(r0, r1).abs().max()) for r0, r1 in blocks)
+        s = torch.tensor([amax / _E4M3_MAX if amax > 0 else 1.0], dtype=torch.float64, device=w.device)
+        for r0, r1 in blocks:
+            q[r0:r1] = _e4m3_bits(rows(r0, r1) / s)
+        return QuantizedWeight("fp8", (N, K), q, s.to(torch.float32), None, 0)
+    nb, kb = -(-N // 128), -(-K // 128)
+    s = torch.empty(nb, kb, dtype=torch.float64, device=w.device)
+    for r0, r1 in blocks:
+        b = rows(r0, r1)
+        n_rb = -(-(r1 - r0) // 128)
+        pad = torch.zeros(n_rb * 128, kb * 128, dtype=torch.float64, device=w.device)
+        pad[: r1 - r0, :K] = b.abs()
+        sb = pad.view(n_rb, 128, kb, 128).amax((1, 3)) / _E4M3_MAX
+        sb = torch.where(sb > 0, sb, torch.ones_like(sb))
+        s[r0 // 128: r0 // 128 + n_rb] = sb
+        full = sb.repeat_interleave(128, 0)[: r1 - r0].repeat_interleave(128, 1)[:, :K]
+        q[r0:r1] = _e4m3_bits(b / full)
+    return QuantizedWeight("fp8", (N, K), q, s.to(torch.float32), None, g)
 
 
 def _emulated(x2: torch.Tensor, qw: QuantizedWeight, bias):
