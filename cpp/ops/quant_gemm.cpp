@@ -126,48 +126,51 @@ void block_int8w(const QArgs& a, int64_t n0, int64_t n1) {
 }
 
 // ---------------------------------------------------------------- Int4: nibbles, groups along K
+// y = sum_g s_g (sum_{k in g} q_k x_k) - sum_g s_g z_g gsum_g. The entry point stores x de-interleaved
+// per 16 columns (xd: the 8 even columns, then the 8 odd ones), so 8 bytes of W (16 nibbles) widen
+// to two vectors of 8 floats (low nibbles = even k, high = odd k) that meet x with plain loads. Each
+// group's vector sum is scaled once (one FMA per group) and the output reduced once.
 void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
   const QWeight& w = *a.w;
   const int64_t K = w.K, g = w.group, G = K / g;
   const uint8_t* W = static_cast<const uint8_t*>(w.data);
   for (int64_t m = 0; m < a.M; ++m) {
     const float* x = a.x + m * a.ldx;
+    const float* xd = a.xf + m * K;  // de-interleaved x
     const float* gs = a.gsum + m * G;
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* wr = W + n * (K / 2);
+      const float* sc = w.scale + n * G;
+      const float* zp = w.zero ? w.zero + n * G : nullptr;
+      float zterm = 0.0f;  // sum_g s_g z_g gsum_g
+      for (int64_t gi = 0; gi < G; ++gi) zterm += sc[gi] * (zp ? zp[gi] : 8.0f) * gs[gi];
+#if defined(__AVX2__)
+      const __m256i lo_mask = _mm256_set1_epi32(15);
+      __m256 total = _mm256_setzero_ps();
+      for (int64_t gi = 0; gi < G; ++gi) {
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (int64_t k = gi * g; k < (gi + 1) * g; k += 16) {
+          const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + k / 2)));
+          acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, lo_mask)), _mm256_loadu_ps(xd + k), acc0);
+          acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), _mm256_loadu_ps(xd + k + 8), acc1);
+        }
+        total = _mm256_fmadd_ps(_mm256_add_ps(acc0, acc1), _mm256_set1_ps(sc[gi]), total);
+      }
+      finish(a, m, n, hsum_ps(total) - zterm);
+      (void)x;
+#else
       float y = 0.0f;
       for (int64_t gi = 0; gi < G; ++gi) {
-        const int64_t k0 = gi * g;
-        float dot = 0.0f;  // sum_k q x over the group
-        int64_t k = k0;
-#if defined(__AVX2__)
-        const __m256i lo_mask = _mm256_set1_epi32(15);
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-        for (; k + 16 <= k0 + g; k += 16) {
-          // 8 bytes = 16 nibbles: byte j holds k + 2j (low) and k + 2j + 1 (high); x is de-interleaved
-          // by loading it as pairs: even k from the low nibbles, odd from the high ones
-          const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + k / 2)));
-          const __m256 qlo = _mm256_cvtepi32_ps(_mm256_and_si256(b, lo_mask));
-          const __m256 qhi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
-          const __m256 xa = _mm256_loadu_ps(x + k), xb = _mm256_loadu_ps(x + k + 8);
-          // x even / odd lanes: (x0 x2 x4 x6 | x8 ...) via shuffles of the two halves
-          const __m256 ev = _mm256_shuffle_ps(xa, xb, 0x88), od = _mm256_shuffle_ps(xa, xb, 0xDD);
-          // shuffle_ps interleaves 128-bit lanes: ev = x0 x2 x8 x10 | x4 x6 x12 x14; reorder to k order
-          const __m256 ev_o = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8));
-          const __m256 od_o = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8));
-          acc0 = _mm256_fmadd_ps(qlo, ev_o, acc0);
-          acc1 = _mm256_fmadd_ps(qhi, od_o, acc1);
-        }
-        dot = hsum_ps(_mm256_add_ps(acc0, acc1));
-#endif
-        for (; k < k0 + g; ++k) {
+        float dot = 0.0f;
+        for (int64_t k = gi * g; k < (gi + 1) * g; ++k) {
           const int q = (k & 1) ? (wr[k / 2] >> 4) : (wr[k / 2] & 15);
           dot += static_cast<float>(q) * x[k];
         }
-        const float z = w.zero ? w.zero[n * G + gi] : 8.0f;
-        y += w.scale[n * G + gi] * (dot - z * gs[gi]);
+        y += sc[gi] * dot;
       }
-      finish(a, m, n, y);
+      finish(a, m, n, y - zterm);
+      (void)xd;
+#endif
     }
   }
 }
@@ -309,15 +312,25 @@ void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, co
     a.sx = sx.data();
     a.ldsx = KB;
   } else if (w.format == QFormat::Int4) {
+    // per row: the sums of x over each group (zero points), and x de-interleaved per 16 columns
     const int64_t G = K / w.group;
     gs.resize(static_cast<size_t>(M * G));
-    for (int64_t m = 0; m < M; ++m)
+    xf.resize(static_cast<size_t>(M * K));
+    for (int64_t m = 0; m < M; ++m) {
+      const float* r = x + m * ldx;
       for (int64_t g = 0; g < G; ++g) {
         float s = 0.0f;
-        for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) s += x[m * ldx + k];
+        for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) s += r[k];
         gs[m * G + g] = s;
       }
+      for (int64_t k0 = 0; k0 < K; k0 += 16)
+        for (int j = 0; j < 8; ++j) {
+          xf[m * K + k0 + j] = r[k0 + 2 * j];
+          xf[m * K + k0 + 8 + j] = r[k0 + 2 * j + 1];
+        }
+    }
     a.gsum = gs.data();
+    a.xf = xf.data();
   }
   if (a.ep.row_shift && !a.ep.col_sum) throw ValueError("quant_gemm_f32: the epilogue's row_shift needs col_sum");
   const QuantTable& t = *NE_PICK_ISA(quant_table);

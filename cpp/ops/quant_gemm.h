@@ -44,7 +44,8 @@ void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, co
 // Activations prepared once per call by the entry point: Int8: x quantized per row (xq int8 [M, Kp],
 // Kp = K rounded up to 32, zero padded; sx [M]); FP8: x / s rounded to E4M3 values held as floats
 // (xf [M, K]) with s per row and 128-channel block (sx [M, ceil(K/128)]); Int4: per-row sums of x
-// over each group (gsum [M, K/group], for the zero points); Int8Weight: x as given.
+// over each group (gsum [M, K/group], for the zero points) and x de-interleaved per 16 columns (xf
+// [M, K]: 8 even columns, then the 8 odd ones; group sizes are multiples of 16); Int8Weight: x as given.
 struct QArgs {
   int64_t M;
   const float* x; int64_t ldx;
