@@ -94,7 +94,7 @@ void weight_row(const W& w, int64_t n, float* out) {
       const int64_t G = K / q.group;
       for (int64_t k = 0; k < K; ++k) {
         const int nib = (k & 1) ? (r[k / 2] >> 4) : (r[k / 2] & 15);
-        const float z = q.zero ? q.zero[n * G + k / q.group] : 8.0f;
+        const float z = q.zero ? q.zero[n * G + k / q.group] : 7.5f;  // symmetric: mid-rise
         out[k] = (static_cast<float>(nib) - z) * q.scale[n * G + k / q.group];
       }
       break;

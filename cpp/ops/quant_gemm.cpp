@@ -143,7 +143,7 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
       const float* sc = w.scale + n * G;
       const float* zp = w.zero ? w.zero + n * G : nullptr;
       float zterm = 0.0f;  // sum_g s_g z_g gsum_g
-      for (int64_t gi = 0; gi < G; ++gi) zterm += sc[gi] * (zp ? zp[gi] : 8.0f) * gs[gi];
+      for (int64_t gi = 0; gi < G; ++gi) zterm += sc[gi] * (zp ? zp[gi] : 7.5f) * gs[gi];
 #if defined(__AVX2__)
       const __m256i lo_mask = _mm256_set1_epi32(15);
       __m256 total = _mm256_setzero_ps();

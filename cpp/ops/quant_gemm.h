@@ -19,7 +19,8 @@ struct QWeight {
   int64_t N = 0, K = 0;
   // Int8 / Int8Weight: int8 [N, K], q in [-127, 127], w ~= q * scale[n].
   // Int4: uint8 [N, K/2]; byte j of row n holds k = 2j in its low nibble and k = 2j+1 in its high nibble;
-  //       nibble q in 0..15; w ~= (q - zero[n, k/group]) * scale[n, k/group]; zero == nullptr means symmetric (zero point 8).
+  //       nibble q in 0..15; w ~= (q - zero[n, k/group]) * scale[n, k/group]; zero == nullptr means symmetric:
+  //       zero point 7.5, levels (q - 7.5) s = +-0.5 s ... +-7.5 s, symmetric around 0 (mid-rise).
   // FP8: uint8 [N, K] holding E4M3 (fn: no Inf, 0x7f/0xff NaN, max 448) bit patterns; w ~= e4m3(q) * scale.
   const void* data = nullptr;
   // Int8*: [N]; Int4: [N, K/group]; FP8: [1] when group == 0 (per tensor), [ceil(N/128), ceil(K/128)] when group == 128 (block scales).

@@ -85,7 +85,7 @@ class ModelConfig:
     linear_eps: float = 1e-6
     quantization: str | None = None  # one of QUANT_FORMATS when the linear weights are stored quantized
     quant_group_size: int = 0         # int4: 32 / 64 / 128; fp8: 0 (per tensor) or 128 (blocks)
-    quant_symmetric: bool = True      # int4: no zero points
+    quant_symmetric: bool = True      # int4: no stored zero points (mid-rise levels (q - 7.5) s)
     conversions: list = field(default_factory=list)  # conversions applied, in order (recorded on save)
 
     def __post_init__(self):

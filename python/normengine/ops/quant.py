@@ -7,7 +7,9 @@ quantized_linear runs y = x @ dequant(W)^T (+ bias) with the native quantized GE
                    nearest even), int32 dot products, both scales and the bias in the epilogue.
     "int8-weight"  int8 weights as above, fp32 activations.
     "int4"         4-bit weights in groups of `group_size` (32, 64, 128) along K, two per byte (low
-                   nibble first), symmetric (q in 0..15 around a zero point of 8, s = max|w_g| / 7) or
+                   nibble first), symmetric (mid-rise: q in 0..15 stands for (q - 7.5) s, levels +-0.5 s ...
+                   +-7.5 s; s = c max|w_g| / 7.5 with the clipping c in {1, 0.975, ..., 0.6} of
+                   least squared error: the optimal uniform 16-level quantizer's shape) or
                    asymmetric (s = (max - min) / 15, zero point round(-min / s)); fp32 activations.
     "fp8"          E4M3 weights with one scale per tensor (group_size 0) or per 128 x 128 block (128);
                    activations rounded to E4M3 per token and 128-channel block (s = amax / 448), products
@@ -26,6 +28,7 @@ from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 FORMATS = ("int8", "int8-weight", "int4", "fp8")
 _CODE = {"int8": 0, "int8-weight": 1, "int4": 2, "fp8": 3}
 _E4M3_MAX = 448.0
+_INT4_CLIPS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 down to 0.6
 
 
 class QuantizedWeight:
@@ -85,7 +88,7 @@ class QuantizedWeight:
         if self.format == "int4":
             g = self.group_size
             q = torch.stack([self.data & 15, self.data >> 4], -1).reshape(N, K).to(torch.float64)
-            z = self.zero.to(torch.float64) if self.zero is not None else torch.full((N, K // g), 8.0,
+            z = self.zero.to(torch.float64) if self.zero is not None else torch.full((N, K // g), 7.5,
                                                                                     dtype=torch.float64,
                                                                                     device=q.device)
             w = (q.view(N, K // g, g) - z[..., None]) * self.scale.to(torch.float64)[..., None]
@@ -163,8 +166,23 @@ def quantize_weight(w: torch.Tensor, format: str, group_size: int | None = None,
         for r0, r1 in blocks:
             wg = rows(r0, r1).view(r1 - r0, K // g, g)
             if symmetric:
-                sb = wg.abs().amax(-1) / 7.0
-                qb = torch.round(wg / torch.where(sb > 0, sb, 1.0)[..., None]).clamp(-8, 7) + 8
+                # the scale that minimizes the group's squared error among amax / 7 times a few
+                # clipping factors (clipping the largest weights a little shrinks every step)
+                amax = wg.abs().amax(-1)
+                best_err = best_s = None
+                for clip in _INT4_CLIPS:
+                    sc = amax * clip / 7.5
+                    safe = torch.where(sc > 0, sc, 1.0)[..., None]
+                    err = (((torch.floor(wg / safe).clamp(-8, 7) + 0.5) * safe - wg) ** 2).sum(-1)
+                    if best_err is None:
+                        best_err, best_s = err, sc
+                    else:
+                        better = err < best_err
+                        best_err = torch.where(better, err, best_err)
+                        best_s = torch.where(better, sc, best_s)
+                sb = best_s
+                # nearest level of (q - 7.5) s: q = floor(w / s) + 8, clamped to 0..15
+                qb = torch.floor(wg / torch.where(sb > 0, sb, 1.0)[..., None]).clamp(-8, 7) + 8
             else:
                 lo, hi = wg.amin(-1), wg.amax(-1)
                 sb = (hi - lo) / 15.0
