@@ -113,10 +113,15 @@ void lmul_bmm(int64_t B, int64_t M, int64_t N, int64_t K, const float* x, int64_
               int64_t swb, int64_t ldw, float* y, int64_t syb, int64_t ldy, int bits, void* stream) {
   if (B <= 0 || M <= 0 || N <= 0) return;
   const LmulConst k = lmul_const(bits);
-  dim3 grid(static_cast<unsigned>((N + BN - 1) / BN), static_cast<unsigned>((M + BM - 1) / BM),
-            static_cast<unsigned>(B));
-  bmm_kernel<<<grid, 256, 0, as_stream(stream)>>>(M, N, K, x, sxb, ldx, w, swb, ldw, y, syb, ldy, k.trunc, k.c);
-  check_launch("lmul bmm_kernel");
+  if ((M + BM - 1) / BM > 65535) throw ShapeError("lmul_bmm: more than 65535 * 64 rows per batch entry");
+  for (int64_t b0 = 0; b0 < B; b0 += 65535) {  // grid.z is limited to 65535
+    const int64_t nb = B - b0 < 65535 ? B - b0 : 65535;
+    dim3 grid(static_cast<unsigned>((N + BN - 1) / BN), static_cast<unsigned>((M + BM - 1) / BM),
+              static_cast<unsigned>(nb));
+    bmm_kernel<<<grid, 256, 0, as_stream(stream)>>>(M, N, K, x + b0 * sxb, sxb, ldx, w + b0 * swb, swb, ldw,
+                                                    y + b0 * syb, syb, ldy, k.trunc, k.c);
+    check_launch("lmul bmm_kernel");
+  }
 }
 
 }  // namespace cuda

@@ -5,6 +5,9 @@
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <vector>
+
+#include "normengine/ops.h"
 
 #include "bindings/interop.h"
 #include "normengine/errors.h"
@@ -109,4 +112,42 @@ void bind_lmul(py::module_& m) {
       },
       py::arg("x"), py::arg("w"), py::arg("out"), py::arg("bits"), py::arg("stream") = 0,
       "out[b, m, n] = sum_k lmul(x[b, m, k], w[b, n, k]): every product an L-Mul, fp32 sums in k order.");
+
+  // The runner's raw entry point, exposed for testing: one sequence's KV cache.
+  m.def(
+      "lmul_cache_attention",
+      [](py::handle q, py::handle k, py::handle v, py::handle pos, py::handle out, int n_heads, int n_kv_heads,
+         double scale, int bits) {
+        Borrowed keep;
+        TensorView vq = view_of(q, "q", keep), vk = view_of(k, "k", keep), vv = view_of(v, "v", keep),
+                   vp = view_of(pos, "pos", keep), vo = view_of(out, "out", keep);
+        for (const TensorView* t : {&vq, &vk, &vv, &vo}) {
+          check_f32(*t);
+          if (t->device.type != ne::DeviceType::CPU) throw ne::DeviceError(std::string(t->name) + ": CPU only");
+          if (t->ndim != 2 || !contiguous(*t)) throw ne::ShapeError(std::string(t->name) + ": expected a contiguous 2-D tensor");
+        }
+        if (vp.dtype != ne::DType::I32 || vp.ndim != 1 || vp.shape[0] != vq.shape[0] || !contiguous(vp))
+          throw ne::ShapeError("pos: expected int32 [n_tokens]");
+        if (n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads || vq.shape[1] % n_heads)
+          throw ne::ValueError("n_heads: expected a multiple of n_kv_heads dividing q's width");
+        const int D = static_cast<int>(vq.shape[1] / n_heads);
+        if (vk.shape[1] != int64_t(n_kv_heads) * D || vv.shape[1] != vk.shape[1] || vv.shape[0] != vk.shape[0])
+          throw ne::ShapeError("k: expected [ctx, n_kv_heads * head_dim], v the same");
+        if (vo.shape[0] != vq.shape[0] || vo.shape[1] != vq.shape[1]) throw ne::ShapeError("out: expected q's shape");
+        const int32_t* pp = static_cast<const int32_t*>(vp.data);
+        for (int64_t t = 0; t < vp.shape[0]; ++t)
+          if (pp[t] < 0 || pp[t] >= vk.shape[0]) throw ne::ValueError("pos: positions must lie in [0, ctx)");
+        const int64_t T = vq.shape[0];
+        std::vector<const float*> kp(static_cast<size_t>(T), static_cast<const float*>(vk.data)),
+            vpp(static_cast<size_t>(T), static_cast<const float*>(vv.data));
+        std::vector<float> scratch(static_cast<size_t>(ne::num_threads() * vk.shape[0] + 1));
+        ne::AttnArgs a{T, static_cast<const float*>(vq.data), vq.shape[1], static_cast<float*>(vo.data), vo.shape[1],
+                       kp.data(), vpp.data(), pp, n_heads, n_kv_heads, D, static_cast<float>(scale), scratch.data(),
+                       vk.shape[0]};
+        py::gil_scoped_release nogil;
+        ne::lmul_cache_attention(a, bits);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pos"), py::arg("out"), py::arg("n_heads"),
+      py::arg("n_kv_heads"), py::arg("scale"), py::arg("bits"),
+      "Testing: ne::lmul_cache_attention over one sequence's cache (q [T, H*D], k/v [ctx, Hkv*D], pos [T]).");
 }

@@ -7,7 +7,8 @@
 //   u = A + B (< 2^32, unsigned),  r = u - C
 //   r -> 0 if u < C + 2^23 (exponent underflow),  -> Inf if r >= 0x7f800000 (overflow)
 //   -> 0 if an operand is zero/subnormal, -> Inf if one is Inf, -> NaN if NaN, or Inf with zero;  | s
-// Fast product, valid on a tile whose operands are all normal and whose exponent ranges keep every
+// Fast product, valid on a tile whose operands are all normal (x may also hold zeros / subnormals,
+// whose products are skipped) and whose exponent ranges keep every
 // product normal (e_x,min + e_w,min >= 128 and e_x,max + e_w,max <= 378, biased):
 //   r = (t(x) - C) + t(w)       (one 32-bit add; the sign bits add mod 2 = XOR, the carry drops out)
 // x is stored prepared as t(x) - C, so the fast inner loop is one integer add and one float add per
@@ -48,7 +49,7 @@ struct VI {
   static R eq(R a, R b) { return _mm512_movm_epi32(_mm512_cmpeq_epi32_mask(a, b)); }
   static R gt_s(R a, R b) { return _mm512_movm_epi32(_mm512_cmpgt_epi32_mask(a, b)); }
   static R lt_u(R a, R b) { return _mm512_movm_epi32(_mm512_cmplt_epu32_mask(a, b)); }
-  static R blend(R m, R a, R b) { return _mm512_ternarylogic_epi32(m, a, b, 0xd8); }  // m ? b : a
+  static R blend(R m, R a, R b) { return _mm512_mask_blend_epi32(_mm512_movepi32_mask(m), a, b); }  // m ? b : a
   static R andnot(R m, R a) { return _mm512_andnot_si512(m, a); }                     // a & ~m
   static F fzero() { return _mm512_setzero_ps(); }
   static F fload(const float* p) { return _mm512_loadu_ps(p); }
@@ -157,7 +158,10 @@ inline R checkedv(R a, R b, R C) {
 
 // ------------------------------------------------------------------------------------ GEMM
 // acc[r][h] (+)= sum_k product(x[r, k], w[k, h*L .. h*L+L)) over one K block, k in order.
-template <int RR, bool FAST>
+// MODE 0: checked products; 1: fast products; 2: fast products, skipping x entries that are zero or
+// subnormal (their products are signed zeros, and adding a signed zero to an accumulator that started
+// at +0 never changes its bits: a float sum is -0 only if both addends are -0).
+template <int RR, int MODE>
 void tile(const uint32_t* xp, int64_t K, const uint32_t* pack, int64_t kc, float* t, bool first, uint32_t C) {
   F acc[RR][2];
   for (int r = 0; r < RR; ++r)
@@ -166,7 +170,8 @@ void tile(const uint32_t* xp, int64_t K, const uint32_t* pack, int64_t kc, float
   for (int64_t k = 0; k < kc; ++k) {
     const R w0 = VI::load(pack + k * NP), w1 = VI::load(pack + k * NP + L);
     for (int r = 0; r < RR; ++r) {
-      if (FAST) {
+      if (MODE == 2 && (((xp[r * K + k] + C) & kInf) == 0)) continue;
+      if (MODE > 0) {
         const R xb = VI::set1(xp[r * K + k]);  // t(x) - C
         acc[r][0] = VI::fadd_bits(acc[r][0], VI::add(xb, w0));
         acc[r][1] = VI::fadd_bits(acc[r][1], VI::add(xb, w1));
@@ -182,8 +187,9 @@ void tile(const uint32_t* xp, int64_t K, const uint32_t* pack, int64_t kc, float
 }
 
 using TileFn = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, float*, bool, uint32_t);
-constexpr TileFn kTiles[2][MR] = {{tile<1, false>, tile<2, false>, tile<3, false>, tile<4, false>},
-                                  {tile<1, true>, tile<2, true>, tile<3, true>, tile<4, true>}};
+constexpr TileFn kTiles[3][MR] = {{tile<1, 0>, tile<2, 0>, tile<3, 0>, tile<4, 0>},
+                                  {tile<1, 1>, tile<2, 1>, tile<3, 1>, tile<4, 1>},
+                                  {tile<1, 2>, tile<2, 2>, tile<3, 2>, tile<4, 2>}};
 
 void gemm_cols(const LmulArgs& a, int64_t n0, int64_t n1) {
   const LmulConst kc_ = lmul_const(a.bits);
@@ -214,12 +220,13 @@ void gemm_cols(const LmulArgs& a, int64_t n0, int64_t n1) {
       bad = emin == 0 || emax == 255;
       for (int64_t m0 = 0; m0 < M; m0 += MR) {
         const int rr = static_cast<int>(std::min<int64_t>(MR, M - m0));
-        bool fast = !bad;
-        for (int r = 0; r < rr && fast; ++r) {
+        int mode = bad ? 0 : 1;
+        for (int r = 0; r < rr && mode > 0; ++r) {
           const LmulRowStat& s = a.xstat[m0 + r];
-          fast = !s.bad && s.emin + emin >= 128 && s.emax + emax <= 378;
+          if (s.bad == 2 || s.emin + emin < 128 || s.emax + emax > 378) mode = 0;
+          else if (s.bad == 1) mode = 2;
         }
-        kTiles[fast][rr - 1](a.xp + m0 * K + kb, K, pack.data(), kc, tacc.data() + m0 * NP, kb == 0, kc_.c);
+        kTiles[mode][rr - 1](a.xp + m0 * K + kb, K, pack.data(), kc, tacc.data() + m0 * NP, kb == 0, kc_.c);
       }
     }
     for (int64_t m = 0; m < M; ++m) {
@@ -256,15 +263,16 @@ void axpy(int64_t n, float p, const float* v, float* out, int bits) {
 
 LmulRowStat prep_row(int64_t n, const float* x, uint32_t* xp, int bits) {
   const LmulConst k = lmul_const(bits);
+  // exponent range over the normal entries; bad = 2 with an Inf / NaN, else 1 with a zero / subnormal
   LmulRowStat s{255, 0, 0};
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t t = prep1(bits_of(x[i]), k.trunc);
     const int32_t e = static_cast<int32_t>((t >> 23) & 0xff);
-    s.emin = std::min(s.emin, e);
-    s.emax = std::max(s.emax, e);
+    if (e == 255) s.bad = 2;
+    else if (e == 0) s.bad = std::max(s.bad, 1);
+    else { s.emin = std::min(s.emin, e); s.emax = std::max(s.emax, e); }
     xp[i] = t - k.c;
   }
-  s.bad = s.emin == 0 || s.emax == 255;
   return s;
 }
 

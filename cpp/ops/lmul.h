@@ -8,9 +8,10 @@
 //   l(m) = m for m <= 3, 3 for m = 4, 4 for m > 4,
 // computed as in the paper by one integer addition of the sign-stripped, truncated bit patterns:
 //   bits = A + B - C,   C = (127 << 23) - 2^(23 - l)   (one exponent bias, minus the 2^-l offset)
-// The exponent fields add and the mantissa fields add with the offset; when x_m + y_m + 2^-l >= 1 the
-// mantissa carry spills into the exponent, so the result is 2^(e+1) * (x_m + y_m + 2^-l) there (the
-// paper's bit-level behaviour, which differs from the formula above only in that carry case).
+// The exponent fields add and the mantissa fields add with the offset; the field sum s = x_m + y_m + 2^-l
+// spills floor(s) into the exponent, so the result is 2^(e + floor(s)) (1 + s - floor(s)): the formula
+// above when s < 1, 2^(e+1) s when 1 <= s < 2, 2^(e+2) (s - 1) when s >= 2 (only possible for l < m).
+// This is the paper's bit-level behaviour.
 // The product is exact in fp32 (at most max(m, l) + 1 mantissa bits), so all rounding is in the sums.
 // Special values (the engine's choices, identical in every kernel, CPU and CUDA):
 //   - a NaN operand (any payload) is first canonicalised to 0x7fc00000 so truncation cannot turn it
@@ -59,8 +60,9 @@ inline LmulConst lmul_const(int m) {
   return k;
 }
 
-// Per row of x over its K entries (after truncation): smallest and largest biased exponent, and
-// whether any entry is zero / subnormal / Inf / NaN (then only the checked kernel may touch it).
+// Per row of x over its K entries (after truncation): smallest and largest biased exponent of the
+// normal entries; bad = 2 if any entry is Inf / NaN (only the checked kernel may touch the row), else 1
+// if any is zero / subnormal (the fast kernel skips those products), else 0.
 struct LmulRowStat {
   int32_t emin, emax, bad;
 };

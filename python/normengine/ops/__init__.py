@@ -3,6 +3,7 @@ CUDA tensors alike (the input's device picks the kernel)."""
 
 from .channel import channel_affine, channel_dot, channel_lincomb, channel_sumsq
 from .linear import linear
+from .lmul import lmul, lmul_attention, lmul_matmul, multiply_energy
 from .norm_linear import NormLinearFunction, norm_linear
 from .quant import QuantizedWeight, quantize_weight, quantized_linear
 from .norm import (
@@ -33,4 +34,8 @@ __all__ = [
     "QuantizedWeight",
     "quantize_weight",
     "quantized_linear",
+    "lmul",
+    "lmul_matmul",
+    "lmul_attention",
+    "multiply_energy",
 ]

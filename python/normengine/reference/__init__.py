@@ -1,6 +1,7 @@
 """Pure-torch references of every normengine op, written as the formula (float64-safe). The native
 kernels, CUDA kernels and autograd Functions are all tested against these."""
 
+from . import lmul  # L-Mul references as a submodule: lmul.lmul, lmul.lmul_matmul, lmul.lmul_attention
 from .linear import linear
 from .norm import (
     add_layer_norm,

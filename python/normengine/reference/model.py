@@ -61,7 +61,8 @@ def _matmul(a, b, lmul_bits):
         return a @ b
     from .lmul import lmul
 
-    return lmul(a.unsqueeze(-1), b.unsqueeze(-3), lmul_bits).sum(-2)
+    # products of the float32 operands (exact in float32), summed in the caller's precision
+    return lmul(a.unsqueeze(-1), b.unsqueeze(-3), lmul_bits).to(a.dtype).sum(-2)
 
 
 def _softmax_attention(q, k, v, scale, lmul_bits):

@@ -1,0 +1,403 @@
+"""L-Mul ops (normengine.ops.lmul): bit-exact products against the pure-torch definition, GEMM and
+attention against float64 references of the same products, the paper's fidelity claims against fp8
+multiplies, special values one by one, straight-through gradients, bad arguments."""
+
+import importlib
+import math
+
+import pytest
+import torch
+
+import normengine
+from normengine import _C
+from normengine.errors import ArgumentError, DeviceError, DTypeError, ShapeError
+L = importlib.import_module("normengine.ops.lmul")  # the module (normengine.ops.lmul is also the function)
+from normengine.reference import lmul as R
+
+BITS = [1, 2, 3, 4, 5, 7, 10, 23]
+GPU = torch.cuda.is_available() and normengine.cuda_available()
+
+
+def bits_of(t):
+    return t.detach().to(torch.float32).cpu().contiguous().view(torch.int32)
+
+
+def loguniform(n, g, lo=-2.0, hi=2.0):
+    """sign * 2^U(lo, hi): every operand and product in the normal range of the fp8 formats."""
+    mag = (torch.rand(n, generator=g, dtype=torch.float64) * (hi - lo) + lo).exp2()
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    return (mag * sign).float()
+
+
+# ------------------------------------------------------------------------------------------ products
+@pytest.mark.parametrize("bits", BITS)
+def test_lmul_bit_exact(device, gen, bits):
+    a = torch.randn(4099, generator=gen) * torch.rand(4099, generator=gen).mul(60).sub(30).exp2()
+    b = torch.randn(4099, generator=gen) * torch.rand(4099, generator=gen).mul(60).sub(30).exp2()
+    got = L.lmul(a.to(device), b.to(device), bits)
+    assert torch.equal(bits_of(got), bits_of(R.lmul(a, b, bits)))
+
+
+def test_lmul_matches_formula_without_carry(gen):
+    # (1 + x_m + y_m + 2^-l) 2^(e_x + e_y) exactly when x_m + y_m + 2^-l < 1 (no mantissa carry)
+    for bits in (2, 3, 4, 6):
+        l = bits if bits <= 3 else (3 if bits == 4 else 4)
+        a, b = loguniform(20000, gen), loguniform(20000, gen)
+        ma, ea = torch.frexp(a.double().abs())  # |a| = ma 2^ea, ma in [0.5, 1)
+        mb, eb = torch.frexp(b.double().abs())
+        fa = torch.floor((2 * ma - 1) * 2**bits) / 2**bits  # truncated mantissa fractions
+        fb = torch.floor((2 * mb - 1) * 2**bits) / 2**bits
+        s = fa + fb + 2.0**-l
+        want = (1 + s) * torch.pow(2.0, (ea - 1 + eb - 1).double()) * torch.sign(a.double() * b.double())
+        got = L.lmul(a, b, bits).double()
+        nc = s < 1
+        assert nc.sum() > 1000 and (~nc).sum() > 100
+        assert torch.equal(got[nc], want[nc])
+        # with a carry (the bit-level behaviour): the field sum s spills floor(s) into the exponent,
+        # 2^(e + floor(s)) (1 + s - floor(s)); s >= 2 happens for l < m
+        c = torch.floor(s)
+        want_c = (1 + s - c) * torch.pow(2.0, ea - 2 + eb + c) * torch.sign(a.double() * b.double())
+        assert torch.equal(got[~nc], want_c[~nc])
+
+
+def test_lmul_broadcast_dtypes_noncontiguous(device, gen):
+    a = torch.randn(3, 1, 5, generator=gen)
+    b = torch.randn(7, 4, 5, generator=gen)[:, ::2].transpose(0, 1)  # [2, 7, 5], non-contiguous
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        ad, bd = a.to(dt).to(device), b[:1].to(dt).to(device)
+        got = L.lmul(ad, bd)
+        assert got.dtype == dt and got.shape == (3, 7, 5)
+        want = R.lmul(ad.cpu().float(), bd.cpu().float(), 4).to(dt)
+        assert torch.equal(got.cpu(), want)
+    got = L.lmul(a.to(device), b.to(device)[:1])
+    assert torch.equal(bits_of(got), bits_of(R.lmul(a, b[:1], 4)))
+    assert L.lmul(torch.ones(1, device=device), torch.ones(1, device=device)).item() == 1.0 + 2**-3
+
+
+SPECIAL = [
+    # (a, b, expected) with 4 mantissa bits
+    (0.0, 3.0, 0.0), (-0.0, 3.0, -0.0), (0.0, -3.0, -0.0), (1e-40, 3.0, 0.0), (-1e-40, 3.0, -0.0),
+    (float("inf"), 2.0, float("inf")), (float("inf"), -2.0, float("-inf")), (float("-inf"), float("-inf"), float("inf")),
+    (float("inf"), 0.0, float("nan")), (0.0, float("-inf"), float("nan")), (float("inf"), 1e-40, float("nan")),
+    (float("nan"), 1.0, float("nan")), (1.0, float("nan"), float("nan")), (float("nan"), 0.0, float("nan")),
+    (1e30, 1e30, float("inf")), (-1e30, 1e30, float("-inf")), (1e-30, 1e-30, 0.0), (-1e-30, 1e-30, -0.0),
+    (3e38, 3e38, float("inf")), (1.0, 1.0, 1.125), (-1.5, 2.0, -(1 + 0.5 + 2**-3) * 2),
+]
+
+
+@pytest.mark.parametrize("a,b,want", SPECIAL, ids=[f"{a}*{b}" for a, b, _ in SPECIAL])
+def test_special_values(device, a, b, want):
+    x = torch.full((9,), a, device=device)  # 9: a vector and a scalar tail
+    y = torch.full((9,), b, device=device)
+    got = L.lmul(x, y).cpu()
+    ref = R.lmul(x.cpu(), y.cpu(), 4)
+    assert torch.equal(bits_of(got), bits_of(ref))
+    if math.isnan(want):
+        assert torch.isnan(got).all()
+        assert (bits_of(got) == 0x7FC00000).all()  # canonical NaN
+    else:
+        negative = math.copysign(1.0, want) < 0
+        assert (got == want).all() and (torch.signbit(got) == negative).all()
+
+
+def test_nan_payload_survives_truncation(device):
+    # NaN with a low payload bit only: truncating its mantissa must not turn it into Inf
+    nan = torch.tensor([0x7F800001, 0xFF800001 - 2**32], dtype=torch.int32).view(torch.float32)
+    for bits in (1, 4):
+        got = L.lmul(nan.to(device), torch.full((2,), 2.0, device=device), bits)
+        assert torch.isnan(got).all()
+
+
+def test_exponent_edges(gen):
+    # products straddling the underflow / overflow thresholds: exact against the definition
+    e = torch.randint(-130, 130, (20000,), generator=gen).double()
+    a = (torch.rand(20000, generator=gen, dtype=torch.float64) + 1) * torch.pow(2.0, e)
+    b = (torch.rand(20000, generator=gen, dtype=torch.float64) + 1) * torch.pow(2.0, -e + torch.randint(-3, 4, (20000,), generator=gen) * 63)
+    a, b = a.float(), b.float()
+    got = L.lmul(a, b)
+    assert torch.equal(bits_of(got), bits_of(R.lmul(a, b, 4)))
+    assert torch.isinf(got).any() and (got == 0).any()
+
+
+@pytest.mark.skipif(not GPU, reason="no CUDA GPU visible")
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 23])
+def test_cuda_matches_cpu_bitwise(gen, bits):
+    a = torch.randn(100003, generator=gen) * torch.rand(100003, generator=gen).mul(300).sub(150).exp2()
+    b = torch.randn(100003, generator=gen)
+    a[::97] = float("inf")
+    b[::89] = 0.0
+    a[::101] = float("nan")
+    cpu = L.lmul(a, b, bits)
+    gpu = L.lmul(a.cuda(), b.cuda(), bits).cpu()
+    assert torch.equal(bits_of(cpu), bits_of(gpu))
+    # the GEMM too: same products, same k order
+    x, w = torch.randn(67, 131, generator=gen), torch.randn(131, 45, generator=gen)
+    assert torch.equal(bits_of(L.lmul_matmul(x, w, bits)), bits_of(L.lmul_matmul(x.cuda(), w.cuda(), bits)))
+
+
+# ------------------------------------------------------------------------------------------ fidelity
+def _fp8_mult(a, b, fmt):
+    return (a.to(fmt).double() * b.to(fmt).double()).to(fmt).double()
+
+
+@pytest.mark.parametrize("bits,fmt", [(4, torch.float8_e4m3fn), (3, torch.float8_e5m2)])
+def test_fidelity_vs_fp8(gen, bits, fmt):
+    # Luo & Sun: 4-bit-mantissa L-Mul as precise as an e4m3 multiply, 3-bit better than e5m2
+    a, b = loguniform(200000, gen), loguniform(200000, gen)
+    exact = a.double() * b.double()
+    err_l = ((L.lmul(a, b, bits).double() - exact).abs() / exact.abs()).mean()
+    err_8 = ((_fp8_mult(a, b, fmt) - exact).abs() / exact.abs()).mean()
+    assert err_l <= err_8, (err_l.item(), err_8.item())
+    # the same on Gaussian operands
+    a, b = torch.randn(200000, generator=gen), torch.randn(200000, generator=gen)
+    a, b = a[(a * b).abs() > 2**-6], b[(a * b).abs() > 2**-6]  # products in fp8's normal range
+    exact = a.double() * b.double()
+    err_l = ((L.lmul(a, b, bits).double() - exact).abs() / exact.abs()).mean()
+    err_8 = ((_fp8_mult(a, b, fmt) - exact).abs() / exact.abs()).mean()
+    assert err_l <= err_8, (err_l.item(), err_8.item())
+
+
+# ------------------------------------------------------------------------------------------ matmul
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 3), (37, 300, 45), (4, 1031, 33), (130, 64, 70)])
+def test_matmul_vs_reference(device, gen, shape):
+    M, K, N = shape
+    a, b = torch.randn(M, K, generator=gen), torch.randn(K, N, generator=gen)
+    got = L.lmul_matmul(a.to(device), b.to(device)).cpu()
+    want = R.lmul_matmul(a, b)
+    # only the accumulation differs (fp32 in k order vs fp64): a few ulps of the sum of |products|
+    bound = 4 * K * 2.0**-24 * R.lmul(a.unsqueeze(-1), b).abs().double().sum(-2) + 1e-30
+    assert ((got.double() - want).abs() <= bound).all()
+    # and it is not the exact product
+    if K > 3:
+        assert (got - a @ b).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (5, 300, 37), (9, 61, 70)])
+def test_matmul_bitwise_k_order(device, gen, M, K, N):
+    # every output is the float32 sum of its L-Mul products in k order, bit for bit, on every path:
+    # all-normal tiles (fast), rows with zeros / -0 / subnormals (fast, zero products skipped), rows with
+    # Inf (checked), and exponents far apart (checked)
+    a = torch.randn(M, K, generator=gen)
+    b = torch.randn(K, N, generator=gen)
+    a = torch.where(torch.rand(M, K, generator=gen) < 0.3, torch.zeros(()), a)
+    if M > 2 and K > 3:
+        a[1, :3] = torch.tensor([-0.0, 1e-40, -1e-41])
+        a[2, 1] = float("inf")
+        b[:, 0] *= 1e30
+    want = torch.zeros(M, N)
+    p = R.lmul(a.unsqueeze(-1), b, 4)  # [M, K, N]
+    for k in range(K):
+        want = want + p[:, k, :]
+    got = L.lmul_matmul(a.to(device), b.to(device)).cpu()
+    assert torch.equal(bits_of(got), bits_of(want))
+
+
+def test_matmul_batched_noncontiguous_specials(device, gen):
+    a = torch.randn(2, 3, 9, 33, generator=gen)[:, :, ::2]  # [2, 3, 5, 33] non-contiguous
+    b = torch.randn(45, 33, generator=gen).t()               # [33, 45] non-contiguous
+    a[0, 1, 2, 3] = 0.0
+    a[1, 0, 0, 7] = float("inf")
+    b[5, 4] = float("nan")
+    got = L.lmul_matmul(a.to(device), b.to(device)).cpu()
+    assert got.shape == (2, 3, 5, 45)
+    want = R.lmul_matmul(a, b)
+    fin = torch.isfinite(want)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    assert (~fin).any()
+    assert rel_close(got[fin], want[fin], 33)
+
+
+def rel_close(got, want, K):
+    return ((got.double() - want).abs() <= 8 * K * 2.0**-24 * (want.abs() + 1)).all()
+
+
+def test_matmul_degenerate_shapes(device):
+    z = L.lmul_matmul(torch.randn(3, 0, device=device), torch.randn(0, 4, device=device))
+    assert z.shape == (3, 4) and (z == 0).all()
+    assert L.lmul_matmul(torch.randn(0, 5, device=device), torch.randn(5, 2, device=device)).shape == (0, 2)
+    v = torch.randn(5)
+    w = torch.randn(5, 2)
+    got = L.lmul_matmul(v.to(device), w.to(device)).cpu()
+    assert got.shape == (2,) and ((got.double() - R.lmul_matmul(v, w)).abs() < 1e-5).all()
+
+
+def test_matmul_dtypes_and_threads(gen):
+    a, b = torch.randn(20, 70, generator=gen), torch.randn(70, 150, generator=gen)
+    for dt in (torch.bfloat16, torch.float16):
+        got = L.lmul_matmul(a.to(dt), b.to(dt))
+        assert got.dtype == dt
+        want = R.lmul_matmul(a.to(dt).float(), b.to(dt).float())
+        # rounding to the 16-bit output dominates: half an ulp of the output format
+        assert ((got.double() - want).abs() <= (2.0**-8 if dt == torch.bfloat16 else 2.0**-11) * want.abs() + 1e-3).all()
+    n = _C.num_threads()
+    try:
+        _C.set_num_threads(1)
+        one = L.lmul_matmul(a, b)
+        _C.set_num_threads(max(2, n))
+        many = L.lmul_matmul(a, b)
+    finally:
+        _C.set_num_threads(n)
+    assert torch.equal(bits_of(one), bits_of(many))
+
+
+def test_matmul_isas_agree_bitwise(gen):
+    # every output is a k-ordered sum of the same products: generic and SIMD builds give the same bits
+    a, b = torch.randn(9, 517, generator=gen), torch.randn(517, 77, generator=gen)
+    a[2, :5] = 0.0
+    best = _C.cpu_isa()
+    outs = []
+    try:
+        for isa in ("generic", best):
+            _C.force_cpu_isa(isa)
+            outs.append(L.lmul_matmul(a, b))
+    finally:
+        _C.force_cpu_isa(best)
+    assert torch.equal(bits_of(outs[0]), bits_of(outs[1]))
+
+
+# ------------------------------------------------------------------------------------------ attention
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_vs_reference(device, gen, causal):
+    B, T, S, H, D = 2, 7, 7 if causal else 11, 3, 33
+    q, k, v = (torch.randn(B, n, H, D, generator=gen) for n in (T, S, S))
+    got = L.lmul_attention(q.to(device), k.to(device), v.to(device), causal=causal).cpu()
+    want = R.lmul_attention(q, k, v, causal=causal)
+    assert (got.double() - want).abs().max() < 1e-4
+    exact = L._attention_exact(q.double(), k.double(), v.double(), causal, D**-0.5)
+    diff = (got.double() - exact).abs()
+    assert diff.mean() < 0.06 and diff.max() > 1e-4  # close to exact attention on average, but not equal
+
+
+def test_attention_scale_and_dtype(gen):
+    q, k, v = (torch.randn(1, 5, 2, 8, generator=gen) for _ in range(3))
+    got = L.lmul_attention(q, k, v, scale=0.3)
+    assert (got.double() - R.lmul_attention(q, k, v, scale=0.3)).abs().max() < 1e-4
+    got16 = L.lmul_attention(q.half(), k.half(), v.half())
+    assert got16.dtype == torch.float16
+
+
+def test_cache_attention_entry_point(gen):
+    # ne::lmul_cache_attention (the runner's raw entry): GQA, positions, L-Mul q.k and p.v products
+    S, T, H, Hkv, D = 13, 5, 4, 2, 24
+    q = torch.randn(T, H * D, generator=gen)
+    k, v = torch.randn(S, Hkv * D, generator=gen), torch.randn(S, Hkv * D, generator=gen)
+    pos = torch.tensor([0, 3, 7, 11, 12], dtype=torch.int32)
+    out = torch.empty_like(q)
+    _C.lmul_cache_attention(q, k, v, pos, out, H, Hkv, D**-0.5, 4)
+    for t in range(T):
+        for h in range(H):
+            g = h // (H // Hkv)
+            kk = k[: pos[t] + 1, g * D:(g + 1) * D]
+            vv = v[: pos[t] + 1, g * D:(g + 1) * D]
+            want = R.lmul_attention(q[t, h * D:(h + 1) * D].view(1, 1, 1, D), kk.view(1, -1, 1, D),
+                                    vv.view(1, -1, 1, D), causal=False)
+            assert (out[t, h * D:(h + 1) * D].double() - want.flatten()).abs().max() < 1e-4
+    with pytest.raises(ArgumentError, match="pos"):
+        _C.lmul_cache_attention(q, k, v, pos + 5, out, H, Hkv, D**-0.5, 4)
+
+
+# ------------------------------------------------------------------------------------------ gradients
+def test_lmul_straight_through_grad(gen):
+    a = torch.randn(4, 1, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    g = torch.randn(4, 5, 6, dtype=torch.float64, generator=gen)
+    ga, gb = torch.autograd.grad(L.lmul(a, b), (a, b), g)
+    ea, eb = torch.autograd.grad(a * b, (a, b), g)
+    assert torch.allclose(ga, ea, rtol=1e-12, atol=0) and torch.allclose(gb, eb, rtol=1e-12, atol=0)
+
+    class Exact(torch.autograd.Function):  # exact forward + the op's backward: gradcheck'able
+        @staticmethod
+        def forward(ctx, x, y):
+            ctx.save_for_backward(x, y)
+            return x * y
+
+        @staticmethod
+        def backward(ctx, gr):
+            return L._lmul_grads(*ctx.saved_tensors, gr)
+
+    assert torch.autograd.gradcheck(Exact.apply, (a, b))
+
+
+def test_matmul_straight_through_grad(gen):
+    a = torch.randn(2, 3, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    g = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen)
+    out = L.lmul_matmul(a, b)
+    assert out.dtype == torch.float64
+    ga, gb = torch.autograd.grad(out, (a, b), g)
+    ea, eb = torch.autograd.grad(a @ b, (a, b), g)
+    assert torch.allclose(ga, ea, rtol=1e-12) and torch.allclose(gb, eb, rtol=1e-12)
+
+    class Exact(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, y):
+            ctx.save_for_backward(x, y)
+            return x @ y
+
+        @staticmethod
+        def backward(ctx, gr):
+            return L._matmul_grads(*ctx.saved_tensors, gr)
+
+    assert torch.autograd.gradcheck(Exact.apply, (a, b))
+
+
+def test_attention_straight_through_grad(gen):
+    q, k, v = (torch.randn(1, 4, 2, 5, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(3))
+    g = torch.randn(1, 4, 2, 5, dtype=torch.float64, generator=gen)
+    got = torch.autograd.grad(L.lmul_attention(q, k, v), (q, k, v), g)
+    want = torch.autograd.grad(L._attention_exact(q, k, v, True, 5**-0.5), (q, k, v), g)
+    for x, y in zip(got, want):
+        assert torch.allclose(x, y, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda *t: L._attention_exact(*t, True, 5**-0.5), (q, k, v))
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_bad_arguments():
+    x = torch.randn(3, 4)
+    with pytest.raises(ArgumentError, match="mantissa_bits"):
+        L.lmul(x, x, 0)
+    with pytest.raises(ArgumentError, match="mantissa_bits"):
+        L.lmul_matmul(x, x.t(), 24)
+    with pytest.raises(DTypeError, match="a:"):
+        L.lmul(x.int(), x)
+    with pytest.raises(DTypeError, match="b:"):
+        L.lmul(x, [1.0])
+    with pytest.raises(ShapeError, match="b:"):
+        L.lmul(x, torch.randn(5))
+    with pytest.raises(ShapeError, match="b:"):
+        L.lmul_matmul(x, torch.randn(5, 2))
+    with pytest.raises(ShapeError, match="b:"):
+        L.lmul_matmul(x, torch.randn(2, 4, 2))
+    with pytest.raises(ShapeError, match="q:"):
+        L.lmul_attention(x, x, x)
+    q = torch.randn(1, 3, 2, 4)
+    with pytest.raises(ShapeError, match="k:"):
+        L.lmul_attention(q, torch.randn(1, 3, 2, 5), q)
+    with pytest.raises(ShapeError, match="v:"):
+        L.lmul_attention(q, q, torch.randn(1, 4, 2, 4))
+    with pytest.raises(DTypeError, match="k, v"):
+        L.lmul_attention(q, q.half(), q)
+    with pytest.raises(ArgumentError, match="scale"):
+        L.lmul_attention(q, q, q, scale=float("nan"))
+    # the raw bindings check too
+    with pytest.raises(ShapeError, match="b:"):
+        _C.lmul_bmm(torch.randn(1, 2, 3), torch.randn(1, 2, 4), torch.empty(1, 2, 2), 4)
+    with pytest.raises(DTypeError, match="out"):
+        _C.lmul_elementwise(x, x, torch.empty(3, 4, dtype=torch.float64), 4)
+    if not torch.cuda.is_available():
+        return
+    with pytest.raises(DeviceError, match="b"):
+        L.lmul(x, x.cuda())
+
+
+def test_multiply_energy():
+    e = L.multiply_energy(10**6, 4)
+    assert e["baseline_pj_per_mult"] == 3.7 and e["lmul_pj_per_mult"] == 0.05  # 12-bit adder: int16 figure
+    assert e["baseline_joules"] == pytest.approx(3.7e-6) and e["lmul_joules"] == pytest.approx(5e-8)
+    assert "Horowitz" in e["source"] and "ISSCC 2014" in e["source"]
+    assert L.multiply_energy(10, 3, "fp8")["lmul_op"] == "int8_add"
+    assert L.multiply_energy(10, 23)["lmul_op"] == "int32_add"
+    with pytest.raises(ArgumentError, match="baseline"):
+        L.multiply_energy(10, 4, "fp64")
+    with pytest.raises(ArgumentError, match="n_mults"):
+        L.multiply_energy(-1, 4)
