@@ -2,7 +2,9 @@
 
 from .fold import fold_norms
 from .norm import CRMSNorm, LayerNorm, RMSNorm
+from .linear_attention import LinearAttention, MALAAttention, NormAttention
 from .quant import QuantLinear
 from .unified_norm import UnifiedNorm
 
-__all__ = ["LayerNorm", "RMSNorm", "CRMSNorm", "UnifiedNorm", "fold_norms", "QuantLinear"]
+__all__ = ["LayerNorm", "RMSNorm", "CRMSNorm", "UnifiedNorm", "fold_norms", "QuantLinear", "LinearAttention",
+           "MALAAttention", "NormAttention"]

@@ -6,6 +6,7 @@ from .linear import linear
 from .lmul import lmul, lmul_attention, lmul_matmul, multiply_energy
 from .norm_linear import NormLinearFunction, norm_linear
 from .quant import QuantizedWeight, quantize_weight, quantized_linear
+from .linear_attention import linear_attention, mala_attention, norm_attention
 from .norm import (
     AddNormFunction,
     NormFunction,
@@ -31,6 +32,9 @@ __all__ = [
     "linear",
     "norm_linear",
     "NormLinearFunction",
+    "linear_attention",
+    "mala_attention",
+    "norm_attention",
     "QuantizedWeight",
     "quantize_weight",
     "quantized_linear",

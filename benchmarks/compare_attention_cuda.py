@@ -1,0 +1,119 @@
+"""Linear attention, MALA and norm attention on CUDA (cuda/linear_attention.cu) against torch SDPA
+(bf16, causal; FlashAttention-class softmax attention) and, where installed, flash-linear-attention
+(`fla`, chunked linear attention). Forward and forward+backward, B=1, H=8, Dk=Dv=64 (--dim),
+T in {1024, 4096, 16384}. Prints medians of --repeats timings and ratios (ours / peer; < 1 is faster).
+
+    python benchmarks/compare_attention_cuda.py [--repeats 7] [--dim 64] [--T 1024,4096,16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+
+def timed(fn, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--T", default="1024,4096,16384")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("compare_attention_cuda: no CUDA GPU visible; skipped.")
+        return 0
+    import normengine
+    from normengine import ops
+
+    if not normengine.cuda_available():
+        print("compare_attention_cuda: normengine was built without CUDA; skipped.")
+        return 0
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn  # flash-linear-attention
+    except Exception as e:  # noqa: BLE001 - optional peer
+        chunk_linear_attn = None
+        print(f"(flash-linear-attention not available: {type(e).__name__}; fla columns omitted)")
+
+    B, H, D = 1, args.heads, args.dim
+    dev = torch.device("cuda")
+    ours = {
+        "linear": lambda q, k, v: ops.linear_attention(q, k, v, causal=True),
+        "mala": lambda q, k, v: ops.mala_attention(q, k, v, causal=True),
+        "norm": lambda q, k, v: ops.norm_attention(q, k, v, causal=True),
+    }
+    print(f"# linear-family attention on {torch.cuda.get_device_name()}: B={B} H={H} D={D} bf16 causal, "
+          f"median of {args.repeats} (ms); ratio = ours / peer")
+    print()
+    hdr = "| op | T | pass | ours ms | SDPA ms | ours/SDPA |" + (" fla ms | ours/fla |" if chunk_linear_attn else "")
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    for T in [int(t) for t in args.T.split(",")]:
+        g = torch.Generator(device=dev).manual_seed(T)
+        q, k, v = (torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, generator=g) * D**-0.5 for _ in range(3))
+        do = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16, generator=g)
+        qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        dos = do.transpose(1, 2).contiguous()
+
+        def leafs(*xs):
+            return [x.detach().requires_grad_(True) for x in xs]
+
+        def sdpa_f():
+            return torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+
+        def sdpa_fb():
+            a, b, c = leafs(qs, ks, vs)
+            torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True).backward(dos)
+
+        peers = {"fwd": timed(sdpa_f, args.repeats), "fwd+bwd": timed(sdpa_fb, args.repeats)}
+        fla = {}
+        if chunk_linear_attn is not None:
+            def fla_f():
+                return chunk_linear_attn(q, k, v, normalize=True)
+
+            def fla_fb():
+                a, b, c = leafs(q, k, v)
+                o = chunk_linear_attn(a, b, c, normalize=True)
+                (o[0] if isinstance(o, tuple) else o).backward(do)
+
+            try:
+                fla = {"fwd": timed(fla_f, args.repeats), "fwd+bwd": timed(fla_fb, args.repeats)}
+            except Exception as e:  # noqa: BLE001 - API drift in the optional peer
+                print(f"(fla failed at T={T}: {type(e).__name__}: {e})")
+        for name, fn in ours.items():
+            def f():
+                return fn(q, k, v)
+
+            def fb():
+                a, b, c = leafs(q, k, v)
+                o = fn(a, b, c)
+                (o[0] if isinstance(o, tuple) else o).backward(do)
+
+            for pas, run in (("fwd", f), ("fwd+bwd", fb)):
+                t = timed(run, args.repeats)
+                line = f"| {name} | {T} | {pas} | {t:.3f} | {peers[pas]:.3f} | {t / peers[pas]:.2f} |"
+                if chunk_linear_attn is not None:
+                    line += (f" {fla[pas]:.3f} | {t / fla[pas]:.2f} |" if pas in fla else " - | - |")
+                print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
