@@ -126,11 +126,16 @@ def _forward_chunk(kind, p, q, k, v, S0, decay, C=64):
     Sk_in = torch.cumsum(v1, -2) if decay is None else w_in[None, :, None] @ v1  # in-chunk sum v, count
     # chunk contributions to the state, then the state before each chunk (a scan over chunks)
     dS = (fk1 * (w_k[None, :, None, :, None] if decay is not None else 1)).transpose(-1, -2) @ v1
-    prev = []
-    for c in range(nc):
-        prev.append(S)
-        S = (S if lamC is None else lamC * S) + dS[:, :, c]
-    P = torch.stack(prev, 2)                                        # [B, H, nc, Dk+1, Dv+1]
+    if lamC is None:  # no decay: the state before chunk c is S0 + the exclusive prefix sum of dS
+        incl = torch.cumsum(dS, 2)
+        P = S[:, :, None] + incl - dS                               # [B, H, nc, Dk+1, Dv+1]
+        S = S + incl[:, :, -1]
+    else:  # decay: a scan over the chunks (unbind: one op whose backward is linear in nc)
+        prev = []
+        for d in dS.unbind(2):
+            prev.append(S)
+            S = lamC * S + d
+        P = torch.stack(prev, 2)
     wq = w_q[None, :, None, :, None] if decay is not None else 1
     r = r + wq * (fq @ P[..., :Dk, :])
     Sk = Sk_in + wq * P[..., Dk:Dk + 1, :]
