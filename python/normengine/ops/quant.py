@@ -8,7 +8,7 @@ quantized_linear runs y = x @ dequant(W)^T (+ bias) with the native quantized GE
     "int8-weight"  int8 weights as above, fp32 activations.
     "int4"         4-bit weights in groups of `group_size` (32, 64, 128) along K, two per byte (low
                    nibble first), symmetric (mid-rise: q in 0..15 stands for (q - 7.5) s, levels +-0.5 s ...
-                   +-7.5 s; s = c max|w_g| / 7.5 with the clipping c in {1, 0.975, ..., 0.6} of
+                   +-7.5 s; s = c max|w_g| / 7.5 with the clipping c in {1, 0.975, ..., 0.8} of
                    least squared error: the optimal uniform 16-level quantizer's shape) or
                    asymmetric (s = (max - min) / 15, zero point round(-min / s)); fp32 activations.
     "fp8"          E4M3 weights with one scale per tensor (group_size 0) or per 128 x 128 block (128);
@@ -28,7 +28,7 @@ from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 FORMATS = ("int8", "int8-weight", "int4", "fp8")
 _CODE = {"int8": 0, "int8-weight": 1, "int4": 2, "fp8": 3}
 _E4M3_MAX = 448.0
-_INT4_CLIPS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0 down to 0.6
+_INT4_CLIPS = tuple(1.0 - 0.025 * i for i in range(9))  # 1.0 down to 0.8
 
 
 class QuantizedWeight:

@@ -1,0 +1,148 @@
+// bench_quant: CPU throughput of the quantized GEMMs (ne::quant_gemm_f32) for every format against
+// the engine's fp32 GEMM (ne::gemm_f32), K = N = 4096, M in {1, 16, 128, 512}.
+//
+//   bench_quant [--threads N] [--repeats K] [--isa avx512|avx2|generic] [--k 4096] [--n 4096]
+//
+// Weights are packed here with the same rules as normengine.ops.quantize_weight (int8 per channel,
+// int4 groups of 128 symmetric mid-rise, fp8 E4M3 with 128 x 128 block scales); values are random.
+// Prints the median time, GFLOP/s (2 M N K) and the speed-up over fp32; for M = 1 also the bytes of
+// packed weight streamed per second.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/parallel.h"
+#include "ops/gemm.h"
+#include "ops/quant_gemm.h"
+
+namespace {
+
+double seconds_of(const std::function<void()>& fn) {
+  auto t0 = std::chrono::steady_clock::now();
+  fn();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+double median_time(const std::function<void()>& fn, int repeats) {
+  fn();
+  std::vector<double> t;
+  for (int r = 0; r < repeats; ++r) t.push_back(seconds_of(fn));
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+uint32_t g_seed = 12345;
+float urand() {  // [-1, 1)
+  g_seed = g_seed * 1664525u + 1013904223u;
+  return static_cast<float>(g_seed >> 8) * (2.0f / 16777216.0f) - 1.0f;
+}
+
+uint8_t e4m3_bits(float v) {  // round to nearest E4M3 (|v| <= 448) by search over the 256 codes
+  uint8_t best = 0;
+  float bd = INFINITY;
+  for (int b = 0; b < 256; ++b) {
+    const int e = (b >> 3) & 15, m = b & 7;
+    if (e == 15 && m == 7) continue;
+    float f = e == 0 ? std::ldexp(m / 8.0f, -6) : std::ldexp(1.0f + m / 8.0f, e - 7);
+    if (b & 0x80) f = -f;
+    if (std::fabs(f - v) < bd) bd = std::fabs(f - v), best = static_cast<uint8_t>(b);
+  }
+  return best;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int threads = 0, repeats = 7;
+  int64_t K = 4096, N = 4096;
+  std::string isa;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--threads" && i + 1 < argc) threads = std::atoi(argv[++i]);
+    else if (a == "--repeats" && i + 1 < argc) repeats = std::atoi(argv[++i]);
+    else if (a == "--isa" && i + 1 < argc) isa = argv[++i];
+    else if (a == "--k" && i + 1 < argc) K = std::atoll(argv[++i]);
+    else if (a == "--n" && i + 1 < argc) N = std::atoll(argv[++i]);
+    else {
+      std::fprintf(stderr, "usage: %s [--threads N] [--repeats K] [--isa avx512|avx2|generic] [--k K] [--n N]\n", argv[0]);
+      return 2;
+    }
+  }
+  if (threads > 0) ne::set_num_threads(threads);
+  if (!isa.empty()) ne::force_cpu_isa(isa.c_str());
+  if (K % 128) { std::fprintf(stderr, "--k: a multiple of 128\n"); return 2; }
+  const int64_t maxM = 512;
+  std::vector<float> w(static_cast<size_t>(N * K)), x(static_cast<size_t>(maxM * K)), y(static_cast<size_t>(maxM * N));
+  for (auto& v : w) v = urand() * 0.05f;
+  for (auto& v : x) v = urand();
+  // int8 per channel
+  std::vector<int8_t> q8(static_cast<size_t>(N * K));
+  std::vector<float> s8(N);
+  for (int64_t n = 0; n < N; ++n) {
+    float amax = 0;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(w[n * K + k]));
+    s8[n] = amax / 127.0f;
+    for (int64_t k = 0; k < K; ++k) q8[n * K + k] = static_cast<int8_t>(std::lrint(w[n * K + k] / s8[n]));
+  }
+  // int4, groups of 128, mid-rise
+  const int64_t G = K / 128;
+  std::vector<uint8_t> q4(static_cast<size_t>(N * K / 2));
+  std::vector<float> s4(static_cast<size_t>(N * G));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < G; ++g) {
+      float amax = 0;
+      for (int64_t k = g * 128; k < (g + 1) * 128; ++k) amax = std::max(amax, std::fabs(w[n * K + k]));
+      const float s = amax / 7.5f;
+      s4[n * G + g] = s;
+      for (int64_t k = g * 128; k < (g + 1) * 128; k += 2) {
+        auto code = [&](float v) { return static_cast<int>(std::min(7.0f, std::max(-8.0f, std::floor(v / s)))) + 8; };
+        q4[(n * K + k) / 2] = static_cast<uint8_t>(code(w[n * K + k]) | (code(w[n * K + k + 1]) << 4));
+      }
+    }
+  // fp8, 128 x 128 blocks
+  const int64_t NB = (N + 127) / 128, KB = (K + 127) / 128;
+  std::vector<uint8_t> qf(static_cast<size_t>(N * K));
+  std::vector<float> sf(static_cast<size_t>(NB * KB));
+  for (int64_t bn = 0; bn < NB; ++bn)
+    for (int64_t bk = 0; bk < KB; ++bk) {
+      float amax = 0;
+      for (int64_t n = bn * 128; n < std::min(N, bn * 128 + 128); ++n)
+        for (int64_t k = bk * 128; k < std::min(K, bk * 128 + 128); ++k) amax = std::max(amax, std::fabs(w[n * K + k]));
+      sf[bn * KB + bk] = amax / 448.0f;
+    }
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) qf[n * K + k] = e4m3_bits(w[n * K + k] / sf[(n / 128) * KB + k / 128]);
+
+  ne::QWeight W8{ne::QFormat::Int8, N, K, q8.data(), s8.data(), nullptr, 0};
+  ne::QWeight W8w = W8;
+  W8w.format = ne::QFormat::Int8Weight;
+  ne::QWeight W4{ne::QFormat::Int4, N, K, q4.data(), s4.data(), nullptr, 128};
+  ne::QWeight WF{ne::QFormat::FP8, N, K, qf.data(), sf.data(), nullptr, 128};
+  struct Fmt { const char* name; const ne::QWeight* w; double bytes; };
+  const Fmt fmts[] = {{"int8 (W8A8)", &W8, double(N * K + 4 * N)}, {"int8-weight", &W8w, double(N * K + 4 * N)},
+                      {"int4 g128", &W4, double(N * K / 2 + 4 * N * G)}, {"fp8 b128", &WF, double(N * K + 4 * NB * KB)}};
+  std::printf("normengine bench_quant: isa=%s threads=%d repeats=%d (median), K=%lld N=%lld\n", ne::cpu_isa(),
+              ne::num_threads(), repeats, static_cast<long long>(K), static_cast<long long>(N));
+  std::printf("%-12s %4s %10s %9s %9s %9s\n", "format", "M", "ms", "GFLOP/s", "vs fp32", "W GB/s");
+  for (int64_t M : {int64_t(1), int64_t(16), int64_t(128), int64_t(512)}) {
+    const double tf = median_time([&] {
+      ne::gemm_f32(M, N, K, x.data(), K, w.data(), ne::DType::F32, K, nullptr, y.data(), N, false);
+    }, repeats);
+    const double flop = 2.0 * M * N * K;
+    std::printf("%-12s %4lld %10.3f %9.1f %9s %9.1f\n", "fp32", static_cast<long long>(M), tf * 1e3, flop / tf * 1e-9,
+                "1.00x", M == 1 ? 4.0 * N * K / tf * 1e-9 : 0.0);
+    for (const Fmt& f : fmts) {
+      const double t = median_time([&] { ne::quant_gemm_f32(M, x.data(), K, *f.w, nullptr, y.data(), N); },
+                                   M >= 128 && f.w->format == ne::QFormat::FP8 ? 3 : repeats);
+      std::printf("%-12s %4lld %10.3f %9.1f %8.2fx %9.1f\n", f.name, static_cast<long long>(M), t * 1e3,
+                  flop / t * 1e-9, tf / t, M == 1 ? f.bytes / t * 1e-9 : 0.0);
+    }
+  }
+  return 0;
+}
