@@ -272,3 +272,16 @@ def test_smoothed_int8(exact):
     assert agree / total >= 0.95
     with pytest.raises(errors.ArgumentError, match="quant"):
         ne.load(smooth=0.5)
+
+
+def test_cli_model_options(capsys):
+    from normengine.cli import main
+
+    assert main(["info", "--arithmetic", "lmul", "--lmul-scope", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "L-Mul multiply-energy estimate" in out and "Horowitz" in out and "lmul (mantissa 4 bits" in out
+    assert main(["generate", "--ids", "1,2,3", "--max-new-tokens", "3", "--quant", "int4", "--attention", "mala",
+                 "--temperature", "0"]) == 0
+    assert len(capsys.readouterr().out.split()) == 3
+    assert main(["info", "--quant", "int8", "--group-size", "64"]) == 2  # a clear error, no traceback
+    assert "group_size" in capsys.readouterr().err
