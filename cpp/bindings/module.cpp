@@ -43,6 +43,7 @@ void raise_as(const char* cls, const char* fallback_builtin, const char* msg) {
 
 void bind_runner(py::module_& m);  // bindings/runner.cpp
 void bind_arith(py::module_& m);   // bindings/arith.cpp: quantized GEMM
+void bind_linear_attention(py::module_& m);  // bindings/linear_attention.cpp: CUDA training kernels
 void bind_lmul(py::module_& m);    // bindings/lmul.cpp: L-Mul elementwise / batched, CPU + CUDA
 
 PYBIND11_MODULE(_C, m) {
@@ -50,6 +51,7 @@ PYBIND11_MODULE(_C, m) {
   bind_runner(m);
   bind_arith(m);
   bind_lmul(m);
+  bind_linear_attention(m);
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {

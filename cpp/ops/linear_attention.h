@@ -44,4 +44,20 @@ struct LinAttnSeqArgs {
   float* o; int64_t ldo;
 };
 void linear_attention_sequence(const LinAttnSeqArgs& a);
+
+#if defined(NE_WITH_CUDA)
+// The training kernels on CUDA tensors (cuda/linear_attention.cu): q, k [B, T, H, Dk], v [B, T, H, Dv]
+// (unit stride in the last dim), o [B, T, H, Dv] contiguous in q's dtype, decay [H] float32 or null,
+// states [B, H, Dk+1, Dv+1] float32 contiguous or null. Backward recomputes the states from q, k, v
+// and the initial state. Enqueued on `stream`. (The CPU path of the ops is a torch composition.)
+namespace cuda {
+void linear_attention_forward(const LinAttnParams& p, const TensorView& q, const TensorView& k, const TensorView& v,
+                              const TensorView* decay, const TensorView* initial_state, const TensorView& o,
+                              const TensorView* final_state, void* stream);
+void linear_attention_backward(const LinAttnParams& p, const TensorView& q, const TensorView& k, const TensorView& v,
+                               const TensorView* decay, const TensorView* initial_state, const TensorView& grad_o,
+                               const TensorView* grad_final_state, const TensorView& grad_q, const TensorView& grad_k,
+                               const TensorView& grad_v, const TensorView* grad_initial_state, void* stream);
+}  // namespace cuda
+#endif
 }  // namespace ne

@@ -19,8 +19,9 @@ Two algorithms, the same numbers (up to summation order):
 Backward stores only q, k, v (and the initial state) and recomputes the chunked forward under
 autograd to get the gradients (as flash-linear-attention recomputes chunk states). Inputs in
 bfloat16 / float16 are computed with float32 states and accumulation; float64 stays float64
-(gradcheck). These ops are torch compositions (device-agnostic); the runner's decode step is native
-(cpp/ops/linear_attention.cpp)."""
+(gradcheck). On the CPU (and in float64) these ops are torch compositions; CUDA tensors of 16/32-bit
+floats run the native kernels of cuda/linear_attention.cu (token-serial, forward and backward; never
+run on a GPU in the sessions so far); the runner's decode step is native (cpp/ops/linear_attention.cpp)."""
 
 from __future__ import annotations
 
@@ -143,13 +144,38 @@ def _forward_chunk(kind, p, q, k, v, S0, decay, C=64):
     return o, S
 
 
+def _native(q) -> bool:
+    """The CUDA training kernels (cuda/linear_attention.cu) take CUDA tensors of 16/32-bit floats."""
+    from .. import _C
+
+    return q.is_cuda and q.dtype != torch.float64 and hasattr(_C, "linear_attention_forward")
+
+
+def _codes(kind, p):
+    return ({"linear": 0, "mala": 1, "norm": 2}[kind], {"elu1": 0, "relu": 1, "identity": 2}[p.get("feature_map", "elu1")],
+            bool(p["causal"]), bool(p.get("normalize", True)), 0 if p.get("norm", "rms") == "rms" else 1, float(p["eps"]))
+
+
 class _LinearAttentionFunction(torch.autograd.Function):
-    """Forward without a graph; backward recomputes the chunked forward under autograd."""
+    """Forward without a graph; backward recomputes the chunked forward under autograd (CPU, and
+    float64 anywhere), or runs the native CUDA kernels, which recompute the states themselves."""
 
     @staticmethod
     def forward(ctx, kind, p, algorithm, q, k, v, S0, decay):
         ctx.kind, ctx.p, ctx.algorithm = kind, p, algorithm
         ctx.save_for_backward(q, k, v, S0, decay)
+        if _native(q):
+            from .. import _C
+
+            B, T, H, Dk = q.shape
+            Dv = v.shape[-1]
+            o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=q.device)
+            S = torch.empty(B, H, Dk + 1, Dv + 1, dtype=torch.float32, device=q.device)
+            s0 = None if S0 is None else S0.detach().to(torch.float32).contiguous()
+            d = None if decay is None else decay.detach().to(torch.float32).contiguous()
+            _C.linear_attention_forward(*_codes(kind, p), q.detach(), k.detach(), v.detach(), d, s0, o, S,
+                                        torch.cuda.current_stream(q.device).cuda_stream)
+            return o, S
         with torch.no_grad():
             o, S = _dispatch(kind, p, algorithm, q, k, v, S0, decay)
         return o.transpose(1, 2).to(q.dtype), S.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -157,6 +183,19 @@ class _LinearAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dS):
         q, k, v, S0, decay = ctx.saved_tensors
+        if _native(q):
+            from .. import _C
+
+            gq, gk, gv = (torch.empty_like(t) for t in (q, k, v))
+            s0 = None if S0 is None else S0.detach().to(torch.float32).contiguous()
+            gi = None if s0 is None else torch.empty_like(s0)
+            d = None if decay is None else decay.detach().to(torch.float32).contiguous()
+            gS = None if dS is None else dS.to(torch.float32).contiguous()
+            _C.linear_attention_backward(*_codes(ctx.kind, ctx.p), q, k, v, d, s0, do.contiguous().to(q.dtype), gS,
+                                         gq, gk, gv, gi, torch.cuda.current_stream(q.device).cuda_stream)
+            need = ctx.needs_input_grad
+            return (None, None, None, gq if need[3] else None, gk if need[4] else None, gv if need[5] else None,
+                    None if gi is None or not need[6] else gi.to(S0.dtype), None)
         inputs = [t.detach().requires_grad_(need) for t, need in
                   zip((q, k, v), ctx.needs_input_grad[3:6])]
         s0 = None if S0 is None else S0.detach().requires_grad_(ctx.needs_input_grad[6])
