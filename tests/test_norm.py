@@ -342,6 +342,10 @@ def test_thread_counts_agree(gen):
             outs.append((y.detach().clone(), x.grad.clone(), w.grad.clone()))
     finally:
         ne.set_num_threads(before)
+    # dw[c] = sum over rows of g * xhat, summed per thread in float32: the order changes with the thread
+    # count, so compare against the size of the summed terms (a channel's sum may cancel)
+    xhat = torch.nn.functional.layer_norm(x.detach().double(), (257,))
+    scale = (g.double() * xhat).abs().sum(0).max().item()
     for o in outs[1:]:
         assert torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1])
-        assert rel_err(o[2], outs[0][2]) <= 1e-6
+        assert (o[2] - outs[0][2]).abs().max().item() <= 1e-6 * scale
