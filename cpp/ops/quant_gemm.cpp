@@ -70,18 +70,48 @@ inline float hsum_ps(__m256 v) {
 #endif
 
 // ---------------------------------------------------------------- Int8 (W8A8): integer dot products
+// Rows of x in groups of 4 share each 32-byte load of W and its |w| (the sign of w moves onto x):
+// per 32 columns and row, vpsignb + vpmaddubsw + vpmaddwd + vpaddd.
 void block_int8(const QArgs& a, int64_t n0, int64_t n1) {
   const QWeight& w = *a.w;
   const int64_t K = w.K;
   const int8_t* W = static_cast<const int8_t*>(w.data);
-  for (int64_t m = 0; m < a.M; ++m) {
+  int64_t m = 0;
+#if defined(__AVX2__)
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t K32 = K / 32 * 32;
+  for (; m + 4 <= a.M; m += 4) {
+    const int8_t* x0 = a.xq + m * a.ldxq;
+    const int64_t ld = a.ldxq;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* wr = W + n * K;
+      __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+      for (int64_t k = 0; k < K32; k += 32) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
+        const __m256i aw = _mm256_sign_epi8(wv, wv);
+        auto dot = [&](const int8_t* xr, __m256i& acc) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k));
+          acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)), ones));
+        };
+        dot(x0, acc0);
+        dot(x0 + ld, acc1);
+        dot(x0 + 2 * ld, acc2);
+        dot(x0 + 3 * ld, acc3);
+      }
+      int32_t d[4] = {hsum_i32(acc0), hsum_i32(acc1), hsum_i32(acc2), hsum_i32(acc3)};
+      for (int64_t k = K32; k < K; ++k)
+        for (int r = 0; r < 4; ++r) d[r] += static_cast<int32_t>(x0[r * ld + k]) * wr[k];
+      for (int r = 0; r < 4; ++r) finish(a, m + r, n, static_cast<float>(d[r]) * a.sx[(m + r) * a.ldsx] * w.scale[n]);
+    }
+  }
+#endif
+  for (; m < a.M; ++m) {
     const int8_t* xq = a.xq + m * a.ldxq;
     for (int64_t n = n0; n < n1; ++n) {
       const int8_t* wr = W + n * K;
       int64_t k = 0;
       int32_t dot = 0;
 #if defined(__AVX2__)
-      const __m256i ones = _mm256_set1_epi16(1);
       __m256i acc = _mm256_setzero_si256();
       for (; k + 32 <= K; k += 32) {
         const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
@@ -134,7 +164,41 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
   const QWeight& w = *a.w;
   const int64_t K = w.K, g = w.group, G = K / g;
   const uint8_t* W = static_cast<const uint8_t*>(w.data);
-  for (int64_t m = 0; m < a.M; ++m) {
+  int64_t m0 = 0;
+#if defined(__AVX2__)
+  // Rows of x in groups of 4 share each decode of 16 nibbles (2 x 8 floats), then 2 FMAs per row.
+  const __m256i lo4 = _mm256_set1_epi32(15);
+  for (; m0 + 4 <= a.M; m0 += 4) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* wr = W + n * (K / 2);
+      const float* sc = w.scale + n * G;
+      const float* zp = w.zero ? w.zero + n * G : nullptr;
+      __m256 total[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t gi = 0; gi < G; ++gi) {
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t k = gi * g; k < (gi + 1) * g; k += 16) {
+          const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + k / 2)));
+          const __m256 qlo = _mm256_cvtepi32_ps(_mm256_and_si256(b, lo4));
+          const __m256 qhi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+          for (int r = 0; r < 4; ++r) {
+            const float* xd = a.xf + (m0 + r) * K + k;
+            acc[r] = _mm256_fmadd_ps(qlo, _mm256_loadu_ps(xd), acc[r]);
+            acc[r] = _mm256_fmadd_ps(qhi, _mm256_loadu_ps(xd + 8), acc[r]);
+          }
+        }
+        const __m256 s = _mm256_set1_ps(sc[gi]);
+        for (int r = 0; r < 4; ++r) total[r] = _mm256_fmadd_ps(acc[r], s, total[r]);
+      }
+      for (int r = 0; r < 4; ++r) {
+        const float* gs = a.gsum + (m0 + r) * G;
+        float zterm = 0.0f;
+        for (int64_t gi = 0; gi < G; ++gi) zterm += sc[gi] * (zp ? zp[gi] : 7.5f) * gs[gi];
+        finish(a, m0 + r, n, hsum_ps(total[r]) - zterm);
+      }
+    }
+  }
+#endif
+  for (int64_t m = m0; m < a.M; ++m) {
     const float* x = a.x + m * a.ldx;
     const float* xd = a.xf + m * K;  // de-interleaved x
     const float* gs = a.gsum + m * G;
