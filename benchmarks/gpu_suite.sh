@@ -64,5 +64,6 @@ CURRENT="benchmark"; step "$CURRENT"
 (cd "$RUN_DIR" && "$PY" "$ROOT/benchmarks/compare_norm_torch.py" --device cuda) 2>&1 | tee "$OUT_DIR/compare_norm_torch_cuda.md"
 (cd "$RUN_DIR" && "$PY" "$ROOT/benchmarks/compare_lmul.py" --device cuda) 2>&1 | tee "$OUT_DIR/compare_lmul_cuda.md"
 (cd "$RUN_DIR" && "$PY" "$ROOT/benchmarks/compare_attention_cuda.py") 2>&1 | tee "$OUT_DIR/compare_attention_cuda.md"
+(cd "$RUN_DIR" && "$PY" "$ROOT/benchmarks/compare_quant_cuda.py") 2>&1 | tee "$OUT_DIR/compare_quant_cuda.md"
 
 CURRENT="done"; step "gpu_suite: all steps passed; logs in $OUT_DIR"

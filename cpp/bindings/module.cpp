@@ -42,6 +42,7 @@ void raise_as(const char* cls, const char* fallback_builtin, const char* msg) {
 }  // namespace
 
 void bind_runner(py::module_& m);  // bindings/runner.cpp
+void bind_quant_cuda(py::module_& m);  // bindings/quant_cuda.cpp: CUDA quantized GEMMs
 void bind_arith(py::module_& m);   // bindings/arith.cpp: quantized GEMM
 void bind_linear_attention(py::module_& m);  // bindings/linear_attention.cpp: CUDA training kernels
 void bind_lmul(py::module_& m);    // bindings/lmul.cpp: L-Mul elementwise / batched, CPU + CUDA
@@ -49,6 +50,7 @@ void bind_lmul(py::module_& m);    // bindings/lmul.cpp: L-Mul elementwise / bat
 PYBIND11_MODULE(_C, m) {
   m.doc() = "normengine native kernels";
   bind_runner(m);
+  bind_quant_cuda(m);
   bind_arith(m);
   bind_lmul(m);
   bind_linear_attention(m);

@@ -40,6 +40,20 @@ struct QWeight {
 void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, const float* bias, float* y, int64_t ldy,
                     bool accumulate = false, const GemmEpilogue* ep = nullptr);
 
+#if defined(NE_WITH_CUDA)
+namespace cuda {
+// The same op on the GPU (cuda/quant_gemm.cu). x: device pointer, dtype xdt (F32, BF16 or F16), M rows, row stride ldx;
+// w's pointers device memory; bias device float32 [N] or null; y device float32 [M, ldy]. Enqueued on `stream`.
+// Numerics as quant_gemm_f32 (the same activation quantization), tensor cores for Int8 (IMMA) and FP8 (e4m3 MMA).
+void quant_linear(int64_t M, const void* x, DType xdt, int64_t ldx, const QWeight& w, const float* bias, float* y,
+                  int64_t ldy, bool accumulate, void* stream);
+// The activation quantization quant_linear applies (exposed for tests): fmt Int8: q int8 [M, K] (row stride ldq),
+// s [M] (stride lds); FP8: q E4M3 bytes [M, K], s [M, ceil(K/128)] (row stride lds). Bit for bit the CPU's.
+void quant_activations(int64_t M, int64_t K, const void* x, DType xdt, int64_t ldx, QFormat fmt, void* q, int64_t ldq,
+                       float* s, int64_t lds, void* stream);
+}  // namespace cuda
+#endif
+
 
 // ------------------------------------------------------------------------- kernel table (internal)
 // Activations prepared once per call by the entry point: Int8: x quantized per row (xq int8 [M, Kp],

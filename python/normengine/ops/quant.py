@@ -15,8 +15,9 @@ quantized_linear runs y = x @ dequant(W)^T (+ bias) with the native quantized GE
                    activations rounded to E4M3 per token and 128-channel block (s = amax / 448), products
                    in fp32: an exact emulation of an fp8 GEMM.
 
-Quantization itself is plain torch (any device). On CUDA tensors quantized_linear computes the
-same numbers by composing torch ops (the dedicated tensor-core kernels are not in this build)."""
+Quantization itself is plain torch (any device). On CUDA tensors quantized_linear runs
+cuda/quant_gemm.cu in CUDA builds (int8 IMMA and e4m3 mma.sync tiles, dp4a GEMV for decode; never
+run on a GPU in the sessions so far), otherwise the same numbers composed from torch ops."""
 
 from __future__ import annotations
 
@@ -250,11 +251,24 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, ou
             raise DeviceError(f"bias is on {bias.device} but x is on {x.device}; move them to one device")
         bias = bias.detach().to(torch.float32).contiguous()
     lead = x.shape[:-1]
-    x2 = x.detach().reshape(-1, K).to(torch.float32).contiguous()
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or tuple(out.shape) != tuple(lead) + (N,) \
                 or not out.is_contiguous() or out.device != x.device:
             raise ShapeError(f"out: expected a contiguous float32 tensor of shape {tuple(lead) + (N,)} on {x.device}")
+    if x.device.type == "cuda" and hasattr(_C, "quant_linear_cuda"):
+        # cuda/quant_gemm.cu: IMMA / e4m3 MMA tiles, dp4a GEMV for small M; x in its own dtype
+        xc = x.detach().reshape(-1, K)
+        if xc.stride(-1) != 1 or (xc.shape[0] > 1 and xc.stride(0) < K):
+            xc = xc.contiguous()
+        y = out.view(-1, N) if out is not None else torch.empty(xc.shape[0], N, dtype=torch.float32,
+                                                                  device=x.device)
+        if xc.shape[0]:
+            with torch.cuda.device(x.device):
+                _C.quant_linear_cuda(xc, _CODE[qweight.format], qweight.data, qweight.scale, qweight.zero,
+                                     qweight.group_size if qweight.format in ("int4", "fp8") else 0, N, K, bias, y,
+                                     False, torch.cuda.current_stream(x.device).cuda_stream)
+        return out if out is not None else y.view(*lead, N)
+    x2 = x.detach().reshape(-1, K).to(torch.float32).contiguous()
     if x.device.type != "cpu":
         y = _emulated(x2, qweight, bias)
         if out is not None:

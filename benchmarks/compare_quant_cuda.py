@@ -1,0 +1,93 @@
+"""Quantized GEMMs on CUDA (cuda/quant_gemm.cu) against cuBLAS bf16 (torch.matmul, x @ W^T with W
+[N, K] bf16). Prefill/GEMM shapes (default 8192 x 8192 x 8192: the issue's target, int8 and fp8 at least
+1.6x cuBLAS bf16) and decode shapes (M = 1: memory bound, also reported as GB/s of packed weight bytes).
+Our time includes the activation quantization (one extra kernel), as a real call would. Prints medians
+of --repeats timings (CUDA events) and speedups (peer time / our time; > 1 is faster).
+
+    python benchmarks/compare_quant_cuda.py [--repeats 9] [--shapes 8192x8192x8192,1x8192x8192] [--formats ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+CODE = {"int8": 0, "int8-weight": 1, "int4": 2, "fp8": 3}
+
+
+def timed(fn, repeats, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--shapes", default="8192x8192x8192,4096x4096x4096,1x8192x8192,1x4096x4096,8x4096x4096",
+                    help="MxNxK list")
+    ap.add_argument("--formats", default="int8,fp8,int8-weight,int4")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("compare_quant_cuda: no CUDA GPU visible; skipped.")
+        return 0
+    import normengine
+    from normengine import _C
+    from normengine.ops import quantize_weight
+
+    if not normengine.cuda_available() or not hasattr(_C, "quant_linear_cuda"):
+        print("compare_quant_cuda: normengine was built without CUDA kernels; skipped.")
+        return 0
+    dev = torch.device("cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    print(f"# quantized GEMM on {torch.cuda.get_device_name()}: y = x @ W^T, median of {args.repeats} (ms); "
+          f"speedup = cuBLAS bf16 time / ours")
+    print()
+    print("| M x N x K | format | ours ms | cuBLAS bf16 ms | speedup | ours TFLOP/s | weight GB/s | of copy bw |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        M, N, K = (int(v) for v in shape.split("x"))
+        g = torch.Generator(device=dev).manual_seed(M * 31 + N * 7 + K)
+        x = torch.randn(M, K, device=dev, generator=g)
+        w = torch.randn(N, K, device=dev, generator=g) / K**0.5
+        xb, wb = x.to(torch.bfloat16), w.to(torch.bfloat16)
+        t_ref = timed(lambda: torch.matmul(xb, wb.t()), args.repeats)
+        y = torch.empty(M, N, device=dev)
+        for fmt in args.formats.split(","):
+            group = {"int4": 128, "fp8": 128}.get(fmt)
+            qw = quantize_weight(w, fmt, group)
+            gs = qw.group_size if fmt in ("int4", "fp8") else 0
+            xin = xb if fmt in ("int8", "fp8") else x  # quantized formats read bf16 activations like the peer
+
+            def ours():
+                _C.quant_linear_cuda(xin, CODE[fmt], qw.data, qw.scale, qw.zero, gs, N, K, None, y, False, stream)
+
+            t = timed(ours, args.repeats)
+            wbytes = qw.data.numel() * qw.data.element_size() + qw.scale.numel() * 4
+            # memory-bound peer: a device copy of the packed weight moves 2 x its bytes
+            dst = torch.empty_like(qw.data)
+            t_copy = timed(lambda: dst.copy_(qw.data), args.repeats)
+            frac = (wbytes / t) / (2 * qw.data.numel() * qw.data.element_size() / t_copy)
+            print(f"| {M}x{N}x{K} | {fmt} | {t:.3f} | {t_ref:.3f} | {t_ref / t:.2f}x | "
+                  f"{2 * M * N * K / t / 1e9:.1f} | {wbytes / t / 1e6:.0f} | {100 * frac:.0f}% |")
+        del x, w, xb, wb, y
+        torch.cuda.empty_cache()
+    print()
+    print("targets (8192x8192x8192): int8 >= 1.6x and fp8 >= 1.6x cuBLAS bf16")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
