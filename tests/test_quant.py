@@ -141,3 +141,70 @@ def test_quant_linear_straight_through(gen):
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert ql.quantized() is not q  # re-quantized after the master weight changed
+
+
+@pytest.mark.parametrize("kernel", ne._C.int8_kernels())
+@pytest.mark.parametrize("M,N,K", [(1, 3, 64), (3, 33, 100), (8, 64, 128), (16, 32, 4096), (33, 100, 192),
+                                   (130, 70, 64), (5, 31, 4097)])
+def test_int8_kernels(kernel, M, N, K, gen):
+    """Every W8A8 kernel this CPU has (AMX tiles, AVX-512 VNNI, AVX-VNNI, the ISA's vpmaddubsw / scalar
+    one): the same int32 sums as the reference, at GEMV and tile sizes with M, N and K tails."""
+    from normengine import _C
+
+    x = torch.randn(M, K, generator=gen) * torch.logspace(-1, 1, M)[:, None]
+    w = torch.randn(N, K, generator=gen) * 0.05
+    b = torch.randn(N, generator=gen)
+    q = ne.ops.quantize_weight(w, "int8")
+    _C.force_int8_kernel(kernel)
+    try:
+        assert _C.int8_kernel() == kernel
+        got = ne.ops.quantized_linear(x, q, b)
+        acc = torch.randn(M, N, generator=gen)
+        out = acc.clone()
+        _C.quant_linear(x, 0, q.data, q.scale, None, 0, N, K, b, out, True)
+    finally:
+        _C.force_int8_kernel("auto")
+    want = ref_qlinear(x, q, b, dtype=torch.float64)
+    scale = (x.abs().double() @ q.dequantize(torch.float64).abs().t()).max().item() + b.abs().max().item()
+    assert rel_err(got, want, floor=scale) < 2e-6
+    assert rel_err(out, want + acc.double(), floor=scale) < 2e-6
+
+
+def test_int8_kernel_selection():
+    from normengine import _C
+
+    ks = _C.int8_kernels()
+    assert ks[-1] == "isa" and _C.int8_kernel() == ks[0]
+    with pytest.raises(errors.UnsupportedError, match="int8 kernel"):
+        _C.force_int8_kernel("amx512-imaginary")
+    best = _C.cpu_isa()
+    try:
+        _C.force_cpu_isa("generic")  # a capped ISA caps the int8 kernel too
+        assert _C.int8_kernel() == "isa"
+    finally:
+        _C.force_cpu_isa(best)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] != "int8"], ids=_ids)
+@pytest.mark.parametrize("M,N,K", [(5, 100, 4096), (40, 700, 384), (64, 17, 128)])
+def test_dequantized_panel_path(case, M, N, K, device, gen):
+    """Prefill (M > 4) of the weight-dequantizing formats: W dequantized panel by panel (several panels
+    here) into the fp32 GEMM, against the reference; with accumulate."""
+    from normengine import _C
+
+    if device != "cpu":
+        pytest.skip("CPU kernels")
+    fmt, kw = case
+    x = torch.randn(M, K, generator=gen)
+    w = torch.randn(N, K, generator=gen) * 0.05
+    b = torch.randn(N, generator=gen)
+    q = ne.ops.quantize_weight(w, fmt, **kw)
+    got = ne.ops.quantized_linear(x, q, b)
+    want = ref_qlinear(x, q, b, dtype=torch.float64)
+    scale = (x.abs().double() @ q.dequantize(torch.float64).abs().t()).max().item() + b.abs().max().item()
+    assert rel_err(got, want, floor=scale) < 2e-6
+    acc = torch.randn(M, N, generator=gen)
+    out = acc.clone()
+    g = q.group_size if fmt in ("int4", "fp8") else 0
+    _C.quant_linear(x, {"int8-weight": 1, "int4": 2, "fp8": 3}[fmt], q.data, q.scale, q.zero, g, N, K, b, out, True)
+    assert rel_err(out, want + acc.double(), floor=scale) < 2e-6

@@ -2,6 +2,7 @@
 // the engine's fp32 GEMM (ne::gemm_f32), K = N = 4096, M in {1, 16, 128, 512}.
 //
 //   bench_quant [--threads N] [--repeats K] [--isa avx512|avx2|generic] [--k 4096] [--n 4096]
+//               [--int8-kernel amx|avx512vnni|avxvnni|isa] [--m 1,16,128,512] [--formats int8,int8w,int4,fp8]
 //
 // Weights are packed here with the same rules as normengine.ops.quantize_weight (int8 per channel,
 // int4 groups of 128 symmetric mid-rise, fp8 E4M3 with 128 x 128 block scales); values are random.
@@ -61,7 +62,7 @@ uint8_t e4m3_bits(float v) {  // round to nearest E4M3 (|v| <= 448) by search ov
 int main(int argc, char** argv) {
   int threads = 0, repeats = 7;
   int64_t K = 4096, N = 4096;
-  std::string isa;
+  std::string isa, int8k, ms = "1,16,128,512", formats = "int8,int8w,int4,fp8";
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--threads" && i + 1 < argc) threads = std::atoi(argv[++i]);
@@ -69,15 +70,28 @@ int main(int argc, char** argv) {
     else if (a == "--isa" && i + 1 < argc) isa = argv[++i];
     else if (a == "--k" && i + 1 < argc) K = std::atoll(argv[++i]);
     else if (a == "--n" && i + 1 < argc) N = std::atoll(argv[++i]);
+    else if (a == "--int8-kernel" && i + 1 < argc) int8k = argv[++i];
+    else if (a == "--m" && i + 1 < argc) ms = argv[++i];
+    else if (a == "--formats" && i + 1 < argc) formats = argv[++i];
     else {
-      std::fprintf(stderr, "usage: %s [--threads N] [--repeats K] [--isa avx512|avx2|generic] [--k K] [--n N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--threads N] [--repeats K] [--isa avx512|avx2|generic] [--k K] [--n N] "
+                   "[--int8-kernel NAME] [--m 1,16,...] [--formats int8,int8w,int4,fp8]\n", argv[0]);
       return 2;
     }
   }
   if (threads > 0) ne::set_num_threads(threads);
   if (!isa.empty()) ne::force_cpu_isa(isa.c_str());
+  if (!int8k.empty()) ne::force_int8_kernel(int8k);
+  std::vector<int64_t> Ms;
+  for (size_t p = 0; p < ms.size();) {
+    const size_t q = ms.find(',', p);
+    Ms.push_back(std::atoll(ms.substr(p, q - p).c_str()));
+    p = q == std::string::npos ? ms.size() : q + 1;
+  }
+  auto wanted = [&](const char* f) { return ("," + formats + ",").find("," + std::string(f) + ",") != std::string::npos; };
   if (K % 128) { std::fprintf(stderr, "--k: a multiple of 128\n"); return 2; }
-  const int64_t maxM = 512;
+  int64_t maxM = 1;
+  for (int64_t m : Ms) maxM = std::max(maxM, m);
   std::vector<float> w(static_cast<size_t>(N * K)), x(static_cast<size_t>(maxM * K)), y(static_cast<size_t>(maxM * N));
   for (auto& v : w) v = urand() * 0.05f;
   for (auto& v : x) v = urand();
@@ -124,13 +138,16 @@ int main(int argc, char** argv) {
   W8w.format = ne::QFormat::Int8Weight;
   ne::QWeight W4{ne::QFormat::Int4, N, K, q4.data(), s4.data(), nullptr, 128};
   ne::QWeight WF{ne::QFormat::FP8, N, K, qf.data(), sf.data(), nullptr, 128};
-  struct Fmt { const char* name; const ne::QWeight* w; double bytes; };
-  const Fmt fmts[] = {{"int8 (W8A8)", &W8, double(N * K + 4 * N)}, {"int8-weight", &W8w, double(N * K + 4 * N)},
-                      {"int4 g128", &W4, double(N * K / 2 + 4 * N * G)}, {"fp8 b128", &WF, double(N * K + 4 * NB * KB)}};
-  std::printf("normengine bench_quant: isa=%s threads=%d repeats=%d (median), K=%lld N=%lld\n", ne::cpu_isa(),
-              ne::num_threads(), repeats, static_cast<long long>(K), static_cast<long long>(N));
+  struct Fmt { const char* key; const char* name; const ne::QWeight* w; double bytes; };
+  const Fmt all[] = {{"int8", "int8 (W8A8)", &W8, double(N * K + 4 * N)}, {"int8w", "int8-weight", &W8w, double(N * K + 4 * N)},
+                     {"int4", "int4 g128", &W4, double(N * K / 2 + 4 * N * G)}, {"fp8", "fp8 b128", &WF, double(N * K + 4 * NB * KB)}};
+  std::vector<Fmt> fmts;
+  for (const Fmt& f : all)
+    if (wanted(f.key)) fmts.push_back(f);
+  std::printf("normengine bench_quant: isa=%s int8 kernel=%s threads=%d repeats=%d (median), K=%lld N=%lld\n",
+              ne::cpu_isa(), ne::int8_kernel(), ne::num_threads(), repeats, static_cast<long long>(K), static_cast<long long>(N));
   std::printf("%-12s %4s %10s %9s %9s %9s\n", "format", "M", "ms", "GFLOP/s", "vs fp32", "W GB/s");
-  for (int64_t M : {int64_t(1), int64_t(16), int64_t(128), int64_t(512)}) {
+  for (int64_t M : Ms) {
     const double tf = median_time([&] {
       ne::gemm_f32(M, N, K, x.data(), K, w.data(), ne::DType::F32, K, nullptr, y.data(), N, false);
     }, repeats);

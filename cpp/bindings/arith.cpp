@@ -2,6 +2,7 @@
 // The Python wrapper (normengine.ops.quant) checks and lays out the tensors;
 // here every tensor is checked once more for what the raw kernels read.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
 
@@ -42,10 +43,16 @@ const float* vec(const Opt& o, int64_t n) {
 }  // namespace
 
 void bind_arith(py::module_& m) {
+  m.def("int8_kernels", &ne::int8_kernels,
+        "The W8A8 int8 GEMM kernels this CPU has, best first: 'amx', 'avx512vnni', 'avxvnni', 'isa' "
+        "(the AVX2 vpmaddubsw / scalar kernel of the active ISA).");
+  m.def("int8_kernel", &ne::int8_kernel, "The W8A8 kernel in use now (capped by force_cpu_isa).");
+  m.def("force_int8_kernel", &ne::force_int8_kernel, py::arg("name"),
+        "Use one of int8_kernels() for W8A8 GEMMs ('auto': the best again); for tests and benchmarks.");
   m.def(
       "quant_linear",
       [](py::handle x, int fmt, py::handle data, py::handle scale, py::handle zero, int64_t group, int64_t N,
-         int64_t K, py::handle bias, py::handle out) {
+         int64_t K, py::handle bias, py::handle out, bool accumulate) {
         Borrowed b;
         TensorView vx = view_of(x, "x", b), vd = view_of(data, "qweight.data", b), vs = view_of(scale, "qweight.scale", b),
                    vo = view_of(out, "out", b);
@@ -79,9 +86,10 @@ void bind_arith(py::module_& m) {
         w.zero = vz.ptr() ? static_cast<const float*>(vz.ptr()->data) : nullptr;
         const float* pb = vec(vb, N);
         py::gil_scoped_release nogil;
-        ne::quant_gemm_f32(M, static_cast<const float*>(vx.data), ldx, w, pb, static_cast<float*>(vo.data), ldy);
+        ne::quant_gemm_f32(M, static_cast<const float*>(vx.data), ldx, w, pb, static_cast<float*>(vo.data), ldy,
+                          accumulate);
       },
       py::arg("x"), py::arg("format"), py::arg("data"), py::arg("scale"), py::arg("zero"), py::arg("group"),
-      py::arg("N"), py::arg("K"), py::arg("bias"), py::arg("out"),
-      "out[M, N] = x[M, K] @ dequant(W)^T (+ bias), the format's own activation handling (quant_gemm.h).");
+      py::arg("N"), py::arg("K"), py::arg("bias"), py::arg("out"), py::arg("accumulate") = false,
+      "out[M, N] (+)= x[M, K] @ dequant(W)^T (+ bias), the format's own activation handling (quant_gemm.h).");
 }

@@ -7,7 +7,8 @@ namespace ne {
 
 enum class Isa : int { Generic = 0, AVX2 = 1, AVX512 = 2, AVX512BF16 = 3 };
 
-Isa active_isa();  // best supported ISA, lowered by force_cpu_isa()
+Isa active_isa();    // best supported ISA, lowered by force_cpu_isa()
+Isa detected_isa();  // best supported ISA (CPU and OS), never lowered
 
 // Choose among one table per ISA. The x86 tables are null on builds for other processors.
 template <class T>

@@ -49,6 +49,7 @@ std::atomic<int> g_isa{[] {
 
 }  // namespace
 
+Isa detected_isa() { return kDetected; }
 Isa active_isa() { return static_cast<Isa>(g_isa.load(std::memory_order_relaxed)); }
 
 const char* cpu_isa() {

@@ -12,6 +12,7 @@
 // (|w|, x * sign(w)) — |w| <= 127 and |x| <= 127 keep each pair sum <= 32258, below the int16
 // saturation — then vpmaddwd with ones into int32; int4 nibbles widened to fp32 in registers and
 // FMA'd with x; int8 weights widened likewise. Generic: the same sums in scalar code.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -42,16 +43,6 @@ struct E4M3Table {
 const E4M3Table& e4m3() {
   static const E4M3Table t;
   return t;
-}
-
-inline void finish(const QArgs& a, int64_t m, int64_t n, float v) {
-  if (a.ep.row_scale || a.ep.row_shift) {
-    const float mu = a.ep.row_shift ? a.ep.row_shift[m] * a.ep.col_sum[n] : 0.0f;
-    v = (a.ep.row_scale ? a.ep.row_scale[m] : 1.0f) * (v - mu);
-  }
-  if (a.bias) v += a.bias[n];
-  float& y = a.y[m * a.ldy + n];
-  y = a.accumulate ? y + v : v;
 }
 
 #if defined(__AVX2__)
@@ -101,7 +92,7 @@ void block_int8(const QArgs& a, int64_t n0, int64_t n1) {
       int32_t d[4] = {hsum_i32(acc0), hsum_i32(acc1), hsum_i32(acc2), hsum_i32(acc3)};
       for (int64_t k = K32; k < K; ++k)
         for (int r = 0; r < 4; ++r) d[r] += static_cast<int32_t>(x0[r * ld + k]) * wr[k];
-      for (int r = 0; r < 4; ++r) finish(a, m + r, n, static_cast<float>(d[r]) * a.sx[(m + r) * a.ldsx] * w.scale[n]);
+      for (int r = 0; r < 4; ++r) quant_store(a, m + r, n, static_cast<float>(d[r]) * a.sx[(m + r) * a.ldsx] * w.scale[n]);
     }
   }
 #endif
@@ -122,7 +113,7 @@ void block_int8(const QArgs& a, int64_t n0, int64_t n1) {
       dot = hsum_i32(acc);
 #endif
       for (; k < K; ++k) dot += static_cast<int32_t>(xq[k]) * wr[k];
-      finish(a, m, n, static_cast<float>(dot) * a.sx[m * a.ldsx] * w.scale[n]);
+      quant_store(a, m, n, static_cast<float>(dot) * a.sx[m * a.ldsx] * w.scale[n]);
     }
   }
 }
@@ -150,7 +141,7 @@ void block_int8w(const QArgs& a, int64_t n0, int64_t n1) {
       dot = hsum_ps(_mm256_add_ps(acc0, acc1));
 #endif
       for (; k < K; ++k) dot += x[k] * static_cast<float>(wr[k]);
-      finish(a, m, n, dot * w.scale[n]);
+      quant_store(a, m, n, dot * w.scale[n]);
     }
   }
 }
@@ -193,7 +184,7 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
         const float* gs = a.gsum + (m0 + r) * G;
         float zterm = 0.0f;
         for (int64_t gi = 0; gi < G; ++gi) zterm += sc[gi] * (zp ? zp[gi] : 7.5f) * gs[gi];
-        finish(a, m0 + r, n, hsum_ps(total[r]) - zterm);
+        quant_store(a, m0 + r, n, hsum_ps(total[r]) - zterm);
       }
     }
   }
@@ -220,7 +211,7 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
         }
         total = _mm256_fmadd_ps(_mm256_add_ps(acc0, acc1), _mm256_set1_ps(sc[gi]), total);
       }
-      finish(a, m, n, hsum_ps(total) - zterm);
+      quant_store(a, m, n, hsum_ps(total) - zterm);
       (void)x;
 #else
       float y = 0.0f;
@@ -232,7 +223,7 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
         }
         y += sc[gi] * dot;
       }
-      finish(a, m, n, y - zterm);
+      quant_store(a, m, n, y - zterm);
       (void)xd;
 #endif
     }
@@ -258,15 +249,70 @@ void block_fp8(const QArgs& a, int64_t n0, int64_t n1) {
         const float sw = w.group == 0 ? w.scale[0] : w.scale[(n / 128) * KB + b];
         y += sx[b] * sw * part;
       }
-      finish(a, m, n, y);
+      quant_store(a, m, n, y);
     }
+  }
+}
+
+// ---------------------------------------------------------------- dequantized panels (prefill)
+// out[n - n0, k] = the weight's value in fp32 for rows [n0, n1): Int8Weight q sw[n]; Int4
+// (q - z) s per group; FP8 e4m3(q) sw(n, b) (the block scale folded in). Plain loops over contiguous
+// rows: the compiler vectorizes them for each ISA build.
+void dequant_rows(const QWeight& w, int64_t n0, int64_t n1, float* out) {
+  const int64_t K = w.K;
+  for (int64_t n = n0; n < n1; ++n) {
+    float* o = out + (n - n0) * K;
+    if (w.format == QFormat::Int8Weight || w.format == QFormat::Int8) {
+      const int8_t* q = static_cast<const int8_t*>(w.data) + n * K;
+      const float s = w.scale[n];
+      for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(q[k]) * s;
+    } else if (w.format == QFormat::Int4) {
+      const uint8_t* q = static_cast<const uint8_t*>(w.data) + n * (K / 2);
+      const int64_t G = K / w.group;
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = w.scale[n * G + g], z = w.zero ? w.zero[n * G + g] : 7.5f;
+        const uint8_t* qg = q + g * w.group / 2;
+        float* og = o + g * w.group;
+        for (int64_t j = 0; j < w.group / 2; ++j) {  // byte j: k = 2j low nibble, 2j + 1 high nibble
+          og[2 * j] = (static_cast<float>(qg[j] & 15) - z) * s;
+          og[2 * j + 1] = (static_cast<float>(qg[j] >> 4) - z) * s;
+        }
+      }
+    } else {
+      const uint8_t* q = static_cast<const uint8_t*>(w.data) + n * K;
+      const float* lut = e4m3().v;
+      const int64_t KB = (K + 127) / 128;
+      for (int64_t b = 0; b < KB; ++b) {
+        const float s = w.group == 0 ? w.scale[0] : w.scale[(n / 128) * KB + b];
+        const int64_t k1 = std::min<int64_t>(K, b * 128 + 128);
+        for (int64_t k = b * 128; k < k1; ++k) o[k] = lut[q[k]] * s;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- W8A8 activations, per token
+// rows [m0, m1): s = max_k |x[m, k]| / 127, xq = round-to-nearest-even(x / s) clamped to [-127, 127],
+// zero past K up to Kp. Plain loops: vectorized for each ISA build (vroundps, no libm calls).
+void quantize_int8_rows(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8_t* xq, float* sx, int64_t m0,
+                        int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* r = x + m * ldx;
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(r[k]));
+    const float s = amax / 127.0f;
+    sx[m] = s;
+    const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+    int8_t* q = xq + m * Kp;
+    for (int64_t k = 0; k < K; ++k) q[k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(r[k] * inv))));
+    for (int64_t k = K; k < Kp; ++k) q[k] = 0;
   }
 }
 
 }  // namespace
 
 const QuantTable* quant_table() {
-  static const QuantTable t{{&block_int8, &block_int8w, &block_int4, &block_fp8}};
+  static const QuantTable t{{&block_int8, &block_int8w, &block_int4, &block_fp8}, &dequant_rows, &quantize_int8_rows};
   return &t;
 }
 
@@ -319,6 +365,47 @@ void check_qweight(const QWeight& w) {
   }
 }
 
+// Prefill of the weight-dequantizing formats: W dequantized to fp32 a panel of rows at a time
+// (a few hundred KB, cache resident, never W-sized) and multiplied by the engine's register-blocked
+// fp32 GEMM. FP8 first rounds x to E4M3 per 128-block exactly as the GEMV path does and folds the
+// activation scale in (x' = e4m3(x / s) s), so y = sum_k x'[m, k] w'[n, k] is the same sum.
+void quant_gemm_panels(int64_t M, const float* x, int64_t ldx, const QWeight& w, const float* bias, float* y,
+                       int64_t ldy, bool accumulate, const GemmEpilogue* ep) {
+  const int64_t N = w.N, K = w.K;
+  thread_local std::vector<float> panel, xs;
+  const float* xu = x;
+  int64_t ldxu = ldx;
+  if (w.format == QFormat::FP8) {
+    const int64_t KB = (K + 127) / 128;
+    xs.resize(static_cast<size_t>(M * K));
+    float* xsd = xs.data();  // (thread_local: the workers must not name xs itself)
+    parallel_for(M, 1, [&](int64_t m0, int64_t m1, int) {
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t b = 0; b < KB; ++b) {
+          const int64_t k0 = b * 128, k1 = std::min(K, k0 + 128);
+          float amax = 0.0f;
+          for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[m * ldx + k]));
+          const float s = amax / 448.0f;
+          for (int64_t k = k0; k < k1; ++k) xsd[m * K + k] = s > 0.0f ? round_e4m3(x[m * ldx + k] / s) * s : 0.0f;
+        }
+    });
+    xu = xs.data();
+    ldxu = K;
+  }
+  // rows per panel: about 1 MB of fp32, a multiple of 16
+  const int64_t P = std::min(N, std::max<int64_t>(16, (262144 / K) / 16 * 16));
+  panel.resize(static_cast<size_t>(P * K));
+  const QuantTable& t = *NE_PICK_ISA(quant_table);
+  for (int64_t n0 = 0; n0 < N; n0 += P) {
+    const int64_t n1 = std::min(N, n0 + P);
+    float* pd = panel.data();
+    parallel_for(n1 - n0, 4, [&](int64_t r0, int64_t r1, int) { t.dequant(w, n0 + r0, n0 + r1, pd + r0 * K); });
+    GemmEpilogue e = ep ? *ep : GemmEpilogue{};
+    if (e.col_sum) e.col_sum += n0;
+    gemm_f32(M, n1 - n0, K, xu, ldxu, pd, DType::F32, K, bias ? bias + n0 : nullptr, y + n0, ldy, accumulate, &e);
+  }
+}
+
 }  // namespace
 
 void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, const float* bias, float* y, int64_t ldy,
@@ -326,6 +413,10 @@ void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, co
   check_qweight(w);
   if (M <= 0) return;
   const int64_t K = w.K;
+  if (w.format != QFormat::Int8 && M > kQuantPanelMinRows) {
+    quant_gemm_panels(M, x, ldx, w, bias, y, ldy, accumulate, ep);
+    return;
+  }
   QArgs a{};
   a.M = M;
   a.x = x;
@@ -340,20 +431,16 @@ void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, co
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> xf, sx, gs;
   if (w.format == QFormat::Int8) {
-    // per row: s = max|x| / 127, q = round-to-nearest-even(x / s) in [-127, 127]
-    const int64_t Kp = (K + 31) / 32 * 32;
-    xq.assign(static_cast<size_t>(M * Kp), 0);
+    // per row: s = max|x| / 127, q = round-to-nearest-even(x / s) in [-127, 127] (the ISA's kernel)
+    const int64_t Kp = (K + 63) / 64 * 64;
+    xq.resize(static_cast<size_t>(M * Kp));
     sx.resize(M);
-    for (int64_t m = 0; m < M; ++m) {
-      const float* r = x + m * ldx;
-      float amax = 0.0f;
-      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(r[k]));
-      const float s = amax / 127.0f;
-      sx[m] = s;
-      const float inv = s > 0.0f ? 1.0f / s : 0.0f;
-      for (int64_t k = 0; k < K; ++k)
-        xq[m * Kp + k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(r[k] * inv))));
-    }
+    int8_t* q = xq.data();  // (thread_local: the workers must not name xq / sx themselves)
+    float* s = sx.data();
+    const QuantTable& t = *NE_PICK_ISA(quant_table);
+    parallel_for(M, std::max<int64_t>(1, 65536 / K), [&](int64_t m0, int64_t m1, int) {
+      t.quantize_int8(x, ldx, K, Kp, q, s, m0, m1);
+    });
     a.xq = xq.data();
     a.ldxq = Kp;
     a.sx = sx.data();
@@ -397,6 +484,8 @@ void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, co
     a.xf = xf.data();
   }
   if (a.ep.row_shift && !a.ep.col_sum) throw ValueError("quant_gemm_f32: the epilogue's row_shift needs col_sum");
+  // W8A8 with VNNI / AMX where the CPU has them (quant_int8_x86.cpp), else the ISA family's kernel
+  if (w.format == QFormat::Int8 && int8_gemm_x86(a)) return;
   const QuantTable& t = *NE_PICK_ISA(quant_table);
   auto* fn = t.block[static_cast<int>(w.format)];
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M));

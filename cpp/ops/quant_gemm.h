@@ -5,6 +5,8 @@
 // the packing itself (quantization) is done in torch there.
 #pragma once
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "core/dispatch.h"
 #include "normengine/tensor.h"
@@ -57,7 +59,7 @@ void quant_activations(int64_t M, int64_t K, const void* x, DType xdt, int64_t l
 
 // ------------------------------------------------------------------------- kernel table (internal)
 // Activations prepared once per call by the entry point: Int8: x quantized per row (xq int8 [M, Kp],
-// Kp = K rounded up to 32, zero padded; sx [M]); FP8: x / s rounded to E4M3 values held as floats
+// Kp = K rounded up to 64, zero padded; sx [M]); FP8: x / s rounded to E4M3 values held as floats
 // (xf [M, K]) with s per row and 128-channel block (sx [M, ceil(K/128)]); Int4: per-row sums of x
 // over each group (gsum [M, K/group], for the zero points) and x de-interleaved per 16 columns (xf
 // [M, K]: 8 even columns, then the 8 odd ones; group sizes are multiples of 16); Int8Weight: x as given.
@@ -75,8 +77,37 @@ struct QArgs {
   GemmEpilogue ep;
 };
 
+// The epilogue every kernel ends with: v = the output's dot product with its scales applied;
+// y[m, n] = r_m (v - mu_m c_n) (the fused norm, ops/gemm.h) + bias[n] (+ y[m, n]).
+inline void quant_store(const QArgs& a, int64_t m, int64_t n, float v) {
+  if (a.ep.row_scale || a.ep.row_shift) {
+    const float mu = a.ep.row_shift ? a.ep.row_shift[m] * a.ep.col_sum[n] : 0.0f;
+    v = (a.ep.row_scale ? a.ep.row_scale[m] : 1.0f) * (v - mu);
+  }
+  if (a.bias) v += a.bias[n];
+  float& y = a.y[m * a.ldy + n];
+  y = a.accumulate ? y + v : v;
+}
+
+// More rows than this: Int8Weight / Int4 / FP8 dequantize W panel by panel (about 1 MB of fp32, cache
+// resident) into the fp32 GEMM; fewer: the GEMV kernels, which dequantize in registers.
+constexpr int64_t kQuantPanelMinRows = 4;
+
+// W8A8 kernels with the x86 dot-product extensions (quant_int8_x86.cpp): "amx" (tile multiply),
+// "avx512vnni", "avxvnni", or "isa" (the ISA family's AVX2 / scalar kernel). int8_kernels(): what
+// this CPU has; int8_kernel(): the one W8A8 GEMMs use now (the best, capped by force_cpu_isa and
+// force_int8_kernel("auto" | a name)). int8_gemm_x86 runs a whole call (xq padded to Kp % 64 == 0)
+// and returns false when the kernel is "isa".
+std::vector<std::string> int8_kernels();
+const char* int8_kernel();
+void force_int8_kernel(const std::string& name);
+bool int8_gemm_x86(const QArgs& a);
+
 struct QuantTable {
   void (*block[4])(const QArgs& a, int64_t n0, int64_t n1);  // by QFormat: outputs [0, M) x [n0, n1)
+  void (*dequant)(const QWeight& w, int64_t n0, int64_t n1, float* out);  // rows [n0, n1) in fp32, [n1 - n0, K]
+  // W8A8 activations of rows [m0, m1): xq [M, Kp] (zero past K), sx [M]
+  void (*quantize_int8)(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8_t* xq, float* sx, int64_t m0, int64_t m1);
 };
 
 }  // namespace ne

@@ -1,0 +1,405 @@
+// W8A8 int8 GEMM on x86 with the integer dot-product instructions beyond AVX2, chosen at run time:
+//
+//   y[m, n] = sx[m] * sw[n] * sum_k xq[m, k] * wq[n, k]        (int32 sums; then the epilogue, quant_store)
+//
+// with xq the per-token int8 activations the entry point prepared (quant_gemm_f32) and wq the packed
+// [N, K] int8 weight as stored (no repacking of W, ever). Three kernels:
+//
+//  - "avx512vnni": vpdpbusd (u8 x s8 -> 4 products summed into each int32 lane, no saturation). The
+//    instruction wants one unsigned operand, so x is offset by 128 on load (xu = xq ^ 0x80 = xq + 128
+//    as u8) and the offset taken back per output:  sum_k xq w = sum_k xu w - 128 sum_k w,  with
+//    sum_k w accumulated by the same instruction on a vector of ones (one extra vpdpbusd per W load,
+//    shared by every row of x). Micro-kernel: MR <= 4 rows of x by NR <= 4 rows of W, 64 k per step,
+//    MR*NR + NR accumulators; K tails by byte-masked loads (masked-out w = 0 adds nothing).
+//  - "avxvnni": the same on 256-bit vectors (VEX vpdpbusd, Alder Lake and later), MR <= 4 by NR <= 2
+//    (16 ymm registers), K tail in scalar code.
+//  - "amx": Sapphire Rapids tile multiply (TDPBSSD, s8 x s8 -> int32, 16 x 16 x 64 per instruction).
+//    The product is computed transposed, C^T[n, m] = sum_k W[n, k] x[m, k], so that W's rows load as
+//    the A tile straight from the packed weight (16 rows x 64 bytes, row stride K) and only x is
+//    re-laid out, once per call, into the B tiles' VNNI order: B[kk][4 m + j] = xq[m, k0 + 4 kk + j].
+//    Register blocking 2 x 2 (tmm0-3 accumulate 32 n x 32 m, tmm4-5 W, tmm6-7 x): per 64 k, four tile
+//    loads feed four TDPBSSD. Needs K % 64 == 0; W rows beyond the last multiple of 32 go to the VNNI
+//    kernel. The OS must grant the tile state (arch_prctl ARCH_REQ_XCOMP_PERM), asked once per process.
+//
+// Everything else (no VNNI, "isa" forced) runs the ISA family's kernel in quant_gemm.cpp (AVX2
+// vpmaddubsw or scalar). The selection: int8_kernel() / force_int8_kernel() below.
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "core/parallel.h"
+#include "normengine/errors.h"
+#include "ops/quant_gemm.h"
+
+#if defined(NE_HAVE_X86_ISAS) && defined(__GNUC__)
+#define NE_INT8_X86 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace ne {
+
+#if defined(NE_INT8_X86)
+namespace {
+
+// ============================================================================ AVX-512 VNNI
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")
+
+// y[m, n .. n+15] (the lanes of `mask`) from 16 int32 dot products: quant_store's epilogue, 16 at a time
+// (the same operations in the same order: bit-identical to the scalar one).
+inline void store16(const QArgs& a, int64_t m, int64_t n, __m512i dot, __mmask16 mask) {
+  __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a.sx[m * a.ldsx])),
+                           _mm512_maskz_loadu_ps(mask, a.w->scale + n));
+  if (a.ep.row_scale || a.ep.row_shift) {
+    if (a.ep.row_shift)
+      v = _mm512_sub_ps(v, _mm512_mul_ps(_mm512_set1_ps(a.ep.row_shift[m]), _mm512_maskz_loadu_ps(mask, a.ep.col_sum + n)));
+    if (a.ep.row_scale) v = _mm512_mul_ps(_mm512_set1_ps(a.ep.row_scale[m]), v);
+  }
+  if (a.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, a.bias + n));
+  float* y = a.y + m * a.ldy + n;
+  if (a.accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, y), v);
+  _mm512_mask_storeu_ps(y, mask, v);
+}
+
+// Outputs [m0, m0+MR) x [n, n+NR): acc[r][c] += xu[m0+r] . w[n+c] over K, wsum[c] = sum_k w[n+c].
+template <int MR, int NR>
+void vnni512_tile(const QArgs& a, int64_t m0, int64_t n) {
+  const int64_t K = a.w->K;
+  const int8_t* W = static_cast<const int8_t*>(a.w->data) + n * K;
+  const int8_t* X = a.xq + m0 * a.ldxq;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), ones = _mm512_set1_epi8(1);
+  __m512i acc[MR][NR], wsum[NR];
+  for (int c = 0; c < NR; ++c) {
+    wsum[c] = _mm512_setzero_si512();
+    for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_setzero_si512();
+  }
+  auto step = [&](int64_t k, __mmask64 mask) {
+    __m512i wv[NR];
+    for (int c = 0; c < NR; ++c) {
+      wv[c] = _mm512_maskz_loadu_epi8(mask, W + c * K + k);  // w[n+c, k .. k+63] (0 past K)
+      wsum[c] = _mm512_dpbusd_epi32(wsum[c], ones, wv[c]);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const __m512i xu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, X + r * a.ldxq + k), flip);  // xq + 128
+      for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], xu, wv[c]);
+    }
+  };
+  const int64_t K64 = K / 64 * 64;
+  for (int64_t k = 0; k < K64; k += 64) step(k, ~__mmask64(0));
+  if (K64 < K) step(K64, (__mmask64(1) << (K - K64)) - 1);
+  for (int c = 0; c < NR; ++c) {
+    const int32_t off = 128 * _mm512_reduce_add_epi32(wsum[c]);
+    for (int r = 0; r < MR; ++r) {
+      const int32_t dot = _mm512_reduce_add_epi32(acc[r][c]) - off;
+      quant_store(a, m0 + r, n + c, static_cast<float>(dot) * a.sx[(m0 + r) * a.ldsx] * a.w->scale[n + c]);
+    }
+  }
+}
+
+template <int MR>
+void vnni512_rows(const QArgs& a, int64_t m0, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) vnni512_tile<MR, 4>(a, m0, n);
+  for (; n < n1; ++n) vnni512_tile<MR, 1>(a, m0, n);
+}
+
+// All rows of x against W rows [n0, n1): W rows in blocks of 4 (16 KB at K = 4096, L1-resident while
+// every 4-row group of x passes over them).
+void int8_block_vnni512(const QArgs& a, int64_t n0, int64_t n1) {
+  constexpr int64_t NB = 4;
+  for (int64_t nb = n0; nb < n1; nb += NB) {
+    const int64_t ne = std::min(n1, nb + NB);
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4) vnni512_rows<4>(a, m, nb, ne);
+    switch (a.M - m) {
+      case 3: vnni512_rows<3>(a, m, nb, ne); break;
+      case 2: vnni512_rows<2>(a, m, nb, ne); break;
+      case 1: vnni512_rows<1>(a, m, nb, ne); break;
+      default: break;
+    }
+  }
+}
+#pragma GCC pop_options
+
+// ============================================================================ AVX-VNNI (256-bit)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avxvnni")
+
+inline int32_t hsum256(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+template <int MR, int NR>
+void vnni256_tile(const QArgs& a, int64_t m0, int64_t n) {
+  const int64_t K = a.w->K;
+  const int8_t* W = static_cast<const int8_t*>(a.w->data) + n * K;
+  const int8_t* X = a.xq + m0 * a.ldxq;
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi8(1);
+  __m256i acc[MR][NR], wsum[NR];
+  for (int c = 0; c < NR; ++c) {
+    wsum[c] = _mm256_setzero_si256();
+    for (int r = 0; r < MR; ++r) acc[r][c] = _mm256_setzero_si256();
+  }
+  const int64_t K32 = K / 32 * 32;
+  for (int64_t k = 0; k < K32; k += 32) {
+    __m256i wv[NR];
+    for (int c = 0; c < NR; ++c) {
+      wv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + c * K + k));
+      wsum[c] = _mm256_dpbusd_avx_epi32(wsum[c], ones, wv[c]);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const __m256i xu =
+          _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(X + r * a.ldxq + k)), flip);
+      for (int c = 0; c < NR; ++c) acc[r][c] = _mm256_dpbusd_avx_epi32(acc[r][c], xu, wv[c]);
+    }
+  }
+  for (int c = 0; c < NR; ++c) {
+    const int32_t off = 128 * hsum256(wsum[c]);
+    for (int r = 0; r < MR; ++r) {
+      int32_t dot = hsum256(acc[r][c]) - off;
+      for (int64_t k = K32; k < K; ++k) dot += static_cast<int32_t>(X[r * a.ldxq + k]) * W[c * K + k];
+      quant_store(a, m0 + r, n + c, static_cast<float>(dot) * a.sx[(m0 + r) * a.ldsx] * a.w->scale[n + c]);
+    }
+  }
+}
+
+template <int MR>
+void vnni256_rows(const QArgs& a, int64_t m0, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) vnni256_tile<MR, 2>(a, m0, n);
+  for (; n < n1; ++n) vnni256_tile<MR, 1>(a, m0, n);
+}
+
+void int8_block_avxvnni(const QArgs& a, int64_t n0, int64_t n1) {
+  constexpr int64_t NB = 4;
+  for (int64_t nb = n0; nb < n1; nb += NB) {
+    const int64_t ne = std::min(n1, nb + NB);
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4) vnni256_rows<4>(a, m, nb, ne);
+    switch (a.M - m) {
+      case 3: vnni256_rows<3>(a, m, nb, ne); break;
+      case 2: vnni256_rows<2>(a, m, nb, ne); break;
+      case 1: vnni256_rows<1>(a, m, nb, ne); break;
+      default: break;
+    }
+  }
+}
+#pragma GCC pop_options
+
+// ============================================================================ AMX (tile multiply)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,amx-tile,amx-int8")
+
+// The palette-1 tile configuration: every tile 16 rows x 64 bytes (C: 16 x 16 int32; A: 16 W rows
+// x 64 k; B: 16 k-quads x (16 x rows x 4 bytes)).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// x (already quantized, [M, Kp]) into B tiles: Bp[(mb * KB + kb) * 1024 + kk * 64 + 4 m + j] =
+// xq[16 mb + m, 64 kb + 4 kk + j]; rows m >= M are zero. MB = ceil(M / 16) blocks of 16 rows.
+void pack_x_amx(const QArgs& a, int64_t MBp, int8_t* Bp) {
+  const int64_t KB = a.w->K / 64;
+  for (int64_t mb = 0; mb < MBp; ++mb)
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      int8_t* t = Bp + (mb * KB + kb) * 1024;
+      for (int m = 0; m < 16; ++m) {
+        const int64_t row = mb * 16 + m;
+        const int8_t* src = a.xq + row * a.ldxq + kb * 64;
+        for (int kk = 0; kk < 16; ++kk) {
+          if (row < a.M) std::memcpy(t + kk * 64 + 4 * m, src + 4 * kk, 4);
+          else std::memset(t + kk * 64 + 4 * m, 0, 4);
+        }
+      }
+    }
+}
+
+// Output rows n in [nb0, nb1) (multiples of 32) against every row of x.
+void int8_amx_blocks(const QArgs& a, const int8_t* Bp, int64_t MB, int64_t nb0, int64_t nb1) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  const int64_t K = a.w->K, KB = K / 64;
+  const int8_t* W = static_cast<const int8_t*>(a.w->data);
+  alignas(64) int32_t C[4][16][16];
+  for (int64_t n0 = nb0; n0 < nb1; n0 += 32) {
+    const int8_t* w0 = W + n0 * K;
+    const int8_t* w1 = w0 + 16 * K;
+    for (int64_t mb = 0; mb < MB; mb += 2) {
+      const bool two = mb + 1 < MB;  // a second 16-row block of x (else tiles 1 and 3 stay idle)
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const int8_t* b0 = Bp + mb * KB * 1024;
+      const int8_t* b1 = b0 + KB * 1024;
+      auto run = [&](auto both) {
+        for (int64_t kb = 0; kb < KB; ++kb) {
+          _tile_loadd(4, w0 + kb * 64, K);     // W[n0 .. n0+15, 64 kb ..]
+          _tile_loadd(5, w1 + kb * 64, K);     // W[n0+16 .. n0+31, ..]
+          _tile_loadd(6, b0 + kb * 1024, 64);  // x rows 16 mb .. 16 mb + 15 (VNNI order)
+          _tile_dpbssd(0, 4, 6);               // C^T[n0 .., 16 mb ..] += W x^T
+          _tile_dpbssd(2, 5, 6);               // C^T[n0 + 16 .., 16 mb ..]
+          if (decltype(both)::value) {
+            _tile_loadd(7, b1 + kb * 1024, 64);  // x rows 16 (mb + 1) ..
+            _tile_dpbssd(1, 4, 7);
+            _tile_dpbssd(3, 5, 7);
+          }
+        }
+      };
+      if (two) run(std::true_type{});
+      else run(std::false_type{});
+      _tile_stored(0, C[0], 64);
+      _tile_stored(1, C[1], 64);
+      _tile_stored(2, C[2], 64);
+      _tile_stored(3, C[3], 64);
+      // epilogue: C[t][i][j] = dot(W row n0 + 16 (t / 2) + i, x row 16 (mb + t % 2) + j); a gather
+      // of column j gives x row j's 16 outputs, stored as one vector
+      const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(16));
+      for (int t = 0; t < 4; ++t) {
+        if (!two && t % 2) continue;
+        const int64_t nbase = n0 + 16 * (t / 2), mbase = 16 * (mb + t % 2);
+        const int mcount = static_cast<int>(std::min<int64_t>(16, a.M - mbase));
+        for (int j = 0; j < mcount; ++j)
+          store16(a, mbase + j, nbase, _mm512_i32gather_epi32(_mm512_add_epi32(column, _mm512_set1_epi32(j)), &C[t][0][0], 4),
+                  0xFFFF);
+      }
+    }
+  }
+  _tile_release();
+}
+#pragma GCC pop_options
+
+// ============================================================================ selection
+struct Cpu {
+  bool avx512vnni = false, avxvnni = false, amx = false;
+};
+
+bool amx_permitted() {
+  // Linux keeps AMX's 8 KB tile state off until a process asks (ARCH_REQ_XCOMP_PERM, XTILEDATA = 18).
+#if defined(SYS_arch_prctl)
+  return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+  return false;
+#endif
+}
+
+Cpu detect() {
+  Cpu c;
+  unsigned a, b, cx, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &cx, &d)) return c;
+  const bool avx512 = detected_isa() >= Isa::AVX512;  // includes the OS's AVX-512 state check
+  c.avx512vnni = avx512 && (cx >> 11 & 1);
+  const bool amx_hw = (d >> 24 & 1) && (d >> 25 & 1);  // AMX-TILE, AMX-INT8
+  unsigned a1, b1, c1, d1;
+  if (__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1)) c.avxvnni = detected_isa() >= Isa::AVX2 && (a1 >> 4 & 1);
+  if (amx_hw && c.avx512vnni) {
+    // XCR0 bits 17 (XTILECFG) and 18 (XTILEDATA) must be enabled by the OS, and the process granted.
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    c.amx = ((lo >> 17) & 3) == 3 && amx_permitted();
+  }
+  return c;
+}
+
+const Cpu& cpu() {
+  static const Cpu c = detect();
+  return c;
+}
+
+}  // namespace
+#endif  // NE_INT8_X86
+
+namespace {
+// forced kernel: "" = automatic
+std::string g_forced;  // guarded by the GIL in practice; set only from tests / benchmarks
+}  // namespace
+
+std::vector<std::string> int8_kernels() {
+  std::vector<std::string> out;
+#if defined(NE_INT8_X86)
+  const Cpu& c = cpu();
+  if (c.amx) out.push_back("amx");
+  if (c.avx512vnni) out.push_back("avx512vnni");
+  if (c.avxvnni) out.push_back("avxvnni");
+#endif
+  out.push_back("isa");
+  return out;
+}
+
+const char* int8_kernel() {
+  // the best kernel the CPU has, capped by the active ISA (force_cpu_isa) and by force_int8_kernel
+  const Isa isa = active_isa();
+#if defined(NE_INT8_X86)
+  const Cpu& c = cpu();
+  auto allowed = [&](const char* k) { return g_forced.empty() || g_forced == k; };
+  if (isa >= Isa::AVX512 && c.amx && allowed("amx")) return "amx";
+  if (isa >= Isa::AVX512 && c.avx512vnni && allowed("avx512vnni")) return "avx512vnni";
+  if (isa >= Isa::AVX2 && c.avxvnni && allowed("avxvnni")) return "avxvnni";
+#endif
+  (void)isa;
+  return "isa";
+}
+
+void force_int8_kernel(const std::string& name) {
+  if (name.empty() || name == "auto") {
+    g_forced.clear();
+    return;
+  }
+  const auto ks = int8_kernels();
+  if (std::find(ks.begin(), ks.end(), name) == ks.end()) {
+    std::string have;
+    for (const auto& k : ks) have += (have.empty() ? "" : ", ") + k;
+    throw UnsupportedError("int8 kernel '" + name + "' is not available on this CPU (available: " + have + ")");
+  }
+  g_forced = name;
+}
+
+bool int8_gemm_x86(const QArgs& a) {
+#if defined(NE_INT8_X86)
+  const std::string k = int8_kernel();
+  if (k == "isa") return false;
+  const int64_t N = a.w->N, K = a.w->K;
+  if (k == "avxvnni") {
+    parallel_for(N, std::max<int64_t>(4, 16384 / std::max<int64_t>(1, K * a.M)),
+                 [&](int64_t n0, int64_t n1, int) { int8_block_avxvnni(a, n0, n1); });
+    return true;
+  }
+  // AMX for whole 32-row blocks of W when x has enough rows to fill the tiles and K is whole 64-byte
+  // tile rows; the VNNI kernel for the rest (and for decode, which is bound by streaming W anyway).
+  int64_t n_amx = 0;
+  if (k == "amx" && a.M >= 8 && K % 64 == 0) n_amx = N / 32 * 32;
+  if (n_amx > 0) {
+    const int64_t MBp = (a.M + 15) / 16;
+    thread_local std::vector<int8_t> bp;
+    bp.resize(static_cast<size_t>(MBp * (K / 64) * 1024));
+    pack_x_amx(a, MBp, bp.data());
+    const int8_t* B = bp.data();
+    parallel_for(n_amx / 32, 1, [&](int64_t b0, int64_t b1, int) { int8_amx_blocks(a, B, MBp, 32 * b0, 32 * b1); });
+  }
+  if (n_amx < N)
+    parallel_for(N - n_amx, std::max<int64_t>(4, 16384 / std::max<int64_t>(1, K * a.M)),
+                 [&](int64_t n0, int64_t n1, int) { int8_block_vnni512(a, n_amx + n0, n_amx + n1); });
+  return true;
+#else
+  (void)a;
+  return false;
+#endif
+}
+
+}  // namespace ne
