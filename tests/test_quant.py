@@ -208,3 +208,25 @@ def test_dequantized_panel_path(case, M, N, K, device, gen):
     g = q.group_size if fmt in ("int4", "fp8") else 0
     _C.quant_linear(x, {"int8-weight": 1, "int4": 2, "fp8": 3}[fmt], q.data, q.scale, q.zero, g, N, K, b, out, True)
     assert rel_err(out, want + acc.double(), floor=scale) < 2e-6
+
+
+def test_fp8_every_code(device, gen):
+    """Every E4M3 byte (subnormals, the largest 448, both zeros) decodes exactly in the GEMV and the
+    panel kernels; a NaN code (0x7f / 0xff) gives NaN in its output only."""
+    from normengine.ops.quant import QuantizedWeight
+
+    codes = torch.arange(256, dtype=torch.int32)
+    finite = codes[(codes & 0x7F) != 0x7F].to(torch.uint8)  # 254 codes
+    K = 256
+    rows = torch.stack([torch.cat([finite, finite[:2]]), torch.cat([finite[2:], finite[:4]]).flip(0)])
+    nan_row = rows[0].clone()
+    nan_row[5] = 0x7F
+    data = torch.cat([rows, nan_row[None]]).contiguous()
+    qw = QuantizedWeight("fp8", (3, K), data, torch.tensor([0.5]), None, 0).to(device)
+    for M in (1, 9):  # GEMV and panel paths
+        x = torch.randn(M, K, generator=gen)
+        got = ne.ops.quantized_linear(x.to(device), qw).cpu()
+        want = ref_qlinear(x, qw.to("cpu"), None, dtype=torch.float64)
+        assert torch.isnan(got[:, 2]).all()
+        scale = (x.abs().double() @ qw.to("cpu").dequantize(torch.float64)[:2].abs().t()).max().item()
+        assert rel_err(got[:, :2], want[:, :2], floor=scale) < 2e-6

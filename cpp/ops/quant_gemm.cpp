@@ -148,15 +148,61 @@ void block_int8w(const QArgs& a, int64_t n0, int64_t n1) {
 
 // ---------------------------------------------------------------- Int4: nibbles, groups along K
 // y = sum_g s_g (sum_{k in g} q_k x_k) - sum_g s_g z_g gsum_g. The entry point stores x de-interleaved
-// per 16 columns (xd: the 8 even columns, then the 8 odd ones), so 8 bytes of W (16 nibbles) widen
+// per D columns (AVX2: D = 16, the 8 even columns then the 8 odd ones; AVX-512: D = 32), so 8 bytes of W (16 nibbles) widen
 // to two vectors of 8 floats (low nibbles = even k, high = odd k) that meet x with plain loads. Each
 // group's vector sum is scaled once (one FMA per group) and the output reduced once.
+#if defined(__AVX512F__)
+// y[m, n .. n + NR) for one row of x: per group, sum_k q_k x_k in two accumulators (even k, odd k),
+// scaled once by s_g; the zero-point term from the row's group sums of x.
+template <int NR>
+void int4_rows512(const QArgs& a, int64_t m, int64_t n) {
+  const QWeight& w = *a.w;
+  const int64_t K = w.K, g = w.group, G = K / g;
+  const float* xd = a.xf + m * K;
+  const __m512i lo = _mm512_set1_epi32(15);
+  __m512 total[NR];
+  for (int c = 0; c < NR; ++c) total[c] = _mm512_setzero_ps();
+  for (int64_t gi = 0; gi < G; ++gi) {
+    __m512 ev[NR], od[NR];
+    for (int c = 0; c < NR; ++c) ev[c] = od[c] = _mm512_setzero_ps();
+    for (int64_t k = gi * g; k < (gi + 1) * g; k += 32) {
+      const __m512 xe = _mm512_loadu_ps(xd + k), xo = _mm512_loadu_ps(xd + k + 16);
+      for (int c = 0; c < NR; ++c) {
+        const uint8_t* wr = static_cast<const uint8_t*>(w.data) + (n + c) * (K / 2);
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k / 2)));
+        ev[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, lo)), xe, ev[c]);
+        od[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), xo, od[c]);
+      }
+    }
+    for (int c = 0; c < NR; ++c)
+      total[c] = _mm512_fmadd_ps(_mm512_add_ps(ev[c], od[c]), _mm512_set1_ps(w.scale[(n + c) * G + gi]), total[c]);
+  }
+  const float* gs = a.gsum + m * G;
+  for (int c = 0; c < NR; ++c) {
+    const float* sc = w.scale + (n + c) * G;
+    const float* zp = w.zero ? w.zero + (n + c) * G : nullptr;
+    float zterm = 0.0f;  // sum_g s_g z_g gsum_g
+    for (int64_t gi = 0; gi < G; ++gi) zterm += sc[gi] * (zp ? zp[gi] : 7.5f) * gs[gi];
+    quant_store(a, m, n + c, _mm512_reduce_add_ps(total[c]) - zterm);
+  }
+}
+#endif
+
 void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
   const QWeight& w = *a.w;
   const int64_t K = w.K, g = w.group, G = K / g;
   const uint8_t* W = static_cast<const uint8_t*>(w.data);
   int64_t m0 = 0;
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+  // x de-interleaved per 32 columns here (16 even, then 16 odd): 16 bytes of W widen to two vectors of
+  // 16 floats. Two rows of W at a time: four independent FMA chains per row of x.
+  for (int64_t m = 0; m < a.M; ++m) {
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) int4_rows512<2>(a, m, n);
+    for (; n < n1; ++n) int4_rows512<1>(a, m, n);
+  }
+  return;
+#elif defined(__AVX2__)
   // Rows of x in groups of 4 share each decode of 16 nibbles (2 x 8 floats), then 2 FMAs per row.
   const __m256i lo4 = _mm256_set1_epi32(15);
   for (; m0 + 4 <= a.M; m0 += 4) {
@@ -231,11 +277,56 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
 }
 
 // ---------------------------------------------------------------- FP8: E4M3 x E4M3, fp32 products
+#if defined(__AVX512F__)
+// 16 E4M3 bytes to their values, exactly: for e > 0 the bits (b & 0x7f) << 20 plus a bias of 120 in
+// the exponent are the float 2^(e-7) (1 + m/8); for e = 0 the same bits give 2^-7 (1 + m/8), and
+// 2 f - 2^-6 = m 2^-9 is the subnormal's value (exact: no denormal floats involved, so DAZ / FTZ
+// cannot bite). Sign bit 7 -> 31; 0x7f / 0xff -> NaN.
+inline __m512 e4m3_decode16(__m128i bytes) {
+  const __m512i b = _mm512_cvtepu8_epi32(bytes);
+  const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
+  __m512 f = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23)));
+  const __mmask16 sub = _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(8));
+  f = _mm512_mask_fmsub_ps(f, sub, _mm512_set1_ps(2.0f), _mm512_set1_ps(0.015625f));
+  f = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(f), _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24)));
+  return _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f)), f, _mm512_set1_ps(NAN));
+}
+#endif
+
 void block_fp8(const QArgs& a, int64_t n0, int64_t n1) {
   const QWeight& w = *a.w;
   const int64_t K = w.K, KB = (K + 127) / 128;
   const uint8_t* W = static_cast<const uint8_t*>(w.data);
   const float* lut = e4m3().v;
+#if defined(__AVX512F__)
+  // per 128-column block: 8 x 16 products (exact) summed in two vectors, then scaled once
+  if (K % 16 == 0) {
+    for (int64_t m = 0; m < a.M; ++m) {
+      const float* xf = a.xf + m * K;
+      const float* sx = a.sx + m * a.ldsx;
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* wr = W + n * K;
+        __m512 y = _mm512_setzero_ps();
+        for (int64_t b = 0; b < KB; ++b) {
+          const int64_t k1 = std::min(K, b * 128 + 128);
+          __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+          int64_t k = b * 128;
+          for (; k + 32 <= k1; k += 32) {
+            p0 = _mm512_fmadd_ps(_mm512_loadu_ps(xf + k), e4m3_decode16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k))), p0);
+            p1 = _mm512_fmadd_ps(_mm512_loadu_ps(xf + k + 16),
+                                 e4m3_decode16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k + 16))), p1);
+          }
+          if (k < k1)
+            p0 = _mm512_fmadd_ps(_mm512_loadu_ps(xf + k), e4m3_decode16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k))), p0);
+          const float sw = w.group == 0 ? w.scale[0] : w.scale[(n / 128) * KB + b];
+          y = _mm512_fmadd_ps(_mm512_add_ps(p0, p1), _mm512_set1_ps(sx[b] * sw), y);
+        }
+        quant_store(a, m, n, _mm512_reduce_add_ps(y));
+      }
+    }
+    return;
+  }
+#endif
   for (int64_t m = 0; m < a.M; ++m) {
     const float* xf = a.xf + m * K;
     const float* sx = a.sx + m * a.ldsx;
@@ -291,6 +382,53 @@ void dequant_rows(const QWeight& w, int64_t n0, int64_t n1, float* out) {
   }
 }
 
+// ---------------------------------------------------------------- FP8 activations, per token and block
+// E4M3 round-to-nearest-even of v, saturating at +-448, NaN kept: in the normal range (|v| >= 2^-6)
+// the float's mantissa is rounded to 3 bits in the integer domain (add 0x7ffff plus the kept lsb,
+// clear the low 20 bits); below it the step is 2^-9 (subnormals). Branch-free: it vectorizes.
+inline float e4m3_round(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t sign = u & 0x80000000u, au = u & 0x7fffffffu;
+  float a;
+  std::memcpy(&a, &au, 4);
+  uint32_t r = (au + 0x7ffffu + ((au >> 20) & 1u)) & 0xfff00000u;
+  float rn;
+  std::memcpy(&rn, &r, 4);
+  const float rs = std::nearbyint(a * 512.0f) * (1.0f / 512.0f);
+  float out = a < 0.015625f ? rs : rn;
+  out = out > 448.0f ? 448.0f : out;  // (NaN compares false: stays NaN)
+  uint32_t o;
+  std::memcpy(&o, &out, 4);
+  o |= sign;
+  std::memcpy(&out, &o, 4);
+  return out;
+}
+
+// rows [m0, m1): s[m, b] = max_{k in b} |x[m, k]| / 448 over 128-column blocks, xf = e4m3(x / s)
+// (times s when fold: the panel path's x' = e4m3(x / s) s), 0 where s = 0.
+void quantize_fp8_rows(const float* x, int64_t ldx, int64_t K, float* xf, float* sx, int64_t m0, int64_t m1,
+                       bool fold) {
+  const int64_t KB = (K + 127) / 128;
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t b = 0; b < KB; ++b) {
+      const float* r = x + m * ldx;
+      const int64_t k0 = b * 128, k1 = std::min(K, k0 + 128);
+      float amax = 0.0f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(r[k]));
+      const float s = amax / 448.0f;
+      if (sx) sx[m * KB + b] = s;
+      float* o = xf + m * K;
+      if (!(s > 0.0f)) {
+        for (int64_t k = k0; k < k1; ++k) o[k] = 0.0f;
+      } else if (fold) {
+        for (int64_t k = k0; k < k1; ++k) o[k] = e4m3_round(r[k] / s) * s;
+      } else {
+        for (int64_t k = k0; k < k1; ++k) o[k] = e4m3_round(r[k] / s);
+      }
+    }
+}
+
 // ---------------------------------------------------------------- W8A8 activations, per token
 // rows [m0, m1): s = max_k |x[m, k]| / 127, xq = round-to-nearest-even(x / s) clamped to [-127, 127],
 // zero past K up to Kp. Plain loops: vectorized for each ISA build (vroundps, no libm calls).
@@ -312,7 +450,13 @@ void quantize_int8_rows(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8
 }  // namespace
 
 const QuantTable* quant_table() {
-  static const QuantTable t{{&block_int8, &block_int8w, &block_int4, &block_fp8}, &dequant_rows, &quantize_int8_rows};
+#if defined(__AVX512F__)
+  constexpr int kInt4Deinterleave = 32;
+#else
+  constexpr int kInt4Deinterleave = 16;
+#endif
+  static const QuantTable t{{&block_int8, &block_int8w, &block_int4, &block_fp8}, &dequant_rows, &quantize_int8_rows,
+                            kInt4Deinterleave, &quantize_fp8_rows};
   return &t;
 }
 
@@ -329,19 +473,6 @@ const QuantTable* quant_table() {
 
 namespace ne {
 namespace {
-
-// E4M3 round-to-nearest-even of v (|v| <= 448 here: the scale maps the block's amax to 448).
-float round_e4m3(float v) {
-  if (v == 0.0f || std::isnan(v)) return v;
-  const float a = std::fabs(v);
-  int e;
-  std::frexp(a, &e);                     // a in [2^(e-1), 2^e)
-  const int ex = std::max(e - 1, -6);    // subnormals share the step of 2^-6's binade
-  const float step = std::ldexp(1.0f, ex - 3);
-  float r = std::nearbyint(a / step) * step;  // the default rounding mode: to nearest, ties to even
-  r = std::min(r, 448.0f);
-  return v < 0 ? -r : r;
-}
 
 void check_qweight(const QWeight& w) {
   if (w.N < 1 || w.K < 1 || !w.data || !w.scale) throw ValueError("qweight: empty or missing data / scale");
@@ -376,18 +507,11 @@ void quant_gemm_panels(int64_t M, const float* x, int64_t ldx, const QWeight& w,
   const float* xu = x;
   int64_t ldxu = ldx;
   if (w.format == QFormat::FP8) {
-    const int64_t KB = (K + 127) / 128;
     xs.resize(static_cast<size_t>(M * K));
     float* xsd = xs.data();  // (thread_local: the workers must not name xs itself)
-    parallel_for(M, 1, [&](int64_t m0, int64_t m1, int) {
-      for (int64_t m = m0; m < m1; ++m)
-        for (int64_t b = 0; b < KB; ++b) {
-          const int64_t k0 = b * 128, k1 = std::min(K, k0 + 128);
-          float amax = 0.0f;
-          for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[m * ldx + k]));
-          const float s = amax / 448.0f;
-          for (int64_t k = k0; k < k1; ++k) xsd[m * K + k] = s > 0.0f ? round_e4m3(x[m * ldx + k] / s) * s : 0.0f;
-        }
+    const QuantTable& t = *NE_PICK_ISA(quant_table);
+    parallel_for(M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1, int) {
+      t.quantize_fp8(x, ldx, K, xsd, nullptr, m0, m1, true);
     });
     xu = xs.data();
     ldxu = K;
@@ -446,24 +570,21 @@ void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, co
     a.sx = sx.data();
     a.ldsx = 1;
   } else if (w.format == QFormat::FP8) {
-    // per row and 128-channel block: s = max|x| / 448, x_q = e4m3(x / s)
+    // per row and 128-channel block: s = max|x| / 448, x_q = e4m3(x / s) (the ISA's kernel)
     const int64_t KB = (K + 127) / 128;
     xf.resize(static_cast<size_t>(M * K));
     sx.resize(static_cast<size_t>(M * KB));
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t b = 0; b < KB; ++b) {
-        const int64_t k0 = b * 128, k1 = std::min(K, k0 + 128);
-        float amax = 0.0f;
-        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[m * ldx + k]));
-        const float s = amax / 448.0f;
-        sx[m * KB + b] = s;
-        for (int64_t k = k0; k < k1; ++k) xf[m * K + k] = s > 0.0f ? round_e4m3(x[m * ldx + k] / s) : 0.0f;
-      }
+    float* pf = xf.data();  // (thread_local: the workers must not name xf / sx themselves)
+    float* ps = sx.data();
+    const QuantTable& t = *NE_PICK_ISA(quant_table);
+    parallel_for(M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1, int) {
+      t.quantize_fp8(x, ldx, K, pf, ps, m0, m1, false);
+    });
     a.xf = xf.data();
     a.sx = sx.data();
     a.ldsx = KB;
   } else if (w.format == QFormat::Int4) {
-    // per row: the sums of x over each group (zero points), and x de-interleaved per 16 columns
+    // per row: the sums of x over each group (zero points), and x de-interleaved per 16 or 32 columns (the ISA table says)
     const int64_t G = K / w.group;
     gs.resize(static_cast<size_t>(M * G));
     xf.resize(static_cast<size_t>(M * K));
@@ -474,10 +595,11 @@ void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, co
         for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) s += r[k];
         gs[m * G + g] = s;
       }
-      for (int64_t k0 = 0; k0 < K; k0 += 16)
-        for (int j = 0; j < 8; ++j) {
+      const int D = NE_PICK_ISA(quant_table)->int4_deinterleave, H = D / 2;
+      for (int64_t k0 = 0; k0 < K; k0 += D)
+        for (int j = 0; j < H; ++j) {
           xf[m * K + k0 + j] = r[k0 + 2 * j];
-          xf[m * K + k0 + 8 + j] = r[k0 + 2 * j + 1];
+          xf[m * K + k0 + H + j] = r[k0 + 2 * j + 1];
         }
     }
     a.gsum = gs.data();

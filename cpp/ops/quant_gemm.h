@@ -61,8 +61,8 @@ void quant_activations(int64_t M, int64_t K, const void* x, DType xdt, int64_t l
 // Activations prepared once per call by the entry point: Int8: x quantized per row (xq int8 [M, Kp],
 // Kp = K rounded up to 64, zero padded; sx [M]); FP8: x / s rounded to E4M3 values held as floats
 // (xf [M, K]) with s per row and 128-channel block (sx [M, ceil(K/128)]); Int4: per-row sums of x
-// over each group (gsum [M, K/group], for the zero points) and x de-interleaved per 16 columns (xf
-// [M, K]: 8 even columns, then the 8 odd ones; group sizes are multiples of 16); Int8Weight: x as given.
+// over each group (gsum [M, K/group], for the zero points) and x de-interleaved per D = 16 or 32
+// columns, the table's int4_deinterleave (xf [M, K]: D/2 even columns, then the D/2 odd ones); Int8Weight: x as given.
 struct QArgs {
   int64_t M;
   const float* x; int64_t ldx;
@@ -108,6 +108,9 @@ struct QuantTable {
   void (*dequant)(const QWeight& w, int64_t n0, int64_t n1, float* out);  // rows [n0, n1) in fp32, [n1 - n0, K]
   // W8A8 activations of rows [m0, m1): xq [M, Kp] (zero past K), sx [M]
   void (*quantize_int8)(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8_t* xq, float* sx, int64_t m0, int64_t m1);
+  int int4_deinterleave;  // Int4: x de-interleaved per this many columns (16 or 32; group sizes are multiples of 32)
+  // FP8 activations of rows [m0, m1): xf [M, K] E4M3 values (times the block scale when fold), sx [M, ceil(K/128)] or null
+  void (*quantize_fp8)(const float* x, int64_t ldx, int64_t K, float* xf, float* sx, int64_t m0, int64_t m1, bool fold);
 };
 
 }  // namespace ne
