@@ -34,6 +34,12 @@ def cpu_isa() -> str:
     return _C.cpu_isa()
 
 
+def int8_kernel() -> str:
+    """The W8A8 int8 GEMM kernel in use: 'amx' (Sapphire Rapids tile multiply), 'avx512vnni',
+    'avxvnni' or 'isa' (the AVX2 vpmaddubsw / scalar kernel of cpu_isa()), picked at run time."""
+    return _C.int8_kernel()
+
+
 def cuda_available() -> bool:
     """True when this build has CUDA kernels and a GPU is visible."""
     return _C.cuda_available()
@@ -56,6 +62,7 @@ __all__ = [
     "set_num_threads",
     "num_threads",
     "cpu_isa",
+    "int8_kernel",
     "cuda_available",
     "NormEngineError",
     "ShapeError",
