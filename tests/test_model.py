@@ -241,3 +241,20 @@ def test_cuda_runner_matches_transformers_and_cpu(saved):
 def test_cuda_device_without_gpu_is_a_device_error():
     with pytest.raises(ne.DeviceError, match="cuda"):
         ne.load(device="cuda")
+
+
+def test_tied_head_stays_tied(saved):
+    """A tied head (GPT-2, tied Llama) keeps sharing the embedding on load: the final norm's affine is
+    applied as its own pass instead of being folded into a second vocab x d matrix; the logits match
+    transformers (test above) and a saved model reloads to the same logits."""
+    name, hf, path = saved
+    m = ne.load(path)
+    tied = bool(getattr(hf.config, "tie_word_embeddings", True))
+    assert m.config.tied_head == tied, name
+    if tied:
+        assert m.tensors["lm_head.weight"].data_ptr() == m.tensors["tok_emb.weight"].data_ptr()
+        emb = m.tensors["tok_emb.weight"]
+        n_params = sum(p.numel() for p in hf.parameters())  # HF counts a tied matrix once
+        assert m.weight_bytes() <= (n_params + emb.shape[0] + 8 * emb.shape[1] * hf.config.num_hidden_layers) * 4
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    assert rel_err(m.logits(ids), hf(ids).logits.detach()) <= 1e-4

@@ -148,7 +148,8 @@ struct Runner::Impl {
   // Norms with unit gains and zero biases (folded into the readers, normengine.convert): every
   // norm + linear then runs as norm_linear: row statistics, and the GEMMs read the raw stream and
   // apply them in their epilogue (LayerNorm: with the readers' column sums).
-  bool fused = false;
+  bool fused = false;       // the blocks' norms run as statistics inside their readers' GEMMs
+  bool fused_head = false;  // the final norm likewise (unit gain: folded); else an explicit pass
   std::vector<float> mean, rstd;
   std::vector<float> head_csum;
   std::vector<Layer> layers;
@@ -455,26 +456,29 @@ void Runner::finalize() {
     }
   }
   // L-Mul GEMMs have no norm epilogue: with lmul_scope all, norms run as their own pass.
-  bool fused = has_norm && s.lmul_scope != 2 && unit(impl_->final_w, impl_->final_b);
+  // The head is fused on its own: a tied head keeps the final norm's affine (not folded into the
+  // shared embedding) and normalizes in a separate O(d) pass per row.
+  bool fused = has_norm && s.lmul_scope != 2;
+  impl_->fused_head = fused && unit(impl_->final_w, impl_->final_b);
   for (int i = 0; fused && i < s.n_layers; ++i) {
     const Layer& L = impl_->layers[i];
     fused = unit(L.attn_norm_w, L.attn_norm_b) && unit(L.mlp_norm_w, L.mlp_norm_b);
   }
   impl_->fused = fused;
-  if (fused && ln) {  // column sums c_n = sum_k W[n, k] of every reader
-    auto csum = [&](const W& w, std::vector<float>& out) {
-      if (!w.present()) return;
-      std::vector<float> one(static_cast<size_t>(w.cols), 1.0f);
-      out.assign(static_cast<size_t>(w.rows), 0.0f);
-      linear(w, W{}, one.data(), 1, out.data(), false);  // quantized: sums of the weights as the GEMM sees them
-    };
+  // fused LayerNorm: column sums c_n = sum_k W[n, k] of every reader
+  auto csum = [&](const W& w, std::vector<float>& out) {
+    if (!w.present()) return;
+    std::vector<float> one(static_cast<size_t>(w.cols), 1.0f);
+    out.assign(static_cast<size_t>(w.rows), 0.0f);
+    linear(w, W{}, one.data(), 1, out.data(), false);  // quantized: sums of the weights as the GEMM sees them
+  };
+  if (fused && ln)
     for (auto& L : impl_->layers) {
       csum(L.q, L.csum_q); csum(L.k, L.csum_k); csum(L.v, L.csum_v);
       csum(L.up, L.csum_up); csum(L.gate, L.csum_gate);
       csum(L.qkv, L.csum_qkv); csum(L.gate_up, L.csum_gate_up);
     }
-    csum(impl_->head, impl_->head_csum);
-  }
+  if (impl_->fused_head && ln) csum(impl_->head, impl_->head_csum);
 }
 
 bool Runner::fused_norms() const { return impl_->fused; }
@@ -731,7 +735,7 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
     }
     src = m.sel.data();
   }
-  if (m.fused) {
+  if (m.fused_head) {
     row_stats(s, src, rows, m.mean.data(), m.rstd.data());
     linear_normed(m.head, m.head_b, src, rows, logits, m.rstd.data(), s.norm == 0 ? m.mean.data() : nullptr,
                   m.head_csum);

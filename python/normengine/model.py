@@ -561,7 +561,7 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
         cfg, tensors = convert_norm(cfg, tensors, norm)
     elif cfg.norm != "none" and "fold_norm_affine" not in cfg.conversions and cfg.quantization is None:
         # the mapped checkpoint is ours; 16-bit targets are rounded once, from the float64 products
-        cfg, tensors = fold_norm_affine(cfg, tensors, inplace=True, dtype=dtype)
+        cfg, tensors = fold_norm_affine(cfg, tensors, inplace=True, dtype=dtype, keep_tied_head=True)
     if smooth is not None:
         if quant is None:
             raise ArgumentError("smooth: SmoothQuant smoothing is applied before quantizing; pass quant= too")

@@ -63,14 +63,17 @@ def _scale_columns(w, g, inplace: bool, chunk: int | None = None, dtype=None):
     return out
 
 
-def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False, dtype=None):
+def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False, dtype=None, keep_tied_head: bool = False):
     """Fold every norm's gain (and LayerNorm bias) into the linear layers reading it:
     W' = W diag(g), c' = c + W b. The norms keep unit gains (and zero biases): same outputs.
     inplace=True overwrites the readers' weight tensors (not a tied head's, which gets its own)
     instead of allocating new ones, and replaces each reader in `sd` itself as soon as it is
     folded, so a source that changes dtype is freed at once: normengine.load uses it on freshly
     mapped checkpoints. dtype: the readers' weights come out in this dtype (one rounding from the
-    float64 product), e.g. torch.bfloat16 for a 16-bit model loaded from float32 weights."""
+    float64 product), e.g. torch.bfloat16 for a 16-bit model loaded from float32 weights.
+    keep_tied_head=True leaves the final norm's gain and bias in place when the head is tied to the
+    embedding, so the head stays the embedding (no second vocab x d matrix; the runner then applies
+    the final norm as its own O(d) pass per row): normengine.load's default."""
     from ..checkpoint.safetensors_io import release_pages
 
     if cfg.norm == "none":
@@ -78,7 +81,10 @@ def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False, dtype=No
     cfg = copy.deepcopy(cfg)
     out = dict(sd)
     tied = sd.get("lm_head.weight") is sd.get("tok_emb.weight")
+    keep_tie = keep_tied_head and tied and cfg.tied_head
     for norm, readers in _norm_groups(cfg):
+        if keep_tie and readers == ["lm_head"]:
+            continue
         g = _f64(sd[f"{norm}.weight"])
         b = _f64(sd[f"{norm}.bias"]) if f"{norm}.bias" in sd else None
         for r in readers:
@@ -103,7 +109,7 @@ def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False, dtype=No
         if b is not None:
             out[f"{norm}.bias"] = torch.zeros_like(sd[f"{norm}.bias"])
     # The head now differs from the embedding (its gain is folded in): it is no longer tied.
-    if cfg.tied_head:
+    if cfg.tied_head and not keep_tie:
         cfg.tied_head = False
     if cfg.norm == "layernorm":
         # Biases created on readers: record them in the config flags the runner checks.
