@@ -52,9 +52,16 @@ def test_odd_head_dims_and_no_state(op, gen):
     ours, ref = OPS[op]
     q, k, v, _ = _inputs(1, 70, 2, 3, 1, gen)
     o = ours(q, k, v)
-    assert rel_err(o, ref(q.double(), k.double(), v.double())[0]) <= 1e-5
+    # 1-wide heads: norm attention's o = r / sqrt(r^2 + eps) (Dv = 1) and relu / elu denominators
+    # (Dk = 1) amplify float32 rounding on some draws; then no worse than the reference evaluated in
+    # float32 (x 3)
+    def close(o, q, k, v):
+        want = ref(q.double(), k.double(), v.double())[0]
+        return rel_err(o, want) <= max(1e-5, 3 * rel_err(ref(q, k, v)[0], want))
+
+    assert close(o, q, k, v)
     q1, k1, v1, _ = _inputs(1, 9, 2, 1, 3, gen)
-    assert rel_err(ours(q1, k1, v1), ref(q1.double(), k1.double(), v1.double())[0]) <= 1e-5
+    assert close(ours(q1, k1, v1), q1, k1, v1)
 
 
 @pytest.mark.parametrize("op", list(OPS))

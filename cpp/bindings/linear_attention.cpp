@@ -1,6 +1,8 @@
-// Bindings of the CUDA linear-attention training kernels (part of the one module normengine._C;
-// present only in CUDA builds). Argument order: kind, feature map, causal, normalize, out_norm, eps,
-// q, k, v, decay, initial_state, o, final_state, stream (ops/linear_attention.h).
+// Bindings of the linear-attention training kernels (part of the one module normengine._C; present in
+// every build): CPU tensors run the CPU kernels (cpp/ops/linear_attention_entry.cpp; `stream` is
+// ignored), CUDA tensors the CUDA kernels (cuda/linear_attention.cu, CUDA builds only). Argument
+// order: kind, feature map, causal, normalize, out_norm, eps, q, k, v, decay, initial_state, o,
+// final_state, stream (ops/linear_attention.h).
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -12,7 +14,6 @@
 namespace py = pybind11;
 using namespace ne_bind;
 
-#if defined(NE_WITH_CUDA)
 namespace {
 
 ne::LinAttnParams params(int kind, int fmap, bool causal, bool normalize, int out_norm, double eps) {
@@ -29,17 +30,18 @@ ne::LinAttnParams params(int kind, int fmap, bool causal, bool normalize, int ou
   return p;
 }
 
-void cuda_only(const TensorView& q) {
-  if (q.device.type != ne::DeviceType::CUDA)
-    throw ne::DeviceError("q: the native linear-attention training kernels take CUDA tensors (the CPU ops are "
-                          "torch compositions), got " + q.device.str());
+bool on_cuda(const TensorView& q) {
+  if (q.device.type != ne::DeviceType::CUDA) return false;
+#if defined(NE_WITH_CUDA)
+  return true;
+#else
+  throw ne::DeviceError("q: this build of normengine has no CUDA kernels, got a tensor on " + q.device.str());
+#endif
 }
 
 }  // namespace
-#endif
 
 void bind_linear_attention(py::module_& m) {
-#if defined(NE_WITH_CUDA)
   m.def(
       "linear_attention_forward",
       [](int kind, int fmap, bool causal, bool normalize, int out_norm, double eps, py::handle q, py::handle k,
@@ -49,11 +51,17 @@ void bind_linear_attention(py::module_& m) {
         TensorView vq = view_of(q, "q", b), vk = view_of(k, "k", b), vv = view_of(v, "v", b), vo = view_of(o, "o", b);
         Opt vd = opt_view(decay, "decay", b), vi = opt_view(initial_state, "initial_state", b),
             vf = opt_view(final_state, "final_state", b);
-        cuda_only(vq);
+        const bool cuda = on_cuda(vq);
         const ne::LinAttnParams p = params(kind, fmap, causal, normalize, out_norm, eps);
         py::gil_scoped_release nogil;
+        if (!cuda) {
+          ne::linear_attention_forward(p, vq, vk, vv, vd.ptr(), vi.ptr(), vo, vf.ptr());
+          return;
+        }
+#if defined(NE_WITH_CUDA)
         ne::cuda::linear_attention_forward(p, vq, vk, vv, vd.ptr(), vi.ptr(), vo, vf.ptr(),
                                            reinterpret_cast<void*>(stream));
+#endif
       },
       py::arg("kind"), py::arg("feature_map"), py::arg("causal"), py::arg("normalize"), py::arg("out_norm"),
       py::arg("eps"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("decay"), py::arg("initial_state"),
@@ -71,17 +79,20 @@ void bind_linear_attention(py::module_& m) {
         Opt vd = opt_view(decay, "decay", b), vi = opt_view(initial_state, "initial_state", b),
             vgf = opt_view(grad_final_state, "grad_final_state", b),
             vgi = opt_view(grad_initial_state, "grad_initial_state", b);
-        cuda_only(vq);
+        const bool cuda = on_cuda(vq);
         const ne::LinAttnParams p = params(kind, fmap, causal, normalize, out_norm, eps);
         py::gil_scoped_release nogil;
+        if (!cuda) {
+          ne::linear_attention_backward(p, vq, vk, vv, vd.ptr(), vi.ptr(), vgo, vgf.ptr(), vgq, vgk, vgv, vgi.ptr());
+          return;
+        }
+#if defined(NE_WITH_CUDA)
         ne::cuda::linear_attention_backward(p, vq, vk, vv, vd.ptr(), vi.ptr(), vgo, vgf.ptr(), vgq, vgk, vgv, vgi.ptr(),
                                             reinterpret_cast<void*>(stream));
+#endif
       },
       py::arg("kind"), py::arg("feature_map"), py::arg("causal"), py::arg("normalize"), py::arg("out_norm"),
       py::arg("eps"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("decay"), py::arg("initial_state"),
       py::arg("grad_o"), py::arg("grad_final_state"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"),
       py::arg("grad_initial_state"), py::arg("stream") = 0);
-#else
-  (void)m;
-#endif
 }

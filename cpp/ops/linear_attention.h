@@ -15,6 +15,7 @@
 #pragma once
 #include <cstdint>
 
+#include "core/dispatch.h"
 #include "normengine/ops.h"
 #include "normengine/tensor.h"
 
@@ -45,11 +46,50 @@ struct LinAttnSeqArgs {
 };
 void linear_attention_sequence(const LinAttnSeqArgs& a);
 
+// The training kernels on CPU tensors (chunkwise-parallel, C = 64 tokens per chunk, float32
+// accumulation; cpp/ops/linear_attention_entry.cpp + the per-ISA kernels of
+// cpp/ops/linear_attention_train.cpp). The contract of ne::cuda::linear_attention_forward/backward
+// below: q, k [B, T, H, Dk], v [B, T, H, Dv] float32 / bfloat16 / float16 with unit stride in the last
+// dim (any strides elsewhere), o / grad_* [B, T, H, *] in q's dtype (unit last-dim stride), decay [H]
+// float32 or null (norm attention, causal only), states [B, H, Dk+1, Dv+1] float32 contiguous or null.
+// Backward keeps only q, k, v and the initial state: it recomputes one state per chunk in a forward
+// sweep, then walks the chunks backwards carrying the gradient of the state. Multithreaded over B*H.
+void linear_attention_forward(const LinAttnParams& p, const TensorView& q, const TensorView& k, const TensorView& v,
+                              const TensorView* decay, const TensorView* initial_state, const TensorView& o,
+                              const TensorView* final_state);
+void linear_attention_backward(const LinAttnParams& p, const TensorView& q, const TensorView& k, const TensorView& v,
+                               const TensorView* decay, const TensorView* initial_state, const TensorView& grad_o,
+                               const TensorView* grad_final_state, const TensorView& grad_q, const TensorView& grad_k,
+                               const TensorView& grad_v, const TensorView* grad_initial_state);
+
+// Internal: the per-ISA kernel table of the CPU training kernels (checked arguments, one element type
+// for q, k, v, o and the gradients; strides in elements over (b, t, h), unit stride in the last dim).
+struct LinAttnTrainArgs {
+  LinAttnParams p;
+  int64_t B = 0, T = 0;
+  int H = 0, Dk = 0, Dv = 0;
+  DType dtype = DType::F32;
+  struct View { void* data = nullptr; int64_t sb = 0, st = 0, sh = 0; };
+  View q, k, v;
+  View o;                              // forward output
+  View go, gq, gk, gv;                 // backward
+  const float* decay = nullptr;        // [H] or null
+  const float* init = nullptr;         // [B, H, Dk+1, Dv+1] or null (zeros)
+  float* fin = nullptr;                // forward: final state, or null
+  const float* gfin = nullptr;         // backward: gradient of the final state, or null (zeros)
+  float* ginit = nullptr;              // backward: gradient of the initial state, or null
+};
+struct LinAttnTrainTable {
+  // (batch * H + head) pairs [bh0, bh1), each independent of the others
+  void (*forward)(const LinAttnTrainArgs& a, int64_t bh0, int64_t bh1);
+  void (*backward)(const LinAttnTrainArgs& a, int64_t bh0, int64_t bh1);
+};
+
 #if defined(NE_WITH_CUDA)
 // The training kernels on CUDA tensors (cuda/linear_attention.cu): q, k [B, T, H, Dk], v [B, T, H, Dv]
 // (unit stride in the last dim), o [B, T, H, Dv] contiguous in q's dtype, decay [H] float32 or null,
 // states [B, H, Dk+1, Dv+1] float32 contiguous or null. Backward recomputes the states from q, k, v
-// and the initial state. Enqueued on `stream`. (The CPU path of the ops is a torch composition.)
+// and the initial state. Enqueued on `stream`. (CPU tensors: ne::linear_attention_forward/backward above.)
 namespace cuda {
 void linear_attention_forward(const LinAttnParams& p, const TensorView& q, const TensorView& k, const TensorView& v,
                               const TensorView* decay, const TensorView* initial_state, const TensorView& o,
@@ -61,3 +101,5 @@ void linear_attention_backward(const LinAttnParams& p, const TensorView& q, cons
 }  // namespace cuda
 #endif
 }  // namespace ne
+
+NE_DECLARE_ISA_TABLES(::ne::LinAttnTrainTable, linear_attention_train_table)

@@ -16,12 +16,17 @@ Two algorithms, the same numbers (up to summation order):
     f(q_i)^T lambda^(i+1) S'_prev, and the state moves on by S'_next = lambda^C S'_prev +
     sum_j lambda^(C-1-j) [f(k_j); 1][v_j; 1]^T: O(T C D + T D^2) work, batched matrix products.
   - recurrent (decode, and a check): token by token, O(T D^2).
-Backward stores only q, k, v (and the initial state) and recomputes the chunked forward under
-autograd to get the gradients (as flash-linear-attention recomputes chunk states). Inputs in
-bfloat16 / float16 are computed with float32 states and accumulation; float64 stays float64
-(gradcheck). On the CPU (and in float64) these ops are torch compositions; CUDA tensors of 16/32-bit
-floats run the native kernels of cuda/linear_attention.cu (token-serial, forward and backward; never
-run on a GPU in the sessions so far); the runner's decode step is native (cpp/ops/linear_attention.cpp)."""
+Native kernels: CPU tensors of float32 / bfloat16 / float16 run the C++ chunked kernels
+(cpp/ops/linear_attention_train.cpp, per ISA; the same chunk form, C = 64, in float32 with bf16/fp16
+converted on load; multithreaded over batch x heads; T need not be a multiple of C), forward and
+backward: backward keeps only q, k, v and the initial state, recomputes one state per chunk in a
+forward sweep and walks the chunks backwards carrying the gradient of the state (as
+flash-linear-attention does). algorithm="recurrent" on the CPU keeps the torch token-by-token
+composition below (a check, and decode-sized calls through the ops); "auto" and "chunk" run native.
+CUDA tensors of 16/32-bit floats run the native kernels of cuda/linear_attention.cu (token-serial,
+forward and backward; never run on a GPU in the sessions so far). float64 (gradcheck) stays a torch
+composition on every device: the chunked or recurrent form below, backward by recomputing it under
+autograd. The runner's decode step is native too (cpp/ops/linear_attention.cpp)."""
 
 from __future__ import annotations
 
@@ -144,11 +149,25 @@ def _forward_chunk(kind, p, q, k, v, S0, decay, C=64):
     return o, S
 
 
-def _native(q) -> bool:
-    """The CUDA training kernels (cuda/linear_attention.cu) take CUDA tensors of 16/32-bit floats."""
+def _native(q, algorithm="auto") -> bool:
+    """The native training kernels take 16/32-bit float tensors: CUDA (cuda/linear_attention.cu) and
+    CPU (cpp/ops/linear_attention_train.cpp; algorithm="recurrent" keeps the torch recurrent form)."""
     from .. import _C
 
-    return q.is_cuda and q.dtype != torch.float64 and hasattr(_C, "linear_attention_forward")
+    if q.dtype == torch.float64 or not hasattr(_C, "linear_attention_forward"):
+        return False
+    if q.is_cuda:
+        return True
+    return q.device.type == "cpu" and algorithm != "recurrent"
+
+
+def _stream(q):
+    return torch.cuda.current_stream(q.device).cuda_stream if q.is_cuda else 0
+
+
+def _unit_last(t):
+    """The kernels take any strides except in the last dim, which must be 1."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 def _codes(kind, p):
@@ -164,7 +183,7 @@ class _LinearAttentionFunction(torch.autograd.Function):
     def forward(ctx, kind, p, algorithm, q, k, v, S0, decay):
         ctx.kind, ctx.p, ctx.algorithm = kind, p, algorithm
         ctx.save_for_backward(q, k, v, S0, decay)
-        if _native(q):
+        if _native(q, algorithm):
             from .. import _C
 
             B, T, H, Dk = q.shape
@@ -173,8 +192,8 @@ class _LinearAttentionFunction(torch.autograd.Function):
             S = torch.empty(B, H, Dk + 1, Dv + 1, dtype=torch.float32, device=q.device)
             s0 = None if S0 is None else S0.detach().to(torch.float32).contiguous()
             d = None if decay is None else decay.detach().to(torch.float32).contiguous()
-            _C.linear_attention_forward(*_codes(kind, p), q.detach(), k.detach(), v.detach(), d, s0, o, S,
-                                        torch.cuda.current_stream(q.device).cuda_stream)
+            _C.linear_attention_forward(*_codes(kind, p), *(_unit_last(t.detach()) for t in (q, k, v)), d, s0, o, S,
+                                        _stream(q))
             return o, S
         with torch.no_grad():
             o, S = _dispatch(kind, p, algorithm, q, k, v, S0, decay)
@@ -183,16 +202,17 @@ class _LinearAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dS):
         q, k, v, S0, decay = ctx.saved_tensors
-        if _native(q):
+        if _native(q, ctx.algorithm):
             from .. import _C
 
-            gq, gk, gv = (torch.empty_like(t) for t in (q, k, v))
+            q, k, v = (_unit_last(t) for t in (q, k, v))
+            gq, gk, gv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
             s0 = None if S0 is None else S0.detach().to(torch.float32).contiguous()
             gi = None if s0 is None else torch.empty_like(s0)
             d = None if decay is None else decay.detach().to(torch.float32).contiguous()
             gS = None if dS is None else dS.to(torch.float32).contiguous()
             _C.linear_attention_backward(*_codes(ctx.kind, ctx.p), q, k, v, d, s0, do.contiguous().to(q.dtype), gS,
-                                         gq, gk, gv, gi, torch.cuda.current_stream(q.device).cuda_stream)
+                                         gq, gk, gv, gi, _stream(q))
             need = ctx.needs_input_grad
             return (None, None, None, gq if need[3] else None, gk if need[4] else None, gv if need[5] else None,
                     None if gi is None or not need[6] else gi.to(S0.dtype), None)
