@@ -7,6 +7,9 @@
 
 K = N = 4096 by default, M in {1, 16, 128, 512}; x float32 random, weights N(0, 1/K). Every figure is
 the median of --repeats calls after a warm-up; ratios are torch time / ours (higher = ours faster).
+Calls shorter than 30 ms are timed in bulk (each sample runs back to back for >= 30 ms). Each
+measurement starts after a 0.3 s pause, so that the previous engine's spinning worker threads
+(torch's OpenMP pool spins after a parallel region) do not compete with the next one's.
 Targets (issue 5): int8 >= 2x torch fp32 at M >= 16 and >= torch dynamic int8; int4 at M = 1 >= 3x
 torch fp32 GEMV.
 
@@ -23,13 +26,21 @@ import torch
 import torch.nn.functional as F
 
 
-def median_ms(fn, repeats):
+def median_ms(fn, repeats, sample_s=0.03):
+    """Median over `repeats` samples of the time per call; each sample runs fn back to back for at
+    least sample_s (sub-millisecond calls are timed in bulk: a VM's timer and scheduling noise)."""
+    # the previous engine's worker threads (torch's OpenMP pool, ours) spin for a while after their
+    # last job and would take this engine's cores on a small machine: let them go to sleep first
+    time.sleep(0.3)
+    t0 = time.perf_counter()
     fn()
+    n = max(1, int(sample_s / max(time.perf_counter() - t0, 1e-6)))
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
+        for _ in range(n):
+            fn()
+        ts.append((time.perf_counter() - t0) / n)
     return 1e3 * statistics.median(ts)
 
 

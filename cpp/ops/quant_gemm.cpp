@@ -195,10 +195,10 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
   int64_t m0 = 0;
 #if defined(__AVX512F__)
   // x de-interleaved per 32 columns here (16 even, then 16 odd): 16 bytes of W widen to two vectors of
-  // 16 floats. Two rows of W at a time: four independent FMA chains per row of x.
+  // 16 floats. Four rows of W at a time (sharing the loads of x): eight independent FMA chains.
   for (int64_t m = 0; m < a.M; ++m) {
     int64_t n = n0;
-    for (; n + 2 <= n1; n += 2) int4_rows512<2>(a, m, n);
+    for (; n + 4 <= n1; n += 4) int4_rows512<4>(a, m, n);
     for (; n < n1; ++n) int4_rows512<1>(a, m, n);
   }
   return;
