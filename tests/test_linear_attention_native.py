@@ -77,6 +77,18 @@ def _inputs(B, T, H, Dk, Dv, gen, dtype=torch.float32):
     return [t.to(dtype) for t in (q, k, v, S0)]
 
 
+def _fwd_ok(name, o, ro, q, k, v, causal, S0):
+    """o within 1e-5 of the float64 reference, or (an ill-conditioned draw: a LayerNorm / RMS readout
+    over a few channels of small spread, a relu denominator near 0) no worse than 3x the float32
+    evaluation of the reference itself."""
+    err = rel_err(o, ro)
+    if err <= 1e-5:
+        return True
+    with torch.no_grad():
+        r32 = _ref(name, q.float(), k.float(), v.float(), causal, None if S0 is None else S0.float())[0]
+    return err <= 3 * rel_err(r32, ro)
+
+
 def _params(names):
     return [(n, c) for n in names for c in (True, False) if c or n not in CAUSAL_ONLY]
 
@@ -138,7 +150,7 @@ def test_forward_matches_reference(name, causal, T, with_state, gen):
     ro, rS = _ref(name, q.double(), k.double(), v.double(), causal, None if S0 is None else S0.double())
     assert o.shape == (B, T, H, 5) and o.dtype == torch.float32
     assert S.shape == (B, H, 7, 6) and S.dtype == torch.float32
-    assert rel_err(o, ro) <= 1e-5
+    assert _fwd_ok(name, o, ro, q, k, v, causal, S0)
     assert rel_err(S, rS) <= 1e-5
 
 
@@ -148,7 +160,8 @@ def test_forward_matches_reference(name, causal, T, with_state, gen):
 def test_backward_matches_reference_autograd(name, causal, T, with_state, with_gS, gen):
     q, k, v, S0 = _inputs(2, T, 2, 6, 5, gen)
     o, S, ro, rS, a, b = _grads(name, q, k, v, causal, S0 if with_state else None, with_gS, gen)
-    assert rel_err(o, ro) <= 1e-5 and rel_err(S, rS) <= 1e-5
+    assert _fwd_ok(name, o.detach(), ro.detach(), q, k, v, causal, S0 if with_state else None)
+    assert rel_err(S, rS) <= 1e-5
     floor = _floor(b, few_tokens=T <= 3 and not with_state)
     f32 = None
     for i, (which, x, y) in enumerate(zip("q k v S0".split(), a, b)):
@@ -179,7 +192,7 @@ def test_every_isa_and_wide_heads(isa, name, causal, gen):
         o, S, ro, rS, a, b = _grads(name, q, k, v, causal, S0, True, gen)
     finally:
         _C.force_cpu_isa(best)
-    assert rel_err(o, ro) <= 1e-5 and rel_err(S, rS) <= 1e-5
+    assert _fwd_ok(name, o.detach(), ro.detach(), q, k, v, causal, S0) and rel_err(S, rS) <= 1e-5
     for which, x, y in zip("q k v S0".split(), a, b):
         assert rel_err(x.grad, y.grad, floor=_floor(b)) <= 1e-4, which
 

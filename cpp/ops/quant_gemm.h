@@ -95,7 +95,7 @@ constexpr int64_t kQuantPanelMinRows = 4;
 
 // W8A8 kernels with the x86 dot-product extensions (quant_int8_x86.cpp): "amx" (tile multiply),
 // "avx512vnni", "avxvnni", or "isa" (the ISA family's AVX2 / scalar kernel). int8_kernels(): what
-// this CPU has; int8_kernel(): the one W8A8 GEMMs use now (the best, capped by force_cpu_isa and
+// this CPU has within the active ISA; int8_kernel(): the one W8A8 GEMMs use now (the best, capped by force_cpu_isa and
 // force_int8_kernel("auto" | a name)). int8_gemm_x86 runs a whole call (xq padded to Kp % 64 == 0)
 // and returns false when the kernel is "isa".
 std::vector<std::string> int8_kernels();

@@ -331,12 +331,14 @@ std::string g_forced;  // guarded by the GIL in practice; set only from tests / 
 }  // namespace
 
 std::vector<std::string> int8_kernels() {
+  // what the CPU has, within the active ISA (a capped ISA, force_cpu_isa / NORMENGINE_ISA, caps these too)
   std::vector<std::string> out;
 #if defined(NE_INT8_X86)
   const Cpu& c = cpu();
-  if (c.amx) out.push_back("amx");
-  if (c.avx512vnni) out.push_back("avx512vnni");
-  if (c.avxvnni) out.push_back("avxvnni");
+  const Isa isa = active_isa();
+  if (c.amx && isa >= Isa::AVX512) out.push_back("amx");
+  if (c.avx512vnni && isa >= Isa::AVX512) out.push_back("avx512vnni");
+  if (c.avxvnni && isa >= Isa::AVX2) out.push_back("avxvnni");
 #endif
   out.push_back("isa");
   return out;
