@@ -145,7 +145,7 @@ def test_quant_linear_straight_through(gen):
 
 @pytest.mark.parametrize("kernel", ne._C.int8_kernels())
 @pytest.mark.parametrize("M,N,K", [(1, 3, 64), (3, 33, 100), (8, 64, 128), (16, 32, 4096), (33, 100, 192),
-                                   (130, 70, 64), (5, 31, 4097)])
+                                   (130, 70, 64), (5, 31, 4097), (20, 45, 99), (41, 64, 4097)])
 def test_int8_kernels(kernel, M, N, K, gen):
     """Every W8A8 kernel this CPU has (AMX tiles, AVX-512 VNNI, AVX-VNNI, the ISA's vpmaddubsw / scalar
     one): the same int32 sums as the reference, at GEMV and tile sizes with M, N and K tails."""

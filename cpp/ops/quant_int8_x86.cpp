@@ -10,7 +10,9 @@
 //    as u8) and the offset taken back per output:  sum_k xq w = sum_k xu w - 128 sum_k w,  with
 //    sum_k w accumulated by the same instruction on a vector of ones (one extra vpdpbusd per W load,
 //    shared by every row of x). Micro-kernel: MR <= 4 rows of x by NR <= 4 rows of W, 64 k per step,
-//    MR*NR + NR accumulators; K tails by byte-masked loads (masked-out w = 0 adds nothing).
+//    MR*NR + NR accumulators; K tails by byte-masked loads (masked-out w = 0 adds nothing). For
+//    M >= 16 a packed-panel GEMM instead (32 W rows in VNNI order per panel, x broadcast 4 bytes at a
+//    time, 8 x 32 outputs in registers, no horizontal sums).
 //  - "avxvnni": the same on 256-bit vectors (VEX vpdpbusd, Alder Lake and later), MR <= 4 by NR <= 2
 //    (16 ymm registers), K tail in scalar code.
 //  - "amx": Sapphire Rapids tile multiply (TDPBSSD, s8 x s8 -> int32, 16 x 16 x 64 per instruction).
@@ -120,6 +122,100 @@ void int8_block_vnni512(const QArgs& a, int64_t n0, int64_t n1) {
       case 3: vnni512_rows<3>(a, m, nb, ne); break;
       case 2: vnni512_rows<2>(a, m, nb, ne); break;
       case 1: vnni512_rows<1>(a, m, nb, ne); break;
+      default: break;
+    }
+  }
+}
+// Prefill (M >= 16) without AMX: a packed-panel GEMM with no horizontal sums. Per panel of 32 rows
+// of W (one per pool thread at a time, 128 KB at K = 4096), the rows are laid out once in VNNI order
+//   Wp[kq][j][0..3] = W[n0 + j, 4 kq .. 4 kq + 3]              (rows past N are zero)
+// with wsum[j] = sum_k W[n0 + j, k] (the +128 offset's correction), and every block of MR <= 8 rows
+// of x meets it: acc[r][h] (outputs n0 + 16 h .. + 15 of row m0 + r) += broadcast(xu[m0 + r, 4 kq ..])
+// vpdpbusd Wp[kq][16 h ..]; per 4 k: 2 loads of W, MR broadcasts, 2 MR vpdpbusd.
+constexpr int kPanel = 32;
+
+void pack_panel_vnni(const QArgs& a, int64_t n0, int64_t KQ, int8_t* Wp, int32_t* wsum) {
+  const int64_t K = a.w->K;
+  const int8_t* W = static_cast<const int8_t*>(a.w->data);
+  if (n0 + kPanel <= a.w->N && K % 4 == 0 && K < (int64_t(1) << 26)) {
+    // whole panel: per 4 k, one gather of 4 bytes from each of 16 rows (twice), the row sums by
+    // vpdpbusd with ones (lane j = row j)
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(K)));
+    const __m512i ones = _mm512_set1_epi8(1);
+    const int8_t* w0 = W + n0 * K;
+    const int8_t* w1 = w0 + 16 * K;
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+    for (int64_t kq = 0; kq < KQ; ++kq) {
+      const __m512i v0 = _mm512_i32gather_epi32(rows, w0 + 4 * kq, 1);
+      const __m512i v1 = _mm512_i32gather_epi32(rows, w1 + 4 * kq, 1);
+      _mm512_storeu_si512(Wp + kq * 128, v0);
+      _mm512_storeu_si512(Wp + kq * 128 + 64, v1);
+      s0 = _mm512_dpbusd_epi32(s0, ones, v0);
+      s1 = _mm512_dpbusd_epi32(s1, ones, v1);
+    }
+    _mm512_storeu_si512(wsum, s0);
+    _mm512_storeu_si512(wsum + 16, s1);
+    return;
+  }
+  for (int j = 0; j < kPanel; ++j) {
+    const int64_t n = n0 + j;
+    int32_t sum = 0;
+    for (int64_t kq = 0; kq < KQ; ++kq)
+      for (int t = 0; t < 4; ++t) {
+        const int64_t k = 4 * kq + t;
+        const int8_t v = (n < a.w->N && k < K) ? W[n * K + k] : 0;
+        Wp[(kq * kPanel + j) * 4 + t] = v;
+        sum += v;
+      }
+    wsum[j] = sum;
+  }
+}
+
+template <int MR>
+void vnni512_panel_rows(const QArgs& a, const uint8_t* xu, int64_t ldxu, int64_t m0, const int8_t* Wp, int64_t KQ,
+                        const int32_t* wsum, int64_t n0) {
+  __m512i acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+  for (int64_t kq = 0; kq < KQ; ++kq) {
+    const __m512i b0 = _mm512_loadu_si512(Wp + kq * 128), b1 = _mm512_loadu_si512(Wp + kq * 128 + 64);
+    for (int r = 0; r < MR; ++r) {
+      int32_t x4;
+      std::memcpy(&x4, xu + (m0 + r) * ldxu + 4 * kq, 4);
+      const __m512i xb = _mm512_set1_epi32(x4);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], xb, b0);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], xb, b1);
+    }
+  }
+  const int64_t left = a.w->N - n0;
+  for (int h = 0; h < 2; ++h) {
+    const int64_t cnt = std::min<int64_t>(16, left - 16 * h);
+    if (cnt <= 0) break;
+    const __mmask16 mask = static_cast<__mmask16>(cnt >= 16 ? 0xFFFF : (1u << cnt) - 1u);
+    const __m512i off = _mm512_slli_epi32(_mm512_loadu_si512(wsum + 16 * h), 7);  // 128 sum_k w
+    for (int r = 0; r < MR; ++r) store16(a, m0 + r, n0 + 16 * h, _mm512_sub_epi32(acc[r][h], off), mask);
+  }
+}
+
+// Panels [p0, p1) of 32 W rows against every row of x (xu: x + 128 as u8, [M, ldxu], zero-padded K).
+void int8_panels_vnni512(const QArgs& a, const uint8_t* xu, int64_t ldxu, int64_t p0, int64_t p1) {
+  const int64_t KQ = (a.w->K + 3) / 4;
+  thread_local std::vector<int8_t> wp;
+  wp.resize(static_cast<size_t>(KQ * kPanel * 4));
+  alignas(64) int32_t wsum[kPanel];
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * kPanel;
+    pack_panel_vnni(a, n0, KQ, wp.data(), wsum);
+    int64_t m = 0;
+    for (; m + 8 <= a.M; m += 8) vnni512_panel_rows<8>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0);
+    switch (a.M - m) {
+      case 7: vnni512_panel_rows<7>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
+      case 6: vnni512_panel_rows<6>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
+      case 5: vnni512_panel_rows<5>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
+      case 4: vnni512_panel_rows<4>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
+      case 3: vnni512_panel_rows<3>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
+      case 2: vnni512_panel_rows<2>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
+      case 1: vnni512_panel_rows<1>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
       default: break;
     }
   }
@@ -380,6 +476,16 @@ bool int8_gemm_x86(const QArgs& a) {
   if (k == "avxvnni") {
     parallel_for(N, std::max<int64_t>(4, 16384 / std::max<int64_t>(1, K * a.M)),
                  [&](int64_t n0, int64_t n1, int) { int8_block_avxvnni(a, n0, n1); });
+    return true;
+  }
+  if (k == "avx512vnni" && a.M >= 16) {  // prefill: packed panels (x + 128 as u8 once per call)
+    const int64_t Kp = a.ldxq;  // zero-padded to a multiple of 64 by the entry point
+    thread_local std::vector<uint8_t> xu;
+    xu.resize(static_cast<size_t>(a.M * Kp));
+    uint8_t* pu = xu.data();  // (thread_local: the workers must not name xu itself)
+    for (int64_t i = 0; i < a.M * Kp; ++i) pu[i] = static_cast<uint8_t>(a.xq[i]) ^ 0x80u;
+    parallel_for((N + kPanel - 1) / kPanel, 1,
+                 [&](int64_t p0, int64_t p1, int) { int8_panels_vnni512(a, pu, Kp, p0, p1); });
     return true;
   }
   // AMX for whole 32-row blocks of W when x has enough rows to fill the tiles and K is whole 64-byte
