@@ -14,7 +14,7 @@
 //    M >= 16 a packed-panel GEMM instead (32 W rows in VNNI order per panel, x broadcast 4 bytes at a
 //    time, 8 x 32 outputs in registers, no horizontal sums).
 //  - "avxvnni": the same on 256-bit vectors (VEX vpdpbusd, Alder Lake and later), MR <= 4 by NR <= 2
-//    (16 ymm registers), K tail in scalar code.
+//    (16 ymm registers), K tail in scalar code; for M >= 16 the packed-panel GEMM on 16-row panels.
 //  - "amx": Sapphire Rapids tile multiply (TDPBSSD, s8 x s8 -> int32, 16 x 16 x 64 per instruction).
 //    The product is computed transposed, C^T[n, m] = sum_k W[n, k] x[m, k], so that W's rows load as
 //    the A tile straight from the packed weight (16 rows x 64 bytes, row stride K) and only x is
@@ -274,6 +274,113 @@ void vnni256_rows(const QArgs& a, int64_t m0, int64_t n0, int64_t n1) {
   for (; n < n1; ++n) vnni256_tile<MR, 1>(a, m0, n);
 }
 
+// Prefill (M >= 16): the packed-panel GEMM of the AVX-512 VNNI section on 256-bit vectors: panels of
+// 16 W rows, Wp[kq][j][0..3] = W[n0 + j, 4 kq ..], 6 rows of x x 16 outputs in 12 ymm registers.
+constexpr int kPanel8 = 16;
+
+// y[m, n .. n+7] from 8 int32 dots (quant_store's operations, in its order); cnt < 8 lanes: scalar
+inline void store8(const QArgs& a, int64_t m, int64_t n, __m256i dot, int64_t cnt) {
+  if (cnt < 8) {
+    alignas(32) int32_t d[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(d), dot);
+    for (int64_t i = 0; i < cnt; ++i)
+      quant_store(a, m, n + i, static_cast<float>(d[i]) * a.sx[m * a.ldsx] * a.w->scale[n + i]);
+    return;
+  }
+  __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a.sx[m * a.ldsx])),
+                           _mm256_loadu_ps(a.w->scale + n));
+  if (a.ep.row_scale || a.ep.row_shift) {
+    if (a.ep.row_shift)
+      v = _mm256_sub_ps(v, _mm256_mul_ps(_mm256_set1_ps(a.ep.row_shift[m]), _mm256_loadu_ps(a.ep.col_sum + n)));
+    if (a.ep.row_scale) v = _mm256_mul_ps(_mm256_set1_ps(a.ep.row_scale[m]), v);
+  }
+  if (a.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(a.bias + n));
+  float* y = a.y + m * a.ldy + n;
+  if (a.accumulate) v = _mm256_add_ps(_mm256_loadu_ps(y), v);
+  _mm256_storeu_ps(y, v);
+}
+
+void pack_panel_vnni256(const QArgs& a, int64_t n0, int64_t KQ, int8_t* Wp, int32_t* wsum) {
+  const int64_t K = a.w->K;
+  const int8_t* W = static_cast<const int8_t*>(a.w->data);
+  if (n0 + kPanel8 <= a.w->N && K % 4 == 0 && K < (int64_t(1) << 27)) {
+    const __m256i rows = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(K)));
+    const __m256i ones = _mm256_set1_epi8(1);
+    const int8_t* w0 = W + n0 * K;
+    const int8_t* w1 = w0 + 8 * K;
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0;
+    for (int64_t kq = 0; kq < KQ; ++kq) {
+      const __m256i v0 = _mm256_i32gather_epi32(reinterpret_cast<const int*>(w0 + 4 * kq), rows, 1);
+      const __m256i v1 = _mm256_i32gather_epi32(reinterpret_cast<const int*>(w1 + 4 * kq), rows, 1);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(Wp + kq * 64), v0);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(Wp + kq * 64 + 32), v1);
+      s0 = _mm256_dpbusd_avx_epi32(s0, ones, v0);
+      s1 = _mm256_dpbusd_avx_epi32(s1, ones, v1);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(wsum), s0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(wsum + 8), s1);
+    return;
+  }
+  for (int j = 0; j < kPanel8; ++j) {  // a tail panel (rows past N are zero) or K % 4 != 0
+    const int64_t n = n0 + j;
+    int32_t sum = 0;
+    for (int64_t kq = 0; kq < KQ; ++kq)
+      for (int t = 0; t < 4; ++t) {
+        const int64_t k = 4 * kq + t;
+        const int8_t v = (n < a.w->N && k < K) ? W[n * K + k] : 0;
+        Wp[(kq * kPanel8 + j) * 4 + t] = v;
+        sum += v;
+      }
+    wsum[j] = sum;
+  }
+}
+
+template <int MR>
+void vnni256_panel_rows(const QArgs& a, const uint8_t* xu, int64_t ldxu, int64_t m0, const int8_t* Wp, int64_t KQ,
+                        const int32_t* wsum, int64_t n0) {
+  __m256i acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t kq = 0; kq < KQ; ++kq) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Wp + kq * 64));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(Wp + kq * 64 + 32));
+    for (int r = 0; r < MR; ++r) {
+      int32_t x4;
+      std::memcpy(&x4, xu + (m0 + r) * ldxu + 4 * kq, 4);
+      const __m256i xb = _mm256_set1_epi32(x4);
+      acc[r][0] = _mm256_dpbusd_avx_epi32(acc[r][0], xb, b0);
+      acc[r][1] = _mm256_dpbusd_avx_epi32(acc[r][1], xb, b1);
+    }
+  }
+  const int64_t left = a.w->N - n0;
+  for (int h = 0; h < 2; ++h) {
+    const int64_t cnt = std::min<int64_t>(8, left - 8 * h);
+    if (cnt <= 0) break;
+    const __m256i off = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wsum + 8 * h)), 7);
+    for (int r = 0; r < MR; ++r) store8(a, m0 + r, n0 + 8 * h, _mm256_sub_epi32(acc[r][h], off), cnt);
+  }
+}
+
+void int8_panels_avxvnni(const QArgs& a, const uint8_t* xu, int64_t ldxu, int64_t p0, int64_t p1) {
+  const int64_t KQ = (a.w->K + 3) / 4;
+  thread_local std::vector<int8_t> wp;
+  wp.resize(static_cast<size_t>(KQ * kPanel8 * 4));
+  alignas(32) int32_t wsum[kPanel8];
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * kPanel8;
+    pack_panel_vnni256(a, n0, KQ, wp.data(), wsum);
+    int64_t m = 0;
+    for (; m + 6 <= a.M; m += 6) vnni256_panel_rows<6>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0);
+    switch (a.M - m) {
+      case 5: vnni256_panel_rows<5>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
+      case 4: vnni256_panel_rows<4>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
+      case 3: vnni256_panel_rows<3>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
+      case 2: vnni256_panel_rows<2>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
+      case 1: vnni256_panel_rows<1>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
+      default: break;
+    }
+  }
+}
+
 void int8_block_avxvnni(const QArgs& a, int64_t n0, int64_t n1) {
   constexpr int64_t NB = 4;
   for (int64_t nb = n0; nb < n1; nb += NB) {
@@ -473,19 +580,23 @@ bool int8_gemm_x86(const QArgs& a) {
   const std::string k = int8_kernel();
   if (k == "isa") return false;
   const int64_t N = a.w->N, K = a.w->K;
-  if (k == "avxvnni") {
-    parallel_for(N, std::max<int64_t>(4, 16384 / std::max<int64_t>(1, K * a.M)),
-                 [&](int64_t n0, int64_t n1, int) { int8_block_avxvnni(a, n0, n1); });
-    return true;
-  }
-  if (k == "avx512vnni" && a.M >= 16) {  // prefill: packed panels (x + 128 as u8 once per call)
+  if ((k == "avxvnni" || k == "avx512vnni") && a.M >= 16) {  // prefill: packed panels (x + 128 as u8 once)
     const int64_t Kp = a.ldxq;  // zero-padded to a multiple of 64 by the entry point
     thread_local std::vector<uint8_t> xu;
     xu.resize(static_cast<size_t>(a.M * Kp));
     uint8_t* pu = xu.data();  // (thread_local: the workers must not name xu itself)
     for (int64_t i = 0; i < a.M * Kp; ++i) pu[i] = static_cast<uint8_t>(a.xq[i]) ^ 0x80u;
-    parallel_for((N + kPanel - 1) / kPanel, 1,
-                 [&](int64_t p0, int64_t p1, int) { int8_panels_vnni512(a, pu, Kp, p0, p1); });
+    if (k == "avxvnni")
+      parallel_for((N + kPanel8 - 1) / kPanel8, 1,
+                   [&](int64_t p0, int64_t p1, int) { int8_panels_avxvnni(a, pu, Kp, p0, p1); });
+    else
+      parallel_for((N + kPanel - 1) / kPanel, 1,
+                   [&](int64_t p0, int64_t p1, int) { int8_panels_vnni512(a, pu, Kp, p0, p1); });
+    return true;
+  }
+  if (k == "avxvnni") {
+    parallel_for(N, std::max<int64_t>(4, 16384 / std::max<int64_t>(1, K * a.M)),
+                 [&](int64_t n0, int64_t n1, int) { int8_block_avxvnni(a, n0, n1); });
     return true;
   }
   // AMX for whole 32-row blocks of W when x has enough rows to fill the tiles and K is whole 64-byte
