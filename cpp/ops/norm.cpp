@@ -107,7 +107,13 @@ struct NormRows {
   // ---------------------------------------------------------------- forward, one row
   //   h = x (+ r, stored to h_out in T, and normalized as stored)
   //   LayerNorm: y = (h - mean) * rstd * w + b      RMSNorm / CRMSNorm: y = h * rstd * w
-  static void forward_row(const NormFwdArgs& a, int64_t r) {
+  // y's full vectors: streamed (non-temporal) when the output is large, else plain stores
+  static void store_y(T* p, R v, int k, bool nt) {
+    if (nt && k == N) store_stream<V>(p, v);
+    else storen<V>(p, v, k);
+  }
+
+  static void forward_row(const NormFwdArgs& a, int64_t r, bool nt) {
     const int64_t n = a.x.cols;
     const A* w = static_cast<const A*>(a.w);
     const A* b = static_cast<const A*>(a.b);
@@ -131,7 +137,7 @@ struct NormRows {
       for (int64_t i = 0; i < n; i += N) {
         int k = width(n, i);
         R xhat = V::mul(V::sub(V::sub(loadn<V>(h + i, k), Kv), Dv), Sv);
-        storen<V>(y + i, V::fma(xhat, load_w(w, i, k), load_b(b, i, k)), k);
+        store_y(y + i, V::fma(xhat, load_w(w, i, k), load_b(b, i, k)), k, nt);
       }
     } else {
       double s = 0;
@@ -140,7 +146,7 @@ struct NormRows {
       for (int64_t i = 0; i < n; i += N) {
         int k = width(n, i);
         R xhat = V::mul(loadn<V>(h + i, k), Sv);
-        storen<V>(y + i, b ? V::fma(xhat, load_w(w, i, k), load_b(b, i, k)) : V::mul(xhat, load_w(w, i, k)), k);
+        store_y(y + i, b ? V::fma(xhat, load_w(w, i, k), load_b(b, i, k)) : V::mul(xhat, load_w(w, i, k)), k, nt);
       }
     }
     if (a.mean) static_cast<A*>(a.mean)[r] = mean;
@@ -220,8 +226,11 @@ struct NormRows {
   }
 
   static void forward(const NormFwdArgs& a) {
+    // an output of 8 MiB or more is streamed past the caches (it would evict everything anyway)
+    const bool nt = static_cast<double>(a.y.rows) * static_cast<double>(a.y.cols) * sizeof(T) >= 8.0 * (1 << 20);
     parallel_for(a.x.rows, grain(a.x.cols), [&](int64_t r0, int64_t r1, int) {
-      for (int64_t r = r0; r < r1; ++r) forward_row(a, r);
+      for (int64_t r = r0; r < r1; ++r) forward_row(a, r, nt);
+      if (nt) stream_fence();
     });
   }
 
