@@ -107,6 +107,8 @@ struct NormRows {
   // ---------------------------------------------------------------- forward, one row
   //   h = x (+ r, stored to h_out in T, and normalized as stored)
   //   LayerNorm: y = (h - mean) * rstd * w + b      RMSNorm / CRMSNorm: y = h * rstd * w
+  static constexpr int64_t kAhead = 2;  // rows prefetched ahead in forward()
+
   // y's full vectors: streamed (non-temporal) when the output is large, else plain stores
   static void store_y(T* p, R v, int k, bool nt) {
     if (nt && k == N) store_stream<V>(p, v);
@@ -228,8 +230,22 @@ struct NormRows {
   static void forward(const NormFwdArgs& a) {
     // an output of 8 MiB or more is streamed past the caches (it would evict everything anyway)
     const bool nt = static_cast<double>(a.y.rows) * static_cast<double>(a.y.cols) * sizeof(T) >= 8.0 * (1 << 20);
+    // rows of a few KB: the next rows' lines are requested ahead (the row-serial stats pass would
+    // otherwise wait on each row's first misses)
+    const int64_t row_bytes = a.x.cols * static_cast<int64_t>(sizeof(T));
+    const bool ahead = nt && row_bytes <= 8192;
     parallel_for(a.x.rows, grain(a.x.cols), [&](int64_t r0, int64_t r1, int) {
-      for (int64_t r = r0; r < r1; ++r) forward_row(a, r, nt);
+      for (int64_t r = r0; r < r1; ++r) {
+        if (ahead && r + kAhead < r1) {
+          const char* p = reinterpret_cast<const char*>(a.x.row<const T>(r + kAhead));
+          for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(p + o);
+          if (a.res.data) {
+            const char* q = reinterpret_cast<const char*>(a.res.row<const T>(r + kAhead));
+            for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(q + o);
+          }
+        }
+        forward_row(a, r, nt);
+      }
       if (nt) stream_fence();
     });
   }
