@@ -9,6 +9,8 @@
 // features stays in L1/L2 while the kernel makes its passes over it, so each kernel streams every
 // tensor through memory once: forward reads x (and residual) and writes y (and x + residual);
 // backward reads dy and h and writes dx. That is the traffic of a copy, the bound these kernels aim at.
+#include <vector>
+
 #include "core/parallel.h"
 #include "core/simd.h"
 #include "ops/norm.h"
@@ -123,11 +125,25 @@ struct NormRows {
     if (a.res.data) {
       const T* res = a.res.row<const T>(r);
       T* ho = a.res_out.row<T>(r);
-      for (int64_t i = 0; i < n; i += N) {
-        int k = width(n, i);
-        storen<V>(ho + i, V::add(loadn<V>(h + i, k), loadn<V>(res + i, k)), k);
+      if (nt) {
+        // h = x + r into a row buffer (the statistics read it from L1) and streamed to res_out
+        thread_local std::vector<T> row;
+        if (static_cast<int64_t>(row.size()) < n) row.resize(static_cast<size_t>(n));
+        T* hb = row.data();
+        for (int64_t i = 0; i < n; i += N) {
+          int k = width(n, i);
+          R v = V::add(loadn<V>(h + i, k), loadn<V>(res + i, k));
+          storen<V>(hb + i, v, k);
+          store_y(ho + i, v, k, true);
+        }
+        h = hb;
+      } else {
+        for (int64_t i = 0; i < n; i += N) {
+          int k = width(n, i);
+          storen<V>(ho + i, V::add(loadn<V>(h + i, k), loadn<V>(res + i, k)), k);
+        }
+        h = ho;
       }
-      h = ho;
     }
     T* y = a.y.row<T>(r);
     A rstd, mean = A(0);
