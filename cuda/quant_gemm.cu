@@ -618,30 +618,6 @@ __global__ void __launch_bounds__(256) fma_kernel(FmaArgs a) {
 
 // ============================================================================ host side
 
-void check_qweight(const QWeight& w) {
-  if (w.N < 1 || w.K < 1 || !w.data || !w.scale) throw ValueError("qweight: empty or missing data / scale");
-  switch (w.format) {
-    case QFormat::Int8:
-    case QFormat::Int8Weight:
-      if (w.group != 0) throw ValueError("qweight: int8 formats take no group size");
-      if (w.zero) throw ValueError("qweight.zero: only int4 takes zero points");
-      break;
-    case QFormat::Int4:
-      if (w.group != 32 && w.group != 64 && w.group != 128)
-        throw ValueError("qweight: int4 group size must be 32, 64 or 128, got " + std::to_string(w.group));
-      if (w.K % w.group)
-        throw ShapeError("qweight: in_features " + std::to_string(w.K) + " is not a multiple of the group size " +
-                         std::to_string(w.group));
-      break;
-    case QFormat::FP8:
-      if (w.group != 0 && w.group != 128) throw ValueError("qweight: fp8 scales are per tensor (0) or 128 blocks");
-      if (w.zero) throw ValueError("qweight.zero: only int4 takes zero points");
-      break;
-    default:
-      throw ValueError("qweight: unknown format");
-  }
-}
-
 void check_x(DType xdt) {
   if (xdt != DType::F32 && xdt != DType::BF16 && xdt != DType::F16)
     throw DTypeError(std::string("x: expected float32, bfloat16 or float16, got ") + dtype_name(xdt));

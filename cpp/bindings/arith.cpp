@@ -69,9 +69,7 @@ void bind_arith(py::module_& m) {
         matrix(vd, (w.format == ne::QFormat::FP8 || int4) ? ne::DType::U8 : ne::DType::I8, N, int4 ? K / 2 : K);
         if (!vs.is_contiguous() || vs.dtype != ne::DType::F32 || vs.device.type != ne::DeviceType::CPU)
           throw ne::ShapeError("qweight.scale: expected a contiguous float32 CPU tensor");
-        const int64_t want_scales = w.format == ne::QFormat::Int4 ? N * (K / (group > 0 ? group : 1))
-                                    : w.format == ne::QFormat::FP8 ? (group == 0 ? 1 : ((N + 127) / 128) * ((K + 127) / 128))
-                                                                   : N;
+        const int64_t want_scales = ne::qweight_scale_count(w.format, N, K, group);
         if (vs.numel() != want_scales)
           throw ne::ShapeError("qweight.scale: expected " + std::to_string(want_scales) + " scales, got " +
                                std::to_string(vs.numel()));

@@ -91,9 +91,7 @@ void bind_quant_cuda(py::module_& m) {
         dtype_is(vd, (w.format == ne::QFormat::FP8 || int4) ? ne::DType::U8 : ne::DType::I8);
         if (!vd.is_contiguous() || matrix(vd, N, int4 ? K / 2 : K) != (int4 ? K / 2 : K))
           throw ne::ShapeError("qweight.data: expected a contiguous tensor");
-        const int64_t want = int4 ? N * (K / group)
-                             : w.format == ne::QFormat::FP8 ? (group == 0 ? 1 : ((N + 127) / 128) * ((K + 127) / 128))
-                                                            : N;
+        const int64_t want = ne::qweight_scale_count(w.format, N, K, group);
         contiguous_f32(vs, want);
         if (vz.ptr()) {
           if (!int4) throw ne::ValueError("qweight.zero: only int4 takes zero points");

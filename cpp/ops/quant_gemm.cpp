@@ -474,27 +474,6 @@ const QuantTable* quant_table() {
 namespace ne {
 namespace {
 
-void check_qweight(const QWeight& w) {
-  if (w.N < 1 || w.K < 1 || !w.data || !w.scale) throw ValueError("qweight: empty or missing data / scale");
-  switch (w.format) {
-    case QFormat::Int8:
-    case QFormat::Int8Weight:
-      if (w.group != 0) throw ValueError("qweight: int8 formats take no group size");
-      break;
-    case QFormat::Int4:
-      if (w.group != 32 && w.group != 64 && w.group != 128)
-        throw ValueError("qweight: int4 group size must be 32, 64 or 128, got " + std::to_string(w.group));
-      if (w.K % w.group)
-        throw ShapeError("qweight: in_features " + std::to_string(w.K) + " is not a multiple of the group size " +
-                         std::to_string(w.group));
-      break;
-    case QFormat::FP8:
-      if (w.group != 0 && w.group != 128) throw ValueError("qweight: fp8 scales are per tensor (0) or 128 blocks");
-      break;
-    default:
-      throw ValueError("qweight: unknown format");
-  }
-}
 
 // Prefill of the weight-dequantizing formats: W dequantized to fp32 a panel of rows at a time
 // (a few hundred KB, cache resident, never W-sized) and multiplied by the engine's register-blocked
@@ -531,6 +510,30 @@ void quant_gemm_panels(int64_t M, const float* x, int64_t ldx, const QWeight& w,
 }
 
 }  // namespace
+
+void check_qweight(const QWeight& w) {
+  if (w.N < 1 || w.K < 1 || !w.data || !w.scale) throw ValueError("qweight: empty or missing data / scale");
+  switch (w.format) {
+    case QFormat::Int8:
+    case QFormat::Int8Weight:
+      if (w.group != 0) throw ValueError("qweight: int8 formats take no group size");
+      if (w.zero) throw ValueError("qweight.zero: only int4 takes zero points");
+      break;
+    case QFormat::Int4:
+      if (w.group != 32 && w.group != 64 && w.group != 128)
+        throw ValueError("qweight: int4 group size must be 32, 64 or 128, got " + std::to_string(w.group));
+      if (w.K % w.group)
+        throw ShapeError("qweight: in_features " + std::to_string(w.K) + " is not a multiple of the group size " +
+                         std::to_string(w.group));
+      break;
+    case QFormat::FP8:
+      if (w.group != 0 && w.group != 128) throw ValueError("qweight: fp8 scales are per tensor (0) or 128 blocks");
+      if (w.zero) throw ValueError("qweight.zero: only int4 takes zero points");
+      break;
+    default:
+      throw ValueError("qweight: unknown format");
+  }
+}
 
 void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, const float* bias, float* y, int64_t ldy,
                     bool accumulate, const GemmEpilogue* ep) {

@@ -31,6 +31,18 @@ struct QWeight {
   int64_t group = 0;            // Int4: 32, 64 or 128 (K % group == 0); FP8: 0 or 128; Int8*: 0
 };
 
+// Scales a packed weight carries (zero points: as many as scales, int4 only): Int8*: N; Int4: N * K / group;
+// FP8: 1 per tensor (group 0) or one per 128 x 128 block.
+inline int64_t qweight_scale_count(QFormat f, int64_t N, int64_t K, int64_t group) {
+  if (f == QFormat::Int4) return N * (K / (group > 0 ? group : 1));
+  if (f == QFormat::FP8) return group == 0 ? 1 : ((N + 127) / 128) * ((K + 127) / 128);
+  return N;
+}
+
+// Throws ValueError / ShapeError when w's format, sizes, group size or zero points do not fit together
+// (quant_gemm.cpp; the CPU and CUDA entry points both check with it).
+void check_qweight(const QWeight& w);
+
 // Row epilogue as in ops/gemm.h's GemmEpilogue (reuse that struct): y[m,n] = s_m * (dot[m,n] - mu_m * c_n) + bias[n] (+ y).
 // y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) (+ y[m, n] if accumulate), CPU, float32 x rows (row stride ldx) and y (ldy).
 // Activation handling by format: Int8 (W8A8): x quantized per row (token) on the fly, s_x = max|x_m| / 127,

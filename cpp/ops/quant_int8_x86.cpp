@@ -48,6 +48,42 @@ namespace ne {
 #if defined(NE_INT8_X86)
 namespace {
 
+// Rows of x in blocks of MR: f(std::integral_constant<int, MR>{}, m) for each whole block, then once
+// with the remaining M % MR rows (the micro-kernels are templates on their row count).
+template <int R, class F>
+void row_tail(int64_t rest, int64_t m, F& f) {
+  if constexpr (R > 0) {
+    if (rest == R) f(std::integral_constant<int, R>{}, m);
+    else row_tail<R - 1>(rest, m, f);
+  }
+}
+template <int MR, class F>
+void for_row_blocks(int64_t M, F&& f) {
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) f(std::integral_constant<int, MR>{}, m);
+  row_tail<MR - 1>(M - m, m, f);
+}
+
+// The packed-panel layout of both VNNI GEMMs below, element by element (the panels that the vector
+// packers do not take: the last one, past N, or K % 4 != 0): Wp[kq][j][t] = W[n0 + j, 4 kq + t] (0 past
+// N or K), wsum[j] = sum_k W[n0 + j, k], for j < width.
+void pack_panel_scalar(const QArgs& a, int64_t n0, int64_t KQ, int width, int8_t* Wp, int32_t* wsum) {
+  const int64_t K = a.w->K;
+  const int8_t* W = static_cast<const int8_t*>(a.w->data);
+  for (int j = 0; j < width; ++j) {
+    const int64_t n = n0 + j;
+    int32_t sum = 0;
+    for (int64_t kq = 0; kq < KQ; ++kq)
+      for (int t = 0; t < 4; ++t) {
+        const int64_t k = 4 * kq + t;
+        const int8_t v = (n < a.w->N && k < K) ? W[n * K + k] : 0;
+        Wp[(kq * width + j) * 4 + t] = v;
+        sum += v;
+      }
+    wsum[j] = sum;
+  }
+}
+
 // ============================================================================ AVX-512 VNNI
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")
@@ -116,14 +152,7 @@ void int8_block_vnni512(const QArgs& a, int64_t n0, int64_t n1) {
   constexpr int64_t NB = 4;
   for (int64_t nb = n0; nb < n1; nb += NB) {
     const int64_t ne = std::min(n1, nb + NB);
-    int64_t m = 0;
-    for (; m + 4 <= a.M; m += 4) vnni512_rows<4>(a, m, nb, ne);
-    switch (a.M - m) {
-      case 3: vnni512_rows<3>(a, m, nb, ne); break;
-      case 2: vnni512_rows<2>(a, m, nb, ne); break;
-      case 1: vnni512_rows<1>(a, m, nb, ne); break;
-      default: break;
-    }
+    for_row_blocks<4>(a.M, [&](auto mr, int64_t m) { vnni512_rows<decltype(mr)::value>(a, m, nb, ne); });
   }
 }
 // Prefill (M >= 16) without AMX: a packed-panel GEMM with no horizontal sums. Per panel of 32 rows
@@ -158,18 +187,7 @@ void pack_panel_vnni(const QArgs& a, int64_t n0, int64_t KQ, int8_t* Wp, int32_t
     _mm512_storeu_si512(wsum + 16, s1);
     return;
   }
-  for (int j = 0; j < kPanel; ++j) {
-    const int64_t n = n0 + j;
-    int32_t sum = 0;
-    for (int64_t kq = 0; kq < KQ; ++kq)
-      for (int t = 0; t < 4; ++t) {
-        const int64_t k = 4 * kq + t;
-        const int8_t v = (n < a.w->N && k < K) ? W[n * K + k] : 0;
-        Wp[(kq * kPanel + j) * 4 + t] = v;
-        sum += v;
-      }
-    wsum[j] = sum;
-  }
+  pack_panel_scalar(a, n0, KQ, kPanel, Wp, wsum);
 }
 
 template <int MR>
@@ -206,18 +224,9 @@ void int8_panels_vnni512(const QArgs& a, const uint8_t* xu, int64_t ldxu, int64_
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t n0 = p * kPanel;
     pack_panel_vnni(a, n0, KQ, wp.data(), wsum);
-    int64_t m = 0;
-    for (; m + 8 <= a.M; m += 8) vnni512_panel_rows<8>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0);
-    switch (a.M - m) {
-      case 7: vnni512_panel_rows<7>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
-      case 6: vnni512_panel_rows<6>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
-      case 5: vnni512_panel_rows<5>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
-      case 4: vnni512_panel_rows<4>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
-      case 3: vnni512_panel_rows<3>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
-      case 2: vnni512_panel_rows<2>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
-      case 1: vnni512_panel_rows<1>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
-      default: break;
-    }
+    for_row_blocks<8>(a.M, [&](auto mr, int64_t m) {
+      vnni512_panel_rows<decltype(mr)::value>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0);
+    });
   }
 }
 #pragma GCC pop_options
@@ -321,18 +330,7 @@ void pack_panel_vnni256(const QArgs& a, int64_t n0, int64_t KQ, int8_t* Wp, int3
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(wsum + 8), s1);
     return;
   }
-  for (int j = 0; j < kPanel8; ++j) {  // a tail panel (rows past N are zero) or K % 4 != 0
-    const int64_t n = n0 + j;
-    int32_t sum = 0;
-    for (int64_t kq = 0; kq < KQ; ++kq)
-      for (int t = 0; t < 4; ++t) {
-        const int64_t k = 4 * kq + t;
-        const int8_t v = (n < a.w->N && k < K) ? W[n * K + k] : 0;
-        Wp[(kq * kPanel8 + j) * 4 + t] = v;
-        sum += v;
-      }
-    wsum[j] = sum;
-  }
+  pack_panel_scalar(a, n0, KQ, kPanel8, Wp, wsum);
 }
 
 template <int MR>
@@ -368,16 +366,9 @@ void int8_panels_avxvnni(const QArgs& a, const uint8_t* xu, int64_t ldxu, int64_
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t n0 = p * kPanel8;
     pack_panel_vnni256(a, n0, KQ, wp.data(), wsum);
-    int64_t m = 0;
-    for (; m + 6 <= a.M; m += 6) vnni256_panel_rows<6>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0);
-    switch (a.M - m) {
-      case 5: vnni256_panel_rows<5>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
-      case 4: vnni256_panel_rows<4>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
-      case 3: vnni256_panel_rows<3>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
-      case 2: vnni256_panel_rows<2>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
-      case 1: vnni256_panel_rows<1>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0); break;
-      default: break;
-    }
+    for_row_blocks<6>(a.M, [&](auto mr, int64_t m) {
+      vnni256_panel_rows<decltype(mr)::value>(a, xu, ldxu, m, wp.data(), KQ, wsum, n0);
+    });
   }
 }
 
@@ -385,14 +376,7 @@ void int8_block_avxvnni(const QArgs& a, int64_t n0, int64_t n1) {
   constexpr int64_t NB = 4;
   for (int64_t nb = n0; nb < n1; nb += NB) {
     const int64_t ne = std::min(n1, nb + NB);
-    int64_t m = 0;
-    for (; m + 4 <= a.M; m += 4) vnni256_rows<4>(a, m, nb, ne);
-    switch (a.M - m) {
-      case 3: vnni256_rows<3>(a, m, nb, ne); break;
-      case 2: vnni256_rows<2>(a, m, nb, ne); break;
-      case 1: vnni256_rows<1>(a, m, nb, ne); break;
-      default: break;
-    }
+    for_row_blocks<4>(a.M, [&](auto mr, int64_t m) { vnni256_rows<decltype(mr)::value>(a, m, nb, ne); });
   }
 }
 #pragma GCC pop_options
@@ -580,6 +564,7 @@ bool int8_gemm_x86(const QArgs& a) {
   const std::string k = int8_kernel();
   if (k == "isa") return false;
   const int64_t N = a.w->N, K = a.w->K;
+  const int64_t row_grain = std::max<int64_t>(4, 16384 / std::max<int64_t>(1, K * a.M));  // W rows per thread, at least
   if ((k == "avxvnni" || k == "avx512vnni") && a.M >= 16) {  // prefill: packed panels (x + 128 as u8 once)
     const int64_t Kp = a.ldxq;  // zero-padded to a multiple of 64 by the entry point
     thread_local std::vector<uint8_t> xu;
@@ -595,7 +580,7 @@ bool int8_gemm_x86(const QArgs& a) {
     return true;
   }
   if (k == "avxvnni") {
-    parallel_for(N, std::max<int64_t>(4, 16384 / std::max<int64_t>(1, K * a.M)),
+    parallel_for(N, row_grain,
                  [&](int64_t n0, int64_t n1, int) { int8_block_avxvnni(a, n0, n1); });
     return true;
   }
@@ -612,7 +597,7 @@ bool int8_gemm_x86(const QArgs& a) {
     parallel_for(n_amx / 32, 1, [&](int64_t b0, int64_t b1, int) { int8_amx_blocks(a, B, MBp, 32 * b0, 32 * b1); });
   }
   if (n_amx < N)
-    parallel_for(N - n_amx, std::max<int64_t>(4, 16384 / std::max<int64_t>(1, K * a.M)),
+    parallel_for(N - n_amx, row_grain,
                  [&](int64_t n0, int64_t n1, int) { int8_block_vnni512(a, n_amx + n0, n_amx + n1); });
   return true;
 #else
