@@ -34,10 +34,13 @@ def test_matches_reference(case, M, N, K, device, gen):
     assert rel_err(got, want, floor=scale) < 2e-6
 
 
-# int4 g128: the issue's budget is 10%, but no uniform 16-level quantizer does better than 9.75% rms on
-# Gaussian data (the optimal uniform quantizer, Max 1960); ours measures 9.7-10.2% depending on the
-# draw, so the test allows 10.5% (the shortfall is recorded in the issue note and RESULTS.md).
+# int4 g128: the issue's budget is 10%. With zero points (symmetric=False: integer zero points and a
+# clipped [min, max] range per group) we measure 9.5% on Gaussian data, held at 10% here. The symmetric
+# grid (16 mid-rise levels +-0.5 s ... +-7.5 s, clipped scale) has no offset to spend and measures
+# 9.9-10.0% on large draws (10.2% on small ones), so its test allows 10.5%. For scale: the best
+# 16-level quantizer of a Gaussian of known variance, non-uniform (Lloyd-Max), is 9.75% rms.
 @pytest.mark.parametrize("fmt,kw,limit", [("int8", {}, 0.02), ("int8-weight", {}, 0.02),
+                                          ("int4", {"group_size": 128, "symmetric": False}, 0.10),
                                           ("int4", {"group_size": 128}, 0.105), ("int4", {"group_size": 32}, 0.09),
                                           ("fp8", {}, 0.06)])
 def test_accuracy_against_fp32(fmt, kw, limit, gen):
@@ -57,9 +60,9 @@ def test_dequantize_and_packing(case, gen):
     q = ne.ops.quantize_weight(w, fmt, **kw)
     d = q.dequantize(torch.float64)
     assert d.shape == w.shape
-    # within one quantization step (int4 symmetric: clipping may move the largest weights by up to
-    # 20% of their magnitude)
-    step = {"int8": 1 / 127, "int8-weight": 1 / 127, "int4": 0.2 + 1 / 7 if kw.get("symmetric", True) else 1 / 15,
+    # within one quantization step (int4: clipping may move the largest weights by up to 20% of their
+    # magnitude; asymmetric steps span (max - min) / 15 <= 2 rowmax / 15)
+    step = {"int8": 1 / 127, "int8-weight": 1 / 127, "int4": 0.2 + (1 / 7 if kw.get("symmetric", True) else 2 / 15),
             "fp8": 1 / 8}[fmt]
     rowmax = w.abs().amax(1, keepdim=True).double()
     assert ((d - w.double()).abs() <= rowmax * step + 1e-6).all()
