@@ -285,3 +285,30 @@ def test_cli_model_options(capsys):
     assert len(capsys.readouterr().out.split()) == 3
     assert main(["info", "--quant", "int8", "--group-size", "64"]) == 2  # a clear error, no traceback
     assert "group_size" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- matmul precision
+
+
+@pytest.mark.parametrize("norm", [None, "rmsnorm", "crmsnorm"])
+def test_matmul_precision_medium(norm, exact):
+    """matmul_precision='medium': the prefill projections round to bf16 on AMX tiles (where the CPU
+    has them): logits within bf16 accuracy of the exact model, greedy top-1 kept on nearly every
+    position; decode steps (one row) stay fp32. Without AMX-BF16 it is the exact model bit for bit."""
+    from normengine import _C
+    m = ne.load(norm=norm, matmul_precision="medium")
+    assert m.info()["matmul_precision"] == "medium"
+    ref = exact if norm is None else ne.load(norm=norm)
+    agree = total = 0
+    for ids in _prompts(4, 48, m.config.vocab_size, 5):
+        a, b = m.logits(ids)[0], ref.logits(ids)[0]
+        if not _C.amx_bf16_available():
+            assert torch.equal(a, b)
+        assert rel_err(a, b) < 2e-2
+        agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+        total += a.shape[0]
+    assert agree / total >= 0.95
+    # one-row decode steps compute as 'highest': a 1-token prompt matches exactly
+    assert torch.equal(m.logits([5])[0], ref.logits([5])[0])
+    with pytest.raises(errors.ArgumentError, match="matmul_precision"):
+        ne.load(matmul_precision="bf16")

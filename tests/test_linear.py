@@ -189,3 +189,47 @@ def test_cuda_unsupported():
     x, w = torch.randn(4, 8, device="cuda"), torch.randn(6, 8, device="cuda")
     with pytest.raises(ne.UnsupportedError, match="CUDA"):
         ne.ops.linear(x, w)
+
+
+# ------------------------------------------------------------- matmul precision "medium" (AMX-BF16)
+def bf16_want(x, w, b=None, y0=None):
+    """The "medium" contract: x and W rounded to bfloat16, products and sums exact (float64)."""
+    return want(x.bfloat16(), w.bfloat16(), b, y0)
+
+
+@pytest.mark.parametrize("wdtype", ["f32", "bf16", "f16"])
+def test_medium_precision_bf16_products(wdtype, gen):
+    """matmul_precision="medium" on 16+ rows: bf16-rounded operands, fp32 sums, when the CPU has
+    AMX-BF16 (and the weight is f32 / bf16); elsewhere exactly the "highest" result."""
+    amx = _C.amx_bf16_available() and wdtype != "f16"
+    for M, N, K in [(16, 32, 32), (17, 33, 40), (64, 257, 769), (100, 1, 3), (33, 50, 1), (16, 4097, 64), (3, 40, 64)]:
+        x = randn(M, K, gen=gen)
+        w = randn(N, K, gen=gen, dtype=WDTYPES[wdtype])
+        b = randn(N, gen=gen)
+        y = ne.ops.linear(x, w, b, matmul_precision="medium")
+        if amx and M >= 16:
+            assert err(y, x, w, bf16_want(x, w, b)) <= 1e-5, (M, N, K)
+            assert err(y, x, w, want(x, w, b)) > 1e-5 or K == 1  # the rounding did happen
+        else:
+            assert torch.equal(y, ne.ops.linear(x, w, b)), (M, N, K)
+
+
+def test_medium_precision_accumulate_strides_nan(gen):
+    if not _C.amx_bf16_available():
+        pytest.skip("no AMX-BF16 on this CPU (the medium path falls back to fp32: test_medium_precision_bf16_products)")
+    x = randn(40, 200, gen=gen)[:, 3:99]  # row stride 200
+    w = randn(70, 130, gen=gen)[:, 10:106]  # row stride 130
+    b = randn(70, gen=gen)
+    y0 = randn(40, 80, gen=gen)
+    out = y0.clone()[:, 5:75]
+    _C.gemm_f32(x, w, b, out, True, True)
+    assert err(out, x, w, bf16_want(x, w, b, y0[:, 5:75])) <= 1e-5
+    x2 = x.clone()
+    x2[7, 11] = float("nan")
+    y = ne.ops.linear(x2, w, b, matmul_precision="medium")
+    assert torch.isnan(y[7]).all() and torch.isfinite(y[torch.arange(40) != 7]).all()
+
+
+def test_medium_precision_bad_argument():
+    with pytest.raises(ne.errors.ArgumentError, match="matmul_precision"):
+        ne.ops.linear(torch.randn(2, 3), torch.randn(4, 3), matmul_precision="low")

@@ -176,20 +176,23 @@ PYBIND11_MODULE(_C, m) {
   // ---------------------------------------------------------------- dense linear
   m.def(
       "linear",
-      [](py::handle x, py::handle w, py::handle bias, py::handle y, std::uintptr_t stream) {
+      [](py::handle x, py::handle w, py::handle bias, py::handle y, std::uintptr_t stream, bool bf16_products) {
         Borrowed b;
         TensorView vx = view_of(x, "x", b), vw = view_of(w, "weight", b), vy = view_of(y, "out", b);
         Opt vb = opt_view(bias, "bias", b);
         py::gil_scoped_release nogil;
-        ne::linear(vx, vw, vb.ptr(), vy, ctx_of(stream));
+        ne::linear(vx, vw, vb.ptr(), vy, ctx_of(stream), nullptr, bf16_products);
       },
-      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("stream") = 0);
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("stream") = 0,
+      py::arg("bf16_products") = false);
+  m.def("amx_bf16_available", &ne::amx_bf16_available,
+        "Whether gemm_f32's bf16_products path (AMX-BF16 tiles) can run here, within the active ISA");
 
   // Testing hook: the runner's raw contract ne::gemm_f32 (with `accumulate`), on CPU tensors that
   // ne::linear has already validated as x [M, K], weight [N, K], bias [N] or None, out [M, N].
   m.def(
       "gemm_f32",
-      [](py::handle x, py::handle w, py::handle bias, py::handle y, bool accumulate) {
+      [](py::handle x, py::handle w, py::handle bias, py::handle y, bool accumulate, bool bf16_products) {
         Borrowed b;
         TensorView vx = view_of(x, "x", b), vw = view_of(w, "weight", b), vy = view_of(y, "out", b);
         Opt vb = opt_view(bias, "bias", b);
@@ -204,7 +207,8 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release nogil;
         ne::gemm_f32(xr.rows, N, K, static_cast<const float*>(xr.data), xr.ld, vw.data, vw.dtype,
                      N > 1 ? vw.strides[0] : K, vb.has ? static_cast<const float*>(vb.v.data) : nullptr,
-                     static_cast<float*>(yr.data), yr.ld, accumulate);
+                     static_cast<float*>(yr.data), yr.ld, accumulate, nullptr, bf16_products);
       },
-      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("accumulate"));
+      py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("accumulate"),
+      py::arg("bf16_products") = false);
 }

@@ -112,18 +112,26 @@ void weight_row(const W& w, int64_t n, float* out) {
 // Picked per call, so force_cpu_isa() takes effect at once.
 const AttentionTable& attn_kernels() { return *NE_PICK_ISA(attention_table); }
 
+// How the dense projections multiply: lmul_bits > 0, every product an L-Mul (lmul_scope "all");
+// bf16, products of bfloat16-rounded operands where AMX-BF16 can take them (matmul precision
+// "medium", gemm_f32's bf16_products).
+struct Arith {
+  int lmul_bits = 0;
+  bool bf16 = false;
+};
+
 // y[T, N] (+)= x[T, K] W^T (+ b) (with an optional norm epilogue), by the weight's kind: dense
-// (gemm_f32), quantized (quant_gemm_f32: the format's own activation handling), or, when lmul_bits
-// > 0, every product an L-Mul (lmul_gemm_f32; float32 weights, no epilogue).
-void linear(const W& w, const W& b, const float* x, int64_t T, float* y, bool accumulate, int lmul_bits = 0,
+// (gemm_f32), quantized (quant_gemm_f32: the format's own activation handling), or, when
+// ar.lmul_bits > 0, every product an L-Mul (lmul_gemm_f32; float32 weights, no epilogue).
+void linear(const W& w, const W& b, const float* x, int64_t T, float* y, bool accumulate, Arith ar = {},
             const GemmEpilogue* ep = nullptr) {
   const float* bias = b.present() ? b.f32() : nullptr;
   if (w.quant) {
     quant_gemm_f32(T, x, w.cols, w.q, bias, y, w.rows, accumulate, ep);
-  } else if (lmul_bits > 0) {
-    lmul_gemm_f32(T, w.rows, w.cols, x, w.cols, w.f32(), w.ld, bias, y, w.rows, accumulate, lmul_bits);
+  } else if (ar.lmul_bits > 0) {
+    lmul_gemm_f32(T, w.rows, w.cols, x, w.cols, w.f32(), w.ld, bias, y, w.rows, accumulate, ar.lmul_bits);
   } else {
-    gemm_f32(T, w.rows, w.cols, x, w.cols, w.data, w.dtype, w.ld, bias, y, w.rows, accumulate, ep);
+    gemm_f32(T, w.rows, w.cols, x, w.cols, w.data, w.dtype, w.ld, bias, y, w.rows, accumulate, ep, ar.bf16);
   }
 }
 
@@ -508,12 +516,12 @@ namespace {
 
 // y[T, N] = norm(x) W^T (+ b) with norm's statistics applied in the GEMM epilogue (norm_linear).
 void linear_normed(const W& w, const W& b, const float* x, int64_t T, float* y, const float* rstd,
-                   const float* mean, const std::vector<float>& csum) {
+                   const float* mean, const std::vector<float>& csum, Arith ar) {
   GemmEpilogue ep;
   ep.row_scale = rstd;
   ep.row_shift = mean;
   ep.col_sum = mean ? csum.data() : nullptr;
-  linear(w, b, x, T, y, false, 0, &ep);
+  linear(w, b, x, T, y, false, ar, &ep);
 }
 
 // Per-row statistics of the stream (rstd, and mean for LayerNorm) for the fused path.
@@ -615,7 +623,7 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
     }
   }
   const AttentionTable& K = attn_kernels();
-  const int lmul_all = s.lmul_scope == 2 ? s.lmul_bits : 0;  // L-Mul bits of the projections (0: exact)
+  const Arith ar{s.lmul_scope == 2 ? s.lmul_bits : 0, s.bf16_products};  // how the projections multiply
   for (int li = 0; li < s.n_layers; ++li) {
     Layer& L = m.layers[li];
     // ---- attention
@@ -629,20 +637,20 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
     if (m.fused) {
       row_stats(s, m.x.data(), T, m.mean.data(), m.rstd.data());
       if (fqkv) {
-        linear_normed(L.qkv, L.qkvb, m.x.data(), T, m.qkv.data(), m.rstd.data(), mu, L.csum_qkv);
+        linear_normed(L.qkv, L.qkvb, m.x.data(), T, m.qkv.data(), m.rstd.data(), mu, L.csum_qkv, ar);
       } else {
-        linear_normed(L.q, L.qb, m.x.data(), T, m.q.data(), m.rstd.data(), mu, L.csum_q);
-        linear_normed(L.k, L.kb, m.x.data(), T, m.k.data(), m.rstd.data(), mu, L.csum_k);
-        linear_normed(L.v, L.vb, m.x.data(), T, m.v.data(), m.rstd.data(), mu, L.csum_v);
+        linear_normed(L.q, L.qb, m.x.data(), T, m.q.data(), m.rstd.data(), mu, L.csum_q, ar);
+        linear_normed(L.k, L.kb, m.x.data(), T, m.k.data(), m.rstd.data(), mu, L.csum_k, ar);
+        linear_normed(L.v, L.vb, m.x.data(), T, m.v.data(), m.rstd.data(), mu, L.csum_v, ar);
       }
     } else {
       norm_rows(s, L.attn_norm_w, L.attn_norm_b, m.x.data(), m.xn.data(), T);
       if (fqkv) {
-        linear(L.qkv, L.qkvb, m.xn.data(), T, m.qkv.data(), false, lmul_all);
+        linear(L.qkv, L.qkvb, m.xn.data(), T, m.qkv.data(), false, ar);
       } else {
-        linear(L.q, L.qb, m.xn.data(), T, m.q.data(), false, lmul_all);
-        linear(L.k, L.kb, m.xn.data(), T, m.k.data(), false, lmul_all);
-        linear(L.v, L.vb, m.xn.data(), T, m.v.data(), false, lmul_all);
+        linear(L.q, L.qb, m.xn.data(), T, m.q.data(), false, ar);
+        linear(L.k, L.kb, m.xn.data(), T, m.k.data(), false, ar);
+        linear(L.v, L.vb, m.xn.data(), T, m.v.data(), false, ar);
       }
     }
     if (!s.learned_pos) {
@@ -693,24 +701,24 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
         t0 += lens[i];
       }
     }
-    linear(L.o, L.ob, m.att.data(), T, m.x.data(), true, lmul_all);  // x += attn Wo^T + bo
+    linear(L.o, L.ob, m.att.data(), T, m.x.data(), true, ar);  // x += attn Wo^T + bo
     // ---- MLP
     const bool fgu = L.gate_up.present();  // [gate; up] in one GEMM: gu = [T, 2 d_ff], gate first
     if (m.fused) {
       row_stats(s, m.x.data(), T, m.mean.data(), m.rstd.data());
       if (fgu) {
-        linear_normed(L.gate_up, L.gate_upb, m.x.data(), T, m.gu.data(), m.rstd.data(), mu, L.csum_gate_up);
+        linear_normed(L.gate_up, L.gate_upb, m.x.data(), T, m.gu.data(), m.rstd.data(), mu, L.csum_gate_up, ar);
       } else {
-        linear_normed(L.up, L.upb, m.x.data(), T, m.up.data(), m.rstd.data(), mu, L.csum_up);
-        if (s.gated_mlp) linear_normed(L.gate, L.gateb, m.x.data(), T, m.gate.data(), m.rstd.data(), mu, L.csum_gate);
+        linear_normed(L.up, L.upb, m.x.data(), T, m.up.data(), m.rstd.data(), mu, L.csum_up, ar);
+        if (s.gated_mlp) linear_normed(L.gate, L.gateb, m.x.data(), T, m.gate.data(), m.rstd.data(), mu, L.csum_gate, ar);
       }
     } else {
       norm_rows(s, L.mlp_norm_w, L.mlp_norm_b, m.x.data(), m.xn.data(), T);
       if (fgu) {
-        linear(L.gate_up, L.gate_upb, m.xn.data(), T, m.gu.data(), false, lmul_all);
+        linear(L.gate_up, L.gate_upb, m.xn.data(), T, m.gu.data(), false, ar);
       } else {
-        linear(L.up, L.upb, m.xn.data(), T, m.up.data(), false, lmul_all);
-        if (s.gated_mlp) linear(L.gate, L.gateb, m.xn.data(), T, m.gate.data(), false, lmul_all);
+        linear(L.up, L.upb, m.xn.data(), T, m.up.data(), false, ar);
+        if (s.gated_mlp) linear(L.gate, L.gateb, m.xn.data(), T, m.gate.data(), false, ar);
       }
     }
     if (fgu) {
@@ -720,7 +728,7 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
     } else {
       K.activation({static_cast<Act>(s.activation), T, f, m.up.data(), f, nullptr, 0, m.up.data(), f});
     }
-    linear(L.down, L.downb, m.up.data(), T, m.x.data(), true, lmul_all);  // x += act Wd^T + bd
+    linear(L.down, L.downb, m.up.data(), T, m.x.data(), true, ar);  // x += act Wd^T + bd
   }
 
   // ---- head, on the rows asked for
@@ -738,10 +746,10 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
   if (m.fused_head) {
     row_stats(s, src, rows, m.mean.data(), m.rstd.data());
     linear_normed(m.head, m.head_b, src, rows, logits, m.rstd.data(), s.norm == 0 ? m.mean.data() : nullptr,
-                  m.head_csum);
+                  m.head_csum, ar);
   } else {
     norm_rows(s, m.final_w, m.final_b, src, m.xn.data(), rows);
-    linear(m.head, m.head_b, m.xn.data(), rows, logits, false, lmul_all);
+    linear(m.head, m.head_b, m.xn.data(), rows, logits, false, ar);
   }
   for (int i = 0; i < n_seqs; ++i) m.len[slots[i]] += lens[i];
 }

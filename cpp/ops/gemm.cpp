@@ -417,7 +417,8 @@ float* pack_scratch(int64_t floats_per_thread) {
 }  // namespace
 
 void gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, DType wdtype,
-              int64_t ldw, const float* bias, float* y, int64_t ldy, bool accumulate, const GemmEpilogue* ep) {
+              int64_t ldw, const float* bias, float* y, int64_t ldy, bool accumulate, const GemmEpilogue* ep,
+              bool bf16_products) {
   if (wdtype != DType::F32 && wdtype != DType::BF16 && wdtype != DType::F16)
     throw DTypeError(std::string("weight: expected float32, bfloat16 or float16, got ") + dtype_name(wdtype));
   if (M <= 0 || N <= 0) return;
@@ -433,6 +434,7 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, cons
   }
   const GemmTable& t = cpu_gemm();
   GemmArgs a{M, N, K, x, ldx, w, ldw, bias, y, ldy, accumulate, e, nullptr};
+  if (bf16_products && gemm_bf16_amx(a, wdtype)) return;
   if (M <= kGemvMaxRows) {
     t.gemv[gemm_wslot(wdtype)](a);
   } else {
@@ -447,7 +449,7 @@ void linear(const TensorView& x, const TensorView& w, const TensorView* bias, co
 }
 
 void linear(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& y, const Ctx& ctx,
-            const GemmEpilogue* ep) {
+            const GemmEpilogue* ep, bool bf16_products) {
   // weight: [N, K] f32 / bf16 / f16, unit stride along K
   if (w.ndim != 2)
     throw ShapeError(std::string(w.name) + ": expected a 2-D tensor [out_features, in_features], got shape " +
@@ -491,7 +493,8 @@ void linear(const TensorView& x, const TensorView& w, const TensorView* bias, co
                            x.device.str() + ")");
   (void)ctx;
   gemm_f32(xr.rows, N, K, static_cast<const float*>(xr.data), xr.ld, w.data, w.dtype, ldw,
-           bias ? static_cast<const float*>(bias->data) : nullptr, static_cast<float*>(yr.data), yr.ld, false, ep);
+           bias ? static_cast<const float*>(bias->data) : nullptr, static_cast<float*>(yr.data), yr.ld, false, ep,
+           bf16_products);
 }
 
 }  // namespace ne

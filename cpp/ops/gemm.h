@@ -30,14 +30,25 @@ struct GemmEpilogue {
   const float* col_sum = nullptr;
 };
 
+//
+// bf16_products (the "medium" matmul precision, as torch.set_float32_matmul_precision("medium")):
+// the caller allows x (after the epilogue's row statistics) and float32 W to be rounded to bfloat16,
+// products exact and sums in fp32, on AMX tiles (ops/gemm_bf16_amx.cpp) when the CPU has AMX-BF16,
+// f32 or bf16 weights and M >= kAmxMinRows; otherwise (decode rows, no AMX, f16 weights) the fp32
+// path runs as if it were false.
 void gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, DType wdtype,
               int64_t ldw, const float* bias, float* y, int64_t ldy, bool accumulate = false,
-              const GemmEpilogue* ep = nullptr);
+              const GemmEpilogue* ep = nullptr, bool bf16_products = false);
 
-// ne::linear (ops.h) with an epilogue: the same checks, then gemm_f32(..., ep). ep's arrays are the
-// caller's responsibility (M and N floats).
+// ne::linear (ops.h) with an epilogue and the matmul precision: the same checks, then
+// gemm_f32(..., ep, bf16_products). ep's arrays are the caller's responsibility (M and N floats).
 void linear(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& y, const Ctx& ctx,
-            const GemmEpilogue* ep);
+            const GemmEpilogue* ep, bool bf16_products = false);
+
+// AMX-BF16 usable here (CPU, OS, process permission, and an active ISA of avx512bf16).
+bool amx_bf16_available();
+// At least this many rows of x for the AMX path (fewer are GEMV-like: bound by streaming W).
+constexpr int64_t kAmxMinRows = 16;
 
 // At most this many rows of x take the GEMV path (stream W once, dot products); more take the
 // register-blocked GEMM path (W packed panel by panel).
@@ -65,6 +76,9 @@ struct GemmTable {
   void (*gemm[3])(const GemmArgs&);  // any M
   int64_t pack_floats;               // scratch each thread needs for its packed W panel (floats)
 };
+
+// gemm_f32's bf16_products path; false (nothing written) when AMX-BF16 cannot take this call.
+bool gemm_bf16_amx(const GemmArgs& a, DType wdtype);
 
 }  // namespace ne
 

@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "core/amx.h"
 #include "core/parallel.h"
 #include "normengine/errors.h"
 #include "ops/quant_gemm.h"
@@ -39,8 +40,6 @@
 #define NE_INT8_X86 1
 #include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #endif
 
 namespace ne {
@@ -385,15 +384,6 @@ void int8_block_avxvnni(const QArgs& a, int64_t n0, int64_t n1) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,amx-tile,amx-int8")
 
-// The palette-1 tile configuration: every tile 16 rows x 64 bytes (C: 16 x 16 int32; A: 16 W rows
-// x 64 k; B: 16 k-quads x (16 x rows x 4 bytes)).
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // x (already quantized, [M, Kp]) into B tiles: Bp[(mb * KB + kb) * 1024 + kk * 64 + 4 m + j] =
 // xq[16 mb + m, 64 kb + 4 kk + j]; rows m >= M are zero. MB = ceil(M / 16) blocks of 16 rows.
 void pack_x_amx(const QArgs& a, int64_t MBp, int8_t* Bp) {
@@ -414,11 +404,7 @@ void pack_x_amx(const QArgs& a, int64_t MBp, int8_t* Bp) {
 
 // Output rows n in [nb0, nb1) (multiples of 32) against every row of x.
 void int8_amx_blocks(const QArgs& a, const int8_t* Bp, int64_t MB, int64_t nb0, int64_t nb1) {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
+  const AmxTileConfig cfg;  // every tile 16 rows x 64 bytes
   _tile_loadconfig(&cfg);
   const int64_t K = a.w->K, KB = K / 64;
   const int8_t* W = static_cast<const int8_t*>(a.w->data);
@@ -477,30 +463,15 @@ struct Cpu {
   bool avx512vnni = false, avxvnni = false, amx = false;
 };
 
-bool amx_permitted() {
-  // Linux keeps AMX's 8 KB tile state off until a process asks (ARCH_REQ_XCOMP_PERM, XTILEDATA = 18).
-#if defined(SYS_arch_prctl)
-  return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-#else
-  return false;
-#endif
-}
-
 Cpu detect() {
   Cpu c;
   unsigned a, b, cx, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &cx, &d)) return c;
   const bool avx512 = detected_isa() >= Isa::AVX512;  // includes the OS's AVX-512 state check
   c.avx512vnni = avx512 && (cx >> 11 & 1);
-  const bool amx_hw = (d >> 24 & 1) && (d >> 25 & 1);  // AMX-TILE, AMX-INT8
   unsigned a1, b1, c1, d1;
   if (__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1)) c.avxvnni = detected_isa() >= Isa::AVX2 && (a1 >> 4 & 1);
-  if (amx_hw && c.avx512vnni) {
-    // XCR0 bits 17 (XTILECFG) and 18 (XTILEDATA) must be enabled by the OS, and the process granted.
-    unsigned lo, hi;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    c.amx = ((lo >> 17) & 3) == 3 && amx_permitted();
-  }
+  c.amx = amx_caps().int8;  // core/amx.cpp: CPU, OS and the process's tile permission
   return c;
 }
 

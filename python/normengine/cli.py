@@ -73,7 +73,7 @@ def _load(args):
     dtype = getattr(torch, _DTYPES[args.dtype]) if getattr(args, "dtype", None) else None
     return ne.load(args.path, device=args.device, dtype=dtype, norm=args.norm, quant=args.quant,
                    group_size=args.group_size, attention=args.attention, arithmetic=args.arithmetic,
-                   lmul_bits=args.lmul_bits, lmul_scope=args.lmul_scope)
+                   lmul_bits=args.lmul_bits, lmul_scope=args.lmul_scope, matmul_precision=args.matmul_precision)
 
 
 def cmd_generate(args) -> int:
@@ -150,6 +150,8 @@ def _model_options(p) -> None:
     p.add_argument("--arithmetic", choices=["exact", "lmul"], default=None, help="lmul: L-Mul products")
     p.add_argument("--lmul-bits", type=int, default=4, help="L-Mul mantissa bits (default 4)")
     p.add_argument("--lmul-scope", choices=["attention", "all"], default="attention")
+    p.add_argument("--matmul-precision", choices=["highest", "medium"], default="highest",
+                   help="medium: bfloat16 products on AMX tiles for prefill (as torch's float32 matmul precision)")
 
 
 def main(argv=None) -> int:

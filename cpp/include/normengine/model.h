@@ -39,6 +39,9 @@ struct ModelSpec {
   // 2 every matmul of the model (projections, MLP, head too; needs float32 weights).
   int lmul_scope = 0;
   int lmul_bits = 4;
+  // Matmul precision "medium": dense projections may round their operands to bfloat16 (fp32 sums) on
+  // AMX-BF16 tiles, for 16+ rows at a time (ops/gemm.h gemm_f32's bf16_products). false: fp32 products.
+  bool bf16_products = false;
 };
 
 enum class AttnType : int { Softmax = 0, Linear = 1, Mala = 2, Norm = 3 };

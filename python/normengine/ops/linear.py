@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C
-from ..errors import DeviceError, DTypeError, ShapeError
+from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from ._tensor import FLOAT_DTYPES, _rows_ok, check_input, stream_of
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -66,10 +66,16 @@ def _check_out(out, x: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, out=None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, out=None,
+           matmul_precision: str = "highest") -> torch.Tensor:
     """y[..., n] = sum_k x[..., k] * weight[n, k] + bias[n], as torch.nn.functional.linear.
 
-    ``out=`` writes y into a caller's float32 buffer of shape x.shape[:-1] + (out_features,)."""
+    ``out=`` writes y into a caller's float32 buffer of shape x.shape[:-1] + (out_features,).
+    ``matmul_precision="medium"`` (as torch.set_float32_matmul_precision) lets a CPU with AMX-BF16
+    round x and a float32 weight to bfloat16 for the products (sums in fp32) when x has 16 or more
+    rows; elsewhere it computes as "highest"."""
+    if matmul_precision not in ("highest", "medium"):
+        raise ArgumentError(f"matmul_precision: expected 'highest' or 'medium', got {matmul_precision!r}")
     x = check_input(x)
     if x.dtype != torch.float32:
         raise DTypeError(f"x: expected dtype torch.float32 (other input dtypes are not supported yet), got {x.dtype}")
@@ -80,5 +86,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         y = torch.empty(tuple(x.shape[:-1]) + (n,), dtype=torch.float32, device=x.device)
     else:
         y = _check_out(out, x, n)
-    _C.linear(x, weight, bias, y, stream_of(x))
+    _C.linear(x, weight, bias, y, stream_of(x), matmul_precision == "medium")
     return y
