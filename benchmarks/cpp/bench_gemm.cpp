@@ -159,19 +159,28 @@ int main(int argc, char** argv) {
         }
       }
       if (do_gemm) {
-        std::printf("\nGEMM  W %s, warm caches\n", dname);
-        std::printf("%4s %5s %6s %9s %9s\n", "M", "K", "N", "ms", "GFLOP/s");
+        // "medium": gemm_f32's bf16_products (AMX-BF16 tiles; the fp32 path where the CPU has none)
+        const bool amx = ne::amx_bf16_available();
+        std::printf("\nGEMM  W %s, warm caches; medium = bf16 products (%s), same run\n", dname,
+                    amx ? "AMX-BF16" : "no AMX-BF16 here: the fp32 path again");
+        std::printf("%4s %5s %6s %9s %9s %11s %9s %8s\n", "M", "K", "N", "ms", "GFLOP/s", "medium ms", "GFLOP/s",
+                    "speedup");
         for (auto [K, N] : shapes) {
           if (K == 768 && N == 768) continue;
           for (int64_t M : {16, 128, 512}) {
-            auto op = [&] { ne::gemm_f32(M, N, K, xp, K, w.p, dt, K, bp, yp, N); };
-            op();
-            std::vector<double> a;
-            const int reps = M * N * K > (int64_t(1) << 33) ? std::max(5, repeats / 3) : repeats;
-            for (int i = 0; i < reps; ++i) a.push_back(seconds_of(op));
-            const double t = median(a);
-            std::printf("%4lld %5lld %6lld %9.3f %9.1f\n", static_cast<long long>(M), static_cast<long long>(K),
-                        static_cast<long long>(N), t * 1e3, 2.0 * M * N * K / t / 1e9);
+            auto time_of = [&](bool bf16) {
+              auto op = [&] { ne::gemm_f32(M, N, K, xp, K, w.p, dt, K, bp, yp, N, false, nullptr, bf16); };
+              op();
+              std::vector<double> a;
+              const int reps = M * N * K > (int64_t(1) << 33) ? std::max(5, repeats / 3) : repeats;
+              for (int i = 0; i < reps; ++i) a.push_back(seconds_of(op));
+              return median(a);
+            };
+            const double t = time_of(false), tm = time_of(true);
+            const double flop = 2.0 * M * N * K;
+            std::printf("%4lld %5lld %6lld %9.3f %9.1f %11.3f %9.1f %7.2fx\n", static_cast<long long>(M),
+                        static_cast<long long>(K), static_cast<long long>(N), t * 1e3, flop / t / 1e9, tm * 1e3,
+                        flop / tm / 1e9, t / tm);
             std::fflush(stdout);
           }
         }
