@@ -57,12 +57,6 @@ struct NormRows {
     int k = width(n, 0);
     return static_cast<A>(V::reduce(V::load(h, k)) / k);
   }
-  static void ln_center(const T* h, int64_t n, A& K, A& delta) {
-    K = ln_shift(h, n);
-    const R Kv = V::set1(K);
-    delta = static_cast<A>(
-        row_sum(n, [&](int64_t i, int k) { return V::keep(V::sub(loadn<V>(h + i, k), Kv), k); }) / n);
-  }
   static void ln_stats(const T* h, int64_t n, double eps, A& K, A& delta, A& rstd) {
     K = ln_shift(h, n);
     const R Kv = V::set1(K);
@@ -177,7 +171,11 @@ struct NormRows {
   //   RMSNorm:   dh = rstd * (g - xhat * mean(g * xhat))
   //   CRMSNorm:  dh = rstd * (g - (xhat + rstd * sum(h)) * sum(g * xhat) / d)     (d = n + 1)
   //   dx = dh (+ dres);  dw += dy * xhat;  db += dy   (into this thread's partial sums)
-  static void backward_row(const NormBwdArgs& a, int64_t r, A* dw, A* db) {
+  // Two passes over the row. Pass 1 takes the sums; for LayerNorm it also finds the shift that
+  // forward used, xhat = (h - K - delta) rstd with K = ln_shift(h) and delta = mean(h - K), from the
+  // same shifted values c = h - K: sum(g xhat) = rstd (sum(g c) - delta sum(g)), so the row is read
+  // twice, not three times. Pass 2 writes dx and accumulates dw, db.
+  static void backward_row(const NormBwdArgs& a, int64_t r, A* dw, A* db, bool nt) {
     const int64_t n = a.h.cols;
     const A* w = static_cast<const A*>(a.w);
     const T* h = a.h.row<const T>(r);
@@ -186,44 +184,54 @@ struct NormRows {
     T* dx = a.dx.row<T>(r);
     const A rstd = static_cast<const A*>(a.rstd)[r];
     const R Sv = V::set1(rstd);
-    // xhat = (h - shift) * rstd, with shift = K + delta for LayerNorm, 0 otherwise
-    A K = A(0), delta = A(0);
-    double hsum = 0;
-    if (a.kind == NormKind::LayerNorm) ln_center(h, n, K, delta);
-    if (a.kind == NormKind::CRMSNorm) hsum = row_sum(n, [&](int64_t i, int k) { return loadn<V>(h + i, k); });
-    const R Kv = V::set1(K), Dv = V::set1(delta);
-    auto xhat_at = [&](int64_t i, int k) { return V::mul(V::sub(V::sub(loadn<V>(h + i, k), Kv), Dv), Sv); };
-
-    R sg0 = V::zero(), sgx0 = V::zero();
+    const bool ln = a.kind == NormKind::LayerNorm;
+    const A K = ln ? ln_shift(h, n) : A(0);
+    const R Kv = V::set1(K);
+    // pass 1: sg = sum g, sgc = sum g c, sc = sum c (c = h - K; K = 0 unless LayerNorm)
+    R sg0 = V::zero(), sgc0 = V::zero(), sc0 = V::zero();
     for (int64_t i = 0; i < n; i += N) {
       int k = width(n, i);
-      R d = loadn<V>(dy + i, k), xh = V::keep(xhat_at(i, k), k);
-      R g = V::mul(d, load_w(w, i, k));
+      R c = V::keep(V::sub(loadn<V>(h + i, k), Kv), k);
+      R g = V::mul(loadn<V>(dy + i, k), load_w(w, i, k));
       sg0 = V::add(sg0, g);
-      sgx0 = V::fma(g, xh, sgx0);
-      if (dw) storen<V>(dw + i, V::fma(d, xh, loadn<V>(dw + i, k)), k);
-      if (db) storen<V>(db + i, V::add(d, loadn<V>(db + i, k)), k);
+      sgc0 = V::fma(g, c, sgc0);
+      sc0 = V::add(sc0, c);
     }
-    const double sg = V::reduce(sg0), sgx = V::reduce(sgx0);
+    const double sg = V::reduce(sg0), sgc = V::reduce(sgc0), sc = V::reduce(sc0);
+    const A delta = ln ? static_cast<A>(sc / n) : A(0);
+    double sgx = static_cast<double>(rstd) * (sgc - static_cast<double>(delta) * sg);  // sum g xhat
+    if (ln && !(static_cast<double>(delta) * delta * rstd * rstd <= 3.0)) {
+      // K far from the mean (|delta| > sqrt(3) std, as in ln_stats) or NaN: sum g c and delta sum g
+      // may cancel; take sum(g xhat) from xhat itself, as forward normalized (a third pass)
+      const R Dv = V::set1(delta);
+      sgx = row_sum(n, [&](int64_t i, int k) {
+        R xh = V::mul(V::sub(V::sub(loadn<V>(h + i, k), Kv), Dv), Sv);
+        return V::keep(V::mul(V::mul(loadn<V>(dy + i, k), load_w(w, i, k)), xh), k);
+      });
+    }
     R c_mean, c_xhat;  // dh = rstd * (g - c_mean - c_xhat * xhat)
-    if (a.kind == NormKind::LayerNorm) {
+    if (ln) {
       c_mean = V::set1(static_cast<A>(sg / n));
       c_xhat = V::set1(static_cast<A>(sgx / n));
     } else if (a.kind == NormKind::RMSNorm) {
       c_mean = V::zero();
       c_xhat = V::set1(static_cast<A>(sgx / n));
-    } else {
+    } else {  // CRMSNorm: sc = sum h
       const double m = sgx / static_cast<double>(n + 1);
-      c_mean = V::set1(static_cast<A>(rstd * hsum * m));
+      c_mean = V::set1(static_cast<A>(rstd * sc * m));
       c_xhat = V::set1(static_cast<A>(m));
     }
+    const R Dv = V::set1(delta);
     for (int64_t i = 0; i < n; i += N) {
       int k = width(n, i);
-      R g = V::mul(loadn<V>(dy + i, k), load_w(w, i, k));
-      R t = V::sub(V::sub(g, c_mean), V::mul(c_xhat, xhat_at(i, k)));
-      R d = V::mul(Sv, t);
-      if (dres) d = V::add(d, loadn<V>(dres + i, k));
-      storen<V>(dx + i, d, k);
+      R d = loadn<V>(dy + i, k);
+      R xh = V::keep(V::mul(V::sub(V::sub(loadn<V>(h + i, k), Kv), Dv), Sv), k);
+      R g = V::mul(d, load_w(w, i, k));
+      R o = V::mul(Sv, V::sub(V::sub(g, c_mean), V::mul(c_xhat, xh)));
+      if (dres) o = V::add(o, loadn<V>(dres + i, k));
+      store_y(dx + i, o, k, nt);
+      if (dw) storen<V>(dw + i, V::fma(d, xh, loadn<V>(dw + i, k)), k);
+      if (db) storen<V>(db + i, V::add(d, loadn<V>(db + i, k)), k);
     }
   }
 
@@ -294,10 +302,27 @@ struct NormRows {
     A* pdw = static_cast<A*>(a.partials);
     A* pdb = pdw + static_cast<int64_t>(threads) * n;
     if (a.dw || a.db) zero(pdw, 2 * static_cast<int64_t>(threads) * n);
+    // as forward(): a dx of 8 MiB or more is streamed past the caches, and the next row's h and dy
+    // (and dres) are requested while this one is computed (each row starts new memory streams)
+    const bool nt = static_cast<double>(a.dx.rows) * static_cast<double>(a.dx.cols) * sizeof(T) >= 8.0 * (1 << 20);
+    const int64_t row_bytes = n * static_cast<int64_t>(sizeof(T));
     parallel_for(a.h.rows, grain(n), [&](int64_t r0, int64_t r1, int tid) {
       A* dw = a.dw ? pdw + static_cast<int64_t>(tid) * n : nullptr;
       A* db = a.db ? pdb + static_cast<int64_t>(tid) * n : nullptr;
-      for (int64_t r = r0; r < r1; ++r) backward_row(a, r, dw, db);
+      for (int64_t r = r0; r < r1; ++r) {
+        if (nt && r + 1 < r1) {
+          const char* ph = reinterpret_cast<const char*>(a.h.row<const T>(r + 1));
+          const char* pd = reinterpret_cast<const char*>(a.dy.row<const T>(r + 1));
+          const char* pr = a.dres.data ? reinterpret_cast<const char*>(a.dres.row<const T>(r + 1)) : nullptr;
+          for (int64_t o = 0; o < row_bytes; o += 64) {
+            __builtin_prefetch(ph + o);
+            __builtin_prefetch(pd + o);
+            if (pr) __builtin_prefetch(pr + o);
+          }
+        }
+        backward_row(a, r, dw, db, nt);
+      }
+      if (nt) stream_fence();
     });
     if (a.dw) reduce_partials(pdw, threads, n, static_cast<A*>(a.dw));
     if (a.db) reduce_partials(pdb, threads, n, static_cast<A*>(a.db));
