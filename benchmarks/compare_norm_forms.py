@@ -7,7 +7,9 @@
    round-robin, medians over rounds; the forms' logits are checked to agree first.
 2. norm_linear (norm statistics applied in the GEMM epilogue) against norm-then-GEMM (the engine's
    own norm kernel writing the normalized rows, then its GEMM) at the model's shapes, decode (M = 1)
-   and prefill (M = 128): K = 768 to N = 2304 (q, k, v), 3072 (MLP up) and 50257 (head).
+   and prefill (M = 128): K = 768 to N = 2304 (q, k, v), 3072 (MLP up) and 50257 (head); and against
+   torch's norm-then-linear (F.layer_norm / F.rms_norm, then addmm, F.linear's kernel, into out=), the
+   pair a PyTorch user replaces with the one op.
 
 Usage: PYTHONPATH=python python3 benchmarks/compare_norm_forms.py [--threads 2] [--rounds 9]
 """
@@ -83,7 +85,8 @@ def bench_norm_linear(repeats):
 
     torch.manual_seed(0)
     print(f"\nnorm_linear vs norm-then-GEMM (engine kernels both), median of {repeats}; K = 768")
-    print(f"{'norm':>6} {'M':>4} {'N':>6} {'fused ms':>9} {'norm+GEMM ms':>13} {'speed-up':>9}")
+    print(f"{'norm':>6} {'M':>4} {'N':>6} {'fused ms':>9} {'norm+GEMM ms':>13} {'speed-up':>9} {'torch ms':>9} "
+          f"{'vs torch':>9}")
     for norm, normfn in (("layer", ne.ops.layer_norm), ("rms", ne.ops.rms_norm)):
         for M in (1, 128):
             for N in (2304, 3072, 50257):
@@ -102,14 +105,23 @@ def bench_norm_linear(repeats):
                     normfn(x, out=xn)
                     ne.ops.linear(xn, w, b, out=y)
 
-                for f in (fused, split):
+                def torch_pair():
+                    if norm == "layer":
+                        h = torch.nn.functional.layer_norm(x, (768,), eps=1e-5)
+                    else:
+                        h = torch.nn.functional.rms_norm(x, (768,), eps=1e-6)
+                    torch.addmm(b, h, w.t(), out=y)  # F.linear's kernel, into out=
+
+                for f in (fused, split, torch_pair):
                     f()
-                tf, ts = [], []
-                for _ in range(repeats):  # interleaved: drift hits both alike
+                tf, ts, tt = [], [], []
+                for _ in range(repeats):  # interleaved: drift hits all alike
                     tf.append(timed(fused))
                     ts.append(timed(split))
-                a, s = statistics.median(tf), statistics.median(ts)
-                print(f"{norm:>6} {M:>4} {N:>6} {a * 1e3:>9.3f} {s * 1e3:>13.3f} {s / a:>8.2f}x")
+                    tt.append(timed(torch_pair))
+                a, s, t = statistics.median(tf), statistics.median(ts), statistics.median(tt)
+                print(f"{norm:>6} {M:>4} {N:>6} {a * 1e3:>9.3f} {s * 1e3:>13.3f} {s / a:>8.2f}x {t * 1e3:>9.3f} "
+                      f"{t / a:>8.2f}x")
 
 
 def main():

@@ -206,7 +206,7 @@ int64_t arg_int(int argc, char** argv, int& i) {
 
 int main(int argc, char** argv) {
   int threads = 0, repeats = 7, prompt = 128, gen = 64;
-  bool profile = false;
+  bool profile = false, medium = false;
   std::string arch = "gpt2", dts = "f32";
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -217,9 +217,12 @@ int main(int argc, char** argv) {
     else if (a == "--arch" && i + 1 < argc) arch = argv[++i];
     else if (a == "--dtype" && i + 1 < argc) dts = argv[++i];
     else if (a == "--profile") profile = true;
+    else if (a == "--matmul-precision" && i + 1 < argc && (std::string(argv[i + 1]) == "medium" ||
+                                                            std::string(argv[i + 1]) == "highest"))
+      medium = std::string(argv[++i]) == "medium";
     else {
       std::fprintf(stderr, "usage: %s [--arch gpt2|llama] [--dtype f32|bf16|f16] [--threads N] [--repeats K] "
-                   "[--prompt P] [--gen G] [--profile]\n", argv[0]);
+                   "[--prompt P] [--gen G] [--profile] [--matmul-precision highest|medium]\n", argv[0]);
       return 2;
     }
   }
@@ -235,6 +238,7 @@ int main(int argc, char** argv) {
     if (threads > 0) ne::set_num_threads(threads);
     const bool gpt2 = arch == "gpt2";
     ne::ModelSpec s;
+    s.bf16_products = medium;  // "medium": prefill projections on AMX-BF16 tiles where the CPU has them
     if (gpt2) {
       s.vocab = 50257; s.d_model = 768; s.n_layers = 12; s.n_heads = 12; s.n_kv_heads = 12; s.head_dim = 64;
       s.d_ff = 3072; s.max_seq_len = 1024; s.norm = 0; s.norm_eps = 1e-5; s.activation = 0; s.gated_mlp = false;
@@ -330,8 +334,9 @@ int main(int argc, char** argv) {
     };
 
     std::printf("normengine bench_runner: arch=%s dtype=%s isa=%s threads=%d repeats=%d (median) "
-                "prompt=%d gen=%d\n", arch.c_str(), dts.c_str(), ne::cpu_isa(), ne::num_threads(), repeats,
-                prompt, gen);
+                "prompt=%d gen=%d matmul_precision=%s%s\n", arch.c_str(), dts.c_str(), ne::cpu_isa(), ne::num_threads(),
+                repeats, prompt, gen, medium ? "medium" : "highest",
+                medium && !ne::amx_bf16_available() ? " (no AMX-BF16 here: computes as highest)" : "");
     std::printf("weights: %.1f MB in the arena; %.1f MB read per decode step\n", total / 1e6, per_token / 1e6);
     std::fflush(stdout);
 
