@@ -84,3 +84,42 @@ def test_norm_linear_out(norm, gen):
     xg = x.clone().requires_grad_()
     with pytest.raises(ne.errors.ArgumentError, match="out"):
         ne.ops.norm_linear(xg, w, b, norm=norm, out=out)
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms", "crms"])
+def test_medium_precision_normalizes_before_rounding(norm, gen):
+    """matmul_precision="medium" (AMX-BF16): x is normalized, then rounded to bf16, so rows with a
+    large mean (1e4 + N(0, 1)) keep their N(0, 1) part: the result is the bf16 product of norm(x) and
+    W, not of bf16(x). Without AMX-BF16 it is the exact path."""
+    from normengine import _C
+    x = 1e4 + torch.randn(40, 300, generator=gen)
+    w = torch.randn(70, 300, generator=gen) * 0.05
+    b = torch.randn(70, generator=gen)
+    y = ne.ops.norm_linear(x, w, b, norm=norm, matmul_precision="medium")
+    exact = ne.ops.norm_linear(x, w, b, norm=norm)
+    if not _C.amx_bf16_available():
+        assert torch.equal(y, exact)
+        return
+    xd = x.double()
+    if norm == "layer":
+        n = (xd - xd.mean(-1, keepdim=True)) / (xd.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    elif norm == "rms":
+        n = xd / (xd.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    else:
+        s = xd.sum(-1, keepdim=True)
+        n = xd / ((xd.pow(2).sum(-1, keepdim=True) + s * s) / 301 + 1e-6).sqrt()
+    want = n.float().bfloat16().double() @ w.bfloat16().double().t() + b.double()
+    scale = (n.abs() @ w.abs().double().t()).max().item()
+    # the row statistics are float32 in both precisions (LayerNorm's mean of 1e4 + N(0, 1) rows to
+    # within ulp(1e4) / 2 = 5e-4): the exact path's own error against float64 is the allowance
+    own = rel_err(exact, n @ w.double().t() + b.double(), floor=scale)
+    assert rel_err(y, want, floor=scale) < 1e-4 + 2 * own
+    assert rel_err(y, exact, floor=scale) < 2e-2
+    with pytest.raises(ne.errors.ArgumentError, match="matmul_precision"):
+        ne.ops.norm_linear(x, w, b, norm=norm, matmul_precision="low")
+    # autograd: forward medium, backward exact (straight through)
+    xg = x[:20].clone().requires_grad_()
+    ne.ops.norm_linear(xg, w, b, norm=norm, matmul_precision="medium").sum().backward()
+    xe = x[:20].clone().requires_grad_()
+    ne.ops.norm_linear(xe, w, b, norm=norm).sum().backward()
+    assert torch.equal(xg.grad, xe.grad)

@@ -128,16 +128,17 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "norm_linear",
       [](int kind, py::handle x, py::handle w, py::handle bias, double eps, py::handle col_sum, py::handle y,
-         py::handle mean, py::handle rstd, std::uintptr_t stream) {
+         py::handle mean, py::handle rstd, std::uintptr_t stream, bool bf16_products) {
         Borrowed b;
         TensorView vx = view_of(x, "x", b), vw = view_of(w, "weight", b), vy = view_of(y, "out", b),
                    vr = view_of(rstd, "rstd", b);
         Opt vb = opt_view(bias, "bias", b), vc = opt_view(col_sum, "col_sum", b), mu = opt_view(mean, "mean", b);
         py::gil_scoped_release nogil;
-        ne::norm_linear(norm_kind(kind), vx, vw, vb.ptr(), eps, vc.ptr(), vy, mu.ptr(), vr, ctx_of(stream));
+        ne::norm_linear(norm_kind(kind), vx, vw, vb.ptr(), eps, vc.ptr(), vy, mu.ptr(), vr, ctx_of(stream),
+                        bf16_products);
       },
       py::arg("kind"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("col_sum"),
-      py::arg("y"), py::arg("mean"), py::arg("rstd"), py::arg("stream") = 0);
+      py::arg("y"), py::arg("mean"), py::arg("rstd"), py::arg("stream") = 0, py::arg("bf16_products") = false);
 
   // ---------------------------------------------------------------- per-channel
   m.def(

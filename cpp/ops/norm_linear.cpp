@@ -19,7 +19,7 @@ namespace ne {
 
 void norm_linear(NormKind kind, const TensorView& x, const TensorView& w, const TensorView* bias, double eps,
                  const TensorView* col_sum, const TensorView& y, const TensorView* mean, const TensorView& rstd,
-                 const Ctx& ctx) {
+                 const Ctx& ctx, bool bf16_products) {
   check_dtype(x, DType::F32);
   if (w.ndim != 2)
     throw ShapeError(std::string(w.name) + ": expected a 2-D tensor [out_features, in_features], got shape " +
@@ -60,7 +60,7 @@ void norm_linear(NormKind kind, const TensorView& x, const TensorView& w, const 
   ep.row_scale = static_cast<const float*>(rstd.data);
   ep.row_shift = kind == NormKind::LayerNorm ? static_cast<const float*>(mean->data) : nullptr;
   ep.col_sum = c;
-  linear(x, w, bias, y, ctx, &ep);
+  linear(x, w, bias, y, ctx, &ep, bf16_products);
 }
 
 }  // namespace ne

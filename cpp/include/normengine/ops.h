@@ -82,8 +82,10 @@ void linear(const TensorView& x, const TensorView& w, const TensorView* bias, co
 // (cpp/ops/norm_linear.cpp): norm(x) is never written. The norm has no gain/bias (fold them into
 // w and bias). x float32 [..., K]; rstd [rows] and, for LayerNorm, mean [rows] float32 outputs;
 // col_sum [N] = w.sum(1) for LayerNorm (null: computed). CPU (CUDA: UnsupportedError).
+// bf16_products: the "medium" matmul precision (ops/gemm.h gemm_f32): on AMX-BF16 the statistics
+// normalize x as it is rounded to bf16 for the tiles, instead of in the epilogue.
 void norm_linear(NormKind kind, const TensorView& x, const TensorView& w, const TensorView* bias, double eps,
                  const TensorView* col_sum, const TensorView& y, const TensorView* mean, const TensorView& rstd,
-                 const Ctx& ctx = {});
+                 const Ctx& ctx = {}, bool bf16_products = false);
 
 }  // namespace ne

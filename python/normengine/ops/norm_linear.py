@@ -34,7 +34,7 @@ def _normalized(kind, x, mean, rstd):
     return x * rstd.view(shape).to(x.dtype)
 
 
-def _forward_native(kind, x, w, b, eps, col_sum):
+def _forward_native(kind, x, w, b, eps, col_sum, medium=False):
     n_rows = x.numel() // x.size(-1)
     acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
     rstd = torch.empty(n_rows, dtype=acc_t, device=x.device)
@@ -53,15 +53,15 @@ def _forward_native(kind, x, w, b, eps, col_sum):
             y = y + b.to(y.dtype)
         return y, mean, rstd
     y = torch.empty(x.shape[:-1] + (w.shape[0],), dtype=torch.float32, device=x.device)
-    _C.norm_linear(kind, x, w, b, eps, col_sum, y, mean, rstd, 0)
+    _C.norm_linear(kind, x, w, b, eps, col_sum, y, mean, rstd, 0, medium)
     return y, mean, rstd
 
 
 class NormLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kind, x, weight, bias, eps, col_sum):
+    def forward(ctx, kind, x, weight, bias, eps, col_sum, medium):
         w = weight.detach()
-        y, mean, rstd = _forward_native(kind, x, w, None if bias is None else bias.detach(), eps, col_sum)
+        y, mean, rstd = _forward_native(kind, x, w, None if bias is None else bias.detach(), eps, col_sum, medium)
         ctx.kind = kind
         ctx.save_for_backward(x, weight, mean if mean is not None else rstd, rstd)
         return y
@@ -81,15 +81,21 @@ class NormLinearFunction(torch.autograd.Function):
             dn = (dy @ w.to(dy.dtype)).contiguous()
             dx = torch.empty_like(x)
             _C.norm_backward(kind, dn, x, None, rstd, None, dx, None, None, stream_of(x))
-        return None, dx, dw, db, None, None
+        return None, dx, dw, db, None, None, None
 
 
-def norm_linear(x, weight, bias=None, norm: str = "rms", eps: float | None = None, *, col_sum=None, out=None):
+def norm_linear(x, weight, bias=None, norm: str = "rms", eps: float | None = None, *, col_sum=None, out=None,
+                matmul_precision: str = "highest"):
     """y = norm(x) @ weight.T + bias, norm in {'rms', 'crms', 'layer'} over the last dimension of x,
     without writing norm(x). x: float32 [..., K]; weight: [N, K] float32 / bfloat16 / float16;
     bias: [N] float32. col_sum (LayerNorm only): weight.sum(1) precomputed, else computed per call.
     eps defaults to 1e-5 for 'layer', 1e-6 otherwise. out: a float32 [..., N] tensor to write into
-    (reused memory; only when no gradient is needed)."""
+    (reused memory; only when no gradient is needed). matmul_precision="medium": on a CPU with
+    AMX-BF16 and 16+ rows, norm(x) and a float32 weight are rounded to bfloat16 for the products
+    (fp32 sums), as normengine.ops.linear; the backward stays exact (straight through)."""
+    if matmul_precision not in ("highest", "medium"):
+        raise ArgumentError(f"matmul_precision: expected 'highest' or 'medium', got {matmul_precision!r}")
+    medium = matmul_precision == "medium"
     kind = _kind(norm)
     eps = check_eps((1e-5 if kind == LAYER else 1e-6) if eps is None else eps)
     x = check_input(x)
@@ -107,11 +113,11 @@ def norm_linear(x, weight, bias=None, norm: str = "rms", eps: float | None = Non
 
         out = _check_out(out, x, w.size(0))
         if x.is_cuda or x.dtype != torch.float32:
-            out.copy_(_forward_native(kind, x, w.detach(), bias, eps, col_sum)[0])
+            out.copy_(_forward_native(kind, x, w.detach(), bias, eps, col_sum, medium)[0])
             return out
         n_rows = x.numel() // x.size(-1)
         rstd = torch.empty(n_rows, dtype=torch.float32)
         mean = torch.empty(n_rows, dtype=torch.float32) if kind == LAYER else None
-        _C.norm_linear(kind, x, w.detach(), bias, eps, col_sum, out, mean, rstd, 0)
+        _C.norm_linear(kind, x, w.detach(), bias, eps, col_sum, out, mean, rstd, 0, medium)
         return out
-    return NormLinearFunction.apply(kind, x, w, bias, eps, col_sum)
+    return NormLinearFunction.apply(kind, x, w, bias, eps, col_sum, medium)
