@@ -1,9 +1,12 @@
-"""Linear attention, MALA and norm attention on CUDA (cuda/linear_attention.cu) against torch SDPA
-(bf16, causal; FlashAttention-class softmax attention) and, where installed, flash-linear-attention
-(`fla`, chunked linear attention). Forward and forward+backward, B=1, H=8, Dk=Dv=64 (--dim),
-T in {1024, 4096, 16384}. Prints medians of --repeats timings and ratios (ours / peer; < 1 is faster).
+"""Linear attention, MALA and norm attention on CUDA, both algorithms: "chunk" (the chunkwise-parallel
+kernels of cuda/linear_attention_chunk.cu, what algorithm="auto" runs) and "recurrent" (the token-serial
+kernels of cuda/linear_attention.cu), against torch SDPA (bf16, causal; FlashAttention-class softmax
+attention) and, where installed, flash-linear-attention (`fla`, chunked linear attention). Forward and
+forward+backward, B=1, H=8, Dk=Dv=64 (--dim), T in {1024, 4096, 16384}. Prints medians of --repeats
+timings and ratios (ours / peer; < 1 is faster), and chunk / recurrent.
 
     python benchmarks/compare_attention_cuda.py [--repeats 7] [--dim 64] [--T 1024,4096,16384]
+                                                [--algorithms chunk,recurrent]
 """
 
 from __future__ import annotations
@@ -36,7 +39,12 @@ def main():
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--T", default="1024,4096,16384")
+    ap.add_argument("--algorithms", default="chunk,recurrent", help="comma-separated: chunk, recurrent")
     args = ap.parse_args()
+    algorithms = [a for a in args.algorithms.split(",") if a]
+    for a in algorithms:
+        if a not in ("chunk", "recurrent"):
+            ap.error(f"--algorithms: unknown algorithm {a!r} (chunk, recurrent)")
     if not torch.cuda.is_available():
         print("compare_attention_cuda: no CUDA GPU visible; skipped.")
         return 0
@@ -55,14 +63,15 @@ def main():
     B, H, D = 1, args.heads, args.dim
     dev = torch.device("cuda")
     ours = {
-        "linear": lambda q, k, v: ops.linear_attention(q, k, v, causal=True),
-        "mala": lambda q, k, v: ops.mala_attention(q, k, v, causal=True),
-        "norm": lambda q, k, v: ops.norm_attention(q, k, v, causal=True),
+        "linear": lambda q, k, v, alg: ops.linear_attention(q, k, v, causal=True, algorithm=alg),
+        "mala": lambda q, k, v, alg: ops.mala_attention(q, k, v, causal=True, algorithm=alg),
+        "norm": lambda q, k, v, alg: ops.norm_attention(q, k, v, causal=True, algorithm=alg),
     }
     print(f"# linear-family attention on {torch.cuda.get_device_name()}: B={B} H={H} D={D} bf16 causal, "
           f"median of {args.repeats} (ms); ratio = ours / peer")
     print()
-    hdr = "| op | T | pass | ours ms | SDPA ms | ours/SDPA |" + (" fla ms | ours/fla |" if chunk_linear_attn else "")
+    hdr = ("| op | algorithm | T | pass | ours ms | SDPA ms | ours/SDPA |" + (" fla ms | ours/fla |" if chunk_linear_attn else "")
+           + (" chunk/recurrent |" if len(algorithms) == 2 else ""))
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     for T in [int(t) for t in args.T.split(",")]:
@@ -98,20 +107,24 @@ def main():
             except Exception as e:  # noqa: BLE001 - API drift in the optional peer
                 print(f"(fla failed at T={T}: {type(e).__name__}: {e})")
         for name, fn in ours.items():
-            def f():
-                return fn(q, k, v)
+            for pas in ("fwd", "fwd+bwd"):
+                times = {}
+                for alg in algorithms:
+                    def f(alg=alg):
+                        return fn(q, k, v, alg)
 
-            def fb():
-                a, b, c = leafs(q, k, v)
-                o = fn(a, b, c)
-                (o[0] if isinstance(o, tuple) else o).backward(do)
+                    def fb(alg=alg):
+                        a, b, c = leafs(q, k, v)
+                        o = fn(a, b, c, alg)
+                        (o[0] if isinstance(o, tuple) else o).backward(do)
 
-            for pas, run in (("fwd", f), ("fwd+bwd", fb)):
-                t = timed(run, args.repeats)
-                line = f"| {name} | {T} | {pas} | {t:.3f} | {peers[pas]:.3f} | {t / peers[pas]:.2f} |"
-                if chunk_linear_attn is not None:
-                    line += (f" {fla[pas]:.3f} | {t / fla[pas]:.2f} |" if pas in fla else " - | - |")
-                print(line, flush=True)
+                    t = times[alg] = timed(f if pas == "fwd" else fb, args.repeats)
+                    line = f"| {name} | {alg} | {T} | {pas} | {t:.3f} | {peers[pas]:.3f} | {t / peers[pas]:.2f} |"
+                    if chunk_linear_attn is not None:
+                        line += (f" {fla[pas]:.3f} | {t / fla[pas]:.2f} |" if pas in fla else " - | - |")
+                    if len(algorithms) == 2:
+                        line += (f" {times['chunk'] / times['recurrent']:.2f} |" if len(times) == 2 else " |")
+                    print(line, flush=True)
     return 0
 
 

@@ -22,8 +22,13 @@
 // fp32 scratch (L2 resident). Threads own state columns for the rank-1 updates and column readouts
 // (conflict-free, coalesced) and state rows for the row readouts (stride Dv+1). Memory traffic is the
 // minimum: q, k, v read once per pass, o / grads written once; the cost is T sequential steps with two
-// to four block barriers each, so throughput is bounded by latency, not bandwidth. The chunkwise
-// parallel form (chunk 64, intra-chunk products in shared memory) is the planned version 2.
+// to four block barriers each, so throughput is bounded by latency, not bandwidth. These kernels run
+// for algorithm="recurrent" (LinAttnAlgorithm::Recurrent) and as the fallback where no chunk fits in
+// shared memory; they are the reference the chunked kernels are tested against on a GPU.
+//
+// Version 2 (the default, LinAttnAlgorithm::Chunk): the chunkwise-parallel form, C = 64 tokens per chunk
+// (32 / 16 for wide heads), intra-chunk masked products plus inter-chunk state, in
+// cuda/linear_attention_chunk.cu / .cuh; the entry points below dispatch to it after their checks.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -33,6 +38,7 @@
 #include <string>
 
 #include "common.cuh"
+#include "linear_attention_chunk.cuh"
 #include "ops/linear_attention.h"
 
 namespace ne {
@@ -500,6 +506,63 @@ void with_elem(DType t, const char* name, Fn&& fn) {
   }
 }
 
+// The chunked kernels' arguments (cuda/linear_attention_chunk.cuh) from the checked shape and views.
+template <class T>
+la2::Tok<T> tok(const V4<T>& x) {
+  la2::Tok<T> t;
+  t.p = x.p;
+  t.sb = x.sb;
+  t.st = x.st;
+  t.sh = x.sh;
+  return t;
+}
+
+template <class T>
+la2::ChunkArgs<T> chunk_common(const Shape& sh, const V4<const T>& q, const V4<const T>& k, const V4<const T>& v,
+                               const float* decay, const float* init) {
+  la2::ChunkArgs<T> a;
+  a.s.B = sh.B;
+  a.s.H = sh.H;
+  a.s.Dk = sh.Dk;
+  a.s.Dv = sh.Dv;
+  a.s.T = sh.T;
+  a.s.kind = sh.kind;
+  a.s.fmap = sh.fmap;
+  a.s.out_norm = sh.out_norm;
+  a.s.causal = sh.causal;
+  a.s.normalize = sh.normalize;
+  a.s.eps = sh.eps;
+  a.q = tok(q);
+  a.k = tok(k);
+  a.v = tok(v);
+  a.decay = decay;
+  a.init = init;
+  return a;
+}
+
+template <class T>
+la2::ChunkArgs<T> chunk_fwd_args(const Shape& sh, const V4<const T>& q, const V4<const T>& k, const V4<const T>& v,
+                                 const V4<T>& o, const float* decay, const float* init, float* fin) {
+  la2::ChunkArgs<T> a = chunk_common<T>(sh, q, k, v, decay, init);
+  a.o = tok(o);
+  a.fin = fin;
+  return a;
+}
+
+template <class T>
+la2::ChunkArgs<T> chunk_bwd_args(const Shape& sh, const V4<const T>& q, const V4<const T>& k, const V4<const T>& v,
+                                 const V4<const T>& go, const V4<T>& gq, const V4<T>& gk, const V4<T>& gv,
+                                 const float* decay, const float* init, const float* gfin, float* ginit) {
+  la2::ChunkArgs<T> a = chunk_common<T>(sh, q, k, v, decay, init);
+  a.go = tok(go);
+  a.gq = tok(gq);
+  a.gk = tok(gk);
+  a.gv = tok(gv);
+  a.gfin = gfin;
+  a.ginit = ginit;
+  return a;
+}
+
 }  // namespace
 
 void linear_attention_forward(const LinAttnParams& p, const TensorView& q, const TensorView& k, const TensorView& v,
@@ -518,8 +581,6 @@ void linear_attention_forward(const LinAttnParams& p, const TensorView& q, const
   const size_t vec_bytes = vec_floats(sh.Dk, sh.Dv) * sizeof(float);
   const bool in_smem = nS * sizeof(float) + vec_bytes <= (size_t)max_smem_optin();
   const size_t smem = in_smem ? nS * sizeof(float) + vec_bytes : vec_bytes;
-  StreamScratch scratch;
-  float* g = in_smem ? nullptr : static_cast<float*>(scratch.alloc(nbh * nS * sizeof(float), s));
   const float* dec = decay ? static_cast<const float*>(decay->data) : nullptr;
   with_elem(q.dtype, "q", [&](auto tag) {
     using T = decltype(tag);
@@ -528,6 +589,11 @@ void linear_attention_forward(const LinAttnParams& p, const TensorView& q, const
     auto vv = view4<const T>(v, "v", sh.B, sh.T, sh.H, sh.Dv);
     auto ov = view4<T>(o, "o", sh.B, sh.T, sh.H, sh.Dv);
     if (sh.T == 0 && !fin) return;
+    if (p.algorithm == LinAttnAlgorithm::Chunk &&
+        la2::chunk_forward<T>(chunk_fwd_args<T>(sh, qv, kv, vv, ov, dec, init, fin), max_smem_optin(), s))
+      return;  // else: recurrent (also where no chunk fits in shared memory)
+    StreamScratch scratch;
+    float* g = in_smem ? nullptr : static_cast<float*>(scratch.alloc(nbh * nS * sizeof(float), s));
     check(cudaFuncSetAttribute(lin_attn_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
           "cudaFuncSetAttribute (linear_attention_forward)");
     lin_attn_fwd_kernel<T><<<(unsigned)nbh, kThreads, smem, s>>>(sh, qv, kv, vv, ov, dec, init, fin, g, in_smem);
@@ -556,10 +622,6 @@ void linear_attention_backward(const LinAttnParams& p, const TensorView& q, cons
   const size_t smem = in_smem ? 2 * nS * sizeof(float) + vec_bytes : vec_bytes;
   const size_t state_bytes = in_smem ? 0 : (size_t)nbh * 2 * nS * sizeof(float);
   const size_t dr_bytes = (size_t)nbh * (size_t)(sh.T > 0 ? sh.T : 1) * 2 * (sh.Dv + 1) * sizeof(float);
-  StreamScratch scratch;
-  float* base = static_cast<float*>(scratch.alloc(state_bytes + dr_bytes, s));
-  float* g = in_smem ? nullptr : base;
-  float* drbuf = base + state_bytes / sizeof(float);
   const float* dec = decay ? static_cast<const float*>(decay->data) : nullptr;
   with_elem(q.dtype, "q", [&](auto tag) {
     using T = decltype(tag);
@@ -570,6 +632,14 @@ void linear_attention_backward(const LinAttnParams& p, const TensorView& q, cons
     auto gqv = view4<T>(grad_q, "grad_q", sh.B, sh.T, sh.H, sh.Dk);
     auto gkv = view4<T>(grad_k, "grad_k", sh.B, sh.T, sh.H, sh.Dk);
     auto gvv = view4<T>(grad_v, "grad_v", sh.B, sh.T, sh.H, sh.Dv);
+    if (p.algorithm == LinAttnAlgorithm::Chunk &&
+        la2::chunk_backward<T>(chunk_bwd_args<T>(sh, qv, kv, vv, gov, gqv, gkv, gvv, dec, init, gfin, ginit),
+                               max_smem_optin(), s))
+      return;  // else: recurrent (also where no chunk fits in shared memory)
+    StreamScratch scratch;
+    float* base = static_cast<float*>(scratch.alloc(state_bytes + dr_bytes, s));
+    float* g = in_smem ? nullptr : base;
+    float* drbuf = base + state_bytes / sizeof(float);
     check(cudaFuncSetAttribute(lin_attn_bwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
           "cudaFuncSetAttribute (linear_attention_backward)");
     lin_attn_bwd_kernel<T><<<(unsigned)nbh, kThreads, smem, s>>>(sh, qv, kv, vv, gov, gqv, gkv, gvv, dec, init, gfin,

@@ -22,6 +22,10 @@
 namespace ne {
 enum class LinAttnKind : int { Linear = 0, Mala = 1, Norm = 2 };
 enum class FeatureMap : int { Elu1 = 0, Relu = 1, Identity = 2 };
+// Which algorithm the CUDA kernels run (the CPU training kernels are always chunked): Chunk, the
+// chunkwise-parallel form (cuda/linear_attention_chunk.cu; falls back to Recurrent only where no chunk
+// fits in shared memory), or Recurrent, the token-serial version-1 kernels (cuda/linear_attention.cu).
+enum class LinAttnAlgorithm : int { Chunk = 0, Recurrent = 1 };
 struct LinAttnParams {
   LinAttnKind kind = LinAttnKind::Linear;
   FeatureMap fmap = FeatureMap::Elu1;  // Linear only (MALA: always Elu1; Norm: always Identity)
@@ -29,6 +33,7 @@ struct LinAttnParams {
   bool normalize = true;               // Linear only
   int out_norm = 0;                    // Norm only: 0 rms, 1 layer
   float eps = 1e-6f;
+  LinAttnAlgorithm algorithm = LinAttnAlgorithm::Chunk;  // CUDA kernels only (see above)
 };
 // The runner's raw entry: T consecutive tokens of ONE sequence, causal, continuing from and updating `state`
 // ([n_heads, dk+1, dv+1] float32). q [T, n_heads*dk] (row stride ldq), k [T, n_kv_heads*dk], v [T, n_kv_heads*dv]

@@ -23,9 +23,13 @@ backward: backward keeps only q, k, v and the initial state, recomputes one stat
 forward sweep and walks the chunks backwards carrying the gradient of the state (as
 flash-linear-attention does). algorithm="recurrent" on the CPU keeps the torch token-by-token
 composition below (a check, and decode-sized calls through the ops); "auto" and "chunk" run native.
-CUDA tensors of 16/32-bit floats run the native kernels of cuda/linear_attention.cu (token-serial,
-forward and backward; never run on a GPU in the sessions so far). float64 (gradcheck) stays a torch
-composition on every device: the chunked or recurrent form below, backward by recomputing it under
+CUDA tensors of 16/32-bit floats run native kernels for every algorithm, forward and backward:
+"auto" and "chunk" the chunked kernels of cuda/linear_attention_chunk.cu (C = 64 tokens per chunk, 32
+or 16 for wide heads; fp32 states and products; the backward keeps only q, k, v and the initial state
+and recomputes the chunk states), "recurrent" the token-serial kernels of cuda/linear_attention.cu
+(which also serve where no chunk fits in shared memory). The chunk kernels' arithmetic is checked
+without a GPU by a host harness (tests/test_linear_attention_chunk_host.py). float64 (gradcheck)
+stays a torch composition on every device: the chunked or recurrent form below, backward by recomputing it under
 autograd. The runner's decode step is native too (cpp/ops/linear_attention.cpp)."""
 
 from __future__ import annotations
@@ -150,8 +154,10 @@ def _forward_chunk(kind, p, q, k, v, S0, decay, C=64):
 
 
 def _native(q, algorithm="auto") -> bool:
-    """The native training kernels take 16/32-bit float tensors: CUDA (cuda/linear_attention.cu) and
-    CPU (cpp/ops/linear_attention_train.cpp; algorithm="recurrent" keeps the torch recurrent form)."""
+    """The native training kernels take 16/32-bit float tensors: CUDA (every algorithm: chunked kernels
+    of cuda/linear_attention_chunk.cu, or with algorithm="recurrent" the token-serial ones of
+    cuda/linear_attention.cu) and CPU (cpp/ops/linear_attention_train.cpp; algorithm="recurrent" keeps
+    the torch recurrent form)."""
     from .. import _C
 
     if q.dtype == torch.float64 or not hasattr(_C, "linear_attention_forward"):
@@ -176,8 +182,9 @@ def _codes(kind, p):
 
 
 class _LinearAttentionFunction(torch.autograd.Function):
-    """Forward without a graph; backward recomputes the chunked forward under autograd (CPU, and
-    float64 anywhere), or runs the native CUDA kernels, which recompute the states themselves."""
+    """Forward without a graph; backward runs the native kernels (CUDA, and CPU chunk/auto), which
+    recompute the states themselves, or recomputes the torch forward under autograd (float64
+    anywhere, and algorithm="recurrent" on the CPU)."""
 
     @staticmethod
     def forward(ctx, kind, p, algorithm, q, k, v, S0, decay):
@@ -193,7 +200,7 @@ class _LinearAttentionFunction(torch.autograd.Function):
             s0 = None if S0 is None else S0.detach().to(torch.float32).contiguous()
             d = None if decay is None else decay.detach().to(torch.float32).contiguous()
             _C.linear_attention_forward(*_codes(kind, p), *(_unit_last(t.detach()) for t in (q, k, v)), d, s0, o, S,
-                                        _stream(q))
+                                        _stream(q), recurrent=algorithm == "recurrent")
             return o, S
         with torch.no_grad():
             o, S = _dispatch(kind, p, algorithm, q, k, v, S0, decay)
@@ -212,7 +219,7 @@ class _LinearAttentionFunction(torch.autograd.Function):
             d = None if decay is None else decay.detach().to(torch.float32).contiguous()
             gS = None if dS is None else dS.to(torch.float32).contiguous()
             _C.linear_attention_backward(*_codes(ctx.kind, ctx.p), q, k, v, d, s0, do.contiguous().to(q.dtype), gS,
-                                         gq, gk, gv, gi, _stream(q))
+                                         gq, gk, gv, gi, _stream(q), recurrent=ctx.algorithm == "recurrent")
             need = ctx.needs_input_grad
             return (None, None, None, gq if need[3] else None, gk if need[4] else None, gv if need[5] else None,
                     None if gi is None or not need[6] else gi.to(S0.dtype), None)
