@@ -7,6 +7,11 @@
 #include "core/dispatch.h"
 #include "normengine/ops.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
 namespace ne {
 namespace {
 
@@ -79,4 +84,21 @@ bool cuda_available() { return cuda::device_count() > 0; }
 bool built_with_cuda() { return false; }
 bool cuda_available() { return false; }
 #endif
+bool worth_streaming(const void* p, int64_t bytes) {
+  if (bytes < (int64_t(8) << 20)) return false;
+#if defined(__linux__)
+  // sample the first, middle and last page: resident means the memory was written before (reused)
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  for (uintptr_t q : {a, a + static_cast<uintptr_t>(bytes / 2), a + static_cast<uintptr_t>(bytes) - 1}) {
+    unsigned char resident = 0;
+    if (mincore(reinterpret_cast<void*>(q & ~(page - 1)), page, &resident) != 0 || !(resident & 1)) return false;
+  }
+  return true;
+#else
+  (void)p;
+  return true;
+#endif
+}
+
 }  // namespace ne

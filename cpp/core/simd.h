@@ -28,6 +28,15 @@
 #endif
 
 namespace ne {
+
+// Whether an output of `bytes` at p should be written with store_stream: large (>= 8 MiB, it would
+// evict everything else anyway) and already backed by resident pages (core/runtime.cpp, mincore).
+// Into freshly mapped pages (glibc maps every allocation of 32 MB or more anew) streaming is slower
+// than plain stores: each page fault zeroes the page through the cache, and those lines are written
+// back before the streamed ones (LayerNorm backward f32 4096x4096 into a new dx: 24.7 ms streamed,
+// 18.2 ms plain).
+bool worth_streaming(const void* p, int64_t bytes);
+
 namespace NE_ISA_NS {
 
 // ------------------------------------------------------------------------------------ VD

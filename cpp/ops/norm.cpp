@@ -252,12 +252,17 @@ struct NormRows {
   }
 
   static void forward(const NormFwdArgs& a) {
-    // an output of 8 MiB or more is streamed past the caches (it would evict everything anyway)
-    const bool nt = static_cast<double>(a.y.rows) * static_cast<double>(a.y.cols) * sizeof(T) >= 8.0 * (1 << 20);
-    // rows of a few KB: the next rows' lines are requested ahead (the row-serial stats pass would
-    // otherwise wait on each row's first misses)
+    // an output of 8 MiB or more is streamed past the caches (it would evict everything anyway),
+    // unless its pages are fresh (worth_streaming, core/simd.h)
+    const int64_t out_bytes = ((a.y.rows - 1) * a.y.ld + a.y.cols) * static_cast<int64_t>(sizeof(T));
+    const bool nt = worth_streaming(a.y.data, out_bytes) &&
+                    (!a.res.data ||
+                     worth_streaming(a.res_out.data, ((a.res_out.rows - 1) * a.res_out.ld + a.res_out.cols) *
+                                                         static_cast<int64_t>(sizeof(T))));
+    // large inputs with rows of a few KB: the next rows' lines are requested ahead (the row-serial
+    // stats pass would otherwise wait on each row's first misses)
     const int64_t row_bytes = a.x.cols * static_cast<int64_t>(sizeof(T));
-    const bool ahead = nt && row_bytes <= 8192;
+    const bool ahead = out_bytes >= (int64_t(8) << 20) && row_bytes <= 8192;
     parallel_for(a.x.rows, grain(a.x.cols), [&](int64_t r0, int64_t r1, int) {
       for (int64_t r = r0; r < r1; ++r) {
         if (ahead && r + kAhead < r1) {
@@ -302,15 +307,18 @@ struct NormRows {
     A* pdw = static_cast<A*>(a.partials);
     A* pdb = pdw + static_cast<int64_t>(threads) * n;
     if (a.dw || a.db) zero(pdw, 2 * static_cast<int64_t>(threads) * n);
-    // as forward(): a dx of 8 MiB or more is streamed past the caches, and the next row's h and dy
-    // (and dres) are requested while this one is computed (each row starts new memory streams)
-    const bool nt = static_cast<double>(a.dx.rows) * static_cast<double>(a.dx.cols) * sizeof(T) >= 8.0 * (1 << 20);
+    // as forward(): a dx of 8 MiB or more is streamed past the caches (unless its pages are fresh),
+    // and then the next row's h and dy (and dres) are requested while this one is computed (each row
+    // starts new memory streams; into fresh pages the page faults dominate and prefetching gained
+    // nothing measurable)
+    const int64_t out_bytes = ((a.dx.rows - 1) * a.dx.ld + a.dx.cols) * static_cast<int64_t>(sizeof(T));
+    const bool nt = worth_streaming(a.dx.data, out_bytes), ahead = nt;
     const int64_t row_bytes = n * static_cast<int64_t>(sizeof(T));
     parallel_for(a.h.rows, grain(n), [&](int64_t r0, int64_t r1, int tid) {
       A* dw = a.dw ? pdw + static_cast<int64_t>(tid) * n : nullptr;
       A* db = a.db ? pdb + static_cast<int64_t>(tid) * n : nullptr;
       for (int64_t r = r0; r < r1; ++r) {
-        if (nt && r + 1 < r1) {
+        if (ahead && r + 1 < r1) {
           const char* ph = reinterpret_cast<const char*>(a.h.row<const T>(r + 1));
           const char* pd = reinterpret_cast<const char*>(a.dy.row<const T>(r + 1));
           const char* pr = a.dres.data ? reinterpret_cast<const char*>(a.dres.row<const T>(r + 1)) : nullptr;
