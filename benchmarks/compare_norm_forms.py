@@ -84,7 +84,8 @@ def bench_norm_linear(repeats):
     import normengine as ne
 
     torch.manual_seed(0)
-    print(f"\nnorm_linear vs norm-then-GEMM (engine kernels both), median of {repeats}; K = 768")
+    print(f"\nnorm_linear vs norm-then-GEMM (engine kernels both) and torch, median of 5 blocks of "
+          f"{max(3, repeats // 5)} calls each; K = 768")
     print(f"{'norm':>6} {'M':>4} {'N':>6} {'fused ms':>9} {'norm+GEMM ms':>13} {'speed-up':>9} {'torch ms':>9} "
           f"{'vs torch':>9}")
     for norm, normfn in (("layer", ne.ops.layer_norm), ("rms", ne.ops.rms_norm)):
@@ -114,11 +115,15 @@ def bench_norm_linear(repeats):
 
                 for f in (fused, split, torch_pair):
                     f()
+                # blocks of calls per variant, rounds alternating, each block after a 0.3 s pause:
+                # torch's OpenMP workers spin on after its calls and would take the next variant's
+                # cores (interleaving single calls made the fused op look 1.5-2x slower than it is)
                 tf, ts, tt = [], [], []
-                for _ in range(repeats):  # interleaved: drift hits all alike
-                    tf.append(timed(fused))
-                    ts.append(timed(split))
-                    tt.append(timed(torch_pair))
+                block = max(3, repeats // 5)
+                for _ in range(5):
+                    for f, acc in ((fused, tf), (split, ts), (torch_pair, tt)):
+                        time.sleep(0.3)
+                        acc.extend(timed(f) for _ in range(block))
                 a, s, t = statistics.median(tf), statistics.median(ts), statistics.median(tt)
                 print(f"{norm:>6} {M:>4} {N:>6} {a * 1e3:>9.3f} {s * 1e3:>13.3f} {s / a:>8.2f}x {t * 1e3:>9.3f} "
                       f"{t / a:>8.2f}x")
