@@ -395,6 +395,56 @@ NE_LA_HD void states_body(Exec& ex, const ChunkArgs<T>& a, int64_t bh, int tile,
   });
 }
 
+// The chunk's reads of the state, shared by output_body and backward_local_body (which recomputes them):
+//   causal:     A[i, j] = lambda^(i-j) f(q_i) . f(k_j) for j <= i, 0 for i < j   (i, j < L)
+//               R[i, n] = lambda^(i+1) sum_d fq[i, d] P[d, n] + sum_{j<=i} A[i, j] v1[j, n]
+//               Sk[i, n] = lambda^(i+1) P[Dk, n] + sum_{j<=i} lambda^(i-j) v1[j, n]
+//   non-causal: R[i, n] = sum_d fq[i, d] S'[d, n]   (Sk_i = S'[Dk] for every token)
+// Needs u.fq, u.fk1, u.v1 (causal) and u.pw loaded (a phase before); P the state before the chunk.
+template <class Exec>
+NE_LA_HD void chunk_reads(Exec& ex, const ChunkShape& s, const Bufs& u, const float* P, int L) {
+  const int Dk = s.Dk, W = s.W(), M = s.M(), C = s.C;
+  if (s.causal) {
+    // phase: A
+    ex.phase([&](int tid, int nthr) {
+      for (int e = tid; e < L * L; e += nthr) {
+        const int i = e / L, j = e % L;
+        float acc = 0.0f;
+        if (j <= i) {
+          for (int d = 0; d < Dk; ++d) acc = fmaf(u.fq[i * M + d], u.fk1[j * M + d], acc);
+          acc *= u.pw[i - j];
+        }
+        u.A[i * C + j] = acc;
+      }
+    });
+    // phase: R, Sk
+    ex.phase([&](int tid, int nthr) {
+      for (int e = tid; e < L * W; e += nthr) {
+        const int i = e / W, n = e % W;
+        float inter = 0.0f;
+        for (int d = 0; d < Dk; ++d) inter = fmaf(u.fq[i * M + d], P[(int64_t)d * W + n], inter);
+        float intra = 0.0f, sk = 0.0f;
+        for (int j = 0; j <= i; ++j) {
+          intra = fmaf(u.A[i * C + j], u.v1[j * M + n], intra);
+          sk = fmaf(u.pw[i - j], u.v1[j * M + n], sk);
+        }
+        u.R[i * M + n] = fmaf(u.pw[i + 1], inter, intra);
+        u.Sk[i * M + n] = fmaf(u.pw[i + 1], P[(int64_t)Dk * W + n], sk);
+      }
+    });
+  } else {
+    // phase: R
+    ex.phase([&](int tid, int nthr) {
+      for (int e = tid; e < L * W; e += nthr) {
+        const int i = e / W, n = e % W;
+        float acc = 0.0f;
+        for (int d = 0; d < Dk; ++d) acc = fmaf(u.fq[i * M + d], P[(int64_t)d * W + n], acc);
+        u.R[i * M + n] = acc;
+      }
+    });
+  }
+}
+
 // The output kernel, block (b, h, chunk c) (states written by states_body). smem: smem_floats(Output).
 template <class T, class Exec>
 NE_LA_HD void output_body(Exec& ex, const ChunkArgs<T>& a, int64_t bh, int64_t c, float* smem) {
@@ -413,46 +463,7 @@ NE_LA_HD void output_body(Exec& ex, const ChunkArgs<T>& a, int64_t bh, int64_t c
     load_chunk<T>(tid, nthr, a, b, h, t0, L, u.fq, s.causal ? u.fk1 : nullptr, s.causal ? u.v1 : nullptr, nullptr);
     if (a.state_smem) copy_or_zero(tid, nthr, S, Pg, u.P);
   });
-  if (s.causal) {
-    // phase: A[i, j] = lambda^(i-j) f(q_i) . f(k_j) for j <= i, 0 for i < j   (i, j < L)
-    ex.phase([&](int tid, int nthr) {
-      for (int e = tid; e < L * L; e += nthr) {
-        const int i = e / L, j = e % L;
-        float acc = 0.0f;
-        if (j <= i) {
-          for (int d = 0; d < Dk; ++d) acc = fmaf(u.fq[i * M + d], u.fk1[j * M + d], acc);
-          acc *= u.pw[i - j];
-        }
-        u.A[i * C + j] = acc;
-      }
-    });
-    // phase: R[i, n] = lambda^(i+1) sum_d fq[i, d] P[d, n] + sum_{j<=i} A[i, j] v1[j, n]
-    //        Sk[i, n] = lambda^(i+1) P[Dk, n] + sum_{j<=i} lambda^(i-j) v1[j, n]
-    ex.phase([&](int tid, int nthr) {
-      for (int e = tid; e < L * W; e += nthr) {
-        const int i = e / W, n = e % W;
-        float inter = 0.0f;
-        for (int d = 0; d < Dk; ++d) inter = fmaf(u.fq[i * M + d], P[(int64_t)d * W + n], inter);
-        float intra = 0.0f, sk = 0.0f;
-        for (int j = 0; j <= i; ++j) {
-          intra = fmaf(u.A[i * C + j], u.v1[j * M + n], intra);
-          sk = fmaf(u.pw[i - j], u.v1[j * M + n], sk);
-        }
-        u.R[i * M + n] = fmaf(u.pw[i + 1], inter, intra);
-        u.Sk[i * M + n] = fmaf(u.pw[i + 1], P[(int64_t)Dk * W + n], sk);
-      }
-    });
-  } else {
-    // phase: R[i, n] = sum_d fq[i, d] S'[d, n]   (Sk_i = S'[Dk] for every token)
-    ex.phase([&](int tid, int nthr) {
-      for (int e = tid; e < L * W; e += nthr) {
-        const int i = e / W, n = e % W;
-        float acc = 0.0f;
-        for (int d = 0; d < Dk; ++d) acc = fmaf(u.fq[i * M + d], P[(int64_t)d * W + n], acc);
-        u.R[i * M + n] = acc;
-      }
-    });
-  }
+  chunk_reads(ex, s, u, P, L);  // A (causal), R and Sk
   // phase: o_i = readout(R_i, Sk_i), one thread per token, written over R_i (its own row)
   ex.phase([&](int tid, int nthr) {
     for (int i = tid; i < L; i += nthr)
@@ -523,46 +534,7 @@ NE_LA_HD void backward_local_body(Exec& ex, const ChunkArgs<T>& a, int64_t bh, i
     load_chunk<T>(tid, nthr, a, b, h, t0, L, u.fq, s.causal ? u.fk1 : nullptr, s.causal ? u.v1 : nullptr, u.G);
     if (a.state_smem) copy_or_zero(tid, nthr, S, Pg, u.P);
   });
-  if (s.causal) {
-    // phase: A[i, j] = lambda^(i-j) f(q_i) . f(k_j) for j <= i, else 0
-    ex.phase([&](int tid, int nthr) {
-      for (int e = tid; e < L * L; e += nthr) {
-        const int i = e / L, j = e % L;
-        float acc = 0.0f;
-        if (j <= i) {
-          for (int d = 0; d < Dk; ++d) acc = fmaf(u.fq[i * M + d], u.fk1[j * M + d], acc);
-          acc *= u.pw[i - j];
-        }
-        u.A[i * C + j] = acc;
-      }
-    });
-    // phase: R[i, n] = lambda^(i+1) f(q_i)^T P[:Dk, n] + sum_{j<=i} A[i, j] v1[j, n]
-    //        Sk[i, n] = lambda^(i+1) P[Dk, n] + sum_{j<=i} lambda^(i-j) v1[j, n]      (as output_body)
-    ex.phase([&](int tid, int nthr) {
-      for (int e = tid; e < L * W; e += nthr) {
-        const int i = e / W, n = e % W;
-        float inter = 0.0f;
-        for (int d = 0; d < Dk; ++d) inter = fmaf(u.fq[i * M + d], P[(int64_t)d * W + n], inter);
-        float intra = 0.0f, sk = 0.0f;
-        for (int j = 0; j <= i; ++j) {
-          intra = fmaf(u.A[i * C + j], u.v1[j * M + n], intra);
-          sk = fmaf(u.pw[i - j], u.v1[j * M + n], sk);
-        }
-        u.R[i * M + n] = fmaf(u.pw[i + 1], inter, intra);
-        u.Sk[i * M + n] = fmaf(u.pw[i + 1], P[(int64_t)Dk * W + n], sk);
-      }
-    });
-  } else {
-    // phase: R[i, n] = sum_d fq[i, d] S'[d, n]
-    ex.phase([&](int tid, int nthr) {
-      for (int e = tid; e < L * W; e += nthr) {
-        const int i = e / W, n = e % W;
-        float acc = 0.0f;
-        for (int d = 0; d < Dk; ++d) acc = fmaf(u.fq[i * M + d], P[(int64_t)d * W + n], acc);
-        u.R[i * M + n] = acc;
-      }
-    });
-  }
+  chunk_reads(ex, s, u, P, L);  // A, R, Sk recomputed as in output_body
   // phase: (dR_i, dSk_i) = readout gradients at (R_i, Sk_i) (non-causal: S'[Dk]) from grad_o_i, one
   //        thread per token
   ex.phase([&](int tid, int nthr) {
