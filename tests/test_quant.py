@@ -233,3 +233,25 @@ def test_fp8_every_code(device, gen):
         assert torch.isnan(got[:, 2]).all()
         scale = (x.abs().double() @ qw.to("cpu").dequantize(torch.float64)[:2].abs().t()).max().item()
         assert rel_err(got[:, :2], want[:, :2], floor=scale) < 2e-6
+
+
+@pytest.mark.parametrize("fmt,kw", [("int8-weight", {}), ("int4", {"group_size": 128}), ("int4", {"group_size": 32, "symmetric": False}),
+                                    ("fp8", {"group_size": 128}), ("int8", {})])
+def test_medium_precision_prefill(fmt, kw, gen):
+    """matmul_precision="medium": prefill rows of the weight-dequantizing formats may multiply in bf16
+    (AMX-BF16): within bf16 accuracy of the "highest" result, which is far inside the formats' own
+    error; decode rows (<= 4) and W8A8 are bit-identical to "highest"."""
+    from normengine import _C
+    w = torch.randn(300, 512, generator=gen) / 16
+    q = ne.ops.quantize_weight(w, fmt, **kw)
+    b = torch.randn(300, generator=gen)
+    for M in (1, 4, 5, 64):
+        x = torch.randn(M, 512, generator=gen)
+        hi = ne.ops.quantized_linear(x, q, b)
+        md = ne.ops.quantized_linear(x, q, b, matmul_precision="medium")
+        if M <= 4 or fmt == "int8" or not _C.amx_bf16_available():
+            assert torch.equal(md, hi), (fmt, M)
+        else:
+            assert rel_err(md, hi) < 5e-3, (fmt, M)
+    with pytest.raises(ne.errors.ArgumentError, match="matmul_precision"):
+        ne.ops.quantized_linear(x, q, b, matmul_precision="low")

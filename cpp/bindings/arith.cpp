@@ -52,7 +52,7 @@ void bind_arith(py::module_& m) {
   m.def(
       "quant_linear",
       [](py::handle x, int fmt, py::handle data, py::handle scale, py::handle zero, int64_t group, int64_t N,
-         int64_t K, py::handle bias, py::handle out, bool accumulate) {
+         int64_t K, py::handle bias, py::handle out, bool accumulate, bool bf16_products) {
         Borrowed b;
         TensorView vx = view_of(x, "x", b), vd = view_of(data, "qweight.data", b), vs = view_of(scale, "qweight.scale", b),
                    vo = view_of(out, "out", b);
@@ -85,9 +85,10 @@ void bind_arith(py::module_& m) {
         const float* pb = vec(vb, N);
         py::gil_scoped_release nogil;
         ne::quant_gemm_f32(M, static_cast<const float*>(vx.data), ldx, w, pb, static_cast<float*>(vo.data), ldy,
-                          accumulate);
+                          accumulate, nullptr, bf16_products);
       },
       py::arg("x"), py::arg("format"), py::arg("data"), py::arg("scale"), py::arg("zero"), py::arg("group"),
       py::arg("N"), py::arg("K"), py::arg("bias"), py::arg("out"), py::arg("accumulate") = false,
+      py::arg("bf16_products") = false,
       "out[M, N] (+)= x[M, K] @ dequant(W)^T (+ bias), the format's own activation handling (quant_gemm.h).");
 }

@@ -127,7 +127,7 @@ void linear(const W& w, const W& b, const float* x, int64_t T, float* y, bool ac
             const GemmEpilogue* ep = nullptr) {
   const float* bias = b.present() ? b.f32() : nullptr;
   if (w.quant) {
-    quant_gemm_f32(T, x, w.cols, w.q, bias, y, w.rows, accumulate, ep);
+    quant_gemm_f32(T, x, w.cols, w.q, bias, y, w.rows, accumulate, ep, ar.bf16);
   } else if (ar.lmul_bits > 0) {
     lmul_gemm_f32(T, w.rows, w.cols, x, w.cols, w.f32(), w.ld, bias, y, w.rows, accumulate, ar.lmul_bits);
   } else {

@@ -480,7 +480,7 @@ namespace {
 // fp32 GEMM. FP8 first rounds x to E4M3 per 128-block exactly as the GEMV path does and folds the
 // activation scale in (x' = e4m3(x / s) s), so y = sum_k x'[m, k] w'[n, k] is the same sum.
 void quant_gemm_panels(int64_t M, const float* x, int64_t ldx, const QWeight& w, const float* bias, float* y,
-                       int64_t ldy, bool accumulate, const GemmEpilogue* ep) {
+                       int64_t ldy, bool accumulate, const GemmEpilogue* ep, bool bf16_products) {
   const int64_t N = w.N, K = w.K;
   thread_local std::vector<float> panel, xs;
   const float* xu = x;
@@ -505,7 +505,8 @@ void quant_gemm_panels(int64_t M, const float* x, int64_t ldx, const QWeight& w,
     parallel_for(n1 - n0, 4, [&](int64_t r0, int64_t r1, int) { t.dequant(w, n0 + r0, n0 + r1, pd + r0 * K); });
     GemmEpilogue e = ep ? *ep : GemmEpilogue{};
     if (e.col_sum) e.col_sum += n0;
-    gemm_f32(M, n1 - n0, K, xu, ldxu, pd, DType::F32, K, bias ? bias + n0 : nullptr, y + n0, ldy, accumulate, &e);
+    gemm_f32(M, n1 - n0, K, xu, ldxu, pd, DType::F32, K, bias ? bias + n0 : nullptr, y + n0, ldy, accumulate, &e,
+             bf16_products);
   }
 }
 
@@ -536,12 +537,12 @@ void check_qweight(const QWeight& w) {
 }
 
 void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, const float* bias, float* y, int64_t ldy,
-                    bool accumulate, const GemmEpilogue* ep) {
+                    bool accumulate, const GemmEpilogue* ep, bool bf16_products) {
   check_qweight(w);
   if (M <= 0) return;
   const int64_t K = w.K;
   if (w.format != QFormat::Int8 && M > kQuantPanelMinRows) {
-    quant_gemm_panels(M, x, ldx, w, bias, y, ldy, accumulate, ep);
+    quant_gemm_panels(M, x, ldx, w, bias, y, ldy, accumulate, ep, bf16_products);
     return;
   }
   QArgs a{};

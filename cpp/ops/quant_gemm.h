@@ -51,8 +51,11 @@ void check_qweight(const QWeight& w);
 // block, s = max|x[m, block]| / 448, x_q = E4M3 round-to-nearest-even of x / s, products e4m3 * e4m3 exact in fp32,
 // y = sum over K-blocks of s_x[m, b] * s_w[n-block, b] * (fp32 sum of products in the block)  (per-tensor: s_w constant).
 // Multithreaded on the engine's pool; scratch for quantized activations is per thread and reused, never a W-sized buffer.
+// bf16_products (matmul precision "medium"): the prefill of the weight-dequantizing formats (Int8Weight, Int4, FP8;
+// M > kQuantPanelMinRows) may run its dequantized panels through gemm_f32's AMX-BF16 path: the panel and x rounded
+// to bf16 (relative 2^-9, far below the formats' own quantization error); Int8 (W8A8) and decode rows unchanged.
 void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, const float* bias, float* y, int64_t ldy,
-                    bool accumulate = false, const GemmEpilogue* ep = nullptr);
+                    bool accumulate = false, const GemmEpilogue* ep = nullptr, bool bf16_products = false);
 
 #if defined(NE_WITH_CUDA)
 namespace cuda {
