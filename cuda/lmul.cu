@@ -16,28 +16,13 @@
 
 #include "common.cuh"
 #include "ops/lmul.h"
+#include "ops/lmul_bits.h"
 
 namespace ne {
 namespace cuda {
 namespace {
 
-constexpr uint32_t kAbs = 0x7fffffffu, kSign = 0x80000000u, kInf = 0x7f800000u, kQNaN = 0x7fc00000u,
-                   kMin = 0x00800000u;
-
-__device__ __forceinline__ uint32_t prep1(uint32_t x, uint32_t trunc) {
-  return ((x & kAbs) > kInf ? kQNaN : x) & trunc;
-}
-__device__ __forceinline__ uint32_t checked1(uint32_t a, uint32_t b, uint32_t C) {
-  const uint32_t A = a & kAbs, B = b & kAbs, s = (a ^ b) & kSign;
-  if (A > kInf || B > kInf) return kQNaN;
-  const bool zero = A < kMin || B < kMin, inf = A == kInf || B == kInf;
-  if (inf) return zero ? kQNaN : (kInf | s);
-  if (zero) return s;
-  const uint32_t u = A + B, r = u - C;
-  if (u < C + kMin) return s;
-  if (r >= kInf) return kInf | s;
-  return r | s;
-}
+using lmul_bits::checked1, lmul_bits::prep1;  // cpp/ops/lmul_bits.h: the CPU's scalar definition, verbatim
 
 __global__ void map_kernel(int64_t n, const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out,
                            uint32_t trunc, uint32_t C) {

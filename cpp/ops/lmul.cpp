@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "ops/lmul.h"
+#include "ops/lmul_bits.h"
 
 #if defined(NE_ISA_AVX512) || defined(NE_ISA_AVX2)
 #include <immintrin.h>
@@ -30,8 +31,8 @@ namespace ne {
 namespace NE_ISA_NS {
 namespace {
 
-constexpr uint32_t kAbs = 0x7fffffffu, kSign = 0x80000000u, kInf = 0x7f800000u, kQNaN = 0x7fc00000u,
-                   kMin = 0x00800000u;
+using lmul_bits::kAbs, lmul_bits::kSign, lmul_bits::kInf, lmul_bits::kQNaN, lmul_bits::kMin;
+using lmul_bits::prep1, lmul_bits::checked1;  // the scalar definition (ops/lmul_bits.h, shared with CUDA)
 
 #if defined(NE_ISA_AVX512)
 struct VI {
@@ -122,24 +123,12 @@ inline uint32_t bits_of(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u;
 inline float float_of(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
 // t(x): canonical NaN, truncated mantissa
-inline uint32_t prep1(uint32_t x, uint32_t trunc) { return ((x & kAbs) > kInf ? kQNaN : x) & trunc; }
 inline R prepv(R x, R trunc) {
   R nan = VI::gt_s(VI::and_(x, VI::set1(kAbs)), VI::set1(kInf));
   return VI::and_(VI::blend(nan, x, VI::set1(kQNaN)), trunc);
 }
 
-// checked product of prepared operands (scalar: the definition; vector: the same, lane by lane)
-inline uint32_t checked1(uint32_t a, uint32_t b, uint32_t C) {
-  const uint32_t A = a & kAbs, B = b & kAbs, s = (a ^ b) & kSign;
-  if (A > kInf || B > kInf) return kQNaN;
-  const bool zero = A < kMin || B < kMin, inf = A == kInf || B == kInf;
-  if (inf) return zero ? kQNaN : (kInf | s);
-  if (zero) return s;
-  const uint32_t u = A + B, r = u - C;
-  if (u < C + kMin) return s;
-  if (r >= kInf) return kInf | s;
-  return r | s;
-}
+// checked product of prepared operands, lane by lane as lmul_bits::checked1 (the scalar definition)
 inline R checkedv(R a, R b, R C) {
   const R abs = VI::set1(kAbs), inf = VI::set1(kInf), mn = VI::set1(kMin);
   const R A = VI::and_(a, abs), B = VI::and_(b, abs);
