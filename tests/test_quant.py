@@ -255,3 +255,45 @@ def test_medium_precision_prefill(fmt, kw, gen):
             assert rel_err(md, hi) < 5e-3, (fmt, M)
     with pytest.raises(ne.errors.ArgumentError, match="matmul_precision"):
         ne.ops.quantized_linear(x, q, b, matmul_precision="low")
+
+
+def test_cuda_fp8_conversions_match_cpu(tmp_path, gen):
+    """cuda/quant_gemm.cu quantizes activations with __nv_cvt_float_to_fp8 (RNE, satfinite) and decodes
+    E4M3 through half; cuda_fp8.h's host definitions of those intrinsics, built by nvcc, must equal the
+    CPU's conversions (torch's float8_e4m3fn, matched bit for bit by the CPU kernels) on every value the
+    quantizer can produce (|v| <= 448 after the block scale, NaN, zeros, subnormals, ties) and every
+    code. Skips without nvcc."""
+    import ctypes
+    import os
+    import shutil
+    import subprocess
+
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    lib = tmp_path / "libfp8host.so"
+    r = subprocess.run([nvcc, "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC",
+                        os.path.join(root, "tests", "fp8_host.cu"), "-o", str(lib)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    so = ctypes.CDLL(str(lib))
+    so.fp8_host_encode.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    so.fp8_host_decode.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    # every E4M3 value and the midpoints between neighbours (ties), random values over the whole range
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    vals = codes.view(torch.float8_e4m3fn).float()
+    fin = vals[torch.isfinite(vals)].sort().values
+    mids = (fin[1:].double() + fin[:-1].double()).div(2).float()
+    rnd = (torch.rand(1 << 16, generator=gen) * 2 - 1) * torch.rand(1 << 16, generator=gen).mul(24).sub(12).exp2().mul(
+        torch.rand(1 << 16, generator=gen).lt(0.5).float() * 447 + 1)
+    v = torch.cat([fin, mids, rnd.clamp(-448, 448), torch.tensor([0.0, -0.0, float("nan"), 1e-30, -1e-30])]).contiguous()
+    got = torch.empty(v.numel(), dtype=torch.uint8)
+    so.fp8_host_encode(v.numel(), v.data_ptr(), got.data_ptr())
+    want = v.to(torch.float8_e4m3fn).view(torch.uint8)
+    nan = torch.isnan(v)
+    assert torch.equal(got[~nan], want[~nan])
+    assert ((got[nan] & 0x7F) == 0x7F).all()  # NaN codes (sign aside)
+    dec = torch.empty(256, dtype=torch.float32)
+    so.fp8_host_decode(256, codes.contiguous().data_ptr(), dec.data_ptr())
+    assert torch.equal(dec[torch.isfinite(vals)], vals[torch.isfinite(vals)])
+    assert torch.isnan(dec[~torch.isfinite(vals)]).all()
