@@ -104,8 +104,8 @@ inline void quant_store(const QArgs& a, int64_t m, int64_t n, float v) {
   y = a.accumulate ? y + v : v;
 }
 
-// More rows than this: Int8Weight / Int4 / FP8 dequantize W panel by panel (about 1 MB of fp32, cache
-// resident) into the fp32 GEMM; fewer: the GEMV kernels, which dequantize in registers.
+// More rows than this: Int8Weight / Int4 / FP8 dequantize W panel by panel (about 4 MB of fp32, per
+// calling thread, reused) into the fp32 GEMM; fewer: the GEMV kernels, which dequantize in registers.
 constexpr int64_t kQuantPanelMinRows = 4;
 
 // W8A8 kernels with the x86 dot-product extensions (quant_int8_x86.cpp): "amx" (tile multiply),
