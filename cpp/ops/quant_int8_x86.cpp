@@ -115,20 +115,30 @@ void vnni512_tile(const QArgs& a, int64_t m0, int64_t n) {
     wsum[c] = _mm512_setzero_si512();
     for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_setzero_si512();
   }
-  auto step = [&](int64_t k, __mmask64 mask) {
-    __m512i wv[NR];
-    for (int c = 0; c < NR; ++c) {
-      wv[c] = _mm512_maskz_loadu_epi8(mask, W + c * K + k);  // w[n+c, k .. k+63] (0 past K)
-      wsum[c] = _mm512_dpbusd_epi32(wsum[c], ones, wv[c]);
-    }
-    for (int r = 0; r < MR; ++r) {
-      const __m512i xu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, X + r * a.ldxq + k), flip);  // xq + 128
-      for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], xu, wv[c]);
-    }
-  };
+  // One step: 64 k of NR W rows (masked to K), every row of x. Written out twice (whole steps with a
+  // prefetch, then the tail) rather than as a lambda: through a lambda GCC kept acc / wsum in memory,
+  // storing all of them on every step.
+#define NE_VNNI512_STEP(k, mask)                                                                          \
+  do {                                                                                                    \
+    __m512i wv[NR];                                                                                       \
+    for (int c = 0; c < NR; ++c) {                                                                        \
+      wv[c] = _mm512_maskz_loadu_epi8(mask, W + c * K + (k)); /* w[n+c, k .. k+63] (0 past K) */          \
+      wsum[c] = _mm512_dpbusd_epi32(wsum[c], ones, wv[c]);                                                \
+    }                                                                                                     \
+    for (int r = 0; r < MR; ++r) {                                                                        \
+      const __m512i xu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, X + r * a.ldxq + (k)), flip);     \
+      for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], xu, wv[c]);                \
+    }                                                                                                     \
+  } while (0)
   const int64_t K64 = K / 64 * 64;
-  for (int64_t k = 0; k < K64; k += 64) step(k, ~__mmask64(0));
-  if (K64 < K) step(K64, (__mmask64(1) << (K - K64)) - 1);
+  for (int64_t k = 0; k < K64; k += 64) {
+    // decode streams W from memory once: request each row's line 4 KB ahead (the rows are NR
+    // separate streams; the next rows' starts follow from the last ones' ends)
+    for (int c = 0; c < NR; ++c) _mm_prefetch(reinterpret_cast<const char*>(W + c * K + k) + 4096, _MM_HINT_T1);
+    NE_VNNI512_STEP(k, ~__mmask64(0));
+  }
+  if (K64 < K) NE_VNNI512_STEP(K64, (__mmask64(1) << (K - K64)) - 1);
+#undef NE_VNNI512_STEP
   for (int c = 0; c < NR; ++c) {
     const int32_t off = 128 * _mm512_reduce_add_epi32(wsum[c]);
     for (int r = 0; r < MR; ++r) {
