@@ -132,6 +132,7 @@ void block_int8w(const QArgs& a, int64_t n0, int64_t n1) {
 #if defined(__AVX2__)
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
       for (; k + 16 <= K; k += 16) {
+        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(wr + k) + 4096, _MM_HINT_T1);  // as int4
         const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k));
         const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
         const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
@@ -314,6 +315,8 @@ void block_fp8(const QArgs& a, int64_t n0, int64_t n1) {
           const int64_t k1 = std::min(K, b * 128 + 128);
           __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
           int64_t k = b * 128;
+          _mm_prefetch(reinterpret_cast<const char*>(wr + k) + 4096, _MM_HINT_T1);  // W once from memory
+          _mm_prefetch(reinterpret_cast<const char*>(wr + k) + 4096 + 64, _MM_HINT_T1);
           for (; k + 32 <= k1; k += 32) {
             p0 = _mm512_fmadd_ps(_mm512_loadu_ps(xf + k), e4m3_decode16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k))), p0);
             p1 = _mm512_fmadd_ps(_mm512_loadu_ps(xf + k + 16),
