@@ -105,6 +105,7 @@ void block_int8(const QArgs& a, int64_t n0, int64_t n1) {
 #if defined(__AVX2__)
       __m256i acc = _mm256_setzero_si256();
       for (; k + 32 <= K; k += 32) {
+        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(wr + k) + 4096, _MM_HINT_T1);  // decode: W once
         const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
         const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
