@@ -80,14 +80,19 @@ void block_int8(const QArgs& a, int64_t n0, int64_t n1) {
       for (int64_t k = 0; k < K32; k += 32) {
         const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k));
         const __m256i aw = _mm256_sign_epi8(wv, wv);
-        auto dot = [&](const int8_t* xr, __m256i& acc) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + k));
-          acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)), ones));
-        };
-        dot(x0, acc0);
-        dot(x0 + ld, acc1);
-        dot(x0 + 2 * ld, acc2);
-        dot(x0 + 3 * ld, acc3);
+        // |w| * (x signed like w), pairs summed to int16 then int32 (no lambda: GCC kept the
+        // accumulators in memory through one in the VNNI kernel)
+#define NE_I8_DOT(xr, acc)                                                                               \
+  acc = _mm256_add_epi32(                                                                                \
+      acc, _mm256_madd_epi16(                                                                            \
+               _mm256_maddubs_epi16(                                                                     \
+                   aw, _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>((xr) + k)), wv)), \
+               ones))
+        NE_I8_DOT(x0, acc0);
+        NE_I8_DOT(x0 + ld, acc1);
+        NE_I8_DOT(x0 + 2 * ld, acc2);
+        NE_I8_DOT(x0 + 3 * ld, acc3);
+#undef NE_I8_DOT
       }
       int32_t d[4] = {hsum_i32(acc0), hsum_i32(acc1), hsum_i32(acc2), hsum_i32(acc3)};
       for (int64_t k = K32; k < K; ++k)
