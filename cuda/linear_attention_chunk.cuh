@@ -395,6 +395,23 @@ NE_LA_HD void states_body(Exec& ex, const ChunkArgs<T>& a, int64_t bh, int tile,
   });
 }
 
+// One phase's share of a decayed causal Gram matrix, elements e = tid, tid + nthr, ... of L x L:
+//   out[i, j] = lambda^(i-j) sum_{d < D} a[i, d] b[j, d]  for j <= i,  0 for j > i
+// (rows of a and b M apart, rows of out C apart, pw[t] = lambda^t). A = f(Q) f(K)^T in the forward,
+// Bm = dR V1^T in the backward.
+NE_LA_HD void causal_gram(int tid, int nthr, int L, int D, const float* a, const float* b, int M, const float* pw,
+                          float* out, int C) {
+  for (int e = tid; e < L * L; e += nthr) {
+    const int i = e / L, j = e % L;
+    float acc = 0.0f;
+    if (j <= i) {
+      for (int d = 0; d < D; ++d) acc = fmaf(a[i * M + d], b[j * M + d], acc);
+      acc *= pw[i - j];
+    }
+    out[i * C + j] = acc;
+  }
+}
+
 // The chunk's reads of the state, shared by output_body and backward_local_body (which recomputes them):
 //   causal:     A[i, j] = lambda^(i-j) f(q_i) . f(k_j) for j <= i, 0 for i < j   (i, j < L)
 //               R[i, n] = lambda^(i+1) sum_d fq[i, d] P[d, n] + sum_{j<=i} A[i, j] v1[j, n]
@@ -406,17 +423,7 @@ NE_LA_HD void chunk_reads(Exec& ex, const ChunkShape& s, const Bufs& u, const fl
   const int Dk = s.Dk, W = s.W(), M = s.M(), C = s.C;
   if (s.causal) {
     // phase: A
-    ex.phase([&](int tid, int nthr) {
-      for (int e = tid; e < L * L; e += nthr) {
-        const int i = e / L, j = e % L;
-        float acc = 0.0f;
-        if (j <= i) {
-          for (int d = 0; d < Dk; ++d) acc = fmaf(u.fq[i * M + d], u.fk1[j * M + d], acc);
-          acc *= u.pw[i - j];
-        }
-        u.A[i * C + j] = acc;
-      }
-    });
+    ex.phase([&](int tid, int nthr) { causal_gram(tid, nthr, L, Dk, u.fq, u.fk1, M, u.pw, u.A, C); });
     // phase: R, Sk
     ex.phase([&](int tid, int nthr) {
       for (int e = tid; e < L * W; e += nthr) {
@@ -546,15 +553,7 @@ NE_LA_HD void backward_local_body(Exec& ex, const ChunkArgs<T>& a, int64_t bh, i
     // phase: Bm[i, j] = lambda^(i-j) dr_i . v1_j for j <= i, else 0;
     //        E_j = dSk_j + lambda E_{j+1} (E_{L-1} = dSk_{L-1}), in place over dSk, one thread per column
     ex.phase([&](int tid, int nthr) {
-      for (int e = tid; e < L * L; e += nthr) {
-        const int i = e / L, j = e % L;
-        float acc = 0.0f;
-        if (j <= i) {
-          for (int n = 0; n < W; ++n) acc = fmaf(u.dR[i * M + n], u.v1[j * M + n], acc);
-          acc *= u.pw[i - j];
-        }
-        u.Bm[i * C + j] = acc;
-      }
+      causal_gram(tid, nthr, L, W, u.dR, u.v1, M, u.pw, u.Bm, C);
       for (int n = tid; n < W; n += nthr)
         for (int j = L - 2; j >= 0; --j) u.dSk[j * M + n] = fmaf(lam, u.dSk[(j + 1) * M + n], u.dSk[j * M + n]);
     });
@@ -666,18 +665,8 @@ NE_LA_HD void backward_kv_body(Exec& ex, const ChunkArgs<T>& a, int64_t bh, int6
   if (s.causal) {
     // phase: A[i, j] = lambda^(i-j) f(q_i) . f(k_j), Bm[i, j] = lambda^(i-j) dr_i . v1_j  (j <= i, else 0)
     ex.phase([&](int tid, int nthr) {
-      for (int e = tid; e < L * L; e += nthr) {
-        const int i = e / L, j = e % L;
-        float acc = 0.0f, bcc = 0.0f;
-        if (j <= i) {
-          for (int d = 0; d < Dk; ++d) acc = fmaf(u.fq[i * M + d], u.fk1[j * M + d], acc);
-          for (int n = 0; n < W; ++n) bcc = fmaf(u.dR[i * M + n], u.v1[j * M + n], bcc);
-          acc *= u.pw[i - j];
-          bcc *= u.pw[i - j];
-        }
-        u.A[i * C + j] = acc;
-        u.Bm[i * C + j] = bcc;
-      }
+      causal_gram(tid, nthr, L, Dk, u.fq, u.fk1, M, u.pw, u.A, C);
+      causal_gram(tid, nthr, L, W, u.dR, u.v1, M, u.pw, u.Bm, C);
     });
     // phase: Sk[j, d] = df(k_j)[d] = lambda^(L-1-j) sum_n v1[j, n] X[d, n] + sum_{i>=j} Bm[i, j] f(q_i)[d]
     //        R[j, n]  = dv1_j[n]   = sum_{i>=j} A[i, j] dR[i, n] + E[j, n]
