@@ -57,6 +57,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "ops/linear_attention_readout.h"
+
 namespace ne {
 namespace cuda {
 namespace la2 {
@@ -202,88 +204,16 @@ NE_LA_HD float fmap_d_from_f(int m, float fx) {
   return 1.f;
 }
 
-// o = readout(r, sk) for one token (r, sk: W values; o: Dv values, o may alias r).
+// The readout of one token and its gradient: ops/linear_attention_readout.h (the CPU kernels' own).
+NE_LA_HD la_readout::Readout readout_of(const ChunkShape& s) { return {s.kind, s.normalize, s.out_norm, s.eps, s.Dk, s.Dv}; }
+// o = readout(r, sk) (r, sk: W values; o: Dv values, o may alias r)
 NE_LA_HD void readout_row(const ChunkShape& s, const float* r, const float* sk, float* o) {
-  const int Dv = s.Dv;
-  if (s.kind == 0) {
-    // o = r[:Dv] / (r[Dv] + eps)   (or r[:Dv] unnormalized)
-    const float inv = s.normalize ? 1.0f / (r[Dv] + s.eps) : 1.0f;
-    for (int j = 0; j < Dv; ++j) o[j] = r[j] * inv;
-  } else if (s.kind == 1) {
-    // n = sk[Dv], c = Dk^-1/2, zq = c r[Dv] / n, beta = 1 + 1 / (zq + eps), o = beta (c / n) r[:Dv] - zq sk[:Dv] / n
-    const float n = sk[Dv], c = 1.0f / sqrtf((float)s.Dk);
-    const float zq = c * r[Dv] / n, beta = 1.0f + 1.0f / (zq + s.eps);
-    const float a = beta * c / n, b = zq / n;
-    for (int j = 0; j < Dv; ++j) o[j] = a * r[j] - b * sk[j];
-  } else {
-    // o = (r - mu) / sqrt(mean((r - mu)^2) + eps), mu = mean(r) (layer) or 0 (rms)
-    float mu = 0.0f;
-    if (s.out_norm == 1) {
-      for (int j = 0; j < Dv; ++j) mu += r[j];
-      mu /= (float)Dv;
-    }
-    float ss = 0.0f;
-    for (int j = 0; j < Dv; ++j) ss += (r[j] - mu) * (r[j] - mu);
-    const float inv = 1.0f / sqrtf(ss / (float)Dv + s.eps);
-    for (int j = 0; j < Dv; ++j) o[j] = (r[j] - mu) * inv;
-  }
+  la_readout::forward(readout_of(s), r, sk, o);
 }
-
-// dr = d<g, o>/dr, dsk = d<g, o>/dsk for one token (g: Dv values; dr, dsk: W values; no aliasing).
+// dr = d<g, o>/dr, dsk = d<g, o>/dsk for one token (g: Dv values; dr, dsk: W values; no aliasing)
 NE_LA_HD void readout_backward_row(const ChunkShape& s, const float* r, const float* sk, const float* g, float* dr,
                                    float* dsk) {
-  const int Dv = s.Dv;
-  for (int j = 0; j <= Dv; ++j) dsk[j] = 0.0f;
-  if (s.kind == 0) {
-    if (!s.normalize) {  // o = r[:Dv]
-      for (int j = 0; j < Dv; ++j) dr[j] = g[j];
-      dr[Dv] = 0.0f;
-      return;
-    }
-    // o_j = r_j / den, den = r[Dv] + eps: dr_j = g_j / den, dr[Dv] = -sum_j g_j r_j / den^2
-    const float inv = 1.0f / (r[Dv] + s.eps);
-    float gr = 0.0f;
-    for (int j = 0; j < Dv; ++j) {
-      dr[j] = g[j] * inv;
-      gr += g[j] * r[j];
-    }
-    dr[Dv] = -gr * inv * inv;
-  } else if (s.kind == 1) {
-    // o_j = beta c r_j / n - zq sk_j / n, zq = c r[Dv] / n, beta = 1 + 1 / e, e = zq + eps:
-    //   dr_j = g_j beta c / n,  gz = sum_j g_j (-(c / n) r_j / e^2 - sk_j / n)   (d<g, o>/dzq)
-    //   dr[Dv] = gz c / n,  dsk_j = -g_j zq / n,  dsk[Dv] = -sum_j g_j o_j / n - gz zq / n
-    const float n = sk[Dv], c = 1.0f / sqrtf((float)s.Dk);
-    const float zq = c * r[Dv] / n, e = zq + s.eps, beta = 1.0f + 1.0f / e;
-    const float a = beta * c / n, b = zq / n;
-    float gz = 0.0f, go = 0.0f;
-    for (int j = 0; j < Dv; ++j) {
-      dr[j] = g[j] * a;
-      dsk[j] = -g[j] * b;
-      gz += g[j] * (-(c / n) * r[j] / (e * e) - sk[j] / n);
-      go += g[j] * (a * r[j] - b * sk[j]);
-    }
-    dr[Dv] = gz * c / n;
-    dsk[Dv] = -go / n - gz * zq / n;
-  } else {
-    // o = x inv, x = r - mu, inv = 1 / sqrt(mean(x^2) + eps): dr_j = inv (g_j - mean(g) [layer] - o_j mean(g o))
-    float mu = 0.0f;
-    if (s.out_norm == 1) {
-      for (int j = 0; j < Dv; ++j) mu += r[j];
-      mu /= (float)Dv;
-    }
-    float ss = 0.0f;
-    for (int j = 0; j < Dv; ++j) ss += (r[j] - mu) * (r[j] - mu);
-    const float inv = 1.0f / sqrtf(ss / (float)Dv + s.eps);
-    float gm = 0.0f, go = 0.0f;
-    for (int j = 0; j < Dv; ++j) {
-      gm += g[j];
-      go += g[j] * (r[j] - mu) * inv;
-    }
-    gm = s.out_norm == 1 ? gm / (float)Dv : 0.0f;
-    go /= (float)Dv;
-    for (int j = 0; j < Dv; ++j) dr[j] = inv * (g[j] - gm - (r[j] - mu) * inv * go);
-    dr[Dv] = 0.0f;
-  }
+  la_readout::backward(readout_of(s), r, sk, g, dr, dsk);
 }
 
 // ---------------------------------------------------------------------------- phase helpers

@@ -30,7 +30,7 @@ H100_SMEM = 232448  # cudaDevAttrMaxSharedMemoryPerBlockOptin on an H100 (227 KB
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     out = tmp_path_factory.mktemp("la2host") / "libla2host.so"
-    cmd = [NVCC, "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC", "-I", os.path.join(ROOT, "cuda"),
+    cmd = [NVCC, "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC", "-I", os.path.join(ROOT, "cuda"), "-I", os.path.join(ROOT, "cpp"),
            os.path.join(ROOT, "tests", "linear_attention_chunk_host.cu"), "-o", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -35,6 +35,7 @@
 
 #include "core/half.h"
 #include "ops/linear_attention.h"
+#include "ops/linear_attention_readout.h"
 
 namespace ne {
 namespace NE_ISA_NS {
@@ -207,88 +208,16 @@ void feature_backward(FeatureMap f, int n, const float* __restrict x, float* __r
 }
 
 // ------------------------------------------------------------------------------ readouts
-// o = readout(r, sk) for one token: r = f(q)^T S'[:Dk] (W values), sk = S'[Dk] (W values)
-void readout(const LinAttnParams& p, int Dk, int Dv, const float* r, const float* sk, float* o) {
-  if (p.kind == LinAttnKind::Linear) {
-    // o = r[:Dv] / (r[Dv] + eps)   (or r[:Dv] unnormalized)
-    const float inv = p.normalize ? 1.0f / (r[Dv] + p.eps) : 1.0f;
-    for (int j = 0; j < Dv; ++j) o[j] = r[j] * inv;
-  } else if (p.kind == LinAttnKind::Mala) {
-    // n = sk[Dv], zq = c r[Dv] / n, beta = 1 + 1 / (zq + eps), o = beta (c / n) r[:Dv] - zq sk[:Dv] / n
-    const float n = sk[Dv], c = 1.0f / std::sqrt(static_cast<float>(Dk));
-    const float zq = c * r[Dv] / n, beta = 1.0f + 1.0f / (zq + p.eps);
-    const float a = beta * c / n, b = zq / n;
-    for (int j = 0; j < Dv; ++j) o[j] = a * r[j] - b * sk[j];
-  } else {
-    // o = (r - mu) / sqrt(mean((r - mu)^2) + eps), mu = mean(r) (layer) or 0 (rms)
-    float mu = 0.0f;
-    if (p.out_norm == 1) {
-      for (int j = 0; j < Dv; ++j) mu += r[j];
-      mu /= static_cast<float>(Dv);
-    }
-    float ss = 0.0f;
-    for (int j = 0; j < Dv; ++j) ss += (r[j] - mu) * (r[j] - mu);
-    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(Dv) + p.eps);
-    for (int j = 0; j < Dv; ++j) o[j] = (r[j] - mu) * inv;
-  }
+// (ops/linear_attention_readout.h: the formulas, shared with the CUDA chunked kernels)
+inline la_readout::Readout readout_of(const LinAttnParams& p, int Dk, int Dv) {
+  return {static_cast<int>(p.kind), p.normalize, p.out_norm, p.eps, Dk, Dv};
 }
-
-// dr = d<g, o>/dr, dsk = d<g, o>/dsk for one token (g = grad of o, Dv values; dr, dsk W values)
+void readout(const LinAttnParams& p, int Dk, int Dv, const float* r, const float* sk, float* o) {
+  la_readout::forward(readout_of(p, Dk, Dv), r, sk, o);
+}
 void readout_backward(const LinAttnParams& p, int Dk, int Dv, const float* r, const float* sk, const float* g,
                       float* dr, float* dsk) {
-  for (int j = 0; j <= Dv; ++j) dsk[j] = 0.0f;
-  if (p.kind == LinAttnKind::Linear) {
-    if (!p.normalize) {  // o = r[:Dv]: dr[:Dv] = g, dr[Dv] = 0
-      for (int j = 0; j < Dv; ++j) dr[j] = g[j];
-      dr[Dv] = 0.0f;
-      return;
-    }
-    // o_j = r_j / den, den = r[Dv] + eps: dr_j = g_j / den, dr[Dv] = -sum_j g_j o_j / den
-    const float inv = 1.0f / (r[Dv] + p.eps);
-    float go = 0.0f;
-    for (int j = 0; j < Dv; ++j) {
-      dr[j] = g[j] * inv;
-      go += g[j] * r[j];
-    }
-    dr[Dv] = -go * inv * inv;
-  } else if (p.kind == LinAttnKind::Mala) {
-    // o_j = beta c r_j / n - zq sk_j / n, zq = c r[Dv] / n, beta = 1 + 1 / e, e = zq + eps
-    //   dr_j   = g_j beta c / n
-    //   gz     = sum_j g_j (-(c / n) r_j / e^2 - sk_j / n)          (d<g, o>/dzq)
-    //   dr[Dv] = gz c / n,  dsk_j = -g_j zq / n,  dsk[Dv] = dn = -sum_j g_j o_j / n - gz zq / n
-    const float n = sk[Dv], c = 1.0f / std::sqrt(static_cast<float>(Dk));
-    const float zq = c * r[Dv] / n, e = zq + p.eps, beta = 1.0f + 1.0f / e;
-    const float a = beta * c / n, b = zq / n;
-    float gz = 0.0f, go = 0.0f;
-    for (int j = 0; j < Dv; ++j) {
-      dr[j] = g[j] * a;
-      dsk[j] = -g[j] * b;
-      gz += g[j] * (-(c / n) * r[j] / (e * e) - sk[j] / n);
-      go += g[j] * (a * r[j] - b * sk[j]);
-    }
-    dr[Dv] = gz * c / n;
-    dsk[Dv] = -go / n - gz * zq / n;
-  } else {
-    // o = x inv, x = r - mu, inv = 1 / sqrt(mean(x^2) + eps):
-    //   dr_j = inv (g_j - mean(g) [layer only] - o_j mean(g o))
-    float mu = 0.0f;
-    if (p.out_norm == 1) {
-      for (int j = 0; j < Dv; ++j) mu += r[j];
-      mu /= static_cast<float>(Dv);
-    }
-    float ss = 0.0f;
-    for (int j = 0; j < Dv; ++j) ss += (r[j] - mu) * (r[j] - mu);
-    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(Dv) + p.eps);
-    float gm = 0.0f, go = 0.0f;
-    for (int j = 0; j < Dv; ++j) {
-      gm += g[j];
-      go += g[j] * (r[j] - mu) * inv;
-    }
-    gm = p.out_norm == 1 ? gm / static_cast<float>(Dv) : 0.0f;
-    go /= static_cast<float>(Dv);
-    for (int j = 0; j < Dv; ++j) dr[j] = inv * (g[j] - gm - (r[j] - mu) * inv * go);
-    dr[Dv] = 0.0f;
-  }
+  la_readout::backward(readout_of(p, Dk, Dv), r, sk, g, dr, dsk);
 }
 
 // ------------------------------------------------------------------------------ per-head work
