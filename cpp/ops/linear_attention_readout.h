@@ -22,6 +22,19 @@ struct Readout {
   int Dk, Dv;
 };
 
+// Norm attention's statistics of r[:Dv]: mu = mean(r) (LayerNorm) or 0 (RMS), inv = 1 / sqrt(mean((r - mu)^2) + eps)
+NE_LAR_HD void norm_stats(const Readout& p, const float* r, float& mu, float& inv) {
+  const int Dv = p.Dv;
+  mu = 0.0f;
+  if (p.out_norm == 1) {
+    for (int j = 0; j < Dv; ++j) mu += r[j];
+    mu /= (float)Dv;
+  }
+  float ss = 0.0f;
+  for (int j = 0; j < Dv; ++j) ss += (r[j] - mu) * (r[j] - mu);
+  inv = 1.0f / sqrtf(ss / (float)Dv + p.eps);
+}
+
 // o = readout(r, sk) for one token: r = f(q)^T S'[:Dk] (W values), sk = S'[Dk] (W values)
 NE_LAR_HD void forward(const Readout& p, const float* r, const float* sk, float* o) {
   const int Dk = p.Dk, Dv = p.Dv;
@@ -37,14 +50,8 @@ NE_LAR_HD void forward(const Readout& p, const float* r, const float* sk, float*
     for (int j = 0; j < Dv; ++j) o[j] = a * r[j] - b * sk[j];
   } else {
     // o = (r - mu) / sqrt(mean((r - mu)^2) + eps), mu = mean(r) (layer) or 0 (rms)
-    float mu = 0.0f;
-    if (p.out_norm == 1) {
-      for (int j = 0; j < Dv; ++j) mu += r[j];
-      mu /= (float)Dv;
-    }
-    float ss = 0.0f;
-    for (int j = 0; j < Dv; ++j) ss += (r[j] - mu) * (r[j] - mu);
-    const float inv = 1.0f / sqrtf(ss / (float)Dv + p.eps);
+    float mu, inv;
+    norm_stats(p, r, mu, inv);
     for (int j = 0; j < Dv; ++j) o[j] = (r[j] - mu) * inv;
   }
 }
@@ -87,14 +94,8 @@ NE_LAR_HD void backward(const Readout& p, const float* r, const float* sk, const
   } else {
     // o = x inv, x = r - mu, inv = 1 / sqrt(mean(x^2) + eps):
     //   dr_j = inv (g_j - mean(g) [layer only] - o_j mean(g o))
-    float mu = 0.0f;
-    if (p.out_norm == 1) {
-      for (int j = 0; j < Dv; ++j) mu += r[j];
-      mu /= (float)Dv;
-    }
-    float ss = 0.0f;
-    for (int j = 0; j < Dv; ++j) ss += (r[j] - mu) * (r[j] - mu);
-    const float inv = 1.0f / sqrtf(ss / (float)Dv + p.eps);
+    float mu, inv;
+    norm_stats(p, r, mu, inv);
     float gm = 0.0f, go = 0.0f;
     for (int j = 0; j < Dv; ++j) {
       gm += g[j];
