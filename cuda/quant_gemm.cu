@@ -326,24 +326,44 @@ struct MmaArgs {
   int grid_m, grid_n;
 };
 
+// NE_CUDA_EMU: the host build of tests/cuda_emu (g++, no GPU) runs these wrappers' PTX through the
+// emulator's equivalents (tests/cuda_emu/cuda_emu.h); nvcc never defines it and compiles the asm below.
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 // 16 bytes global -> shared, asynchronously; bytes < 16 zero-fills the rest (0: all zeros, nothing read).
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int bytes) {
+#if defined(NE_CUDA_EMU)
+  ::ne_emu::cp_async16(dst, src, bytes);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(NE_CUDA_EMU)
+  ::ne_emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#if defined(NE_CUDA_EMU)
+  ::ne_emu::cp_async_wait(N);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
 }
 // Four 8 x (8 x b16) = 8 rows x 16 bytes matrices; lane l gives the address of row (l & 7) of matrix l >> 3
 // and receives, from each matrix i, bytes 4 (l & 3) .. 4 (l & 3) + 3 of its row l >> 2 in r[i].
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+#if defined(NE_CUDA_EMU)
+  ::ne_emu::ldmatrix_x4(r, addr);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 
 // D = A B + C for a 16 x 8 x 32 tile. Fragments (g = lane >> 2, t = lane & 3): A a[0] = row g, k 4t..4t+3;
@@ -357,6 +377,8 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], cons
       "{%0, %1, %2, %3};\n"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(NE_CUDA_EMU)
+  ::ne_emu::mma_s8(c, a, b);
 #else
   __trap();
 #endif
@@ -368,6 +390,8 @@ __device__ __forceinline__ void mma_e4m3(float (&c)[4], const uint32_t (&a)[4], 
       "{%0, %1, %2, %3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(NE_CUDA_EMU)
+  ::ne_emu::mma_e4m3(c, a, b);
 #else
   __trap();  // e4m3 MMA needs sm_89+; the host refuses older devices before launching
 #endif

@@ -17,8 +17,16 @@
 //     x + y*Bx + z*Bx*By, as on the GPU). A shuffle is lockstep: every lane writes its value to a
 //     per-warp buffer, barrier, every lane reads its source lane, barrier.
 //   * __shared__ is `static`: one copy per kernel instantiation, shared by the fibers of the block
-//     that is running (one block at a time). Dynamic shared memory (`extern __shared__`) is NOT
-//     supported (`extern static` does not compile); no kernel using it is emulated yet.
+//     that is running (one block at a time). Dynamic shared memory: the build rewrites
+//     `extern __shared__ T name[];` into `T* name = ne_emu::dynamic_shared<T>();`, a per-launch buffer
+//     of the launch's smem bytes, 0xff-filled at every block start (more than 48 KiB only after
+//     cudaFuncSetAttribute(MaxDynamicSharedMemorySize), as on the GPU). Only it has 32-bit shared-window
+//     addresses (__cvta_generic_to_shared), which the PTX stand-ins below bounds-check.
+//   * PTX stand-ins (called from a kernel file's asm wrappers under -DNE_CUDA_EMU): cp.async 16 bytes
+//     with zero fill (landing at the cp.async, or deferred to the wait_group that retires its group:
+//     Device::cp_async), commit / wait_group per thread; ldmatrix.x4 and mma.sync m16n8k32 (s8 and
+//     e4m3, PTX ISA fragment layouts) as warp-collective lockstep exchanges of full warps. __dp4a;
+//     E4M3 conversions in shim/cuda_fp8.h (round to nearest even, satfinite; decode exact).
 //   * Launch configuration is checked as the GPU does (block <= 1024 threads, grid.y/z <= 65535...);
 //     a bad one is not run and sets the sticky error cudaGetLastError() returns.
 //
@@ -62,6 +70,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
+#include <map>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -78,6 +88,7 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 #define __constant__
+#define __align__(n) __attribute__((aligned(n)))
 // __restrict__ is a g++ keyword already.
 
 // ============================================================================ vector types
@@ -147,6 +158,16 @@ inline __nv_bfloat16 __float2bfloat16_rn(float v) {  // round to nearest even; N
   return b;
 }
 inline __nv_bfloat16 __float2bfloat16(float v) { return __float2bfloat16_rn(v); }
+struct __half2 {
+  __half x, y;
+};
+struct __half2_raw {
+  unsigned short x, y;
+};
+struct __half_raw {
+  unsigned short x;
+};
+inline float2 __half22float2(__half2 h) { return float2{__half2float(h.x), __half2float(h.y)}; }
 
 // ============================================================================ math intrinsics
 // fmaf, fma, sqrtf, sqrt, expf ... come from <cmath> (IEEE, as on the GPU).
@@ -176,6 +197,31 @@ inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __frcp_rn(float a) { return 1.0f / a; }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float __fmul_rn(float a, float b) { return a * b; }  // never contracted into an fma (as on the GPU)
+inline float __fadd_rn(float a, float b) { return a + b; }
+// Four signed byte products summed into c (int32 wraparound, as the GPU's dp4a).
+inline int __dp4a(int a, int b, int c) {
+  uint32_t acc = static_cast<uint32_t>(c);
+  for (int i = 0; i < 4; ++i)
+    acc += static_cast<uint32_t>(static_cast<int>(static_cast<int8_t>(static_cast<uint32_t>(a) >> (8 * i))) *
+                                 static_cast<int>(static_cast<int8_t>(static_cast<uint32_t>(b) >> (8 * i))));
+  return static_cast<int>(acc);
+}
+inline unsigned __dp4a(unsigned a, unsigned b, unsigned c) {
+  for (int i = 0; i < 4; ++i) c += ((a >> (8 * i)) & 0xffu) * ((b >> (8 * i)) & 0xffu);
+  return c;
+}
+// CUDA's integer min / max overloads (device code calls them unqualified).
+#define NE_EMU_MINMAX(T)                                   \
+  inline T min(T a, T b) { return b < a ? b : a; }         \
+  inline T max(T a, T b) { return a < b ? b : a; }
+NE_EMU_MINMAX(int)
+NE_EMU_MINMAX(unsigned)
+NE_EMU_MINMAX(long)
+NE_EMU_MINMAX(unsigned long)
+NE_EMU_MINMAX(long long)
+NE_EMU_MINMAX(unsigned long long)
+#undef NE_EMU_MINMAX
 // Approximate on the GPU (see the header comment); exact here.
 inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
 inline double rsqrt(double a) { return 1.0 / std::sqrt(a); }
@@ -203,6 +249,11 @@ enum cudaDeviceAttr {
   cudaDevAttrMaxThreadsPerBlock = 1,
   cudaDevAttrMultiProcessorCount = 16,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+};
+enum cudaFuncAttribute {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
 };
 
 namespace ne_emu {
@@ -216,6 +267,14 @@ struct Device {
   int order = kForward;   // the schedule of a block's fibers (see the header comment)
   size_t stack_bytes = 256u << 10;
   cudaError_t last_error = cudaSuccess;
+  int cc_major = 9, cc_minor = 0;  // compute capability cudaDeviceGetAttribute reports (sm_90)
+  // cp.async: kImmediate copies at the cp.async itself (a read of the stage before cp.async.wait_group
+  // sees the data: exposes write-after-read hazards, a copy into a stage others still read); kDeferred
+  // copies at the wait_group that retires its group (exposes read-after-write hazards, a stage read
+  // before its copies were waited for: the reader sees the stale or 0xff-filled contents).
+  enum CpAsync { kImmediate = 0, kDeferred = 1 };
+  int cp_async = kImmediate;
+  std::map<const void*, size_t> max_dynamic_smem;  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
   struct Launch {
     const void* kernel;
     dim3 grid, block;
@@ -276,7 +335,14 @@ inline void make(Context& c, char* stack, size_t bytes, void (*entry)()) {
 struct Barrier {
   unsigned gen = 0, arrived = 0, expected = 0;
 };
+struct PendingCopy {  // a cp.async not yet performed (Device::kDeferred)
+  void* dst;
+  const void* src;
+  int bytes, fill;  // bytes copied, then zeros up to fill
+};
 struct Fiber {
+  std::vector<PendingCopy> copies;  // issued cp.async copies, oldest first
+  std::vector<size_t> groups;       // end index (into copies) of each committed group, oldest first
   Context ctx;
   uint3 tid;
   unsigned lane, warp;
@@ -291,6 +357,9 @@ struct Block {  // the block being run (one at a time per OS thread)
   Barrier bar;
   std::vector<Barrier> warp_bar;
   std::vector<uint64_t> warp_buf;  // [warps][32] shuffle slots
+  std::vector<unsigned char> warp_big;  // [warps][32][kBigSlot] slots of the warp-collective ops (ldmatrix, mma)
+  unsigned char* dyn = nullptr;         // dynamic shared memory (extern __shared__), 0xff-filled per block
+  size_t dyn_bytes = 0;
   Context sched;
   Fiber* cur = nullptr;
   std::function<void()> body;  // the kernel applied to its arguments
@@ -337,9 +406,16 @@ inline void arrive(Barrier& bar) {
   swap(f->ctx, b->sched);
 }
 
+inline void perform(const PendingCopy& c) {
+  std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
+  std::memset(static_cast<char*>(c.dst) + c.bytes, 0, static_cast<size_t>(c.fill - c.bytes));
+}
+
 [[noreturn]] inline void fiber_main() {
   Block* b = g_blk;
   b->body();
+  for (const PendingCopy& c : b->cur->copies) perform(c);  // outstanding copies still land
+  b->cur->copies.clear();
   b->cur->done = true;
   for (;;) swap(b->cur->ctx, b->sched);  // never resumed
 }
@@ -390,6 +466,8 @@ inline void run_block(Block& b) {
   b.warp_bar.assign(warps, Barrier{});
   for (unsigned w = 0; w < warps; ++w) b.warp_bar[w].expected = lanes_of(b, w);
   b.warp_buf.assign(32 * static_cast<size_t>(warps), 0);
+  b.warp_big.assign(32 * static_cast<size_t>(warps) * 64, 0);
+  if (b.dyn) std::memset(b.dyn, 0xff, b.dyn_bytes);  // NaN / -1 until written
   for (unsigned i = 0; i < n; ++i) {
     Fiber& f = b.fibers[i];
     f.tid = uint3{i % b.block.x, (i / b.block.x) % b.block.y, i / (b.block.x * b.block.y)};
@@ -397,6 +475,8 @@ inline void run_block(Block& b) {
     f.warp = i / 32;
     f.done = false;
     f.wait_on = nullptr;
+    f.copies.clear();
+    f.groups.clear();
     make(f.ctx, stack(i, stack_bytes), stack_bytes, fiber_main);
   }
   const int order = device().order;
@@ -472,13 +552,21 @@ template <class... P, class... A>
 void operator<<(void (*kernel)(P...), BoundLaunch<A...>&& L) {
   Device& d = device();
   d.log.push_back(Device::Launch{reinterpret_cast<const void*>(kernel), L.grid, L.block});
-  if (!config_ok(L.grid, L.block) || L.smem > 48 * 1024) {
+  // more than 48 KiB of dynamic shared memory only after cudaFuncSetAttribute raised the kernel's limit
+  const auto lim = d.max_dynamic_smem.find(reinterpret_cast<const void*>(kernel));
+  const size_t smem_max = lim == d.max_dynamic_smem.end() ? 48 * 1024 : lim->second;
+  if (!config_ok(L.grid, L.block) || L.smem > smem_max) {
     d.last_error = cudaErrorInvalidConfiguration;
     return;
   }
   detail::Block b;
   b.grid = L.grid;
   b.block = L.block;
+  std::vector<unsigned char> dyn_storage(L.smem + 1024);
+  if (L.smem) {  // 1024-byte aligned, as the GPU's shared window
+    b.dyn = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(dyn_storage.data()) + 1023) & ~uintptr_t(1023));
+    b.dyn_bytes = L.smem;
+  }
   b.body = [&] { std::apply(kernel, L.args); };
   detail::Block* saved = detail::g_blk;
   detail::g_blk = &b;
@@ -542,6 +630,174 @@ inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
       "__shfl_up_sync");
 }
 
+inline void __trap() { ::ne_emu::detail::fault("__trap()"); }
+
+// ============================================================================ shared addresses, cp.async, ldmatrix, mma
+// Only dynamic shared memory (extern __shared__, which the build rewrites to ne_emu::dynamic_shared<T>())
+// has 32-bit shared-window addresses here: kSharedBase + byte offset into the block's buffer. Every
+// access through such an address is bounds checked (a fault names it).
+namespace ne_emu {
+constexpr uint32_t kSharedBase = 0x400;  // nonzero, as code must not assume the window starts at 0
+template <class T>
+inline T* dynamic_shared() {
+  return reinterpret_cast<T*>(detail::g_blk->dyn);
+}
+namespace detail {
+inline uint32_t to_shared(const void* p) {
+  Block* b = g_blk;
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  if (!b->dyn || c < b->dyn || c > b->dyn + b->dyn_bytes)
+    fault("__cvta_generic_to_shared: not an address in dynamic shared memory (static __shared__ arrays have no "
+          "shared-window address in the emulator)");
+  return kSharedBase + static_cast<uint32_t>(c - b->dyn);
+}
+inline unsigned char* from_shared(uint32_t addr, size_t bytes, const char* what) {
+  Block* b = g_blk;
+  if (addr < kSharedBase || addr - kSharedBase + bytes > b->dyn_bytes) {
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "%s: shared address 0x%x (+%zu bytes) outside the %zu bytes of dynamic shared memory",
+                  what, addr, bytes, b->dyn_bytes);
+    fault(msg);
+  }
+  return b->dyn + (addr - kSharedBase);
+}
+// A .sync.aligned warp-collective op: every lane of a full warp deposits v; each gets all 32 values.
+// (The caller's own work after it needs no second barrier: release() ends the exchange.)
+template <class T>
+inline void gather(const T& v, T (&all)[32], const char* what) {
+  static_assert(sizeof(T) <= 64 && std::is_trivially_copyable<T>::value, "collective slots hold 64 bytes");
+  Block* b = g_blk;
+  Fiber* f = b->cur;
+  if (lanes_of(*b, f->warp) != 32) fault(std::string(what) + ": a .sync.aligned op in a partial warp");
+  unsigned char* buf = &b->warp_big[static_cast<size_t>(f->warp) * 32 * 64];
+  std::memcpy(buf + 64 * f->lane, &v, sizeof(T));
+  arrive(b->warp_bar[f->warp]);
+  for (int l = 0; l < 32; ++l) std::memcpy(&all[l], buf + 64 * l, sizeof(T));
+  arrive(b->warp_bar[f->warp]);  // nobody overwrites the slots before every lane has read them
+}
+}  // namespace detail
+
+// cp.async.cg.shared.global [dst], [src], 16, bytes: 16 bytes, those past `bytes` zero (src unread when 0).
+inline void cp_async16(uint32_t dst, const void* src, int bytes) {
+  using namespace detail;
+  if (bytes < 0 || bytes > 16) fault("cp.async: src-size outside 0..16");
+  if ((dst & 15u) || (reinterpret_cast<uintptr_t>(src) & 15u)) fault("cp.async (16 bytes): misaligned address");
+  PendingCopy c{from_shared(dst, 16, "cp.async"), src, bytes, 16};
+  if (device().cp_async == Device::kImmediate) perform(c);
+  else g_blk->cur->copies.push_back(c);
+}
+inline void cp_async_commit() {
+  detail::Fiber* f = detail::g_blk->cur;
+  f->groups.push_back(f->copies.size());
+}
+// cp.async.wait_group n: every committed group but the newest n has landed (for this thread).
+inline void cp_async_wait(int n) {
+  detail::Fiber* f = detail::g_blk->cur;
+  const size_t G = f->groups.size();
+  if (G <= static_cast<size_t>(n)) return;
+  const size_t done_groups = G - static_cast<size_t>(n), end = f->groups[done_groups - 1];
+  for (size_t i = 0; i < end; ++i) detail::perform(f->copies[i]);
+  f->copies.erase(f->copies.begin(), f->copies.begin() + static_cast<std::ptrdiff_t>(end));
+  f->groups.erase(f->groups.begin(), f->groups.begin() + static_cast<std::ptrdiff_t>(done_groups));
+  for (size_t& e : f->groups) e -= end;
+}
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane 8i + j gives the (16-byte aligned) address of row j of
+// matrix i; lane l receives in r[i] the 4 bytes at 4 (l & 3) of row l >> 2 of matrix i.
+inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  using namespace detail;
+  if (addr & 15u) fault("ldmatrix: row address not 16-byte aligned");
+  from_shared(addr, 16, "ldmatrix");
+  uint32_t all[32];
+  gather(addr, all, "ldmatrix");
+  const unsigned lane = g_blk->cur->lane;
+  for (int i = 0; i < 4; ++i) std::memcpy(&r[i], from_shared(all[8 * i + (lane >> 2)] + 4 * (lane & 3), 4, "ldmatrix"), 4);
+}
+namespace detail {
+struct MmaFrag {
+  uint32_t a[4], b[2];
+};
+// The 16 x 32 A and 32 x 8 B (as B[col][k]) bytes of an m16n8k32 from the lanes' fragments (PTX ISA
+// layouts, g = lane >> 2, t = lane & 3): a[0] row g, k 4t..4t+3; a[1] row g+8; a[2] row g, k 16+4t..;
+// a[3] row g+8, k 16+4t..; b[0] column g, k 4t..4t+3; b[1] column g, k 16+4t..
+inline void mma_operands(const uint32_t (&a)[4], const uint32_t (&b)[2], uint8_t (&A)[16][32], uint8_t (&B)[8][32]) {
+  MmaFrag all[32];
+  gather(MmaFrag{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}}, all, "mma.sync");
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    for (int j = 0; j < 4; ++j) {
+      A[g][4 * t + j] = static_cast<uint8_t>(all[l].a[0] >> (8 * j));
+      A[g + 8][4 * t + j] = static_cast<uint8_t>(all[l].a[1] >> (8 * j));
+      A[g][16 + 4 * t + j] = static_cast<uint8_t>(all[l].a[2] >> (8 * j));
+      A[g + 8][16 + 4 * t + j] = static_cast<uint8_t>(all[l].a[3] >> (8 * j));
+      B[g][4 * t + j] = static_cast<uint8_t>(all[l].b[0] >> (8 * j));
+      B[g][16 + 4 * t + j] = static_cast<uint8_t>(all[l].b[1] >> (8 * j));
+    }
+  }
+}
+}  // namespace detail
+// mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32: c (row g: columns 2t, 2t+1; row g+8: the same) += A B.
+inline void mma_s8(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  uint8_t A[16][32], B[8][32];
+  detail::mma_operands(a, b, A, B);
+  const unsigned lane = detail::g_blk->cur->lane, g = lane >> 2, t = lane & 3;
+  for (int e = 0; e < 4; ++e) {
+    const unsigned row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+    uint32_t acc = static_cast<uint32_t>(c[e]);  // int32 wraparound
+    for (int k = 0; k < 32; ++k)
+      acc += static_cast<uint32_t>(static_cast<int>(static_cast<int8_t>(A[row][k])) *
+                                   static_cast<int>(static_cast<int8_t>(B[col][k])));
+    c[e] = static_cast<int>(acc);
+  }
+}
+inline float e4m3_value(uint8_t v);
+// mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32: the products are exact in fp32; they are added to
+// c one after another in k order, each sum rounded to fp32 (the GPU's order and internal precision are
+// unspecified: results may differ from it in the last bits of a 32-term fp32 sum).
+inline void mma_e4m3(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  uint8_t A[16][32], B[8][32];
+  detail::mma_operands(a, b, A, B);
+  const unsigned lane = detail::g_blk->cur->lane, g = lane >> 2, t = lane & 3;
+  for (int e = 0; e < 4; ++e) {
+    const unsigned row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+    float acc = c[e];
+    for (int k = 0; k < 32; ++k) acc += e4m3_value(A[row][k]) * e4m3_value(B[col][k]);
+    c[e] = acc;
+  }
+}
+// E4M3 (fn) bits -> value (exact in float): exponent bias 7, subnormals 2^-9 steps, 0x7f / 0xff NaN.
+inline float e4m3_value(uint8_t v) {
+  const int e = (v >> 3) & 15, m = v & 7;
+  if (e == 15 && m == 7) return std::numeric_limits<float>::quiet_NaN();
+  const float mag = e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(static_cast<float>(8 + m), e - 10);
+  return (v & 0x80) ? -mag : mag;
+}
+// float -> E4M3 (fn) bits, round to nearest even; sat: |v| beyond 448 (and +-Inf) -> +-448, else NaN.
+// NaN -> 0x7f. (cuda_fp8.hpp's __nv_cvt_float_to_fp8 with __NV_E4M3.)
+inline uint8_t e4m3_bits(float v, bool sat) {
+  if (std::isnan(v)) return 0x7f;
+  const uint8_t sign = std::signbit(v) ? 0x80 : 0;
+  const double a = std::fabs(static_cast<double>(v));
+  unsigned code;
+  if (a < std::ldexp(1.0, -6)) {
+    code = static_cast<unsigned>(std::nearbyint(a * 512.0));  // subnormal steps of 2^-9 (8 -> the smallest normal)
+  } else if (std::isinf(a)) {
+    code = 0x7f;
+  } else {
+    int ex;
+    std::frexp(a, &ex);  // a in [2^(ex-1), 2^ex)
+    const int e = ex - 1;
+    const double q = std::nearbyint(std::ldexp(a, 3 - e));  // 8 .. 16 (16: carries into the next binade)
+    code = e > 8 ? 0x7f : static_cast<unsigned>((e + 7) * 8) + static_cast<unsigned>(q) - 8u;
+  }
+  if (code > 0x7e) code = sat ? 0x7e : 0x7f;
+  return static_cast<uint8_t>(sign | code);
+}
+}  // namespace ne_emu
+template <class T>
+inline size_t __cvta_generic_to_shared(const T* p) {
+  return ::ne_emu::detail::to_shared(static_cast<const void*>(p));
+}
+
 // Atomics: fibers never interleave inside a call, so a plain read-modify-write is atomic here.
 template <class T>
 inline T atomicAdd(T* p, T v) {
@@ -575,8 +831,16 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
     case cudaDevAttrMultiProcessorCount: *v = ne_emu::device().sm_count; return cudaSuccess;
     case cudaDevAttrMaxThreadsPerBlock: *v = 1024; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = 232448; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *v = ne_emu::device().cc_major; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *v = ne_emu::device().cc_minor; return cudaSuccess;
   }
   return cudaErrorInvalidValue;
+}
+template <class... P>
+inline cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > 232448) return cudaErrorInvalidValue;
+  ne_emu::device().max_dynamic_smem[reinterpret_cast<const void*>(kernel)] = static_cast<size_t>(value);
+  return cudaSuccess;
 }
 template <class Kernel>
 inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, Kernel, int threads, size_t) {

@@ -1,0 +1,421 @@
+"""cuda/quant_gemm.cu RUN without a GPU: the quantized-GEMM kernels and their launchers (the source the
+nvcc build compiles; launches and `extern __shared__` rewritten for the host, -DNE_CUDA_EMU routing the
+file's cp.async / ldmatrix / mma.sync wrappers to the emulator) run on the CPU through the SIMT emulator
+of tests/cuda_emu/cuda_emu.h, built by g++ into a ctypes library (tests/cuda_emu/quant_emu.cpp).
+
+Checked: the activation quantization (int8 per token, FP8 E4M3 per token and 128 channels) bit for bit
+against the CPU's formulas (normengine.reference.quant, what cpp/ops/quant_gemm.cpp computes); every
+format (int8 W8A8, int8-weight, int4 g32/64/128 symmetric and with zero points, fp8 per tensor and
+128 x 128 blocks) for M in {1, 3, 8, 9, 16, 33, 130} (GEMV and tile kernels), odd N and K where the
+format allows, bias, accumulate, strided x / y with guard regions, against the CPU kernel
+(normengine._C.quant_linear: int8 bit for bit, the fp32-summing formats within fp32 summation error of
+the terms) and a float64 reference; the GEMV fallbacks of the 8-bit formats (K % 16 != 0, unaligned W);
+schedules and deferred cp.async landing for the tensor-core tiles; and that every kernel of the file ran.
+
+What the emulator cannot show: timing, occupancy, the memory model, nvcc's fma contraction, and the
+GPU's (unspecified) fp32 accumulation order inside an e4m3 mma: results may differ from a real GPU in
+the last bits of fp32 sums, which the tolerances below (relative to the sum of |terms|) leave room for."""
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from normengine import _C
+from normengine.ops.quant import _CODE, quantize_weight
+from normengine.reference import quant as rq
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMU = os.path.join(ROOT, "tests", "cuda_emu")
+CXX = shutil.which("g++")
+pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found (the emulator harness is built with it)")
+
+XDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+SENTINEL = -123.0
+ORDERS = {"forward": 0, "reverse": 1, "eager": 2}
+CP_ASYNC = {"immediate": 0, "deferred": 1}
+
+
+def emu_source(path):
+    """quant_gemm.cu as the emulator compiles it (line numbers kept): launches `k<<<cfg>>>(args)` ->
+    `k << ::ne_emu::launch_config(cfg)(args)`; `extern __shared__ [__align__(n)] T name[];` ->
+    `T* name = ::ne_emu::dynamic_shared<T>();`; plus ne::check_qweight, which the launcher calls, taken
+    verbatim from cpp/ops/quant_gemm.cpp (the rest of that file is the CPU kernels)."""
+    with open(path) as f:
+        src = f.read()
+    out = re.sub(r"<<<(.*?)>>>", lambda m: " << ::ne_emu::launch_config(" + m.group(1) + ")", src, flags=re.S)
+    out = re.sub(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([\w:]+)\s+(\w+)\s*\[\s*\]\s*;",
+                 r"\1* \2 = ::ne_emu::dynamic_shared<\1>();", out)
+    cpp_path = os.path.join(ROOT, "cpp", "ops", "quant_gemm.cpp")
+    with open(cpp_path) as f:
+        cpp = f.read()
+    m = re.search(r"^void check_qweight\(const QWeight& w\) \{.*?^\}$", cpp, flags=re.S | re.M)
+    assert m, "check_qweight not found in cpp/ops/quant_gemm.cpp"
+    line = cpp[:m.start()].count("\n") + 1
+    return (f'#line 1 "{path}"\n' + out + f'\nnamespace ne {{\n#line {line} "{cpp_path}"\n' + m.group(0) +
+            "\n}  // namespace ne\n")
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    d = tmp_path_factory.mktemp("quantemu")
+    src = d / "quant.emu.cu"
+    src.write_text(emu_source(os.path.join(ROOT, "cuda", "quant_gemm.cu")))
+    so = d / "libquantemu.so"
+    inc = [os.path.join(EMU, "shim"), EMU, os.path.join(ROOT, "cuda"), os.path.join(ROOT, "cpp", "include"),
+           os.path.join(ROOT, "cpp")]
+    cmd = [CXX, "-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing", "-Wall",
+           "-Wextra", "-Wno-unknown-pragmas", "-DNE_CUDA_EMU", "-DNE_WITH_CUDA", f'-DNE_EMU_QUANT_SOURCE="{src}"']
+    cmd += [f"-I{i}" for i in inc] + [os.path.join(EMU, "quant_emu.cpp"), "-o", str(so)]
+    cmd += os.environ.get("NE_EMU_CXXFLAGS", "").split()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "warning" not in r.stderr.lower(), r.stderr
+    L = ctypes.CDLL(str(so))
+    vp, i64, ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    L.ne_qemu_error.restype = ctypes.c_char_p
+    L.ne_qemu_configure.argtypes = [ci, ci, ci]
+    L.ne_qemu_kernels.argtypes = [ctypes.c_char_p, ci]
+    L.ne_qemu_launches.argtypes = [ctypes.c_char_p, ci]
+    L.ne_qemu_quant_linear.argtypes = [i64, vp, ci, i64, ci, vp, vp, vp, i64, i64, i64, vp, vp, i64, ci]
+    L.ne_qemu_quant_activations.argtypes = [i64, i64, vp, ci, i64, ci, vp, i64, vp, i64]
+    L.ne_qemu_e4m3.argtypes = [vp, i64, ci, vp, vp]
+    L.ne_qemu_configure(0, 0, 90)
+    return L
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def device_cfg(lib):
+    def set_(order="forward", cp_async="immediate", cc=90):
+        lib.ne_qemu_configure(ORDERS[order], CP_ASYNC[cp_async], cc)
+    yield set_
+    lib.ne_qemu_configure(0, 0, 90)
+
+
+def check(lib, rc):
+    assert rc == 0, lib.ne_qemu_error().decode()
+
+
+def launches(lib):
+    buf = ctypes.create_string_buffer(1 << 14)
+    lib.ne_qemu_launches(buf, len(buf))
+    return [ln.split()[0] for ln in buf.value.decode().splitlines()]
+
+
+def all_kernels(lib):
+    buf = ctypes.create_string_buffer(1 << 14)
+    lib.ne_qemu_kernels(buf, len(buf))
+    return set(buf.value.decode().split())
+
+
+def group_of(qw):
+    return qw.group_size if qw.format in ("int4", "fp8") else 0
+
+
+# ---------------------------------------------------------------------------- E4M3 conversions
+
+def test_e4m3_conversions_match_torch(lib, gen):
+    """The shimmed cuda_fp8.h: float -> E4M3 round to nearest even (ties, subnormals, the 448 edge,
+    saturation), E4M3 -> f16 -> float exact, as torch.float8_e4m3fn (the CPU's round_e4m3)."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    vals = codes.view(torch.float8_e4m3fn).float()
+    finite = vals[~vals.isnan()]
+    mids = (finite.sort().values[1:] + finite.sort().values[:-1]) / 2  # exact ties
+    v = torch.cat([finite, mids, mids.nextafter(torch.tensor(float("inf"))), mids.nextafter(torch.tensor(-float("inf"))),
+                   torch.randn(2000, generator=gen) * 50, torch.randn(500, generator=gen) * 1e-2,
+                   torch.tensor([0.0, -0.0, 447.9, 448.0, 463.9, 464.0, 464.1, 1e6, -1e6, 2.0 ** -10, 2.0 ** -9 * 0.5,
+                                 -2.0 ** -9 * 1.5])]).contiguous()
+    bits = torch.empty(v.numel(), dtype=torch.uint8)
+    back = torch.empty(v.numel())
+    lib.ne_qemu_e4m3(v.data_ptr(), v.numel(), 1, bits.data_ptr(), back.data_ptr())
+    want = v.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(bits, want)
+    assert torch.equal(back, want.view(torch.float8_e4m3fn).float())
+    # every code decodes exactly; NaN codes to NaN; NaN encodes to 0x7f; without saturation > 464 is NaN
+    c = vals.contiguous()
+    bits2, back2 = torch.empty(256, dtype=torch.uint8), torch.empty(256)
+    lib.ne_qemu_e4m3(c.data_ptr(), 256, 1, bits2.data_ptr(), back2.data_ptr())
+    assert torch.equal(back2.isnan(), vals.isnan()) and torch.equal(back2[~vals.isnan()], vals[~vals.isnan()])
+    assert (bits2[vals.isnan()] == 0x7f).all()
+    big = torch.tensor([465.0, -500.0, float("inf")])
+    b3, f3 = torch.empty(3, dtype=torch.uint8), torch.empty(3)
+    lib.ne_qemu_e4m3(big.data_ptr(), 3, 0, b3.data_ptr(), f3.data_ptr())
+    assert b3.tolist() == [0x7f, 0xff, 0x7f]
+
+
+# ---------------------------------------------------------------------------- activations
+
+def emu_activations(lib, x, fmt):
+    M, K = x.shape
+    ldx = K + 3
+    xb = torch.zeros(M, ldx, dtype=x.dtype)
+    xb[:, :K] = x
+    KB = -(-K // 128)
+    ldq, lds = K + 16, (1 if fmt == "int8" else KB) + 2
+    q = torch.full((M, ldq), 0x5a, dtype=torch.uint8)
+    s = torch.full((M, lds), SENTINEL)
+    check(lib, lib.ne_qemu_quant_activations(M, K, xb.data_ptr(), XDT[x.dtype], ldx, _CODE[fmt], q.data_ptr(), ldq,
+                                             s.data_ptr(), lds))
+    assert (q[:, K:] == 0x5a).all() and (s[:, (1 if fmt == "int8" else KB):] == SENTINEL).all(), "wrote past K"
+    return q[:, :K], s[:, :(1 if fmt == "int8" else KB)], launches(lib)
+
+
+@pytest.mark.parametrize("K", [1, 37, 128, 200, 300])
+@pytest.mark.parametrize("xdt", ["f32", "bf16", "f16"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_quant_activations_bitexact(lib, fmt, xdt, K, gen):
+    """quant_activations: q and s bit for bit the CPU's (reference.quant: s = max|x| / 127, q = rne(x * fl(1/s));
+    FP8 s = max|x[block]| / 448, q = e4m3(x / s)); a zero row gives s = 0, q = 0; rows of mixed
+    magnitude; bf16 / f16 x read exactly."""
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[xdt]
+    M = 5
+    x = torch.randn(M, K, generator=gen) * torch.tensor([1.0, 1e-3, 30.0, 0.0, 1.0])[:, None]
+    if K > 130:
+        x[4, 128:] = 0  # FP8: an all-zero second block
+    x = x.to(dtype)
+    q, s, names = emu_activations(lib, x, fmt)
+    if fmt == "int8":
+        wq, ws = rq.quantize_activations_int8(x.float())
+        assert torch.equal(s.double(), ws), (s, ws)
+        assert torch.equal(q.view(torch.int8).double(), wq)
+        assert names == [f"quant_int8_rows<{xdt}>"]
+    else:
+        wq, ws = rq.quantize_activations_fp8(x.float())
+        assert torch.equal(s.double(), ws)
+        assert torch.equal(q.view(torch.float8_e4m3fn).double(), wq)
+        assert names == [f"quant_fp8_blocks<{xdt}>"]
+
+
+def test_quant_activations_nan(lib):
+    """As quant_gemm.cu's comment says (the CPU's std::max / std::min behaviour): the row max ignores a
+    NaN, and the NaN element itself quantizes to -127."""
+    x = torch.tensor([[1.0, float("nan"), -2.54, 0.5]])
+    q, s, _ = emu_activations(lib, x, "int8")
+    assert s.item() == pytest.approx(2.54 / 127, rel=1e-7)
+    assert q.view(torch.int8).tolist() == [[50, -127, -127, 25]]
+
+
+# ---------------------------------------------------------------------------- quant_linear
+
+def make_weight(fmt, group, sym, N, K, gen):
+    w = torch.randn(N, K, generator=gen) * 0.5
+    return quantize_weight(w, fmt, group if fmt in ("int4", "fp8") else None, sym)
+
+
+def term_scale(x, qw, bias, y0):
+    """Per output, the sum of |terms| the kernels add up in fp32 (the size of their rounding errors):
+    int4 q x and z x separately (the GEMV sums both before subtracting), fp8 |s_x xq| |s_w w|."""
+    x32 = x.float().double()
+    N, K = qw.shape
+    if qw.format == "int4":
+        g = qw.group_size
+        q = torch.stack([qw.data & 15, qw.data >> 4], -1).reshape(N, K).double()
+        z = qw.zero.double() if qw.zero is not None else torch.full((N, K // g), 7.5, dtype=torch.float64)
+        s = qw.scale.double()
+        wabs = ((q.view(N, K // g, g) + z[..., None]) * s[..., None]).reshape(N, K)
+        S = x32.abs() @ wabs.t()
+    elif qw.format == "fp8":
+        xq, sx = rq.quantize_activations_fp8(x.float())
+        xs = (xq * sx.repeat_interleave(128, 1)[:, :K]).abs()
+        S = xs @ qw.dequantize(torch.float64).abs().t()
+    else:
+        S = x32.abs() @ qw.dequantize(torch.float64).abs().t()
+    if bias is not None:
+        S = S + bias.double().abs()
+    if y0 is not None:
+        S = S + y0.double().abs()
+    return S
+
+
+def run_emu(lib, x, qw, bias, y0, w_offset=0):
+    """y from the emulated quant_linear; x at row stride K + 5 and y at N + 3 (M > 1) inside sentinel
+    buffers whose gaps must come back untouched. w_offset: W's bytes start that far past a 16-byte boundary."""
+    M, K = x.shape
+    N = qw.shape[0]
+    ldx = K + 5 if M > 1 else K
+    xb = torch.zeros(M, ldx, dtype=x.dtype)
+    xb[:, :K] = x
+    ldy = N + 3 if M > 1 else N
+    yb = torch.full((M * ldy + 8,), SENTINEL)
+    y = yb[:M * ldy].view(M, ldy)[:, :N]
+    inside = torch.zeros_like(yb, dtype=torch.bool)
+    inside[:M * ldy].view(M, ldy)[:, :N] = True
+    if y0 is not None:
+        y.copy_(y0)
+    else:
+        y.fill_(float("nan"))  # must be overwritten
+    data = qw.data
+    if w_offset:
+        raw = torch.empty(data.numel() * data.element_size() + 32, dtype=torch.uint8)
+        base = (-raw.data_ptr()) % 16 + w_offset
+        raw[base:base + data.numel()].copy_(data.reshape(-1).view(torch.uint8))
+        data_ptr = raw.data_ptr() + base
+    else:
+        data_ptr = data.data_ptr()
+    check(lib, lib.ne_qemu_quant_linear(M, xb.data_ptr(), XDT[x.dtype], ldx, _CODE[qw.format], data_ptr,
+                                        qw.scale.data_ptr(), None if qw.zero is None else qw.zero.data_ptr(),
+                                        group_of(qw), N, K, None if bias is None else bias.data_ptr(),
+                                        y.data_ptr(), ldy, int(y0 is not None)))
+    assert (yb[~inside] == SENTINEL).all(), "a kernel wrote outside y's rows"
+    return y.clone(), launches(lib)
+
+
+def run_cpu(x, qw, bias, y0):
+    M, K = x.shape
+    N = qw.shape[0]
+    y = y0.clone() if y0 is not None else torch.empty(M, N)
+    _C.quant_linear(x.float().contiguous(), _CODE[qw.format], qw.data, qw.scale, qw.zero, group_of(qw), N, K, bias,
+                    y, y0 is not None)
+    return y
+
+
+def expected_gemm(fmt, M, K, aligned=True):
+    if M <= 8:
+        mr = 1 if M <= 1 else 2 if M <= 2 else 4 if M <= 4 else 8
+        return f"gemv_kernel<{ {'int8': 'int8', 'int8-weight': 'int8w', 'int4': 'int4', 'fp8': 'fp8'}[fmt]},{mr}>"
+    if fmt in ("int8", "fp8"):
+        return f"mma_kernel<{fmt}>" if K % 16 == 0 and aligned else f"gemv_kernel<{fmt},8>"
+    return "fma_kernel<" + ("int8w" if fmt == "int8-weight" else "int4") + ">"
+
+
+def check_case(lib, fmt, group, sym, M, N, K, gen, bias_on=True, acc=False, xdtype=torch.float32, w_offset=0):
+    qw = make_weight(fmt, group, sym, N, K, gen)
+    x = (torch.randn(M, K, generator=gen) * 2).to(xdtype)
+    if M > 2:
+        x[1] *= 1e-3  # rows of different magnitude (per-token scales)
+    bias = torch.randn(N, generator=gen) if bias_on else None
+    y0 = torch.randn(M, N, generator=gen) * 3 if acc else None
+    y, names = run_emu(lib, x, qw, bias, y0, w_offset)
+    cy = run_cpu(x, qw, bias, y0)
+    want = rq.quantized_linear(x.float(), qw, bias)
+    if y0 is not None:
+        want = want + y0.double()
+    S = term_scale(x, qw, bias, y0)
+    assert not y.isnan().any()
+    # float64 reference (with the format's activation quantization): fp32 summation error only
+    err = ((y.double() - want).abs() / S.clamp_min(1e-30)).max().item()
+    assert err <= 1e-5, f"vs float64 reference: {err:.3g} of the terms' sum"
+    if fmt == "int8":
+        # exact int32 dots, then the same fp32 epilogue as the CPU: bit for bit
+        assert torch.equal(y, cy), f"int8 vs CPU: max diff {(y - cy).abs().max().item():.3g}"
+    else:
+        err = ((y.double() - cy.double()).abs() / S.clamp_min(1e-30)).max().item()
+        assert err <= 2e-5, f"vs CPU kernel: {err:.3g} of the terms' sum"
+    want_act = {"int8": "quant_int8_rows", "fp8": "quant_fp8_blocks"}.get(fmt, "to_f32_rows")
+    xn = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[xdtype]
+    assert names == [f"{want_act}<{xn}>", expected_gemm(fmt, M, K, w_offset == 0)], names
+    return names
+
+
+FORMATS = [("int8", 0, True), ("int8-weight", 0, True), ("int4", 32, True), ("int4", 64, False),
+           ("int4", 128, True), ("int4", 128, False), ("fp8", 0, True), ("fp8", 128, True)]
+MS = [1, 3, 8, 9, 16, 33, 130]
+
+
+def shape_for(fmt, group, M):
+    """Odd N (a partial column tile / GEMV block); K odd where the format allows (int8-weight), else not a
+    multiple of 128 (a partial K tile) but K % 16 == 0 (8-bit: the tensor-core path) or a multiple of the
+    int4 group."""
+    N = 150 if M > 8 else 37
+    if fmt == "int8-weight":
+        K = 203
+    elif fmt == "int4":
+        K = 3 * group if group < 128 else 256
+    else:
+        K = 272
+    return N, K
+
+
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("fmt,group,sym", FORMATS, ids=lambda v: str(v))
+def test_quant_linear(lib, fmt, group, sym, M, gen):
+    N, K = shape_for(fmt, group, M)
+    check_case(lib, fmt, group, sym, M, N, K, gen, bias_on=M % 2 == 1, acc=M in (3, 16))
+
+
+@pytest.mark.parametrize("xdt", ["bf16", "f16"])
+@pytest.mark.parametrize("fmt,group,sym", FORMATS, ids=lambda v: str(v))
+def test_quant_linear_half_inputs(lib, fmt, group, sym, xdt, gen):
+    """bf16 / f16 activations (read and converted by the kernels themselves), a GEMV and a tile size."""
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[xdt]
+    for M in (2, 17):
+        N, K = shape_for(fmt, group, M)
+        check_case(lib, fmt, group, sym, M, N, K, gen, xdtype=dtype)
+
+
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("fp8", 0), ("fp8", 128)])
+@pytest.mark.parametrize("M", [4, 9, 40])
+def test_eight_bit_gemv_fallbacks(lib, fmt, group, M, gen):
+    """8-bit weights the tensor-core kernel cannot stream run the GEMV for every M: K % 16 != 0 (odd K,
+    unaligned rows: byte loads), and a W that is not 16-byte aligned."""
+    N = 33
+    check_case(lib, fmt, group, True, M, N, 131, gen)
+    check_case(lib, fmt, group, True, M, N, 200, gen, acc=True)
+    check_case(lib, fmt, group, True, M, N, 256, gen, w_offset=4)
+
+
+def test_many_tiles(lib, gen):
+    """More than 8 row tiles (the mma kernel's grouped rasterization: a last, smaller group) and several
+    column tiles, K of 5 tiles."""
+    check_case(lib, "int8", 0, True, 1100, 260, 640, gen)
+
+
+@pytest.mark.parametrize("cp_async", ["immediate", "deferred"])
+@pytest.mark.parametrize("order", ["forward", "reverse", "eager"])
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("fp8", 128)])
+def test_tiles_schedules(lib, device_cfg, fmt, group, order, cp_async, gen):
+    """The cp.async pipeline and barriers of the mma kernel: copies landing at the cp.async (a stage
+    overwritten while others still read it would show) or only at the wait_group that retires them (a
+    stage read before its wait would read the 0xff-filled or previous tile); fibers in thread order,
+    reversed, or eagerly (warp 0 as far ahead as the barriers let it). Bit for bit the same result."""
+    N, K, M = 150, 528, 130  # K: 4 full tiles + a partial one, more tiles than pipeline stages
+    qw = make_weight(fmt, group, True, N, K, gen)
+    x = torch.randn(M, K, generator=gen)
+    bias = torch.randn(N, generator=gen)
+    base, _ = run_emu(lib, x, qw, bias, None)
+    device_cfg(order=order, cp_async=cp_async)
+    y, names = run_emu(lib, x, qw, bias, None)
+    assert names[-1] == f"mma_kernel<{fmt}>"
+    assert torch.equal(y, base)
+    want = rq.quantized_linear(x, qw, bias)
+    assert ((y.double() - want).abs() / term_scale(x, qw, bias, None)).max().item() <= 1e-5
+
+
+def test_fp8_needs_sm89(lib, device_cfg, gen):
+    """FP8 on a device below compute capability 8.9 is refused before any launch."""
+    device_cfg(cc=80)
+    qw = make_weight("fp8", 0, True, 8, 64, gen)
+    x = torch.randn(2, 64)
+    y = torch.empty(2, 8)
+    rc = lib.ne_qemu_quant_linear(2, x.data_ptr(), 0, 64, 3, qw.data.data_ptr(), qw.scale.data_ptr(), None, 0, 8, 64,
+                                  None, y.data_ptr(), 8, 0)
+    assert rc == -1 and "8.9" in lib.ne_qemu_error().decode()
+    assert launches(lib) == []
+
+
+def test_every_kernel_ran(lib, gen):
+    """Every kernel instantiation of quant_gemm.cu runs in these cases (the launchers' own choices)."""
+    seen = set()
+    for fmt, group, sym in FORMATS:
+        for M in (1, 2, 4, 8, 9):
+            N, K = shape_for(fmt, group, M)
+            seen.update(check_case(lib, fmt, group, sym, M, 12, K, gen))
+    for xdtype in (torch.bfloat16, torch.float16):
+        for fmt, group in (("int8", 0), ("int8-weight", 0), ("fp8", 0)):
+            seen.update(check_case(lib, fmt, group, True, 3, 12, 272 if fmt != "int8-weight" else 203, gen,
+                                   xdtype=xdtype))
+    kernels = all_kernels(lib)
+    assert len(kernels) == 9 + 16 + 4
+    assert kernels <= seen, sorted(kernels - seen)
