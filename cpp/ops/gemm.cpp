@@ -129,7 +129,7 @@ struct Gemv {
 
   template <int MM>
   static void rows(const GemmArgs& a, int64_t n0, int64_t n1) {
-    constexpr int RR = MM == 1 ? 1 : 2;
+    constexpr int RR = MM == 1 && sizeof(T) == 2 ? 1 : 2;  // M = 1: two f32 rows (streams) at a time; 16-bit: one
     int64_t n = n0;
     for (; n + RR <= n1; n += RR) group<MM, RR>(a, n);
     if (n < n1) group<MM, 1>(a, n);
