@@ -39,8 +39,9 @@
 // What it does NOT emulate: the memory model (a data race shows up only through the schedule: run
 // all three orders to shake out reads of values another thread writes without a barrier between,
 // e.g. a shared buffer reused without the barrier that ends its readers' phase), timing, occupancy
-// (cudaOccupancy* answers a fixed model, Device below), streams (everything is synchronous; "device"
-// memory is host memory), out-of-bounds checks (the tests use guard regions), shared memory
+// (cudaOccupancy* answers a fixed model, Device below), streams and events (everything is
+// synchronous: an event is complete once recorded, a copy done on return; "device" memory is host
+// memory), out-of-bounds checks (the tests use guard regions), shared memory
 // contents between blocks (a static: it keeps the previous block's values instead of being
 // undefined), and the register / local memory limits.
 //
@@ -868,4 +869,50 @@ inline cudaError_t cudaMemsetAsync(void* p, int v, size_t bytes, cudaStream_t = 
 }
 inline cudaError_t cudaMemset(void* p, int v, size_t bytes) { return cudaMemsetAsync(p, v, bytes); }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+// Devices, host memory, copies and events (cuda/runner.cu). One device (ordinal 0); everything is
+// synchronous, so an event is complete as soon as it is recorded and a copy has landed on return.
+inline cudaError_t cudaGetDeviceCount(int* n) {
+  *n = 1;
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+enum cudaMemcpyKind {
+  cudaMemcpyHostToHost = 0,
+  cudaMemcpyHostToDevice = 1,
+  cudaMemcpyDeviceToHost = 2,
+  cudaMemcpyDeviceToDevice = 3,
+  cudaMemcpyDefault = 4,
+};
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind k, cudaStream_t = nullptr) {
+  if (static_cast<int>(k) < 0 || static_cast<int>(k) > 4) return cudaErrorInvalidValue;
+  if (bytes) std::memmove(dst, src, bytes);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind k) {
+  return cudaMemcpyAsync(dst, src, bytes, k);
+}
+inline cudaError_t cudaMallocHost(void** p, size_t bytes) { return cudaMalloc(p, bytes); }  // 0xff-filled too
+inline cudaError_t cudaFreeHost(void* p) { return cudaFree(p); }
+typedef struct CUevent_st* cudaEvent_t;
+constexpr unsigned cudaEventDefault = 0, cudaEventBlockingSync = 1, cudaEventDisableTiming = 2;
+namespace ne_emu {
+struct EventState {
+  int recorded = 0;  // how many times recorded: the tests may check that it was
+};
+}  // namespace ne_emu
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) {
+  *e = reinterpret_cast<cudaEvent_t>(new ne_emu::EventState);
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventCreate(cudaEvent_t* e) { return cudaEventCreateWithFlags(e, cudaEventDefault); }
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t = nullptr) {
+  if (!e) return cudaErrorInvalidValue;
+  ++reinterpret_cast<ne_emu::EventState*>(e)->recorded;
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventSynchronize(cudaEvent_t e) { return e ? cudaSuccess : cudaErrorInvalidValue; }
+inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  delete reinterpret_cast<ne_emu::EventState*>(e);
+  return cudaSuccess;
+}
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }

@@ -1,0 +1,213 @@
+// Host harness that RUNS cuda/runner.cu (ne::CudaRunner: embedding, norms, q/k/v/o and MLP linears,
+// RoPE + KV cache, attention, head) on the CPU through the SIMT emulator of cuda_emu.h: the very
+// kernels, launchers and host code of the CUDA build, compiled by g++. The build
+// (tests/test_runner_cuda_emu.py) rewrites the launches `k<<<cfg>>>(args)` of cuda/runner.cu and
+// cuda/norm.cu into `k << ::ne_emu::launch_config(cfg)(args)`; the rewritten runner.cu is included
+// here (NE_EMU_RUNNER_SOURCE: its kernels, in an anonymous namespace, can then be named in the launch
+// log), the rewritten norm.cu and cpp/core/tensor.cpp are separate translation units of the library.
+// The public ne::norm_forward that the runner calls (cpp/ops/norm.cpp, which also holds the CPU
+// kernels) is replaced below by its CUDA branch: views -> NormFwdArgs -> ne::cuda::norm_forward.
+// "Device" pointers are host pointers: the weights are the CPU model's own tensors.
+//
+// extern "C" entry points (ctypes): each returns 0 (or a handle), or -1 / null with the message in
+// ne_remu_error().
+// Standard headers first: some (<random>, which normengine/model.h includes) spell
+// __attribute__((__noinline__)), which cuda_emu.h's __noinline__ macro would break.
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+
+#include "cuda_emu.h"
+
+#include NE_EMU_RUNNER_SOURCE
+
+#include "ops/norm.h"
+
+namespace ne {
+// The CUDA branch of cpp/ops/norm.cpp's norm_forward (the runner passes contiguous float32 rows,
+// weight and bias [d]; no residual, mean or rstd).
+void norm_forward(NormKind kind, const TensorView& x, const TensorView* residual, const TensorView* weight,
+                  const TensorView* bias, double eps, const TensorView& y, const TensorView* residual_out,
+                  const TensorView* mean, const TensorView* rstd, const Ctx& ctx) {
+  if (x.device.type != DeviceType::CUDA || y.device.type != DeviceType::CUDA)
+    throw Error("runner_emu norm_forward: expected CUDA views");
+  NormFwdArgs a{};
+  a.kind = kind;
+  a.x = as_rows(x);
+  a.y = as_rows(y);
+  if (residual) {
+    a.res = as_rows(*residual);
+    a.res_out = as_rows(*residual_out);
+  }
+  a.w = weight ? weight->data : nullptr;
+  a.b = bias ? bias->data : nullptr;
+  a.mean = mean ? mean->data : nullptr;
+  a.rstd = rstd ? rstd->data : nullptr;
+  a.eps = eps;
+  if (a.x.rows == 0) return;
+  cuda::norm_forward(a, ctx.cuda_stream);
+}
+}  // namespace ne
+
+namespace {
+
+std::mutex g_mu;  // one launch at a time: __shared__ variables are process-wide statics
+std::string g_err;
+
+// ---------------------------------------------------------------------------- kernel names
+std::map<const void*, std::string> g_names;
+
+template <class F>
+void name(F* f, const std::string& s) {
+  g_names[reinterpret_cast<const void*>(f)] = s;
+}
+
+template <class TW>
+void name_linear(const std::string& t) {
+  using namespace ne::cuda;
+  name(gemv_kernel<TW, kGemvRows>, "gemv<" + t + ">");
+  name(gemm_tiled_kernel<TW, kBigBM, kBigBN, kBigBK, kBigTM, kBigTN>, "gemm_big<" + t + ">");
+  name(gemm_tiled_kernel<TW, kSmallBM, kSmallBN, kSmallBK, kSmallTM, kSmallTN>, "gemm_small<" + t + ">");
+}
+
+void init_names() {
+  if (!g_names.empty()) return;
+  using namespace ne::cuda;
+  name_linear<float>("f32");
+  name_linear<__half>("f16");
+  name_linear<__nv_bfloat16>("bf16");
+  name(embed_kernel, "embed");
+  name(rope_cache_kernel, "rope_cache");
+  name(attention_kernel<1>, "attention<1>");
+  name(attention_kernel<2>, "attention<2>");
+  name(attention_kernel<4>, "attention<4>");
+  name(attention_kernel<8>, "attention<8>");
+  name(activation_kernel, "activation");
+  name(gather_rows_kernel, "gather_rows");
+}
+
+template <class F>
+int guarded(F&& f) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  init_names();
+  ne_emu::device().log.clear();
+  g_err.clear();
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    g_err = e.what();
+    return -1;
+  }
+}
+
+ne::DType dtype_of(int code) { return static_cast<ne::DType>(code); }  // ne::DType values
+
+}  // namespace
+
+extern "C" {
+
+const char* ne_remu_error() { return g_err.c_str(); }
+
+// ints: vocab, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff, max_seq_len, norm, activation,
+// gated_mlp, learned_pos, qkv_bias, o_bias, mlp_bias, head_bias (16); dbl: norm_eps, rope_theta.
+void* ne_remu_create(const int* ints, const double* dbl, int slots, int ctx) {
+  ne::CudaRunner* r = nullptr;
+  guarded([&] {
+    ne::ModelSpec s;
+    s.vocab = ints[0];
+    s.d_model = ints[1];
+    s.n_layers = ints[2];
+    s.n_heads = ints[3];
+    s.n_kv_heads = ints[4];
+    s.head_dim = ints[5];
+    s.d_ff = ints[6];
+    s.max_seq_len = ints[7];
+    s.norm = ints[8];
+    s.activation = ints[9];
+    s.gated_mlp = ints[10] != 0;
+    s.learned_pos = ints[11] != 0;
+    s.qkv_bias = ints[12] != 0;
+    s.o_bias = ints[13] != 0;
+    s.mlp_bias = ints[14] != 0;
+    s.head_bias = ints[15] != 0;
+    s.norm_eps = dbl[0];
+    s.rope_theta = dbl[1];
+    r = new ne::CudaRunner(s, slots, ctx, -1);
+  });
+  return r;
+}
+
+void ne_remu_destroy(void* h) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  delete static_cast<ne::CudaRunner*>(h);
+}
+
+// A weight on "cuda:0" (host memory): dtype an ne::DType value, shape / strides in elements.
+int ne_remu_set_tensor(void* h, const char* name_, void* data, int dtype, int ndim, const int64_t* shape,
+                       const int64_t* strides) {
+  return guarded([&] {
+    ne::TensorView t;
+    t.data = data;
+    t.dtype = dtype_of(dtype);
+    t.device = ne::Device{ne::DeviceType::CUDA, 0};
+    t.ndim = ndim;
+    for (int i = 0; i < ndim; ++i) {
+      t.shape[i] = shape[i];
+      t.strides[i] = strides[i];
+    }
+    t.name = name_;
+    static_cast<ne::CudaRunner*>(h)->set_tensor(name_, t);
+  });
+}
+
+int ne_remu_finalize(void* h) {
+  return guarded([&] { static_cast<ne::CudaRunner*>(h)->finalize(); });
+}
+
+int ne_remu_reset(void* h, int slot) {
+  return guarded([&] { static_cast<ne::CudaRunner*>(h)->reset(slot); });
+}
+
+int ne_remu_length(void* h, int slot) {
+  int n = -1;
+  if (guarded([&] { n = static_cast<ne::CudaRunner*>(h)->length(slot); })) return -1;
+  return n;
+}
+
+int ne_remu_forward(void* h, int n_seqs, const int32_t* slots, const int32_t* tokens, const int32_t* lens,
+                    float* logits, int all_logits) {
+  return guarded([&] {
+    static_cast<ne::CudaRunner*>(h)->forward(n_seqs, slots, tokens, lens, logits, all_logits != 0, nullptr);
+  });
+}
+
+// sm_count of the emulated device (the tiled GEMM picks 128 x 128 tiles when they fill 2 x SMs) and
+// the schedule of a block's fibers (0 round-robin, 1 reversed, 2 eager).
+void ne_remu_configure(int sm_count, int order) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  ne_emu::device().sm_count = sm_count;
+  ne_emu::device().order = order;
+}
+
+// The launches of the last call, one line each: "name grid.x grid.y block.x" (runner.cu's kernels by
+// name, norm.cu's as "norm").
+int ne_remu_launches(char* buf, int cap) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  std::string s;
+  for (const auto& l : ne_emu::device().log) {
+    auto it = g_names.find(l.kernel);
+    s += (it == g_names.end() ? std::string("norm") : it->second) + " " + std::to_string(l.grid.x) + " " +
+         std::to_string(l.grid.y) + " " + std::to_string(l.block.x) + "\n";
+  }
+  if (cap > 0) {
+    std::strncpy(buf, s.c_str(), static_cast<size_t>(cap) - 1);
+    buf[cap - 1] = 0;
+  }
+  return static_cast<int>(s.size());
+}
+
+}  // extern "C"
