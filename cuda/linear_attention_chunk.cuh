@@ -159,7 +159,7 @@ struct Bufs {
   float *pw, *fq, *fk1, *v1, *R, *Sk, *G, *dR, *dSk, *A, *Bm, *P;
 };
 NE_LA_HD Bufs carve(KernelKind kk, const ChunkShape& s, bool state_smem, float* base) {
-  const int64_t CM = (int64_t)s.C * s.M(), CC = (int64_t)s.C * s.C, S = s.S();
+  const int64_t CM = (int64_t)s.C * s.M(), CC = (int64_t)s.C * s.C;
   Bufs u{};
   u.pw = base;
   base += s.C + 1;

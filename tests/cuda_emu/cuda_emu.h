@@ -269,6 +269,9 @@ struct Device {
   size_t stack_bytes = 256u << 10;
   cudaError_t last_error = cudaSuccess;
   int cc_major = 9, cc_minor = 0;  // compute capability cudaDeviceGetAttribute reports (sm_90)
+  // cudaDevAttrMaxSharedMemoryPerBlockOptin (sm_90: 227 KiB); lower it to drive code down the paths
+  // for shared memory too small (it also caps cudaFuncSetAttribute(MaxDynamicSharedMemorySize)).
+  int smem_optin = 232448;
   // cp.async: kImmediate copies at the cp.async itself (a read of the stage before cp.async.wait_group
   // sees the data: exposes write-after-read hazards, a copy into a stage others still read); kDeferred
   // copies at the wait_group that retires its group (exposes read-after-write hazards, a stage read
@@ -831,7 +834,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
   switch (a) {
     case cudaDevAttrMultiProcessorCount: *v = ne_emu::device().sm_count; return cudaSuccess;
     case cudaDevAttrMaxThreadsPerBlock: *v = 1024; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = 232448; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = ne_emu::device().smem_optin; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMajor: *v = ne_emu::device().cc_major; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMinor: *v = ne_emu::device().cc_minor; return cudaSuccess;
   }
@@ -839,7 +842,8 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
 }
 template <class... P>
 inline cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute attr, int value) {
-  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > 232448) return cudaErrorInvalidValue;
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > ne_emu::device().smem_optin)
+    return cudaErrorInvalidValue;
   ne_emu::device().max_dynamic_smem[reinterpret_cast<const void*>(kernel)] = static_cast<size_t>(value);
   return cudaSuccess;
 }
