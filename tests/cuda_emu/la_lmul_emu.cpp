@@ -20,18 +20,14 @@
 #include NE_EMU_LMUL_SOURCE
 #include NE_EMU_LA_SOURCE
 #include NE_EMU_LA_CHUNK_SOURCE
+#include "harness.h"
 
 namespace {
 
-std::mutex g_mu;  // one launch at a time: __shared__ variables are process-wide statics
-std::string g_err;
+using ne_harness::guarded;
+using ne_harness::name;
 
-std::map<const void*, std::string> g_names;
 
-template <class F>
-void name(F* f, const std::string& s) {
-  g_names[reinterpret_cast<const void*>(f)] = s;
-}
 
 template <class T>
 void name_la(const std::string& t) {
@@ -45,29 +41,12 @@ void name_la(const std::string& t) {
   name(la2::backward_kv_kernel<T>, "backward_kv_kernel<" + t + ">");
 }
 
-void init_names() {
-  if (!g_names.empty()) return;
+void init_names_local() {
   name(ne::cuda::map_kernel, "lmul_map_kernel");
   name(ne::cuda::bmm_kernel, "lmul_bmm_kernel");
   name_la<float>("f32");
   name_la<__half>("f16");
   name_la<__nv_bfloat16>("bf16");
-}
-
-template <class F>
-int guarded(F&& f) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  init_names();
-  ne_emu::device().log.clear();
-  ne_emu::device().last_error = cudaSuccess;
-  g_err.clear();
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    g_err = e.what();
-    return -1;
-  }
 }
 
 ne::TensorView view(void* data, int dt, std::initializer_list<int64_t> shape, const int64_t* strides) {
@@ -104,34 +83,27 @@ ne::LinAttnParams params(int kind, int fmap, int causal, int normalize, int out_
 
 }  // namespace
 
+namespace ne_harness {
+namespace {
+void init_names() { init_names_local(); }
+}  // namespace
+}  // namespace ne_harness
+
 extern "C" {
 
-const char* ne_lemu_error() { return g_err.c_str(); }
+const char* ne_lemu_error() { return ne_harness::error(); }
 
 // order: schedule of a block's fibers (0 round-robin, 1 reversed, 2 eager); smem_optin: bytes that
 // cudaDevAttrMaxSharedMemoryPerBlockOptin reports (0: leave the emulator's default).
 void ne_lemu_configure(int order, int smem_optin) {
-  std::lock_guard<std::mutex> lock(g_mu);
+  std::lock_guard<std::mutex> lock(ne_harness::mu);
   ne_emu::device().order = order;
   static int dflt = -1;
   if (dflt < 0) dflt = static_cast<int>(ne_emu::device().smem_optin);
   ne_emu::device().smem_optin = smem_optin > 0 ? smem_optin : dflt;
 }
 
-int ne_lemu_launches(char* buf, int cap) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  std::string s;
-  for (const auto& l : ne_emu::device().log) {
-    auto it = g_names.find(l.kernel);
-    s += (it == g_names.end() ? std::string("?") : it->second) + " " + std::to_string(l.grid.x) + " " +
-         std::to_string(l.grid.y) + " " + std::to_string(l.grid.z) + " " + std::to_string(l.block.x) + "\n";
-  }
-  if (cap > 0) {
-    std::strncpy(buf, s.c_str(), static_cast<size_t>(cap) - 1);
-    buf[cap - 1] = 0;
-  }
-  return static_cast<int>(s.size());
-}
+int ne_lemu_launches(char* buf, int cap) { return ne_harness::launches(buf, cap); }
 
 int ne_lemu_lmul_map(int64_t n, const float* a, const float* b, float* out, int bits) {
   return guarded([&] { ne::cuda::lmul_map(n, a, b, out, bits, nullptr); });

@@ -11,6 +11,7 @@
 #include "cuda_emu.h"
 
 #include NE_EMU_NORM_SOURCE
+#include "harness.h"
 
 #include <cstring>
 #include <map>
@@ -19,12 +20,13 @@
 
 namespace {
 
+using ne_harness::guarded;
+using ne_harness::name;
+
 using ne::DType;
 using ne::NormKind;
 using ne::RowMatrix;
 
-std::mutex g_mu;  // one launch at a time: __shared__ variables are process-wide statics
-std::string g_err;
 
 DType dtype_of(int code) {
   switch (code) {
@@ -48,17 +50,11 @@ RowMatrix mat(const void* p, int dtype, int64_t rows, int64_t cols, int64_t ld) 
 
 // ---------------------------------------------------------------------------- kernel names
 // The launch log holds kernel addresses; this table names every kernel instantiation of norm.cu.
-std::map<const void*, std::string> g_names;
 
 template <class T> const char* tname() { return "f64"; }
 template <> const char* tname<float>() { return "f32"; }
 template <> const char* tname<__nv_bfloat16>() { return "bf16"; }
 template <> const char* tname<__half>() { return "f16"; }
-
-template <class F>
-void name(F* f, const std::string& s) {
-  g_names[reinterpret_cast<const void*>(f)] = s;
-}
 
 template <class T, NormKind K>
 void name_kind() {
@@ -94,8 +90,7 @@ void name_type() {
   name(affine_kernel<T, 1>, "affine_kernel<" + t + ",v=1>");
 }
 
-void init_names() {
-  if (!g_names.empty()) return;
+void init_names_local() {
   name_type<float>();
   name_type<__nv_bfloat16>();
   name_type<__half>();
@@ -104,51 +99,29 @@ void init_names() {
   name(ne::cuda::colsum_kernel<double>, "colsum_kernel<f64>");
 }
 
-template <class F>
-int guarded(F&& f) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  init_names();
-  ne_emu::device().log.clear();
-  g_err.clear();
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    g_err = e.what();
-    return -1;
-  }
-}
-
 }  // namespace
+
+namespace ne_harness {
+namespace {
+void init_names() { init_names_local(); }
+}  // namespace
+}  // namespace ne_harness
 
 extern "C" {
 
-const char* ne_emu_error() { return g_err.c_str(); }
+const char* ne_emu_error() { return ne_harness::error(); }
 
 // blocks_per_sm: the occupancy the emulated device reports (0: min(32, 2048 / threads)); small values
 // shrink the backward's grid so that each row group sums many rows. order: the schedule of a block's
 // fibers, 0 round-robin, 1 reversed, 2 eager (cuda_emu.h). The emulated device has 4 SMs.
 void ne_emu_configure(int blocks_per_sm, int order) {
-  std::lock_guard<std::mutex> lock(g_mu);
+  std::lock_guard<std::mutex> lock(ne_harness::mu);
   ne_emu::device().blocks_per_sm = blocks_per_sm;
   ne_emu::device().order = order;
 }
 
-// The launches of the last call, one line each: "name grid.x grid.y block.x block.y".
-int ne_emu_launches(char* buf, int cap) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  std::string s;
-  for (const auto& l : ne_emu::device().log) {
-    auto it = g_names.find(l.kernel);
-    s += (it == g_names.end() ? std::string("?") : it->second) + " " + std::to_string(l.grid.x) + " " +
-         std::to_string(l.grid.y) + " " + std::to_string(l.block.x) + " " + std::to_string(l.block.y) + "\n";
-  }
-  if (cap > 0) {
-    std::strncpy(buf, s.c_str(), static_cast<size_t>(cap) - 1);
-    buf[cap - 1] = 0;
-  }
-  return static_cast<int>(s.size());
-}
+// The launches of the last call (ne_harness::launches).
+int ne_emu_launches(char* buf, int cap) { return ne_harness::launches(buf, cap); }
 
 // As ne::norm_forward passes it to the CUDA kernels: res / res_out / w / b / mean / rstd may be null.
 int ne_emu_norm_forward(int kind, int dtype, int64_t rows, int64_t n, const void* x, int64_t ld_x, const void* res,

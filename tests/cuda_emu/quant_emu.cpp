@@ -11,6 +11,7 @@
 #include "cuda_emu.h"
 
 #include NE_EMU_QUANT_SOURCE
+#include "harness.h"
 
 #include <cstring>
 #include <map>
@@ -19,11 +20,12 @@
 
 namespace {
 
+using ne_harness::guarded;
+using ne_harness::name;
+
 using ne::DType;
 using ne::QFormat;
 
-std::mutex g_mu;  // one launch at a time: __shared__ variables are process-wide statics
-std::string g_err;
 
 DType dtype_of(int code) {
   switch (code) {
@@ -34,12 +36,6 @@ DType dtype_of(int code) {
 }
 
 // ---------------------------------------------------------------------------- kernel names
-std::map<const void*, std::string> g_names;
-
-template <class F>
-void name(F* f, const std::string& s) {
-  g_names[reinterpret_cast<const void*>(f)] = s;
-}
 
 template <class T>
 void name_act(const std::string& t) {
@@ -58,8 +54,7 @@ void name_gemv(const std::string& f) {
   name(gemv_kernel<F, 8>, "gemv_kernel<" + f + ",8>");
 }
 
-void init_names() {
-  if (!g_names.empty()) return;
+void init_names_local() {
   using namespace ne::cuda;
   name_act<float>("f32");
   name_act<__nv_bfloat16>("bf16");
@@ -74,32 +69,22 @@ void init_names() {
   name(fma_kernel<QFormat::Int4>, "fma_kernel<int4>");
 }
 
-template <class F>
-int guarded(F&& f) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  init_names();
-  ne_emu::device().log.clear();
-  ne_emu::device().last_error = cudaSuccess;
-  g_err.clear();
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    g_err = e.what();
-    return -1;
-  }
-}
-
 }  // namespace
+
+namespace ne_harness {
+namespace {
+void init_names() { init_names_local(); }
+}  // namespace
+}  // namespace ne_harness
 
 extern "C" {
 
-const char* ne_qemu_error() { return g_err.c_str(); }
+const char* ne_qemu_error() { return ne_harness::error(); }
 
 // order: the schedule of a block's fibers, 0 round-robin, 1 reversed, 2 eager; cp_async: 0 copies land at
 // the cp.async, 1 at the wait_group that retires them (cuda_emu.h); cc: compute capability * 10.
 void ne_qemu_configure(int order, int cp_async, int cc) {
-  std::lock_guard<std::mutex> lock(g_mu);
+  std::lock_guard<std::mutex> lock(ne_harness::mu);
   ne_emu::device().order = order;
   ne_emu::device().cp_async = cp_async;
   ne_emu::device().cc_major = cc / 10;
@@ -108,10 +93,10 @@ void ne_qemu_configure(int order, int cp_async, int cc) {
 
 // The kernel names of every kernel instantiation of quant_gemm.cu, one a line.
 int ne_qemu_kernels(char* buf, int cap) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  init_names();
+  std::lock_guard<std::mutex> lock(ne_harness::mu);
+  if (ne_harness::names.empty()) ne_harness::init_names();
   std::string s;
-  for (const auto& kv : g_names) s += kv.second + "\n";
+  for (const auto& kv : ne_harness::names) s += kv.second + "\n";
   if (cap > 0) {
     std::strncpy(buf, s.c_str(), static_cast<size_t>(cap) - 1);
     buf[cap - 1] = 0;
@@ -119,21 +104,8 @@ int ne_qemu_kernels(char* buf, int cap) {
   return static_cast<int>(s.size());
 }
 
-// The launches of the last call, one line each: "name grid.x grid.y block.x block.y".
-int ne_qemu_launches(char* buf, int cap) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  std::string s;
-  for (const auto& l : ne_emu::device().log) {
-    auto it = g_names.find(l.kernel);
-    s += (it == g_names.end() ? std::string("?") : it->second) + " " + std::to_string(l.grid.x) + " " +
-         std::to_string(l.grid.y) + " " + std::to_string(l.block.x) + " " + std::to_string(l.block.y) + "\n";
-  }
-  if (cap > 0) {
-    std::strncpy(buf, s.c_str(), static_cast<size_t>(cap) - 1);
-    buf[cap - 1] = 0;
-  }
-  return static_cast<int>(s.size());
-}
+// The launches of the last call (ne_harness::launches).
+int ne_qemu_launches(char* buf, int cap) { return ne_harness::launches(buf, cap); }
 
 // ne::cuda::quant_linear: y[M, N] (+)= x[M, K] W^T (+ bias); zero / bias may be null.
 int ne_qemu_quant_linear(int64_t M, const void* x, int xdt, int64_t ldx, int fmt, const void* data,

@@ -23,6 +23,7 @@
 #include "cuda_emu.h"
 
 #include NE_EMU_RUNNER_SOURCE
+#include "harness.h"
 
 #include "ops/norm.h"
 
@@ -54,16 +55,11 @@ void norm_forward(NormKind kind, const TensorView& x, const TensorView* residual
 
 namespace {
 
-std::mutex g_mu;  // one launch at a time: __shared__ variables are process-wide statics
-std::string g_err;
+using ne_harness::guarded;
+using ne_harness::name;
+
 
 // ---------------------------------------------------------------------------- kernel names
-std::map<const void*, std::string> g_names;
-
-template <class F>
-void name(F* f, const std::string& s) {
-  g_names[reinterpret_cast<const void*>(f)] = s;
-}
 
 template <class TW>
 void name_linear(const std::string& t) {
@@ -73,8 +69,7 @@ void name_linear(const std::string& t) {
   name(gemm_tiled_kernel<TW, kSmallBM, kSmallBN, kSmallBK, kSmallTM, kSmallTN>, "gemm_small<" + t + ">");
 }
 
-void init_names() {
-  if (!g_names.empty()) return;
+void init_names_local() {
   using namespace ne::cuda;
   name_linear<float>("f32");
   name_linear<__half>("f16");
@@ -89,28 +84,19 @@ void init_names() {
   name(gather_rows_kernel, "gather_rows");
 }
 
-template <class F>
-int guarded(F&& f) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  init_names();
-  ne_emu::device().log.clear();
-  g_err.clear();
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    g_err = e.what();
-    return -1;
-  }
-}
-
 ne::DType dtype_of(int code) { return static_cast<ne::DType>(code); }  // ne::DType values
 
 }  // namespace
 
+namespace ne_harness {
+namespace {
+void init_names() { init_names_local(); }
+}  // namespace
+}  // namespace ne_harness
+
 extern "C" {
 
-const char* ne_remu_error() { return g_err.c_str(); }
+const char* ne_remu_error() { return ne_harness::error(); }
 
 // ints: vocab, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff, max_seq_len, norm, activation,
 // gated_mlp, learned_pos, qkv_bias, o_bias, mlp_bias, head_bias (16); dbl: norm_eps, rope_theta.
@@ -142,7 +128,7 @@ void* ne_remu_create(const int* ints, const double* dbl, int slots, int ctx) {
 }
 
 void ne_remu_destroy(void* h) {
-  std::lock_guard<std::mutex> lock(g_mu);
+  std::lock_guard<std::mutex> lock(ne_harness::mu);
   delete static_cast<ne::CudaRunner*>(h);
 }
 
@@ -188,26 +174,13 @@ int ne_remu_forward(void* h, int n_seqs, const int32_t* slots, const int32_t* to
 // sm_count of the emulated device (the tiled GEMM picks 128 x 128 tiles when they fill 2 x SMs) and
 // the schedule of a block's fibers (0 round-robin, 1 reversed, 2 eager).
 void ne_remu_configure(int sm_count, int order) {
-  std::lock_guard<std::mutex> lock(g_mu);
+  std::lock_guard<std::mutex> lock(ne_harness::mu);
   ne_emu::device().sm_count = sm_count;
   ne_emu::device().order = order;
 }
 
 // The launches of the last call, one line each: "name grid.x grid.y block.x" (runner.cu's kernels by
 // name, norm.cu's as "norm").
-int ne_remu_launches(char* buf, int cap) {
-  std::lock_guard<std::mutex> lock(g_mu);
-  std::string s;
-  for (const auto& l : ne_emu::device().log) {
-    auto it = g_names.find(l.kernel);
-    s += (it == g_names.end() ? std::string("norm") : it->second) + " " + std::to_string(l.grid.x) + " " +
-         std::to_string(l.grid.y) + " " + std::to_string(l.block.x) + "\n";
-  }
-  if (cap > 0) {
-    std::strncpy(buf, s.c_str(), static_cast<size_t>(cap) - 1);
-    buf[cap - 1] = 0;
-  }
-  return static_cast<int>(s.size());
-}
+int ne_remu_launches(char* buf, int cap) { return ne_harness::launches(buf, cap, "norm"); }
 
 }  // extern "C"
