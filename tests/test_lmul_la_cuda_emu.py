@@ -17,36 +17,17 @@ What the emulator cannot show: timing, the memory model, nvcc's fma contraction 
 
 import ctypes
 import os
-import re
-import shutil
-import subprocess
 
 import pytest
 import torch
 
 from normengine import _C
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMU = os.path.join(ROOT, "tests", "cuda_emu")
-CXX = shutil.which("g++")
+from cuda_emu.emu_build import CXX, EMU, ROOT, build, emu_source
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found (the emulator harness is built with it)")
 
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
-
-def emu_source(path):
-    """A .cu file as the emulator compiles it (line numbers kept): `k<<<cfg>>>(args)` ->
-    `k << ::ne_emu::launch_config(cfg)(args)`; `extern __shared__ [__align__(n)] T name[];` ->
-    `T* name = ::ne_emu::dynamic_shared<T>();`."""
-    with open(path) as f:
-        src = f.read()
-    out = re.sub(r"<<<(.*?)>>>", lambda m: " << ::ne_emu::launch_config(" + m.group(1) + ")", src, flags=re.S)
-    out = re.sub(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([\w:]+)\s+(\w+)\s*\[\s*\]\s*;",
-                 r"\1* \2 = ::ne_emu::dynamic_shared<\1>();", out)
-    # device-only code paths (linear_attention_chunk.cu's DeviceExec::phase runs the block's threads
-    # only under __CUDA_ARCH__): the emulator's g++ build is the device build
-    out = out.replace("defined(__CUDA_ARCH__)", "(defined(__CUDA_ARCH__) || defined(NE_CUDA_EMU))")
-    return f'#line 1 "{path}"\n' + out
 
 
 @pytest.fixture(scope="module")
@@ -55,20 +36,12 @@ def lib(tmp_path_factory):
     srcs = {}
     for key, name in (("LMUL", "lmul.cu"), ("LA", "linear_attention.cu"), ("LA_CHUNK", "linear_attention_chunk.cu")):
         p = d / (name[:-3] + ".emu.cu")
-        p.write_text(emu_source(os.path.join(ROOT, "cuda", name)))
+        # device_paths: linear_attention_chunk.cu's DeviceExec::phase runs the block's threads only under
+        # __CUDA_ARCH__
+        p.write_text(emu_source(os.path.join(ROOT, "cuda", name), device_paths=True))
         srcs[key] = p
-    so = d / "liblalmulemu.so"
-    inc = [os.path.join(EMU, "shim"), EMU, os.path.join(ROOT, "cuda"), os.path.join(ROOT, "cpp", "include"),
-           os.path.join(ROOT, "cpp")]
-    cmd = [CXX, "-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing", "-Wall",
-           "-Wextra", "-Wno-unknown-pragmas", "-DNE_CUDA_EMU", "-DNE_WITH_CUDA"]
-    cmd += [f'-DNE_EMU_{k}_SOURCE="{v}"' for k, v in srcs.items()]
-    cmd += [f"-I{i}" for i in inc] + [os.path.join(EMU, "la_lmul_emu.cpp"), "-o", str(so)]
-    cmd += os.environ.get("NE_EMU_CXXFLAGS", "").split()
-    r = subprocess.run(["nice", "-n", "19"] + cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "warning" not in r.stderr.lower(), r.stderr
-    L = ctypes.CDLL(str(so))
+    L = build(d / "liblalmulemu.so", [os.path.join(EMU, "la_lmul_emu.cpp")],
+              ["-DNE_CUDA_EMU", "-DNE_WITH_CUDA"] + [f'-DNE_EMU_{k}_SOURCE="{v}"' for k, v in srcs.items()])
     vp, i64, ci, cf = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     L.ne_lemu_error.restype = ctypes.c_char_p
     L.ne_lemu_configure.argtypes = [ci, ci]

@@ -15,9 +15,6 @@ these by an ulp or so per operation, which the float64 tolerances below leave ro
 
 import ctypes
 import os
-import re
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -26,9 +23,7 @@ from conftest import rel_err
 from normengine import _C
 from normengine import reference as ref
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMU = os.path.join(ROOT, "tests", "cuda_emu")
-CXX = shutil.which("g++")
+from cuda_emu.emu_build import CXX, EMU, ROOT, build, emu_source
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found (the emulator harness is built with it)")
 
 LAYER, RMS, CRMS = 0, 1, 2
@@ -40,31 +35,14 @@ ORDERS = {"forward": 0, "reverse": 1, "eager": 2}  # schedules of a block's fibe
 EPS = {LAYER: 1e-5, RMS: 1e-6, CRMS: 1e-6}
 
 
-def emu_source(path):
-    """A .cu file as the emulator compiles it: `k<<<cfg>>>(args)` -> `k << ::ne_emu::launch_config(cfg)(args)`
-    (line numbers kept)."""
-    with open(path) as f:
-        src = f.read()
-    out = re.sub(r"<<<(.*?)>>>", lambda m: " << ::ne_emu::launch_config(" + m.group(1) + ")", src, flags=re.S)
-    return f'#line 1 "{path}"\n' + out
-
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     d = tmp_path_factory.mktemp("normemu")
     src = d / "norm.emu.cu"
     src.write_text(emu_source(os.path.join(ROOT, "cuda", "norm.cu")))
-    so = d / "libnormemu.so"
-    inc = [os.path.join(EMU, "shim"), EMU, os.path.join(ROOT, "cuda"), os.path.join(ROOT, "cpp", "include"),
-           os.path.join(ROOT, "cpp")]
-    cmd = [CXX, "-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-Wall", "-Wextra",
-           "-Wno-unknown-pragmas", f'-DNE_EMU_NORM_SOURCE="{src}"'] + [f"-I{i}" for i in inc]
-    cmd += [os.path.join(EMU, "norm_emu.cpp"), os.path.join(EMU, "emu_selftest.cpp"), "-o", str(so)]
-    cmd += os.environ.get("NE_EMU_CXXFLAGS", "").split()  # e.g. -DNE_EMU_UCONTEXT, -fsanitize=undefined
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "warning" not in r.stderr.lower(), r.stderr
-    L = ctypes.CDLL(str(so))
+    L = build(d / "libnormemu.so", [os.path.join(EMU, "norm_emu.cpp"), os.path.join(EMU, "emu_selftest.cpp")],
+              [f'-DNE_EMU_NORM_SOURCE="{src}"'])
     vp, i64, ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     L.ne_emu_error.restype = ctypes.c_char_p
     L.ne_emu_configure.argtypes = [ci, ci]

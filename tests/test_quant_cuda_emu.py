@@ -19,8 +19,6 @@ the last bits of fp32 sums, which the tolerances below (relative to the sum of |
 import ctypes
 import os
 import re
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -29,9 +27,7 @@ from normengine import _C
 from normengine.ops.quant import _CODE, quantize_weight
 from normengine.reference import quant as rq
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMU = os.path.join(ROOT, "tests", "cuda_emu")
-CXX = shutil.which("g++")
+from cuda_emu.emu_build import CXX, EMU, ROOT, build, emu_source
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found (the emulator harness is built with it)")
 
 XDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -40,23 +36,19 @@ ORDERS = {"forward": 0, "reverse": 1, "eager": 2}
 CP_ASYNC = {"immediate": 0, "deferred": 1}
 
 
-def emu_source(path):
+def quant_emu_source(path):
     """quant_gemm.cu as the emulator compiles it (line numbers kept): launches `k<<<cfg>>>(args)` ->
     `k << ::ne_emu::launch_config(cfg)(args)`; `extern __shared__ [__align__(n)] T name[];` ->
     `T* name = ::ne_emu::dynamic_shared<T>();`; plus ne::check_qweight, which the launcher calls, taken
     verbatim from cpp/ops/quant_gemm.cpp (the rest of that file is the CPU kernels)."""
-    with open(path) as f:
-        src = f.read()
-    out = re.sub(r"<<<(.*?)>>>", lambda m: " << ::ne_emu::launch_config(" + m.group(1) + ")", src, flags=re.S)
-    out = re.sub(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([\w:]+)\s+(\w+)\s*\[\s*\]\s*;",
-                 r"\1* \2 = ::ne_emu::dynamic_shared<\1>();", out)
+    out = emu_source(path)
     cpp_path = os.path.join(ROOT, "cpp", "ops", "quant_gemm.cpp")
     with open(cpp_path) as f:
         cpp = f.read()
     m = re.search(r"^void check_qweight\(const QWeight& w\) \{.*?^\}$", cpp, flags=re.S | re.M)
     assert m, "check_qweight not found in cpp/ops/quant_gemm.cpp"
     line = cpp[:m.start()].count("\n") + 1
-    return (f'#line 1 "{path}"\n' + out + f'\nnamespace ne {{\n#line {line} "{cpp_path}"\n' + m.group(0) +
+    return (out + f'\nnamespace ne {{\n#line {line} "{cpp_path}"\n' + m.group(0) +
             "\n}  // namespace ne\n")
 
 
@@ -64,18 +56,9 @@ def emu_source(path):
 def lib(tmp_path_factory):
     d = tmp_path_factory.mktemp("quantemu")
     src = d / "quant.emu.cu"
-    src.write_text(emu_source(os.path.join(ROOT, "cuda", "quant_gemm.cu")))
-    so = d / "libquantemu.so"
-    inc = [os.path.join(EMU, "shim"), EMU, os.path.join(ROOT, "cuda"), os.path.join(ROOT, "cpp", "include"),
-           os.path.join(ROOT, "cpp")]
-    cmd = [CXX, "-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing", "-Wall",
-           "-Wextra", "-Wno-unknown-pragmas", "-DNE_CUDA_EMU", "-DNE_WITH_CUDA", f'-DNE_EMU_QUANT_SOURCE="{src}"']
-    cmd += [f"-I{i}" for i in inc] + [os.path.join(EMU, "quant_emu.cpp"), "-o", str(so)]
-    cmd += os.environ.get("NE_EMU_CXXFLAGS", "").split()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "warning" not in r.stderr.lower(), r.stderr
-    L = ctypes.CDLL(str(so))
+    src.write_text(quant_emu_source(os.path.join(ROOT, "cuda", "quant_gemm.cu")))
+    L = build(d / "libquantemu.so", [os.path.join(EMU, "quant_emu.cpp")],
+              ["-DNE_CUDA_EMU", "-DNE_WITH_CUDA", f'-DNE_EMU_QUANT_SOURCE="{src}"'])
     vp, i64, ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     L.ne_qemu_error.restype = ctypes.c_char_p
     L.ne_qemu_configure.argtypes = [ci, ci, ci]

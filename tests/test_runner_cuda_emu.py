@@ -13,9 +13,6 @@ a*b+c twice), the GPU's expf / erff ulps; hence a tolerance of fp32 summation-or
 
 import ctypes
 import os
-import re
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -23,23 +20,13 @@ import torch
 import normengine
 from normengine import _C
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMU = os.path.join(ROOT, "tests", "cuda_emu")
-CXX = shutil.which("g++")
+from cuda_emu.emu_build import CXX, EMU, ROOT, build, emu_source
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found (the emulator harness is built with it)")
 
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ne::DType values
 REL = 2e-5  # max |emu - cpu| / max |cpu| per logits matrix (seen: <= 1.3e-6; a 1% error of the
 # attention scale gives 8e-4)
 
-
-def emu_source(path):
-    """A .cu file as the emulator compiles it: `k<<<cfg>>>(args)` -> `k << ::ne_emu::launch_config(cfg)(args)`
-    (line numbers kept)."""
-    with open(path) as f:
-        src = f.read()
-    out = re.sub(r"<<<(.*?)>>>", lambda m: " << ::ne_emu::launch_config(" + m.group(1) + ")", src, flags=re.S)
-    return f'#line 1 "{path}"\n' + out
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +35,9 @@ def lib(tmp_path_factory):
     runner_src, norm_src = d / "runner.emu.cu", d / "norm.emu.cu"
     runner_src.write_text(emu_source(os.path.join(ROOT, "cuda", "runner.cu")))
     norm_src.write_text(emu_source(os.path.join(ROOT, "cuda", "norm.cu")))
-    so = d / "librunneremu.so"
-    inc = [os.path.join(EMU, "shim"), EMU, os.path.join(ROOT, "cuda"), os.path.join(ROOT, "cpp", "include"),
-           os.path.join(ROOT, "cpp")]
-    cmd = [CXX, "-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-Wall", "-Wextra",
-           "-Wno-unknown-pragmas", "-DNE_WITH_CUDA", f'-DNE_EMU_RUNNER_SOURCE="{runner_src}"']
-    cmd += [f"-I{i}" for i in inc]
-    cmd += [os.path.join(EMU, "runner_emu.cpp"), "-x", "c++", str(norm_src), "-x", "none",
-            os.path.join(ROOT, "cpp", "core", "tensor.cpp"), "-o", str(so)]
-    cmd += os.environ.get("NE_EMU_CXXFLAGS", "").split()
-    r = subprocess.run(["nice", "-n", "19"] + cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "warning" not in r.stderr.lower(), r.stderr
-    L = ctypes.CDLL(str(so))
+    L = build(d / "librunneremu.so", [os.path.join(EMU, "runner_emu.cpp"), "-x", "c++", str(norm_src), "-x", "none",
+                                      os.path.join(ROOT, "cpp", "core", "tensor.cpp")],
+              ["-DNE_WITH_CUDA", f'-DNE_EMU_RUNNER_SOURCE="{runner_src}"'])
     vp, ci, i32p = ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p
     L.ne_remu_error.restype = ctypes.c_char_p
     L.ne_remu_create.restype = vp

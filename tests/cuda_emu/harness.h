@@ -67,3 +67,11 @@ int launches(char* buf, int cap, const char* unnamed = "?") {
 
 }  // namespace
 }  // namespace ne_harness
+
+// A harness names its kernels in a function of its own and hands it over with this, at file scope.
+#define NE_HARNESS_NAMES(fn) \
+  namespace ne_harness {     \
+  namespace {                \
+  void init_names() { fn(); } \
+  }                          \
+  }

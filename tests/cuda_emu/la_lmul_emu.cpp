@@ -83,11 +83,7 @@ ne::LinAttnParams params(int kind, int fmap, int causal, int normalize, int out_
 
 }  // namespace
 
-namespace ne_harness {
-namespace {
-void init_names() { init_names_local(); }
-}  // namespace
-}  // namespace ne_harness
+NE_HARNESS_NAMES(init_names_local)
 
 extern "C" {
 

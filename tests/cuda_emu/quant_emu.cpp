@@ -71,11 +71,7 @@ void init_names_local() {
 
 }  // namespace
 
-namespace ne_harness {
-namespace {
-void init_names() { init_names_local(); }
-}  // namespace
-}  // namespace ne_harness
+NE_HARNESS_NAMES(init_names_local)
 
 extern "C" {
 

@@ -88,11 +88,7 @@ ne::DType dtype_of(int code) { return static_cast<ne::DType>(code); }  // ne::DT
 
 }  // namespace
 
-namespace ne_harness {
-namespace {
-void init_names() { init_names_local(); }
-}  // namespace
-}  // namespace ne_harness
+NE_HARNESS_NAMES(init_names_local)
 
 extern "C" {
 

@@ -1,0 +1,44 @@
+"""Building the CUDA emulator harnesses (tests/cuda_emu/*_emu.cpp) for the tests: a .cu file rewritten
+for the emulator, and one g++ invocation into a shared library loaded with ctypes."""
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EMU = os.path.join(ROOT, "tests", "cuda_emu")
+CXX = shutil.which("g++")
+# the emulator's shims first (cuda_runtime.h & co.), then the engine's headers
+INCLUDES = [os.path.join(EMU, "shim"), EMU, os.path.join(ROOT, "cuda"), os.path.join(ROOT, "cpp", "include"),
+            os.path.join(ROOT, "cpp")]
+# IEEE arithmetic as written (no contraction into fma: nvcc's fusing is the tests' tolerance), warnings on
+FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing", "-Wall", "-Wextra",
+         "-Wno-unknown-pragmas"]
+
+
+def emu_source(path, device_paths=False):
+    """A .cu file as the emulator compiles it (line numbers kept): launches `k<<<cfg>>>(args)` ->
+    `k << ::ne_emu::launch_config(cfg)(args)`; `extern __shared__ [__align__(n)] T name[];` ->
+    `T* name = ::ne_emu::dynamic_shared<T>();`; with device_paths, code that runs only under
+    __CUDA_ARCH__ runs in the emulator too (its g++ build is the device build)."""
+    with open(path) as f:
+        src = f.read()
+    out = re.sub(r"<<<(.*?)>>>", lambda m: " << ::ne_emu::launch_config(" + m.group(1) + ")", src, flags=re.S)
+    out = re.sub(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([\w:]+)\s+(\w+)\s*\[\s*\]\s*;",
+                 r"\1* \2 = ::ne_emu::dynamic_shared<\1>();", out)
+    if device_paths:
+        out = out.replace("defined(__CUDA_ARCH__)", "(defined(__CUDA_ARCH__) || defined(NE_CUDA_EMU))")
+    return f'#line 1 "{path}"\n' + out
+
+
+def build(out_so, inputs, defines=(), extra=()):
+    """g++ FLAGS + defines + INCLUDES + inputs (+ NE_EMU_CXXFLAGS from the environment, e.g.
+    -DNE_EMU_UCONTEXT or -fsanitize=undefined) -> out_so, warning-free; returns the loaded library."""
+    cmd = [CXX] + FLAGS + list(defines) + [f"-I{i}" for i in INCLUDES] + list(inputs) + list(extra)
+    cmd += ["-o", str(out_so)] + os.environ.get("NE_EMU_CXXFLAGS", "").split()
+    r = subprocess.run(["nice", "-n", "19"] + cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "warning" not in r.stderr.lower(), r.stderr
+    return ctypes.CDLL(str(out_so))
