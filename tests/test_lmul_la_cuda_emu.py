@@ -23,7 +23,7 @@ import torch
 
 from normengine import _C
 
-from cuda_emu.emu_build import CXX, EMU, ROOT, build, emu_source
+from cuda_emu.emu_build import CXX, EMU, ROOT, build, emu_source, launch_names, ptr
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found (the emulator harness is built with it)")
 
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -68,13 +68,7 @@ def check(lib, rc):
 
 
 def launches(lib):
-    buf = ctypes.create_string_buffer(1 << 14)
-    lib.ne_lemu_launches(buf, len(buf))
-    return [ln.split()[0] for ln in buf.value.decode().splitlines()]
-
-
-def ptr(t):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+    return launch_names(lib.ne_lemu_launches)
 
 
 def bits_eq(a, b):

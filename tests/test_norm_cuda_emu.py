@@ -23,7 +23,7 @@ from conftest import rel_err
 from normengine import _C
 from normengine import reference as ref
 
-from cuda_emu.emu_build import CXX, EMU, ROOT, build, emu_source
+from cuda_emu.emu_build import CXX, EMU, ROOT, build, emu_source, launch_names
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found (the emulator harness is built with it)")
 
 LAYER, RMS, CRMS = 0, 1, 2
@@ -78,9 +78,7 @@ def device_cfg(lib):
 
 
 def launches(lib):
-    buf = ctypes.create_string_buffer(1 << 14)
-    lib.ne_emu_launches(buf, len(buf))
-    return [ln.split()[0] for ln in buf.value.decode().splitlines()]
+    return launch_names(lib.ne_emu_launches)
 
 
 def check(lib, rc):

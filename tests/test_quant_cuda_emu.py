@@ -27,7 +27,7 @@ from normengine import _C
 from normengine.ops.quant import _CODE, quantize_weight
 from normengine.reference import quant as rq
 
-from cuda_emu.emu_build import CXX, EMU, ROOT, build, emu_source
+from cuda_emu.emu_build import CXX, EMU, ROOT, build, emu_source, launch_names
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found (the emulator harness is built with it)")
 
 XDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -92,9 +92,7 @@ def check(lib, rc):
 
 
 def launches(lib):
-    buf = ctypes.create_string_buffer(1 << 14)
-    lib.ne_qemu_launches(buf, len(buf))
-    return [ln.split()[0] for ln in buf.value.decode().splitlines()]
+    return launch_names(lib.ne_qemu_launches)
 
 
 def all_kernels(lib):

@@ -42,3 +42,15 @@ def build(out_so, inputs, defines=(), extra=()):
     assert r.returncode == 0, r.stderr
     assert "warning" not in r.stderr.lower(), r.stderr
     return ctypes.CDLL(str(out_so))
+
+
+def launch_names(launches_fn):
+    """The kernel names of the last call's launches, from a harness's *_launches entry point."""
+    buf = ctypes.create_string_buffer(1 << 14)
+    launches_fn(buf, len(buf))
+    return [ln.split()[0] for ln in buf.value.decode().splitlines()]
+
+
+def ptr(t):
+    """A tensor's data pointer for ctypes (None for None)."""
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
