@@ -14,6 +14,7 @@ import torch
 from . import _C
 from .config import ModelConfig
 from .errors import ArgumentError, DeviceError, DTypeError, ShapeError, UnsupportedError
+from .ops._tensor import bf16_products
 
 _NORM_KIND = {"layernorm": 0, "rmsnorm": 1, "crmsnorm": 2, "none": -1}
 _ACT = {"gelu_tanh": 0, "gelu": 1, "silu": 2, "relu": 3}
@@ -61,8 +62,7 @@ class Model:
                                     f"but the model is quantized ({config.quantization})")
             if lmul_scope == "all":
                 dtype = torch.float32  # L-Mul reads float32 operands
-        if matmul_precision not in ("highest", "medium"):
-            raise ArgumentError(f"matmul_precision: expected 'highest' or 'medium', got {matmul_precision!r}")
+        bf16_products(matmul_precision)  # a bad value raises here, at load
         self.matmul_precision = matmul_precision
         self.arithmetic = "lmul" if arithmetic == "lmul" else "exact"
         self.lmul_bits = int(lmul_bits) if arithmetic == "lmul" else 0
@@ -133,7 +133,7 @@ class Model:
             attention=[_ATTN[a] for a in c.attention], linear_feature_map=_FMAP[c.linear_feature_map],
             linear_normalize=bool(c.linear_normalize), norm_attention_norm=0 if c.norm_attention_norm == "rms" else 1,
             linear_eps=float(c.linear_eps), lmul_scope=_LMUL_SCOPES.get(self.lmul_scope, 0),
-            lmul_bits=self.lmul_bits or 4, bf16_products=self.matmul_precision == "medium",
+            lmul_bits=self.lmul_bits or 4, bf16_products=bf16_products(self.matmul_precision),
         )
 
     def _runner_for(self, slots: int, ctx: int):
@@ -549,7 +549,8 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     operands to bfloat16 (activations after the norm's statistics, float32 weights on the fly),
     products exact and sums in fp32, on the CPU's AMX-BF16 tiles where it has them and for 16 or more
     rows at a time (prefill): about 2.5x (float32 weights) to 4.5x (bfloat16 weights) faster GEMMs at a
-    relative error of ~2e-3 per projection. Decode steps, quantized weights and CPUs without AMX-BF16
+    relative error of ~2e-3 per projection; int8-weight / int4 / fp8 weights likewise multiply their
+    dequantized prefill panels in bf16. Decode steps, int8 (W8A8) weights and CPUs without AMX-BF16
     compute as 'highest'; so does the CUDA runner."""
     from .checkpoint import load_checkpoint
     from .convert import convert_norm, fold_norm_affine, quantize_model, smooth_model, swap_attention, unpack_quantized

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import DeviceError, DTypeError, ShapeError
+from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -105,6 +105,14 @@ def channel_vector(v, x: torch.Tensor, name: str, n: int | None = None):
             f"{name}: expected shape ({n},) to match x's last dimension, got {tuple(v.shape)}"
         )
     return v.detach().to(acc_dtype(x.dtype)).contiguous()
+
+
+def bf16_products(matmul_precision: str) -> bool:
+    """Whether `matmul_precision` ("highest" | "medium", as torch.set_float32_matmul_precision) lets the
+    kernels multiply bfloat16-rounded operands (the AMX-BF16 path of the native GEMMs)."""
+    if matmul_precision not in ("highest", "medium"):
+        raise ArgumentError(f"matmul_precision: expected 'highest' or 'medium', got {matmul_precision!r}")
+    return matmul_precision == "medium"
 
 
 def check_eps(eps) -> float:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from .. import _C
-from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
-from ._tensor import FLOAT_DTYPES, _rows_ok, check_input, stream_of
+from ..errors import DeviceError, DTypeError, ShapeError
+from ._tensor import FLOAT_DTYPES, _rows_ok, bf16_products, check_input, stream_of
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -74,8 +74,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ``matmul_precision="medium"`` (as torch.set_float32_matmul_precision) lets a CPU with AMX-BF16
     round x and a float32 weight to bfloat16 for the products (sums in fp32) when x has 16 or more
     rows; elsewhere it computes as "highest"."""
-    if matmul_precision not in ("highest", "medium"):
-        raise ArgumentError(f"matmul_precision: expected 'highest' or 'medium', got {matmul_precision!r}")
+    medium = bf16_products(matmul_precision)
     x = check_input(x)
     if x.dtype != torch.float32:
         raise DTypeError(f"x: expected dtype torch.float32 (other input dtypes are not supported yet), got {x.dtype}")
@@ -86,5 +85,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         y = torch.empty(tuple(x.shape[:-1]) + (n,), dtype=torch.float32, device=x.device)
     else:
         y = _check_out(out, x, n)
-    _C.linear(x, weight, bias, y, stream_of(x), matmul_precision == "medium")
+    _C.linear(x, weight, bias, y, stream_of(x), medium)
     return y

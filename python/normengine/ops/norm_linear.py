@@ -12,7 +12,7 @@ import torch
 
 from .. import _C
 from ..errors import ArgumentError, DTypeError
-from ._tensor import check_eps, check_input, stream_of
+from ._tensor import bf16_products, check_eps, check_input, stream_of
 from .linear import WEIGHT_DTYPES, _check_bias, _check_weight
 from .norm import CRMS, LAYER, RMS
 
@@ -93,9 +93,7 @@ def norm_linear(x, weight, bias=None, norm: str = "rms", eps: float | None = Non
     (reused memory; only when no gradient is needed). matmul_precision="medium": on a CPU with
     AMX-BF16 and 16+ rows, norm(x) and a float32 weight are rounded to bfloat16 for the products
     (fp32 sums), as normengine.ops.linear; the backward stays exact (straight through)."""
-    if matmul_precision not in ("highest", "medium"):
-        raise ArgumentError(f"matmul_precision: expected 'highest' or 'medium', got {matmul_precision!r}")
-    medium = matmul_precision == "medium"
+    medium = bf16_products(matmul_precision)
     kind = _kind(norm)
     eps = check_eps((1e-5 if kind == LAYER else 1e-6) if eps is None else eps)
     x = check_input(x)

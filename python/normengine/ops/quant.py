@@ -25,6 +25,7 @@ import torch
 
 from .. import _C
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
+from ._tensor import bf16_products
 
 FORMATS = ("int8", "int8-weight", "int4", "fp8")
 _CODE = {"int8": 0, "int8-weight": 1, "int4": 2, "fp8": 3}
@@ -252,8 +253,7 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, ou
     a straight-through estimator). matmul_precision="medium": on a CPU with AMX-BF16, the prefill
     (more than 4 rows) of int8-weight / int4 / fp8 multiplies bf16-rounded dequantized weights and x
     (relative 2^-9, far below the formats' own error); int8 (W8A8) is unchanged."""
-    if matmul_precision not in ("highest", "medium"):
-        raise ArgumentError(f"matmul_precision: expected 'highest' or 'medium', got {matmul_precision!r}")
+    medium = bf16_products(matmul_precision)
     if not isinstance(qweight, QuantizedWeight):
         raise DTypeError(f"qweight: expected a QuantizedWeight (normengine.ops.quantize_weight), got "
                          f"{type(qweight).__name__}")
@@ -302,8 +302,7 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, ou
     y = out.view(-1, N) if out is not None else torch.empty(x2.shape[0], N, dtype=torch.float32)
     if x2.shape[0]:
         _C.quant_linear(x2, _CODE[qweight.format], qweight.data, qweight.scale, qweight.zero,
-                        qweight.group_size if qweight.format in ("int4", "fp8") else 0, N, K, bias, y, False,
-                        matmul_precision == "medium")
+                        qweight.group_size if qweight.format in ("int4", "fp8") else 0, N, K, bias, y, False, medium)
     return out if out is not None else y.view(*lead, N)
 
 
