@@ -30,7 +30,7 @@ struct GemmEpilogue {
   const float* col_sum = nullptr;
 };
 
-//
+// y = x W^T as described above, with
 // bf16_products (the "medium" matmul precision, as torch.set_float32_matmul_precision("medium")):
 // the caller allows x (after the epilogue's row statistics) and float32 W to be rounded to bfloat16,
 // products exact and sums in fp32, on AMX tiles (ops/gemm_bf16_amx.cpp) when the CPU has AMX-BF16,

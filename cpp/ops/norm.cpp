@@ -105,6 +105,11 @@ struct NormRows {
   //   LayerNorm: y = (h - mean) * rstd * w + b      RMSNorm / CRMSNorm: y = h * rstd * w
   static constexpr int64_t kAhead = 2;  // rows prefetched ahead in forward()
 
+  // Bytes a row matrix of T spans in memory (the last row to its last element).
+  static int64_t span_bytes(const RowMatrix& m) {
+    return ((m.rows - 1) * m.ld + m.cols) * static_cast<int64_t>(sizeof(T));
+  }
+
   // y's full vectors: streamed (non-temporal) when the output is large, else plain stores
   static void store_y(T* p, R v, int k, bool nt) {
     if (nt && k == N) store_stream<V>(p, v);
@@ -254,11 +259,9 @@ struct NormRows {
   static void forward(const NormFwdArgs& a) {
     // an output of 8 MiB or more is streamed past the caches (it would evict everything anyway),
     // unless its pages are fresh (worth_streaming, core/simd.h)
-    const int64_t out_bytes = ((a.y.rows - 1) * a.y.ld + a.y.cols) * static_cast<int64_t>(sizeof(T));
+    const int64_t out_bytes = span_bytes(a.y);
     const bool nt = worth_streaming(a.y.data, out_bytes) &&
-                    (!a.res.data ||
-                     worth_streaming(a.res_out.data, ((a.res_out.rows - 1) * a.res_out.ld + a.res_out.cols) *
-                                                         static_cast<int64_t>(sizeof(T))));
+                    (!a.res.data || worth_streaming(a.res_out.data, span_bytes(a.res_out)));
     // large inputs with rows of a few KB: the next rows' lines are requested ahead (the row-serial
     // stats pass would otherwise wait on each row's first misses)
     const int64_t row_bytes = a.x.cols * static_cast<int64_t>(sizeof(T));
@@ -311,8 +314,7 @@ struct NormRows {
     // and then the next row's h and dy (and dres) are requested while this one is computed (each row
     // starts new memory streams; into fresh pages the page faults dominate and prefetching gained
     // nothing measurable)
-    const int64_t out_bytes = ((a.dx.rows - 1) * a.dx.ld + a.dx.cols) * static_cast<int64_t>(sizeof(T));
-    const bool nt = worth_streaming(a.dx.data, out_bytes), ahead = nt;
+    const bool nt = worth_streaming(a.dx.data, span_bytes(a.dx)), ahead = nt;
     const int64_t row_bytes = n * static_cast<int64_t>(sizeof(T));
     parallel_for(a.h.rows, grain(n), [&](int64_t r0, int64_t r1, int tid) {
       A* dw = a.dw ? pdw + static_cast<int64_t>(tid) * n : nullptr;

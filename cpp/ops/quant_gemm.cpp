@@ -486,7 +486,6 @@ const QuantTable* quant_table() {
 namespace ne {
 namespace {
 
-
 // Prefill of the weight-dequantizing formats: W dequantized to fp32 a panel of rows at a time
 // (about 4 MB, never W-sized) and multiplied by the engine's register-blocked
 // fp32 GEMM. FP8 first rounds x to E4M3 per 128-block exactly as the GEMV path does and folds the
