@@ -24,6 +24,7 @@ import torch
 from normengine import _C
 
 from cuda_emu.emu_build import CXX, EMU, ROOT, build, emu_source, launch_names, ptr
+from cuda_emu.emu_build import one_torch_thread  # noqa: F401 (an autouse fixture: applies to this module)
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found (the emulator harness is built with it)")
 
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -41,11 +42,10 @@ def lib(tmp_path_factory):
         p.write_text(emu_source(os.path.join(ROOT, "cuda", name), device_paths=True))
         srcs[key] = p
     L = build(d / "liblalmulemu.so", [os.path.join(EMU, "la_lmul_emu.cpp")],
-              ["-DNE_CUDA_EMU", "-DNE_WITH_CUDA"] + [f'-DNE_EMU_{k}_SOURCE="{v}"' for k, v in srcs.items()])
+              ["-DNE_CUDA_EMU", "-DNE_WITH_CUDA"] + [f'-DNE_EMU_{k}_SOURCE="{v}"' for k, v in srcs.items()],
+              prefix="ne_lemu")
     vp, i64, ci, cf = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    L.ne_lemu_error.restype = ctypes.c_char_p
     L.ne_lemu_configure.argtypes = [ci, ci]
-    L.ne_lemu_launches.argtypes = [ctypes.c_char_p, ci]
     L.ne_lemu_lmul_map.argtypes = [i64, vp, vp, vp, ci]
     L.ne_lemu_lmul_bmm.argtypes = [i64, i64, i64, i64, vp, i64, i64, vp, i64, i64, vp, i64, i64, ci]
     head = [ci, ci, ci, ci, ci, cf, ci, ci, i64, i64, i64, i64, i64, vp, vp, vp, vp, vp, vp, vp, vp]
@@ -53,14 +53,6 @@ def lib(tmp_path_factory):
     L.ne_lemu_la_backward.argtypes = head + [vp, vp, vp, vp, vp, vp]
     L.ne_lemu_configure(0, 0)
     return L
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def check(lib, rc):

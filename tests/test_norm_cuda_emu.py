@@ -24,6 +24,7 @@ from normengine import _C
 from normengine import reference as ref
 
 from cuda_emu.emu_build import CXX, EMU, ROOT, build, emu_source, launch_names
+from cuda_emu.emu_build import one_torch_thread  # noqa: F401 (an autouse fixture: applies to this module)
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found (the emulator harness is built with it)")
 
 LAYER, RMS, CRMS = 0, 1, 2
@@ -42,11 +43,10 @@ def lib(tmp_path_factory):
     src = d / "norm.emu.cu"
     src.write_text(emu_source(os.path.join(ROOT, "cuda", "norm.cu")))
     L = build(d / "libnormemu.so", [os.path.join(EMU, "norm_emu.cpp"), os.path.join(EMU, "emu_selftest.cpp")],
-              [f'-DNE_EMU_NORM_SOURCE="{src}"'])
+              [f'-DNE_EMU_NORM_SOURCE="{src}"'],
+              prefix="ne_emu")
     vp, i64, ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    L.ne_emu_error.restype = ctypes.c_char_p
     L.ne_emu_configure.argtypes = [ci, ci]
-    L.ne_emu_launches.argtypes = [ctypes.c_char_p, ci]
     L.ne_emu_selftest.argtypes = [ctypes.c_char_p, ci]
     L.ne_emu_norm_forward.argtypes = [ci, ci, i64, i64, vp, i64, vp, i64, vp, i64, vp, i64, vp, vp, vp, vp,
                                       ctypes.c_double]
@@ -56,16 +56,6 @@ def lib(tmp_path_factory):
     L.ne_emu_channel_affine.argtypes = [ci, i64, i64, vp, i64, vp, i64, vp, i64, vp, vp]
     L.ne_emu_configure(0, 0)
     return L
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tensors here are small and the emulator runs on one core: torch's intra-op threads only
-    contend with it (on a busy 2-core machine they make each small op ~20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

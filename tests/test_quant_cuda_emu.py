@@ -28,6 +28,7 @@ from normengine.ops.quant import _CODE, quantize_weight
 from normengine.reference import quant as rq
 
 from cuda_emu.emu_build import CXX, EMU, ROOT, build, emu_source, launch_names
+from cuda_emu.emu_build import one_torch_thread  # noqa: F401 (an autouse fixture: applies to this module)
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found (the emulator harness is built with it)")
 
 XDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -58,25 +59,16 @@ def lib(tmp_path_factory):
     src = d / "quant.emu.cu"
     src.write_text(quant_emu_source(os.path.join(ROOT, "cuda", "quant_gemm.cu")))
     L = build(d / "libquantemu.so", [os.path.join(EMU, "quant_emu.cpp")],
-              ["-DNE_CUDA_EMU", "-DNE_WITH_CUDA", f'-DNE_EMU_QUANT_SOURCE="{src}"'])
+              ["-DNE_CUDA_EMU", "-DNE_WITH_CUDA", f'-DNE_EMU_QUANT_SOURCE="{src}"'],
+              prefix="ne_qemu")
     vp, i64, ci = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    L.ne_qemu_error.restype = ctypes.c_char_p
     L.ne_qemu_configure.argtypes = [ci, ci, ci]
     L.ne_qemu_kernels.argtypes = [ctypes.c_char_p, ci]
-    L.ne_qemu_launches.argtypes = [ctypes.c_char_p, ci]
     L.ne_qemu_quant_linear.argtypes = [i64, vp, ci, i64, ci, vp, vp, vp, i64, i64, i64, vp, vp, i64, ci]
     L.ne_qemu_quant_activations.argtypes = [i64, i64, vp, ci, i64, ci, vp, i64, vp, i64]
     L.ne_qemu_e4m3.argtypes = [vp, i64, ci, vp, vp]
     L.ne_qemu_configure(0, 0, 90)
     return L
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

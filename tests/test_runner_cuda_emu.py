@@ -21,6 +21,7 @@ import normengine
 from normengine import _C
 
 from cuda_emu.emu_build import CXX, EMU, ROOT, build, emu_source
+from cuda_emu.emu_build import one_torch_thread  # noqa: F401 (an autouse fixture: applies to this module)
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found (the emulator harness is built with it)")
 
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ne::DType values
@@ -37,9 +38,9 @@ def lib(tmp_path_factory):
     norm_src.write_text(emu_source(os.path.join(ROOT, "cuda", "norm.cu")))
     L = build(d / "librunneremu.so", [os.path.join(EMU, "runner_emu.cpp"), "-x", "c++", str(norm_src), "-x", "none",
                                       os.path.join(ROOT, "cpp", "core", "tensor.cpp")],
-              ["-DNE_WITH_CUDA", f'-DNE_EMU_RUNNER_SOURCE="{runner_src}"'])
+              ["-DNE_WITH_CUDA", f'-DNE_EMU_RUNNER_SOURCE="{runner_src}"'],
+              prefix="ne_remu")
     vp, ci, i32p = ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p
-    L.ne_remu_error.restype = ctypes.c_char_p
     L.ne_remu_create.restype = vp
     L.ne_remu_create.argtypes = [vp, vp, ci, ci]
     L.ne_remu_destroy.argtypes = [vp]
@@ -49,7 +50,6 @@ def lib(tmp_path_factory):
     L.ne_remu_length.argtypes = [vp, ci]
     L.ne_remu_forward.argtypes = [vp, ci, i32p, i32p, i32p, vp, ci]
     L.ne_remu_configure.argtypes = [ci, ci]
-    L.ne_remu_launches.argtypes = [ctypes.c_char_p, ci]
     L.ne_remu_configure(4, 0)  # 4 SMs: the head's GEMM takes 128 x 128 tiles, the d x d ones 64 x 64
     return L
 
@@ -134,14 +134,6 @@ def cpu_runner(model, slots, ctx, spec=None, tensors=None):
 def rel(got, want):
     assert not got.isnan().any(), "NaN in the emulated logits (scratch never written?)"
     return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

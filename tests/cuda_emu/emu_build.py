@@ -7,6 +7,9 @@ import re
 import shutil
 import subprocess
 
+import pytest
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EMU = os.path.join(ROOT, "tests", "cuda_emu")
 CXX = shutil.which("g++")
@@ -33,15 +36,20 @@ def emu_source(path, device_paths=False):
     return f'#line 1 "{path}"\n' + out
 
 
-def build(out_so, inputs, defines=(), extra=()):
+def build(out_so, inputs, defines=(), extra=(), prefix=None):
     """g++ FLAGS + defines + INCLUDES + inputs (+ NE_EMU_CXXFLAGS from the environment, e.g.
-    -DNE_EMU_UCONTEXT or -fsanitize=undefined) -> out_so, warning-free; returns the loaded library."""
+    -DNE_EMU_UCONTEXT or -fsanitize=undefined) -> out_so, warning-free; returns the loaded library,
+    with the harness's `{prefix}_error` / `{prefix}_launches` entry points typed (tests/cuda_emu/harness.h)."""
     cmd = [CXX] + FLAGS + list(defines) + [f"-I{i}" for i in INCLUDES] + list(inputs) + list(extra)
     cmd += ["-o", str(out_so)] + os.environ.get("NE_EMU_CXXFLAGS", "").split()
     r = subprocess.run(["nice", "-n", "19"] + cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "warning" not in r.stderr.lower(), r.stderr
-    return ctypes.CDLL(str(out_so))
+    lib = ctypes.CDLL(str(out_so))
+    if prefix:
+        getattr(lib, prefix + "_error").restype = ctypes.c_char_p
+        getattr(lib, prefix + "_launches").argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return lib
 
 
 def launch_names(launches_fn):
@@ -54,3 +62,14 @@ def launch_names(launches_fn):
 def ptr(t):
     """A tensor's data pointer for ctypes (None for None)."""
     return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tensors of the emulator tests are small and the emulator runs on one core: torch's intra-op
+    threads only contend with it (on a busy 2-core machine they make each small op ~20x slower).
+    Imported by each emulator test module, where it applies to the whole module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
