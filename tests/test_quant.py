@@ -191,8 +191,9 @@ def test_int8_kernel_selection():
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] != "int8"], ids=_ids)
 @pytest.mark.parametrize("M,N,K", [(5, 100, 4096), (40, 700, 384), (64, 17, 128)])
 def test_dequantized_panel_path(case, M, N, K, device, gen):
-    """Prefill (M > 4) of the weight-dequantizing formats: W dequantized panel by panel (several panels
-    here) into the fp32 GEMM, against the reference; with accumulate."""
+    """Prefill (M > 4; int4 from 16 rows where the CPU has AVX2) of the weight-dequantizing formats: W
+    dequantized panel by panel (several panels here) into the fp32 GEMM, against the reference; with
+    accumulate."""
     from normengine import _C
 
     if device != "cpu":
@@ -211,6 +212,33 @@ def test_dequantized_panel_path(case, M, N, K, device, gen):
     g = q.group_size if fmt in ("int4", "fp8") else 0
     _C.quant_linear(x, {"int8-weight": 1, "int4": 2, "fp8": 3}[fmt], q.data, q.scale, q.zero, g, N, K, b, out, True)
     assert rel_err(out, want + acc.double(), floor=scale) < 2e-6
+
+
+@pytest.mark.parametrize("kw", [{"group_size": 128}, {"group_size": 32}, {"group_size": 64, "symmetric": False}],
+                         ids=["g128", "g32", "g64-asym"])
+def test_int4_register_kernels_every_row_count(kw, device, gen):
+    """int4 GEMV-side kernels at every row count they take (1..15: four-row tiles over K blocks of
+    1024 columns, two- and one-row tails) and the first panel size (16), with N tails (37 = 9 x 4 + 1)
+    and K spanning several K blocks; with bias and accumulate. Against the float64 reference."""
+    from normengine import _C
+
+    if device != "cpu":
+        pytest.skip("CPU kernels")
+    N, K = 37, 2560
+    w = torch.randn(N, K, generator=gen) * 0.05
+    b = torch.randn(N, generator=gen)
+    q = ne.ops.quantize_weight(w, "int4", **kw)
+    deq = q.dequantize(torch.float64)
+    for M in range(1, 17):
+        x = torch.randn(M, K, generator=gen) + 3.0  # an offset: the zero-point term matters
+        want = ref_qlinear(x, q, b, dtype=torch.float64)
+        scale = (x.abs().double() @ deq.abs().t()).max().item() + b.abs().max().item()
+        got = ne.ops.quantized_linear(x, q, b)
+        assert rel_err(got, want, floor=scale) < 2e-6, f"M={M}"
+        acc = torch.randn(M, N, generator=gen)
+        out = acc.clone()
+        _C.quant_linear(x, 2, q.data, q.scale, q.zero, q.group_size, N, K, b, out, True)
+        assert rel_err(out, want + acc.double(), floor=scale) < 2e-6, f"M={M}, accumulate"
 
 
 def test_fp8_every_code(device, gen):

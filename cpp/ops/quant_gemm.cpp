@@ -10,11 +10,12 @@
 // (int4), plus the scales.
 // AVX2 (and the AVX-512 builds, which use the same 256-bit code): int8 products with vpmaddubsw on
 // (|w|, x * sign(w)) — |w| <= 127 and |x| <= 127 keep each pair sum <= 32258, below the int16
-// saturation — then vpmaddwd with ones into int32; int4 nibbles widened to fp32 in registers and
-// FMA'd with x; int8 weights widened likewise. Generic: the same sums in scalar code.
+// saturation — then vpmaddwd with ones into int32; int4 nibbles turned into fp32 in registers (AVX-512: a
+// 16-entry vpermps table lookup; AVX2: widen and convert) and FMA'd with x; int8 weights widened likewise. Generic: the same sums in scalar code.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "core/parallel.h"
 #include "ops/quant_gemm.h"
@@ -159,41 +160,56 @@ void block_int8w(const QArgs& a, int64_t n0, int64_t n1) {
 // to two vectors of 8 floats (low nibbles = even k, high = odd k) that meet x with plain loads. Each
 // group's vector sum is scaled once (one FMA per group) and the output reduced once.
 #if defined(__AVX512F__)
-// y[m, n .. n + NR) for one row of x: per group, sum_k q_k x_k in two accumulators (even k, odd k),
-// scaled once by s_g; the zero-point term from the row's group sums of x.
-template <int NR>
-void int4_rows512(const QArgs& a, int64_t m, int64_t n) {
+// y[m .. m + MR, n .. n + NR): per group, sum_k q_k x_k for every (row, column) pair, scaled once by
+// s_g; the zero-point term from each row's group sums of x. A nibble becomes a float by table lookup:
+// vpermps reads only the low 4 bits of each 32-bit index, so the zero-extended byte b indexes
+// {0, 1, ..., 15} by its low nibble as it is, and b >> 4 by its high one (no mask, no int->float
+// convert: 3 shuffles and 1 shift per 32 weights). Each decoded column meets MR rows of x, so
+// small batches (MR = 4) decode W once for four rows. Groups [g0, g1) only; the sums (zero-point term
+// included) are added to part[r * ldp + c].
+template <int MR, int NR>
+void int4_tile512(const QArgs& a, int64_t m, int64_t n, int64_t g0, int64_t g1, float* part, int64_t ldp) {
   const QWeight& w = *a.w;
   const int64_t K = w.K, g = w.group, G = K / g;
-  const float* xd = a.xf + m * K;
-  const __m512i lo = _mm512_set1_epi32(15);
-  __m512 total[NR];
-  for (int c = 0; c < NR; ++c) total[c] = _mm512_setzero_ps();
-  for (int64_t gi = 0; gi < G; ++gi) {
+  const __m512 nibble = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const uint8_t* wr[NR];
+  for (int c = 0; c < NR; ++c) wr[c] = static_cast<const uint8_t*>(w.data) + (n + c) * (K / 2);
+  __m512 total[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) total[r][c] = _mm512_setzero_ps();
+  for (int64_t gi = g0; gi < g1; ++gi) {
     // decode reads W from memory once: each row's bytes 4 KB ahead are requested (as the int8 GEMV)
-    for (int c = 0; c < NR; ++c)
-      _mm_prefetch(reinterpret_cast<const char*>(w.data) + (n + c) * (K / 2) + gi * g / 2 + 4096, _MM_HINT_T1);
-    __m512 ev[NR], od[NR];
-    for (int c = 0; c < NR; ++c) ev[c] = od[c] = _mm512_setzero_ps();
+    for (int c = 0; c < NR; ++c) _mm_prefetch(reinterpret_cast<const char*>(wr[c]) + gi * g / 2 + 4096, _MM_HINT_T1);
+    __m512 acc[MR][NR];
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
     for (int64_t k = gi * g; k < (gi + 1) * g; k += 32) {
-      const __m512 xe = _mm512_loadu_ps(xd + k), xo = _mm512_loadu_ps(xd + k + 16);
+      __m512 xe[MR], xo[MR];  // x de-interleaved per 32 columns: 16 even k, then 16 odd k
+      for (int r = 0; r < MR; ++r) {
+        xe[r] = _mm512_loadu_ps(a.xf + (m + r) * K + k);
+        xo[r] = _mm512_loadu_ps(a.xf + (m + r) * K + k + 16);
+      }
       for (int c = 0; c < NR; ++c) {
-        const uint8_t* wr = static_cast<const uint8_t*>(w.data) + (n + c) * (K / 2);
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k / 2)));
-        ev[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, lo)), xe, ev[c]);
-        od[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), xo, od[c]);
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[c] + k / 2)));
+        const __m512 qe = _mm512_permutexvar_ps(b, nibble);                       // low nibbles: even k
+        const __m512 qo = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), nibble);  // high nibbles: odd k
+        for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_fmadd_ps(qo, xo[r], _mm512_fmadd_ps(qe, xe[r], acc[r][c]));
       }
     }
-    for (int c = 0; c < NR; ++c)
-      total[c] = _mm512_fmadd_ps(_mm512_add_ps(ev[c], od[c]), _mm512_set1_ps(w.scale[(n + c) * G + gi]), total[c]);
+    for (int c = 0; c < NR; ++c) {
+      const __m512 sg = _mm512_set1_ps(w.scale[(n + c) * G + gi]);
+      for (int r = 0; r < MR; ++r) total[r][c] = _mm512_fmadd_ps(acc[r][c], sg, total[r][c]);
+    }
   }
-  const float* gs = a.gsum + m * G;
-  for (int c = 0; c < NR; ++c) {
-    const float* sc = w.scale + (n + c) * G;
-    const float* zp = w.zero ? w.zero + (n + c) * G : nullptr;
-    float zterm = 0.0f;  // sum_g s_g z_g gsum_g
-    for (int64_t gi = 0; gi < G; ++gi) zterm += sc[gi] * (zp ? zp[gi] : 7.5f) * gs[gi];
-    quant_store(a, m, n + c, _mm512_reduce_add_ps(total[c]) - zterm);
+  for (int r = 0; r < MR; ++r) {
+    const float* gs = a.gsum + (m + r) * G;
+    for (int c = 0; c < NR; ++c) {
+      const float* sc = w.scale + (n + c) * G;
+      const float* zp = w.zero ? w.zero + (n + c) * G : nullptr;
+      float zterm = 0.0f;  // sum_g s_g z_g gsum_g
+      for (int64_t gi = g0; gi < g1; ++gi) zterm += sc[gi] * (zp ? zp[gi] : 7.5f) * gs[gi];
+      part[r * ldp + c] += _mm512_reduce_add_ps(total[r][c]) - zterm;
+    }
   }
 }
 #endif
@@ -205,11 +221,56 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
   int64_t m0 = 0;
 #if defined(__AVX512F__)
   // x de-interleaved per 32 columns here (16 even, then 16 odd): 16 bytes of W widen to two vectors of
-  // 16 floats. Four rows of W at a time (sharing the loads of x): eight independent FMA chains.
-  for (int64_t m = 0; m < a.M; ++m) {
+  // 16 floats. One row of x (16 KB at K = 4096: it stays in the L1): four rows of W at a time, all
+  // of K (four FMA chains, the loads of x shared). Four rows of x: two rows of W (eight chains, each
+  // decoded W vector used four times), over K blocks of 1024 columns, so that the four rows' block of
+  // x (16 KB) stays in the L1 while the thread's rows of W pass; partial sums in `part`.
+  if (a.M >= 4) {
+    thread_local std::vector<float> part;
+    const int64_t ldp = n1 - n0, GB = std::max<int64_t>(1, 1024 / g);
+    part.resize(static_cast<size_t>(4 * ldp));
+    for (; m0 + 4 <= a.M; m0 += 4) {
+      std::fill(part.begin(), part.end(), 0.0f);
+      for (int64_t gb = 0; gb < G; gb += GB) {
+        const int64_t ge = std::min(G, gb + GB);
+        int64_t n = n0;
+        for (; n + 2 <= n1; n += 2) int4_tile512<4, 2>(a, m0, n, gb, ge, part.data() + (n - n0), ldp);
+        for (; n < n1; ++n) int4_tile512<4, 1>(a, m0, n, gb, ge, part.data() + (n - n0), ldp);
+      }
+      for (int r = 0; r < 4; ++r)
+        for (int64_t n = n0; n < n1; ++n) quant_store(a, m0 + r, n, part[r * ldp + (n - n0)]);
+    }
+  }
+  if (m0 + 2 <= a.M) {  // two rows left: four rows of W at a time
+    float part[8];
     int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) int4_rows512<4>(a, m, n);
-    for (; n < n1; ++n) int4_rows512<1>(a, m, n);
+    for (; n + 4 <= n1; n += 4) {
+      std::fill(part, part + 8, 0.0f);
+      int4_tile512<2, 4>(a, m0, n, 0, G, part, 4);
+      for (int r = 0; r < 2; ++r)
+        for (int c = 0; c < 4; ++c) quant_store(a, m0 + r, n + c, part[r * 4 + c]);
+    }
+    for (; n < n1; ++n) {
+      part[0] = part[1] = 0.0f;
+      int4_tile512<2, 1>(a, m0, n, 0, G, part, 1);
+      quant_store(a, m0, n, part[0]);
+      quant_store(a, m0 + 1, n, part[1]);
+    }
+    m0 += 2;
+  }
+  for (; m0 < a.M; ++m0) {
+    int64_t n = n0;
+    float part[4];
+    for (; n + 4 <= n1; n += 4) {
+      part[0] = part[1] = part[2] = part[3] = 0.0f;
+      int4_tile512<1, 4>(a, m0, n, 0, G, part, 1);
+      for (int c = 0; c < 4; ++c) quant_store(a, m0, n + c, part[c]);
+    }
+    for (; n < n1; ++n) {
+      part[0] = 0.0f;
+      int4_tile512<1, 1>(a, m0, n, 0, G, part, 1);
+      quant_store(a, m0, n, part[0]);
+    }
   }
   return;
 #elif defined(__AVX2__)
@@ -463,12 +524,14 @@ void quantize_int8_rows(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8
 
 const QuantTable* quant_table() {
 #if defined(__AVX512F__)
-  constexpr int kInt4Deinterleave = 32;
+  constexpr int kInt4Deinterleave = 32, kInt4GemvRows = 15;
+#elif defined(__AVX2__)
+  constexpr int kInt4Deinterleave = 16, kInt4GemvRows = 12;
 #else
-  constexpr int kInt4Deinterleave = 16;
+  constexpr int kInt4Deinterleave = 16, kInt4GemvRows = static_cast<int>(kQuantPanelMinRows);
 #endif
   static const QuantTable t{{&block_int8, &block_int8w, &block_int4, &block_fp8}, &dequant_rows, &quantize_int8_rows,
-                            kInt4Deinterleave, &quantize_fp8_rows};
+                            kInt4Deinterleave, kInt4GemvRows, &quantize_fp8_rows};
   return &t;
 }
 
@@ -553,7 +616,8 @@ void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, co
   check_qweight(w);
   if (M <= 0) return;
   const int64_t K = w.K;
-  if (w.format != QFormat::Int8 && M > kQuantPanelMinRows) {
+  const int64_t gemv_rows = w.format == QFormat::Int4 ? NE_PICK_ISA(quant_table)->int4_max_gemv_rows : kQuantPanelMinRows;
+  if (w.format != QFormat::Int8 && M > gemv_rows) {
     quant_gemm_panels(M, x, ldx, w, bias, y, ldy, accumulate, ep, bf16_products);
     return;
   }

@@ -52,7 +52,7 @@ void check_qweight(const QWeight& w);
 // y = sum over K-blocks of s_x[m, b] * s_w[n-block, b] * (fp32 sum of products in the block)  (per-tensor: s_w constant).
 // Multithreaded on the engine's pool; scratch for quantized activations is per thread and reused, never a W-sized buffer.
 // bf16_products (matmul precision "medium"): the prefill of the weight-dequantizing formats (Int8Weight, Int4, FP8;
-// M > kQuantPanelMinRows) may run its dequantized panels through gemm_f32's AMX-BF16 path: the panel and x rounded
+// more rows than the GEMV kernels take) may run its dequantized panels through gemm_f32's AMX-BF16 path: the panel and x rounded
 // to bf16 (relative 2^-9, far below the formats' own quantization error); Int8 (W8A8) and decode rows unchanged.
 void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, const float* bias, float* y, int64_t ldy,
                     bool accumulate = false, const GemmEpilogue* ep = nullptr, bool bf16_products = false);
@@ -104,8 +104,9 @@ inline void quant_store(const QArgs& a, int64_t m, int64_t n, float v) {
   y = a.accumulate ? y + v : v;
 }
 
-// More rows than this: Int8Weight / Int4 / FP8 dequantize W panel by panel (about 4 MB of fp32, per
-// calling thread, reused) into the fp32 GEMM; fewer: the GEMV kernels, which dequantize in registers.
+// More rows than this: Int8Weight / FP8 (Int4: QuantTable::int4_max_gemv_rows) dequantize W panel by panel
+// (about 4 MB of fp32, per calling thread, reused) into the fp32 GEMM; fewer: the GEMV kernels, which
+// dequantize in registers.
 constexpr int64_t kQuantPanelMinRows = 4;
 
 // W8A8 kernels with the x86 dot-product extensions (quant_int8_x86.cpp): "amx" (tile multiply),
@@ -124,6 +125,11 @@ struct QuantTable {
   // W8A8 activations of rows [m0, m1): xq [M, Kp] (zero past K), sx [M]
   void (*quantize_int8)(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8_t* xq, float* sx, int64_t m0, int64_t m1);
   int int4_deinterleave;  // Int4: x de-interleaved per this many columns (16 or 32; group sizes are multiples of 32)
+  // Int4 with at most this many rows runs the register kernels (which decode each nibble once for four
+  // rows of x), more rows the dequantized panels. Measured at K = N = 4096, 2 threads, against the
+  // panels: AVX-512 12 rows 3.0 ms vs 4.1 ms, 15 rows 3.8 vs 4.4; AVX2 12 rows 4.5 vs 4.7, 15 rows 6.5
+  // vs 5.3; the generic build's scalar kernel loses from 5 rows on (8 rows 59 ms vs 7.8).
+  int int4_max_gemv_rows;
   // FP8 activations of rows [m0, m1): xf [M, K] E4M3 values (times the block scale when fold), sx [M, ceil(K/128)] or null
   void (*quantize_fp8)(const float* x, int64_t ldx, int64_t K, float* xf, float* sx, int64_t m0, int64_t m1, bool fold);
 };
