@@ -18,6 +18,7 @@ Engines (each in a fresh subprocess, so peak RSS is its own; all with --threads 
   ne-f32     normengine.load(dir)                      fp32 weights
   ne-bf16    normengine.load(dir, dtype=torch.bfloat16)
   ne-f32m, ne-bf16m  the same with matmul_precision="medium" (bf16 products on AMX tiles for prefill)
+  ne-int8, ne-int4, ne-int4m  quant="int8" / "int4" (ne-int4m: with matmul_precision="medium")
   hf-f32     transformers AutoModelForCausalLM fp32, torch.set_num_threads; greedy loop with the KV
              cache (model(tok, past_key_values=...)), no generate() overhead
   llama-f32  llama-cpp-python Llama(model_path, n_threads, n_ctx=256, logits_all=False) on the f32 GGUF
@@ -55,11 +56,12 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ENGINES = ("ne-f32", "ne-bf16", "ne-f32m", "ne-bf16m", "hf-f32", "llama-f32", "llama-f16", "ne-int8", "ne-int4", "llama-q8_0",
-           "llama-q4_0")
+ENGINES = ("ne-f32", "ne-bf16", "ne-f32m", "ne-bf16m", "hf-f32", "llama-f32", "llama-f16", "ne-int8", "ne-int4", "ne-int4m",
+           "llama-q8_0", "llama-q4_0")
 DEFAULT_ENGINES = ("ne-f32", "ne-bf16", "ne-f32m", "ne-bf16m", "hf-f32", "llama-f32", "llama-f16")
 # bytes per weight of each engine's matrices (for the weight-bytes and bandwidth-bound columns)
 BYTES_PER_WEIGHT = {"f32": 4, "bf16": 2, "f32m": 4, "bf16m": 2, "f16": 2, "int8": 1 + 4 / 768, "q8_0": 34 / 32, "int4": 0.5 + 4 / 128,
+                    "int4m": 0.5 + 4 / 128,
                     "q4_0": 18 / 32}
 
 
@@ -180,7 +182,7 @@ def worker(a) -> dict:
         torch.set_num_threads(n)
         rss0 = rss_kb("VmRSS")
         t = time.perf_counter()
-        quant = {"ne-int8": "int8", "ne-int4": "int4"}.get(a.worker)
+        quant = {"ne-int8": "int8", "ne-int4": "int4", "ne-int4m": "int4"}.get(a.worker)
         m = normengine.load(a.model_dir, dtype=torch.bfloat16 if a.worker.startswith("ne-bf16") else None, quant=quant,
                             matmul_precision="medium" if a.worker.endswith("m") else "highest")
         res["load_s"] = time.perf_counter() - t
@@ -513,7 +515,7 @@ def main():
                   f"{row['peak_over_w']:7.2f} {row['inc_over_w']:6.2f} | {row['pre_vs_hf']:6.2f} "
                   f"{row['dec_vs_hf']:6.2f} | {row['pre_vs_l32']:7.2f} {row['dec_vs_l32']:7.2f} "
                   f"{row['pre_vs_l16']:7.2f} {row['dec_vs_l16']:7.2f}")
-        for ours, theirs in (("ne-int8", "llama-q8_0"), ("ne-int4", "llama-q4_0")):
+        for ours, theirs in (("ne-int8", "llama-q8_0"), ("ne-int4", "llama-q4_0"), ("ne-int4m", "llama-q4_0")):
             if ours in base and theirs in base:
                 rp, rd = ratio(ours, theirs, "prefill_s"), ratio(ours, theirs, "decode_s")
                 rows.append(dict(arch=arch, engine=f"{ours} vs {theirs}", pre_ratio=rp, dec_ratio=rd))

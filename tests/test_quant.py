@@ -266,21 +266,32 @@ def test_fp8_every_code(device, gen):
 @pytest.mark.parametrize("fmt,kw", [("int8-weight", {}), ("int4", {"group_size": 128}), ("int4", {"group_size": 32, "symmetric": False}),
                                     ("fp8", {"group_size": 128}), ("int8", {})])
 def test_medium_precision_prefill(fmt, kw, gen):
-    """matmul_precision="medium": prefill rows of the weight-dequantizing formats may multiply in bf16
-    (AMX-BF16): within bf16 accuracy of the "highest" result, which is far inside the formats' own
-    error; decode rows (<= 4) and W8A8 are bit-identical to "highest"."""
+    """matmul_precision="medium": prefill rows (16 or more, AMX-BF16's minimum) of the
+    weight-dequantizing formats multiply in bf16 from a bf16 panel of the dequantized weights: the
+    float64 sum of the bf16-rounded products, to fp32 accumulation, and within bf16 accuracy of the
+    "highest" result (far inside the formats' own error); fewer rows and W8A8 are bit-identical to
+    "highest"."""
     from normengine import _C
     w = torch.randn(300, 512, generator=gen) / 16
     q = ne.ops.quantize_weight(w, fmt, **kw)
     b = torch.randn(300, generator=gen)
-    for M in (1, 4, 5, 64):
+    wq16 = q.dequantize(torch.float32).to(torch.bfloat16).double()
+    for M in (1, 4, 5, 15, 16, 64):
         x = torch.randn(M, 512, generator=gen)
         hi = ne.ops.quantized_linear(x, q, b)
         md = ne.ops.quantized_linear(x, q, b, matmul_precision="medium")
-        if M <= 4 or fmt == "int8" or not _C.amx_bf16_available():
+        if M < 16 or fmt == "int8" or not _C.amx_bf16_available():
             assert torch.equal(md, hi), (fmt, M)
         else:
             assert rel_err(md, hi) < 5e-3, (fmt, M)
+            xe = x
+            if fmt == "fp8":  # the activations the panel GEMM reads: e4m3(x / s) * s in float32
+                from normengine.reference.quant import quantize_activations_fp8
+                xq, sx = quantize_activations_fp8(x)
+                xe = xq.to(torch.float32) * sx.to(torch.float32).repeat_interleave(128, dim=1)[:, :x.shape[1]]
+            want = xe.to(torch.bfloat16).double() @ wq16.t() + b.double()
+            scale = (x.abs().double() @ wq16.abs().t()).max().item() + b.abs().max().item()
+            assert rel_err(md, want, floor=scale) < 2e-6, (fmt, M)
     with pytest.raises(ne.errors.ArgumentError, match="matmul_precision"):
         ne.ops.quantized_linear(x, q, b, matmul_precision="low")
 

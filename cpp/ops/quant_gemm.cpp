@@ -17,6 +17,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/half.h"
 #include "core/parallel.h"
 #include "ops/quant_gemm.h"
 
@@ -502,6 +503,31 @@ void quantize_fp8_rows(const float* x, int64_t ldx, int64_t K, float* xf, float*
     }
 }
 
+// Rows [n0, n1) of W dequantized and rounded to bf16 (nearest even), [n1 - n0, K]: each row through a
+// K-float row buffer that stays in the L1. The AVX512-BF16 build rounds with the instruction the AMX
+// kernel uses on fp32 weights (vcvtneps2bf16, which also flushes subnormals), so a bf16 panel gives
+// the products an fp32 panel would.
+void dequant_rows_bf16(const QWeight& w, int64_t n0, int64_t n1, uint16_t* out) {
+  thread_local std::vector<float> row;
+  row.resize(static_cast<size_t>(w.K));
+  for (int64_t n = n0; n < n1; ++n) {
+    dequant_rows(w, n, n + 1, row.data());
+    uint16_t* o = out + (n - n0) * w.K;
+    int64_t k = 0;
+#if defined(__AVX512BF16__)
+    for (; k + 16 <= w.K; k += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k),
+                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(row.data() + k))));
+    if (k < w.K) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (w.K - k)) - 1);
+      _mm256_mask_storeu_epi16(o + k, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, row.data() + k))));
+      k = w.K;
+    }
+#endif
+    for (; k < w.K; ++k) o[k] = f32_to_bf16(row[k]);
+  }
+}
+
 // ---------------------------------------------------------------- W8A8 activations, per token
 // rows [m0, m1): s = max_k |x[m, k]| / 127, xq = round-to-nearest-even(x / s) clamped to [-127, 127],
 // zero past K up to Kp. Plain loops: vectorized for each ISA build (vroundps, no libm calls).
@@ -530,8 +556,8 @@ const QuantTable* quant_table() {
 #else
   constexpr int kInt4Deinterleave = 16, kInt4GemvRows = static_cast<int>(kQuantPanelMinRows);
 #endif
-  static const QuantTable t{{&block_int8, &block_int8w, &block_int4, &block_fp8}, &dequant_rows, &quantize_int8_rows,
-                            kInt4Deinterleave, kInt4GemvRows, &quantize_fp8_rows};
+  static const QuantTable t{{&block_int8, &block_int8w, &block_int4, &block_fp8}, &dequant_rows, &dequant_rows_bf16,
+                            &quantize_int8_rows, kInt4Deinterleave, kInt4GemvRows, &quantize_fp8_rows};
   return &t;
 }
 
@@ -570,17 +596,27 @@ void quant_gemm_panels(int64_t M, const float* x, int64_t ldx, const QWeight& w,
     ldxu = K;
   }
   // rows per panel: about 4 MB of fp32, a multiple of 16 (1 MB panels: each GEMM call had too few
-  // columns to keep both threads busy; int4 at M = 128, K = N = 4096: 22.2 ms, with 4 MB 16.4 ms)
+  // columns to keep both threads busy; int4 at M = 128, K = N = 4096: 22.2 ms, with 4 MB 16.4 ms).
+  // When the GEMM will take its AMX-BF16 path ("medium", enough rows) the panel holds bf16 (half the
+  // bytes, read by the tiles in place) instead of fp32 that the kernel would convert again.
+  const bool bf16_panel = bf16_products && M >= kAmxMinRows && amx_bf16_available();
   const int64_t P = std::min(N, std::max<int64_t>(16, (1048576 / K) / 16 * 16));
-  panel.resize(static_cast<size_t>(P * K));
+  panel.resize(static_cast<size_t>(bf16_panel ? (P * K + 1) / 2 : P * K));
   const QuantTable& t = *NE_PICK_ISA(quant_table);
   for (int64_t n0 = 0; n0 < N; n0 += P) {
     const int64_t n1 = std::min(N, n0 + P);
     float* pd = panel.data();
-    parallel_for(n1 - n0, 4, [&](int64_t r0, int64_t r1, int) { t.dequant(w, n0 + r0, n0 + r1, pd + r0 * K); });
+    uint16_t* ph = reinterpret_cast<uint16_t*>(pd);
+    parallel_for(n1 - n0, 4, [&](int64_t r0, int64_t r1, int) {
+      if (bf16_panel)
+        t.dequant_bf16(w, n0 + r0, n0 + r1, ph + r0 * K);
+      else
+        t.dequant(w, n0 + r0, n0 + r1, pd + r0 * K);
+    });
     GemmEpilogue e = ep ? *ep : GemmEpilogue{};
     if (e.col_sum) e.col_sum += n0;
-    gemm_f32(M, n1 - n0, K, xu, ldxu, pd, DType::F32, K, bias ? bias + n0 : nullptr, y + n0, ldy, accumulate, &e,
+    gemm_f32(M, n1 - n0, K, xu, ldxu, bf16_panel ? static_cast<const void*>(ph) : pd,
+             bf16_panel ? DType::BF16 : DType::F32, K, bias ? bias + n0 : nullptr, y + n0, ldy, accumulate, &e,
              bf16_products);
   }
 }

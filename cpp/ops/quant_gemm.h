@@ -122,6 +122,7 @@ bool int8_gemm_x86(const QArgs& a);
 struct QuantTable {
   void (*block[4])(const QArgs& a, int64_t n0, int64_t n1);  // by QFormat: outputs [0, M) x [n0, n1)
   void (*dequant)(const QWeight& w, int64_t n0, int64_t n1, float* out);  // rows [n0, n1) in fp32, [n1 - n0, K]
+  void (*dequant_bf16)(const QWeight& w, int64_t n0, int64_t n1, uint16_t* out);  // the same rounded to bf16
   // W8A8 activations of rows [m0, m1): xq [M, Kp] (zero past K), sx [M]
   void (*quantize_int8)(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8_t* xq, float* sx, int64_t m0, int64_t m1);
   int int4_deinterleave;  // Int4: x de-interleaved per this many columns (16 or 32; group sizes are multiples of 32)
