@@ -71,6 +71,30 @@ def test_quantized_save_load_roundtrip(fmt, kw, tmp_path):
         ne.load(tmp_path / "q", quant="int4" if fmt != "int4" else "int8")
 
 
+@pytest.mark.parametrize("fmt,kw", [("int8", {}), ("int4", {"group_size": 32, "symmetric": False}), ("fp8", {})])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_quantizing_load_streams_the_same_weights(fmt, kw, dtype):
+    """normengine.load(quant=) packs each group of readers as soon as its norm is folded (and releases
+    the mapped checkpoint block by block): the packed weights and the config equal those of folding the
+    whole model first and quantizing it afterwards."""
+    from normengine.checkpoint import load_checkpoint
+    from normengine.convert import fold_norm_affine, quantize_model
+    from normengine.convert.quant import is_quantized
+
+    m = ne.load(quant=fmt, dtype=dtype, **kw)
+    cfg, sd = load_checkpoint(ne.model.DEFAULT_MODEL)
+    cfg, sd = fold_norm_affine(cfg, sd, dtype=dtype, keep_tied_head=True)
+    cfg, sd = quantize_model(cfg, sd, fmt, **kw)
+    assert m.config.to_dict() == cfg.to_dict()
+    packed = [n for n, t in sd.items() if is_quantized(t)]
+    assert len(packed) >= 4 * m.config.n_layers
+    for n in packed:
+        got, want = m.tensors[n].tensors(), sd[n].tensors()
+        assert got.keys() == want.keys(), n
+        for k in want:
+            assert torch.equal(got[k], want[k]), (n, k)
+
+
 def test_quant_composes_with_norm_conversion():
     m = ne.load(norm="rmsnorm", quant="int8")
     assert m.config.norm == "rmsnorm" and m.config.quantization == "int8"

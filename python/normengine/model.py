@@ -553,7 +553,8 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     dequantized prefill panels in bf16. Decode steps, int8 (W8A8) weights and CPUs without AMX-BF16
     compute as 'highest'; so does the CUDA runner."""
     from .checkpoint import load_checkpoint
-    from .convert import convert_norm, fold_norm_affine, quantize_model, smooth_model, swap_attention, unpack_quantized
+    from .convert import convert_norm, fold_norm_affine, smooth_model, swap_attention, unpack_quantized
+    from .convert.quant import Quantizer
 
     if dtype is not None and dtype not in _WEIGHT_DTYPES:
         raise DTypeError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
@@ -570,17 +571,30 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
         quant = None
     if attention is not None:
         cfg = swap_attention(cfg, attention)
+    if smooth is not None and quant is None:
+        raise ArgumentError("smooth: SmoothQuant smoothing is applied before quantizing; pass quant= too")
+
+    def quantizer():
+        # release_shared: a tied embedding kept beside its quantized head is a mapped tensor never
+        # written (fold_norm_affine does not fold into a head it keeps tied; the norm conversions and
+        # smoothing build new tensors), so its pages can leave memory as they are quantized: lookups
+        # read back only the rows of the tokens used
+        return Quantizer(cfg, quant, group_size, symmetric, progress, consume=True, release_shared=True)
+
+    streaming = None
     if norm is not None and cfg.quantization is None:
         cfg, tensors = convert_norm(cfg, tensors, norm)
     elif cfg.norm != "none" and "fold_norm_affine" not in cfg.conversions and cfg.quantization is None:
-        # the mapped checkpoint is ours; 16-bit targets are rounded once, from the float64 products
-        cfg, tensors = fold_norm_affine(cfg, tensors, inplace=True, dtype=dtype, keep_tied_head=True)
+        # the mapped checkpoint is ours; 16-bit targets are rounded once, from the float64 products.
+        # Quantizing (without smoothing, which needs every folded weight first): each group of readers
+        # is packed as soon as it is folded, so the folded full-precision weights never pile up
+        streaming = quantizer() if quant is not None and smooth is None else None
+        cfg, tensors = fold_norm_affine(cfg, tensors, inplace=True, dtype=dtype, keep_tied_head=True,
+                                        after_group=streaming.weights if streaming else None)
     if smooth is not None:
-        if quant is None:
-            raise ArgumentError("smooth: SmoothQuant smoothing is applied before quantizing; pass quant= too")
         cfg, tensors = smooth_model(cfg, tensors, smooth)
     if quant is not None:
-        cfg, tensors = quantize_model(cfg, tensors, quant, group_size, symmetric, progress, consume=True)
+        cfg, tensors = (streaming or quantizer()).finish(cfg, tensors, tensors)
     elif group_size is not None:
         raise ArgumentError("group_size: only meaningful with quant=")
     return Model(cfg, tensors, device=device, dtype=dtype, tokenizer=_load_tokenizer(path), path=path,

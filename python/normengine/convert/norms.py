@@ -63,7 +63,8 @@ def _scale_columns(w, g, inplace: bool, chunk: int | None = None, dtype=None):
     return out
 
 
-def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False, dtype=None, keep_tied_head: bool = False):
+def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False, dtype=None, keep_tied_head: bool = False,
+                     after_group=None):
     """Fold every norm's gain (and LayerNorm bias) into the linear layers reading it:
     W' = W diag(g), c' = c + W b. The norms keep unit gains (and zero biases): same outputs.
     inplace=True overwrites the readers' weight tensors (not a tied head's, which gets its own)
@@ -73,7 +74,10 @@ def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False, dtype=No
     float64 product), e.g. torch.bfloat16 for a 16-bit model loaded from float32 weights.
     keep_tied_head=True leaves the final norm's gain and bias in place when the head is tied to the
     embedding, so the head stays the embedding (no second vocab x d matrix; the runner then applies
-    the final norm as its own O(d) pass per row): normengine.load's default."""
+    the final norm as its own O(d) pass per row): normengine.load's default. after_group(out, names,
+    sd), if given, is called with the weight names of each group of readers once they are folded
+    (normengine.load quantizes them there, so that folded full-precision weights never pile up); with
+    inplace the readers then leave `sd` for whatever the call left in `out`."""
     from ..checkpoint.safetensors_io import release_pages
 
     if cfg.norm == "none":
@@ -85,6 +89,7 @@ def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False, dtype=No
     for norm, readers in _norm_groups(cfg):
         if keep_tie and readers == ["lm_head"]:
             continue
+        folded = []
         g = _f64(sd[f"{norm}.weight"])
         b = _f64(sd[f"{norm}.bias"]) if f"{norm}.bias" in sd else None
         for r in readers:
@@ -104,7 +109,13 @@ def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False, dtype=No
                 if own:  # the source is ours and replaced: its mapped pages can go
                     release_pages(w)
                 sd[wname] = out[wname]
+            folded.append(wname)
             del w
+        if after_group is not None:
+            after_group(out, folded, sd)
+            if inplace:
+                for wname in folded:
+                    sd[wname] = out[wname]
         out[f"{norm}.weight"] = torch.ones_like(sd[f"{norm}.weight"])
         if b is not None:
             out[f"{norm}.bias"] = torch.zeros_like(sd[f"{norm}.bias"])

@@ -53,69 +53,102 @@ class _Progress:
 
 
 def quantize_model(cfg: ModelConfig, sd: dict, fmt: str, group_size: int | None = None, symmetric: bool = True,
-                   progress: bool | None = None, consume: bool = False):
+                   progress: bool | None = None, consume: bool = False, release_shared: bool = False):
     """(cfg, sd) -> (cfg', sd') with the linear weights quantized as `fmt`.
 
     group_size: int4 group along in_features (32, 64 or 128; default 128), fp8 scale block (128, the
     default: 128 x 128 blocks; 0: one scale per tensor); int8 formats take none. symmetric: int4
     without zero points (False: asymmetric, with zero points). progress: a progress bar on stderr
     (default: when the model has more than 50M quantized weights). consume: replace each weight in
-    `sd` itself as soon as it is packed (normengine.load: the full-precision copy is freed at once)."""
-    from ..ops.quant import quantize_weight
+    `sd` itself as soon as it is packed (normengine.load: the full-precision copy is freed at once,
+    and a weight mapped from a checkpoint file leaves memory block by block as it is read).
+    release_shared (with consume): a weight other names keep (a tied embedding) also leaves memory
+    block by block; the caller promises its mapped pages were never written, so that they are read
+    back from the file when the embedding is next used."""
+    q = Quantizer(cfg, fmt, group_size, symmetric, progress, consume, release_shared)
+    return q.finish(cfg, sd, dict(sd))
 
-    if fmt not in QUANT_FORMATS:
-        raise ArgumentError(f"quant: expected one of {QUANT_FORMATS}, got {fmt!r}")
-    if cfg.quantization is not None:
-        raise ArgumentError(f"quant: the model is already quantized ({cfg.quantization}); load the "
-                            "full-precision checkpoint to quantize it another way")
-    if group_size is None:
-        group_size = DEFAULT_GROUP[fmt]
-    if fmt in ("int8", "int8-weight") and group_size not in (0, None):
-        raise ArgumentError(f"group_size: {fmt} quantizes per output channel and takes no group size, got {group_size}")
-    if fmt == "int4" and group_size not in (32, 64, 128):
-        raise ArgumentError(f"group_size: int4 needs 32, 64 or 128, got {group_size!r}")
-    if fmt == "fp8" and group_size not in (0, 128):
-        raise ArgumentError(f"group_size: fp8 needs 0 (one scale per tensor) or 128 (128 x 128 blocks), got {group_size!r}")
-    new = ModelConfig.from_dict(cfg.to_dict())
-    new.quantization = fmt
-    new.quant_group_size = int(group_size or 0)
-    new.quant_symmetric = bool(symmetric) if fmt == "int4" else True
-    new.conversions = list(cfg.conversions) + [
-        f"quantize:{fmt}" + (f":g{group_size}" if fmt in ("int4", "fp8") else "")
-        + ("" if new.quant_symmetric else ":asym")
-    ]
-    shapes = _dense_shapes(cfg)
-    names = [n for n in shapes if is_quantized_name(new, n)]
-    if fmt == "int4":
+
+class Quantizer:
+    """quantize_model in steps, for a caller that quantizes weights as it produces them:
+    weights(out, names, sd) packs those of `names` that are quantized linear weights, finish(cfg, sd,
+    out) the rest and returns (cfg', out). normengine.load folds the norms one group of readers at a
+    time and quantizes each group at once, so a model is never resident whole in full precision."""
+
+    def __init__(self, cfg: ModelConfig, fmt: str, group_size=None, symmetric: bool = True, progress=None,
+                 consume: bool = False, release_shared: bool = False):
+        if fmt not in QUANT_FORMATS:
+            raise ArgumentError(f"quant: expected one of {QUANT_FORMATS}, got {fmt!r}")
+        if cfg.quantization is not None:
+            raise ArgumentError(f"quant: the model is already quantized ({cfg.quantization}); load the "
+                                "full-precision checkpoint to quantize it another way")
+        if group_size is None:
+            group_size = DEFAULT_GROUP[fmt]
+        if fmt in ("int8", "int8-weight") and group_size not in (0, None):
+            raise ArgumentError(f"group_size: {fmt} quantizes per output channel and takes no group size, got {group_size}")
+        if fmt == "int4" and group_size not in (32, 64, 128):
+            raise ArgumentError(f"group_size: int4 needs 32, 64 or 128, got {group_size!r}")
+        if fmt == "fp8" and group_size not in (0, 128):
+            raise ArgumentError(f"group_size: fp8 needs 0 (one scale per tensor) or 128 (128 x 128 blocks), got {group_size!r}")
+        self.fmt, self.group_size, self.consume, self.release_shared = fmt, group_size, consume, release_shared
+        self.symmetric = bool(symmetric) if fmt == "int4" else True
+        probe = ModelConfig.from_dict(cfg.to_dict())
+        probe.quantization = fmt
+        shapes = _dense_shapes(cfg)
+        self.names = [n for n in shapes if is_quantized_name(probe, n)]
+        if fmt == "int4":
+            for n in self.names:
+                k = shapes[n][1]
+                if k % group_size:
+                    raise ShapeError(f"{n}: in_features {k} is not a multiple of the int4 group size {group_size} "
+                                     "(pick a group size that divides it, or another format)")
+        total = sum(shapes[n][0] * shapes[n][1] for n in self.names)
+        self.bar = _Progress(f"quantizing to {fmt}", len(self.names),
+                             total > 50_000_000 if progress is None else progress)
+        self.done = {}       # id(full-precision weight) -> its packed weight (tied names share one)
+        self.packed = set()  # names done
+
+    def weights(self, out: dict, names, sd: dict | None = None):
+        """Pack out[n] for each n of `names` that is a quantized linear weight (once); with consume, the
+        full-precision weight also leaves `sd` (the caller's dict) unless other names share it."""
+        from ..checkpoint.safetensors_io import release_pages
+        from ..ops.quant import _quantize_weight
+
+        sd = out if sd is None else sd
+        wanted = set(self.names)
         for n in names:
-            k = shapes[n][1]
-            if k % group_size:
-                raise ShapeError(f"{n}: in_features {k} is not a multiple of the int4 group size {group_size} "
-                                 "(pick a group size that divides it, or another format)")
-    total = sum(shapes[n][0] * shapes[n][1] for n in names)
-    bar = _Progress(f"quantizing to {fmt}", len(names), total > 50_000_000 if progress is None else progress)
-    from ..checkpoint.safetensors_io import release_pages
-
-    out = dict(sd)
-    done = {}
-    for n in names:
-        w = sd[n]
-        if id(w) in done:  # a tied embedding / head: one packed weight under both names
-            out[n] = sd[n] = done[id(w)]
-            bar.step()
-            continue
-        kw = {"symmetric": symmetric} if fmt == "int4" else {}
-        q = quantize_weight(w.detach().to(torch.float32), fmt, group_size=group_size, **kw) \
-            if fmt in ("int4", "fp8") else quantize_weight(w.detach().to(torch.float32), fmt)
-        done[id(w)] = out[n] = q
-        if consume:  # the caller's dict gives up the full-precision weight at once
-            others = [k for k, v in sd.items() if v is w and k != n]
-            if not others:
-                release_pages(w)
+            if n not in wanted or n in self.packed:
+                continue
+            w = out[n]
+            self.packed.add(n)
+            if id(w) in self.done:  # a tied embedding / head: one packed weight under both names
+                out[n] = sd[n] = self.done[id(w)]
+                self.bar.step()
+                continue
+            shared = any(v is w and k != n for k, v in sd.items()) or any(v is w and k != n for k, v in out.items())
+            release = release_pages if self.consume and (self.release_shared or not shared) else None
+            # (16-bit weights go to float64 block by block: a float32 copy of the whole would be exact
+            # too, and a second full-size tensor)
+            q = _quantize_weight(w.detach(), self.fmt, self.group_size if self.fmt in ("int4", "fp8") else None,
+                                 self.symmetric, done_with=release)
+            self.done[id(w)] = out[n] = q
+            if self.consume and not shared:  # the caller's dict gives up the full-precision weight at once
                 sd[n] = q
-        del w
-        bar.step()
-    return new, out
+            del w
+            self.bar.step()
+
+    def finish(self, cfg: ModelConfig, sd: dict, out: dict):
+        """Pack every quantized weight not packed yet; (cfg with the quantization recorded, out)."""
+        self.weights(out, self.names, sd)
+        new = ModelConfig.from_dict(cfg.to_dict())
+        new.quantization = self.fmt
+        new.quant_group_size = int(self.group_size or 0)
+        new.quant_symmetric = self.symmetric
+        new.conversions = list(cfg.conversions) + [
+            f"quantize:{self.fmt}" + (f":g{self.group_size}" if self.fmt in ("int4", "fp8") else "")
+            + ("" if new.quant_symmetric else ":asym")
+        ]
+        return new, out
 
 
 def smooth_model(cfg: ModelConfig, sd: dict, alpha: float = 0.5, calibration=None, n_seqs: int = 4,

@@ -131,6 +131,13 @@ def quantize_weight(w: torch.Tensor, format: str, group_size: int | None = None,
     group_size: int4 group along K (32, 64, 128; default 128), fp8 scale block (128 default, 0 =
     per tensor). symmetric: int4 without zero points (False: with). The arithmetic is float64, a
     block of rows at a time (temporaries of about 8 MB whatever the weight's size)."""
+    return _quantize_weight(w, format, group_size, symmetric)
+
+
+def _quantize_weight(w, format, group_size=None, symmetric=True, done_with=None):
+    """quantize_weight; done_with(rows) is called with each block of w's rows once it has been read
+    for the last time (normengine.load releases a mapped checkpoint's pages block by block, so that a
+    large weight is never resident whole)."""
     if not isinstance(w, torch.Tensor):
         raise DTypeError(f"w: expected a torch.Tensor, got {type(w).__name__}")
     if not w.is_floating_point():
@@ -146,10 +153,12 @@ def quantize_weight(w: torch.Tensor, format: str, group_size: int | None = None,
     step = max(128, (1 << 20) // max(K, 1) // 128 * 128)
     blocks = [(r, min(N, r + step)) for r in range(0, N, step)]
 
-    def rows(r0, r1):
+    def rows(r0, r1, last=True):
         b = w[r0:r1].to(torch.float64)
         if not torch.isfinite(b).all():
             raise ArgumentError("w: holds NaN or Inf; a quantized weight needs finite values")
+        if last and done_with is not None:
+            done_with(w[r0:r1])
         return b
 
     if format in ("int8", "int8-weight"):
@@ -218,7 +227,7 @@ def quantize_weight(w: torch.Tensor, format: str, group_size: int | None = None,
     # fp8: scale so the (block's) largest magnitude maps to 448
     q = torch.empty(N, K, dtype=torch.uint8, device=w.device)
     if g == 0:
-        amax = max(float(rows(r0, r1).abs().max()) for r0, r1 in blocks)
+        amax = max(float(rows(r0, r1, last=False).abs().max()) for r0, r1 in blocks)
         s = torch.tensor([amax / _E4M3_MAX if amax > 0 else 1.0], dtype=torch.float64, device=w.device)
         for r0, r1 in blocks:
             q[r0:r1] = _e4m3_bits(rows(r0, r1) / s)
@@ -251,7 +260,7 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, ou
     """y = x @ dequant(qweight)^T (+ bias), x [..., K] float32 / bfloat16 / float16 (computed in
     float32); returns float32 [..., N]. Forward only (normengine.nn.QuantLinear trains through it with
     a straight-through estimator). matmul_precision="medium": on a CPU with AMX-BF16, the prefill
-    (more than 4 rows) of int8-weight / int4 / fp8 multiplies bf16-rounded dequantized weights and x
+    (16 rows or more) of int8-weight / int4 / fp8 multiplies bf16-rounded dequantized weights and x
     (relative 2^-9, far below the formats' own error); int8 (W8A8) is unchanged."""
     medium = bf16_products(matmul_precision)
     if not isinstance(qweight, QuantizedWeight):
