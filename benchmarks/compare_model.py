@@ -21,7 +21,8 @@ Engines (each in a fresh subprocess, so peak RSS is its own; all with --threads 
   ne-int8, ne-int4, ne-int4m  quant="int8" / "int4" (ne-int4m: with matmul_precision="medium")
   hf-f32     transformers AutoModelForCausalLM fp32, torch.set_num_threads; greedy loop with the KV
              cache (model(tok, past_key_values=...)), no generate() overhead
-  llama-f32  llama-cpp-python Llama(model_path, n_threads, n_ctx=256, logits_all=False) on the f32 GGUF
+  llama-f32  llama-cpp-python Llama(model_path, n_threads, n_ctx=max(256, prompt + gen + 8), n_batch=512,
+             logits_all=False) on the f32 GGUF
   llama-f16  the same on the f16 GGUF
 The workers stay alive side by side (only one computes at a time) and are timed round-robin: a
 warm-up round, then --repeats rounds in which every engine runs once, so a shared machine's noise
@@ -242,7 +243,7 @@ def worker(a) -> dict:
 
         rss0 = rss_kb("VmRSS")
         t = time.perf_counter()
-        llm = Llama(model_path=a.gguf, n_threads=n, n_threads_batch=n, n_ctx=256, n_batch=512,
+        llm = Llama(model_path=a.gguf, n_threads=n, n_threads_batch=n, n_ctx=max(256, prompt_len + gen + 8), n_batch=512,
                     logits_all=bool(a.dump_logits), verbose=False, seed=0)
         res["load_s"] = time.perf_counter() - t
         res["llama_cpp_version"] = getattr(llama_cpp, "__version__", "?")

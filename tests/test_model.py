@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import normengine as ne
-from conftest import rel_err
+from conftest import _supported_isas, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -90,6 +90,49 @@ def test_greedy_generation_matches_transformers(saved):
     for T in (1, 5, 23):
         ids = torch.randint(1, VOCAB, (T,), generator=g).tolist()
         assert m.generate(ids, max_new_tokens=32) == _hf_greedy(hf, ids, 32), (name, T)
+
+
+@pytest.mark.parametrize("isa", _supported_isas())
+@pytest.mark.parametrize("kind", ["gpt2-d15", "llama-gqa"])
+def test_long_context_matches_transformers(kind, isa, tmp_path):
+    """Prompts longer than the CPU attention's blocks (64 keys; 16 or 8 queries per block) and decode
+    steps past 512 cached positions (where the keys are split across two threads): logits within 1e-4
+    of transformers, the greedy continuation identical, two long prompts of different lengths in one
+    batch equal to one by one. GPT-2 with head dim 15 (no vector-width multiple); Llama with GQA."""
+    torch.manual_seed(99)
+    if kind == "gpt2-d15":
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=2, n_embd=60, n_head=4, vocab_size=VOCAB, n_positions=700, bos_token_id=0, eos_token_id=0))
+    else:
+        hf = _llama(max_position_embeddings=700)
+    hf = _randomize_norms(hf, torch.Generator().manual_seed(6)).eval()
+    hf.save_pretrained(tmp_path)
+    threads, best = ne.num_threads(), ne._C.cpu_isa()
+    ne.set_num_threads(2)
+    ne._C.force_cpu_isa(isa)
+    try:
+        m = ne.load(str(tmp_path))
+        ids = torch.randint(1, VOCAB, (1, 600), generator=torch.Generator().manual_seed(8))
+        with torch.no_grad():
+            want = hf(ids).logits
+        assert rel_err(m.logits(ids), want) <= 1e-4
+        full = m.logits(ids)[0]
+        # decode steps 530 .. 599 (the cache split across the two threads) against the full prefill
+        r = m._runner_for(1, 600)
+        slot = torch.zeros(1, dtype=torch.int32)
+        logits = torch.empty(1, VOCAB)
+        m._forward(r, slot, ids[0, :530].to(torch.int32), torch.tensor([530], dtype=torch.int32), logits, False)
+        assert rel_err(logits[0], full[529]) < 1e-5
+        for t in range(530, 600):
+            m._forward(r, slot, ids[0, t:t + 1].to(torch.int32), torch.ones(1, dtype=torch.int32), logits, False)
+            assert rel_err(logits[0], full[t]) < 1e-5, t
+        prompt = ids[0, :530].tolist()
+        assert m.generate(prompt, max_new_tokens=8) == _hf_greedy(hf, prompt, 8)
+        two = [ids[0, :300].tolist(), ids[0, 100:173].tolist()]
+        assert m.generate(two, max_new_tokens=4) == [m.generate(p, max_new_tokens=4) for p in two]
+    finally:
+        ne.set_num_threads(threads)
+        ne._C.force_cpu_isa(best)
 
 
 def test_raw_state_dict_files(saved, tmp_path):

@@ -103,6 +103,7 @@ struct VF {
   static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }  // b where either is NaN
   static R keep(R a, int k) { return _mm512_maskz_mov_ps(mask(k), a); }
   static double reduce(R a) {  // pairwise in float, final adds in double
     __m256 h = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
@@ -164,6 +165,7 @@ struct VF {
   static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }  // b where either is NaN
   static R keep(R a, int k) { return _mm256_and_ps(a, _mm256_castsi256_ps(mask(k))); }
   static double reduce(R a) {
     __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -193,6 +195,7 @@ struct VF {
   static R sub(R a, R b) { for (int i = 0; i < N; ++i) a.v[i] -= b.v[i]; return a; }
   static R mul(R a, R b) { for (int i = 0; i < N; ++i) a.v[i] *= b.v[i]; return a; }
   static R fma(R a, R b, R c) { for (int i = 0; i < N; ++i) c.v[i] += a.v[i] * b.v[i]; return c; }
+  static R max(R a, R b) { for (int i = 0; i < N; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i]; return a; }  // b where either is NaN
   static R keep(R a, int k) { for (int i = k; i < N; ++i) a.v[i] = 0.f; return a; }
   static double reduce(R a) {
     double s = 0; for (int i = 0; i < N; ++i) s += a.v[i]; return s;

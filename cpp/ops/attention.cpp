@@ -5,10 +5,21 @@
 //   s_j = scale * q_t . k_j            for j = 0..pos_t          (keys of t's own sequence)
 //   p_j = exp(s_j - max s) / sum exp(s - max s)
 //   o_t = sum_j p_j v_j
-// Traffic per query: the visible K and V rows of its head once; at decode that is the cache read
-// once per head group, the memory bound of attention.
+// computed with the running max / running sum of online softmax (Milakov & Gimelshein 2018, as
+// flash attention): over blocks of keys, m' = max(m, max_j s_j), c = exp(m - m'), l = c l + sum_j
+// exp(s_j - m'), o = c o + sum_j exp(s_j - m') v_j, and at the end o / l. Two schedules:
+//   prefill (runs of consecutive tokens of one sequence): the lanes of a vector are up to N
+//     queries of one head, so every step is lane-wise (no horizontal sums): s[j] = sum_d K[j][d]
+//     Q[d] with Q transposed once per block, and O[d] += V[j][d] p[j], O transposed likewise;
+//   decode (every query alone): the keys are split across the threads (each streams a contiguous
+//     range of the cache, every head of it) and the partial (m, l, o) merged: reading the cache once
+//     at the memory's pace, whatever the number of heads.
+#include <cmath>
+#include <vector>
+
 #include "core/parallel.h"
 #include "core/simd.h"
+#include "normengine/ops.h"
 #include "ops/attention.h"
 
 namespace ne {
@@ -18,9 +29,98 @@ namespace {
 
 using R = VF::R;
 constexpr int N = VF::N;
+constexpr int kBK = 64;  // keys per block (prefill: their scores, kBK x N floats, stay in the L1)
 
 inline int width(int64_t n, int64_t i) { return n - i < N ? static_cast<int>(n - i) : N; }
 
+// ---------------------------------------------------------------- prefill: lanes are queries
+// Queries t0 .. t0 + n - 1 (n <= N, positions p0 .. p0 + n - 1, one sequence) of head h. Lane i of
+// every vector belongs to query t0 + i; lanes past n hold zero queries and are dropped at the end.
+// ws: (2 D + kBK) N floats of the calling thread.
+void attend_block(const AttnArgs& a, int64_t t0, int n, int h, float* ws) {
+  const int D = a.head_dim, g = h / (a.n_heads / a.n_kv_heads);
+  const int64_t ldkv = static_cast<int64_t>(a.n_kv_heads) * D;
+  const float* K = a.k[t0] + static_cast<int64_t>(g) * D;
+  const float* V = a.v[t0] + static_cast<int64_t>(g) * D;
+  const int64_t p0 = a.pos[t0], L = p0 + n;  // keys 0 .. p0 + n - 1
+  float* Qt = ws;             // [D][N]: Qt[d][i] = scale * q_{t0+i}[d]
+  float* Ot = Qt + D * N;     // [D][N]: the running sum of p v, per lane
+  float* S = Ot + D * N;      // [kBK][N]: one block's scores, then its p
+  for (int d = 0; d < D; ++d)
+    for (int i = 0; i < N; ++i)
+      Qt[d * N + i] = i < n ? a.scale * a.q[(t0 + i) * a.ldq + static_cast<int64_t>(h) * D + d] : 0.0f;
+  for (int i = 0; i < D * N; ++i) Ot[i] = 0.0f;
+  R m = VF::set1(-__builtin_inff()), l = VF::zero();
+  for (int64_t j0 = 0; j0 < L; j0 += kBK) {
+    const int bk = static_cast<int>(L - j0 < kBK ? L - j0 : kBK);
+    // s[j] = K[j] . Q, four keys at a time (each Q vector loaded once for the four)
+    int jj = 0;
+    for (; jj + 4 <= bk; jj += 4) {
+      const float* k0 = K + (j0 + jj) * ldkv;
+      const float *k1 = k0 + ldkv, *k2 = k1 + ldkv, *k3 = k2 + ldkv;
+      R s0 = VF::zero(), s1 = VF::zero(), s2 = VF::zero(), s3 = VF::zero();
+      for (int d = 0; d < D; ++d) {
+        const R qd = VF::load(Qt + d * N);
+        s0 = VF::fma(VF::set1(k0[d]), qd, s0);
+        s1 = VF::fma(VF::set1(k1[d]), qd, s1);
+        s2 = VF::fma(VF::set1(k2[d]), qd, s2);
+        s3 = VF::fma(VF::set1(k3[d]), qd, s3);
+      }
+      VF::store(S + jj * N, s0);
+      VF::store(S + (jj + 1) * N, s1);
+      VF::store(S + (jj + 2) * N, s2);
+      VF::store(S + (jj + 3) * N, s3);
+    }
+    for (; jj < bk; ++jj) {
+      const float* kj = K + (j0 + jj) * ldkv;
+      R sj = VF::zero();
+      for (int d = 0; d < D; ++d) sj = VF::fma(VF::set1(kj[d]), VF::load(Qt + d * N), sj);
+      VF::store(S + jj * N, sj);
+    }
+    // causal: key j is visible to lane i when j <= p0 + i
+    for (int64_t j = j0 + bk - 1; j > p0; --j)
+      for (int64_t i = 0; i < j - p0 && i < N; ++i) S[(j - j0) * N + i] = -__builtin_inff();
+    // online softmax, lane by lane
+    R mb = VF::load(S);
+    for (jj = 1; jj < bk; ++jj) mb = VF::max(VF::load(S + jj * N), mb);
+    const R mn = VF::max(mb, m);  // key 0 is visible to every lane: mn is finite (or NaN from NaN input)
+    const R c = vexp(VF::sub(m, mn));
+    m = mn;
+    l = VF::mul(l, c);
+    for (int d = 0; d < D; ++d) VF::store(Ot + d * N, VF::mul(VF::load(Ot + d * N), c));
+    for (jj = 0; jj < bk; ++jj) {
+      const R p = vexp(VF::sub(VF::load(S + jj * N), mn));
+      VF::store(S + jj * N, p);
+      l = VF::add(l, p);
+    }
+    // O[d] += V[j][d] p[j], eight output dimensions at a time in registers
+    int d0 = 0;
+    for (; d0 + 8 <= D; d0 += 8) {
+      R o[8];
+      for (int e = 0; e < 8; ++e) o[e] = VF::load(Ot + (d0 + e) * N);
+      for (jj = 0; jj < bk; ++jj) {
+        const float* vj = V + (j0 + jj) * ldkv + d0;
+        const R p = VF::load(S + jj * N);
+        for (int e = 0; e < 8; ++e) o[e] = VF::fma(VF::set1(vj[e]), p, o[e]);
+      }
+      for (int e = 0; e < 8; ++e) VF::store(Ot + (d0 + e) * N, o[e]);
+    }
+    for (; d0 < D; ++d0) {
+      R o = VF::load(Ot + d0 * N);
+      for (jj = 0; jj < bk; ++jj) o = VF::fma(VF::set1(V[(j0 + jj) * ldkv + d0]), VF::load(S + jj * N), o);
+      VF::store(Ot + d0 * N, o);
+    }
+  }
+  alignas(64) float lsum[N];
+  VF::store(lsum, l);
+  for (int i = 0; i < n; ++i) {
+    float* o = a.out + (t0 + i) * a.ldo + static_cast<int64_t>(h) * D;
+    const float inv = 1.0f / lsum[i];
+    for (int d = 0; d < D; ++d) o[d] = Ot[d * N + i] * inv;
+  }
+}
+
+// ---------------------------------------------------------------- decode: keys split across threads
 inline float dot(const float* a, const float* b, int n) {
   R acc0 = VF::zero(), acc1 = VF::zero();
   int i = 0;
@@ -35,43 +135,120 @@ inline float dot(const float* a, const float* b, int n) {
   return static_cast<float>(VF::reduce(VF::add(acc0, acc1)));
 }
 
-void attention(const AttnArgs& a) {
+// Keys [j0, j1) of token t for every head, folded into this thread's partial state per head:
+// part[h * (D + 2)] = m, then l, then o[0 .. D).
+void decode_range(const AttnArgs& a, int64_t t, int64_t j0, int64_t j1, float* part, float* s) {
   const int D = a.head_dim, group = a.n_heads / a.n_kv_heads;
   const int64_t ldkv = static_cast<int64_t>(a.n_kv_heads) * D;
-  parallel_for(a.n_tokens * a.n_heads, 1, [&](int64_t w0, int64_t w1, int tid) {
-    float* s = a.scratch + static_cast<int64_t>(tid) * a.scratch_stride;
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t t = w / a.n_heads;
-      const int h = static_cast<int>(w % a.n_heads), g = h / group;
+  for (int64_t b0 = j0; b0 < j1; b0 += kBK) {
+    const int bk = static_cast<int>(j1 - b0 < kBK ? j1 - b0 : kBK);
+    for (int h = 0; h < a.n_heads; ++h) {  // the block's K and V rows (every head) stay in the L2
+      const int g = h / group;
       const float* q = a.q + t * a.ldq + static_cast<int64_t>(h) * D;
-      const float* K = a.k[t] + static_cast<int64_t>(g) * D;
-      const float* V = a.v[t] + static_cast<int64_t>(g) * D;
-      const int64_t L = static_cast<int64_t>(a.pos[t]) + 1;
-      // scores and their max
-      float mx = -__builtin_inff();
-      for (int64_t j = 0; j < L; ++j) {
-        float v = a.scale * dot(q, K + j * ldkv, D);
-        s[j] = v;
+      const float* K = a.k[t] + b0 * ldkv + static_cast<int64_t>(g) * D;
+      const float* V = a.v[t] + b0 * ldkv + static_cast<int64_t>(g) * D;
+      float* st = part + static_cast<int64_t>(h) * (D + 2);
+      float mx = st[0];
+      for (int jj = 0; jj < bk; ++jj) {
+        const float v = a.scale * dot(q, K + jj * ldkv, D);
+        s[jj] = v;
         mx = v > mx ? v : mx;
       }
-      // p = exp(s - max), sum
+      const float c = std::exp(st[0] - mx);  // 0 on the first block (st[0] = -inf)
+      st[0] = mx;
       R sum = VF::zero();
       const R mxv = VF::set1(mx);
-      for (int64_t j = 0; j < L; j += N) {
-        int k = width(L, j);
-        R e = VF::keep(vexp(VF::sub(loadn<VF>(s + j, k), mxv)), k);
-        storen<VF>(s + j, e, k);
+      for (int jj = 0; jj < bk; jj += N) {
+        const int k = width(bk, jj);
+        const R e = VF::keep(vexp(VF::sub(loadn<VF>(s + jj, k), mxv)), k);
+        storen<VF>(s + jj, e, k);
         sum = VF::add(sum, e);
       }
-      const float inv = static_cast<float>(1.0 / VF::reduce(sum));
-      // o = sum_j p_j v_j / sum
-      float* o = a.out + t * a.ldo + static_cast<int64_t>(h) * D;
+      st[1] = st[1] * c + static_cast<float>(VF::reduce(sum));
+      float* o = st + 2;
       for (int d0 = 0; d0 < D; d0 += N) {
-        int k = width(D, d0);
-        R acc = VF::zero();
-        for (int64_t j = 0; j < L; ++j) acc = VF::fma(VF::set1(s[j]), loadn<VF>(V + j * ldkv + d0, k), acc);
-        storen<VF>(o + d0, VF::mul(acc, VF::set1(inv)), k);
+        const int k = width(D, d0);
+        R acc0 = VF::mul(loadn<VF>(o + d0, k), VF::set1(c)), acc1 = VF::zero();
+        int jj = 0;
+        for (; jj + 2 <= bk; jj += 2) {
+          acc0 = VF::fma(VF::set1(s[jj]), loadn<VF>(V + jj * ldkv + d0, k), acc0);
+          acc1 = VF::fma(VF::set1(s[jj + 1]), loadn<VF>(V + (jj + 1) * ldkv + d0, k), acc1);
+        }
+        if (jj < bk) acc0 = VF::fma(VF::set1(s[jj]), loadn<VF>(V + jj * ldkv + d0, k), acc0);
+        storen<VF>(o + d0, VF::add(acc0, acc1), k);
       }
+    }
+  }
+}
+
+void decode_token(const AttnArgs& a, int64_t t) {
+  const int D = a.head_dim, H = a.n_heads;
+  const int64_t L = static_cast<int64_t>(a.pos[t]) + 1, stride = static_cast<int64_t>(H) * (D + 2);
+  const int threads = num_threads();
+  thread_local std::vector<float> parts;
+  parts.assign(static_cast<size_t>(threads * stride), 0.0f);
+  for (int th = 0; th < threads; ++th)
+    for (int h = 0; h < H; ++h) parts[th * stride + h * (D + 2)] = -__builtin_inff();
+  float* P = parts.data();
+  // blocks of kBK keys, at least 4 blocks per thread (short caches stay on one thread)
+  parallel_for((L + kBK - 1) / kBK, 4, [&](int64_t b0, int64_t b1, int tid) {
+    thread_local std::vector<float> s;
+    s.resize(kBK);
+    decode_range(a, t, b0 * kBK, b1 * kBK < L ? b1 * kBK : L, P + tid * stride, s.data());
+  });
+  // merge: o = sum_th exp(m_th - M) o_th / sum_th exp(m_th - M) l_th
+  for (int h = 0; h < H; ++h) {
+    float M = -__builtin_inff();
+    for (int th = 0; th < threads; ++th) {
+      const float mt = P[th * stride + h * (D + 2)];
+      M = mt > M ? mt : M;
+    }
+    float* o = a.out + t * a.ldo + static_cast<int64_t>(h) * D;
+    for (int d = 0; d < D; ++d) o[d] = 0.0f;
+    float lsum = 0.0f;
+    for (int th = 0; th < threads; ++th) {
+      const float* st = P + th * stride + h * (D + 2);
+      if (st[0] == -__builtin_inff()) continue;  // a thread that had no keys
+      const float w = std::exp(st[0] - M);
+      lsum += w * st[1];
+      for (int d = 0; d < D; ++d) o[d] += w * st[2 + d];
+    }
+    const float inv = 1.0f / lsum;
+    for (int d = 0; d < D; ++d) o[d] *= inv;
+  }
+}
+
+void attention(const AttnArgs& a) {
+  // runs of consecutive tokens of one sequence, at most N per block
+  thread_local std::vector<std::pair<int64_t, int>> blocks;
+  blocks.clear();
+  bool single = true;
+  for (int64_t t = 0; t < a.n_tokens; ++t) {
+    if (!blocks.empty()) {
+      auto& b = blocks.back();
+      const int64_t last = b.first + b.second - 1;
+      if (b.second < N && a.k[t] == a.k[last] && a.v[t] == a.v[last] && a.pos[t] == a.pos[last] + 1) {
+        ++b.second;
+        single = false;
+        continue;
+      }
+    }
+    blocks.emplace_back(t, 1);
+  }
+  if (single) {  // decode: one query per sequence
+    for (int64_t t = 0; t < a.n_tokens; ++t) decode_token(a, t);
+    return;
+  }
+  // (block, head) items; blocks taken from both ends alternately, so that each thread's contiguous
+  // range of items mixes short (early) and long (late) causal rows
+  const int64_t nb = static_cast<int64_t>(blocks.size()), H = a.n_heads;
+  const auto* bl = blocks.data();
+  parallel_for(nb * H, 1, [&](int64_t w0, int64_t w1, int) {
+    thread_local std::vector<float> ws;
+    ws.resize(static_cast<size_t>((2 * a.head_dim + kBK) * N));
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t u = w / H, b = (u % 2 == 0) ? u / 2 : nb - 1 - u / 2;
+      attend_block(a, bl[b].first, bl[b].second, static_cast<int>(w % H), ws.data());
     }
   });
 }
