@@ -136,46 +136,55 @@ inline float dot(const float* a, const float* b, int n) {
 }
 
 // Keys [j0, j1) of token t for every head, folded into this thread's partial state per head:
-// part[h * (D + 2)] = m, then l, then o[0 .. D).
+// part[h * (D + 2)] = m, then l, then o[0 .. D). Per block of kBK keys the cache is read row by row
+// (a row holds every head: the hardware prefetcher streams it), scores first, then p v.
+// s: n_heads * kBK floats.
 void decode_range(const AttnArgs& a, int64_t t, int64_t j0, int64_t j1, float* part, float* s) {
-  const int D = a.head_dim, group = a.n_heads / a.n_kv_heads;
+  const int D = a.head_dim, H = a.n_heads, group = a.n_heads / a.n_kv_heads;
   const int64_t ldkv = static_cast<int64_t>(a.n_kv_heads) * D;
+  const float* q = a.q + t * a.ldq;
   for (int64_t b0 = j0; b0 < j1; b0 += kBK) {
     const int bk = static_cast<int>(j1 - b0 < kBK ? j1 - b0 : kBK);
-    for (int h = 0; h < a.n_heads; ++h) {  // the block's K and V rows (every head) stay in the L2
-      const int g = h / group;
-      const float* q = a.q + t * a.ldq + static_cast<int64_t>(h) * D;
-      const float* K = a.k[t] + b0 * ldkv + static_cast<int64_t>(g) * D;
-      const float* V = a.v[t] + b0 * ldkv + static_cast<int64_t>(g) * D;
+    // s[h][jj] = scale * q_h . K[b0 + jj][g(h)]
+    for (int jj = 0; jj < bk; ++jj) {
+      const float* krow = a.k[t] + (b0 + jj) * ldkv;
+      for (int h = 0; h < H; ++h)
+        s[h * kBK + jj] = a.scale * dot(q + static_cast<int64_t>(h) * D, krow + static_cast<int64_t>(h / group) * D, D);
+    }
+    // per head: m' = max(m, max s), c = exp(m - m'), p = exp(s - m'), l = c l + sum p, o = c o
+    for (int h = 0; h < H; ++h) {
       float* st = part + static_cast<int64_t>(h) * (D + 2);
+      float* sh = s + h * kBK;
       float mx = st[0];
-      for (int jj = 0; jj < bk; ++jj) {
-        const float v = a.scale * dot(q, K + jj * ldkv, D);
-        s[jj] = v;
-        mx = v > mx ? v : mx;
-      }
+      for (int jj = 0; jj < bk; ++jj) mx = sh[jj] > mx ? sh[jj] : mx;
       const float c = std::exp(st[0] - mx);  // 0 on the first block (st[0] = -inf)
       st[0] = mx;
       R sum = VF::zero();
       const R mxv = VF::set1(mx);
       for (int jj = 0; jj < bk; jj += N) {
         const int k = width(bk, jj);
-        const R e = VF::keep(vexp(VF::sub(loadn<VF>(s + jj, k), mxv)), k);
-        storen<VF>(s + jj, e, k);
+        const R e = VF::keep(vexp(VF::sub(loadn<VF>(sh + jj, k), mxv)), k);
+        storen<VF>(sh + jj, e, k);
         sum = VF::add(sum, e);
       }
       st[1] = st[1] * c + static_cast<float>(VF::reduce(sum));
       float* o = st + 2;
       for (int d0 = 0; d0 < D; d0 += N) {
         const int k = width(D, d0);
-        R acc0 = VF::mul(loadn<VF>(o + d0, k), VF::set1(c)), acc1 = VF::zero();
-        int jj = 0;
-        for (; jj + 2 <= bk; jj += 2) {
-          acc0 = VF::fma(VF::set1(s[jj]), loadn<VF>(V + jj * ldkv + d0, k), acc0);
-          acc1 = VF::fma(VF::set1(s[jj + 1]), loadn<VF>(V + (jj + 1) * ldkv + d0, k), acc1);
+        storen<VF>(o + d0, VF::mul(loadn<VF>(o + d0, k), VF::set1(c)), k);
+      }
+    }
+    // o_h += p[h][jj] V[b0 + jj][g(h)], row by row
+    for (int jj = 0; jj < bk; ++jj) {
+      const float* vrow = a.v[t] + (b0 + jj) * ldkv;
+      for (int h = 0; h < H; ++h) {
+        const float* vh = vrow + static_cast<int64_t>(h / group) * D;
+        float* o = part + static_cast<int64_t>(h) * (D + 2) + 2;
+        const R p = VF::set1(s[h * kBK + jj]);
+        for (int d0 = 0; d0 < D; d0 += N) {
+          const int k = width(D, d0);
+          storen<VF>(o + d0, VF::fma(p, loadn<VF>(vh + d0, k), loadn<VF>(o + d0, k)), k);
         }
-        if (jj < bk) acc0 = VF::fma(VF::set1(s[jj]), loadn<VF>(V + jj * ldkv + d0, k), acc0);
-        storen<VF>(o + d0, VF::add(acc0, acc1), k);
       }
     }
   }
@@ -193,7 +202,7 @@ void decode_token(const AttnArgs& a, int64_t t) {
   // blocks of kBK keys, at least 4 blocks per thread (short caches stay on one thread)
   parallel_for((L + kBK - 1) / kBK, 4, [&](int64_t b0, int64_t b1, int tid) {
     thread_local std::vector<float> s;
-    s.resize(kBK);
+    s.resize(static_cast<size_t>(a.n_heads) * kBK);
     decode_range(a, t, b0 * kBK, b1 * kBK < L ? b1 * kBK : L, P + tid * stride, s.data());
   });
   // merge: o = sum_th exp(m_th - M) o_th / sum_th exp(m_th - M) l_th
