@@ -668,6 +668,7 @@ CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spe
     throw ValueError("spec: every size must be positive");
   if (s.n_heads % s.n_kv_heads) throw ValueError("spec: n_heads must be a multiple of n_kv_heads");
   if (!s.learned_pos && s.head_dim % 2) throw ValueError("spec: RoPE needs an even head_dim");
+  if (s.kv_bf16) throw ValueError("spec.kv_bf16: the CUDA runner keeps a float32 KV cache");
   if (s.head_dim > cuda::kMaxHeadDim)
     throw UnsupportedError("spec: the CUDA runner's attention supports head_dim up to " +
                            std::to_string(cuda::kMaxHeadDim) + ", got " + std::to_string(s.head_dim));

@@ -208,6 +208,7 @@ int main(int argc, char** argv) {
   int threads = 0, repeats = 7, prompt = 128, gen = 64;
   bool profile = false, medium = false;
   std::string arch = "gpt2", dts = "f32";
+  bool kv_bf16 = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--threads") threads = static_cast<int>(arg_int(argc, argv, i));
@@ -217,12 +218,13 @@ int main(int argc, char** argv) {
     else if (a == "--arch" && i + 1 < argc) arch = argv[++i];
     else if (a == "--dtype" && i + 1 < argc) dts = argv[++i];
     else if (a == "--profile") profile = true;
+    else if (a == "--kv-bf16") kv_bf16 = true;
     else if (a == "--matmul-precision" && i + 1 < argc && (std::string(argv[i + 1]) == "medium" ||
                                                             std::string(argv[i + 1]) == "highest"))
       medium = std::string(argv[++i]) == "medium";
     else {
       std::fprintf(stderr, "usage: %s [--arch gpt2|llama] [--dtype f32|bf16|f16] [--threads N] [--repeats K] "
-                   "[--prompt P] [--gen G] [--profile] [--matmul-precision highest|medium]\n", argv[0]);
+                   "[--prompt P] [--gen G] [--profile] [--matmul-precision highest|medium] [--kv-bf16]\n", argv[0]);
       return 2;
     }
   }
@@ -239,6 +241,7 @@ int main(int argc, char** argv) {
     const bool gpt2 = arch == "gpt2";
     ne::ModelSpec s;
     s.bf16_products = medium;  // "medium": prefill projections on AMX-BF16 tiles where the CPU has them
+    s.kv_bf16 = kv_bf16;       // KV cache in bfloat16
     if (gpt2) {
       s.vocab = 50257; s.d_model = 768; s.n_layers = 12; s.n_heads = 12; s.n_kv_heads = 12; s.head_dim = 64;
       s.d_ff = 3072; s.max_seq_len = 1024; s.norm = 0; s.norm_eps = 1e-5; s.activation = 0; s.gated_mlp = false;

@@ -46,6 +46,7 @@ ne::ModelSpec spec_from(const py::dict& d) {
   if (d.contains("lmul_scope")) s.lmul_scope = d["lmul_scope"].cast<int>();
   if (d.contains("lmul_bits")) s.lmul_bits = d["lmul_bits"].cast<int>();
   if (d.contains("bf16_products")) s.bf16_products = d["bf16_products"].cast<bool>();
+  if (d.contains("kv_bf16")) s.kv_bf16 = d["kv_bf16"].cast<bool>();
   if (s.norm < -1 || s.norm > 2) throw ne::ValueError("spec.norm: expected -1..2");
   if (s.activation < 0 || s.activation > 3) throw ne::ValueError("spec.activation: expected 0..3");
   return s;

@@ -143,6 +143,7 @@ struct Runner::Layer {
   W attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob, decay;
   W mlp_norm_w, mlp_norm_b, up, gate, down, upb, gateb, downb;
   std::vector<float> kcache, vcache;  // softmax: [slots][ctx][n_kv_heads * head_dim]
+  std::vector<bf16> kcache16, vcache16;  // the same in bfloat16 (spec.kv_bf16), instead
   std::vector<float> state;           // linear family: [slots][n_heads][(head_dim + 1)^2]
   // Projections that read the same input and whose weights lie back to back in memory run as one
   // GEMM (one pass over the input, one longer stream of weights): qkv = [q; k; v] (rows dq + 2 dkv),
@@ -172,6 +173,7 @@ struct Runner::Impl {
   std::vector<float> x, xn, q, k, v, att, up, gate, sel, qkv, gu;
   std::vector<int32_t> pos;
   std::vector<const float*> kptr, vptr;
+  std::vector<const bf16*> kptr16, vptr16;
   std::vector<float> scratch;
 };
 
@@ -195,6 +197,8 @@ Runner::Runner(const ModelSpec& s, int slots, int ctx) : spec_(s), n_slots_(slot
   if (s.norm_attention_norm < 0 || s.norm_attention_norm > 1)
     throw ValueError("spec.norm_attention_norm: expected 0 (rms) or 1 (layer)");
   if (s.lmul_scope < 0 || s.lmul_scope > 2) throw ValueError("spec.lmul_scope: expected 0 (off), 1 (attention) or 2 (all)");
+  if (s.kv_bf16 && s.lmul_scope)
+    throw ValueError("spec.kv_bf16: the L-Mul attention reads a float32 KV cache");
   if (s.lmul_scope && (s.lmul_bits < 1 || s.lmul_bits > 23))
     throw ValueError("spec.lmul_bits: expected 1..23 mantissa bits, got " + std::to_string(s.lmul_bits));
   impl_ = std::make_unique<Impl>();
@@ -203,7 +207,10 @@ Runner::Runner(const ModelSpec& s, int slots, int ctx) : spec_(s), n_slots_(slot
   for (int i = 0; i < s.n_layers; ++i) {
     Layer& l = impl_->layers[i];
     l.type = s.attention.empty() ? AttnType::Softmax : static_cast<AttnType>(s.attention[i]);
-    if (l.type == AttnType::Softmax) {
+    if (l.type == AttnType::Softmax && s.kv_bf16) {
+      l.kcache16.assign(cache, bf16{0});
+      l.vcache16.assign(cache, bf16{0});
+    } else if (l.type == AttnType::Softmax) {
       l.kcache.assign(cache, 0.f);
       l.vcache.assign(cache, 0.f);
     } else {
@@ -493,8 +500,10 @@ bool Runner::fused_norms() const { return impl_->fused; }
 
 size_t Runner::cache_bytes() const {
   size_t n = 0;
-  for (const auto& L : impl_->layers) n += L.kcache.size() + L.vcache.size() + L.state.size();
-  return n * sizeof(float);
+  for (const auto& L : impl_->layers)
+    n += (L.kcache.size() + L.vcache.size() + L.state.size()) * sizeof(float) +
+         (L.kcache16.size() + L.vcache16.size()) * sizeof(bf16);
+  return n;
 }
 
 void Runner::reset(int slot) {
@@ -583,7 +592,7 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
   grow(m.x, T * d); grow(m.xn, T * d); grow(m.q, T * dq); grow(m.k, T * dkv); grow(m.v, T * dkv);
   grow(m.att, T * dq); grow(m.up, T * f); grow(m.qkv, T * dqkv);
   if (s.gated_mlp) { grow(m.gate, T * f); grow(m.gu, T * 2 * f); }
-  grow(m.pos, T); grow(m.kptr, T); grow(m.vptr, T);
+  grow(m.pos, T); grow(m.kptr, T); grow(m.vptr, T); grow(m.kptr16, T); grow(m.vptr16, T);
   grow(m.mean, T); grow(m.rstd, T);
   if (m.any_softmax) grow(m.scratch, static_cast<size_t>(num_threads()) * ctx_);
 
@@ -661,14 +670,25 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
     if (L.type == AttnType::Softmax) {
       for (int64_t t = 0; t < T; ++t) {
         const size_t base = (static_cast<size_t>(slot_of[t]) * ctx_) * dkv;
-        std::memcpy(&L.kcache[base + static_cast<size_t>(m.pos[t]) * dkv], kp + t * ldkv, sizeof(float) * dkv);
-        std::memcpy(&L.vcache[base + static_cast<size_t>(m.pos[t]) * dkv], vp + t * ldkv, sizeof(float) * dkv);
-        m.kptr[t] = &L.kcache[base];
-        m.vptr[t] = &L.vcache[base];
+        const size_t row = base + static_cast<size_t>(m.pos[t]) * dkv;
+        if (s.kv_bf16) {
+          for (int64_t i = 0; i < dkv; ++i) {
+            L.kcache16[row + i] = from_f32<bf16>(kp[t * ldkv + i]);
+            L.vcache16[row + i] = from_f32<bf16>(vp[t * ldkv + i]);
+          }
+          m.kptr16[t] = &L.kcache16[base];
+          m.vptr16[t] = &L.vcache16[base];
+        } else {
+          std::memcpy(&L.kcache[row], kp + t * ldkv, sizeof(float) * dkv);
+          std::memcpy(&L.vcache[row], vp + t * ldkv, sizeof(float) * dkv);
+          m.kptr[t] = &L.kcache[base];
+          m.vptr[t] = &L.vcache[base];
+        }
       }
       AttnArgs aa{T, qp, ldq, m.att.data(), dq, m.kptr.data(), m.vptr.data(), m.pos.data(),
                   s.n_heads, s.n_kv_heads, s.head_dim, 1.0f / std::sqrt(static_cast<float>(s.head_dim)),
                   m.scratch.data(), ctx_};
+      if (s.kv_bf16) aa.k16 = m.kptr16.data(), aa.v16 = m.vptr16.data();
       if (s.lmul_scope > 0) lmul_cache_attention(aa, s.lmul_bits);
       else K.attention(aa);
     } else {

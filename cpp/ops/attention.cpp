@@ -36,12 +36,13 @@ inline int width(int64_t n, int64_t i) { return n - i < N ? static_cast<int>(n -
 // ---------------------------------------------------------------- prefill: lanes are queries
 // Queries t0 .. t0 + n - 1 (n <= N, positions p0 .. p0 + n - 1, one sequence) of head h. Lane i of
 // every vector belongs to query t0 + i; lanes past n hold zero queries and are dropped at the end.
-// ws: (2 D + kBK) N floats of the calling thread.
-void attend_block(const AttnArgs& a, int64_t t0, int n, int h, float* ws) {
+// ws: (2 D + kBK) N floats of the calling thread. T: the cache's element type (float, bf16).
+template <class T>
+void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int64_t t0, int n, int h, float* ws) {
   const int D = a.head_dim, g = h / (a.n_heads / a.n_kv_heads);
   const int64_t ldkv = static_cast<int64_t>(a.n_kv_heads) * D;
-  const float* K = a.k[t0] + static_cast<int64_t>(g) * D;
-  const float* V = a.v[t0] + static_cast<int64_t>(g) * D;
+  const T* K = kc[t0] + static_cast<int64_t>(g) * D;
+  const T* V = vc[t0] + static_cast<int64_t>(g) * D;
   const int64_t p0 = a.pos[t0], L = p0 + n;  // keys 0 .. p0 + n - 1
   float* Qt = ws;             // [D][N]: Qt[d][i] = scale * q_{t0+i}[d]
   float* Ot = Qt + D * N;     // [D][N]: the running sum of p v, per lane
@@ -56,15 +57,15 @@ void attend_block(const AttnArgs& a, int64_t t0, int n, int h, float* ws) {
     // s[j] = K[j] . Q, four keys at a time (each Q vector loaded once for the four)
     int jj = 0;
     for (; jj + 4 <= bk; jj += 4) {
-      const float* k0 = K + (j0 + jj) * ldkv;
-      const float *k1 = k0 + ldkv, *k2 = k1 + ldkv, *k3 = k2 + ldkv;
+      const T* k0 = K + (j0 + jj) * ldkv;
+      const T *k1 = k0 + ldkv, *k2 = k1 + ldkv, *k3 = k2 + ldkv;
       R s0 = VF::zero(), s1 = VF::zero(), s2 = VF::zero(), s3 = VF::zero();
       for (int d = 0; d < D; ++d) {
         const R qd = VF::load(Qt + d * N);
-        s0 = VF::fma(VF::set1(k0[d]), qd, s0);
-        s1 = VF::fma(VF::set1(k1[d]), qd, s1);
-        s2 = VF::fma(VF::set1(k2[d]), qd, s2);
-        s3 = VF::fma(VF::set1(k3[d]), qd, s3);
+        s0 = VF::fma(VF::set1(to_f32(k0[d])), qd, s0);
+        s1 = VF::fma(VF::set1(to_f32(k1[d])), qd, s1);
+        s2 = VF::fma(VF::set1(to_f32(k2[d])), qd, s2);
+        s3 = VF::fma(VF::set1(to_f32(k3[d])), qd, s3);
       }
       VF::store(S + jj * N, s0);
       VF::store(S + (jj + 1) * N, s1);
@@ -72,9 +73,9 @@ void attend_block(const AttnArgs& a, int64_t t0, int n, int h, float* ws) {
       VF::store(S + (jj + 3) * N, s3);
     }
     for (; jj < bk; ++jj) {
-      const float* kj = K + (j0 + jj) * ldkv;
+      const T* kj = K + (j0 + jj) * ldkv;
       R sj = VF::zero();
-      for (int d = 0; d < D; ++d) sj = VF::fma(VF::set1(kj[d]), VF::load(Qt + d * N), sj);
+      for (int d = 0; d < D; ++d) sj = VF::fma(VF::set1(to_f32(kj[d])), VF::load(Qt + d * N), sj);
       VF::store(S + jj * N, sj);
     }
     // causal: key j is visible to lane i when j <= p0 + i
@@ -99,15 +100,15 @@ void attend_block(const AttnArgs& a, int64_t t0, int n, int h, float* ws) {
       R o[8];
       for (int e = 0; e < 8; ++e) o[e] = VF::load(Ot + (d0 + e) * N);
       for (jj = 0; jj < bk; ++jj) {
-        const float* vj = V + (j0 + jj) * ldkv + d0;
+        const T* vj = V + (j0 + jj) * ldkv + d0;
         const R p = VF::load(S + jj * N);
-        for (int e = 0; e < 8; ++e) o[e] = VF::fma(VF::set1(vj[e]), p, o[e]);
+        for (int e = 0; e < 8; ++e) o[e] = VF::fma(VF::set1(to_f32(vj[e])), p, o[e]);
       }
       for (int e = 0; e < 8; ++e) VF::store(Ot + (d0 + e) * N, o[e]);
     }
     for (; d0 < D; ++d0) {
       R o = VF::load(Ot + d0 * N);
-      for (jj = 0; jj < bk; ++jj) o = VF::fma(VF::set1(V[(j0 + jj) * ldkv + d0]), VF::load(S + jj * N), o);
+      for (jj = 0; jj < bk; ++jj) o = VF::fma(VF::set1(to_f32(V[(j0 + jj) * ldkv + d0])), VF::load(S + jj * N), o);
       VF::store(Ot + d0 * N, o);
     }
   }
@@ -121,7 +122,8 @@ void attend_block(const AttnArgs& a, int64_t t0, int n, int h, float* ws) {
 }
 
 // ---------------------------------------------------------------- decode: keys split across threads
-inline float dot(const float* a, const float* b, int n) {
+template <class T>
+inline float dot(const float* a, const T* b, int n) {
   R acc0 = VF::zero(), acc1 = VF::zero();
   int i = 0;
   for (; i + 2 * N <= n; i += 2 * N) {
@@ -139,7 +141,9 @@ inline float dot(const float* a, const float* b, int n) {
 // part[h * (D + 2)] = m, then l, then o[0 .. D). Per block of kBK keys the cache is read row by row
 // (a row holds every head: the hardware prefetcher streams it), scores first, then p v.
 // s: n_heads * kBK floats.
-void decode_range(const AttnArgs& a, int64_t t, int64_t j0, int64_t j1, float* part, float* s) {
+template <class T>
+void decode_range(const AttnArgs& a, const T* const* kc, const T* const* vc, int64_t t, int64_t j0, int64_t j1,
+                  float* part, float* s) {
   const int D = a.head_dim, H = a.n_heads, group = a.n_heads / a.n_kv_heads;
   const int64_t ldkv = static_cast<int64_t>(a.n_kv_heads) * D;
   const float* q = a.q + t * a.ldq;
@@ -147,7 +151,7 @@ void decode_range(const AttnArgs& a, int64_t t, int64_t j0, int64_t j1, float* p
     const int bk = static_cast<int>(j1 - b0 < kBK ? j1 - b0 : kBK);
     // s[h][jj] = scale * q_h . K[b0 + jj][g(h)]
     for (int jj = 0; jj < bk; ++jj) {
-      const float* krow = a.k[t] + (b0 + jj) * ldkv;
+      const T* krow = kc[t] + (b0 + jj) * ldkv;
       for (int h = 0; h < H; ++h)
         s[h * kBK + jj] = a.scale * dot(q + static_cast<int64_t>(h) * D, krow + static_cast<int64_t>(h / group) * D, D);
     }
@@ -176,9 +180,9 @@ void decode_range(const AttnArgs& a, int64_t t, int64_t j0, int64_t j1, float* p
     }
     // o_h += p[h][jj] V[b0 + jj][g(h)], row by row
     for (int jj = 0; jj < bk; ++jj) {
-      const float* vrow = a.v[t] + (b0 + jj) * ldkv;
+      const T* vrow = vc[t] + (b0 + jj) * ldkv;
       for (int h = 0; h < H; ++h) {
-        const float* vh = vrow + static_cast<int64_t>(h / group) * D;
+        const T* vh = vrow + static_cast<int64_t>(h / group) * D;
         float* o = part + static_cast<int64_t>(h) * (D + 2) + 2;
         const R p = VF::set1(s[h * kBK + jj]);
         for (int d0 = 0; d0 < D; d0 += N) {
@@ -190,7 +194,8 @@ void decode_range(const AttnArgs& a, int64_t t, int64_t j0, int64_t j1, float* p
   }
 }
 
-void decode_token(const AttnArgs& a, int64_t t) {
+template <class T>
+void decode_token(const AttnArgs& a, const T* const* kc, const T* const* vc, int64_t t) {
   const int D = a.head_dim, H = a.n_heads;
   const int64_t L = static_cast<int64_t>(a.pos[t]) + 1, stride = static_cast<int64_t>(H) * (D + 2);
   const int threads = num_threads();
@@ -203,7 +208,7 @@ void decode_token(const AttnArgs& a, int64_t t) {
   parallel_for((L + kBK - 1) / kBK, 4, [&](int64_t b0, int64_t b1, int tid) {
     thread_local std::vector<float> s;
     s.resize(static_cast<size_t>(a.n_heads) * kBK);
-    decode_range(a, t, b0 * kBK, b1 * kBK < L ? b1 * kBK : L, P + tid * stride, s.data());
+    decode_range(a, kc, vc, t, b0 * kBK, b1 * kBK < L ? b1 * kBK : L, P + tid * stride, s.data());
   });
   // merge: o = sum_th exp(m_th - M) o_th / sum_th exp(m_th - M) l_th
   for (int h = 0; h < H; ++h) {
@@ -227,7 +232,8 @@ void decode_token(const AttnArgs& a, int64_t t) {
   }
 }
 
-void attention(const AttnArgs& a) {
+template <class T>
+void attention_t(const AttnArgs& a, const T* const* kc, const T* const* vc) {
   // runs of consecutive tokens of one sequence, at most N per block
   thread_local std::vector<std::pair<int64_t, int>> blocks;
   blocks.clear();
@@ -236,7 +242,7 @@ void attention(const AttnArgs& a) {
     if (!blocks.empty()) {
       auto& b = blocks.back();
       const int64_t last = b.first + b.second - 1;
-      if (b.second < N && a.k[t] == a.k[last] && a.v[t] == a.v[last] && a.pos[t] == a.pos[last] + 1) {
+      if (b.second < N && kc[t] == kc[last] && vc[t] == vc[last] && a.pos[t] == a.pos[last] + 1) {
         ++b.second;
         single = false;
         continue;
@@ -245,7 +251,7 @@ void attention(const AttnArgs& a) {
     blocks.emplace_back(t, 1);
   }
   if (single) {  // decode: one query per sequence
-    for (int64_t t = 0; t < a.n_tokens; ++t) decode_token(a, t);
+    for (int64_t t = 0; t < a.n_tokens; ++t) decode_token(a, kc, vc, t);
     return;
   }
   // (block, head) items; blocks taken from both ends alternately, so that each thread's contiguous
@@ -257,9 +263,14 @@ void attention(const AttnArgs& a) {
     ws.resize(static_cast<size_t>((2 * a.head_dim + kBK) * N));
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t u = w / H, b = (u % 2 == 0) ? u / 2 : nb - 1 - u / 2;
-      attend_block(a, bl[b].first, bl[b].second, static_cast<int>(w % H), ws.data());
+      attend_block(a, kc, vc, bl[b].first, bl[b].second, static_cast<int>(w % H), ws.data());
     }
   });
+}
+
+void attention(const AttnArgs& a) {
+  if (a.k16) attention_t<bf16>(a, a.k16, a.v16);
+  else attention_t<float>(a, a.k, a.v);
 }
 
 void rope(const RopeArgs& a) {

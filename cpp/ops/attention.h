@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "core/dispatch.h"
+#include "core/half.h"
 
 namespace ne {
 
@@ -21,6 +22,9 @@ struct AttnArgs {
   float scale;               // 1 / sqrt(head_dim)
   float* scratch;            // num_threads() * scratch_stride floats (scores of one query)
   int64_t scratch_stride;    // >= max pos + 1
+  // bf16 caches (ModelSpec::kv_bf16): when set, these are read instead of k / v (same layout)
+  const bf16* const* k16 = nullptr;
+  const bf16* const* v16 = nullptr;
 };
 
 // Rotary embedding, "rotate half" pairing (i, i + D/2) as in Llama:

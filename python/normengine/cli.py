@@ -73,7 +73,8 @@ def _load(args):
     dtype = getattr(torch, _DTYPES[args.dtype]) if getattr(args, "dtype", None) else None
     return ne.load(args.path, device=args.device, dtype=dtype, norm=args.norm, quant=args.quant,
                    group_size=args.group_size, attention=args.attention, arithmetic=args.arithmetic,
-                   lmul_bits=args.lmul_bits, lmul_scope=args.lmul_scope, matmul_precision=args.matmul_precision)
+                   lmul_bits=args.lmul_bits, lmul_scope=args.lmul_scope, matmul_precision=args.matmul_precision,
+                   kv_cache_dtype=torch.bfloat16 if args.kv_cache == "bfloat16" else None)
 
 
 def cmd_generate(args) -> int:
@@ -152,6 +153,8 @@ def _model_options(p) -> None:
     p.add_argument("--lmul-scope", choices=["attention", "all"], default="attention")
     p.add_argument("--matmul-precision", choices=["highest", "medium"], default="highest",
                    help="medium: bfloat16 products on AMX tiles for prefill (as torch's float32 matmul precision)")
+    p.add_argument("--kv-cache", choices=["float32", "bfloat16"], default="float32",
+                   help="the KV cache's dtype (bfloat16: half its memory and decode traffic)")
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,8 @@ class Model:
 
     def __init__(self, config: ModelConfig, tensors: dict, *, device: str = "cpu", dtype=None, tokenizer=None,
                  path: str | None = None, arithmetic: str | None = None, lmul_bits: int = 4,
-                 lmul_scope: str = "attention", matmul_precision: str = "highest", _owned: bool = False):
+                 lmul_scope: str = "attention", matmul_precision: str = "highest", kv_cache_dtype=None,
+                 _owned: bool = False):
         from .checkpoint.safetensors_io import release_pages
         from .convert.quant import is_quantized
 
@@ -64,6 +65,13 @@ class Model:
                 dtype = torch.float32  # L-Mul reads float32 operands
         bf16_products(matmul_precision)  # a bad value raises here, at load
         self.matmul_precision = matmul_precision
+        if kv_cache_dtype not in (None, torch.float32, torch.bfloat16):
+            raise DTypeError(f"kv_cache_dtype: expected None, torch.float32 or torch.bfloat16, got {kv_cache_dtype}")
+        self.kv_cache_dtype = torch.bfloat16 if kv_cache_dtype == torch.bfloat16 else torch.float32
+        if self.kv_cache_dtype == torch.bfloat16 and dev.type == "cuda":
+            raise UnsupportedError("kv_cache_dtype=torch.bfloat16: the CUDA runner keeps a float32 KV cache")
+        if self.kv_cache_dtype == torch.bfloat16 and arithmetic == "lmul":
+            raise ArgumentError("kv_cache_dtype=torch.bfloat16: L-Mul attention reads a float32 KV cache")
         self.arithmetic = "lmul" if arithmetic == "lmul" else "exact"
         self.lmul_bits = int(lmul_bits) if arithmetic == "lmul" else 0
         self.lmul_scope = lmul_scope if arithmetic == "lmul" else None
@@ -134,6 +142,7 @@ class Model:
             linear_normalize=bool(c.linear_normalize), norm_attention_norm=0 if c.norm_attention_norm == "rms" else 1,
             linear_eps=float(c.linear_eps), lmul_scope=_LMUL_SCOPES.get(self.lmul_scope, 0),
             lmul_bits=self.lmul_bits or 4, bf16_products=bf16_products(self.matmul_precision),
+            kv_bf16=self.kv_cache_dtype == torch.bfloat16,
         )
 
     def _runner_for(self, slots: int, ctx: int):
@@ -429,6 +438,7 @@ class Model:
             "arithmetic": self.arithmetic if self.arithmetic == "exact"
             else f"lmul (mantissa {self.lmul_bits} bits, scope {self.lmul_scope})",
             "matmul_precision": self.matmul_precision,
+            "kv_cache_dtype": str(self.kv_cache_dtype).replace("torch.", ""),
         }
 
     def save(self, path: str) -> None:
@@ -515,7 +525,7 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
          quant: str | None = None, group_size: int | None = None, symmetric: bool = True,
          smooth: float | None = None,
          attention=None, arithmetic: str | None = None, lmul_bits: int = 4, lmul_scope: str = "attention",
-         matmul_precision: str = "highest", progress: bool | None = None) -> Model:
+         matmul_precision: str = "highest", kv_cache_dtype=None, progress: bool | None = None) -> Model:
     """Load a checkpoint (Hugging Face directory, sharded or not, safetensors or pytorch_model.bin;
     or one .safetensors/.pt/.bin file with config.json beside it; or a directory Model.save wrote)
     into the native runner.
@@ -551,7 +561,12 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     rows at a time (prefill): about 2.5x (float32 weights) to 4.5x (bfloat16 weights) faster GEMMs at a
     relative error of ~2e-3 per projection; int8-weight / int4 / fp8 weights likewise multiply their
     dequantized prefill panels in bf16. Decode steps, int8 (W8A8) weights and CPUs without AMX-BF16
-    compute as 'highest'; so does the CUDA runner."""
+    compute as 'highest'; so does the CUDA runner.
+
+    kv_cache_dtype: None / torch.float32 (default) keeps the softmax layers' K and V cache in float32;
+    torch.bfloat16 stores it in bfloat16 (each K / V row rounded once as it is written, attention sums
+    in float32), as llama.cpp's 16-bit default cache: half its memory and half the bytes each decode
+    step reads from it, which at long contexts is a large part of a step. CPU runner, exact arithmetic."""
     from .checkpoint import load_checkpoint
     from .convert import convert_norm, fold_norm_affine, smooth_model, swap_attention, unpack_quantized
     from .convert.quant import Quantizer
@@ -599,4 +614,4 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
         raise ArgumentError("group_size: only meaningful with quant=")
     return Model(cfg, tensors, device=device, dtype=dtype, tokenizer=_load_tokenizer(path), path=path,
                  arithmetic=arithmetic, lmul_bits=lmul_bits, lmul_scope=lmul_scope,
-                 matmul_precision=matmul_precision, _owned=True)
+                 matmul_precision=matmul_precision, kv_cache_dtype=kv_cache_dtype, _owned=True)

@@ -42,6 +42,10 @@ struct ModelSpec {
   // Matmul precision "medium": dense projections may round their operands to bfloat16 (fp32 sums) on
   // AMX-BF16 tiles, for 16+ rows at a time (ops/gemm.h gemm_f32's bf16_products). false: fp32 products.
   bool bf16_products = false;
+  // KV cache in bfloat16 (rounded to nearest even as the rows are written; attention sums in fp32):
+  // half the cache's memory and of the bytes a decode step reads from it. CPU runner, exact
+  // arithmetic only. false: float32 cache.
+  bool kv_bf16 = false;
 };
 
 enum class AttnType : int { Softmax = 0, Linear = 1, Mala = 2, Norm = 3 };
