@@ -15,6 +15,7 @@
 //     range of the cache, every head of it) and the partial (m, l, o) merged: reading the cache once
 //     at the memory's pace, whatever the number of heads.
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "core/parallel.h"
@@ -36,7 +37,8 @@ inline int width(int64_t n, int64_t i) { return n - i < N ? static_cast<int>(n -
 // ---------------------------------------------------------------- prefill: lanes are queries
 // Queries t0 .. t0 + n - 1 (n <= N, positions p0 .. p0 + n - 1, one sequence) of head h. Lane i of
 // every vector belongs to query t0 + i; lanes past n hold zero queries and are dropped at the end.
-// ws: (2 D + kBK) N floats of the calling thread. T: the cache's element type (float, bf16).
+// ws: (2 D + kBK) N + 2 kBK D floats of the calling thread. T: the cache's element type (float, or
+// bf16: each block of K and V rows is widened once into ws, then read as float).
 template <class T>
 void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int64_t t0, int n, int h, float* ws) {
   const int D = a.head_dim, g = h / (a.n_heads / a.n_kv_heads);
@@ -47,6 +49,8 @@ void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int
   float* Qt = ws;             // [D][N]: Qt[d][i] = scale * q_{t0+i}[d]
   float* Ot = Qt + D * N;     // [D][N]: the running sum of p v, per lane
   float* S = Ot + D * N;      // [kBK][N]: one block's scores, then its p
+  float* Kf = S + kBK * N;    // [kBK][D], [kBK][D]: a bf16 cache's block, widened
+  float* Vf = Kf + kBK * D;
   for (int d = 0; d < D; ++d)
     for (int i = 0; i < N; ++i)
       Qt[d * N + i] = i < n ? a.scale * a.q[(t0 + i) * a.ldq + static_cast<int64_t>(h) * D + d] : 0.0f;
@@ -54,18 +58,31 @@ void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int
   R m = VF::set1(-__builtin_inff()), l = VF::zero();
   for (int64_t j0 = 0; j0 < L; j0 += kBK) {
     const int bk = static_cast<int>(L - j0 < kBK ? L - j0 : kBK);
+    const float *Kb, *Vb;  // the block's rows j0 .. j0 + bk - 1, `ldb` floats apart
+    int64_t ldb;
+    if constexpr (std::is_same_v<T, float>) {
+      Kb = K + j0 * ldkv, Vb = V + j0 * ldkv, ldb = ldkv;
+    } else {
+      for (int r = 0; r < bk; ++r)
+        for (int d0 = 0; d0 < D; d0 += N) {
+          const int k = width(D, d0);
+          storen<VF>(Kf + r * D + d0, loadn<VF>(K + (j0 + r) * ldkv + d0, k), k);
+          storen<VF>(Vf + r * D + d0, loadn<VF>(V + (j0 + r) * ldkv + d0, k), k);
+        }
+      Kb = Kf, Vb = Vf, ldb = D;
+    }
     // s[j] = K[j] . Q, four keys at a time (each Q vector loaded once for the four)
     int jj = 0;
     for (; jj + 4 <= bk; jj += 4) {
-      const T* k0 = K + (j0 + jj) * ldkv;
-      const T *k1 = k0 + ldkv, *k2 = k1 + ldkv, *k3 = k2 + ldkv;
+      const float* k0 = Kb + jj * ldb;
+      const float *k1 = k0 + ldb, *k2 = k1 + ldb, *k3 = k2 + ldb;
       R s0 = VF::zero(), s1 = VF::zero(), s2 = VF::zero(), s3 = VF::zero();
       for (int d = 0; d < D; ++d) {
         const R qd = VF::load(Qt + d * N);
-        s0 = VF::fma(VF::set1(to_f32(k0[d])), qd, s0);
-        s1 = VF::fma(VF::set1(to_f32(k1[d])), qd, s1);
-        s2 = VF::fma(VF::set1(to_f32(k2[d])), qd, s2);
-        s3 = VF::fma(VF::set1(to_f32(k3[d])), qd, s3);
+        s0 = VF::fma(VF::set1(k0[d]), qd, s0);
+        s1 = VF::fma(VF::set1(k1[d]), qd, s1);
+        s2 = VF::fma(VF::set1(k2[d]), qd, s2);
+        s3 = VF::fma(VF::set1(k3[d]), qd, s3);
       }
       VF::store(S + jj * N, s0);
       VF::store(S + (jj + 1) * N, s1);
@@ -73,9 +90,9 @@ void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int
       VF::store(S + (jj + 3) * N, s3);
     }
     for (; jj < bk; ++jj) {
-      const T* kj = K + (j0 + jj) * ldkv;
+      const float* kj = Kb + jj * ldb;
       R sj = VF::zero();
-      for (int d = 0; d < D; ++d) sj = VF::fma(VF::set1(to_f32(kj[d])), VF::load(Qt + d * N), sj);
+      for (int d = 0; d < D; ++d) sj = VF::fma(VF::set1(kj[d]), VF::load(Qt + d * N), sj);
       VF::store(S + jj * N, sj);
     }
     // causal: key j is visible to lane i when j <= p0 + i
@@ -100,15 +117,15 @@ void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int
       R o[8];
       for (int e = 0; e < 8; ++e) o[e] = VF::load(Ot + (d0 + e) * N);
       for (jj = 0; jj < bk; ++jj) {
-        const T* vj = V + (j0 + jj) * ldkv + d0;
+        const float* vj = Vb + jj * ldb + d0;
         const R p = VF::load(S + jj * N);
-        for (int e = 0; e < 8; ++e) o[e] = VF::fma(VF::set1(to_f32(vj[e])), p, o[e]);
+        for (int e = 0; e < 8; ++e) o[e] = VF::fma(VF::set1(vj[e]), p, o[e]);
       }
       for (int e = 0; e < 8; ++e) VF::store(Ot + (d0 + e) * N, o[e]);
     }
     for (; d0 < D; ++d0) {
       R o = VF::load(Ot + d0 * N);
-      for (jj = 0; jj < bk; ++jj) o = VF::fma(VF::set1(to_f32(V[(j0 + jj) * ldkv + d0])), VF::load(S + jj * N), o);
+      for (jj = 0; jj < bk; ++jj) o = VF::fma(VF::set1(Vb[jj * ldb + d0]), VF::load(S + jj * N), o);
       VF::store(Ot + d0 * N, o);
     }
   }
@@ -260,7 +277,7 @@ void attention_t(const AttnArgs& a, const T* const* kc, const T* const* vc) {
   const auto* bl = blocks.data();
   parallel_for(nb * H, 1, [&](int64_t w0, int64_t w1, int) {
     thread_local std::vector<float> ws;
-    ws.resize(static_cast<size_t>((2 * a.head_dim + kBK) * N));
+    ws.resize(static_cast<size_t>((2 * a.head_dim + kBK) * N + 2 * kBK * a.head_dim));
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t u = w / H, b = (u % 2 == 0) ? u / 2 : nb - 1 - u / 2;
       attend_block(a, kc, vc, bl[b].first, bl[b].second, static_cast<int>(w % H), ws.data());
