@@ -211,35 +211,28 @@ void decode_range(const AttnArgs& a, const T* const* kc, const T* const* vc, int
   }
 }
 
-template <class T>
-void decode_token(const AttnArgs& a, const T* const* kc, const T* const* vc, int64_t t) {
+// Partial states [n][H][D + 2] with m = -inf, l = 0, o = 0.
+void init_parts(float* P, int n, int H, int D) {
+  for (int64_t i = 0; i < static_cast<int64_t>(n) * H * (D + 2); ++i) P[i] = 0.0f;
+  for (int64_t i = 0; i < static_cast<int64_t>(n) * H; ++i) P[i * (D + 2)] = -__builtin_inff();
+}
+
+// Token t's output from n partial states: o = sum_i exp(m_i - M) o_i / sum_i exp(m_i - M) l_i.
+void merge_parts(const AttnArgs& a, int64_t t, const float* P, int n) {
   const int D = a.head_dim, H = a.n_heads;
-  const int64_t L = static_cast<int64_t>(a.pos[t]) + 1, stride = static_cast<int64_t>(H) * (D + 2);
-  const int threads = num_threads();
-  thread_local std::vector<float> parts;
-  parts.assign(static_cast<size_t>(threads * stride), 0.0f);
-  for (int th = 0; th < threads; ++th)
-    for (int h = 0; h < H; ++h) parts[th * stride + h * (D + 2)] = -__builtin_inff();
-  float* P = parts.data();
-  // blocks of kBK keys, at least 4 blocks per thread (short caches stay on one thread)
-  parallel_for((L + kBK - 1) / kBK, 4, [&](int64_t b0, int64_t b1, int tid) {
-    thread_local std::vector<float> s;
-    s.resize(static_cast<size_t>(a.n_heads) * kBK);
-    decode_range(a, kc, vc, t, b0 * kBK, b1 * kBK < L ? b1 * kBK : L, P + tid * stride, s.data());
-  });
-  // merge: o = sum_th exp(m_th - M) o_th / sum_th exp(m_th - M) l_th
+  const int64_t stride = static_cast<int64_t>(H) * (D + 2);
   for (int h = 0; h < H; ++h) {
     float M = -__builtin_inff();
-    for (int th = 0; th < threads; ++th) {
-      const float mt = P[th * stride + h * (D + 2)];
-      M = mt > M ? mt : M;
+    for (int i = 0; i < n; ++i) {
+      const float mi = P[i * stride + h * (D + 2)];
+      M = mi > M ? mi : M;
     }
     float* o = a.out + t * a.ldo + static_cast<int64_t>(h) * D;
     for (int d = 0; d < D; ++d) o[d] = 0.0f;
     float lsum = 0.0f;
-    for (int th = 0; th < threads; ++th) {
-      const float* st = P + th * stride + h * (D + 2);
-      if (st[0] == -__builtin_inff()) continue;  // a thread that had no keys
+    for (int i = 0; i < n; ++i) {
+      const float* st = P + i * stride + h * (D + 2);
+      if (st[0] == -__builtin_inff()) continue;  // a part that had no keys
       const float w = std::exp(st[0] - M);
       lsum += w * st[1];
       for (int d = 0; d < D; ++d) o[d] += w * st[2 + d];
@@ -247,6 +240,43 @@ void decode_token(const AttnArgs& a, const T* const* kc, const T* const* vc, int
     const float inv = 1.0f / lsum;
     for (int d = 0; d < D; ++d) o[d] *= inv;
   }
+}
+
+// Blocks of kBK keys per thread, at least this many (short caches stay on one thread).
+constexpr int64_t kDecodeGrain = 4;
+
+// One token, its keys split across the threads.
+template <class T>
+void decode_token(const AttnArgs& a, const T* const* kc, const T* const* vc, int64_t t) {
+  const int D = a.head_dim, H = a.n_heads;
+  const int64_t L = static_cast<int64_t>(a.pos[t]) + 1, stride = static_cast<int64_t>(H) * (D + 2);
+  const int threads = num_threads();
+  thread_local std::vector<float> parts;
+  parts.resize(static_cast<size_t>(threads * stride));
+  float* P = parts.data();
+  init_parts(P, threads, H, D);
+  parallel_for((L + kBK - 1) / kBK, kDecodeGrain, [&](int64_t b0, int64_t b1, int tid) {
+    thread_local std::vector<float> s;
+    s.resize(static_cast<size_t>(a.n_heads) * kBK);
+    decode_range(a, kc, vc, t, b0 * kBK, b1 * kBK < L ? b1 * kBK : L, P + tid * stride, s.data());
+  });
+  merge_parts(a, t, P, threads);
+}
+
+// Several tokens (a batch of sequences at decode) whose caches are too short to split: the threads
+// take whole tokens.
+template <class T>
+void decode_tokens(const AttnArgs& a, const T* const* kc, const T* const* vc) {
+  parallel_for(a.n_tokens, 1, [&](int64_t t0, int64_t t1, int) {
+    thread_local std::vector<float> part, s;
+    part.resize(static_cast<size_t>(a.n_heads) * (a.head_dim + 2));
+    s.resize(static_cast<size_t>(a.n_heads) * kBK);
+    for (int64_t t = t0; t < t1; ++t) {
+      init_parts(part.data(), 1, a.n_heads, a.head_dim);
+      decode_range(a, kc, vc, t, 0, static_cast<int64_t>(a.pos[t]) + 1, part.data(), s.data());
+      merge_parts(a, t, part.data(), 1);
+    }
+  });
 }
 
 template <class T>
@@ -268,7 +298,13 @@ void attention_t(const AttnArgs& a, const T* const* kc, const T* const* vc) {
     blocks.emplace_back(t, 1);
   }
   if (single) {  // decode: one query per sequence
-    for (int64_t t = 0; t < a.n_tokens; ++t) decode_token(a, kc, vc, t);
+    int64_t longest = 0;
+    for (int64_t t = 0; t < a.n_tokens; ++t) longest = a.pos[t] + 1 > longest ? a.pos[t] + 1 : longest;
+    if (a.n_tokens > 1 && plan_threads((longest + kBK - 1) / kBK, kDecodeGrain) < 2) {
+      decode_tokens(a, kc, vc);
+    } else {
+      for (int64_t t = 0; t < a.n_tokens; ++t) decode_token(a, kc, vc, t);
+    }
     return;
   }
   // (block, head) items; blocks taken from both ends alternately, so that each thread's contiguous
