@@ -91,4 +91,35 @@ void bind_arith(py::module_& m) {
       py::arg("N"), py::arg("K"), py::arg("bias"), py::arg("out"), py::arg("accumulate") = false,
       py::arg("bf16_products") = false,
       "out[M, N] (+)= x[M, K] @ dequant(W)^T (+ bias), the format's own activation handling (quant_gemm.h).");
+  m.def(
+      "quantize_weight_rows",
+      [](py::handle w, int fmt, int64_t group, bool symmetric, py::handle data, py::handle scale, py::handle zero) {
+        Borrowed b;
+        TensorView vw = view_of(w, "w", b), vd = view_of(data, "data", b), vs = view_of(scale, "scale", b);
+        Opt vz = opt_view(zero, "zero", b);
+        if (fmt != 0 && fmt != 1 && fmt != 2) throw ne::ValueError("format: expected 0 (int8), 1 (int8-weight) or 2 (int4)");
+        const auto f = static_cast<ne::QFormat>(fmt);
+        const bool int4 = f == ne::QFormat::Int4;
+        if (vw.ndim != 2) throw ne::ShapeError("w: expected a 2-D weight");
+        const int64_t N = vw.shape[0], K = vw.shape[1];
+        const int64_t ldw = matrix(vw, vw.dtype, N, K);
+        matrix(vd, int4 ? ne::DType::U8 : ne::DType::I8, N, int4 ? K / 2 : K);
+        const int64_t ns = int4 ? N * (K / std::max<int64_t>(1, group)) : N;
+        auto check_vec = [&](const TensorView& v, const char* name) {
+          if (!v.is_contiguous() || v.dtype != ne::DType::F32 || v.device.type != ne::DeviceType::CPU || v.numel() != ns)
+            throw ne::ShapeError(std::string(name) + ": expected a contiguous float32 CPU tensor of " + std::to_string(ns) +
+                                 " elements");
+        };
+        check_vec(vs, "scale");
+        if (vz.ptr()) check_vec(*vz.ptr(), "zero");
+        if (vw.device.type != ne::DeviceType::CPU) throw ne::DeviceError("w: expected a CPU tensor");
+        py::gil_scoped_release nogil;
+        return ne::quantize_weight_rows(vw.data, vw.dtype, ldw, N, K, f, static_cast<int>(group), symmetric, vd.data,
+                                        static_cast<float*>(vs.data),
+                                        vz.ptr() ? static_cast<float*>(vz.ptr()->data) : nullptr);
+      },
+      py::arg("w"), py::arg("format"), py::arg("group"), py::arg("symmetric"), py::arg("data"), py::arg("scale"),
+      py::arg("zero"),
+      "Quantize w [N, K] (row-major rows) into data / scale (/ zero) as quantize_weight does (int8, int8-weight, "
+      "int4), in C++; returns False if w holds NaN or Inf.");
 }

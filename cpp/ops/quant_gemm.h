@@ -57,6 +57,13 @@ void check_qweight(const QWeight& w);
 void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, const float* bias, float* y, int64_t ldy,
                     bool accumulate = false, const GemmEpilogue* ep = nullptr, bool bf16_products = false);
 
+// Quantize rows of a weight w [N, K] (row stride ldw; float32, bfloat16 or float16) as int8 /
+// int8-weight (data int8 [N, K], scale [N]) or int4 (data uint8 [N, K/2], scale [N, K/group], zero
+// [N, K/group] when !symmetric): normengine.ops.quantize_weight's arithmetic, in float64, threaded
+// (ops/quantize_weight.cpp). Returns false (writing nothing meaningful) if w holds NaN or Inf.
+bool quantize_weight_rows(const void* w, DType wdtype, int64_t ldw, int64_t N, int64_t K, QFormat fmt, int group,
+                          bool symmetric, void* data, float* scale, float* zero);
+
 #if defined(NE_WITH_CUDA)
 namespace cuda {
 // The same op on the GPU (cuda/quant_gemm.cu). x: device pointer, dtype xdt (F32, BF16 or F16), M rows, row stride ldx;

@@ -134,10 +134,12 @@ def quantize_weight(w: torch.Tensor, format: str, group_size: int | None = None,
     return _quantize_weight(w, format, group_size, symmetric)
 
 
-def _quantize_weight(w, format, group_size=None, symmetric=True, done_with=None):
+def _quantize_weight(w, format, group_size=None, symmetric=True, done_with=None, native=None):
     """quantize_weight; done_with(rows) is called with each block of w's rows once it has been read
     for the last time (normengine.load releases a mapped checkpoint's pages block by block, so that a
-    large weight is never resident whole)."""
+    large weight is never resident whole). native (default: CPU weights in int8 / int8-weight / int4):
+    the same arithmetic in C++ (_C.quantize_weight_rows, threaded); False: the torch code below, the
+    reference (and the path for CUDA weights and fp8)."""
     if not isinstance(w, torch.Tensor):
         raise DTypeError(f"w: expected a torch.Tensor, got {type(w).__name__}")
     if not w.is_floating_point():
@@ -152,6 +154,24 @@ def _quantize_weight(w, format, group_size=None, symmetric=True, done_with=None)
     # rows per block: ~1M elements, a multiple of 128 (fp8 blocks never straddle two row blocks)
     step = max(128, (1 << 20) // max(K, 1) // 128 * 128)
     blocks = [(r, min(N, r + step)) for r in range(0, N, step)]
+    if native is None:
+        native = (w.device.type == "cpu" and format in ("int8", "int8-weight", "int4")
+                  and w.dtype in (torch.float32, torch.bfloat16, torch.float16))
+    if native:
+        from .. import _C
+
+        int4 = format == "int4"
+        data = torch.empty(N, K // 2 if int4 else K, dtype=torch.uint8 if int4 else torch.int8)
+        s = torch.empty((N, K // g) if int4 else (N,), dtype=torch.float32)
+        z = torch.empty(N, K // g, dtype=torch.float32) if int4 and not symmetric else None
+        for r0, r1 in blocks:
+            src = w[r0:r1] if w.stride(-1) == 1 else w[r0:r1].contiguous()
+            if not _C.quantize_weight_rows(src, _CODE[format], g if int4 else 0, bool(symmetric), data[r0:r1],
+                                           s[r0:r1], None if z is None else z[r0:r1]):
+                raise ArgumentError("w: holds NaN or Inf; a quantized weight needs finite values")
+            if done_with is not None:
+                done_with(w[r0:r1])
+        return QuantizedWeight(format, (N, K), data, s, z, g) if int4 else QuantizedWeight(format, (N, K), data, s)
 
     def rows(r0, r1, last=True):
         b = w[r0:r1].to(torch.float64)
