@@ -169,6 +169,8 @@ def release_pages(t: torch.Tensor) -> int:
     number of bytes released (0 when `t` is not mapped memory)."""
     if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.numel() == 0:
         return 0
+    if not t.is_contiguous():  # a strided view's elements do not fill [data_ptr, + numel): keep every page
+        return 0
     lo = t.data_ptr()
     hi = lo + t.numel() * t.element_size()
     for start, end, ref in _MAPS:
