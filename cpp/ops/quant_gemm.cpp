@@ -215,6 +215,25 @@ void int4_tile512(const QArgs& a, int64_t m, int64_t n, int64_t g0, int64_t g1, 
 }
 #endif
 
+#if defined(__AVX512F__)
+// Rows [m, m + MR) of x against rows [n0, n1) of W: tiles of NR rows of W (then single rows), over K
+// blocks of GB groups, the sums gathered in `part` and stored once.
+template <int MR, int NR>
+void int4_rows512(const QArgs& a, int64_t m, int64_t n0, int64_t n1, int64_t GB) {
+  const int64_t G = a.w->K / a.w->group, ldp = n1 - n0;
+  thread_local std::vector<float> part;
+  part.assign(static_cast<size_t>(MR * ldp), 0.0f);
+  for (int64_t gb = 0; gb < G; gb += GB) {
+    const int64_t ge = std::min(G, gb + GB);
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR) int4_tile512<MR, NR>(a, m, n, gb, ge, part.data() + (n - n0), ldp);
+    for (; n < n1; ++n) int4_tile512<MR, 1>(a, m, n, gb, ge, part.data() + (n - n0), ldp);
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int64_t n = n0; n < n1; ++n) quant_store(a, m + r, n, part[r * ldp + (n - n0)]);
+}
+#endif
+
 void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
   const QWeight& w = *a.w;
   const int64_t K = w.K, g = w.group, G = K / g;
@@ -226,53 +245,13 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
   // of K (four FMA chains, the loads of x shared). Four rows of x: two rows of W (eight chains, each
   // decoded W vector used four times), over K blocks of 1024 columns, so that the four rows' block of
   // x (16 KB) stays in the L1 while the thread's rows of W pass; partial sums in `part`.
-  if (a.M >= 4) {
-    thread_local std::vector<float> part;
-    const int64_t ldp = n1 - n0, GB = std::max<int64_t>(1, 1024 / g);
-    part.resize(static_cast<size_t>(4 * ldp));
-    for (; m0 + 4 <= a.M; m0 += 4) {
-      std::fill(part.begin(), part.end(), 0.0f);
-      for (int64_t gb = 0; gb < G; gb += GB) {
-        const int64_t ge = std::min(G, gb + GB);
-        int64_t n = n0;
-        for (; n + 2 <= n1; n += 2) int4_tile512<4, 2>(a, m0, n, gb, ge, part.data() + (n - n0), ldp);
-        for (; n < n1; ++n) int4_tile512<4, 1>(a, m0, n, gb, ge, part.data() + (n - n0), ldp);
-      }
-      for (int r = 0; r < 4; ++r)
-        for (int64_t n = n0; n < n1; ++n) quant_store(a, m0 + r, n, part[r * ldp + (n - n0)]);
-    }
-  }
+  const int64_t GB = std::max<int64_t>(1, 1024 / g);
+  for (; m0 + 4 <= a.M; m0 += 4) int4_rows512<4, 2>(a, m0, n0, n1, GB);
   if (m0 + 2 <= a.M) {  // two rows left: four rows of W at a time
-    float part[8];
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) {
-      std::fill(part, part + 8, 0.0f);
-      int4_tile512<2, 4>(a, m0, n, 0, G, part, 4);
-      for (int r = 0; r < 2; ++r)
-        for (int c = 0; c < 4; ++c) quant_store(a, m0 + r, n + c, part[r * 4 + c]);
-    }
-    for (; n < n1; ++n) {
-      part[0] = part[1] = 0.0f;
-      int4_tile512<2, 1>(a, m0, n, 0, G, part, 1);
-      quant_store(a, m0, n, part[0]);
-      quant_store(a, m0 + 1, n, part[1]);
-    }
+    int4_rows512<2, 4>(a, m0, n0, n1, G);
     m0 += 2;
   }
-  for (; m0 < a.M; ++m0) {
-    int64_t n = n0;
-    float part[4];
-    for (; n + 4 <= n1; n += 4) {
-      part[0] = part[1] = part[2] = part[3] = 0.0f;
-      int4_tile512<1, 4>(a, m0, n, 0, G, part, 1);
-      for (int c = 0; c < 4; ++c) quant_store(a, m0, n + c, part[c]);
-    }
-    for (; n < n1; ++n) {
-      part[0] = 0.0f;
-      int4_tile512<1, 1>(a, m0, n, 0, G, part, 1);
-      quant_store(a, m0, n, part[0]);
-    }
-  }
+  for (; m0 < a.M; ++m0) int4_rows512<1, 4>(a, m0, n0, n1, G);
   return;
 #elif defined(__AVX2__)
   // Rows of x in groups of 4 share each decode of 16 nibbles (2 x 8 floats), then 2 FMAs per row.
