@@ -95,6 +95,38 @@ def test_quantizing_load_streams_the_same_weights(fmt, kw, dtype):
             assert torch.equal(got[k], want[k]), (n, k)
 
 
+def test_quantizer_does_not_mistake_a_reused_id_for_a_tie():
+    """The streaming quantizer recognizes a tied weight (one tensor under two names) by identity. A
+    weight it packed and freed can hand its id() to a tensor made later: that tensor is a new weight
+    and gets its own packing, not the freed one's. (CPython reuses the freed object's memory at once;
+    this made normengine.load(quant="fp8", dtype=torch.bfloat16) pack a few weights wrongly, one load
+    in ~30.)"""
+    import gc
+
+    from normengine.convert.quant import Quantizer
+    from normengine.ops.quant import quantize_weight
+
+    m = ne.load()
+    q = Quantizer(m.config, "fp8", consume=True)
+    a, b = "blocks.0.attn.q.weight", "blocks.0.attn.k.weight"
+    g = torch.Generator().manual_seed(3)
+    out = {a: torch.randn(m.tensors[a].shape, generator=g)}
+    freed = id(out[a])
+    q.weights(out, [a])
+    gc.collect()
+    keep = []  # fresh weights, until one gets the freed weight's id
+    for _ in range(10000):
+        keep.append(torch.randn(m.tensors[b].shape, generator=g))
+        if id(keep[-1]) == freed:
+            break
+    assert id(keep[-1]) == freed, "no tensor reused the freed id: the case this test checks did not arise"
+    out[b] = keep[-1]
+    q.weights(out, [b])
+    want = quantize_weight(keep[-1], "fp8")
+    for k, t in want.tensors().items():
+        assert torch.equal(out[b].tensors()[k], t), k
+
+
 def test_quant_composes_with_norm_conversion():
     m = ne.load(norm="rmsnorm", quant="int8")
     assert m.config.norm == "rmsnorm" and m.config.quantization == "int8"

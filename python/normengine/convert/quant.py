@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 import time
+import weakref
 
 import torch
 
@@ -105,7 +106,9 @@ class Quantizer:
         total = sum(shapes[n][0] * shapes[n][1] for n in self.names)
         self.bar = _Progress(f"quantizing to {fmt}", len(self.names),
                              total > 50_000_000 if progress is None else progress)
-        self.done = {}       # id(full-precision weight) -> its packed weight (tied names share one)
+        # id(full-precision weight) -> (weakref to it, its packed weight): tied names share one. The
+        # weakref tells a live tie from a weight freed after packing whose id a later tensor reuses.
+        self.done = {}
         self.packed = set()  # names done
 
     def weights(self, out: dict, names, sd: dict | None = None):
@@ -121,8 +124,9 @@ class Quantizer:
                 continue
             w = out[n]
             self.packed.add(n)
-            if id(w) in self.done:  # a tied embedding / head: one packed weight under both names
-                out[n] = sd[n] = self.done[id(w)]
+            seen = self.done.get(id(w))
+            if seen is not None and seen[0]() is w:  # a tied embedding / head: one packed weight under both names
+                out[n] = sd[n] = seen[1]
                 self.bar.step()
                 continue
             shared = any(v is w and k != n for k, v in sd.items()) or any(v is w and k != n for k, v in out.items())
@@ -131,7 +135,8 @@ class Quantizer:
             # too, and a second full-size tensor)
             q = _quantize_weight(w.detach(), self.fmt, self.group_size if self.fmt in ("int4", "fp8") else None,
                                  self.symmetric, done_with=release)
-            self.done[id(w)] = out[n] = q
+            self.done[id(w)] = (weakref.ref(w), q)
+            out[n] = q
             if self.consume and not shared:  # the caller's dict gives up the full-precision weight at once
                 sd[n] = q
             del w
