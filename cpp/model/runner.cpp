@@ -30,6 +30,7 @@
 
 #include "core/half.h"
 #include "core/parallel.h"
+#include "model/weights.h"
 #include "normengine/model.h"
 #include "ops/attention.h"
 #include "ops/gemm.h"
@@ -233,103 +234,26 @@ Runner::~Runner() = default;
 
 void Runner::set_tensor(const std::string& name, const TensorView& t) {
   const ModelSpec& s = spec_;
-  const int64_t d = s.d_model, dq = static_cast<int64_t>(s.n_heads) * s.head_dim,
-                dkv = static_cast<int64_t>(s.n_kv_heads) * s.head_dim, f = s.d_ff;
-  auto view = [&](int64_t rows, int64_t cols, bool vec, bool f32_only) {
-    if (t.device.type != DeviceType::CPU)
-      throw DeviceError(name + ": the runner's weights must be on the CPU, got " + t.device.str());
-    if (!is_float(t.dtype) || t.dtype == DType::F64 || (f32_only && t.dtype != DType::F32))
-      throw DTypeError(name + ": expected " + (f32_only ? std::string("float32") : "float32, bfloat16 or float16") +
-                       ", got " + dtype_name(t.dtype));
-    bool ok = vec ? (t.ndim == 1 && t.shape[0] == cols) : (t.ndim == 2 && t.shape[0] == rows && t.shape[1] == cols);
-    if (!ok) {
-      std::string want = vec ? "(" + std::to_string(cols) + ",)"
-                             : "(" + std::to_string(rows) + ", " + std::to_string(cols) + ")";
-      throw ShapeError(name + ": expected shape " + want + ", got " + shape_str(t));
-    }
-    if ((vec && t.strides[0] != 1) || (!vec && (t.strides[1] != 1 || t.strides[0] < cols)))
-      throw ShapeError(name + ": expected contiguous rows");
-    W w;
-    w.data = t.data;
-    w.dtype = t.dtype;
-    w.rows = vec ? 1 : rows;
-    w.cols = cols;
-    w.ld = vec ? cols : t.strides[0];
-    return w;
-  };
-  auto mat = [&](int64_t r, int64_t c) { return view(r, c, false, false); };
-  auto vecf = [&](int64_t n) { return view(1, n, true, true); };
-
-  if (name == "tok_emb.weight") { impl_->tok_emb = mat(s.vocab, d); return; }
-  if (name == "pos_emb.weight") { impl_->pos_emb = mat(s.max_seq_len, d); return; }
-  if (name == "final_norm.weight") { impl_->final_w = vecf(d); return; }
-  if (name == "final_norm.bias") { impl_->final_b = vecf(d); return; }
-  if (name == "lm_head.weight") { impl_->head = mat(s.vocab, d); return; }
-  if (name == "lm_head.bias") { impl_->head_b = vecf(s.vocab); return; }
-  if (name.rfind("blocks.", 0) == 0) {
-    size_t dot = name.find('.', 7);
-    int i = -1;
-    try {
-      i = std::stoi(name.substr(7, dot - 7));
-    } catch (...) {
-    }
-    if (i < 0 || i >= s.n_layers || dot == std::string::npos)
-      throw ValueError(name + ": no such layer (the model has " + std::to_string(s.n_layers) + ")");
-    Layer& L = impl_->layers[i];
-    const std::string r = name.substr(dot + 1);
-    if (r == "attn_norm.weight") { L.attn_norm_w = vecf(d); return; }
-    if (r == "attn_norm.bias") { L.attn_norm_b = vecf(d); return; }
-    if (r == "mlp_norm.weight") { L.mlp_norm_w = vecf(d); return; }
-    if (r == "mlp_norm.bias") { L.mlp_norm_b = vecf(d); return; }
-    if (r == "attn.q.weight") { L.q = mat(dq, d); return; }
-    if (r == "attn.k.weight") { L.k = mat(dkv, d); return; }
-    if (r == "attn.v.weight") { L.v = mat(dkv, d); return; }
-    if (r == "attn.o.weight") { L.o = mat(d, dq); return; }
-    if (r == "attn.q.bias") { L.qb = vecf(dq); return; }
-    if (r == "attn.k.bias") { L.kb = vecf(dkv); return; }
-    if (r == "attn.v.bias") { L.vb = vecf(dkv); return; }
-    if (r == "attn.o.bias") { L.ob = vecf(d); return; }
-    if (r == "attn.decay") {
-      if (L.type != AttnType::Norm) throw ValueError(name + ": only norm-attention layers take a decay");
-      L.decay = vecf(s.n_heads);
-      return;
-    }
-    if (r == "mlp.up.weight") { L.up = mat(f, d); return; }
-    if (r == "mlp.gate.weight") { L.gate = mat(f, d); return; }
-    if (r == "mlp.down.weight") { L.down = mat(d, f); return; }
-    if (r == "mlp.up.bias") { L.upb = vecf(f); return; }
-    if (r == "mlp.gate.bias") { L.gateb = vecf(f); return; }
-    if (r == "mlp.down.bias") { L.downb = vecf(d); return; }
+  if (t.device.type != DeviceType::CPU)
+    throw DeviceError(name + ": the runner's weights must be on the CPU, got " + t.device.str());
+  std::string r;
+  const int i = layer_of(name, s, &r);
+  if (i >= 0 && r == "attn.decay") {  // norm attention's per-head decay: the CPU runner's alone
+    if (impl_->layers[i].type != AttnType::Norm) throw ValueError(name + ": only norm-attention layers take a decay");
+    set_dense_weight(WeightSlot<W>{&impl_->layers[i].decay, 1, s.n_heads, true, false}, name, t);
+    return;
   }
-  throw ValueError(name + ": not a tensor of this model");
+  const WeightSlot<W> slot = weight_slot<W>(*impl_, s, name);
+  if (!slot.w) throw ValueError(name + ": not a tensor of this model");
+  set_dense_weight(slot, name, t);
 }
 
 void Runner::set_quant_tensor(const std::string& name, int format, const TensorView& data, const TensorView& scale,
                               const TensorView* zero, int64_t group) {
-  const ModelSpec& s = spec_;
-  const int64_t d = s.d_model, dq = static_cast<int64_t>(s.n_heads) * s.head_dim,
-                dkv = static_cast<int64_t>(s.n_kv_heads) * s.head_dim, f = s.d_ff;
   // The matrix this name refers to, and its [rows, cols].
-  W* w = nullptr;
-  int64_t N = 0, K = 0;
-  if (name == "tok_emb.weight") { w = &impl_->tok_emb; N = s.vocab; K = d; }
-  else if (name == "lm_head.weight") { w = &impl_->head; N = s.vocab; K = d; }
-  else if (name.rfind("blocks.", 0) == 0) {
-    size_t dot = name.find('.', 7);
-    int i = -1;
-    try { i = std::stoi(name.substr(7, dot - 7)); } catch (...) {}
-    if (i < 0 || i >= s.n_layers || dot == std::string::npos)
-      throw ValueError(name + ": no such layer (the model has " + std::to_string(s.n_layers) + ")");
-    Layer& L = impl_->layers[i];
-    const std::string r = name.substr(dot + 1);
-    if (r == "attn.q.weight") { w = &L.q; N = dq; K = d; }
-    else if (r == "attn.k.weight") { w = &L.k; N = dkv; K = d; }
-    else if (r == "attn.v.weight") { w = &L.v; N = dkv; K = d; }
-    else if (r == "attn.o.weight") { w = &L.o; N = d; K = dq; }
-    else if (r == "mlp.up.weight") { w = &L.up; N = f; K = d; }
-    else if (r == "mlp.gate.weight") { w = &L.gate; N = f; K = d; }
-    else if (r == "mlp.down.weight") { w = &L.down; N = d; K = f; }
-  }
+  const WeightSlot<W> slot = weight_slot<W>(*impl_, spec_, name);
+  W* w = slot.quantizable ? slot.w : nullptr;
+  const int64_t N = slot.rows, K = slot.cols;
   if (!w) throw ValueError(name + ": not a quantizable weight of this model (linear weights and embeddings only)");
   if (format < 0 || format > 3) throw ValueError(name + ": format: expected 0..3 (QFormat), got " + std::to_string(format));
   const QFormat fmt = static_cast<QFormat>(format);
@@ -390,32 +314,8 @@ void Runner::set_quant_tensor(const std::string& name, int format, const TensorV
 
 void Runner::finalize() {
   const ModelSpec& s = spec_;
-  auto need = [](const W& w, const std::string& name) {
-    if (!w.present()) throw ValueError(name + ": missing (never handed to the runner)");
-  };
+  check_weights_complete(*impl_, s);
   const bool has_norm = s.norm >= 0, ln = s.norm == 0;
-  need(impl_->tok_emb, "tok_emb.weight");
-  need(impl_->head, "lm_head.weight");
-  if (s.learned_pos) need(impl_->pos_emb, "pos_emb.weight");
-  if (has_norm) need(impl_->final_w, "final_norm.weight");
-  if (ln) need(impl_->final_b, "final_norm.bias");
-  if (s.head_bias) need(impl_->head_b, "lm_head.bias");
-  for (int i = 0; i < s.n_layers; ++i) {
-    const Layer& L = impl_->layers[i];
-    const std::string p = "blocks." + std::to_string(i) + ".";
-    if (has_norm) { need(L.attn_norm_w, p + "attn_norm.weight"); need(L.mlp_norm_w, p + "mlp_norm.weight"); }
-    if (ln) { need(L.attn_norm_b, p + "attn_norm.bias"); need(L.mlp_norm_b, p + "mlp_norm.bias"); }
-    need(L.q, p + "attn.q.weight"); need(L.k, p + "attn.k.weight"); need(L.v, p + "attn.v.weight");
-    need(L.o, p + "attn.o.weight"); need(L.up, p + "mlp.up.weight"); need(L.down, p + "mlp.down.weight");
-    if (s.gated_mlp) need(L.gate, p + "mlp.gate.weight");
-    if (s.qkv_bias) { need(L.qb, p + "attn.q.bias"); need(L.kb, p + "attn.k.bias"); need(L.vb, p + "attn.v.bias"); }
-    if (s.o_bias) need(L.ob, p + "attn.o.bias");
-    if (s.mlp_bias) {
-      need(L.upb, p + "mlp.up.bias");
-      need(L.downb, p + "mlp.down.bias");
-      if (s.gated_mlp) need(L.gateb, p + "mlp.gate.bias");
-    }
-  }
   // Fused norms when every norm is the bare normalization (gains 1, biases 0).
   auto unit = [&](const W& w, const W& b) {
     for (int64_t i = 0; i < s.d_model; ++i)

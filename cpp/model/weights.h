@@ -1,0 +1,141 @@
+// weights.h: the runner's tensor names, their shapes under a ModelSpec, and the checks a weight
+// handed to a runner passes. Shared by the CPU runner (model/runner.cpp) and the CUDA runner
+// (cuda/runner.cu), whose per-model and per-layer structs use the same member names:
+//   model: tok_emb, pos_emb, final_w, final_b, head, head_b, layers[i]
+//   layer: attn_norm_w/_b, mlp_norm_w/_b, q k v o (+ qb kb vb ob), up gate down (+ upb gateb downb)
+// Names are those of normengine's canonical checkpoint layout ("blocks.{i}.attn.q.weight", ...).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "normengine/model.h"
+#include "normengine/tensor.h"
+
+namespace ne {
+
+// Where a named tensor goes in a runner, and the shape it must have: [rows, cols], or a vector of
+// cols elements (vec; float32 only). quantizable: a linear weight or an embedding, which
+// set_quant_tensor may hand over packed.
+template <class Wt>
+struct WeightSlot {
+  Wt* w = nullptr;
+  int64_t rows = 0, cols = 0;
+  bool vec = false, quantizable = false;
+};
+
+// "blocks.{i}.rest": i, with *rest = "rest"; -1 for a name outside the blocks. An i outside the model
+// (or no number) raises ValueError.
+inline int layer_of(const std::string& name, const ModelSpec& s, std::string* rest) {
+  if (name.rfind("blocks.", 0) != 0) return -1;
+  const size_t dot = name.find('.', 7);
+  int i = -1;
+  try {
+    i = std::stoi(name.substr(7, dot - 7));
+  } catch (...) {
+  }
+  if (i < 0 || i >= s.n_layers || dot == std::string::npos)
+    throw ValueError(name + ": no such layer (the model has " + std::to_string(s.n_layers) + ")");
+  *rest = name.substr(dot + 1);
+  return i;
+}
+
+// The slot of `name` in model `m` (a runner's Impl), or w = nullptr when the model has no such
+// tensor. A "blocks.{i}." name with i outside the model raises ValueError.
+template <class Wt, class Model>
+WeightSlot<Wt> weight_slot(Model& m, const ModelSpec& s, const std::string& name) {
+  const int64_t d = s.d_model, dq = static_cast<int64_t>(s.n_heads) * s.head_dim,
+                dkv = static_cast<int64_t>(s.n_kv_heads) * s.head_dim, f = s.d_ff;
+  auto mat = [](Wt& w, int64_t rows, int64_t cols, bool quantizable = true) {
+    return WeightSlot<Wt>{&w, rows, cols, false, quantizable};
+  };
+  auto vec = [](Wt& w, int64_t n) { return WeightSlot<Wt>{&w, 1, n, true, false}; };
+  if (name == "tok_emb.weight") return mat(m.tok_emb, s.vocab, d);
+  if (name == "pos_emb.weight") return mat(m.pos_emb, s.max_seq_len, d, false);
+  if (name == "final_norm.weight") return vec(m.final_w, d);
+  if (name == "final_norm.bias") return vec(m.final_b, d);
+  if (name == "lm_head.weight") return mat(m.head, s.vocab, d);
+  if (name == "lm_head.bias") return vec(m.head_b, s.vocab);
+  std::string r;
+  const int i = layer_of(name, s, &r);
+  if (i < 0) return {};
+  auto& L = m.layers[i];
+  if (r == "attn_norm.weight") return vec(L.attn_norm_w, d);
+  if (r == "attn_norm.bias") return vec(L.attn_norm_b, d);
+  if (r == "mlp_norm.weight") return vec(L.mlp_norm_w, d);
+  if (r == "mlp_norm.bias") return vec(L.mlp_norm_b, d);
+  if (r == "attn.q.weight") return mat(L.q, dq, d);
+  if (r == "attn.k.weight") return mat(L.k, dkv, d);
+  if (r == "attn.v.weight") return mat(L.v, dkv, d);
+  if (r == "attn.o.weight") return mat(L.o, d, dq);
+  if (r == "attn.q.bias") return vec(L.qb, dq);
+  if (r == "attn.k.bias") return vec(L.kb, dkv);
+  if (r == "attn.v.bias") return vec(L.vb, dkv);
+  if (r == "attn.o.bias") return vec(L.ob, d);
+  if (r == "mlp.up.weight") return mat(L.up, f, d);
+  if (r == "mlp.gate.weight") return mat(L.gate, f, d);
+  if (r == "mlp.down.weight") return mat(L.down, d, f);
+  if (r == "mlp.up.bias") return vec(L.upb, f);
+  if (r == "mlp.gate.bias") return vec(L.gateb, f);
+  if (r == "mlp.down.bias") return vec(L.downb, d);
+  return {};
+}
+
+// A dense weight for `slot`: t's dtype (float32 / bfloat16 / float16; vectors float32), shape and
+// row-contiguity checked (the device is the caller's to check), the slot's struct filled in.
+template <class Wt>
+void set_dense_weight(const WeightSlot<Wt>& slot, const std::string& name, const TensorView& t) {
+  const int64_t rows = slot.rows, cols = slot.cols;
+  const bool vec = slot.vec;
+  if (!is_float(t.dtype) || t.dtype == DType::F64 || (vec && t.dtype != DType::F32))
+    throw DTypeError(name + ": expected " + (vec ? std::string("float32") : "float32, bfloat16 or float16") +
+                     ", got " + dtype_name(t.dtype));
+  const bool ok = vec ? (t.ndim == 1 && t.shape[0] == cols) : (t.ndim == 2 && t.shape[0] == rows && t.shape[1] == cols);
+  if (!ok) {
+    const std::string want = vec ? "(" + std::to_string(cols) + ",)"
+                                 : "(" + std::to_string(rows) + ", " + std::to_string(cols) + ")";
+    throw ShapeError(name + ": expected shape " + want + ", got " + shape_str(t));
+  }
+  if ((vec && t.strides[0] != 1) || (!vec && (t.strides[1] != 1 || t.strides[0] < cols)))
+    throw ShapeError(name + ": expected contiguous rows");
+  Wt w;
+  w.data = t.data;
+  w.dtype = t.dtype;
+  w.rows = rows;
+  w.cols = cols;
+  w.ld = vec ? cols : t.strides[0];
+  *slot.w = w;
+}
+
+// finalize(): every tensor the spec calls for was handed over; else ValueError naming the first missing.
+template <class Model>
+void check_weights_complete(const Model& m, const ModelSpec& s) {
+  auto need = [](const auto& w, const std::string& name) {
+    if (!w.present()) throw ValueError(name + ": missing (never handed to the runner)");
+  };
+  const bool has_norm = s.norm >= 0, ln = s.norm == 0;
+  need(m.tok_emb, "tok_emb.weight");
+  need(m.head, "lm_head.weight");
+  if (s.learned_pos) need(m.pos_emb, "pos_emb.weight");
+  if (has_norm) need(m.final_w, "final_norm.weight");
+  if (ln) need(m.final_b, "final_norm.bias");
+  if (s.head_bias) need(m.head_b, "lm_head.bias");
+  for (int i = 0; i < s.n_layers; ++i) {
+    const auto& L = m.layers[i];
+    const std::string p = "blocks." + std::to_string(i) + ".";
+    if (has_norm) { need(L.attn_norm_w, p + "attn_norm.weight"); need(L.mlp_norm_w, p + "mlp_norm.weight"); }
+    if (ln) { need(L.attn_norm_b, p + "attn_norm.bias"); need(L.mlp_norm_b, p + "mlp_norm.bias"); }
+    need(L.q, p + "attn.q.weight"); need(L.k, p + "attn.k.weight"); need(L.v, p + "attn.v.weight");
+    need(L.o, p + "attn.o.weight"); need(L.up, p + "mlp.up.weight"); need(L.down, p + "mlp.down.weight");
+    if (s.gated_mlp) need(L.gate, p + "mlp.gate.weight");
+    if (s.qkv_bias) { need(L.qb, p + "attn.q.bias"); need(L.kb, p + "attn.k.bias"); need(L.vb, p + "attn.v.bias"); }
+    if (s.o_bias) need(L.ob, p + "attn.o.bias");
+    if (s.mlp_bias) {
+      need(L.upb, p + "mlp.up.bias");
+      need(L.downb, p + "mlp.down.bias");
+      if (s.gated_mlp) need(L.gateb, p + "mlp.gate.bias");
+    }
+  }
+}
+
+}  // namespace ne
