@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include "bench_common.h"
 #include "core/half.h"
 #include "core/parallel.h"
 #include "normengine/ops.h"
@@ -27,65 +28,15 @@
 
 namespace {
 
+using bench::Buffer;
+using bench::fill;
+using bench::parallel_memcpy;
+using bench::seconds_of;
+using bench::median;
+using bench::flush_caches;
+using bench::arg_int;
+
 using ne::DType;
-
-struct Buffer {
-  char* p = nullptr;
-  explicit Buffer(size_t bytes) {
-    p = static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
-    if (!p) { std::fprintf(stderr, "out of memory (%zu bytes)\n", bytes); std::exit(1); }
-    std::memset(p, 0, bytes);  // touch every page once, before any timing
-  }
-  ~Buffer() { std::free(p); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-};
-
-// Deterministic values in [-1, 1) in the given dtype.
-void fill(void* p, DType t, int64_t count, uint32_t seed) {
-  uint32_t s = seed * 2654435761u + 1;
-  for (int64_t i = 0; i < count; ++i) {
-    s = s * 1664525u + 1013904223u;
-    float v = static_cast<float>(s >> 8) * (2.0f / 16777216.0f) - 1.0f;
-    if (t == DType::F32) static_cast<float*>(p)[i] = v;
-    else static_cast<uint16_t*>(p)[i] = ne::f32_to_bf16(v);
-  }
-}
-
-void parallel_memcpy(char* dst, const char* src, int64_t bytes) {
-  ne::parallel_for(bytes, int64_t(1) << 16, [&](int64_t b, int64_t e, int) {
-    std::memcpy(dst + b, src + b, static_cast<size_t>(e - b));
-  });
-}
-
-double seconds_of(const std::function<void()>& fn) {
-  auto t0 = std::chrono::steady_clock::now();
-  fn();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-// Evict the caches with a read of 128 MB (no dirty lines left to write back during the timing).
-volatile float g_sink;
-void flush_caches(const Buffer& scratch, int64_t bytes) {
-  std::vector<float> part(64, 0.0f);
-  ne::parallel_for(bytes / 64, 4096, [&](int64_t b, int64_t e, int tid) {
-    float s = 0;
-    for (int64_t i = b; i < e; ++i) s += reinterpret_cast<const float*>(scratch.p)[i * 16];
-    part[tid] += s;
-  });
-  g_sink = part[0];
-}
-
-int64_t arg_int(int argc, char** argv, int& i) {
-  if (i + 1 >= argc) { std::fprintf(stderr, "%s needs a value\n", argv[i]); std::exit(2); }
-  return std::atoll(argv[++i]);
-}
 
 }  // namespace
 
@@ -119,7 +70,7 @@ int main(int argc, char** argv) {
     Buffer csrc(static_cast<size_t>(max_w) * 2 + 4096), cdst(static_cast<size_t>(max_w) * 2 + 4096);
     const int64_t kFlush = int64_t(128) << 20;  // 4x the 32 MB L3
     Buffer scratch(kFlush);
-    auto flush = [&] { flush_caches(scratch, kFlush); };
+    auto flush = [&] { flush_caches(scratch); };
     fill(x.p, DType::F32, max_m * max_k, 1);
     fill(bias.p, DType::F32, max_n, 2);
     std::memset(csrc.p, 1, static_cast<size_t>(max_w) * 2);

@@ -17,18 +17,13 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.h"
 #include "normengine/ops.h"
 #include "ops/linear_attention.h"
 
 namespace {
 
-void fill(std::vector<float>& v, uint32_t seed) {
-  uint32_t s = seed * 2654435761u + 1;
-  for (auto& x : v) {
-    s = s * 1664525u + 1013904223u;
-    x = static_cast<float>(s >> 8) * (2.0f / 16777216.0f) - 1.0f;
-  }
-}
+using bench::fill;
 
 double median_ms(const std::function<void()>& f, int repeats) {
   f();  // warm-up

@@ -19,12 +19,15 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.h"
 #include "core/parallel.h"
 #include "normengine/ops.h"
 #include "ops/gemm.h"
 #include "ops/lmul.h"
 
 namespace {
+
+using bench::median;
 
 void fill(std::vector<float>& v, uint32_t seed) {
   uint32_t s = seed * 2654435761u + 1;
@@ -33,17 +36,6 @@ void fill(std::vector<float>& v, uint32_t seed) {
     x = static_cast<float>(s >> 8) * (2.0f / 16777216.0f) - 1.0f;
     if (x == 0.0f) x = 0.5f;
   }
-}
-
-double seconds(const std::function<void()>& f) {
-  auto t0 = std::chrono::steady_clock::now();
-  f();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 }  // namespace
@@ -80,8 +72,8 @@ int main(int argc, char** argv) {
     run_f();
     std::vector<double> tl, tf;
     for (int r = 0; r < repeats; ++r) {
-      tl.push_back(seconds(run_l));
-      tf.push_back(seconds(run_f));
+      tl.push_back(bench::seconds_of(run_l));
+      tf.push_back(bench::seconds_of(run_f));
     }
     const double flop = 2.0 * s.M * s.N * s.K, gl = flop / median(tl) * 1e-9, gf = flop / median(tf) * 1e-9;
     char name[64];

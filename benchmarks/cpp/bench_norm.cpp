@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "bench_common.h"
 #include "core/half.h"
 #include "core/parallel.h"
 #include "normengine/ops.h"
@@ -30,63 +31,17 @@
 
 namespace {
 
+using bench::Buffer;
+using bench::fill;
+using bench::parallel_memcpy;
+using bench::seconds_of;
+using bench::median;
+using bench::flush_caches;
+using bench::arg_int;
+
 using ne::DType;
 using ne::NormKind;
 using ne::TensorView;
-
-struct Buffer {
-  char* p = nullptr;
-  explicit Buffer(size_t bytes) {
-    p = static_cast<char*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
-    if (!p) { std::fprintf(stderr, "out of memory (%zu bytes)\n", bytes); std::exit(1); }
-    std::memset(p, 0, bytes);  // touch every page once, before any timing
-  }
-  ~Buffer() { std::free(p); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-};
-
-// Deterministic values in [-2, 2) in the tensor's dtype.
-void fill(void* p, DType t, int64_t count, uint32_t seed) {
-  uint32_t s = seed * 2654435761u + 1;
-  for (int64_t i = 0; i < count; ++i) {
-    s = s * 1664525u + 1013904223u;
-    float v = static_cast<float>(s >> 8) * (4.0f / 16777216.0f) - 2.0f;
-    if (t == DType::F32) static_cast<float*>(p)[i] = v;
-    else static_cast<uint16_t*>(p)[i] = ne::f32_to_bf16(v);
-  }
-}
-
-void parallel_memcpy(char* dst, const char* src, int64_t bytes) {
-  ne::parallel_for(bytes, int64_t(1) << 20, [&](int64_t b, int64_t e, int) {
-    std::memcpy(dst + b, src + b, static_cast<size_t>(e - b));
-  });
-}
-
-double seconds_of(const std::function<void()>& fn) {
-  auto t0 = std::chrono::steady_clock::now();
-  fn();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-// Evict the caches (read, so that no dirty lines are written back during the next timing): every
-// timed run then starts with its data in DRAM, as for a tensor larger than the last-level cache.
-volatile float g_sink;
-void flush_caches(const Buffer& scratch, int64_t bytes) {
-  std::vector<float> part(64, 0.0f);
-  ne::parallel_for(bytes / 64, 4096, [&](int64_t b, int64_t e, int tid) {
-    float s = 0;
-    for (int64_t i = b; i < e; ++i) s += reinterpret_cast<const float*>(scratch.p)[i * 16];
-    part[tid] += s;
-  });
-  g_sink = part[0];
-}
 
 // Median seconds of `op` and of `copy`, timed alternately `repeats` times after 2 warm-up rounds,
 // each from cold caches.
@@ -101,11 +56,6 @@ std::pair<double, double> time_pair(const std::function<void()>& op, const std::
     b.push_back(seconds_of(copy));
   }
   return {median(a), median(b)};
-}
-
-int64_t arg_int(int argc, char** argv, int& i) {
-  if (i + 1 >= argc) { std::fprintf(stderr, "%s needs a value\n", argv[i]); std::exit(2); }
-  return std::atoll(argv[++i]);
 }
 
 }  // namespace
@@ -148,7 +98,7 @@ int main(int argc, char** argv) {
     Buffer csrc(2 * tb + 4096), cdst(2 * tb + 4096);  // the largest traffic (add+norm, f32) / 2
     const int64_t kFlush = int64_t(128) << 20;  // 4x the 32 MB L3 of the machine this was written on
     Buffer scratch(kFlush);
-    auto flush = [&] { flush_caches(scratch, kFlush); };
+    auto flush = [&] { flush_caches(scratch); };
     fill(w.p, DType::F32, max_cols, 7);
     fill(b.p, DType::F32, max_cols, 8);
     std::memset(csrc.p, 1, 2 * tb);

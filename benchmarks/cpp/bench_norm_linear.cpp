@@ -16,23 +16,16 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.h"
 #include "core/parallel.h"
 #include "normengine/ops.h"
 #include "ops/gemm.h"
 
 namespace {
 
-double seconds_of(const std::function<void()>& fn) {
-  auto t0 = std::chrono::steady_clock::now();
-  fn();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
+using bench::seconds_of;
+using bench::median;
+using bench::fill;
 
 volatile float g_sink;
 void flush(const std::vector<float>& scratch) {  // read 128 MB: evicts the 32 MB L3
@@ -43,14 +36,6 @@ void flush(const std::vector<float>& scratch) {  // read 128 MB: evicts the 32 M
     part[tid] += s;
   });
   g_sink = part[0];
-}
-
-void fill(std::vector<float>& v, uint32_t seed, float scale, float offset) {
-  uint32_t s = seed * 2654435761u + 1;
-  for (auto& x : v) {
-    s = s * 1664525u + 1013904223u;
-    x = offset + scale * (static_cast<float>(s >> 8) * (2.0f / 16777216.0f) - 1.0f);
-  }
 }
 
 }  // namespace

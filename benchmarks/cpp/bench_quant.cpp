@@ -18,17 +18,14 @@
 #include <string>
 #include <vector>
 
+#include "bench_common.h"
 #include "core/parallel.h"
 #include "ops/gemm.h"
 #include "ops/quant_gemm.h"
 
 namespace {
 
-double seconds_of(const std::function<void()>& fn) {
-  auto t0 = std::chrono::steady_clock::now();
-  fn();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
+using bench::seconds_of;
 
 double median_time(const std::function<void()>& fn, int repeats) {
   fn();

@@ -38,6 +38,7 @@
 
 #include <unistd.h>
 
+#include "bench_common.h"
 #include "core/half.h"
 #include "core/parallel.h"
 #include "normengine/model.h"
@@ -47,88 +48,18 @@
 
 namespace {
 
+using bench::Buffer;
+using bench::now_s;
+using bench::rnd;
+using bench::seconds_of;
+using bench::median;
+using bench::fill;
+using bench::parallel_memcpy;
+using bench::parallel_read;
+using bench::flush_caches;
+using bench::arg_int;
+
 using ne::DType;
-
-struct Buffer {
-  char* p = nullptr;
-  size_t bytes = 0;
-  explicit Buffer(size_t n) : bytes((n + 63) / 64 * 64) {
-    p = static_cast<char*>(std::aligned_alloc(64, bytes ? bytes : 64));
-    if (!p) { std::fprintf(stderr, "out of memory (%zu bytes)\n", n); std::exit(1); }
-    // touch every page once (in parallel: first-touch), before any timing
-    ne::parallel_for(static_cast<int64_t>(bytes), int64_t(1) << 20,
-                     [&](int64_t b, int64_t e, int) { std::memset(p + b, 0, static_cast<size_t>(e - b)); });
-  }
-  ~Buffer() { std::free(p); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-};
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-double seconds_of(const std::function<void()>& fn) {
-  double t0 = now_s();
-  fn();
-  return now_s() - t0;
-}
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-// Deterministic pseudo-random value in [-1, 1) for element i of tensor `seed` (a hash, so tensors
-// fill in parallel).
-inline float rnd(uint64_t seed, uint64_t i) {
-  uint64_t z = (seed << 40) ^ (i + 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return static_cast<float>(z >> 40) * (2.0f / 16777216.0f) - 1.0f;
-}
-
-void fill(void* p, DType t, int64_t count, uint64_t seed, float scale, float offset) {
-  ne::parallel_for(count, 1 << 16, [&](int64_t b, int64_t e, int) {
-    for (int64_t i = b; i < e; ++i) {
-      float v = offset + scale * rnd(seed, static_cast<uint64_t>(i));
-      if (t == DType::F32) static_cast<float*>(p)[i] = v;
-      else if (t == DType::BF16) static_cast<uint16_t*>(p)[i] = ne::f32_to_bf16(v);
-      else static_cast<uint16_t*>(p)[i] = ne::f32_to_f16(v);
-    }
-  });
-}
-
-void parallel_memcpy(char* dst, const char* src, int64_t bytes) {
-  ne::parallel_for(bytes, int64_t(1) << 16, [&](int64_t b, int64_t e, int) {
-    std::memcpy(dst + b, src + b, static_cast<size_t>(e - b));
-  });
-}
-
-// Read-only streaming: sum the buffer as 64-bit integers (vectorizes without -ffast-math).
-volatile uint64_t g_isink;
-void parallel_read(const char* src, int64_t bytes) {
-  std::vector<uint64_t> part(256 * 8, 0);
-  ne::parallel_for(bytes / 64, 1 << 10, [&](int64_t b, int64_t e, int tid) {
-    const uint64_t* p = reinterpret_cast<const uint64_t*>(src) + b * 8;
-    uint64_t s = 0;
-    for (int64_t i = 0; i < (e - b) * 8; ++i) s += p[i];
-    part[tid * 8] += s;
-  });
-  g_isink = part[0];
-}
-
-volatile float g_sink;
-void flush_caches(const Buffer& scratch) {
-  std::vector<float> part(256, 0.0f);
-  const int64_t lines = static_cast<int64_t>(scratch.bytes / 64);
-  ne::parallel_for(lines, 4096, [&](int64_t b, int64_t e, int tid) {
-    float s = 0;
-    for (int64_t i = b; i < e; ++i) s += reinterpret_cast<const float*>(scratch.p)[i * 16];
-    part[tid] += s;
-  });
-  g_sink = part[0];
-}
 
 long vm_hwm_kb() {
   FILE* f = std::fopen("/proc/self/status", "r");
@@ -195,11 +126,6 @@ ne::TensorView view_of(const TensorDef& t, char* base) {
   }
   v.name = t.name.c_str();
   return v;
-}
-
-int64_t arg_int(int argc, char** argv, int& i) {
-  if (i + 1 >= argc) { std::fprintf(stderr, "%s needs a value\n", argv[i]); std::exit(2); }
-  return std::atoll(argv[++i]);
 }
 
 }  // namespace
