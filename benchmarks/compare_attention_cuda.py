@@ -12,25 +12,11 @@ timings and ratios (ours / peer; < 1 is faster), and chunk / recurrent.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 
-
-def timed(fn, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+from cuda_timing import timed  # benchmarks/cuda_timing.py
 
 
 def main():

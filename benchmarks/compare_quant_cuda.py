@@ -10,27 +10,13 @@ of --repeats timings (CUDA events) and speedups (peer time / our time; > 1 is fa
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 
+from cuda_timing import timed  # benchmarks/cuda_timing.py
+
 CODE = {"int8": 0, "int8-weight": 1, "int4": 2, "fp8": 3}
-
-
-def timed(fn, repeats, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
 
 
 def main():

@@ -23,7 +23,7 @@
 
 namespace {
 
-using bench::fill;
+using namespace bench;  // bench_common.h
 
 double median_ms(const std::function<void()>& f, int repeats) {
   f();  // warm-up

@@ -27,7 +27,7 @@
 
 namespace {
 
-using bench::median;
+using namespace bench;  // bench_common.h
 
 void fill(std::vector<float>& v, uint32_t seed) {
   uint32_t s = seed * 2654435761u + 1;

@@ -31,13 +31,7 @@
 
 namespace {
 
-using bench::Buffer;
-using bench::fill;
-using bench::parallel_memcpy;
-using bench::seconds_of;
-using bench::median;
-using bench::flush_caches;
-using bench::arg_int;
+using namespace bench;  // bench_common.h
 
 using ne::DType;
 using ne::NormKind;

@@ -23,9 +23,7 @@
 
 namespace {
 
-using bench::seconds_of;
-using bench::median;
-using bench::fill;
+using namespace bench;  // bench_common.h
 
 volatile float g_sink;
 void flush(const std::vector<float>& scratch) {  // read 128 MB: evicts the 32 MB L3

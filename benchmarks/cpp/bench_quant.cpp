@@ -25,7 +25,7 @@
 
 namespace {
 
-using bench::seconds_of;
+using namespace bench;  // bench_common.h
 
 double median_time(const std::function<void()>& fn, int repeats) {
   fn();

@@ -48,16 +48,7 @@
 
 namespace {
 
-using bench::Buffer;
-using bench::now_s;
-using bench::rnd;
-using bench::seconds_of;
-using bench::median;
-using bench::fill;
-using bench::parallel_memcpy;
-using bench::parallel_read;
-using bench::flush_caches;
-using bench::arg_int;
+using namespace bench;  // bench_common.h
 
 using ne::DType;
 
