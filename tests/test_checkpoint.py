@@ -988,6 +988,12 @@ def test_bad_config_fields(tmp_path):
     path = _edit_config(tmp_path / "b", "llama_gqa", num_key_value_heads=3)
     with pytest.raises(ne.CheckpointError, match=r"num_key_value_heads"):
         load_checkpoint(path)
+    # NaN and Infinity are valid to Python's json reader; neither is a usable epsilon or RoPE base
+    for i, (field, value) in enumerate([("rms_norm_eps", float("nan")), ("rope_theta", float("inf")),
+                                        ("rms_norm_eps", -1e-6)]):
+        path = _edit_config(tmp_path / f"c{i}", "llama_gqa", **{field: value})
+        with pytest.raises(ne.CheckpointError, match=rf"config\.json.*{field}.*positive finite"):
+            load_checkpoint(path)
     (tmp_path / "b" / "config.json").write_text("{broken")
     with pytest.raises(ne.CheckpointError, match=r"config\.json.*JSON"):
         load_checkpoint(tmp_path / "b")

@@ -63,6 +63,28 @@ const int32_t* i32(const TensorView& t, int64_t n) {
   return t.ptr<const int32_t>();
 }
 
+// A step's batch as the runners take it: n sequences (slots, lens: CPU int32 [n]) and their
+// tokens back to back (CPU int32 [sum lens]); rows = the logits rows the step writes (every token
+// with all_logits, else one per sequence).
+struct StepArgs {
+  int n = 0;
+  const int32_t *slots = nullptr, *tokens = nullptr, *lens = nullptr;
+  int64_t rows = 0;
+};
+
+StepArgs step_args(py::handle slots, py::handle tokens, py::handle lens, bool all_logits, Borrowed& b) {
+  TensorView vs = view_of(slots, "slots", b), vt = view_of(tokens, "tokens", b), vl = view_of(lens, "lens", b);
+  StepArgs a;
+  a.n = static_cast<int>(vs.numel());
+  a.slots = i32(vs, -1);
+  a.lens = i32(vl, a.n);
+  int64_t total = 0;
+  for (int i = 0; i < a.n; ++i) total += a.lens[i];
+  a.tokens = i32(vt, total);
+  a.rows = all_logits ? total : a.n;
+  return a;
+}
+
 struct Sampler {
   std::mt19937_64 rng;
   explicit Sampler(uint64_t seed) : rng(seed) {}
@@ -104,21 +126,15 @@ void bind_runner(py::module_& m) {
           "forward",
           [](ne::Runner& r, py::handle slots, py::handle tokens, py::handle lens, py::handle logits, bool all_logits) {
             Borrowed b;
-            TensorView vs = view_of(slots, "slots", b), vt = view_of(tokens, "tokens", b),
-                       vl = view_of(lens, "lens", b), vo = view_of(logits, "logits", b);
-            const int n = static_cast<int>(vs.numel());
-            const int32_t* ps = i32(vs, -1);
-            const int32_t* pl = i32(vl, n);
-            int64_t total = 0;
-            for (int i = 0; i < n; ++i) total += pl[i];
-            const int32_t* pt = i32(vt, total);
-            const int64_t rows = all_logits ? total : n;
+            const StepArgs a = step_args(slots, tokens, lens, all_logits, b);
+            TensorView vo = view_of(logits, "logits", b);
+            const int64_t rows = a.rows;
             if (vo.device.type != ne::DeviceType::CPU || vo.dtype != ne::DType::F32 || !vo.is_contiguous() ||
                 vo.numel() != rows * r.spec().vocab)
               throw ne::ShapeError("logits: expected a contiguous float32 CPU tensor of " + std::to_string(rows) +
                                    " x " + std::to_string(r.spec().vocab) + " elements");
             py::gil_scoped_release nogil;
-            r.forward(n, ps, pt, pl, vo.ptr<float>(), all_logits);
+            r.forward(a.n, a.slots, a.tokens, a.lens, vo.ptr<float>(), all_logits);
           },
           py::arg("slots"), py::arg("tokens"), py::arg("lens"), py::arg("logits"), py::arg("all_logits"))
       .def("reset", &ne::Runner::reset, py::arg("slot"))
@@ -149,15 +165,9 @@ void bind_runner(py::module_& m) {
           [](ne::CudaRunner& r, py::handle slots, py::handle tokens, py::handle lens, py::handle logits, bool all_logits,
              std::uintptr_t stream) {
             Borrowed b;
-            TensorView vs = view_of(slots, "slots", b), vt = view_of(tokens, "tokens", b),
-                       vl = view_of(lens, "lens", b), vo = view_of(logits, "logits", b);
-            const int n = static_cast<int>(vs.numel());
-            const int32_t* ps = i32(vs, -1);
-            const int32_t* pl = i32(vl, n);
-            int64_t total = 0;
-            for (int i = 0; i < n; ++i) total += pl[i];
-            const int32_t* pt = i32(vt, total);
-            const int64_t rows = all_logits ? total : n;
+            const StepArgs a = step_args(slots, tokens, lens, all_logits, b);
+            TensorView vo = view_of(logits, "logits", b);
+            const int64_t rows = a.rows;
             if (vo.device.type != ne::DeviceType::CUDA || vo.device.index != r.device())
               throw ne::DeviceError("logits: expected a CUDA tensor on cuda:" + std::to_string(r.device()) + ", got " +
                                     vo.device.str());
@@ -165,7 +175,7 @@ void bind_runner(py::module_& m) {
               throw ne::ShapeError("logits: expected a contiguous float32 CUDA tensor of " + std::to_string(rows) +
                                    " x " + std::to_string(r.spec().vocab) + " elements");
             py::gil_scoped_release nogil;
-            r.forward(n, ps, pt, pl, vo.ptr<float>(), all_logits, reinterpret_cast<void*>(stream));
+            r.forward(a.n, a.slots, a.tokens, a.lens, vo.ptr<float>(), all_logits, reinterpret_cast<void*>(stream));
           },
           py::arg("slots"), py::arg("tokens"), py::arg("lens"), py::arg("logits"), py::arg("all_logits"),
           py::arg("stream") = 0,

@@ -20,6 +20,7 @@ Layouts the runner must follow with these tensors (they are Hugging Face's, unch
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -70,8 +71,8 @@ class _Conf:
 
     def float(self, key, default):
         v = self.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            raise CheckpointError(f"{self.where}: field '{key}' must be a positive number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:  # NaN fails too
+            raise CheckpointError(f"{self.where}: field '{key}' must be a positive finite number, got {v!r}")
         return float(v)
 
     def unsupported(self, key, why):
@@ -132,8 +133,9 @@ def _rope_theta(c: _Conf):
     rp = c.d.get("rope_parameters")
     if isinstance(rp, dict) and rp.get("rope_theta") is not None:
         v = rp["rope_theta"]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            raise CheckpointError(f"{c.where}: field 'rope_parameters.rope_theta' must be a positive number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+            raise CheckpointError(f"{c.where}: field 'rope_parameters.rope_theta' must be a positive finite number, "
+                                  f"got {v!r}")
         return float(v)
     return 10000.0
 
