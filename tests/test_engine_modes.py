@@ -138,6 +138,36 @@ def test_quant_composes_with_norm_conversion():
         ne.load(norm="crmsnorm", quant="int4")
 
 
+@pytest.mark.parametrize("norm,fmt,smooth", [("rmsnorm", "int8", None), ("crmsnorm", "fp8", None),
+                                              ("rmsnorm", "int4", None), (None, "int8", 0.5)])
+def test_quantizing_load_after_conversion_equals_the_steps(norm, fmt, smooth):
+    """normengine.load(norm=..., quant=...) (and smooth=) quantizes with consume / release_shared, which
+    hands mapped pages back as weights are packed: the conversions before it must leave every tensor the
+    model still reads (embeddings included) intact. Every tensor and the logits equal those of running
+    the same steps one after another on a fresh copy of the checkpoint."""
+    from normengine.checkpoint import load_checkpoint
+    from normengine.convert import convert_norm, fold_norm_affine, quantize_model, smooth_model
+    from normengine.convert.quant import is_quantized
+
+    m = ne.load(norm=norm, quant=fmt, smooth=smooth)
+    cfg, sd = load_checkpoint(ne.model.DEFAULT_MODEL)
+    if norm is not None:
+        cfg, sd = convert_norm(cfg, sd, norm)
+    else:
+        cfg, sd = fold_norm_affine(cfg, sd, keep_tied_head=True)
+        cfg, sd = smooth_model(cfg, sd, smooth)
+    cfg, sd = quantize_model(cfg, sd, fmt)
+    assert m.config.to_dict() == cfg.to_dict()
+    for n, t in sd.items():
+        if is_quantized(t):
+            for k, v in t.tensors().items():
+                assert torch.equal(m.tensors[n].tensors()[k], v), (n, k)
+        else:
+            assert torch.equal(m.tensors[n].to(t.dtype), t), n
+    ids = _prompts(1, 40, cfg.vocab_size, 41)[0]
+    assert torch.equal(m.logits(ids), ne.Model(cfg, sd).logits(ids))
+
+
 def test_quant_bad_arguments():
     with pytest.raises(errors.ArgumentError, match="quant"):
         ne.load(quant="int3")
