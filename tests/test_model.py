@@ -313,3 +313,46 @@ def test_tied_head_stays_tied(saved):
         assert m.weight_bytes() <= (n_params + emb.shape[0] + 8 * emb.shape[1] * hf.config.num_hidden_layers) * 4
     ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
     assert rel_err(m.logits(ids), hf(ids).logits.detach()) <= 1e-4
+
+
+def test_interleaved_calls_each_get_what_they_get_alone():
+    """One runner serves a Model. A streaming generation suspended between tokens may find the runner
+    used (its caches reset) by another call: logits(), info(), another stream, another thread. It then
+    prefills its sequences again, so every call returns what it returns alone (this once silently went
+    on from the other call's cache)."""
+    import threading
+
+    m = ne.load()
+    a, b, c = [5, 6, 7, 8, 9], [[40, 41], [50, 51, 52, 53]], [300, 301, 302]
+    want_a = m.generate(a, max_new_tokens=12)
+    want_b = m.generate(b, max_new_tokens=10, temperature=0.9, top_k=50, seed=7)
+    want_c = m.generate(c, max_new_tokens=8)
+    want_logits = m.logits([1, 2, 3])
+
+    ga = m.generate(a, max_new_tokens=12, stream=True)
+    gb = m.generate(b, max_new_tokens=10, temperature=0.9, top_k=50, seed=7, stream=True)
+    got_a, got_b = [next(ga) for _ in range(3)], [[], []]
+    assert torch.equal(m.logits([1, 2, 3]), want_logits)
+    m.info()
+    for k, (i, tok) in enumerate(gb):  # the two streams take turns, a token each
+        got_b[i].append(tok)
+        if k % 2 == 0:
+            got_a.append(next(ga))
+        if k == 5:
+            assert m.generate(c, max_new_tokens=8) == want_c
+    got_a += list(ga)
+    assert got_a == want_a and got_b == want_b
+
+    results = {}
+
+    def run(k, prompt):
+        results[k] = m.generate(prompt, max_new_tokens=10)
+
+    prompts = {k: [k + 1, k + 2, k + 3] for k in range(4)}
+    alone = {k: m.generate(p, max_new_tokens=10) for k, p in prompts.items()}
+    threads = [threading.Thread(target=run, args=(k, p)) for k, p in prompts.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == alone

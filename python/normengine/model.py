@@ -7,6 +7,7 @@ the outputs and decodes text."""
 from __future__ import annotations
 
 import os
+import threading
 from typing import Iterable, Iterator
 
 import torch
@@ -128,6 +129,13 @@ class Model:
         )
         self._runner = None
         self._slots = self._ctx = 0
+        # The runner (its KV caches) serves one call at a time: _lock is held for each step, and
+        # _user is the call whose sequences the caches hold. A streaming generation suspended
+        # between tokens may find another call has used the runner since (its caches reset): it then
+        # prefills its sequences again (prompt + tokens so far) before going on, so interleaved
+        # calls, or calls from several threads, each get what they would get alone.
+        self._lock = threading.RLock()
+        self._user = None
 
     # ------------------------------------------------------------------ runner management
     def _spec(self) -> dict:
@@ -145,8 +153,9 @@ class Model:
             kv_bf16=self.kv_cache_dtype == torch.bfloat16,
         )
 
-    def _runner_for(self, slots: int, ctx: int):
-        """A runner with at least `slots` sequences of `ctx` positions (made anew only when larger)."""
+    def _runner_for(self, slots: int, ctx: int, user=None):
+        """A runner with at least `slots` sequences of `ctx` positions (made anew only when larger), its
+        caches reset for `user` (the call about to use it; the caller holds self._lock across its step)."""
         if ctx > self.config.max_seq_len:
             raise ShapeError(
                 f"sequence length {ctx} exceeds the model's context of {self.config.max_seq_len} tokens"
@@ -171,7 +180,14 @@ class Model:
             self._runner, self._slots, self._ctx = r, slots, ctx
         for s in range(slots):
             self._runner.reset(s)
+        self._user = object() if user is None else user  # whatever a suspended generation held is gone
         return self._runner
+
+    def _fused_norms(self) -> bool:
+        with self._lock:
+            if self._runner is None:
+                self._runner_for(1, 1)
+            return bool(self._runner.fused_norms())
 
     def _forward(self, r, slots, tokens, lens, logits, all_logits: bool) -> None:
         """One runner step. On CUDA it is enqueued on torch's current stream (logits: a CUDA tensor)."""
@@ -228,10 +244,12 @@ class Model:
         if any(len(s) != T for s in seqs):
             raise ShapeError("ids: sequences of different lengths; logits() needs equal lengths (or call it per sequence)")
         B = len(seqs)
-        r = self._runner_for(B, T)
         out = torch.empty(B * T, self.config.vocab_size, dtype=torch.float32, device=self.device)
         tokens = torch.tensor([t for s in seqs for t in s], dtype=torch.int32)
-        self._forward(r, torch.arange(B, dtype=torch.int32), tokens, torch.full((B,), T, dtype=torch.int32), out, True)
+        with self._lock:
+            r = self._runner_for(B, T)
+            self._forward(r, torch.arange(B, dtype=torch.int32), tokens, torch.full((B,), T, dtype=torch.int32), out,
+                          True)
         return out.view(B, T, -1)
 
     # ------------------------------------------------------------------ generation
@@ -259,7 +277,10 @@ class Model:
         gives what its prompts give one by one). Generation of a sequence stops at the model's eos
         token (kept in the output) or at any of `stop` (token ids, or strings for text prompts).
         stream=True returns an iterator yielding each new token (id, or text piece) as it is made;
-        for a batch it yields (index, token) pairs."""
+        for a batch it yields (index, token) pairs. Calls on one Model may interleave (a stream left
+        suspended while other calls run, or calls from several threads): the runner serves one step at
+        a time, and a stream whose KV cache another call has reset prefills its text so far again
+        before going on (same tokens, up to float rounding of prefill against decode; slower)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ArgumentError(f"max_new_tokens: expected a non-negative int, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or not temperature >= 0:
@@ -316,7 +337,6 @@ class Model:
             return
         B = len(ids)
         ctx = min(self.config.max_seq_len, max(len(s) for s in ids) + max_new)
-        r = self._runner_for(B, ctx)
         base = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         samplers = [_C.Sampler(base + i) for i in range(B)]
         vocab = self.config.vocab_size
@@ -325,7 +345,10 @@ class Model:
         tokens = torch.tensor([t for s in ids for t in s], dtype=torch.int32)
         lens = torch.tensor([len(s) for s in ids], dtype=torch.int32)
         active = list(range(B))
-        self._forward(r, torch.tensor(active, dtype=torch.int32), tokens, lens, logits, False)
+        me = object()  # this generation, as the runner's user
+        with self._lock:
+            r = self._runner_for(B, ctx, me)
+            self._forward(r, torch.tensor(active, dtype=torch.int32), tokens, lens, logits, False)
         host = logits.cpu() if on_gpu else logits  # the sampler reads CPU rows
         produced = [[] for _ in range(B)]
         shown = [""] * B  # text already yielded, per text sequence
@@ -352,9 +375,18 @@ class Model:
             n += 1
             active = nxt if n < max_new else []
             if active:
-                cur = torch.tensor([produced[i][-1] for i in active], dtype=torch.int32)
-                self._forward(r, torch.tensor(active, dtype=torch.int32), cur,
-                              torch.ones(len(active), dtype=torch.int32), logits[: len(active)], False)
+                slots = torch.tensor(active, dtype=torch.int32)
+                with self._lock:
+                    if self._user is me:  # the caches still hold our sequences: one token each
+                        cur = torch.tensor([produced[i][-1] for i in active], dtype=torch.int32)
+                        self._forward(r, slots, cur, torch.ones(len(active), dtype=torch.int32),
+                                      logits[: len(active)], False)
+                    else:  # another call used the runner while we were suspended: prefill again
+                        r = self._runner_for(B, ctx, me)
+                        seqs = [ids[i] + produced[i] for i in active]
+                        self._forward(r, slots, torch.tensor([t for q in seqs for t in q], dtype=torch.int32),
+                                      torch.tensor([len(q) for q in seqs], dtype=torch.int32),
+                                      logits[: len(active)], False)
                 host = logits[: len(active)].cpu() if on_gpu else logits
 
     # ------------------------------------------------------------------ description
@@ -431,7 +463,7 @@ class Model:
             "dtype": str(self.dtype).replace("torch.", ""),
             "source_dtype": c.source_dtype,
             "conversions": list(c.conversions),
-            "fused_norms": bool(self._runner_for(1, 1).fused_norms()) if c.norm != "none" else False,
+            "fused_norms": self._fused_norms() if c.norm != "none" else False,
             "attention": ",".join(sorted(set(c.attention))) if c.attention else "softmax",
             "quantization": c.quantization or "none",
             "weight_bytes": self.weight_bytes(),
