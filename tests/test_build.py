@@ -84,6 +84,44 @@ def test_set_num_threads():
         ne.set_num_threads(before)
 
 
+_TOGGLE_WHILE_RUNNING = r"""
+import threading, time, torch, normengine as ne
+m = ne.load()
+ids = list(range(1, 120))
+want = m.logits(ids)
+x, w = torch.randn(512, 1000), torch.randn(1000)
+ref = ne.ops.layer_norm(x, w)
+stop, bad, done = False, [], [0, 0]
+def model():
+    while not stop:
+        bad.extend(["logits"] if (m.logits(ids) - want).abs().max() > 1e-3 else [])
+        done[0] += 1
+def norm():
+    while not stop:
+        bad.extend([] if torch.allclose(ne.ops.layer_norm(x, w), ref, atol=1e-5) else ["norm"])
+        done[1] += 1
+ts = [threading.Thread(target=model), threading.Thread(target=norm)]
+for t in ts: t.start()
+t0, k = time.time(), 0
+while time.time() - t0 < 3 or min(done) < 3:
+    ne.set_num_threads(1 + k % 4); k += 1
+    time.sleep(0.001)
+stop = True
+for t in ts: t.join()
+print("OK", k, done, bad)
+"""
+
+
+def test_set_num_threads_while_other_threads_compute():
+    """set_num_threads() from one thread while others run kernels (a model's forward, a norm): the
+    pool a running job uses stays alive until the job ends. (Deleting it under the job deadlocked.)
+    Run in a subprocess with a time limit, so that a regression fails instead of hanging the suite."""
+    r = subprocess.run([sys.executable, "-c", _TOGGLE_WHILE_RUNNING], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("OK") and r.stdout.rstrip().endswith("[]"), r.stdout
+
+
 def test_no_march_native_in_build():
     root = os.path.join(os.path.dirname(__file__), "..")
     with open(os.path.join(root, "CMakeLists.txt")) as f:

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -124,17 +125,21 @@ class Pool {
   int used_ = 0;
 };
 
+// The pool is shared: a parallel_for holds its own reference for the whole job, so that
+// set_num_threads() from another thread only drops the global one (the old pool, its workers joined,
+// goes when its last job ends) instead of deleting it under a running job, which deadlocked or read
+// freed memory. The global reference is never destroyed (no worker joins during static destruction).
 std::mutex g_pool_m;
-Pool* g_pool = nullptr;
+std::shared_ptr<Pool>& g_pool = *new std::shared_ptr<Pool>();
 int g_threads = 0;
 
-Pool& pool() {
+std::shared_ptr<Pool> pool() {
   std::lock_guard<std::mutex> lk(g_pool_m);
   if (!g_pool) {
     if (g_threads <= 0) g_threads = available_cores();
-    g_pool = new Pool(g_threads);  // lives until exit; workers are joined by set_num_threads only
+    g_pool = std::make_shared<Pool>(g_threads);
   }
-  return *g_pool;
+  return g_pool;
 }
 
 }  // namespace
@@ -145,31 +150,34 @@ int num_threads() {
 }
 
 void set_num_threads(int n) {
-  std::lock_guard<std::mutex> lk(g_pool_m);
-  int want = n > 0 ? n : available_cores();
-  if (g_pool && g_pool->threads() == want) return;
-  delete g_pool;
-  g_pool = nullptr;
-  g_threads = want;
+  std::shared_ptr<Pool> old;  // released after the lock: a pool whose last job just ended joins its workers here
+  {
+    std::lock_guard<std::mutex> lk(g_pool_m);
+    const int want = n > 0 ? n : available_cores();
+    if (g_pool && g_pool->threads() == want) return;
+    old.swap(g_pool);
+    g_threads = want;
+  }
 }
 
-int plan_threads(int64_t n, int64_t grain) {
+int plan_threads(int64_t n, int64_t grain, int max_threads) {
   if (t_in_parallel || n <= 0) return 1;
   if (grain < 1) grain = 1;
   int64_t by_work = n / grain;
   int t = num_threads();
+  if (max_threads > 0 && t > max_threads) t = max_threads;
   if (by_work < t) t = static_cast<int>(by_work < 1 ? 1 : by_work);
   return t;
 }
 
-void parallel_for_raw(int64_t n, int64_t grain, RangeFn fn, void* ctx) {
+void parallel_for_raw(int64_t n, int64_t grain, RangeFn fn, void* ctx, int max_threads) {
   if (n <= 0) return;
-  int used = plan_threads(n, grain);
+  int used = plan_threads(n, grain, max_threads);
   if (used <= 1) {
     fn(ctx, 0, n, 0);
     return;
   }
-  pool().run(n, used, fn, ctx);
+  pool()->run(n, used, fn, ctx);  // (the temporary reference lives until run returns)
 }
 
 }  // namespace ne

@@ -255,7 +255,7 @@ void decode_token(const AttnArgs& a, const T* const* kc, const T* const* vc, int
   parts.resize(static_cast<size_t>(threads * stride));
   float* P = parts.data();
   init_parts(P, threads, H, D);
-  parallel_for((L + kBK - 1) / kBK, kDecodeGrain, [&](int64_t b0, int64_t b1, int tid) {
+  parallel_for_upto((L + kBK - 1) / kBK, kDecodeGrain, threads, [&](int64_t b0, int64_t b1, int tid) {
     thread_local std::vector<float> s;
     s.resize(static_cast<size_t>(a.n_heads) * kBK);
     decode_range(a, kc, vc, t, b0 * kBK, b1 * kBK < L ? b1 * kBK : L, P + tid * stride, s.data());

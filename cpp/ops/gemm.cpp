@@ -363,7 +363,7 @@ struct Gemm {
   // (tasks = row chunk x panel, consecutive tasks share a row chunk).
   static void run(const GemmArgs& a) {
     const int64_t panels = cdiv(a.N, kNR);
-    const int threads = num_threads();
+    const int threads = a.pack_threads;
     const int64_t mtiles = cdiv(a.M, kMR);
     const int64_t mchunks = panels >= threads ? 1 : min64(mtiles, cdiv(threads, panels));
     const int64_t chunk_rows = cdiv(mtiles, mchunks) * kMR;
@@ -371,7 +371,7 @@ struct Gemm {
     // at least ~2^20 multiply-adds per thread
     const int64_t task_macs = max64(1, min64(a.M, chunk_rows) * a.K * kNR);
     const int64_t grain = max64(1, (int64_t(1) << 20) / task_macs);
-    parallel_for(tasks, grain, [&](int64_t b, int64_t e, int tid) {
+    parallel_for_upto(tasks, grain, threads, [&](int64_t b, int64_t e, int tid) {
       float* bp = a.pack + tid * kPackFloats;
       for (int64_t t = b; t < e;) {
         const int64_t mc = t / panels, p0 = t % panels;
@@ -406,10 +406,10 @@ namespace {
 // Picked on every call (a few loads and compares), so that force_cpu_isa() takes effect at once.
 const GemmTable& cpu_gemm() { return *NE_PICK_ISA(gemm_table); }
 
-// Per-thread packed panels for the GEMM path, reused across calls (grown, never shrunk).
-float* pack_scratch(int64_t floats_per_thread) {
+// Per-thread packed panels for the GEMM path (`threads` of them), reused across calls (grown, never shrunk).
+float* pack_scratch(int64_t floats_per_thread, int threads) {
   thread_local std::vector<float> buf;
-  const size_t need = static_cast<size_t>(floats_per_thread * num_threads() + 16);
+  const size_t need = static_cast<size_t>(floats_per_thread * threads + 16);
   if (buf.size() < need) buf.resize(need);
   const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
   return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
@@ -434,12 +434,13 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, cons
     return;
   }
   const GemmTable& t = cpu_gemm();
-  GemmArgs a{M, N, K, x, ldx, w, ldw, bias, y, ldy, accumulate, e, nullptr};
+  GemmArgs a{M, N, K, x, ldx, w, ldw, bias, y, ldy, accumulate, e, nullptr, 0};
   if (bf16_products && gemm_bf16_amx(a, wdtype)) return;
   if (M <= kGemvMaxRows) {
     t.gemv[gemm_wslot(wdtype)](a);
   } else {
-    a.pack = pack_scratch(t.pack_floats);
+    a.pack_threads = num_threads();
+    a.pack = pack_scratch(t.pack_floats, a.pack_threads);
     t.gemm[gemm_wslot(wdtype)](a);
   }
 }

@@ -65,7 +65,8 @@ struct GemmArgs {
   int64_t ldy;
   bool accumulate;
   GemmEpilogue ep;    // all null: none
-  float* pack;        // GEMM path: table.pack_floats floats per pool thread, 64-byte aligned
+  float* pack;        // GEMM path: table.pack_floats floats per thread, 64-byte aligned,
+  int pack_threads;   // for this many threads (the GEMM uses no more)
 };
 
 // Index of a weight dtype in the tables: F32, F16, BF16.

@@ -61,7 +61,7 @@ void lmul_cache_attention(const AttnArgs& a, int mantissa_bits) {
   const LmulTable& t = table();
   const int D = a.head_dim, group = a.n_heads / a.n_kv_heads;
   const int64_t ldkv = static_cast<int64_t>(a.n_kv_heads) * D;
-  parallel_for(a.n_tokens * a.n_heads, 1, [&](int64_t w0, int64_t w1, int tid) {
+  parallel_for_upto(a.n_tokens * a.n_heads, 1, a.scratch_threads, [&](int64_t w0, int64_t w1, int tid) {
     float* s = a.scratch + static_cast<int64_t>(tid) * a.scratch_stride;
     std::vector<float> prod(static_cast<size_t>(D));
     for (int64_t w = w0; w < w1; ++w) {

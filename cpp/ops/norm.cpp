@@ -306,7 +306,7 @@ struct NormRows {
 
   static void backward(const NormBwdArgs& a) {
     const int64_t n = a.h.cols;
-    const int threads = num_threads();
+    const int threads = a.partial_threads;
     A* pdw = static_cast<A*>(a.partials);
     A* pdb = pdw + static_cast<int64_t>(threads) * n;
     if (a.dw || a.db) zero(pdw, 2 * static_cast<int64_t>(threads) * n);
@@ -316,7 +316,7 @@ struct NormRows {
     // nothing measurable)
     const bool nt = worth_streaming(a.dx.data, span_bytes(a.dx)), ahead = nt;
     const int64_t row_bytes = n * static_cast<int64_t>(sizeof(T));
-    parallel_for(a.h.rows, grain(n), [&](int64_t r0, int64_t r1, int tid) {
+    parallel_for_upto(a.h.rows, grain(n), threads, [&](int64_t r0, int64_t r1, int tid) {
       A* dw = a.dw ? pdw + static_cast<int64_t>(tid) * n : nullptr;
       A* db = a.db ? pdb + static_cast<int64_t>(tid) * n : nullptr;
       for (int64_t r = r0; r < r1; ++r) {
@@ -342,12 +342,12 @@ struct NormRows {
   // moments: out1[c] = sum_r x[r,c]^2, or with dy: out1[c] = sum_r x*dy, out2[c] = sum_r dy
   static void moments(const ChannelArgs& a) {
     const int64_t n = a.x.cols;
-    const int threads = num_threads();
+    const int threads = a.partial_threads;
     A* p1 = static_cast<A*>(a.partials);
     A* p2 = p1 + static_cast<int64_t>(threads) * n;
     zero(p1, 2 * static_cast<int64_t>(threads) * n);
     const bool with_dy = a.dy.data != nullptr;
-    parallel_for(a.x.rows, grain(n), [&](int64_t r0, int64_t r1, int tid) {
+    parallel_for_upto(a.x.rows, grain(n), threads, [&](int64_t r0, int64_t r1, int tid) {
       A* s1 = p1 + static_cast<int64_t>(tid) * n;
       A* s2 = p2 + static_cast<int64_t>(tid) * n;
       for (int64_t r = r0; r < r1; ++r) {
@@ -443,9 +443,9 @@ RowMatrix like_x(const TensorView& t, const TensorView& x) {
 void check_eps(double eps) {
   if (!(eps >= 0.0)) throw ValueError("eps: expected a non-negative number, got " + std::to_string(eps));
 }
-void* cpu_scratch(int64_t n, DType t) {  // 2 * threads * n accumulators, reused across calls
+void* cpu_scratch(int64_t n, DType t, int threads) {  // 2 * threads * n accumulators, reused across calls
   thread_local std::vector<double> buf;
-  size_t need = static_cast<size_t>(2 * num_threads() * n * dtype_size(acc_dtype(t)) + 7) / 8;
+  size_t need = static_cast<size_t>(2 * threads * n * dtype_size(acc_dtype(t)) + 7) / 8;
   if (buf.size() < need) buf.resize(need);
   return buf.data();
 }
@@ -552,7 +552,8 @@ void norm_backward(NormKind kind, const TensorView& dy, const TensorView& h, con
 #endif
   }
   (void)ctx;
-  a.partials = cpu_scratch(n, h.dtype);
+  a.partial_threads = num_threads();
+  a.partials = cpu_scratch(n, h.dtype, a.partial_threads);
   cpu_norm().backward[float_slot(h.dtype)](a);
 }
 
@@ -575,7 +576,8 @@ void channel_moments(const TensorView& x, const TensorView* dy, const TensorView
 #endif
   }
   (void)ctx;
-  a.partials = cpu_scratch(n, x.dtype);
+  a.partial_threads = num_threads();
+  a.partials = cpu_scratch(n, x.dtype, a.partial_threads);
   cpu_norm().moments[float_slot(x.dtype)](a);
 }
 

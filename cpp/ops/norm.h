@@ -28,14 +28,16 @@ struct NormBwdArgs {
   const void* rstd;
   void* dw;        // [n] or null
   void* db;        // [n] or null
-  void* partials;  // CPU: scratch of 2 * num_threads() * n accumulators for dw / db
+  void* partials;  // CPU: scratch of 2 * partial_threads * n accumulators for dw / db
+  int partial_threads;  // (the kernel runs on at most this many threads)
 };
 
 struct ChannelArgs {
   RowMatrix x, dy;        // moments: x (and dy, or dy.data null)
   void* out1;             // moments outputs [n]
   void* out2;
-  void* partials;         // CPU: scratch of 2 * num_threads() * n accumulators
+  void* partials;         // CPU: scratch of 2 * partial_threads * n accumulators
+  int partial_threads;    // (the kernel runs on at most this many threads)
   RowMatrix u, v, out;    // affine: out = a*u + b ; lincomb: out = a*u + b*v  (v.data null for affine)
   const void* a;
   const void* b;
