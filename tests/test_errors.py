@@ -91,3 +91,46 @@ def test_native_layer_checks_too():
         _C.norm_backward(0, torch.randn(4, 7), x, None, torch.ones(4), None, y, None, None, 0)
     with pytest.raises(ne.ArgumentError, match="bias"):
         _C.norm_forward(2, x, None, None, torch.zeros(8), 1e-6, y, None, None, None, 0)
+
+
+def test_out_buffers_that_overlap_inputs():
+    """An out= buffer that shares memory with an input: the identical view is allowed where the kernel
+    is row-local (norms, channel ops: each row is read before it is written) and gives the right answer;
+    a partial overlap, or any overlap with a GEMM's input, raises instead of silently reading values it
+    already overwrote."""
+    from normengine import reference as R
+
+    g = torch.Generator().manual_seed(5)
+    for rows, n in ((64, 1024), (2048, 1100)):  # the second is written with streaming stores (>= 8 MiB)
+        x = torch.randn(rows, n, generator=g)
+        w, b, r = torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(rows, n, generator=g)
+        y = x.clone()
+        assert ne.ops.layer_norm(y, w, b, out=y) is y
+        assert torch.allclose(y, R.layer_norm(x, w, b), rtol=1e-5, atol=1e-5)
+        xx, rr = x.clone(), r.clone()
+        ne.ops.add_rms_norm(xx, rr, w, out=xx, residual_out=rr)  # the residual stream updated in place
+        assert torch.allclose(xx, R.rms_norm(x + r, w), rtol=1e-5, atol=1e-5) and torch.equal(rr, x + r)
+        buf = torch.empty(rows + 1, n)
+        buf[1:] = x
+        with pytest.raises(ne.ArgumentError, match="out partially overlaps x"):
+            ne.ops.layer_norm(buf[1:], w, b, out=buf[:-1])
+        with pytest.raises(ne.ArgumentError, match="residual_out is the same buffer as out"):
+            ne.ops.add_layer_norm(xx, rr, w, b, out=xx, residual_out=xx)
+        with pytest.raises(ne.ArgumentError, match="out partially overlaps residual"):
+            ne.ops.add_layer_norm(x, buf[1:], w, b, out=buf[:-1])
+    u = torch.randn(8, 16, generator=g)
+    s = torch.randn(16, generator=g)
+    v = u.clone()
+    ne.ops.channel_affine(v, s, s, out=v)
+    assert torch.allclose(v, u * s + s)
+    # GEMMs read every row of x for every output column block: no in-place at all
+    x = torch.randn(6, 32, generator=g)
+    wsq = torch.randn(32, 32, generator=g)
+    with pytest.raises(ne.ArgumentError, match="out is the same buffer as x"):
+        ne.ops.linear(x, wsq, out=x)
+    with pytest.raises(ne.ArgumentError, match="out is the same buffer as x"):
+        ne.ops.norm_linear(x, wsq, out=x)
+    qw = ne.ops.quantize_weight(torch.randn(32, 128, generator=g), "int8")
+    flat = torch.randn(6 * 128 + 200, generator=g)  # out starts inside x's last row
+    with pytest.raises(ne.ArgumentError, match="out partially overlaps x"):
+        ne.ops.quantized_linear(flat[:768].view(6, 128), qw, out=flat[700:892].view(6, 32))

@@ -133,3 +133,36 @@ def check_out(out, x: torch.Tensor, name: str = "out") -> torch.Tensor:
     if not _rows_ok(out):
         raise ShapeError(f"{name}: must be contiguous in its last dimension with collapsible rows")
     return out
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) byte addresses of t's elements (torch strides are non-negative)."""
+    if t.numel() == 0:
+        return 0, 0
+    extent = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+def check_no_overlap(out: torch.Tensor, name: str, inputs: dict, same_ok: tuple = ()) -> None:
+    """An output buffer must not share memory with what the kernel reads, except (for the inputs
+    named in same_ok, which row-local kernels read before writing) by being exactly the same view.
+    A partial overlap would be read after being written: silently wrong results. Like torch, a
+    shared address range counts as overlap (strided views that interleave without sharing elements
+    are refused too)."""
+    lo, hi = _byte_span(out)
+    if lo == hi:
+        return
+    for iname, t in inputs.items():
+        if not isinstance(t, torch.Tensor) or t.device != out.device:
+            continue
+        a, b = _byte_span(t)
+        if a >= hi or lo >= b:
+            continue
+        same = (t.data_ptr() == out.data_ptr() and t.dtype == out.dtype and t.shape == out.shape
+                and t.stride() == out.stride())
+        if same and iname in same_ok:
+            continue
+        what = (f"is the same buffer as {iname}, which cannot be written in place here" if same
+                else f"partially overlaps {iname} in memory: its elements would be read after being overwritten")
+        allowed = f" (in place, as the identical view, is allowed for {' / '.join(same_ok)})" if same_ok else ""
+        raise ArgumentError(f"{name} {what}; pass a separate output buffer{allowed}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C
-from ._tensor import acc_dtype, channel_vector, check_input, check_like, check_out, stream_of
+from ._tensor import acc_dtype, channel_vector, check_input, check_like, check_no_overlap, check_out, stream_of
 
 
 def channel_sumsq(x: torch.Tensor) -> torch.Tensor:
@@ -35,6 +35,7 @@ def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | N
     a = channel_vector(scale, x, "scale")
     b = channel_vector(shift, x, "shift")
     y = check_out(out, x) if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    check_no_overlap(y, "out", {"x": x, "scale": a, "shift": b}, same_ok=("x",))
     _C.channel_affine(x, a, b, y, stream_of(x))
     return y
 
@@ -46,5 +47,6 @@ def channel_lincomb(u: torch.Tensor, a: torch.Tensor, v: torch.Tensor, b: torch.
     a = channel_vector(a, u, "a")
     b = channel_vector(b, u, "b")
     o = check_out(out, u) if out is not None else torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    check_no_overlap(o, "out", {"u": u, "v": v, "a": a, "b": b}, same_ok=("u", "v"))
     _C.channel_lincomb(u, a, v, b, o, stream_of(u))
     return o

@@ -11,7 +11,7 @@ import torch
 
 from .. import _C
 from ..errors import DeviceError, DTypeError, ShapeError
-from ._tensor import FLOAT_DTYPES, _rows_ok, bf16_products, check_input, stream_of
+from ._tensor import FLOAT_DTYPES, _rows_ok, bf16_products, check_input, check_no_overlap, stream_of
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -85,5 +85,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         y = torch.empty(tuple(x.shape[:-1]) + (n,), dtype=torch.float32, device=x.device)
     else:
         y = _check_out(out, x, n)
+        check_no_overlap(y, "out", {"x": x, "weight": weight, "bias": bias})
     _C.linear(x, weight, bias, y, stream_of(x), medium)
     return y

@@ -18,6 +18,7 @@ from ._tensor import (
     check_eps,
     check_input,
     check_like,
+    check_no_overlap,
     check_out,
     from_numpy,
     rows,
@@ -126,6 +127,7 @@ def _norm(kind, x, weight, bias, eps, out):
         return NormFunction.apply(kind, x, weight, bias, eps, w32, b32)
     if out is not None:
         out = check_out(out, x)
+        check_no_overlap(out, "out", {"x": x, "weight": w32, "bias": b32}, same_ok=("x",))
     y = _forward(kind, x, None, w32, b32, eps, out=out, stats=False)[0]
     return y.numpy() if was_np else y
 
@@ -142,10 +144,13 @@ def _add_norm(kind, x, residual, weight, bias, eps, out, residual_out):
         if out is not None or residual_out is not None:
             raise ArgumentError(f"out: add_{_NAMES[kind]} cannot write into out= when gradients are required")
         return AddNormFunction.apply(kind, x, residual, weight, bias, eps, w32, b32)
+    reads = {"x": x, "residual": residual, "weight": w32, "bias": b32}
     if out is not None:
         out = check_out(out, x)
+        check_no_overlap(out, "out", reads, same_ok=("x", "residual"))
     if residual_out is not None:
         residual_out = check_out(residual_out, x, "residual_out")
+        check_no_overlap(residual_out, "residual_out", dict(reads, out=out), same_ok=("x", "residual"))
     y, h, _, _ = _forward(kind, x, residual, w32, b32, eps, out=out, residual_out=residual_out, stats=False)
     return (y.numpy(), h.numpy()) if was_np else (y, h)
 

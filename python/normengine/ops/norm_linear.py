@@ -12,7 +12,7 @@ import torch
 
 from .. import _C
 from ..errors import ArgumentError, DTypeError
-from ._tensor import bf16_products, check_eps, check_input, stream_of
+from ._tensor import bf16_products, check_eps, check_input, check_no_overlap, stream_of
 from .linear import WEIGHT_DTYPES, _check_bias, _check_weight
 from .norm import CRMS, LAYER, RMS
 
@@ -110,6 +110,7 @@ def norm_linear(x, weight, bias=None, norm: str = "rms", eps: float | None = Non
         from .linear import _check_out
 
         out = _check_out(out, x, w.size(0))
+        check_no_overlap(out, "out", {"x": x, "weight": w, "bias": bias, "col_sum": col_sum})
         if x.is_cuda or x.dtype != torch.float32:
             out.copy_(_forward_native(kind, x, w.detach(), bias, eps, col_sum, medium)[0])
             return out

@@ -25,7 +25,7 @@ import torch
 
 from .. import _C
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
-from ._tensor import bf16_products
+from ._tensor import bf16_products, check_no_overlap
 
 FORMATS = ("int8", "int8-weight", "int4", "fp8")
 _CODE = {"int8": 0, "int8-weight": 1, "int4": 2, "fp8": 3}
@@ -308,6 +308,7 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, ou
         if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or tuple(out.shape) != tuple(lead) + (N,) \
                 or not out.is_contiguous() or out.device != x.device:
             raise ShapeError(f"out: expected a contiguous float32 tensor of shape {tuple(lead) + (N,)} on {x.device}")
+        check_no_overlap(out, "out", dict(qweight.tensors(), x=x, bias=bias))
     if x.device.type == "cuda" and hasattr(_C, "quant_linear_cuda"):
         # cuda/quant_gemm.cu: IMMA / e4m3 MMA tiles, dp4a GEMV for small M; x in its own dtype
         xc = x.detach().reshape(-1, K)
