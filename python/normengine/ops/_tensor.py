@@ -6,6 +6,8 @@ tensor contiguous only when its layout cannot be read as rows of its last dimens
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -29,7 +31,12 @@ def from_numpy(x, name: str):
     if isinstance(x, np.ndarray):
         if x.dtype not in (np.float32, np.float16, np.float64):
             raise DTypeError(f"{name}: unsupported numpy dtype {x.dtype}; use float32, float16 or float64")
-        return torch.from_numpy(np.ascontiguousarray(x)), True
+        x = np.ascontiguousarray(x)
+        if not x.flags.writeable:  # torch warns about (and cannot protect) read-only memory; inputs are only read
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(x), True
+        return torch.from_numpy(x), True
     return x, False
 
 
