@@ -253,8 +253,8 @@ def test_cli_generate_and_info():
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("The function returns") and len(out.stdout.strip()) > len("The function returns")
-    info = subprocess.run([sys.executable, "-m", "normengine.cli", "info"], capture_output=True, text=True,
-                          env=env, timeout=120)
+    info = subprocess.run([sys.executable, "-m", "normengine", "info"], capture_output=True, text=True,
+                          env=env, timeout=120)  # python -m normengine: the same command line
     assert info.returncode == 0 and "parameters" in info.stdout and "gpt2" in info.stdout
     bad = subprocess.run([sys.executable, "-m", "normengine.cli", "info", "/nonexistent/model"],
                          capture_output=True, text=True, env=env, timeout=120)
