@@ -356,3 +356,26 @@ def test_interleaved_calls_each_get_what_they_get_alone():
     for t in threads:
         t.join()
     assert results == alone
+
+
+def test_weights_changed_after_the_first_call_are_seen():
+    """The runner reads Model.tensors in place. Replacing an entry (the old tensor may then be freed)
+    or changing one in place with a torch op rebuilds it on the next call; it once read the freed
+    memory (NaN logits). The result equals a fresh Model over the same tensors."""
+    import gc
+
+    m = ne.load()
+    ids = list(range(1, 30))
+    before = m.logits(ids)
+    n = "blocks.0.mlp.down.weight"
+    m.tensors[n] = torch.zeros_like(m.tensors[n])
+    gc.collect()
+    junk = [torch.full((1 << 16,), 7.0) for _ in range(64)]  # reuse what was freed
+    got = m.logits(ids)
+    assert torch.isfinite(got).all() and not torch.equal(got, before)
+    assert torch.equal(got, ne.Model(m.config, dict(m.tensors)).logits(ids))
+    m.tensors["blocks.1.attn_norm.weight"].mul_(1.5)  # in place: a gain the fused-norm path had taken as 1
+    got = m.logits(ids)
+    assert torch.equal(got, ne.Model(m.config, dict(m.tensors)).logits(ids))
+    assert m.info()["fused_norms"] is False
+    del junk

@@ -136,6 +136,7 @@ class Model:
         # calls, or calls from several threads, each get what they would get alone.
         self._lock = threading.RLock()
         self._user = None
+        self._handed = self._handed_tensors = None
 
     # ------------------------------------------------------------------ runner management
     def _spec(self) -> dict:
@@ -160,6 +161,12 @@ class Model:
             raise ShapeError(
                 f"sequence length {ctx} exceeds the model's context of {self.config.max_seq_len} tokens"
             )
+        # The runner reads the weights in place (no copies). A weight replaced in self.tensors since
+        # (the old one possibly freed), or changed in place by a torch op (its version counter moved;
+        # the runner derives things from some weights when it is built, e.g. whether the norms are
+        # bare), means a new runner: a stale one would read freed memory or outdated weights.
+        if self._runner is not None and self._handed != self._weights_state():
+            self._runner, self._handed_tensors = None, None
         if self._runner is None or slots > self._slots or ctx > self._ctx:
             slots = max(slots, self._slots)
             ctx = max(ctx, self._ctx)
@@ -178,14 +185,26 @@ class Model:
                     r.set_tensor(name, t)
             r.finalize()
             self._runner, self._slots, self._ctx = r, slots, ctx
+            self._handed_tensors = dict(self.tensors)  # kept alive for as long as the runner reads them
+            self._handed = self._weights_state()
         for s in range(slots):
             self._runner.reset(s)
         self._user = object() if user is None else user  # whatever a suspended generation held is gone
         return self._runner
 
+    def _weights_state(self) -> tuple:
+        """Identity and version counter of every weight tensor (those of packed weights included)."""
+        from .convert.quant import is_quantized
+
+        state = []
+        for name, t in self.tensors.items():
+            parts = t.tensors().values() if is_quantized(t) else (t,)
+            state.append((name, id(t)) + tuple(p._version for p in parts if isinstance(p, torch.Tensor)))
+        return tuple(state)
+
     def _fused_norms(self) -> bool:
         with self._lock:
-            if self._runner is None:
+            if self._runner is None or self._handed != self._weights_state():
                 self._runner_for(1, 1)
             return bool(self._runner.fused_norms())
 
