@@ -4,29 +4,51 @@ native kernels on CPU and CUDA. Not differentiable themselves: UN's autograd Fun
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 
 from .. import _C
+from ._library import native_op, placeholder
 from ._tensor import acc_dtype, channel_vector, check_input, check_like, check_no_overlap, check_out, stream_of
+
+
+def _moments_fake(x, dy):
+    acc = acc_dtype(x.dtype)
+    return x.new_empty(x.size(-1), dtype=acc), x.new_empty(x.size(-1), dtype=acc) if dy is not None else placeholder(x)
+
+
+@native_op("channel_moments", _moments_fake)
+def _moments(x: torch.Tensor, dy: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Without dy: (sum_r x^2, empty); with dy: (sum_r x * dy, sum_r dy), per channel."""
+    s1, s2 = _moments_fake(x, dy)
+    _C.channel_moments(x, dy, s1, s2 if dy is not None else None, stream_of(x))
+    return s1, s2
 
 
 def channel_sumsq(x: torch.Tensor) -> torch.Tensor:
     """s[c] = sum over all rows of x[..., c]^2, in float32 (float64 for float64 x)."""
-    x = check_input(x)
-    s = torch.empty(x.size(-1), dtype=acc_dtype(x.dtype), device=x.device)
-    _C.channel_moments(x, None, s, None, stream_of(x))
-    return s
+    return _moments(check_input(x), None)[0]
 
 
 def channel_dot(x: torch.Tensor, dy: torch.Tensor):
     """(sum_r x[r, c] * dy[r, c], sum_r dy[r, c]) over all rows, in the accumulator dtype."""
     x = check_input(x)
-    dy = check_like(dy, x, "dy")
-    acc = acc_dtype(x.dtype)
-    s1 = torch.empty(x.size(-1), dtype=acc, device=x.device)
-    s2 = torch.empty(x.size(-1), dtype=acc, device=x.device)
-    _C.channel_moments(x, dy, s1, s2, stream_of(x))
-    return s1, s2
+    return _moments(x, check_like(dy, x, "dy"))
+
+
+@native_op("channel_affine", lambda x, a, b: torch.empty(x.shape, dtype=x.dtype, device=x.device))
+def _affine(x: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _C.channel_affine(x, a, b, y, stream_of(x))
+    return y
+
+
+@native_op("channel_lincomb", lambda u, a, v, b: torch.empty(u.shape, dtype=u.dtype, device=u.device))
+def _lincomb(u: torch.Tensor, a: torch.Tensor, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    o = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    _C.channel_lincomb(u, a, v, b, o, stream_of(u))
+    return o
 
 
 def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None = None, *, out=None):
@@ -34,7 +56,9 @@ def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | N
     x = check_input(x)
     a = channel_vector(scale, x, "scale")
     b = channel_vector(shift, x, "shift")
-    y = check_out(out, x) if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out is None:
+        return _affine(x, a, b)
+    y = check_out(out, x)
     check_no_overlap(y, "out", {"x": x, "scale": a, "shift": b}, same_ok=("x",))
     _C.channel_affine(x, a, b, y, stream_of(x))
     return y
@@ -46,7 +70,9 @@ def channel_lincomb(u: torch.Tensor, a: torch.Tensor, v: torch.Tensor, b: torch.
     v = check_like(v, u, "v", "u")
     a = channel_vector(a, u, "a")
     b = channel_vector(b, u, "b")
-    o = check_out(out, u) if out is not None else torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    if out is None:
+        return _lincomb(u, a, v, b)
+    o = check_out(out, u)
     check_no_overlap(o, "out", {"u": u, "v": v, "a": a, "b": b}, same_ok=("u", "v"))
     _C.channel_lincomb(u, a, v, b, o, stream_of(u))
     return o

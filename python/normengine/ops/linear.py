@@ -7,10 +7,13 @@ CUDA tensors raise UnsupportedError."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import _C
 from ..errors import DeviceError, DTypeError, ShapeError
+from ._library import native_op
 from ._tensor import FLOAT_DTYPES, _rows_ok, bf16_products, check_input, check_no_overlap, stream_of
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -66,6 +69,17 @@ def _check_out(out, x: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
+def _linear_fake(x, weight, bias, medium):
+    return x.new_empty(tuple(x.shape[:-1]) + (weight.size(0),), dtype=torch.float32)
+
+
+@native_op("linear", _linear_fake)
+def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], medium: bool) -> torch.Tensor:
+    y = _linear_fake(x, weight, bias, medium)
+    _C.linear(x, weight, bias, y, stream_of(x), medium)
+    return y
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, out=None,
            matmul_precision: str = "highest") -> torch.Tensor:
     """y[..., n] = sum_k x[..., k] * weight[n, k] + bias[n], as torch.nn.functional.linear.
@@ -82,9 +96,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     n = weight.size(0)
     bias = _check_bias(bias, x, n)
     if out is None:
-        y = torch.empty(tuple(x.shape[:-1]) + (n,), dtype=torch.float32, device=x.device)
-    else:
-        y = _check_out(out, x, n)
-        check_no_overlap(y, "out", {"x": x, "weight": weight, "bias": bias})
+        return _native_linear(x, weight, bias, medium)
+    y = _check_out(out, x, n)
+    check_no_overlap(y, "out", {"x": x, "weight": weight, "bias": bias})
     _C.linear(x, weight, bias, y, stream_of(x), medium)
     return y

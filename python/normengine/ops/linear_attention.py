@@ -35,11 +35,13 @@ autograd. The runner's decode step is native too (cpp/ops/linear_attention.cpp).
 from __future__ import annotations
 
 import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
+from ._library import native_op, placeholder
 
 FEATURE_MAPS = ("elu1", "relu", "identity")
 MAX_HEAD_DIM = 1024
@@ -181,6 +183,47 @@ def _codes(kind, p):
             bool(p["causal"]), bool(p.get("normalize", True)), 0 if p.get("norm", "rms") == "rms" else 1, float(p["eps"]))
 
 
+def _la_fwd_fake(kind: int, fmap: int, causal: bool, normalize: bool, norm: int, eps: float, q, k, v, d, s0,
+                 recurrent: bool):
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    return (q.new_empty(B, T, H, Dv), q.new_empty(B, H, Dk + 1, Dv + 1, dtype=torch.float32))
+
+
+@native_op("linear_attention_forward", _la_fwd_fake)
+def _la_forward(kind: int, fmap: int, causal: bool, normalize: bool, norm: int, eps: float, q: torch.Tensor,
+                k: torch.Tensor, v: torch.Tensor, d: Optional[torch.Tensor], s0: Optional[torch.Tensor],
+                recurrent: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, T, H, Dv], final state S [B, H, Dk + 1, Dv + 1] float32) of the native kernels."""
+    from .. import _C
+
+    o, S = _la_fwd_fake(kind, fmap, causal, normalize, norm, eps, q, k, v, d, s0, recurrent)
+    _C.linear_attention_forward(kind, fmap, causal, normalize, norm, eps, q, k, v, d, s0, o, S, _stream(q),
+                                recurrent=recurrent)
+    return o, S
+
+
+def _la_bwd_fake(kind: int, fmap: int, causal: bool, normalize: bool, norm: int, eps: float, q, k, v, d, s0, do, gS,
+                 recurrent: bool):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device),
+            torch.empty_like(s0) if s0 is not None else placeholder(q))
+
+
+@native_op("linear_attention_backward", _la_bwd_fake)
+def _la_backward(kind: int, fmap: int, causal: bool, normalize: bool, norm: int, eps: float, q: torch.Tensor,
+                 k: torch.Tensor, v: torch.Tensor, d: Optional[torch.Tensor], s0: Optional[torch.Tensor],
+                 do: torch.Tensor, gS: Optional[torch.Tensor], recurrent: bool) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                        torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dS0 (empty without S0)); the kernels recompute the states themselves."""
+    from .. import _C
+
+    gq, gk, gv, gi = _la_bwd_fake(kind, fmap, causal, normalize, norm, eps, q, k, v, d, s0, do, gS, recurrent)
+    _C.linear_attention_backward(kind, fmap, causal, normalize, norm, eps, q, k, v, d, s0, do, gS, gq, gk, gv,
+                                 gi if s0 is not None else None, _stream(q), recurrent=recurrent)
+    return gq, gk, gv, gi
+
+
 class _LinearAttentionFunction(torch.autograd.Function):
     """Forward without a graph; backward runs the native kernels (CUDA, and CPU chunk/auto), which
     recompute the states themselves, or recomputes the torch forward under autograd (float64
@@ -191,17 +234,10 @@ class _LinearAttentionFunction(torch.autograd.Function):
         ctx.kind, ctx.p, ctx.algorithm = kind, p, algorithm
         ctx.save_for_backward(q, k, v, S0, decay)
         if _native(q, algorithm):
-            from .. import _C
-
-            B, T, H, Dk = q.shape
-            Dv = v.shape[-1]
-            o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=q.device)
-            S = torch.empty(B, H, Dk + 1, Dv + 1, dtype=torch.float32, device=q.device)
             s0 = None if S0 is None else S0.detach().to(torch.float32).contiguous()
             d = None if decay is None else decay.detach().to(torch.float32).contiguous()
-            _C.linear_attention_forward(*_codes(kind, p), *(_unit_last(t.detach()) for t in (q, k, v)), d, s0, o, S,
-                                        _stream(q), recurrent=algorithm == "recurrent")
-            return o, S
+            return _la_forward(*_codes(kind, p), *(_unit_last(t.detach()) for t in (q, k, v)), d, s0,
+                               algorithm == "recurrent")
         with torch.no_grad():
             o, S = _dispatch(kind, p, algorithm, q, k, v, S0, decay)
         return o.transpose(1, 2).to(q.dtype), S.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -210,16 +246,13 @@ class _LinearAttentionFunction(torch.autograd.Function):
     def backward(ctx, do, dS):
         q, k, v, S0, decay = ctx.saved_tensors
         if _native(q, ctx.algorithm):
-            from .. import _C
-
             q, k, v = (_unit_last(t) for t in (q, k, v))
-            gq, gk, gv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
             s0 = None if S0 is None else S0.detach().to(torch.float32).contiguous()
-            gi = None if s0 is None else torch.empty_like(s0)
             d = None if decay is None else decay.detach().to(torch.float32).contiguous()
             gS = None if dS is None else dS.to(torch.float32).contiguous()
-            _C.linear_attention_backward(*_codes(ctx.kind, ctx.p), q, k, v, d, s0, do.contiguous().to(q.dtype), gS,
-                                         gq, gk, gv, gi, _stream(q), recurrent=ctx.algorithm == "recurrent")
+            gq, gk, gv, gi = _la_backward(*_codes(ctx.kind, ctx.p), q, k, v, d, s0, do.contiguous().to(q.dtype), gS,
+                                          ctx.algorithm == "recurrent")
+            gi = None if s0 is None else gi
             need = ctx.needs_input_grad
             return (None, None, None, gq if need[3] else None, gk if need[4] else None, gv if need[5] else None,
                     None if gi is None or not need[6] else gi.to(S0.dtype), None)

@@ -27,6 +27,7 @@ import torch
 
 from .. import _C
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
+from ._library import native_op
 from ._tensor import stream_of
 
 __all__ = ["lmul", "lmul_matmul", "lmul_attention", "multiply_energy"]
@@ -64,21 +65,35 @@ def _out_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------------------ raw
+@native_op("lmul_elementwise", lambda a, b, bits: torch.empty_like(a))
+def _lmul_native(a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
+    """L-Mul products of two float32 tensors of one shape."""
+    out = torch.empty_like(a)
+    if out.numel():
+        _C.lmul_elementwise(a, b, out, bits, stream_of(out))
+    return out
+
+
 def _lmul_raw(a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
     a32, b32 = (_f32(t) for t in torch.broadcast_tensors(a, b))
-    out = torch.empty_like(a32)
+    return _lmul_native(a32, b32, bits)
+
+
+def _bmm_fake(x, w, bits):
+    return x.new_empty(x.shape[0], x.shape[1], w.shape[1], dtype=torch.float32)
+
+
+@native_op("lmul_bmm", _bmm_fake)
+def _bmm_native(x: torch.Tensor, w: torch.Tensor, bits: int) -> torch.Tensor:
+    out = _bmm_fake(x, w, bits)
     if out.numel():
-        _C.lmul_elementwise(a32, b32, out, bits, stream_of(out))
+        _C.lmul_bmm(x, w, out, bits, stream_of(out))
     return out
 
 
 def _bmm_raw(x: torch.Tensor, w: torch.Tensor, bits: int) -> torch.Tensor:
     """x [B, M, K], w [B, N, K] -> [B, M, N] float32, products L-Mul, sums in k order."""
-    x32, w32 = _f32(x), _f32(w)
-    out = torch.empty(x32.shape[0], x32.shape[1], w32.shape[1], dtype=torch.float32, device=x32.device)
-    if out.numel():
-        _C.lmul_bmm(x32, w32, out, bits, stream_of(out))
-    return out
+    return _bmm_native(_f32(x), _f32(w), bits)
 
 
 # ------------------------------------------------------------------------------------------ lmul

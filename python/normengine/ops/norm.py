@@ -8,9 +8,12 @@ no gradient is needed)."""
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 
 from .. import _C
+from ._library import native_op, placeholder
 from ..errors import ArgumentError
 from ._tensor import (
     acc_dtype,
@@ -29,8 +32,33 @@ LAYER, RMS, CRMS = 0, 1, 2
 _NAMES = {LAYER: "layer_norm", RMS: "rms_norm", CRMS: "crms_norm"}
 
 
+def _fwd_fake(kind, x, residual, w, b, eps, stats):
+    rows_ = x.numel() // x.size(-1)
+    acc = acc_dtype(x.dtype)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else placeholder(x),
+            x.new_empty(rows_, dtype=acc) if stats and kind == LAYER else placeholder(x),
+            x.new_empty(rows_, dtype=acc) if stats else placeholder(x))
+
+
+@native_op("norm_forward", _fwd_fake)
+def _native_forward(kind: int, x: torch.Tensor, residual: Optional[torch.Tensor], w: Optional[torch.Tensor],
+                    b: Optional[torch.Tensor], eps: float, stats: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
+    """(y, h = x + residual, mean, rstd); absent ones (no residual, no stats, mean of an RMS norm) empty."""
+    y, h, mean, rstd = _fwd_fake(kind, x, residual, w, b, eps, stats)
+    _C.norm_forward(kind, x, residual, w, b, eps, y, h if residual is not None else None,
+                    mean if stats and kind == LAYER else None, rstd if stats else None, stream_of(x))
+    return y, h, mean, rstd
+
+
 def _forward(kind, x, residual, w, b, eps, out=None, residual_out=None, stats=True):
     """Run the native forward; returns (y, h, mean, rstd) with h = x + residual (or x)."""
+    if out is None and residual_out is None:
+        y, h, mean, rstd = _native_forward(kind, x, residual, w, b, eps, stats)
+        return (y, h if residual is not None else x, mean if stats and kind == LAYER else None,
+                rstd if stats else None)
+    # into the caller's buffers (eager only: out= is refused when gradients are needed)
     y = out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     h = None
     if residual is not None:
@@ -46,17 +74,28 @@ def _forward(kind, x, residual, w, b, eps, out=None, residual_out=None, stats=Tr
     return y, (h if h is not None else x), mean, rstd
 
 
-def _backward(kind, dy, h, w, rstd, dres, need_w, need_b):
-    dy = rows(dy)
-    dx = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+def _bwd_fake(kind, dy, h, w, rstd, dres, need_w, need_b):
     acc = acc_dtype(h.dtype)
     n = h.size(-1)
-    dw = torch.empty(n, dtype=acc, device=h.device) if need_w else None
-    db = torch.empty(n, dtype=acc, device=h.device) if need_b else None
-    if dres is not None:
-        dres = rows(dres)
-    _C.norm_backward(kind, dy, h, w, rstd, dres, dx, dw, db, stream_of(h))
+    return (torch.empty(h.shape, dtype=h.dtype, device=h.device),
+            h.new_empty(n, dtype=acc) if need_w else placeholder(h),
+            h.new_empty(n, dtype=acc) if need_b else placeholder(h))
+
+
+@native_op("norm_backward", _bwd_fake)
+def _native_backward(kind: int, dy: torch.Tensor, h: torch.Tensor, w: Optional[torch.Tensor], rstd: torch.Tensor,
+                     dres: Optional[torch.Tensor], need_w: bool, need_b: bool) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor]:
+    """(dx, dweight, dbias) of y = norm(h) (+ dres, the gradient reaching h itself); absent ones empty."""
+    dx, dw, db = _bwd_fake(kind, dy, h, w, rstd, dres, need_w, need_b)
+    _C.norm_backward(kind, rows(dy), h, w, rstd, None if dres is None else rows(dres), dx, dw if need_w else None,
+                     db if need_b else None, stream_of(h))
     return dx, dw, db
+
+
+def _backward(kind, dy, h, w, rstd, dres, need_w, need_b):
+    dx, dw, db = _native_backward(kind, dy, h, w, rstd, dres, need_w, need_b)
+    return dx, (dw if need_w else None), (db if need_b else None)
 
 
 class NormFunction(torch.autograd.Function):

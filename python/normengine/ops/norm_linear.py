@@ -8,13 +8,16 @@ norm(x) from x and the saved statistics:
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 
 from .. import _C
 from ..errors import ArgumentError, DTypeError
 from ._tensor import bf16_products, check_eps, check_input, check_no_overlap, stream_of
+from ._library import native_op, placeholder
 from .linear import WEIGHT_DTYPES, _check_bias, _check_weight
-from .norm import CRMS, LAYER, RMS
+from .norm import CRMS, LAYER, RMS, _native_backward
 
 _KINDS = {"layer": LAYER, "layernorm": LAYER, "rms": RMS, "rmsnorm": RMS, "crms": CRMS, "crmsnorm": CRMS}
 
@@ -34,15 +37,41 @@ def _normalized(kind, x, mean, rstd):
     return x * rstd.view(shape).to(x.dtype)
 
 
-def _forward_native(kind, x, w, b, eps, col_sum, medium=False):
+def _stats_fake(kind, x, eps):
     n_rows = x.numel() // x.size(-1)
     acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32
-    rstd = torch.empty(n_rows, dtype=acc_t, device=x.device)
-    mean = torch.empty(n_rows, dtype=acc_t, device=x.device) if kind == LAYER else None
+    return (x.new_empty(n_rows, dtype=acc_t) if kind == LAYER else placeholder(x), x.new_empty(n_rows, dtype=acc_t))
+
+
+@native_op("norm_stats", _stats_fake)
+def _native_stats(kind: int, x: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mean (LayerNorm; else empty), rstd) of every row of x."""
+    mean, rstd = _stats_fake(kind, x, eps)
+    _C.norm_stats(kind, x, eps, mean if kind == LAYER else None, rstd, stream_of(x))
+    return mean, rstd
+
+
+def _nl_fake(kind, x, w, b, eps, col_sum, medium):
+    mean, rstd = _stats_fake(kind, x, eps)
+    return x.new_empty(x.shape[:-1] + (w.shape[0],), dtype=torch.float32), mean, rstd
+
+
+@native_op("norm_linear", _nl_fake)
+def _native_norm_linear(kind: int, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], eps: float,
+                        col_sum: Optional[torch.Tensor], medium: bool) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor]:
+    """(y = norm(x) w^T + b, mean (LayerNorm; else empty), rstd): CPU float32, statistics in the GEMM."""
+    y, mean, rstd = _nl_fake(kind, x, w, b, eps, col_sum, medium)
+    _C.norm_linear(kind, x, w, b, eps, col_sum, y, mean if kind == LAYER else None, rstd, 0, medium)
+    return y, mean, rstd
+
+
+def _forward_native(kind, x, w, b, eps, col_sum, medium=False):
     if x.is_cuda or x.dtype != torch.float32:
         # CUDA, and float64 (gradcheck): the same math composed: native statistics, the GEMM through
         # torch (cuBLAS on the GPU), then the per-row epilogue.
-        _C.norm_stats(kind, x, eps, mean, rstd, stream_of(x))
+        mean, rstd = _native_stats(kind, x, eps)
+        mean = mean if kind == LAYER else None
         acc = x @ w.t().to(x.dtype)
         shape = x.shape[:-1] + (1,)
         if kind == LAYER:
@@ -52,9 +81,8 @@ def _forward_native(kind, x, w, b, eps, col_sum, medium=False):
         if b is not None:
             y = y + b.to(y.dtype)
         return y, mean, rstd
-    y = torch.empty(x.shape[:-1] + (w.shape[0],), dtype=torch.float32, device=x.device)
-    _C.norm_linear(kind, x, w, b, eps, col_sum, y, mean, rstd, 0, medium)
-    return y, mean, rstd
+    y, mean, rstd = _native_norm_linear(kind, x, w, b, eps, col_sum, medium)
+    return y, (mean if kind == LAYER else None), rstd
 
 
 class NormLinearFunction(torch.autograd.Function):
@@ -79,8 +107,7 @@ class NormLinearFunction(torch.autograd.Function):
             db = dy.reshape(-1, dy.size(-1)).sum(0)
         if ctx.needs_input_grad[1]:
             dn = (dy @ w.to(dy.dtype)).contiguous()
-            dx = torch.empty_like(x)
-            _C.norm_backward(kind, dn, x, None, rstd, None, dx, None, None, stream_of(x))
+            dx = _native_backward(kind, dn, x, None, rstd, None, False, False)[0]
         return None, dx, dw, db, None, None, None
 
 

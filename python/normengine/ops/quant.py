@@ -21,10 +21,13 @@ run on a GPU in the sessions so far), otherwise the same numbers composed from t
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import _C
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
+from ._library import native_op
 from ._tensor import bf16_products, check_no_overlap
 
 FORMATS = ("int8", "int8-weight", "int4", "fp8")
@@ -275,6 +278,21 @@ def _emulated(x2: torch.Tensor, qw: QuantizedWeight, bias):
     return ref(x2, qw, bias, dtype=torch.float32)
 
 
+def _ql_fake(x2, fmt, data, scale, zero, group, N, bias, medium):
+    return x2.new_empty(x2.shape[0], N, dtype=torch.float32)
+
+
+@native_op("quant_linear", _ql_fake)
+def _native_quant_linear(x2: torch.Tensor, fmt: int, data: torch.Tensor, scale: torch.Tensor,
+                         zero: Optional[torch.Tensor], group: int, N: int, bias: Optional[torch.Tensor],
+                         medium: bool) -> torch.Tensor:
+    """y [M, N] float32 = x2 [M, K] (float32, contiguous) times the packed weight's transpose (+ bias), CPU."""
+    y = _ql_fake(x2, fmt, data, scale, zero, group, N, bias, medium)
+    if x2.shape[0]:
+        _C.quant_linear(x2, fmt, data, scale, zero, group, N, x2.shape[1], bias, y, False, medium)
+    return y
+
+
 def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, out=None,
                      matmul_precision: str = "highest") -> torch.Tensor:
     """y = x @ dequant(qweight)^T (+ bias), x [..., K] float32 / bfloat16 / float16 (computed in
@@ -329,11 +347,15 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, ou
             out.copy_(y.view(out.shape))
             return out
         return y.view(*lead, N)
-    y = out.view(-1, N) if out is not None else torch.empty(x2.shape[0], N, dtype=torch.float32)
+    group = qweight.group_size if qweight.format in ("int4", "fp8") else 0
+    if out is None:
+        return _native_quant_linear(x2, _CODE[qweight.format], qweight.data, qweight.scale, qweight.zero, group, N,
+                                    bias, medium).view(*lead, N)
+    y = out.view(-1, N)
     if x2.shape[0]:
-        _C.quant_linear(x2, _CODE[qweight.format], qweight.data, qweight.scale, qweight.zero,
-                        qweight.group_size if qweight.format in ("int4", "fp8") else 0, N, K, bias, y, False, medium)
-    return out if out is not None else y.view(*lead, N)
+        _C.quant_linear(x2, _CODE[qweight.format], qweight.data, qweight.scale, qweight.zero, group, N, K, bias, y,
+                        False, medium)
+    return out
 
 
 __all__ = ["QuantizedWeight", "quantize_weight", "quantized_linear", "FORMATS"]
