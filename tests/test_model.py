@@ -379,3 +379,25 @@ def test_weights_changed_after_the_first_call_are_seen():
     assert torch.equal(got, ne.Model(m.config, dict(m.tensors)).logits(ids))
     assert m.info()["fused_norms"] is False
     del junk
+
+
+def test_nan_logits_are_an_error_not_a_token():
+    """A forward pass that yields NaN / +Inf logits (a NaN weight here) makes generate raise
+    NumericalError naming the sequence and step, greedy or sampled, instead of emitting an arbitrary
+    token (NaN also broke the sampler's orderings); logits() returns the NaN as it is. -Inf logits
+    are masks: sampling picks among the rest, and a row of only -Inf is an error."""
+    m = ne.load()
+    m.tensors["blocks.0.mlp.down.weight"][0, 0] = float("nan")
+    assert torch.isnan(m.logits([1, 2, 3])).any()
+    for kw in ({}, {"temperature": 1.0, "top_p": 0.9, "seed": 1}, {"temperature": 0.7, "top_k": 5, "seed": 1}):
+        with pytest.raises(ne.NumericalError, match="sequence 0, new token 1: logits: NaN"):
+            m.generate([1, 2, 3], max_new_tokens=4, **kw)
+    s = ne._C.Sampler(3)
+    row = torch.full((10,), float("-inf"))
+    row[7] = 0.5
+    assert s.sample(row, 1.0, 0, 1.0) == 7 and s.sample(row, 0.0, 0, 1.0) == 7
+    row[2] = float("inf")
+    with pytest.raises(ValueError, match=r"\+Inf at token id 2"):
+        s.sample(row, 1.0, 0, 1.0)
+    with pytest.raises(ValueError, match="every logit is -Inf"):
+        s.sample(torch.full((10,), float("-inf")), 0.0, 0, 1.0)

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "normengine/model.h"
@@ -16,12 +17,22 @@ int sample_token(const float* logits, int vocab, const SamplingParams& p, std::m
   if (!(p.temperature >= 0.f)) throw ValueError("temperature: expected >= 0");
   if (p.top_k < 0) throw ValueError("top_k: expected >= 0");
   if (!(p.top_p > 0.f && p.top_p <= 1.f)) throw ValueError("top_p: expected a value in (0, 1]");
-  if (p.temperature == 0.f || p.top_k == 1) {
-    int best = 0;
-    for (int i = 1; i < vocab; ++i)
-      if (logits[i] > logits[best] || (std::isnan(logits[best]) && !std::isnan(logits[i]))) best = i;
-    return best;
+  // A NaN or +Inf logit means the forward pass overflowed or the weights hold NaN / Inf: any token
+  // picked from such a row would be arbitrary (and NaN breaks the orderings below), so it is an error.
+  // -Inf is a legitimate mask, as long as one candidate is left.
+  int best = 0;
+  bool any_finite = false;
+  for (int i = 0; i < vocab; ++i) {
+    const float v = logits[i];
+    if (std::isnan(v) || v == INFINITY)
+      throw ValueError("logits: " + std::string(std::isnan(v) ? "NaN" : "+Inf") + " at token id " + std::to_string(i) +
+                       " (the model's forward pass overflowed, or its weights hold NaN / Inf); no token can be "
+                       "sampled from this row");
+    any_finite = any_finite || v > -INFINITY;
+    if (v > logits[best]) best = i;
   }
+  if (!any_finite) throw ValueError("logits: every logit is -Inf; no token can be sampled from this row");
+  if (p.temperature == 0.f || p.top_k == 1) return best;
   std::vector<int> idx(vocab);
   std::iota(idx.begin(), idx.end(), 0);
   auto by_logit = [&](int a, int b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };

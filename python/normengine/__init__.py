@@ -9,6 +9,7 @@ from .errors import (
     DeviceError,
     DTypeError,
     NormEngineError,
+    NumericalError,
     ShapeError,
     UnsupportedError,
 )
@@ -71,4 +72,5 @@ __all__ = [
     "UnsupportedError",
     "ArgumentError",
     "CheckpointError",
+    "NumericalError",
 ]

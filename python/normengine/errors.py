@@ -31,6 +31,11 @@ class CheckpointError(NormEngineError, ValueError):
     """A checkpoint file that is missing, truncated, corrupt, unsafe or inconsistent with its config."""
 
 
+class NumericalError(NormEngineError, ArithmeticError):
+    """A computation produced NaN / Inf where a result must be finite (e.g. the logits a token is
+    sampled from)."""
+
+
 __all__ = [
     "NormEngineError",
     "ShapeError",
@@ -39,4 +44,5 @@ __all__ = [
     "UnsupportedError",
     "ArgumentError",
     "CheckpointError",
+    "NumericalError",
 ]

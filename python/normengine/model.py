@@ -14,7 +14,7 @@ import torch
 
 from . import _C
 from .config import ModelConfig
-from .errors import ArgumentError, DeviceError, DTypeError, ShapeError, UnsupportedError
+from .errors import ArgumentError, DeviceError, DTypeError, NumericalError, ShapeError, UnsupportedError
 from .ops._tensor import bf16_products
 
 _NORM_KIND = {"layernorm": 0, "rmsnorm": 1, "crmsnorm": 2, "none": -1}
@@ -375,7 +375,10 @@ class Model:
         while active:
             nxt = []
             for row, i in enumerate(active):
-                tok = samplers[i].sample(host[row], temperature, top_k, top_p)
+                try:
+                    tok = samplers[i].sample(host[row], temperature, top_k, top_p)
+                except ArgumentError as e:  # NaN / +Inf logits (the arguments themselves were checked)
+                    raise NumericalError(f"generate: sequence {i}, new token {len(produced[i]) + 1}: {e}") from None
                 produced[i].append(tok)
                 done = tok in stop_ids or len(ids[i]) + len(produced[i]) >= self.config.max_seq_len
                 if text[i]:
