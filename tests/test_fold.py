@@ -52,3 +52,17 @@ def test_stat_norm_gains_fold(norm, gen):
     assert ne.nn.fold_norms(model) == 1
     assert torch.all(model[0].weight == 1)
     assert rel_err(model(x), want) <= 1e-12
+
+
+@pytest.mark.parametrize("norm", [ne.nn.LayerNorm, torch.nn.LayerNorm, ne.nn.RMSNorm])
+def test_norm_over_several_dims_is_left_alone(norm, gen):
+    """A norm over trailing dims (3, 12) has a gain per (row, column) position: it cannot fold into a
+    linear layer over the last dim, so fold_norms leaves it (and the output) unchanged."""
+    n = norm((3, 12))
+    with torch.no_grad():
+        n.weight.copy_(torch.randn(3, 12, generator=gen))
+    model = torch.nn.Sequential(n, torch.nn.Linear(12, 5)).double()
+    x = torch.randn(7, 3, 12, generator=gen, dtype=torch.float64)
+    want = model(x).detach()
+    assert ne.nn.fold_norms(model) == 0
+    assert torch.equal(model(x), want)

@@ -326,6 +326,31 @@ def test_modules_match_torch_modules(gen):
     assert m.weight.grad is not None and rm.weight.grad is not None
 
 
+def test_modules_take_torch_normalized_shapes_and_eps(gen):
+    """As torch.nn.LayerNorm / RMSNorm: normalized_shape may name several trailing dims (the statistics
+    then run over all their elements; weight and bias have that shape), and RMSNorm(eps=None) means
+    finfo(dtype).eps. Forward, backward and state_dict against torch's modules."""
+    shape = (4, 16)
+    for ours, theirs in ((ne.nn.LayerNorm(shape), torch.nn.LayerNorm(shape)),
+                         (ne.nn.RMSNorm(shape, eps=None), torch.nn.RMSNorm(shape))):
+        with torch.no_grad():
+            for p in theirs.parameters():
+                p.copy_(randn(*p.shape, gen=gen))
+        ours.load_state_dict(theirs.state_dict())
+        x = (randn(3, 5, 4, 16, gen=gen) * 1e-3).requires_grad_()  # small: eps matters
+        a, b = ours(x), theirs(x)
+        assert a.shape == b.shape and rel_err(a, b) <= 1e-5
+        g = randn(*a.shape, gen=gen)
+        ga = torch.autograd.grad(a, [x, ours.weight], g)
+        gb = torch.autograd.grad(b, [x, theirs.weight], g)
+        for u, v in zip(ga, gb):
+            assert u.shape == v.shape and rel_err(u, v) <= 1e-4
+        y, h = ours(x, x)
+        assert y.shape == x.shape and torch.equal(h, x + x)
+        with pytest.raises(ne.ShapeError, match=r"x: expected trailing dimensions \(4, 16\)"):
+            ours(randn(3, 16, 4, gen=gen))
+
+
 def test_thread_counts_agree(gen):
     """Results do not depend on the thread count (rows are independent; dw sums per thread)."""
     x = randn(301, 257, gen=gen).requires_grad_()

@@ -68,7 +68,9 @@ def fold_norms(module: torch.nn.Module) -> int:
                     continue
                 seq[i] = torch.nn.Identity()
                 folded += 1
-            elif isinstance(m, _STAT_NORMS) and nxt is not None and m.weight is not None:
+            elif isinstance(m, _STAT_NORMS) and nxt is not None and m.weight is not None and m.weight.dim() == 1:
+                # (a norm over several trailing dims has a gain per position of all of them: it does
+                # not fold into a linear layer over the last one, so it is left as it is)
                 bias = getattr(m, "bias", None)
                 _fold_into_next(nxt, m.weight.detach(), None if bias is None else bias.detach())
                 with torch.no_grad():
