@@ -401,3 +401,21 @@ def test_nan_logits_are_an_error_not_a_token():
         s.sample(row, 1.0, 0, 1.0)
     with pytest.raises(ValueError, match="every logit is -Inf"):
         s.sample(torch.full((10,), float("-inf")), 0.0, 0, 1.0)
+
+
+def test_float16_overflow_at_load_is_an_error():
+    """A weight beyond float16's range would become Inf (and every logit NaN): dtype=torch.float16
+    refuses it at load, naming the tensor and pointing at bfloat16."""
+    from normengine.checkpoint import load_checkpoint
+
+    cfg, sd = load_checkpoint(ne.model.DEFAULT_MODEL)
+    sd = {k: v.float() for k, v in sd.items()}
+    sd["blocks.0.mlp.down.weight"][0, 0] = 1e6
+    with pytest.raises(ne.NumericalError, match=r"blocks\.0\.mlp\.down\.weight: values up to 1e\+06 overflow float16"):
+        ne.Model(cfg, sd, dtype=torch.float16)
+    ne.Model(cfg, sd, dtype=torch.bfloat16)  # in range there
+    from normengine.convert import fold_norm_affine
+
+    sd["blocks.0.mlp.up.weight"][0, 0] = 1e6  # a reader of the MLP's norm
+    with pytest.raises(ne.NumericalError, match=r"blocks\.0\.mlp\.up\.weight: with the norm's gain folded in"):
+        fold_norm_affine(cfg, sd, dtype=torch.float16)  # normengine.load(dtype=float16) folds into float16

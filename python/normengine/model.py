@@ -107,6 +107,11 @@ class Model:
                 c = t.detach().to(device=dev, dtype=want)
                 if not c.is_contiguous():
                     c = c.contiguous()
+                if want == torch.float16 and t.dtype != torch.float16 and torch.isinf(c).any() \
+                        and not torch.isinf(t).any():
+                    big = t.detach().abs().max().item()
+                    raise NumericalError(f"{names[0]}: values up to {big:.4g} overflow float16 (max 65504); "
+                                         "load with dtype=torch.bfloat16 or torch.float32")
             for n in names:
                 converted[n] = c
             if _owned:

@@ -25,7 +25,7 @@ import copy
 import torch
 
 from ..config import ModelConfig
-from ..errors import UnsupportedError
+from ..errors import NumericalError, UnsupportedError
 
 _READERS = {
     "attn_norm": ("attn.q", "attn.k", "attn.v"),
@@ -105,6 +105,9 @@ def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False, dtype=No
                 out[bname] = (c + wb).to(sd[bname].dtype if bname in sd else w.dtype)
             own = inplace and not (tied and r == "lm_head")
             out[wname] = _scale_columns(w, g, own, dtype=dtype if (dtype and w.is_floating_point()) else None)
+            if out[wname].dtype == torch.float16 and torch.isinf(out[wname]).any() and not torch.isinf(w).any():
+                raise NumericalError(f"{wname}: with the norm's gain folded in, values overflow float16 (max "
+                                     "65504); load with dtype=torch.bfloat16 or torch.float32")
             if inplace and out[wname] is not w:
                 if own:  # the source is ours and replaced: its mapped pages can go
                     release_pages(w)
