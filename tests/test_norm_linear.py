@@ -63,7 +63,7 @@ def test_bad_input(gen):
     with pytest.raises(ne.ArgumentError, match="norm"):
         ne.ops.norm_linear(x, torch.randn(3, 8), norm="batch")
     with pytest.raises(ne.DTypeError, match="x"):
-        ne.ops.norm_linear(x.half(), torch.randn(3, 8))
+        ne.ops.norm_linear(x.to(torch.int32), torch.randn(3, 8))
     with pytest.raises(ne.ShapeError, match="bias"):
         ne.ops.norm_linear(x, torch.randn(3, 8), torch.randn(4))
 
@@ -123,3 +123,26 @@ def test_medium_precision_normalizes_before_rounding(norm, gen):
     xe = x[:20].clone().requires_grad_()
     ne.ops.norm_linear(xe, w, b, norm=norm).sum().backward()
     assert torch.equal(xg.grad, xe.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_16bit_activations(dtype, norm):
+    """bfloat16 / float16 x (torch.autocast hands these on): computed from x widened to float32, y in
+    x's dtype; gradients reach x (in its dtype) and the weight, equal to the float32 op's rounded."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 3, 48, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(20, 48, generator=g, requires_grad=True)
+    b = torch.randn(20, generator=g)
+    y = ne.ops.norm_linear(x, w, b, norm=norm)
+    x32 = x.detach().float().requires_grad_()
+    w32 = w.detach().clone().requires_grad_()
+    y32 = ne.ops.norm_linear(x32, w32, b, norm=norm)
+    assert y.dtype == dtype and torch.equal(y, y32.to(dtype))
+    dy = torch.randn(y.shape, generator=g)
+    (y.float() * dy).sum().backward()
+    (y32.to(dtype).float() * dy).sum().backward()
+    assert x.grad.dtype == dtype and torch.equal(x.grad, x32.grad.to(dtype))
+    assert torch.allclose(w.grad, w32.grad)
+    z = ne.ops.linear(x.detach(), w.detach(), b)
+    assert z.dtype == dtype and torch.equal(z, ne.ops.linear(x.detach().float(), w.detach(), b).to(dtype))

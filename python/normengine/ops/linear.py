@@ -84,14 +84,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            matmul_precision: str = "highest") -> torch.Tensor:
     """y[..., n] = sum_k x[..., k] * weight[n, k] + bias[n], as torch.nn.functional.linear.
 
-    ``out=`` writes y into a caller's float32 buffer of shape x.shape[:-1] + (out_features,).
-    ``matmul_precision="medium"`` (as torch.set_float32_matmul_precision) lets a CPU with AMX-BF16
-    round x and a float32 weight to bfloat16 for the products (sums in fp32) when x has 16 or more
-    rows; elsewhere it computes as "highest"."""
+    x: float32, or bfloat16 / float16 (e.g. under torch.autocast), widened to float32 for the kernel
+    (sums in fp32) with y returned in x's dtype. ``out=`` writes y into a caller's float32 buffer of
+    shape x.shape[:-1] + (out_features,). ``matmul_precision="medium"`` (as
+    torch.set_float32_matmul_precision) lets a CPU with AMX-BF16 round x and a float32 weight to
+    bfloat16 for the products (sums in fp32) when x has 16 or more rows; elsewhere it computes as
+    "highest"."""
     medium = bf16_products(matmul_precision)
     x = check_input(x)
+    if x.dtype in (torch.bfloat16, torch.float16):
+        y = linear(x.float(), weight, bias, out=out, matmul_precision=matmul_precision)
+        return y if out is not None else y.to(x.dtype)
     if x.dtype != torch.float32:
-        raise DTypeError(f"x: expected dtype torch.float32 (other input dtypes are not supported yet), got {x.dtype}")
+        raise DTypeError(f"x: expected float32, bfloat16 or float16, got {x.dtype}")
     weight = _check_weight(weight, x)
     n = weight.size(0)
     bias = _check_bias(bias, x, n)

@@ -114,7 +114,9 @@ class NormLinearFunction(torch.autograd.Function):
 def norm_linear(x, weight, bias=None, norm: str = "rms", eps: float | None = None, *, col_sum=None, out=None,
                 matmul_precision: str = "highest"):
     """y = norm(x) @ weight.T + bias, norm in {'rms', 'crms', 'layer'} over the last dimension of x,
-    without writing norm(x). x: float32 [..., K]; weight: [N, K] float32 / bfloat16 / float16;
+    without writing norm(x). x: float32 [..., K] (bfloat16 / float16, e.g. under torch.autocast, are
+    widened to float32 for the kernel and y comes back in x's dtype, gradients included); weight: [N, K]
+    float32 / bfloat16 / float16;
     bias: [N] float32. col_sum (LayerNorm only): weight.sum(1) precomputed, else computed per call.
     eps defaults to 1e-5 for 'layer', 1e-6 otherwise. out: a float32 [..., N] tensor to write into
     (reused memory; only when no gradient is needed). matmul_precision="medium": on a CPU with
@@ -124,8 +126,11 @@ def norm_linear(x, weight, bias=None, norm: str = "rms", eps: float | None = Non
     kind = _kind(norm)
     eps = check_eps((1e-5 if kind == LAYER else 1e-6) if eps is None else eps)
     x = check_input(x)
+    if x.dtype in (torch.bfloat16, torch.float16):  # widened (differentiably) and narrowed back
+        y = norm_linear(x.float(), weight, bias, norm, eps, col_sum=col_sum, out=out, matmul_precision=matmul_precision)
+        return y if out is not None else y.to(x.dtype)
     if x.dtype not in (torch.float32, torch.float64):
-        raise DTypeError(f"x: norm_linear takes float32 (or float64) activations, got {x.dtype}")
+        raise DTypeError(f"x: norm_linear takes float32 (or float64) activations, or bfloat16 / float16, got {x.dtype}")
     # float64 x (the composed path, for gradcheck) takes float64 weights too
     w = _check_weight(weight, x, WEIGHT_DTYPES + ((torch.float64,) if x.dtype == torch.float64 else ()))
     if bias is not None:
