@@ -36,6 +36,7 @@
 #include "ops/gemm.h"
 #include "ops/linear_attention.h"
 #include "ops/lmul.h"
+#include "ops/norm_linear.h"
 #include "ops/quant_gemm.h"
 
 namespace ne {
@@ -159,6 +160,7 @@ struct Runner::Impl {
   // norm + linear then runs as norm_linear: row statistics, and the GEMMs read the raw stream and
   // apply them in their epilogue (LayerNorm: with the readers' column sums).
   bool fused = false;       // the blocks' norms run as statistics inside their readers' GEMMs
+  std::vector<float> centred;  // fused LayerNorm: rows far from zero mean, centred (center_far_rows)
   bool fused_head = false;  // the final norm likewise (unit gain: folded); else an explicit pass
   std::vector<float> mean, rstd;
   std::vector<float> head_csum;
@@ -433,13 +435,17 @@ void linear_normed(const W& w, const W& b, const float* x, int64_t T, float* y, 
   linear(w, b, x, T, y, false, ar, &ep);
 }
 
-// Per-row statistics of the stream (rstd, and mean for LayerNorm) for the fused path.
-void row_stats(const ModelSpec& s, const float* x, int64_t T, float* mean, float* rstd) {
+// Per-row statistics of the stream (rstd, and mean for LayerNorm) for the fused path. Returns the rows
+// the readers' GEMMs read: x itself, or (LayerNorm, some row's mean large next to its spread) a copy in
+// `centred` with those rows centred and their mean set to 0 (center_far_rows, ops/norm_linear.h).
+const float* row_stats(const ModelSpec& s, const float* x, int64_t T, float* mean, float* rstd,
+                       std::vector<float>& centred) {
   const int64_t d = s.d_model;
   TensorView xv = TensorView::make(const_cast<float*>(x), DType::F32, {T, d}, Device{}, "x");
   TensorView mv = TensorView::make(mean, DType::F32, {T}, Device{}, "mean");
   TensorView rv = TensorView::make(rstd, DType::F32, {T}, Device{}, "rstd");
   norm_stats(static_cast<NormKind>(s.norm), xv, s.norm_eps, s.norm == 0 ? &mv : nullptr, rv);
+  return s.norm == 0 ? center_far_rows(x, T, d, d, mean, rstd, centred) : x;
 }
 
 void norm_rows(const ModelSpec& s, const W& w, const W& b, const float* x, float* y, int64_t T) {
@@ -545,13 +551,13 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
     float* vp = fqkv ? m.qkv.data() + dq + dkv : m.v.data();
     const int64_t ldq = fqkv ? dqkv : dq, ldkv = fqkv ? dqkv : dkv;
     if (m.fused) {
-      row_stats(s, m.x.data(), T, m.mean.data(), m.rstd.data());
+      const float* xs = row_stats(s, m.x.data(), T, m.mean.data(), m.rstd.data(), m.centred);
       if (fqkv) {
-        linear_normed(L.qkv, L.qkvb, m.x.data(), T, m.qkv.data(), m.rstd.data(), mu, L.csum_qkv, ar);
+        linear_normed(L.qkv, L.qkvb, xs, T, m.qkv.data(), m.rstd.data(), mu, L.csum_qkv, ar);
       } else {
-        linear_normed(L.q, L.qb, m.x.data(), T, m.q.data(), m.rstd.data(), mu, L.csum_q, ar);
-        linear_normed(L.k, L.kb, m.x.data(), T, m.k.data(), m.rstd.data(), mu, L.csum_k, ar);
-        linear_normed(L.v, L.vb, m.x.data(), T, m.v.data(), m.rstd.data(), mu, L.csum_v, ar);
+        linear_normed(L.q, L.qb, xs, T, m.q.data(), m.rstd.data(), mu, L.csum_q, ar);
+        linear_normed(L.k, L.kb, xs, T, m.k.data(), m.rstd.data(), mu, L.csum_k, ar);
+        linear_normed(L.v, L.vb, xs, T, m.v.data(), m.rstd.data(), mu, L.csum_v, ar);
       }
     } else {
       norm_rows(s, L.attn_norm_w, L.attn_norm_b, m.x.data(), m.xn.data(), T);
@@ -627,12 +633,12 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
     // ---- MLP
     const bool fgu = L.gate_up.present();  // [gate; up] in one GEMM: gu = [T, 2 d_ff], gate first
     if (m.fused) {
-      row_stats(s, m.x.data(), T, m.mean.data(), m.rstd.data());
+      const float* xs = row_stats(s, m.x.data(), T, m.mean.data(), m.rstd.data(), m.centred);
       if (fgu) {
-        linear_normed(L.gate_up, L.gate_upb, m.x.data(), T, m.gu.data(), m.rstd.data(), mu, L.csum_gate_up, ar);
+        linear_normed(L.gate_up, L.gate_upb, xs, T, m.gu.data(), m.rstd.data(), mu, L.csum_gate_up, ar);
       } else {
-        linear_normed(L.up, L.upb, m.x.data(), T, m.up.data(), m.rstd.data(), mu, L.csum_up, ar);
-        if (s.gated_mlp) linear_normed(L.gate, L.gateb, m.x.data(), T, m.gate.data(), m.rstd.data(), mu, L.csum_gate, ar);
+        linear_normed(L.up, L.upb, xs, T, m.up.data(), m.rstd.data(), mu, L.csum_up, ar);
+        if (s.gated_mlp) linear_normed(L.gate, L.gateb, xs, T, m.gate.data(), m.rstd.data(), mu, L.csum_gate, ar);
       }
     } else {
       norm_rows(s, L.mlp_norm_w, L.mlp_norm_b, m.x.data(), m.xn.data(), T);
@@ -666,8 +672,8 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
     src = m.sel.data();
   }
   if (m.fused_head) {
-    row_stats(s, src, rows, m.mean.data(), m.rstd.data());
-    linear_normed(m.head, m.head_b, src, rows, logits, m.rstd.data(), s.norm == 0 ? m.mean.data() : nullptr,
+    const float* xs = row_stats(s, src, rows, m.mean.data(), m.rstd.data(), m.centred);
+    linear_normed(m.head, m.head_b, xs, rows, logits, m.rstd.data(), s.norm == 0 ? m.mean.data() : nullptr,
                   m.head_csum, ar);
   } else {
     norm_rows(s, m.final_w, m.final_b, src, m.xn.data(), rows);
