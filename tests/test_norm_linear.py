@@ -1,6 +1,8 @@
 """norm_linear (norm applied in the GEMM epilogue) against the unfused reference: forward on every
 backend, gradcheck in float64, backward against reference autograd, and the runner's fused path."""
 
+import sys
+
 import pytest
 import torch
 from torch.autograd import gradcheck
@@ -148,6 +150,9 @@ def test_16bit_activations(dtype, norm):
     assert z.dtype == dtype and torch.equal(z, ne.ops.linear(x.detach().float(), w.detach(), b).to(dtype))
 
 
+LAYER_KIND = 0  # normengine.ops.norm.LAYER
+
+
 def test_layer_rows_with_large_means_stay_exact(gen):
     """LayerNorm inside the GEMM subtracts mean * colsum(W) after the dot product, which cancels digits
     when a row's mean is large next to its spread (rows of 1e4 + N(0, 1) lost 4e-3 relative). Such rows
@@ -166,3 +171,6 @@ def test_layer_rows_with_large_means_stay_exact(gen):
         assert ne.ops.norm_linear(x, w, b, norm="layer", out=y) is y and rel_err(y, want) < 2e-6
         xg = x.clone().requires_grad_()  # the autograd path reads the same forward
         assert rel_err(ne.ops.norm_linear(xg, w, b, norm="layer"), want) < 2e-6
+        # the composed form CUDA runs (torch GEMM + native statistics), here on CPU float32
+        composed = sys.modules["normengine.ops.norm_linear"]._composed
+        assert rel_err(composed(LAYER_KIND, x, w, b, 1e-5, None)[0], want) < 2e-6

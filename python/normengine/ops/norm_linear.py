@@ -66,21 +66,31 @@ def _native_norm_linear(kind: int, x: torch.Tensor, w: torch.Tensor, b: Optional
     return y, mean, rstd
 
 
+def _composed(kind, x, w, b, eps, col_sum):
+    """norm_linear composed (CUDA, and float64 for gradcheck): native statistics, the GEMM through
+    torch (cuBLAS on the GPU), then the per-row epilogue. Returns (y, mean or None, rstd)."""
+    mean, rstd = _native_stats(kind, x, eps)
+    mean = mean if kind == LAYER else None
+    shape = x.shape[:-1] + (1,)
+    if kind == LAYER:
+        # (x - mean) W^T, not x W^T - mean colsum(W): the latter cancels digits for rows whose mean
+        # is large next to their spread. x - mean is exact for such rows (Sterbenz); what the
+        # rounded mean leaves, delta = mean(x - mean), is small and taken off as delta colsum(W).
+        xc = x - mean.view(shape).to(x.dtype)
+        delta = xc.mean(-1, keepdim=True)
+        c = col_sum.to(x.dtype) if col_sum is not None else w.to(x.dtype).sum(1)
+        acc = xc @ w.t().to(x.dtype) - delta * c
+    else:
+        acc = x @ w.t().to(x.dtype)
+    y = acc * rstd.view(shape)
+    if b is not None:
+        y = y + b.to(y.dtype)
+    return y, mean, rstd
+
+
 def _forward_native(kind, x, w, b, eps, col_sum, medium=False):
     if x.is_cuda or x.dtype != torch.float32:
-        # CUDA, and float64 (gradcheck): the same math composed: native statistics, the GEMM through
-        # torch (cuBLAS on the GPU), then the per-row epilogue.
-        mean, rstd = _native_stats(kind, x, eps)
-        mean = mean if kind == LAYER else None
-        acc = x @ w.t().to(x.dtype)
-        shape = x.shape[:-1] + (1,)
-        if kind == LAYER:
-            c = col_sum.to(x.dtype) if col_sum is not None else w.to(x.dtype).sum(1)
-            acc = acc - mean.view(shape) * c
-        y = acc * rstd.view(shape)
-        if b is not None:
-            y = y + b.to(y.dtype)
-        return y, mean, rstd
+        return _composed(kind, x, w, b, eps, col_sum)
     y, mean, rstd = _native_norm_linear(kind, x, w, b, eps, col_sum, medium)
     return y, (mean if kind == LAYER else None), rstd
 
