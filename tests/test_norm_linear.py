@@ -171,6 +171,13 @@ def test_layer_rows_with_large_means_stay_exact(gen):
         assert ne.ops.norm_linear(x, w, b, norm="layer", out=y) is y and rel_err(y, want) < 2e-6
         xg = x.clone().requires_grad_()  # the autograd path reads the same forward
         assert rel_err(ne.ops.norm_linear(xg, w, b, norm="layer"), want) < 2e-6
+        dy = torch.randn(3, 7, 96, generator=gen)  # backward: dx and dweight
+        wg = w.clone().requires_grad_()
+        gx, gw = torch.autograd.grad(ne.ops.norm_linear(xg, wg, b, norm="layer"), [xg, wg], dy)
+        xd64, wd64 = xd.clone().requires_grad_(), w.double().requires_grad_()
+        n64 = (xd64 - xd64.mean(-1, keepdim=True)) / (xd64.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        hx, hw = torch.autograd.grad(n64 @ wd64.t(), [xd64, wd64], dy.double())
+        assert rel_err(gx, hx) < 1e-5 and rel_err(gw, hw) < 1e-5
         # the composed form CUDA runs (torch GEMM + native statistics), here on CPU float32
         composed = sys.modules["normengine.ops.norm_linear"]._composed
         assert rel_err(composed(LAYER_KIND, x, w, b, 1e-5, None)[0], want) < 2e-6

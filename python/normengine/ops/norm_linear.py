@@ -33,7 +33,10 @@ def _normalized(kind, x, mean, rstd):
     """norm(x) from the saved statistics (for backward), in x's dtype."""
     shape = x.shape[:-1] + (1,)
     if kind == LAYER:
-        return (x - mean.view(shape).to(x.dtype)) * rstd.view(shape).to(x.dtype)
+        # x - mean is exact for rows whose mean is large next to their spread (Sterbenz); the rounded
+        # mean's leftover (up to ulp(mean) / 2, as large as the spread can be) is taken off as well
+        xc = x - mean.view(shape).to(x.dtype)
+        return (xc - xc.mean(-1, keepdim=True)) * rstd.view(shape).to(x.dtype)
     return x * rstd.view(shape).to(x.dtype)
 
 
