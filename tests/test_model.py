@@ -419,3 +419,18 @@ def test_float16_overflow_at_load_is_an_error():
     sd["blocks.0.mlp.up.weight"][0, 0] = 1e6  # a reader of the MLP's norm
     with pytest.raises(ne.NumericalError, match=r"blocks\.0\.mlp\.up\.weight: with the norm's gain folded in"):
         fold_norm_affine(cfg, sd, dtype=torch.float16)  # normengine.load(dtype=float16) folds into float16
+
+
+def test_copy_and_pickle():
+    """copy.deepcopy and pickle give an independent Model (its own weights, a runner of its own built on
+    first use): editing the copy leaves the original's output alone."""
+    import copy
+    import pickle
+
+    m = ne.load()
+    ids = [5, 6, 7, 8]
+    want = m.logits(ids)
+    for c in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert torch.equal(c.logits(ids), want) and c.generate(ids, max_new_tokens=5) == m.generate(ids, max_new_tokens=5)
+        c.tensors["blocks.0.mlp.down.weight"].zero_()
+        assert not torch.equal(c.logits(ids), want) and torch.equal(m.logits(ids), want)

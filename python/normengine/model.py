@@ -143,6 +143,20 @@ class Model:
         self._user = None
         self._handed = self._handed_tensors = None
 
+    # ------------------------------------------------------------------ copies
+    _RUNTIME = ("_runner", "_slots", "_ctx", "_lock", "_user", "_handed", "_handed_tensors")
+
+    def __getstate__(self):
+        """copy.deepcopy / pickle: the weights, config and settings; the runner (native memory, KV caches)
+        and its lock are rebuilt by the copy on its first call."""
+        return {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._runner, self._slots, self._ctx = None, 0, 0
+        self._lock, self._user = threading.RLock(), None
+        self._handed = self._handed_tensors = None
+
     # ------------------------------------------------------------------ runner management
     def _spec(self) -> dict:
         c = self.config
