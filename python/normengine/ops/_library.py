@@ -13,15 +13,22 @@ from __future__ import annotations
 import torch
 
 _NS = "normengine"
+# torch.library.custom_op and torch.compiler.is_compiling came with torch 2.4 / 2.3; on an older torch
+# the kernels are called directly (eager as before; torch.compile breaks its graph at each of them)
+_custom_op = getattr(torch.library, "custom_op", None)
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
 
 
 def native_op(name: str, fake):
     def wrap(fn):
-        op = torch.library.custom_op(f"{_NS}::{name}", fn, mutates_args=())
+        if _custom_op is None or _is_compiling is None:
+            fn.op = None
+            return fn
+        op = _custom_op(f"{_NS}::{name}", fn, mutates_args=())
         op.register_fake(fake)
 
         def call(*args):
-            if torch.compiler.is_compiling():
+            if _is_compiling():
                 return op(*args)
             return fn(*args)
 
