@@ -9,6 +9,8 @@ import torch
 import normengine as ne
 
 _dynamo = pytest.importorskip("torch._dynamo")
+if not hasattr(torch.library, "custom_op"):  # torch < 2.4: the ops run eagerly only (normengine.ops._library)
+    pytest.skip("torch.library.custom_op needs torch >= 2.4", allow_module_level=True)
 
 
 class _Block(torch.nn.Module):
