@@ -434,3 +434,23 @@ def test_copy_and_pickle():
         assert torch.equal(c.logits(ids), want) and c.generate(ids, max_new_tokens=5) == m.generate(ids, max_new_tokens=5)
         c.tensors["blocks.0.mlp.down.weight"].zero_()
         assert not torch.equal(c.logits(ids), want) and torch.equal(m.logits(ids), want)
+
+
+def test_numpy_and_tensor_prompts():
+    """Token ids as numpy arrays or int tensors, [T] or [B, T], for logits() and generate() alike; float
+    arrays and out-of-range ids are errors naming the argument."""
+    import numpy as np
+
+    m = ne.load()
+    ids = [[1, 2, 3], [4, 5, 6]]
+    want = m.generate(ids, max_new_tokens=3)
+    assert m.generate(np.array(ids), max_new_tokens=3) == want
+    assert m.generate(torch.tensor(ids), max_new_tokens=3) == want
+    assert m.generate(np.array(ids[0], dtype=np.int32), max_new_tokens=3) == want[0]
+    assert torch.equal(m.logits(np.array(ids)), m.logits(ids))
+    with pytest.raises(ne.DTypeError, match="prompt: expected integer token ids"):
+        m.generate(np.array([1.0, 2.0]))
+    with pytest.raises(ne.DTypeError, match="prompt: expected integer token ids"):
+        m.generate(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ne.ArgumentError, match=r"ids\[1\]: token id 5000 out of range"):
+        m.logits(np.array([1, 5000]))

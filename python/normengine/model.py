@@ -235,6 +235,19 @@ class Model:
             r.forward(slots, tokens, lens, logits, all_logits)
 
     # ------------------------------------------------------------------ inputs
+    @staticmethod
+    def _from_array(ids, what):
+        """A numpy array of token ids as a tensor (integer dtypes only); anything else unchanged."""
+        try:
+            import numpy as np
+        except ImportError:  # pragma: no cover
+            return ids
+        if isinstance(ids, np.ndarray):
+            if ids.dtype.kind not in "iu":
+                raise DTypeError(f"{what}: expected integer token ids, got a numpy array of {ids.dtype}")
+            return torch.from_numpy(ids.astype(np.int64, copy=False))
+        return ids
+
     def _check_ids(self, seq, what="prompt") -> list:
         if isinstance(seq, torch.Tensor):
             seq = seq.tolist()
@@ -261,11 +274,12 @@ class Model:
 
     def _batch_ids(self, ids) -> tuple[list, bool]:
         """(list of id lists, was_batched)."""
+        ids = self._from_array(ids, "ids")
         if isinstance(ids, torch.Tensor):
             if ids.dtype.is_floating_point or ids.dtype == torch.bool:
                 raise DTypeError(f"ids: expected an integer tensor, got {ids.dtype}")
             if ids.dim() == 1:
-                return [self._check_ids(ids)], False
+                return [self._check_ids(ids, "ids")], False
             if ids.dim() != 2:
                 raise ShapeError(f"ids: expected shape [T] or [B, T], got {tuple(ids.shape)}")
             return [self._check_ids(r, f"ids[{i}]") for i, r in enumerate(ids)], True
@@ -327,6 +341,13 @@ class Model:
             raise ArgumentError(f"top_k: expected a non-negative int or None, got {top_k!r}")
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ArgumentError(f"top_p: expected a number in (0, 1] or None, got {top_p!r}")
+        prompt = self._from_array(prompt, "prompt")
+        if isinstance(prompt, torch.Tensor):  # [T] -> one prompt, [B, T] -> a batch
+            if prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
+                raise DTypeError(f"prompt: expected integer token ids, got a tensor of {prompt.dtype}")
+            if prompt.dim() not in (1, 2):
+                raise ShapeError(f"prompt: expected shape [T] or [B, T], got {tuple(prompt.shape)}")
+            prompt = prompt.tolist()
         batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], (str, list, tuple))
         prompts = list(prompt) if batched else [prompt]
         text = [isinstance(p, str) for p in prompts]
