@@ -454,3 +454,14 @@ def test_numpy_and_tensor_prompts():
         m.generate(torch.tensor([1.0, 2.0]))
     with pytest.raises(ne.ArgumentError, match=r"ids\[1\]: token id 5000 out of range"):
         m.logits(np.array([1, 5000]))
+
+
+def test_cli_bad_arguments_are_usage_errors():
+    """Bad command-line values end in a one-line error and exit status 2, never a traceback."""
+    cases = [(["ops", "--rows", "0"], "--rows: expected an integer >= 1"),
+             (["ops", "--threads", "-2"], "--threads: expected an integer >= 0"),
+             (["generate", "--ids", "1,x"], "--ids: expected integer token ids"),
+             (["info", "--arithmetic", "lmul", "--context", "-5"], "context: expected an int in 1..256")]
+    for argv, msg in cases:
+        r = subprocess.run([sys.executable, "-m", "normengine", *argv], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr[-500:])

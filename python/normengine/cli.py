@@ -84,7 +84,11 @@ def cmd_generate(args) -> int:
     try:
         model = _load(args)
         if args.ids is not None:
-            prompt = [int(t) for t in args.ids.replace(",", " ").split()]
+            try:
+                prompt = [int(t) for t in args.ids.replace(",", " ").split()]
+            except ValueError:
+                raise NormEngineError(f"--ids: expected integer token ids separated by commas or spaces, "
+                                      f"got {args.ids!r}") from None
         else:
             prompt = args.prompt
             if model.tokenizer is None:
@@ -157,6 +161,20 @@ def _model_options(p) -> None:
                    help="the KV cache's dtype (bfloat16: half its memory and decode traffic)")
 
 
+def _int_at_least(lo: int):
+    """An argparse type: an int >= lo (argparse then reports a bad value as a usage error)."""
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
+        return v
+
+    return parse
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="normengine", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -183,11 +201,11 @@ def main(argv=None) -> int:
                    help="with --arithmetic lmul: context length of the energy estimate (default: half the model's)")
     i.set_defaults(fn=cmd_info)
     o = sub.add_parser("ops", help="check and time the native norm ops against torch on this machine")
-    o.add_argument("--rows", type=int, default=4096)
-    o.add_argument("--cols", type=int, default=4096)
+    o.add_argument("--rows", type=_int_at_least(1), default=4096)
+    o.add_argument("--cols", type=_int_at_least(1), default=4096)
     o.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    o.add_argument("--threads", type=int, default=0, help="0: one per core")
-    o.add_argument("--repeats", type=int, default=7)
+    o.add_argument("--threads", type=_int_at_least(0), default=0, help="0: one per core")
+    o.add_argument("--repeats", type=_int_at_least(1), default=7)
     o.set_defaults(fn=cmd_ops)
     args = p.parse_args(argv)
     if getattr(args, "threads", 1) == 0:

@@ -477,7 +477,12 @@ class Model:
         positions (default the model's context / 2), split into the attention products (q.k and p.v of
         softmax layers, the state products of linear ones) and the linear layers (projections, MLP, head)."""
         c = self.config
-        ctx = c.max_seq_len // 2 if context is None else int(context)
+        if context is not None and (isinstance(context, bool) or not isinstance(context, int)
+                                    or not 1 <= context <= c.max_seq_len):
+            raise ArgumentError(f"context: expected an int in 1..{c.max_seq_len} (the model's context), got {context!r}")
+        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+            raise ArgumentError(f"n_tokens: expected a positive int, got {n_tokens!r}")
+        ctx = c.max_seq_len // 2 if context is None else context
         d, dq, dkv, f = c.residual_width, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.d_ff
         per_layer = d * dq + 2 * d * dkv + dq * d + (3 if c.gated_mlp else 2) * d * f
         linear = n_tokens * (c.n_layers * per_layer + d * c.vocab_size)
