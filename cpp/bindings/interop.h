@@ -35,8 +35,78 @@ inline ne::DType dtype_of(const DLDataType& t, const char* name) {
                        ", " + std::to_string(t.bits) + " bits)");
 }
 
+// torch tensors are read through their own attributes (about 1 us) rather than __dlpack__ (about 2 us
+// each: a call with several tensors spent more time exporting them than a small kernel runs). What
+// this path does not know (a dtype outside the table, a device other than CPU / CUDA, a non-strided
+// layout, a lazily negated view, no torch at all) goes through DLPack, which also raises the errors.
+struct TorchTypes {
+  bool ok = false;
+  py::object tensor, strided;
+  std::vector<std::pair<py::object, ne::DType>> dtypes;
+};
+
+inline const TorchTypes& torch_types() {
+  static TorchTypes* t = [] {
+    auto* r = new TorchTypes();  // never freed: outlives the interpreter's module teardown safely
+    try {
+      py::module_ torch = py::module_::import("torch");
+      r->tensor = torch.attr("Tensor");
+      r->strided = torch.attr("strided");
+      const std::pair<const char*, ne::DType> table[] = {
+          {"float32", ne::DType::F32}, {"float16", ne::DType::F16}, {"bfloat16", ne::DType::BF16},
+          {"float64", ne::DType::F64}, {"int8", ne::DType::I8},     {"int32", ne::DType::I32},
+          {"int64", ne::DType::I64},   {"uint8", ne::DType::U8},    {"bool", ne::DType::Bool}};
+      for (const auto& e : table) r->dtypes.emplace_back(torch.attr(e.first), e.second);
+      r->ok = true;
+    } catch (const py::error_already_set&) {
+      r->ok = false;  // no torch: numpy arrays and other producers use DLPack
+    }
+    return r;
+  }();
+  return *t;
+}
+
+inline bool torch_view(py::handle obj, const char* name, TensorView& v) {
+  const TorchTypes& tt = torch_types();
+  if (!tt.ok || !PyObject_TypeCheck(obj.ptr(), reinterpret_cast<PyTypeObject*>(tt.tensor.ptr()))) return false;
+  if (!py::object(obj.attr("layout")).is(tt.strided)) return false;
+  if (obj.attr("is_neg")().cast<bool>()) return false;  // a lazily negated view (x.conj().imag): not plain memory
+  const py::object dt = obj.attr("dtype");
+  bool found = false;
+  for (const auto& e : tt.dtypes)
+    if (dt.is(e.first)) {
+      v.dtype = e.second;
+      found = true;
+      break;
+    }
+  if (!found) return false;
+  if (obj.attr("is_cpu").cast<bool>()) {
+    v.device = {ne::DeviceType::CPU, 0};
+  } else if (obj.attr("is_cuda").cast<bool>()) {
+    v.device = {ne::DeviceType::CUDA, obj.attr("get_device")().cast<int>()};
+  } else {
+    return false;
+  }
+  const py::tuple shape = obj.attr("shape"), stride = obj.attr("stride")();
+  const int nd = static_cast<int>(shape.size());
+  if (nd > ne::kMaxDims)
+    throw ne::ShapeError(std::string(name) + ": at most " + std::to_string(ne::kMaxDims) + " dimensions supported");
+  v.name = name;
+  v.ndim = nd;
+  for (int d = 0; d < nd; ++d) {
+    v.shape[d] = shape[d].cast<int64_t>();
+    v.strides[d] = stride[d].cast<int64_t>();
+  }
+  v.data = reinterpret_cast<void*>(obj.attr("data_ptr")().cast<uintptr_t>());
+  return true;
+}
+
 inline TensorView view_of(py::handle obj, const char* name, Borrowed& b) {
   if (obj.is_none()) throw ne::ValueError(std::string(name) + ": expected a tensor, got None");
+  {
+    TensorView v;
+    if (torch_view(obj, name, v)) return v;  // the caller's argument keeps the tensor alive
+  }
   py::object src = py::reinterpret_borrow<py::object>(obj);
   if (!py::hasattr(src, "__dlpack__"))
     throw ne::DTypeError(std::string(name) + ": expected a torch tensor or numpy array, got " +
