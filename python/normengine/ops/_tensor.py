@@ -42,6 +42,8 @@ def from_numpy(x, name: str):
 
 def _rows_ok(x: torch.Tensor) -> bool:
     """Can x be read as rows of its last dim with one row stride (what the kernels accept)?"""
+    if x.is_contiguous():  # the common case, without walking the strides
+        return True
     if x.dim() == 0:
         return True
     if x.size(-1) > 1 and x.stride(-1) != 1:
@@ -75,7 +77,7 @@ def check_input(x, name: str = "x") -> torch.Tensor:
         raise DTypeError(
             f"{name}: expected float32, float16, bfloat16 or float64, got {x.dtype}"
         )
-    if x.device.type not in ("cpu", "cuda"):
+    if not (x.is_cpu or x.is_cuda):
         raise DeviceError(f"{name}: tensors on {x.device} are not supported (cpu or cuda)")
     if x.dim() == 0 or x.size(-1) == 0:
         raise ShapeError(f"{name}: expected at least one feature in the last dimension, got shape {tuple(x.shape)}")
@@ -103,7 +105,7 @@ def channel_vector(v, x: torch.Tensor, name: str, n: int | None = None):
     n = x.size(-1) if n is None else n
     if not isinstance(v, torch.Tensor):
         raise DTypeError(f"{name}: expected a torch.Tensor or None, got {type(v).__name__}")
-    if v.device != x.device:
+    if v.is_cpu != x.is_cpu or v.is_cuda != x.is_cuda or (x.is_cuda and v.get_device() != x.get_device()):
         raise DeviceError(f"{name} is on {v.device} but x is on {x.device}; move them to one device")
     if v.dtype not in FLOAT_DTYPES:
         raise DTypeError(f"{name}: expected a floating-point tensor, got {v.dtype}")
@@ -111,7 +113,10 @@ def channel_vector(v, x: torch.Tensor, name: str, n: int | None = None):
         raise ShapeError(
             f"{name}: expected shape ({n},) to match x's last dimension, got {tuple(v.shape)}"
         )
-    return v.detach().to(acc_dtype(x.dtype)).contiguous()
+    acc = acc_dtype(x.dtype)
+    if v.dtype == acc and v.is_contiguous():
+        return v.detach()
+    return v.detach().to(acc).contiguous()
 
 
 def bf16_products(matmul_precision: str) -> bool:
