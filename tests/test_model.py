@@ -465,3 +465,23 @@ def test_cli_bad_arguments_are_usage_errors():
     for argv, msg in cases:
         r = subprocess.run([sys.executable, "-m", "normengine", *argv], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr[-500:])
+
+
+def test_stop_strings_across_tokens_stream_as_returned():
+    """A stop string that starts inside one token and ends in a later one: the text ends just before
+    it, streamed pieces never include its start (they are held back until the next token decides), so
+    the stream joins to exactly the returned text; with several stop strings the earliest one cuts."""
+    m = ne.load()
+    p = "The function returns"
+    full = m.generate(p, max_new_tokens=40)
+    pieces = list(m.generate(p, max_new_tokens=40, stream=True))
+    assert "".join(pieces) == full
+    k = next(i for i in range(1, len(pieces)) if pieces[i - 1] and len(pieces[i]) >= 2)
+    start = len("".join(pieces[:k])) - 1  # the last char of one piece and two of the next
+    stop = full[start:start + 3]
+    for stops in ([stop], ["zzz", stop], [full[start + 1:start + 3] + "zzz", stop]):
+        want = full[:full.find(stop)]
+        assert m.generate(p, max_new_tokens=40, stop=stops) == want
+        assert "".join(m.generate(p, max_new_tokens=40, stop=stops, stream=True)) == want
+    later = full[start + 5:start + 8]
+    assert m.generate(p, max_new_tokens=40, stop=[later, stop]) == full[:min(full.find(later), full.find(stop))]

@@ -30,6 +30,17 @@ def _is_vector(name: str) -> bool:
     return name.endswith(".bias") or "norm" in name
 
 
+def _stop_prefix_len(text: str, stops) -> int:
+    """The length of the longest end of `text` that is a proper start of one of `stops`."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
 class Model:
     """A loaded model. Use `normengine.load(path)` to make one.
 
@@ -423,13 +434,18 @@ class Model:
                 done = tok in stop_ids or len(ids[i]) + len(produced[i]) >= self.config.max_seq_len
                 if text[i]:
                     full = self.tokenizer.decode(produced[i], skip_special_tokens=True)
-                    hit = next((full.find(s) for s in stop_strs if s in full), -1)
-                    if hit >= 0:
-                        full, done = full[:hit], True
-                    if not full.endswith("\ufffd") or done:  # wait for the rest of a multi-byte char
-                        piece, shown[i] = full[len(shown[i]):], full
-                        if piece:
-                            yield i, piece
+                    hits = [full.find(s) for s in stop_strs if s in full]
+                    if hits:  # cut at the earliest stop string
+                        full, done = full[:min(hits)], True
+                    last = done or n + 1 >= max_new
+                    # hold back what may be the start of a stop string (or of a multi-byte char) until
+                    # the next token shows whether it is: streamed text never has to be taken back
+                    keep = len(full) if last else len(full) - _stop_prefix_len(full, stop_strs)
+                    if not last and full.endswith("\ufffd"):
+                        keep = min(keep, len(shown[i]))
+                    if keep > len(shown[i]):
+                        piece, shown[i] = full[len(shown[i]):keep], full[:keep]
+                        yield i, piece
                 else:
                     yield i, tok
                 if not done:
