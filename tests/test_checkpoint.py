@@ -1059,6 +1059,41 @@ def test_bad_normengine_checkpoint(tmp_path):
         load_checkpoint(out)
 
 
+def _resident_pages(start, end):
+    """Pages of [start, end) present in this process's page table (/proc/self/pagemap bit 63)."""
+    import array
+
+    page = 4096
+    with open("/proc/self/pagemap", "rb") as pm:
+        pm.seek(start // page * 8)
+        e = array.array("Q")
+        e.frombytes(pm.read(((end + page - 1) // page - start // page) * 8))
+    return sum(1 for v in e if v >> 63)
+
+
+def test_release_unused_keeps_only_what_tensors_read(tmp_path):
+    """After conversions touched a mapped checkpoint, release_unused(keep) drops every resident page of
+    the mapping outside the kept tensors (a fault on a small tensor can map megabytes of its
+    neighbours along with it); the kept tensors and everything read later still hold the file's values."""
+    from normengine.checkpoint.safetensors_io import _MAPS, read_safetensors, release_unused, write_safetensors
+
+    if not os.access("/proc/self/pagemap", os.R_OK):
+        pytest.skip("no /proc/self/pagemap")
+    parts = {f"w{i}": torch.arange(i * 100_000, (i + 1) * 100_000, dtype=torch.float32) for i in range(6)}
+    write_safetensors(str(tmp_path / "m.safetensors"), parts, {})
+    tensors, _ = read_safetensors(str(tmp_path / "m.safetensors"))
+    start, end, _ = next(m for m in _MAPS if m[2]() is not None and m[0] <= tensors["w0"].data_ptr() < m[1])
+    for t in tensors.values():
+        t.sum()  # touch every page
+    assert _resident_pages(start, end) >= 6 * 97
+    kept = tensors["w3"]
+    assert release_unused([kept]) > 0
+    lo, hi = kept.data_ptr(), kept.data_ptr() + kept.numel() * 4
+    assert _resident_pages(start, end) == _resident_pages(lo // 4096 * 4096, hi) > 0
+    for name, t in tensors.items():
+        assert torch.equal(t, parts[name])  # clean pages read back from the file
+
+
 def test_release_pages_of_mapped_tensor(tmp_path):
     """release_pages drops the resident pages of a tensor mapped from a checkpoint file; a later
     read faults them back in from the file (clean pages), and tensors not mapped by us are left alone."""
@@ -1080,3 +1115,50 @@ def test_release_pages_of_mapped_tensor(tmp_path):
     m[:, 0] = -1.0
     assert release_pages(m.t()[:100]) == 0
     assert (m[:, 0] == -1.0).all()
+
+
+def test_release_unused_touches_only_the_given_mappings(tmp_path):
+    """release_unused(keep, maps): pages of other mappings stay, written (copy-on-write) ones included,
+    which a release would have reverted to the file's bytes."""
+    from normengine.checkpoint.safetensors_io import live_maps, read_safetensors, release_unused, write_safetensors
+
+    before = live_maps()
+    write_safetensors(str(tmp_path / "a.safetensors"), {"w": torch.zeros(200_000)}, {})
+    ta, _ = read_safetensors(str(tmp_path / "a.safetensors"))
+    maps_a = [m for m in live_maps() if m not in before]
+    write_safetensors(str(tmp_path / "b.safetensors"), {"w": torch.zeros(200_000)}, {})
+    tb, _ = read_safetensors(str(tmp_path / "b.safetensors"))
+    maps_b = [m for m in live_maps() if m not in before and m not in maps_a]
+    ta["w"].fill_(7.0)  # written in place: private pages
+    tb["w"].fill_(7.0)
+    assert release_unused([], maps=maps_b) > 0
+    assert (ta["w"] == 7.0).all()  # another load's mapping: untouched
+    assert (tb["w"] == 0.0).all()  # this one's: released, read back from the file (the caller dropped it)
+
+
+@needs_hf
+def test_a_later_load_leaves_an_earlier_models_mapped_weights_alone(tmp_path):
+    """normengine.load releases what it touched of its own mapped files only. An earlier model whose
+    untied head (16 MB) lives in its mapping, with the final norm's gain folded into it in place there
+    (written copy-on-write pages, which a release would revert to the file's bytes), keeps its logits
+    after another load."""
+    from normengine.checkpoint.safetensors_io import live_maps
+
+    def big(seed, d):
+        torch.manual_seed(seed)
+        cfg = transformers.LlamaConfig(hidden_size=512, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=8200,
+                                       max_position_embeddings=64, tie_word_embeddings=False)
+        model = transformers.LlamaForCausalLM(cfg)
+        with torch.no_grad():
+            model.model.norm.weight.uniform_(0.5, 1.5)
+        return save_hf(model, d, "safetensors")
+
+    m1 = ne.load(big(1, tmp_path / "a"))
+    head = m1.tensors["lm_head.weight"]
+    assert any(lo <= head.data_ptr() < hi for lo, hi in live_maps())  # folded in place, in the mapping
+    ids = [[3, 1, 4, 1, 5, 9, 2, 6]]
+    want = m1.logits(ids)
+    m2 = ne.load(big(2, tmp_path / "b"))
+    assert torch.equal(m1.logits(ids), want)
+    assert not torch.equal(m2.logits(ids), want)

@@ -118,6 +118,10 @@ class Model:
                 c = t.detach().to(device=dev, dtype=want)
                 if not c.is_contiguous():
                     c = c.contiguous()
+                if _owned and c.data_ptr() == t.data_ptr() and c.numel() * c.element_size() < (16 << 20):
+                    # a small tensor (norm gains, biases, position table) read in place from the mapped
+                    # file would keep faulting megabytes of its neighbours back in: copy it out
+                    c = c.clone()
                 if want == torch.float16 and t.dtype != torch.float16 and torch.isinf(c).any() \
                         and not torch.isinf(t).any():
                     big = t.detach().abs().max().item()
@@ -689,6 +693,10 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     if dtype is not None and dtype not in _WEIGHT_DTYPES:
         raise DTypeError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
     path = DEFAULT_MODEL if path is None else os.fspath(path)
+    from .checkpoint.safetensors_io import live_maps, release_unused
+    from .convert.quant import is_quantized
+
+    maps_before = live_maps()
     cfg, tensors = load_checkpoint(path)
     if cfg.quantization is not None:
         tensors = unpack_quantized(cfg, tensors)
@@ -727,6 +735,10 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
         cfg, tensors = (streaming or quantizer()).finish(cfg, tensors, tensors)
     elif group_size is not None:
         raise ArgumentError("group_size: only meaningful with quant=")
-    return Model(cfg, tensors, device=device, dtype=dtype, tokenizer=_load_tokenizer(path), path=path,
-                 arithmetic=arithmetic, lmul_bits=lmul_bits, lmul_scope=lmul_scope,
-                 matmul_precision=matmul_precision, kv_cache_dtype=kv_cache_dtype, _owned=True)
+    model = Model(cfg, tensors, device=device, dtype=dtype, tokenizer=_load_tokenizer(path), path=path,
+                  arithmetic=arithmetic, lmul_bits=lmul_bits, lmul_scope=lmul_scope,
+                  matmul_precision=matmul_precision, kv_cache_dtype=kv_cache_dtype, _owned=True)
+    # what the conversions touched of this load's mapped files and no tensor of the model reads
+    release_unused([p for t in model.tensors.values() for p in (t.tensors().values() if is_quantized(t) else (t,))
+                    if isinstance(p, torch.Tensor)], maps=[m for m in live_maps() if m not in maps_before])
+    return model

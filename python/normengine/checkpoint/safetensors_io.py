@@ -186,6 +186,41 @@ def release_pages(t: torch.Tensor) -> int:
     return 0
 
 
+def live_maps() -> list:
+    """(start, end) of every live mapping this module made (to tell a load's own mappings apart)."""
+    return [(a, b) for a, b, ref in _MAPS if ref() is not None]
+
+
+def release_unused(keep, maps=None) -> int:
+    """Drop the resident pages of every live mapping except those under the tensors in `keep` (and
+    the pages they share with a neighbour). A loader calls it once the model's tensors are final:
+    whatever else of the file was touched while converting (the sources of transposed or converted
+    weights, and the neighbours that a fault maps along with a small tensor: the kernel maps a whole
+    cached folio, up to megabytes, around the faulting page) leaves this process. Pages of a mapping
+    are clean or belonged to tensors the caller dropped, so nothing still read loses data. Returns the
+    bytes released. maps: only these (start, end) mappings (those one load made: another model's
+    mapped, possibly written pages are not this call's to drop); default every live one."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    spans = []
+    for t in keep:
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel():
+            lo = t.data_ptr()
+            spans.append((lo, lo + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()))
+    released = 0
+    for start, end, ref in _MAPS:
+        if ref() is None or (maps is not None and (start, end) not in maps):
+            continue
+        kept = sorted((max(lo, start), min(hi, end)) for lo, hi in spans if lo < end and hi > start)
+        cursor = start
+        tail = -(-end // _PAGE) * _PAGE  # the mapping covers its last page whole
+        for lo, hi in kept + [(tail, tail)]:
+            a, b = -(-cursor // _PAGE) * _PAGE, lo // _PAGE * _PAGE
+            if b > a and libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), _MADV_DONTNEED) == 0:
+                released += b - a
+            cursor = max(cursor, hi)
+    return released
+
+
 def read_safetensors(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """Map every tensor of a safetensors file (zero-copy, copy-on-write). Returns (tensors, metadata)."""
     path = os.fspath(path)
