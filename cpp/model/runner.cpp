@@ -160,7 +160,6 @@ struct Runner::Impl {
   // norm + linear then runs as norm_linear: row statistics, and the GEMMs read the raw stream and
   // apply them in their epilogue (LayerNorm: with the readers' column sums).
   bool fused = false;       // the blocks' norms run as statistics inside their readers' GEMMs
-  std::vector<float> centred;  // fused LayerNorm: rows far from zero mean, centred (center_far_rows)
   bool fused_head = false;  // the final norm likewise (unit gain: folded); else an explicit pass
   std::vector<float> mean, rstd;
   std::vector<float> head_csum;
@@ -437,7 +436,8 @@ void linear_normed(const W& w, const W& b, const float* x, int64_t T, float* y, 
 
 // Per-row statistics of the stream (rstd, and mean for LayerNorm) for the fused path. Returns the rows
 // the readers' GEMMs read: x itself, or (LayerNorm, some row's mean large next to its spread) a copy in
-// `centred` with those rows centred and their mean set to 0 (center_far_rows, ops/norm_linear.h).
+// `centred` with those rows centred and their mean set to 0 (center_far_rows, ops/norm_linear.h). The
+// fused path passes the normalized-rows buffer xn, which only the unfused path writes otherwise.
 const float* row_stats(const ModelSpec& s, const float* x, int64_t T, float* mean, float* rstd,
                        std::vector<float>& centred) {
   const int64_t d = s.d_model;
@@ -551,7 +551,7 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
     float* vp = fqkv ? m.qkv.data() + dq + dkv : m.v.data();
     const int64_t ldq = fqkv ? dqkv : dq, ldkv = fqkv ? dqkv : dkv;
     if (m.fused) {
-      const float* xs = row_stats(s, m.x.data(), T, m.mean.data(), m.rstd.data(), m.centred);
+      const float* xs = row_stats(s, m.x.data(), T, m.mean.data(), m.rstd.data(), m.xn);
       if (fqkv) {
         linear_normed(L.qkv, L.qkvb, xs, T, m.qkv.data(), m.rstd.data(), mu, L.csum_qkv, ar);
       } else {
@@ -633,7 +633,7 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
     // ---- MLP
     const bool fgu = L.gate_up.present();  // [gate; up] in one GEMM: gu = [T, 2 d_ff], gate first
     if (m.fused) {
-      const float* xs = row_stats(s, m.x.data(), T, m.mean.data(), m.rstd.data(), m.centred);
+      const float* xs = row_stats(s, m.x.data(), T, m.mean.data(), m.rstd.data(), m.xn);
       if (fgu) {
         linear_normed(L.gate_up, L.gate_upb, xs, T, m.gu.data(), m.rstd.data(), mu, L.csum_gate_up, ar);
       } else {
@@ -672,7 +672,7 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
     src = m.sel.data();
   }
   if (m.fused_head) {
-    const float* xs = row_stats(s, src, rows, m.mean.data(), m.rstd.data(), m.centred);
+    const float* xs = row_stats(s, src, rows, m.mean.data(), m.rstd.data(), m.xn);
     linear_normed(m.head, m.head_b, xs, rows, logits, m.rstd.data(), s.norm == 0 ? m.mean.data() : nullptr,
                   m.head_csum, ar);
   } else {

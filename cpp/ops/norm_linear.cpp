@@ -25,14 +25,15 @@ namespace ne {
 
 const float* center_far_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, float* shift,
                              const float* rstd, std::vector<float>& scratch) {
+  auto far = [&](int64_t r) { return std::fabs(shift[r]) * rstd[r] > kCenterRatio; };
   bool any = false;
-  for (int64_t r = 0; r < rows && !any; ++r) any = std::fabs(shift[r]) * rstd[r] > kCenterRatio;
+  for (int64_t r = 0; r < rows && !any; ++r) any = far(r);
   if (!any) return x;
   if (scratch.size() < static_cast<size_t>(rows * cols)) scratch.resize(static_cast<size_t>(rows * cols));
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * ldx;
     float* o = scratch.data() + r * cols;
-    if (std::fabs(shift[r]) * rstd[r] > kCenterRatio) {
+    if (far(r)) {
       // the mean again in double: the float32 mean itself is off by up to half an ulp of |mu|, an
       // error as large as the spread the row keeps after centring
       double mu = 0.0;
