@@ -51,6 +51,7 @@ class Model:
                  lmul_scope: str = "attention", matmul_precision: str = "highest", kv_cache_dtype=None,
                  _owned: bool = False):
         from .checkpoint.safetensors_io import release_pages
+        from .convert.norms import check_float16_range
         from .convert.quant import is_quantized
 
         dev = torch.device(device)
@@ -122,11 +123,7 @@ class Model:
                     # a small tensor (norm gains, biases, position table) read in place from the mapped
                     # file would keep faulting megabytes of its neighbours back in: copy it out
                     c = c.clone()
-                if want == torch.float16 and t.dtype != torch.float16 and torch.isinf(c).any() \
-                        and not torch.isinf(t).any():
-                    big = t.detach().abs().max().item()
-                    raise NumericalError(f"{names[0]}: values up to {big:.4g} overflow float16 (max 65504); "
-                                         "load with dtype=torch.bfloat16 or torch.float32")
+                check_float16_range(c, t, names[0])
             for n in names:
                 converted[n] = c
             if _owned:
@@ -199,7 +196,7 @@ class Model:
         # (the old one possibly freed), or changed in place by a torch op (its version counter moved;
         # the runner derives things from some weights when it is built, e.g. whether the norms are
         # bare), means a new runner: a stale one would read freed memory or outdated weights.
-        if self._runner is not None and self._handed != self._weights_state():
+        if self._stale():
             self._runner, self._handed_tensors = None, None
         if self._runner is None or slots > self._slots or ctx > self._ctx:
             slots = max(slots, self._slots)
@@ -226,6 +223,10 @@ class Model:
         self._user = object() if user is None else user  # whatever a suspended generation held is gone
         return self._runner
 
+    def _stale(self) -> bool:
+        """No runner yet, or one built over weights replaced or changed in place since."""
+        return self._runner is None or self._handed != self._weights_state()
+
     def _weights_state(self) -> tuple:
         """Identity and version counter of every weight tensor (those of packed weights included)."""
         from .convert.quant import is_quantized
@@ -238,7 +239,7 @@ class Model:
 
     def _fused_norms(self) -> bool:
         with self._lock:
-            if self._runner is None or self._handed != self._weights_state():
+            if self._stale():
                 self._runner_for(1, 1)
             return bool(self._runner.fused_norms())
 
@@ -251,16 +252,21 @@ class Model:
 
     # ------------------------------------------------------------------ inputs
     @staticmethod
-    def _from_array(ids, what):
-        """A numpy array of token ids as a tensor (integer dtypes only); anything else unchanged."""
-        try:
-            import numpy as np
-        except ImportError:  # pragma: no cover
-            return ids
+    def _as_id_lists(ids, what):
+        """Token ids in a numpy array or an int tensor, [T] or [B, T], as a list or a list of lists;
+        anything else unchanged (checked as lists later)."""
+        import numpy as np
+
         if isinstance(ids, np.ndarray):
             if ids.dtype.kind not in "iu":
                 raise DTypeError(f"{what}: expected integer token ids, got a numpy array of {ids.dtype}")
-            return torch.from_numpy(ids.astype(np.int64, copy=False))
+            ids = torch.from_numpy(ids.astype(np.int64, copy=False))
+        if isinstance(ids, torch.Tensor):
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise DTypeError(f"{what}: expected integer token ids, got a tensor of {ids.dtype}")
+            if ids.dim() not in (1, 2):
+                raise ShapeError(f"{what}: expected shape [T] or [B, T], got {tuple(ids.shape)}")
+            return ids.tolist()
         return ids
 
     def _check_ids(self, seq, what="prompt") -> list:
@@ -289,15 +295,7 @@ class Model:
 
     def _batch_ids(self, ids) -> tuple[list, bool]:
         """(list of id lists, was_batched)."""
-        ids = self._from_array(ids, "ids")
-        if isinstance(ids, torch.Tensor):
-            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-                raise DTypeError(f"ids: expected an integer tensor, got {ids.dtype}")
-            if ids.dim() == 1:
-                return [self._check_ids(ids, "ids")], False
-            if ids.dim() != 2:
-                raise ShapeError(f"ids: expected shape [T] or [B, T], got {tuple(ids.shape)}")
-            return [self._check_ids(r, f"ids[{i}]") for i, r in enumerate(ids)], True
+        ids = self._as_id_lists(ids, "ids")
         if isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], (list, tuple, torch.Tensor)):
             return [self._check_ids(r, f"ids[{i}]") for i, r in enumerate(ids)], True
         return [self._check_ids(ids, "ids")], False
@@ -356,13 +354,7 @@ class Model:
             raise ArgumentError(f"top_k: expected a non-negative int or None, got {top_k!r}")
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ArgumentError(f"top_p: expected a number in (0, 1] or None, got {top_p!r}")
-        prompt = self._from_array(prompt, "prompt")
-        if isinstance(prompt, torch.Tensor):  # [T] -> one prompt, [B, T] -> a batch
-            if prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
-                raise DTypeError(f"prompt: expected integer token ids, got a tensor of {prompt.dtype}")
-            if prompt.dim() not in (1, 2):
-                raise ShapeError(f"prompt: expected shape [T] or [B, T], got {tuple(prompt.shape)}")
-            prompt = prompt.tolist()
+        prompt = self._as_id_lists(prompt, "prompt")  # [T] -> one prompt, [B, T] -> a batch
         batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], (str, list, tuple))
         prompts = list(prompt) if batched else [prompt]
         text = [isinstance(p, str) for p in prompts]

@@ -200,12 +200,10 @@ def release_unused(keep, maps=None) -> int:
     are clean or belonged to tensors the caller dropped, so nothing still read loses data. Returns the
     bytes released. maps: only these (start, end) mappings (those one load made: another model's
     mapped, possibly written pages are not this call's to drop); default every live one."""
+    from ..ops._tensor import byte_span
+
     libc = ctypes.CDLL(None, use_errno=True)
-    spans = []
-    for t in keep:
-        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel():
-            lo = t.data_ptr()
-            spans.append((lo, lo + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()))
+    spans = [byte_span(t) for t in keep if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel()]
     released = 0
     for start, end, ref in _MAPS:
         if ref() is None or (maps is not None and (start, end) not in maps):

@@ -51,6 +51,16 @@ def _rows_per_chunk(w) -> int:
     return max(1, (1 << 17) // max(1, w.shape[-1]))
 
 
+def check_float16_range(result: torch.Tensor, source: torch.Tensor, name: str, context: str = "") -> None:
+    """A float16 result with Inf where its wider source had none overflowed float16: an error naming the
+    tensor (Inf weights would make every logit NaN), with a pointer to a dtype that holds them."""
+    if result.dtype == torch.float16 and source.dtype != torch.float16 and torch.isinf(result).any() \
+            and not torch.isinf(source).any():
+        big = source.detach().abs().max().item()
+        raise NumericalError(f"{name}: {context}values up to {big:.4g} overflow float16 (max 65504); load with "
+                             "dtype=torch.bfloat16 or torch.float32")
+
+
 def _scale_columns(w, g, inplace: bool, chunk: int | None = None, dtype=None):
     """w * g (g along the input dimension) in float64, rounded (once) to `dtype` (default w's);
     row chunks bound the float64 temporary. inplace writes into w when the dtype stays (a
@@ -105,9 +115,7 @@ def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False, dtype=No
                 out[bname] = (c + wb).to(sd[bname].dtype if bname in sd else w.dtype)
             own = inplace and not (tied and r == "lm_head")
             out[wname] = _scale_columns(w, g, own, dtype=dtype if (dtype and w.is_floating_point()) else None)
-            if out[wname].dtype == torch.float16 and torch.isinf(out[wname]).any() and not torch.isinf(w).any():
-                raise NumericalError(f"{wname}: with the norm's gain folded in, values overflow float16 (max "
-                                     "65504); load with dtype=torch.bfloat16 or torch.float32")
+            check_float16_range(out[wname], w, wname, "with the norm's gain folded in, ")
             if inplace and out[wname] is not w:
                 if own:  # the source is ours and replaced: its mapped pages can go
                     release_pages(w)

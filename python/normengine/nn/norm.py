@@ -33,13 +33,11 @@ def _unflat(t, like):
 
 
 def _check_dim(d) -> int:
-    if isinstance(d, (tuple, list)):
-        if len(d) != 1:
-            raise ArgumentError(f"normalized_shape: only the last dimension is normalized, got {tuple(d)}")
-        d = d[0]
-    if not isinstance(d, int) or d < 1:
-        raise ArgumentError(f"normalized_shape: expected a positive int, got {d!r}")
-    return d
+    """A single normalized width (CRMSNorm's stored features)."""
+    dims = _check_shape(d)
+    if len(dims) != 1:
+        raise ArgumentError(f"normalized_shape: only the last dimension is normalized, got {dims}")
+    return dims[0]
 
 
 class LayerNorm(torch.nn.Module):

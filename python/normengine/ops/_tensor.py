@@ -147,7 +147,7 @@ def check_out(out, x: torch.Tensor, name: str = "out") -> torch.Tensor:
     return out
 
 
-def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+def byte_span(t: torch.Tensor) -> tuple[int, int]:
     """[first, last + 1) byte addresses of t's elements (torch strides are non-negative)."""
     if t.numel() == 0:
         return 0, 0
@@ -161,13 +161,13 @@ def check_no_overlap(out: torch.Tensor, name: str, inputs: dict, same_ok: tuple 
     A partial overlap would be read after being written: silently wrong results. Like torch, a
     shared address range counts as overlap (strided views that interleave without sharing elements
     are refused too)."""
-    lo, hi = _byte_span(out)
+    lo, hi = byte_span(out)
     if lo == hi:
         return
     for iname, t in inputs.items():
         if not isinstance(t, torch.Tensor) or t.device != out.device:
             continue
-        a, b = _byte_span(t)
+        a, b = byte_span(t)
         if a >= hi or lo >= b:
             continue
         same = (t.data_ptr() == out.data_ptr() and t.dtype == out.dtype and t.shape == out.shape
