@@ -1140,9 +1140,10 @@ def test_release_unused_touches_only_the_given_mappings(tmp_path):
 def test_a_later_load_leaves_an_earlier_models_mapped_weights_alone(tmp_path):
     """normengine.load releases what it touched of its own mapped files only. An earlier model whose
     untied head (16 MB) lives in its mapping, with the final norm's gain folded into it in place there
-    (written copy-on-write pages, which a release would revert to the file's bytes), keeps its logits
-    after another load."""
+    (written copy-on-write pages, which a release would revert to the file's bytes; a Model built from
+    load_checkpoint's tensors reads them where they are), keeps its logits after another load."""
     from normengine.checkpoint.safetensors_io import live_maps
+    from normengine.convert import fold_norm_affine
 
     def big(seed, d):
         torch.manual_seed(seed)
@@ -1154,7 +1155,7 @@ def test_a_later_load_leaves_an_earlier_models_mapped_weights_alone(tmp_path):
             model.model.norm.weight.uniform_(0.5, 1.5)
         return save_hf(model, d, "safetensors")
 
-    m1 = ne.load(big(1, tmp_path / "a"))
+    m1 = ne.Model(*fold_norm_affine(*load_checkpoint(big(1, tmp_path / "a")), inplace=True))
     head = m1.tensors["lm_head.weight"]
     assert any(lo <= head.data_ptr() < hi for lo, hi in live_maps())  # folded in place, in the mapping
     ids = [[3, 1, 4, 1, 5, 9, 2, 6]]
@@ -1162,3 +1163,129 @@ def test_a_later_load_leaves_an_earlier_models_mapped_weights_alone(tmp_path):
     m2 = ne.load(big(2, tmp_path / "b"))
     assert torch.equal(m1.logits(ids), want)
     assert not torch.equal(m2.logits(ids), want)
+
+
+def test_release_pages_of_views_that_fill_their_bytes(tmp_path):
+    """A transposed view of a mapped weight covers its bytes whole: its pages go. Row blocks of it
+    (GPT-2's q, k, v out of the transposed c_attn) interleave: one alone releases nothing, all of them
+    together release the weight. The values read back from the file afterwards."""
+    from normengine.checkpoint.safetensors_io import read_safetensors, release_pages, write_safetensors
+
+    big = torch.arange(300_000, dtype=torch.float32).view(500, 600)
+    write_safetensors(str(tmp_path / "m.safetensors"), {"w": big}, {})
+    w = read_safetensors(str(tmp_path / "m.safetensors"))[0]["w"]
+    assert torch.equal(w, big)  # touch every page
+    assert release_pages(w.t()) > 0
+    parts = w.t().split(200, dim=0)  # [600, 500] in rows of 200: each spans the whole weight
+    assert torch.equal(torch.cat(parts), big.t())
+    assert all(release_pages(p) == 0 for p in parts)
+    assert release_pages(*parts[:2]) == 0  # their bytes leave gaps in the range they span
+    assert release_pages(*parts) > 0
+    assert release_pages(w, w) == 0  # the same bytes twice do not fill twice their range
+    assert torch.equal(w, big)
+
+
+def test_copy_releasing_converts_and_hands_back_the_source(tmp_path):
+    """copy_releasing(t, dtype): a contiguous copy in dtype, equal to t.to(dtype); a mapped source's
+    pages leave memory block by block (all but the pages two blocks share), and it still reads back."""
+    from normengine.checkpoint.safetensors_io import _MAPS, copy_releasing, read_safetensors, write_safetensors
+
+    if not os.access("/proc/self/pagemap", os.R_OK):
+        pytest.skip("no /proc/self/pagemap")
+    src = torch.randn(4001, 501)
+    write_safetensors(str(tmp_path / "m.safetensors"), {"w": src}, {})
+    w = read_safetensors(str(tmp_path / "m.safetensors"))[0]["w"]
+    start, end, _ = next(m for m in _MAPS if m[2]() is not None and m[0] <= w.data_ptr() < m[1])
+    assert torch.equal(w, src)
+    pages = _resident_pages(start, end)
+    for dtype in (torch.bfloat16, torch.float32):
+        c = copy_releasing(w, dtype, chunk_bytes=64 << 10)
+        assert c.is_contiguous() and c.dtype == dtype and torch.equal(c, src.to(dtype))
+        assert _resident_pages(start, end) < pages // 4
+        assert torch.equal(w, src)
+    t = copy_releasing(w.t(), torch.float16)  # strided: one copy
+    assert t.is_contiguous() and torch.equal(t, src.t().to(torch.float16))
+    own = torch.randn(7, 3)
+    assert torch.equal(copy_releasing(own, torch.float64), own.double())
+
+
+@needs_hf
+@pytest.mark.parametrize("kw", [dict(), dict(dtype=torch.bfloat16), dict(dtype=torch.float16),
+                                dict(quant="int8"), dict(norm="crmsnorm")])
+def test_gpt2_load_from_transposed_views_equals_the_steps(tmp_path, kw):
+    """normengine.load reads GPT-2's Conv1D weights as transposed views of the mapped file, folded or
+    converted straight into contiguous results: every tensor equals the same steps run on the
+    contiguous transposes load_checkpoint returns by default."""
+    from normengine.convert import convert_norm, fold_norm_affine, quantize_model
+    from normengine.convert.quant import is_quantized
+
+    path = save_hf(make_model("gpt2"), tmp_path, "safetensors")
+    cfg, views = load_checkpoint(path, transposed_views=True)
+    cfg0, sd = load_checkpoint(path)
+    assert set(views) == set(sd) and cfg.to_dict() == cfg0.to_dict()
+    assert not views["blocks.0.attn.q.weight"].is_contiguous() and not views["blocks.1.mlp.up.weight"].is_contiguous()
+    assert all(torch.equal(views[k], sd[k]) for k in sd)
+    del views
+    m = ne.load(path, **kw)
+    dtype = kw.get("dtype")
+    if "norm" in kw:
+        cfg, sd = convert_norm(cfg, sd, kw["norm"])
+    else:
+        cfg, sd = fold_norm_affine(cfg, sd, dtype=dtype, keep_tied_head=True)
+    if "quant" in kw:
+        cfg, sd = quantize_model(cfg, sd, kw["quant"])
+    want = ne.Model(cfg, sd, dtype=dtype)
+    assert set(m.tensors) == set(want.tensors)
+    for n, t in want.tensors.items():
+        if is_quantized(t):
+            assert all(torch.equal(m.tensors[n].tensors()[k], v) for k, v in t.tensors().items()), n
+        else:
+            assert m.tensors[n].dtype == t.dtype and torch.equal(m.tensors[n], t), n
+    ids = [[3, 1, 4, 1, 5, 9, 2, 6]]
+    assert torch.equal(m.logits(ids), want.logits(ids))
+
+
+def _vma_flags(addr):
+    """The /proc/self/smaps fields of the mapping holding addr."""
+    fields, inside = {}, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside:
+                k, _, v = line.partition(":")
+                fields[k] = v.strip()
+    return fields
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(dtype=torch.bfloat16), dict(quant="int4")])
+def test_load_writes_the_weights_into_one_hugepage_arena(kw):
+    """normengine.load (CPU) writes every weight into one buffer advised as huge pages (_arena), none
+    left in the mapped checkpoint; [q; k; v] and [gate; up] back to back in it (the runner's fused
+    GEMMs); a packed weight's parts too."""
+    from normengine import _arena
+    from normengine.checkpoint.safetensors_io import live_maps
+    from normengine.convert.quant import is_quantized
+
+    m = ne.load(**kw)
+    parts = [p for t in m.tensors.values() for p in (t.tensors().values() if is_quantized(t) else (t,))]
+    assert len({p.untyped_storage().data_ptr() for p in parts}) == 1
+    assert not any(lo <= p.data_ptr() < hi for p in parts for lo, hi in live_maps())
+    assert all(p.data_ptr() % p.element_size() == 0 for p in parts)
+    assert min(p.data_ptr() for p in parts) % (2 << 20) == 0  # the arena starts on a huge page
+    if "quant" not in kw:
+        q, k, v = (m.tensors[f"blocks.0.attn.{x}.weight"] for x in "qkv")
+        assert q.data_ptr() + q.numel() * q.element_size() == k.data_ptr()
+        assert k.data_ptr() + k.numel() * k.element_size() == v.data_ptr()
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if os.path.exists(thp) and "[never]" not in open(thp).read() and os.path.exists("/proc/self/smaps"):
+        assert _vma_flags(parts[0].data_ptr()).get("THPeligible") == "1"
+    buf = _arena.hugepage_buffer(5 << 20)
+    assert buf.data_ptr() % (2 << 20) == 0 and buf.numel() == 5 << 20
+    a = _arena.Arena(_arena.Arena.room((3, 5), torch.float32) + _arena.Arena.room((7,), torch.float32))
+    x, y = a.take((3, 5), torch.float32), a.take((7,), torch.float32, follow=True)
+    assert y.data_ptr() == x.data_ptr() + 60 and x.data_ptr() % 64 == 0
+    with pytest.raises(AssertionError, match="arena"):
+        a.take((100,), torch.float32)

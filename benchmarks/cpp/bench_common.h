@@ -21,12 +21,16 @@ namespace bench {
 // A 64-byte aligned buffer whose pages are all touched (in parallel: first touch) before any
 // timing: glibc maps fresh pages for every allocation >= 32 MB, which would add page faults to the
 // first timed run.
+#include <sys/mman.h>
+#include <cstdlib>
 struct Buffer {
   char* p = nullptr;
   size_t bytes = 0;
   explicit Buffer(size_t n) : bytes((n + 63) / 64 * 64) {
-    p = static_cast<char*>(std::aligned_alloc(64, bytes ? bytes : 64));
+    bytes = (bytes + (2u << 20) - 1) / (2u << 20) * (2u << 20);
+    p = static_cast<char*>(std::aligned_alloc(2u << 20, bytes ? bytes : 64));
     if (!p) { std::fprintf(stderr, "out of memory (%zu bytes)\n", n); std::exit(1); }
+    if (std::getenv("NE_THP")) madvise(p, bytes, MADV_HUGEPAGE);
     ne::parallel_for(static_cast<int64_t>(bytes), int64_t(1) << 20,
                      [&](int64_t b, int64_t e, int) { std::memset(p + b, 0, static_cast<size_t>(e - b)); });
   }

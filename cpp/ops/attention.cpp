@@ -243,7 +243,7 @@ void merge_parts(const AttnArgs& a, int64_t t, const float* P, int n) {
 }
 
 // Blocks of kBK keys per thread, at least this many (short caches stay on one thread).
-constexpr int64_t kDecodeGrain = 4;
+constexpr int64_t kDecodeGrain = 1;
 
 // One token, its keys split across the threads.
 template <class T>

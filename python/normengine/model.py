@@ -50,7 +50,9 @@ class Model:
                  path: str | None = None, arithmetic: str | None = None, lmul_bits: int = 4,
                  lmul_scope: str = "attention", matmul_precision: str = "highest", kv_cache_dtype=None,
                  _owned: bool = False):
-        from .checkpoint.safetensors_io import release_pages
+        from . import _arena
+        from .checkpoint.safetensors_io import copy_releasing, release_pages
+        from .ops.quant import QuantizedWeight
         from .convert.norms import check_float16_range
         from .convert.quant import is_quantized
 
@@ -108,35 +110,61 @@ class Model:
         groups: dict = {}
         for name, t in tensors.items():
             groups.setdefault((id(t), _is_vector(name)), []).append(name)
+        plans = []  # (names, source, the dtype the runner reads it in; None: a packed weight)
         for (_, vec), names in groups.items():
             t = tensors[names[0]]
             if is_quantized(t):  # packed weights stay packed (the runner reads them as they are)
-                c = t.to(dev)
+                plans.append((names, t, None))
+                continue
+            if not t.is_floating_point():
+                raise DTypeError(f"{names[0]}: expected a floating-point tensor, got {t.dtype}")
+            want = torch.float32 if vec else (dtype or (t.dtype if t.dtype in _WEIGHT_DTYPES else torch.float32))
+            plans.append((names, t, want))
+        # normengine.load on the CPU: every weight is written into its slot of one huge-page arena
+        # (normengine._arena: fewer TLB misses while a decode step streams them), [q; k; v] and
+        # [gate; up] back to back there, so the runner reads each group as one GEMM's matrix
+        arena = None
+        if _owned and dev.type == "cpu":
+            plans = _adjacent_order(plans, config.n_layers)
+            arena = _arena.Arena(sum(
+                sum(_arena.Arena.room(p.shape, p.dtype) for p in t.tensors().values()) if want is None
+                else _arena.Arena.room(t.shape, want) for _, t, want, _ in plans))
+        else:
+            plans = [p + (False,) for p in plans]
+        for k in range(len(plans)):
+            (names, t, want, follow), plans[k] = plans[k], None  # the source's last references go below
+            if want is None:
+                if arena is not None:
+                    parts = {k: arena.take(p.shape, p.dtype).copy_(p) for k, p in t.tensors().items()}
+                    c = QuantizedWeight.from_tensors(parts, t.format, t.group_size, t.shape)
+                else:
+                    c = t.to(dev)
             else:
-                if not t.is_floating_point():
-                    raise DTypeError(f"{names[0]}: expected a floating-point tensor, got {t.dtype}")
-                want = torch.float32 if vec else (dtype or (t.dtype if t.dtype in _WEIGHT_DTYPES else torch.float32))
-                c = t.detach().to(device=dev, dtype=want)
-                if not c.is_contiguous():
-                    c = c.contiguous()
-                if _owned and c.data_ptr() == t.data_ptr() and c.numel() * c.element_size() < (16 << 20):
-                    # a small tensor (norm gains, biases, position table) read in place from the mapped
-                    # file would keep faulting megabytes of its neighbours back in: copy it out
-                    c = c.clone()
+                if arena is not None:
+                    # a mapped source leaves memory block by block as it is copied
+                    c = copy_releasing(t.detach(), want, out=arena.take(t.shape, want, follow))
+                else:
+                    c = t.detach().to(device=dev, dtype=want)
+                    if not c.is_contiguous():
+                        c = c.contiguous()
                 check_float16_range(c, t, names[0])
             for n in names:
                 converted[n] = c
             if _owned:
                 if isinstance(c, torch.Tensor) and c.data_ptr() != t.data_ptr():
                     release_pages(t)
+                if arena is not None:
+                    arena.freed(sum(p.numel() * p.element_size() for p in
+                                    (t.tensors().values() if want is None else (t,))))
                 for n in names:
                     del tensors[n]
             del t
         # Projections reading the same input run as one GEMM in the runner when their weights lie
-        # back to back: place [q; k; v] and [gate; up] (and their biases) in one buffer each.
+        # back to back: place [q; k; v] and [gate; up] (and their biases) in one buffer each (the
+        # arena has done so already).
         for i in range(config.n_layers):
             p = f"blocks.{i}."
-            for group in (("attn.q", "attn.k", "attn.v"), ("mlp.gate", "mlp.up")):
+            for group in _ADJACENT:
                 for suffix in (".weight", ".bias"):
                     _make_adjacent(converted, [p + g + suffix for g in group], release_pages if _owned else None)
         self.tensors = converted
@@ -572,6 +600,35 @@ class Model:
                 f"{i['parameters'] / 1e6:.1f}M params, {i['dtype']})")
 
 
+_ADJACENT = (("attn.q", "attn.k", "attn.v"), ("mlp.gate", "mlp.up"))
+
+
+def _adjacent_order(plans: list, n_layers: int) -> list:
+    """plans (names, source, dtype) in their order, except that the members of each group the runner
+    reads as one matrix ([q; k; v] and [gate; up], weights and biases apart) follow each other, in
+    group order: (names, source, dtype, follow) with follow True for each member after the first.
+    Members shared with other names or of other dtypes than the first are left where they are."""
+    by_name = {n: i for i, p in enumerate(plans) for n in p[0]}
+    group_of = {}
+    for li in range(n_layers):
+        for group in _ADJACENT:
+            for suffix in (".weight", ".bias"):
+                members = [by_name.get(f"blocks.{li}.{g}{suffix}") for g in group]
+                members = [i for i in members if i is not None and len(plans[i][0]) == 1]
+                if len(members) > 1 and all(plans[i][2] is not None and plans[i][2] == plans[members[0]][2]
+                                            for i in members):
+                    for i in members:
+                        group_of[i] = members
+    out, done = [], set()
+    for i, p in enumerate(plans):
+        if i in done:
+            continue
+        for k, j in enumerate(group_of.get(i, [i])):
+            out.append(plans[j] + (k > 0,))
+            done.add(j)
+    return out
+
+
 def _make_adjacent(tensors: dict, names: list, release=None) -> None:
     """Make the dense tensors `names` consecutive rows of one buffer (views), unless they already are
     or cannot be (missing, packed, mixed dtypes or widths, shared with another name)."""
@@ -689,7 +746,9 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     from .convert.quant import is_quantized
 
     maps_before = live_maps()
-    cfg, tensors = load_checkpoint(path)
+    # GPT-2's Conv1D weights stay transposed views of the mapped file until folded or converted (each
+    # result is written once, contiguous, in the target dtype; its source pages then leave memory)
+    cfg, tensors = load_checkpoint(path, transposed_views=True)
     if cfg.quantization is not None:
         tensors = unpack_quantized(cfg, tensors)
         if quant is not None and quant != cfg.quantization:

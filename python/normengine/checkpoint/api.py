@@ -123,7 +123,7 @@ def _restore_aliases(raw, tensors):
             tensors[alias] = tensors[target]
 
 
-def load_checkpoint(path, dtype=None) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+def load_checkpoint(path, dtype=None, *, transposed_views: bool = False) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     """Load a checkpoint as (ModelConfig, {canonical name: tensor}).
 
     path: a Hugging Face-style directory (config.json + model.safetensors, sharded safetensors with
@@ -134,6 +134,10 @@ def load_checkpoint(path, dtype=None) -> Tuple[ModelConfig, Dict[str, torch.Tens
 
     dtype: None keeps the stored dtype (tensors then map the file, copy-on-write); else
     torch.float32 / bfloat16 / float16 / float64 converts the floating tensors (integer ones stay).
+
+    transposed_views: a GPT-2 checkpoint's Conv1D weights come back as transposed (non-contiguous)
+    views of the stored ones instead of contiguous copies (see hf.map_tensors): for a caller that
+    rewrites them anyway.
 
     Tensors are CPU tensors. A tied head is returned as one tensor object under both tok_emb.weight
     and lm_head.weight. cfg.source_dtype is the dtype the checkpoint stores (not `dtype`).
@@ -160,7 +164,8 @@ def load_checkpoint(path, dtype=None) -> Tuple[ModelConfig, Dict[str, torch.Tens
             raise CheckpointError(
                 f"{where}: no {CONFIG_NAME} beside the weights (needed to know the architecture and sizes)"
             )
-        cfg, mapped, prov = hf.convert_hf(arch, hf_cfg, raw.tensors, raw.config, where, raw.origin)
+        cfg, mapped, prov = hf.convert_hf(arch, hf_cfg, raw.tensors, raw.config, where, raw.origin,
+                                      transposed_views)
         check_tensors(cfg, mapped, where, prov, source=lambda n: hf.source_name(arch, n))
         keep = expected_shapes(cfg)
         tensors = {k: mapped[k] for k in keep}

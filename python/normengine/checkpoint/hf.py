@@ -336,11 +336,17 @@ def _source_dtype(tensors) -> Optional[str]:
     return str(max(count, key=count.get)).replace("torch.", "")
 
 
-def map_tensors(arch: Architecture, raw: Dict[str, torch.Tensor], cfg: ModelConfig, where: str, origin=None):
+def map_tensors(arch: Architecture, raw: Dict[str, torch.Tensor], cfg: ModelConfig, where: str, origin=None,
+                transposed_views: bool = False):
     """Canonical tensors from an architecture's state dict. Returns (tensors, provenance) where
     provenance maps canonical name -> 'source name (file)' for error messages. Tensors that have no
     canonical name (or belong to none of cfg's layers) are dropped with a warning; known buffers
-    silently."""
+    silently.
+
+    transposed_views: GPT-2's Conv1D weights come back as transposed views of the stored ones
+    (non-contiguous, nothing copied) instead of contiguous copies, for a caller that rewrites every
+    weight anyway (normengine.load folds and converts them): it then reads each stored weight once,
+    and the float32 transposes of the whole model never exist side by side with their results."""
     origin = origin or {}
     rules = [(_template_regex(src), src, dst, kind) for src, dst, kind in arch.rules]
     ignore = [re.compile(r) for r in arch.ignore]
@@ -381,8 +387,11 @@ def map_tensors(arch: Architecture, raw: Dict[str, torch.Tensor], cfg: ModelConf
                 raise CheckpointError(
                     f"{where}: tensor '{src_name}': expected a 2-D Conv1D weight, found shape {tuple(t.shape)}"
                 )
-            put(fill(dst), t.t().contiguous(), src_name, t.shape)
-            release_pages(t)  # the mapped original is not read again: its pages leave our memory
+            if transposed_views:
+                put(fill(dst), t.t(), src_name, t.shape)
+            else:
+                put(fill(dst), t.t().contiguous(), src_name, t.shape)
+                release_pages(t)  # the mapped original is not read again: its pages leave our memory
         elif kind in ("t_split3", "split3"):
             src_shape = t.shape
             if kind == "t_split3":
@@ -390,8 +399,11 @@ def map_tensors(arch: Architecture, raw: Dict[str, torch.Tensor], cfg: ModelConf
                     raise CheckpointError(
                         f"{where}: tensor '{src_name}': expected a 2-D Conv1D weight, found shape {tuple(t.shape)}"
                     )
-                src, t = t, t.t().contiguous()
-                release_pages(src)
+                if transposed_views:
+                    t = t.t()
+                else:
+                    src, t = t, t.t().contiguous()
+                    release_pages(src)
             if t.dim() < 1 or t.shape[0] % 3:
                 raise CheckpointError(
                     f"{where}: tensor '{src_name}': the fused q/k/v dimension of shape {tuple(t.shape)}"
@@ -424,10 +436,12 @@ def source_name(arch: Architecture, canonical: str) -> Optional[str]:
     return None
 
 
-def convert_hf(arch: Architecture, cfg: ModelConfig, raw_tensors, config: dict, where: str, origin=None):
+def convert_hf(arch: Architecture, cfg: ModelConfig, raw_tensors, config: dict, where: str, origin=None,
+               transposed_views: bool = False):
     """A supported architecture's state dict -> (ModelConfig with source_dtype set, canonical
-    tensors, provenance). `arch`, `cfg`: from architecture_of / parse_config of `config`."""
-    tensors, prov = map_tensors(arch, raw_tensors, cfg, where, origin)
+    tensors, provenance). `arch`, `cfg`: from architecture_of / parse_config of `config`;
+    transposed_views: see map_tensors."""
+    tensors, prov = map_tensors(arch, raw_tensors, cfg, where, origin, transposed_views)
     sd = _source_dtype(tensors)
     if sd is None:
         sd = config.get("torch_dtype") or config.get("dtype") or "float32"

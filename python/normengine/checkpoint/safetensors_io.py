@@ -162,17 +162,23 @@ def _register_map(mm) -> None:
     _MAPS.append((base, base + mm.nbytes, weakref.ref(mm)))
 
 
-def release_pages(t: torch.Tensor) -> int:
-    """Drop the resident pages that lie entirely inside tensor `t`'s bytes, if `t` is a view of a
-    checkpoint file this module mapped. The caller promises `t` is not read again, or that its pages
-    were never written (clean pages are read back from the file on the next access). Returns the
-    number of bytes released (0 when `t` is not mapped memory)."""
-    if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.numel() == 0:
+def release_pages(*ts: torch.Tensor) -> int:
+    """Drop the resident pages that lie entirely inside the bytes of tensors `ts`, if they are views of
+    a checkpoint file this module mapped. The caller promises they are not read again, or that their
+    pages were never written (clean pages are read back from the file on the next access). Several
+    tensors are released together when their elements fill their joint byte range (e.g. a transposed
+    weight split into q, k and v views, whose ranges interleave): a strided view whose elements leave
+    gaps keeps every page. Returns the number of bytes released (0 when nothing is mapped memory)."""
+    from ..ops._tensor import byte_span
+
+    ts = [t for t in ts if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel()]
+    if not ts:
         return 0
-    if not t.is_contiguous():  # a strided view's elements do not fill [data_ptr, + numel): keep every page
+    spans = [byte_span(t) for t in ts]
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    # the elements fill [lo, hi) exactly when their bytes add up to it (views of one file do not overlap)
+    if sum(t.numel() * t.element_size() for t in ts) != hi - lo:
         return 0
-    lo = t.data_ptr()
-    hi = lo + t.numel() * t.element_size()
     for start, end, ref in _MAPS:
         if start <= lo and hi <= end and ref() is not None:
             a = -(-lo // _PAGE) * _PAGE
@@ -184,6 +190,26 @@ def release_pages(t: torch.Tensor) -> int:
                 return 0
             return b - a
     return 0
+
+
+def copy_releasing(t: torch.Tensor, dtype: torch.dtype, chunk_bytes: int = 8 << 20, out=None) -> torch.Tensor:
+    """A contiguous `dtype` copy of `t` (into `out`, a contiguous tensor of t's shape and `dtype`, if
+    given) that the caller will not read again: when `t` is mapped checkpoint memory it is copied in
+    row blocks of about chunk_bytes, each block's source pages released once copied, so a large source
+    (a float32 embedding turned into bfloat16) is never resident whole next to its copy. Other
+    tensors are copied in one go."""
+    if out is None:
+        out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    rows = t.shape[0] if t.dim() else 1
+    row_bytes = max(1, t[0].numel() * t.element_size()) if t.dim() and rows else 1
+    step = max(1, chunk_bytes // row_bytes)
+    if t.dim() == 0 or rows <= step or not t.is_contiguous() or t.device.type != "cpu":
+        out.copy_(t)
+        return out
+    for r0 in range(0, rows, step):
+        out[r0:r0 + step].copy_(t[r0:r0 + step])
+        release_pages(t[r0:r0 + step])
+    return out
 
 
 def live_maps() -> list:

@@ -63,10 +63,11 @@ def check_float16_range(result: torch.Tensor, source: torch.Tensor, name: str, c
 
 def _scale_columns(w, g, inplace: bool, chunk: int | None = None, dtype=None):
     """w * g (g along the input dimension) in float64, rounded (once) to `dtype` (default w's);
-    row chunks bound the float64 temporary. inplace writes into w when the dtype stays (a
-    copy-on-write mapping stays one copy in memory)."""
+    row chunks bound the float64 temporary. inplace writes into w when the dtype stays and w is
+    contiguous (a copy-on-write mapping stays one copy in memory); a strided w (a transposed view of
+    the checkpoint) gets a contiguous result."""
     dtype = dtype or w.dtype
-    out = w if (inplace and dtype == w.dtype) else torch.empty(w.shape, dtype=dtype)
+    out = w if (inplace and dtype == w.dtype and w.is_contiguous()) else torch.empty(w.shape, dtype=dtype)
     chunk = chunk or _rows_per_chunk(w)
     for r0 in range(0, w.shape[0], chunk):
         out[r0:r0 + chunk] = (_f64(w[r0:r0 + chunk]) * g).to(dtype)
@@ -99,7 +100,7 @@ def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False, dtype=No
     for norm, readers in _norm_groups(cfg):
         if keep_tie and readers == ["lm_head"]:
             continue
-        folded = []
+        folded, replaced = [], []
         g = _f64(sd[f"{norm}.weight"])
         b = _f64(sd[f"{norm}.bias"]) if f"{norm}.bias" in sd else None
         for r in readers:
@@ -119,9 +120,13 @@ def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False, dtype=No
             if inplace and out[wname] is not w:
                 if own:  # the source is ours and replaced: its mapped pages can go
                     release_pages(w)
+                    replaced.append(w)
                 sd[wname] = out[wname]
             folded.append(wname)
             del w
+        # transposed views of one stored weight (GPT-2's q, k, v) fill its pages only together
+        release_pages(*replaced)
+        del replaced
         if after_group is not None:
             after_group(out, folded, sd)
             if inplace:

@@ -1,0 +1,78 @@
+"""One huge-page arena for a loaded model's weights (CPU).
+
+A decode step streams every weight once. On 4 KiB pages that is a TLB miss per 4 KiB of weights
+(about 120k per step for a 124M fp32 model), and the page walks stall the stream: the runner decoded
+8-10% faster with its weights on 2 MiB pages (benchmarks/RESULTS.md). The kernel hands huge pages to
+anonymous memory that asks for them (madvise MADV_HUGEPAGE; with transparent_hugepage/enabled =
+"madvise", the usual default, nothing else gets them), and neither a mapped checkpoint nor torch's
+allocator asks. So normengine.load sizes one such region for the model's final weights and writes
+each weight (converted, when its dtype changes) straight into its slot, handing each source back as
+it goes: one pass over the weights, no second copy of them. Where the kernel has no huge page to give
+(THP off, memory fragmented) the arena is ordinary memory and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+import torch
+
+_HUGE = 2 << 20
+_ALIGN = 64
+
+
+def hugepage_buffer(nbytes: int) -> torch.Tensor:
+    """A uint8 CPU tensor of nbytes, 2 MiB aligned, advised to the kernel as huge-page memory (where
+    the platform has madvise(MADV_HUGEPAGE)); its pages are not touched yet. Private anonymous memory
+    (a shared mapping would be shmem, which THP's "madvise" setting leaves on small pages). It lives
+    as long as any view of it."""
+    mm = mmap.mmap(-1, max(nbytes, 1) + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(mm, dtype=torch.uint8)  # holds a reference to mm
+    start = (-whole.data_ptr()) % _HUGE
+    advise = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advise is not None:
+        try:
+            mm.madvise(advise, start, len(mm) - start)
+        except OSError:  # no THP in this kernel: ordinary pages
+            pass
+    return whole[start:start + nbytes]
+
+
+class Arena:
+    """Slots carved in order from one hugepage_buffer of at most `nbytes` (the sum of what will be
+    taken plus 64 bytes each for alignment)."""
+
+    def __init__(self, nbytes: int):
+        self.buf = hugepage_buffer(nbytes)
+        self.used = 0
+        try:
+            self._trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            self._trim = None
+        self._freed = 0
+
+    @staticmethod
+    def room(shape, dtype) -> int:
+        """Bytes to reserve for one slot of this shape and dtype."""
+        return _ALIGN + torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+    def take(self, shape, dtype, follow: bool = False) -> torch.Tensor:
+        """A contiguous slot; follow=True puts it right after the previous one (no padding: tensors
+        the runner reads as one back-to-back matrix), else at the next 64-byte boundary."""
+        size = torch.empty((), dtype=dtype).element_size()
+        n = torch.Size(shape).numel() * size
+        align = size if follow else _ALIGN
+        start = -(-self.used // align) * align
+        if start + n > self.buf.numel():
+            raise AssertionError("arena: slot past the reserved size")  # internal: room() was summed wrong
+        self.used = start + n
+        return self.buf[start:start + n].view(dtype).view(shape)
+
+    def freed(self, nbytes: int) -> None:
+        """A source of nbytes was dropped: glibc keeps freed heap chunks (those under its 32 MB mmap
+        threshold) in the process, so every 16 MB of them is handed back to the system here."""
+        self._freed += nbytes
+        if self._trim is not None and self._freed >= (16 << 20):
+            self._trim(0)
+            self._freed = 0
