@@ -12,6 +12,8 @@
 #include <functional>
 #include <vector>
 
+#include <sys/mman.h>
+
 #include "core/half.h"
 #include "core/parallel.h"
 #include "normengine/tensor.h"
@@ -20,17 +22,19 @@ namespace bench {
 
 // A 64-byte aligned buffer whose pages are all touched (in parallel: first touch) before any
 // timing: glibc maps fresh pages for every allocation >= 32 MB, which would add page faults to the
-// first timed run.
-#include <sys/mman.h>
-#include <cstdlib>
+// first timed run. huge: 2 MiB aligned and advised as transparent huge pages (MADV_HUGEPAGE), as
+// normengine.load places a model's weights (python/normengine/_arena.py).
 struct Buffer {
   char* p = nullptr;
   size_t bytes = 0;
-  explicit Buffer(size_t n) : bytes((n + 63) / 64 * 64) {
-    bytes = (bytes + (2u << 20) - 1) / (2u << 20) * (2u << 20);
-    p = static_cast<char*>(std::aligned_alloc(2u << 20, bytes ? bytes : 64));
+  explicit Buffer(size_t n, bool huge = false) : bytes((n + 63) / 64 * 64) {
+    const size_t align = huge ? size_t(2) << 20 : 64;
+    bytes = (bytes + align - 1) / align * align;
+    p = static_cast<char*>(std::aligned_alloc(align, bytes ? bytes : align));
     if (!p) { std::fprintf(stderr, "out of memory (%zu bytes)\n", n); std::exit(1); }
-    if (std::getenv("NE_THP")) madvise(p, bytes, MADV_HUGEPAGE);
+#ifdef MADV_HUGEPAGE
+    if (huge) madvise(p, bytes, MADV_HUGEPAGE);  // no THP in the kernel: small pages, as before
+#endif
     ne::parallel_for(static_cast<int64_t>(bytes), int64_t(1) << 20,
                      [&](int64_t b, int64_t e, int) { std::memset(p + b, 0, static_cast<size_t>(e - b)); });
   }

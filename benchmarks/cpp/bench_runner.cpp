@@ -1,10 +1,11 @@
 // bench_runner: end-to-end CPU throughput of the native transformer runner (ne::Runner), no Python.
 //
 //   bench_runner [--arch gpt2|llama] [--dtype f32|bf16|f16] [--threads N] [--repeats K]
-//                [--prompt P] [--gen G] [--profile]
+//                [--prompt P] [--gen G] [--profile] [--small-pages]
 //
-// Builds a random-weight model of the given shape, every weight in one 64-byte aligned arena
-// allocated (and touched) once:
+// Builds a random-weight model of the given shape, every weight in one arena allocated (and
+// touched) once, on transparent huge pages as normengine.load places a model's weights
+// (--small-pages: 4 KiB pages, for the comparison):
 //   gpt2:  12 layers, d 768, 12 heads (head_dim 64), d_ff 3072, vocab 50257, learned positions
 //          (1024), LayerNorm, gelu_tanh, biases everywhere, tied head (lm_head IS the tok_emb buffer).
 //   llama: 12 layers, d 768, 12 heads, 4 KV heads, head_dim 64, d_ff 2048, vocab 32000, RoPE,
@@ -126,6 +127,7 @@ int main(int argc, char** argv) {
   bool profile = false, medium = false;
   std::string arch = "gpt2", dts = "f32";
   bool kv_bf16 = false;
+  bool small_pages = false;  // --small-pages: the weights on 4 KiB pages (no MADV_HUGEPAGE)
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--threads") threads = static_cast<int>(arg_int(argc, argv, i));
@@ -136,12 +138,14 @@ int main(int argc, char** argv) {
     else if (a == "--dtype" && i + 1 < argc) dts = argv[++i];
     else if (a == "--profile") profile = true;
     else if (a == "--kv-bf16") kv_bf16 = true;
+    else if (a == "--small-pages") small_pages = true;
     else if (a == "--matmul-precision" && i + 1 < argc && (std::string(argv[i + 1]) == "medium" ||
                                                             std::string(argv[i + 1]) == "highest"))
       medium = std::string(argv[++i]) == "medium";
     else {
       std::fprintf(stderr, "usage: %s [--arch gpt2|llama] [--dtype f32|bf16|f16] [--threads N] [--repeats K] "
-                   "[--prompt P] [--gen G] [--profile] [--matmul-precision highest|medium] [--kv-bf16]\n", argv[0]);
+                   "[--prompt P] [--gen G] [--profile] [--matmul-precision highest|medium] [--kv-bf16] "
+                   "[--small-pages]\n", argv[0]);
       return 2;
     }
   }
@@ -214,7 +218,7 @@ int main(int argc, char** argv) {
       if (t.per_token) per_token += t.bytes();
     }
     per_token += static_cast<size_t>(d) * ne::dtype_size(wdt) * (gpt2 ? 2 : 1);  // one embedding (+ position) row
-    Buffer arena(total);
+    Buffer arena(total, /*huge=*/!small_pages);  // huge pages, as normengine.load places the weights
     for (size_t i = 0; i < defs.size(); ++i)
       fill(arena.p + defs[i].off, defs[i].dtype, defs[i].numel(), i + 1, defs[i].scale, defs[i].offset);
 
@@ -257,7 +261,8 @@ int main(int argc, char** argv) {
                 "prompt=%d gen=%d matmul_precision=%s%s\n", arch.c_str(), dts.c_str(), ne::cpu_isa(), ne::num_threads(),
                 repeats, prompt, gen, medium ? "medium" : "highest",
                 medium && !ne::amx_bf16_available() ? " (no AMX-BF16 here: computes as highest)" : "");
-    std::printf("weights: %.1f MB in the arena; %.1f MB read per decode step\n", total / 1e6, per_token / 1e6);
+    std::printf("weights: %.1f MB in the arena (%s pages); %.1f MB read per decode step\n", total / 1e6,
+                small_pages ? "4 KiB" : "huge", per_token / 1e6);
     std::fflush(stdout);
 
     // warm-up (every activation buffer and the KV cache reach their size), then the engine's peak RSS

@@ -27,13 +27,14 @@ def hugepage_buffer(nbytes: int) -> torch.Tensor:
     the platform has madvise(MADV_HUGEPAGE)); its pages are not touched yet. Private anonymous memory
     (a shared mapping would be shmem, which THP's "madvise" setting leaves on small pages). It lives
     as long as any view of it."""
-    mm = mmap.mmap(-1, max(nbytes, 1) + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    span = -(-max(nbytes, 1) // _HUGE) * _HUGE  # whole huge pages (the last one partly used)
+    mm = mmap.mmap(-1, span + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(mm, dtype=torch.uint8)  # holds a reference to mm
     start = (-whole.data_ptr()) % _HUGE
     advise = getattr(mmap, "MADV_HUGEPAGE", None)
     if advise is not None:
         try:
-            mm.madvise(advise, start, len(mm) - start)
+            mm.madvise(advise, start, span)
         except OSError:  # no THP in this kernel: ordinary pages
             pass
     return whole[start:start + nbytes]

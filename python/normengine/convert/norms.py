@@ -61,17 +61,27 @@ def check_float16_range(result: torch.Tensor, source: torch.Tensor, name: str, c
                              "dtype=torch.bfloat16 or torch.float32")
 
 
-def _scale_columns(w, g, inplace: bool, chunk: int | None = None, dtype=None):
-    """w * g (g along the input dimension) in float64, rounded (once) to `dtype` (default w's);
-    row chunks bound the float64 temporary. inplace writes into w when the dtype stays and w is
-    contiguous (a copy-on-write mapping stays one copy in memory); a strided w (a transposed view of
-    the checkpoint) gets a contiguous result."""
+def _fold_reader(w, g, b=None, inplace: bool = False, dtype=None, release=None):
+    """One pass over w's rows in chunks (float64; each chunk's temporary about 1 MB): returns
+    (w diag(g) rounded once to `dtype` (default w's), W b or None) where b is the norm's bias (W b
+    taken from the weights before scaling). inplace writes the result into w when the dtype stays and
+    w is contiguous (a copy-on-write mapping stays one copy in memory); otherwise the result is a new
+    contiguous tensor (also for a strided w, a transposed view of the checkpoint), and release(rows),
+    if given, hands back each chunk of w once read, so a large mapped source is never resident whole
+    next to its result."""
     dtype = dtype or w.dtype
-    out = w if (inplace and dtype == w.dtype and w.is_contiguous()) else torch.empty(w.shape, dtype=dtype)
-    chunk = chunk or _rows_per_chunk(w)
-    for r0 in range(0, w.shape[0], chunk):
-        out[r0:r0 + chunk] = (_f64(w[r0:r0 + chunk]) * g).to(dtype)
-    return out
+    same = inplace and dtype == w.dtype and w.is_contiguous()
+    out = w if same else torch.empty(w.shape, dtype=dtype)
+    wb = torch.empty(w.shape[0], dtype=torch.float64) if b is not None else None
+    n = _rows_per_chunk(w)
+    for r0 in range(0, w.shape[0], n):
+        rows = _f64(w[r0:r0 + n])
+        if b is not None:
+            wb[r0:r0 + n] = rows @ b
+        out[r0:r0 + n] = (rows * g).to(dtype)
+        if release is not None and not same:
+            release(w[r0:r0 + n])
+    return out, wb
 
 
 def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False, dtype=None, keep_tied_head: bool = False,
@@ -108,14 +118,13 @@ def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False, dtype=No
             if wname not in sd:
                 continue  # e.g. no gate in an ungated MLP
             w = sd[wname]
-            if b is not None:  # c' = c + W b, from the weights before scaling
+            own = inplace and not (tied and r == "lm_head")
+            out[wname], wb = _fold_reader(w, g, b, own, dtype=dtype if (dtype and w.is_floating_point()) else None,
+                                          release=release_pages if own else None)
+            if b is not None:  # c' = c + W b
                 bname = f"{r}.bias"
                 c = _f64(sd[bname]) if bname in sd else torch.zeros(w.shape[0], dtype=torch.float64)
-                n = _rows_per_chunk(w)
-                wb = torch.cat([_f64(w[i:i + n]) @ b for i in range(0, w.shape[0], n)])
                 out[bname] = (c + wb).to(sd[bname].dtype if bname in sd else w.dtype)
-            own = inplace and not (tied and r == "lm_head")
-            out[wname] = _scale_columns(w, g, own, dtype=dtype if (dtype and w.is_floating_point()) else None)
             check_float16_range(out[wname], w, wname, "with the norm's gain folded in, ")
             if inplace and out[wname] is not w:
                 if own:  # the source is ours and replaced: its mapped pages can go
