@@ -1284,6 +1284,14 @@ def test_load_writes_the_weights_into_one_hugepage_arena(kw):
         assert _vma_flags(parts[0].data_ptr()).get("THPeligible") == "1"
     buf = _arena.hugepage_buffer(5 << 20)
     assert buf.data_ptr() % (2 << 20) == 0 and buf.numel() == 5 << 20
+    if os.path.exists("/proc/self/smaps") and os.path.exists(thp) and "[never]" not in open(thp).read():
+        assert _vma_flags(buf.data_ptr()).get("THPeligible") == "1"
+    if os.path.exists("/proc/self/smaps") and os.path.exists(thp) and "[madvise]" in open(thp).read():
+        os.environ["NORMENGINE_HUGEPAGES"] = "0"
+        try:  # the opt-out: the same buffer, no advice
+            assert _vma_flags(_arena.hugepage_buffer(5 << 20).data_ptr()).get("THPeligible") == "0"
+        finally:
+            del os.environ["NORMENGINE_HUGEPAGES"]
     a = _arena.Arena(_arena.Arena.room((3, 5), torch.float32) + _arena.Arena.room((7,), torch.float32))
     x, y = a.take((3, 5), torch.float32), a.take((7,), torch.float32, follow=True)
     assert y.data_ptr() == x.data_ptr() + 60 and x.data_ptr() % 64 == 0

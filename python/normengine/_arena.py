@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 
 import torch
 
@@ -24,15 +25,19 @@ _ALIGN = 64
 
 def hugepage_buffer(nbytes: int) -> torch.Tensor:
     """A uint8 CPU tensor of nbytes, 2 MiB aligned, advised to the kernel as huge-page memory (where
-    the platform has madvise(MADV_HUGEPAGE)); its pages are not touched yet. Private anonymous memory
+    the platform has madvise(MADV_HUGEPAGE), unless the environment sets NORMENGINE_HUGEPAGES=0); its
+    pages are not touched yet. Private anonymous memory
     (a shared mapping would be shmem, which THP's "madvise" setting leaves on small pages). It lives
     as long as any view of it."""
     span = -(-max(nbytes, 1) // _HUGE) * _HUGE  # whole huge pages (the last one partly used)
-    mm = mmap.mmap(-1, span + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mm = mmap.mmap(-1, span + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (AttributeError, TypeError):  # no POSIX mmap flags (Windows): ordinary memory
+        return torch.empty(nbytes, dtype=torch.uint8)
     whole = torch.frombuffer(mm, dtype=torch.uint8)  # holds a reference to mm
     start = (-whole.data_ptr()) % _HUGE
     advise = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advise is not None:
+    if advise is not None and os.environ.get("NORMENGINE_HUGEPAGES", "1") != "0":
         try:
             mm.madvise(advise, start, span)
         except OSError:  # no THP in this kernel: ordinary pages
