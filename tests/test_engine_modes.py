@@ -285,17 +285,29 @@ def test_attention_bad_arguments():
 
 def test_lmul_attention_scope_keeps_greedy_top1(exact):
     """lmul_scope='attention' against the exact model, greedy top-1 per position on random prompts.
-    Issue 6 asks >= 99%; on the default model (d 128, 32-wide heads) 4-bit L-Mul in the attention
-    products measures 97.7% (the same with the reference products, so it is the arithmetic, not the
-    kernel): the test holds the measured level, and the shortfall is in the issue note."""
+    Issue 6 asks >= 99%. On the default model (d 128, 32-wide heads) 4-bit L-Mul in the attention
+    products keeps 97.0-97.4% (three prompt sets of 768 positions), and so does fp8 attention (operands
+    rounded to e4m3, exact products): 97.3-97.8%; 3-bit L-Mul 94.7-96.7% against e5m2's 94.8-96.5%.
+    That is the paper's claim (4-bit L-Mul as precise as e4m3, 3-bit as e5m2), and the test holds L-Mul
+    to it and to the measured level; 99% is out of reach of fp8-grade attention on this model (the
+    shortfall is in the issue note)."""
+    from normengine.reference.model import forward
+
     m = ne.load(arithmetic="lmul", lmul_bits=4, lmul_scope="attention")
-    agree = total = 0
-    for ids in _prompts(8, 48, m.config.vocab_size, 29):
-        a = m.logits(ids)[0].argmax(-1)
-        b = exact.logits(ids)[0].argmax(-1)
-        agree += (a == b).sum().item()
-        total += a.numel()
-    assert agree / total >= 0.97, f"top-1 agreement {agree / total:.4f}"
+    cfg, tensors = exact.config, exact.tensors
+    agree = {"lmul4": 0, "e4m3": 0, "lmul3": 0, "e5m2": 0}
+    total = 0
+    for ids in _prompts(16, 48, m.config.vocab_size, 29):
+        want = exact.logits(ids)[0].argmax(-1)
+        agree["lmul4"] += (m.logits(ids)[0].argmax(-1) == want).sum().item()
+        for key, kw in (("e4m3", dict(attention_operands=torch.float8_e4m3fn)),
+                        ("lmul3", dict(lmul_bits=3, lmul_scope="attention")),
+                        ("e5m2", dict(attention_operands=torch.float8_e5m2))):
+            agree[key] += (forward(cfg, tensors, ids, dtype=torch.float32, **kw).argmax(-1) == want).sum().item()
+        total += want.numel()
+    rate = {k: v / total for k, v in agree.items()}
+    assert abs(rate["lmul4"] - rate["e4m3"]) <= 0.01 and abs(rate["lmul3"] - rate["e5m2"]) <= 0.015, rate
+    assert rate["lmul4"] >= 0.97, rate
 
 
 @pytest.mark.parametrize("scope", ["attention", "all"])

@@ -65,14 +65,16 @@ def _matmul(a, b, lmul_bits):
     return lmul(a.unsqueeze(-1), b.unsqueeze(-3), lmul_bits).to(a.dtype).sum(-2)
 
 
-def _softmax_attention(q, k, v, scale, lmul_bits):
-    """Causal softmax attention. q [T, H, D], k/v [T, H, D] (GQA already expanded)."""
+def _softmax_attention(q, k, v, scale, lmul_bits, operands=None):
+    """Causal softmax attention. q [T, H, D], k/v [T, H, D] (GQA already expanded). operands: a dtype
+    the operands of both matmuls (q, k, then p, v) are rounded to before exact products."""
     T = q.size(0)
-    s = _matmul(q.transpose(0, 1), k.transpose(0, 1).transpose(1, 2), lmul_bits) * scale  # [H, T, T]
+    r = (lambda t: t.to(operands).to(t.dtype)) if operands is not None else (lambda t: t)  # noqa: E731
+    s = _matmul(r(q).transpose(0, 1), r(k).transpose(0, 1).transpose(1, 2), lmul_bits) * scale  # [H, T, T]
     mask = torch.ones(T, T, dtype=torch.bool).tril()
     s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, -1)
-    return _matmul(p, v.transpose(0, 1), lmul_bits).transpose(0, 1)  # [T, H, D]
+    return _matmul(r(p), r(v).transpose(0, 1), lmul_bits).transpose(0, 1)  # [T, H, D]
 
 
 def _linear_family(kind, cfg, q, k, v, decay):
@@ -119,10 +121,11 @@ def _linear_family(kind, cfg, q, k, v, decay):
 
 
 def forward(cfg, tensors: dict, ids, dtype=torch.float64, lmul_bits: int = 0, lmul_scope: str | None = None,
-            stats: dict | None = None):
+            stats: dict | None = None, attention_operands=None):
     """Logits [T, vocab] of one sequence `ids` (list or 1-D tensor of token ids), computed in `dtype`.
     lmul_bits > 0 with lmul_scope 'attention' makes the softmax attention products L-Mul, 'all' every
-    matmul too. stats: a dict that collects, per norm ('blocks.{i}.attn_norm', ..., 'final_norm'), the
+    matmul too. attention_operands: a dtype (e.g. torch.float8_e4m3fn) that the softmax attention's
+    matmul operands are rounded to before exact products (the fp8 baselines of the L-Mul paper). stats: a dict that collects, per norm ('blocks.{i}.attn_norm', ..., 'final_norm'), the
     per-channel maximum |output| over the tokens seen (calibration for SmoothQuant)."""
     ids = torch.as_tensor(ids, dtype=torch.long)
     T = ids.numel()
@@ -159,7 +162,7 @@ def forward(cfg, tensors: dict, ids, dtype=torch.float64, lmul_bits: int = 0, lm
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
         if types[i] == "softmax":
-            a = _softmax_attention(q, k, v, 1.0 / math.sqrt(D), att_bits)
+            a = _softmax_attention(q, k, v, 1.0 / math.sqrt(D), att_bits, attention_operands)
         else:
             a = _linear_family(types[i], cfg, q, k, v, tensors.get(p + "attn.decay"))
         x = x + linear(a.reshape(T, H * D), p + "attn.o.weight", p + "attn.o.bias" if cfg.o_bias else None)
