@@ -154,6 +154,102 @@ inline float dot(const float* a, const T* b, int n) {
   return static_cast<float>(VF::reduce(VF::add(acc0, acc1)));
 }
 
+// While key row jj's scores are computed: the K row kAheadBytes further on (the cache holds one
+// sequence's rows back to back, so that is a later key, in this block or the next) and V row jj (read
+// by the p v stage right after this block's scores) are prefetched, the K stream ahead of the hardware
+// prefetcher, which stops at 4 KiB pages.
+constexpr int64_t kAheadBytes = 4096;
+template <class T>
+inline void prefetch_rows(const T* krow, const T* vrow, int64_t ld) {
+  const char* kp = reinterpret_cast<const char*>(krow) + kAheadBytes;
+  const char* vp = reinterpret_cast<const char*>(vrow);
+  const int64_t bytes = ld * static_cast<int64_t>(sizeof(T));
+  for (int64_t b = 0; b < bytes; b += 64) {
+    __builtin_prefetch(kp + b, 0, 2);
+    __builtin_prefetch(vp + b, 0, 2);
+  }
+}
+
+// s[h * kBK + jj] = scale * q_h . k[jj * ldk + g(h) D + 0 .. D) for the keys jj < bk of a block and
+// every head h (kv head g(h) = h / group). Each kv head's key row is loaded once (DV = D / N vectors
+// in registers) for the `group` query heads reading it; the products of vector c go to accumulator
+// c % 2 and the two are summed once, as dot() does: the same sums either way.
+template <int DV, class T>
+void scores_regs(const float* q, const T* k, const T* v, int64_t ldk, int bk, int n_kv, int group, float scale,
+                 float* s) {
+  constexpr int D = DV * N;
+  for (int jj = 0; jj < bk; ++jj) {
+    const T* kr = k + jj * ldk;
+    prefetch_rows(kr, v + jj * ldk, ldk);
+    for (int g = 0, h = 0; g < n_kv; ++g) {
+      R kv[DV];
+      for (int c = 0; c < DV; ++c) kv[c] = VF::load(kr + g * D + c * N);
+      for (int e = 0; e < group; ++e, ++h) {
+        const float* qh = q + static_cast<int64_t>(h) * D;
+        R acc[2] = {VF::zero(), VF::zero()};
+        for (int c = 0; c < DV; ++c) acc[c % 2] = VF::fma(VF::load(qh + c * N), kv[c], acc[c % 2]);
+        s[h * kBK + jj] = scale * static_cast<float>(VF::reduce(VF::add(acc[0], acc[1])));
+      }
+    }
+  }
+}
+
+template <class T>
+void scores(const float* q, const T* k, const T* v, int64_t ldk, int bk, int n_kv, int group, int D, float scale,
+            float* s) {
+  if (D % N == 0) {
+    switch (D / N) {
+      case 1: return scores_regs<1>(q, k, v, ldk, bk, n_kv, group, scale, s);
+      case 2: return scores_regs<2>(q, k, v, ldk, bk, n_kv, group, scale, s);
+      case 4: return scores_regs<4>(q, k, v, ldk, bk, n_kv, group, scale, s);
+      case 8: return scores_regs<8>(q, k, v, ldk, bk, n_kv, group, scale, s);
+      default: break;
+    }
+  }
+  for (int jj = 0; jj < bk; ++jj) {
+    prefetch_rows(k + jj * ldk, v + jj * ldk, ldk);
+    for (int g = 0, h = 0; g < n_kv; ++g)
+      for (int e = 0; e < group; ++e, ++h)
+        s[h * kBK + jj] = scale * dot(q + static_cast<int64_t>(h) * D, k + jj * ldk + static_cast<int64_t>(g) * D, D);
+  }
+}
+
+// o[0 .. D) += sum_jj p[jj] v[jj * ldv + 0 .. D), jj = 0 .. bk - 1 in order. DV = D / N vectors of o
+// stay in registers over the block (the generic form below loads and stores them per key); the
+// same fused multiply-adds in the same order either way.
+template <int DV, class T>
+void pv_regs(const float* p, const T* v, int64_t ldv, int bk, float* o) {
+  R acc[DV];
+  for (int c = 0; c < DV; ++c) acc[c] = VF::load(o + c * N);
+  for (int jj = 0; jj < bk; ++jj) {
+    const R pj = VF::set1(p[jj]);
+    const T* vr = v + jj * ldv;
+    for (int c = 0; c < DV; ++c) acc[c] = VF::fma(pj, VF::load(vr + c * N), acc[c]);
+  }
+  for (int c = 0; c < DV; ++c) VF::store(o + c * N, acc[c]);
+}
+
+template <class T>
+void pv(const float* p, const T* v, int64_t ldv, int bk, int D, float* o) {
+  if (D % N == 0) {
+    switch (D / N) {
+      case 1: return pv_regs<1>(p, v, ldv, bk, o);
+      case 2: return pv_regs<2>(p, v, ldv, bk, o);
+      case 4: return pv_regs<4>(p, v, ldv, bk, o);
+      case 8: return pv_regs<8>(p, v, ldv, bk, o);
+      default: break;
+    }
+  }
+  for (int jj = 0; jj < bk; ++jj) {
+    const R pj = VF::set1(p[jj]);
+    const T* vr = v + jj * ldv;
+    for (int d0 = 0; d0 < D; d0 += N) {
+      const int k = width(D, d0);
+      storen<VF>(o + d0, VF::fma(pj, loadn<VF>(vr + d0, k), loadn<VF>(o + d0, k)), k);
+    }
+  }
+}
+
 // Keys [j0, j1) of token t for every head, folded into this thread's partial state per head:
 // part[h * (D + 2)] = m, then l, then o[0 .. D). Per block of kBK keys the cache is read row by row
 // (a row holds every head: the hardware prefetcher streams it), scores first, then p v.
@@ -167,11 +263,7 @@ void decode_range(const AttnArgs& a, const T* const* kc, const T* const* vc, int
   for (int64_t b0 = j0; b0 < j1; b0 += kBK) {
     const int bk = static_cast<int>(j1 - b0 < kBK ? j1 - b0 : kBK);
     // s[h][jj] = scale * q_h . K[b0 + jj][g(h)]
-    for (int jj = 0; jj < bk; ++jj) {
-      const T* krow = kc[t] + (b0 + jj) * ldkv;
-      for (int h = 0; h < H; ++h)
-        s[h * kBK + jj] = a.scale * dot(q + static_cast<int64_t>(h) * D, krow + static_cast<int64_t>(h / group) * D, D);
-    }
+    scores(q, kc[t] + b0 * ldkv, vc[t] + b0 * ldkv, ldkv, bk, a.n_kv_heads, group, D, a.scale, s);
     // per head: m' = max(m, max s), c = exp(m - m'), p = exp(s - m'), l = c l + sum p, o = c o
     for (int h = 0; h < H; ++h) {
       float* st = part + static_cast<int64_t>(h) * (D + 2);
@@ -195,19 +287,11 @@ void decode_range(const AttnArgs& a, const T* const* kc, const T* const* vc, int
         storen<VF>(o + d0, VF::mul(loadn<VF>(o + d0, k), VF::set1(c)), k);
       }
     }
-    // o_h += p[h][jj] V[b0 + jj][g(h)], row by row
-    for (int jj = 0; jj < bk; ++jj) {
-      const T* vrow = vc[t] + (b0 + jj) * ldkv;
-      for (int h = 0; h < H; ++h) {
-        const T* vh = vrow + static_cast<int64_t>(h / group) * D;
-        float* o = part + static_cast<int64_t>(h) * (D + 2) + 2;
-        const R p = VF::set1(s[h * kBK + jj]);
-        for (int d0 = 0; d0 < D; d0 += N) {
-          const int k = width(D, d0);
-          storen<VF>(o + d0, VF::fma(p, loadn<VF>(vh + d0, k), loadn<VF>(o + d0, k)), k);
-        }
-      }
-    }
+    // o_h += p[h][jj] V[b0 + jj][g(h)], jj in order, head by head
+    const T* vb = vc[t] + b0 * ldkv;
+    for (int g = 0, h = 0; g < a.n_kv_heads; ++g)
+      for (int e = 0; e < group; ++e, ++h)
+        pv(s + h * kBK, vb + static_cast<int64_t>(g) * D, ldkv, bk, D, part + static_cast<int64_t>(h) * (D + 2) + 2);
   }
 }
 
