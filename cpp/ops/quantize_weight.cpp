@@ -11,9 +11,12 @@
 //               s = (hi b - lo a) / 15, z = clamp(round(-lo a / s), 0, 15),
 //               q = clamp(round(w / s) + z, 0, 15), err = sum_k ((q - z) s - w)^2; the first (s, z)
 //               of least err                                                        (w ~ (q - z) s)
-// A zero scale (an all-zero group) divides by 1 instead. Sums run in order over the group; the
-// Python reference sums with torch's reductions, so the two can pick differently only where two
-// candidates' errors tie to the last bits.
+// A zero scale (an all-zero group) divides by 1 instead. "The first of least err": a later candidate
+// replaces the best only if its error is smaller by more than a relative 1e-12 (kBetter). Sums run in
+// order over the group, the Python reference sums with torch's reductions; candidates whose errors
+// tie exactly (it happens: fp16 groups, clip pairs that scale s and every level alike) differ in the
+// last bits between the two, and without the margin the two would pick different scales (whose float32
+// roundings then differ).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -34,6 +37,7 @@ namespace {
 // libm's (the arithmetic form with its compare measured 2x slower there).
 inline double round_even(double x) { return (x + 6755399441055744.0) - 6755399441055744.0; }
 inline double clamp(double x, double lo, double hi) { return x < lo ? lo : (x > hi ? hi : x); }
+constexpr double kBetter = 1.0 - 1e-12;  // err < best * kBetter: better beyond rounding
 
 template <class T>
 bool row_to_f64(const T* w, int64_t K, double* out) {
@@ -66,7 +70,7 @@ void int4_group(const double* w, int g, bool symmetric, uint8_t* lv, float* s, f
         const double e = (clamp(std::floor(w[k] / safe), -8.0, 7.0) + 0.5) * safe - w[k];
         err += e * e;
       }
-      if (i == 0 || err < best_err) best_err = err, best_s = sc;
+      if (i == 0 || err < best_err * kBetter) best_err = err, best_s = sc;
     }
     const double safe = best_s > 0.0 ? best_s : 1.0;
     for (int k = 0; k < g; ++k) lv[k] = static_cast<uint8_t>(clamp(std::floor(w[k] / safe), -8.0, 7.0) + 8.0);
@@ -88,7 +92,7 @@ void int4_group(const double* w, int g, bool symmetric, uint8_t* lv, float* s, f
         const double e = (qc - zc) * safe - w[k];
         err += e * e;
       }
-      if (first || err < best_err) best_err = err, best_s = sc, best_z = zc;
+      if (first || err < best_err * kBetter) best_err = err, best_s = sc, best_z = zc;
       first = false;
     }
   const double safe = best_s > 0.0 ? best_s : 1.0;

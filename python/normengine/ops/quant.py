@@ -35,6 +35,10 @@ _CODE = {"int8": 0, "int8-weight": 1, "int4": 2, "fp8": 3}
 _E4M3_MAX = 448.0
 _INT4_CLIPS = tuple(1.0 - 0.025 * i for i in range(9))  # 1.0 down to 0.8
 _INT4_ASYM_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8)
+# a later clipping candidate replaces the best only if its error is smaller by more than a relative
+# 1e-12: errors that tie exactly pick the first candidate whatever the order of the sums (the native
+# quantizer, cpp/ops/quantize_weight.cpp, adds in another order and makes the same choices)
+_BETTER = 1.0 - 1e-12
 
 
 class QuantizedWeight:
@@ -212,7 +216,7 @@ def _quantize_weight(w, format, group_size=None, symmetric=True, done_with=None,
                     if best_err is None:
                         best_err, best_s = err, sc
                     else:
-                        better = err < best_err
+                        better = err < best_err * _BETTER
                         best_err = torch.where(better, err, best_err)
                         best_s = torch.where(better, sc, best_s)
                 sb = best_s
@@ -235,7 +239,7 @@ def _quantize_weight(w, format, group_size=None, symmetric=True, done_with=None,
                         if best_err is None:
                             best_err, best_s, best_z = err, sc, zc
                         else:
-                            better = err < best_err
+                            better = err < best_err * _BETTER
                             best_err = torch.where(better, err, best_err)
                             best_s = torch.where(better, sc, best_s)
                             best_z = torch.where(better, zc, best_z)
