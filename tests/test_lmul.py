@@ -172,7 +172,7 @@ def test_matmul_vs_reference(device, gen, shape):
         assert (got - a @ b).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (5, 300, 37), (9, 61, 70)])
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (5, 300, 37), (9, 61, 70), (1, 300, 70), (1, 517, 64)])
 def test_matmul_bitwise_k_order(device, gen, M, K, N):
     # every output is the float32 sum of its L-Mul products in k order, bit for bit, on every path:
     # all-normal tiles (fast), rows with zeros / -0 / subnormals (fast, zero products skipped), rows with
@@ -190,6 +190,40 @@ def test_matmul_bitwise_k_order(device, gen, M, K, N):
         want = want + p[:, k, :]
     got = L.lmul_matmul(a.to(device), b.to(device)).cpu()
     assert torch.equal(bits_of(got), bits_of(want))
+
+
+@pytest.mark.parametrize("case", ["normal", "x_zeros", "w_zero", "w_inf", "w_nan", "w_huge", "w_tiny", "x_inf"])
+def test_matvec_blocks_bitwise(device, gen, case):
+    # one row of x (the GEMV path: W read and transposed in registers, no packed copy): every output the
+    # float32 sum of its products in k order, bit for bit, whether a K block of a panel keeps the fast
+    # products or has to be done again with the checked ones (a zero / Inf / NaN w, exponents near the
+    # ends) - here in the second K block (k >= 256) of the second panel only, the others staying fast
+    K, N = 600, 80
+    a = torch.randn(1, K, generator=gen)
+    b = torch.randn(K, N, generator=gen)
+    j = 40  # a column of the second panel on every ISA (panels of 16 or 32 columns)
+    if case == "x_zeros":
+        a[0, ::7] = 0.0
+        a[0, 3] = -0.0
+        a[0, 5] = 1e-40
+    elif case == "w_zero":
+        b[300, j] = 0.0
+    elif case == "w_inf":
+        b[301, j] = float("inf")
+    elif case == "w_nan":
+        b[302, j] = float("nan")
+    elif case == "w_huge":
+        b[260:270, j] *= 2.0 ** 120
+    elif case == "w_tiny":
+        b[260:270, j] *= 2.0 ** -120
+    elif case == "x_inf":
+        a[0, 10] = float("inf")
+    want = torch.zeros(1, N)
+    p = R.lmul(a.unsqueeze(-1), b, 4)
+    for k in range(K):
+        want = want + p[:, k, :]
+    got = L.lmul_matmul(a.to(device), b.to(device)).cpu()
+    assert torch.equal(bits_of(got), bits_of(want)), (got - want).abs().nan_to_num().max()
 
 
 def test_matmul_batched_noncontiguous_specials(device, gen):

@@ -18,6 +18,7 @@
 // panel from cache; y written once.
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "ops/lmul.h"
@@ -56,6 +57,32 @@ struct VI {
   static F fload(const float* p) { return _mm512_loadu_ps(p); }
   static void fstore(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F fadd_bits(F acc, R bits) { return _mm512_add_ps(acc, _mm512_castsi512_ps(bits)); }
+  static R expo(R t) { return _mm512_and_si512(_mm512_srli_epi32(t, 23), _mm512_set1_epi32(0xff)); }
+  static R min_u(R a, R b) { return _mm512_min_epu32(a, b); }
+  static R max_u(R a, R b) { return _mm512_max_epu32(a, b); }
+  // r[c] (lane i) = r[i] (lane c) for the 16 x 16 words: 32-bit then 64-bit unpacks within 128-bit lanes
+  // (u[4G + e], lane b: column 4b + e of rows 4G .. 4G + 3), then a 4 x 4 transpose of 128-bit lanes
+  static void transpose(R* r) {
+    R t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+      u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+      u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+      u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+      u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int e = 0; e < 4; ++e) {
+      const R s0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x44), s1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xee);
+      const R s2 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x44), s3 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xee);
+      r[e] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+      r[4 + e] = _mm512_shuffle_i32x4(s0, s2, 0xdd);
+      r[8 + e] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+      r[12 + e] = _mm512_shuffle_i32x4(s1, s3, 0xdd);
+    }
+  }
 };
 #elif defined(NE_ISA_AVX2)
 struct VI {
@@ -82,6 +109,27 @@ struct VI {
   static F fload(const float* p) { return _mm256_loadu_ps(p); }
   static void fstore(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F fadd_bits(F acc, R bits) { return _mm256_add_ps(acc, _mm256_castsi256_ps(bits)); }
+  static R expo(R t) { return _mm256_and_si256(_mm256_srli_epi32(t, 23), _mm256_set1_epi32(0xff)); }
+  static R min_u(R a, R b) { return _mm256_min_epu32(a, b); }
+  static R max_u(R a, R b) { return _mm256_max_epu32(a, b); }
+  // r[c] (lane i) = r[i] (lane c) for the 8 x 8 words: unpacks within 128-bit halves, then the halves
+  static void transpose(R* r) {
+    R t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+      t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+      u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+      u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+      u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+      u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int e = 0; e < 4; ++e) {
+      r[e] = _mm256_permute2x128_si256(u[e], u[4 + e], 0x20);
+      r[4 + e] = _mm256_permute2x128_si256(u[e], u[4 + e], 0x31);
+    }
+  }
 };
 #else
 struct VI {  // portable: 8 lanes of plain integers (the compiler may vectorize the loops)
@@ -109,6 +157,13 @@ struct VI {  // portable: 8 lanes of plain integers (the compiler may vectorize 
   static F fadd_bits(F acc, R bits) {
     for (int i = 0; i < 8; ++i) { float b; std::memcpy(&b, &bits.v[i], 4); acc.v[i] += b; }
     return acc;
+  }
+  static R expo(R t) { R r; for (int i = 0; i < 8; ++i) r.v[i] = (t.v[i] >> 23) & 0xff; return r; }
+  static R min_u(R a, R b) { R r; for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] < b.v[i] ? a.v[i] : b.v[i]; return r; }
+  static R max_u(R a, R b) { R r; for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i]; return r; }
+  static void transpose(R* r) {
+    for (int i = 0; i < 8; ++i)
+      for (int j = i + 1; j < 8; ++j) std::swap(r[i].v[j], r[j].v[i]);
   }
 };
 #endif
@@ -180,6 +235,99 @@ constexpr TileFn kTiles[3][MR] = {{tile<1, 0>, tile<2, 0>, tile<3, 0>, tile<4, 0
                                   {tile<1, 1>, tile<2, 1>, tile<3, 1>, tile<4, 1>},
                                   {tile<1, 2>, tile<2, 2>, tile<3, 2>, tile<4, 2>}};
 
+// Pack t(w) of panel columns p0 .. p0 + nw - 1, k in [kb, kb + kc), as [k][column] (columns past nw
+// zero); returns the panel block's exponent range over its valid columns in emin / emax.
+void pack_block(const LmulArgs& a, int64_t p0, int nw, int64_t kb, int64_t kc, uint32_t trunc, uint32_t* pack,
+                int32_t& emin_out, int32_t& emax_out) {
+  int32_t emin = 255, emax = 0;  // locals: the stores into pack (uint32_t) may alias an int32_t&
+  for (int j = 0; j < NP; ++j) {
+    if (j >= nw) {
+      for (int64_t k = 0; k < kc; ++k) pack[k * NP + j] = 0;
+      continue;
+    }
+    const float* wr = a.w + (p0 + j) * a.ldw + kb;
+    for (int64_t k = 0; k < kc; ++k) {
+      const uint32_t t = prep1(bits_of(wr[k]), trunc);
+      const int32_t e = static_cast<int32_t>((t >> 23) & 0xff);
+      emin = std::min(emin, e);
+      emax = std::max(emax, e);
+      pack[k * NP + j] = t;
+    }
+  }
+  emin_out = emin;
+  emax_out = emax;
+}
+
+// The fast products are valid for a tile when no operand is Inf / NaN, no w is zero / subnormal, and
+// the exponent ranges keep every product normal.
+inline int tile_mode(const LmulRowStat& s, int32_t emin, int32_t emax) {
+  if (emin == 0 || emax == 255 || s.bad == 2 || s.emin + emin < 128 || s.emax + emax > 378) return 0;
+  return s.bad == 1 ? 2 : 1;
+}
+
+// M = 1, a whole panel (NP rows of W): y[p0 + j] = sum_k product(x[k], w[p0 + j, k]), k in order, without
+// a packed copy of W. Each step reads L k-values of L rows of W (one vector per row), transposes them
+// in registers (one vector per k, lane = output), prepares them as the pack does, and adds them with
+// the fast products of `tile`, tracking the block's exponent range as it goes. A K block whose range
+// turns out to need the checked products (a zero or special w, exponents near the ends) is done again
+// from the accumulators saved before it, packed and checked: the same sums, bit for bit, as packing
+// every block first. x's own range is known: a row with Inf / NaN never comes here.
+void gemv_panel(const LmulArgs& a, int64_t p0, const LmulConst& kc_, uint32_t* pack, float* tacc) {
+  const LmulRowStat& xs = a.xstat[0];
+  const int64_t K = a.K;
+  const uint32_t* xp = a.xp;
+  const R trunc = VI::set1(kc_.trunc);
+  const bool skip = xs.bad == 1;  // x holds zeros / subnormals: their products are skipped
+  F acc[2] = {VI::fzero(), VI::fzero()};
+  alignas(64) uint32_t col[L];
+  for (int64_t kb = 0; kb < K; kb += kKc) {
+    const int64_t kc = std::min(kKc, K - kb);
+    VI::fstore(tacc, acc[0]);
+    VI::fstore(tacc + L, acc[1]);
+    R emin = VI::set1(255), emax = VI::set1(0);
+    for (int h = 0; h < 2; ++h) {
+      const float* w = a.w + (p0 + h * L) * a.ldw + kb;
+      int64_t k = 0;
+      for (; k + L <= kc; k += L) {
+        R r[L];
+        for (int i = 0; i < L; ++i) r[i] = VI::load(w + i * a.ldw + k);
+        VI::transpose(r);  // r[c]: w[p0 + h L + lane, kb + k + c]
+        for (int c = 0; c < L; ++c) {
+          const R t = prepv(r[c], trunc), e = VI::expo(t);
+          emin = VI::min_u(emin, e);
+          emax = VI::max_u(emax, e);
+          const uint32_t xk = xp[kb + k + c];  // t(x) - C
+          if (skip && ((xk + kc_.c) & kInf) == 0) continue;
+          acc[h] = VI::fadd_bits(acc[h], VI::add(VI::set1(xk), t));
+        }
+      }
+      for (; k < kc; ++k) {  // the block's last kc % L k-values, a column at a time
+        for (int i = 0; i < L; ++i) col[i] = bits_of(w[i * a.ldw + k]);
+        const R t = prepv(VI::load(col), trunc), e = VI::expo(t);
+        emin = VI::min_u(emin, e);
+        emax = VI::max_u(emax, e);
+        const uint32_t xk = xp[kb + k];
+        if (skip && ((xk + kc_.c) & kInf) == 0) continue;
+        acc[h] = VI::fadd_bits(acc[h], VI::add(VI::set1(xk), t));
+      }
+    }
+    alignas(64) uint32_t lo[L], hi[L];
+    VI::store(lo, emin);
+    VI::store(hi, emax);
+    const int32_t bmin = static_cast<int32_t>(*std::min_element(lo, lo + L));
+    const int32_t bmax = static_cast<int32_t>(*std::max_element(hi, hi + L));
+    if (tile_mode(xs, bmin, bmax) == 0) {  // redo the block with checked products
+      int32_t pmin, pmax;
+      pack_block(a, p0, NP, kb, kc, kc_.trunc, pack, pmin, pmax);
+      kTiles[0][0](xp + kb, K, pack, kc, tacc, kb == 0, kc_.c);
+      acc[0] = VI::fload(tacc);
+      acc[1] = VI::fload(tacc + L);
+    }
+  }
+  VI::fstore(tacc, acc[0]);
+  VI::fstore(tacc + L, acc[1]);
+}
+
 void gemm_cols(const LmulArgs& a, int64_t n0, int64_t n1) {
   const LmulConst kc_ = lmul_const(a.bits);
   const int64_t M = a.M, K = a.K;
@@ -187,35 +335,23 @@ void gemm_cols(const LmulArgs& a, int64_t n0, int64_t n1) {
   std::vector<float> tacc(static_cast<size_t>(M * NP));
   for (int64_t p0 = n0; p0 < n1; p0 += NP) {
     const int nw = static_cast<int>(std::min<int64_t>(NP, n1 - p0));
-    if (K == 0) std::fill(tacc.begin(), tacc.end(), 0.0f);
-    for (int64_t kb = 0; kb < K; kb += kKc) {
-      const int64_t kc = std::min(kKc, K - kb);
-      // pack t(w) as [k][column]; stats of the valid columns
-      int32_t emin = 255, emax = 0, bad = 0;
-      for (int j = 0; j < NP; ++j) {
-        if (j >= nw) {
-          for (int64_t k = 0; k < kc; ++k) pack[k * NP + j] = 0;
-          continue;
+    if (M == 1 && nw == NP && K > 0 && a.xstat[0].bad != 2) {
+      gemv_panel(a, p0, kc_, pack.data(), tacc.data());
+    } else {
+      if (K == 0) std::fill(tacc.begin(), tacc.end(), 0.0f);
+      for (int64_t kb = 0; kb < K; kb += kKc) {
+        const int64_t kc = std::min(kKc, K - kb);
+        int32_t emin, emax;  // t(w) as [k][column]; stats of the valid columns
+        pack_block(a, p0, nw, kb, kc, kc_.trunc, pack.data(), emin, emax);
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+          const int rr = static_cast<int>(std::min<int64_t>(MR, M - m0));
+          int mode = 1;  // checked if a row needs it, else fast, skipping zeros if a row has them
+          for (int r = 0; r < rr && mode > 0; ++r) {
+            const int m = tile_mode(a.xstat[m0 + r], emin, emax);
+            mode = m == 0 ? 0 : std::max(mode, m);
+          }
+          kTiles[mode][rr - 1](a.xp + m0 * K + kb, K, pack.data(), kc, tacc.data() + m0 * NP, kb == 0, kc_.c);
         }
-        const float* wr = a.w + (p0 + j) * a.ldw + kb;
-        for (int64_t k = 0; k < kc; ++k) {
-          const uint32_t t = prep1(bits_of(wr[k]), kc_.trunc);
-          const int32_t e = static_cast<int32_t>((t >> 23) & 0xff);
-          emin = std::min(emin, e);
-          emax = std::max(emax, e);
-          pack[k * NP + j] = t;
-        }
-      }
-      bad = emin == 0 || emax == 255;
-      for (int64_t m0 = 0; m0 < M; m0 += MR) {
-        const int rr = static_cast<int>(std::min<int64_t>(MR, M - m0));
-        int mode = bad ? 0 : 1;
-        for (int r = 0; r < rr && mode > 0; ++r) {
-          const LmulRowStat& s = a.xstat[m0 + r];
-          if (s.bad == 2 || s.emin + emin < 128 || s.emax + emax > 378) mode = 0;
-          else if (s.bad == 1) mode = 2;
-        }
-        kTiles[mode][rr - 1](a.xp + m0 * K + kb, K, pack.data(), kc, tacc.data() + m0 * NP, kb == 0, kc_.c);
       }
     }
     for (int64_t m = 0; m < M; ++m) {

@@ -135,7 +135,7 @@ class Model:
             (names, t, want, follow), plans[k] = plans[k], None  # the source's last references go below
             if want is None:
                 if arena is not None:
-                    parts = {k: arena.take(p.shape, p.dtype).copy_(p) for k, p in t.tensors().items()}
+                    parts = {key: arena.take(p.shape, p.dtype).copy_(p) for key, p in t.tensors().items()}
                     c = QuantizedWeight.from_tensors(parts, t.format, t.group_size, t.shape)
                 else:
                     c = t.to(dev)
