@@ -434,6 +434,13 @@ def test_copy_and_pickle():
         assert torch.equal(c.logits(ids), want) and c.generate(ids, max_new_tokens=5) == m.generate(ids, max_new_tokens=5)
         c.tensors["blocks.0.mlp.down.weight"].zero_()
         assert not torch.equal(c.logits(ids), want) and torch.equal(m.logits(ids), want)
+    # the weights are views of one arena: the pickle holds each tensor's own bytes once, not the arena's
+    # bytes once per tensor (which made a 124M-parameter model's pickle exhaust memory)
+    weights = sum(t.numel() * t.element_size() for t in m.tensors.values() if isinstance(t, torch.Tensor))
+    assert len(pickle.dumps(m)) < 1.2 * weights + (1 << 20)
+    q = ne.load(quant="int4")
+    assert len(pickle.dumps(q)) < 1.2 * q.weight_bytes() + (1 << 20)
+    assert torch.equal(pickle.loads(pickle.dumps(q)).logits(ids), q.logits(ids))
 
 
 def test_numpy_and_tensor_prompts():

@@ -187,9 +187,39 @@ class Model:
     _RUNTIME = ("_runner", "_slots", "_ctx", "_lock", "_user", "_handed", "_handed_tensors")
 
     def __getstate__(self):
-        """copy.deepcopy / pickle: the weights, config and settings; the runner (native memory, KV caches)
-        and its lock are rebuilt by the copy on its first call."""
-        return {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
+        """pickle: the weights, config and settings; the runner (native memory, KV caches) and its lock
+        are rebuilt by the copy on its first call. torch pickles a tensor with the whole storage it
+        views, once per tensor: the weights of a loaded model are views of one arena, so each is
+        pickled as a compact copy of its own bytes (tensors shared under several names stay shared)."""
+        from .convert.quant import is_quantized
+        from .ops.quant import QuantizedWeight
+
+        def compact(t):
+            return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+        state = {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
+        done: dict = {}
+        tensors = {}
+        for name, t in self.tensors.items():
+            if id(t) not in done:
+                if is_quantized(t):
+                    parts = {key: compact(p) for key, p in t.tensors().items()}
+                    done[id(t)] = QuantizedWeight.from_tensors(parts, t.format, t.group_size, t.shape)
+                else:
+                    done[id(t)] = compact(t)
+            tensors[name] = done[id(t)]
+        state["tensors"] = tensors
+        return state
+
+    def __deepcopy__(self, memo):
+        """copy.deepcopy: the state deep-copied as is (torch copies a storage shared by several views
+        once), the runtime rebuilt as after unpickling."""
+        import copy
+
+        new = Model.__new__(Model)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}, memo))
+        return new
 
     def __setstate__(self, state):
         self.__dict__.update(state)
