@@ -60,20 +60,13 @@ struct VI {
   static R expo(R t) { return _mm512_and_si512(_mm512_srli_epi32(t, 23), _mm512_set1_epi32(0xff)); }
   static R min_u(R a, R b) { return _mm512_min_epu32(a, b); }
   static R max_u(R a, R b) { return _mm512_max_epu32(a, b); }
-  // r[c] (lane i) = r[i] (lane c) for the 16 x 16 words: 32-bit then 64-bit unpacks within 128-bit lanes
-  // (u[4G + e], lane b: column 4b + e of rows 4G .. 4G + 3), then a 4 x 4 transpose of 128-bit lanes
-  static void transpose(R* r) {
-    R t[16], u[16];
-    for (int i = 0; i < 16; i += 2) {
-      t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-      t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-      u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-      u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-      u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-      u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
+  static R unpacklo32(R a, R b) { return _mm512_unpacklo_epi32(a, b); }
+  static R unpackhi32(R a, R b) { return _mm512_unpackhi_epi32(a, b); }
+  static R unpacklo64(R a, R b) { return _mm512_unpacklo_epi64(a, b); }
+  static R unpackhi64(R a, R b) { return _mm512_unpackhi_epi64(a, b); }
+  // the last step of transpose(): u[4G + e] holds, in its 128-bit lane b, column 4b + e of rows
+  // 4G .. 4G + 3; a 4 x 4 transpose of 128-bit lanes gathers column 4b + e into r[4b + e]
+  static void cross_lanes(const R* u, R* r) {
     for (int e = 0; e < 4; ++e) {
       const R s0 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x44), s1 = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xee);
       const R s2 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x44), s3 = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xee);
@@ -112,19 +105,13 @@ struct VI {
   static R expo(R t) { return _mm256_and_si256(_mm256_srli_epi32(t, 23), _mm256_set1_epi32(0xff)); }
   static R min_u(R a, R b) { return _mm256_min_epu32(a, b); }
   static R max_u(R a, R b) { return _mm256_max_epu32(a, b); }
-  // r[c] (lane i) = r[i] (lane c) for the 8 x 8 words: unpacks within 128-bit halves, then the halves
-  static void transpose(R* r) {
-    R t[8], u[8];
-    for (int i = 0; i < 8; i += 2) {
-      t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
-      t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-      u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
-      u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
-      u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
-      u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
+  static R unpacklo32(R a, R b) { return _mm256_unpacklo_epi32(a, b); }
+  static R unpackhi32(R a, R b) { return _mm256_unpackhi_epi32(a, b); }
+  static R unpacklo64(R a, R b) { return _mm256_unpacklo_epi64(a, b); }
+  static R unpackhi64(R a, R b) { return _mm256_unpackhi_epi64(a, b); }
+  // the last step of transpose(): u[4G + e] holds, in its 128-bit half b, column 4b + e of rows
+  // 4G .. 4G + 3; the halves of u[e] and u[4 + e] make columns e and 4 + e
+  static void cross_lanes(const R* u, R* r) {
     for (int e = 0; e < 4; ++e) {
       r[e] = _mm256_permute2x128_si256(u[e], u[4 + e], 0x20);
       r[4 + e] = _mm256_permute2x128_si256(u[e], u[4 + e], 0x31);
@@ -161,10 +148,6 @@ struct VI {  // portable: 8 lanes of plain integers (the compiler may vectorize 
   static R expo(R t) { R r; for (int i = 0; i < 8; ++i) r.v[i] = (t.v[i] >> 23) & 0xff; return r; }
   static R min_u(R a, R b) { R r; for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] < b.v[i] ? a.v[i] : b.v[i]; return r; }
   static R max_u(R a, R b) { R r; for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i]; return r; }
-  static void transpose(R* r) {
-    for (int i = 0; i < 8; ++i)
-      for (int j = i + 1; j < 8; ++j) std::swap(r[i].v[j], r[j].v[i]);
-  }
 };
 #endif
 using R = VI::R;
@@ -173,6 +156,29 @@ constexpr int L = VI::L;
 constexpr int NP = 2 * L;     // panel width (columns)
 constexpr int MR = 4;         // register tile rows
 constexpr int64_t kKc = 256;  // K block
+
+// r[c] (lane i) = r[i] (lane c): the L x L words transposed. SIMD: 32-bit then 64-bit unpacks within
+// 128-bit lanes leave u[4G + e] holding, in lane b, column 4b + e of rows 4G .. 4G + 3; cross_lanes
+// moves the lanes into place.
+inline void transpose(R* r) {
+#if defined(NE_ISA_AVX512) || defined(NE_ISA_AVX2)
+  R t[L], u[L];
+  for (int i = 0; i < L; i += 2) {
+    t[i] = VI::unpacklo32(r[i], r[i + 1]);
+    t[i + 1] = VI::unpackhi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < L; i += 4) {
+    u[i] = VI::unpacklo64(t[i], t[i + 2]);
+    u[i + 1] = VI::unpackhi64(t[i], t[i + 2]);
+    u[i + 2] = VI::unpacklo64(t[i + 1], t[i + 3]);
+    u[i + 3] = VI::unpackhi64(t[i + 1], t[i + 3]);
+  }
+  VI::cross_lanes(u, r);
+#else
+  for (int i = 0; i < L; ++i)
+    for (int j = i + 1; j < L; ++j) std::swap(r[i].v[j], r[j].v[i]);
+#endif
+}
 
 inline uint32_t bits_of(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 inline float float_of(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -291,7 +297,7 @@ void gemv_panel(const LmulArgs& a, int64_t p0, const LmulConst& kc_, uint32_t* p
       for (; k + L <= kc; k += L) {
         R r[L];
         for (int i = 0; i < L; ++i) r[i] = VI::load(w + i * a.ldw + k);
-        VI::transpose(r);  // r[c]: w[p0 + h L + lane, kb + k + c]
+        transpose(r);  // r[c]: w[p0 + h L + lane, kb + k + c]
         for (int c = 0; c < L; ++c) {
           const R t = prepv(r[c], trunc), e = VI::expo(t);
           emin = VI::min_u(emin, e);
