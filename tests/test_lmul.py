@@ -330,6 +330,30 @@ def test_cache_attention_entry_point(gen):
         _C.lmul_cache_attention(q, k, v, pos + 5, out, H, Hkv, D**-0.5, 4)
 
 
+@pytest.mark.parametrize("D", [24, 64])
+def test_cache_attention_isas_agree_bitwise(gen, D):
+    # the runner's L-Mul attention scores L keys at a time (L = 16 or 8: rows transposed, every lane
+    # summing its products in d order) and the last few keys one at a time: every build gives the same
+    # bits, zeros, subnormals and a huge key included
+    S, H, Hkv = 70, 4, 2
+    q = torch.randn(3, H * D, generator=gen)
+    k, v = torch.randn(S, Hkv * D, generator=gen), torch.randn(S, Hkv * D, generator=gen)
+    k[5, 3], k[17, 0], k[40, 1] = 0.0, 1e-41, 3e38
+    pos = torch.tensor([16, 47, 69], dtype=torch.int32)
+    best = _C.cpu_isa()
+    outs = []
+    try:
+        for isa in ("generic", "avx2", best):
+            _C.force_cpu_isa(isa)
+            out = torch.empty_like(q)
+            _C.lmul_cache_attention(q, k, v, pos, out, H, Hkv, D**-0.5, 4)
+            outs.append(out)
+    finally:
+        _C.force_cpu_isa(best)
+    for o in outs[1:]:
+        assert torch.equal(bits_of(o), bits_of(outs[0]))
+
+
 # ------------------------------------------------------------------------------------------ gradients
 def test_lmul_straight_through_grad(gen):
     a = torch.randn(4, 1, 6, dtype=torch.float64, generator=gen, requires_grad=True)

@@ -392,6 +392,39 @@ void axpy(int64_t n, float p, const float* v, float* out, int bits) {
   for (; i < n; ++i) out[i] += float_of(checked1(ps, prep1(bits_of(v[i]), k.trunc), k.c));
 }
 
+// L keys at a time: their rows' next L d-values transposed in registers (lane = key), so every lane
+// adds its checked products in d order as the one-key-at-a-time loop does (the same bits); the last
+// n % L keys one at a time.
+void dots(int64_t n, int D, const float* q, const float* k, int64_t ldk, float* out, int bits) {
+  const LmulConst kc = lmul_const(bits);
+  const R trunc = VI::set1(kc.trunc), C = VI::set1(kc.c);
+  thread_local std::vector<uint32_t> qp;
+  qp.resize(static_cast<size_t>(D));
+  for (int d = 0; d < D; ++d) qp[d] = prep1(bits_of(q[d]), kc.trunc);
+  alignas(64) uint32_t col[L];
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    F acc = VI::fzero();
+    int d = 0;
+    for (; d + L <= D; d += L) {
+      R r[L];
+      for (int i = 0; i < L; ++i) r[i] = VI::load(k + (j + i) * ldk + d);
+      transpose(r);  // r[c]: k[(j + lane) ldk + d + c]
+      for (int c = 0; c < L; ++c) acc = VI::fadd_bits(acc, checkedv(VI::set1(qp[d + c]), prepv(r[c], trunc), C));
+    }
+    for (; d < D; ++d) {
+      for (int i = 0; i < L; ++i) col[i] = bits_of(k[(j + i) * ldk + d]);
+      acc = VI::fadd_bits(acc, checkedv(VI::set1(qp[d]), prepv(VI::load(col), trunc), C));
+    }
+    VI::fstore(out + j, acc);
+  }
+  for (; j < n; ++j) {
+    float acc = 0.0f;
+    for (int d = 0; d < D; ++d) acc += float_of(checked1(qp[d], prep1(bits_of(k[j * ldk + d]), kc.trunc), kc.c));
+    out[j] = acc;
+  }
+}
+
 LmulRowStat prep_row(int64_t n, const float* x, uint32_t* xp, int bits) {
   const LmulConst k = lmul_const(bits);
   // exponent range over the normal entries; bad = 2 with an Inf / NaN, else 1 with a zero / subnormal
@@ -410,7 +443,7 @@ LmulRowStat prep_row(int64_t n, const float* x, uint32_t* xp, int bits) {
 }  // namespace
 
 const LmulTable* lmul_table() {
-  static const LmulTable table = {gemm_cols, map, axpy, prep_row};
+  static const LmulTable table = {gemm_cols, map, axpy, dots, prep_row};
   return &table;
 }
 

@@ -84,6 +84,8 @@ struct LmulTable {
   void (*map)(int64_t n, const float* a, const float* b, float* out, int bits);
   // out[i] += lmul(p, v[i]) for i < n
   void (*axpy)(int64_t n, float p, const float* v, float* out, int bits);
+  // out[j] = sum_d lmul(q[d], k[j * ldk + d]), d = 0 .. D - 1 in order, for j < n
+  void (*dots)(int64_t n, int D, const float* q, const float* k, int64_t ldk, float* out, int bits);
   // xp[i] = prep(x[i]) for one row of n; returns the row's stats
   LmulRowStat (*prep_row)(int64_t n, const float* x, uint32_t* xp, int bits);
 };

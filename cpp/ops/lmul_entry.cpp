@@ -63,7 +63,6 @@ void lmul_cache_attention(const AttnArgs& a, int mantissa_bits) {
   const int64_t ldkv = static_cast<int64_t>(a.n_kv_heads) * D;
   parallel_for_upto(a.n_tokens * a.n_heads, 1, a.scratch_threads, [&](int64_t w0, int64_t w1, int tid) {
     float* s = a.scratch + static_cast<int64_t>(tid) * a.scratch_stride;
-    std::vector<float> prod(static_cast<size_t>(D));
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t tok = w / a.n_heads;
       const int h = static_cast<int>(w % a.n_heads), g = h / group;
@@ -72,11 +71,9 @@ void lmul_cache_attention(const AttnArgs& a, int mantissa_bits) {
       const float* V = a.v[tok] + static_cast<int64_t>(g) * D;
       const int64_t L = static_cast<int64_t>(a.pos[tok]) + 1;
       float mx = -INFINITY;
+      t.dots(L, D, q, K, ldkv, s, mantissa_bits);
       for (int64_t j = 0; j < L; ++j) {
-        t.map(D, q, K + j * ldkv, prod.data(), mantissa_bits);
-        float acc = 0.0f;
-        for (int d = 0; d < D; ++d) acc += prod[d];
-        s[j] = a.scale * acc;
+        s[j] = a.scale * s[j];
         mx = s[j] > mx ? s[j] : mx;
       }
       float sum = 0.0f;
