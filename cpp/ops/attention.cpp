@@ -71,23 +71,18 @@ void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int
         }
       Kb = Kf, Vb = Vf, ldb = D;
     }
-    // s[j] = K[j] . Q, four keys at a time (each Q vector loaded once for the four)
+    // s[j] = K[j] . Q, eight keys at a time (each Q vector loaded once for the eight; eight
+    // independent FMA chains keep both FMA ports busy through the FMA latency)
     int jj = 0;
-    for (; jj + 4 <= bk; jj += 4) {
+    for (; jj + 8 <= bk; jj += 8) {
       const float* k0 = Kb + jj * ldb;
-      const float *k1 = k0 + ldb, *k2 = k1 + ldb, *k3 = k2 + ldb;
-      R s0 = VF::zero(), s1 = VF::zero(), s2 = VF::zero(), s3 = VF::zero();
+      R sk[8];
+      for (int e = 0; e < 8; ++e) sk[e] = VF::zero();
       for (int d = 0; d < D; ++d) {
         const R qd = VF::load(Qt + d * N);
-        s0 = VF::fma(VF::set1(k0[d]), qd, s0);
-        s1 = VF::fma(VF::set1(k1[d]), qd, s1);
-        s2 = VF::fma(VF::set1(k2[d]), qd, s2);
-        s3 = VF::fma(VF::set1(k3[d]), qd, s3);
+        for (int e = 0; e < 8; ++e) sk[e] = VF::fma(VF::set1(k0[e * ldb + d]), qd, sk[e]);
       }
-      VF::store(S + jj * N, s0);
-      VF::store(S + (jj + 1) * N, s1);
-      VF::store(S + (jj + 2) * N, s2);
-      VF::store(S + (jj + 3) * N, s3);
+      for (int e = 0; e < 8; ++e) VF::store(S + (jj + e) * N, sk[e]);
     }
     for (; jj < bk; ++jj) {
       const float* kj = Kb + jj * ldb;
