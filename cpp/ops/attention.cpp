@@ -189,18 +189,25 @@ void scores_regs(const float* q, const T* k, const T* v, int64_t ldk, int bk, in
   }
 }
 
+// f(std::integral_constant<int, DV>{}) for DV = D / N when that is 1, 2, 4 or 8 (a head_dim of whole
+// vectors that fit in registers); false, and f not called, for any other D.
+template <class F>
+bool with_vectors(int D, F&& f) {
+  if (D % N != 0) return false;
+  switch (D / N) {
+    case 1: f(std::integral_constant<int, 1>{}); return true;
+    case 2: f(std::integral_constant<int, 2>{}); return true;
+    case 4: f(std::integral_constant<int, 4>{}); return true;
+    case 8: f(std::integral_constant<int, 8>{}); return true;
+    default: return false;
+  }
+}
+
 template <class T>
 void scores(const float* q, const T* k, const T* v, int64_t ldk, int bk, int n_kv, int group, int D, float scale,
             float* s) {
-  if (D % N == 0) {
-    switch (D / N) {
-      case 1: return scores_regs<1>(q, k, v, ldk, bk, n_kv, group, scale, s);
-      case 2: return scores_regs<2>(q, k, v, ldk, bk, n_kv, group, scale, s);
-      case 4: return scores_regs<4>(q, k, v, ldk, bk, n_kv, group, scale, s);
-      case 8: return scores_regs<8>(q, k, v, ldk, bk, n_kv, group, scale, s);
-      default: break;
-    }
-  }
+  if (with_vectors(D, [&](auto dv) { scores_regs<decltype(dv)::value>(q, k, v, ldk, bk, n_kv, group, scale, s); }))
+    return;
   for (int jj = 0; jj < bk; ++jj) {
     prefetch_rows(k + jj * ldk, v + jj * ldk, ldk);
     for (int g = 0, h = 0; g < n_kv; ++g)
@@ -226,15 +233,7 @@ void pv_regs(const float* p, const T* v, int64_t ldv, int bk, float* o) {
 
 template <class T>
 void pv(const float* p, const T* v, int64_t ldv, int bk, int D, float* o) {
-  if (D % N == 0) {
-    switch (D / N) {
-      case 1: return pv_regs<1>(p, v, ldv, bk, o);
-      case 2: return pv_regs<2>(p, v, ldv, bk, o);
-      case 4: return pv_regs<4>(p, v, ldv, bk, o);
-      case 8: return pv_regs<8>(p, v, ldv, bk, o);
-      default: break;
-    }
-  }
+  if (with_vectors(D, [&](auto dv) { pv_regs<decltype(dv)::value>(p, v, ldv, bk, o); })) return;
   for (int jj = 0; jj < bk; ++jj) {
     const R pj = VF::set1(p[jj]);
     const T* vr = v + jj * ldv;
@@ -246,8 +245,9 @@ void pv(const float* p, const T* v, int64_t ldv, int bk, int D, float* o) {
 }
 
 // Keys [j0, j1) of token t for every head, folded into this thread's partial state per head:
-// part[h * (D + 2)] = m, then l, then o[0 .. D). Per block of kBK keys the cache is read row by row
-// (a row holds every head: the hardware prefetcher streams it), scores first, then p v.
+// part[h * (D + 2)] = m, then l, then o[0 .. D). Per block of kBK keys: the scores, reading the K
+// rows in order (each holds every head; the next rows and the block's V rows prefetched meanwhile),
+// then p v head by head over the block's V rows, now in the cache.
 // s: n_heads * kBK floats.
 template <class T>
 void decode_range(const AttnArgs& a, const T* const* kc, const T* const* vc, int64_t t, int64_t j0, int64_t j1,

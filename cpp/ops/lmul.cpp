@@ -183,6 +183,16 @@ inline void transpose(R* r) {
 inline uint32_t bits_of(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 inline float float_of(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
+// The words at p, p + ld, ..., p + (L - 1) ld (one k-value of L rows) as one vector.
+inline R column(const float* p, int64_t ld) {
+  alignas(64) uint32_t col[L];
+  for (int i = 0; i < L; ++i) col[i] = bits_of(p[i * ld]);
+  return VI::load(col);
+}
+
+// x stored as t(x) - C: zero or subnormal (exponent bits 0); the fast products skip such entries.
+inline bool zero_or_subnormal(uint32_t xk, uint32_t C) { return ((xk + C) & kInf) == 0; }
+
 // t(x): canonical NaN, truncated mantissa
 inline R prepv(R x, R trunc) {
   R nan = VI::gt_s(VI::and_(x, VI::set1(kAbs)), VI::set1(kInf));
@@ -220,7 +230,7 @@ void tile(const uint32_t* xp, int64_t K, const uint32_t* pack, int64_t kc, float
   for (int64_t k = 0; k < kc; ++k) {
     const R w0 = VI::load(pack + k * NP), w1 = VI::load(pack + k * NP + L);
     for (int r = 0; r < RR; ++r) {
-      if (MODE == 2 && (((xp[r * K + k] + C) & kInf) == 0)) continue;
+      if (MODE == 2 && zero_or_subnormal(xp[r * K + k], C)) continue;
       if (MODE > 0) {
         const R xb = VI::set1(xp[r * K + k]);  // t(x) - C
         acc[r][0] = VI::fadd_bits(acc[r][0], VI::add(xb, w0));
@@ -285,12 +295,20 @@ void gemv_panel(const LmulArgs& a, int64_t p0, const LmulConst& kc_, uint32_t* p
   const R trunc = VI::set1(kc_.trunc);
   const bool skip = xs.bad == 1;  // x holds zeros / subnormals: their products are skipped
   F acc[2] = {VI::fzero(), VI::fzero()};
-  alignas(64) uint32_t col[L];
+  R emin, emax;  // the K block's exponent range so far, lane by lane
+  // one k: the column of w bits (lane = output) prepared and its range noted; its fast products
+  // (t(x) - C) + t(w) added to acc_h unless x is skipped
+  auto step = [&](F& acc_h, R wbits, uint32_t xk) {
+    const R t = prepv(wbits, trunc), e = VI::expo(t);
+    emin = VI::min_u(emin, e);
+    emax = VI::max_u(emax, e);
+    if (!(skip && zero_or_subnormal(xk, kc_.c))) acc_h = VI::fadd_bits(acc_h, VI::add(VI::set1(xk), t));
+  };
   for (int64_t kb = 0; kb < K; kb += kKc) {
     const int64_t kc = std::min(kKc, K - kb);
     VI::fstore(tacc, acc[0]);
     VI::fstore(tacc + L, acc[1]);
-    R emin = VI::set1(255), emax = VI::set1(0);
+    emin = VI::set1(255), emax = VI::set1(0);
     for (int h = 0; h < 2; ++h) {
       const float* w = a.w + (p0 + h * L) * a.ldw + kb;
       int64_t k = 0;
@@ -298,24 +316,9 @@ void gemv_panel(const LmulArgs& a, int64_t p0, const LmulConst& kc_, uint32_t* p
         R r[L];
         for (int i = 0; i < L; ++i) r[i] = VI::load(w + i * a.ldw + k);
         transpose(r);  // r[c]: w[p0 + h L + lane, kb + k + c]
-        for (int c = 0; c < L; ++c) {
-          const R t = prepv(r[c], trunc), e = VI::expo(t);
-          emin = VI::min_u(emin, e);
-          emax = VI::max_u(emax, e);
-          const uint32_t xk = xp[kb + k + c];  // t(x) - C
-          if (skip && ((xk + kc_.c) & kInf) == 0) continue;
-          acc[h] = VI::fadd_bits(acc[h], VI::add(VI::set1(xk), t));
-        }
+        for (int c = 0; c < L; ++c) step(acc[h], r[c], xp[kb + k + c]);
       }
-      for (; k < kc; ++k) {  // the block's last kc % L k-values, a column at a time
-        for (int i = 0; i < L; ++i) col[i] = bits_of(w[i * a.ldw + k]);
-        const R t = prepv(VI::load(col), trunc), e = VI::expo(t);
-        emin = VI::min_u(emin, e);
-        emax = VI::max_u(emax, e);
-        const uint32_t xk = xp[kb + k];
-        if (skip && ((xk + kc_.c) & kInf) == 0) continue;
-        acc[h] = VI::fadd_bits(acc[h], VI::add(VI::set1(xk), t));
-      }
+      for (; k < kc; ++k) step(acc[h], column(w + k, a.ldw), xp[kb + k]);  // the last kc % L k-values
     }
     alignas(64) uint32_t lo[L], hi[L];
     VI::store(lo, emin);
@@ -401,7 +404,6 @@ void dots(int64_t n, int D, const float* q, const float* k, int64_t ldk, float* 
   thread_local std::vector<uint32_t> qp;
   qp.resize(static_cast<size_t>(D));
   for (int d = 0; d < D; ++d) qp[d] = prep1(bits_of(q[d]), kc.trunc);
-  alignas(64) uint32_t col[L];
   int64_t j = 0;
   for (; j + L <= n; j += L) {
     F acc = VI::fzero();
@@ -412,10 +414,8 @@ void dots(int64_t n, int D, const float* q, const float* k, int64_t ldk, float* 
       transpose(r);  // r[c]: k[(j + lane) ldk + d + c]
       for (int c = 0; c < L; ++c) acc = VI::fadd_bits(acc, checkedv(VI::set1(qp[d + c]), prepv(r[c], trunc), C));
     }
-    for (; d < D; ++d) {
-      for (int i = 0; i < L; ++i) col[i] = bits_of(k[(j + i) * ldk + d]);
-      acc = VI::fadd_bits(acc, checkedv(VI::set1(qp[d]), prepv(VI::load(col), trunc), C));
-    }
+    for (; d < D; ++d)
+      acc = VI::fadd_bits(acc, checkedv(VI::set1(qp[d]), prepv(column(k + j * ldk + d, ldk), trunc), C));
     VI::fstore(out + j, acc);
   }
   for (; j < n; ++j) {

@@ -30,6 +30,11 @@ def _is_vector(name: str) -> bool:
     return name.endswith(".bias") or "norm" in name
 
 
+def _parts(t) -> tuple:
+    """The tensors a weight is made of: itself, or a packed weight's data, scales (and zero points)."""
+    return (t,) if isinstance(t, torch.Tensor) else tuple(t.tensors().values())
+
+
 def _stop_prefix_len(text: str, stops) -> int:
     """The length of the longest end of `text` that is a proper start of one of `stops`."""
     best = 0
@@ -126,9 +131,9 @@ class Model:
         arena = None
         if _owned and dev.type == "cpu":
             plans = _adjacent_order(plans, config.n_layers)
-            arena = _arena.Arena(sum(
-                sum(_arena.Arena.room(p.shape, p.dtype) for p in t.tensors().values()) if want is None
-                else _arena.Arena.room(t.shape, want) for _, t, want, _ in plans))
+            # a dense weight takes the dtype it is converted to, a packed one's parts keep theirs
+            arena = _arena.Arena(sum(_arena.Arena.room(p.shape, want or p.dtype)
+                                     for _, t, want, _ in plans for p in _parts(t)))
         else:
             plans = [p + (False,) for p in plans]
         for k in range(len(plans)):
@@ -154,8 +159,7 @@ class Model:
                 if isinstance(c, torch.Tensor) and c.data_ptr() != t.data_ptr():
                     release_pages(t)
                 if arena is not None:
-                    arena.freed(sum(p.numel() * p.element_size() for p in
-                                    (t.tensors().values() if want is None else (t,))))
+                    arena.freed(sum(p.numel() * p.element_size() for p in _parts(t)))
                 for n in names:
                     del tensors[n]
             del t
@@ -186,6 +190,10 @@ class Model:
     # ------------------------------------------------------------------ copies
     _RUNTIME = ("_runner", "_slots", "_ctx", "_lock", "_user", "_handed", "_handed_tensors")
 
+    def _state(self) -> dict:
+        """Everything but the runtime (the runner, its lock and bookkeeping)."""
+        return {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
+
     def __getstate__(self):
         """pickle: the weights, config and settings; the runner (native memory, KV caches) and its lock
         are rebuilt by the copy on its first call. torch pickles a tensor with the whole storage it
@@ -197,7 +205,7 @@ class Model:
         def compact(t):
             return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
 
-        state = {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
+        state = self._state()
         done: dict = {}
         tensors = {}
         for name, t in self.tensors.items():
@@ -218,7 +226,7 @@ class Model:
 
         new = Model.__new__(Model)
         memo[id(self)] = new
-        new.__setstate__(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}, memo))
+        new.__setstate__(copy.deepcopy(self._state(), memo))
         return new
 
     def __setstate__(self, state):
@@ -287,12 +295,9 @@ class Model:
 
     def _weights_state(self) -> tuple:
         """Identity and version counter of every weight tensor (those of packed weights included)."""
-        from .convert.quant import is_quantized
-
         state = []
         for name, t in self.tensors.items():
-            parts = t.tensors().values() if is_quantized(t) else (t,)
-            state.append((name, id(t)) + tuple(p._version for p in parts if isinstance(p, torch.Tensor)))
+            state.append((name, id(t)) + tuple(p._version for p in _parts(t) if isinstance(p, torch.Tensor)))
         return tuple(state)
 
     def _fused_norms(self) -> bool:
@@ -535,8 +540,7 @@ class Model:
         """Bytes of the weights as the runner holds them (packed weights: data, scales, zero points)."""
         seen, n = set(), 0
         for t in self.tensors.values():
-            parts = [t] if isinstance(t, torch.Tensor) else list(t.tensors().values())
-            for p in parts:
+            for p in _parts(t):
                 if p.data_ptr() not in seen:
                     seen.add(p.data_ptr())
                     n += p.numel() * p.element_size()
@@ -773,7 +777,6 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
         raise DTypeError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
     path = DEFAULT_MODEL if path is None else os.fspath(path)
     from .checkpoint.safetensors_io import live_maps, release_unused
-    from .convert.quant import is_quantized
 
     maps_before = live_maps()
     # GPT-2's Conv1D weights stay transposed views of the mapped file until folded or converted (each
@@ -820,6 +823,6 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
                   arithmetic=arithmetic, lmul_bits=lmul_bits, lmul_scope=lmul_scope,
                   matmul_precision=matmul_precision, kv_cache_dtype=kv_cache_dtype, _owned=True)
     # what the conversions touched of this load's mapped files and no tensor of the model reads
-    release_unused([p for t in model.tensors.values() for p in (t.tensors().values() if is_quantized(t) else (t,))
-                    if isinstance(p, torch.Tensor)], maps=[m for m in live_maps() if m not in maps_before])
+    release_unused([p for t in model.tensors.values() for p in _parts(t) if isinstance(p, torch.Tensor)],
+                   maps=[m for m in live_maps() if m not in maps_before])
     return model
