@@ -1,6 +1,8 @@
 // bench_gemm: CPU throughput of the dense linear kernels (ne::gemm_f32), GPT-2-small shapes.
 //
 //   bench_gemm [--threads N] [--isa avx512|avx2|generic] [--repeats K] [--gemv-only | --gemm-only]
+//              [--small-pages]  (W, and the memcpy it is compared with, on 4 KiB pages; default: huge pages,
+//                                as normengine.load places a model's weights)
 //
 // GEMV (decode, M = 1 and M = 4 rows): y = x W^T for W [N, K] in f32 / bf16. Prints the median time
 // of K runs, the bandwidth of W's bytes (the traffic that bounds the kernel: x and y are < 0.1%),
@@ -36,7 +38,7 @@ using ne::DType;
 
 int main(int argc, char** argv) {
   int threads = 0, repeats = 15;
-  bool do_gemv = true, do_gemm = true;
+  bool do_gemv = true, do_gemm = true, huge = true;
   std::string isa;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -44,10 +46,11 @@ int main(int argc, char** argv) {
     else if (a == "--repeats") repeats = static_cast<int>(arg_int(argc, argv, i));
     else if (a == "--isa" && i + 1 < argc) isa = argv[++i];
     else if (a == "--gemv-only") do_gemm = false;
+    else if (a == "--small-pages") huge = false;
     else if (a == "--gemm-only") do_gemv = false;
     else {
       std::fprintf(stderr, "usage: %s [--threads N] [--isa avx512|avx2|generic] [--repeats K] "
-                   "[--gemv-only | --gemm-only]\n", argv[0]);
+                   "[--gemv-only | --gemm-only] [--small-pages]\n", argv[0]);
       return 2;
     }
   }
@@ -60,9 +63,9 @@ int main(int argc, char** argv) {
     if (threads > 0) ne::set_num_threads(threads);
     if (!isa.empty()) ne::force_cpu_isa(isa.c_str());
     const int64_t max_w = 768 * 50257, max_m = 512, max_k = 3072, max_n = 50257;
-    Buffer w(static_cast<size_t>(max_w) * 4), x(max_m * max_k * 4), y(max_m * max_n * 4), bias(max_n * 4);
-    Buffer csrc(static_cast<size_t>(max_w) * 2 + 4096), cdst(static_cast<size_t>(max_w) * 2 + 4096);
-    const int64_t kFlush = int64_t(128) << 20;  // 4x the 32 MB L3
+    Buffer w(static_cast<size_t>(max_w) * 4, huge), x(max_m * max_k * 4), y(max_m * max_n * 4), bias(max_n * 4);
+    Buffer csrc(static_cast<size_t>(max_w) * 2 + 4096, huge), cdst(static_cast<size_t>(max_w) * 2 + 4096, huge);
+    const int64_t kFlush = int64_t(640) << 20;  // more than the largest L3 seen here (504 MB, a Xeon guest)
     Buffer scratch(kFlush);
     auto flush = [&] { flush_caches(scratch); };
     fill(x.p, DType::F32, max_m * max_k, 1);
