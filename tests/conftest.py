@@ -40,6 +40,15 @@ def device(request):
         yield "cuda"
 
 
+@pytest.fixture(params=_supported_isas())
+def cpu_isa(request):
+    """The CPU kernels of one ISA forced for the test's duration (CPU-only code such as the sampler)."""
+    best = _C.cpu_isa()
+    _C.force_cpu_isa(request.param)
+    yield request.param
+    _C.force_cpu_isa(best)
+
+
 def rel_err(got, want, floor=1e-300):
     """max |got - want| / max(max |want|, floor), computed in float64. `floor` is the scale below
     which differences count as absolute (gradients that cancel to ~0, e.g. of a 1-wide norm)."""

@@ -492,3 +492,70 @@ def test_stop_strings_across_tokens_stream_as_returned():
         assert "".join(m.generate(p, max_new_tokens=40, stop=stops, stream=True)) == want
     later = full[start + 5:start + 8]
     assert m.generate(p, max_new_tokens=40, stop=[later, stop]) == full[:min(full.find(later), full.find(stop))]
+
+
+def _sampling_probs(l, temperature, top_k, top_p):
+    """The distribution generate() samples from, in float64: candidates by decreasing logit (ties: lower
+    id first), the first top_k, softmax(l / temperature) over them, the shortest prefix whose mass
+    reaches top_p, renormalized."""
+    V = l.numel()
+    order = sorted(range(V), key=lambda i: (-l[i].item(), i))
+    p = torch.zeros(V, dtype=torch.float64)
+    if temperature == 0 or top_k == 1:
+        p[order[0]] = 1
+        return p
+    kept = torch.tensor(order[: top_k if 0 < top_k < V else V])
+    w = torch.exp((l[kept].double() - l.max().double()) / temperature)
+    if top_p < 1:
+        c = torch.cumsum(w / w.sum(), 0)
+        n = int((c < top_p).sum().item()) + 1
+        kept, w = kept[:n], w[:n]
+    p[kept] = w / w.sum()
+    return p
+
+
+@pytest.mark.parametrize("V,temperature,top_k,top_p", [
+    (3000, 0.0, 0, 1.0),     # greedy
+    (3000, 1.0, 0, 1.0),     # the whole row, no cut
+    (3000, 0.8, 5, 1.0),     # small top_k (the heap)
+    (3000, 0.8, 5, 0.7),
+    (3000, 0.9, 300, 1.0),   # large top_k (the bucketed cut)
+    (3000, 0.9, 300, 0.6),
+    (3000, 1.3, 0, 0.9),     # top_p alone
+    (3000, 0.05, 0, 0.95),   # a cold row: most weights underflow to 0
+    (7, 1.0, 3, 1.0),
+    (1, 0.7, 0, 0.5),
+])
+def test_sampler_draws_the_documented_distribution(V, temperature, top_k, top_p, cpu_isa):
+    """The sampler against the distribution it documents (computed in float64 by sorting the whole row):
+    the support exactly, and a chi-square test of 6000 draws (tokens pooled into bins expecting >= 20
+    draws each; about 5 standard deviations of the statistic allowed). The logits hold ties (a third on a
+    1/8 grid), near-ties (the rest continuous) and -Inf masks."""
+    g = torch.Generator().manual_seed(V * 7 + top_k)
+    l = torch.randn(V, generator=g) * 2
+    tie = torch.rand(V, generator=g) < 0.3
+    l[tie] = (l[tie] * 8).round() / 8
+    if V > 10:
+        l[torch.randperm(V, generator=g)[: V // 10]] = float("-inf")
+    want = _sampling_probs(l, temperature, top_k, top_p)
+    s = ne._C.Sampler(11)
+    n = 6000
+    counts = torch.bincount(torch.tensor([s.sample(l, temperature, top_k, top_p) for _ in range(n)]),
+                            minlength=V).double()
+    assert ((counts > 0) <= (want > 0)).all(), "drew a token outside the kept candidates"
+    # chi-square over bins of tokens (by decreasing probability) each expecting >= 20 draws
+    bins, cur_c, cur_e = [], 0.0, 0.0
+    for i in torch.argsort(want, descending=True).tolist():
+        if want[i] == 0:
+            break
+        cur_c, cur_e = cur_c + counts[i].item(), cur_e + n * want[i].item()
+        if cur_e >= 20:
+            bins.append((cur_c, cur_e))
+            cur_c, cur_e = 0.0, 0.0
+    if cur_e > 0:
+        bins[-1] = (bins[-1][0] + cur_c, bins[-1][1] + cur_e) if bins else (cur_c, cur_e)
+    chi2 = sum((c - e) ** 2 / e for c, e in bins)
+    df = max(1, len(bins) - 1)
+    assert chi2 < df + 5 * (2 * df) ** 0.5 + 5, (chi2, df)
+    if temperature > 0 and (want > 0).sum() > 1:
+        assert (counts > 0).sum() > 1  # really sampled, not argmax
