@@ -15,7 +15,7 @@ NORMS = ["rms", "crms", "layer"]
 
 
 @pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (3, 5, 7), (17, 129, 33), (64, 256, 96), (2, 4097, 3)])
+@pytest.mark.parametrize("M,K,N", [(1, 768, 2304), (3, 5, 7), (7, 100, 41), (17, 129, 33), (64, 256, 96), (2, 4097, 3)])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 def test_forward_matches_unfused(norm, M, K, N, wdtype, device, gen):
     x = torch.randn(M, K, generator=gen).to(device)

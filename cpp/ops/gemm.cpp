@@ -5,7 +5,7 @@
 // compiled only in the generic build and pick the best ISA's kernel table at run time.
 //
 // Two paths, chosen by the number of rows M of x:
-//   GEMV (M <= kGemvMaxRows, decode): memory-bound. Every element of W is used M times only, so the
+//   GEMV (M <= kGemvMaxRows = 8: decode, one sequence or a batch): memory-bound. Every element of W is used M times only, so the
 //     bound is the time to stream W from memory once; each thread streams its own rows of W.
 //   GEMM (larger M, prefill): compute-bound. W is packed panel by panel (transposed, widened to f32)
 //     into a per-thread scratch block that stays in L2, and a register-blocked micro-kernel
@@ -59,30 +59,51 @@ inline float hsum(VF::R v) { return static_cast<float>(VF::reduce(v)); }
 #endif
 
 // ======================================================================================== GEMV
-// For M <= 4 rows of x and RR rows of W at a time (RR = 1 for M = 1, else 2), in U interleaved
-// accumulators over k (U = 4 for M = 1, else 2):
+// For MM <= 8 rows of x and RR rows of W at a time, in U interleaved accumulators over k:
 //   acc[m][r][u] += x[m, k:k+L] * W[n+r, k:k+L]      for the u-th vector of each group of U
 //   y[m, n+r] = hsum(sum_u acc[m][r][u]) (+ bias[n+r]) (+ y[m, n+r])
 // Memory traffic: W once (N * K * sizeof(T)), x M * K * 4 (L1/L2), y M * N * 4. The bound is W's
 // stream: a thread reads its rows of W front to back (RR adjacent rows side by side), which the
 // hardware prefetcher follows, and software prefetches kPrefetch bytes ahead, across the 4 KiB
-// pages where the hardware prefetcher stops. For M > 1 the FMAs (M per 16 weights) and the loads
-// of x start to count: two rows of W share each load of x. Each output's arithmetic does not depend
-// on the grouping, so results are bitwise identical for any split of N over threads.
+// pages where the hardware prefetcher stops. For M > 1 the FMAs (M per L weights) and the loads of
+// x start to count: the RR rows of W share each load of x, and each load of W serves MM rows of x.
+// A batch's decode step (M up to kGemvMaxRows = 16 sequences) takes x in blocks of kGemvBlock rows:
+// for each group of RR rows of W, every block in turn, so W is read from memory once (the later
+// blocks find its RR rows in L1). Each output's arithmetic depends only on the block size it falls
+// in (MM), not on the split of N over threads: results are bitwise identical for any thread count.
+#if defined(NE_ISA_AVX512)
+constexpr int kGemvBlock = 8;  // 8 x 2 accumulators + 2 weight vectors + 8 x vectors of 32 zmm
+#else
+constexpr int kGemvBlock = 4;  // AVX2: 4 x 2 accumulators + 2 + 4 of 16 ymm
+#endif
 template <class V, class T>
 struct Gemv {
   using R = typename V::R;
   static constexpr int L = V::N;
 
-  template <int MM, int RR>
+  // accumulators per (row of x, row of W): 4 for one row, 2 for two, else 1 (and 2 up to 4 rows
+  // where the 32 AVX-512 registers hold 4 x 2 x 2)
+  template <int MM>
+  static constexpr int unroll() {
+#if defined(NE_ISA_AVX512)
+    return MM == 1 ? 4 : MM <= 4 ? 2 : 1;
+#else
+    return MM == 1 ? 4 : MM == 2 ? 2 : 1;
+#endif
+  }
+
+  // y rows 0 .. MM - 1, outputs n .. n + RR - 1; PF: this call is the first to read these rows of W,
+  // and prefetches ahead of them (the other blocks of x find them in L1)
+  template <int MM, int RR, bool PF = true>
   static void group(const GemmArgs& a, int64_t n) {
-    constexpr int U = MM == 1 ? 4 : 2;
+    constexpr int U = unroll<MM>();
     constexpr int kStepBytes = U * L * static_cast<int>(sizeof(T));
     // 4 KiB of W ahead whatever its dtype (16 steps of M = 1 for f32, 32 for 16-bit weights; at
     // 2 KiB the 16-bit GEMV read 22 GB/s cold against 27-28 GB/s at 4-8 KiB, 2 threads)
-    constexpr int64_t kPrefetch = 4096;
+    constexpr int64_t kPrefetch = MM > 4 ? 8192 : 4096;
     const int64_t K = a.K;
     const T* w = static_cast<const T*>(a.w) + n * a.ldw;
+    const float* x = a.x;
     R acc[MM][RR][U];
     for (int m = 0; m < MM; ++m)
       for (int r = 0; r < RR; ++r)
@@ -91,13 +112,15 @@ struct Gemv {
     for (; k + U * L <= K; k += U * L) {
       R wv[RR][U];
       for (int r = 0; r < RR; ++r) {
-        const char* pf = reinterpret_cast<const char*>(w + r * a.ldw + k) + kPrefetch;
-        for (int b = 0; b < kStepBytes; b += 64) __builtin_prefetch(pf + b, 0, 2);  // into L2 (prefetcht1)
+        if constexpr (PF) {
+          const char* pf = reinterpret_cast<const char*>(w + r * a.ldw + k) + kPrefetch;
+          for (int b = 0; b < kStepBytes; b += 64) __builtin_prefetch(pf + b, 0, 2);  // into L2 (prefetcht1)
+        }
         for (int u = 0; u < U; ++u) wv[r][u] = V::load(w + r * a.ldw + k + u * L);
       }
       R xv[MM][U];
       for (int m = 0; m < MM; ++m)
-        for (int u = 0; u < U; ++u) xv[m][u] = V::load(a.x + m * a.ldx + k + u * L);
+        for (int u = 0; u < U; ++u) xv[m][u] = V::load(x + m * a.ldx + k + u * L);
       for (int m = 0; m < MM; ++m)
         for (int u = 0; u < U; ++u)
           for (int r = 0; r < RR; ++r) acc[m][r][u] = V::fma(xv[m][u], wv[r][u], acc[m][r][u]);
@@ -107,15 +130,18 @@ struct Gemv {
       R wv[RR];
       for (int r = 0; r < RR; ++r) wv[r] = loadn<V>(w + r * a.ldw + k, t);
       for (int m = 0; m < MM; ++m) {
-        const R xv = loadn<V>(a.x + m * a.ldx + k, t);
+        const R xv = loadn<V>(x + m * a.ldx + k, t);
         for (int r = 0; r < RR; ++r) acc[m][r][u] = V::fma(xv, wv[r], acc[m][r][u]);
       }
     }
     const GemmEpilogue& ep = a.ep;
     for (int m = 0; m < MM; ++m) {
       for (int r = 0; r < RR; ++r) {
-        R t = U == 4 ? V::add(V::add(acc[m][r][0], acc[m][r][1]), V::add(acc[m][r][2], acc[m][r][3]))
-                     : V::add(acc[m][r][0], acc[m][r][1]);
+        R t = acc[m][r][0];
+        if constexpr (U == 4)
+          t = V::add(V::add(acc[m][r][0], acc[m][r][1]), V::add(acc[m][r][2], acc[m][r][3]));
+        else if constexpr (U == 2)
+          t = V::add(acc[m][r][0], acc[m][r][1]);
         float v = hsum(t);
         float* y = a.y + m * a.ldy + n + r;
         if (ep.row_scale) v *= ep.row_scale[m];
@@ -135,6 +161,48 @@ struct Gemv {
     if (n < n1) group<MM, 1>(a, n);
   }
 
+  // one block of rows of x (b: a's x, y and row statistics from the block's first row on; b.M <=
+  // kGemvBlock rows) against rows n .. n + RR - 1 of W
+  template <int RR, bool PF>
+  static void block(const GemmArgs& b, int64_t n) {
+    switch (b.M) {
+      case 1: group<1, RR, PF>(b, n); break;
+      case 2: group<2, RR, PF>(b, n); break;
+      case 3: group<3, RR, PF>(b, n); break;
+      case 4: group<4, RR, PF>(b, n); break;
+#if defined(NE_ISA_AVX512)
+      case 5: group<5, RR, PF>(b, n); break;
+      case 6: group<6, RR, PF>(b, n); break;
+      case 7: group<7, RR, PF>(b, n); break;
+      case 8: group<8, RR, PF>(b, n); break;
+#endif
+      default: break;
+    }
+  }
+
+  // M > 4: for each pair of rows of W, every block of x
+  static void batch_rows(const GemmArgs& a, int64_t n0, int64_t n1) {
+    constexpr int kBlocks = (kGemvMaxRows + kGemvBlock - 1) / kGemvBlock;
+    GemmArgs b[kBlocks];
+    for (int i = 0; i * kGemvBlock < a.M; ++i) {
+      const int64_t m0 = i * kGemvBlock;
+      b[i] = a;
+      b[i].M = min64(kGemvBlock, a.M - m0);
+      b[i].x += m0 * a.ldx;
+      b[i].y += m0 * a.ldy;
+      if (a.ep.row_scale) b[i].ep.row_scale += m0;
+      if (a.ep.row_shift) b[i].ep.row_shift += m0;
+    }
+    auto blocks = [&](auto rr, int64_t n) {
+      constexpr int RR = decltype(rr)::value;
+      block<RR, true>(b[0], n);
+      for (int i = 1; i * kGemvBlock < a.M; ++i) block<RR, false>(b[i], n);
+    };
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) blocks(std::integral_constant<int, 2>{}, n);
+    if (n < n1) blocks(std::integral_constant<int, 1>{}, n);
+  }
+
   static void run(const GemmArgs& a) {
     // a thread's share: at least 64 KiB of W, so that small layers stay on one thread
     const int64_t row_bytes = max64(1, a.K * static_cast<int64_t>(sizeof(T)));
@@ -144,12 +212,13 @@ struct Gemv {
         case 1: rows<1>(a, b, e); break;
         case 2: rows<2>(a, b, e); break;
         case 3: rows<3>(a, b, e); break;
-        default: rows<4>(a, b, e); break;
+        case 4: rows<4>(a, b, e); break;
+        default: batch_rows(a, b, e); break;
       }
     });
   }
 };
-static_assert(kGemvMaxRows == 4, "Gemv::run handles up to 4 rows");
+static_assert(kGemvMaxRows <= 2 * kGemvBlock, "Gemv::run: a batch of at most two blocks of rows of x");
 
 // ======================================================================================== GEMM
 // ---------------------------------------------------------------- packing W

@@ -50,9 +50,9 @@ bool amx_bf16_available();
 // At least this many rows of x for the AMX path (fewer are GEMV-like: bound by streaming W).
 constexpr int64_t kAmxMinRows = 16;
 
-// At most this many rows of x take the GEMV path (stream W once, dot products); more take the
-// register-blocked GEMM path (W packed panel by panel).
-constexpr int64_t kGemvMaxRows = 4;
+// At most this many rows of x take the GEMV path (stream W once, dot products; a batch's decode step);
+// more take the register-blocked GEMM path (W packed panel by panel).
+constexpr int64_t kGemvMaxRows = 8;
 
 struct GemmArgs {
   int64_t M, N, K;
