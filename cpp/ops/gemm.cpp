@@ -5,8 +5,9 @@
 // compiled only in the generic build and pick the best ISA's kernel table at run time.
 //
 // Two paths, chosen by the number of rows M of x:
-//   GEMV (M <= kGemvMaxRows = 8: decode, one sequence or a batch): memory-bound. Every element of W is used M times only, so the
-//     bound is the time to stream W from memory once; each thread streams its own rows of W.
+//   GEMV (M <= kGemvMaxRows = 8: decode of one sequence or a batch): memory-bound. Every element of
+//     W is used M times only, so the bound is the time to stream W from memory once; each thread
+//     streams its own rows of W.
 //   GEMM (larger M, prefill): compute-bound. W is packed panel by panel (transposed, widened to f32)
 //     into a per-thread scratch block that stays in L2, and a register-blocked micro-kernel
 //     computes MR x NR tiles of y as outer products: broadcast x[m, k], times NR packed weights.
