@@ -905,6 +905,19 @@ def test_config_disagrees_with_tensors(tmp_path):
         load_checkpoint(path)
 
 
+@needs_hf
+@pytest.mark.parametrize("variant, field", [("gpt2", "n_layer"), ("llama_gqa", "num_hidden_layers")])
+def test_config_naming_absurdly_many_layers(tmp_path, variant, field):
+    """A config that names 2**31 layers over a checkpoint of 2 is a missing-tensor error at the first
+    absent layer, raised before anything of the config's size is built (the table of 2**31 layers'
+    tensor names was a MemoryError, or the OOM killer)."""
+    model = make_model(variant)
+    path = _edit_config(tmp_path, variant, **{field: 2**31})
+    n = model.config.num_hidden_layers
+    with pytest.raises(ne.CheckpointError, match=rf"missing tensor 'blocks\.{n}\."):
+        load_checkpoint(path)
+
+
 def _edit_config(tmp_path, variant, **changes):
     model = make_model(variant)
     path = save_hf(model, tmp_path, "safetensors")
@@ -1297,3 +1310,20 @@ def test_load_writes_the_weights_into_one_hugepage_arena(kw):
     assert y.data_ptr() == x.data_ptr() + 60 and x.data_ptr() % 64 == 0
     with pytest.raises(AssertionError, match="arena"):
         a.take((100,), torch.float32)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("norm_eps", "int4"), ("linear_eps", None), ("rope_theta", float("nan")), ("qkv_bias", "yes"),
+    ("o_bias", {}), ("learned_pos", 1), ("eos_token_id", "x"), ("bos_token_id", -3), ("conversions", 3),
+    ("attention", "linear"), ("quant_group_size", 2.5), ("n_layers", True), ("arch", 0),
+])
+def test_native_config_fields_are_type_checked(tmp_path, field, value):
+    """A normengine-format config (written by Model.save) is untrusted input like any other: each field of
+    the wrong type or out of range is a CheckpointError naming the field (they were ValueError,
+    TypeError or pybind11 cast errors from deep inside the load, or were accepted)."""
+    ne.load().save(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf["normengine"][field] = value
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ne.CheckpointError, match=rf"config\.{field}"):
+        ne.load(tmp_path)

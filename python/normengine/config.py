@@ -89,10 +89,40 @@ class ModelConfig:
     conversions: list = field(default_factory=list)  # conversions applied, in order (recorded on save)
 
     def __post_init__(self):
+        # every field's type first: a config read from a checkpoint is untrusted input
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ArgumentError(f"config.{name}: expected a positive int, got {v!r}")
+        for name in ("gated_mlp", "learned_pos", "qkv_bias", "o_bias", "mlp_bias", "tied_head", "head_bias",
+                     "linear_normalize", "quant_symmetric"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise ArgumentError(f"config.{name}: expected true or false, got {v!r}")
+        for name in ("norm_eps", "linear_eps", "rope_theta"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")):
+                raise ArgumentError(f"config.{name}: expected a positive finite number, got {v!r}")
+        for name in ("arch", "source_dtype"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v:
+                raise ArgumentError(f"config.{name}: expected a non-empty string, got {v!r}")
+        if not isinstance(self.attention, list) or not all(isinstance(t, str) for t in self.attention):
+            raise ArgumentError(f"config.attention: expected a list of strings, got {self.attention!r}")
+        if not isinstance(self.conversions, list) or not all(isinstance(t, (str, dict)) for t in self.conversions):
+            raise ArgumentError(f"config.conversions: expected a list of names (or records), got {self.conversions!r}")
+        if not is_int(self.quant_group_size) or self.quant_group_size < 0:
+            raise ArgumentError(f"config.quant_group_size: expected an int >= 0, got {self.quant_group_size!r}")
+        ids = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        for name, vals in (("bos_token_id", [self.bos_token_id]), ("eos_token_id", ids)):
+            for v in vals:
+                # (an id past the vocabulary is harmless, never sampled: tiny test configs carry GPT-2's 50256)
+                if v is not None and not (is_int(v) and v >= 0):
+                    raise ArgumentError(f"config.{name}: expected None or non-negative token ids, got "
+                                        f"{getattr(self, name)!r}")
         if self.n_heads % self.n_kv_heads:
             raise ArgumentError(
                 f"config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
@@ -165,58 +195,63 @@ def is_quantized_name(cfg: ModelConfig, name: str) -> bool:
 def expected_shapes(cfg: ModelConfig) -> dict:
     """Canonical tensor name -> shape, for every tensor a model of this config must have (quantized
     weights as their packed tensors, `<name>.qdata` ...)."""
-    s = _dense_shapes(cfg)
-    if cfg.quantization is None:
-        return s
-    out = {}
-    for name, shape in s.items():
-        if is_quantized_name(cfg, name):
+    return dict(iter_expected_shapes(cfg))
+
+
+def iter_expected_shapes(cfg: ModelConfig):
+    """expected_shapes(cfg) as (name, shape) pairs, made one at a time: a checker that stops at the
+    first missing tensor never builds the table of a config that names 2**31 layers."""
+    for name, shape in _iter_dense_shapes(cfg):
+        if cfg.quantization is not None and is_quantized_name(cfg, name):
             for suf, qs in quant_shapes(cfg.quantization, shape[0], shape[1], cfg.quant_group_size,
                                         cfg.quant_symmetric).items():
-                out[f"{name}.{suf}"] = qs
+                yield f"{name}.{suf}", qs
         else:
-            out[name] = shape
-    return out
+            yield name, shape
 
 
 def _dense_shapes(cfg: ModelConfig) -> dict:
+    return dict(_iter_dense_shapes(cfg))
+
+
+def _iter_dense_shapes(cfg: ModelConfig):
     d, dq, dkv, f = cfg.residual_width, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
     has_norm_bias = cfg.norm == "layernorm"
-    s = {"tok_emb.weight": (cfg.vocab_size, d), "lm_head.weight": (cfg.vocab_size, d)}
+    yield "tok_emb.weight", (cfg.vocab_size, d)
+    yield "lm_head.weight", (cfg.vocab_size, d)
     if cfg.learned_pos:
-        s["pos_emb.weight"] = (cfg.max_seq_len, d)
+        yield "pos_emb.weight", (cfg.max_seq_len, d)
     if cfg.head_bias:
-        s["lm_head.bias"] = (cfg.vocab_size,)
+        yield "lm_head.bias", (cfg.vocab_size,)
 
     def norm(prefix):
         if cfg.norm == "none":
             return
-        s[f"{prefix}.weight"] = (d,)
+        yield f"{prefix}.weight", (d,)
         if has_norm_bias:
-            s[f"{prefix}.bias"] = (d,)
+            yield f"{prefix}.bias", (d,)
 
     for i in range(cfg.n_layers):
         p = f"blocks.{i}"
-        norm(f"{p}.attn_norm")
-        s[f"{p}.attn.q.weight"] = (dq, d)
-        s[f"{p}.attn.k.weight"] = (dkv, d)
-        s[f"{p}.attn.v.weight"] = (dkv, d)
-        s[f"{p}.attn.o.weight"] = (d, dq)
+        yield from norm(f"{p}.attn_norm")
+        yield f"{p}.attn.q.weight", (dq, d)
+        yield f"{p}.attn.k.weight", (dkv, d)
+        yield f"{p}.attn.v.weight", (dkv, d)
+        yield f"{p}.attn.o.weight", (d, dq)
         if cfg.qkv_bias:
-            s[f"{p}.attn.q.bias"] = (dq,)
-            s[f"{p}.attn.k.bias"] = (dkv,)
-            s[f"{p}.attn.v.bias"] = (dkv,)
+            yield f"{p}.attn.q.bias", (dq,)
+            yield f"{p}.attn.k.bias", (dkv,)
+            yield f"{p}.attn.v.bias", (dkv,)
         if cfg.o_bias:
-            s[f"{p}.attn.o.bias"] = (d,)
-        norm(f"{p}.mlp_norm")
-        s[f"{p}.mlp.up.weight"] = (f, d)
+            yield f"{p}.attn.o.bias", (d,)
+        yield from norm(f"{p}.mlp_norm")
+        yield f"{p}.mlp.up.weight", (f, d)
         if cfg.gated_mlp:
-            s[f"{p}.mlp.gate.weight"] = (f, d)
-        s[f"{p}.mlp.down.weight"] = (d, f)
+            yield f"{p}.mlp.gate.weight", (f, d)
+        yield f"{p}.mlp.down.weight", (d, f)
         if cfg.mlp_bias:
-            s[f"{p}.mlp.up.bias"] = (f,)
+            yield f"{p}.mlp.up.bias", (f,)
             if cfg.gated_mlp:
-                s[f"{p}.mlp.gate.bias"] = (f,)
-            s[f"{p}.mlp.down.bias"] = (d,)
-    norm("final_norm")
-    return s
+                yield f"{p}.mlp.gate.bias", (f,)
+            yield f"{p}.mlp.down.bias", (d,)
+    yield from norm("final_norm")

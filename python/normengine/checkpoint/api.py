@@ -9,7 +9,7 @@ from typing import Dict, Mapping, Tuple
 
 import torch
 
-from ..config import ModelConfig, expected_shapes
+from ..config import ModelConfig, expected_shapes, iter_expected_shapes
 from ..errors import ArgumentError, CheckpointError
 from . import hf
 from .readers import CONFIG_NAME, SAFE_WEIGHTS, locate, read_located
@@ -51,7 +51,7 @@ def check_tensors(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], where: 
     """Every tensor expected_shapes(cfg) names is present with its shape; raises `error` naming the
     tensor, its expected and found shape (and where it came from)."""
     provenance = provenance or {}
-    for name, shape in expected_shapes(cfg).items():
+    for name, shape in iter_expected_shapes(cfg):
         t = tensors.get(name)
         if t is None:
             src = source(name) if source else None
