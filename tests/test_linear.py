@@ -1,6 +1,6 @@
 """Dense linear (ne.ops.linear and the runner's raw contract ne::gemm_f32) against
 normengine.reference.linear in float64, on every CPU ISA: odd sizes on both kernel paths (GEMV for
-M <= 8 rows: a batch's decode step, packed GEMM above), 16-bit weights, bias, accumulate, strided inputs, NaN, thread
+M <= 15 rows: decode of one sequence or a batch, packed GEMM above), 16-bit weights, bias, accumulate, strided inputs, NaN, thread
 counts, and argument errors."""
 
 import pytest
@@ -45,7 +45,7 @@ def want(x, w, b=None, y0=None):
 @pytest.mark.parametrize("K", [1, 5, 31, 769, 4097])
 @pytest.mark.parametrize("wdtype", WDTYPES)
 def test_odd_sizes(K, wdtype, cpu, gen):
-    for M in (1, 3, 6, 8, 17, 64):
+    for M in (1, 3, 6, 8, 12, 15, 17, 64):
         for N in (1, 7, 33, 257):
             x = randn(M, K, gen=gen)
             w = randn(N, K, gen=gen, dtype=WDTYPES[wdtype])

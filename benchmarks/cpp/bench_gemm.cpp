@@ -82,10 +82,10 @@ int main(int argc, char** argv) {
       const int es = ne::dtype_size(dt);
       fill(w.p, dt, max_w, 3);
       if (do_gemv) {
-        std::printf("\nDecode-sized M (GEMV for M <= 8, GEMM above: a batch's decode step)  W %s, cold caches;\n"
+        std::printf("\nDecode-sized M (GEMV for M <= 15, GEMM above: a batch's decode step)  W %s, cold caches;\n"
                     "copy = memcpy of |W|/2 bytes (|W| bytes of traffic)\n", dname);
         std::printf("%2s %5s %6s %9s %9s %9s %7s\n", "M", "K", "N", "ms", "W GB/s", "copyGB/s", "%copy");
-        for (int64_t M : {1, 4, 8, 16}) {
+        for (int64_t M : {1, 4, 8, 12, 16}) {
           for (auto [K, N] : shapes) {
             const double wbytes = static_cast<double>(N * K * es);
             const int64_t cbytes = static_cast<int64_t>(wbytes / 2) / 64 * 64;

@@ -5,7 +5,7 @@
 // compiled only in the generic build and pick the best ISA's kernel table at run time.
 //
 // Two paths, chosen by the number of rows M of x:
-//   GEMV (M <= kGemvMaxRows = 8: decode of one sequence or a batch): memory-bound. Every element of
+//   GEMV (gemv_rows(M, K): decode of one sequence or a batch): memory-bound. Every element of
 //     W is used M times only, so the bound is the time to stream W from memory once; each thread
 //     streams its own rows of W.
 //   GEMM (larger M, prefill): compute-bound. W is packed panel by panel (transposed, widened to f32)
@@ -68,7 +68,7 @@ inline float hsum(VF::R v) { return static_cast<float>(VF::reduce(v)); }
 // hardware prefetcher follows, and software prefetches kPrefetch bytes ahead, across the 4 KiB
 // pages where the hardware prefetcher stops. For M > 1 the FMAs (M per L weights) and the loads of
 // x start to count: the RR rows of W share each load of x, and each load of W serves MM rows of x.
-// A batch's decode step (M up to kGemvMaxRows = 16 sequences) takes x in blocks of kGemvBlock rows:
+// A batch's decode step (M up to kGemvMaxRows sequences) takes x in blocks of kGemvBlock rows:
 // for each group of RR rows of W, every block in turn, so W is read from memory once (the later
 // blocks find its RR rows in L1). Each output's arithmetic depends only on the block size it falls
 // in (MM), not on the split of N over threads: results are bitwise identical for any thread count.
@@ -219,7 +219,7 @@ struct Gemv {
     });
   }
 };
-static_assert(kGemvMaxRows <= 2 * kGemvBlock, "Gemv::run: a batch of at most two blocks of rows of x");
+static_assert(kGemvMaxRows >= 4, "Gemv::run: rows 1-4 take rows<MM>, more take batch_rows");
 
 // ======================================================================================== GEMM
 // ---------------------------------------------------------------- packing W
@@ -506,7 +506,7 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, cons
   const GemmTable& t = cpu_gemm();
   GemmArgs a{M, N, K, x, ldx, w, ldw, bias, y, ldy, accumulate, e, nullptr, 0};
   if (bf16_products && gemm_bf16_amx(a, wdtype)) return;
-  if (M <= kGemvMaxRows) {
+  if (gemv_rows(M, K)) {
     t.gemv[gemm_wslot(wdtype)](a);
   } else {
     a.pack_threads = num_threads();

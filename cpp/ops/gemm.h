@@ -10,7 +10,7 @@
 // W-sized buffer);  bias: N floats or null;  y: M rows of N floats, row stride ldy. Accumulation in
 // fp32; with `ep`, a per-row / per-column epilogue (below). Runs on the engine's thread pool; results
 // are bitwise identical for any thread count. y must not overlap x or W. Strides are in elements.
-// M <= kGemvMaxRows streams W once (GEMV); larger M packs W into a per-calling-thread scratch that is
+// gemv_rows(M, K) (below) streams W once (GEMV); larger M packs W into a per-calling-thread scratch that is
 // allocated on first use and reused (so calls from several threads at once are safe).
 #pragma once
 #include <cstdint>
@@ -50,9 +50,15 @@ bool amx_bf16_available();
 // At least this many rows of x for the AMX path (fewer are GEMV-like: bound by streaming W).
 constexpr int64_t kAmxMinRows = 16;
 
-// At most this many rows of x take the GEMV path (stream W once, dot products; a batch's decode step);
-// more take the register-blocked GEMM path (W packed panel by panel).
-constexpr int64_t kGemvMaxRows = 8;
+// Which rows of x take the GEMV path (stream W once, dot products: the decode step of one sequence or
+// a batch) and which the register-blocked GEMM path (W packed panel by panel): up to kGemvOneBlock
+// rows always; up to kGemvMaxRows while the M rows of x fit in kGemvBatchBytes (the blocks of x after
+// the first then find W's rows in L1 and x in L1 too; past that, x streams from L2 for every pair of
+// W's rows and the GEMM is faster). Measured on a 2-vCPU Xeon guest (benchmarks/RESULTS.md).
+constexpr int64_t kGemvOneBlock = 8, kGemvMaxRows = 15, kGemvBatchBytes = 32 << 10;
+inline bool gemv_rows(int64_t M, int64_t K) {
+  return M <= kGemvOneBlock || (M <= kGemvMaxRows && M * K * static_cast<int64_t>(sizeof(float)) <= kGemvBatchBytes);
+}
 
 struct GemmArgs {
   int64_t M, N, K;
@@ -73,7 +79,7 @@ struct GemmArgs {
 inline int gemm_wslot(DType t) { return t == DType::F32 ? 0 : t == DType::F16 ? 1 : 2; }
 
 struct GemmTable {
-  void (*gemv[3])(const GemmArgs&);  // M <= kGemvMaxRows
+  void (*gemv[3])(const GemmArgs&);  // gemv_rows(M, K)
   void (*gemm[3])(const GemmArgs&);  // any M
   int64_t pack_floats;               // scratch each thread needs for its packed W panel (floats)
 };
