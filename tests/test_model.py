@@ -559,3 +559,26 @@ def test_sampler_draws_the_documented_distribution(V, temperature, top_k, top_p,
     assert chi2 < df + 5 * (2 * df) ** 0.5 + 5, (chi2, df)
     if temperature > 0 and (want > 0).sum() > 1:
         assert (counts > 0).sum() > 1  # really sampled, not argmax
+
+
+def test_sampling_arguments_at_their_extremes():
+    """Any int seed works (negative and huge ones are taken modulo 2**64), a non-int seed is an
+    ArgumentError; top_k past the vocabulary keeps every candidate (it overflowed the sampler's int);
+    temperature Inf samples uniformly among the unmasked logits (a -Inf mask stayed NaN-free)."""
+    m = ne.load()
+    p = [1, 2, 3]
+    kw = dict(max_new_tokens=6, temperature=1.0)
+    assert m.generate(p, seed=-5, **kw) == m.generate(p, seed=2**64 - 5, **kw)
+    assert len(m.generate(p, seed=2**70, **kw)) == 6
+    with pytest.raises(ne.ArgumentError, match="seed"):
+        m.generate(p, seed="a", **kw)
+    with pytest.raises(ne.ArgumentError, match="seed"):
+        m.generate(p, seed=1.5, **kw)
+    assert m.generate(p, top_k=10**12, seed=3, **kw) == m.generate(p, seed=3, **kw)
+    s = ne._C.Sampler(0)
+    row = torch.zeros(50)
+    row[::2] = float("-inf")
+    for top_k, top_p in ((0, 1.0), (0, 0.5), (3, 1.0), (30, 1.0)):
+        draws = {s.sample(row, float("inf"), top_k, top_p) for _ in range(300)}
+        assert all(d % 2 == 1 for d in draws), (top_k, top_p, sorted(draws))
+        assert len(draws) > 1

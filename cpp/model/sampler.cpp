@@ -168,7 +168,8 @@ int sample_small_top_k(const float* l, int V, int k, double T, float mx, float t
   std::sort(h.begin(), h.end(), before);
   std::vector<double> w(k);
   double sum = 0;
-  for (int i = 0; i < k; ++i) sum += (w[i] = std::exp((static_cast<double>(l[h[i]]) - mx) / T));
+  for (int i = 0; i < k; ++i)  // a -Inf mask weighs 0 (also at temperature Inf, where its quotient is NaN)
+    sum += (w[i] = l[h[i]] == -INFINITY ? 0.0 : std::exp((static_cast<double>(l[h[i]]) - mx) / T));
   int n = k;
   if (top_p < 1.f) {  // the shortest prefix whose mass reaches top_p
     double c = 0, kept = 0;
@@ -274,7 +275,10 @@ int sample_token(const float* logits, int vocab, const SamplingParams& p, std::m
   // the weights of the whole row by the vector kernel (float exp, ~2 ulp), summed in double
   thread_local std::vector<float> wf;
   wf.resize(V);
-  const float scale = static_cast<float>(std::min(1.0 / p.temperature, static_cast<double>(FLT_MAX)));
+  // 1 / temperature within float's normal range: at temperature Inf a zero scale would turn a -Inf
+  // mask's -Inf * 0 into NaN; FLT_MIN keeps it -Inf (weight 0) and every finite logit at weight ~1
+  const float scale = static_cast<float>(
+      std::min(std::max(1.0 / p.temperature, static_cast<double>(FLT_MIN)), static_cast<double>(FLT_MAX)));
   const double sum = kt.exp_weights(l, V, mx, scale, wf.data());
   if (k == V && p.top_p >= 1.f) {  // no cut: draw in index order (the distribution is the same)
     thread_local std::vector<int> all;

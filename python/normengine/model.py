@@ -401,7 +401,7 @@ class Model:
         prompt: a list of ids (returns the list of new ids), a string when the checkpoint has a
         tokenizer.json (returns the new text), or a list of either, of any lengths (returns a list).
         temperature 0 is greedy; otherwise softmax sampling restricted by top_k / top_p, reproducible
-        under `seed` (each sequence of a batch draws from its own generator seeded seed + i, so a batch
+        under `seed`, any int (each sequence of a batch draws from its own generator seeded seed + i, so a batch
         gives what its prompts give one by one). Generation of a sequence stops at the model's eos
         token (kept in the output) or at any of `stop` (token ids, or strings for text prompts).
         stream=True returns an iterator yielding each new token (id, or text piece) as it is made;
@@ -417,6 +417,8 @@ class Model:
             raise ArgumentError(f"top_k: expected a non-negative int or None, got {top_k!r}")
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise ArgumentError(f"top_p: expected a number in (0, 1] or None, got {top_p!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ArgumentError(f"seed: expected an int or None, got {seed!r}")
         prompt = self._as_id_lists(prompt, "prompt")  # [T] -> one prompt, [B, T] -> a batch
         batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], (str, list, tuple))
         prompts = list(prompt) if batched else [prompt]
@@ -436,7 +438,8 @@ class Model:
                 stop_ids.add(s)
             else:
                 raise ArgumentError(f"stop: expected token ids or strings, got {s!r}")
-        gen = self._generate(ids, text, max_new_tokens, float(temperature), top_k or 0,
+        # top_k at or past the vocabulary keeps every candidate (and stays within the sampler's int)
+        gen = self._generate(ids, text, max_new_tokens, float(temperature), min(top_k or 0, self.config.vocab_size),
                              1.0 if top_p is None else float(top_p), seed, stop_ids | self._eos(), stop_strs)
         if stream:
             return self._stream(gen, batched)
@@ -467,7 +470,7 @@ class Model:
         B = len(ids)
         ctx = min(self.config.max_seq_len, max(len(s) for s in ids) + max_new)
         base = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-        samplers = [_C.Sampler(base + i) for i in range(B)]
+        samplers = [_C.Sampler((base + i) % 2**64) for i in range(B)]  # any int seed (negative, huge) works
         vocab = self.config.vocab_size
         on_gpu = self.device.type == "cuda"
         logits = torch.empty(B, vocab, dtype=torch.float32, device=self.device)
