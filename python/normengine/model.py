@@ -478,6 +478,12 @@ class Model:
         lens = torch.tensor([len(s) for s in ids], dtype=torch.int32)
         active = list(range(B))
         me = object()  # this generation, as the runner's user
+        # the decode step's inputs, made once and reused (new tensors each step cost ~5 us of a ~95 us
+        # step of the default model): the slots and logits rows of the active sequences (remade when a
+        # sequence stops), the newest token (one sequence: written in place), one new token each
+        cur_buf = torch.empty(B, dtype=torch.int32)
+        ones = torch.ones(B, dtype=torch.int32)
+        step_of = {}  # len(active) -> (slots, cur, ones, logits rows), rebuilt when `active` changes
         with self._lock:
             r = self._runner_for(B, ctx, me)
             self._forward(r, torch.tensor(active, dtype=torch.int32), tokens, lens, logits, False)
@@ -515,12 +521,18 @@ class Model:
             n += 1
             active = nxt if n < max_new else []
             if active:
-                slots = torch.tensor(active, dtype=torch.int32)
+                na = len(active)
+                if na not in step_of:  # a sequence stopped (or the first step): the active set changed
+                    step_of.clear()
+                    step_of[na] = (torch.tensor(active, dtype=torch.int32), cur_buf[:na], ones[:na], logits[:na])
+                slots, cur, one, rows = step_of[na]
                 with self._lock:
                     if self._user is me:  # the caches still hold our sequences: one token each
-                        cur = torch.tensor([produced[i][-1] for i in active], dtype=torch.int32)
-                        self._forward(r, slots, cur, torch.ones(len(active), dtype=torch.int32),
-                                      logits[: len(active)], False)
+                        if na == 1:
+                            cur[0] = produced[active[0]][-1]
+                        else:  # (one list -> tensor beats na item writes)
+                            cur = torch.tensor([produced[i][-1] for i in active], dtype=torch.int32)
+                        self._forward(r, slots, cur, one, rows, False)
                     else:  # another call used the runner while we were suspended: prefill again
                         r = self._runner_for(B, ctx, me)
                         seqs = [ids[i] + produced[i] for i in active]
