@@ -164,6 +164,9 @@ def test_batch_equals_one_by_one(saved):
     prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (3, 11, 1, 6)]
     batch = m.generate(prompts, max_new_tokens=12)
     assert batch == [m.generate(p, max_new_tokens=12) for p in prompts]
+    # eleven sequences: the decode GEMVs take x in blocks (8 + 3 rows on AVX-512, 4 + 4 + 3 elsewhere)
+    many = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (3, 11, 1, 6, 2, 9, 4, 7, 5, 1, 8)]
+    assert m.generate(many, max_new_tokens=8) == [m.generate(p, max_new_tokens=8) for p in many]
     sampled = m.generate(prompts, max_new_tokens=12, temperature=0.8, top_k=20, seed=5)
     assert sampled == [m.generate(p, max_new_tokens=12, temperature=0.8, top_k=20, seed=5 + i)
                        for i, p in enumerate(prompts)]
