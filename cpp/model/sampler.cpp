@@ -133,20 +133,37 @@ float checked_max(const SamplerTable& kt, const float* l, int V) {
   return mx;
 }
 
-// Draw i in idx[0..n) with probability w[i] / sum, walking them in the given order.
-template <class W>
-int draw(const int* idx, int n, W w, double sum, std::mt19937_64& rng) {
+// Draw one of the candidates idx(0) .. idx(n - 1), candidate j with probability w(j) / sum, walking
+// them in that order.
+template <class I, class W>
+int draw(int n, I idx, W w, double sum, std::mt19937_64& rng) {
   double u = std::uniform_real_distribution<double>(0.0, sum)(rng);
-  int last = idx[0];
+  int last = idx(0);
   for (int j = 0; j < n; ++j) {
     const double wi = w(j);
     if (wi > 0) {
-      if (u < wi) return idx[j];
+      if (u < wi) return idx(j);
       u -= wi;
-      last = idx[j];
+      last = idx(j);
     }
   }
   return last;  // u ran past the end by rounding: the last candidate with weight
+}
+
+// The top_p cut over candidates j = from .. to - 1 in order (weights w(j) out of `sum`), after a
+// prefix of mass c (fraction of sum) and weight `kept`: true, with *end = one past the candidate
+// whose mass reaches top_p, when it is among them (c and kept then include it).
+template <class W>
+bool reaches_top_p(int from, int to, W w, double sum, float top_p, double& c, double& kept, int* end) {
+  for (int j = from; j < to; ++j) {
+    c += w(j) / sum;
+    kept += w(j);
+    if (c >= top_p) {
+      *end = j + 1;
+      return true;
+    }
+  }
+  return false;
 }
 
 // Small top_k (k * 256 <= V): the k best in one pass with a heap of the k best so far (its top the
@@ -171,19 +188,9 @@ int sample_small_top_k(const float* l, int V, int k, double T, float mx, float t
   for (int i = 0; i < k; ++i)  // a -Inf mask weighs 0 (also at temperature Inf, where its quotient is NaN)
     sum += (w[i] = l[h[i]] == -INFINITY ? 0.0 : std::exp((static_cast<double>(l[h[i]]) - mx) / T));
   int n = k;
-  if (top_p < 1.f) {  // the shortest prefix whose mass reaches top_p
-    double c = 0, kept = 0;
-    for (int i = 0; i < k; ++i) {
-      c += w[i] / sum;
-      kept += w[i];
-      if (c >= top_p) {
-        n = i + 1;
-        break;
-      }
-    }
-    sum = n < k ? kept : sum;
-  }
-  return draw(h.data(), n, [&](int j) { return w[j]; }, sum, rng);
+  double c = 0, kept = 0;  // the shortest prefix whose mass reaches top_p
+  if (top_p < 1.f && reaches_top_p(0, k, [&](int j) { return w[j]; }, sum, top_p, c, kept, &n)) sum = kept;
+  return draw(n, [&](int j) { return h[j]; }, [&](int j) { return w[j]; }, sum, rng);
 }
 
 // Any top_k and top_p over float weights wf (sum S) without sorting the row: the candidates with
@@ -230,31 +237,23 @@ int sample_bucketed(const float* l, int V, int k, float mx, float scale, const f
       for (int j = start[b]; j < n; ++j) sum += wf[o[j]];
     }
   }
+  const auto wo = [&](int j) { return static_cast<double>(wf[o[j]]); };
   if (top_p < 1.f) {  // the shortest prefix of those n whose mass reaches top_p
-    double c = 0;
+    double c = 0, kept = 0;
     for (int b = 0; b < kBuckets && start[b] < n; ++b) {
       const int e = std::min(start[b + 1], n);
-      const double mb = e == start[b + 1] ? mass[b] : 0.0;
-      if (e == start[b + 1] && c + mb / sum < top_p) {
-        c += mb / sum;
+      const bool whole = e == start[b + 1];  // (else the top_k cut bucket: sorted already)
+      if (whole && c + mass[b] / sum < top_p) {  // the cut is past this bucket
+        c += mass[b] / sum;
+        kept += mass[b];
         continue;
       }
-      if (e == start[b + 1]) std::sort(o + start[b], o + e, before);  // (a cut bucket is sorted already)
-      double kept = 0;
-      for (int j = 0; j < start[b]; ++j) kept += wf[o[j]];
-      for (int j = start[b]; j < e; ++j) {
-        c += wf[o[j]] / sum;
-        kept += wf[o[j]];
-        if (c >= top_p) {
-          n = j + 1;
-          sum = kept;
-          break;
-        }
-      }
+      if (whole) std::sort(o + start[b], o + e, before);
+      if (reaches_top_p(start[b], e, wo, sum, top_p, c, kept, &n)) sum = kept;
       break;
     }
   }
-  return draw(o, n, [&](int j) { return static_cast<double>(wf[o[j]]); }, sum, rng);
+  return draw(n, [&](int j) { return o[j]; }, wo, sum, rng);
 }
 
 }  // namespace
@@ -280,14 +279,8 @@ int sample_token(const float* logits, int vocab, const SamplingParams& p, std::m
   const float scale = static_cast<float>(
       std::min(std::max(1.0 / p.temperature, static_cast<double>(FLT_MIN)), static_cast<double>(FLT_MAX)));
   const double sum = kt.exp_weights(l, V, mx, scale, wf.data());
-  if (k == V && p.top_p >= 1.f) {  // no cut: draw in index order (the distribution is the same)
-    thread_local std::vector<int> all;
-    if (static_cast<int>(all.size()) < V) {
-      all.resize(V);
-      for (int i = 0; i < V; ++i) all[i] = i;
-    }
-    return draw(all.data(), V, [&](int j) { return static_cast<double>(wf[j]); }, sum, rng);
-  }
+  if (k == V && p.top_p >= 1.f)  // no cut: draw in index order (the distribution is the same)
+    return draw(V, [](int j) { return j; }, [&](int j) { return static_cast<double>(wf[j]); }, sum, rng);
   return sample_bucketed(l, V, k, mx, scale, wf.data(), p.top_p, rng);
 }
 
