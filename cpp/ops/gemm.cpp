@@ -104,7 +104,6 @@ struct Gemv {
     constexpr int64_t kPrefetch = MM > 4 ? 8192 : 4096;
     const int64_t K = a.K;
     const T* w = static_cast<const T*>(a.w) + n * a.ldw;
-    const float* x = a.x;
     R acc[MM][RR][U];
     for (int m = 0; m < MM; ++m)
       for (int r = 0; r < RR; ++r)
@@ -121,7 +120,7 @@ struct Gemv {
       }
       R xv[MM][U];
       for (int m = 0; m < MM; ++m)
-        for (int u = 0; u < U; ++u) xv[m][u] = V::load(x + m * a.ldx + k + u * L);
+        for (int u = 0; u < U; ++u) xv[m][u] = V::load(a.x + m * a.ldx + k + u * L);
       for (int m = 0; m < MM; ++m)
         for (int u = 0; u < U; ++u)
           for (int r = 0; r < RR; ++r) acc[m][r][u] = V::fma(xv[m][u], wv[r][u], acc[m][r][u]);
@@ -131,7 +130,7 @@ struct Gemv {
       R wv[RR];
       for (int r = 0; r < RR; ++r) wv[r] = loadn<V>(w + r * a.ldw + k, t);
       for (int m = 0; m < MM; ++m) {
-        const R xv = loadn<V>(x + m * a.ldx + k, t);
+        const R xv = loadn<V>(a.x + m * a.ldx + k, t);
         for (int r = 0; r < RR; ++r) acc[m][r][u] = V::fma(xv, wv[r], acc[m][r][u]);
       }
     }

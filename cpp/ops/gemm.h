@@ -51,13 +51,13 @@ bool amx_bf16_available();
 constexpr int64_t kAmxMinRows = 16;
 
 // Which rows of x take the GEMV path (stream W once, dot products: the decode step of one sequence or
-// a batch) and which the register-blocked GEMM path (W packed panel by panel): up to kGemvOneBlock
-// rows always; up to kGemvMaxRows while the M rows of x fit in kGemvBatchBytes (the blocks of x after
+// a batch) and which the register-blocked GEMM path (W packed panel by panel): up to kGemvAlwaysRows
+// rows always (one AVX-512 block of x); up to kGemvMaxRows while the M rows of x fit in kGemvBatchBytes (the blocks of x after
 // the first then find W's rows in L1 and x in L1 too; past that, x streams from L2 for every pair of
 // W's rows and the GEMM is faster). Measured on a 2-vCPU Xeon guest (benchmarks/RESULTS.md).
-constexpr int64_t kGemvOneBlock = 8, kGemvMaxRows = 15, kGemvBatchBytes = 32 << 10;
+constexpr int64_t kGemvAlwaysRows = 8, kGemvMaxRows = 15, kGemvBatchBytes = 32 << 10;
 inline bool gemv_rows(int64_t M, int64_t K) {
-  return M <= kGemvOneBlock || (M <= kGemvMaxRows && M * K * static_cast<int64_t>(sizeof(float)) <= kGemvBatchBytes);
+  return M <= kGemvAlwaysRows || (M <= kGemvMaxRows && M * K * static_cast<int64_t>(sizeof(float)) <= kGemvBatchBytes);
 }
 
 struct GemmArgs {

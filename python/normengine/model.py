@@ -480,10 +480,10 @@ class Model:
         me = object()  # this generation, as the runner's user
         # the decode step's inputs, made once and reused (new tensors each step cost ~5 us of a ~95 us
         # step of the default model): the slots and logits rows of the active sequences (remade when a
-        # sequence stops), the newest token (one sequence: written in place), one new token each
-        cur_buf = torch.empty(B, dtype=torch.int32)
+        # sequence stops), one new token each, and a lone sequence's newest token (written in place)
         ones = torch.ones(B, dtype=torch.int32)
-        step_of = {}  # len(active) -> (slots, cur, ones, logits rows), rebuilt when `active` changes
+        cur1 = torch.empty(1, dtype=torch.int32)
+        step_n = 0  # how many active sequences slots / one / rows were made for
         with self._lock:
             r = self._runner_for(B, ctx, me)
             self._forward(r, torch.tensor(active, dtype=torch.int32), tokens, lens, logits, False)
@@ -521,25 +521,23 @@ class Model:
             n += 1
             active = nxt if n < max_new else []
             if active:
-                na = len(active)
-                if na not in step_of:  # a sequence stopped (or the first step): the active set changed
-                    step_of.clear()
-                    step_of[na] = (torch.tensor(active, dtype=torch.int32), cur_buf[:na], ones[:na], logits[:na])
-                slots, cur, one, rows = step_of[na]
+                if len(active) != step_n:  # the first step, or a sequence stopped (active only shrinks)
+                    step_n = len(active)
+                    slots, one, rows = torch.tensor(active, dtype=torch.int32), ones[:step_n], logits[:step_n]
                 with self._lock:
                     if self._user is me:  # the caches still hold our sequences: one token each
-                        if na == 1:
-                            cur[0] = produced[active[0]][-1]
-                        else:  # (one list -> tensor beats na item writes)
+                        if step_n == 1:
+                            cur1[0] = produced[active[0]][-1]
+                            cur = cur1
+                        else:  # (one list -> tensor beats step_n item writes)
                             cur = torch.tensor([produced[i][-1] for i in active], dtype=torch.int32)
                         self._forward(r, slots, cur, one, rows, False)
                     else:  # another call used the runner while we were suspended: prefill again
                         r = self._runner_for(B, ctx, me)
                         seqs = [ids[i] + produced[i] for i in active]
                         self._forward(r, slots, torch.tensor([t for q in seqs for t in q], dtype=torch.int32),
-                                      torch.tensor([len(q) for q in seqs], dtype=torch.int32),
-                                      logits[: len(active)], False)
-                host = logits[: len(active)].cpu() if on_gpu else logits
+                                      torch.tensor([len(q) for q in seqs], dtype=torch.int32), rows, False)
+                host = rows.cpu() if on_gpu else logits
 
     # ------------------------------------------------------------------ description
     def num_parameters(self) -> int:
