@@ -354,6 +354,38 @@ def test_cache_attention_isas_agree_bitwise(gen, D):
         assert torch.equal(bits_of(o), bits_of(outs[0]))
 
 
+@pytest.mark.parametrize("D", [24, 64])
+def test_cache_attention_blocks_equal_one_query_at_a_time(gen, cpu_isa, D):
+    # the entry runs up to 32 consecutive queries of one cache as two L-Mul GEMMs (keys past a row's
+    # position computed and masked); one query alone is a one-row GEMM; a block whose masked keys hold
+    # an Inf in V falls back to the query-by-query definition (dots + axpy). All three give the same
+    # bits, on every ISA, with zeros, subnormals and a huge value in the cache.
+    S, T, H, Hkv = 80, 70, 4, 2
+    q = torch.randn(T, H * D, generator=gen)
+    k, v = torch.randn(S, Hkv * D, generator=gen), torch.randn(S, Hkv * D, generator=gen)
+    k[5, 3], k[17, 0], k[40, 1], v[9, 2], v[30, 5], v[50, 0] = 0.0, 1e-41, 1e30, 0.0, 1e-40, -2e37
+    q[3, 1] = 0.0
+    pos = torch.arange(7, 7 + T, dtype=torch.int32)
+
+    def run(vv, qq=q, pp=pos):
+        out = torch.full_like(qq, float("nan"))
+        _C.lmul_cache_attention(qq, k, vv, pp, out, H, Hkv, D**-0.5, 4)
+        return out
+
+    out = run(v)
+    assert torch.isfinite(out).all()
+    for t in (0, 1, 31, 32, 33, 63, 64, T - 1):  # a block's first / last rows, each block
+        assert torch.equal(bits_of(run(v, q[t:t + 1], pos[t:t + 1])), bits_of(out[t:t + 1])), t
+    # an Inf at the last key: rows that cannot see it (every row but the last) keep their bits, the
+    # last block's through the fallback
+    v_inf = v.clone()
+    v_inf[pos[-1], D + 1] = float("inf")  # kv head 1 (query heads 2, 3)
+    out_inf = run(v_inf)
+    assert torch.equal(bits_of(out_inf[:-1]), bits_of(out[:-1]))
+    assert torch.equal(bits_of(out_inf[-1, : 2 * D]), bits_of(out[-1, : 2 * D]))
+    assert not torch.isfinite(out_inf[-1, 2 * D:]).all()
+
+
 # ------------------------------------------------------------------------------------------ gradients
 def test_lmul_straight_through_grad(gen):
     a = torch.randn(4, 1, 6, dtype=torch.float64, generator=gen, requires_grad=True)

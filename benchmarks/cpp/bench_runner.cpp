@@ -132,6 +132,7 @@ int main(int argc, char** argv) {
   bool kv_bf16 = false;
   bool small_pages = false;  // --small-pages: the weights on 4 KiB pages (no MADV_HUGEPAGE)
   bool folded = false;       // --folded: unit gains, zero biases (the fused-norm path)
+  int lmul_bits = 0;         // --lmul-attention M: every attention product an M-bit L-Mul (lmul_scope 1)
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--threads") threads = static_cast<int>(arg_int(argc, argv, i));
@@ -144,13 +145,14 @@ int main(int argc, char** argv) {
     else if (a == "--kv-bf16") kv_bf16 = true;
     else if (a == "--small-pages") small_pages = true;
     else if (a == "--folded") folded = true;
+    else if (a == "--lmul-attention") lmul_bits = static_cast<int>(arg_int(argc, argv, i));
     else if (a == "--matmul-precision" && i + 1 < argc && (std::string(argv[i + 1]) == "medium" ||
                                                             std::string(argv[i + 1]) == "highest"))
       medium = std::string(argv[++i]) == "medium";
     else {
       std::fprintf(stderr, "usage: %s [--arch gpt2|llama] [--dtype f32|bf16|f16] [--threads N] [--repeats K] "
                    "[--prompt P] [--gen G] [--profile] [--matmul-precision highest|medium] [--kv-bf16] "
-                   "[--small-pages] [--folded]\n", argv[0]);
+                   "[--small-pages] [--folded] [--lmul-attention BITS]\n", argv[0]);
       return 2;
     }
   }
@@ -168,6 +170,7 @@ int main(int argc, char** argv) {
     ne::ModelSpec s;
     s.bf16_products = medium;  // "medium": prefill projections on AMX-BF16 tiles where the CPU has them
     s.kv_bf16 = kv_bf16;       // KV cache in bfloat16
+    if (lmul_bits > 0) s.lmul_scope = 1, s.lmul_bits = lmul_bits;
     if (gpt2) {
       s.vocab = 50257; s.d_model = 768; s.n_layers = 12; s.n_heads = 12; s.n_kv_heads = 12; s.head_dim = 64;
       s.d_ff = 3072; s.max_seq_len = 1024; s.norm = 0; s.norm_eps = 1e-5; s.activation = 0; s.gated_mlp = false;
@@ -365,13 +368,13 @@ int main(int argc, char** argv) {
       const ne::AttentionTable& AK = *NE_PICK_ISA(attention_table);
       const int32_t apos = prompt + gen / 2;
       std::vector<float> kc(static_cast<size_t>(ctx) * dkv, 0.01f), vc(static_cast<size_t>(ctx) * dkv, 0.02f);
-      std::vector<float> q1(dq, 0.1f), o1(dq), sc(static_cast<size_t>(ne::num_threads()) * ctx);
+      std::vector<float> q1(dq, 0.1f), o1(dq);
       for (size_t i = 0; i < kc.size(); ++i) { kc[i] = rnd(77, i); vc[i] = rnd(78, i); }
       const float* kp = kc.data();
       const float* vp = vc.data();
       auto attn = [&] {
         ne::AttnArgs aa{1, q1.data(), dq, o1.data(), dq, &kp, &vp, &apos, s.n_heads, s.n_kv_heads, s.head_dim,
-                        0.125f, sc.data(), ctx};
+                        0.125f};
         AK.attention(aa);
       };
       auto timed = [&](const std::function<void()>& op, bool cold) {

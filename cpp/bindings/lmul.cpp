@@ -140,12 +140,8 @@ void bind_lmul(py::module_& m) {
         const int64_t T = vq.shape[0];
         std::vector<const float*> kp(static_cast<size_t>(T), static_cast<const float*>(vk.data)),
             vpp(static_cast<size_t>(T), static_cast<const float*>(vv.data));
-        const int threads = ne::num_threads();
-        std::vector<float> scratch(static_cast<size_t>(threads * vk.shape[0] + 1));
         ne::AttnArgs a{T, static_cast<const float*>(vq.data), vq.shape[1], static_cast<float*>(vo.data), vo.shape[1],
-                       kp.data(), vpp.data(), pp, n_heads, n_kv_heads, D, static_cast<float>(scale), scratch.data(),
-                       vk.shape[0]};
-        a.scratch_threads = threads;
+                       kp.data(), vpp.data(), pp, n_heads, n_kv_heads, D, static_cast<float>(scale)};
         py::gil_scoped_release nogil;
         ne::lmul_cache_attention(a, bits);
       },

@@ -176,7 +176,6 @@ struct Runner::Impl {
   std::vector<int32_t> pos;
   std::vector<const float*> kptr, vptr;
   std::vector<const bf16*> kptr16, vptr16;
-  std::vector<float> scratch;
 };
 
 Runner::Runner(const ModelSpec& s, int slots, int ctx) : spec_(s), n_slots_(slots), ctx_(ctx) {
@@ -500,8 +499,6 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
   if (s.gated_mlp) { grow(m.gate, T * f); grow(m.gu, T * 2 * f); }
   grow(m.pos, T); grow(m.kptr, T); grow(m.vptr, T); grow(m.kptr16, T); grow(m.vptr16, T);
   grow(m.mean, T); grow(m.rstd, T);
-  const int scratch_threads = num_threads();  // L-Mul attention's score rows, one per thread
-  if (m.any_softmax) grow(m.scratch, static_cast<size_t>(scratch_threads) * ctx_);
 
   // ---- token (and position) embeddings; each token's slot and position
   std::vector<int32_t> slot_of(T);
@@ -593,9 +590,7 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
         }
       }
       AttnArgs aa{T, qp, ldq, m.att.data(), dq, m.kptr.data(), m.vptr.data(), m.pos.data(),
-                  s.n_heads, s.n_kv_heads, s.head_dim, 1.0f / std::sqrt(static_cast<float>(s.head_dim)),
-                  m.scratch.data(), ctx_};
-      aa.scratch_threads = scratch_threads;
+                  s.n_heads, s.n_kv_heads, s.head_dim, 1.0f / std::sqrt(static_cast<float>(s.head_dim))};
       if (s.kv_bf16) aa.k16 = m.kptr16.data(), aa.v16 = m.vptr16.data();
       if (s.lmul_scope > 0) lmul_cache_attention(aa, s.lmul_bits);
       else K.attention(aa);

@@ -20,12 +20,9 @@ struct AttnArgs {
   const int32_t* pos;        // per token: its position; keys 0..pos are visible (causal)
   int n_heads, n_kv_heads, head_dim;
   float scale;               // 1 / sqrt(head_dim)
-  float* scratch;            // scratch_threads * scratch_stride floats (scores of one query per thread)
-  int64_t scratch_stride;    // >= max pos + 1
   // bf16 caches (ModelSpec::kv_bf16): when set, these are read instead of k / v (same layout)
   const bf16* const* k16 = nullptr;
   const bf16* const* v16 = nullptr;
-  int scratch_threads = 1;   // L-Mul attention runs on at most this many threads (one scratch row each)
 };
 
 // Rotary embedding, "rotate half" pairing (i, i + D/2) as in Llama:

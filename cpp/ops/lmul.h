@@ -71,11 +71,12 @@ struct LmulArgs {
   int64_t M, N, K;
   const uint32_t* xp;        // prepared x: [M, K] contiguous, truncated bits minus C (see lmul.cpp)
   const LmulRowStat* xstat;  // [M]
-  const float* w; int64_t ldw;
+  const float* w; int64_t ldw;  // W [N, K]: w[n * ldw + k]
   const float* bias;
   float* y; int64_t ldy;
   bool accumulate;
   int bits;
+  bool w_kn = false;         // W stored [K, N] instead (w[k * ldw + n]): a V cache read as V^T
 };
 
 struct LmulTable {

@@ -1,6 +1,10 @@
 // L-Mul entry points (ops/lmul.h): argument checks, x preparation, work split, ISA pick.
 #include <algorithm>
+#include <atomic>
+#include <climits>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -16,6 +20,23 @@ float lmul_scalar_impl(float a, float b, int bits);  // lmul.cpp, generic build
 
 namespace {
 const LmulTable& table() { return *NE_PICK_ISA(lmul_table); }
+// s[0 .. L) <- softmax(scale * s), exact fp32, in key order (the max, then the exps and their sum,
+// then each times 1 / sum).
+void softmax_row(float* s, int64_t L, float scale) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < L; ++j) {
+    s[j] = scale * s[j];
+    mx = s[j] > mx ? s[j] : mx;
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < L; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    sum += s[j];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t j = 0; j < L; ++j) s[j] *= inv;
+}
+
 void check_bits(int bits) {
   if (bits < 1 || bits > 23)
     throw ValueError("mantissa_bits: expected 1..23 (fp32 mantissa bits kept), got " + std::to_string(bits));
@@ -54,37 +75,104 @@ void lmul_gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx,
   });
 }
 
-// Per (token, head): s_j = scale * sum_d lmul(q_d, k_jd) (d in order); p = softmax(s) (exact, fp32);
-// o_d = sum_j lmul(p_j, v_jd) (j in order). Traffic: K and V of the visible prefix read once per head.
+namespace {
+// One query row (token t, head h) on its own: s_j = scale * sum_d lmul(q_d, k_jd) (d in order) for the
+// visible keys j <= pos; p = softmax(s) (exact, fp32); o_d = sum_j lmul(p_j, v_jd) (j in order). s: room
+// for pos + 1 floats. The definition the blocked path below reproduces bit for bit.
+void attend_one(const AttnArgs& a, int64_t tok, int h, float* s, int bits) {
+  const LmulTable& t = table();
+  const int D = a.head_dim, g = h / (a.n_heads / a.n_kv_heads);
+  const int64_t ldkv = static_cast<int64_t>(a.n_kv_heads) * D;
+  const float* q = a.q + tok * a.ldq + static_cast<int64_t>(h) * D;
+  const float* K = a.k[tok] + static_cast<int64_t>(g) * D;
+  const float* V = a.v[tok] + static_cast<int64_t>(g) * D;
+  const int64_t L = static_cast<int64_t>(a.pos[tok]) + 1;
+  t.dots(L, D, q, K, ldkv, s, bits);
+  float* o = a.out + tok * a.ldo + static_cast<int64_t>(h) * D;
+  for (int d = 0; d < D; ++d) o[d] = 0.0f;
+  softmax_row(s, L, a.scale);
+  for (int64_t j = 0; j < L; ++j) t.axpy(D, s[j], V + j * ldkv, o, bits);
+}
+}  // namespace
+
+// Blocked over queries. Each work item is one KV head g and a block of consecutive tokens that read the
+// same cache (a prefill's rows, or one decode token): its rows are the block's queries of the `group`
+// heads that share g (row i * group + hh: token t0 + i, head g * group + hh), and it does two L-Mul GEMMs
+// (gemm_cols: integer-add products on register tiles, the fast products wherever the exponent ranges
+// allow; K and V prepared once for all the rows):
+//   S = Q K^T           keys 0 .. Lmax - 1 (Lmax = the block's last position + 1); a row's scores past
+//                       its own position are computed and ignored
+//   P = softmax(scale S) per row over its visible keys, P_j = 0 past them
+//   O = P V             V read in place as the [K, N] operand (LmulArgs::w_kn)
+// Same bits as attend_one: the GEMMs sum each output in k order starting from +0, as dots / axpy do,
+// and a masked P_j = 0 adds a signed zero, which changes no sum (a float sum is -0 only when both addends
+// are). Except 0 * Inf = NaN: a block whose masked keys hold an Inf / NaN in V takes attend_one.
 void lmul_cache_attention(const AttnArgs& a, int mantissa_bits) {
   check_bits(mantissa_bits);
   const LmulTable& t = table();
-  const int D = a.head_dim, group = a.n_heads / a.n_kv_heads;
-  const int64_t ldkv = static_cast<int64_t>(a.n_kv_heads) * D;
-  parallel_for_upto(a.n_tokens * a.n_heads, 1, a.scratch_threads, [&](int64_t w0, int64_t w1, int tid) {
-    float* s = a.scratch + static_cast<int64_t>(tid) * a.scratch_stride;
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t tok = w / a.n_heads;
-      const int h = static_cast<int>(w % a.n_heads), g = h / group;
-      const float* q = a.q + tok * a.ldq + static_cast<int64_t>(h) * D;
-      const float* K = a.k[tok] + static_cast<int64_t>(g) * D;
-      const float* V = a.v[tok] + static_cast<int64_t>(g) * D;
-      const int64_t L = static_cast<int64_t>(a.pos[tok]) + 1;
-      float mx = -INFINITY;
-      t.dots(L, D, q, K, ldkv, s, mantissa_bits);
-      for (int64_t j = 0; j < L; ++j) {
-        s[j] = a.scale * s[j];
-        mx = s[j] > mx ? s[j] : mx;
+  const int D = a.head_dim, G = a.n_kv_heads, group = a.n_heads / a.n_kv_heads;
+  const int64_t ldkv = static_cast<int64_t>(G) * D;
+  // tokens per block: about 32 rows (the causal waste grows with it, the reuse of each packed K / V
+  // block too)
+  const int64_t qb = std::max(1, 32 / group);
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // runs of consecutive tokens over one cache, cut every qb
+  for (int64_t t0 = 0; t0 < a.n_tokens;) {
+    int64_t t1 = t0 + 1;
+    while (t1 < a.n_tokens && t1 - t0 < qb && a.k[t1] == a.k[t0] && a.v[t1] == a.v[t0]) ++t1;
+    blocks.emplace_back(t0, t1);
+    t0 = t1;
+  }
+  // Work items handed out one at a time, last blocks first: a causal prefill's later blocks see more
+  // keys, and fixed contiguous ranges would leave one thread with most of the work.
+  const int64_t items = static_cast<int64_t>(blocks.size()) * G;
+  std::atomic<int64_t> next{0};
+  parallel_for(items, 1, [&](int64_t, int64_t, int) {
+    std::vector<uint32_t> xp;
+    std::vector<LmulRowStat> st;
+    std::vector<float> S, O;
+    for (int64_t w = items - 1 - next.fetch_add(1); w >= 0; w = items - 1 - next.fetch_add(1)) {
+      const int64_t t0 = blocks[w / G].first, n = blocks[w / G].second - t0, rows = n * group;
+      const int g = static_cast<int>(w % G);
+      int64_t Lmax = 0, Lmin = INT64_MAX;
+      for (int64_t i = 0; i < n; ++i) {
+        Lmax = std::max<int64_t>(Lmax, a.pos[t0 + i] + 1);
+        Lmin = std::min<int64_t>(Lmin, a.pos[t0 + i] + 1);
       }
-      float sum = 0.0f;
-      for (int64_t j = 0; j < L; ++j) {
-        s[j] = std::exp(s[j] - mx);
-        sum += s[j];
+      const float* K = a.k[t0] + static_cast<int64_t>(g) * D;
+      const float* V = a.v[t0] + static_cast<int64_t>(g) * D;
+      S.resize(static_cast<size_t>(rows * Lmax));
+      // does a key some row must not see hold an Inf / NaN in V?
+      bool masked_special = false;
+      for (int64_t j = Lmin; j < Lmax && !masked_special; ++j)
+        for (int d = 0; d < D; ++d) masked_special |= !std::isfinite(V[j * ldkv + d]);
+      if (masked_special) {
+        for (int64_t i = 0; i < n; ++i)
+          for (int hh = 0; hh < group; ++hh) attend_one(a, t0 + i, g * group + hh, S.data(), mantissa_bits);
+        continue;
       }
-      const float inv = 1.0f / sum;
-      float* o = a.out + tok * a.ldo + static_cast<int64_t>(h) * D;
-      for (int d = 0; d < D; ++d) o[d] = 0.0f;
-      for (int64_t j = 0; j < L; ++j) t.axpy(D, s[j] * inv, V + j * ldkv, o, mantissa_bits);
+      xp.resize(static_cast<size_t>(rows * std::max<int64_t>(D, Lmax)));
+      st.resize(static_cast<size_t>(rows));
+      O.resize(static_cast<size_t>(rows * D));
+      // S = Q K^T (the block's q rows of heads g * group .. are adjacent in q)
+      for (int64_t m = 0; m < rows; ++m)
+        st[m] = t.prep_row(D, a.q + (t0 + m / group) * a.ldq + (static_cast<int64_t>(g) * group + m % group) * D,
+                           xp.data() + m * D, mantissa_bits);
+      const LmulArgs qk{rows, Lmax, D, xp.data(), st.data(), K, ldkv, nullptr, S.data(), Lmax, false, mantissa_bits};
+      t.gemm_cols(qk, 0, Lmax);
+      // P, then its prepared rows
+      for (int64_t m = 0; m < rows; ++m) {
+        float* s = S.data() + m * Lmax;
+        const int64_t L = a.pos[t0 + m / group] + 1;
+        softmax_row(s, L, a.scale);
+        std::fill(s + L, s + Lmax, 0.0f);
+        st[m] = t.prep_row(Lmax, s, xp.data() + m * Lmax, mantissa_bits);
+      }
+      // O = P V, then each token's group * D outputs into place
+      const LmulArgs pv{rows, D, Lmax, xp.data(), st.data(), V, ldkv, nullptr, O.data(), D, false, mantissa_bits, true};
+      t.gemm_cols(pv, 0, D);
+      for (int64_t i = 0; i < n; ++i)
+        std::memcpy(a.out + (t0 + i) * a.ldo + static_cast<int64_t>(g) * group * D, O.data() + i * group * D,
+                    sizeof(float) * static_cast<size_t>(group * D));
     }
   });
 }
