@@ -360,12 +360,14 @@ void gemv_panel(const LmulArgs& a, int64_t p0, const LmulConst& kc_, uint32_t* p
     VI::fstore(tacc, acc[0]);
     VI::fstore(tacc + L, acc[1]);
     emin = VI::set1(255), emax = VI::set1(0);
-    for (int h = 0; h < 2; ++h) {
-      if (a.w_kn) {  // W stored [K, N]: a k's L outputs are one vector already
-        const float* w = a.w + kb * a.ldw + p0 + h * L;
-        for (int64_t k = 0; k < kc; ++k) step(acc[h], VI::load(w + k * a.ldw), xp[kb + k]);
-        continue;
+    if (a.w_kn) {  // W stored [K, N]: a k's NP outputs are two vectors already (two add chains interleaved)
+      const float* w = a.w + kb * a.ldw + p0;
+      for (int64_t k = 0; k < kc; ++k) {
+        step(acc[0], VI::load(w + k * a.ldw), xp[kb + k]);
+        step(acc[1], VI::load(w + k * a.ldw + L), xp[kb + k]);
       }
+    }
+    for (int h = 0; h < 2 && !a.w_kn; ++h) {
       const float* w = a.w + (p0 + h * L) * a.ldw + kb;
       int64_t k = 0;
       for (; k + L <= kc; k += L) {

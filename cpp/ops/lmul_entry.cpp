@@ -150,6 +150,14 @@ void lmul_cache_attention(const AttnArgs& a, int mantissa_bits) {
           for (int hh = 0; hh < group; ++hh) attend_one(a, t0 + i, g * group + hh, S.data(), mantissa_bits);
         continue;
       }
+      // The head's K and V slices are 4 D bytes of every row of the cache, rows apart by the whole width:
+      // a strided read that the hardware prefetchers do not follow. Requested here all at once, they
+      // arrive with as many misses in flight as the core allows.
+      for (int64_t j = 0; j < Lmax; ++j)
+        for (int d = 0; d < D; d += 16) {
+          __builtin_prefetch(K + j * ldkv + d);
+          __builtin_prefetch(V + j * ldkv + d);
+        }
       xp.resize(static_cast<size_t>(rows * std::max<int64_t>(D, Lmax)));
       st.resize(static_cast<size_t>(rows));
       O.resize(static_cast<size_t>(rows * D));
