@@ -132,7 +132,8 @@ int main(int argc, char** argv) {
   bool kv_bf16 = false;
   bool small_pages = false;  // --small-pages: the weights on 4 KiB pages (no MADV_HUGEPAGE)
   bool folded = false;       // --folded: unit gains, zero biases (the fused-norm path)
-  int lmul_bits = 0;         // --lmul-attention M: every attention product an M-bit L-Mul (lmul_scope 1)
+  int lmul_bits = 0;         // --lmul M: every attention product an M-bit L-Mul (lmul_scope "attention")
+  bool lmul_all = false;     // --lmul-all: every matmul's products too (lmul_scope "all"; f32 weights)
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--threads") threads = static_cast<int>(arg_int(argc, argv, i));
@@ -145,14 +146,15 @@ int main(int argc, char** argv) {
     else if (a == "--kv-bf16") kv_bf16 = true;
     else if (a == "--small-pages") small_pages = true;
     else if (a == "--folded") folded = true;
-    else if (a == "--lmul-attention") lmul_bits = static_cast<int>(arg_int(argc, argv, i));
+    else if (a == "--lmul") lmul_bits = static_cast<int>(arg_int(argc, argv, i));
+    else if (a == "--lmul-all") lmul_all = true;
     else if (a == "--matmul-precision" && i + 1 < argc && (std::string(argv[i + 1]) == "medium" ||
                                                             std::string(argv[i + 1]) == "highest"))
       medium = std::string(argv[++i]) == "medium";
     else {
       std::fprintf(stderr, "usage: %s [--arch gpt2|llama] [--dtype f32|bf16|f16] [--threads N] [--repeats K] "
                    "[--prompt P] [--gen G] [--profile] [--matmul-precision highest|medium] [--kv-bf16] "
-                   "[--small-pages] [--folded] [--lmul-attention BITS]\n", argv[0]);
+                   "[--small-pages] [--folded] [--lmul BITS [--lmul-all]]\n", argv[0]);
       return 2;
     }
   }
@@ -170,7 +172,7 @@ int main(int argc, char** argv) {
     ne::ModelSpec s;
     s.bf16_products = medium;  // "medium": prefill projections on AMX-BF16 tiles where the CPU has them
     s.kv_bf16 = kv_bf16;       // KV cache in bfloat16
-    if (lmul_bits > 0) s.lmul_scope = 1, s.lmul_bits = lmul_bits;
+    if (lmul_bits > 0) s.lmul_scope = lmul_all ? 2 : 1, s.lmul_bits = lmul_bits;
     if (gpt2) {
       s.vocab = 50257; s.d_model = 768; s.n_layers = 12; s.n_heads = 12; s.n_kv_heads = 12; s.head_dim = 64;
       s.d_ff = 3072; s.max_seq_len = 1024; s.norm = 0; s.norm_eps = 1e-5; s.activation = 0; s.gated_mlp = false;
@@ -266,9 +268,11 @@ int main(int argc, char** argv) {
     };
 
     std::printf("normengine bench_runner: arch=%s dtype=%s isa=%s threads=%d repeats=%d (median) "
-                "prompt=%d gen=%d matmul_precision=%s%s\n", arch.c_str(), dts.c_str(), ne::cpu_isa(), ne::num_threads(),
+                "prompt=%d gen=%d matmul_precision=%s%s", arch.c_str(), dts.c_str(), ne::cpu_isa(), ne::num_threads(),
                 repeats, prompt, gen, medium ? "medium" : "highest",
                 medium && !ne::amx_bf16_available() ? " (no AMX-BF16 here: computes as highest)" : "");
+    if (lmul_bits > 0) std::printf(" lmul=%d bits, scope %s", lmul_bits, lmul_all ? "all" : "attention");
+    std::printf("\n");
     std::printf("weights: %.1f MB in the arena (%s pages); %.1f MB read per decode step; norms %s\n", total / 1e6,
                 small_pages ? "4 KiB" : "huge", per_token / 1e6,
                 runner.fused_norms() ? "fused into the GEMMs (--folded)" : "as their own passes");
