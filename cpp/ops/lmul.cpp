@@ -251,11 +251,32 @@ constexpr TileFn kTiles[3][MR] = {{tile<1, 0>, tile<2, 0>, tile<3, 0>, tile<4, 0
                                   {tile<1, 1>, tile<2, 1>, tile<3, 1>, tile<4, 1>},
                                   {tile<1, 2>, tile<2, 2>, tile<3, 2>, tile<4, 2>}};
 
+// fn(k, bits) for k = 0 .. kc - 1 in order, bits: the L words w[p0 + h L + lane, kb + k] (one k of half h
+// of a full panel). W [N, K] is read L rows x L k-values at a time and transposed in registers (the last
+// kc % L k-values gathered); W [K, N] (LmulArgs::w_kn) holds them as one vector already.
+template <class Fn>
+inline void panel_columns(const LmulArgs& a, int64_t p0, int h, int64_t kb, int64_t kc, Fn&& fn) {
+  if (a.w_kn) {
+    const float* w = a.w + kb * a.ldw + p0 + h * L;
+    for (int64_t k = 0; k < kc; ++k) fn(k, VI::load(w + k * a.ldw));
+    return;
+  }
+  const float* w = a.w + (p0 + h * L) * a.ldw + kb;
+  int64_t k = 0;
+  for (; k + L <= kc; k += L) {
+    R r[L];
+    for (int i = 0; i < L; ++i) r[i] = VI::load(w + i * a.ldw + k);
+    transpose(r);  // r[c]: w[p0 + h L + lane, kb + k + c]
+    for (int c = 0; c < L; ++c) fn(k + c, r[c]);
+  }
+  for (; k < kc; ++k) fn(k, column(w + k, a.ldw));
+}
+
 // Pack t(w) of panel columns p0 .. p0 + nw - 1, k in [kb, kb + kc), as [k][column] (columns past nw
 // zero); returns the panel block's exponent range over its valid columns in emin / emax.
 void pack_block(const LmulArgs& a, int64_t p0, int nw, int64_t kb, int64_t kc, uint32_t trunc, uint32_t* pack,
                 int32_t& emin_out, int32_t& emax_out) {
-  if (nw == NP) {  // a full panel: one vector of L columns per k (W [N, K]: L rows transposed in registers)
+  if (nw == NP) {  // a full panel: one vector of L columns per k
     const R tr = VI::set1(trunc);
     R vmin = VI::set1(255), vmax = VI::set1(0);
     auto put = [&](uint32_t* dst, R wbits) {
@@ -264,21 +285,8 @@ void pack_block(const LmulArgs& a, int64_t p0, int nw, int64_t kb, int64_t kc, u
       vmax = VI::max_u(vmax, e);
       VI::store(dst, t);
     };
-    for (int h = 0; h < 2; ++h) {
-      if (a.w_kn) {
-        for (int64_t k = 0; k < kc; ++k) put(pack + k * NP + h * L, VI::load(a.w + (kb + k) * a.ldw + p0 + h * L));
-        continue;
-      }
-      const float* w = a.w + (p0 + h * L) * a.ldw + kb;
-      int64_t k = 0;
-      for (; k + L <= kc; k += L) {
-        R r[L];
-        for (int i = 0; i < L; ++i) r[i] = VI::load(w + i * a.ldw + k);
-        transpose(r);  // r[c]: w[p0 + h L + lane, kb + k + c]
-        for (int c = 0; c < L; ++c) put(pack + (k + c) * NP + h * L, r[c]);
-      }
-      for (; k < kc; ++k) put(pack + k * NP + h * L, column(w + k, a.ldw));
-    }
+    for (int h = 0; h < 2; ++h)
+      panel_columns(a, p0, h, kb, kc, [&](int64_t k, R wbits) { put(pack + k * NP + h * L, wbits); });
     alignas(64) uint32_t lo[L], hi[L];
     VI::store(lo, vmin);
     VI::store(hi, vmax);
@@ -288,39 +296,19 @@ void pack_block(const LmulArgs& a, int64_t p0, int nw, int64_t kb, int64_t kc, u
   }
   // a partial panel (the last nw < NP columns), element by element, columns past nw zero
   int32_t emin = 255, emax = 0;  // locals: the stores into pack (uint32_t) may alias an int32_t&
-  if (a.w_kn) {  // W stored [K, N]: one k's panel columns are contiguous
-    for (int64_t k = 0; k < kc; ++k) {
-      const float* wr = a.w + (kb + k) * a.ldw + p0;
-      for (int j = 0; j < NP; ++j) {
-        if (j >= nw) {
-          pack[k * NP + j] = 0;
-          continue;
-        }
-        const uint32_t t = prep1(bits_of(wr[j]), trunc);
-        const int32_t e = static_cast<int32_t>((t >> 23) & 0xff);
-        emin = std::min(emin, e);
-        emax = std::max(emax, e);
-        pack[k * NP + j] = t;
+  for (int64_t k = 0; k < kc; ++k)
+    for (int j = 0; j < NP; ++j) {
+      if (j >= nw) {
+        pack[k * NP + j] = 0;
+        continue;
       }
-    }
-    emin_out = emin;
-    emax_out = emax;
-    return;
-  }
-  for (int j = 0; j < NP; ++j) {
-    if (j >= nw) {
-      for (int64_t k = 0; k < kc; ++k) pack[k * NP + j] = 0;
-      continue;
-    }
-    const float* wr = a.w + (p0 + j) * a.ldw + kb;
-    for (int64_t k = 0; k < kc; ++k) {
-      const uint32_t t = prep1(bits_of(wr[k]), trunc);
+      const float w = a.w_kn ? a.w[(kb + k) * a.ldw + p0 + j] : a.w[(p0 + j) * a.ldw + kb + k];
+      const uint32_t t = prep1(bits_of(w), trunc);
       const int32_t e = static_cast<int32_t>((t >> 23) & 0xff);
       emin = std::min(emin, e);
       emax = std::max(emax, e);
       pack[k * NP + j] = t;
     }
-  }
   emin_out = emin;
   emax_out = emax;
 }
@@ -334,8 +322,8 @@ inline int tile_mode(const LmulRowStat& s, int32_t emin, int32_t emax) {
 
 // M = 1, a whole panel (NP rows of W): y[p0 + j] = sum_k product(x[k], w[p0 + j, k]), k in order, without
 // a packed copy of W. Each step reads L k-values of L rows of W (one vector per row), transposes them
-// in registers (one vector per k, lane = output; W stored [K, N] needs no transpose), prepares them as the pack does, and adds them with
-// the fast products of `tile`, tracking the block's exponent range as it goes. A K block whose range
+// in registers (one vector per k, lane = output; W stored [K, N] needs no transpose), prepares them as
+// the pack does, and adds them with the fast products of `tile`, tracking the block's exponent range as it goes. A K block whose range
 // turns out to need the checked products (a zero or special w, exponents near the ends) is done again
 // from the accumulators saved before it, packed and checked: the same sums, bit for bit, as packing
 // every block first. x's own range is known: a row with Inf / NaN never comes here.
@@ -360,24 +348,8 @@ void gemv_panel(const LmulArgs& a, int64_t p0, const LmulConst& kc_, uint32_t* p
     VI::fstore(tacc, acc[0]);
     VI::fstore(tacc + L, acc[1]);
     emin = VI::set1(255), emax = VI::set1(0);
-    if (a.w_kn) {  // W stored [K, N]: a k's NP outputs are two vectors already (two add chains interleaved)
-      const float* w = a.w + kb * a.ldw + p0;
-      for (int64_t k = 0; k < kc; ++k) {
-        step(acc[0], VI::load(w + k * a.ldw), xp[kb + k]);
-        step(acc[1], VI::load(w + k * a.ldw + L), xp[kb + k]);
-      }
-    }
-    for (int h = 0; h < 2 && !a.w_kn; ++h) {
-      const float* w = a.w + (p0 + h * L) * a.ldw + kb;
-      int64_t k = 0;
-      for (; k + L <= kc; k += L) {
-        R r[L];
-        for (int i = 0; i < L; ++i) r[i] = VI::load(w + i * a.ldw + k);
-        transpose(r);  // r[c]: w[p0 + h L + lane, kb + k + c]
-        for (int c = 0; c < L; ++c) step(acc[h], r[c], xp[kb + k + c]);
-      }
-      for (; k < kc; ++k) step(acc[h], column(w + k, a.ldw), xp[kb + k]);  // the last kc % L k-values
-    }
+    for (int h = 0; h < 2; ++h)
+      panel_columns(a, p0, h, kb, kc, [&](int64_t k, R wbits) { step(acc[h], wbits, xp[kb + k]); });
     alignas(64) uint32_t lo[L], hi[L];
     VI::store(lo, emin);
     VI::store(hi, emax);
