@@ -96,12 +96,13 @@ def test_greedy_generation_matches_transformers(saved):
 @pytest.mark.parametrize("isa", _supported_isas())
 @pytest.mark.parametrize("kind", ["gpt2-d15", "llama-gqa"])
 def test_long_context_matches_transformers(kind, isa, kv, tmp_path):
-    """Prompts longer than the CPU attention's blocks (64 keys; 16 or 8 queries per block) and decode
-    steps past 512 cached positions (where the keys are split across two threads): logits within 1e-4
-    of transformers, the greedy continuation identical, two long prompts of different lengths in one
-    batch equal to one by one. GPT-2 with head dim 15 (no vector-width multiple); Llama with GQA. With a
-    bfloat16 KV cache: within bf16 accuracy of transformers, and decode equal to prefill (both read the
-    same rounded cache)."""
+    """Prompts longer than the CPU attention's blocks (64 keys; 16 or 8 queries per block) and than the
+    runner's 512-row prefill chunks, and decode steps past 512 cached positions (where the keys are
+    split across two threads): logits within 1e-4 of transformers, the greedy continuation identical,
+    a prefill going on from a partly filled cache, long prompts of different lengths in one batch equal
+    to one by one. GPT-2 with head dim 15 (no vector-width multiple); Llama with GQA. With a bfloat16 KV
+    cache: within bf16 accuracy of transformers, and decode equal to prefill (both read the same
+    rounded cache)."""
     torch.manual_seed(99)
     if kind == "gpt2-d15":
         hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
@@ -133,11 +134,20 @@ def test_long_context_matches_transformers(kind, isa, kv, tmp_path):
         for t in range(530, 600):
             m._forward(r, slot, ids[0, t:t + 1].to(torch.int32), torch.ones(1, dtype=torch.int32), logits, False)
             assert rel_err(logits[0], full[t]) < 1e-5, t
+        # a prefill going on from a cache whose length is no multiple of the attention's key blocks
+        # (its query blocks straddle two of them): every row as the one-pass prefill's
+        r = m._runner_for(1, 600)
+        rows = torch.empty(137, VOCAB)
+        m._forward(r, slot, ids[0, :163].to(torch.int32), torch.tensor([163], dtype=torch.int32), logits, False)
+        m._forward(r, slot, ids[0, 163:300].to(torch.int32), torch.tensor([137], dtype=torch.int32), rows, True)
+        assert rel_err(rows, full[163:300]) < 1e-5
         prompt = ids[0, :530].tolist()
         if not kv:
             assert m.generate(prompt, max_new_tokens=8) == _hf_greedy(hf, prompt, 8)
-        two = [ids[0, :300].tolist(), ids[0, 100:173].tolist()]
-        assert m.generate(two, max_new_tokens=4) == [m.generate(p, max_new_tokens=4) for p in two]
+        # prompts run through the layers 512 rows at a time: a chunk that ends no sequence, one that ends
+        # three and cuts the fourth (which goes on in a third chunk from 119 cached positions)
+        batch = [ids[0, :600].tolist(), ids[0, 7:12].tolist(), ids[0, 50:350].tolist(), ids[0, 100:273].tolist()]
+        assert m.generate(batch, max_new_tokens=4) == [m.generate(p, max_new_tokens=4) for p in batch]
     finally:
         ne.set_num_threads(threads)
         ne._C.force_cpu_isa(best)

@@ -490,7 +490,44 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
     if (tokens[t] < 0 || tokens[t] >= s.vocab)
       throw ValueError("token id " + std::to_string(tokens[t]) + " at index " + std::to_string(t) +
                        ": out of range [0, " + std::to_string(s.vocab) + ")");
+  if (T <= kPrefillChunk) {
+    run_rows(n_seqs, slots, tokens, lens, logits, all_logits, nullptr);
+    return;
+  }
+  // Chunks of kPrefillChunk tokens, cut across sequences; a piece that ends its sequence gives that
+  // sequence's logits row (all_logits: every piece gives its rows, in order).
+  std::vector<int32_t> cs, cl;
+  std::unique_ptr<bool[]> ends(new bool[static_cast<size_t>(n_seqs)]);
+  int64_t t0 = 0;
+  for (int i = 0, done = 0; i < n_seqs;) {
+    cs.clear();
+    cl.clear();
+    const int first = i;  // the first sequence this chunk may end
+    int64_t n = 0;
+    while (i < n_seqs && n < kPrefillChunk) {
+      const int take = static_cast<int>(std::min<int64_t>(lens[i] - done, kPrefillChunk - n));
+      cs.push_back(slots[i]);
+      cl.push_back(take);
+      n += take;
+      done += take;
+      ends[cs.size() - 1] = done == lens[i];
+      if (done == lens[i]) ++i, done = 0;
+    }
+    // the sequences ending here are consecutive: first (or first + 1 when the chunk's first piece
+    // does not end its sequence) onwards
+    const int64_t row0 = all_logits ? t0 : (ends[0] ? first : first + 1);
+    run_rows(static_cast<int>(cs.size()), cs.data(), tokens + t0, cl.data(), logits + row0 * s.vocab, all_logits,
+             ends.get());
+    t0 += n;
+  }
+}
 
+void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, const int32_t* lens, float* logits,
+                      bool all_logits, const bool* ends) {
+  const ModelSpec& s = spec_;
+  Impl& m = *impl_;
+  int64_t T = 0;
+  for (int i = 0; i < n_seqs; ++i) T += lens[i];
   const int64_t d = s.d_model, dq = static_cast<int64_t>(s.n_heads) * s.head_dim,
                 dkv = static_cast<int64_t>(s.n_kv_heads) * s.head_dim, f = s.d_ff;
   const int64_t dqkv = dq + 2 * dkv;
@@ -654,19 +691,21 @@ void Runner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, co
     linear(L.down, L.downb, m.up.data(), T, m.x.data(), true, ar);  // x += act Wd^T + bd
   }
 
-  // ---- head, on the rows asked for
-  int64_t rows = all_logits ? T : n_seqs;
+  // ---- head, on the rows asked for: every row, or the last row of each sequence that ends here
+  int64_t rows = all_logits ? T : 0;
   const float* src = m.x.data();
   if (!all_logits) {
-    grow(m.sel, rows * d);
+    grow(m.sel, static_cast<int64_t>(n_seqs) * d);
     int64_t t = 0;
     for (int i = 0; i < n_seqs; ++i) {
       t += lens[i];
-      std::memcpy(&m.sel[i * d], &m.x[(t - 1) * d], sizeof(float) * d);
+      if (!ends || ends[i]) std::memcpy(&m.sel[rows++ * d], &m.x[(t - 1) * d], sizeof(float) * d);
     }
     src = m.sel.data();
   }
-  if (m.fused_head) {
+  if (rows == 0) {
+    // no sequence ends in this chunk
+  } else if (m.fused_head) {
     const float* xs = row_stats(s, src, rows, m.mean.data(), m.rstd.data(), m.xn);
     linear_normed(m.head, m.head_b, xs, rows, logits, m.rstd.data(), s.norm == 0 ? m.mean.data() : nullptr,
                   m.head_csum, ar);

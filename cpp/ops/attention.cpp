@@ -90,8 +90,9 @@ void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int
       for (int d = 0; d < D; ++d) sj = VF::fma(VF::set1(kj[d]), VF::load(Qt + d * N), sj);
       VF::store(S + jj * N, sj);
     }
-    // causal: key j is visible to lane i when j <= p0 + i
-    for (int64_t j = j0 + bk - 1; j > p0; --j)
+    // causal: key j is visible to lane i when j <= p0 + i (the block's keys only: a block of queries
+    // that does not start at a multiple of kBK spans two key blocks)
+    for (int64_t j = j0 + bk - 1; j > p0 && j >= j0; --j)
       for (int64_t i = 0; i < j - p0 && i < N; ++i) S[(j - j0) * N + i] = -__builtin_inff();
     // online softmax, lane by lane
     R mb = VF::load(S);

@@ -75,9 +75,12 @@ class Runner {
 
   // Append tokens to sequences and compute logits. For sequence i: lens[i] tokens (taken in order
   // from `tokens`), appended to slot slots[i]'s cache. logits: [rows, vocab] float32 where rows is
-  // sum(lens) when all_logits, else n_seqs (the last token of each sequence).
+  // sum(lens) when all_logits, else n_seqs (the last token of each sequence). The tokens run through
+  // the layers kPrefillChunk rows at a time (a sequence cut between two chunks goes on from its cache
+  // in the next), so the activation buffers stay that size however long the prompt.
   void forward(int n_seqs, const int32_t* slots, const int32_t* tokens, const int32_t* lens, float* logits,
                bool all_logits);
+  static constexpr int64_t kPrefillChunk = 512;
 
   // True when every norm has unit gain and zero bias (folded): norm + linear then run fused
   // (norm_linear: statistics in the GEMM epilogue). Known after finalize().
@@ -95,6 +98,11 @@ class Runner {
  private:
   struct Layer;
   struct Impl;
+  // forward on validated input of at most kPrefillChunk tokens. ends: null when every sequence's
+  // last token is in this call (logits as forward's); else ends[i] says whether sequence i's piece is
+  // its last, and (all_logits false) logits receives one row per piece that is.
+  void run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, const int32_t* lens, float* logits,
+                bool all_logits, const bool* ends);
   ModelSpec spec_;
   int n_slots_, ctx_;
   std::unique_ptr<Impl> impl_;
