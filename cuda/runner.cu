@@ -44,6 +44,8 @@ struct DevW {
   const void* data = nullptr;
   DType dtype = DType::F32;
   int64_t rows = 0, cols = 0, ld = 0;
+  bool quant = false;  // a packed weight (set_quant_tensor): q holds it, device pointers
+  QWeight q;
   bool present() const { return data != nullptr; }
   const float* f32() const { return static_cast<const float*>(data); }
 };
@@ -293,11 +295,16 @@ constexpr int kSmallBM = 64, kSmallBN = 64, kSmallBK = 16, kSmallTM = 4, kSmallT
 
 // ============================================================================ per-token kernels
 
-// x[t, :] = E[tok[t], :] (+ P[pos[t], :]): one block per token, threads along d.
+// x[t, :] = E[tok[t], :] (+ P[pos[t], :]): one block per token, threads along d. E dense, or packed
+// (qfmt >= 0: a quantized, tied embedding; its rows dequantized as the CPU runner's weight_row does).
 struct EmbedParams {
   const void* emb;
   int emb_dt;
   int64_t emb_ld;
+  int qfmt = -1;  // a QFormat value, or -1: dense
+  const float* qscale = nullptr;
+  const float* qzero = nullptr;
+  int64_t qgroup = 0;
   const void* pos_emb;  // null without learned positions
   int pos_dt;
   int64_t pos_ld;
@@ -307,12 +314,37 @@ struct EmbedParams {
   int64_t d;
 };
 
+// E4M3 (fn) bits -> float: s eeee mmm, bias 7, subnormals at e = 0, 0x7f / 0xff NaN, no Inf.
+__device__ __forceinline__ float e4m3_value(unsigned b) {
+  const unsigned e = (b >> 3) & 15, mant = b & 7;
+  float v;
+  if (e == 15 && mant == 7) v = __int_as_float(0x7fc00000);
+  else if (e == 0) v = ldexpf(static_cast<float>(mant), -9);
+  else v = ldexpf(1.0f + static_cast<float>(mant) / 8.0f, static_cast<int>(e) - 7);
+  return (b & 0x80) ? -v : v;
+}
+
+// Element k of row n of a packed weight (QWeight's formats, ops/quant_gemm.h), as float.
+__device__ __forceinline__ float quant_elem(const EmbedParams& p, int64_t n, int64_t k) {
+  const int64_t K = p.d;
+  if (p.qfmt <= 1) return static_cast<float>(static_cast<const int8_t*>(p.emb)[n * K + k]) * p.qscale[n];
+  if (p.qfmt == 2) {  // int4: (nibble - zero) * scale per group along K; symmetric zero 7.5
+    const uint8_t byte = static_cast<const uint8_t*>(p.emb)[n * (K / 2) + k / 2];
+    const int nib = (k & 1) ? (byte >> 4) : (byte & 15);
+    const int64_t gi = n * (K / p.qgroup) + k / p.qgroup;
+    const float z = p.qzero ? p.qzero[gi] : 7.5f;
+    return (static_cast<float>(nib) - z) * p.qscale[gi];
+  }
+  const float s = p.qgroup == 0 ? p.qscale[0] : p.qscale[(n / 128) * ((K + 127) / 128) + k / 128];  // fp8
+  return e4m3_value(static_cast<const uint8_t*>(p.emb)[n * K + k]) * s;
+}
+
 __global__ void embed_kernel(const EmbedParams p) {
   const int64_t t = blockIdx.x;
   const int64_t er = static_cast<int64_t>(p.tok[t]) * p.emb_ld, pr = static_cast<int64_t>(p.pos[t]) * p.pos_ld;
   float* x = p.x + t * p.d;
   for (int64_t i = threadIdx.x; i < p.d; i += blockDim.x) {
-    float v = load_any(p.emb, p.emb_dt, er + i);
+    float v = p.qfmt < 0 ? load_any(p.emb, p.emb_dt, er + i) : quant_elem(p, p.tok[t], i);
     if (p.pos_emb) v += load_any(p.pos_emb, p.pos_dt, pr + i);
     x[i] = v;
   }
@@ -571,6 +603,7 @@ void launch_linear(const DevW& w, const DevW& b, const float* x, int64_t ldx, in
                    bool accumulate, cudaStream_t s) {
   if (M <= 0) return;
   const float* bias = b.present() ? b.f32() : nullptr;
+  if (w.quant) return quant_linear(M, x, DType::F32, ldx, w.q, bias, y, ldy, accumulate, s);  // cuda/quant_gemm.cu
   switch (w.dtype) {
     case DType::F32: return launch_linear_t<float>(w, bias, x, ldx, M, y, ldy, accumulate, s);
     case DType::F16: return launch_linear_t<__half>(w, bias, x, ldx, M, y, ldy, accumulate, s);
@@ -741,6 +774,12 @@ void CudaRunner::set_tensor(const std::string& name, const TensorView& t) {
   set_dense_weight(slot, name, t);
 }
 
+void CudaRunner::set_quant_tensor(const std::string& name, int format, const TensorView& data, const TensorView& scale,
+                                  const TensorView* zero, int64_t group) {
+  const WeightSlot<DevW> slot = weight_slot<DevW>(*impl_, spec_, name);
+  set_quant_weight(slot, quant_weight(slot, name, format, data, scale, zero, group, Device{DeviceType::CUDA, impl_->dev}));
+}
+
 void CudaRunner::finalize() { check_weights_complete(*impl_, spec_); }
 
 void CudaRunner::reset(int slot) {
@@ -860,6 +899,12 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     p.emb = m.tok_emb.data;
     p.emb_dt = static_cast<int>(m.tok_emb.dtype);
     p.emb_ld = m.tok_emb.ld;
+    if (m.tok_emb.quant) {
+      p.qfmt = static_cast<int>(m.tok_emb.q.format);
+      p.qscale = m.tok_emb.q.scale;
+      p.qzero = m.tok_emb.q.zero;
+      p.qgroup = m.tok_emb.q.group;
+    }
     p.pos_emb = s.learned_pos ? m.pos_emb.data : nullptr;
     p.pos_dt = static_cast<int>(m.pos_emb.dtype);
     p.pos_ld = m.pos_emb.ld;

@@ -168,6 +168,27 @@ def test_quantizing_load_after_conversion_equals_the_steps(norm, fmt, smooth):
     assert torch.equal(m.logits(ids), ne.Model(cfg, sd).logits(ids))
 
 
+_GPU = torch.cuda.is_available() and ne.cuda_available()
+
+
+@pytest.mark.skipif(not _GPU, reason="no CUDA GPU visible (or normengine built without CUDA)")
+@pytest.mark.parametrize("fmt", ["int8", "int8-weight", "int4", "fp8"])
+def test_quantized_model_on_cuda_matches_cpu(fmt):
+    # the CUDA runner with packed weights (cuda::quant_linear, quantized embedding rows) against the
+    # CPU runner on the same quantization; W8A8 / fp8 activations may round differently now and then
+    # (the normalized rows differ by an ulp or so between the runners), hence their looser bound
+    cpu = ne.load(quant=fmt)
+    gpu = ne.load(quant=fmt, device="cuda")
+    assert all(p.is_cuda for t in gpu.tensors.values() for p in ((t,) if isinstance(t, torch.Tensor)
+                                                                 else t.tensors().values()))
+    ids = torch.tensor(_prompts(3, 21, cpu.config.vocab_size, 5))
+    want, got = cpu.logits(ids), gpu.logits(ids).cpu()
+    assert rel_err(got, want) <= (5e-3 if fmt in ("int8", "fp8") else 1e-4)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.97
+    p = _prompts(1, 9, cpu.config.vocab_size, 6)[0]
+    assert len(gpu.generate(p, max_new_tokens=16)) == 16
+
+
 def test_quant_bad_arguments():
     with pytest.raises(errors.ArgumentError, match="quant"):
         ne.load(quant="int3")

@@ -18,7 +18,6 @@ the last bits of fp32 sums, which the tolerances below (relative to the sum of |
 
 import ctypes
 import os
-import re
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ from normengine import _C
 from normengine.ops.quant import _CODE, quantize_weight
 from normengine.reference import quant as rq
 
-from cuda_emu.emu_build import CXX, EMU, ROOT, build, emu_source, launch_names
+from cuda_emu.emu_build import CXX, EMU, ROOT, build, launch_names, quant_emu_source
 from cuda_emu.emu_build import one_torch_thread  # noqa: F401 (an autouse fixture: applies to this module)
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found (the emulator harness is built with it)")
 
@@ -35,22 +34,6 @@ XDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 SENTINEL = -123.0
 ORDERS = {"forward": 0, "reverse": 1, "eager": 2}
 CP_ASYNC = {"immediate": 0, "deferred": 1}
-
-
-def quant_emu_source(path):
-    """quant_gemm.cu as the emulator compiles it (line numbers kept): launches `k<<<cfg>>>(args)` ->
-    `k << ::ne_emu::launch_config(cfg)(args)`; `extern __shared__ [__align__(n)] T name[];` ->
-    `T* name = ::ne_emu::dynamic_shared<T>();`; plus ne::check_qweight, which the launcher calls, taken
-    verbatim from cpp/ops/quant_gemm.cpp (the rest of that file is the CPU kernels)."""
-    out = emu_source(path)
-    cpp_path = os.path.join(ROOT, "cpp", "ops", "quant_gemm.cpp")
-    with open(cpp_path) as f:
-        cpp = f.read()
-    m = re.search(r"^void check_qweight\(const QWeight& w\) \{.*?^\}$", cpp, flags=re.S | re.M)
-    assert m, "check_qweight not found in cpp/ops/quant_gemm.cpp"
-    line = cpp[:m.start()].count("\n") + 1
-    return (out + f'\nnamespace ne {{\n#line {line} "{cpp_path}"\n' + m.group(0) +
-            "\n}  // namespace ne\n")
 
 
 @pytest.fixture(scope="module")

@@ -90,6 +90,19 @@ struct Sampler {
   explicit Sampler(uint64_t seed) : rng(seed) {}
 };
 
+// Runner / CudaRunner::set_quant_tensor from Python: the packed parts as views named after the weight.
+template <class R>
+void set_quant_tensor(R& r, const std::string& name, int format, py::handle data, py::handle scale, py::handle zero,
+                      int64_t group) {
+  Borrowed b;
+  const std::string dn = name + ".qdata", sn = name + ".qscale", zn = name + ".qzero";
+  TensorView vd = view_of(data, dn.c_str(), b), vs = view_of(scale, sn.c_str(), b);
+  TensorView vz;
+  const bool has_zero = !zero.is_none();
+  if (has_zero) vz = view_of(zero, zn.c_str(), b);
+  r.set_quant_tensor(name, format, vd, vs, has_zero ? &vz : nullptr, group);
+}
+
 }  // namespace
 
 void bind_runner(py::module_& m) {
@@ -104,20 +117,9 @@ void bind_runner(py::module_& m) {
             r.set_tensor(name, v);
           },
           py::arg("name"), py::arg("tensor"), "Hand over a weight; the caller keeps it alive.")
-      .def(
-          "set_quant_tensor",
-          [](ne::Runner& r, const std::string& name, int format, py::handle data, py::handle scale, py::handle zero,
-             int64_t group) {
-            Borrowed b;
-            const std::string dn = name + ".qdata", sn = name + ".qscale", zn = name + ".qzero";
-            TensorView vd = view_of(data, dn.c_str(), b), vs = view_of(scale, sn.c_str(), b);
-            TensorView vz;
-            const bool has_zero = !zero.is_none();
-            if (has_zero) vz = view_of(zero, zn.c_str(), b);
-            r.set_quant_tensor(name, format, vd, vs, has_zero ? &vz : nullptr, group);
-          },
-          py::arg("name"), py::arg("format"), py::arg("data"), py::arg("scale"), py::arg("zero"), py::arg("group"),
-          "Hand over a quantized linear weight (QWeight layout); the caller keeps the tensors alive.")
+      .def("set_quant_tensor", &set_quant_tensor<ne::Runner>, py::arg("name"), py::arg("format"), py::arg("data"),
+           py::arg("scale"), py::arg("zero"), py::arg("group"),
+           "Hand over a quantized linear weight (QWeight layout); the caller keeps the tensors alive.")
       .def("finalize", &ne::Runner::finalize)
       .def("fused_norms", &ne::Runner::fused_norms)
       .def("cache_bytes", &ne::Runner::cache_bytes,
@@ -158,6 +160,10 @@ void bind_runner(py::module_& m) {
             r.set_tensor(name, v);
           },
           py::arg("name"), py::arg("tensor"), "Hand over a weight (a CUDA tensor); the caller keeps it alive.")
+      .def("set_quant_tensor", &set_quant_tensor<ne::CudaRunner>, py::arg("name"), py::arg("format"), py::arg("data"),
+           py::arg("scale"), py::arg("zero"), py::arg("group"),
+           "Hand over a quantized linear weight or embedding (QWeight layout, CUDA tensors); the caller keeps the "
+           "tensors alive.")
       .def("finalize", &ne::CudaRunner::finalize)
       .def("fused_norms", &ne::CudaRunner::fused_norms)
       .def(

@@ -250,66 +250,9 @@ void Runner::set_tensor(const std::string& name, const TensorView& t) {
 
 void Runner::set_quant_tensor(const std::string& name, int format, const TensorView& data, const TensorView& scale,
                               const TensorView* zero, int64_t group) {
-  // The matrix this name refers to, and its [rows, cols].
   const WeightSlot<W> slot = weight_slot<W>(*impl_, spec_, name);
-  W* w = slot.quantizable ? slot.w : nullptr;
-  const int64_t N = slot.rows, K = slot.cols;
-  if (!w) throw ValueError(name + ": not a quantizable weight of this model (linear weights and embeddings only)");
-  if (format < 0 || format > 3) throw ValueError(name + ": format: expected 0..3 (QFormat), got " + std::to_string(format));
-  const QFormat fmt = static_cast<QFormat>(format);
-  auto cpu_contig = [&](const TensorView& t, DType want, const std::vector<int64_t>& shape, const char* what) {
-    if (t.device.type != DeviceType::CPU) throw DeviceError(name + "." + what + ": expected a CPU tensor");
-    if (t.dtype != want)
-      throw DTypeError(name + "." + what + ": expected " + dtype_name(want) + ", got " + dtype_name(t.dtype));
-    bool ok = t.is_contiguous() && t.ndim == static_cast<int>(shape.size());
-    for (size_t j = 0; ok && j < shape.size(); ++j) ok = t.shape[j] == shape[j];
-    if (!ok) {
-      std::string want_s = "(";
-      for (size_t j = 0; j < shape.size(); ++j) want_s += (j ? ", " : "") + std::to_string(shape[j]);
-      throw ShapeError(name + "." + what + ": expected a contiguous tensor of shape " + want_s + "), got " +
-                       shape_str(t));
-    }
-  };
-  QWeight q;
-  q.format = fmt;
-  q.N = N;
-  q.K = K;
-  q.group = group;
-  switch (fmt) {
-    case QFormat::Int8:
-    case QFormat::Int8Weight:
-      if (group != 0) throw ValueError(name + ": int8 formats take no group size (group 0), got " + std::to_string(group));
-      cpu_contig(data, DType::I8, {N, K}, "qdata");
-      cpu_contig(scale, DType::F32, {N}, "qscale");
-      break;
-    case QFormat::Int4:
-      if (group != 32 && group != 64 && group != 128)
-        throw ValueError(name + ": int4 group size must be 32, 64 or 128, got " + std::to_string(group));
-      if (K % group) throw ShapeError(name + ": in_features " + std::to_string(K) + " is not a multiple of the group size " + std::to_string(group));
-      cpu_contig(data, DType::U8, {N, K / 2}, "qdata");
-      cpu_contig(scale, DType::F32, {N, K / group}, "qscale");
-      if (zero) cpu_contig(*zero, DType::F32, {N, K / group}, "qzero");
-      break;
-    case QFormat::FP8:
-      if (group != 0 && group != 128) throw ValueError(name + ": fp8 scales are per tensor (0) or 128 x 128 blocks (128), got " + std::to_string(group));
-      cpu_contig(data, DType::U8, {N, K}, "qdata");
-      if (group == 0) cpu_contig(scale, DType::F32, {1}, "qscale");
-      else cpu_contig(scale, DType::F32, {(N + 127) / 128, (K + 127) / 128}, "qscale");
-      break;
-  }
-  if (zero && fmt != QFormat::Int4) throw ValueError(name + ": only int4 takes zero points");
-  q.data = data.data;
-  q.scale = static_cast<const float*>(scale.data);
-  q.zero = zero ? static_cast<const float*>(zero->data) : nullptr;
-  W out;
-  out.data = data.data;  // present()
-  out.dtype = DType::F32;
-  out.rows = N;
-  out.cols = K;
-  out.ld = K;
-  out.quant = true;
-  out.q = q;
-  *w = out;
+  const QWeight q = quant_weight(slot, name, format, data, scale, zero, group, Device{DeviceType::CPU, 0});
+  set_quant_weight(slot, q);
 }
 
 void Runner::finalize() {
@@ -370,14 +313,21 @@ void Runner::finalize() {
       if (L.gateb.present()) L.gate_upb = join_vec(L.gateb, L.gate.rows + L.up.rows);
     }
   }
-  // L-Mul GEMMs have no norm epilogue: with lmul_scope all, norms run as their own pass.
+  // L-Mul GEMMs have no norm epilogue: with lmul_scope all, norms run as their own pass. So do they
+  // before W8A8 / fp8 weights: those formats quantize the layer's input, which is the normalized row
+  // (quantizing the raw row and normalizing in the epilogue would round another vector; the CUDA
+  // runner, which always normalizes first, then computes the same).
   // The head is fused on its own: a tied head keeps the final norm's affine (not folded into the
   // shared embedding) and normalizes in a separate O(d) pass per row.
+  auto quant_act = [](const W& w) {
+    return w.present() && w.quant && (w.q.format == QFormat::Int8 || w.q.format == QFormat::FP8);
+  };
   bool fused = has_norm && s.lmul_scope != 2;
-  impl_->fused_head = fused && unit(impl_->final_w, impl_->final_b);
+  impl_->fused_head = fused && unit(impl_->final_w, impl_->final_b) && !quant_act(impl_->head);
   for (int i = 0; fused && i < s.n_layers; ++i) {
     const Layer& L = impl_->layers[i];
-    fused = unit(L.attn_norm_w, L.attn_norm_b) && unit(L.mlp_norm_w, L.mlp_norm_b);
+    fused = unit(L.attn_norm_w, L.attn_norm_b) && unit(L.mlp_norm_w, L.mlp_norm_b) && !quant_act(L.q) &&
+            !quant_act(L.k) && !quant_act(L.v) && !quant_act(L.up) && !quant_act(L.gate);
   }
   impl_->fused = fused;
   // fused LayerNorm: column sums c_n = sum_k W[n, k] of every reader

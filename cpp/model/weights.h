@@ -8,9 +8,11 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "normengine/model.h"
 #include "normengine/tensor.h"
+#include "ops/quant_gemm.h"
 
 namespace ne {
 
@@ -104,6 +106,81 @@ void set_dense_weight(const WeightSlot<Wt>& slot, const std::string& name, const
   w.rows = rows;
   w.cols = cols;
   w.ld = vec ? cols : t.strides[0];
+  *slot.w = w;
+}
+
+// A packed weight for `slot` (set_quant_tensor): the QWeight of format (a QFormat value), its parts
+// data / scale / zero (null: symmetric int4) and group checked for the slot's [N, K]: dtypes, shapes,
+// contiguity, and every part on `dev` (the runner's device).
+template <class Wt>
+QWeight quant_weight(const WeightSlot<Wt>& slot, const std::string& name, int format, const TensorView& data,
+                     const TensorView& scale, const TensorView* zero, int64_t group, const Device& dev) {
+  if (!slot.w || !slot.quantizable)
+    throw ValueError(name + ": not a quantizable weight of this model (linear weights and embeddings only)");
+  const int64_t N = slot.rows, K = slot.cols;
+  if (format < 0 || format > 3) throw ValueError(name + ": format: expected 0..3 (QFormat), got " + std::to_string(format));
+  const QFormat fmt = static_cast<QFormat>(format);
+  auto part = [&](const TensorView& t, DType want, const std::vector<int64_t>& shape, const char* what) {
+    if (t.device != dev) throw DeviceError(name + "." + what + ": expected a tensor on " + dev.str() + ", got " + t.device.str());
+    if (t.dtype != want)
+      throw DTypeError(name + "." + what + ": expected " + dtype_name(want) + ", got " + dtype_name(t.dtype));
+    bool ok = t.is_contiguous() && t.ndim == static_cast<int>(shape.size());
+    for (size_t j = 0; ok && j < shape.size(); ++j) ok = t.shape[j] == shape[j];
+    if (!ok) {
+      std::string want_s = "(";
+      for (size_t j = 0; j < shape.size(); ++j) want_s += (j ? ", " : "") + std::to_string(shape[j]);
+      throw ShapeError(name + "." + what + ": expected a contiguous tensor of shape " + want_s + "), got " +
+                       shape_str(t));
+    }
+  };
+  QWeight q;
+  q.format = fmt;
+  q.N = N;
+  q.K = K;
+  q.group = group;
+  switch (fmt) {
+    case QFormat::Int8:
+    case QFormat::Int8Weight:
+      if (group != 0) throw ValueError(name + ": int8 formats take no group size (group 0), got " + std::to_string(group));
+      part(data, DType::I8, {N, K}, "qdata");
+      part(scale, DType::F32, {N}, "qscale");
+      break;
+    case QFormat::Int4:
+      if (group != 32 && group != 64 && group != 128)
+        throw ValueError(name + ": int4 group size must be 32, 64 or 128, got " + std::to_string(group));
+      if (K % group)
+        throw ShapeError(name + ": in_features " + std::to_string(K) + " is not a multiple of the group size " +
+                         std::to_string(group));
+      part(data, DType::U8, {N, K / 2}, "qdata");
+      part(scale, DType::F32, {N, K / group}, "qscale");
+      if (zero) part(*zero, DType::F32, {N, K / group}, "qzero");
+      break;
+    case QFormat::FP8:
+      if (group != 0 && group != 128)
+        throw ValueError(name + ": fp8 scales are per tensor (0) or 128 x 128 blocks (128), got " + std::to_string(group));
+      part(data, DType::U8, {N, K}, "qdata");
+      if (group == 0) part(scale, DType::F32, {1}, "qscale");
+      else part(scale, DType::F32, {(N + 127) / 128, (K + 127) / 128}, "qscale");
+      break;
+  }
+  if (zero && fmt != QFormat::Int4) throw ValueError(name + ": only int4 takes zero points");
+  q.data = data.data;
+  q.scale = static_cast<const float*>(scale.data);
+  q.zero = zero ? static_cast<const float*>(zero->data) : nullptr;
+  return q;
+}
+
+// The slot's struct for a packed weight q (its members quant and q).
+template <class Wt>
+void set_quant_weight(const WeightSlot<Wt>& slot, const QWeight& q) {
+  Wt w;
+  w.data = q.data;  // present()
+  w.dtype = DType::F32;
+  w.rows = q.N;
+  w.cols = q.K;
+  w.ld = q.K;
+  w.quant = true;
+  w.q = q;
   *slot.w = w;
 }
 

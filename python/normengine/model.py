@@ -98,10 +98,6 @@ class Model:
         if dev.type == "cuda" and config.attention and any(a != "softmax" for a in config.attention):
             raise UnsupportedError("config.attention: linear, MALA and norm attention layers run on the CPU runner "
                                    "only so far; load with device='cpu'")
-        if dev.type == "cuda" and config.quantization is not None:
-            raise UnsupportedError(f"quantization {config.quantization!r}: quantized models run on the CPU runner "
-                                   "only so far (the quantized GEMMs themselves run on CUDA: "
-                                   "normengine.ops.quantized_linear); load with device='cpu'")
         self.config = config
         self.path = path
         self.tokenizer = tokenizer

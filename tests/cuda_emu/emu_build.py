@@ -36,6 +36,22 @@ def emu_source(path, device_paths=False):
     return f'#line 1 "{path}"\n' + out
 
 
+def quant_emu_source(path):
+    """cuda/quant_gemm.cu as the emulator compiles it (line numbers kept): launches `k<<<cfg>>>(args)` ->
+    `k << ::ne_emu::launch_config(cfg)(args)`; `extern __shared__ [__align__(n)] T name[];` ->
+    `T* name = ::ne_emu::dynamic_shared<T>();`; plus ne::check_qweight, which the launcher calls, taken
+    verbatim from cpp/ops/quant_gemm.cpp (the rest of that file is the CPU kernels)."""
+    out = emu_source(path)
+    cpp_path = os.path.join(ROOT, "cpp", "ops", "quant_gemm.cpp")
+    with open(cpp_path) as f:
+        cpp = f.read()
+    m = re.search(r"^void check_qweight\(const QWeight& w\) \{.*?^\}$", cpp, flags=re.S | re.M)
+    assert m, "check_qweight not found in cpp/ops/quant_gemm.cpp"
+    line = cpp[:m.start()].count("\n") + 1
+    return (out + f'\nnamespace ne {{\n#line {line} "{cpp_path}"\n' + m.group(0) +
+            "\n}  // namespace ne\n")
+
+
 def build(out_so, inputs, defines=(), extra=(), prefix=None):
     """g++ FLAGS + defines + INCLUDES + inputs (+ NE_EMU_CXXFLAGS from the environment, e.g.
     -DNE_EMU_UCONTEXT or -fsanitize=undefined) -> out_so, warning-free; returns the loaded library,

@@ -7,6 +7,8 @@
 // log), the rewritten norm.cu and cpp/core/tensor.cpp are separate translation units of the library.
 // The public ne::norm_forward that the runner calls (cpp/ops/norm.cpp, which also holds the CPU
 // kernels) is replaced below by its CUDA branch: views -> NormFwdArgs -> ne::cuda::norm_forward.
+// Packed (quantized) weights run ne::cuda::quant_linear: the rewritten cuda/quant_gemm.cu is one more
+// translation unit of the library (built with -DNE_CUDA_EMU, its tensor-core PTX on the emulator's).
 // "Device" pointers are host pointers: the weights are the CPU model's own tensors.
 //
 // extern "C" entry points (ctypes): each returns 0 (or a handle), or -1 / null with the message in
@@ -143,6 +145,34 @@ int ne_remu_set_tensor(void* h, const char* name_, void* data, int dtype, int nd
     }
     t.name = name_;
     static_cast<ne::CudaRunner*>(h)->set_tensor(name_, t);
+  });
+}
+
+// A packed weight on "cuda:0": format an ne::QFormat value; data [N, K] int8 / [N, K/2] uint8 (int4) /
+// [N, K] uint8 (fp8), scale and zero float32 (zero null: symmetric) in the shapes QWeight documents.
+int ne_remu_set_quant_tensor(void* h, const char* name_, int format, void* data, const int64_t* data_shape,
+                             void* scale, const int64_t* scale_shape, int scale_ndim, void* zero, int64_t group) {
+  return guarded([&] {
+    auto view = [](void* p, ne::DType dt, const int64_t* shape, int ndim, const char* nm) {
+      ne::TensorView t;
+      t.data = p;
+      t.dtype = dt;
+      t.device = ne::Device{ne::DeviceType::CUDA, 0};
+      t.ndim = ndim;
+      int64_t st = 1;
+      for (int i = ndim - 1; i >= 0; --i) {
+        t.shape[i] = shape[i];
+        t.strides[i] = st;
+        st *= shape[i];
+      }
+      t.name = nm;
+      return t;
+    };
+    const ne::DType ddt = format <= 1 ? ne::DType::I8 : ne::DType::U8;
+    const ne::TensorView d = view(data, ddt, data_shape, 2, "qdata"), s = view(scale, ne::DType::F32, scale_shape,
+                                                                                scale_ndim, "qscale");
+    const ne::TensorView z = zero ? view(zero, ne::DType::F32, scale_shape, scale_ndim, "qzero") : ne::TensorView{};
+    static_cast<ne::CudaRunner*>(h)->set_quant_tensor(name_, format, d, s, zero ? &z : nullptr, group);
   });
 }
 

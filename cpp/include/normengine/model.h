@@ -124,6 +124,11 @@ class CudaRunner {
   CudaRunner& operator=(const CudaRunner&) = delete;
 
   void set_tensor(const std::string& name, const TensorView& t);
+  // A packed linear weight or token embedding (as Runner::set_quant_tensor; every part on this
+  // runner's device): projections run cuda::quant_linear (cuda/quant_gemm.cu), embedding rows are
+  // dequantized on lookup.
+  void set_quant_tensor(const std::string& name, int format, const TensorView& data, const TensorView& scale,
+                        const TensorView* zero, int64_t group);
   void finalize();
   void forward(int n_seqs, const int32_t* slots, const int32_t* tokens, const int32_t* lens, float* logits,
                bool all_logits, void* stream = nullptr);
