@@ -284,22 +284,19 @@ def variant(model, name):
     return spec, out
 
 
-@pytest.mark.parametrize("name", ["rope_gqa_gated_rms_bf16", "rope_hd64_mqa_crms_f32", "hd128_relu_strided_f16"])
-def test_variants(lib, model, name):
-    """Prefill (7 and 20 tokens, two slots in one call, every row) then two decode steps, vs the CPU
-    runner on the same spec and tensors."""
-    spec, ts = variant(model, name)
-    g = torch.Generator().manual_seed(3)
+def prefill_then_decode(lib, model, spec, tensors, seed):
+    """Prompts of 7 and 20 tokens in two slots in one call (every row's logits), then two greedy
+    decode steps of both, on the emulated CUDA runner and the CPU runner (same spec and tensors):
+    greedy tokens equal; returns the largest relative error and the kernels launched."""
+    g = torch.Generator().manual_seed(seed)
     a = torch.randint(0, 1024, (7,), generator=g).tolist()
     b = torch.randint(0, 1024, (20,), generator=g).tolist()
-    er = EmuRunner(lib, model, 2, 40, spec, ts)
-    cr = cpu_runner(model, 2, 40, spec, ts)
-    worst = 0.0
+    er = EmuRunner(lib, model, 2, 40, spec, tensors)
+    cr = cpu_runner(model, 2, 40, spec, tensors)
     try:
         got = er.forward([0, 1], [a, b], True)
         names = set(launches(lib))
-        want = cpu_forward(cr, [0, 1], [a, b], True, 1024)
-        worst = rel(got, want)
+        worst = rel(got, cpu_forward(cr, [0, 1], [a, b], True, 1024))
         last = torch.stack([got[6], got[-1]])
         for _ in range(2):
             nxt = last.argmax(-1).tolist()
@@ -310,6 +307,15 @@ def test_variants(lib, model, name):
             worst = max(worst, rel(last, want))
     finally:
         er.close()
+    return worst, names
+
+
+@pytest.mark.parametrize("name", ["rope_gqa_gated_rms_bf16", "rope_hd64_mqa_crms_f32", "hd128_relu_strided_f16"])
+def test_variants(lib, model, name):
+    """Prefill (7 and 20 tokens, two slots in one call, every row) then two decode steps, vs the CPU
+    runner on the same spec and tensors."""
+    spec, ts = variant(model, name)
+    worst, names = prefill_then_decode(lib, model, spec, ts, seed=3)
     dpl = {32: 1, 64: 2, 128: 4}[spec["head_dim"]]
     w = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[ts["blocks.0.attn.q.weight"].dtype]
     print(f"{name}: max rel err {worst:.3g}; kernels {sorted(names)}")
@@ -346,26 +352,7 @@ def test_quantized_weights(lib, quant, kw):
     the same packed tensors (which for W8A8 / fp8 also normalizes before quantizing), greedy tokens
     equal."""
     model = normengine.load(quant=quant, **kw)
-    g = torch.Generator().manual_seed(4)
-    a = torch.randint(0, 1024, (7,), generator=g).tolist()
-    b = torch.randint(0, 1024, (20,), generator=g).tolist()
-    er = EmuRunner(lib, model, 2, 40)
-    cr = cpu_runner(model, 2, 40)
-    worst = 0.0
-    try:
-        got = er.forward([0, 1], [a, b], True)
-        names = set(launches(lib))
-        want = cpu_forward(cr, [0, 1], [a, b], True, 1024)
-        worst = rel(got, want)
-        last = torch.stack([got[6], got[-1]])
-        for _ in range(2):
-            nxt = last.argmax(-1).tolist()
-            last = er.forward([0, 1], [[nxt[0]], [nxt[1]]], False)
-            want = cpu_forward(cr, [0, 1], [[nxt[0]], [nxt[1]]], False, 1024)
-            assert last.argmax(-1).tolist() == want.argmax(-1).tolist()
-            worst = max(worst, rel(last, want))
-    finally:
-        er.close()
+    worst, names = prefill_then_decode(lib, model, None, None, seed=4)
     print(f"{quant} {kw}: max rel err {worst:.3g}")
     # every projection went to quant_linear (whose kernels this harness does not name): no dense GEMM ran
     assert "embed" in names and not any(n.startswith(("gemv<", "gemm_")) for n in names), sorted(names)
