@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: build normengine with the CUDA kernels, run the test suite (the
-# CUDA backend of every op test runs there) and the CUDA norm benchmark against torch.
+# CUDA backend of every op test runs there) and the CUDA benchmarks against torch / transformers:
+# norms, L-Mul, linear attention, quantized GEMMs, and generation with the CUDA runner (dense and
+# quantized weights).
 #
 #   benchmarks/gpu_suite.sh            # logs to $OUT if set, else ./gpu_results
 #   NE_GPU_BUILD=cmake benchmarks/gpu_suite.sh
@@ -65,5 +67,6 @@ CURRENT="benchmark"; step "$CURRENT"
 (cd "$RUN_DIR" && "$PY" "$ROOT/benchmarks/compare_lmul.py" --device cuda) 2>&1 | tee "$OUT_DIR/compare_lmul_cuda.md"
 (cd "$RUN_DIR" && "$PY" "$ROOT/benchmarks/compare_attention_cuda.py") 2>&1 | tee "$OUT_DIR/compare_attention_cuda.md"
 (cd "$RUN_DIR" && "$PY" "$ROOT/benchmarks/compare_quant_cuda.py") 2>&1 | tee "$OUT_DIR/compare_quant_cuda.md"
+(cd "$RUN_DIR" && "$PY" "$ROOT/benchmarks/compare_runner_cuda.py") 2>&1 | tee "$OUT_DIR/compare_runner_cuda.md"
 
 CURRENT="done"; step "gpu_suite: all steps passed; logs in $OUT_DIR"
