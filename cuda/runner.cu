@@ -354,7 +354,8 @@ __global__ void embed_kernel(const EmbedParams p) {
 //   x'[i] = x[i] cos - x[i + D/2] sin,  x'[i + D/2] = x[i + D/2] cos + x[i] sin   (per head, i < D/2)
 // with cos/sin = table[pos[t], i] (built on the host in float32 exactly as the CPU runner does).
 // K' goes straight to kcache[slot][pos], V is copied to vcache[slot][pos]. Without RoPE (cos null),
-// K is copied as is.
+// K is copied as is. TC: the caches' element type, float, or __nv_bfloat16 (spec.kv_bf16: each value
+// rounded to nearest even once, as the CPU runner's bf16 cache).
 struct RopeCacheParams {
   float* q;
   const float* k;
@@ -364,19 +365,26 @@ struct RopeCacheParams {
   const int32_t* slot;
   const float* cos;  // [ctx, D/2] or null (learned positions)
   const float* sin;
-  float* kcache;     // [slots][ctx][n_kv_heads * D]
-  float* vcache;
+  void* kcache;      // [slots][ctx][n_kv_heads * D] of TC
+  void* vcache;
   int64_t ctx;
   int n_heads, n_kv_heads, head_dim;
 };
 
+template <class TC> __device__ __forceinline__ TC to_cache(float x);
+template <> __device__ __forceinline__ float to_cache<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 to_cache<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ float from_cache(float x) { return x; }
+__device__ __forceinline__ float from_cache(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <class TC>
 __global__ void rope_cache_kernel(const RopeCacheParams p) {
   const int64_t t = blockIdx.x;
   const int D = p.head_dim, half = D / 2;
   const int64_t pos = p.pos[t], dkv = static_cast<int64_t>(p.n_kv_heads) * D;
   const int64_t row = (static_cast<int64_t>(p.slot[t]) * p.ctx + pos) * dkv;
-  float* kdst = p.kcache + row;
-  float* vdst = p.vcache + row;
+  TC* kdst = static_cast<TC*>(p.kcache) + row;
+  TC* vdst = static_cast<TC*>(p.vcache) + row;
   const float* k = p.k + t * p.ldkv;
   const float* v = p.v + t * p.ldkv;
   if (p.cos) {
@@ -394,13 +402,13 @@ __global__ void rope_cache_kernel(const RopeCacheParams p) {
       const int h = e / half, i = e % half;
       const float* x = k + h * D;
       const float c = cs[i], s = sn[i], x1 = x[i], x2 = x[i + half];
-      kdst[h * D + i] = x1 * c - x2 * s;
-      kdst[h * D + i + half] = x2 * c + x1 * s;
+      kdst[h * D + i] = to_cache<TC>(x1 * c - x2 * s);
+      kdst[h * D + i + half] = to_cache<TC>(x2 * c + x1 * s);
     }
   } else {
-    for (int64_t e = threadIdx.x; e < dkv; e += blockDim.x) kdst[e] = k[e];
+    for (int64_t e = threadIdx.x; e < dkv; e += blockDim.x) kdst[e] = to_cache<TC>(k[e]);
   }
-  for (int64_t e = threadIdx.x; e < dkv; e += blockDim.x) vdst[e] = v[e];
+  for (int64_t e = threadIdx.x; e < dkv; e += blockDim.x) vdst[e] = to_cache<TC>(v[e]);
 }
 
 // ---------------------------------------------------------------------------- attention_kernel
@@ -420,8 +428,8 @@ struct AttnParams {
   const float* q;
   float* out;
   int64_t ldq, ldo;
-  const float* kcache;
-  const float* vcache;
+  const void* kcache;  // of TC (float, or __nv_bfloat16 with spec.kv_bf16: read widened to float)
+  const void* vcache;
   const int32_t* pos;
   const int32_t* slot;
   int64_t ctx;
@@ -429,7 +437,7 @@ struct AttnParams {
   float scale;
 };
 
-template <int DPL>
+template <int DPL, class TC>
 __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(const AttnParams p) {
   __shared__ float s_m[kAttnWarps], s_l[kAttnWarps];
   __shared__ float s_acc[kAttnWarps][DPL * 32];
@@ -441,8 +449,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(const AttnPa
   const int64_t dkv = static_cast<int64_t>(p.n_kv_heads) * D;
   const int64_t L = static_cast<int64_t>(p.pos[t]) + 1;  // visible keys
   const int64_t base = static_cast<int64_t>(p.slot[t]) * p.ctx * dkv + static_cast<int64_t>(g) * D;
-  const float* K = p.kcache + base;
-  const float* V = p.vcache + base;
+  const TC* K = static_cast<const TC*>(p.kcache) + base;
+  const TC* V = static_cast<const TC*>(p.vcache) + base;
 
   float qr[DPL];
   const float* q = p.q + t * p.ldq + static_cast<int64_t>(h) * D;
@@ -459,10 +467,10 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(const AttnPa
     for (int u = 0; u < kAttnKeys; ++u) {
       float d = 0.f;
       if (j0 + u < L) {
-        const float* kr = K + (j0 + u) * dkv;
+        const TC* kr = K + (j0 + u) * dkv;
 #pragma unroll
         for (int i = 0; i < DPL; ++i)
-          if (lane + 32 * i < D) d = fmaf(qr[i], kr[lane + 32 * i], d);
+          if (lane + 32 * i < D) d = fmaf(qr[i], from_cache(kr[lane + 32 * i]), d);
       }
       s[u] = d;
     }
@@ -491,7 +499,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(const AttnPa
       if (lane + 32 * i < D) {
 #pragma unroll
         for (int u = 0; u < kAttnKeys; ++u)
-          if (j0 + u < L) a = fmaf(pr[u], V[(j0 + u) * dkv + lane + 32 * i], a);
+          if (j0 + u < L) a = fmaf(pr[u], from_cache(V[(j0 + u) * dkv + lane + 32 * i]), a);
       }
       acc[i] = a;
     }
@@ -612,18 +620,24 @@ void launch_linear(const DevW& w, const DevW& b, const float* x, int64_t ldx, in
   }
 }
 
-void launch_attention(const AttnParams& p, int64_t T, cudaStream_t s) {
+template <class TC>
+void launch_attention_t(const AttnParams& p, int64_t T, cudaStream_t s) {
   const unsigned grid = static_cast<unsigned>(T * p.n_heads);
   const int D = p.head_dim;
   if (D <= 32)
-    attention_kernel<1><<<grid, kAttnWarps * 32, 0, s>>>(p);
+    attention_kernel<1, TC><<<grid, kAttnWarps * 32, 0, s>>>(p);
   else if (D <= 64)
-    attention_kernel<2><<<grid, kAttnWarps * 32, 0, s>>>(p);
+    attention_kernel<2, TC><<<grid, kAttnWarps * 32, 0, s>>>(p);
   else if (D <= 128)
-    attention_kernel<4><<<grid, kAttnWarps * 32, 0, s>>>(p);
+    attention_kernel<4, TC><<<grid, kAttnWarps * 32, 0, s>>>(p);
   else
-    attention_kernel<8><<<grid, kAttnWarps * 32, 0, s>>>(p);
+    attention_kernel<8, TC><<<grid, kAttnWarps * 32, 0, s>>>(p);
   check_launch("attention_kernel");
+}
+
+void launch_attention(const AttnParams& p, int64_t T, bool bf16_cache, cudaStream_t s) {
+  if (bf16_cache) launch_attention_t<__nv_bfloat16>(p, T, s);
+  else launch_attention_t<float>(p, T, s);
 }
 
 constexpr int kMaxHeadDim = 256;  // attention_kernel<8>
@@ -659,8 +673,8 @@ using cuda::DevW;
 struct CudaRunner::Layer {
   DevW attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob;
   DevW mlp_norm_w, mlp_norm_b, up, gate, down, upb, gateb, downb;
-  float* kcache = nullptr;  // [slots][ctx][n_kv_heads * head_dim], inside Impl::cache
-  float* vcache = nullptr;
+  void* kcache = nullptr;  // [slots][ctx][n_kv_heads * head_dim] (float, or bf16: spec.kv_bf16), in Impl::cache
+  void* vcache = nullptr;
 };
 
 struct CudaRunner::Impl {
@@ -669,7 +683,7 @@ struct CudaRunner::Impl {
   DevW tok_emb, pos_emb, final_w, final_b, head, head_b;
   std::vector<int> len;  // tokens held per slot
   // device memory owned by the runner
-  float* cache = nullptr;  // every layer's K and V caches
+  void* cache = nullptr;  // every layer's K and V caches
   float* rope = nullptr;   // cos [ctx, D/2] then sin [ctx, D/2]; null with learned positions
   float* act = nullptr;    // activations for cap_tokens rows (carved below)
   int32_t* idx = nullptr;  // per-token indices of a call: tok, pos, slot [T each], last rows [n_seqs]
@@ -702,7 +716,6 @@ CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spe
     throw ValueError("spec: every size must be positive");
   if (s.n_heads % s.n_kv_heads) throw ValueError("spec: n_heads must be a multiple of n_kv_heads");
   if (!s.learned_pos && s.head_dim % 2) throw ValueError("spec: RoPE needs an even head_dim");
-  if (s.kv_bf16) throw ValueError("spec.kv_bf16: the CUDA runner keeps a float32 KV cache");
   if (s.head_dim > cuda::kMaxHeadDim)
     throw UnsupportedError("spec: the CUDA runner's attention supports head_dim up to " +
                            std::to_string(cuda::kMaxHeadDim) + ", got " + std::to_string(s.head_dim));
@@ -732,13 +745,14 @@ CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spe
   m.layers.resize(s.n_layers);
   m.len.assign(slots, 0);
 
-  const size_t per = static_cast<size_t>(slots) * ctx * s.n_kv_heads * s.head_dim;  // floats per cache
+  // bytes per cache (float32, or bfloat16 with spec.kv_bf16)
+  const size_t per = static_cast<size_t>(slots) * ctx * s.n_kv_heads * s.head_dim * (s.kv_bf16 ? 2 : 4);
   const size_t total = per * 2 * static_cast<size_t>(s.n_layers);
-  check(cudaMalloc(reinterpret_cast<void**>(&m.cache), total * sizeof(float)), "cudaMalloc (KV cache)");
-  check(cudaMemset(m.cache, 0, total * sizeof(float)), "cudaMemset (KV cache)");
+  check(cudaMalloc(&m.cache, total), "cudaMalloc (KV cache)");
+  check(cudaMemset(m.cache, 0, total), "cudaMemset (KV cache)");
   for (int i = 0; i < s.n_layers; ++i) {
-    m.layers[i].kcache = m.cache + per * (2 * static_cast<size_t>(i));
-    m.layers[i].vcache = m.cache + per * (2 * static_cast<size_t>(i) + 1);
+    m.layers[i].kcache = static_cast<char*>(m.cache) + per * (2 * static_cast<size_t>(i));
+    m.layers[i].vcache = static_cast<char*>(m.cache) + per * (2 * static_cast<size_t>(i) + 1);
   }
   if (!s.learned_pos) {
     // As Hugging Face computes them, in float32: inv_freq_i = 1 / theta^(2i / D), angle = pos * inv_freq_i
@@ -948,7 +962,8 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       p.n_heads = s.n_heads;
       p.n_kv_heads = s.n_kv_heads;
       p.head_dim = s.head_dim;
-      cuda::rope_cache_kernel<<<grid_t, 128, 0, st>>>(p);
+      if (s.kv_bf16) cuda::rope_cache_kernel<__nv_bfloat16><<<grid_t, 128, 0, st>>>(p);
+      else cuda::rope_cache_kernel<float><<<grid_t, 128, 0, st>>>(p);
       cuda::check_launch("rope_cache_kernel");
     }
     {
@@ -966,7 +981,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       p.n_kv_heads = s.n_kv_heads;
       p.head_dim = s.head_dim;
       p.scale = scale;
-      cuda::launch_attention(p, T, st);
+      cuda::launch_attention(p, T, s.kv_bf16, st);
     }
     cuda::launch_linear(L.o, L.ob, m.att, dq, T, m.x, d, true, st);  // x += attn Wo^T + bo
     // ---- MLP

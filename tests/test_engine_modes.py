@@ -189,6 +189,15 @@ def test_quantized_model_on_cuda_matches_cpu(fmt):
     assert len(gpu.generate(p, max_new_tokens=16)) == 16
 
 
+@pytest.mark.skipif(not _GPU, reason="no CUDA GPU visible (or normengine built without CUDA)")
+def test_bf16_kv_cache_on_cuda_matches_cpu():
+    cpu = ne.load(kv_cache_dtype=torch.bfloat16)
+    gpu = ne.load(device="cuda", kv_cache_dtype=torch.bfloat16)
+    assert gpu.info()["kv_cache_dtype"] == "bfloat16"
+    ids = torch.tensor(_prompts(2, 40, cpu.config.vocab_size, 9))
+    assert rel_err(gpu.logits(ids).cpu(), cpu.logits(ids)) <= 1e-4
+
+
 def test_quant_bad_arguments():
     with pytest.raises(errors.ArgumentError, match="quant"):
         ne.load(quant="int3")

@@ -86,10 +86,10 @@ class EmuRunner:
         tensors = model.tensors if tensors is None else tensors
         ints = [s["vocab"], s["d_model"], s["n_layers"], s["n_heads"], s["n_kv_heads"], s["head_dim"], s["d_ff"],
                 s["max_seq_len"], s["norm"], s["activation"], s["gated_mlp"], s["learned_pos"], s["qkv_bias"],
-                s["o_bias"], s["mlp_bias"], s["head_bias"]]
+                s["o_bias"], s["mlp_bias"], s["head_bias"], s["kv_bf16"]]
         assert not s["attention"] and s["lmul_scope"] == 0
         self.vocab = s["vocab"]
-        self._ints = (ctypes.c_int * 16)(*[int(v) for v in ints])
+        self._ints = (ctypes.c_int * 17)(*[int(v) for v in ints])
         self._dbl = (ctypes.c_double * 2)(float(s["norm_eps"]), float(s["rope_theta"]))
         self.h = lib.ne_remu_create(self._ints, self._dbl, slots, ctx)
         assert self.h, lib.ne_remu_error().decode()
@@ -357,3 +357,19 @@ def test_quantized_weights(lib, quant, kw):
     # every projection went to quant_linear (whose kernels this harness does not name): no dense GEMM ran
     assert "embed" in names and not any(n.startswith(("gemv<", "gemm_")) for n in names), sorted(names)
     assert worst <= REL_QUANT[quant]
+
+
+@pytest.mark.parametrize("name", [None, "rope_gqa_gated_rms_bf16"], ids=["default", "rope_gqa"])
+def test_bf16_kv_cache(lib, model, name):
+    """spec.kv_bf16: K and V stored in bfloat16 (rounded to nearest even once, as the CPU runner's bf16
+    cache does), read widened to float by the attention; vs the CPU runner with the same spec. The two
+    round values their projections computed an ulp or so apart, so now and then a cached element rounds
+    the other way: a looser bound than REL (seen: <= 1.4e-5), still well below what the rounding itself
+    moves the logits (7e-4 here between the CPU runner's float32 and bfloat16 caches)."""
+    spec, ts = variant(model, name) if name else (dict(model._spec()), None)
+    spec["kv_bf16"] = True
+    worst, names = prefill_then_decode(lib, model, spec, ts, seed=8)
+    print(f"kv bf16 {name}: max rel err {worst:.3g}; kernels {sorted(names)}")
+    assert {"rope_cache<bf16>"} <= names and any(n.endswith(",bf16>") and n.startswith("attention<") for n in names)
+    assert not names & {"rope_cache", "attention<1>", "attention<2>"}
+    assert worst <= 1e-4

@@ -88,8 +88,6 @@ class Model:
         if kv_cache_dtype not in (None, torch.float32, torch.bfloat16):
             raise DTypeError(f"kv_cache_dtype: expected None, torch.float32 or torch.bfloat16, got {kv_cache_dtype}")
         self.kv_cache_dtype = torch.bfloat16 if kv_cache_dtype == torch.bfloat16 else torch.float32
-        if self.kv_cache_dtype == torch.bfloat16 and dev.type == "cuda":
-            raise UnsupportedError("kv_cache_dtype=torch.bfloat16: the CUDA runner keeps a float32 KV cache")
         if self.kv_cache_dtype == torch.bfloat16 and arithmetic == "lmul":
             raise ArgumentError("kv_cache_dtype=torch.bfloat16: L-Mul attention reads a float32 KV cache")
         self.arithmetic = "lmul" if arithmetic == "lmul" else "exact"
@@ -777,7 +775,8 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     kv_cache_dtype: None / torch.float32 (default) keeps the softmax layers' K and V cache in float32;
     torch.bfloat16 stores it in bfloat16 (each K / V row rounded once as it is written, attention sums
     in float32), as llama.cpp's 16-bit default cache: half its memory and half the bytes each decode
-    step reads from it, which at long contexts is a large part of a step. CPU runner, exact arithmetic."""
+    step reads from it, which at long contexts is a large part of a step. CPU and CUDA runners, exact
+    arithmetic (not with L-Mul attention)."""
     from .checkpoint import load_checkpoint
     from .convert import convert_norm, fold_norm_affine, smooth_model, swap_attention, unpack_quantized
     from .convert.quant import Quantizer

@@ -77,11 +77,16 @@ void init_names_local() {
   name_linear<__half>("f16");
   name_linear<__nv_bfloat16>("bf16");
   name(embed_kernel, "embed");
-  name(rope_cache_kernel, "rope_cache");
-  name(attention_kernel<1>, "attention<1>");
-  name(attention_kernel<2>, "attention<2>");
-  name(attention_kernel<4>, "attention<4>");
-  name(attention_kernel<8>, "attention<8>");
+  name(rope_cache_kernel<float>, "rope_cache");
+  name(rope_cache_kernel<__nv_bfloat16>, "rope_cache<bf16>");
+  name(attention_kernel<1, float>, "attention<1>");
+  name(attention_kernel<2, float>, "attention<2>");
+  name(attention_kernel<4, float>, "attention<4>");
+  name(attention_kernel<8, float>, "attention<8>");
+  name(attention_kernel<1, __nv_bfloat16>, "attention<1,bf16>");
+  name(attention_kernel<2, __nv_bfloat16>, "attention<2,bf16>");
+  name(attention_kernel<4, __nv_bfloat16>, "attention<4,bf16>");
+  name(attention_kernel<8, __nv_bfloat16>, "attention<8,bf16>");
   name(activation_kernel, "activation");
   name(gather_rows_kernel, "gather_rows");
 }
@@ -97,7 +102,7 @@ extern "C" {
 const char* ne_remu_error() { return ne_harness::error(); }
 
 // ints: vocab, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff, max_seq_len, norm, activation,
-// gated_mlp, learned_pos, qkv_bias, o_bias, mlp_bias, head_bias (16); dbl: norm_eps, rope_theta.
+// gated_mlp, learned_pos, qkv_bias, o_bias, mlp_bias, head_bias, kv_bf16 (17); dbl: norm_eps, rope_theta.
 void* ne_remu_create(const int* ints, const double* dbl, int slots, int ctx) {
   ne::CudaRunner* r = nullptr;
   guarded([&] {
@@ -118,6 +123,7 @@ void* ne_remu_create(const int* ints, const double* dbl, int slots, int ctx) {
     s.o_bias = ints[13] != 0;
     s.mlp_bias = ints[14] != 0;
     s.head_bias = ints[15] != 0;
+    s.kv_bf16 = ints[16] != 0;
     s.norm_eps = dbl[0];
     s.rope_theta = dbl[1];
     r = new ne::CudaRunner(s, slots, ctx, -1);
