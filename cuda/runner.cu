@@ -34,6 +34,7 @@
 #include "common.cuh"
 #include "normengine/model.h"
 #include "model/weights.h"
+#include "ops/quant_elem.h"
 
 namespace ne {
 namespace cuda {
@@ -296,15 +297,13 @@ constexpr int kSmallBM = 64, kSmallBN = 64, kSmallBK = 16, kSmallTM = 4, kSmallT
 // ============================================================================ per-token kernels
 
 // x[t, :] = E[tok[t], :] (+ P[pos[t], :]): one block per token, threads along d. E dense, or packed
-// (qfmt >= 0: a quantized, tied embedding; its rows dequantized as the CPU runner's weight_row does).
+// (quant: a quantized, tied embedding, its elements read by ops/quant_elem.h as the CPU runner's are).
 struct EmbedParams {
   const void* emb;
   int emb_dt;
   int64_t emb_ld;
-  int qfmt = -1;  // a QFormat value, or -1: dense
-  const float* qscale = nullptr;
-  const float* qzero = nullptr;
-  int64_t qgroup = 0;
+  bool quant = false;
+  QWeight q;
   const void* pos_emb;  // null without learned positions
   int pos_dt;
   int64_t pos_ld;
@@ -314,37 +313,12 @@ struct EmbedParams {
   int64_t d;
 };
 
-// E4M3 (fn) bits -> float: s eeee mmm, bias 7, subnormals at e = 0, 0x7f / 0xff NaN, no Inf.
-__device__ __forceinline__ float e4m3_value(unsigned b) {
-  const unsigned e = (b >> 3) & 15, mant = b & 7;
-  float v;
-  if (e == 15 && mant == 7) v = __int_as_float(0x7fc00000);
-  else if (e == 0) v = ldexpf(static_cast<float>(mant), -9);
-  else v = ldexpf(1.0f + static_cast<float>(mant) / 8.0f, static_cast<int>(e) - 7);
-  return (b & 0x80) ? -v : v;
-}
-
-// Element k of row n of a packed weight (QWeight's formats, ops/quant_gemm.h), as float.
-__device__ __forceinline__ float quant_elem(const EmbedParams& p, int64_t n, int64_t k) {
-  const int64_t K = p.d;
-  if (p.qfmt <= 1) return static_cast<float>(static_cast<const int8_t*>(p.emb)[n * K + k]) * p.qscale[n];
-  if (p.qfmt == 2) {  // int4: (nibble - zero) * scale per group along K; symmetric zero 7.5
-    const uint8_t byte = static_cast<const uint8_t*>(p.emb)[n * (K / 2) + k / 2];
-    const int nib = (k & 1) ? (byte >> 4) : (byte & 15);
-    const int64_t gi = n * (K / p.qgroup) + k / p.qgroup;
-    const float z = p.qzero ? p.qzero[gi] : 7.5f;
-    return (static_cast<float>(nib) - z) * p.qscale[gi];
-  }
-  const float s = p.qgroup == 0 ? p.qscale[0] : p.qscale[(n / 128) * ((K + 127) / 128) + k / 128];  // fp8
-  return e4m3_value(static_cast<const uint8_t*>(p.emb)[n * K + k]) * s;
-}
-
 __global__ void embed_kernel(const EmbedParams p) {
   const int64_t t = blockIdx.x;
   const int64_t er = static_cast<int64_t>(p.tok[t]) * p.emb_ld, pr = static_cast<int64_t>(p.pos[t]) * p.pos_ld;
   float* x = p.x + t * p.d;
   for (int64_t i = threadIdx.x; i < p.d; i += blockDim.x) {
-    float v = p.qfmt < 0 ? load_any(p.emb, p.emb_dt, er + i) : quant_elem(p, p.tok[t], i);
+    float v = p.quant ? quant_elem(p.q, p.tok[t], i) : load_any(p.emb, p.emb_dt, er + i);
     if (p.pos_emb) v += load_any(p.pos_emb, p.pos_dt, pr + i);
     x[i] = v;
   }
@@ -913,12 +887,8 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     p.emb = m.tok_emb.data;
     p.emb_dt = static_cast<int>(m.tok_emb.dtype);
     p.emb_ld = m.tok_emb.ld;
-    if (m.tok_emb.quant) {
-      p.qfmt = static_cast<int>(m.tok_emb.q.format);
-      p.qscale = m.tok_emb.q.scale;
-      p.qzero = m.tok_emb.q.zero;
-      p.qgroup = m.tok_emb.q.group;
-    }
+    p.quant = m.tok_emb.quant;
+    p.q = m.tok_emb.q;
     p.pos_emb = s.learned_pos ? m.pos_emb.data : nullptr;
     p.pos_dt = static_cast<int>(m.pos_emb.dtype);
     p.pos_ld = m.pos_emb.ld;

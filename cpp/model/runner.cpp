@@ -37,6 +37,7 @@
 #include "ops/linear_attention.h"
 #include "ops/lmul.h"
 #include "ops/norm_linear.h"
+#include "ops/quant_elem.h"
 #include "ops/quant_gemm.h"
 
 namespace ne {
@@ -64,16 +65,6 @@ float elem_f32(const void* p, DType t, int64_t i) {
   }
 }
 
-// E4M3 (fn) bits -> float: s eeee mmm, bias 7, subnormals at e = 0, 0x7f / 0xff NaN, no Inf.
-float e4m3_to_f32(uint8_t b) {
-  const int e = (b >> 3) & 15, m = b & 7;
-  float v;
-  if (e == 15 && m == 7) v = NAN;
-  else if (e == 0) v = std::ldexp(static_cast<float>(m) / 8.0f, -6);
-  else v = std::ldexp(1.0f + static_cast<float>(m) / 8.0f, e - 7);
-  return (b & 0x80) ? -v : v;
-}
-
 // Row n of a weight as float32 (embedding lookups): dense rows widened, quantized rows dequantized
 // exactly as the GEMMs read them.
 void weight_row(const W& w, int64_t n, float* out) {
@@ -82,33 +73,7 @@ void weight_row(const W& w, int64_t n, float* out) {
     for (int64_t i = 0; i < w.cols; ++i) out[i] = elem_f32(r, w.dtype, i);
     return;
   }
-  const QWeight& q = w.q;
-  const int64_t K = q.K;
-  switch (q.format) {
-    case QFormat::Int8:
-    case QFormat::Int8Weight: {
-      const int8_t* r = static_cast<const int8_t*>(q.data) + n * K;
-      for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(r[k]) * q.scale[n];
-      break;
-    }
-    case QFormat::Int4: {  // w = (nibble - zero) * scale, per group of q.group along K
-      const uint8_t* r = static_cast<const uint8_t*>(q.data) + n * (K / 2);
-      const int64_t G = K / q.group;
-      for (int64_t k = 0; k < K; ++k) {
-        const int nib = (k & 1) ? (r[k / 2] >> 4) : (r[k / 2] & 15);
-        const float z = q.zero ? q.zero[n * G + k / q.group] : 7.5f;  // symmetric: mid-rise
-        out[k] = (static_cast<float>(nib) - z) * q.scale[n * G + k / q.group];
-      }
-      break;
-    }
-    case QFormat::FP8: {  // w = e4m3(q) * scale (per tensor, or per 128 x 128 block)
-      const uint8_t* r = static_cast<const uint8_t*>(q.data) + n * K;
-      const int64_t kb = (K + 127) / 128;
-      for (int64_t k = 0; k < K; ++k)
-        out[k] = e4m3_to_f32(r[k]) * (q.group == 0 ? q.scale[0] : q.scale[(n / 128) * kb + k / 128]);
-      break;
-    }
-  }
+  for (int64_t k = 0; k < w.q.K; ++k) out[k] = quant_elem(w.q, n, k);
 }
 
 // Picked per call, so force_cpu_isa() takes effect at once.

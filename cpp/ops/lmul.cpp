@@ -251,6 +251,15 @@ constexpr TileFn kTiles[3][MR] = {{tile<1, 0>, tile<2, 0>, tile<3, 0>, tile<4, 0
                                   {tile<1, 1>, tile<2, 1>, tile<3, 1>, tile<4, 1>},
                                   {tile<1, 2>, tile<2, 2>, tile<3, 2>, tile<4, 2>}};
 
+// The smallest lane of vmin and the largest of vmax (exponent ranges tracked lane by lane).
+inline void lane_range(R vmin, R vmax, int32_t& lo, int32_t& hi) {
+  alignas(64) uint32_t a[L], b[L];
+  VI::store(a, vmin);
+  VI::store(b, vmax);
+  lo = static_cast<int32_t>(*std::min_element(a, a + L));
+  hi = static_cast<int32_t>(*std::max_element(b, b + L));
+}
+
 // fn(k, bits) for k = 0 .. kc - 1 in order, bits: the L words w[p0 + h L + lane, kb + k] (one k of half h
 // of a full panel). W [N, K] is read L rows x L k-values at a time and transposed in registers (the last
 // kc % L k-values gathered); W [K, N] (LmulArgs::w_kn) holds them as one vector already.
@@ -287,11 +296,7 @@ void pack_block(const LmulArgs& a, int64_t p0, int nw, int64_t kb, int64_t kc, u
     };
     for (int h = 0; h < 2; ++h)
       panel_columns(a, p0, h, kb, kc, [&](int64_t k, R wbits) { put(pack + k * NP + h * L, wbits); });
-    alignas(64) uint32_t lo[L], hi[L];
-    VI::store(lo, vmin);
-    VI::store(hi, vmax);
-    emin_out = static_cast<int32_t>(*std::min_element(lo, lo + L));
-    emax_out = static_cast<int32_t>(*std::max_element(hi, hi + L));
+    lane_range(vmin, vmax, emin_out, emax_out);
     return;
   }
   // a partial panel (the last nw < NP columns), element by element, columns past nw zero
@@ -323,8 +328,8 @@ inline int tile_mode(const LmulRowStat& s, int32_t emin, int32_t emax) {
 // M = 1, a whole panel (NP rows of W): y[p0 + j] = sum_k product(x[k], w[p0 + j, k]), k in order, without
 // a packed copy of W. Each step reads L k-values of L rows of W (one vector per row), transposes them
 // in registers (one vector per k, lane = output; W stored [K, N] needs no transpose), prepares them as
-// the pack does, and adds them with the fast products of `tile`, tracking the block's exponent range as it goes. A K block whose range
-// turns out to need the checked products (a zero or special w, exponents near the ends) is done again
+// the pack does, and adds them with the fast products of `tile`, tracking the block's exponent range
+// as it goes. A K block whose range turns out to need the checked products (a zero or special w, exponents near the ends) is done again
 // from the accumulators saved before it, packed and checked: the same sums, bit for bit, as packing
 // every block first. x's own range is known: a row with Inf / NaN never comes here.
 void gemv_panel(const LmulArgs& a, int64_t p0, const LmulConst& kc_, uint32_t* pack, float* tacc) {
@@ -350,11 +355,8 @@ void gemv_panel(const LmulArgs& a, int64_t p0, const LmulConst& kc_, uint32_t* p
     emin = VI::set1(255), emax = VI::set1(0);
     for (int h = 0; h < 2; ++h)
       panel_columns(a, p0, h, kb, kc, [&](int64_t k, R wbits) { step(acc[h], wbits, xp[kb + k]); });
-    alignas(64) uint32_t lo[L], hi[L];
-    VI::store(lo, emin);
-    VI::store(hi, emax);
-    const int32_t bmin = static_cast<int32_t>(*std::min_element(lo, lo + L));
-    const int32_t bmax = static_cast<int32_t>(*std::max_element(hi, hi + L));
+    int32_t bmin, bmax;
+    lane_range(emin, emax, bmin, bmax);
     if (tile_mode(xs, bmin, bmax) == 0) {  // redo the block with checked products
       int32_t pmin, pmax;
       pack_block(a, p0, NP, kb, kc, kc_.trunc, pack, pmin, pmax);

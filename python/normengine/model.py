@@ -395,8 +395,8 @@ class Model:
         prompt: a list of ids (returns the list of new ids), a string when the checkpoint has a
         tokenizer.json (returns the new text), or a list of either, of any lengths (returns a list).
         temperature 0 is greedy; otherwise softmax sampling restricted by top_k / top_p, reproducible
-        under `seed`, any int (each sequence of a batch draws from its own generator seeded seed + i, so a batch
-        gives what its prompts give one by one). Generation of a sequence stops at the model's eos
+        under `seed`, any int (each sequence of a batch draws from its own generator seeded seed + i, so
+        a batch gives what its prompts give one by one). Generation of a sequence stops at the model's eos
         token (kept in the output) or at any of `stop` (token ids, or strings for text prompts).
         stream=True returns an iterator yielding each new token (id, or text piece) as it is made;
         for a batch it yields (index, token) pairs. Calls on one Model may interleave (a stream left
