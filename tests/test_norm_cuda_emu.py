@@ -269,13 +269,18 @@ def check_forward(lib, kind, dtype, n, variant, layout, gen):
         assert torch.equal(h, hh) and torch.equal(h, ch), "x + residual differs from the rounded sum"
     assert close_elems(y, want, TOL_Y[dtype], scale) == 0, f"y vs float64: rel err {rel_err(y, want, 1e-3):.3g}"
     assert close_elems(y, cy, TOL_Y[dtype], scale) == 0, f"y vs CPU kernel: rel err {rel_err(y, cy, 1e-3):.3g}"
+    # the statistics: each kernel within 1e-5 of float64 (the spec); the two kernels sum in different
+    # orders, so they may differ from each other by up to the sum of their errors, 2e-5 (one 1.07e-5
+    # in five runs seen at bf16 [3, 32771] LayerNorm rows, each side then within 1e-5 of float64)
     assert rel_err(rstd, ref_rstd(kind, hh, eps)) <= 1e-5
-    assert rel_err(rstd, crstd) <= 1e-5
+    assert rel_err(crstd, ref_rstd(kind, hh, eps)) <= 1e-5
+    assert rel_err(rstd, crstd) <= 2e-5
     if kind == LAYER:
         # a sum of n shifted terms: its error scales with the terms (max |h|), not with the mean
         hmax = hh.double().abs().max().item()
         assert scaled_err(mean, hh.double().mean(-1), hmax) <= 1e-5
-        assert scaled_err(mean, cmean, hmax) <= 1e-5
+        assert scaled_err(cmean, hh.double().mean(-1), hmax) <= 1e-5
+        assert scaled_err(mean, cmean, hmax) <= 2e-5
     else:
         assert torch.equal(mean, torch.zeros_like(mean))
     return names
