@@ -312,6 +312,38 @@ __global__ void __launch_bounds__(kThreads) lin_attn_fwd_kernel(Shape sh, V4<con
     for (int64_t i = threadIdx.x; i < nS; i += blockDim.x) fin[(int64_t)bh * nS + i] = S[i];
 }
 
+// The runner's rows (linear_attention_rows): one block per (sequence i, head h) walks the sequence's
+// rows as the causal forward above walks its tokens, from the state of the sequence's slot (zero for a
+// sequence that starts at position 0) and back into it. The state lives in shared memory when it fits,
+// else it is updated in place in global memory. The head's columns are views whose base holds the
+// head's offset (GQA: kv head g = h / group), so load_token's (b, h) are (0, 0).
+__global__ void __launch_bounds__(kThreads) lin_attn_rows_kernel(Shape sh, LinAttnRowsArgs a, bool state_in_smem) {
+  extern __shared__ float smem[];
+  const int i = blockIdx.x / sh.H, h = blockIdx.x % sh.H, g = h / (sh.H / a.n_kv_heads);
+  const int64_t t0 = i ? a.last[i - 1] + 1 : 0, T = a.last[i] + 1 - t0;
+  const int64_t nS = (int64_t)(sh.Dk + 1) * (sh.Dv + 1);
+  float* home = a.state + ((int64_t)a.slot_of_row[t0] * sh.H + h) * nS;
+  float* S = state_in_smem ? smem : home;
+  Vecs s = carve(state_in_smem ? smem + nS : smem, sh.Dk, sh.Dv);
+  const bool fresh = a.pos[t0] == 0;
+  if (state_in_smem || fresh) copy_state(S, fresh ? nullptr : home, nS);
+  __syncthreads();
+  const V4<const float> q{a.q + t0 * a.ldq + (int64_t)h * sh.Dk, 0, a.ldq, 0};
+  const V4<const float> k{a.k + t0 * a.ldk + (int64_t)g * sh.Dk, 0, a.ldk, 0};
+  const V4<const float> v{a.v + t0 * a.ldv + (int64_t)g * sh.Dv, 0, a.ldv, 0};
+  const float lam = a.decay ? a.decay[h] : 1.f;
+  for (int64_t t = 0; t < T; ++t) {
+    load_token<float>(sh, q, k, v, 0, 0, t, true, true, s);
+    __syncthreads();
+    update_read(sh, S, lam, true, true, s);
+    __syncthreads();
+    readout<float>(sh, s, a.o + (t0 + t) * a.ldo + (int64_t)h * sh.Dv);
+  }
+  __syncthreads();
+  if (state_in_smem)
+    for (int64_t e = threadIdx.x; e < nS; e += blockDim.x) home[e] = S[e];
+}
+
 template <class T>
 __global__ void __launch_bounds__(kThreads) lin_attn_bwd_kernel(Shape sh, V4<const T> q, V4<const T> k,
                                                                  V4<const T> v, V4<const T> go, V4<T> gq, V4<T> gk,
@@ -454,20 +486,14 @@ const float* state_ptr(const TensorView* t, const char* name, int64_t B, int64_t
   return static_cast<const float*>(t->data);
 }
 
-Shape make_shape(const LinAttnParams& p, const TensorView& q, const TensorView& v, const TensorView* decay) {
-  if (q.ndim != 4) throw ShapeError("q: expected [B, T, H, Dk]");
-  if (v.ndim != 4) throw ShapeError("v: expected [B, T, H, Dv]");
-  Shape sh;
-  sh.B = static_cast<int>(q.shape[0]);
-  sh.T = q.shape[1];
-  sh.H = static_cast<int>(q.shape[2]);
-  sh.Dk = static_cast<int>(q.shape[3]);
-  sh.Dv = static_cast<int>(v.shape[3]);
+// The op's parameters and head dims into sh (checked).
+void set_params(Shape& sh, const LinAttnParams& p, int Dk, int Dv) {
+  sh.Dk = Dk;
+  sh.Dv = Dv;
   if (sh.Dk < 1 || sh.Dk > kMaxHeadDim)
     throw UnsupportedError("q: head dim Dk = " + std::to_string(sh.Dk) + " not supported on CUDA (1 .. 256)");
   if (sh.Dv < 1 || sh.Dv > kMaxHeadDim)
     throw UnsupportedError("v: head dim Dv = " + std::to_string(sh.Dv) + " not supported on CUDA (1 .. 256)");
-  if ((int64_t)sh.B * sh.H > 2147483647LL) throw UnsupportedError("q: B * H too large");
   sh.kind = static_cast<int>(p.kind);
   if (sh.kind < 0 || sh.kind > 2) throw ValueError("kind: unknown value " + std::to_string(sh.kind));
   sh.fmap = p.kind == LinAttnKind::Linear ? static_cast<int>(p.fmap)
@@ -479,6 +505,17 @@ Shape make_shape(const LinAttnParams& p, const TensorView& q, const TensorView& 
   sh.causal = p.causal;
   sh.normalize = p.normalize;
   sh.eps = p.eps;
+}
+
+Shape make_shape(const LinAttnParams& p, const TensorView& q, const TensorView& v, const TensorView* decay) {
+  if (q.ndim != 4) throw ShapeError("q: expected [B, T, H, Dk]");
+  if (v.ndim != 4) throw ShapeError("v: expected [B, T, H, Dv]");
+  Shape sh;
+  sh.B = static_cast<int>(q.shape[0]);
+  sh.T = q.shape[1];
+  sh.H = static_cast<int>(q.shape[2]);
+  set_params(sh, p, static_cast<int>(q.shape[3]), static_cast<int>(v.shape[3]));
+  if ((int64_t)sh.B * sh.H > 2147483647LL) throw UnsupportedError("q: B * H too large");
   if (decay) {
     check_cuda_view(*decay, "decay");
     if (p.kind != LinAttnKind::Norm) throw ValueError("decay: only norm attention takes a decay");
@@ -646,6 +683,28 @@ void linear_attention_backward(const LinAttnParams& p, const TensorView& q, cons
                                                                 ginit, g, drbuf, in_smem);
     check_launch("linear_attention_backward");
   });
+}
+
+void linear_attention_rows(const LinAttnRowsArgs& a, void* stream) {
+  if (a.n_seqs < 1) return;
+  if (a.n_heads < 1 || a.n_kv_heads < 1 || a.n_heads % a.n_kv_heads)
+    throw ValueError("linear_attention_rows: n_heads must be a positive multiple of n_kv_heads");
+  if ((int64_t)a.n_seqs * a.n_heads > 2147483647LL) throw UnsupportedError("linear_attention_rows: too many sequences");
+  if (a.decay && a.p.kind != LinAttnKind::Norm) throw ValueError("decay: only norm attention takes a decay");
+  Shape sh{};
+  sh.B = a.n_seqs;
+  sh.H = a.n_heads;
+  set_params(sh, a.p, a.dk, a.dv);
+  sh.causal = true;
+  const int64_t nS = (int64_t)(sh.Dk + 1) * (sh.Dv + 1);
+  const size_t vec_bytes = vec_floats(sh.Dk, sh.Dv) * sizeof(float);
+  const bool in_smem = nS * sizeof(float) + vec_bytes <= (size_t)max_smem_optin();
+  const size_t smem = in_smem ? nS * sizeof(float) + vec_bytes : vec_bytes;
+  cudaStream_t s = as_stream(stream);
+  check(cudaFuncSetAttribute(lin_attn_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+        "cudaFuncSetAttribute (linear_attention_rows)");
+  lin_attn_rows_kernel<<<(unsigned)(a.n_seqs * a.n_heads), kThreads, smem, s>>>(sh, a, in_smem);
+  check_launch("linear_attention_rows");
 }
 
 }  // namespace cuda

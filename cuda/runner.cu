@@ -6,6 +6,8 @@
 //   q, k, v = xn Wq^T (+bq), xn Wk^T (+bk), xn Wv^T (+bv)           (linear: gemv / tiled GEMM)
 //   RoPE(q, k) unless learned positions; K/V cache[slot][pos] = k, v  (rope_cache_kernel)
 //   att = softmax(q K^T / sqrt(D)) V over keys 0..pos, GQA            (attention_kernel)
+//     or, in a linear / MALA / norm attention layer (spec.attention), att = the op's readout of the
+//     slot's fixed-size state after each token's update (cuda::linear_attention_rows, no KV cache)
 //   x += att Wo^T (+bo)                           (the GEMM's accumulate epilogue: beta = 1)
 //   xn = norm(x);  up = xn Wu^T (+bu);  gated: up = act(xn Wg^T (+bg)) * up, else up = act(up)
 //   x += up Wd^T (+bd)
@@ -329,17 +331,18 @@ __global__ void embed_kernel(const EmbedParams p) {
 // with cos/sin = table[pos[t], i] (built on the host in float32 exactly as the CPU runner does).
 // K' goes straight to kcache[slot][pos], V is copied to vcache[slot][pos]. Without RoPE (cos null),
 // K is copied as is. TC: the caches' element type, float, or __nv_bfloat16 (spec.kv_bf16: each value
-// rounded to nearest even once, as the CPU runner's bf16 cache).
+// rounded to nearest even once, as the CPU runner's bf16 cache). A linear-family layer (kcache null)
+// keeps no cache: K' is written back over K, as Q' over Q.
 struct RopeCacheParams {
   float* q;
-  const float* k;
+  float* k;  // rotated in place when kcache is null (a linear-family layer: no cache)
   const float* v;
   int64_t ldq, ldkv;
   const int32_t* pos;
   const int32_t* slot;
   const float* cos;  // [ctx, D/2] or null (learned positions)
   const float* sin;
-  void* kcache;      // [slots][ctx][n_kv_heads * D] of TC
+  void* kcache;      // [slots][ctx][n_kv_heads * D] of TC, or null: RoPE of q and k in place only
   void* vcache;
   int64_t ctx;
   int n_heads, n_kv_heads, head_dim;
@@ -357,9 +360,10 @@ __global__ void rope_cache_kernel(const RopeCacheParams p) {
   const int D = p.head_dim, half = D / 2;
   const int64_t pos = p.pos[t], dkv = static_cast<int64_t>(p.n_kv_heads) * D;
   const int64_t row = (static_cast<int64_t>(p.slot[t]) * p.ctx + pos) * dkv;
-  TC* kdst = static_cast<TC*>(p.kcache) + row;
-  TC* vdst = static_cast<TC*>(p.vcache) + row;
-  const float* k = p.k + t * p.ldkv;
+  const bool cached = p.kcache != nullptr;
+  TC* kdst = cached ? static_cast<TC*>(p.kcache) + row : nullptr;
+  TC* vdst = cached ? static_cast<TC*>(p.vcache) + row : nullptr;
+  float* k = p.k + t * p.ldkv;
   const float* v = p.v + t * p.ldkv;
   if (p.cos) {
     const float* cs = p.cos + pos * half;
@@ -374,15 +378,22 @@ __global__ void rope_cache_kernel(const RopeCacheParams p) {
     }
     for (int e = threadIdx.x; e < p.n_kv_heads * half; e += blockDim.x) {
       const int h = e / half, i = e % half;
-      const float* x = k + h * D;
+      float* x = k + h * D;
       const float c = cs[i], s = sn[i], x1 = x[i], x2 = x[i + half];
-      kdst[h * D + i] = to_cache<TC>(x1 * c - x2 * s);
-      kdst[h * D + i + half] = to_cache<TC>(x2 * c + x1 * s);
+      const float y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
+      if (cached) {
+        kdst[h * D + i] = to_cache<TC>(y1);
+        kdst[h * D + i + half] = to_cache<TC>(y2);
+      } else {
+        x[i] = y1;
+        x[i + half] = y2;
+      }
     }
-  } else {
+  } else if (cached) {
     for (int64_t e = threadIdx.x; e < dkv; e += blockDim.x) kdst[e] = to_cache<TC>(k[e]);
   }
-  for (int64_t e = threadIdx.x; e < dkv; e += blockDim.x) vdst[e] = to_cache<TC>(v[e]);
+  if (cached)
+    for (int64_t e = threadIdx.x; e < dkv; e += blockDim.x) vdst[e] = to_cache<TC>(v[e]);
 }
 
 // ---------------------------------------------------------------------------- attention_kernel
@@ -645,10 +656,13 @@ using cuda::check;
 using cuda::DevW;
 
 struct CudaRunner::Layer {
-  DevW attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob;
+  AttnType type = AttnType::Softmax;
+  DevW attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob, decay;
   DevW mlp_norm_w, mlp_norm_b, up, gate, down, upb, gateb, downb;
-  void* kcache = nullptr;  // [slots][ctx][n_kv_heads * head_dim] (float, or bf16: spec.kv_bf16), in Impl::cache
+  // in Impl::cache: softmax layers [slots][ctx][n_kv_heads * head_dim] (float, or bf16: spec.kv_bf16)
+  void* kcache = nullptr;
   void* vcache = nullptr;
+  float* state = nullptr;  // linear-family layers: [slots][n_heads][(head_dim + 1)^2] float32
 };
 
 struct CudaRunner::Impl {
@@ -657,7 +671,7 @@ struct CudaRunner::Impl {
   DevW tok_emb, pos_emb, final_w, final_b, head, head_b;
   std::vector<int> len;  // tokens held per slot
   // device memory owned by the runner
-  void* cache = nullptr;  // every layer's K and V caches
+  void* cache = nullptr;  // every softmax layer's K and V caches, every linear-family layer's states
   float* rope = nullptr;   // cos [ctx, D/2] then sin [ctx, D/2]; null with learned positions
   float* act = nullptr;    // activations for cap_tokens rows (carved below)
   int32_t* idx = nullptr;  // per-token indices of a call: tok, pos, slot [T each], last rows [n_seqs]
@@ -685,24 +699,12 @@ struct CudaRunner::Impl {
 };
 
 CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spec_(s), n_slots_(slots), ctx_(ctx) {
-  if (s.vocab < 1 || s.d_model < 1 || s.n_layers < 1 || s.n_heads < 1 || s.n_kv_heads < 1 || s.head_dim < 1 ||
-      s.d_ff < 1 || s.max_seq_len < 1)
-    throw ValueError("spec: every size must be positive");
-  if (s.n_heads % s.n_kv_heads) throw ValueError("spec: n_heads must be a multiple of n_kv_heads");
-  if (!s.learned_pos && s.head_dim % 2) throw ValueError("spec: RoPE needs an even head_dim");
+  check_spec(s, slots, ctx);
   if (s.head_dim > cuda::kMaxHeadDim)
     throw UnsupportedError("spec: the CUDA runner's attention supports head_dim up to " +
                            std::to_string(cuda::kMaxHeadDim) + ", got " + std::to_string(s.head_dim));
-  for (int a : s.attention)
-    if (a != 0)
-      throw UnsupportedError("spec.attention: the CUDA runner runs softmax attention layers only so far (linear, MALA "
-                             "and norm attention layers run on the CPU runner)");
   if (s.lmul_scope != 0)
     throw UnsupportedError("spec.lmul_scope: L-Mul arithmetic runs on the CPU runner only so far");
-  if (slots < 1) throw ValueError("slots: expected >= 1, got " + std::to_string(slots));
-  if (ctx < 1 || ctx > s.max_seq_len)
-    throw ValueError("ctx: expected 1.." + std::to_string(s.max_seq_len) + " (the model's context), got " +
-                     std::to_string(ctx));
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count < 1) {
     cudaGetLastError();
@@ -719,14 +721,28 @@ CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spe
   m.layers.resize(s.n_layers);
   m.len.assign(slots, 0);
 
-  // bytes per cache (float32, or bfloat16 with spec.kv_bf16)
-  const size_t per = static_cast<size_t>(slots) * ctx * s.n_kv_heads * s.head_dim * (s.kv_bf16 ? 2 : 4);
-  const size_t total = per * 2 * static_cast<size_t>(s.n_layers);
-  check(cudaMalloc(&m.cache, total), "cudaMalloc (KV cache)");
-  check(cudaMemset(m.cache, 0, total), "cudaMemset (KV cache)");
+  // bytes per K or V cache (float32, or bfloat16 with spec.kv_bf16), and per layer's states (float32),
+  // each rounded up to 256 bytes (aligned for the kernels' vector loads)
+  auto aligned = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
+  const size_t per = aligned(static_cast<size_t>(slots) * ctx * s.n_kv_heads * s.head_dim * (s.kv_bf16 ? 2 : 4));
+  const size_t per_state = aligned(static_cast<size_t>(slots) * s.n_heads * (s.head_dim + 1) * (s.head_dim + 1) * 4);
+  size_t total = 0;
   for (int i = 0; i < s.n_layers; ++i) {
-    m.layers[i].kcache = static_cast<char*>(m.cache) + per * (2 * static_cast<size_t>(i));
-    m.layers[i].vcache = static_cast<char*>(m.cache) + per * (2 * static_cast<size_t>(i) + 1);
+    m.layers[i].type = attn_type(s, i);
+    total += m.layers[i].type == AttnType::Softmax ? 2 * per : per_state;
+  }
+  check(cudaMalloc(&m.cache, total), "cudaMalloc (KV cache / attention states)");
+  check(cudaMemset(m.cache, 0, total), "cudaMemset (KV cache / attention states)");
+  char* at = static_cast<char*>(m.cache);
+  for (auto& L : m.layers) {
+    if (L.type == AttnType::Softmax) {
+      L.kcache = at;
+      L.vcache = at + per;
+      at += 2 * per;
+    } else {
+      L.state = reinterpret_cast<float*>(at);
+      at += per_state;
+    }
   }
   if (!s.learned_pos) {
     // As Hugging Face computes them, in float32: inv_freq_i = 1 / theta^(2i / D), angle = pos * inv_freq_i
@@ -915,7 +931,8 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     cuda::launch_linear(L.q, L.qb, xin, d, T, m.q, dq, false, st);
     cuda::launch_linear(L.k, L.kb, xin, d, T, m.k, dkv, false, st);
     cuda::launch_linear(L.v, L.vb, xin, d, T, m.v, dkv, false, st);
-    {
+    const bool softmax = L.type == AttnType::Softmax;
+    if (softmax || !s.learned_pos) {  // RoPE; a softmax layer's K/V rows into its cache
       cuda::RopeCacheParams p{};
       p.q = m.q;
       p.k = m.k;
@@ -926,17 +943,17 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       p.slot = d_slot;
       p.cos = s.learned_pos ? nullptr : m.rope;
       p.sin = s.learned_pos ? nullptr : m.rope + static_cast<size_t>(ctx_) * half;
-      p.kcache = L.kcache;
+      p.kcache = L.kcache;  // null in a linear-family layer: RoPE only
       p.vcache = L.vcache;
       p.ctx = ctx_;
       p.n_heads = s.n_heads;
       p.n_kv_heads = s.n_kv_heads;
       p.head_dim = s.head_dim;
-      if (s.kv_bf16) cuda::rope_cache_kernel<__nv_bfloat16><<<grid_t, 128, 0, st>>>(p);
+      if (s.kv_bf16 && softmax) cuda::rope_cache_kernel<__nv_bfloat16><<<grid_t, 128, 0, st>>>(p);
       else cuda::rope_cache_kernel<float><<<grid_t, 128, 0, st>>>(p);
       cuda::check_launch("rope_cache_kernel");
     }
-    {
+    if (softmax) {
       cuda::AttnParams p{};
       p.q = m.q;
       p.out = m.att;
@@ -952,6 +969,24 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       p.head_dim = s.head_dim;
       p.scale = scale;
       cuda::launch_attention(p, T, s.kv_bf16, st);
+    } else {
+      // Linear family: each sequence's rows continue from, and update, its slot's fixed-size state.
+      cuda::LinAttnRowsArgs a;
+      a.p = lin_attn_params(s, L.type);
+      a.n_seqs = n_seqs;
+      a.n_heads = s.n_heads;
+      a.n_kv_heads = s.n_kv_heads;
+      a.dk = a.dv = s.head_dim;
+      a.last = d_last;
+      a.slot_of_row = d_slot;
+      a.pos = d_pos;
+      a.q = m.q; a.ldq = dq;
+      a.k = m.k; a.ldk = dkv;
+      a.v = m.v; a.ldv = dkv;
+      a.decay = L.decay.present() ? L.decay.f32() : nullptr;
+      a.state = L.state;
+      a.o = m.att; a.ldo = dq;
+      cuda::linear_attention_rows(a, st);
     }
     cuda::launch_linear(L.o, L.ob, m.att, dq, T, m.x, d, true, st);  // x += attn Wo^T + bo
     // ---- MLP

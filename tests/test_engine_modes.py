@@ -303,6 +303,33 @@ def test_norm_attention_decay(exact):
         ne.Model(exact.config, bad).logits(ids)  # softmax layers take no decay
 
 
+@pytest.mark.skipif(not _GPU, reason="no CUDA GPU visible (or normengine built without CUDA)")
+@pytest.mark.parametrize("attention", ["linear", "mala", "norm", ["linear", "softmax", "mala", "norm"]])
+def test_attention_types_on_cuda_match_cpu(attention):
+    # the CUDA runner's linear-family layers (cuda::linear_attention_rows, the slot's state on the GPU)
+    # against the CPU runner: every row's logits of a batch, and on the GPU a batch of prompts of
+    # different lengths generates what each prompt generates alone (per-slot states, fresh after reset)
+    cpu = ne.load(attention=attention)
+    gpu = ne.load(attention=attention, device="cuda")
+    ids = torch.tensor(_prompts(3, 21, cpu.config.vocab_size, 29))
+    assert rel_err(gpu.logits(ids).cpu(), cpu.logits(ids)) <= 1e-4
+    prompts = [p[:n] for p, n in zip(_prompts(3, 20, cpu.config.vocab_size, 31), (20, 9, 14))]
+    assert gpu.generate(prompts, max_new_tokens=6) == [gpu.generate(p, max_new_tokens=6) for p in prompts]
+
+
+@pytest.mark.skipif(not _GPU, reason="no CUDA GPU visible (or normengine built without CUDA)")
+def test_norm_attention_decay_on_cuda(exact):
+    from normengine.convert import swap_attention
+
+    cfg = swap_attention(exact.config, "norm")
+    tensors = dict(exact.tensors)
+    for i in range(cfg.n_layers):
+        tensors[f"blocks.{i}.attn.decay"] = torch.linspace(0.8, 0.99, cfg.n_heads)
+    ids = _prompts(1, 25, cfg.vocab_size, 23)[0]
+    want = ne.Model(cfg, tensors).logits(ids)
+    assert rel_err(ne.Model(cfg, tensors, device="cuda").logits(ids).cpu(), want) <= 1e-4
+
+
 def test_attention_bad_arguments():
     with pytest.raises(errors.ArgumentError, match="attention"):
         ne.load(attention="performer")

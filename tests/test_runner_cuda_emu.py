@@ -40,16 +40,23 @@ REL = 2e-5  # max |emu - cpu| / max |cpu| per logits matrix (seen: <= 1.3e-6; a 
 def lib(tmp_path_factory):
     d = tmp_path_factory.mktemp("runneremu")
     runner_src, norm_src, quant_src = d / "runner.emu.cu", d / "norm.emu.cu", d / "quant.emu.cu"
+    la_src, chunk_src = d / "linear_attention.emu.cu", d / "linear_attention_chunk.emu.cu"
     runner_src.write_text(emu_source(os.path.join(ROOT, "cuda", "runner.cu")))
     norm_src.write_text(emu_source(os.path.join(ROOT, "cuda", "norm.cu")))
     quant_src.write_text(quant_emu_source(os.path.join(ROOT, "cuda", "quant_gemm.cu")))
-    L = build(d / "librunneremu.so", [os.path.join(EMU, "runner_emu.cpp"), "-x", "c++", str(norm_src), str(quant_src),
+    # linear / MALA / norm attention layers: cuda/linear_attention.cu (its own translation unit, wrapped by
+    # runner_la_emu.cpp) and the chunked kernels it links against (device_paths: as test_lmul_la_cuda_emu)
+    la_src.write_text(emu_source(os.path.join(ROOT, "cuda", "linear_attention.cu"), device_paths=True))
+    chunk_src.write_text(emu_source(os.path.join(ROOT, "cuda", "linear_attention_chunk.cu"), device_paths=True))
+    L = build(d / "librunneremu.so", [os.path.join(EMU, "runner_emu.cpp"), os.path.join(EMU, "runner_la_emu.cpp"),
+                                      "-x", "c++", str(norm_src), str(quant_src), str(chunk_src),
                                       "-x", "none", os.path.join(ROOT, "cpp", "core", "tensor.cpp")],
-              ["-DNE_WITH_CUDA", "-DNE_CUDA_EMU", f'-DNE_EMU_RUNNER_SOURCE="{runner_src}"'],
+              ["-DNE_WITH_CUDA", "-DNE_CUDA_EMU", f'-DNE_EMU_RUNNER_SOURCE="{runner_src}"',
+               f'-DNE_EMU_LA_SOURCE="{la_src}"'],
               prefix="ne_remu")
     vp, ci, i32p = ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p
     L.ne_remu_create.restype = vp
-    L.ne_remu_create.argtypes = [vp, vp, ci, ci]
+    L.ne_remu_create.argtypes = [vp, vp, vp, ci, ci]
     L.ne_remu_destroy.argtypes = [vp]
     L.ne_remu_set_tensor.argtypes = [vp, ctypes.c_char_p, vp, ci, ci, vp, vp]
     L.ne_remu_set_quant_tensor.argtypes = [vp, ctypes.c_char_p, ci, vp, vp, vp, vp, ci, vp, ctypes.c_int64]
@@ -86,12 +93,14 @@ class EmuRunner:
         tensors = model.tensors if tensors is None else tensors
         ints = [s["vocab"], s["d_model"], s["n_layers"], s["n_heads"], s["n_kv_heads"], s["head_dim"], s["d_ff"],
                 s["max_seq_len"], s["norm"], s["activation"], s["gated_mlp"], s["learned_pos"], s["qkv_bias"],
-                s["o_bias"], s["mlp_bias"], s["head_bias"], s["kv_bf16"]]
-        assert not s["attention"] and s["lmul_scope"] == 0
+                s["o_bias"], s["mlp_bias"], s["head_bias"], s["kv_bf16"], s["linear_feature_map"],
+                s["linear_normalize"], s["norm_attention_norm"]]
+        assert s["lmul_scope"] == 0
         self.vocab = s["vocab"]
-        self._ints = (ctypes.c_int * 17)(*[int(v) for v in ints])
-        self._dbl = (ctypes.c_double * 2)(float(s["norm_eps"]), float(s["rope_theta"]))
-        self.h = lib.ne_remu_create(self._ints, self._dbl, slots, ctx)
+        self._ints = (ctypes.c_int * 20)(*[int(v) for v in ints])
+        self._dbl = (ctypes.c_double * 3)(float(s["norm_eps"]), float(s["rope_theta"]), float(s["linear_eps"]))
+        self._attn = (ctypes.c_int * len(s["attention"]))(*s["attention"]) if s["attention"] else None
+        self.h = lib.ne_remu_create(self._ints, self._dbl, self._attn, slots, ctx)
         assert self.h, lib.ne_remu_error().decode()
         self.keep = []
         for name, t in tensors.items():
@@ -373,3 +382,62 @@ def test_bf16_kv_cache(lib, model, name):
     assert {"rope_cache<bf16>"} <= names and any(n.endswith(",bf16>") and n.startswith("attention<") for n in names)
     assert not names & {"rope_cache", "attention<1>", "attention<2>"}
     assert worst <= 1e-4
+
+
+def linear_family(model, name):
+    """Spec and tensors of a model whose layers mix the linear family (spec.attention: 0 softmax,
+    1 linear, 2 MALA, 3 norm attention) with softmax, on the default model's weights or a variant's."""
+    cfg = {
+        # every kind once, learned positions (no RoPE), elu+1 normalized linear attention, RMS norm attention
+        "linear_mala_norm_softmax": (None, dict(attention=[1, 2, 3, 0])),
+        # relu feature map, no denominator
+        "relu_unnormalized": (None, dict(attention=[1, 1, 0, 1], linear_feature_map=1, linear_normalize=False)),
+        # RoPE on q and k in place (no cache), GQA 4:2 (query head h reads kv head h / 2), norm attention
+        # with LayerNorm outputs and a per-head decay, bfloat16 weights
+        "rope_gqa_decay_layernorm": ("rope_gqa_gated_rms_bf16", dict(attention=[3, 2, 3, 1], norm_attention_norm=1)),
+    }[name]
+    base, upd = cfg
+    spec, ts = variant(model, base) if base else (dict(model._spec()), dict(model.tensors))
+    spec.update(upd)
+    g = torch.Generator().manual_seed(11)
+    if name == "rope_gqa_decay_layernorm":
+        for i, a in enumerate(spec["attention"]):
+            if a == 3:
+                ts[f"blocks.{i}.attn.decay"] = 0.5 + 0.5 * torch.rand(spec["n_heads"], generator=g)
+    return spec, ts
+
+
+@pytest.mark.parametrize("name", ["linear_mala_norm_softmax", "relu_unnormalized", "rope_gqa_decay_layernorm"])
+def test_linear_family_layers(lib, model, name):
+    """Linear, MALA and norm attention layers in the CUDA runner (cuda::linear_attention_rows: one block
+    per (sequence, head) walking its rows from the slot's fixed-size state), vs the CPU runner on the
+    same spec and tensors: two prompts of 7 and 20 tokens prefilled in one call (every row), two decode
+    steps of both, then in ONE call a 2-token continuation of slot 1 and a fresh prompt in slot 0 after
+    reset (a sequence at position 0 starts from a zero state, whatever the slot held)."""
+    spec, ts = linear_family(model, name)
+    worst, names = prefill_then_decode(lib, model, spec, ts, seed=6)
+    assert "lin_attn_rows" in names, sorted(names)
+    assert ("rope_cache" in names) == (0 in spec["attention"] or not spec["learned_pos"]), sorted(names)
+    g = torch.Generator().manual_seed(9)
+    a = torch.randint(0, 1024, (7,), generator=g).tolist()
+    b = torch.randint(0, 1024, (20,), generator=g).tolist()
+    c = torch.randint(0, 1024, (11,), generator=g).tolist()
+    er = EmuRunner(lib, model, 2, 40, spec, ts)
+    cr = cpu_runner(model, 2, 40, spec, ts)
+    try:
+        for slots, seqs in (([0, 1], [a, b]), ([0, 1], [[3], [4]]), ([1], [[5, 6]])):
+            got = er.forward(slots, seqs, True)
+            worst = max(worst, rel(got, cpu_forward(cr, slots, seqs, True, 1024)))
+        er.lib.ne_remu_reset(er.h, 0)
+        cr.reset(0)
+        got = er.forward([1, 0], [[7, 8], c], True)
+        want = cpu_forward(cr, [1, 0], [[7, 8], c], True, 1024)
+        worst = max(worst, rel(got, want))
+        assert er.length(0) == 11 and er.length(1) == 25
+        # slot 0 after the reset equals the prompt alone in a fresh runner
+        fresh = cpu_runner(model, 1, 40, spec, ts)
+        worst = max(worst, rel(got[2:], cpu_forward(fresh, [0], [c], True, 1024)))
+    finally:
+        er.close()
+    print(f"{name}: max rel err {worst:.3g}; kernels {sorted(names)}")
+    assert worst <= REL

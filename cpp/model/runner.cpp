@@ -144,35 +144,13 @@ struct Runner::Impl {
 };
 
 Runner::Runner(const ModelSpec& s, int slots, int ctx) : spec_(s), n_slots_(slots), ctx_(ctx) {
-  if (s.vocab < 1 || s.d_model < 1 || s.n_layers < 1 || s.n_heads < 1 || s.n_kv_heads < 1 || s.head_dim < 1 ||
-      s.d_ff < 1 || s.max_seq_len < 1)
-    throw ValueError("spec: every size must be positive");
-  if (s.n_heads % s.n_kv_heads) throw ValueError("spec: n_heads must be a multiple of n_kv_heads");
-  if (!s.learned_pos && s.head_dim % 2) throw ValueError("spec: RoPE needs an even head_dim");
-  if (slots < 1) throw ValueError("slots: expected >= 1, got " + std::to_string(slots));
-  if (ctx < 1 || ctx > s.max_seq_len)
-    throw ValueError("ctx: expected 1.." + std::to_string(s.max_seq_len) + " (the model's context), got " +
-                     std::to_string(ctx));
-  if (!s.attention.empty() && static_cast<int>(s.attention.size()) != s.n_layers)
-    throw ValueError("spec.attention: expected one entry per layer (" + std::to_string(s.n_layers) + "), got " +
-                     std::to_string(s.attention.size()));
-  for (int a : s.attention)
-    if (a < 0 || a > 3) throw ValueError("spec.attention: expected 0 (softmax), 1 (linear), 2 (mala) or 3 (norm)");
-  if (s.linear_feature_map < 0 || s.linear_feature_map > 2)
-    throw ValueError("spec.linear_feature_map: expected 0 (elu1), 1 (relu) or 2 (identity)");
-  if (s.norm_attention_norm < 0 || s.norm_attention_norm > 1)
-    throw ValueError("spec.norm_attention_norm: expected 0 (rms) or 1 (layer)");
-  if (s.lmul_scope < 0 || s.lmul_scope > 2) throw ValueError("spec.lmul_scope: expected 0 (off), 1 (attention) or 2 (all)");
-  if (s.kv_bf16 && s.lmul_scope)
-    throw ValueError("spec.kv_bf16: the L-Mul attention reads a float32 KV cache");
-  if (s.lmul_scope && (s.lmul_bits < 1 || s.lmul_bits > 23))
-    throw ValueError("spec.lmul_bits: expected 1..23 mantissa bits, got " + std::to_string(s.lmul_bits));
+  check_spec(s, slots, ctx);
   impl_ = std::make_unique<Impl>();
   impl_->layers.resize(s.n_layers);
   const size_t cache = static_cast<size_t>(slots) * ctx * s.n_kv_heads * s.head_dim;
   for (int i = 0; i < s.n_layers; ++i) {
     Layer& l = impl_->layers[i];
-    l.type = s.attention.empty() ? AttnType::Softmax : static_cast<AttnType>(s.attention[i]);
+    l.type = attn_type(s, i);
     if (l.type == AttnType::Softmax && s.kv_bf16) {
       l.kcache16.assign(cache, bf16{0});
       l.vcache16.assign(cache, bf16{0});
@@ -201,13 +179,6 @@ void Runner::set_tensor(const std::string& name, const TensorView& t) {
   const ModelSpec& s = spec_;
   if (t.device.type != DeviceType::CPU)
     throw DeviceError(name + ": the runner's weights must be on the CPU, got " + t.device.str());
-  std::string r;
-  const int i = layer_of(name, s, &r);
-  if (i >= 0 && r == "attn.decay") {  // norm attention's per-head decay: the CPU runner's alone
-    if (impl_->layers[i].type != AttnType::Norm) throw ValueError(name + ": only norm-attention layers take a decay");
-    set_dense_weight(WeightSlot<W>{&impl_->layers[i].decay, 1, s.n_heads, true, false}, name, t);
-    return;
-  }
   const WeightSlot<W> slot = weight_slot<W>(*impl_, s, name);
   if (!slot.w) throw ValueError(name + ": not a tensor of this model");
   set_dense_weight(slot, name, t);
@@ -548,15 +519,7 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
       else K.attention(aa);
     } else {
       // Linear family: each sequence's rows continue from, and update, its slot's fixed-size state.
-      LinAttnParams p;
-      p.kind = L.type == AttnType::Linear ? LinAttnKind::Linear
-             : L.type == AttnType::Mala   ? LinAttnKind::Mala
-                                          : LinAttnKind::Norm;
-      p.fmap = static_cast<FeatureMap>(s.linear_feature_map);
-      p.causal = true;
-      p.normalize = s.linear_normalize;
-      p.out_norm = s.norm_attention_norm;
-      p.eps = static_cast<float>(s.linear_eps);
+      const LinAttnParams p = lin_attn_params(s, L.type);
       const size_t per_slot = static_cast<size_t>(s.n_heads) * (s.head_dim + 1) * (s.head_dim + 1);
       int64_t t0 = 0;
       for (int i = 0; i < n_seqs; ++i) {

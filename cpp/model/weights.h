@@ -2,7 +2,8 @@
 // handed to a runner passes. Shared by the CPU runner (model/runner.cpp) and the CUDA runner
 // (cuda/runner.cu), whose per-model and per-layer structs use the same member names:
 //   model: tok_emb, pos_emb, final_w, final_b, head, head_b, layers[i]
-//   layer: attn_norm_w/_b, mlp_norm_w/_b, q k v o (+ qb kb vb ob), up gate down (+ upb gateb downb)
+//   layer: attn_norm_w/_b, mlp_norm_w/_b, q k v o (+ qb kb vb ob), up gate down (+ upb gateb downb),
+//          decay (norm attention)
 // Names are those of normengine's canonical checkpoint layout ("blocks.{i}.attn.q.weight", ...).
 #pragma once
 
@@ -12,6 +13,7 @@
 
 #include "normengine/model.h"
 #include "normengine/tensor.h"
+#include "ops/linear_attention.h"
 #include "ops/quant_gemm.h"
 
 namespace ne {
@@ -40,6 +42,50 @@ inline int layer_of(const std::string& name, const ModelSpec& s, std::string* re
     throw ValueError(name + ": no such layer (the model has " + std::to_string(s.n_layers) + ")");
   *rest = name.substr(dot + 1);
   return i;
+}
+
+// The checks both runners' constructors make of a spec and their slots / ctx (ValueError naming the
+// field). What one runner does not support is that runner's to refuse.
+inline void check_spec(const ModelSpec& s, int slots, int ctx) {
+  if (s.vocab < 1 || s.d_model < 1 || s.n_layers < 1 || s.n_heads < 1 || s.n_kv_heads < 1 || s.head_dim < 1 ||
+      s.d_ff < 1 || s.max_seq_len < 1)
+    throw ValueError("spec: every size must be positive");
+  if (s.n_heads % s.n_kv_heads) throw ValueError("spec: n_heads must be a multiple of n_kv_heads");
+  if (!s.learned_pos && s.head_dim % 2) throw ValueError("spec: RoPE needs an even head_dim");
+  if (slots < 1) throw ValueError("slots: expected >= 1, got " + std::to_string(slots));
+  if (ctx < 1 || ctx > s.max_seq_len)
+    throw ValueError("ctx: expected 1.." + std::to_string(s.max_seq_len) + " (the model's context), got " +
+                     std::to_string(ctx));
+  if (!s.attention.empty() && static_cast<int>(s.attention.size()) != s.n_layers)
+    throw ValueError("spec.attention: expected one entry per layer (" + std::to_string(s.n_layers) + "), got " +
+                     std::to_string(s.attention.size()));
+  for (int a : s.attention)
+    if (a < 0 || a > 3) throw ValueError("spec.attention: expected 0 (softmax), 1 (linear), 2 (mala) or 3 (norm)");
+  if (s.linear_feature_map < 0 || s.linear_feature_map > 2)
+    throw ValueError("spec.linear_feature_map: expected 0 (elu1), 1 (relu) or 2 (identity)");
+  if (s.norm_attention_norm < 0 || s.norm_attention_norm > 1)
+    throw ValueError("spec.norm_attention_norm: expected 0 (rms) or 1 (layer)");
+  if (s.lmul_scope < 0 || s.lmul_scope > 2) throw ValueError("spec.lmul_scope: expected 0 (off), 1 (attention) or 2 (all)");
+  if (s.kv_bf16 && s.lmul_scope) throw ValueError("spec.kv_bf16: the L-Mul attention reads a float32 KV cache");
+  if (s.lmul_scope && (s.lmul_bits < 1 || s.lmul_bits > 23))
+    throw ValueError("spec.lmul_bits: expected 1..23 mantissa bits, got " + std::to_string(s.lmul_bits));
+}
+
+// Layer i's attention type under spec s.
+inline AttnType attn_type(const ModelSpec& s, int i) {
+  return s.attention.empty() ? AttnType::Softmax : static_cast<AttnType>(s.attention[i]);
+}
+
+// The op a linear-family layer of type t runs under spec s (causal; ops/linear_attention.h).
+inline LinAttnParams lin_attn_params(const ModelSpec& s, AttnType t) {
+  LinAttnParams p;
+  p.kind = t == AttnType::Linear ? LinAttnKind::Linear : t == AttnType::Mala ? LinAttnKind::Mala : LinAttnKind::Norm;
+  p.fmap = static_cast<FeatureMap>(s.linear_feature_map);
+  p.causal = true;
+  p.normalize = s.linear_normalize;
+  p.out_norm = s.norm_attention_norm;
+  p.eps = static_cast<float>(s.linear_eps);
+  return p;
 }
 
 // The slot of `name` in model `m` (a runner's Impl), or w = nullptr when the model has no such
@@ -80,6 +126,10 @@ WeightSlot<Wt> weight_slot(Model& m, const ModelSpec& s, const std::string& name
   if (r == "mlp.up.bias") return vec(L.upb, f);
   if (r == "mlp.gate.bias") return vec(L.gateb, f);
   if (r == "mlp.down.bias") return vec(L.downb, d);
+  if (r == "attn.decay") {  // norm attention's per-head decay lambda (optional: 1 without)
+    if (attn_type(s, i) != AttnType::Norm) throw ValueError(name + ": only norm-attention layers take a decay");
+    return vec(L.decay, s.n_heads);
+  }
   return {};
 }
 

@@ -103,6 +103,28 @@ void linear_attention_backward(const LinAttnParams& p, const TensorView& q, cons
                                const TensorView* decay, const TensorView* initial_state, const TensorView& grad_o,
                                const TensorView* grad_final_state, const TensorView& grad_q, const TensorView& grad_k,
                                const TensorView& grad_v, const TensorView* grad_initial_state, void* stream);
+
+// The CUDA runner's entry (cuda/runner.cu), the twin of linear_attention_sequence for every sequence of
+// a call at once: the rows of n_seqs sequences stacked as the runner stacks them, sequence i holding
+// rows last[i-1] + 1 .. last[i] (last[-1] = -1), causal, each sequence continuing from and updating
+// the state of its slot, state + (slot * n_heads + h) (dk+1) (dv+1) floats for head h, where slot =
+// slot_of_row[first row]. A sequence whose first row has pos == 0 starts from a zero state instead
+// (so resetting a slot needs no device work). GQA: query head h reads kv head h / (n_heads /
+// n_kv_heads). last, slot_of_row and pos are device int32 arrays; everything float32, device memory.
+struct LinAttnRowsArgs {
+  LinAttnParams p;
+  int n_seqs = 0, n_heads = 0, n_kv_heads = 0, dk = 0, dv = 0;
+  const int32_t* last = nullptr;         // [n_seqs]
+  const int32_t* slot_of_row = nullptr;  // [rows]
+  const int32_t* pos = nullptr;          // [rows]
+  const float* q = nullptr; int64_t ldq = 0;
+  const float* k = nullptr; int64_t ldk = 0;
+  const float* v = nullptr; int64_t ldv = 0;
+  const float* decay = nullptr;  // [n_heads] or null
+  float* state = nullptr;
+  float* o = nullptr; int64_t ldo = 0;
+};
+void linear_attention_rows(const LinAttnRowsArgs& a, void* stream);
 }  // namespace cuda
 #endif
 }  // namespace ne

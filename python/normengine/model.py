@@ -93,9 +93,6 @@ class Model:
         self.arithmetic = "lmul" if arithmetic == "lmul" else "exact"
         self.lmul_bits = int(lmul_bits) if arithmetic == "lmul" else 0
         self.lmul_scope = lmul_scope if arithmetic == "lmul" else None
-        if dev.type == "cuda" and config.attention and any(a != "softmax" for a in config.attention):
-            raise UnsupportedError("config.attention: linear, MALA and norm attention layers run on the CPU runner "
-                                   "only so far; load with device='cpu'")
         self.config = config
         self.path = path
         self.tokenizer = tokenizer

@@ -55,6 +55,9 @@ void norm_forward(NormKind kind, const TensorView& x, const TensorView* residual
 }
 }  // namespace ne
 
+// runner_la_emu.cpp: the kernel of ne::cuda::linear_attention_rows (internal to that translation unit)
+__attribute__((visibility("hidden"))) const void* ne_remu_lin_attn_rows_kernel();
+
 namespace {
 
 using ne_harness::guarded;
@@ -89,6 +92,7 @@ void init_names_local() {
   name(attention_kernel<8, __nv_bfloat16>, "attention<8,bf16>");
   name(activation_kernel, "activation");
   name(gather_rows_kernel, "gather_rows");
+  name(static_cast<const char*>(ne_remu_lin_attn_rows_kernel()), "lin_attn_rows");
 }
 
 ne::DType dtype_of(int code) { return static_cast<ne::DType>(code); }  // ne::DType values
@@ -102,8 +106,10 @@ extern "C" {
 const char* ne_remu_error() { return ne_harness::error(); }
 
 // ints: vocab, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff, max_seq_len, norm, activation,
-// gated_mlp, learned_pos, qkv_bias, o_bias, mlp_bias, head_bias, kv_bf16 (17); dbl: norm_eps, rope_theta.
-void* ne_remu_create(const int* ints, const double* dbl, int slots, int ctx) {
+// gated_mlp, learned_pos, qkv_bias, o_bias, mlp_bias, head_bias, kv_bf16, linear_feature_map,
+// linear_normalize, norm_attention_norm (20); dbl: norm_eps, rope_theta, linear_eps; attention: the
+// n_layers attention types (AttnType values), or null (every layer softmax).
+void* ne_remu_create(const int* ints, const double* dbl, const int* attention, int slots, int ctx) {
   ne::CudaRunner* r = nullptr;
   guarded([&] {
     ne::ModelSpec s;
@@ -124,8 +130,13 @@ void* ne_remu_create(const int* ints, const double* dbl, int slots, int ctx) {
     s.mlp_bias = ints[14] != 0;
     s.head_bias = ints[15] != 0;
     s.kv_bf16 = ints[16] != 0;
+    s.linear_feature_map = ints[17];
+    s.linear_normalize = ints[18] != 0;
+    s.norm_attention_norm = ints[19];
     s.norm_eps = dbl[0];
     s.rope_theta = dbl[1];
+    s.linear_eps = dbl[2];
+    if (attention) s.attention.assign(attention, attention + s.n_layers);
     r = new ne::CudaRunner(s, slots, ctx, -1);
   });
   return r;

@@ -111,8 +111,10 @@ class Runner {
 #if defined(NE_WITH_CUDA)
 // The same runner on a CUDA GPU (cuda/runner.cu): the same spec, tensor names and checks, with
 // weights in device memory (zero-copy: views of CUDA tensors on `device`, kept alive by the
-// caller), the KV cache [slots][ctx][n_kv_heads * head_dim] float32 and the activations in device
-// memory owned by the runner. slots / tokens / lens stay host arrays; logits is a device float32
+// caller), the softmax layers' KV caches [slots][ctx][n_kv_heads * head_dim] (float32, or bfloat16
+// with spec.kv_bf16), the linear-family layers' states [slots][n_heads][(head_dim + 1)^2] float32 and
+// the activations in device memory owned by the runner. L-Mul arithmetic (spec.lmul_scope) is the CPU
+// runner's only. slots / tokens / lens stay host arrays; logits is a device float32
 // pointer [rows, vocab]. Everything of a call is enqueued on `stream` (null: the legacy default
 // stream); forward returns without waiting for the GPU.
 class CudaRunner {
