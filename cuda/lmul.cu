@@ -7,7 +7,7 @@
 //   u = A + B, r = u - C  (C = (127 << 23) - 2^(23 - l))
 //   r -> 0 on underflow (u < C + 2^23), Inf on overflow (r >= 0x7f800000); specials as documented; | s
 //
-// lmul_bmm: y[b] = x[b] (M x K) times w[b]^T (w: N x K), 64 x 64 output tiles per block of 256
+// lmul_bmm: y[b] = x[b] (M x K) times w[b]^T (w: N x K) (lmul_linear: one such product + bias + old y), 64 x 64 output tiles per block of 256
 // threads, 4 x 4 register tile per thread, K in steps of 16 staged in shared memory as t(.) bit
 // patterns (transposed to [k][row] so the inner loop reads 4 + 4 words per 16 products). Inner loop:
 // integer adds and compares, one fp32 add per product. Traffic: each x / w element is read from global
@@ -35,7 +35,8 @@ constexpr int BM = 64, BN = 64, BK = 16, TM = 4, TN = 4;
 __global__ void __launch_bounds__(256) bmm_kernel(int64_t M, int64_t N, int64_t K, const float* __restrict__ x,
                                                   int64_t sxb, int64_t ldx, const float* __restrict__ w, int64_t swb,
                                                   int64_t ldw, float* __restrict__ y, int64_t syb, int64_t ldy,
-                                                  uint32_t trunc, uint32_t C) {
+                                                  uint32_t trunc, uint32_t C, const float* __restrict__ bias,
+                                                  bool accumulate) {
   __shared__ uint32_t As[BK][BM + 1];
   __shared__ uint32_t Bs[BK][BN + 1];
   const int64_t bi = blockIdx.z, m0 = int64_t(blockIdx.y) * BM, n0 = int64_t(blockIdx.x) * BN;
@@ -78,7 +79,10 @@ __global__ void __launch_bounds__(256) bmm_kernel(int64_t M, int64_t N, int64_t 
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
       const int64_t gn = n0 + tc * TN + j;
-      if (gn < N) y[gm * ldy + gn] = acc[i][j];
+      if (gn >= N) continue;
+      float v = acc[i][j];  // the sum, then + bias, then + old y (lmul_gemm_f32's order)
+      if (bias) v = __fadd_rn(v, bias[gn]);
+      y[gm * ldy + gn] = accumulate ? __fadd_rn(y[gm * ldy + gn], v) : v;
     }
   }
 }
@@ -104,9 +108,20 @@ void lmul_bmm(int64_t B, int64_t M, int64_t N, int64_t K, const float* x, int64_
     dim3 grid(static_cast<unsigned>((N + BN - 1) / BN), static_cast<unsigned>((M + BM - 1) / BM),
               static_cast<unsigned>(nb));
     bmm_kernel<<<grid, 256, 0, as_stream(stream)>>>(M, N, K, x + b0 * sxb, sxb, ldx, w + b0 * swb, swb, ldw,
-                                                    y + b0 * syb, syb, ldy, k.trunc, k.c);
+                                                    y + b0 * syb, syb, ldy, k.trunc, k.c, nullptr, false);
     check_launch("lmul bmm_kernel");
   }
+}
+
+void lmul_linear(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const float* w, int64_t ldw,
+                 const float* bias, float* y, int64_t ldy, bool accumulate, int bits, void* stream) {
+  if (M <= 0 || N <= 0) return;
+  const LmulConst k = lmul_const(bits);
+  if ((M + BM - 1) / BM > 65535) throw ShapeError("lmul_linear: more than 65535 * 64 rows");
+  dim3 grid(static_cast<unsigned>((N + BN - 1) / BN), static_cast<unsigned>((M + BM - 1) / BM), 1);
+  bmm_kernel<<<grid, 256, 0, as_stream(stream)>>>(M, N, K, x, 0, ldx, w, 0, ldw, y, 0, ldy, k.trunc, k.c, bias,
+                                                  accumulate);
+  check_launch("lmul bmm_kernel (linear)");
 }
 
 }  // namespace cuda

@@ -36,6 +36,8 @@
 #include "common.cuh"
 #include "normengine/model.h"
 #include "model/weights.h"
+#include "ops/lmul.h"
+#include "ops/lmul_bits.h"
 #include "ops/quant_elem.h"
 
 namespace ne {
@@ -591,11 +593,13 @@ void launch_linear_t(const DevW& w, const float* bias, const float* x, int64_t l
   check_launch("gemm_tiled_kernel");
 }
 
-// y[M, N] (+)= x[M, K] W^T (+ b)   (N = w.rows, K = w.cols)
+// y[M, N] (+)= x[M, K] W^T (+ b)   (N = w.rows, K = w.cols); lmul_bits > 0: every product an L-Mul
+// (cuda/lmul.cu, float32 weights: CudaRunner::finalize checks)
 void launch_linear(const DevW& w, const DevW& b, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
-                   bool accumulate, cudaStream_t s) {
+                   bool accumulate, cudaStream_t s, int lmul_bits = 0) {
   if (M <= 0) return;
   const float* bias = b.present() ? b.f32() : nullptr;
+  if (lmul_bits > 0) return lmul_linear(M, w.rows, w.cols, x, ldx, w.f32(), w.ld, bias, y, ldy, accumulate, lmul_bits, s);
   if (w.quant) return quant_linear(M, x, DType::F32, ldx, w.q, bias, y, ldy, accumulate, s);  // cuda/quant_gemm.cu
   switch (w.dtype) {
     case DType::F32: return launch_linear_t<float>(w, bias, x, ldx, M, y, ldy, accumulate, s);
@@ -623,6 +627,92 @@ void launch_attention_t(const AttnParams& p, int64_t T, cudaStream_t s) {
 void launch_attention(const AttnParams& p, int64_t T, bool bf16_cache, cudaStream_t s) {
   if (bf16_cache) launch_attention_t<__nv_bfloat16>(p, T, s);
   else launch_attention_t<float>(p, T, s);
+}
+
+// ---------------------------------------------------------------------------- lmul_attention_kernel
+// L-Mul attention (spec.lmul_scope >= 1: the CPU runner's lmul_cache_attention). Query row t, head h
+// (kv head g), keys j = 0 .. pos[t] of the slot's float32 cache, every product an L-Mul of the CPU's
+// scalar definition (ops/lmul_bits.h: truncate both operands to m mantissa bits, add the bit patterns):
+//   s_j = scale * sum_d lmul(q_d, k_jd)      d in order from +0 (the CPU's bits)
+//   p_j = exp(s_j - max s) / sum_j exp(...)  exact arithmetic
+//   o_d = sum_j lmul(p_j, v_jd)              j in order from +0 (the CPU's bits, given the same p)
+// One block of kLmulThreads per (token, head). The scores sit in shared memory ([ctx] floats, then the
+// prepared bits of p in their place), beside q's prepared bits [D] and 32 floats for the reductions.
+// Threads take keys for the scores (each walks its key's row of K) and head dims for the output (each
+// walks its column of the visible V rows, coalesced across the threads). exp and the order of the
+// softmax's max / sum differ from the CPU's, so outputs agree to fp32 rounding, not bit for bit.
+constexpr int kLmulThreads = 128;
+
+// max (kMax) or sum of v over the block, returned to every thread. red: 32 floats of shared memory;
+// two barriers, so consecutive calls may reuse red.
+template <bool kMax>
+__device__ float block_reduce(float v, float* red) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = kMax ? fmaxf(v, o) : v + o;
+  }
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float r = red[0];
+  for (int i = 1; i < static_cast<int>(blockDim.x >> 5); ++i) r = kMax ? fmaxf(r, red[i]) : r + red[i];
+  __syncthreads();
+  return r;
+}
+
+size_t lmul_attention_smem(int64_t ctx, int D) { return static_cast<size_t>(ctx + D + 32) * sizeof(float); }
+
+__global__ void __launch_bounds__(kLmulThreads) lmul_attention_kernel(const AttnParams p, uint32_t trunc, uint32_t C) {
+  using lmul_bits::checked1;
+  using lmul_bits::prep1;
+  extern __shared__ float lmul_smem[];
+  const int64_t t = blockIdx.x / p.n_heads;
+  const int h = blockIdx.x % p.n_heads, D = p.head_dim, g = h / (p.n_heads / p.n_kv_heads);
+  const int64_t L = p.pos[t] + 1, dkv = static_cast<int64_t>(p.n_kv_heads) * D;
+  float* s = lmul_smem;  // [ctx]
+  uint32_t* qp = reinterpret_cast<uint32_t*>(lmul_smem + p.ctx);  // [D]
+  float* red = lmul_smem + p.ctx + D;  // [32]
+  const float* q = p.q + t * p.ldq + static_cast<int64_t>(h) * D;
+  const int64_t base = static_cast<int64_t>(p.slot[t]) * p.ctx * dkv + static_cast<int64_t>(g) * D;
+  const float* K = static_cast<const float*>(p.kcache) + base;
+  const float* V = static_cast<const float*>(p.vcache) + base;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) qp[d] = prep1(__float_as_uint(q[d]), trunc);
+  __syncthreads();
+  float mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < L; j += blockDim.x) {
+    const float* k = K + j * dkv;
+    float acc = 0.0f;
+    for (int d = 0; d < D; ++d)
+      acc = __fadd_rn(acc, __uint_as_float(checked1(qp[d], prep1(__float_as_uint(k[d]), trunc), C)));
+    s[j] = p.scale * acc;
+    mx = fmaxf(mx, s[j]);
+  }
+  mx = block_reduce<true>(mx, red);
+  float sum = 0.0f;
+  for (int64_t j = threadIdx.x; j < L; j += blockDim.x) {
+    s[j] = expf(s[j] - mx);
+    sum += s[j];
+  }
+  const float inv = 1.0f / block_reduce<false>(sum, red);
+  uint32_t* pp = reinterpret_cast<uint32_t*>(s);  // p_j's prepared bits, over s_j (same thread)
+  for (int64_t j = threadIdx.x; j < L; j += blockDim.x) pp[j] = prep1(__float_as_uint(s[j] * inv), trunc);
+  __syncthreads();
+  float* o = p.out + t * p.ldo + static_cast<int64_t>(h) * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j < L; ++j)
+      acc = __fadd_rn(acc, __uint_as_float(checked1(pp[j], prep1(__float_as_uint(V[j * dkv + d]), trunc), C)));
+    o[d] = acc;
+  }
+}
+
+void launch_lmul_attention(const AttnParams& p, int64_t T, int bits, cudaStream_t s) {
+  const LmulConst k = lmul_const(bits);
+  const size_t smem = lmul_attention_smem(p.ctx, p.head_dim);
+  check(cudaFuncSetAttribute(lmul_attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+        "cudaFuncSetAttribute (lmul_attention_kernel)");
+  lmul_attention_kernel<<<static_cast<unsigned>(T * p.n_heads), kLmulThreads, smem, s>>>(p, k.trunc, k.c);
+  check_launch("lmul_attention_kernel");
 }
 
 constexpr int kMaxHeadDim = 256;  // attention_kernel<8>
@@ -703,8 +793,6 @@ CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spe
   if (s.head_dim > cuda::kMaxHeadDim)
     throw UnsupportedError("spec: the CUDA runner's attention supports head_dim up to " +
                            std::to_string(cuda::kMaxHeadDim) + ", got " + std::to_string(s.head_dim));
-  if (s.lmul_scope != 0)
-    throw UnsupportedError("spec.lmul_scope: L-Mul arithmetic runs on the CPU runner only so far");
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count < 1) {
     cudaGetLastError();
@@ -718,6 +806,14 @@ CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spe
   Impl& m = *impl_;
   m.dev = device;
   cuda::DeviceGuard guard(device);
+  if (s.lmul_scope != 0) {  // the L-Mul attention keeps a row of ctx scores in shared memory
+    int optin = 0;
+    check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+    if (cuda::lmul_attention_smem(ctx, s.head_dim) > static_cast<size_t>(optin))
+      throw UnsupportedError("ctx: the CUDA runner's L-Mul attention holds a row of scores in shared memory, " +
+                             std::to_string(optin / 4 - s.head_dim - 32) + " positions at most on this GPU, got " +
+                             std::to_string(ctx));
+  }
   m.layers.resize(s.n_layers);
   m.len.assign(slots, 0);
 
@@ -784,7 +880,10 @@ void CudaRunner::set_quant_tensor(const std::string& name, int format, const Ten
   set_quant_weight(slot, quant_weight(slot, name, format, data, scale, zero, group, Device{DeviceType::CUDA, impl_->dev}));
 }
 
-void CudaRunner::finalize() { check_weights_complete(*impl_, spec_); }
+void CudaRunner::finalize() {
+  check_weights_complete(*impl_, spec_);
+  check_lmul_weights(*impl_, spec_);
+}
 
 void CudaRunner::reset(int slot) {
   if (slot < 0 || slot >= n_slots_) throw ValueError("slot: out of range");
@@ -920,6 +1019,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
   const int64_t act_n = T * f;
   const unsigned act_grid = static_cast<unsigned>(std::min<int64_t>(cuda::ceil_div(act_n, 256), 65536));
+  const int lm = s.lmul_scope == 2 ? s.lmul_bits : 0;  // L-Mul in every matmul
   for (int li = 0; li < s.n_layers; ++li) {
     Layer& L = m.layers[li];
     // ---- attention
@@ -928,9 +1028,9 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       norm_rows(L.attn_norm_w, L.attn_norm_b, m.x, m.xn, T);
       xin = m.xn;
     }
-    cuda::launch_linear(L.q, L.qb, xin, d, T, m.q, dq, false, st);
-    cuda::launch_linear(L.k, L.kb, xin, d, T, m.k, dkv, false, st);
-    cuda::launch_linear(L.v, L.vb, xin, d, T, m.v, dkv, false, st);
+    cuda::launch_linear(L.q, L.qb, xin, d, T, m.q, dq, false, st, lm);
+    cuda::launch_linear(L.k, L.kb, xin, d, T, m.k, dkv, false, st, lm);
+    cuda::launch_linear(L.v, L.vb, xin, d, T, m.v, dkv, false, st, lm);
     const bool softmax = L.type == AttnType::Softmax;
     if (softmax || !s.learned_pos) {  // RoPE; a softmax layer's K/V rows into its cache
       cuda::RopeCacheParams p{};
@@ -968,7 +1068,8 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       p.n_kv_heads = s.n_kv_heads;
       p.head_dim = s.head_dim;
       p.scale = scale;
-      cuda::launch_attention(p, T, s.kv_bf16, st);
+      if (s.lmul_scope > 0) cuda::launch_lmul_attention(p, T, s.lmul_bits, st);
+      else cuda::launch_attention(p, T, s.kv_bf16, st);
     } else {
       // Linear family: each sequence's rows continue from, and update, its slot's fixed-size state.
       cuda::LinAttnRowsArgs a;
@@ -988,22 +1089,22 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       a.o = m.att; a.ldo = dq;
       cuda::linear_attention_rows(a, st);
     }
-    cuda::launch_linear(L.o, L.ob, m.att, dq, T, m.x, d, true, st);  // x += attn Wo^T + bo
+    cuda::launch_linear(L.o, L.ob, m.att, dq, T, m.x, d, true, st, lm);  // x += attn Wo^T + bo
     // ---- MLP
     xin = m.x;
     if (has_norm) {
       norm_rows(L.mlp_norm_w, L.mlp_norm_b, m.x, m.xn, T);
       xin = m.xn;
     }
-    cuda::launch_linear(L.up, L.upb, xin, d, T, m.up, f, false, st);
+    cuda::launch_linear(L.up, L.upb, xin, d, T, m.up, f, false, st, lm);
     if (s.gated_mlp) {
-      cuda::launch_linear(L.gate, L.gateb, xin, d, T, m.gate, f, false, st);
+      cuda::launch_linear(L.gate, L.gateb, xin, d, T, m.gate, f, false, st, lm);
       cuda::activation_kernel<<<act_grid, 256, 0, st>>>(s.activation, act_n, m.gate, m.up, m.up);
     } else {
       cuda::activation_kernel<<<act_grid, 256, 0, st>>>(s.activation, act_n, m.up, nullptr, m.up);
     }
     cuda::check_launch("activation_kernel");
-    cuda::launch_linear(L.down, L.downb, m.up, f, T, m.x, d, true, st);  // x += act Wd^T + bd
+    cuda::launch_linear(L.down, L.downb, m.up, f, T, m.x, d, true, st, lm);  // x += act Wd^T + bd
   }
 
   // ---- head, on the rows asked for
@@ -1018,7 +1119,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     norm_rows(m.final_w, m.final_b, src, m.xn, rows);
     src = m.xn;
   }
-  cuda::launch_linear(m.head, m.head_b, src, d, rows, logits, s.vocab, false, st);
+  cuda::launch_linear(m.head, m.head_b, src, d, rows, logits, s.vocab, false, st, lm);
   for (int i = 0; i < n_seqs; ++i) m.len[slots[i]] += lens[i];
 }
 

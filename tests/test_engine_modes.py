@@ -377,6 +377,19 @@ def test_lmul_model_matches_reference(scope):
     assert "lmul" in m.info()["arithmetic"]
 
 
+@pytest.mark.skipif(not _GPU, reason="no CUDA GPU visible (or normengine built without CUDA)")
+@pytest.mark.parametrize("scope", ["attention", "all"])
+def test_lmul_model_on_cuda_matches_cpu(scope):
+    # the CUDA runner's L-Mul attention (and, with "all", L-Mul projections, bit for bit the CPU's
+    # lmul_gemm_f32 on equal operands) against the CPU runner; operands an ulp apart (other exp, other
+    # GEMM orders) truncate differently now and then, hence 1e-3 (the emulator sees <= 6e-5)
+    cpu = ne.load(arithmetic="lmul", lmul_bits=4, lmul_scope=scope)
+    gpu = ne.load(arithmetic="lmul", lmul_bits=4, lmul_scope=scope, device="cuda")
+    ids = torch.tensor(_prompts(2, 30, cpu.config.vocab_size, 37))
+    assert rel_err(gpu.logits(ids).cpu(), cpu.logits(ids)) <= 1e-3
+    assert "lmul" in gpu.info()["arithmetic"]
+
+
 def test_lmul_energy_report():
     m = ne.load(arithmetic="lmul", lmul_scope="all")
     rep = m.arithmetic_report()

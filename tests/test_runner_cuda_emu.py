@@ -31,6 +31,7 @@ DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ne::DType values
 # fp8 quantize each normalized row, which the two runners compute to an ulp or so apart, so now and
 # then an activation rounds the other way (seen: 8e-4 for one fp8 row; else <= 1e-6)
 REL_QUANT = {"int8-weight": 2e-5, "int4": 2e-5, "int8": 2e-3, "fp8": 2e-3}
+REL_LMUL = 1e-3  # L-Mul products of operands that truncate differently now and then (test_lmul_arithmetic)
 REL = 2e-5  # max |emu - cpu| / max |cpu| per logits matrix (seen: <= 1.3e-6; a 1% error of the
 # attention scale gives 8e-4)
 
@@ -40,19 +41,21 @@ REL = 2e-5  # max |emu - cpu| / max |cpu| per logits matrix (seen: <= 1.3e-6; a 
 def lib(tmp_path_factory):
     d = tmp_path_factory.mktemp("runneremu")
     runner_src, norm_src, quant_src = d / "runner.emu.cu", d / "norm.emu.cu", d / "quant.emu.cu"
-    la_src, chunk_src = d / "linear_attention.emu.cu", d / "linear_attention_chunk.emu.cu"
+    la_src, chunk_src, lmul_src = d / "linear_attention.emu.cu", d / "linear_attention_chunk.emu.cu", d / "lmul.emu.cu"
     runner_src.write_text(emu_source(os.path.join(ROOT, "cuda", "runner.cu")))
     norm_src.write_text(emu_source(os.path.join(ROOT, "cuda", "norm.cu")))
     quant_src.write_text(quant_emu_source(os.path.join(ROOT, "cuda", "quant_gemm.cu")))
-    # linear / MALA / norm attention layers: cuda/linear_attention.cu (its own translation unit, wrapped by
-    # runner_la_emu.cpp) and the chunked kernels it links against (device_paths: as test_lmul_la_cuda_emu)
+    # linear / MALA / norm attention layers and L-Mul projections: cuda/linear_attention.cu and cuda/lmul.cu
+    # (one more translation unit, runner_ops_emu.cpp) and the chunked kernels linear_attention.cu links
+    # against (device_paths: as test_lmul_la_cuda_emu)
     la_src.write_text(emu_source(os.path.join(ROOT, "cuda", "linear_attention.cu"), device_paths=True))
     chunk_src.write_text(emu_source(os.path.join(ROOT, "cuda", "linear_attention_chunk.cu"), device_paths=True))
-    L = build(d / "librunneremu.so", [os.path.join(EMU, "runner_emu.cpp"), os.path.join(EMU, "runner_la_emu.cpp"),
+    lmul_src.write_text(emu_source(os.path.join(ROOT, "cuda", "lmul.cu"), device_paths=True))
+    L = build(d / "librunneremu.so", [os.path.join(EMU, "runner_emu.cpp"), os.path.join(EMU, "runner_ops_emu.cpp"),
                                       "-x", "c++", str(norm_src), str(quant_src), str(chunk_src),
                                       "-x", "none", os.path.join(ROOT, "cpp", "core", "tensor.cpp")],
               ["-DNE_WITH_CUDA", "-DNE_CUDA_EMU", f'-DNE_EMU_RUNNER_SOURCE="{runner_src}"',
-               f'-DNE_EMU_LA_SOURCE="{la_src}"'],
+               f'-DNE_EMU_LA_SOURCE="{la_src}"', f'-DNE_EMU_LMUL_SOURCE="{lmul_src}"'],
               prefix="ne_remu")
     vp, ci, i32p = ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p
     L.ne_remu_create.restype = vp
@@ -94,10 +97,9 @@ class EmuRunner:
         ints = [s["vocab"], s["d_model"], s["n_layers"], s["n_heads"], s["n_kv_heads"], s["head_dim"], s["d_ff"],
                 s["max_seq_len"], s["norm"], s["activation"], s["gated_mlp"], s["learned_pos"], s["qkv_bias"],
                 s["o_bias"], s["mlp_bias"], s["head_bias"], s["kv_bf16"], s["linear_feature_map"],
-                s["linear_normalize"], s["norm_attention_norm"]]
-        assert s["lmul_scope"] == 0
+                s["linear_normalize"], s["norm_attention_norm"], s["lmul_scope"], s["lmul_bits"]]
         self.vocab = s["vocab"]
-        self._ints = (ctypes.c_int * 20)(*[int(v) for v in ints])
+        self._ints = (ctypes.c_int * 22)(*[int(v) for v in ints])
         self._dbl = (ctypes.c_double * 3)(float(s["norm_eps"]), float(s["rope_theta"]), float(s["linear_eps"]))
         self._attn = (ctypes.c_int * len(s["attention"]))(*s["attention"]) if s["attention"] else None
         self.h = lib.ne_remu_create(self._ints, self._dbl, self._attn, slots, ctx)
@@ -441,3 +443,28 @@ def test_linear_family_layers(lib, model, name):
         er.close()
     print(f"{name}: max rel err {worst:.3g}; kernels {sorted(names)}")
     assert worst <= REL
+
+
+@pytest.mark.parametrize("scope,bits", [(1, 4), (1, 3), (2, 4)], ids=["attention-m4", "attention-m3", "all-m4"])
+def test_lmul_arithmetic(lib, model, scope, bits):
+    """spec.lmul_scope: the attention's q.k and p.v products as L-Mul (lmul_attention_kernel; the
+    scores in shared memory), and with "all" every projection and the head too (ne::cuda::lmul_linear,
+    float32 weights), vs the CPU runner with the same spec. Both take every product from one scalar
+    definition (ops/lmul_bits.h) and sum in the same orders, but the operands come out of kernels that
+    round differently (exp, the softmax's sums, the norms, the GEMMs' summation orders), and an operand
+    an ulp apart truncates to other m mantissa bits now and then, moving that product by up to 2^-m."""
+    spec = dict(model._spec())
+    spec.update(lmul_scope=scope, lmul_bits=bits)
+    ts = {n: t.float() for n, t in model.tensors.items()}  # "all" reads float32 weights
+    worst, names = prefill_then_decode(lib, model, spec, ts, seed=12)
+    print(f"lmul scope {scope} m={bits}: max rel err {worst:.3g}; kernels {sorted(names)}")
+    assert "lmul_attention" in names and not any(n.startswith("attention<") for n in names), sorted(names)
+    assert ("lmul_bmm" in names) == (scope == 2) and (scope == 1) == any(n.startswith("gemv<") for n in names)
+    assert worst <= REL_LMUL
+
+
+def test_lmul_all_needs_float32_weights(lib, model):
+    spec = dict(model._spec())
+    spec.update(lmul_scope=2, lmul_bits=4)
+    with pytest.raises(AssertionError, match="needs float32 weights"):
+        EmuRunner(lib, model, 1, 16, spec)  # the default model's float16 weights

@@ -194,6 +194,7 @@ void Runner::set_quant_tensor(const std::string& name, int format, const TensorV
 void Runner::finalize() {
   const ModelSpec& s = spec_;
   check_weights_complete(*impl_, s);
+  check_lmul_weights(*impl_, s);
   const bool has_norm = s.norm >= 0, ln = s.norm == 0;
   // Fused norms when every norm is the bare normalization (gains 1, biases 0).
   auto unit = [&](const W& w, const W& b) {
@@ -201,21 +202,6 @@ void Runner::finalize() {
       if (w.f32()[i] != 1.0f || (b.present() && b.f32()[i] != 0.0f)) return false;
     return true;
   };
-  if (s.lmul_scope == 2) {  // L-Mul everywhere reads float32 weights
-    auto f32_only = [](const W& w, const std::string& name) {
-      if (w.present() && (w.quant || w.dtype != DType::F32))
-        throw DTypeError(name + ": L-Mul in every matmul (lmul_scope all) needs float32 weights, got " +
-                         (w.quant ? std::string("a quantized weight") : dtype_name(w.dtype)));
-    };
-    f32_only(impl_->head, "lm_head.weight");
-    for (int i = 0; i < s.n_layers; ++i) {
-      const Layer& L = impl_->layers[i];
-      const std::string p = "blocks." + std::to_string(i) + ".";
-      f32_only(L.q, p + "attn.q.weight"); f32_only(L.k, p + "attn.k.weight"); f32_only(L.v, p + "attn.v.weight");
-      f32_only(L.o, p + "attn.o.weight"); f32_only(L.up, p + "mlp.up.weight"); f32_only(L.gate, p + "mlp.gate.weight");
-      f32_only(L.down, p + "mlp.down.weight");
-    }
-  }
   // Back-to-back weights (and biases) run as one GEMM: [q; k; v] and [gate; up].
   auto follows = [](const W& a, const W& b) {  // b starts where a ends, same layout
     if (!a.present() || !b.present() || a.quant || b.quant || a.dtype != b.dtype || a.ld != b.ld || a.cols != b.cols)

@@ -265,4 +265,24 @@ void check_weights_complete(const Model& m, const ModelSpec& s) {
   }
 }
 
+// finalize() with lmul_scope "all": every matmul is an L-Mul of float32 operands, so every projection
+// and the head must be a dense float32 weight (DTypeError naming the first that is not).
+template <class Model>
+void check_lmul_weights(const Model& m, const ModelSpec& s) {
+  if (s.lmul_scope != 2) return;
+  auto f32_only = [](const auto& w, const std::string& name) {
+    if (w.present() && (w.quant || w.dtype != DType::F32))
+      throw DTypeError(name + ": L-Mul in every matmul (lmul_scope all) needs float32 weights, got " +
+                       (w.quant ? std::string("a quantized weight") : dtype_name(w.dtype)));
+  };
+  f32_only(m.head, "lm_head.weight");
+  for (int i = 0; i < s.n_layers; ++i) {
+    const auto& L = m.layers[i];
+    const std::string p = "blocks." + std::to_string(i) + ".";
+    f32_only(L.q, p + "attn.q.weight"); f32_only(L.k, p + "attn.k.weight"); f32_only(L.v, p + "attn.v.weight");
+    f32_only(L.o, p + "attn.o.weight"); f32_only(L.up, p + "mlp.up.weight"); f32_only(L.gate, p + "mlp.gate.weight");
+    f32_only(L.down, p + "mlp.down.weight");
+  }
+}
+
 }  // namespace ne

@@ -105,6 +105,10 @@ void lmul_map(int64_t n, const float* a, const float* b, float* out, int bits, v
 // stride along k and n.
 void lmul_bmm(int64_t B, int64_t M, int64_t N, int64_t K, const float* x, int64_t sxb, int64_t ldx,
               const float* w, int64_t swb, int64_t ldw, float* y, int64_t syb, int64_t ldy, int bits, void* stream);
+// lmul_gemm_f32 on the GPU, bit for bit: y[m, n] = sum_k lmul(x[m, k], w[n, k]) (+ bias[n]) (+ old y[m, n]
+// if accumulate), k in order from +0, then + bias, then + old y. Device pointers; unit stride along k.
+void lmul_linear(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const float* w, int64_t ldw,
+                 const float* bias, float* y, int64_t ldy, bool accumulate, int bits, void* stream);
 }  // namespace cuda
 }  // namespace ne
 #endif

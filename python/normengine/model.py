@@ -75,9 +75,6 @@ class Model:
                 raise ArgumentError(f"lmul_scope: expected 'attention' or 'all', got {lmul_scope!r}")
             if isinstance(lmul_bits, bool) or not isinstance(lmul_bits, int) or not 1 <= lmul_bits <= 23:
                 raise ArgumentError(f"lmul_bits: expected an int mantissa width in 1..23, got {lmul_bits!r}")
-            if dev.type == "cuda":
-                raise UnsupportedError("arithmetic='lmul': the L-Mul model mode runs on the CPU runner only so far "
-                                       "(the lmul ops themselves run on CUDA)")
             if lmul_scope == "all" and config.quantization is not None:
                 raise ArgumentError("arithmetic='lmul' with lmul_scope='all' needs full-precision weights, "
                                     f"but the model is quantized ({config.quantization})")

@@ -55,8 +55,10 @@ void norm_forward(NormKind kind, const TensorView& x, const TensorView* residual
 }
 }  // namespace ne
 
-// runner_la_emu.cpp: the kernel of ne::cuda::linear_attention_rows (internal to that translation unit)
+// runner_ops_emu.cpp: the kernels of ne::cuda::linear_attention_rows and ne::cuda::lmul_linear (internal
+// to that translation unit)
 __attribute__((visibility("hidden"))) const void* ne_remu_lin_attn_rows_kernel();
+__attribute__((visibility("hidden"))) const void* ne_remu_lmul_bmm_kernel();
 
 namespace {
 
@@ -92,7 +94,9 @@ void init_names_local() {
   name(attention_kernel<8, __nv_bfloat16>, "attention<8,bf16>");
   name(activation_kernel, "activation");
   name(gather_rows_kernel, "gather_rows");
+  name(lmul_attention_kernel, "lmul_attention");
   name(static_cast<const char*>(ne_remu_lin_attn_rows_kernel()), "lin_attn_rows");
+  name(static_cast<const char*>(ne_remu_lmul_bmm_kernel()), "lmul_bmm");
 }
 
 ne::DType dtype_of(int code) { return static_cast<ne::DType>(code); }  // ne::DType values
@@ -107,7 +111,7 @@ const char* ne_remu_error() { return ne_harness::error(); }
 
 // ints: vocab, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff, max_seq_len, norm, activation,
 // gated_mlp, learned_pos, qkv_bias, o_bias, mlp_bias, head_bias, kv_bf16, linear_feature_map,
-// linear_normalize, norm_attention_norm (20); dbl: norm_eps, rope_theta, linear_eps; attention: the
+// linear_normalize, norm_attention_norm, lmul_scope, lmul_bits (22); dbl: norm_eps, rope_theta, linear_eps; attention: the
 // n_layers attention types (AttnType values), or null (every layer softmax).
 void* ne_remu_create(const int* ints, const double* dbl, const int* attention, int slots, int ctx) {
   ne::CudaRunner* r = nullptr;
@@ -133,6 +137,8 @@ void* ne_remu_create(const int* ints, const double* dbl, const int* attention, i
     s.linear_feature_map = ints[17];
     s.linear_normalize = ints[18] != 0;
     s.norm_attention_norm = ints[19];
+    s.lmul_scope = ints[20];
+    s.lmul_bits = ints[21];
     s.norm_eps = dbl[0];
     s.rope_theta = dbl[1];
     s.linear_eps = dbl[2];
