@@ -156,6 +156,9 @@ constexpr int L = VI::L;
 constexpr int NP = 2 * L;     // panel width (columns)
 constexpr int MR = 4;         // register tile rows
 constexpr int64_t kKc = 256;  // K block
+// W rows read L at a time, each a stream of its own: prefetched this many floats ahead (the hardware
+// prefetchers follow few such strided streams)
+constexpr int64_t kPrefetch = 64;
 
 // r[c] (lane i) = r[i] (lane c): the L x L words transposed. SIMD: 32-bit then 64-bit unpacks within
 // 128-bit lanes leave u[4G + e] holding, in lane b, column 4b + e of rows 4G .. 4G + 3; cross_lanes
@@ -274,7 +277,10 @@ inline void panel_columns(const LmulArgs& a, int64_t p0, int h, int64_t kb, int6
   int64_t k = 0;
   for (; k + L <= kc; k += L) {
     R r[L];
-    for (int i = 0; i < L; ++i) r[i] = VI::load(w + i * a.ldw + k);
+    for (int i = 0; i < L; ++i) {
+      r[i] = VI::load(w + i * a.ldw + k);
+      __builtin_prefetch(w + i * a.ldw + k + kPrefetch);
+    }
     transpose(r);  // r[c]: w[p0 + h L + lane, kb + k + c]
     for (int c = 0; c < L; ++c) fn(k + c, r[c]);
   }
