@@ -332,47 +332,76 @@ inline int tile_mode(const LmulRowStat& s, int32_t emin, int32_t emax) {
 }
 
 // M = 1, a whole panel (NP rows of W): y[p0 + j] = sum_k product(x[k], w[p0 + j, k]), k in order, without
-// a packed copy of W. Each step reads L k-values of L rows of W (one vector per row), transposes them
-// in registers (one vector per k, lane = output; W stored [K, N] needs no transpose), prepares them as
-// the pack does, and adds them with the fast products of `tile`, tracking the block's exponent range
-// as it goes. A K block whose range turns out to need the checked products (a zero or special w, exponents near the ends) is done again
-// from the accumulators saved before it, packed and checked: the same sums, bit for bit, as packing
-// every block first. x's own range is known: a row with Inf / NaN never comes here.
+// a packed copy of W. Each step reads L k-values of the panel's 2 L rows (one vector per row),
+// transposes each half in registers (one vector per k and half, lane = output; W stored [K, N] needs no
+// transpose) and adds the fast products (t(x) - C) + (w & trunc) of both halves, two independent chains
+// of float adds. The fast products need no canonical NaN: the K block's range of |w| bits, tracked as
+// the rows are loaded (its exponents bound the block's), sends a block holding a NaN / Inf, a zero or
+// subnormal, or exponents near the ends back: it is done again from the accumulators saved before it,
+// packed and checked, the same sums, bit for bit, as packing every block first. x's own range is known:
+// a row with Inf / NaN never comes here.
 void gemv_panel(const LmulArgs& a, int64_t p0, const LmulConst& kc_, uint32_t* pack, float* tacc) {
   const LmulRowStat& xs = a.xstat[0];
-  const int64_t K = a.K;
+  const int64_t K = a.K, ldw = a.ldw;
   const uint32_t* xp = a.xp;
-  const R trunc = VI::set1(kc_.trunc);
+  const R trunc = VI::set1(kc_.trunc), abs = VI::set1(kAbs);
   const bool skip = xs.bad == 1;  // x holds zeros / subnormals: their products are skipped
-  F acc[2] = {VI::fzero(), VI::fzero()};
-  R emin, emax;  // the K block's exponent range so far, lane by lane
-  // one k: the column of w bits (lane = output) prepared and its range noted; its fast products
-  // (t(x) - C) + t(w) added to acc_h unless x is skipped
-  auto step = [&](F& acc_h, R wbits, uint32_t xk) {
-    const R t = prepv(wbits, trunc), e = VI::expo(t);
-    emin = VI::min_u(emin, e);
-    emax = VI::max_u(emax, e);
-    if (!(skip && zero_or_subnormal(xk, kc_.c))) acc_h = VI::fadd_bits(acc_h, VI::add(VI::set1(xk), t));
+  F acc0 = VI::fzero(), acc1 = VI::fzero();
+  R amin, amax;  // the K block's smallest / largest |w| bits so far, lane by lane
+  // w bits as loaded: their |w| noted, their mantissas truncated
+  auto prep = [&](R w) {
+    const R m = VI::and_(w, abs);
+    amin = VI::min_u(amin, m);
+    amax = VI::max_u(amax, m);
+    return VI::and_(w, trunc);
+  };
+  // one k: the fast products of both halves' truncated columns t0, t1, unless x is skipped
+  auto step = [&](uint32_t xk, R t0, R t1) {
+    if (skip && zero_or_subnormal(xk, kc_.c)) return;
+    const R xb = VI::set1(xk);
+    acc0 = VI::fadd_bits(acc0, VI::add(xb, t0));
+    acc1 = VI::fadd_bits(acc1, VI::add(xb, t1));
   };
   for (int64_t kb = 0; kb < K; kb += kKc) {
     const int64_t kc = std::min(kKc, K - kb);
-    VI::fstore(tacc, acc[0]);
-    VI::fstore(tacc + L, acc[1]);
-    emin = VI::set1(255), emax = VI::set1(0);
-    for (int h = 0; h < 2; ++h)
-      panel_columns(a, p0, h, kb, kc, [&](int64_t k, R wbits) { step(acc[h], wbits, xp[kb + k]); });
-    int32_t bmin, bmax;
-    lane_range(emin, emax, bmin, bmax);
-    if (tile_mode(xs, bmin, bmax) == 0) {  // redo the block with checked products
+    VI::fstore(tacc, acc0);
+    VI::fstore(tacc + L, acc1);
+    amin = VI::set1(kAbs), amax = VI::set1(0);
+    if (a.w_kn) {
+      const float* w = a.w + kb * ldw + p0;
+      for (int64_t k = 0; k < kc; ++k) step(xp[kb + k], prep(VI::load(w + k * ldw)), prep(VI::load(w + k * ldw + L)));
+    } else {
+      const float* w0 = a.w + p0 * ldw + kb;  // rows p0 .. p0 + L - 1
+      const float* w1 = w0 + L * ldw;         // rows p0 + L .. p0 + 2 L - 1
+      int64_t k = 0;
+      for (; k + L <= kc; k += L) {
+        R r0[L], r1[L];
+        for (int i = 0; i < L; ++i) {
+          r0[i] = prep(VI::load(w0 + i * ldw + k));
+          __builtin_prefetch(w0 + i * ldw + k + kPrefetch);
+        }
+        transpose(r0);  // r0[c]: w[p0 + lane, kb + k + c]
+        for (int i = 0; i < L; ++i) {
+          r1[i] = prep(VI::load(w1 + i * ldw + k));
+          __builtin_prefetch(w1 + i * ldw + k + kPrefetch);
+        }
+        transpose(r1);
+        for (int c = 0; c < L; ++c) step(xp[kb + k + c], r0[c], r1[c]);
+      }
+      for (; k < kc; ++k) step(xp[kb + k], prep(column(w0 + k, ldw)), prep(column(w1 + k, ldw)));
+    }
+    int32_t lo, hi;
+    lane_range(amin, amax, lo, hi);
+    if (tile_mode(xs, lo >> 23, hi >> 23) == 0) {  // redo the block with checked products
       int32_t pmin, pmax;
       pack_block(a, p0, NP, kb, kc, kc_.trunc, pack, pmin, pmax);
       kTiles[0][0](xp + kb, K, pack, kc, tacc, kb == 0, kc_.c);
-      acc[0] = VI::fload(tacc);
-      acc[1] = VI::fload(tacc + L);
+      acc0 = VI::fload(tacc);
+      acc1 = VI::fload(tacc + L);
     }
   }
-  VI::fstore(tacc, acc[0]);
-  VI::fstore(tacc + L, acc[1]);
+  VI::fstore(tacc, acc0);
+  VI::fstore(tacc + L, acc1);
 }
 
 void gemm_cols(const LmulArgs& a, int64_t n0, int64_t n1) {
