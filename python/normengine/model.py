@@ -751,11 +751,13 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
 
     attention: read the checkpoint's q/k/v/o weights with another attention type, 'linear', 'mala' or
     'norm' (or a list, one per layer): the starting point for linearization by fine-tuning; those
-    layers keep a fixed-size state instead of a KV cache. A checkpoint whose config names these types
-    loads with them (see normengine.config).
+    layers keep a fixed-size state instead of a KV cache (CPU and CUDA runners). A checkpoint whose
+    config names these types loads with them (see normengine.config).
 
     arithmetic='lmul' runs the model with L-Mul products (lmul_bits of mantissa): lmul_scope
-    'attention' for the attention products only, 'all' for every matmul (float32 weights).
+    'attention' for the attention products only, 'all' for every matmul (float32 weights). CPU and
+    CUDA runners (the CUDA one holds a row of ctx attention scores in shared memory, which bounds the
+    context it takes).
 
     matmul_precision, as torch.set_float32_matmul_precision: 'highest' (default) multiplies in fp32
     (16-bit weights widened exactly); 'medium' lets the CPU runner's dense projections round their
