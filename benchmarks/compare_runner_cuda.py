@@ -1,6 +1,6 @@
 """Generation with the native runner on a GPU (or the CPU, to check the script) against transformers on
 the same device: prefill and decode tokens/s of a GPT-2-small-shaped random model (12 layers, 768 wide,
-vocab 50257), for the runner's weight formats (fp32, bf16, and the packed int8 / int4 / fp8 weights the
+vocab 50257), for the runner's weight formats (fp32, bf16 (also with matmul_precision "medium"), and the packed int8 / int4 / fp8 weights the
 CUDA runner takes through cuda::quant_linear) and transformers' fp32 / bf16.
 
     python benchmarks/compare_runner_cuda.py [--device cuda] [--prompt 512] [--gen 64] [--repeats 3]
@@ -24,6 +24,9 @@ import normengine as ne
 FORMATS = {  # name -> load() keywords, and the transformers dtype it is compared with
     "fp32": (dict(), torch.float32),
     "bf16": (dict(dtype=torch.bfloat16), torch.bfloat16),
+    # bf16 weights with matmul_precision "medium": the prefill's projections on the tensor cores
+    # (cuda::bf16_linear), as transformers' bf16 matmuls are
+    "bf16-medium": (dict(dtype=torch.bfloat16, matmul_precision="medium"), torch.bfloat16),
     "int8": (dict(quant="int8"), torch.float32),
     "int4": (dict(quant="int4", group_size=128), torch.float32),
     "fp8": (dict(quant="fp8"), torch.float32),

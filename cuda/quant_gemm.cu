@@ -30,6 +30,12 @@
 //       thread) that dequantizes the W tile into shared memory ((q - z) s, or q for int8 with sw[n] in the
 //       epilogue): the exact fp32 arithmetic of the contract (no bf16 rounding of x).
 //  3. epilogue: scales as above, + bias, (+ y), masked at the M / N tails.
+//
+// bf16_linear (not a packed format: the CUDA runner's bfloat16 weights under matmul_precision "medium"):
+//   y = sum_k bf16(x[m, k]) * w[n, k] (+ bias) (+ y), x rounded to bfloat16 (nearest even), products exact,
+//   fp32 sums, on the same tensor-core kernel as Int8 / FP8: a bfloat16 row is a row of 2 K bytes, and
+//   mma.sync m16n8k16 (bf16.bf16.f32) takes its fragments from exactly the bytes m16n8k32 takes (row g /
+//   column g, bytes 4t .. 4t+3 and 16+4t ..), so the cp.async / ldmatrix pipeline is the same.
 #include <cuda_fp8.h>
 
 #include <algorithm>
@@ -163,6 +169,16 @@ __global__ void to_f32_rows(int64_t M, int64_t K, int64_t Kout, const T* __restr
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t m = i / Kout, k = i % Kout;
     xf[i] = k < K ? ldf(x + m * ldx + k) : 0.0f;
+  }
+}
+
+// bf16_linear: x rounded to bfloat16 (nearest even) [M, Kout], zero padded.
+__global__ void to_bf16_rows(int64_t M, int64_t K, int64_t Kout, const float* __restrict__ x, int64_t ldx,
+                             __nv_bfloat16* __restrict__ xb) {
+  const int64_t total = M * Kout;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = i / Kout, k = i % Kout;
+    xb[i] = __float2bfloat16_rn(k < K ? x[m * ldx + k] : 0.0f);
   }
 }
 
@@ -305,19 +321,23 @@ __global__ void __launch_bounds__(256) gemv_kernel(GemvArgs a) {
   }
 }
 
-// ============================================================================ 2b. tensor cores (Int8 / FP8, M > 8)
+// ============================================================================ 2b. tensor cores (Int8 / FP8 / bf16, M > 8)
 
 constexpr int kBM = 128, kBN = 128, kBK = 128, kStages = 3, kMmaThreads = 256;
 constexpr int kStageBytes = (kBM + kBN) * kBK;
 constexpr int kMmaSmem = kStages * kStageBytes;  // 96 KiB
 
+// What one mma.sync multiplies: int8 (s32 sums), E4M3 or bfloat16 (fp32 sums).
+enum class MmaOp : int { S8, E4M3, BF16 };
+
 struct MmaArgs {
-  int64_t M, N, K, KT;  // KT = ceil(K / 128) = K tiles = FP8 scale blocks
-  const uint8_t* A;     // quantized activations [M, lda], zero padded to lda = KT * 128
+  int64_t M, N, K, KT;  // K in bytes; KT = ceil(K / 128) = K tiles = FP8 scale blocks
+  const uint8_t* A;     // quantized (bf16: rounded) activations [M, lda bytes], zero padded to lda = KT * 128
   int64_t lda;
-  const uint8_t* W;     // [N, K] bytes, K % 16 == 0, 16-byte aligned
-  const float* sx;      // Int8: [M]; FP8: [M, KT]
-  const float* sw;      // Int8: [N]; FP8: [1] or [ceil(N / 128), KT]
+  const uint8_t* W;     // [N, K] bytes, row n at W + n * ldw; K % 16 == 0, ldw % 16 == 0, 16-byte aligned
+  int64_t ldw;
+  const float* sx;      // Int8: [M]; FP8: [M, KT]; bf16: none
+  const float* sw;      // Int8: [N]; FP8: [1] or [ceil(N / 128), KT]; bf16: none
   int64_t wgroup;
   const float* bias;
   float* y;
@@ -397,11 +417,28 @@ __device__ __forceinline__ void mma_e4m3(float (&c)[4], const uint32_t (&a)[4], 
 #endif
 }
 
+// D = A B + C for a 16 x 8 x 16 bfloat16 tile: fragments hold 2 bf16 per register, in the bytes mma_s8's hold
+// 4 int8 (a[0] = row g, k 2t, 2t+1; a[2] = row g, k 8+2t ..; b[0] = column g, k 2t, 2t+1; b[1] k 8+2t ..).
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(NE_CUDA_EMU)
+  ::ne_emu::mma_bf16(c, a, b);
+#else
+  __trap();  // bf16 MMA needs sm_80+; bf16_linear declines older devices
+#endif
+}
+
 // Byte offset of 16-byte chunk c (0..7) of row r in a [rows][128 bytes] swizzled tile.
 __device__ __forceinline__ uint32_t swz(int r, int c) { return static_cast<uint32_t>(r * kBK + ((c ^ (r & 7)) << 4)); }
 
-template <bool FP8>
+template <MmaOp OP>
 __global__ void __launch_bounds__(kMmaThreads) mma_kernel(MmaArgs a) {
+  constexpr bool FP8 = OP == MmaOp::E4M3;
   extern __shared__ __align__(128) uint8_t smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp & 1, wn = warp >> 1;  // warp tile rows wm * 64 .., columns wn * 32 ..
@@ -426,11 +463,11 @@ __global__ void __launch_bounds__(kMmaThreads) mma_kernel(MmaArgs a) {
       cp_async16(sa + swz(r, c), okA ? static_cast<const void*>(a.A + gm * a.lda + k) : a.A, okA ? 16 : 0);
       const int64_t gn = n0 + r;  // weights: N tail and K tail (K % 16 == 0: whole chunks) masked
       const bool okB = gn < a.N && k < a.K;
-      cp_async16(sb + swz(r, c), okB ? static_cast<const void*>(a.W + gn * a.K + k) : a.W, okB ? 16 : 0);
+      cp_async16(sb + swz(r, c), okB ? static_cast<const void*>(a.W + gn * a.ldw + k) : a.W, okB ? 16 : 0);
     }
   };
 
-  using Acc = typename std::conditional<FP8, float, int>::type;
+  using Acc = typename std::conditional<OP == MmaOp::S8, int, float>::type;
   Acc acc[4][4][4];
   float part[FP8 ? 4 : 1][FP8 ? 4 : 1][4];  // FP8: the current K block's sums before scaling
 #pragma unroll
@@ -489,6 +526,8 @@ __global__ void __launch_bounds__(kMmaThreads) mma_kernel(MmaArgs a) {
         for (int ni = 0; ni < 4; ++ni) {
           if constexpr (FP8)
             mma_e4m3(part[mi][ni], af[mi], bfr[ni]);
+          else if constexpr (OP == MmaOp::BF16)
+            mma_bf16(acc[mi][ni], af[mi], bfr[ni]);
           else
             mma_s8(acc[mi][ni], af[mi], bfr[ni]);
         }
@@ -514,14 +553,14 @@ __global__ void __launch_bounds__(kMmaThreads) mma_kernel(MmaArgs a) {
   }
   cp_async_wait<0>();
 
-  // epilogue: Int8 y = (float(dot) * s_x[m]) * s_w[n]; FP8 y = acc; + bias (+ y)
+  // epilogue: Int8 y = (float(dot) * s_x[m]) * s_w[n]; FP8 / bf16 y = acc; + bias (+ y)
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t m = m0 + wm * 64 + mi * 16 + g + 8 * h;
       if (m >= a.M) continue;
-      const float sxm = FP8 ? 1.0f : a.sx[m];
+      const float sxm = OP == MmaOp::S8 ? a.sx[m] : 1.0f;
 #pragma unroll
       for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
@@ -529,7 +568,7 @@ __global__ void __launch_bounds__(kMmaThreads) mma_kernel(MmaArgs a) {
           const int64_t n = n0 + wn * 32 + ni * 8 + 2 * t + e;
           if (n >= a.N) continue;
           float v;
-          if constexpr (FP8)
+          if constexpr (OP != MmaOp::S8)
             v = acc[mi][ni][2 * h + e];
           else
             v = __fmul_rn(__fmul_rn(static_cast<float>(acc[mi][ni][2 * h + e]), sxm), a.sw[n]);
@@ -715,6 +754,18 @@ void launch_gemv(const GemvArgs& a, cudaStream_t st) {
   else go(gemv_kernel<F, 8>, 8);
 }
 
+// The tensor-core kernel over a's M x N outputs (grid from M, N), on st.
+void launch_mma(void (*kernel)(MmaArgs), MmaArgs a, cudaStream_t st) {
+  const int64_t gm = ceil_div(a.M, kBM), gn = ceil_div(a.N, kBN);
+  if (gm * gn > 2147483647LL || gm > 2147483647LL / 8) throw ShapeError("mma_kernel: problem too large for one launch");
+  a.grid_m = static_cast<int>(gm);
+  a.grid_n = static_cast<int>(gn);
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaSmem),
+        "cudaFuncSetAttribute (mma_kernel)");
+  kernel<<<static_cast<unsigned>(gm * gn), kMmaThreads, kMmaSmem, st>>>(a);
+  check_launch("mma_kernel");
+}
+
 }  // namespace
 
 // ============================================================================ entry points
@@ -770,6 +821,7 @@ void quant_linear(int64_t M, const void* x, DType xdt, int64_t ldx, const QWeigh
     a.A = static_cast<const uint8_t*>(act);
     a.lda = Kp;
     a.W = static_cast<const uint8_t*>(w.data);
+    a.ldw = K;
     a.sx = sx;
     a.sw = w.scale;
     a.wgroup = w.group;
@@ -777,15 +829,7 @@ void quant_linear(int64_t M, const void* x, DType xdt, int64_t ldx, const QWeigh
     a.y = y;
     a.ldy = ldy;
     a.accumulate = accumulate;
-    const int64_t gm = ceil_div(M, kBM), gn = ceil_div(N, kBN);
-    if (gm * gn > 2147483647LL || gm > 2147483647LL / 8) throw ShapeError("quant_linear: problem too large for one launch");
-    a.grid_m = static_cast<int>(gm);
-    a.grid_n = static_cast<int>(gn);
-    auto kernel = w.format == QFormat::FP8 ? mma_kernel<true> : mma_kernel<false>;
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaSmem),
-          "cudaFuncSetAttribute (quant mma_kernel)");
-    kernel<<<static_cast<unsigned>(gm * gn), kMmaThreads, kMmaSmem, st>>>(a);
-    check_launch("quant mma_kernel");
+    launch_mma(w.format == QFormat::FP8 ? mma_kernel<MmaOp::E4M3> : mma_kernel<MmaOp::S8>, a, st);
     return;
   }
   if (M > kGemvMaxM && !eight_bit) {
@@ -838,6 +882,37 @@ void quant_linear(int64_t M, const void* x, DType xdt, int64_t ldx, const QWeigh
     case QFormat::Int4: launch_gemv<QFormat::Int4>(a, st); break;
     default: launch_gemv<QFormat::FP8>(a, st); break;
   }
+}
+
+bool bf16_linear(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, int64_t ldw,
+                 const float* bias, float* y, int64_t ldy, bool accumulate, void* stream) {
+  if (M <= 0 || N <= 0 || K <= 0 || K % 8 || ldw % 8 || !aligned16(w)) return false;
+  int dev = 0, major = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+  if (major < 8) return false;
+  const cudaStream_t st = as_stream(stream);
+  const int64_t KB = ceil_div(2 * K, kBK), Kp = KB * kBK / 2;  // elements per padded activation row
+  StreamScratch scratch;
+  auto* xb = static_cast<__nv_bfloat16*>(scratch.alloc(static_cast<size_t>(M * Kp) * 2, st));
+  const int64_t blocks = std::min<int64_t>(ceil_div(M * Kp, 256), 65535);
+  to_bf16_rows<<<static_cast<unsigned>(blocks), 256, 0, st>>>(M, K, Kp, x, ldx, xb);
+  check_launch("to_bf16_rows");
+  MmaArgs a{};
+  a.M = M;
+  a.N = N;
+  a.K = 2 * K;
+  a.KT = KB;
+  a.A = reinterpret_cast<const uint8_t*>(xb);
+  a.lda = 2 * Kp;
+  a.W = static_cast<const uint8_t*>(w);
+  a.ldw = 2 * ldw;
+  a.bias = bias;
+  a.y = y;
+  a.ldy = ldy;
+  a.accumulate = accumulate;
+  launch_mma(mma_kernel<MmaOp::BF16>, a, st);
+  return true;
 }
 
 }  // namespace cuda

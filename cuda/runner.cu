@@ -593,13 +593,24 @@ void launch_linear_t(const DevW& w, const float* bias, const float* x, int64_t l
   check_launch("gemm_tiled_kernel");
 }
 
-// y[M, N] (+)= x[M, K] W^T (+ b)   (N = w.rows, K = w.cols); lmul_bits > 0: every product an L-Mul
-// (cuda/lmul.cu, float32 weights: CudaRunner::finalize checks)
+// How the projections multiply (the CPU runner's Arith): lmul_bits > 0, every product an L-Mul
+// (cuda/lmul.cu; float32 weights, CudaRunner::finalize checks); bf16, matmul_precision "medium": bfloat16
+// weights take the tensor cores for more than kGemvMaxRows rows (cuda::bf16_linear: x rounded to bf16).
+struct Arith {
+  int lmul_bits = 0;
+  bool bf16 = false;
+};
+
+// y[M, N] (+)= x[M, K] W^T (+ b)   (N = w.rows, K = w.cols)
 void launch_linear(const DevW& w, const DevW& b, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
-                   bool accumulate, cudaStream_t s, int lmul_bits = 0) {
+                   bool accumulate, cudaStream_t s, const Arith& ar = Arith{}) {
   if (M <= 0) return;
   const float* bias = b.present() ? b.f32() : nullptr;
-  if (lmul_bits > 0) return lmul_linear(M, w.rows, w.cols, x, ldx, w.f32(), w.ld, bias, y, ldy, accumulate, lmul_bits, s);
+  if (ar.lmul_bits > 0)
+    return lmul_linear(M, w.rows, w.cols, x, ldx, w.f32(), w.ld, bias, y, ldy, accumulate, ar.lmul_bits, s);
+  if (ar.bf16 && !w.quant && w.dtype == DType::BF16 && M > kGemvMaxRows &&
+      bf16_linear(M, w.rows, w.cols, x, ldx, w.data, w.ld, bias, y, ldy, accumulate, s))
+    return;
   if (w.quant) return quant_linear(M, x, DType::F32, ldx, w.q, bias, y, ldy, accumulate, s);  // cuda/quant_gemm.cu
   switch (w.dtype) {
     case DType::F32: return launch_linear_t<float>(w, bias, x, ldx, M, y, ldy, accumulate, s);
@@ -1019,7 +1030,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
   const int64_t act_n = T * f;
   const unsigned act_grid = static_cast<unsigned>(std::min<int64_t>(cuda::ceil_div(act_n, 256), 65536));
-  const int lm = s.lmul_scope == 2 ? s.lmul_bits : 0;  // L-Mul in every matmul
+  const cuda::Arith ar{s.lmul_scope == 2 ? s.lmul_bits : 0, s.bf16_products};  // how the projections multiply
   for (int li = 0; li < s.n_layers; ++li) {
     Layer& L = m.layers[li];
     // ---- attention
@@ -1028,9 +1039,9 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       norm_rows(L.attn_norm_w, L.attn_norm_b, m.x, m.xn, T);
       xin = m.xn;
     }
-    cuda::launch_linear(L.q, L.qb, xin, d, T, m.q, dq, false, st, lm);
-    cuda::launch_linear(L.k, L.kb, xin, d, T, m.k, dkv, false, st, lm);
-    cuda::launch_linear(L.v, L.vb, xin, d, T, m.v, dkv, false, st, lm);
+    cuda::launch_linear(L.q, L.qb, xin, d, T, m.q, dq, false, st, ar);
+    cuda::launch_linear(L.k, L.kb, xin, d, T, m.k, dkv, false, st, ar);
+    cuda::launch_linear(L.v, L.vb, xin, d, T, m.v, dkv, false, st, ar);
     const bool softmax = L.type == AttnType::Softmax;
     if (softmax || !s.learned_pos) {  // RoPE; a softmax layer's K/V rows into its cache
       cuda::RopeCacheParams p{};
@@ -1089,22 +1100,22 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       a.o = m.att; a.ldo = dq;
       cuda::linear_attention_rows(a, st);
     }
-    cuda::launch_linear(L.o, L.ob, m.att, dq, T, m.x, d, true, st, lm);  // x += attn Wo^T + bo
+    cuda::launch_linear(L.o, L.ob, m.att, dq, T, m.x, d, true, st, ar);  // x += attn Wo^T + bo
     // ---- MLP
     xin = m.x;
     if (has_norm) {
       norm_rows(L.mlp_norm_w, L.mlp_norm_b, m.x, m.xn, T);
       xin = m.xn;
     }
-    cuda::launch_linear(L.up, L.upb, xin, d, T, m.up, f, false, st, lm);
+    cuda::launch_linear(L.up, L.upb, xin, d, T, m.up, f, false, st, ar);
     if (s.gated_mlp) {
-      cuda::launch_linear(L.gate, L.gateb, xin, d, T, m.gate, f, false, st, lm);
+      cuda::launch_linear(L.gate, L.gateb, xin, d, T, m.gate, f, false, st, ar);
       cuda::activation_kernel<<<act_grid, 256, 0, st>>>(s.activation, act_n, m.gate, m.up, m.up);
     } else {
       cuda::activation_kernel<<<act_grid, 256, 0, st>>>(s.activation, act_n, m.up, nullptr, m.up);
     }
     cuda::check_launch("activation_kernel");
-    cuda::launch_linear(L.down, L.downb, m.up, f, T, m.x, d, true, st, lm);  // x += act Wd^T + bd
+    cuda::launch_linear(L.down, L.downb, m.up, f, T, m.x, d, true, st, ar);  // x += act Wd^T + bd
   }
 
   // ---- head, on the rows asked for
@@ -1119,7 +1130,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     norm_rows(m.final_w, m.final_b, src, m.xn, rows);
     src = m.xn;
   }
-  cuda::launch_linear(m.head, m.head_b, src, d, rows, logits, s.vocab, false, st, lm);
+  cuda::launch_linear(m.head, m.head_b, src, d, rows, logits, s.vocab, false, st, ar);
   for (int i = 0; i < n_seqs; ++i) m.len[slots[i]] += lens[i];
 }
 

@@ -190,6 +190,19 @@ def test_quantized_model_on_cuda_matches_cpu(fmt):
 
 
 @pytest.mark.skipif(not _GPU, reason="no CUDA GPU visible (or normengine built without CUDA)")
+def test_bf16_medium_on_cuda():
+    # matmul_precision 'medium' with bfloat16 weights: the CUDA runner's prefill projections on the tensor
+    # cores (activations rounded to bf16): close to the CPU runner, and not the 'highest' result
+    cpu = ne.load(dtype=torch.bfloat16, matmul_precision="medium")
+    gpu = ne.load(dtype=torch.bfloat16, matmul_precision="medium", device="cuda")
+    exact = ne.load(dtype=torch.bfloat16, device="cuda")
+    ids = torch.tensor(_prompts(2, 40, cpu.config.vocab_size, 41))
+    got = gpu.logits(ids).cpu()
+    assert rel_err(got, cpu.logits(ids)) <= (1e-3 if ne._C.amx_bf16_available() else 2e-2)
+    assert rel_err(got, exact.logits(ids).cpu()) > 1e-5
+
+
+@pytest.mark.skipif(not _GPU, reason="no CUDA GPU visible (or normengine built without CUDA)")
 def test_bf16_kv_cache_on_cuda_matches_cpu():
     cpu = ne.load(kv_cache_dtype=torch.bfloat16)
     gpu = ne.load(device="cuda", kv_cache_dtype=torch.bfloat16)

@@ -50,6 +50,7 @@ def lib(tmp_path_factory):
     L.ne_qemu_quant_linear.argtypes = [i64, vp, ci, i64, ci, vp, vp, vp, i64, i64, i64, vp, vp, i64, ci]
     L.ne_qemu_quant_activations.argtypes = [i64, i64, vp, ci, i64, ci, vp, i64, vp, i64]
     L.ne_qemu_e4m3.argtypes = [vp, i64, ci, vp, vp]
+    L.ne_qemu_bf16_linear.argtypes = [i64, i64, i64, vp, i64, vp, i64, vp, vp, i64, ci, vp]
     L.ne_qemu_configure(0, 0, 90)
     return L
 
@@ -372,6 +373,94 @@ def test_every_kernel_ran(lib, gen):
         for fmt, group in (("int8", 0), ("int8-weight", 0), ("fp8", 0)):
             seen.update(check_case(lib, fmt, group, True, 3, 12, 272 if fmt != "int8-weight" else 203, gen,
                                    xdtype=xdtype))
+    for M in (3, 20):  # bf16_linear (M > 8 in the runner; the entry itself takes any M)
+        _, names = run_bf16(lib, torch.randn(M, 64, generator=gen), torch.randn(12, 64, generator=gen), None, None)
+        seen.update(names)
     kernels = all_kernels(lib)
-    assert len(kernels) == 9 + 16 + 4
+    assert len(kernels) == 9 + 16 + 4 + 2
     assert kernels <= seen, sorted(kernels - seen)
+
+
+# ---------------------------------------------------------------------------- bf16_linear (tensor cores)
+
+def run_bf16(lib, x, w, bias, y0, ldw_pad=0, w_offset=0):
+    """y from the emulated bf16_linear (x float32 at row stride K + 5, W bfloat16 at row stride K + ldw_pad,
+    its first byte w_offset past a 16-byte boundary, y at N + 3 inside a sentinel buffer); returns y (None
+    when the entry declined) and the launches."""
+    M, K = x.shape
+    N = w.shape[0]
+    ldx, ldw, ldy = K + 5, K + ldw_pad, N + 3
+    xb = torch.zeros(M, ldx)
+    xb[:, :K] = x
+    raw = torch.zeros(N * ldw + 64, dtype=torch.bfloat16)
+    base = ((-raw.data_ptr()) % 16 + w_offset) // 2
+    wv = raw[base:base + N * ldw].view(N, ldw)
+    wv[:, :K] = w.to(torch.bfloat16)
+    yb = torch.full((M * ldy + 8,), SENTINEL)
+    y = yb[:M * ldy].view(M, ldy)[:, :N]
+    inside = torch.zeros_like(yb, dtype=torch.bool)
+    inside[:M * ldy].view(M, ldy)[:, :N] = True
+    if y0 is not None:
+        y.copy_(y0)
+    else:
+        y.fill_(float("nan"))
+    ran = ctypes.c_int(-1)
+    check(lib, lib.ne_qemu_bf16_linear(M, N, K, xb.data_ptr(), ldx, wv.data_ptr(), ldw,
+                                       None if bias is None else bias.data_ptr(), y.data_ptr(), ldy,
+                                       int(y0 is not None), ctypes.byref(ran)))
+    assert torch.equal(yb[~inside], torch.full_like(yb[~inside], SENTINEL)), "bf16_linear wrote outside y"
+    return (y.clone() if ran.value else None), launches(lib)
+
+
+def bf16_want(x, w, bias, y0):
+    """float64 of bf16(x) W^T (+ bias) (+ y0), and the sum of |terms| per output."""
+    xb, wb = x.to(torch.bfloat16).double(), w.to(torch.bfloat16).double()
+    want, S = xb @ wb.t(), xb.abs() @ wb.abs().t()
+    for t in (bias, y0):
+        if t is not None:
+            want, S = want + t.double(), S + t.double().abs()
+    return want, S
+
+
+@pytest.mark.parametrize("M,N,K", [(9, 33, 40), (130, 150, 264), (300, 260, 1024), (17, 12, 8)])
+@pytest.mark.parametrize("extra", ["plain", "bias_acc", "padded_rows"])
+def test_bf16_linear(lib, M, N, K, extra, gen):
+    """matmul_precision "medium" on the GPU's tensor cores: x rounded to bfloat16, products exact, fp32 sums;
+    against float64 of the same rounded operands, per output within 1e-5 of its terms' sum: M and N tails,
+    K tails (K a multiple of 8, not of the 64-element tile), several tiles and pipeline stages, bias and
+    accumulate, weight rows with padding. A rounding of x other than to nearest even, or a fragment
+    mispairing, is far outside that."""
+    x = torch.randn(M, K, generator=gen) * 3
+    w = torch.randn(N, K, generator=gen)
+    bias = torch.randn(N, generator=gen) if extra == "bias_acc" else None
+    y0 = torch.randn(M, N, generator=gen) if extra == "bias_acc" else None
+    y, names = run_bf16(lib, x, w, bias, y0, ldw_pad=8 if extra == "padded_rows" else 0)
+    assert y is not None and names[-1] == "mma_kernel<bf16>" and "to_bf16_rows" in names, names
+    want, S = bf16_want(x, w, bias, y0)
+    assert ((y.double() - want).abs() / S).max().item() <= 1e-5
+    # the rounding of x matters: products of unrounded x are much further off than the sums' rounding
+    exact = x.double() @ w.to(torch.bfloat16).double().t() + (0 if bias is None else bias.double()) + \
+        (0 if y0 is None else y0.double())
+    assert ((exact - want).abs() / S).max().item() > 1e-4
+
+
+def test_bf16_linear_declines(lib, device_cfg, gen):
+    """Where the tile kernel cannot stream W (K or the row stride not a multiple of 8 elements, W not
+    16-byte aligned) or the GPU has no bf16 MMA (before sm_80), bf16_linear does nothing and says so."""
+    x, w = torch.randn(20, 44, generator=gen), torch.randn(10, 44, generator=gen)
+    assert run_bf16(lib, x[:, :42], w[:, :42], None, None) == (None, [])  # K % 8
+    assert run_bf16(lib, x[:, :40], w[:, :40], None, None, ldw_pad=4) == (None, [])  # row stride 44
+    assert run_bf16(lib, x[:, :40], w[:, :40], None, None, w_offset=8) == (None, [])
+    device_cfg(cc=75)
+    assert run_bf16(lib, x[:, :40], w[:, :40], None, None) == (None, [])
+
+
+@pytest.mark.parametrize("cp_async", ["immediate", "deferred"])
+@pytest.mark.parametrize("order", ["reverse", "eager"])
+def test_bf16_tiles_schedules(lib, device_cfg, order, cp_async, gen):
+    """The bf16 tiles under other fiber orders and deferred cp.async landings: bit for bit the same."""
+    x, w = torch.randn(140, 520, generator=gen), torch.randn(135, 520, generator=gen)
+    base, _ = run_bf16(lib, x, w, None, None)
+    device_cfg(order=order, cp_async=cp_async)
+    y, names = run_bf16(lib, x, w, None, None)
+    assert names[-1] == "mma_kernel<bf16>" and torch.equal(y, base)

@@ -97,9 +97,9 @@ class EmuRunner:
         ints = [s["vocab"], s["d_model"], s["n_layers"], s["n_heads"], s["n_kv_heads"], s["head_dim"], s["d_ff"],
                 s["max_seq_len"], s["norm"], s["activation"], s["gated_mlp"], s["learned_pos"], s["qkv_bias"],
                 s["o_bias"], s["mlp_bias"], s["head_bias"], s["kv_bf16"], s["linear_feature_map"],
-                s["linear_normalize"], s["norm_attention_norm"], s["lmul_scope"], s["lmul_bits"]]
+                s["linear_normalize"], s["norm_attention_norm"], s["lmul_scope"], s["lmul_bits"], s["bf16_products"]]
         self.vocab = s["vocab"]
-        self._ints = (ctypes.c_int * 22)(*[int(v) for v in ints])
+        self._ints = (ctypes.c_int * 23)(*[int(v) for v in ints])
         self._dbl = (ctypes.c_double * 3)(float(s["norm_eps"]), float(s["rope_theta"]), float(s["linear_eps"]))
         self._attn = (ctypes.c_int * len(s["attention"]))(*s["attention"]) if s["attention"] else None
         self.h = lib.ne_remu_create(self._ints, self._dbl, self._attn, slots, ctx)
@@ -468,3 +468,31 @@ def test_lmul_all_needs_float32_weights(lib, model):
     spec.update(lmul_scope=2, lmul_bits=4)
     with pytest.raises(AssertionError, match="needs float32 weights"):
         EmuRunner(lib, model, 1, 16, spec)  # the default model's float16 weights
+
+
+def test_bf16_products_medium(lib, model):
+    """spec.bf16_products (matmul_precision "medium"): the bfloat16 projections of a prefill take the tensor
+    cores (ne::cuda::bf16_linear, activations rounded to bf16), decode steps the GEMV. Against the CPU runner
+    with the same spec: where this CPU has AMX-BF16 it rounds the same activations (each runner's norm
+    output an ulp or so apart now and then rounds the other way; seen: 1.1e-4), elsewhere it computes
+    "highest" and the rounding itself is the difference (seen: 4.2e-3 on this model)."""
+    spec, ts = variant(model, "rope_gqa_gated_rms_bf16")
+    spec["bf16_products"] = True
+    worst, names = prefill_then_decode(lib, model, spec, ts, seed=13)
+    print(f"bf16 products: max rel err {worst:.3g}; kernels {sorted(names)}")
+    # the prefill's projections went to bf16_linear (unnamed here): no dense tile kernel ran, the GEMV did
+    assert "gemv<bf16>" in names and not any(n.startswith("gemm_") for n in names), sorted(names)
+    assert worst <= (1e-3 if _C.amx_bf16_available() else 2e-2)
+    # and it is not "highest": the same calls without bf16 products differ by the rounding
+    spec["bf16_products"] = False
+    g = torch.Generator().manual_seed(13)
+    ids = torch.randint(0, 1024, (20,), generator=g).tolist()
+    outs = []
+    for bf in (True, False):
+        spec["bf16_products"] = bf
+        er = EmuRunner(lib, model, 1, 40, spec, ts)
+        try:
+            outs.append(er.forward([0], [ids], True))
+        finally:
+            er.close()
+    assert rel(outs[0], outs[1]) > 1e-5

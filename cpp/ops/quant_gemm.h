@@ -75,6 +75,13 @@ void quant_linear(int64_t M, const void* x, DType xdt, int64_t ldx, const QWeigh
 // s [M] (stride lds); FP8: q E4M3 bytes [M, K], s [M, ceil(K/128)] (row stride lds). Bit for bit the CPU's.
 void quant_activations(int64_t M, int64_t K, const void* x, DType xdt, int64_t ldx, QFormat fmt, void* q, int64_t ldq,
                        float* s, int64_t lds, void* stream);
+// y[M, N] = bf16(x) W^T (+ bias) (+ y if accumulate) for a bfloat16 weight W [N, K] (row stride ldw elements),
+// x float32 [M, ldx] rounded to bfloat16 (nearest even), products exact and sums in fp32 on the tensor cores
+// (the tile kernel of Int8 / FP8 with mma.sync m16n8k16 bf16): torch's matmul_precision "medium" on the GPU.
+// Device pointers, enqueued on `stream`. Returns false, doing nothing, where it does not apply: K or ldw not
+// a multiple of 8, W not 16-byte aligned, or a GPU older than sm_80.
+bool bf16_linear(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, int64_t ldw,
+                 const float* bias, float* y, int64_t ldy, bool accumulate, void* stream);
 }  // namespace cuda
 #endif
 

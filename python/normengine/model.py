@@ -766,7 +766,9 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     rows at a time (prefill): about 2.5x (float32 weights) to 4.5x (bfloat16 weights) faster GEMMs at a
     relative error of ~2e-3 per projection; int8-weight / int4 / fp8 weights likewise multiply their
     dequantized prefill panels in bf16. Decode steps, int8 (W8A8) weights and CPUs without AMX-BF16
-    compute as 'highest'; so does the CUDA runner.
+    compute as 'highest'. The CUDA runner's bfloat16 weights take the tensor cores under 'medium' for
+    more than 16 rows (activations rounded to bf16, fp32 sums: mma.sync bf16, sm_80+); its other weights
+    and its decode steps compute as 'highest'.
 
     kv_cache_dtype: None / torch.float32 (default) keeps the softmax layers' K and V cache in float32;
     torch.bfloat16 stores it in bfloat16 (each K / V row rounded once as it is written, attention sums

@@ -25,7 +25,7 @@
 //   * PTX stand-ins (called from a kernel file's asm wrappers under -DNE_CUDA_EMU): cp.async 16 bytes
 //     with zero fill (landing at the cp.async, or deferred to the wait_group that retires its group:
 //     Device::cp_async), commit / wait_group per thread; ldmatrix.x4 and mma.sync m16n8k32 (s8 and
-//     e4m3, PTX ISA fragment layouts) as warp-collective lockstep exchanges of full warps. __dp4a;
+//     e4m3, and m16n8k16 bf16, PTX ISA fragment layouts) as warp-collective lockstep exchanges of full warps. __dp4a;
 //     E4M3 conversions in shim/cuda_fp8.h (round to nearest even, satfinite; decode exact).
 //   * Launch configuration is checked as the GPU does (block <= 1024 threads, grid.y/z <= 65535...);
 //     a bad one is not run and sets the sticky error cudaGetLastError() returns.
@@ -751,6 +751,27 @@ inline void mma_s8(int (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) 
       acc += static_cast<uint32_t>(static_cast<int>(static_cast<int8_t>(A[row][k])) *
                                    static_cast<int>(static_cast<int8_t>(B[col][k])));
     c[e] = static_cast<int>(acc);
+  }
+}
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: A 16 x 16 and B 16 x 8 bfloat16 in the bytes of the
+// m16n8k32 fragments (element k = bytes 2k, 2k + 1, little endian); the products are exact in fp32 and
+// are added to c one after another in k order, each sum rounded to fp32 (the GPU's order and internal
+// precision are unspecified: results may differ from it in the last bits of a 16-term fp32 sum).
+inline void mma_bf16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  uint8_t A[16][32], B[8][32];
+  detail::mma_operands(a, b, A, B);
+  auto value = [](const uint8_t* p) {
+    const uint32_t bits = (static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  };
+  const unsigned lane = detail::g_blk->cur->lane, g = lane >> 2, t = lane & 3;
+  for (int e = 0; e < 4; ++e) {
+    const unsigned row = g + 8 * (e >> 1), col = 2 * t + (e & 1);
+    float acc = c[e];
+    for (int k = 0; k < 16; ++k) acc += value(&A[row][2 * k]) * value(&B[col][2 * k]);
+    c[e] = acc;
   }
 }
 inline float e4m3_value(uint8_t v);

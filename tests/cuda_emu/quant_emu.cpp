@@ -63,8 +63,10 @@ void init_names_local() {
   name_gemv<QFormat::Int8Weight>("int8w");
   name_gemv<QFormat::Int4>("int4");
   name_gemv<QFormat::FP8>("fp8");
-  name(mma_kernel<false>, "mma_kernel<int8>");
-  name(mma_kernel<true>, "mma_kernel<fp8>");
+  name(mma_kernel<MmaOp::S8>, "mma_kernel<int8>");
+  name(mma_kernel<MmaOp::E4M3>, "mma_kernel<fp8>");
+  name(mma_kernel<MmaOp::BF16>, "mma_kernel<bf16>");
+  name(to_bf16_rows, "to_bf16_rows");
   name(fma_kernel<QFormat::Int8Weight>, "fma_kernel<int8w>");
   name(fma_kernel<QFormat::Int4>, "fma_kernel<int4>");
 }
@@ -117,6 +119,14 @@ int ne_qemu_quant_linear(int64_t M, const void* x, int xdt, int64_t ldx, int fmt
     w.zero = zero;
     w.group = group;
     ne::cuda::quant_linear(M, x, dtype_of(xdt), ldx, w, bias, y, ldy, accumulate != 0, nullptr);
+  });
+}
+
+// ne::cuda::bf16_linear: y[M, N] (+)= bf16(x[M, K]) W^T (+ bias), W bfloat16 [N, ldw]; *ran: whether it applied.
+int ne_qemu_bf16_linear(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, int64_t ldw,
+                        const float* bias, float* y, int64_t ldy, int accumulate, int* ran) {
+  return guarded([&] {
+    *ran = ne::cuda::bf16_linear(M, N, K, x, ldx, w, ldw, bias, y, ldy, accumulate != 0, nullptr) ? 1 : 0;
   });
 }
 

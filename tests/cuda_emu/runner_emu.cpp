@@ -111,7 +111,7 @@ const char* ne_remu_error() { return ne_harness::error(); }
 
 // ints: vocab, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff, max_seq_len, norm, activation,
 // gated_mlp, learned_pos, qkv_bias, o_bias, mlp_bias, head_bias, kv_bf16, linear_feature_map,
-// linear_normalize, norm_attention_norm, lmul_scope, lmul_bits (22); dbl: norm_eps, rope_theta, linear_eps; attention: the
+// linear_normalize, norm_attention_norm, lmul_scope, lmul_bits, bf16_products (23); dbl: norm_eps, rope_theta, linear_eps; attention: the
 // n_layers attention types (AttnType values), or null (every layer softmax).
 void* ne_remu_create(const int* ints, const double* dbl, const int* attention, int slots, int ctx) {
   ne::CudaRunner* r = nullptr;
@@ -139,6 +139,7 @@ void* ne_remu_create(const int* ints, const double* dbl, const int* attention, i
     s.norm_attention_norm = ints[19];
     s.lmul_scope = ints[20];
     s.lmul_bits = ints[21];
+    s.bf16_products = ints[22] != 0;
     s.norm_eps = dbl[0];
     s.rope_theta = dbl[1];
     s.linear_eps = dbl[2];
