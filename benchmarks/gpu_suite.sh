@@ -6,11 +6,21 @@
 #
 #   benchmarks/gpu_suite.sh            # logs to $OUT if set, else ./gpu_results
 #   NE_GPU_BUILD=cmake benchmarks/gpu_suite.sh
+#   NE_GPU_TESTS=all NE_GPU_BENCH=runner,quant benchmarks/gpu_suite.sh
 #
 # Build: `pip install --no-build-isolation -v .` with NORMENGINE_CUDA=ON when scikit-build-core and
 # pybind11 are importable (no network needed), else plain CMake into build/gpu with the package staged
-# in build/gpu/pkg (NE_GPU_BUILD=pip|cmake forces one). Exits non-zero at the first failing step.
-set -euo pipefail
+# in build/gpu/pkg (NE_GPU_BUILD=pip|cmake forces one). NE_GPU_BUILD=prebuilt stages the _C*.so found in
+# build/gpu-prebuilt (built elsewhere with nvcc, e.g. carried to a lent GPU machine to save its minutes)
+# and falls back to building when that module does not import or has no usable CUDA.
+#
+# Tests: NE_GPU_TESTS=gpu (default) runs the tests whose names say cuda (every op's CUDA backend, the
+# CUDA runner, the GPU-only tests) except the emulator ones, which CI runs without a GPU; all: the whole
+# suite; none. Benchmarks: NE_GPU_BENCH, a comma list of norm, lmul, attention, quant, runner (default
+# all). Each step runs under a time limit (NE_GPU_STEP_TIMEOUT seconds, default 420) and a failing step
+# does not stop the later ones: the summary at the end lists the failures and the exit status is
+# non-zero if there was any. A build failure stops the suite.
+set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="${OUT:-$PWD/gpu_results}"
@@ -23,50 +33,89 @@ PY="${PYTHON:-python}"
 command -v "$PY" >/dev/null || PY=python3
 
 step() { echo; echo "==== $* ($(date -u +%Y-%m-%dT%H:%M:%SZ))"; }
-trap 'rc=$?; echo; echo "gpu_suite: FAILED (exit $rc) during: ${CURRENT:-setup}; logs in $OUT_DIR"' ERR
+LIMIT="${NE_GPU_STEP_TIMEOUT:-420}"
+FAILED=()
+# run NAME LOG CMD...: CMD under the time limit in $RUN_DIR, its output into $OUT_DIR/LOG; a failure is noted
+run() {
+  local name="$1" log="$2"; shift 2
+  CURRENT="$name"; step "$name"
+  (cd "$RUN_DIR" && timeout "$LIMIT" "$@") 2>&1 | tee "$OUT_DIR/$log"
+  local rc=${PIPESTATUS[0]} why
+  if [ "$rc" -ne 0 ]; then
+    why="exit $rc"; [ "$rc" -eq 124 ] && why="time limit of $LIMIT s"
+    FAILED+=("$name ($why)")
+  fi
+}
+die() { echo; echo "gpu_suite: FAILED during: $*; logs in $OUT_DIR"; exit 1; }
 
 CURRENT="machine"; step "$CURRENT"
-nvidia-smi
+nvidia-smi || die "nvidia-smi"
 command -v nvcc >/dev/null && nvcc --version || echo "nvcc not on PATH (CMake may still find it via CUDA_HOME / CUDACXX)"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA device')"
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA device')" || die "torch sees no GPU"
 
 CURRENT="build"; step "$CURRENT"
 mode="${NE_GPU_BUILD:-auto}"
+stage() {  # the package with the _C*.so in $1 staged under $2 (PYTHONPATH)
+  rm -rf "$2" && mkdir -p "$2"
+  cp -r python/normengine "$2/"
+  find "$2/normengine" -maxdepth 1 -name '_C*.so' -delete  # a local link to a CPU build
+  cp "$1"/_C*.so "$2/normengine/"
+}
+usable() {  # the staged / installed normengine imports and has CUDA
+  mkdir -p "$OUT_DIR/run"
+  (cd "$OUT_DIR/run" && "$PY" -c "
+import normengine, sys
+print('normengine from', normengine.__file__, '| cpu isa', normengine.cpu_isa(), '| cuda', normengine.cuda_available())
+sys.exit(0 if normengine.cuda_available() else 'this normengine build has no usable CUDA kernels')")
+}
+RUN_DIR="$OUT_DIR/run"
+if [ "$mode" = prebuilt ]; then
+  mode=auto
+  if ls "$ROOT"/build/gpu-prebuilt/_C*.so >/dev/null 2>&1; then
+    ORIG_PYTHONPATH="${PYTHONPATH:-}"
+    stage "$ROOT/build/gpu-prebuilt" "$ROOT/build/gpu-prebuilt/pkg"
+    export PYTHONPATH="$ROOT/build/gpu-prebuilt/pkg${ORIG_PYTHONPATH:+:$ORIG_PYTHONPATH}"
+    if usable; then mode=prebuilt; else echo "the prebuilt module is not usable here: building"; export PYTHONPATH="$ORIG_PYTHONPATH"; fi
+  else
+    echo "no build/gpu-prebuilt/_C*.so: building"
+  fi
+fi
 if [ "$mode" = auto ]; then
   if "$PY" -c "import scikit_build_core, pybind11" 2>/dev/null; then mode=pip; else mode=cmake; fi
 fi
 echo "build mode: $mode"
 if [ "$mode" = pip ]; then
   "$PY" -m pip install --no-build-isolation -v . 2>&1 | tee "$OUT_DIR/build.log"
-  RUN_DIR="$OUT_DIR/run"  # run from outside the repo so `import normengine` is the installed one
-else
+  [ "${PIPESTATUS[0]}" -eq 0 ] || die "build (pip)"  # RUN_DIR is outside the repo: `import normengine` is the installed one
+elif [ "$mode" = cmake ]; then
   BUILD="$ROOT/build/gpu"
   gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
   { cmake -S . -B "$BUILD" "${gen[@]}" -DNORMENGINE_CUDA="$NORMENGINE_CUDA" -DNORMENGINE_PYTHON=ON -DNORMENGINE_BENCHMARKS=ON \
           -DPython_EXECUTABLE="$(command -v "$PY")" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" &&
     cmake --build "$BUILD" -j"$(nproc)"; } 2>&1 | tee "$OUT_DIR/build.log"
-  rm -rf "$BUILD/pkg" && mkdir -p "$BUILD/pkg"
-  cp -r python/normengine "$BUILD/pkg/"
-  find "$BUILD/pkg/normengine" -maxdepth 1 -name '_C*.so' -delete  # a local link to a CPU build
-  cp "$BUILD"/_C*.so "$BUILD/pkg/normengine/"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || die "build (cmake)"
+  stage "$BUILD" "$BUILD/pkg"
   export PYTHONPATH="$BUILD/pkg${PYTHONPATH:+:$PYTHONPATH}"
-  RUN_DIR="$OUT_DIR/run"
 fi
-mkdir -p "$RUN_DIR"
-(cd "$RUN_DIR" && "$PY" -c "
-import normengine, sys
-print('normengine from', normengine.__file__, '| cpu isa', normengine.cpu_isa(), '| cuda', normengine.cuda_available())
-sys.exit(0 if normengine.cuda_available() else 'this normengine build has no usable CUDA kernels')")
+[ "$mode" = prebuilt ] || usable || die "import check"
 
-CURRENT="tests"; step "$CURRENT"
-(cd "$RUN_DIR" && "$PY" -m pytest "$ROOT/tests" -q -x -rs -p no:cacheprovider --rootdir "$ROOT") 2>&1 | tee "$OUT_DIR/pytest.log"
+case "${NE_GPU_TESTS:-gpu}" in
+  gpu) run "tests (cuda)" pytest_cuda.log "$PY" -m pytest "$ROOT/tests" -q -rs -p no:cacheprovider --rootdir "$ROOT" \
+         --maxfail=50 -k "cuda and not emu" ;;
+  all) run "tests (all)" pytest.log "$PY" -m pytest "$ROOT/tests" -q -rs -p no:cacheprovider --rootdir "$ROOT" --maxfail=50 ;;
+esac
 
-CURRENT="benchmark"; step "$CURRENT"
-(cd "$RUN_DIR" && "$PY" "$ROOT/benchmarks/compare_norm_torch.py" --device cuda) 2>&1 | tee "$OUT_DIR/compare_norm_torch_cuda.md"
-(cd "$RUN_DIR" && "$PY" "$ROOT/benchmarks/compare_lmul.py" --device cuda) 2>&1 | tee "$OUT_DIR/compare_lmul_cuda.md"
-(cd "$RUN_DIR" && "$PY" "$ROOT/benchmarks/compare_attention_cuda.py") 2>&1 | tee "$OUT_DIR/compare_attention_cuda.md"
-(cd "$RUN_DIR" && "$PY" "$ROOT/benchmarks/compare_quant_cuda.py") 2>&1 | tee "$OUT_DIR/compare_quant_cuda.md"
-(cd "$RUN_DIR" && "$PY" "$ROOT/benchmarks/compare_runner_cuda.py") 2>&1 | tee "$OUT_DIR/compare_runner_cuda.md"
+BENCH=",${NE_GPU_BENCH:-norm,lmul,attention,quant,runner},"
+[[ $BENCH == *,norm,* ]] && run "bench norm" compare_norm_torch_cuda.md "$PY" "$ROOT/benchmarks/compare_norm_torch.py" --device cuda
+[[ $BENCH == *,lmul,* ]] && run "bench lmul" compare_lmul_cuda.md "$PY" "$ROOT/benchmarks/compare_lmul.py" --device cuda
+[[ $BENCH == *,attention,* ]] && run "bench attention" compare_attention_cuda.md "$PY" "$ROOT/benchmarks/compare_attention_cuda.py"
+[[ $BENCH == *,quant,* ]] && run "bench quant" compare_quant_cuda.md "$PY" "$ROOT/benchmarks/compare_quant_cuda.py"
+[[ $BENCH == *,runner,* ]] && run "bench runner" compare_runner_cuda.md "$PY" "$ROOT/benchmarks/compare_runner_cuda.py"
 
-CURRENT="done"; step "gpu_suite: all steps passed; logs in $OUT_DIR"
+if [ "${#FAILED[@]}" -eq 0 ]; then
+  step "gpu_suite: all steps passed; logs in $OUT_DIR"
+else
+  step "gpu_suite: ${#FAILED[@]} step(s) failed: ${FAILED[*]}; logs in $OUT_DIR"
+  exit 1
+fi
