@@ -18,14 +18,14 @@
 // a pinned staging buffer. Weights are the caller's device memory (zero-copy); the KV cache, the
 // RoPE table and the activations are allocated once (activations grow only when a larger call comes).
 //
-// Linear layers: y[M, N] (+)= x[M, K] W[N, K]^T (+ b), x and y float32, W float32 / bfloat16 /
-// float16 (widened in registers, never copied), accumulation in float32 FMA (no TF32, no 16-bit
-// rounding of activations: the numbers of the CPU runner, up to summation order).
-//   M <= kGemvMaxRows: gemv_kernel, one warp per output column, W streamed once with 16-byte loads
-//     (memory bound: the decode step's traffic is the weights once).
-//   else: gemm_tiled_kernel, a BM x BN tile per 256-thread block, BK-deep k-steps staged through
-//     shared memory (k-major, padded), each thread an TM x TN register tile read as float4s, the next
-//     k-step's global loads in flight while the current one is multiplied.
+// Linear layers: y[M, N] (+)= x[M, K] W[N, K]^T (+ b) through cuda::dense_linear (cuda/gemm.cu: a GEMV
+// for decode, tiled FMA GEMMs for prefill, fp32 sums), cuda::quant_linear for packed weights,
+// cuda::bf16_linear (tensor cores) for bfloat16 weights under matmul_precision "medium", and
+// cuda::lmul_linear under lmul_scope "all".
+// Fused norms (fused_norms(): every norm's gain 1 and bias 0, folded into its readers by
+// normengine.convert, and no L-Mul): a norm followed by linear layers runs as norm_linear, the row
+// statistics (cuda::norm_stats) then the readers' GEMMs with the norm epilogue (LayerNorm's mean
+// subtracted as x is read, rstd scaling the sums): the normalized activation is never written.
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -67,236 +67,6 @@ __device__ __forceinline__ float load_any(const void* p, int dt, int64_t i) {
   if (dt == kDtF16) return __half2float(static_cast<const __half*>(p)[i]);
   return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
 }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-// Four consecutive elements as one aligned load (16 bytes for float, 8 for 16-bit types).
-template <class T> struct alignas(4 * sizeof(T)) Quad { T e[4]; };
-
-// Elements k .. k+3 of a row of K elements, as float; those >= K (or all, when !ok) read as 0.
-// vec: the row start is 4-element aligned (and k a multiple of 4), so a full quad is one load.
-template <class T>
-__device__ __forceinline__ void load4(const T* row, int64_t k, int64_t K, bool ok, bool vec, float (&o)[4]) {
-  if (ok && vec && k + 4 <= K) {
-    const Quad<T> q = *reinterpret_cast<const Quad<T>*>(row + k);
-#pragma unroll
-    for (int c = 0; c < 4; ++c) o[c] = Elem<T>::load(q.e[c]);
-    return;
-  }
-#pragma unroll
-  for (int c = 0; c < 4; ++c) o[c] = ok && k + c < K ? Elem<T>::load(row[k + c]) : 0.f;
-}
-
-// ============================================================================ linear
-
-struct GemmParams {
-  const float* x;
-  int64_t ldx;
-  const void* w;
-  int64_t ldw;
-  const float* bias;  // [N] or null
-  float* y;
-  int64_t ldy;
-  int M, N, K;
-  bool accumulate;  // y += ...  (else y = ...)
-  bool vec;         // the kernel's vector-load conditions hold (see launch_linear)
-};
-
-constexpr int kGemvRows = 8;      // rows of x per gemv block row (grid.y walks the rest)
-constexpr int kGemvMaxRows = 16;  // at most this many rows take the gemv path
-constexpr int kGemvWarps = 8;     // output columns per gemv block
-
-// ---------------------------------------------------------------------------- gemv_kernel
-// y[m, n] (+)= sum_k x[m, k] W[n, k] (+ b[n]) for the R rows m0 .. m0+R-1 (m0 = blockIdx.y * R)
-// and the column n = blockIdx.x * 8 + warp. The warp's lanes stride along K, 16 bytes of W each
-// (4 f32 / 8 f16/bf16), and multiply them into every row of x (tiny, cached in L1); warp sums at the end.
-// Traffic: W once (per block row of R rows), the bound of a decode step.
-// vec: W's row starts and x's row starts 16-byte aligned.
-template <class TW, int R>
-__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const GemmParams p) {
-  constexpr int V = static_cast<int>(16 / sizeof(TW));
-  const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
-  if (n >= p.N) return;  // the whole warp leaves; no block barrier follows
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * R;
-  const int64_t left = static_cast<int64_t>(p.M) - m0;
-  const int rows = left < R ? static_cast<int>(left) : R;
-  const TW* w = static_cast<const TW*>(p.w) + n * p.ldw;
-  const float* x = p.x + m0 * p.ldx;
-  const int64_t K = p.K;
-  float acc[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = 0.f;
-
-  const int64_t kv = p.vec ? (K / V) * V : 0;  // [0, kv): full vectors
-  for (int64_t k = static_cast<int64_t>(lane) * V; k < kv; k += 32 * V) {
-    const Pack<TW, V> wp = *reinterpret_cast<const Pack<TW, V>*>(w + k);
-    float wf[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) wf[i] = Elem<TW>::load(wp.e[i]);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (r < rows) {
-#pragma unroll
-        for (int c = 0; c < V / 4; ++c) {
-          const float4 xv = *reinterpret_cast<const float4*>(x + r * p.ldx + k + 4 * c);
-          acc[r] = fmaf(xv.x, wf[4 * c + 0], acc[r]);
-          acc[r] = fmaf(xv.y, wf[4 * c + 1], acc[r]);
-          acc[r] = fmaf(xv.z, wf[4 * c + 2], acc[r]);
-          acc[r] = fmaf(xv.w, wf[4 * c + 3], acc[r]);
-        }
-      }
-    }
-  }
-  for (int64_t k = kv + lane; k < K; k += 32) {  // the tail (everything when !vec)
-    const float wk = Elem<TW>::load(w[k]);
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-      if (r < rows) acc[r] = fmaf(x[r * p.ldx + k], wk, acc[r]);
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
-  if (lane == 0) {
-    const float b = p.bias ? p.bias[n] : 0.f;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (r < rows) {
-        float* yp = p.y + (m0 + r) * p.ldy + n;
-        float v = acc[r] + b;
-        if (p.accumulate) v += *yp;
-        *yp = v;
-      }
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------- gemm_tiled_kernel
-// Block (blockIdx.x, blockIdx.y) computes y[m0 .. m0+BM, n0 .. n0+BN), m0 = blockIdx.y * BM,
-// n0 = blockIdx.x * BN. Per k-step of BK: the x tile [BM x BK] and the W tile [BN x BK] (both
-// K-contiguous in memory) are read as quads of 4 k-values (one 16- or 8-byte load each when vec),
-// widened to float and stored k-major into shared memory As[BK][BM+4], Bs[BK][BN+4] (the +4 pad
-// keeps float4 alignment and spreads the transposing stores over the banks). Thread (tx, ty) owns
-// rows  (i/4) * (4 TY) + 4 ty + i%4  (i < TM)  and columns  (j/4) * (4 TX) + 4 tx + j%4  (j < TN):
-// groups of 4 adjacent rows / columns spaced so that a warp's float4 reads of a k-row of Bs are
-// contiguous (conflict-free) and those of As are broadcasts. The next k-step's quads are loaded into
-// registers before the current step's FMAs (one shared buffer, two barriers per step).
-// Traffic: x read N/BN times, W read M/BM times (mostly from L2), y written (and read when
-// accumulating) once.
-constexpr int kTileThreads = 256;
-
-template <class TW, int BM, int BN, int BK, int TM, int TN>
-__global__ void __launch_bounds__(kTileThreads) gemm_tiled_kernel(const GemmParams p) {
-  constexpr int TX = BN / TN, TY = BM / TM;
-  static_assert(TX * TY == kTileThreads, "one output tile per thread");
-  static_assert(TM % 4 == 0 && TN % 4 == 0 && BK % 4 == 0, "quads of 4");
-  constexpr int KQ = BK / 4;                           // quads per tile row
-  constexpr int LA = BM * KQ / kTileThreads, LB = BN * KQ / kTileThreads;  // quads per thread
-  static_assert(LA >= 1 && LA * kTileThreads == BM * KQ, "x tile: whole quads per thread");
-  static_assert(LB >= 1 && LB * kTileThreads == BN * KQ, "W tile: whole quads per thread");
-  __shared__ __align__(16) float As[BK][BM + 4];
-  __shared__ __align__(16) float Bs[BK][BN + 4];
-
-  const int tid = static_cast<int>(threadIdx.x), tx = tid % TX, ty = tid / TX;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM, n0 = static_cast<int64_t>(blockIdx.x) * BN;
-  const TW* W = static_cast<const TW*>(p.w);
-  const int64_t K = p.K;
-
-  float ra[LA][4], rb[LB][4];
-  auto load_tiles = [&](int64_t k0) {
-#pragma unroll
-    for (int l = 0; l < LA; ++l) {
-      const int e = tid + l * kTileThreads, r = e / KQ, kq = e % KQ;
-      const int64_t m = m0 + r;
-      const bool ok = m < p.M;
-      load4<float>(ok ? p.x + m * p.ldx : p.x, k0 + 4 * kq, K, ok, p.vec, ra[l]);
-    }
-#pragma unroll
-    for (int l = 0; l < LB; ++l) {
-      const int e = tid + l * kTileThreads, r = e / KQ, kq = e % KQ;
-      const int64_t n = n0 + r;
-      const bool ok = n < p.N;
-      load4<TW>(ok ? W + n * p.ldw : W, k0 + 4 * kq, K, ok, p.vec, rb[l]);
-    }
-  };
-  auto store_tiles = [&]() {
-#pragma unroll
-    for (int l = 0; l < LA; ++l) {
-      const int e = tid + l * kTileThreads, r = e / KQ, kq = e % KQ;
-#pragma unroll
-      for (int c = 0; c < 4; ++c) As[4 * kq + c][r] = ra[l][c];
-    }
-#pragma unroll
-    for (int l = 0; l < LB; ++l) {
-      const int e = tid + l * kTileThreads, r = e / KQ, kq = e % KQ;
-#pragma unroll
-      for (int c = 0; c < 4; ++c) Bs[4 * kq + c][r] = rb[l][c];
-    }
-  };
-
-  float acc[TM][TN];
-#pragma unroll
-  for (int i = 0; i < TM; ++i)
-#pragma unroll
-    for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
-
-  const int64_t steps = (K + BK - 1) / BK;
-  load_tiles(0);
-  store_tiles();
-  __syncthreads();
-  for (int64_t s = 0; s < steps; ++s) {
-    const bool more = s + 1 < steps;  // uniform over the block
-    if (more) load_tiles((s + 1) * BK);
-#pragma unroll
-    for (int kk = 0; kk < BK; ++kk) {
-      float a[TM], b[TN];
-#pragma unroll
-      for (int g = 0; g < TM / 4; ++g) {
-        const float4 v = *reinterpret_cast<const float4*>(&As[kk][g * 4 * TY + 4 * ty]);
-        a[4 * g + 0] = v.x; a[4 * g + 1] = v.y; a[4 * g + 2] = v.z; a[4 * g + 3] = v.w;
-      }
-#pragma unroll
-      for (int g = 0; g < TN / 4; ++g) {
-        const float4 v = *reinterpret_cast<const float4*>(&Bs[kk][g * 4 * TX + 4 * tx]);
-        b[4 * g + 0] = v.x; b[4 * g + 1] = v.y; b[4 * g + 2] = v.z; b[4 * g + 3] = v.w;
-      }
-#pragma unroll
-      for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
-    __syncthreads();  // every thread is done reading this step's tiles
-    if (more) {
-      store_tiles();
-      __syncthreads();
-    }
-  }
-
-#pragma unroll
-  for (int i = 0; i < TM; ++i) {
-    const int64_t m = m0 + (i / 4) * 4 * TY + 4 * ty + (i % 4);
-    if (m >= p.M) continue;
-    float* yr = p.y + m * p.ldy;
-#pragma unroll
-    for (int j = 0; j < TN; ++j) {
-      const int64_t n = n0 + (j / 4) * 4 * TX + 4 * tx + (j % 4);
-      if (n < p.N) {
-        float v = acc[i][j];
-        if (p.bias) v += p.bias[n];
-        if (p.accumulate) v += yr[n];
-        yr[n] = v;
-      }
-    }
-  }
-}
-
-// Two tile shapes: 128 x 128 (8 x 8 per thread) when the grid still fills the GPU twice over, else
-// 64 x 64 (4 x 4 per thread) for more blocks on smaller problems.
-constexpr int kBigBM = 128, kBigBN = 128, kBigBK = 8, kBigTM = 8, kBigTN = 8;
-constexpr int kSmallBM = 64, kSmallBN = 64, kSmallBK = 16, kSmallTM = 4, kSmallTN = 4;
 
 // ============================================================================ per-token kernels
 
@@ -554,70 +324,50 @@ __global__ void gather_rows_kernel(const float* src, const int32_t* rows, float*
 
 // ============================================================================ host side
 
-bool aligned_to(const void* p, size_t n) { return (reinterpret_cast<std::uintptr_t>(p) % n) == 0; }
-
-template <class TW>
-void launch_linear_t(const DevW& w, const float* bias, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
-                     bool accumulate, cudaStream_t s) {
-  GemmParams p{};
-  p.x = x;
-  p.ldx = ldx;
-  p.w = w.data;
-  p.ldw = w.ld;
-  p.bias = bias;
-  p.y = y;
-  p.ldy = ldy;
-  p.M = static_cast<int>(M);
-  p.N = static_cast<int>(w.rows);
-  p.K = static_cast<int>(w.cols);
-  p.accumulate = accumulate;
-  if (M <= kGemvMaxRows) {
-    // 16-byte vectors of W and of x rows
-    p.vec = aligned_to(w.data, 16) && (w.ld * static_cast<int64_t>(sizeof(TW))) % 16 == 0 && aligned_to(x, 16) &&
-            ldx % 4 == 0;
-    const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kGemvWarps)), static_cast<unsigned>(ceil_div(M, kGemvRows)));
-    gemv_kernel<TW, kGemvRows><<<grid, kGemvWarps * 32, 0, s>>>(p);
-    check_launch("gemv_kernel");
-    return;
-  }
-  // quads of 4 elements of W and of x rows
-  p.vec = aligned_to(w.data, 4 * sizeof(TW)) && w.ld % 4 == 0 && aligned_to(x, 16) && ldx % 4 == 0;
-  const int64_t big_blocks = ceil_div(M, kBigBM) * ceil_div(p.N, kBigBN);
-  if (big_blocks >= 2 * static_cast<int64_t>(sm_count())) {
-    const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kBigBN)), static_cast<unsigned>(ceil_div(M, kBigBM)));
-    gemm_tiled_kernel<TW, kBigBM, kBigBN, kBigBK, kBigTM, kBigTN><<<grid, kTileThreads, 0, s>>>(p);
-  } else {
-    const dim3 grid(static_cast<unsigned>(ceil_div(p.N, kSmallBN)), static_cast<unsigned>(ceil_div(M, kSmallBM)));
-    gemm_tiled_kernel<TW, kSmallBM, kSmallBN, kSmallBK, kSmallTM, kSmallTN><<<grid, kTileThreads, 0, s>>>(p);
-  }
-  check_launch("gemm_tiled_kernel");
-}
-
 // How the projections multiply (the CPU runner's Arith): lmul_bits > 0, every product an L-Mul
 // (cuda/lmul.cu; float32 weights, CudaRunner::finalize checks); bf16, matmul_precision "medium": bfloat16
-// weights take the tensor cores for more than kGemvMaxRows rows (cuda::bf16_linear: x rounded to bf16).
+// weights take the tensor cores for more than kDenseGemvMaxRows rows (cuda::bf16_linear: x rounded to bf16).
 struct Arith {
   int lmul_bits = 0;
   bool bf16 = false;
 };
 
 // y[M, N] (+)= x[M, K] W^T (+ b)   (N = w.rows, K = w.cols)
+// The norm epilogue of fused norms (DenseLinearArgs' row_shift, row_shift_lo, row_scale; all null: none).
+struct NormEpi {
+  const float *shift = nullptr, *shift_lo = nullptr, *scale = nullptr;
+};
+
+// epi (fused norms): the norm epilogue, dense weights only (cuda::dense_linear)
 void launch_linear(const DevW& w, const DevW& b, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
-                   bool accumulate, cudaStream_t s, const Arith& ar = Arith{}) {
+                   bool accumulate, cudaStream_t s, const Arith& ar = Arith{}, const NormEpi& epi = NormEpi{}) {
   if (M <= 0) return;
+  if (epi.scale && (w.quant || ar.lmul_bits > 0 || (ar.bf16 && M > kDenseGemvMaxRows)))
+    throw Error("CudaRunner: the norm epilogue reached a weight without it (a bug: fused_norms() should be false)");
   const float* bias = b.present() ? b.f32() : nullptr;
   if (ar.lmul_bits > 0)
     return lmul_linear(M, w.rows, w.cols, x, ldx, w.f32(), w.ld, bias, y, ldy, accumulate, ar.lmul_bits, s);
-  if (ar.bf16 && !w.quant && w.dtype == DType::BF16 && M > kGemvMaxRows &&
+  if (ar.bf16 && !w.quant && w.dtype == DType::BF16 && M > kDenseGemvMaxRows &&
       bf16_linear(M, w.rows, w.cols, x, ldx, w.data, w.ld, bias, y, ldy, accumulate, s))
     return;
   if (w.quant) return quant_linear(M, x, DType::F32, ldx, w.q, bias, y, ldy, accumulate, s);  // cuda/quant_gemm.cu
-  switch (w.dtype) {
-    case DType::F32: return launch_linear_t<float>(w, bias, x, ldx, M, y, ldy, accumulate, s);
-    case DType::F16: return launch_linear_t<__half>(w, bias, x, ldx, M, y, ldy, accumulate, s);
-    case DType::BF16: return launch_linear_t<__nv_bfloat16>(w, bias, x, ldx, M, y, ldy, accumulate, s);
-    default: throw DTypeError(std::string("linear weight: unsupported dtype ") + dtype_name(w.dtype));
-  }
+  DenseLinearArgs a;
+  a.M = M;
+  a.N = w.rows;
+  a.K = w.cols;
+  a.x = x;
+  a.ldx = ldx;
+  a.w = w.data;
+  a.wdt = w.dtype;
+  a.ldw = w.ld;
+  a.bias = bias;
+  a.y = y;
+  a.ldy = ldy;
+  a.accumulate = accumulate;
+  a.row_shift = epi.shift;
+  a.row_shift_lo = epi.shift_lo;
+  a.row_scale = epi.scale;
+  dense_linear(a, s);  // cuda/gemm.cu
 }
 
 template <class TC>
@@ -780,7 +530,9 @@ struct CudaRunner::Impl {
   cudaEvent_t staged = nullptr;  // recorded after the copy out of host_idx
   int64_t cap_tokens = 0;
   float *x = nullptr, *xn = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *att = nullptr, *up = nullptr,
-        *gate = nullptr, *sel = nullptr;
+        *gate = nullptr, *sel = nullptr, *mean = nullptr, *mean_lo = nullptr, *rstd = nullptr;
+  bool fused = false;       // fused_norms(): the blocks' norms run as statistics + GEMM epilogue (finalize)
+  bool fused_head = false;  // the final norm likewise (a tied head usually keeps its gain: then not)
 
   ~Impl() {
     // Never throws: a failure here (a broken context) leaves nothing better to do.
@@ -892,9 +644,36 @@ void CudaRunner::set_quant_tensor(const std::string& name, int format, const Ten
 }
 
 void CudaRunner::finalize() {
-  check_weights_complete(*impl_, spec_);
-  check_lmul_weights(*impl_, spec_);
+  const ModelSpec& s = spec_;
+  Impl& m = *impl_;
+  check_weights_complete(m, s);
+  check_lmul_weights(m, s);
+  // Fused norms when every norm is the bare normalization (gains 1, biases 0: folded into the readers)
+  // and every reader takes the norm epilogue (dense weights, exact products).
+  cuda::DeviceGuard guard(m.dev);
+  std::vector<float> host(static_cast<size_t>(s.d_model));
+  auto unit = [&](const DevW& w, const DevW& b) {
+    for (const DevW* t : {&w, &b}) {
+      if (!t->present()) continue;
+      check(cudaMemcpy(host.data(), t->data, host.size() * sizeof(float), cudaMemcpyDeviceToHost),
+            "cudaMemcpy (norm weights)");
+      const float want = t == &w ? 1.0f : 0.0f;
+      for (float v : host)
+        if (v != want) return false;
+    }
+    return true;
+  };
+  const bool can = s.norm >= 0 && s.lmul_scope != 2;
+  bool fused = can;
+  for (const auto& L : m.layers) {
+    for (const DevW* w : {&L.q, &L.k, &L.v, &L.up, &L.gate}) fused = fused && !w->quant;
+    fused = fused && unit(L.attn_norm_w, L.attn_norm_b) && unit(L.mlp_norm_w, L.mlp_norm_b);
+  }
+  m.fused = fused;
+  m.fused_head = can && !m.head.quant && unit(m.final_w, m.final_b);
 }
+
+bool CudaRunner::fused_norms() const { return impl_->fused; }
 
 void CudaRunner::reset(int slot) {
   if (slot < 0 || slot >= n_slots_) throw ValueError("slot: out of range");
@@ -934,7 +713,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
                 dkv = static_cast<int64_t>(s.n_kv_heads) * s.head_dim, f = s.d_ff;
   // Launch limits: gemm grids walk rows in gridDim.y (<= 65535 blocks of 64 rows), attention has one
   // block per (token, head) in gridDim.x.
-  if (T > 65535LL * cuda::kSmallBM || T * s.n_heads > INT_MAX)
+  if (T > cuda::kDenseMaxRows || T * s.n_heads > INT_MAX)
     throw UnsupportedError("forward: " + std::to_string(T) + " tokens in one call are too many for the CUDA runner");
 
   cuda::DeviceGuard guard(m.dev);
@@ -952,13 +731,13 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     m.idx = m.host_idx = nullptr;
     m.cap_tokens = 0;
     const size_t c = static_cast<size_t>(cap);
-    const size_t sizes[] = {c * d, c * d, c * dq, c * dkv, c * dkv, c * dq, c * f, s.gated_mlp ? c * f : 0, c * d};
+    const size_t sizes[] = {c * d, c * d, c * dq, c * dkv, c * dkv, c * dq, c * f, s.gated_mlp ? c * f : 0, c * d, c, c, c};
     size_t total = 0;
     for (size_t z : sizes) total += cuda::round_floats(z);
     check(cudaMalloc(reinterpret_cast<void**>(&m.act), total * sizeof(float)), "cudaMalloc (activations)");
-    float** dst[] = {&m.x, &m.xn, &m.q, &m.k, &m.v, &m.att, &m.up, &m.gate, &m.sel};
+    float** dst[] = {&m.x, &m.xn, &m.q, &m.k, &m.v, &m.att, &m.up, &m.gate, &m.sel, &m.mean, &m.mean_lo, &m.rstd};
     size_t off = 0;
-    for (int i = 0; i < 9; ++i) {
+    for (int i = 0; i < 12; ++i) {
       *dst[i] = sizes[i] ? m.act + off : nullptr;
       off += cuda::round_floats(sizes[i]);
     }
@@ -1005,6 +784,25 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     norm_forward(static_cast<NormKind>(s.norm), xv, nullptr, &wv, b.present() ? &bv : nullptr, s.norm_eps, yv,
                  nullptr, nullptr, nullptr, c);
   };
+  // Fused norms, except under "medium" with more than a GEMV's rows: the bf16 tensor-core kernel has no
+  // norm epilogue, so the normalized rows are written for it
+  const bool fuse = m.fused && !(s.bf16_products && T > cuda::kDenseGemvMaxRows);
+  // the row statistics of x's rows into m.mean (+ m.mean_lo: LayerNorm) and m.rstd: the norm epilogue of
+  // the readers
+  auto stats = [&](const float* x, int64_t rows) {
+    TensorView xv = TensorView::make(const_cast<float*>(x), DType::F32, {rows, d}, devc, "x");
+    TensorView mv = TensorView::make(m.mean, DType::F32, {rows}, devc, "mean");
+    TensorView rv = TensorView::make(m.rstd, DType::F32, {rows}, devc, "rstd");
+    Ctx c;
+    c.cuda_stream = stream;
+    norm_stats(static_cast<NormKind>(s.norm), xv, s.norm_eps, s.norm == 0 ? &mv : nullptr, rv, c);
+    if (s.norm == 0) cuda::row_shift_residual(rows, d, x, d, m.mean, m.mean_lo, st);
+  };
+  cuda::NormEpi epi_on;
+  epi_on.shift = s.norm == 0 ? m.mean : nullptr;
+  epi_on.shift_lo = s.norm == 0 ? m.mean_lo : nullptr;
+  epi_on.scale = m.rstd;
+  const cuda::NormEpi epi = fuse ? epi_on : cuda::NormEpi{};
   const unsigned grid_t = static_cast<unsigned>(T);
 
   // ---- token (and position) embeddings
@@ -1035,13 +833,15 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     Layer& L = m.layers[li];
     // ---- attention
     const float* xin = m.x;
-    if (has_norm) {
+    if (fuse) {
+      stats(m.x, T);
+    } else if (has_norm) {
       norm_rows(L.attn_norm_w, L.attn_norm_b, m.x, m.xn, T);
       xin = m.xn;
     }
-    cuda::launch_linear(L.q, L.qb, xin, d, T, m.q, dq, false, st, ar);
-    cuda::launch_linear(L.k, L.kb, xin, d, T, m.k, dkv, false, st, ar);
-    cuda::launch_linear(L.v, L.vb, xin, d, T, m.v, dkv, false, st, ar);
+    cuda::launch_linear(L.q, L.qb, xin, d, T, m.q, dq, false, st, ar, epi);
+    cuda::launch_linear(L.k, L.kb, xin, d, T, m.k, dkv, false, st, ar, epi);
+    cuda::launch_linear(L.v, L.vb, xin, d, T, m.v, dkv, false, st, ar, epi);
     const bool softmax = L.type == AttnType::Softmax;
     if (softmax || !s.learned_pos) {  // RoPE; a softmax layer's K/V rows into its cache
       cuda::RopeCacheParams p{};
@@ -1103,13 +903,15 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     cuda::launch_linear(L.o, L.ob, m.att, dq, T, m.x, d, true, st, ar);  // x += attn Wo^T + bo
     // ---- MLP
     xin = m.x;
-    if (has_norm) {
+    if (fuse) {
+      stats(m.x, T);
+    } else if (has_norm) {
       norm_rows(L.mlp_norm_w, L.mlp_norm_b, m.x, m.xn, T);
       xin = m.xn;
     }
-    cuda::launch_linear(L.up, L.upb, xin, d, T, m.up, f, false, st, ar);
+    cuda::launch_linear(L.up, L.upb, xin, d, T, m.up, f, false, st, ar, epi);
     if (s.gated_mlp) {
-      cuda::launch_linear(L.gate, L.gateb, xin, d, T, m.gate, f, false, st, ar);
+      cuda::launch_linear(L.gate, L.gateb, xin, d, T, m.gate, f, false, st, ar, epi);
       cuda::activation_kernel<<<act_grid, 256, 0, st>>>(s.activation, act_n, m.gate, m.up, m.up);
     } else {
       cuda::activation_kernel<<<act_grid, 256, 0, st>>>(s.activation, act_n, m.up, nullptr, m.up);
@@ -1126,11 +928,15 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     cuda::check_launch("gather_rows_kernel");
     src = m.sel;
   }
-  if (has_norm) {
+  const bool fuse_head = m.fused_head && !(s.bf16_products && rows > cuda::kDenseGemvMaxRows);
+  if (fuse_head) {
+    stats(src, rows);
+  } else if (has_norm) {
     norm_rows(m.final_w, m.final_b, src, m.xn, rows);
     src = m.xn;
   }
-  cuda::launch_linear(m.head, m.head_b, src, d, rows, logits, s.vocab, false, st, ar);
+  cuda::launch_linear(m.head, m.head_b, src, d, rows, logits, s.vocab, false, st, ar,
+                      fuse_head ? epi_on : cuda::NormEpi{});
   for (int i = 0; i < n_seqs; ++i) m.len[slots[i]] += lens[i];
 }
 

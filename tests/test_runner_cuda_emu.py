@@ -42,6 +42,8 @@ def lib(tmp_path_factory):
     d = tmp_path_factory.mktemp("runneremu")
     runner_src, norm_src, quant_src = d / "runner.emu.cu", d / "norm.emu.cu", d / "quant.emu.cu"
     la_src, chunk_src, lmul_src = d / "linear_attention.emu.cu", d / "linear_attention_chunk.emu.cu", d / "lmul.emu.cu"
+    gemm_src = d / "gemm.emu.cu"
+    gemm_src.write_text(emu_source(os.path.join(ROOT, "cuda", "gemm.cu")))
     runner_src.write_text(emu_source(os.path.join(ROOT, "cuda", "runner.cu")))
     norm_src.write_text(emu_source(os.path.join(ROOT, "cuda", "norm.cu")))
     quant_src.write_text(quant_emu_source(os.path.join(ROOT, "cuda", "quant_gemm.cu")))
@@ -55,7 +57,8 @@ def lib(tmp_path_factory):
                                       "-x", "c++", str(norm_src), str(quant_src), str(chunk_src),
                                       "-x", "none", os.path.join(ROOT, "cpp", "core", "tensor.cpp")],
               ["-DNE_WITH_CUDA", "-DNE_CUDA_EMU", f'-DNE_EMU_RUNNER_SOURCE="{runner_src}"',
-               f'-DNE_EMU_LA_SOURCE="{la_src}"', f'-DNE_EMU_LMUL_SOURCE="{lmul_src}"'],
+               f'-DNE_EMU_LA_SOURCE="{la_src}"', f'-DNE_EMU_LMUL_SOURCE="{lmul_src}"',
+               f'-DNE_EMU_GEMM_SOURCE="{gemm_src}"'],
               prefix="ne_remu")
     vp, ci, i32p = ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p
     L.ne_remu_create.restype = vp
@@ -64,6 +67,9 @@ def lib(tmp_path_factory):
     L.ne_remu_set_tensor.argtypes = [vp, ctypes.c_char_p, vp, ci, ci, vp, vp]
     L.ne_remu_set_quant_tensor.argtypes = [vp, ctypes.c_char_p, ci, vp, vp, vp, vp, ci, vp, ctypes.c_int64]
     L.ne_remu_finalize.argtypes = [vp]
+    L.ne_remu_fused_norms.argtypes = [vp]
+    i64 = ctypes.c_int64
+    L.ne_remu_dense_linear.argtypes = [i64, i64, i64, vp, i64, vp, ci, i64, vp, vp, i64, ci, vp, vp, vp]
     L.ne_remu_reset.argtypes = [vp, ci]
     L.ne_remu_length.argtypes = [vp, ci]
     L.ne_remu_forward.argtypes = [vp, ci, i32p, i32p, i32p, vp, ci]
@@ -496,3 +502,57 @@ def test_bf16_products_medium(lib, model):
         finally:
             er.close()
     assert rel(outs[0], outs[1]) > 1e-5
+
+
+def test_fused_norms(lib, model):
+    """fused_norms(): the default model's norms are folded (gains 1, biases 0), so the CUDA runner runs
+    each norm as row statistics plus its readers' GEMM epilogue, as the CPU runner does; with random
+    gains and biases it writes the normalized rows and multiplies them as before. Both against the CPU
+    runner on the same tensors."""
+    spec = dict(model._spec())
+    g = torch.Generator().manual_seed(21)
+    ts = dict(model.tensors)
+    gains = {n: (1 + 0.2 * torch.randn(t.shape, generator=g)) if n.endswith("norm.weight") else 0.1 *
+             torch.randn(t.shape, generator=g) for n, t in ts.items() if "norm." in n}
+    for tensors, fused in ((ts, 1), ({**ts, **gains}, 0)):
+        er = EmuRunner(lib, model, 1, 8, spec, tensors)
+        try:
+            assert lib.ne_remu_fused_norms(er.h) == fused
+        finally:
+            er.close()
+        worst, names = prefill_then_decode(lib, model, spec, tensors, seed=14)
+        print(f"fused {fused}: max rel err {worst:.3g}")
+        assert worst <= REL
+
+
+@pytest.mark.parametrize("wdt", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [5, 40, 300])
+def test_dense_linear_norm_epilogue(lib, wdt, M):
+    """cuda::dense_linear's norm epilogue (the CUDA runner's fused LayerNorm): y = rstd_m ((x - mean_m) W^T)
+    + b with the float32 mean subtracted in two parts as x is read, (x - hi) - lo, lo = mean(x - hi) from
+    row_shift_residual; on the GEMV (M = 5) and both tiled kernels, rows of 1e4 + N(0, 1) and ordinary
+    ones: within 2e-6 of float64, relative to the sum of the terms' magnitudes. The float32 mean alone
+    (no lo) is off by up to half its ulp (5e-4), which costs such rows about 1e-4; no shift at all, 1e-2."""
+    N, K = 70, 203
+    g = torch.Generator().manual_seed(M)
+    x = 1e4 + torch.randn(M, K, generator=g)
+    x[::3] = torch.randn(x[::3].shape, generator=g)  # and ordinary rows
+    w = torch.randn(N, K, generator=g).to(wdt)
+    b = torch.randn(N, generator=g)
+    mean = x.double().mean(1)
+    rstd = 1 / ((x.double() - mean[:, None]).pow(2).mean(1) + 1e-5).sqrt()
+    xc = (x.double() - mean[:, None]) * rstd[:, None]
+    want = xc @ w.double().t() + b.double()
+    S = xc.abs() @ w.double().abs().t() + b.double().abs()
+    hi, scale, lo = mean.float(), rstd.float(), torch.full((M,), float("nan"))
+
+    def err(shift, shift_lo):
+        y = torch.full((M, N + 3), float("nan"))
+        check(lib, lib.ne_remu_dense_linear(M, N, K, x.data_ptr(), K, w.data_ptr(), DT[wdt], K, b.data_ptr(),
+                                            y.data_ptr(), N + 3, 0, shift, shift_lo, scale.data_ptr()))
+        return ((y[:, :N].double() - want).abs() / S).max().item()
+
+    assert err(hi.data_ptr(), lo.data_ptr()) <= 2e-6
+    assert torch.allclose(lo.double(), (x.double() - hi.double()[:, None]).mean(1), rtol=0, atol=1e-6)
+    assert err(hi.data_ptr(), None) > 2e-5
+    assert err(None, None) > 1e-2

@@ -87,6 +87,40 @@ struct GemmTable {
 // gemm_f32's bf16_products path; false (nothing written) when AMX-BF16 cannot take this call.
 bool gemm_bf16_amx(const GemmArgs& a, DType wdtype);
 
+#if defined(NE_WITH_CUDA)
+namespace cuda {
+// The dense linear layer on the GPU (cuda/gemm.cu; device pointers, enqueued on `stream`):
+//   y[m, n] (+)= s_m * sum_k (x[m, k] - c_m) W[n, k] (+ b[n])
+// x float32 [M, ldx]; W float32 / bfloat16 / float16 [N, K] (row stride ldw), widened in registers; fp32
+// FMA sums (no TF32). row_shift c (null: 0) and row_scale s (null: 1) are the norm epilogue of
+// norm_linear (c = the LayerNorm mean, subtracted as x is read; s = rstd): norm(x) is never written.
+// c is subtracted in two parts, (x - c_hi) - c_lo: a float32 mean c_hi is off by up to half its ulp,
+// as much as the whole spread of a row whose mean is large next to it; c_lo = mean(x - c_hi)
+// (row_shift_residual) takes that off, x - c_hi itself being exact for such rows.
+// M <= 16 rows: a GEMV streaming W once; more: tiled FMA GEMMs.
+struct DenseLinearArgs {
+  int64_t M = 0, N = 0, K = 0;
+  const float* x = nullptr;
+  int64_t ldx = 0;
+  const void* w = nullptr;
+  DType wdt = DType::F32;
+  int64_t ldw = 0;
+  const float* bias = nullptr;
+  float* y = nullptr;
+  int64_t ldy = 0;
+  bool accumulate = false;
+  const float* row_shift = nullptr;     // [M] c_hi
+  const float* row_shift_lo = nullptr;  // [M] c_lo (null: 0)
+  const float* row_scale = nullptr;     // [M]
+};
+void dense_linear(const DenseLinearArgs& a, void* stream);
+// lo[m] = mean_k (x[m, k] - hi[m]), k < K, float32 sums: what the float32 mean hi leaves of row m's mean.
+void row_shift_residual(int64_t M, int64_t K, const float* x, int64_t ldx, const float* hi, float* lo, void* stream);
+constexpr int64_t kDenseGemvMaxRows = 16;          // at most this many rows take the GEMV
+constexpr int64_t kDenseMaxRows = 65535LL * 64;    // rows one call takes (the tiles' grid.y)
+}  // namespace cuda
+#endif
+
 }  // namespace ne
 
 NE_DECLARE_ISA_TABLES(::ne::GemmTable, gemm_table)

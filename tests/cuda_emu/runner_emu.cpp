@@ -53,12 +53,25 @@ void norm_forward(NormKind kind, const TensorView& x, const TensorView* residual
   if (a.x.rows == 0) return;
   cuda::norm_forward(a, ctx.cuda_stream);
 }
+// The CUDA branch of cpp/ops/norm.cpp's norm_stats (the runner's fused norms: contiguous float32 rows).
+void norm_stats(NormKind kind, const TensorView& x, double eps, const TensorView* mean, const TensorView& rstd,
+                const Ctx& ctx) {
+  NormFwdArgs a{};
+  a.kind = kind;
+  a.x = as_rows(x);
+  a.mean = mean ? mean->data : nullptr;
+  a.rstd = rstd.data;
+  a.eps = eps;
+  cuda::norm_stats(a, ctx.cuda_stream);
+}
 }  // namespace ne
 
 // runner_ops_emu.cpp: the kernels of ne::cuda::linear_attention_rows and ne::cuda::lmul_linear (internal
 // to that translation unit)
 __attribute__((visibility("hidden"))) const void* ne_remu_lin_attn_rows_kernel();
 __attribute__((visibility("hidden"))) const void* ne_remu_lmul_bmm_kernel();
+// runner_ops_emu.cpp: cuda/gemm.cu's kernels (the dense projections), each handed to reg with its name
+__attribute__((visibility("hidden"))) void ne_remu_gemm_names(void (*reg)(const void*, const char*));
 
 namespace {
 
@@ -68,19 +81,9 @@ using ne_harness::name;
 
 // ---------------------------------------------------------------------------- kernel names
 
-template <class TW>
-void name_linear(const std::string& t) {
-  using namespace ne::cuda;
-  name(gemv_kernel<TW, kGemvRows>, "gemv<" + t + ">");
-  name(gemm_tiled_kernel<TW, kBigBM, kBigBN, kBigBK, kBigTM, kBigTN>, "gemm_big<" + t + ">");
-  name(gemm_tiled_kernel<TW, kSmallBM, kSmallBN, kSmallBK, kSmallTM, kSmallTN>, "gemm_small<" + t + ">");
-}
-
 void init_names_local() {
   using namespace ne::cuda;
-  name_linear<float>("f32");
-  name_linear<__half>("f16");
-  name_linear<__nv_bfloat16>("bf16");
+  ne_remu_gemm_names([](const void* k, const char* s) { name(static_cast<const char*>(k), s); });
   name(embed_kernel, "embed");
   name(rope_cache_kernel<float>, "rope_cache");
   name(rope_cache_kernel<__nv_bfloat16>, "rope_cache<bf16>");
@@ -202,6 +205,40 @@ int ne_remu_set_quant_tensor(void* h, const char* name_, int format, void* data,
 
 int ne_remu_finalize(void* h) {
   return guarded([&] { static_cast<ne::CudaRunner*>(h)->finalize(); });
+}
+
+int ne_remu_fused_norms(void* h) {
+  int f = -1;
+  if (guarded([&] { f = static_cast<ne::CudaRunner*>(h)->fused_norms() ? 1 : 0; })) return -1;
+  return f;
+}
+
+// ne::cuda::dense_linear (cuda/gemm.cu): y[M, N] (+)= s_m ((x - c_m) W^T) (+ b); wdt an ne::DType value;
+// shift / shift_lo / scale / bias may be null; with shift and shift_lo, shift_lo is first filled by
+// ne::cuda::row_shift_residual (as the runner's fused LayerNorm does).
+int ne_remu_dense_linear(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, int wdt,
+                         int64_t ldw, const float* bias, float* y, int64_t ldy, int accumulate, const float* shift,
+                         float* shift_lo, const float* scale) {
+  return guarded([&] {
+    if (shift && shift_lo) ne::cuda::row_shift_residual(M, K, x, ldx, shift, shift_lo, nullptr);
+    ne::cuda::DenseLinearArgs a;
+    a.M = M;
+    a.N = N;
+    a.K = K;
+    a.x = x;
+    a.ldx = ldx;
+    a.w = w;
+    a.wdt = dtype_of(wdt);
+    a.ldw = ldw;
+    a.bias = bias;
+    a.y = y;
+    a.ldy = ldy;
+    a.accumulate = accumulate != 0;
+    a.row_shift = shift;
+    a.row_shift_lo = shift_lo;
+    a.row_scale = scale;
+    ne::cuda::dense_linear(a, nullptr);
+  });
 }
 
 int ne_remu_reset(void* h, int slot) {

@@ -134,8 +134,9 @@ class CudaRunner {
   void finalize();
   void forward(int n_seqs, const int32_t* slots, const int32_t* tokens, const int32_t* lens, float* logits,
                bool all_logits, void* stream = nullptr);
-  // Runner's query; the CUDA runner runs norm and linear as separate kernels: always false.
-  bool fused_norms() const { return false; }
+  // As Runner's: every norm's gain 1 and bias 0 (folded), every reader dense and exact: each norm runs as
+  // row statistics plus its readers' GEMM epilogue (norm_linear). Known after finalize().
+  bool fused_norms() const;
 
   void reset(int slot);
   int length(int slot) const;
