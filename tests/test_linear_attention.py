@@ -52,14 +52,27 @@ def test_odd_head_dims_and_no_state(op, gen):
     ours, ref = OPS[op]
     q, k, v, _ = _inputs(1, 70, 2, 3, 1, gen)
     o = ours(q, k, v)
-    # 1-wide heads: norm attention's o = r / sqrt(r^2 + eps) (Dv = 1) and relu / elu denominators
-    # (Dk = 1) amplify float32 rounding on some draws; then no worse than the reference evaluated in
-    # float32 (x 3)
+    # 1-wide heads: relu / elu denominators (Dk = 1) amplify float32 rounding on some draws; then no
+    # worse than the reference evaluated in float32 (x 3)
     def close(o, q, k, v):
         want = ref(q.double(), k.double(), v.double())[0]
         return rel_err(o, want) <= max(1e-5, 3 * rel_err(ref(q, k, v)[0], want))
 
-    assert close(o, q, k, v)
+    if op == "norm":
+        # Dv = 1: o = f(r) = r / sqrt(r^2 + eps), r_t = sum_j (q_t . k_j) v_j. Where r nears 0 its float32
+        # sum (error up to about n u sum |terms|) is magnified by f'(r) = eps / (r^2 + eps)^1.5, up to
+        # 1 / sqrt(eps) = 1000: each output within that first-order bound of float64 (a multiple of the
+        # float32 reference's own error held 99% of draws only: the two round differently)
+        qd, kd, vd = q.double()[0], k.double()[0], v.double()[0]  # [T, H, D]
+        causal = torch.tril(torch.ones(70, 70, dtype=torch.float64))[:, :, None]  # [t, j, 1]
+        r = (torch.einsum("thd,jhd->tjh", qd, kd) * causal * vd[None, :, :, 0]).sum(1)  # [T, H]
+        terms = (torch.einsum("thd,jhd->tjh", qd.abs(), kd.abs()) * causal * vd[None, :, :, 0].abs()).sum(1)
+        slope = 1e-6 / (r * r + 1e-6) ** 1.5
+        bound = slope * (70 + 3) * 2.0 ** -24 * terms + 4 * 2.0 ** -24
+        want = ref(q.double(), k.double(), v.double())[0][0, :, :, 0]
+        assert ((o.double()[0, :, :, 0] - want).abs() <= bound).all()
+    else:
+        assert close(o, q, k, v)
     q1, k1, v1, _ = _inputs(1, 9, 2, 1, 3, gen)
     assert close(ours(q1, k1, v1), q1, k1, v1)
 
