@@ -358,5 +358,19 @@ void row_shift_residual(int64_t M, int64_t K, const float* x, int64_t ldx, const
   check_launch("shift_residual_kernel");
 }
 
+void norm_linear_gemm(DenseLinearArgs a, const float* mean, const float* rstd, void* stream) {
+  if (a.M <= 0 || a.N <= 0) return;
+  StreamScratch scratch;
+  float* lo = nullptr;
+  if (mean) {
+    lo = static_cast<float*>(scratch.alloc(static_cast<size_t>(a.M) * sizeof(float), as_stream(stream)));
+    row_shift_residual(a.M, a.K, a.x, a.ldx, mean, lo, stream);
+  }
+  a.row_shift = mean;
+  a.row_shift_lo = lo;
+  a.row_scale = rstd;
+  dense_linear(a, stream);
+}
+
 }  // namespace cuda
 }  // namespace ne

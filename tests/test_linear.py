@@ -1,7 +1,8 @@
 """Dense linear (ne.ops.linear and the runner's raw contract ne::gemm_f32) against
-normengine.reference.linear in float64, on every CPU ISA: odd sizes on both kernel paths (GEMV for
-M <= 15 rows: decode of one sequence or a batch, packed GEMM above), 16-bit weights, bias, accumulate, strided inputs, NaN, thread
-counts, and argument errors."""
+normengine.reference.linear in float64, on every CPU ISA and on CUDA (cuda/gemm.cu) when a GPU is
+visible: odd sizes on both kernel paths (GEMV for M <= 15 rows on the CPU, 16 on CUDA: decode of one
+sequence or a batch, packed / tiled GEMMs above), 16-bit weights, bias, accumulate, strided inputs, NaN,
+thread counts, and argument errors."""
 
 import pytest
 import torch
@@ -17,10 +18,15 @@ WDTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 @pytest.fixture
 def cpu(device):
-    """The CPU ISA variants of the `device` fixture (linear has no CUDA kernel yet)."""
+    """The CPU ISA variants of the `device` fixture (tests of the CPU's raw gemm_f32 hook)."""
     if device != "cpu":
-        pytest.skip("linear has no CUDA kernel yet (see test_cuda_unsupported)")
+        pytest.skip("a test of the CPU kernels' raw entry point")
     return device
+
+
+def on(dev, *ts):
+    """The tensors moved to the device under test (None stays None)."""
+    return [None if t is None else t.to(dev) for t in ts]
 
 
 def randn(*shape, gen, dtype=torch.float32):
@@ -44,25 +50,25 @@ def want(x, w, b=None, y0=None):
 # ----------------------------------------------------------------------------------- values
 @pytest.mark.parametrize("K", [1, 5, 31, 769, 4097])
 @pytest.mark.parametrize("wdtype", WDTYPES)
-def test_odd_sizes(K, wdtype, cpu, gen):
-    for M in (1, 3, 6, 8, 12, 15, 17, 64):
+def test_odd_sizes(K, wdtype, device, gen):
+    for M in (1, 3, 6, 8, 12, 15, 16, 17, 64):
         for N in (1, 7, 33, 257):
             x = randn(M, K, gen=gen)
             w = randn(N, K, gen=gen, dtype=WDTYPES[wdtype])
             b = randn(N, gen=gen)
             for bias in (b, None):
-                y = ne.ops.linear(x, w, bias)
+                y = ne.ops.linear(*on(device, x, w, bias)).cpu()
                 assert y.shape == (M, N) and y.dtype == torch.float32
                 assert err(y, x, w, want(x, w, bias)) <= 1e-5, (M, N, K, bias is None, gen.initial_seed())
 
 
 @pytest.mark.parametrize("MNK", [(2, 2304, 768), (100, 800, 1030), (9, 3, 300), (130, 50, 64)])
 @pytest.mark.parametrize("wdtype", WDTYPES)
-def test_blocked_shapes(MNK, wdtype, cpu, gen):
+def test_blocked_shapes(MNK, wdtype, device, gen):
     """Several K blocks, panel groups and row tiles (and GPT-2's decode shape)."""
     M, N, K = MNK
     x, w, b = randn(M, K, gen=gen), randn(N, K, gen=gen, dtype=WDTYPES[wdtype]), randn(N, gen=gen)
-    assert err(ne.ops.linear(x, w, b), x, w, want(x, w, b)) <= 1e-5, gen.initial_seed()
+    assert err(ne.ops.linear(*on(device, x, w, b)).cpu(), x, w, want(x, w, b)) <= 1e-5, gen.initial_seed()
 
 
 def test_matches_torch(gen):
@@ -86,33 +92,31 @@ def test_accumulate(M, wdtype, cpu, gen):
 
 
 @pytest.mark.parametrize("M", [1, 3, 17])
-def test_strided(M, cpu, gen):
+def test_strided(M, device, gen):
     K, N = 70, 45
-    xb = randn(M, K + 9, gen=gen)
+    xb, wb, b = on(device, randn(M, K + 9, gen=gen), randn(N, K + 3, gen=gen, dtype=torch.bfloat16), randn(N, gen=gen))
     x = xb[:, 4 : 4 + K]  # column slice: rows K + 9 apart
-    wb = randn(N, K + 3, gen=gen, dtype=torch.bfloat16)
     w = wb[:, :K]  # weight rows with a row stride
-    b = randn(N, gen=gen)
-    ob = torch.full((M, N + 5), 7.0)
+    ob = torch.full((M, N + 5), 7.0, device=device)
     out = ob[:, 2 : 2 + N]
     y = ne.ops.linear(x, w, b, out=out)
     assert y.data_ptr() == out.data_ptr()
-    assert err(out, x, w, want(x, w, b)) <= 1e-5
+    assert err(out.cpu(), x.cpu(), w.cpu(), want(x.cpu(), w.cpu(), b.cpu())) <= 1e-5
     assert (ob[:, :2] == 7).all() and (ob[:, 2 + N :] == 7).all()  # nothing written outside out
     # leading dimensions, and a layout that needs a copy (transposed x)
-    x3 = randn(2, M, K, gen=gen)
-    assert err(ne.ops.linear(x3, w, b), x3, w, want(x3, w, b)) <= 1e-5
-    xt = randn(K, M, gen=gen).t()
-    assert err(ne.ops.linear(xt, w), xt, w, want(xt, w)) <= 1e-5
+    x3 = randn(2, M, K, gen=gen).to(device)
+    assert err(ne.ops.linear(x3, w, b).cpu(), x3.cpu(), w.cpu(), want(x3.cpu(), w.cpu(), b.cpu())) <= 1e-5
+    xt = randn(K, M, gen=gen).t().to(device)
+    assert err(ne.ops.linear(xt, w).cpu(), xt.cpu(), w.cpu(), want(xt.cpu(), w.cpu())) <= 1e-5
 
 
 @pytest.mark.parametrize("M", [1, 4, 17])
-def test_nan_propagation(M, cpu, gen):
+def test_nan_propagation(M, device, gen):
     K, N = 100, 60
     x, w = randn(M, K, gen=gen), randn(N, K, gen=gen)
     x[M // 2, 7] = float("nan")
     w[5, 99] = float("nan")
-    y = ne.ops.linear(x, w)
+    y = ne.ops.linear(*on(device, x, w)).cpu()
     rows = torch.arange(M) == M // 2
     cols = torch.arange(N) == 5
     assert torch.isnan(y[rows]).all() and torch.isnan(y[:, cols]).all()
@@ -185,10 +189,17 @@ def test_native_checks():
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and ne.cuda_available()), reason="no CUDA GPU visible")
-def test_cuda_unsupported():
-    x, w = torch.randn(4, 8, device="cuda"), torch.randn(6, 8, device="cuda")
-    with pytest.raises(ne.UnsupportedError, match="CUDA"):
-        ne.ops.linear(x, w)
+@pytest.mark.parametrize("M", [3, 40])
+def test_cuda_medium_bf16_weights(M, gen):
+    """matmul_precision="medium" on CUDA: bfloat16 weights with more than 16 rows take the tensor cores
+    (x rounded to bf16, fp32 sums: cuda::bf16_linear); fewer rows, the fp32 GEMV."""
+    K, N = 200, 70
+    x, w, b = randn(M, K, gen=gen), randn(N, K, gen=gen, dtype=torch.bfloat16), randn(N, gen=gen)
+    y = ne.ops.linear(*on("cuda", x, w, b), matmul_precision="medium").cpu()
+    ref_ = bf16_want(x, w, b) if M > 16 else want(x, w, b)
+    assert err(y, x, w, ref_) <= 1e-5
+    if M > 16:
+        assert err(y, x, w, want(x, w, b)) > 1e-4  # x was rounded
 
 
 # ------------------------------------------------------------- matmul precision "medium" (AMX-BF16)

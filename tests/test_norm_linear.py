@@ -153,31 +153,33 @@ def test_16bit_activations(dtype, norm):
 LAYER_KIND = 0  # normengine.ops.norm.LAYER
 
 
-def test_layer_rows_with_large_means_stay_exact(gen):
+def test_layer_rows_with_large_means_stay_exact(device, gen):
     """LayerNorm inside the GEMM subtracts mean * colsum(W) after the dot product, which cancels digits
-    when a row's mean is large next to its spread (rows of 1e4 + N(0, 1) lost 4e-3 relative). Such rows
-    are read centred (mean recomputed in float64); near-zero-mean rows are read raw. Both kinds, mixed,
+    when a row's mean is large next to its spread (rows of 1e4 + N(0, 1) lost 4e-3 relative). On the CPU
+    such rows are read centred (mean recomputed in float64), near-zero-mean rows raw; on CUDA every row is
+    read as (x - mean_hi) - mean_lo, mean_lo = mean(x - mean_hi) (cuda/gemm.cu). Both kinds, mixed,
     match float64 to float32 accuracy, as the unfused layer_norm then linear does."""
     for off in (1e2, 1e4, 1e6):
         x = torch.randn(3, 7, 256, generator=gen) + off
         x[:, ::2] -= off  # every other row near zero mean
         w = torch.randn(96, 256, generator=gen) / 16
         b = torch.randn(96, generator=gen)
-        xd = x.double()
+        xd, wcpu = x.double(), w
         n = (xd - xd.mean(-1, keepdim=True)) / (xd.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
         want = n @ w.double().t() + b.double()
+        x, w, b = x.to(device), w.to(device), b.to(device)
         assert rel_err(ne.ops.norm_linear(x, w, b, norm="layer"), want) < 2e-6
-        y = torch.empty(3, 7, 96)
+        y = torch.empty(3, 7, 96, device=device)
         assert ne.ops.norm_linear(x, w, b, norm="layer", out=y) is y and rel_err(y, want) < 2e-6
         xg = x.clone().requires_grad_()  # the autograd path reads the same forward
         assert rel_err(ne.ops.norm_linear(xg, w, b, norm="layer"), want) < 2e-6
-        dy = torch.randn(3, 7, 96, generator=gen)  # backward: dx and dweight
+        dy = torch.randn(3, 7, 96, generator=gen).to(device)  # backward: dx and dweight
         wg = w.clone().requires_grad_()
         gx, gw = torch.autograd.grad(ne.ops.norm_linear(xg, wg, b, norm="layer"), [xg, wg], dy)
-        xd64, wd64 = xd.clone().requires_grad_(), w.double().requires_grad_()
+        xd64, wd64 = xd.clone().requires_grad_(), wcpu.double().requires_grad_()
         n64 = (xd64 - xd64.mean(-1, keepdim=True)) / (xd64.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
-        hx, hw = torch.autograd.grad(n64 @ wd64.t(), [xd64, wd64], dy.double())
+        hx, hw = torch.autograd.grad(n64 @ wd64.t(), [xd64, wd64], dy.double().cpu())
         assert rel_err(gx, hx) < 1e-5 and rel_err(gw, hw) < 1e-5
-        # the composed form CUDA runs (torch GEMM + native statistics), here on CPU float32
+        # the composed form (torch GEMM + native statistics; float64 gradcheck runs it), in float32
         composed = sys.modules["normengine.ops.norm_linear"]._composed
         assert rel_err(composed(LAYER_KIND, x, w, b, 1e-5, None)[0], want) < 2e-6

@@ -70,6 +70,7 @@ def lib(tmp_path_factory):
     L.ne_remu_fused_norms.argtypes = [vp]
     i64 = ctypes.c_int64
     L.ne_remu_dense_linear.argtypes = [i64, i64, i64, vp, i64, vp, ci, i64, vp, vp, i64, ci, vp, vp, vp]
+    L.ne_remu_norm_linear_gemm.argtypes = [i64, i64, i64, vp, i64, vp, ci, i64, vp, vp, i64, vp, vp]
     L.ne_remu_reset.argtypes = [vp, ci]
     L.ne_remu_length.argtypes = [vp, ci]
     L.ne_remu_forward.argtypes = [vp, ci, i32p, i32p, i32p, vp, ci]
@@ -553,6 +554,14 @@ def test_dense_linear_norm_epilogue(lib, wdt, M):
         return ((y[:, :N].double() - want).abs() / S).max().item()
 
     assert err(hi.data_ptr(), lo.data_ptr()) <= 2e-6
+    # norm_linear's GEMM on CUDA tensors (the same, with mean_lo in its own scratch): bit for bit
+    y1 = torch.full((M, N + 3), float("nan"))
+    y2 = torch.full((M, N + 3), float("nan"))
+    check(lib, lib.ne_remu_dense_linear(M, N, K, x.data_ptr(), K, w.data_ptr(), DT[wdt], K, b.data_ptr(), y1.data_ptr(),
+                                        N + 3, 0, hi.data_ptr(), lo.data_ptr(), scale.data_ptr()))
+    check(lib, lib.ne_remu_norm_linear_gemm(M, N, K, x.data_ptr(), K, w.data_ptr(), DT[wdt], K, b.data_ptr(),
+                                            y2.data_ptr(), N + 3, hi.data_ptr(), scale.data_ptr()))
+    assert torch.equal(y1[:, :N], y2[:, :N])
     assert torch.allclose(lo.double(), (x.double() - hi.double()[:, None]).mean(1), rtol=0, atol=1e-6)
     assert err(hi.data_ptr(), None) > 2e-5
     assert err(None, None) > 1e-2

@@ -469,6 +469,8 @@ const GemmTable* gemm_table() {
 // ==================================================================================== entry points
 #include <vector>
 
+#include "ops/quant_gemm.h"  // cuda::bf16_linear
+
 namespace ne {
 namespace {
 
@@ -519,8 +521,7 @@ void linear(const TensorView& x, const TensorView& w, const TensorView* bias, co
   linear(x, w, bias, y, ctx, nullptr);
 }
 
-void linear(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& y, const Ctx& ctx,
-            const GemmEpilogue* ep, bool bf16_products) {
+LinearShape check_linear(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& y) {
   // weight: [N, K] f32 / bf16 / f16, unit stride along K
   if (w.ndim != 2)
     throw ShapeError(std::string(w.name) + ": expected a 2-D tensor [out_features, in_features], got shape " +
@@ -558,13 +559,45 @@ void linear(const TensorView& x, const TensorView& w, const TensorView* bias, co
     want.shape[want.ndim - 1] = N;
     throw ShapeError(std::string(y.name) + ": expected shape " + shape_str(want) + ", got " + shape_str(y));
   }
-  const RowMatrix yr = as_rows(y);
-  if (x.device.type == DeviceType::CUDA)
-    throw UnsupportedError("linear: not implemented on CUDA yet (" + std::string(x.name) + " is on " +
-                           x.device.str() + ")");
-  (void)ctx;
-  gemm_f32(xr.rows, N, K, static_cast<const float*>(xr.data), xr.ld, w.data, w.dtype, ldw,
-           bias ? static_cast<const float*>(bias->data) : nullptr, static_cast<float*>(yr.data), yr.ld, false, ep,
+  return LinearShape{xr, as_rows(y), N, K, ldw};
+}
+
+#if defined(NE_WITH_CUDA)
+cuda::DenseLinearArgs cuda::dense_args(const LinearShape& L, const TensorView& w, const TensorView* bias) {
+  cuda::DenseLinearArgs a;
+  a.M = L.x.rows;
+  a.N = L.N;
+  a.K = L.K;
+  a.x = static_cast<const float*>(L.x.data);
+  a.ldx = L.x.ld;
+  a.w = w.data;
+  a.wdt = w.dtype;
+  a.ldw = L.ldw;
+  a.bias = bias ? static_cast<const float*>(bias->data) : nullptr;
+  a.y = static_cast<float*>(L.y.data);
+  a.ldy = L.y.ld;
+  return a;
+}
+#endif
+
+void linear(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& y, const Ctx& ctx,
+            const GemmEpilogue* ep, bool bf16_products) {
+  const LinearShape L = check_linear(x, w, bias, y);
+  if (x.device.type == DeviceType::CUDA) {
+#if defined(NE_WITH_CUDA)
+    // cuda/gemm.cu (fp32 FMA sums); "medium" with bfloat16 weights: the tensor cores (cuda/quant_gemm.cu)
+    if (ep) throw Error("linear: GEMM epilogues on CUDA tensors go through norm_linear");
+    const cuda::DenseLinearArgs a = cuda::dense_args(L, w, bias);
+    if (bf16_products && w.dtype == DType::BF16 && L.x.rows > cuda::kDenseGemvMaxRows &&
+        cuda::bf16_linear(a.M, a.N, a.K, a.x, a.ldx, a.w, a.ldw, a.bias, a.y, a.ldy, false, ctx.cuda_stream))
+      return;
+    return cuda::dense_linear(a, ctx.cuda_stream);
+#else
+    throw DeviceError(std::string(x.name) + ": normengine was built without CUDA");
+#endif
+  }
+  gemm_f32(L.x.rows, L.N, L.K, static_cast<const float*>(L.x.data), L.x.ld, w.data, w.dtype, L.ldw,
+           bias ? static_cast<const float*>(bias->data) : nullptr, static_cast<float*>(L.y.data), L.y.ld, false, ep,
            bf16_products);
 }
 

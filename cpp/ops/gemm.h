@@ -42,8 +42,23 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, cons
 
 // ne::linear (ops.h) with an epilogue and the matmul precision: the same checks, then
 // gemm_f32(..., ep, bf16_products). ep's arrays are the caller's responsibility (M and N floats).
+// CUDA tensors (no ep): cuda::dense_linear, or cuda::bf16_linear for bfloat16 weights under bf16_products.
 void linear(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& y, const Ctx& ctx,
             const GemmEpilogue* ep, bool bf16_products = false);
+
+// linear()'s argument checks (names in the messages): x's rows, y's rows, N, K and W's row stride.
+struct LinearShape {
+  RowMatrix x, y;
+  int64_t N, K, ldw;
+};
+LinearShape check_linear(const TensorView& x, const TensorView& w, const TensorView* bias, const TensorView& y);
+#if defined(NE_WITH_CUDA)
+namespace cuda {
+struct DenseLinearArgs;
+// dense_linear's arguments for checked views (no accumulate, no epilogue)
+DenseLinearArgs dense_args(const LinearShape& L, const TensorView& w, const TensorView* bias);
+}  // namespace cuda
+#endif
 
 // AMX-BF16 usable here (CPU, OS, process permission, and an active ISA of avx512bf16).
 bool amx_bf16_available();
@@ -116,6 +131,10 @@ struct DenseLinearArgs {
 void dense_linear(const DenseLinearArgs& a, void* stream);
 // lo[m] = mean_k (x[m, k] - hi[m]), k < K, float32 sums: what the float32 mean hi leaves of row m's mean.
 void row_shift_residual(int64_t M, int64_t K, const float* x, int64_t ldx, const float* hi, float* lo, void* stream);
+// norm_linear's GEMM on the GPU (after the row statistics): y = rstd_m ((x - mean_m) W^T) + b, the float32 mean
+// in two parts (row_shift_residual into stream-ordered scratch); mean null (RMS / CRMS): y = rstd_m (x W^T) + b.
+// a's own shift / scale fields are ignored.
+void norm_linear_gemm(DenseLinearArgs a, const float* mean, const float* rstd, void* stream);
 constexpr int64_t kDenseGemvMaxRows = 16;          // at most this many rows take the GEMV
 constexpr int64_t kDenseMaxRows = 65535LL * 64;    // rows one call takes (the tiles' grid.y)
 }  // namespace cuda

@@ -69,9 +69,18 @@ void norm_linear(NormKind kind, const TensorView& x, const TensorView& w, const 
   }
   // statistics first (checks x, mean, rstd)
   norm_stats(kind, x, eps, kind == NormKind::LayerNorm ? mean : nullptr, rstd, ctx);
-  if (x.device.type == DeviceType::CUDA)
-    throw UnsupportedError("norm_linear: the fused GEMM runs on the CPU in this version (" + std::string(x.name) +
-                           " is on " + x.device.str() + "); normengine.ops.norm_linear composes it on CUDA");
+  if (x.device.type == DeviceType::CUDA) {
+#if defined(NE_WITH_CUDA)
+    // the GEMM with the norm epilogue (cuda/gemm.cu): the mean subtracted as x is read, rstd on the sums;
+    // fp32 products (no bf16 epilogue kernel on the GPU) and no column sums needed
+    (void)bf16_products;
+    return cuda::norm_linear_gemm(cuda::dense_args(check_linear(x, w, bias, y), w, bias),
+                                  kind == NormKind::LayerNorm ? static_cast<const float*>(mean->data) : nullptr,
+                                  static_cast<const float*>(rstd.data), ctx.cuda_stream);
+#else
+    throw DeviceError(std::string(x.name) + ": normengine was built without CUDA");
+#endif
+  }
   // the GEMM with the per-row epilogue (checks w, bias, y like linear())
   std::vector<float> csum;
   const float* c = nullptr;

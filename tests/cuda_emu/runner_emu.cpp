@@ -241,6 +241,27 @@ int ne_remu_dense_linear(int64_t M, int64_t N, int64_t K, const float* x, int64_
   });
 }
 
+// ne::cuda::norm_linear_gemm (norm_linear's GEMM on CUDA tensors): mean null for RMS / CRMS.
+int ne_remu_norm_linear_gemm(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, int wdt,
+                             int64_t ldw, const float* bias, float* y, int64_t ldy, const float* mean,
+                             const float* rstd) {
+  return guarded([&] {
+    ne::cuda::DenseLinearArgs a;
+    a.M = M;
+    a.N = N;
+    a.K = K;
+    a.x = x;
+    a.ldx = ldx;
+    a.w = w;
+    a.wdt = dtype_of(wdt);
+    a.ldw = ldw;
+    a.bias = bias;
+    a.y = y;
+    a.ldy = ldy;
+    ne::cuda::norm_linear_gemm(a, mean, rstd, nullptr);
+  });
+}
+
 int ne_remu_reset(void* h, int slot) {
   return guarded([&] { static_cast<ne::CudaRunner*>(h)->reset(slot); });
 }

@@ -89,7 +89,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     shape x.shape[:-1] + (out_features,). ``matmul_precision="medium"`` (as
     torch.set_float32_matmul_precision) lets a CPU with AMX-BF16 round x and a float32 weight to
     bfloat16 for the products (sums in fp32) when x has 16 or more rows; elsewhere it computes as
-    "highest"."""
+    "highest". CUDA tensors: fp32 FMA GEMMs (cuda/gemm.cu: a GEMV up to 16 rows, tiled kernels above);
+    "medium" with a bfloat16 weight and more than 16 rows takes the tensor cores (x rounded to bf16,
+    fp32 sums: mma.sync, sm_80+)."""
     medium = bf16_products(matmul_precision)
     x = check_input(x)
     if x.dtype in (torch.bfloat16, torch.float16):

@@ -63,15 +63,16 @@ def _nl_fake(kind, x, w, b, eps, col_sum, medium):
 def _native_norm_linear(kind: int, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], eps: float,
                         col_sum: Optional[torch.Tensor], medium: bool) -> Tuple[torch.Tensor, torch.Tensor,
                                                                                 torch.Tensor]:
-    """(y = norm(x) w^T + b, mean (LayerNorm; else empty), rstd): CPU float32, statistics in the GEMM."""
+    """(y = norm(x) w^T + b, mean (LayerNorm; else empty), rstd): float32, the statistics applied in the
+    GEMM's epilogue (CPU: cpp/ops/norm_linear.cpp; CUDA: cuda/gemm.cu's norm epilogue)."""
     y, mean, rstd = _nl_fake(kind, x, w, b, eps, col_sum, medium)
-    _C.norm_linear(kind, x, w, b, eps, col_sum, y, mean if kind == LAYER else None, rstd, 0, medium)
+    _C.norm_linear(kind, x, w, b, eps, col_sum, y, mean if kind == LAYER else None, rstd, stream_of(x), medium)
     return y, mean, rstd
 
 
 def _composed(kind, x, w, b, eps, col_sum):
-    """norm_linear composed (CUDA, and float64 for gradcheck): native statistics, the GEMM through
-    torch (cuBLAS on the GPU), then the per-row epilogue. Returns (y, mean or None, rstd)."""
+    """norm_linear composed (float64, for gradcheck): native statistics, the GEMM through torch, then the
+    per-row epilogue. Returns (y, mean or None, rstd)."""
     mean, rstd = _native_stats(kind, x, eps)
     mean = mean if kind == LAYER else None
     shape = x.shape[:-1] + (1,)
@@ -92,7 +93,7 @@ def _composed(kind, x, w, b, eps, col_sum):
 
 
 def _forward_native(kind, x, w, b, eps, col_sum, medium=False):
-    if x.is_cuda or x.dtype != torch.float32:
+    if x.dtype != torch.float32:
         return _composed(kind, x, w, b, eps, col_sum)
     y, mean, rstd = _native_norm_linear(kind, x, w, b, eps, col_sum, medium)
     return y, (mean if kind == LAYER else None), rstd
@@ -134,7 +135,10 @@ def norm_linear(x, weight, bias=None, norm: str = "rms", eps: float | None = Non
     eps defaults to 1e-5 for 'layer', 1e-6 otherwise. out: a float32 [..., N] tensor to write into
     (reused memory; only when no gradient is needed). matmul_precision="medium": on a CPU with
     AMX-BF16 and 16+ rows, norm(x) and a float32 weight are rounded to bfloat16 for the products
-    (fp32 sums), as normengine.ops.linear; the backward stays exact (straight through)."""
+    (fp32 sums), as normengine.ops.linear; the backward stays exact (straight through). CUDA tensors:
+    the statistics (cuda/norm.cu), then the GEMM with the norm epilogue (cuda/gemm.cu: LayerNorm's
+    mean subtracted as x is read, in two parts so rows with a large mean stay exact, rstd on the sums),
+    fp32 products; matmul_precision has no effect there."""
     medium = bf16_products(matmul_precision)
     kind = _kind(norm)
     eps = check_eps((1e-5 if kind == LAYER else 1e-6) if eps is None else eps)
@@ -156,12 +160,12 @@ def norm_linear(x, weight, bias=None, norm: str = "rms", eps: float | None = Non
 
         out = _check_out(out, x, w.size(0))
         check_no_overlap(out, "out", {"x": x, "weight": w, "bias": bias, "col_sum": col_sum})
-        if x.is_cuda or x.dtype != torch.float32:
+        if x.dtype != torch.float32:
             out.copy_(_forward_native(kind, x, w.detach(), bias, eps, col_sum, medium)[0])
             return out
         n_rows = x.numel() // x.size(-1)
-        rstd = torch.empty(n_rows, dtype=torch.float32)
-        mean = torch.empty(n_rows, dtype=torch.float32) if kind == LAYER else None
-        _C.norm_linear(kind, x, w.detach(), bias, eps, col_sum, out, mean, rstd, 0, medium)
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        mean = torch.empty(n_rows, dtype=torch.float32, device=x.device) if kind == LAYER else None
+        _C.norm_linear(kind, x, w.detach(), bias, eps, col_sum, out, mean, rstd, stream_of(x), medium)
         return out
     return NormLinearFunction.apply(kind, x, w, bias, eps, col_sum, medium)
