@@ -351,18 +351,7 @@ void launch_linear(const DevW& w, const DevW& b, const float* x, int64_t ldx, in
       bf16_linear(M, w.rows, w.cols, x, ldx, w.data, w.ld, bias, y, ldy, accumulate, s))
     return;
   if (w.quant) return quant_linear(M, x, DType::F32, ldx, w.q, bias, y, ldy, accumulate, s);  // cuda/quant_gemm.cu
-  DenseLinearArgs a;
-  a.M = M;
-  a.N = w.rows;
-  a.K = w.cols;
-  a.x = x;
-  a.ldx = ldx;
-  a.w = w.data;
-  a.wdt = w.dtype;
-  a.ldw = w.ld;
-  a.bias = bias;
-  a.y = y;
-  a.ldy = ldy;
+  DenseLinearArgs a = dense_args(M, w.rows, w.cols, x, ldx, w.data, w.dtype, w.ld, bias, y, ldy);
   a.accumulate = accumulate;
   a.row_shift = epi.shift;
   a.row_shift_lo = epi.shift_lo;

@@ -196,6 +196,20 @@ def term_scale(x, qw, bias, y0):
     return S
 
 
+def sentinel_out(M, N, ldy, y0):
+    """y [M, N] at row stride ldy inside a buffer of SENTINELs (yb), with the mask of y's elements in
+    it; y holds y0, or NaN (must be overwritten)."""
+    yb = torch.full((M * ldy + 8,), SENTINEL)
+    y = yb[:M * ldy].view(M, ldy)[:, :N]
+    inside = torch.zeros_like(yb, dtype=torch.bool)
+    inside[:M * ldy].view(M, ldy)[:, :N] = True
+    if y0 is not None:
+        y.copy_(y0)
+    else:
+        y.fill_(float("nan"))
+    return yb, y, inside
+
+
 def run_emu(lib, x, qw, bias, y0, w_offset=0):
     """y from the emulated quant_linear; x at row stride K + 5 and y at N + 3 (M > 1) inside sentinel
     buffers whose gaps must come back untouched. w_offset: W's bytes start that far past a 16-byte boundary."""
@@ -205,14 +219,7 @@ def run_emu(lib, x, qw, bias, y0, w_offset=0):
     xb = torch.zeros(M, ldx, dtype=x.dtype)
     xb[:, :K] = x
     ldy = N + 3 if M > 1 else N
-    yb = torch.full((M * ldy + 8,), SENTINEL)
-    y = yb[:M * ldy].view(M, ldy)[:, :N]
-    inside = torch.zeros_like(yb, dtype=torch.bool)
-    inside[:M * ldy].view(M, ldy)[:, :N] = True
-    if y0 is not None:
-        y.copy_(y0)
-    else:
-        y.fill_(float("nan"))  # must be overwritten
+    yb, y, inside = sentinel_out(M, N, ldy, y0)
     data = qw.data
     if w_offset:
         raw = torch.empty(data.numel() * data.element_size() + 32, dtype=torch.uint8)
@@ -396,14 +403,7 @@ def run_bf16(lib, x, w, bias, y0, ldw_pad=0, w_offset=0):
     base = ((-raw.data_ptr()) % 16 + w_offset) // 2
     wv = raw[base:base + N * ldw].view(N, ldw)
     wv[:, :K] = w.to(torch.bfloat16)
-    yb = torch.full((M * ldy + 8,), SENTINEL)
-    y = yb[:M * ldy].view(M, ldy)[:, :N]
-    inside = torch.zeros_like(yb, dtype=torch.bool)
-    inside[:M * ldy].view(M, ldy)[:, :N] = True
-    if y0 is not None:
-        y.copy_(y0)
-    else:
-        y.fill_(float("nan"))
+    yb, y, inside = sentinel_out(M, N, ldy, y0)
     ran = ctypes.c_int(-1)
     check(lib, lib.ne_qemu_bf16_linear(M, N, K, xb.data_ptr(), ldx, wv.data_ptr(), ldw,
                                        None if bias is None else bias.data_ptr(), y.data_ptr(), ldy,

@@ -564,19 +564,8 @@ LinearShape check_linear(const TensorView& x, const TensorView& w, const TensorV
 
 #if defined(NE_WITH_CUDA)
 cuda::DenseLinearArgs cuda::dense_args(const LinearShape& L, const TensorView& w, const TensorView* bias) {
-  cuda::DenseLinearArgs a;
-  a.M = L.x.rows;
-  a.N = L.N;
-  a.K = L.K;
-  a.x = static_cast<const float*>(L.x.data);
-  a.ldx = L.x.ld;
-  a.w = w.data;
-  a.wdt = w.dtype;
-  a.ldw = L.ldw;
-  a.bias = bias ? static_cast<const float*>(bias->data) : nullptr;
-  a.y = static_cast<float*>(L.y.data);
-  a.ldy = L.y.ld;
-  return a;
+  return dense_args(L.x.rows, L.N, L.K, static_cast<const float*>(L.x.data), L.x.ld, w.data, w.dtype, L.ldw,
+                    bias ? static_cast<const float*>(bias->data) : nullptr, static_cast<float*>(L.y.data), L.y.ld);
 }
 #endif
 

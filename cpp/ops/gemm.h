@@ -128,6 +128,23 @@ struct DenseLinearArgs {
   const float* row_shift_lo = nullptr;  // [M] c_lo (null: 0)
   const float* row_scale = nullptr;     // [M]
 };
+// The arguments of y[M, N] = x W^T (+ b) (no accumulate, no norm epilogue: set those after).
+inline DenseLinearArgs dense_args(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, DType wdt,
+                                  int64_t ldw, const float* bias, float* y, int64_t ldy) {
+  DenseLinearArgs a;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.x = x;
+  a.ldx = ldx;
+  a.w = w;
+  a.wdt = wdt;
+  a.ldw = ldw;
+  a.bias = bias;
+  a.y = y;
+  a.ldy = ldy;
+  return a;
+}
 void dense_linear(const DenseLinearArgs& a, void* stream);
 // lo[m] = mean_k (x[m, k] - hi[m]), k < K, float32 sums: what the float32 mean hi leaves of row m's mean.
 void row_shift_residual(int64_t M, int64_t K, const float* x, int64_t ldx, const float* hi, float* lo, void* stream);

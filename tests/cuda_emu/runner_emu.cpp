@@ -221,18 +221,7 @@ int ne_remu_dense_linear(int64_t M, int64_t N, int64_t K, const float* x, int64_
                          float* shift_lo, const float* scale) {
   return guarded([&] {
     if (shift && shift_lo) ne::cuda::row_shift_residual(M, K, x, ldx, shift, shift_lo, nullptr);
-    ne::cuda::DenseLinearArgs a;
-    a.M = M;
-    a.N = N;
-    a.K = K;
-    a.x = x;
-    a.ldx = ldx;
-    a.w = w;
-    a.wdt = dtype_of(wdt);
-    a.ldw = ldw;
-    a.bias = bias;
-    a.y = y;
-    a.ldy = ldy;
+    ne::cuda::DenseLinearArgs a = ne::cuda::dense_args(M, N, K, x, ldx, w, dtype_of(wdt), ldw, bias, y, ldy);
     a.accumulate = accumulate != 0;
     a.row_shift = shift;
     a.row_shift_lo = shift_lo;
@@ -246,19 +235,8 @@ int ne_remu_norm_linear_gemm(int64_t M, int64_t N, int64_t K, const float* x, in
                              int64_t ldw, const float* bias, float* y, int64_t ldy, const float* mean,
                              const float* rstd) {
   return guarded([&] {
-    ne::cuda::DenseLinearArgs a;
-    a.M = M;
-    a.N = N;
-    a.K = K;
-    a.x = x;
-    a.ldx = ldx;
-    a.w = w;
-    a.wdt = dtype_of(wdt);
-    a.ldw = ldw;
-    a.bias = bias;
-    a.y = y;
-    a.ldy = ldy;
-    ne::cuda::norm_linear_gemm(a, mean, rstd, nullptr);
+    ne::cuda::norm_linear_gemm(ne::cuda::dense_args(M, N, K, x, ldx, w, dtype_of(wdt), ldw, bias, y, ldy), mean, rstd,
+                               nullptr);
   });
 }
 
