@@ -11,7 +11,11 @@
    torch's norm-then-linear (F.layer_norm / F.rms_norm, then addmm, F.linear's kernel, into out=), the
    pair a PyTorch user replaces with the one op.
 
-Usage: PYTHONPATH=python python3 benchmarks/compare_norm_forms.py [--threads 2] [--rounds 9]
+Usage: PYTHONPATH=python python3 benchmarks/compare_norm_forms.py [--threads 2] [--rounds 9] [--device cuda]
+
+--device cuda: the same on a GPU (the CUDA runner's fused norms; norm_linear as cuda/gemm.cu's norm
+epilogue against the engine's CUDA norm kernel then its GEMM, and torch's pair on cuBLAS), each timed
+call synchronized.
 """
 
 from __future__ import annotations
@@ -40,16 +44,22 @@ def make_gpt2(path: str, seed: int = 0) -> None:
     m.save_pretrained(path)
 
 
+DEVICE = "cpu"
+
+
 def timed(fn):
     t0 = time.perf_counter()
     fn()
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
 def bench_forms(path, rounds, prompt_len, decode):
     import normengine as ne
 
-    forms = {f: ne.load(path, norm=None if f == "layernorm" else f) for f in ("layernorm", "rmsnorm", "crmsnorm")}
+    forms = {f: ne.load(path, norm=None if f == "layernorm" else f, device=DEVICE)
+             for f in ("layernorm", "rmsnorm", "crmsnorm")}
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 50257, (prompt_len,), generator=g).tolist()
     ref = forms["layernorm"].logits(ids)[0]
@@ -91,10 +101,10 @@ def bench_norm_linear(repeats):
     for norm, normfn in (("layer", ne.ops.layer_norm), ("rms", ne.ops.rms_norm)):
         for M in (1, 128):
             for N in (2304, 3072, 50257):
-                x = torch.randn(M, 768) * 3 + 0.5
-                w = torch.randn(N, 768) * 0.02
-                b = torch.randn(N) * 0.02
-                y = torch.empty(M, N)
+                x = (torch.randn(M, 768) * 3 + 0.5).to(DEVICE)
+                w = (torch.randn(N, 768) * 0.02).to(DEVICE)
+                b = (torch.randn(N) * 0.02).to(DEVICE)
+                y = torch.empty(M, N, device=DEVICE)
                 xn = torch.empty_like(x)
 
                 cs = w.sum(1) if norm == "layer" else None  # the runner precomputes it once per weight
@@ -122,7 +132,7 @@ def bench_norm_linear(repeats):
                 block = max(3, repeats // 5)
                 for _ in range(5):
                     for f, acc in ((fused, tf), (split, ts), (torch_pair, tt)):
-                        time.sleep(0.3)
+                        time.sleep(0.3 if DEVICE == "cpu" else 0.0)
                         acc.extend(timed(f) for _ in range(block))
                 a, s, t = statistics.median(tf), statistics.median(ts), statistics.median(tt)
                 print(f"{norm:>6} {M:>4} {N:>6} {a * 1e3:>9.3f} {s * 1e3:>13.3f} {s / a:>8.2f}x {t * 1e3:>9.3f} "
@@ -138,9 +148,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=51)
     ap.add_argument("--workdir", default=None, help="where the GPT-2-shaped checkpoint is written (default: a temp dir)")
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     import normengine as ne
 
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE.startswith("cuda") and not (torch.cuda.is_available() and ne.cuda_available()):
+        raise SystemExit("no CUDA GPU visible to torch and normengine")
     ne.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     print(f"normengine cpu kernels '{ne.cpu_isa()}', {ne.num_threads()} threads")
