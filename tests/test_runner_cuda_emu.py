@@ -506,16 +506,19 @@ def test_bf16_products_medium(lib, model):
 
 
 def test_fused_norms(lib, model):
-    """fused_norms(): the default model's norms are folded (gains 1, biases 0), so the CUDA runner runs
-    each norm as row statistics plus its readers' GEMM epilogue, as the CPU runner does; with random
-    gains and biases it writes the normalized rows and multiplies them as before. Both against the CPU
-    runner on the same tensors."""
+    """fused_norms(): the default model's block norms are folded (gains 1, biases 0), so the CUDA runner
+    runs each as row statistics plus its readers' GEMM epilogue, as the CPU runner does (its final norm
+    keeps its gain: the tied head; with a unit final norm the head's GEMM takes the epilogue too); with
+    random gains and biases it writes the normalized rows and multiplies them as before. All against the
+    CPU runner on the same tensors."""
     spec = dict(model._spec())
     g = torch.Generator().manual_seed(21)
     ts = dict(model.tensors)
     gains = {n: (1 + 0.2 * torch.randn(t.shape, generator=g)) if n.endswith("norm.weight") else 0.1 *
              torch.randn(t.shape, generator=g) for n, t in ts.items() if "norm." in n}
-    for tensors, fused in ((ts, 1), ({**ts, **gains}, 0)):
+    unit_final = {"final_norm.weight": torch.ones_like(ts["final_norm.weight"]),
+                  "final_norm.bias": torch.zeros_like(ts["final_norm.bias"])}  # the head's norm fused too
+    for tensors, fused in ((ts, 1), ({**ts, **unit_final}, 1), ({**ts, **gains}, 0)):
         er = EmuRunner(lib, model, 1, 8, spec, tensors)
         try:
             assert lib.ne_remu_fused_norms(er.h) == fused
