@@ -321,6 +321,7 @@ __global__ void __launch_bounds__(kThreads) lin_attn_rows_kernel(Shape sh, LinAt
   extern __shared__ float smem[];
   const int i = blockIdx.x / sh.H, h = blockIdx.x % sh.H, g = h / (sh.H / a.n_kv_heads);
   const int64_t t0 = i ? a.last[i - 1] + 1 : 0, T = a.last[i] + 1 - t0;
+  if (a.chunk_min > 0 && T >= a.chunk_min) return;  // the whole block: this sequence went chunked
   const int64_t nS = (int64_t)(sh.Dk + 1) * (sh.Dv + 1);
   float* home = a.state + ((int64_t)a.slot_of_row[t0] * sh.H + h) * nS;
   float* S = state_in_smem ? smem : home;
@@ -685,7 +686,7 @@ void linear_attention_backward(const LinAttnParams& p, const TensorView& q, cons
   });
 }
 
-void linear_attention_rows(const LinAttnRowsArgs& a, void* stream) {
+void linear_attention_rows(LinAttnRowsArgs a, void* stream) {
   if (a.n_seqs < 1) return;
   if (a.n_heads < 1 || a.n_kv_heads < 1 || a.n_heads % a.n_kv_heads)
     throw ValueError("linear_attention_rows: n_heads must be a positive multiple of n_kv_heads");
@@ -701,6 +702,34 @@ void linear_attention_rows(const LinAttnRowsArgs& a, void* stream) {
   const bool in_smem = nS * sizeof(float) + vec_bytes <= (size_t)max_smem_optin();
   const size_t smem = in_smem ? nS * sizeof(float) + vec_bytes : vec_bytes;
   cudaStream_t s = as_stream(stream);
+  // Long sequences (no GQA): the chunked forward, from the slot's state (none at position 0) into a
+  // scratch final state, copied back into the slot. A plan that fits no chunk fails for every sequence
+  // alike (it depends on the head dims only): then the recurrent kernel takes them all.
+  a.chunk_min = 0;
+  if (a.host_lens && a.n_kv_heads == a.n_heads) {
+    StreamScratch scratch;
+    float* fin = nullptr;
+    int64_t t0 = 0;
+    for (int i = 0; i < a.n_seqs; t0 += a.host_lens[i], ++i) {
+      const int64_t T = a.host_lens[i];
+      if (T < kChunkMinRows) continue;
+      if (!fin) fin = static_cast<float*>(scratch.alloc(static_cast<size_t>(a.n_heads * nS) * sizeof(float), s));
+      Shape one = sh;
+      one.B = 1;
+      one.T = T;
+      float* home = a.state + static_cast<int64_t>(a.host_slots[i]) * a.n_heads * nS;
+      const V4<const float> qv{a.q + t0 * a.ldq, 0, a.ldq, sh.Dk}, kv{a.k + t0 * a.ldk, 0, a.ldk, sh.Dk},
+          vv{a.v + t0 * a.ldv, 0, a.ldv, sh.Dv};
+      const V4<float> ov{a.o + t0 * a.ldo, 0, a.ldo, sh.Dv};
+      if (!la2::chunk_forward<float>(chunk_fwd_args<float>(one, qv, kv, vv, ov, a.decay,
+                                                           a.host_pos0[i] == 0 ? nullptr : home, fin),
+                                     max_smem_optin(), s))
+        break;  // nothing enqueued (the first long sequence): all go token by token
+      check(cudaMemcpyAsync(home, fin, static_cast<size_t>(a.n_heads * nS) * sizeof(float), cudaMemcpyDeviceToDevice, s),
+            "cudaMemcpyAsync (linear attention state)");
+      a.chunk_min = kChunkMinRows;
+    }
+  }
   check(cudaFuncSetAttribute(lin_attn_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
         "cudaFuncSetAttribute (linear_attention_rows)");
   lin_attn_rows_kernel<<<(unsigned)(a.n_seqs * a.n_heads), kThreads, smem, s>>>(sh, a, in_smem);

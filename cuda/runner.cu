@@ -762,6 +762,8 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
   const int32_t* d_last = d_slot + T;
 
   const Device devc{DeviceType::CUDA, m.dev};
+  std::vector<int32_t> pos0(static_cast<size_t>(n_seqs));  // each sequence's first position
+  for (int i = 0; i < n_seqs; ++i) pos0[i] = m.len[slots[i]];
   const bool has_norm = s.norm >= 0;
   auto norm_rows = [&](const DevW& w, const DevW& b, const float* x, float* y, int64_t rows) {
     TensorView xv = TensorView::make(const_cast<float*>(x), DType::F32, {rows, d}, devc, "x");
@@ -887,6 +889,9 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       a.decay = L.decay.present() ? L.decay.f32() : nullptr;
       a.state = L.state;
       a.o = m.att; a.ldo = dq;
+      a.host_lens = lens;
+      a.host_slots = slots;
+      a.host_pos0 = pos0.data();
       cuda::linear_attention_rows(a, st);
     }
     cuda::launch_linear(L.o, L.ob, m.att, dq, T, m.x, d, true, st, ar);  // x += attn Wo^T + bo

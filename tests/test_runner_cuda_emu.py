@@ -47,17 +47,18 @@ def lib(tmp_path_factory):
     runner_src.write_text(emu_source(os.path.join(ROOT, "cuda", "runner.cu")))
     norm_src.write_text(emu_source(os.path.join(ROOT, "cuda", "norm.cu")))
     quant_src.write_text(quant_emu_source(os.path.join(ROOT, "cuda", "quant_gemm.cu")))
-    # linear / MALA / norm attention layers and L-Mul projections: cuda/linear_attention.cu and cuda/lmul.cu
-    # (one more translation unit, runner_ops_emu.cpp) and the chunked kernels linear_attention.cu links
-    # against (device_paths: as test_lmul_la_cuda_emu)
+    # dense projections, linear / MALA / norm attention layers and L-Mul projections: cuda/gemm.cu,
+    # cuda/linear_attention.cu with its chunked kernels and cuda/lmul.cu, all in one more translation unit
+    # (runner_ops_emu.cpp; device_paths: as test_lmul_la_cuda_emu)
     la_src.write_text(emu_source(os.path.join(ROOT, "cuda", "linear_attention.cu"), device_paths=True))
     chunk_src.write_text(emu_source(os.path.join(ROOT, "cuda", "linear_attention_chunk.cu"), device_paths=True))
     lmul_src.write_text(emu_source(os.path.join(ROOT, "cuda", "lmul.cu"), device_paths=True))
     L = build(d / "librunneremu.so", [os.path.join(EMU, "runner_emu.cpp"), os.path.join(EMU, "runner_ops_emu.cpp"),
-                                      "-x", "c++", str(norm_src), str(quant_src), str(chunk_src),
+                                      "-x", "c++", str(norm_src), str(quant_src),
                                       "-x", "none", os.path.join(ROOT, "cpp", "core", "tensor.cpp")],
               ["-DNE_WITH_CUDA", "-DNE_CUDA_EMU", f'-DNE_EMU_RUNNER_SOURCE="{runner_src}"',
-               f'-DNE_EMU_LA_SOURCE="{la_src}"', f'-DNE_EMU_LMUL_SOURCE="{lmul_src}"',
+               f'-DNE_EMU_LA_SOURCE="{la_src}"', f'-DNE_EMU_LA_CHUNK_SOURCE="{chunk_src}"',
+               f'-DNE_EMU_LMUL_SOURCE="{lmul_src}"',
                f'-DNE_EMU_GEMM_SOURCE="{gemm_src}"'],
               prefix="ne_remu")
     vp, ci, i32p = ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p
@@ -568,3 +569,28 @@ def test_dense_linear_norm_epilogue(lib, wdt, M):
     assert torch.allclose(lo.double(), (x.double() - hi.double()[:, None]).mean(1), rtol=0, atol=1e-6)
     assert err(hi.data_ptr(), None) > 2e-5
     assert err(None, None) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["linear_mala_norm_softmax", "relu_unnormalized"])
+def test_linear_family_long_prefill_chunked(lib, model, name):
+    """Prompts of 100 and 70 rows (>= kChunkMinRows) take the chunked forward (cuda/linear_attention_chunk.cu)
+    from and back into the slot state, beside a 5-row one in the same call (token by token); then a
+    decode step from the states the chunked pass left and a 64-row continuation (chunked, from a state).
+    Against the CPU runner."""
+    spec, ts = linear_family(model, name)
+    g = torch.Generator().manual_seed(17)
+    a, b, c = (torch.randint(0, 1024, (n,), generator=g).tolist() for n in (100, 70, 5))
+    er = EmuRunner(lib, model, 3, 200, spec, ts)
+    cr = cpu_runner(model, 3, 200, spec, ts)
+    worst = 0.0
+    try:
+        for slots, seqs in (([0, 1, 2], [a, b, c]), ([0, 1, 2], [[1], [2], [3]]), ([1], [a[:64]])):
+            got = er.forward(slots, seqs, True)
+            names = set(launches(lib))
+            worst = max(worst, rel(got, cpu_forward(cr, slots, seqs, True, 1024)))
+            long_ = any(len(q) >= 64 for q in seqs)
+            assert ({"la_chunk_states", "la_chunk_output"} <= names) == long_, sorted(names)
+    finally:
+        er.close()
+    print(f"{name} chunked prefill: max rel err {worst:.3g}")
+    assert worst <= REL

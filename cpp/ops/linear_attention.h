@@ -111,6 +111,9 @@ void linear_attention_backward(const LinAttnParams& p, const TensorView& q, cons
 // slot_of_row[first row]. A sequence whose first row has pos == 0 starts from a zero state instead
 // (so resetting a slot needs no device work). GQA: query head h reads kv head h / (n_heads /
 // n_kv_heads). last, slot_of_row and pos are device int32 arrays; everything float32, device memory.
+// Token by token (the recurrent kernel), except, when the host arrays are given and there is no GQA,
+// sequences of kChunkMinRows rows or more: those take the chunkwise-parallel kernels of the training
+// op (cuda/linear_attention_chunk.cu), from and back into the slot's state, one launch each.
 struct LinAttnRowsArgs {
   LinAttnParams p;
   int n_seqs = 0, n_heads = 0, n_kv_heads = 0, dk = 0, dv = 0;
@@ -123,8 +126,14 @@ struct LinAttnRowsArgs {
   const float* decay = nullptr;  // [n_heads] or null
   float* state = nullptr;
   float* o = nullptr; int64_t ldo = 0;
+  // host copies (all or none): each sequence's rows, slot and first position
+  const int32_t* host_lens = nullptr;
+  const int32_t* host_slots = nullptr;
+  const int32_t* host_pos0 = nullptr;
+  int chunk_min = 0;  // set inside: sequences of at least this many rows went chunked (0: none)
 };
-void linear_attention_rows(const LinAttnRowsArgs& a, void* stream);
+constexpr int kChunkMinRows = 64;
+void linear_attention_rows(LinAttnRowsArgs a, void* stream);
 }  // namespace cuda
 #endif
 }  // namespace ne

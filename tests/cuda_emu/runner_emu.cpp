@@ -72,6 +72,7 @@ __attribute__((visibility("hidden"))) const void* ne_remu_lin_attn_rows_kernel()
 __attribute__((visibility("hidden"))) const void* ne_remu_lmul_bmm_kernel();
 // runner_ops_emu.cpp: cuda/gemm.cu's kernels (the dense projections), each handed to reg with its name
 __attribute__((visibility("hidden"))) void ne_remu_gemm_names(void (*reg)(const void*, const char*));
+__attribute__((visibility("hidden"))) void ne_remu_chunk_names(void (*reg)(const void*, const char*));
 
 namespace {
 
@@ -84,6 +85,7 @@ using ne_harness::name;
 void init_names_local() {
   using namespace ne::cuda;
   ne_remu_gemm_names([](const void* k, const char* s) { name(static_cast<const char*>(k), s); });
+  ne_remu_chunk_names([](const void* k, const char* s) { name(static_cast<const char*>(k), s); });
   name(embed_kernel, "embed");
   name(rope_cache_kernel<float>, "rope_cache");
   name(rope_cache_kernel<__nv_bfloat16>, "rope_cache<bf16>");

@@ -1,7 +1,8 @@
 // More translation units of the runner harness (tests/test_runner_cuda_emu.py), in one file:
 // cuda/gemm.cu (NE_EMU_GEMM_SOURCE: ne::cuda::dense_linear, the runner's dense projections, with the norm
 // epilogue of its fused norms), cuda/linear_attention.cu (NE_EMU_LA_SOURCE: ne::cuda::linear_attention_rows,
-// which the CUDA runner calls for its linear / MALA / norm attention layers) and cuda/lmul.cu
+// which the CUDA runner calls for its linear / MALA / norm attention layers, with the chunked kernels of
+// cuda/linear_attention_chunk.cu, NE_EMU_LA_CHUNK_SOURCE, for long sequences) and cuda/lmul.cu
 // (NE_EMU_LMUL_SOURCE: ne::cuda::lmul_linear, its projections under lmul_scope "all"), as the emulator
 // compiles them. Their
 // kernels have internal linkage; the runner harness (runner_emu.cpp) names them in the launch log
@@ -16,6 +17,7 @@
 
 #include NE_EMU_GEMM_SOURCE
 #include NE_EMU_LA_SOURCE
+#include NE_EMU_LA_CHUNK_SOURCE
 #include NE_EMU_LMUL_SOURCE
 
 namespace {
@@ -38,6 +40,12 @@ __attribute__((visibility("hidden"))) void ne_remu_gemm_names(void (*reg)(const 
 
 __attribute__((visibility("hidden"))) const void* ne_remu_lin_attn_rows_kernel() {
   return reinterpret_cast<const void*>(ne::cuda::lin_attn_rows_kernel);
+}
+
+// the chunked forward's two kernels (long linear-family prefills), each handed to reg with its name
+__attribute__((visibility("hidden"))) void ne_remu_chunk_names(void (*reg)(const void*, const char*)) {
+  reg(reinterpret_cast<const void*>(ne::cuda::la2::states_kernel<float>), "la_chunk_states");
+  reg(reinterpret_cast<const void*>(ne::cuda::la2::output_kernel<float>), "la_chunk_output");
 }
 
 __attribute__((visibility("hidden"))) const void* ne_remu_lmul_bmm_kernel() {
