@@ -64,3 +64,30 @@ def gen():
     seed = torch.seed() % (2**31)
     g = torch.Generator().manual_seed(seed)
     return g
+
+
+def quant_term_scale(x, qw, bias, y0):
+    """Per output, the sum of |terms| the kernels add up in fp32 (the size of their rounding errors):
+    int4 q x and z x separately (the GEMV sums both before subtracting), fp8 |s_x xq| |s_w w|."""
+    from normengine.reference.quant import quantize_activations_fp8
+
+    x32 = x.float().double()
+    N, K = qw.shape
+    if qw.format == "int4":
+        g = qw.group_size
+        q = torch.stack([qw.data & 15, qw.data >> 4], -1).reshape(N, K).double()
+        z = qw.zero.double() if qw.zero is not None else torch.full((N, K // g), 7.5, dtype=torch.float64)
+        s = qw.scale.double()
+        wabs = ((q.view(N, K // g, g) + z[..., None]) * s[..., None]).reshape(N, K)
+        S = x32.abs() @ wabs.t()
+    elif qw.format == "fp8":
+        xq, sx = quantize_activations_fp8(x.float())
+        xs = (xq * sx.repeat_interleave(128, 1)[:, :K]).abs()
+        S = xs @ qw.dequantize(torch.float64).abs().t()
+    else:
+        S = x32.abs() @ qw.dequantize(torch.float64).abs().t()
+    if bias is not None:
+        S = S + bias.double().abs()
+    if y0 is not None:
+        S = S + y0.double().abs()
+    return S

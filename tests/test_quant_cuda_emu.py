@@ -26,6 +26,7 @@ from normengine import _C
 from normengine.ops.quant import _CODE, quantize_weight
 from normengine.reference import quant as rq
 
+from conftest import quant_term_scale as term_scale
 from cuda_emu.emu_build import CXX, EMU, ROOT, build, launch_names, quant_emu_source
 from cuda_emu.emu_build import one_torch_thread  # noqa: F401 (an autouse fixture: applies to this module)
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found (the emulator harness is built with it)")
@@ -169,31 +170,6 @@ def test_quant_activations_nan(lib):
 def make_weight(fmt, group, sym, N, K, gen):
     w = torch.randn(N, K, generator=gen) * 0.5
     return quantize_weight(w, fmt, group if fmt in ("int4", "fp8") else None, sym)
-
-
-def term_scale(x, qw, bias, y0):
-    """Per output, the sum of |terms| the kernels add up in fp32 (the size of their rounding errors):
-    int4 q x and z x separately (the GEMV sums both before subtracting), fp8 |s_x xq| |s_w w|."""
-    x32 = x.float().double()
-    N, K = qw.shape
-    if qw.format == "int4":
-        g = qw.group_size
-        q = torch.stack([qw.data & 15, qw.data >> 4], -1).reshape(N, K).double()
-        z = qw.zero.double() if qw.zero is not None else torch.full((N, K // g), 7.5, dtype=torch.float64)
-        s = qw.scale.double()
-        wabs = ((q.view(N, K // g, g) + z[..., None]) * s[..., None]).reshape(N, K)
-        S = x32.abs() @ wabs.t()
-    elif qw.format == "fp8":
-        xq, sx = rq.quantize_activations_fp8(x.float())
-        xs = (xq * sx.repeat_interleave(128, 1)[:, :K]).abs()
-        S = xs @ qw.dequantize(torch.float64).abs().t()
-    else:
-        S = x32.abs() @ qw.dequantize(torch.float64).abs().t()
-    if bias is not None:
-        S = S + bias.double().abs()
-    if y0 is not None:
-        S = S + y0.double().abs()
-    return S
 
 
 def sentinel_out(M, N, ldy, y0):
