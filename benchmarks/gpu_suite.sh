@@ -11,8 +11,9 @@
 # Build: `pip install --no-build-isolation -v .` with NORMENGINE_CUDA=ON when scikit-build-core and
 # pybind11 are importable (no network needed), else plain CMake into build/gpu with the package staged
 # in build/gpu/pkg (NE_GPU_BUILD=pip|cmake forces one). NE_GPU_BUILD=prebuilt stages the _C*.so found in
-# build/gpu-prebuilt (built elsewhere with nvcc, e.g. carried to a lent GPU machine to save its minutes)
-# and falls back to building when that module does not import or has no usable CUDA.
+# build/gpu-prebuilt (benchmarks/gpu_prebuild.sh, on a machine with nvcc; carried to a lent GPU machine to
+# save its minutes) when it was built from these very sources, and falls back to building when it was not,
+# or does not import there, or has no usable CUDA.
 #
 # Tests: NE_GPU_TESTS=gpu (default) runs the tests whose names say cuda (every op's CUDA backend, the
 # CUDA runner, the GPU-only tests) except the emulator ones, which CI runs without a GPU; all: the whole
@@ -23,6 +24,13 @@
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# The hash of what the extension module is built from (C++ / CUDA sources, build files): a prebuilt
+# module (benchmarks/gpu_prebuild.sh) runs only on a tree with the same hash.
+sources_hash() {
+  (cd "$ROOT" && find cpp cuda third_party CMakeLists.txt pyproject.toml -type f | LC_ALL=C sort |
+     while read -r f; do printf '%s\n' "$f"; cat "$f"; done | sha256sum | cut -d' ' -f1)
+}
+if [ "${1:-}" = "--sources-hash" ]; then sources_hash; exit 0; fi
 OUT_DIR="${OUT:-$PWD/gpu_results}"
 mkdir -p "$OUT_DIR"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
@@ -72,13 +80,14 @@ sys.exit(0 if normengine.cuda_available() else 'this normengine build has no usa
 RUN_DIR="$OUT_DIR/run"
 if [ "$mode" = prebuilt ]; then
   mode=auto
-  if ls "$ROOT"/build/gpu-prebuilt/_C*.so >/dev/null 2>&1; then
+  if ls "$ROOT"/build/gpu-prebuilt/_C*.so >/dev/null 2>&1 &&
+     [ "$(cat "$ROOT/build/gpu-prebuilt/SOURCES" 2>/dev/null)" = "$(sources_hash)" ]; then
     ORIG_PYTHONPATH="${PYTHONPATH:-}"
     stage "$ROOT/build/gpu-prebuilt" "$ROOT/build/gpu-prebuilt/pkg"
     export PYTHONPATH="$ROOT/build/gpu-prebuilt/pkg${ORIG_PYTHONPATH:+:$ORIG_PYTHONPATH}"
     if usable; then mode=prebuilt; else echo "the prebuilt module is not usable here: building"; export PYTHONPATH="$ORIG_PYTHONPATH"; fi
   else
-    echo "no build/gpu-prebuilt/_C*.so: building"
+    echo "no build/gpu-prebuilt/_C*.so built from these sources (benchmarks/gpu_prebuild.sh): building"
   fi
 fi
 if [ "$mode" = auto ]; then
