@@ -316,12 +316,14 @@ __global__ void __launch_bounds__(kThreads) lin_attn_fwd_kernel(Shape sh, V4<con
 // rows as the causal forward above walks its tokens, from the state of the sequence's slot (zero for a
 // sequence that starts at position 0) and back into it. The state lives in shared memory when it fits,
 // else it is updated in place in global memory. The head's columns are views whose base holds the
-// head's offset (GQA: kv head g = h / group), so load_token's (b, h) are (0, 0).
-__global__ void __launch_bounds__(kThreads) lin_attn_rows_kernel(Shape sh, LinAttnRowsArgs a, bool state_in_smem) {
+// head's offset (GQA: kv head g = h / group), so load_token's (b, h) are (0, 0). Sequences of chunk_min
+// rows or more (chunk_min > 0) went through the chunked kernels: their blocks do nothing.
+__global__ void __launch_bounds__(kThreads) lin_attn_rows_kernel(Shape sh, LinAttnRowsArgs a, bool state_in_smem,
+                                                                 int chunk_min) {
   extern __shared__ float smem[];
   const int i = blockIdx.x / sh.H, h = blockIdx.x % sh.H, g = h / (sh.H / a.n_kv_heads);
   const int64_t t0 = i ? a.last[i - 1] + 1 : 0, T = a.last[i] + 1 - t0;
-  if (a.chunk_min > 0 && T >= a.chunk_min) return;  // the whole block: this sequence went chunked
+  if (chunk_min > 0 && T >= chunk_min) return;  // the whole block: this sequence went chunked
   const int64_t nS = (int64_t)(sh.Dk + 1) * (sh.Dv + 1);
   float* home = a.state + ((int64_t)a.slot_of_row[t0] * sh.H + h) * nS;
   float* S = state_in_smem ? smem : home;
@@ -686,7 +688,7 @@ void linear_attention_backward(const LinAttnParams& p, const TensorView& q, cons
   });
 }
 
-void linear_attention_rows(LinAttnRowsArgs a, void* stream) {
+void linear_attention_rows(const LinAttnRowsArgs& a, void* stream) {
   if (a.n_seqs < 1) return;
   if (a.n_heads < 1 || a.n_kv_heads < 1 || a.n_heads % a.n_kv_heads)
     throw ValueError("linear_attention_rows: n_heads must be a positive multiple of n_kv_heads");
@@ -705,7 +707,7 @@ void linear_attention_rows(LinAttnRowsArgs a, void* stream) {
   // Long sequences (no GQA): the chunked forward, from the slot's state (none at position 0) into a
   // scratch final state, copied back into the slot. A plan that fits no chunk fails for every sequence
   // alike (it depends on the head dims only): then the recurrent kernel takes them all.
-  a.chunk_min = 0;
+  int chunk_min = 0;
   if (a.host_lens && a.n_kv_heads == a.n_heads) {
     StreamScratch scratch;
     float* fin = nullptr;
@@ -727,12 +729,12 @@ void linear_attention_rows(LinAttnRowsArgs a, void* stream) {
         break;  // nothing enqueued (the first long sequence): all go token by token
       check(cudaMemcpyAsync(home, fin, static_cast<size_t>(a.n_heads * nS) * sizeof(float), cudaMemcpyDeviceToDevice, s),
             "cudaMemcpyAsync (linear attention state)");
-      a.chunk_min = kChunkMinRows;
+      chunk_min = kChunkMinRows;
     }
   }
   check(cudaFuncSetAttribute(lin_attn_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
         "cudaFuncSetAttribute (linear_attention_rows)");
-  lin_attn_rows_kernel<<<(unsigned)(a.n_seqs * a.n_heads), kThreads, smem, s>>>(sh, a, in_smem);
+  lin_attn_rows_kernel<<<(unsigned)(a.n_seqs * a.n_heads), kThreads, smem, s>>>(sh, a, in_smem, chunk_min);
   check_launch("linear_attention_rows");
 }
 

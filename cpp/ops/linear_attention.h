@@ -130,10 +130,9 @@ struct LinAttnRowsArgs {
   const int32_t* host_lens = nullptr;
   const int32_t* host_slots = nullptr;
   const int32_t* host_pos0 = nullptr;
-  int chunk_min = 0;  // set inside: sequences of at least this many rows went chunked (0: none)
 };
 constexpr int kChunkMinRows = 64;
-void linear_attention_rows(LinAttnRowsArgs a, void* stream);
+void linear_attention_rows(const LinAttnRowsArgs& a, void* stream);
 }  // namespace cuda
 #endif
 }  // namespace ne
