@@ -17,6 +17,7 @@
 
 #include "common.cuh"
 #include "ops/gemm.h"
+#include "ops/norm.h"
 
 namespace ne {
 namespace cuda {
@@ -269,25 +270,6 @@ __global__ void __launch_bounds__(kTileThreads) gemm_tiled_kernel(const GemmPara
 constexpr int kBigBM = 128, kBigBN = 128, kBigBK = 8, kBigTM = 8, kBigTN = 8;
 constexpr int kSmallBM = 64, kSmallBN = 64, kSmallBK = 16, kSmallTM = 4, kSmallTN = 4;
 
-// lo[m] = mean_k (x[m, k] - hi[m]): one block of 256 threads per row.
-__global__ void __launch_bounds__(256) shift_residual_kernel(int64_t K, const float* __restrict__ x, int64_t ldx,
-                                                             const float* __restrict__ hi, float* __restrict__ lo) {
-  __shared__ float red[8];
-  const int64_t m = blockIdx.x;
-  const float* xr = x + m * ldx;
-  const float c = hi[m];
-  float s = 0.f;
-  for (int64_t k = threadIdx.x; k < K; k += 256) s += xr[k] - c;
-  s = warp_sum(s);
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float t = 0.f;
-    for (int i = 0; i < 8; ++i) t += red[i];
-    lo[m] = t / static_cast<float>(K);
-  }
-}
-
 // ============================================================================ host side
 
 bool aligned_to(const void* p, size_t n) { return (reinterpret_cast<std::uintptr_t>(p) % n) == 0; }
@@ -351,23 +333,22 @@ void dense_linear(const DenseLinearArgs& a, void* stream) {
   }
 }
 
-void row_shift_residual(int64_t M, int64_t K, const float* x, int64_t ldx, const float* hi, float* lo, void* stream) {
-  if (M <= 0) return;
-  if (M > INT_MAX) throw UnsupportedError("row_shift_residual: too many rows");
-  shift_residual_kernel<<<static_cast<unsigned>(M), 256, 0, as_stream(stream)>>>(K, x, ldx, hi, lo);
-  check_launch("shift_residual_kernel");
-}
-
-void norm_linear_gemm(DenseLinearArgs a, const float* mean, const float* rstd, void* stream) {
+void norm_linear_gemm(DenseLinearArgs a, NormKind kind, double eps, float* rstd, void* stream) {
   if (a.M <= 0 || a.N <= 0) return;
   StreamScratch scratch;
-  float* lo = nullptr;
-  if (mean) {
-    lo = static_cast<float*>(scratch.alloc(static_cast<size_t>(a.M) * sizeof(float), as_stream(stream)));
-    row_shift_residual(a.M, a.K, a.x, a.ldx, mean, lo, stream);
+  if (kind == NormKind::LayerNorm) {  // the mean as the pair (x[0], mean(x - x[0])): cuda/norm.cu
+    float* pair = static_cast<float*>(scratch.alloc(2 * static_cast<size_t>(a.M) * sizeof(float), as_stream(stream)));
+    NormFwdArgs st{};
+    st.kind = kind;
+    st.x = RowMatrix{const_cast<float*>(a.x), DType::F32, a.M, a.K, a.ldx};
+    st.mean = pair;
+    st.mean_lo = pair + a.M;
+    st.rstd = rstd;
+    st.eps = eps;
+    norm_stats(st, stream);
+    a.row_shift = pair;
+    a.row_shift_lo = pair + a.M;
   }
-  a.row_shift = mean;
-  a.row_shift_lo = lo;
   a.row_scale = rstd;
   dense_linear(a, stream);
 }

@@ -976,13 +976,14 @@ void with_kind(NormKind k, Fn&& fn) {
 // ============================================================================ row statistics only
 // norm_linear's first step: rstd (and the LayerNorm mean) of each row, nothing written per element.
 // One 256-thread block per row (grid-stride over rows), strided over the row's features:
-//   LayerNorm: K = h[0]; delta = mean(h - K); var = mean((h - K - delta)^2)   (two passes, shifted)
+//   LayerNorm: K = h[0]; delta = mean(h - K); var = mean((h - K - delta)^2)   (two passes, shifted);
+//              mean = K + delta, or (with mean_lo) the pair mean = K, mean_lo = delta
 //   RMSNorm:   rstd = 1 / sqrt(mean(h^2) + eps)
 //   CRMSNorm:  rstd = 1 / sqrt((sum h^2 + (sum h)^2) / (n + 1) + eps)
 // Traffic: x read once (LayerNorm: twice, the second pass mostly from L1/L2).
 template <class T, NormKind KIND>
 __global__ void __launch_bounds__(256) stats_kernel(const T* x, int64_t ld, int64_t rows, int64_t n, double eps,
-                                                    acc_t<T>* mean, acc_t<T>* rstd) {
+                                                    acc_t<T>* mean, acc_t<T>* mean_lo, acc_t<T>* rstd) {
   using A = acc_t<T>;
   __shared__ A red[2 * 32];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -1000,7 +1001,12 @@ __global__ void __launch_bounds__(256) stats_kernel(const T* x, int64_t ld, int6
       }
       row_sum<1>(q, red);
       if (threadIdx.x == 0) {
-        if (mean) mean[r] = K + delta;
+        if (mean_lo) {
+          mean[r] = K;
+          mean_lo[r] = delta;
+        } else if (mean) {
+          mean[r] = K + delta;
+        }
         rstd[r] = inv_sqrt<A>(static_cast<double>(q[0]) / static_cast<double>(n), eps);
       }
     } else {
@@ -1037,7 +1043,7 @@ void norm_stats(const NormFwdArgs& a, void* stream) {
     with_kind(a.kind, [&](auto k) {
       stats_kernel<T, decltype(k)::value><<<grid, 256, 0, s>>>(
           static_cast<const T*>(a.x.data), a.x.ld, a.x.rows, a.x.cols, a.eps, static_cast<A*>(a.mean),
-          static_cast<A*>(a.rstd));
+          static_cast<A*>(a.mean_lo), static_cast<A*>(a.rstd));
     });
   });
   check_launch("norm_stats");

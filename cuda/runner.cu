@@ -38,6 +38,7 @@
 #include "model/weights.h"
 #include "ops/lmul.h"
 #include "ops/lmul_bits.h"
+#include "ops/norm.h"
 #include "ops/quant_elem.h"
 
 namespace ne {
@@ -778,16 +779,17 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
   // Fused norms, except under "medium" with more than a GEMV's rows: the bf16 tensor-core kernel has no
   // norm epilogue, so the normalized rows are written for it
   const bool fuse = m.fused && !(s.bf16_products && T > cuda::kDenseGemvMaxRows);
-  // the row statistics of x's rows into m.mean (+ m.mean_lo: LayerNorm) and m.rstd: the norm epilogue of
-  // the readers
+  // the row statistics of x's rows (cuda/norm.cu): m.rstd, and for LayerNorm the mean as the pair
+  // m.mean = x[0], m.mean_lo = mean(x - x[0]): the norm epilogue of the readers
   auto stats = [&](const float* x, int64_t rows) {
-    TensorView xv = TensorView::make(const_cast<float*>(x), DType::F32, {rows, d}, devc, "x");
-    TensorView mv = TensorView::make(m.mean, DType::F32, {rows}, devc, "mean");
-    TensorView rv = TensorView::make(m.rstd, DType::F32, {rows}, devc, "rstd");
-    Ctx c;
-    c.cuda_stream = stream;
-    norm_stats(static_cast<NormKind>(s.norm), xv, s.norm_eps, s.norm == 0 ? &mv : nullptr, rv, c);
-    if (s.norm == 0) cuda::row_shift_residual(rows, d, x, d, m.mean, m.mean_lo, st);
+    NormFwdArgs a{};
+    a.kind = static_cast<NormKind>(s.norm);
+    a.x = RowMatrix{const_cast<float*>(x), DType::F32, rows, d, d};
+    a.mean = s.norm == 0 ? m.mean : nullptr;
+    a.mean_lo = s.norm == 0 ? m.mean_lo : nullptr;
+    a.rstd = m.rstd;
+    a.eps = s.norm_eps;
+    cuda::norm_stats(a, st);
   };
   cuda::NormEpi epi_on;
   epi_on.shift = s.norm == 0 ? m.mean : nullptr;

@@ -71,7 +71,8 @@ def lib(tmp_path_factory):
     L.ne_remu_fused_norms.argtypes = [vp]
     i64 = ctypes.c_int64
     L.ne_remu_dense_linear.argtypes = [i64, i64, i64, vp, i64, vp, ci, i64, vp, vp, i64, ci, vp, vp, vp]
-    L.ne_remu_norm_linear_gemm.argtypes = [i64, i64, i64, vp, i64, vp, ci, i64, vp, vp, i64, vp, vp]
+    L.ne_remu_norm_linear_gemm.argtypes = [i64, i64, i64, vp, i64, vp, ci, i64, vp, vp, i64, ci, ctypes.c_double, vp]
+    L.ne_remu_layer_stats_pair.argtypes = [i64, i64, vp, i64, ctypes.c_double, vp, vp, vp]
     L.ne_remu_reset.argtypes = [vp, ci]
     L.ne_remu_length.argtypes = [vp, ci]
     L.ne_remu_forward.argtypes = [vp, ci, i32p, i32p, i32p, vp, ci]
@@ -533,11 +534,12 @@ def test_fused_norms(lib, model):
 @pytest.mark.parametrize("wdt", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [5, 40, 300])
 def test_dense_linear_norm_epilogue(lib, wdt, M):
-    """cuda::dense_linear's norm epilogue (the CUDA runner's fused LayerNorm): y = rstd_m ((x - mean_m) W^T)
-    + b with the float32 mean subtracted in two parts as x is read, (x - hi) - lo, lo = mean(x - hi) from
-    row_shift_residual; on the GEMV (M = 5) and both tiled kernels, rows of 1e4 + N(0, 1) and ordinary
-    ones: within 2e-6 of float64, relative to the sum of the terms' magnitudes. The float32 mean alone
-    (no lo) is off by up to half its ulp (5e-4), which costs such rows about 1e-4; no shift at all, 1e-2."""
+    """cuda::dense_linear's norm epilogue (the CUDA runner's fused LayerNorm, norm_linear on CUDA tensors):
+    y = rstd_m ((x - mean_m) W^T) + b with the mean subtracted in two parts as x is read, (x - hi) - lo,
+    the pair hi = x[0], lo = mean(x - x[0]) from the statistics kernel (NormFwdArgs::mean_lo); on the GEMV
+    (M = 5) and both tiled kernels, rows of 1e4 + N(0, 1) and ordinary ones: within 2e-6 of float64,
+    relative to the sum of the terms' magnitudes. The float32 mean alone (no lo) is off by up to half its
+    ulp (5e-4), which costs such rows about 1e-4; no shift at all, 1e-2."""
     N, K = 70, 203
     g = torch.Generator().manual_seed(M)
     x = 1e4 + torch.randn(M, K, generator=g)
@@ -549,26 +551,30 @@ def test_dense_linear_norm_epilogue(lib, wdt, M):
     xc = (x.double() - mean[:, None]) * rstd[:, None]
     want = xc @ w.double().t() + b.double()
     S = xc.abs() @ w.double().abs().t() + b.double().abs()
-    hi, scale, lo = mean.float(), rstd.float(), torch.full((M,), float("nan"))
+    hi, lo, scale = (torch.full((M,), float("nan")) for _ in range(3))
+    check(lib, lib.ne_remu_layer_stats_pair(M, K, x.data_ptr(), K, 1e-5, hi.data_ptr(), lo.data_ptr(),
+                                            scale.data_ptr()))
+    assert torch.equal(hi, x[:, 0])
+    assert torch.allclose(lo.double(), (x.double() - hi.double()[:, None]).mean(1), rtol=0, atol=1e-6)
+    assert torch.allclose(scale.double(), rstd, rtol=1e-6, atol=0)
 
     def err(shift, shift_lo):
         y = torch.full((M, N + 3), float("nan"))
         check(lib, lib.ne_remu_dense_linear(M, N, K, x.data_ptr(), K, w.data_ptr(), DT[wdt], K, b.data_ptr(),
                                             y.data_ptr(), N + 3, 0, shift, shift_lo, scale.data_ptr()))
-        return ((y[:, :N].double() - want).abs() / S).max().item()
+        return y[:, :N], ((y[:, :N].double() - want).abs() / S).max().item()
 
-    assert err(hi.data_ptr(), lo.data_ptr()) <= 2e-6
-    # norm_linear's GEMM on CUDA tensors (the same, with mean_lo in its own scratch): bit for bit
-    y1 = torch.full((M, N + 3), float("nan"))
+    y1, e = err(hi.data_ptr(), lo.data_ptr())
+    assert e <= 2e-6
+    # norm_linear's GEMM on CUDA tensors (the same pair, taken by its own pass into scratch): bit for bit
     y2 = torch.full((M, N + 3), float("nan"))
-    check(lib, lib.ne_remu_dense_linear(M, N, K, x.data_ptr(), K, w.data_ptr(), DT[wdt], K, b.data_ptr(), y1.data_ptr(),
-                                        N + 3, 0, hi.data_ptr(), lo.data_ptr(), scale.data_ptr()))
+    rstd2 = torch.full((M,), float("nan"))
     check(lib, lib.ne_remu_norm_linear_gemm(M, N, K, x.data_ptr(), K, w.data_ptr(), DT[wdt], K, b.data_ptr(),
-                                            y2.data_ptr(), N + 3, hi.data_ptr(), scale.data_ptr()))
-    assert torch.equal(y1[:, :N], y2[:, :N])
-    assert torch.allclose(lo.double(), (x.double() - hi.double()[:, None]).mean(1), rtol=0, atol=1e-6)
-    assert err(hi.data_ptr(), None) > 2e-5
-    assert err(None, None) > 1e-2
+                                            y2.data_ptr(), N + 3, 0, 1e-5, rstd2.data_ptr()))
+    assert torch.equal(y1, y2[:, :N]) and torch.equal(rstd2, scale)
+    mean32 = mean.float()
+    assert err(mean32.data_ptr(), None)[1] > 2e-5
+    assert err(None, None)[1] > 1e-2
 
 
 @pytest.mark.parametrize("name", ["linear_mala_norm_softmax", "relu_unnormalized"])

@@ -109,9 +109,9 @@ namespace cuda {
 // x float32 [M, ldx]; W float32 / bfloat16 / float16 [N, K] (row stride ldw), widened in registers; fp32
 // FMA sums (no TF32). row_shift c (null: 0) and row_scale s (null: 1) are the norm epilogue of
 // norm_linear (c = the LayerNorm mean, subtracted as x is read; s = rstd): norm(x) is never written.
-// c is subtracted in two parts, (x - c_hi) - c_lo: a float32 mean c_hi is off by up to half its ulp,
-// as much as the whole spread of a row whose mean is large next to it; c_lo = mean(x - c_hi)
-// (row_shift_residual) takes that off, x - c_hi itself being exact for such rows.
+// c is subtracted in two parts, (x - c_hi) - c_lo: a float32 mean alone is off by up to half its ulp,
+// as much as the whole spread of a row whose mean is large next to it; the statistics give the pair
+// c_hi = x[m, 0], c_lo = mean(x - c_hi) (NormFwdArgs::mean_lo), x - c_hi being exact for such rows.
 // M <= 16 rows: a GEMV streaming W once; more: tiled FMA GEMMs.
 struct DenseLinearArgs {
   int64_t M = 0, N = 0, K = 0;
@@ -146,12 +146,11 @@ inline DenseLinearArgs dense_args(int64_t M, int64_t N, int64_t K, const float* 
   return a;
 }
 void dense_linear(const DenseLinearArgs& a, void* stream);
-// lo[m] = mean_k (x[m, k] - hi[m]), k < K, float32 sums: what the float32 mean hi leaves of row m's mean.
-void row_shift_residual(int64_t M, int64_t K, const float* x, int64_t ldx, const float* hi, float* lo, void* stream);
-// norm_linear's GEMM on the GPU (after the row statistics): y = rstd_m ((x - mean_m) W^T) + b, the float32 mean
-// in two parts (row_shift_residual into stream-ordered scratch); mean null (RMS / CRMS): y = rstd_m (x W^T) + b.
-// a's own shift / scale fields are ignored.
-void norm_linear_gemm(DenseLinearArgs a, const float* mean, const float* rstd, void* stream);
+// norm_linear's GEMM on the GPU, after the row statistics rstd [M] (cuda/norm.cu): y = rstd_m (x W^T) + b
+// (RMSNorm, CRMSNorm), or for LayerNorm y = rstd_m ((x - mean_m) W^T) + b with the mean as the pair
+// (x[m, 0], mean(x - x[m, 0])) from the statistics kernel again, into stream-ordered scratch (rstd is
+// rewritten with the same values). a's own shift / scale fields are ignored.
+void norm_linear_gemm(DenseLinearArgs a, NormKind kind, double eps, float* rstd, void* stream);
 constexpr int64_t kDenseGemvMaxRows = 16;          // at most this many rows take the GEMV
 constexpr int64_t kDenseMaxRows = 65535LL * 64;    // rows one call takes (the tiles' grid.y)
 }  // namespace cuda

@@ -19,6 +19,10 @@ struct NormFwdArgs {
   void* mean;
   void* rstd;
   double eps;
+  // norm_stats, LayerNorm: with mean_lo, mean receives each row's shift x[0] and mean_lo the rest of its
+  // mean, mean(x - x[0]): the mean as an unrounded pair (norm_linear's epilogue subtracts both; x - x[0]
+  // is exact for rows whose mean is large next to their spread)
+  void* mean_lo;
 };
 
 struct NormBwdArgs {

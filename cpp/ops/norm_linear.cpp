@@ -74,9 +74,8 @@ void norm_linear(NormKind kind, const TensorView& x, const TensorView& w, const 
     // the GEMM with the norm epilogue (cuda/gemm.cu): the mean subtracted as x is read, rstd on the sums;
     // fp32 products (no bf16 epilogue kernel on the GPU) and no column sums needed
     (void)bf16_products;
-    return cuda::norm_linear_gemm(cuda::dense_args(check_linear(x, w, bias, y), w, bias),
-                                  kind == NormKind::LayerNorm ? static_cast<const float*>(mean->data) : nullptr,
-                                  static_cast<const float*>(rstd.data), ctx.cuda_stream);
+    return cuda::norm_linear_gemm(cuda::dense_args(check_linear(x, w, bias, y), w, bias), kind, eps,
+                                  static_cast<float*>(rstd.data), ctx.cuda_stream);
 #else
     throw DeviceError(std::string(x.name) + ": normengine was built without CUDA");
 #endif

@@ -53,17 +53,6 @@ void norm_forward(NormKind kind, const TensorView& x, const TensorView* residual
   if (a.x.rows == 0) return;
   cuda::norm_forward(a, ctx.cuda_stream);
 }
-// The CUDA branch of cpp/ops/norm.cpp's norm_stats (the runner's fused norms: contiguous float32 rows).
-void norm_stats(NormKind kind, const TensorView& x, double eps, const TensorView* mean, const TensorView& rstd,
-                const Ctx& ctx) {
-  NormFwdArgs a{};
-  a.kind = kind;
-  a.x = as_rows(x);
-  a.mean = mean ? mean->data : nullptr;
-  a.rstd = rstd.data;
-  a.eps = eps;
-  cuda::norm_stats(a, ctx.cuda_stream);
-}
 }  // namespace ne
 
 // runner_ops_emu.cpp: the kernels of ne::cuda::linear_attention_rows and ne::cuda::lmul_linear (internal
@@ -216,13 +205,11 @@ int ne_remu_fused_norms(void* h) {
 }
 
 // ne::cuda::dense_linear (cuda/gemm.cu): y[M, N] (+)= s_m ((x - c_m) W^T) (+ b); wdt an ne::DType value;
-// shift / shift_lo / scale / bias may be null; with shift and shift_lo, shift_lo is first filled by
-// ne::cuda::row_shift_residual (as the runner's fused LayerNorm does).
+// shift / shift_lo / scale / bias may be null.
 int ne_remu_dense_linear(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, int wdt,
                          int64_t ldw, const float* bias, float* y, int64_t ldy, int accumulate, const float* shift,
-                         float* shift_lo, const float* scale) {
+                         const float* shift_lo, const float* scale) {
   return guarded([&] {
-    if (shift && shift_lo) ne::cuda::row_shift_residual(M, K, x, ldx, shift, shift_lo, nullptr);
     ne::cuda::DenseLinearArgs a = ne::cuda::dense_args(M, N, K, x, ldx, w, dtype_of(wdt), ldw, bias, y, ldy);
     a.accumulate = accumulate != 0;
     a.row_shift = shift;
@@ -232,13 +219,29 @@ int ne_remu_dense_linear(int64_t M, int64_t N, int64_t K, const float* x, int64_
   });
 }
 
-// ne::cuda::norm_linear_gemm (norm_linear's GEMM on CUDA tensors): mean null for RMS / CRMS.
+// ne::cuda::norm_linear_gemm (norm_linear's GEMM on CUDA tensors): kind an ne::NormKind value; rstd the
+// rows' statistics (LayerNorm: rewritten by the pass that takes the mean as a pair).
 int ne_remu_norm_linear_gemm(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, int wdt,
-                             int64_t ldw, const float* bias, float* y, int64_t ldy, const float* mean,
-                             const float* rstd) {
+                             int64_t ldw, const float* bias, float* y, int64_t ldy, int kind, double eps, float* rstd) {
   return guarded([&] {
-    ne::cuda::norm_linear_gemm(ne::cuda::dense_args(M, N, K, x, ldx, w, dtype_of(wdt), ldw, bias, y, ldy), mean, rstd,
-                               nullptr);
+    ne::cuda::norm_linear_gemm(ne::cuda::dense_args(M, N, K, x, ldx, w, dtype_of(wdt), ldw, bias, y, ldy),
+                               static_cast<ne::NormKind>(kind), eps, rstd, nullptr);
+  });
+}
+
+// ne::cuda::norm_stats for LayerNorm with the mean as a pair (NormFwdArgs::mean_lo), as the runner's fused
+// norms take it: hi = x[0], lo = mean(x - x[0]), and rstd; float32 rows [M, K] at stride ldx.
+int ne_remu_layer_stats_pair(int64_t M, int64_t K, const float* x, int64_t ldx, double eps, float* hi, float* lo,
+                             float* rstd) {
+  return guarded([&] {
+    ne::NormFwdArgs a{};
+    a.kind = ne::NormKind::LayerNorm;
+    a.x = ne::RowMatrix{const_cast<float*>(x), ne::DType::F32, M, K, ldx};
+    a.mean = hi;
+    a.mean_lo = lo;
+    a.rstd = rstd;
+    a.eps = eps;
+    ne::cuda::norm_stats(a, nullptr);
   });
 }
 
