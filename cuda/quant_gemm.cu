@@ -172,13 +172,21 @@ __global__ void to_f32_rows(int64_t M, int64_t K, int64_t Kout, const T* __restr
   }
 }
 
-// bf16_linear: x rounded to bfloat16 (nearest even) [M, Kout], zero padded.
+// bf16_linear: x' rounded to bfloat16 (nearest even) [M, Kout], zero padded, where x' = x, or with a fused
+// norm x' = ((x - shift) - shift_lo) * scale per row (the normalized row, as norm_forward would write it).
 __global__ void to_bf16_rows(int64_t M, int64_t K, int64_t Kout, const float* __restrict__ x, int64_t ldx,
-                             __nv_bfloat16* __restrict__ xb) {
+                             RowNorm nrm, __nv_bfloat16* __restrict__ xb) {
   const int64_t total = M * Kout;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t m = i / Kout, k = i % Kout;
-    xb[i] = __float2bfloat16_rn(k < K ? x[m * ldx + k] : 0.0f);
+    float v = 0.0f;
+    if (k < K) {
+      v = x[m * ldx + k];
+      if (nrm.shift) v -= nrm.shift[m];
+      if (nrm.shift_lo) v -= nrm.shift_lo[m];
+      if (nrm.scale) v *= nrm.scale[m];
+    }
+    xb[i] = __float2bfloat16_rn(v);
   }
 }
 
@@ -885,7 +893,7 @@ void quant_linear(int64_t M, const void* x, DType xdt, int64_t ldx, const QWeigh
 }
 
 bool bf16_linear(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, int64_t ldw,
-                 const float* bias, float* y, int64_t ldy, bool accumulate, void* stream) {
+                 const float* bias, float* y, int64_t ldy, bool accumulate, void* stream, const RowNorm& norm) {
   if (M <= 0 || N <= 0 || K <= 0 || K % 8 || ldw % 8 || !aligned16(w)) return false;
   int dev = 0, major = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
@@ -896,7 +904,7 @@ bool bf16_linear(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, c
   StreamScratch scratch;
   auto* xb = static_cast<__nv_bfloat16*>(scratch.alloc(static_cast<size_t>(M * Kp) * 2, st));
   const int64_t blocks = std::min<int64_t>(ceil_div(M * Kp, 256), 65535);
-  to_bf16_rows<<<static_cast<unsigned>(blocks), 256, 0, st>>>(M, K, Kp, x, ldx, xb);
+  to_bf16_rows<<<static_cast<unsigned>(blocks), 256, 0, st>>>(M, K, Kp, x, ldx, norm, xb);
   check_launch("to_bf16_rows");
   MmaArgs a{};
   a.M = M;

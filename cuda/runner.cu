@@ -25,7 +25,8 @@
 // Fused norms (fused_norms(): every norm's gain 1 and bias 0, folded into its readers by
 // normengine.convert, and no L-Mul): a norm followed by linear layers runs as norm_linear, the row
 // statistics (cuda::norm_stats) then the readers' GEMMs with the norm epilogue (LayerNorm's mean
-// subtracted as x is read, rstd scaling the sums): the normalized activation is never written.
+// subtracted as x is read, rstd scaling the sums; for the tensor cores' bf16 readers, x normalized as it
+// is rounded to bf16): the normalized activation is never written.
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -334,22 +335,19 @@ struct Arith {
 };
 
 // y[M, N] (+)= x[M, K] W^T (+ b)   (N = w.rows, K = w.cols)
-// The norm epilogue of fused norms (DenseLinearArgs' row_shift, row_shift_lo, row_scale; all null: none).
-struct NormEpi {
-  const float *shift = nullptr, *shift_lo = nullptr, *scale = nullptr;
-};
-
-// epi (fused norms): the norm epilogue, dense weights only (cuda::dense_linear)
+// epi (fused norms): the norm of x's rows (all null: none), applied by the dense GEMMs as their epilogue
+// (cuda::dense_linear: row_shift, row_shift_lo, row_scale) and by the tensor-core kernel as it rounds x to
+// bf16 (cuda::bf16_linear); packed and L-Mul weights have no such path (fused_norms() is false for them).
 void launch_linear(const DevW& w, const DevW& b, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
-                   bool accumulate, cudaStream_t s, const Arith& ar = Arith{}, const NormEpi& epi = NormEpi{}) {
+                   bool accumulate, cudaStream_t s, const Arith& ar = Arith{}, const RowNorm& epi = RowNorm{}) {
   if (M <= 0) return;
-  if (epi.scale && (w.quant || ar.lmul_bits > 0 || (ar.bf16 && M > kDenseGemvMaxRows)))
+  if (epi.scale && (w.quant || ar.lmul_bits > 0))
     throw Error("CudaRunner: the norm epilogue reached a weight without it (a bug: fused_norms() should be false)");
   const float* bias = b.present() ? b.f32() : nullptr;
   if (ar.lmul_bits > 0)
     return lmul_linear(M, w.rows, w.cols, x, ldx, w.f32(), w.ld, bias, y, ldy, accumulate, ar.lmul_bits, s);
   if (ar.bf16 && !w.quant && w.dtype == DType::BF16 && M > kDenseGemvMaxRows &&
-      bf16_linear(M, w.rows, w.cols, x, ldx, w.data, w.ld, bias, y, ldy, accumulate, s))
+      bf16_linear(M, w.rows, w.cols, x, ldx, w.data, w.ld, bias, y, ldy, accumulate, s, epi))
     return;
   if (w.quant) return quant_linear(M, x, DType::F32, ldx, w.q, bias, y, ldy, accumulate, s);  // cuda/quant_gemm.cu
   DenseLinearArgs a = dense_args(M, w.rows, w.cols, x, ldx, w.data, w.dtype, w.ld, bias, y, ldy);
@@ -776,9 +774,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     norm_forward(static_cast<NormKind>(s.norm), xv, nullptr, &wv, b.present() ? &bv : nullptr, s.norm_eps, yv,
                  nullptr, nullptr, nullptr, c);
   };
-  // Fused norms, except under "medium" with more than a GEMV's rows: the bf16 tensor-core kernel has no
-  // norm epilogue, so the normalized rows are written for it
-  const bool fuse = m.fused && !(s.bf16_products && T > cuda::kDenseGemvMaxRows);
+  const bool fuse = m.fused;
   // the row statistics of x's rows (cuda/norm.cu): m.rstd, and for LayerNorm the mean as the pair
   // m.mean = x[0], m.mean_lo = mean(x - x[0]): the norm epilogue of the readers
   auto stats = [&](const float* x, int64_t rows) {
@@ -791,11 +787,11 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     a.eps = s.norm_eps;
     cuda::norm_stats(a, st);
   };
-  cuda::NormEpi epi_on;
+  cuda::RowNorm epi_on;
   epi_on.shift = s.norm == 0 ? m.mean : nullptr;
   epi_on.shift_lo = s.norm == 0 ? m.mean_lo : nullptr;
   epi_on.scale = m.rstd;
-  const cuda::NormEpi epi = fuse ? epi_on : cuda::NormEpi{};
+  const cuda::RowNorm epi = fuse ? epi_on : cuda::RowNorm{};
   const unsigned grid_t = static_cast<unsigned>(T);
 
   // ---- token (and position) embeddings
@@ -924,7 +920,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     cuda::check_launch("gather_rows_kernel");
     src = m.sel;
   }
-  const bool fuse_head = m.fused_head && !(s.bf16_products && rows > cuda::kDenseGemvMaxRows);
+  const bool fuse_head = m.fused_head;
   if (fuse_head) {
     stats(src, rows);
   } else if (has_norm) {
@@ -932,7 +928,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     src = m.xn;
   }
   cuda::launch_linear(m.head, m.head_b, src, d, rows, logits, s.vocab, false, st, ar,
-                      fuse_head ? epi_on : cuda::NormEpi{});
+                      fuse_head ? epi_on : cuda::RowNorm{});
   for (int i = 0; i < n_seqs; ++i) m.len[slots[i]] += lens[i];
 }
 

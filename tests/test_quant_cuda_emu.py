@@ -27,7 +27,7 @@ from normengine.ops.quant import _CODE, quantize_weight
 from normengine.reference import quant as rq
 
 from conftest import quant_term_scale as term_scale
-from cuda_emu.emu_build import CXX, EMU, ROOT, build, launch_names, quant_emu_source
+from cuda_emu.emu_build import CXX, EMU, ROOT, build, launch_names, ptr, quant_emu_source
 from cuda_emu.emu_build import one_torch_thread  # noqa: F401 (an autouse fixture: applies to this module)
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found (the emulator harness is built with it)")
 
@@ -51,7 +51,7 @@ def lib(tmp_path_factory):
     L.ne_qemu_quant_linear.argtypes = [i64, vp, ci, i64, ci, vp, vp, vp, i64, i64, i64, vp, vp, i64, ci]
     L.ne_qemu_quant_activations.argtypes = [i64, i64, vp, ci, i64, ci, vp, i64, vp, i64]
     L.ne_qemu_e4m3.argtypes = [vp, i64, ci, vp, vp]
-    L.ne_qemu_bf16_linear.argtypes = [i64, i64, i64, vp, i64, vp, i64, vp, vp, i64, ci, vp]
+    L.ne_qemu_bf16_linear.argtypes = [i64, i64, i64, vp, i64, vp, i64, vp, vp, i64, ci, vp, vp, vp, vp]
     L.ne_qemu_configure(0, 0, 90)
     return L
 
@@ -366,10 +366,11 @@ def test_every_kernel_ran(lib, gen):
 
 # ---------------------------------------------------------------------------- bf16_linear (tensor cores)
 
-def run_bf16(lib, x, w, bias, y0, ldw_pad=0, w_offset=0):
+def run_bf16(lib, x, w, bias, y0, ldw_pad=0, w_offset=0, norm=(None, None, None)):
     """y from the emulated bf16_linear (x float32 at row stride K + 5, W bfloat16 at row stride K + ldw_pad,
-    its first byte w_offset past a 16-byte boundary, y at N + 3 inside a sentinel buffer); returns y (None
-    when the entry declined) and the launches."""
+    its first byte w_offset past a 16-byte boundary, y at N + 3 inside a sentinel buffer; norm: the fused
+    norm's per-row (shift, shift_lo, scale), None for a step skipped); returns y (None when the entry
+    declined) and the launches."""
     M, K = x.shape
     N = w.shape[0]
     ldx, ldw, ldy = K + 5, K + ldw_pad, N + 3
@@ -383,7 +384,7 @@ def run_bf16(lib, x, w, bias, y0, ldw_pad=0, w_offset=0):
     ran = ctypes.c_int(-1)
     check(lib, lib.ne_qemu_bf16_linear(M, N, K, xb.data_ptr(), ldx, wv.data_ptr(), ldw,
                                        None if bias is None else bias.data_ptr(), y.data_ptr(), ldy,
-                                       int(y0 is not None), ctypes.byref(ran)))
+                                       int(y0 is not None), *(ptr(t) for t in norm), ctypes.byref(ran)))
     assert torch.equal(yb[~inside], torch.full_like(yb[~inside], SENTINEL)), "bf16_linear wrote outside y"
     return (y.clone() if ran.value else None), launches(lib)
 
@@ -418,6 +419,37 @@ def test_bf16_linear(lib, M, N, K, extra, gen):
     exact = x.double() @ w.to(torch.bfloat16).double().t() + (0 if bias is None else bias.double()) + \
         (0 if y0 is None else y0.double())
     assert ((exact - want).abs() / S).max().item() > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_bf16_linear_fused_norm(lib, kind, gen):
+    """The CUDA runner's fused norms under "medium": bf16_linear normalizes x's rows as it rounds them,
+    bf16(((x - hi) - lo) * rstd), LayerNorm's mean as the statistics kernel's pair (hi = x[0], lo =
+    mean(x - x[0])), RMSNorm's scale alone; on rows of 1e4 + N(0, 1) (LayerNorm) and ordinary ones. Against
+    float64 of the same rounded operands (the rounding applied to the float32 normalized row, as the
+    kernel computes it), within 1e-5 of the terms' sum; a dropped shift or scale is far off."""
+    M, N, K = 37, 45, 96
+    x = torch.randn(M, K, generator=gen)
+    if kind == "layer":
+        x[1::2] += 1e4
+        hi = x[:, 0].clone()
+        lo = (x.double() - hi.double()[:, None]).mean(1).float()
+        mean = x.double().mean(1)
+        rstd = (1 / ((x.double() - mean[:, None]).pow(2).mean(1) + 1e-5).sqrt()).float()
+        xn = ((x - hi[:, None]) - lo[:, None]) * rstd[:, None]  # float32, in the kernel's order
+        norm = (hi, lo, rstd)
+    else:
+        rstd = (1 / (x.double().pow(2).mean(1) + 1e-6).sqrt()).float()
+        xn = x * rstd[:, None]
+        norm = (None, None, rstd)
+    w, bias = torch.randn(N, K, generator=gen), torch.randn(N, generator=gen)
+    y, names = run_bf16(lib, x, w, bias, None, norm=norm)
+    assert y is not None and names[-1] == "mma_kernel<bf16>", names
+    want, S = bf16_want(xn, w, bias, None)
+    assert ((y.double() - want).abs() / S).max().item() <= 1e-5
+    # the normalized rows are what went in: un-normalized x (or x without its shift) is nowhere near
+    for bad in (x, x * rstd[:, None]) if kind == "layer" else (x,):
+        assert ((bf16_want(bad, w, bias, None)[0] - want).abs() / S).max().item() > 1e-2
 
 
 def test_bf16_linear_declines(lib, device_cfg, gen):

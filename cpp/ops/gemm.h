@@ -146,6 +146,13 @@ inline DenseLinearArgs dense_args(int64_t M, int64_t N, int64_t K, const float* 
   return a;
 }
 void dense_linear(const DenseLinearArgs& a, void* stream);
+// The norm of fused norms as another kernel applies it to x's rows while reading them (cuda::bf16_linear, before
+// rounding to bfloat16): x'[m, k] = ((x[m, k] - shift[m]) - shift_lo[m]) * scale[m], a null pointer skipping its
+// step; the shift pair and scale as DenseLinearArgs' row_shift, row_shift_lo, row_scale (which apply the scale to
+// the sums instead).
+struct RowNorm {
+  const float *shift = nullptr, *shift_lo = nullptr, *scale = nullptr;
+};
 // norm_linear's GEMM on the GPU, after the row statistics rstd [M] (cuda/norm.cu): y = rstd_m (x W^T) + b
 // (RMSNorm, CRMSNorm), or for LayerNorm y = rstd_m ((x - mean_m) W^T) + b with the mean as the pair
 // (x[m, 0], mean(x - x[m, 0])) from the statistics kernel again, into stream-ordered scratch (rstd is

@@ -78,10 +78,12 @@ void quant_activations(int64_t M, int64_t K, const void* x, DType xdt, int64_t l
 // y[M, N] = bf16(x) W^T (+ bias) (+ y if accumulate) for a bfloat16 weight W [N, K] (row stride ldw elements),
 // x float32 [M, ldx] rounded to bfloat16 (nearest even), products exact and sums in fp32 on the tensor cores
 // (the tile kernel of Int8 / FP8 with mma.sync m16n8k16 bf16): torch's matmul_precision "medium" on the GPU.
-// Device pointers, enqueued on `stream`. Returns false, doing nothing, where it does not apply: K or ldw not
-// a multiple of 8, W not 16-byte aligned, or a GPU older than sm_80.
+// Device pointers, enqueued on `stream`. norm (fused norms): x's rows are normalized as they are rounded,
+// bf16(((x - shift) - shift_lo) * scale), so norm(x) is never written. Returns false, doing nothing, where it
+// does not apply: K or ldw not a multiple of 8, W not 16-byte aligned, or a GPU older than sm_80.
 bool bf16_linear(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, int64_t ldw,
-                 const float* bias, float* y, int64_t ldy, bool accumulate, void* stream);
+                 const float* bias, float* y, int64_t ldy, bool accumulate, void* stream,
+                 const RowNorm& norm = RowNorm{});
 }  // namespace cuda
 #endif
 

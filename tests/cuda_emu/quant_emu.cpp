@@ -122,11 +122,17 @@ int ne_qemu_quant_linear(int64_t M, const void* x, int xdt, int64_t ldx, int fmt
   });
 }
 
-// ne::cuda::bf16_linear: y[M, N] (+)= bf16(x[M, K]) W^T (+ bias), W bfloat16 [N, ldw]; *ran: whether it applied.
+// ne::cuda::bf16_linear: y[M, N] (+)= bf16(x'[M, K]) W^T (+ bias), W bfloat16 [N, ldw]; x' = x, or with a norm
+// ((x - shift) - shift_lo) * scale per row (any of the three null: that step skipped); *ran: whether it applied.
 int ne_qemu_bf16_linear(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, int64_t ldw,
-                        const float* bias, float* y, int64_t ldy, int accumulate, int* ran) {
+                        const float* bias, float* y, int64_t ldy, int accumulate, const float* shift,
+                        const float* shift_lo, const float* scale, int* ran) {
   return guarded([&] {
-    *ran = ne::cuda::bf16_linear(M, N, K, x, ldx, w, ldw, bias, y, ldy, accumulate != 0, nullptr) ? 1 : 0;
+    ne::cuda::RowNorm norm;
+    norm.shift = shift;
+    norm.shift_lo = shift_lo;
+    norm.scale = scale;
+    *ran = ne::cuda::bf16_linear(M, N, K, x, ldx, w, ldw, bias, y, ldy, accumulate != 0, nullptr, norm) ? 1 : 0;
   });
 }
 
