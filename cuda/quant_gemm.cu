@@ -26,6 +26,12 @@
 //       promoted into the accumulators with s[m, b] * sw(n, b) after the tile (per-block scaling).
 //       Tails: rows >= M / N and bytes >= K are zero-filled by cp.async (src-size 0). Needs K % 16 == 0 and
 //       a 16-byte aligned W; otherwise the GEMV kernel (any alignment) runs for every M.
+//       On Hopper (sm_90) mma.sync e4m3 is not a native instruction: ptxas emulates it by converting the
+//       fragments to f16 for the f16 tensor cores (NVIDIA on cutlass issue #1986). The resource report
+//       shows it: for sm_90a the FP8 instantiation takes 255 registers and spills (268 bytes stored per
+//       thread) where the same source for sm_89 (Ada, native e4m3 MMA) takes 178 and the s8 one 130. So on
+//       an H100 / H200 this path computes at the f16 tensor-core rate at best; full FP8 speed there needs
+//       wgmma (e4m3 from shared memory), which this file does not have yet.
 //     - Int8Weight / Int4, M > 8: a tiled fp32 FMA kernel (64 x 64 tile, K steps of 32, 4 x 4 outputs per
 //       thread) that dequantizes the W tile into shared memory ((q - z) s, or q for int8 with sw[n] in the
 //       epilogue): the exact fp32 arithmetic of the contract (no bf16 rounding of x).
