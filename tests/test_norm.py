@@ -1,6 +1,8 @@
 """LayerNorm, RMSNorm, CRMSNorm and the fused residual forms against normengine.reference and
 torch, forward and backward, on every backend."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -374,3 +376,46 @@ def test_thread_counts_agree(gen):
     for o in outs[1:]:
         assert torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1])
         assert (o[2] - outs[0][2]).abs().max().item() <= 1e-6 * scale
+
+
+# ---------------------------------------------------------------------------- large outputs on huge pages
+
+def _vm_flags(addr: int) -> list:
+    """The VmFlags of the mapping of this process that holds `addr` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+                    reason="no transparent huge pages in this kernel")
+def test_large_outputs_ask_for_huge_pages(monkeypatch):
+    """An op's own output of 32 MiB or more (what glibc maps afresh, a page fault per 4 KiB on first touch) is
+    advised MADV_HUGEPAGE before the kernel writes it (VmFlags 'hg'); values as without the advice;
+    NORMENGINE_HUGEPAGES=0 turns it off (a fresh process: the setting is read once)."""
+    import subprocess
+    import sys
+
+    x = torch.randn(8192, 1024)
+    r = torch.randn(8192, 1024)
+    y, h = ne.ops.add_layer_norm(x, r)
+    for t in (y, h):
+        mid = t.data_ptr() + t.numel() * t.element_size() // 2
+        assert "hg" in _vm_flags(mid)
+    want = F.layer_norm(x + r, (1024,))
+    assert rel_err(y, want) <= 1e-5 and torch.equal(h, x + r)
+    code = ("import torch, normengine as ne, sys; sys.path.insert(0, 'tests'); from test_norm import _vm_flags; "
+            "y = ne.ops.layer_norm(torch.randn(8192, 1024)); "
+            "print('hg' in _vm_flags(y.data_ptr() + y.numel() * 2))")
+    env = dict(os.environ, NORMENGINE_HUGEPAGES="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

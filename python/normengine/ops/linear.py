@@ -14,7 +14,7 @@ import torch
 from .. import _C
 from ..errors import DeviceError, DTypeError, ShapeError
 from ._library import native_op
-from ._tensor import FLOAT_DTYPES, _rows_ok, bf16_products, check_input, check_no_overlap, stream_of
+from ._tensor import FLOAT_DTYPES, _rows_ok, bf16_products, check_input, check_no_overlap, huge_pages, stream_of
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -76,6 +76,7 @@ def _linear_fake(x, weight, bias, medium):
 @native_op("linear", _linear_fake)
 def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], medium: bool) -> torch.Tensor:
     y = _linear_fake(x, weight, bias, medium)
+    huge_pages(y)
     _C.linear(x, weight, bias, y, stream_of(x), medium)
     return y
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from ._library import native_op, placeholder
+from ._tensor import huge_pages
 
 FEATURE_MAPS = ("elu1", "relu", "identity")
 MAX_HEAD_DIM = 1024
@@ -198,6 +199,7 @@ def _la_forward(kind: int, fmap: int, causal: bool, normalize: bool, norm: int, 
     from .. import _C
 
     o, S = _la_fwd_fake(kind, fmap, causal, normalize, norm, eps, q, k, v, d, s0, recurrent)
+    huge_pages(o)
     _C.linear_attention_forward(kind, fmap, causal, normalize, norm, eps, q, k, v, d, s0, o, S, _stream(q),
                                 recurrent=recurrent)
     return o, S
@@ -219,6 +221,7 @@ def _la_backward(kind: int, fmap: int, causal: bool, normalize: bool, norm: int,
     from .. import _C
 
     gq, gk, gv, gi = _la_bwd_fake(kind, fmap, causal, normalize, norm, eps, q, k, v, d, s0, do, gS, recurrent)
+    huge_pages(gq, gk, gv)
     _C.linear_attention_backward(kind, fmap, causal, normalize, norm, eps, q, k, v, d, s0, do, gS, gq, gk, gv,
                                  gi if s0 is not None else None, _stream(q), recurrent=recurrent)
     return gq, gk, gv, gi

@@ -28,7 +28,7 @@ import torch
 from .. import _C
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from ._library import native_op
-from ._tensor import stream_of
+from ._tensor import huge_pages, stream_of
 
 __all__ = ["lmul", "lmul_matmul", "lmul_attention", "multiply_energy"]
 
@@ -69,6 +69,7 @@ def _out_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
 def _lmul_native(a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
     """L-Mul products of two float32 tensors of one shape."""
     out = torch.empty_like(a)
+    huge_pages(out)
     if out.numel():
         _C.lmul_elementwise(a, b, out, bits, stream_of(out))
     return out
@@ -86,6 +87,7 @@ def _bmm_fake(x, w, bits):
 @native_op("lmul_bmm", _bmm_fake)
 def _bmm_native(x: torch.Tensor, w: torch.Tensor, bits: int) -> torch.Tensor:
     out = _bmm_fake(x, w, bits)
+    huge_pages(out)
     if out.numel():
         _C.lmul_bmm(x, w, out, bits, stream_of(out))
     return out

@@ -24,6 +24,7 @@ from ._tensor import (
     check_no_overlap,
     check_out,
     from_numpy,
+    huge_pages,
     rows,
     stream_of,
 )
@@ -47,6 +48,7 @@ def _native_forward(kind: int, x: torch.Tensor, residual: Optional[torch.Tensor]
                                                                                   torch.Tensor]:
     """(y, h = x + residual, mean, rstd); absent ones (no residual, no stats, mean of an RMS norm) empty."""
     y, h, mean, rstd = _fwd_fake(kind, x, residual, w, b, eps, stats)
+    huge_pages(y, h if residual is not None else None)
     _C.norm_forward(kind, x, residual, w, b, eps, y, h if residual is not None else None,
                     mean if stats and kind == LAYER else None, rstd if stats else None, stream_of(x))
     return y, h, mean, rstd
@@ -63,6 +65,7 @@ def _forward(kind, x, residual, w, b, eps, out=None, residual_out=None, stats=Tr
     h = None
     if residual is not None:
         h = residual_out if residual_out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    huge_pages(y if out is None else None, h if residual_out is None else None)
     rows_ = x.numel() // x.size(-1)
     mean = rstd = None
     if stats:
@@ -88,6 +91,7 @@ def _native_backward(kind: int, dy: torch.Tensor, h: torch.Tensor, w: Optional[t
                                                                                        torch.Tensor]:
     """(dx, dweight, dbias) of y = norm(h) (+ dres, the gradient reaching h itself); absent ones empty."""
     dx, dw, db = _bwd_fake(kind, dy, h, w, rstd, dres, need_w, need_b)
+    huge_pages(dx)
     _C.norm_backward(kind, rows(dy), h, w, rstd, None if dres is None else rows(dres), dx, dw if need_w else None,
                      db if need_b else None, stream_of(h))
     return dx, dw, db

@@ -28,7 +28,7 @@ import torch
 from .. import _C
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from ._library import native_op
-from ._tensor import bf16_products, check_no_overlap
+from ._tensor import bf16_products, check_no_overlap, huge_pages
 
 FORMATS = ("int8", "int8-weight", "int4", "fp8")
 _CODE = {"int8": 0, "int8-weight": 1, "int4": 2, "fp8": 3}
@@ -292,6 +292,7 @@ def _native_quant_linear(x2: torch.Tensor, fmt: int, data: torch.Tensor, scale: 
                          medium: bool) -> torch.Tensor:
     """y [M, N] float32 = x2 [M, K] (float32, contiguous) times the packed weight's transpose (+ bias), CPU."""
     y = _ql_fake(x2, fmt, data, scale, zero, group, N, bias, medium)
+    huge_pages(y)
     if x2.shape[0]:
         _C.quant_linear(x2, fmt, data, scale, zero, group, N, x2.shape[1], bias, y, False, medium)
     return y
