@@ -263,18 +263,16 @@ struct NormRows {
     const bool nt = worth_streaming(a.y.data, out_bytes) &&
                     (!a.res.data || worth_streaming(a.res_out.data, span_bytes(a.res_out)));
     // large inputs with rows of a few KB: the next rows' lines are requested ahead (the row-serial
-    // stats pass would otherwise wait on each row's first misses)
+    // stats pass would otherwise wait on each row's first misses). Not with a residual: there the
+    // row's first pass is the add, two plain streams the hardware prefetcher follows, and the
+    // requests only cost (add_layer_norm f32 8192x1024: 3.37 ms without them, 3.73 ms with)
     const int64_t row_bytes = a.x.cols * static_cast<int64_t>(sizeof(T));
-    const bool ahead = out_bytes >= (int64_t(8) << 20) && row_bytes <= 8192;
+    const bool ahead = !a.res.data && out_bytes >= (int64_t(8) << 20) && row_bytes <= 8192;
     parallel_for(a.x.rows, grain(a.x.cols), [&](int64_t r0, int64_t r1, int) {
       for (int64_t r = r0; r < r1; ++r) {
         if (ahead && r + kAhead < r1) {
           const char* p = reinterpret_cast<const char*>(a.x.row<const T>(r + kAhead));
           for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(p + o);
-          if (a.res.data) {
-            const char* q = reinterpret_cast<const char*>(a.res.row<const T>(r + kAhead));
-            for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(q + o);
-          }
         }
         forward_row(a, r, nt);
       }
