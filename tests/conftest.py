@@ -49,6 +49,25 @@ def cpu_isa(request):
     _C.force_cpu_isa(best)
 
 
+def smaps_fields(addr: int) -> dict:
+    """The /proc/self/smaps fields of this process's mapping that holds addr (e.g. "VmFlags",
+    "THPeligible")."""
+    fields, inside = {}, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                if inside:
+                    break
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside:
+                k, _, v = line.partition(":")
+                fields[k] = v.strip()
+    assert fields, f"no mapping holds {addr:#x}"
+    return fields
+
+
 def rel_err(got, want, floor=1e-300):
     """max |got - want| / max(max |want|, floor), computed in float64. `floor` is the scale below
     which differences count as absolute (gradients that cancel to ~0, e.g. of a 1-wide norm)."""

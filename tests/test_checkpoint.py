@@ -27,6 +27,7 @@ from normengine.checkpoint import (
     write_safetensors,
 )
 from normengine.config import ModelConfig, expected_shapes
+from conftest import smaps_fields
 
 # transformers (and the reference safetensors package) build the HF checkpoints; tests that need
 # them skip without them, the format and safety tests below run anyway.
@@ -1258,21 +1259,6 @@ def test_gpt2_load_from_transposed_views_equals_the_steps(tmp_path, kw):
     assert torch.equal(m.logits(ids), want.logits(ids))
 
 
-def _vma_flags(addr):
-    """The /proc/self/smaps fields of the mapping holding addr."""
-    fields, inside = {}, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside:
-                k, _, v = line.partition(":")
-                fields[k] = v.strip()
-    return fields
-
-
 @pytest.mark.parametrize("kw", [dict(), dict(dtype=torch.bfloat16), dict(quant="int4")])
 def test_load_writes_the_weights_into_one_hugepage_arena(kw):
     """normengine.load (CPU) writes every weight into one buffer advised as huge pages (_arena), none
@@ -1294,15 +1280,15 @@ def test_load_writes_the_weights_into_one_hugepage_arena(kw):
         assert k.data_ptr() + k.numel() * k.element_size() == v.data_ptr()
     thp = "/sys/kernel/mm/transparent_hugepage/enabled"
     if os.path.exists(thp) and "[never]" not in open(thp).read() and os.path.exists("/proc/self/smaps"):
-        assert _vma_flags(parts[0].data_ptr()).get("THPeligible") == "1"
+        assert smaps_fields(parts[0].data_ptr()).get("THPeligible") == "1"
     buf = _arena.hugepage_buffer(5 << 20)
     assert buf.data_ptr() % (2 << 20) == 0 and buf.numel() == 5 << 20
     if os.path.exists("/proc/self/smaps") and os.path.exists(thp) and "[never]" not in open(thp).read():
-        assert _vma_flags(buf.data_ptr()).get("THPeligible") == "1"
+        assert smaps_fields(buf.data_ptr()).get("THPeligible") == "1"
     if os.path.exists("/proc/self/smaps") and os.path.exists(thp) and "[madvise]" in open(thp).read():
         os.environ["NORMENGINE_HUGEPAGES"] = "0"
         try:  # the opt-out: the same buffer, no advice
-            assert _vma_flags(_arena.hugepage_buffer(5 << 20).data_ptr()).get("THPeligible") == "0"
+            assert smaps_fields(_arena.hugepage_buffer(5 << 20).data_ptr()).get("THPeligible") == "0"
         finally:
             del os.environ["NORMENGINE_HUGEPAGES"]
     a = _arena.Arena(_arena.Arena.room((3, 5), torch.float32) + _arena.Arena.room((7,), torch.float32))

@@ -11,7 +11,7 @@ from torch.autograd import gradcheck
 
 import normengine as ne
 from normengine import reference as ref
-from conftest import rel_err
+from conftest import rel_err, smaps_fields
 
 OPS = {
     # name: (op, reference, takes bias)
@@ -380,20 +380,6 @@ def test_thread_counts_agree(gen):
 
 # ---------------------------------------------------------------------------- large outputs on huge pages
 
-def _vm_flags(addr: int) -> list:
-    """The VmFlags of the mapping of this process that holds `addr` (/proc/self/smaps)."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(v, 16) for v in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and head == "VmFlags:":
-                return line.split()[1:]
-    raise AssertionError(f"no mapping holds {addr:#x}")
-
-
 @pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
                     reason="no transparent huge pages in this kernel")
 def test_large_outputs_ask_for_huge_pages(monkeypatch):
@@ -408,12 +394,12 @@ def test_large_outputs_ask_for_huge_pages(monkeypatch):
     y, h = ne.ops.add_layer_norm(x, r)
     for t in (y, h):
         mid = t.data_ptr() + t.numel() * t.element_size() // 2
-        assert "hg" in _vm_flags(mid)
+        assert "hg" in smaps_fields(mid)["VmFlags"].split()
     want = F.layer_norm(x + r, (1024,))
     assert rel_err(y, want) <= 1e-5 and torch.equal(h, x + r)
-    code = ("import torch, normengine as ne, sys; sys.path.insert(0, 'tests'); from test_norm import _vm_flags; "
+    code = ("import torch, normengine as ne, sys; sys.path.insert(0, 'tests'); from conftest import smaps_fields; "
             "y = ne.ops.layer_norm(torch.randn(8192, 1024)); "
-            "print('hg' in _vm_flags(y.data_ptr() + y.numel() * 2))")
+            "print('hg' in smaps_fields(y.data_ptr() + y.numel() * 2)['VmFlags'].split())")
     env = dict(os.environ, NORMENGINE_HUGEPAGES="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
