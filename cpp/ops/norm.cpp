@@ -441,11 +441,15 @@ RowMatrix like_x(const TensorView& t, const TensorView& x) {
 void check_eps(double eps) {
   if (!(eps >= 0.0)) throw ValueError("eps: expected a non-negative number, got " + std::to_string(eps));
 }
-void* cpu_scratch(int64_t n, DType t, int threads) {  // 2 * threads * n accumulators, reused across calls
+// 2 * threads * n accumulators, reused across calls, 64-byte aligned: the kernels load and store them
+// a vector at a time, and a vector split across two cache lines costs two accesses (a std::vector's
+// 16-byte alignment made LayerNorm's backward at 8192 x 1024 take 4.5 ms instead of 2.9)
+void* cpu_scratch(int64_t n, DType t, int threads) {
   thread_local std::vector<double> buf;
-  size_t need = static_cast<size_t>(2 * threads * n * dtype_size(acc_dtype(t)) + 7) / 8;
+  const size_t need = static_cast<size_t>(2 * threads * n * dtype_size(acc_dtype(t)) + 7) / 8 + 8;
   if (buf.size() < need) buf.resize(need);
-  return buf.data();
+  const std::uintptr_t p = reinterpret_cast<std::uintptr_t>(buf.data());
+  return reinterpret_cast<void*>((p + 63) & ~std::uintptr_t(63));
 }
 // Picked per call (each getter returns a static table), so force_cpu_isa() takes effect at once.
 const NormTable& cpu_norm() { return *NE_PICK_ISA(norm_table); }
