@@ -11,6 +11,7 @@
 //   GEMM (larger M, prefill): compute-bound. W is packed panel by panel (transposed, widened to f32)
 //     into a per-thread scratch block that stays in L2, and a register-blocked micro-kernel
 //     computes MR x NR tiles of y as outer products: broadcast x[m, k], times NR packed weights.
+#include "core/aligned.h"
 #include "core/parallel.h"
 #include "core/simd.h"
 #include "normengine/ops.h"
@@ -479,11 +480,10 @@ const GemmTable& cpu_gemm() { return *NE_PICK_ISA(gemm_table); }
 
 // Per-thread packed panels for the GEMM path (`threads` of them), reused across calls (grown, never shrunk).
 float* pack_scratch(int64_t floats_per_thread, int threads) {
-  thread_local std::vector<float> buf;
-  const size_t need = static_cast<size_t>(floats_per_thread * threads + 16);
+  thread_local AlignedVec<float> buf;
+  const size_t need = static_cast<size_t>(floats_per_thread * threads);
   if (buf.size() < need) buf.resize(need);
-  const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
-  return reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
+  return buf.data();
 }
 
 }  // namespace

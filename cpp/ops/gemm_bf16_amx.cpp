@@ -20,6 +20,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/aligned.h"
 #include "core/amx.h"
 #include "core/dispatch.h"
 #include "core/half.h"
@@ -128,7 +129,7 @@ void amx_blocks(const GemmArgs& a, DType wdtype, const uint16_t* Bp, int64_t MB,
   const AmxTileConfig cfg;
   _tile_loadconfig(&cfg);
   const bool in_place = wdtype == DType::BF16 && a.K % kTileK == 0;
-  thread_local std::vector<uint16_t> panel;  // this worker's converted W rows (grown, never shrunk)
+  thread_local AlignedVec<uint16_t> panel;  // this worker's converted W rows (grown, never shrunk)
   if (!in_place || a.N % 32) panel.resize(static_cast<size_t>(32 * KS * kTileK));
   alignas(64) float C[4][16][16];
   for (int64_t b = b0; b < b1; ++b) {
@@ -201,7 +202,7 @@ bool gemm_bf16_amx(const GemmArgs& a, DType wdtype) {
 #if defined(NE_GEMM_AMX)
   if (!amx_bf16_available() || (wdtype != DType::F32 && wdtype != DType::BF16) || a.M < kAmxMinRows) return false;
   const int64_t KS = (a.K + kTileK - 1) / kTileK, MB = (a.M + 15) / 16;
-  thread_local std::vector<uint16_t> bp;  // x' in B-tile order, reused across calls
+  thread_local AlignedVec<uint16_t> bp;  // x' in B-tile order, reused across calls
   bp.resize(static_cast<size_t>(MB * KS * 512));
   uint16_t* B = bp.data();  // (thread_local: the workers must not name bp itself)
   parallel_for(MB, 2, [&](int64_t m0, int64_t m1, int) { pack_x(a, KS, m0, m1, B); });

@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/aligned.h"
 #include "ops/lmul.h"
 #include "ops/lmul_bits.h"
 
@@ -407,8 +408,8 @@ void gemv_panel(const LmulArgs& a, int64_t p0, const LmulConst& kc_, uint32_t* p
 void gemm_cols(const LmulArgs& a, int64_t n0, int64_t n1) {
   const LmulConst kc_ = lmul_const(a.bits);
   const int64_t M = a.M, K = a.K;
-  std::vector<uint32_t> pack(static_cast<size_t>(std::min(K, kKc) * NP + NP));
-  std::vector<float> tacc(static_cast<size_t>(M * NP));
+  AlignedVec<uint32_t> pack(static_cast<size_t>(std::min(K, kKc) * NP + NP));
+  AlignedVec<float> tacc(static_cast<size_t>(M * NP));
   for (int64_t p0 = n0; p0 < n1; p0 += NP) {
     const int nw = static_cast<int>(std::min<int64_t>(NP, n1 - p0));
     if (M == 1 && nw == NP && K > 0 && a.xstat[0].bad != 2) {
@@ -468,7 +469,7 @@ void axpy(int64_t n, float p, const float* v, float* out, int bits) {
 void dots(int64_t n, int D, const float* q, const float* k, int64_t ldk, float* out, int bits) {
   const LmulConst kc = lmul_const(bits);
   const R trunc = VI::set1(kc.trunc), C = VI::set1(kc.c);
-  thread_local std::vector<uint32_t> qp;
+  thread_local AlignedVec<uint32_t> qp;
   qp.resize(static_cast<size_t>(D));
   for (int d = 0; d < D; ++d) qp[d] = prep1(bits_of(q[d]), kc.trunc);
   int64_t j = 0;

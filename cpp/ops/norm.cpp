@@ -11,6 +11,7 @@
 // backward reads dy and h and writes dx. That is the traffic of a copy, the bound these kernels aim at.
 #include <vector>
 
+#include "core/aligned.h"
 #include "core/parallel.h"
 #include "core/simd.h"
 #include "ops/norm.h"
@@ -126,7 +127,7 @@ struct NormRows {
       T* ho = a.res_out.row<T>(r);
       if (nt) {
         // h = x + r into a row buffer (the statistics read it from L1) and streamed to res_out
-        thread_local std::vector<T> row;
+        thread_local AlignedVec<T> row;
         if (static_cast<int64_t>(row.size()) < n) row.resize(static_cast<size_t>(n));
         T* hb = row.data();
         for (int64_t i = 0; i < n; i += N) {
@@ -441,15 +442,14 @@ RowMatrix like_x(const TensorView& t, const TensorView& x) {
 void check_eps(double eps) {
   if (!(eps >= 0.0)) throw ValueError("eps: expected a non-negative number, got " + std::to_string(eps));
 }
-// 2 * threads * n accumulators, reused across calls, 64-byte aligned: the kernels load and store them
-// a vector at a time, and a vector split across two cache lines costs two accesses (a std::vector's
-// 16-byte alignment made LayerNorm's backward at 8192 x 1024 take 4.5 ms instead of 2.9)
+// 2 * threads * n accumulators, reused across calls, 64-byte aligned (core/aligned.h: a plain std::vector
+// split the kernels' vectors of them across cache lines; LayerNorm's backward at 8192 x 1024 took 4.5 ms
+// instead of 4.0)
 void* cpu_scratch(int64_t n, DType t, int threads) {
-  thread_local std::vector<double> buf;
-  const size_t need = static_cast<size_t>(2 * threads * n * dtype_size(acc_dtype(t)) + 7) / 8 + 8;
+  thread_local AlignedVec<double> buf;
+  const size_t need = static_cast<size_t>(2 * threads * n * dtype_size(acc_dtype(t)) + 7) / 8;
   if (buf.size() < need) buf.resize(need);
-  const std::uintptr_t p = reinterpret_cast<std::uintptr_t>(buf.data());
-  return reinterpret_cast<void*>((p + 63) & ~std::uintptr_t(63));
+  return buf.data();
 }
 // Picked per call (each getter returns a static table), so force_cpu_isa() takes effect at once.
 const NormTable& cpu_norm() { return *NE_PICK_ISA(norm_table); }

@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "core/aligned.h"
 #include "core/amx.h"
 #include "core/parallel.h"
 #include "normengine/errors.h"
@@ -227,7 +228,7 @@ void vnni512_panel_rows(const QArgs& a, const uint8_t* xu, int64_t ldxu, int64_t
 // Panels [p0, p1) of 32 W rows against every row of x (xu: x + 128 as u8, [M, ldxu], zero-padded K).
 void int8_panels_vnni512(const QArgs& a, const uint8_t* xu, int64_t ldxu, int64_t p0, int64_t p1) {
   const int64_t KQ = (a.w->K + 3) / 4;
-  thread_local std::vector<int8_t> wp;
+  thread_local AlignedVec<int8_t> wp;
   wp.resize(static_cast<size_t>(KQ * kPanel * 4));
   alignas(64) int32_t wsum[kPanel];
   for (int64_t p = p0; p < p1; ++p) {
@@ -371,7 +372,7 @@ void vnni256_panel_rows(const QArgs& a, const uint8_t* xu, int64_t ldxu, int64_t
 
 void int8_panels_avxvnni(const QArgs& a, const uint8_t* xu, int64_t ldxu, int64_t p0, int64_t p1) {
   const int64_t KQ = (a.w->K + 3) / 4;
-  thread_local std::vector<int8_t> wp;
+  thread_local AlignedVec<int8_t> wp;
   wp.resize(static_cast<size_t>(KQ * kPanel8 * 4));
   alignas(32) int32_t wsum[kPanel8];
   for (int64_t p = p0; p < p1; ++p) {
@@ -550,7 +551,7 @@ bool int8_gemm_x86(const QArgs& a) {
   const int64_t row_grain = std::max<int64_t>(4, 16384 / std::max<int64_t>(1, K * a.M));  // W rows per thread, at least
   if ((k == "avxvnni" || k == "avx512vnni") && a.M >= 16) {  // prefill: packed panels (x + 128 as u8 once)
     const int64_t Kp = a.ldxq;  // zero-padded to a multiple of 64 by the entry point
-    thread_local std::vector<uint8_t> xu;
+    thread_local AlignedVec<uint8_t> xu;
     xu.resize(static_cast<size_t>(a.M * Kp));
     uint8_t* pu = xu.data();  // (thread_local: the workers must not name xu itself)
     for (int64_t i = 0; i < a.M * Kp; ++i) pu[i] = static_cast<uint8_t>(a.xq[i]) ^ 0x80u;
@@ -573,7 +574,7 @@ bool int8_gemm_x86(const QArgs& a) {
   if (k == "amx" && a.M >= 8 && K % 64 == 0) n_amx = N / 32 * 32;
   if (n_amx > 0) {
     const int64_t MBp = (a.M + 15) / 16;
-    thread_local std::vector<int8_t> bp;
+    thread_local AlignedVec<int8_t> bp;
     bp.resize(static_cast<size_t>(MBp * (K / 64) * 1024));
     pack_x_amx(a, MBp, bp.data());
     const int8_t* B = bp.data();
