@@ -15,6 +15,7 @@
 # save its minutes) when it was built from these very sources, and falls back to building when it was not,
 # or does not import there, or has no usable CUDA.
 #
+# Before the tests, benchmarks/sass_summary.py records the kernels' machine-instruction mix (sass_summary.md).
 # Tests: NE_GPU_TESTS=gpu (default) runs the tests whose names say cuda (every op's CUDA backend, the
 # CUDA runner, the GPU-only tests) except the emulator ones, which CI runs without a GPU; all: the whole
 # suite; none. Benchmarks: NE_GPU_BENCH, a comma list of norm, lmul, attention, quant, runner, forms
@@ -108,6 +109,9 @@ elif [ "$mode" = cmake ]; then
   export PYTHONPATH="$BUILD/pkg${PYTHONPATH:+:$PYTHONPATH}"
 fi
 [ "$mode" = prebuilt ] || usable || die "import check"
+# which matrix instructions the kernels compiled to (HMMA / IMMA / QMMA, Hopper's HGMMA / QGMMA) and any
+# local-memory traffic, from the module's SASS (cuobjdump): seconds, no GPU time
+run "sass" sass_summary.md "$PY" "$ROOT/benchmarks/sass_summary.py"
 
 case "${NE_GPU_TESTS:-gpu}" in
   gpu) run "tests (cuda)" pytest_cuda.log "$PY" -m pytest "$ROOT/tests" -q -rs -p no:cacheprovider --rootdir "$ROOT" \
