@@ -171,16 +171,20 @@ struct NormRows {
     if (a.rstd) static_cast<A*>(a.rstd)[r] = rstd;
   }
 
-  // ---------------------------------------------------------------- backward, one row
+  // ---------------------------------------------------------------- backward
   // With g = dy * w and xhat the normalized row (as in forward):
   //   LayerNorm: dh = rstd * (g - mean(g) - xhat * mean(g * xhat))
   //   RMSNorm:   dh = rstd * (g - xhat * mean(g * xhat))
   //   CRMSNorm:  dh = rstd * (g - (xhat + rstd * sum(h)) * sum(g * xhat) / d)     (d = n + 1)
   //   dx = dh (+ dres);  dw += dy * xhat;  db += dy   (into this thread's partial sums)
-  // Two passes over the row. Pass 1 takes the sums; for LayerNorm it also finds the shift that
-  // forward used, xhat = (h - K - delta) rstd with K = ln_shift(h) and delta = mean(h - K), from the
-  // same shifted values c = h - K: sum(g xhat) = rstd (sum(g c) - delta sum(g)), so the row is read
-  // twice, not three times. Pass 2 writes dx and accumulates dw, db.
+  // Two passes over each row. Pass 1 (backward_coef) takes the sums; for LayerNorm it also finds the
+  // shift that forward used, xhat = (h - K - delta) rstd with K = ln_shift(h) and delta = mean(h - K),
+  // from the same shifted values c = h - K: sum(g xhat) = rstd (sum(g c) - delta sum(g)), so the row is
+  // read twice, not three times. Pass 2 writes dx and accumulates dw, db, for two rows at once where it
+  // can: the partial sums are then loaded and stored once per two rows (the same operations in the same
+  // order as row by row, so the same bits), which was most of pass 2's cost (LayerNorm f32 8192 x 1024:
+  // 4.0 ms row by row; 2.8 ms with no dw / db at all); RMSNorm (dw only) measured slower paired.
+  //
   // Pass 1 of one row: what pass 2 needs of it, dh = rstd * (g - c_mean - c_xhat * xhat) with
   // xhat = (h - K - delta) * rstd.
   struct RowCoef {
@@ -247,19 +251,6 @@ struct NormRows {
     return c.dres ? V::add(o, loadn<V>(c.dres + i, k)) : o;
   }
 
-  // ---------------------------------------------------------------- backward, one or two rows
-  // With g = dy * w and xhat the normalized row (as in forward):
-  //   LayerNorm: dh = rstd * (g - mean(g) - xhat * mean(g * xhat))
-  //   RMSNorm:   dh = rstd * (g - xhat * mean(g * xhat))
-  //   CRMSNorm:  dh = rstd * (g - (xhat + rstd * sum(h)) * sum(g * xhat) / d)     (d = n + 1)
-  //   dx = dh (+ dres);  dw += dy * xhat;  db += dy   (into this thread's partial sums)
-  // Two passes over each row. Pass 1 (backward_coef) takes the sums; for LayerNorm it also finds the
-  // shift that forward used, xhat = (h - K - delta) rstd with K = ln_shift(h) and delta = mean(h - K),
-  // from the same shifted values c = h - K: sum(g xhat) = rstd (sum(g c) - delta sum(g)), so the row is
-  // read twice, not three times. Pass 2 writes dx and accumulates dw, db, for two rows at once where it
-  // can: the partial sums are then loaded and stored once per two rows (the same operations in the same
-  // order as row by row, so the same bits), which was most of pass 2's cost (LayerNorm f32 8192 x 1024:
-  // 4.0 ms row by row; 2.8 ms with no dw / db at all).
   static void backward_rows(const NormBwdArgs& a, int64_t r, int rows, A* dw, A* db, bool nt) {
     const int64_t n = a.h.cols;
     const A* w = static_cast<const A*>(a.w);
