@@ -26,21 +26,26 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 _HUGE = 2 << 20
+_PAGE = 4096
 _FRESH = 32 << 20
-_MADV_HUGEPAGE = 14  # Linux; mmap.MADV_HUGEPAGE where Python names it
+_MADV_HUGEPAGE = 14         # Linux; mmap.MADV_HUGEPAGE where Python names it
+_MADV_POPULATE_WRITE = 23   # Linux 5.14+ (older kernels refuse it: the pages then fault in as usual)
 _madvise = None
 
 
 def huge_pages(*ts) -> None:
-    """Ask the kernel for 2 MiB pages under new CPU outputs of 32 MiB or more, before anything touches them.
+    """Back new CPU outputs of 32 MiB or more with 2 MiB pages, faulted in at once, before anything writes them.
 
-    glibc maps every allocation of 32 MiB or more afresh (its largest mmap threshold; torch's CPU
-    allocator goes through it), so an op writing such an output first takes a page fault per 4 KiB and
-    zeroes each page: filling a fresh 32 MiB torch.empty took 6.2-7.1 ms on 4 KiB pages and 1.7-1.9 ms
-    advised (2-vCPU Xeon guest, transparent_hugepage "madvise", the usual default: nothing gets huge pages
-    without asking). Only the whole 2 MiB pages inside each tensor's bytes are advised. The advice changes
-    no values; where the kernel has no huge page to give (THP off, memory fragmented) pages stay 4 KiB.
-    NORMENGINE_HUGEPAGES=0 turns it off, as for the model's weight arena."""
+    glibc maps every allocation of 32 MiB or more afresh (its largest mmap threshold; torch's CPU allocator
+    goes through it), so an op writing such an output first takes a page fault per 4 KiB and zeroes each
+    page. Each tensor's whole 2 MiB pages are advised MADV_HUGEPAGE (transparent_hugepage "madvise", the
+    usual default, gives huge pages only to memory that asks) and then the whole range is populated in one
+    call (MADV_POPULATE_WRITE), instead of the kernel's threads faulting the huge pages in as they write.
+    Measured on the 2-vCPU Xeon guest (benchmarks/RESULTS.md): a fresh 32 MiB torch.empty filled, 5.3-5.6 ms
+    on 4 KiB pages, 2.0-2.6 ms this way from a process's first call on; advised but faulted by the writers,
+    the first ~10 calls of each process took 6-13 ms. The advice changes no values; where the kernel has
+    no huge pages to give (THP off, memory fragmented) or no populate call, pages stay 4 KiB or fault in as
+    before. NORMENGINE_HUGEPAGES=0 turns it off, as for the model's weight arena."""
     global _madvise
     for t in ts:
         if t is None or t.device.type != "cpu" or t.numel() * t.element_size() < _FRESH:
@@ -57,11 +62,13 @@ def huge_pages(*ts) -> None:
                     pass
         if not _madvise:
             return
-        start = t.data_ptr()
-        lo = -(-start // _HUGE) * _HUGE
-        hi = (start + t.numel() * t.element_size()) // _HUGE * _HUGE
+        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        lo, hi = -(-start // _HUGE) * _HUGE, end // _HUGE * _HUGE
         if hi > lo:
             _madvise(lo, hi - lo, getattr(mmap, "MADV_HUGEPAGE", _MADV_HUGEPAGE))  # a refusal leaves 4 KiB pages
+        lo, hi = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+        if hi > lo:
+            _madvise(lo, hi - lo, getattr(mmap, "MADV_POPULATE_WRITE", _MADV_POPULATE_WRITE))
 
 
 def stream_of(t: torch.Tensor) -> int:
