@@ -288,9 +288,9 @@ void dense_linear_t(const DenseLinearArgs& a, cudaStream_t s) {
   p.N = static_cast<int>(a.N);
   p.K = static_cast<int>(a.K);
   p.accumulate = a.accumulate;
-  p.row_shift = a.row_shift;
-  p.row_shift_lo = a.row_shift_lo;
-  p.row_scale = a.row_scale;
+  p.row_shift = a.norm.shift;
+  p.row_shift_lo = a.norm.shift_lo;
+  p.row_scale = a.norm.scale;
   const int64_t M = a.M, ldx = a.ldx;
   const float* x = a.x;
   if (M <= kGemvMaxRows) {
@@ -346,10 +346,10 @@ void norm_linear_gemm(DenseLinearArgs a, NormKind kind, double eps, float* rstd,
     st.rstd = rstd;
     st.eps = eps;
     norm_stats(st, stream);
-    a.row_shift = pair;
-    a.row_shift_lo = pair + a.M;
+    a.norm.shift = pair;
+    a.norm.shift_lo = pair + a.M;
   }
-  a.row_scale = rstd;
+  a.norm.scale = rstd;
   dense_linear(a, stream);
 }
 

@@ -335,9 +335,9 @@ struct Arith {
 };
 
 // y[M, N] (+)= x[M, K] W^T (+ b)   (N = w.rows, K = w.cols)
-// epi (fused norms): the norm of x's rows (all null: none), applied by the dense GEMMs as their epilogue
-// (cuda::dense_linear: row_shift, row_shift_lo, row_scale) and by the tensor-core kernel as it rounds x to
-// bf16 (cuda::bf16_linear); packed and L-Mul weights have no such path (fused_norms() is false for them).
+// epi (fused norms): the norm of x's rows (all null: none; cuda::RowNorm), applied by the dense GEMMs and
+// by the tensor-core kernel (cuda::bf16_linear); packed and L-Mul weights have no such path (fused_norms()
+// is false for them).
 void launch_linear(const DevW& w, const DevW& b, const float* x, int64_t ldx, int64_t M, float* y, int64_t ldy,
                    bool accumulate, cudaStream_t s, const Arith& ar = Arith{}, const RowNorm& epi = RowNorm{}) {
   if (M <= 0) return;
@@ -352,9 +352,7 @@ void launch_linear(const DevW& w, const DevW& b, const float* x, int64_t ldx, in
   if (w.quant) return quant_linear(M, x, DType::F32, ldx, w.q, bias, y, ldy, accumulate, s);  // cuda/quant_gemm.cu
   DenseLinearArgs a = dense_args(M, w.rows, w.cols, x, ldx, w.data, w.dtype, w.ld, bias, y, ldy);
   a.accumulate = accumulate;
-  a.row_shift = epi.shift;
-  a.row_shift_lo = epi.shift_lo;
-  a.row_scale = epi.scale;
+  a.norm = epi;
   dense_linear(a, s);  // cuda/gemm.cu
 }
 
@@ -774,7 +772,6 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     norm_forward(static_cast<NormKind>(s.norm), xv, nullptr, &wv, b.present() ? &bv : nullptr, s.norm_eps, yv,
                  nullptr, nullptr, nullptr, c);
   };
-  const bool fuse = m.fused;
   // the row statistics of x's rows (cuda/norm.cu): m.rstd, and for LayerNorm the mean as the pair
   // m.mean = x[0], m.mean_lo = mean(x - x[0]): the norm epilogue of the readers
   auto stats = [&](const float* x, int64_t rows) {
@@ -791,7 +788,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
   epi_on.shift = s.norm == 0 ? m.mean : nullptr;
   epi_on.shift_lo = s.norm == 0 ? m.mean_lo : nullptr;
   epi_on.scale = m.rstd;
-  const cuda::RowNorm epi = fuse ? epi_on : cuda::RowNorm{};
+  const cuda::RowNorm epi = m.fused ? epi_on : cuda::RowNorm{};
   const unsigned grid_t = static_cast<unsigned>(T);
 
   // ---- token (and position) embeddings
@@ -822,7 +819,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     Layer& L = m.layers[li];
     // ---- attention
     const float* xin = m.x;
-    if (fuse) {
+    if (m.fused) {
       stats(m.x, T);
     } else if (has_norm) {
       norm_rows(L.attn_norm_w, L.attn_norm_b, m.x, m.xn, T);
@@ -895,7 +892,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     cuda::launch_linear(L.o, L.ob, m.att, dq, T, m.x, d, true, st, ar);  // x += attn Wo^T + bo
     // ---- MLP
     xin = m.x;
-    if (fuse) {
+    if (m.fused) {
       stats(m.x, T);
     } else if (has_norm) {
       norm_rows(L.mlp_norm_w, L.mlp_norm_b, m.x, m.xn, T);
@@ -920,15 +917,14 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     cuda::check_launch("gather_rows_kernel");
     src = m.sel;
   }
-  const bool fuse_head = m.fused_head;
-  if (fuse_head) {
+  if (m.fused_head) {
     stats(src, rows);
   } else if (has_norm) {
     norm_rows(m.final_w, m.final_b, src, m.xn, rows);
     src = m.xn;
   }
   cuda::launch_linear(m.head, m.head_b, src, d, rows, logits, s.vocab, false, st, ar,
-                      fuse_head ? epi_on : cuda::RowNorm{});
+                      m.fused_head ? epi_on : cuda::RowNorm{});
   for (int i = 0; i < n_seqs; ++i) m.len[slots[i]] += lens[i];
 }
 

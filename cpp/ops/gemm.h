@@ -104,15 +104,20 @@ bool gemm_bf16_amx(const GemmArgs& a, DType wdtype);
 
 #if defined(NE_WITH_CUDA)
 namespace cuda {
+// The norm of fused norms (norm_linear), applied to x's rows by the GEMM that reads them, so norm(x) is
+// never written: x'[m, k] = ((x[m, k] - shift[m]) - shift_lo[m]) * scale[m], a null pointer skipping its
+// step. shift = c_hi, shift_lo = c_lo: the LayerNorm mean subtracted in two parts, because a float32 mean
+// alone is off by up to half its ulp, as much as the whole spread of a row whose mean is large next to
+// it; the statistics give the pair c_hi = x[m, 0], c_lo = mean(x - c_hi) (NormFwdArgs::mean_lo), x - c_hi
+// being exact for such rows. scale = rstd. dense_linear subtracts the shift as x is read and applies the
+// scale to the sums; bf16_linear applies all of it before rounding x to bfloat16.
+struct RowNorm {
+  const float *shift = nullptr, *shift_lo = nullptr, *scale = nullptr;
+};
 // The dense linear layer on the GPU (cuda/gemm.cu; device pointers, enqueued on `stream`):
-//   y[m, n] (+)= s_m * sum_k (x[m, k] - c_m) W[n, k] (+ b[n])
+//   y[m, n] (+)= sum_k x'[m, k] W[n, k] (+ b[n]),   x' = x, or with `norm` the normalized rows above
 // x float32 [M, ldx]; W float32 / bfloat16 / float16 [N, K] (row stride ldw), widened in registers; fp32
-// FMA sums (no TF32). row_shift c (null: 0) and row_scale s (null: 1) are the norm epilogue of
-// norm_linear (c = the LayerNorm mean, subtracted as x is read; s = rstd): norm(x) is never written.
-// c is subtracted in two parts, (x - c_hi) - c_lo: a float32 mean alone is off by up to half its ulp,
-// as much as the whole spread of a row whose mean is large next to it; the statistics give the pair
-// c_hi = x[m, 0], c_lo = mean(x - c_hi) (NormFwdArgs::mean_lo), x - c_hi being exact for such rows.
-// M <= 16 rows: a GEMV streaming W once; more: tiled FMA GEMMs.
+// FMA sums (no TF32). M <= 16 rows: a GEMV streaming W once; more: tiled FMA GEMMs.
 struct DenseLinearArgs {
   int64_t M = 0, N = 0, K = 0;
   const float* x = nullptr;
@@ -124,9 +129,7 @@ struct DenseLinearArgs {
   float* y = nullptr;
   int64_t ldy = 0;
   bool accumulate = false;
-  const float* row_shift = nullptr;     // [M] c_hi
-  const float* row_shift_lo = nullptr;  // [M] c_lo (null: 0)
-  const float* row_scale = nullptr;     // [M]
+  RowNorm norm;  // fused norms: [M] each, or null
 };
 // The arguments of y[M, N] = x W^T (+ b) (no accumulate, no norm epilogue: set those after).
 inline DenseLinearArgs dense_args(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, DType wdt,
@@ -146,17 +149,10 @@ inline DenseLinearArgs dense_args(int64_t M, int64_t N, int64_t K, const float* 
   return a;
 }
 void dense_linear(const DenseLinearArgs& a, void* stream);
-// The norm of fused norms as another kernel applies it to x's rows while reading them (cuda::bf16_linear, before
-// rounding to bfloat16): x'[m, k] = ((x[m, k] - shift[m]) - shift_lo[m]) * scale[m], a null pointer skipping its
-// step; the shift pair and scale as DenseLinearArgs' row_shift, row_shift_lo, row_scale (which apply the scale to
-// the sums instead).
-struct RowNorm {
-  const float *shift = nullptr, *shift_lo = nullptr, *scale = nullptr;
-};
 // norm_linear's GEMM on the GPU, after the row statistics rstd [M] (cuda/norm.cu): y = rstd_m (x W^T) + b
 // (RMSNorm, CRMSNorm), or for LayerNorm y = rstd_m ((x - mean_m) W^T) + b with the mean as the pair
 // (x[m, 0], mean(x - x[m, 0])) from the statistics kernel again, into stream-ordered scratch (rstd is
-// rewritten with the same values). a's own shift / scale fields are ignored.
+// rewritten with the same values). a.norm is ignored.
 void norm_linear_gemm(DenseLinearArgs a, NormKind kind, double eps, float* rstd, void* stream);
 constexpr int64_t kDenseGemvMaxRows = 16;          // at most this many rows take the GEMV
 constexpr int64_t kDenseMaxRows = 65535LL * 64;    // rows one call takes (the tiles' grid.y)

@@ -19,7 +19,15 @@ import os
 
 import torch
 
-_HUGE = 2 << 20
+HUGE_PAGE = 2 << 20
+
+
+def hugepages_wanted() -> bool:
+    """Whether normengine asks for huge pages at all: yes unless the environment sets
+    NORMENGINE_HUGEPAGES=0 (for this weight arena, and for large op outputs: ops._tensor.huge_pages)."""
+    return os.environ.get("NORMENGINE_HUGEPAGES", "1") != "0"
+
+
 _ALIGN = 64
 
 
@@ -29,15 +37,15 @@ def hugepage_buffer(nbytes: int) -> torch.Tensor:
     pages are not touched yet. Private anonymous memory
     (a shared mapping would be shmem, which THP's "madvise" setting leaves on small pages). It lives
     as long as any view of it."""
-    span = -(-max(nbytes, 1) // _HUGE) * _HUGE  # whole huge pages (the last one partly used)
+    span = -(-max(nbytes, 1) // HUGE_PAGE) * HUGE_PAGE  # whole huge pages (the last one partly used)
     try:
-        mm = mmap.mmap(-1, span + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mm = mmap.mmap(-1, span + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except (AttributeError, TypeError):  # no POSIX mmap flags (Windows): ordinary memory
         return torch.empty(nbytes, dtype=torch.uint8)
     whole = torch.frombuffer(mm, dtype=torch.uint8)  # holds a reference to mm
-    start = (-whole.data_ptr()) % _HUGE
+    start = (-whole.data_ptr()) % HUGE_PAGE
     advise = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advise is not None and os.environ.get("NORMENGINE_HUGEPAGES", "1") != "0":
+    if advise is not None and hugepages_wanted():
         try:
             mm.madvise(advise, start, span)
         except OSError:  # no THP in this kernel: ordinary pages

@@ -212,9 +212,9 @@ int ne_remu_dense_linear(int64_t M, int64_t N, int64_t K, const float* x, int64_
   return guarded([&] {
     ne::cuda::DenseLinearArgs a = ne::cuda::dense_args(M, N, K, x, ldx, w, dtype_of(wdt), ldw, bias, y, ldy);
     a.accumulate = accumulate != 0;
-    a.row_shift = shift;
-    a.row_shift_lo = shift_lo;
-    a.row_scale = scale;
+    a.norm.shift = shift;
+    a.norm.shift_lo = shift_lo;
+    a.norm.scale = scale;
     ne::cuda::dense_linear(a, nullptr);
   });
 }

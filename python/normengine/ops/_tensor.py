@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import torch
 
+from .._arena import HUGE_PAGE, hugepages_wanted
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -25,7 +26,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_HUGE = 2 << 20
 _PAGE = 4096
 _FRESH = 32 << 20
 _MADV_HUGEPAGE = 14         # Linux; mmap.MADV_HUGEPAGE where Python names it
@@ -52,7 +52,7 @@ def huge_pages(*ts) -> None:
             continue
         if _madvise is None:
             _madvise = False
-            if sys.platform.startswith("linux") and os.environ.get("NORMENGINE_HUGEPAGES", "1") != "0":
+            if sys.platform.startswith("linux") and hugepages_wanted():
                 try:
                     fn = ctypes.CDLL(None, use_errno=True).madvise
                     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -63,7 +63,7 @@ def huge_pages(*ts) -> None:
         if not _madvise:
             return
         start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        lo, hi = -(-start // _HUGE) * _HUGE, end // _HUGE * _HUGE
+        lo, hi = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
         if hi > lo:
             _madvise(lo, hi - lo, getattr(mmap, "MADV_HUGEPAGE", _MADV_HUGEPAGE))  # a refusal leaves 4 KiB pages
         lo, hi = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
