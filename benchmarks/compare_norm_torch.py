@@ -17,9 +17,10 @@ Every timed call starts from cold caches (a 256 MB read on the CPU, a 256 MB mem
 variants are timed round-robin and each figure is the median of --repeats calls.
 
 On the CPU, glibc serves every allocation >= 32 MB with fresh pages (page faults on first touch),
-which penalises whichever side allocates. The suite therefore runs twice: with glibc's defaults,
-then with mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=max), which keeps freed blocks for reuse, the
-equivalent of a warm caching allocator for both torch and ours-allocating.
+which penalises whichever side allocates. normengine's ops take such outputs from their host cache
+(normengine.cache_info(); NORMENGINE_CPU_CACHE_MB=0 turns it off), torch's from glibc. The suite
+therefore runs twice: with glibc's defaults, then with mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=max),
+which keeps freed blocks for reuse, the equivalent of a warm caching allocator for torch too.
 """
 
 from __future__ import annotations

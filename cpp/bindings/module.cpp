@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "bindings/interop.h"
+#include "normengine/host_cache.h"
 #include "normengine/ops.h"
 #include "ops/gemm.h"
 
@@ -38,6 +39,19 @@ void raise_as(const char* cls, const char* fallback_builtin, const char* msg) {
     PyErr_SetString(py::module_::import("builtins").attr(fallback_builtin).ptr(), msg);
   }
 }
+
+// One block of the host cache (normengine/host_cache.h), exposed with the buffer protocol so that
+// torch.frombuffer / numpy wrap it without a copy; the block goes back to the cache when the last
+// object viewing it (the tensor's storage holds this one) is gone.
+struct HostBuffer {
+  void* ptr = nullptr;
+  std::size_t capacity = 0;
+  std::size_t bytes = 0;
+  explicit HostBuffer(std::size_t n) : bytes(n) { ptr = ne::host_cache_acquire(n, &capacity); }
+  ~HostBuffer() { ne::host_cache_release(ptr, capacity); }
+  HostBuffer(const HostBuffer&) = delete;
+  HostBuffer& operator=(const HostBuffer&) = delete;
+};
 
 }  // namespace
 
@@ -80,6 +94,41 @@ PYBIND11_MODULE(_C, m) {
   m.def("num_threads", &ne::num_threads);
   m.def("set_num_threads", &ne::set_num_threads, py::arg("n"));
   m.def("built_with_cuda", &ne::built_with_cuda);
+
+  // ---------------------------------------------------------------- host buffer cache
+  py::class_<HostBuffer>(m, "HostBuffer", py::buffer_protocol(),
+                         "nbytes writable bytes from the host cache (2 MiB aligned, contents unspecified); "
+                         "back to the cache when garbage")
+      .def(py::init([](long long n) {
+             if (n < 0) throw ne::ValueError("nbytes: expected >= 0, got " + std::to_string(n));
+             return new HostBuffer(static_cast<std::size_t>(n));
+           }),
+           py::arg("nbytes"))
+      .def_property_readonly("address", [](const HostBuffer& b) { return reinterpret_cast<std::uintptr_t>(b.ptr); })
+      .def_property_readonly("capacity", [](const HostBuffer& b) { return b.capacity; })
+      .def_buffer([](HostBuffer& b) {
+        return py::buffer_info(b.ptr, 1, py::format_descriptor<std::uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.bytes)}, {1});
+      });
+  m.def("host_cache_empty", [] {
+    py::gil_scoped_release nogil;
+    return ne::host_cache_empty();
+  });
+  m.def("host_cache_set_limit", [](long long n) {
+    if (n < 0) throw ne::ValueError("limit: expected >= 0 bytes, got " + std::to_string(n));
+    py::gil_scoped_release nogil;
+    ne::host_cache_set_limit(static_cast<std::size_t>(n));
+  }, py::arg("nbytes"));
+  m.def("host_cache_stats", [] {
+    ne::HostCacheStats s = ne::host_cache_stats();
+    py::dict d;
+    d["cached_bytes"] = s.cached_bytes;
+    d["in_use_bytes"] = s.in_use_bytes;
+    d["limit_bytes"] = s.limit_bytes;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    return d;
+  });
   m.def("cuda_available", &ne::cuda_available);
 
   // ---------------------------------------------------------------- normalization

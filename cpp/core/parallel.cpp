@@ -1,5 +1,6 @@
 #include "core/parallel.h"
 
+#include <pthread.h>
 #include <sched.h>
 
 #include <atomic>
@@ -132,6 +133,18 @@ class Pool {
 std::mutex g_pool_m;
 std::shared_ptr<Pool>& g_pool = *new std::shared_ptr<Pool>();
 int g_threads = 0;
+
+// fork(): the child has only the forking thread, none of the pool's workers, so a job posted to the
+// inherited pool would wait for them forever (an op in a fork-started DataLoader worker hung). The
+// child forgets that pool (leaked: its destructor would join threads the child does not have) and
+// makes its own on its first parallel job; its lock is made anew in case another thread held it.
+const bool g_fork_handler = [] {
+  pthread_atfork(nullptr, nullptr, [] {
+    new (&g_pool_m) std::mutex;
+    new std::shared_ptr<Pool>(std::move(g_pool));
+  });
+  return true;
+}();
 
 std::shared_ptr<Pool> pool() {
   std::lock_guard<std::mutex> lk(g_pool_m);

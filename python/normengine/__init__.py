@@ -46,6 +46,29 @@ def cuda_available() -> bool:
     return _C.cuda_available()
 
 
+def empty_cache() -> int:
+    """Hand the host cache's free blocks back to the system; returns the bytes released.
+
+    The CPU outputs of 32 MiB or more that the ops allocate come from a cache of faulted-in blocks
+    (as torch's CUDA caching allocator; see normengine.ops._tensor.empty): a freed output's block is
+    kept for the next one of about its size, up to a limit (default min(1 GiB, RAM / 8); the
+    NORMENGINE_CPU_CACHE_MB environment variable or set_cache_limit sets it)."""
+    return _C.host_cache_empty()
+
+
+def cache_info() -> dict:
+    """The host cache: cached_bytes (free blocks kept), in_use_bytes (blocks held by live tensors),
+    limit_bytes, hits and misses (requests served from the cache / that mapped a new block)."""
+    return _C.host_cache_stats()
+
+
+def set_cache_limit(nbytes: int) -> None:
+    """Keep at most nbytes of free blocks in the host cache (0: none; a freed block is unmapped)."""
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool):
+        raise ArgumentError(f"nbytes: expected an int, got {type(nbytes).__name__}")
+    _C.host_cache_set_limit(nbytes)
+
+
 from . import ops  # noqa: E402
 from . import nn  # noqa: E402
 from . import reference  # noqa: E402
@@ -65,6 +88,9 @@ __all__ = [
     "cpu_isa",
     "int8_kernel",
     "cuda_available",
+    "empty_cache",
+    "cache_info",
+    "set_cache_limit",
     "NormEngineError",
     "ShapeError",
     "DTypeError",

@@ -24,7 +24,7 @@ HUGE_PAGE = 2 << 20
 
 def hugepages_wanted() -> bool:
     """Whether normengine asks for huge pages at all: yes unless the environment sets
-    NORMENGINE_HUGEPAGES=0 (for this weight arena, and for large op outputs: ops._tensor.huge_pages)."""
+    NORMENGINE_HUGEPAGES=0 (for this weight arena, and for the host cache's blocks: ops._tensor.empty)."""
     return os.environ.get("NORMENGINE_HUGEPAGES", "1") != "0"
 
 

@@ -15,7 +15,7 @@ import torch
 from . import _C
 from .config import ModelConfig
 from .errors import ArgumentError, DeviceError, DTypeError, NumericalError, ShapeError, UnsupportedError
-from .ops._tensor import bf16_products, huge_pages
+from .ops._tensor import bf16_products, empty
 
 _NORM_KIND = {"layernorm": 0, "rmsnorm": 1, "crmsnorm": 2, "none": -1}
 _ACT = {"gelu_tanh": 0, "gelu": 1, "silu": 2, "relu": 3}
@@ -360,8 +360,8 @@ class Model:
         if any(len(s) != T for s in seqs):
             raise ShapeError("ids: sequences of different lengths; logits() needs equal lengths (or call it per sequence)")
         B = len(seqs)
-        out = torch.empty(B * T, self.config.vocab_size, dtype=torch.float32, device=self.device)
-        huge_pages(out)  # [T, vocab] float32 passes 32 MiB from T = 168 on GPT-2: fresh pages, ask for 2 MiB ones
+        # [T, vocab] float32 passes 32 MiB from T = 168 on GPT-2: from the host cache (ops._tensor.empty)
+        out = empty((B * T, self.config.vocab_size), torch.float32, self.device)
         tokens = torch.tensor([t for s in seqs for t in s], dtype=torch.int32)
         with self._lock:
             r = self._runner_for(B, T)

@@ -6,16 +6,12 @@ tensor contiguous only when its layout cannot be read as rows of its last dimens
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-import os
-import sys
+import math
 import warnings
 
 import numpy as np
 import torch
 
-from .._arena import HUGE_PAGE, hugepages_wanted
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -26,49 +22,34 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_PAGE = 4096
-_FRESH = 32 << 20
-_MADV_HUGEPAGE = 14         # Linux; mmap.MADV_HUGEPAGE where Python names it
-_MADV_POPULATE_WRITE = 23   # Linux 5.14+ (older kernels refuse it: the pages then fault in as usual)
-_madvise = None
+_CACHED = 32 << 20  # outputs this large come from the host cache (glibc maps them afresh otherwise)
 
 
-def huge_pages(*ts) -> None:
-    """Back new CPU outputs of 32 MiB or more with 2 MiB pages, faulted in at once, before anything writes them.
+def torch_empty(shape, dtype, device) -> torch.Tensor:
+    """torch.empty with empty()'s signature: what the ops' fake (tracing) functions allocate with."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
-    glibc maps every allocation of 32 MiB or more afresh (its largest mmap threshold; torch's CPU allocator
-    goes through it), so an op writing such an output first takes a page fault per 4 KiB and zeroes each
-    page. Each tensor's whole 2 MiB pages are advised MADV_HUGEPAGE (transparent_hugepage "madvise", the
-    usual default, gives huge pages only to memory that asks) and then the whole range is populated in one
-    call (MADV_POPULATE_WRITE), instead of the kernel's threads faulting the huge pages in as they write.
-    Measured on the 2-vCPU Xeon guest (benchmarks/RESULTS.md): a fresh 32 MiB torch.empty filled, 5.3-5.6 ms
-    on 4 KiB pages, 2.0-2.6 ms this way from a process's first call on; advised but faulted by the writers,
-    the first ~10 calls of each process took 6-13 ms. The advice changes no values; where the kernel has
-    no huge pages to give (THP off, memory fragmented) or no populate call, pages stay 4 KiB or fault in as
-    before. NORMENGINE_HUGEPAGES=0 turns it off, as for the model's weight arena."""
-    global _madvise
-    for t in ts:
-        if t is None or t.device.type != "cpu" or t.numel() * t.element_size() < _FRESH:
-            continue
-        if _madvise is None:
-            _madvise = False
-            if sys.platform.startswith("linux") and hugepages_wanted():
-                try:
-                    fn = ctypes.CDLL(None, use_errno=True).madvise
-                    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                    fn.restype = ctypes.c_int
-                    _madvise = fn
-                except (OSError, AttributeError):
-                    pass
-        if not _madvise:
-            return
-        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        lo, hi = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
-        if hi > lo:
-            _madvise(lo, hi - lo, getattr(mmap, "MADV_HUGEPAGE", _MADV_HUGEPAGE))  # a refusal leaves 4 KiB pages
-        lo, hi = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
-        if hi > lo:
-            _madvise(lo, hi - lo, getattr(mmap, "MADV_POPULATE_WRITE", _MADV_POPULATE_WRITE))
+
+def empty(shape, dtype, device) -> torch.Tensor:
+    """A new contiguous output tensor; on the CPU, one of 32 MiB or more comes from normengine's host cache.
+
+    glibc maps every allocation of 32 MiB or more afresh and unmaps it when freed (its largest mmap threshold;
+    torch's CPU allocator goes through it), so an op writing such an output into a torch.empty first takes a
+    page fault per 4 KiB page and has the kernel zero each one: on the 2-vCPU Xeon guest (benchmarks/RESULTS.md)
+    a fused add + LayerNorm of 8192 x 1024 fp32 ran 2.9-3.3x torch's add-then-norm into reused buffers and
+    0.9x into fresh ones. The host cache (cpp/include/normengine/host_cache.h, as torch's CUDA caching
+    allocator) takes the block back when the tensor is freed and hands it to the next output of about its
+    size, already faulted in, on 2 MiB pages where the kernel gives them. Such a tensor is an ordinary
+    tensor whose storage is not resizable (as torch.from_numpy's). normengine.empty_cache() hands the cached
+    blocks back to the system; normengine.cache_info() reports them; NORMENGINE_CPU_CACHE_MB caps them
+    (default min(1 GiB, RAM / 8); 0 caches nothing, each block is then unmapped when freed)."""
+    n = math.prod(shape) * dtype.itemsize
+    if n < _CACHED or torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    from .. import _C
+
+    storage = torch.frombuffer(_C.HostBuffer(n), dtype=torch.uint8).untyped_storage()  # holds the block
+    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
 
 
 def stream_of(t: torch.Tensor) -> int:

@@ -14,7 +14,7 @@ import torch
 from .. import _C
 from ..errors import DeviceError, DTypeError, ShapeError
 from ._library import native_op
-from ._tensor import FLOAT_DTYPES, _rows_ok, bf16_products, check_input, check_no_overlap, huge_pages, stream_of
+from ._tensor import FLOAT_DTYPES, _rows_ok, bf16_products, check_input, check_no_overlap, empty, stream_of, torch_empty
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -69,14 +69,13 @@ def _check_out(out, x: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
-def _linear_fake(x, weight, bias, medium):
-    return x.new_empty(tuple(x.shape[:-1]) + (weight.size(0),), dtype=torch.float32)
+def _linear_fake(x, weight, bias, medium, new=torch_empty):
+    return new(tuple(x.shape[:-1]) + (weight.size(0),), torch.float32, x.device)
 
 
 @native_op("linear", _linear_fake)
 def _native_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], medium: bool) -> torch.Tensor:
-    y = _linear_fake(x, weight, bias, medium)
-    huge_pages(y)
+    y = _linear_fake(x, weight, bias, medium, new=empty)
     _C.linear(x, weight, bias, y, stream_of(x), medium)
     return y
 

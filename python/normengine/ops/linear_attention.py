@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from ._library import native_op, placeholder
-from ._tensor import huge_pages
+from ._tensor import empty, torch_empty
 
 FEATURE_MAPS = ("elu1", "relu", "identity")
 MAX_HEAD_DIM = 1024
@@ -185,10 +185,10 @@ def _codes(kind, p):
 
 
 def _la_fwd_fake(kind: int, fmap: int, causal: bool, normalize: bool, norm: int, eps: float, q, k, v, d, s0,
-                 recurrent: bool):
+                 recurrent: bool, new=torch_empty):
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    return (q.new_empty(B, T, H, Dv), q.new_empty(B, H, Dk + 1, Dv + 1, dtype=torch.float32))
+    return (new((B, T, H, Dv), q.dtype, q.device), q.new_empty(B, H, Dk + 1, Dv + 1, dtype=torch.float32))
 
 
 @native_op("linear_attention_forward", _la_fwd_fake)
@@ -198,17 +198,15 @@ def _la_forward(kind: int, fmap: int, causal: bool, normalize: bool, norm: int, 
     """(o [B, T, H, Dv], final state S [B, H, Dk + 1, Dv + 1] float32) of the native kernels."""
     from .. import _C
 
-    o, S = _la_fwd_fake(kind, fmap, causal, normalize, norm, eps, q, k, v, d, s0, recurrent)
-    huge_pages(o)
+    o, S = _la_fwd_fake(kind, fmap, causal, normalize, norm, eps, q, k, v, d, s0, recurrent, new=empty)
     _C.linear_attention_forward(kind, fmap, causal, normalize, norm, eps, q, k, v, d, s0, o, S, _stream(q),
                                 recurrent=recurrent)
     return o, S
 
 
 def _la_bwd_fake(kind: int, fmap: int, causal: bool, normalize: bool, norm: int, eps: float, q, k, v, d, s0, do, gS,
-                 recurrent: bool):
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
-            torch.empty(v.shape, dtype=v.dtype, device=v.device),
+                 recurrent: bool, new=torch_empty):
+    return (new(q.shape, q.dtype, q.device), new(k.shape, k.dtype, k.device), new(v.shape, v.dtype, v.device),
             torch.empty_like(s0) if s0 is not None else placeholder(q))
 
 
@@ -220,8 +218,8 @@ def _la_backward(kind: int, fmap: int, causal: bool, normalize: bool, norm: int,
     """(dq, dk, dv, dS0 (empty without S0)); the kernels recompute the states themselves."""
     from .. import _C
 
-    gq, gk, gv, gi = _la_bwd_fake(kind, fmap, causal, normalize, norm, eps, q, k, v, d, s0, do, gS, recurrent)
-    huge_pages(gq, gk, gv)
+    gq, gk, gv, gi = _la_bwd_fake(kind, fmap, causal, normalize, norm, eps, q, k, v, d, s0, do, gS, recurrent,
+                                  new=empty)
     _C.linear_attention_backward(kind, fmap, causal, normalize, norm, eps, q, k, v, d, s0, do, gS, gq, gk, gv,
                                  gi if s0 is not None else None, _stream(q), recurrent=recurrent)
     return gq, gk, gv, gi

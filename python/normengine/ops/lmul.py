@@ -28,7 +28,7 @@ import torch
 from .. import _C
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from ._library import native_op
-from ._tensor import huge_pages, stream_of
+from ._tensor import empty, stream_of, torch_empty
 
 __all__ = ["lmul", "lmul_matmul", "lmul_attention", "multiply_energy"]
 
@@ -68,8 +68,7 @@ def _out_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
 @native_op("lmul_elementwise", lambda a, b, bits: torch.empty_like(a))
 def _lmul_native(a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
     """L-Mul products of two float32 tensors of one shape."""
-    out = torch.empty_like(a)
-    huge_pages(out)
+    out = empty(a.shape, a.dtype, a.device)
     if out.numel():
         _C.lmul_elementwise(a, b, out, bits, stream_of(out))
     return out
@@ -80,14 +79,13 @@ def _lmul_raw(a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
     return _lmul_native(a32, b32, bits)
 
 
-def _bmm_fake(x, w, bits):
-    return x.new_empty(x.shape[0], x.shape[1], w.shape[1], dtype=torch.float32)
+def _bmm_fake(x, w, bits, new=torch_empty):
+    return new((x.shape[0], x.shape[1], w.shape[1]), torch.float32, x.device)
 
 
 @native_op("lmul_bmm", _bmm_fake)
 def _bmm_native(x: torch.Tensor, w: torch.Tensor, bits: int) -> torch.Tensor:
-    out = _bmm_fake(x, w, bits)
-    huge_pages(out)
+    out = _bmm_fake(x, w, bits, new=empty)
     if out.numel():
         _C.lmul_bmm(x, w, out, bits, stream_of(out))
     return out

@@ -14,7 +14,7 @@ import torch
 
 from .. import _C
 from ..errors import ArgumentError, DTypeError
-from ._tensor import bf16_products, check_eps, check_input, check_no_overlap, huge_pages, stream_of
+from ._tensor import bf16_products, check_eps, check_input, check_no_overlap, empty, stream_of, torch_empty
 from ._library import native_op, placeholder
 from .linear import WEIGHT_DTYPES, _check_bias, _check_weight
 from .norm import CRMS, LAYER, RMS, _native_backward
@@ -54,9 +54,9 @@ def _native_stats(kind: int, x: torch.Tensor, eps: float) -> Tuple[torch.Tensor,
     return mean, rstd
 
 
-def _nl_fake(kind, x, w, b, eps, col_sum, medium):
+def _nl_fake(kind, x, w, b, eps, col_sum, medium, new=torch_empty):
     mean, rstd = _stats_fake(kind, x, eps)
-    return x.new_empty(x.shape[:-1] + (w.shape[0],), dtype=torch.float32), mean, rstd
+    return new(x.shape[:-1] + (w.shape[0],), torch.float32, x.device), mean, rstd
 
 
 @native_op("norm_linear", _nl_fake)
@@ -65,8 +65,7 @@ def _native_norm_linear(kind: int, x: torch.Tensor, w: torch.Tensor, b: Optional
                                                                                 torch.Tensor]:
     """(y = norm(x) w^T + b, mean (LayerNorm; else empty), rstd): float32, the statistics applied in the
     GEMM's epilogue (CPU: cpp/ops/norm_linear.cpp; CUDA: cuda/gemm.cu's norm epilogue)."""
-    y, mean, rstd = _nl_fake(kind, x, w, b, eps, col_sum, medium)
-    huge_pages(y)
+    y, mean, rstd = _nl_fake(kind, x, w, b, eps, col_sum, medium, new=empty)
     _C.norm_linear(kind, x, w, b, eps, col_sum, y, mean if kind == LAYER else None, rstd, stream_of(x), medium)
     return y, mean, rstd
 

@@ -28,7 +28,7 @@ import torch
 from .. import _C
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from ._library import native_op
-from ._tensor import bf16_products, check_no_overlap, huge_pages
+from ._tensor import bf16_products, check_no_overlap, empty, torch_empty
 
 FORMATS = ("int8", "int8-weight", "int4", "fp8")
 _CODE = {"int8": 0, "int8-weight": 1, "int4": 2, "fp8": 3}
@@ -282,8 +282,8 @@ def _emulated(x2: torch.Tensor, qw: QuantizedWeight, bias):
     return ref(x2, qw, bias, dtype=torch.float32)
 
 
-def _ql_fake(x2, fmt, data, scale, zero, group, N, bias, medium):
-    return x2.new_empty(x2.shape[0], N, dtype=torch.float32)
+def _ql_fake(x2, fmt, data, scale, zero, group, N, bias, medium, new=torch_empty):
+    return new((x2.shape[0], N), torch.float32, x2.device)
 
 
 @native_op("quant_linear", _ql_fake)
@@ -291,8 +291,7 @@ def _native_quant_linear(x2: torch.Tensor, fmt: int, data: torch.Tensor, scale: 
                          zero: Optional[torch.Tensor], group: int, N: int, bias: Optional[torch.Tensor],
                          medium: bool) -> torch.Tensor:
     """y [M, N] float32 = x2 [M, K] (float32, contiguous) times the packed weight's transpose (+ bias), CPU."""
-    y = _ql_fake(x2, fmt, data, scale, zero, group, N, bias, medium)
-    huge_pages(y)
+    y = _ql_fake(x2, fmt, data, scale, zero, group, N, bias, medium, new=empty)
     if x2.shape[0]:
         _C.quant_linear(x2, fmt, data, scale, zero, group, N, x2.shape[1], bias, y, False, medium)
     return y
