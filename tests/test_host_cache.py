@@ -1,4 +1,4 @@
-"""The host cache (cpp/include/normengine/host_cache.h): the ops' CPU outputs of 32 MiB or more come
+"""The host cache (cpp/include/normengine/host_cache.h): the ops' CPU outputs of 8 MiB or more come
 from cached, faulted-in blocks that go back to the cache when the tensor is freed. Values, reuse, the
 fit rule, the limit, threads, fork, and the tensors' behaviour as ordinary torch tensors."""
 
@@ -20,7 +20,8 @@ from normengine import _C, errors
 from conftest import rel_err
 
 MiB = 1 << 20
-ROWS, COLS = 8192, 1024  # float32: exactly 32 MiB, the smallest output the cache serves
+ROWS, COLS = 8192, 1024  # float32: 32 MiB
+SMALLEST = 8 * MiB  # the smallest output the cache serves
 
 
 @pytest.fixture
@@ -46,12 +47,14 @@ def test_large_outputs_come_from_the_cache_and_are_reused():
     assert rel_err(y2, F.rms_norm(x * 3 + 1, (COLS,), eps=1e-6)) <= 1e-5  # nothing stale left in the block
 
 
-def test_small_outputs_do_not_touch_the_cache():
+def test_outputs_below_8_mib_do_not_touch_the_cache():
     s0 = ne.cache_info()
-    y = ne.ops.layer_norm(torch.randn(ROWS - 1, COLS))  # one row short of 32 MiB
+    y = ne.ops.layer_norm(torch.randn(SMALLEST // (4 * COLS) - 1, COLS))  # one row short
     s1 = ne.cache_info()
     assert (s1["hits"], s1["misses"], s1["in_use_bytes"]) == (s0["hits"], s0["misses"], s0["in_use_bytes"])
-    del y
+    z = ne.ops.layer_norm(torch.randn(SMALLEST // (4 * COLS), COLS))  # exactly the smallest
+    assert ne.cache_info()["in_use_bytes"] == s0["in_use_bytes"] + SMALLEST
+    del y, z
 
 
 def test_cached_outputs_in_autograd():

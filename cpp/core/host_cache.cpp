@@ -1,5 +1,5 @@
 // The host-buffer cache of normengine/host_cache.h: a short list of free blocks under one lock.
-// The list stays short (limit / 32 MiB entries at most, 32 by default), so a linear best-fit scan
+// The list stays short (limit / 8 MiB entries at most, 128 by default), so a linear best-fit scan
 // is all the search it needs.
 #include "normengine/host_cache.h"
 

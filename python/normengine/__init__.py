@@ -49,7 +49,7 @@ def cuda_available() -> bool:
 def empty_cache() -> int:
     """Hand the host cache's free blocks back to the system; returns the bytes released.
 
-    The CPU outputs of 32 MiB or more that the ops allocate come from a cache of faulted-in blocks
+    The CPU outputs of 8 MiB or more that the ops allocate come from a cache of faulted-in blocks
     (as torch's CUDA caching allocator; see normengine.ops._tensor.empty): a freed output's block is
     kept for the next one of about its size, up to a limit (default min(1 GiB, RAM / 8); the
     NORMENGINE_CPU_CACHE_MB environment variable or set_cache_limit sets it)."""

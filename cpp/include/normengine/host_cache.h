@@ -1,7 +1,9 @@
-// A caching allocator for large host (CPU) buffers: the op outputs of 32 MiB and more.
+// A caching allocator for large host (CPU) buffers: the op outputs of 8 MiB and more
+// (python/normengine/ops/_tensor.py: empty).
 //
 // Why: glibc serves every allocation of 32 MiB or more (its largest mmap threshold) with a fresh
-// mapping and hands it back to the kernel on free, so each such output an op writes first takes a
+// mapping and hands it back to the kernel on free (smaller ones too, often, when the top of its heap
+// passes the trim threshold), so each such output an op writes first takes a
 // page fault per 4 KiB page and has the kernel zero it. Measured on the 2-vCPU Xeon guest
 // (benchmarks/RESULTS.md): a fused add + LayerNorm over 8192 x 1024 fp32 ran 2.9-3.3x torch's
 // add-then-norm into reused buffers and 0.89-0.96x into fresh ones. torch's CUDA allocator caches

@@ -22,7 +22,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_CACHED = 32 << 20  # outputs this large come from the host cache (glibc maps them afresh otherwise)
+_CACHED = 8 << 20  # outputs this large come from the host cache (glibc often maps them afresh otherwise)
 
 
 def torch_empty(shape, dtype, device) -> torch.Tensor:
@@ -31,13 +31,14 @@ def torch_empty(shape, dtype, device) -> torch.Tensor:
 
 
 def empty(shape, dtype, device) -> torch.Tensor:
-    """A new contiguous output tensor; on the CPU, one of 32 MiB or more comes from normengine's host cache.
+    """A new contiguous output tensor; on the CPU, one of 8 MiB or more comes from normengine's host cache.
 
     glibc maps every allocation of 32 MiB or more afresh and unmaps it when freed (its largest mmap threshold;
-    torch's CPU allocator goes through it), so an op writing such an output into a torch.empty first takes a
-    page fault per 4 KiB page and has the kernel zero each one: on the 2-vCPU Xeon guest (benchmarks/RESULTS.md)
-    a fused add + LayerNorm of 8192 x 1024 fp32 ran 2.9-3.3x torch's add-then-norm into reused buffers and
-    0.9x into fresh ones. The host cache (cpp/include/normengine/host_cache.h, as torch's CUDA caching
+    torch's CPU allocator goes through it), and smaller ones often too (a heap top above its trim threshold goes
+    back to the kernel), so an op writing such an output into a torch.empty first takes a page fault per 4 KiB
+    page and has the kernel zero each one: on the 2-vCPU Xeon guest (benchmarks/RESULTS.md) a fused add +
+    LayerNorm of 8192 x 1024 fp32 ran 2.9-3.3x torch's add-then-norm into reused buffers and 0.9x into fresh
+    ones, and 8192 x 1024 bf16 (16 MiB outputs) 5.8 ms allocating against 2.4 ms into reused buffers. The host cache (cpp/include/normengine/host_cache.h, as torch's CUDA caching
     allocator) takes the block back when the tensor is freed and hands it to the next output of about its
     size, already faulted in, on 2 MiB pages where the kernel gives them. Such a tensor is an ordinary
     tensor whose storage is not resizable (as torch.from_numpy's). normengine.empty_cache() hands the cached
