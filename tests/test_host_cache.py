@@ -97,8 +97,13 @@ def test_limit_and_empty_cache(limit):
     assert info["cached_bytes"] == 32 * MiB and info["limit_bytes"] == 40 * MiB  # the other two unmapped
     ne.set_cache_limit(0)
     assert ne.cache_info()["cached_bytes"] == 0
-    y = ne.ops.layer_norm(torch.randn(ROWS, COLS))
+    s0 = ne.cache_info()
+    x = torch.randn(ROWS, COLS)
+    y = ne.ops.layer_norm(x)  # the cache off: torch.empty
+    assert ne.cache_info() == s0 and rel_err(y, F.layer_norm(x, (COLS,))) <= 1e-5
     del y
+    buf = _C.HostBuffer(ROWS)  # the cache itself still serves, caching nothing
+    del buf
     assert ne.cache_info()["cached_bytes"] == 0
     ne.set_cache_limit(1 << 30)
     y = ne.ops.layer_norm(torch.randn(ROWS, COLS))

@@ -119,6 +119,7 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     ne::host_cache_set_limit(static_cast<std::size_t>(n));
   }, py::arg("nbytes"));
+  m.def("host_cache_limit", [] { return ne::host_cache_stats().limit_bytes; });
   m.def("host_cache_stats", [] {
     ne::HostCacheStats s = ne::host_cache_stats();
     py::dict d;

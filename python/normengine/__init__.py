@@ -63,7 +63,8 @@ def cache_info() -> dict:
 
 
 def set_cache_limit(nbytes: int) -> None:
-    """Keep at most nbytes of free blocks in the host cache (0: none; a freed block is unmapped)."""
+    """Keep at most nbytes of free blocks in the host cache (0: no cache; the ops' outputs are then
+    torch.empty's, as torch allocates its own)."""
     if not isinstance(nbytes, int) or isinstance(nbytes, bool):
         raise ArgumentError(f"nbytes: expected an int, got {type(nbytes).__name__}")
     _C.host_cache_set_limit(nbytes)

@@ -18,7 +18,8 @@
 //     populated at once (MADV_POPULATE_WRITE, one call instead of a fault per page);
 //   - the cache keeps at most `limit` bytes of freed blocks, handing the least recently freed ones
 //     back to the kernel beyond it. Default min(1 GiB, physical memory / 8); NORMENGINE_CPU_CACHE_MB
-//     sets it (0: no caching, every block is unmapped when freed); host_cache_empty() hands back
+//     sets it (0: no caching, every block is unmapped when freed; the Python ops then
+//     allocate with torch.empty instead); host_cache_empty() hands back
 //     every cached block now.
 // Thread-safe; a forked child starts with a fresh lock (blocks cached before the fork stay usable).
 #pragma once

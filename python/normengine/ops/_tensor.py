@@ -42,12 +42,14 @@ def empty(shape, dtype, device) -> torch.Tensor:
     allocator) takes the block back when the tensor is freed and hands it to the next output of about its
     size, already faulted in, on 2 MiB pages where the kernel gives them. Such a tensor is an ordinary
     tensor whose storage is not resizable (as torch.from_numpy's). normengine.empty_cache() hands the cached
-    blocks back to the system; normengine.cache_info() reports them; NORMENGINE_CPU_CACHE_MB caps them
-    (default min(1 GiB, RAM / 8); 0 caches nothing, each block is then unmapped when freed)."""
-    n = math.prod(shape) * dtype.itemsize
-    if n < _CACHED or torch.device(device).type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
+    blocks back to the system; normengine.cache_info() reports them; NORMENGINE_CPU_CACHE_MB or
+    normengine.set_cache_limit caps them (default min(1 GiB, RAM / 8); 0 turns the cache off: outputs are
+    torch.empty's, as torch allocates its own)."""
     from .. import _C
+
+    n = math.prod(shape) * dtype.itemsize
+    if n < _CACHED or torch.device(device).type != "cpu" or not _C.host_cache_limit():
+        return torch.empty(shape, dtype=dtype, device=device)
 
     storage = torch.frombuffer(_C.HostBuffer(n), dtype=torch.uint8).untyped_storage()  # holds the block
     return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
