@@ -3,6 +3,7 @@
 //   bench_gemm [--threads N] [--isa avx512|avx2|generic] [--repeats K] [--gemv-only | --gemm-only]
 //              [--small-pages]  (W, and the memcpy it is compared with, on 4 KiB pages; default: huge pages,
 //                                as normengine.load places a model's weights)
+//              [--warm]         (GEMV with W left in the caches between runs: a model that fits the L3)
 //
 // GEMV (decode, M = 1 and M = 4 rows): y = x W^T for W [N, K] in f32 / bf16. Prints the median time
 // of K runs, the bandwidth of W's bytes (the traffic that bounds the kernel: x and y are < 0.1%),
@@ -38,7 +39,7 @@ using ne::DType;
 
 int main(int argc, char** argv) {
   int threads = 0, repeats = 15;
-  bool do_gemv = true, do_gemm = true, huge = true;
+  bool do_gemv = true, do_gemm = true, huge = true, warm = false;
   std::string isa;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -47,10 +48,11 @@ int main(int argc, char** argv) {
     else if (a == "--isa" && i + 1 < argc) isa = argv[++i];
     else if (a == "--gemv-only") do_gemm = false;
     else if (a == "--small-pages") huge = false;
+    else if (a == "--warm") warm = true;
     else if (a == "--gemm-only") do_gemv = false;
     else {
       std::fprintf(stderr, "usage: %s [--threads N] [--isa avx512|avx2|generic] [--repeats K] "
-                   "[--gemv-only | --gemm-only] [--small-pages]\n", argv[0]);
+                   "[--gemv-only | --gemm-only] [--small-pages] [--warm]\n", argv[0]);
       return 2;
     }
   }
@@ -67,7 +69,9 @@ int main(int argc, char** argv) {
     Buffer csrc(static_cast<size_t>(max_w) * 2 + 4096, huge), cdst(static_cast<size_t>(max_w) * 2 + 4096, huge);
     const int64_t kFlush = int64_t(640) << 20;  // more than the largest L3 seen here (504 MB, a Xeon guest)
     Buffer scratch(kFlush);
-    auto flush = [&] { flush_caches(scratch); };
+    auto flush = [&] {
+      if (!warm) flush_caches(scratch);
+    };
     fill(x.p, DType::F32, max_m * max_k, 1);
     fill(bias.p, DType::F32, max_n, 2);
     std::memset(csrc.p, 1, static_cast<size_t>(max_w) * 2);
@@ -82,8 +86,8 @@ int main(int argc, char** argv) {
       const int es = ne::dtype_size(dt);
       fill(w.p, dt, max_w, 3);
       if (do_gemv) {
-        std::printf("\nDecode-sized M (GEMV for M <= 15, GEMM above: a batch's decode step)  W %s, cold caches;\n"
-                    "copy = memcpy of |W|/2 bytes (|W| bytes of traffic)\n", dname);
+        std::printf("\nDecode-sized M (GEMV for M <= 15, GEMM above: a batch's decode step)  W %s, %s caches;\n"
+                    "copy = memcpy of |W|/2 bytes (|W| bytes of traffic)\n", dname, warm ? "warm" : "cold");
         std::printf("%2s %5s %6s %9s %9s %9s %7s\n", "M", "K", "N", "ms", "W GB/s", "copyGB/s", "%copy");
         for (int64_t M : {1, 4, 8, 12, 16}) {
           for (auto [K, N] : shapes) {
