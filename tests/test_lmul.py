@@ -290,13 +290,43 @@ def test_matmul_isas_agree_bitwise(gen):
 
 
 # ------------------------------------------------------------------------------------------ attention
+def attention_tol(q, k, v, causal=True, scale=None, bits=4, rel=1e-5):
+    """Per output element [B, T, H, Dv], how far the kernels may be from R.lmul_attention: 1e-4, plus, for
+    each probability p within `rel` (relative) of a truncation boundary of its `bits`-bit mantissa, up to
+    2^-(bits-1) |p| |v|. The kernels' p (a float32 softmax of float32 sums) and the reference's (float64)
+    differ by ulps, so such a p can truncate to the neighbouring value before its L-Mul with v: about one
+    draw in 1500 of the shapes below has one (seen: errors of 2e-3 to 3e-2 where the rest agree to 1e-6)."""
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    scale = D**-0.5 if scale is None else scale
+    qk = R.lmul(q.permute(0, 2, 1, 3).unsqueeze(-2), k.permute(0, 2, 1, 3).unsqueeze(-3), bits)
+    s = qk.double().sum(-1) * scale
+    if causal:
+        s = s.masked_fill(~torch.ones(T, S, dtype=torch.bool).tril(S - T), float("-inf"))
+    p = torch.softmax(s, dim=-1)  # [B, H, T, S]
+    _, e = torch.frexp(p)  # p = f 2^e, f in [0.5, 1): truncation boundaries every 2^(e - 1 - bits)
+    step = torch.ldexp(torch.ones_like(p), e - 1 - bits)
+    r = torch.remainder(p, step)
+    near = (torch.minimum(r, step - r) <= rel * p) & (p < 1)  # p = 1 (a single key) is exact in both
+    return 1e-4 + torch.einsum("bhts,bshd->bthd", near * p, v.double().abs()) * 2.0 ** (1 - bits)
+
+
+def test_attention_tol_is_tight_unless_a_boundary_is_near():
+    # the widening is local: a planted p on a boundary widens its own row only
+    q = torch.zeros(1, 2, 1, 4)
+    k = torch.zeros(1, 2, 1, 4)
+    v = torch.ones(1, 2, 1, 4)
+    tol = attention_tol(q, k, v, causal=True)  # row 0: p = [1, 0]; row 1: p = [0.5, 0.5], on a boundary
+    assert torch.all(tol[0, 0] == 1e-4) and torch.allclose(tol[0, 1], torch.full((1, 4), 1e-4 + 0.125, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_vs_reference(device, gen, causal):
     B, T, S, H, D = 2, 7, 7 if causal else 11, 3, 33
     q, k, v = (torch.randn(B, n, H, D, generator=gen) for n in (T, S, S))
     got = L.lmul_attention(q.to(device), k.to(device), v.to(device), causal=causal).cpu()
     want = R.lmul_attention(q, k, v, causal=causal)
-    assert (got.double() - want).abs().max() < 1e-4
+    assert ((got.double() - want).abs() <= attention_tol(q, k, v, causal)).all()
     exact = L._attention_exact(q.double(), k.double(), v.double(), causal, D**-0.5)
     diff = (got.double() - exact).abs()
     assert diff.mean() < 0.06 and diff.max() > 1e-4  # close to exact attention on average, but not equal
@@ -305,7 +335,7 @@ def test_attention_vs_reference(device, gen, causal):
 def test_attention_scale_and_dtype(gen):
     q, k, v = (torch.randn(1, 5, 2, 8, generator=gen) for _ in range(3))
     got = L.lmul_attention(q, k, v, scale=0.3)
-    assert (got.double() - R.lmul_attention(q, k, v, scale=0.3)).abs().max() < 1e-4
+    assert ((got.double() - R.lmul_attention(q, k, v, scale=0.3)).abs() <= attention_tol(q, k, v, scale=0.3)).all()
     got16 = L.lmul_attention(q.half(), k.half(), v.half())
     assert got16.dtype == torch.float16
 
@@ -323,9 +353,10 @@ def test_cache_attention_entry_point(gen):
             g = h // (H // Hkv)
             kk = k[: pos[t] + 1, g * D:(g + 1) * D]
             vv = v[: pos[t] + 1, g * D:(g + 1) * D]
-            want = R.lmul_attention(q[t, h * D:(h + 1) * D].view(1, 1, 1, D), kk.view(1, -1, 1, D),
-                                    vv.view(1, -1, 1, D), causal=False)
-            assert (out[t, h * D:(h + 1) * D].double() - want.flatten()).abs().max() < 1e-4
+            args = (q[t, h * D:(h + 1) * D].view(1, 1, 1, D), kk.view(1, -1, 1, D), vv.view(1, -1, 1, D))
+            want = R.lmul_attention(*args, causal=False)
+            tol = attention_tol(*args, causal=False).flatten()
+            assert ((out[t, h * D:(h + 1) * D].double() - want.flatten()).abs() <= tol).all()
     with pytest.raises(ArgumentError, match="pos"):
         _C.lmul_cache_attention(q, k, v, pos + 5, out, H, Hkv, D**-0.5, 4)
 

@@ -10,7 +10,7 @@ import torch
 
 from .. import _C
 from ._library import native_op, placeholder
-from ._tensor import acc_dtype, channel_vector, check_input, check_like, check_no_overlap, check_out, empty, stream_of
+from ._tensor import acc_dtype, channel_vector, check_input, check_like, check_no_overlap, check_out, empty_like, stream_of
 
 
 def _moments_fake(x, dy):
@@ -39,14 +39,14 @@ def channel_dot(x: torch.Tensor, dy: torch.Tensor):
 
 @native_op("channel_affine", lambda x, a, b: torch.empty(x.shape, dtype=x.dtype, device=x.device))
 def _affine(x: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    y = empty(x.shape, x.dtype, x.device)
+    y = empty_like(x)
     _C.channel_affine(x, a, b, y, stream_of(x))
     return y
 
 
 @native_op("channel_lincomb", lambda u, a, v, b: torch.empty(u.shape, dtype=u.dtype, device=u.device))
 def _lincomb(u: torch.Tensor, a: torch.Tensor, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    o = empty(u.shape, u.dtype, u.device)
+    o = empty_like(u)
     _C.channel_lincomb(u, a, v, b, o, stream_of(u))
     return o
 

@@ -28,7 +28,7 @@ import torch
 from .. import _C
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from ._library import native_op
-from ._tensor import empty, stream_of, torch_empty
+from ._tensor import empty, empty_like, stream_of, torch_empty
 
 __all__ = ["lmul", "lmul_matmul", "lmul_attention", "multiply_energy"]
 
@@ -68,7 +68,7 @@ def _out_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
 @native_op("lmul_elementwise", lambda a, b, bits: torch.empty_like(a))
 def _lmul_native(a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
     """L-Mul products of two float32 tensors of one shape."""
-    out = empty(a.shape, a.dtype, a.device)
+    out = empty_like(a)
     if out.numel():
         _C.lmul_elementwise(a, b, out, bits, stream_of(out))
     return out

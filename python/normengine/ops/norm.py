@@ -23,22 +23,22 @@ from ._tensor import (
     check_like,
     check_no_overlap,
     check_out,
-    empty,
+    empty_like,
     from_numpy,
     rows,
     stream_of,
-    torch_empty,
+    torch_empty_like,
 )
 
 LAYER, RMS, CRMS = 0, 1, 2
 _NAMES = {LAYER: "layer_norm", RMS: "rms_norm", CRMS: "crms_norm"}
 
 
-def _fwd_fake(kind, x, residual, w, b, eps, stats, new=torch_empty):
+def _fwd_fake(kind, x, residual, w, b, eps, stats, like=torch_empty_like):
     rows_ = x.numel() // x.size(-1)
     acc = acc_dtype(x.dtype)
-    return (new(x.shape, x.dtype, x.device),
-            new(x.shape, x.dtype, x.device) if residual is not None else placeholder(x),
+    return (like(x),
+            like(x) if residual is not None else placeholder(x),
             x.new_empty(rows_, dtype=acc) if stats and kind == LAYER else placeholder(x),
             x.new_empty(rows_, dtype=acc) if stats else placeholder(x))
 
@@ -48,7 +48,7 @@ def _native_forward(kind: int, x: torch.Tensor, residual: Optional[torch.Tensor]
                     b: Optional[torch.Tensor], eps: float, stats: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                                   torch.Tensor]:
     """(y, h = x + residual, mean, rstd); absent ones (no residual, no stats, mean of an RMS norm) empty."""
-    y, h, mean, rstd = _fwd_fake(kind, x, residual, w, b, eps, stats, new=empty)
+    y, h, mean, rstd = _fwd_fake(kind, x, residual, w, b, eps, stats, like=empty_like)
     _C.norm_forward(kind, x, residual, w, b, eps, y, h if residual is not None else None,
                     mean if stats and kind == LAYER else None, rstd if stats else None, stream_of(x))
     return y, h, mean, rstd
@@ -61,10 +61,10 @@ def _forward(kind, x, residual, w, b, eps, out=None, residual_out=None, stats=Tr
         return (y, h if residual is not None else x, mean if stats and kind == LAYER else None,
                 rstd if stats else None)
     # into the caller's buffers (eager only: out= is refused when gradients are needed)
-    y = out if out is not None else empty(x.shape, x.dtype, x.device)
+    y = out if out is not None else empty_like(x)
     h = None
     if residual is not None:
-        h = residual_out if residual_out is not None else empty(x.shape, x.dtype, x.device)
+        h = residual_out if residual_out is not None else empty_like(x)
     rows_ = x.numel() // x.size(-1)
     mean = rstd = None
     if stats:
@@ -76,10 +76,10 @@ def _forward(kind, x, residual, w, b, eps, out=None, residual_out=None, stats=Tr
     return y, (h if h is not None else x), mean, rstd
 
 
-def _bwd_fake(kind, dy, h, w, rstd, dres, need_w, need_b, new=torch_empty):
+def _bwd_fake(kind, dy, h, w, rstd, dres, need_w, need_b, like=torch_empty_like):
     acc = acc_dtype(h.dtype)
     n = h.size(-1)
-    return (new(h.shape, h.dtype, h.device),
+    return (like(h),
             h.new_empty(n, dtype=acc) if need_w else placeholder(h),
             h.new_empty(n, dtype=acc) if need_b else placeholder(h))
 
@@ -89,7 +89,7 @@ def _native_backward(kind: int, dy: torch.Tensor, h: torch.Tensor, w: Optional[t
                      dres: Optional[torch.Tensor], need_w: bool, need_b: bool) -> Tuple[torch.Tensor, torch.Tensor,
                                                                                        torch.Tensor]:
     """(dx, dweight, dbias) of y = norm(h) (+ dres, the gradient reaching h itself); absent ones empty."""
-    dx, dw, db = _bwd_fake(kind, dy, h, w, rstd, dres, need_w, need_b, new=empty)
+    dx, dw, db = _bwd_fake(kind, dy, h, w, rstd, dres, need_w, need_b, like=empty_like)
     _C.norm_backward(kind, rows(dy), h, w, rstd, None if dres is None else rows(dres), dx, dw if need_w else None,
                      db if need_b else None, stream_of(h))
     return dx, dw, db
