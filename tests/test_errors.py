@@ -134,3 +134,51 @@ def test_out_buffers_that_overlap_inputs():
     flat = torch.randn(6 * 128 + 200, generator=g)  # out starts inside x's last row
     with pytest.raises(ne.ArgumentError, match="out partially overlaps x"):
         ne.ops.quantized_linear(flat[:768].view(6, 128), qw, out=flat[700:892].view(6, 32))
+
+
+def test_negated_views():
+    """A lazily negated view (torch._neg_view; x.conj().imag of a complex tensor) holds -x in memory, and
+    torch's __dlpack__ exports that memory as is: inputs are resolved (values as for the plain tensor), an
+    out= buffer that is one is refused, and the binding refuses any that reaches it (it gave silently
+    negated operands before)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(3)
+    x, r, w, b = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g), torch.randn(8), torch.randn(8)
+    neg = torch._neg_view
+    assert neg(x).is_neg()
+    torch.testing.assert_close(ne.ops.layer_norm(neg(x), neg(w), neg(b)), F.layer_norm(-x, (8,), -w, -b))
+    torch.testing.assert_close(ne.ops.rms_norm(neg(x)), F.rms_norm(-x, (8,), eps=1e-6))
+    y, h = ne.ops.add_layer_norm(x, neg(r))
+    torch.testing.assert_close(h, x - r)
+    torch.testing.assert_close(y, F.layer_norm(x - r, (8,)))
+    W, bias = torch.randn(5, 8, generator=g), torch.randn(5, generator=g)
+    torch.testing.assert_close(ne.ops.linear(neg(x), neg(W), neg(bias)), F.linear(-x, -W, -bias))
+    torch.testing.assert_close(ne.ops.norm_linear(neg(x), neg(W), neg(bias), norm="layer"),
+                               F.linear(F.layer_norm(-x, (8,)), -W, -bias), rtol=1e-5, atol=1e-5)
+    xc = torch.randn(4, 8, dtype=torch.complex64, generator=g).conj().imag  # is_neg, and strided
+    torch.testing.assert_close(ne.ops.layer_norm(xc), F.layer_norm(xc.resolve_neg(), (8,)))
+    with pytest.raises(ne.DTypeError, match="out: a negated view"):
+        ne.ops.layer_norm(x, out=neg(torch.empty(4, 8)))
+    with pytest.raises(ne.DTypeError, match="out: a negated view"):
+        ne.ops.linear(x, W, out=neg(torch.empty(4, 5)))
+    with pytest.raises(ne.DTypeError, match="x: a negated view"):
+        _C.norm_forward(0, neg(x), None, None, None, 1e-5, torch.empty(4, 8), None, None, None, 0)
+
+
+def test_negated_views_in_the_other_ops():
+    """L-Mul, quantized and linear-attention ops read a negated input as its values (the same bits as on -x)."""
+    neg = torch._neg_view
+    g = torch.Generator().manual_seed(4)
+    x, W = torch.randn(4, 64, generator=g), torch.randn(32, 64, generator=g)
+    q, k, v = (torch.randn(1, 5, 2, 8, generator=g) for _ in range(3))
+    qw = ne.ops.quantize_weight(W, "int8")
+    pairs = [
+        (ne.ops.lmul(neg(x), x), ne.ops.lmul(-x, x)),
+        (ne.ops.lmul_matmul(neg(x), neg(W.T)), ne.ops.lmul_matmul(-x, -W.T)),
+        (ne.ops.quantized_linear(neg(x), qw), ne.ops.quantized_linear(-x, qw)),
+        (ne.ops.quantize_weight(neg(W), "int8").dequantize(), ne.ops.quantize_weight(-W, "int8").dequantize()),
+        (ne.ops.linear_attention(neg(q), neg(k), neg(v)), ne.ops.linear_attention(-q, -k, -v)),
+    ]
+    for got, want in pairs:
+        assert torch.equal(got, want)

@@ -194,3 +194,25 @@ def test_bad_arguments():
         ne.set_cache_limit("1G")
     with pytest.raises(errors.ArgumentError, match="limit"):
         ne.set_cache_limit(-5)
+
+
+def test_concurrent_ops_on_cached_outputs():
+    """Threads running large ops at once (each one's output from the cache, blocks going back and forth
+    between them): every result right."""
+    xs = [torch.randn(ROWS, COLS) for _ in range(3)]
+    wants = [F.layer_norm(x, (COLS,)) for x in xs]
+    failures = []
+
+    def work(i):
+        for _ in range(4):
+            y = ne.ops.layer_norm(xs[i])
+            if rel_err(y, wants[i]) > 1e-5:
+                failures.append(i)
+            del y
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not failures

@@ -43,6 +43,8 @@ struct TorchTypes {
   bool ok = false;
   py::object tensor, strided;
   std::vector<std::pair<py::object, ne::DType>> dtypes;
+  // attribute names, interned once (a name made from a C string per lookup cost ~0.1 us each)
+  py::object layout, is_neg, dtype, is_cpu, is_cuda, get_device, shape, stride, data_ptr;
 };
 
 inline const TorchTypes& torch_types() {
@@ -57,6 +59,16 @@ inline const TorchTypes& torch_types() {
           {"float64", ne::DType::F64}, {"int8", ne::DType::I8},     {"int32", ne::DType::I32},
           {"int64", ne::DType::I64},   {"uint8", ne::DType::U8},    {"bool", ne::DType::Bool}};
       for (const auto& e : table) r->dtypes.emplace_back(torch.attr(e.first), e.second);
+      auto name = [](const char* n) { return py::reinterpret_steal<py::object>(PyUnicode_InternFromString(n)); };
+      r->layout = name("layout");
+      r->is_neg = name("is_neg");
+      r->dtype = name("dtype");
+      r->is_cpu = name("is_cpu");
+      r->is_cuda = name("is_cuda");
+      r->get_device = name("get_device");
+      r->shape = name("shape");
+      r->stride = name("stride");
+      r->data_ptr = name("data_ptr");
       r->ok = true;
     } catch (const py::error_already_set&) {
       r->ok = false;  // no torch: numpy arrays and other producers use DLPack
@@ -66,12 +78,28 @@ inline const TorchTypes& torch_types() {
   return *t;
 }
 
+// obj.<name> and obj.<name>() with an interned name (no bound method object for the call)
+inline py::object get_attr(py::handle obj, const py::object& name) {
+  PyObject* r = PyObject_GetAttr(obj.ptr(), name.ptr());
+  if (!r) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(r);
+}
+inline py::object call_method(py::handle obj, const py::object& name) {
+  PyObject* r = PyObject_CallMethodNoArgs(obj.ptr(), name.ptr());
+  if (!r) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(r);
+}
+
 inline bool torch_view(py::handle obj, const char* name, TensorView& v) {
   const TorchTypes& tt = torch_types();
   if (!tt.ok || !PyObject_TypeCheck(obj.ptr(), reinterpret_cast<PyTypeObject*>(tt.tensor.ptr()))) return false;
-  if (!py::object(obj.attr("layout")).is(tt.strided)) return false;
-  if (obj.attr("is_neg")().cast<bool>()) return false;  // a lazily negated view (x.conj().imag): not plain memory
-  const py::object dt = obj.attr("dtype");
+  if (!get_attr(obj, tt.layout).is(tt.strided)) return false;
+  // a lazily negated view (torch._neg_view, x.conj().imag) holds -x in memory; torch's __dlpack__ exports that
+  // memory as is, which gave silently negated operands: refused (the Python wrappers resolve their inputs)
+  if (call_method(obj, tt.is_neg).is(py::handle(Py_True)))
+    throw ne::DTypeError(std::string(name) + ": a negated view (is_neg() is True: torch._neg_view, x.conj().imag); "
+                         "pass x.resolve_neg()");
+  const py::object dt = get_attr(obj, tt.dtype);
   bool found = false;
   for (const auto& e : tt.dtypes)
     if (dt.is(e.first)) {
@@ -80,14 +108,14 @@ inline bool torch_view(py::handle obj, const char* name, TensorView& v) {
       break;
     }
   if (!found) return false;
-  if (obj.attr("is_cpu").cast<bool>()) {
+  if (get_attr(obj, tt.is_cpu).is(py::handle(Py_True))) {
     v.device = {ne::DeviceType::CPU, 0};
-  } else if (obj.attr("is_cuda").cast<bool>()) {
-    v.device = {ne::DeviceType::CUDA, obj.attr("get_device")().cast<int>()};
+  } else if (get_attr(obj, tt.is_cuda).is(py::handle(Py_True))) {
+    v.device = {ne::DeviceType::CUDA, call_method(obj, tt.get_device).cast<int>()};
   } else {
     return false;
   }
-  const py::tuple shape = obj.attr("shape"), stride = obj.attr("stride")();
+  const py::tuple shape = get_attr(obj, tt.shape), stride = call_method(obj, tt.stride);
   const int nd = static_cast<int>(shape.size());
   if (nd > ne::kMaxDims)
     throw ne::ShapeError(std::string(name) + ": at most " + std::to_string(ne::kMaxDims) + " dimensions supported");
@@ -97,7 +125,7 @@ inline bool torch_view(py::handle obj, const char* name, TensorView& v) {
     v.shape[d] = shape[d].cast<int64_t>();
     v.strides[d] = stride[d].cast<int64_t>();
   }
-  v.data = reinterpret_cast<void*>(obj.attr("data_ptr")().cast<uintptr_t>());
+  v.data = reinterpret_cast<void*>(call_method(obj, tt.data_ptr).cast<uintptr_t>());
   return true;
 }
 

@@ -23,6 +23,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 _CACHED = 8 << 20  # outputs this large come from the host cache (glibc often maps them afresh otherwise)
 
 
@@ -111,7 +112,10 @@ def _rows_ok(x: torch.Tensor) -> bool:
 
 def rows(x: torch.Tensor) -> torch.Tensor:
     """x itself if the kernels can read it in place (contiguous, or a column slice of rows),
-    else an explicit contiguous copy."""
+    else an explicit contiguous copy. A lazily negated view (torch._neg_view, x.conj().imag: memory holding
+    -x) is resolved first: its memory is not its values."""
+    if not _is_compiling() and x.is_neg():  # (torch.compile cannot trace is_neg(); traced, the binding refuses one)
+        x = x.resolve_neg()
     return x if _rows_ok(x) else x.contiguous()
 
 
@@ -160,9 +164,9 @@ def channel_vector(v, x: torch.Tensor, name: str, n: int | None = None):
             f"{name}: expected shape ({n},) to match x's last dimension, got {tuple(v.shape)}"
         )
     acc = acc_dtype(x.dtype)
-    if v.dtype == acc and v.is_contiguous():
+    if v.dtype == acc and v.is_contiguous() and (_is_compiling() or not v.is_neg()):
         return v.detach()
-    return v.detach().to(acc).contiguous()
+    return v.detach().resolve_neg().to(acc).contiguous()
 
 
 def bf16_products(matmul_precision: str) -> bool:
@@ -184,7 +188,10 @@ def check_eps(eps) -> float:
 
 
 def check_out(out, x: torch.Tensor, name: str = "out") -> torch.Tensor:
-    """A caller-provided output buffer: x's shape, dtype and device, readable as rows."""
+    """A caller-provided output buffer: x's shape, dtype and device, readable as rows (and not a negated view,
+    whose memory would receive the values, not their negation)."""
+    if isinstance(out, torch.Tensor) and not _is_compiling() and out.is_neg():  # (traced: the binding refuses it)
+        raise DTypeError(f"{name}: a negated view (is_neg() is True); pass a plain tensor")
     out = check_like(out, x, name)
     if not _rows_ok(out):
         raise ShapeError(f"{name}: must be contiguous in its last dimension with collapsible rows")

@@ -36,7 +36,8 @@ def _check_weight(weight, x: torch.Tensor, dtypes=WEIGHT_DTYPES) -> torch.Tensor
             f"x: last dimension {x.size(-1)} does not match weight's in_features {weight.size(1)} "
             f"(weight shape {tuple(weight.shape)})"
         )
-    # the kernel reads rows with unit stride along in_features, any row stride
+    # the kernel reads rows with unit stride along in_features, any row stride (a negated view resolved)
+    weight = weight.resolve_neg()
     return weight if _rows_ok(weight) else weight.contiguous()
 
 
@@ -51,7 +52,7 @@ def _check_bias(bias, x: torch.Tensor, n: int):
         raise DTypeError(f"bias: expected a floating-point tensor, got {bias.dtype}")
     if bias.dim() != 1 or bias.size(0) != n:
         raise ShapeError(f"bias: expected shape ({n},) to match weight's out_features, got {tuple(bias.shape)}")
-    return bias.detach().to(torch.float32).contiguous()
+    return bias.detach().resolve_neg().to(torch.float32).contiguous()
 
 
 def _check_out(out, x: torch.Tensor, n: int) -> torch.Tensor:

@@ -175,7 +175,8 @@ def _stream(q):
 
 
 def _unit_last(t):
-    """The kernels take any strides except in the last dim, which must be 1."""
+    """The kernels take any strides except in the last dim, which must be 1 (a negated view resolved)."""
+    t = t.resolve_neg()
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
@@ -235,8 +236,8 @@ class _LinearAttentionFunction(torch.autograd.Function):
         ctx.kind, ctx.p, ctx.algorithm = kind, p, algorithm
         ctx.save_for_backward(q, k, v, S0, decay)
         if _native(q, algorithm):
-            s0 = None if S0 is None else S0.detach().to(torch.float32).contiguous()
-            d = None if decay is None else decay.detach().to(torch.float32).contiguous()
+            s0 = None if S0 is None else S0.detach().resolve_neg().to(torch.float32).contiguous()
+            d = None if decay is None else decay.detach().resolve_neg().to(torch.float32).contiguous()
             return _la_forward(*_codes(kind, p), *(_unit_last(t.detach()) for t in (q, k, v)), d, s0,
                                algorithm == "recurrent")
         with torch.no_grad():
@@ -248,8 +249,8 @@ class _LinearAttentionFunction(torch.autograd.Function):
         q, k, v, S0, decay = ctx.saved_tensors
         if _native(q, ctx.algorithm):
             q, k, v = (_unit_last(t) for t in (q, k, v))
-            s0 = None if S0 is None else S0.detach().to(torch.float32).contiguous()
-            d = None if decay is None else decay.detach().to(torch.float32).contiguous()
+            s0 = None if S0 is None else S0.detach().resolve_neg().to(torch.float32).contiguous()
+            d = None if decay is None else decay.detach().resolve_neg().to(torch.float32).contiguous()
             gS = None if dS is None else dS.to(torch.float32).contiguous()
             gq, gk, gv, gi = _la_backward(*_codes(ctx.kind, ctx.p), q, k, v, d, s0, do.contiguous().to(q.dtype), gS,
                                           ctx.algorithm == "recurrent")

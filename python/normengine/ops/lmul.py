@@ -57,7 +57,7 @@ def _same_device(a: torch.Tensor, b: torch.Tensor, an: str, bn: str) -> None:
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float32).contiguous()
+    return t.detach().resolve_neg().to(torch.float32).contiguous()
 
 
 def _out_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:

@@ -152,7 +152,7 @@ def norm_linear(x, weight, bias=None, norm: str = "rms", eps: float | None = Non
     w = _check_weight(weight, x, WEIGHT_DTYPES + ((torch.float64,) if x.dtype == torch.float64 else ()))
     if bias is not None:
         _check_bias(bias, x, w.size(0))
-        bias = bias.to(x.dtype)
+        bias = bias.resolve_neg().to(x.dtype)
     if out is not None:
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
             raise ArgumentError("out: norm_linear cannot write into out= when gradients are required")

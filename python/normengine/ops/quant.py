@@ -157,7 +157,7 @@ def _quantize_weight(w, format, group_size=None, symmetric=True, done_with=None,
     N, K = w.shape
     if format == "int4" and K % g:
         raise ShapeError(f"w: in_features {K} is not a multiple of the int4 group size {g}")
-    w = w.detach()
+    w = w.detach().resolve_neg()  # a negated view's memory holds -w
     # rows per block: ~1M elements, a multiple of 128 (fp8 blocks never straddle two row blocks)
     step = max(128, (1 << 20) // max(K, 1) // 128 * 128)
     blocks = [(r, min(N, r + step)) for r in range(0, N, step)]
@@ -324,7 +324,7 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, ou
                              f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
         if bias.device != x.device:
             raise DeviceError(f"bias is on {bias.device} but x is on {x.device}; move them to one device")
-        bias = bias.detach().to(torch.float32).contiguous()
+        bias = bias.detach().resolve_neg().to(torch.float32).contiguous()
     lead = x.shape[:-1]
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or tuple(out.shape) != tuple(lead) + (N,) \
@@ -333,7 +333,7 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, ou
         check_no_overlap(out, "out", dict(qweight.tensors(), x=x, bias=bias))
     if x.device.type == "cuda" and hasattr(_C, "quant_linear_cuda"):
         # cuda/quant_gemm.cu: IMMA / e4m3 MMA tiles, dp4a GEMV for small M; x in its own dtype
-        xc = x.detach().reshape(-1, K)
+        xc = x.detach().resolve_neg().reshape(-1, K)
         if xc.stride(-1) != 1 or (xc.shape[0] > 1 and xc.stride(0) < K):
             xc = xc.contiguous()
         y = out.view(-1, N) if out is not None else torch.empty(xc.shape[0], N, dtype=torch.float32,
@@ -344,7 +344,7 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, ou
                                      qweight.group_size if qweight.format in ("int4", "fp8") else 0, N, K, bias, y,
                                      False, torch.cuda.current_stream(x.device).cuda_stream)
         return out if out is not None else y.view(*lead, N)
-    x2 = x.detach().reshape(-1, K).to(torch.float32).contiguous()
+    x2 = x.detach().resolve_neg().reshape(-1, K).to(torch.float32).contiguous()
     if x.device.type != "cpu":
         y = _emulated(x2, qweight, bias)
         if out is not None:
