@@ -182,3 +182,32 @@ def test_negated_views_in_the_other_ops():
     ]
     for got, want in pairs:
         assert torch.equal(got, want)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_tensors_without_strided_memory():
+    """Sparse and mkldnn tensors get an error naming the argument (not torch's own about memory formats), and
+    a tensor whose data pointer is null (torch._efficientzerotensor) is refused by the binding (it segfaulted)."""
+    x = torch.randn(4, 8)
+    w = torch.randn(3, 8)
+    for t in (x.to_sparse(), x.to_sparse_csr(), x.to_mkldnn()):
+        with pytest.raises(ne.DTypeError, match="x: expected a dense"):
+            ne.ops.layer_norm(t)
+        with pytest.raises(ne.DTypeError, match="residual: expected a dense"):
+            ne.ops.add_rms_norm(x, t)
+        with pytest.raises(ne.DTypeError, match="a: expected a dense"):
+            ne.ops.lmul(t, x)
+    for t in (w.to_sparse(), w.to_sparse_csr(), w.to_mkldnn()):
+        with pytest.raises(ne.DTypeError, match="weight: expected a dense"):
+            ne.ops.linear(x, t)
+    with pytest.raises(ne.DTypeError, match="weight: expected a dense"):
+        ne.ops.layer_norm(x, torch.randn(8).to_sparse())
+    with pytest.raises(ne.DTypeError, match="bias: expected a dense"):
+        ne.ops.linear(x, w, torch.randn(3).to_sparse())
+    z = torch._efficientzerotensor(4, 8)
+    for call, name in ((lambda: ne.ops.layer_norm(z), "x"), (lambda: ne.ops.add_layer_norm(x, z), "residual"),
+                       (lambda: ne.ops.linear(x, torch._efficientzerotensor(3, 8)), "weight")):
+        with pytest.raises(ne.DTypeError, match=f"{name}: a tensor without memory"):
+            call()
+    with pytest.raises(ne.DTypeError, match="sparse"):
+        _C.norm_forward(0, x.to_sparse(), None, None, None, 1e-5, torch.empty(4, 8), None, None, None, 0)

@@ -93,7 +93,12 @@ inline py::object call_method(py::handle obj, const py::object& name) {
 inline bool torch_view(py::handle obj, const char* name, TensorView& v) {
   const TorchTypes& tt = torch_types();
   if (!tt.ok || !PyObject_TypeCheck(obj.ptr(), reinterpret_cast<PyTypeObject*>(tt.tensor.ptr()))) return false;
-  if (!get_attr(obj, tt.layout).is(tt.strided)) return false;
+  {
+    const py::object layout = get_attr(obj, tt.layout);
+    if (!layout.is(tt.strided))  // sparse / mkldnn tensors have no strided memory to read
+      throw ne::DTypeError(std::string(name) + ": expected a dense (strided) tensor, got layout " +
+                           std::string(py::str(layout)) + "; call .to_dense()");
+  }
   // a lazily negated view (torch._neg_view, x.conj().imag) holds -x in memory; torch's __dlpack__ exports that
   // memory as is, which gave silently negated operands: refused (the Python wrappers resolve their inputs)
   if (call_method(obj, tt.is_neg).is(py::handle(Py_True)))
@@ -126,6 +131,11 @@ inline bool torch_view(py::handle obj, const char* name, TensorView& v) {
     v.strides[d] = stride[d].cast<int64_t>();
   }
   v.data = reinterpret_cast<void*>(call_method(obj, tt.data_ptr).cast<uintptr_t>());
+  int64_t numel = 1;
+  for (int d = 0; d < nd; ++d) numel *= v.shape[d];
+  if (!v.data && numel > 0)  // e.g. torch._efficientzerotensor: elements without memory (it segfaulted)
+    throw ne::DTypeError(std::string(name) + ": a tensor without memory (data_ptr() is 0, e.g. a ZeroTensor); "
+                         "pass a materialized tensor");
   return true;
 }
 

@@ -119,6 +119,12 @@ def rows(x: torch.Tensor) -> torch.Tensor:
     return x if _rows_ok(x) else x.contiguous()
 
 
+def check_dense(t: torch.Tensor, name: str) -> None:
+    """Sparse and mkldnn tensors have no strided memory for the kernels to read."""
+    if t.layout is not torch.strided:
+        raise DTypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}; call .to_dense()")
+
+
 def check_input(x, name: str = "x") -> torch.Tensor:
     """The main input of a row-wise op: a floating-point tensor with at least one dimension."""
     if not isinstance(x, torch.Tensor):
@@ -129,6 +135,7 @@ def check_input(x, name: str = "x") -> torch.Tensor:
         )
     if not (x.is_cpu or x.is_cuda):
         raise DeviceError(f"{name}: tensors on {x.device} are not supported (cpu or cuda)")
+    check_dense(x, name)
     if x.dim() == 0 or x.size(-1) == 0:
         raise ShapeError(f"{name}: expected at least one feature in the last dimension, got shape {tuple(x.shape)}")
     return rows(x)
@@ -144,6 +151,7 @@ def check_like(t, x: torch.Tensor, name: str, xname: str = "x") -> torch.Tensor:
         raise ShapeError(f"{name}: shape {tuple(t.shape)} does not match {xname}'s {tuple(x.shape)}")
     if t.dtype != x.dtype:
         raise DTypeError(f"{name}: dtype {t.dtype} does not match {xname}'s {x.dtype}")
+    check_dense(t, name)
     return rows(t)
 
 
@@ -159,6 +167,7 @@ def channel_vector(v, x: torch.Tensor, name: str, n: int | None = None):
         raise DeviceError(f"{name} is on {v.device} but x is on {x.device}; move them to one device")
     if v.dtype not in FLOAT_DTYPES:
         raise DTypeError(f"{name}: expected a floating-point tensor, got {v.dtype}")
+    check_dense(v, name)
     if v.dim() != 1 or v.size(0) != n:
         raise ShapeError(
             f"{name}: expected shape ({n},) to match x's last dimension, got {tuple(v.shape)}"

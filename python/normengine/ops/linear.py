@@ -14,7 +14,7 @@ import torch
 from .. import _C
 from ..errors import DeviceError, DTypeError, ShapeError
 from ._library import native_op
-from ._tensor import FLOAT_DTYPES, _rows_ok, bf16_products, check_input, check_no_overlap, empty, stream_of, torch_empty
+from ._tensor import FLOAT_DTYPES, _rows_ok, bf16_products, check_dense, check_input, check_no_overlap, empty, stream_of, torch_empty
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -27,6 +27,7 @@ def _check_weight(weight, x: torch.Tensor, dtypes=WEIGHT_DTYPES) -> torch.Tensor
     if weight.dtype not in dtypes:
         raise DTypeError(f"weight: expected one of {', '.join(str(d).replace('torch.', '') for d in dtypes)}, "
                          f"got {weight.dtype}")
+    check_dense(weight, "weight")
     if weight.dim() != 2:
         raise ShapeError(
             f"weight: expected a 2-D tensor [out_features, in_features], got shape {tuple(weight.shape)}"
@@ -50,6 +51,7 @@ def _check_bias(bias, x: torch.Tensor, n: int):
         raise DeviceError(f"bias is on {bias.device} but x is on {x.device}; move them to one device")
     if bias.dtype not in FLOAT_DTYPES:
         raise DTypeError(f"bias: expected a floating-point tensor, got {bias.dtype}")
+    check_dense(bias, "bias")
     if bias.dim() != 1 or bias.size(0) != n:
         raise ShapeError(f"bias: expected shape ({n},) to match weight's out_features, got {tuple(bias.shape)}")
     return bias.detach().resolve_neg().to(torch.float32).contiguous()

@@ -28,7 +28,7 @@ import torch
 from .. import _C
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from ._library import native_op
-from ._tensor import empty, empty_like, stream_of, torch_empty
+from ._tensor import check_dense, empty, empty_like, stream_of, torch_empty
 
 __all__ = ["lmul", "lmul_matmul", "lmul_attention", "multiply_energy"]
 
@@ -42,6 +42,7 @@ def _check_tensor(t, name: str) -> torch.Tensor:
         raise DTypeError(f"{name}: expected float32, bfloat16 or float16 (float64 accepted), got {t.dtype}")
     if t.device.type not in ("cpu", "cuda"):
         raise DeviceError(f"{name}: unsupported device {t.device}; normengine runs on CPU and CUDA")
+    check_dense(t, name)
     return t
 
 
