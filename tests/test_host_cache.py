@@ -192,8 +192,11 @@ def test_bad_arguments():
         _C.HostBuffer(-1)
     with pytest.raises(errors.ArgumentError, match="nbytes"):
         ne.set_cache_limit("1G")
+    for bad in (-5, 2**70):
+        with pytest.raises(errors.ArgumentError, match="nbytes"):
+            ne.set_cache_limit(bad)
     with pytest.raises(errors.ArgumentError, match="limit"):
-        ne.set_cache_limit(-5)
+        _C.host_cache_set_limit(-5)
 
 
 def test_concurrent_ops_on_cached_outputs():

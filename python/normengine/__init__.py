@@ -67,6 +67,8 @@ def set_cache_limit(nbytes: int) -> None:
     torch.empty's, as torch allocates its own)."""
     if not isinstance(nbytes, int) or isinstance(nbytes, bool):
         raise ArgumentError(f"nbytes: expected an int, got {type(nbytes).__name__}")
+    if not 0 <= nbytes < 2**63:
+        raise ArgumentError(f"nbytes: expected 0 <= nbytes < 2**63, got {nbytes}")
     _C.host_cache_set_limit(nbytes)
 
 
