@@ -317,7 +317,8 @@ def test_attention_tol_is_tight_unless_a_boundary_is_near():
     k = torch.zeros(1, 2, 1, 4)
     v = torch.ones(1, 2, 1, 4)
     tol = attention_tol(q, k, v, causal=True)  # row 0: p = [1, 0]; row 1: p = [0.5, 0.5], on a boundary
-    assert torch.all(tol[0, 0] == 1e-4) and torch.allclose(tol[0, 1], torch.full((1, 4), 1e-4 + 0.125, dtype=torch.float64))
+    assert torch.all(tol[0, 0] == 1e-4)
+    assert torch.allclose(tol[0, 1], torch.full((1, 4), 1e-4 + 0.125, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -40,9 +40,10 @@ def empty(shape, dtype, device) -> torch.Tensor:
     back to the kernel), so an op writing such an output into a torch.empty first takes a page fault per 4 KiB
     page and has the kernel zero each one: on the 2-vCPU Xeon guest (benchmarks/RESULTS.md) a fused add +
     LayerNorm of 8192 x 1024 fp32 ran 2.9-3.3x torch's add-then-norm into reused buffers and 0.9x into fresh
-    ones, and 8192 x 1024 bf16 (16 MiB outputs) 5.8 ms allocating against 2.4 ms into reused buffers. The host cache (cpp/include/normengine/host_cache.h, as torch's CUDA caching
-    allocator) takes the block back when the tensor is freed and hands it to the next output of about its
-    size, already faulted in, on 2 MiB pages where the kernel gives them. Such a tensor is an ordinary
+    ones, and 8192 x 1024 bf16 (16 MiB outputs) 5.8 ms allocating against 2.4 ms into reused buffers. The
+    host cache (cpp/include/normengine/host_cache.h, as torch's CUDA caching allocator) takes the block back
+    when the tensor is freed and hands it to the next output of about its size, already faulted in, on
+    2 MiB pages where the kernel gives them. Such a tensor is an ordinary
     tensor whose storage is not resizable (as torch.from_numpy's). normengine.empty_cache() hands the cached
     blocks back to the system; normengine.cache_info() reports them; NORMENGINE_CPU_CACHE_MB or
     normengine.set_cache_limit caps them (default min(1 GiB, RAM / 8); 0 turns the cache off: outputs are
