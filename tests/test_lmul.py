@@ -172,8 +172,15 @@ def test_matmul_vs_reference(device, gen, shape):
         assert (got - a @ b).abs().max() > 1e-4
 
 
+def _layout(b, layout):
+    """b [K, N] as stored: "kn" row-major (read in place, LmulArgs::w_kn on the CPU), "nk" the transpose of a
+    row-major [N, K] (torch.nn.Linear's weight.t(): the [N, K] kernels)."""
+    return b if layout == "kn" else b.t().contiguous().t()
+
+
+@pytest.mark.parametrize("layout", ["kn", "nk"])
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (5, 300, 37), (9, 61, 70), (1, 300, 70), (1, 517, 64)])
-def test_matmul_bitwise_k_order(device, gen, M, K, N):
+def test_matmul_bitwise_k_order(device, gen, M, K, N, layout):
     # every output is the float32 sum of its L-Mul products in k order, bit for bit, on every path:
     # all-normal tiles (fast), rows with zeros / -0 / subnormals (fast, zero products skipped), rows with
     # Inf (checked), and exponents far apart (checked)
@@ -188,12 +195,13 @@ def test_matmul_bitwise_k_order(device, gen, M, K, N):
     p = R.lmul(a.unsqueeze(-1), b, 4)  # [M, K, N]
     for k in range(K):
         want = want + p[:, k, :]
-    got = L.lmul_matmul(a.to(device), b.to(device)).cpu()
+    got = L.lmul_matmul(a.to(device), _layout(b.to(device), layout)).cpu()
     assert torch.equal(bits_of(got), bits_of(want))
 
 
+@pytest.mark.parametrize("layout", ["kn", "nk"])
 @pytest.mark.parametrize("case", ["normal", "x_zeros", "w_zero", "w_inf", "w_nan", "w_huge", "w_tiny", "x_inf"])
-def test_matvec_blocks_bitwise(device, gen, case):
+def test_matvec_blocks_bitwise(device, gen, case, layout):
     # one row of x (the GEMV path: W read and transposed in registers, no packed copy): every output the
     # float32 sum of its products in k order, bit for bit, whether a K block of a panel keeps the fast
     # products or has to be done again with the checked ones (a zero / Inf / NaN w, exponents near the
@@ -222,8 +230,22 @@ def test_matvec_blocks_bitwise(device, gen, case):
     p = R.lmul(a.unsqueeze(-1), b, 4)
     for k in range(K):
         want = want + p[:, k, :]
-    got = L.lmul_matmul(a.to(device), b.to(device)).cpu()
+    got = L.lmul_matmul(a.to(device), _layout(b.to(device), layout)).cpu()
     assert torch.equal(bits_of(got), bits_of(want)), (got - want).abs().nan_to_num().max()
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 4096, 256), (3, 70, 33), (17, 257, 96), (130, 64, 70)])
+def test_matmul_layouts_same_bits(gen, M, K, N):
+    # the right operand read in place as [K, N] (CPU) gives the bits of the [N, K] kernels, on the GEMV
+    # and the GEMM paths, odd sizes, and a strided b (copied, then read as [K, N])
+    a, b = torch.randn(M, K, generator=gen), torch.randn(K, N, generator=gen)
+    want = L.lmul_matmul(a, _layout(b, "nk"))
+    assert torch.equal(bits_of(L.lmul_matmul(a, b)), bits_of(want))
+    wide = torch.randn(K, 2 * N, generator=gen)
+    assert torch.equal(bits_of(L.lmul_matmul(a, wide[:, ::2])), bits_of(L.lmul_matmul(a, wide[:, ::2].contiguous())))
+    y = torch.empty(1, M, N)
+    with pytest.raises(ShapeError, match=r"b: expected \[1, %d, N\]" % K):
+        _C.lmul_bmm(a[None], b[None, 1:], y, 4, 0, True)
 
 
 def test_matmul_batched_noncontiguous_specials(device, gen):

@@ -78,7 +78,7 @@ void bind_lmul(py::module_& m) {
 
   m.def(
       "lmul_bmm",
-      [](py::handle x, py::handle w, py::handle out, int bits, std::uintptr_t stream) {
+      [](py::handle x, py::handle w, py::handle out, int bits, std::uintptr_t stream, bool w_kn) {
         Borrowed keep;
         TensorView vx = view_of(x, "a", keep), vw = view_of(w, "b", keep), vy = view_of(out, "out", keep);
         for (const TensorView* t : {&vx, &vw, &vy}) {
@@ -89,9 +89,12 @@ void bind_lmul(py::module_& m) {
           if (t->shape[2] > 1 && t->strides[2] != 1)
             throw ne::ShapeError(std::string(t->name) + ": expected unit stride along the last dimension");
         }
-        const int64_t B = vx.shape[0], M = vx.shape[1], K = vx.shape[2], N = vw.shape[1];
-        if (vw.shape[0] != B || vw.shape[2] != K)
-          throw ne::ShapeError("b: expected [" + std::to_string(B) + ", N, " + std::to_string(K) + "]");
+        if (w_kn && vw.device.type != ne::DeviceType::CPU)
+          throw ne::UnsupportedError("b: w_kn (a [batch, K, N] operand) is read in place on the CPU only");
+        const int64_t B = vx.shape[0], M = vx.shape[1], K = vx.shape[2], N = vw.shape[w_kn ? 2 : 1];
+        if (vw.shape[0] != B || vw.shape[w_kn ? 1 : 2] != K)
+          throw ne::ShapeError(w_kn ? "b: expected [" + std::to_string(B) + ", " + std::to_string(K) + ", N]"
+                                    : "b: expected [" + std::to_string(B) + ", N, " + std::to_string(K) + "]");
         if (vy.shape[0] != B || vy.shape[1] != M || vy.shape[2] != N)
           throw ne::ShapeError("out: expected [" + std::to_string(B) + ", " + std::to_string(M) + ", " +
                                std::to_string(N) + "]");
@@ -102,7 +105,7 @@ void bind_lmul(py::module_& m) {
         if (vy.device.type == ne::DeviceType::CPU) {
           for (int64_t bi = 0; bi < B; ++bi)
             ne::lmul_gemm_f32(M, N, K, px + bi * vx.strides[0], vx.strides[1], pw + bi * vw.strides[0], vw.strides[1],
-                              nullptr, py_ + bi * vy.strides[0], vy.strides[1], false, bits);
+                              nullptr, py_ + bi * vy.strides[0], vy.strides[1], false, bits, w_kn);
         } else {
 #if defined(NE_WITH_CUDA)
           ne::cuda::lmul_bmm(B, M, N, K, px, vx.strides[0], vx.strides[1], pw, vw.strides[0], vw.strides[1], py_,
@@ -110,8 +113,9 @@ void bind_lmul(py::module_& m) {
 #endif
         }
       },
-      py::arg("x"), py::arg("w"), py::arg("out"), py::arg("bits"), py::arg("stream") = 0,
-      "out[b, m, n] = sum_k lmul(x[b, m, k], w[b, n, k]): every product an L-Mul, fp32 sums in k order.");
+      py::arg("x"), py::arg("w"), py::arg("out"), py::arg("bits"), py::arg("stream") = 0, py::arg("w_kn") = false,
+      "out[b, m, n] = sum_k lmul(x[b, m, k], w[b, n, k]) (w_kn, CPU: w[b, k, n]): every product an L-Mul, fp32 "
+      "sums in k order.");
 
   // The runner's raw entry point, exposed for testing: one sequence's KV cache.
   m.def(

@@ -33,10 +33,11 @@ float lmul_scalar(float a, float b, int mantissa_bits);
 
 // y[m, n] = sum_k lmul(x[m, k], W[n, k]) (+ bias[n]) (+ y[m, n] if accumulate); fp32 accumulation
 // strictly in k order per output (so every ISA, any thread count and the CUDA kernel give the same
-// bits), then + bias, then + old y. W float32 [N, K] rows with stride ldw (torch.nn.Linear layout); x
-// rows stride ldx; multithreaded over N. y must not overlap x or W.
+// bits), then + bias, then + old y. W float32 [N, K] rows with stride ldw (torch.nn.Linear layout), or with
+// w_kn [K, N] rows (w[k * ldw + n]: torch.matmul's right operand, read in place; the same bits); x rows
+// stride ldx; multithreaded over N. y must not overlap x or W.
 void lmul_gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const float* w, int64_t ldw,
-                   const float* bias, float* y, int64_t ldy, bool accumulate, int mantissa_bits);
+                   const float* bias, float* y, int64_t ldy, bool accumulate, int mantissa_bits, bool w_kn = false);
 
 // out[i] = lmul(a[i], b[i]) for i < n (contiguous), multithreaded.
 void lmul_map_f32(int64_t n, const float* a, const float* b, float* out, int mantissa_bits);

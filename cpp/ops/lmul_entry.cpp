@@ -55,7 +55,7 @@ void lmul_map_f32(int64_t n, const float* a, const float* b, float* out, int man
 }
 
 void lmul_gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const float* w, int64_t ldw,
-                   const float* bias, float* y, int64_t ldy, bool accumulate, int mantissa_bits) {
+                   const float* bias, float* y, int64_t ldy, bool accumulate, int mantissa_bits, bool w_kn) {
   check_bits(mantissa_bits);
   if (M < 0 || N < 0 || K < 0) throw ShapeError("lmul_gemm: negative size");
   if (M == 0 || N == 0) return;
@@ -66,7 +66,7 @@ void lmul_gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx,
   parallel_for(M, std::max<int64_t>(1, 16384 / (K + 1)), [&](int64_t m0, int64_t m1, int) {
     for (int64_t m = m0; m < m1; ++m) st[m] = t.prep_row(K, x + m * ldx, xp.data() + m * K, mantissa_bits);
   });
-  LmulArgs a{M, N, K, xp.data(), st.data(), w, ldw, bias, y, ldy, accumulate, mantissa_bits};
+  LmulArgs a{M, N, K, xp.data(), st.data(), w, ldw, bias, y, ldy, accumulate, mantissa_bits, w_kn};
   // split N in groups of 32 columns (a whole number of panels for every ISA)
   const int64_t groups = (N + 31) / 32;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / (M * K * 32 + 1));

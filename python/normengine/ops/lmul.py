@@ -80,21 +80,22 @@ def _lmul_raw(a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor:
     return _lmul_native(a32, b32, bits)
 
 
-def _bmm_fake(x, w, bits, new=torch_empty):
-    return new((x.shape[0], x.shape[1], w.shape[1]), torch.float32, x.device)
+def _bmm_fake(x, w, bits, w_kn, new=torch_empty):
+    return new((x.shape[0], x.shape[1], w.shape[2] if w_kn else w.shape[1]), torch.float32, x.device)
 
 
 @native_op("lmul_bmm", _bmm_fake)
-def _bmm_native(x: torch.Tensor, w: torch.Tensor, bits: int) -> torch.Tensor:
-    out = _bmm_fake(x, w, bits, new=empty)
+def _bmm_native(x: torch.Tensor, w: torch.Tensor, bits: int, w_kn: bool) -> torch.Tensor:
+    out = _bmm_fake(x, w, bits, w_kn, new=empty)
     if out.numel():
-        _C.lmul_bmm(x, w, out, bits, stream_of(out))
+        _C.lmul_bmm(x, w, out, bits, stream_of(out), w_kn)
     return out
 
 
-def _bmm_raw(x: torch.Tensor, w: torch.Tensor, bits: int) -> torch.Tensor:
-    """x [B, M, K], w [B, N, K] -> [B, M, N] float32, products L-Mul, sums in k order."""
-    return _bmm_native(_f32(x), _f32(w), bits)
+def _bmm_raw(x: torch.Tensor, w: torch.Tensor, bits: int, w_kn: bool = False) -> torch.Tensor:
+    """x [B, M, K], w [B, N, K] (w_kn, CPU only: [B, K, N]) -> [B, M, N] float32, products L-Mul, sums in
+    k order; the two layouts give the same bits."""
+    return _bmm_native(_f32(x), _f32(w), bits, w_kn)
 
 
 # ------------------------------------------------------------------------------------------ lmul
@@ -151,8 +152,11 @@ class LMulMatmulFunction(torch.autograd.Function):
         K = a.shape[-1]
         lead = a.shape[:-1]
         x = a.reshape(1, math.prod(lead), K)
-        w = b.t().unsqueeze(0)
-        y = _bmm_raw(x, w, bits)[0]
+        if b.is_cuda or b.t().is_contiguous():
+            y = _bmm_raw(x, b.t().unsqueeze(0), bits)[0]  # [N, K] rows (a copy of b's transpose on a GPU)
+        else:
+            # b [K, N] read in place (a transposed copy of a 4096 x 4096 b cost 100 ms a call, 60x the GEMV)
+            y = _bmm_raw(x, b.unsqueeze(0), bits, w_kn=True)[0]
         return y.reshape(*lead, b.shape[1]).to(_out_dtype(a, b))
 
     @staticmethod
