@@ -131,19 +131,24 @@ inline bool torch_view(py::handle obj, const char* name, TensorView& v) {
     v.strides[d] = stride[d].cast<int64_t>();
   }
   v.data = reinterpret_cast<void*>(call_method(obj, tt.data_ptr).cast<uintptr_t>());
-  int64_t numel = 1;
-  for (int d = 0; d < nd; ++d) numel *= v.shape[d];
-  if (!v.data && numel > 0)  // e.g. torch._efficientzerotensor: elements without memory (it segfaulted)
-    throw ne::DTypeError(std::string(name) + ": a tensor without memory (data_ptr() is 0, e.g. a ZeroTensor); "
-                         "pass a materialized tensor");
   return true;
+}
+
+// Elements but no memory (a null data pointer: torch._efficientzerotensor, which segfaulted a kernel).
+inline const TensorView& with_memory(const TensorView& v, const char* name) {
+  int64_t numel = 1;
+  for (int d = 0; d < v.ndim; ++d) numel *= v.shape[d];
+  if (!v.data && numel > 0)
+    throw ne::DTypeError(std::string(name) + ": a tensor without memory (data pointer 0, e.g. a ZeroTensor); "
+                         "pass a materialized tensor");
+  return v;
 }
 
 inline TensorView view_of(py::handle obj, const char* name, Borrowed& b) {
   if (obj.is_none()) throw ne::ValueError(std::string(name) + ": expected a tensor, got None");
   {
     TensorView v;
-    if (torch_view(obj, name, v)) return v;  // the caller's argument keeps the tensor alive
+    if (torch_view(obj, name, v)) return with_memory(v, name);  // the caller's argument keeps the tensor alive
   }
   py::object src = py::reinterpret_borrow<py::object>(obj);
   if (!py::hasattr(src, "__dlpack__"))
@@ -183,7 +188,7 @@ inline TensorView view_of(py::handle obj, const char* name, Borrowed& b) {
     throw ne::DeviceError(std::string(name) + ": unsupported device (DLPack device type " +
                           std::to_string(t->device.device_type) + "); normengine runs on CPU and CUDA");
   }
-  return v;
+  return with_memory(v, name);
 }
 
 struct Opt {  // an optional tensor argument

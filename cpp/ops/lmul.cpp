@@ -332,6 +332,10 @@ inline int tile_mode(const LmulRowStat& s, int32_t emin, int32_t emax) {
   return s.bad == 1 ? 2 : 1;
 }
 
+// The GEMV's rows of a [K, N] W prefetched ahead: one row per k, ldw apart, which the hardware streamers
+// do not follow (ops.lmul_matmul, 1 x 4096 x 4096: none 3.8 ms, 32 rows 2.9, 64 rows 2.6, 128 rows 2.7-3.3).
+constexpr int64_t kRowsAhead = 64;
+
 // M = 1, a whole panel (NP rows of W): y[p0 + j] = sum_k product(x[k], w[p0 + j, k]), k in order, without
 // a packed copy of W. Each step reads L k-values of the panel's 2 L rows (one vector per row),
 // transposes each half in registers (one vector per k and half, lane = output; W stored [K, N] needs no
@@ -341,10 +345,6 @@ inline int tile_mode(const LmulRowStat& s, int32_t emin, int32_t emax) {
 // subnormal, or exponents near the ends back: it is done again from the accumulators saved before it,
 // packed and checked, the same sums, bit for bit, as packing every block first. x's own range is known:
 // a row with Inf / NaN never comes here.
-// The GEMV's rows of a [K, N] W prefetched ahead: one row per k, ldw apart, which the hardware streamers
-// do not follow (ops.lmul_matmul, 1 x 4096 x 4096: none 3.8 ms, 32 rows 2.9, 64 rows 2.6, 128 rows 2.7-3.3).
-constexpr int64_t kRowsAhead = 64;
-
 void gemv_panel(const LmulArgs& a, int64_t p0, const LmulConst& kc_, uint32_t* pack, float* tacc) {
   const LmulRowStat& xs = a.xstat[0];
   const int64_t K = a.K, ldw = a.ldw;

@@ -24,7 +24,8 @@ HUGE_PAGE = 2 << 20
 
 def hugepages_wanted() -> bool:
     """Whether normengine asks for huge pages at all: yes unless the environment sets
-    NORMENGINE_HUGEPAGES=0 (for this weight arena, and for the host cache's blocks: ops._tensor.empty)."""
+    NORMENGINE_HUGEPAGES=0 (for this weight arena; cpp/core/host_cache.cpp reads the same variable for
+    the host cache's blocks)."""
     return os.environ.get("NORMENGINE_HUGEPAGES", "1") != "0"
 
 

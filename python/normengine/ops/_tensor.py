@@ -43,16 +43,20 @@ def empty(shape, dtype, device) -> torch.Tensor:
     ones, and 8192 x 1024 bf16 (16 MiB outputs) 5.8 ms allocating against 2.4 ms into reused buffers. The
     host cache (cpp/include/normengine/host_cache.h, as torch's CUDA caching allocator) takes the block back
     when the tensor is freed and hands it to the next output of about its size, already faulted in, on
-    2 MiB pages where the kernel gives them. Such a tensor is an ordinary
-    tensor whose storage is not resizable (as torch.from_numpy's). normengine.empty_cache() hands the cached
-    blocks back to the system; normengine.cache_info() reports them; NORMENGINE_CPU_CACHE_MB or
-    normengine.set_cache_limit caps them (default min(1 GiB, RAM / 8); 0 turns the cache off: outputs are
-    torch.empty's, as torch allocates its own)."""
+    2 MiB pages where the kernel gives them. Such a tensor is an ordinary tensor whose storage is not
+    resizable (as torch.from_numpy's). normengine.empty_cache() hands the cached blocks back to the system;
+    normengine.cache_info() reports them; NORMENGINE_CPU_CACHE_MB or normengine.set_cache_limit caps them
+    (default min(1 GiB, RAM / 8); 0 turns the cache off: outputs are torch.empty's, as torch allocates its
+    own)."""
     n = math.prod(shape) * dtype.itemsize
     if n < _CACHED or torch.device(device).type != "cpu" or not _C.host_cache_limit():
         return torch.empty(shape, dtype=dtype, device=device)
+    return _from_cache(n, shape, dtype)
 
-    storage = torch.frombuffer(_C.HostBuffer(n), dtype=torch.uint8).untyped_storage()  # holds the block
+
+def _from_cache(nbytes: int, shape, dtype) -> torch.Tensor:
+    """A contiguous CPU tensor over a block of the host cache (nbytes = its size), not a view of another."""
+    storage = torch.frombuffer(_C.HostBuffer(nbytes), dtype=torch.uint8).untyped_storage()  # holds the block
     return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
 
 
@@ -64,9 +68,10 @@ def torch_empty_like(x: torch.Tensor) -> torch.Tensor:
 def empty_like(x: torch.Tensor) -> torch.Tensor:
     """empty(x.shape, x.dtype, x.device), contiguous; below the host cache's size, torch.empty_like (a third
     of torch.empty's call overhead: 0.9 against 2-3 us, which counts in a small op's 15 us)."""
-    if x.numel() * x.element_size() < _CACHED or not x.is_cpu:
+    n = x.numel() * x.element_size()
+    if n < _CACHED or not x.is_cpu or not _C.host_cache_limit():
         return torch.empty_like(x, memory_format=torch.contiguous_format)
-    return empty(x.shape, x.dtype, x.device)
+    return _from_cache(n, x.shape, x.dtype)
 
 
 def stream_of(t: torch.Tensor) -> int:
