@@ -40,42 +40,50 @@ inline ne::DType dtype_of(const DLDataType& t, const char* name) {
 // this path does not know (a dtype outside the table, a device other than CPU / CUDA, a non-strided
 // layout, a lazily negated view, no torch at all) goes through DLPack, which also raises the errors.
 struct TorchTypes {
-  bool ok = false;
   py::object tensor, strided;
   std::vector<std::pair<py::object, ne::DType>> dtypes;
   // attribute names, interned once (a name made from a C string per lookup cost ~0.1 us each)
   py::object layout, is_neg, dtype, is_cpu, is_cuda, get_device, shape, stride, data_ptr;
 };
 
-inline const TorchTypes& torch_types() {
-  static TorchTypes* t = [] {
-    auto* r = new TorchTypes();  // never freed: outlives the interpreter's module teardown safely
-    try {
-      py::module_ torch = py::module_::import("torch");
-      r->tensor = torch.attr("Tensor");
-      r->strided = torch.attr("strided");
-      const std::pair<const char*, ne::DType> table[] = {
-          {"float32", ne::DType::F32}, {"float16", ne::DType::F16}, {"bfloat16", ne::DType::BF16},
-          {"float64", ne::DType::F64}, {"int8", ne::DType::I8},     {"int32", ne::DType::I32},
-          {"int64", ne::DType::I64},   {"uint8", ne::DType::U8},    {"bool", ne::DType::Bool}};
-      for (const auto& e : table) r->dtypes.emplace_back(torch.attr(e.first), e.second);
-      auto name = [](const char* n) { return py::reinterpret_steal<py::object>(PyUnicode_InternFromString(n)); };
-      r->layout = name("layout");
-      r->is_neg = name("is_neg");
-      r->dtype = name("dtype");
-      r->is_cpu = name("is_cpu");
-      r->is_cuda = name("is_cuda");
-      r->get_device = name("get_device");
-      r->shape = name("shape");
-      r->stride = name("stride");
-      r->data_ptr = name("data_ptr");
-      r->ok = true;
-    } catch (const py::error_already_set&) {
-      r->ok = false;  // no torch: numpy arrays and other producers use DLPack
-    }
-    return r;
-  }();
-  return *t;
+// torch's types, once this process has imported torch; nullptr before (then nothing passed in can be a
+// torch tensor). The binding never imports torch itself: normengine.load of a checkpoint Model.save
+// wrote runs on numpy arrays in a process without torch (python/normengine/_lite.py).
+inline const TorchTypes* torch_types() {
+  static TorchTypes* t = nullptr;  // set once, under the GIL; never freed (outlives module teardown)
+  if (t) return t;
+  py::object torch_name = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("torch"));
+  PyObject* mod = PyImport_GetModule(torch_name.ptr());  // a new reference, or NULL when not imported
+  if (!mod) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  py::module_ torch = py::reinterpret_steal<py::module_>(mod);
+  auto* r = new TorchTypes();
+  try {
+    r->tensor = torch.attr("Tensor");
+    r->strided = torch.attr("strided");
+    const std::pair<const char*, ne::DType> table[] = {
+        {"float32", ne::DType::F32}, {"float16", ne::DType::F16}, {"bfloat16", ne::DType::BF16},
+        {"float64", ne::DType::F64}, {"int8", ne::DType::I8},     {"int32", ne::DType::I32},
+        {"int64", ne::DType::I64},   {"uint8", ne::DType::U8},    {"bool", ne::DType::Bool}};
+    for (const auto& e : table) r->dtypes.emplace_back(torch.attr(e.first), e.second);
+  } catch (const py::error_already_set&) {  // torch still importing (a call from its own import): later
+    delete r;
+    return nullptr;
+  }
+  auto name = [](const char* n) { return py::reinterpret_steal<py::object>(PyUnicode_InternFromString(n)); };
+  r->layout = name("layout");
+  r->is_neg = name("is_neg");
+  r->dtype = name("dtype");
+  r->is_cpu = name("is_cpu");
+  r->is_cuda = name("is_cuda");
+  r->get_device = name("get_device");
+  r->shape = name("shape");
+  r->stride = name("stride");
+  r->data_ptr = name("data_ptr");
+  t = r;
+  return t;
 }
 
 // obj.<name> and obj.<name>() with an interned name (no bound method object for the call)
@@ -91,8 +99,9 @@ inline py::object call_method(py::handle obj, const py::object& name) {
 }
 
 inline bool torch_view(py::handle obj, const char* name, TensorView& v) {
-  const TorchTypes& tt = torch_types();
-  if (!tt.ok || !PyObject_TypeCheck(obj.ptr(), reinterpret_cast<PyTypeObject*>(tt.tensor.ptr()))) return false;
+  const TorchTypes* types = torch_types();
+  if (!types || !PyObject_TypeCheck(obj.ptr(), reinterpret_cast<PyTypeObject*>(types->tensor.ptr()))) return false;
+  const TorchTypes& tt = *types;
   {
     const py::object layout = get_attr(obj, tt.layout);
     if (!layout.is(tt.strided))  // sparse / mkldnn tensors have no strided memory to read
@@ -144,7 +153,9 @@ inline const TensorView& with_memory(const TensorView& v, const char* name) {
   return v;
 }
 
-inline TensorView view_of(py::handle obj, const char* name, Borrowed& b) {
+// u16_as_bf16: a 16-bit unsigned array holds bfloat16 bit patterns (numpy has no bfloat16; normengine's
+// torch-free load keeps bfloat16 weights as uint16 arrays).
+inline TensorView view_of(py::handle obj, const char* name, Borrowed& b, bool u16_as_bf16 = false) {
   if (obj.is_none()) throw ne::ValueError(std::string(name) + ": expected a tensor, got None");
   {
     TensorView v;
@@ -171,7 +182,8 @@ inline TensorView view_of(py::handle obj, const char* name, Borrowed& b) {
     throw ne::ShapeError(std::string(name) + ": at most " + std::to_string(ne::kMaxDims) + " dimensions supported");
   TensorView v;
   v.name = name;
-  v.dtype = dtype_of(t->dtype, name);
+  const bool bf16_bits = u16_as_bf16 && t->dtype.code == kDLUInt && t->dtype.bits == 16 && t->dtype.lanes == 1;
+  v.dtype = bf16_bits ? ne::DType::BF16 : dtype_of(t->dtype, name);
   v.data = static_cast<char*>(t->data) + t->byte_offset;
   v.ndim = t->ndim;
   int64_t st = 1;

@@ -111,12 +111,13 @@ void bind_runner(py::module_& m) {
            py::arg("spec"), py::arg("slots"), py::arg("ctx"))
       .def(
           "set_tensor",
-          [](ne::Runner& r, const std::string& name, py::handle t) {
+          [](ne::Runner& r, const std::string& name, py::handle t, bool bf16) {
             Borrowed b;
-            TensorView v = view_of(t, name.c_str(), b);
+            TensorView v = view_of(t, name.c_str(), b, bf16);
             r.set_tensor(name, v);
           },
-          py::arg("name"), py::arg("tensor"), "Hand over a weight; the caller keeps it alive.")
+          py::arg("name"), py::arg("tensor"), py::arg("bf16") = false,
+          "Hand over a weight; the caller keeps it alive. bf16=True: a uint16 array (numpy) of bfloat16 bits.")
       .def("set_quant_tensor", &set_quant_tensor<ne::Runner>, py::arg("name"), py::arg("format"), py::arg("data"),
            py::arg("scale"), py::arg("zero"), py::arg("group"),
            "Hand over a quantized linear weight (QWeight layout); the caller keeps the tensors alive.")

@@ -1,6 +1,8 @@
 """normengine: normalization fused into linear layers, L-Mul, quantized GEMMs and linear attention as
 native CPU/CUDA kernels, with PyTorch autograd ops and a native transformer runner."""
 
+import sys
+
 from . import _C
 from . import errors
 from .errors import (
@@ -72,11 +74,26 @@ def set_cache_limit(nbytes: int) -> None:
     _C.host_cache_set_limit(nbytes)
 
 
-from . import ops  # noqa: E402
-from . import nn  # noqa: E402
-from . import reference  # noqa: E402
 from .config import ModelConfig  # noqa: E402
 from .model import Model, load  # noqa: E402
+
+# ops, nn and reference are torch code: they are imported on first use (normengine.ops, or
+# `from normengine import ops`), so that a process that only loads and generates never imports torch
+# (normengine.load of a checkpoint Model.save wrote needs none). Where torch is already imported they
+# load at once, which also registers the torch.ops.normengine custom ops as before.
+_TORCH_SUBMODULES = ("ops", "nn", "reference")
+
+
+def __getattr__(name):
+    if name in _TORCH_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if "torch" in sys.modules:
+    from . import nn, ops, reference  # noqa: E402,F401
 
 __all__ = [
     "load",

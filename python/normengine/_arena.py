@@ -14,10 +14,11 @@ it goes: one pass over the weights, no second copy of them. Where the kernel has
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 
-import torch
+import numpy as np
 
 HUGE_PAGE = 2 << 20
 
@@ -32,8 +33,8 @@ def hugepages_wanted() -> bool:
 _ALIGN = 64
 
 
-def hugepage_buffer(nbytes: int) -> torch.Tensor:
-    """A uint8 CPU tensor of nbytes, 2 MiB aligned, advised to the kernel as huge-page memory (where
+def hugepage_array(nbytes: int) -> np.ndarray:
+    """A uint8 numpy array of nbytes, 2 MiB aligned, advised to the kernel as huge-page memory (where
     the platform has madvise(MADV_HUGEPAGE), unless the environment sets NORMENGINE_HUGEPAGES=0); its
     pages are not touched yet. Private anonymous memory
     (a shared mapping would be shmem, which THP's "madvise" setting leaves on small pages). It lives
@@ -42,9 +43,9 @@ def hugepage_buffer(nbytes: int) -> torch.Tensor:
     try:
         mm = mmap.mmap(-1, span + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except (AttributeError, TypeError):  # no POSIX mmap flags (Windows): ordinary memory
-        return torch.empty(nbytes, dtype=torch.uint8)
-    whole = torch.frombuffer(mm, dtype=torch.uint8)  # holds a reference to mm
-    start = (-whole.data_ptr()) % HUGE_PAGE
+        return np.empty(nbytes, dtype=np.uint8)
+    whole = np.frombuffer(mm, dtype=np.uint8)  # holds a reference to mm
+    start = (-whole.ctypes.data) % HUGE_PAGE
     advise = getattr(mmap, "MADV_HUGEPAGE", None)
     if advise is not None and hugepages_wanted():
         try:
@@ -54,12 +55,31 @@ def hugepage_buffer(nbytes: int) -> torch.Tensor:
     return whole[start:start + nbytes]
 
 
+def hugepage_buffer(nbytes: int):
+    """hugepage_array as a uint8 torch tensor (sharing its memory)."""
+    import torch
+
+    return torch.from_numpy(hugepage_array(nbytes))
+
+
+def _is_torch_dtype(dtype) -> bool:
+    return type(dtype).__module__ == "torch"
+
+
+def _itemsize(dtype) -> int:
+    if _is_torch_dtype(dtype):
+        return dtype.itemsize
+    return np.dtype(dtype).itemsize
+
+
 class Arena:
-    """Slots carved in order from one hugepage_buffer of at most `nbytes` (the sum of what will be
-    taken plus 64 bytes each for alignment)."""
+    """Slots carved in order from one hugepage_array of at most `nbytes` (the sum of what will be
+    taken plus 64 bytes each for alignment): torch tensors for a torch dtype, numpy arrays for a
+    numpy one (normengine._lite's torch-free load)."""
 
     def __init__(self, nbytes: int):
-        self.buf = hugepage_buffer(nbytes)
+        self.buf = hugepage_array(nbytes)
+        self._tbuf = None
         self.used = 0
         try:
             self._trim = ctypes.CDLL(None).malloc_trim
@@ -70,19 +90,25 @@ class Arena:
     @staticmethod
     def room(shape, dtype) -> int:
         """Bytes to reserve for one slot of this shape and dtype."""
-        return _ALIGN + torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        return _ALIGN + math.prod(shape) * _itemsize(dtype)
 
-    def take(self, shape, dtype, follow: bool = False) -> torch.Tensor:
+    def take(self, shape, dtype, follow: bool = False):
         """A contiguous slot; follow=True puts it right after the previous one (no padding: tensors
         the runner reads as one back-to-back matrix), else at the next 64-byte boundary."""
-        size = torch.empty((), dtype=dtype).element_size()
-        n = torch.Size(shape).numel() * size
+        size = _itemsize(dtype)
+        n = math.prod(shape) * size
         align = size if follow else _ALIGN
         start = -(-self.used // align) * align
-        if start + n > self.buf.numel():
+        if start + n > self.buf.size:
             raise AssertionError("arena: slot past the reserved size")  # internal: room() was summed wrong
         self.used = start + n
-        return self.buf[start:start + n].view(dtype).view(shape)
+        if _is_torch_dtype(dtype):
+            if self._tbuf is None:  # one torch view of the whole buffer: every slot shares its storage
+                import torch
+
+                self._tbuf = torch.from_numpy(self.buf)
+            return self._tbuf[start:start + n].view(dtype).view(tuple(shape))
+        return self.buf[start:start + n].view(dtype).reshape(tuple(shape))
 
     def freed(self, nbytes: int) -> None:
         """A source of nbytes was dropped: glibc keeps freed heap chunks (those under its 32 MB mmap

@@ -66,15 +66,20 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _load(args):
-    import torch
-
     import normengine as ne
 
-    dtype = getattr(torch, _DTYPES[args.dtype]) if getattr(args, "dtype", None) else None
+    # torch only where an option names a torch dtype: a checkpoint `normengine convert` wrote then
+    # loads and generates without it (normengine.load's torch-free path)
+    dtype = kv = None
+    if getattr(args, "dtype", None) or args.kv_cache == "bfloat16":
+        import torch
+
+        dtype = getattr(torch, _DTYPES[args.dtype]) if getattr(args, "dtype", None) else None
+        kv = torch.bfloat16 if args.kv_cache == "bfloat16" else None
     return ne.load(args.path, device=args.device, dtype=dtype, norm=args.norm, quant=args.quant,
                    group_size=args.group_size, attention=args.attention, arithmetic=args.arithmetic,
                    lmul_bits=args.lmul_bits, lmul_scope=args.lmul_scope, matmul_precision=args.matmul_precision,
-                   kv_cache_dtype=torch.bfloat16 if args.kv_cache == "bfloat16" else None)
+                   kv_cache_dtype=kv)
 
 
 def cmd_generate(args) -> int:
@@ -143,6 +148,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    """Load a checkpoint with the given options and write the result (Model.save): norms folded, and
+    converted or quantized as asked, for normengine.load to read back as it is (without torch, when
+    neither quantized nor loaded with options that need it)."""
+    from normengine.errors import NormEngineError
+
+    try:
+        model = _load(args)
+        model.save(args.out)
+    except (NormEngineError, OSError) as e:
+        print(f"normengine: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {model!r}")
+    return 0
+
+
 def _model_options(p) -> None:
     """The load-time options shared by `generate` and `info` (normengine.load's arguments)."""
     p.add_argument("--norm", choices=["layernorm", "rmsnorm", "crmsnorm"], default=None,
@@ -200,6 +221,22 @@ def main(argv=None) -> int:
     i.add_argument("--context", type=int, default=None,
                    help="with --arithmetic lmul: context length of the energy estimate (default: half the model's)")
     i.set_defaults(fn=cmd_info)
+    c = sub.add_parser("convert", help="write a checkpoint as normengine.load reads it fastest (norms folded, "
+                                       "converted / quantized as asked)")
+    c.add_argument("path", nargs="?", default=None, help="source checkpoint (default: the shipped model)")
+    c.add_argument("out", help="directory to write (config.json, model.safetensors, tokenizer.json)")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--dtype", choices=list(_DTYPES), default=None, help="linear weights' dtype (default: as stored)")
+    c.add_argument("--norm", choices=["layernorm", "rmsnorm", "crmsnorm"], default=None,
+                   help="convert the normalization (exact transforms; default: keep, gains folded)")
+    c.add_argument("--quant", choices=["int8", "int8-weight", "int4", "fp8"], default=None,
+                   help="quantize the linear weights")
+    c.add_argument("--group-size", type=int, default=None, help="int4 group size / fp8 block (with --quant)")
+    c.add_argument("--attention", choices=["softmax", "linear", "mala", "norm"], default=None,
+                   help="read the attention weights with another attention type")
+    # what only the run uses (the arithmetic, the KV cache) is not saved: the defaults
+    c.set_defaults(fn=cmd_convert, arithmetic=None, lmul_bits=4, lmul_scope="attention", matmul_precision="highest",
+                   kv_cache="float32")
     o = sub.add_parser("ops", help="check and time the native norm ops against torch on this machine")
     o.add_argument("--rows", type=_int_at_least(1), default=4096)
     o.add_argument("--cols", type=_int_at_least(1), default=4096)

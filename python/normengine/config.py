@@ -53,6 +53,14 @@ QUANT_FORMATS = ("int8", "int8-weight", "int4", "fp8")
 QUANT_LINEAR = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.gate", "mlp.down")
 
 
+def bf16_products(matmul_precision: str) -> bool:
+    """Whether `matmul_precision` ("highest" | "medium", as torch.set_float32_matmul_precision) lets the
+    kernels multiply bfloat16-rounded operands (the AMX-BF16 path of the native GEMMs)."""
+    if matmul_precision not in ("highest", "medium"):
+        raise ArgumentError(f"matmul_precision: expected 'highest' or 'medium', got {matmul_precision!r}")
+    return matmul_precision == "medium"
+
+
 @dataclass
 class ModelConfig:
     arch: str                      # source architecture family: "gpt2" or "llama"

@@ -2,20 +2,26 @@
 
 The Model hands every weight to the C++ runner once (zero-copy views of tensors it keeps alive);
 prefill, decode, the KV cache and sampling run natively. Python only shapes the inputs, streams
-the outputs and decodes text."""
+the outputs and decodes text.
+
+Importing this module imports no torch: a checkpoint Model.save wrote, loaded on the CPU with the
+default options, is read, placed and run without it (normengine._lite), and its Model generates
+without it too. The methods that make or take torch tensors (logits, the tensors dict, save,
+copies) import torch when called."""
 
 from __future__ import annotations
 
 import os
+import random
+import sys
 import threading
 from typing import Iterable, Iterator
 
-import torch
+import numpy as np
 
 from . import _C
-from .config import ModelConfig
+from .config import ModelConfig, bf16_products
 from .errors import ArgumentError, DeviceError, DTypeError, NumericalError, ShapeError, UnsupportedError
-from .ops._tensor import bf16_products, empty
 
 _NORM_KIND = {"layernorm": 0, "rmsnorm": 1, "crmsnorm": 2, "none": -1}
 _ACT = {"gelu_tanh": 0, "gelu": 1, "silu": 2, "relu": 3}
@@ -23,7 +29,28 @@ _ATTN = {"softmax": 0, "linear": 1, "mala": 2, "norm": 3}
 _FMAP = {"elu1": 0, "relu": 1, "identity": 2}
 _QFORMAT = {"int8": 0, "int8-weight": 1, "int4": 2, "fp8": 3}
 _LMUL_SCOPES = {"attention": 1, "all": 2}
-_WEIGHT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _torch_if_loaded():
+    """The torch module if this process has imported it, else None (then no argument can be a tensor)."""
+    return sys.modules.get("torch")
+
+
+def _is_tensor(x) -> bool:
+    torch = _torch_if_loaded()
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _is_weight_dtype(dtype) -> bool:
+    """torch.float32, bfloat16 or float16: the dtypes the runner's linear weights come in."""
+    torch = _torch_if_loaded()
+    return torch is not None and dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _is_vector(name: str) -> bool:
@@ -31,8 +58,17 @@ def _is_vector(name: str) -> bool:
 
 
 def _parts(t) -> tuple:
-    """The tensors a weight is made of: itself, or a packed weight's data, scales (and zero points)."""
-    return (t,) if isinstance(t, torch.Tensor) else tuple(t.tensors().values())
+    """The tensors a weight is made of: itself (a torch tensor, or a numpy array of a torch-free load),
+    or a packed weight's data, scales (and zero points)."""
+    return (t,) if isinstance(t, np.ndarray) or _is_tensor(t) else tuple(t.tensors().values())
+
+
+def _nbytes(p) -> int:
+    return p.nbytes if isinstance(p, np.ndarray) else p.numel() * p.element_size()
+
+
+def _address(p) -> int:
+    return p.ctypes.data if isinstance(p, np.ndarray) else p.data_ptr()
 
 
 def _stop_prefix_len(text: str, stops) -> int:
@@ -55,6 +91,8 @@ class Model:
                  path: str | None = None, arithmetic: str | None = None, lmul_bits: int = 4,
                  lmul_scope: str = "attention", matmul_precision: str = "highest", kv_cache_dtype=None,
                  _owned: bool = False):
+        import torch
+
         from . import _arena
         from .checkpoint.safetensors_io import copy_releasing, release_pages
         from .ops.quant import QuantizedWeight
@@ -66,34 +104,13 @@ class Model:
             dev = _cuda_device(dev, device)
         elif dev.type != "cpu":
             raise DeviceError(f"device: expected 'cpu' or 'cuda', got {device!r}")
-        if dtype is not None and dtype not in _WEIGHT_DTYPES:
+        if dtype is not None and not _is_weight_dtype(dtype):
             raise DTypeError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
-        if arithmetic not in (None, "exact", "lmul"):
-            raise ArgumentError(f"arithmetic: expected None, 'exact' or 'lmul', got {arithmetic!r}")
-        if arithmetic == "lmul":
-            if lmul_scope not in _LMUL_SCOPES:
-                raise ArgumentError(f"lmul_scope: expected 'attention' or 'all', got {lmul_scope!r}")
-            if isinstance(lmul_bits, bool) or not isinstance(lmul_bits, int) or not 1 <= lmul_bits <= 23:
-                raise ArgumentError(f"lmul_bits: expected an int mantissa width in 1..23, got {lmul_bits!r}")
-            if lmul_scope == "all" and config.quantization is not None:
-                raise ArgumentError("arithmetic='lmul' with lmul_scope='all' needs full-precision weights, "
-                                    f"but the model is quantized ({config.quantization})")
-            if lmul_scope == "all":
-                dtype = torch.float32  # L-Mul reads float32 operands
-        bf16_products(matmul_precision)  # a bad value raises here, at load
-        self.matmul_precision = matmul_precision
-        if kv_cache_dtype not in (None, torch.float32, torch.bfloat16):
-            raise DTypeError(f"kv_cache_dtype: expected None, torch.float32 or torch.bfloat16, got {kv_cache_dtype}")
-        self.kv_cache_dtype = torch.bfloat16 if kv_cache_dtype == torch.bfloat16 else torch.float32
-        if self.kv_cache_dtype == torch.bfloat16 and arithmetic == "lmul":
-            raise ArgumentError("kv_cache_dtype=torch.bfloat16: L-Mul attention reads a float32 KV cache")
-        self.arithmetic = "lmul" if arithmetic == "lmul" else "exact"
-        self.lmul_bits = int(lmul_bits) if arithmetic == "lmul" else 0
-        self.lmul_scope = lmul_scope if arithmetic == "lmul" else None
-        self.config = config
+        if self._set_options(config, arithmetic, lmul_bits, lmul_scope, matmul_precision, kv_cache_dtype):
+            dtype = torch.float32  # L-Mul reads float32 operands
         self.path = path
         self.tokenizer = tokenizer
-        self.device = dev
+        self._device = dev
         # Linear weights and embeddings in the requested dtype (or as stored); norm gains and biases
         # in float32, as the kernels read them. Tensors shared in the checkpoint stay shared.
         # _owned (normengine.load): `tensors` is ours to consume; each source leaves the dict once
@@ -111,7 +128,7 @@ class Model:
                 continue
             if not t.is_floating_point():
                 raise DTypeError(f"{names[0]}: expected a floating-point tensor, got {t.dtype}")
-            want = torch.float32 if vec else (dtype or (t.dtype if t.dtype in _WEIGHT_DTYPES else torch.float32))
+            want = torch.float32 if vec else (dtype or (t.dtype if _is_weight_dtype(t.dtype) else torch.float32))
             plans.append((names, t, want))
         # normengine.load on the CPU: every weight is written into its slot of one huge-page arena
         # (normengine._arena: fewer TLB misses while a decode step streams them), [q; k; v] and
@@ -159,11 +176,57 @@ class Model:
             for group in _ADJACENT:
                 for suffix in (".weight", ".bias"):
                     _make_adjacent(converted, [p + g + suffix for g in group], release_pages if _owned else None)
-        self.tensors = converted
-        self.dtype = dtype or next(
+        self._weights, self._arrays = converted, False
+        self._dtype = dtype or next(
             (t.dtype for n, t in converted.items() if n.endswith("attn.q.weight") and isinstance(t, torch.Tensor)),
             torch.float32,
         )
+        self._init_runtime()
+
+    def _set_options(self, config, arithmetic, lmul_bits, lmul_scope, matmul_precision, kv_cache_dtype) -> bool:
+        """Check and record the run options (both constructors); True when they need float32 weights."""
+        if arithmetic not in (None, "exact", "lmul"):
+            raise ArgumentError(f"arithmetic: expected None, 'exact' or 'lmul', got {arithmetic!r}")
+        f32 = False
+        if arithmetic == "lmul":
+            if lmul_scope not in _LMUL_SCOPES:
+                raise ArgumentError(f"lmul_scope: expected 'attention' or 'all', got {lmul_scope!r}")
+            if isinstance(lmul_bits, bool) or not isinstance(lmul_bits, int) or not 1 <= lmul_bits <= 23:
+                raise ArgumentError(f"lmul_bits: expected an int mantissa width in 1..23, got {lmul_bits!r}")
+            if lmul_scope == "all" and config.quantization is not None:
+                raise ArgumentError("arithmetic='lmul' with lmul_scope='all' needs full-precision weights, "
+                                    f"but the model is quantized ({config.quantization})")
+            f32 = lmul_scope == "all"
+        bf16_products(matmul_precision)  # a bad value raises here, at load
+        self.matmul_precision = matmul_precision
+        torch = _torch_if_loaded()
+        if kv_cache_dtype is not None and (torch is None or kv_cache_dtype not in (torch.float32, torch.bfloat16)):
+            raise DTypeError(f"kv_cache_dtype: expected None, torch.float32 or torch.bfloat16, got {kv_cache_dtype}")
+        self._kv_bf16 = torch is not None and kv_cache_dtype == torch.bfloat16
+        if self._kv_bf16 and arithmetic == "lmul":
+            raise ArgumentError("kv_cache_dtype=torch.bfloat16: L-Mul attention reads a float32 KV cache")
+        self.arithmetic = "lmul" if arithmetic == "lmul" else "exact"
+        self.lmul_bits = int(lmul_bits) if arithmetic == "lmul" else 0
+        self.lmul_scope = lmul_scope if arithmetic == "lmul" else None
+        self.config = config
+        return f32
+
+    @classmethod
+    def _from_arrays(cls, config: ModelConfig, arrays: dict, dtype: str, *, path=None, tokenizer=None,
+                     arithmetic=None, lmul_bits: int = 4, lmul_scope: str = "attention",
+                     matmul_precision: str = "highest") -> "Model":
+        """A CPU model over numpy arrays the runner reads as they are (normengine._lite: final dtypes,
+        contiguous, [q; k; v] and [gate; up] adjacent); dtype names the linear weights' dtype."""
+        self = cls.__new__(cls)
+        if self._set_options(config, arithmetic, lmul_bits, lmul_scope, matmul_precision, None) \
+                and dtype != "float32":
+            raise AssertionError("_from_arrays: L-Mul over every matmul needs float32 weights")  # _lite checks
+        self.path, self.tokenizer, self._device = path, tokenizer, "cpu"
+        self._weights, self._arrays, self._dtype = arrays, True, dtype
+        self._init_runtime()
+        return self
+
+    def _init_runtime(self) -> None:
         self._runner = None
         self._slots = self._ctx = 0
         # The runner (its KV caches) serves one call at a time: _lock is held for each step, and
@@ -174,6 +237,55 @@ class Model:
         self._lock = threading.RLock()
         self._user = None
         self._handed = self._handed_tensors = None
+
+    # ------------------------------------------------------------------ torch views of the state
+    @property
+    def tensors(self) -> dict:
+        """The weights by canonical name: torch tensors (or packed QuantizedWeights) the runner reads in
+        place. A torch-free load holds numpy arrays: they become torch views of the same memory on
+        first use here (importing torch)."""
+        if self._arrays:
+            from .checkpoint.safetensors_io import as_torch
+
+            with self._lock:
+                if self._arrays:
+                    current = self._runner is not None and not self._stale()
+                    views: dict = {}
+                    for a in self._weights.values():
+                        if id(a) not in views:
+                            views[id(a)] = as_torch(a)
+                    self._weights = {n: views[id(a)] for n, a in self._weights.items()}
+                    self._arrays = False
+                    if current:  # the same memory: the runner stays valid
+                        self._handed = self._weights_state()
+        return self._weights
+
+    @tensors.setter
+    def tensors(self, value: dict) -> None:
+        self._weights, self._arrays = value, False
+
+    @property
+    def dtype(self):
+        """The linear weights' torch dtype."""
+        return getattr(_torch(), self._dtype) if isinstance(self._dtype, str) else self._dtype
+
+    @property
+    def device(self):
+        """The torch.device the model runs on."""
+        return _torch().device(self._device) if isinstance(self._device, str) else self._device
+
+    @property
+    def kv_cache_dtype(self):
+        """torch.float32 or torch.bfloat16: the softmax layers' K and V cache."""
+        torch = _torch()
+        return torch.bfloat16 if self._kv_bf16 else torch.float32
+
+    @property
+    def _cuda(self) -> bool:
+        return not isinstance(self._device, str) and self._device.type == "cuda"
+
+    def _dtype_name(self) -> str:
+        return str(self._dtype).replace("torch.", "")
 
     # ------------------------------------------------------------------ copies
     _RUNTIME = ("_runner", "_slots", "_ctx", "_lock", "_user", "_handed", "_handed_tensors")
@@ -196,7 +308,7 @@ class Model:
         state = self._state()
         done: dict = {}
         tensors = {}
-        for name, t in self.tensors.items():
+        for name, t in self.tensors.items():  # (torch views, for a torch-free load)
             if id(t) not in done:
                 if is_quantized(t):
                     parts = {key: compact(p) for key, p in t.tensors().items()}
@@ -204,7 +316,7 @@ class Model:
                 else:
                     done[id(t)] = compact(t)
             tensors[name] = done[id(t)]
-        state["tensors"] = tensors
+        state["_weights"], state["_arrays"] = tensors, False
         return state
 
     def __deepcopy__(self, memo):
@@ -214,14 +326,13 @@ class Model:
 
         new = Model.__new__(Model)
         memo[id(self)] = new
+        self.tensors  # noqa: B018 (torch views first, for a torch-free load: deepcopy copies tensors)
         new.__setstate__(copy.deepcopy(self._state(), memo))
         return new
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._runner, self._slots, self._ctx = None, 0, 0
-        self._lock, self._user = threading.RLock(), None
-        self._handed = self._handed_tensors = None
+        self._init_runtime()
 
     # ------------------------------------------------------------------ runner management
     def _spec(self) -> dict:
@@ -236,7 +347,7 @@ class Model:
             linear_normalize=bool(c.linear_normalize), norm_attention_norm=0 if c.norm_attention_norm == "rms" else 1,
             linear_eps=float(c.linear_eps), lmul_scope=_LMUL_SCOPES.get(self.lmul_scope, 0),
             lmul_bits=self.lmul_bits or 4, bf16_products=bf16_products(self.matmul_precision),
-            kv_bf16=self.kv_cache_dtype == torch.bfloat16,
+            kv_bf16=self._kv_bf16,
         )
 
     def _runner_for(self, slots: int, ctx: int, user=None):
@@ -256,21 +367,23 @@ class Model:
             slots = max(slots, self._slots)
             ctx = max(ctx, self._ctx)
             self._runner = None  # free the old caches first
-            if self.device.type == "cuda":
-                r = _C.CudaRunner(self._spec(), slots, ctx, self.device.index)
+            if self._cuda:
+                r = _C.CudaRunner(self._spec(), slots, ctx, self._device.index)
             else:
                 r = _C.Runner(self._spec(), slots, ctx)
-            from .convert.quant import is_quantized
+            from .checkpoint.safetensors_io import is_bf16
 
-            for name, t in self.tensors.items():
-                if is_quantized(t):
+            for name, t in self._weights.items():
+                if isinstance(t, np.ndarray):  # a torch-free load's
+                    r.set_tensor(name, t, is_bf16(t))
+                elif _is_tensor(t):
+                    r.set_tensor(name, t)
+                else:  # a packed weight
                     r.set_quant_tensor(name, _QFORMAT[t.format], t.data, t.scale, t.zero,
                                        t.group_size if t.format in ("int4", "fp8") else 0)
-                else:
-                    r.set_tensor(name, t)
             r.finalize()
             self._runner, self._slots, self._ctx = r, slots, ctx
-            self._handed_tensors = dict(self.tensors)  # kept alive for as long as the runner reads them
+            self._handed_tensors = dict(self._weights)  # kept alive for as long as the runner reads them
             self._handed = self._weights_state()
         for s in range(slots):
             self._runner.reset(s)
@@ -284,8 +397,8 @@ class Model:
     def _weights_state(self) -> tuple:
         """Identity and version counter of every weight tensor (those of packed weights included)."""
         state = []
-        for name, t in self.tensors.items():
-            state.append((name, id(t)) + tuple(p._version for p in _parts(t) if isinstance(p, torch.Tensor)))
+        for name, t in self._weights.items():  # (a numpy array has no version counter)
+            state.append((name, id(t)) + tuple(getattr(p, "_version", 0) for p in _parts(t)))
         return tuple(state)
 
     def _fused_norms(self) -> bool:
@@ -296,8 +409,8 @@ class Model:
 
     def _forward(self, r, slots, tokens, lens, logits, all_logits: bool) -> None:
         """One runner step. On CUDA it is enqueued on torch's current stream (logits: a CUDA tensor)."""
-        if self.device.type == "cuda":
-            r.forward(slots, tokens, lens, logits, all_logits, torch.cuda.current_stream(self.device).cuda_stream)
+        if self._cuda:
+            r.forward(slots, tokens, lens, logits, all_logits, _torch().cuda.current_stream(self._device).cuda_stream)
         else:
             r.forward(slots, tokens, lens, logits, all_logits)
 
@@ -306,14 +419,14 @@ class Model:
     def _as_id_lists(ids, what):
         """Token ids in a numpy array or an int tensor, [T] or [B, T], as a list or a list of lists;
         anything else unchanged (checked as lists later)."""
-        import numpy as np
-
         if isinstance(ids, np.ndarray):
             if ids.dtype.kind not in "iu":
                 raise DTypeError(f"{what}: expected integer token ids, got a numpy array of {ids.dtype}")
-            ids = torch.from_numpy(ids.astype(np.int64, copy=False))
-        if isinstance(ids, torch.Tensor):
-            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            if ids.ndim not in (1, 2):
+                raise ShapeError(f"{what}: expected shape [T] or [B, T], got {tuple(ids.shape)}")
+            return ids.tolist()
+        if _is_tensor(ids):
+            if ids.dtype.is_floating_point or ids.dtype == _torch().bool:
                 raise DTypeError(f"{what}: expected integer token ids, got a tensor of {ids.dtype}")
             if ids.dim() not in (1, 2):
                 raise ShapeError(f"{what}: expected shape [T] or [B, T], got {tuple(ids.shape)}")
@@ -321,7 +434,7 @@ class Model:
         return ids
 
     def _check_ids(self, seq, what="prompt") -> list:
-        if isinstance(seq, torch.Tensor):
+        if _is_tensor(seq):
             seq = seq.tolist()
         if not isinstance(seq, (list, tuple)):
             raise DTypeError(f"{what}: expected a list of token ids, got {type(seq).__name__}")
@@ -331,8 +444,6 @@ class Model:
         for i, t in enumerate(seq):
             if isinstance(t, bool) or not isinstance(t, int):
                 try:
-                    import numpy as np
-
                     if isinstance(t, np.integer):
                         t = int(t)
                     else:
@@ -347,14 +458,19 @@ class Model:
     def _batch_ids(self, ids) -> tuple[list, bool]:
         """(list of id lists, was_batched)."""
         ids = self._as_id_lists(ids, "ids")
-        if isinstance(ids, (list, tuple)) and ids and isinstance(ids[0], (list, tuple, torch.Tensor)):
+        if isinstance(ids, (list, tuple)) and ids and (isinstance(ids[0], (list, tuple)) or _is_tensor(ids[0])):
             return [self._check_ids(r, f"ids[{i}]") for i, r in enumerate(ids)], True
         return [self._check_ids(ids, "ids")], False
 
     # ------------------------------------------------------------------ logits
-    def logits(self, ids) -> torch.Tensor:
+    def logits(self, ids):
         """Logits of every position: ids is a list of ids, a list of equal-length lists, or an int
-        tensor [B, T]; returns float32 [B, T, vocab] (a 1-D input still gets B = 1), on the model's device."""
+        tensor [B, T]; returns a float32 torch tensor [B, T, vocab] (a 1-D input still gets B = 1), on
+        the model's device."""
+        import torch
+
+        from .ops._tensor import empty
+
         seqs, _ = self._batch_ids(ids)
         T = len(seqs[0])
         if any(len(s) != T for s in seqs):
@@ -458,24 +574,39 @@ class Model:
             return
         B = len(ids)
         ctx = min(self.config.max_seq_len, max(len(s) for s in ids) + max_new)
-        base = seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        torch = _torch_if_loaded()  # None in a torch-free process: numpy buffers then
+        if seed is not None:
+            base = seed
+        elif torch is not None:  # torch.manual_seed governs unseeded sampling, as torch's own
+            base = int(torch.randint(0, 2**62, (1,)).item())
+        else:
+            base = random.SystemRandom().getrandbits(62)
         samplers = [_C.Sampler((base + i) % 2**64) for i in range(B)]  # any int seed (negative, huge) works
         vocab = self.config.vocab_size
-        on_gpu = self.device.type == "cuda"
-        logits = torch.empty(B, vocab, dtype=torch.float32, device=self.device)
-        tokens = torch.tensor([t for s in ids for t in s], dtype=torch.int32)
-        lens = torch.tensor([len(s) for s in ids], dtype=torch.int32)
+        on_gpu = self._cuda
+
+        def ints(values):  # an int32 vector for the runner (torch's binding path is the faster one)
+            if torch is None:
+                return np.array(values, dtype=np.int32)
+            return torch.tensor(values, dtype=torch.int32)
+
+        if torch is None:
+            logits = np.empty((B, vocab), dtype=np.float32)
+        else:
+            logits = torch.empty(B, vocab, dtype=torch.float32, device=self.device)
+        tokens = ints([t for s in ids for t in s])
+        lens = ints([len(s) for s in ids])
         active = list(range(B))
         me = object()  # this generation, as the runner's user
         # the decode step's inputs, made once and reused (new tensors each step cost ~5 us of a ~95 us
         # step of the default model): the slots and logits rows of the active sequences (remade when a
         # sequence stops), one new token each, and a lone sequence's newest token (written in place)
-        ones = torch.ones(B, dtype=torch.int32)
-        cur1 = torch.empty(1, dtype=torch.int32)
+        ones = ints([1] * B)
+        cur1 = ints([0])
         step_n = 0  # how many active sequences slots / one / rows were made for
         with self._lock:
             r = self._runner_for(B, ctx, me)
-            self._forward(r, torch.tensor(active, dtype=torch.int32), tokens, lens, logits, False)
+            self._forward(r, ints(active), tokens, lens, logits, False)
         host = logits.cpu() if on_gpu else logits  # the sampler reads CPU rows
         produced = [[] for _ in range(B)]
         shown = [""] * B  # text already yielded, per text sequence
@@ -512,40 +643,41 @@ class Model:
             if active:
                 if len(active) != step_n:  # the first step, or a sequence stopped (active only shrinks)
                     step_n = len(active)
-                    slots, one, rows = torch.tensor(active, dtype=torch.int32), ones[:step_n], logits[:step_n]
+                    slots, one, rows = ints(active), ones[:step_n], logits[:step_n]
                 with self._lock:
                     if self._user is me:  # the caches still hold our sequences: one token each
                         if step_n == 1:
                             cur1[0] = produced[active[0]][-1]
                             cur = cur1
                         else:  # (one list -> tensor beats step_n item writes)
-                            cur = torch.tensor([produced[i][-1] for i in active], dtype=torch.int32)
+                            cur = ints([produced[i][-1] for i in active])
                         self._forward(r, slots, cur, one, rows, False)
                     else:  # another call used the runner while we were suspended: prefill again
                         r = self._runner_for(B, ctx, me)
                         seqs = [ids[i] + produced[i] for i in active]
-                        self._forward(r, slots, torch.tensor([t for q in seqs for t in q], dtype=torch.int32),
-                                      torch.tensor([len(q) for q in seqs], dtype=torch.int32), rows, False)
+                        self._forward(r, slots, ints([t for q in seqs for t in q]), ints([len(q) for q in seqs]),
+                                      rows, False)
                 host = rows.cpu() if on_gpu else logits
 
     # ------------------------------------------------------------------ description
     def num_parameters(self) -> int:
         seen, n = set(), 0
-        for t in self.tensors.values():
-            key = id(t) if not isinstance(t, torch.Tensor) else t.data_ptr()
+        for t in self._weights.values():
+            dense = isinstance(t, np.ndarray) or _is_tensor(t)
+            key = _address(t) if dense else id(t)
             if key not in seen:
                 seen.add(key)
-                n += t.numel() if isinstance(t, torch.Tensor) else t.shape[0] * t.shape[1]
+                n += int(np.prod(t.shape)) if dense else t.shape[0] * t.shape[1]
         return n
 
     def weight_bytes(self) -> int:
         """Bytes of the weights as the runner holds them (packed weights: data, scales, zero points)."""
         seen, n = set(), 0
-        for t in self.tensors.values():
+        for t in self._weights.values():
             for p in _parts(t):
-                if p.data_ptr() not in seen:
-                    seen.add(p.data_ptr())
-                    n += p.numel() * p.element_size()
+                if _address(p) not in seen:
+                    seen.add(_address(p))
+                    n += _nbytes(p)
         return n
 
     def multiply_counts(self, n_tokens: int = 1, context: int | None = None) -> dict:
@@ -603,7 +735,7 @@ class Model:
             "mlp": ("gated " if c.gated_mlp else "") + c.activation,
             "tied_head": c.tied_head,
             "parameters": self.num_parameters(),
-            "dtype": str(self.dtype).replace("torch.", ""),
+            "dtype": self._dtype_name(),
             "source_dtype": c.source_dtype,
             "conversions": list(c.conversions),
             "fused_norms": self._fused_norms() if c.norm != "none" else False,
@@ -613,12 +745,14 @@ class Model:
             "arithmetic": self.arithmetic if self.arithmetic == "exact"
             else f"lmul (mantissa {self.lmul_bits} bits, scope {self.lmul_scope})",
             "matmul_precision": self.matmul_precision,
-            "kv_cache_dtype": str(self.kv_cache_dtype).replace("torch.", ""),
+            "kv_cache_dtype": "bfloat16" if self._kv_bf16 else "float32",
         }
 
     def save(self, path: str) -> None:
         """Write this model (with its conversions, recorded in the metadata) as a checkpoint directory
         that normengine.load reads back: config.json + model.safetensors (+ tokenizer.json)."""
+        import torch
+
         from .checkpoint import save_checkpoint
         from .convert.quant import pack_quantized
 
@@ -668,6 +802,8 @@ def _adjacent_order(plans: list, n_layers: int) -> list:
 def _make_adjacent(tensors: dict, names: list, release=None) -> None:
     """Make the dense tensors `names` consecutive rows of one buffer (views), unless they already are
     or cannot be (missing, packed, mixed dtypes or widths, shared with another name)."""
+    import torch
+
     ts = [tensors.get(n) for n in names]
     if any(not isinstance(t, torch.Tensor) for t in ts):
         return
@@ -691,8 +827,10 @@ def _make_adjacent(tensors: dict, names: list, release=None) -> None:
             release(t)
 
 
-def _cuda_device(dev: torch.device, asked) -> torch.device:
+def _cuda_device(dev, asked):
     """The CUDA device the model runs on (an index always set), or DeviceError naming what is missing."""
+    import torch
+
     if not _C.built_with_cuda() or not hasattr(_C, "CudaRunner"):
         raise DeviceError(
             f"device={asked!r}: this build of normengine has no CUDA kernels (it was built without nvcc); "
@@ -775,14 +913,30 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     torch.bfloat16 stores it in bfloat16 (each K / V row rounded once as it is written, attention sums
     in float32), as llama.cpp's 16-bit default cache: half its memory and half the bytes each decode
     step reads from it, which at long contexts is a large part of a step. CPU and CUDA runners, exact
-    arithmetic (not with L-Mul attention)."""
+    arithmetic (not with L-Mul attention).
+
+    A checkpoint Model.save wrote (norms folded, not quantized), loaded on the CPU without dtype,
+    quant, smooth, attention or kv_cache_dtype, is read and run without importing torch
+    (normengine._lite): a process that never imports torch itself stays about 200 MB smaller."""
+    if dtype is not None and not _is_weight_dtype(dtype):
+        raise DTypeError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    path = DEFAULT_MODEL if path is None else os.fspath(path)
+    if (device == "cpu" and dtype is None and quant is None and group_size is None and smooth is None
+            and attention is None and kv_cache_dtype is None):
+        from . import _lite
+
+        model = _lite.load(path, norm=norm, arithmetic=arithmetic, lmul_bits=lmul_bits, lmul_scope=lmul_scope,
+                           matmul_precision=matmul_precision)
+        if model is not None:
+            model.tokenizer = _load_tokenizer(path)
+            return model
+
+    import torch
+
     from .checkpoint import load_checkpoint
     from .convert import convert_norm, fold_norm_affine, smooth_model, swap_attention, unpack_quantized
     from .convert.quant import Quantizer
 
-    if dtype is not None and dtype not in _WEIGHT_DTYPES:
-        raise DTypeError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
-    path = DEFAULT_MODEL if path is None else os.fspath(path)
     from .checkpoint.safetensors_io import live_maps, release_unused
 
     maps_before = live_maps()

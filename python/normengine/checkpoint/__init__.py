@@ -5,11 +5,28 @@
 
 Reading is safe: safetensors through our own validating, memory-mapping reader (safetensors_io);
 pickles (.bin/.pt) only with torch.load(weights_only=True). Supported source architectures:
-SUPPORTED_ARCHITECTURES. Never imports transformers."""
+SUPPORTED_ARCHITECTURES. Never imports transformers. Importing this package imports no torch (the
+submodules that need it, api and hf, load on first use of their names): normengine.load of a
+checkpoint Model.save wrote reads it through readers and safetensors_io alone."""
 
-from .api import NORMENGINE_ARCHITECTURE, check_tensors, load_checkpoint, save_checkpoint
-from .hf import SUPPORTED_ARCHITECTURES
-from .safetensors_io import read_header, read_safetensors, write_safetensors
+import importlib
+
+_LAZY = {
+    "load_checkpoint": "api",
+    "save_checkpoint": "api",
+    "check_tensors": "api",
+    "NORMENGINE_ARCHITECTURE": "api",
+    "SUPPORTED_ARCHITECTURES": "hf",
+    "read_header": "safetensors_io",
+    "read_safetensors": "safetensors_io",
+    "write_safetensors": "safetensors_io",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "load_checkpoint",

@@ -12,12 +12,11 @@ import torch
 from ..config import ModelConfig, expected_shapes, iter_expected_shapes
 from ..errors import ArgumentError, CheckpointError
 from . import hf
-from .readers import CONFIG_NAME, SAFE_WEIGHTS, locate, read_located
+from .readers import (CONFIG_NAME, META_ALIASES, META_CONFIG, SAFE_WEIGHTS, locate, normengine_config,
+                      read_located, restore_aliases)
 from .safetensors_io import write_safetensors
 
 NORMENGINE_ARCHITECTURE = "NormEngineModel"
-META_CONFIG = "normengine_config"
-META_ALIASES = "normengine_aliases"
 
 _DTYPES = {
     torch.float32: torch.float32,
@@ -80,49 +79,6 @@ def _convert(tensors: Dict[str, torch.Tensor], dtype) -> Dict[str, torch.Tensor]
     return out
 
 
-def _normengine_config(raw):
-    """The ModelConfig of a normengine-saved checkpoint (config.json, else the safetensors
-    metadata), or None for any other checkpoint."""
-    if raw.config is not None and "normengine" in raw.config:
-        d, where = raw.config["normengine"], raw.config_path
-    else:
-        found = next(((f, m[META_CONFIG]) for f, m in raw.metadata if META_CONFIG in m), None)
-        if found is None:
-            return None
-        where = f"{found[0]} (metadata '{META_CONFIG}')"
-        try:
-            d = json.loads(found[1])
-        except ValueError as e:
-            raise CheckpointError(f"{where}: not valid JSON ({e})") from e
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{where}: the normengine config must be an object, got {type(d).__name__}")
-    try:
-        return ModelConfig.from_dict(d)
-    except (ArgumentError, TypeError) as e:
-        raise CheckpointError(f"{where}: invalid normengine config: {e}") from e
-
-
-def _restore_aliases(raw, tensors):
-    for f, meta in raw.metadata:
-        if META_ALIASES not in meta:
-            continue
-        try:
-            aliases = json.loads(meta[META_ALIASES])
-            ok = isinstance(aliases, dict) and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
-            )
-        except ValueError:
-            ok = False
-        if not ok:
-            raise CheckpointError(f"{f}: corrupt metadata '{META_ALIASES}': expected a JSON object of names")
-        for alias, target in aliases.items():
-            if alias in tensors:
-                raise CheckpointError(f"{f}: tensor '{alias}' is stored and also recorded as an alias of '{target}'")
-            if target not in tensors:
-                raise CheckpointError(f"{f}: tensor '{alias}' is an alias of '{target}', which is missing")
-            tensors[alias] = tensors[target]
-
-
 def load_checkpoint(path, dtype=None, *, transposed_views: bool = False) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     """Load a checkpoint as (ModelConfig, {canonical name: tensor}).
 
@@ -151,10 +107,10 @@ def load_checkpoint(path, dtype=None, *, transposed_views: bool = False) -> Tupl
         arch = hf.architecture_of(loc.config, loc.config_path)
         hf_cfg = hf.parse_config(arch, loc.config, loc.config_path, loc.generation_config)
     raw = read_located(loc)
-    cfg = _normengine_config(raw) if arch is None else None
+    cfg = normengine_config(raw) if arch is None else None
     if cfg is not None:
         tensors = dict(raw.tensors)
-        _restore_aliases(raw, tensors)
+        restore_aliases(raw, tensors)
         if "lm_head.weight" not in tensors and cfg.tied_head and "tok_emb.weight" in tensors:
             tensors["lm_head.weight"] = tensors["tok_emb.weight"]
         prov = {k: f"'{k}' in {raw.origin[k]}" for k in raw.tensors}

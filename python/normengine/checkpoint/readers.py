@@ -15,10 +15,12 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-import torch
+from ..config import ModelConfig
+from ..errors import ArgumentError, CheckpointError
+from .safetensors_io import map_safetensors, read_safetensors
 
-from ..errors import CheckpointError
-from .safetensors_io import read_safetensors
+# torch is imported only to read pickles (and to wrap safetensors as tensors): locating a checkpoint
+# and mapping its safetensors as numpy arrays (read_located(arrays=True)) run without it.
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -29,6 +31,9 @@ PT_INDEX = "pytorch_model.bin.index.json"
 # looked for in this order in a directory (the order transformers uses)
 WEIGHT_FILES = (SAFE_WEIGHTS, SAFE_INDEX, PT_WEIGHTS, PT_INDEX)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+# safetensors metadata of a checkpoint Model.save wrote (checkpoint/api.save_checkpoint)
+META_CONFIG = "normengine_config"
+META_ALIASES = "normengine_aliases"
 
 
 @dataclass
@@ -61,6 +66,8 @@ def read_json(path, what="JSON file") -> dict:
 def read_pickle(path) -> Dict[str, torch.Tensor]:
     """A pickled state dict (torch.save), loaded with weights_only=True and memory-mapped when the
     file is in torch's zip format (mmap=False for legacy files)."""
+    import torch
+
     path = os.fspath(path)
 
     def load(mmap):
@@ -91,6 +98,8 @@ def read_pickle(path) -> Dict[str, torch.Tensor]:
 
 
 def _state_dict_of(obj, path) -> Dict[str, torch.Tensor]:
+    import torch
+
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict (a dict of tensors), got {type(obj).__name__}")
     if not any(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -119,9 +128,11 @@ def _safe_join(directory, name, index_path):
     return os.path.join(directory, name)
 
 
-def _read_file(path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, str]]]:
+def _read_file(path, arrays: bool = False) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, str]]]:
     if path.endswith(".safetensors"):
-        return read_safetensors(path)
+        return map_safetensors(path) if arrays else read_safetensors(path)
+    if arrays:
+        raise CheckpointError(f"{path}: not a safetensors file (numpy arrays are read from safetensors only)")
     if path.endswith(PICKLE_SUFFIXES):
         return read_pickle(path), None
     raise CheckpointError(
@@ -148,10 +159,10 @@ def _files_of_index(index_path) -> Tuple[List[str], Dict[str, str]]:
     return files, expected
 
 
-def read_weights(files, root, expected=None, index_path=None) -> RawCheckpoint:
+def read_weights(files, root, expected=None, index_path=None, arrays: bool = False) -> RawCheckpoint:
     raw = RawCheckpoint(root=root, tensors={}, origin={}, metadata=[], files=list(files))
     for p in files:
-        tensors, meta = _read_file(p)
+        tensors, meta = _read_file(p, arrays)
         if meta is not None:
             raw.metadata.append((p, meta))
         for k, t in tensors.items():
@@ -214,20 +225,71 @@ def locate(path) -> Located:
     return loc
 
 
-def read_located(loc: Located) -> RawCheckpoint:
-    """Read (map) the weights `locate` found."""
+def weight_files(loc: Located) -> List[str]:
+    """The weight files `locate` found (the shards of an index), without reading them."""
+    if loc.weights is None:
+        return []
+    return _files_of_index(loc.weights)[0] if loc.weights.endswith(".index.json") else [loc.weights]
+
+
+def read_located(loc: Located, arrays: bool = False) -> RawCheckpoint:
+    """Read (map) the weights `locate` found: torch tensors, or with arrays=True numpy arrays
+    (safetensors files only; see safetensors_io.map_safetensors)."""
     weights, root = loc.weights, loc.root
     if weights is None:
         raise CheckpointError(f"{root}: no weights found (looked for {', '.join(loc.looked_for)})")
     if weights.endswith(".index.json"):
         files, expected = _files_of_index(weights)
-        raw = read_weights(files, root, expected, weights)
+        raw = read_weights(files, root, expected, weights, arrays)
     elif weights.endswith(".json"):
         raise CheckpointError(f"{weights}: a JSON file is not a checkpoint (give its directory, or an *.index.json)")
     else:
-        raw = read_weights([weights], root)
+        raw = read_weights([weights], root, arrays=arrays)
     raw.config, raw.config_path, raw.generation_config = loc.config, loc.config_path, loc.generation_config
     return raw
+
+
+def normengine_config(raw):
+    """The ModelConfig of a normengine-saved checkpoint (config.json, else the safetensors
+    metadata), or None for any other checkpoint."""
+    if raw.config is not None and "normengine" in raw.config:
+        d, where = raw.config["normengine"], raw.config_path
+    else:
+        found = next(((f, m[META_CONFIG]) for f, m in raw.metadata if META_CONFIG in m), None)
+        if found is None:
+            return None
+        where = f"{found[0]} (metadata '{META_CONFIG}')"
+        try:
+            d = json.loads(found[1])
+        except ValueError as e:
+            raise CheckpointError(f"{where}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{where}: the normengine config must be an object, got {type(d).__name__}")
+    try:
+        return ModelConfig.from_dict(d)
+    except (ArgumentError, TypeError) as e:
+        raise CheckpointError(f"{where}: invalid normengine config: {e}") from e
+
+
+def restore_aliases(raw, tensors):
+    for f, meta in raw.metadata:
+        if META_ALIASES not in meta:
+            continue
+        try:
+            aliases = json.loads(meta[META_ALIASES])
+            ok = isinstance(aliases, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+            )
+        except ValueError:
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{f}: corrupt metadata '{META_ALIASES}': expected a JSON object of names")
+        for alias, target in aliases.items():
+            if alias in tensors:
+                raise CheckpointError(f"{f}: tensor '{alias}' is stored and also recorded as an alias of '{target}'")
+            if target not in tensors:
+                raise CheckpointError(f"{f}: tensor '{alias}' is an alias of '{target}', which is missing")
+            tensors[alias] = tensors[target]
 
 
 def read_checkpoint(path) -> RawCheckpoint:

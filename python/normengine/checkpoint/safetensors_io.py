@@ -30,25 +30,38 @@ import weakref
 from typing import Dict, Mapping, Tuple
 
 import numpy as np
-import torch
 
 from ..errors import ArgumentError, CheckpointError
 
-# safetensors dtype -> (torch dtype, numpy dtype used to view the bytes, itemsize)
+# Reading needs no torch (normengine.load of a checkpoint Model.save wrote runs without it:
+# normengine/_lite.py); torch is imported by the functions that make or take torch tensors.
+
+# safetensors dtype -> (torch dtype name, numpy dtype used to view the bytes)
 _DTYPES = {
-    "F64": (torch.float64, np.dtype("<f8")),
-    "F32": (torch.float32, np.dtype("<f4")),
-    "F16": (torch.float16, np.dtype("<f2")),
-    "BF16": (torch.bfloat16, np.dtype("<i2")),  # no numpy bfloat16: view as int16, then reinterpret
-    "I64": (torch.int64, np.dtype("<i8")),
-    "I32": (torch.int32, np.dtype("<i4")),
-    "I16": (torch.int16, np.dtype("<i2")),
-    "I8": (torch.int8, np.dtype("i1")),
-    "U8": (torch.uint8, np.dtype("u1")),
-    "BOOL": (torch.bool, np.dtype("?")),
+    "F64": ("float64", np.dtype("<f8")),
+    "F32": ("float32", np.dtype("<f4")),
+    "F16": ("float16", np.dtype("<f2")),
+    "BF16": ("bfloat16", np.dtype("<u2", metadata={"dtype": "bfloat16"})),  # numpy has no bfloat16
+    "I64": ("int64", np.dtype("<i8")),
+    "I32": ("int32", np.dtype("<i4")),
+    "I16": ("int16", np.dtype("<i2")),
+    "I8": ("int8", np.dtype("i1")),
+    "U8": ("uint8", np.dtype("u1")),
+    "BOOL": ("bool", np.dtype("?")),
 }
-_TORCH_TO_ST = {td: name for name, (td, _) in _DTYPES.items()}
 SUPPORTED_DTYPES = tuple(_DTYPES)
+BF16 = _DTYPES["BF16"][1]  # numpy arrays of bfloat16 bits: uint16 tagged in the dtype's metadata
+
+
+def is_bf16(a: np.ndarray) -> bool:
+    """Whether a numpy array holds bfloat16 bit patterns (its dtype is BF16, metadata included)."""
+    return a.dtype.metadata is not None and a.dtype.metadata.get("dtype") == "bfloat16"
+
+
+def _torch_to_st() -> dict:
+    import torch
+
+    return {getattr(torch, td): name for name, (td, _) in _DTYPES.items()}
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
 
@@ -162,7 +175,7 @@ def _register_map(mm) -> None:
     _MAPS.append((base, base + mm.nbytes, weakref.ref(mm)))
 
 
-def release_pages(*ts: torch.Tensor) -> int:
+def release_pages(*ts) -> int:
     """Drop the resident pages that lie entirely inside the bytes of tensors `ts`, if they are views of
     a checkpoint file this module mapped. The caller promises they are not read again, or that their
     pages were never written (clean pages are read back from the file on the next access). Several
@@ -171,7 +184,7 @@ def release_pages(*ts: torch.Tensor) -> int:
     gaps keeps every page. Returns the number of bytes released (0 when nothing is mapped memory)."""
     from ..ops._tensor import byte_span
 
-    ts = [t for t in ts if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel()]
+    ts = [t for t in ts if hasattr(t, "data_ptr") and t.device.type == "cpu" and t.numel()]
     if not ts:
         return 0
     spans = [byte_span(t) for t in ts]
@@ -179,6 +192,12 @@ def release_pages(*ts: torch.Tensor) -> int:
     # the elements fill [lo, hi) exactly when their bytes add up to it (views of one file do not overlap)
     if sum(t.numel() * t.element_size() for t in ts) != hi - lo:
         return 0
+    return release_range(lo, hi)
+
+
+def release_range(lo: int, hi: int) -> int:
+    """release_pages for the byte addresses [lo, hi): the whole pages inside it, when it lies inside
+    a live mapping this module made. Returns the bytes released."""
     for start, end, ref in _MAPS:
         if start <= lo and hi <= end and ref() is not None:
             a = -(-lo // _PAGE) * _PAGE
@@ -192,13 +211,15 @@ def release_pages(*ts: torch.Tensor) -> int:
     return 0
 
 
-def copy_releasing(t: torch.Tensor, dtype: torch.dtype, chunk_bytes: int = 8 << 20, out=None) -> torch.Tensor:
+def copy_releasing(t, dtype, chunk_bytes: int = 8 << 20, out=None):
     """A contiguous `dtype` copy of `t` (into `out`, a contiguous tensor of t's shape and `dtype`, if
     given) that the caller will not read again: when `t` is mapped checkpoint memory it is copied in
     row blocks of about chunk_bytes, each block's source pages released once copied, so a large source
     (a float32 embedding turned into bfloat16) is never resident whole next to its copy. Other
     tensors are copied in one go."""
     if out is None:
+        import torch
+
         out = torch.empty(t.shape, dtype=dtype, device=t.device)
     rows = t.shape[0] if t.dim() else 1
     row_bytes = max(1, t[0].numel() * t.element_size()) if t.dim() and rows else 1
@@ -226,10 +247,9 @@ def release_unused(keep, maps=None) -> int:
     are clean or belonged to tensors the caller dropped, so nothing still read loses data. Returns the
     bytes released. maps: only these (start, end) mappings (those one load made: another model's
     mapped, possibly written pages are not this call's to drop); default every live one."""
-    from ..ops._tensor import byte_span
-
     libc = ctypes.CDLL(None, use_errno=True)
-    spans = [byte_span(t) for t in keep if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel()]
+    spans = [_span(t) for t in keep]
+    spans = [sp for sp in spans if sp[1] > sp[0]]
     released = 0
     for start, end, ref in _MAPS:
         if ref() is None or (maps is not None and (start, end) not in maps):
@@ -245,8 +265,19 @@ def release_unused(keep, maps=None) -> int:
     return released
 
 
-def read_safetensors(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """Map every tensor of a safetensors file (zero-copy, copy-on-write). Returns (tensors, metadata)."""
+def _span(t) -> Tuple[int, int]:
+    """[first, last + 1) byte addresses of a CPU torch tensor or a C-contiguous numpy array ((0, 0) for
+    anything else: a CUDA tensor, an empty one)."""
+    if isinstance(t, np.ndarray):
+        return (t.ctypes.data, t.ctypes.data + t.nbytes) if t.size and t.flags.c_contiguous else (0, 0)
+    from ..ops._tensor import byte_span
+
+    return byte_span(t) if t.device.type == "cpu" else (0, 0)
+
+
+def map_safetensors(path) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """Map every tensor of a safetensors file as a numpy array (zero-copy, copy-on-write; bfloat16 as
+    BF16-tagged uint16, see is_bf16). Returns (arrays, metadata)."""
     path = os.fspath(path)
     entries, metadata, _ = read_header(path)
     mm = None
@@ -258,31 +289,47 @@ def read_safetensors(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
         _register_map(mm)
     out = {}
     for name, e in entries.items():
-        tdtype, ndtype = _DTYPES[e["dtype"]]
+        ndtype = _DTYPES[e["dtype"]][1]
         if e["end"] == e["begin"]:
-            out[name] = torch.empty(e["shape"], dtype=tdtype)
+            out[name] = np.empty(e["shape"], dtype=ndtype)
             continue
         arr = mm[e["begin"] : e["end"]]
         if e["begin"] % ndtype.itemsize:  # unaligned tensor (legal, unusual): copy to aligned memory
             arr = np.array(arr, copy=True)
-        arr = arr.view(ndtype).reshape(e["shape"])
-        t = torch.from_numpy(arr)
-        if e["dtype"] == "BF16":
-            t = t.view(torch.bfloat16)
-        out[name] = t
+        out[name] = arr.view(ndtype).reshape(e["shape"])
     return out, dict(metadata)
 
 
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
+def as_torch(a: np.ndarray):
+    """A torch tensor sharing a numpy array's memory (bfloat16 for a BF16 array)."""
+    import torch
+
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if is_bf16(a) else t
+
+
+def read_safetensors(path):
+    """Map every tensor of a safetensors file as torch tensors (zero-copy, copy-on-write). Returns
+    (tensors, metadata)."""
+    arrays, metadata = map_safetensors(path)
+    return {name: as_torch(a) for name, a in arrays.items()}, metadata
+
+
+def _tensor_bytes(t) -> memoryview:
+    import torch
+
     t = t.detach().to("cpu").contiguous()
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def write_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors(path, tensors: Mapping, metadata: Mapping[str, str] | None = None) -> None:
     """Write tensors (CPU or not, any strides) to a safetensors file, atomically (temp file + rename).
     Each tensor is written separately: callers dedupe shared tensors before."""
+    import torch
+
+    to_st = _torch_to_st()
     path = os.fspath(path)
     metadata = dict(metadata or {})
     for k, v in metadata.items():
@@ -294,10 +341,10 @@ def write_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata: Mappi
             raise ArgumentError(f"tensors: invalid tensor name {name!r}")
         if not isinstance(t, torch.Tensor):
             raise ArgumentError(f"tensors['{name}']: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _TORCH_TO_ST:
+        if t.dtype not in to_st:
             raise ArgumentError(
                 f"tensors['{name}']: dtype {t.dtype} cannot be stored (supported: "
-                f"{', '.join(str(d) for d in _TORCH_TO_ST)})"
+                f"{', '.join(str(d) for d in to_st)})"
             )
         items.append((name, t))
     # decreasing item size keeps every tensor aligned to its item size, with no holes
@@ -306,7 +353,7 @@ def write_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata: Mappi
     off = 0
     for name, t in items:
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nbytes]}
+        header[name] = {"dtype": to_st[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nbytes]}
         off += nbytes
     hjson = json.dumps(header, separators=(",", ":")).encode("utf-8")
     hjson += b" " * (-(8 + len(hjson)) % 8)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .. import _C
+from ..config import bf16_products  # noqa: F401 (the ops take it from here)
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -182,14 +183,6 @@ def channel_vector(v, x: torch.Tensor, name: str, n: int | None = None):
     if v.dtype == acc and v.is_contiguous() and (_is_compiling() or not v.is_neg()):
         return v.detach()
     return v.detach().resolve_neg().to(acc).contiguous()
-
-
-def bf16_products(matmul_precision: str) -> bool:
-    """Whether `matmul_precision` ("highest" | "medium", as torch.set_float32_matmul_precision) lets the
-    kernels multiply bfloat16-rounded operands (the AMX-BF16 path of the native GEMMs)."""
-    if matmul_precision not in ("highest", "medium"):
-        raise ArgumentError(f"matmul_precision: expected 'highest' or 'medium', got {matmul_precision!r}")
-    return matmul_precision == "medium"
 
 
 def check_eps(eps) -> float:

@@ -1,0 +1,202 @@
+"""normengine.load of a checkpoint Model.save wrote runs without torch (normengine._lite): the same
+weights, bit for bit, the same tokens, in a process that never imports torch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import normengine as ne
+from normengine import _lite
+
+transformers = pytest.importorskip("transformers")
+from test_model import MODELS, VOCAB, _randomize_norms  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Loads a checkpoint and generates in a fresh interpreter; prints what it made and whether torch
+# was ever imported.
+WORKER = r"""
+import json, sys
+import normengine as ne
+path, prompt = sys.argv[1], json.loads(sys.argv[2])
+m = ne.load(path)
+out = {
+    "lite": m._arrays,
+    "greedy": m.generate(prompt, max_new_tokens=12),
+    "sampled": m.generate(prompt, max_new_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=3),
+    "batch": m.generate([prompt, prompt[:2]], max_new_tokens=5),
+    "info": m.info(),
+}
+if len(sys.argv) > 3:
+    out["text"] = m.generate(sys.argv[3], max_new_tokens=6)
+out["torch"] = "torch" in sys.modules
+print(json.dumps(out))
+"""
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python")] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def _run(code, *args):
+    r = subprocess.run([sys.executable, "-c", code, *args], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def hf_dir(request, tmp_path_factory):
+    torch.manual_seed(99)
+    hf = _randomize_norms(MODELS[request.param](), torch.Generator().manual_seed(6)).eval()
+    d = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(d)
+    return str(d)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_saved_model_generates_without_torch(hf_dir, dtype, tmp_path):
+    """Every architecture, every weight dtype: the torch-free process loads the saved model and
+    generates what the torch path makes from the original checkpoint (greedy, sampled, batched)."""
+    ref = ne.load(hf_dir, dtype=dtype)
+    ref.save(tmp_path)
+    prompt = [5, 17, 3, 42, 8]
+    got = json.loads(_run(WORKER, str(tmp_path), json.dumps(prompt)))
+    assert got["torch"] is False and got["lite"] is True
+    assert got["greedy"] == ref.generate(prompt, max_new_tokens=12)
+    assert got["sampled"] == ref.generate(prompt, max_new_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=3)
+    assert got["batch"] == ref.generate([prompt, prompt[:2]], max_new_tokens=5)
+    want = ref.info()
+    for k in ("architecture", "parameters", "weight_bytes", "dtype", "norm", "conversions", "fused_norms",
+              "kv_cache_dtype", "tied_head"):
+        assert got["info"][k] == want[k], k
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_saved_model_logits_are_the_torch_paths_bits(hf_dir, dtype, tmp_path):
+    """In a process with torch too, a saved model loads through the torch-free path (numpy arrays in
+    the arena) and gives exactly the logits of the torch path's model; its tensors become torch views
+    of the same memory without rebuilding the runner."""
+    ref = ne.load(hf_dir, dtype=dtype)
+    ref.save(tmp_path)
+    m = ne.load(tmp_path)
+    assert m._arrays
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(m.logits(ids), ref.logits(ids))
+    runner = m._runner
+    t = m.tensors
+    assert not m._arrays and m._runner is runner and not m._stale()
+    for n, w in ref.tensors.items():
+        assert t[n].dtype == w.dtype and torch.equal(t[n], w), n
+    assert m.dtype == ref.dtype and m.device == ref.device and m.kv_cache_dtype == ref.kv_cache_dtype
+    assert t["tok_emb.weight"] is t["lm_head.weight"] or not m.config.tied_head
+    assert torch.equal(m.logits(ids), ref.logits(ids)) and m._runner is runner
+    with torch.no_grad():  # an in-place change through the views is seen (a new runner)
+        t["blocks.0.attn.o.weight"].mul_(2)
+    assert not torch.equal(m.logits(ids), ref.logits(ids)) and m._runner is not runner
+
+
+@pytest.mark.parametrize("vec_dtype", [torch.bfloat16, torch.float16])
+def test_16bit_norm_vectors_are_widened_exactly(vec_dtype, tmp_path):
+    """Model.save stores the norms' gains and biases in float32, but a normengine checkpoint may hold
+    them in 16 bits: the torch-free path widens them to float32 as the torch path does (same logits,
+    bit for bit; the torch path is taken here by naming the default KV-cache dtype)."""
+    from normengine.checkpoint import load_checkpoint, save_checkpoint
+
+    ne.load().save(tmp_path / "plain")
+    cfg, sd = load_checkpoint(tmp_path / "plain")
+    sd = {n: t.to(vec_dtype) if (n.endswith(".bias") or "norm" in n) else t for n, t in sd.items()}
+    save_checkpoint(tmp_path / "v16", cfg, sd)
+    lite, ref = ne.load(tmp_path / "v16"), ne.load(tmp_path / "v16", kv_cache_dtype=torch.float32)
+    assert lite._arrays and not ref._arrays
+    assert any(t.dtype == vec_dtype for t in load_checkpoint(tmp_path / "v16")[1].values())
+    ids = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]]
+    assert torch.equal(lite.logits(ids), ref.logits(ids))
+    assert all(t.dtype == torch.float32 for n, t in lite.tensors.items() if n.endswith(".bias") or "norm" in n)
+
+
+def test_text_prompts_and_cli_without_torch(tmp_path):
+    """The shipped model converted by `normengine convert`: text generation in a torch-free process,
+    and `normengine generate` on it never imports torch (checked with -X importtime)."""
+    out = tmp_path / "conv"
+    r = subprocess.run([sys.executable, "-m", "normengine", "convert", str(out)], env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ref = ne.load()
+    got = json.loads(_run(WORKER, str(out), json.dumps([1, 2, 3]), "The function returns"))
+    assert got["torch"] is False
+    assert got["text"] == ref.generate("The function returns", max_new_tokens=6)
+    assert got["greedy"] == ref.generate([1, 2, 3], max_new_tokens=12)
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "normengine", "generate", str(out),
+                        "--temperature", "0", "--max-new-tokens", "8"], env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "The function returns" + ref.generate("The function returns", max_new_tokens=8)
+    imported = {ln.split("|")[-1].strip().split(".")[0] for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+    assert "normengine" in imported and "torch" not in imported
+
+
+def test_import_and_ops_on_demand():
+    """import normengine imports no torch; normengine.ops (and nn, reference) import it when used."""
+    out = _run("import sys, normengine as ne; a = 'torch' in sys.modules; x = ne.ops.rms_norm; "
+               "print(a, 'torch' in sys.modules, callable(x), ne.nn.__name__, ne.reference.__name__)")
+    assert out.split() == ["False", "True", "True", "normengine.nn", "normengine.reference"]
+    with pytest.raises(AttributeError, match="no_such"):
+        ne.no_such  # noqa: B018
+
+
+def test_what_needs_torch_takes_the_torch_path(tmp_path):
+    """Quantized checkpoints, norm conversions, dtype / kv-cache options and Hugging Face checkpoints go
+    through the torch path (which reads them all); a saved model with a tensor the config does not
+    name, or a wrong shape, is left to the torch path too, which names it."""
+    from normengine.checkpoint import load_checkpoint, save_checkpoint
+
+    base = ne.load()
+    assert not base._arrays and _lite.load(ne.model.DEFAULT_MODEL) is None  # a Hugging Face checkpoint
+    base.save(tmp_path / "plain")
+    assert ne.load(tmp_path / "plain")._arrays
+    for kw in (dict(dtype=torch.float32), dict(kv_cache_dtype=torch.bfloat16), dict(norm="rmsnorm"),
+               dict(quant="int8")):
+        m = ne.load(tmp_path / "plain", **kw)
+        assert not m._arrays, kw
+        assert m.generate([1, 2, 3], max_new_tokens=4) == ne.load(**kw).generate([1, 2, 3], max_new_tokens=4), kw
+    ne.load(quant="int4").save(tmp_path / "q")
+    assert _lite.load(str(tmp_path / "q")) is None and not ne.load(tmp_path / "q")._arrays
+    ne.load(norm="crmsnorm").save(tmp_path / "crms")
+    assert ne.load(tmp_path / "crms")._arrays  # converted and folded: read as saved
+    assert _lite.load(str(tmp_path / "crms"), norm="layernorm") is None
+    cfg, sd = load_checkpoint(tmp_path / "plain")
+    save_checkpoint(tmp_path / "extra", cfg, dict(sd, **{"blocks.0.attn.extra": torch.zeros(3)}))
+    assert _lite.load(str(tmp_path / "extra")) is None
+    sd["blocks.0.attn.o.weight"] = sd["blocks.0.attn.o.weight"][:, :5].contiguous()
+    with pytest.raises(ne.ArgumentError, match="blocks.0.attn.o.weight"):
+        save_checkpoint(tmp_path / "bad", cfg, sd)  # (the writer checks shapes too)
+    with pytest.raises(ne.CheckpointError, match="no such"):
+        ne.load(tmp_path / "missing")
+
+
+def test_torch_free_load_holds_one_copy_of_the_weights(tmp_path):
+    """The torch-free load copies each weight from the mapped file into the arena block by block,
+    handing the file's pages back: its memory high-water mark grows by about one copy of the weights,
+    not two (a 64 MB float32 model; the process's baseline read before the load)."""
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=4, n_embd=512, n_head=8, vocab_size=8192,
+                                                              n_positions=128)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ne.load(tmp_path / "hf").save(tmp_path / "ne")
+    code = ("import sys, normengine as ne\n"
+            "def hwm():\n"
+            "    return next(int(l.split()[1]) << 10 for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+            "before = hwm()\n"
+            "m = ne.load(sys.argv[1]); m.generate([1, 2, 3], max_new_tokens=2)\n"
+            "print(hwm() - before, m.weight_bytes(), 'torch' in sys.modules)")
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("no /proc/self/status")
+    grew, weights, has_torch = _run(code, str(tmp_path / "ne")).split()
+    assert has_torch == "False"
+    assert int(grew) < 1.2 * int(weights) + (24 << 20), (int(grew) / int(weights))
