@@ -19,6 +19,9 @@ Engines (each in a fresh subprocess, so peak RSS is its own; all with --threads 
   ne-bf16    normengine.load(dir, dtype=torch.bfloat16)
   ne-f32m, ne-bf16m  the same with matmul_precision="medium" (bf16 products on AMX tiles for prefill)
   ne-int8, ne-int4, ne-int4m  quant="int8" / "int4" (ne-int4m: with matmul_precision="medium")
+  ne-f32s, ne-bf16s  normengine.load of the checkpoint `normengine convert` (Model.save) wrote from it
+             (fp32 / bf16; made once in --workdir): the torch-free path, in a worker that never
+             imports torch (checked), as llama.cpp reads its converted GGUF
   hf-f32     transformers AutoModelForCausalLM fp32, torch.set_num_threads; greedy loop with the KV
              cache (model(tok, past_key_values=...)), no generate() overhead
   llama-f32  llama-cpp-python Llama(model_path, n_threads, n_ctx=max(256, prompt + gen + 8), n_batch=512,
@@ -58,10 +61,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENGINES = ("ne-f32", "ne-bf16", "ne-f32m", "ne-bf16m", "hf-f32", "llama-f32", "llama-f16", "ne-int8", "ne-int4", "ne-int4m",
-           "llama-q8_0", "llama-q4_0")
+           "llama-q8_0", "llama-q4_0", "ne-f32s", "ne-bf16s")
 DEFAULT_ENGINES = ("ne-f32", "ne-bf16", "ne-f32m", "ne-bf16m", "hf-f32", "llama-f32", "llama-f16")
 # bytes per weight of each engine's matrices (for the weight-bytes and bandwidth-bound columns)
-BYTES_PER_WEIGHT = {"f32": 4, "bf16": 2, "f32m": 4, "bf16m": 2, "f16": 2, "int8": 1 + 4 / 768, "q8_0": 34 / 32, "int4": 0.5 + 4 / 128,
+BYTES_PER_WEIGHT = {"f32": 4, "bf16": 2, "f32m": 4, "bf16m": 2, "f32s": 4, "bf16s": 2, "f16": 2, "int8": 1 + 4 / 768, "q8_0": 34 / 32, "int4": 0.5 + 4 / 128,
                     "int4m": 0.5 + 4 / 128,
                     "q4_0": 18 / 32}
 
@@ -174,7 +177,31 @@ def worker(a) -> dict:
     prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
     res = {"engine": a.worker, "arch": a.arch}
 
-    if a.worker.startswith("ne-"):
+    if a.worker in ("ne-f32s", "ne-bf16s"):  # a converted checkpoint, no torch in this process
+        import normengine
+
+        normengine.set_num_threads(n)
+        rss0 = rss_kb("VmRSS")
+        t = time.perf_counter()
+        m = normengine.load(a.model_dir)
+        res["load_s"] = time.perf_counter() - t
+        res["isa"] = normengine.cpu_isa()
+        assert m._arrays and "torch" not in sys.modules, "the torch-free path was not taken"
+        if a.dump_logits:
+            raise SystemExit("--dump-logits: the logits check uses ne-f32")
+
+        def run():
+            t0 = time.perf_counter()
+            times = []
+            toks = []
+            for tok in m.generate(prompt, max_new_tokens=gen + 1, stream=True):
+                times.append(time.perf_counter())
+                toks.append(tok)
+            assert len(toks) == gen + 1, len(toks)
+            assert "torch" not in sys.modules
+            return times[0] - t0, times[-1] - times[0], toks
+
+    elif a.worker.startswith("ne-"):
         import torch
 
         import normengine
@@ -405,12 +432,22 @@ def main():
     ggufs = {}
     for arch in archs:
         for ot in ("f32", "f16", "q8_0", "q4_0"):
-            if ot not in ("f32", "f16") and f"llama-{ot}" not in engines:
-                continue
+            if f"llama-{ot}" not in engines and not (ot == "f32" and not a.no_check):
+                continue  # (the logits check reads llama.cpp's f32 logits)
             g = os.path.join(workdir, f"{arch}-{ot}.gguf")
             if not os.path.exists(g):
                 hf_to_gguf.convert(dirs[arch], g, ot, write_output=False)
             ggufs[(arch, ot)] = g
+
+    saved = {}
+    for arch in archs:
+        for e in engines:
+            if e in ("ne-f32s", "ne-bf16s"):
+                d = os.path.join(workdir, f"{arch}-{e}")
+                if not os.path.exists(os.path.join(d, "model.safetensors")):
+                    cmd = [sys.executable, "-m", "normengine", "convert", dirs[arch], d]
+                    subprocess.run(cmd + (["--dtype", "bf16"] if e == "ne-bf16s" else []), check=True)
+                saved[(arch, e)] = d
 
     bws = [copy_bandwidth(a.threads)]
     results = {}
@@ -424,7 +461,7 @@ def main():
         ws = {}
         for e in engines:
             g = ggufs[(arch, e.split("-", 1)[1])] if e.startswith("llama") else None
-            ws[e] = Worker(a, e, arch, dirs[arch], g)
+            ws[e] = Worker(a, e, arch, saved.get((arch, e), dirs[arch]), g)
         for e in engines:
             ws[e].call("run")
         runs = {e: [] for e in engines}

@@ -18,37 +18,15 @@ import numpy as np
 
 from ._arena import Arena
 from .checkpoint.readers import locate, normengine_config, read_located, restore_aliases, weight_files
-from .checkpoint.safetensors_io import is_bf16, release_range
+from .checkpoint.safetensors_io import copy_releasing, is_bf16
 from .config import iter_expected_shapes
 from .model import Model, _adjacent_order, _is_vector
 
 _FLOATS = ("float32", "float16", "bfloat16")
-_CHUNK_BYTES = 8 << 20
 
 
 def _dtype_name(a: np.ndarray) -> str:
     return "bfloat16" if is_bf16(a) else a.dtype.name
-
-
-def _convert_rows(dst: np.ndarray, src: np.ndarray) -> None:
-    """dst = src in dst's dtype: the same dtype, or float16 / bfloat16 widened to float32 (exact)."""
-    if is_bf16(src) and not is_bf16(dst):
-        dst[...] = (src.astype(np.uint32) << 16).view(np.float32)  # bfloat16 is float32's upper half
-    else:
-        np.copyto(dst, src, casting="safe")
-
-
-def _copy_releasing(src: np.ndarray, dst: np.ndarray) -> None:
-    """Copy a mapped, C-contiguous src into dst (same shape) in row blocks of about 8 MB, each block's
-    pages of the file handed back once copied: the mapped copy is never resident whole beside the
-    arena's (as checkpoint.safetensors_io.copy_releasing does for torch tensors)."""
-    rows = src.shape[0] if src.ndim else 1
-    s2, d2 = src.reshape(rows, -1), dst.reshape(rows, -1)
-    step = max(1, _CHUNK_BYTES // max(1, s2[0].nbytes))
-    for r0 in range(0, rows, step):
-        block = s2[r0:r0 + step]
-        _convert_rows(d2[r0:r0 + step], block)
-        release_range(block.ctypes.data, block.ctypes.data + block.nbytes)
 
 
 def load(path: str, *, norm=None, arithmetic=None, lmul_bits: int = 4, lmul_scope: str = "attention",
@@ -69,20 +47,20 @@ def load(path: str, *, norm=None, arithmetic=None, lmul_bits: int = 4, lmul_scop
     if cfg.norm != "none" and "fold_norm_affine" not in cfg.conversions:
         return None  # the gains are still to fold
     arrays = dict(raw.tensors)
-    raw.tensors.clear()  # the arrays below are the file's last references: each leaves as it is copied
+    raw.tensors.clear()  # (the file stays mapped until the last array is copied; its pages leave as copied)
     restore_aliases(raw, arrays)
     if "lm_head.weight" not in arrays and cfg.tied_head and "tok_emb.weight" in arrays:
         arrays["lm_head.weight"] = arrays["tok_emb.weight"]
-    n = 0
+    count = 0
     for name, shape in iter_expected_shapes(cfg):  # lazily: stops at the first tensor not stored
         a = arrays.get(name)
         if a is None or tuple(a.shape) != tuple(shape) or _dtype_name(a) not in _FLOATS or not a.flags.c_contiguous:
             return None
-        n += 1
-    if n != len(arrays):
+        count += 1
+    if count != len(arrays):
         return None  # tensors the config does not name
-    matrices = [_dtype_name(a) for n, a in arrays.items() if not _is_vector(n)]
-    if arithmetic == "lmul" and lmul_scope == "all" and any(d != "float32" for d in matrices):
+    if arithmetic == "lmul" and lmul_scope == "all" and any(
+            _dtype_name(a) != "float32" for name, a in arrays.items() if not _is_vector(name)):
         return None  # L-Mul reads float32 weights: converted on the torch path
     dtype = next((_dtype_name(a) for n, a in arrays.items() if n.endswith("attn.q.weight")), "float32")
 
@@ -100,7 +78,7 @@ def load(path: str, *, norm=None, arithmetic=None, lmul_bits: int = 4, lmul_scop
     for k in range(len(plans)):
         (names, a, want, follow), plans[k] = plans[k], None
         slot = arena.take(a.shape, want, follow)
-        _copy_releasing(a, slot)
+        copy_releasing(a, out=slot)  # (each block's pages of the file handed back once copied)
         for n in names:
             weights[n] = slot
         del a

@@ -211,26 +211,39 @@ def release_range(lo: int, hi: int) -> int:
     return 0
 
 
-def copy_releasing(t, dtype, chunk_bytes: int = 8 << 20, out=None):
-    """A contiguous `dtype` copy of `t` (into `out`, a contiguous tensor of t's shape and `dtype`, if
-    given) that the caller will not read again: when `t` is mapped checkpoint memory it is copied in
-    row blocks of about chunk_bytes, each block's source pages released once copied, so a large source
-    (a float32 embedding turned into bfloat16) is never resident whole next to its copy. Other
-    tensors are copied in one go."""
+def copy_releasing(t, dtype=None, chunk_bytes: int = 8 << 20, out=None):
+    """A contiguous `dtype` copy of `t` (into `out`, contiguous, of t's shape and `dtype`, if given)
+    that the caller will not read again: when `t` is mapped checkpoint memory it is copied in row
+    blocks of about chunk_bytes, each block's source pages released once copied, so a large source (a
+    float32 embedding turned into bfloat16) is never resident whole next to its copy. t may be a torch
+    tensor, or a numpy array with `out` a numpy array (of t's dtype, or float32 for float16 / bfloat16
+    bits: normengine._lite's torch-free load). A strided or non-CPU t is copied in one go."""
+    arrays = isinstance(t, np.ndarray)
     if out is None:
         import torch
 
         out = torch.empty(t.shape, dtype=dtype, device=t.device)
-    rows = t.shape[0] if t.dim() else 1
-    row_bytes = max(1, t[0].numel() * t.element_size()) if t.dim() and rows else 1
+    rows = t.shape[0] if t.ndim else 1
+    row_bytes = max(1, t[0].nbytes) if t.ndim and rows else 1
     step = max(1, chunk_bytes // row_bytes)
-    if t.dim() == 0 or rows <= step or not t.is_contiguous() or t.device.type != "cpu":
-        out.copy_(t)
+    if t.ndim == 0 or not (t.flags.c_contiguous if arrays else t.is_contiguous() and t.device.type == "cpu"):
+        _copy_into(out, t)
         return out
     for r0 in range(0, rows, step):
-        out[r0:r0 + step].copy_(t[r0:r0 + step])
-        release_pages(t[r0:r0 + step])
+        block = t[r0:r0 + step]
+        _copy_into(out[r0:r0 + step], block)
+        release_range(*_span(block))
     return out
+
+
+def _copy_into(dst, src) -> None:
+    """dst = src in dst's dtype (torch tensors; or numpy arrays, bfloat16 bits widened exactly)."""
+    if not isinstance(src, np.ndarray):
+        dst.copy_(src)
+    elif is_bf16(src) and not is_bf16(dst):
+        dst[...] = (src.astype(np.uint32) << 16).view(np.float32)  # bfloat16 is float32's upper half
+    else:
+        np.copyto(dst, src, casting="safe")
 
 
 def live_maps() -> list:
