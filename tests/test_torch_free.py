@@ -101,6 +101,25 @@ def test_saved_model_logits_are_the_torch_paths_bits(hf_dir, dtype, tmp_path):
     assert not torch.equal(m.logits(ids), ref.logits(ids)) and m._runner is not runner
 
 
+def test_copies_and_saves_of_a_torch_free_model(tmp_path):
+    """pickle, deepcopy and save of a model the torch-free path loaded (numpy weights until then)
+    give models that generate the same tokens and logits; the original is unchanged."""
+    import copy
+    import pickle
+
+    ne.load(dtype=torch.bfloat16).save(tmp_path / "a")
+    prompt, ids = [4, 8, 15, 16, 23, 42], [[7, 1, 9, 3]]
+    want = ne.load(tmp_path / "a")
+    want_tokens, want_logits = want.generate(prompt, max_new_tokens=10), want.logits(ids)
+    for make in (lambda m: pickle.loads(pickle.dumps(m)), copy.deepcopy,
+                 lambda m: (m.save(tmp_path / "b"), ne.load(tmp_path / "b"))[1]):
+        m = ne.load(tmp_path / "a")
+        assert m._arrays
+        c = make(m)
+        assert c.dtype == torch.bfloat16 and c.generate(prompt, max_new_tokens=10) == want_tokens
+        assert torch.equal(c.logits(ids), want_logits) and torch.equal(m.logits(ids), want_logits)
+
+
 @pytest.mark.parametrize("vec_dtype", [torch.bfloat16, torch.float16])
 def test_16bit_norm_vectors_are_widened_exactly(vec_dtype, tmp_path):
     """Model.save stores the norms' gains and biases in float32, but a normengine checkpoint may hold
