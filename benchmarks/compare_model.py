@@ -177,42 +177,24 @@ def worker(a) -> dict:
     prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
     res = {"engine": a.worker, "arch": a.arch}
 
-    if a.worker in ("ne-f32s", "ne-bf16s"):  # a converted checkpoint, no torch in this process
+    if a.worker.startswith("ne-"):
+        converted = a.worker in ("ne-f32s", "ne-bf16s")  # a converted checkpoint, no torch in this process
+        if not converted:
+            import torch
+
+            torch.set_num_threads(n)
         import normengine
 
         normengine.set_num_threads(n)
         rss0 = rss_kb("VmRSS")
         t = time.perf_counter()
-        m = normengine.load(a.model_dir)
-        res["load_s"] = time.perf_counter() - t
-        res["isa"] = normengine.cpu_isa()
-        assert m._arrays and "torch" not in sys.modules, "the torch-free path was not taken"
-        if a.dump_logits:
-            raise SystemExit("--dump-logits: the logits check uses ne-f32")
-
-        def run():
-            t0 = time.perf_counter()
-            times = []
-            toks = []
-            for tok in m.generate(prompt, max_new_tokens=gen + 1, stream=True):
-                times.append(time.perf_counter())
-                toks.append(tok)
-            assert len(toks) == gen + 1, len(toks)
-            assert "torch" not in sys.modules
-            return times[0] - t0, times[-1] - times[0], toks
-
-    elif a.worker.startswith("ne-"):
-        import torch
-
-        import normengine
-
-        normengine.set_num_threads(n)
-        torch.set_num_threads(n)
-        rss0 = rss_kb("VmRSS")
-        t = time.perf_counter()
-        quant = {"ne-int8": "int8", "ne-int4": "int4", "ne-int4m": "int4"}.get(a.worker)
-        m = normengine.load(a.model_dir, dtype=torch.bfloat16 if a.worker.startswith("ne-bf16") else None, quant=quant,
-                            matmul_precision="medium" if a.worker.endswith("m") else "highest")
+        if converted:
+            m = normengine.load(a.model_dir)
+            assert m._arrays and "torch" not in sys.modules, "the torch-free path was not taken"
+        else:
+            quant = {"ne-int8": "int8", "ne-int4": "int4", "ne-int4m": "int4"}.get(a.worker)
+            m = normengine.load(a.model_dir, dtype=torch.bfloat16 if a.worker.startswith("ne-bf16") else None,
+                                quant=quant, matmul_precision="medium" if a.worker.endswith("m") else "highest")
         res["load_s"] = time.perf_counter() - t
         res["isa"] = normengine.cpu_isa()
         if a.dump_logits:
@@ -229,6 +211,7 @@ def worker(a) -> dict:
                 times.append(time.perf_counter())
                 toks.append(tok)
             assert len(toks) == gen + 1, len(toks)
+            assert not converted or "torch" not in sys.modules
             return times[0] - t0, times[-1] - times[0], toks
 
     elif a.worker == "hf-f32":

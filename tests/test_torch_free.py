@@ -13,7 +13,7 @@ import normengine as ne
 from normengine import _lite
 
 transformers = pytest.importorskip("transformers")
-from test_model import MODELS, VOCAB, _randomize_norms  # noqa: E402
+from test_model import VOCAB, saved  # noqa: E402,F401 (saved: tiny random checkpoints of every architecture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,13 +50,9 @@ def _run(code, *args):
     return r.stdout
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
-def hf_dir(request, tmp_path_factory):
-    torch.manual_seed(99)
-    hf = _randomize_norms(MODELS[request.param](), torch.Generator().manual_seed(6)).eval()
-    d = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(d)
-    return str(d)
+@pytest.fixture
+def hf_dir(saved):
+    return saved[2]
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])

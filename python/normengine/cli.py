@@ -164,8 +164,8 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _model_options(p) -> None:
-    """The load-time options shared by `generate` and `info` (normengine.load's arguments)."""
+def _weight_options(p) -> None:
+    """The load options that change the weights (`convert` saves their result)."""
     p.add_argument("--norm", choices=["layernorm", "rmsnorm", "crmsnorm"], default=None,
                    help="convert the normalization (exact transforms; default: keep, gains folded)")
     p.add_argument("--quant", choices=["int8", "int8-weight", "int4", "fp8"], default=None,
@@ -173,6 +173,11 @@ def _model_options(p) -> None:
     p.add_argument("--group-size", type=int, default=None, help="int4 group size / fp8 block (with --quant)")
     p.add_argument("--attention", choices=["softmax", "linear", "mala", "norm"], default=None,
                    help="read the attention weights with another attention type")
+
+
+def _model_options(p) -> None:
+    """The load-time options shared by `generate` and `info` (normengine.load's arguments)."""
+    _weight_options(p)
     p.add_argument("--arithmetic", choices=["exact", "lmul"], default=None, help="lmul: L-Mul products")
     p.add_argument("--lmul-bits", type=int, default=4, help="L-Mul mantissa bits (default 4)")
     p.add_argument("--lmul-scope", choices=["attention", "all"], default="attention")
@@ -227,13 +232,7 @@ def main(argv=None) -> int:
     c.add_argument("out", help="directory to write (config.json, model.safetensors, tokenizer.json)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--dtype", choices=list(_DTYPES), default=None, help="linear weights' dtype (default: as stored)")
-    c.add_argument("--norm", choices=["layernorm", "rmsnorm", "crmsnorm"], default=None,
-                   help="convert the normalization (exact transforms; default: keep, gains folded)")
-    c.add_argument("--quant", choices=["int8", "int8-weight", "int4", "fp8"], default=None,
-                   help="quantize the linear weights")
-    c.add_argument("--group-size", type=int, default=None, help="int4 group size / fp8 block (with --quant)")
-    c.add_argument("--attention", choices=["softmax", "linear", "mala", "norm"], default=None,
-                   help="read the attention weights with another attention type")
+    _weight_options(c)
     # what only the run uses (the arithmetic, the KV cache) is not saved: the defaults
     c.set_defaults(fn=cmd_convert, arithmetic=None, lmul_bits=4, lmul_scope="attention", matmul_precision="highest",
                    kv_cache="float32")
