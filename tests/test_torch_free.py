@@ -97,6 +97,22 @@ def test_saved_model_logits_are_the_torch_paths_bits(hf_dir, dtype, tmp_path):
     assert not torch.equal(m.logits(ids), ref.logits(ids)) and m._runner is not runner
 
 
+@pytest.mark.parametrize("dtype, kw", [
+    (None, dict(arithmetic="lmul", lmul_bits=3)), (torch.float32, dict(arithmetic="lmul", lmul_scope="all")),
+    (torch.bfloat16, dict(arithmetic="lmul", lmul_scope="all")), (torch.bfloat16, dict(matmul_precision="medium")),
+])
+def test_run_options_on_the_torch_free_path(dtype, kw, tmp_path):
+    """The run options (L-Mul arithmetic, matmul precision) apply to a torch-free load as to the torch
+    path (taken here by naming the default KV-cache dtype): the same logits, bit for bit. L-Mul over
+    every matmul reads float32 weights, so a 16-bit checkpoint goes to the torch path, which widens it."""
+    ne.load(dtype=dtype).save(tmp_path)
+    m, ref = ne.load(tmp_path, **kw), ne.load(tmp_path, kv_cache_dtype=torch.float32, **kw)
+    assert m._arrays == (dtype == torch.float32 or kw.get("lmul_scope") != "all") and not ref._arrays
+    ids = [[5, 3, 9, 1, 7, 2, 8]]
+    assert torch.equal(m.logits(ids), ref.logits(ids))
+    assert m.info()["arithmetic"] == ref.info()["arithmetic"] and m.dtype == ref.dtype
+
+
 def test_copies_and_saves_of_a_torch_free_model(tmp_path):
     """pickle, deepcopy and save of a model the torch-free path loaded (numpy weights until then)
     give models that generate the same tokens and logits; the original is unchanged."""
