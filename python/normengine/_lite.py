@@ -7,9 +7,12 @@ widened to float32, everything else in its stored dtype), and hand the slots to 
 what llama.cpp does with a GGUF file, and like it the process then holds little beside the weights:
 `import torch` alone is ~200 MB of memory, 40% of a 124M-parameter fp32 model.
 
+A quantized checkpoint's packed parts (`<name>.qdata`, `.qscale`, `.qzero`) are copied as they are and
+handed to the runner as packed weights (normengine._packed.QuantizedWeight over numpy arrays).
+
 load() returns None whenever anything needs the torch path: a Hugging Face checkpoint (its names,
-layouts and norms are converted with torch), a pickle, a quantized checkpoint, a norm conversion,
-an unexpected tensor, name, shape or dtype (the torch path then raises its error naming it).
+layouts and norms are converted with torch), a pickle, a norm conversion, an unexpected tensor, name,
+shape or dtype (the torch path then raises its error naming it).
 """
 
 from __future__ import annotations
@@ -17,12 +20,17 @@ from __future__ import annotations
 import numpy as np
 
 from ._arena import Arena
+from ._packed import QuantizedWeight
 from .checkpoint.readers import locate, normengine_config, read_located, restore_aliases, weight_files
 from .checkpoint.safetensors_io import copy_releasing, is_bf16
-from .config import iter_expected_shapes
+from .config import _dense_shapes, is_quantized_name, iter_expected_shapes
 from .model import Model, _adjacent_order, _is_vector
 
 _FLOATS = ("float32", "float16", "bfloat16")
+# the dtype of each packed part, by format (normengine._packed.QuantizedWeight's layouts)
+_PACKED = {"int8": {"qdata": "int8", "qscale": "float32"}, "int8-weight": {"qdata": "int8", "qscale": "float32"},
+           "int4": {"qdata": "uint8", "qscale": "float32", "qzero": "float32"},
+           "fp8": {"qdata": "uint8", "qscale": "float32"}}
 
 
 def _dtype_name(a: np.ndarray) -> str:
@@ -42,7 +50,7 @@ def load(path: str, *, norm=None, arithmetic=None, lmul_bits: int = 4, lmul_scop
         return None
     raw = read_located(loc, arrays=True)
     cfg = normengine_config(raw)
-    if cfg is None or cfg.quantization is not None or (norm is not None and norm != cfg.norm):
+    if cfg is None or (norm is not None and norm != cfg.norm):
         return None
     if cfg.norm != "none" and "fold_norm_affine" not in cfg.conversions:
         return None  # the gains are still to fold
@@ -51,10 +59,13 @@ def load(path: str, *, norm=None, arithmetic=None, lmul_bits: int = 4, lmul_scop
     restore_aliases(raw, arrays)
     if "lm_head.weight" not in arrays and cfg.tied_head and "tok_emb.weight" in arrays:
         arrays["lm_head.weight"] = arrays["tok_emb.weight"]
+    parts = _PACKED.get(cfg.quantization, {})
     count = 0
     for name, shape in iter_expected_shapes(cfg):  # lazily: stops at the first tensor not stored
         a = arrays.get(name)
-        if a is None or tuple(a.shape) != tuple(shape) or _dtype_name(a) not in _FLOATS or not a.flags.c_contiguous:
+        part = parts.get(name.rsplit(".", 1)[-1])
+        if a is None or tuple(a.shape) != tuple(shape) or not a.flags.c_contiguous or (
+                _dtype_name(a) != part if part else _dtype_name(a) not in _FLOATS):
             return None
         count += 1
     if count != len(arrays):
@@ -65,7 +76,8 @@ def load(path: str, *, norm=None, arithmetic=None, lmul_bits: int = 4, lmul_scop
     dtype = next((_dtype_name(a) for n, a in arrays.items() if n.endswith("attn.q.weight")), "float32")
 
     # One slot per stored tensor (a tied head is the embedding's), in the runner's dtype: float32 for
-    # the norms' gains and biases, the stored dtype for the rest; [q; k; v] and [gate; up] adjacent.
+    # the norms' gains and biases, the stored dtype for the rest (packed parts included); [q; k; v]
+    # and [gate; up] adjacent.
     groups: dict = {}
     for name, a in arrays.items():
         groups.setdefault((id(a), _is_vector(name)), []).append(name)
@@ -82,5 +94,14 @@ def load(path: str, *, norm=None, arithmetic=None, lmul_bits: int = 4, lmul_scop
         for n in names:
             weights[n] = slot
         del a
+    if cfg.quantization is not None:  # each quantized weight's parts as one packed weight (shared ones once)
+        memo: dict = {}
+        for name, shape in _dense_shapes(cfg).items():
+            if is_quantized_name(cfg, name):
+                got = {k: weights.pop(f"{name}.{k}") for k in ("qdata", "qscale", "qzero") if f"{name}.{k}" in weights}
+                key = tuple(id(v) for v in got.values())
+                if key not in memo:
+                    memo[key] = QuantizedWeight.from_tensors(got, cfg.quantization, cfg.quant_group_size, tuple(shape))
+                weights[name] = memo[key]
     return Model._from_arrays(cfg, weights, dtype, path=path, arithmetic=arithmetic, lmul_bits=lmul_bits,
                               lmul_scope=lmul_scope, matmul_precision=matmul_precision)

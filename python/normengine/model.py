@@ -245,7 +245,14 @@ class Model:
         place. A torch-free load holds numpy arrays: they become torch views of the same memory on
         first use here (importing torch)."""
         if self._arrays:
+            from ._packed import QuantizedWeight
             from .checkpoint.safetensors_io import as_torch
+
+            def view(a):  # a numpy array, or a packed weight of them
+                if isinstance(a, np.ndarray):
+                    return as_torch(a)
+                parts = {k: as_torch(p) for k, p in a.tensors().items()}
+                return QuantizedWeight.from_tensors(parts, a.format, a.group_size, a.shape)
 
             with self._lock:
                 if self._arrays:
@@ -253,7 +260,7 @@ class Model:
                     views: dict = {}
                     for a in self._weights.values():
                         if id(a) not in views:
-                            views[id(a)] = as_torch(a)
+                            views[id(a)] = view(a)
                     self._weights = {n: views[id(a)] for n, a in self._weights.items()}
                     self._arrays = False
                     if current:  # the same memory: the runner stays valid

@@ -28,9 +28,9 @@ import torch
 from .. import _C
 from ..errors import ArgumentError, DeviceError, DTypeError, ShapeError
 from ._library import native_op
+from .._packed import FORMATS, QuantizedWeight
 from ._tensor import bf16_products, check_no_overlap, empty, torch_empty
 
-FORMATS = ("int8", "int8-weight", "int4", "fp8")
 _CODE = {"int8": 0, "int8-weight": 1, "int4": 2, "fp8": 3}
 _E4M3_MAX = 448.0
 _INT4_CLIPS = tuple(1.0 - 0.025 * i for i in range(9))  # 1.0 down to 0.8
@@ -39,75 +39,6 @@ _INT4_ASYM_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8)
 # 1e-12: errors that tie exactly pick the first candidate whatever the order of the sums (the native
 # quantizer, cpp/ops/quantize_weight.cpp, adds in another order and makes the same choices)
 _BETTER = 1.0 - 1e-12
-
-
-class QuantizedWeight:
-    """A packed [N, K] weight. data: int8 [N, K] (int8 formats), uint8 [N, K/2] (int4: byte j of a
-    row holds k = 2j in its low nibble, k = 2j + 1 in its high one) or uint8 [N, K] (fp8: E4M3 bit
-    patterns); scale: float32 [N] (int8), [N, K/group] (int4), [1] or [ceil(N/128), ceil(K/128)] (fp8);
-    zero: float32 [N, K/group] for asymmetric int4, else None."""
-
-    def __init__(self, format: str, shape, data, scale, zero=None, group_size: int = 0):
-        if format not in FORMATS:
-            raise ArgumentError(f"format: expected one of {FORMATS}, got {format!r}")
-        self.format = format
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.data, self.scale, self.zero = data, scale, zero
-        self.group_size = int(group_size or 0)
-
-    # ---------------------------------------------------------------- description
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    def __repr__(self):
-        g = f", group_size={self.group_size}" if self.format in ("int4", "fp8") else ""
-        return f"QuantizedWeight({self.format}, shape={self.shape}{g}, {self.nbytes() / 2**20:.2f} MiB)"
-
-    def tensors(self) -> dict:
-        """The packed tensors under the suffixes a checkpoint stores them with."""
-        out = {"qdata": self.data, "qscale": self.scale}
-        if self.zero is not None:
-            out["qzero"] = self.zero
-        return out
-
-    @classmethod
-    def from_tensors(cls, tensors: dict, format: str, group_size: int, shape) -> "QuantizedWeight":
-        for k in ("qdata", "qscale"):
-            if k not in tensors:
-                raise ShapeError(f"packed weight: missing '{k}'")
-        return cls(format, shape, tensors["qdata"], tensors["qscale"], tensors.get("qzero"), group_size)
-
-    def to(self, device) -> "QuantizedWeight":
-        z = self.zero.to(device) if self.zero is not None else None
-        return QuantizedWeight(self.format, self.shape, self.data.to(device), self.scale.to(device), z,
-                               self.group_size)
-
-    # ---------------------------------------------------------------- values
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        """The [N, K] weight the GEMMs multiply by, in `dtype` (exact in float32 and float64)."""
-        N, K = self.shape
-        if self.format in ("int8", "int8-weight"):
-            return (self.data.to(torch.float64) * self.scale.to(torch.float64)[:, None]).to(dtype)
-        if self.format == "int4":
-            g = self.group_size
-            q = torch.stack([self.data & 15, self.data >> 4], -1).reshape(N, K).to(torch.float64)
-            z = self.zero.to(torch.float64) if self.zero is not None else torch.full((N, K // g), 7.5,
-                                                                                    dtype=torch.float64,
-                                                                                    device=q.device)
-            w = (q.view(N, K // g, g) - z[..., None]) * self.scale.to(torch.float64)[..., None]
-            return w.reshape(N, K).to(dtype)
-        v = self.data.view(torch.float8_e4m3fn).to(torch.float64)
-        if self.group_size == 0:
-            return (v * self.scale.to(torch.float64)[0]).to(dtype)
-        s = self.scale.to(torch.float64).repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]
-        return (v * s).to(dtype)
 
 
 def _check_format(format, group_size):
