@@ -19,9 +19,10 @@ Engines (each in a fresh subprocess, so peak RSS is its own; all with --threads 
   ne-bf16    normengine.load(dir, dtype=torch.bfloat16)
   ne-f32m, ne-bf16m  the same with matmul_precision="medium" (bf16 products on AMX tiles for prefill)
   ne-int8, ne-int4, ne-int4m  quant="int8" / "int4" (ne-int4m: with matmul_precision="medium")
-  ne-f32s, ne-bf16s  normengine.load of the checkpoint `normengine convert` (Model.save) wrote from it
-             (fp32 / bf16; made once in --workdir): the torch-free path, in a worker that never
-             imports torch (checked), as llama.cpp reads its converted GGUF
+  ne-f32s, ne-bf16s, ne-int8s, ne-int4s  normengine.load of the checkpoint `normengine convert`
+             (Model.save) wrote from it (fp32, --dtype bf16, --quant int8, --quant int4; made once in
+             --workdir): the torch-free path, in a worker that never imports torch (checked), as
+             llama.cpp reads its converted GGUF
   hf-f32     transformers AutoModelForCausalLM fp32, torch.set_num_threads; greedy loop with the KV
              cache (model(tok, past_key_values=...)), no generate() overhead
   llama-f32  llama-cpp-python Llama(model_path, n_threads, n_ctx=max(256, prompt + gen + 8), n_batch=512,
@@ -36,7 +37,9 @@ normengine runs through Model.generate(prompt, max_new_tokens=gen + 1, stream=Tr
 time to the first yielded token, decode the time from it to the last.
 Peak memory: VmHWM of the worker (RSS high-water mark) after loading and timing, and that minus the
 RSS right before loading (the imports: torch for normengine and transformers, numpy for llama.cpp),
-both over the weight bytes in the engine's dtype (the model's parameters once, 4 or 2 bytes each).
+both over the weight bytes: for normengine the bytes its runner holds (Model.weight_bytes: packed
+weights with their scales, and the parts left unquantized, e.g. an embedding), for the others the
+model's parameters once at 4 or 2 bytes each (quantized: the format's bytes per weight).
 Ratios between engines are medians over the rounds of the same-round time ratio (paired), which
 cancels the slow spells a shared machine goes through; tok/s columns are plain medians.
 Bandwidth bound: decode tokens/s if a step did nothing but read the weights a step needs (every
@@ -61,10 +64,13 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENGINES = ("ne-f32", "ne-bf16", "ne-f32m", "ne-bf16m", "hf-f32", "llama-f32", "llama-f16", "ne-int8", "ne-int4", "ne-int4m",
-           "llama-q8_0", "llama-q4_0", "ne-f32s", "ne-bf16s")
+           "llama-q8_0", "llama-q4_0", "ne-f32s", "ne-bf16s", "ne-int8s", "ne-int4s")
+# the converted engines: `normengine convert` options of the checkpoint each reads
+CONVERTED = {"ne-f32s": [], "ne-bf16s": ["--dtype", "bf16"], "ne-int8s": ["--quant", "int8"],
+             "ne-int4s": ["--quant", "int4"]}
 DEFAULT_ENGINES = ("ne-f32", "ne-bf16", "ne-f32m", "ne-bf16m", "hf-f32", "llama-f32", "llama-f16")
 # bytes per weight of each engine's matrices (for the weight-bytes and bandwidth-bound columns)
-BYTES_PER_WEIGHT = {"f32": 4, "bf16": 2, "f32m": 4, "bf16m": 2, "f32s": 4, "bf16s": 2, "f16": 2, "int8": 1 + 4 / 768, "q8_0": 34 / 32, "int4": 0.5 + 4 / 128,
+BYTES_PER_WEIGHT = {"f32": 4, "bf16": 2, "f32m": 4, "bf16m": 2, "f32s": 4, "bf16s": 2, "int8s": 1 + 4 / 768, "int4s": 0.5 + 4 / 128, "f16": 2, "int8": 1 + 4 / 768, "q8_0": 34 / 32, "int4": 0.5 + 4 / 128,
                     "int4m": 0.5 + 4 / 128,
                     "q4_0": 18 / 32}
 
@@ -178,7 +184,7 @@ def worker(a) -> dict:
     res = {"engine": a.worker, "arch": a.arch}
 
     if a.worker.startswith("ne-"):
-        converted = a.worker in ("ne-f32s", "ne-bf16s")  # a converted checkpoint, no torch in this process
+        converted = a.worker in CONVERTED  # a converted checkpoint, no torch in this process
         if not converted:
             import torch
 
@@ -197,6 +203,7 @@ def worker(a) -> dict:
                                 quant=quant, matmul_precision="medium" if a.worker.endswith("m") else "highest")
         res["load_s"] = time.perf_counter() - t
         res["isa"] = normengine.cpu_isa()
+        res["weight_bytes"] = m.weight_bytes()
         if a.dump_logits:
             import numpy as np
 
@@ -425,11 +432,11 @@ def main():
     saved = {}
     for arch in archs:
         for e in engines:
-            if e in ("ne-f32s", "ne-bf16s"):
+            if e in CONVERTED:
                 d = os.path.join(workdir, f"{arch}-{e}")
                 if not os.path.exists(os.path.join(d, "model.safetensors")):
-                    cmd = [sys.executable, "-m", "normengine", "convert", dirs[arch], d]
-                    subprocess.run(cmd + (["--dtype", "bf16"] if e == "ne-bf16s" else []), check=True)
+                    subprocess.run([sys.executable, "-m", "normengine", "convert", dirs[arch], d] + CONVERTED[e],
+                                   check=True)
                 saved[(arch, e)] = d
 
     bws = [copy_bandwidth(a.threads)]
@@ -513,7 +520,7 @@ def main():
         for e in engines:
             r = base[e]
             es = BYTES_PER_WEIGHT[e.split("-", 1)[1]]
-            wbytes = wi["bytes"](es)
+            wbytes = r.get("weight_bytes") or wi["bytes"](es)  # normengine's own count, with unquantized parts
             pre, dec = a.prompt / r["prefill_s"], a.gen / r["decode_s"]
             bound = bw / wi["step_bytes"](es)
             # the same, each round against the bandwidth measured right after it

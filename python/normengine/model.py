@@ -922,7 +922,7 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     step reads from it, which at long contexts is a large part of a step. CPU and CUDA runners, exact
     arithmetic (not with L-Mul attention).
 
-    A checkpoint Model.save wrote (norms folded, not quantized), loaded on the CPU without dtype,
+    A checkpoint Model.save wrote (norms folded; quantized or not), loaded on the CPU without dtype,
     quant, smooth, attention or kv_cache_dtype, is read and run without importing torch
     (normengine._lite): a process that never imports torch itself stays about 200 MB smaller."""
     if dtype is not None and not _is_weight_dtype(dtype):
