@@ -158,6 +158,19 @@ def test_quantized_checkpoints_without_torch(saved, kw, tmp_path):
             assert all(torch.equal(t.tensors()[k], v) for k, v in w.tensors().items()), n
 
 
+def test_a_model_pickled_by_the_previous_layout_loads():
+    """Before this change a Model kept tensors, dtype, device and kv_cache_dtype as plain attributes: a
+    state pickled that way still unpickles to a working model."""
+    m = ne.load(kv_cache_dtype=torch.bfloat16)
+    state = m.__getstate__()
+    old = {k: v for k, v in state.items() if k not in ("_weights", "_arrays", "_dtype", "_device", "_kv_bf16")}
+    old.update(tensors=state["_weights"], dtype=m.dtype, device=m.device, kv_cache_dtype=m.kv_cache_dtype)
+    c = ne.Model.__new__(ne.Model)
+    c.__setstate__(old)
+    assert c.dtype == m.dtype and c.device == m.device and c.kv_cache_dtype == torch.bfloat16
+    assert c.generate([1, 2, 3], max_new_tokens=8) == m.generate([1, 2, 3], max_new_tokens=8)
+
+
 @pytest.mark.parametrize("vec_dtype", [torch.bfloat16, torch.float16])
 def test_16bit_norm_vectors_are_widened_exactly(vec_dtype, tmp_path):
     """Model.save stores the norms' gains and biases in float32, but a normengine checkpoint may hold

@@ -338,6 +338,11 @@ class Model:
         return new
 
     def __setstate__(self, state):
+        state = dict(state)
+        if "tensors" in state:  # pickled before the weights could be numpy arrays (plain attributes then)
+            state["_weights"], state["_arrays"] = state.pop("tensors"), False
+            state["_dtype"], state["_device"] = state.pop("dtype"), state.pop("device")
+            state["_kv_bf16"] = str(state.pop("kv_cache_dtype")) == "torch.bfloat16"
         self.__dict__.update(state)
         self._init_runtime()
 
