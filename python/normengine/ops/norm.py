@@ -16,6 +16,7 @@ from .. import _C
 from ._library import native_op, placeholder
 from ..errors import ArgumentError
 from ._tensor import (
+    _is_compiling,
     acc_dtype,
     channel_vector,
     check_eps,
@@ -56,11 +57,12 @@ def _native_forward(kind: int, x: torch.Tensor, residual: Optional[torch.Tensor]
 
 def _forward(kind, x, residual, w, b, eps, out=None, residual_out=None, stats=True):
     """Run the native forward; returns (y, h, mean, rstd) with h = x + residual (or x)."""
-    if out is None and residual_out is None:
+    if out is None and residual_out is None and _is_compiling():  # traced: the custom operator
         y, h, mean, rstd = _native_forward(kind, x, residual, w, b, eps, stats)
         return (y, h if residual is not None else x, mean if stats and kind == LAYER else None,
                 rstd if stats else None)
-    # into the caller's buffers (eager only: out= is refused when gradients are needed)
+    # eager (the kernel called directly: no placeholder outputs), into the caller's buffers if given
+    # (out= is refused when gradients are needed)
     y = out if out is not None else empty_like(x)
     h = None
     if residual is not None:
