@@ -413,12 +413,82 @@ void gemv_panel(const LmulArgs& a, int64_t p0, const LmulConst& kc_, uint32_t* p
   VI::fstore(tacc + L, acc1);
 }
 
+// M = 1 with W stored [K, N] (LmulArgs::w_kn), the n columns from p0 (whole panels), k outer: each k
+// streams its row's n contiguous columns once and adds their fast products into acc (in memory, n
+// floats), where gemv_panel reads one panel's 2 vectors per row, rows 16 KB apart at N = 4096 (a new
+// page per row and panel, which neither the TLB nor the hardware streamers follow). Every output still
+// adds its products k in order: the sums are gemv_panel's, bit for bit. The |w| range is tracked over
+// all n columns; a K block it rules out is checked panel by panel (pack_block gives each panel's own
+// range), and the panels whose fast products are invalid are redone, packed and checked, from the sums
+// saved before the block.
+void gemv_kn(const LmulArgs& a, int64_t p0, int64_t n, const LmulConst& kc_, uint32_t* pack, float* acc,
+             float* saved) {
+  const LmulRowStat& xs = a.xstat[0];
+  const int64_t K = a.K, ldw = a.ldw;
+  const uint32_t* xp = a.xp;
+  const R trunc = VI::set1(kc_.trunc), abs = VI::set1(kAbs);
+  const bool skip = xs.bad == 1;  // x holds zeros / subnormals: their products are skipped
+  std::fill(acc, acc + n, 0.0f);
+  for (int64_t kb = 0; kb < K; kb += kKc) {
+    const int64_t kc = std::min(kKc, K - kb);
+    std::copy(acc, acc + n, saved);
+    R amin0 = VI::set1(kAbs), amax0 = VI::set1(0), amin1 = amin0, amax1 = amax0;
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* row = a.w + (kb + k) * ldw + p0;
+      const uint32_t xk = xp[kb + k];
+      const bool use = !(skip && zero_or_subnormal(xk, kc_.c));
+      const R xb = VI::set1(xk);
+      for (int64_t i = 0; i < n; i += NP) {
+        const R w0 = VI::load(row + i), w1 = VI::load(row + i + L);
+        const R m0 = VI::and_(w0, abs), m1 = VI::and_(w1, abs);
+        amin0 = VI::min_u(amin0, m0);
+        amax0 = VI::max_u(amax0, m0);
+        amin1 = VI::min_u(amin1, m1);
+        amax1 = VI::max_u(amax1, m1);
+        if (use) {
+          VI::fstore(acc + i, VI::fadd_bits(VI::fload(acc + i), VI::add(xb, VI::and_(w0, trunc))));
+          VI::fstore(acc + i + L, VI::fadd_bits(VI::fload(acc + i + L), VI::add(xb, VI::and_(w1, trunc))));
+        }
+      }
+    }
+    int32_t lo, hi;
+    lane_range(VI::min_u(amin0, amin1), VI::max_u(amax0, amax1), lo, hi);
+    if (tile_mode(xs, lo >> 23, hi >> 23) != 0) continue;  // every panel's fast products were valid
+    for (int64_t q = 0; q < n; q += NP) {  // find the panels that need checked products, redo them
+      int32_t pmin, pmax;
+      pack_block(a, p0 + q, NP, kb, kc, kc_.trunc, pack, pmin, pmax);
+      if (tile_mode(xs, pmin, pmax) != 0) continue;
+      std::copy(saved + q, saved + q + NP, acc + q);
+      kTiles[0][0](xp + kb, K, pack, kc, acc + q, kb == 0, kc_.c);
+    }
+  }
+}
+
 void gemm_cols(const LmulArgs& a, int64_t n0, int64_t n1) {
   const LmulConst kc_ = lmul_const(a.bits);
   const int64_t M = a.M, K = a.K;
   AlignedVec<uint32_t> pack(static_cast<size_t>(std::min(K, kKc) * NP + NP));
-  AlignedVec<float> tacc(static_cast<size_t>(M * NP));
-  for (int64_t p0 = n0; p0 < n1; p0 += NP) {
+  // M = 1 over W [K, N]: the whole panels of the range at once (gemv_kn), their sums in tacc
+  const int64_t kn_cols = M == 1 && a.w_kn && K > 0 && a.xstat[0].bad != 2 ? (n1 - n0) / NP * NP : 0;
+  AlignedVec<float> tacc(static_cast<size_t>(std::max(M * NP, kn_cols)));
+  if (kn_cols > 0) {
+    AlignedVec<float> saved(static_cast<size_t>(kn_cols));
+    gemv_kn(a, n0, kn_cols, kc_, pack.data(), tacc.data(), saved.data());
+  }
+  // y[m, p0 + j] = tacc[m NP + j] (+ bias, + y) for the nw columns from p0 (M = 1: tacc[j], j < nw)
+  auto emit = [&](int64_t p0, int64_t nw) {
+    for (int64_t m = 0; m < M; ++m) {
+      float* yr = a.y + m * a.ldy + p0;
+      for (int64_t j = 0; j < nw; ++j) {
+        float v = tacc[m * NP + j];
+        if (a.bias) v += a.bias[p0 + j];
+        if (a.accumulate) v += yr[j];
+        yr[j] = v;
+      }
+    }
+  };
+  if (kn_cols > 0) emit(n0, kn_cols);
+  for (int64_t p0 = n0 + kn_cols; p0 < n1; p0 += NP) {
     const int nw = static_cast<int>(std::min<int64_t>(NP, n1 - p0));
     if (M == 1 && nw == NP && K > 0 && a.xstat[0].bad != 2) {
       gemv_panel(a, p0, kc_, pack.data(), tacc.data());
@@ -439,15 +509,7 @@ void gemm_cols(const LmulArgs& a, int64_t n0, int64_t n1) {
         }
       }
     }
-    for (int64_t m = 0; m < M; ++m) {
-      float* yr = a.y + m * a.ldy + p0;
-      for (int j = 0; j < nw; ++j) {
-        float v = tacc[m * NP + j];
-        if (a.bias) v += a.bias[p0 + j];
-        if (a.accumulate) v += yr[j];
-        yr[j] = v;
-      }
-    }
+    emit(p0, nw);
   }
 }
 
