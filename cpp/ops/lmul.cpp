@@ -332,14 +332,10 @@ inline int tile_mode(const LmulRowStat& s, int32_t emin, int32_t emax) {
   return s.bad == 1 ? 2 : 1;
 }
 
-// The GEMV's rows of a [K, N] W prefetched ahead: one row per k, ldw apart, which the hardware streamers
-// do not follow (ops.lmul_matmul, 1 x 4096 x 4096: none 3.8 ms, 32 rows 2.9, 64 rows 2.6, 128 rows 2.7-3.3).
-constexpr int64_t kRowsAhead = 64;
-
-// M = 1, a whole panel (NP rows of W): y[p0 + j] = sum_k product(x[k], w[p0 + j, k]), k in order, without
-// a packed copy of W. Each step reads L k-values of the panel's 2 L rows (one vector per row),
-// transposes each half in registers (one vector per k and half, lane = output; W stored [K, N] needs no
-// transpose) and adds the fast products (t(x) - C) + (w & trunc) of both halves, two independent chains
+// M = 1, a whole panel (NP rows of W [N, K]; W stored [K, N] goes to gemv_kn): y[p0 + j] = sum_k
+// product(x[k], w[p0 + j, k]), k in order, without a packed copy of W. Each step reads L k-values of the
+// panel's 2 L rows (one vector per row), transposes each half in registers (one vector per k and half,
+// lane = output) and adds the fast products (t(x) - C) + (w & trunc) of both halves, two independent chains
 // of float adds. The fast products need no canonical NaN: the K block's range of |w| bits, tracked as
 // the rows are loaded (its exponents bound the block's), sends a block holding a NaN / Inf, a zero or
 // subnormal, or exponents near the ends back: it is done again from the accumulators saved before it,
@@ -372,33 +368,24 @@ void gemv_panel(const LmulArgs& a, int64_t p0, const LmulConst& kc_, uint32_t* p
     VI::fstore(tacc, acc0);
     VI::fstore(tacc + L, acc1);
     amin = VI::set1(kAbs), amax = VI::set1(0);
-    if (a.w_kn) {
-      const float* w = a.w + kb * ldw + p0;
-      for (int64_t k = 0; k < kc; ++k) {
-        __builtin_prefetch(w + (k + kRowsAhead) * ldw);
-        __builtin_prefetch(w + (k + kRowsAhead) * ldw + L);
-        step(xp[kb + k], prep(VI::load(w + k * ldw)), prep(VI::load(w + k * ldw + L)));
+    const float* w0 = a.w + p0 * ldw + kb;  // rows p0 .. p0 + L - 1
+    const float* w1 = w0 + L * ldw;         // rows p0 + L .. p0 + 2 L - 1
+    int64_t k = 0;
+    for (; k + L <= kc; k += L) {
+      R r0[L], r1[L];
+      for (int i = 0; i < L; ++i) {
+        r0[i] = prep(VI::load(w0 + i * ldw + k));
+        __builtin_prefetch(w0 + i * ldw + k + kPrefetch);
       }
-    } else {
-      const float* w0 = a.w + p0 * ldw + kb;  // rows p0 .. p0 + L - 1
-      const float* w1 = w0 + L * ldw;         // rows p0 + L .. p0 + 2 L - 1
-      int64_t k = 0;
-      for (; k + L <= kc; k += L) {
-        R r0[L], r1[L];
-        for (int i = 0; i < L; ++i) {
-          r0[i] = prep(VI::load(w0 + i * ldw + k));
-          __builtin_prefetch(w0 + i * ldw + k + kPrefetch);
-        }
-        transpose(r0);  // r0[c]: w[p0 + lane, kb + k + c]
-        for (int i = 0; i < L; ++i) {
-          r1[i] = prep(VI::load(w1 + i * ldw + k));
-          __builtin_prefetch(w1 + i * ldw + k + kPrefetch);
-        }
-        transpose(r1);
-        for (int c = 0; c < L; ++c) step(xp[kb + k + c], r0[c], r1[c]);
+      transpose(r0);  // r0[c]: w[p0 + lane, kb + k + c]
+      for (int i = 0; i < L; ++i) {
+        r1[i] = prep(VI::load(w1 + i * ldw + k));
+        __builtin_prefetch(w1 + i * ldw + k + kPrefetch);
       }
-      for (; k < kc; ++k) step(xp[kb + k], prep(column(w0 + k, ldw)), prep(column(w1 + k, ldw)));
+      transpose(r1);
+      for (int c = 0; c < L; ++c) step(xp[kb + k + c], r0[c], r1[c]);
     }
+    for (; k < kc; ++k) step(xp[kb + k], prep(column(w0 + k, ldw)), prep(column(w1 + k, ldw)));
     int32_t lo, hi;
     lane_range(amin, amax, lo, hi);
     if (tile_mode(xs, lo >> 23, hi >> 23) == 0) {  // redo the block with checked products
