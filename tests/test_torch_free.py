@@ -15,8 +15,6 @@ from normengine import _lite
 transformers = pytest.importorskip("transformers")
 from test_model import VOCAB, saved  # noqa: E402,F401 (saved: tiny random checkpoints of every architecture)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 # Loads a checkpoint and generates in a fresh interpreter; prints what it made and whether torch
 # was ever imported.
 WORKER = r"""
@@ -39,8 +37,11 @@ print(json.dumps(out))
 
 
 def _env():
+    """The environment of a child interpreter that imports the normengine this process imported (the
+    source tree with its built module, or the installed package in CI)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python")] + [p for p in [env.get("PYTHONPATH")] if p])
+    here = os.path.dirname(os.path.dirname(os.path.abspath(ne.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in [env.get("PYTHONPATH")] if p])
     return env
 
 
