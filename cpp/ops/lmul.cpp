@@ -451,30 +451,86 @@ void gemv_kn(const LmulArgs& a, int64_t p0, int64_t n, const LmulConst& kc_, uin
   }
 }
 
+// The M rows' products with one packed K block of a panel (t(w) as [k][column], exponent range emin ..
+// emax over its valid columns) added into the panel's tacc (M x NP; initialised when kb = 0), MR rows
+// per tile: checked if a row needs it, else fast, skipping zeros if a row has them.
+void panel_tiles(const LmulArgs& a, const uint32_t* pack, int64_t kb, int64_t kc, int32_t emin, int32_t emax,
+                 float* tacc, const LmulConst& kc_) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += MR) {
+    const int rr = static_cast<int>(std::min<int64_t>(MR, a.M - m0));
+    int mode = 1;
+    for (int r = 0; r < rr && mode > 0; ++r) {
+      const int m = tile_mode(a.xstat[m0 + r], emin, emax);
+      mode = m == 0 ? 0 : std::max(mode, m);
+    }
+    kTiles[mode][rr - 1](a.xp + m0 * a.K + kb, a.K, pack, kc, tacc + m0 * NP, kb == 0, kc_.c);
+  }
+}
+
+// M > 1 with W stored [K, N] (LmulArgs::w_kn): the n columns from p0 (whole panels) together, K block by
+// K block. Each row of the block is read once, contiguous, into every panel's packed block (pack_block's
+// layout and values), where packing panel by panel reads 2 vectors per row, rows 16 KB apart at N = 4096;
+// then each panel's tiles run on its block as in gemm_cols' panel loop: the same sums, bit for bit.
+// packs: n / NP blocks of kKc x NP words; taccs: n / NP panels' M x NP sums.
+void gemm_kn(const LmulArgs& a, int64_t p0, int64_t n, const LmulConst& kc_, uint32_t* packs, float* taccs) {
+  const int64_t np = n / NP;
+  const R tr = VI::set1(kc_.trunc);
+  for (int64_t kb = 0; kb < a.K; kb += kKc) {
+    const int64_t kc = std::min(kKc, a.K - kb);
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* row = a.w + (kb + k) * a.ldw + p0;
+      for (int64_t q = 0; q < np; ++q)
+        for (int h = 0; h < 2; ++h)
+          VI::store(packs + q * kKc * NP + k * NP + h * L, prepv(VI::load(row + q * NP + h * L), tr));
+    }
+    for (int64_t q = 0; q < np; ++q) {
+      const uint32_t* pack = packs + q * kKc * NP;
+      R vmin = VI::set1(255), vmax = VI::set1(0);
+      for (int64_t i = 0; i < kc * NP; i += L) {
+        const R e = VI::expo(VI::load(pack + i));
+        vmin = VI::min_u(vmin, e);
+        vmax = VI::max_u(vmax, e);
+      }
+      int32_t emin, emax;
+      lane_range(vmin, vmax, emin, emax);
+      panel_tiles(a, pack, kb, kc, emin, emax, taccs + q * a.M * NP, kc_);
+    }
+  }
+}
+
+constexpr int64_t kKnRows = 64;  // gemm_kn for up to this many rows (its sums: M x the range's columns)
+
 void gemm_cols(const LmulArgs& a, int64_t n0, int64_t n1) {
   const LmulConst kc_ = lmul_const(a.bits);
   const int64_t M = a.M, K = a.K;
   AlignedVec<uint32_t> pack(static_cast<size_t>(std::min(K, kKc) * NP + NP));
-  // M = 1 over W [K, N]: the whole panels of the range at once (gemv_kn), their sums in tacc
-  const int64_t kn_cols = M == 1 && a.w_kn && K > 0 && a.xstat[0].bad != 2 ? (n1 - n0) / NP * NP : 0;
-  AlignedVec<float> tacc(static_cast<size_t>(std::max(M * NP, kn_cols)));
-  if (kn_cols > 0) {
+  // W [K, N]: the whole panels of the range at once (M = 1: gemv_kn, sums in tacc; 1 < M <= kKnRows:
+  // gemm_kn, panel q's sums at tacc + q M NP); the rest (a last partial panel, or every panel for larger
+  // M or a row with Inf / NaN at M = 1) panel by panel below
+  const bool gemv = M == 1 && a.xstat[0].bad != 2;
+  const int64_t kn_cols = a.w_kn && K > 0 && (gemv || (M > 1 && M <= kKnRows)) ? (n1 - n0) / NP * NP : 0;
+  AlignedVec<float> tacc(static_cast<size_t>(std::max(M * NP, M * kn_cols)));
+  if (kn_cols > 0 && gemv) {
     AlignedVec<float> saved(static_cast<size_t>(kn_cols));
     gemv_kn(a, n0, kn_cols, kc_, pack.data(), tacc.data(), saved.data());
+  } else if (kn_cols > 0) {
+    AlignedVec<uint32_t> packs(static_cast<size_t>(kn_cols * kKc));
+    gemm_kn(a, n0, kn_cols, kc_, packs.data(), tacc.data());
   }
-  // y[m, p0 + j] = tacc[m NP + j] (+ bias, + y) for the nw columns from p0 (M = 1: tacc[j], j < nw)
-  auto emit = [&](int64_t p0, int64_t nw) {
+  // y[m, p0 + j] = t[m NP + j] (+ bias, + y) for the nw <= NP columns from p0
+  auto emit = [&](int64_t p0, int64_t nw, const float* t) {
     for (int64_t m = 0; m < M; ++m) {
       float* yr = a.y + m * a.ldy + p0;
       for (int64_t j = 0; j < nw; ++j) {
-        float v = tacc[m * NP + j];
+        float v = t[m * NP + j];
         if (a.bias) v += a.bias[p0 + j];
         if (a.accumulate) v += yr[j];
         yr[j] = v;
       }
     }
   };
-  if (kn_cols > 0) emit(n0, kn_cols);
+  for (int64_t q = 0; q < kn_cols / NP; ++q)  // (M = 1: gemv_kn's sums are panel after panel too)
+    emit(n0 + q * NP, NP, tacc.data() + q * M * NP);
   for (int64_t p0 = n0 + kn_cols; p0 < n1; p0 += NP) {
     const int nw = static_cast<int>(std::min<int64_t>(NP, n1 - p0));
     if (M == 1 && nw == NP && K > 0 && a.xstat[0].bad != 2) {
@@ -485,18 +541,10 @@ void gemm_cols(const LmulArgs& a, int64_t n0, int64_t n1) {
         const int64_t kc = std::min(kKc, K - kb);
         int32_t emin, emax;  // t(w) as [k][column]; stats of the valid columns
         pack_block(a, p0, nw, kb, kc, kc_.trunc, pack.data(), emin, emax);
-        for (int64_t m0 = 0; m0 < M; m0 += MR) {
-          const int rr = static_cast<int>(std::min<int64_t>(MR, M - m0));
-          int mode = 1;  // checked if a row needs it, else fast, skipping zeros if a row has them
-          for (int r = 0; r < rr && mode > 0; ++r) {
-            const int m = tile_mode(a.xstat[m0 + r], emin, emax);
-            mode = m == 0 ? 0 : std::max(mode, m);
-          }
-          kTiles[mode][rr - 1](a.xp + m0 * K + kb, K, pack.data(), kc, tacc.data() + m0 * NP, kb == 0, kc_.c);
-        }
+        panel_tiles(a, pack.data(), kb, kc, emin, emax, tacc.data(), kc_);
       }
     }
-    emit(p0, nw);
+    emit(p0, nw, tacc.data());
   }
 }
 
