@@ -14,8 +14,9 @@
 // x is stored prepared as t(x) - C, so the fast inner loop is one integer add and one float add per
 // product. GEMM: W panels of 2 vectors of columns, K blocks of kKc packed as [k][column] (t(w) bits),
 // register tiles of 4 rows x 2 vectors, x broadcast; accumulation strictly in k order per output.
-// Traffic: W read once per call (packed panel by panel), x (prepared, M*K*4 bytes) re-read once per
-// panel from cache; y written once.
+// Traffic: W read once per call (packed panel by panel; W stored [K, N] is packed for all of a thread's
+// panels at once, each row read contiguously: gemm_kn, and gemv_kn at M = 1), x (prepared, M*K*4 bytes)
+// re-read once per panel from cache; y written once.
 #include <algorithm>
 #include <cstring>
 #include <utility>
