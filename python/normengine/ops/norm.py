@@ -35,34 +35,18 @@ LAYER, RMS, CRMS = 0, 1, 2
 _NAMES = {LAYER: "layer_norm", RMS: "rms_norm", CRMS: "crms_norm"}
 
 
-def _fwd_fake(kind, x, residual, w, b, eps, stats, like=torch_empty_like):
+def _fwd_fake(kind, x, residual, w, b, eps, stats):
     rows_ = x.numel() // x.size(-1)
     acc = acc_dtype(x.dtype)
-    return (like(x),
-            like(x) if residual is not None else placeholder(x),
+    return (torch_empty_like(x),
+            torch_empty_like(x) if residual is not None else placeholder(x),
             x.new_empty(rows_, dtype=acc) if stats and kind == LAYER else placeholder(x),
             x.new_empty(rows_, dtype=acc) if stats else placeholder(x))
 
 
-@native_op("norm_forward", _fwd_fake)
-def _native_forward(kind: int, x: torch.Tensor, residual: Optional[torch.Tensor], w: Optional[torch.Tensor],
-                    b: Optional[torch.Tensor], eps: float, stats: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                                  torch.Tensor]:
-    """(y, h = x + residual, mean, rstd); absent ones (no residual, no stats, mean of an RMS norm) empty."""
-    y, h, mean, rstd = _fwd_fake(kind, x, residual, w, b, eps, stats, like=empty_like)
-    _C.norm_forward(kind, x, residual, w, b, eps, y, h if residual is not None else None,
-                    mean if stats and kind == LAYER else None, rstd if stats else None, stream_of(x))
-    return y, h, mean, rstd
-
-
-def _forward(kind, x, residual, w, b, eps, out=None, residual_out=None, stats=True):
-    """Run the native forward; returns (y, h, mean, rstd) with h = x + residual (or x)."""
-    if out is None and residual_out is None and _is_compiling():  # traced: the custom operator
-        y, h, mean, rstd = _native_forward(kind, x, residual, w, b, eps, stats)
-        return (y, h if residual is not None else x, mean if stats and kind == LAYER else None,
-                rstd if stats else None)
-    # eager (the kernel called directly: no placeholder outputs), into the caller's buffers if given
-    # (out= is refused when gradients are needed)
+def _run_forward(kind, x, residual, w, b, eps, stats, out=None, residual_out=None):
+    """The kernel into new outputs (or the caller's out / residual_out): (y, h = x + residual, mean, rstd),
+    None for the absent ones (no residual, no stats, mean of an RMS norm)."""
     y = out if out is not None else empty_like(x)
     h = None
     if residual is not None:
@@ -75,6 +59,26 @@ def _forward(kind, x, residual, w, b, eps, out=None, residual_out=None, stats=Tr
         if kind == LAYER:
             mean = torch.empty(rows_, dtype=acc, device=x.device)
     _C.norm_forward(kind, x, residual, w, b, eps, y, h, mean, rstd, stream_of(x))
+    return y, h, mean, rstd
+
+
+@native_op("norm_forward", _fwd_fake)
+def _native_forward(kind: int, x: torch.Tensor, residual: Optional[torch.Tensor], w: Optional[torch.Tensor],
+                    b: Optional[torch.Tensor], eps: float, stats: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
+    """(y, h = x + residual, mean, rstd); absent ones (no residual, no stats, mean of an RMS norm) empty."""
+    return tuple(placeholder(x) if t is None else t for t in _run_forward(kind, x, residual, w, b, eps, stats))
+
+
+def _forward(kind, x, residual, w, b, eps, out=None, residual_out=None, stats=True):
+    """Run the native forward; returns (y, h, mean, rstd) with h = x + residual (or x)."""
+    if out is None and residual_out is None and _is_compiling():  # traced: the custom operator
+        y, h, mean, rstd = _native_forward(kind, x, residual, w, b, eps, stats)
+        return (y, h if residual is not None else x, mean if stats and kind == LAYER else None,
+                rstd if stats else None)
+    # eager: the kernel called directly, without the operator's placeholder outputs (out= is refused
+    # when gradients are needed)
+    y, h, mean, rstd = _run_forward(kind, x, residual, w, b, eps, stats, out, residual_out)
     return y, (h if h is not None else x), mean, rstd
 
 
