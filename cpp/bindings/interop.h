@@ -52,8 +52,8 @@ struct TorchTypes {
 inline const TorchTypes* torch_types() {
   static TorchTypes* t = nullptr;  // set once, under the GIL; never freed (outlives module teardown)
   if (t) return t;
-  py::object torch_name = py::reinterpret_steal<py::object>(PyUnicode_InternFromString("torch"));
-  PyObject* mod = PyImport_GetModule(torch_name.ptr());  // a new reference, or NULL when not imported
+  static PyObject* const torch_name = PyUnicode_InternFromString("torch");  // (made once: this runs per tensor)
+  PyObject* mod = PyImport_GetModule(torch_name);  // a new reference, or NULL when not imported
   if (!mod) {
     PyErr_Clear();
     return nullptr;
