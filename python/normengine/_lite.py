@@ -24,7 +24,7 @@ from ._packed import QuantizedWeight
 from .checkpoint.readers import locate, normengine_config, read_located, restore_aliases, weight_files
 from .checkpoint.safetensors_io import copy_releasing, is_bf16
 from .config import _dense_shapes, is_quantized_name, iter_expected_shapes
-from .model import Model, _adjacent_order, _is_vector
+from .model import Model, _adjacent_order, _is_vector, _slots
 
 _FLOATS = ("float32", "float16", "bfloat16")
 # the dtype of each packed part, by format (normengine._packed.QuantizedWeight's layouts)
@@ -78,12 +78,8 @@ def load(path: str, *, norm=None, arithmetic=None, lmul_bits: int = 4, lmul_scop
     # One slot per stored tensor (a tied head is the embedding's), in the runner's dtype: float32 for
     # the norms' gains and biases, the stored dtype for the rest (packed parts included); [q; k; v]
     # and [gate; up] adjacent.
-    groups: dict = {}
-    for name, a in arrays.items():
-        groups.setdefault((id(a), _is_vector(name)), []).append(name)
-    plans = [(names, arrays[names[0]], np.dtype(np.float32) if vec else arrays[names[0]].dtype)
-             for (_, vec), names in groups.items()]
-    del arrays, groups
+    plans = [(names, a, np.dtype(np.float32) if vec else a.dtype) for names, a, vec in _slots(arrays)]
+    del arrays
     plans = _adjacent_order(plans, cfg.n_layers)
     arena = Arena(sum(Arena.room(a.shape, want) for _, a, want, _ in plans))
     weights = {}

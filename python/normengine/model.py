@@ -71,6 +71,15 @@ def _address(p) -> int:
     return p.ctypes.data if isinstance(p, np.ndarray) else p.data_ptr()
 
 
+def _slots(tensors: dict) -> list:
+    """(names, tensor, is_vector) for each tensor of the runner's: a tensor stored under several names
+    (a tied head) is one slot, unless it serves as a vector under one and a matrix under another."""
+    groups: dict = {}
+    for name, t in tensors.items():
+        groups.setdefault((id(t), _is_vector(name)), []).append(name)
+    return [(names, tensors[names[0]], vec) for (_, vec), names in groups.items()]
+
+
 def _stop_prefix_len(text: str, stops) -> int:
     """The length of the longest end of `text` that is a proper start of one of `stops`."""
     best = 0
@@ -117,12 +126,8 @@ class Model:
         # converted and the pages of a mapped source are handed back, so the old and the new copy of
         # the weights never coexist in full.
         converted: dict = {}
-        groups: dict = {}
-        for name, t in tensors.items():
-            groups.setdefault((id(t), _is_vector(name)), []).append(name)
         plans = []  # (names, source, the dtype the runner reads it in; None: a packed weight)
-        for (_, vec), names in groups.items():
-            t = tensors[names[0]]
+        for names, t, vec in _slots(tensors):
             if is_quantized(t):  # packed weights stay packed (the runner reads them as they are)
                 plans.append((names, t, None))
                 continue
