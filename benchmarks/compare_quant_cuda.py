@@ -2,7 +2,9 @@
 [N, K] bf16). Prefill/GEMM shapes (default 8192 x 8192 x 8192: the issue's target, int8 and fp8 at least
 1.6x cuBLAS bf16) and decode shapes (M = 1: memory bound, also reported as GB/s of packed weight bytes).
 Our time includes the activation quantization (one extra kernel), as a real call would. Prints medians
-of --repeats timings (CUDA events) and speedups (peer time / our time; > 1 is faster).
+of --repeats timings (CUDA events) and speedups (peer time / our time; > 1 is faster). On an sm_90 GPU the
+int8 / fp8 rows with M > 8 are timed on both tensor-core paths: the wgmma kernels (cuda/quant_gemm_sm90*.cu,
+the default there) and the mma.sync kernel (_C.set_sm90_gemm(False)).
 
     python benchmarks/compare_quant_cuda.py [--repeats 9] [--shapes 8192x8192x8192,1x8192x8192] [--formats ...]
 """
@@ -37,6 +39,7 @@ def main():
         print("compare_quant_cuda: normengine was built without CUDA kernels; skipped.")
         return 0
     dev = torch.device("cuda")
+    wgmma = _C.sm90_gemm_compiled() and torch.cuda.get_device_capability() == (9, 0)
     stream = torch.cuda.current_stream().cuda_stream
     print(f"# quantized GEMM on {torch.cuda.get_device_name()}: y = x @ W^T, median of {args.repeats} (ms); "
           f"speedup = cuBLAS bf16 time / ours")
@@ -60,14 +63,25 @@ def main():
             def ours():
                 _C.quant_linear_cuda(xin, CODE[fmt], qw.data, qw.scale, qw.zero, gs, N, K, None, y, False, stream)
 
-            t = timed(ours, args.repeats)
             wbytes = qw.data.numel() * qw.data.element_size() + qw.scale.numel() * 4
             # memory-bound peer: a device copy of the packed weight moves 2 x its bytes
             dst = torch.empty_like(qw.data)
             t_copy = timed(lambda: dst.copy_(qw.data), args.repeats)
-            frac = (wbytes / t) / (2 * qw.data.numel() * qw.data.element_size() / t_copy)
-            print(f"| {M}x{N}x{K} | {fmt} | {t:.3f} | {t_ref:.3f} | {t_ref / t:.2f}x | "
-                  f"{2 * M * N * K / t / 1e9:.1f} | {wbytes / t / 1e6:.0f} | {100 * frac:.0f}% |")
+            paths = [("", None)]
+            if wgmma and fmt in ("int8", "fp8") and M > 8:
+                paths = [(" (wgmma)", True), (" (mma.sync)", False)]
+            for label, sm90 in paths:
+                if sm90 is not None:
+                    _C.set_sm90_gemm(sm90)
+                calls = _C.sm90_gemm_calls() if wgmma else 0
+                t = timed(ours, args.repeats)
+                if sm90 and _C.sm90_gemm_calls() == calls:
+                    label = " (wgmma declined: mma.sync)"
+                if wgmma:
+                    _C.set_sm90_gemm(True)
+                frac = (wbytes / t) / (2 * qw.data.numel() * qw.data.element_size() / t_copy)
+                print(f"| {M}x{N}x{K} | {fmt}{label} | {t:.3f} | {t_ref:.3f} | {t_ref / t:.2f}x | "
+                      f"{2 * M * N * K / t / 1e9:.1f} | {wbytes / t / 1e6:.0f} | {100 * frac:.0f}% |")
         del x, w, xb, wb, y
         torch.cuda.empty_cache()
     print()

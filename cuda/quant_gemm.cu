@@ -31,7 +31,9 @@
 //       shows it: for sm_90a the FP8 instantiation takes 255 registers and spills (268 bytes stored per
 //       thread) where the same source for sm_89 (Ada, native e4m3 MMA) takes 178 and the s8 one 130. So on
 //       an H100 / H200 this path computes at the f16 tensor-core rate at best; full FP8 speed there needs
-//       wgmma (e4m3 from shared memory), which this file does not have yet.
+//       wgmma (e4m3 from shared memory): on a compute capability 9.0 device Int8 and FP8 with more than 8 rows
+//       go to the wgmma kernels of cuda/quant_gemm_sm90.h first, and come here only when those decline
+//       (operands TMA cannot address: y's row stride or base not 16-byte aligned) or are switched off.
 //     - Int8Weight / Int4, M > 8: a tiled fp32 FMA kernel (64 x 64 tile, K steps of 32, 4 x 4 outputs per
 //       thread) that dequantizes the W tile into shared memory ((q - z) s, or q for int8 with sw[n] in the
 //       epilogue): the exact fp32 arithmetic of the contract (no bf16 rounding of x).
@@ -51,6 +53,9 @@
 
 #include "common.cuh"
 #include "ops/quant_gemm.h"
+#if !defined(NE_CUDA_EMU)
+#include "quant_gemm_sm90.h"
+#endif
 
 namespace ne {
 namespace cuda {
@@ -826,6 +831,13 @@ void quant_linear(int64_t M, const void* x, DType xdt, int64_t ldx, const QWeigh
   // 2 + 3. GEMM and epilogue
   const bool w_aligned = aligned16(w.data);
   const bool mma_ok = eight_bit && w_aligned && K % 16 == 0;
+#if !defined(NE_CUDA_EMU)
+  // On Hopper: wgmma kernels fed by TMA (cuda/quant_gemm_sm90.h); they decline what they cannot address.
+  if (M > kGemvMaxM && eight_bit &&
+      quant_gemm_sm90(Sm90QGemm{w.format, M, N, K, act, Kp, sx, w.data, K, w.scale, w.group, bias, y, ldy, accumulate},
+                      st))
+    return;
+#endif
   if (M > kGemvMaxM && mma_ok) {
     MmaArgs a{};
     a.M = M;

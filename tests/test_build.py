@@ -19,11 +19,15 @@ def test_cuda_built_when_nvcc_present():
     if shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"):
         pytest.skip("no nvcc on this machine")
     assert _C.built_with_cuda(), "nvcc is installed but normengine was built without its CUDA kernels"
+    # and the Hopper wgmma GEMMs (cuda/quant_gemm_sm90*.cu, CUTLASS from third_party/), unless switched off
+    if os.environ.get("NORMENGINE_SM90_GEMM", "ON").upper() != "OFF":
+        assert _C.sm90_gemm_compiled(), "a CUDA build without the sm_90a wgmma GEMMs (NORMENGINE_SM90_GEMM)"
 
 
 def test_cuda_availability_is_consistent():
     if not _C.built_with_cuda():
         assert not ne.cuda_available()
+        assert not _C.sm90_gemm_compiled()
     if ne.cuda_available():
         assert torch.cuda.is_available()
 

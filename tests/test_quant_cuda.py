@@ -245,3 +245,114 @@ def test_ops_quantized_linear_runs_the_kernel(gen, fmt, group, sym):
     out = torch.empty(2, 5, 96, device="cuda")
     assert quantized_linear(x3, qw, bias, out=out) is out
     assert rel_err(out.cpu(), want) < TOL
+
+
+# ------------------------------------------------------------------ Hopper: wgmma kernels (quant_gemm_sm90)
+def _hopper_wgmma():
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+            and hasattr(_C, "quant_linear_cuda") and _C.sm90_gemm_compiled())
+
+
+hopper = pytest.mark.skipif(not _hopper_wgmma(), reason="needs a compute capability 9.0 GPU and the sm_90a kernels")
+
+
+def _both_paths(x, qw, bias=None, out=None, accumulate=False):
+    """(wgmma result, mma.sync result, whether the wgmma kernels took the call)."""
+    base = None if out is None else out.clone()
+    calls = _C.sm90_gemm_calls()
+    a = run(x, qw, bias, None if base is None else base.clone(), accumulate)
+    took = _C.sm90_gemm_calls() > calls
+    _C.set_sm90_gemm(False)
+    try:
+        b = run(x, qw, bias, None if base is None else base.clone(), accumulate)
+    finally:
+        _C.set_sm90_gemm(True)
+    return a, b, took
+
+
+SM90_VARIANTS = [("int8", None), ("fp8", 128), ("fp8", 0)]
+
+
+@hopper
+@pytest.mark.parametrize("fmt,group", SM90_VARIANTS, ids=["int8", "fp8-block", "fp8-tensor"])
+@pytest.mark.parametrize("M,N,K", [(9, 128, 128), (17, 4096, 4096), (200, 260, 1040), (1000, 4100, 144),
+                                   (128, 384, 4096), (2049, 1024, 2048)])
+def test_sm90_against_reference_and_mma(gen, fmt, group, M, N, K):
+    """The wgmma kernels against the float64 reference, and against the mma.sync kernel on the same
+    quantized operands: M / N / K tails (TMA zero fill, clipped stores), both fp8 weight scalings, bias."""
+    assert _C.sm90_gemm_enabled()
+    x, qw = make(gen, M, N, K, fmt, group, True)
+    bias = torch.randn(N, generator=gen).cuda()
+    got, mma, took = _both_paths(x, qw, bias)
+    assert took, "the wgmma kernels declined an aligned problem"
+    assert torch.isfinite(got).all()  # every element written (run() poisons the output with NaN)
+    want = ref.quantized_linear(x, qw, bias, dtype=torch.float64)
+    assert rel_err(got, want) < TOL
+    # int32 sums are exact, so int8 differs from mma.sync at most by the epilogue's rounding (fused multiply-add)
+    assert rel_err(got, mma) < (1e-6 if fmt == "int8" else TOL)
+
+
+@hopper
+@pytest.mark.parametrize("fmt,group", SM90_VARIANTS, ids=["int8", "fp8-block", "fp8-tensor"])
+def test_sm90_accumulate_and_strided_out(gen, fmt, group):
+    """y += x W^T into an output with a row stride (the source-reading instantiation), no bias."""
+    M, N, K = 300, 512, 1024
+    x, qw = make(gen, M, N, K, fmt, group, True)
+    base = torch.randn(M, N + 12, generator=gen).cuda()
+    calls = _C.sm90_gemm_calls()
+    out = base.clone()
+    run(x, qw, out=out[:, :N], accumulate=True)
+    assert _C.sm90_gemm_calls() == calls + 1
+    want = ref.quantized_linear(x, qw, None, dtype=torch.float64)
+    assert rel_err(out[:, :N], base[:, :N].double() + want) < TOL
+    assert torch.equal(out[:, N:], base[:, N:])
+
+
+@hopper
+def test_sm90_declines_what_tma_cannot_address(gen):
+    """Output rows TMA cannot address (a contiguous y with N % 4 != 0: 16-byte row stride missed; a y whose
+    base is 4 bytes off): the mma.sync kernel runs, exact. A bias 4 bytes off is fine (read per element)."""
+    M, K = 64, 256
+    for N, offset in ((257, 0), (256, 1)):
+        x, qw = make(gen, M, N, K, "int8", None, True)
+        buf = torch.full((M, N + 4), float("nan"), device="cuda")
+        out = buf[:, offset:offset + N] if offset else torch.full((M, N), float("nan"), device="cuda")
+        calls = _C.sm90_gemm_calls()
+        run(x, qw, out=out)
+        assert _C.sm90_gemm_calls() == calls
+        assert rel_err(out, ref.quantized_linear(x, qw, None, dtype=torch.float64)) < TOL
+    x, qw = make(gen, M, 256, K, "int8", None, True)
+    bias = torch.randn(257, generator=gen).cuda()[1:]
+    assert bias.data_ptr() % 16 != 0
+    calls = _C.sm90_gemm_calls()
+    got = run(x, qw, bias)
+    assert _C.sm90_gemm_calls() == calls + 1
+    assert rel_err(got, ref.quantized_linear(x, qw, bias, dtype=torch.float64)) < TOL
+
+
+@hopper
+def test_sm90_nan_row_and_switch(gen):
+    """A NaN activation in fp8 makes its row NaN on both paths; int8 ignores it as the CPU does."""
+    M, N, K = 40, 128, 256
+    for fmt, group in (("int8", None), ("fp8", 128)):
+        x, qw = make(gen, M, N, K, fmt, group, True)
+        x[5, 9] = float("nan")
+        got, mma, took = _both_paths(x, qw)
+        assert took
+        ok = torch.ones(M, dtype=torch.bool)
+        ok[5] = False
+        assert rel_err(got[ok], mma[ok]) < TOL
+        if fmt == "fp8":
+            assert torch.isnan(got[5]).all()
+        else:
+            assert rel_err(got[5], mma[5]) < TOL
+
+
+def test_sm90_switch_exists():
+    """Every build answers whether it has the wgmma kernels; a CUDA build can switch them."""
+    assert isinstance(_C.sm90_gemm_compiled(), bool)
+    if hasattr(_C, "set_sm90_gemm"):
+        _C.set_sm90_gemm(False)
+        assert not _C.sm90_gemm_enabled()
+        _C.set_sm90_gemm(True)
+        assert _C.sm90_gemm_enabled()

@@ -5,6 +5,8 @@
 //       x float32 / bfloat16 / float16 with unit column stride, out float32, every tensor on one CUDA device.
 //   quant_activations_cuda(x, format, q, s, stream=0)
 //       the activation quantization alone (format 0: int8 per row, 3: E4M3 per row and 128-block), for tests.
+//   set_sm90_gemm(enabled) / sm90_gemm_enabled() / sm90_gemm_compiled() / sm90_gemm_calls()
+//       the Hopper wgmma path of int8 / fp8 (cuda/quant_gemm_sm90.h): on by default where compiled in.
 // `stream` is a cudaStream_t as an integer (torch.cuda.current_stream().cuda_stream), 0 = the legacy default.
 #include <pybind11/pybind11.h>
 
@@ -136,7 +138,14 @@ void bind_quant_cuda(py::module_& m) {
       py::arg("x"), py::arg("format"), py::arg("q"), py::arg("s"), py::arg("stream") = 0,
       "CUDA: quantize x [M, K] as quant_linear_cuda does: format 0 -> q int8 [M, K], s [M, 1]; format 3 -> q E4M3 "
       "bytes (uint8) [M, K], s [M, ceil(K / 128)].");
+  m.def("set_sm90_gemm", &ne::cuda::set_sm90_gemm, py::arg("enabled"),
+        "CUDA: route int8 / fp8 GEMMs of more than 8 rows on an sm_90 device to the wgmma kernels (True, the "
+        "default) or to the mma.sync kernel (False), for tests and benchmarks that compare the two.");
+  m.def("sm90_gemm_enabled", &ne::cuda::sm90_gemm_enabled);
+  m.def("sm90_gemm_calls", &ne::cuda::sm90_gemm_calls, "CUDA: GEMMs the sm_90a wgmma kernels have run so far.");
+  m.def("sm90_gemm_compiled", &ne::cuda::sm90_gemm_compiled,
+        "Whether this build has the sm_90a wgmma GEMMs (CUDA builds with NORMENGINE_SM90_GEMM=ON).");
 #else
-  (void)m;
+  m.def("sm90_gemm_compiled", [] { return false; }, "Whether this build has the sm_90a wgmma GEMMs (no: no CUDA).");
 #endif
 }

@@ -71,6 +71,13 @@ namespace cuda {
 // Numerics as quant_gemm_f32 (the same activation quantization), tensor cores for Int8 (IMMA) and FP8 (e4m3 MMA).
 void quant_linear(int64_t M, const void* x, DType xdt, int64_t ldx, const QWeight& w, const float* bias, float* y,
                   int64_t ldy, bool accumulate, void* stream);
+// Hopper: on a compute capability 9.0 device quant_linear runs Int8 / FP8 with more than 8 rows on wgmma kernels
+// (cuda/quant_gemm_sm90.h) when this build has them (sm90_gemm_compiled) and they are switched on (set_sm90_gemm,
+// on by default), on the mma.sync kernel otherwise: tests and benchmarks compare the two paths with the switch.
+bool sm90_gemm_compiled();
+void set_sm90_gemm(bool enabled);
+bool sm90_gemm_enabled();
+int64_t sm90_gemm_calls();  // how many GEMMs the wgmma kernels have run in this process
 // The activation quantization quant_linear applies (exposed for tests): fmt Int8: q int8 [M, K] (row stride ldq),
 // s [M] (stride lds); FP8: q E4M3 bytes [M, K], s [M, ceil(K/128)] (row stride lds). Bit for bit the CPU's.
 void quant_activations(int64_t M, int64_t K, const void* x, DType xdt, int64_t ldx, QFormat fmt, void* q, int64_t ldq,
