@@ -2,7 +2,6 @@
 // switched on, an sm_90 device, and operands TMA can address. Built for every CUDA target; the kernels
 // themselves only for sm_90a (NE_WITH_SM90_GEMM).
 #include <atomic>
-#include <climits>
 #include <mutex>
 #include <vector>
 
@@ -41,18 +40,6 @@ DeviceInfo device_info(int dev) {
   return d;
 }
 
-// TMA addresses 16-byte aligned bases and row strides (A, W: 1-byte elements; y: 4-byte ones, also read back
-// when accumulating); sizes need no alignment (it zero-fills loads and clips stores at the edges). The
-// epilogue reads the per-row / per-column vectors (scales, bias) element by element, under predicates.
-bool tma_fits(const Sm90QGemm& a) {
-  if (a.format != QFormat::Int8 && a.format != QFormat::FP8) return false;
-  if (a.M <= 0 || a.N <= 0 || a.K <= 0 || a.M > INT_MAX || a.N > INT_MAX || a.K > INT_MAX) return false;
-  if (a.K % 16 || a.lda % 16 || a.ldw % 16 || a.ldy % 4) return false;
-  if (!aligned16(a.A) || !aligned16(a.W) || !aligned16(a.y)) return false;
-  if (a.format == QFormat::FP8 && a.wgroup != 0 && a.wgroup != 128) return false;
-  return true;
-}
-
 }  // namespace
 
 bool sm90_gemm_compiled() {
@@ -69,22 +56,21 @@ int64_t sm90_gemm_calls() { return g_calls.load(); }
 
 bool quant_gemm_sm90(const Sm90QGemm& a, cudaStream_t stream) {
 #if defined(NE_WITH_SM90_GEMM)
-  if (!g_enabled.load(std::memory_order_relaxed) || !tma_fits(a)) return false;
+  if (!g_enabled.load(std::memory_order_relaxed) || !sm90_tma_fits(a)) return false;
   int dev = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
   const DeviceInfo info = device_info(dev);
   if (!info.hopper) return false;
   if (a.format == QFormat::Int8)
-    sm90_int8_gemm(a, info.sm_count, stream);
+    sm90_int8_gemm(a, dev, info.sm_count, stream);
   else
-    sm90_fp8_gemm(a, info.sm_count, stream);
+    sm90_fp8_gemm(a, dev, info.sm_count, stream);
   g_calls.fetch_add(1, std::memory_order_relaxed);
   return true;
 #else
   (void)a;
   (void)stream;
   (void)device_info;
-  (void)tma_fits;
   return false;
 #endif
 }

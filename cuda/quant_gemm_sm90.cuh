@@ -99,24 +99,19 @@ struct Fp8Gemm {
   using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
-// ---------------------------------------------------------------------------- running one
-inline void check_cutlass(cutlass::Status s, const char* what) {
-  if (s != cutlass::Status::kSuccess)
-    throw Error(std::string("CUTLASS sm_90 GEMM (") + what + "): " + cutlass::cutlassGetStatusString(s));
-}
-
-// Fills the arguments every kernel shares (problem, A and W as row-major [rows, K] with their row strides,
-// y as row-major [M, ldy], the device's SM count for the persistent grid) and runs it on `stream`.
-template <class Gemm, class MainArgs, class TreeArgs>
-void run(const Sm90QGemm& a, int sm_count, cudaStream_t stream, MainArgs main, TreeArgs tree, const char* what) {
-  using Device = typename Gemm::Device;
+// ---------------------------------------------------------------------------- arguments
+// A and W as row-major [rows, K] with their row strides; y as row-major [M, ldy] (also the source C when
+// accumulating); the device's SM count sizes the persistent grid. Pointers are not read here, so the host
+// test (tests/sm90_host.cu) checks these very arguments with can_implement on a machine without a GPU.
+template <class Gemm, class TreeArgs>
+typename Gemm::Device::Arguments arguments(const Sm90QGemm& a, int device, int sm_count,
+                                           typename Gemm::Main::Arguments main, TreeArgs tree) {
   using Kernel = typename Gemm::Kernel;
-  typename Device::Arguments args{};
+  typename Gemm::Device::Arguments args{};
   args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
   args.problem_shape = {static_cast<int>(a.M), static_cast<int>(a.N), static_cast<int>(a.K), 1};
   args.mainloop = main;
   args.epilogue.thread = tree;
-  const typename Kernel::StrideD dy{a.ldy, _1{}, int64_t(0)};
   if constexpr (std::is_void_v<typename Kernel::ElementC>) {
     args.epilogue.ptr_C = nullptr;
   } else {
@@ -124,18 +119,10 @@ void run(const Sm90QGemm& a, int sm_count, cudaStream_t stream, MainArgs main, T
   }
   args.epilogue.dC = typename Kernel::StrideC{a.ldy, _1{}, int64_t(0)};
   args.epilogue.ptr_D = a.y;
-  args.epilogue.dD = dy;
-  cudaGetDevice(&args.hw_info.device_id);
+  args.epilogue.dD = typename Kernel::StrideD{a.ldy, _1{}, int64_t(0)};
+  args.hw_info.device_id = device;
   args.hw_info.sm_count = sm_count;
-
-  Device gemm;
-  check_cutlass(gemm.can_implement(args), what);
-  StreamScratch workspace;
-  const size_t ws = Device::get_workspace_size(args);
-  void* w = ws ? workspace.alloc(ws, stream) : nullptr;
-  check_cutlass(gemm.initialize(args, w, stream), what);
-  check_cutlass(gemm.run(stream), what);
-  check_launch(what);
+  return args;
 }
 
 template <class Gemm>
@@ -145,6 +132,63 @@ typename Gemm::Kernel::StrideA stride_a(const Sm90QGemm& a) {
 template <class Gemm>
 typename Gemm::Kernel::StrideB stride_w(const Sm90QGemm& a) {
   return typename Gemm::Kernel::StrideB{a.ldw, _1{}, int64_t(0)};
+}
+
+// Int8: ((acc * s_m) * sw[n]) + bias[n] (+ y): children's arguments first, then the node's own (none).
+template <bool kAccumulate>
+typename Int8Gemm<kAccumulate>::Device::Arguments int8_arguments(const Sm90QGemm& a, int device, int sm_count) {
+  using G = Int8Gemm<kAccumulate>;
+  typename G::Main::Arguments main{static_cast<const int8_t*>(a.A), stride_a<G>(a), static_cast<const int8_t*>(a.W),
+                                   stride_w<G>(a)};
+  typename Int8Tree::Arguments tree{{{{}, {a.sx, 0.f, {}}, {}}, {a.sw, 0.f, {}}, {}}, {a.bias, 0.f, {}}, {}};
+  if constexpr (kAccumulate)
+    return arguments<G>(a, device, sm_count, main, typename G::Epi::FusionCallbacks::Arguments{tree, {}, {}});
+  else
+    return arguments<G>(a, device, sm_count, main, tree);
+}
+
+// FP8 scales as the mainloop reads them (M / N-major, see transpose_scales in quant_gemm_sm90_fp8.cu):
+//   sfa: ((1, Mp), (128, KB)) with strides ((0, 1), (0, Mp)): sfa[b * Mp + m], Mp = M rounded up to 4 (the
+//        mainloop loads it by TMA: 16-byte strides, and a row count CUTLASS checks for 4-float alignment)
+//   sfb: ((128, NB), (128, KB)) with strides ((0, 1), (0, NB)): sfb[b * NB + j]
+inline int64_t fp8_scale_rows(int64_t M) { return (M + 3) / 4 * 4; }
+
+template <bool kAccumulate>
+typename Fp8Gemm<kAccumulate>::Device::Arguments fp8_arguments(const Sm90QGemm& a, int device, int sm_count,
+                                                               const float* sfa, const float* sfb) {
+  using G = Fp8Gemm<kAccumulate>;
+  const int32_t Mp = static_cast<int32_t>(fp8_scale_rows(a.M)), KB = static_cast<int32_t>((a.K + 127) / 128);
+  const LayoutSFA layout_sfa = make_layout(make_shape(make_shape(_1{}, Mp), make_shape(_128{}, KB), int32_t(1)),
+                                           make_stride(make_stride(_0{}, _1{}), make_stride(_0{}, Mp), Mp * KB));
+  const LayoutSFB layout_sfb =
+      Fp8Scales::tile_atom_to_shape_SFB(make_shape(int32_t(a.M), int32_t(a.N), int32_t(a.K), int32_t(1)));
+  typename G::Main::Arguments main{static_cast<const cutlass::float_e4m3_t*>(a.A), stride_a<G>(a),
+                                   static_cast<const cutlass::float_e4m3_t*>(a.W), stride_w<G>(a),
+                                   sfa, layout_sfa, sfb, layout_sfb};
+  typename Fp8Tree::Arguments tree{{}, {a.bias, 0.f, {}}, {}};  // acc + bias[n]
+  if constexpr (kAccumulate)
+    return arguments<G>(a, device, sm_count, main, typename G::Epi::FusionCallbacks::Arguments{tree, {}, {}});
+  else
+    return arguments<G>(a, device, sm_count, main, tree);
+}
+
+// ---------------------------------------------------------------------------- running one
+inline void check_cutlass(cutlass::Status s, const char* what) {
+  if (s != cutlass::Status::kSuccess)
+    throw Error(std::string("CUTLASS sm_90 GEMM (") + what + "): " + cutlass::cutlassGetStatusString(s));
+}
+
+template <class Gemm>
+void run(typename Gemm::Device::Arguments const& args, cudaStream_t stream, const char* what) {
+  using Device = typename Gemm::Device;
+  Device gemm;
+  check_cutlass(gemm.can_implement(args), what);  // quant_gemm_sm90 checked the same conditions before coming here
+  StreamScratch workspace;
+  const size_t ws = Device::get_workspace_size(args);
+  void* w = ws ? workspace.alloc(ws, stream) : nullptr;
+  check_cutlass(gemm.initialize(args, w, stream), what);
+  check_cutlass(gemm.run(stream), what);
+  check_launch(what);
 }
 
 }  // namespace sm90

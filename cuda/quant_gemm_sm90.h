@@ -35,14 +35,28 @@ struct Sm90QGemm {
 };
 
 // Runs the GEMM and returns true, or returns false without touching anything when this build has no sm_90a
-// kernels, the current device is not compute capability 9.0, they are switched off (set_sm90_gemm), or an
-// operand misses TMA's 16-byte alignment (the base pointers and row strides of A, W and y).
-// (sm90_gemm_compiled / set_sm90_gemm / sm90_gemm_enabled: ops/quant_gemm.h.)
+// kernels, the current device is not compute capability 9.0, they are switched off (set_sm90_gemm), or the
+// operands are not what TMA and CUTLASS's checks take (sm90_tma_fits).
+// (sm90_gemm_compiled / set_sm90_gemm / sm90_gemm_enabled / sm90_gemm_calls: ops/quant_gemm.h.)
 bool quant_gemm_sm90(const Sm90QGemm& a, cudaStream_t stream);
 
-// The two instantiations (cuda/quant_gemm_sm90_int8.cu, cuda/quant_gemm_sm90_fp8.cu); shapes already checked.
-void sm90_int8_gemm(const Sm90QGemm& a, int sm_count, cudaStream_t stream);
-void sm90_fp8_gemm(const Sm90QGemm& a, int sm_count, cudaStream_t stream);
+// TMA addresses 16-byte aligned bases and row strides (A, W: 1-byte elements; y: 4-byte ones, also the
+// source when accumulating), and CUTLASS's can_implement wants each operand's contiguous extent a multiple
+// of 16 bytes too: K % 16 for A and W, N % 4 for y (tests/sm90_host.cu checks that every call accepted
+// here passes can_implement). The per-row / per-column vectors (scales, bias) are read per element.
+inline bool sm90_tma_fits(const Sm90QGemm& a) {
+  const auto a16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
+  if (a.format != QFormat::Int8 && a.format != QFormat::FP8) return false;
+  if (a.M <= 0 || a.N <= 0 || a.K <= 0 || a.M > INT32_MAX || a.N > INT32_MAX || a.K > INT32_MAX) return false;
+  if (a.K % 16 || a.N % 4 || a.lda % 16 || a.ldw % 16 || a.ldy % 4) return false;
+  if (!a16(a.A) || !a16(a.W) || !a16(a.y)) return false;
+  if (a.format == QFormat::FP8 && a.wgroup != 0 && a.wgroup != 128) return false;
+  return true;
+}
+
+// The two instantiations (cuda/quant_gemm_sm90_int8.cu, cuda/quant_gemm_sm90_fp8.cu); operands already checked.
+void sm90_int8_gemm(const Sm90QGemm& a, int device, int sm_count, cudaStream_t stream);
+void sm90_fp8_gemm(const Sm90QGemm& a, int device, int sm_count, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace ne

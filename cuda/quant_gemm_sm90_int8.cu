@@ -5,31 +5,11 @@
 namespace ne {
 namespace cuda {
 
-namespace {
-template <bool kAccumulate>
-void int8_gemm(const Sm90QGemm& a, int sm_count, cudaStream_t stream) {
-  using G = sm90::Int8Gemm<kAccumulate>;
-  typename G::Main::Arguments main{static_cast<const int8_t*>(a.A), sm90::stride_a<G>(a),
-                                   static_cast<const int8_t*>(a.W), sm90::stride_w<G>(a)};
-  // ((acc * s_m) * sw[n]) + bias[n]: children's arguments, then the node's own (none)
-  typename sm90::Int8Tree::Arguments tree{
-      {{{}, {a.sx, 0.f, {}}, {}}, {a.sw, 0.f, {}}, {}},
-      {a.bias, 0.f, {}},
-      {}};
-  if constexpr (kAccumulate) {
-    sm90::run<G>(a, sm_count, stream, main, typename G::Epi::FusionCallbacks::Arguments{tree, {}, {}},
-                 "int8 y += x W^T");
-  } else {
-    sm90::run<G>(a, sm_count, stream, main, tree, "int8 y = x W^T");
-  }
-}
-}  // namespace
-
-void sm90_int8_gemm(const Sm90QGemm& a, int sm_count, cudaStream_t stream) {
+void sm90_int8_gemm(const Sm90QGemm& a, int device, int sm_count, cudaStream_t stream) {
   if (a.accumulate)
-    int8_gemm<true>(a, sm_count, stream);
+    sm90::run<sm90::Int8Gemm<true>>(sm90::int8_arguments<true>(a, device, sm_count), stream, "int8 y += x W^T");
   else
-    int8_gemm<false>(a, sm_count, stream);
+    sm90::run<sm90::Int8Gemm<false>>(sm90::int8_arguments<false>(a, device, sm_count), stream, "int8 y = x W^T");
 }
 
 }  // namespace cuda
