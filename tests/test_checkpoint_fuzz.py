@@ -1,5 +1,5 @@
-"""Corrupt and malicious checkpoints, generated: a converted checkpoint (the default model, fp16 and W8A8)
-whose safetensors header and config.json are mutated at random (numbers to 0 / -1 / 2^63-1 / off by one,
+"""Corrupt and malicious checkpoints, generated: the shipped Hugging Face-format default model and its
+converted checkpoints (fp16 and W8A8), whose safetensors header and config.json are mutated at random (numbers to 0 / -1 / 2^63-1 / off by one,
 dtypes swapped, keys dropped, lists shortened, data truncated), each loaded and generated from in a child
 interpreter. Every case must either load and generate or raise one of normengine's errors: never crash
 the process, never another exception. Seeded, so a failure reproduces."""
@@ -77,13 +77,18 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("quant", [None, "int8"])
-def test_mutated_checkpoints_fail_cleanly(quant, tmp_path):
+@pytest.mark.parametrize("form,seed", [("hf", 3), ("converted", 5), ("int8", 7)])
+def test_mutated_checkpoints_fail_cleanly(form, seed, tmp_path):
+    from normengine.model import DEFAULT_MODEL
+
     base = tmp_path / "base"
-    (ne.load(quant=quant) if quant else ne.load()).save(base)
+    if form == "hf":
+        base = DEFAULT_MODEL
+    else:
+        (ne.load(quant="int8") if form == "int8" else ne.load()).save(base)
     work = tmp_path / "work"
     work.mkdir()
-    r = subprocess.run([sys.executable, "-c", WORKER, str(base), str(work), "120", "7" if quant else "5"],
+    r = subprocess.run([sys.executable, "-W", "ignore", "-c", WORKER, str(base), str(work), "120", str(seed)],
                        env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"the loader crashed (exit {r.returncode}): {r.stderr[-3000:]}"
     res = json.loads(r.stdout.strip().splitlines()[-1])
