@@ -2,7 +2,8 @@
 // every format, standalone (no torch, no cuBLAS: benchmarks/compare_quant_cuda.py holds the cuBLAS bf16
 // comparison). Shapes M x N x K: the GEMM 8192^3 and 4096^3 (TFLOP/s, including the activation quantization)
 // and decode M = 1 / 8 at N = K = 4096 and 8192 (packed weight bytes per second, and that as a fraction of a
-// device-to-device cudaMemcpy of the same bytes: a copy moves 2x the bytes, so 100% = copy bandwidth).
+// device-to-device cudaMemcpy of the same bytes: a copy moves 2x the bytes, so 100% = copy bandwidth). On an
+// sm_90 GPU the int8 / fp8 GEMMs are timed on both tensor-core paths (wgmma, mma.sync).
 //
 //   bench_quant_cuda [--repeats 9]
 //
@@ -101,7 +102,8 @@ int run(int argc, char** argv) {
   cudaDeviceProp prop{};
   ok(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
   std::printf("normengine bench_quant_cuda on %s, median of %d (CUDA events)\n", prop.name, repeats);
-  std::printf("%-18s %-12s %10s %10s %10s %10s\n", "M x N x K", "format", "ms", "TFLOP/s", "W GB/s", "of copy");
+  const bool sm90 = ne::cuda::sm90_gemm_compiled() && prop.major == 9 && prop.minor == 0;
+  std::printf("%-18s %-20s %10s %10s %10s %10s\n", "M x N x K", "format", "ms", "TFLOP/s", "W GB/s", "of copy");
   struct Shape { int64_t M, N, K; };
   const Shape shapes[] = {{8192, 8192, 8192}, {4096, 4096, 4096}, {1, 4096, 4096},
                           {8, 4096, 4096},    {1, 8192, 8192},    {8, 8192, 8192}};
@@ -146,15 +148,24 @@ int run(int argc, char** argv) {
     for (const Fmt& f : fmts) {
       if (M > 8 && (f.w->format == ne::QFormat::Int8Weight || f.w->format == ne::QFormat::Int4) && M * N * K > (1LL << 36))
         continue;  // the fp32 tiled path at 8192^3 takes seconds per call
-      const double ms = median_ms([&] {
-        ne::cuda::quant_linear(M, dx, ne::DType::BF16, K, *f.w, nullptr, dy, N, false, nullptr);
-      }, repeats);
       const size_t wb = f.w->format == ne::QFormat::Int4 ? size_t(N * K / 2) : size_t(N * K);
       const double copy_ms = median_ms([&] { ok(cudaMemcpyAsync(dcopy, f.w->data, wb, cudaMemcpyDeviceToDevice), "copy"); },
                                        repeats);
-      const double gbs = f.bytes / ms * 1e-6, copy_gbs = 2.0 * double(wb) / copy_ms * 1e-6;
-      std::printf("%-18s %-12s %10.3f %10.1f %10.0f %9.0f%%\n", label, f.name, ms, 2.0 * M * N * K / ms * 1e-9, gbs,
-                  100.0 * gbs / copy_gbs);
+      // int8 / fp8 with M > 8 on an sm_90 device: the wgmma kernels (the default there) and the mma.sync one
+      const bool both = M > 8 && sm90 && (f.w->format == ne::QFormat::Int8 || f.w->format == ne::QFormat::FP8);
+      for (int path = 0; path < (both ? 2 : 1); ++path) {
+        ne::cuda::set_sm90_gemm(path == 0);
+        const int64_t calls = ne::cuda::sm90_gemm_calls();
+        const double ms = median_ms([&] {
+          ne::cuda::quant_linear(M, dx, ne::DType::BF16, K, *f.w, nullptr, dy, N, false, nullptr);
+        }, repeats);
+        std::string name = f.name;
+        if (both) name += path == 0 ? (ne::cuda::sm90_gemm_calls() > calls ? " wgmma" : " (declined)") : " mma.sync";
+        const double gbs = f.bytes / ms * 1e-6, copy_gbs = 2.0 * double(wb) / copy_ms * 1e-6;
+        std::printf("%-18s %-20s %10.3f %10.1f %10.0f %9.0f%%\n", label, name.c_str(), ms, 2.0 * M * N * K / ms * 1e-9,
+                    gbs, 100.0 * gbs / copy_gbs);
+      }
+      ne::cuda::set_sm90_gemm(true);
     }
     ok(cudaGetLastError(), "launch");
     for (void* p : {static_cast<void*>(dx), static_cast<void*>(dq8), static_cast<void*>(dq4), static_cast<void*>(dqf),
