@@ -27,7 +27,11 @@ Engines (each in a fresh subprocess, so peak RSS is its own; all with --threads 
              cache (model(tok, past_key_values=...)), no generate() overhead
   llama-f32  llama-cpp-python Llama(model_path, n_threads, n_ctx=max(256, prompt + gen + 8), n_batch=512,
              logits_all=False) on the f32 GGUF
-  llama-f16  the same on the f16 GGUF
+  llama-f16  the same on the f16 GGUF (llama-q8_0 / llama-q4_0: the quantized GGUFs). Where llama.cpp's AMX
+             kernels crash on quantized GGUFs (llama-cpp-python 0.3.36 on some AMX guests), build it without them:
+             CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+             -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install --target DIR
+             llama-cpp-python, then run this script with PYTHONPATH=DIR:python (RESULTS.md)
 The workers stay alive side by side (only one computes at a time) and are timed round-robin: a
 warm-up round, then --repeats rounds in which every engine runs once, so a shared machine's noise
 falls on all engines alike; figures are medians over the rounds. Per run:
