@@ -81,7 +81,7 @@ from .model import Model, load  # noqa: E402
 # `from normengine import ops`), so that a process that only loads and generates never imports torch
 # (normengine.load of a checkpoint Model.save wrote needs none). Where torch is already imported they
 # load at once, which also registers the torch.ops.normengine custom ops as before.
-_TORCH_SUBMODULES = ("ops", "nn", "reference")
+_TORCH_SUBMODULES = ("ops", "nn", "reference", "evaluate")
 
 
 def __getattr__(name):
@@ -102,6 +102,7 @@ __all__ = [
     "ops",
     "nn",
     "reference",
+    "evaluate",
     "errors",
     "set_num_threads",
     "num_threads",

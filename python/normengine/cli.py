@@ -164,6 +164,42 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_perplexity(args) -> int:
+    """Perplexity of a checkpoint, as loaded with the given options, on a text; with --baseline also the
+    checkpoint loaded exactly (no quantization, L-Mul, attention swap or matmul precision), the top-1
+    agreement and the mean KL divergence between the two (normengine.evaluate)."""
+    import os
+
+    from normengine.errors import NormEngineError
+
+    try:
+        from normengine import evaluate
+
+        model = _load(args)
+        if args.text is None:
+            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "corpus.txt")
+        else:
+            path = args.text
+        with open(path, encoding="utf-8") as f:
+            text = f.read(args.max_tokens * 16)  # enough characters for max_tokens tokens of any BPE
+        base = None
+        if args.baseline:
+            exact = argparse.Namespace(**vars(args))
+            exact.norm = exact.quant = exact.group_size = exact.attention = exact.arithmetic = None
+            exact.matmul_precision, exact.kv_cache = "highest", "float32"
+            base = _load(exact)
+        r = evaluate.perplexity(model, text, context=args.context, baseline=base, max_tokens=args.max_tokens)
+    except (NormEngineError, OSError) as e:
+        print(f"normengine: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{r['tokens_scored']} tokens scored in {r['windows']} windows of {r['context']} ({os.path.basename(path)})")
+    print(f"perplexity {r['perplexity']:.4f} (mean NLL {r['nll_mean']:.5f} nats), {r['tokens_per_second']:.0f} tok/s")
+    if base is not None:
+        print(f"baseline (exact) perplexity {r['baseline_perplexity']:.4f}; top-1 agreement "
+              f"{100 * r['top1_agreement']:.2f}%; mean KL(baseline || this) {r['kl_mean']:.3e} nats")
+    return 0
+
+
 def _weight_options(p) -> None:
     """The load options that change the weights (`convert` saves their result)."""
     p.add_argument("--norm", choices=["layernorm", "rmsnorm", "crmsnorm"], default=None,
@@ -236,6 +272,18 @@ def main(argv=None) -> int:
     # what only the run uses (the arithmetic, the KV cache) is not saved: the defaults
     c.set_defaults(fn=cmd_convert, arithmetic=None, lmul_bits=4, lmul_scope="attention", matmul_precision="highest",
                    kv_cache="float32")
+    e = sub.add_parser("perplexity", help="perplexity on a text, and against the exact model with --baseline "
+                                          "(what quantization / L-Mul / an attention swap does to the model)")
+    e.add_argument("path", nargs="?", default=None, help="checkpoint (default: the shipped model)")
+    e.add_argument("--text", default=None, help="UTF-8 text file (default: the corpus the shipped model learned from)")
+    e.add_argument("--max-tokens", type=_int_at_least(2), default=4096, help="tokens read from the text (default 4096)")
+    e.add_argument("--context", type=_int_at_least(2), default=None,
+                   help="window length (default: the model's context, at most 512)")
+    e.add_argument("--baseline", action="store_true", help="also the exactly loaded model: top-1 agreement, KL")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", choices=list(_DTYPES), default=None)
+    _model_options(e)
+    e.set_defaults(fn=cmd_perplexity)
     o = sub.add_parser("ops", help="check and time the native norm ops against torch on this machine")
     o.add_argument("--rows", type=_int_at_least(1), default=4096)
     o.add_argument("--cols", type=_int_at_least(1), default=4096)
