@@ -156,3 +156,51 @@ def test_load_folds_in_place_without_touching_files(gpt2, tmp_path):
     assert torch.equal(a.logits(ids), b.logits(ids))
     for f, h in files.items():
         assert hashlib.sha256(open(f, "rb").read()).hexdigest() == h, f
+
+
+@pytest.fixture(scope="module")
+def gpt2_16bit(gpt2, tmp_path_factory):
+    """The random-norm GPT-2 stored as float16 and as bfloat16 (as most Hugging Face checkpoints are)."""
+    hf, _ = gpt2
+    out = {}
+    for dt in (torch.float16, torch.bfloat16):
+        d = tmp_path_factory.mktemp(f"gpt2-{str(dt)[6:]}")
+        hf.to(dt).save_pretrained(d)
+        hf.float()
+        out[dt] = str(d)
+    return out
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", [None, "rmsnorm", "crmsnorm"])
+def test_16bit_checkpoint_converted_for_float32_is_exact(gpt2_16bit, stored, norm):
+    """A 16-bit checkpoint loaded as float32: every folded / centred / compressed tensor (the readers'
+    new biases c + W beta too) is rounded to float32 once, never to the stored 16 bits first, so each form
+    matches the float64 model of the stored weights to float32 accuracy (16-bit roundings gave 2e-4)."""
+    path = gpt2_16bit[stored]
+    cfg, sd = load_checkpoint(path, dtype=torch.float32)
+    ids = torch.randint(1, VOCAB, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    from normengine.reference.model import forward
+
+    truth = forward(cfg, {k: v.double() for k, v in sd.items()}, ids, dtype=torch.float64)
+    m = ne.load(path, dtype=torch.float32, norm=norm)
+    assert {t.dtype for t in m.tensors.values()} == {torch.float32}
+    assert rel_err(m.logits(ids)[0], truth) < 5e-6
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "crmsnorm"])
+def test_16bit_model_rounds_each_converted_tensor_once(gpt2_16bit, norm):
+    """Kept at float16: the conversion chain runs in float32 and each matrix it made is rounded to float16
+    once, at the end (not once per step): exactly the float32 conversion, rounded. Vectors (the folded
+    biases, the gains) stay float32, as the runner reads them."""
+    path = gpt2_16bit[torch.float16]
+    cfg, sd = load_checkpoint(path)
+    c16, s16 = convert_norm(cfg, dict(sd), norm)
+    c32, s32 = convert_norm(cfg, dict(sd), norm, dtype=torch.float32)
+    assert c16.conversions == c32.conversions
+    for k, v in s16.items():
+        if v.is_floating_point() and v.dim() == 2:
+            assert v.dtype == torch.float16, k
+            assert torch.equal(v, s32[k].to(torch.float16)), k
+        elif v.is_floating_point():
+            assert v.dtype == torch.float32 and torch.equal(v, s32[k]), k

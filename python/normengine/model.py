@@ -983,7 +983,7 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
 
     streaming = None
     if norm is not None and cfg.quantization is None:
-        cfg, tensors = convert_norm(cfg, tensors, norm)
+        cfg, tensors = convert_norm(cfg, tensors, norm, dtype=dtype)
     elif cfg.norm != "none" and "fold_norm_affine" not in cfg.conversions and cfg.quantization is None:
         # the mapped checkpoint is ours; 16-bit targets are rounded once, from the float64 products.
         # Quantizing (without smoothing, which needs every folded weight first): each group of readers

@@ -45,6 +45,12 @@ def _f64(t):
     return t.detach().to(torch.float64)
 
 
+def _vector_dtype(dtype):
+    """The dtype a computed bias or norm gain is kept in: its source's, widened to float32 at least (the
+    runners read every vector in float32; a 16-bit rounding of c + W b would be a needless error)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _rows_per_chunk(w) -> int:
     """Rows of w whose float64 copy is about 1 MB: small temporaries are reused by the allocator,
     where large ones leave the heap fragmented (and the process's peak memory doubled)."""
@@ -119,12 +125,12 @@ def fold_norm_affine(cfg: ModelConfig, sd: dict, inplace: bool = False, dtype=No
                 continue  # e.g. no gate in an ungated MLP
             w = sd[wname]
             own = inplace and not (tied and r == "lm_head")
-            out[wname], wb = _fold_reader(w, g, b, own, dtype=dtype if (dtype and w.is_floating_point()) else None,
-                                          release=release_pages if own else None)
-            if b is not None:  # c' = c + W b
+            wdtype = dtype if (dtype and w.is_floating_point()) else None
+            out[wname], wb = _fold_reader(w, g, b, own, dtype=wdtype, release=release_pages if own else None)
+            if b is not None:  # c' = c + W b, rounded once, to float32 at least (the runner reads vectors so)
                 bname = f"{r}.bias"
                 c = _f64(sd[bname]) if bname in sd else torch.zeros(w.shape[0], dtype=torch.float64)
-                out[bname] = (c + wb).to(sd[bname].dtype if bname in sd else w.dtype)
+                out[bname] = (c + wb).to(_vector_dtype(sd[bname].dtype if bname in sd else w.dtype))
             check_float16_range(out[wname], w, wname, "with the norm's gain folded in, ")
             if inplace and out[wname] is not w:
                 if own:  # the source is ours and replaced: its mapped pages can go
@@ -175,21 +181,23 @@ def _drop_norm_biases(cfg: ModelConfig, sd: dict):
             raise AssertionError(f"{norm}.bias should have been folded to zero")  # internal invariant
 
 
-def _centre_rows(w):
+def _centre_rows(w, dtype=None):
     """Zero-mean outputs: subtract from every column its mean over the output rows,
-    W[:, j] -= mean_i W[i, j], so W z has zero mean over the model width for any z."""
+    W[:, j] -= mean_i W[i, j], so W z has zero mean over the model width for any z (float64, then
+    rounded once to `dtype`, default w's)."""
     w64 = _f64(w)
-    return (w64 - w64.mean(dim=0, keepdim=True)).to(w.dtype)
+    return (w64 - w64.mean(dim=0, keepdim=True)).to(dtype or w.dtype)
 
 
-def layernorm_to_rmsnorm(cfg: ModelConfig, sd: dict):
-    """Pre-LN -> Pre-RMSNorm (exact). Folds the norms' affines first, then re-centres the writers."""
+def layernorm_to_rmsnorm(cfg: ModelConfig, sd: dict, dtype=None):
+    """Pre-LN -> Pre-RMSNorm (exact). Folds the norms' affines first, then re-centres the writers. Every
+    tensor it computes comes out in `dtype` (default: its source's), rounded once from float64."""
     if cfg.norm != "layernorm":
         raise UnsupportedError(
             f"rmsnorm: the Pre-LN -> Pre-RMSNorm transform needs a LayerNorm model; this one uses {cfg.norm} "
             "(for an RMSNorm model, fold_norm_affine folds its gains)"
         )
-    cfg, out = fold_norm_affine(cfg, sd)
+    cfg, out = fold_norm_affine(cfg, sd, dtype=dtype)
     # The head reads the stream: it keeps the original (uncentred) embedding with the final norm's
     # affine folded in; fold_norm_affine has done exactly that on lm_head (a copy when tied).
     if out["lm_head.weight"] is out["tok_emb.weight"]:
@@ -198,24 +206,24 @@ def layernorm_to_rmsnorm(cfg: ModelConfig, sd: dict):
     for name in ("tok_emb.weight", "pos_emb.weight"):
         if name in out:
             e = _f64(out[name])
-            out[name] = (e - e.mean(dim=1, keepdim=True)).to(out[name].dtype)  # each vector's own mean
+            out[name] = (e - e.mean(dim=1, keepdim=True)).to(dtype or out[name].dtype)  # each vector's own mean
     for i in range(cfg.n_layers):
         for lin in ("attn.o", "mlp.down"):
             w = f"blocks.{i}.{lin}.weight"
-            out[w] = _centre_rows(out[w])
+            out[w] = _centre_rows(out[w], dtype)
             b = f"blocks.{i}.{lin}.bias"
             if b in out:
                 bb = _f64(out[b])
-                out[b] = (bb - bb.mean()).to(out[b].dtype)
+                out[b] = (bb - bb.mean()).to(dtype or out[b].dtype)
     _drop_norm_biases(cfg, out)
     cfg.norm = "rmsnorm"
     cfg.conversions = list(cfg.conversions) + ["layernorm_to_rmsnorm"]
     return cfg, out
 
 
-def rmsnorm_to_crmsnorm(cfg: ModelConfig, sd: dict):
+def rmsnorm_to_crmsnorm(cfg: ModelConfig, sd: dict, dtype=None):
     """Pre-RMSNorm with a zero-mean residual stream -> Pre-CRMSNorm (exact): the stream keeps d - 1
-    coordinates."""
+    coordinates. The readers' new weights come out in `dtype` (default: their source's)."""
     if cfg.norm != "rmsnorm" or "layernorm_to_rmsnorm" not in cfg.conversions:
         raise UnsupportedError(
             "crmsnorm: compression needs a zero-mean residual stream, which only the Pre-LN -> Pre-RMSNorm "
@@ -241,7 +249,7 @@ def rmsnorm_to_crmsnorm(cfg: ModelConfig, sd: dict):
             if w is None:
                 continue
             w64 = _f64(w)
-            out[f"{r}.weight"] = (w64[:, :-1] - w64[:, -1:]).to(w.dtype).contiguous()
+            out[f"{r}.weight"] = (w64[:, :-1] - w64[:, -1:]).to(dtype or w.dtype).contiguous()
         g = out[f"{norm}.weight"]
         if (g != 1).any():
             raise AssertionError(f"{norm}.weight should have been folded to ones")  # internal invariant
@@ -251,19 +259,43 @@ def rmsnorm_to_crmsnorm(cfg: ModelConfig, sd: dict):
     return cfg, out
 
 
-def convert_norm(cfg: ModelConfig, sd: dict, norm: str):
+def convert_norm(cfg: ModelConfig, sd: dict, norm: str, dtype=None):
     """The model in the requested norm form:
     'layernorm': as is (a LayerNorm model only);
     'rmsnorm':   Pre-LN -> Pre-RMSNorm, or for an RMSNorm model (Llama family) its gains folded;
-    'crmsnorm':  Pre-LN -> Pre-RMSNorm -> Pre-CRMSNorm (needs the zero-mean stream of a Pre-LN model)."""
+    'crmsnorm':  Pre-LN -> Pre-RMSNorm -> Pre-CRMSNorm (needs the zero-mean stream of a Pre-LN model).
+    dtype: the dtype the model will hold its weights in (default: as stored). The steps (fold, centre,
+    compress) each compute in float64 and pass their results on in float32 (float64 for a float64
+    target), and every matrix a step made is rounded to the target once, at the end (vectors: float32 at
+    least): a 16-bit checkpoint converted for a float32 model carries no 16-bit rounding of the converted
+    weights, and a 16-bit model one rounding, not one per step."""
     if norm not in ("layernorm", "rmsnorm", "crmsnorm"):
         raise UnsupportedError(f"norm={norm!r}: expected 'layernorm', 'rmsnorm' or 'crmsnorm'")
     if norm == cfg.norm and (norm != "rmsnorm" or "fold_norm_affine" in cfg.conversions):
         return cfg, sd
     if norm == "layernorm":
         raise UnsupportedError(f"norm='layernorm': this model uses {cfg.norm}; converting back is not supported")
+    stored = {k: v.dtype for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point()}
+    work = torch.float64 if dtype == torch.float64 else torch.float32
     if cfg.norm == "layernorm":
-        cfg, sd = layernorm_to_rmsnorm(cfg, sd)
+        cfg, out = layernorm_to_rmsnorm(cfg, sd, dtype=work)
+        if norm == "crmsnorm":
+            cfg, out = rmsnorm_to_crmsnorm(cfg, out, dtype=work)
     elif norm == "rmsnorm":
-        return fold_norm_affine(cfg, sd)
-    return (cfg, sd) if norm == "rmsnorm" else rmsnorm_to_crmsnorm(cfg, sd)
+        cfg, out = fold_norm_affine(cfg, sd, dtype=work)
+    else:
+        cfg, out = rmsnorm_to_crmsnorm(cfg, sd, dtype=work)
+    # once, to the target: the given dtype, else each tensor's stored one (a tensor the conversion
+    # created, e.g. a folded LayerNorm bias on a reader without one: the dtype of the weights); vectors
+    # (biases, gains) float32 at least, as the runner reads them
+    weights = stored.get("tok_emb.weight", work)
+    for k, v in out.items():
+        if torch.is_tensor(v) and v.is_floating_point() and v is not sd.get(k):
+            target = dtype or stored.get(k, weights)
+            if v.dim() == 1:
+                target = _vector_dtype(target)
+            if v.dtype != target:
+                r = v.to(target)
+                check_float16_range(r, v, k, f"converted to {norm}, ")
+                out[k] = r
+    return cfg, out
