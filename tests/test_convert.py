@@ -67,7 +67,7 @@ def test_gpt2_forms_match_transformers(gpt2, norm):
     ids = torch.randint(1, VOCAB, (3, 25), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = hf(ids).logits
-    assert rel_err(m.logits(ids), want) <= 1e-4
+    assert rel_err(m.logits(ids), want) <= 1e-5  # the issue asks 1e-4; fp32 gives ~3e-7
     for T in (2, 9):
         p = ids[0, :T].tolist()
         assert m.generate(p, max_new_tokens=32) == _greedy(hf, p, 32)
@@ -95,7 +95,7 @@ def test_llama_gain_folding(llama):
     ids = torch.randint(1, VOCAB, (2, 19), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = hf(ids).logits
-    assert rel_err(m.logits(ids), want) <= 1e-4
+    assert rel_err(m.logits(ids), want) <= 1e-5  # the issue asks 1e-4
     p = ids[0, :6].tolist()
     assert m.generate(p, max_new_tokens=32) == _greedy(hf, p, 32)
 
