@@ -166,8 +166,9 @@ def cmd_convert(args) -> int:
 
 def cmd_perplexity(args) -> int:
     """Perplexity of a checkpoint, as loaded with the given options, on a text; with --baseline also the
-    checkpoint loaded exactly (no quantization, L-Mul, attention swap or matmul precision), the top-1
-    agreement and the mean KL divergence between the two (normengine.evaluate)."""
+    checkpoint loaded exactly (float32 weights; no quantization, L-Mul, attention swap, norm conversion,
+    16-bit KV cache or matmul precision), the top-1 agreement and the mean KL divergence between the two
+    (normengine.evaluate)."""
     import os
 
     from normengine.errors import NormEngineError
@@ -186,7 +187,7 @@ def cmd_perplexity(args) -> int:
         if args.baseline:
             exact = argparse.Namespace(**vars(args))
             exact.norm = exact.quant = exact.group_size = exact.attention = exact.arithmetic = None
-            exact.matmul_precision, exact.kv_cache = "highest", "float32"
+            exact.matmul_precision, exact.kv_cache, exact.dtype = "highest", "float32", "fp32"
             base = _load(exact)
         r = evaluate.perplexity(model, text, context=args.context, baseline=base, max_tokens=args.max_tokens)
     except (NormEngineError, OSError) as e:
@@ -195,7 +196,7 @@ def cmd_perplexity(args) -> int:
     print(f"{r['tokens_scored']} tokens scored in {r['windows']} windows of {r['context']} ({os.path.basename(path)})")
     print(f"perplexity {r['perplexity']:.4f} (mean NLL {r['nll_mean']:.5f} nats), {r['tokens_per_second']:.0f} tok/s")
     if base is not None:
-        print(f"baseline (exact) perplexity {r['baseline_perplexity']:.4f}; top-1 agreement "
+        print(f"baseline (exact, float32) perplexity {r['baseline_perplexity']:.4f}; top-1 agreement "
               f"{100 * r['top1_agreement']:.2f}%; mean KL(baseline || this) {r['kl_mean']:.3e} nats")
     return 0
 
@@ -279,7 +280,8 @@ def main(argv=None) -> int:
     e.add_argument("--max-tokens", type=_int_at_least(2), default=4096, help="tokens read from the text (default 4096)")
     e.add_argument("--context", type=_int_at_least(2), default=None,
                    help="window length (default: the model's context, at most 512)")
-    e.add_argument("--baseline", action="store_true", help="also the exactly loaded model: top-1 agreement, KL")
+    e.add_argument("--baseline", action="store_true",
+                   help="also the exactly loaded model (float32, no options): its perplexity, top-1 agreement, KL")
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", choices=list(_DTYPES), default=None)
     _model_options(e)
