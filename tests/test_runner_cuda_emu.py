@@ -29,8 +29,11 @@ pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found (the emulator
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # ne::DType values
 # The same for quantized weights: weight-only formats as dense ones (fp32 summation orders); W8A8 and
 # fp8 quantize each normalized row, which the two runners compute to an ulp or so apart, so now and
-# then an activation rounds the other way (seen: 8e-4 for one fp8 row; else <= 1e-6)
-REL_QUANT = {"int8-weight": 2e-5, "int4": 2e-5, "int8": 2e-3, "fp8": 2e-3}
+# then an activation rounds the other way: a row then moves by up to an 8-bit step of one product
+# (seen: 4.1e-3 in one fp8 row, 1.2e-4 in two rows attending to it; the other 28 rows <= 2e-6). So
+# those formats hold most rows to the weight-only bound and allow a few rows up to FLIP.
+REL_QUANT = {"int8-weight": 2e-5, "int4": 2e-5, "int8": 2e-5, "fp8": 2e-5}
+FLIP, MAX_FLIPPED_ROWS = 1e-2, 4
 REL_LMUL = 1e-3  # L-Mul products of operands that truncate differently now and then (test_lmul_arithmetic)
 REL = 2e-5  # max |emu - cpu| / max |cpu| per logits matrix (seen: <= 1.3e-6; a 1% error of the
 # attention scale gives 8e-4)
@@ -173,9 +176,14 @@ def cpu_runner(model, slots, ctx, spec=None, tensors=None):
     return r
 
 
-def rel(got, want):
+def rel(got, want, rows=None):
+    """Largest |got - want| over max |want|; rows (a list), if given, collects that per row."""
     assert not got.isnan().any(), "NaN in the emulated logits (scratch never written?)"
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+    d = (got.double() - want.double()).abs()
+    scale = want.double().abs().max()
+    if rows is not None:
+        rows.extend((d.reshape(-1, d.shape[-1]).amax(-1) / scale).tolist())
+    return (d.max() / scale).item()
 
 
 
@@ -304,10 +312,11 @@ def variant(model, name):
     return spec, out
 
 
-def prefill_then_decode(lib, model, spec, tensors, seed):
+def prefill_then_decode(lib, model, spec, tensors, seed, rows=None):
     """Prompts of 7 and 20 tokens in two slots in one call (every row's logits), then two greedy
     decode steps of both, on the emulated CUDA runner and the CPU runner (same spec and tensors):
-    greedy tokens equal; returns the largest relative error and the kernels launched."""
+    greedy tokens equal; returns the largest relative error and the kernels launched (rows, a list:
+    collects each logits row's error)."""
     g = torch.Generator().manual_seed(seed)
     a = torch.randint(0, 1024, (7,), generator=g).tolist()
     b = torch.randint(0, 1024, (20,), generator=g).tolist()
@@ -316,7 +325,7 @@ def prefill_then_decode(lib, model, spec, tensors, seed):
     try:
         got = er.forward([0, 1], [a, b], True)
         names = set(launches(lib))
-        worst = rel(got, cpu_forward(cr, [0, 1], [a, b], True, 1024))
+        worst = rel(got, cpu_forward(cr, [0, 1], [a, b], True, 1024), rows)
         last = torch.stack([got[6], got[-1]])
         for _ in range(2):
             nxt = last.argmax(-1).tolist()
@@ -324,7 +333,7 @@ def prefill_then_decode(lib, model, spec, tensors, seed):
             names |= set(launches(lib))
             want = cpu_forward(cr, [0, 1], [[nxt[0]], [nxt[1]]], False, 1024)
             assert last.argmax(-1).tolist() == want.argmax(-1).tolist()
-            worst = max(worst, rel(last, want))
+            worst = max(worst, rel(last, want, rows))
     finally:
         er.close()
     return worst, names
@@ -372,11 +381,14 @@ def test_quantized_weights(lib, quant, kw):
     the same packed tensors (which for W8A8 / fp8 also normalizes before quantizing), greedy tokens
     equal."""
     model = normengine.load(quant=quant, **kw)
-    worst, names = prefill_then_decode(lib, model, None, None, seed=4)
+    rows = []
+    worst, names = prefill_then_decode(lib, model, None, None, seed=4, rows=rows)
     print(f"{quant} {kw}: max rel err {worst:.3g}")
     # every projection went to quant_linear (whose kernels this harness does not name): no dense GEMM ran
     assert "embed" in names and not any(n.startswith(("gemv<", "gemm_")) for n in names), sorted(names)
-    assert worst <= REL_QUANT[quant]
+    off = [e for e in rows if e > REL_QUANT[quant]]
+    assert len(rows) == 31 and worst <= FLIP
+    assert len(off) <= (MAX_FLIPPED_ROWS if quant in ("int8", "fp8") else 0), sorted(off)
 
 
 @pytest.mark.parametrize("name", [None, "rope_gqa_gated_rms_bf16"], ids=["default", "rope_gqa"])
