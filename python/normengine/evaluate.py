@@ -18,6 +18,7 @@ import time
 from .errors import ArgumentError, UnsupportedError
 
 _LOGIT_BYTES = 256 << 20  # logits of one batch of windows: at most this much float32
+_ROWS = 64  # positions whose float64 log-probabilities are formed at once
 
 
 def _ids(model, text_or_ids) -> list:
@@ -67,15 +68,22 @@ def perplexity(model, text_or_ids, *, context: int | None = None, baseline=None,
         t0 = time.perf_counter()
         logits = model.logits(batch)
         elapsed += time.perf_counter() - t0
-        lp = torch.log_softmax(logits[:, :-1].double().cpu(), dim=-1)
-        nll -= lp.gather(-1, target[..., None]).sum().item()
+        base = baseline.logits(batch) if baseline is not None else None
         scored += target.numel()
-        if baseline is not None:
-            lq = torch.log_softmax(baseline.logits(batch)[:, :-1].double().cpu(), dim=-1)
-            nll_base -= lq.gather(-1, target[..., None]).sum().item()
-            kl += (lq.exp() * (lq - lp)).sum().item()
-            agree += (lq.argmax(-1) == lp.argmax(-1)).sum().item()
-        del logits, lp
+        # float64 statistics, _ROWS positions at a time (a float64 copy of a whole batch's logits would
+        # be twice its size again, per temporary)
+        for w in range(len(batch)):
+            for r0 in range(0, context - 1, _ROWS):
+                r1 = min(context - 1, r0 + _ROWS)
+                t = target[w, r0:r1, None]
+                lp = torch.log_softmax(logits[w, r0:r1].double().cpu(), dim=-1)
+                nll -= lp.gather(-1, t).sum().item()
+                if base is not None:
+                    lq = torch.log_softmax(base[w, r0:r1].double().cpu(), dim=-1)
+                    nll_base -= lq.gather(-1, t).sum().item()
+                    kl += (lq.exp() * (lq - lp)).sum().item()
+                    agree += (lq.argmax(-1) == lp.argmax(-1)).sum().item()
+        del logits, base
     out = {"tokens_scored": scored, "windows": n_win, "context": context, "nll_mean": nll / scored,
            "perplexity": math.exp(nll / scored), "tokens_per_second": n_win * context / elapsed}
     if baseline is not None:
