@@ -268,7 +268,9 @@ def convert_norm(cfg: ModelConfig, sd: dict, norm: str, dtype=None):
     compress) each compute in float64 and pass their results on in float32 (float64 for a float64
     target), and every matrix a step made is rounded to the target once, at the end (vectors: float32 at
     least): a 16-bit checkpoint converted for a float32 model carries no 16-bit rounding of the converted
-    weights, and a 16-bit model one rounding, not one per step."""
+    weights, and a 16-bit model one rounding, not one per step (at the cost of float32 intermediates
+    while a Pre-LN model converts; an RMSNorm model's gain folding is one step, written in the target
+    dtype directly)."""
     if norm not in ("layernorm", "rmsnorm", "crmsnorm"):
         raise UnsupportedError(f"norm={norm!r}: expected 'layernorm', 'rmsnorm' or 'crmsnorm'")
     if norm == cfg.norm and (norm != "rmsnorm" or "fold_norm_affine" in cfg.conversions):
@@ -281,8 +283,8 @@ def convert_norm(cfg: ModelConfig, sd: dict, norm: str, dtype=None):
         cfg, out = layernorm_to_rmsnorm(cfg, sd, dtype=work)
         if norm == "crmsnorm":
             cfg, out = rmsnorm_to_crmsnorm(cfg, out, dtype=work)
-    elif norm == "rmsnorm":
-        cfg, out = fold_norm_affine(cfg, sd, dtype=work)
+    elif norm == "rmsnorm":  # one step (an RMSNorm model's gains folded): rounded once as it is
+        return fold_norm_affine(cfg, sd, dtype=dtype)
     else:
         cfg, out = rmsnorm_to_crmsnorm(cfg, sd, dtype=work)
     # once, to the target: the given dtype, else each tensor's stored one (a tensor the conversion
