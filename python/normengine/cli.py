@@ -82,50 +82,57 @@ def _load(args):
                    kv_cache_dtype=kv)
 
 
+def _reports_errors(cmd):
+    """A command whose normengine errors (bad checkpoint, bad option) and I/O errors end it with a one-line
+    message on stderr and exit status 2, not a traceback."""
+    import functools
+
+    @functools.wraps(cmd)
+    def run(args) -> int:
+        from normengine.errors import NormEngineError
+
+        try:
+            return cmd(args)
+        except (NormEngineError, OSError) as e:
+            print(f"normengine: error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+@_reports_errors
 def cmd_generate(args) -> int:
     """Generate from a checkpoint (or the default model shipped in the package), streaming tokens."""
     from normengine.errors import NormEngineError
 
-    try:
-        model = _load(args)
-        if args.ids is not None:
-            try:
-                prompt = [int(t) for t in args.ids.replace(",", " ").split()]
-            except ValueError:
-                raise NormEngineError(f"--ids: expected integer token ids separated by commas or spaces, "
-                                      f"got {args.ids!r}") from None
-        else:
-            prompt = args.prompt
-            if model.tokenizer is None:
-                raise NormEngineError("this checkpoint has no tokenizer.json: pass --ids 1,2,3 instead of --prompt")
-        stream = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=True)
-        if isinstance(prompt, str):
-            sys.stdout.write(prompt)
-        for tok in stream:
-            sys.stdout.write(tok if isinstance(tok, str) else f" {tok}")
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-    except (NormEngineError, OSError) as e:
-        print(f"normengine: error: {e}", file=sys.stderr)
-        return 2
+    model = _load(args)
+    if args.ids is not None:
+        try:
+            prompt = [int(t) for t in args.ids.replace(",", " ").split()]
+        except ValueError:
+            raise NormEngineError(f"--ids: expected integer token ids separated by commas or spaces, "
+                                  f"got {args.ids!r}") from None
+    else:
+        prompt = args.prompt
+        if model.tokenizer is None:
+            raise NormEngineError("this checkpoint has no tokenizer.json: pass --ids 1,2,3 instead of --prompt")
+    stream = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=True)
+    if isinstance(prompt, str):
+        sys.stdout.write(prompt)
+    for tok in stream:
+        sys.stdout.write(tok if isinstance(tok, str) else f" {tok}")
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     return 0
 
 
+@_reports_errors
 def cmd_info(args) -> int:
     """Describe a checkpoint: architecture, sizes, parameter count, dtype."""
-    from normengine.errors import NormEngineError
-
-    try:
-        model = _load(args)
-        info = model.info()
-        if args.arithmetic == "lmul":
-            rep = model.arithmetic_report(args.lmul_bits, args.lmul_scope, args.context)
-        else:
-            model = None
-    except (NormEngineError, OSError) as e:
-        print(f"normengine: error: {e}", file=sys.stderr)
-        return 2
+    model = _load(args)
+    info = model.info()
+    rep = model.arithmetic_report(args.lmul_bits, args.lmul_scope, args.context) if args.arithmetic == "lmul" else None
     width = max(len(k) for k in info)
     for k, v in info.items():
         if k == "parameters":
@@ -133,7 +140,7 @@ def cmd_info(args) -> int:
         elif k == "weight_bytes":
             v = f"{v:,} ({v / 2**20:.1f} MiB)"
         print(f"{k:<{width}}  {v}")
-    if model is not None:
+    if rep is not None:
         e, c = rep["energy"], rep["multiplies_per_token"]
         print(f"\nL-Mul multiply-energy estimate per generated token (context {c['context']}, scope {rep['scope']}, "
               f"{rep['mantissa_bits']}-bit mantissa):")
@@ -148,22 +155,18 @@ def cmd_info(args) -> int:
     return 0
 
 
+@_reports_errors
 def cmd_convert(args) -> int:
     """Load a checkpoint with the given options and write the result (Model.save): norms folded, and
     converted or quantized as asked, for normengine.load to read back as it is (without torch, when
     neither quantized nor loaded with options that need it)."""
-    from normengine.errors import NormEngineError
-
-    try:
-        model = _load(args)
-        model.save(args.out)
-    except (NormEngineError, OSError) as e:
-        print(f"normengine: error: {e}", file=sys.stderr)
-        return 2
+    model = _load(args)
+    model.save(args.out)
     print(f"wrote {args.out}: {model!r}")
     return 0
 
 
+@_reports_errors
 def cmd_perplexity(args) -> int:
     """Perplexity of a checkpoint, as loaded with the given options, on a text; with --baseline also the
     checkpoint loaded exactly (float32 weights; no quantization, L-Mul, attention swap, norm conversion,
@@ -171,28 +174,22 @@ def cmd_perplexity(args) -> int:
     (normengine.evaluate)."""
     import os
 
-    from normengine.errors import NormEngineError
+    from normengine import evaluate
 
-    try:
-        from normengine import evaluate
-
-        model = _load(args)
-        if args.text is None:
-            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "corpus.txt")
-        else:
-            path = args.text
-        with open(path, encoding="utf-8") as f:
-            text = f.read(args.max_tokens * 16)  # enough characters for max_tokens tokens of any BPE
-        base = None
-        if args.baseline:
-            exact = argparse.Namespace(**vars(args))
-            exact.norm = exact.quant = exact.group_size = exact.attention = exact.arithmetic = None
-            exact.matmul_precision, exact.kv_cache, exact.dtype = "highest", "float32", "fp32"
-            base = _load(exact)
-        r = evaluate.perplexity(model, text, context=args.context, baseline=base, max_tokens=args.max_tokens)
-    except (NormEngineError, OSError) as e:
-        print(f"normengine: error: {e}", file=sys.stderr)
-        return 2
+    model = _load(args)
+    if args.text is None:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "corpus.txt")
+    else:
+        path = args.text
+    with open(path, encoding="utf-8") as f:
+        text = f.read(args.max_tokens * 16)  # enough characters for max_tokens tokens of any BPE
+    base = None
+    if args.baseline:
+        exact = argparse.Namespace(**vars(args))
+        exact.norm = exact.quant = exact.group_size = exact.attention = exact.arithmetic = None
+        exact.matmul_precision, exact.kv_cache, exact.dtype = "highest", "float32", "fp32"
+        base = _load(exact)
+    r = evaluate.perplexity(model, text, context=args.context, baseline=base, max_tokens=args.max_tokens)
     print(f"{r['tokens_scored']} tokens scored in {r['windows']} windows of {r['context']} ({os.path.basename(path)})")
     print(f"perplexity {r['perplexity']:.4f} (mean NLL {r['nll_mean']:.5f} nats), {r['tokens_per_second']:.0f} tok/s")
     if base is not None:
