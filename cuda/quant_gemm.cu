@@ -33,7 +33,8 @@
 //       an H100 / H200 this path computes at the f16 tensor-core rate at best; full FP8 speed there needs
 //       wgmma (e4m3 from shared memory): on a compute capability 9.0 device Int8 and FP8 with more than 8 rows
 //       go to the wgmma kernels of cuda/quant_gemm_sm90.h first, and come here only when those decline
-//       (operands TMA cannot address: y's row stride or base not 16-byte aligned) or are switched off.
+//       (operands TMA and CUTLASS cannot take: sm90_tma_fits, e.g. N % 4 or a y not 16-byte aligned) or
+//       are switched off.
 //     - Int8Weight / Int4, M > 8: a tiled fp32 FMA kernel (64 x 64 tile, K steps of 32, 4 x 4 outputs per
 //       thread) that dequantizes the W tile into shared memory ((q - z) s, or q for int8 with sw[n] in the
 //       epilogue): the exact fp32 arithmetic of the contract (no bf16 rounding of x).
