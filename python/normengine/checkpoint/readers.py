@@ -188,6 +188,7 @@ class Located:
     config: Optional[dict] = None
     config_path: Optional[str] = None
     generation_config: Optional[dict] = None
+    index: Optional[Tuple[List[str], Dict[str, str]]] = None  # an index's (shard files, tensor -> file), once read
 
 
 def locate(path) -> Located:
@@ -225,11 +226,19 @@ def locate(path) -> Located:
     return loc
 
 
+def _shards(loc: Located) -> Tuple[List[str], Dict[str, str]]:
+    """The shard files and tensor -> shard map of the index `locate` found, read once per Located
+    (weight_files, then read_located, ask for it)."""
+    if loc.index is None:
+        loc.index = _files_of_index(loc.weights)
+    return loc.index
+
+
 def weight_files(loc: Located) -> List[str]:
     """The weight files `locate` found (the shards of an index), without reading them."""
     if loc.weights is None:
         return []
-    return _files_of_index(loc.weights)[0] if loc.weights.endswith(".index.json") else [loc.weights]
+    return list(_shards(loc)[0]) if loc.weights.endswith(".index.json") else [loc.weights]
 
 
 def read_located(loc: Located, arrays: bool = False) -> RawCheckpoint:
@@ -239,7 +248,7 @@ def read_located(loc: Located, arrays: bool = False) -> RawCheckpoint:
     if weights is None:
         raise CheckpointError(f"{root}: no weights found (looked for {', '.join(loc.looked_for)})")
     if weights.endswith(".index.json"):
-        files, expected = _files_of_index(weights)
+        files, expected = _shards(loc)
         raw = read_weights(files, root, expected, weights, arrays)
     elif weights.endswith(".json"):
         raise CheckpointError(f"{weights}: a JSON file is not a checkpoint (give its directory, or an *.index.json)")
