@@ -4,7 +4,8 @@
 // activation matrix x [T, d]; per layer:
 //   xn = norm(x)                                  (ne::norm_forward -> cuda/norm.cu)
 //   q, k, v = xn Wq^T (+bq), xn Wk^T (+bk), xn Wv^T (+bv)           (linear: gemv / tiled GEMM)
-//   RoPE(q, k) unless learned positions; K/V cache[slot][pos] = k, v  (rope_cache_kernel)
+//   (Qwen3: q, k = per-head RMSNorm(q), (k));  RoPE(q, k) unless learned positions;
+//   K/V cache[slot][pos] = k, v                                       (rope_cache_kernel)
 //   att = softmax(q K^T / sqrt(D)) V over keys 0..pos, GQA            (attention_kernel)
 //     or, in a linear / MALA / norm attention layer (spec.attention), att = the op's readout of the
 //     slot's fixed-size state after each token's update (cuda::linear_attention_rows, no KV cache)
@@ -120,6 +121,11 @@ struct RopeCacheParams {
   void* vcache;
   int64_t ctx;
   int n_heads, n_kv_heads, head_dim;
+  // Per-head RMSNorm of q and k before the rotation (Qwen3; null: none), with the model's norm_eps:
+  //   x_h <- x_h / sqrt(mean(x_h^2) + eps) * g   (q heads with q_norm, k heads with k_norm)
+  const float* q_norm;
+  const float* k_norm;
+  float norm_eps;
 };
 
 template <class TC> __device__ __forceinline__ TC to_cache(float x);
@@ -139,10 +145,24 @@ __global__ void rope_cache_kernel(const RopeCacheParams p) {
   TC* vdst = cached ? static_cast<TC*>(p.vcache) + row : nullptr;
   float* k = p.k + t * p.ldkv;
   const float* v = p.v + t * p.ldkv;
+  float* q = p.q + t * p.ldq;
+  if (p.q_norm) {  // one warp per head: sum of squares by shuffles, then the scaled row in place
+    const int lane = threadIdx.x % 32;
+    for (int h = threadIdx.x / 32; h < p.n_heads + p.n_kv_heads; h += blockDim.x / 32) {
+      const bool is_q = h < p.n_heads;
+      float* x = is_q ? q + h * D : k + (h - p.n_heads) * D;
+      const float* g = is_q ? p.q_norm : p.k_norm;
+      float ss = 0.f;
+      for (int i = lane; i < D; i += 32) ss += x[i] * x[i];
+      for (int off = 16; off; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+      const float r = 1.0f / sqrtf(ss / static_cast<float>(D) + p.norm_eps);
+      for (int i = lane; i < D; i += 32) x[i] = x[i] * r * g[i];
+    }
+    __syncthreads();
+  }
   if (p.cos) {
     const float* cs = p.cos + pos * half;
     const float* sn = p.sin + pos * half;
-    float* q = p.q + t * p.ldq;
     for (int e = threadIdx.x; e < p.n_heads * half; e += blockDim.x) {
       const int h = e / half, i = e % half;
       float* x = q + h * D;
@@ -494,7 +514,7 @@ using cuda::DevW;
 
 struct CudaRunner::Layer {
   AttnType type = AttnType::Softmax;
-  DevW attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob, decay;
+  DevW attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob, decay, q_norm, k_norm;
   DevW mlp_norm_w, mlp_norm_b, up, gate, down, upb, gateb, downb;
   // in Impl::cache: softmax layers [slots][ctx][n_kv_heads * head_dim] (float, or bf16: spec.kv_bf16)
   void* kcache = nullptr;
@@ -590,17 +610,20 @@ CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spe
     }
   }
   if (!s.learned_pos) {
-    // As Hugging Face computes them, in float32: inv_freq_i = 1 / theta^(2i / D), angle = pos * inv_freq_i
-    // (the CPU runner's table, bit for bit).
+    // As Hugging Face computes them, in float32: angle = pos * inv_freq_i (rope_inv_freq: the plain
+    // 1 / theta^(2i / D) or the spec's scaled ones), cos and sin times the attention factor (YaRN's; 1
+    // otherwise): the CPU runner's table, bit for bit.
     const int half = s.head_dim / 2;
     const size_t n = static_cast<size_t>(ctx) * half;
+    const std::vector<float> inv_freq = rope_inv_freq(s);
+    const float attn_factor = static_cast<float>(s.rope_attn_factor);
     std::vector<float> tab(2 * n);
     for (int i = 0; i < half; ++i) {
-      float inv = 1.0f / std::pow(static_cast<float>(s.rope_theta), static_cast<float>(2 * i) / s.head_dim);
+      const float inv = inv_freq[i];
       for (int p = 0; p < ctx; ++p) {
         float a = static_cast<float>(p) * inv;
-        tab[static_cast<size_t>(p) * half + i] = static_cast<float>(std::cos(static_cast<double>(a)));
-        tab[n + static_cast<size_t>(p) * half + i] = static_cast<float>(std::sin(static_cast<double>(a)));
+        tab[static_cast<size_t>(p) * half + i] = static_cast<float>(std::cos(static_cast<double>(a))) * attn_factor;
+        tab[n + static_cast<size_t>(p) * half + i] = static_cast<float>(std::sin(static_cast<double>(a))) * attn_factor;
       }
     }
     check(cudaMalloc(reinterpret_cast<void**>(&m.rope), tab.size() * sizeof(float)), "cudaMalloc (RoPE table)");
@@ -846,6 +869,9 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       p.n_heads = s.n_heads;
       p.n_kv_heads = s.n_kv_heads;
       p.head_dim = s.head_dim;
+      p.q_norm = s.qk_norm ? L.q_norm.f32() : nullptr;
+      p.k_norm = s.qk_norm ? L.k_norm.f32() : nullptr;
+      p.norm_eps = static_cast<float>(s.norm_eps);
       if (s.kv_bf16 && softmax) cuda::rope_cache_kernel<__nv_bfloat16><<<grid_t, 128, 0, st>>>(p);
       else cuda::rope_cache_kernel<float><<<grid_t, 128, 0, st>>>(p);
       cuda::check_launch("rope_cache_kernel");

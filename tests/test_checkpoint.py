@@ -958,10 +958,10 @@ def test_model_type_fallback(tmp_path):
 @pytest.mark.parametrize(
     "variant, changes, field",
     [
-        ("llama_gqa", dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
-        ("llama_gqa", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192,
-                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0}), "rope_scaling"),
-        ("qwen2", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}), "rope_parameters"),
+        # (linear, llama3 and yarn RoPE are implemented: tests/test_rope.py)
+        ("llama_gqa", dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling"),
+        ("qwen2", dict(rope_parameters={"rope_type": "longrope", "long_factor": [1.0], "rope_theta": 1e6}),
+         "rope_parameters"),
         ("llama_gqa", dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
         ("mistral", dict(sliding_window=16), "sliding_window"),
         ("qwen2", dict(use_sliding_window=True, sliding_window=16), "use_sliding_window"),

@@ -41,12 +41,22 @@ def _randomize_norms(model, gen):
     return model
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 24}
+YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 24}
+
 MODELS = {
     "gpt2": lambda: _gpt2(),
     "llama-gqa": lambda: _llama(),
     "llama-tied": lambda: _llama(tie_word_embeddings=True),
     "mistral": lambda: _llama("Mistral", sliding_window=None),
     "qwen2-bias": lambda: _llama("Qwen2", tie_word_embeddings=False),
+    # per-head q / k RMSNorm; head_dim * heads != hidden_size
+    "qwen3-qknorm": lambda: _llama("Qwen3", head_dim=24, tie_word_embeddings=True),
+    # RoPE frequency variants, with a pretraining context short enough that every test's positions
+    # fall in the scaled range
+    "llama3-rope": lambda: _llama(rope_parameters=dict(LLAMA3_ROPE)),
+    "qwen2-yarn": lambda: _llama("Qwen2", rope_parameters=dict(YARN_ROPE)),
 }
 
 

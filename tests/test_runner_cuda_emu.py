@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import normengine
-from normengine import _C
+from normengine import _C, rope
 from normengine.convert.quant import is_quantized
 from normengine.model import _QFORMAT
 
@@ -66,7 +66,7 @@ def lib(tmp_path_factory):
               prefix="ne_remu")
     vp, ci, i32p = ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p
     L.ne_remu_create.restype = vp
-    L.ne_remu_create.argtypes = [vp, vp, vp, ci, ci]
+    L.ne_remu_create.argtypes = [vp, vp, vp, vp, ci, ci, ci]
     L.ne_remu_destroy.argtypes = [vp]
     L.ne_remu_set_tensor.argtypes = [vp, ctypes.c_char_p, vp, ci, ci, vp, vp]
     L.ne_remu_set_quant_tensor.argtypes = [vp, ctypes.c_char_p, ci, vp, vp, vp, vp, ci, vp, ctypes.c_int64]
@@ -109,12 +109,16 @@ class EmuRunner:
         ints = [s["vocab"], s["d_model"], s["n_layers"], s["n_heads"], s["n_kv_heads"], s["head_dim"], s["d_ff"],
                 s["max_seq_len"], s["norm"], s["activation"], s["gated_mlp"], s["learned_pos"], s["qkv_bias"],
                 s["o_bias"], s["mlp_bias"], s["head_bias"], s["kv_bf16"], s["linear_feature_map"],
-                s["linear_normalize"], s["norm_attention_norm"], s["lmul_scope"], s["lmul_bits"], s["bf16_products"]]
+                s["linear_normalize"], s["norm_attention_norm"], s["lmul_scope"], s["lmul_bits"], s["bf16_products"],
+                s["qk_norm"]]
         self.vocab = s["vocab"]
-        self._ints = (ctypes.c_int * 23)(*[int(v) for v in ints])
-        self._dbl = (ctypes.c_double * 3)(float(s["norm_eps"]), float(s["rope_theta"]), float(s["linear_eps"]))
+        self._ints = (ctypes.c_int * 24)(*[int(v) for v in ints])
+        self._dbl = (ctypes.c_double * 4)(float(s["norm_eps"]), float(s["rope_theta"]), float(s["linear_eps"]),
+                                          float(s.get("rope_attn_factor", 1.0)))
         self._attn = (ctypes.c_int * len(s["attention"]))(*s["attention"]) if s["attention"] else None
-        self.h = lib.ne_remu_create(self._ints, self._dbl, self._attn, slots, ctx)
+        inv = s.get("rope_inv_freq")
+        self._inv = (ctypes.c_float * len(inv))(*inv) if inv else None
+        self.h = lib.ne_remu_create(self._ints, self._dbl, self._attn, self._inv, len(inv) if inv else 0, slots, ctx)
         assert self.h, lib.ne_remu_error().decode()
         self.keep = []
         for name, t in tensors.items():
@@ -255,6 +259,9 @@ def test_decode_and_batch(lib, model):
     assert worst <= REL
 
 
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}
+
+
 def variant(model, name):
     """The default model's weights rearranged into other architectures both runners support (same
     spec, same tensors on both sides): RoPE instead of learned positions, GQA, gated MLPs, other
@@ -271,12 +278,19 @@ def variant(model, name):
         # RoPE, head_dim 64 (attention<2>), MQA, erf GELU, CRMSNorm, float32 weights
         "rope_hd64_mqa_crms_f32": dict(n_heads=2, n_kv_heads=1, head_dim=64, learned_pos=False, gated_mlp=False,
                                        activation=1, norm=2, head_bias=False, dtype=torch.float32, ld=0),
+        # Qwen3-style per-head q / k RMSNorm, YaRN frequencies and attention factor, GQA 4:2, float32
+        "qknorm_yarn_gqa_f32": dict(n_heads=4, n_kv_heads=2, head_dim=32, learned_pos=False, gated_mlp=True,
+                                    activation=2, norm=1, head_bias=False, dtype=torch.float32, ld=0, qk_norm=True,
+                                    rope=YARN),
         # head_dim 128 (attention<4>), ReLU, LayerNorm, float16 rows 133 apart (scalar loads)
         "hd128_relu_strided_f16": dict(n_heads=1, n_kv_heads=1, head_dim=128, learned_pos=True, gated_mlp=False,
                                        activation=3, norm=0, head_bias=False, dtype=torch.float16, ld=5),
     }[name]
-    dt, pad = cfg.pop("dtype"), cfg.pop("ld")
+    dt, pad, scaling = cfg.pop("dtype"), cfg.pop("ld"), cfg.pop("rope", None)
     spec.update(cfg)
+    if scaling is not None:
+        spec["rope_inv_freq"] = rope.inv_freq(spec["rope_theta"], spec["head_dim"], scaling).tolist()
+        spec["rope_attn_factor"] = rope.attention_factor(scaling)
     dkv = spec["n_kv_heads"] * spec["head_dim"]
     out = {}
 
@@ -309,6 +323,10 @@ def variant(model, name):
             out[f"blocks.{i}.mlp.gate.bias"] = torch.randn(up.shape[0], generator=g) * 0.1
     if spec["head_bias"]:
         out["lm_head.bias"] = torch.randn(spec["vocab"], generator=g) * 0.1
+    if spec["qk_norm"]:
+        for i in range(L):
+            for w in ("q_norm", "k_norm"):
+                out[f"blocks.{i}.attn.{w}.weight"] = 1 + 0.3 * torch.randn(spec["head_dim"], generator=g)
     return spec, out
 
 
@@ -339,7 +357,8 @@ def prefill_then_decode(lib, model, spec, tensors, seed, rows=None):
     return worst, names
 
 
-@pytest.mark.parametrize("name", ["rope_gqa_gated_rms_bf16", "rope_hd64_mqa_crms_f32", "hd128_relu_strided_f16"])
+@pytest.mark.parametrize("name", ["rope_gqa_gated_rms_bf16", "rope_hd64_mqa_crms_f32", "qknorm_yarn_gqa_f32",
+                                  "hd128_relu_strided_f16"])
 def test_variants(lib, model, name):
     """Prefill (7 and 20 tokens, two slots in one call, every row) then two decode steps, vs the CPU
     runner on the same spec and tensors."""

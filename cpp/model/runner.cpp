@@ -5,7 +5,9 @@
 //
 // Per layer, with x the residual stream [T, d]:
 //   xn = norm(x)                                   (attn_norm; LayerNorm / RMSNorm / CRMSNorm)
-//   q, k, v = xn Wq^T (+bq), xn Wk^T (+bk), xn Wv^T (+bv);  RoPE(q, k) unless learned positions
+//   q, k, v = xn Wq^T (+bq), xn Wk^T (+bk), xn Wv^T (+bv)
+//   (Qwen3: q, k = per-head RMSNorm(q), (k));  RoPE(q, k) unless learned positions (inv_freq plain
+//   or scaled: linear / llama3 / YaRN, computed by normengine/rope.py; YaRN scales cos and sin)
 //   K/V cache[slot][pos] = k, v
 //   x += attention(q, cache) Wo^T (+bo)            (the add is the GEMM's accumulate epilogue)
 //   xn = norm(x)                                   (mlp_norm)
@@ -107,7 +109,7 @@ void linear(const W& w, const W& b, const float* x, int64_t T, float* y, bool ac
 
 struct Runner::Layer {
   AttnType type = AttnType::Softmax;
-  W attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob, decay;
+  W attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob, decay, q_norm, k_norm;
   W mlp_norm_w, mlp_norm_b, up, gate, down, upb, gateb, downb;
   std::vector<float> kcache, vcache;  // softmax: [slots][ctx][n_kv_heads * head_dim]
   std::vector<bf16> kcache16, vcache16;  // the same in bfloat16 (spec.kv_bf16), instead
@@ -164,13 +166,7 @@ Runner::Runner(const ModelSpec& s, int slots, int ctx) : spec_(s), n_slots_(slot
   impl_->len.assign(slots, 0);
   impl_->any_softmax = false;
   for (const auto& l : impl_->layers) impl_->any_softmax |= l.type == AttnType::Softmax;
-  if (!s.learned_pos) {
-    // As Hugging Face computes them, in float32: inv_freq_i = 1 / theta^(2i / D), angle = pos * inv_freq_i.
-    const int half = s.head_dim / 2;
-    impl_->rope_inv.resize(half);
-    for (int i = 0; i < half; ++i)
-      impl_->rope_inv[i] = 1.0f / std::pow(static_cast<float>(s.rope_theta), static_cast<float>(2 * i) / s.head_dim);
-  }
+  if (!s.learned_pos) impl_->rope_inv = rope_inv_freq(s);
 }
 
 Runner::~Runner() = default;
@@ -432,6 +428,7 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
 
   if (!s.learned_pos) {  // cos / sin of every row's angles pos * inv_freq_i (float32 angle, as HF)
     const int half = s.head_dim / 2;
+    const float attn_factor = static_cast<float>(s.rope_attn_factor);  // YaRN's; 1 otherwise
     grow(m.rope_cos, T * half);
     grow(m.rope_sin, T * half);
     grow(m.rope_row, T);
@@ -439,8 +436,8 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
       m.rope_row[t] = static_cast<int32_t>(t);
       for (int i = 0; i < half; ++i) {
         const float a = static_cast<float>(m.pos[t]) * m.rope_inv[i];
-        m.rope_cos[t * half + i] = static_cast<float>(std::cos(static_cast<double>(a)));
-        m.rope_sin[t * half + i] = static_cast<float>(std::sin(static_cast<double>(a)));
+        m.rope_cos[t * half + i] = static_cast<float>(std::cos(static_cast<double>(a))) * attn_factor;
+        m.rope_sin[t * half + i] = static_cast<float>(std::sin(static_cast<double>(a))) * attn_factor;
       }
     }
   }
@@ -477,8 +474,12 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
     }
     if (!s.learned_pos) {
       // the tables hold this call's rows: index them by row
-      K.rope({T, qp, ldq, s.n_heads, s.head_dim, m.rope_row.data(), m.rope_cos.data(), m.rope_sin.data()});
-      K.rope({T, kp, ldkv, s.n_kv_heads, s.head_dim, m.rope_row.data(), m.rope_cos.data(), m.rope_sin.data()});
+      // (Qwen3: each head's RMSNorm first, in the same pass)
+      const float* qn = s.qk_norm ? L.q_norm.f32() : nullptr;
+      const float* kn = s.qk_norm ? L.k_norm.f32() : nullptr;
+      const float eps = static_cast<float>(s.norm_eps);
+      K.rope({T, qp, ldq, s.n_heads, s.head_dim, m.rope_row.data(), m.rope_cos.data(), m.rope_sin.data(), qn, eps});
+      K.rope({T, kp, ldkv, s.n_kv_heads, s.head_dim, m.rope_row.data(), m.rope_cos.data(), m.rope_sin.data(), kn, eps});
     }
     if (L.type == AttnType::Softmax) {
       for (int64_t t = 0; t < T; ++t) {

@@ -3,10 +3,11 @@
 // (cuda/runner.cu), whose per-model and per-layer structs use the same member names:
 //   model: tok_emb, pos_emb, final_w, final_b, head, head_b, layers[i]
 //   layer: attn_norm_w/_b, mlp_norm_w/_b, q k v o (+ qb kb vb ob), up gate down (+ upb gateb downb),
-//          decay (norm attention)
+//          decay (norm attention), q_norm k_norm (per-head q / k RMSNorm gains)
 // Names are those of normengine's canonical checkpoint layout ("blocks.{i}.attn.q.weight", ...).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -52,6 +53,14 @@ inline void check_spec(const ModelSpec& s, int slots, int ctx) {
     throw ValueError("spec: every size must be positive");
   if (s.n_heads % s.n_kv_heads) throw ValueError("spec: n_heads must be a multiple of n_kv_heads");
   if (!s.learned_pos && s.head_dim % 2) throw ValueError("spec: RoPE needs an even head_dim");
+  if (!s.learned_pos && !s.rope_inv_freq.empty() && static_cast<int>(s.rope_inv_freq.size()) != s.head_dim / 2)
+    throw ValueError("spec.rope_inv_freq: expected head_dim / 2 = " + std::to_string(s.head_dim / 2) + " values, got " +
+                     std::to_string(s.rope_inv_freq.size()));
+  for (float f : s.rope_inv_freq)
+    if (!(f >= 0.f && f < INFINITY)) throw ValueError("spec.rope_inv_freq: expected finite non-negative values");
+  if (!(s.rope_attn_factor > 0 && s.rope_attn_factor < INFINITY))
+    throw ValueError("spec.rope_attn_factor: expected a positive finite number");
+  if (s.qk_norm && s.learned_pos) throw ValueError("spec.qk_norm: per-head q / k norms need RoPE (not learned_pos)");
   if (slots < 1) throw ValueError("slots: expected >= 1, got " + std::to_string(slots));
   if (ctx < 1 || ctx > s.max_seq_len)
     throw ValueError("ctx: expected 1.." + std::to_string(s.max_seq_len) + " (the model's context), got " +
@@ -69,6 +78,18 @@ inline void check_spec(const ModelSpec& s, int slots, int ctx) {
   if (s.kv_bf16 && s.lmul_scope) throw ValueError("spec.kv_bf16: the L-Mul attention reads a float32 KV cache");
   if (s.lmul_scope && (s.lmul_bits < 1 || s.lmul_bits > 23))
     throw ValueError("spec.lmul_bits: expected 1..23 mantissa bits, got " + std::to_string(s.lmul_bits));
+}
+
+// RoPE's inv_freq_i, i < head_dim / 2: the spec's own (the scaled variants, computed by Python), or
+// the plain 1 / theta^(2i / D) as Hugging Face computes it in float32. Both runners build their cos /
+// sin from these, so they agree bit for bit.
+inline std::vector<float> rope_inv_freq(const ModelSpec& s) {
+  if (!s.rope_inv_freq.empty()) return s.rope_inv_freq;
+  const int half = s.head_dim / 2;
+  std::vector<float> inv(half);
+  for (int i = 0; i < half; ++i)
+    inv[i] = 1.0f / std::pow(static_cast<float>(s.rope_theta), static_cast<float>(2 * i) / s.head_dim);
+  return inv;
 }
 
 // Layer i's attention type under spec s.
@@ -126,6 +147,10 @@ WeightSlot<Wt> weight_slot(Model& m, const ModelSpec& s, const std::string& name
   if (r == "mlp.up.bias") return vec(L.upb, f);
   if (r == "mlp.gate.bias") return vec(L.gateb, f);
   if (r == "mlp.down.bias") return vec(L.downb, d);
+  if (r == "attn.q_norm.weight" || r == "attn.k_norm.weight") {
+    if (!s.qk_norm) throw ValueError(name + ": the model has no per-head q / k norms (spec.qk_norm)");
+    return vec(r[5] == 'q' ? L.q_norm : L.k_norm, s.head_dim);
+  }
   if (r == "attn.decay") {  // norm attention's per-head decay lambda (optional: 1 without)
     if (attn_type(s, i) != AttnType::Norm) throw ValueError(name + ": only norm-attention layers take a decay");
     return vec(L.decay, s.n_heads);
@@ -257,6 +282,7 @@ void check_weights_complete(const Model& m, const ModelSpec& s) {
     if (s.gated_mlp) need(L.gate, p + "mlp.gate.weight");
     if (s.qkv_bias) { need(L.qb, p + "attn.q.bias"); need(L.kb, p + "attn.k.bias"); need(L.vb, p + "attn.v.bias"); }
     if (s.o_bias) need(L.ob, p + "attn.o.bias");
+    if (s.qk_norm) { need(L.q_norm, p + "attn.q_norm.weight"); need(L.k_norm, p + "attn.k_norm.weight"); }
     if (s.mlp_bias) {
       need(L.upb, p + "mlp.up.bias");
       need(L.downb, p + "mlp.down.bias");

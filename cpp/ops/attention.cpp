@@ -414,6 +414,18 @@ void rope(const RopeArgs& a) {
       const float* s = a.sin + static_cast<int64_t>(a.pos[t]) * half;
       for (int h = 0; h < a.n_heads; ++h) {
         float* x = a.x + t * a.ldx + static_cast<int64_t>(h) * a.head_dim;
+        if (a.norm_w) {  // x <- x / sqrt(mean(x^2) + eps) * g
+          R ss = VF::zero();
+          for (int i = 0; i < a.head_dim; i += N) {
+            R v = loadn<VF>(x + i, width(a.head_dim, i));
+            ss = VF::fma(v, v, ss);
+          }
+          const float r = static_cast<float>(1.0 / std::sqrt(VF::reduce(ss) / a.head_dim + a.norm_eps));
+          for (int i = 0; i < a.head_dim; i += N) {
+            int k = width(a.head_dim, i);
+            storen<VF>(x + i, VF::mul(VF::mul(loadn<VF>(x + i, k), VF::set1(r)), loadn<VF>(a.norm_w + i, k)), k);
+          }
+        }
         for (int i = 0; i < half; i += N) {
           int k = width(half, i);
           R x1 = loadn<VF>(x + i, k), x2 = loadn<VF>(x + half + i, k);

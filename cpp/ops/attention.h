@@ -36,6 +36,10 @@ struct RopeArgs {
   const int32_t* pos;
   const float* cos;          // [max_pos, head_dim / 2]
   const float* sin;
+  // Optional per-head RMSNorm before the rotation (Qwen3's q_norm / k_norm):
+  //   x_h <- x_h / sqrt(mean_i(x_h[i]^2) + norm_eps) * norm_w   over each head's head_dim values
+  const float* norm_w = nullptr;  // [head_dim], or null: rotation only
+  float norm_eps = 0.f;
 };
 
 enum class Act : int { GeluTanh = 0, Gelu = 1, Silu = 2, Relu = 3 };

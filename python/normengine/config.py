@@ -11,6 +11,8 @@ Canonical tensors (all linear weights in torch.nn.Linear layout [out_features, i
     blocks.{i}.attn.k.weight       [n_kv_heads * head_dim, d]  (.bias when qkv_bias)
     blocks.{i}.attn.v.weight       [n_kv_heads * head_dim, d]  (.bias when qkv_bias)
     blocks.{i}.attn.o.weight       [d, n_heads * head_dim]     (.bias when o_bias)
+    blocks.{i}.attn.q_norm.weight  [head_dim]                  qk_norm only (Qwen3): per-head RMSNorm
+    blocks.{i}.attn.k_norm.weight  [head_dim]                  gains of q and k, applied before RoPE
     blocks.{i}.mlp_norm.weight     [d]     (.bias [d] for LayerNorm)
     blocks.{i}.mlp.up.weight       [d_ff, d]                   (.bias when mlp_bias)
     blocks.{i}.mlp.gate.weight     [d_ff, d]                   gated MLPs (SwiGLU) only
@@ -78,6 +80,8 @@ class ModelConfig:
     gated_mlp: bool = False
     learned_pos: bool = False      # learned absolute positions (pos_emb) vs RoPE
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # RoPE frequency variant (normengine.rope): {"rope_type": ..., ...}
+    qk_norm: bool = False             # per-head RMSNorm of q and k after their projections (Qwen3)
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
@@ -106,7 +110,7 @@ class ModelConfig:
             if not is_int(v) or v < 1:
                 raise ArgumentError(f"config.{name}: expected a positive int, got {v!r}")
         for name in ("gated_mlp", "learned_pos", "qkv_bias", "o_bias", "mlp_bias", "tied_head", "head_bias",
-                     "linear_normalize", "quant_symmetric"):
+                     "linear_normalize", "quant_symmetric", "qk_norm"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise ArgumentError(f"config.{name}: expected true or false, got {v!r}")
@@ -152,6 +156,13 @@ class ModelConfig:
             raise ArgumentError(f"config.quant_group_size: int4 needs 32, 64 or 128, got {self.quant_group_size!r}")
         if self.quantization == "fp8" and self.quant_group_size not in (0, 128):
             raise ArgumentError(f"config.quant_group_size: fp8 needs 0 (per tensor) or 128 (blocks), got {self.quant_group_size!r}")
+        from .rope import check_scaling
+
+        check_scaling(self.rope_scaling)
+        if self.learned_pos and (self.rope_scaling is not None or self.qk_norm):
+            raise ArgumentError("config: rope_scaling and qk_norm need RoPE (learned_pos false)")
+        if not self.learned_pos and self.head_dim % 2:
+            raise ArgumentError(f"config.head_dim: RoPE needs an even head_dim, got {self.head_dim}")
         if self.attention and len(self.attention) != self.n_layers:
             raise ArgumentError(
                 f"config.attention: expected {self.n_layers} entries (one per layer), got {len(self.attention)}"
@@ -252,6 +263,9 @@ def _iter_dense_shapes(cfg: ModelConfig):
             yield f"{p}.attn.v.bias", (dkv,)
         if cfg.o_bias:
             yield f"{p}.attn.o.bias", (d,)
+        if cfg.qk_norm:
+            yield f"{p}.attn.q_norm.weight", (cfg.head_dim,)
+            yield f"{p}.attn.k_norm.weight", (cfg.head_dim,)
         yield from norm(f"{p}.mlp_norm")
         yield f"{p}.mlp.up.weight", (f, d)
         if cfg.gated_mlp:

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import _C
+from . import _C, rope
 from .config import ModelConfig, bf16_products
 from .errors import ArgumentError, DeviceError, DTypeError, NumericalError, ShapeError, UnsupportedError
 
@@ -51,6 +51,15 @@ def _is_weight_dtype(dtype) -> bool:
     """torch.float32, bfloat16 or float16: the dtypes the runner's linear weights come in."""
     torch = _torch_if_loaded()
     return torch is not None and dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _rope_spec(c: ModelConfig) -> dict:
+    """The runner spec's RoPE table fields: none for plain RoPE (the runners compute theta^(-2i/D)
+    themselves), else the variant's frequencies and attention factor (normengine.rope)."""
+    if c.learned_pos or c.rope_scaling is None:
+        return {}
+    return dict(rope_inv_freq=rope.inv_freq(c.rope_theta, c.head_dim, c.rope_scaling).tolist(),
+                rope_attn_factor=rope.attention_factor(c.rope_scaling))
 
 
 def _is_vector(name: str) -> bool:
@@ -364,7 +373,7 @@ class Model:
             linear_normalize=bool(c.linear_normalize), norm_attention_norm=0 if c.norm_attention_norm == "rms" else 1,
             linear_eps=float(c.linear_eps), lmul_scope=_LMUL_SCOPES.get(self.lmul_scope, 0),
             lmul_bits=self.lmul_bits or 4, bf16_products=bf16_products(self.matmul_precision),
-            kv_bf16=self._kv_bf16,
+            kv_bf16=self._kv_bf16, qk_norm=c.qk_norm, **_rope_spec(c),
         )
 
     def _runner_for(self, slots: int, ctx: int, user=None):
@@ -748,7 +757,7 @@ class Model:
             "vocab": c.vocab_size,
             "context": c.max_seq_len,
             "norm": c.norm,
-            "positions": "learned" if c.learned_pos else f"rope (theta={c.rope_theta:g})",
+            "positions": "learned" if c.learned_pos else rope.describe(c.rope_theta, c.rope_scaling),
             "mlp": ("gated " if c.gated_mlp else "") + c.activation,
             "tied_head": c.tied_head,
             "parameters": self.num_parameters(),

@@ -26,6 +26,16 @@ struct ModelSpec {
   bool gated_mlp = false;
   bool learned_pos = false;
   double rope_theta = 10000.0;
+  // RoPE frequencies: head_dim / 2 values inv_freq_i, angle = pos * inv_freq_i (float32). Empty: the
+  // plain ones, 1 / theta^(2i / head_dim). Python computes them for the scaled variants (linear,
+  // llama3, yarn: normengine/rope.py), as Hugging Face does in float32.
+  std::vector<float> rope_inv_freq;
+  // Multiplies every cos and sin (YaRN's attention factor; 1 otherwise): q and k each scaled by it.
+  double rope_attn_factor = 1.0;
+  // Per-head RMSNorm of q and k (Qwen3): after the projections (and their biases), before RoPE,
+  // x_h <- x_h / sqrt(mean(x_h^2) + norm_eps) * g over each head's head_dim values, with gains
+  // blocks.{i}.attn.q_norm.weight / k_norm.weight [head_dim] float32. Needs RoPE (not learned_pos).
+  bool qk_norm = false;
   bool qkv_bias = false, o_bias = false, mlp_bias = false, head_bias = false;
   // Attention type per layer (AttnType values); empty: every layer softmax. Softmax layers keep a KV
   // cache that grows with the context; the linear family keeps one fixed-size state per sequence:

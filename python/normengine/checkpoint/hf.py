@@ -104,27 +104,53 @@ def _token_ids(c: _Conf, gen: Optional[dict]):
     return out
 
 
-def _check_rope(c: _Conf):
-    """Only plain RoPE: any rope scaling (linear, dynamic, yarn, llama3, ...) or partial rotary is
-    unsupported. Transformers 5 writes 'rope_parameters' ({"rope_type": "default", "rope_theta": ..});
-    older configs 'rope_scaling' next to 'rope_theta'."""
-    for key in ("rope_scaling", "rope_parameters"):
-        rs = c.d.get(key)
-        if not rs:
-            continue
+def _rope_scaling(c: _Conf):
+    """The checkpoint's RoPE variant as normengine.rope's normalized record, or None for plain RoPE.
+    Transformers 5 writes 'rope_parameters' ({"rope_type": ..., "rope_theta": ..., <the type's fields>});
+    older configs 'rope_scaling' ({"type" or "rope_type": ..., ...}) next to 'rope_theta'. Implemented:
+    linear, llama3, yarn (normengine.rope); dynamic NTK, longrope and partial rotary embeddings are
+    refused, naming the field."""
+    from ..errors import ArgumentError
+    from ..rope import ROPE_TYPES, _FIELDS, check_scaling
+
+    # transformers reads 'rope_scaling' over 'rope_parameters' when a config has both
+    key = "rope_scaling" if c.d.get("rope_scaling") else "rope_parameters"
+    rs = c.d.get(key)
+    found = None
+    if rs:
         if not isinstance(rs, dict):
             c.unsupported(key, "expected an object")
-        rope_type = rs.get("rope_type", rs.get("type"))
-        other = set(rs) - {"rope_type", "type", "rope_theta"}
-        if rope_type == "default" or (rope_type is None and not other):
-            prf = rs.get("partial_rotary_factor")
-            if prf not in (None, 1, 1.0):
-                c.unsupported(key, "partial rotary embeddings (partial_rotary_factor) are not implemented")
-            continue
-        c.unsupported(key, f"RoPE scaling (type {rope_type!r}) is not implemented; only plain RoPE")
+        if any(isinstance(v, dict) for v in rs.values()):
+            c.unsupported(key, "RoPE parameters per layer type are not implemented")
+        rope_type = rs.get("rope_type") or rs.get("type") or "default"
+        prf = rs.get("partial_rotary_factor")
+        if prf not in (None, 1, 1.0):
+            c.unsupported(key, "partial rotary embeddings (partial_rotary_factor) are not implemented")
+        if rope_type != "default":
+            if rope_type not in ROPE_TYPES:
+                c.unsupported(key, f"RoPE scaling of type {rope_type!r} is not implemented; implemented: "
+                                   f"{', '.join(ROPE_TYPES)} (and plain RoPE)")
+            need, opt = _FIELDS[rope_type]
+            found = {k: v for k, v in rs.items() if k in need | opt}
+            found["rope_type"] = rope_type
+            if rope_type in ("llama3", "yarn"):
+                # as transformers: a top-level original_max_position_embeddings wins, else the record's,
+                # else max_position_embeddings
+                top = c.d.get("original_max_position_embeddings")
+                if top is not None:
+                    found["original_max_position_embeddings"] = top
+                elif found.get("original_max_position_embeddings") is None:
+                    found["original_max_position_embeddings"] = c.d.get("max_position_embeddings")
+            if rope_type == "yarn" and found.get("factor") is None and found.get("original_max_position_embeddings"):
+                found["factor"] = c.d.get("max_position_embeddings", 0) / found["original_max_position_embeddings"]
+            try:
+                check_scaling(found, f"{c.where}: field '{key}'")
+            except ArgumentError as e:
+                raise CheckpointError(str(e)) from e
     prf = c.d.get("partial_rotary_factor")
     if prf not in (None, 1, 1.0):
         c.unsupported("partial_rotary_factor", "partial rotary embeddings are not implemented")
+    return found
 
 
 def _rope_theta(c: _Conf):
@@ -187,7 +213,7 @@ def _llama_family_config(c: _Conf, gen, family: str) -> ModelConfig:
             f"{c.where}: num_attention_heads ({h}) is not a multiple of num_key_value_heads ({kv})"
         )
     max_pos = c.int("max_position_embeddings")
-    _check_rope(c)
+    rope_scaling = _rope_scaling(c)
     if family == "mistral":
         sw = c.d.get("sliding_window")
         if sw is not None and sw < max_pos:
@@ -195,7 +221,7 @@ def _llama_family_config(c: _Conf, gen, family: str) -> ModelConfig:
                 "sliding_window",
                 f"sliding-window attention narrower than max_position_embeddings ({max_pos}) is not implemented",
             )
-    if family == "qwen2":
+    if family in ("qwen2", "qwen3"):
         if c.d.get("use_sliding_window"):
             c.unsupported("use_sliding_window", "sliding-window attention is not implemented")
     lt = c.d.get("layer_types")
@@ -218,8 +244,10 @@ def _llama_family_config(c: _Conf, gen, family: str) -> ModelConfig:
         gated_mlp=True,
         learned_pos=False,
         rope_theta=_rope_theta(c),
-        qkv_bias=True if family == "qwen2" else (attention_bias if family == "llama" else False),
-        o_bias=attention_bias if family == "llama" else False,
+        rope_scaling=rope_scaling,
+        qk_norm=family == "qwen3",
+        qkv_bias=True if family == "qwen2" else (attention_bias if family in ("llama", "qwen3") else False),
+        o_bias=attention_bias if family in ("llama", "qwen3") else False,
         mlp_bias=bool(c.get("mlp_bias", False)) if family == "llama" else False,
         tied_head=bool(c.get("tie_word_embeddings", False)),
         **_token_ids(c, gen),
@@ -263,6 +291,8 @@ for _p in ("weight", "bias"):
         (f"layers.{{i}}.mlp.{x}_proj.{_p}", f"blocks.{{i}}.mlp.{x}.{_p}", "copy") for x in ("gate", "up", "down")
     ]
 _LLAMA_RULES += [
+    ("layers.{i}.self_attn.q_norm.weight", "blocks.{i}.attn.q_norm.weight", "copy"),  # Qwen3
+    ("layers.{i}.self_attn.k_norm.weight", "blocks.{i}.attn.k_norm.weight", "copy"),
     ("layers.{i}.input_layernorm.weight", "blocks.{i}.attn_norm.weight", "copy"),
     ("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.mlp_norm.weight", "copy"),
     ("norm.weight", "final_norm.weight", "copy"),
@@ -283,7 +313,8 @@ class Architecture:
 ARCHITECTURES: Dict[str, Architecture] = {
     "GPT2LMHeadModel": Architecture("GPT2LMHeadModel", _gpt2_config, _GPT2_RULES, _GPT2_IGNORE, "transformer."),
 }
-for _name, _family in (("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "mistral"), ("Qwen2ForCausalLM", "qwen2")):
+for _name, _family in (("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "mistral"), ("Qwen2ForCausalLM", "qwen2"),
+                       ("Qwen3ForCausalLM", "qwen3")):
     ARCHITECTURES[_name] = Architecture(
         _name, lambda c, g, _f=_family: _llama_family_config(c, g, _f), _LLAMA_RULES, _LLAMA_IGNORE, "model."
     )
@@ -293,6 +324,7 @@ _MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
 
 

@@ -44,13 +44,20 @@ def _act(name, x):
 
 
 def _rope(cfg, x, pos):
-    """Rotate-half RoPE with Hugging Face's float32 angles. x [T, H, D]."""
+    """Rotate-half RoPE with Hugging Face's float32 angles pos * inv_freq_i (plain or scaled frequencies,
+    normengine.rope), cos and sin times the variant's attention factor (YaRN; else 1). x [T, H, D]."""
+    from ..rope import attention_factor, inv_freq
+
     D = cfg.head_dim
     half = D // 2
-    inv = 1.0 / (torch.tensor(cfg.rope_theta, dtype=torch.float32) ** (torch.arange(0, half, dtype=torch.float32) * 2 / D))
+    if cfg.rope_scaling is None:
+        inv = 1.0 / (torch.tensor(cfg.rope_theta, dtype=torch.float32) ** (torch.arange(0, half, dtype=torch.float32) * 2 / D))
+    else:
+        inv = torch.from_numpy(inv_freq(cfg.rope_theta, D, cfg.rope_scaling))
+    f = torch.tensor(attention_factor(cfg.rope_scaling), dtype=torch.float32)
     ang = pos.to(torch.float32)[:, None] * inv[None, :]
-    cos = torch.cos(ang.double()).to(torch.float32).to(x.dtype)[:, None, :]
-    sin = torch.sin(ang.double()).to(torch.float32).to(x.dtype)[:, None, :]
+    cos = (torch.cos(ang.double()).to(torch.float32) * f).to(x.dtype)[:, None, :]
+    sin = (torch.sin(ang.double()).to(torch.float32) * f).to(x.dtype)[:, None, :]
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
@@ -157,6 +164,9 @@ def forward(cfg, tensors: dict, ids, dtype=torch.float64, lmul_bits: int = 0, lm
         q = linear(h, p + "attn.q.weight", p + "attn.q.bias" if cfg.qkv_bias else None).view(T, H, D)
         k = linear(h, p + "attn.k.weight", p + "attn.k.bias" if cfg.qkv_bias else None).view(T, Hkv, D)
         v = linear(h, p + "attn.v.weight", p + "attn.v.bias" if cfg.qkv_bias else None).view(T, Hkv, D)
+        if cfg.qk_norm:  # Qwen3: each head of q and k RMS-normalized, with its own gain
+            q = rms_norm(q, V(p + "attn.q_norm.weight"), cfg.norm_eps)
+            k = rms_norm(k, V(p + "attn.k_norm.weight"), cfg.norm_eps)
         if not cfg.learned_pos:
             q, k = _rope(cfg, q, pos), _rope(cfg, k, pos)
         k = k.repeat_interleave(H // Hkv, dim=1)
