@@ -7,6 +7,7 @@
 //   (Qwen3: q, k = per-head RMSNorm(q), (k));  RoPE(q, k) unless learned positions;
 //   K/V cache[slot][pos] = k, v                                       (rope_cache_kernel)
 //   att = softmax(q K^T / sqrt(D)) V over keys 0..pos, GQA            (attention_kernel)
+//     (a sliding-window layer, spec.window: over keys pos - W + 1 .. pos only)
 //     or, in a linear / MALA / norm attention layer (spec.attention), att = the op's readout of the
 //     slot's fixed-size state after each token's update (cuda::linear_attention_rows, no KV cache)
 //   x += att Wo^T (+bo)                           (the GEMM's accumulate epilogue: beta = 1)
@@ -191,8 +192,8 @@ __global__ void rope_cache_kernel(const RopeCacheParams p) {
 }
 
 // ---------------------------------------------------------------------------- attention_kernel
-// Query row t, head h (kv head g = h / (n_heads / n_kv_heads)); keys and values j = 0 .. pos[t] of
-// the token's own slot:
+// Query row t, head h (kv head g = h / (n_heads / n_kv_heads)); keys and values j = J .. pos[t] of
+// the token's own slot (J = 0, or with a sliding window W, max(0, pos[t] - W + 1)):
 //   s_j = scale * q . k_j,   o = sum_j exp(s_j - max s) v_j / sum_j exp(s_j - max s)
 // One block of kAttnWarps warps per (token, head) (blockIdx.x = t * n_heads + h). Warp w takes the
 // groups of 4 keys w*4 + i*(4 * warps): per key, its lanes hold head dims lane, lane+32, ... (DPL
@@ -214,7 +215,11 @@ struct AttnParams {
   int64_t ctx;
   int n_heads, n_kv_heads, head_dim;
   float scale;
+  int window;  // sliding window W (0: every key 0 .. pos)
 };
+
+// The first key position query position `pos` sees under window w (0: none): ops/attention.h's first_key.
+__device__ __forceinline__ int64_t first_key_dev(int64_t pos, int w) { return w > 0 && pos + 1 > w ? pos + 1 - w : 0; }
 
 template <int DPL, class TC>
 __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(const AttnParams p) {
@@ -226,7 +231,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(const AttnPa
   const int g = h / (p.n_heads / p.n_kv_heads);
   const int D = p.head_dim;
   const int64_t dkv = static_cast<int64_t>(p.n_kv_heads) * D;
-  const int64_t L = static_cast<int64_t>(p.pos[t]) + 1;  // visible keys
+  const int64_t L = static_cast<int64_t>(p.pos[t]) + 1;  // keys J .. L - 1 visible
+  const int64_t J = first_key_dev(p.pos[t], p.window);
   const int64_t base = static_cast<int64_t>(p.slot[t]) * p.ctx * dkv + static_cast<int64_t>(g) * D;
   const TC* K = static_cast<const TC*>(p.kcache) + base;
   const TC* V = static_cast<const TC*>(p.vcache) + base;
@@ -240,7 +246,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(const AttnPa
 #pragma unroll
   for (int i = 0; i < DPL; ++i) acc[i] = 0.f;
 
-  for (int64_t j0 = static_cast<int64_t>(warp) * kAttnKeys; j0 < L; j0 += kAttnWarps * kAttnKeys) {
+  for (int64_t j0 = J + static_cast<int64_t>(warp) * kAttnKeys; j0 < L; j0 += kAttnWarps * kAttnKeys) {
     float s[kAttnKeys];
 #pragma unroll
     for (int u = 0; u < kAttnKeys; ++u) {
@@ -293,7 +299,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(const AttnPa
 #pragma unroll
   for (int i = 0; i < DPL; ++i) s_acc[warp][lane + 32 * i] = acc[i];
   __syncthreads();
-  float M = s_m[0];  // warp 0 always saw key 0: finite
+  float M = s_m[0];  // warp 0 always saw key J: finite
 #pragma unroll
   for (int w = 1; w < kAttnWarps; ++w) M = fmaxf(M, s_m[w]);
   float f[kAttnWarps], tot = 0.f;
@@ -398,7 +404,7 @@ void launch_attention(const AttnParams& p, int64_t T, bool bf16_cache, cudaStrea
 
 // ---------------------------------------------------------------------------- lmul_attention_kernel
 // L-Mul attention (spec.lmul_scope >= 1: the CPU runner's lmul_cache_attention). Query row t, head h
-// (kv head g), keys j = 0 .. pos[t] of the slot's float32 cache, every product an L-Mul of the CPU's
+// (kv head g), keys j = J .. pos[t] of the slot's float32 cache (J: first_key_dev, the sliding window's), every product an L-Mul of the CPU's
 // scalar definition (ops/lmul_bits.h: truncate both operands to m mantissa bits, add the bit patterns):
 //   s_j = scale * sum_d lmul(q_d, k_jd)      d in order from +0 (the CPU's bits)
 //   p_j = exp(s_j - max s) / sum_j exp(...)  exact arithmetic
@@ -435,8 +441,8 @@ __global__ void __launch_bounds__(kLmulThreads) lmul_attention_kernel(const Attn
   extern __shared__ float lmul_smem[];
   const int64_t t = blockIdx.x / p.n_heads;
   const int h = blockIdx.x % p.n_heads, D = p.head_dim, g = h / (p.n_heads / p.n_kv_heads);
-  const int64_t L = p.pos[t] + 1, dkv = static_cast<int64_t>(p.n_kv_heads) * D;
-  float* s = lmul_smem;  // [ctx]
+  const int64_t L = p.pos[t] + 1, J = first_key_dev(p.pos[t], p.window), dkv = static_cast<int64_t>(p.n_kv_heads) * D;
+  float* s = lmul_smem;  // [ctx] (s[j] for the visible keys j)
   uint32_t* qp = reinterpret_cast<uint32_t*>(lmul_smem + p.ctx);  // [D]
   float* red = lmul_smem + p.ctx + D;  // [32]
   const float* q = p.q + t * p.ldq + static_cast<int64_t>(h) * D;
@@ -446,7 +452,7 @@ __global__ void __launch_bounds__(kLmulThreads) lmul_attention_kernel(const Attn
   for (int d = threadIdx.x; d < D; d += blockDim.x) qp[d] = prep1(__float_as_uint(q[d]), trunc);
   __syncthreads();
   float mx = -INFINITY;
-  for (int64_t j = threadIdx.x; j < L; j += blockDim.x) {
+  for (int64_t j = J + threadIdx.x; j < L; j += blockDim.x) {
     const float* k = K + j * dkv;
     float acc = 0.0f;
     for (int d = 0; d < D; ++d)
@@ -456,18 +462,18 @@ __global__ void __launch_bounds__(kLmulThreads) lmul_attention_kernel(const Attn
   }
   mx = block_reduce<true>(mx, red);
   float sum = 0.0f;
-  for (int64_t j = threadIdx.x; j < L; j += blockDim.x) {
+  for (int64_t j = J + threadIdx.x; j < L; j += blockDim.x) {
     s[j] = expf(s[j] - mx);
     sum += s[j];
   }
   const float inv = 1.0f / block_reduce<false>(sum, red);
   uint32_t* pp = reinterpret_cast<uint32_t*>(s);  // p_j's prepared bits, over s_j (same thread)
-  for (int64_t j = threadIdx.x; j < L; j += blockDim.x) pp[j] = prep1(__float_as_uint(s[j] * inv), trunc);
+  for (int64_t j = J + threadIdx.x; j < L; j += blockDim.x) pp[j] = prep1(__float_as_uint(s[j] * inv), trunc);
   __syncthreads();
   float* o = p.out + t * p.ldo + static_cast<int64_t>(h) * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float acc = 0.0f;
-    for (int64_t j = 0; j < L; ++j)
+    for (int64_t j = J; j < L; ++j)
       acc = __fadd_rn(acc, __uint_as_float(checked1(pp[j], prep1(__float_as_uint(V[j * dkv + d]), trunc), C)));
     o[d] = acc;
   }
@@ -891,6 +897,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       p.n_kv_heads = s.n_kv_heads;
       p.head_dim = s.head_dim;
       p.scale = scale;
+      p.window = attn_window(s, li);
       if (s.lmul_scope > 0) cuda::launch_lmul_attention(p, T, s.lmul_bits, st);
       else cuda::launch_attention(p, T, s.kv_bf16, st);
     } else {

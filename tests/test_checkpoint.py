@@ -963,8 +963,9 @@ def test_model_type_fallback(tmp_path):
         ("qwen2", dict(rope_parameters={"rope_type": "longrope", "long_factor": [1.0], "rope_theta": 1e6}),
          "rope_parameters"),
         ("llama_gqa", dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
-        ("mistral", dict(sliding_window=16), "sliding_window"),
-        ("qwen2", dict(use_sliding_window=True, sliding_window=16), "use_sliding_window"),
+        # (sliding windows are implemented: tests/test_sliding_window.py)
+        ("qwen2", dict(layer_types=["chunked_attention"] * 2), "layer_types"),
+        ("llama_gqa", dict(layer_types=["sliding_attention"] * 2), "layer_types"),
         ("llama_gqa", dict(hidden_act="gelu_quick_fancy"), "hidden_act"),
         ("gpt2", dict(activation_function="tanh"), "activation_function"),
         ("gpt2", dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),

@@ -66,7 +66,7 @@ def lib(tmp_path_factory):
               prefix="ne_remu")
     vp, ci, i32p = ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p
     L.ne_remu_create.restype = vp
-    L.ne_remu_create.argtypes = [vp, vp, vp, vp, ci, ci, ci]
+    L.ne_remu_create.argtypes = [vp, vp, vp, vp, ci, vp, ci, ci]
     L.ne_remu_destroy.argtypes = [vp]
     L.ne_remu_set_tensor.argtypes = [vp, ctypes.c_char_p, vp, ci, ci, vp, vp]
     L.ne_remu_set_quant_tensor.argtypes = [vp, ctypes.c_char_p, ci, vp, vp, vp, vp, ci, vp, ctypes.c_int64]
@@ -116,9 +116,11 @@ class EmuRunner:
         self._dbl = (ctypes.c_double * 4)(float(s["norm_eps"]), float(s["rope_theta"]), float(s["linear_eps"]),
                                           float(s.get("rope_attn_factor", 1.0)))
         self._attn = (ctypes.c_int * len(s["attention"]))(*s["attention"]) if s["attention"] else None
-        inv = s.get("rope_inv_freq")
+        inv, win = s.get("rope_inv_freq"), s.get("window")
         self._inv = (ctypes.c_float * len(inv))(*inv) if inv else None
-        self.h = lib.ne_remu_create(self._ints, self._dbl, self._attn, self._inv, len(inv) if inv else 0, slots, ctx)
+        self._win = (ctypes.c_int * len(win))(*win) if win else None
+        self.h = lib.ne_remu_create(self._ints, self._dbl, self._attn, self._inv, len(inv) if inv else 0, self._win,
+                                    slots, ctx)
         assert self.h, lib.ne_remu_error().decode()
         self.keep = []
         for name, t in tensors.items():
@@ -278,10 +280,11 @@ def variant(model, name):
         # RoPE, head_dim 64 (attention<2>), MQA, erf GELU, CRMSNorm, float32 weights
         "rope_hd64_mqa_crms_f32": dict(n_heads=2, n_kv_heads=1, head_dim=64, learned_pos=False, gated_mlp=False,
                                        activation=1, norm=2, head_bias=False, dtype=torch.float32, ld=0),
-        # Qwen3-style per-head q / k RMSNorm, YaRN frequencies and attention factor, GQA 4:2, float32
+        # Qwen3-style per-head q / k RMSNorm, YaRN frequencies and attention factor, GQA 4:2, float32, a
+        # sliding window of 5 keys in the first layer
         "qknorm_yarn_gqa_f32": dict(n_heads=4, n_kv_heads=2, head_dim=32, learned_pos=False, gated_mlp=True,
                                     activation=2, norm=1, head_bias=False, dtype=torch.float32, ld=0, qk_norm=True,
-                                    rope=YARN),
+                                    rope=YARN, window=[5] + [0] * (model.config.n_layers - 1)),
         # head_dim 128 (attention<4>), ReLU, LayerNorm, float16 rows 133 apart (scalar loads)
         "hd128_relu_strided_f16": dict(n_heads=1, n_kv_heads=1, head_dim=128, learned_pos=True, gated_mlp=False,
                                        activation=3, norm=0, head_bias=False, dtype=torch.float16, ld=5),
@@ -485,8 +488,9 @@ def test_linear_family_layers(lib, model, name):
     assert worst <= REL
 
 
-@pytest.mark.parametrize("scope,bits", [(1, 4), (1, 3), (2, 4)], ids=["attention-m4", "attention-m3", "all-m4"])
-def test_lmul_arithmetic(lib, model, scope, bits):
+@pytest.mark.parametrize("scope,bits,window", [(1, 4, 0), (1, 3, 0), (2, 4, 0), (1, 4, 6)],
+                         ids=["attention-m4", "attention-m3", "all-m4", "attention-m4-window6"])
+def test_lmul_arithmetic(lib, model, scope, bits, window):
     """spec.lmul_scope: the attention's q.k and p.v products as L-Mul (lmul_attention_kernel; the
     scores in shared memory), and with "all" every projection and the head too (ne::cuda::lmul_linear,
     float32 weights), vs the CPU runner with the same spec. Both take every product from one scalar
@@ -495,6 +499,8 @@ def test_lmul_arithmetic(lib, model, scope, bits):
     an ulp apart truncates to other m mantissa bits now and then, moving that product by up to 2^-m."""
     spec = dict(model._spec())
     spec.update(lmul_scope=scope, lmul_bits=bits)
+    if window:  # every layer's queries see their last `window` keys only
+        spec["window"] = [window] * spec["n_layers"]
     ts = {n: t.float() for n, t in model.tensors.items()}  # "all" reads float32 weights
     worst, names = prefill_then_decode(lib, model, spec, ts, seed=12)
     print(f"lmul scope {scope} m={bits}: max rel err {worst:.3g}; kernels {sorted(names)}")

@@ -50,6 +50,7 @@ ne::ModelSpec spec_from(const py::dict& d) {
   if (d.contains("rope_inv_freq")) s.rope_inv_freq = d["rope_inv_freq"].cast<std::vector<float>>();
   if (d.contains("rope_attn_factor")) s.rope_attn_factor = d["rope_attn_factor"].cast<double>();
   if (d.contains("qk_norm")) s.qk_norm = d["qk_norm"].cast<bool>();
+  if (d.contains("window")) s.window = d["window"].cast<std::vector<int>>();
   if (s.norm < -1 || s.norm > 2) throw ne::ValueError("spec.norm: expected -1..2");
   if (s.activation < 0 || s.activation > 3) throw ne::ValueError("spec.activation: expected 0..3");
   return s;

@@ -8,7 +8,7 @@
 //   q, k, v = xn Wq^T (+bq), xn Wk^T (+bk), xn Wv^T (+bv)
 //   (Qwen3: q, k = per-head RMSNorm(q), (k));  RoPE(q, k) unless learned positions (inv_freq plain
 //   or scaled: linear / llama3 / YaRN, computed by normengine/rope.py; YaRN scales cos and sin)
-//   K/V cache[slot][pos] = k, v
+//   K/V cache[slot][pos] = k, v;  attention over keys 0 .. pos (or, in a sliding-window layer, the last W)
 //   x += attention(q, cache) Wo^T (+bo)            (the add is the GEMM's accumulate epilogue)
 //   xn = norm(x)                                   (mlp_norm)
 //   x += act(xn Wg^T) * (xn Wu^T) Wd^T  (gated)  or  act(xn Wu^T + bu) Wd^T + bd
@@ -502,6 +502,7 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
       AttnArgs aa{T, qp, ldq, m.att.data(), dq, m.kptr.data(), m.vptr.data(), m.pos.data(),
                   s.n_heads, s.n_kv_heads, s.head_dim, 1.0f / std::sqrt(static_cast<float>(s.head_dim))};
       if (s.kv_bf16) aa.k16 = m.kptr16.data(), aa.v16 = m.vptr16.data();
+      aa.window = attn_window(s, li);
       if (s.lmul_scope > 0) lmul_cache_attention(aa, s.lmul_bits);
       else K.attention(aa);
     } else {

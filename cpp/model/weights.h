@@ -68,6 +68,11 @@ inline void check_spec(const ModelSpec& s, int slots, int ctx) {
   if (!s.attention.empty() && static_cast<int>(s.attention.size()) != s.n_layers)
     throw ValueError("spec.attention: expected one entry per layer (" + std::to_string(s.n_layers) + "), got " +
                      std::to_string(s.attention.size()));
+  if (!s.window.empty() && static_cast<int>(s.window.size()) != s.n_layers)
+    throw ValueError("spec.window: expected one entry per layer (" + std::to_string(s.n_layers) + "), got " +
+                     std::to_string(s.window.size()));
+  for (int w : s.window)
+    if (w < 0) throw ValueError("spec.window: expected window sizes >= 0 (0: the whole context), got " + std::to_string(w));
   for (int a : s.attention)
     if (a < 0 || a > 3) throw ValueError("spec.attention: expected 0 (softmax), 1 (linear), 2 (mala) or 3 (norm)");
   if (s.linear_feature_map < 0 || s.linear_feature_map > 2)
@@ -91,6 +96,9 @@ inline std::vector<float> rope_inv_freq(const ModelSpec& s) {
     inv[i] = 1.0f / std::pow(static_cast<float>(s.rope_theta), static_cast<float>(2 * i) / s.head_dim);
   return inv;
 }
+
+// Layer i's sliding window under spec s (0: none).
+inline int attn_window(const ModelSpec& s, int i) { return s.window.empty() ? 0 : s.window[i]; }
 
 // Layer i's attention type under spec s.
 inline AttnType attn_type(const ModelSpec& s, int i) {

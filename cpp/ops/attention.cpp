@@ -14,6 +14,7 @@
 //   decode (every query alone): the keys are split across the threads (each streams a contiguous
 //     range of the cache, every head of it) and the partial (m, l, o) merged: reading the cache once
 //     at the memory's pace, whatever the number of heads.
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -45,7 +46,9 @@ void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int
   const int64_t ldkv = static_cast<int64_t>(a.n_kv_heads) * D;
   const T* K = kc[t0] + static_cast<int64_t>(g) * D;
   const T* V = vc[t0] + static_cast<int64_t>(g) * D;
-  const int64_t p0 = a.pos[t0], L = p0 + n;  // keys 0 .. p0 + n - 1
+  const int64_t p0 = a.pos[t0], L = p0 + n;  // keys first_key(p0) .. p0 + n - 1
+  // (with a window, lane i's first key is first_key(p0 + i) <= first_key(p0) + i: within the first
+  // block, as its own key is when there is no window)
   float* Qt = ws;             // [D][N]: Qt[d][i] = scale * q_{t0+i}[d]
   float* Ot = Qt + D * N;     // [D][N]: the running sum of p v, per lane
   float* S = Ot + D * N;      // [kBK][N]: one block's scores, then its p
@@ -56,7 +59,7 @@ void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int
       Qt[d * N + i] = i < n ? a.scale * a.q[(t0 + i) * a.ldq + static_cast<int64_t>(h) * D + d] : 0.0f;
   for (int i = 0; i < D * N; ++i) Ot[i] = 0.0f;
   R m = VF::set1(-__builtin_inff()), l = VF::zero();
-  for (int64_t j0 = 0; j0 < L; j0 += kBK) {
+  for (int64_t j0 = first_key(p0, a.window); j0 < L; j0 += kBK) {
     const int bk = static_cast<int>(L - j0 < kBK ? L - j0 : kBK);
     const float *Kb, *Vb;  // the block's rows j0 .. j0 + bk - 1, `ldb` floats apart
     int64_t ldb;
@@ -94,10 +97,14 @@ void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int
     // that does not start at a multiple of kBK spans two key blocks)
     for (int64_t j = j0 + bk - 1; j > p0 && j >= j0; --j)
       for (int64_t i = 0; i < j - p0 && i < N; ++i) S[(j - j0) * N + i] = -__builtin_inff();
+    // sliding window W: key j is out of lane i's window when j <= p0 + i - W, i.e. i >= j - p0 + W
+    if (a.window > 0)
+      for (int64_t j = j0; j < j0 + bk && j < p0 + N - a.window; ++j)
+        for (int64_t i = std::max<int64_t>(j - p0 + a.window, 0); i < N; ++i) S[(j - j0) * N + i] = -__builtin_inff();
     // online softmax, lane by lane
     R mb = VF::load(S);
     for (jj = 1; jj < bk; ++jj) mb = VF::max(VF::load(S + jj * N), mb);
-    const R mn = VF::max(mb, m);  // key 0 is visible to every lane: mn is finite (or NaN from NaN input)
+    const R mn = VF::max(mb, m);  // the first block holds a visible key of every lane: mn is finite (or NaN from NaN input)
     const R c = vexp(VF::sub(m, mn));
     m = mn;
     l = VF::mul(l, c);
@@ -325,20 +332,21 @@ void merge_parts(const AttnArgs& a, int64_t t, const float* P, int n) {
 // Blocks of kBK keys per thread, at least this many (short caches stay on one thread).
 constexpr int64_t kDecodeGrain = 1;
 
-// One token, its keys split across the threads.
+// One token, its keys (first_key .. pos) split across the threads.
 template <class T>
 void decode_token(const AttnArgs& a, const T* const* kc, const T* const* vc, int64_t t) {
   const int D = a.head_dim, H = a.n_heads;
-  const int64_t L = static_cast<int64_t>(a.pos[t]) + 1, stride = static_cast<int64_t>(H) * (D + 2);
+  const int64_t L = static_cast<int64_t>(a.pos[t]) + 1, J = first_key(a.pos[t], a.window);
+  const int64_t stride = static_cast<int64_t>(H) * (D + 2);
   const int threads = num_threads();
   thread_local std::vector<float> parts;
   parts.resize(static_cast<size_t>(threads * stride));
   float* P = parts.data();
   init_parts(P, threads, H, D);
-  parallel_for_upto((L + kBK - 1) / kBK, kDecodeGrain, threads, [&](int64_t b0, int64_t b1, int tid) {
+  parallel_for_upto((L - J + kBK - 1) / kBK, kDecodeGrain, threads, [&](int64_t b0, int64_t b1, int tid) {
     thread_local std::vector<float> s;
     s.resize(static_cast<size_t>(a.n_heads) * kBK);
-    decode_range(a, kc, vc, t, b0 * kBK, b1 * kBK < L ? b1 * kBK : L, P + tid * stride, s.data());
+    decode_range(a, kc, vc, t, J + b0 * kBK, J + b1 * kBK < L ? J + b1 * kBK : L, P + tid * stride, s.data());
   });
   merge_parts(a, t, P, threads);
 }
@@ -353,7 +361,8 @@ void decode_tokens(const AttnArgs& a, const T* const* kc, const T* const* vc) {
     s.resize(static_cast<size_t>(a.n_heads) * kBK);
     for (int64_t t = t0; t < t1; ++t) {
       init_parts(part.data(), 1, a.n_heads, a.head_dim);
-      decode_range(a, kc, vc, t, 0, static_cast<int64_t>(a.pos[t]) + 1, part.data(), s.data());
+      decode_range(a, kc, vc, t, first_key(a.pos[t], a.window), static_cast<int64_t>(a.pos[t]) + 1, part.data(),
+                   s.data());
       merge_parts(a, t, part.data(), 1);
     }
   });
@@ -379,7 +388,10 @@ void attention_t(const AttnArgs& a, const T* const* kc, const T* const* vc) {
   }
   if (single) {  // decode: one query per sequence
     int64_t longest = 0;
-    for (int64_t t = 0; t < a.n_tokens; ++t) longest = a.pos[t] + 1 > longest ? a.pos[t] + 1 : longest;
+    for (int64_t t = 0; t < a.n_tokens; ++t) {
+      const int64_t keys = a.pos[t] + 1 - first_key(a.pos[t], a.window);
+      longest = keys > longest ? keys : longest;
+    }
     if (a.n_tokens > 1 && plan_threads((longest + kBK - 1) / kBK, kDecodeGrain) < 2) {
       decode_tokens(a, kc, vc);
     } else {

@@ -8,7 +8,8 @@
 
 namespace ne {
 
-// Each query row t (a token of some sequence) attends to rows 0..pos[t] of its own sequence's cache.
+// Each query row t (a token of some sequence) attends to rows first(t)..pos[t] of its own sequence's
+// cache: first(t) = 0, or with a sliding window W > 0, max(0, pos[t] - W + 1) (W keys, itself included).
 struct AttnArgs {
   int64_t n_tokens;
   const float* q;            // [n_tokens, n_heads * head_dim], row stride ldq
@@ -23,7 +24,11 @@ struct AttnArgs {
   // bf16 caches (ModelSpec::kv_bf16): when set, these are read instead of k / v (same layout)
   const bf16* const* k16 = nullptr;
   const bf16* const* v16 = nullptr;
+  int window = 0;            // sliding window W (0: every key 0..pos)
 };
+
+// The first key position query position `pos` sees under window w (0: none).
+inline int64_t first_key(int64_t pos, int w) { return w > 0 && pos + 1 > w ? pos + 1 - w : 0; }
 
 // Rotary embedding, "rotate half" pairing (i, i + D/2) as in Llama:
 //   x'[i] = x[i] cos(a) - x[i + D/2] sin(a),  x'[i + D/2] = x[i + D/2] cos(a) + x[i] sin(a)

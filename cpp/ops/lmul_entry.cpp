@@ -77,8 +77,9 @@ void lmul_gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx,
 
 namespace {
 // One query row (token t, head h) on its own: s_j = scale * sum_d lmul(q_d, k_jd) (d in order) for the
-// visible keys j <= pos; p = softmax(s) (exact, fp32); o_d = sum_j lmul(p_j, v_jd) (j in order). s: room
-// for pos + 1 floats. The definition the blocked path below reproduces bit for bit.
+// visible keys J <= j <= pos (J = first_key: 0, or the sliding window's start); p = softmax(s) (exact,
+// fp32); o_d = sum_j lmul(p_j, v_jd) (j in order). s: room for pos + 1 - J floats. The definition the
+// blocked path below reproduces bit for bit.
 void attend_one(const AttnArgs& a, int64_t tok, int h, float* s, int bits) {
   const LmulTable& t = table();
   const int D = a.head_dim, g = h / (a.n_heads / a.n_kv_heads);
@@ -86,12 +87,12 @@ void attend_one(const AttnArgs& a, int64_t tok, int h, float* s, int bits) {
   const float* q = a.q + tok * a.ldq + static_cast<int64_t>(h) * D;
   const float* K = a.k[tok] + static_cast<int64_t>(g) * D;
   const float* V = a.v[tok] + static_cast<int64_t>(g) * D;
-  const int64_t L = static_cast<int64_t>(a.pos[tok]) + 1;
-  t.dots(L, D, q, K, ldkv, s, bits);
+  const int64_t J = first_key(a.pos[tok], a.window), L = static_cast<int64_t>(a.pos[tok]) + 1 - J;
+  t.dots(L, D, q, K + J * ldkv, ldkv, s, bits);
   float* o = a.out + tok * a.ldo + static_cast<int64_t>(h) * D;
   for (int d = 0; d < D; ++d) o[d] = 0.0f;
   softmax_row(s, L, a.scale);
-  for (int64_t j = 0; j < L; ++j) t.axpy(D, s[j], V + j * ldkv, o, bits);
+  for (int64_t j = 0; j < L; ++j) t.axpy(D, s[j], V + (J + j) * ldkv, o, bits);
 }
 }  // namespace
 
@@ -100,9 +101,10 @@ void attend_one(const AttnArgs& a, int64_t tok, int h, float* s, int bits) {
 // heads that share g (row i * group + hh: token t0 + i, head g * group + hh), and it does two L-Mul GEMMs
 // (gemm_cols: integer-add products on register tiles, the fast products wherever the exponent ranges
 // allow; K and V prepared once for all the rows):
-//   S = Q K^T           keys 0 .. Lmax - 1 (Lmax = the block's last position + 1); a row's scores past
-//                       its own position are computed and ignored
-//   P = softmax(scale S) per row over its visible keys, P_j = 0 past them
+//   S = Q K^T           keys J0 .. Lmax - 1 (Lmax = the block's last position + 1, J0 = its first row's
+//                       first_key: 0 without a sliding window); a row's scores outside its own keys
+//                       are computed and ignored
+//   P = softmax(scale S) per row over its visible keys, P_j = 0 outside them
 //   O = P V             V read in place as the [K, N] operand (LmulArgs::w_kn)
 // Same bits as attend_one: the GEMMs sum each output in k order starting from +0, as dots / axpy do,
 // and a masked P_j = 0 adds a signed zero, which changes no sum (a float sum is -0 only when both addends
@@ -133,18 +135,24 @@ void lmul_cache_attention(const AttnArgs& a, int mantissa_bits) {
     for (int64_t w = items - 1 - next.fetch_add(1); w >= 0; w = items - 1 - next.fetch_add(1)) {
       const int64_t t0 = blocks[w / G].first, n = blocks[w / G].second - t0, rows = n * group;
       const int g = static_cast<int>(w % G);
-      int64_t Lmax = 0, Lmin = INT64_MAX;
+      int64_t Lmax = 0, Lmin = INT64_MAX, J0 = INT64_MAX, J1 = 0;  // rows' key ranges [J, L): J0 / J1 min / max J
       for (int64_t i = 0; i < n; ++i) {
-        Lmax = std::max<int64_t>(Lmax, a.pos[t0 + i] + 1);
-        Lmin = std::min<int64_t>(Lmin, a.pos[t0 + i] + 1);
+        const int64_t p = a.pos[t0 + i], J = first_key(p, a.window);
+        Lmax = std::max<int64_t>(Lmax, p + 1);
+        Lmin = std::min<int64_t>(Lmin, p + 1);
+        J0 = std::min(J0, J);
+        J1 = std::max(J1, J);
       }
-      const float* K = a.k[t0] + static_cast<int64_t>(g) * D;
-      const float* V = a.v[t0] + static_cast<int64_t>(g) * D;
-      S.resize(static_cast<size_t>(rows * Lmax));
+      // from here on, keys are counted from J0: K and V start at row J0, the block sees W = Lmax - J0 keys
+      const int64_t W = Lmax - J0;
+      const float* K = a.k[t0] + static_cast<int64_t>(g) * D + J0 * ldkv;
+      const float* V = a.v[t0] + static_cast<int64_t>(g) * D + J0 * ldkv;
+      S.resize(static_cast<size_t>(rows * W));
       // does a key some row must not see hold an Inf / NaN in V?
       bool masked_special = false;
-      for (int64_t j = Lmin; j < Lmax && !masked_special; ++j)
-        for (int d = 0; d < D; ++d) masked_special |= !std::isfinite(V[j * ldkv + d]);
+      for (int64_t j = 0; j < W && !masked_special; ++j)
+        if (j + J0 < J1 || j + J0 >= Lmin)
+          for (int d = 0; d < D; ++d) masked_special |= !std::isfinite(V[j * ldkv + d]);
       if (masked_special) {
         for (int64_t i = 0; i < n; ++i)
           for (int hh = 0; hh < group; ++hh) attend_one(a, t0 + i, g * group + hh, S.data(), mantissa_bits);
@@ -153,30 +161,31 @@ void lmul_cache_attention(const AttnArgs& a, int mantissa_bits) {
       // The head's K and V slices are 4 D bytes of every row of the cache, rows apart by the whole width:
       // a strided read that the hardware prefetchers do not follow. Requested here all at once, they
       // arrive with as many misses in flight as the core allows.
-      for (int64_t j = 0; j < Lmax; ++j)
+      for (int64_t j = 0; j < W; ++j)
         for (int d = 0; d < D; d += 16) {
           __builtin_prefetch(K + j * ldkv + d);
           __builtin_prefetch(V + j * ldkv + d);
         }
-      xp.resize(static_cast<size_t>(rows * std::max<int64_t>(D, Lmax)));
+      xp.resize(static_cast<size_t>(rows * std::max<int64_t>(D, W)));
       st.resize(static_cast<size_t>(rows));
       O.resize(static_cast<size_t>(rows * D));
       // S = Q K^T (the block's q rows of heads g * group .. are adjacent in q)
       for (int64_t m = 0; m < rows; ++m)
         st[m] = t.prep_row(D, a.q + (t0 + m / group) * a.ldq + (static_cast<int64_t>(g) * group + m % group) * D,
                            xp.data() + m * D, mantissa_bits);
-      const LmulArgs qk{rows, Lmax, D, xp.data(), st.data(), K, ldkv, nullptr, S.data(), Lmax, false, mantissa_bits};
-      t.gemm_cols(qk, 0, Lmax);
-      // P, then its prepared rows
+      const LmulArgs qk{rows, W, D, xp.data(), st.data(), K, ldkv, nullptr, S.data(), W, false, mantissa_bits};
+      t.gemm_cols(qk, 0, W);
+      // P, then its prepared rows: row m's keys are [J - J0, L - J0) of the block's
       for (int64_t m = 0; m < rows; ++m) {
-        float* s = S.data() + m * Lmax;
-        const int64_t L = a.pos[t0 + m / group] + 1;
-        softmax_row(s, L, a.scale);
-        std::fill(s + L, s + Lmax, 0.0f);
-        st[m] = t.prep_row(Lmax, s, xp.data() + m * Lmax, mantissa_bits);
+        float* s = S.data() + m * W;
+        const int64_t p = a.pos[t0 + m / group], lo = first_key(p, a.window) - J0, hi = p + 1 - J0;
+        softmax_row(s + lo, hi - lo, a.scale);
+        std::fill(s, s + lo, 0.0f);
+        std::fill(s + hi, s + W, 0.0f);
+        st[m] = t.prep_row(W, s, xp.data() + m * W, mantissa_bits);
       }
       // O = P V, then each token's group * D outputs into place
-      const LmulArgs pv{rows, D, Lmax, xp.data(), st.data(), V, ldkv, nullptr, O.data(), D, false, mantissa_bits, true};
+      const LmulArgs pv{rows, D, W, xp.data(), st.data(), V, ldkv, nullptr, O.data(), D, false, mantissa_bits, true};
       t.gemm_cols(pv, 0, D);
       for (int64_t i = 0; i < n; ++i)
         std::memcpy(a.out + (t0 + i) * a.ldo + static_cast<int64_t>(g) * group * D, O.data() + i * group * D,

@@ -32,6 +32,10 @@ family keeps a fixed-size state per sequence in the runner instead of a KV cache
 q/k/v/o weights as softmax layers, so a softmax checkpoint can be loaded with another attention type
 as a starting point for linearization (normengine.load(..., attention="linear")).
 
+Sliding-window attention (`sliding_window`, one entry per layer, empty = none): a softmax layer with
+W > 0 lets the query at position p see keys p - W + 1 .. p only (Mistral; Qwen2 / Qwen3 with
+use_sliding_window); the KV cache still holds the whole context. Linear-family layers ignore it.
+
 Quantized checkpoints (`quantization` set: "int8", "int8-weight", "int4" or "fp8"): every linear
 weight of the blocks and the head (and a tied embedding, the same tensors) is stored as
 `<name>.qdata`, `<name>.qscale` and, for asymmetric int4, `<name>.qzero` (the layouts of
@@ -91,6 +95,7 @@ class ModelConfig:
     eos_token_id: int | list | None = None
     source_dtype: str = "float32"  # dtype of the checkpoint's weights
     attention: list = field(default_factory=list)  # per-layer attention type; empty = all softmax
+    sliding_window: list = field(default_factory=list)  # per-layer window W (0: none); empty = none
     linear_feature_map: str = "elu1"  # "linear" layers: one of FEATURE_MAPS
     linear_normalize: bool = True     # "linear" layers: divide by phi(q) . z (+ linear_eps)
     norm_attention_norm: str = "rms"  # "norm" layers: "rms" or "layer" over each head's outputs
@@ -163,6 +168,10 @@ class ModelConfig:
             raise ArgumentError("config: rope_scaling and qk_norm need RoPE (learned_pos false)")
         if not self.learned_pos and self.head_dim % 2:
             raise ArgumentError(f"config.head_dim: RoPE needs an even head_dim, got {self.head_dim}")
+        sw = self.sliding_window
+        if not isinstance(sw, list) or not all(is_int(w) and w >= 0 for w in sw) or (sw and len(sw) != self.n_layers):
+            raise ArgumentError(f"config.sliding_window: expected [] or {self.n_layers} window sizes >= 0 (one per "
+                                f"layer, 0: none), got {sw!r}")
         if self.attention and len(self.attention) != self.n_layers:
             raise ArgumentError(
                 f"config.attention: expected {self.n_layers} entries (one per layer), got {len(self.attention)}"

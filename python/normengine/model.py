@@ -62,6 +62,16 @@ def _rope_spec(c: ModelConfig) -> dict:
                 rope_attn_factor=rope.attention_factor(c.rope_scaling))
 
 
+def _windows_text(w: list) -> str:
+    """Model.info's sliding_window: 'none', '4096' (every layer) or '4096 (layers 3, 5)'."""
+    used = sorted({x for x in w if x})
+    if not used:
+        return "none"
+    if len(used) == 1 and all(w):
+        return str(used[0])
+    return "; ".join(f"{x} (layers {', '.join(str(i) for i, y in enumerate(w) if y == x)})" for x in used)
+
+
 def _is_vector(name: str) -> bool:
     return name.endswith(".bias") or "norm" in name
 
@@ -373,7 +383,7 @@ class Model:
             linear_normalize=bool(c.linear_normalize), norm_attention_norm=0 if c.norm_attention_norm == "rms" else 1,
             linear_eps=float(c.linear_eps), lmul_scope=_LMUL_SCOPES.get(self.lmul_scope, 0),
             lmul_bits=self.lmul_bits or 4, bf16_products=bf16_products(self.matmul_precision),
-            kv_bf16=self._kv_bf16, qk_norm=c.qk_norm, **_rope_spec(c),
+            kv_bf16=self._kv_bf16, qk_norm=c.qk_norm, window=list(c.sliding_window), **_rope_spec(c),
         )
 
     def _runner_for(self, slots: int, ctx: int, user=None):
@@ -766,6 +776,7 @@ class Model:
             "conversions": list(c.conversions),
             "fused_norms": self._fused_norms() if c.norm != "none" else False,
             "attention": ",".join(sorted(set(c.attention))) if c.attention else "softmax",
+            "sliding_window": _windows_text(c.sliding_window),
             "quantization": c.quantization or "none",
             "weight_bytes": self.weight_bytes(),
             "arithmetic": self.arithmetic if self.arithmetic == "exact"

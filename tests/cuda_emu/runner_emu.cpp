@@ -107,9 +107,10 @@ const char* ne_remu_error() { return ne_harness::error(); }
 // gated_mlp, learned_pos, qkv_bias, o_bias, mlp_bias, head_bias, kv_bf16, linear_feature_map,
 // linear_normalize, norm_attention_norm, lmul_scope, lmul_bits, bf16_products, qk_norm (24); dbl: norm_eps,
 // rope_theta, linear_eps, rope_attn_factor; attention: the n_layers attention types (AttnType values), or
-// null (every layer softmax); inv_freq: n_inv RoPE frequencies (spec.rope_inv_freq), or null (plain).
+// null (every layer softmax); inv_freq: n_inv RoPE frequencies (spec.rope_inv_freq), or null (plain);
+// window: the n_layers sliding windows (spec.window), or null (none).
 void* ne_remu_create(const int* ints, const double* dbl, const int* attention, const float* inv_freq, int n_inv,
-                     int slots, int ctx) {
+                     const int* window, int slots, int ctx) {
   ne::CudaRunner* r = nullptr;
   guarded([&] {
     ne::ModelSpec s;
@@ -143,6 +144,7 @@ void* ne_remu_create(const int* ints, const double* dbl, const int* attention, c
     s.rope_attn_factor = dbl[3];
     if (attention) s.attention.assign(attention, attention + s.n_layers);
     if (inv_freq) s.rope_inv_freq.assign(inv_freq, inv_freq + n_inv);
+    if (window) s.window.assign(window, window + s.n_layers);
     r = new ne::CudaRunner(s, slots, ctx, -1);
   });
   return r;

@@ -41,6 +41,10 @@ struct ModelSpec {
   // cache that grows with the context; the linear family keeps one fixed-size state per sequence:
   // [n_heads, head_dim + 1, head_dim + 1] floats (ops/linear_attention.h), whatever the length.
   std::vector<int> attention;
+  // Sliding-window attention per layer (Mistral, Qwen2 / Qwen3 with use_sliding_window): window[i] = W > 0
+  // makes softmax layer i's query at position p see keys p - W + 1 .. p only (W keys, itself included);
+  // 0: every key 0 .. p. Empty: no layer windowed. The KV cache still holds the whole context.
+  std::vector<int> window;
   int linear_feature_map = 0;     // linear layers: 0 elu+1, 1 relu, 2 identity (FeatureMap)
   bool linear_normalize = true;   // linear layers: divide by phi(q) . z
   int norm_attention_norm = 0;    // norm-attention layers: 0 RMS, 1 LayerNorm (no affine) over each head

@@ -153,6 +153,37 @@ def _rope_scaling(c: _Conf):
     return found
 
 
+def _sliding_windows(c: _Conf, family: str, n_layers: int, max_pos: int) -> list:
+    """Per-layer sliding windows (ModelConfig.sliding_window) as transformers reads the config:
+    Mistral: every layer sees the last `sliding_window` keys when that is set; Qwen2 / Qwen3: only with
+    use_sliding_window, in the layers `layer_types` marks "sliding_attention" (default: those from
+    max_window_layers on); Llama: none. A window as wide as the context changes nothing and is dropped."""
+    lt = c.d.get("layer_types")
+    if lt is not None and (not isinstance(lt, list) or len(lt) != n_layers
+                           or any(t not in ("full_attention", "sliding_attention") for t in lt)):
+        c.unsupported("layer_types", f"expected {n_layers} entries of 'full_attention' / 'sliding_attention'")
+    sw = c.d.get("sliding_window")
+    if family == "mistral":
+        types = ["sliding_attention"] * n_layers
+    elif family in ("qwen2", "qwen3"):
+        if not c.d.get("use_sliding_window"):
+            sw = None
+        mwl = c.d.get("max_window_layers", n_layers)
+        if type(mwl) is not int:
+            raise CheckpointError(f"{c.where}: field 'max_window_layers' must be an int, got {mwl!r}")
+        types = lt or ["sliding_attention" if i >= mwl else "full_attention" for i in range(n_layers)]
+    else:
+        if lt and "sliding_attention" in lt:
+            c.unsupported("layer_types", f"sliding-window layers in a {family} model (no sliding_window size)")
+        return []
+    if sw is None:
+        return []
+    if type(sw) is not int or sw < 1:
+        raise CheckpointError(f"{c.where}: field 'sliding_window' must be a positive int or null, got {sw!r}")
+    windows = [sw if t == "sliding_attention" and sw < max_pos else 0 for t in types]
+    return windows if any(windows) else []
+
+
 def _rope_theta(c: _Conf):
     if c.d.get("rope_theta") is not None:
         return c.float("rope_theta", 10000.0)
@@ -214,19 +245,7 @@ def _llama_family_config(c: _Conf, gen, family: str) -> ModelConfig:
         )
     max_pos = c.int("max_position_embeddings")
     rope_scaling = _rope_scaling(c)
-    if family == "mistral":
-        sw = c.d.get("sliding_window")
-        if sw is not None and sw < max_pos:
-            c.unsupported(
-                "sliding_window",
-                f"sliding-window attention narrower than max_position_embeddings ({max_pos}) is not implemented",
-            )
-    if family in ("qwen2", "qwen3"):
-        if c.d.get("use_sliding_window"):
-            c.unsupported("use_sliding_window", "sliding-window attention is not implemented")
-    lt = c.d.get("layer_types")
-    if isinstance(lt, list) and any(t != "full_attention" for t in lt):
-        c.unsupported("layer_types", "only full attention layers are implemented")
+    windows = _sliding_windows(c, family, c.int("num_hidden_layers"), max_pos)
     attention_bias = bool(c.get("attention_bias", False))
     return ModelConfig(
         arch="llama",
@@ -245,6 +264,7 @@ def _llama_family_config(c: _Conf, gen, family: str) -> ModelConfig:
         learned_pos=False,
         rope_theta=_rope_theta(c),
         rope_scaling=rope_scaling,
+        sliding_window=windows,
         qk_norm=family == "qwen3",
         qkv_bias=True if family == "qwen2" else (attention_bias if family in ("llama", "qwen3") else False),
         o_bias=attention_bias if family in ("llama", "qwen3") else False,

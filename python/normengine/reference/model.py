@@ -72,13 +72,16 @@ def _matmul(a, b, lmul_bits):
     return lmul(a.unsqueeze(-1), b.unsqueeze(-3), lmul_bits).to(a.dtype).sum(-2)
 
 
-def _softmax_attention(q, k, v, scale, lmul_bits, operands=None):
+def _softmax_attention(q, k, v, scale, lmul_bits, operands=None, window=0):
     """Causal softmax attention. q [T, H, D], k/v [T, H, D] (GQA already expanded). operands: a dtype
-    the operands of both matmuls (q, k, then p, v) are rounded to before exact products."""
+    the operands of both matmuls (q, k, then p, v) are rounded to before exact products. window W > 0:
+    query i sees keys i - W + 1 .. i only."""
     T = q.size(0)
     r = (lambda t: t.to(operands).to(t.dtype)) if operands is not None else (lambda t: t)  # noqa: E731
     s = _matmul(r(q).transpose(0, 1), r(k).transpose(0, 1).transpose(1, 2), lmul_bits) * scale  # [H, T, T]
     mask = torch.ones(T, T, dtype=torch.bool).tril()
+    if window:
+        mask &= torch.ones(T, T, dtype=torch.bool).triu(1 - window)
     s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, -1)
     return _matmul(r(p), r(v).transpose(0, 1), lmul_bits).transpose(0, 1)  # [T, H, D]
@@ -172,7 +175,8 @@ def forward(cfg, tensors: dict, ids, dtype=torch.float64, lmul_bits: int = 0, lm
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
         if types[i] == "softmax":
-            a = _softmax_attention(q, k, v, 1.0 / math.sqrt(D), att_bits, attention_operands)
+            w = cfg.sliding_window[i] if cfg.sliding_window else 0
+            a = _softmax_attention(q, k, v, 1.0 / math.sqrt(D), att_bits, attention_operands, w)
         else:
             a = _linear_family(types[i], cfg, q, k, v, tensors.get(p + "attn.decay"))
         x = x + linear(a.reshape(T, H * D), p + "attn.o.weight", p + "attn.o.bias" if cfg.o_bias else None)
