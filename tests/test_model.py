@@ -53,6 +53,8 @@ MODELS = {
     "qwen2-bias": lambda: _llama("Qwen2", tie_word_embeddings=False),
     # per-head q / k RMSNorm; head_dim * heads != hidden_size
     "qwen3-qknorm": lambda: _llama("Qwen3", head_dim=24, tie_word_embeddings=True),
+    # fused qkv_proj / gate_up_proj weights, split on load
+    "phi3": lambda: _llama("Phi3", pad_token_id=0),
     # RoPE frequency variants, with a pretraining context short enough that every test's positions
     # fall in the scaled range
     "llama3-rope": lambda: _llama(rope_parameters=dict(LLAMA3_ROPE)),
@@ -175,6 +177,20 @@ def test_raw_state_dict_files(saved, tmp_path):
         with open(os.path.join(path, "config.json")) as f:
             (d / "config.json").write_text(f.read())
         assert torch.equal(ne.load(str(d / fname)).logits(ids), want)
+
+
+@pytest.mark.parametrize("tensor, rows", [("model.layers.1.self_attn.qkv_proj.weight", 100),
+                                          ("model.layers.0.mlp.gate_up_proj.weight", 96)])
+def test_phi3_fused_weight_of_the_wrong_size(tmp_path, tensor, rows):
+    """A fused Phi-3 weight whose rows do not add up to its parts: an error naming the tensor and the
+    sizes expected, not a misaligned split."""
+    hf = MODELS["phi3"]()
+    sd = hf.state_dict()
+    sd[tensor] = sd[tensor][:rows].clone()
+    torch.save(sd, tmp_path / "weights.pt")
+    (tmp_path / "config.json").write_text(hf.config.to_json_string())
+    with pytest.raises(ne.CheckpointError, match=tensor.replace(".", r"\.") + ".*expected"):
+        ne.load(str(tmp_path / "weights.pt"))
 
 
 def test_batch_equals_one_by_one(saved):

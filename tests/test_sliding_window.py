@@ -37,6 +37,8 @@ MODELS = {
     # Qwen2 with use_sliding_window: layers from max_window_layers on are windowed, 70 keys
     "qwen2-w70": (lambda: _model("Qwen2", use_sliding_window=True, sliding_window=70, max_window_layers=1),
                   [0, 70, 70]),
+    # Phi-3 (fused q / k / v and gate / up weights): every layer, 50 keys
+    "phi3-w50": (lambda: _model("Phi3", sliding_window=50, pad_token_id=0), [50, 50, 50]),
     # Qwen3 with explicit layer types, a window of 1 (each query sees only itself) in the middle layer
     "qwen3-w1": (lambda: _model("Qwen3", head_dim=16, use_sliding_window=True, sliding_window=1,
                                 layer_types=["full_attention", "sliding_attention", "full_attention"]), [0, 1, 0]),
@@ -169,7 +171,7 @@ def test_bf16_cache_lmul_and_saved_forms(saved, tmp_path):
     lite = _lite.load(str(tmp_path / "c"))
     assert lite is not None and rel_err(lite.logits(ids), want) <= 1e-4
     assert ne.load(str(d)).info()["sliding_window"] == {
-        "mistral-w100": "100", "qwen2-w70": "70 (layers 1, 2)", "qwen3-w1": "1 (layers 1)"}[name]
+        "mistral-w100": "100", "qwen2-w70": "70 (layers 1, 2)", "qwen3-w1": "1 (layers 1)", "phi3-w50": "50"}[name]
 
 
 def _edit(tmp_path, hf_dir, **changes):

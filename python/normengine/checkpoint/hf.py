@@ -155,7 +155,7 @@ def _rope_scaling(c: _Conf):
 
 def _sliding_windows(c: _Conf, family: str, n_layers: int, max_pos: int) -> list:
     """Per-layer sliding windows (ModelConfig.sliding_window) as transformers reads the config:
-    Mistral: every layer sees the last `sliding_window` keys when that is set; Qwen2 / Qwen3: only with
+    Mistral, Phi-3: every layer sees the last `sliding_window` keys when that is set; Qwen2 / Qwen3: only with
     use_sliding_window, in the layers `layer_types` marks "sliding_attention" (default: those from
     max_window_layers on); Llama: none. A window as wide as the context changes nothing and is dropped."""
     lt = c.d.get("layer_types")
@@ -163,7 +163,7 @@ def _sliding_windows(c: _Conf, family: str, n_layers: int, max_pos: int) -> list
                            or any(t not in ("full_attention", "sliding_attention") for t in lt)):
         c.unsupported("layer_types", f"expected {n_layers} entries of 'full_attention' / 'sliding_attention'")
     sw = c.d.get("sliding_window")
-    if family == "mistral":
+    if family in ("mistral", "phi3"):
         types = ["sliding_attention"] * n_layers
     elif family in ("qwen2", "qwen3"):
         if not c.d.get("use_sliding_window"):
@@ -318,6 +318,13 @@ _LLAMA_RULES += [
     ("norm.weight", "final_norm.weight", "copy"),
     ("lm_head.weight", "lm_head.weight", "copy"),
 ]
+# Phi-3 / Phi-4: the Llama layout with q / k / v in one [(h + 2 kv) D, d] weight and gate / up in one
+# [2 d_ff, d] weight (gate first), split into row blocks (views: nothing copied)
+_PHI3_RULES = [r for r in _LLAMA_RULES if not re.search(r"\.(q|k|v|gate|up)_proj\.", r[0])] + [
+    ("layers.{i}.self_attn.qkv_proj.weight",
+     ("blocks.{i}.attn.q.weight", "blocks.{i}.attn.k.weight", "blocks.{i}.attn.v.weight"), "split_qkv"),
+    ("layers.{i}.mlp.gate_up_proj.weight", ("blocks.{i}.mlp.gate.weight", "blocks.{i}.mlp.up.weight"), "split_gate_up"),
+]
 _LLAMA_IGNORE = [r"(.*\.)?rotary_emb\.inv_freq"]  # a buffer, recomputed from rope_theta
 
 
@@ -334,9 +341,10 @@ ARCHITECTURES: Dict[str, Architecture] = {
     "GPT2LMHeadModel": Architecture("GPT2LMHeadModel", _gpt2_config, _GPT2_RULES, _GPT2_IGNORE, "transformer."),
 }
 for _name, _family in (("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "mistral"), ("Qwen2ForCausalLM", "qwen2"),
-                       ("Qwen3ForCausalLM", "qwen3")):
+                       ("Qwen3ForCausalLM", "qwen3"), ("Phi3ForCausalLM", "phi3")):
     ARCHITECTURES[_name] = Architecture(
-        _name, lambda c, g, _f=_family: _llama_family_config(c, g, _f), _LLAMA_RULES, _LLAMA_IGNORE, "model."
+        _name, lambda c, g, _f=_family: _llama_family_config(c, g, _f),
+        _PHI3_RULES if _family == "phi3" else _LLAMA_RULES, _LLAMA_IGNORE, "model."
     )
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 _MODEL_TYPES = {
@@ -345,6 +353,7 @@ _MODEL_TYPES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 
 
@@ -463,6 +472,17 @@ def map_tensors(arch: Architecture, raw: Dict[str, torch.Tensor], cfg: ModelConf
                 )
             for part, n in zip(t.split(t.shape[0] // 3, dim=0), dst):
                 put(fill(n), part, src_name, src_shape)
+        elif kind in ("split_qkv", "split_gate_up"):  # fused rows of known sizes
+            D = cfg.head_dim
+            sizes = ([cfg.n_heads * D, cfg.n_kv_heads * D, cfg.n_kv_heads * D] if kind == "split_qkv"
+                     else [cfg.d_ff, cfg.d_ff])
+            if t.dim() != 2 or t.shape[0] != sum(sizes):
+                raise CheckpointError(
+                    f"{where}: tensor '{src_name}': expected {sum(sizes)} rows ({' + '.join(map(str, sizes))}) "
+                    f"of the fused weight, found shape {tuple(t.shape)}"
+                )
+            for part, n in zip(t.split(sizes, dim=0), dst):
+                put(fill(n), part, src_name, t.shape)
         else:  # pragma: no cover
             raise AssertionError(kind)
 
