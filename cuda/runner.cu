@@ -89,6 +89,7 @@ struct EmbedParams {
   const int32_t* pos;
   float* x;
   int64_t d;
+  float emb_scale;  // Gemma's sqrt(d); 1 otherwise
 };
 
 __global__ void embed_kernel(const EmbedParams p) {
@@ -97,6 +98,7 @@ __global__ void embed_kernel(const EmbedParams p) {
   float* x = p.x + t * p.d;
   for (int64_t i = threadIdx.x; i < p.d; i += blockDim.x) {
     float v = p.quant ? quant_elem(p.q, p.tok[t], i) : load_any(p.emb, p.emb_dt, er + i);
+    if (p.emb_scale != 1.0f) v *= p.emb_scale;
     if (p.pos_emb) v += load_any(p.pos_emb, p.pos_dt, pr + i);
     x[i] = v;
   }
@@ -488,6 +490,20 @@ void launch_lmul_attention(const AttnParams& p, int64_t T, int bits, cudaStream_
   check_launch("lmul_attention_kernel");
 }
 
+// Sandwich norms (spec.post_norms): x[t] += y[t] / sqrt(mean(y[t]^2) + eps) * g, one block per row (the
+// CPU runner's add_post_norm, which sums the squares in double: fp32 rounding apart).
+constexpr int kPostNormThreads = 256;
+__global__ void __launch_bounds__(kPostNormThreads) post_norm_add_kernel(const float* y, const float* g, int64_t d,
+                                                                         float eps, float* x) {
+  __shared__ float red[32];
+  const float* yr = y + blockIdx.x * d;
+  float* xr = x + blockIdx.x * d;
+  float ss = 0.f;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) ss = fmaf(yr[i], yr[i], ss);
+  const float r = 1.0f / sqrtf(block_reduce<false>(ss, red) / static_cast<float>(d) + eps);
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) xr[i] += yr[i] * r * g[i];
+}
+
 constexpr int kMaxHeadDim = 256;  // attention_kernel<8>
 
 // Makes `dev` the current device for a scope (and restores the previous one).
@@ -520,7 +536,7 @@ using cuda::DevW;
 
 struct CudaRunner::Layer {
   AttnType type = AttnType::Softmax;
-  DevW attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob, decay, q_norm, k_norm;
+  DevW attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob, decay, q_norm, k_norm, attn_post_norm, mlp_post_norm;
   DevW mlp_norm_w, mlp_norm_b, up, gate, down, upb, gateb, downb;
   // in Impl::cache: softmax layers [slots][ctx][n_kv_heads * head_dim] (float, or bf16: spec.kv_bf16)
   void* kcache = nullptr;
@@ -535,7 +551,7 @@ struct CudaRunner::Impl {
   std::vector<int> len;  // tokens held per slot
   // device memory owned by the runner
   void* cache = nullptr;  // every softmax layer's K and V caches, every linear-family layer's states
-  float* rope = nullptr;   // cos [ctx, D/2] then sin [ctx, D/2]; null with learned positions
+  float* rope = nullptr;   // cos [ctx, D/2] then sin [ctx, D/2] (then the local RoPE's two); null: learned positions
   float* act = nullptr;    // activations for cap_tokens rows (carved below)
   int32_t* idx = nullptr;  // per-token indices of a call: tok, pos, slot [T each], last rows [n_seqs]
   int32_t* host_idx = nullptr;  // pinned staging of idx
@@ -619,19 +635,24 @@ CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spe
     // As Hugging Face computes them, in float32: angle = pos * inv_freq_i (rope_inv_freq: the plain
     // 1 / theta^(2i / D) or the spec's scaled ones), cos and sin times the attention factor (YaRN's; 1
     // otherwise): the CPU runner's table, bit for bit.
+    // Gemma 3's sliding-window layers have their own (spec.rope_inv_freq_local): two more tables after these.
     const int half = s.head_dim / 2;
     const size_t n = static_cast<size_t>(ctx) * half;
-    const std::vector<float> inv_freq = rope_inv_freq(s);
-    const float attn_factor = static_cast<float>(s.rope_attn_factor);
-    std::vector<float> tab(2 * n);
-    for (int i = 0; i < half; ++i) {
-      const float inv = inv_freq[i];
-      for (int p = 0; p < ctx; ++p) {
-        float a = static_cast<float>(p) * inv;
-        tab[static_cast<size_t>(p) * half + i] = static_cast<float>(std::cos(static_cast<double>(a))) * attn_factor;
-        tab[n + static_cast<size_t>(p) * half + i] = static_cast<float>(std::sin(static_cast<double>(a))) * attn_factor;
+    const bool local = !s.rope_inv_freq_local.empty();
+    std::vector<float> tab((local ? 4 : 2) * n);
+    auto fill = [&](const std::vector<float>& inv_freq, double factor, float* cs) {
+      const float attn_factor = static_cast<float>(factor);
+      for (int i = 0; i < half; ++i) {
+        const float inv = inv_freq[i];
+        for (int p = 0; p < ctx; ++p) {
+          float a = static_cast<float>(p) * inv;
+          cs[static_cast<size_t>(p) * half + i] = static_cast<float>(std::cos(static_cast<double>(a))) * attn_factor;
+          cs[n + static_cast<size_t>(p) * half + i] = static_cast<float>(std::sin(static_cast<double>(a))) * attn_factor;
+        }
       }
-    }
+    };
+    fill(rope_inv_freq(s), s.rope_attn_factor, tab.data());
+    if (local) fill(s.rope_inv_freq_local, s.rope_attn_factor_local, tab.data() + 2 * n);
     check(cudaMalloc(reinterpret_cast<void**>(&m.rope), tab.size() * sizeof(float)), "cudaMalloc (RoPE table)");
     check(cudaMemcpy(m.rope, tab.data(), tab.size() * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy (RoPE table)");
   }
@@ -835,12 +856,13 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     p.pos = d_pos;
     p.x = m.x;
     p.d = d;
+    p.emb_scale = static_cast<float>(s.emb_scale);
     cuda::embed_kernel<<<grid_t, 256, 0, st>>>(p);
     cuda::check_launch("embed_kernel");
   }
 
   const int half = s.head_dim / 2;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+  const float scale = attn_scale(s);
   const int64_t act_n = T * f;
   const unsigned act_grid = static_cast<unsigned>(std::min<int64_t>(cuda::ceil_div(act_n, 256), 65536));
   const cuda::Arith ar{s.lmul_scope == 2 ? s.lmul_bits : 0, s.bf16_products};  // how the projections multiply
@@ -867,8 +889,9 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       p.ldkv = dkv;
       p.pos = d_pos;
       p.slot = d_slot;
-      p.cos = s.learned_pos ? nullptr : m.rope;
-      p.sin = s.learned_pos ? nullptr : m.rope + static_cast<size_t>(ctx_) * half;
+      const float* tab = s.learned_pos ? nullptr : m.rope + (local_rope(s, li) ? 2 * static_cast<size_t>(ctx_) * half : 0);
+      p.cos = tab;
+      p.sin = tab ? tab + static_cast<size_t>(ctx_) * half : nullptr;
       p.kcache = L.kcache;  // null in a linear-family layer: RoPE only
       p.vcache = L.vcache;
       p.ctx = ctx_;
@@ -922,7 +945,14 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       a.host_pos0 = pos0.data();
       cuda::linear_attention_rows(a, st);
     }
-    cuda::launch_linear(L.o, L.ob, m.att, dq, T, m.x, d, true, st, ar);  // x += attn Wo^T + bo
+    if (s.post_norms) {  // x += RMSNorm(attn Wo^T + bo) g   (xn is free here)
+      cuda::launch_linear(L.o, L.ob, m.att, dq, T, m.xn, d, false, st, ar);
+      cuda::post_norm_add_kernel<<<grid_t, cuda::kPostNormThreads, 0, st>>>(m.xn, L.attn_post_norm.f32(), d,
+                                                                            static_cast<float>(s.norm_eps), m.x);
+      cuda::check_launch("post_norm_add_kernel");
+    } else {
+      cuda::launch_linear(L.o, L.ob, m.att, dq, T, m.x, d, true, st, ar);  // x += attn Wo^T + bo
+    }
     // ---- MLP
     xin = m.x;
     if (m.fused) {
@@ -939,7 +969,14 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       cuda::activation_kernel<<<act_grid, 256, 0, st>>>(s.activation, act_n, m.up, nullptr, m.up);
     }
     cuda::check_launch("activation_kernel");
-    cuda::launch_linear(L.down, L.downb, m.up, f, T, m.x, d, true, st, ar);  // x += act Wd^T + bd
+    if (s.post_norms) {  // x += RMSNorm(act Wd^T + bd) g
+      cuda::launch_linear(L.down, L.downb, m.up, f, T, m.xn, d, false, st, ar);
+      cuda::post_norm_add_kernel<<<grid_t, cuda::kPostNormThreads, 0, st>>>(m.xn, L.mlp_post_norm.f32(), d,
+                                                                            static_cast<float>(s.norm_eps), m.x);
+      cuda::check_launch("post_norm_add_kernel");
+    } else {
+      cuda::launch_linear(L.down, L.downb, m.up, f, T, m.x, d, true, st, ar);  // x += act Wd^T + bd
+    }
   }
 
   // ---- head, on the rows asked for

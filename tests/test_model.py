@@ -32,6 +32,15 @@ def _llama(cls="Llama", **kw):
     return getattr(transformers, f"{cls}ForCausalLM")(conf)
 
 
+def _gemma3():
+    conf = transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=96, bos_token_id=0, eos_token_id=0,
+        pad_token_id=1, sliding_window=12, query_pre_attn_scalar=20,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    return transformers.Gemma3ForCausalLM(conf)
+
+
 def _randomize_norms(model, gen):
     """Non-default norm gains and biases, so a wrong norm cannot hide behind weight 1, bias 0."""
     with torch.no_grad():
@@ -55,6 +64,10 @@ MODELS = {
     "qwen3-qknorm": lambda: _llama("Qwen3", head_dim=24, tie_word_embeddings=True),
     # fused qkv_proj / gate_up_proj weights, split on load
     "phi3": lambda: _llama("Phi3", pad_token_id=0),
+    # (1 + w) norm gains, embeddings times sqrt(d), tanh-GELU gates
+    "gemma": lambda: _llama("Gemma", head_dim=16, pad_token_id=1),
+    # and sandwich norms, q / k norms, a local RoPE in the sliding layers, query_pre_attn_scalar
+    "gemma3": lambda: _gemma3(),
     # RoPE frequency variants, with a pretraining context short enough that every test's positions
     # fall in the scaled range
     "llama3-rope": lambda: _llama(rope_parameters=dict(LLAMA3_ROPE)),

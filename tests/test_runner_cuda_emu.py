@@ -66,7 +66,7 @@ def lib(tmp_path_factory):
               prefix="ne_remu")
     vp, ci, i32p = ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p
     L.ne_remu_create.restype = vp
-    L.ne_remu_create.argtypes = [vp, vp, vp, vp, ci, vp, ci, ci]
+    L.ne_remu_create.argtypes = [vp, vp, vp, vp, vp, ci, vp, ci, ci]
     L.ne_remu_destroy.argtypes = [vp]
     L.ne_remu_set_tensor.argtypes = [vp, ctypes.c_char_p, vp, ci, ci, vp, vp]
     L.ne_remu_set_quant_tensor.argtypes = [vp, ctypes.c_char_p, ci, vp, vp, vp, vp, ci, vp, ctypes.c_int64]
@@ -110,16 +110,21 @@ class EmuRunner:
                 s["max_seq_len"], s["norm"], s["activation"], s["gated_mlp"], s["learned_pos"], s["qkv_bias"],
                 s["o_bias"], s["mlp_bias"], s["head_bias"], s["kv_bf16"], s["linear_feature_map"],
                 s["linear_normalize"], s["norm_attention_norm"], s["lmul_scope"], s["lmul_bits"], s["bf16_products"],
-                s["qk_norm"]]
+                s["qk_norm"], s["post_norms"]]
         self.vocab = s["vocab"]
-        self._ints = (ctypes.c_int * 24)(*[int(v) for v in ints])
-        self._dbl = (ctypes.c_double * 4)(float(s["norm_eps"]), float(s["rope_theta"]), float(s["linear_eps"]),
-                                          float(s.get("rope_attn_factor", 1.0)))
+        self._ints = (ctypes.c_int * 25)(*[int(v) for v in ints])
+        self._dbl = (ctypes.c_double * 7)(float(s["norm_eps"]), float(s["rope_theta"]), float(s["linear_eps"]),
+                                          float(s.get("rope_attn_factor", 1.0)), float(s["emb_scale"]),
+                                          float(s["attn_scale"]), float(s.get("rope_attn_factor_local", 1.0)))
         self._attn = (ctypes.c_int * len(s["attention"]))(*s["attention"]) if s["attention"] else None
-        inv, win = s.get("rope_inv_freq"), s.get("window")
-        self._inv = (ctypes.c_float * len(inv))(*inv) if inv else None
+        half = s["head_dim"] // 2
+        inv, local, win = s.get("rope_inv_freq"), s.get("rope_inv_freq_local"), s.get("window")
+        if local and not inv:  # (the plain table, as the runners make it, beside the local one)
+            inv = rope.inv_freq(s["rope_theta"], s["head_dim"]).tolist()
+        self._inv = (ctypes.c_float * half)(*inv) if inv else None
+        self._local = (ctypes.c_float * half)(*local) if local else None
         self._win = (ctypes.c_int * len(win))(*win) if win else None
-        self.h = lib.ne_remu_create(self._ints, self._dbl, self._attn, self._inv, len(inv) if inv else 0, self._win,
+        self.h = lib.ne_remu_create(self._ints, self._dbl, self._attn, self._inv, self._local, half, self._win,
                                     slots, ctx)
         assert self.h, lib.ne_remu_error().decode()
         self.keep = []
@@ -285,12 +290,20 @@ def variant(model, name):
         "qknorm_yarn_gqa_f32": dict(n_heads=4, n_kv_heads=2, head_dim=32, learned_pos=False, gated_mlp=True,
                                     activation=2, norm=1, head_bias=False, dtype=torch.float32, ld=0, qk_norm=True,
                                     rope=YARN, window=[5] + [0] * (model.config.n_layers - 1)),
+        # Gemma 3-style: sandwich norms, embeddings times sqrt(d), another attention scale, a local RoPE
+        # (theta 100) in the sliding layers (window 6: every other layer), tanh-GELU gates, bf16 weights
+        "gemma3_sandwich_bf16": dict(n_heads=4, n_kv_heads=2, head_dim=32, learned_pos=False, gated_mlp=True,
+                                     activation=0, norm=1, head_bias=False, dtype=torch.bfloat16, ld=0, qk_norm=True,
+                                     post_norms=True, emb_scale=11.3, attn_scale=0.07, local_theta=100.0,
+                                     window=[6 * (i % 2 == 0) for i in range(model.config.n_layers)]),
         # head_dim 128 (attention<4>), ReLU, LayerNorm, float16 rows 133 apart (scalar loads)
         "hd128_relu_strided_f16": dict(n_heads=1, n_kv_heads=1, head_dim=128, learned_pos=True, gated_mlp=False,
                                        activation=3, norm=0, head_bias=False, dtype=torch.float16, ld=5),
     }[name]
-    dt, pad, scaling = cfg.pop("dtype"), cfg.pop("ld"), cfg.pop("rope", None)
+    dt, pad, scaling, local = cfg.pop("dtype"), cfg.pop("ld"), cfg.pop("rope", None), cfg.pop("local_theta", None)
     spec.update(cfg)
+    if local is not None:
+        spec["rope_inv_freq_local"] = rope.inv_freq(local, spec["head_dim"]).tolist()
     if scaling is not None:
         spec["rope_inv_freq"] = rope.inv_freq(spec["rope_theta"], spec["head_dim"], scaling).tolist()
         spec["rope_attn_factor"] = rope.attention_factor(scaling)
@@ -330,6 +343,10 @@ def variant(model, name):
         for i in range(L):
             for w in ("q_norm", "k_norm"):
                 out[f"blocks.{i}.attn.{w}.weight"] = 1 + 0.3 * torch.randn(spec["head_dim"], generator=g)
+    if spec["post_norms"]:
+        for i in range(L):
+            for w in ("attn_post_norm", "mlp_post_norm"):
+                out[f"blocks.{i}.{w}.weight"] = 1 + 0.3 * torch.randn(d, generator=g)
     return spec, out
 
 
@@ -361,7 +378,7 @@ def prefill_then_decode(lib, model, spec, tensors, seed, rows=None):
 
 
 @pytest.mark.parametrize("name", ["rope_gqa_gated_rms_bf16", "rope_hd64_mqa_crms_f32", "qknorm_yarn_gqa_f32",
-                                  "hd128_relu_strided_f16"])
+                                  "gemma3_sandwich_bf16", "hd128_relu_strided_f16"])
 def test_variants(lib, model, name):
     """Prefill (7 and 20 tokens, two slots in one call, every row) then two decode steps, vs the CPU
     runner on the same spec and tensors."""

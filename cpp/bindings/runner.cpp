@@ -51,6 +51,11 @@ ne::ModelSpec spec_from(const py::dict& d) {
   if (d.contains("rope_attn_factor")) s.rope_attn_factor = d["rope_attn_factor"].cast<double>();
   if (d.contains("qk_norm")) s.qk_norm = d["qk_norm"].cast<bool>();
   if (d.contains("window")) s.window = d["window"].cast<std::vector<int>>();
+  if (d.contains("rope_inv_freq_local")) s.rope_inv_freq_local = d["rope_inv_freq_local"].cast<std::vector<float>>();
+  if (d.contains("rope_attn_factor_local")) s.rope_attn_factor_local = d["rope_attn_factor_local"].cast<double>();
+  if (d.contains("emb_scale")) s.emb_scale = d["emb_scale"].cast<double>();
+  if (d.contains("attn_scale")) s.attn_scale = d["attn_scale"].cast<double>();
+  if (d.contains("post_norms")) s.post_norms = d["post_norms"].cast<bool>();
   if (s.norm < -1 || s.norm > 2) throw ne::ValueError("spec.norm: expected -1..2");
   if (s.activation < 0 || s.activation > 3) throw ne::ValueError("spec.activation: expected 0..3");
   return s;

@@ -7,9 +7,11 @@
 //   xn = norm(x)                                   (attn_norm; LayerNorm / RMSNorm / CRMSNorm)
 //   q, k, v = xn Wq^T (+bq), xn Wk^T (+bk), xn Wv^T (+bv)
 //   (Qwen3: q, k = per-head RMSNorm(q), (k));  RoPE(q, k) unless learned positions (inv_freq plain
-//   or scaled: linear / llama3 / YaRN, computed by normengine/rope.py; YaRN scales cos and sin)
+//   or scaled: linear / llama3 / YaRN, computed by normengine/rope.py; YaRN scales cos and sin; Gemma 3's
+//   sliding-window layers their own table)
 //   K/V cache[slot][pos] = k, v;  attention over keys 0 .. pos (or, in a sliding-window layer, the last W)
-//   x += attention(q, cache) Wo^T (+bo)            (the add is the GEMM's accumulate epilogue)
+//   x += attention(q, cache) Wo^T (+bo)            (the add is the GEMM's accumulate epilogue;
+//                                                   Gemma 2 / 3: x += RMSNorm(attention Wo^T) g, and so for the MLP)
 //   xn = norm(x)                                   (mlp_norm)
 //   x += act(xn Wg^T) * (xn Wu^T) Wd^T  (gated)  or  act(xn Wu^T + bu) Wd^T + bd
 // then logits = norm(x) Wlm^T (+blm) for the rows asked for.
@@ -109,7 +111,7 @@ void linear(const W& w, const W& b, const float* x, int64_t T, float* y, bool ac
 
 struct Runner::Layer {
   AttnType type = AttnType::Softmax;
-  W attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob, decay, q_norm, k_norm;
+  W attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob, decay, q_norm, k_norm, attn_post_norm, mlp_post_norm;
   W mlp_norm_w, mlp_norm_b, up, gate, down, upb, gateb, downb;
   std::vector<float> kcache, vcache;  // softmax: [slots][ctx][n_kv_heads * head_dim]
   std::vector<bf16> kcache16, vcache16;  // the same in bfloat16 (spec.kv_bf16), instead
@@ -136,6 +138,7 @@ struct Runner::Impl {
   // RoPE: inv_freq per pair, and the cos / sin of each row of the current call (built per call from
   // the rows' positions, so nothing here grows with the context)
   std::vector<float> rope_inv, rope_cos, rope_sin;
+  std::vector<float> rope_inv_local, rope_cos_local, rope_sin_local;  // the sliding layers' (spec's local RoPE)
   std::vector<int32_t> rope_row;
   bool any_softmax = true;
   // activations, grown to the largest call seen and reused
@@ -167,6 +170,7 @@ Runner::Runner(const ModelSpec& s, int slots, int ctx) : spec_(s), n_slots_(slot
   impl_->any_softmax = false;
   for (const auto& l : impl_->layers) impl_->any_softmax |= l.type == AttnType::Softmax;
   if (!s.learned_pos) impl_->rope_inv = rope_inv_freq(s);
+  impl_->rope_inv_local = s.rope_inv_freq_local;
 }
 
 Runner::~Runner() = default;
@@ -329,6 +333,20 @@ void norm_rows(const ModelSpec& s, const W& w, const W& b, const float* x, float
                nullptr, nullptr, nullptr);
 }
 
+// Sandwich norms: x[t] += y[t] / sqrt(mean(y[t]^2) + eps) * g, rows of d (the sum of squares in double).
+void add_post_norm(const float* y, const float* g, int64_t T, int64_t d, double eps, float* x) {
+  parallel_for(T, 1, [&](int64_t t0, int64_t t1, int) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* yr = y + t * d;
+      float* xr = x + t * d;
+      double ss = 0.0;
+      for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(yr[i]) * yr[i];
+      const float r = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(d) + eps));
+      for (int64_t i = 0; i < d; ++i) xr[i] += yr[i] * r * g[i];
+    }
+  });
+}
+
 template <class T>
 void grow(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
@@ -419,6 +437,10 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
   for (int64_t t = 0; t < T; ++t) {
     float* xr = m.x.data() + t * d;
     weight_row(E, tokens[t], xr);
+    if (s.emb_scale != 1.0) {  // Gemma: embeddings times sqrt(d)
+      const float c = static_cast<float>(s.emb_scale);
+      for (int64_t i = 0; i < d; ++i) xr[i] *= c;
+    }
     if (s.learned_pos) {
       const char* pr =
           static_cast<const char*>(m.pos_emb.data) + static_cast<int64_t>(m.pos[t]) * m.pos_emb.ld * dtype_size(m.pos_emb.dtype);
@@ -429,17 +451,21 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
   if (!s.learned_pos) {  // cos / sin of every row's angles pos * inv_freq_i (float32 angle, as HF)
     const int half = s.head_dim / 2;
     const float attn_factor = static_cast<float>(s.rope_attn_factor);  // YaRN's; 1 otherwise
-    grow(m.rope_cos, T * half);
-    grow(m.rope_sin, T * half);
     grow(m.rope_row, T);
-    for (int64_t t = 0; t < T; ++t) {
-      m.rope_row[t] = static_cast<int32_t>(t);
-      for (int i = 0; i < half; ++i) {
-        const float a = static_cast<float>(m.pos[t]) * m.rope_inv[i];
-        m.rope_cos[t * half + i] = static_cast<float>(std::cos(static_cast<double>(a))) * attn_factor;
-        m.rope_sin[t * half + i] = static_cast<float>(std::sin(static_cast<double>(a))) * attn_factor;
-      }
-    }
+    auto table = [&](const std::vector<float>& inv, float factor, std::vector<float>& cs, std::vector<float>& sn) {
+      grow(cs, T * half);
+      grow(sn, T * half);
+      for (int64_t t = 0; t < T; ++t)
+        for (int i = 0; i < half; ++i) {
+          const float a = static_cast<float>(m.pos[t]) * inv[i];
+          cs[t * half + i] = static_cast<float>(std::cos(static_cast<double>(a))) * factor;
+          sn[t * half + i] = static_cast<float>(std::sin(static_cast<double>(a))) * factor;
+        }
+    };
+    for (int64_t t = 0; t < T; ++t) m.rope_row[t] = static_cast<int32_t>(t);
+    table(m.rope_inv, attn_factor, m.rope_cos, m.rope_sin);
+    if (!m.rope_inv_local.empty())
+      table(m.rope_inv_local, static_cast<float>(s.rope_attn_factor_local), m.rope_cos_local, m.rope_sin_local);
   }
   const AttentionTable& K = attn_kernels();
   const Arith ar{s.lmul_scope == 2 ? s.lmul_bits : 0, s.bf16_products};  // how the projections multiply
@@ -478,8 +504,11 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
       const float* qn = s.qk_norm ? L.q_norm.f32() : nullptr;
       const float* kn = s.qk_norm ? L.k_norm.f32() : nullptr;
       const float eps = static_cast<float>(s.norm_eps);
-      K.rope({T, qp, ldq, s.n_heads, s.head_dim, m.rope_row.data(), m.rope_cos.data(), m.rope_sin.data(), qn, eps});
-      K.rope({T, kp, ldkv, s.n_kv_heads, s.head_dim, m.rope_row.data(), m.rope_cos.data(), m.rope_sin.data(), kn, eps});
+      const bool local = local_rope(s, li);
+      const float* cs = local ? m.rope_cos_local.data() : m.rope_cos.data();
+      const float* sn = local ? m.rope_sin_local.data() : m.rope_sin.data();
+      K.rope({T, qp, ldq, s.n_heads, s.head_dim, m.rope_row.data(), cs, sn, qn, eps});
+      K.rope({T, kp, ldkv, s.n_kv_heads, s.head_dim, m.rope_row.data(), cs, sn, kn, eps});
     }
     if (L.type == AttnType::Softmax) {
       for (int64_t t = 0; t < T; ++t) {
@@ -500,7 +529,7 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
         }
       }
       AttnArgs aa{T, qp, ldq, m.att.data(), dq, m.kptr.data(), m.vptr.data(), m.pos.data(),
-                  s.n_heads, s.n_kv_heads, s.head_dim, 1.0f / std::sqrt(static_cast<float>(s.head_dim))};
+                  s.n_heads, s.n_kv_heads, s.head_dim, attn_scale(s)};
       if (s.kv_bf16) aa.k16 = m.kptr16.data(), aa.v16 = m.vptr16.data();
       aa.window = attn_window(s, li);
       if (s.lmul_scope > 0) lmul_cache_attention(aa, s.lmul_bits);
@@ -527,7 +556,12 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
         t0 += lens[i];
       }
     }
-    linear(L.o, L.ob, m.att.data(), T, m.x.data(), true, ar);  // x += attn Wo^T + bo
+    if (s.post_norms) {  // x += RMSNorm(attn Wo^T + bo) g   (xn is free here)
+      linear(L.o, L.ob, m.att.data(), T, m.xn.data(), false, ar);
+      add_post_norm(m.xn.data(), L.attn_post_norm.f32(), T, d, s.norm_eps, m.x.data());
+    } else {
+      linear(L.o, L.ob, m.att.data(), T, m.x.data(), true, ar);  // x += attn Wo^T + bo
+    }
     // ---- MLP
     const bool fgu = L.gate_up.present();  // [gate; up] in one GEMM: gu = [T, 2 d_ff], gate first
     if (m.fused) {
@@ -554,7 +588,12 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
     } else {
       K.activation({static_cast<Act>(s.activation), T, f, m.up.data(), f, nullptr, 0, m.up.data(), f});
     }
-    linear(L.down, L.downb, m.up.data(), T, m.x.data(), true, ar);  // x += act Wd^T + bd
+    if (s.post_norms) {  // x += RMSNorm(act Wd^T + bd) g
+      linear(L.down, L.downb, m.up.data(), T, m.xn.data(), false, ar);
+      add_post_norm(m.xn.data(), L.mlp_post_norm.f32(), T, d, s.norm_eps, m.x.data());
+    } else {
+      linear(L.down, L.downb, m.up.data(), T, m.x.data(), true, ar);  // x += act Wd^T + bd
+    }
   }
 
   // ---- head, on the rows asked for: every row, or the last row of each sequence that ends here

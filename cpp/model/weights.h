@@ -3,7 +3,8 @@
 // (cuda/runner.cu), whose per-model and per-layer structs use the same member names:
 //   model: tok_emb, pos_emb, final_w, final_b, head, head_b, layers[i]
 //   layer: attn_norm_w/_b, mlp_norm_w/_b, q k v o (+ qb kb vb ob), up gate down (+ upb gateb downb),
-//          decay (norm attention), q_norm k_norm (per-head q / k RMSNorm gains)
+//          decay (norm attention), q_norm k_norm (per-head q / k RMSNorm gains), attn_post_norm
+//          mlp_post_norm (sandwich norms' gains)
 // Names are those of normengine's canonical checkpoint layout ("blocks.{i}.attn.q.weight", ...).
 #pragma once
 
@@ -60,6 +61,17 @@ inline void check_spec(const ModelSpec& s, int slots, int ctx) {
     if (!(f >= 0.f && f < INFINITY)) throw ValueError("spec.rope_inv_freq: expected finite non-negative values");
   if (!(s.rope_attn_factor > 0 && s.rope_attn_factor < INFINITY))
     throw ValueError("spec.rope_attn_factor: expected a positive finite number");
+  if (!s.rope_inv_freq_local.empty() &&
+      (s.learned_pos || static_cast<int>(s.rope_inv_freq_local.size()) != s.head_dim / 2))
+    throw ValueError("spec.rope_inv_freq_local: expected head_dim / 2 = " + std::to_string(s.head_dim / 2) +
+                     " values (and RoPE), got " + std::to_string(s.rope_inv_freq_local.size()));
+  for (float f : s.rope_inv_freq_local)
+    if (!(f >= 0.f && f < INFINITY)) throw ValueError("spec.rope_inv_freq_local: expected finite non-negative values");
+  if (!(s.rope_attn_factor_local > 0 && s.rope_attn_factor_local < INFINITY))
+    throw ValueError("spec.rope_attn_factor_local: expected a positive finite number");
+  if (!(s.emb_scale > 0 && s.emb_scale < INFINITY)) throw ValueError("spec.emb_scale: expected a positive finite number");
+  if (!(s.attn_scale >= 0 && s.attn_scale < INFINITY))
+    throw ValueError("spec.attn_scale: expected a finite number >= 0 (0: 1 / sqrt(head_dim))");
   if (s.qk_norm && s.learned_pos) throw ValueError("spec.qk_norm: per-head q / k norms need RoPE (not learned_pos)");
   if (slots < 1) throw ValueError("slots: expected >= 1, got " + std::to_string(slots));
   if (ctx < 1 || ctx > s.max_seq_len)
@@ -99,6 +111,14 @@ inline std::vector<float> rope_inv_freq(const ModelSpec& s) {
 
 // Layer i's sliding window under spec s (0: none).
 inline int attn_window(const ModelSpec& s, int i) { return s.window.empty() ? 0 : s.window[i]; }
+
+// The attention scale: spec's, or 1 / sqrt(head_dim).
+inline float attn_scale(const ModelSpec& s) {
+  return s.attn_scale > 0 ? static_cast<float>(s.attn_scale) : 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+}
+
+// Whether layer i takes the local RoPE (spec.rope_inv_freq_local: its sliding-window layers).
+inline bool local_rope(const ModelSpec& s, int i) { return !s.rope_inv_freq_local.empty() && attn_window(s, i) > 0; }
 
 // Layer i's attention type under spec s.
 inline AttnType attn_type(const ModelSpec& s, int i) {
@@ -158,6 +178,10 @@ WeightSlot<Wt> weight_slot(Model& m, const ModelSpec& s, const std::string& name
   if (r == "attn.q_norm.weight" || r == "attn.k_norm.weight") {
     if (!s.qk_norm) throw ValueError(name + ": the model has no per-head q / k norms (spec.qk_norm)");
     return vec(r[5] == 'q' ? L.q_norm : L.k_norm, s.head_dim);
+  }
+  if (r == "attn_post_norm.weight" || r == "mlp_post_norm.weight") {
+    if (!s.post_norms) throw ValueError(name + ": the model has no post norms (spec.post_norms)");
+    return vec(r[0] == 'a' ? L.attn_post_norm : L.mlp_post_norm, d);
   }
   if (r == "attn.decay") {  // norm attention's per-head decay lambda (optional: 1 without)
     if (attn_type(s, i) != AttnType::Norm) throw ValueError(name + ": only norm-attention layers take a decay");
@@ -291,6 +315,7 @@ void check_weights_complete(const Model& m, const ModelSpec& s) {
     if (s.qkv_bias) { need(L.qb, p + "attn.q.bias"); need(L.kb, p + "attn.k.bias"); need(L.vb, p + "attn.v.bias"); }
     if (s.o_bias) need(L.ob, p + "attn.o.bias");
     if (s.qk_norm) { need(L.q_norm, p + "attn.q_norm.weight"); need(L.k_norm, p + "attn.k_norm.weight"); }
+    if (s.post_norms) { need(L.attn_post_norm, p + "attn_post_norm.weight"); need(L.mlp_post_norm, p + "mlp_post_norm.weight"); }
     if (s.mlp_bias) {
       need(L.upb, p + "mlp.up.bias");
       need(L.downb, p + "mlp.down.bias");

@@ -13,6 +13,8 @@ Canonical tensors (all linear weights in torch.nn.Linear layout [out_features, i
     blocks.{i}.attn.o.weight       [d, n_heads * head_dim]     (.bias when o_bias)
     blocks.{i}.attn.q_norm.weight  [head_dim]                  qk_norm only (Qwen3): per-head RMSNorm
     blocks.{i}.attn.k_norm.weight  [head_dim]                  gains of q and k, applied before RoPE
+    blocks.{i}.attn_post_norm.weight [d]                       post_norms only (Gemma 2 / 3): RMSNorm gains
+    blocks.{i}.mlp_post_norm.weight  [d]                       of the attention / MLP outputs
     blocks.{i}.mlp_norm.weight     [d]     (.bias [d] for LayerNorm)
     blocks.{i}.mlp.up.weight       [d_ff, d]                   (.bias when mlp_bias)
     blocks.{i}.mlp.gate.weight     [d_ff, d]                   gated MLPs (SwiGLU) only
@@ -86,6 +88,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # RoPE frequency variant (normengine.rope): {"rope_type": ..., ...}
     qk_norm: bool = False             # per-head RMSNorm of q and k after their projections (Qwen3)
+    rope_local_theta: float | None = None  # plain RoPE with this theta in the sliding-window layers (Gemma 3)
+    emb_scale: float = 1.0            # token embeddings times this on lookup (Gemma: sqrt(d_model))
+    attn_scale: float | None = None   # attention scores' scale (None: 1 / sqrt(head_dim))
+    post_norms: bool = False          # sandwich norms: x += RMSNorm(block output) * g (Gemma 2 / 3)
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
@@ -115,11 +121,12 @@ class ModelConfig:
             if not is_int(v) or v < 1:
                 raise ArgumentError(f"config.{name}: expected a positive int, got {v!r}")
         for name in ("gated_mlp", "learned_pos", "qkv_bias", "o_bias", "mlp_bias", "tied_head", "head_bias",
-                     "linear_normalize", "quant_symmetric", "qk_norm"):
+                     "linear_normalize", "quant_symmetric", "qk_norm", "post_norms"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise ArgumentError(f"config.{name}: expected true or false, got {v!r}")
-        for name in ("norm_eps", "linear_eps", "rope_theta"):
+        for name in ("norm_eps", "linear_eps", "rope_theta", "emb_scale") + tuple(
+                n for n in ("rope_local_theta", "attn_scale") if getattr(self, n) is not None):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")):
                 raise ArgumentError(f"config.{name}: expected a positive finite number, got {v!r}")
@@ -164,8 +171,10 @@ class ModelConfig:
         from .rope import check_scaling
 
         check_scaling(self.rope_scaling)
-        if self.learned_pos and (self.rope_scaling is not None or self.qk_norm):
-            raise ArgumentError("config: rope_scaling and qk_norm need RoPE (learned_pos false)")
+        if self.learned_pos and (self.rope_scaling is not None or self.qk_norm or self.rope_local_theta is not None):
+            raise ArgumentError("config: rope_scaling, rope_local_theta and qk_norm need RoPE (learned_pos false)")
+        if self.post_norms and self.norm not in ("rmsnorm", "none"):
+            raise ArgumentError(f"config.post_norms: sandwich norms go with RMSNorm models, not {self.norm!r}")
         if not self.learned_pos and self.head_dim % 2:
             raise ArgumentError(f"config.head_dim: RoPE needs an even head_dim, got {self.head_dim}")
         sw = self.sliding_window
@@ -275,6 +284,9 @@ def _iter_dense_shapes(cfg: ModelConfig):
         if cfg.qk_norm:
             yield f"{p}.attn.q_norm.weight", (cfg.head_dim,)
             yield f"{p}.attn.k_norm.weight", (cfg.head_dim,)
+        if cfg.post_norms:
+            yield f"{p}.attn_post_norm.weight", (d,)
+            yield f"{p}.mlp_post_norm.weight", (d,)
         yield from norm(f"{p}.mlp_norm")
         yield f"{p}.mlp.up.weight", (f, d)
         if cfg.gated_mlp:

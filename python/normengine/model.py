@@ -55,11 +55,15 @@ def _is_weight_dtype(dtype) -> bool:
 
 def _rope_spec(c: ModelConfig) -> dict:
     """The runner spec's RoPE table fields: none for plain RoPE (the runners compute theta^(-2i/D)
-    themselves), else the variant's frequencies and attention factor (normengine.rope)."""
-    if c.learned_pos or c.rope_scaling is None:
-        return {}
-    return dict(rope_inv_freq=rope.inv_freq(c.rope_theta, c.head_dim, c.rope_scaling).tolist(),
-                rope_attn_factor=rope.attention_factor(c.rope_scaling))
+    themselves), else the variant's frequencies and attention factor (normengine.rope); and the
+    sliding-window layers' own plain frequencies (Gemma 3's local RoPE)."""
+    out = {}
+    if not c.learned_pos and c.rope_scaling is not None:
+        out.update(rope_inv_freq=rope.inv_freq(c.rope_theta, c.head_dim, c.rope_scaling).tolist(),
+                   rope_attn_factor=rope.attention_factor(c.rope_scaling))
+    if not c.learned_pos and c.rope_local_theta is not None:
+        out.update(rope_inv_freq_local=rope.inv_freq(c.rope_local_theta, c.head_dim).tolist())
+    return out
 
 
 def _windows_text(w: list) -> str:
@@ -383,7 +387,8 @@ class Model:
             linear_normalize=bool(c.linear_normalize), norm_attention_norm=0 if c.norm_attention_norm == "rms" else 1,
             linear_eps=float(c.linear_eps), lmul_scope=_LMUL_SCOPES.get(self.lmul_scope, 0),
             lmul_bits=self.lmul_bits or 4, bf16_products=bf16_products(self.matmul_precision),
-            kv_bf16=self._kv_bf16, qk_norm=c.qk_norm, window=list(c.sliding_window), **_rope_spec(c),
+            kv_bf16=self._kv_bf16, qk_norm=c.qk_norm, window=list(c.sliding_window), emb_scale=float(c.emb_scale),
+            attn_scale=float(c.attn_scale or 0.0), post_norms=c.post_norms, **_rope_spec(c),
         )
 
     def _runner_for(self, slots: int, ctx: int, user=None):

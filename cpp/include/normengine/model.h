@@ -36,6 +36,18 @@ struct ModelSpec {
   // x_h <- x_h / sqrt(mean(x_h^2) + norm_eps) * g over each head's head_dim values, with gains
   // blocks.{i}.attn.q_norm.weight / k_norm.weight [head_dim] float32. Needs RoPE (not learned_pos).
   bool qk_norm = false;
+  // RoPE of the sliding-window layers (Gemma 3's local layers: another theta): their own inv_freq
+  // (head_dim / 2 values) and cos / sin factor. Empty: every layer uses rope_inv_freq.
+  std::vector<float> rope_inv_freq_local;
+  double rope_attn_factor_local = 1.0;
+  // Gemma: token embeddings multiplied by emb_scale on lookup (sqrt(d_model); not the tied head);
+  // attention scores by attn_scale (0: 1 / sqrt(head_dim)).
+  double emb_scale = 1.0;
+  double attn_scale = 0.0;
+  // Sandwich norms (Gemma 2 / 3): each block's attention and MLP outputs are RMS-normalized before
+  // they are added to the stream, x += RMSNorm(o) * g, with gains blocks.{i}.attn_post_norm.weight /
+  // mlp_post_norm.weight [d_model] float32 (eps norm_eps).
+  bool post_norms = false;
   bool qkv_bias = false, o_bias = false, mlp_bias = false, head_bias = false;
   // Attention type per layer (AttnType values); empty: every layer softmax. Softmax layers keep a KV
   // cache that grows with the context; the linear family keeps one fixed-size state per sequence:

@@ -165,6 +165,8 @@ def _sliding_windows(c: _Conf, family: str, n_layers: int, max_pos: int) -> list
     sw = c.d.get("sliding_window")
     if family in ("mistral", "phi3"):
         types = ["sliding_attention"] * n_layers
+    elif family == "gemma3":  # layer_types (made by _gemma_config when absent) say which
+        types = lt
     elif family in ("qwen2", "qwen3"):
         if not c.d.get("use_sliding_window"):
             sw = None
@@ -229,7 +231,10 @@ def _gpt2_config(c: _Conf, gen) -> ModelConfig:
     )
 
 
-def _llama_family_config(c: _Conf, gen, family: str) -> ModelConfig:
+_ATTENTION_BIAS = ("llama", "qwen3", "gemma", "gemma3")  # families whose attention_bias adds q / k / v / o biases
+
+
+def _llama_family_config(c: _Conf, gen, family: str, act_key: str = "hidden_act", act_default: str = "silu") -> ModelConfig:
     d = c.int("hidden_size")
     h = c.int("num_attention_heads")
     kv = c.int("num_key_value_heads", h)
@@ -259,18 +264,69 @@ def _llama_family_config(c: _Conf, gen, family: str) -> ModelConfig:
         max_seq_len=max_pos,
         norm="rmsnorm",
         norm_eps=c.float("rms_norm_eps", 1e-6),
-        activation=_activation(c, "hidden_act", "silu"),
+        activation=_activation(c, act_key, act_default),
         gated_mlp=True,
         learned_pos=False,
         rope_theta=_rope_theta(c),
         rope_scaling=rope_scaling,
         sliding_window=windows,
         qk_norm=family == "qwen3",
-        qkv_bias=True if family == "qwen2" else (attention_bias if family in ("llama", "qwen3") else False),
-        o_bias=attention_bias if family in ("llama", "qwen3") else False,
+        qkv_bias=True if family == "qwen2" else (attention_bias if family in _ATTENTION_BIAS else False),
+        o_bias=attention_bias if family in _ATTENTION_BIAS else False,
         mlp_bias=bool(c.get("mlp_bias", False)) if family == "llama" else False,
         tied_head=bool(c.get("tie_word_embeddings", False)),
         **_token_ids(c, gen),
+    )
+
+
+def _gemma_config(c: _Conf, gen, family: str) -> ModelConfig:
+    """Gemma (1) and Gemma 3 text models: the Llama layout with
+    - RMSNorm gains stored as w - 1 (the norm multiplies by 1 + w: the rules add the 1 back, in float32),
+    - token embeddings times sqrt(hidden_size) (the tied head reads them unscaled),
+    - a gated tanh-GELU MLP ('gelu' in old Gemma configs means that too, as transformers reads it),
+    - Gemma 3: per-head q / k norms, sandwich norms (the attention and MLP outputs normalized before
+      the residual add), scores scaled by query_pre_attn_scalar^-1/2, sliding-window layers with their
+      own plain RoPE (theta rope_local_base_freq, or rope_parameters['sliding_attention']) beside the
+      full-attention layers' (rope_parameters['full_attention'], which may be scaled).
+    Logit soft-capping (Gemma 2's) and bidirectional attention are refused."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if c.d.get(key) is not None:
+            c.unsupported(key, "logit soft-capping is not implemented")
+    if c.d.get("use_bidirectional_attention"):
+        c.unsupported("use_bidirectional_attention", "only causal attention is implemented")
+    act_key = "hidden_activation" if c.d.get("hidden_activation") is not None else "hidden_act"
+    if c.d.get(act_key) == "gelu":  # a legacy value of the Gemma releases, meant as the tanh form
+        c = _Conf(dict(c.d, **{act_key: "gelu_pytorch_tanh"}), c.where)
+    local_theta = None
+    rp = c.d.get("rope_parameters")
+    if family == "gemma3":
+        if isinstance(rp, dict) and any(isinstance(v, dict) for v in rp.values()):  # per layer type (transformers 5)
+            full, local = rp.get("full_attention"), rp.get("sliding_attention")
+            if not isinstance(full, dict) or not isinstance(local, dict) or set(rp) - {"full_attention", "sliding_attention"}:
+                c.unsupported("rope_parameters", "expected 'full_attention' and 'sliding_attention' records")
+            if (local.get("rope_type") or "default") != "default":
+                c.unsupported("rope_parameters", "scaled RoPE in the sliding-window layers is not implemented")
+            local_theta = _Conf(local, f"{c.where}: field 'rope_parameters.sliding_attention'").float("rope_theta", 10000.0)
+            c = _Conf(dict(c.d, rope_parameters=full), c.where)
+        else:
+            local_theta = c.float("rope_local_base_freq", 10000.0)
+        if c.d.get("layer_types") is None:  # transformers' default pattern: every n-th layer global
+            n, pattern = c.int("num_hidden_layers"), c.d.get("sliding_window_pattern", c.d.get("_sliding_window_pattern", 6))
+            if type(pattern) is not int or pattern < 1:
+                raise CheckpointError(f"{c.where}: field 'sliding_window_pattern' must be a positive int, got {pattern!r}")
+            c = _Conf(dict(c.d, layer_types=["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                             for i in range(n)]), c.where)
+    cfg = _llama_family_config(c, gen, family, act_key=act_key, act_default="gelu_pytorch_tanh")
+    gemma3 = family == "gemma3"
+    return dataclasses.replace(
+        cfg,
+        emb_scale=float(cfg.d_model) ** 0.5,
+        attn_scale=c.float("query_pre_attn_scalar", 256) ** -0.5 if gemma3 else None,
+        post_norms=gemma3,
+        qk_norm=gemma3,
+        # (the full-attention layers' RoPE; a model whose windows all vanished has no local layers)
+        rope_local_theta=local_theta if gemma3 and any(cfg.sliding_window) else None,
+        tied_head=bool(c.get("tie_word_embeddings", True)),
     )
 
 
@@ -325,6 +381,15 @@ _PHI3_RULES = [r for r in _LLAMA_RULES if not re.search(r"\.(q|k|v|gate|up)_proj
      ("blocks.{i}.attn.q.weight", "blocks.{i}.attn.k.weight", "blocks.{i}.attn.v.weight"), "split_qkv"),
     ("layers.{i}.mlp.gate_up_proj.weight", ("blocks.{i}.mlp.gate.weight", "blocks.{i}.mlp.up.weight"), "split_gate_up"),
 ]
+# Gemma: the Llama names, every norm gain stored as w - 1 ("plus1": read as 1 + w, in float32). Gemma 3
+# also has per-head q / k norms and sandwich norms: its post_attention_layernorm is the attention output's
+# norm and pre_feedforward_layernorm the MLP's input norm (Llama's post_attention_layernorm).
+_GEMMA_RULES = [(src, dst, "plus1" if "norm" in src else kind) for src, dst, kind in _LLAMA_RULES]
+_GEMMA3_RULES = [r for r in _GEMMA_RULES if "post_attention_layernorm" not in r[0]] + [
+    ("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.attn_post_norm.weight", "plus1"),
+    ("layers.{i}.pre_feedforward_layernorm.weight", "blocks.{i}.mlp_norm.weight", "plus1"),
+    ("layers.{i}.post_feedforward_layernorm.weight", "blocks.{i}.mlp_post_norm.weight", "plus1"),
+]
 _LLAMA_IGNORE = [r"(.*\.)?rotary_emb\.inv_freq"]  # a buffer, recomputed from rope_theta
 
 
@@ -346,6 +411,10 @@ for _name, _family in (("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "mi
         _name, lambda c, g, _f=_family: _llama_family_config(c, g, _f),
         _PHI3_RULES if _family == "phi3" else _LLAMA_RULES, _LLAMA_IGNORE, "model."
     )
+for _name, _family, _rules in (("GemmaForCausalLM", "gemma", _GEMMA_RULES), ("Gemma3ForCausalLM", "gemma3", _GEMMA3_RULES)):
+    ARCHITECTURES[_name] = Architecture(
+        _name, lambda c, g, _f=_family: _gemma_config(c, g, _f), _rules, _LLAMA_IGNORE, "model."
+    )
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 _MODEL_TYPES = {
     "gpt2": "GPT2LMHeadModel",
@@ -354,6 +423,8 @@ _MODEL_TYPES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 
 
@@ -443,6 +514,8 @@ def map_tensors(arch: Architecture, raw: Dict[str, torch.Tensor], cfg: ModelConf
         fill = (lambda s: s.replace("{i}", str(int(i)))) if i is not None else (lambda s: s)
         if kind == "copy":
             put(fill(dst), t, src_name)
+        elif kind == "plus1":  # a Gemma norm gain stored as w - 1
+            put(fill(dst), t.float() + 1.0, src_name)
         elif kind == "t":
             if t.dim() != 2:
                 raise CheckpointError(

@@ -43,18 +43,20 @@ def _act(name, x):
     return F.relu(x)
 
 
-def _rope(cfg, x, pos):
+def _rope(cfg, x, pos, local=False):
     """Rotate-half RoPE with Hugging Face's float32 angles pos * inv_freq_i (plain or scaled frequencies,
-    normengine.rope), cos and sin times the variant's attention factor (YaRN; else 1). x [T, H, D]."""
+    normengine.rope), cos and sin times the variant's attention factor (YaRN; else 1). x [T, H, D].
+    local: a sliding-window layer of a model with its own local theta (Gemma 3): plain RoPE with it."""
     from ..rope import attention_factor, inv_freq
 
     D = cfg.head_dim
     half = D // 2
-    if cfg.rope_scaling is None:
-        inv = 1.0 / (torch.tensor(cfg.rope_theta, dtype=torch.float32) ** (torch.arange(0, half, dtype=torch.float32) * 2 / D))
+    theta, scaling = (cfg.rope_local_theta, None) if local else (cfg.rope_theta, cfg.rope_scaling)
+    if scaling is None:
+        inv = 1.0 / (torch.tensor(theta, dtype=torch.float32) ** (torch.arange(0, half, dtype=torch.float32) * 2 / D))
     else:
-        inv = torch.from_numpy(inv_freq(cfg.rope_theta, D, cfg.rope_scaling))
-    f = torch.tensor(attention_factor(cfg.rope_scaling), dtype=torch.float32)
+        inv = torch.from_numpy(inv_freq(theta, D, scaling))
+    f = torch.tensor(attention_factor(scaling), dtype=torch.float32)
     ang = pos.to(torch.float32)[:, None] * inv[None, :]
     cos = (torch.cos(ang.double()).to(torch.float32) * f).to(x.dtype)[:, None, :]
     sin = (torch.sin(ang.double()).to(torch.float32) * f).to(x.dtype)[:, None, :]
@@ -156,6 +158,8 @@ def forward(cfg, tensors: dict, ids, dtype=torch.float64, lmul_bits: int = 0, lm
         return y + b if b is not None else y
 
     x = W("tok_emb.weight")[ids]
+    if cfg.emb_scale != 1.0:  # Gemma: times sqrt(d), as a float32 number
+        x = x * torch.tensor(cfg.emb_scale, dtype=torch.float32).to(dtype)
     pos = torch.arange(T)
     if cfg.learned_pos:
         x = x + W("pos_emb.weight")[pos]
@@ -170,16 +174,19 @@ def forward(cfg, tensors: dict, ids, dtype=torch.float64, lmul_bits: int = 0, lm
         if cfg.qk_norm:  # Qwen3: each head of q and k RMS-normalized, with its own gain
             q = rms_norm(q, V(p + "attn.q_norm.weight"), cfg.norm_eps)
             k = rms_norm(k, V(p + "attn.k_norm.weight"), cfg.norm_eps)
+        w = cfg.sliding_window[i] if cfg.sliding_window else 0
         if not cfg.learned_pos:
-            q, k = _rope(cfg, q, pos), _rope(cfg, k, pos)
+            local = bool(w) and cfg.rope_local_theta is not None
+            q, k = _rope(cfg, q, pos, local), _rope(cfg, k, pos, local)
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
         if types[i] == "softmax":
-            w = cfg.sliding_window[i] if cfg.sliding_window else 0
-            a = _softmax_attention(q, k, v, 1.0 / math.sqrt(D), att_bits, attention_operands, w)
+            scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(D)
+            a = _softmax_attention(q, k, v, scale, att_bits, attention_operands, w)
         else:
             a = _linear_family(types[i], cfg, q, k, v, tensors.get(p + "attn.decay"))
-        x = x + linear(a.reshape(T, H * D), p + "attn.o.weight", p + "attn.o.bias" if cfg.o_bias else None)
+        o = linear(a.reshape(T, H * D), p + "attn.o.weight", p + "attn.o.bias" if cfg.o_bias else None)
+        x = x + (rms_norm(o, V(p + "attn_post_norm.weight"), cfg.norm_eps) if cfg.post_norms else o)
         h = record(p + "mlp_norm", _norm(cfg, x, V(p + "mlp_norm.weight"), V(p + "mlp_norm.bias")))
         up = linear(h, p + "mlp.up.weight", p + "mlp.up.bias" if cfg.mlp_bias else None)
         if cfg.gated_mlp:
@@ -187,6 +194,7 @@ def forward(cfg, tensors: dict, ids, dtype=torch.float64, lmul_bits: int = 0, lm
             up = _act(cfg.activation, g) * up
         else:
             up = _act(cfg.activation, up)
-        x = x + linear(up, p + "mlp.down.weight", p + "mlp.down.bias" if cfg.mlp_bias else None)
+        o = linear(up, p + "mlp.down.weight", p + "mlp.down.bias" if cfg.mlp_bias else None)
+        x = x + (rms_norm(o, V(p + "mlp_post_norm.weight"), cfg.norm_eps) if cfg.post_norms else o)
     h = record("final_norm", _norm(cfg, x, V("final_norm.weight"), V("final_norm.bias")))
     return linear(h, "lm_head.weight", "lm_head.bias" if cfg.head_bias else None)

@@ -1,0 +1,183 @@
+"""Gemma (1) and Gemma 3 text models (GemmaForCausalLM, Gemma3ForCausalLM): (1 + w) norm gains,
+embeddings times sqrt(d), sandwich norms, per-head q / k norms, query_pre_attn_scalar, sliding-window
+layers with their own RoPE beside scaled global RoPE, against transformers on prompts past the window;
+the config forms checkpoints carry; what is refused."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import normengine as ne
+from conftest import rel_err
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+
+
+def _gemma3(**kw):
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=2, eos_token_id=1,
+                pad_token_id=0, sliding_window=24, query_pre_attn_scalar=24,
+                layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})
+    base.update(kw)
+    return _randomized(transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**base)))
+
+
+def _gemma(**kw):
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=1, head_dim=32, max_position_embeddings=256, bos_token_id=2, eos_token_id=1,
+                pad_token_id=0)
+    base.update(kw)
+    return _randomized(transformers.GemmaForCausalLM(transformers.GemmaConfig(**base)))
+
+
+def _randomized(hf):
+    torch.manual_seed(41)
+    with torch.no_grad():  # stored gains w (the norms multiply by 1 + w): not the zeros they start as
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn(p.shape) * 0.4)
+    return hf.eval()
+
+
+@pytest.fixture(scope="module", params=["gemma3", "gemma"])
+def saved(request, tmp_path_factory):
+    torch.manual_seed(40)
+    hf = _gemma3() if request.param == "gemma3" else _gemma()
+    d = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(d)
+    return request.param, hf, d
+
+
+def test_matches_transformers_past_the_window(saved):
+    """200-token prompts (windows of 24): logits within 1e-4 of transformers, decode steps equal to the
+    prefill, greedy continuations identical, the reference model agreeing; without any one of the
+    Gemma parts (the local RoPE, the sandwich norms, the embedding scale, the attention scale) the
+    model is another one."""
+    name, hf, d = saved
+    m = ne.load(str(d))
+    ids = torch.randint(3, VOCAB, (2, 200), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = hf(ids).logits
+    got = m.logits(ids)
+    assert rel_err(got, want) <= 1e-4, name
+    from normengine.reference.model import forward
+
+    assert rel_err(forward(m.config, m.tensors, ids[0]), want[0].double()) <= 1e-5
+    r = m._runner_for(1, 200)
+    slot = torch.zeros(1, dtype=torch.int32)
+    logits = torch.empty(1, VOCAB)
+    m._forward(r, slot, ids[0, :170].to(torch.int32), torch.tensor([170], dtype=torch.int32), logits, False)
+    for t in range(170, 200):
+        m._forward(r, slot, ids[0, t:t + 1].to(torch.int32), torch.ones(1, dtype=torch.int32), logits, False)
+        assert rel_err(logits[0], got[0, t]) < 1e-5, (name, t)
+    prompt = ids[1, :60].tolist()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0,
+                          attention_mask=torch.ones(1, 60, dtype=torch.long))[0, 60:].tolist()
+    if 1 in out:
+        out = out[: out.index(1) + 1]
+    assert m.generate(prompt, max_new_tokens=32) == out, name
+    changes = [("emb_scale", 1.0)]
+    if name == "gemma3":
+        changes += [("rope_local_theta", None), ("attn_scale", None)]
+    for field, value in changes:
+        other = ne.load(str(d))
+        setattr(other.config, field, value)
+        assert rel_err(other.logits(ids), want) > 1e-3, (name, field)
+    if name == "gemma3":
+        other = ne.load(str(d))
+        for i in range(other.config.n_layers):
+            other.tensors[f"blocks.{i}.mlp_post_norm.weight"].fill_(1.0)
+        assert rel_err(other.logits(ids), want) > 1e-3
+
+
+def test_load_options_and_saved_forms(saved, tmp_path):
+    """bf16 weights, the bf16 KV cache, W8A8, the gain-folded RMSNorm form; a saved checkpoint read back
+    by both load paths; the sandwich norms and q / k norms stay float32 vectors."""
+    name, hf, d = saved
+    ids = torch.randint(3, VOCAB, (1, 120), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = hf(ids).logits
+    assert rel_err(ne.load(str(d), dtype=torch.bfloat16).logits(ids), want) <= 5e-2
+    assert rel_err(ne.load(str(d), kv_cache_dtype=torch.bfloat16).logits(ids), want) <= 2e-2
+    assert rel_err(ne.load(str(d), quant="int8").logits(ids), want) <= 5e-2
+    m = ne.load(str(d), norm="rmsnorm", dtype=torch.bfloat16)
+    if name == "gemma3":
+        assert m.tensors["blocks.0.attn_post_norm.weight"].dtype == torch.float32
+        assert m.tensors["blocks.0.attn.q_norm.weight"].dtype == torch.float32
+    m.save(str(tmp_path / "c"))
+    saved_cfg = json.loads((tmp_path / "c" / "config.json").read_text())["normengine"]
+    for field in ("emb_scale", "attn_scale", "post_norms", "rope_local_theta", "sliding_window", "qk_norm"):
+        assert saved_cfg[field] == getattr(m.config, field), field
+    again = ne.load(str(tmp_path / "c"))
+    assert torch.equal(again.logits(ids), m.logits(ids))
+    from normengine import _lite
+
+    lite = _lite.load(str(tmp_path / "c"))
+    assert lite is not None and torch.equal(lite.logits(ids), m.logits(ids))
+
+
+def _write(tmp_path, hf_dir, cfg):
+    for f in hf_dir.iterdir():
+        if f.name != "config.json":
+            (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return str(tmp_path)
+
+
+def test_gemma3_config_forms(saved, tmp_path):
+    """Configs written before transformers 5 (rope_theta + rope_scaling for the global layers,
+    rope_local_base_freq for the local ones) and without layer_types (every sliding_window_pattern-th
+    layer global) read as transformers reads them."""
+    name, hf, d = saved
+    if name != "gemma3":
+        pytest.skip("Gemma 3 only")
+    cfg = json.loads((d / "config.json").read_text())
+    ids = torch.randint(3, VOCAB, (1, 100), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = hf(ids).logits
+    old = {k: v for k, v in cfg.items() if k != "rope_parameters"}
+    old.update(rope_theta=1e6, rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_local_base_freq=100.0)
+    (tmp_path / "old").mkdir()
+    m = ne.load(_write(tmp_path / "old", d, old))
+    assert m.config.rope_local_theta == 100.0 and m.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    assert rel_err(m.logits(ids), want) <= 1e-4
+    # no layer_types: pattern 2 makes layers 1 and 3 global; a model built so agrees
+    pat = dict(cfg, sliding_window_pattern=2)
+    pat.pop("layer_types")
+    (tmp_path / "pat").mkdir()
+    m = ne.load(_write(tmp_path / "pat", d, pat))
+    assert m.config.sliding_window == [24, 0, 24, 0]
+    hf2 = copy.deepcopy(hf)
+    hf2.config.layer_types = ["sliding_attention", "full_attention"] * 2
+    for i, layer in enumerate(hf2.model.layers):
+        layer.self_attn.layer_type = layer.attention_type = hf2.config.layer_types[i]
+        layer.self_attn.sliding_window = 24 if i % 2 == 0 else None
+        layer.self_attn.is_sliding = i % 2 == 0
+    with torch.no_grad():
+        assert rel_err(m.logits(ids), hf2(ids).logits) <= 1e-4
+
+
+def test_gemma_legacy_gelu_is_the_tanh_form(saved, tmp_path):
+    name, hf, d = saved
+    if name != "gemma":
+        pytest.skip("Gemma only")
+    cfg = json.loads((d / "config.json").read_text())
+    m = ne.load(_write(tmp_path, d, dict(cfg, hidden_act="gelu")))
+    assert m.config.activation == "gelu_tanh"
+    assert m.info()["mlp"] == "gated gelu_tanh"
+
+
+@pytest.mark.parametrize("field, value", [("final_logit_softcapping", 30.0), ("attn_logit_softcapping", 50.0),
+                                          ("use_bidirectional_attention", True)])
+def test_refused_options(saved, tmp_path, field, value):
+    name, hf, d = saved
+    cfg = json.loads((d / "config.json").read_text())
+    with pytest.raises(ne.UnsupportedError, match=field):
+        ne.load(_write(tmp_path, d, dict(cfg, **{field: value})))
