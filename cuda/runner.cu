@@ -218,6 +218,7 @@ struct AttnParams {
   int n_heads, n_kv_heads, head_dim;
   float scale;
   int window;  // sliding window W (0: every key 0 .. pos)
+  float softcap;  // c > 0: scores s -> c tanh(s / c) before the softmax (Gemma 2)
 };
 
 // The first key position query position `pos` sees under window w (0: none): ops/attention.h's first_key.
@@ -269,6 +270,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(const AttnPa
 #pragma unroll
     for (int u = 0; u < kAttnKeys; ++u) {
       s[u] = j0 + u < L ? p.scale * s[u] : -INFINITY;
+      if (p.softcap > 0.f && j0 + u < L) s[u] = p.softcap * tanhf(s[u] / p.softcap);
       mx = fmaxf(mx, s[u]);
     }
     // mx is finite: key j0 < L is valid. exp(-inf) = 0 drops the invalid keys and the empty start.
@@ -343,6 +345,13 @@ __global__ void activation_kernel(int kind, int64_t n, const float* a, const flo
     if (b) y *= b[i];
     out[i] = y;
   }
+}
+
+// x -> c tanh(x / c) over n values (the head's logits with spec.final_softcap), grid-stride.
+__global__ void softcap_kernel(float* x, int64_t n, float c) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    x[i] = c * tanhf(x[i] / c);
 }
 
 // dst[i, :] = src[rows[i], :]  (each sequence's last token, for the head): one block per row.
@@ -460,6 +469,7 @@ __global__ void __launch_bounds__(kLmulThreads) lmul_attention_kernel(const Attn
     for (int d = 0; d < D; ++d)
       acc = __fadd_rn(acc, __uint_as_float(checked1(qp[d], prep1(__float_as_uint(k[d]), trunc), C)));
     s[j] = p.scale * acc;
+    if (p.softcap > 0.f) s[j] = p.softcap * tanhf(s[j] / p.softcap);
     mx = fmaxf(mx, s[j]);
   }
   mx = block_reduce<true>(mx, red);
@@ -921,6 +931,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       p.head_dim = s.head_dim;
       p.scale = scale;
       p.window = attn_window(s, li);
+      p.softcap = static_cast<float>(s.attn_softcap);
       if (s.lmul_scope > 0) cuda::launch_lmul_attention(p, T, s.lmul_bits, st);
       else cuda::launch_attention(p, T, s.kv_bf16, st);
     } else {
@@ -995,6 +1006,12 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
   }
   cuda::launch_linear(m.head, m.head_b, src, d, rows, logits, s.vocab, false, st, ar,
                       m.fused_head ? epi_on : cuda::RowNorm{});
+  if (s.final_softcap > 0) {  // Gemma 2: logits -> c tanh(logits / c)
+    const int64_t n = rows * s.vocab;
+    cuda::softcap_kernel<<<static_cast<unsigned>(std::min<int64_t>(cuda::ceil_div(n, 256), 65536)), 256, 0, st>>>(
+        logits, n, static_cast<float>(s.final_softcap));
+    cuda::check_launch("softcap_kernel");
+  }
   for (int i = 0; i < n_seqs; ++i) m.len[slots[i]] += lens[i];
 }
 

@@ -113,9 +113,10 @@ class EmuRunner:
                 s["qk_norm"], s["post_norms"]]
         self.vocab = s["vocab"]
         self._ints = (ctypes.c_int * 25)(*[int(v) for v in ints])
-        self._dbl = (ctypes.c_double * 7)(float(s["norm_eps"]), float(s["rope_theta"]), float(s["linear_eps"]),
+        self._dbl = (ctypes.c_double * 9)(float(s["norm_eps"]), float(s["rope_theta"]), float(s["linear_eps"]),
                                           float(s.get("rope_attn_factor", 1.0)), float(s["emb_scale"]),
-                                          float(s["attn_scale"]), float(s.get("rope_attn_factor_local", 1.0)))
+                                          float(s["attn_scale"]), float(s.get("rope_attn_factor_local", 1.0)),
+                                          float(s["attn_softcap"]), float(s["final_softcap"]))
         self._attn = (ctypes.c_int * len(s["attention"]))(*s["attention"]) if s["attention"] else None
         half = s["head_dim"] // 2
         inv, local, win = s.get("rope_inv_freq"), s.get("rope_inv_freq_local"), s.get("window")
@@ -290,11 +291,13 @@ def variant(model, name):
         "qknorm_yarn_gqa_f32": dict(n_heads=4, n_kv_heads=2, head_dim=32, learned_pos=False, gated_mlp=True,
                                     activation=2, norm=1, head_bias=False, dtype=torch.float32, ld=0, qk_norm=True,
                                     rope=YARN, window=[5] + [0] * (model.config.n_layers - 1)),
-        # Gemma 3-style: sandwich norms, embeddings times sqrt(d), another attention scale, a local RoPE
-        # (theta 100) in the sliding layers (window 6: every other layer), tanh-GELU gates, bf16 weights
+        # Gemma 2 / 3-style: sandwich norms, embeddings times sqrt(d), another attention scale, a local RoPE
+        # (theta 100) in the sliding layers (window 6: every other layer), soft-capped attention scores and
+        # logits, tanh-GELU gates, bf16 weights
         "gemma3_sandwich_bf16": dict(n_heads=4, n_kv_heads=2, head_dim=32, learned_pos=False, gated_mlp=True,
                                      activation=0, norm=1, head_bias=False, dtype=torch.bfloat16, ld=0, qk_norm=True,
                                      post_norms=True, emb_scale=11.3, attn_scale=0.07, local_theta=100.0,
+                                     attn_softcap=0.5, final_softcap=4.0,
                                      window=[6 * (i % 2 == 0) for i in range(model.config.n_layers)]),
         # head_dim 128 (attention<4>), ReLU, LayerNorm, float16 rows 133 apart (scalar loads)
         "hd128_relu_strided_f16": dict(n_heads=1, n_kv_heads=1, head_dim=128, learned_pos=True, gated_mlp=False,
@@ -506,7 +509,7 @@ def test_linear_family_layers(lib, model, name):
 
 
 @pytest.mark.parametrize("scope,bits,window", [(1, 4, 0), (1, 3, 0), (2, 4, 0), (1, 4, 6)],
-                         ids=["attention-m4", "attention-m3", "all-m4", "attention-m4-window6"])
+                         ids=["attention-m4", "attention-m3", "all-m4", "attention-m4-window6-softcap"])
 def test_lmul_arithmetic(lib, model, scope, bits, window):
     """spec.lmul_scope: the attention's q.k and p.v products as L-Mul (lmul_attention_kernel; the
     scores in shared memory), and with "all" every projection and the head too (ne::cuda::lmul_linear,
@@ -516,8 +519,9 @@ def test_lmul_arithmetic(lib, model, scope, bits, window):
     an ulp apart truncates to other m mantissa bits now and then, moving that product by up to 2^-m."""
     spec = dict(model._spec())
     spec.update(lmul_scope=scope, lmul_bits=bits)
-    if window:  # every layer's queries see their last `window` keys only
+    if window:  # every layer's queries see their last `window` keys only, their scores soft-capped
         spec["window"] = [window] * spec["n_layers"]
+        spec["attn_softcap"] = 2.0
     ts = {n: t.float() for n, t in model.tensors.items()}  # "all" reads float32 weights
     worst, names = prefill_then_decode(lib, model, spec, ts, seed=12)
     print(f"lmul scope {scope} m={bits}: max rel err {worst:.3g}; kernels {sorted(names)}")

@@ -532,6 +532,7 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
                   s.n_heads, s.n_kv_heads, s.head_dim, attn_scale(s)};
       if (s.kv_bf16) aa.k16 = m.kptr16.data(), aa.v16 = m.vptr16.data();
       aa.window = attn_window(s, li);
+      aa.softcap = static_cast<float>(s.attn_softcap);
       if (s.lmul_scope > 0) lmul_cache_attention(aa, s.lmul_bits);
       else K.attention(aa);
     } else {
@@ -617,6 +618,10 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
   } else {
     norm_rows(s, m.final_w, m.final_b, src, m.xn.data(), rows);
     linear(m.head, m.head_b, m.xn.data(), rows, logits, false, ar);
+  }
+  if (rows > 0 && s.final_softcap > 0) {  // Gemma 2: logits -> c tanh(logits / c)
+    const float c = static_cast<float>(s.final_softcap);
+    parallel_for(rows, 1, [&](int64_t r0, int64_t r1, int) { softcap_scores(logits + r0 * s.vocab, (r1 - r0) * s.vocab, c); });
   }
   for (int i = 0; i < n_seqs; ++i) m.len[slots[i]] += lens[i];
 }

@@ -70,6 +70,8 @@ inline void check_spec(const ModelSpec& s, int slots, int ctx) {
   if (!(s.rope_attn_factor_local > 0 && s.rope_attn_factor_local < INFINITY))
     throw ValueError("spec.rope_attn_factor_local: expected a positive finite number");
   if (!(s.emb_scale > 0 && s.emb_scale < INFINITY)) throw ValueError("spec.emb_scale: expected a positive finite number");
+  if (!(s.attn_softcap >= 0 && s.attn_softcap < INFINITY) || !(s.final_softcap >= 0 && s.final_softcap < INFINITY))
+    throw ValueError("spec.attn_softcap / final_softcap: expected finite numbers >= 0 (0: none)");
   if (!(s.attn_scale >= 0 && s.attn_scale < INFINITY))
     throw ValueError("spec.attn_scale: expected a finite number >= 0 (0: 1 / sqrt(head_dim))");
   if (s.qk_norm && s.learned_pos) throw ValueError("spec.qk_norm: per-head q / k norms need RoPE (not learned_pos)");

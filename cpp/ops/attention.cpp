@@ -93,6 +93,7 @@ void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int
       for (int d = 0; d < D; ++d) sj = VF::fma(VF::set1(kj[d]), VF::load(Qt + d * N), sj);
       VF::store(S + jj * N, sj);
     }
+    softcap_scores(S, static_cast<int64_t>(bk) * N, a.softcap);
     // causal: key j is visible to lane i when j <= p0 + i (the block's keys only: a block of queries
     // that does not start at a multiple of kBK spans two key blocks)
     for (int64_t j = j0 + bk - 1; j > p0 && j >= j0; --j)
@@ -267,6 +268,8 @@ void decode_range(const AttnArgs& a, const T* const* kc, const T* const* vc, int
     const int bk = static_cast<int>(j1 - b0 < kBK ? j1 - b0 : kBK);
     // s[h][jj] = scale * q_h . K[b0 + jj][g(h)]
     scores(q, kc[t] + b0 * ldkv, vc[t] + b0 * ldkv, ldkv, bk, a.n_kv_heads, group, D, a.scale, s);
+    if (a.softcap > 0)
+      for (int h = 0; h < H; ++h) softcap_scores(s + h * kBK, bk, a.softcap);
     // per head: m' = max(m, max s), c = exp(m - m'), p = exp(s - m'), l = c l + sum p, o = c o
     for (int h = 0; h < H; ++h) {
       float* st = part + static_cast<int64_t>(h) * (D + 2);

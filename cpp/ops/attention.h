@@ -1,6 +1,7 @@
 // Internal: causal softmax attention over a KV cache, and rotary position embedding (CPU kernels in
 // cpp/ops/attention.cpp, one instance per ISA).
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "core/dispatch.h"
@@ -25,7 +26,14 @@ struct AttnArgs {
   const bf16* const* k16 = nullptr;
   const bf16* const* v16 = nullptr;
   int window = 0;            // sliding window W (0: every key 0..pos)
+  float softcap = 0.f;       // c > 0: scores s = scale q.k become c tanh(s / c) before the softmax (Gemma 2)
 };
+
+// Soft-capping of n scores in place: s -> c tanh(s / c) (c > 0), as transformers computes it in float32.
+inline void softcap_scores(float* s, int64_t n, float c) {
+  if (c > 0)
+    for (int64_t i = 0; i < n; ++i) s[i] = c * std::tanh(s[i] / c);
+}
 
 // The first key position query position `pos` sees under window w (0: none).
 inline int64_t first_key(int64_t pos, int w) { return w > 0 && pos + 1 > w ? pos + 1 - w : 0; }

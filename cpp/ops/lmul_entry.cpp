@@ -22,10 +22,11 @@ namespace {
 const LmulTable& table() { return *NE_PICK_ISA(lmul_table); }
 // s[0 .. L) <- softmax(scale * s), exact fp32, in key order (the max, then the exps and their sum,
 // then each times 1 / sum).
-void softmax_row(float* s, int64_t L, float scale) {
+void softmax_row(float* s, int64_t L, float scale, float softcap = 0.f) {
   float mx = -INFINITY;
   for (int64_t j = 0; j < L; ++j) {
     s[j] = scale * s[j];
+    if (softcap > 0) s[j] = softcap * std::tanh(s[j] / softcap);
     mx = s[j] > mx ? s[j] : mx;
   }
   float sum = 0.0f;
@@ -91,7 +92,7 @@ void attend_one(const AttnArgs& a, int64_t tok, int h, float* s, int bits) {
   t.dots(L, D, q, K + J * ldkv, ldkv, s, bits);
   float* o = a.out + tok * a.ldo + static_cast<int64_t>(h) * D;
   for (int d = 0; d < D; ++d) o[d] = 0.0f;
-  softmax_row(s, L, a.scale);
+  softmax_row(s, L, a.scale, a.softcap);
   for (int64_t j = 0; j < L; ++j) t.axpy(D, s[j], V + (J + j) * ldkv, o, bits);
 }
 }  // namespace
@@ -179,7 +180,7 @@ void lmul_cache_attention(const AttnArgs& a, int mantissa_bits) {
       for (int64_t m = 0; m < rows; ++m) {
         float* s = S.data() + m * W;
         const int64_t p = a.pos[t0 + m / group], lo = first_key(p, a.window) - J0, hi = p + 1 - J0;
-        softmax_row(s + lo, hi - lo, a.scale);
+        softmax_row(s + lo, hi - lo, a.scale, a.softcap);
         std::fill(s, s + lo, 0.0f);
         std::fill(s + hi, s + W, 0.0f);
         st[m] = t.prep_row(W, s, xp.data() + m * W, mantissa_bits);

@@ -92,6 +92,8 @@ class ModelConfig:
     emb_scale: float = 1.0            # token embeddings times this on lookup (Gemma: sqrt(d_model))
     attn_scale: float | None = None   # attention scores' scale (None: 1 / sqrt(head_dim))
     post_norms: bool = False          # sandwich norms: x += RMSNorm(block output) * g (Gemma 2 / 3)
+    attn_softcap: float | None = None   # attention scores s -> c tanh(s / c) before the softmax (Gemma 2)
+    final_softcap: float | None = None  # the logits likewise
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
@@ -126,7 +128,8 @@ class ModelConfig:
             if not isinstance(v, bool):
                 raise ArgumentError(f"config.{name}: expected true or false, got {v!r}")
         for name in ("norm_eps", "linear_eps", "rope_theta", "emb_scale") + tuple(
-                n for n in ("rope_local_theta", "attn_scale") if getattr(self, n) is not None):
+                n for n in ("rope_local_theta", "attn_scale", "attn_softcap", "final_softcap")
+                if getattr(self, n) is not None):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")):
                 raise ArgumentError(f"config.{name}: expected a positive finite number, got {v!r}")

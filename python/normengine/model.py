@@ -388,7 +388,8 @@ class Model:
             linear_eps=float(c.linear_eps), lmul_scope=_LMUL_SCOPES.get(self.lmul_scope, 0),
             lmul_bits=self.lmul_bits or 4, bf16_products=bf16_products(self.matmul_precision),
             kv_bf16=self._kv_bf16, qk_norm=c.qk_norm, window=list(c.sliding_window), emb_scale=float(c.emb_scale),
-            attn_scale=float(c.attn_scale or 0.0), post_norms=c.post_norms, **_rope_spec(c),
+            attn_scale=float(c.attn_scale or 0.0), post_norms=c.post_norms, attn_softcap=float(c.attn_softcap or 0.0),
+            final_softcap=float(c.final_softcap or 0.0), **_rope_spec(c),
         )
 
     def _runner_for(self, slots: int, ctx: int, user=None):

@@ -106,7 +106,8 @@ const char* ne_remu_error() { return ne_harness::error(); }
 // ints: vocab, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff, max_seq_len, norm, activation,
 // gated_mlp, learned_pos, qkv_bias, o_bias, mlp_bias, head_bias, kv_bf16, linear_feature_map,
 // linear_normalize, norm_attention_norm, lmul_scope, lmul_bits, bf16_products, qk_norm, post_norms (25);
-// dbl: norm_eps, rope_theta, linear_eps, rope_attn_factor, emb_scale, attn_scale, rope_attn_factor_local (7);
+// dbl: norm_eps, rope_theta, linear_eps, rope_attn_factor, emb_scale, attn_scale, rope_attn_factor_local,
+// attn_softcap, final_softcap (9);
 // attention: the n_layers attention types (AttnType values), or null (every layer softmax); inv_freq,
 // inv_local: n_inv RoPE frequencies (spec.rope_inv_freq, rope_inv_freq_local), or null (plain / none);
 // window: the n_layers sliding windows (spec.window), or null (none).
@@ -147,6 +148,8 @@ void* ne_remu_create(const int* ints, const double* dbl, const int* attention, c
     s.emb_scale = dbl[4];
     s.attn_scale = dbl[5];
     s.rope_attn_factor_local = dbl[6];
+    s.attn_softcap = dbl[7];
+    s.final_softcap = dbl[8];
     if (attention) s.attention.assign(attention, attention + s.n_layers);
     if (inv_freq) s.rope_inv_freq.assign(inv_freq, inv_freq + n_inv);
     if (inv_local) s.rope_inv_freq_local.assign(inv_local, inv_local + n_inv);

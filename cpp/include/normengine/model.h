@@ -48,6 +48,9 @@ struct ModelSpec {
   // they are added to the stream, x += RMSNorm(o) * g, with gains blocks.{i}.attn_post_norm.weight /
   // mlp_post_norm.weight [d_model] float32 (eps norm_eps).
   bool post_norms = false;
+  // Logit soft-capping (Gemma 2): attention scores s -> c tanh(s / c) after scaling, before the mask and
+  // softmax (attn_softcap), and the head's logits likewise (final_softcap). 0: none.
+  double attn_softcap = 0.0, final_softcap = 0.0;
   bool qkv_bias = false, o_bias = false, mlp_bias = false, head_bias = false;
   // Attention type per layer (AttnType values); empty: every layer softmax. Softmax layers keep a KV
   // cache that grows with the context; the linear family keeps one fixed-size state per sequence:

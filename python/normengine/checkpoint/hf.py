@@ -165,7 +165,7 @@ def _sliding_windows(c: _Conf, family: str, n_layers: int, max_pos: int) -> list
     sw = c.d.get("sliding_window")
     if family in ("mistral", "phi3"):
         types = ["sliding_attention"] * n_layers
-    elif family == "gemma3":  # layer_types (made by _gemma_config when absent) say which
+    elif family in ("gemma2", "gemma3"):  # layer_types (made by _gemma_config when absent) say which
         types = lt
     elif family in ("qwen2", "qwen3"):
         if not c.d.get("use_sliding_window"):
@@ -231,7 +231,7 @@ def _gpt2_config(c: _Conf, gen) -> ModelConfig:
     )
 
 
-_ATTENTION_BIAS = ("llama", "qwen3", "gemma", "gemma3")  # families whose attention_bias adds q / k / v / o biases
+_ATTENTION_BIAS = ("llama", "qwen3", "gemma", "gemma2", "gemma3")  # families whose attention_bias adds q / k / v / o biases
 
 
 def _llama_family_config(c: _Conf, gen, family: str, act_key: str = "hidden_act", act_default: str = "silu") -> ModelConfig:
@@ -288,10 +288,10 @@ def _gemma_config(c: _Conf, gen, family: str) -> ModelConfig:
       the residual add), scores scaled by query_pre_attn_scalar^-1/2, sliding-window layers with their
       own plain RoPE (theta rope_local_base_freq, or rope_parameters['sliding_attention']) beside the
       full-attention layers' (rope_parameters['full_attention'], which may be scaled).
-    Logit soft-capping (Gemma 2's) and bidirectional attention are refused."""
-    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if c.d.get(key) is not None:
-            c.unsupported(key, "logit soft-capping is not implemented")
+    - Gemma 2: Gemma 3 without the q / k norms and the local RoPE; logit soft-capping of the attention
+      scores and of the head's logits (attn_logit_softcapping, final_logit_softcapping; Gemma 3 reads
+      them too, where a config sets them).
+    Bidirectional attention is refused."""
     if c.d.get("use_bidirectional_attention"):
         c.unsupported("use_bidirectional_attention", "only causal attention is implemented")
     act_key = "hidden_activation" if c.d.get("hidden_activation") is not None else "hidden_act"
@@ -299,6 +299,14 @@ def _gemma_config(c: _Conf, gen, family: str) -> ModelConfig:
         c = _Conf(dict(c.d, **{act_key: "gelu_pytorch_tanh"}), c.where)
     local_theta = None
     rp = c.d.get("rope_parameters")
+    if family in ("gemma2", "gemma3") and c.d.get("layer_types") is None:
+        # transformers' default pattern: every n-th layer global (Gemma 2: every other one)
+        n = c.int("num_hidden_layers")
+        pattern = c.d.get("sliding_window_pattern", c.d.get("_sliding_window_pattern", 6 if family == "gemma3" else 2))
+        if type(pattern) is not int or pattern < 1:
+            raise CheckpointError(f"{c.where}: field 'sliding_window_pattern' must be a positive int, got {pattern!r}")
+        c = _Conf(dict(c.d, layer_types=["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                                         for i in range(n)]), c.where)
     if family == "gemma3":
         if isinstance(rp, dict) and any(isinstance(v, dict) for v in rp.values()):  # per layer type (transformers 5)
             full, local = rp.get("full_attention"), rp.get("sliding_attention")
@@ -310,20 +318,19 @@ def _gemma_config(c: _Conf, gen, family: str) -> ModelConfig:
             c = _Conf(dict(c.d, rope_parameters=full), c.where)
         else:
             local_theta = c.float("rope_local_base_freq", 10000.0)
-        if c.d.get("layer_types") is None:  # transformers' default pattern: every n-th layer global
-            n, pattern = c.int("num_hidden_layers"), c.d.get("sliding_window_pattern", c.d.get("_sliding_window_pattern", 6))
-            if type(pattern) is not int or pattern < 1:
-                raise CheckpointError(f"{c.where}: field 'sliding_window_pattern' must be a positive int, got {pattern!r}")
-            c = _Conf(dict(c.d, layer_types=["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
-                                             for i in range(n)]), c.where)
     cfg = _llama_family_config(c, gen, family, act_key=act_key, act_default="gelu_pytorch_tanh")
-    gemma3 = family == "gemma3"
+    gemma3, sandwich = family == "gemma3", family in ("gemma2", "gemma3")
+    caps = {}  # (Gemma (1) has no soft-capping: transformers ignores such fields there, and so do we)
+    for key, field in (("attn_logit_softcapping", "attn_softcap"), ("final_logit_softcapping", "final_softcap")):
+        if sandwich and c.d.get(key) is not None:
+            caps[field] = c.float(key, None)
     return dataclasses.replace(
         cfg,
         emb_scale=float(cfg.d_model) ** 0.5,
-        attn_scale=c.float("query_pre_attn_scalar", 256) ** -0.5 if gemma3 else None,
-        post_norms=gemma3,
+        attn_scale=c.float("query_pre_attn_scalar", 256) ** -0.5 if sandwich else None,
+        post_norms=sandwich,
         qk_norm=gemma3,
+        **caps,
         # (the full-attention layers' RoPE; a model whose windows all vanished has no local layers)
         rope_local_theta=local_theta if gemma3 and any(cfg.sliding_window) else None,
         tied_head=bool(c.get("tie_word_embeddings", True)),
@@ -381,11 +388,11 @@ _PHI3_RULES = [r for r in _LLAMA_RULES if not re.search(r"\.(q|k|v|gate|up)_proj
      ("blocks.{i}.attn.q.weight", "blocks.{i}.attn.k.weight", "blocks.{i}.attn.v.weight"), "split_qkv"),
     ("layers.{i}.mlp.gate_up_proj.weight", ("blocks.{i}.mlp.gate.weight", "blocks.{i}.mlp.up.weight"), "split_gate_up"),
 ]
-# Gemma: the Llama names, every norm gain stored as w - 1 ("plus1": read as 1 + w, in float32). Gemma 3
-# also has per-head q / k norms and sandwich norms: its post_attention_layernorm is the attention output's
-# norm and pre_feedforward_layernorm the MLP's input norm (Llama's post_attention_layernorm).
+# Gemma: the Llama names, every norm gain stored as w - 1 ("plus1": read as 1 + w, in float32). Gemma 2 / 3
+# have sandwich norms (and Gemma 3 per-head q / k norms): their post_attention_layernorm is the attention
+# output's norm and pre_feedforward_layernorm the MLP's input norm (Llama's post_attention_layernorm).
 _GEMMA_RULES = [(src, dst, "plus1" if "norm" in src else kind) for src, dst, kind in _LLAMA_RULES]
-_GEMMA3_RULES = [r for r in _GEMMA_RULES if "post_attention_layernorm" not in r[0]] + [
+_GEMMA2_RULES = [r for r in _GEMMA_RULES if "post_attention_layernorm" not in r[0]] + [
     ("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.attn_post_norm.weight", "plus1"),
     ("layers.{i}.pre_feedforward_layernorm.weight", "blocks.{i}.mlp_norm.weight", "plus1"),
     ("layers.{i}.post_feedforward_layernorm.weight", "blocks.{i}.mlp_post_norm.weight", "plus1"),
@@ -411,7 +418,8 @@ for _name, _family in (("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "mi
         _name, lambda c, g, _f=_family: _llama_family_config(c, g, _f),
         _PHI3_RULES if _family == "phi3" else _LLAMA_RULES, _LLAMA_IGNORE, "model."
     )
-for _name, _family, _rules in (("GemmaForCausalLM", "gemma", _GEMMA_RULES), ("Gemma3ForCausalLM", "gemma3", _GEMMA3_RULES)):
+for _name, _family, _rules in (("GemmaForCausalLM", "gemma", _GEMMA_RULES), ("Gemma2ForCausalLM", "gemma2", _GEMMA2_RULES),
+                               ("Gemma3ForCausalLM", "gemma3", _GEMMA2_RULES)):
     ARCHITECTURES[_name] = Architecture(
         _name, lambda c, g, _f=_family: _gemma_config(c, g, _f), _rules, _LLAMA_IGNORE, "model."
     )
@@ -424,6 +432,7 @@ _MODEL_TYPES = {
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
 }
 

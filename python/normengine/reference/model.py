@@ -74,13 +74,15 @@ def _matmul(a, b, lmul_bits):
     return lmul(a.unsqueeze(-1), b.unsqueeze(-3), lmul_bits).to(a.dtype).sum(-2)
 
 
-def _softmax_attention(q, k, v, scale, lmul_bits, operands=None, window=0):
+def _softmax_attention(q, k, v, scale, lmul_bits, operands=None, window=0, softcap=None):
     """Causal softmax attention. q [T, H, D], k/v [T, H, D] (GQA already expanded). operands: a dtype
     the operands of both matmuls (q, k, then p, v) are rounded to before exact products. window W > 0:
-    query i sees keys i - W + 1 .. i only."""
+    query i sees keys i - W + 1 .. i only. softcap c: scores s -> c tanh(s / c) before the softmax."""
     T = q.size(0)
     r = (lambda t: t.to(operands).to(t.dtype)) if operands is not None else (lambda t: t)  # noqa: E731
     s = _matmul(r(q).transpose(0, 1), r(k).transpose(0, 1).transpose(1, 2), lmul_bits) * scale  # [H, T, T]
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     mask = torch.ones(T, T, dtype=torch.bool).tril()
     if window:
         mask &= torch.ones(T, T, dtype=torch.bool).triu(1 - window)
@@ -182,7 +184,7 @@ def forward(cfg, tensors: dict, ids, dtype=torch.float64, lmul_bits: int = 0, lm
         v = v.repeat_interleave(H // Hkv, dim=1)
         if types[i] == "softmax":
             scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(D)
-            a = _softmax_attention(q, k, v, scale, att_bits, attention_operands, w)
+            a = _softmax_attention(q, k, v, scale, att_bits, attention_operands, w, cfg.attn_softcap)
         else:
             a = _linear_family(types[i], cfg, q, k, v, tensors.get(p + "attn.decay"))
         o = linear(a.reshape(T, H * D), p + "attn.o.weight", p + "attn.o.bias" if cfg.o_bias else None)
@@ -197,4 +199,5 @@ def forward(cfg, tensors: dict, ids, dtype=torch.float64, lmul_bits: int = 0, lm
         o = linear(up, p + "mlp.down.weight", p + "mlp.down.bias" if cfg.mlp_bias else None)
         x = x + (rms_norm(o, V(p + "mlp_post_norm.weight"), cfg.norm_eps) if cfg.post_norms else o)
     h = record("final_norm", _norm(cfg, x, V("final_norm.weight"), V("final_norm.bias")))
-    return linear(h, "lm_head.weight", "lm_head.bias" if cfg.head_bias else None)
+    logits = linear(h, "lm_head.weight", "lm_head.bias" if cfg.head_bias else None)
+    return torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap if cfg.final_softcap else logits
