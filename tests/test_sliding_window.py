@@ -217,6 +217,17 @@ def test_bad_config_fields(qwen2_dir, tmp_path, changes, error, match):
         ne.load(_edit(tmp_path, qwen2_dir, **changes))
 
 
+def test_multiply_counts_read_the_window(saved):
+    """The L-Mul energy estimate counts a windowed layer's attention products over its W keys."""
+    name, hf, d, windows = saved
+    m = ne.load(str(d))
+    c = m.config
+    counts = m.multiply_counts(1, 600)
+    assert counts["attention"] == sum(2 * c.n_heads * c.head_dim * (min(600, w) if w else 600) for w in windows)
+    m.config.sliding_window = []
+    assert m.multiply_counts(1, 600)["attention"] == 2 * c.n_heads * c.head_dim * 600 * c.n_layers
+
+
 def test_model_config_and_spec_checks():
     from normengine.config import ModelConfig
 

@@ -725,7 +725,8 @@ class Model:
     def multiply_counts(self, n_tokens: int = 1, context: int | None = None) -> dict:
         """Multiplications one forward pass makes per `n_tokens` new tokens at a context of `context`
         positions (default the model's context / 2), split into the attention products (q.k and p.v of
-        softmax layers, the state products of linear ones) and the linear layers (projections, MLP, head)."""
+        softmax layers over the keys they read, the state products of linear ones) and the linear layers
+        (projections, MLP, head)."""
         c = self.config
         if context is not None and (isinstance(context, bool) or not isinstance(context, int)
                                     or not 1 <= context <= c.max_seq_len):
@@ -737,9 +738,10 @@ class Model:
         per_layer = d * dq + 2 * d * dkv + dq * d + (3 if c.gated_mlp else 2) * d * f
         linear = n_tokens * (c.n_layers * per_layer + d * c.vocab_size)
         attn = 0
-        for t in (c.attention or ["softmax"] * c.n_layers):
-            if t == "softmax":
-                attn += n_tokens * 2 * c.n_heads * c.head_dim * ctx
+        for i, t in enumerate(c.attention or ["softmax"] * c.n_layers):
+            if t == "softmax":  # (a sliding-window layer reads its last W keys only)
+                w = c.sliding_window[i] if c.sliding_window else 0
+                attn += n_tokens * 2 * c.n_heads * c.head_dim * (min(ctx, w) if w else ctx)
             else:  # state update + readout with the (head_dim + 1)^2 augmented state
                 attn += n_tokens * 2 * c.n_heads * (c.head_dim + 1) ** 2
         return {"attention": attn, "linear": linear, "total": attn + linear, "context": ctx, "tokens": n_tokens}
