@@ -415,7 +415,8 @@ void launch_attention(const AttnParams& p, int64_t T, bool bf16_cache, cudaStrea
 
 // ---------------------------------------------------------------------------- lmul_attention_kernel
 // L-Mul attention (spec.lmul_scope >= 1: the CPU runner's lmul_cache_attention). Query row t, head h
-// (kv head g), keys j = J .. pos[t] of the slot's float32 cache (J: first_key_dev, the sliding window's), every product an L-Mul of the CPU's
+// (kv head g), keys j = J .. pos[t] of the slot's float32 cache (J: first_key_dev, the sliding window's),
+// every product an L-Mul of the CPU's
 // scalar definition (ops/lmul_bits.h: truncate both operands to m mantissa bits, add the bit patterns):
 //   s_j = scale * sum_d lmul(q_d, k_jd)      d in order from +0 (the CPU's bits)
 //   p_j = exp(s_j - max s) / sum_j exp(...)  exact arithmetic
@@ -657,7 +658,8 @@ CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spe
         for (int p = 0; p < ctx; ++p) {
           float a = static_cast<float>(p) * inv;
           cs[static_cast<size_t>(p) * half + i] = static_cast<float>(std::cos(static_cast<double>(a))) * attn_factor;
-          cs[n + static_cast<size_t>(p) * half + i] = static_cast<float>(std::sin(static_cast<double>(a))) * attn_factor;
+          cs[n + static_cast<size_t>(p) * half + i] =
+              static_cast<float>(std::sin(static_cast<double>(a))) * attn_factor;
         }
       }
     };
@@ -899,7 +901,8 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       p.ldkv = dkv;
       p.pos = d_pos;
       p.slot = d_slot;
-      const float* tab = s.learned_pos ? nullptr : m.rope + (local_rope(s, li) ? 2 * static_cast<size_t>(ctx_) * half : 0);
+      const size_t table_floats = 2 * static_cast<size_t>(ctx_) * half;  // cos, sin; the local RoPE's after
+      const float* tab = s.learned_pos ? nullptr : m.rope + (local_rope(s, li) ? table_floats : 0);
       p.cos = tab;
       p.sin = tab ? tab + static_cast<size_t>(ctx_) * half : nullptr;
       p.kcache = L.kcache;  // null in a linear-family layer: RoPE only

@@ -228,7 +228,8 @@ def test_legacy_rope_scaling_field(llama_dir, tmp_path):
 ])
 def test_unimplemented_rope_variants_are_refused(llama_dir, tmp_path, field, value, match):
     hf, d = llama_dir
-    path = _write_config(tmp_path, d, **{field: value, **({"rope_parameters": None} if field == "rope_scaling" else {})})
+    drop = {"rope_parameters": None} if field == "rope_scaling" else {}
+    path = _write_config(tmp_path, d, **{field: value, **drop})
     with pytest.raises(ne.UnsupportedError, match=match):
         ne.load(path)
 

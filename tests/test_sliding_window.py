@@ -81,8 +81,8 @@ def test_matches_transformers(saved, isa):
             assert rel_err(logits[0], full[0, t]) < 1e-5, (name, t)
         # a prefill going on from a partly filled cache (its first query block straddles the window's start)
         rows = torch.empty(137, VOCAB)
-        m._forward(r := m._runner_for(1, 600), slot, ids[0, :163].to(torch.int32), torch.tensor([163], dtype=torch.int32),
-                   logits, False)
+        r = m._runner_for(1, 600)
+        m._forward(r, slot, ids[0, :163].to(torch.int32), torch.tensor([163], dtype=torch.int32), logits, False)
         m._forward(r, slot, ids[0, 163:300].to(torch.int32), torch.tensor([137], dtype=torch.int32), rows, True)
         assert rel_err(rows, full[0, 163:300]) < 1e-5
         # batches of prompts of different lengths equal one by one (prefill, then batched decode)

@@ -621,7 +621,9 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
   }
   if (rows > 0 && s.final_softcap > 0) {  // Gemma 2: logits -> c tanh(logits / c)
     const float c = static_cast<float>(s.final_softcap);
-    parallel_for(rows, 1, [&](int64_t r0, int64_t r1, int) { softcap_scores(logits + r0 * s.vocab, (r1 - r0) * s.vocab, c); });
+    parallel_for(rows, 1, [&](int64_t r0, int64_t r1, int) {
+      softcap_scores(logits + r0 * s.vocab, (r1 - r0) * s.vocab, c);
+    });
   }
   for (int i = 0; i < n_seqs; ++i) m.len[slots[i]] += lens[i];
 }

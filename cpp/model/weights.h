@@ -69,7 +69,8 @@ inline void check_spec(const ModelSpec& s, int slots, int ctx) {
     if (!(f >= 0.f && f < INFINITY)) throw ValueError("spec.rope_inv_freq_local: expected finite non-negative values");
   if (!(s.rope_attn_factor_local > 0 && s.rope_attn_factor_local < INFINITY))
     throw ValueError("spec.rope_attn_factor_local: expected a positive finite number");
-  if (!(s.emb_scale > 0 && s.emb_scale < INFINITY)) throw ValueError("spec.emb_scale: expected a positive finite number");
+  if (!(s.emb_scale > 0 && s.emb_scale < INFINITY))
+    throw ValueError("spec.emb_scale: expected a positive finite number");
   if (!(s.attn_softcap >= 0 && s.attn_softcap < INFINITY) || !(s.final_softcap >= 0 && s.final_softcap < INFINITY))
     throw ValueError("spec.attn_softcap / final_softcap: expected finite numbers >= 0 (0: none)");
   if (!(s.attn_scale >= 0 && s.attn_scale < INFINITY))
@@ -86,7 +87,8 @@ inline void check_spec(const ModelSpec& s, int slots, int ctx) {
     throw ValueError("spec.window: expected one entry per layer (" + std::to_string(s.n_layers) + "), got " +
                      std::to_string(s.window.size()));
   for (int w : s.window)
-    if (w < 0) throw ValueError("spec.window: expected window sizes >= 0 (0: the whole context), got " + std::to_string(w));
+    if (w < 0)
+      throw ValueError("spec.window: expected window sizes >= 0 (0: the whole context), got " + std::to_string(w));
   for (int a : s.attention)
     if (a < 0 || a > 3) throw ValueError("spec.attention: expected 0 (softmax), 1 (linear), 2 (mala) or 3 (norm)");
   if (s.linear_feature_map < 0 || s.linear_feature_map > 2)
@@ -317,7 +319,10 @@ void check_weights_complete(const Model& m, const ModelSpec& s) {
     if (s.qkv_bias) { need(L.qb, p + "attn.q.bias"); need(L.kb, p + "attn.k.bias"); need(L.vb, p + "attn.v.bias"); }
     if (s.o_bias) need(L.ob, p + "attn.o.bias");
     if (s.qk_norm) { need(L.q_norm, p + "attn.q_norm.weight"); need(L.k_norm, p + "attn.k_norm.weight"); }
-    if (s.post_norms) { need(L.attn_post_norm, p + "attn_post_norm.weight"); need(L.mlp_post_norm, p + "mlp_post_norm.weight"); }
+    if (s.post_norms) {
+      need(L.attn_post_norm, p + "attn_post_norm.weight");
+      need(L.mlp_post_norm, p + "mlp_post_norm.weight");
+    }
     if (s.mlp_bias) {
       need(L.upb, p + "mlp.up.bias");
       need(L.downb, p + "mlp.down.bias");

@@ -105,7 +105,8 @@ void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int
     // online softmax, lane by lane
     R mb = VF::load(S);
     for (jj = 1; jj < bk; ++jj) mb = VF::max(VF::load(S + jj * N), mb);
-    const R mn = VF::max(mb, m);  // the first block holds a visible key of every lane: mn is finite (or NaN from NaN input)
+    // the first block holds a visible key of every lane: mn is finite (or NaN from NaN input)
+    const R mn = VF::max(mb, m);
     const R c = vexp(VF::sub(m, mn));
     m = mn;
     l = VF::mul(l, c);

@@ -231,10 +231,12 @@ def _gpt2_config(c: _Conf, gen) -> ModelConfig:
     )
 
 
-_ATTENTION_BIAS = ("llama", "qwen3", "gemma", "gemma2", "gemma3")  # families whose attention_bias adds q / k / v / o biases
+# families whose attention_bias adds q / k / v / o biases
+_ATTENTION_BIAS = ("llama", "qwen3", "gemma", "gemma2", "gemma3")
 
 
-def _llama_family_config(c: _Conf, gen, family: str, act_key: str = "hidden_act", act_default: str = "silu") -> ModelConfig:
+def _llama_family_config(c: _Conf, gen, family: str, act_key: str = "hidden_act",
+                         act_default: str = "silu") -> ModelConfig:
     d = c.int("hidden_size")
     h = c.int("num_attention_heads")
     kv = c.int("num_key_value_heads", h)
@@ -310,11 +312,13 @@ def _gemma_config(c: _Conf, gen, family: str) -> ModelConfig:
     if family == "gemma3":
         if isinstance(rp, dict) and any(isinstance(v, dict) for v in rp.values()):  # per layer type (transformers 5)
             full, local = rp.get("full_attention"), rp.get("sliding_attention")
-            if not isinstance(full, dict) or not isinstance(local, dict) or set(rp) - {"full_attention", "sliding_attention"}:
+            if (not isinstance(full, dict) or not isinstance(local, dict)
+                    or set(rp) - {"full_attention", "sliding_attention"}):
                 c.unsupported("rope_parameters", "expected 'full_attention' and 'sliding_attention' records")
             if (local.get("rope_type") or "default") != "default":
                 c.unsupported("rope_parameters", "scaled RoPE in the sliding-window layers is not implemented")
-            local_theta = _Conf(local, f"{c.where}: field 'rope_parameters.sliding_attention'").float("rope_theta", 10000.0)
+            local_conf = _Conf(local, f"{c.where}: field 'rope_parameters.sliding_attention'")
+            local_theta = local_conf.float("rope_theta", 10000.0)
             c = _Conf(dict(c.d, rope_parameters=full), c.where)
         else:
             local_theta = c.float("rope_local_base_freq", 10000.0)
@@ -418,7 +422,8 @@ for _name, _family in (("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "mi
         _name, lambda c, g, _f=_family: _llama_family_config(c, g, _f),
         _PHI3_RULES if _family == "phi3" else _LLAMA_RULES, _LLAMA_IGNORE, "model."
     )
-for _name, _family, _rules in (("GemmaForCausalLM", "gemma", _GEMMA_RULES), ("Gemma2ForCausalLM", "gemma2", _GEMMA2_RULES),
+for _name, _family, _rules in (("GemmaForCausalLM", "gemma", _GEMMA_RULES),
+                               ("Gemma2ForCausalLM", "gemma2", _GEMMA2_RULES),
                                ("Gemma3ForCausalLM", "gemma3", _GEMMA2_RULES)):
     ARCHITECTURES[_name] = Architecture(
         _name, lambda c, g, _f=_family: _gemma_config(c, g, _f), _rules, _LLAMA_IGNORE, "model."
