@@ -134,6 +134,7 @@ int main(int argc, char** argv) {
   bool folded = false;       // --folded: unit gains, zero biases (the fused-norm path)
   int lmul_bits = 0;         // --lmul M: every attention product an M-bit L-Mul (lmul_scope "attention")
   bool lmul_all = false;     // --lmul-all: every matmul's products too (lmul_scope "all"; f32 weights)
+  int window = 0;            // --window W: every layer a sliding-window layer of W keys (spec.window)
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--threads") threads = static_cast<int>(arg_int(argc, argv, i));
@@ -148,13 +149,14 @@ int main(int argc, char** argv) {
     else if (a == "--folded") folded = true;
     else if (a == "--lmul") lmul_bits = static_cast<int>(arg_int(argc, argv, i));
     else if (a == "--lmul-all") lmul_all = true;
+    else if (a == "--window") window = static_cast<int>(arg_int(argc, argv, i));
     else if (a == "--matmul-precision" && i + 1 < argc && (std::string(argv[i + 1]) == "medium" ||
                                                             std::string(argv[i + 1]) == "highest"))
       medium = std::string(argv[++i]) == "medium";
     else {
       std::fprintf(stderr, "usage: %s [--arch gpt2|llama] [--dtype f32|bf16|f16] [--threads N] [--repeats K] "
                    "[--prompt P] [--gen G] [--profile] [--matmul-precision highest|medium] [--kv-bf16] "
-                   "[--small-pages] [--folded] [--lmul BITS [--lmul-all]]\n", argv[0]);
+                   "[--small-pages] [--folded] [--lmul BITS [--lmul-all]] [--window W]\n", argv[0]);
       return 2;
     }
   }
@@ -165,6 +167,7 @@ int main(int argc, char** argv) {
   else if (dts == "f16") wdt = DType::F16;
   else { std::fprintf(stderr, "--dtype: f32, bf16 or f16\n"); return 2; }
   if (repeats < 1 || prompt < 1 || gen < 1) { std::fprintf(stderr, "--repeats/--prompt/--gen: >= 1\n"); return 2; }
+  if (window < 0) { std::fprintf(stderr, "--window: >= 0\n"); return 2; }
 
   try {
     if (threads > 0) ne::set_num_threads(threads);
@@ -182,6 +185,7 @@ int main(int argc, char** argv) {
       s.d_ff = 2048; s.max_seq_len = 2048; s.norm = 1; s.norm_eps = 1e-5; s.activation = 2; s.gated_mlp = true;
       s.learned_pos = false; s.rope_theta = 10000.0;
     }
+    if (window > 0) s.window.assign(s.n_layers, window);
     const int64_t d = s.d_model, dq = int64_t(s.n_heads) * s.head_dim, dkv = int64_t(s.n_kv_heads) * s.head_dim,
                   f = s.d_ff, V = s.vocab;
     const float ws = 0.02f;  // GPT-2's init std, roughly: keeps activations finite over 12 layers
@@ -272,6 +276,7 @@ int main(int argc, char** argv) {
                 repeats, prompt, gen, medium ? "medium" : "highest",
                 medium && !ne::amx_bf16_available() ? " (no AMX-BF16 here: computes as highest)" : "");
     if (lmul_bits > 0) std::printf(" lmul=%d bits, scope %s", lmul_bits, lmul_all ? "all" : "attention");
+    if (window > 0) std::printf(" sliding window=%d", window);
     std::printf("\n");
     std::printf("weights: %.1f MB in the arena (%s pages); %.1f MB read per decode step; norms %s\n", total / 1e6,
                 small_pages ? "4 KiB" : "huge", per_token / 1e6,
