@@ -120,8 +120,8 @@ class ModelConfig:
 
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
             v = getattr(self, name)
-            if not is_int(v) or v < 1:
-                raise ArgumentError(f"config.{name}: expected a positive int, got {v!r}")
+            if not is_int(v) or not 1 <= v < 2**31:  # (the runners hold them in 32-bit ints)
+                raise ArgumentError(f"config.{name}: expected a positive int below 2^31, got {v!r}")
         for name in ("gated_mlp", "learned_pos", "qkv_bias", "o_bias", "mlp_bias", "tied_head", "head_bias",
                      "linear_normalize", "quant_symmetric", "qk_norm", "post_norms"):
             v = getattr(self, name)

@@ -81,7 +81,7 @@ class _Conf:
 
 def _activation(c: _Conf, key, default):
     v = c.get(key, default)
-    if v not in _ACTIVATIONS:
+    if not isinstance(v, str) or v not in _ACTIVATIONS:
         c.unsupported(key, f"known activations are {sorted(_ACTIVATIONS)}")
     return _ACTIVATIONS[v]
 
@@ -153,11 +153,17 @@ def _rope_scaling(c: _Conf):
     return found
 
 
+_MAX_LAYERS = 1 << 16  # a sanity bound before per-layer lists are made from an untrusted config
+
+
 def _sliding_windows(c: _Conf, family: str, n_layers: int, max_pos: int) -> list:
     """Per-layer sliding windows (ModelConfig.sliding_window) as transformers reads the config:
     Mistral, Phi-3: every layer sees the last `sliding_window` keys when that is set; Qwen2 / Qwen3: only with
     use_sliding_window, in the layers `layer_types` marks "sliding_attention" (default: those from
     max_window_layers on); Llama: none. A window as wide as the context changes nothing and is dropped."""
+    if n_layers > _MAX_LAYERS:
+        raise CheckpointError(f"{c.where}: field 'num_hidden_layers' = {n_layers} is beyond any model "
+                              f"(at most {_MAX_LAYERS})")
     lt = c.d.get("layer_types")
     if lt is not None and (not isinstance(lt, list) or len(lt) != n_layers
                            or any(t not in ("full_attention", "sliding_attention") for t in lt)):
@@ -303,7 +309,7 @@ def _gemma_config(c: _Conf, gen, family: str) -> ModelConfig:
     rp = c.d.get("rope_parameters")
     if family in ("gemma2", "gemma3") and c.d.get("layer_types") is None:
         # transformers' default pattern: every n-th layer global (Gemma 2: every other one)
-        n = c.int("num_hidden_layers")
+        n = min(c.int("num_hidden_layers"), _MAX_LAYERS + 1)  # (more: refused by _sliding_windows)
         pattern = c.d.get("sliding_window_pattern", c.d.get("_sliding_window_pattern", 6 if family == "gemma3" else 2))
         if type(pattern) is not int or pattern < 1:
             raise CheckpointError(f"{c.where}: field 'sliding_window_pattern' must be a positive int, got {pattern!r}")
