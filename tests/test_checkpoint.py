@@ -909,13 +909,17 @@ def test_config_disagrees_with_tensors(tmp_path):
 @needs_hf
 @pytest.mark.parametrize("variant, field", [("gpt2", "n_layer"), ("llama_gqa", "num_hidden_layers")])
 def test_config_naming_absurdly_many_layers(tmp_path, variant, field):
-    """A config that names 2**31 layers over a checkpoint of 2 is a missing-tensor error at the first
-    absent layer, raised before anything of the config's size is built (the table of 2**31 layers'
-    tensor names was a MemoryError, or the OOM killer)."""
+    """A config that names 2**31 - 1 layers over a checkpoint of 2 is a missing-tensor error at the first
+    absent layer (or, where per-layer lists are read from the config, a refusal of the count), raised
+    before anything of the config's size is built (the table of 2**31 layers' tensor names was a
+    MemoryError, or the OOM killer); 2**31 does not fit the runners' ints and is refused at once."""
     model = make_model(variant)
-    path = _edit_config(tmp_path, variant, **{field: 2**31})
     n = model.config.num_hidden_layers
-    with pytest.raises(ne.CheckpointError, match=rf"missing tensor 'blocks\.{n}\."):
+    path = _edit_config(tmp_path, variant, **{field: 2**31 - 1})
+    with pytest.raises(ne.CheckpointError, match=rf"missing tensor 'blocks\.{n}\.|at most 65536"):
+        load_checkpoint(path)
+    path = _edit_config(tmp_path, variant, **{field: 2**31})
+    with pytest.raises(ne.CheckpointError, match="below 2\\^31|at most 65536"):
         load_checkpoint(path)
 
 
