@@ -10,7 +10,8 @@
 //     (a sliding-window layer, spec.window: over keys pos - W + 1 .. pos only)
 //     or, in a linear / MALA / norm attention layer (spec.attention), att = the op's readout of the
 //     slot's fixed-size state after each token's update (cuda::linear_attention_rows, no KV cache)
-//   x += att Wo^T (+bo)                           (the GEMM's accumulate epilogue: beta = 1)
+//   x += att Wo^T (+bo)                           (the GEMM's accumulate epilogue: beta = 1; parallel
+//                                                  residual (GPT-NeoX): after the MLP, which reads the same x)
 //   xn = norm(x);  up = xn Wu^T (+bu);  gated: up = act(xn Wg^T (+bg)) * up, else up = act(up)
 //   x += up Wd^T (+bd)
 // then logits = norm(x) Wlm^T (+blm) on all rows or on each sequence's last row (gather_rows_kernel).
@@ -129,6 +130,7 @@ struct RopeCacheParams {
   const float* q_norm;
   const float* k_norm;
   float norm_eps;
+  int rot_dim;  // rotary dims per head (partial rotary: the first rot_dim; the rest pass through)
 };
 
 template <class TC> __device__ __forceinline__ TC to_cache(float x);
@@ -140,7 +142,7 @@ __device__ __forceinline__ float from_cache(__nv_bfloat16 x) { return __bfloat16
 template <class TC>
 __global__ void rope_cache_kernel(const RopeCacheParams p) {
   const int64_t t = blockIdx.x;
-  const int D = p.head_dim, half = D / 2;
+  const int D = p.head_dim, half = p.rot_dim / 2;
   const int64_t pos = p.pos[t], dkv = static_cast<int64_t>(p.n_kv_heads) * D;
   const int64_t row = (static_cast<int64_t>(p.slot[t]) * p.ctx + pos) * dkv;
   const bool cached = p.kcache != nullptr;
@@ -186,6 +188,11 @@ __global__ void rope_cache_kernel(const RopeCacheParams p) {
         x[i + half] = y2;
       }
     }
+    if (cached && p.rot_dim < D)  // partial rotary: the dims past rot_dim go to the cache as they are
+      for (int e = threadIdx.x; e < p.n_kv_heads * (D - p.rot_dim); e += blockDim.x) {
+        const int h = e / (D - p.rot_dim), i = p.rot_dim + e % (D - p.rot_dim);
+        kdst[h * D + i] = to_cache<TC>(k[h * D + i]);
+      }
   } else if (cached) {
     for (int64_t e = threadIdx.x; e < dkv; e += blockDim.x) kdst[e] = to_cache<TC>(k[e]);
   }
@@ -647,7 +654,7 @@ CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spe
     // 1 / theta^(2i / D) or the spec's scaled ones), cos and sin times the attention factor (YaRN's; 1
     // otherwise): the CPU runner's table, bit for bit.
     // Gemma 3's sliding-window layers have their own (spec.rope_inv_freq_local): two more tables after these.
-    const int half = s.head_dim / 2;
+    const int half = rope_dims(s) / 2;
     const size_t n = static_cast<size_t>(ctx) * half;
     const bool local = !s.rope_inv_freq_local.empty();
     std::vector<float> tab((local ? 4 : 2) * n);
@@ -873,7 +880,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     cuda::check_launch("embed_kernel");
   }
 
-  const int half = s.head_dim / 2;
+  const int half = rope_dims(s) / 2;  // RoPE table width
   const float scale = attn_scale(s);
   const int64_t act_n = T * f;
   const unsigned act_grid = static_cast<unsigned>(std::min<int64_t>(cuda::ceil_div(act_n, 256), 65536));
@@ -914,6 +921,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       p.q_norm = s.qk_norm ? L.q_norm.f32() : nullptr;
       p.k_norm = s.qk_norm ? L.k_norm.f32() : nullptr;
       p.norm_eps = static_cast<float>(s.norm_eps);
+      p.rot_dim = rope_dims(s);
       if (s.kv_bf16 && softmax) cuda::rope_cache_kernel<__nv_bfloat16><<<grid_t, 128, 0, st>>>(p);
       else cuda::rope_cache_kernel<float><<<grid_t, 128, 0, st>>>(p);
       cuda::check_launch("rope_cache_kernel");
@@ -964,9 +972,9 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       cuda::post_norm_add_kernel<<<grid_t, cuda::kPostNormThreads, 0, st>>>(m.xn, L.attn_post_norm.f32(), d,
                                                                             static_cast<float>(s.norm_eps), m.x);
       cuda::check_launch("post_norm_add_kernel");
-    } else {
+    } else if (!s.parallel_residual) {
       cuda::launch_linear(L.o, L.ob, m.att, dq, T, m.x, d, true, st, ar);  // x += attn Wo^T + bo
-    }
+    }  // (parallel residual: the MLP reads this same x; att is added after it)
     // ---- MLP
     xin = m.x;
     if (m.fused) {
@@ -983,6 +991,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       cuda::activation_kernel<<<act_grid, 256, 0, st>>>(s.activation, act_n, m.up, nullptr, m.up);
     }
     cuda::check_launch("activation_kernel");
+    if (s.parallel_residual) cuda::launch_linear(L.o, L.ob, m.att, dq, T, m.x, d, true, st, ar);  // x += attn Wo^T
     if (s.post_norms) {  // x += RMSNorm(act Wd^T + bd) g
       cuda::launch_linear(L.down, L.downb, m.up, f, T, m.xn, d, false, st, ar);
       cuda::post_norm_add_kernel<<<grid_t, cuda::kPostNormThreads, 0, st>>>(m.xn, L.mlp_post_norm.f32(), d,

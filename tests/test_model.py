@@ -68,6 +68,10 @@ MODELS = {
     "gemma": lambda: _llama("Gemma", head_dim=16, pad_token_id=1),
     # and sandwich norms, q / k norms, a local RoPE in the sliding layers, query_pre_attn_scalar
     "gemma3": lambda: _gemma3(),
+    # parallel residual, partial rotary (a quarter of each head), q / k / v interleaved per head
+    "gpt-neox": lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=96, bos_token_id=0, eos_token_id=0)),
     # RoPE frequency variants, with a pretraining context short enough that every test's positions
     # fall in the scaled range
     "llama3-rope": lambda: _llama(rope_parameters=dict(LLAMA3_ROPE)),

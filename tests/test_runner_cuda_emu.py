@@ -110,18 +110,18 @@ class EmuRunner:
                 s["max_seq_len"], s["norm"], s["activation"], s["gated_mlp"], s["learned_pos"], s["qkv_bias"],
                 s["o_bias"], s["mlp_bias"], s["head_bias"], s["kv_bf16"], s["linear_feature_map"],
                 s["linear_normalize"], s["norm_attention_norm"], s["lmul_scope"], s["lmul_bits"], s["bf16_products"],
-                s["qk_norm"], s["post_norms"]]
+                s["qk_norm"], s["post_norms"], s["rope_dim"], s["parallel_residual"]]
         self.vocab = s["vocab"]
-        self._ints = (ctypes.c_int * 25)(*[int(v) for v in ints])
+        self._ints = (ctypes.c_int * 27)(*[int(v) for v in ints])
         self._dbl = (ctypes.c_double * 9)(float(s["norm_eps"]), float(s["rope_theta"]), float(s["linear_eps"]),
                                           float(s.get("rope_attn_factor", 1.0)), float(s["emb_scale"]),
                                           float(s["attn_scale"]), float(s.get("rope_attn_factor_local", 1.0)),
                                           float(s["attn_softcap"]), float(s["final_softcap"]))
         self._attn = (ctypes.c_int * len(s["attention"]))(*s["attention"]) if s["attention"] else None
-        half = s["head_dim"] // 2
+        half = (s["rope_dim"] or s["head_dim"]) // 2
         inv, local, win = s.get("rope_inv_freq"), s.get("rope_inv_freq_local"), s.get("window")
         if local and not inv:  # (the plain table, as the runners make it, beside the local one)
-            inv = rope.inv_freq(s["rope_theta"], s["head_dim"]).tolist()
+            inv = rope.inv_freq(s["rope_theta"], s["rope_dim"] or s["head_dim"]).tolist()
         self._inv = (ctypes.c_float * half)(*inv) if inv else None
         self._local = (ctypes.c_float * half)(*local) if local else None
         self._win = (ctypes.c_int * len(win))(*win) if win else None
@@ -299,16 +299,21 @@ def variant(model, name):
                                      post_norms=True, emb_scale=11.3, attn_scale=0.07, local_theta=100.0,
                                      attn_softcap=0.5, final_softcap=4.0,
                                      window=[6 * (i % 2 == 0) for i in range(model.config.n_layers)]),
+        # GPT-NeoX-style: parallel residual, partial rotary (16 of 64 dims), LayerNorm, exact GELU, f32
+        "neox_parallel_partial_f32": dict(n_heads=2, n_kv_heads=2, head_dim=64, learned_pos=False, gated_mlp=False,
+                                          activation=1, norm=0, head_bias=False, dtype=torch.float32, ld=0,
+                                          rope_dim=16, parallel_residual=True),
         # head_dim 128 (attention<4>), ReLU, LayerNorm, float16 rows 133 apart (scalar loads)
         "hd128_relu_strided_f16": dict(n_heads=1, n_kv_heads=1, head_dim=128, learned_pos=True, gated_mlp=False,
                                        activation=3, norm=0, head_bias=False, dtype=torch.float16, ld=5),
     }[name]
     dt, pad, scaling, local = cfg.pop("dtype"), cfg.pop("ld"), cfg.pop("rope", None), cfg.pop("local_theta", None)
     spec.update(cfg)
+    rot = spec["rope_dim"] or spec["head_dim"]
     if local is not None:
-        spec["rope_inv_freq_local"] = rope.inv_freq(local, spec["head_dim"]).tolist()
+        spec["rope_inv_freq_local"] = rope.inv_freq(local, rot).tolist()
     if scaling is not None:
-        spec["rope_inv_freq"] = rope.inv_freq(spec["rope_theta"], spec["head_dim"], scaling).tolist()
+        spec["rope_inv_freq"] = rope.inv_freq(spec["rope_theta"], rot, scaling).tolist()
         spec["rope_attn_factor"] = rope.attention_factor(scaling)
     dkv = spec["n_kv_heads"] * spec["head_dim"]
     out = {}
@@ -381,7 +386,7 @@ def prefill_then_decode(lib, model, spec, tensors, seed, rows=None):
 
 
 @pytest.mark.parametrize("name", ["rope_gqa_gated_rms_bf16", "rope_hd64_mqa_crms_f32", "qknorm_yarn_gqa_f32",
-                                  "gemma3_sandwich_bf16", "hd128_relu_strided_f16"])
+                                  "gemma3_sandwich_bf16", "neox_parallel_partial_f32", "hd128_relu_strided_f16"])
 def test_variants(lib, model, name):
     """Prefill (7 and 20 tokens, two slots in one call, every row) then two decode steps, vs the CPU
     runner on the same spec and tensors."""

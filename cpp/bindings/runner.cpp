@@ -56,6 +56,8 @@ ne::ModelSpec spec_from(const py::dict& d) {
   if (d.contains("emb_scale")) s.emb_scale = d["emb_scale"].cast<double>();
   if (d.contains("attn_scale")) s.attn_scale = d["attn_scale"].cast<double>();
   if (d.contains("post_norms")) s.post_norms = d["post_norms"].cast<bool>();
+  if (d.contains("rope_dim")) s.rope_dim = d["rope_dim"].cast<int>();
+  if (d.contains("parallel_residual")) s.parallel_residual = d["parallel_residual"].cast<bool>();
   if (d.contains("attn_softcap")) s.attn_softcap = d["attn_softcap"].cast<double>();
   if (d.contains("final_softcap")) s.final_softcap = d["final_softcap"].cast<double>();
   if (s.norm < -1 || s.norm > 2) throw ne::ValueError("spec.norm: expected -1..2");

@@ -12,7 +12,8 @@
 //   K/V cache[slot][pos] = k, v;  attention over keys 0 .. pos (or, in a sliding-window layer, the last W)
 //   x += attention(q, cache) Wo^T (+bo)            (the add is the GEMM's accumulate epilogue;
 //                                                   Gemma 2 / 3: x += RMSNorm(attention Wo^T) g, and so for the MLP)
-//   xn = norm(x)                                   (mlp_norm)
+//   xn = norm(x)                                   (mlp_norm; parallel residual (GPT-NeoX): of the block's
+//                                                   input x, the attention's output added with the MLP's)
 //   x += act(xn Wg^T) * (xn Wu^T) Wd^T  (gated)  or  act(xn Wu^T + bu) Wd^T + bd
 // then logits = norm(x) Wlm^T (+blm) for the rows asked for.
 //
@@ -449,7 +450,7 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
   }
 
   if (!s.learned_pos) {  // cos / sin of every row's angles pos * inv_freq_i (float32 angle, as HF)
-    const int half = s.head_dim / 2;
+    const int half = rope_dims(s) / 2;
     const float attn_factor = static_cast<float>(s.rope_attn_factor);  // YaRN's; 1 otherwise
     grow(m.rope_row, T);
     auto table = [&](const std::vector<float>& inv, float factor, std::vector<float>& cs, std::vector<float>& sn) {
@@ -507,8 +508,8 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
       const bool local = local_rope(s, li);
       const float* cs = local ? m.rope_cos_local.data() : m.rope_cos.data();
       const float* sn = local ? m.rope_sin_local.data() : m.rope_sin.data();
-      K.rope({T, qp, ldq, s.n_heads, s.head_dim, m.rope_row.data(), cs, sn, qn, eps});
-      K.rope({T, kp, ldkv, s.n_kv_heads, s.head_dim, m.rope_row.data(), cs, sn, kn, eps});
+      K.rope({T, qp, ldq, s.n_heads, s.head_dim, m.rope_row.data(), cs, sn, qn, eps, rope_dims(s)});
+      K.rope({T, kp, ldkv, s.n_kv_heads, s.head_dim, m.rope_row.data(), cs, sn, kn, eps, rope_dims(s)});
     }
     if (L.type == AttnType::Softmax) {
       for (int64_t t = 0; t < T; ++t) {
@@ -560,9 +561,9 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
     if (s.post_norms) {  // x += RMSNorm(attn Wo^T + bo) g   (xn is free here)
       linear(L.o, L.ob, m.att.data(), T, m.xn.data(), false, ar);
       add_post_norm(m.xn.data(), L.attn_post_norm.f32(), T, d, s.norm_eps, m.x.data());
-    } else {
+    } else if (!s.parallel_residual) {
       linear(L.o, L.ob, m.att.data(), T, m.x.data(), true, ar);  // x += attn Wo^T + bo
-    }
+    }  // (parallel residual: the MLP reads this same x; att is added after it)
     // ---- MLP
     const bool fgu = L.gate_up.present();  // [gate; up] in one GEMM: gu = [T, 2 d_ff], gate first
     if (m.fused) {
@@ -589,6 +590,7 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
     } else {
       K.activation({static_cast<Act>(s.activation), T, f, m.up.data(), f, nullptr, 0, m.up.data(), f});
     }
+    if (s.parallel_residual) linear(L.o, L.ob, m.att.data(), T, m.x.data(), true, ar);  // x += attn Wo^T + bo
     if (s.post_norms) {  // x += RMSNorm(act Wd^T + bd) g
       linear(L.down, L.downb, m.up.data(), T, m.xn.data(), false, ar);
       add_post_norm(m.xn.data(), L.mlp_post_norm.f32(), T, d, s.norm_eps, m.x.data());

@@ -46,6 +46,9 @@ inline int layer_of(const std::string& name, const ModelSpec& s, std::string* re
   return i;
 }
 
+// The rotary dims of each head: spec.rope_dim, or all head_dim.
+inline int rope_dims(const ModelSpec& s) { return s.rope_dim > 0 ? s.rope_dim : s.head_dim; }
+
 // The checks both runners' constructors make of a spec and their slots / ctx (ValueError naming the
 // field). What one runner does not support is that runner's to refuse.
 inline void check_spec(const ModelSpec& s, int slots, int ctx) {
@@ -54,16 +57,21 @@ inline void check_spec(const ModelSpec& s, int slots, int ctx) {
     throw ValueError("spec: every size must be positive");
   if (s.n_heads % s.n_kv_heads) throw ValueError("spec: n_heads must be a multiple of n_kv_heads");
   if (!s.learned_pos && s.head_dim % 2) throw ValueError("spec: RoPE needs an even head_dim");
-  if (!s.learned_pos && !s.rope_inv_freq.empty() && static_cast<int>(s.rope_inv_freq.size()) != s.head_dim / 2)
-    throw ValueError("spec.rope_inv_freq: expected head_dim / 2 = " + std::to_string(s.head_dim / 2) + " values, got " +
+  if (s.rope_dim < 0 || s.rope_dim > s.head_dim || s.rope_dim % 2)
+    throw ValueError("spec.rope_dim: expected an even number of rotary dims in 0..head_dim (0: all), got " +
+                     std::to_string(s.rope_dim));
+  const int rh = rope_dims(s) / 2;
+  if (!s.learned_pos && !s.rope_inv_freq.empty() && static_cast<int>(s.rope_inv_freq.size()) != rh)
+    throw ValueError("spec.rope_inv_freq: expected rope_dim / 2 = " + std::to_string(rh) + " values, got " +
                      std::to_string(s.rope_inv_freq.size()));
+  if (s.parallel_residual && s.post_norms)
+    throw ValueError("spec.parallel_residual: not with post_norms (no architecture has both)");
   for (float f : s.rope_inv_freq)
     if (!(f >= 0.f && f < INFINITY)) throw ValueError("spec.rope_inv_freq: expected finite non-negative values");
   if (!(s.rope_attn_factor > 0 && s.rope_attn_factor < INFINITY))
     throw ValueError("spec.rope_attn_factor: expected a positive finite number");
-  if (!s.rope_inv_freq_local.empty() &&
-      (s.learned_pos || static_cast<int>(s.rope_inv_freq_local.size()) != s.head_dim / 2))
-    throw ValueError("spec.rope_inv_freq_local: expected head_dim / 2 = " + std::to_string(s.head_dim / 2) +
+  if (!s.rope_inv_freq_local.empty() && (s.learned_pos || static_cast<int>(s.rope_inv_freq_local.size()) != rh))
+    throw ValueError("spec.rope_inv_freq_local: expected rope_dim / 2 = " + std::to_string(rh) +
                      " values (and RoPE), got " + std::to_string(s.rope_inv_freq_local.size()));
   for (float f : s.rope_inv_freq_local)
     if (!(f >= 0.f && f < INFINITY)) throw ValueError("spec.rope_inv_freq_local: expected finite non-negative values");
@@ -101,15 +109,15 @@ inline void check_spec(const ModelSpec& s, int slots, int ctx) {
     throw ValueError("spec.lmul_bits: expected 1..23 mantissa bits, got " + std::to_string(s.lmul_bits));
 }
 
-// RoPE's inv_freq_i, i < head_dim / 2: the spec's own (the scaled variants, computed by Python), or
-// the plain 1 / theta^(2i / D) as Hugging Face computes it in float32. Both runners build their cos /
-// sin from these, so they agree bit for bit.
+// RoPE's inv_freq_i, i < R / 2 (R = rope_dims: head_dim, or the partial rotary dims): the spec's own
+// (the scaled variants, computed by Python), or the plain 1 / theta^(2i / R) as Hugging Face computes it
+// in float32. Both runners build their cos / sin from these, so they agree bit for bit.
 inline std::vector<float> rope_inv_freq(const ModelSpec& s) {
   if (!s.rope_inv_freq.empty()) return s.rope_inv_freq;
-  const int half = s.head_dim / 2;
+  const int R = rope_dims(s), half = R / 2;
   std::vector<float> inv(half);
   for (int i = 0; i < half; ++i)
-    inv[i] = 1.0f / std::pow(static_cast<float>(s.rope_theta), static_cast<float>(2 * i) / s.head_dim);
+    inv[i] = 1.0f / std::pow(static_cast<float>(s.rope_theta), static_cast<float>(2 * i) / R);
   return inv;
 }
 

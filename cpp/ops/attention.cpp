@@ -423,7 +423,7 @@ void attention(const AttnArgs& a) {
 }
 
 void rope(const RopeArgs& a) {
-  const int half = a.head_dim / 2;
+  const int half = (a.rot_dim > 0 ? a.rot_dim : a.head_dim) / 2;
   parallel_for(a.n_tokens, 16, [&](int64_t t0, int64_t t1, int) {
     for (int64_t t = t0; t < t1; ++t) {
       const float* c = a.cos + static_cast<int64_t>(a.pos[t]) * half;

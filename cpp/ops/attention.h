@@ -40,7 +40,8 @@ inline int64_t first_key(int64_t pos, int w) { return w > 0 && pos + 1 > w ? pos
 
 // Rotary embedding, "rotate half" pairing (i, i + D/2) as in Llama:
 //   x'[i] = x[i] cos(a) - x[i + D/2] sin(a),  x'[i + D/2] = x[i + D/2] cos(a) + x[i] sin(a)
-// with a = pos * inv_freq[i]; cos/sin come from a table [max_pos, D/2] built once per model.
+// with a = pos * inv_freq[i]; cos/sin come from a table [max_pos, D/2] built once per model. Partial
+// rotary (rot_dim R < D): the same over the first R values with R/2 in place of D/2; the rest stay.
 struct RopeArgs {
   int64_t n_tokens;
   float* x;                  // [n_tokens, n_heads * head_dim], in place
@@ -53,6 +54,7 @@ struct RopeArgs {
   //   x_h <- x_h / sqrt(mean_i(x_h[i]^2) + norm_eps) * norm_w   over each head's head_dim values
   const float* norm_w = nullptr;  // [head_dim], or null: rotation only
   float norm_eps = 0.f;
+  int rot_dim = 0;                // partial rotary: pairs (i, i + rot_dim / 2), i < rot_dim / 2; 0: head_dim
 };
 
 enum class Act : int { GeluTanh = 0, Gelu = 1, Silu = 2, Relu = 3 };

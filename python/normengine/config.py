@@ -87,6 +87,8 @@ class ModelConfig:
     learned_pos: bool = False      # learned absolute positions (pos_emb) vs RoPE
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # RoPE frequency variant (normengine.rope): {"rope_type": ..., ...}
+    rotary_dim: int = 0               # partial rotary: each head's first rotary_dim values rotate (0: all)
+    parallel_residual: bool = False   # x += attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX)
     qk_norm: bool = False             # per-head RMSNorm of q and k after their projections (Qwen3)
     rope_local_theta: float | None = None  # plain RoPE with this theta in the sliding-window layers (Gemma 3)
     emb_scale: float = 1.0            # token embeddings times this on lookup (Gemma: sqrt(d_model))
@@ -123,7 +125,7 @@ class ModelConfig:
             if not is_int(v) or not 1 <= v < 2**31:  # (the runners hold them in 32-bit ints)
                 raise ArgumentError(f"config.{name}: expected a positive int below 2^31, got {v!r}")
         for name in ("gated_mlp", "learned_pos", "qkv_bias", "o_bias", "mlp_bias", "tied_head", "head_bias",
-                     "linear_normalize", "quant_symmetric", "qk_norm", "post_norms"):
+                     "linear_normalize", "quant_symmetric", "qk_norm", "post_norms", "parallel_residual"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise ArgumentError(f"config.{name}: expected true or false, got {v!r}")
@@ -176,6 +178,12 @@ class ModelConfig:
         check_scaling(self.rope_scaling)
         if self.learned_pos and (self.rope_scaling is not None or self.qk_norm or self.rope_local_theta is not None):
             raise ArgumentError("config: rope_scaling, rope_local_theta and qk_norm need RoPE (learned_pos false)")
+        rd = self.rotary_dim
+        if not is_int(rd) or not 0 <= rd <= self.head_dim or rd % 2 or (rd and self.learned_pos):
+            raise ArgumentError(f"config.rotary_dim: expected 0 (all) or an even number up to head_dim "
+                                f"({self.head_dim}) with RoPE, got {rd!r}")
+        if self.parallel_residual and self.post_norms:
+            raise ArgumentError("config: parallel_residual and post_norms together are not implemented")
         if self.post_norms and self.norm not in ("rmsnorm", "none"):
             raise ArgumentError(f"config.post_norms: sandwich norms go with RMSNorm models, not {self.norm!r}")
         if not self.learned_pos and self.head_dim % 2:

@@ -58,11 +58,12 @@ def _rope_spec(c: ModelConfig) -> dict:
     themselves), else the variant's frequencies and attention factor (normengine.rope); and the
     sliding-window layers' own plain frequencies (Gemma 3's local RoPE)."""
     out = {}
+    dim = c.rotary_dim or c.head_dim
     if not c.learned_pos and c.rope_scaling is not None:
-        out.update(rope_inv_freq=rope.inv_freq(c.rope_theta, c.head_dim, c.rope_scaling).tolist(),
+        out.update(rope_inv_freq=rope.inv_freq(c.rope_theta, dim, c.rope_scaling).tolist(),
                    rope_attn_factor=rope.attention_factor(c.rope_scaling))
     if not c.learned_pos and c.rope_local_theta is not None:
-        out.update(rope_inv_freq_local=rope.inv_freq(c.rope_local_theta, c.head_dim).tolist())
+        out.update(rope_inv_freq_local=rope.inv_freq(c.rope_local_theta, dim).tolist())
     return out
 
 
@@ -388,7 +389,8 @@ class Model:
             linear_eps=float(c.linear_eps), lmul_scope=_LMUL_SCOPES.get(self.lmul_scope, 0),
             lmul_bits=self.lmul_bits or 4, bf16_products=bf16_products(self.matmul_precision),
             kv_bf16=self._kv_bf16, qk_norm=c.qk_norm, window=list(c.sliding_window), emb_scale=float(c.emb_scale),
-            attn_scale=float(c.attn_scale or 0.0), post_norms=c.post_norms, attn_softcap=float(c.attn_softcap or 0.0),
+            attn_scale=float(c.attn_scale or 0.0), post_norms=c.post_norms, rope_dim=c.rotary_dim,
+            parallel_residual=c.parallel_residual, attn_softcap=float(c.attn_softcap or 0.0),
             final_softcap=float(c.final_softcap or 0.0), **_rope_spec(c),
         )
 

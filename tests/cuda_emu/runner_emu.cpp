@@ -105,7 +105,8 @@ const char* ne_remu_error() { return ne_harness::error(); }
 
 // ints: vocab, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff, max_seq_len, norm, activation,
 // gated_mlp, learned_pos, qkv_bias, o_bias, mlp_bias, head_bias, kv_bf16, linear_feature_map,
-// linear_normalize, norm_attention_norm, lmul_scope, lmul_bits, bf16_products, qk_norm, post_norms (25);
+// linear_normalize, norm_attention_norm, lmul_scope, lmul_bits, bf16_products, qk_norm, post_norms, rope_dim,
+// parallel_residual (27);
 // dbl: norm_eps, rope_theta, linear_eps, rope_attn_factor, emb_scale, attn_scale, rope_attn_factor_local,
 // attn_softcap, final_softcap (9);
 // attention: the n_layers attention types (AttnType values), or null (every layer softmax); inv_freq,
@@ -141,6 +142,8 @@ void* ne_remu_create(const int* ints, const double* dbl, const int* attention, c
     s.bf16_products = ints[22] != 0;
     s.qk_norm = ints[23] != 0;
     s.post_norms = ints[24] != 0;
+    s.rope_dim = ints[25];
+    s.parallel_residual = ints[26] != 0;
     s.norm_eps = dbl[0];
     s.rope_theta = dbl[1];
     s.linear_eps = dbl[2];

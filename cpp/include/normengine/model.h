@@ -26,7 +26,13 @@ struct ModelSpec {
   bool gated_mlp = false;
   bool learned_pos = false;
   double rope_theta = 10000.0;
-  // RoPE frequencies: head_dim / 2 values inv_freq_i, angle = pos * inv_freq_i (float32). Empty: the
+  // Partial rotary embeddings (GPT-NeoX / Pythia): only each head's first rope_dim values rotate, in
+  // pairs (i, i + rope_dim / 2); the rest pass through. 0: all head_dim.
+  int rope_dim = 0;
+  // Parallel residual (GPT-NeoX): x += attention(norm1(x)) + mlp(norm2(x)), both branches reading the
+  // block's input, instead of the MLP reading x after the attention's add.
+  bool parallel_residual = false;
+  // RoPE frequencies: rope_dim / 2 values inv_freq_i, angle = pos * inv_freq_i (float32). Empty: the
   // plain ones, 1 / theta^(2i / head_dim). Python computes them for the scaled variants (linear,
   // llama3, yarn: normengine/rope.py), as Hugging Face does in float32.
   std::vector<float> rope_inv_freq;

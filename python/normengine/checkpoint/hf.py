@@ -108,8 +108,8 @@ def _rope_scaling(c: _Conf):
     """The checkpoint's RoPE variant as normengine.rope's normalized record, or None for plain RoPE.
     Transformers 5 writes 'rope_parameters' ({"rope_type": ..., "rope_theta": ..., <the type's fields>});
     older configs 'rope_scaling' ({"type" or "rope_type": ..., ...}) next to 'rope_theta'. Implemented:
-    linear, llama3, yarn (normengine.rope); dynamic NTK, longrope and partial rotary embeddings are
-    refused, naming the field."""
+    linear, llama3, yarn (normengine.rope); dynamic NTK and longrope are refused, naming the field.
+    (Partial rotary embeddings: _rotary_dim.)"""
     from ..errors import ArgumentError
     from ..rope import ROPE_TYPES, _FIELDS, check_scaling
 
@@ -123,9 +123,6 @@ def _rope_scaling(c: _Conf):
         if any(isinstance(v, dict) for v in rs.values()):
             c.unsupported(key, "RoPE parameters per layer type are not implemented")
         rope_type = rs.get("rope_type") or rs.get("type") or "default"
-        prf = rs.get("partial_rotary_factor")
-        if prf not in (None, 1, 1.0):
-            c.unsupported(key, "partial rotary embeddings (partial_rotary_factor) are not implemented")
         if rope_type != "default":
             if rope_type not in ROPE_TYPES:
                 c.unsupported(key, f"RoPE scaling of type {rope_type!r} is not implemented; implemented: "
@@ -147,10 +144,35 @@ def _rope_scaling(c: _Conf):
                 check_scaling(found, f"{c.where}: field '{key}'")
             except ArgumentError as e:
                 raise CheckpointError(str(e)) from e
-    prf = c.d.get("partial_rotary_factor")
-    if prf not in (None, 1, 1.0):
-        c.unsupported("partial_rotary_factor", "partial rotary embeddings are not implemented")
     return found
+
+
+def _rotary_dim(c: _Conf, head_dim: int, partial: bool = True) -> int:
+    """Partial rotary embeddings (ModelConfig.rotary_dim, 0: the whole head): int(head_dim * factor) with
+    the factor from rope_parameters / rope_scaling ('partial_rotary_factor'), a top-level
+    partial_rotary_factor, or GPT-NeoX's rotary_pct, as transformers reads them. partial=False: an
+    architecture whose transformers model rotates whole heads only (a factor below 1 is refused)."""
+    where, prf = None, None
+    for key in ("rope_scaling", "rope_parameters"):
+        rs = c.d.get(key)
+        if isinstance(rs, dict) and rs.get("partial_rotary_factor") is not None:
+            where, prf = f"{key}.partial_rotary_factor", rs["partial_rotary_factor"]
+            break
+    for key in ("partial_rotary_factor", "rotary_pct"):
+        if prf is None and c.d.get(key) is not None:
+            where, prf = key, c.d[key]
+    if prf is None:
+        return 0
+    if isinstance(prf, bool) or not isinstance(prf, (int, float)) or not 0 < prf <= 1:
+        raise CheckpointError(f"{c.where}: field '{where}' must be a number in (0, 1], got {prf!r}")
+    dim = int(head_dim * prf)
+    if dim == head_dim:
+        return 0
+    if not partial:
+        c.unsupported(where.split(".")[0], "partial rotary embeddings are not implemented for this architecture")
+    if dim < 2 or dim % 2:
+        c.unsupported(where.split(".")[0], f"{dim} rotary dims of {head_dim}: RoPE rotates an even number, at least 2")
+    return dim
 
 
 _MAX_LAYERS = 1 << 16  # a sanity bound before per-layer lists are made from an untrusted config
@@ -241,6 +263,48 @@ def _gpt2_config(c: _Conf, gen) -> ModelConfig:
 _ATTENTION_BIAS = ("llama", "qwen3", "gemma", "gemma2", "gemma3")
 
 
+def _gpt_neox_config(c: _Conf, gen) -> ModelConfig:
+    """GPT-NeoX / Pythia: Pre-LN LayerNorm blocks with a parallel residual (use_parallel_residual: both
+    branches read the block's input), partial rotary embeddings (rotary_pct / partial_rotary_factor;
+    theta rotary_emb_base or rope_theta), q / k / v in one weight interleaved per head, biases, exact GELU."""
+    d = c.int("hidden_size")
+    h = c.int("num_attention_heads")
+    if d % h:
+        raise CheckpointError(f"{c.where}: hidden_size ({d}) is not a multiple of num_attention_heads ({h})")
+    head_dim = d // h
+    if c.d.get("rope_theta") is None and c.d.get("rotary_emb_base") is not None:
+        c = _Conf(dict(c.d, rope_theta=c.d["rotary_emb_base"]), c.where)
+    if c.d.get("use_parallel_residual") is not None and not isinstance(c.d["use_parallel_residual"], bool):
+        raise CheckpointError(f"{c.where}: field 'use_parallel_residual' must be true or false, "
+                              f"got {c.d['use_parallel_residual']!r}")
+    bias = bool(c.get("attention_bias", True))
+    return ModelConfig(
+        arch="gpt_neox",
+        vocab_size=c.int("vocab_size"),
+        d_model=d,
+        n_layers=c.int("num_hidden_layers"),
+        n_heads=h,
+        n_kv_heads=h,
+        head_dim=head_dim,
+        d_ff=c.int("intermediate_size"),
+        max_seq_len=c.int("max_position_embeddings"),
+        norm="layernorm",
+        norm_eps=c.float("layer_norm_eps", 1e-5),
+        activation=_activation(c, "hidden_act", "gelu"),
+        gated_mlp=False,
+        learned_pos=False,
+        rope_theta=_rope_theta(c),
+        rope_scaling=_rope_scaling(c),
+        rotary_dim=_rotary_dim(c, head_dim),
+        parallel_residual=bool(c.get("use_parallel_residual", True)),
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=True,
+        tied_head=bool(c.get("tie_word_embeddings", False)),
+        **_token_ids(c, gen),
+    )
+
+
 def _llama_family_config(c: _Conf, gen, family: str, act_key: str = "hidden_act",
                          act_default: str = "silu") -> ModelConfig:
     d = c.int("hidden_size")
@@ -277,6 +341,7 @@ def _llama_family_config(c: _Conf, gen, family: str, act_key: str = "hidden_act"
         learned_pos=False,
         rope_theta=_rope_theta(c),
         rope_scaling=rope_scaling,
+        rotary_dim=_rotary_dim(c, head_dim, partial=family == "phi3"),
         sliding_window=windows,
         qk_norm=family == "qwen3",
         qkv_bias=True if family == "qwen2" else (attention_bias if family in _ATTENTION_BIAS else False),
@@ -407,6 +472,26 @@ _GEMMA2_RULES = [r for r in _GEMMA_RULES if "post_attention_layernorm" not in r[
     ("layers.{i}.pre_feedforward_layernorm.weight", "blocks.{i}.mlp_norm.weight", "plus1"),
     ("layers.{i}.post_feedforward_layernorm.weight", "blocks.{i}.mlp_post_norm.weight", "plus1"),
 ]
+# GPT-NeoX: q / k / v rows interleaved per head ([h, 3, D]: "split_qkv_heads"); the head is lm_head, or
+# embed_out (outside the gpt_neox. prefix) in checkpoints written before transformers 5
+_GPT_NEOX_RULES = [
+    ("embed_in.weight", "tok_emb.weight", "copy"),
+    ("final_layer_norm.weight", "final_norm.weight", "copy"),
+    ("final_layer_norm.bias", "final_norm.bias", "copy"),
+    ("lm_head.weight", "lm_head.weight", "copy"),
+    ("embed_out.weight", "lm_head.weight", "copy"),
+]
+for _p in ("weight", "bias"):
+    _GPT_NEOX_RULES += [
+        (f"layers.{{i}}.input_layernorm.{_p}", f"blocks.{{i}}.attn_norm.{_p}", "copy"),
+        (f"layers.{{i}}.post_attention_layernorm.{_p}", f"blocks.{{i}}.mlp_norm.{_p}", "copy"),
+        (f"layers.{{i}}.attention.query_key_value.{_p}",
+         (f"blocks.{{i}}.attn.q.{_p}", f"blocks.{{i}}.attn.k.{_p}", f"blocks.{{i}}.attn.v.{_p}"), "split_qkv_heads"),
+        (f"layers.{{i}}.attention.dense.{_p}", f"blocks.{{i}}.attn.o.{_p}", "copy"),
+        (f"layers.{{i}}.mlp.dense_h_to_4h.{_p}", f"blocks.{{i}}.mlp.up.{_p}", "copy"),
+        (f"layers.{{i}}.mlp.dense_4h_to_h.{_p}", f"blocks.{{i}}.mlp.down.{_p}", "copy"),
+    ]
+_GPT_NEOX_IGNORE = [r"layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)"]  # buffers
 _LLAMA_IGNORE = [r"(.*\.)?rotary_emb\.inv_freq"]  # a buffer, recomputed from rope_theta
 
 
@@ -421,6 +506,8 @@ class Architecture:
 
 ARCHITECTURES: Dict[str, Architecture] = {
     "GPT2LMHeadModel": Architecture("GPT2LMHeadModel", _gpt2_config, _GPT2_RULES, _GPT2_IGNORE, "transformer."),
+    "GPTNeoXForCausalLM": Architecture("GPTNeoXForCausalLM", _gpt_neox_config, _GPT_NEOX_RULES, _GPT_NEOX_IGNORE,
+                                       "gpt_neox."),
 }
 for _name, _family in (("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "mistral"), ("Qwen2ForCausalLM", "qwen2"),
                        ("Qwen3ForCausalLM", "qwen3"), ("Phi3ForCausalLM", "phi3")):
@@ -442,6 +529,7 @@ _MODEL_TYPES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM",
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
@@ -565,6 +653,17 @@ def map_tensors(arch: Architecture, raw: Dict[str, torch.Tensor], cfg: ModelConf
                 )
             for part, n in zip(t.split(t.shape[0] // 3, dim=0), dst):
                 put(fill(n), part, src_name, src_shape)
+        elif kind == "split_qkv_heads":  # GPT-NeoX: rows [h, 3, D] (q, k, v of head 0, then of head 1 ...)
+            D, H = cfg.head_dim, cfg.n_heads
+            if t.shape[0] != 3 * H * D or t.dim() not in (1, 2):
+                raise CheckpointError(
+                    f"{where}: tensor '{src_name}': expected {3 * H * D} rows (q, k, v of {H} heads of {D}) of the "
+                    f"fused weight, found shape {tuple(t.shape)}"
+                )
+            parts = t.reshape(H, 3, D, *t.shape[1:])
+            for j, n in enumerate(dst):  # each a contiguous copy (rows of every third block)
+                put(fill(n), parts[:, j].reshape(H * D, *t.shape[1:]).contiguous(), src_name, t.shape)
+            release_pages(t)
         elif kind in ("split_qkv", "split_gate_up"):  # fused rows of known sizes
             D = cfg.head_dim
             sizes = ([cfg.n_heads * D, cfg.n_kv_heads * D, cfg.n_kv_heads * D] if kind == "split_qkv"

@@ -49,7 +49,7 @@ def _rope(cfg, x, pos, local=False):
     local: a sliding-window layer of a model with its own local theta (Gemma 3): plain RoPE with it."""
     from ..rope import attention_factor, inv_freq
 
-    D = cfg.head_dim
+    D = cfg.rotary_dim or cfg.head_dim  # partial rotary: the first rotary_dim values rotate, the rest pass
     half = D // 2
     theta, scaling = (cfg.rope_local_theta, None) if local else (cfg.rope_theta, cfg.rope_scaling)
     if scaling is None:
@@ -60,8 +60,8 @@ def _rope(cfg, x, pos, local=False):
     ang = pos.to(torch.float32)[:, None] * inv[None, :]
     cos = (torch.cos(ang.double()).to(torch.float32) * f).to(x.dtype)[:, None, :]
     sin = (torch.sin(ang.double()).to(torch.float32) * f).to(x.dtype)[:, None, :]
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+    x1, x2, rest = x[..., :half], x[..., half:D], x[..., D:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], -1)
 
 
 def _matmul(a, b, lmul_bits):
@@ -188,8 +188,11 @@ def forward(cfg, tensors: dict, ids, dtype=torch.float64, lmul_bits: int = 0, lm
         else:
             a = _linear_family(types[i], cfg, q, k, v, tensors.get(p + "attn.decay"))
         o = linear(a.reshape(T, H * D), p + "attn.o.weight", p + "attn.o.bias" if cfg.o_bias else None)
-        x = x + (rms_norm(o, V(p + "attn_post_norm.weight"), cfg.norm_eps) if cfg.post_norms else o)
-        h = record(p + "mlp_norm", _norm(cfg, x, V(p + "mlp_norm.weight"), V(p + "mlp_norm.bias")))
+        o = rms_norm(o, V(p + "attn_post_norm.weight"), cfg.norm_eps) if cfg.post_norms else o
+        block_in = x  # parallel residual: the MLP reads the block's input, not x + o
+        x = x + o
+        h = record(p + "mlp_norm", _norm(cfg, block_in if cfg.parallel_residual else x, V(p + "mlp_norm.weight"),
+                                         V(p + "mlp_norm.bias")))
         up = linear(h, p + "mlp.up.weight", p + "mlp.up.bias" if cfg.mlp_bias else None)
         if cfg.gated_mlp:
             g = linear(h, p + "mlp.gate.weight", p + "mlp.gate.bias" if cfg.mlp_bias else None)
