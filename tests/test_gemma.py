@@ -97,6 +97,12 @@ def test_matches_transformers_past_the_window(saved):
     if 1 in out:
         out = out[: out.index(1) + 1]
     assert m.generate(prompt, max_new_tokens=32) == out, name
+    assert m.info()["block"] == {
+        "gemma": "sequential residual, embeddings x8",
+        "gemma2": "sequential residual, sandwich norms, soft-capped scores 1.0 / logits 0.5, embeddings x8",
+        "gemma3": "sequential residual, sandwich norms, q / k norms, embeddings x8"}[name]
+    if name == "gemma3":
+        assert m.info()["positions"] == "rope (theta=1e+06, linear x4, local theta=100)"
     changes = [("emb_scale", 1.0)]
     if name == "gemma3":
         changes += [("rope_local_theta", None), ("attn_scale", None)]

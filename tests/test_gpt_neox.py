@@ -53,6 +53,8 @@ def test_norm_forms_match_transformers(saved, tmp_path):
     for norm in (None, "rmsnorm", "crmsnorm"):
         m = ne.load(str(d), norm=norm)
         assert m.config.rotary_dim == 4 and m.config.parallel_residual == (name == "parallel")
+        assert m.info()["positions"] == "rope (theta=10000, 4 of 16 dims)"
+        assert m.info()["block"] == f"{name} residual"
         got = m.logits(ids)
         assert rel_err(got, want) <= 1e-4, (name, norm)
         assert m.generate(prompt, max_new_tokens=32) == out, (name, norm)

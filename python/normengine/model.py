@@ -67,6 +67,20 @@ def _rope_spec(c: ModelConfig) -> dict:
     return out
 
 
+def _block_text(c: ModelConfig) -> str:
+    """Model.info's block: how a block adds its branches to the stream, and its extras."""
+    parts = ["parallel residual" if c.parallel_residual else "sequential residual"]
+    if c.post_norms:
+        parts.append("sandwich norms")
+    if c.qk_norm:
+        parts.append("q / k norms")
+    if c.attn_softcap or c.final_softcap:
+        parts.append(f"soft-capped scores {c.attn_softcap or 'no'} / logits {c.final_softcap or 'no'}")
+    if c.emb_scale != 1.0:
+        parts.append(f"embeddings x{c.emb_scale:g}")
+    return ", ".join(parts)
+
+
 def _windows_text(w: list) -> str:
     """Model.info's sliding_window: 'none', '4096' (every layer) or '4096 (layers 3, 5)'."""
     used = sorted({x for x in w if x})
@@ -777,7 +791,9 @@ class Model:
             "vocab": c.vocab_size,
             "context": c.max_seq_len,
             "norm": c.norm,
-            "positions": "learned" if c.learned_pos else rope.describe(c.rope_theta, c.rope_scaling),
+            "positions": "learned" if c.learned_pos else rope.describe(c.rope_theta, c.rope_scaling, c.rotary_dim,
+                                                                       c.head_dim, c.rope_local_theta),
+            "block": _block_text(c),
             "mlp": ("gated " if c.gated_mlp else "") + c.activation,
             "tied_head": c.tied_head,
             "parameters": self.num_parameters(),

@@ -140,11 +140,18 @@ def attention_factor(scaling: dict | None) -> float:
     return float(_yarn_mscale(f))
 
 
-def describe(theta: float, scaling: dict | None) -> str:
-    """One line for Model.info: 'rope (theta=500000)' or 'rope (theta=500000, llama3 x8)'."""
-    if scaling is None:
-        return f"rope (theta={theta:g})"
-    return f"rope (theta={theta:g}, {scaling['rope_type']} x{scaling['factor']:g})"
+def describe(theta: float, scaling: dict | None, rotary_dim: int = 0, head_dim: int = 0,
+             local_theta: float | None = None) -> str:
+    """One line for Model.info: 'rope (theta=500000)', 'rope (theta=500000, llama3 x8)', with '16 of 64
+    dims' for partial rotary and 'local theta=10000' for Gemma 3's sliding-window layers."""
+    parts = [f"theta={theta:g}"]
+    if scaling is not None:
+        parts.append(f"{scaling['rope_type']} x{scaling['factor']:g}")
+    if rotary_dim:
+        parts.append(f"{rotary_dim} of {head_dim} dims")
+    if local_theta is not None:
+        parts.append(f"local theta={local_theta:g}")
+    return f"rope ({', '.join(parts)})"
 
 
 __all__ = ["ROPE_TYPES", "attention_factor", "check_scaling", "describe", "inv_freq"]
