@@ -110,3 +110,38 @@ def quant_term_scale(x, qw, bias, y0):
     if y0 is not None:
         S = S + y0.double().abs()
     return S
+
+
+def with_config(tmp_path, src_dir, cfg: dict) -> str:
+    """A checkpoint directory in tmp_path holding src_dir's files (linked) under another config.json."""
+    import json
+    import os
+
+    for f in os.listdir(src_dir):
+        if f != "config.json":
+            os.symlink(os.path.join(src_dir, f), os.path.join(tmp_path, f))
+    with open(os.path.join(tmp_path, "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    return str(tmp_path)
+
+
+def check_decode_equals_prefill(m, ids, full, split: int, tol: float = 1e-5):
+    """Model m fed ids[:split] as one prefill, then ids[split:] one token at a time through its KV cache:
+    every step's logits within tol of `full` (the logits of one prefill of all of ids, [T, vocab])."""
+    r = m._runner_for(1, len(ids))
+    slot = torch.zeros(1, dtype=torch.int32)
+    logits = torch.empty(1, full.shape[-1])
+    ids = torch.as_tensor(ids, dtype=torch.int32)
+    m._forward(r, slot, ids[:split], torch.tensor([split], dtype=torch.int32), logits, False)
+    assert rel_err(logits[0], full[split - 1]) < tol
+    for t in range(split, len(ids)):
+        m._forward(r, slot, ids[t:t + 1], torch.ones(1, dtype=torch.int32), logits, False)
+        assert rel_err(logits[0], full[t]) < tol, t
+
+
+def hf_greedy(hf, ids, n: int, eos: int):
+    """transformers' greedy continuation of ids (a list), cut after the first eos."""
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                          attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    return out[: out.index(eos) + 1] if eos in out else out

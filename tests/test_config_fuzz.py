@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import normengine as ne
+from conftest import with_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -62,14 +63,6 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def _case(tmp_path, src, cfg):
-    for f in src.iterdir():
-        if f.name != "config.json":
-            (tmp_path / f.name).symlink_to(f)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    return str(tmp_path)
-
-
 def _load_and_generate(path):
     try:
         with warnings.catch_warnings():
@@ -89,7 +82,7 @@ def _load_and_generate(path):
 def test_found_cases(checkpoints, tmp_path, kind, changes):
     cfg = json.loads((checkpoints[kind] / "config.json").read_text())
     with pytest.raises(ne.NormEngineError):
-        ne.load(_case(tmp_path, checkpoints[kind], dict(cfg, **changes)))
+        ne.load(with_config(tmp_path, checkpoints[kind], dict(cfg, **changes)))
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -108,4 +101,4 @@ def test_mutated_configs(checkpoints, tmp_path, seed):
             cfg[key] = val
         d = tmp_path / f"{case}"
         d.mkdir()
-        _load_and_generate(_case(d, checkpoints[kind], cfg))
+        _load_and_generate(with_config(d, checkpoints[kind], cfg))

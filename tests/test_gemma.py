@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import normengine as ne
-from conftest import rel_err
+from conftest import check_decode_equals_prefill, hf_greedy, rel_err, with_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -83,20 +83,9 @@ def test_matches_transformers_past_the_window(saved):
     from normengine.reference.model import forward
 
     assert rel_err(forward(m.config, m.tensors, ids[0]), want[0].double()) <= 1e-5
-    r = m._runner_for(1, 200)
-    slot = torch.zeros(1, dtype=torch.int32)
-    logits = torch.empty(1, VOCAB)
-    m._forward(r, slot, ids[0, :170].to(torch.int32), torch.tensor([170], dtype=torch.int32), logits, False)
-    for t in range(170, 200):
-        m._forward(r, slot, ids[0, t:t + 1].to(torch.int32), torch.ones(1, dtype=torch.int32), logits, False)
-        assert rel_err(logits[0], got[0, t]) < 1e-5, (name, t)
+    check_decode_equals_prefill(m, ids[0], got[0], 170)
     prompt = ids[1, :60].tolist()
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0,
-                          attention_mask=torch.ones(1, 60, dtype=torch.long))[0, 60:].tolist()
-    if 1 in out:
-        out = out[: out.index(1) + 1]
-    assert m.generate(prompt, max_new_tokens=32) == out, name
+    assert m.generate(prompt, max_new_tokens=32) == hf_greedy(hf, prompt, 32, eos=1), name
     assert m.info()["block"] == {
         "gemma": "sequential residual, embeddings x8",
         "gemma2": "sequential residual, sandwich norms, soft-capped scores 1.0 / logits 0.5, embeddings x8",
@@ -170,14 +159,6 @@ def test_lmul_attention_against_the_reference(saved):
                                     lmul_scope="attention")) > 1e-2
 
 
-def _write(tmp_path, hf_dir, cfg):
-    for f in hf_dir.iterdir():
-        if f.name != "config.json":
-            (tmp_path / f.name).symlink_to(f)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    return str(tmp_path)
-
-
 def test_gemma3_config_forms(saved, tmp_path):
     """Configs written before transformers 5 (rope_theta + rope_scaling for the global layers,
     rope_local_base_freq for the local ones) and without layer_types (every sliding_window_pattern-th
@@ -192,14 +173,14 @@ def test_gemma3_config_forms(saved, tmp_path):
     old = {k: v for k, v in cfg.items() if k != "rope_parameters"}
     old.update(rope_theta=1e6, rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_local_base_freq=100.0)
     (tmp_path / "old").mkdir()
-    m = ne.load(_write(tmp_path / "old", d, old))
+    m = ne.load(with_config(tmp_path / "old", d, old))
     assert m.config.rope_local_theta == 100.0 and m.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
     assert rel_err(m.logits(ids), want) <= 1e-4
     # no layer_types: pattern 2 makes layers 1 and 3 global; a model built so agrees
     pat = dict(cfg, sliding_window_pattern=2)
     pat.pop("layer_types")
     (tmp_path / "pat").mkdir()
-    m = ne.load(_write(tmp_path / "pat", d, pat))
+    m = ne.load(with_config(tmp_path / "pat", d, pat))
     assert m.config.sliding_window == [24, 0, 24, 0]
     hf2 = copy.deepcopy(hf)
     hf2.config.layer_types = ["sliding_attention", "full_attention"] * 2
@@ -216,7 +197,7 @@ def test_gemma_legacy_gelu_is_the_tanh_form(saved, tmp_path):
     if name != "gemma":
         pytest.skip("Gemma only")
     cfg = json.loads((d / "config.json").read_text())
-    m = ne.load(_write(tmp_path, d, dict(cfg, hidden_act="gelu")))
+    m = ne.load(with_config(tmp_path, d, dict(cfg, hidden_act="gelu")))
     assert m.config.activation == "gelu_tanh"
     assert m.info()["mlp"] == "gated gelu_tanh"
 
@@ -226,12 +207,12 @@ def test_refused_and_ignored_options(saved, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     (tmp_path / "a").mkdir()
     with pytest.raises(ne.UnsupportedError, match="use_bidirectional_attention"):
-        ne.load(_write(tmp_path / "a", d, dict(cfg, use_bidirectional_attention=True)))
+        ne.load(with_config(tmp_path / "a", d, dict(cfg, use_bidirectional_attention=True)))
     (tmp_path / "b").mkdir()
-    m = ne.load(_write(tmp_path / "b", d, dict(cfg, attn_logit_softcapping=30.0, final_logit_softcapping=50.0)))
+    m = ne.load(with_config(tmp_path / "b", d, dict(cfg, attn_logit_softcapping=30.0, final_logit_softcapping=50.0)))
     # Gemma 2 / 3 soft-cap where the config says so; transformers' Gemma (1) has no such fields
     assert (m.config.attn_softcap, m.config.final_softcap) == ((None, None) if name == "gemma" else (30.0, 50.0))
     if name != "gemma":
         (tmp_path / "c").mkdir()
         with pytest.raises(ne.CheckpointError, match="final_logit_softcapping"):
-            ne.load(_write(tmp_path / "c", d, dict(cfg, final_logit_softcapping=-1.0)))
+            ne.load(with_config(tmp_path / "c", d, dict(cfg, final_logit_softcapping=-1.0)))

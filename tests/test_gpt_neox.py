@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import normengine as ne
-from conftest import rel_err
+from conftest import check_decode_equals_prefill, hf_greedy, rel_err, with_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,11 +45,7 @@ def test_norm_forms_match_transformers(saved, tmp_path):
     with torch.no_grad():
         want = hf(ids).logits
     prompt = ids[1, :40].tolist()
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0,
-                          attention_mask=torch.ones(1, 40, dtype=torch.long))[0, 40:].tolist()
-    if 0 in out:
-        out = out[: out.index(0) + 1]
+    out = hf_greedy(hf, prompt, 32, eos=0)
     for norm in (None, "rmsnorm", "crmsnorm"):
         m = ne.load(str(d), norm=norm)
         assert m.config.rotary_dim == 4 and m.config.parallel_residual == (name == "parallel")
@@ -59,13 +55,7 @@ def test_norm_forms_match_transformers(saved, tmp_path):
         assert rel_err(got, want) <= 1e-4, (name, norm)
         assert m.generate(prompt, max_new_tokens=32) == out, (name, norm)
     assert m.config.norm == "crmsnorm" and m.config.residual_width == 63
-    r = m._runner_for(1, 150)
-    slot = torch.zeros(1, dtype=torch.int32)
-    logits = torch.empty(1, VOCAB)
-    m._forward(r, slot, ids[0, :120].to(torch.int32), torch.tensor([120], dtype=torch.int32), logits, False)
-    for t in range(120, 150):
-        m._forward(r, slot, ids[0, t:t + 1].to(torch.int32), torch.ones(1, dtype=torch.int32), logits, False)
-        assert rel_err(logits[0], got[0, t]) < 1e-5
+    check_decode_equals_prefill(m, ids[0], got[0], 120)
     m.save(str(tmp_path / "c"))
     assert json.loads((tmp_path / "c" / "config.json").read_text())["normengine"]["rotary_dim"] == 4
     assert rel_err(ne.load(str(tmp_path / "c")).logits(ids), want) <= 1e-4
@@ -118,12 +108,8 @@ def test_bad_configs(saved, tmp_path, changes, error, match):
     cfg = json.loads((d / "config.json").read_text())
     cfg.pop("rope_parameters")
     cfg.update(changes)
-    for f in d.iterdir():
-        if f.name != "config.json":
-            (tmp_path / f.name).symlink_to(f)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(error, match=match):
-        ne.load(str(tmp_path))
+        ne.load(with_config(tmp_path, d, cfg))
 
 
 def test_partial_rotary_only_where_transformers_has_it(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import normengine as ne
-from conftest import rel_err
+from conftest import check_decode_equals_prefill, hf_greedy, rel_err, with_config
 from normengine import rope
 
 transformers = pytest.importorskip("transformers")
@@ -107,22 +107,9 @@ def test_long_prompts_match_transformers(long_model):
 
     ref = forward(m.config, m.tensors, ids[0])
     assert rel_err(ref, want[0].double()) <= 1e-5, name
-    # prefill 120, then 30 decode steps through the cache
-    r = m._runner_for(1, 150)
-    slot = torch.zeros(1, dtype=torch.int32)
-    logits = torch.empty(1, VOCAB)
-    m._forward(r, slot, ids[0, :120].to(torch.int32), torch.tensor([120], dtype=torch.int32), logits, False)
-    assert rel_err(logits[0], got[0, 119]) < 1e-5
-    for t in range(120, 150):
-        m._forward(r, slot, ids[0, t:t + 1].to(torch.int32), torch.ones(1, dtype=torch.int32), logits, False)
-        assert rel_err(logits[0], got[0, t]) < 1e-5, (name, t)
+    check_decode_equals_prefill(m, ids[0], got[0], 120)  # prefill 120, then 30 decode steps
     prompt = ids[1, :100].tolist()
-    with torch.no_grad():
-        hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0,
-                             attention_mask=torch.ones(1, 100, dtype=torch.long))[0, 100:].tolist()
-    if 0 in hf_out:
-        hf_out = hf_out[: hf_out.index(0) + 1]
-    assert m.generate(prompt, max_new_tokens=32) == hf_out, name
+    assert m.generate(prompt, max_new_tokens=32) == hf_greedy(hf, prompt, 32, eos=0), name
     # without the variant (or without the q / k norms) the model is another one
     cfg = json.loads((d / "config.json").read_text())
     if "rope_parameters" in cfg and cfg["rope_parameters"].get("rope_type", "default") != "default":
@@ -175,11 +162,7 @@ def _write_config(tmp_path, hf_dir, **changes):
             cfg.pop(k, None)
         else:
             cfg[k] = v
-    for f in hf_dir.iterdir():
-        if f.name != "config.json":
-            (tmp_path / f.name).symlink_to(f)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    return str(tmp_path)
+    return with_config(tmp_path, hf_dir, cfg)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import normengine as ne
-from conftest import _supported_isas, rel_err
+from conftest import _supported_isas, check_decode_equals_prefill, hf_greedy, rel_err, with_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -71,16 +71,11 @@ def test_matches_transformers(saved, isa):
             want = hf(ids).logits
         full = m.logits(ids)
         assert rel_err(full, want) <= 1e-4, name
-        r = m._runner_for(1, 600)
-        slot = torch.zeros(1, dtype=torch.int32)
-        logits = torch.empty(1, VOCAB)
-        m._forward(r, slot, ids[0, :530].to(torch.int32), torch.tensor([530], dtype=torch.int32), logits, False)
-        assert rel_err(logits[0], full[0, 529]) < 1e-5
-        for t in range(530, 600):
-            m._forward(r, slot, ids[0, t:t + 1].to(torch.int32), torch.ones(1, dtype=torch.int32), logits, False)
-            assert rel_err(logits[0], full[0, t]) < 1e-5, (name, t)
+        check_decode_equals_prefill(m, ids[0], full[0], 530)
         # a prefill going on from a partly filled cache (its first query block straddles the window's start)
         rows = torch.empty(137, VOCAB)
+        slot = torch.zeros(1, dtype=torch.int32)
+        logits = torch.empty(1, VOCAB)
         r = m._runner_for(1, 600)
         m._forward(r, slot, ids[0, :163].to(torch.int32), torch.tensor([163], dtype=torch.int32), logits, False)
         m._forward(r, slot, ids[0, 163:300].to(torch.int32), torch.tensor([137], dtype=torch.int32), rows, True)
@@ -122,14 +117,7 @@ def test_greedy_generation_matches_transformers(saved):
     g = torch.Generator().manual_seed(12)
     for T in (3, 90, 140):
         ids = torch.randint(1, VOCAB, (T,), generator=g).tolist()
-        if 1 in windows:
-            out = _greedy_by_full_forwards(hf, ids, 40)
-        else:
-            with torch.no_grad():
-                out = hf.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, pad_token_id=0,
-                                  attention_mask=torch.ones(1, T, dtype=torch.long))[0, T:].tolist()
-            if 0 in out:
-                out = out[: out.index(0) + 1]
+        out = _greedy_by_full_forwards(hf, ids, 40) if 1 in windows else hf_greedy(hf, ids, 40, eos=0)
         assert m.generate(ids, max_new_tokens=40) == out, (name, T)
 
 
@@ -144,13 +132,7 @@ def test_bf16_cache_lmul_and_saved_forms(saved, tmp_path):
     m = ne.load(str(d), kv_cache_dtype=torch.bfloat16)
     got = m.logits(ids)
     assert rel_err(got, want) <= 2e-2
-    r = m._runner_for(1, 200)
-    slot = torch.zeros(1, dtype=torch.int32)
-    logits = torch.empty(1, VOCAB)
-    m._forward(r, slot, ids[0, :150].to(torch.int32), torch.tensor([150], dtype=torch.int32), logits, False)
-    for t in range(150, 200):
-        m._forward(r, slot, ids[0, t:t + 1].to(torch.int32), torch.ones(1, dtype=torch.int32), logits, False)
-        assert rel_err(logits[0], got[0, t]) < 1e-5, (name, t)
+    check_decode_equals_prefill(m, ids[0], got[0], 150)
     from normengine.reference.model import forward
 
     lm = ne.load(str(d), arithmetic="lmul", lmul_bits=4, lmul_scope="attention")
@@ -175,13 +157,7 @@ def test_bf16_cache_lmul_and_saved_forms(saved, tmp_path):
 
 
 def _edit(tmp_path, hf_dir, **changes):
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    cfg.update(changes)
-    for f in hf_dir.iterdir():
-        if f.name != "config.json":
-            (tmp_path / f.name).symlink_to(f)
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    return str(tmp_path)
+    return with_config(tmp_path, hf_dir, dict(json.loads((hf_dir / "config.json").read_text()), **changes))
 
 
 @pytest.fixture(scope="module")
