@@ -193,6 +193,43 @@ def test_bad_config_fields(qwen2_dir, tmp_path, changes, error, match):
         ne.load(_edit(tmp_path, qwen2_dir, **changes))
 
 
+def test_ring_caches_hold_only_the_window(saved):
+    """A windowed layer's KV cache is a ring of W + 512 rows (512: the most rows one call appends per
+    sequence) once the context is longer: the runner's cache bytes are the sum of its layers' rows; a
+    700-token text (every ring wrapped) matches transformers, and decoding its last 80 tokens one by one
+    through the wrapped rings equals the prefill."""
+    name, hf, d, windows = saved
+    m = ne.load(str(d))
+    c = m.config
+    per_row = 2 * c.n_kv_heads * c.head_dim * 4  # K and V rows, float32
+    for ctx in (200, 650, 700):
+        m._runner = None
+        r = m._runner_for(1, ctx)
+        rows = sum(min(ctx, w + 512) if w else ctx for w in windows)
+        assert r.cache_bytes() == rows * per_row, (name, ctx)
+        assert (r.cache_bytes() < c.n_layers * ctx * per_row) == any(w and w + 512 < ctx for w in windows)
+    ids = torch.randint(1, VOCAB, (1, 700), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        want = hf(ids).logits
+    full = m.logits(ids)
+    assert rel_err(full, want) <= 1e-4, name
+    check_decode_equals_prefill(m, ids[0], full[0], 620)
+    # the bf16 cache's rings, and L-Mul attention reading wrapped rows (gathered back to back)
+    b = ne.load(str(d), kv_cache_dtype=torch.bfloat16)
+    got = b.logits(ids)
+    assert rel_err(got, want) <= 2e-2
+    check_decode_equals_prefill(b, ids[0], got[0], 660)
+    if name != "qwen2-w70":  # (the L-Mul reference takes ~10 s at this length: one model)
+        return
+    from normengine.reference.model import forward
+
+    lm = ne.load(str(d), arithmetic="lmul", lmul_bits=4, lmul_scope="attention")
+    ref = forward(lm.config, lm.tensors, ids[0, :640], dtype=torch.float32, lmul_bits=4, lmul_scope="attention")
+    got = lm.logits(ids[:, :640])[0]
+    assert rel_err(got, ref) <= 1e-3, name
+    check_decode_equals_prefill(lm, ids[0, :640], got, 600, tol=1e-3)
+
+
 def test_multiply_counts_read_the_window(saved):
     """The L-Mul energy estimate counts a windowed layer's attention products over its W keys."""
     name, hf, d, windows = saved

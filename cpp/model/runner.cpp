@@ -9,7 +9,8 @@
 //   (Qwen3: q, k = per-head RMSNorm(q), (k));  RoPE(q, k) unless learned positions (inv_freq plain
 //   or scaled: linear / llama3 / YaRN, computed by normengine/rope.py; YaRN scales cos and sin; Gemma 3's
 //   sliding-window layers their own table)
-//   K/V cache[slot][pos] = k, v;  attention over keys 0 .. pos (or, in a sliding-window layer, the last W)
+//   K/V cache[slot][pos] = k, v;  attention over keys 0 .. pos (or, in a sliding-window layer, the last W,
+//   its cache a ring of W + kPrefillChunk rows: position p in row p % rows)
 //   x += attention(q, cache) Wo^T (+bo)            (the add is the GEMM's accumulate epilogue;
 //                                                   Gemma 2 / 3: x += RMSNorm(attention Wo^T) g, and so for the MLP)
 //   xn = norm(x)                                   (mlp_norm; parallel residual (GPT-NeoX): of the block's
@@ -114,7 +115,9 @@ struct Runner::Layer {
   AttnType type = AttnType::Softmax;
   W attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob, decay, q_norm, k_norm, attn_post_norm, mlp_post_norm;
   W mlp_norm_w, mlp_norm_b, up, gate, down, upb, gateb, downb;
-  std::vector<float> kcache, vcache;  // softmax: [slots][ctx][n_kv_heads * head_dim]
+  std::vector<float> kcache, vcache;  // softmax: [slots][rows][n_kv_heads * head_dim] (rows: ctx, or the ring)
+  int64_t rows = 0;   // cache rows per slot: ctx, or a sliding-window layer's ring (position p in row p % rows)
+  int64_t ring = 0;   // rows when they are a ring (< ctx), else 0
   std::vector<bf16> kcache16, vcache16;  // the same in bfloat16 (spec.kv_bf16), instead
   std::vector<float> state;           // linear family: [slots][n_heads][(head_dim + 1)^2]
   // Projections that read the same input and whose weights lie back to back in memory run as one
@@ -153,10 +156,16 @@ Runner::Runner(const ModelSpec& s, int slots, int ctx) : spec_(s), n_slots_(slot
   check_spec(s, slots, ctx);
   impl_ = std::make_unique<Impl>();
   impl_->layers.resize(s.n_layers);
-  const size_t cache = static_cast<size_t>(slots) * ctx * s.n_kv_heads * s.head_dim;
   for (int i = 0; i < s.n_layers; ++i) {
     Layer& l = impl_->layers[i];
     l.type = attn_type(s, i);
+    // A sliding-window layer keeps only the keys a query can still see, in a ring: a call appends at most
+    // kPrefillChunk rows of one sequence, whose first query reads back W - 1 keys, so W + kPrefillChunk
+    // rows never overwrite a key still to be read.
+    const int w = attn_window(s, i);
+    l.rows = w > 0 && w + kPrefillChunk < ctx ? w + kPrefillChunk : ctx;
+    l.ring = l.rows < ctx ? l.rows : 0;
+    const size_t cache = static_cast<size_t>(slots) * l.rows * s.n_kv_heads * s.head_dim;
     if (l.type == AttnType::Softmax && s.kv_bf16) {
       l.kcache16.assign(cache, bf16{0});
       l.vcache16.assign(cache, bf16{0});
@@ -513,8 +522,8 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
     }
     if (L.type == AttnType::Softmax) {
       for (int64_t t = 0; t < T; ++t) {
-        const size_t base = (static_cast<size_t>(slot_of[t]) * ctx_) * dkv;
-        const size_t row = base + static_cast<size_t>(m.pos[t]) * dkv;
+        const size_t base = (static_cast<size_t>(slot_of[t]) * L.rows) * dkv;
+        const size_t row = base + static_cast<size_t>(L.ring ? m.pos[t] % L.ring : m.pos[t]) * dkv;
         if (s.kv_bf16) {
           for (int64_t i = 0; i < dkv; ++i) {
             L.kcache16[row + i] = from_f32<bf16>(kp[t * ldkv + i]);
@@ -533,6 +542,7 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
                   s.n_heads, s.n_kv_heads, s.head_dim, attn_scale(s)};
       if (s.kv_bf16) aa.k16 = m.kptr16.data(), aa.v16 = m.vptr16.data();
       aa.window = attn_window(s, li);
+      aa.ring = L.ring;
       aa.softcap = static_cast<float>(s.attn_softcap);
       if (s.lmul_scope > 0) lmul_cache_attention(aa, s.lmul_bits);
       else K.attention(aa);

@@ -59,18 +59,21 @@ void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int
       Qt[d * N + i] = i < n ? a.scale * a.q[(t0 + i) * a.ldq + static_cast<int64_t>(h) * D + d] : 0.0f;
   for (int i = 0; i < D * N; ++i) Ot[i] = 0.0f;
   R m = VF::set1(-__builtin_inff()), l = VF::zero();
-  for (int64_t j0 = first_key(p0, a.window); j0 < L; j0 += kBK) {
-    const int bk = static_cast<int>(L - j0 < kBK ? L - j0 : kBK);
-    const float *Kb, *Vb;  // the block's rows j0 .. j0 + bk - 1, `ldb` floats apart
+  for (int64_t j0 = first_key(p0, a.window), nb = 0; j0 < L; j0 += nb) {
+    // keys j0 .. j0 + bk - 1: at most kBK, and (a ring cache) none past the ring's end
+    nb = contiguous_keys(j0, std::min<int64_t>(kBK, L - j0), a.ring);
+    const int bk = static_cast<int>(nb);
+    const int64_t r0 = key_row(j0, a.ring);  // their first cache row
+    const float *Kb, *Vb;  // the block's rows, `ldb` floats apart
     int64_t ldb;
     if constexpr (std::is_same_v<T, float>) {
-      Kb = K + j0 * ldkv, Vb = V + j0 * ldkv, ldb = ldkv;
+      Kb = K + r0 * ldkv, Vb = V + r0 * ldkv, ldb = ldkv;
     } else {
       for (int r = 0; r < bk; ++r)
         for (int d0 = 0; d0 < D; d0 += N) {
           const int k = width(D, d0);
-          storen<VF>(Kf + r * D + d0, loadn<VF>(K + (j0 + r) * ldkv + d0, k), k);
-          storen<VF>(Vf + r * D + d0, loadn<VF>(V + (j0 + r) * ldkv + d0, k), k);
+          storen<VF>(Kf + r * D + d0, loadn<VF>(K + (r0 + r) * ldkv + d0, k), k);
+          storen<VF>(Vf + r * D + d0, loadn<VF>(V + (r0 + r) * ldkv + d0, k), k);
         }
       Kb = Kf, Vb = Vf, ldb = D;
     }
@@ -105,8 +108,10 @@ void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int
     // online softmax, lane by lane
     R mb = VF::load(S);
     for (jj = 1; jj < bk; ++jj) mb = VF::max(VF::load(S + jj * N), mb);
-    // the first block holds a visible key of every lane: mn is finite (or NaN from NaN input)
-    const R mn = VF::max(mb, m);
+    // A lane may have no visible key yet (a window's first block cut short by a ring cache's end): mn
+    // floored at -FLT_MAX keeps exp(m - mn) and its p at 0 instead of exp(-inf + inf) = NaN; a lane's
+    // own key is always visible, so every lane ends with l > 0. (max(floor, mn) is mn where mn is NaN.)
+    const R mn = VF::max(VF::set1(-3.4028235e38f), VF::max(mb, m));
     const R c = vexp(VF::sub(m, mn));
     m = mn;
     l = VF::mul(l, c);
@@ -265,10 +270,12 @@ void decode_range(const AttnArgs& a, const T* const* kc, const T* const* vc, int
   const int D = a.head_dim, H = a.n_heads, group = a.n_heads / a.n_kv_heads;
   const int64_t ldkv = static_cast<int64_t>(a.n_kv_heads) * D;
   const float* q = a.q + t * a.ldq;
-  for (int64_t b0 = j0; b0 < j1; b0 += kBK) {
-    const int bk = static_cast<int>(j1 - b0 < kBK ? j1 - b0 : kBK);
+  for (int64_t b0 = j0, nb = 0; b0 < j1; b0 += nb) {
+    nb = contiguous_keys(b0, std::min<int64_t>(kBK, j1 - b0), a.ring);  // (not past a ring cache's end)
+    const int bk = static_cast<int>(nb);
+    const int64_t r0 = key_row(b0, a.ring);
     // s[h][jj] = scale * q_h . K[b0 + jj][g(h)]
-    scores(q, kc[t] + b0 * ldkv, vc[t] + b0 * ldkv, ldkv, bk, a.n_kv_heads, group, D, a.scale, s);
+    scores(q, kc[t] + r0 * ldkv, vc[t] + r0 * ldkv, ldkv, bk, a.n_kv_heads, group, D, a.scale, s);
     if (a.softcap > 0)
       for (int h = 0; h < H; ++h) softcap_scores(s + h * kBK, bk, a.softcap);
     // per head: m' = max(m, max s), c = exp(m - m'), p = exp(s - m'), l = c l + sum p, o = c o
@@ -295,7 +302,7 @@ void decode_range(const AttnArgs& a, const T* const* kc, const T* const* vc, int
       }
     }
     // o_h += p[h][jj] V[b0 + jj][g(h)], jj in order, head by head
-    const T* vb = vc[t] + b0 * ldkv;
+    const T* vb = vc[t] + r0 * ldkv;
     for (int g = 0, h = 0; g < a.n_kv_heads; ++g)
       for (int e = 0; e < group; ++e, ++h)
         pv(s + h * kBK, vb + static_cast<int64_t>(g) * D, ldkv, bk, D, part + static_cast<int64_t>(h) * (D + 2) + 2);

@@ -26,6 +26,7 @@ struct AttnArgs {
   const bf16* const* k16 = nullptr;
   const bf16* const* v16 = nullptr;
   int window = 0;            // sliding window W (0: every key 0..pos)
+  int64_t ring = 0;          // R > 0: the caches are rings of R rows, key position j in row j % R
   float softcap = 0.f;       // c > 0: scores s = scale q.k become c tanh(s / c) before the softmax (Gemma 2)
 };
 
@@ -34,6 +35,12 @@ inline void softcap_scores(float* s, int64_t n, float c) {
   if (c > 0)
     for (int64_t i = 0; i < n; ++i) s[i] = c * std::tanh(s[i] / c);
 }
+
+// Keys j0, j0 + 1, ... of a cache that are back to back in memory, at most n: all n, or up to the end of a
+// ring of R rows (R 0: no ring).
+inline int64_t contiguous_keys(int64_t j0, int64_t n, int64_t R) { return R > 0 && R - j0 % R < n ? R - j0 % R : n; }
+// The row of key position j in a cache of ring R (0: no ring).
+inline int64_t key_row(int64_t j, int64_t R) { return R > 0 ? j % R : j; }
 
 // The first key position query position `pos` sees under window w (0: none).
 inline int64_t first_key(int64_t pos, int w) { return w > 0 && pos + 1 > w ? pos + 1 - w : 0; }

@@ -79,21 +79,20 @@ void lmul_gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx,
 namespace {
 // One query row (token t, head h) on its own: s_j = scale * sum_d lmul(q_d, k_jd) (d in order) for the
 // visible keys J <= j <= pos (J = first_key: 0, or the sliding window's start); p = softmax(s) (exact,
-// fp32); o_d = sum_j lmul(p_j, v_jd) (j in order). s: room for pos + 1 - J floats. The definition the
-// blocked path below reproduces bit for bit.
-void attend_one(const AttnArgs& a, int64_t tok, int h, float* s, int bits) {
+// fp32); o_d = sum_j lmul(p_j, v_jd) (j in order). K, V: the kv head's rows of keys J0, J0 + 1, ... (J0 <=
+// J), `ld` floats apart. s: room for pos + 1 - J floats. The definition the blocked path below reproduces
+// bit for bit.
+void attend_one(const AttnArgs& a, int64_t tok, int h, const float* K, const float* V, int64_t ld, int64_t J0,
+                float* s, int bits) {
   const LmulTable& t = table();
-  const int D = a.head_dim, g = h / (a.n_heads / a.n_kv_heads);
-  const int64_t ldkv = static_cast<int64_t>(a.n_kv_heads) * D;
+  const int D = a.head_dim;
   const float* q = a.q + tok * a.ldq + static_cast<int64_t>(h) * D;
-  const float* K = a.k[tok] + static_cast<int64_t>(g) * D;
-  const float* V = a.v[tok] + static_cast<int64_t>(g) * D;
   const int64_t J = first_key(a.pos[tok], a.window), L = static_cast<int64_t>(a.pos[tok]) + 1 - J;
-  t.dots(L, D, q, K + J * ldkv, ldkv, s, bits);
+  t.dots(L, D, q, K + (J - J0) * ld, ld, s, bits);
   float* o = a.out + tok * a.ldo + static_cast<int64_t>(h) * D;
   for (int d = 0; d < D; ++d) o[d] = 0.0f;
   softmax_row(s, L, a.scale, a.softcap);
-  for (int64_t j = 0; j < L; ++j) t.axpy(D, s[j], V + (J + j) * ldkv, o, bits);
+  for (int64_t j = 0; j < L; ++j) t.axpy(D, s[j], V + (J - J0 + j) * ld, o, bits);
 }
 }  // namespace
 
@@ -132,7 +131,7 @@ void lmul_cache_attention(const AttnArgs& a, int mantissa_bits) {
   parallel_for(items, 1, [&](int64_t, int64_t, int) {
     std::vector<uint32_t> xp;
     std::vector<LmulRowStat> st;
-    std::vector<float> S, O;
+    std::vector<float> S, O, Kg, Vg;
     for (int64_t w = items - 1 - next.fetch_add(1); w >= 0; w = items - 1 - next.fetch_add(1)) {
       const int64_t t0 = blocks[w / G].first, n = blocks[w / G].second - t0, rows = n * group;
       const int g = static_cast<int>(w % G);
@@ -144,19 +143,33 @@ void lmul_cache_attention(const AttnArgs& a, int mantissa_bits) {
         J0 = std::min(J0, J);
         J1 = std::max(J1, J);
       }
-      // from here on, keys are counted from J0: K and V start at row J0, the block sees W = Lmax - J0 keys
+      // from here on, keys are counted from J0: K and V start at key J0 (rows ld floats apart), the block
+      // sees W = Lmax - J0 keys. A ring cache (a.ring) whose keys J0 .. Lmax - 1 wrap around its end: they
+      // are gathered back to back first.
       const int64_t W = Lmax - J0;
-      const float* K = a.k[t0] + static_cast<int64_t>(g) * D + J0 * ldkv;
-      const float* V = a.v[t0] + static_cast<int64_t>(g) * D + J0 * ldkv;
+      const float* K = a.k[t0] + static_cast<int64_t>(g) * D + key_row(J0, a.ring) * ldkv;
+      const float* V = a.v[t0] + static_cast<int64_t>(g) * D + key_row(J0, a.ring) * ldkv;
+      int64_t ld = ldkv;
+      if (contiguous_keys(J0, W, a.ring) < W) {
+        Kg.resize(static_cast<size_t>(W * D));
+        Vg.resize(static_cast<size_t>(W * D));
+        for (int64_t j = 0; j < W; ++j) {
+          const int64_t r = key_row(J0 + j, a.ring) * ldkv + static_cast<int64_t>(g) * D;
+          std::memcpy(&Kg[j * D], a.k[t0] + r, sizeof(float) * D);
+          std::memcpy(&Vg[j * D], a.v[t0] + r, sizeof(float) * D);
+        }
+        K = Kg.data(), V = Vg.data(), ld = D;
+      }
       S.resize(static_cast<size_t>(rows * W));
       // does a key some row must not see hold an Inf / NaN in V?
       bool masked_special = false;
       for (int64_t j = 0; j < W && !masked_special; ++j)
         if (j + J0 < J1 || j + J0 >= Lmin)
-          for (int d = 0; d < D; ++d) masked_special |= !std::isfinite(V[j * ldkv + d]);
+          for (int d = 0; d < D; ++d) masked_special |= !std::isfinite(V[j * ld + d]);
       if (masked_special) {
         for (int64_t i = 0; i < n; ++i)
-          for (int hh = 0; hh < group; ++hh) attend_one(a, t0 + i, g * group + hh, S.data(), mantissa_bits);
+          for (int hh = 0; hh < group; ++hh)
+            attend_one(a, t0 + i, g * group + hh, K, V, ld, J0, S.data(), mantissa_bits);
         continue;
       }
       // The head's K and V slices are 4 D bytes of every row of the cache, rows apart by the whole width:
@@ -164,8 +177,8 @@ void lmul_cache_attention(const AttnArgs& a, int mantissa_bits) {
       // arrive with as many misses in flight as the core allows.
       for (int64_t j = 0; j < W; ++j)
         for (int d = 0; d < D; d += 16) {
-          __builtin_prefetch(K + j * ldkv + d);
-          __builtin_prefetch(V + j * ldkv + d);
+          __builtin_prefetch(K + j * ld + d);
+          __builtin_prefetch(V + j * ld + d);
         }
       xp.resize(static_cast<size_t>(rows * std::max<int64_t>(D, W)));
       st.resize(static_cast<size_t>(rows));
@@ -174,7 +187,7 @@ void lmul_cache_attention(const AttnArgs& a, int mantissa_bits) {
       for (int64_t m = 0; m < rows; ++m)
         st[m] = t.prep_row(D, a.q + (t0 + m / group) * a.ldq + (static_cast<int64_t>(g) * group + m % group) * D,
                            xp.data() + m * D, mantissa_bits);
-      const LmulArgs qk{rows, W, D, xp.data(), st.data(), K, ldkv, nullptr, S.data(), W, false, mantissa_bits};
+      const LmulArgs qk{rows, W, D, xp.data(), st.data(), K, ld, nullptr, S.data(), W, false, mantissa_bits};
       t.gemm_cols(qk, 0, W);
       // P, then its prepared rows: row m's keys are [J - J0, L - J0) of the block's
       for (int64_t m = 0; m < rows; ++m) {
@@ -186,7 +199,7 @@ void lmul_cache_attention(const AttnArgs& a, int mantissa_bits) {
         st[m] = t.prep_row(W, s, xp.data() + m * W, mantissa_bits);
       }
       // O = P V, then each token's group * D outputs into place
-      const LmulArgs pv{rows, D, W, xp.data(), st.data(), V, ldkv, nullptr, O.data(), D, false, mantissa_bits, true};
+      const LmulArgs pv{rows, D, W, xp.data(), st.data(), V, ld, nullptr, O.data(), D, false, mantissa_bits, true};
       t.gemm_cols(pv, 0, D);
       for (int64_t i = 0; i < n; ++i)
         std::memcpy(a.out + (t0 + i) * a.ldo + static_cast<int64_t>(g) * group * D, O.data() + i * group * D,

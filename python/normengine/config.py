@@ -36,7 +36,8 @@ as a starting point for linearization (normengine.load(..., attention="linear"))
 
 Sliding-window attention (`sliding_window`, one entry per layer, empty = none): a softmax layer with
 W > 0 lets the query at position p see keys p - W + 1 .. p only (Mistral; Qwen2 / Qwen3 with
-use_sliding_window); the KV cache still holds the whole context. Linear-family layers ignore it.
+use_sliding_window; Gemma 2 / 3's local layers); the CPU runner keeps such a layer's KV cache in a ring of
+W + 512 rows. Linear-family layers ignore it.
 
 Quantized checkpoints (`quantization` set: "int8", "int8-weight", "int4" or "fp8"): every linear
 weight of the blocks and the head (and a tied embedding, the same tensors) is stored as

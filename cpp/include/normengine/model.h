@@ -64,7 +64,8 @@ struct ModelSpec {
   std::vector<int> attention;
   // Sliding-window attention per layer (Mistral, Qwen2 / Qwen3 with use_sliding_window): window[i] = W > 0
   // makes softmax layer i's query at position p see keys p - W + 1 .. p only (W keys, itself included);
-  // 0: every key 0 .. p. Empty: no layer windowed. The KV cache still holds the whole context.
+  // 0: every key 0 .. p. Empty: no layer windowed. The CPU runner keeps such a layer's K / V in a ring of
+  // W + kPrefillChunk rows (when that is less than the context); the CUDA runner, whole-context caches.
   std::vector<int> window;
   int linear_feature_map = 0;     // linear layers: 0 elu+1, 1 relu, 2 identity (FeatureMap)
   bool linear_normalize = true;   // linear layers: divide by phi(q) . z
