@@ -353,7 +353,7 @@ def _llama_family_config(c: _Conf, gen, family: str, act_key: str = "hidden_act"
 
 
 def _gemma_config(c: _Conf, gen, family: str) -> ModelConfig:
-    """Gemma (1) and Gemma 3 text models: the Llama layout with
+    """Gemma (1), Gemma 2 and Gemma 3 text models: the Llama layout with
     - RMSNorm gains stored as w - 1 (the norm multiplies by 1 + w: the rules add the 1 back, in float32),
     - token embeddings times sqrt(hidden_size) (the tied head reads them unscaled),
     - a gated tanh-GELU MLP ('gelu' in old Gemma configs means that too, as transformers reads it),
@@ -406,7 +406,7 @@ def _gemma_config(c: _Conf, gen, family: str) -> ModelConfig:
         post_norms=sandwich,
         qk_norm=gemma3,
         **caps,
-        # (the full-attention layers' RoPE; a model whose windows all vanished has no local layers)
+        # (cfg's RoPE is the full-attention layers'; a model whose windows all vanished has no local layers)
         rope_local_theta=local_theta if gemma3 and any(cfg.sliding_window) else None,
         tied_head=bool(c.get("tie_word_embeddings", True)),
     )
