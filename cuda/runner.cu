@@ -740,6 +740,16 @@ int CudaRunner::length(int slot) const {
   return impl_->len[slot];
 }
 
+bool CudaRunner::truncate(int slot, int n) {
+  const int len = length(slot);
+  if (n < 0 || n > len) throw ValueError("n: expected 0.." + std::to_string(len) + " (the slot's length), got " +
+                                         std::to_string(n));
+  for (const auto& L : impl_->layers)
+    if (L.state && n < len) return false;  // a linear-family state has the dropped tokens summed in
+  impl_->len[slot] = n;
+  return true;
+}
+
 void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens, const int32_t* lens, float* logits,
                          bool all_logits, void* stream) {
   const ModelSpec& s = spec_;

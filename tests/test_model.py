@@ -638,3 +638,71 @@ def test_sampling_arguments_at_their_extremes():
         draws = {s.sample(row, float("inf"), top_k, top_p) for _ in range(300)}
         assert all(d % 2 == 1 for d in draws), (top_k, top_p, sorted(draws))
         assert len(draws) > 1
+
+
+def test_cache_prompt_prefills_only_what_is_new():
+    """generate(cache_prompt=True): a prompt that goes on from the previous single-sequence generation's
+    text (a chat's next turn, the same prompt again) prefills only its new tokens; the continuation is
+    the one a fresh prefill gives (greedy, the default model); anything else in between (logits(), a
+    batch, cache_prompt off) means a whole prefill again."""
+    m = ne.load()
+    fed = []
+    forward = m._forward
+
+    def counting(r, slots, tokens, lens, logits, all_logits):
+        fed.append(int(sum(int(x) for x in lens)))
+        return forward(r, slots, tokens, lens, logits, all_logits)
+
+    m._forward = counting
+    g = torch.Generator().manual_seed(17)
+    p1 = torch.randint(0, 1024, (40,), generator=g).tolist()
+    fresh = ne.load()
+    out1 = m.generate(p1, max_new_tokens=12, cache_prompt=True)
+    assert out1 == fresh.generate(p1, max_new_tokens=12) and fed[0] == 40 and len(out1) == 12
+    # the next turn: the text so far (the last generated token was never fed back) plus new tokens
+    p2 = p1 + out1 + torch.randint(0, 1024, (9,), generator=g).tolist()
+    fed.clear()
+    out2 = m.generate(p2, max_new_tokens=12, cache_prompt=True)
+    assert fed[0] == 1 + 9, fed  # the last generated token and the 9 new ones
+    assert out2 == fresh.generate(p2, max_new_tokens=12)
+    # the same prompt again: all but its last token kept
+    fed.clear()
+    assert m.generate(p2, max_new_tokens=12, cache_prompt=True) == out2 and fed[0] == 1
+    # a prompt that leaves the held text early: kept up to where they part
+    p3 = p2[:30] + [5, 6, 7]
+    fed.clear()
+    assert m.generate(p3, max_new_tokens=5, cache_prompt=True) == fresh.generate(p3, max_new_tokens=5)
+    assert fed[0] == 3
+    # nothing in between: the new token alone (p1 is held whole); another call in between, or
+    # cache_prompt off: the whole prompt
+    between = {"nothing": lambda: None, "logits": lambda: m.logits([1, 2, 3]),
+               "a batch": lambda: m.generate([[1, 2], [3]], max_new_tokens=2)}
+    for name, call in between.items():
+        for cache in (True, False):
+            m.generate(p1, max_new_tokens=4, cache_prompt=True)
+            call()
+            fed.clear()
+            m.generate(p1 + [9], max_new_tokens=4, cache_prompt=cache)
+            assert fed[0] == (1 if cache and name == "nothing" else 41), (name, cache, fed)
+    # a suspended stream whose cache a later call reused (truncated) prefills its text again, as it does
+    # after any other call: both get their fresh-prefill tokens
+    stream = m.generate(p2, max_new_tokens=8, cache_prompt=True, stream=True)
+    first = [next(stream), next(stream)]
+    assert m.generate(p2[:50], max_new_tokens=6, cache_prompt=True) == fresh.generate(p2[:50], max_new_tokens=6)
+    assert first + list(stream) == fresh.generate(p2, max_new_tokens=8)
+    with pytest.raises(ne.ArgumentError, match="cache_prompt"):
+        m.generate(p1, cache_prompt="yes")
+
+
+def test_cache_prompt_where_the_caches_cannot_go_back(tmp_path):
+    """A linear-attention layer's state cannot drop tokens, nor can a sliding-window ring that later
+    tokens overwrote: those prompts are prefilled whole (and give what a fresh prefill gives)."""
+    m = ne.load(attention=["softmax", "linear", "softmax", "softmax"])
+    p = torch.randint(0, 1024, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    out = m.generate(p, max_new_tokens=6, cache_prompt=True)
+    r = m._runner
+    assert r.truncate(0, r.length(0)) and not r.truncate(0, 10)
+    fresh = ne.load(attention=["softmax", "linear", "softmax", "softmax"])
+    assert m.generate(p + out, max_new_tokens=6, cache_prompt=True) == fresh.generate(p + out, max_new_tokens=6)
+    with pytest.raises(ValueError, match="n: expected"):
+        r.truncate(0, 10**6)

@@ -155,6 +155,7 @@ void bind_runner(py::module_& m) {
           py::arg("slots"), py::arg("tokens"), py::arg("lens"), py::arg("logits"), py::arg("all_logits"))
       .def("reset", &ne::Runner::reset, py::arg("slot"))
       .def("length", &ne::Runner::length, py::arg("slot"))
+      .def("truncate", &ne::Runner::truncate, py::arg("slot"), py::arg("n"))
       .def_property_readonly("slots", &ne::Runner::slots)
       .def_property_readonly("ctx", &ne::Runner::ctx);
 
@@ -203,6 +204,7 @@ void bind_runner(py::module_& m) {
           "0: the default stream). slots / tokens / lens: CPU int32; logits: CUDA float32 [rows, vocab].")
       .def("reset", &ne::CudaRunner::reset, py::arg("slot"))
       .def("length", &ne::CudaRunner::length, py::arg("slot"))
+      .def("truncate", &ne::CudaRunner::truncate, py::arg("slot"), py::arg("n"))
       .def_property_readonly("slots", &ne::CudaRunner::slots)
       .def_property_readonly("ctx", &ne::CudaRunner::ctx)
       .def_property_readonly("device", &ne::CudaRunner::device);

@@ -303,6 +303,21 @@ int Runner::length(int slot) const {
   return impl_->len[slot];
 }
 
+bool Runner::truncate(int slot, int n) {
+  const int len = length(slot);
+  if (n < 0 || n > len) throw ValueError("n: expected 0.." + std::to_string(len) + " (the slot's length), got " +
+                                         std::to_string(n));
+  for (int i = 0; i < spec_.n_layers && n < len; ++i) {
+    const Layer& L = impl_->layers[i];
+    if (!L.state.empty()) return false;  // a linear-family state has the dropped tokens summed in
+    // the next query (position n) reads keys from n - W + 1 on; positions past n wrote their rows over
+    // those of positions ring apart: intact while len - n <= ring - W
+    if (L.ring && len - n > L.ring - attn_window(spec_, i)) return false;
+  }
+  impl_->len[slot] = n;
+  return true;
+}
+
 namespace {
 
 // y[T, N] = norm(x) W^T (+ b) with norm's statistics applied in the GEMM epilogue (norm_linear).

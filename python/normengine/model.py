@@ -280,6 +280,10 @@ class Model:
         self._lock = threading.RLock()
         self._user = None
         self._handed = self._handed_tensors = None
+        # Prompt caching: (the generation that last used the runner, the token ids its slot 0 holds). A
+        # single-sequence generate whose prompt starts with some of those tokens keeps them and prefills
+        # only the rest (as llama.cpp's cached prompt), while no other call has used the runner since.
+        self._prefix = None
 
     # ------------------------------------------------------------------ torch views of the state
     @property
@@ -338,7 +342,7 @@ class Model:
         return str(self._dtype).replace("torch.", "")
 
     # ------------------------------------------------------------------ copies
-    _RUNTIME = ("_runner", "_slots", "_ctx", "_lock", "_user", "_handed", "_handed_tensors")
+    _RUNTIME = ("_runner", "_slots", "_ctx", "_lock", "_user", "_handed", "_handed_tensors", "_prefix")
 
     def _state(self) -> dict:
         """Everything but the runtime (the runner, its lock and bookkeeping)."""
@@ -558,7 +562,8 @@ class Model:
         return set(e) if isinstance(e, (list, tuple)) else {e}
 
     def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, stop=None, stream: bool = False):
+                 top_p: float | None = None, seed: int | None = None, stop=None, stream: bool = False,
+                 cache_prompt: bool = False):
         """Generate up to max_new_tokens after each prompt.
 
         prompt: a list of ids (returns the list of new ids), a string when the checkpoint has a
@@ -571,7 +576,15 @@ class Model:
         for a batch it yields (index, token) pairs. Calls on one Model may interleave (a stream left
         suspended while other calls run, or calls from several threads): the runner serves one step at
         a time, and a stream whose KV cache another call has reset prefills its text so far again
-        before going on (same tokens, up to float rounding of prefill against decode; slower)."""
+        before going on (same tokens, up to float rounding of prefill against decode; slower).
+        cache_prompt=True (a single prompt): when the previous call on this Model was a single-sequence
+        generation, the KV cache still holds its text (prompt and tokens fed back), and the new prompt
+        starts with some of it (a chat going on, a prompt regenerated), only the rest is prefilled (the
+        caches are then sized for twice the call's text, up to the model's context, so that the next
+        turns fit: a runner grown anew starts empty). The
+        logits then differ from a fresh prefill's by float rounding (other kernels' summation orders), so
+        a near-tie can pick another token: off by default, as a seed reproduces tokens exactly only
+        without it."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ArgumentError(f"max_new_tokens: expected a non-negative int, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or not temperature >= 0:
@@ -582,6 +595,8 @@ class Model:
             raise ArgumentError(f"top_p: expected a number in (0, 1] or None, got {top_p!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ArgumentError(f"seed: expected an int or None, got {seed!r}")
+        if not isinstance(cache_prompt, bool):
+            raise ArgumentError(f"cache_prompt: expected True or False, got {cache_prompt!r}")
         prompt = self._as_id_lists(prompt, "prompt")  # [T] -> one prompt, [B, T] -> a batch
         batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], (str, list, tuple))
         prompts = list(prompt) if batched else [prompt]
@@ -603,7 +618,8 @@ class Model:
                 raise ArgumentError(f"stop: expected token ids or strings, got {s!r}")
         # top_k at or past the vocabulary keeps every candidate (and stays within the sampler's int)
         gen = self._generate(ids, text, max_new_tokens, float(temperature), min(top_k or 0, self.config.vocab_size),
-                             1.0 if top_p is None else float(top_p), seed, stop_ids | self._eos(), stop_strs)
+                             1.0 if top_p is None else float(top_p), seed, stop_ids | self._eos(), stop_strs,
+                             cache_prompt)
         if stream:
             return self._stream(gen, batched)
         results = [[] for _ in ids]
@@ -626,12 +642,14 @@ class Model:
         for i, tok in gen:
             yield (i, tok) if batched else tok
 
-    def _generate(self, ids, text, max_new, temperature, top_k, top_p, seed, stop_ids, stop_strs):
+    def _generate(self, ids, text, max_new, temperature, top_k, top_p, seed, stop_ids, stop_strs, cache_prompt=False):
         """Yields (sequence index, new token id, or text piece for text prompts) as tokens are made."""
         if max_new == 0:
             return
         B = len(ids)
-        ctx = min(self.config.max_seq_len, max(len(s) for s in ids) + max_new)
+        need = ctx = min(self.config.max_seq_len, max(len(s) for s in ids) + max_new)
+        if cache_prompt:  # room for the next turns too: a runner made anew (to grow) starts with no cache
+            ctx = max(ctx, min(self.config.max_seq_len, 2 * ctx))
         torch = _torch_if_loaded()  # None in a torch-free process: numpy buffers then
         if seed is not None:
             base = seed
@@ -663,8 +681,15 @@ class Model:
         cur1 = ints([0])
         step_n = 0  # how many active sequences slots / one / rows were made for
         with self._lock:
-            r = self._runner_for(B, ctx, me)
-            self._forward(r, ints(active), tokens, lens, logits, False)
+            kept = self._cached_prefix(ids, need) if cache_prompt else 0
+            if kept:  # slot 0 already holds ids[0][:kept]: only the rest goes through the layers
+                r, self._user = self._runner, me
+                self._forward(r, ints([0]), ints(ids[0][kept:]), ints([len(ids[0]) - kept]), logits, False)
+            else:
+                r = self._runner_for(B, ctx, me)
+                self._forward(r, ints(active), tokens, lens, logits, False)
+            held = list(ids[0]) if B == 1 else None  # what slot 0 holds, while this call is the user
+            self._prefix = (me, held) if B == 1 else None
         host = logits.cpu() if on_gpu else logits  # the sampler reads CPU rows
         produced = [[] for _ in range(B)]
         shown = [""] * B  # text already yielded, per text sequence
@@ -715,7 +740,32 @@ class Model:
                         seqs = [ids[i] + produced[i] for i in active]
                         self._forward(r, slots, ints([t for q in seqs for t in q]), ints([len(q) for q in seqs]),
                                       rows, False)
+                        if held is not None:
+                            held[:] = ids[0] + produced[0][:-1]  # (the last one is appended below)
+                            self._prefix = (me, held)
+                    if held is not None:
+                        held.append(produced[0][-1])
                 host = rows.cpu() if on_gpu else logits
+
+    def _cached_prefix(self, ids, ctx) -> int:
+        """How many leading tokens of a single prompt ids[0] slot 0 of the runner still holds from the last
+        generation (which no other call has followed), truncated to them; 0: prefill the whole prompt.
+        At least one token is always fed again (its logits start the generation)."""
+        if len(ids) != 1 or self._prefix is None or self._prefix[0] is not self._user or self._runner is None:
+            return 0
+        if self._stale() or ctx > self._ctx:
+            return 0
+        held, prompt = self._prefix[1], ids[0]
+        n = 0
+        for a, b in zip(held, prompt[:-1]):
+            if a != b:
+                break
+            n += 1
+        if n == 0 or not self._runner.truncate(0, n):
+            return 0
+        for s in range(1, self._slots):  # (other slots' sequences belong to no one now)
+            self._runner.reset(s)
+        return n
 
     # ------------------------------------------------------------------ description
     def num_parameters(self) -> int:

@@ -124,6 +124,11 @@ class Runner {
 
   void reset(int slot);  // forget a sequence
   int length(int slot) const;
+  // Keep only the first n tokens of slot's sequence (prompt caching: a new prompt that shares them goes
+  // on from there). False, and nothing changed, where the caches cannot go back: a linear-family layer's
+  // state (it summed the later tokens in), or a sliding-window ring whose rows of the last kept tokens'
+  // keys the later ones overwrote (more than kPrefillChunk dropped).
+  bool truncate(int slot, int n);
   int slots() const { return n_slots_; }
   int ctx() const { return ctx_; }
   const ModelSpec& spec() const { return spec_; }
@@ -176,6 +181,7 @@ class CudaRunner {
 
   void reset(int slot);
   int length(int slot) const;
+  bool truncate(int slot, int n);  // as Runner's (no rings here: false only with linear-family layers)
   int slots() const { return n_slots_; }
   int ctx() const { return ctx_; }
   int device() const;
