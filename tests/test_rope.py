@@ -261,7 +261,22 @@ def test_runner_spec_checks(llama_dir):
         ne._C.Runner(dict(spec, rope_inv_freq=[float("nan")] * 8), 1, 8)
     with pytest.raises(ValueError, match="rope_attn_factor"):
         ne._C.Runner(dict(spec, rope_attn_factor=0.0), 1, 8)
+    for field, value, match in (("rope_dim", 3, "rope_dim"), ("rope_dim", 18, "rope_dim"), ("rope_dim", -2, "rope_dim"),
+                                ("emb_scale", 0.0, "emb_scale"), ("emb_scale", float("inf"), "emb_scale"),
+                                ("attn_scale", -1.0, "attn_scale"), ("attn_softcap", float("nan"), "softcap"),
+                                ("final_softcap", -1.0, "softcap"), ("rope_attn_factor_local", 0.0, "local"),
+                                ("rope_inv_freq_local", [1.0] * 3, "local")):
+        with pytest.raises(ValueError, match=match):
+            ne._C.Runner(dict(spec, **{field: value}), 1, 8)
+    with pytest.raises(ValueError, match="parallel_residual"):
+        ne._C.Runner(dict(spec, parallel_residual=True, post_norms=True), 1, 8)
+    # partial rotary: the table has rope_dim / 2 entries
+    with pytest.raises(ValueError, match="rope_inv_freq"):
+        ne._C.Runner(dict(spec, rope_dim=8, rope_inv_freq=[1.0] * 8), 1, 8)
+    ne._C.Runner(dict(spec, rope_dim=8, rope_inv_freq=[1.0] * 4), 1, 8)
     r = ne._C.Runner(spec, 1, 8)
+    with pytest.raises(ValueError, match="post norms"):
+        r.set_tensor("blocks.0.attn_post_norm.weight", torch.ones(64))
     with pytest.raises(ValueError, match="q / k norms"):
         r.set_tensor("blocks.0.attn.q_norm.weight", torch.ones(16))
     r = ne._C.Runner(dict(spec, qk_norm=True), 1, 8)
