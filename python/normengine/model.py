@@ -581,10 +581,9 @@ class Model:
         generation, the KV cache still holds its text (prompt and tokens fed back), and the new prompt
         starts with some of it (a chat going on, a prompt regenerated), only the rest is prefilled (the
         caches are then sized for twice the call's text, up to the model's context, so that the next
-        turns fit: a runner grown anew starts empty). The
-        logits then differ from a fresh prefill's by float rounding (other kernels' summation orders), so
-        a near-tie can pick another token: off by default, as a seed reproduces tokens exactly only
-        without it."""
+        turns fit: a runner grown anew starts empty). The logits then differ from a fresh prefill's by
+        float rounding (other kernels' summation orders), so a near-tie can pick another token: off by
+        default, as a seed reproduces tokens exactly only without it."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ArgumentError(f"max_new_tokens: expected a non-negative int, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or not temperature >= 0:
@@ -642,7 +641,8 @@ class Model:
         for i, tok in gen:
             yield (i, tok) if batched else tok
 
-    def _generate(self, ids, text, max_new, temperature, top_k, top_p, seed, stop_ids, stop_strs, cache_prompt=False):
+    def _generate(self, ids, text, max_new, temperature, top_k, top_p, seed, stop_ids, stop_strs,
+                  cache_prompt=False):
         """Yields (sequence index, new token id, or text piece for text prompts) as tokens are made."""
         if max_new == 0:
             return
