@@ -78,6 +78,10 @@ def _load_and_generate(path):
     ("mistral", {"num_hidden_layers": 10**30}),                    # OverflowError making per-layer windows
     ("gemma3", {"max_position_embeddings": 10**30}),               # a size the runner's int cannot hold
     ("gemma3", {"layer_types": None, "num_hidden_layers": 10**30}),
+    ("gemma2", {"architectures": [], "model_type": {"rope_type": "yarn"}}),  # TypeError: unhashable model_type
+    ("phi3", {"architectures": "x", "model_type": []}),
+    ("gemma3", {"architectures": [{}], "model_type": "gemma3_text"}),
+    ("qwen2-yarn", {"rope_theta": 1}),                            # ZeroDivisionError: YaRN's log(theta)
 ])
 def test_found_cases(checkpoints, tmp_path, kind, changes):
     cfg = json.loads((checkpoints[kind] / "config.json").read_text())

@@ -177,6 +177,9 @@ class ModelConfig:
         from .rope import check_scaling
 
         check_scaling(self.rope_scaling)
+        if self.rope_scaling is not None and self.rope_scaling["rope_type"] == "yarn" and self.rope_theta <= 1:
+            raise ArgumentError(f"config.rope_theta: YaRN needs a RoPE base above 1 (its ramp divides by "
+                                f"log(theta)), got {self.rope_theta!r}")
         if self.learned_pos and (self.rope_scaling is not None or self.qk_norm or self.rope_local_theta is not None):
             raise ArgumentError("config: rope_scaling, rope_local_theta and qk_norm need RoPE (learned_pos false)")
         rd = self.rotary_dim

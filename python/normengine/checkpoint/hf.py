@@ -545,8 +545,8 @@ def architecture_of(config: dict, where: str) -> Architecture:
     name = archs[0] if isinstance(archs, list) and archs else None
     if name is None:
         mt = config.get("model_type")
-        name = _MODEL_TYPES.get(mt, mt)
-    if name not in ARCHITECTURES:
+        name = _MODEL_TYPES.get(mt, mt) if isinstance(mt, str) else mt
+    if not isinstance(name, str) or name not in ARCHITECTURES:
         shown = name if name is not None else "(none: no 'architectures' or 'model_type' field)"
         raise UnsupportedError(
             f"{where}: architecture {shown!r} is not supported; supported architectures: "
