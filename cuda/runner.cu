@@ -228,8 +228,6 @@ struct AttnParams {
   float softcap;  // c > 0: scores s -> c tanh(s / c) before the softmax (Gemma 2)
 };
 
-// The first key position query position `pos` sees under window w (0: none): ops/attention.h's first_key.
-__device__ __forceinline__ int64_t first_key_dev(int64_t pos, int w) { return w > 0 && pos + 1 > w ? pos + 1 - w : 0; }
 
 template <int DPL, class TC>
 __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(const AttnParams p) {
@@ -242,7 +240,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(const AttnPa
   const int D = p.head_dim;
   const int64_t dkv = static_cast<int64_t>(p.n_kv_heads) * D;
   const int64_t L = static_cast<int64_t>(p.pos[t]) + 1;  // keys J .. L - 1 visible
-  const int64_t J = first_key_dev(p.pos[t], p.window);
+  const int64_t J = first_key(p.pos[t], p.window);
   const int64_t base = static_cast<int64_t>(p.slot[t]) * p.ctx * dkv + static_cast<int64_t>(g) * D;
   const TC* K = static_cast<const TC*>(p.kcache) + base;
   const TC* V = static_cast<const TC*>(p.vcache) + base;
@@ -277,7 +275,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(const AttnPa
 #pragma unroll
     for (int u = 0; u < kAttnKeys; ++u) {
       s[u] = j0 + u < L ? p.scale * s[u] : -INFINITY;
-      if (p.softcap > 0.f && j0 + u < L) s[u] = p.softcap * tanhf(s[u] / p.softcap);
+      if (p.softcap > 0.f && j0 + u < L) s[u] = softcap(s[u], p.softcap);
       mx = fmaxf(mx, s[u]);
     }
     // mx is finite: key j0 < L is valid. exp(-inf) = 0 drops the invalid keys and the empty start.
@@ -358,7 +356,7 @@ __global__ void activation_kernel(int kind, int64_t n, const float* a, const flo
 __global__ void softcap_kernel(float* x, int64_t n, float c) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    x[i] = c * tanhf(x[i] / c);
+    x[i] = softcap(x[i], c);
 }
 
 // dst[i, :] = src[rows[i], :]  (each sequence's last token, for the head): one block per row.
@@ -422,8 +420,8 @@ void launch_attention(const AttnParams& p, int64_t T, bool bf16_cache, cudaStrea
 
 // ---------------------------------------------------------------------------- lmul_attention_kernel
 // L-Mul attention (spec.lmul_scope >= 1: the CPU runner's lmul_cache_attention). Query row t, head h
-// (kv head g), keys j = J .. pos[t] of the slot's float32 cache (J: first_key_dev, the sliding window's),
-// every product an L-Mul of the CPU's
+// (kv head g), keys j = J .. pos[t] of the slot's float32 cache (J: ops/attention.h's first_key, the
+// sliding window's), every product an L-Mul of the CPU's
 // scalar definition (ops/lmul_bits.h: truncate both operands to m mantissa bits, add the bit patterns):
 //   s_j = scale * sum_d lmul(q_d, k_jd)      d in order from +0 (the CPU's bits)
 //   p_j = exp(s_j - max s) / sum_j exp(...)  exact arithmetic
@@ -460,7 +458,7 @@ __global__ void __launch_bounds__(kLmulThreads) lmul_attention_kernel(const Attn
   extern __shared__ float lmul_smem[];
   const int64_t t = blockIdx.x / p.n_heads;
   const int h = blockIdx.x % p.n_heads, D = p.head_dim, g = h / (p.n_heads / p.n_kv_heads);
-  const int64_t L = p.pos[t] + 1, J = first_key_dev(p.pos[t], p.window), dkv = static_cast<int64_t>(p.n_kv_heads) * D;
+  const int64_t L = p.pos[t] + 1, J = first_key(p.pos[t], p.window), dkv = static_cast<int64_t>(p.n_kv_heads) * D;
   float* s = lmul_smem;  // [ctx] (s[j] for the visible keys j)
   uint32_t* qp = reinterpret_cast<uint32_t*>(lmul_smem + p.ctx);  // [D]
   float* red = lmul_smem + p.ctx + D;  // [32]
@@ -477,7 +475,7 @@ __global__ void __launch_bounds__(kLmulThreads) lmul_attention_kernel(const Attn
     for (int d = 0; d < D; ++d)
       acc = __fadd_rn(acc, __uint_as_float(checked1(qp[d], prep1(__float_as_uint(k[d]), trunc), C)));
     s[j] = p.scale * acc;
-    if (p.softcap > 0.f) s[j] = p.softcap * tanhf(s[j] / p.softcap);
+    if (p.softcap > 0.f) s[j] = softcap(s[j], p.softcap);
     mx = fmaxf(mx, s[j]);
   }
   mx = block_reduce<true>(mx, red);
@@ -650,25 +648,17 @@ CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spe
     }
   }
   if (!s.learned_pos) {
-    // As Hugging Face computes them, in float32: angle = pos * inv_freq_i (rope_inv_freq: the plain
-    // 1 / theta^(2i / D) or the spec's scaled ones), cos and sin times the attention factor (YaRN's; 1
-    // otherwise): the CPU runner's table, bit for bit.
-    // Gemma 3's sliding-window layers have their own (spec.rope_inv_freq_local): two more tables after these.
+    // Every position's row (model/weights.h rope_cos_sin: the CPU runner's, bit for bit): cos [ctx, D/2]
+    // then sin [ctx, D/2]. Gemma 3's sliding-window layers have their own (spec.rope_inv_freq_local): two
+    // more tables after these.
     const int half = rope_dims(s) / 2;
     const size_t n = static_cast<size_t>(ctx) * half;
     const bool local = !s.rope_inv_freq_local.empty();
     std::vector<float> tab((local ? 4 : 2) * n);
     auto fill = [&](const std::vector<float>& inv_freq, double factor, float* cs) {
-      const float attn_factor = static_cast<float>(factor);
-      for (int i = 0; i < half; ++i) {
-        const float inv = inv_freq[i];
-        for (int p = 0; p < ctx; ++p) {
-          float a = static_cast<float>(p) * inv;
-          cs[static_cast<size_t>(p) * half + i] = static_cast<float>(std::cos(static_cast<double>(a))) * attn_factor;
-          cs[n + static_cast<size_t>(p) * half + i] =
-              static_cast<float>(std::sin(static_cast<double>(a))) * attn_factor;
-        }
-      }
+      for (int p = 0; p < ctx; ++p)
+        rope_cos_sin(inv_freq.data(), half, static_cast<float>(factor), p, cs + static_cast<size_t>(p) * half,
+                     cs + n + static_cast<size_t>(p) * half);
     };
     fill(rope_inv_freq(s), s.rope_attn_factor, tab.data());
     if (local) fill(s.rope_inv_freq_local, s.rope_attn_factor_local, tab.data() + 2 * n);
@@ -742,8 +732,7 @@ int CudaRunner::length(int slot) const {
 
 bool CudaRunner::truncate(int slot, int n) {
   const int len = length(slot);
-  if (n < 0 || n > len) throw ValueError("n: expected 0.." + std::to_string(len) + " (the slot's length), got " +
-                                         std::to_string(n));
+  check_truncate(len, n);
   for (const auto& L : impl_->layers)
     if (L.state && n < len) return false;  // a linear-family state has the dropped tokens summed in
   impl_->len[slot] = n;
@@ -977,14 +966,20 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       a.host_pos0 = pos0.data();
       cuda::linear_attention_rows(a, st);
     }
-    if (s.post_norms) {  // x += RMSNorm(attn Wo^T + bo) g   (xn is free here)
-      cuda::launch_linear(L.o, L.ob, m.att, dq, T, m.xn, d, false, st, ar);
-      cuda::post_norm_add_kernel<<<grid_t, cuda::kPostNormThreads, 0, st>>>(m.xn, L.attn_post_norm.f32(), d,
-                                                                            static_cast<float>(s.norm_eps), m.x);
-      cuda::check_launch("post_norm_add_kernel");
-    } else if (!s.parallel_residual) {
-      cuda::launch_linear(L.o, L.ob, m.att, dq, T, m.x, d, true, st, ar);  // x += attn Wo^T + bo
-    }  // (parallel residual: the MLP reads this same x; att is added after it)
+    // x += in W^T + b, the GEMM's accumulate epilogue; sandwich norms: x += RMSNorm(in W^T + b) g (xn is free
+    // when a branch ends)
+    auto add_to_stream = [&](const DevW& w, const DevW& b, const float* in, int64_t ld_in, const DevW& post) {
+      if (s.post_norms) {
+        cuda::launch_linear(w, b, in, ld_in, T, m.xn, d, false, st, ar);
+        cuda::post_norm_add_kernel<<<grid_t, cuda::kPostNormThreads, 0, st>>>(m.xn, post.f32(), d,
+                                                                              static_cast<float>(s.norm_eps), m.x);
+        cuda::check_launch("post_norm_add_kernel");
+      } else {
+        cuda::launch_linear(w, b, in, ld_in, T, m.x, d, true, st, ar);
+      }
+    };
+    // x += attn Wo^T + bo (parallel residual: the MLP reads this same x; att is added after it)
+    if (!s.parallel_residual) add_to_stream(L.o, L.ob, m.att, dq, L.attn_post_norm);
     // ---- MLP
     xin = m.x;
     if (m.fused) {
@@ -1001,15 +996,8 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       cuda::activation_kernel<<<act_grid, 256, 0, st>>>(s.activation, act_n, m.up, nullptr, m.up);
     }
     cuda::check_launch("activation_kernel");
-    if (s.parallel_residual) cuda::launch_linear(L.o, L.ob, m.att, dq, T, m.x, d, true, st, ar);  // x += attn Wo^T
-    if (s.post_norms) {  // x += RMSNorm(act Wd^T + bd) g
-      cuda::launch_linear(L.down, L.downb, m.up, f, T, m.xn, d, false, st, ar);
-      cuda::post_norm_add_kernel<<<grid_t, cuda::kPostNormThreads, 0, st>>>(m.xn, L.mlp_post_norm.f32(), d,
-                                                                            static_cast<float>(s.norm_eps), m.x);
-      cuda::check_launch("post_norm_add_kernel");
-    } else {
-      cuda::launch_linear(L.down, L.downb, m.up, f, T, m.x, d, true, st, ar);  // x += act Wd^T + bd
-    }
+    if (s.parallel_residual) add_to_stream(L.o, L.ob, m.att, dq, L.attn_post_norm);
+    add_to_stream(L.down, L.downb, m.up, f, L.mlp_post_norm);  // x += act Wd^T + bd
   }
 
   // ---- head, on the rows asked for

@@ -115,9 +115,8 @@ struct Runner::Layer {
   AttnType type = AttnType::Softmax;
   W attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob, decay, q_norm, k_norm, attn_post_norm, mlp_post_norm;
   W mlp_norm_w, mlp_norm_b, up, gate, down, upb, gateb, downb;
-  std::vector<float> kcache, vcache;  // softmax: [slots][rows][n_kv_heads * head_dim] (rows: ctx, or the ring)
-  int64_t rows = 0;   // cache rows per slot: ctx, or a sliding-window layer's ring (position p in row p % rows)
-  int64_t ring = 0;   // rows when they are a ring (< ctx), else 0
+  std::vector<float> kcache, vcache;  // softmax: [slots][rows][n_kv_heads * head_dim] (rows: ring, or ctx)
+  int64_t ring = 0;   // a sliding-window layer's rows per slot when fewer than ctx (position p in row p % ring)
   std::vector<bf16> kcache16, vcache16;  // the same in bfloat16 (spec.kv_bf16), instead
   std::vector<float> state;           // linear family: [slots][n_heads][(head_dim + 1)^2]
   // Projections that read the same input and whose weights lie back to back in memory run as one
@@ -142,7 +141,7 @@ struct Runner::Impl {
   // RoPE: inv_freq per pair, and the cos / sin of each row of the current call (built per call from
   // the rows' positions, so nothing here grows with the context)
   std::vector<float> rope_inv, rope_cos, rope_sin;
-  std::vector<float> rope_inv_local, rope_cos_local, rope_sin_local;  // the sliding layers' (spec's local RoPE)
+  std::vector<float> rope_cos_local, rope_sin_local;  // the sliding layers' (spec.rope_inv_freq_local)
   std::vector<int32_t> rope_row;
   bool any_softmax = true;
   // activations, grown to the largest call seen and reused
@@ -163,9 +162,8 @@ Runner::Runner(const ModelSpec& s, int slots, int ctx) : spec_(s), n_slots_(slot
     // kPrefillChunk rows of one sequence, whose first query reads back W - 1 keys, so W + kPrefillChunk
     // rows never overwrite a key still to be read.
     const int w = attn_window(s, i);
-    l.rows = w > 0 && w + kPrefillChunk < ctx ? w + kPrefillChunk : ctx;
-    l.ring = l.rows < ctx ? l.rows : 0;
-    const size_t cache = static_cast<size_t>(slots) * l.rows * s.n_kv_heads * s.head_dim;
+    l.ring = w > 0 && w + kPrefillChunk < ctx ? w + kPrefillChunk : 0;
+    const size_t cache = static_cast<size_t>(slots) * (l.ring ? l.ring : ctx) * s.n_kv_heads * s.head_dim;
     if (l.type == AttnType::Softmax && s.kv_bf16) {
       l.kcache16.assign(cache, bf16{0});
       l.vcache16.assign(cache, bf16{0});
@@ -180,7 +178,6 @@ Runner::Runner(const ModelSpec& s, int slots, int ctx) : spec_(s), n_slots_(slot
   impl_->any_softmax = false;
   for (const auto& l : impl_->layers) impl_->any_softmax |= l.type == AttnType::Softmax;
   if (!s.learned_pos) impl_->rope_inv = rope_inv_freq(s);
-  impl_->rope_inv_local = s.rope_inv_freq_local;
 }
 
 Runner::~Runner() = default;
@@ -305,8 +302,7 @@ int Runner::length(int slot) const {
 
 bool Runner::truncate(int slot, int n) {
   const int len = length(slot);
-  if (n < 0 || n > len) throw ValueError("n: expected 0.." + std::to_string(len) + " (the slot's length), got " +
-                                         std::to_string(n));
+  check_truncate(len, n);
   for (int i = 0; i < spec_.n_layers && n < len; ++i) {
     const Layer& L = impl_->layers[i];
     if (!L.state.empty()) return false;  // a linear-family state has the dropped tokens summed in
@@ -480,17 +476,12 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
     auto table = [&](const std::vector<float>& inv, float factor, std::vector<float>& cs, std::vector<float>& sn) {
       grow(cs, T * half);
       grow(sn, T * half);
-      for (int64_t t = 0; t < T; ++t)
-        for (int i = 0; i < half; ++i) {
-          const float a = static_cast<float>(m.pos[t]) * inv[i];
-          cs[t * half + i] = static_cast<float>(std::cos(static_cast<double>(a))) * factor;
-          sn[t * half + i] = static_cast<float>(std::sin(static_cast<double>(a))) * factor;
-        }
+      for (int64_t t = 0; t < T; ++t) rope_cos_sin(inv.data(), half, factor, m.pos[t], &cs[t * half], &sn[t * half]);
     };
     for (int64_t t = 0; t < T; ++t) m.rope_row[t] = static_cast<int32_t>(t);
     table(m.rope_inv, attn_factor, m.rope_cos, m.rope_sin);
-    if (!m.rope_inv_local.empty())
-      table(m.rope_inv_local, static_cast<float>(s.rope_attn_factor_local), m.rope_cos_local, m.rope_sin_local);
+    if (!s.rope_inv_freq_local.empty())
+      table(s.rope_inv_freq_local, static_cast<float>(s.rope_attn_factor_local), m.rope_cos_local, m.rope_sin_local);
   }
   const AttentionTable& K = attn_kernels();
   const Arith ar{s.lmul_scope == 2 ? s.lmul_bits : 0, s.bf16_products};  // how the projections multiply
@@ -537,8 +528,8 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
     }
     if (L.type == AttnType::Softmax) {
       for (int64_t t = 0; t < T; ++t) {
-        const size_t base = (static_cast<size_t>(slot_of[t]) * L.rows) * dkv;
-        const size_t row = base + static_cast<size_t>(L.ring ? m.pos[t] % L.ring : m.pos[t]) * dkv;
+        const size_t base = (static_cast<size_t>(slot_of[t]) * (L.ring ? L.ring : ctx_)) * dkv;
+        const size_t row = base + static_cast<size_t>(key_row(m.pos[t], L.ring)) * dkv;
         if (s.kv_bf16) {
           for (int64_t i = 0; i < dkv; ++i) {
             L.kcache16[row + i] = from_f32<bf16>(kp[t * ldkv + i]);
@@ -583,12 +574,18 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
         t0 += lens[i];
       }
     }
-    if (s.post_norms) {  // x += RMSNorm(attn Wo^T + bo) g   (xn is free here)
-      linear(L.o, L.ob, m.att.data(), T, m.xn.data(), false, ar);
-      add_post_norm(m.xn.data(), L.attn_post_norm.f32(), T, d, s.norm_eps, m.x.data());
-    } else if (!s.parallel_residual) {
-      linear(L.o, L.ob, m.att.data(), T, m.x.data(), true, ar);  // x += attn Wo^T + bo
-    }  // (parallel residual: the MLP reads this same x; att is added after it)
+    // x += in W^T + b, the GEMM's accumulate epilogue; sandwich norms: x += RMSNorm(in W^T + b) g (xn is free
+    // when a branch ends)
+    auto add_to_stream = [&](const W& w, const W& b, const float* in, const W& post) {
+      if (s.post_norms) {
+        linear(w, b, in, T, m.xn.data(), false, ar);
+        add_post_norm(m.xn.data(), post.f32(), T, d, s.norm_eps, m.x.data());
+      } else {
+        linear(w, b, in, T, m.x.data(), true, ar);
+      }
+    };
+    // x += attn Wo^T + bo (parallel residual: the MLP reads this same x; att is added after it)
+    if (!s.parallel_residual) add_to_stream(L.o, L.ob, m.att.data(), L.attn_post_norm);
     // ---- MLP
     const bool fgu = L.gate_up.present();  // [gate; up] in one GEMM: gu = [T, 2 d_ff], gate first
     if (m.fused) {
@@ -615,13 +612,8 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
     } else {
       K.activation({static_cast<Act>(s.activation), T, f, m.up.data(), f, nullptr, 0, m.up.data(), f});
     }
-    if (s.parallel_residual) linear(L.o, L.ob, m.att.data(), T, m.x.data(), true, ar);  // x += attn Wo^T + bo
-    if (s.post_norms) {  // x += RMSNorm(act Wd^T + bd) g
-      linear(L.down, L.downb, m.up.data(), T, m.xn.data(), false, ar);
-      add_post_norm(m.xn.data(), L.mlp_post_norm.f32(), T, d, s.norm_eps, m.x.data());
-    } else {
-      linear(L.down, L.downb, m.up.data(), T, m.x.data(), true, ar);  // x += act Wd^T + bd
-    }
+    if (s.parallel_residual) add_to_stream(L.o, L.ob, m.att.data(), L.attn_post_norm);
+    add_to_stream(L.down, L.downb, m.up.data(), L.mlp_post_norm);  // x += act Wd^T + bd
   }
 
   // ---- head, on the rows asked for: every row, or the last row of each sequence that ends here

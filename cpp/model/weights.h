@@ -66,17 +66,19 @@ inline void check_spec(const ModelSpec& s, int slots, int ctx) {
                      std::to_string(s.rope_inv_freq.size()));
   if (s.parallel_residual && s.post_norms)
     throw ValueError("spec.parallel_residual: not with post_norms (no architecture has both)");
-  for (float f : s.rope_inv_freq)
-    if (!(f >= 0.f && f < INFINITY)) throw ValueError("spec.rope_inv_freq: expected finite non-negative values");
-  if (!(s.rope_attn_factor > 0 && s.rope_attn_factor < INFINITY))
-    throw ValueError("spec.rope_attn_factor: expected a positive finite number");
+  // a RoPE table (rope_inv_freq, or the local one) and its cos / sin factor
+  auto check_table = [&](const std::vector<float>& inv, double factor, const char* name, const char* factor_name) {
+    for (float f : inv)
+      if (!(f >= 0.f && f < INFINITY))
+        throw ValueError(std::string("spec.") + name + ": expected finite non-negative values");
+    if (!(factor > 0 && factor < INFINITY))
+      throw ValueError(std::string("spec.") + factor_name + ": expected a positive finite number");
+  };
+  check_table(s.rope_inv_freq, s.rope_attn_factor, "rope_inv_freq", "rope_attn_factor");
   if (!s.rope_inv_freq_local.empty() && (s.learned_pos || static_cast<int>(s.rope_inv_freq_local.size()) != rh))
     throw ValueError("spec.rope_inv_freq_local: expected rope_dim / 2 = " + std::to_string(rh) +
                      " values (and RoPE), got " + std::to_string(s.rope_inv_freq_local.size()));
-  for (float f : s.rope_inv_freq_local)
-    if (!(f >= 0.f && f < INFINITY)) throw ValueError("spec.rope_inv_freq_local: expected finite non-negative values");
-  if (!(s.rope_attn_factor_local > 0 && s.rope_attn_factor_local < INFINITY))
-    throw ValueError("spec.rope_attn_factor_local: expected a positive finite number");
+  check_table(s.rope_inv_freq_local, s.rope_attn_factor_local, "rope_inv_freq_local", "rope_attn_factor_local");
   if (!(s.emb_scale > 0 && s.emb_scale < INFINITY))
     throw ValueError("spec.emb_scale: expected a positive finite number");
   if (!(s.attn_softcap >= 0 && s.attn_softcap < INFINITY) || !(s.final_softcap >= 0 && s.final_softcap < INFINITY))
@@ -119,6 +121,23 @@ inline std::vector<float> rope_inv_freq(const ModelSpec& s) {
   for (int i = 0; i < half; ++i)
     inv[i] = 1.0f / std::pow(static_cast<float>(s.rope_theta), static_cast<float>(2 * i) / R);
   return inv;
+}
+
+// One position's RoPE row, as Hugging Face computes it in float32: a_i = pos * inv_freq_i (float32),
+// cos[i] = cos(a_i) * factor, sin[i] = sin(a_i) * factor, i < half (factor: YaRN's; 1 otherwise). Both
+// runners' tables come from here, so they agree bit for bit.
+inline void rope_cos_sin(const float* inv, int half, float factor, int64_t pos, float* cos_row, float* sin_row) {
+  for (int i = 0; i < half; ++i) {
+    const float a = static_cast<float>(pos) * inv[i];
+    cos_row[i] = static_cast<float>(std::cos(static_cast<double>(a))) * factor;
+    sin_row[i] = static_cast<float>(std::sin(static_cast<double>(a))) * factor;
+  }
+}
+
+// Runner::truncate's and CudaRunner::truncate's argument: 0 .. len (ValueError otherwise).
+inline void check_truncate(int len, int n) {
+  if (n < 0 || n > len)
+    throw ValueError("n: expected 0.." + std::to_string(len) + " (the slot's length), got " + std::to_string(n));
 }
 
 // Layer i's sliding window under spec s (0: none).

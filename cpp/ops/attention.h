@@ -7,6 +7,14 @@
 #include "core/dispatch.h"
 #include "core/half.h"
 
+// The key range and soft-capping formulas below are host and device code under nvcc: the CUDA runner's
+// kernels (cuda/runner.cu) use the same definitions.
+#if defined(__CUDACC__)
+#define NE_ATT_HD __host__ __device__ __forceinline__
+#else
+#define NE_ATT_HD inline
+#endif
+
 namespace ne {
 
 // Each query row t (a token of some sequence) attends to rows first(t)..pos[t] of its own sequence's
@@ -30,10 +38,13 @@ struct AttnArgs {
   float softcap = 0.f;       // c > 0: scores s = scale q.k become c tanh(s / c) before the softmax (Gemma 2)
 };
 
-// Soft-capping of n scores in place: s -> c tanh(s / c) (c > 0), as transformers computes it in float32.
+// Soft-capping (Gemma 2): s -> c tanh(s / c), as transformers computes it in float32.
+NE_ATT_HD float softcap(float s, float c) { return c * tanhf(s / c); }
+
+// Soft-capping of n scores in place (c > 0; c = 0: none).
 inline void softcap_scores(float* s, int64_t n, float c) {
   if (c > 0)
-    for (int64_t i = 0; i < n; ++i) s[i] = c * std::tanh(s[i] / c);
+    for (int64_t i = 0; i < n; ++i) s[i] = softcap(s[i], c);
 }
 
 // Keys j0, j0 + 1, ... of a cache that are back to back in memory, at most n: all n, or up to the end of a
@@ -43,7 +54,7 @@ inline int64_t contiguous_keys(int64_t j0, int64_t n, int64_t R) { return R > 0 
 inline int64_t key_row(int64_t j, int64_t R) { return R > 0 ? j % R : j; }
 
 // The first key position query position `pos` sees under window w (0: none).
-inline int64_t first_key(int64_t pos, int w) { return w > 0 && pos + 1 > w ? pos + 1 - w : 0; }
+NE_ATT_HD int64_t first_key(int64_t pos, int w) { return w > 0 && pos + 1 > w ? pos + 1 - w : 0; }
 
 // Rotary embedding, "rotate half" pairing (i, i + D/2) as in Llama:
 //   x'[i] = x[i] cos(a) - x[i + D/2] sin(a),  x'[i + D/2] = x[i + D/2] cos(a) + x[i] sin(a)

@@ -22,11 +22,11 @@ namespace {
 const LmulTable& table() { return *NE_PICK_ISA(lmul_table); }
 // s[0 .. L) <- softmax(scale * s), exact fp32, in key order (the max, then the exps and their sum,
 // then each times 1 / sum).
-void softmax_row(float* s, int64_t L, float scale, float softcap = 0.f) {
+void softmax_row(float* s, int64_t L, float scale, float softcap_c = 0.f) {
   float mx = -INFINITY;
   for (int64_t j = 0; j < L; ++j) {
     s[j] = scale * s[j];
-    if (softcap > 0) s[j] = softcap * std::tanh(s[j] / softcap);
+    if (softcap_c > 0) s[j] = softcap(s[j], softcap_c);
     mx = s[j] > mx ? s[j] : mx;
   }
   float sum = 0.0f;
