@@ -52,10 +52,7 @@ def _rope(cfg, x, pos, local=False):
     D = cfg.rotary_dim or cfg.head_dim  # partial rotary: the first rotary_dim values rotate, the rest pass
     half = D // 2
     theta, scaling = (cfg.rope_local_theta, None) if local else (cfg.rope_theta, cfg.rope_scaling)
-    if scaling is None:
-        inv = 1.0 / (torch.tensor(theta, dtype=torch.float32) ** (torch.arange(0, half, dtype=torch.float32) * 2 / D))
-    else:
-        inv = torch.from_numpy(inv_freq(theta, D, scaling))
+    inv = torch.from_numpy(inv_freq(theta, D, scaling))
     f = torch.tensor(attention_factor(scaling), dtype=torch.float32)
     ang = pos.to(torch.float32)[:, None] * inv[None, :]
     cos = (torch.cos(ang.double()).to(torch.float32) * f).to(x.dtype)[:, None, :]
