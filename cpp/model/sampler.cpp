@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "core/aligned.h"
 #include "core/dispatch.h"
 #include "core/simd.h"
 

@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "core/aligned.h"
 #include "core/parallel.h"
 #include "core/simd.h"
 #include "normengine/ops.h"
@@ -350,12 +351,12 @@ void decode_token(const AttnArgs& a, const T* const* kc, const T* const* vc, int
   const int64_t L = static_cast<int64_t>(a.pos[t]) + 1, J = first_key(a.pos[t], a.window);
   const int64_t stride = static_cast<int64_t>(H) * (D + 2);
   const int threads = num_threads();
-  thread_local std::vector<float> parts;
+  thread_local Vec<float> parts;
   parts.resize(static_cast<size_t>(threads * stride));
   float* P = parts.data();
   init_parts(P, threads, H, D);
   parallel_for_upto((L - J + kBK - 1) / kBK, kDecodeGrain, threads, [&](int64_t b0, int64_t b1, int tid) {
-    thread_local std::vector<float> s;
+    thread_local Vec<float> s;
     s.resize(static_cast<size_t>(a.n_heads) * kBK);
     decode_range(a, kc, vc, t, J + b0 * kBK, J + b1 * kBK < L ? J + b1 * kBK : L, P + tid * stride, s.data());
   });
@@ -367,7 +368,7 @@ void decode_token(const AttnArgs& a, const T* const* kc, const T* const* vc, int
 template <class T>
 void decode_tokens(const AttnArgs& a, const T* const* kc, const T* const* vc) {
   parallel_for(a.n_tokens, 1, [&](int64_t t0, int64_t t1, int) {
-    thread_local std::vector<float> part, s;
+    thread_local Vec<float> part, s;
     part.resize(static_cast<size_t>(a.n_heads) * (a.head_dim + 2));
     s.resize(static_cast<size_t>(a.n_heads) * kBK);
     for (int64_t t = t0; t < t1; ++t) {
@@ -382,7 +383,7 @@ void decode_tokens(const AttnArgs& a, const T* const* kc, const T* const* vc) {
 template <class T>
 void attention_t(const AttnArgs& a, const T* const* kc, const T* const* vc) {
   // runs of consecutive tokens of one sequence, at most N per block
-  thread_local std::vector<std::pair<int64_t, int>> blocks;
+  thread_local Vec<std::pair<int64_t, int>> blocks;
   blocks.clear();
   bool single = true;
   for (int64_t t = 0; t < a.n_tokens; ++t) {
@@ -415,7 +416,7 @@ void attention_t(const AttnArgs& a, const T* const* kc, const T* const* vc) {
   const int64_t nb = static_cast<int64_t>(blocks.size()), H = a.n_heads;
   const auto* bl = blocks.data();
   parallel_for(nb * H, 1, [&](int64_t w0, int64_t w1, int) {
-    thread_local std::vector<float> ws;
+    thread_local Vec<float> ws;
     ws.resize(static_cast<size_t>((2 * a.head_dim + kBK) * N + 2 * kBK * a.head_dim));
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t u = w / H, b = (u % 2 == 0) ? u / 2 : nb - 1 - u / 2;

@@ -33,6 +33,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/aligned.h"
 #include "core/half.h"
 #include "ops/linear_attention.h"
 #include "ops/linear_attention_readout.h"
@@ -224,10 +225,10 @@ void readout_backward(const LinAttnParams& p, int Dk, int Dv, const float* r, co
 // Buffers of one (batch, head) pair: a chunk of inputs and products, and the state.
 struct Work {
   int Dk, Dv, W;  // W = Dv + 1
-  std::vector<float> q, fq, k, fk1, kT, v1, v1T, A, R, Sk, tmp, o;  // chunk rows
-  std::vector<float> go, dR, dRs, dSk, B, dq, dk, dv;               // backward chunk rows
-  std::vector<float> P, Pc, PT, X, XT, dP;                           // states [Dk+1, W] and transposes
-  std::vector<float> pw;                                             // lambda^i, i = 0..C
+  Vec<float> q, fq, k, fk1, kT, v1, v1T, A, R, Sk, tmp, o;  // chunk rows
+  Vec<float> go, dR, dRs, dSk, B, dq, dk, dv;               // backward chunk rows
+  Vec<float> P, Pc, PT, X, XT, dP;                           // states [Dk+1, W] and transposes
+  Vec<float> pw;                                             // lambda^i, i = 0..C
   Work(int nk, int nv, bool backward) : Dk(nk), Dv(nv), W(nv + 1) {
     const size_t C = kC, S = static_cast<size_t>(nk + 1) * W;
     q.resize(C * nk); fq.resize(C * nk); k.resize(C * nk); fk1.resize(C * (nk + 1)); kT.resize(nk * C);
@@ -323,7 +324,7 @@ void set_powers(Work& w, float lam) {
   for (int i = 0; i <= kC; ++i) w.pw[i] = static_cast<float>(std::pow(static_cast<double>(lam), i));
 }
 
-void load_state(const LinAttnTrainArgs& a, int64_t bh, std::vector<float>& S) {
+void load_state(const LinAttnTrainArgs& a, int64_t bh, Vec<float>& S) {
   const size_t n = S.size();
   if (a.init) std::memcpy(S.data(), a.init + bh * static_cast<int64_t>(n), sizeof(float) * n);
   else std::fill(S.begin(), S.end(), 0.0f);
@@ -438,7 +439,7 @@ void backward_noncausal(const LinAttnTrainArgs& a, Work& w, int64_t bh) {
   if (a.ginit) std::memcpy(a.ginit + bh * static_cast<int64_t>(w.X.size()), w.X.data(), sizeof(float) * w.X.size());
 }
 
-void backward_causal(const LinAttnTrainArgs& a, Work& w, std::vector<float>& states, int64_t bh) {
+void backward_causal(const LinAttnTrainArgs& a, Work& w, Vec<float>& states, int64_t bh) {
   const int64_t b = bh / a.H, h = bh % a.H, T = a.T;
   const int Dk = a.Dk, Dv = a.Dv, W = w.W;
   const FeatureMap f = fmap_of(a.p);
@@ -523,7 +524,7 @@ void forward(const LinAttnTrainArgs& a, int64_t bh0, int64_t bh1) {
 
 void backward(const LinAttnTrainArgs& a, int64_t bh0, int64_t bh1) {
   Work w(a.Dk, a.Dv, true);
-  std::vector<float> states;
+  Vec<float> states;
   if (a.p.causal) states.resize(static_cast<size_t>((a.T + kC - 1) / kC) * w.P.size());
   for (int64_t bh = bh0; bh < bh1; ++bh) {
     if (a.p.causal) {

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/aligned.h"
 #include "core/half.h"
 #include "core/parallel.h"
 #include "ops/quant_gemm.h"
@@ -221,7 +222,7 @@ void int4_tile512(const QArgs& a, int64_t m, int64_t n, int64_t g0, int64_t g1, 
 template <int MR, int NR>
 void int4_rows512(const QArgs& a, int64_t m, int64_t n0, int64_t n1, int64_t GB) {
   const int64_t G = a.w->K / a.w->group, ldp = n1 - n0;
-  thread_local std::vector<float> part;
+  thread_local Vec<float> part;
   part.assign(static_cast<size_t>(MR * ldp), 0.0f);
   for (int64_t gb = 0; gb < G; gb += GB) {
     const int64_t ge = std::min(G, gb + GB);
@@ -487,7 +488,7 @@ void quantize_fp8_rows(const float* x, int64_t ldx, int64_t K, float* xf, float*
 // kernel uses on fp32 weights (vcvtneps2bf16, which also flushes subnormals), so a bf16 panel gives
 // the products an fp32 panel would.
 void dequant_rows_bf16(const QWeight& w, int64_t n0, int64_t n1, uint16_t* out) {
-  thread_local std::vector<float> row;
+  thread_local Vec<float> row;
   row.resize(static_cast<size_t>(w.K));
   for (int64_t n = n0; n < n1; ++n) {
     dequant_rows(w, n, n + 1, row.data());
