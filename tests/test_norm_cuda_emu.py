@@ -308,8 +308,12 @@ def check_backward(lib, kind, dtype, n, variant, layout, gen):
             continue
         e = scaled_err(got, want, s)
         assert e <= 1e-5, f"{what} vs float64: {e:.3g}"
+        e = scaled_err(cpu, want, s)
+        assert e <= 1e-5, f"{what} of the CPU kernel vs float64: {e:.3g}"
+        # each kernel within 1e-5 of float64, summing in its own order (the CPU's by ISA: 1.12e-5 apart seen
+        # with AVX2's at f16 [3, 65539]), so the two within the sum of their errors
         e = scaled_err(got, cpu, max(want.abs().max().item(), s))
-        assert e <= 1e-5, f"{what} vs CPU kernel: {e:.3g}"
+        assert e <= 2e-5, f"{what} vs CPU kernel: {e:.3g}"
     return names
 
 

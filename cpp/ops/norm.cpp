@@ -27,20 +27,30 @@ struct NormRows {
 
   static int width(int64_t n, int64_t i) { return n - i < N ? static_cast<int>(n - i) : N; }
 
+  // The row sums add float32 (or float64) vectors over blocks of kBlock elements and each block's total in
+  // double: the rounding error then grows with a block (64 terms a lane), not with the row. (Summed end to
+  // end in the 8 float lanes of AVX2, a 32771-wide bf16 row's LayerNorm rstd was once 1.07e-5 off float64.)
+  static constexpr int64_t kBlock = 256 * N;
+
   // sum over the row of term(i, k), a vector whose lanes >= k are zero; four accumulators (the
   // adds' latency, not memory, would otherwise bound a row that sits in L1).
   template <class F>
   static double row_sum(int64_t n, F term) {
-    R a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
-    int64_t i = 0;
-    for (; i + 4 * N <= n; i += 4 * N) {
-      a0 = V::add(a0, term(i, N));
-      a1 = V::add(a1, term(i + N, N));
-      a2 = V::add(a2, term(i + 2 * N, N));
-      a3 = V::add(a3, term(i + 3 * N, N));
+    double total = 0.0;
+    for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+      const int64_t b1 = n - b0 < kBlock ? n : b0 + kBlock;
+      R a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+      int64_t i = b0;
+      for (; i + 4 * N <= b1; i += 4 * N) {
+        a0 = V::add(a0, term(i, N));
+        a1 = V::add(a1, term(i + N, N));
+        a2 = V::add(a2, term(i + 2 * N, N));
+        a3 = V::add(a3, term(i + 3 * N, N));
+      }
+      for (; i < b1; i += N) a0 = V::add(a0, term(i, width(b1, i)));
+      total += V::reduce(V::add(V::add(a0, a1), V::add(a2, a3)));
     }
-    for (; i < n; i += N) a0 = V::add(a0, term(i, width(n, i)));
-    return V::reduce(V::add(V::add(a0, a1), V::add(a2, a3)));
+    return total;
   }
 
   static R load_w(const A* w, int64_t i, int k) { return w ? loadn<V>(w + i, k) : V::set1(A(1)); }
@@ -61,22 +71,28 @@ struct NormRows {
   static void ln_stats(const T* h, int64_t n, double eps, A& K, A& delta, A& rstd) {
     K = ln_shift(h, n);
     const R Kv = V::set1(K);
-    R s0 = V::zero(), s1 = V::zero(), q0 = V::zero(), q1 = V::zero();
-    int64_t i = 0;
-    for (; i + 2 * N <= n; i += 2 * N) {
-      R c0 = V::sub(V::load(h + i), Kv), c1 = V::sub(V::load(h + i + N), Kv);
-      s0 = V::add(s0, c0);
-      s1 = V::add(s1, c1);
-      q0 = V::fma(c0, c0, q0);
-      q1 = V::fma(c1, c1, q1);
+    double sum = 0.0, sq = 0.0;  // (blocks of kBlock, as row_sum)
+    for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+      const int64_t b1 = n - b0 < kBlock ? n : b0 + kBlock;
+      R s0 = V::zero(), s1 = V::zero(), q0 = V::zero(), q1 = V::zero();
+      int64_t i = b0;
+      for (; i + 2 * N <= b1; i += 2 * N) {
+        R c0 = V::sub(V::load(h + i), Kv), c1 = V::sub(V::load(h + i + N), Kv);
+        s0 = V::add(s0, c0);
+        s1 = V::add(s1, c1);
+        q0 = V::fma(c0, c0, q0);
+        q1 = V::fma(c1, c1, q1);
+      }
+      for (; i < b1; i += N) {
+        int k = width(b1, i);
+        R c = V::keep(V::sub(loadn<V>(h + i, k), Kv), k);
+        s0 = V::add(s0, c);
+        q0 = V::fma(c, c, q0);
+      }
+      sum += V::reduce(V::add(s0, s1));
+      sq += V::reduce(V::add(q0, q1));
     }
-    for (; i < n; i += N) {
-      int k = width(n, i);
-      R c = V::keep(V::sub(loadn<V>(h + i, k), Kv), k);
-      s0 = V::add(s0, c);
-      q0 = V::fma(c, c, q0);
-    }
-    const double d = V::reduce(V::add(s0, s1)) / n, m2 = V::reduce(V::add(q0, q1)) / n;
+    const double d = sum / n, m2 = sq / n;
     delta = static_cast<A>(d);
     double var = m2 - d * d;
     if (!(var * 4.0 >= m2)) {  // cancelled (or NaN): the exact second pass
@@ -207,17 +223,21 @@ struct NormRows {
     const bool ln = a.kind == NormKind::LayerNorm;
     const A K = ln ? ln_shift(h, n) : A(0);
     c.Kv = V::set1(K);
-    // sg = sum g, sgc = sum g c, sc = sum c (c = h - K; K = 0 unless LayerNorm)
-    R sg0 = V::zero(), sgc0 = V::zero(), sc0 = V::zero();
-    for (int64_t i = 0; i < n; i += N) {
-      int k = width(n, i);
-      R cv = V::keep(V::sub(loadn<V>(h + i, k), c.Kv), k);
-      R g = V::mul(loadn<V>(dy + i, k), load_w(w, i, k));
-      sg0 = V::add(sg0, g);
-      sgc0 = V::fma(g, cv, sgc0);
-      sc0 = V::add(sc0, cv);
+    // sg = sum g, sgc = sum g c, sc = sum c (c = h - K; K = 0 unless LayerNorm); blocks of kBlock in double
+    double sg = 0.0, sgc = 0.0, sc = 0.0;
+    for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+      const int64_t b1 = n - b0 < kBlock ? n : b0 + kBlock;
+      R sg0 = V::zero(), sgc0 = V::zero(), sc0 = V::zero();
+      for (int64_t i = b0; i < b1; i += N) {
+        int k = width(b1, i);
+        R cv = V::keep(V::sub(loadn<V>(h + i, k), c.Kv), k);
+        R g = V::mul(loadn<V>(dy + i, k), load_w(w, i, k));
+        sg0 = V::add(sg0, g);
+        sgc0 = V::fma(g, cv, sgc0);
+        sc0 = V::add(sc0, cv);
+      }
+      sg += V::reduce(sg0), sgc += V::reduce(sgc0), sc += V::reduce(sc0);
     }
-    const double sg = V::reduce(sg0), sgc = V::reduce(sgc0), sc = V::reduce(sc0);
     const A delta = ln ? static_cast<A>(sc / n) : A(0);
     c.Dv = V::set1(delta);
     double sgx = static_cast<double>(rstd) * (sgc - static_cast<double>(delta) * sg);  // sum g xhat
