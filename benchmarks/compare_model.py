@@ -10,7 +10,11 @@ given; reused when present):
          tied head;
   llama  LlamaForCausalLM: 12 layers, d 768, 12 heads, 4 KV heads, head_dim 64, d_ff 2048,
          vocab 32000, RMSNorm, SwiGLU, RoPE, untied head.
-eos_token_id is None in both configs, so every engine always generates the full --gen tokens.
+  mixtral MixtralForCausalLM, a mixture-of-experts model of the same attention: 12 layers, d 768, 12 heads,
+         4 KV heads, 8 experts of 1024 per layer, 2 per token (a decode step reads the router and 2 of the 8
+         experts of each layer), vocab 32000, untied head. No GGUF here (benchmarks/hf_to_gguf.py writes no
+         experts): the llama engines and the llama.cpp side of the logits check are left out for it.
+eos_token_id is None in every config, so every engine always generates the full --gen tokens.
 GGUF files (f32, f16) come from our converter, benchmarks/hf_to_gguf.py (tied GPT-2 head left out:
 llama.cpp then uses token_embd for the head, the same one buffer normengine uses).
 
@@ -121,6 +125,9 @@ def proc_jiffies(pid: int) -> int:
 
 
 # ================================================================================== models
+GGUF_ARCHS = ("gpt2", "llama")  # the architectures benchmarks/hf_to_gguf.py converts
+
+
 def make_models(workdir: str, archs) -> dict:
     import torch
     import transformers
@@ -136,6 +143,18 @@ def make_models(workdir: str, archs) -> dict:
             cfg = transformers.GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
                                           bos_token_id=None, eos_token_id=None)
             model = transformers.GPT2LMHeadModel(cfg)
+        elif arch == "mixtral":
+            cfg = transformers.MixtralConfig(vocab_size=32000, hidden_size=768, intermediate_size=1024,
+                                             num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                                             head_dim=64, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                                             rope_theta=10000.0, tie_word_embeddings=False, num_local_experts=8,
+                                             num_experts_per_tok=2, bos_token_id=None, eos_token_id=None,
+                                             pad_token_id=None)
+            model = transformers.MixtralForCausalLM(cfg)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if p.dim() == 1:
+                        p.add_(0.1 * torch.randn_like(p))
         else:
             cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
                                            num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
@@ -165,6 +184,15 @@ def weight_info(arch: str) -> dict:
         pos = 1024 * d
         params = mats + vecs + emb + pos
         step = lambda es: (mats + emb) * es + vecs * 4 + 2 * d * es  # + token and position rows
+    elif arch == "mixtral":  # a step reads the attention, each layer's router and 2 of its 8 experts, the head
+        E, k, fe, dq, dkv = 8, 2, 1024, 768, 256
+        attn = L * (d * (dq + 2 * dkv) + dq * d + E * d)
+        experts = L * E * 3 * d * fe
+        mats = attn + experts
+        vecs = L * 2 * d + d
+        params = mats + vecs + 2 * V * d
+        step = lambda es: (attn + experts * k // E + V * d) * es + vecs * 4 + d * es
+        pos = 0
     else:
         f, dq, dkv = 2048, 768, 256
         mats = L * (d * (dq + 2 * dkv) + dq * d + 3 * d * f)
@@ -415,6 +443,11 @@ def main():
     import hf_to_gguf
 
     archs = [x for x in a.archs.split(",") if x]
+
+    def arch_engines(arch):
+        """The engines that run `arch` (llama.cpp only where our converter writes a GGUF of it)."""
+        return [e for e in engines if not e.startswith("llama") or arch in GGUF_ARCHS]
+
     engines = [x for x in a.engines.split(",") if x]
     for e in engines:
         if e not in ENGINES:
@@ -425,6 +458,8 @@ def main():
     dirs = make_models(workdir, archs)
     ggufs = {}
     for arch in archs:
+        if arch not in GGUF_ARCHS:
+            continue  # (no GGUF of it: no llama engines, no llama.cpp logits)
         for ot in ("f32", "f16", "q8_0", "q4_0"):
             if f"llama-{ot}" not in engines and not (ot == "f32" and not a.no_check):
                 continue  # (the logits check reads llama.cpp's f32 logits)
@@ -453,21 +488,21 @@ def main():
         # one live worker per engine; each repeat runs every engine once, in turn (after a warm-up
         # round), so the noise of a shared machine falls on all of them alike
         ws = {}
-        for e in engines:
+        for e in arch_engines(arch):
             g = ggufs[(arch, e.split("-", 1)[1])] if e.startswith("llama") else None
             ws[e] = Worker(a, e, arch, saved.get((arch, e), dirs[arch]), g)
-        for e in engines:
+        for e in ws:
             ws[e].call("run")
-        runs = {e: [] for e in engines}
+        runs = {e: [] for e in ws}
         round_bw = []
         for r in range(a.repeats):
             if a.wait_quiet > 0:
                 wait_quiet(a.wait_quiet)
-            for e in engines:
+            for e in ws:
                 runs[e].append(ws[e].call("run"))
             bws.append(copy_bandwidth(a.threads))
             round_bw.append(bws[-1])
-        for e in engines:
+        for e in ws:
             hwm = ws[e].close()["hwm_kb"]
             pre = [x["prefill_s"] for x in runs[e]]
             dec = [x["decode_s"] for x in runs[e]]
@@ -521,7 +556,7 @@ def main():
                 return float("nan")
             return statistics.median(o / m for o, m in zip(base[other][key[:-2] + "_all_used"], base[e][key[:-2] + "_all_used"]))
 
-        for e in engines:
+        for e in arch_engines(arch):
             r = base[e]
             es = BYTES_PER_WEIGHT[e.split("-", 1)[1]]
             wbytes = r.get("weight_bytes") or wi["bytes"](es)  # normengine's own count, with unquantized parts
@@ -564,11 +599,15 @@ def main():
         for arch in archs:
             lg = {}
             for e in ("ne-f32", "llama-f32", "hf-f32"):
+                if e.startswith("llama") and arch not in GGUF_ARCHS:
+                    continue
                 f = os.path.join(workdir, f"logits-{arch}-{e}.npy")
                 w = Worker(a, e, arch, dirs[arch], ggufs[(arch, "f32")] if e.startswith("llama") else None, dump=f)
                 w.p.wait()
                 lg[e] = np.load(f)
             for x, y in (("ne-f32", "llama-f32"), ("llama-f32", "hf-f32"), ("ne-f32", "hf-f32")):
+                if x not in lg or y not in lg:
+                    continue
                 err = rel_err(lg[x], lg[y])
                 agree = float((lg[x].argmax(-1) == lg[y].argmax(-1)).mean())
                 checks.append(dict(arch=arch, a=x, b=y, rel_err=err, argmax_agree=agree))

@@ -554,6 +554,7 @@ struct CudaRunner::Layer {
   AttnType type = AttnType::Softmax;
   DevW attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob, decay, q_norm, k_norm, attn_post_norm, mlp_post_norm;
   DevW mlp_norm_w, mlp_norm_b, up, gate, down, upb, gateb, downb;
+  MoeWeights<DevW> moe;  // (mixture-of-experts models are refused by the constructor: weight_slot names it)
   // in Impl::cache: softmax layers [slots][ctx][n_kv_heads * head_dim] (float, or bf16: spec.kv_bf16)
   void* kcache = nullptr;
   void* vcache = nullptr;
@@ -597,6 +598,8 @@ struct CudaRunner::Impl {
 
 CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spec_(s), n_slots_(slots), ctx_(ctx) {
   check_spec(s, slots, ctx);
+  if (s.n_experts > 0)
+    throw UnsupportedError("spec.n_experts: mixture-of-experts models run on the CPU runner only (device='cpu')");
   if (s.head_dim > cuda::kMaxHeadDim)
     throw UnsupportedError("spec: the CUDA runner's attention supports head_dim up to " +
                            std::to_string(cuda::kMaxHeadDim) + ", got " + std::to_string(s.head_dim));

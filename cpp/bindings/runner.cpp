@@ -60,6 +60,12 @@ ne::ModelSpec spec_from(const py::dict& d) {
   if (d.contains("parallel_residual")) s.parallel_residual = d["parallel_residual"].cast<bool>();
   if (d.contains("attn_softcap")) s.attn_softcap = d["attn_softcap"].cast<double>();
   if (d.contains("final_softcap")) s.final_softcap = d["final_softcap"].cast<double>();
+  if (d.contains("n_experts")) s.n_experts = d["n_experts"].cast<int>();
+  if (d.contains("n_experts_used")) s.n_experts_used = d["n_experts_used"].cast<int>();
+  if (d.contains("moe_d_ff")) s.moe_d_ff = d["moe_d_ff"].cast<int>();
+  if (d.contains("shared_d_ff")) s.shared_d_ff = d["shared_d_ff"].cast<int>();
+  if (d.contains("moe_norm_topk")) s.moe_norm_topk = d["moe_norm_topk"].cast<bool>();
+  if (d.contains("moe_layers")) s.moe_layers = d["moe_layers"].cast<std::vector<int>>();
   if (s.norm < -1 || s.norm > 2) throw ne::ValueError("spec.norm: expected -1..2");
   if (s.activation < 0 || s.activation > 3) throw ne::ValueError("spec.activation: expected 0..3");
   return s;

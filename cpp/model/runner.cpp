@@ -50,6 +50,15 @@ namespace ne {
 
 namespace {
 
+// Scratch of the mixture-of-experts layers (moe_mlp), grown to the largest call and reused: router logits
+// [T, E], each row's experts and weights [T, k], the (row, weight) pairs grouped by expert (start: each
+// expert's first), an expert's gathered rows / gate / up / output, the shared expert's gate [T], the layer's
+// output y [T, d].
+struct MoeScratch {
+  std::vector<float> logits, weight, row_w, ex, eg, eu, ey, gate, y;
+  std::vector<int32_t> expert, rows, start, fill;
+};
+
 // A weight as the kernels read it: dense (data, dtype, ld) or quantized (quant, q).
 struct W {
   const void* data = nullptr;
@@ -115,6 +124,7 @@ struct Runner::Layer {
   AttnType type = AttnType::Softmax;
   W attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob, decay, q_norm, k_norm, attn_post_norm, mlp_post_norm;
   W mlp_norm_w, mlp_norm_b, up, gate, down, upb, gateb, downb;
+  MoeWeights<W> moe;  // a mixture-of-experts layer's (spec.n_experts, moe_layer)
   std::vector<float> kcache, vcache;  // softmax: [slots][rows][n_kv_heads * head_dim] (rows: ring, or ctx)
   int64_t ring = 0;   // a sliding-window layer's rows per slot when fewer than ctx (position p in row p % ring)
   std::vector<bf16> kcache16, vcache16;  // the same in bfloat16 (spec.kv_bf16), instead
@@ -146,6 +156,7 @@ struct Runner::Impl {
   bool any_softmax = true;
   // activations, grown to the largest call seen and reused
   std::vector<float> x, xn, q, k, v, att, up, gate, sel, qkv, gu;
+  MoeScratch moe;  // mixture-of-experts layers' buffers
   std::vector<int32_t> pos;
   std::vector<const float*> kptr, vptr;
   std::vector<const bf16*> kptr16, vptr16;
@@ -158,6 +169,7 @@ Runner::Runner(const ModelSpec& s, int slots, int ctx) : spec_(s), n_slots_(slot
   for (int i = 0; i < s.n_layers; ++i) {
     Layer& l = impl_->layers[i];
     l.type = attn_type(s, i);
+    if (moe_layer(s, i)) l.moe.resize(s.n_experts);
     // A sliding-window layer keeps only the keys a query can still see, in a ring: a call appends at most
     // kPrefillChunk rows of one sequence, whose first query reads back W - 1 keys, so W + kPrefillChunk
     // rows never overwrite a key still to be read.
@@ -255,8 +267,9 @@ void Runner::finalize() {
   impl_->fused_head = fused && unit(impl_->final_w, impl_->final_b) && !quant_act(impl_->head);
   for (int i = 0; fused && i < s.n_layers; ++i) {
     const Layer& L = impl_->layers[i];
-    fused = unit(L.attn_norm_w, L.attn_norm_b) && unit(L.mlp_norm_w, L.mlp_norm_b) && !quant_act(L.q) &&
-            !quant_act(L.k) && !quant_act(L.v) && !quant_act(L.up) && !quant_act(L.gate);
+    // (a mixture-of-experts layer normalizes its MLP's input on its own: its rows are gathered per expert)
+    fused = unit(L.attn_norm_w, L.attn_norm_b) && !quant_act(L.q) && !quant_act(L.k) && !quant_act(L.v) &&
+            (moe_layer(s, i) || (unit(L.mlp_norm_w, L.mlp_norm_b) && !quant_act(L.up) && !quant_act(L.gate)));
   }
   impl_->fused = fused;
   // fused LayerNorm: column sums c_n = sum_k W[n, k] of every reader
@@ -371,6 +384,66 @@ void add_post_norm(const float* y, const float* g, int64_t T, int64_t d, double 
 template <class T>
 void grow(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
+}
+
+// y[T, d] = a mixture-of-experts MLP of the normalized rows xn[T, d] (ModelSpec.n_experts):
+//   p = softmax(xn Wr^T) over the E experts; row t's top-k experts e with weights w_e (moe_route)
+//   y[t] = sum_e w_e down_e(act(gate_e xn[t]) * up_e xn[t])   (+ sigmoid(xn[t] . w_sg) shared(xn[t]))
+// The rows are grouped by expert, so each expert's three GEMMs run once, over its rows gathered; experts no
+// row picked are never read (a decode step reads k experts' weights per token, not E). The outputs are added
+// expert by expert in index order, then the shared expert's, as transformers adds them.
+void moe_mlp(const ModelSpec& s, const MoeWeights<W>& mw, const float* xn, int64_t T, float* y, MoeScratch& sc,
+             Arith ar, const AttentionTable& K) {
+  const int E = s.n_experts, k = s.n_experts_used;
+  const int64_t d = s.d_model, fe = s.moe_d_ff, fs = s.shared_d_ff, fmax = std::max(fe, fs);
+  const Act act = static_cast<Act>(s.activation);
+  grow(sc.logits, T * E); grow(sc.weight, T * k); grow(sc.expert, T * k); grow(sc.rows, T * k);
+  grow(sc.row_w, T * k); grow(sc.ex, T * d); grow(sc.eg, T * fmax); grow(sc.eu, T * fmax); grow(sc.ey, T * d);
+  linear(mw.router, W{}, xn, T, sc.logits.data(), false, ar);
+  for (int64_t t = 0; t < T; ++t)
+    moe_route(&sc.logits[t * E], E, k, s.moe_norm_topk, &sc.expert[t * k], &sc.weight[t * k]);
+  // group the (row, weight) pairs by expert: start[e] .. start[e + 1] in rows / row_w, rows in order
+  sc.start.assign(E + 1, 0);
+  for (int64_t i = 0; i < T * k; ++i) ++sc.start[sc.expert[i] + 1];
+  for (int e = 0; e < E; ++e) sc.start[e + 1] += sc.start[e];
+  sc.fill.assign(sc.start.begin(), sc.start.end() - 1);
+  for (int64_t i = 0; i < T * k; ++i) {
+    const int32_t at = sc.fill[sc.expert[i]]++;
+    sc.rows[at] = static_cast<int32_t>(i / k);
+    sc.row_w[at] = sc.weight[i];
+  }
+  std::fill(y, y + T * d, 0.f);
+  float *ex = sc.ex.data(), *eg = sc.eg.data(), *eu = sc.eu.data(), *ey = sc.ey.data();
+  for (int e = 0; e < E; ++e) {
+    const int64_t n = sc.start[e + 1] - sc.start[e];
+    if (n == 0) continue;
+    const int32_t* rows = &sc.rows[sc.start[e]];
+    const float* w = &sc.row_w[sc.start[e]];
+    for (int64_t j = 0; j < n; ++j) std::memcpy(ex + j * d, xn + rows[j] * d, sizeof(float) * d);
+    linear(mw.egate[e], W{}, ex, n, eg, false, ar);
+    linear(mw.eup[e], W{}, ex, n, eu, false, ar);
+    K.activation({act, n, fe, eg, fe, eu, fe, eu, fe});
+    linear(mw.edown[e], W{}, eu, n, ey, false, ar);
+    for (int64_t j = 0; j < n; ++j) {  // (a row appears once per expert)
+      float* yr = y + rows[j] * d;
+      const float* er = ey + j * d;
+      for (int64_t i = 0; i < d; ++i) yr[i] += w[j] * er[i];
+    }
+  }
+  if (fs > 0) {  // the shared expert, on every row, gated by sigmoid(xn . w_sg)
+    grow(sc.gate, T);
+    linear(mw.sgate, W{}, xn, T, eg, false, ar);
+    linear(mw.sup, W{}, xn, T, eu, false, ar);
+    K.activation({act, T, fs, eg, fs, eu, fs, eu, fs});
+    linear(mw.sdown, W{}, eu, T, ey, false, ar);
+    linear(mw.shared_gate, W{}, xn, T, sc.gate.data(), false, ar);
+    parallel_for(T, 1, [&](int64_t t0, int64_t t1, int) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const float g = 1.0f / (1.0f + std::exp(-sc.gate[t]));
+        for (int64_t i = 0; i < d; ++i) y[t * d + i] += g * ey[t * d + i];
+      }
+    });
+  }
 }
 
 }  // namespace
@@ -587,6 +660,22 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
     // x += attn Wo^T + bo (parallel residual: the MLP reads this same x; att is added after it)
     if (!s.parallel_residual) add_to_stream(L.o, L.ob, m.att.data(), L.attn_post_norm);
     // ---- MLP
+    if (moe_layer(s, li)) {  // a mixture of experts: its own norm pass (its rows are gathered per expert)
+      norm_rows(s, L.mlp_norm_w, L.mlp_norm_b, m.x.data(), m.xn.data(), T);
+      grow(m.moe.y, T * d);
+      float* y = m.moe.y.data();
+      moe_mlp(s, L.moe, m.xn.data(), T, y, m.moe, ar, K);
+      if (s.parallel_residual) add_to_stream(L.o, L.ob, m.att.data(), L.attn_post_norm);
+      if (s.post_norms) {
+        add_post_norm(y, L.mlp_post_norm.f32(), T, d, s.norm_eps, m.x.data());
+      } else {
+        float* x = m.x.data();
+        parallel_for(T, 1, [&](int64_t t0, int64_t t1, int) {
+          for (int64_t i = t0 * d; i < t1 * d; ++i) x[i] += y[i];
+        });
+      }
+      continue;
+    }
     const bool fgu = L.gate_up.present();  // [gate; up] in one GEMM: gu = [T, 2 d_ff], gate first
     if (m.fused) {
       const float* xs = row_stats(s, m.x.data(), T, m.mean.data(), m.rstd.data(), m.xn);

@@ -4,7 +4,7 @@
 //   model: tok_emb, pos_emb, final_w, final_b, head, head_b, layers[i]
 //   layer: attn_norm_w/_b, mlp_norm_w/_b, q k v o (+ qb kb vb ob), up gate down (+ upb gateb downb),
 //          decay (norm attention), q_norm k_norm (per-head q / k RMSNorm gains), attn_post_norm
-//          mlp_post_norm (sandwich norms' gains)
+//          mlp_post_norm (sandwich norms' gains), moe (a mixture-of-experts layer's: MoeWeights)
 // Names are those of normengine's canonical checkpoint layout ("blocks.{i}.attn.q.weight", ...).
 #pragma once
 
@@ -49,6 +49,46 @@ inline int layer_of(const std::string& name, const ModelSpec& s, std::string* re
 // The rotary dims of each head: spec.rope_dim, or all head_dim.
 inline int rope_dims(const ModelSpec& s) { return s.rope_dim > 0 ? s.rope_dim : s.head_dim; }
 
+// A mixture-of-experts layer's weights (ModelSpec.n_experts): the router, each expert's gated MLP (eup, egate,
+// edown: n_experts each, sized by the runner's constructor) and the shared expert (sup, sgate, sdown) with its
+// gate (shared_gate).
+template <class Wt>
+struct MoeWeights {
+  Wt router, shared_gate, sup, sgate, sdown;
+  std::vector<Wt> eup, egate, edown;
+  void resize(int n) { eup.resize(n), egate.resize(n), edown.resize(n); }
+};
+
+// Whether layer i's MLP is a mixture of experts (spec.n_experts, spec.moe_layers).
+inline bool moe_layer(const ModelSpec& s, int i) {
+  return s.n_experts > 0 && (s.moe_layers.empty() || s.moe_layers[i] != 0);
+}
+
+// A token's experts (ModelSpec.n_experts): p = softmax(logits[0 .. E)) in float32, the k largest p_e (ties:
+// the lower index) in descending order into idx[0 .. k), their p_e into w, renormalized to sum 1 when `renorm`
+// (Mixtral's top-k softmax; Qwen2-MoE / Qwen3-MoE as their norm_topk_prob says). As transformers' routers.
+inline void moe_route(const float* logits, int E, int k, bool renorm, int32_t* idx, float* w) {
+  float mx = logits[0];
+  for (int e = 1; e < E; ++e) mx = logits[e] > mx ? logits[e] : mx;
+  float sum = 0.f;
+  for (int e = 0; e < E; ++e) sum += std::exp(logits[e] - mx);
+  float top = 0.f;
+  for (int j = 0; j < k; ++j) {  // k passes over E (k is a handful)
+    int best = -1;
+    for (int e = 0; e < E; ++e) {
+      bool taken = false;
+      for (int i = 0; i < j && !taken; ++i) taken = idx[i] == e;
+      // (NaN logits: an expert is still picked, the first untaken, so every row has k distinct experts)
+      if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
+    }
+    idx[j] = best;
+    w[j] = std::exp(logits[best] - mx) / sum;
+    top += w[j];
+  }
+  if (renorm)
+    for (int j = 0; j < k; ++j) w[j] /= top;
+}
+
 // The checks both runners' constructors make of a spec and their slots / ctx (ValueError naming the
 // field). What one runner does not support is that runner's to refuse.
 inline void check_spec(const ModelSpec& s, int slots, int ctx) {
@@ -85,6 +125,20 @@ inline void check_spec(const ModelSpec& s, int slots, int ctx) {
     throw ValueError("spec.attn_softcap / final_softcap: expected finite numbers >= 0 (0: none)");
   if (!(s.attn_scale >= 0 && s.attn_scale < INFINITY))
     throw ValueError("spec.attn_scale: expected a finite number >= 0 (0: 1 / sqrt(head_dim))");
+  if (s.n_experts < 0 || s.n_experts > 1 << 16)
+    throw ValueError("spec.n_experts: expected 0 (dense MLPs) .. 65536, got " + std::to_string(s.n_experts));
+  if (s.n_experts > 0) {
+    if (s.n_experts_used < 1 || s.n_experts_used > s.n_experts)
+      throw ValueError("spec.n_experts_used: expected 1.." + std::to_string(s.n_experts) + " (n_experts), got " +
+                       std::to_string(s.n_experts_used));
+    if (s.moe_d_ff < 1 || s.shared_d_ff < 0)
+      throw ValueError("spec.moe_d_ff / shared_d_ff: expected an expert width >= 1 and a shared one >= 0");
+    if (!s.gated_mlp || s.mlp_bias)
+      throw ValueError("spec.n_experts: experts are gated MLPs without biases (gated_mlp, not mlp_bias)");
+    if (!s.moe_layers.empty() && static_cast<int>(s.moe_layers.size()) != s.n_layers)
+      throw ValueError("spec.moe_layers: expected one entry per layer (" + std::to_string(s.n_layers) + "), got " +
+                       std::to_string(s.moe_layers.size()));
+  }
   if (s.qk_norm && s.learned_pos) throw ValueError("spec.qk_norm: per-head q / k norms need RoPE (not learned_pos)");
   if (slots < 1) throw ValueError("slots: expected >= 1, got " + std::to_string(slots));
   if (ctx < 1 || ctx > s.max_seq_len)
@@ -214,6 +268,30 @@ WeightSlot<Wt> weight_slot(Model& m, const ModelSpec& s, const std::string& name
     if (!s.post_norms) throw ValueError(name + ": the model has no post norms (spec.post_norms)");
     return vec(r[0] == 'a' ? L.attn_post_norm : L.mlp_post_norm, d);
   }
+  if (r.rfind("moe.", 0) == 0) {  // mixture of experts: router, experts.{e}.*, shared.*, shared_gate
+    if (!moe_layer(s, i)) throw ValueError(name + ": layer " + std::to_string(i) + " has a dense MLP, no experts");
+    const int64_t fe = s.moe_d_ff, fs = s.shared_d_ff;
+    if (r == "moe.router.weight") return mat(L.moe.router, s.n_experts, d, false);
+    if (r == "moe.shared_gate.weight" && fs > 0) return mat(L.moe.shared_gate, 1, d, false);
+    if (r == "moe.shared.up.weight" && fs > 0) return mat(L.moe.sup, fs, d);
+    if (r == "moe.shared.gate.weight" && fs > 0) return mat(L.moe.sgate, fs, d);
+    if (r == "moe.shared.down.weight" && fs > 0) return mat(L.moe.sdown, d, fs);
+    if (r.rfind("moe.experts.", 0) == 0) {
+      const size_t dot = r.find('.', 12);
+      int e = -1;
+      try {
+        if (dot != std::string::npos && dot > 12) e = std::stoi(r.substr(12, dot - 12));
+      } catch (...) {
+      }
+      if (e < 0 || e >= s.n_experts)
+        throw ValueError(name + ": no such expert (the layer has " + std::to_string(s.n_experts) + ")");
+      const std::string part = r.substr(dot + 1);
+      if (part == "up.weight") return mat(L.moe.eup[e], fe, d);
+      if (part == "gate.weight") return mat(L.moe.egate[e], fe, d);
+      if (part == "down.weight") return mat(L.moe.edown[e], d, fe);
+    }
+    return {};
+  }
   if (r == "attn.decay") {  // norm attention's per-head decay lambda (optional: 1 without)
     if (attn_type(s, i) != AttnType::Norm) throw ValueError(name + ": only norm-attention layers take a decay");
     return vec(L.decay, s.n_heads);
@@ -341,8 +419,23 @@ void check_weights_complete(const Model& m, const ModelSpec& s) {
     if (has_norm) { need(L.attn_norm_w, p + "attn_norm.weight"); need(L.mlp_norm_w, p + "mlp_norm.weight"); }
     if (ln) { need(L.attn_norm_b, p + "attn_norm.bias"); need(L.mlp_norm_b, p + "mlp_norm.bias"); }
     need(L.q, p + "attn.q.weight"); need(L.k, p + "attn.k.weight"); need(L.v, p + "attn.v.weight");
-    need(L.o, p + "attn.o.weight"); need(L.up, p + "mlp.up.weight"); need(L.down, p + "mlp.down.weight");
-    if (s.gated_mlp) need(L.gate, p + "mlp.gate.weight");
+    need(L.o, p + "attn.o.weight");
+    if (moe_layer(s, i)) {
+      need(L.moe.router, p + "moe.router.weight");
+      for (int e = 0; e < s.n_experts; ++e) {
+        const std::string x = p + "moe.experts." + std::to_string(e) + ".";
+        need(L.moe.egate[e], x + "gate.weight");
+        need(L.moe.eup[e], x + "up.weight");
+        need(L.moe.edown[e], x + "down.weight");
+      }
+      if (s.shared_d_ff > 0) {
+        need(L.moe.sgate, p + "moe.shared.gate.weight"); need(L.moe.sup, p + "moe.shared.up.weight");
+        need(L.moe.sdown, p + "moe.shared.down.weight"); need(L.moe.shared_gate, p + "moe.shared_gate.weight");
+      }
+    } else {
+      need(L.up, p + "mlp.up.weight"); need(L.down, p + "mlp.down.weight");
+      if (s.gated_mlp) need(L.gate, p + "mlp.gate.weight");
+    }
     if (s.qkv_bias) { need(L.qb, p + "attn.q.bias"); need(L.kb, p + "attn.k.bias"); need(L.vb, p + "attn.v.bias"); }
     if (s.o_bias) need(L.ob, p + "attn.o.bias");
     if (s.qk_norm) { need(L.q_norm, p + "attn.q_norm.weight"); need(L.k_norm, p + "attn.k_norm.weight"); }
@@ -350,7 +443,7 @@ void check_weights_complete(const Model& m, const ModelSpec& s) {
       need(L.attn_post_norm, p + "attn_post_norm.weight");
       need(L.mlp_post_norm, p + "mlp_post_norm.weight");
     }
-    if (s.mlp_bias) {
+    if (s.mlp_bias && !moe_layer(s, i)) {
       need(L.upb, p + "mlp.up.bias");
       need(L.downb, p + "mlp.down.bias");
       if (s.gated_mlp) need(L.gateb, p + "mlp.gate.bias");
@@ -375,6 +468,15 @@ void check_lmul_weights(const Model& m, const ModelSpec& s) {
     f32_only(L.q, p + "attn.q.weight"); f32_only(L.k, p + "attn.k.weight"); f32_only(L.v, p + "attn.v.weight");
     f32_only(L.o, p + "attn.o.weight"); f32_only(L.up, p + "mlp.up.weight"); f32_only(L.gate, p + "mlp.gate.weight");
     f32_only(L.down, p + "mlp.down.weight");
+    f32_only(L.moe.router, p + "moe.router.weight"); f32_only(L.moe.shared_gate, p + "moe.shared_gate.weight");
+    f32_only(L.moe.sup, p + "moe.shared.up.weight"); f32_only(L.moe.sgate, p + "moe.shared.gate.weight");
+    f32_only(L.moe.sdown, p + "moe.shared.down.weight");
+    for (size_t e = 0; e < L.moe.eup.size(); ++e) {
+      const std::string x = p + "moe.experts." + std::to_string(e) + ".";
+      f32_only(L.moe.eup[e], x + "up.weight");
+      f32_only(L.moe.egate[e], x + "gate.weight");
+      f32_only(L.moe.edown[e], x + "down.weight");
+    }
   }
 }
 

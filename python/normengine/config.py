@@ -19,6 +19,12 @@ Canonical tensors (all linear weights in torch.nn.Linear layout [out_features, i
     blocks.{i}.mlp.up.weight       [d_ff, d]                   (.bias when mlp_bias)
     blocks.{i}.mlp.gate.weight     [d_ff, d]                   gated MLPs (SwiGLU) only
     blocks.{i}.mlp.down.weight     [d, d_ff]                   (.bias when mlp_bias)
+    blocks.{i}.moe.router.weight   [n_experts, d]              mixture-of-experts layers (n_experts > 0,
+    blocks.{i}.moe.experts.{e}.gate.weight [moe_d_ff, d]       moe_layers) instead of mlp.*: the router
+    blocks.{i}.moe.experts.{e}.up.weight   [moe_d_ff, d]       and each expert's gated MLP (no biases);
+    blocks.{i}.moe.experts.{e}.down.weight [d, moe_d_ff]       with shared_expert_d_ff > 0 (Qwen2-MoE)
+    blocks.{i}.moe.shared.{gate,up,down}.weight                also the shared expert and its gate
+    blocks.{i}.moe.shared_gate.weight [1, d]                   sigmoid(x . w) per token
     final_norm.weight              [d]     (.bias [d] for LayerNorm)
     lm_head.weight                 [vocab, d]                  always present (a tied head is the
                                                                embedding tensor itself, shared)
@@ -39,8 +45,14 @@ W > 0 lets the query at position p see keys p - W + 1 .. p only (Mistral; Qwen2 
 use_sliding_window; Gemma 2 / 3's local layers); the CPU runner keeps such a layer's KV cache in a ring of
 W + 512 rows. Linear-family layers ignore it.
 
+Mixture of experts (`n_experts` > 0; Mixtral, Qwen2-MoE, Qwen3-MoE): in the layers `moe_layers` marks (empty:
+every layer) the MLP is sum_e w_e expert_e(x) over each token's `n_experts_used` experts of largest router
+probability softmax(x Wr^T)_e, w_e those probabilities (renormalized to sum 1 when `moe_norm_topk`), plus the
+shared expert times sigmoid(x . w_sg) where `shared_expert_d_ff` > 0.
+
 Quantized checkpoints (`quantization` set: "int8", "int8-weight", "int4" or "fp8"): every linear
-weight of the blocks and the head (and a tied embedding, the same tensors) is stored as
+weight of the blocks (experts included; not the routers) and the head (and a tied embedding, the same
+tensors) is stored as
 `<name>.qdata`, `<name>.qscale` and, for asymmetric int4, `<name>.qzero` (the layouts of
 normengine.ops.QuantizedWeight) instead of `<name>`; `quant_group_size` is the int4 group size or
 the fp8 block size (0: one fp8 scale per tensor).
@@ -50,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 
 from .errors import ArgumentError
@@ -114,6 +127,12 @@ class ModelConfig:
     quantization: str | None = None  # one of QUANT_FORMATS when the linear weights are stored quantized
     quant_group_size: int = 0         # int4: 32 / 64 / 128; fp8: 0 (per tensor) or 128 (blocks)
     quant_symmetric: bool = True      # int4: no stored zero points (mid-rise levels (q - 7.5) s)
+    n_experts: int = 0                # mixture of experts: experts per MoE layer (0: dense MLPs)
+    n_experts_used: int = 0           # experts each token goes through (top-k)
+    moe_d_ff: int = 0                 # each expert's hidden width
+    shared_expert_d_ff: int = 0       # the shared expert's hidden width (Qwen2-MoE; 0: none)
+    moe_norm_topk: bool = True        # the top-k routing probabilities renormalized to sum 1
+    moe_layers: list = field(default_factory=list)  # per layer, true where the MLP is the mixture; empty = all
     conversions: list = field(default_factory=list)  # conversions applied, in order (recorded on save)
 
     def __post_init__(self):
@@ -126,7 +145,8 @@ class ModelConfig:
             if not is_int(v) or not 1 <= v < 2**31:  # (the runners hold them in 32-bit ints)
                 raise ArgumentError(f"config.{name}: expected a positive int below 2^31, got {v!r}")
         for name in ("gated_mlp", "learned_pos", "qkv_bias", "o_bias", "mlp_bias", "tied_head", "head_bias",
-                     "linear_normalize", "quant_symmetric", "qk_norm", "post_norms", "parallel_residual"):
+                     "linear_normalize", "quant_symmetric", "qk_norm", "post_norms", "parallel_residual",
+                     "moe_norm_topk"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise ArgumentError(f"config.{name}: expected true or false, got {v!r}")
@@ -196,10 +216,41 @@ class ModelConfig:
         if not isinstance(sw, list) or not all(is_int(w) and w >= 0 for w in sw) or (sw and len(sw) != self.n_layers):
             raise ArgumentError(f"config.sliding_window: expected [] or {self.n_layers} window sizes >= 0 (one per "
                                 f"layer, 0: none), got {sw!r}")
+        self._check_moe(is_int)
         if self.attention and len(self.attention) != self.n_layers:
             raise ArgumentError(
                 f"config.attention: expected {self.n_layers} entries (one per layer), got {len(self.attention)}"
             )
+
+    def _check_moe(self, is_int):
+        for name in ("n_experts", "n_experts_used", "moe_d_ff", "shared_expert_d_ff"):
+            v = getattr(self, name)
+            if not is_int(v) or not 0 <= v < 2**31:
+                raise ArgumentError(f"config.{name}: expected an int >= 0, got {v!r}")
+        ml = self.moe_layers
+        if not isinstance(ml, list) or not all(isinstance(b, bool) for b in ml):
+            raise ArgumentError(f"config.moe_layers: expected a list of true / false, got {ml!r}")
+        if self.n_experts == 0:
+            if self.n_experts_used or self.moe_d_ff or self.shared_expert_d_ff or ml:
+                raise ArgumentError("config: n_experts_used, moe_d_ff, shared_expert_d_ff and moe_layers need "
+                                    "n_experts > 0 (a mixture of experts)")
+            return
+        if self.n_experts > 1 << 16:
+            raise ArgumentError(f"config.n_experts: at most 65536 experts, got {self.n_experts}")
+        if not 1 <= self.n_experts_used <= self.n_experts:
+            raise ArgumentError(f"config.n_experts_used: expected 1..{self.n_experts} (n_experts), got "
+                                f"{self.n_experts_used!r}")
+        if self.moe_d_ff < 1:
+            raise ArgumentError(f"config.moe_d_ff: expected each expert's width (>= 1), got {self.moe_d_ff!r}")
+        if not self.gated_mlp or self.mlp_bias:
+            raise ArgumentError("config.n_experts: experts are gated MLPs without biases (gated_mlp, not mlp_bias)")
+        if ml and len(ml) != self.n_layers:
+            raise ArgumentError(f"config.moe_layers: expected [] or {self.n_layers} entries (one per layer), got "
+                                f"{len(ml)}")
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer i's MLP is the mixture of experts."""
+        return self.n_experts > 0 and (not self.moe_layers or self.moe_layers[i])
 
     @property
     def residual_width(self) -> int:
@@ -241,7 +292,13 @@ def is_quantized_name(cfg: ModelConfig, name: str) -> bool:
         return False
     if name == "lm_head.weight" or (name == "tok_emb.weight" and cfg.tied_head):
         return True
-    return name.startswith("blocks.") and name.endswith(".weight") and name.split(".", 2)[2][: -len(".weight")] in QUANT_LINEAR
+    if not (name.startswith("blocks.") and name.endswith(".weight")):
+        return False
+    rest = name.split(".", 2)[2][: -len(".weight")]
+    return rest in QUANT_LINEAR or _EXPERT_LINEAR.fullmatch(rest) is not None
+
+
+_EXPERT_LINEAR = re.compile(r"moe\.(experts\.\d+|shared)\.(up|gate|down)")
 
 
 def expected_shapes(cfg: ModelConfig) -> dict:
@@ -303,6 +360,9 @@ def _iter_dense_shapes(cfg: ModelConfig):
             yield f"{p}.attn_post_norm.weight", (d,)
             yield f"{p}.mlp_post_norm.weight", (d,)
         yield from norm(f"{p}.mlp_norm")
+        if cfg.is_moe_layer(i):
+            yield from _moe_shapes(cfg, p, d)
+            continue
         yield f"{p}.mlp.up.weight", (f, d)
         if cfg.gated_mlp:
             yield f"{p}.mlp.gate.weight", (f, d)
@@ -313,3 +373,18 @@ def _iter_dense_shapes(cfg: ModelConfig):
                 yield f"{p}.mlp.gate.bias", (f,)
             yield f"{p}.mlp.down.bias", (d,)
     yield from norm("final_norm")
+
+
+def _moe_shapes(cfg: ModelConfig, p: str, d: int):
+    """A mixture-of-experts layer's tensors: router, experts, shared expert and its gate."""
+    fe, fs = cfg.moe_d_ff, cfg.shared_expert_d_ff
+    yield f"{p}.moe.router.weight", (cfg.n_experts, d)
+    for e in range(cfg.n_experts):
+        yield f"{p}.moe.experts.{e}.gate.weight", (fe, d)
+        yield f"{p}.moe.experts.{e}.up.weight", (fe, d)
+        yield f"{p}.moe.experts.{e}.down.weight", (d, fe)
+    if fs:
+        yield f"{p}.moe.shared.gate.weight", (fs, d)
+        yield f"{p}.moe.shared.up.weight", (fs, d)
+        yield f"{p}.moe.shared.down.weight", (d, fs)
+        yield f"{p}.moe.shared_gate.weight", (1, d)

@@ -81,6 +81,20 @@ def _block_text(c: ModelConfig) -> str:
     return ", ".join(parts)
 
 
+def _experts_text(c: ModelConfig) -> str:
+    """Model.info's mlp suffix for a mixture of experts: ', 8 experts (2 per token) of 14336 ...'."""
+    if not c.n_experts:
+        return ""
+    n_moe = sum(c.is_moe_layer(i) for i in range(c.n_layers))
+    text = (f", {c.n_experts} experts ({c.n_experts_used} per token{', renormalized' if c.moe_norm_topk else ''}) "
+            f"of {c.moe_d_ff}")
+    if c.shared_expert_d_ff:
+        text += f" + a shared expert of {c.shared_expert_d_ff}"
+    if n_moe < c.n_layers:
+        text += f" in {n_moe} of {c.n_layers} layers"
+    return text
+
+
 def _windows_text(w: list) -> str:
     """Model.info's sliding_window: 'none', '4096' (every layer) or '4096 (layers 3, 5)'."""
     used = sorted({x for x in w if x})
@@ -409,7 +423,9 @@ class Model:
             kv_bf16=self._kv_bf16, qk_norm=c.qk_norm, window=list(c.sliding_window), emb_scale=float(c.emb_scale),
             attn_scale=float(c.attn_scale or 0.0), post_norms=c.post_norms, rope_dim=c.rotary_dim,
             parallel_residual=c.parallel_residual, attn_softcap=float(c.attn_softcap or 0.0),
-            final_softcap=float(c.final_softcap or 0.0), **_rope_spec(c),
+            final_softcap=float(c.final_softcap or 0.0), n_experts=c.n_experts, n_experts_used=c.n_experts_used,
+            moe_d_ff=c.moe_d_ff, shared_d_ff=c.shared_expert_d_ff, moe_norm_topk=c.moe_norm_topk,
+            moe_layers=[int(b) for b in c.moe_layers], **_rope_spec(c),
         )
 
     def _runner_for(self, slots: int, ctx: int, user=None):
@@ -778,6 +794,13 @@ class Model:
                 n += int(np.prod(t.shape)) if dense else t.shape[0] * t.shape[1]
         return n
 
+    def active_parameters(self) -> int:
+        """Parameters one token's forward pass reads: num_parameters() less, in each mixture-of-experts layer,
+        the experts it does not use (n_experts - n_experts_used of them)."""
+        c = self.config
+        idle = 3 * c.residual_width * c.moe_d_ff * (c.n_experts - c.n_experts_used)
+        return self.num_parameters() - idle * sum(c.is_moe_layer(i) for i in range(c.n_layers))
+
     def weight_bytes(self) -> int:
         """Bytes of the weights as the runner holds them (packed weights: data, scales, zero points)."""
         seen, n = set(), 0
@@ -801,8 +824,13 @@ class Model:
             raise ArgumentError(f"n_tokens: expected a positive int, got {n_tokens!r}")
         ctx = c.max_seq_len // 2 if context is None else context
         d, dq, dkv, f = c.residual_width, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.d_ff
-        per_layer = d * dq + 2 * d * dkv + dq * d + (3 if c.gated_mlp else 2) * d * f
-        linear = n_tokens * (c.n_layers * per_layer + d * c.vocab_size)
+        attn_proj = d * dq + 2 * d * dkv + dq * d
+        mlp = (3 if c.gated_mlp else 2) * d * f
+        # a mixture-of-experts layer: the router, each token's experts and the shared expert with its gate
+        moe = d * c.n_experts + 3 * d * (c.n_experts_used * c.moe_d_ff + c.shared_expert_d_ff) + (
+            d if c.shared_expert_d_ff else 0)
+        linear = n_tokens * (sum(attn_proj + (moe if c.is_moe_layer(i) else mlp) for i in range(c.n_layers))
+                             + d * c.vocab_size)
         attn = 0
         for i, t in enumerate(c.attention or ["softmax"] * c.n_layers):
             if t == "softmax":  # (a sliding-window layer reads its last W keys only)
@@ -844,7 +872,8 @@ class Model:
             "positions": "learned" if c.learned_pos else rope.describe(c.rope_theta, c.rope_scaling, c.rotary_dim,
                                                                        c.head_dim, c.rope_local_theta),
             "block": _block_text(c),
-            "mlp": ("gated " if c.gated_mlp else "") + c.activation,
+            "mlp": ("gated " if c.gated_mlp else "") + c.activation + _experts_text(c),
+            "active_parameters": self.active_parameters(),
             "tied_head": c.tied_head,
             "parameters": self.num_parameters(),
             "dtype": self._dtype_name(),

@@ -58,6 +58,17 @@ struct ModelSpec {
   // softmax (attn_softcap), and the head's logits likewise (final_softcap). 0: none.
   double attn_softcap = 0.0, final_softcap = 0.0;
   bool qkv_bias = false, o_bias = false, mlp_bias = false, head_bias = false;
+  // Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): n_experts > 0 makes the MLP of every layer that
+  // moe_layers marks (empty: every layer) a router and n_experts gated MLPs of moe_d_ff units. For each token,
+  // p = softmax(norm(x) Wr^T) over the experts; the n_experts_used largest p_e pick the experts (ties: the lower
+  // index), their p_e renormalized to sum 1 when moe_norm_topk; the MLP's output is sum_e p_e expert_e(norm(x)).
+  // shared_d_ff > 0 (Qwen2-MoE) adds a shared gated MLP of that width, gated per token by
+  // sigmoid(norm(x) . w_sg). Tensors: blocks.{i}.moe.router.weight [n_experts, d],
+  // blocks.{i}.moe.experts.{e}.gate / up [moe_d_ff, d], .down [d, moe_d_ff], blocks.{i}.moe.shared.gate / up /
+  // down, blocks.{i}.moe.shared_gate.weight [1, d]. The other layers keep the dense MLP (d_ff).
+  int n_experts = 0, n_experts_used = 0, moe_d_ff = 0, shared_d_ff = 0;
+  bool moe_norm_topk = true;
+  std::vector<int> moe_layers;
   // Attention type per layer (AttnType values); empty: every layer softmax. Softmax layers keep a KV
   // cache that grows with the context; the linear family keeps one fixed-size state per sequence:
   // [n_heads, head_dim + 1, head_dim + 1] floats (ops/linear_attention.h), whatever the length.

@@ -412,6 +412,55 @@ def _gemma_config(c: _Conf, gen, family: str) -> ModelConfig:
     )
 
 
+def _moe_config(c: _Conf, gen, family: str) -> ModelConfig:
+    """Mixture-of-experts members of the Llama family: the attention of `family` with the MLPs replaced by
+    experts (ModelConfig.n_experts):
+    - Mixtral (family mistral): num_local_experts experts of intermediate_size in every layer, each token's
+      num_experts_per_tok largest router probabilities renormalized (top-k softmax);
+    - Qwen2-MoE (qwen2) / Qwen3-MoE (qwen3): num_experts experts of moe_intermediate_size, renormalized when
+      norm_topk_prob; the layers in mlp_only_layers, and those not at a multiple of decoder_sparse_step, keep
+      a dense MLP of intermediate_size; Qwen2-MoE adds a shared expert of shared_expert_intermediate_size,
+      gated by sigmoid(x . w) (and reads qkv_bias)."""
+    mixtral = family == "mistral"
+    cfg = _llama_family_config(c, gen, family)
+    # (transformers writes Qwen3-MoE's num_experts as num_local_experts, Mixtral's name, and reads either)
+    keys = ("num_local_experts", "num_experts") if mixtral else ("num_experts", "num_local_experts")
+    n_key = next((k for k in keys if c.d.get(k) is not None), keys[0])
+    n = c.get(n_key, 0)
+    if type(n) is not int or n < 0:
+        raise CheckpointError(f"{c.where}: field '{n_key}' must be an int >= 0, got {n!r}")
+    extra = {}
+    if family == "qwen2":
+        qkv = c.get("qkv_bias", True)
+        if not isinstance(qkv, bool):
+            raise CheckpointError(f"{c.where}: field 'qkv_bias' must be true or false, got {qkv!r}")
+        extra["qkv_bias"] = qkv
+    if n == 0:  # (transformers then builds dense MLPs everywhere)
+        return dataclasses.replace(cfg, **extra)
+    k = c.int("num_experts_per_tok", 2)
+    if k > n:
+        raise CheckpointError(f"{c.where}: field 'num_experts_per_tok' ({k}) exceeds the {n} experts")
+    if mixtral:
+        return dataclasses.replace(cfg, n_experts=n, n_experts_used=k, moe_d_ff=cfg.d_ff, moe_norm_topk=True)
+    step = c.int("decoder_sparse_step", 1)
+    only = c.get("mlp_only_layers", [])
+    if not isinstance(only, list) or any(type(i) is not int for i in only):
+        raise CheckpointError(f"{c.where}: field 'mlp_only_layers' must be a list of layer indices, got {only!r}")
+    only = set(only)
+    layers = [i not in only and (i + 1) % step == 0 for i in range(cfg.n_layers)]
+    norm_topk = c.get("norm_topk_prob", False)
+    if not isinstance(norm_topk, bool):
+        raise CheckpointError(f"{c.where}: field 'norm_topk_prob' must be true or false, got {norm_topk!r}")
+    shared = c.get("shared_expert_intermediate_size", 0) if family == "qwen2" else 0
+    if type(shared) is not int or shared < 0:
+        raise CheckpointError(f"{c.where}: field 'shared_expert_intermediate_size' must be an int >= 0, got {shared!r}")
+    if not any(layers):
+        return dataclasses.replace(cfg, **extra)
+    return dataclasses.replace(
+        cfg, n_experts=n, n_experts_used=k, moe_d_ff=c.int("moe_intermediate_size"), moe_norm_topk=norm_topk,
+        shared_expert_d_ff=shared, moe_layers=[] if all(layers) else layers, **extra)
+
+
 # (source template, canonical template(s), kind)
 _GPT2_RULES = [
     ("wte.weight", "tok_emb.weight", "copy"),
@@ -491,6 +540,25 @@ for _p in ("weight", "bias"):
         (f"layers.{{i}}.mlp.dense_h_to_4h.{_p}", f"blocks.{{i}}.mlp.up.{_p}", "copy"),
         (f"layers.{{i}}.mlp.dense_4h_to_h.{_p}", f"blocks.{{i}}.mlp.down.{_p}", "copy"),
     ]
+# Mixture of experts ({e}: the expert): Mixtral's block_sparse_moe (w1 gate, w3 up, w2 down) and the Qwen-MoE
+# names; both also as the stacked [E, 2 moe_d_ff, d] gate_up_proj (gate first) / [E, d, moe_d_ff] down_proj
+# that transformers holds in memory, split per expert ("experts_gate_up" / "experts_down": views)
+_MOE_RULES = [
+    ("layers.{i}.mlp.gate.weight", "blocks.{i}.moe.router.weight", "copy"),
+    ("layers.{i}.mlp.experts.gate_up_proj", ("blocks.{i}.moe.experts.{e}.gate.weight",
+                                             "blocks.{i}.moe.experts.{e}.up.weight"), "experts_gate_up"),
+    ("layers.{i}.mlp.experts.down_proj", "blocks.{i}.moe.experts.{e}.down.weight", "experts_down"),
+    ("layers.{i}.mlp.shared_expert_gate.weight", "blocks.{i}.moe.shared_gate.weight", "copy"),
+] + [(f"layers.{{i}}.mlp.experts.{{e}}.{x}_proj.weight", f"blocks.{{i}}.moe.experts.{{e}}.{x}.weight", "copy")
+     for x in ("gate", "up", "down")] + [
+    (f"layers.{{i}}.mlp.shared_expert.{x}_proj.weight", f"blocks.{{i}}.moe.shared.{x}.weight", "copy")
+    for x in ("gate", "up", "down")]
+_MIXTRAL_RULES = _LLAMA_RULES + [
+    ("layers.{i}.block_sparse_moe.gate.weight", "blocks.{i}.moe.router.weight", "copy"),
+    ("layers.{i}.block_sparse_moe.experts.{e}.w1.weight", "blocks.{i}.moe.experts.{e}.gate.weight", "copy"),
+    ("layers.{i}.block_sparse_moe.experts.{e}.w3.weight", "blocks.{i}.moe.experts.{e}.up.weight", "copy"),
+    ("layers.{i}.block_sparse_moe.experts.{e}.w2.weight", "blocks.{i}.moe.experts.{e}.down.weight", "copy"),
+] + [r for r in _MOE_RULES if "shared" not in r[0]]
 _GPT_NEOX_IGNORE = [r"layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)"]  # buffers
 _LLAMA_IGNORE = [r"(.*\.)?rotary_emb\.inv_freq"]  # a buffer, recomputed from rope_theta
 
@@ -521,6 +589,12 @@ for _name, _family, _rules in (("GemmaForCausalLM", "gemma", _GEMMA_RULES),
     ARCHITECTURES[_name] = Architecture(
         _name, lambda c, g, _f=_family: _gemma_config(c, g, _f), _rules, _LLAMA_IGNORE, "model."
     )
+for _name, _family, _rules in (("MixtralForCausalLM", "mistral", _MIXTRAL_RULES),
+                               ("Qwen2MoeForCausalLM", "qwen2", _LLAMA_RULES + _MOE_RULES),
+                               ("Qwen3MoeForCausalLM", "qwen3", _LLAMA_RULES + _MOE_RULES)):
+    ARCHITECTURES[_name] = Architecture(
+        _name, lambda c, g, _f=_family: _moe_config(c, g, _f), _rules, _LLAMA_IGNORE, "model."
+    )
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 _MODEL_TYPES = {
     "gpt2": "GPT2LMHeadModel",
@@ -533,11 +607,25 @@ _MODEL_TYPES = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 
 def _template_regex(t: str):
-    return re.compile(re.escape(t).replace(re.escape("{i}"), r"(\d+)"))
+    """A name template's regex: {i} (the layer) and {e} (the expert) become the groups i and e."""
+    return re.compile(re.escape(t).replace(re.escape("{i}"), r"(?P<i>\d+)").replace(re.escape("{e}"), r"(?P<e>\d+)"))
+
+
+def _filler(groups: dict):
+    """A function filling a canonical template's {i} / {e} with a match's (int-normalized) indices."""
+    def fill(s: str) -> str:
+        for key, v in groups.items():
+            if v is not None:
+                s = s.replace("{" + key + "}", str(int(v)))
+        return s
+    return fill
 
 
 def architecture_of(config: dict, where: str) -> Architecture:
@@ -615,11 +703,12 @@ def map_tensors(arch: Architecture, raw: Dict[str, torch.Tensor], cfg: ModelConf
             if not any(r.fullmatch(name) for r in ignore):
                 dropped.append(src_name)
             continue
-        i = m.group(1) if m.groups() else None
-        if i is not None and int(i) >= cfg.n_layers:
+        groups = m.groupdict()
+        i, e = groups.get("i"), groups.get("e")
+        if (i is not None and int(i) >= cfg.n_layers) or (e is not None and int(e) >= cfg.n_experts):
             dropped.append(src_name)
             continue
-        fill = (lambda s: s.replace("{i}", str(int(i)))) if i is not None else (lambda s: s)
+        fill = _filler(groups)
         if kind == "copy":
             put(fill(dst), t, src_name)
         elif kind == "plus1":  # a Gemma norm gain stored as w - 1
@@ -675,6 +764,19 @@ def map_tensors(arch: Architecture, raw: Dict[str, torch.Tensor], cfg: ModelConf
                 )
             for part, n in zip(t.split(sizes, dim=0), dst):
                 put(fill(n), part, src_name, t.shape)
+        elif kind in ("experts_gate_up", "experts_down"):  # stacked experts [E, rows, cols]: views per expert
+            E, fe, d = cfg.n_experts, cfg.moe_d_ff, cfg.residual_width
+            want = (E, 2 * fe, d) if kind == "experts_gate_up" else (E, d, fe)
+            if tuple(t.shape) != want:
+                raise CheckpointError(f"{where}: tensor '{src_name}': expected the stacked experts' shape {want}, "
+                                      f"found {tuple(t.shape)}")
+            for x in range(E):
+                fx = _filler(dict(groups, e=x))
+                if kind == "experts_down":
+                    put(fx(dst), t[x], src_name, t.shape)
+                else:
+                    put(fx(dst[0]), t[x, :fe], src_name, t.shape)
+                    put(fx(dst[1]), t[x, fe:], src_name, t.shape)
         else:  # pragma: no cover
             raise AssertionError(kind)
 
@@ -694,8 +796,8 @@ def source_name(arch: Architecture, canonical: str) -> Optional[str]:
     for src, dst, _ in arch.rules:
         for d in (dst,) if isinstance(dst, str) else dst:
             m = _template_regex(d).fullmatch(canonical)
-            if m:
-                s = src.replace("{i}", m.group(1)) if m.groups() else src
+            if m and ("{e}" in src or "{e}" not in d):  # (a stacked-experts rule names no single tensor)
+                s = _filler(m.groupdict())(src)
                 return s if s.startswith("lm_head.") else arch.prefix + s
     return None
 

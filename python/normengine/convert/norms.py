@@ -6,7 +6,8 @@ in config.conversions.
 
 Readers and writers of the residual stream x (width d):
     writers: tok_emb, pos_emb, blocks.i.attn.o, blocks.i.mlp.down       (add into x)
-    readers: attn.q/k/v after attn_norm, mlp.up/gate after mlp_norm, lm_head after final_norm
+    readers: attn.q/k/v after attn_norm, mlp.up/gate after mlp_norm (a mixture of experts: its router, the
+             experts' gate / up, the shared expert's and its gate), lm_head after final_norm
 
 fold_norm_affine:        norm(x) * g + b followed by y = W z + c  ==  W' norm(x) + c'
                          with W' = W diag(g), c' = c + W b; the norm is left with g = 1, b = 0.
@@ -37,6 +38,11 @@ def _norm_groups(cfg: ModelConfig):
     """(norm prefix, [reader prefixes]) for every norm of the model."""
     for i in range(cfg.n_layers):
         for norm, readers in _READERS.items():
+            if norm == "mlp_norm" and cfg.is_moe_layer(i):  # the router, every expert, the shared one and its gate
+                readers = ["moe.router"] + [f"moe.experts.{e}.{x}" for e in range(cfg.n_experts)
+                                            for x in ("gate", "up")]
+                if cfg.shared_expert_d_ff:
+                    readers += ["moe.shared.gate", "moe.shared.up", "moe.shared_gate"]
             yield f"blocks.{i}.{norm}", [f"blocks.{i}.{r}" for r in readers]
     yield "final_norm", ["lm_head"]
 

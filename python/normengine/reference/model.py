@@ -131,6 +131,29 @@ def _linear_family(kind, cfg, q, k, v, decay):
     return torch.stack(out)
 
 
+def _moe(cfg, h, linear, p):
+    """A mixture-of-experts MLP of the normalized rows h [T, d]: router probabilities softmax(h Wr^T), each
+    row's n_experts_used most probable experts with those probabilities as weights (renormalized to sum 1
+    when moe_norm_topk), the sum of weight x gated expert MLP, plus sigmoid(h . w_sg) x the shared expert."""
+    probs = torch.softmax(linear(h, p + "router.weight"), dim=-1)
+    top, idx = probs.topk(cfg.n_experts_used, dim=-1)
+    if cfg.moe_norm_topk:
+        top = top / top.sum(-1, keepdim=True)
+
+    def mlp(x, q):
+        up = _act(cfg.activation, linear(x, q + "gate.weight")) * linear(x, q + "up.weight")
+        return linear(up, q + "down.weight")
+
+    out = torch.zeros_like(h)
+    for e in range(cfg.n_experts):
+        rows, slot = (idx == e).nonzero(as_tuple=True)
+        if rows.numel():
+            out.index_add_(0, rows, mlp(h[rows], f"{p}experts.{e}.") * top[rows, slot, None])
+    if cfg.shared_expert_d_ff:
+        out = out + torch.sigmoid(linear(h, p + "shared_gate.weight")) * mlp(h, p + "shared.")
+    return out
+
+
 def forward(cfg, tensors: dict, ids, dtype=torch.float64, lmul_bits: int = 0, lmul_scope: str | None = None,
             stats: dict | None = None, attention_operands=None):
     """Logits [T, vocab] of one sequence `ids` (list or 1-D tensor of token ids), computed in `dtype`.
@@ -190,13 +213,16 @@ def forward(cfg, tensors: dict, ids, dtype=torch.float64, lmul_bits: int = 0, lm
         x = x + o
         h = record(p + "mlp_norm", _norm(cfg, block_in if cfg.parallel_residual else x, V(p + "mlp_norm.weight"),
                                          V(p + "mlp_norm.bias")))
-        up = linear(h, p + "mlp.up.weight", p + "mlp.up.bias" if cfg.mlp_bias else None)
-        if cfg.gated_mlp:
-            g = linear(h, p + "mlp.gate.weight", p + "mlp.gate.bias" if cfg.mlp_bias else None)
-            up = _act(cfg.activation, g) * up
+        if cfg.is_moe_layer(i):
+            o = _moe(cfg, h, linear, p + "moe.")
         else:
-            up = _act(cfg.activation, up)
-        o = linear(up, p + "mlp.down.weight", p + "mlp.down.bias" if cfg.mlp_bias else None)
+            up = linear(h, p + "mlp.up.weight", p + "mlp.up.bias" if cfg.mlp_bias else None)
+            if cfg.gated_mlp:
+                g = linear(h, p + "mlp.gate.weight", p + "mlp.gate.bias" if cfg.mlp_bias else None)
+                up = _act(cfg.activation, g) * up
+            else:
+                up = _act(cfg.activation, up)
+            o = linear(up, p + "mlp.down.weight", p + "mlp.down.bias" if cfg.mlp_bias else None)
         x = x + (rms_norm(o, V(p + "mlp_post_norm.weight"), cfg.norm_eps) if cfg.post_norms else o)
     h = record("final_norm", _norm(cfg, x, V("final_norm.weight"), V("final_norm.bias")))
     logits = linear(h, "lm_head.weight", "lm_head.bias" if cfg.head_bias else None)
