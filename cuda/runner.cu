@@ -14,11 +14,15 @@
 //                                                  residual (GPT-NeoX): after the MLP, which reads the same x)
 //   xn = norm(x);  up = xn Wu^T (+bu);  gated: up = act(xn Wg^T (+bg)) * up, else up = act(up)
 //   x += up Wd^T (+bd)
+//   (a mixture-of-experts layer, spec.n_experts: the router's logits to the host, which routes and groups the
+//   rows per expert as the CPU runner; each expert's GEMMs over its rows gathered (gather_rows_kernel); each
+//   row's experts, and the shared expert, added into x by moe_combine_kernel)
 // then logits = norm(x) Wlm^T (+blm) on all rows or on each sequence's last row (gather_rows_kernel).
 //
 // Everything of one call runs on the caller's stream; the only host work is checking the
 // arguments and one small host-to-device copy of the per-token indices (token, position, slot) from
-// a pinned staging buffer. Weights are the caller's device memory (zero-copy); the KV cache, the
+// a pinned staging buffer (and, per mixture-of-experts layer, the router's logits back and the routing over:
+// the one place a call waits for the GPU). Weights are the caller's device memory (zero-copy); the KV cache, the
 // RoPE table and the activations are allocated once (activations grow only when a larger call comes).
 //
 // Linear layers: y[M, N] (+)= x[M, K] W[N, K]^T (+ b) through cuda::dense_linear (cuda/gemm.cu: a GEMV
@@ -366,6 +370,22 @@ __global__ void gather_rows_kernel(const float* src, const int32_t* rows, float*
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) dst[i * d + c] = s[c];
 }
 
+// Mixture of experts: row t's expert outputs summed (the CPU runner's moe_mlp): one block per row,
+//   y[t, :] = sum_j w[t k + j] o[pair[t k + j], :]   (its k experts in index order; o: the grouped pairs' rows)
+//             + sigmoid(g[t]) sh[t, :]                (the shared expert, where sh is given)
+// written to out, or added to it (accumulate: the residual stream, x += y).
+__global__ void moe_combine_kernel(const float* o, const int32_t* pair, const float* w, int k, const float* sh,
+                                   const float* g, float* out, int64_t d, bool accumulate) {
+  const int64_t t = blockIdx.x;
+  const float gate = sh ? 1.0f / (1.0f + expf(-g[t])) : 0.f;
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+    float y = 0.f;
+    for (int j = 0; j < k; ++j) y += w[t * k + j] * o[static_cast<int64_t>(pair[t * k + j]) * d + c];
+    if (sh) y += gate * sh[t * d + c];
+    out[t * d + c] = accumulate ? out[t * d + c] + y : y;
+  }
+}
+
 // ============================================================================ host side
 
 // How the projections multiply (the CPU runner's Arith): lmul_bits > 0, every product an L-Mul
@@ -554,7 +574,7 @@ struct CudaRunner::Layer {
   AttnType type = AttnType::Softmax;
   DevW attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob, decay, q_norm, k_norm, attn_post_norm, mlp_post_norm;
   DevW mlp_norm_w, mlp_norm_b, up, gate, down, upb, gateb, downb;
-  MoeWeights<DevW> moe;  // (mixture-of-experts models are refused by the constructor: weight_slot names it)
+  MoeWeights<DevW> moe;  // a mixture-of-experts layer's (spec.n_experts, moe_layer)
   // in Impl::cache: softmax layers [slots][ctx][n_kv_heads * head_dim] (float, or bf16: spec.kv_bf16)
   void* kcache = nullptr;
   void* vcache = nullptr;
@@ -576,6 +596,17 @@ struct CudaRunner::Impl {
   int64_t cap_tokens = 0;
   float *x = nullptr, *xn = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *att = nullptr, *up = nullptr,
         *gate = nullptr, *sel = nullptr, *mean = nullptr, *mean_lo = nullptr, *rstd = nullptr;
+  // mixture of experts (cap_tokens rows, P = rows x n_experts_used pairs): router logits [rows, E], the pairs'
+  // gathered inputs [P, d], gate / up [P, moe_d_ff] (the shared expert's [rows, shared_d_ff] too), outputs
+  // [P, d], the shared expert's output [rows, d] and gate [rows], the layer's output [rows, d]; the routing
+  // (rows [P], slot [P] int32, slot_w [P] float32) in moe_route, staged through the pinned moe_host; the
+  // logits come back through the pinned moe_logits
+  float *rlog = nullptr, *xg = nullptr, *eg = nullptr, *eu = nullptr, *eo = nullptr, *sh = nullptr, *shg = nullptr,
+        *moe_y = nullptr;
+  int32_t* moe_route = nullptr;
+  int32_t* moe_host = nullptr;
+  float* moe_logits = nullptr;
+  MoeRouting routing;
   bool fused = false;       // fused_norms(): the blocks' norms run as statistics + GEMM epilogue (finalize)
   bool fused_head = false;  // the final norm likewise (a tied head usually keeps its gain: then not)
 
@@ -590,6 +621,9 @@ struct CudaRunner::Impl {
     cudaFree(act);
     cudaFree(idx);
     cudaFreeHost(host_idx);
+    cudaFree(moe_route);
+    cudaFreeHost(moe_host);
+    cudaFreeHost(moe_logits);
     if (staged) cudaEventDestroy(staged);
     cudaGetLastError();
     if (switched) cudaSetDevice(prev);
@@ -598,8 +632,6 @@ struct CudaRunner::Impl {
 
 CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spec_(s), n_slots_(slots), ctx_(ctx) {
   check_spec(s, slots, ctx);
-  if (s.n_experts > 0)
-    throw UnsupportedError("spec.n_experts: mixture-of-experts models run on the CPU runner only (device='cpu')");
   if (s.head_dim > cuda::kMaxHeadDim)
     throw UnsupportedError("spec: the CUDA runner's attention supports head_dim up to " +
                            std::to_string(cuda::kMaxHeadDim) + ", got " + std::to_string(s.head_dim));
@@ -635,6 +667,7 @@ CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spe
   size_t total = 0;
   for (int i = 0; i < s.n_layers; ++i) {
     m.layers[i].type = attn_type(s, i);
+    if (moe_layer(s, i)) m.layers[i].moe.resize(s.n_experts);
     total += m.layers[i].type == AttnType::Softmax ? 2 * per : per_state;
   }
   check(cudaMalloc(&m.cache, total), "cudaMalloc (KV cache / attention states)");
@@ -713,9 +746,12 @@ void CudaRunner::finalize() {
   };
   const bool can = s.norm >= 0 && s.lmul_scope != 2;
   bool fused = can;
-  for (const auto& L : m.layers) {
+  for (size_t i = 0; i < m.layers.size(); ++i) {
+    const Layer& L = m.layers[i];
     for (const DevW* w : {&L.q, &L.k, &L.v, &L.up, &L.gate}) fused = fused && !w->quant;
-    fused = fused && unit(L.attn_norm_w, L.attn_norm_b) && unit(L.mlp_norm_w, L.mlp_norm_b);
+    // (a mixture-of-experts layer normalizes its MLP's input on its own: its rows are gathered per expert)
+    fused = fused && unit(L.attn_norm_w, L.attn_norm_b) &&
+            (moe_layer(s, static_cast<int>(i)) || unit(L.mlp_norm_w, L.mlp_norm_b));
   }
   m.fused = fused;
   m.fused_head = can && !m.head.quant && unit(m.final_w, m.final_b);
@@ -784,22 +820,38 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     cudaFree(m.act);
     cudaFree(m.idx);
     cudaFreeHost(m.host_idx);
+    cudaFree(m.moe_route);
+    cudaFreeHost(m.moe_host);
+    cudaFreeHost(m.moe_logits);
     m.act = nullptr;
-    m.idx = m.host_idx = nullptr;
+    m.idx = m.host_idx = m.moe_route = m.moe_host = nullptr;
+    m.moe_logits = nullptr;
     m.cap_tokens = 0;
     const size_t c = static_cast<size_t>(cap);
-    const size_t sizes[] = {c * d, c * d, c * dq, c * dkv, c * dkv, c * dq, c * f, s.gated_mlp ? c * f : 0, c * d, c, c, c};
+    // (mixture of experts: P pairs; the expert and shared gate / up buffers hold the larger of the two)
+    const size_t E = static_cast<size_t>(s.n_experts), P = c * s.n_experts_used,
+                 fmax = std::max(P * s.moe_d_ff, c * s.shared_d_ff);
+    const size_t sizes[] = {c * d, c * d, c * dq, c * dkv, c * dkv, c * dq, c * f, s.gated_mlp ? c * f : 0, c * d, c, c, c,
+                            c * E, P * d, fmax, fmax, P * d, s.shared_d_ff ? c * d : 0, s.shared_d_ff ? c : 0,
+                            E ? c * d : 0};
+    constexpr int kBuffers = sizeof(sizes) / sizeof(sizes[0]);
     size_t total = 0;
     for (size_t z : sizes) total += cuda::round_floats(z);
     check(cudaMalloc(reinterpret_cast<void**>(&m.act), total * sizeof(float)), "cudaMalloc (activations)");
-    float** dst[] = {&m.x, &m.xn, &m.q, &m.k, &m.v, &m.att, &m.up, &m.gate, &m.sel, &m.mean, &m.mean_lo, &m.rstd};
+    float** dst[kBuffers] = {&m.x,    &m.xn, &m.q,  &m.k,  &m.v,  &m.att, &m.up, &m.gate, &m.sel, &m.mean,
+                             &m.mean_lo, &m.rstd, &m.rlog, &m.xg, &m.eg, &m.eu, &m.eo, &m.sh, &m.shg, &m.moe_y};
     size_t off = 0;
-    for (int i = 0; i < 12; ++i) {
+    for (int i = 0; i < kBuffers; ++i) {
       *dst[i] = sizes[i] ? m.act + off : nullptr;
       off += cuda::round_floats(sizes[i]);
     }
     check(cudaMalloc(reinterpret_cast<void**>(&m.idx), 4 * c * sizeof(int32_t)), "cudaMalloc (token indices)");
     check(cudaMallocHost(reinterpret_cast<void**>(&m.host_idx), 4 * c * sizeof(int32_t)), "cudaMallocHost");
+    if (E) {
+      check(cudaMalloc(reinterpret_cast<void**>(&m.moe_route), 3 * P * sizeof(int32_t)), "cudaMalloc (routing)");
+      check(cudaMallocHost(reinterpret_cast<void**>(&m.moe_host), 3 * P * sizeof(int32_t)), "cudaMallocHost");
+      check(cudaMallocHost(reinterpret_cast<void**>(&m.moe_logits), c * E * sizeof(float)), "cudaMallocHost");
+    }
     m.cap_tokens = cap;
   }
 
@@ -887,6 +939,57 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
   const int64_t act_n = T * f;
   const unsigned act_grid = static_cast<unsigned>(std::min<int64_t>(cuda::ceil_div(act_n, 256), 65536));
   const cuda::Arith ar{s.lmul_scope == 2 ? s.lmul_bits : 0, s.bf16_products};  // how the projections multiply
+  // A mixture-of-experts MLP of the normalized rows m.xn (the CPU runner's moe_mlp): the router's logits come
+  // back to the host, which routes and groups the (row, expert) pairs (MoeRouting, as the CPU runner) and sends
+  // the grouping over; each expert's GEMMs run over its rows gathered, the shared expert's over every row, and
+  // moe_combine_kernel writes (or adds into out) each row's weighted sum. The logits' copy waits for the
+  // stream: one round trip to the host per such layer.
+  auto moe_mlp = [&](const MoeWeights<DevW>& mw, float* out, bool accumulate) {
+    const int E = s.n_experts, k = s.n_experts_used;
+    const int64_t fe = s.moe_d_ff, fs = s.shared_d_ff, P = T * k;
+    cuda::launch_linear(mw.router, DevW{}, m.xn, d, T, m.rlog, E, false, st, ar);
+    check(cudaMemcpyAsync(m.moe_logits, m.rlog, T * E * sizeof(float), cudaMemcpyDeviceToHost, st),
+          "cudaMemcpyAsync (router logits)");
+    check(cudaStreamSynchronize(st), "cudaStreamSynchronize (router logits)");  // (also: moe_host is free)
+    MoeRouting& r = m.routing;
+    r.route(m.moe_logits, T, s);
+    int32_t* h_rows = m.moe_host;
+    std::memcpy(h_rows, r.rows.data(), P * sizeof(int32_t));
+    std::memcpy(h_rows + P, r.slot.data(), P * sizeof(int32_t));
+    std::memcpy(h_rows + 2 * P, r.slot_w.data(), P * sizeof(float));
+    check(cudaMemcpyAsync(m.moe_route, h_rows, 3 * P * sizeof(int32_t), cudaMemcpyHostToDevice, st),
+          "cudaMemcpyAsync (routing)");
+    const int32_t* d_rows = m.moe_route;
+    const int32_t* d_slot = d_rows + P;
+    const float* d_w = reinterpret_cast<const float*>(d_rows + 2 * P);
+    cuda::gather_rows_kernel<<<static_cast<unsigned>(P), 256, 0, st>>>(m.xn, d_rows, m.xg, d);
+    cuda::check_launch("gather_rows_kernel");
+    auto act = [&](int64_t n) {  // eu = act(eg) * eu over n values
+      const unsigned grid = static_cast<unsigned>(std::min<int64_t>(cuda::ceil_div(n, 256), 65536));
+      cuda::activation_kernel<<<grid, 256, 0, st>>>(s.activation, n, m.eg, m.eu, m.eu);
+      cuda::check_launch("activation_kernel");
+    };
+    for (int e = 0; e < E; ++e) {
+      const int64_t off = r.start[e], n = r.start[e + 1] - off;
+      cuda::launch_linear(mw.egate[e], DevW{}, m.xg + off * d, d, n, m.eg + off * fe, fe, false, st, ar);
+      cuda::launch_linear(mw.eup[e], DevW{}, m.xg + off * d, d, n, m.eu + off * fe, fe, false, st, ar);
+    }
+    act(P * fe);
+    for (int e = 0; e < E; ++e) {
+      const int64_t off = r.start[e], n = r.start[e + 1] - off;
+      cuda::launch_linear(mw.edown[e], DevW{}, m.eu + off * fe, fe, n, m.eo + off * d, d, false, st, ar);
+    }
+    if (fs > 0) {  // (eg / eu are free again: the experts' down projections were enqueued before)
+      cuda::launch_linear(mw.sgate, DevW{}, m.xn, d, T, m.eg, fs, false, st, ar);
+      cuda::launch_linear(mw.sup, DevW{}, m.xn, d, T, m.eu, fs, false, st, ar);
+      act(T * fs);
+      cuda::launch_linear(mw.sdown, DevW{}, m.eu, fs, T, m.sh, d, false, st, ar);
+      cuda::launch_linear(mw.shared_gate, DevW{}, m.xn, d, T, m.shg, 1, false, st, ar);
+    }
+    cuda::moe_combine_kernel<<<static_cast<unsigned>(T), 256, 0, st>>>(m.eo, d_slot, d_w, k, fs > 0 ? m.sh : nullptr,
+                                                                        m.shg, out, d, accumulate);
+    cuda::check_launch("moe_combine_kernel");
+  };
   for (int li = 0; li < s.n_layers; ++li) {
     Layer& L = m.layers[li];
     // ---- attention
@@ -984,6 +1087,23 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
     // x += attn Wo^T + bo (parallel residual: the MLP reads this same x; att is added after it)
     if (!s.parallel_residual) add_to_stream(L.o, L.ob, m.att, dq, L.attn_post_norm);
     // ---- MLP
+    if (moe_layer(s, li)) {  // a mixture of experts: its own norm pass (its rows are gathered per expert)
+      if (has_norm) {
+        norm_rows(L.mlp_norm_w, L.mlp_norm_b, m.x, m.xn, T);
+      } else {
+        check(cudaMemcpyAsync(m.xn, m.x, T * d * sizeof(float), cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync");
+      }
+      if (s.post_norms) {
+        moe_mlp(L.moe, m.moe_y, false);
+        cuda::post_norm_add_kernel<<<grid_t, cuda::kPostNormThreads, 0, st>>>(
+            m.moe_y, L.mlp_post_norm.f32(), d, static_cast<float>(s.norm_eps), m.x);
+        cuda::check_launch("post_norm_add_kernel");
+      } else {
+        if (s.parallel_residual) add_to_stream(L.o, L.ob, m.att, dq, L.attn_post_norm);
+        moe_mlp(L.moe, m.x, true);  // x += the experts' sum
+      }
+      continue;
+    }
     xin = m.x;
     if (m.fused) {
       stats(m.x, T);

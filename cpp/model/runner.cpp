@@ -51,12 +51,11 @@ namespace ne {
 namespace {
 
 // Scratch of the mixture-of-experts layers (moe_mlp), grown to the largest call and reused: router logits
-// [T, E], each row's experts and weights [T, k], the (row, weight) pairs grouped by expert (start: each
-// expert's first), an expert's gathered rows / gate / up / output, the shared expert's gate [T], the layer's
-// output y [T, d].
+// [T, E], the routing (weights.h MoeRouting), an expert's gathered rows / gate / up / output, the shared
+// expert's gate [T], the layer's output y [T, d].
 struct MoeScratch {
-  std::vector<float> logits, weight, row_w, ex, eg, eu, ey, gate, y;
-  std::vector<int32_t> expert, rows, start, fill;
+  MoeRouting route;
+  std::vector<float> logits, ex, eg, eu, ey, gate, y;
 };
 
 // A weight as the kernels read it: dense (data, dtype, ld) or quantized (quant, q).
@@ -394,31 +393,20 @@ void grow(std::vector<T>& v, size_t n) {
 // expert by expert in index order, then the shared expert's, as transformers adds them.
 void moe_mlp(const ModelSpec& s, const MoeWeights<W>& mw, const float* xn, int64_t T, float* y, MoeScratch& sc,
              Arith ar, const AttentionTable& K) {
-  const int E = s.n_experts, k = s.n_experts_used;
+  const int E = s.n_experts;
   const int64_t d = s.d_model, fe = s.moe_d_ff, fs = s.shared_d_ff, fmax = std::max(fe, fs);
   const Act act = static_cast<Act>(s.activation);
-  grow(sc.logits, T * E); grow(sc.weight, T * k); grow(sc.expert, T * k); grow(sc.rows, T * k);
-  grow(sc.row_w, T * k); grow(sc.ex, T * d); grow(sc.eg, T * fmax); grow(sc.eu, T * fmax); grow(sc.ey, T * d);
+  grow(sc.logits, T * E); grow(sc.ex, T * d); grow(sc.eg, T * fmax); grow(sc.eu, T * fmax); grow(sc.ey, T * d);
   linear(mw.router, W{}, xn, T, sc.logits.data(), false, ar);
-  for (int64_t t = 0; t < T; ++t)
-    moe_route(&sc.logits[t * E], E, k, s.moe_norm_topk, &sc.expert[t * k], &sc.weight[t * k]);
-  // group the (row, weight) pairs by expert: start[e] .. start[e + 1] in rows / row_w, rows in order
-  sc.start.assign(E + 1, 0);
-  for (int64_t i = 0; i < T * k; ++i) ++sc.start[sc.expert[i] + 1];
-  for (int e = 0; e < E; ++e) sc.start[e + 1] += sc.start[e];
-  sc.fill.assign(sc.start.begin(), sc.start.end() - 1);
-  for (int64_t i = 0; i < T * k; ++i) {
-    const int32_t at = sc.fill[sc.expert[i]]++;
-    sc.rows[at] = static_cast<int32_t>(i / k);
-    sc.row_w[at] = sc.weight[i];
-  }
+  MoeRouting& r = sc.route;
+  r.route(sc.logits.data(), T, s);
   std::fill(y, y + T * d, 0.f);
   float *ex = sc.ex.data(), *eg = sc.eg.data(), *eu = sc.eu.data(), *ey = sc.ey.data();
   for (int e = 0; e < E; ++e) {
-    const int64_t n = sc.start[e + 1] - sc.start[e];
+    const int64_t n = r.start[e + 1] - r.start[e];
     if (n == 0) continue;
-    const int32_t* rows = &sc.rows[sc.start[e]];
-    const float* w = &sc.row_w[sc.start[e]];
+    const int32_t* rows = &r.rows[r.start[e]];
+    const float* w = &r.weight[r.start[e]];
     for (int64_t j = 0; j < n; ++j) std::memcpy(ex + j * d, xn + rows[j] * d, sizeof(float) * d);
     linear(mw.egate[e], W{}, ex, n, eg, false, ar);
     linear(mw.eup[e], W{}, ex, n, eu, false, ar);

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "normengine/model.h"
@@ -88,6 +89,42 @@ inline void moe_route(const float* logits, int E, int k, bool renorm, int32_t* i
   if (renorm)
     for (int j = 0; j < k; ++j) w[j] /= top;
 }
+
+// One call's routing of T rows (ModelSpec.n_experts), as both runners group it: moe_route per row, then the
+// (row, expert) pairs sorted by expert, expert e's in start[e] .. start[e + 1] in row order, with rows[p] and
+// weight[p] each pair's row and weight (an expert's GEMMs run over its rows gathered in this order); and per
+// row its pairs in expert index order, slot[t k + j] their positions in the grouped order and slot_w their
+// weights (a row's expert outputs are added in that order, as transformers adds them expert by expert).
+struct MoeRouting {
+  std::vector<int32_t> expert, rows, start, fill, slot;
+  std::vector<float> prob, weight, slot_w;
+  void route(const float* logits, int64_t T, const ModelSpec& s) {
+    const int E = s.n_experts, k = s.n_experts_used;
+    const int64_t P = T * k;
+    expert.resize(P), prob.resize(P), rows.resize(P), weight.resize(P), slot.resize(P), slot_w.resize(P);
+    for (int64_t t = 0; t < T; ++t) moe_route(logits + t * E, E, k, s.moe_norm_topk, &expert[t * k], &prob[t * k]);
+    start.assign(E + 1, 0);
+    for (int64_t i = 0; i < P; ++i) ++start[expert[i] + 1];
+    for (int e = 0; e < E; ++e) start[e + 1] += start[e];
+    fill.assign(start.begin(), start.end() - 1);
+    for (int64_t i = 0; i < P; ++i) {  // (rows ascending within each expert)
+      const int32_t at = fill[expert[i]]++;
+      rows[at] = static_cast<int32_t>(i / k);
+      weight[at] = prob[i];
+      slot[i] = at;
+      slot_w[i] = prob[i];
+    }
+    for (int64_t t = 0; t < T; ++t) {  // row t's k pairs into expert index order (insertion sort)
+      int32_t* ex = &expert[t * k];
+      for (int j = 1; j < k; ++j)
+        for (int r = j; r > 0 && ex[r - 1] > ex[r]; --r) {
+          std::swap(ex[r - 1], ex[r]);
+          std::swap(slot[t * k + r - 1], slot[t * k + r]);
+          std::swap(slot_w[t * k + r - 1], slot_w[t * k + r]);
+        }
+    }
+  }
+};
 
 // The checks both runners' constructors make of a spec and their slots / ctx (ValueError naming the
 // field). What one runner does not support is that runner's to refuse.

@@ -88,6 +88,7 @@ void init_names_local() {
   name(attention_kernel<8, __nv_bfloat16>, "attention<8,bf16>");
   name(activation_kernel, "activation");
   name(gather_rows_kernel, "gather_rows");
+  name(moe_combine_kernel, "moe_combine");
   name(lmul_attention_kernel, "lmul_attention");
   name(static_cast<const char*>(ne_remu_lin_attn_rows_kernel()), "lin_attn_rows");
   name(static_cast<const char*>(ne_remu_lmul_bmm_kernel()), "lmul_bmm");
@@ -113,7 +114,7 @@ const char* ne_remu_error() { return ne_harness::error(); }
 // inv_local: n_inv RoPE frequencies (spec.rope_inv_freq, rope_inv_freq_local), or null (plain / none);
 // window: the n_layers sliding windows (spec.window), or null (none).
 void* ne_remu_create(const int* ints, const double* dbl, const int* attention, const float* inv_freq,
-                     const float* inv_local, int n_inv, const int* window, int slots, int ctx) {
+                     const float* inv_local, int n_inv, const int* window, int slots, int ctx, const int* moe_layers) {
   ne::CudaRunner* r = nullptr;
   guarded([&] {
     ne::ModelSpec s;
@@ -144,6 +145,11 @@ void* ne_remu_create(const int* ints, const double* dbl, const int* attention, c
     s.post_norms = ints[24] != 0;
     s.rope_dim = ints[25];
     s.parallel_residual = ints[26] != 0;
+    s.n_experts = ints[27];
+    s.n_experts_used = ints[28];
+    s.moe_d_ff = ints[29];
+    s.shared_d_ff = ints[30];
+    s.moe_norm_topk = ints[31] != 0;
     s.norm_eps = dbl[0];
     s.rope_theta = dbl[1];
     s.linear_eps = dbl[2];
@@ -157,6 +163,7 @@ void* ne_remu_create(const int* ints, const double* dbl, const int* attention, c
     if (inv_freq) s.rope_inv_freq.assign(inv_freq, inv_freq + n_inv);
     if (inv_local) s.rope_inv_freq_local.assign(inv_local, inv_local + n_inv);
     if (window) s.window.assign(window, window + s.n_layers);
+    if (moe_layers) s.moe_layers.assign(moe_layers, moe_layers + s.n_layers);
     r = new ne::CudaRunner(s, slots, ctx, -1);
   });
   return r;

@@ -168,7 +168,8 @@ class Runner {
 // the activations in device memory owned by the runner. L-Mul arithmetic (spec.lmul_scope) holds a row
 // of ctx attention scores in shared memory, which bounds ctx (UnsupportedError beyond). slots / tokens /
 // lens stay host arrays; logits is a device float32 pointer [rows, vocab]. Everything of a call is enqueued on `stream` (null: the legacy default
-// stream); forward returns without waiting for the GPU.
+// stream); forward returns without waiting for the GPU, except that a mixture-of-experts layer waits for its
+// router's logits (the host routes and groups the rows per expert, as the CPU runner does).
 class CudaRunner {
  public:
   // device < 0: the current CUDA device. Throws DeviceError when no GPU is visible.
