@@ -200,6 +200,9 @@ struct NormRows {
   // can: the partial sums are then loaded and stored once per two rows (the same operations in the same
   // order as row by row, so the same bits), which was most of pass 2's cost (LayerNorm f32 8192 x 1024:
   // 4.0 ms row by row; 2.8 ms with no dw / db at all); RMSNorm (dw only) measured slower paired.
+  // Paired only in the AVX-512 builds (measured on Intel Xeons): on an AVX2-only AMD EPYC the two rows'
+  // six streams (h, dy, dx of each, at the same offsets mod 4 KiB) made LayerNorm's backward 2-4x slower
+  // than row by row (bf16 4096 x 4096: 88 ms paired, 20 ms row by row; benchmarks/RESULTS.md).
   //
   // Pass 1 of one row: what pass 2 needs of it, dh = rstd * (g - c_mean - c_xhat * xhat) with
   // xhat = (h - K - delta) * rstd.
@@ -358,6 +361,12 @@ struct NormRows {
     });
   }
 
+#if defined(NE_ISA_AVX512)
+  static constexpr bool kPairRows = true;
+#else
+  static constexpr bool kPairRows = false;
+#endif
+
   static void backward(const NormBwdArgs& a) {
     const int64_t n = a.h.cols;
     const int threads = a.partial_threads;
@@ -373,8 +382,8 @@ struct NormRows {
     parallel_for_upto(a.h.rows, grain(n), threads, [&](int64_t r0, int64_t r1, int tid) {
       A* dw = a.dw ? pdw + static_cast<int64_t>(tid) * n : nullptr;
       A* db = a.db ? pdb + static_cast<int64_t>(tid) * n : nullptr;
-      // two rows at a time when dweight / dbias are accumulated (backward_rows)
-      const int step = (dw && db) ? 2 : 1;
+      // two rows at a time when dweight / dbias are accumulated (backward_rows), in the AVX-512 builds
+      const int step = (dw && db && kPairRows) ? 2 : 1;
       for (int64_t r = r0; r < r1; r += step) {
         const int rows = static_cast<int>(std::min<int64_t>(step, r1 - r));
         for (int64_t q = r + rows; ahead && q < std::min(r1, r + rows + step); ++q) {
