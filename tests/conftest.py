@@ -145,3 +145,20 @@ def hf_greedy(hf, ids, n: int, eos: int):
         out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0,
                           attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
     return out[: out.index(eos) + 1] if eos in out else out
+
+
+def check_against_transformers(m, hf, ids, split: int, prompt: list, eos: int, what=None):
+    """The parity checks of a loaded model m against its transformers twin hf on ids [B, T]: logits within
+    1e-4, normengine's float64 reference model within 1e-5 of transformers on ids[0], decode steps after a
+    prefill of `split` tokens equal to one prefill, and 32 greedy tokens from `prompt` identical to
+    transformers' (cut after eos). Returns (m's logits, transformers' logits)."""
+    from normengine.reference.model import forward
+
+    with torch.no_grad():
+        want = hf(ids).logits
+    got = m.logits(ids)
+    assert rel_err(got, want) <= 1e-4, what
+    assert rel_err(forward(m.config, m.tensors, ids[0]), want[0].double()) <= 1e-5, what
+    check_decode_equals_prefill(m, ids[0], got[0], split)
+    assert m.generate(prompt, max_new_tokens=32) == hf_greedy(hf, prompt, 32, eos=eos), what
+    return got, want

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import normengine as ne
-from conftest import check_decode_equals_prefill, hf_greedy, rel_err, with_config
+from conftest import check_against_transformers, rel_err, with_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -76,16 +76,7 @@ def test_matches_transformers_past_the_window(saved):
     name, hf, d = saved
     m = ne.load(str(d))
     ids = torch.randint(3, VOCAB, (2, 200), generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        want = hf(ids).logits
-    got = m.logits(ids)
-    assert rel_err(got, want) <= 1e-4, name
-    from normengine.reference.model import forward
-
-    assert rel_err(forward(m.config, m.tensors, ids[0]), want[0].double()) <= 1e-5
-    check_decode_equals_prefill(m, ids[0], got[0], 170)
-    prompt = ids[1, :60].tolist()
-    assert m.generate(prompt, max_new_tokens=32) == hf_greedy(hf, prompt, 32, eos=1), name
+    got, want = check_against_transformers(m, hf, ids, 170, ids[1, :60].tolist(), eos=1, what=name)
     assert m.info()["block"] == {
         "gemma": "sequential residual, embeddings x8",
         "gemma2": "sequential residual, sandwich norms, soft-capped scores 1.0 / logits 0.5, embeddings x8",

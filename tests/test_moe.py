@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import normengine as ne
-from conftest import check_decode_equals_prefill, hf_greedy, rel_err, with_config
+from conftest import check_against_transformers, hf_greedy, rel_err, with_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -65,16 +65,7 @@ def test_matches_transformers(saved):
     name, hf, d = saved
     m = ne.load(str(d))
     ids = _ids(2, 150, 6)
-    with torch.no_grad():
-        want = hf(ids).logits
-    got = m.logits(ids)
-    assert rel_err(got, want) <= 1e-4, name
-    from normengine.reference.model import forward
-
-    assert rel_err(forward(m.config, m.tensors, ids[0]), want[0].double()) <= 1e-5
-    check_decode_equals_prefill(m, ids[0], got[0], 120)
-    prompt = ids[1, :40].tolist()
-    assert m.generate(prompt, max_new_tokens=32) == hf_greedy(hf, prompt, 32, eos=1), name
+    got, want = check_against_transformers(m, hf, ids, 120, ids[1, :40].tolist(), eos=1, what=name)
     batch = [ids[0, :17].tolist(), ids[1, :5].tolist(), ids[1, 50:90].tolist()]
     assert m.generate(batch, max_new_tokens=12) == [m.generate(p, max_new_tokens=12) for p in batch]
     cfg = m.config

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import normengine as ne
-from conftest import check_decode_equals_prefill, hf_greedy, rel_err, with_config
+from conftest import check_against_transformers, rel_err, with_config
 from normengine import rope
 
 transformers = pytest.importorskip("transformers")
@@ -99,17 +99,8 @@ def test_long_prompts_match_transformers(long_model):
     name, hf, d = long_model
     m = ne.load(str(d))
     ids = torch.randint(1, VOCAB, (2, 150), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        want = hf(ids).logits
-    got = m.logits(ids)
-    assert rel_err(got, want) <= 1e-4, name
-    from normengine.reference.model import forward
-
-    ref = forward(m.config, m.tensors, ids[0])
-    assert rel_err(ref, want[0].double()) <= 1e-5, name
-    check_decode_equals_prefill(m, ids[0], got[0], 120)  # prefill 120, then 30 decode steps
-    prompt = ids[1, :100].tolist()
-    assert m.generate(prompt, max_new_tokens=32) == hf_greedy(hf, prompt, 32, eos=0), name
+    # (prefill 120, then 30 decode steps)
+    got, want = check_against_transformers(m, hf, ids, 120, ids[1, :100].tolist(), eos=0, what=name)
     # without the variant (or without the q / k norms) the model is another one
     cfg = json.loads((d / "config.json").read_text())
     if "rope_parameters" in cfg and cfg["rope_parameters"].get("rope_type", "default") != "default":
