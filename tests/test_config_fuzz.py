@@ -1,5 +1,5 @@
 """Seeded mutations of the config.json fields the newer architectures read (RoPE variants, sliding
-windows, Gemma's and Qwen3's options): every case must load and generate, or raise a normengine error
+windows, Gemma's and Qwen3's options, the mixtures of experts' fields): every case must load and generate, or raise a normengine error
 naming what is wrong; never a TypeError, an OverflowError or a crash. (tests/test_checkpoint_fuzz.py
 mutates headers, tensors and the shipped model's config in child interpreters.) The cases that found
 bugs are kept as fixed regressions."""
@@ -31,6 +31,11 @@ KINDS = {
                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                               "original_max_position_embeddings": 32})),
     "gpt-neox": ("GPTNeoX", dict(num_key_value_heads=None)),
+    "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=20)),
+    "qwen2-moe": ("Qwen2Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   shared_expert_intermediate_size=32, mlp_only_layers=[1])),
+    "qwen3-moe": ("Qwen3Moe", dict(head_dim=16, num_experts=4, num_experts_per_tok=3, moe_intermediate_size=32,
+                                   norm_topk_prob=True, decoder_sparse_step=2)),
     "qwen2-yarn": ("Qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1,
                                  rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
                                                   "original_max_position_embeddings": 32})),
@@ -43,7 +48,9 @@ KEYS = ["rope_parameters", "rope_scaling", "sliding_window", "use_sliding_window
         "final_logit_softcapping", "attn_logit_softcapping", "sliding_window_pattern",
         "original_max_position_embeddings", "partial_rotary_factor", "attention_bias", "rms_norm_eps", "rope_theta",
         "tie_word_embeddings", "use_bidirectional_attention", "num_hidden_layers", "max_position_embeddings",
-        "rotary_pct", "rotary_emb_base", "use_parallel_residual", "layer_norm_eps"]
+        "rotary_pct", "rotary_emb_base", "use_parallel_residual", "layer_norm_eps", "num_experts", "num_local_experts",
+        "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "norm_topk_prob",
+        "decoder_sparse_step", "mlp_only_layers", "qkv_bias"]
 
 
 @pytest.fixture(scope="module")
