@@ -135,7 +135,7 @@ def cmd_info(args) -> int:
     rep = model.arithmetic_report(args.lmul_bits, args.lmul_scope, args.context) if args.arithmetic == "lmul" else None
     width = max(len(k) for k in info)
     for k, v in info.items():
-        if k == "parameters":
+        if k in ("parameters", "active_parameters"):
             v = f"{v:,} ({v / 1e6:.2f}M)"
         elif k == "weight_bytes":
             v = f"{v:,} ({v / 2**20:.1f} MiB)"
