@@ -27,6 +27,15 @@ struct NormRows {
 
   static int width(int64_t n, int64_t i) { return n - i < N ? static_cast<int>(n - i) : N; }
 
+  // f(i, k) for each vector of a row of n: whole vectors with k the constant N (f inlined, its k == N tests
+  // fold away and the loop body stays one straight path), then the tail, if any, with its width.
+  template <class F>
+  static inline __attribute__((always_inline)) void each_vector(int64_t n, F f) {
+    int64_t i = 0;
+    for (; i + N <= n; i += N) f(i, N);
+    if (i < n) f(i, static_cast<int>(n - i));
+  }
+
   // The row sums add float32 (or float64) vectors over blocks of kBlock elements and each block's total in
   // double: the rounding error then grows with a block (64 terms a lane), not with the row. (Summed end to
   // end in the 8 float lanes of AVX2, a 32771-wide bf16 row's LayerNorm rstd was once 1.07e-5 off float64.)
@@ -146,18 +155,16 @@ struct NormRows {
         thread_local AlignedVec<T> row;
         if (static_cast<int64_t>(row.size()) < n) row.resize(static_cast<size_t>(n));
         T* hb = row.data();
-        for (int64_t i = 0; i < n; i += N) {
-          int k = width(n, i);
+        each_vector(n, [&](int64_t i, int k) {
           R v = V::add(loadn<V>(h + i, k), loadn<V>(res + i, k));
           storen<V>(hb + i, v, k);
           store_y(ho + i, v, k, true);
-        }
+        });
         h = hb;
       } else {
-        for (int64_t i = 0; i < n; i += N) {
-          int k = width(n, i);
+        each_vector(n, [&](int64_t i, int k) {
           storen<V>(ho + i, V::add(loadn<V>(h + i, k), loadn<V>(res + i, k)), k);
-        }
+        });
         h = ho;
       }
     }
@@ -168,20 +175,18 @@ struct NormRows {
       ln_stats(h, n, a.eps, K, delta, rstd);
       mean = K + delta;
       const R Kv = V::set1(K), Dv = V::set1(delta), Sv = V::set1(rstd);
-      for (int64_t i = 0; i < n; i += N) {
-        int k = width(n, i);
+      each_vector(n, [&](int64_t i, int k) {
         R xhat = V::mul(V::sub(V::sub(loadn<V>(h + i, k), Kv), Dv), Sv);
         store_y(y + i, V::fma(xhat, load_w(w, i, k), load_b(b, i, k)), k, nt);
-      }
+      });
     } else {
       double s = 0;
       rstd = a.kind == NormKind::RMSNorm ? rms_rstd(h, n, a.eps) : crms_rstd(h, n, a.eps, s);
       const R Sv = V::set1(rstd);
-      for (int64_t i = 0; i < n; i += N) {
-        int k = width(n, i);
+      each_vector(n, [&](int64_t i, int k) {
         R xhat = V::mul(loadn<V>(h + i, k), Sv);
         store_y(y + i, b ? V::fma(xhat, load_w(w, i, k), load_b(b, i, k)) : V::mul(xhat, load_w(w, i, k)), k, nt);
-      }
+      });
     }
     if (a.mean) static_cast<A*>(a.mean)[r] = mean;
     if (a.rstd) static_cast<A*>(a.rstd)[r] = rstd;
@@ -279,24 +284,22 @@ struct NormRows {
     const A* w = static_cast<const A*>(a.w);
     const RowCoef c0 = backward_coef(a, r);
     if (rows == 1) {
-      for (int64_t i = 0; i < n; i += N) {
-        int k = width(n, i);
+      each_vector(n, [&](int64_t i, int k) {
         R d, xh;
         store_y(c0.dx + i, backward_dx(c0, w, i, k, d, xh), k, nt);
         if (dw) storen<V>(dw + i, V::fma(d, xh, loadn<V>(dw + i, k)), k);
         if (db) storen<V>(db + i, V::add(d, loadn<V>(db + i, k)), k);
-      }
+      });
       return;
     }
     const RowCoef c1 = backward_coef(a, r + 1);
-    for (int64_t i = 0; i < n; i += N) {
-      int k = width(n, i);
+    each_vector(n, [&](int64_t i, int k) {
       R d0, xh0, d1, xh1;
       store_y(c0.dx + i, backward_dx(c0, w, i, k, d0, xh0), k, nt);
       store_y(c1.dx + i, backward_dx(c1, w, i, k, d1, xh1), k, nt);
       if (dw) storen<V>(dw + i, V::fma(d1, xh1, V::fma(d0, xh0, loadn<V>(dw + i, k))), k);
       if (db) storen<V>(db + i, V::add(d1, V::add(d0, loadn<V>(db + i, k))), k);
-    }
+    });
   }
 
   // Rows per task: enough that a thread's share is worth waking it for (~16K elements).
