@@ -12,8 +12,8 @@ given; reused when present):
          vocab 32000, RMSNorm, SwiGLU, RoPE, untied head.
   mixtral MixtralForCausalLM, a mixture-of-experts model of the same attention: 12 layers, d 768, 12 heads,
          4 KV heads, 8 experts of 1024 per layer, 2 per token (a decode step reads the router and 2 of the 8
-         experts of each layer), vocab 32000, untied head. No GGUF here (benchmarks/hf_to_gguf.py writes no
-         experts): the llama engines and the llama.cpp side of the logits check are left out for it.
+         experts of each layer), vocab 32000, untied head. Its GGUF is llama.cpp's `llama` architecture
+         with stacked expert tensors (benchmarks/hf_to_gguf.py).
 eos_token_id is None in every config, so every engine always generates the full --gen tokens.
 GGUF files (f32, f16) come from our converter, benchmarks/hf_to_gguf.py (tied GPT-2 head left out:
 llama.cpp then uses token_embd for the head, the same one buffer normengine uses).
@@ -125,7 +125,7 @@ def proc_jiffies(pid: int) -> int:
 
 
 # ================================================================================== models
-GGUF_ARCHS = ("gpt2", "llama")  # the architectures benchmarks/hf_to_gguf.py converts
+GGUF_ARCHS = ("gpt2", "llama", "mixtral")  # the architectures benchmarks/hf_to_gguf.py converts
 
 
 def make_models(workdir: str, archs) -> dict:

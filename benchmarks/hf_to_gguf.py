@@ -1,4 +1,4 @@
-"""Convert a Hugging Face GPT-2 or Llama checkpoint directory to GGUF (f32, f16, or llama.cpp's q8_0 / q4_0 blocks), for llama.cpp.
+"""Convert a Hugging Face GPT-2, Llama or Mixtral checkpoint directory to GGUF (f32, f16, or llama.cpp's q8_0 / q4_0 blocks), for llama.cpp.
 
     python benchmarks/hf_to_gguf.py CHECKPOINT_DIR OUT.gguf [--outtype f32|f16|q8_0|q4_0] [--no-output]
 
@@ -21,6 +21,13 @@ with llama-cpp-python's benchmarks set-up). It produces the tensor names and lay
     (absent when tied: llama.cpp then uses token_embd). q and k are permuted from Hugging Face's
     rotate-half RoPE layout (first half of each head = real parts) to llama.cpp's interleaved pairs,
     per head: rows [h, 2, D/2] -> [h, D/2, 2].
+  Mixtral (MixtralForCausalLM): llama.cpp's `llama` architecture with llama.expert_count /
+    expert_used_count; attention as Llama; block_sparse_moe.gate -> blk.N.ffn_gate_inp (the router,
+    kept float32 in every outtype, as our runner keeps it), and the experts stacked into one 3-D tensor
+    each: w1 -> ffn_gate_exps [E, f, d], w3 -> ffn_up_exps [E, f, d], w2 -> ffn_down_exps [E, d, f]
+    (numpy shapes; ggml ne reversed). transformers' in-memory stacked layout (mlp.experts.gate_up_proj
+    [E, 2f, d], gate rows first, and mlp.experts.down_proj [E, d, f]) is read too. llama.cpp's Mixtral
+    routing (softmax over all experts, top-k, weights renormalized over the k) is Mixtral's.
 
 Norm gains and all biases (1-D tensors) stay float32 in f16 files, as llama.cpp's converter does.
 
@@ -84,14 +91,14 @@ def quant_type(outtype: str):
     return {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[outtype]
 
 
-def to_np(t, outtype: str, is_1d: bool) -> np.ndarray:
+def to_np(t, outtype: str, keep_f32: bool) -> np.ndarray:
     import torch
 
     t = t.detach().to(torch.float32).contiguous()
     a = t.numpy()
-    if outtype == "f16" and not is_1d:
+    if outtype == "f16" and not keep_f32:
         a = a.astype(np.float16)
-    elif outtype in ("q8_0", "q4_0") and not is_1d and a.ndim == 2 and a.shape[1] % 32 == 0:
+    elif outtype in ("q8_0", "q4_0") and not keep_f32 and a.ndim in (2, 3) and a.shape[-1] % 32 == 0:
         # llama.cpp's own block formats, packed by gguf-py's reference quantizer
         import gguf
 
@@ -153,6 +160,9 @@ def llama_tensors(cfg: dict, raw: dict, write_output: bool):
                     b = permute_rope(b, n_kv)
                 yield f"blk.{i}.{gg}.bias", b
         yield f"blk.{i}.ffn_norm.weight", t[p + "post_attention_layernorm.weight"]
+        if cfg.get("num_local_experts"):
+            yield from mixtral_experts(cfg, t, i)
+            continue
         yield f"blk.{i}.ffn_gate.weight", t[p + "mlp.gate_proj.weight"]
         yield f"blk.{i}.ffn_up.weight", t[p + "mlp.up_proj.weight"]
         yield f"blk.{i}.ffn_down.weight", t[p + "mlp.down_proj.weight"]
@@ -163,6 +173,26 @@ def llama_tensors(cfg: dict, raw: dict, write_output: bool):
         yield "output.weight", head
     elif write_output:  # tied: llama.cpp falls back to token_embd without it
         yield "output.weight", t["embed_tokens.weight"]
+
+
+def mixtral_experts(cfg: dict, t: dict, i: int):
+    """Layer i's router and its experts stacked [E, ...] (per-expert w1 / w3 / w2, or the stacked layout)."""
+    import torch
+
+    E = cfg["num_local_experts"]
+    p = f"layers.{i}."
+    if p + "block_sparse_moe.gate.weight" in t:
+        yield f"blk.{i}.ffn_gate_inp.weight", t[p + "block_sparse_moe.gate.weight"]
+        x = p + "block_sparse_moe.experts.{}.{}.weight"
+        yield f"blk.{i}.ffn_gate_exps.weight", torch.stack([t[x.format(e, "w1")] for e in range(E)])
+        yield f"blk.{i}.ffn_up_exps.weight", torch.stack([t[x.format(e, "w3")] for e in range(E)])
+        yield f"blk.{i}.ffn_down_exps.weight", torch.stack([t[x.format(e, "w2")] for e in range(E)])
+    else:
+        yield f"blk.{i}.ffn_gate_inp.weight", t[p + "mlp.gate.weight"]
+        gate, up = t[p + "mlp.experts.gate_up_proj"].chunk(2, dim=1)
+        yield f"blk.{i}.ffn_gate_exps.weight", gate
+        yield f"blk.{i}.ffn_up_exps.weight", up
+        yield f"blk.{i}.ffn_down_exps.weight", t[p + "mlp.experts.down_proj"]
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
@@ -237,7 +267,7 @@ def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True
             print(f"warning: activation {act!r}; llama.cpp's gpt2 uses gelu (tanh form)", file=sys.stderr)
         vocab = cfg["vocab_size"]
         tensors = gpt2_tensors(cfg, raw, write_output)
-    elif mt == "llama":
+    elif mt in ("llama", "mixtral"):
         arch = "llama"
         w = gguf.GGUFWriter(out, arch)
         d, n_head = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -247,6 +277,9 @@ def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True
         w.add_context_length(cfg["max_position_embeddings"])
         w.add_embedding_length(d)
         w.add_feed_forward_length(cfg["intermediate_size"])
+        if mt == "mixtral":
+            w.add_expert_count(cfg["num_local_experts"])
+            w.add_expert_used_count(cfg["num_experts_per_tok"])
         w.add_block_count(cfg["num_hidden_layers"])
         w.add_head_count(n_head)
         w.add_head_count_kv(n_kv)
@@ -261,18 +294,21 @@ def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True
         scaling = cfg.get("rope_scaling") or {}
         if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
             print(f"warning: rope_scaling {scaling} not converted", file=sys.stderr)
+        if cfg.get("sliding_window") and cfg["sliding_window"] < cfg["max_position_embeddings"]:
+            print(f"warning: sliding_window {cfg['sliding_window']} not converted (llama.cpp's llama attends to all)",
+                  file=sys.stderr)
         vocab = cfg["vocab_size"]
         w.add_vocab_size(vocab)
         tensors = llama_tensors(cfg, raw, write_output)
     else:
-        raise SystemExit(f"{path}: model_type {mt!r} not supported (gpt2, llama)")
+        raise SystemExit(f"{path}: model_type {mt!r} not supported (gpt2, llama, mixtral)")
 
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[outtype])
     tok = write_tokenizer(w, path, vocab, arch, cfg.get("bos_token_id"), cfg.get("eos_token_id"))
     n_bytes = n = 0
     for name, t in tensors:
-        a = to_np(t, outtype, t.dim() == 1)
+        a = to_np(t, outtype, t.dim() == 1 or name.endswith("ffn_gate_inp.weight"))
         if a.dtype == np.uint8:  # quantized blocks: tell the writer their type (shape: from the bytes)
             w.add_tensor(name, a, raw_dtype=quant_type(outtype))
         else:
