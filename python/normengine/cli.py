@@ -128,6 +128,60 @@ def cmd_generate(args) -> int:
 
 
 @_reports_errors
+def cmd_chat(args) -> int:
+    """A conversation on standard input: each line is the user's next turn, the reply streams to standard
+    output. The checkpoint's chat template renders the conversation (--template overrides it), and each
+    turn prefills only what is new (the KV cache keeps the conversation so far). Commands: /reset
+    starts over (keeping --system), /exit or end of input quits."""
+    from normengine.errors import NormEngineError, UnsupportedError
+
+    model = _load(args)
+    if model.tokenizer is None:
+        raise UnsupportedError("chat: this checkpoint has no tokenizer.json")
+    if args.template is not None:
+        model.chat_template = args.template
+    if model.chat_template is None:
+        raise UnsupportedError("chat: this checkpoint declares no chat template; pass --template chatml, "
+                               "a .jinja file or a template string")
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    prompt = sys.stdin.isatty()
+    turn = 0
+    while True:
+        if prompt:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = list(start)
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for piece in model.chat(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed + turn, stream=True):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                reply.append(piece)
+        except NormEngineError as e:  # e.g. the conversation outgrew the context: say so, keep going
+            messages.pop()
+            print(f"normengine: error: {e}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        turn += 1
+    return 0
+
+
+@_reports_errors
 def cmd_info(args) -> int:
     """Describe a checkpoint: architecture, sizes, parameter count, dtype."""
     model = _load(args)
@@ -252,6 +306,21 @@ def main(argv=None) -> int:
     g.add_argument("--dtype", choices=list(_DTYPES), default=None, help="weights dtype (default: as stored)")
     _model_options(g)
     g.set_defaults(fn=cmd_generate)
+    ch = sub.add_parser("chat", help="a conversation on standard input through the checkpoint's chat template")
+    ch.add_argument("path", nargs="?", default=None,
+                    help="checkpoint directory or file (default: the small model shipped in the package)")
+    ch.add_argument("--system", default=None, help="a system message that starts the conversation")
+    ch.add_argument("--template", default=None,
+                    help="chat template: 'chatml', a .jinja file or a template string (default: the checkpoint's)")
+    ch.add_argument("--max-new-tokens", type=_int_at_least(1), default=256, help="per reply (default 256)")
+    ch.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
+    ch.add_argument("--top-k", type=int, default=40)
+    ch.add_argument("--top-p", type=float, default=0.95)
+    ch.add_argument("--seed", type=int, default=0, help="sampling seed of the first reply (then +1 per turn)")
+    ch.add_argument("--device", default="cpu")
+    ch.add_argument("--dtype", choices=list(_DTYPES), default=None, help="weights dtype (default: as stored)")
+    _model_options(ch)
+    ch.set_defaults(fn=cmd_chat)
     i = sub.add_parser("info", help="architecture, sizes, parameter count and dtype of a checkpoint")
     i.add_argument("path", nargs="?", default=None)
     i.add_argument("--device", default="cpu")

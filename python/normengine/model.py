@@ -298,6 +298,7 @@ class Model:
         # single-sequence generate whose prompt starts with some of those tokens keeps them and prefills
         # only the rest (as llama.cpp's cached prompt), while no other call has used the runner since.
         self._prefix = None
+        self._chat_template = False  # not read yet (the chat_template property reads it from self.path)
 
     # ------------------------------------------------------------------ torch views of the state
     @property
@@ -617,6 +618,12 @@ class Model:
         prompts = list(prompt) if batched else [prompt]
         text = [isinstance(p, str) for p in prompts]
         ids = [self._encode(p) if t else self._check_ids(p) for p, t in zip(prompts, text)]
+        return self._generate_ids(ids, text, batched, max_new_tokens, temperature, top_k, top_p, seed, stop, stream,
+                                  cache_prompt)
+
+    def _generate_ids(self, ids, text, batched, max_new_tokens, temperature, top_k, top_p, seed, stop, stream,
+                      cache_prompt):
+        """generate() on prompts already tokenized (text[i]: yield / return sequence i as text)."""
         for i, s in enumerate(ids):
             if len(s) == 0:
                 raise ShapeError(f"prompt[{i}]: empty prompt (at least one token is needed)" if batched
@@ -642,6 +649,63 @@ class Model:
             results[i].append(tok)
         outs = [self._finish(r, t, stop_strs) for r, t in zip(results, text)]
         return outs if batched else outs[0]
+
+    # ------------------------------------------------------------------ chat
+    @property
+    def chat_template(self):
+        """The checkpoint's chat template (normengine.chat.ChatTemplate; None where it declares none),
+        read on first use; assign a ChatTemplate, a built-in name ("chatml"), a .jinja path or a template
+        string to replace it."""
+        if self._chat_template is False:
+            from . import chat
+
+            self._chat_template = chat.load_template(self.path) if self.path else None
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, template):
+        from . import chat
+
+        self._chat_template = None if template is None else chat.resolve(template, None)
+
+    def _template(self, chat_template):
+        from . import chat
+
+        t = self.chat_template if chat_template is None else chat.resolve(chat_template, None)
+        if t is None:
+            raise UnsupportedError("this checkpoint declares no chat template (no chat_template.jinja, "
+                                   "chat_template.json or tokenizer_config.json 'chat_template'): pass "
+                                   "chat_template='chatml', a .jinja file or a template string")
+        return t
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, chat_template=None,
+                            **variables) -> str:
+        """The prompt text of a conversation (as transformers' tokenizer.apply_chat_template(...,
+        tokenize=False)); normengine.chat documents where the template comes from and how it renders."""
+        return self._template(chat_template).render(messages, add_generation_prompt, **variables)
+
+    def chat(self, messages, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, stop=None, stream: bool = False,
+             cache_prompt: bool = True, chat_template=None, **variables):
+        """The assistant's reply to a conversation: `messages` rendered by the chat template, tokenized
+        without added special tokens (the template writes them), then generate(). Stops at the model's
+        eos ids, at the template's end-of-turn token (its eos_token), and at `stop`. Returns the reply
+        text, or with stream=True an iterator of its pieces. cache_prompt=True (the default here): a
+        conversation that goes on from the previous call's prompt and reply prefills only its new turn
+        (see generate). Needs the checkpoint's tokenizer.json."""
+        if self.tokenizer is None:
+            raise UnsupportedError("chat: needs a tokenizer.json beside the checkpoint")
+        t = self._template(chat_template)
+        text = t.render(messages, True, **variables)
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        stops = [] if stop is None else list(stop) if isinstance(stop, (list, tuple, set)) else [stop]
+        if t.end_of_turn:
+            tid = self.tokenizer.token_to_id(t.end_of_turn)
+            stops.append(tid if tid is not None else t.end_of_turn)
+        if not isinstance(stream, bool):
+            raise ArgumentError(f"stream: expected True or False, got {stream!r}")
+        return self._generate_ids([ids], [True], False, max_new_tokens, temperature, top_k, top_p, seed, stops,
+                                  stream, cache_prompt)
 
     def _finish(self, new, is_text, stop_strs):
         if not is_text:
@@ -905,6 +969,10 @@ class Model:
         save_checkpoint(path, self.config, tensors)
         if self.tokenizer is not None:
             self.tokenizer.save(os.path.join(path, "tokenizer.json"))
+        if self.chat_template is not None:
+            from .chat import save_template
+
+            save_template(self.chat_template, path)
 
     def __repr__(self):
         i = self.info()
