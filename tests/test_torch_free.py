@@ -210,6 +210,15 @@ def test_text_prompts_and_cli_without_torch(tmp_path):
     assert r.stdout.strip() == "The function returns" + ref.generate("The function returns", max_new_tokens=8)
     imported = {ln.split("|")[-1].strip().split(".")[0] for ln in r.stderr.splitlines() if ln.startswith("import time:")}
     assert "normengine" in imported and "torch" not in imported
+    # `normengine chat` too (the template renders with jinja2 alone)
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "normengine", "chat", str(out), "--template",
+                        "chatml", "--temperature", "0", "--max-new-tokens", "6"], input="The function returns\n",
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    msgs = [{"role": "user", "content": "The function returns"}]
+    assert r.stdout == ref.chat(msgs, max_new_tokens=6, chat_template="chatml") + "\n"
+    imported = {ln.split("|")[-1].strip().split(".")[0] for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+    assert "jinja2" in imported and "torch" not in imported
 
 
 def test_import_and_ops_on_demand():
