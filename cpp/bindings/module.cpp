@@ -236,6 +236,22 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("stream") = 0,
       py::arg("bf16_products") = false);
+  // ---------------------------------------------------------------- cross-entropy
+  m.def(
+      "cross_entropy",
+      [](py::handle logits, py::handle target, int64_t ignore_index, double label_smoothing, py::handle loss,
+         py::handle lse, py::handle grad, py::handle row_scale, double scale, std::uintptr_t stream) {
+        Borrowed b;
+        TensorView vz = view_of(logits, "logits", b), vt = view_of(target, "target", b),
+                   vl = view_of(loss, "loss", b);
+        Opt ve = opt_view(lse, "lse", b), vg = opt_view(grad, "grad", b), vs = opt_view(row_scale, "row_scale", b);
+        py::gil_scoped_release nogil;
+        ne::cross_entropy(vz, vt, ignore_index, label_smoothing, vl, ve.ptr(), vg.ptr(), vs.ptr(), scale,
+                          ctx_of(stream));
+      },
+      py::arg("logits"), py::arg("target"), py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("loss"),
+      py::arg("lse"), py::arg("grad"), py::arg("row_scale"), py::arg("scale"), py::arg("stream") = 0);
+
   m.def("amx_bf16_available", &ne::amx_bf16_available,
         "Whether gemm_f32's bf16_products path (AMX-BF16 tiles) can run here, within the active ISA");
 

@@ -88,4 +88,16 @@ void norm_linear(NormKind kind, const TensorView& x, const TensorView& w, const 
                  const TensorView* col_sum, const TensorView& y, const TensorView* mean, const TensorView& rstd,
                  const Ctx& ctx = {}, bool bf16_products = false);
 
+// ---------------------------------------------------------------- cross-entropy
+// Per row r of logits z [rows, V] (float32 or float64) with target t = target[r] (int64 [rows]) and label
+// smoothing s (cpp/ops/cross_entropy.cpp):
+//   loss[r] = logsumexp(z) - (1 - s) z_t - (s / V) sum_j z_j
+//   grad[r, j] = scale * row_scale[r] * (softmax(z)_j - s / V - (1 - s) [j == t])     (grad may be logits)
+// A row whose target is ignore_index: loss 0, gradient row 0; another target outside [0, V): ValueError
+// naming it (CPU; the CUDA kernel writes NaN there, the Python op checks first). loss, lse, row_scale:
+// [rows] in z's dtype; lse (log-sum-exp per row), grad and row_scale optional.
+void cross_entropy(const TensorView& logits, const TensorView& target, int64_t ignore_index, double label_smoothing,
+                   const TensorView& loss, const TensorView* lse, const TensorView* grad,
+                   const TensorView* row_scale, double scale, const Ctx& ctx = {});
+
 }  // namespace ne

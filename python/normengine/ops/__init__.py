@@ -2,6 +2,7 @@
 CUDA tensors alike (the input's device picks the kernel)."""
 
 from .channel import channel_affine, channel_dot, channel_lincomb, channel_sumsq
+from .cross_entropy import CrossEntropyFunction, LinearCrossEntropyFunction, cross_entropy, linear_cross_entropy
 from .linear import linear
 from .lmul import lmul, lmul_attention, lmul_matmul, multiply_energy
 from .norm_linear import NormLinearFunction, norm_linear
@@ -30,6 +31,10 @@ __all__ = [
     "channel_affine",
     "channel_lincomb",
     "linear",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "CrossEntropyFunction",
+    "LinearCrossEntropyFunction",
     "norm_linear",
     "NormLinearFunction",
     "linear_attention",

@@ -2,6 +2,7 @@
 kernels, CUDA kernels and autograd Functions are all tested against these."""
 
 from . import lmul  # L-Mul references as a submodule: lmul.lmul, lmul.lmul_matmul, lmul.lmul_attention
+from .cross_entropy import cross_entropy, linear_cross_entropy
 from .linear import linear
 from .norm import (
     add_layer_norm,
@@ -22,4 +23,6 @@ __all__ = [
     "unified_norm_eval",
     "linear",
     "norm_linear",
+    "cross_entropy",
+    "linear_cross_entropy",
 ]
