@@ -5,7 +5,9 @@ save it as a normengine checkpoint, and generate from it through the native runn
 The model is written in the engine's canonical layout (normengine.config), so its state_dict *is* a
 checkpoint: RMSNorm, RoPE, SwiGLU MLP, untied head, and attention computed by
 normengine.ops.linear_attention / mala_attention / norm_attention (chunked forward and backward
-kernels). The runner then keeps one fixed-size state per layer instead of a KV cache.
+kernels), trained through normengine.ops.linear_cross_entropy (the head and the loss fused: the
+[tokens, vocab] logits are never held whole). The runner then keeps one fixed-size state per layer
+instead of a KV cache.
 
 Data: the text shipped in the package (python/normengine/data/corpus.txt, Python stdlib docstrings),
 tokenized with the default model's tokenizer (byte-level BPE, vocab 1024).
@@ -116,11 +118,19 @@ class TinyLM(nn.Module):
             if p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
 
-    def forward(self, ids):
+    def hidden(self, ids):
         x = self.tok_emb(ids)
         for b in self.blocks:
             x = b(x)
-        return self.lm_head(self.final_norm(x))
+        return self.final_norm(x)
+
+    def forward(self, ids):
+        return self.lm_head(self.hidden(ids))
+
+    def loss(self, ids, targets):
+        """Mean next-token loss, the head and the loss fused (ne.ops.linear_cross_entropy: the [tokens,
+        vocab] logits are never held whole)."""
+        return ne.ops.linear_cross_entropy(self.hidden(ids), self.lm_head.weight, targets)
 
 
 def config_of(args, vocab) -> ModelConfig:
@@ -156,7 +166,7 @@ def train(model, data, steps, seq, batch, lr, seed, log_every=25, time_budget=0.
         starts = torch.randint(0, data.numel() - seq - 1, (batch,), generator=g)
         x = torch.stack([data[s:s + seq] for s in starts])
         y = torch.stack([data[s + 1:s + seq + 1] for s in starts])
-        loss = F.cross_entropy(model(x).reshape(-1, model.lm_head.out_features), y.reshape(-1))
+        loss = model.loss(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
