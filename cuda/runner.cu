@@ -41,6 +41,7 @@
 #include <string>
 #include <vector>
 
+#include "activation.cuh"
 #include "common.cuh"
 #include "normengine/model.h"
 #include "model/weights.h"
@@ -335,18 +336,6 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(const AttnPa
 // out = act(a) (* b), elementwise over n contiguous floats (out may be b or a):
 //   gelu_tanh(x) = x / 2 (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
 //   gelu(x) = x / 2 (1 + erf(x / sqrt 2)),  silu(x) = x sigmoid(x),  relu(x) = max(x, 0) (NaN kept)
-__device__ __forceinline__ float act_fn(int kind, float x) {
-  switch (kind) {
-    case 0: {
-      const float u = 0.7978845608028654f * fmaf(0.044715f * x, x * x, x);
-      return x / (1.f + expf(-2.f * u));
-    }
-    case 1: return 0.5f * x * (1.f + erff(x * 0.7071067811865476f));
-    case 2: return x / (1.f + expf(-x));
-    default: return x > 0.f ? x : (x != x ? x : 0.f);
-  }
-}
-
 __global__ void activation_kernel(int kind, int64_t n, const float* a, const float* b, float* out) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {

@@ -236,6 +236,30 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("out"), py::arg("stream") = 0,
       py::arg("bf16_products") = false);
+  // ---------------------------------------------------------------- gated activations
+  m.def(
+      "gated_activation",
+      [](int act, py::handle a, py::handle bb, py::handle y, std::uintptr_t stream) {
+        Borrowed b;
+        TensorView va = view_of(a, "gate", b), vy = view_of(y, "out", b);
+        Opt vb = opt_view(bb, "up", b);
+        py::gil_scoped_release nogil;
+        ne::gated_activation(static_cast<ne::Activation>(act), va, vb.ptr(), vy, ctx_of(stream));
+      },
+      py::arg("act"), py::arg("gate"), py::arg("up"), py::arg("out"), py::arg("stream") = 0);
+  m.def(
+      "gated_activation_backward",
+      [](int act, py::handle dy, py::handle a, py::handle bb, py::handle da, py::handle db, std::uintptr_t stream) {
+        Borrowed b;
+        TensorView vdy = view_of(dy, "grad_output", b), va = view_of(a, "gate", b), vda = view_of(da, "grad_gate", b);
+        Opt vb = opt_view(bb, "up", b), vdb = opt_view(db, "grad_up", b);
+        py::gil_scoped_release nogil;
+        ne::gated_activation_backward(static_cast<ne::Activation>(act), vdy, va, vb.ptr(), vda, vdb.ptr(),
+                                      ctx_of(stream));
+      },
+      py::arg("act"), py::arg("grad_output"), py::arg("gate"), py::arg("up"), py::arg("grad_gate"),
+      py::arg("grad_up"), py::arg("stream") = 0);
+
   // ---------------------------------------------------------------- cross-entropy
   m.def(
       "cross_entropy",

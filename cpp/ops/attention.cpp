@@ -23,6 +23,7 @@
 #include "core/parallel.h"
 #include "core/simd.h"
 #include "normengine/ops.h"
+#include "ops/activation_math.h"
 #include "ops/attention.h"
 
 namespace ne {
@@ -462,39 +463,8 @@ void rope(const RopeArgs& a) {
   });
 }
 
-// Activations, lane-wise:
-//   gelu_tanh(x) = x / 2 * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) = x * sigmoid(2u), u the tanh argument
-//   silu(x) = x * sigmoid(x),  sigmoid(x) = 1 / (1 + exp(-x))
-//   gelu(x) = x / 2 * (1 + erf(x / sqrt 2))   (scalar erf: used by few checkpoints)
-inline R sigmoid(R x) {
-  R e = vexp(VF::sub(VF::zero(), x));
-  alignas(64) float t[N];
-  VF::store(t, VF::add(VF::set1(1.f), e));
-  for (int i = 0; i < N; ++i) t[i] = 1.f / t[i];
-  return VF::load(static_cast<const float*>(t));
-}
-
-inline R act(Act kind, R x) {
-  switch (kind) {
-    case Act::GeluTanh: {
-      R u = VF::mul(VF::set1(0.7978845608028654f), VF::fma(VF::mul(VF::set1(0.044715f), x), VF::mul(x, x), x));
-      return VF::mul(x, sigmoid(VF::add(u, u)));
-    }
-    case Act::Silu: return VF::mul(x, sigmoid(x));
-    case Act::Relu: {
-      alignas(64) float t[N];
-      VF::store(t, x);
-      for (int i = 0; i < N; ++i) t[i] = t[i] > 0.f ? t[i] : (t[i] != t[i] ? t[i] : 0.f);
-      return VF::load(static_cast<const float*>(t));
-    }
-    case Act::Gelu: default: {
-      alignas(64) float t[N];
-      VF::store(t, x);
-      for (int i = 0; i < N; ++i) t[i] = 0.5f * t[i] * (1.f + __builtin_erff(t[i] * 0.7071067811865476f));
-      return VF::load(static_cast<const float*>(t));
-    }
-  }
-}
+// Activations: ops/activation_math.h
+using actmath::act;
 
 void activation(const ActArgs& a) {
   parallel_for(a.rows, a.n >= 4096 ? 1 : 4096 / (a.n > 0 ? a.n : 1), [&](int64_t r0, int64_t r1, int) {

@@ -88,6 +88,16 @@ void norm_linear(NormKind kind, const TensorView& x, const TensorView& w, const 
                  const TensorView* col_sum, const TensorView& y, const TensorView* mean, const TensorView& rstd,
                  const Ctx& ctx = {}, bool bf16_products = false);
 
+// ---------------------------------------------------------------- gated activations (an MLP's)
+enum class Activation : int { GeluTanh = 0, Gelu = 1, Silu = 2, Relu = 3 };
+// y = act(a) * b, or act(a) without b (cpp/ops/gated.cpp). a, b, y: one float dtype and shape, rows readable
+// with one stride; math in float32 (float64 for float64).
+void gated_activation(Activation act, const TensorView& a, const TensorView* b, const TensorView& y,
+                      const Ctx& ctx = {});
+// da = dy * b * act'(a) (dy * act'(a) without b), db = dy * act(a) (db may be null). act(a) recomputed.
+void gated_activation_backward(Activation act, const TensorView& dy, const TensorView& a, const TensorView* b,
+                               const TensorView& da, const TensorView* db, const Ctx& ctx = {});
+
 // ---------------------------------------------------------------- cross-entropy
 // Per row r of logits z [rows, V] (float32 or float64) with target t = target[r] (int64 [rows]) and label
 // smoothing s (cpp/ops/cross_entropy.cpp):

@@ -1,6 +1,7 @@
 """normengine.ops: functional ops over the native kernels, differentiable where noted, on CPU and
 CUDA tensors alike (the input's device picks the kernel)."""
 
+from .activation import GatedActivationFunction, gated_activation, geglu, swiglu
 from .channel import channel_affine, channel_dot, channel_lincomb, channel_sumsq
 from .cross_entropy import CrossEntropyFunction, LinearCrossEntropyFunction, cross_entropy, linear_cross_entropy
 from .linear import linear
@@ -31,6 +32,10 @@ __all__ = [
     "channel_affine",
     "channel_lincomb",
     "linear",
+    "swiglu",
+    "geglu",
+    "gated_activation",
+    "GatedActivationFunction",
     "cross_entropy",
     "linear_cross_entropy",
     "CrossEntropyFunction",

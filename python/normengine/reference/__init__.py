@@ -2,6 +2,7 @@
 kernels, CUDA kernels and autograd Functions are all tested against these."""
 
 from . import lmul  # L-Mul references as a submodule: lmul.lmul, lmul.lmul_matmul, lmul.lmul_attention
+from .activation import gated_activation
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .linear import linear
 from .norm import (
@@ -25,4 +26,5 @@ __all__ = [
     "norm_linear",
     "cross_entropy",
     "linear_cross_entropy",
+    "gated_activation",
 ]
