@@ -89,4 +89,16 @@ void check_contiguous(const TensorView& t) {
   if (!t.is_contiguous()) throw ShapeError(std::string(t.name) + ": expected a contiguous tensor");
 }
 
+RowMatrix rows_like(const TensorView& t, const TensorView& x) {
+  check_same_device(x, t);
+  check_same_dtype(x, t);
+  check_same_shape(x, t);
+  return as_rows(t);
+}
+
+void throw_no_cuda(const TensorView& x) {
+  throw DeviceError(std::string(x.name) + " is on " + x.device.str() +
+                    ", but this build of normengine has no CUDA kernels (it was built without nvcc)");
+}
+
 }  // namespace ne

@@ -184,12 +184,7 @@ void cross_entropy(const TensorView& logits, const TensorView& target, int64_t i
   row_vec(loss);
   if (lse) row_vec(*lse);
   if (row_scale) row_vec(*row_scale);
-  if (grad) {
-    check_same_device(logits, *grad);
-    check_same_dtype(logits, *grad);
-    check_same_shape(logits, *grad);
-    a.grad = as_rows(*grad);
-  }
+  if (grad) a.grad = rows_like(*grad, logits);
   if (!(label_smoothing >= 0.0 && label_smoothing <= 1.0))
     throw ValueError("label_smoothing: expected a number in [0, 1], got " + std::to_string(label_smoothing));
   a.target = static_cast<const int64_t*>(target.data);
@@ -203,8 +198,7 @@ void cross_entropy(const TensorView& logits, const TensorView& target, int64_t i
 #if defined(NE_WITH_CUDA)
     return cuda::cross_entropy(a, ctx.cuda_stream);
 #else
-    throw DeviceError(std::string(logits.name) + " is on " + logits.device.str() +
-                      ", but this build of normengine has no CUDA kernels (it was built without nvcc)");
+    throw_no_cuda(logits);
 #endif
   }
   (void)ctx;

@@ -125,17 +125,6 @@ void check_act(Activation act) {
   if (k < 0 || k > 3)
     throw ValueError("activation: expected 0 (gelu_tanh), 1 (gelu), 2 (silu) or 3 (relu), got " + std::to_string(k));
 }
-// t: a's dtype, shape and device
-RowMatrix like(const TensorView& t, const TensorView& a) {
-  check_same_device(a, t);
-  check_same_dtype(a, t);
-  check_same_shape(a, t);
-  return as_rows(t);
-}
-[[noreturn, maybe_unused]] void no_cuda(const TensorView& x) {
-  throw DeviceError(std::string(x.name) + " is on " + x.device.str() +
-                    ", but this build of normengine has no CUDA kernels (it was built without nvcc)");
-}
 const GatedTable& table() { return *NE_PICK_ISA(gated_table); }
 
 }  // namespace
@@ -147,13 +136,13 @@ void gated_activation(Activation act, const TensorView& a, const TensorView* b, 
   GatedArgs g{};
   g.act = static_cast<int>(act);
   g.a = as_rows(a);
-  if (b) g.b = like(*b, a);
-  g.y = like(y, a);
+  if (b) g.b = rows_like(*b, a);
+  g.y = rows_like(y, a);
   if (a.device.type == DeviceType::CUDA) {
 #if defined(NE_WITH_CUDA)
     return cuda::gated_forward(g, ctx.cuda_stream);
 #else
-    no_cuda(a);
+    throw_no_cuda(a);
 #endif
   }
   (void)ctx;
@@ -167,18 +156,18 @@ void gated_activation_backward(Activation act, const TensorView& dy, const Tenso
   GatedArgs g{};
   g.act = static_cast<int>(act);
   g.a = as_rows(a);
-  g.dy = like(dy, a);
-  g.da = like(da, a);
-  if (b) g.b = like(*b, a);
+  g.dy = rows_like(dy, a);
+  g.da = rows_like(da, a);
+  if (b) g.b = rows_like(*b, a);
   if (db) {
     if (!b) throw ShapeError(std::string(db->name) + ": a gradient for b without b");
-    g.db = like(*db, a);
+    g.db = rows_like(*db, a);
   }
   if (a.device.type == DeviceType::CUDA) {
 #if defined(NE_WITH_CUDA)
     return cuda::gated_backward(g, ctx.cuda_stream);
 #else
-    no_cuda(a);
+    throw_no_cuda(a);
 #endif
   }
   (void)ctx;

@@ -502,13 +502,6 @@ void check_row_vec(const TensorView* v, const TensorView& x, int64_t rows) {
     throw ShapeError(std::string(v->name) + ": expected " + std::to_string(rows) +
                      " contiguous elements (one per row of " + x.name + "), got shape " + shape_str(*v));
 }
-// Another tensor of x's shape, dtype and device.
-RowMatrix like_x(const TensorView& t, const TensorView& x) {
-  check_same_device(x, t);
-  check_same_dtype(x, t);
-  check_same_shape(x, t);
-  return as_rows(t);
-}
 void check_eps(double eps) {
   if (!(eps >= 0.0)) throw ValueError("eps: expected a non-negative number, got " + std::to_string(eps));
 }
@@ -523,10 +516,6 @@ void* cpu_scratch(int64_t n, DType t, int threads) {
 }
 // Picked per call (each getter returns a static table), so force_cpu_isa() takes effect at once.
 const NormTable& cpu_norm() { return *NE_PICK_ISA(norm_table); }
-[[noreturn, maybe_unused]] void no_cuda(const TensorView& x) {
-  throw DeviceError(std::string(x.name) + " is on " + x.device.str() +
-                    ", but this build of normengine has no CUDA kernels (it was built without nvcc)");
-}
 bool on_cuda(const TensorView& x) { return x.device.type == DeviceType::CUDA; }
 
 }  // namespace
@@ -542,11 +531,11 @@ void norm_forward(NormKind kind, const TensorView& x, const TensorView* residual
   const int64_t n = a.x.cols;
   if (x.ndim == 0 || n < 1) throw ShapeError(std::string(x.name) + ": expected at least one feature in the last dimension, got shape " + shape_str(x));
   if (kind == NormKind::CRMSNorm && bias) throw ValueError("bias: crms_norm takes no bias");
-  a.y = like_x(y, x);
+  a.y = rows_like(y, x);
   if (residual) {
     if (!residual_out) throw ValueError("residual_out: required with residual");
-    a.res = like_x(*residual, x);
-    a.res_out = like_x(*residual_out, x);
+    a.res = rows_like(*residual, x);
+    a.res_out = rows_like(*residual_out, x);
   }
   check_channel_vec(weight, x, n);
   check_channel_vec(bias, x, n);
@@ -562,7 +551,7 @@ void norm_forward(NormKind kind, const TensorView& x, const TensorView* residual
 #if defined(NE_WITH_CUDA)
     return cuda::norm_forward(a, ctx.cuda_stream);
 #else
-    no_cuda(x);
+    throw_no_cuda(x);
 #endif
   }
   (void)ctx;
@@ -588,7 +577,7 @@ void norm_stats(NormKind kind, const TensorView& x, double eps, const TensorView
 #if defined(NE_WITH_CUDA)
     return cuda::norm_stats(a, ctx.cuda_stream);
 #else
-    no_cuda(x);
+    throw_no_cuda(x);
 #endif
   }
   (void)ctx;
@@ -604,9 +593,9 @@ void norm_backward(NormKind kind, const TensorView& dy, const TensorView& h, con
   a.h = as_rows(h);
   const int64_t n = a.h.cols;
   if (h.ndim == 0 || n < 1) throw ShapeError(std::string(h.name) + ": expected at least one feature in the last dimension, got shape " + shape_str(h));
-  a.dy = like_x(dy, h);
-  a.dx = like_x(dx, h);
-  if (dresidual) a.dres = like_x(*dresidual, h);
+  a.dy = rows_like(dy, h);
+  a.dx = rows_like(dx, h);
+  if (dresidual) a.dres = rows_like(*dresidual, h);
   check_channel_vec(weight, h, n);
   check_row_vec(&rstd, h, a.h.rows);
   check_channel_vec(dweight, h, n);
@@ -620,7 +609,7 @@ void norm_backward(NormKind kind, const TensorView& dy, const TensorView& h, con
 #if defined(NE_WITH_CUDA)
     return cuda::norm_backward(a, ctx.cuda_stream);
 #else
-    no_cuda(h);
+    throw_no_cuda(h);
 #endif
   }
   (void)ctx;
@@ -635,7 +624,7 @@ void channel_moments(const TensorView& x, const TensorView* dy, const TensorView
   ChannelArgs a{};
   a.x = as_rows(x);
   const int64_t n = a.x.cols;
-  if (dy) a.dy = like_x(*dy, x);
+  if (dy) a.dy = rows_like(*dy, x);
   check_channel_vec(&out1, x, n);
   check_channel_vec(out2, x, n);
   a.out1 = out1.data;
@@ -644,7 +633,7 @@ void channel_moments(const TensorView& x, const TensorView* dy, const TensorView
 #if defined(NE_WITH_CUDA)
     return cuda::channel_moments(a, ctx.cuda_stream);
 #else
-    no_cuda(x);
+    throw_no_cuda(x);
 #endif
   }
   (void)ctx;
@@ -659,8 +648,8 @@ static void channel_affine_impl(const TensorView& u, const TensorView& a_, const
   ChannelArgs a{};
   a.u = as_rows(u);
   const int64_t n = a.u.cols;
-  if (v) a.v = like_x(*v, u);
-  a.out = like_x(out, u);
+  if (v) a.v = rows_like(*v, u);
+  a.out = rows_like(out, u);
   check_channel_vec(&a_, u, n);
   check_channel_vec(b_, u, n);
   a.a = a_.data;
@@ -669,7 +658,7 @@ static void channel_affine_impl(const TensorView& u, const TensorView& a_, const
 #if defined(NE_WITH_CUDA)
     return cuda::channel_affine(a, ctx.cuda_stream);
 #else
-    no_cuda(u);
+    throw_no_cuda(u);
 #endif
   }
   (void)ctx;

@@ -124,5 +124,9 @@ void check_same_device(const TensorView& a, const TensorView& b);
 void check_same_shape(const TensorView& a, const TensorView& b);
 void check_shape_1d(const TensorView& t, int64_t n);                // shape == (n,)
 void check_contiguous(const TensorView& t);
+// Another tensor of x's shape, dtype and device (residual, grad_output, an output), seen as rows.
+RowMatrix rows_like(const TensorView& t, const TensorView& x);
+// A CUDA tensor reached a build without CUDA kernels: DeviceError naming it.
+[[noreturn]] void throw_no_cuda(const TensorView& x);
 
 }  // namespace ne
