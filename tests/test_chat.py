@@ -178,6 +178,18 @@ def test_save_keeps_the_template(checkpoint, tmp_path):
     assert back.apply_chat_template(msgs) == m.apply_chat_template(msgs)
 
 
+def test_copies_keep_the_template():
+    import copy
+    import pickle
+
+    m = ne.load()
+    m.chat_template = "chatml"
+    msgs = CONVERSATIONS[0]
+    want = m.apply_chat_template(msgs)  # (compiles the template: copies must not carry the compiled form)
+    for c in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert c.apply_chat_template(msgs) == want
+
+
 def test_builtin_and_given_templates_on_the_default_model():
     m = ne.load()
     assert m.chat_template is None

@@ -61,6 +61,9 @@ class ChatTemplate:
         self._error = CheckpointError if from_checkpoint else ArgumentError  # whose fault a bad template is
         self._compiled = None
 
+    def __getstate__(self):  # (pickle / deepcopy: the compiled Jinja template is rebuilt on first use)
+        return {k: v for k, v in self.__dict__.items() if k != "_compiled"} | {"_compiled": None}
+
     def _template(self):
         if self._compiled is None:
             try:

@@ -298,7 +298,8 @@ class Model:
         # single-sequence generate whose prompt starts with some of those tokens keeps them and prefills
         # only the rest (as llama.cpp's cached prompt), while no other call has used the runner since.
         self._prefix = None
-        self._chat_template = False  # not read yet (the chat_template property reads it from self.path)
+        # the chat template: False until read from self.path (a copy keeps the one it was given)
+        self.__dict__.setdefault("_chat_template", False)
 
     # ------------------------------------------------------------------ torch views of the state
     @property
