@@ -18,8 +18,8 @@
 # Before the tests, benchmarks/sass_summary.py records the kernels' machine-instruction mix (sass_summary.md).
 # Tests: NE_GPU_TESTS=gpu (default) runs the tests whose names say cuda (every op's CUDA backend, the
 # CUDA runner, the GPU-only tests) except the emulator ones, which CI runs without a GPU; all: the whole
-# suite; none. Benchmarks: NE_GPU_BENCH, a comma list of norm, lmul, attention, quant, runner, forms
-# (default all). Each step runs under a time limit (NE_GPU_STEP_TIMEOUT seconds, default 420) and a failing step
+# suite; none. Benchmarks: NE_GPU_BENCH, a comma list of norm, lmul, attention, quant, runner, forms, loss
+# (linear_cross_entropy and the gated activations against torch) (default all). Each step runs under a time limit (NE_GPU_STEP_TIMEOUT seconds, default 420) and a failing step
 # does not stop the later ones: the summary at the end lists the failures and the exit status is
 # non-zero if there was any. A build failure stops the suite.
 set -uo pipefail
@@ -119,7 +119,7 @@ case "${NE_GPU_TESTS:-gpu}" in
   all) run "tests (all)" pytest.log "$PY" -m pytest "$ROOT/tests" -q -rs -p no:cacheprovider --rootdir "$ROOT" --maxfail=50 ;;
 esac
 
-BENCH=",${NE_GPU_BENCH:-norm,lmul,attention,quant,runner,forms},"
+BENCH=",${NE_GPU_BENCH:-norm,lmul,attention,quant,runner,forms,loss},"
 [[ $BENCH == *,norm,* ]] && run "bench norm" compare_norm_torch_cuda.md "$PY" "$ROOT/benchmarks/compare_norm_torch.py" --device cuda
 [[ $BENCH == *,lmul,* ]] && run "bench lmul" compare_lmul_cuda.md "$PY" "$ROOT/benchmarks/compare_lmul.py" --device cuda
 [[ $BENCH == *,attention,* ]] && run "bench attention" compare_attention_cuda.md "$PY" "$ROOT/benchmarks/compare_attention_cuda.py"
@@ -127,6 +127,10 @@ BENCH=",${NE_GPU_BENCH:-norm,lmul,attention,quant,runner,forms},"
 [[ $BENCH == *,runner,* ]] && run "bench runner" compare_runner_cuda.md "$PY" "$ROOT/benchmarks/compare_runner_cuda.py"
 [[ $BENCH == *,forms,* ]] && run "bench norm forms" compare_norm_forms_cuda.md "$PY" "$ROOT/benchmarks/compare_norm_forms.py" \
   --device cuda --rounds 5 --repeats 25
+[[ $BENCH == *,loss,* ]] && run "bench loss" compare_cross_entropy_cuda.md "$PY" "$ROOT/benchmarks/compare_cross_entropy.py" \
+  --device cuda --tokens 4096,16384 --repeats 5
+[[ $BENCH == *,loss,* ]] && run "bench activations" compare_activation_cuda.md "$PY" \
+  "$ROOT/benchmarks/compare_activation.py" --device cuda --shapes 16384x8192,8192x14336 --repeats 21
 
 if [ "${#FAILED[@]}" -eq 0 ]; then
   step "gpu_suite: all steps passed; logs in $OUT_DIR"
