@@ -97,3 +97,17 @@ def test_refusals():
     with pytest.raises(UnsupportedError, match="final_logit_softcapping"):
         ne.nn.patch_hf(m)
     assert ne.nn.patch_hf(m, loss=False)["loss"] is False
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and ne.cuda_available()), reason="no CUDA GPU visible")
+def test_cuda_matches_the_unpatched_model():
+    ref = _model("llama").cuda()
+    pat = copy.deepcopy(ref)
+    ne.nn.patch_hf(pat)
+    ids, labels = (t.cuda() for t in _batch())
+    a, b = ref(input_ids=ids, labels=labels), pat(input_ids=ids, labels=labels)
+    assert rel_err(b.loss, a.loss) <= 1e-5
+    a.loss.backward()
+    b.loss.backward()
+    for (name, p1), (_, p2) in zip(ref.named_parameters(), pat.named_parameters()):
+        assert rel_err(p2.grad, p1.grad) <= 1e-4, name

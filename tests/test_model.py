@@ -519,6 +519,16 @@ def test_numpy_and_tensor_prompts():
         m.logits(np.array([1, 5000]))
 
 
+def test_cli_ops_checks_every_op():
+    r = subprocess.run([sys.executable, "-m", "normengine", "ops", "--rows", "9", "--cols", "67", "--repeats", "1",
+                        "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = {ln.split()[0]: float(ln.split()[1]) for ln in r.stdout.splitlines()[2:]}
+    assert sorted(rows) == sorted(["layer_norm", "rms_norm", "crms_norm", "add_layer_norm", "add_rms_norm", "swiglu",
+                                   "cross_entropy"])
+    assert all(err < 1e-5 for err in rows.values()), rows
+
+
 def test_cli_bad_arguments_are_usage_errors():
     """Bad command-line values end in a one-line error and exit status 2, never a traceback."""
     cases = [(["ops", "--rows", "0"], "--rows: expected an integer >= 1"),

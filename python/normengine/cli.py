@@ -19,8 +19,9 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def cmd_ops(args) -> int:
-    """Run every norm op on this machine: accuracy against the float64 reference and time against
-    torch's own kernels on the same input, same thread count."""
+    """Run every norm op (and the swiglu activation and cross-entropy loss) on this machine, forward:
+    accuracy against the float64 reference and time against torch's own kernels on the same input, same
+    thread count."""
     import torch
     import torch.nn.functional as F
 
@@ -36,6 +37,7 @@ def cmd_ops(args) -> int:
     r = torch.randn(rows, cols).to(dtype)
     w = torch.randn(cols).to(dtype)
     b = torch.randn(cols).to(dtype)
+    t = torch.randint(0, cols, (rows,))  # cross_entropy: x as logits over cols classes
     out, hout = torch.empty_like(x), torch.empty_like(x)
     xd, rd, wd, bd = x.double(), r.double(), w.double(), b.double()
     cases = [
@@ -48,6 +50,9 @@ def cmd_ops(args) -> int:
          lambda: F.layer_norm(x + r, (cols,), w, b), ref.layer_norm((x + r).double(), wd, bd)),
         ("add_rms_norm", lambda: ne.ops.add_rms_norm(x, r, w, out=out, residual_out=hout)[0],
          lambda: F.rms_norm(x + r, (cols,), w, 1e-6), ref.rms_norm((x + r).double(), wd)),
+        ("swiglu", lambda: ne.ops.swiglu(x, r), lambda: F.silu(x) * r, ref.gated_activation(xd, rd, "silu")),
+        ("cross_entropy", lambda: ne.ops.cross_entropy(x, t), lambda: F.cross_entropy(x.float(), t),
+         ref.cross_entropy(xd, t)),
     ]
     print(f"normengine {ne.__version__}: cpu kernels '{ne.cpu_isa()}', {ne.num_threads()} threads, "
           f"[{rows} x {cols}] {args.dtype}")
@@ -352,7 +357,7 @@ def main(argv=None) -> int:
     e.add_argument("--dtype", choices=list(_DTYPES), default=None)
     _model_options(e)
     e.set_defaults(fn=cmd_perplexity)
-    o = sub.add_parser("ops", help="check and time the native norm ops against torch on this machine")
+    o = sub.add_parser("ops", help="check and time the native norm, activation and loss ops against torch here")
     o.add_argument("--rows", type=_int_at_least(1), default=4096)
     o.add_argument("--cols", type=_int_at_least(1), default=4096)
     o.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
