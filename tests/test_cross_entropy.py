@@ -184,3 +184,16 @@ def test_cuda_matches_cpu_and_checks_targets():
     assert rel_err(gpu.cpu().double(), cpu.double()) <= 1e-5
     with pytest.raises(ArgumentError, match=r"target\[1\]"):
         ne.ops.cross_entropy(torch.randn(3, 4, device="cuda"), torch.tensor([0, 4, 1], device="cuda"))
+
+
+def test_loss_modules():
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(12, 40, generator=g)
+    t = _targets(12, 40, g, ignore=(0,))
+    for red in REDUCTIONS:
+        m = ne.nn.CrossEntropyLoss(reduction=red, label_smoothing=0.1)
+        assert rel_err(m(z, t), torch.nn.CrossEntropyLoss(reduction=red, label_smoothing=0.1)(z, t)) <= 1e-6
+    h, W, b = torch.randn(12, 8, generator=g), torch.randn(40, 8, generator=g), torch.randn(40, generator=g)
+    m = ne.nn.LinearCrossEntropyLoss(chunk_size=5)
+    assert rel_err(m(h, W, t, b), F.cross_entropy(F.linear(h, W, b), t)) <= 1e-6
+    assert "label_smoothing" in repr(m)
