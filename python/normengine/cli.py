@@ -122,7 +122,8 @@ def cmd_generate(args) -> int:
         if model.tokenizer is None:
             raise NormEngineError("this checkpoint has no tokenizer.json: pass --ids 1,2,3 instead of --prompt")
     stream = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=True)
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=True,
+                            prompt_lookup=args.prompt_lookup)
     if isinstance(prompt, str):
         sys.stdout.write(prompt)
     for tok in stream:
@@ -171,7 +172,8 @@ def cmd_chat(args) -> int:
         reply = []
         try:
             for piece in model.chat(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed + turn, stream=True):
+                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed + turn, stream=True,
+                                    prompt_lookup=args.prompt_lookup):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
                 reply.append(piece)
@@ -309,6 +311,9 @@ def main(argv=None) -> int:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0: reproducible)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", choices=list(_DTYPES), default=None, help="weights dtype (default: as stored)")
+    g.add_argument("--prompt-lookup", type=_int_at_least(1), default=None, metavar="K",
+                   help="speculative greedy decoding: up to K draft tokens a step copied from the context "
+                        "(with --temperature 0)")
     _model_options(g)
     g.set_defaults(fn=cmd_generate)
     ch = sub.add_parser("chat", help="a conversation on standard input through the checkpoint's chat template")
@@ -324,6 +329,8 @@ def main(argv=None) -> int:
     ch.add_argument("--seed", type=int, default=0, help="sampling seed of the first reply (then +1 per turn)")
     ch.add_argument("--device", default="cpu")
     ch.add_argument("--dtype", choices=list(_DTYPES), default=None, help="weights dtype (default: as stored)")
+    ch.add_argument("--prompt-lookup", type=_int_at_least(1), default=None, metavar="K",
+                    help="speculative greedy decoding (with --temperature 0), as generate's")
     _model_options(ch)
     ch.set_defaults(fn=cmd_chat)
     i = sub.add_parser("info", help="architecture, sizes, parameter count and dtype of a checkpoint")

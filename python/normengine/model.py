@@ -143,6 +143,46 @@ def _stop_prefix_len(text: str, stops) -> int:
     return best
 
 
+def _check_lookup(k, temperature, batched) -> None:
+    if k is None:
+        return
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 64:
+        raise ArgumentError(f"prompt_lookup: expected an int in 1..64 (draft tokens per step) or None, got {k!r}")
+    if temperature != 0 or batched:
+        raise ArgumentError("prompt_lookup: speculative decoding here is greedy and for one prompt "
+                            "(temperature=0, not a batch)")
+
+
+class _NgramIndex:
+    """Prompt-lookup drafts: for n = 1..3, the latest position at which each n-gram of the text so far was
+    followed by another token; a draft continues the text's last n-gram (the longest n found) from its latest
+    earlier occurrence. Updated per appended token (O(1) each)."""
+
+    N = 3
+
+    def __init__(self, tokens):
+        self.tokens = []
+        self.maps = [dict() for _ in range(self.N + 1)]
+        for t in tokens:
+            self.append(t)
+
+    def append(self, tok):
+        toks = self.tokens
+        i = len(toks)  # tok's index: the n-grams ending just before it are followed by it
+        for n in range(1, self.N + 1):
+            if i >= n:
+                self.maps[n][tuple(toks[i - n:i])] = i
+        toks.append(tok)
+
+    def draft(self, k):
+        toks = self.tokens
+        for n in range(min(self.N, len(toks)), 0, -1):
+            at = self.maps[n].get(tuple(toks[-n:]))
+            if at is not None:
+                return toks[at:at + k]
+        return []
+
+
 class Model:
     """A loaded model. Use `normengine.load(path)` to make one.
 
@@ -581,7 +621,7 @@ class Model:
 
     def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop=None, stream: bool = False,
-                 cache_prompt: bool = False):
+                 cache_prompt: bool = False, prompt_lookup: int | None = None):
         """Generate up to max_new_tokens after each prompt.
 
         prompt: a list of ids (returns the list of new ids), a string when the checkpoint has a
@@ -601,7 +641,15 @@ class Model:
         caches are then sized for twice the call's text, up to the model's context, so that the next
         turns fit: a runner grown anew starts empty). The logits then differ from a fresh prefill's by
         float rounding (other kernels' summation orders), so a near-tie can pick another token: off by
-        default, as a seed reproduces tokens exactly only without it."""
+        default, as a seed reproduces tokens exactly only without it.
+        prompt_lookup=k (greedy, one prompt): speculative decoding by prompt lookup. Each step drafts up to k
+        tokens by finding the latest earlier occurrence of the text's last 3 (else 2, else 1) tokens and copying
+        what followed it, and verifies the draft in the same forward as the next token (k + 1 rows of a GEMM
+        that streams the weights once, about the cost of one token on a memory-bound CPU): the drafted tokens
+        that greedy decoding agrees with are kept, and the KV cache is cut back past the first one it does not.
+        Text that repeats its context (code edits, quoting, summaries, extraction) then takes several tokens a
+        step. The tokens are the greedy ones, up to float rounding (a step verifies several rows at once, so a
+        near-tie may resolve differently than in one-token decoding)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ArgumentError(f"max_new_tokens: expected a non-negative int, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or not temperature >= 0:
@@ -616,14 +664,15 @@ class Model:
             raise ArgumentError(f"cache_prompt: expected True or False, got {cache_prompt!r}")
         prompt = self._as_id_lists(prompt, "prompt")  # [T] -> one prompt, [B, T] -> a batch
         batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], (str, list, tuple))
+        _check_lookup(prompt_lookup, temperature, batched)
         prompts = list(prompt) if batched else [prompt]
         text = [isinstance(p, str) for p in prompts]
         ids = [self._encode(p) if t else self._check_ids(p) for p, t in zip(prompts, text)]
         return self._generate_ids(ids, text, batched, max_new_tokens, temperature, top_k, top_p, seed, stop, stream,
-                                  cache_prompt)
+                                  cache_prompt, prompt_lookup)
 
     def _generate_ids(self, ids, text, batched, max_new_tokens, temperature, top_k, top_p, seed, stop, stream,
-                      cache_prompt):
+                      cache_prompt, prompt_lookup=None):
         """generate() on prompts already tokenized (text[i]: yield / return sequence i as text)."""
         for i, s in enumerate(ids):
             if len(s) == 0:
@@ -639,10 +688,13 @@ class Model:
                 stop_ids.add(s)
             else:
                 raise ArgumentError(f"stop: expected token ids or strings, got {s!r}")
-        # top_k at or past the vocabulary keeps every candidate (and stays within the sampler's int)
-        gen = self._generate(ids, text, max_new_tokens, float(temperature), min(top_k or 0, self.config.vocab_size),
-                             1.0 if top_p is None else float(top_p), seed, stop_ids | self._eos(), stop_strs,
-                             cache_prompt)
+        if prompt_lookup:
+            gen = self._generate_lookup(ids[0], text[0], max_new_tokens, stop_ids | self._eos(), stop_strs,
+                                        cache_prompt, prompt_lookup)
+        else:  # top_k at or past the vocabulary keeps every candidate (and stays within the sampler's int)
+            gen = self._generate(ids, text, max_new_tokens, float(temperature), min(top_k or 0, self.config.vocab_size),
+                                 1.0 if top_p is None else float(top_p), seed, stop_ids | self._eos(), stop_strs,
+                                 cache_prompt)
         if stream:
             return self._stream(gen, batched)
         results = [[] for _ in ids]
@@ -687,13 +739,13 @@ class Model:
 
     def chat(self, messages, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, stop=None, stream: bool = False,
-             cache_prompt: bool = True, chat_template=None, **variables):
+             cache_prompt: bool = True, chat_template=None, prompt_lookup: int | None = None, **variables):
         """The assistant's reply to a conversation: `messages` rendered by the chat template, tokenized
         without added special tokens (the template writes them), then generate(). Stops at the model's
         eos ids, at the template's end-of-turn token (its eos_token), and at `stop`. Returns the reply
         text, or with stream=True an iterator of its pieces. cache_prompt=True (the default here): a
         conversation that goes on from the previous call's prompt and reply prefills only its new turn
-        (see generate). Needs the checkpoint's tokenizer.json."""
+        (see generate); prompt_lookup as generate's (greedy). Needs the checkpoint's tokenizer.json."""
         if self.tokenizer is None:
             raise UnsupportedError("chat: needs a tokenizer.json beside the checkpoint")
         t = self._template(chat_template)
@@ -705,8 +757,9 @@ class Model:
             stops.append(tid if tid is not None else t.end_of_turn)
         if not isinstance(stream, bool):
             raise ArgumentError(f"stream: expected True or False, got {stream!r}")
+        _check_lookup(prompt_lookup, temperature, False)
         return self._generate_ids([ids], [True], False, max_new_tokens, temperature, top_k, top_p, seed, stops,
-                                  stream, cache_prompt)
+                                  stream, cache_prompt, prompt_lookup)
 
     def _finish(self, new, is_text, stop_strs):
         if not is_text:
@@ -785,18 +838,8 @@ class Model:
                 produced[i].append(tok)
                 done = tok in stop_ids or len(ids[i]) + len(produced[i]) >= self.config.max_seq_len
                 if text[i]:
-                    full = self.tokenizer.decode(produced[i], skip_special_tokens=True)
-                    hits = [full.find(s) for s in stop_strs if s in full]
-                    if hits:  # cut at the earliest stop string
-                        full, done = full[:min(hits)], True
-                    last = done or n + 1 >= max_new
-                    # hold back what may be the start of a stop string (or of a multi-byte char) until
-                    # the next token shows whether it is: streamed text never has to be taken back
-                    keep = len(full) if last else len(full) - _stop_prefix_len(full, stop_strs)
-                    if not last and full.endswith("\ufffd"):
-                        keep = min(keep, len(shown[i]))
-                    if keep > len(shown[i]):
-                        piece, shown[i] = full[len(shown[i]):keep], full[:keep]
+                    piece, done = self._text_piece(produced[i], shown, i, stop_strs, done, n + 1 >= max_new)
+                    if piece:
                         yield i, piece
                 else:
                     yield i, tok
@@ -827,6 +870,102 @@ class Model:
                     if held is not None:
                         held.append(produced[0][-1])
                 host = rows.cpu() if on_gpu else logits
+
+    def _text_piece(self, produced, shown, i, stop_strs, done, at_max):
+        """The new text of a text sequence after its latest token (or ""), and whether it is done (a stop string
+        reached). What may be the start of a stop string, or of a multi-byte character, is held back until the
+        next token shows whether it is: streamed text never has to be taken back."""
+        full = self.tokenizer.decode(produced, skip_special_tokens=True)
+        hits = [full.find(s) for s in stop_strs if s in full]
+        if hits:  # cut at the earliest stop string
+            full, done = full[:min(hits)], True
+        last = done or at_max
+        keep = len(full) if last else len(full) - _stop_prefix_len(full, stop_strs)
+        if not last and full.endswith("\ufffd"):
+            keep = min(keep, len(shown[i]))
+        if keep > len(shown[i]):
+            piece, shown[i] = full[len(shown[i]):keep], full[:keep]
+            return piece, done
+        return "", done
+
+    def _generate_lookup(self, prompt, is_text, max_new, stop_ids, stop_strs, cache_prompt, k):
+        """Greedy generation of one sequence with prompt-lookup drafts (generate(prompt_lookup=k)); yields
+        (0, token or text piece) as _generate does."""
+        if max_new == 0:
+            return
+        need = min(self.config.max_seq_len, len(prompt) + max_new + k)  # (drafts may reach past the last token)
+        ctx = max(need, min(self.config.max_seq_len, 2 * need)) if cache_prompt else need
+        torch = _torch_if_loaded()
+        vocab = self.config.vocab_size
+        sampler = _C.Sampler(0)  # temperature 0: the argmax (NaN / +Inf logits raise, as in _generate)
+
+        def ints(values):
+            return np.array(values, dtype=np.int32) if torch is None else torch.tensor(values, dtype=torch.int32)
+
+        rows_buf = (np.empty((k + 1, vocab), dtype=np.float32) if torch is None else
+                    torch.empty(k + 1, vocab, dtype=torch.float32, device=self.device))
+        index = _NgramIndex(prompt)
+        # a linear-family layer's state cannot give back rejected draft tokens: such models decode one at a time
+        drafts = all(a == "softmax" for a in self.config.attention)
+        me = object()
+        slot0 = ints([0])
+
+        def feed(r, toks, rows):  # append toks to slot 0's cache; their logits into rows
+            self._forward(r, slot0, ints(toks), ints([len(toks)]), rows, rows.shape[0] > 1)
+
+        with self._lock:
+            kept = self._cached_prefix([prompt], need) if cache_prompt else 0
+            if kept:
+                r, self._user = self._runner, me
+            else:
+                r = self._runner_for(1, ctx, me)
+            rows = rows_buf[:1]
+            feed(r, prompt[kept:], rows)
+            held = list(prompt)  # what slot 0's cache holds
+            self._prefix = (me, held)
+        produced, shown, draft = [], [""], []
+        while True:
+            host = rows.cpu() if self._cuda else rows
+            accepted = []
+            for j in range(len(draft) + 1):  # the greedy token after each fed position, while the draft agrees
+                try:
+                    tok = sampler.sample(host[j], 0.0, 0, 1.0)
+                except ArgumentError as e:
+                    raise NumericalError(f"generate: new token {len(produced) + j + 1}: {e}") from None
+                accepted.append(tok)
+                if j == len(draft) or tok != draft[j]:
+                    break
+            matched = len(accepted) - 1  # drafted tokens the model agreed with (they are in the cache)
+            if draft:  # the cache holds the fed token and the whole draft: cut it back past the agreed part
+                keep = len(held) - len(draft) + matched
+                with self._lock:
+                    if self._user is me and not r.truncate(0, keep):  # pragma: no cover - drafts only where it can
+                        raise AssertionError("prompt_lookup: the KV cache could not be cut back")
+                del held[keep:]
+            for tok in accepted:
+                produced.append(tok)
+                index.append(tok)
+                done = tok in stop_ids or len(prompt) + len(produced) >= self.config.max_seq_len
+                last = done or len(produced) >= max_new
+                if is_text:
+                    piece, done = self._text_piece(produced, shown, 0, stop_strs, done, len(produced) >= max_new)
+                    if piece:
+                        yield 0, piece
+                else:
+                    yield 0, tok
+                if done or last:
+                    return
+            room = min(k if drafts else 0, max_new - len(produced), ctx - len(prompt) - len(produced))
+            draft = index.draft(room) if room > 0 else []
+            with self._lock:
+                if self._user is not me:  # another call used the runner since: prefill the text so far again
+                    r = self._runner_for(1, ctx, me)
+                    held[:] = prompt + produced[:-1]
+                    self._prefix = (me, held)
+                    feed(r, held, rows_buf[:1])
+                rows = rows_buf[:len(draft) + 1]
+                feed(r, [produced[-1]] + draft, rows)
+                held.extend([produced[-1]] + draft)
 
     def _cached_prefix(self, ids, ctx) -> int:
         """How many leading tokens of a single prompt ids[0] slot 0 of the runner still holds from the last
