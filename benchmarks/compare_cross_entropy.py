@@ -22,15 +22,9 @@ import subprocess
 import sys
 import time
 
+from compare_model import rss_kb  # (this directory: the script's own, first on sys.path)
+
 HIDDEN, VOCAB = 768, 50257
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
 
 
 def worker(engine: str, dtype: str, n: int, repeats: int, threads: int, device: str) -> dict:
@@ -66,12 +60,12 @@ def worker(engine: str, dtype: str, n: int, repeats: int, threads: int, device: 
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_kb("VmRSS:") * 1024
+        base = rss_kb("VmRSS") * 1024
     loss = step()
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = _rss_kb("VmHWM:") * 1024 - base
+        peak = rss_kb("VmHWM") * 1024 - base
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

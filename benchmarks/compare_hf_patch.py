@@ -20,13 +20,7 @@ import subprocess
 import sys
 import time
 
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
+from compare_model import rss_kb  # (this directory: the script's own, first on sys.path)
 
 
 def worker(a, patched: bool) -> dict:
@@ -64,14 +58,14 @@ def worker(a, patched: bool) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_kb("VmRSS:") * 1024
+        base = rss_kb("VmRSS") * 1024
     loss = step()
     times = []
     for _ in range(a.repeats):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() - base) if a.device == "cuda" else _rss_kb("VmHWM:") * 1024 - base
+    peak = (torch.cuda.max_memory_allocated() - base) if a.device == "cuda" else rss_kb("VmHWM") * 1024 - base
     return {"loss": loss, "time": statistics.median(times), "peak": peak}
 
 

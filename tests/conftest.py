@@ -125,6 +125,19 @@ def with_config(tmp_path, src_dir, cfg: dict) -> str:
     return str(tmp_path)
 
 
+def count_fed_tokens(m) -> list:
+    """Wraps model m's runner step: the returned list receives the number of tokens each step feeds."""
+    fed = []
+    forward = m._forward
+
+    def counting(r, slots, tokens, lens, logits, all_logits):
+        fed.append(int(sum(int(x) for x in lens)))
+        return forward(r, slots, tokens, lens, logits, all_logits)
+
+    m._forward = counting
+    return fed
+
+
 def check_decode_equals_prefill(m, ids, full, split: int, tol: float = 1e-5):
     """Model m fed ids[:split] as one prefill, then ids[split:] one token at a time through its KV cache:
     every step's logits within tol of `full` (the logits of one prefill of all of ids, [T, vocab])."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import normengine as ne
+from conftest import count_fed_tokens
 from normengine.chat import CHATML, ChatTemplate, load_template
 from normengine.errors import ArgumentError, CheckpointError, UnsupportedError
 
@@ -148,14 +149,7 @@ def test_chat_reply_is_generate_on_the_template_ids(checkpoint):
 def test_next_turn_prefills_only_the_new_turn(tmp_path):
     path = _write_checkpoint(str(tmp_path / "ck"), QWEN_STYLE, "<|im_end|>", None)
     m, fresh = ne.load(path), ne.load(path)
-    fed = []
-    forward = m._forward
-
-    def counting(r, slots, tokens, lens, logits, all_logits):
-        fed.append(int(sum(int(x) for x in lens)))
-        return forward(r, slots, tokens, lens, logits, all_logits)
-
-    m._forward = counting
+    fed = count_fed_tokens(m)
     msgs = [{"role": "user", "content": "The function returns"}]
     r1 = m.chat(msgs, max_new_tokens=10)
     assert r1 == fresh.chat(msgs, max_new_tokens=10, cache_prompt=False)

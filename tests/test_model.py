@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import normengine as ne
-from conftest import _supported_isas, rel_err
+from conftest import _supported_isas, rel_err, count_fed_tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -656,14 +656,7 @@ def test_cache_prompt_prefills_only_what_is_new():
     the one a fresh prefill gives (greedy, the default model); anything else in between (logits(), a
     batch, cache_prompt off) means a whole prefill again."""
     m = ne.load()
-    fed = []
-    forward = m._forward
-
-    def counting(r, slots, tokens, lens, logits, all_logits):
-        fed.append(int(sum(int(x) for x in lens)))
-        return forward(r, slots, tokens, lens, logits, all_logits)
-
-    m._forward = counting
+    fed = count_fed_tokens(m)
     g = torch.Generator().manual_seed(17)
     p1 = torch.randint(0, 1024, (40,), generator=g).tolist()
     fresh = ne.load()

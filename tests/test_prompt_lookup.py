@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import normengine as ne
+from conftest import count_fed_tokens
 from normengine.errors import ArgumentError
 
 CORPUS = os.path.join(os.path.dirname(ne.__file__), "data", "corpus.txt")
@@ -21,22 +22,10 @@ def text():
     return t[:450] + "\n" + t[:80]  # a prompt whose text repeats (drafts have something to copy)
 
 
-def _counting(m):
-    fed = []
-    forward = m._forward
-
-    def counting(r, slots, tokens, lens, logits, all_logits):
-        fed.append(int(sum(int(x) for x in lens)))
-        return forward(r, slots, tokens, lens, logits, all_logits)
-
-    m._forward = counting
-    return fed
-
-
 @pytest.mark.parametrize("k", [1, 4, 16])
 def test_same_tokens_in_fewer_steps(text, k):
     m, ref = ne.load(), ne.load()
-    fed = _counting(m)
+    fed = count_fed_tokens(m)
     want = ref.generate(text, max_new_tokens=64)
     assert m.generate(text, max_new_tokens=64, prompt_lookup=k) == want
     steps = len(fed) - 1  # (the prefill)
@@ -66,7 +55,7 @@ def test_stops_limits_and_context_end(text):
 
 def test_prompt_cache_and_interleaving(text):
     m, ref = ne.load(), ne.load()
-    fed = _counting(m)
+    fed = count_fed_tokens(m)
     ids = m.tokenizer.encode(text).ids
     out1 = m.generate(ids, max_new_tokens=20, cache_prompt=True, prompt_lookup=8)
     assert out1 == ref.generate(ids, max_new_tokens=20)
@@ -83,7 +72,7 @@ def test_prompt_cache_and_interleaving(text):
 
 def test_linear_attention_decodes_one_token_at_a_time(text):
     m, ref = ne.load(attention="linear"), ne.load(attention="linear")
-    fed = _counting(m)
+    fed = count_fed_tokens(m)
     ids = ref.tokenizer.encode(text).ids
     assert m.generate(ids, max_new_tokens=12, prompt_lookup=8) == ref.generate(ids, max_new_tokens=12)
     assert fed[1:] == [1] * 11  # no drafts: its state cannot give rejected tokens back

@@ -215,6 +215,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             _chunks(x, W, b, t, ignore_index, s, chunk, loss, grads, 1.0, go.to(acc).contiguous())
             dx, dW, db = grads
         else:
+            # scaled copies, never the saved tensors themselves: autograd may take a returned tensor as .grad and
+            # add later gradients into it, which a retained graph's next backward would then read
             dx, dW, db = (None if g is None else g * go.to(g.dtype) for g in ctx.saved_tensors)
         if db is not None:
             db = db.to(ctx.bias_dtype)
