@@ -10,20 +10,7 @@
 
 namespace {
 
-ne::DType dtype_of(int code) {
-  return code == 0 ? ne::DType::F32 : code == 1 ? ne::DType::BF16 : code == 2 ? ne::DType::F16 : ne::DType::F64;
-}
-
-ne::RowMatrix mat(const void* p, int dtype, int64_t rows, int64_t cols, int64_t ld) {
-  ne::RowMatrix m;
-  if (!p) return m;
-  m.data = const_cast<void*>(p);
-  m.dtype = dtype_of(dtype);
-  m.rows = rows;
-  m.cols = cols;
-  m.ld = ld;
-  return m;
-}
+using ne_harness::mat;
 
 void init_act_names() {
   using namespace ne::cuda;

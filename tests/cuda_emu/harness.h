@@ -11,6 +11,7 @@
 #include <string>
 
 #include "cuda_emu.h"
+#include "normengine/tensor.h"
 
 // Internal linkage throughout: several harness libraries are loaded into one test process, and shared
 // symbols would interpose (one library's names and init_names serving another's).
@@ -46,6 +47,29 @@ int guarded(F&& f) {
 }
 
 const char* error() { return err.c_str(); }
+
+// The harnesses' dtype codes (their ctypes callers): 0 f32, 1 bf16, 2 f16, 3 f64.
+inline ne::DType dtype_of(int code) {
+  switch (code) {
+    case 0: return ne::DType::F32;
+    case 1: return ne::DType::BF16;
+    case 2: return ne::DType::F16;
+    default: return ne::DType::F64;
+  }
+}
+
+// A rows x cols matrix of dtype code `dtype` at p, rows ld elements apart; absent (data null, as the CPU entry
+// points pass it) where p is null.
+inline ne::RowMatrix mat(const void* p, int dtype, int64_t rows, int64_t cols, int64_t ld) {
+  ne::RowMatrix m;
+  if (!p) return m;
+  m.data = const_cast<void*>(p);
+  m.dtype = dtype_of(dtype);
+  m.rows = rows;
+  m.cols = cols;
+  m.ld = ld;
+  return m;
+}
 
 // The launches of the last call, one line each: "name grid.x grid.y grid.z block.x block.y" (into buf, at
 // most cap - 1 characters; unnamed kernels as `unnamed`); returns the full length.

@@ -28,25 +28,7 @@ using ne::NormKind;
 using ne::RowMatrix;
 
 
-DType dtype_of(int code) {
-  switch (code) {
-    case 0: return DType::F32;
-    case 1: return DType::BF16;
-    case 2: return DType::F16;
-    default: return DType::F64;
-  }
-}
-
-RowMatrix mat(const void* p, int dtype, int64_t rows, int64_t cols, int64_t ld) {
-  RowMatrix m;
-  if (!p) return m;  // absent: data null, as the CPU entry points pass it
-  m.data = const_cast<void*>(p);
-  m.dtype = dtype_of(dtype);
-  m.rows = rows;
-  m.cols = cols;
-  m.ld = ld;
-  return m;
-}
+using ne_harness::mat;
 
 // ---------------------------------------------------------------------------- kernel names
 // The launch log holds kernel addresses; this table names every kernel instantiation of norm.cu.

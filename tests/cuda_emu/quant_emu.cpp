@@ -27,13 +27,7 @@ using ne::DType;
 using ne::QFormat;
 
 
-DType dtype_of(int code) {
-  switch (code) {
-    case 0: return DType::F32;
-    case 1: return DType::BF16;
-    default: return DType::F16;
-  }
-}
+using ne_harness::dtype_of;
 
 // ---------------------------------------------------------------------------- kernel names
 
