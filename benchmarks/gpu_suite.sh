@@ -19,7 +19,7 @@
 # Tests: NE_GPU_TESTS=gpu (default) runs the tests whose names say cuda (every op's CUDA backend, the
 # CUDA runner, the GPU-only tests) except the emulator ones, which CI runs without a GPU; all: the whole
 # suite; none. Benchmarks: NE_GPU_BENCH, a comma list of norm, lmul, attention, quant, runner, forms, loss
-# (linear_cross_entropy and the gated activations against torch) (default all). Each step runs under a time limit (NE_GPU_STEP_TIMEOUT seconds, default 420) and a failing step
+# (linear_cross_entropy, the gated activations and rotary embedding against torch / transformers) (default all). Each step runs under a time limit (NE_GPU_STEP_TIMEOUT seconds, default 420) and a failing step
 # does not stop the later ones: the summary at the end lists the failures and the exit status is
 # non-zero if there was any. A build failure stops the suite.
 set -uo pipefail
@@ -131,6 +131,8 @@ BENCH=",${NE_GPU_BENCH:-norm,lmul,attention,quant,runner,forms,loss},"
   --device cuda --tokens 4096,16384 --repeats 5
 [[ $BENCH == *,loss,* ]] && run "bench activations" compare_activation_cuda.md "$PY" \
   "$ROOT/benchmarks/compare_activation.py" --device cuda --shapes 16384x8192,8192x14336 --repeats 21
+[[ $BENCH == *,loss,* ]] && run "bench rotary" compare_rotary_cuda.md "$PY" "$ROOT/benchmarks/compare_rotary.py" \
+  --device cuda --batch 8 --seq 4096 --heads 32 --kv-heads 8 --head-dim 128 --repeats 21
 
 if [ "${#FAILED[@]}" -eq 0 ]; then
   step "gpu_suite: all steps passed; logs in $OUT_DIR"

@@ -260,6 +260,20 @@ PYBIND11_MODULE(_C, m) {
       py::arg("act"), py::arg("grad_output"), py::arg("gate"), py::arg("up"), py::arg("grad_gate"),
       py::arg("grad_up"), py::arg("stream") = 0);
 
+  // ---------------------------------------------------------------- rotary embedding
+  m.def(
+      "rotary_embedding",
+      [](py::handle x, py::handle cos, py::handle sin, py::handle crow, py::handle y, bool backward,
+         std::uintptr_t stream) {
+        Borrowed b;
+        TensorView vx = view_of(x, "x", b), vc = view_of(cos, "cos", b), vs = view_of(sin, "sin", b),
+                   vr = view_of(crow, "position_rows", b), vy = view_of(y, "out", b);
+        py::gil_scoped_release nogil;
+        ne::rotary_embedding(vx, vc, vs, vr, vy, backward, ctx_of(stream));
+      },
+      py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("position_rows"), py::arg("out"), py::arg("backward"),
+      py::arg("stream") = 0);
+
   // ---------------------------------------------------------------- cross-entropy
   m.def(
       "cross_entropy",

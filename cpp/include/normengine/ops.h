@@ -98,6 +98,13 @@ void gated_activation(Activation act, const TensorView& a, const TensorView* b, 
 void gated_activation_backward(Activation act, const TensorView& dy, const TensorView& a, const TensorView* b,
                                const TensorView& da, const TensorView* db, const Ctx& ctx = {});
 
+// ---------------------------------------------------------------- rotary position embedding (training op)
+// y = rotate(x) per row ("rotate half": y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2 over the first R values, the rest
+// copied), c / s = cos / sin row crow[r] of the [P, R] tables (float32; float64 for float64 x); backward: the
+// transposed map (the gradient). x, y: one dtype and shape (y may be x); crow: int64 [rows] (cpp/ops/rotary.cpp).
+void rotary_embedding(const TensorView& x, const TensorView& cos, const TensorView& sin, const TensorView& crow,
+                      const TensorView& y, bool backward, const Ctx& ctx = {});
+
 // ---------------------------------------------------------------- cross-entropy
 // Per row r of logits z [rows, V] (float32 or float64) with target t = target[r] (int64 [rows]) and label
 // smoothing s (cpp/ops/cross_entropy.cpp):

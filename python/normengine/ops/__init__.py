@@ -2,6 +2,7 @@
 CUDA tensors alike (the input's device picks the kernel)."""
 
 from .activation import GatedActivationFunction, gated_activation, geglu, swiglu
+from .rotary import RotaryFunction, apply_rotary_pos_emb, rotary_embedding
 from .channel import channel_affine, channel_dot, channel_lincomb, channel_sumsq
 from .cross_entropy import CrossEntropyFunction, LinearCrossEntropyFunction, cross_entropy, linear_cross_entropy
 from .linear import linear
@@ -33,6 +34,9 @@ __all__ = [
     "channel_lincomb",
     "linear",
     "swiglu",
+    "rotary_embedding",
+    "apply_rotary_pos_emb",
+    "RotaryFunction",
     "geglu",
     "gated_activation",
     "GatedActivationFunction",

@@ -5,6 +5,7 @@ from . import lmul  # L-Mul references as a submodule: lmul.lmul, lmul.lmul_matm
 from .activation import gated_activation
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .linear import linear
+from .rotary import rotary_embedding
 from .norm import (
     add_layer_norm,
     add_rms_norm,
@@ -27,4 +28,5 @@ __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
     "gated_activation",
+    "rotary_embedding",
 ]
