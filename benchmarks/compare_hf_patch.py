@@ -2,7 +2,7 @@
 backward of the next-token loss of a random Llama-shaped model.
 
     PYTHONPATH=python python3 benchmarks/compare_hf_patch.py [--layers 12 --d 768 --ff 2048 --vocab 32000]
-        [--batch 4 --seq 512] [--dtype fp32|bf16] [--threads 2] [--repeats 3] [--rounds 2] [--device cpu|cuda]
+        [--batch 4 --seq 512] [--dtype fp32|bf16] [--threads 2] [--repeats 3] [--rounds 2] [--device cpu|cuda] [--rope]
 
 Each (engine, round) runs in a fresh worker process: the model is built (seeded, the same in both), one step
 warms up, then --repeats steps are timed (median); peak = on the CPU the worker's RSS high-water mark minus its
@@ -40,7 +40,7 @@ def worker(a, patched: bool) -> dict:
     model = transformers.LlamaForCausalLM(cfg).to(dt).to(a.device)
     model.train()
     if patched:
-        ne.nn.patch_hf(model)
+        ne.nn.patch_hf(model, rope=a.rope)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(a.device)
 
@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rope", action="store_true", help="patch_hf(rope=True): rotary embeddings too")
     ap.add_argument("--worker", choices=("plain", "patched"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -103,7 +104,8 @@ def main(argv=None) -> int:
     print("| model | step s | peak MiB |")
     print("|---|---:|---:|")
     for k in ("plain", "patched"):
-        print(f"| {'transformers' if k == 'plain' else 'transformers + patch_hf'} | {t[k]:.3f} | {p[k] / 2**20:.0f} |")
+        name = "transformers" if k == "plain" else "transformers + patch_hf" + ("(rope=True)" if a.rope else "")
+        print(f"| {name} | {t[k]:.3f} | {p[k] / 2**20:.0f} |")
     print(f"speed-up {ratio_t:.2f}x (paired by round), peak {p['plain'] / max(p['patched'], 1):.2f}x lower; "
           f"loss rel diff {dl:.1e}")
     return 0

@@ -47,7 +47,7 @@ def _batch():
 def test_loss_gradients_and_steps_match(arch, norms, mlps):
     ref = _model(arch)
     pat = copy.deepcopy(ref)
-    assert ne.nn.patch_hf(pat) == {"norms": norms, "mlps": mlps, "loss": True}
+    assert ne.nn.patch_hf(pat) == {"norms": norms, "mlps": mlps, "loss": True, "rope": False}
     assert sorted(dict(pat.named_parameters())) == sorted(dict(ref.named_parameters()))  # same parameters
     ids, labels = _batch()
     a, b = ref(input_ids=ids, labels=labels), pat(input_ids=ids, labels=labels)
@@ -72,7 +72,34 @@ def test_loss_gradients_and_steps_match(arch, norms, mlps):
     # without labels: the model's own forward (logits), through the patched norms and MLPs
     with torch.no_grad():
         assert rel_err(pat(ids).logits, ref(ids).logits) <= 1e-5
-    assert ne.nn.patch_hf(pat) == {"norms": 0, "mlps": 0, "loss": False}  # idempotent
+    assert ne.nn.patch_hf(pat) == {"norms": 0, "mlps": 0, "loss": False, "rope": False}  # idempotent
+
+
+def test_rope_replaces_the_modeling_modules_function():
+    import sys
+
+    ref = _model("mistral")
+    pat = copy.deepcopy(ref)
+    module = sys.modules[type(ref).__module__]
+    original = module.apply_rotary_pos_emb
+    ids, labels = _batch()
+    want = ref(input_ids=ids, labels=labels).loss
+    want.backward()
+    try:
+        assert ne.nn.patch_hf(pat, rope=True)["rope"] is True
+        assert module.apply_rotary_pos_emb is ne.ops.apply_rotary_pos_emb
+        calls = []
+        module.apply_rotary_pos_emb = lambda *a, **k: (calls.append(1), ne.ops.apply_rotary_pos_emb(*a, **k))[1]
+        got = pat(input_ids=ids, labels=labels).loss
+        assert len(calls) == 2  # one per layer: the attention calls the module's function by name
+        module.apply_rotary_pos_emb = ne.ops.apply_rotary_pos_emb
+        got.backward()
+        assert rel_err(got, want) <= 1e-6
+        for (name, p1), (_, p2) in zip(ref.named_parameters(), pat.named_parameters()):
+            assert rel_err(p2.grad, p1.grad) <= 1e-5, name
+        assert ne.nn.patch_hf(pat, rope=True)["rope"] is False  # already
+    finally:
+        module.apply_rotary_pos_emb = original
 
 
 def test_gradient_accumulation_and_bf16():

@@ -5,6 +5,9 @@ in place and with the same parameters (as Liger-Kernel's apply_liger_kernel_to_*
     normengine.nn.RMSNorm holding the very same weight Parameter (ops.rms_norm: one kernel each way);
   * every gated MLP (gate_proj, up_proj, down_proj, act_fn silu or gelu_tanh) computes its activation with
     ops.swiglu / ops.geglu (one kernel each way, nothing saved but the projections);
+  * with rope=True, rotary embeddings through ops.apply_rotary_pos_emb (one kernel each way). transformers calls
+    its modeling module's apply_rotary_pos_emb by name, so this replaces that module-level function: every
+    model of that architecture in the process then uses it (the same formula, up to float rounding);
   * the loss: a forward given `labels` computes the shifted next-token loss with ops.linear_cross_entropy from
     the last hidden states and the head's weight, never making the [tokens, vocab] logits (the returned
     output's `logits` is then None, as Liger's fused loss returns); without labels the forward is the
@@ -17,6 +20,7 @@ rounding. Gemma's (1 + w) norms and soft-capped logits are left as they are (not
 
 from __future__ import annotations
 
+import sys
 import types
 
 import torch
@@ -69,12 +73,12 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
                                   attentions=getattr(out, "attentions", None))
 
 
-def patch_hf(model, *, norms: bool = True, mlp: bool = True, loss: bool = True) -> dict:
+def patch_hf(model, *, norms: bool = True, mlp: bool = True, loss: bool = True, rope: bool = False) -> dict:
     """Patch a transformers causal LM instance in place (see the module docstring); returns what was patched:
-    {"norms": n, "mlps": n, "loss": bool}. Calling it again patches nothing more."""
+    {"norms": n, "mlps": n, "loss": bool, "rope": bool}. Calling it again patches nothing more."""
     if not isinstance(model, torch.nn.Module):
         raise UnsupportedError(f"patch_hf: expected a transformers model (torch.nn.Module), got {type(model).__name__}")
-    done = {"norms": 0, "mlps": 0, "loss": False}
+    done = {"norms": 0, "mlps": 0, "loss": False, "rope": False}
     if norms:
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
@@ -97,4 +101,11 @@ def patch_hf(model, *, norms: bool = True, mlp: bool = True, loss: bool = True) 
         model._ne_forward = model.forward
         model.forward = types.MethodType(_fused_loss_forward, model)
         done["loss"] = True
+    if rope:
+        module = sys.modules.get(type(model).__module__)
+        if module is None or not callable(getattr(module, "apply_rotary_pos_emb", None)):
+            raise UnsupportedError(f"patch_hf(rope=True): {type(model).__module__} has no apply_rotary_pos_emb")
+        if getattr(module.apply_rotary_pos_emb, "__module__", None) != ops.rotary.__name__:
+            module.apply_rotary_pos_emb = ops.apply_rotary_pos_emb
+            done["rope"] = True
     return done
