@@ -103,8 +103,8 @@ def main(argv=None) -> int:
                            theirs(gate, up).double().norm()).item()
                 st, so = saved_bytes(theirs, gate, up), saved_bytes(ours, gate, up)
                 print(f"| {name} | {T}x{Fd} | {dt_name} | {times['torch'] * 1e3:.2f} | {times['ne'] * 1e3:.2f} | "
-                      f"{times['torch'] / times['ne']:.2f}x | {st / 2**20:.0f} | {so / 2**20:.0f} |  (rel diff {err:.1e})",
-                      flush=True)
+                      f"{times['torch'] / times['ne']:.2f}x | {st / 2**20:.0f} | {so / 2**20:.0f} |  "
+                      f"(rel diff {err:.1e})", flush=True)
     return 0
 
 

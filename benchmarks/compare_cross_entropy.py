@@ -106,7 +106,8 @@ def main(argv=None) -> int:
             rows.append((dtype, n, med, peak, dl))
             print(f"  {dtype} N={n}: torch {med['torch'] * 1e3:.1f} ms / {peak['torch'] / 2**20:.0f} MiB, "
                   f"ne {med['ne'] * 1e3:.1f} ms / {peak['ne'] / 2**20:.0f} MiB (loss rel diff {dl:.1e})", flush=True)
-    print("\n| dtype | tokens | torch ms | ours ms | speed-up | torch peak MiB | ours peak MiB | memory ratio | loss rel diff |")
+    print("\n| dtype | tokens | torch ms | ours ms | speed-up | torch peak MiB | ours peak MiB | memory ratio "
+          "| loss rel diff |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for dtype, n, med, peak, dl in rows:
         print(f"| {dtype} | {n} | {med['torch'] * 1e3:.1f} | {med['ne'] * 1e3:.1f} | {med['torch'] / med['ne']:.2f}x | "

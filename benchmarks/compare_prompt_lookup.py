@@ -9,8 +9,8 @@ the same.
 shipped tokenizer's ids). The prompt: a passage of the package's corpus followed by its first sentences again
 (a model that has learned to continue text copies the rest: the case prompt lookup serves: quoting, editing,
 extraction). A random-weight model's greedy text soon repeats itself, so its acceptance is not a trained
-model's: what it shows is the cost side, k + 1 rows a step against one. Decode time: from the first generated token to the
-last (streamed), medians over --repeats, the modes alternated.
+model's: what it shows is the cost side, k + 1 rows a step against one. Decode time: from the first generated
+token to the last (streamed), medians over --repeats, the modes alternated.
 """
 
 from __future__ import annotations

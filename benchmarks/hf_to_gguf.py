@@ -1,4 +1,4 @@
-"""Convert a Hugging Face GPT-2, Llama or Mixtral checkpoint directory to GGUF (f32, f16, or llama.cpp's q8_0 / q4_0 blocks), for llama.cpp.
+"""Convert a Hugging Face GPT-2, Llama or Mixtral checkpoint to GGUF (f32, f16, or llama.cpp's q8_0 / q4_0 blocks).
 
     python benchmarks/hf_to_gguf.py CHECKPOINT_DIR OUT.gguf [--outtype f32|f16|q8_0|q4_0] [--no-output]
 

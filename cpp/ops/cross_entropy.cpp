@@ -164,7 +164,8 @@ void cross_entropy(const TensorView& logits, const TensorView& target, int64_t i
   if (logits.dtype != DType::F32 && logits.dtype != DType::F64)
     throw DTypeError(std::string(logits.name) + ": expected float32 or float64 logits, got " +
                      dtype_name(logits.dtype));
-  if (logits.ndim != 2) throw ShapeError(std::string(logits.name) + ": expected [rows, vocab], got " + shape_str(logits));
+  if (logits.ndim != 2)
+    throw ShapeError(std::string(logits.name) + ": expected [rows, vocab], got " + shape_str(logits));
   CeArgs a{};
   a.z = as_rows(logits);
   const int64_t rows = a.z.rows, V = a.z.cols;
