@@ -1,6 +1,6 @@
 // The MLP activations lane-wise, and their derivatives, for the kernel files of one ISA (included inside
-// nothing: it opens ne::NE_ISA_NS itself). The runner's activation pass (ops/attention.cpp) and the
-// training ops' gated activations (ops/gated.cpp) share them.
+// nothing: it opens ne::NE_ISA_NS itself): the gated-activation kernels of ops/gated.cpp, which serve the
+// training ops and the runner's activation pass (ops/attention.cpp) alike.
 //   gelu_tanh(x) = x / 2 * (1 + tanh(u)) = x * sigmoid(2u),   u = sqrt(2/pi) (x + 0.044715 x^3)
 //     d/dx = t + x * 2 t (1 - t) * sqrt(2/pi) (1 + 3 * 0.044715 x^2),   t = sigmoid(2u)
 //   silu(x) = x * s,  s = sigmoid(x) = 1 / (1 + exp(-x));   d/dx = s (1 + x (1 - s))

@@ -23,8 +23,8 @@
 #include "core/parallel.h"
 #include "core/simd.h"
 #include "normengine/ops.h"
-#include "ops/activation_math.h"
 #include "ops/attention.h"
+#include "ops/gated.h"
 
 namespace ne {
 namespace NE_ISA_NS {
@@ -463,23 +463,25 @@ void rope(const RopeArgs& a) {
   });
 }
 
-// Activations: ops/activation_math.h
-using actmath::act;
-
+// The MLP activation of the runner: the gated-activation kernel of ops/gated.cpp (float32 rows, in place
+// where out is a or b).
 void activation(const ActArgs& a) {
-  parallel_for(a.rows, a.n >= 4096 ? 1 : 4096 / (a.n > 0 ? a.n : 1), [&](int64_t r0, int64_t r1, int) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* x = a.a + r * a.lda;
-      const float* b = a.b ? a.b + r * a.ldb : nullptr;
-      float* o = a.out + r * a.ldo;
-      for (int64_t i = 0; i < a.n; i += N) {
-        int k = width(a.n, i);
-        R y = act(a.act, loadn<VF>(x + i, k));
-        if (b) y = VF::mul(y, loadn<VF>(b + i, k));
-        storen<VF>(o + i, y, k);
-      }
-    }
-  });
+  auto rows = [&](const float* p, int64_t ld) {
+    RowMatrix m;
+    if (!p) return m;  // (b absent: not gated)
+    m.data = const_cast<float*>(p);
+    m.dtype = DType::F32;
+    m.rows = a.rows;
+    m.cols = a.n;
+    m.ld = ld;
+    return m;
+  };
+  GatedArgs g{};
+  g.act = static_cast<int>(a.act);
+  g.a = rows(a.a, a.lda);
+  g.b = rows(a.b, a.ldb);
+  g.y = rows(a.out, a.ldo);
+  gated_table()->forward[0](g);
 }
 
 }  // namespace

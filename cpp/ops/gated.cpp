@@ -4,7 +4,7 @@
 //   db = dy * act(a)
 // act and act' from ops/activation_math.h, in float32 lanes (double for float64 tensors); 16-bit tensors are
 // widened on load and rounded to nearest even on store. The backward recomputes act(a) from a: nothing but
-// the inputs is kept between the passes.
+// the inputs is kept between the passes. The runner's MLP activation (ops/attention.cpp) is the forward here too.
 #include <cstdint>
 #include <string>
 
