@@ -9,7 +9,6 @@
 // logits in place (pass 2 keeps exp(z_j - m) where z_j was; z_t and sum z are read before it).
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <string>
 
 #include "core/parallel.h"
@@ -22,14 +21,23 @@ namespace ne {
 namespace NE_ISA_NS {
 namespace {
 
-bool target_ok(const CeArgs& a, int64_t r, int64_t V, int64_t& t) {
+// Row r's target t; false when the row is done here: an ignored row (loss 0, lse 0, gradient 0), or a target
+// outside [0, V) (loss and gradient NaN, the row recorded in bad_row for the entry point to report).
+template <class A>
+bool row_target(const CeArgs& a, int64_t r, int64_t& t) {
+  const int64_t V = a.z.cols;
   t = a.target[r];
-  if (t == a.ignore_index) return true;
-  if (t < 0 || t >= V) {
-    if (a.bad_row) __atomic_store_n(a.bad_row, r, __ATOMIC_RELAXED);
-    return false;
+  const bool ignored = t == a.ignore_index;
+  if (!ignored && t >= 0 && t < V) return true;
+  if (!ignored && a.bad_row) __atomic_store_n(a.bad_row, r, __ATOMIC_RELAXED);
+  const A fill = ignored ? A(0) : A(NAN);
+  static_cast<A*>(a.loss)[r] = fill;
+  if (ignored && a.lse) static_cast<A*>(a.lse)[r] = A(0);
+  if (a.grad.data) {
+    A* g = a.grad.row<A>(r);
+    for (int64_t j = 0; j < V; ++j) g[j] = fill;
   }
-  return true;
+  return false;
 }
 
 // float32 rows, VF lanes
@@ -44,13 +52,7 @@ void rows_f32(const CeArgs& a, int64_t r0, int64_t r1) {
     float* loss = static_cast<float*>(a.loss) + r;
     float* lse_out = a.lse ? static_cast<float*>(a.lse) + r : nullptr;
     int64_t t;
-    if (!target_ok(a, r, V, t)) { *loss = NAN; if (g) for (int64_t j = 0; j < V; ++j) g[j] = NAN; continue; }
-    if (t == a.ignore_index) {
-      *loss = 0.f;
-      if (lse_out) *lse_out = 0.f;
-      if (g) std::memset(g, 0, static_cast<size_t>(V) * sizeof(float));
-      continue;
-    }
+    if (!row_target<float>(a, r, t)) continue;
     // pass 1: the max (and sum z for smoothing)
     R mx = VF::set1(-INFINITY);
     double zsum = 0.0;
@@ -117,13 +119,7 @@ void rows_f64(const CeArgs& a, int64_t r0, int64_t r1) {
     double* loss = static_cast<double*>(a.loss) + r;
     double* lse_out = a.lse ? static_cast<double*>(a.lse) + r : nullptr;
     int64_t t;
-    if (!target_ok(a, r, V, t)) { *loss = NAN; if (g) for (int64_t j = 0; j < V; ++j) g[j] = NAN; continue; }
-    if (t == a.ignore_index) {
-      *loss = 0.0;
-      if (lse_out) *lse_out = 0.0;
-      if (g) for (int64_t j = 0; j < V; ++j) g[j] = 0.0;
-      continue;
-    }
+    if (!row_target<double>(a, r, t)) continue;
     double m = -INFINITY, zsum = 0.0, esum = 0.0;
     bool nan = false;
     for (int64_t j = 0; j < V; ++j) { m = z[j] > m ? z[j] : m; zsum += z[j]; nan |= z[j] != z[j]; }
