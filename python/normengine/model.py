@@ -11,6 +11,7 @@ copies) import torch when called."""
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import sys
@@ -141,6 +142,12 @@ def _stop_prefix_len(text: str, stops) -> int:
                 best = k
                 break
     return best
+
+
+def _int32s(torch, values):
+    """An int32 vector for the runner: a torch tensor where torch is loaded (its binding path is the faster one),
+    else a numpy array."""
+    return np.array(values, dtype=np.int32) if torch is None else torch.tensor(values, dtype=torch.int32)
 
 
 def _check_lookup(k, temperature, batched) -> None:
@@ -795,10 +802,7 @@ class Model:
         vocab = self.config.vocab_size
         on_gpu = self._cuda
 
-        def ints(values):  # an int32 vector for the runner (torch's binding path is the faster one)
-            if torch is None:
-                return np.array(values, dtype=np.int32)
-            return torch.tensor(values, dtype=torch.int32)
+        ints = functools.partial(_int32s, torch)
 
         if torch is None:
             logits = np.empty((B, vocab), dtype=np.float32)
@@ -899,8 +903,7 @@ class Model:
         vocab = self.config.vocab_size
         sampler = _C.Sampler(0)  # temperature 0: the argmax (NaN / +Inf logits raise, as in _generate)
 
-        def ints(values):
-            return np.array(values, dtype=np.int32) if torch is None else torch.tensor(values, dtype=torch.int32)
+        ints = functools.partial(_int32s, torch)
 
         rows_buf = (np.empty((k + 1, vocab), dtype=np.float32) if torch is None else
                     torch.empty(k + 1, vocab, dtype=torch.float32, device=self.device))
