@@ -1,9 +1,9 @@
-"""Speculative greedy decoding by prompt lookup (generate(prompt_lookup=k)) against plain greedy decoding,
-same model, same prompt: decode tokens/s, runner steps, tokens accepted per step, and whether the tokens are
-the same.
+"""Speculative decoding by prompt lookup (generate(prompt_lookup=k)) against plain decoding, same model, same
+prompt, greedy or sampled under one seed: decode tokens/s, runner steps, tokens accepted per step, and whether the
+tokens are the same.
 
     PYTHONPATH=python python3 benchmarks/compare_prompt_lookup.py [--model PATH] [--k 4,8,16] [--gen 128]
-        [--threads 2] [--repeats 5]
+        [--threads 2] [--repeats 5] [--temperature 0] [--top-p 1] [--seed 0]
 
 --model: a checkpoint (default: the model shipped in the package; one without a tokenizer.json gets the
 shipped tokenizer's ids). The prompt: a passage of the package's corpus followed by its first sentences again
@@ -30,6 +30,9 @@ def main(argv=None) -> int:
     ap.add_argument("--passage", type=int, default=600, help="characters of the corpus in the prompt")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); else sampled")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0, help="the sampling seed of every run")
     a = ap.parse_args(argv)
     import normengine as ne
 
@@ -41,6 +44,9 @@ def main(argv=None) -> int:
     tok = m.tokenizer or ne.load().tokenizer  # (a checkpoint without tokenizer.json: the shipped model's ids)
     ids = tok.encode(passage + "\n" + passage[: a.passage // 6]).ids
     gen = min(a.gen, m.config.max_seq_len - len(ids))
+    if gen < 2:
+        ap.error(f"the prompt ({len(ids)} tokens) leaves no room in the model's context of "
+                 f"{m.config.max_seq_len}: pass a smaller --passage")
     steps = []
     forward = m._forward
 
@@ -52,7 +58,8 @@ def main(argv=None) -> int:
 
     def run(k):
         steps.clear()
-        it = m.generate(ids, max_new_tokens=gen, stream=True, prompt_lookup=k)
+        it = m.generate(ids, max_new_tokens=gen, stream=True, prompt_lookup=k, temperature=a.temperature,
+                        top_p=a.top_p, seed=a.seed)
         toks = [next(it)]
         t0 = time.perf_counter()
         toks += list(it)
@@ -66,8 +73,9 @@ def main(argv=None) -> int:
     base_t = statistics.median(r[0] for r in res[None])
     base_toks = res[None][0][1]
     print(f"model {a.model or 'shipped default'} ({m.config.n_layers} layers, d {m.config.d_model}); prompt "
-          f"{len(ids)} tokens, {len(base_toks)} generated; {a.threads} threads; medians of {a.repeats}")
-    print("| prompt_lookup | decode tok/s | runner steps | tokens / step | speed-up | same tokens as greedy |")
+          f"{len(ids)} tokens, {len(base_toks)} generated; {a.threads} threads; medians of {a.repeats}; "
+          + (f"temperature {a.temperature}, top_p {a.top_p}, seed {a.seed}" if a.temperature else "greedy"))
+    print("| prompt_lookup | decode tok/s | runner steps | tokens / step | speed-up | same tokens as without |")
     print("|---|---:|---:|---:|---:|---|")
     for k in modes:
         t = statistics.median(r[0] for r in res[k])

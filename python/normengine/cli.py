@@ -312,8 +312,8 @@ def main(argv=None) -> int:
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", choices=list(_DTYPES), default=None, help="weights dtype (default: as stored)")
     g.add_argument("--prompt-lookup", type=_int_at_least(1), default=None, metavar="K",
-                   help="speculative greedy decoding: up to K draft tokens a step copied from the context "
-                        "(with --temperature 0)")
+                   help="speculative decoding: up to K draft tokens a step copied from the context, verified "
+                        "in one forward (the same tokens as without it, greedy or sampled under --seed)")
     _model_options(g)
     g.set_defaults(fn=cmd_generate)
     ch = sub.add_parser("chat", help="a conversation on standard input through the checkpoint's chat template")
@@ -330,7 +330,7 @@ def main(argv=None) -> int:
     ch.add_argument("--device", default="cpu")
     ch.add_argument("--dtype", choices=list(_DTYPES), default=None, help="weights dtype (default: as stored)")
     ch.add_argument("--prompt-lookup", type=_int_at_least(1), default=None, metavar="K",
-                    help="speculative greedy decoding (with --temperature 0), as generate's")
+                    help="speculative decoding with drafts copied from the context, as generate's")
     _model_options(ch)
     ch.set_defaults(fn=cmd_chat)
     i = sub.add_parser("info", help="architecture, sizes, parameter count and dtype of a checkpoint")

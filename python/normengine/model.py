@@ -150,14 +150,23 @@ def _int32s(torch, values):
     return np.array(values, dtype=np.int32) if torch is None else torch.tensor(values, dtype=torch.int32)
 
 
-def _check_lookup(k, temperature, batched) -> None:
+def _check_lookup(k, batched) -> None:
     if k is None:
         return
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 64:
         raise ArgumentError(f"prompt_lookup: expected an int in 1..64 (draft tokens per step) or None, got {k!r}")
-    if temperature != 0 or batched:
-        raise ArgumentError("prompt_lookup: speculative decoding here is greedy and for one prompt "
-                            "(temperature=0, not a batch)")
+    if batched:
+        raise ArgumentError("prompt_lookup: speculative decoding here is for one prompt, not a batch")
+
+
+def _sampler_seed(seed, torch) -> int:
+    """The base seed of a generation's samplers: `seed`, else a draw from torch's generator where torch is
+    loaded (torch.manual_seed governs unseeded sampling, as torch's own), else from the system."""
+    if seed is not None:
+        return seed
+    if torch is not None:
+        return int(torch.randint(0, 2**62, (1,)).item())
+    return random.SystemRandom().getrandbits(62)
 
 
 class _NgramIndex:
@@ -649,14 +658,18 @@ class Model:
         turns fit: a runner grown anew starts empty). The logits then differ from a fresh prefill's by
         float rounding (other kernels' summation orders), so a near-tie can pick another token: off by
         default, as a seed reproduces tokens exactly only without it.
-        prompt_lookup=k (greedy, one prompt): speculative decoding by prompt lookup. Each step drafts up to k
-        tokens by finding the latest earlier occurrence of the text's last 3 (else 2, else 1) tokens and copying
-        what followed it, and verifies the draft in the same forward as the next token (k + 1 rows of a GEMM
-        that streams the weights once, about the cost of one token on a memory-bound CPU): the drafted tokens
-        that greedy decoding agrees with are kept, and the KV cache is cut back past the first one it does not.
-        Text that repeats its context (code edits, quoting, summaries, extraction) then takes several tokens a
-        step. The tokens are the greedy ones, up to float rounding (a step verifies several rows at once, so a
-        near-tie may resolve differently than in one-token decoding)."""
+        prompt_lookup=k (one prompt): speculative decoding by prompt lookup. Each step drafts up to k tokens by
+        finding the latest earlier occurrence of the text's last 3 (else 2, else 1) tokens and copying what
+        followed it, and verifies the draft in the same forward as the next token (k + 1 rows of a GEMM that
+        streams the weights once, about the cost of one token on a memory-bound CPU): the token after each
+        position is chosen as without drafts (the argmax, or with temperature > 0 a draw from the same sampler),
+        drafted tokens are kept while those choices equal them, and the KV cache is cut back past the first one
+        that differs. Text that repeats its context (code edits, quoting, summaries, extraction) then takes
+        several tokens a step. When sampling this is exact speculative sampling (a draft that is one token
+        accepts it with probability p(token) and otherwise draws from p without it, which is what one draw from
+        p compared with the draft does), and under a seed the tokens are those of generate without
+        prompt_lookup. In both modes up to float rounding: a step verifies several rows at once, so a near-tie
+        may resolve differently than in one-token decoding."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ArgumentError(f"max_new_tokens: expected a non-negative int, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or not temperature >= 0:
@@ -671,7 +684,7 @@ class Model:
             raise ArgumentError(f"cache_prompt: expected True or False, got {cache_prompt!r}")
         prompt = self._as_id_lists(prompt, "prompt")  # [T] -> one prompt, [B, T] -> a batch
         batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], (str, list, tuple))
-        _check_lookup(prompt_lookup, temperature, batched)
+        _check_lookup(prompt_lookup, batched)
         prompts = list(prompt) if batched else [prompt]
         text = [isinstance(p, str) for p in prompts]
         ids = [self._encode(p) if t else self._check_ids(p) for p, t in zip(prompts, text)]
@@ -695,12 +708,13 @@ class Model:
                 stop_ids.add(s)
             else:
                 raise ArgumentError(f"stop: expected token ids or strings, got {s!r}")
+        # top_k at or past the vocabulary keeps every candidate (and stays within the sampler's int)
+        sampling = (float(temperature), min(top_k or 0, self.config.vocab_size), 1.0 if top_p is None else float(top_p))
         if prompt_lookup:
-            gen = self._generate_lookup(ids[0], text[0], max_new_tokens, stop_ids | self._eos(), stop_strs,
-                                        cache_prompt, prompt_lookup)
-        else:  # top_k at or past the vocabulary keeps every candidate (and stays within the sampler's int)
-            gen = self._generate(ids, text, max_new_tokens, float(temperature), min(top_k or 0, self.config.vocab_size),
-                                 1.0 if top_p is None else float(top_p), seed, stop_ids | self._eos(), stop_strs,
+            gen = self._generate_lookup(ids[0], text[0], max_new_tokens, sampling, seed, stop_ids | self._eos(),
+                                        stop_strs, cache_prompt, prompt_lookup)
+        else:
+            gen = self._generate(ids, text, max_new_tokens, *sampling, seed, stop_ids | self._eos(), stop_strs,
                                  cache_prompt)
         if stream:
             return self._stream(gen, batched)
@@ -752,7 +766,7 @@ class Model:
         eos ids, at the template's end-of-turn token (its eos_token), and at `stop`. Returns the reply
         text, or with stream=True an iterator of its pieces. cache_prompt=True (the default here): a
         conversation that goes on from the previous call's prompt and reply prefills only its new turn
-        (see generate); prompt_lookup as generate's (greedy). Needs the checkpoint's tokenizer.json."""
+        (see generate); prompt_lookup as generate's. Needs the checkpoint's tokenizer.json."""
         if self.tokenizer is None:
             raise UnsupportedError("chat: needs a tokenizer.json beside the checkpoint")
         t = self._template(chat_template)
@@ -764,7 +778,7 @@ class Model:
             stops.append(tid if tid is not None else t.end_of_turn)
         if not isinstance(stream, bool):
             raise ArgumentError(f"stream: expected True or False, got {stream!r}")
-        _check_lookup(prompt_lookup, temperature, False)
+        _check_lookup(prompt_lookup, False)
         return self._generate_ids([ids], [True], False, max_new_tokens, temperature, top_k, top_p, seed, stops,
                                   stream, cache_prompt, prompt_lookup)
 
@@ -792,12 +806,7 @@ class Model:
         if cache_prompt:  # room for the next turns too: a runner made anew (to grow) starts with no cache
             ctx = max(ctx, min(self.config.max_seq_len, 2 * ctx))
         torch = _torch_if_loaded()  # None in a torch-free process: numpy buffers then
-        if seed is not None:
-            base = seed
-        elif torch is not None:  # torch.manual_seed governs unseeded sampling, as torch's own
-            base = int(torch.randint(0, 2**62, (1,)).item())
-        else:
-            base = random.SystemRandom().getrandbits(62)
+        base = _sampler_seed(seed, torch)
         samplers = [_C.Sampler((base + i) % 2**64) for i in range(B)]  # any int seed (negative, huge) works
         vocab = self.config.vocab_size
         on_gpu = self._cuda
@@ -892,16 +901,26 @@ class Model:
             return piece, done
         return "", done
 
-    def _generate_lookup(self, prompt, is_text, max_new, stop_ids, stop_strs, cache_prompt, k):
-        """Greedy generation of one sequence with prompt-lookup drafts (generate(prompt_lookup=k)); yields
-        (0, token or text piece) as _generate does."""
+    def _generate_lookup(self, prompt, is_text, max_new, sampling, seed, stop_ids, stop_strs, cache_prompt, k):
+        """Generation of one sequence with prompt-lookup drafts (generate(prompt_lookup=k)); yields
+        (0, token or text piece) as _generate does.
+
+        Verifying a draft when sampling: speculative sampling (Leviathan et al. 2023; Chen et al. 2023) with a
+        draft distribution q that puts all its mass on the drafted token d accepts d with probability
+        min(1, p(d) / q(d)) = p(d) and otherwise draws from norm(max(0, p - q)), which is p without d,
+        renormalized. Drawing one token x from p and accepting d iff x == d does exactly that: P(x = d) = p(d),
+        and x given x != d is p without d, renormalized. So each position draws its token from the sampler as
+        plain sampling does (one draw per token, in the same order, from a generator seeded the same way), the
+        draft is kept while those tokens equal it, and the tokens under a seed are plain sampling's (up to the float
+        rounding of rows computed several at a time)."""
         if max_new == 0:
             return
         need = min(self.config.max_seq_len, len(prompt) + max_new + k)  # (drafts may reach past the last token)
         ctx = max(need, min(self.config.max_seq_len, 2 * need)) if cache_prompt else need
         torch = _torch_if_loaded()
         vocab = self.config.vocab_size
-        sampler = _C.Sampler(0)  # temperature 0: the argmax (NaN / +Inf logits raise, as in _generate)
+        # seeded as _generate's sampler of a lone sequence; temperature 0 draws nothing (the argmax)
+        sampler = _C.Sampler(_sampler_seed(seed, torch) % 2**64)
 
         ints = functools.partial(_int32s, torch)
 
@@ -930,9 +949,9 @@ class Model:
         while True:
             host = rows.cpu() if self._cuda else rows
             accepted = []
-            for j in range(len(draft) + 1):  # the greedy token after each fed position, while the draft agrees
+            for j in range(len(draft) + 1):  # the token after each fed position, while the draft agrees
                 try:
-                    tok = sampler.sample(host[j], 0.0, 0, 1.0)
+                    tok = sampler.sample(host[j], *sampling)
                 except ArgumentError as e:
                     raise NumericalError(f"generate: new token {len(produced) + j + 1}: {e}") from None
                 accepted.append(tok)
