@@ -30,6 +30,7 @@ OPTIONS = [
     ("arithmetic='lmul', lmul_bits=3", {"arithmetic": "lmul", "lmul_bits": 3}),
     ("arithmetic='lmul', lmul_bits=4, lmul_scope='all'", {"arithmetic": "lmul", "lmul_bits": 4, "lmul_scope": "all"}),
     ("kv_cache_dtype=bfloat16", {"kv_cache_dtype": "bfloat16"}),
+    ("kv_cache_dtype=int8", {"kv_cache_dtype": "int8"}),
     ("norm='crmsnorm'", {"norm": "crmsnorm"}),
     ("norm='rmsnorm', float32", {"norm": "rmsnorm", "dtype": "float32"}),
     ("norm='crmsnorm', float32", {"norm": "crmsnorm", "dtype": "float32"}),

@@ -115,8 +115,10 @@ __global__ void embed_kernel(const EmbedParams p) {
 // with cos/sin = table[pos[t], i] (built on the host in float32 exactly as the CPU runner does).
 // K' goes straight to kcache[slot][pos], V is copied to vcache[slot][pos]. Without RoPE (cos null),
 // K is copied as is. TC: the caches' element type, float, or __nv_bfloat16 (spec.kv_bf16: each value
-// rounded to nearest even once, as the CPU runner's bf16 cache). A linear-family layer (kcache null)
-// keeps no cache: K' is written back over K, as Q' over Q.
+// rounded to nearest even once, as the CPU runner's bf16 cache), or int8_t (spec.kv_int8: K' is written back
+// over K, then each head's row of K' and of V quantized by one warp as the CPU runner's quantize_int8 does:
+// s = max |x| / 127 into kscale / vscale [slots][ctx][n_kv_heads], round(x / s) into the cache). A
+// linear-family layer (kcache null) keeps no cache: K' is written back over K, as Q' over Q.
 struct RopeCacheParams {
   float* q;
   float* k;  // rotated in place when kcache is null (a linear-family layer: no cache)
@@ -128,6 +130,8 @@ struct RopeCacheParams {
   const float* sin;
   void* kcache;      // [slots][ctx][n_kv_heads * D] of TC, or null: RoPE of q and k in place only
   void* vcache;
+  float* kscale;     // int8 caches: [slots][ctx][n_kv_heads] (else unused)
+  float* vscale;
   int64_t ctx;
   int n_heads, n_kv_heads, head_dim;
   // Per-head RMSNorm of q and k before the rotation (Qwen3; null: none), with the model's norm_eps:
@@ -141,8 +145,34 @@ struct RopeCacheParams {
 template <class TC> __device__ __forceinline__ TC to_cache(float x);
 template <> __device__ __forceinline__ float to_cache<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 to_cache<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+// An int8 row needs its scale first: quantize_row_int8 writes it whole, and rope_cache_kernel<int8_t> never
+// writes a value alone (its `direct` is false); reaching this is a bug.
+template <> __device__ __forceinline__ int8_t to_cache<int8_t>(float) {
+  __trap();
+  return 0;
+}
 __device__ __forceinline__ float from_cache(float x) { return x; }
 __device__ __forceinline__ float from_cache(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float from_cache(int8_t x) { return static_cast<float>(x); }
+
+// One warp: a head's row x[0 .. D) into an int8 cache row q with its scale (ops/attention.cpp quantize_row_int8):
+// s = max |x| / 127, q = round(x / s) to nearest even, clamped to +-127; zeros: s = 0; NaN or Inf: s = NaN, q = 0.
+__device__ void quantize_row_int8(const float* x, int D, int8_t* q, float* scale, int lane) {
+  float amax = 0.f, bad = 0.f;  // bad: 1 where this lane saw NaN or Inf
+  for (int i = lane; i < D; i += 32) {
+    bad = fabsf(x[i]) <= 3.402823466e38f ? bad : 1.f;  // (false for NaN and Inf)
+    amax = fmaxf(amax, fabsf(x[i]));
+  }
+  for (int off = 16; off; off >>= 1) {
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    bad = fmaxf(bad, __shfl_xor_sync(0xffffffffu, bad, off));
+  }
+  const bool finite = bad == 0.f;
+  const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
+  for (int i = lane; i < D; i += 32)  // (rintf: to nearest even, as the CPU's nearbyint)
+    q[i] = static_cast<int8_t>(rintf(fminf(127.f, fmaxf(-127.f, x[i] * inv))));
+  if (lane == 0) *scale = !finite ? NAN : amax > 0.f ? amax / 127.f : 0.f;
+}
 
 template <class TC>
 __global__ void rope_cache_kernel(const RopeCacheParams p) {
@@ -150,7 +180,9 @@ __global__ void rope_cache_kernel(const RopeCacheParams p) {
   const int D = p.head_dim, half = p.rot_dim / 2;
   const int64_t pos = p.pos[t], dkv = static_cast<int64_t>(p.n_kv_heads) * D;
   const int64_t row = (static_cast<int64_t>(p.slot[t]) * p.ctx + pos) * dkv;
+  constexpr bool q8 = std::is_same<TC, int8_t>::value;
   const bool cached = p.kcache != nullptr;
+  const bool direct = cached && !q8;  // K' and V written to the cache as they are made (else quantized after)
   TC* kdst = cached ? static_cast<TC*>(p.kcache) + row : nullptr;
   TC* vdst = cached ? static_cast<TC*>(p.vcache) + row : nullptr;
   float* k = p.k + t * p.ldkv;
@@ -185,7 +217,7 @@ __global__ void rope_cache_kernel(const RopeCacheParams p) {
       float* x = k + h * D;
       const float c = cs[i], s = sn[i], x1 = x[i], x2 = x[i + half];
       const float y1 = x1 * c - x2 * s, y2 = x2 * c + x1 * s;
-      if (cached) {
+      if (direct) {
         kdst[h * D + i] = to_cache<TC>(y1);
         kdst[h * D + i + half] = to_cache<TC>(y2);
       } else {
@@ -193,16 +225,27 @@ __global__ void rope_cache_kernel(const RopeCacheParams p) {
         x[i + half] = y2;
       }
     }
-    if (cached && p.rot_dim < D)  // partial rotary: the dims past rot_dim go to the cache as they are
+    if (direct && p.rot_dim < D)  // partial rotary: the dims past rot_dim go to the cache as they are
       for (int e = threadIdx.x; e < p.n_kv_heads * (D - p.rot_dim); e += blockDim.x) {
         const int h = e / (D - p.rot_dim), i = p.rot_dim + e % (D - p.rot_dim);
         kdst[h * D + i] = to_cache<TC>(k[h * D + i]);
       }
-  } else if (cached) {
+  } else if (direct) {
     for (int64_t e = threadIdx.x; e < dkv; e += blockDim.x) kdst[e] = to_cache<TC>(k[e]);
   }
-  if (cached)
+  if (direct)
     for (int64_t e = threadIdx.x; e < dkv; e += blockDim.x) vdst[e] = to_cache<TC>(v[e]);
+  if constexpr (q8) {
+    if (!cached) return;
+    __syncthreads();  // K' complete in k
+    const int64_t srow = (static_cast<int64_t>(p.slot[t]) * p.ctx + pos) * p.n_kv_heads;
+    for (int h = threadIdx.x / 32; h < 2 * p.n_kv_heads; h += blockDim.x / 32) {
+      const bool is_k = h < p.n_kv_heads;
+      const int g = is_k ? h : h - p.n_kv_heads;
+      quantize_row_int8((is_k ? k : v) + g * D, D, reinterpret_cast<int8_t*>(is_k ? kdst : vdst) + g * D,
+                        (is_k ? p.kscale : p.vscale) + srow + g, static_cast<int>(threadIdx.x % 32));
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------- attention_kernel
@@ -222,8 +265,10 @@ struct AttnParams {
   const float* q;
   float* out;
   int64_t ldq, ldo;
-  const void* kcache;  // of TC (float, or __nv_bfloat16 with spec.kv_bf16: read widened to float)
-  const void* vcache;
+  const void* kcache;  // of TC (float, or __nv_bfloat16 with spec.kv_bf16: read widened to float; or int8_t
+  const void* vcache;  // with spec.kv_int8: times kscale / vscale [slots][ctx][n_kv_heads] of its row and kv head)
+  const float* kscale;
+  const float* vscale;
   const int32_t* pos;
   const int32_t* slot;
   int64_t ctx;
@@ -249,6 +294,11 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(const AttnPa
   const int64_t base = static_cast<int64_t>(p.slot[t]) * p.ctx * dkv + static_cast<int64_t>(g) * D;
   const TC* K = static_cast<const TC*>(p.kcache) + base;
   const TC* V = static_cast<const TC*>(p.vcache) + base;
+  // int8 caches: key j's scales at sc[j * n_kv_heads] (else unit scales, never read)
+  constexpr bool q8 = std::is_same<TC, int8_t>::value;
+  const int64_t sbase = (static_cast<int64_t>(p.slot[t]) * p.ctx) * p.n_kv_heads + g;
+  const float* KS = q8 ? p.kscale + sbase : nullptr;
+  const float* VS = q8 ? p.vscale + sbase : nullptr;
 
   float qr[DPL];
   const float* q = p.q + t * p.ldq + static_cast<int64_t>(h) * D;
@@ -279,6 +329,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(const AttnPa
     float mx = m;
 #pragma unroll
     for (int u = 0; u < kAttnKeys; ++u) {
+      if (q8 && j0 + u < L) s[u] *= KS[(j0 + u) * p.n_kv_heads];  // s = q . k8 times the row's scale
       s[u] = j0 + u < L ? p.scale * s[u] : -INFINITY;
       if (p.softcap > 0.f && j0 + u < L) s[u] = softcap(s[u], p.softcap);
       mx = fmaxf(mx, s[u]);
@@ -292,6 +343,10 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attention_kernel(const AttnPa
       psum += pr[u];
     }
     l = l * corr + psum;
+    if (q8)  // p v8 times the V row's scale: p scaled (after l took it)
+#pragma unroll
+      for (int u = 0; u < kAttnKeys; ++u)
+        if (j0 + u < L) pr[u] *= VS[(j0 + u) * p.n_kv_heads];
 #pragma unroll
     for (int i = 0; i < DPL; ++i) {
       float a = acc[i] * corr;
@@ -422,8 +477,9 @@ void launch_attention_t(const AttnParams& p, int64_t T, cudaStream_t s) {
   check_launch("attention_kernel");
 }
 
-void launch_attention(const AttnParams& p, int64_t T, bool bf16_cache, cudaStream_t s) {
-  if (bf16_cache) launch_attention_t<__nv_bfloat16>(p, T, s);
+void launch_attention(const AttnParams& p, int64_t T, const ModelSpec& spec, cudaStream_t s) {
+  if (spec.kv_int8) launch_attention_t<int8_t>(p, T, s);
+  else if (spec.kv_bf16) launch_attention_t<__nv_bfloat16>(p, T, s);
   else launch_attention_t<float>(p, T, s);
 }
 
@@ -564,9 +620,12 @@ struct CudaRunner::Layer {
   DevW attn_norm_w, attn_norm_b, q, k, v, o, qb, kb, vb, ob, decay, q_norm, k_norm, attn_post_norm, mlp_post_norm;
   DevW mlp_norm_w, mlp_norm_b, up, gate, down, upb, gateb, downb;
   MoeWeights<DevW> moe;  // a mixture-of-experts layer's (spec.n_experts, moe_layer)
-  // in Impl::cache: softmax layers [slots][ctx][n_kv_heads * head_dim] (float, or bf16: spec.kv_bf16)
+  // in Impl::cache: softmax layers [slots][ctx][n_kv_heads * head_dim] (float, or bf16: spec.kv_bf16, or int8:
+  // spec.kv_int8, with the scales [slots][ctx][n_kv_heads] float32)
   void* kcache = nullptr;
   void* vcache = nullptr;
+  float* kscale = nullptr;
+  float* vscale = nullptr;
   float* state = nullptr;  // linear-family layers: [slots][n_heads][(head_dim + 1)^2] float32
 };
 
@@ -648,10 +707,12 @@ CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spe
   m.layers.resize(s.n_layers);
   m.len.assign(slots, 0);
 
-  // bytes per K or V cache (float32, or bfloat16 with spec.kv_bf16), and per layer's states (float32),
-  // each rounded up to 256 bytes (aligned for the kernels' vector loads)
+  // bytes per K or V cache (float32, bfloat16 with spec.kv_bf16, int8 and its float32 scales with spec.kv_int8),
+  // and per layer's states (float32), each rounded up to 256 bytes (aligned for the kernels' vector loads)
   auto aligned = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
-  const size_t per = aligned(static_cast<size_t>(slots) * ctx * s.n_kv_heads * s.head_dim * (s.kv_bf16 ? 2 : 4));
+  const size_t rows = static_cast<size_t>(slots) * ctx * s.n_kv_heads;  // head rows per cache
+  const size_t values = aligned(rows * s.head_dim * (s.kv_int8 ? 1 : s.kv_bf16 ? 2 : 4));
+  const size_t per = values + (s.kv_int8 ? aligned(rows * 4) : 0);
   const size_t per_state = aligned(static_cast<size_t>(slots) * s.n_heads * (s.head_dim + 1) * (s.head_dim + 1) * 4);
   size_t total = 0;
   for (int i = 0; i < s.n_layers; ++i) {
@@ -666,6 +727,10 @@ CudaRunner::CudaRunner(const ModelSpec& s, int slots, int ctx, int device) : spe
     if (L.type == AttnType::Softmax) {
       L.kcache = at;
       L.vcache = at + per;
+      if (s.kv_int8) {
+        L.kscale = reinterpret_cast<float*>(at + values);
+        L.vscale = reinterpret_cast<float*>(at + per + values);
+      }
       at += 2 * per;
     } else {
       L.state = reinterpret_cast<float*>(at);
@@ -1008,6 +1073,8 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       p.sin = tab ? tab + static_cast<size_t>(ctx_) * half : nullptr;
       p.kcache = L.kcache;  // null in a linear-family layer: RoPE only
       p.vcache = L.vcache;
+      p.kscale = L.kscale;
+      p.vscale = L.vscale;
       p.ctx = ctx_;
       p.n_heads = s.n_heads;
       p.n_kv_heads = s.n_kv_heads;
@@ -1017,6 +1084,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       p.norm_eps = static_cast<float>(s.norm_eps);
       p.rot_dim = rope_dims(s);
       if (s.kv_bf16 && softmax) cuda::rope_cache_kernel<__nv_bfloat16><<<grid_t, 128, 0, st>>>(p);
+      else if (s.kv_int8 && softmax) cuda::rope_cache_kernel<int8_t><<<grid_t, 128, 0, st>>>(p);
       else cuda::rope_cache_kernel<float><<<grid_t, 128, 0, st>>>(p);
       cuda::check_launch("rope_cache_kernel");
     }
@@ -1028,6 +1096,8 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       p.ldo = dq;
       p.kcache = L.kcache;
       p.vcache = L.vcache;
+      p.kscale = L.kscale;
+      p.vscale = L.vscale;
       p.pos = d_pos;
       p.slot = d_slot;
       p.ctx = ctx_;
@@ -1038,7 +1108,7 @@ void CudaRunner::forward(int n_seqs, const int32_t* slots, const int32_t* tokens
       p.window = attn_window(s, li);
       p.softcap = static_cast<float>(s.attn_softcap);
       if (s.lmul_scope > 0) cuda::launch_lmul_attention(p, T, s.lmul_bits, st);
-      else cuda::launch_attention(p, T, s.kv_bf16, st);
+      else cuda::launch_attention(p, T, s, st);
     } else {
       // Linear family: each sequence's rows continue from, and update, its slot's fixed-size state.
       cuda::LinAttnRowsArgs a;

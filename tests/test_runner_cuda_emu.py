@@ -111,7 +111,8 @@ class EmuRunner:
                 s["o_bias"], s["mlp_bias"], s["head_bias"], s["kv_bf16"], s["linear_feature_map"],
                 s["linear_normalize"], s["norm_attention_norm"], s["lmul_scope"], s["lmul_bits"], s["bf16_products"],
                 s["qk_norm"], s["post_norms"], s["rope_dim"], s["parallel_residual"], s.get("n_experts", 0),
-                s.get("n_experts_used", 0), s.get("moe_d_ff", 0), s.get("shared_d_ff", 0), s.get("moe_norm_topk", True)]
+                s.get("n_experts_used", 0), s.get("moe_d_ff", 0), s.get("shared_d_ff", 0), s.get("moe_norm_topk", True),
+                s.get("kv_int8", False)]
         self.vocab = s["vocab"]
         self._ints = (ctypes.c_int * len(ints))(*[int(v) for v in ints])
         self._dbl = (ctypes.c_double * 9)(float(s["norm_eps"]), float(s["rope_theta"]), float(s["linear_eps"]),
@@ -463,6 +464,23 @@ def test_bf16_kv_cache(lib, model, name):
     print(f"kv bf16 {name}: max rel err {worst:.3g}; kernels {sorted(names)}")
     assert {"rope_cache<bf16>"} <= names and any(n.endswith(",bf16>") and n.startswith("attention<") for n in names)
     assert not names & {"rope_cache", "attention<1>", "attention<2>"}
+    assert worst <= 1e-4
+
+
+@pytest.mark.parametrize("name", [None, "rope_gqa_gated_rms_bf16"], ids=["default", "rope_gqa"])
+def test_int8_kv_cache(lib, model, name):
+    """spec.kv_int8: each head's row of K (after RoPE) and V stored as int8 with a float32 scale, quantized by one
+    warp per row as the CPU runner's quantize_int8 does (absmax / 127, to nearest even), and read by the
+    attention as q . k8 times the key's scale, p times the value's; vs the CPU runner with the same spec. As with
+    bf16, values the two runners' projections computed an ulp or so apart may round to neighbouring int8 steps
+    now and then: a bound well below what the quantization moves the logits (about 4e-3 between the CPU runner's
+    float32 and int8 caches on the default model)."""
+    spec, ts = variant(model, name) if name else (dict(model._spec()), None)
+    spec["kv_int8"] = True
+    worst, names = prefill_then_decode(lib, model, spec, ts, seed=8)
+    print(f"kv int8 {name}: max rel err {worst:.3g}; kernels {sorted(names)}")
+    assert {"rope_cache<int8>"} <= names and any(n.endswith(",int8>") and n.startswith("attention<") for n in names)
+    assert not names & {"rope_cache", "rope_cache<bf16>", "attention<1>", "attention<2>"}
     assert worst <= 1e-4
 
 

@@ -219,6 +219,10 @@ def test_ring_caches_hold_only_the_window(saved):
     got = b.logits(ids)
     assert rel_err(got, want) <= 2e-2
     check_decode_equals_prefill(b, ids[0], got[0], 660)
+    b = ne.load(str(d), kv_cache_dtype=torch.int8)  # the int8 cache's rings (and their scales')
+    got = b.logits(ids)
+    assert rel_err(got, want) <= 2e-2
+    check_decode_equals_prefill(b, ids[0], got[0], 660)
     if name != "qwen2-w70":  # (the L-Mul reference takes ~10 s at this length: one model)
         return
     from normengine.reference.model import forward

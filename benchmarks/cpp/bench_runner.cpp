@@ -129,7 +129,7 @@ int main(int argc, char** argv) {
   int threads = 0, repeats = 7, prompt = 128, gen = 64;
   bool profile = false, medium = false;
   std::string arch = "gpt2", dts = "f32";
-  bool kv_bf16 = false;
+  bool kv_bf16 = false, kv_int8 = false;
   bool small_pages = false;  // --small-pages: the weights on 4 KiB pages (no MADV_HUGEPAGE)
   bool folded = false;       // --folded: unit gains, zero biases (the fused-norm path)
   int lmul_bits = 0;         // --lmul M: every attention product an M-bit L-Mul (lmul_scope "attention")
@@ -145,6 +145,7 @@ int main(int argc, char** argv) {
     else if (a == "--dtype" && i + 1 < argc) dts = argv[++i];
     else if (a == "--profile") profile = true;
     else if (a == "--kv-bf16") kv_bf16 = true;
+    else if (a == "--kv-int8") kv_int8 = true;
     else if (a == "--small-pages") small_pages = true;
     else if (a == "--folded") folded = true;
     else if (a == "--lmul") lmul_bits = static_cast<int>(arg_int(argc, argv, i));
@@ -155,7 +156,7 @@ int main(int argc, char** argv) {
       medium = std::string(argv[++i]) == "medium";
     else {
       std::fprintf(stderr, "usage: %s [--arch gpt2|llama] [--dtype f32|bf16|f16] [--threads N] [--repeats K] "
-                   "[--prompt P] [--gen G] [--profile] [--matmul-precision highest|medium] [--kv-bf16] "
+                   "[--prompt P] [--gen G] [--profile] [--matmul-precision highest|medium] [--kv-bf16 | --kv-int8] "
                    "[--small-pages] [--folded] [--lmul BITS [--lmul-all]] [--window W]\n", argv[0]);
       return 2;
     }
@@ -175,6 +176,7 @@ int main(int argc, char** argv) {
     ne::ModelSpec s;
     s.bf16_products = medium;  // "medium": prefill projections on AMX-BF16 tiles where the CPU has them
     s.kv_bf16 = kv_bf16;       // KV cache in bfloat16
+    s.kv_int8 = kv_int8;       // or in int8 with a scale per head row
     if (lmul_bits > 0) s.lmul_scope = lmul_all ? 2 : 1, s.lmul_bits = lmul_bits;
     if (gpt2) {
       s.vocab = 50257; s.d_model = 768; s.n_layers = 12; s.n_heads = 12; s.n_kv_heads = 12; s.head_dim = 64;

@@ -47,6 +47,7 @@ ne::ModelSpec spec_from(const py::dict& d) {
   if (d.contains("lmul_bits")) s.lmul_bits = d["lmul_bits"].cast<int>();
   if (d.contains("bf16_products")) s.bf16_products = d["bf16_products"].cast<bool>();
   if (d.contains("kv_bf16")) s.kv_bf16 = d["kv_bf16"].cast<bool>();
+  if (d.contains("kv_int8")) s.kv_int8 = d["kv_int8"].cast<bool>();
   if (d.contains("rope_inv_freq")) s.rope_inv_freq = d["rope_inv_freq"].cast<std::vector<float>>();
   if (d.contains("rope_attn_factor")) s.rope_attn_factor = d["rope_attn_factor"].cast<double>();
   if (d.contains("qk_norm")) s.qk_norm = d["qk_norm"].cast<bool>();

@@ -9,7 +9,8 @@
 // Each provides N, acc_t, zero(), set1(), load<T>(p) / load<T>(p, k) (the first k lanes, rest 0),
 // store<T>(p, v) / store<T>(p, v, k), add, sub, mul, fma(a, b, c) = a*b + c, keep(v, k) (lanes >= k
 // set to 0) and reduce (sum of lanes). T is the element type in memory (float, bf16, f16; double for VD); values are converted to
-// acc_t on load and rounded to nearest-even on store.
+// acc_t on load and rounded to nearest-even on store. VF also loads int8_t (widened exactly: an int8 KV cache's
+// values, before their scale), with no store.
 //
 // Everything here lives in the ISA's namespace and uses only intrinsics and builtins, so no inline
 // function compiled with AVX-512 flags can be merged by the linker into code that runs on a lesser CPU.
@@ -84,8 +85,10 @@ struct VF {
   static R load(const float* p) { return _mm512_loadu_ps(p); }
   static R load(const bf16* p) { return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   static R load(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static R load(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); }
   // partial loads
   static R load(const float* p, int k) { return _mm512_maskz_loadu_ps(mask(k), p); }
+  static R load(const int8_t* p, int k) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask(k), p))); }
   static R load(const bf16* p, int k) { return widen_bf16(_mm256_maskz_loadu_epi16(mask(k), p)); }
   static R load(const f16* p, int k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(k), p)); }
   // stores
@@ -148,8 +151,16 @@ struct VF {
   static R load(const float* p) { return _mm256_loadu_ps(p); }
   static R load(const bf16* p) { return widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static R load(const f16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static R load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
   static R load(const float* p, int k) { return _mm256_maskload_ps(p, mask(k)); }
   static R load(const bf16* p, int k) { return widen_bf16(load16(p, k)); }
+  static R load(const int8_t* p, int k) {  // first k of 8, rest zero
+    long long t = 0;
+    __builtin_memcpy(&t, p, static_cast<unsigned>(k));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(t)));
+  }
   static R load(const f16* p, int k) { return _mm256_cvtph_ps(load16(p, k)); }
   static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
   static void store(bf16* p, R v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow_bf16(v)); }

@@ -127,6 +127,8 @@ struct Runner::Layer {
   std::vector<float> kcache, vcache;  // softmax: [slots][rows][n_kv_heads * head_dim] (rows: ring, or ctx)
   int64_t ring = 0;   // a sliding-window layer's rows per slot when fewer than ctx (position p in row p % ring)
   std::vector<bf16> kcache16, vcache16;  // the same in bfloat16 (spec.kv_bf16), instead
+  std::vector<int8_t> kcache8, vcache8;  // or in int8 (spec.kv_int8), with scales [slots][rows][n_kv_heads]
+  std::vector<float> kscale8, vscale8;
   std::vector<float> state;           // linear family: [slots][n_heads][(head_dim + 1)^2]
   // Projections that read the same input and whose weights lie back to back in memory run as one
   // GEMM (one pass over the input, one longer stream of weights): qkv = [q; k; v] (rows dq + 2 dkv),
@@ -159,6 +161,8 @@ struct Runner::Impl {
   std::vector<int32_t> pos;
   std::vector<const float*> kptr, vptr;
   std::vector<const bf16*> kptr16, vptr16;
+  std::vector<const int8_t*> kptr8, vptr8;
+  std::vector<const float*> ksp8, vsp8;
 };
 
 Runner::Runner(const ModelSpec& s, int slots, int ctx) : spec_(s), n_slots_(slots), ctx_(ctx) {
@@ -178,6 +182,11 @@ Runner::Runner(const ModelSpec& s, int slots, int ctx) : spec_(s), n_slots_(slot
     if (l.type == AttnType::Softmax && s.kv_bf16) {
       l.kcache16.assign(cache, bf16{0});
       l.vcache16.assign(cache, bf16{0});
+    } else if (l.type == AttnType::Softmax && s.kv_int8) {
+      l.kcache8.assign(cache, int8_t{0});
+      l.vcache8.assign(cache, int8_t{0});
+      l.kscale8.assign(cache / s.head_dim, 0.f);
+      l.vscale8.assign(cache / s.head_dim, 0.f);
     } else if (l.type == AttnType::Softmax) {
       l.kcache.assign(cache, 0.f);
       l.vcache.assign(cache, 0.f);
@@ -292,8 +301,8 @@ bool Runner::fused_norms() const { return impl_->fused; }
 size_t Runner::cache_bytes() const {
   size_t n = 0;
   for (const auto& L : impl_->layers)
-    n += (L.kcache.size() + L.vcache.size() + L.state.size()) * sizeof(float) +
-         (L.kcache16.size() + L.vcache16.size()) * sizeof(bf16);
+    n += (L.kcache.size() + L.vcache.size() + L.state.size() + L.kscale8.size() + L.vscale8.size()) * sizeof(float) +
+         (L.kcache16.size() + L.vcache16.size()) * sizeof(bf16) + L.kcache8.size() + L.vcache8.size();
   return n;
 }
 
@@ -503,6 +512,7 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
   grow(m.att, T * dq); grow(m.up, T * f); grow(m.qkv, T * dqkv);
   if (s.gated_mlp) { grow(m.gate, T * f); grow(m.gu, T * 2 * f); }
   grow(m.pos, T); grow(m.kptr, T); grow(m.vptr, T); grow(m.kptr16, T); grow(m.vptr16, T);
+  grow(m.kptr8, T); grow(m.vptr8, T); grow(m.ksp8, T); grow(m.vsp8, T);
   grow(m.mean, T); grow(m.rstd, T);
 
   // ---- token (and position) embeddings; each token's slot and position
@@ -598,6 +608,14 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
           }
           m.kptr16[t] = &L.kcache16[base];
           m.vptr16[t] = &L.vcache16[base];
+        } else if (s.kv_int8) {
+          const size_t srow = row / s.head_dim;  // the row's scales: [slot][key row][n_kv_heads]
+          K.quantize_int8(kp + t * ldkv, s.n_kv_heads, s.head_dim, &L.kcache8[row], &L.kscale8[srow]);
+          K.quantize_int8(vp + t * ldkv, s.n_kv_heads, s.head_dim, &L.vcache8[row], &L.vscale8[srow]);
+          m.kptr8[t] = &L.kcache8[base];
+          m.vptr8[t] = &L.vcache8[base];
+          m.ksp8[t] = &L.kscale8[base / s.head_dim];
+          m.vsp8[t] = &L.vscale8[base / s.head_dim];
         } else {
           std::memcpy(&L.kcache[row], kp + t * ldkv, sizeof(float) * dkv);
           std::memcpy(&L.vcache[row], vp + t * ldkv, sizeof(float) * dkv);
@@ -608,6 +626,7 @@ void Runner::run_rows(int n_seqs, const int32_t* slots, const int32_t* tokens, c
       AttnArgs aa{T, qp, ldq, m.att.data(), dq, m.kptr.data(), m.vptr.data(), m.pos.data(),
                   s.n_heads, s.n_kv_heads, s.head_dim, attn_scale(s)};
       if (s.kv_bf16) aa.k16 = m.kptr16.data(), aa.v16 = m.vptr16.data();
+      if (s.kv_int8) aa.k8 = m.kptr8.data(), aa.v8 = m.vptr8.data(), aa.ks = m.ksp8.data(), aa.vs = m.vsp8.data();
       aa.window = attn_window(s, li);
       aa.ring = L.ring;
       aa.softcap = static_cast<float>(s.attn_softcap);

@@ -198,6 +198,8 @@ inline void check_spec(const ModelSpec& s, int slots, int ctx) {
     throw ValueError("spec.norm_attention_norm: expected 0 (rms) or 1 (layer)");
   if (s.lmul_scope < 0 || s.lmul_scope > 2) throw ValueError("spec.lmul_scope: expected 0 (off), 1 (attention) or 2 (all)");
   if (s.kv_bf16 && s.lmul_scope) throw ValueError("spec.kv_bf16: the L-Mul attention reads a float32 KV cache");
+  if (s.kv_int8 && s.lmul_scope) throw ValueError("spec.kv_int8: the L-Mul attention reads a float32 KV cache");
+  if (s.kv_int8 && s.kv_bf16) throw ValueError("spec.kv_int8: not with spec.kv_bf16 (one KV cache dtype)");
   if (s.lmul_scope && (s.lmul_bits < 1 || s.lmul_bits > 23))
     throw ValueError("spec.lmul_bits: expected 1..23 mantissa bits, got " + std::to_string(s.lmul_bits));
 }

@@ -40,8 +40,8 @@ inline int width(int64_t n, int64_t i) { return n - i < N ? static_cast<int>(n -
 // ---------------------------------------------------------------- prefill: lanes are queries
 // Queries t0 .. t0 + n - 1 (n <= N, positions p0 .. p0 + n - 1, one sequence) of head h. Lane i of
 // every vector belongs to query t0 + i; lanes past n hold zero queries and are dropped at the end.
-// ws: (2 D + kBK) N + 2 kBK D floats of the calling thread. T: the cache's element type (float, or
-// bf16: each block of K and V rows is widened once into ws, then read as float).
+// ws: (2 D + kBK) N + 2 kBK D floats of the calling thread. T: the cache's element type (float; bf16, or
+// int8 times its row's scale: each block of K and V rows is widened once into ws, then read as float).
 template <class T>
 void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int64_t t0, int n, int h, float* ws) {
   const int D = a.head_dim, g = h / (a.n_heads / a.n_kv_heads);
@@ -71,12 +71,18 @@ void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int
     if constexpr (std::is_same_v<T, float>) {
       Kb = K + r0 * ldkv, Vb = V + r0 * ldkv, ldb = ldkv;
     } else {
-      for (int r = 0; r < bk; ++r)
+      for (int r = 0; r < bk; ++r) {
+        R ks = VF::set1(1.f), vs = ks;  // int8: row r0 + r's scales for kv head g
+        if constexpr (std::is_same_v<T, int8_t>) {
+          ks = VF::set1(a.ks[t0][(r0 + r) * a.n_kv_heads + g]);
+          vs = VF::set1(a.vs[t0][(r0 + r) * a.n_kv_heads + g]);
+        }
         for (int d0 = 0; d0 < D; d0 += N) {
           const int k = width(D, d0);
-          storen<VF>(Kf + r * D + d0, loadn<VF>(K + (r0 + r) * ldkv + d0, k), k);
-          storen<VF>(Vf + r * D + d0, loadn<VF>(V + (r0 + r) * ldkv + d0, k), k);
+          storen<VF>(Kf + r * D + d0, VF::mul(loadn<VF>(K + (r0 + r) * ldkv + d0, k), ks), k);
+          storen<VF>(Vf + r * D + d0, VF::mul(loadn<VF>(V + (r0 + r) * ldkv + d0, k), vs), k);
         }
+      }
       Kb = Kf, Vb = Vf, ldb = D;
     }
     // s[j] = K[j] . Q, eight keys at a time (each Q vector loaded once for the eight; eight
@@ -261,6 +267,13 @@ void pv(const float* p, const T* v, int64_t ldv, int bk, int D, float* o) {
   }
 }
 
+// An int8 cache's block: s[h * kBK + jj] *= scale[jj * n_kv + g(h)], each head's row times its kv head's scales.
+inline void scale_by_row(float* s, const float* scale, int bk, int n_kv, int group) {
+  for (int g = 0, h = 0; g < n_kv; ++g)
+    for (int e = 0; e < group; ++e, ++h)
+      for (int jj = 0; jj < bk; ++jj) s[h * kBK + jj] *= scale[jj * n_kv + g];
+}
+
 // Keys [j0, j1) of token t for every head, folded into this thread's partial state per head:
 // part[h * (D + 2)] = m, then l, then o[0 .. D). Per block of kBK keys: the scores, reading the K
 // rows in order (each holds every head; the next rows and the block's V rows prefetched meanwhile),
@@ -278,6 +291,11 @@ void decode_range(const AttnArgs& a, const T* const* kc, const T* const* vc, int
     const int64_t r0 = key_row(b0, a.ring);
     // s[h][jj] = scale * q_h . K[b0 + jj][g(h)]
     scores(q, kc[t] + r0 * ldkv, vc[t] + r0 * ldkv, ldkv, bk, a.n_kv_heads, group, D, a.scale, s);
+    const float *ks = nullptr, *vs = nullptr;  // int8: the block's rows' scales [bk][n_kv_heads]
+    if constexpr (std::is_same_v<T, int8_t>) {
+      ks = a.ks[t] + r0 * a.n_kv_heads, vs = a.vs[t] + r0 * a.n_kv_heads;
+      scale_by_row(s, ks, bk, a.n_kv_heads, group);  // s = scale (q . k8) k_scale
+    }
     if (a.softcap > 0)
       for (int h = 0; h < H; ++h) softcap_scores(s + h * kBK, bk, a.softcap);
     // per head: m' = max(m, max s), c = exp(m - m'), p = exp(s - m'), l = c l + sum p, o = c o
@@ -303,7 +321,8 @@ void decode_range(const AttnArgs& a, const T* const* kc, const T* const* vc, int
         storen<VF>(o + d0, VF::mul(loadn<VF>(o + d0, k), VF::set1(c)), k);
       }
     }
-    // o_h += p[h][jj] V[b0 + jj][g(h)], jj in order, head by head
+    // o_h += p[h][jj] V[b0 + jj][g(h)], jj in order, head by head (int8: p times the V rows' scales, l kept)
+    if constexpr (std::is_same_v<T, int8_t>) scale_by_row(s, vs, bk, a.n_kv_heads, group);
     const T* vb = vc[t] + r0 * ldkv;
     for (int g = 0, h = 0; g < a.n_kv_heads; ++g)
       for (int e = 0; e < group; ++e, ++h)
@@ -427,7 +446,8 @@ void attention_t(const AttnArgs& a, const T* const* kc, const T* const* vc) {
 }
 
 void attention(const AttnArgs& a) {
-  if (a.k16) attention_t<bf16>(a, a.k16, a.v16);
+  if (a.k8) attention_t<int8_t>(a, a.k8, a.v8);
+  else if (a.k16) attention_t<bf16>(a, a.k16, a.v16);
   else attention_t<float>(a, a.k, a.v);
 }
 
@@ -484,10 +504,55 @@ void activation(const ActArgs& a) {
   gated_table()->forward[0](g);
 }
 
+// One head's row of K or V into an int8 KV cache (ModelSpec::kv_int8): s = max_d |x_d| / 127 and
+// q_d = round(x_d / s) to nearest even (|x_d - s q_d| <= s / 2); returns s. A row of zeros: s = 0 and zeros;
+// a row holding NaN or Inf: s = NaN (and zeros), so that attention over it yields NaN as from a float32 cache.
+// Rounding without a conversion instruction: x_d / s + 1.5 * 2^23 is a float whose ulp is 1 (the addition
+// rounds to nearest even), so its lowest 8 bits are round(x_d / s) mod 256, the int8 two's complement of the
+// rounded value (|x_d / s| <= 127).
+float quantize_row_int8(const float* x, int n, int8_t* q, float* t) {
+  const R zero = VF::zero();
+  R amax = zero, nonfinite = zero;  // x - x: 0, or NaN where x is NaN or Inf
+  for (int i = 0; i < n; i += N) {
+    const int k = width(n, i);
+    const R v = loadn<VF>(x + i, k);
+    amax = VF::max(amax, VF::max(v, VF::sub(zero, v)));
+    nonfinite = VF::add(nonfinite, VF::sub(v, v));
+  }
+  alignas(64) float lanes[N];
+  VF::store(lanes, amax);
+  float m = 0.f;
+  for (int i = 0; i < N; ++i) m = lanes[i] > m ? lanes[i] : m;
+  const bool finite = VF::reduce(nonfinite) == 0.0;
+  if (!finite || m == 0.f) {
+    for (int i = 0; i < n; ++i) q[i] = 0;
+    return finite ? 0.f : __builtin_nanf("");
+  }
+  const R inv = VF::set1(127.f / m), magic = VF::set1(12582912.f);
+  for (int i = 0; i < n; i += N) VF::store(t + i, VF::add(VF::mul(loadn<VF>(x + i, width(n, i)), inv), magic));
+  for (int i = 0; i < n; ++i) {
+    uint32_t b;
+    __builtin_memcpy(&b, t + i, 4);
+    q[i] = static_cast<int8_t>(b & 0xffu);
+  }
+  return m / 127.f;
+}
+
+// Rows x[h * D .. (h + 1) D) of heads h < n_heads (one token's K or V) into q at the same offsets, their
+// scales into scale[h].
+void quantize_int8(const float* x, int n_heads, int D, int8_t* q, float* scale) {
+  thread_local Vec<float> t;
+  t.resize(static_cast<size_t>(D) + N);
+  for (int h = 0; h < n_heads; ++h) {
+    const int64_t at = static_cast<int64_t>(h) * D;
+    scale[h] = quantize_row_int8(x + at, D, q + at, t.data());
+  }
+}
+
 }  // namespace
 
 const AttentionTable* attention_table() {
-  static const AttentionTable table = {attention, rope, activation};
+  static const AttentionTable table = {attention, rope, activation, quantize_int8};
   return &table;
 }
 

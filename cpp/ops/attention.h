@@ -33,6 +33,12 @@ struct AttnArgs {
   // bf16 caches (ModelSpec::kv_bf16): when set, these are read instead of k / v (same layout)
   const bf16* const* k16 = nullptr;
   const bf16* const* v16 = nullptr;
+  // int8 caches (ModelSpec::kv_int8), same layout, with their scales [rows][n_kv_heads] per token: key row r of kv
+  // head g holds k8[r][g D + d] * ks[r][g] (likewise V): when set, these are read instead of k / v
+  const int8_t* const* k8 = nullptr;
+  const int8_t* const* v8 = nullptr;
+  const float* const* ks = nullptr;
+  const float* const* vs = nullptr;
   int window = 0;            // sliding window W (0: every key 0..pos)
   int64_t ring = 0;          // R > 0: the caches are rings of R rows, key position j in row j % R
   float softcap = 0.f;       // c > 0: scores s = scale q.k become c tanh(s / c) before the softmax (Gemma 2)
@@ -90,6 +96,9 @@ struct AttentionTable {
   void (*attention)(const AttnArgs&);
   void (*rope)(const RopeArgs&);
   void (*activation)(const ActArgs&);
+  // one token's K or V into an int8 KV cache, head by head (rows of D): q = round(x / s) with
+  // scale[h] = s = max |x| / 127 of its row (0 for zeros, NaN for a row holding NaN or Inf)
+  void (*quantize_int8)(const float* x, int n_heads, int D, int8_t* q, float* scale);
 };
 
 }  // namespace ne

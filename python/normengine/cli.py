@@ -76,11 +76,11 @@ def _load(args):
     # torch only where an option names a torch dtype: a checkpoint `normengine convert` wrote then
     # loads and generates without it (normengine.load's torch-free path)
     dtype = kv = None
-    if getattr(args, "dtype", None) or args.kv_cache == "bfloat16":
+    if getattr(args, "dtype", None) or args.kv_cache != "float32":
         import torch
 
         dtype = getattr(torch, _DTYPES[args.dtype]) if getattr(args, "dtype", None) else None
-        kv = torch.bfloat16 if args.kv_cache == "bfloat16" else None
+        kv = None if args.kv_cache == "float32" else getattr(torch, args.kv_cache)
     return ne.load(args.path, device=args.device, dtype=dtype, norm=args.norm, quant=args.quant,
                    group_size=args.group_size, attention=args.attention, arithmetic=args.arithmetic,
                    lmul_bits=args.lmul_bits, lmul_scope=args.lmul_scope, matmul_precision=args.matmul_precision,
@@ -278,8 +278,8 @@ def _model_options(p) -> None:
     p.add_argument("--lmul-scope", choices=["attention", "all"], default="attention")
     p.add_argument("--matmul-precision", choices=["highest", "medium"], default="highest",
                    help="medium: bfloat16 products on AMX tiles for prefill (as torch's float32 matmul precision)")
-    p.add_argument("--kv-cache", choices=["float32", "bfloat16"], default="float32",
-                   help="the KV cache's dtype (bfloat16: half its memory and decode traffic)")
+    p.add_argument("--kv-cache", choices=["float32", "bfloat16", "int8"], default="float32",
+                   help="the KV cache's dtype (bfloat16: half its memory and decode traffic; int8: about a quarter)")
 
 
 def _int_at_least(lo: int):

@@ -313,11 +313,14 @@ class Model:
         bf16_products(matmul_precision)  # a bad value raises here, at load
         self.matmul_precision = matmul_precision
         torch = _torch_if_loaded()
-        if kv_cache_dtype is not None and (torch is None or kv_cache_dtype not in (torch.float32, torch.bfloat16)):
-            raise DTypeError(f"kv_cache_dtype: expected None, torch.float32 or torch.bfloat16, got {kv_cache_dtype}")
+        if kv_cache_dtype is not None and (torch is None or
+                                           kv_cache_dtype not in (torch.float32, torch.bfloat16, torch.int8)):
+            raise DTypeError("kv_cache_dtype: expected None, torch.float32, torch.bfloat16 or torch.int8, got "
+                             f"{kv_cache_dtype}")
         self._kv_bf16 = torch is not None and kv_cache_dtype == torch.bfloat16
-        if self._kv_bf16 and arithmetic == "lmul":
-            raise ArgumentError("kv_cache_dtype=torch.bfloat16: L-Mul attention reads a float32 KV cache")
+        self._kv_int8 = torch is not None and kv_cache_dtype == torch.int8
+        if (self._kv_bf16 or self._kv_int8) and arithmetic == "lmul":
+            raise ArgumentError(f"kv_cache_dtype={kv_cache_dtype}: L-Mul attention reads a float32 KV cache")
         self.arithmetic = "lmul" if arithmetic == "lmul" else "exact"
         self.lmul_bits = int(lmul_bits) if arithmetic == "lmul" else 0
         self.lmul_scope = lmul_scope if arithmetic == "lmul" else None
@@ -404,7 +407,7 @@ class Model:
     def kv_cache_dtype(self):
         """torch.float32 or torch.bfloat16: the softmax layers' K and V cache."""
         torch = _torch()
-        return torch.bfloat16 if self._kv_bf16 else torch.float32
+        return torch.bfloat16 if self._kv_bf16 else torch.int8 if self._kv_int8 else torch.float32
 
     @property
     def _cuda(self) -> bool:
@@ -462,6 +465,7 @@ class Model:
             state["_weights"], state["_arrays"] = state.pop("tensors"), False
             state["_dtype"], state["_device"] = state.pop("dtype"), state.pop("device")
             state["_kv_bf16"] = str(state.pop("kv_cache_dtype")) == "torch.bfloat16"
+        state.setdefault("_kv_int8", False)  # (pickled before int8 caches)
         self.__dict__.update(state)
         self._init_runtime()
 
@@ -478,7 +482,8 @@ class Model:
             linear_normalize=bool(c.linear_normalize), norm_attention_norm=0 if c.norm_attention_norm == "rms" else 1,
             linear_eps=float(c.linear_eps), lmul_scope=_LMUL_SCOPES.get(self.lmul_scope, 0),
             lmul_bits=self.lmul_bits or 4, bf16_products=bf16_products(self.matmul_precision),
-            kv_bf16=self._kv_bf16, qk_norm=c.qk_norm, window=list(c.sliding_window), emb_scale=float(c.emb_scale),
+            kv_bf16=self._kv_bf16, kv_int8=self._kv_int8, qk_norm=c.qk_norm, window=list(c.sliding_window),
+            emb_scale=float(c.emb_scale),
             attn_scale=float(c.attn_scale or 0.0), post_norms=c.post_norms, rope_dim=c.rotary_dim,
             parallel_residual=c.parallel_residual, attn_softcap=float(c.attn_softcap or 0.0),
             final_softcap=float(c.final_softcap or 0.0), n_experts=c.n_experts, n_experts_used=c.n_experts_used,
@@ -1113,7 +1118,7 @@ class Model:
             "arithmetic": self.arithmetic if self.arithmetic == "exact"
             else f"lmul (mantissa {self.lmul_bits} bits, scope {self.lmul_scope})",
             "matmul_precision": self.matmul_precision,
-            "kv_cache_dtype": "bfloat16" if self._kv_bf16 else "float32",
+            "kv_cache_dtype": "bfloat16" if self._kv_bf16 else "int8" if self._kv_int8 else "float32",
         }
 
     def save(self, path: str) -> None:
@@ -1284,8 +1289,11 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     kv_cache_dtype: None / torch.float32 (default) keeps the softmax layers' K and V cache in float32;
     torch.bfloat16 stores it in bfloat16 (each K / V row rounded once as it is written, attention sums
     in float32), as llama.cpp's 16-bit default cache: half its memory and half the bytes each decode
-    step reads from it, which at long contexts is a large part of a step. CPU and CUDA runners, exact
-    arithmetic (not with L-Mul attention).
+    step reads from it, which at long contexts is a large part of a step. torch.int8 stores each row of
+    each kv head as int8 with a float32 scale (absmax / 127, rounded to nearest; as llama.cpp's q8_0 cache
+    but one scale per head row): a quarter of the float32 cache plus 4 bytes a head row, with logits within
+    about 1e-2 relative of the float32 cache's. CPU and CUDA runners, exact arithmetic (not with L-Mul
+    attention).
 
     A checkpoint Model.save wrote (norms folded; quantized or not), loaded on the CPU without dtype,
     quant, smooth, attention or kv_cache_dtype, is read and run without importing torch

@@ -86,6 +86,11 @@ void init_names_local() {
   name(attention_kernel<2, __nv_bfloat16>, "attention<2,bf16>");
   name(attention_kernel<4, __nv_bfloat16>, "attention<4,bf16>");
   name(attention_kernel<8, __nv_bfloat16>, "attention<8,bf16>");
+  name(rope_cache_kernel<int8_t>, "rope_cache<int8>");
+  name(attention_kernel<1, int8_t>, "attention<1,int8>");
+  name(attention_kernel<2, int8_t>, "attention<2,int8>");
+  name(attention_kernel<4, int8_t>, "attention<4,int8>");
+  name(attention_kernel<8, int8_t>, "attention<8,int8>");
   name(activation_kernel, "activation");
   name(gather_rows_kernel, "gather_rows");
   name(moe_combine_kernel, "moe_combine");
@@ -107,7 +112,7 @@ const char* ne_remu_error() { return ne_harness::error(); }
 // ints: vocab, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff, max_seq_len, norm, activation,
 // gated_mlp, learned_pos, qkv_bias, o_bias, mlp_bias, head_bias, kv_bf16, linear_feature_map,
 // linear_normalize, norm_attention_norm, lmul_scope, lmul_bits, bf16_products, qk_norm, post_norms, rope_dim,
-// parallel_residual (27);
+// parallel_residual, n_experts, n_experts_used, moe_d_ff, shared_d_ff, moe_norm_topk, kv_int8 (33);
 // dbl: norm_eps, rope_theta, linear_eps, rope_attn_factor, emb_scale, attn_scale, rope_attn_factor_local,
 // attn_softcap, final_softcap (9);
 // attention: the n_layers attention types (AttnType values), or null (every layer softmax); inv_freq,
@@ -150,6 +155,7 @@ void* ne_remu_create(const int* ints, const double* dbl, const int* attention, c
     s.moe_d_ff = ints[29];
     s.shared_d_ff = ints[30];
     s.moe_norm_topk = ints[31] != 0;
+    s.kv_int8 = ints[32] != 0;
     s.norm_eps = dbl[0];
     s.rope_theta = dbl[1];
     s.linear_eps = dbl[2];

@@ -93,6 +93,10 @@ struct ModelSpec {
   // half the cache's memory and of the bytes a decode step reads from it. CPU runner, exact
   // arithmetic only. false: float32 cache.
   bool kv_bf16 = false;
+  // KV cache in int8 with a float32 scale per row and kv head (absmax: s = max_d |x_d| / 127, x_d ~ s round(x_d / s),
+  // quantized as the rows are written; attention sums in fp32): a quarter of the float32 cache's memory and of
+  // the bytes a decode step reads from it. CPU and CUDA runners, exact arithmetic only; not with kv_bf16.
+  bool kv_int8 = false;
 };
 
 enum class AttnType : int { Softmax = 0, Linear = 1, Mala = 2, Norm = 3 };
@@ -163,8 +167,8 @@ class Runner {
 #if defined(NE_WITH_CUDA)
 // The same runner on a CUDA GPU (cuda/runner.cu): the same spec, tensor names and checks, with
 // weights in device memory (zero-copy: views of CUDA tensors on `device`, kept alive by the
-// caller), the softmax layers' KV caches [slots][ctx][n_kv_heads * head_dim] (float32, or bfloat16
-// with spec.kv_bf16), the linear-family layers' states [slots][n_heads][(head_dim + 1)^2] float32 and
+// caller), the softmax layers' KV caches [slots][ctx][n_kv_heads * head_dim] (float32, bfloat16 with
+// spec.kv_bf16, or int8 with its scales with spec.kv_int8), the linear-family layers' states [slots][n_heads][(head_dim + 1)^2] float32 and
 // the activations in device memory owned by the runner. L-Mul arithmetic (spec.lmul_scope) holds a row
 // of ctx attention scores in shared memory, which bounds ctx (UnsupportedError beyond). slots / tokens /
 // lens stay host arrays; logits is a device float32 pointer [rows, vocab]. Everything of a call is enqueued on `stream` (null: the legacy default

@@ -154,13 +154,21 @@ def _moe(cfg, h, linear, p):
     return out
 
 
+def quantize_kv_int8(x):
+    """The int8 KV cache's rounding (kv_cache_dtype=torch.int8), per token and head over the last dim:
+    s = max |x| / 127, x -> s * round(x / s) (to nearest even); a row of zeros stays zero."""
+    s = x.abs().amax(-1, keepdim=True) / 127
+    return torch.where(s > 0, torch.round(x / torch.where(s > 0, s, 1)) * s, torch.zeros_like(x))
+
+
 def forward(cfg, tensors: dict, ids, dtype=torch.float64, lmul_bits: int = 0, lmul_scope: str | None = None,
-            stats: dict | None = None, attention_operands=None):
+            stats: dict | None = None, attention_operands=None, kv_int8: bool = False):
     """Logits [T, vocab] of one sequence `ids` (list or 1-D tensor of token ids), computed in `dtype`.
     lmul_bits > 0 with lmul_scope 'attention' makes the softmax attention products L-Mul, 'all' every
     matmul too. attention_operands: a dtype (e.g. torch.float8_e4m3fn) that the softmax attention's
     matmul operands are rounded to before exact products (the fp8 baselines of the L-Mul paper). stats: a dict that collects, per norm ('blocks.{i}.attn_norm', ..., 'final_norm'), the
-    per-channel maximum |output| over the tokens seen (calibration for SmoothQuant)."""
+    per-channel maximum |output| over the tokens seen (calibration for SmoothQuant). kv_int8: the softmax
+    layers' keys (after RoPE) and values rounded as the int8 KV cache stores them (quantize_kv_int8)."""
     ids = torch.as_tensor(ids, dtype=torch.long)
     T = ids.numel()
     W = lambda n: _w(tensors[n], dtype)  # noqa: E731
@@ -200,6 +208,8 @@ def forward(cfg, tensors: dict, ids, dtype=torch.float64, lmul_bits: int = 0, lm
         if not cfg.learned_pos:
             local = bool(w) and cfg.rope_local_theta is not None
             q, k = _rope(cfg, q, pos, local), _rope(cfg, k, pos, local)
+        if kv_int8 and types[i] == "softmax":
+            k, v = quantize_kv_int8(k), quantize_kv_int8(v)
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
         if types[i] == "softmax":
