@@ -175,3 +175,38 @@ def check_against_transformers(m, hf, ids, split: int, prompt: list, eos: int, w
     check_decode_equals_prefill(m, ids[0], got[0], split)
     assert m.generate(prompt, max_new_tokens=32) == hf_greedy(hf, prompt, 32, eos=eos), what
     return got, want
+
+
+def record_steps(m) -> list:
+    """Wraps model m's runner step: the returned list receives (tokens fed, a copy of the logits rows written)."""
+    steps = []
+    forward = m._forward
+
+    def recording(r, slots, tokens, lens, logits, all_logits):
+        out = forward(r, slots, tokens, lens, logits, all_logits)
+        steps.append(([int(t) for t in tokens], logits.cpu().clone()))
+        return out
+
+    m._forward = recording
+    return steps
+
+
+def replay_speculative(steps, seed, sampling, n_prompt, n_new, eos) -> list:
+    """What speculative decoding (generate(prompt_lookup=...) or draft_model=...) must produce from the rows it
+    was given: one generator seeded as plain sampling's, one draw per position in order, and a step's draft kept
+    while the draws equal it; n_new tokens at most, ending at the first of eos."""
+    sampler = _C.Sampler(seed % 2**64)
+    out = [sampler.sample(steps[0][1][0], *sampling)]
+    assert len(steps[0][0]) == n_prompt
+    for fed, rows in steps[1:]:
+        assert fed[0] == out[-1]  # a step feeds the newest token, then its draft
+        draft = fed[1:]
+        for j in range(len(draft) + 1):
+            out.append(sampler.sample(rows[j], *sampling))
+            if j == len(draft) or out[-1] != draft[j]:
+                break
+    for i, t in enumerate(out):
+        if t in eos:
+            out = out[:i + 1]
+            break
+    return out[:n_new]

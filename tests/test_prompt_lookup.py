@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import normengine as ne
-from conftest import count_fed_tokens
-from normengine import _C
+from conftest import count_fed_tokens, record_steps, replay_speculative
 from normengine.errors import ArgumentError
 
 CORPUS = os.path.join(os.path.dirname(ne.__file__), "data", "corpus.txt")
@@ -38,41 +37,6 @@ def test_same_tokens_in_fewer_steps(text, k):
         ref.generate(text, max_new_tokens=40)
 
 
-def _record_steps(m) -> list:
-    """Wraps model m's runner step: the returned list receives (tokens fed, a copy of the logits rows written)."""
-    steps = []
-    forward = m._forward
-
-    def recording(r, slots, tokens, lens, logits, all_logits):
-        out = forward(r, slots, tokens, lens, logits, all_logits)
-        steps.append(([int(t) for t in tokens], logits.cpu().clone()))
-        return out
-
-    m._forward = recording
-    return steps
-
-
-def _replay(steps, seed, sampling, n_prompt, n_new, eos) -> list:
-    """What prompt lookup must produce from the rows it was given: one generator seeded as plain sampling's,
-    one draw per position in order, and a step's draft kept while the draws equal it; n_new tokens at most,
-    ending at the first of eos."""
-    sampler = _C.Sampler(seed % 2**64)
-    out = [sampler.sample(steps[0][1][0], *sampling)]
-    assert len(steps[0][0]) == n_prompt
-    for fed, rows in steps[1:]:
-        assert fed[0] == out[-1]  # a step feeds the newest token, then its draft
-        draft = fed[1:]
-        for j in range(len(draft) + 1):
-            out.append(sampler.sample(rows[j], *sampling))
-            if j == len(draft) or out[-1] != draft[j]:
-                break
-    for i, t in enumerate(out):
-        if t in eos:
-            out = out[:i + 1]
-            break
-    return out[:n_new]
-
-
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.3, 0, 1.0), (0.8, 40, 0.95), (1.0, 0, 0.9), (1.5, 5, 1.0)])
 def test_sampling_is_speculative_sampling(text, temperature, top_k, top_p):
     """Sampling verifies a draft by drawing each position's token as plain sampling does and keeping the draft
@@ -81,7 +45,7 @@ def test_sampling_is_speculative_sampling(text, temperature, top_k, top_p):
     (a step computes several rows at once, which can move a draw that falls next to a boundary between two
     candidates: about 1 sequence of 48 tokens in 300 diverged on the shipped model), and drafts are taken."""
     m, ref = ne.load(), ne.load()
-    steps = _record_steps(m)
+    steps = record_steps(m)
     kw = dict(max_new_tokens=48, temperature=temperature, top_k=top_k or None, top_p=top_p)
     sampling = (temperature, top_k, top_p)
     ids = m.tokenizer.encode(text).ids
@@ -89,18 +53,18 @@ def test_sampling_is_speculative_sampling(text, temperature, top_k, top_p):
     for seed in range(4):
         steps.clear()
         got = m.generate(ids, seed=seed, prompt_lookup=8, **kw)
-        assert got == _replay(steps, seed, sampling, len(ids), 48, m._eos())
+        assert got == replay_speculative(steps, seed, sampling, len(ids), 48, m._eos())
         taken += sum(len(fed) - 1 for fed, _ in steps[1:])  # draft tokens fed beside each step's own token
         same += got == ref.generate(ids, seed=seed, **kw)
         steps.clear()
         got = m.generate(text, seed=seed, prompt_lookup=4, **kw)
-        assert got == m.tokenizer.decode(_replay(steps, seed, sampling, len(ids), 48, m._eos()))
+        assert got == m.tokenizer.decode(replay_speculative(steps, seed, sampling, len(ids), 48, m._eos()))
     assert taken > 0 and same >= 3
     torch.manual_seed(7)  # unseeded: torch's generator picks the seed, as for plain sampling
     steps.clear()
     a = m.generate(ids, prompt_lookup=8, **kw)
     torch.manual_seed(7)
-    assert a == _replay(steps, int(torch.randint(0, 2**62, (1,)).item()), sampling, len(ids), 48, m._eos())
+    assert a == replay_speculative(steps, int(torch.randint(0, 2**62, (1,)).item()), sampling, len(ids), 48, m._eos())
     if temperature <= 0.3:  # a near-greedy draw accepts most drafts of a repeating text: fewer steps
         steps.clear()
         m.generate(ids, seed=0, prompt_lookup=8, **kw)
@@ -164,10 +128,10 @@ def test_bad_arguments():
 def test_cuda_same_tokens(text):
     m, ref = ne.load(device="cuda"), ne.load(device="cuda")
     assert m.generate(text, max_new_tokens=48, prompt_lookup=8) == ref.generate(text, max_new_tokens=48)
-    steps = _record_steps(m)
+    steps = record_steps(m)
     ids = m.tokenizer.encode(text).ids
     got = m.generate(ids, max_new_tokens=48, temperature=0.8, top_p=0.95, seed=1, prompt_lookup=8)
-    assert got == _replay(steps, 1, (0.8, 0, 0.95), len(ids), 48, m._eos())
+    assert got == replay_speculative(steps, 1, (0.8, 0, 0.95), len(ids), 48, m._eos())
 
 
 def test_cli_and_chat(text):

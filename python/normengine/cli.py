@@ -105,6 +105,19 @@ def _reports_errors(cmd):
     return run
 
 
+def _draft(args) -> dict:
+    """generate()'s draft_model / draft_tokens from --draft-model / --draft-tokens: the draft checkpoint loaded on
+    the same device (as stored otherwise; `normengine convert --quant int4` makes a cheap self-drafter)."""
+    import normengine as ne
+    from normengine.errors import ArgumentError
+
+    if args.draft_model is None:
+        if args.draft_tokens is not None:
+            raise ArgumentError("--draft-tokens: given without --draft-model")
+        return {}
+    return {"draft_model": ne.load(args.draft_model, device=args.device), "draft_tokens": args.draft_tokens}
+
+
 @_reports_errors
 def cmd_generate(args) -> int:
     """Generate from a checkpoint (or the default model shipped in the package), streaming tokens."""
@@ -123,7 +136,7 @@ def cmd_generate(args) -> int:
             raise NormEngineError("this checkpoint has no tokenizer.json: pass --ids 1,2,3 instead of --prompt")
     stream = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=True,
-                            prompt_lookup=args.prompt_lookup)
+                            prompt_lookup=args.prompt_lookup, **_draft(args))
     if isinstance(prompt, str):
         sys.stdout.write(prompt)
     for tok in stream:
@@ -151,6 +164,7 @@ def cmd_chat(args) -> int:
                                "a .jinja file or a template string")
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
+    drafting = _draft(args)
     prompt = sys.stdin.isatty()
     turn = 0
     while True:
@@ -173,7 +187,7 @@ def cmd_chat(args) -> int:
         try:
             for piece in model.chat(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed + turn, stream=True,
-                                    prompt_lookup=args.prompt_lookup):
+                                    prompt_lookup=args.prompt_lookup, **drafting):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
                 reply.append(piece)
@@ -282,6 +296,14 @@ def _model_options(p) -> None:
                    help="the KV cache's dtype (bfloat16: half its memory and decode traffic; int8: about a quarter)")
 
 
+def _draft_options(p) -> None:
+    p.add_argument("--draft-model", default=None, metavar="PATH",
+                   help="speculative decoding with drafts from this checkpoint (same vocabulary; e.g. a quantized "
+                        "copy of the model): the same tokens as without it")
+    p.add_argument("--draft-tokens", type=_int_at_least(1), default=None, metavar="K",
+                   help="draft tokens per step with --draft-model (default 4)")
+
+
 def _int_at_least(lo: int):
     """An argparse type: an int >= lo (argparse then reports a bad value as a usage error)."""
     def parse(text):
@@ -314,6 +336,7 @@ def main(argv=None) -> int:
     g.add_argument("--prompt-lookup", type=_int_at_least(1), default=None, metavar="K",
                    help="speculative decoding: up to K draft tokens a step copied from the context, verified "
                         "in one forward (the same tokens as without it, greedy or sampled under --seed)")
+    _draft_options(g)
     _model_options(g)
     g.set_defaults(fn=cmd_generate)
     ch = sub.add_parser("chat", help="a conversation on standard input through the checkpoint's chat template")
@@ -331,6 +354,7 @@ def main(argv=None) -> int:
     ch.add_argument("--dtype", choices=list(_DTYPES), default=None, help="weights dtype (default: as stored)")
     ch.add_argument("--prompt-lookup", type=_int_at_least(1), default=None, metavar="K",
                     help="speculative decoding with drafts copied from the context, as generate's")
+    _draft_options(ch)
     _model_options(ch)
     ch.set_defaults(fn=cmd_chat)
     i = sub.add_parser("info", help="architecture, sizes, parameter count and dtype of a checkpoint")

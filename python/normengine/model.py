@@ -150,13 +150,38 @@ def _int32s(torch, values):
     return np.array(values, dtype=np.int32) if torch is None else torch.tensor(values, dtype=torch.int32)
 
 
-def _check_lookup(k, batched) -> None:
-    if k is None:
-        return
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 64:
-        raise ArgumentError(f"prompt_lookup: expected an int in 1..64 (draft tokens per step) or None, got {k!r}")
+def _draft_plan(target, prompt_lookup, draft_model, draft_tokens, batched):
+    """generate()'s speculative decoding options, checked: None (none), or (k, draft_model or None): up to k
+    draft tokens a step, from prompt lookup or from the draft model's greedy decoding."""
+    def tokens(k, what):
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 64:
+            raise ArgumentError(f"{what}: expected an int in 1..64 (draft tokens per step) or None, got {k!r}")
+        return k
+
+    if draft_model is None:
+        if draft_tokens is not None:
+            raise ArgumentError("draft_tokens: given without a draft_model")
+        if prompt_lookup is None:
+            return None
+        k = tokens(prompt_lookup, "prompt_lookup")
+    else:
+        if prompt_lookup is not None:
+            raise ArgumentError("prompt_lookup and draft_model: choose one source of drafts")
+        if not isinstance(draft_model, Model):
+            raise ArgumentError(f"draft_model: expected a normengine Model, got {type(draft_model).__name__}")
+        if draft_model is target:
+            raise ArgumentError("draft_model: the model itself (it cannot hold two caches): load the checkpoint "
+                                "again, e.g. quantized (quant='int4')")
+        if draft_model.config.vocab_size != target.config.vocab_size:
+            raise ArgumentError(f"draft_model: its vocabulary ({draft_model.config.vocab_size} tokens) is not the "
+                                f"model's ({target.config.vocab_size}): drafts must be the same token ids")
+        if not all(a == "softmax" for a in draft_model.config.attention):
+            raise ArgumentError("draft_model: its linear-family layers cannot give rejected drafts back; a draft "
+                                "model needs softmax attention in every layer")
+        k = tokens(4 if draft_tokens is None else draft_tokens, "draft_tokens")
     if batched:
-        raise ArgumentError("prompt_lookup: speculative decoding here is for one prompt, not a batch")
+        raise ArgumentError("speculative decoding (prompt_lookup / draft_model) is for one prompt, not a batch")
+    return k, draft_model
 
 
 def _sampler_seed(seed, torch) -> int:
@@ -197,6 +222,60 @@ class _NgramIndex:
             if at is not None:
                 return toks[at:at + k]
         return []
+
+
+class _ModelDrafter:
+    """Drafts for generate(draft_model=...): the draft model's greedy continuation of the text so far. Its own
+    KV cache (slot 0 of its runner) follows the text: before each draft, what it holds past the longest prefix
+    the text still has (its rejected drafts) is cut back and only the rest is fed. Another call on the draft
+    model in between takes its runner: the text is then prefilled again."""
+
+    def __init__(self, model, tokens, ctx):
+        self.m, self.tokens, self.ctx = model, list(tokens), min(ctx, model.config.max_seq_len)
+        self.me, self.held, self.r = object(), [], None
+        self.sampler = _C.Sampler(0)
+
+    def append(self, tok):
+        self.tokens.append(tok)
+
+    def prime(self):
+        """Prefill the text so far (generate calls this with the model's own prefill: the drafter's prefill is
+        part of the time to the first token, not of the first step)."""
+        self.draft(0)
+
+    def draft(self, k):
+        m, toks = self.m, self.tokens
+        k = min(k, self.ctx - len(toks))  # (the text's end within the draft model's context, too)
+        if k < 0:
+            return []
+        torch = _torch_if_loaded()
+        ints = functools.partial(_int32s, torch)
+        vocab = m.config.vocab_size
+        row = np.empty((1, vocab), dtype=np.float32) if torch is None else \
+            torch.empty(1, vocab, dtype=torch.float32, device=m.device)
+        with m._lock:
+            if self.r is None or m._user is not self.me:
+                self.r, self.held = m._runner_for(1, self.ctx, self.me), []
+            n = 0  # the prefix of the text its cache holds (one token at least is fed: its logits draft)
+            for a, b in zip(self.held, toks[:-1]):
+                if a != b:
+                    break
+                n += 1
+            if n < len(self.held) and not self.r.truncate(0, n):  # pragma: no cover - softmax caches cut back
+                self.r, self.held, n = m._runner_for(1, self.ctx, self.me), [], 0
+            del self.held[n:]
+            feed = toks[n:]
+            out = []
+            while True:
+                m._forward(self.r, ints([0]), ints(feed), ints([len(feed)]), row, False)
+                self.held.extend(feed)
+                if k == 0:  # (prime: the text is in the cache)
+                    return out
+                tok = self.sampler.sample(row[0].cpu() if m._cuda else row[0], 0.0, 0, 1.0)
+                out.append(tok)
+                if len(out) == k:
+                    return out
+                feed = [tok]
 
 
 class Model:
@@ -642,7 +721,8 @@ class Model:
 
     def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop=None, stream: bool = False,
-                 cache_prompt: bool = False, prompt_lookup: int | None = None):
+                 cache_prompt: bool = False, prompt_lookup: int | None = None, draft_model=None,
+                 draft_tokens: int | None = None):
         """Generate up to max_new_tokens after each prompt.
 
         prompt: a list of ids (returns the list of new ids), a string when the checkpoint has a
@@ -674,7 +754,13 @@ class Model:
         accepts it with probability p(token) and otherwise draws from p without it, which is what one draw from
         p compared with the draft does), and under a seed the tokens are those of generate without
         prompt_lookup. In both modes up to float rounding: a step verifies several rows at once, so a near-tie
-        may resolve differently than in one-token decoding."""
+        may resolve differently than in one-token decoding.
+        draft_model=m, draft_tokens=k (default 4; one prompt): speculative decoding with drafts from another
+        Model of the same vocabulary: m's greedy continuation of the text, k tokens a step (its own KV cache
+        follows the text; rejected drafts are cut from it), verified as prompt-lookup drafts are: the same
+        tokens as without drafts, greedy or sampled. It pays when m is much cheaper per token than this model
+        and agrees with it often: a smaller model of the same family, or this checkpoint loaded again quantized
+        (ne.load(path, quant="int4")) as its own drafter."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ArgumentError(f"max_new_tokens: expected a non-negative int, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or not temperature >= 0:
@@ -689,15 +775,15 @@ class Model:
             raise ArgumentError(f"cache_prompt: expected True or False, got {cache_prompt!r}")
         prompt = self._as_id_lists(prompt, "prompt")  # [T] -> one prompt, [B, T] -> a batch
         batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], (str, list, tuple))
-        _check_lookup(prompt_lookup, batched)
+        draft = _draft_plan(self, prompt_lookup, draft_model, draft_tokens, batched)
         prompts = list(prompt) if batched else [prompt]
         text = [isinstance(p, str) for p in prompts]
         ids = [self._encode(p) if t else self._check_ids(p) for p, t in zip(prompts, text)]
         return self._generate_ids(ids, text, batched, max_new_tokens, temperature, top_k, top_p, seed, stop, stream,
-                                  cache_prompt, prompt_lookup)
+                                  cache_prompt, draft)
 
     def _generate_ids(self, ids, text, batched, max_new_tokens, temperature, top_k, top_p, seed, stop, stream,
-                      cache_prompt, prompt_lookup=None):
+                      cache_prompt, draft=None):
         """generate() on prompts already tokenized (text[i]: yield / return sequence i as text)."""
         for i, s in enumerate(ids):
             if len(s) == 0:
@@ -715,9 +801,9 @@ class Model:
                 raise ArgumentError(f"stop: expected token ids or strings, got {s!r}")
         # top_k at or past the vocabulary keeps every candidate (and stays within the sampler's int)
         sampling = (float(temperature), min(top_k or 0, self.config.vocab_size), 1.0 if top_p is None else float(top_p))
-        if prompt_lookup:
+        if draft:
             gen = self._generate_lookup(ids[0], text[0], max_new_tokens, sampling, seed, stop_ids | self._eos(),
-                                        stop_strs, cache_prompt, prompt_lookup)
+                                        stop_strs, cache_prompt, *draft)
         else:
             gen = self._generate(ids, text, max_new_tokens, *sampling, seed, stop_ids | self._eos(), stop_strs,
                                  cache_prompt)
@@ -765,13 +851,15 @@ class Model:
 
     def chat(self, messages, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, stop=None, stream: bool = False,
-             cache_prompt: bool = True, chat_template=None, prompt_lookup: int | None = None, **variables):
+             cache_prompt: bool = True, chat_template=None, prompt_lookup: int | None = None, draft_model=None,
+             draft_tokens: int | None = None, **variables):
         """The assistant's reply to a conversation: `messages` rendered by the chat template, tokenized
         without added special tokens (the template writes them), then generate(). Stops at the model's
         eos ids, at the template's end-of-turn token (its eos_token), and at `stop`. Returns the reply
         text, or with stream=True an iterator of its pieces. cache_prompt=True (the default here): a
         conversation that goes on from the previous call's prompt and reply prefills only its new turn
-        (see generate); prompt_lookup as generate's. Needs the checkpoint's tokenizer.json."""
+        (see generate); prompt_lookup, draft_model and draft_tokens as generate's. Needs the checkpoint's
+        tokenizer.json."""
         if self.tokenizer is None:
             raise UnsupportedError("chat: needs a tokenizer.json beside the checkpoint")
         t = self._template(chat_template)
@@ -783,9 +871,9 @@ class Model:
             stops.append(tid if tid is not None else t.end_of_turn)
         if not isinstance(stream, bool):
             raise ArgumentError(f"stream: expected True or False, got {stream!r}")
-        _check_lookup(prompt_lookup, False)
+        draft = _draft_plan(self, prompt_lookup, draft_model, draft_tokens, False)
         return self._generate_ids([ids], [True], False, max_new_tokens, temperature, top_k, top_p, seed, stops,
-                                  stream, cache_prompt, prompt_lookup)
+                                  stream, cache_prompt, draft)
 
     def _finish(self, new, is_text, stop_strs):
         if not is_text:
@@ -906,8 +994,10 @@ class Model:
             return piece, done
         return "", done
 
-    def _generate_lookup(self, prompt, is_text, max_new, sampling, seed, stop_ids, stop_strs, cache_prompt, k):
-        """Generation of one sequence with prompt-lookup drafts (generate(prompt_lookup=k)); yields
+    def _generate_lookup(self, prompt, is_text, max_new, sampling, seed, stop_ids, stop_strs, cache_prompt, k,
+                         draft_model=None):
+        """Generation of one sequence with drafts of up to k tokens a step, from prompt lookup
+        (generate(prompt_lookup=k)) or from draft_model's greedy decoding (generate(draft_model=...)); yields
         (0, token or text piece) as _generate does.
 
         Verifying a draft when sampling: speculative sampling (Leviathan et al. 2023; Chen et al. 2023) with a
@@ -931,7 +1021,7 @@ class Model:
 
         rows_buf = (np.empty((k + 1, vocab), dtype=np.float32) if torch is None else
                     torch.empty(k + 1, vocab, dtype=torch.float32, device=self.device))
-        index = _NgramIndex(prompt)
+        index = _NgramIndex(prompt) if draft_model is None else _ModelDrafter(draft_model, prompt, need)
         # a linear-family layer's state cannot give back rejected draft tokens: such models decode one at a time
         drafts = all(a == "softmax" for a in self.config.attention)
         me = object()
@@ -950,6 +1040,8 @@ class Model:
             feed(r, prompt[kept:], rows)
             held = list(prompt)  # what slot 0's cache holds
             self._prefix = (me, held)
+        if draft_model is not None:
+            index.prime()
         produced, shown, draft = [], [""], []
         while True:
             host = rows.cpu() if self._cuda else rows
@@ -967,7 +1059,7 @@ class Model:
                 keep = len(held) - len(draft) + matched
                 with self._lock:
                     if self._user is me and not r.truncate(0, keep):  # pragma: no cover - drafts only where it can
-                        raise AssertionError("prompt_lookup: the KV cache could not be cut back")
+                        raise AssertionError("speculative decoding: the KV cache could not be cut back")
                 del held[keep:]
             for tok in accepted:
                 produced.append(tok)
