@@ -221,7 +221,7 @@ void bind_runner(py::module_& m) {
       .def(py::init<uint64_t>(), py::arg("seed"))
       .def(
           "sample",
-          [](Sampler& s, py::handle logits, float temperature, int top_k, float top_p) {
+          [](Sampler& s, py::handle logits, float temperature, int top_k, float top_p, float min_p) {
             Borrowed b;
             TensorView v = view_of(logits, "logits", b);
             if (v.device.type != ne::DeviceType::CPU || v.dtype != ne::DType::F32 || v.ndim != 1 || v.strides[0] != 1)
@@ -230,7 +230,8 @@ void bind_runner(py::module_& m) {
             p.temperature = temperature;
             p.top_k = top_k;
             p.top_p = top_p;
+            p.min_p = min_p;
             return ne::sample_token(v.ptr<const float>(), static_cast<int>(v.shape[0]), p, s.rng);
           },
-          py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"));
+          py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p") = 0.f);
 }

@@ -167,10 +167,25 @@ bool reaches_top_p(int from, int to, W w, double sum, float top_p, double& c, do
   return false;
 }
 
+// min_p (after the top_k / top_p cuts, as transformers' MinPLogitsWarper): of candidates 0 .. n - 1 with
+// weights w(j), draw only those whose weight is at least min_p times the largest (the top token's, exp(0) up to
+// the exp kernel's rounding).
+template <class I, class W>
+int draw_min_p(int n, I idx, W w, float min_p, std::mt19937_64& rng) {
+  double top = 0;
+  for (int j = 0; j < n; ++j) top = w(j) > top ? w(j) : top;
+  const double cut = min_p * top;
+  const auto wm = [&](int j) { return w(j) >= cut ? w(j) : 0.0; };
+  double sum = 0;
+  for (int j = 0; j < n; ++j) sum += wm(j);
+  return draw(n, idx, wm, sum, rng);
+}
+
 // Small top_k (k * 256 <= V): the k best in one pass with a heap of the k best so far (its top the
 // worst of them; a later index with an equal logit is never better, so only l_i > worst enters),
 // sorted; weights in double.
-int sample_small_top_k(const float* l, int V, int k, double T, float mx, float top_p, std::mt19937_64& rng) {
+int sample_small_top_k(const float* l, int V, int k, double T, float mx, float top_p, float min_p,
+                       std::mt19937_64& rng) {
   const Before before{l};
   std::vector<int> h;
   h.reserve(k);
@@ -191,6 +206,7 @@ int sample_small_top_k(const float* l, int V, int k, double T, float mx, float t
   int n = k;
   double c = 0, kept = 0;  // the shortest prefix whose mass reaches top_p
   if (top_p < 1.f && reaches_top_p(0, k, [&](int j) { return w[j]; }, sum, top_p, c, kept, &n)) sum = kept;
+  if (min_p > 0.f) return draw_min_p(n, [&](int j) { return h[j]; }, [&](int j) { return w[j]; }, min_p, rng);
   return draw(n, [&](int j) { return h[j]; }, [&](int j) { return w[j]; }, sum, rng);
 }
 
@@ -199,7 +215,7 @@ int sample_small_top_k(const float* l, int V, int k, double T, float mx, float t
 // bucket order is candidate order up to ties within a bucket. The top_k cut and the top_p cut each
 // fall inside one bucket, and only that bucket's members are sorted (by `Before`); the candidates
 // kept are then a prefix of the bucket-major order.
-int sample_bucketed(const float* l, int V, int k, float mx, float scale, const float* wf, float top_p,
+int sample_bucketed(const float* l, int V, int k, float mx, float scale, const float* wf, float top_p, float min_p,
                     std::mt19937_64& rng) {
   constexpr int kBuckets = 4096;
   constexpr float kSpan = 88.f;  // exp(-88) is below float's range: those weights are 0
@@ -254,6 +270,7 @@ int sample_bucketed(const float* l, int V, int k, float mx, float scale, const f
       break;
     }
   }
+  if (min_p > 0.f) return draw_min_p(n, [&](int j) { return o[j]; }, wo, min_p, rng);
   return draw(n, [&](int j) { return o[j]; }, wo, sum, rng);
 }
 
@@ -264,6 +281,7 @@ int sample_token(const float* logits, int vocab, const SamplingParams& p, std::m
   if (!(p.temperature >= 0.f)) throw ValueError("temperature: expected >= 0");
   if (p.top_k < 0) throw ValueError("top_k: expected >= 0");
   if (!(p.top_p > 0.f && p.top_p <= 1.f)) throw ValueError("top_p: expected a value in (0, 1]");
+  if (!(p.min_p >= 0.f && p.min_p <= 1.f)) throw ValueError("min_p: expected a value in [0, 1]");
   const SamplerTable& kt = *NE_PICK_ISA(sampler_table);
   const float* l = logits;
   const int V = vocab;
@@ -271,7 +289,8 @@ int sample_token(const float* logits, int vocab, const SamplingParams& p, std::m
   if (p.temperature == 0.f || p.top_k == 1) return static_cast<int>(std::find(l, l + V, mx) - l);
 
   const int k = (p.top_k > 0 && p.top_k < V) ? p.top_k : V;
-  if (static_cast<int64_t>(k) * 256 <= V) return sample_small_top_k(l, V, k, p.temperature, mx, p.top_p, rng);
+  if (static_cast<int64_t>(k) * 256 <= V)
+    return sample_small_top_k(l, V, k, p.temperature, mx, p.top_p, p.min_p, rng);
   // the weights of the whole row by the vector kernel (float exp, ~2 ulp), summed in double
   thread_local std::vector<float> wf;
   wf.resize(V);
@@ -280,9 +299,12 @@ int sample_token(const float* logits, int vocab, const SamplingParams& p, std::m
   const float scale = static_cast<float>(
       std::min(std::max(1.0 / p.temperature, static_cast<double>(FLT_MIN)), static_cast<double>(FLT_MAX)));
   const double sum = kt.exp_weights(l, V, mx, scale, wf.data());
-  if (k == V && p.top_p >= 1.f)  // no cut: draw in index order (the distribution is the same)
-    return draw(V, [](int j) { return j; }, [&](int j) { return static_cast<double>(wf[j]); }, sum, rng);
-  return sample_bucketed(l, V, k, mx, scale, wf.data(), p.top_p, rng);
+  if (k == V && p.top_p >= 1.f) {  // no cut: draw in index order (the distribution is the same)
+    const auto w = [&](int j) { return static_cast<double>(wf[j]); };
+    if (p.min_p > 0.f) return draw_min_p(V, [](int j) { return j; }, w, p.min_p, rng);
+    return draw(V, [](int j) { return j; }, w, sum, rng);
+  }
+  return sample_bucketed(l, V, k, mx, scale, wf.data(), p.top_p, p.min_p, rng);
 }
 
 }  // namespace ne

@@ -135,7 +135,8 @@ def cmd_generate(args) -> int:
         if model.tokenizer is None:
             raise NormEngineError("this checkpoint has no tokenizer.json: pass --ids 1,2,3 instead of --prompt")
     stream = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stream=True,
+                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed, stream=True,
                             prompt_lookup=args.prompt_lookup, **_draft(args))
     if isinstance(prompt, str):
         sys.stdout.write(prompt)
@@ -186,7 +187,8 @@ def cmd_chat(args) -> int:
         reply = []
         try:
             for piece in model.chat(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed + turn, stream=True,
+                                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                    repetition_penalty=args.repetition_penalty, seed=args.seed + turn, stream=True,
                                     prompt_lookup=args.prompt_lookup, **drafting):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -296,6 +298,14 @@ def _model_options(p) -> None:
                    help="the KV cache's dtype (bfloat16: half its memory and decode traffic; int8: about a quarter)")
 
 
+def _sampling_options(p) -> None:
+    p.add_argument("--min-p", type=float, default=None,
+                   help="keep only tokens with probability >= MIN_P x the top token's (after top-k / top-p)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="divide (multiply, if negative) the logits of tokens already in the text by this (> 1: "
+                        "fewer repeats)")
+
+
 def _draft_options(p) -> None:
     p.add_argument("--draft-model", default=None, metavar="PATH",
                    help="speculative decoding with drafts from this checkpoint (same vocabulary; e.g. a quantized "
@@ -330,6 +340,7 @@ def main(argv=None) -> int:
     g.add_argument("--temperature", type=float, default=0.8, help="0 for greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=40)
     g.add_argument("--top-p", type=float, default=0.95)
+    _sampling_options(g)
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0: reproducible)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", choices=list(_DTYPES), default=None, help="weights dtype (default: as stored)")
@@ -349,6 +360,7 @@ def main(argv=None) -> int:
     ch.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
     ch.add_argument("--top-k", type=int, default=40)
     ch.add_argument("--top-p", type=float, default=0.95)
+    _sampling_options(ch)
     ch.add_argument("--seed", type=int, default=0, help="sampling seed of the first reply (then +1 per turn)")
     ch.add_argument("--device", default="cpu")
     ch.add_argument("--dtype", choices=list(_DTYPES), default=None, help="weights dtype (default: as stored)")

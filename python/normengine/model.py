@@ -150,6 +150,52 @@ def _int32s(torch, values):
     return np.array(values, dtype=np.int32) if torch is None else torch.tensor(values, dtype=torch.int32)
 
 
+def _sampling(vocab, temperature, top_k, top_p, min_p, repetition_penalty):
+    """generate()'s sampling options, checked: ((temperature, top_k, top_p, min_p) as the sampler takes them,
+    repetition penalty or None)."""
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
+        raise ArgumentError(f"temperature: expected a number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ArgumentError(f"top_k: expected a non-negative int or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ArgumentError(f"top_p: expected a number in (0, 1] or None, got {top_p!r}")
+    if min_p is not None and not (isinstance(min_p, (int, float)) and 0 <= min_p <= 1):
+        raise ArgumentError(f"min_p: expected a number in [0, 1] or None, got {min_p!r}")
+    if repetition_penalty is not None and not (isinstance(repetition_penalty, (int, float)) and
+                                               0 < repetition_penalty < float("inf")):
+        raise ArgumentError(f"repetition_penalty: expected a number > 0 or None, got {repetition_penalty!r}")
+    # top_k at or past the vocabulary keeps every candidate (and stays within the sampler's int)
+    return ((float(temperature), min(top_k or 0, vocab), 1.0 if top_p is None else float(top_p), float(min_p or 0.0)),
+            None if repetition_penalty in (None, 1, 1.0) else float(repetition_penalty))
+
+
+class _Penalty:
+    """The repetition penalty of one sequence (transformers' RepetitionPenaltyLogitsProcessor, CTRL's): before a
+    token is chosen, the logit of every token id already in the sequence (its prompt and its new tokens, each id
+    once) is divided by the penalty where positive and multiplied by it where negative, in float32."""
+
+    def __init__(self, penalty, ids):
+        self.p, self.seen, self.idx = penalty, set(ids), None
+
+    def add(self, tok):
+        if tok not in self.seen:
+            self.seen.add(tok)
+            self.idx = None
+
+    def apply(self, row):
+        """row: one float32 CPU logits row (torch or numpy), changed in place."""
+        if self.idx is None:
+            self.idx = np.fromiter(self.seen, dtype=np.int64, count=len(self.seen))
+        if isinstance(row, np.ndarray):
+            v = row[self.idx]
+            row[self.idx] = np.where(v < 0, v * np.float32(self.p), v / np.float32(self.p))
+        else:
+            torch = _torch()
+            i = torch.from_numpy(self.idx)
+            v = row[i]
+            row[i] = torch.where(v < 0, v * self.p, v / self.p)
+
+
 def _draft_plan(target, prompt_lookup, draft_model, draft_tokens, batched):
     """generate()'s speculative decoding options, checked: None (none), or (k, draft_model or None): up to k
     draft tokens a step, from prompt lookup or from the draft model's greedy decoding."""
@@ -722,14 +768,19 @@ class Model:
     def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop=None, stream: bool = False,
                  cache_prompt: bool = False, prompt_lookup: int | None = None, draft_model=None,
-                 draft_tokens: int | None = None):
+                 draft_tokens: int | None = None, min_p: float | None = None,
+                 repetition_penalty: float | None = None):
         """Generate up to max_new_tokens after each prompt.
 
         prompt: a list of ids (returns the list of new ids), a string when the checkpoint has a
         tokenizer.json (returns the new text), or a list of either, of any lengths (returns a list).
-        temperature 0 is greedy; otherwise softmax sampling restricted by top_k / top_p, reproducible
-        under `seed`, any int (each sequence of a batch draws from its own generator seeded seed + i, so
-        a batch gives what its prompts give one by one). Generation of a sequence stops at the model's eos
+        temperature 0 is greedy; otherwise softmax sampling restricted by top_k / top_p / min_p (in that
+        order, as transformers' warpers: min_p keeps the tokens whose probability is at least min_p times the
+        top token's), reproducible under `seed`, any int (each sequence of a batch draws from its own generator seeded seed + i, so
+        a batch gives what its prompts give one by one). repetition_penalty (greedy or sampled; transformers'
+        and CTRL's): the logit of every token already in the sequence, prompt included, is divided by it where
+        positive and multiplied where negative before the token is chosen (> 1 discourages repeats; 1 or None:
+        off). Generation of a sequence stops at the model's eos
         token (kept in the output) or at any of `stop` (token ids, or strings for text prompts).
         stream=True returns an iterator yielding each new token (id, or text piece) as it is made;
         for a batch it yields (index, token) pairs. Calls on one Model may interleave (a stream left
@@ -763,12 +814,7 @@ class Model:
         (ne.load(path, quant="int4")) as its own drafter."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ArgumentError(f"max_new_tokens: expected a non-negative int, got {max_new_tokens!r}")
-        if not isinstance(temperature, (int, float)) or not temperature >= 0:
-            raise ArgumentError(f"temperature: expected a number >= 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-            raise ArgumentError(f"top_k: expected a non-negative int or None, got {top_k!r}")
-        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ArgumentError(f"top_p: expected a number in (0, 1] or None, got {top_p!r}")
+        sampling = _sampling(self.config.vocab_size, temperature, top_k, top_p, min_p, repetition_penalty)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ArgumentError(f"seed: expected an int or None, got {seed!r}")
         if not isinstance(cache_prompt, bool):
@@ -779,11 +825,11 @@ class Model:
         prompts = list(prompt) if batched else [prompt]
         text = [isinstance(p, str) for p in prompts]
         ids = [self._encode(p) if t else self._check_ids(p) for p, t in zip(prompts, text)]
-        return self._generate_ids(ids, text, batched, max_new_tokens, temperature, top_k, top_p, seed, stop, stream,
-                                  cache_prompt, draft)
+        return self._generate_ids(ids, text, batched, max_new_tokens, sampling, seed, stop, stream, cache_prompt,
+                                  draft)
 
-    def _generate_ids(self, ids, text, batched, max_new_tokens, temperature, top_k, top_p, seed, stop, stream,
-                      cache_prompt, draft=None):
+    def _generate_ids(self, ids, text, batched, max_new_tokens, sampling, seed, stop, stream, cache_prompt,
+                      draft=None):
         """generate() on prompts already tokenized (text[i]: yield / return sequence i as text)."""
         for i, s in enumerate(ids):
             if len(s) == 0:
@@ -799,13 +845,11 @@ class Model:
                 stop_ids.add(s)
             else:
                 raise ArgumentError(f"stop: expected token ids or strings, got {s!r}")
-        # top_k at or past the vocabulary keeps every candidate (and stays within the sampler's int)
-        sampling = (float(temperature), min(top_k or 0, self.config.vocab_size), 1.0 if top_p is None else float(top_p))
         if draft:
             gen = self._generate_lookup(ids[0], text[0], max_new_tokens, sampling, seed, stop_ids | self._eos(),
                                         stop_strs, cache_prompt, *draft)
         else:
-            gen = self._generate(ids, text, max_new_tokens, *sampling, seed, stop_ids | self._eos(), stop_strs,
+            gen = self._generate(ids, text, max_new_tokens, sampling, seed, stop_ids | self._eos(), stop_strs,
                                  cache_prompt)
         if stream:
             return self._stream(gen, batched)
@@ -852,14 +896,15 @@ class Model:
     def chat(self, messages, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, stop=None, stream: bool = False,
              cache_prompt: bool = True, chat_template=None, prompt_lookup: int | None = None, draft_model=None,
-             draft_tokens: int | None = None, **variables):
+             draft_tokens: int | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
+             **variables):
         """The assistant's reply to a conversation: `messages` rendered by the chat template, tokenized
         without added special tokens (the template writes them), then generate(). Stops at the model's
         eos ids, at the template's end-of-turn token (its eos_token), and at `stop`. Returns the reply
         text, or with stream=True an iterator of its pieces. cache_prompt=True (the default here): a
         conversation that goes on from the previous call's prompt and reply prefills only its new turn
-        (see generate); prompt_lookup, draft_model and draft_tokens as generate's. Needs the checkpoint's
-        tokenizer.json."""
+        (see generate); min_p, repetition_penalty, prompt_lookup, draft_model and draft_tokens as generate's.
+        Needs the checkpoint's tokenizer.json."""
         if self.tokenizer is None:
             raise UnsupportedError("chat: needs a tokenizer.json beside the checkpoint")
         t = self._template(chat_template)
@@ -871,9 +916,10 @@ class Model:
             stops.append(tid if tid is not None else t.end_of_turn)
         if not isinstance(stream, bool):
             raise ArgumentError(f"stream: expected True or False, got {stream!r}")
+        sampling = _sampling(self.config.vocab_size, temperature, top_k, top_p, min_p, repetition_penalty)
         draft = _draft_plan(self, prompt_lookup, draft_model, draft_tokens, False)
-        return self._generate_ids([ids], [True], False, max_new_tokens, temperature, top_k, top_p, seed, stops,
-                                  stream, cache_prompt, draft)
+        return self._generate_ids([ids], [True], False, max_new_tokens, sampling, seed, stops, stream, cache_prompt,
+                                  draft)
 
     def _finish(self, new, is_text, stop_strs):
         if not is_text:
@@ -889,8 +935,7 @@ class Model:
         for i, tok in gen:
             yield (i, tok) if batched else tok
 
-    def _generate(self, ids, text, max_new, temperature, top_k, top_p, seed, stop_ids, stop_strs,
-                  cache_prompt=False):
+    def _generate(self, ids, text, max_new, sampling, seed, stop_ids, stop_strs, cache_prompt=False):
         """Yields (sequence index, new token id, or text piece for text prompts) as tokens are made."""
         if max_new == 0:
             return
@@ -901,6 +946,8 @@ class Model:
         torch = _torch_if_loaded()  # None in a torch-free process: numpy buffers then
         base = _sampler_seed(seed, torch)
         samplers = [_C.Sampler((base + i) % 2**64) for i in range(B)]  # any int seed (negative, huge) works
+        params, penalty = sampling
+        penalties = [_Penalty(penalty, s) for s in ids] if penalty else None
         vocab = self.config.vocab_size
         on_gpu = self._cuda
 
@@ -938,10 +985,14 @@ class Model:
             nxt = []
             for row, i in enumerate(active):
                 try:
-                    tok = samplers[i].sample(host[row], temperature, top_k, top_p)
+                    if penalties:
+                        penalties[i].apply(host[row])
+                    tok = samplers[i].sample(host[row], *params)
                 except ArgumentError as e:  # NaN / +Inf logits (the arguments themselves were checked)
                     raise NumericalError(f"generate: sequence {i}, new token {len(produced[i]) + 1}: {e}") from None
                 produced[i].append(tok)
+                if penalties:
+                    penalties[i].add(tok)
                 done = tok in stop_ids or len(ids[i]) + len(produced[i]) >= self.config.max_seq_len
                 if text[i]:
                     piece, done = self._text_piece(produced[i], shown, i, stop_strs, done, n + 1 >= max_new)
@@ -1016,6 +1067,8 @@ class Model:
         vocab = self.config.vocab_size
         # seeded as _generate's sampler of a lone sequence; temperature 0 draws nothing (the argmax)
         sampler = _C.Sampler(_sampler_seed(seed, torch) % 2**64)
+        params, penalty = sampling
+        penalty = _Penalty(penalty, prompt) if penalty else None  # (row j's sequence: the text and draft[:j])
 
         ints = functools.partial(_int32s, torch)
 
@@ -1047,11 +1100,15 @@ class Model:
             host = rows.cpu() if self._cuda else rows
             accepted = []
             for j in range(len(draft) + 1):  # the token after each fed position, while the draft agrees
+                if penalty:
+                    penalty.apply(host[j])
                 try:
-                    tok = sampler.sample(host[j], *sampling)
+                    tok = sampler.sample(host[j], *params)
                 except ArgumentError as e:
                     raise NumericalError(f"generate: new token {len(produced) + j + 1}: {e}") from None
                 accepted.append(tok)
+                if penalty:
+                    penalty.add(tok)
                 if j == len(draft) or tok != draft[j]:
                     break
             matched = len(accepted) - 1  # drafted tokens the model agreed with (they are in the cache)

@@ -105,6 +105,7 @@ struct SamplingParams {
   float temperature = 0.f;  // 0: greedy (argmax)
   int top_k = 0;            // 0: all
   float top_p = 1.f;        // 1: all
+  float min_p = 0.f;        // 0: all; else only tokens with p >= min_p * (the top token's p), after top_k / top_p
 };
 
 class Runner {
