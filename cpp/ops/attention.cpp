@@ -42,6 +42,8 @@ inline int width(int64_t n, int64_t i) { return n - i < N ? static_cast<int>(n -
 // every vector belongs to query t0 + i; lanes past n hold zero queries and are dropped at the end.
 // ws: (2 D + kBK) N + 2 kBK D floats of the calling thread. T: the cache's element type (float; bf16, or
 // int8 times its row's scale: each block of K and V rows is widened once into ws, then read as float).
+constexpr int kWidenAhead = 8;  // rows of a 16-bit / 8-bit cache prefetched ahead of their widening
+
 template <class T>
 void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int64_t t0, int n, int h, float* ws) {
   const int D = a.head_dim, g = h / (a.n_heads / a.n_kv_heads);
@@ -72,6 +74,10 @@ void attend_block(const AttnArgs& a, const T* const* kc, const T* const* vc, int
       Kb = K + r0 * ldkv, Vb = V + r0 * ldkv, ldb = ldkv;
     } else {
       for (int r = 0; r < bk; ++r) {
+        if (r + kWidenAhead < bk) {  // (rows ldkv apart: a line or two of each, which the prefetcher misses)
+          __builtin_prefetch(K + (r0 + r + kWidenAhead) * ldkv, 0, 3);
+          __builtin_prefetch(V + (r0 + r + kWidenAhead) * ldkv, 0, 3);
+        }
         R ks = VF::set1(1.f), vs = ks;  // int8: row r0 + r's scales for kv head g
         if constexpr (std::is_same_v<T, int8_t>) {
           ks = VF::set1(a.ks[t0][(r0 + r) * a.n_kv_heads + g]);
