@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -205,6 +206,27 @@ def cmd_chat(args) -> int:
 
 
 @_reports_errors
+def cmd_serve(args) -> int:
+    """An OpenAI-compatible HTTP server over the checkpoint (normengine.server)."""
+    from normengine import server
+
+    model = _load(args)
+    if args.template is not None:
+        model.chat_template = args.template
+    name = args.name or (os.path.basename(os.path.normpath(args.path)) if args.path else "normengine-default")
+
+    def ready(httpd):
+        host, port = httpd.server_address[:2]
+        print(f"normengine: serving {name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+
+    try:
+        server.serve(model, args.host, args.port, name, args.verbose, ready=ready)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+@_reports_errors
 def cmd_info(args) -> int:
     """Describe a checkpoint: architecture, sizes, parameter count, dtype."""
     model = _load(args)
@@ -369,6 +391,19 @@ def main(argv=None) -> int:
     _draft_options(ch)
     _model_options(ch)
     ch.set_defaults(fn=cmd_chat)
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    sv.add_argument("path", nargs="?", default=None,
+                    help="checkpoint directory or file (default: the small model shipped in the package)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--name", default=None, help="the model id the API reports (default: the directory's name)")
+    sv.add_argument("--port", dest="port", type=int, default=8000, help="0: any free port (printed)")
+    sv.add_argument("--template", default=None,
+                    help="chat template: 'chatml', a .jinja file or a template string (default: the checkpoint's)")
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--dtype", choices=list(_DTYPES), default=None, help="weights dtype (default: as stored)")
+    sv.add_argument("--verbose", action="store_true", help="log each request")
+    _model_options(sv)
+    sv.set_defaults(fn=cmd_serve)
     i = sub.add_parser("info", help="architecture, sizes, parameter count and dtype of a checkpoint")
     i.add_argument("path", nargs="?", default=None)
     i.add_argument("--device", default="cpu")

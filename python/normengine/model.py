@@ -829,8 +829,9 @@ class Model:
                                   draft)
 
     def _generate_ids(self, ids, text, batched, max_new_tokens, sampling, seed, stop, stream, cache_prompt,
-                      draft=None):
-        """generate() on prompts already tokenized (text[i]: yield / return sequence i as text)."""
+                      draft=None, tokens_out=None):
+        """generate() on prompts already tokenized (text[i]: yield / return sequence i as text). tokens_out: a
+        list that receives sequence 0's new token ids as they are made (the server counts them)."""
         for i, s in enumerate(ids):
             if len(s) == 0:
                 raise ShapeError(f"prompt[{i}]: empty prompt (at least one token is needed)" if batched
@@ -847,10 +848,10 @@ class Model:
                 raise ArgumentError(f"stop: expected token ids or strings, got {s!r}")
         if draft:
             gen = self._generate_lookup(ids[0], text[0], max_new_tokens, sampling, seed, stop_ids | self._eos(),
-                                        stop_strs, cache_prompt, *draft)
+                                        stop_strs, cache_prompt, *draft, tokens_out=tokens_out)
         else:
             gen = self._generate(ids, text, max_new_tokens, sampling, seed, stop_ids | self._eos(), stop_strs,
-                                 cache_prompt)
+                                 cache_prompt, tokens_out=tokens_out)
         if stream:
             return self._stream(gen, batched)
         results = [[] for _ in ids]
@@ -905,6 +906,17 @@ class Model:
         conversation that goes on from the previous call's prompt and reply prefills only its new turn
         (see generate); min_p, repetition_penalty, prompt_lookup, draft_model and draft_tokens as generate's.
         Needs the checkpoint's tokenizer.json."""
+        ids, stops = self._chat_ids(messages, stop, chat_template, variables)
+        if not isinstance(stream, bool):
+            raise ArgumentError(f"stream: expected True or False, got {stream!r}")
+        sampling = _sampling(self.config.vocab_size, temperature, top_k, top_p, min_p, repetition_penalty)
+        draft = _draft_plan(self, prompt_lookup, draft_model, draft_tokens, False)
+        return self._generate_ids([ids], [True], False, max_new_tokens, sampling, seed, stops, stream, cache_prompt,
+                                  draft)
+
+    def _chat_ids(self, messages, stop, chat_template, variables):
+        """A conversation's prompt ids (rendered by the chat template, tokenized without added special tokens: the
+        template writes them) and the stops of its reply (`stop`, and the template's end-of-turn token)."""
         if self.tokenizer is None:
             raise UnsupportedError("chat: needs a tokenizer.json beside the checkpoint")
         t = self._template(chat_template)
@@ -914,12 +926,7 @@ class Model:
         if t.end_of_turn:
             tid = self.tokenizer.token_to_id(t.end_of_turn)
             stops.append(tid if tid is not None else t.end_of_turn)
-        if not isinstance(stream, bool):
-            raise ArgumentError(f"stream: expected True or False, got {stream!r}")
-        sampling = _sampling(self.config.vocab_size, temperature, top_k, top_p, min_p, repetition_penalty)
-        draft = _draft_plan(self, prompt_lookup, draft_model, draft_tokens, False)
-        return self._generate_ids([ids], [True], False, max_new_tokens, sampling, seed, stops, stream, cache_prompt,
-                                  draft)
+        return ids, stops
 
     def _finish(self, new, is_text, stop_strs):
         if not is_text:
@@ -935,7 +942,7 @@ class Model:
         for i, tok in gen:
             yield (i, tok) if batched else tok
 
-    def _generate(self, ids, text, max_new, sampling, seed, stop_ids, stop_strs, cache_prompt=False):
+    def _generate(self, ids, text, max_new, sampling, seed, stop_ids, stop_strs, cache_prompt=False, tokens_out=None):
         """Yields (sequence index, new token id, or text piece for text prompts) as tokens are made."""
         if max_new == 0:
             return
@@ -979,6 +986,8 @@ class Model:
             self._prefix = (me, held) if B == 1 else None
         host = logits.cpu() if on_gpu else logits  # the sampler reads CPU rows
         produced = [[] for _ in range(B)]
+        if tokens_out is not None:
+            produced[0] = tokens_out
         shown = [""] * B  # text already yielded, per text sequence
         n = 0
         while active:
@@ -1046,7 +1055,7 @@ class Model:
         return "", done
 
     def _generate_lookup(self, prompt, is_text, max_new, sampling, seed, stop_ids, stop_strs, cache_prompt, k,
-                         draft_model=None):
+                         draft_model=None, tokens_out=None):
         """Generation of one sequence with drafts of up to k tokens a step, from prompt lookup
         (generate(prompt_lookup=k)) or from draft_model's greedy decoding (generate(draft_model=...)); yields
         (0, token or text piece) as _generate does.
@@ -1095,7 +1104,7 @@ class Model:
             self._prefix = (me, held)
         if draft_model is not None:
             index.prime()
-        produced, shown, draft = [], [""], []
+        produced, shown, draft = [] if tokens_out is None else tokens_out, [""], []
         while True:
             host = rows.cpu() if self._cuda else rows
             accepted = []

@@ -1,0 +1,296 @@
+"""An OpenAI-compatible HTTP server over one Model (`normengine serve`), on the standard library alone.
+
+    GET  /v1/models             the one model served
+    POST /v1/completions        {"prompt": text or token ids, "max_tokens": 16, "temperature": 1.0, "top_p",
+                                 "stop", "seed", "stream", and normengine's "top_k", "min_p",
+                                 "repetition_penalty", "prompt_lookup"}
+    POST /v1/chat/completions   {"messages": [...], "max_tokens" (or "max_completion_tokens"), the same
+                                 sampling fields}; rendered by the checkpoint's chat template
+    GET  /health
+
+stream=true answers with server-sent events (`data: {chunk}` lines, then `data: [DONE]`), as OpenAI's API does.
+Requests are served one at a time, in arrival order (one KV cache: a request's steps interleaved with another's
+would prefill both again and again); a chat request whose messages go on from the previous request's
+conversation prefills only its new turn (Model.chat's cache_prompt). Bad requests get status 400 with an
+OpenAI-style {"error": {"message", "type", "param"}} body naming the field; n > 1, logprobs and unknown fields
+are refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from .errors import NormEngineError
+
+# OpenAI fields accepted (with their types) besides the endpoint's own, and normengine's extensions
+_SAMPLING = {"max_tokens": int, "temperature": (int, float), "top_p": (int, float), "stop": (str, list),
+             "seed": int, "stream": bool, "top_k": int, "min_p": (int, float), "repetition_penalty": (int, float),
+             "prompt_lookup": int, "n": int, "model": str, "user": str, "logprobs": (bool, int, type(None))}
+
+
+class RequestError(Exception):
+    def __init__(self, message, param=None, status=400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+def _fields(body, own):
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    allowed = dict(_SAMPLING, **own)
+    for k, v in body.items():
+        if k not in allowed:
+            raise RequestError(f"{k}: not supported by this server (supported: {', '.join(sorted(allowed))})", k)
+        types = allowed[k]
+        if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            raise RequestError(f"{k}: expected {_type_name(types)}, got a boolean", k)
+        if not isinstance(v, types):
+            raise RequestError(f"{k}: expected {_type_name(types)}, got {type(v).__name__}", k)
+    if body.get("n", 1) != 1:
+        raise RequestError("n: only 1 completion per request is supported", "n")
+    if body.get("logprobs"):
+        raise RequestError("logprobs: not supported by this server", "logprobs")
+    stop = body.get("stop")
+    if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
+        raise RequestError("stop: expected a string or a list of strings", "stop")
+    return body
+
+
+def _type_name(types):
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list", bool: "a boolean",
+             dict: "an object", type(None): "null"}
+    ts = types if isinstance(types, tuple) else (types,)
+    return " or ".join(dict.fromkeys(names[t] for t in ts))
+
+
+class Server:
+    """The model, its name, and the lock that serves requests one at a time."""
+
+    def __init__(self, model, name: str):
+        self.model, self.name = model, name
+        self.lock = threading.Lock()
+        self.created = int(time.time())
+
+    def _kwargs(self, body, default_max):
+        """generate() / chat() keyword arguments from a request's sampling fields (OpenAI's defaults:
+        temperature 1, top_p 1)."""
+        kw = dict(max_new_tokens=body.get("max_tokens", default_max), temperature=body.get("temperature", 1.0),
+                  top_p=body.get("top_p"), top_k=body.get("top_k"), min_p=body.get("min_p"),
+                  repetition_penalty=body.get("repetition_penalty"), seed=body.get("seed"),
+                  prompt_lookup=body.get("prompt_lookup"))
+        if "stop" in body:
+            kw["stop"] = body["stop"]
+        return kw
+
+    def completion(self, body):
+        body = _fields(body, {"prompt": (str, list), "echo": bool, "suffix": type(None)})
+        if "prompt" not in body:
+            raise RequestError("prompt: required", "prompt")
+        prompt = body["prompt"]
+        if isinstance(prompt, list):
+            if len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            elif not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                raise RequestError("prompt: expected a string or a list of token ids (one prompt per request)",
+                                   "prompt")
+        if isinstance(prompt, str) and self.model.tokenizer is None:
+            raise RequestError("prompt: this checkpoint has no tokenizer.json; send token ids", "prompt")
+        kw = self._kwargs(body, 16)
+        try:
+            ids = self.model._encode(prompt) if isinstance(prompt, str) else self.model._check_ids(prompt)
+        except NormEngineError as e:
+            raise RequestError(str(e), "prompt") from None
+        text = self.model.tokenizer is not None  # (token ids in: the reply is their text all the same)
+        return self._run(ids, text, kw, body, "text_completion", chat=False,
+                         echo=prompt if body.get("echo") and isinstance(prompt, str) else None)
+
+    def chat(self, body):
+        body = _fields(body, {"messages": list, "max_completion_tokens": int})
+        if "messages" not in body:
+            raise RequestError("messages: required", "messages")
+        for i, m in enumerate(body["messages"]):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise RequestError(f"messages[{i}]: expected an object with string 'role' and 'content'", "messages")
+        if self.model.tokenizer is None:
+            raise RequestError("this checkpoint has no tokenizer.json: chat needs one", "messages")
+        if "max_completion_tokens" in body:
+            body = dict(body, max_tokens=body["max_completion_tokens"])
+            del body["max_completion_tokens"]
+        return self._run(body["messages"], True, self._kwargs(body, 256), body, "chat.completion", chat=True)
+
+    def _run(self, prompt, text, kw, body, obj, chat, echo=None):
+        """(status, headers, body bytes) or, streamed, (status, headers, iterator of event bytes)."""
+        m = self.model
+        made, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        tokens = []  # the new token ids (counted for finish_reason and usage)
+        from .model import _draft_plan, _sampling
+
+        stream = body.get("stream", False)
+        max_new = kw.pop("max_new_tokens")
+        try:
+            sampling = _sampling(m.config.vocab_size, kw.pop("temperature"), kw.pop("top_k"), kw.pop("top_p"),
+                                 kw.pop("min_p"), kw.pop("repetition_penalty"))
+            draft = _draft_plan(m, kw.pop("prompt_lookup"), None, None, False)
+            if chat:
+                ids, stops = m._chat_ids(prompt, kw.pop("stop", None), None, {})
+            else:
+                ids, stops = prompt, kw.pop("stop", None)
+            if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 0:
+                raise RequestError(f"max_tokens: expected a non-negative integer, got {max_new!r}", "max_tokens")
+            gen = m._generate_ids([ids], [text], False, max_new, sampling, kw.pop("seed"), stops, True,
+                                  chat, draft, tokens_out=tokens)
+        except NormEngineError as e:
+            raise RequestError(str(e), _param_of(str(e))) from None
+
+        def finish(out):
+            if len(tokens) < max_new or tokens[-1] in m._eos() or (text and _cut_by_stop(m, tokens, out)):
+                return "stop"
+            return "length"
+
+        def usage():
+            return {"prompt_tokens": len(ids), "completion_tokens": len(tokens),
+                    "total_tokens": len(ids) + len(tokens)}
+
+        def choice(piece, reason, delta):
+            if chat:
+                c = {"index": 0, "delta" if delta else "message": ({"content": piece} if delta else
+                                                                   {"role": "assistant", "content": piece})}
+            else:
+                c = {"index": 0, "text": piece, "logprobs": None}
+            c["finish_reason"] = reason
+            return c
+
+        head = {"id": rid, "object": obj + (".chunk" if chat and stream else ""), "created": made, "model": self.name}
+        if not stream:
+            with self.lock:
+                pieces = list(gen)
+            out = "".join(pieces) if text else pieces
+            if text:
+                out = m._finish(out, True, _stop_strings(stops))
+            if not text:
+                out = " ".join(str(t) for t in out)  # (ids in, ids out: as text, space separated)
+            if echo is not None:
+                out = echo + out
+            return {**head, "choices": [choice(out, finish(out), False)], "usage": usage()}
+
+        def events():
+            with self.lock:
+                if chat:
+                    yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant"},
+                                                     "finish_reason": None}]})
+                if echo is not None:
+                    yield _sse({**head, "choices": [choice(echo, None, True)]})
+                shown = []
+                for piece in gen:
+                    piece = piece if text else f" {piece}"
+                    shown.append(piece)
+                    yield _sse({**head, "choices": [choice(piece, None, True)]})
+                yield _sse({**head, "choices": [choice("", finish("".join(shown)), True)], "usage": usage()})
+                yield b"data: [DONE]\n\n"
+
+        return events()
+
+
+def _stop_strings(stops):
+    if stops is None:
+        return []
+    return [s for s in (stops if isinstance(stops, (list, tuple)) else [stops]) if isinstance(s, str)]
+
+
+def _cut_by_stop(m, tokens, out):
+    """Whether the text was cut at a stop string (its tokens decode to more than what was returned)."""
+    return len(m.tokenizer.decode(tokens, skip_special_tokens=True)) > len(out)
+
+
+def _param_of(message):
+    head = message.split(":", 1)[0]
+    return head if head.isidentifier() else None
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def make_handler(server: Server):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):  # quiet by default (the CLI's --verbose turns it on)
+            if getattr(self.server, "verbose", False):
+                super().log_message(fmt, *args)
+
+        def _send(self, status, obj):
+            data = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, status, message, param=None, kind="invalid_request_error"):
+            self._send(status, {"error": {"message": message, "type": kind, "param": param, "code": None}})
+
+        def do_GET(self):
+            if self.path in ("/v1/models", "/models"):
+                self._send(200, {"object": "list", "data": [{"id": server.name, "object": "model",
+                                                             "created": server.created, "owned_by": "normengine"}]})
+            elif self.path == "/health":
+                self._send(200, {"status": "ok"})
+            else:
+                self._error(404, f"no such endpoint: GET {self.path}", kind="not_found_error")
+
+        def do_POST(self):
+            routes = {"/v1/completions": server.completion, "/v1/chat/completions": server.chat}
+            route = routes.get(self.path)
+            if route is None:
+                return self._error(404, f"no such endpoint: POST {self.path}", kind="not_found_error")
+            try:
+                n = int(self.headers.get("Content-Length") or 0)
+                if n <= 0 or n > 64 << 20:
+                    raise RequestError("the request needs a JSON body (Content-Length 1 byte to 64 MiB)")
+                try:
+                    body = json.loads(self.rfile.read(n))
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise RequestError(f"the body is not valid JSON: {e}") from None
+                result = route(body)
+            except RequestError as e:
+                return self._error(e.status, str(e), e.param)
+            except Exception as e:  # a bug: say so, keep serving
+                return self._error(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+            if isinstance(result, dict):
+                return self._send(200, result)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            try:
+                for event in result:
+                    self.wfile.write(event)
+                    self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):  # the client left: the generation stops with it
+                result.close()
+            except NormEngineError as e:  # mid-stream (e.g. the context ran out): an error event, then the end
+                self.wfile.write(_sse({"error": {"message": str(e), "type": "invalid_request_error",
+                                                 "param": None, "code": None}}) + b"data: [DONE]\n\n")
+
+    return Handler
+
+
+def serve(model, host: str = "127.0.0.1", port: int = 8000, name: str = "normengine", verbose: bool = False,
+          ready=None) -> None:
+    """Serve `model` until interrupted. ready(httpd), if given, is called once the socket listens (tests)."""
+    httpd = ThreadingHTTPServer((host, port), make_handler(Server(model, name)))
+    httpd.daemon_threads = True
+    httpd.verbose = verbose
+    if ready is not None:
+        ready(httpd)
+    try:
+        httpd.serve_forever()
+    finally:
+        httpd.server_close()

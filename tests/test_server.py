@@ -1,0 +1,173 @@
+"""normengine.server (`normengine serve`): the OpenAI-compatible endpoints answer what Model.generate / Model.chat
+give for the same request (greedy and seeded sampling, token-id prompts, stops), stream the same text as
+server-sent events ending in [DONE], count tokens and finish reasons, serve concurrent requests one at a time
+with the answers they get alone, and refuse bad requests with a 400 naming the field."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import normengine as ne
+from normengine import server
+
+MSGS = [{"role": "system", "content": "You write code."}, {"role": "user", "content": "The function returns"}]
+
+
+@pytest.fixture(scope="module")
+def srv():
+    m = ne.load()
+    m.chat_template = "chatml"
+    box = {}
+    t = threading.Thread(target=server.serve, args=(m, "127.0.0.1", 0, "test-model"),
+                         kwargs=dict(ready=lambda h: box.setdefault("h", h)), daemon=True)
+    t.start()
+    while "h" not in box:
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{box['h'].server_address[1]}", m
+    box["h"].shutdown()
+
+
+def _call(url, path, body=None, raw=None):
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode(), r.headers.get("Content-Type")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(), e.headers.get("Content-Type")
+
+
+def _events(text):
+    assert text.endswith("data: [DONE]\n\n")
+    return [json.loads(e[len("data: "):]) for e in text.split("\n\n")[:-2]]
+
+
+def test_completions_match_generate(srv):
+    url, m = srv
+    ref = ne.load()
+    st, body, ctype = _call(url, "/v1/completions", {"prompt": "The function returns", "max_tokens": 12,
+                                                     "temperature": 0})
+    r = json.loads(body)
+    assert st == 200 and ctype == "application/json" and r["object"] == "text_completion"
+    assert r["model"] == "test-model" and r["choices"][0]["text"] == ref.generate("The function returns",
+                                                                                   max_new_tokens=12)
+    ids = ref.tokenizer.encode("The function returns").ids
+    assert r["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 12, "total_tokens": len(ids) + 12}
+    assert r["choices"][0]["finish_reason"] == "length"
+    # token ids in: the same text; sampled under a seed: generate's tokens; a stop string: cut, "stop"
+    st, body, _ = _call(url, "/v1/completions", {"prompt": ids, "max_tokens": 12, "temperature": 0})
+    assert json.loads(body)["choices"][0]["text"] == ref.generate("The function returns", max_new_tokens=12)
+    kw = dict(temperature=0.8, top_p=0.9, top_k=40, min_p=0.05, repetition_penalty=1.1, seed=5)
+    st, body, _ = _call(url, "/v1/completions", {"prompt": "The function", "max_tokens": 20, **kw})
+    assert json.loads(body)["choices"][0]["text"] == ref.generate(
+        "The function", max_new_tokens=20, **{k: v for k, v in kw.items()})
+    greedy = ref.generate("The function returns", max_new_tokens=30)
+    stop = greedy[10:14]
+    st, body, _ = _call(url, "/v1/completions", {"prompt": "The function returns", "max_tokens": 30,
+                                                 "temperature": 0, "stop": [stop]})
+    c = json.loads(body)["choices"][0]
+    assert c["text"] == greedy[:greedy.index(stop)] and c["finish_reason"] == "stop"
+    st, body, _ = _call(url, "/v1/completions", {"prompt": "The function returns", "max_tokens": 8,
+                                                 "temperature": 0, "echo": True, "prompt_lookup": 4})
+    assert json.loads(body)["choices"][0]["text"] == "The function returns" + greedy[:len(
+        ref.generate("The function returns", max_new_tokens=8))]
+
+
+def test_streaming_is_the_same_text(srv):
+    url, m = srv
+    ref = ne.load()
+    st, body, ctype = _call(url, "/v1/completions", {"prompt": "The function returns", "max_tokens": 16,
+                                                     "temperature": 0, "stream": True})
+    assert st == 200 and ctype == "text/event-stream"
+    ev = _events(body)
+    assert "".join(e["choices"][0]["text"] for e in ev) == ref.generate("The function returns", max_new_tokens=16)
+    assert ev[-1]["choices"][0]["finish_reason"] == "length" and ev[-1]["usage"]["completion_tokens"] == 16
+    assert all(e["choices"][0]["finish_reason"] is None for e in ev[:-1])
+
+
+def test_chat_matches_model_chat(srv):
+    url, m = srv
+    ref = ne.load()
+    want = ref.chat(MSGS, chat_template="chatml", max_new_tokens=24, cache_prompt=False)
+    st, body, _ = _call(url, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 24, "temperature": 0})
+    r = json.loads(body)
+    assert st == 200 and r["object"] == "chat.completion"
+    assert r["choices"][0]["message"] == {"role": "assistant", "content": want}
+    st, body, _ = _call(url, "/v1/chat/completions", {"messages": MSGS, "max_completion_tokens": 24,
+                                                      "temperature": 0, "stream": True})
+    ev = _events(body)
+    assert ev[0]["object"] == "chat.completion.chunk" and ev[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in ev) == want
+    # the next turn goes on from this one (its prompt prefilled only in part): the same reply as a fresh chat
+    turn2 = MSGS + [{"role": "assistant", "content": want}, {"role": "user", "content": "And then?"}]
+    st, body, _ = _call(url, "/v1/chat/completions", {"messages": turn2, "max_tokens": 16, "temperature": 0})
+    assert json.loads(body)["choices"][0]["message"]["content"] == \
+        ref.chat(turn2, chat_template="chatml", max_new_tokens=16, cache_prompt=False)
+
+
+def test_concurrent_requests_get_what_they_get_alone(srv):
+    url, m = srv
+    ref = ne.load()
+    prompts = ["The function returns", "A class is", "def main():", "Parameters"]
+    out = {}
+
+    def one(p):
+        out[p] = json.loads(_call(url, "/v1/completions", {"prompt": p, "max_tokens": 20, "temperature": 0})[1])
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in prompts:
+        assert out[p]["choices"][0]["text"] == ref.generate(p, max_new_tokens=20)
+
+
+def test_models_health_and_bad_requests(srv):
+    url, m = srv
+    st, body, _ = _call(url, "/v1/models")
+    assert st == 200 and json.loads(body)["data"][0]["id"] == "test-model"
+    assert _call(url, "/health")[0] == 200
+    assert _call(url, "/v1/nothing")[0] == 404
+    assert _call(url, "/v1/nothing", {"a": 1})[0] == 404
+    bad = [({"max_tokens": 4}, "prompt"), ({"prompt": "x", "foo": 1}, "foo"), ({"prompt": "x", "n": 2}, "n"),
+           ({"prompt": "x", "logprobs": 2}, "logprobs"), ({"prompt": "x", "temperature": "hot"}, "temperature"),
+           ({"prompt": "x", "max_tokens": -1}, "max_tokens"), ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+           ({"prompt": [1, 10 ** 9]}, "prompt"), ({"prompt": [[1, 2], [3]]}, "prompt"), ({"prompt": ""}, "prompt"),
+           ({"prompt": "x", "top_p": 0}, "top_p"), ({"prompt": "x", "min_p": 2}, "min_p"),
+           ({"prompt": "x", "stop": [1]}, "stop"), ({"prompt": "x", "prompt_lookup": 0}, "prompt_lookup")]
+    for req, param in bad:
+        st, body, _ = _call(url, "/v1/completions", req)
+        err = json.loads(body)["error"]
+        assert st == 400 and err["type"] == "invalid_request_error" and param in err["message"], (req, body)
+    st, body, _ = _call(url, "/v1/completions", raw=b"{not json")
+    assert st == 400 and "JSON" in json.loads(body)["error"]["message"]
+    st, body, _ = _call(url, "/v1/chat/completions", {"messages": [{"role": "user"}]})
+    assert st == 400 and "messages[0]" in json.loads(body)["error"]["message"]
+    st, body, _ = _call(url, "/v1/completions", raw=b"[1, 2]")
+    assert st == 400
+    # still serving
+    assert json.loads(_call(url, "/v1/completions", {"prompt": "x", "max_tokens": 2})[1])["usage"][
+        "completion_tokens"] == 2
+
+
+def test_cli_serve():
+    p = subprocess.Popen([sys.executable, "-m", "normengine", "serve", "--port", "0", "--template", "chatml",
+                          "--name", "cli-model"], stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ))
+    try:
+        line = p.stderr.readline()
+        assert "serving cli-model on http://" in line, line
+        url = line.split("on ")[1].split("/v1")[0]
+        st, body, _ = _call(url, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 8, "temperature": 0})
+        assert st == 200 and json.loads(body)["model"] == "cli-model"
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
