@@ -219,6 +219,21 @@ def test_text_prompts_and_cli_without_torch(tmp_path):
     assert r.stdout == ref.chat(msgs, max_new_tokens=6, chat_template="chatml") + "\n"
     imported = {ln.split("|")[-1].strip().split(".")[0] for ln in r.stderr.splitlines() if ln.startswith("import time:")}
     assert "jinja2" in imported and "torch" not in imported
+    # the server (normengine.server) and the sampling options (the repetition penalty on numpy rows)
+    code = ("import json, sys, threading, urllib.request\n"
+            "import normengine as ne\nfrom normengine import server\n"
+            "m = ne.load(sys.argv[1]); box = {}\n"
+            "threading.Thread(target=server.serve, args=(m, '127.0.0.1', 0, 'x'),\n"
+            "                 kwargs=dict(ready=lambda h: box.setdefault('h', h)), daemon=True).start()\n"
+            "while 'h' not in box: pass\n"
+            "body = json.dumps({'prompt': 'The function', 'max_tokens': 8, 'temperature': 0,\n"
+            "                   'repetition_penalty': 1.3}).encode()\n"
+            "url = 'http://127.0.0.1:%d/v1/completions' % box['h'].server_address[1]\n"
+            "r = json.loads(urllib.request.urlopen(urllib.request.Request(url, data=body)).read())\n"
+            "print(json.dumps([r['choices'][0]['text'], 'torch' in sys.modules]))\n")
+    text, torch_loaded = json.loads(_run(code, str(out)))
+    assert torch_loaded is False
+    assert text == ref.generate("The function", max_new_tokens=8, repetition_penalty=1.3)
 
 
 def test_import_and_ops_on_demand():
