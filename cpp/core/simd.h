@@ -85,10 +85,14 @@ struct VF {
   static R load(const float* p) { return _mm512_loadu_ps(p); }
   static R load(const bf16* p) { return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   static R load(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-  static R load(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); }
+  static R load(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
   // partial loads
   static R load(const float* p, int k) { return _mm512_maskz_loadu_ps(mask(k), p); }
-  static R load(const int8_t* p, int k) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask(k), p))); }
+  static R load(const int8_t* p, int k) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask(k), p)));
+  }
   static R load(const bf16* p, int k) { return widen_bf16(_mm256_maskz_loadu_epi16(mask(k), p)); }
   static R load(const f16* p, int k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(k), p)); }
   // stores

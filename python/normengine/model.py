@@ -530,7 +530,7 @@ class Model:
 
     @property
     def kv_cache_dtype(self):
-        """torch.float32 or torch.bfloat16: the softmax layers' K and V cache."""
+        """torch.float32, torch.bfloat16 or torch.int8: the softmax layers' K and V cache."""
         torch = _torch()
         return torch.bfloat16 if self._kv_bf16 else torch.int8 if self._kv_int8 else torch.float32
 
@@ -776,11 +776,11 @@ class Model:
         tokenizer.json (returns the new text), or a list of either, of any lengths (returns a list).
         temperature 0 is greedy; otherwise softmax sampling restricted by top_k / top_p / min_p (in that
         order, as transformers' warpers: min_p keeps the tokens whose probability is at least min_p times the
-        top token's), reproducible under `seed`, any int (each sequence of a batch draws from its own generator seeded seed + i, so
-        a batch gives what its prompts give one by one). repetition_penalty (greedy or sampled; transformers'
-        and CTRL's): the logit of every token already in the sequence, prompt included, is divided by it where
-        positive and multiplied where negative before the token is chosen (> 1 discourages repeats; 1 or None:
-        off). Generation of a sequence stops at the model's eos
+        top token's), reproducible under `seed`, any int (each sequence of a batch draws from its own
+        generator seeded seed + i, so a batch gives what its prompts give one by one). repetition_penalty
+        (greedy or sampled; transformers' and CTRL's): the logit of every token already in the sequence,
+        prompt included, is divided by it where positive and multiplied where negative before the token is
+        chosen (> 1 discourages repeats; 1 or None: off). Generation of a sequence stops at the model's eos
         token (kept in the output) or at any of `stop` (token ids, or strings for text prompts).
         stream=True returns an iterator yielding each new token (id, or text piece) as it is made;
         for a batch it yields (index, token) pairs. Calls on one Model may interleave (a stream left
