@@ -153,6 +153,9 @@ def test_models_health_and_bad_requests(srv):
     assert st == 400 and "messages[0]" in json.loads(body)["error"]["message"]
     st, body, _ = _call(url, "/v1/completions", raw=b"[1, 2]")
     assert st == 400
+    st, body, _ = _call(url, "/v1/completions", {"prompt": "x", "max_tokens": 0})
+    r = json.loads(body)
+    assert st == 200 and r["choices"][0]["text"] == "" and r["usage"]["completion_tokens"] == 0
     # still serving
     assert json.loads(_call(url, "/v1/completions", {"prompt": "x", "max_tokens": 2})[1])["usage"][
         "completion_tokens"] == 2

@@ -105,6 +105,8 @@ class Server:
         except NormEngineError as e:
             raise RequestError(str(e), "prompt") from None
         text = self.model.tokenizer is not None  # (token ids in: the reply is their text all the same)
+        if not text and body.get("stop"):
+            raise RequestError("stop: stop strings need the checkpoint's tokenizer.json", "stop")
         return self._run(ids, text, kw, body, "text_completion", chat=False,
                          echo=prompt if body.get("echo") and isinstance(prompt, str) else None)
 
@@ -146,8 +148,13 @@ class Server:
         except NormEngineError as e:
             raise RequestError(str(e), _param_of(str(e))) from None
 
+        stop_ids = m._eos() | {s for s in ([] if stops is None else stops if isinstance(stops, (list, tuple))
+                                           else [stops]) if isinstance(s, int)}
+
         def finish(out):
-            if len(tokens) < max_new or tokens[-1] in m._eos() or (text and _cut_by_stop(m, tokens, out)):
+            if not tokens:
+                return "length"  # (max_tokens 0)
+            if len(tokens) < max_new or tokens[-1] in stop_ids or (text and _cut_by_stop(m, tokens, out)):
                 return "stop"
             return "length"
 
