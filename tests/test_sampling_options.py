@@ -159,7 +159,7 @@ def test_penalty_is_transformers_processor_on_any_row(penalty):
     row = torch.randn(VOCAB, generator=g) * 3
     ids = torch.randint(0, VOCAB, (40,), generator=g).tolist()
     want = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([ids]), row[None].clone())[0]
-    p = _Penalty(penalty, ids[:30])
+    p = _Penalty((penalty, 0.0, 0.0), ids[:30])
     for t in ids[30:]:
         p.add(t)
     got = row.clone()
@@ -169,3 +169,44 @@ def test_penalty_is_transformers_processor_on_any_row(penalty):
     p.apply(arr)
     assert np.array_equal(arr, want.numpy())
     assert (row[ids] < 0).any() and (row[ids] > 0).any()
+
+
+def test_frequency_and_presence_penalties():
+    """OpenAI's penalties over the new tokens (vLLM's reading): after the repetition penalty, a token generated
+    c > 0 times so far loses frequency * c + presence; prompt tokens are not counted. Exact on torch and numpy
+    rows; greedy generations equal a loop that applies them to the model's own logits; bad values raise."""
+    from normengine.model import _Penalty
+
+    g = torch.Generator().manual_seed(8)
+    row = torch.randn(VOCAB, generator=g) * 3
+    prompt, new = [1, 2, 3, 3], [5, 3, 5, 5, 9]
+    p = _Penalty((1.2, 0.5, 0.25), prompt)
+    for t in new:
+        p.add(t)
+    want = RepetitionPenaltyLogitsProcessor(1.2)(torch.tensor([prompt + new]), row[None].clone())[0]
+    for t, c in {5: 3, 3: 1, 9: 1}.items():
+        want[t] -= np.float32(0.5) * np.float32(c) + np.float32(0.25)
+    got = row.clone()
+    p.apply(got)
+    assert torch.equal(got, want)
+    arr = row.numpy().copy()
+    p.apply(arr)
+    assert np.array_equal(arr, want.numpy())
+
+    m = ne.load()
+    ids = m.tokenizer.encode("The function returns the value of the function").ids
+    out = []
+    for _ in range(24):  # the reference loop: full prefill each step, penalties on the last row, argmax
+        last = m.logits([ids + out])[0, -1].clone()
+        for t in set(out):
+            last[t] -= np.float32(0.6) * np.float32(out.count(t)) + np.float32(0.4)
+        out.append(int(last.argmax()))
+    assert m.generate(ids, max_new_tokens=24, frequency_penalty=0.6, presence_penalty=0.4) == out
+    assert out != m.generate(ids, max_new_tokens=24)
+    assert m.generate(ids, max_new_tokens=24, frequency_penalty=0.6, presence_penalty=0.4, prompt_lookup=4) == out
+    assert m.generate(ids, max_new_tokens=24, frequency_penalty=0, presence_penalty=0.0) == \
+        m.generate(ids, max_new_tokens=24)
+    for name in ("frequency_penalty", "presence_penalty"):
+        for bad in (2.5, -3, "1", True):
+            with pytest.raises(ArgumentError, match=name):
+                m.generate([1, 2, 3], **{name: bad})

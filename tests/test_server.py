@@ -62,9 +62,11 @@ def test_completions_match_generate(srv):
     assert r["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 12, "total_tokens": len(ids) + 12}
     assert r["choices"][0]["finish_reason"] == "length"
     # token ids in: the same text; sampled under a seed: generate's tokens; a stop string: cut, "stop"
-    st, body, _ = _call(url, "/v1/completions", {"prompt": ids, "max_tokens": 12, "temperature": 0})
+    st, body, _ = _call(url, "/v1/completions", {"prompt": ids, "max_tokens": 12, "temperature": 0,
+                                                 "frequency_penalty": 0, "presence_penalty": 0})  # (clients' defaults)
     assert json.loads(body)["choices"][0]["text"] == ref.generate("The function returns", max_new_tokens=12)
-    kw = dict(temperature=0.8, top_p=0.9, top_k=40, min_p=0.05, repetition_penalty=1.1, seed=5)
+    kw = dict(temperature=0.8, top_p=0.9, top_k=40, min_p=0.05, repetition_penalty=1.1, frequency_penalty=0.3,
+              presence_penalty=0.1, seed=5)
     st, body, _ = _call(url, "/v1/completions", {"prompt": "The function", "max_tokens": 20, **kw})
     assert json.loads(body)["choices"][0]["text"] == ref.generate(
         "The function", max_new_tokens=20, **{k: v for k, v in kw.items()})
@@ -142,7 +144,8 @@ def test_models_health_and_bad_requests(srv):
            ({"prompt": "x", "max_tokens": -1}, "max_tokens"), ({"prompt": "x", "max_tokens": True}, "max_tokens"),
            ({"prompt": [1, 10 ** 9]}, "prompt"), ({"prompt": [[1, 2], [3]]}, "prompt"), ({"prompt": ""}, "prompt"),
            ({"prompt": "x", "top_p": 0}, "top_p"), ({"prompt": "x", "min_p": 2}, "min_p"),
-           ({"prompt": "x", "stop": [1]}, "stop"), ({"prompt": "x", "prompt_lookup": 0}, "prompt_lookup")]
+           ({"prompt": "x", "stop": [1]}, "stop"), ({"prompt": "x", "prompt_lookup": 0}, "prompt_lookup"),
+           ({"prompt": "x", "presence_penalty": 3}, "presence_penalty")]
     for req, param in bad:
         st, body, _ = _call(url, "/v1/completions", req)
         err = json.loads(body)["error"]

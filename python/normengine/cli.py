@@ -137,7 +137,8 @@ def cmd_generate(args) -> int:
             raise NormEngineError("this checkpoint has no tokenizer.json: pass --ids 1,2,3 instead of --prompt")
     stream = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                            repetition_penalty=args.repetition_penalty, seed=args.seed, stream=True,
+                            repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                            presence_penalty=args.presence_penalty, seed=args.seed, stream=True,
                             prompt_lookup=args.prompt_lookup, **_draft(args))
     if isinstance(prompt, str):
         sys.stdout.write(prompt)
@@ -189,7 +190,9 @@ def cmd_chat(args) -> int:
         try:
             for piece in model.chat(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                     top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                                    repetition_penalty=args.repetition_penalty, seed=args.seed + turn, stream=True,
+                                    repetition_penalty=args.repetition_penalty,
+                                    frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                                    seed=args.seed + turn, stream=True,
                                     prompt_lookup=args.prompt_lookup, **drafting):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -326,6 +329,10 @@ def _sampling_options(p) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="divide (multiply, if negative) the logits of tokens already in the text by this (> 1: "
                         "fewer repeats)")
+    p.add_argument("--frequency-penalty", type=float, default=None,
+                   help="lower a generated token's logit by this times its count so far (OpenAI's, -2..2)")
+    p.add_argument("--presence-penalty", type=float, default=None,
+                   help="lower the logit of any token generated so far by this (OpenAI's, -2..2)")
 
 
 def _draft_options(p) -> None:

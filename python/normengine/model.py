@@ -150,9 +150,10 @@ def _int32s(torch, values):
     return np.array(values, dtype=np.int32) if torch is None else torch.tensor(values, dtype=torch.int32)
 
 
-def _sampling(vocab, temperature, top_k, top_p, min_p, repetition_penalty):
+def _sampling(vocab, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty=None,
+              presence_penalty=None):
     """generate()'s sampling options, checked: ((temperature, top_k, top_p, min_p) as the sampler takes them,
-    repetition penalty or None)."""
+    (repetition, frequency, presence) penalties or None where all are off)."""
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
         raise ArgumentError(f"temperature: expected a number >= 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
@@ -164,36 +165,61 @@ def _sampling(vocab, temperature, top_k, top_p, min_p, repetition_penalty):
     if repetition_penalty is not None and not (isinstance(repetition_penalty, (int, float)) and
                                                0 < repetition_penalty < float("inf")):
         raise ArgumentError(f"repetition_penalty: expected a number > 0 or None, got {repetition_penalty!r}")
+    for name, v in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and -2 <= v <= 2):
+            raise ArgumentError(f"{name}: expected a number in [-2, 2] or None, got {v!r}")
+    rep = None if repetition_penalty in (None, 1, 1.0) else float(repetition_penalty)
+    freq, pres = float(frequency_penalty or 0.0), float(presence_penalty or 0.0)
     # top_k at or past the vocabulary keeps every candidate (and stays within the sampler's int)
     return ((float(temperature), min(top_k or 0, vocab), 1.0 if top_p is None else float(top_p), float(min_p or 0.0)),
-            None if repetition_penalty in (None, 1, 1.0) else float(repetition_penalty))
+            (rep, freq, pres) if rep or freq or pres else None)
 
 
 class _Penalty:
-    """The repetition penalty of one sequence (transformers' RepetitionPenaltyLogitsProcessor, CTRL's): before a
-    token is chosen, the logit of every token id already in the sequence (its prompt and its new tokens, each id
-    once) is divided by the penalty where positive and multiplied by it where negative, in float32."""
+    """The penalties of one sequence, applied to each logits row before a token is chosen, in float32:
+    - repetition (transformers' RepetitionPenaltyLogitsProcessor, CTRL's): the logit of every token id already in
+      the sequence (its prompt and its new tokens, each id once) is divided by it where positive and multiplied by
+      it where negative;
+    - then frequency and presence (OpenAI's API, as vLLM applies them: over the new tokens only): the logit of a
+      token generated c > 0 times so far is lowered by frequency * c + presence."""
 
-    def __init__(self, penalty, ids):
-        self.p, self.seen, self.idx = penalty, set(ids), None
+    def __init__(self, spec, ids):
+        self.rep, self.freq, self.pres = spec
+        self.seen, self.idx = set(ids), None
+        self.counts, self.cidx = {}, None
 
     def add(self, tok):
         if tok not in self.seen:
             self.seen.add(tok)
             self.idx = None
+        self.counts[tok] = self.counts.get(tok, 0) + 1
+        self.cidx = None
 
     def apply(self, row):
         """row: one float32 CPU logits row (torch or numpy), changed in place."""
-        if self.idx is None:
-            self.idx = np.fromiter(self.seen, dtype=np.int64, count=len(self.seen))
-        if isinstance(row, np.ndarray):
-            v = row[self.idx]
-            row[self.idx] = np.where(v < 0, v * np.float32(self.p), v / np.float32(self.p))
-        else:
-            torch = _torch()
-            i = torch.from_numpy(self.idx)
-            v = row[i]
-            row[i] = torch.where(v < 0, v * self.p, v / self.p)
+        numpy_row = isinstance(row, np.ndarray)
+        if self.rep:
+            if self.idx is None:
+                self.idx = np.fromiter(self.seen, dtype=np.int64, count=len(self.seen))
+            if numpy_row:
+                v = row[self.idx]
+                row[self.idx] = np.where(v < 0, v * np.float32(self.rep), v / np.float32(self.rep))
+            else:
+                torch = _torch()
+                i = torch.from_numpy(self.idx)
+                v = row[i]
+                row[i] = torch.where(v < 0, v * self.rep, v / self.rep)
+        if (self.freq or self.pres) and self.counts:
+            if self.cidx is None:
+                self.cidx = np.fromiter(self.counts, dtype=np.int64, count=len(self.counts))
+                self.cval = (np.float32(self.freq) * np.fromiter(self.counts.values(), dtype=np.float32,
+                                                                 count=len(self.counts)) + np.float32(self.pres))
+            if numpy_row:
+                row[self.cidx] -= self.cval
+            else:
+                torch = _torch()
+                i = torch.from_numpy(self.cidx)
+                row[i] = row[i] - torch.from_numpy(self.cval)
 
 
 def _draft_plan(target, prompt_lookup, draft_model, draft_tokens, batched):
@@ -769,7 +795,8 @@ class Model:
                  top_p: float | None = None, seed: int | None = None, stop=None, stream: bool = False,
                  cache_prompt: bool = False, prompt_lookup: int | None = None, draft_model=None,
                  draft_tokens: int | None = None, min_p: float | None = None,
-                 repetition_penalty: float | None = None):
+                 repetition_penalty: float | None = None, frequency_penalty: float | None = None,
+                 presence_penalty: float | None = None):
         """Generate up to max_new_tokens after each prompt.
 
         prompt: a list of ids (returns the list of new ids), a string when the checkpoint has a
@@ -780,8 +807,10 @@ class Model:
         generator seeded seed + i, so a batch gives what its prompts give one by one). repetition_penalty
         (greedy or sampled; transformers' and CTRL's): the logit of every token already in the sequence,
         prompt included, is divided by it where positive and multiplied where negative before the token is
-        chosen (> 1 discourages repeats; 1 or None: off). Generation of a sequence stops at the model's eos
-        token (kept in the output) or at any of `stop` (token ids, or strings for text prompts).
+        chosen (> 1 discourages repeats; 1 or None: off). frequency_penalty / presence_penalty (OpenAI's,
+        in [-2, 2], over the new tokens as vLLM applies them): after that, the logit of a token generated c > 0
+        times so far is lowered by frequency_penalty * c + presence_penalty. Generation of a sequence stops at the
+        model's eos token (kept in the output) or at any of `stop` (token ids, or strings for text prompts).
         stream=True returns an iterator yielding each new token (id, or text piece) as it is made;
         for a batch it yields (index, token) pairs. Calls on one Model may interleave (a stream left
         suspended while other calls run, or calls from several threads): the runner serves one step at
@@ -814,7 +843,8 @@ class Model:
         (ne.load(path, quant="int4")) as its own drafter."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ArgumentError(f"max_new_tokens: expected a non-negative int, got {max_new_tokens!r}")
-        sampling = _sampling(self.config.vocab_size, temperature, top_k, top_p, min_p, repetition_penalty)
+        sampling = _sampling(self.config.vocab_size, temperature, top_k, top_p, min_p, repetition_penalty,
+                             frequency_penalty, presence_penalty)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ArgumentError(f"seed: expected an int or None, got {seed!r}")
         if not isinstance(cache_prompt, bool):
@@ -898,18 +928,19 @@ class Model:
              top_p: float | None = None, seed: int | None = None, stop=None, stream: bool = False,
              cache_prompt: bool = True, chat_template=None, prompt_lookup: int | None = None, draft_model=None,
              draft_tokens: int | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
-             **variables):
+             frequency_penalty: float | None = None, presence_penalty: float | None = None, **variables):
         """The assistant's reply to a conversation: `messages` rendered by the chat template, tokenized
         without added special tokens (the template writes them), then generate(). Stops at the model's
         eos ids, at the template's end-of-turn token (its eos_token), and at `stop`. Returns the reply
         text, or with stream=True an iterator of its pieces. cache_prompt=True (the default here): a
         conversation that goes on from the previous call's prompt and reply prefills only its new turn
-        (see generate); min_p, repetition_penalty, prompt_lookup, draft_model and draft_tokens as generate's.
+        (see generate); min_p, the penalties, prompt_lookup, draft_model and draft_tokens as generate's.
         Needs the checkpoint's tokenizer.json."""
         ids, stops = self._chat_ids(messages, stop, chat_template, variables)
         if not isinstance(stream, bool):
             raise ArgumentError(f"stream: expected True or False, got {stream!r}")
-        sampling = _sampling(self.config.vocab_size, temperature, top_k, top_p, min_p, repetition_penalty)
+        sampling = _sampling(self.config.vocab_size, temperature, top_k, top_p, min_p, repetition_penalty,
+                             frequency_penalty, presence_penalty)
         draft = _draft_plan(self, prompt_lookup, draft_model, draft_tokens, False)
         return self._generate_ids([ids], [True], False, max_new_tokens, sampling, seed, stops, stream, cache_prompt,
                                   draft)

@@ -2,8 +2,8 @@
 
     GET  /v1/models             the one model served
     POST /v1/completions        {"prompt": text or token ids, "max_tokens": 16, "temperature": 1.0, "top_p",
-                                 "stop", "seed", "stream", and normengine's "top_k", "min_p",
-                                 "repetition_penalty", "prompt_lookup"}
+                                 "stop", "seed", "stream", "frequency_penalty", "presence_penalty", and
+                                 normengine's "top_k", "min_p", "repetition_penalty", "prompt_lookup"}
     POST /v1/chat/completions   {"messages": [...], "max_tokens" (or "max_completion_tokens"), the same
                                  sampling fields}; rendered by the checkpoint's chat template
     GET  /health
@@ -29,7 +29,7 @@ from .errors import NormEngineError
 # OpenAI fields accepted (with their types) besides the endpoint's own, and normengine's extensions
 _SAMPLING = {"max_tokens": int, "temperature": (int, float), "top_p": (int, float), "stop": (str, list),
              "seed": int, "stream": bool, "top_k": int, "min_p": (int, float), "repetition_penalty": (int, float),
-             "prompt_lookup": int, "n": int, "model": str, "user": str, "logprobs": (bool, int, type(None))}
+             "frequency_penalty": (int, float), "presence_penalty": (int, float), "prompt_lookup": int, "n": int, "model": str, "user": str, "logprobs": (bool, int, type(None))}
 
 
 class RequestError(Exception):
@@ -80,7 +80,8 @@ class Server:
         temperature 1, top_p 1)."""
         kw = dict(max_new_tokens=body.get("max_tokens", default_max), temperature=body.get("temperature", 1.0),
                   top_p=body.get("top_p"), top_k=body.get("top_k"), min_p=body.get("min_p"),
-                  repetition_penalty=body.get("repetition_penalty"), seed=body.get("seed"),
+                  repetition_penalty=body.get("repetition_penalty"), frequency_penalty=body.get("frequency_penalty"),
+                  presence_penalty=body.get("presence_penalty"), seed=body.get("seed"),
                   prompt_lookup=body.get("prompt_lookup"))
         if "stop" in body:
             kw["stop"] = body["stop"]
@@ -135,7 +136,8 @@ class Server:
         max_new = kw.pop("max_new_tokens")
         try:
             sampling = _sampling(m.config.vocab_size, kw.pop("temperature"), kw.pop("top_k"), kw.pop("top_p"),
-                                 kw.pop("min_p"), kw.pop("repetition_penalty"))
+                                 kw.pop("min_p"), kw.pop("repetition_penalty"), kw.pop("frequency_penalty"),
+                                 kw.pop("presence_penalty"))
             draft = _draft_plan(m, kw.pop("prompt_lookup"), None, None, False)
             if chat:
                 ids, stops = m._chat_ids(prompt, kw.pop("stop", None), None, {})
