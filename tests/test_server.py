@@ -78,8 +78,13 @@ def test_completions_match_generate(srv):
     assert c["text"] == greedy[:greedy.index(stop)] and c["finish_reason"] == "stop"
     st, body, _ = _call(url, "/v1/completions", {"prompt": "The function returns", "max_tokens": 8,
                                                  "temperature": 0, "echo": True, "prompt_lookup": 4})
-    assert json.loads(body)["choices"][0]["text"] == "The function returns" + greedy[:len(
-        ref.generate("The function returns", max_new_tokens=8))]
+    c = json.loads(body)["choices"][0]
+    assert c["text"] == "The function returns" + ref.generate("The function returns", max_new_tokens=8)
+    assert c["finish_reason"] == "length"
+    st, body, _ = _call(url, "/v1/completions", {"prompt": "The function returns", "max_tokens": 30,
+                                                 "temperature": 0, "stop": stop, "echo": True})
+    c = json.loads(body)["choices"][0]
+    assert c["text"] == "The function returns" + greedy[:greedy.index(stop)] and c["finish_reason"] == "stop"
 
 
 def test_streaming_is_the_same_text(srv):

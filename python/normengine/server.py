@@ -126,7 +126,8 @@ class Server:
         return self._run(body["messages"], True, self._kwargs(body, 256), body, "chat.completion", chat=True)
 
     def _run(self, prompt, text, kw, body, obj, chat, echo=None):
-        """(status, headers, body bytes) or, streamed, (status, headers, iterator of event bytes)."""
+        """The response object (a dict), or with stream=true an iterator of server-sent event bytes (the request's
+        generation runs as it is iterated, holding the lock that serves requests one at a time)."""
         m = self.model
         made, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         tokens = []  # the new token ids (counted for finish_reason and usage)
@@ -182,9 +183,10 @@ class Server:
                 out = m._finish(out, True, _stop_strings(stops))
             if not text:
                 out = " ".join(str(t) for t in out)  # (ids in, ids out: as text, space separated)
+            reason = finish(out)  # (before the echo: the stop-string check compares the new text)
             if echo is not None:
                 out = echo + out
-            return {**head, "choices": [choice(out, finish(out), False)], "usage": usage()}
+            return {**head, "choices": [choice(out, reason, False)], "usage": usage()}
 
         def events():
             with self.lock:
