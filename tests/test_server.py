@@ -1,7 +1,7 @@
 """normengine.server (`normengine serve`): the OpenAI-compatible endpoints answer what Model.generate / Model.chat
 give for the same request (greedy and seeded sampling, token-id prompts, stops), stream the same text as
-server-sent events ending in [DONE], count tokens and finish reasons, serve concurrent requests one at a time
-with the answers they get alone, and refuse bad requests with a 400 naming the field."""
+server-sent events ending in [DONE], count tokens and finish reasons, report the model's logprobs, serve concurrent
+requests one at a time with the answers they get alone, and refuse bad requests with a 400 naming the field."""
 
 import json
 import os
@@ -137,6 +137,56 @@ def test_concurrent_requests_get_what_they_get_alone(srv):
         assert out[p]["choices"][0]["text"] == ref.generate(p, max_new_tokens=20)
 
 
+def _log_softmax(x):
+    x = x.double()
+    return x - x.logsumexp(-1, keepdim=True)
+
+
+def test_logprobs(srv):
+    """Completions' logprobs (legacy object: tokens, token_logprobs, top_logprobs, text_offset) are the model's
+    log-softmax at each position (the raw distribution, before sampling cuts), with echo the prompt's own scored by
+    one forward (lm-evaluation-harness's loglikelihood request: echo, max_tokens 0); chat's logprobs.content
+    likewise."""
+    url, m = srv
+    ref = ne.load()
+    prompt = "The function returns"
+    ids = ref.tokenizer.encode(prompt).ids
+    st, body, _ = _call(url, "/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0,
+                                                 "logprobs": 3})
+    c = json.loads(body)["choices"][0]
+    lp = c["logprobs"]
+    new = ref.generate(ids, max_new_tokens=6)
+    full = _log_softmax(ref.logits([ids + new])[0])
+    assert lp["tokens"] == [ref.tokenizer.decode([t]) for t in new] and "".join(lp["tokens"]) == c["text"]
+    for i, t in enumerate(new):
+        pos = len(ids) - 1 + i
+        assert abs(lp["token_logprobs"][i] - float(full[pos, t])) < 1e-4
+        top = lp["top_logprobs"][i]
+        assert len(top) == 3 and list(top.values()) == sorted(top.values(), reverse=True)
+        assert max(top.values()) == lp["token_logprobs"][i]  # greedy: the chosen token is the likeliest
+    assert lp["text_offset"] == [sum(len(x) for x in lp["tokens"][:i]) for i in range(6)]
+    st, body, _ = _call(url, "/v1/completions", {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0})
+    c = json.loads(body)["choices"][0]
+    own = _log_softmax(ref.logits([ids])[0])
+    assert c["text"] == prompt and c["logprobs"]["token_logprobs"][0] is None
+    assert c["logprobs"]["top_logprobs"][1:] == [{} for _ in ids[1:]]
+    assert all(abs(a - float(own[i, t])) < 1e-9 for i, (a, t) in enumerate(zip(c["logprobs"]["token_logprobs"][1:],
+                                                                                ids[1:])))
+    st, body, _ = _call(url, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 5, "temperature": 0,
+                                                      "logprobs": True, "top_logprobs": 2})
+    r = json.loads(body)
+    content = r["choices"][0]["logprobs"]["content"]
+    assert len(content) == r["usage"]["completion_tokens"] == 5
+    assert all(len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["logprob"] == e["logprob"] for e in content)
+    assert "".join(e["token"] for e in content) == r["choices"][0]["message"]["content"]
+    for req, param in [({"prompt": "x", "logprobs": 2, "stream": True}, "logprobs"),
+                       ({"prompt": "x", "logprobs": 21}, "logprobs"), ({"prompt": "x", "logprobs": True}, "logprobs")]:
+        st, body, _ = _call(url, "/v1/completions", req)
+        assert st == 400 and param in json.loads(body)["error"]["message"], body
+    st, body, _ = _call(url, "/v1/chat/completions", {"messages": MSGS, "top_logprobs": 2})
+    assert st == 400 and "top_logprobs" in json.loads(body)["error"]["message"]
+
+
 def test_models_health_and_bad_requests(srv):
     url, m = srv
     st, body, _ = _call(url, "/v1/models")
@@ -145,7 +195,7 @@ def test_models_health_and_bad_requests(srv):
     assert _call(url, "/v1/nothing")[0] == 404
     assert _call(url, "/v1/nothing", {"a": 1})[0] == 404
     bad = [({"max_tokens": 4}, "prompt"), ({"prompt": "x", "foo": 1}, "foo"), ({"prompt": "x", "n": 2}, "n"),
-           ({"prompt": "x", "logprobs": 2}, "logprobs"), ({"prompt": "x", "temperature": "hot"}, "temperature"),
+           ({"prompt": "x", "temperature": "hot"}, "temperature"),
            ({"prompt": "x", "max_tokens": -1}, "max_tokens"), ({"prompt": "x", "max_tokens": True}, "max_tokens"),
            ({"prompt": [1, 10 ** 9]}, "prompt"), ({"prompt": [[1, 2], [3]]}, "prompt"), ({"prompt": ""}, "prompt"),
            ({"prompt": "x", "top_p": 0}, "top_p"), ({"prompt": "x", "min_p": 2}, "min_p"),

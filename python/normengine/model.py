@@ -222,6 +222,31 @@ class _Penalty:
                 row[i] = row[i] - torch.from_numpy(self.cval)
 
 
+class _Watch:
+    """What a caller (the server) reads of sequence 0 of a generation: its new token ids as they are made, and with
+    top >= 0 the log-probability of each under the model (the log-softmax of its raw logits, before penalties
+    and sampling cuts) with the `top` likeliest ids and theirs."""
+
+    def __init__(self, top=None):
+        self.tokens, self.top, self.logprobs = [], top, []
+
+    def raw(self, row):
+        """A float64 copy of a logits row before the penalties change it (None: logprobs not asked for)."""
+        if self.top is None:
+            return None
+        return row.astype(np.float64) if isinstance(row, np.ndarray) else row.to(_torch().float64).numpy()
+
+    def info(self, tok, raw):
+        """(logprob of tok, [(id, logprob) of the top ids, likeliest first]) from a raw row."""
+        mx = raw.max()
+        lse = mx + np.log(np.exp(raw - mx).sum())
+        top = []
+        if self.top:
+            ids = np.argpartition(-raw, self.top - 1)[:self.top]
+            top = [(int(i), float(raw[i] - lse)) for i in sorted(ids, key=lambda i: (-raw[i], i))]
+        return float(raw[tok] - lse), top
+
+
 def _draft_plan(target, prompt_lookup, draft_model, draft_tokens, batched):
     """generate()'s speculative decoding options, checked: None (none), or (k, draft_model or None): up to k
     draft tokens a step, from prompt lookup or from the draft model's greedy decoding."""
@@ -859,9 +884,9 @@ class Model:
                                   draft)
 
     def _generate_ids(self, ids, text, batched, max_new_tokens, sampling, seed, stop, stream, cache_prompt,
-                      draft=None, tokens_out=None):
-        """generate() on prompts already tokenized (text[i]: yield / return sequence i as text). tokens_out: a
-        list that receives sequence 0's new token ids as they are made (the server counts them)."""
+                      draft=None, watch=None):
+        """generate() on prompts already tokenized (text[i]: yield / return sequence i as text). watch: a _Watch
+        that receives sequence 0's new token ids (and their logprobs) as they are made (the server's)."""
         for i, s in enumerate(ids):
             if len(s) == 0:
                 raise ShapeError(f"prompt[{i}]: empty prompt (at least one token is needed)" if batched
@@ -878,10 +903,10 @@ class Model:
                 raise ArgumentError(f"stop: expected token ids or strings, got {s!r}")
         if draft:
             gen = self._generate_lookup(ids[0], text[0], max_new_tokens, sampling, seed, stop_ids | self._eos(),
-                                        stop_strs, cache_prompt, *draft, tokens_out=tokens_out)
+                                        stop_strs, cache_prompt, *draft, watch=watch)
         else:
             gen = self._generate(ids, text, max_new_tokens, sampling, seed, stop_ids | self._eos(), stop_strs,
-                                 cache_prompt, tokens_out=tokens_out)
+                                 cache_prompt, watch=watch)
         if stream:
             return self._stream(gen, batched)
         results = [[] for _ in ids]
@@ -973,7 +998,7 @@ class Model:
         for i, tok in gen:
             yield (i, tok) if batched else tok
 
-    def _generate(self, ids, text, max_new, sampling, seed, stop_ids, stop_strs, cache_prompt=False, tokens_out=None):
+    def _generate(self, ids, text, max_new, sampling, seed, stop_ids, stop_strs, cache_prompt=False, watch=None):
         """Yields (sequence index, new token id, or text piece for text prompts) as tokens are made."""
         if max_new == 0:
             return
@@ -1017,19 +1042,22 @@ class Model:
             self._prefix = (me, held) if B == 1 else None
         host = logits.cpu() if on_gpu else logits  # the sampler reads CPU rows
         produced = [[] for _ in range(B)]
-        if tokens_out is not None:
-            produced[0] = tokens_out
+        if watch is not None:
+            produced[0] = watch.tokens
         shown = [""] * B  # text already yielded, per text sequence
         n = 0
         while active:
             nxt = []
             for row, i in enumerate(active):
+                raw = watch.raw(host[row]) if watch is not None and i == 0 else None
                 try:
                     if penalties:
                         penalties[i].apply(host[row])
                     tok = samplers[i].sample(host[row], *params)
                 except ArgumentError as e:  # NaN / +Inf logits (the arguments themselves were checked)
                     raise NumericalError(f"generate: sequence {i}, new token {len(produced[i]) + 1}: {e}") from None
+                if raw is not None:
+                    watch.logprobs.append(watch.info(tok, raw))
                 produced[i].append(tok)
                 if penalties:
                     penalties[i].add(tok)
@@ -1086,7 +1114,7 @@ class Model:
         return "", done
 
     def _generate_lookup(self, prompt, is_text, max_new, sampling, seed, stop_ids, stop_strs, cache_prompt, k,
-                         draft_model=None, tokens_out=None):
+                         draft_model=None, watch=None):
         """Generation of one sequence with drafts of up to k tokens a step, from prompt lookup
         (generate(prompt_lookup=k)) or from draft_model's greedy decoding (generate(draft_model=...)); yields
         (0, token or text piece) as _generate does.
@@ -1135,11 +1163,12 @@ class Model:
             self._prefix = (me, held)
         if draft_model is not None:
             index.prime()
-        produced, shown, draft = [] if tokens_out is None else tokens_out, [""], []
+        produced, shown, draft = [] if watch is None else watch.tokens, [""], []
         while True:
             host = rows.cpu() if self._cuda else rows
-            accepted = []
+            accepted, infos = [], []
             for j in range(len(draft) + 1):  # the token after each fed position, while the draft agrees
+                raw = watch.raw(host[j]) if watch is not None else None
                 if penalty:
                     penalty.apply(host[j])
                 try:
@@ -1147,6 +1176,8 @@ class Model:
                 except ArgumentError as e:
                     raise NumericalError(f"generate: new token {len(produced) + j + 1}: {e}") from None
                 accepted.append(tok)
+                if raw is not None:
+                    infos.append(watch.info(tok, raw))
                 if penalty:
                     penalty.add(tok)
                 if j == len(draft) or tok != draft[j]:
@@ -1158,8 +1189,10 @@ class Model:
                     if self._user is me and not r.truncate(0, keep):  # pragma: no cover - drafts only where it can
                         raise AssertionError("speculative decoding: the KV cache could not be cut back")
                 del held[keep:]
-            for tok in accepted:
+            for a, tok in enumerate(accepted):
                 produced.append(tok)
+                if infos:
+                    watch.logprobs.append(infos[a])
                 index.append(tok)
                 done = tok in stop_ids or len(prompt) + len(produced) >= self.config.max_seq_len
                 last = done or len(produced) >= max_new

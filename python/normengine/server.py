@@ -2,18 +2,22 @@
 
     GET  /v1/models             the one model served
     POST /v1/completions        {"prompt": text or token ids, "max_tokens": 16, "temperature": 1.0, "top_p",
-                                 "stop", "seed", "stream", "frequency_penalty", "presence_penalty", and
-                                 normengine's "top_k", "min_p", "repetition_penalty", "prompt_lookup"}
+                                 "stop", "seed", "stream", "frequency_penalty", "presence_penalty", "echo",
+                                 "logprobs": 0-20, and normengine's "top_k", "min_p", "repetition_penalty",
+                                 "prompt_lookup"}
     POST /v1/chat/completions   {"messages": [...], "max_tokens" (or "max_completion_tokens"), the same
-                                 sampling fields}; rendered by the checkpoint's chat template
+                                 sampling fields, "logprobs": true, "top_logprobs": 0-20}; rendered by the
+                                 checkpoint's chat template
     GET  /health
 
 stream=true answers with server-sent events (`data: {chunk}` lines, then `data: [DONE]`), as OpenAI's API does.
 Requests are served one at a time, in arrival order (one KV cache: a request's steps interleaved with another's
 would prefill both again and again); a chat request whose messages go on from the previous request's
-conversation prefills only its new turn (Model.chat's cache_prompt). Bad requests get status 400 with an
-OpenAI-style {"error": {"message", "type", "param"}} body naming the field; n > 1, logprobs and unknown fields
-are refused rather than ignored.
+conversation prefills only its new turn (Model.chat's cache_prompt). logprobs are the model's own (the
+log-softmax of its logits at each position, before penalties and sampling cuts, as vLLM reports by default); with
+echo and max_tokens 0 a completions request scores its prompt (what lm-evaluation-harness's loglikelihood asks).
+Bad requests get status 400 with an OpenAI-style {"error": {"message", "type", "param"}} body naming the field;
+n > 1, logprobs with stream=true and unknown fields are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from .errors import NormEngineError
 # OpenAI fields accepted (with their types) besides the endpoint's own, and normengine's extensions
 _SAMPLING = {"max_tokens": int, "temperature": (int, float), "top_p": (int, float), "stop": (str, list),
              "seed": int, "stream": bool, "top_k": int, "min_p": (int, float), "repetition_penalty": (int, float),
-             "frequency_penalty": (int, float), "presence_penalty": (int, float), "prompt_lookup": int, "n": int, "model": str, "user": str, "logprobs": (bool, int, type(None))}
+             "frequency_penalty": (int, float), "presence_penalty": (int, float), "prompt_lookup": int, "n": int,
+             "model": str, "user": str}
 
 
 class RequestError(Exception):
@@ -52,8 +57,12 @@ def _fields(body, own):
             raise RequestError(f"{k}: expected {_type_name(types)}, got {type(v).__name__}", k)
     if body.get("n", 1) != 1:
         raise RequestError("n: only 1 completion per request is supported", "n")
-    if body.get("logprobs"):
-        raise RequestError("logprobs: not supported by this server", "logprobs")
+    top = body.get("top_logprobs", body.get("logprobs"))
+    if isinstance(top, int) and not isinstance(top, bool) and not 0 <= top <= 20:
+        raise RequestError(f"{'top_logprobs' if 'top_logprobs' in body else 'logprobs'}: expected 0 to 20, got {top}",
+                           "logprobs")
+    if body.get("logprobs") not in (None, False) and body.get("stream"):
+        raise RequestError("logprobs: not supported with stream=true by this server", "logprobs")
     stop = body.get("stop")
     if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
         raise RequestError("stop: expected a string or a list of strings", "stop")
@@ -88,7 +97,8 @@ class Server:
         return kw
 
     def completion(self, body):
-        body = _fields(body, {"prompt": (str, list), "echo": bool, "suffix": type(None)})
+        body = _fields(body, {"prompt": (str, list), "echo": bool, "suffix": type(None),
+                              "logprobs": (int, type(None))})
         if "prompt" not in body:
             raise RequestError("prompt: required", "prompt")
         prompt = body["prompt"]
@@ -109,10 +119,14 @@ class Server:
         if not text and body.get("stop"):
             raise RequestError("stop: stop strings need the checkpoint's tokenizer.json", "stop")
         return self._run(ids, text, kw, body, "text_completion", chat=False,
-                         echo=prompt if body.get("echo") and isinstance(prompt, str) else None)
+                         echo=prompt if body.get("echo") and isinstance(prompt, str) else None,
+                         echo_ids=ids if body.get("echo") else None)
 
     def chat(self, body):
-        body = _fields(body, {"messages": list, "max_completion_tokens": int})
+        body = _fields(body, {"messages": list, "max_completion_tokens": int, "logprobs": (bool, type(None)),
+                              "top_logprobs": (int, type(None))})
+        if body.get("top_logprobs") is not None and not body.get("logprobs"):
+            raise RequestError("top_logprobs: needs logprobs: true", "top_logprobs")
         if "messages" not in body:
             raise RequestError("messages: required", "messages")
         for i, m in enumerate(body["messages"]):
@@ -125,13 +139,18 @@ class Server:
             del body["max_completion_tokens"]
         return self._run(body["messages"], True, self._kwargs(body, 256), body, "chat.completion", chat=True)
 
-    def _run(self, prompt, text, kw, body, obj, chat, echo=None):
+    def _run(self, prompt, text, kw, body, obj, chat, echo=None, echo_ids=None):
         """The response object (a dict), or with stream=true an iterator of server-sent event bytes (the request's
         generation runs as it is iterated, holding the lock that serves requests one at a time)."""
         m = self.model
         made, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        tokens = []  # the new token ids (counted for finish_reason and usage)
-        from .model import _draft_plan, _sampling
+        from .model import _draft_plan, _sampling, _Watch
+
+        top = (body.get("top_logprobs") or 0) if chat else body.get("logprobs")
+        if chat and not body.get("logprobs"):
+            top = None
+        watch = _Watch(top)  # the new token ids (counted for finish_reason and usage), and their logprobs
+        tokens = watch.tokens
 
         stream = body.get("stream", False)
         max_new = kw.pop("max_new_tokens")
@@ -147,7 +166,7 @@ class Server:
             if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 0:
                 raise RequestError(f"max_tokens: expected a non-negative integer, got {max_new!r}", "max_tokens")
             gen = m._generate_ids([ids], [text], False, max_new, sampling, kw.pop("seed"), stops, True,
-                                  chat, draft, tokens_out=tokens)
+                                  chat, draft, watch=watch)
         except NormEngineError as e:
             raise RequestError(str(e), _param_of(str(e))) from None
 
@@ -186,7 +205,10 @@ class Server:
             reason = finish(out)  # (before the echo: the stop-string check compares the new text)
             if echo is not None:
                 out = echo + out
-            return {**head, "choices": [choice(out, reason, False)], "usage": usage()}
+            c = choice(out, reason, False)
+            if top is not None:
+                c["logprobs"] = _chat_logprobs(m, watch) if chat else _completion_logprobs(m, watch, echo_ids)
+            return {**head, "choices": [c], "usage": usage()}
 
         def events():
             with self.lock:
@@ -204,6 +226,48 @@ class Server:
                 yield b"data: [DONE]\n\n"
 
         return events()
+
+
+def _token_text(m, t):
+    return m.tokenizer.decode([t], skip_special_tokens=False) if m.tokenizer is not None else str(t)
+
+
+def _completion_logprobs(m, watch, echo_ids):
+    """The completions API's logprobs object: per token its text, its logprob, the top alternatives and its
+    offset in the returned text; with echo, the prompt's tokens first (scored by one forward of the prompt: the
+    first has none)."""
+    import numpy as np
+
+    toks, lps, tops = [], [], []
+    if echo_ids is not None:
+        logits = np.asarray(m.logits([echo_ids])[0], dtype=np.float64)
+        mx = logits.max(-1, keepdims=True)
+        logp = logits - (mx + np.log(np.exp(logits - mx).sum(-1, keepdims=True)))
+        for i, t in enumerate(echo_ids):
+            toks.append(t)
+            lps.append(None if i == 0 else float(logp[i - 1, t]))
+            best = np.argsort(-logp[i - 1], kind="stable")[:watch.top] if i else []
+            tops.append(None if i == 0 else {_token_text(m, int(j)): float(logp[i - 1, j]) for j in best})
+    for t, (lp, top) in zip(watch.tokens, watch.logprobs):
+        toks.append(t)
+        lps.append(lp)
+        tops.append({_token_text(m, j): v for j, v in top})
+    texts = [_token_text(m, t) for t in toks]
+    offsets, at = [], 0
+    for x in texts:
+        offsets.append(at)
+        at += len(x)
+    return {"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(m, watch):
+    """The chat API's logprobs object: {"content": [{token, logprob, bytes, top_logprobs}]} per new token."""
+    def entry(t, lp):
+        x = _token_text(m, t)
+        return {"token": x, "logprob": lp, "bytes": list(x.encode("utf-8"))}
+
+    return {"content": [dict(entry(t, lp), top_logprobs=[entry(j, v) for j, v in top])
+                        for t, (lp, top) in zip(watch.tokens, watch.logprobs)]}
 
 
 def _stop_strings(stops):
