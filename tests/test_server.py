@@ -205,6 +205,17 @@ def test_models_health_and_bad_requests(srv):
         st, body, _ = _call(url, "/v1/completions", req)
         err = json.loads(body)["error"]
         assert st == 400 and err["type"] == "invalid_request_error" and param in err["message"], (req, body)
+    for req, param in [({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias"),
+                       ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+                       ({"prompt": "x", "stream_options": {"x": 1}}, "stream_options")]:
+        st, body, _ = _call(url, "/v1/completions", req)
+        assert st == 400 and param in json.loads(body)["error"]["message"], body
+    # what clients send for "unset": nulls, empty biases, plain text, usage in streams (accepted, same answer)
+    lax = {"prompt": "The function", "max_tokens": 6, "temperature": 0, "stop": None, "top_p": None, "user": None,
+           "logit_bias": {}, "response_format": {"type": "text"}, "stream_options": {"include_usage": True},
+           "frequency_penalty": 0, "presence_penalty": 0, "n": 1, "logprobs": None, "seed": None}
+    st, body, _ = _call(url, "/v1/completions", lax)
+    assert st == 200 and json.loads(body)["choices"][0]["text"] == ne.load().generate("The function", max_new_tokens=6)
     st, body, _ = _call(url, "/v1/completions", raw=b"{not json")
     assert st == 400 and "JSON" in json.loads(body)["error"]["message"]
     st, body, _ = _call(url, "/v1/chat/completions", {"messages": [{"role": "user"}]})

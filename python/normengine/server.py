@@ -46,6 +46,15 @@ class RequestError(Exception):
 def _fields(body, own):
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
+    body = {k: v for k, v in body.items() if v is not None}  # (null: the field's default, as OpenAI's API reads it)
+    # accepted where they ask for what this server does anyway: usage in the last chunk, plain text, no biases
+    if body.pop("stream_options", {}) not in ({}, {"include_usage": True}, {"include_usage": False}):
+        raise RequestError("stream_options: only include_usage is supported (usage comes with the last chunk)",
+                           "stream_options")
+    if body.pop("logit_bias", {}) != {}:
+        raise RequestError("logit_bias: not supported by this server", "logit_bias")
+    if body.pop("response_format", {"type": "text"}) != {"type": "text"}:
+        raise RequestError("response_format: only {\"type\": \"text\"} is supported", "response_format")
     allowed = dict(_SAMPLING, **own)
     for k, v in body.items():
         if k not in allowed:
