@@ -243,3 +243,93 @@ def test_cli_serve():
     finally:
         p.terminate()
         p.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def batched():
+    m = ne.load()
+    m.chat_template = "chatml"
+    box = {}
+    t = threading.Thread(target=server.serve, args=(m, "127.0.0.1", 0, "batched"),
+                         kwargs=dict(ready=lambda h: box.setdefault("h", h), parallel=4), daemon=True)
+    t.start()
+    while "h" not in box:
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{box['h'].server_address[1]}", m
+    box["h"].shutdown()
+
+
+def test_parallel_requests_decode_together(batched):
+    """--parallel 4: six concurrent requests (more than the slots; streamed or not; greedy, seeded sampling with
+    penalties, logprobs, a long prompt joining while others decode) each get what generate gives alone, and the
+    runner's steps carried several requests at once."""
+    url, m = batched
+    ref = ne.load()
+    fed = []
+    forward = m._forward
+
+    def counting(r, slots, tokens, lens, logits, all_logits):
+        fed.append(len(slots))
+        return forward(r, slots, tokens, lens, logits, all_logits)
+
+    m._forward = counting
+    long_prompt = " ".join(["The function returns the value"] * 30)
+    reqs = {
+        "a": ({"prompt": "The function returns", "max_tokens": 30, "temperature": 0},
+              ref.generate("The function returns", max_new_tokens=30)),
+        "b": ({"prompt": "A class is", "max_tokens": 25, "temperature": 0, "stream": True},
+              ref.generate("A class is", max_new_tokens=25)),
+        "c": ({"prompt": "def main():", "max_tokens": 20, "temperature": 0.9, "seed": 4, "top_p": 0.9,
+               "repetition_penalty": 1.2, "frequency_penalty": 0.2},
+              ref.generate("def main():", max_new_tokens=20, temperature=0.9, seed=4, top_p=0.9,
+                           repetition_penalty=1.2, frequency_penalty=0.2)),
+        "d": ({"prompt": long_prompt, "max_tokens": 12, "temperature": 0}, ref.generate(long_prompt, max_new_tokens=12)),
+        "e": ({"prompt": "Parameters", "max_tokens": 15, "temperature": 0, "logprobs": 2},
+              ref.generate("Parameters", max_new_tokens=15)),
+        "f": ({"prompt": "import os", "max_tokens": 18, "temperature": 0, "stop": ["\n"]},
+              ref.generate("import os", max_new_tokens=18, stop=["\n"])),
+    }
+    out = {}
+
+    def one(k):
+        req = reqs[k][0]
+        st, body, _ = _call(url, "/v1/completions", req)
+        assert st == 200, body
+        out[k] = "".join(e["choices"][0]["text"] for e in _events(body)) if req.get("stream") else \
+            json.loads(body)["choices"][0]
+    threads = [threading.Thread(target=one, args=(k,)) for k in reqs]
+    with m._lock:  # the engine waits at its first step while every request arrives: they must share steps
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+    for t in threads:
+        t.join()
+    m._forward = forward
+    for k, (req, want) in reqs.items():
+        got = out[k] if req.get("stream") else out[k]["text"]
+        assert got == want, k
+    assert len(out["e"]["logprobs"]["token_logprobs"]) == len(ref.generate(ref.tokenizer.encode("Parameters").ids,
+                                                                           max_new_tokens=15))
+    assert max(fed) > 1 and len(fed) < sum(r["max_tokens"] for r, _ in reqs.values())  # shared steps
+    st, body, _ = _call(url, "/v1/completions", {"prompt": "x", "prompt_lookup": 4})
+    assert st == 400 and "parallel" in json.loads(body)["error"]["message"]
+    st, body, _ = _call(url, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 12, "temperature": 0})
+    assert json.loads(body)["choices"][0]["message"]["content"] == \
+        ref.chat(MSGS, chat_template="chatml", max_new_tokens=12, cache_prompt=False)
+
+
+def test_parallel_client_that_leaves(batched):
+    """A streamed request whose client disconnects is dropped at the engine's next step; the others go on."""
+    url, m = batched
+    import socket
+
+    host, port = url.split("//")[1].split(":")
+    body = json.dumps({"prompt": "The function returns", "max_tokens": 200, "temperature": 0, "stream": True})
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+    sock.recv(256)  # the stream has started
+    sock.close()
+    st, body, _ = _call(url, "/v1/completions", {"prompt": "A class is", "max_tokens": 10, "temperature": 0})
+    assert st == 200 and json.loads(body)["choices"][0]["text"] == ne.load().generate("A class is",
+                                                                                       max_new_tokens=10)

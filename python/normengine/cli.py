@@ -223,7 +223,7 @@ def cmd_serve(args) -> int:
         print(f"normengine: serving {name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
 
     try:
-        server.serve(model, args.host, args.port, name, args.verbose, ready=ready)
+        server.serve(model, args.host, args.port, name, args.verbose, ready=ready, parallel=args.parallel)
     except KeyboardInterrupt:
         pass
     return 0
@@ -408,6 +408,8 @@ def main(argv=None) -> int:
                     help="chat template: 'chatml', a .jinja file or a template string (default: the checkpoint's)")
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--dtype", choices=list(_DTYPES), default=None, help="weights dtype (default: as stored)")
+    sv.add_argument("--parallel", type=_int_at_least(1), default=1, metavar="N",
+                    help="decode up to N requests together (continuous batching; default 1: one at a time)")
     sv.add_argument("--verbose", action="store_true", help="log each request")
     _model_options(sv)
     sv.set_defaults(fn=cmd_serve)

@@ -12,8 +12,10 @@
 
 stream=true answers with server-sent events (`data: {chunk}` lines, then `data: [DONE]`), as OpenAI's API does.
 Requests are served one at a time, in arrival order (one KV cache: a request's steps interleaved with another's
-would prefill both again and again); a chat request whose messages go on from the previous request's
-conversation prefills only its new turn (Model.chat's cache_prompt). logprobs are the model's own (the
+would prefill both again and again), and a chat request whose messages go on from the previous request's
+conversation prefills only its new turn (Model.chat's cache_prompt); or, with parallel=N (`--parallel N`), up to
+N requests decode together in one batch that requests join and leave between steps (BatchEngine: continuous
+batching; each prompt is prefilled whole, and prompt_lookup is refused). logprobs are the model's own (the
 log-softmax of its logits at each position, before penalties and sampling cuts, as vLLM reports by default); with
 echo and max_tokens 0 a completions request scores its prompt (what lm-evaluation-harness's loglikelihood asks).
 Bad requests get status 400 with an OpenAI-style {"error": {"message", "type", "param"}} body naming the field;
@@ -22,11 +24,16 @@ n > 1, logprobs with stream=true and unknown fields are refused rather than igno
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import queue
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
 
 from .errors import NormEngineError
 
@@ -85,13 +92,143 @@ def _type_name(types):
     return " or ".join(dict.fromkeys(names[t] for t in ts))
 
 
-class Server:
-    """The model, its name, and the lock that serves requests one at a time."""
+class _Seq:
+    """One request in the batch engine: its prompt, sampling, what it has made, and the queue its handler reads
+    (text pieces or token ids, then None at the end, or an exception)."""
 
-    def __init__(self, model, name: str):
+    def __init__(self, ids, text, params, penalty, seed, max_new, stop_ids, stop_strs, watch):
+        from . import _C
+        from .model import _Penalty, _sampler_seed, _torch_if_loaded
+
+        self.ids, self.text, self.params, self.max_new = ids, text, params, max_new
+        self.stop_ids, self.stop_strs, self.watch = stop_ids, stop_strs, watch
+        self.penalty = _Penalty(penalty, ids) if penalty else None
+        self.sampler = _C.Sampler(_sampler_seed(seed, _torch_if_loaded()) % 2**64)
+        self.produced, self.shown = watch.tokens, [""]
+        self.pending = list(ids)  # tokens not yet in its slot's cache
+        self.out, self.slot, self.cancelled = queue.Queue(), None, False
+
+
+class BatchEngine:
+    """Continuous batching (`normengine serve --parallel N`): one thread owns the model's runner with N slots;
+    each step feeds every active request's pending tokens in one runner call (a new request's whole prompt, a
+    running one's newest token: prefill and decode rows together), samples each row with its request's own
+    sampler and penalties, and hands the text on. Requests join between steps as slots free up, so concurrent
+    requests share each pass over the weights (a decode step of up to 8 rows costs about one row's on a
+    memory-bound CPU). The tokens are each request's own, as generate() would make them alone up to float
+    rounding (rows computed in a batch)."""
+
+    def __init__(self, model, slots: int):
+        self.m, self.n = model, slots
+        self.ctx = model.config.max_seq_len
+        self.waiting = queue.Queue()
+        self.me = object()
+        threading.Thread(target=self._loop, daemon=True, name="normengine-batch").start()
+
+    def submit(self, seq):
+        self.waiting.put(seq)
+
+    def _loop(self):
+        from .model import _int32s, _torch_if_loaded
+
+        m, torch = self.m, _torch_if_loaded()
+        ints = functools.partial(_int32s, torch)
+        vocab = m.config.vocab_size
+        logits = (np.empty((self.n, vocab), dtype=np.float32) if torch is None else
+                  torch.empty(self.n, vocab, dtype=torch.float32, device=m.device))
+        r, active, free = None, [], list(range(self.n))
+        while True:
+            if not active:  # idle: wait for a request
+                seq = self.waiting.get()
+                seq.slot = free.pop(0)
+                active.append(seq)
+            while free and not self.waiting.empty():
+                seq = self.waiting.get_nowait()
+                seq.slot = free.pop(0)
+                active.append(seq)
+            for s in [s for s in active if s.cancelled]:
+                active.remove(s)
+                free.append(s.slot)
+            if not active:
+                continue
+            try:
+                with m._lock:
+                    if r is None or m._user is not self.me:  # first step, or another caller took the runner
+                        r = m._runner_for(self.n, self.ctx, self.me)
+                        for s in active:
+                            s.pending = s.ids + s.produced
+                    for s in active:
+                        if len(s.pending) == len(s.ids) + len(s.produced):  # its cache starts over
+                            r.reset(s.slot)
+                    rows = logits[:len(active)]
+                    m._forward(r, ints([s.slot for s in active]), ints([t for s in active for t in s.pending]),
+                               ints([len(s.pending) for s in active]), rows, False)
+                host = rows.cpu() if m._cuda else rows
+            except Exception as e:  # the step failed: its requests get the error, the engine goes on
+                for s in active:
+                    s.out.put(e)
+                    free.append(s.slot)
+                active, r = [], None
+                continue
+            for i, s in enumerate(list(active)):
+                if self._sample(s, host[i]):
+                    active.remove(s)
+                    free.append(s.slot)
+
+    def _sample(self, s, row) -> bool:
+        """Request s's next token from its logits row; True when it is done."""
+        m = self.m
+        try:
+            raw = s.watch.raw(row)
+            if s.penalty:
+                s.penalty.apply(row)
+            tok = s.sampler.sample(row, *s.params)
+        except Exception as e:
+            s.out.put(NormEngineError(f"generate: new token {len(s.produced) + 1}: {e}"))
+            return True
+        if raw is not None:
+            s.watch.logprobs.append(s.watch.info(tok, raw))
+        s.produced.append(tok)
+        if s.penalty:
+            s.penalty.add(tok)
+        done = tok in s.stop_ids or len(s.ids) + len(s.produced) >= self.ctx
+        at_max = len(s.produced) >= s.max_new
+        if s.text:
+            piece, done = m._text_piece(s.produced, s.shown, 0, s.stop_strs, done, at_max)
+            if piece:
+                s.out.put(piece)
+        else:
+            s.out.put(tok)
+        if done or at_max:
+            s.out.put(None)
+            return True
+        s.pending = [tok]
+        return False
+
+
+def _drain(seq):
+    """The pieces of a request in the batch engine as they come (its handler's iterator)."""
+    try:
+        while True:
+            x = seq.out.get()
+            if x is None:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        seq.cancelled = True  # (a client that left: the engine drops the request at its next step)
+
+
+class Server:
+    """The model, its name, and the lock that serves requests one at a time (or the batch engine that serves up
+    to `parallel` of them together)."""
+
+    def __init__(self, model, name: str, parallel: int = 1):
         self.model, self.name = model, name
         self.lock = threading.Lock()
         self.created = int(time.time())
+        self.engine = BatchEngine(model, parallel) if parallel > 1 else None
 
     def _kwargs(self, body, default_max):
         """generate() / chat() keyword arguments from a request's sampling fields (OpenAI's defaults:
@@ -104,6 +241,25 @@ class Server:
         if "stop" in body:
             kw["stop"] = body["stop"]
         return kw
+
+    def _submit(self, ids, text, sampling, seed, max_new, stops, draft, watch):
+        """A request into the batch engine: the iterator of its pieces."""
+        m = self.model
+        if draft:
+            raise RequestError("prompt_lookup: not with --parallel > 1 (the batch engine decodes a token a step)",
+                               "prompt_lookup")
+        if not ids:
+            raise RequestError("prompt: empty prompt (at least one token is needed)", "prompt")
+        if len(ids) > m.config.max_seq_len:
+            raise RequestError(f"prompt: {len(ids)} tokens exceed the model's context of {m.config.max_seq_len}",
+                               "prompt")
+        if max_new == 0:
+            return iter(())
+        stops = [] if stops is None else stops if isinstance(stops, (list, tuple)) else [stops]
+        seq = _Seq(ids, text, sampling[0], sampling[1], seed, max_new,
+                   m._eos() | {x for x in stops if isinstance(x, int)}, [x for x in stops if isinstance(x, str)], watch)
+        self.engine.submit(seq)
+        return _drain(seq)
 
     def completion(self, body):
         body = _fields(body, {"prompt": (str, list), "echo": bool, "suffix": type(None),
@@ -174,8 +330,13 @@ class Server:
                 ids, stops = prompt, kw.pop("stop", None)
             if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 0:
                 raise RequestError(f"max_tokens: expected a non-negative integer, got {max_new!r}", "max_tokens")
-            gen = m._generate_ids([ids], [text], False, max_new, sampling, kw.pop("seed"), stops, True,
-                                  chat, draft, watch=watch)
+            if self.engine is None:
+                gen = m._generate_ids([ids], [text], False, max_new, sampling, kw.pop("seed"), stops, True,
+                                      chat, draft, watch=watch)
+                lock = self.lock
+            else:
+                gen, lock = self._submit(ids, text, sampling, kw.pop("seed"), max_new, stops, draft, watch), \
+                    contextlib.nullcontext()
         except NormEngineError as e:
             raise RequestError(str(e), _param_of(str(e))) from None
 
@@ -204,7 +365,7 @@ class Server:
 
         head = {"id": rid, "object": obj + (".chunk" if chat and stream else ""), "created": made, "model": self.name}
         if not stream:
-            with self.lock:
+            with lock:
                 pieces = list(gen)
             out = "".join(pieces) if text else pieces
             if text:
@@ -220,7 +381,7 @@ class Server:
             return {**head, "choices": [c], "usage": usage()}
 
         def events():
-            with self.lock:
+            with lock:
                 if chat:
                     yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant"},
                                                      "finish_reason": None}]})
@@ -367,9 +528,12 @@ def make_handler(server: Server):
 
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, name: str = "normengine", verbose: bool = False,
-          ready=None) -> None:
-    """Serve `model` until interrupted. ready(httpd), if given, is called once the socket listens (tests)."""
-    httpd = ThreadingHTTPServer((host, port), make_handler(Server(model, name)))
+          ready=None, parallel: int = 1) -> None:
+    """Serve `model` until interrupted. parallel > 1: up to that many requests decode together (BatchEngine),
+    else one at a time. ready(httpd), if given, is called once the socket listens (tests)."""
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= 64:
+        raise NormEngineError(f"parallel: expected 1 to 64 requests decoded together, got {parallel!r}")
+    httpd = ThreadingHTTPServer((host, port), make_handler(Server(model, name, parallel)))
     httpd.daemon_threads = True
     httpd.verbose = verbose
     if ready is not None:
