@@ -283,7 +283,8 @@ def test_parallel_requests_decode_together(batched):
                "repetition_penalty": 1.2, "frequency_penalty": 0.2},
               ref.generate("def main():", max_new_tokens=20, temperature=0.9, seed=4, top_p=0.9,
                            repetition_penalty=1.2, frequency_penalty=0.2)),
-        "d": ({"prompt": long_prompt, "max_tokens": 12, "temperature": 0}, ref.generate(long_prompt, max_new_tokens=12)),
+        "d": ({"prompt": long_prompt, "max_tokens": 12, "temperature": 0},
+              ref.generate(long_prompt, max_new_tokens=12)),
         "e": ({"prompt": "Parameters", "max_tokens": 15, "temperature": 0, "logprobs": 2},
               ref.generate("Parameters", max_new_tokens=15)),
         "f": ({"prompt": "import os", "max_tokens": 18, "temperature": 0, "stop": ["\n"]},
@@ -313,6 +314,8 @@ def test_parallel_requests_decode_together(batched):
     assert max(fed) > 1 and len(fed) < sum(r["max_tokens"] for r, _ in reqs.values())  # shared steps
     st, body, _ = _call(url, "/v1/completions", {"prompt": "x", "prompt_lookup": 4})
     assert st == 400 and "parallel" in json.loads(body)["error"]["message"]
+    st, body, _ = _call(url, "/v1/completions", {"prompt": list(range(1, 300))})  # past the context (256)
+    assert st == 400 and "context" in json.loads(body)["error"]["message"]
     st, body, _ = _call(url, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 12, "temperature": 0})
     assert json.loads(body)["choices"][0]["message"]["content"] == \
         ref.chat(MSGS, chat_template="chatml", max_new_tokens=12, cache_prompt=False)

@@ -223,7 +223,8 @@ def cmd_serve(args) -> int:
         print(f"normengine: serving {name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
 
     try:
-        server.serve(model, args.host, args.port, name, args.verbose, ready=ready, parallel=args.parallel)
+        server.serve(model, args.host, args.port, name, args.verbose, ready=ready, parallel=args.parallel,
+                     ctx=args.ctx)
     except KeyboardInterrupt:
         pass
     return 0
@@ -410,6 +411,8 @@ def main(argv=None) -> int:
     sv.add_argument("--dtype", choices=list(_DTYPES), default=None, help="weights dtype (default: as stored)")
     sv.add_argument("--parallel", type=_int_at_least(1), default=1, metavar="N",
                     help="decode up to N requests together (continuous batching; default 1: one at a time)")
+    sv.add_argument("--ctx", type=_int_at_least(1), default=None, metavar="T",
+                    help="with --parallel: each request's context (default: the model's, at most 4096)")
     sv.add_argument("--verbose", action="store_true", help="log each request")
     _model_options(sv)
     sv.set_defaults(fn=cmd_serve)

@@ -118,9 +118,10 @@ class BatchEngine:
     memory-bound CPU). The tokens are each request's own, as generate() would make them alone up to float
     rounding (rows computed in a batch)."""
 
-    def __init__(self, model, slots: int):
+    def __init__(self, model, slots: int, ctx: int | None = None):
         self.m, self.n = model, slots
-        self.ctx = model.config.max_seq_len
+        # each slot's context: its KV cache is allocated whole (slots x ctx rows), so not a 128k model's by default
+        self.ctx = min(model.config.max_seq_len, ctx or 4096)
         self.waiting = queue.Queue()
         self.me = object()
         threading.Thread(target=self._loop, daemon=True, name="normengine-batch").start()
@@ -224,11 +225,11 @@ class Server:
     """The model, its name, and the lock that serves requests one at a time (or the batch engine that serves up
     to `parallel` of them together)."""
 
-    def __init__(self, model, name: str, parallel: int = 1):
+    def __init__(self, model, name: str, parallel: int = 1, ctx: int | None = None):
         self.model, self.name = model, name
         self.lock = threading.Lock()
         self.created = int(time.time())
-        self.engine = BatchEngine(model, parallel) if parallel > 1 else None
+        self.engine = BatchEngine(model, parallel, ctx) if parallel > 1 else None
 
     def _kwargs(self, body, default_max):
         """generate() / chat() keyword arguments from a request's sampling fields (OpenAI's defaults:
@@ -250,9 +251,9 @@ class Server:
                                "prompt_lookup")
         if not ids:
             raise RequestError("prompt: empty prompt (at least one token is needed)", "prompt")
-        if len(ids) > m.config.max_seq_len:
-            raise RequestError(f"prompt: {len(ids)} tokens exceed the model's context of {m.config.max_seq_len}",
-                               "prompt")
+        if len(ids) > self.engine.ctx:
+            raise RequestError(f"prompt: {len(ids)} tokens exceed the context of {self.engine.ctx} each request has "
+                               "here (serve's ctx)", "prompt")
         if max_new == 0:
             return iter(())
         stops = [] if stops is None else stops if isinstance(stops, (list, tuple)) else [stops]
@@ -528,12 +529,15 @@ def make_handler(server: Server):
 
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, name: str = "normengine", verbose: bool = False,
-          ready=None, parallel: int = 1) -> None:
-    """Serve `model` until interrupted. parallel > 1: up to that many requests decode together (BatchEngine),
+          ready=None, parallel: int = 1, ctx: int | None = None) -> None:
+    """Serve `model` until interrupted. parallel > 1: up to that many requests decode together (BatchEngine), each
+    within a context of ctx tokens (default: the model's, at most 4096; the caches hold parallel x ctx rows),
     else one at a time. ready(httpd), if given, is called once the socket listens (tests)."""
     if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= 64:
         raise NormEngineError(f"parallel: expected 1 to 64 requests decoded together, got {parallel!r}")
-    httpd = ThreadingHTTPServer((host, port), make_handler(Server(model, name, parallel)))
+    if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1):
+        raise NormEngineError(f"ctx: expected a positive number of tokens, got {ctx!r}")
+    httpd = ThreadingHTTPServer((host, port), make_handler(Server(model, name, parallel, ctx)))
     httpd.daemon_threads = True
     httpd.verbose = verbose
     if ready is not None:
