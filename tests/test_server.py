@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import torch
 
 import normengine as ne
 from normengine import server
@@ -336,3 +337,25 @@ def test_parallel_client_that_leaves(batched):
     st, body, _ = _call(url, "/v1/completions", {"prompt": "A class is", "max_tokens": 10, "temperature": 0})
     assert st == 200 and json.loads(body)["choices"][0]["text"] == ne.load().generate("A class is",
                                                                                        max_new_tokens=10)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and ne.cuda_available()), reason="no CUDA GPU visible")
+def test_cuda_parallel_server():
+    m, ref = ne.load(device="cuda"), ne.load(device="cuda")
+    box = {}
+    threading.Thread(target=server.serve, args=(m, "127.0.0.1", 0, "gpu"),
+                     kwargs=dict(ready=lambda h: box.setdefault("h", h), parallel=4), daemon=True).start()
+    while "h" not in box:
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{box['h'].server_address[1]}"
+    prompts = ["The function returns", "A class is", "def main():"]
+    out = {}
+    threads = [threading.Thread(target=lambda p=p: out.setdefault(p, json.loads(_call(
+        url, "/v1/completions", {"prompt": p, "max_tokens": 20, "temperature": 0})[1]))) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in prompts:
+        assert out[p]["choices"][0]["text"] == ref.generate(p, max_new_tokens=20)
+    box["h"].shutdown()
