@@ -317,6 +317,10 @@ def test_parallel_requests_decode_together(batched):
     assert st == 400 and "parallel" in json.loads(body)["error"]["message"]
     st, body, _ = _call(url, "/v1/completions", {"prompt": list(range(1, 300))})  # past the context (256)
     assert st == 400 and "context" in json.loads(body)["error"]["message"]
+    st, body, _ = _call(url, "/v1/completions", {"prompt": list(range(10, 259)), "max_tokens": 50,
+                                                 "temperature": 0})
+    r = json.loads(body)  # cut at the context's end: "length", as at max_tokens
+    assert r["usage"]["total_tokens"] == 256 and r["choices"][0]["finish_reason"] == "length"
     st, body, _ = _call(url, "/v1/chat/completions", {"messages": MSGS, "max_tokens": 12, "temperature": 0})
     assert json.loads(body)["choices"][0]["message"]["content"] == \
         ref.chat(MSGS, chat_template="chatml", max_new_tokens=12, cache_prompt=False)

@@ -344,12 +344,14 @@ class Server:
         stop_ids = m._eos() | {s for s in ([] if stops is None else stops if isinstance(stops, (list, tuple))
                                            else [stops]) if isinstance(s, int)}
 
+        ctx = m.config.max_seq_len if self.engine is None else self.engine.ctx
+
         def finish(out):
             if not tokens:
                 return "length"  # (max_tokens 0)
-            if len(tokens) < max_new or tokens[-1] in stop_ids or (text and _cut_by_stop(m, tokens, out)):
+            if tokens[-1] in stop_ids or (text and _cut_by_stop(m, tokens, out)):
                 return "stop"
-            return "length"
+            return "length" if len(tokens) >= max_new or len(ids) + len(tokens) >= ctx else "stop"
 
         def usage():
             return {"prompt_tokens": len(ids), "completion_tokens": len(tokens),
