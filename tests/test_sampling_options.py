@@ -148,6 +148,16 @@ def test_repetition_penalty_sampled_and_cli():
     assert bad.returncode == 2 and "min_p" in bad.stderr
 
 
+def _check_penalty(p, row, want):
+    """_Penalty p applied to a torch copy and to a numpy copy of row: both exactly `want`."""
+    got = row.clone()
+    p.apply(got)
+    assert torch.equal(got, want)
+    arr = row.numpy().copy()
+    p.apply(arr)
+    assert np.array_equal(arr, want.numpy())
+
+
 @pytest.mark.parametrize("penalty", [1.3, 0.7])
 def test_penalty_is_transformers_processor_on_any_row(penalty):
     """Rows with logits of both signs (the generation tests' argmax rarely lands on a negative logit): the
@@ -162,12 +172,7 @@ def test_penalty_is_transformers_processor_on_any_row(penalty):
     p = _Penalty((penalty, 0.0, 0.0), ids[:30])
     for t in ids[30:]:
         p.add(t)
-    got = row.clone()
-    p.apply(got)
-    assert torch.equal(got, want)
-    arr = row.numpy().copy()
-    p.apply(arr)
-    assert np.array_equal(arr, want.numpy())
+    _check_penalty(p, row, want)
     assert (row[ids] < 0).any() and (row[ids] > 0).any()
 
 
@@ -186,12 +191,7 @@ def test_frequency_and_presence_penalties():
     want = RepetitionPenaltyLogitsProcessor(1.2)(torch.tensor([prompt + new]), row[None].clone())[0]
     for t, c in {5: 3, 3: 1, 9: 1}.items():
         want[t] -= np.float32(0.5) * np.float32(c) + np.float32(0.25)
-    got = row.clone()
-    p.apply(got)
-    assert torch.equal(got, want)
-    arr = row.numpy().copy()
-    p.apply(arr)
-    assert np.array_equal(arr, want.numpy())
+    _check_penalty(p, row, want)
 
     m = ne.load()
     ids = m.tokenizer.encode("The function returns the value of the function").ids

@@ -21,18 +21,23 @@ from normengine import server
 MSGS = [{"role": "system", "content": "You write code."}, {"role": "user", "content": "The function returns"}]
 
 
+def _start(m, name, parallel=1):
+    """A server thread over model m: (its base URL, its http server)."""
+    box = {}
+    threading.Thread(target=server.serve, args=(m, "127.0.0.1", 0, name),
+                     kwargs=dict(ready=lambda h: box.setdefault("h", h), parallel=parallel), daemon=True).start()
+    while "h" not in box:
+        time.sleep(0.01)
+    return f"http://127.0.0.1:{box['h'].server_address[1]}", box["h"]
+
+
 @pytest.fixture(scope="module")
 def srv():
     m = ne.load()
     m.chat_template = "chatml"
-    box = {}
-    t = threading.Thread(target=server.serve, args=(m, "127.0.0.1", 0, "test-model"),
-                         kwargs=dict(ready=lambda h: box.setdefault("h", h)), daemon=True)
-    t.start()
-    while "h" not in box:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{box['h'].server_address[1]}", m
-    box["h"].shutdown()
+    url, httpd = _start(m, "test-model")
+    yield url, m
+    httpd.shutdown()
 
 
 def _call(url, path, body=None, raw=None):
@@ -124,6 +129,11 @@ def test_concurrent_requests_get_what_they_get_alone(srv):
     url, m = srv
     ref = ne.load()
     prompts = ["The function returns", "A class is", "def main():", "Parameters"]
+    _check_concurrent_greedy(url, ref, prompts)
+
+
+def _check_concurrent_greedy(url, ref, prompts):
+    """One thread a prompt, all at once: each answer is ref.generate's greedy text for it alone."""
     out = {}
 
     def one(p):
@@ -250,14 +260,9 @@ def test_cli_serve():
 def batched():
     m = ne.load()
     m.chat_template = "chatml"
-    box = {}
-    t = threading.Thread(target=server.serve, args=(m, "127.0.0.1", 0, "batched"),
-                         kwargs=dict(ready=lambda h: box.setdefault("h", h), parallel=4), daemon=True)
-    t.start()
-    while "h" not in box:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{box['h'].server_address[1]}", m
-    box["h"].shutdown()
+    url, httpd = _start(m, "batched", parallel=4)
+    yield url, m
+    httpd.shutdown()
 
 
 def test_parallel_requests_decode_together(batched):
@@ -346,20 +351,6 @@ def test_parallel_client_that_leaves(batched):
 @pytest.mark.skipif(not (torch.cuda.is_available() and ne.cuda_available()), reason="no CUDA GPU visible")
 def test_cuda_parallel_server():
     m, ref = ne.load(device="cuda"), ne.load(device="cuda")
-    box = {}
-    threading.Thread(target=server.serve, args=(m, "127.0.0.1", 0, "gpu"),
-                     kwargs=dict(ready=lambda h: box.setdefault("h", h), parallel=4), daemon=True).start()
-    while "h" not in box:
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{box['h'].server_address[1]}"
-    prompts = ["The function returns", "A class is", "def main():"]
-    out = {}
-    threads = [threading.Thread(target=lambda p=p: out.setdefault(p, json.loads(_call(
-        url, "/v1/completions", {"prompt": p, "max_tokens": 20, "temperature": 0})[1]))) for p in prompts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for p in prompts:
-        assert out[p]["choices"][0]["text"] == ref.generate(p, max_new_tokens=20)
-    box["h"].shutdown()
+    url, httpd = _start(m, "gpu", parallel=4)
+    _check_concurrent_greedy(url, ref, ["The function returns", "A class is", "def main():"])
+    httpd.shutdown()
