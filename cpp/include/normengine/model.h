@@ -170,8 +170,9 @@ class Runner {
 // weights in device memory (zero-copy: views of CUDA tensors on `device`, kept alive by the
 // caller), the softmax layers' KV caches [slots][ctx][n_kv_heads * head_dim] (float32, bfloat16 with
 // spec.kv_bf16, or int8 with its scales with spec.kv_int8), the linear-family layers' states
-// [slots][n_heads][(head_dim + 1)^2] float32 and the activations in device memory owned by the runner. L-Mul arithmetic (spec.lmul_scope) holds a row
-// of ctx attention scores in shared memory, which bounds ctx (UnsupportedError beyond). slots / tokens /
+// [slots][n_heads][(head_dim + 1)^2] float32 and the activations in device memory owned by the runner. L-Mul
+// arithmetic (spec.lmul_scope) holds a row of ctx attention scores in shared memory, which bounds ctx
+// (UnsupportedError beyond). slots / tokens /
 // lens stay host arrays; logits is a device float32 pointer [rows, vocab]. Everything of a call is enqueued on `stream` (null: the legacy default
 // stream); forward returns without waiting for the GPU, except that a mixture-of-experts layer waits for its
 // router's logits (the host routes and groups the rows per expert, as the CPU runner does).
