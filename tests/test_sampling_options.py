@@ -210,3 +210,34 @@ def test_frequency_and_presence_penalties():
         for bad in (2.5, -3, "1", True):
             with pytest.raises(ArgumentError, match=name):
                 m.generate([1, 2, 3], **{name: bad})
+
+
+def test_generate_logprobs():
+    """generate(logprobs=n) returns Generations: the same output as without, the new ids, each one's log-softmax
+    under the model (against a full forward of the text) and the n likeliest alternatives, for a text prompt,
+    a batch, prompt lookup and chat; not with stream; bad values raise."""
+    m, ref = ne.load(), ne.load()
+    prompt = "The function returns"
+    g = m.generate(prompt, max_new_tokens=10, logprobs=3)
+    assert isinstance(g, ne.Generation) and g.output == ref.generate(prompt, max_new_tokens=10)
+    ids = ref.tokenizer.encode(prompt).ids
+    assert g.tokens == ref.generate(ids, max_new_tokens=10)
+    full = ref.logits([ids + g.tokens])[0].double()
+    logp = full - full.logsumexp(-1, keepdim=True)
+    for i, t in enumerate(g.tokens):
+        assert abs(g.logprobs[i] - float(logp[len(ids) - 1 + i, t])) < 1e-4
+        assert [j for j, _ in g.top_logprobs[i]] == logp[len(ids) - 1 + i].topk(3).indices.tolist()
+        assert g.top_logprobs[i][0][1] == g.logprobs[i]  # greedy: the likeliest
+    both = m.generate([ids, ids[:2]], max_new_tokens=6, logprobs=0)
+    assert [b.output for b in both] == ref.generate([ids, ids[:2]], max_new_tokens=6)
+    assert all(len(b.logprobs) == len(b.tokens) and b.top_logprobs == [[]] * len(b.tokens) for b in both)
+    assert m.generate(ids, max_new_tokens=10, logprobs=1, prompt_lookup=4).logprobs == pytest.approx(
+        g.logprobs, abs=1e-4)
+    msgs = [{"role": "user", "content": "hi"}]
+    c = m.chat(msgs, chat_template="chatml", max_new_tokens=6, logprobs=1)
+    assert c.output == ref.chat(msgs, chat_template="chatml", max_new_tokens=6, cache_prompt=False)
+    for bad in (-1, 21, True, 1.5):
+        with pytest.raises(ArgumentError, match="logprobs"):
+            m.generate(prompt, logprobs=bad)
+    with pytest.raises(ArgumentError, match="stream"):
+        m.generate(prompt, logprobs=1, stream=True)

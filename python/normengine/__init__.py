@@ -75,7 +75,7 @@ def set_cache_limit(nbytes: int) -> None:
 
 
 from .config import ModelConfig  # noqa: E402
-from .model import Model, load  # noqa: E402
+from .model import Generation, Model, load  # noqa: E402
 
 # ops, nn and reference are torch code: they are imported on first use (normengine.ops, or
 # `from normengine import ops`), so that a process that only loads and generates never imports torch
@@ -98,6 +98,7 @@ if "torch" in sys.modules:
 __all__ = [
     "load",
     "Model",
+    "Generation",
     "ModelConfig",
     "ops",
     "nn",

@@ -11,6 +11,7 @@ copies) import torch when called."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import random
@@ -220,6 +221,33 @@ class _Penalty:
                 torch = _torch()
                 i = torch.from_numpy(self.cidx)
                 row[i] = row[i] - torch.from_numpy(self.cval)
+
+
+@dataclasses.dataclass
+class Generation:
+    """generate(..., logprobs=n)'s result for one prompt (chat's too)."""
+
+    output: object  # what generate returns without logprobs: the new text, or the list of new ids
+    tokens: list  # every new token id (a text cut at a stop string may end before the last of them)
+    logprobs: list  # per new token, its log-probability under the model: the log-softmax of the raw logits
+    top_logprobs: list  # per new token, the n likeliest [(id, logprob)], likeliest first
+
+
+def _check_logprobs(logprobs, stream) -> None:
+    if logprobs is None:
+        return
+    if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 20:
+        raise ArgumentError(f"logprobs: expected an int in 0..20 (alternatives per token) or None, got {logprobs!r}")
+    if stream:
+        raise ArgumentError("logprobs: not with stream=True (the result carries them: a Generation)")
+
+
+def _with_logprobs(out, watches, batched):
+    """generate()'s result (one output or a list) as Generation objects."""
+    outs = out if batched else [out]
+    res = [Generation(o, list(w.tokens), [lp for lp, _ in w.logprobs], [top for _, top in w.logprobs])
+           for o, w in zip(outs, watches)]
+    return res if batched else res[0]
 
 
 class _Watch:
@@ -821,7 +849,7 @@ class Model:
                  cache_prompt: bool = False, prompt_lookup: int | None = None, draft_model=None,
                  draft_tokens: int | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, frequency_penalty: float | None = None,
-                 presence_penalty: float | None = None):
+                 presence_penalty: float | None = None, logprobs: int | None = None):
         """Generate up to max_new_tokens after each prompt.
 
         prompt: a list of ids (returns the list of new ids), a string when the checkpoint has a
@@ -865,7 +893,10 @@ class Model:
         follows the text; rejected drafts are cut from it), verified as prompt-lookup drafts are: the same
         tokens as without drafts, greedy or sampled. It pays when m is much cheaper per token than this model
         and agrees with it often: a smaller model of the same family, or this checkpoint loaded again quantized
-        (ne.load(path, quant="int4")) as its own drafter."""
+        (ne.load(path, quant="int4")) as its own drafter.
+        logprobs=n (0..20, not with stream): the result is a Generation (a list of them for a batch) holding the
+        output above, the new token ids, each one's log-probability under the model (the log-softmax of its raw
+        logits, before penalties and sampling cuts) and the n likeliest alternatives at each step."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ArgumentError(f"max_new_tokens: expected a non-negative int, got {max_new_tokens!r}")
         sampling = _sampling(self.config.vocab_size, temperature, top_k, top_p, min_p, repetition_penalty,
@@ -877,16 +908,19 @@ class Model:
         prompt = self._as_id_lists(prompt, "prompt")  # [T] -> one prompt, [B, T] -> a batch
         batched = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], (str, list, tuple))
         draft = _draft_plan(self, prompt_lookup, draft_model, draft_tokens, batched)
+        _check_logprobs(logprobs, stream)
         prompts = list(prompt) if batched else [prompt]
         text = [isinstance(p, str) for p in prompts]
         ids = [self._encode(p) if t else self._check_ids(p) for p, t in zip(prompts, text)]
-        return self._generate_ids(ids, text, batched, max_new_tokens, sampling, seed, stop, stream, cache_prompt,
-                                  draft)
+        watches = None if logprobs is None else [_Watch(logprobs) for _ in ids]
+        out = self._generate_ids(ids, text, batched, max_new_tokens, sampling, seed, stop, stream, cache_prompt,
+                                 draft, watches)
+        return out if watches is None else _with_logprobs(out, watches, batched)
 
     def _generate_ids(self, ids, text, batched, max_new_tokens, sampling, seed, stop, stream, cache_prompt,
-                      draft=None, watch=None):
-        """generate() on prompts already tokenized (text[i]: yield / return sequence i as text). watch: a _Watch
-        that receives sequence 0's new token ids (and their logprobs) as they are made (the server's)."""
+                      draft=None, watches=None):
+        """generate() on prompts already tokenized (text[i]: yield / return sequence i as text). watches: one _Watch
+        a sequence, which receives its new token ids (and their logprobs) as they are made."""
         for i, s in enumerate(ids):
             if len(s) == 0:
                 raise ShapeError(f"prompt[{i}]: empty prompt (at least one token is needed)" if batched
@@ -903,10 +937,10 @@ class Model:
                 raise ArgumentError(f"stop: expected token ids or strings, got {s!r}")
         if draft:
             gen = self._generate_lookup(ids[0], text[0], max_new_tokens, sampling, seed, stop_ids | self._eos(),
-                                        stop_strs, cache_prompt, *draft, watch=watch)
+                                        stop_strs, cache_prompt, *draft, watch=watches[0] if watches else None)
         else:
             gen = self._generate(ids, text, max_new_tokens, sampling, seed, stop_ids | self._eos(), stop_strs,
-                                 cache_prompt, watch=watch)
+                                 cache_prompt, watches=watches)
         if stream:
             return self._stream(gen, batched)
         results = [[] for _ in ids]
@@ -953,13 +987,14 @@ class Model:
              top_p: float | None = None, seed: int | None = None, stop=None, stream: bool = False,
              cache_prompt: bool = True, chat_template=None, prompt_lookup: int | None = None, draft_model=None,
              draft_tokens: int | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
-             frequency_penalty: float | None = None, presence_penalty: float | None = None, **variables):
+             frequency_penalty: float | None = None, presence_penalty: float | None = None,
+             logprobs: int | None = None, **variables):
         """The assistant's reply to a conversation: `messages` rendered by the chat template, tokenized
         without added special tokens (the template writes them), then generate(). Stops at the model's
         eos ids, at the template's end-of-turn token (its eos_token), and at `stop`. Returns the reply
         text, or with stream=True an iterator of its pieces. cache_prompt=True (the default here): a
         conversation that goes on from the previous call's prompt and reply prefills only its new turn
-        (see generate); min_p, the penalties, prompt_lookup, draft_model and draft_tokens as generate's.
+        (see generate); min_p, the penalties, prompt_lookup, draft_model, draft_tokens and logprobs as generate's.
         Needs the checkpoint's tokenizer.json."""
         ids, stops = self._chat_ids(messages, stop, chat_template, variables)
         if not isinstance(stream, bool):
@@ -967,8 +1002,11 @@ class Model:
         sampling = _sampling(self.config.vocab_size, temperature, top_k, top_p, min_p, repetition_penalty,
                              frequency_penalty, presence_penalty)
         draft = _draft_plan(self, prompt_lookup, draft_model, draft_tokens, False)
-        return self._generate_ids([ids], [True], False, max_new_tokens, sampling, seed, stops, stream, cache_prompt,
-                                  draft)
+        _check_logprobs(logprobs, stream)
+        watches = None if logprobs is None else [_Watch(logprobs)]
+        out = self._generate_ids([ids], [True], False, max_new_tokens, sampling, seed, stops, stream, cache_prompt,
+                                 draft, watches)
+        return out if watches is None else _with_logprobs(out, watches, False)
 
     def _chat_ids(self, messages, stop, chat_template, variables):
         """A conversation's prompt ids (rendered by the chat template, tokenized without added special tokens: the
@@ -998,7 +1036,7 @@ class Model:
         for i, tok in gen:
             yield (i, tok) if batched else tok
 
-    def _generate(self, ids, text, max_new, sampling, seed, stop_ids, stop_strs, cache_prompt=False, watch=None):
+    def _generate(self, ids, text, max_new, sampling, seed, stop_ids, stop_strs, cache_prompt=False, watches=None):
         """Yields (sequence index, new token id, or text piece for text prompts) as tokens are made."""
         if max_new == 0:
             return
@@ -1042,14 +1080,14 @@ class Model:
             self._prefix = (me, held) if B == 1 else None
         host = logits.cpu() if on_gpu else logits  # the sampler reads CPU rows
         produced = [[] for _ in range(B)]
-        if watch is not None:
-            produced[0] = watch.tokens
+        if watches:
+            produced = [w.tokens for w in watches]
         shown = [""] * B  # text already yielded, per text sequence
         n = 0
         while active:
             nxt = []
             for row, i in enumerate(active):
-                raw = watch.raw(host[row]) if watch is not None and i == 0 else None
+                raw = watches[i].raw(host[row]) if watches else None
                 try:
                     if penalties:
                         penalties[i].apply(host[row])
@@ -1057,7 +1095,7 @@ class Model:
                 except ArgumentError as e:  # NaN / +Inf logits (the arguments themselves were checked)
                     raise NumericalError(f"generate: sequence {i}, new token {len(produced[i]) + 1}: {e}") from None
                 if raw is not None:
-                    watch.logprobs.append(watch.info(tok, raw))
+                    watches[i].logprobs.append(watches[i].info(tok, raw))
                 produced[i].append(tok)
                 if penalties:
                     penalties[i].add(tok)

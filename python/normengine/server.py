@@ -333,7 +333,7 @@ class Server:
                 raise RequestError(f"max_tokens: expected a non-negative integer, got {max_new!r}", "max_tokens")
             if self.engine is None:
                 gen = m._generate_ids([ids], [text], False, max_new, sampling, kw.pop("seed"), stops, True,
-                                      chat, draft, watch=watch)
+                                      chat, draft, watches=[watch])
                 lock = self.lock
             else:
                 gen, lock = self._submit(ids, text, sampling, kw.pop("seed"), max_new, stops, draft, watch), \
