@@ -224,6 +224,33 @@ class Generation:
     top_logprobs: list  # per new token, the n likeliest [(id, logprob)], likeliest first
 
 
+def _split_stops(stop):
+    """generate()'s `stop` (one or a list of token ids and strings) as (set of ids, list of strings)."""
+    stop_ids, stop_strs = set(), []
+    for s in ([] if stop is None else (stop if isinstance(stop, (list, tuple, set)) else [stop])):
+        if isinstance(s, str):
+            stop_strs.append(s)
+        elif isinstance(s, int) and not isinstance(s, bool):
+            stop_ids.add(s)
+        else:
+            raise ArgumentError(f"stop: expected token ids or strings, got {s!r}")
+    return stop_ids, stop_strs
+
+
+def _choose(row, sampler, params, penalty, watch):
+    """The next token of a sequence from its logits row (a CPU float32 row, changed in place by the penalties):
+    the row as the model gave it is kept for logprobs (watch), the penalties apply, the sampler draws, and the
+    penalties count the token. Returns (token, (logprob, top) or None). The sampler's ArgumentError (NaN / +Inf
+    logits) passes through for the caller to name the sequence."""
+    raw = watch.raw(row) if watch is not None else None
+    if penalty:
+        penalty.apply(row)
+    tok = sampler.sample(row, *params)
+    if penalty:
+        penalty.add(tok)
+    return tok, (watch.info(tok, raw) if raw is not None else None)
+
+
 def _check_logprobs(logprobs, stream) -> None:
     if logprobs is None:
         return
@@ -351,6 +378,11 @@ class _ModelDrafter:
         self.m, self.tokens, self.ctx = model, list(tokens), min(ctx, model.config.max_seq_len)
         self.me, self.held, self.r = object(), [], None
         self.sampler = _C.Sampler(0)
+        torch = _torch_if_loaded()
+        self.ints = functools.partial(_int32s, torch)  # (the step's inputs and its logits row, made once)
+        vocab = model.config.vocab_size
+        self.row = np.empty((1, vocab), dtype=np.float32) if torch is None else \
+            torch.empty(1, vocab, dtype=torch.float32, device=model.device)
 
     def append(self, tok):
         self.tokens.append(tok)
@@ -365,11 +397,7 @@ class _ModelDrafter:
         k = min(k, self.ctx - len(toks))  # (the text's end within the draft model's context, too)
         if k < 0:
             return []
-        torch = _torch_if_loaded()
-        ints = functools.partial(_int32s, torch)
-        vocab = m.config.vocab_size
-        row = np.empty((1, vocab), dtype=np.float32) if torch is None else \
-            torch.empty(1, vocab, dtype=torch.float32, device=m.device)
+        ints, row = self.ints, self.row
         with m._lock:
             if self.r is None or m._user is not self.me:
                 self.r, self.held = m._runner_for(1, self.ctx, self.me), []
@@ -919,14 +947,7 @@ class Model:
                                  else "prompt: empty prompt (at least one token is needed)")
             if len(s) > self.config.max_seq_len:
                 raise ShapeError(f"prompt: {len(s)} tokens exceed the model's context of {self.config.max_seq_len}")
-        stop_ids, stop_strs = set(), []
-        for s in ([] if stop is None else (stop if isinstance(stop, (list, tuple, set)) else [stop])):
-            if isinstance(s, str):
-                stop_strs.append(s)
-            elif isinstance(s, int) and not isinstance(s, bool):
-                stop_ids.add(s)
-            else:
-                raise ArgumentError(f"stop: expected token ids or strings, got {s!r}")
+        stop_ids, stop_strs = _split_stops(stop)
         if draft:
             gen = self._generate_lookup(ids[0], text[0], max_new_tokens, sampling, seed, stop_ids | self._eos(),
                                         stop_strs, cache_prompt, *draft, watch=watches[0] if watches else None)
@@ -1079,18 +1100,14 @@ class Model:
         while active:
             nxt = []
             for row, i in enumerate(active):
-                raw = watches[i].raw(host[row]) if watches else None
                 try:
-                    if penalties:
-                        penalties[i].apply(host[row])
-                    tok = samplers[i].sample(host[row], *params)
+                    tok, info = _choose(host[row], samplers[i], params, penalties and penalties[i],
+                                        watches and watches[i])
                 except ArgumentError as e:  # NaN / +Inf logits (the arguments themselves were checked)
                     raise NumericalError(f"generate: sequence {i}, new token {len(produced[i]) + 1}: {e}") from None
-                if raw is not None:
-                    watches[i].logprobs.append(watches[i].info(tok, raw))
+                if info is not None:
+                    watches[i].logprobs.append(info)
                 produced[i].append(tok)
-                if penalties:
-                    penalties[i].add(tok)
                 done = tok in stop_ids or len(ids[i]) + len(produced[i]) >= self.config.max_seq_len
                 if text[i]:
                     piece, done = self._text_piece(produced[i], shown, i, stop_strs, done, n + 1 >= max_new)
@@ -1198,18 +1215,12 @@ class Model:
             host = rows.cpu() if self._cuda else rows
             accepted, infos = [], []
             for j in range(len(draft) + 1):  # the token after each fed position, while the draft agrees
-                raw = watch.raw(host[j]) if watch is not None else None
-                if penalty:
-                    penalty.apply(host[j])
                 try:
-                    tok = sampler.sample(host[j], *params)
+                    tok, info = _choose(host[j], sampler, params, penalty, watch)
                 except ArgumentError as e:
                     raise NumericalError(f"generate: new token {len(produced) + j + 1}: {e}") from None
                 accepted.append(tok)
-                if raw is not None:
-                    infos.append(watch.info(tok, raw))
-                if penalty:
-                    penalty.add(tok)
+                infos.append(info)
                 if j == len(draft) or tok != draft[j]:
                     break
             matched = len(accepted) - 1  # drafted tokens the model agreed with (they are in the cache)
@@ -1221,7 +1232,7 @@ class Model:
                 del held[keep:]
             for a, tok in enumerate(accepted):
                 produced.append(tok)
-                if infos:
+                if infos[a] is not None:
                     watch.logprobs.append(infos[a])
                 index.append(tok)
                 done = tok in stop_ids or len(prompt) + len(produced) >= self.config.max_seq_len

@@ -35,7 +35,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
+from . import _C
 from .errors import NormEngineError
+from .model import (_choose, _draft_plan, _int32s, _Penalty, _sampler_seed, _sampling, _split_stops,
+                    _torch_if_loaded, _Watch)
 
 # OpenAI fields accepted (with their types) besides the endpoint's own, and normengine's extensions
 _SAMPLING = {"max_tokens": int, "temperature": (int, float), "top_p": (int, float), "stop": (str, list),
@@ -97,9 +100,6 @@ class _Seq:
     (text pieces or token ids, then None at the end, or an exception)."""
 
     def __init__(self, ids, text, params, penalty, seed, max_new, stop_ids, stop_strs, watch):
-        from . import _C
-        from .model import _Penalty, _sampler_seed, _torch_if_loaded
-
         self.ids, self.text, self.params, self.max_new = ids, text, params, max_new
         self.stop_ids, self.stop_strs, self.watch = stop_ids, stop_strs, watch
         self.penalty = _Penalty(penalty, ids) if penalty else None
@@ -130,8 +130,6 @@ class BatchEngine:
         self.waiting.put(seq)
 
     def _loop(self):
-        from .model import _int32s, _torch_if_loaded
-
         m, torch = self.m, _torch_if_loaded()
         ints = functools.partial(_int32s, torch)
         vocab = m.config.vocab_size
@@ -180,18 +178,13 @@ class BatchEngine:
         """Request s's next token from its logits row; True when it is done."""
         m = self.m
         try:
-            raw = s.watch.raw(row)
-            if s.penalty:
-                s.penalty.apply(row)
-            tok = s.sampler.sample(row, *s.params)
+            tok, info = _choose(row, s.sampler, s.params, s.penalty, s.watch)
         except Exception as e:
             s.out.put(NormEngineError(f"generate: new token {len(s.produced) + 1}: {e}"))
             return True
-        if raw is not None:
-            s.watch.logprobs.append(s.watch.info(tok, raw))
+        if info is not None:
+            s.watch.logprobs.append(info)
         s.produced.append(tok)
-        if s.penalty:
-            s.penalty.add(tok)
         done = tok in s.stop_ids or len(s.ids) + len(s.produced) >= self.ctx
         at_max = len(s.produced) >= s.max_new
         if s.text:
@@ -256,9 +249,8 @@ class Server:
                                "here (serve's ctx)", "prompt")
         if max_new == 0:
             return iter(())
-        stops = [] if stops is None else stops if isinstance(stops, (list, tuple)) else [stops]
-        seq = _Seq(ids, text, sampling[0], sampling[1], seed, max_new,
-                   m._eos() | {x for x in stops if isinstance(x, int)}, [x for x in stops if isinstance(x, str)], watch)
+        stop_ids, stop_strs = _split_stops(stops)
+        seq = _Seq(ids, text, sampling[0], sampling[1], seed, max_new, m._eos() | stop_ids, stop_strs, watch)
         self.engine.submit(seq)
         return _drain(seq)
 
@@ -310,8 +302,6 @@ class Server:
         generation runs as it is iterated, holding the lock that serves requests one at a time)."""
         m = self.model
         made, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        from .model import _draft_plan, _sampling, _Watch
-
         top = (body.get("top_logprobs") or 0) if chat else body.get("logprobs")
         if chat and not body.get("logprobs"):
             top = None
@@ -341,8 +331,7 @@ class Server:
         except NormEngineError as e:
             raise RequestError(str(e), _param_of(str(e))) from None
 
-        stop_ids = m._eos() | {s for s in ([] if stops is None else stops if isinstance(stops, (list, tuple))
-                                           else [stops]) if isinstance(s, int)}
+        stop_ids = m._eos() | _split_stops(stops)[0]
 
         ctx = m.config.max_seq_len if self.engine is None else self.engine.ctx
 
@@ -372,7 +361,7 @@ class Server:
                 pieces = list(gen)
             out = "".join(pieces) if text else pieces
             if text:
-                out = m._finish(out, True, _stop_strings(stops))
+                out = m._finish(out, True, _split_stops(stops)[1])
             if not text:
                 out = " ".join(str(t) for t in out)  # (ids in, ids out: as text, space separated)
             reason = finish(out)  # (before the echo: the stop-string check compares the new text)
@@ -409,8 +398,6 @@ def _completion_logprobs(m, watch, echo_ids):
     """The completions API's logprobs object: per token its text, its logprob, the top alternatives and its
     offset in the returned text; with echo, the prompt's tokens first (scored by one forward of the prompt: the
     first has none)."""
-    import numpy as np
-
     toks, lps, tops = [], [], []
     if echo_ids is not None:
         logits = np.asarray(m.logits([echo_ids])[0], dtype=np.float64)
@@ -441,12 +428,6 @@ def _chat_logprobs(m, watch):
 
     return {"content": [dict(entry(t, lp), top_logprobs=[entry(j, v) for j, v in top])
                         for t, (lp, top) in zip(watch.tokens, watch.logprobs)]}
-
-
-def _stop_strings(stops):
-    if stops is None:
-        return []
-    return [s for s in (stops if isinstance(stops, (list, tuple)) else [stops]) if isinstance(s, str)]
 
 
 def _cut_by_stop(m, tokens, out):
