@@ -23,6 +23,8 @@ Engines (each in a fresh subprocess, so peak RSS is its own; all with --threads 
   ne-bf16    normengine.load(dir, dtype=torch.bfloat16)
   ne-f32m, ne-bf16m  the same with matmul_precision="medium" (bf16 products on AMX tiles for prefill)
   ne-int8, ne-int4, ne-int4m  quant="int8" / "int4" (ne-int4m: with matmul_precision="medium")
+  ne-gguf-f32, ne-gguf-f16, ne-gguf-q8_0, ne-gguf-q4_0  normengine.load of the GGUF file llama.cpp reads (Q8_0:
+             dequantized to float32; Q4_0: quant="int4", its codes repacked as int4 with groups of 32, exact)
   ne-f32s, ne-bf16s, ne-int8s, ne-int4s  normengine.load of the checkpoint `normengine convert`
              (Model.save) wrote from it (fp32, --dtype bf16, --quant int8, --quant int4; made once in
              --workdir): the torch-free path, in a worker that never imports torch (checked), as
@@ -72,7 +74,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENGINES = ("ne-f32", "ne-bf16", "ne-f32m", "ne-bf16m", "hf-f32", "llama-f32", "llama-f16", "ne-int8", "ne-int4", "ne-int4m",
-           "llama-q8_0", "llama-q4_0", "ne-f32s", "ne-bf16s", "ne-int8s", "ne-int4s")
+           "llama-q8_0", "llama-q4_0", "ne-f32s", "ne-bf16s", "ne-int8s", "ne-int4s", "ne-gguf-f32", "ne-gguf-f16",
+           "ne-gguf-q8_0", "ne-gguf-q4_0")
 # the converted engines: `normengine convert` options of the checkpoint each reads
 CONVERTED = {"ne-f32s": [], "ne-bf16s": ["--dtype", "bf16"], "ne-int8s": ["--quant", "int8"],
              "ne-int4s": ["--quant", "int4"]}
@@ -80,7 +83,7 @@ DEFAULT_ENGINES = ("ne-f32", "ne-bf16", "ne-f32m", "ne-bf16m", "hf-f32", "llama-
 # bytes per weight of each engine's matrices (for the weight-bytes and bandwidth-bound columns)
 BYTES_PER_WEIGHT = {"f32": 4, "bf16": 2, "f32m": 4, "bf16m": 2, "f32s": 4, "bf16s": 2, "int8s": 1 + 4 / 768, "int4s": 0.5 + 4 / 128, "f16": 2, "int8": 1 + 4 / 768, "q8_0": 34 / 32, "int4": 0.5 + 4 / 128,
                     "int4m": 0.5 + 4 / 128,
-                    "q4_0": 18 / 32}
+                    "q4_0": 18 / 32, "gguf-f32": 4, "gguf-f16": 2, "gguf-q8_0": 4, "gguf-q4_0": 0.5 + 8 / 32}
 
 
 def rss_kb(field: str) -> int:
@@ -229,6 +232,8 @@ def worker(a) -> dict:
         if converted:
             m = normengine.load(a.model_dir)
             assert m._arrays and "torch" not in sys.modules, "the torch-free path was not taken"
+        elif a.worker.startswith("ne-gguf-"):  # the GGUF file llama.cpp reads (Q4_0: repacked as int4, exact)
+            m = normengine.load(a.gguf, quant="int4" if a.worker.endswith("q4_0") else None)
         else:
             quant = {"ne-int8": "int8", "ne-int4": "int4", "ne-int4m": "int4"}.get(a.worker)
             m = normengine.load(a.model_dir, dtype=torch.bfloat16 if a.worker.startswith("ne-bf16") else None,
@@ -446,7 +451,7 @@ def main():
 
     def arch_engines(arch):
         """The engines that run `arch` (llama.cpp only where our converter writes a GGUF of it)."""
-        return [e for e in engines if not e.startswith("llama") or arch in GGUF_ARCHS]
+        return [e for e in engines if not e.startswith(("llama", "ne-gguf-")) or arch in GGUF_ARCHS]
 
     engines = [x for x in a.engines.split(",") if x]
     for e in engines:
@@ -461,7 +466,8 @@ def main():
         if arch not in GGUF_ARCHS:
             continue  # (no GGUF of it: no llama engines, no llama.cpp logits)
         for ot in ("f32", "f16", "q8_0", "q4_0"):
-            if f"llama-{ot}" not in engines and not (ot == "f32" and not a.no_check):
+            if (f"llama-{ot}" not in engines and f"ne-gguf-{ot}" not in engines
+                    and not (ot == "f32" and not a.no_check)):
                 continue  # (the logits check reads llama.cpp's f32 logits)
             g = os.path.join(workdir, f"{arch}-{ot}.gguf")
             if not os.path.exists(g):
@@ -489,7 +495,7 @@ def main():
         # round), so the noise of a shared machine falls on all of them alike
         ws = {}
         for e in arch_engines(arch):
-            g = ggufs[(arch, e.split("-", 1)[1])] if e.startswith("llama") else None
+            g = ggufs[(arch, e.rsplit("-", 1)[1])] if e.startswith(("llama", "ne-gguf-")) else None
             ws[e] = Worker(a, e, arch, saved.get((arch, e), dirs[arch]), g)
         for e in ws:
             ws[e].call("run")

@@ -1,6 +1,7 @@
-"""Convert a Hugging Face GPT-2, Llama or Mixtral checkpoint to GGUF (f32, f16, or llama.cpp's q8_0 / q4_0 blocks).
+"""Convert a Hugging Face GPT-2, Llama, Mixtral, Qwen2 or Qwen3 checkpoint to GGUF (f32, f16, bf16, or llama.cpp's
+q8_0 / q4_0 / q4_1 / q5_0 / q5_1 blocks).
 
-    python benchmarks/hf_to_gguf.py CHECKPOINT_DIR OUT.gguf [--outtype f32|f16|q8_0|q4_0] [--no-output]
+    python benchmarks/hf_to_gguf.py CHECKPOINT_DIR OUT.gguf [--outtype f32|f16|bf16|q8_0|q4_0|...] [--no-output]
 
 Our own converter, written against the `gguf` package's GGUFWriter (pip install gguf; it ships
 with llama-cpp-python's benchmarks set-up). It produces the tensor names and layouts llama.cpp's
@@ -28,6 +29,11 @@ with llama-cpp-python's benchmarks set-up). It produces the tensor names and lay
     (numpy shapes; ggml ne reversed). transformers' in-memory stacked layout (mlp.experts.gate_up_proj
     [E, 2f, d], gate rows first, and mlp.experts.down_proj [E, d, f]) is read too. llama.cpp's Mixtral
     routing (softmax over all experts, top-k, weights renormalized over the k) is Mixtral's.
+  Qwen2 / Qwen3 (Qwen2ForCausalLM / Qwen3ForCausalLM): llama.cpp's `qwen2` / `qwen3` architectures, named as
+    Llama, q / k / v biases (Qwen2) and self_attn.{q,k}_norm -> blk.N.attn_{q,k}_norm (Qwen3); not permuted
+    (llama.cpp rotates their halves, as transformers does).
+  RoPE scaling: linear as llama.cpp's rope.scaling.type / factor; llama3 (Llama 3.1) as llama.cpp writes
+    it, a `rope_freqs` tensor of per-frequency divisors.
 
 Norm gains and all biases (1-D tensors) stay float32 in f16 files, as llama.cpp's converter does.
 
@@ -35,7 +41,9 @@ Tokenizer: llama.cpp needs a vocabulary to load a model. With a byte-level BPE t
 the checkpoint (GPT-2 style), its vocab and merges are written (padded to the model's vocab size);
 otherwise a synthetic one: tokenizer.ggml.model "gpt2", tokens "<t0>" ... "<tV-1>" (plain ASCII,
 which byte-level BPE decodes as itself) and a single dummy merge (llama.cpp requires the merges key;
-GGUFWriter drops empty arrays). Fine for feeding token ids, not for text.
+GGUFWriter drops empty arrays). Fine for feeding token ids, not for text. A chat template
+(chat_template.jinja, or tokenizer_config.json's "chat_template" string) is written as
+tokenizer.chat_template.
 """
 
 from __future__ import annotations
@@ -85,10 +93,14 @@ def strip_prefix(tensors: dict, prefixes) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- tensors
+BLOCK_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # llama.cpp blocks of 32 that gguf-py can pack
+OUTTYPES = ("f32", "f16", "bf16") + BLOCK_TYPES
+
+
 def quant_type(outtype: str):
     import gguf
 
-    return {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[outtype]
+    return getattr(gguf.GGMLQuantizationType, outtype.upper())
 
 
 def to_np(t, outtype: str, keep_f32: bool) -> np.ndarray:
@@ -98,7 +110,11 @@ def to_np(t, outtype: str, keep_f32: bool) -> np.ndarray:
     a = t.numpy()
     if outtype == "f16" and not keep_f32:
         a = a.astype(np.float16)
-    elif outtype in ("q8_0", "q4_0") and not keep_f32 and a.ndim in (2, 3) and a.shape[-1] % 32 == 0:
+    elif outtype == "bf16" and not keep_f32:
+        import gguf
+
+        return gguf.quants.quantize(np.ascontiguousarray(a), quant_type(outtype))
+    elif outtype in BLOCK_TYPES and not keep_f32 and a.ndim in (2, 3) and a.shape[-1] % 32 == 0:
         # llama.cpp's own block formats, packed by gguf-py's reference quantizer
         import gguf
 
@@ -139,26 +155,32 @@ def permute_rope(w, n_head: int):
     return w.reshape(n_head, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def llama_tensors(cfg: dict, raw: dict, write_output: bool):
+def llama_tensors(cfg: dict, raw: dict, write_output: bool, permute: bool = True):
+    """Llama / Mixtral (permute=True: llama.cpp's `llama` runs RoPE on interleaved pairs) and Qwen2 / Qwen3
+    (permute=False: their llama.cpp architectures rotate halves, as transformers)."""
     t = strip_prefix(raw, ("model.",))
     n_layer, n_head = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads") or n_head
+    perm = permute_rope if permute else (lambda w, n: w)
     yield "token_embd.weight", t["embed_tokens.weight"]
     for i in range(n_layer):
         p = f"layers.{i}."
         yield f"blk.{i}.attn_norm.weight", t[p + "input_layernorm.weight"]
-        yield f"blk.{i}.attn_q.weight", permute_rope(t[p + "self_attn.q_proj.weight"], n_head)
-        yield f"blk.{i}.attn_k.weight", permute_rope(t[p + "self_attn.k_proj.weight"], n_kv)
+        yield f"blk.{i}.attn_q.weight", perm(t[p + "self_attn.q_proj.weight"], n_head)
+        yield f"blk.{i}.attn_k.weight", perm(t[p + "self_attn.k_proj.weight"], n_kv)
         yield f"blk.{i}.attn_v.weight", t[p + "self_attn.v_proj.weight"]
         yield f"blk.{i}.attn_output.weight", t[p + "self_attn.o_proj.weight"]
         for hf, gg in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
             b = t.get(p + f"self_attn.{hf}.bias")
             if b is not None:
                 if hf == "q_proj":
-                    b = permute_rope(b, n_head)
+                    b = perm(b, n_head)
                 elif hf == "k_proj":
-                    b = permute_rope(b, n_kv)
+                    b = perm(b, n_kv)
                 yield f"blk.{i}.{gg}.bias", b
+        for hf, gg in (("q_norm", "attn_q_norm"), ("k_norm", "attn_k_norm")):  # Qwen3
+            if p + f"self_attn.{hf}.weight" in t:
+                yield f"blk.{i}.{gg}.weight", t[p + f"self_attn.{hf}.weight"]
         yield f"blk.{i}.ffn_norm.weight", t[p + "post_attention_layernorm.weight"]
         if cfg.get("num_local_experts"):
             yield from mixtral_experts(cfg, t, i)
@@ -233,6 +255,16 @@ def write_tokenizer(w, path: str, vocab_size: int, arch: str, bos, eos) -> str:
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
+    template = None
+    jinja, tcfg = os.path.join(path, "chat_template.jinja"), os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            template = f.read()
+    elif os.path.exists(tcfg):
+        with open(tcfg, encoding="utf-8") as f:
+            template = json.load(f).get("chat_template")
+    if isinstance(template, str) and template:
+        w.add_chat_template(template)
     for tid, add in ((bos, w.add_bos_token_id), (eos, w.add_eos_token_id)):
         if isinstance(tid, list):
             tid = tid[0] if tid else None
@@ -245,8 +277,8 @@ def write_tokenizer(w, path: str, vocab_size: int, arch: str, bos, eos) -> str:
 def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True, quiet: bool = False) -> dict:
     import gguf
 
-    if outtype not in ("f32", "f16", "q8_0", "q4_0"):
-        raise SystemExit(f"--outtype: f32, f16, q8_0 or q4_0, got {outtype!r}")
+    if outtype not in OUTTYPES:
+        raise SystemExit(f"--outtype: one of {', '.join(OUTTYPES)}, got {outtype!r}")
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     mt = cfg.get("model_type")
@@ -267,8 +299,8 @@ def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True
             print(f"warning: activation {act!r}; llama.cpp's gpt2 uses gelu (tanh form)", file=sys.stderr)
         vocab = cfg["vocab_size"]
         tensors = gpt2_tensors(cfg, raw, write_output)
-    elif mt in ("llama", "mixtral"):
-        arch = "llama"
+    elif mt in ("llama", "mistral", "mixtral", "qwen2", "qwen3"):
+        arch = "llama" if mt in ("mistral", "mixtral") else mt
         w = gguf.GGUFWriter(out, arch)
         d, n_head = cfg["hidden_size"], cfg["num_attention_heads"]
         n_kv = cfg.get("num_key_value_heads") or n_head
@@ -291,25 +323,45 @@ def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True
         if head_dim != d // n_head:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
-        scaling = cfg.get("rope_scaling") or {}
-        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        scaling = cfg.get("rope_scaling") or rope  # (transformers 5 writes rope_parameters)
+        kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
+        rope_freqs = None
+        if kind == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(scaling["factor"]))
+        elif kind == "llama3":  # as llama.cpp's converter: a tensor of per-frequency divisors
+            sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "python"))
+            from normengine.rope import inv_freq
+
+            plain = inv_freq(float(theta), head_dim)
+            fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            llama3 = {"rope_type": "llama3", **{k: scaling[k] for k in fields}}
+            rope_freqs = (plain / inv_freq(float(theta), head_dim, llama3)).astype(np.float32)
+        elif kind not in (None, "default"):
             print(f"warning: rope_scaling {scaling} not converted", file=sys.stderr)
         if cfg.get("sliding_window") and cfg["sliding_window"] < cfg["max_position_embeddings"]:
             print(f"warning: sliding_window {cfg['sliding_window']} not converted (llama.cpp's llama attends to all)",
                   file=sys.stderr)
         vocab = cfg["vocab_size"]
         w.add_vocab_size(vocab)
-        tensors = llama_tensors(cfg, raw, write_output)
-    else:
-        raise SystemExit(f"{path}: model_type {mt!r} not supported (gpt2, llama, mixtral)")
+        tensors = llama_tensors(cfg, raw, write_output, permute=arch == "llama")
+        if rope_freqs is not None:
+            import itertools
 
-    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[outtype])
+            import torch
+
+            tensors = itertools.chain([("rope_freqs.weight", torch.from_numpy(rope_freqs))], tensors)
+    else:
+        raise SystemExit(f"{path}: model_type {mt!r} not supported (gpt2, llama, mistral, mixtral, qwen2, qwen3)")
+
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else
+                    getattr(gguf.LlamaFileType, f"MOSTLY_{outtype.upper()}"))
     tok = write_tokenizer(w, path, vocab, arch, cfg.get("bos_token_id"), cfg.get("eos_token_id"))
     n_bytes = n = 0
     for name, t in tensors:
         a = to_np(t, outtype, t.dim() == 1 or name.endswith("ffn_gate_inp.weight"))
-        if a.dtype == np.uint8:  # quantized blocks: tell the writer their type (shape: from the bytes)
+        if a.dtype in (np.uint8, np.uint16) and outtype not in ("f32", "f16"):
+            # quantized blocks / bfloat16 bits: tell the writer their type (shape: from the bytes)
             w.add_tensor(name, a, raw_dtype=quant_type(outtype))
         else:
             w.add_tensor(name, a)
@@ -329,7 +381,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="Hugging Face checkpoint directory (config.json + weights)")
     ap.add_argument("out", help="output .gguf file")
-    ap.add_argument("--outtype", default="f32", choices=("f32", "f16", "q8_0", "q4_0"))
+    ap.add_argument("--outtype", default="f32", choices=OUTTYPES)
     ap.add_argument("--no-output", action="store_true",
                     help="leave out a tied head's output.weight (llama.cpp then reuses token_embd)")
     a = ap.parse_args(argv)

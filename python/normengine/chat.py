@@ -144,7 +144,18 @@ def _read_json(path: str):
 
 
 def load_template(path: str) -> ChatTemplate | None:
-    """The chat template a checkpoint (directory, or a file inside one) declares; None if it has none."""
+    """The chat template a checkpoint (directory, or a file inside one; or a GGUF file's
+    tokenizer.chat_template) declares; None if it has none."""
+    from .checkpoint.gguf import gguf_path
+
+    g = gguf_path(path)
+    if g is not None:
+        from .checkpoint.gguf import chat_template_of
+        from .checkpoint.gguf_io import read_gguf
+
+        found = chat_template_of(read_gguf(g))
+        return None if found is None else ChatTemplate(found[0], found[1], origin=f"{g} (tokenizer.chat_template)",
+                                                       from_checkpoint=True)
     d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     cfg_path = os.path.join(d, "tokenizer_config.json")
     cfg = _read_json(cfg_path) if os.path.exists(cfg_path) else {}

@@ -1489,6 +1489,14 @@ def _cuda_device(dev, asked):
 
 
 def _load_tokenizer(path: str):
+    from .checkpoint.gguf import gguf_path
+
+    g = gguf_path(path)
+    if g is not None:  # the vocabulary inside the GGUF file
+        from .checkpoint.gguf import tokenizer_of
+        from .checkpoint.gguf_io import read_gguf
+
+        return tokenizer_of(read_gguf(g))
     d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     f = os.path.join(d, "tokenizer.json")
     if not os.path.exists(f):
@@ -1504,7 +1512,7 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "data", "tiny-gpt2")
 
 
 def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | None = None, *,
-         quant: str | None = None, group_size: int | None = None, symmetric: bool = True,
+         quant: str | None = None, group_size: int | None = None, symmetric: bool | None = None,
          smooth: float | None = None,
          attention=None, arithmetic: str | None = None, lmul_bits: int = 4, lmul_scope: str = "attention",
          matmul_precision: str = "highest", kv_cache_dtype=None, progress: bool | None = None) -> Model:
@@ -1522,7 +1530,7 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
 
     quant: quantize the linear weights at load time ('int8' W8A8, 'int8-weight', 'int4', 'fp8'; after
     the norm folding), with group_size (int4: 32/64/128, default 128; fp8: 128 x 128 blocks or 0 for
-    one scale per tensor) and symmetric (int4 zero points when False); progress shows a bar (default:
+    one scale per tensor) and symmetric (int4 zero points when False; default True); progress shows a bar (default:
     for models above 50M weights). smooth=alpha (e.g. 0.5) first applies SmoothQuant-style smoothing
     folded into the norms' gains (normengine.convert.smooth_model; calibrated on random prompts), which
     helps W8A8 on models with outlier channels (the norms then run as their own pass). A checkpoint Model.save wrote from a quantized model loads
@@ -1558,6 +1566,15 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     about 1e-2 relative of the float32 cache's. CPU and CUDA runners, exact arithmetic (not with L-Mul
     attention).
 
+    GGUF files (llama.cpp's format: path a .gguf file, or a directory holding one and no config.json;
+    architectures gpt2, llama (and Mixtral-style experts), qwen2, qwen3; see normengine.checkpoint.gguf)
+    load like any checkpoint: float weights as stored, quantized ones (Q4_0 ... Q8_0, Q2_K ... Q6_K)
+    dequantized to float32, exactly llama.cpp's values; the tokenizer (byte-level BPE) and chat template
+    come from the file's metadata. quant='int4' on a GGUF file (without group_size / symmetric / norm /
+    smooth) keeps its Q4_0 / Q4_1 / Q4_K weights as they are: repacked, not re-quantized, as asymmetric
+    int4 with groups of 32 (the norms' gains then stay in the norms, not folded); its other linear weights
+    are quantized to that format from their values.
+
     A checkpoint Model.save wrote (norms folded; quantized or not), loaded on the CPU without dtype,
     quant, smooth, attention or kv_cache_dtype, is read and run without importing torch
     (normengine._lite): a process that never imports torch itself stays about 200 MB smaller."""
@@ -1583,9 +1600,22 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     from .checkpoint.safetensors_io import live_maps, release_unused
 
     maps_before = live_maps()
+    # a GGUF file's 4-bit weights (Q4_0 / Q4_1 / Q4_K) are normengine's int4 with groups of 32: with
+    # quant='int4' (and no other group size or symmetry asked for, nor a conversion that rewrites the
+    # weights) they are repacked exactly instead of re-quantized, and the norms' gains stay in the norms
+    from .checkpoint.gguf import gguf_path
+
+    gguf_int4 = (quant == "int4" and group_size in (None, 32) and symmetric is not True and norm is None
+                 and smooth is None and gguf_path(path) is not None)
+    if gguf_int4:
+        group_size, symmetric = 32, False
+    symmetric = True if symmetric is None else symmetric
     # GPT-2's Conv1D weights stay transposed views of the mapped file until folded or converted (each
     # result is written once, contiguous, in the target dtype; its source pages then leave memory)
-    cfg, tensors = load_checkpoint(path, transposed_views=True)
+    cfg, tensors = load_checkpoint(path, transposed_views=True, gguf_int4=gguf_int4)
+    from .convert.quant import is_quantized
+
+    repacked = [n for n, t in tensors.items() if is_quantized(t)] if gguf_int4 else []
     if cfg.quantization is not None:
         tensors = unpack_quantized(cfg, tensors)
         if quant is not None and quant != cfg.quantization:
@@ -1605,12 +1635,15 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
         # written (fold_norm_affine does not fold into a head it keeps tied; the norm conversions and
         # smoothing build new tensors), so its pages can leave memory as they are quantized: lookups
         # read back only the rows of the tokens used
-        return Quantizer(cfg, quant, group_size, symmetric, progress, consume=True, release_shared=True)
+        q = Quantizer(cfg, quant, group_size, symmetric, progress, consume=True, release_shared=True)
+        q.packed.update(repacked)  # (already int4: the GGUF file's own codes)
+        return q
 
     streaming = None
     if norm is not None and cfg.quantization is None:
         cfg, tensors = convert_norm(cfg, tensors, norm, dtype=dtype)
-    elif cfg.norm != "none" and "fold_norm_affine" not in cfg.conversions and cfg.quantization is None:
+    elif (cfg.norm != "none" and "fold_norm_affine" not in cfg.conversions and cfg.quantization is None
+          and not repacked):
         # the mapped checkpoint is ours; 16-bit targets are rounded once, from the float64 products.
         # Quantizing (without smoothing, which needs every folded weight first): each group of readers
         # is packed as soon as it is folded, so the folded full-precision weights never pile up

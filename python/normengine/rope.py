@@ -18,6 +18,8 @@ change those D/2 numbers (and, for YaRN, scale cos and sin), so the runners take
   inv'_i = inv_freq_i / factor * gamma_i + inv_freq_i * (1 - gamma_i). cos and sin are multiplied by the
   attention factor: `attention_factor`, or mscale(factor, mscale) / mscale(factor, mscale_all_dim) when
   both are given, else mscale(factor) with mscale(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1).
+- "factors" (llama.cpp's `rope_freqs` tensor, how GGUF files store Llama 3.1's scaling): one divisor per
+  frequency, inv'_i = inv_freq_i / factors[i].
 
 All of it in float32 as Hugging Face transformers computes it (modeling_rope_utils), so logits agree
 with its models to float32 rounding. NumPy only: the torch-free load path uses it too. "dynamic"
@@ -33,13 +35,14 @@ import numpy as np
 
 from .errors import ArgumentError
 
-ROPE_TYPES = ("linear", "llama3", "yarn")
+ROPE_TYPES = ("linear", "llama3", "yarn", "factors")
 # each type's fields: required, optional
 _FIELDS = {
     "linear": ({"factor"}, set()),
     "llama3": ({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}, set()),
     "yarn": ({"factor", "original_max_position_embeddings"},
              {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"}),
+    "factors": ({"factors"}, set()),
 }
 
 
@@ -69,7 +72,10 @@ def check_scaling(rs, where: str = "config.rope_scaling") -> None:
             if k in need and v is None:
                 raise ArgumentError(f"{where}.{k}: expected a positive number, got None")
             continue
-        if k == "truncate":
+        if k == "factors":
+            if not (isinstance(v, (list, tuple)) and v and all(_number(x) and x > 0 for x in v)):
+                raise ArgumentError(f"{where}.factors: expected a list of positive finite numbers")
+        elif k == "truncate":
             if not isinstance(v, bool):
                 raise ArgumentError(f"{where}.truncate: expected true or false, got {v!r}")
         elif not (_number(v) and v > 0):
@@ -94,7 +100,14 @@ def inv_freq(theta: float, head_dim: int, scaling: dict | None = None) -> np.nda
     inv = _plain(theta, head_dim)
     if scaling is None:
         return inv
-    kind, f = scaling["rope_type"], np.float32(scaling["factor"])
+    kind = scaling["rope_type"]
+    if kind == "factors":
+        fs = np.asarray(scaling["factors"], dtype=np.float32)
+        if fs.shape != inv.shape:
+            raise ArgumentError(f"rope_scaling.factors: {fs.shape[0]} factors for {inv.shape[0]} frequencies "
+                                f"(head_dim {head_dim})")
+        return (inv / fs).astype(np.float32)
+    f = np.float32(scaling["factor"])
     if kind == "linear":
         return (inv / f).astype(np.float32)
     if kind == "llama3":
@@ -145,7 +158,9 @@ def describe(theta: float, scaling: dict | None, rotary_dim: int = 0, head_dim: 
     """One line for Model.info: 'rope (theta=500000)', 'rope (theta=500000, llama3 x8)', with '16 of 64
     dims' for partial rotary and 'local theta=10000' for Gemma 3's sliding-window layers."""
     parts = [f"theta={theta:g}"]
-    if scaling is not None:
+    if scaling is not None and scaling["rope_type"] == "factors":
+        parts.append(f"per-frequency factors {min(scaling['factors']):g}-{max(scaling['factors']):g}")
+    elif scaling is not None:
         parts.append(f"{scaling['rope_type']} x{scaling['factor']:g}")
     if rotary_dim:
         parts.append(f"{rotary_dim} of {head_dim} dims")

@@ -12,6 +12,8 @@ import torch
 from ..config import ModelConfig, expected_shapes, iter_expected_shapes
 from ..errors import ArgumentError, CheckpointError
 from . import hf
+from . import gguf
+from .gguf import gguf_config, gguf_path, gguf_tensors
 from .readers import (CONFIG_NAME, META_ALIASES, META_CONFIG, SAFE_WEIGHTS, locate, normengine_config,
                       read_located, restore_aliases)
 from .safetensors_io import write_safetensors
@@ -79,14 +81,17 @@ def _convert(tensors: Dict[str, torch.Tensor], dtype) -> Dict[str, torch.Tensor]
     return out
 
 
-def load_checkpoint(path, dtype=None, *, transposed_views: bool = False) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+def load_checkpoint(path, dtype=None, *, transposed_views: bool = False,
+                    gguf_int4: bool = False) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     """Load a checkpoint as (ModelConfig, {canonical name: tensor}).
 
     path: a Hugging Face-style directory (config.json + model.safetensors, sharded safetensors with
     model.safetensors.index.json, pytorch_model.bin or sharded pytorch_model.bin.index.json); a single
     .safetensors / .pt / .pth / .bin state-dict file (or an *.index.json) with config.json beside it;
     or a directory written by save_checkpoint (a lone model.safetensors written by it also loads
-    without config.json). Supported architectures: hf.SUPPORTED_ARCHITECTURES.
+    without config.json); or a GGUF file (llama.cpp's format; or a directory holding one and no
+    config.json: see checkpoint.gguf). Supported architectures: hf.SUPPORTED_ARCHITECTURES (GGUF:
+    gguf.ARCHITECTURES).
 
     dtype: None keeps the stored dtype (tensors then map the file, copy-on-write); else
     torch.float32 / bfloat16 / float16 / float64 converts the floating tensors (integer ones stay).
@@ -95,10 +100,24 @@ def load_checkpoint(path, dtype=None, *, transposed_views: bool = False) -> Tupl
     views of the stored ones instead of contiguous copies (see hf.map_tensors): for a caller that
     rewrites them anyway.
 
+    gguf_int4: a GGUF file's linear weights stored as Q4_0 / Q4_1 / Q4_K come back as their exact int4
+    packing (QuantizedWeight objects, asymmetric, groups of 32: gguf.int4_exact), not as values.
+
     Tensors are CPU tensors. A tied head is returned as one tensor object under both tok_emb.weight
     and lm_head.weight. cfg.source_dtype is the dtype the checkpoint stores (not `dtype`).
     """
     target = _target_dtype(dtype)
+    gpath = gguf_path(path)
+    if gpath is not None:
+        config, g = gguf_config(gpath)
+        arch = hf.architecture_of(config, gpath)
+        hf_cfg = hf.parse_config(arch, config, gpath)
+        packed, whole = gguf.int4_exact(g, hf_cfg) if gguf_int4 else ({}, ())
+        raw_tensors, origin = gguf_tensors(g, config, placeholders=whole)
+        cfg, tensors = _from_hf(arch, hf_cfg, raw_tensors, config, gpath, origin, transposed_views)
+        tensors = _convert(tensors, target)
+        tensors.update(packed)
+        return cfg, tensors
     loc = locate(path)
     where = loc.root
     arch = hf_cfg = None
@@ -120,20 +139,25 @@ def load_checkpoint(path, dtype=None, *, transposed_views: bool = False) -> Tupl
             raise CheckpointError(
                 f"{where}: no {CONFIG_NAME} beside the weights (needed to know the architecture and sizes)"
             )
-        cfg, mapped, prov = hf.convert_hf(arch, hf_cfg, raw.tensors, raw.config, where, raw.origin,
-                                      transposed_views)
-        check_tensors(cfg, mapped, where, prov, source=lambda n: hf.source_name(arch, n))
-        keep = expected_shapes(cfg)
-        tensors = {k: mapped[k] for k in keep}
-        extra = sorted(set(mapped) - set(keep))
-        if extra:
-            warnings.warn(
-                f"{where}: ignoring tensors the config does not use: "
-                + ", ".join(f"{k} (from {prov[k]})" for k in extra[:8])
-                + (f", ... ({len(extra)} in all)" if len(extra) > 8 else ""),
-                stacklevel=2,
-            )
+        cfg, tensors = _from_hf(arch, hf_cfg, raw.tensors, raw.config, where, raw.origin, transposed_views)
     return cfg, _convert(tensors, target)
+
+
+def _from_hf(arch, hf_cfg: ModelConfig, raw_tensors, config: dict, where: str, origin, transposed_views: bool):
+    """(ModelConfig, canonical tensors) of a transformers-named state dict, checked against the config."""
+    cfg, mapped, prov = hf.convert_hf(arch, hf_cfg, raw_tensors, config, where, origin, transposed_views)
+    check_tensors(cfg, mapped, where, prov, source=lambda n: hf.source_name(arch, n))
+    keep = expected_shapes(cfg)
+    tensors = {k: mapped[k] for k in keep}
+    extra = sorted(set(mapped) - set(keep))
+    if extra:
+        warnings.warn(
+            f"{where}: ignoring tensors the config does not use: "
+            + ", ".join(f"{k} (from {prov[k]})" for k in extra[:8])
+            + (f", ... ({len(extra)} in all)" if len(extra) > 8 else ""),
+            stacklevel=3,
+        )
+    return cfg, tensors
 
 
 def save_checkpoint(path_dir, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> None:

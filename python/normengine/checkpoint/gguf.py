@@ -1,0 +1,478 @@
+"""A GGUF model (llama.cpp's format) as the Hugging Face checkpoint it was converted from: config dict and
+state dict under transformers' names, which hf.convert_hf then maps like any other checkpoint. So a GGUF
+file loads with every option normengine.load has (norm folding, quant=, dtype=, the CUDA runner).
+
+    normengine.load("model-Q4_K_M.gguf")
+
+GGUF architectures read (llama.cpp's `general.architecture`):
+
+    gpt2   -> GPT2LMHeadModel    attn_qkv / attn_output / ffn_up / ffn_down are [out, in]; transformers'
+                                 Conv1D stores [in, out], so they come back as transposed views
+    llama  -> LlamaForCausalLM   (MixtralForCausalLM with llama.expert_count); llama.cpp's converter
+                                 permutes attn_q / attn_k rows from transformers' rotate-half RoPE layout
+                                 to interleaved pairs, per head [2, D/2] -> [D/2, 2]: undone here
+    qwen2  -> Qwen2ForCausalLM   (q / k / v biases; rotate-half RoPE, no permutation)
+    qwen3  -> Qwen3ForCausalLM   (attn_q_norm / attn_k_norm)
+
+Weights: float32 / float16 / bfloat16 tensors are zero-copy views of the mapped file; quantized ones
+(Q4_0 ... Q8_0, Q2_K ... Q6_K) are dequantized to float32 (exactly llama.cpp's values, see gguf_io), which
+normengine.load then keeps, converts to `dtype`, or re-quantizes with `quant=`. The head is tied when the
+file has no `output.weight` (or one equal to `token_embd.weight`). Llama 3.1's RoPE scaling is stored as
+a `rope_freqs.weight` tensor of per-frequency divisors; it becomes the "factors" RoPE variant.
+
+Tokenizer: tokenizer.ggml.model "gpt2" (byte-level BPE: GPT-2, Llama 3, Qwen) is rebuilt as a `tokenizers`
+Tokenizer from the vocabulary, merges, token types and tokenizer.ggml.pre's split pattern; control tokens
+become special tokens, add_bos_token a BOS template. Other tokenizer models ("llama" SentencePiece, ...)
+are not rebuilt: the model then takes token ids (a warning says so). tokenizer.chat_template is the chat
+template.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from ..errors import CheckpointError, UnsupportedError
+from .gguf_io import MAGIC, GGUFFile, read_gguf
+
+ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3")
+
+
+def gguf_path(path) -> Optional[str]:
+    """The GGUF file `path` names: the file itself when it is named *.gguf or starts with GGUF's magic,
+    or the one *.gguf file of a directory that holds no config.json; None for anything else."""
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        if os.path.exists(os.path.join(p, "config.json")):
+            return None
+        found = sorted(f for f in os.listdir(p) if f.endswith(".gguf"))
+        if len(found) > 1:
+            raise CheckpointError(f"{p}: several GGUF files ({', '.join(found)}); give the one to load")
+        return os.path.join(p, found[0]) if found else None
+    if not os.path.isfile(p):
+        return None
+    if p.endswith(".gguf"):
+        return p  # (read_gguf says what is wrong with it)
+    try:
+        with open(p, "rb") as f:
+            return p if f.read(4) == MAGIC else None
+    except OSError:
+        return None
+
+
+class _Meta:
+    """Typed reads of an architecture's metadata keys, naming the key and file on error."""
+
+    def __init__(self, g: GGUFFile, arch: str):
+        self.g, self.arch = g, arch
+
+    def get(self, key: str, default=None, *, kind=int):
+        full = key if key.startswith(("general.", "tokenizer.")) else f"{self.arch}.{key}"
+        v = self.g.metadata.get(full, default)
+        if v is default:
+            return v
+        ok = (isinstance(v, (int, np.integer)) and not isinstance(v, bool)) if kind is int else (
+            isinstance(v, (int, float, np.number)) and not isinstance(v, bool))
+        if not ok:
+            raise CheckpointError(f"{self.g.path}: metadata {full!r}: expected a {kind.__name__}, got {v!r} "
+                                  "(per-layer arrays are not supported)")
+        return kind(v)
+
+    def need(self, key: str, *, kind=int):
+        v = self.get(key, kind=kind)
+        if v is None:
+            raise CheckpointError(f"{self.g.path}: metadata '{self.arch}.{key}' is missing")
+        return v
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's rows [h, D/2, 2] (interleaved RoPE pairs) back to transformers' [h, 2, D/2]."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise CheckpointError(f"a q / k weight of {rows} rows is not {n_head} heads of an even size")
+    return np.ascontiguousarray(w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2)
+                                .reshape(w.shape))
+
+
+def _same(g: GGUFFile, a: str, b: str) -> bool:
+    ta, tb = g.tensors[a], g.tensors[b]
+    return ta.type == tb.type and ta.shape == tb.shape and np.array_equal(g.raw(a), g.raw(b))
+
+
+def _config(g: GGUFFile, arch: str) -> dict:
+    m = _Meta(g, arch)
+    d, n_layers, n_head = m.need("embedding_length"), m.need("block_count"), m.need("attention.head_count")
+    vocab = g.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in g.tensors else None
+    if vocab is None:
+        raise CheckpointError(f"{g.path}: tensor 'token_embd.weight' is missing")
+    tied = "output.weight" not in g.tensors or _same(g, "output.weight", "token_embd.weight")
+    ids = {k: m.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos")}
+    ids = {f"{k}_token_id": v for k, v in ids.items() if v is not None}
+    ctx = m.get("context_length", 2048)
+    if arch == "gpt2":
+        return dict(architectures=["GPT2LMHeadModel"], n_embd=d, n_layer=n_layers, n_head=n_head,
+                    n_positions=ctx, n_inner=m.get("feed_forward_length", 4 * d), vocab_size=vocab,
+                    layer_norm_epsilon=m.get("attention.layer_norm_epsilon", 1e-5, kind=float),
+                    activation_function="gelu_new", tie_word_embeddings=tied, **ids)
+    head_dim = m.get("attention.key_length", d // n_head)
+    if m.get("attention.value_length", head_dim) != head_dim:
+        raise UnsupportedError(f"{g.path}: attention.value_length differs from key_length ({head_dim}): not supported")
+    rot = m.get("rope.dimension_count", head_dim)
+    if rot != head_dim:
+        raise UnsupportedError(f"{g.path}: partial rotary embeddings ({rot} of {head_dim} dims) are not supported "
+                               "from GGUF")
+    experts = m.get("expert_count", 0)
+    name = {"llama": "MixtralForCausalLM" if experts else "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}[arch]
+    if experts and arch != "llama":
+        raise UnsupportedError(f"{g.path}: mixture-of-experts {arch} GGUF files are not supported")
+    cfg = dict(architectures=[name], hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=n_head,
+               num_key_value_heads=m.get("attention.head_count_kv", n_head), head_dim=head_dim,
+               intermediate_size=m.get("feed_forward_length") or m.need("expert_feed_forward_length"),
+               rms_norm_eps=m.get("attention.layer_norm_rms_epsilon", 1e-6, kind=float),
+               rope_theta=m.get("rope.freq_base", 10000.0, kind=float), max_position_embeddings=ctx,
+               vocab_size=vocab, hidden_act="silu", tie_word_embeddings=tied,
+               attention_bias="blk.0.attn_q.bias" in g.tensors and arch != "qwen2", **ids)
+    if experts:
+        cfg.update(num_local_experts=experts, num_experts_per_tok=m.need("expert_used_count"))
+    kind = g.metadata.get(f"{arch}.rope.scaling.type")
+    if kind not in (None, "none"):
+        factor = m.need("rope.scaling.factor", kind=float)
+        if kind == "linear":
+            cfg["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+        elif kind == "yarn":
+            cfg["rope_scaling"] = {"rope_type": "yarn", "factor": factor,
+                                   "original_max_position_embeddings": m.need("rope.scaling.original_context_length")}
+        else:
+            raise UnsupportedError(f"{g.path}: RoPE scaling {kind!r} ({arch}.rope.scaling.type) is not supported")
+    return cfg
+
+
+# GGUF tensor name (after "blk.{i}.") -> transformers name (after the layer prefix), per family
+_LLAMA_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight", "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
+}
+_GPT2_LAYER = {
+    "attn_norm.weight": "ln_1.weight", "attn_norm.bias": "ln_1.bias",
+    "attn_qkv.weight": "attn.c_attn.weight", "attn_qkv.bias": "attn.c_attn.bias",
+    "attn_output.weight": "attn.c_proj.weight", "attn_output.bias": "attn.c_proj.bias",
+    "ffn_norm.weight": "ln_2.weight", "ffn_norm.bias": "ln_2.bias",
+    "ffn_up.weight": "mlp.c_fc.weight", "ffn_up.bias": "mlp.c_fc.bias",
+    "ffn_down.weight": "mlp.c_proj.weight", "ffn_down.bias": "mlp.c_proj.bias",
+}
+_EXPERTS = {"ffn_gate_exps.weight": "w1", "ffn_up_exps.weight": "w3", "ffn_down_exps.weight": "w2"}
+
+
+def _hf_names(g: GGUFFile, arch: str, cfg: dict) -> Dict[str, Tuple[str, str]]:
+    """transformers name -> (GGUF name, how: 'copy' | 'conv1d' (transposed view) | 'unpermute:<heads>' |
+    'expert:<e>'); GGUF tensors with no such name are reported by the caller."""
+    out: Dict[str, Tuple[str, str]] = {}
+    if arch == "gpt2":
+        layer = _GPT2_LAYER
+        out["transformer.wte.weight"] = ("token_embd.weight", "copy")
+        out["transformer.wpe.weight"] = ("position_embd.weight", "copy")
+        out["transformer.ln_f.weight"] = ("output_norm.weight", "copy")
+        out["transformer.ln_f.bias"] = ("output_norm.bias", "copy")
+        layer_prefix = "transformer.h.{i}."
+    else:
+        layer = _LLAMA_LAYER
+        out["model.embed_tokens.weight"] = ("token_embd.weight", "copy")
+        out["model.norm.weight"] = ("output_norm.weight", "copy")
+        layer_prefix = "model.layers.{i}."
+    if not cfg.get("tie_word_embeddings") and "output.weight" in g.tensors:
+        out["lm_head.weight"] = ("output.weight", "copy")
+    for i in range(cfg.get("n_layer") or cfg.get("num_hidden_layers")):
+        p = layer_prefix.format(i=i)
+        for src, dst in layer.items():
+            name = f"blk.{i}.{src}"
+            if name not in g.tensors:
+                continue
+            how = "copy"
+            if arch == "gpt2" and src.endswith(".weight") and src[:-7] in ("attn_qkv", "attn_output", "ffn_up",
+                                                                             "ffn_down"):
+                how = "conv1d"
+            elif arch == "llama" and src.startswith(("attn_q.", "attn_k.")):
+                heads = cfg["num_attention_heads"] if src.startswith("attn_q.") else cfg["num_key_value_heads"]
+                how = f"unpermute:{heads}"
+            out[p + dst] = (name, how)
+        for src, w in _EXPERTS.items():
+            name = f"blk.{i}.{src}"
+            if name in g.tensors:
+                for e in range(g.tensors[name].shape[0]):
+                    out[f"{p}block_sparse_moe.experts.{e}.{w}.weight"] = (name, f"expert:{e}")
+    return out
+
+
+def gguf_config(path: str):
+    """(transformers-style config dict, GGUFFile) of a GGUF model file."""
+    g = read_gguf(path)
+    arch = g.metadata.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedError(f"{path}: GGUF architecture {arch!r} is not supported; supported GGUF "
+                               f"architectures: {', '.join(ARCHITECTURES)}")
+    cfg = _config(g, arch)
+    if "rope_freqs.weight" in g.tensors:
+        factors = g.array("rope_freqs.weight", np.float32).reshape(-1)
+        if factors.shape[0] != cfg["head_dim"] // 2:
+            raise CheckpointError(f"{path}: tensor 'rope_freqs.weight' has {factors.shape[0]} factors, expected "
+                                  f"{cfg['head_dim'] // 2} (one per RoPE frequency)")
+        cfg["rope_scaling"] = {"rope_type": "factors", "factors": [float(x) for x in factors]}
+    return cfg, g
+
+
+def gguf_tensors(g: GGUFFile, cfg: dict, placeholders=()):
+    """({transformers name: torch tensor}, {name: origin}) of GGUF file g with config cfg (gguf_config's).
+    GGUF tensors named in `placeholders` are not read: they come back as zero-stride float32 views of one
+    zero, of their shape (no memory), for a caller that puts their exact packing in their place
+    (int4_exact)."""
+    import torch
+
+    from .safetensors_io import as_torch
+
+    arch, path = g.metadata["general.architecture"], g.path
+    names = _hf_names(g, arch, cfg)
+    tensors, origin, cache = {}, {}, {}
+    for hf_name, (src, how) in names.items():
+        if src not in g.tensors:
+            continue  # (check_tensors names what the config needs and is missing)
+        if src in placeholders:
+            shape = g.tensors[src].shape
+            t = torch.zeros((), dtype=torch.float32).expand(shape[1:] if how.startswith("expert:") else shape)
+            tensors[hf_name] = t.t() if how == "conv1d" else t
+            origin[hf_name] = f"'{src}' ({g.tensors[src].type.name}) in {path}"
+            continue
+        if src not in cache:
+            cache[src] = g.array(src)
+        a = cache[src]
+        if how == "conv1d":
+            t = as_torch(a).t() if a.ndim == 2 else as_torch(a)
+        elif how.startswith("unpermute:"):
+            t = as_torch(_unpermute(np.asarray(a), int(how.split(":")[1])))
+        elif how.startswith("expert:"):
+            t = as_torch(a)[int(how.split(":")[1])]
+        else:
+            t = as_torch(a)
+        tensors[hf_name] = t
+        origin[hf_name] = f"'{src}' ({g.tensors[src].type.name}) in {path}"
+    used = {src for src, _ in names.values()} | {"rope_freqs.weight"}
+    if cfg.get("tie_word_embeddings"):
+        used.add("output.weight")
+    unused = sorted(set(g.tensors) - used)
+    if unused:
+        warnings.warn(f"{path}: ignoring GGUF tensors this architecture does not use: " + ", ".join(unused[:8])
+                      + (f", ... ({len(unused)} in all)" if len(unused) > 8 else ""), stacklevel=3)
+    return tensors, origin
+
+
+# ----------------------------------------------------------------------------------- exact int4
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # 4-bit codes, one (scale, offset) per 32: normengine's int4, group 32
+
+
+def _int4_groups(g: GGUFFile, name: str):
+    """A Q4_0 / Q4_1 / Q4_K tensor as normengine's asymmetric int4 with groups of 32, w = (q - z) s:
+    (codes uint8 [N, K] in element order, s float32 [N, K/32], z float32 [N, K/32]); None when a group's
+    offset cannot be written so (a zero scale under a non-zero offset).
+        Q4_0  s = d, z = 8                      (exact)
+        Q4_1  s = d, z = -m / d                 (q d + m to float32 rounding)
+        Q4_K  s = d sc_j, z = dmin m_j / s      (s q - dmin m_j to float32 rounding; as ggml, d sc_j is a
+                                                 float32 product)"""
+    from . import gguf_io as io
+
+    info = g.tensors[name]
+    b = g.raw(name)
+    N, K = info.shape[0] * (info.shape[1] if len(info.shape) == 3 else 1), info.shape[-1]
+    if info.type.name in ("Q4_0", "Q4_1"):
+        codes = io._nibbles(b[:, 2:18] if info.type.name == "Q4_0" else b[:, 4:20])
+        s = io._f16(b, 0)[:, 0]
+        z = (np.full_like(s, 8.0) if info.type.name == "Q4_0" else
+             np.divide(-io._f16(b, 2)[:, 0], s, out=np.zeros_like(s), where=s != 0))
+        offset = None if info.type.name == "Q4_0" else io._f16(b, 2)[:, 0]
+    else:
+        d, dmin = io._f16(b, 0), io._f16(b, 2)
+        sc, mn = io._scale_min_k4(b[:, 4:16])
+        codes = io._k4_values(b[:, 16:144])
+        s, offset = (d * sc).reshape(-1), (dmin * mn).reshape(-1)
+        z = np.divide(offset, s, out=np.zeros_like(s), where=s != 0)
+    if offset is not None and np.any((s == 0) & (offset != 0)):
+        return None
+    return codes.reshape(N, K), s.reshape(N, K // 32).astype(np.float32), z.reshape(N, K // 32).astype(np.float32)
+
+
+def _canonical_sources(g: GGUFFile, arch: str, cfg):
+    """(canonical weight name, GGUF tensor, expert index or None, row order or None) of every linear weight
+    (normengine's names: config.expected_shapes); row order: the GGUF rows of each canonical row."""
+    H, KV, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    def unpermute(heads):  # llama.cpp's interleaved RoPE rows back to rotate-half (see _unpermute)
+        return None if arch != "llama" else np.arange(heads * D).reshape(heads, D // 2, 2).swapaxes(1, 2).reshape(-1)
+
+    out = [("lm_head.weight", "output.weight" if not cfg.tied_head else "token_embd.weight", None, None)]
+    if cfg.tied_head:
+        out.append(("tok_emb.weight", "token_embd.weight", None, None))
+    for i in range(cfg.n_layers):
+        p, b = f"blocks.{i}.", f"blk.{i}."
+        if arch == "gpt2":
+            out += [(p + f"attn.{x}.weight", b + "attn_qkv.weight", None, np.arange(j * H * D, (j + 1) * H * D))
+                    for j, x in enumerate("qkv")]
+        else:
+            out += [(p + "attn.q.weight", b + "attn_q.weight", None, unpermute(H)),
+                    (p + "attn.k.weight", b + "attn_k.weight", None, unpermute(KV)),
+                    (p + "attn.v.weight", b + "attn_v.weight", None, None)]
+        out.append((p + "attn.o.weight", b + "attn_output.weight", None, None))
+        for x in ("gate", "up", "down"):
+            if b + f"ffn_{x}.weight" in g.tensors:
+                out.append((p + f"mlp.{x}.weight", b + f"ffn_{x}.weight", None, None))
+            for e in range(cfg.n_experts):
+                out.append((p + f"moe.experts.{e}.{x}.weight", b + f"ffn_{x}_exps.weight", e, None))
+    return [o for o in out if o[1] in g.tensors]
+
+
+def int4_exact(g: GGUFFile, cfg):
+    """({canonical name: QuantizedWeight}, {GGUF names fully packed}) for every linear weight of GGUF file g
+    (normengine ModelConfig cfg) stored as Q4_0 / Q4_1 / Q4_K: its codes and scales repacked as
+    normengine's asymmetric int4 with groups of 32 (nothing re-quantized; see _int4_groups). Weights of
+    other types, or with a group int4 cannot hold, are left out (the caller quantizes them from their
+    values)."""
+    import torch
+
+    from ..ops.quant import QuantizedWeight
+
+    arch = g.metadata.get("general.architecture")
+    out, done, whole_weight = {}, {}, {}
+    for name, src, expert, rows in _canonical_sources(g, arch, cfg):
+        if src in whole_weight and expert is None and rows is None:  # a tied head: one object for both names
+            out[name] = whole_weight[src]
+            continue
+        if g.tensors[src].type.name not in INT4_TYPES:
+            continue
+        if src not in done:
+            done[src] = _int4_groups(g, src)
+        packed = done[src]
+        if packed is None:
+            continue
+        codes, s, z = packed
+        if expert is not None:  # the stacked experts: rows of expert e
+            n = g.tensors[src].shape[1]
+            part = slice(expert * n, (expert + 1) * n)
+            codes, s, z = codes[part], s[part], z[part]
+        if rows is not None:
+            codes, s, z = codes[rows], s[rows], z[rows]
+        data = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)  # k = 2j low nibble, 2j + 1 high
+        data, s, z = (torch.from_numpy(np.ascontiguousarray(a)) for a in (data, s, z))
+        out[name] = QuantizedWeight("int4", codes.shape, data, s, z, 32)
+        if expert is None and rows is None:
+            whole_weight[src] = out[name]
+    # a GGUF tensor every one of whose readers is packed need not be read as values (an embedding that is
+    # not the head, e.g. GPT-2's positions, is never packed)
+    users, left = {}, {}
+    for name, src, _, _ in _canonical_sources(g, arch, cfg):
+        users.setdefault(src, []).append(name)
+        if name not in out:
+            t = g.tensors[src].type.name
+            left[t] = left.get(t, 0) + 1
+    if left:
+        warnings.warn(f"{g.path}: {sum(left.values())} linear weights are not stored as int4-shaped 4-bit blocks ("
+                      + ", ".join(f"{n} x {t}" for t, n in sorted(left.items()))
+                      + "): they are quantized to int4 from their values", stacklevel=4)
+    whole = {src for src, names in users.items() if all(n in out for n in names)}
+    if not cfg.tied_head:
+        whole.discard("token_embd.weight")  # the embedding table is read for its rows
+    return out, whole
+
+
+# tokenizer.ggml.pre -> the regex splitting text into words before byte-level BPE (None: GPT-2's own)
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+_PRE_SPLITS = {None: None, "default": None, "gpt-2": None, "gpt2": None,
+               "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+               "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+_CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
+
+
+def tokenizer_of(g: GGUFFile):
+    """The `tokenizers` Tokenizer a GGUF file's vocabulary describes (byte-level BPE), or None (with a
+    warning) when its tokenizer model is another one or the file has none."""
+    meta, where = g.metadata, g.path
+    model = meta.get("tokenizer.ggml.model")
+    if model is None:
+        return None
+    if model != "gpt2":
+        warnings.warn(f"{where}: tokenizer model {model!r} is not rebuilt from GGUF (byte-level BPE, 'gpt2', "
+                      "is); text prompts need a tokenizer: pass token ids", stacklevel=3)
+        return None
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre not in _PRE_SPLITS:
+        warnings.warn(f"{where}: tokenizer.ggml.pre {pre!r} is not known here; splitting words as GPT-2 does",
+                      stacklevel=3)
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise CheckpointError(f"{where}: metadata 'tokenizer.ggml.tokens' must be a list of strings")
+    if not isinstance(merges, list) or not all(isinstance(m, str) and len(m.split(" ")) == 2 for m in merges):
+        raise CheckpointError(f"{where}: metadata 'tokenizer.ggml.merges' must be a list of 'left right' strings")
+    types = meta.get("tokenizer.ggml.token_type")
+    types = np.asarray(types if types is not None else np.ones(len(tokens)), dtype=np.int64)
+    if types.shape != (len(tokens),):
+        raise CheckpointError(f"{where}: metadata 'tokenizer.ggml.token_type' has {types.shape[0]} entries for "
+                              f"{len(tokens)} tokens")
+    vocab: Dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)  # a repeated string (padding) keeps its first id
+    pairs = [tuple(m.split(" ")) for m in merges]
+    known = [p for p in pairs if p[0] in vocab and p[1] in vocab and p[0] + p[1] in vocab]
+    if len(known) < len(pairs):
+        warnings.warn(f"{where}: tokenizer.ggml.merges: ignoring {len(pairs) - len(known)} of {len(pairs)} merges "
+                      "whose tokens are not in the vocabulary", stacklevel=3)
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=known, fuse_unk=False))
+    except Exception as e:  # (tokenizers raises plain Exceptions)
+        raise CheckpointError(f"{where}: the GGUF vocabulary does not make a BPE tokenizer: {e}") from None
+    split = _PRE_SPLITS.get(pre)
+    tok.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True) if split is None else
+                         pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                           use_regex=False)]))
+    tok.decoder = decoders.ByteLevel()
+    added = [AddedToken(tokens[i], special=bool(types[i] == _CONTROL), normalized=False)
+             for i in np.flatnonzero((types == _CONTROL) | (types == _USER_DEFINED)) if vocab[tokens[i]] == i]
+    tok.add_tokens(added)
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token") is True and isinstance(bos, int) and 0 <= bos < len(tokens):
+        b = tokens[bos]
+        tok.post_processor = processors.TemplateProcessing(single=f"{b} $A", pair=f"{b} $A {b} $B",
+                                                           special_tokens=[(b, bos)])
+    return tok
+
+
+def chat_template_of(g: GGUFFile):
+    """(template source, {"bos_token": ..., "eos_token": ...}) from tokenizer.chat_template, or None."""
+    src = g.metadata.get("tokenizer.chat_template")
+    if src is None:
+        return None
+    if not isinstance(src, str) or not src:
+        raise CheckpointError(f"{g.path}: metadata 'tokenizer.chat_template' must be a template string")
+    tokens = g.metadata.get("tokenizer.ggml.tokens") or []
+    special = {}
+    for k in ("bos", "eos"):
+        i = g.metadata.get(f"tokenizer.ggml.{k}_token_id")
+        if isinstance(i, int) and 0 <= i < len(tokens):
+            special[f"{k}_token"] = tokens[i]
+    return src, special
+
+
+__all__ = ["ARCHITECTURES", "INT4_TYPES", "gguf_path", "gguf_config", "gguf_tensors", "int4_exact", "tokenizer_of",
+           "chat_template_of"]

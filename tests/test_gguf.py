@@ -1,0 +1,565 @@
+"""normengine.load of GGUF files (llama.cpp's format): our own reader against the `gguf` package (metadata,
+tensor table, every block type's dequantized values bit for bit), models written by
+benchmarks/hf_to_gguf.py against the transformers models they came from (every architecture, every
+weight type), K-quant files against transformers with the same dequantized weights, the tokenizer and
+chat template rebuilt from the metadata, and corrupt or malicious files (hand-made and mutated at
+random) that must raise normengine's errors and nothing else."""
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import normengine as ne
+from normengine.checkpoint import gguf_io, load_checkpoint
+from conftest import rel_err
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, os.pardir, "benchmarks"))
+
+QUANT_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+# byte offsets of each type's float16 scales inside a block (the rest of a block is any bytes)
+SCALES = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82], "Q3_K": [108],
+          "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+# scale magnitudes that keep the dequantized weights near N(0, 0.05) for random block bytes
+SCALE_SIZE = {"Q4_0": 0.01, "Q4_1": 0.01, "Q5_0": 0.005, "Q5_1": 0.005, "Q8_0": 0.001, "Q2_K": 0.002,
+              "Q3_K": 0.001, "Q4_K": 1e-4, "Q5_K": 5e-5, "Q6_K": 2e-5}
+
+
+def _gtype(name):
+    return next(t for t in gguf_io.GGML_TYPES.values() if t.name == name)
+
+
+def random_blocks(name, n_blocks, rng, scale=None):
+    """n_blocks random blocks of a ggml type: random bytes, with finite float16 scales of about `scale`."""
+    t = _gtype(name)
+    b = rng.integers(0, 256, (n_blocks, t.size), dtype=np.uint8)
+    s = SCALE_SIZE[name] if scale is None else scale
+    for at in SCALES[name]:
+        h = (rng.standard_normal(n_blocks) * s).astype(np.float16)
+        b[:, at:at + 2] = h.view(np.uint8).reshape(n_blocks, 2)
+    return b
+
+
+# ----------------------------------------------------------------------------------- dequantization
+@pytest.mark.parametrize("name", QUANT_TYPES)
+@pytest.mark.parametrize("n_blocks", [1, 3, 257])
+def test_dequantize_matches_the_gguf_package(name, n_blocks):
+    """Every block type against gguf-py's dequantizer (an independent numpy port of ggml's), bit for
+    bit, on random blocks; and scales that are Inf / NaN / subnormal propagate as they do there."""
+    gguf = pytest.importorskip("gguf")
+    rng = np.random.default_rng(n_blocks * 31 + len(name))
+    b = random_blocks(name, n_blocks, rng, scale=1.0)
+    if n_blocks > 1:  # special scales in the first blocks
+        for j, v in enumerate([np.inf, np.nan, 6e-8]):
+            if j < n_blocks:
+                b[j, SCALES[name][0]:SCALES[name][0] + 2] = np.array([v], np.float16).view(np.uint8)
+    ours = gguf_io.dequantize(b, name)
+    want = gguf.quants.dequantize(b.reshape(-1), getattr(gguf.GGMLQuantizationType, name)).reshape(-1)
+    assert ours.dtype == np.float32 and ours.shape == (n_blocks * _gtype(name).block,)
+    np.testing.assert_array_equal(ours.view(np.uint32), want.astype(np.float32).view(np.uint32))
+
+
+def test_dequantize_rejects_unknown_types():
+    with pytest.raises(ne.errors.CheckpointError, match="IQ2_XXS"):
+        gguf_io.dequantize(np.zeros(66, np.uint8), "IQ2_XXS")
+
+
+# ----------------------------------------------------------------------------------- converted models
+def _models():
+    from test_model import MODELS, _llama
+
+    out = {k: MODELS[k] for k in ("gpt2", "llama-gqa", "llama-tied", "mistral", "qwen2-bias", "qwen3-qknorm",
+                                  "llama3-rope")}
+    out["mixtral"] = lambda: _llama("Mixtral", num_local_experts=4, num_experts_per_tok=2)
+    return out
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama-gqa", "llama-tied", "mistral", "qwen2-bias", "qwen3-qknorm",
+                                        "llama3-rope", "mixtral"])
+def hf_model(request, tmp_path_factory):
+    pytest.importorskip("gguf")
+    from test_model import _randomize_norms
+
+    torch.manual_seed(1234)
+    hf = _randomize_norms(_models()[request.param](), torch.Generator().manual_seed(5)).eval()
+    d = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(d)
+    return request.param, hf, str(d)
+
+
+def _convert(src, out, outtype, write_output=False):
+    import hf_to_gguf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_to_gguf.convert(src, out, outtype, write_output=write_output, quiet=True)
+    return out
+
+
+def _load(path, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the synthetic vocabularies' dummy merges)
+        return ne.load(path, **kw)
+
+
+def _round_trip(hf, name, outtype):
+    """A copy of transformers model `hf` whose weights hold what the GGUF file of `outtype` stores:
+    every 2-D / 3-D weight (not the router) rounded or quantized as hf_to_gguf writes it, in the GGUF
+    layout (GPT-2's Conv1D weights transposed), by gguf-py's own quantizer and dequantizer."""
+    import copy
+
+    import gguf
+
+    ref = copy.deepcopy(hf)
+    with torch.no_grad():
+        for pname, p in ref.named_parameters():
+            if p.dim() < 2 or pname.endswith(("block_sparse_moe.gate.weight", "mlp.gate.weight")):  # (routers)
+                continue
+            conv1d = name == "gpt2" and pname.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+            a = (p.t() if conv1d else p).detach().float().contiguous().numpy()
+            if outtype == "f16":
+                r = a.astype(np.float16).astype(np.float32)
+            elif outtype == "bf16":
+                r = torch.from_numpy(a).to(torch.bfloat16).float().numpy()
+            else:
+                qt = getattr(gguf.GGMLQuantizationType, outtype.upper())
+                r = gguf.quants.dequantize(gguf.quants.quantize(a, qt), qt).reshape(a.shape)
+            r = torch.from_numpy(np.ascontiguousarray(r))
+            p.copy_(r.t() if conv1d else r)
+    return ref
+
+
+@pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+def test_logits_match_transformers(hf_model, outtype, tmp_path):
+    """Logits of the GGUF file within 1e-4 of the transformers model holding the file's weights (for
+    f32: the model itself), for every architecture: GPT-2's transposed Conv1D weights, Llama's
+    permuted q / k rows, GQA, tied and untied heads, Qwen2's biases, Qwen3's q / k norms, Llama 3.1's
+    RoPE factors and Mixtral's stacked experts."""
+    name, hf, path = hf_model
+    if name != "llama-gqa" and outtype not in ("f32", "f16", "q4_0"):
+        pytest.skip("every weight type is run on one architecture")
+    g = _convert(path, str(tmp_path / f"m-{outtype}.gguf"), outtype)
+    # (16-bit weights load as 16-bit by default, and folding the norms' gains into them rounds them
+    # again, as for any 16-bit checkpoint: dtype=float32 folds exactly)
+    sixteen = outtype in ("f16", "bf16")
+    m = _load(g, dtype=torch.float32 if sixteen else None)
+    ref = hf if outtype == "f32" else _round_trip(hf, name, outtype)
+    ids = torch.randint(1, 97, (2, 19), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref(ids).logits
+    assert rel_err(m.logits(ids), want) <= 1e-4, (name, outtype)
+    if sixteen:
+        m16 = _load(g)
+        assert m16.info()["dtype"] == {"f16": "float16", "bf16": "bfloat16"}[outtype]
+        assert rel_err(m16.logits(ids), want) <= (2e-3 if outtype == "f16" else 2e-2), (name, outtype)
+    assert m.config.tied_head == bool(getattr(hf.config, "tie_word_embeddings", True) or name == "gpt2")
+
+
+def test_greedy_generation_matches_transformers(hf_model, tmp_path):
+    from test_model import _hf_greedy
+
+    name, hf, path = hf_model
+    m = _load(_convert(path, str(tmp_path / "m.gguf"), "f32"))
+    g = torch.Generator().manual_seed(11)
+    for T in (1, 9):
+        ids = torch.randint(1, 97, (T,), generator=g).tolist()
+        assert m.generate(ids, max_new_tokens=24) == _hf_greedy(hf, ids, 24), (name, T)
+
+
+def test_written_head_and_options(hf_model, tmp_path):
+    """A tied head written out as output.weight (as llama.cpp's converter does) is recognized as tied;
+    dtype=, quant= and norm= apply to a GGUF model as to any checkpoint; Model.save of it reloads."""
+    name, hf, path = hf_model
+    if name not in ("gpt2", "llama-tied"):
+        pytest.skip("tied heads")
+    g = _convert(path, str(tmp_path / "m.gguf"), "f32", write_output=True)
+    m = _load(g)
+    assert m.config.tied_head
+    ids = torch.randint(1, 97, (1, 11), generator=torch.Generator().manual_seed(4))
+    base = m.logits(ids)
+    assert rel_err(_load(g, dtype=torch.bfloat16).logits(ids), base) <= 3e-2
+    assert rel_err(_load(g, quant="int8-weight").logits(ids), base) <= 5e-2
+    if name == "gpt2":
+        assert rel_err(_load(g, norm="crmsnorm").logits(ids), base) <= 1e-4
+    m.save(tmp_path / "saved")
+    assert rel_err(ne.load(tmp_path / "saved").logits(ids), base) <= 1e-6
+    # a directory holding one GGUF file (and no config.json) loads it
+    d = tmp_path / "dir"
+    d.mkdir()
+    shutil.copy(g, d / "model.gguf")
+    assert rel_err(_load(d).logits(ids), base) == 0
+
+
+def test_q4_weights_repacked_exactly_as_int4(hf_model, tmp_path):
+    """quant='int4' on a Q4_0 / Q4_1 file keeps the file's codes: every linear weight is an asymmetric
+    int4 weight with groups of 32 whose values are the file's (Q4_0 bit for bit; Q4_1 to float32
+    rounding of z = -m / d), through Llama's row permutation, GPT-2's split q / k / v, the experts and a
+    tied head; the logits equal the dequantized model's to float32 rounding; it saves and reloads.
+    symmetric=True re-quantizes instead."""
+    name, hf, path = hf_model
+    if name not in ("gpt2", "llama-gqa", "llama-tied", "qwen3-qknorm", "mixtral"):
+        pytest.skip("the architectures' weight layouts")
+    ids = torch.randint(1, 97, (2, 13), generator=torch.Generator().manual_seed(8))
+    for ot in ("q4_0", "q4_1"):
+        g = _convert(path, str(tmp_path / f"m-{ot}.gguf"), ot, write_output=name == "llama-tied")
+        values, m = _load(g), _load(g, quant="int4")
+        c = m.config
+        assert (c.quantization, c.quant_group_size, c.quant_symmetric) == ("int4", 32, False)
+        assert "fold_norm_affine" not in c.conversions  # the gains stay in the norms
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, plain = load_checkpoint(g)  # the canonical weights' values (dequantized, unfolded)
+        packed = [n for n, w in m.tensors.items() if hasattr(w, "dequantize")]
+        assert len(packed) >= 4 * c.n_layers
+        for n in packed:
+            tol = 0 if ot == "q4_0" else 2e-6
+            assert rel_err(m.tensors[n].dequantize(), plain[n]) <= tol, (name, ot, n)
+        if c.tied_head:
+            assert m.tensors["lm_head.weight"] is m.tensors["tok_emb.weight"]
+        assert rel_err(m.logits(ids), values.logits(ids)) <= 1e-5, (name, ot)
+    m.save(tmp_path / "saved")
+    assert rel_err(ne.load(tmp_path / "saved").logits(ids), m.logits(ids)) == 0
+    r = _load(g, quant="int4", group_size=32, symmetric=True)  # (the only group size 64 and 96 share)
+    assert r.config.quant_symmetric and "fold_norm_affine" in r.config.conversions  # re-quantized from the values
+
+
+def test_reader_matches_the_gguf_package(tmp_path):
+    """Our parse of a file against gguf-py's GGUFReader: every metadata value, every tensor's name,
+    shape, type and bytes."""
+    gguf = pytest.importorskip("gguf")
+    from normengine.model import DEFAULT_MODEL
+
+    g = _convert(DEFAULT_MODEL, str(tmp_path / "m.gguf"), "q5_1", write_output=True)
+    ours = gguf_io.read_gguf(g)
+    theirs = gguf.GGUFReader(g)
+    assert set(ours.metadata) == set(theirs.fields) - {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
+    for k, f in theirs.fields.items():
+        if k.startswith("GGUF."):
+            continue
+        v = f.contents()
+        o = ours.metadata[k]
+        assert (o.tolist() if isinstance(o, np.ndarray) else o) == v, k
+    assert set(ours.tensors) == {t.name for t in theirs.tensors}
+    for t in theirs.tensors:
+        info = ours.tensors[t.name]
+        assert info.type.name == t.tensor_type.name and info.shape == tuple(int(x) for x in reversed(t.shape))
+        assert info.offset == t.data_offset and info.nbytes == t.n_bytes
+        np.testing.assert_array_equal(ours.raw(t.name).reshape(-1).view(np.uint8), t.data.reshape(-1).view(np.uint8))
+
+
+# ----------------------------------------------------------------------------------- K-quant files
+def test_k_quant_file_matches_transformers(tmp_path):
+    """A Qwen2-shaped file whose weights are random blocks of every K-quant type (and Q8_0 / Q5_0
+    embeddings): logits within 1e-4 of transformers' Qwen2 holding gguf-py's dequantization of the same
+    blocks."""
+    gguf = pytest.importorskip("gguf")
+    import transformers
+
+    rng = np.random.default_rng(0)
+    V, d, f, H, KV = 97, 256, 512, 4, 2
+    D = d // H
+    conf = transformers.Qwen2Config(vocab_size=V, hidden_size=d, intermediate_size=f, num_hidden_layers=2,
+                                    num_attention_heads=H, num_key_value_heads=KV, max_position_embeddings=64,
+                                    tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(conf).eval()
+    path = str(tmp_path / "kq.gguf")
+    w = gguf.GGUFWriter(path, "qwen2")
+    for k, v in (("context_length", 64), ("embedding_length", d), ("feed_forward_length", f), ("block_count", 2),
+                 ("head_count", H), ("head_count_kv", KV)):
+        getattr(w, f"add_{k}")(v)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    state = {}
+    kinds = iter(["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"] * 4)
+
+    kind_of = {}
+
+    def put(gname, hname, rows, cols, kind):
+        t = _gtype(kind)
+        b = random_blocks(kind, rows * cols // t.block, rng)
+        kind_of[gname] = kind
+        if kind == "Q4_K":  # every sub-block scale non-zero (bytes 4-7 low 6 bits: scales 0-3; 12-15 low 4: 4-7)
+            b[:, 4:8] |= 1
+            b[:, 12:16] |= 1
+        if gname == "blk.1.ffn_up.weight":  # (a Q4_K) a sub-block of scale 0 under a non-zero min:
+            assert kind == "Q4_K"           # not int4 of groups of 32
+            b[5, 4] &= 0xC0
+            b[5, 8] |= 1
+            b[5, 2:4] = np.array([0.01], np.float16).view(np.uint8)
+        w.add_tensor(gname, b.reshape(rows, -1), raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+        qt = getattr(gguf.GGMLQuantizationType, kind)
+        state[hname] = torch.from_numpy(gguf.quants.dequantize(b.reshape(-1), qt).reshape(rows, cols).copy())
+
+    def put_f32(gname, hname, a):
+        w.add_tensor(gname, a.astype(np.float32))
+        state[hname] = torch.from_numpy(a.astype(np.float32))
+
+    put("token_embd.weight", "model.embed_tokens.weight", V, d, "Q8_0")
+    for i in range(2):
+        p, h = f"blk.{i}.", f"model.layers.{i}."
+        put_f32(p + "attn_norm.weight", h + "input_layernorm.weight", 1 + 0.1 * rng.standard_normal(d))
+        put_f32(p + "ffn_norm.weight", h + "post_attention_layernorm.weight", 1 + 0.1 * rng.standard_normal(d))
+        for g_, h_, rows in (("attn_q", "q_proj", H * D), ("attn_k", "k_proj", KV * D), ("attn_v", "v_proj", KV * D)):
+            put(p + g_ + ".weight", h + f"self_attn.{h_}.weight", rows, d, next(kinds))
+            put_f32(p + g_ + ".bias", h + f"self_attn.{h_}.bias", 0.1 * rng.standard_normal(rows))
+        put(p + "attn_output.weight", h + "self_attn.o_proj.weight", d, H * D, next(kinds))
+        put(p + "ffn_gate.weight", h + "mlp.gate_proj.weight", f, d, next(kinds))
+        put(p + "ffn_up.weight", h + "mlp.up_proj.weight", f, d, next(kinds))
+        put(p + "ffn_down.weight", h + "mlp.down_proj.weight", d, f, next(kinds))
+    put_f32("output_norm.weight", "model.norm.weight", 1 + 0.1 * rng.standard_normal(d))
+    put("output.weight", "lm_head.weight", V, d, "Q5_0")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    hf.load_state_dict(state, strict=True)
+    m = ne.load(path)
+    assert m.tokenizer is None  # the file has no vocabulary: token ids only
+    ids = torch.randint(0, V, (2, 21), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(ids).logits
+    assert torch.isfinite(want).all()
+    assert rel_err(m.logits(ids), want) <= 1e-4
+    assert m.config.source_dtype == "float32"
+    # quant='int4': the Q4_K weights keep their codes (but the one with a degenerate sub-block), the
+    # others are quantized from their values, with a warning saying how many of which type
+    from normengine.checkpoint import gguf
+
+    exact, _ = gguf.int4_exact(gguf_io.read_gguf(path), m.config)
+    q4k = {n for n, k in kind_of.items() if k == "Q4_K"}
+    assert len(q4k) == 3
+    assert {"blk.0.attn_v.weight", "blk.1.attn_q.weight", "blk.1.ffn_up.weight"} == q4k
+    assert set(exact) == {"blocks.0.attn.v.weight", "blocks.1.attn.q.weight"}
+    left = r"13 linear weights .*\(3 x Q2_K, 3 x Q3_K, 1 x Q4_K, .*\): they are quantized to int4"
+    with pytest.warns(UserWarning, match=left):
+        q = ne.load(path, quant="int4")
+    for n, w in exact.items():
+        assert rel_err(q.tensors[n].dequantize(), w.dequantize()) == 0
+        hf_name = {"blocks.0.attn.v.weight": "model.layers.0.self_attn.v_proj.weight",
+                   "blocks.1.attn.q.weight": "model.layers.1.self_attn.q_proj.weight"}[n]
+        assert rel_err(w.dequantize(), state[hf_name]) <= 2e-6
+
+
+# ----------------------------------------------------------------------------------- tokenizer, template
+TEXTS = ["Once upon a time", "  two  spaces\tand a tab\n\nnew lines", "naïve café — 東京 🙂", "<|endoftext|>x",
+         "numbers 1234567 and 3.14159", "", "It's they'll we'd"]
+
+
+def test_tokenizer_and_chat_template_from_metadata(tmp_path):
+    """The shipped model (byte-level BPE) through GGUF: its rebuilt tokenizer encodes and decodes every
+    text as tokenizer.json does, generate(text) gives the same text, and a chat template written to
+    tokenizer.chat_template renders as the checkpoint's own."""
+    pytest.importorskip("gguf")
+    from tokenizers import Tokenizer
+
+    from normengine.model import DEFAULT_MODEL
+
+    src = tmp_path / "src"
+    shutil.copytree(DEFAULT_MODEL, src)
+    ne.load(src).chat_template = None
+    from normengine import chat
+
+    chat.save_template(chat.resolve("chatml", None), str(src))
+    g = _convert(str(src), str(tmp_path / "m.gguf"), "f32", write_output=True)
+    m, orig = ne.load(g), ne.load(src)
+    want = Tokenizer.from_file(os.path.join(DEFAULT_MODEL, "tokenizer.json"))
+    for t in TEXTS:
+        ids = m.tokenizer.encode(t).ids
+        assert ids == want.encode(t).ids, t
+        assert m.tokenizer.decode(ids) == want.decode(ids)
+    assert m.generate("Once upon a time", max_new_tokens=16) == orig.generate("Once upon a time", max_new_tokens=16)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert m.apply_chat_template(msgs) == orig.apply_chat_template(msgs)
+    assert m.chat(msgs, max_new_tokens=8) == orig.chat(msgs, max_new_tokens=8)
+
+
+def test_split_patterns_by_pre_tokenizer_name():
+    """tokenizer.ggml.pre picks the word-split regex: Llama 3 groups digits by three, Qwen2 splits each."""
+    from normengine.checkpoint.gguf import tokenizer_of
+
+    def tok(pre):
+        meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.merges": ["a b"],
+                "tokenizer.ggml.pre": pre}
+        return tokenizer_of(gguf_io.GGUFFile("x.gguf", 3, meta, {}, 32))
+
+    words = lambda pre: [w for w, _ in tok(pre).pre_tokenizer.pre_tokenize_str("ab 12345")]  # noqa: E731
+    assert words("llama-bpe") == ["ab", "Ġ", "123", "45"]
+    assert words("qwen2") == ["ab", "Ġ", "1", "2", "3", "4", "5"]
+    assert words("gpt-2") == ["ab", "Ġ12345"]
+    with pytest.warns(UserWarning, match="not known"):
+        tok("some-new-pre")
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"]}
+    with pytest.warns(UserWarning, match="'llama' is not rebuilt"):
+        assert tokenizer_of(gguf_io.GGUFFile("x.gguf", 3, meta, {}, 32)) is None
+
+
+# ----------------------------------------------------------------------------------- bad files
+def _s(x: str) -> bytes:
+    b = x.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def _kv(key, vtype, payload):
+    return _s(key) + struct.pack("<I", vtype) + payload
+
+
+def gguf_bytes(kvs, tensors, version=3, n_tensors=None, n_kv=None, align=32):
+    """A GGUF file: kvs are (key, type, payload bytes); tensors (name, ne list, type code, offset, nbytes)
+    whose data is filled with small float32 / zero bytes."""
+    head = b"GGUF" + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
+                                 len(kvs) if n_kv is None else n_kv)
+    head += b"".join(_kv(*kv) for kv in kvs)
+    for name, ne_, code, off, _ in tensors:
+        head += _s(name) + struct.pack("<I", len(ne_)) + b"".join(struct.pack("<Q", n) for n in ne_)
+        head += struct.pack("<IQ", code, off)
+    head += b"\0" * (-len(head) % align)
+    size = max([off + nb for _, _, _, off, nb in tensors if off + nb < 1 << 24] or [0])  # (not a bad offset's)
+    data = (np.sin(np.arange(size // 4, dtype=np.float32)) * 0.1).astype(np.float32).tobytes()
+    return head + data + b"\0" * (size - len(data))
+
+
+def _u32(v):
+    return struct.pack("<I", v)
+
+
+def _tiny_llama_file():
+    """A valid 1-layer llama GGUF (d 32, 2 heads, ff 64, vocab 16), all float32."""
+    d, f, V = 32, 64, 16
+    kvs = [("general.architecture", 8, _s("llama")), ("llama.embedding_length", 4, _u32(d)),
+           ("llama.block_count", 4, _u32(1)), ("llama.attention.head_count", 4, _u32(2)),
+           ("llama.feed_forward_length", 4, _u32(f)), ("llama.context_length", 4, _u32(64))]
+    shapes = [("token_embd.weight", [d, V]), ("blk.0.attn_norm.weight", [d]), ("blk.0.ffn_norm.weight", [d]),
+              ("blk.0.attn_q.weight", [d, d]), ("blk.0.attn_k.weight", [d, d]), ("blk.0.attn_v.weight", [d, d]),
+              ("blk.0.attn_output.weight", [d, d]), ("blk.0.ffn_gate.weight", [d, f]),
+              ("blk.0.ffn_up.weight", [d, f]), ("blk.0.ffn_down.weight", [f, d]), ("output_norm.weight", [d])]
+    tensors, off = [], 0
+    for name, ne_ in shapes:
+        nb = int(np.prod(ne_)) * 4
+        tensors.append((name, ne_, 0, off, nb))
+        off += -(-nb // 32) * 32
+    return kvs, tensors
+
+
+def test_hand_made_file_loads(tmp_path):
+    kvs, tensors = _tiny_llama_file()
+    p = tmp_path / "ok.gguf"
+    p.write_bytes(gguf_bytes(kvs, tensors))
+    m = ne.load(p)
+    assert m.config.d_model == 32 and m.config.tied_head and m.tokenizer is None
+    assert len(m.generate([1, 2, 3], max_new_tokens=4)) == 4
+
+
+def _bad_cases():
+    kvs, tensors = _tiny_llama_file()
+    t0 = tensors[0]
+    big = struct.pack("<Q", 1 << 62)
+    yield "magic", b"GGUX" + gguf_bytes(kvs, tensors)[4:], "not a GGUF file"
+    yield "version1", gguf_bytes(kvs, tensors, version=1), "version 1"
+    yield "short", b"GGUF\3\0\0\0", "shorter than"
+    yield "n_kv", gguf_bytes(kvs, tensors, n_kv=1 << 60), "metadata count"
+    yield "n_tensors", gguf_bytes(kvs, tensors, n_tensors=1 << 60), "tensor count"
+    yield "strlen", gguf_bytes([("k", 8, big)] + kvs, tensors), "metadata 'k'"
+    yield "arraylen", gguf_bytes([("k", 9, _u32(4) + big)] + kvs, tensors), "runs past the end"
+    yield "strarray", gguf_bytes([("k", 9, _u32(8) + big)] + kvs, tensors), "runs past the end"
+    nested = _u32(9) + struct.pack("<Q", 1) + _u32(9) + struct.pack("<Q", 1) + _u32(9) + struct.pack("<Q", 0)
+    yield "nested", gguf_bytes([("k", 9, nested)] + kvs, tensors), "nested deeper"
+    yield "vtype", gguf_bytes([("k", 77, b"")] + kvs, tensors), "unknown value type"
+    yield "dupkey", gguf_bytes(kvs + kvs[:1], tensors), "appears twice"
+    yield "utf8", gguf_bytes([("k", 8, struct.pack("<Q", 2) + b"\xff\xfe")] + kvs, tensors), "not UTF-8"
+    yield "dims0", gguf_bytes(kvs, [(t0[0], [], 0, 0, 0)] + tensors[1:]), "0 dimensions"
+    yield "dims5", gguf_bytes(kvs, [(t0[0], [1] * 5, 0, 0, 4)] + tensors[1:]), "5 dimensions"
+    yield "dimzero", gguf_bytes(kvs, [(t0[0], [32, 0], 0, 0, 0)] + tensors[1:]), "dimensions"
+    yield "unaligned", gguf_bytes(kvs, [(t0[0], t0[1], 0, 4, t0[4])] + tensors[1:]), "not a multiple of the alignment"
+    yield "past_end", gguf_bytes(kvs, tensors[:-1] + [tensors[-1][:3] + (1 << 40, 128)]), "runs past the end"
+    yield "type", gguf_bytes(kvs, [(t0[0], t0[1], 99, 0, t0[4])] + tensors[1:]), "unknown ggml type 99"
+    yield "iq", gguf_bytes(kvs, [(t0[0], [256, 16], 16, 0, 66 * 16)] + tensors[1:]), "IQ2_XXS"
+    yield "block", gguf_bytes(kvs, [(t0[0], [48, 16], 8, 0, 34 * 16)] + tensors[1:]), "not whole Q8_0 blocks"
+    yield "duptensor", gguf_bytes(kvs, tensors + tensors[:1]), "appears twice"
+    yield "align", gguf_bytes(kvs + [("general.alignment", 4, _u32(24))], tensors), "power of two"
+    yield "arch", gguf_bytes([("general.architecture", 8, _s("bert"))] + kvs[1:], tensors), "'bert' is not supported"
+    yield "missing_key", gguf_bytes(kvs[:1] + kvs[2:], tensors), "llama.embedding_length' is missing"
+    yield "missing_tensor", gguf_bytes(kvs, tensors[:3] + tensors[4:]), "q_proj"
+    yield "shape", gguf_bytes(kvs, [tensors[0]] + [(tensors[1][0], [16], 0, tensors[1][3], 64)] + tensors[2:]), \
+        "shape"
+    yield "kv_type", gguf_bytes(kvs[:1] + [("llama.embedding_length", 8, _s("32"))] + kvs[2:], tensors), \
+        "expected a int"
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()), ids=lambda c: c[0])
+def test_bad_files_raise_naming_the_problem(case, tmp_path):
+    name, data, match = case
+    p = tmp_path / f"{name}.gguf"
+    p.write_bytes(data)
+    with pytest.raises(ne.errors.NormEngineError, match=match) as e:
+        ne.load(p)
+    assert str(p) in str(e.value)
+
+
+def test_truncated_files_raise(tmp_path):
+    kvs, tensors = _tiny_llama_file()
+    data = gguf_bytes(kvs, tensors)
+    for n in list(range(0, 400, 7)) + [len(data) - 1, len(data) - 200]:
+        p = tmp_path / "t.gguf"
+        p.write_bytes(data[:n])
+        with pytest.raises(ne.errors.CheckpointError):
+            ne.load(p)
+
+
+FUZZ = r"""
+import json, os, random, sys, warnings
+warnings.simplefilter("ignore")
+import normengine as ne
+from normengine.checkpoint import gguf_io, load_checkpoint
+src, work, n, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rng = random.Random(seed)
+raw = open(src, "rb").read()
+g = gguf_io.read_gguf(src)
+data_start = min(t.offset for t in g.tensors.values())
+table = data_start - sum(8 + len(t.name) + 4 + 8 * len(t.shape) + 12 for t in g.tensors.values()) - 32
+out = {"ok": 0, "rejected": 0, "unclean": []}
+for i in range(n):
+    b = bytearray(raw)
+    for _ in range(rng.choice([1, 1, 2, 4])):
+        r = rng.random()
+        pos = rng.randrange(0, 64) if r < 0.3 else rng.randrange(max(0, table), data_start) if r < 0.8 else \
+            rng.randrange(0, data_start)
+        b[pos] = rng.choice([0, 1, 0xff, 0x7f, 0x80, b[pos] ^ (1 << rng.randrange(8)), rng.randrange(256)])
+    if rng.random() < 0.1:
+        b = b[: rng.randrange(len(b))]
+    p = os.path.join(work, "case.gguf")
+    open(p, "wb").write(bytes(b))
+    try:
+        ne.load(p).generate([1, 2, 3], max_new_tokens=2)
+        out["ok"] += 1
+    except ne.errors.NormEngineError:
+        out["rejected"] += 1
+    except Exception as e:
+        out["unclean"].append(f"case {i}: {type(e).__name__}: {str(e)[:200]}")
+print(json.dumps(out))
+"""
+
+
+def test_mutated_files_fail_cleanly(tmp_path):
+    """The shipped model as a Q8_0 GGUF with header bytes changed at random (the fixed header, the
+    tensor table, anywhere in the metadata) or the file cut short: each case loads and generates or
+    raises one of normengine's errors, in a child interpreter that must not crash."""
+    pytest.importorskip("gguf")
+    from normengine.model import DEFAULT_MODEL
+    from test_torch_free import _env
+
+    g = _convert(DEFAULT_MODEL, str(tmp_path / "m.gguf"), "q8_0", write_output=True)
+    r = subprocess.run([sys.executable, "-c", FUZZ, g, str(tmp_path), "150", "17"], env=_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, f"the loader crashed (exit {r.returncode}): {r.stderr[-3000:]}"
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not res["unclean"], res["unclean"]
+    assert res["rejected"] >= 30 and res["ok"] >= 5, res
