@@ -382,6 +382,80 @@ def test_tokenizer_and_chat_template_from_metadata(tmp_path):
     assert m.chat(msgs, max_new_tokens=8) == orig.chat(msgs, max_new_tokens=8)
 
 
+def _vocab_file(path, model, tokens, types, merges=None, scores=None, pre=None, bos=None, eos=None, unk=None):
+    """A GGUF file holding only a vocabulary (no tensors)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model(model)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if merges is not None:
+        w.add_token_merges(merges)
+    if scores is not None:
+        w.add_token_scores(scores)
+    for v, add in ((bos, w.add_bos_token_id), (eos, w.add_eos_token_id), (unk, w.add_unk_token_id)):
+        if v is not None:
+            add(v)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def _spm_vocab():
+    """A SentencePiece-style BPE vocabulary learned from the shipped corpus: <unk> <s> </s>, the 256 byte
+    tokens, then the pieces ("\u2581" for spaces), scored by merge order as SentencePiece scores them."""
+    from tokenizers import SentencePieceBPETokenizer
+
+    from normengine.model import DEFAULT_MODEL
+
+    with open(os.path.join(os.path.dirname(DEFAULT_MODEL), "corpus.txt"), encoding="utf-8") as f:
+        text = f.read()[:300_000]
+    spm = SentencePieceBPETokenizer(add_prefix_space=True)
+    spm.train_from_iterator([text[i:i + 2000] for i in range(0, len(text), 2000)], vocab_size=600, min_frequency=2,
+                            show_progress=False, special_tokens=[])
+    pieces = [t for t, _ in sorted(spm.get_vocab().items(), key=lambda x: x[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    return tokens, types, scores
+
+
+def test_tokenizers_match_transformers_gguf_tokenizers(tmp_path):
+    """Our tokenizers rebuilt from GGUF vocabularies against transformers' own GGUF tokenizer loader (an
+    independent reading of the same metadata): SentencePiece BPE ('llama': merges rebuilt from the
+    scores, byte fallback, the space prefix) and byte-level BPE with the GPT-2, Llama 3 and Qwen2 split
+    patterns: the same ids for every text, and the same decoded text."""
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    from normengine.checkpoint.gguf import tokenizer_of
+    from normengine.model import DEFAULT_MODEL
+
+    texts = TEXTS + ["</s> after a special token", "x</s>y", " leading space", "ends with space ", "a\u00a0b",
+                     "12345678 digits", "émigré Ünïcödé ZAŻÓŁĆ"]
+    files = {"spm": _vocab_file(tmp_path / "spm.gguf", "llama", *_spm_vocab()[:2], scores=_spm_vocab()[2], bos=1,
+                                eos=2, unk=0)}
+    with open(os.path.join(DEFAULT_MODEL, "tokenizer.json"), encoding="utf-8") as f:
+        tj = json.load(f)
+    tokens = [t for t, _ in sorted(tj["model"]["vocab"].items(), key=lambda x: x[1])]
+    types = [3 if t == "<|endoftext|>" else 1 for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    for pre in ("gpt-2", "llama-bpe", "qwen2"):
+        files[pre] = _vocab_file(tmp_path / f"{pre}.gguf", "gpt2", tokens, types, merges=merges, pre=pre, eos=0)
+    for kind, path in files.items():
+        ours = tokenizer_of(gguf_io.read_gguf(path))
+        theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=os.path.basename(path))
+        for t in texts:
+            ids = ours.encode(t).ids
+            assert ids == theirs(t)["input_ids"], (kind, t)
+            assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), (kind, t)
+
+
 def test_split_patterns_by_pre_tokenizer_name():
     """tokenizer.ggml.pre picks the word-split regex: Llama 3 groups digits by three, Qwen2 splits each."""
     from normengine.checkpoint.gguf import tokenizer_of
@@ -397,9 +471,12 @@ def test_split_patterns_by_pre_tokenizer_name():
     assert words("gpt-2") == ["ab", "Ġ12345"]
     with pytest.warns(UserWarning, match="not known"):
         tok("some-new-pre")
-    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"]}
-    with pytest.warns(UserWarning, match="'llama' is not rebuilt"):
+    meta = {"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]}
+    with pytest.warns(UserWarning, match="'bert' is not rebuilt"):
         assert tokenizer_of(gguf_io.GGUFFile("x.gguf", 3, meta, {}, 32)) is None
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.scores": [0.0]}
+    with pytest.raises(ne.errors.CheckpointError, match="one score per token"):
+        tokenizer_of(gguf_io.GGUFFile("x.gguf", 3, meta, {}, 32))
 
 
 # ----------------------------------------------------------------------------------- bad files

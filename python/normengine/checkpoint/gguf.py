@@ -21,10 +21,11 @@ file has no `output.weight` (or one equal to `token_embd.weight`). Llama 3.1's R
 a `rope_freqs.weight` tensor of per-frequency divisors; it becomes the "factors" RoPE variant.
 
 Tokenizer: tokenizer.ggml.model "gpt2" (byte-level BPE: GPT-2, Llama 3, Qwen) is rebuilt as a `tokenizers`
-Tokenizer from the vocabulary, merges, token types and tokenizer.ggml.pre's split pattern; control tokens
-become special tokens, add_bos_token a BOS template. Other tokenizer models ("llama" SentencePiece, ...)
-are not rebuilt: the model then takes token ids (a warning says so). tokenizer.chat_template is the chat
-template.
+Tokenizer from the vocabulary, merges, token types and tokenizer.ggml.pre's split pattern; "llama"
+(SentencePiece BPE: Llama 2, Mistral) from the vocabulary and its scores (the merges rebuilt from them),
+with byte fallback and the "▁" space prefix. Control tokens become special tokens, add_bos_token /
+add_eos_token a template. Other tokenizer models are not rebuilt: the model then takes token ids (a
+warning says so). tokenizer.chat_template is the chat template.
 """
 
 from __future__ import annotations
@@ -402,28 +403,40 @@ _PRE_SPLITS = {None: None, "default": None, "gpt-2": None, "gpt2": None,
 _CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 
 
+def _spm_merges(tokens, scores, vocab):
+    """A SentencePiece BPE vocabulary's merges, which GGUF files do not store: every way to cut a piece
+    into two pieces of the vocabulary is a merge, ranked by the whole piece's score (then the longer left,
+    longer right part), cuts of one piece in the order of their parts' ids; as transformers rebuilds
+    them (its generate_merges), so that the two tokenizers agree."""
+    merges = []
+    for t, score in zip(tokens, scores):
+        if vocab.get(t) is None:
+            continue
+        cuts = [(t[:i], t[i:]) for i in range(1, len(t)) if t[:i] in vocab and t[i:] in vocab]
+        cuts.sort(key=lambda c: (vocab[c[0]], vocab[c[1]]))
+        merges += [(left, right, float(score)) for left, right in cuts]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # (stable: ties keep that order)
+    return [(left, right) for left, right, _ in merges]
+
+
 def tokenizer_of(g: GGUFFile):
-    """The `tokenizers` Tokenizer a GGUF file's vocabulary describes (byte-level BPE), or None (with a
-    warning) when its tokenizer model is another one or the file has none."""
+    """The `tokenizers` Tokenizer a GGUF file's vocabulary describes, or None (with a warning) when its
+    tokenizer model is neither byte-level BPE ("gpt2": GPT-2, Llama 3, Qwen) nor SentencePiece BPE
+    ("llama": Llama 2, Mistral, TinyLlama: merges rebuilt from the scores, byte fallback, "▁" for spaces
+    and a space prefix unless tokenizer.ggml.add_space_prefix is false), or the file has no vocabulary."""
     meta, where = g.metadata, g.path
     model = meta.get("tokenizer.ggml.model")
     if model is None:
         return None
-    if model != "gpt2":
-        warnings.warn(f"{where}: tokenizer model {model!r} is not rebuilt from GGUF (byte-level BPE, 'gpt2', "
-                      "is); text prompts need a tokenizer: pass token ids", stacklevel=3)
+    if model not in ("gpt2", "llama"):
+        warnings.warn(f"{where}: tokenizer model {model!r} is not rebuilt from GGUF (byte-level BPE 'gpt2' and "
+                      "SentencePiece BPE 'llama' are); text prompts need a tokenizer: pass token ids", stacklevel=3)
         return None
-    pre = meta.get("tokenizer.ggml.pre")
-    if pre not in _PRE_SPLITS:
-        warnings.warn(f"{where}: tokenizer.ggml.pre {pre!r} is not known here; splitting words as GPT-2 does",
-                      stacklevel=3)
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
+    tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
         raise CheckpointError(f"{where}: metadata 'tokenizer.ggml.tokens' must be a list of strings")
-    if not isinstance(merges, list) or not all(isinstance(m, str) and len(m.split(" ")) == 2 for m in merges):
-        raise CheckpointError(f"{where}: metadata 'tokenizer.ggml.merges' must be a list of 'left right' strings")
     types = meta.get("tokenizer.ggml.token_type")
     types = np.asarray(types if types is not None else np.ones(len(tokens)), dtype=np.int64)
     if types.shape != (len(tokens),):
@@ -432,29 +445,71 @@ def tokenizer_of(g: GGUFFile):
     vocab: Dict[str, int] = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)  # a repeated string (padding) keeps its first id
+    try:
+        if model == "gpt2":
+            tok = _byte_level(meta, where, tokens, vocab, Regex, Tokenizer, decoders, models, pre_tokenizers)
+        else:
+            tok = _sentencepiece(meta, where, tokens, types, vocab, Tokenizer, decoders, models, pre_tokenizers)
+    except CheckpointError:
+        raise
+    except Exception as e:  # (tokenizers raises plain Exceptions)
+        raise CheckpointError(f"{where}: the GGUF vocabulary does not make a BPE tokenizer: {e}") from None
+    added = [AddedToken(tokens[i], special=bool(types[i] == _CONTROL), normalized=False)
+             for i in np.flatnonzero((types == _CONTROL) | (types == _USER_DEFINED)) if vocab[tokens[i]] == i]
+    tok.add_tokens(added)
+    ends = []
+    for key, default in (("bos", model == "llama"), ("eos", False)):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if meta.get(f"tokenizer.ggml.add_{key}_token", default) is True and isinstance(i, int) and 0 <= i < len(tokens):
+            ends.append((key, tokens[i], i))
+    if ends:
+        b = [t for k, t, _ in ends if k == "bos"]
+        e = [t for k, t, _ in ends if k == "eos"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=" ".join(b + ["$A"] + e), pair=" ".join(b + ["$A"] + e + b + ["$B"] + e),
+            special_tokens=sorted({(t, i) for _, t, i in ends}))
+    return tok
+
+
+def _byte_level(meta, where, tokens, vocab, Regex, Tokenizer, decoders, models, pre_tokenizers):
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre not in _PRE_SPLITS:
+        warnings.warn(f"{where}: tokenizer.ggml.pre {pre!r} is not known here; splitting words as GPT-2 does",
+                      stacklevel=4)
+    merges = meta.get("tokenizer.ggml.merges")
+    if not isinstance(merges, list) or not all(isinstance(m, str) and len(m.split(" ")) == 2 for m in merges):
+        raise CheckpointError(f"{where}: metadata 'tokenizer.ggml.merges' must be a list of 'left right' strings")
     pairs = [tuple(m.split(" ")) for m in merges]
     known = [p for p in pairs if p[0] in vocab and p[1] in vocab and p[0] + p[1] in vocab]
     if len(known) < len(pairs):
         warnings.warn(f"{where}: tokenizer.ggml.merges: ignoring {len(pairs) - len(known)} of {len(pairs)} merges "
-                      "whose tokens are not in the vocabulary", stacklevel=3)
-    try:
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=known, fuse_unk=False))
-    except Exception as e:  # (tokenizers raises plain Exceptions)
-        raise CheckpointError(f"{where}: the GGUF vocabulary does not make a BPE tokenizer: {e}") from None
+                      "whose tokens are not in the vocabulary", stacklevel=4)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=known, fuse_unk=False))
     split = _PRE_SPLITS.get(pre)
     tok.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True) if split is None else
                          pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
                                                   pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                                            use_regex=False)]))
     tok.decoder = decoders.ByteLevel()
-    added = [AddedToken(tokens[i], special=bool(types[i] == _CONTROL), normalized=False)
-             for i in np.flatnonzero((types == _CONTROL) | (types == _USER_DEFINED)) if vocab[tokens[i]] == i]
-    tok.add_tokens(added)
-    bos = meta.get("tokenizer.ggml.bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token") is True and isinstance(bos, int) and 0 <= bos < len(tokens):
-        b = tokens[bos]
-        tok.post_processor = processors.TemplateProcessing(single=f"{b} $A", pair=f"{b} $A {b} $B",
-                                                           special_tokens=[(b, bos)])
+    return tok
+
+
+def _sentencepiece(meta, where, tokens, types, vocab, Tokenizer, decoders, models, pre_tokenizers):
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise CheckpointError(f"{where}: metadata 'tokenizer.ggml.scores' must give one score per token "
+                              f"({len(tokens)})")
+    scores = np.asarray(scores, dtype=np.float64)
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    if not (isinstance(unk, int) and 0 <= unk < len(tokens)):
+        unk = next((int(i) for i in np.flatnonzero(types == 2)), None)  # (token type 2: UNKNOWN)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=_spm_merges(tokens, scores, vocab), fuse_unk=True,
+                               byte_fallback=True, unk_token=None if unk is None else tokens[unk]))
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", True) is not False
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
+                                                 split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1, right=0)] if prefix else []))
     return tok
 
 
