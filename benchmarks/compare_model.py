@@ -24,7 +24,7 @@ Engines (each in a fresh subprocess, so peak RSS is its own; all with --threads 
   ne-f32m, ne-bf16m  the same with matmul_precision="medium" (bf16 products on AMX tiles for prefill)
   ne-int8, ne-int4, ne-int4m  quant="int8" / "int4" (ne-int4m: with matmul_precision="medium")
   ne-gguf-f32, ne-gguf-f16, ne-gguf-q8_0, ne-gguf-q4_0  normengine.load of the GGUF file llama.cpp reads (Q8_0:
-             dequantized to float32; Q4_0: quant="int4", its codes repacked as int4 with groups of 32, exact)
+             quant="int8-weight", Q4_0: quant="int4": the file's codes and scales repacked with groups of 32, exact)
   ne-f32s, ne-bf16s, ne-int8s, ne-int4s  normengine.load of the checkpoint `normengine convert`
              (Model.save) wrote from it (fp32, --dtype bf16, --quant int8, --quant int4; made once in
              --workdir): the torch-free path, in a worker that never imports torch (checked), as
@@ -83,7 +83,7 @@ DEFAULT_ENGINES = ("ne-f32", "ne-bf16", "ne-f32m", "ne-bf16m", "hf-f32", "llama-
 # bytes per weight of each engine's matrices (for the weight-bytes and bandwidth-bound columns)
 BYTES_PER_WEIGHT = {"f32": 4, "bf16": 2, "f32m": 4, "bf16m": 2, "f32s": 4, "bf16s": 2, "int8s": 1 + 4 / 768, "int4s": 0.5 + 4 / 128, "f16": 2, "int8": 1 + 4 / 768, "q8_0": 34 / 32, "int4": 0.5 + 4 / 128,
                     "int4m": 0.5 + 4 / 128,
-                    "q4_0": 18 / 32, "gguf-f32": 4, "gguf-f16": 2, "gguf-q8_0": 4, "gguf-q4_0": 0.5 + 8 / 32}
+                    "q4_0": 18 / 32, "gguf-f32": 4, "gguf-f16": 2, "gguf-q8_0": 1 + 4 / 32, "gguf-q4_0": 0.5 + 8 / 32}
 
 
 def rss_kb(field: str) -> int:
@@ -233,7 +233,7 @@ def worker(a) -> dict:
             m = normengine.load(a.model_dir)
             assert m._arrays and "torch" not in sys.modules, "the torch-free path was not taken"
         elif a.worker.startswith("ne-gguf-"):  # the GGUF file llama.cpp reads (Q4_0: repacked as int4, exact)
-            m = normengine.load(a.gguf, quant="int4" if a.worker.endswith("q4_0") else None)
+            m = normengine.load(a.gguf, quant={"q4_0": "int4", "q8_0": "int8-weight"}.get(a.worker.rsplit("-", 1)[1]))
         else:
             quant = {"ne-int8": "int8", "ne-int4": "int4", "ne-int4m": "int4"}.get(a.worker)
             m = normengine.load(a.model_dir, dtype=torch.bfloat16 if a.worker.startswith("ne-bf16") else None,

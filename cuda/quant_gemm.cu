@@ -4,6 +4,7 @@
 //   Int8 (W8A8)  s_m = max_k |x[m, k]| / 127,  q[m, k] = rne(x[m, k] * (1 / s_m)) clamped to [-127, 127]
 //                y = (float(sum_k q[m, k] wq[n, k]) * s_m) * sw[n]                       int32 sums (IMMA)
 //   Int8Weight   y = sw[n] * sum_k x[m, k] * wq[n, k]                                   fp32 sums
+//                (grouped: y = sum_g sw[n, g] * sum_{k in g} x[m, k] * wq[n, k])
 //   Int4         y = sum_g s[n, g] * sum_{k in g} x[m, k] (q[n, k] - z[n, g])           fp32 sums (z = 7.5 if symmetric)
 //   FP8          s[m, b] = max_{k in b} |x[m, k]| / 448,  xq = e4m3_rne(x / s[m, b])     b = 128-channel block
 //                y = sum_b (s[m, b] * sw(n, b)) * (sum_{k in b} xq[m, k] * e4m3(wq[n, k]))  fp32 (e4m3 MMA)
@@ -258,18 +259,22 @@ __global__ void __launch_bounds__(256) gemv_kernel(GemvArgs a) {
       float wf[16];
 #pragma unroll
       for (int i = 0; i < 16; ++i) wf[i] = static_cast<float>(static_cast<int8_t>((ww[i >> 2] >> (8 * (i & 3))) & 0xffu));
+      // grouped scales: k = j0 .. j0+15 lie in one group (group % 32 == 0), scaled here; per row: at the end
+      const float sg = a.group > 0 ? a.sw[n * (a.K / a.group) + j0 / a.group] : 1.0f;
 #pragma unroll
       for (int r = 0; r < MR; ++r) {
         if (m0 + r >= a.M) break;
         const float4* xr = reinterpret_cast<const float4*>(static_cast<const float*>(a.act) + (m0 + r) * a.ldact + j0);
+        float part = 0.0f;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const float4 xv = __ldg(xr + i);
-          acc[r] = fmaf(xv.x, wf[4 * i], acc[r]);
-          acc[r] = fmaf(xv.y, wf[4 * i + 1], acc[r]);
-          acc[r] = fmaf(xv.z, wf[4 * i + 2], acc[r]);
-          acc[r] = fmaf(xv.w, wf[4 * i + 3], acc[r]);
+          part = fmaf(xv.x, wf[4 * i], part);
+          part = fmaf(xv.y, wf[4 * i + 1], part);
+          part = fmaf(xv.z, wf[4 * i + 2], part);
+          part = fmaf(xv.w, wf[4 * i + 3], part);
         }
+        acc[r] = a.group > 0 ? fmaf(sg, part, acc[r]) : acc[r] + part;
       }
     } else if constexpr (F == QFormat::FP8) {
       // k = j0 .. j0+15 lie in one 128-block b; the products e4m3 * e4m3 are exact in fp32
@@ -335,7 +340,9 @@ __global__ void __launch_bounds__(256) gemv_kernel(GemvArgs a) {
       v = __fmul_rn(__fmul_rn(static_cast<float>(dot), a.sx[m0 + r]), a.sw[n]);
     } else {
       v = warp_sum(acc[r]);
-      if constexpr (F == QFormat::Int8Weight) v = __fmul_rn(v, a.sw[n]);
+      if constexpr (F == QFormat::Int8Weight) {
+        if (a.group == 0) v = __fmul_rn(v, a.sw[n]);
+      }
     }
     if (lane == 0) store_out(a.y, (m0 + r) * a.ldy + n, v, a.bias, n, a.accumulate);
   }
@@ -616,7 +623,8 @@ struct FmaArgs {
 };
 
 // y tile = X tile (64 x K) times dequantized W tile^T (K x 64): Int4 w = (q - z) s (a K step of 32 lies in
-// one group: group % 32 == 0), Int8Weight w = q with s_w[n] in the epilogue. 256 threads, 4 x 4 each.
+// one group: group % 32 == 0), Int8Weight w = q with s_w[n] in the epilogue (grouped: w = q s_w[n, g] in the
+// loader). 256 threads, 4 x 4 each.
 template <QFormat F>
 __global__ void __launch_bounds__(256) fma_kernel(FmaArgs a) {
   __shared__ __align__(16) float Xs[kFBK][kFBM + 4];
@@ -647,10 +655,12 @@ __global__ void __launch_bounds__(256) fma_kernel(FmaArgs a) {
       float wv[8];
       if constexpr (F == QFormat::Int8Weight) {
         const int8_t* wr = reinterpret_cast<const int8_t*>(a.W) + n * a.K;
+        // grouped scales dequantize here (a K step of 32 lies in one group); per-row ones in the epilogue
+        const float sg = (a.group > 0 && n < a.N) ? a.sw[n * (a.K / a.group) + k0 / a.group] : 1.0f;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           const int64_t k = k0 + lk + i;
-          wv[i] = (n < a.N && k < a.K) ? static_cast<float>(wr[k]) : 0.0f;
+          wv[i] = (n < a.N && k < a.K) ? __fmul_rn(static_cast<float>(wr[k]), sg) : 0.0f;
         }
       } else {  // Int4: K % 32 == 0, so k0 + lk + 8 <= K
         if (n < a.N) {
@@ -693,7 +703,9 @@ __global__ void __launch_bounds__(256) fma_kernel(FmaArgs a) {
       const int64_t n = n0 + tc * 4 + j;
       if (n >= a.N) continue;
       float v = acc[i][j];
-      if constexpr (F == QFormat::Int8Weight) v = __fmul_rn(v, a.sw[n]);
+      if constexpr (F == QFormat::Int8Weight) {
+        if (a.group == 0) v = __fmul_rn(v, a.sw[n]);
+      }
       store_out(a.y, m * a.ldy + n, v, a.bias, n, a.accumulate);
     }
   }

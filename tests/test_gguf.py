@@ -198,21 +198,23 @@ def test_written_head_and_options(hf_model, tmp_path):
     assert rel_err(_load(d).logits(ids), base) == 0
 
 
-def test_q4_weights_repacked_exactly_as_int4(hf_model, tmp_path):
-    """quant='int4' on a Q4_0 / Q4_1 file keeps the file's codes: every linear weight is an asymmetric
-    int4 weight with groups of 32 whose values are the file's (Q4_0 bit for bit; Q4_1 to float32
-    rounding of z = -m / d), through Llama's row permutation, GPT-2's split q / k / v, the experts and a
-    tied head; the logits equal the dequantized model's to float32 rounding; it saves and reloads.
-    symmetric=True re-quantizes instead."""
+def test_blocks_repacked_exactly(hf_model, tmp_path):
+    """quant='int4' on a Q4_0 / Q4_1 file and quant='int8-weight' on a Q8_0 / Q4_0 / Q5_0 file keep the
+    file's codes: every linear weight is packed with groups of 32 (asymmetric int4; int8 codes with a scale
+    per group) and its values are the file's (bit for bit; Q4_1 to the float32 rounding of z = -m / d),
+    through Llama's row permutation, GPT-2's split q / k / v, the experts and a tied head; the logits equal
+    the dequantized model's to float32 rounding; it saves and reloads. symmetric=True (int4) or another
+    group size re-quantizes instead."""
     name, hf, path = hf_model
     if name not in ("gpt2", "llama-gqa", "llama-tied", "qwen3-qknorm", "mixtral"):
         pytest.skip("the architectures' weight layouts")
     ids = torch.randint(1, 97, (2, 13), generator=torch.Generator().manual_seed(8))
-    for ot in ("q4_0", "q4_1"):
+    for ot, fmt in (("q4_0", "int4"), ("q4_1", "int4"), ("q8_0", "int8-weight"), ("q4_0", "int8-weight"),
+                    ("q5_0", "int8-weight")):
         g = _convert(path, str(tmp_path / f"m-{ot}.gguf"), ot, write_output=name == "llama-tied")
-        values, m = _load(g), _load(g, quant="int4")
+        values, m = _load(g), _load(g, quant=fmt)
         c = m.config
-        assert (c.quantization, c.quant_group_size, c.quant_symmetric) == ("int4", 32, False)
+        assert (c.quantization, c.quant_group_size, c.quant_symmetric) == (fmt, 32, fmt != "int4")
         assert "fold_norm_affine" not in c.conversions  # the gains stay in the norms
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -220,15 +222,18 @@ def test_q4_weights_repacked_exactly_as_int4(hf_model, tmp_path):
         packed = [n for n, w in m.tensors.items() if hasattr(w, "dequantize")]
         assert len(packed) >= 4 * c.n_layers
         for n in packed:
-            tol = 0 if ot == "q4_0" else 2e-6
+            tol = 2e-6 if ot == "q4_1" else 0
             assert rel_err(m.tensors[n].dequantize(), plain[n]) <= tol, (name, ot, n)
         if c.tied_head:
             assert m.tensors["lm_head.weight"] is m.tensors["tok_emb.weight"]
-        assert rel_err(m.logits(ids), values.logits(ids)) <= 1e-5, (name, ot)
-    m.save(tmp_path / "saved")
-    assert rel_err(ne.load(tmp_path / "saved").logits(ids), m.logits(ids)) == 0
+        assert rel_err(m.logits(ids), values.logits(ids)) <= 1e-5, (name, ot, fmt)
+        if ot == "q8_0":
+            m.save(tmp_path / "saved")
+            assert rel_err(ne.load(tmp_path / "saved").logits(ids), m.logits(ids)) == 0
     r = _load(g, quant="int4", group_size=32, symmetric=True)  # (the only group size 64 and 96 share)
     assert r.config.quant_symmetric and "fold_norm_affine" in r.config.conversions  # re-quantized from the values
+    r = _load(g, quant="int8-weight", group_size=0)
+    assert r.config.quant_group_size == 0 and "fold_norm_affine" in r.config.conversions
 
 
 def test_reader_matches_the_gguf_package(tmp_path):
@@ -334,12 +339,12 @@ def test_k_quant_file_matches_transformers(tmp_path):
     # others are quantized from their values, with a warning saying how many of which type
     from normengine.checkpoint import gguf
 
-    exact, _ = gguf.int4_exact(gguf_io.read_gguf(path), m.config)
+    exact, _ = gguf.repack_exact(gguf_io.read_gguf(path), m.config, "int4")
     q4k = {n for n, k in kind_of.items() if k == "Q4_K"}
     assert len(q4k) == 3
     assert {"blk.0.attn_v.weight", "blk.1.attn_q.weight", "blk.1.ffn_up.weight"} == q4k
     assert set(exact) == {"blocks.0.attn.v.weight", "blocks.1.attn.q.weight"}
-    left = r"13 linear weights .*\(3 x Q2_K, 3 x Q3_K, 1 x Q4_K, .*\): they are quantized to int4"
+    left = r"13 linear weights .* int4 \(3 x Q2_K, 3 x Q3_K, 1 x Q4_K, .*\): they are quantized to int4"
     with pytest.warns(UserWarning, match=left):
         q = ne.load(path, quant="int4")
     for n, w in exact.items():

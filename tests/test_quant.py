@@ -10,7 +10,8 @@ from normengine import errors
 from normengine.reference.quant import quantized_linear as ref_qlinear
 from conftest import quant_term_scale, rel_err
 
-CASES = [("int8", {}), ("int8-weight", {}), ("int4", {"group_size": 128}), ("int4", {"group_size": 32}),
+CASES = [("int8", {}), ("int8-weight", {}), ("int8-weight", {"group_size": 32}), ("int8-weight", {"group_size": 128}),
+         ("int4", {"group_size": 128}), ("int4", {"group_size": 32}),
          ("int4", {"group_size": 64, "symmetric": False}), ("fp8", {"group_size": 128}), ("fp8", {"group_size": 0})]
 
 
@@ -40,6 +41,7 @@ def test_matches_reference(case, M, N, K, device, gen):
 # 9.9-10.0% on large draws (10.2% on small ones), so its test allows 10.5%. For scale: the best
 # 16-level quantizer of a Gaussian of known variance, non-uniform (Lloyd-Max), is 9.75% rms.
 @pytest.mark.parametrize("fmt,kw,limit", [("int8", {}, 0.02), ("int8-weight", {}, 0.02),
+                                          ("int8-weight", {"group_size": 32}, 0.012),
                                           ("int4", {"group_size": 128, "symmetric": False}, 0.10),
                                           ("int4", {"group_size": 128}, 0.105), ("int4", {"group_size": 32}, 0.09),
                                           ("fp8", {}, 0.06)])
@@ -209,7 +211,7 @@ def test_dequantized_panel_path(case, M, N, K, device, gen):
     assert rel_err(got, want, floor=scale) < 2e-6
     acc = torch.randn(M, N, generator=gen)
     out = acc.clone()
-    g = q.group_size if fmt in ("int4", "fp8") else 0
+    g = q.group_size
     _C.quant_linear(x, {"int8-weight": 1, "int4": 2, "fp8": 3}[fmt], q.data, q.scale, q.zero, g, N, K, b, out, True)
     assert rel_err(out, want + acc.double(), floor=scale) < 2e-6
 

@@ -26,12 +26,13 @@ CODE = {"int8": 0, "int8-weight": 1, "int4": 2, "fp8": 3}
 VARIANTS = [
     ("int8", None, True),
     ("int8-weight", None, True),
+    ("int8-weight", 32, True),
     ("int4", 128, True),
     ("int4", 32, False),
     ("fp8", 128, True),
     ("fp8", 0, True),
 ]
-VIDS = ["int8", "int8w", "int4-g128", "int4-g32-asym", "fp8-block", "fp8-tensor"]
+VIDS = ["int8", "int8w", "int8w-g32", "int4-g128", "int4-g32-asym", "fp8-block", "fp8-tensor"]
 # fp32 sums of up to 4096 terms against float64: a few 1e-6 of max |y|
 TOL = 2e-5
 
@@ -40,7 +41,7 @@ def run(x, qw, bias=None, out=None, accumulate=False):
     N, K = qw.shape
     if out is None:
         out = torch.full((x.shape[0], N), float("nan"), dtype=torch.float32, device=x.device)
-    g = qw.group_size if qw.format in ("int4", "fp8") else 0
+    g = qw.group_size
     _C.quant_linear_cuda(x, CODE[qw.format], qw.data, qw.scale, qw.zero, g, N, K, bias, out, accumulate,
                          torch.cuda.current_stream().cuda_stream)
     return out
@@ -68,14 +69,14 @@ def test_against_reference(gen, fmt, group, sym, M, N, K):
     # and the CPU kernels, on the same packed weight
     cpu = torch.empty(M, N)
     qc = qw.to("cpu")
-    _C.quant_linear(x.cpu(), CODE[fmt], qc.data, qc.scale, qc.zero, qc.group_size if fmt in ("int4", "fp8") else 0,
+    _C.quant_linear(x.cpu(), CODE[fmt], qc.data, qc.scale, qc.zero, qc.group_size,
                     N, K, bias.cpu(), cpu)
     assert rel_err(got, cpu) < TOL
 
 
 # int4 needs K % group == 0: K = 96 with groups of 32; the others also take K % 16 != 0
-K_TAILS = [(f, g, s, K) for (f, g, s) in VARIANTS if f != "int4" for K in (96, 144, 100, 1)] + \
-          [("int4", 32, True, 96), ("int4", 32, False, 96)]
+K_TAILS = [(f, g, s, K) for (f, g, s) in VARIANTS if f != "int4" and not (f == "int8-weight" and g)
+           for K in (96, 144, 100, 1)] + [("int4", 32, True, 96), ("int4", 32, False, 96), ("int8-weight", 32, True, 96)]
 
 
 @pytest.mark.parametrize("fmt,group,sym,K", K_TAILS)

@@ -5,7 +5,7 @@ of tests/cuda_emu/cuda_emu.h, built by g++ into a ctypes library (tests/cuda_emu
 
 Checked: the activation quantization (int8 per token, FP8 E4M3 per token and 128 channels) bit for bit
 against the CPU's formulas (normengine.reference.quant, what cpp/ops/quant_gemm.cpp computes); every
-format (int8 W8A8, int8-weight, int4 g32/64/128 symmetric and with zero points, fp8 per tensor and
+format (int8 W8A8, int8-weight per row and g32 / g128, int4 g32/64/128 symmetric and with zero points, fp8 per tensor and
 128 x 128 blocks) for M in {1, 3, 8, 9, 16, 33, 130} (GEMV and tile kernels), odd N and K where the
 format allows, bias, accumulate, strided x / y with guard regions, against the CPU kernel
 (normengine._C.quant_linear: int8 bit for bit, the fp32-summing formats within fp32 summation error of
@@ -79,7 +79,7 @@ def all_kernels(lib):
 
 
 def group_of(qw):
-    return qw.group_size if qw.format in ("int4", "fp8") else 0
+    return qw.group_size
 
 
 # ---------------------------------------------------------------------------- E4M3 conversions
@@ -169,7 +169,7 @@ def test_quant_activations_nan(lib):
 
 def make_weight(fmt, group, sym, N, K, gen):
     w = torch.randn(N, K, generator=gen) * 0.5
-    return quantize_weight(w, fmt, group if fmt in ("int4", "fp8") else None, sym)
+    return quantize_weight(w, fmt, group if fmt != "int8" else None, sym)
 
 
 def sentinel_out(M, N, ldy, y0):
@@ -259,7 +259,8 @@ def check_case(lib, fmt, group, sym, M, N, K, gen, bias_on=True, acc=False, xdty
     return names
 
 
-FORMATS = [("int8", 0, True), ("int8-weight", 0, True), ("int4", 32, True), ("int4", 64, False),
+FORMATS = [("int8", 0, True), ("int8-weight", 0, True), ("int8-weight", 32, True), ("int8-weight", 128, True),
+           ("int4", 32, True), ("int4", 64, False),
            ("int4", 128, True), ("int4", 128, False), ("fp8", 0, True), ("fp8", 128, True)]
 MS = [1, 3, 8, 9, 16, 33, 130]
 
@@ -270,7 +271,7 @@ def shape_for(fmt, group, M):
     int4 group."""
     N = 150 if M > 8 else 37
     if fmt == "int8-weight":
-        K = 203
+        K = 203 if group == 0 else 3 * group  # (grouped: whole groups)
     elif fmt == "int4":
         K = 3 * group if group < 128 else 256
     else:

@@ -178,7 +178,7 @@ def cpu_forward(r, slots, seqs, all_logits, vocab):
 
 
 def _group(t):
-    return t.group_size if t.format in ("int4", "fp8") else 0  # as Model._runner_for
+    return t.group_size  # as Model._runner_for
 
 
 def cpu_runner(model, slots, ctx, spec=None, tensors=None):
@@ -421,10 +421,12 @@ def test_schedules_bitwise(lib, model, order):
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("quant,kw", [("int8", {}), ("int8-weight", {}), ("int4", dict(group_size=32)),
+@pytest.mark.parametrize("quant,kw", [("int8", {}), ("int8-weight", {}), ("int8-weight", dict(group_size=32)),
+                                      ("int4", dict(group_size=32)),
                                       ("int4", dict(group_size=64, symmetric=False)), ("fp8", {}),
                                       ("fp8", dict(group_size=0))],
-                         ids=["int8", "int8-weight", "int4-g32", "int4-g64-asym", "fp8-blocks", "fp8-tensor"])
+                         ids=["int8", "int8-weight", "int8-weight-g32", "int4-g32", "int4-g64-asym", "fp8-blocks",
+                              "fp8-tensor"])
 def test_quantized_weights(lib, quant, kw):
     """A quantized model (normengine.load(quant=...)): every projection and the head through
     ne::cuda::quant_linear (GEMV at 7 rows; tensor-core / fp32 tiles at 20), the tied embedding's rows

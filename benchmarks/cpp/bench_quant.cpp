@@ -2,10 +2,11 @@
 // the engine's fp32 GEMM (ne::gemm_f32), K = N = 4096, M in {1, 16, 128, 512}.
 //
 //   bench_quant [--threads N] [--repeats K] [--isa avx512|avx2|generic] [--k 4096] [--n 4096]
-//               [--int8-kernel amx|avx512vnni|avxvnni|isa] [--m 1,16,128,512] [--formats int8,int8w,int4,fp8]
+//               [--int8-kernel amx|avx512vnni|avxvnni|isa] [--m 1,16,128,512] [--formats int8,int8w,int8w32,int4,fp8]
 //
 // Weights are packed here with the same rules as normengine.ops.quantize_weight (int8 per channel,
-// int4 groups of 128 symmetric mid-rise, fp8 E4M3 with 128 x 128 block scales); values are random.
+// int8-weight with a scale per 32 columns (int8w32: llama.cpp's Q8_0 layout), int4 groups of 128 symmetric
+// mid-rise, fp8 E4M3 with 128 x 128 block scales); values are random.
 // Prints the median time, GFLOP/s (2 M N K) and the speed-up over fp32; for M = 1 also the bytes of
 // packed weight streamed per second.
 #include <algorithm>
@@ -72,7 +73,7 @@ int main(int argc, char** argv) {
     else if (a == "--formats" && i + 1 < argc) formats = argv[++i];
     else {
       std::fprintf(stderr, "usage: %s [--threads N] [--repeats K] [--isa avx512|avx2|generic] [--k K] [--n N] "
-                   "[--int8-kernel NAME] [--m 1,16,...] [--formats int8,int8w,int4,fp8]\n", argv[0]);
+                   "[--int8-kernel NAME] [--m 1,16,...] [--formats int8,int8w,int8w32,int4,fp8]\n", argv[0]);
       return 2;
     }
   }
@@ -101,6 +102,17 @@ int main(int argc, char** argv) {
     s8[n] = amax / 127.0f;
     for (int64_t k = 0; k < K; ++k) q8[n * K + k] = static_cast<int8_t>(std::lrint(w[n * K + k] / s8[n]));
   }
+  // int8 with a scale per 32 columns (int8-weight group 32: llama.cpp's Q8_0 blocks)
+  std::vector<int8_t> q8g(static_cast<size_t>(N * K));
+  std::vector<float> s8g(static_cast<size_t>(N * (K / 32)));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < K / 32; ++g) {
+      float amax = 0;
+      for (int64_t k = g * 32; k < g * 32 + 32; ++k) amax = std::max(amax, std::fabs(w[n * K + k]));
+      const float s = amax / 127.0f;
+      s8g[n * (K / 32) + g] = s;
+      for (int64_t k = g * 32; k < g * 32 + 32; ++k) q8g[n * K + k] = static_cast<int8_t>(std::lrint(w[n * K + k] / s));
+    }
   // int4, groups of 128, mid-rise
   const int64_t G = K / 128;
   std::vector<uint8_t> q4(static_cast<size_t>(N * K / 2));
@@ -133,10 +145,12 @@ int main(int argc, char** argv) {
   ne::QWeight W8{ne::QFormat::Int8, N, K, q8.data(), s8.data(), nullptr, 0};
   ne::QWeight W8w = W8;
   W8w.format = ne::QFormat::Int8Weight;
+  ne::QWeight W8g{ne::QFormat::Int8Weight, N, K, q8g.data(), s8g.data(), nullptr, 32};
   ne::QWeight W4{ne::QFormat::Int4, N, K, q4.data(), s4.data(), nullptr, 128};
   ne::QWeight WF{ne::QFormat::FP8, N, K, qf.data(), sf.data(), nullptr, 128};
   struct Fmt { const char* key; const char* name; const ne::QWeight* w; double bytes; };
   const Fmt all[] = {{"int8", "int8 (W8A8)", &W8, double(N * K + 4 * N)}, {"int8w", "int8-weight", &W8w, double(N * K + 4 * N)},
+                     {"int8w32", "int8-w g32", &W8g, double(N * K + 4 * N * (K / 32))},
                      {"int4", "int4 g128", &W4, double(N * K / 2 + 4 * N * G)}, {"fp8", "fp8 b128", &WF, double(N * K + 4 * NB * KB)}};
   std::vector<Fmt> fmts;
   for (const Fmt& f : all)

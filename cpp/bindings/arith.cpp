@@ -104,7 +104,7 @@ void bind_arith(py::module_& m) {
         const int64_t N = vw.shape[0], K = vw.shape[1];
         const int64_t ldw = matrix(vw, vw.dtype, N, K);
         matrix(vd, int4 ? ne::DType::U8 : ne::DType::I8, N, int4 ? K / 2 : K);
-        const int64_t ns = int4 ? N * (K / std::max<int64_t>(1, group)) : N;
+        const int64_t ns = int4 || group > 0 ? N * (K / std::max<int64_t>(1, group)) : N;
         auto check_vec = [&](const TensorView& v, const char* name) {
           if (!v.is_contiguous() || v.dtype != ne::DType::F32 || v.device.type != ne::DeviceType::CPU || v.numel() != ns)
             throw ne::ShapeError(std::string(name) + ": expected a contiguous float32 CPU tensor of " + std::to_string(ns) +

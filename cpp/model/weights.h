@@ -396,9 +396,17 @@ QWeight quant_weight(const WeightSlot<Wt>& slot, const std::string& name, int fo
   switch (fmt) {
     case QFormat::Int8:
     case QFormat::Int8Weight:
-      if (group != 0) throw ValueError(name + ": int8 formats take no group size (group 0), got " + std::to_string(group));
+      if (group != 0 && (fmt == QFormat::Int8 || (group != 32 && group != 64 && group != 128)))
+        throw ValueError(name + ": int8 (W8A8) takes no group size, int8-weight 0 (per row), 32, 64 or 128; got " +
+                         std::to_string(group));
+      if (group != 0 && K % group)
+        throw ShapeError(name + ": in_features " + std::to_string(K) + " is not a multiple of the group size " +
+                         std::to_string(group));
       part(data, DType::I8, {N, K}, "qdata");
-      part(scale, DType::F32, {N}, "qscale");
+      if (group != 0)
+        part(scale, DType::F32, {N, K / group}, "qscale");
+      else
+        part(scale, DType::F32, {N}, "qscale");
       break;
     case QFormat::Int4:
       if (group != 32 && group != 64 && group != 128)

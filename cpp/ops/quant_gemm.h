@@ -19,22 +19,25 @@ enum class QFormat : int { Int8 = 0, Int8Weight = 1, Int4 = 2, FP8 = 3 };
 struct QWeight {
   QFormat format = QFormat::Int8;
   int64_t N = 0, K = 0;
-  // Int8 / Int8Weight: int8 [N, K], q in [-127, 127], w ~= q * scale[n].
+  // Int8 / Int8Weight: int8 [N, K], q in [-127, 127], w ~= q * scale[n]; Int8Weight with group > 0 (32, 64 or
+  //       128; K % group == 0): w ~= q * scale[n, k/group] (llama.cpp's Q8_0 blocks are group 32).
   // Int4: uint8 [N, K/2]; byte j of row n holds k = 2j in its low nibble and k = 2j+1 in its high nibble;
   //       nibble q in 0..15; w ~= (q - zero[n, k/group]) * scale[n, k/group]; zero == nullptr means symmetric:
   //       zero point 7.5, levels (q - 7.5) s = +-0.5 s ... +-7.5 s, symmetric around 0 (mid-rise).
   // FP8: uint8 [N, K] holding E4M3 (fn: no Inf, 0x7f/0xff NaN, max 448) bit patterns; w ~= e4m3(q) * scale.
   const void* data = nullptr;
-  // Int8*: [N]; Int4: [N, K/group]; FP8: [1] when group == 0 (per tensor), [ceil(N/128), ceil(K/128)] when group == 128 (block scales).
+  // Int8*: [N] (Int8Weight with group > 0: [N, K/group]); Int4: [N, K/group]; FP8: [1] when group == 0 (per tensor),
+  // [ceil(N/128), ceil(K/128)] when group == 128 (block scales).
   const float* scale = nullptr;
   const float* zero = nullptr;  // Int4 asymmetric only: [N, K/group], in quantized units (float)
-  int64_t group = 0;            // Int4: 32, 64 or 128 (K % group == 0); FP8: 0 or 128; Int8*: 0
+  int64_t group = 0;            // Int4: 32, 64 or 128 (K % group == 0); FP8: 0 or 128; Int8: 0; Int8Weight: 0, 32, 64, 128
 };
 
-// Scales a packed weight carries (zero points: as many as scales, int4 only): Int8*: N; Int4: N * K / group;
+// Scales a packed weight carries (zero points: as many as scales, int4 only): Int8*: N (grouped Int8Weight and
+// Int4: N * K / group);
 // FP8: 1 per tensor (group 0) or one per 128 x 128 block.
 inline int64_t qweight_scale_count(QFormat f, int64_t N, int64_t K, int64_t group) {
-  if (f == QFormat::Int4) return N * (K / (group > 0 ? group : 1));
+  if (f == QFormat::Int4 || (f == QFormat::Int8Weight && group > 0)) return N * (K / (group > 0 ? group : 1));
   if (f == QFormat::FP8) return group == 0 ? 1 : ((N + 127) / 128) * ((K + 127) / 128);
   return N;
 }

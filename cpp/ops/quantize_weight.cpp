@@ -2,7 +2,8 @@
 // group along K): the arithmetic of normengine.ops.quantize_weight (python/normengine/ops/quant.py),
 // in float64 like it, threaded over rows. Loading a large checkpoint with quant= spends its time here.
 //
-// int8:  s = max_k |w[n, k]| / 127,  q = round_half_even(w / s) clamped to [-127, 127]  (s = 0: q = 0)
+// int8:  s = max_k |w[n, k]| / 127,  q = round_half_even(w / s) clamped to [-127, 127]  (s = 0: q = 0);
+//        int8-weight with groups: the same per group of g columns (s[n, k / g])
 // int4, per group of g columns (16 levels, two per byte: low nibble k = 2j, high k = 2j + 1):
 //   symmetric:  for c in {1.0, 0.975, ..., 0.8}: s_c = amax * c / 7.5,
 //               err_c = sum_k ((clamp(floor(w / s_c), -8, 7) + 0.5) s_c - w)^2;
@@ -121,6 +122,10 @@ void quantize_rows(const T* w, int64_t ldw, int64_t N, int64_t K, QFormat fmt, i
                      zero ? zero + n * G + gi : nullptr);
         uint8_t* q = static_cast<uint8_t*>(data) + n * (K / 2);
         for (int64_t j = 0; j < K / 2; ++j) q[j] = static_cast<uint8_t>(lv[2 * j] | (lv[2 * j + 1] << 4));
+      } else if (group > 0) {  // int8-weight with a scale per group of columns
+        const int64_t G = K / group;
+        for (int64_t gi = 0; gi < G; ++gi)
+          int8_row(row.data() + gi * group, group, static_cast<int8_t*>(data) + n * K + gi * group, scale + n * G + gi);
       } else {
         int8_row(row.data(), K, static_cast<int8_t*>(data) + n * K, scale + n);
       }
@@ -136,7 +141,11 @@ bool quantize_weight_rows(const void* w, DType wdtype, int64_t ldw, int64_t N, i
     throw ValueError("quantize_weight_rows: int8, int8-weight or int4 only");
   if (fmt == QFormat::Int4 && (group != 32 && group != 64 && group != 128))
     throw ValueError("quantize_weight_rows: int4 group size must be 32, 64 or 128");
-  if (fmt == QFormat::Int4 && K % group) throw ShapeError("quantize_weight_rows: K is not a multiple of the group size");
+  if (fmt == QFormat::Int8 && group != 0) throw ValueError("quantize_weight_rows: int8 (W8A8) takes no group size");
+  if (fmt == QFormat::Int8Weight && group != 0 && group != 32 && group != 64 && group != 128)
+    throw ValueError("quantize_weight_rows: int8-weight group size must be 0 (per row), 32, 64 or 128");
+  if ((fmt == QFormat::Int4 || group > 0) && K % group)
+    throw ShapeError("quantize_weight_rows: K is not a multiple of the group size");
   if (fmt == QFormat::Int4 && !symmetric && !zero) throw ValueError("quantize_weight_rows: asymmetric int4 needs zero");
   std::atomic<bool> finite{true};
   switch (wdtype) {

@@ -11,7 +11,8 @@ from .errors import ArgumentError, ShapeError
 class QuantizedWeight:
     """A packed [N, K] weight. data: int8 [N, K] (int8 formats), uint8 [N, K/2] (int4: byte j of a
     row holds k = 2j in its low nibble, k = 2j + 1 in its high one) or uint8 [N, K] (fp8: E4M3 bit
-    patterns); scale: float32 [N] (int8), [N, K/group] (int4), [1] or [ceil(N/128), ceil(K/128)] (fp8);
+    patterns); scale: float32 [N] (int8), [N, K/group] (int4, and int8-weight with group_size 32 / 64 /
+    128), [1] or [ceil(N/128), ceil(K/128)] (fp8);
     zero: float32 [N, K/group] for asymmetric int4, else None."""
 
     def __init__(self, format: str, shape, data, scale, zero=None, group_size: int = 0):
@@ -34,7 +35,7 @@ class QuantizedWeight:
         return sum(t.nbytes for t in self.tensors().values())
 
     def __repr__(self):
-        g = f", group_size={self.group_size}" if self.format in ("int4", "fp8") else ""
+        g = f", group_size={self.group_size}" if self.format in ("int4", "fp8") or self.group_size else ""
         return f"QuantizedWeight({self.format}, shape={self.shape}{g}, {self.nbytes() / 2**20:.2f} MiB)"
 
     def tensors(self) -> dict:
@@ -66,6 +67,10 @@ class QuantizedWeight:
         dtype = torch.float32 if dtype is None else dtype
         N, K = self.shape
         if self.format in ("int8", "int8-weight"):
+            if self.group_size:  # a scale per group of columns
+                g = self.group_size
+                return (self.data.to(torch.float64).view(N, K // g, g) *
+                        self.scale.to(torch.float64)[..., None]).reshape(N, K).to(dtype)
             return (self.data.to(torch.float64) * self.scale.to(torch.float64)[:, None]).to(dtype)
         if self.format == "int4":
             g = self.group_size

@@ -307,7 +307,8 @@ def _weight_options(p) -> None:
                    help="convert the normalization (exact transforms; default: keep, gains folded)")
     p.add_argument("--quant", choices=["int8", "int8-weight", "int4", "fp8"], default=None,
                    help="quantize the linear weights at load time")
-    p.add_argument("--group-size", type=int, default=None, help="int4 group size / fp8 block (with --quant)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4 group size, int8-weight group size (0: per row) or fp8 block (with --quant)")
     p.add_argument("--attention", choices=["softmax", "linear", "mala", "norm"], default=None,
                    help="read the attention weights with another attention type")
 

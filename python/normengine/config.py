@@ -54,8 +54,9 @@ Quantized checkpoints (`quantization` set: "int8", "int8-weight", "int4" or "fp8
 weight of the blocks (experts included; not the routers) and the head (and a tied embedding, the same
 tensors) is stored as
 `<name>.qdata`, `<name>.qscale` and, for asymmetric int4, `<name>.qzero` (the layouts of
-normengine.ops.QuantizedWeight) instead of `<name>`; `quant_group_size` is the int4 group size or
-the fp8 block size (0: one fp8 scale per tensor).
+normengine.ops.QuantizedWeight) instead of `<name>`; `quant_group_size` is the int4 group size, the
+int8-weight group size (0: one scale per output row; 32 / 64 / 128: a scale per group of columns, as
+llama.cpp's Q8_0 with 32) or the fp8 block size (0: one fp8 scale per tensor).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class ModelConfig:
     norm_attention_norm: str = "rms"  # "norm" layers: "rms" or "layer" over each head's outputs
     linear_eps: float = 1e-6
     quantization: str | None = None  # one of QUANT_FORMATS when the linear weights are stored quantized
-    quant_group_size: int = 0         # int4: 32 / 64 / 128; fp8: 0 (per tensor) or 128 (blocks)
+    quant_group_size: int = 0         # int4: 32 / 64 / 128; int8-weight: 0 (rows) / 32 / 64 / 128; fp8: 0 or 128
     quant_symmetric: bool = True      # int4: no stored zero points (mid-rise levels (q - 7.5) s)
     n_experts: int = 0                # mixture of experts: experts per MoE layer (0: dense MLPs)
     n_experts_used: int = 0           # experts each token goes through (top-k)
@@ -192,6 +193,11 @@ class ModelConfig:
             raise ArgumentError(f"config.quantization: expected None or one of {QUANT_FORMATS}, got {self.quantization!r}")
         if self.quantization == "int4" and self.quant_group_size not in (32, 64, 128):
             raise ArgumentError(f"config.quant_group_size: int4 needs 32, 64 or 128, got {self.quant_group_size!r}")
+        if self.quantization == "int8" and self.quant_group_size != 0:
+            raise ArgumentError(f"config.quant_group_size: int8 (W8A8) takes none (0), got {self.quant_group_size!r}")
+        if self.quantization == "int8-weight" and self.quant_group_size not in (0, 32, 64, 128):
+            raise ArgumentError(f"config.quant_group_size: int8-weight needs 0 (per row), 32, 64 or 128, got "
+                                f"{self.quant_group_size!r}")
         if self.quantization == "fp8" and self.quant_group_size not in (0, 128):
             raise ArgumentError(f"config.quant_group_size: fp8 needs 0 (per tensor) or 128 (blocks), got {self.quant_group_size!r}")
         from .rope import check_scaling
@@ -275,7 +281,7 @@ class ModelConfig:
 def quant_shapes(fmt: str, n: int, k: int, group_size: int, symmetric: bool = True) -> dict:
     """Suffix -> shape of the packed tensors of one [n, k] weight quantized as `fmt`."""
     if fmt in ("int8", "int8-weight"):
-        return {"qdata": (n, k), "qscale": (n,)}
+        return {"qdata": (n, k), "qscale": (n, k // group_size) if group_size else (n,)}
     if fmt == "int4":
         s = {"qdata": (n, k // 2), "qscale": (n, k // group_size)}
         if not symmetric:

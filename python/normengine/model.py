@@ -744,8 +744,7 @@ class Model:
                 elif _is_tensor(t):
                     r.set_tensor(name, t)
                 else:  # a packed weight
-                    r.set_quant_tensor(name, _QFORMAT[t.format], t.data, t.scale, t.zero,
-                                       t.group_size if t.format in ("int4", "fp8") else 0)
+                    r.set_quant_tensor(name, _QFORMAT[t.format], t.data, t.scale, t.zero, t.group_size)
             r.finalize()
             self._runner, self._slots, self._ctx = r, slots, ctx
             self._handed_tensors = dict(self._weights)  # kept alive for as long as the runner reads them
@@ -1529,7 +1528,8 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     every norm inside the following GEMM (norm_linear).
 
     quant: quantize the linear weights at load time ('int8' W8A8, 'int8-weight', 'int4', 'fp8'; after
-    the norm folding), with group_size (int4: 32/64/128, default 128; fp8: 128 x 128 blocks or 0 for
+    the norm folding), with group_size (int4: 32/64/128, default 128; int8-weight: 0, a scale per output
+    row (default), or 32/64/128, a scale per group of columns; fp8: 128 x 128 blocks or 0 for
     one scale per tensor) and symmetric (int4 zero points when False; default True); progress shows a bar (default:
     for models above 50M weights). smooth=alpha (e.g. 0.5) first applies SmoothQuant-style smoothing
     folded into the norms' gains (normengine.convert.smooth_model; calibrated on random prompts), which
@@ -1572,8 +1572,9 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     dequantized to float32, exactly llama.cpp's values; the tokenizer (byte-level BPE) and chat template
     come from the file's metadata. quant='int4' on a GGUF file (without group_size / symmetric / norm /
     smooth) keeps its Q4_0 / Q4_1 / Q4_K weights as they are: repacked, not re-quantized, as asymmetric
-    int4 with groups of 32 (the norms' gains then stay in the norms, not folded); its other linear weights
-    are quantized to that format from their values.
+    int4 with groups of 32; quant='int8-weight' likewise its Q8_0 (and Q4_0 / Q5_0) weights as int8 codes
+    with a scale per 32 columns (group_size 32). The norms' gains then stay in the norms, not folded; the
+    other linear weights are quantized to that format from their values.
 
     A checkpoint Model.save wrote (norms folded; quantized or not), loaded on the CPU without dtype,
     quant, smooth, attention or kv_cache_dtype, is read and run without importing torch
@@ -1600,22 +1601,24 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     from .checkpoint.safetensors_io import live_maps, release_unused
 
     maps_before = live_maps()
-    # a GGUF file's 4-bit weights (Q4_0 / Q4_1 / Q4_K) are normengine's int4 with groups of 32: with
-    # quant='int4' (and no other group size or symmetry asked for, nor a conversion that rewrites the
-    # weights) they are repacked exactly instead of re-quantized, and the norms' gains stay in the norms
+    # a GGUF file's 4-bit weights (Q4_0 / Q4_1 / Q4_K) are normengine's int4 with groups of 32, its Q8_0 (and
+    # Q4_0 / Q5_0) int8-weight with groups of 32: with quant='int4' / 'int8-weight' (and no other group size
+    # or symmetry asked for, nor a conversion that rewrites the weights) they are repacked exactly instead
+    # of re-quantized, and the norms' gains stay in the norms
     from .checkpoint.gguf import gguf_path
 
-    gguf_int4 = (quant == "int4" and group_size in (None, 32) and symmetric is not True and norm is None
-                 and smooth is None and gguf_path(path) is not None)
-    if gguf_int4:
-        group_size, symmetric = 32, False
+    repack = None
+    if (quant in ("int4", "int8-weight") and group_size in (None, 32) and norm is None and smooth is None
+            and (quant != "int4" or symmetric is not True) and gguf_path(path) is not None):
+        repack, group_size = quant, 32
+        symmetric = False if quant == "int4" else symmetric
     symmetric = True if symmetric is None else symmetric
     # GPT-2's Conv1D weights stay transposed views of the mapped file until folded or converted (each
     # result is written once, contiguous, in the target dtype; its source pages then leave memory)
-    cfg, tensors = load_checkpoint(path, transposed_views=True, gguf_int4=gguf_int4)
+    cfg, tensors = load_checkpoint(path, transposed_views=True, gguf_repack=repack)
     from .convert.quant import is_quantized
 
-    repacked = [n for n, t in tensors.items() if is_quantized(t)] if gguf_int4 else []
+    repacked = [n for n, t in tensors.items() if is_quantized(t)] if repack else []
     if cfg.quantization is not None:
         tensors = unpack_quantized(cfg, tensors)
         if quant is not None and quant != cfg.quantization:

@@ -82,7 +82,7 @@ def _convert(tensors: Dict[str, torch.Tensor], dtype) -> Dict[str, torch.Tensor]
 
 
 def load_checkpoint(path, dtype=None, *, transposed_views: bool = False,
-                    gguf_int4: bool = False) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+                    gguf_repack: str | None = None) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     """Load a checkpoint as (ModelConfig, {canonical name: tensor}).
 
     path: a Hugging Face-style directory (config.json + model.safetensors, sharded safetensors with
@@ -100,8 +100,9 @@ def load_checkpoint(path, dtype=None, *, transposed_views: bool = False,
     views of the stored ones instead of contiguous copies (see hf.map_tensors): for a caller that
     rewrites them anyway.
 
-    gguf_int4: a GGUF file's linear weights stored as Q4_0 / Q4_1 / Q4_K come back as their exact int4
-    packing (QuantizedWeight objects, asymmetric, groups of 32: gguf.int4_exact), not as values.
+    gguf_repack: "int4" / "int8-weight": a GGUF file's linear weights whose blocks are that format with
+    groups of 32 (int4: Q4_0 / Q4_1 / Q4_K; int8-weight: Q8_0 / Q4_0 / Q5_0) come back as their exact
+    packing (QuantizedWeight objects: gguf.repack_exact), not as values.
 
     Tensors are CPU tensors. A tied head is returned as one tensor object under both tok_emb.weight
     and lm_head.weight. cfg.source_dtype is the dtype the checkpoint stores (not `dtype`).
@@ -112,7 +113,7 @@ def load_checkpoint(path, dtype=None, *, transposed_views: bool = False,
         config, g = gguf_config(gpath)
         arch = hf.architecture_of(config, gpath)
         hf_cfg = hf.parse_config(arch, config, gpath)
-        packed, whole = gguf.int4_exact(g, hf_cfg) if gguf_int4 else ({}, ())
+        packed, whole = gguf.repack_exact(g, hf_cfg, gguf_repack) if gguf_repack else ({}, ())
         raw_tensors, origin = gguf_tensors(g, config, placeholders=whole)
         cfg, tensors = _from_hf(arch, hf_cfg, raw_tensors, config, gpath, origin, transposed_views)
         tensors = _convert(tensors, target)

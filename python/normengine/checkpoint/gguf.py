@@ -16,7 +16,9 @@ GGUF architectures read (llama.cpp's `general.architecture`):
 
 Weights: float32 / float16 / bfloat16 tensors are zero-copy views of the mapped file; quantized ones
 (Q4_0 ... Q8_0, Q2_K ... Q6_K) are dequantized to float32 (exactly llama.cpp's values, see gguf_io), which
-normengine.load then keeps, converts to `dtype`, or re-quantizes with `quant=`. The head is tied when the
+normengine.load then keeps, converts to `dtype`, or quantizes with `quant=`. Blocks that are one of
+normengine's packed formats with groups of 32 are repacked instead, nothing re-quantized (repack_exact):
+Q4_0 / Q4_1 / Q4_K with quant="int4", Q8_0 / Q4_0 / Q5_0 with quant="int8-weight". The head is tied when the
 file has no `output.weight` (or one equal to `token_embd.weight`). Llama 3.1's RoPE scaling is stored as
 a `rope_freqs.weight` tensor of per-frequency divisors; it becomes the "factors" RoPE variant.
 
@@ -237,7 +239,7 @@ def gguf_tensors(g: GGUFFile, cfg: dict, placeholders=()):
     """({transformers name: torch tensor}, {name: origin}) of GGUF file g with config cfg (gguf_config's).
     GGUF tensors named in `placeholders` are not read: they come back as zero-stride float32 views of one
     zero, of their shape (no memory), for a caller that puts their exact packing in their place
-    (int4_exact)."""
+    (repack_exact)."""
     import torch
 
     from .safetensors_io import as_torch
@@ -277,8 +279,11 @@ def gguf_tensors(g: GGUFFile, cfg: dict, placeholders=()):
     return tensors, origin
 
 
-# ----------------------------------------------------------------------------------- exact int4
-INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # 4-bit codes, one (scale, offset) per 32: normengine's int4, group 32
+# ----------------------------------------------------------------------------------- exact repacking
+# the GGUF types whose blocks are one of normengine's packed formats with groups of 32, exactly
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # 4-bit codes, a (scale, offset) per 32: asymmetric int4
+INT8_TYPES = ("Q8_0", "Q4_0", "Q5_0")  # signed codes times a scale per 32: int8-weight (Q4_0 / Q5_0: q - 8, q - 16)
+REPACKED = {"int4": INT4_TYPES, "int8-weight": INT8_TYPES}
 
 
 def _int4_groups(g: GGUFFile, name: str):
@@ -340,26 +345,46 @@ def _canonical_sources(g: GGUFFile, arch: str, cfg):
     return [o for o in out if o[1] in g.tensors]
 
 
-def int4_exact(g: GGUFFile, cfg):
+def _int8_groups(g: GGUFFile, name: str):
+    """A Q8_0 / Q4_0 / Q5_0 tensor as normengine's int8-weight with groups of 32, w = q s (exact):
+    (codes int8 [N, K], s float32 [N, K/32], None). Q8_0: q as stored, s = d; Q4_0: q - 8; Q5_0: q - 16."""
+    from . import gguf_io as io
+
+    info = g.tensors[name]
+    b = g.raw(name)
+    N, K = info.shape[0] * (info.shape[1] if len(info.shape) == 3 else 1), info.shape[-1]
+    kind = info.type.name
+    if kind == "Q8_0":
+        codes = b[:, 2:34].view(np.int8)
+    elif kind == "Q4_0":
+        codes = io._nibbles(b[:, 2:18]).astype(np.int8) - 8
+    else:
+        codes = (io._nibbles(b[:, 6:22]) | io._qh_bits(b[:, 2:6])).astype(np.int8) - 16
+    return codes.reshape(N, K), io._f16(b, 0).reshape(N, K // 32), None
+
+
+def repack_exact(g: GGUFFile, cfg, fmt: str = "int4"):
     """({canonical name: QuantizedWeight}, {GGUF names fully packed}) for every linear weight of GGUF file g
-    (normengine ModelConfig cfg) stored as Q4_0 / Q4_1 / Q4_K: its codes and scales repacked as
-    normengine's asymmetric int4 with groups of 32 (nothing re-quantized; see _int4_groups). Weights of
-    other types, or with a group int4 cannot hold, are left out (the caller quantizes them from their
-    values)."""
+    (normengine ModelConfig cfg) whose blocks are `fmt` with groups of 32: their codes and scales repacked,
+    nothing re-quantized. fmt "int4": Q4_0 / Q4_1 / Q4_K as asymmetric int4 (see _int4_groups); fmt
+    "int8-weight": Q8_0 / Q4_0 / Q5_0 as int8 codes with a scale per 32 (_int8_groups). Weights of other
+    types, or with a group the format cannot hold, are left out (the caller quantizes them from their
+    values; a warning counts them)."""
     import torch
 
     from ..ops.quant import QuantizedWeight
 
+    types, groups = REPACKED[fmt], _int4_groups if fmt == "int4" else _int8_groups
     arch = g.metadata.get("general.architecture")
     out, done, whole_weight = {}, {}, {}
     for name, src, expert, rows in _canonical_sources(g, arch, cfg):
         if src in whole_weight and expert is None and rows is None:  # a tied head: one object for both names
             out[name] = whole_weight[src]
             continue
-        if g.tensors[src].type.name not in INT4_TYPES:
+        if g.tensors[src].type.name not in types:
             continue
         if src not in done:
-            done[src] = _int4_groups(g, src)
+            done[src] = groups(g, src)
         packed = done[src]
         if packed is None:
             continue
@@ -367,12 +392,16 @@ def int4_exact(g: GGUFFile, cfg):
         if expert is not None:  # the stacked experts: rows of expert e
             n = g.tensors[src].shape[1]
             part = slice(expert * n, (expert + 1) * n)
-            codes, s, z = codes[part], s[part], z[part]
+            codes, s, z = codes[part], s[part], None if z is None else z[part]
         if rows is not None:
-            codes, s, z = codes[rows], s[rows], z[rows]
-        data = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)  # k = 2j low nibble, 2j + 1 high
-        data, s, z = (torch.from_numpy(np.ascontiguousarray(a)) for a in (data, s, z))
-        out[name] = QuantizedWeight("int4", codes.shape, data, s, z, 32)
+            codes, s, z = codes[rows], s[rows], None if z is None else z[rows]
+        if fmt == "int4":
+            data = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)  # k = 2j low nibble, 2j + 1 high
+        else:
+            data = codes
+        data, s = (torch.from_numpy(np.ascontiguousarray(a)) for a in (data, s))
+        z = None if z is None else torch.from_numpy(np.ascontiguousarray(z))
+        out[name] = QuantizedWeight(fmt, codes.shape, data, s, z, 32)
         if expert is None and rows is None:
             whole_weight[src] = out[name]
     # a GGUF tensor every one of whose readers is packed need not be read as values (an embedding that is
@@ -384,9 +413,9 @@ def int4_exact(g: GGUFFile, cfg):
             t = g.tensors[src].type.name
             left[t] = left.get(t, 0) + 1
     if left:
-        warnings.warn(f"{g.path}: {sum(left.values())} linear weights are not stored as int4-shaped 4-bit blocks ("
+        warnings.warn(f"{g.path}: {sum(left.values())} linear weights are not stored in blocks that are {fmt} ("
                       + ", ".join(f"{n} x {t}" for t, n in sorted(left.items()))
-                      + "): they are quantized to int4 from their values", stacklevel=4)
+                      + f"): they are quantized to {fmt} from their values", stacklevel=4)
     whole = {src for src, names in users.items() if all(n in out for n in names)}
     if not cfg.tied_head:
         whole.discard("token_embd.weight")  # the embedding table is read for its rows
@@ -529,5 +558,5 @@ def chat_template_of(g: GGUFFile):
     return src, special
 
 
-__all__ = ["ARCHITECTURES", "INT4_TYPES", "gguf_path", "gguf_config", "gguf_tensors", "int4_exact", "tokenizer_of",
+__all__ = ["ARCHITECTURES", "REPACKED", "gguf_path", "gguf_config", "gguf_tensors", "repack_exact", "tokenizer_of",
            "chat_template_of"]

@@ -85,8 +85,12 @@ class Quantizer:
                                 "full-precision checkpoint to quantize it another way")
         if group_size is None:
             group_size = DEFAULT_GROUP[fmt]
-        if fmt in ("int8", "int8-weight") and group_size not in (0, None):
-            raise ArgumentError(f"group_size: {fmt} quantizes per output channel and takes no group size, got {group_size}")
+        if fmt == "int8" and group_size not in (0, None):
+            raise ArgumentError(f"group_size: int8 (W8A8) quantizes per output channel and takes no group size, "
+                                f"got {group_size}")
+        if fmt == "int8-weight" and group_size not in (0, 32, 64, 128):
+            raise ArgumentError(f"group_size: int8-weight needs 0 (a scale per output row), 32, 64 or 128, "
+                                f"got {group_size!r}")
         if fmt == "int4" and group_size not in (32, 64, 128):
             raise ArgumentError(f"group_size: int4 needs 32, 64 or 128, got {group_size!r}")
         if fmt == "fp8" and group_size not in (0, 128):
@@ -97,11 +101,11 @@ class Quantizer:
         probe.quantization = fmt
         shapes = _dense_shapes(cfg)
         self.names = [n for n in shapes if is_quantized_name(probe, n)]
-        if fmt == "int4":
+        if fmt in ("int4", "int8-weight") and group_size:
             for n in self.names:
                 k = shapes[n][1]
                 if k % group_size:
-                    raise ShapeError(f"{n}: in_features {k} is not a multiple of the int4 group size {group_size} "
+                    raise ShapeError(f"{n}: in_features {k} is not a multiple of the {fmt} group size {group_size} "
                                      "(pick a group size that divides it, or another format)")
         total = sum(shapes[n][0] * shapes[n][1] for n in self.names)
         self.bar = _Progress(f"quantizing to {fmt}", len(self.names),
@@ -133,7 +137,7 @@ class Quantizer:
             release = release_pages if self.consume and (self.release_shared or not shared) else None
             # (16-bit weights go to float64 block by block: a float32 copy of the whole would be exact
             # too, and a second full-size tensor)
-            q = _quantize_weight(w.detach(), self.fmt, self.group_size if self.fmt in ("int4", "fp8") else None,
+            q = _quantize_weight(w.detach(), self.fmt, self.group_size,
                                  self.symmetric, done_with=release)
             self.done[id(w)] = (weakref.ref(w), q)
             out[n] = q
@@ -150,7 +154,7 @@ class Quantizer:
         new.quant_group_size = int(self.group_size or 0)
         new.quant_symmetric = self.symmetric
         new.conversions = list(cfg.conversions) + [
-            f"quantize:{self.fmt}" + (f":g{self.group_size}" if self.fmt in ("int4", "fp8") else "")
+            f"quantize:{self.fmt}" + (f":g{self.group_size}" if self.fmt in ("int4", "fp8") or self.group_size else "")
             + ("" if new.quant_symmetric else ":asym")
         ]
         return new, out

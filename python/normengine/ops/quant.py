@@ -44,10 +44,16 @@ _BETTER = 1.0 - 1e-12
 def _check_format(format, group_size):
     if format not in FORMATS:
         raise ArgumentError(f"format: expected one of {FORMATS}, got {format!r}")
-    if format in ("int8", "int8-weight"):
+    if format == "int8":
         if group_size not in (None, 0):
-            raise ArgumentError(f"group_size: {format} quantizes per output channel, got group_size={group_size}")
+            raise ArgumentError(f"group_size: int8 (W8A8) quantizes per output channel, got group_size={group_size}")
         return 0
+    if format == "int8-weight":
+        g = 0 if group_size is None else group_size
+        if g not in (0, 32, 64, 128):
+            raise ArgumentError(f"group_size: int8-weight needs 0 (a scale per output row), 32, 64 or 128 (a scale "
+                                f"per group of columns), got {group_size!r}")
+        return g
     if format == "int4":
         g = 128 if group_size is None else group_size
         if g not in (32, 64, 128):
@@ -86,8 +92,8 @@ def _quantize_weight(w, format, group_size=None, symmetric=True, done_with=None,
         raise ShapeError(f"w: expected a 2-D weight [out_features, in_features], got shape {tuple(w.shape)}")
     g = _check_format(format, group_size)
     N, K = w.shape
-    if format == "int4" and K % g:
-        raise ShapeError(f"w: in_features {K} is not a multiple of the int4 group size {g}")
+    if g and format != "fp8" and K % g:
+        raise ShapeError(f"w: in_features {K} is not a multiple of the {format} group size {g}")
     w = w.detach().resolve_neg()  # a negated view's memory holds -w
     # rows per block: ~1M elements, a multiple of 128 (fp8 blocks never straddle two row blocks)
     step = max(128, (1 << 20) // max(K, 1) // 128 * 128)
@@ -100,16 +106,16 @@ def _quantize_weight(w, format, group_size=None, symmetric=True, done_with=None,
 
         int4 = format == "int4"
         data = torch.empty(N, K // 2 if int4 else K, dtype=torch.uint8 if int4 else torch.int8)
-        s = torch.empty((N, K // g) if int4 else (N,), dtype=torch.float32)
+        s = torch.empty((N, K // g) if g else (N,), dtype=torch.float32)
         z = torch.empty(N, K // g, dtype=torch.float32) if int4 and not symmetric else None
         for r0, r1 in blocks:
             src = w[r0:r1] if w.stride(-1) == 1 else w[r0:r1].contiguous()
-            if not _C.quantize_weight_rows(src, _CODE[format], g if int4 else 0, bool(symmetric), data[r0:r1],
+            if not _C.quantize_weight_rows(src, _CODE[format], g, bool(symmetric), data[r0:r1],
                                            s[r0:r1], None if z is None else z[r0:r1]):
                 raise ArgumentError("w: holds NaN or Inf; a quantized weight needs finite values")
             if done_with is not None:
                 done_with(w[r0:r1])
-        return QuantizedWeight(format, (N, K), data, s, z, g) if int4 else QuantizedWeight(format, (N, K), data, s)
+        return QuantizedWeight(format, (N, K), data, s, z, g)
 
     def rows(r0, r1, last=True):
         b = w[r0:r1].to(torch.float64)
@@ -120,15 +126,17 @@ def _quantize_weight(w, format, group_size=None, symmetric=True, done_with=None,
         return b
 
     if format in ("int8", "int8-weight"):
+        # s = amax / 127 per row (grouped int8-weight: per group of g columns), q = round(w / s)
+        gk = g or K
         q = torch.empty(N, K, dtype=torch.int8, device=w.device)
-        s = torch.empty(N, dtype=torch.float32, device=w.device)
+        s = torch.empty((N, K // g) if g else (N,), dtype=torch.float32, device=w.device)
         for r0, r1 in blocks:
-            b = rows(r0, r1)
-            sb = b.abs().amax(1) / 127.0
+            b = rows(r0, r1).view(r1 - r0, K // gk, gk)
+            sb = b.abs().amax(-1) / 127.0
             safe = torch.where(sb > 0, sb, torch.ones_like(sb))
-            q[r0:r1] = torch.round(b / safe[:, None]).clamp(-127, 127).to(torch.int8)
-            s[r0:r1] = sb.to(torch.float32)
-        return QuantizedWeight(format, (N, K), q, s)
+            q[r0:r1] = torch.round(b / safe[..., None]).clamp(-127, 127).to(torch.int8).view(r1 - r0, K)
+            s[r0:r1] = sb.to(torch.float32).view(s[r0:r1].shape)
+        return QuantizedWeight(format, (N, K), q, s, None, g)
     if format == "int4":
         packed = torch.empty(N, K // 2, dtype=torch.uint8, device=w.device)
         s = torch.empty(N, K // g, dtype=torch.float32, device=w.device)
@@ -272,7 +280,7 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, ou
         if xc.shape[0]:
             with torch.cuda.device(x.device):
                 _C.quant_linear_cuda(xc, _CODE[qweight.format], qweight.data, qweight.scale, qweight.zero,
-                                     qweight.group_size if qweight.format in ("int4", "fp8") else 0, N, K, bias, y,
+                                     qweight.group_size, N, K, bias, y,
                                      False, torch.cuda.current_stream(x.device).cuda_stream)
         return out if out is not None else y.view(*lead, N)
     x2 = x.detach().resolve_neg().reshape(-1, K).to(torch.float32).contiguous()
@@ -282,7 +290,7 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, ou
             out.copy_(y.view(out.shape))
             return out
         return y.view(*lead, N)
-    group = qweight.group_size if qweight.format in ("int4", "fp8") else 0
+    group = qweight.group_size
     if out is None:
         return _native_quant_linear(x2, _CODE[qweight.format], qweight.data, qweight.scale, qweight.zero, group, N,
                                     bias, medium).view(*lead, N)
