@@ -91,6 +91,8 @@ def _samples():
     x32, W32 = torch.randn(6, 32, generator=g), torch.randn(12, 32, generator=g)
     qw = ne.ops.quantize_weight(W32, "int4", group_size=32, symmetric=False)
     yield "quant_linear", (x32, 2, qw.data, qw.scale, qw.zero, 32, 12, None, False)
+    qw = ne.ops.quantize_weight(W32, "int8-weight", group_size=32)
+    yield "quant_linear", (x32, 1, qw.data, qw.scale, None, 32, 12, None, False)
 
 
 @pytest.mark.parametrize("name,args", list(_samples()), ids=lambda v: v if isinstance(v, str) else "")
