@@ -136,7 +136,8 @@ class GGUFFile:
         info = self.tensors[name]
         a = self.raw(name)
         if info.type.quantized:
-            a = DEQUANTIZE[info.type.name](a).reshape(info.shape)
+            with np.errstate(invalid="ignore", over="ignore"):  # (an Inf / NaN scale gives NaN, as in ggml)
+                a = DEQUANTIZE[info.type.name](a).reshape(info.shape)
         if dtype is not None and a.dtype != np.dtype(dtype):
             a = (a.astype(np.uint32) << 16).view(np.float32) if a.dtype == BF16 else a
             a = a.astype(dtype)
@@ -433,7 +434,8 @@ def dequantize(blocks: np.ndarray, type_name: str) -> np.ndarray:
         raise CheckpointError(f"dequantize: {type_name!r} is not a quantized ggml type this reader decodes "
                               f"({', '.join(DEQUANTIZE)})")
     b = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1, t.size)
-    return DEQUANTIZE[type_name](b).reshape(-1)
+    with np.errstate(invalid="ignore", over="ignore"):  # (an Inf / NaN scale gives NaN, as in ggml)
+        return DEQUANTIZE[type_name](b).reshape(-1)
 
 
 __all__ = ["GGUFFile", "TensorInfo", "GGMLType", "GGML_TYPES", "read_gguf", "dequantize", "DEQUANTIZE"]
