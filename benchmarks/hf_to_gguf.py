@@ -29,6 +29,8 @@ with llama-cpp-python's benchmarks set-up). It produces the tensor names and lay
     (numpy shapes; ggml ne reversed). transformers' in-memory stacked layout (mlp.experts.gate_up_proj
     [E, 2f, d], gate rows first, and mlp.experts.down_proj [E, d, f]) is read too. llama.cpp's Mixtral
     routing (softmax over all experts, top-k, weights renormalized over the k) is Mixtral's.
+  Phi-3 (Phi3ForCausalLM): llama.cpp's `phi3`: the fused qkv_proj -> attn_qkv and gate_up_proj -> ffn_up as they
+    are, its sliding window as phi3.attention.sliding_window.
   Qwen2 / Qwen3 (Qwen2ForCausalLM / Qwen3ForCausalLM): llama.cpp's `qwen2` / `qwen3` architectures, named as
     Llama, q / k / v biases (Qwen2) and self_attn.{q,k}_norm -> blk.N.attn_{q,k}_norm (Qwen3); not permuted
     (llama.cpp rotates their halves, as transformers does).
@@ -197,6 +199,27 @@ def llama_tensors(cfg: dict, raw: dict, write_output: bool, permute: bool = True
         yield "output.weight", t["embed_tokens.weight"]
 
 
+def phi3_tensors(cfg: dict, raw: dict, write_output: bool):
+    """Phi-3: llama.cpp's `phi3` keeps transformers' fused qkv_proj (attn_qkv) and gate_up_proj (ffn_up, gate
+    rows first), rotate-half RoPE (no permutation)."""
+    t = strip_prefix(raw, ("model.",))
+    yield "token_embd.weight", t["embed_tokens.weight"]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"layers.{i}."
+        yield f"blk.{i}.attn_norm.weight", t[p + "input_layernorm.weight"]
+        yield f"blk.{i}.attn_qkv.weight", t[p + "self_attn.qkv_proj.weight"]
+        yield f"blk.{i}.attn_output.weight", t[p + "self_attn.o_proj.weight"]
+        yield f"blk.{i}.ffn_norm.weight", t[p + "post_attention_layernorm.weight"]
+        yield f"blk.{i}.ffn_up.weight", t[p + "mlp.gate_up_proj.weight"]
+        yield f"blk.{i}.ffn_down.weight", t[p + "mlp.down_proj.weight"]
+    yield "output_norm.weight", t["norm.weight"]
+    head = raw.get("lm_head.weight")
+    if not (cfg.get("tie_word_embeddings", False) or head is None):
+        yield "output.weight", head
+    elif write_output:
+        yield "output.weight", t["embed_tokens.weight"]
+
+
 def mixtral_experts(cfg: dict, t: dict, i: int):
     """Layer i's router and its experts stacked [E, ...] (per-expert w1 / w3 / w2, or the stacked layout)."""
     import torch
@@ -299,7 +322,7 @@ def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True
             print(f"warning: activation {act!r}; llama.cpp's gpt2 uses gelu (tanh form)", file=sys.stderr)
         vocab = cfg["vocab_size"]
         tensors = gpt2_tensors(cfg, raw, write_output)
-    elif mt in ("llama", "mistral", "mixtral", "qwen2", "qwen3"):
+    elif mt in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3"):
         arch = "llama" if mt in ("mistral", "mixtral") else mt
         w = gguf.GGUFWriter(out, arch)
         d, n_head = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -319,7 +342,10 @@ def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True
         rope = cfg.get("rope_parameters") or {}
         theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
         w.add_rope_freq_base(float(theta))
-        w.add_rope_dimension_count(head_dim)
+        prf = cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0
+        w.add_rope_dimension_count(int(head_dim * prf))
+        if mt == "phi3" and cfg.get("sliding_window"):
+            w.add_sliding_window(cfg["sliding_window"])
         if head_dim != d // n_head:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
@@ -339,12 +365,14 @@ def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True
             rope_freqs = (plain / inv_freq(float(theta), head_dim, llama3)).astype(np.float32)
         elif kind not in (None, "default"):
             print(f"warning: rope_scaling {scaling} not converted", file=sys.stderr)
-        if cfg.get("sliding_window") and cfg["sliding_window"] < cfg["max_position_embeddings"]:
+        if (mt != "phi3" and cfg.get("sliding_window")
+                and cfg["sliding_window"] < cfg["max_position_embeddings"]):
             print(f"warning: sliding_window {cfg['sliding_window']} not converted (llama.cpp's llama attends to all)",
                   file=sys.stderr)
         vocab = cfg["vocab_size"]
         w.add_vocab_size(vocab)
-        tensors = llama_tensors(cfg, raw, write_output, permute=arch == "llama")
+        tensors = (phi3_tensors(cfg, raw, write_output) if mt == "phi3" else
+                   llama_tensors(cfg, raw, write_output, permute=arch == "llama"))
         if rope_freqs is not None:
             import itertools
 
@@ -352,7 +380,7 @@ def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True
 
             tensors = itertools.chain([("rope_freqs.weight", torch.from_numpy(rope_freqs))], tensors)
     else:
-        raise SystemExit(f"{path}: model_type {mt!r} not supported (gpt2, llama, mistral, mixtral, qwen2, qwen3)")
+        raise SystemExit(f"{path}: model_type {mt!r} not supported (gpt2, llama, mistral, mixtral, qwen2, qwen3, phi3)")
 
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else
                     getattr(gguf.LlamaFileType, f"MOSTLY_{outtype.upper()}"))

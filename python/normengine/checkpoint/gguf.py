@@ -13,6 +13,9 @@ GGUF architectures read (llama.cpp's `general.architecture`):
                                  to interleaved pairs, per head [2, D/2] -> [D/2, 2]: undone here
     qwen2  -> Qwen2ForCausalLM   (q / k / v biases; rotate-half RoPE, no permutation)
     qwen3  -> Qwen3ForCausalLM   (attn_q_norm / attn_k_norm)
+    phi3   -> Phi3ForCausalLM    attn_qkv is transformers' fused qkv_proj, ffn_up its gate_up_proj (gate rows
+                                 first); the sliding window from phi3.attention.sliding_window; LongRoPE's
+                                 rope_factors_long / _short are refused
 
 Weights: float32 / float16 / bfloat16 tensors are zero-copy views of the mapped file; quantized ones
 (Q4_0 ... Q8_0, Q2_K ... Q6_K) are dequantized to float32 (exactly llama.cpp's values, see gguf_io), which
@@ -41,7 +44,7 @@ import numpy as np
 from ..errors import CheckpointError, UnsupportedError
 from .gguf_io import MAGIC, GGUFFile, read_gguf
 
-ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3")
+ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "phi3")
 
 
 def gguf_path(path) -> Optional[str]:
@@ -124,12 +127,16 @@ def _config(g: GGUFFile, arch: str) -> dict:
     if m.get("attention.value_length", head_dim) != head_dim:
         raise UnsupportedError(f"{g.path}: attention.value_length differs from key_length ({head_dim}): not supported")
     rot = m.get("rope.dimension_count", head_dim)
-    if rot != head_dim:
+    if rot != head_dim and arch != "phi3":  # (transformers' Phi-3 has partial rotary embeddings)
         raise UnsupportedError(f"{g.path}: partial rotary embeddings ({rot} of {head_dim} dims) are not supported "
-                               "from GGUF")
+                               f"from a GGUF {arch} file")
+    for t in ("rope_factors_long.weight", "rope_factors_short.weight"):
+        if t in g.tensors:
+            raise UnsupportedError(f"{g.path}: tensor {t!r}: LongRoPE (two factor tables switched by length) is not "
+                                   "implemented")
     experts = m.get("expert_count", 0)
     name = {"llama": "MixtralForCausalLM" if experts else "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM"}[arch]
+            "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}[arch]
     if experts and arch != "llama":
         raise UnsupportedError(f"{g.path}: mixture-of-experts {arch} GGUF files are not supported")
     cfg = dict(architectures=[name], hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=n_head,
@@ -141,6 +148,8 @@ def _config(g: GGUFFile, arch: str) -> dict:
                attention_bias="blk.0.attn_q.bias" in g.tensors and arch != "qwen2", **ids)
     if experts:
         cfg.update(num_local_experts=experts, num_experts_per_tok=m.need("expert_used_count"))
+    if arch == "phi3":
+        cfg.update(partial_rotary_factor=rot / head_dim, sliding_window=m.get("attention.sliding_window"))
     kind = g.metadata.get(f"{arch}.rope.scaling.type")
     if kind not in (None, "none"):
         factor = m.need("rope.scaling.factor", kind=float)
@@ -175,6 +184,8 @@ _GPT2_LAYER = {
     "ffn_up.weight": "mlp.c_fc.weight", "ffn_up.bias": "mlp.c_fc.bias",
     "ffn_down.weight": "mlp.c_proj.weight", "ffn_down.bias": "mlp.c_proj.bias",
 }
+_PHI3_LAYER = dict(_LLAMA_LAYER, **{"attn_qkv.weight": "self_attn.qkv_proj.weight",
+                                    "ffn_up.weight": "mlp.gate_up_proj.weight"})
 _EXPERTS = {"ffn_gate_exps.weight": "w1", "ffn_up_exps.weight": "w3", "ffn_down_exps.weight": "w2"}
 
 
@@ -190,7 +201,7 @@ def _hf_names(g: GGUFFile, arch: str, cfg: dict) -> Dict[str, Tuple[str, str]]:
         out["transformer.ln_f.bias"] = ("output_norm.bias", "copy")
         layer_prefix = "transformer.h.{i}."
     else:
-        layer = _LLAMA_LAYER
+        layer = _PHI3_LAYER if arch == "phi3" else _LLAMA_LAYER
         out["model.embed_tokens.weight"] = ("token_embd.weight", "copy")
         out["model.norm.weight"] = ("output_norm.weight", "copy")
         layer_prefix = "model.layers.{i}."
@@ -332,12 +343,19 @@ def _canonical_sources(g: GGUFFile, arch: str, cfg):
         if arch == "gpt2":
             out += [(p + f"attn.{x}.weight", b + "attn_qkv.weight", None, np.arange(j * H * D, (j + 1) * H * D))
                     for j, x in enumerate("qkv")]
+        elif arch == "phi3":  # fused q / k / v rows, and gate / up rows (gate first)
+            ff = cfg.d_ff
+            out += [(p + "attn.q.weight", b + "attn_qkv.weight", None, np.arange(H * D)),
+                    (p + "attn.k.weight", b + "attn_qkv.weight", None, np.arange(H * D, (H + KV) * D)),
+                    (p + "attn.v.weight", b + "attn_qkv.weight", None, np.arange((H + KV) * D, (H + 2 * KV) * D)),
+                    (p + "mlp.gate.weight", b + "ffn_up.weight", None, np.arange(ff)),
+                    (p + "mlp.up.weight", b + "ffn_up.weight", None, np.arange(ff, 2 * ff))]
         else:
             out += [(p + "attn.q.weight", b + "attn_q.weight", None, unpermute(H)),
                     (p + "attn.k.weight", b + "attn_k.weight", None, unpermute(KV)),
                     (p + "attn.v.weight", b + "attn_v.weight", None, None)]
         out.append((p + "attn.o.weight", b + "attn_output.weight", None, None))
-        for x in ("gate", "up", "down"):
+        for x in ("gate", "up", "down") if arch != "phi3" else ("down",):
             if b + f"ffn_{x}.weight" in g.tensors:
                 out.append((p + f"mlp.{x}.weight", b + f"ffn_{x}.weight", None, None))
             for e in range(cfg.n_experts):
