@@ -29,6 +29,9 @@ with llama-cpp-python's benchmarks set-up). It produces the tensor names and lay
     (numpy shapes; ggml ne reversed). transformers' in-memory stacked layout (mlp.experts.gate_up_proj
     [E, 2f, d], gate rows first, and mlp.experts.down_proj [E, d, f]) is read too. llama.cpp's Mixtral
     routing (softmax over all experts, top-k, weights renormalized over the k) is Mixtral's.
+  Qwen2-MoE / Qwen3-MoE: llama.cpp's `qwen2moe` / `qwen3moe`: attention as Qwen2 / Qwen3; a sparse layer's
+    mlp.gate -> ffn_gate_inp (float32), its experts stacked as Mixtral's, Qwen2-MoE's shared expert ->
+    ffn_{gate,up,down}_shexp and its gate -> ffn_gate_inp_shexp (1-D); dense layers as Llama's.
   Phi-3 (Phi3ForCausalLM): llama.cpp's `phi3`: the fused qkv_proj -> attn_qkv and gate_up_proj -> ffn_up as they
     are, its sliding window as phi3.attention.sliding_window.
   Qwen2 / Qwen3 (Qwen2ForCausalLM / Qwen3ForCausalLM): llama.cpp's `qwen2` / `qwen3` architectures, named as
@@ -184,6 +187,9 @@ def llama_tensors(cfg: dict, raw: dict, write_output: bool, permute: bool = True
             if p + f"self_attn.{hf}.weight" in t:
                 yield f"blk.{i}.{gg}.weight", t[p + f"self_attn.{hf}.weight"]
         yield f"blk.{i}.ffn_norm.weight", t[p + "post_attention_layernorm.weight"]
+        if p + "mlp.gate.weight" in t or p + "mlp.experts.gate_up_proj" in t:  # a Qwen-MoE sparse layer
+            yield from qwen_moe_experts(cfg, t, i)
+            continue
         if cfg.get("num_local_experts"):
             yield from mixtral_experts(cfg, t, i)
             continue
@@ -197,6 +203,29 @@ def llama_tensors(cfg: dict, raw: dict, write_output: bool, permute: bool = True
         yield "output.weight", head
     elif write_output:  # tied: llama.cpp falls back to token_embd without it
         yield "output.weight", t["embed_tokens.weight"]
+
+
+def qwen_moe_experts(cfg: dict, t: dict, i: int):
+    """A Qwen2-MoE / Qwen3-MoE sparse layer: the router, the experts stacked (per-expert or stacked names), and
+    Qwen2-MoE's shared expert with its gate (a [1, d] weight written as llama.cpp's 1-D ffn_gate_inp_shexp)."""
+    import torch
+
+    p = f"layers.{i}."
+    yield f"blk.{i}.ffn_gate_inp.weight", t[p + "mlp.gate.weight"]
+    if p + "mlp.experts.gate_up_proj" in t:
+        gate, up = t[p + "mlp.experts.gate_up_proj"].chunk(2, dim=1)
+        down = t[p + "mlp.experts.down_proj"]
+    else:
+        x = p + "mlp.experts.{}.{}_proj.weight"
+        E = cfg.get("num_experts") or cfg["num_local_experts"]  # (transformers 5 writes Qwen3-MoE's as the latter)
+        gate, up, down = (torch.stack([t[x.format(e, n)] for e in range(E)]) for n in ("gate", "up", "down"))
+    yield f"blk.{i}.ffn_gate_exps.weight", gate
+    yield f"blk.{i}.ffn_up_exps.weight", up
+    yield f"blk.{i}.ffn_down_exps.weight", down
+    if p + "mlp.shared_expert_gate.weight" in t:
+        yield f"blk.{i}.ffn_gate_inp_shexp.weight", t[p + "mlp.shared_expert_gate.weight"].reshape(-1)
+        for n in ("gate", "up", "down"):
+            yield f"blk.{i}.ffn_{n}_shexp.weight", t[p + f"mlp.shared_expert.{n}_proj.weight"]
 
 
 def phi3_tensors(cfg: dict, raw: dict, write_output: bool):
@@ -322,8 +351,8 @@ def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True
             print(f"warning: activation {act!r}; llama.cpp's gpt2 uses gelu (tanh form)", file=sys.stderr)
         vocab = cfg["vocab_size"]
         tensors = gpt2_tensors(cfg, raw, write_output)
-    elif mt in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3"):
-        arch = "llama" if mt in ("mistral", "mixtral") else mt
+    elif mt in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "qwen2_moe", "qwen3_moe"):
+        arch = "llama" if mt in ("mistral", "mixtral") else mt.replace("_", "")
         w = gguf.GGUFWriter(out, arch)
         d, n_head = cfg["hidden_size"], cfg["num_attention_heads"]
         n_kv = cfg.get("num_key_value_heads") or n_head
@@ -335,6 +364,12 @@ def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True
         if mt == "mixtral":
             w.add_expert_count(cfg["num_local_experts"])
             w.add_expert_used_count(cfg["num_experts_per_tok"])
+        elif mt in ("qwen2_moe", "qwen3_moe"):
+            w.add_expert_count(cfg.get("num_experts") or cfg["num_local_experts"])
+            w.add_expert_used_count(cfg["num_experts_per_tok"])
+            w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+            if cfg.get("shared_expert_intermediate_size"):
+                w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
         w.add_block_count(cfg["num_hidden_layers"])
         w.add_head_count(n_head)
         w.add_head_count_kv(n_kv)
@@ -380,14 +415,15 @@ def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True
 
             tensors = itertools.chain([("rope_freqs.weight", torch.from_numpy(rope_freqs))], tensors)
     else:
-        raise SystemExit(f"{path}: model_type {mt!r} not supported (gpt2, llama, mistral, mixtral, qwen2, qwen3, phi3)")
+        raise SystemExit(f"{path}: model_type {mt!r} not supported (gpt2, llama, mistral, mixtral, qwen2, qwen3, phi3, "
+                         "qwen2_moe, qwen3_moe)")
 
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else
                     getattr(gguf.LlamaFileType, f"MOSTLY_{outtype.upper()}"))
     tok = write_tokenizer(w, path, vocab, arch, cfg.get("bos_token_id"), cfg.get("eos_token_id"))
     n_bytes = n = 0
     for name, t in tensors:
-        a = to_np(t, outtype, t.dim() == 1 or name.endswith("ffn_gate_inp.weight"))
+        a = to_np(t, outtype, t.dim() == 1 or name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")))
         if a.dtype in (np.uint8, np.uint16) and outtype not in ("f32", "f16"):
             # quantized blocks / bfloat16 bits: tell the writer their type (shape: from the bytes)
             w.add_tensor(name, a, raw_dtype=quant_type(outtype))

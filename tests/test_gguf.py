@@ -80,12 +80,15 @@ def _models():
     out = {k: MODELS[k] for k in ("gpt2", "llama-gqa", "llama-tied", "mistral", "qwen2-bias", "qwen3-qknorm",
                                   "llama3-rope", "phi3")}
     out["phi3-window"] = lambda: _llama("Phi3", pad_token_id=0, sliding_window=12, partial_rotary_factor=0.5)
+    from test_moe import _qwen2_moe, _qwen3_moe
+
+    out["qwen2-moe"], out["qwen3-moe"] = _qwen2_moe, _qwen3_moe  # (a shared expert and a dense layer; q / k norms)
     out["mixtral"] = lambda: _llama("Mixtral", num_local_experts=4, num_experts_per_tok=2)
     return out
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama-gqa", "llama-tied", "mistral", "qwen2-bias", "qwen3-qknorm",
-                                        "llama3-rope", "mixtral", "phi3", "phi3-window"])
+                                        "llama3-rope", "mixtral", "phi3", "phi3-window", "qwen2-moe", "qwen3-moe"])
 def hf_model(request, tmp_path_factory):
     pytest.importorskip("gguf")
     from test_model import _randomize_norms
@@ -123,7 +126,8 @@ def _round_trip(hf, name, outtype):
     ref = copy.deepcopy(hf)
     with torch.no_grad():
         for pname, p in ref.named_parameters():
-            if p.dim() < 2 or pname.endswith(("block_sparse_moe.gate.weight", "mlp.gate.weight")):  # (routers)
+            if p.dim() < 2 or pname.endswith(("block_sparse_moe.gate.weight", "mlp.gate.weight",
+                                              "shared_expert_gate.weight")):  # (routers, kept float32)
                 continue
             conv1d = name == "gpt2" and pname.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
             a = (p.t() if conv1d else p).detach().float().contiguous().numpy()
@@ -145,7 +149,7 @@ def test_logits_match_transformers(hf_model, outtype, tmp_path):
     f32: the model itself), for every architecture: GPT-2's transposed Conv1D weights, Llama's
     permuted q / k rows, GQA, tied and untied heads, Qwen2's biases, Qwen3's q / k norms, Llama 3.1's
     RoPE factors, Mixtral's stacked experts, Phi-3's fused weights (and its sliding window with partial
-    rotary embeddings)."""
+    rotary embeddings), Qwen2-MoE's shared expert and dense layer, Qwen3-MoE's renormalized top-k."""
     name, hf, path = hf_model
     if name != "llama-gqa" and outtype not in ("f32", "f16", "q4_0"):
         pytest.skip("every weight type is run on one architecture")
@@ -209,7 +213,7 @@ def test_blocks_repacked_exactly(hf_model, tmp_path):
     the dequantized model's to float32 rounding; it saves and reloads. symmetric=True (int4) or another
     group size re-quantizes instead."""
     name, hf, path = hf_model
-    if name not in ("gpt2", "llama-gqa", "llama-tied", "qwen3-qknorm", "mixtral", "phi3"):
+    if name not in ("gpt2", "llama-gqa", "llama-tied", "qwen3-qknorm", "mixtral", "phi3", "qwen2-moe"):
         pytest.skip("the architectures' weight layouts")
     ids = torch.randint(1, 97, (2, 13), generator=torch.Generator().manual_seed(8))
     for ot, fmt in (("q4_0", "int4"), ("q4_1", "int4"), ("q8_0", "int8-weight"), ("q4_0", "int8-weight"),

@@ -131,28 +131,34 @@ void block_int8(const QArgs& a, int64_t n0, int64_t n1) {
 // ---------------------------------------------------------------- Int8Weight: fp32 x, int8 W
 // y = sum_g s_g sum_{k in g} q_k x_k over groups of g columns, each with its own scale (llama.cpp's Q8_0 is
 // g = 32; per-row scales are one group of K): each group's vector sum is scaled once into the running
-// total (one FMA per vector per group) and reduced once. NR rows of W at a time: NR streams from memory in
-// flight, and each load of x serves NR rows (one row at a time streamed W at 29 GB/s here, four at 40).
-template <int NR>
-void int8w_rows(const QArgs& a, const float* x, int64_t m, int64_t n) {
+// total (one FMA per vector per group) and reduced once. A tile of MR rows of x and NR rows of W: NR streams
+// of W from memory in flight, each load of x serving NR rows and each widened vector of W MR rows (one row
+// of W at a time streamed W at 29 GB/s here, four at 40; a batch of rows of x shares each decode of W).
+template <int MR, int NR>
+void int8w_tile(const QArgs& a, int64_t m, int64_t n) {
   const QWeight& w = *a.w;
   const int64_t K = w.K, g = w.group > 0 ? w.group : K, G = K / g;
   const int8_t* wr[NR];
   const float* sr[NR];
-  for (int r = 0; r < NR; ++r) {
-    wr[r] = static_cast<const int8_t*>(w.data) + (n + r) * K;
-    sr[r] = w.scale + (n + r) * G;
+  const float* x[MR];
+  for (int c = 0; c < NR; ++c) {
+    wr[c] = static_cast<const int8_t*>(w.data) + (n + c) * K;
+    sr[c] = w.scale + (n + c) * G;
   }
-  float y[NR], tail[NR];
-  for (int r = 0; r < NR; ++r) y[r] = 0.0f;
+  for (int r = 0; r < MR; ++r) x[r] = a.x + (m + r) * a.ldx;
+  float y[MR][NR], tail[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) y[r][c] = 0.0f;
 #if defined(__AVX512F__)
   constexpr int64_t kStep = 32;  // one 32-byte load of W widened to two vectors of 16 floats
-  __m512 t[NR];
-  for (int r = 0; r < NR; ++r) t[r] = _mm512_setzero_ps();
+  __m512 t[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) t[r][c] = _mm512_setzero_ps();
 #elif defined(__AVX2__)
   constexpr int64_t kStep = 16;
-  __m256 t[NR];
-  for (int r = 0; r < NR; ++r) t[r] = _mm256_setzero_ps();
+  __m256 t[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) t[r][c] = _mm256_setzero_ps();
 #else
   constexpr int64_t kStep = 1 << 30;  // (no vectors: every column goes through the scalar loop)
 #endif
@@ -162,57 +168,87 @@ void int8w_rows(const QArgs& a, const float* x, int64_t m, int64_t n) {
     [[maybe_unused]] const int64_t kv1 = gi * g + kv;
     int64_t k = gi * g;
 #if defined(__AVX512F__)
-    __m512 acc[NR];
-    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+    __m512 acc[MR][NR];
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
     for (; k < kv1; k += kStep) {
-      const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
-      for (int r = 0; r < NR; ++r) {
-        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k) + 4096, _MM_HINT_T1);
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + k));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b))), x0, acc[r]);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1))), x1, acc[r]);
+      __m512 w0[NR], w1[NR];
+      for (int c = 0; c < NR; ++c) {
+        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(wr[c] + k) + 4096, _MM_HINT_T1);
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[c] + k));
+        w0[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+        w1[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m512 x0 = _mm512_loadu_ps(x[r] + k), x1 = _mm512_loadu_ps(x[r] + k + 16);
+        for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_fmadd_ps(w1[c], x1, _mm512_fmadd_ps(w0[c], x0, acc[r][c]));
       }
     }
-    for (int r = 0; r < NR; ++r) t[r] = _mm512_fmadd_ps(acc[r], _mm512_set1_ps(sr[r][gi]), t[r]);
+    for (int c = 0; c < NR; ++c) {
+      const __m512 sg = _mm512_set1_ps(sr[c][gi]);
+      for (int r = 0; r < MR; ++r) t[r][c] = _mm512_fmadd_ps(acc[r][c], sg, t[r][c]);
+    }
 #elif defined(__AVX2__)
-    __m256 acc[NR];
-    for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps();
+    __m256 acc[MR][NR];
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < NR; ++c) acc[r][c] = _mm256_setzero_ps();
     for (; k < kv1; k += kStep) {
-      const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-      for (int r = 0; r < NR; ++r) {
-        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k) + 4096, _MM_HINT_T1);
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + k));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), x0, acc[r]);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), x1, acc[r]);
+      __m256 w0[NR], w1[NR];
+      for (int c = 0; c < NR; ++c) {
+        if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(wr[c] + k) + 4096, _MM_HINT_T1);
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[c] + k));
+        w0[c] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+        w1[c] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m256 x0 = _mm256_loadu_ps(x[r] + k), x1 = _mm256_loadu_ps(x[r] + k + 8);
+        for (int c = 0; c < NR; ++c) acc[r][c] = _mm256_fmadd_ps(w1[c], x1, _mm256_fmadd_ps(w0[c], x0, acc[r][c]));
       }
     }
-    for (int r = 0; r < NR; ++r) t[r] = _mm256_fmadd_ps(acc[r], _mm256_set1_ps(sr[r][gi]), t[r]);
+    for (int c = 0; c < NR; ++c) {
+      const __m256 sg = _mm256_set1_ps(sr[c][gi]);
+      for (int r = 0; r < MR; ++r) t[r][c] = _mm256_fmadd_ps(acc[r][c], sg, t[r][c]);
+    }
 #endif
     // columns past the last whole vector (per-row scales with K not a multiple of it; every column in
     // the portable build)
     if (k < k1) {
-      for (int r = 0; r < NR; ++r) tail[r] = 0.0f;
+      for (int r = 0; r < MR; ++r)
+        for (int c = 0; c < NR; ++c) tail[r][c] = 0.0f;
       for (; k < k1; ++k)
-        for (int r = 0; r < NR; ++r) tail[r] += x[k] * static_cast<float>(wr[r][k]);
-      for (int r = 0; r < NR; ++r) y[r] += tail[r] * sr[r][gi];
+        for (int r = 0; r < MR; ++r)
+          for (int c = 0; c < NR; ++c) tail[r][c] += x[r][k] * static_cast<float>(wr[c][k]);
+      for (int r = 0; r < MR; ++r)
+        for (int c = 0; c < NR; ++c) y[r][c] += tail[r][c] * sr[c][gi];
     }
   }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) {
 #if defined(__AVX512F__)
-  for (int r = 0; r < NR; ++r) y[r] += _mm512_reduce_add_ps(t[r]);
+      y[r][c] += _mm512_reduce_add_ps(t[r][c]);
 #elif defined(__AVX2__)
-  for (int r = 0; r < NR; ++r) y[r] += hsum_ps(t[r]);
+      y[r][c] += hsum_ps(t[r][c]);
 #endif
-  for (int r = 0; r < NR; ++r) quant_store(a, m, n + r, y[r]);
+      quant_store(a, m + r, n + c, y[r][c]);
+    }
 }
 
-// Each block of four rows of W meets every row of x while it is in the L1 / L2 (decode of a batch streams
-// W from memory once).
-void block_int8w(const QArgs& a, int64_t n0, int64_t n1) {
+// Rows [m, m + MR) of x against rows [n0, n1) of W, NR rows of W at a time (then single rows).
+template <int MR, int NR>
+void int8w_rows(const QArgs& a, int64_t m, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4)
-    for (int64_t m = 0; m < a.M; ++m) int8w_rows<4>(a, a.x + m * a.ldx, m, n);
-  for (; n < n1; ++n)
-    for (int64_t m = 0; m < a.M; ++m) int8w_rows<1>(a, a.x + m * a.ldx, m, n);
+  for (; n + NR <= n1; n += NR) int8w_tile<MR, NR>(a, m, n);
+  for (; n < n1; ++n) int8w_tile<MR, 1>(a, m, n);
+}
+
+void block_int8w(const QArgs& a, int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; m + 4 <= a.M; m += 4) int8w_rows<4, 2>(a, m, n0, n1);
+  if (m + 2 <= a.M) {
+    int8w_rows<2, 4>(a, m, n0, n1);
+    m += 2;
+  }
+  for (; m < a.M; ++m) int8w_rows<1, 4>(a, m, n0, n1);
 }
 
 // ---------------------------------------------------------------- Int4: nibbles, groups along K

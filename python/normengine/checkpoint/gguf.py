@@ -13,6 +13,11 @@ GGUF architectures read (llama.cpp's `general.architecture`):
                                  to interleaved pairs, per head [2, D/2] -> [D/2, 2]: undone here
     qwen2  -> Qwen2ForCausalLM   (q / k / v biases; rotate-half RoPE, no permutation)
     qwen3  -> Qwen3ForCausalLM   (attn_q_norm / attn_k_norm)
+    qwen2moe, qwen3moe -> Qwen2MoeForCausalLM / Qwen3MoeForCausalLM: a sparse layer's ffn_gate_inp router and
+                                 stacked ffn_*_exps, Qwen2-MoE's shared expert (ffn_*_shexp, its gate
+                                 ffn_gate_inp_shexp); layers without a router are dense. The top-k weights are
+                                 renormalized as llama.cpp does (qwen3moe yes, qwen2moe no, unless the file says
+                                 {arch}.expert_weights_norm)
     phi3   -> Phi3ForCausalLM    attn_qkv is transformers' fused qkv_proj, ffn_up its gate_up_proj (gate rows
                                  first); the sliding window from phi3.attention.sliding_window; LongRoPE's
                                  rope_factors_long / _short are refused
@@ -44,7 +49,7 @@ import numpy as np
 from ..errors import CheckpointError, UnsupportedError
 from .gguf_io import MAGIC, GGUFFile, read_gguf
 
-ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "phi3")
+ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "phi3", "qwen2moe", "qwen3moe")
 
 
 def gguf_path(path) -> Optional[str]:
@@ -136,8 +141,9 @@ def _config(g: GGUFFile, arch: str) -> dict:
                                    "implemented")
     experts = m.get("expert_count", 0)
     name = {"llama": "MixtralForCausalLM" if experts else "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}[arch]
-    if experts and arch != "llama":
+            "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
+            "qwen3moe": "Qwen3MoeForCausalLM"}[arch]
+    if experts and arch not in ("llama", "qwen2moe", "qwen3moe"):
         raise UnsupportedError(f"{g.path}: mixture-of-experts {arch} GGUF files are not supported")
     cfg = dict(architectures=[name], hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=n_head,
                num_key_value_heads=m.get("attention.head_count_kv", n_head), head_dim=head_dim,
@@ -145,9 +151,17 @@ def _config(g: GGUFFile, arch: str) -> dict:
                rms_norm_eps=m.get("attention.layer_norm_rms_epsilon", 1e-6, kind=float),
                rope_theta=m.get("rope.freq_base", 10000.0, kind=float), max_position_embeddings=ctx,
                vocab_size=vocab, hidden_act="silu", tie_word_embeddings=tied,
-               attention_bias="blk.0.attn_q.bias" in g.tensors and arch != "qwen2", **ids)
-    if experts:
+               attention_bias="blk.0.attn_q.bias" in g.tensors and arch not in ("qwen2", "qwen2moe"), **ids)
+    if experts and arch == "llama":
         cfg.update(num_local_experts=experts, num_experts_per_tok=m.need("expert_used_count"))
+    elif arch in ("qwen2moe", "qwen3moe"):
+        norm = g.metadata.get(f"{arch}.expert_weights_norm", arch == "qwen3moe")
+        cfg.update(num_experts=experts, num_experts_per_tok=m.need("expert_used_count"),
+                   moe_intermediate_size=m.need("expert_feed_forward_length"), norm_topk_prob=bool(norm),
+                   shared_expert_intermediate_size=m.get("expert_shared_feed_forward_length", 0),
+                   decoder_sparse_step=1,
+                   mlp_only_layers=[i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" not in g.tensors])
+        cfg["intermediate_size"] = m.get("feed_forward_length") or cfg["moe_intermediate_size"]
     if arch == "phi3":
         cfg.update(partial_rotary_factor=rot / head_dim, sliding_window=m.get("attention.sliding_window"))
     kind = g.metadata.get(f"{arch}.rope.scaling.type")
@@ -186,12 +200,19 @@ _GPT2_LAYER = {
 }
 _PHI3_LAYER = dict(_LLAMA_LAYER, **{"attn_qkv.weight": "self_attn.qkv_proj.weight",
                                     "ffn_up.weight": "mlp.gate_up_proj.weight"})
+_QWEN_MOE_LAYER = dict(_LLAMA_LAYER, **{
+    "ffn_gate_inp.weight": "mlp.gate.weight", "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight"})
 _EXPERTS = {"ffn_gate_exps.weight": "w1", "ffn_up_exps.weight": "w3", "ffn_down_exps.weight": "w2"}
+_QWEN_EXPERTS = {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "up_proj",
+                 "ffn_down_exps.weight": "down_proj"}
 
 
 def _hf_names(g: GGUFFile, arch: str, cfg: dict) -> Dict[str, Tuple[str, str]]:
     """transformers name -> (GGUF name, how: 'copy' | 'conv1d' (transposed view) | 'unpermute:<heads>' |
-    'expert:<e>'); GGUF tensors with no such name are reported by the caller."""
+    'expert:<e>' | 'row' (a 1-D tensor as [1, n])); GGUF tensors with no such name are reported by the caller."""
     out: Dict[str, Tuple[str, str]] = {}
     if arch == "gpt2":
         layer = _GPT2_LAYER
@@ -201,10 +222,11 @@ def _hf_names(g: GGUFFile, arch: str, cfg: dict) -> Dict[str, Tuple[str, str]]:
         out["transformer.ln_f.bias"] = ("output_norm.bias", "copy")
         layer_prefix = "transformer.h.{i}."
     else:
-        layer = _PHI3_LAYER if arch == "phi3" else _LLAMA_LAYER
+        layer = {"phi3": _PHI3_LAYER, "qwen2moe": _QWEN_MOE_LAYER, "qwen3moe": _QWEN_MOE_LAYER}.get(arch, _LLAMA_LAYER)
         out["model.embed_tokens.weight"] = ("token_embd.weight", "copy")
         out["model.norm.weight"] = ("output_norm.weight", "copy")
         layer_prefix = "model.layers.{i}."
+    qwen_moe = arch in ("qwen2moe", "qwen3moe")
     if not cfg.get("tie_word_embeddings") and "output.weight" in g.tensors:
         out["lm_head.weight"] = ("output.weight", "copy")
     for i in range(cfg.get("n_layer") or cfg.get("num_hidden_layers")):
@@ -220,12 +242,15 @@ def _hf_names(g: GGUFFile, arch: str, cfg: dict) -> Dict[str, Tuple[str, str]]:
             elif arch == "llama" and src.startswith(("attn_q.", "attn_k.")):
                 heads = cfg["num_attention_heads"] if src.startswith("attn_q.") else cfg["num_key_value_heads"]
                 how = f"unpermute:{heads}"
+            elif src == "ffn_gate_inp_shexp.weight":
+                how = "row"  # llama.cpp's 1-D gate of the shared expert; transformers' is [1, d]
             out[p + dst] = (name, how)
-        for src, w in _EXPERTS.items():
+        for src, w in (_QWEN_EXPERTS if qwen_moe else _EXPERTS).items():
             name = f"blk.{i}.{src}"
             if name in g.tensors:
                 for e in range(g.tensors[name].shape[0]):
-                    out[f"{p}block_sparse_moe.experts.{e}.{w}.weight"] = (name, f"expert:{e}")
+                    hf = f"{p}mlp.experts.{e}.{w}.weight" if qwen_moe else f"{p}block_sparse_moe.experts.{e}.{w}.weight"
+                    out[hf] = (name, f"expert:{e}")
     return out
 
 
@@ -276,6 +301,8 @@ def gguf_tensors(g: GGUFFile, cfg: dict, placeholders=()):
             t = as_torch(_unpermute(np.asarray(a), int(how.split(":")[1])))
         elif how.startswith("expert:"):
             t = as_torch(a)[int(how.split(":")[1])]
+        elif how == "row":
+            t = as_torch(a).reshape(1, -1)
         else:
             t = as_torch(a)
         tensors[hf_name] = t
@@ -360,6 +387,7 @@ def _canonical_sources(g: GGUFFile, arch: str, cfg):
                 out.append((p + f"mlp.{x}.weight", b + f"ffn_{x}.weight", None, None))
             for e in range(cfg.n_experts):
                 out.append((p + f"moe.experts.{e}.{x}.weight", b + f"ffn_{x}_exps.weight", e, None))
+            out.append((p + f"moe.shared.{x}.weight", b + f"ffn_{x}_shexp.weight", None, None))
     return [o for o in out if o[1] in g.tensors]
 
 
