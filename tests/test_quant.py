@@ -175,6 +175,33 @@ def test_int8_kernels(kernel, M, N, K, gen):
     assert rel_err(out, want + acc.double(), floor=scale) < 2e-6
 
 
+@pytest.mark.parametrize("group", [0, 32, 128])
+def test_int8_weight_kernels_every_isa(group, gen):
+    """The int8-weight GEMV's register tiles (1, 2 and 4 rows of x against 4 rows of W, a single row of W
+    for the rest) on every ISA this CPU runs, per-row scales (K odd: the scalar tail) and grouped ones,
+    against the float64 reference; then the panel path just past them."""
+    from normengine import _C
+    from conftest import _supported_isas
+
+    K = 3 * group if group else 203
+    N = 37
+    w = torch.randn(N, K, generator=gen) * 0.05
+    q = ne.ops.quantize_weight(w, "int8-weight", group_size=group)
+    best = _C.cpu_isa()
+    try:
+        for isa in _supported_isas():
+            _C.force_cpu_isa(isa)
+            for M in (1, 2, 3, 4, 5):
+                x = torch.randn(M, K, generator=gen)
+                b = torch.randn(N, generator=gen)
+                got = ne.ops.quantized_linear(x, q, b)
+                want = ref_qlinear(x, q, b, dtype=torch.float64)
+                scale = (x.abs().double() @ q.dequantize(torch.float64).abs().t()).max().item() + b.abs().max().item()
+                assert rel_err(got, want, floor=scale) < 2e-6, (isa, M, group)
+    finally:
+        _C.force_cpu_isa(best)
+
+
 def test_int8_kernel_selection():
     from normengine import _C
 
