@@ -76,7 +76,8 @@ def test_against_reference(gen, fmt, group, sym, M, N, K):
 
 # int4 needs K % group == 0: K = 96 with groups of 32; the others also take K % 16 != 0
 K_TAILS = [(f, g, s, K) for (f, g, s) in VARIANTS if f != "int4" and not (f == "int8-weight" and g)
-           for K in (96, 144, 100, 1)] + [("int4", 32, True, 96), ("int4", 32, False, 96), ("int8-weight", 32, True, 96)]
+           for K in (96, 144, 100, 1)] + \
+          [("int4", 32, True, 96), ("int4", 32, False, 96), ("int8-weight", 32, True, 96)]
 
 
 @pytest.mark.parametrize("fmt,group,sym,K", K_TAILS)

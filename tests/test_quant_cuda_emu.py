@@ -5,8 +5,8 @@ of tests/cuda_emu/cuda_emu.h, built by g++ into a ctypes library (tests/cuda_emu
 
 Checked: the activation quantization (int8 per token, FP8 E4M3 per token and 128 channels) bit for bit
 against the CPU's formulas (normengine.reference.quant, what cpp/ops/quant_gemm.cpp computes); every
-format (int8 W8A8, int8-weight per row and g32 / g128, int4 g32/64/128 symmetric and with zero points, fp8 per tensor and
-128 x 128 blocks) for M in {1, 3, 8, 9, 16, 33, 130} (GEMV and tile kernels), odd N and K where the
+format (int8 W8A8, int8-weight per row and g32 / g128, int4 g32/64/128 symmetric and with zero points, fp8 per
+tensor and 128 x 128 blocks) for M in {1, 3, 8, 9, 16, 33, 130} (GEMV and tile kernels), odd N and K where the
 format allows, bias, accumulate, strided x / y with guard regions, against the CPU kernel
 (normengine._C.quant_linear: int8 bit for bit, the fp32-summing formats within fp32 summation error of
 the terms) and a float64 reference; the GEMV fallbacks of the 8-bit formats (K % 16 != 0, unaligned W);

@@ -30,7 +30,7 @@ struct QWeight {
   // [ceil(N/128), ceil(K/128)] when group == 128 (block scales).
   const float* scale = nullptr;
   const float* zero = nullptr;  // Int4 asymmetric only: [N, K/group], in quantized units (float)
-  int64_t group = 0;            // Int4: 32, 64 or 128 (K % group == 0); FP8: 0 or 128; Int8: 0; Int8Weight: 0, 32, 64, 128
+  int64_t group = 0;  // Int4: 32, 64 or 128 (K % group == 0); FP8: 0 or 128; Int8: 0; Int8Weight: 0, 32, 64 or 128
 };
 
 // Scales a packed weight carries (zero points: as many as scales, int4 only): Int8*: N (grouped Int8Weight and
