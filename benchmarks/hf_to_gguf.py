@@ -32,6 +32,9 @@ with llama-cpp-python's benchmarks set-up). It produces the tensor names and lay
   Qwen2-MoE / Qwen3-MoE: llama.cpp's `qwen2moe` / `qwen3moe`: attention as Qwen2 / Qwen3; a sparse layer's
     mlp.gate -> ffn_gate_inp (float32), its experts stacked as Mixtral's, Qwen2-MoE's shared expert ->
     ffn_{gate,up,down}_shexp and its gate -> ffn_gate_inp_shexp (1-D); dense layers as Llama's.
+  Gemma / Gemma 2 / Gemma 3 (text): llama.cpp's `gemma` / `gemma2` / `gemma3`: Llama's names without the permutation,
+    every norm gain written as 1 + w, Gemma 2 / 3's sandwich norms as post_attention_norm / ffn_norm / post_ffw_norm,
+    the soft-capping values and the sliding window in the metadata; the head is tied (no output tensor).
   Phi-3 (Phi3ForCausalLM): llama.cpp's `phi3`: the fused qkv_proj -> attn_qkv and gate_up_proj -> ffn_up as they
     are, its sliding window as phi3.attention.sliding_window.
   Qwen2 / Qwen3 (Qwen2ForCausalLM / Qwen3ForCausalLM): llama.cpp's `qwen2` / `qwen3` architectures, named as
@@ -228,6 +231,30 @@ def qwen_moe_experts(cfg: dict, t: dict, i: int):
             yield f"blk.{i}.ffn_{n}_shexp.weight", t[p + f"mlp.shared_expert.{n}_proj.weight"]
 
 
+def gemma_tensors(cfg: dict, raw: dict):
+    """Gemma / Gemma 2 / Gemma 3: Llama's names (no permutation: rotate-half RoPE), every norm gain written as
+    1 + w (transformers stores w; llama.cpp's converter adds the 1), Gemma 2 / 3's sandwich norms as
+    post_attention_norm / ffn_norm (the MLP's input) / post_ffw_norm, no output tensor (the head is tied)."""
+    t = strip_prefix(raw, ("model.",))
+    sandwich = "layers.0.pre_feedforward_layernorm.weight" in t
+    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+             "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    if sandwich:
+        names.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                      "post_feedforward_layernorm": "post_ffw_norm"})
+    else:
+        names["post_attention_layernorm"] = "ffn_norm"
+    yield "token_embd.weight", t["embed_tokens.weight"]
+    for i in range(cfg["num_hidden_layers"]):
+        for hf, gg in names.items():
+            w = t.get(f"layers.{i}.{hf}.weight")
+            if w is not None:
+                yield f"blk.{i}.{gg}.weight", (w.float() + 1.0) if hf.endswith(("norm", "layernorm")) else w
+    yield "output_norm.weight", t["norm.weight"].float() + 1.0
+
+
 def phi3_tensors(cfg: dict, raw: dict, write_output: bool):
     """Phi-3: llama.cpp's `phi3` keeps transformers' fused qkv_proj (attn_qkv) and gate_up_proj (ffn_up, gate
     rows first), rotate-half RoPE (no permutation)."""
@@ -351,8 +378,9 @@ def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True
             print(f"warning: activation {act!r}; llama.cpp's gpt2 uses gelu (tanh form)", file=sys.stderr)
         vocab = cfg["vocab_size"]
         tensors = gpt2_tensors(cfg, raw, write_output)
-    elif mt in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "qwen2_moe", "qwen3_moe"):
-        arch = "llama" if mt in ("mistral", "mixtral") else mt.replace("_", "")
+    elif mt in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "qwen2_moe", "qwen3_moe", "gemma", "gemma2",
+                "gemma3_text"):
+        arch = {"mistral": "llama", "mixtral": "llama", "gemma3_text": "gemma3"}.get(mt, mt.replace("_", ""))
         w = gguf.GGUFWriter(out, arch)
         d, n_head = cfg["hidden_size"], cfg["num_attention_heads"]
         n_kv = cfg.get("num_key_value_heads") or n_head
@@ -375,12 +403,16 @@ def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True
         w.add_head_count_kv(n_kv)
         w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
         rope = cfg.get("rope_parameters") or {}
+        rope = rope.get("full_attention", rope)  # (Gemma 3 in transformers 5: per layer type; the global one)
         theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
         w.add_rope_freq_base(float(theta))
         prf = cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0
         w.add_rope_dimension_count(int(head_dim * prf))
-        if mt == "phi3" and cfg.get("sliding_window"):
+        if mt in ("phi3", "gemma2", "gemma3_text") and cfg.get("sliding_window"):
             w.add_sliding_window(cfg["sliding_window"])
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # Gemma 2
+            if mt.startswith("gemma") and cfg.get(key) is not None:
+                getattr(w, f"add_{key}")(float(cfg[key]))
         if head_dim != d // n_head:
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
@@ -400,14 +432,18 @@ def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True
             rope_freqs = (plain / inv_freq(float(theta), head_dim, llama3)).astype(np.float32)
         elif kind not in (None, "default"):
             print(f"warning: rope_scaling {scaling} not converted", file=sys.stderr)
-        if (mt != "phi3" and cfg.get("sliding_window")
+        if (mt not in ("phi3", "gemma2", "gemma3_text") and cfg.get("sliding_window")
                 and cfg["sliding_window"] < cfg["max_position_embeddings"]):
             print(f"warning: sliding_window {cfg['sliding_window']} not converted (llama.cpp's llama attends to all)",
                   file=sys.stderr)
         vocab = cfg["vocab_size"]
         w.add_vocab_size(vocab)
-        tensors = (phi3_tensors(cfg, raw, write_output) if mt == "phi3" else
-                   llama_tensors(cfg, raw, write_output, permute=arch == "llama"))
+        if mt == "phi3":
+            tensors = phi3_tensors(cfg, raw, write_output)
+        elif mt.startswith("gemma"):
+            tensors = gemma_tensors(cfg, raw)
+        else:
+            tensors = llama_tensors(cfg, raw, write_output, permute=arch == "llama")
         if rope_freqs is not None:
             import itertools
 
@@ -416,7 +452,7 @@ def convert(path: str, out: str, outtype: str = "f32", write_output: bool = True
             tensors = itertools.chain([("rope_freqs.weight", torch.from_numpy(rope_freqs))], tensors)
     else:
         raise SystemExit(f"{path}: model_type {mt!r} not supported (gpt2, llama, mistral, mixtral, qwen2, qwen3, phi3, "
-                         "qwen2_moe, qwen3_moe)")
+                         "qwen2_moe, qwen3_moe, gemma, gemma2, gemma3_text)")
 
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else
                     getattr(gguf.LlamaFileType, f"MOSTLY_{outtype.upper()}"))

@@ -1567,8 +1567,8 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     attention).
 
     GGUF files (llama.cpp's format: path a .gguf file, or a directory holding one and no config.json;
-    architectures gpt2, llama (and Mixtral-style experts), qwen2, qwen3, phi3, qwen2moe, qwen3moe; see
-    normengine.checkpoint.gguf)
+    architectures gpt2, llama (and Mixtral-style experts), qwen2, qwen3, phi3, qwen2moe, qwen3moe, gemma, gemma2,
+    gemma3; see normengine.checkpoint.gguf)
     load like any checkpoint: float weights as stored, quantized ones (Q4_0 ... Q8_0, Q2_K ... Q6_K)
     dequantized to float32, exactly llama.cpp's values; the tokenizer (byte-level BPE) and chat template
     come from the file's metadata. quant='int4' on a GGUF file (without group_size / symmetric / norm /

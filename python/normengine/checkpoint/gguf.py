@@ -18,6 +18,14 @@ GGUF architectures read (llama.cpp's `general.architecture`):
                                  ffn_gate_inp_shexp); layers without a router are dense. The top-k weights are
                                  renormalized as llama.cpp does (qwen3moe yes, qwen2moe no, unless the file says
                                  {arch}.expert_weights_norm)
+    gemma, gemma2, gemma3 -> GemmaForCausalLM / Gemma2ForCausalLM / Gemma3ForCausalLM: llama.cpp stores every norm
+                                 gain as 1 + w (transformers' w: 1 is taken off here, the loader adds it back);
+                                 Gemma 2 / 3's sandwich norms (post_attention_norm, ffn_norm as the MLP's input
+                                 norm, post_ffw_norm), soft-capping and sliding windows from the metadata. The
+                                 scale of the scores is llama.cpp's: 1 / sqrt(head_dim), but 1 / sqrt(d / heads)
+                                 for the 27B models (46 layers for Gemma 2, 62 for Gemma 3), which GGUF files do
+                                 not record otherwise; Gemma 3's sliding layers use RoPE base 10000 and every
+                                 6th layer is global, as llama.cpp fixes them
     phi3   -> Phi3ForCausalLM    attn_qkv is transformers' fused qkv_proj, ffn_up its gate_up_proj (gate rows
                                  first); the sliding window from phi3.attention.sliding_window; LongRoPE's
                                  rope_factors_long / _short are refused
@@ -49,7 +57,8 @@ import numpy as np
 from ..errors import CheckpointError, UnsupportedError
 from .gguf_io import MAGIC, GGUFFile, read_gguf
 
-ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "phi3", "qwen2moe", "qwen3moe")
+ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "phi3", "qwen2moe", "qwen3moe", "gemma", "gemma2", "gemma3")
+GEMMA = ("gemma", "gemma2", "gemma3")
 
 
 def gguf_path(path) -> Optional[str]:
@@ -142,7 +151,8 @@ def _config(g: GGUFFile, arch: str) -> dict:
     experts = m.get("expert_count", 0)
     name = {"llama": "MixtralForCausalLM" if experts else "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
-            "qwen3moe": "Qwen3MoeForCausalLM"}[arch]
+            "qwen3moe": "Qwen3MoeForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+            "gemma3": "Gemma3ForCausalLM"}[arch]
     if experts and arch not in ("llama", "qwen2moe", "qwen3moe"):
         raise UnsupportedError(f"{g.path}: mixture-of-experts {arch} GGUF files are not supported")
     cfg = dict(architectures=[name], hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=n_head,
@@ -164,6 +174,18 @@ def _config(g: GGUFFile, arch: str) -> dict:
         cfg["intermediate_size"] = m.get("feed_forward_length") or cfg["moe_intermediate_size"]
     if arch == "phi3":
         cfg.update(partial_rotary_factor=rot / head_dim, sliding_window=m.get("attention.sliding_window"))
+    if arch in GEMMA:
+        del cfg["hidden_act"]
+        cfg.update(hidden_activation="gelu_pytorch_tanh", attention_bias=False)
+    if arch in ("gemma2", "gemma3"):
+        big = n_layers == (46 if arch == "gemma2" else 62)  # (llama.cpp's test for the 27B models)
+        cfg.update(query_pre_attn_scalar=d // n_head if big else head_dim,
+                   sliding_window=m.get("attention.sliding_window"),
+                   attn_logit_softcapping=m.get("attn_logit_softcapping", kind=float),
+                   final_logit_softcapping=m.get("final_logit_softcapping", kind=float))
+        if arch == "gemma3":
+            cfg.update(rope_local_base_freq=10000.0,
+                       sliding_window_pattern=m.get("attention.sliding_window_pattern", 6))
     kind = g.metadata.get(f"{arch}.rope.scaling.type")
     if kind not in (None, "none"):
         factor = m.need("rope.scaling.factor", kind=float)
@@ -205,6 +227,9 @@ _QWEN_MOE_LAYER = dict(_LLAMA_LAYER, **{
     "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
     "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
     "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight"})
+_GEMMA2_LAYER = dict(_LLAMA_LAYER, **{"post_attention_norm.weight": "post_attention_layernorm.weight",
+                                      "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+                                      "post_ffw_norm.weight": "post_feedforward_layernorm.weight"})
 _EXPERTS = {"ffn_gate_exps.weight": "w1", "ffn_up_exps.weight": "w3", "ffn_down_exps.weight": "w2"}
 _QWEN_EXPERTS = {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "up_proj",
                  "ffn_down_exps.weight": "down_proj"}
@@ -212,7 +237,8 @@ _QWEN_EXPERTS = {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "up_
 
 def _hf_names(g: GGUFFile, arch: str, cfg: dict) -> Dict[str, Tuple[str, str]]:
     """transformers name -> (GGUF name, how: 'copy' | 'conv1d' (transposed view) | 'unpermute:<heads>' |
-    'expert:<e>' | 'row' (a 1-D tensor as [1, n])); GGUF tensors with no such name are reported by the caller."""
+    'expert:<e>' | 'row' (a 1-D tensor as [1, n]) | 'minus1' (a Gemma gain)); GGUF tensors with no such name are
+    reported by the caller."""
     out: Dict[str, Tuple[str, str]] = {}
     if arch == "gpt2":
         layer = _GPT2_LAYER
@@ -222,9 +248,10 @@ def _hf_names(g: GGUFFile, arch: str, cfg: dict) -> Dict[str, Tuple[str, str]]:
         out["transformer.ln_f.bias"] = ("output_norm.bias", "copy")
         layer_prefix = "transformer.h.{i}."
     else:
-        layer = {"phi3": _PHI3_LAYER, "qwen2moe": _QWEN_MOE_LAYER, "qwen3moe": _QWEN_MOE_LAYER}.get(arch, _LLAMA_LAYER)
+        layer = {"phi3": _PHI3_LAYER, "qwen2moe": _QWEN_MOE_LAYER, "qwen3moe": _QWEN_MOE_LAYER,
+                 "gemma2": _GEMMA2_LAYER, "gemma3": _GEMMA2_LAYER}.get(arch, _LLAMA_LAYER)
         out["model.embed_tokens.weight"] = ("token_embd.weight", "copy")
-        out["model.norm.weight"] = ("output_norm.weight", "copy")
+        out["model.norm.weight"] = ("output_norm.weight", "minus1" if arch in GEMMA else "copy")
         layer_prefix = "model.layers.{i}."
     qwen_moe = arch in ("qwen2moe", "qwen3moe")
     if not cfg.get("tie_word_embeddings") and "output.weight" in g.tensors:
@@ -244,6 +271,8 @@ def _hf_names(g: GGUFFile, arch: str, cfg: dict) -> Dict[str, Tuple[str, str]]:
                 how = f"unpermute:{heads}"
             elif src == "ffn_gate_inp_shexp.weight":
                 how = "row"  # llama.cpp's 1-D gate of the shared expert; transformers' is [1, d]
+            elif arch in GEMMA and src.endswith("norm.weight"):
+                how = "minus1"  # llama.cpp stores Gemma's gains as 1 + w
             out[p + dst] = (name, how)
         for src, w in (_QWEN_EXPERTS if qwen_moe else _EXPERTS).items():
             name = f"blk.{i}.{src}"
@@ -303,6 +332,8 @@ def gguf_tensors(g: GGUFFile, cfg: dict, placeholders=()):
             t = as_torch(a)[int(how.split(":")[1])]
         elif how == "row":
             t = as_torch(a).reshape(1, -1)
+        elif how == "minus1":  # (exact for gains in [0.5, 2]: the loader's 1 + (g - 1) gives g back)
+            t = as_torch((g.array(src, np.float32).astype(np.float64) - 1.0).astype(np.float32))
         else:
             t = as_torch(a)
         tensors[hf_name] = t
