@@ -112,8 +112,8 @@ def _llama_logits(gguf_path, ids, tmp_path):
 # (Phi-3 is not here: llama.cpp 0.3.36's phi3 vocabulary loader fails on a synthetic vocabulary with
 # "unordered_map::at", and on the shipped model's byte-level one too; its layout is checked against transformers
 # in test_gguf.py)
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma", "gemma2",
-                                  "gemma3"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma",
+                                  "gemma2", "gemma3"])
 @pytest.mark.parametrize("outtype,tol", [("f32", 1e-4), ("f16", 5e-3)])
 def test_llama_cpp_reads_our_gguf(arch, outtype, tol, tmp_path):
     sys.path.insert(0, os.path.dirname(CONVERTER))
