@@ -664,3 +664,24 @@ def test_mutated_files_fail_cleanly(tmp_path):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert not res["unclean"], res["unclean"]
     assert res["rejected"] >= 30 and res["ok"] >= 5, res
+
+
+def test_cli_on_a_gguf_file(tmp_path, capsys):
+    """The CLI takes a GGUF file where it takes a checkpoint: info, generate (text through the file's own
+    vocabulary), and convert with the exact repacking (the saved model reloads with the same logits)."""
+    pytest.importorskip("gguf")
+    from normengine.cli import main
+    from normengine.model import DEFAULT_MODEL
+
+    g = _convert(DEFAULT_MODEL, str(tmp_path / "m.gguf"), "q8_0", write_output=True)
+    assert main(["info", g, "--quant", "int8-weight"]) == 0
+    out = capsys.readouterr().out
+    assert "int8-weight" in out and "gpt2" in out
+    assert main(["generate", g, "--prompt", "Once upon a time", "--max-new-tokens", "6", "--temperature", "0",
+                 "--quant", "int8-weight"]) == 0
+    text = capsys.readouterr().out
+    want = ne.load(g, quant="int8-weight").generate("Once upon a time", max_new_tokens=6)
+    assert want.strip() and want.strip() in text
+    assert main(["convert", g, str(tmp_path / "out"), "--quant", "int8-weight"]) == 0
+    ids = [[5, 17, 300, 2, 99]]
+    assert rel_err(ne.load(tmp_path / "out").logits(ids), ne.load(g, quant="int8-weight").logits(ids)) == 0
