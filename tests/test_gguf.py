@@ -231,7 +231,7 @@ def test_blocks_repacked_exactly(hf_model, tmp_path):
     for ot, fmt in (("q4_0", "int4"), ("q4_1", "int4"), ("q8_0", "int8-weight"), ("q4_0", "int8-weight"),
                     ("q5_0", "int8-weight")):
         g = _convert(path, str(tmp_path / f"m-{ot}.gguf"), ot, write_output=name == "llama-tied")
-        values, m = _load(g), _load(g, quant=fmt)
+        values, m = _load(g, dtype=torch.float32), _load(g, quant=fmt)  # (dtype=: the dequantized values)
         c = m.config
         assert (c.quantization, c.quant_group_size, c.quant_symmetric) == (fmt, 32, fmt != "int4")
         assert "fold_norm_affine" not in c.conversions  # the gains stay in the norms
@@ -249,6 +249,10 @@ def test_blocks_repacked_exactly(hf_model, tmp_path):
         if ot == "q8_0":
             m.save(tmp_path / "saved")
             assert rel_err(ne.load(tmp_path / "saved").logits(ids), m.logits(ids)) == 0
+    # without quant=, a file whose linear weights are all one such format loads in it (Q5_0 here: int8-weight)
+    auto = _load(g)
+    assert (auto.config.quantization, auto.config.quant_group_size) == ("int8-weight", 32)
+    assert rel_err(auto.logits(ids), m.logits(ids)) == 0
     r = _load(g, quant="int4", group_size=32, symmetric=True)  # (the only group size 64 and 96 share)
     assert r.config.quant_symmetric and "fold_norm_affine" in r.config.conversions  # re-quantized from the values
     r = _load(g, quant="int8-weight", group_size=0)
@@ -353,7 +357,7 @@ def test_k_quant_file_matches_transformers(tmp_path):
         want = hf(ids).logits
     assert torch.isfinite(want).all()
     assert rel_err(m.logits(ids), want) <= 1e-4
-    assert m.config.source_dtype == "float32"
+    assert m.config.source_dtype == "float32" and m.config.quantization is None  # (mixed types: values)
     # quant='int4': the Q4_K weights keep their codes (but the one with a degenerate sub-block), the
     # others are quantized from their values, with a warning saying how many of which type
     from normengine.checkpoint import gguf

@@ -1575,7 +1575,10 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     smooth) keeps its Q4_0 / Q4_1 / Q4_K weights as they are: repacked, not re-quantized, as asymmetric
     int4 with groups of 32; quant='int8-weight' likewise its Q8_0 (and Q4_0 / Q5_0) weights as int8 codes
     with a scale per 32 columns (group_size 32). The norms' gains then stay in the norms, not folded; the
-    other linear weights are quantized to that format from their values.
+    other linear weights are quantized to that format from their values. Without quant (and dtype, norm,
+    smooth, attention), a file whose linear weights are all stored in one of those formats (a Q8_0 file;
+    a Q4_0 file whose head is Q4_0 too) loads so, exactly, as llama.cpp runs it; files of mixed types (a
+    Q4_K_M file's Q6_K tensors) load dequantized.
 
     A checkpoint Model.save wrote (norms folded; quantized or not), loaded on the CPU without dtype,
     quant, smooth, attention or kv_cache_dtype, is read and run without importing torch
@@ -1613,6 +1616,9 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
             and (quant != "int4" or symmetric is not True) and gguf_path(path) is not None):
         repack, group_size = quant, 32
         symmetric = False if quant == "int4" else symmetric
+    elif (quant is None and dtype is None and group_size is None and norm is None and smooth is None
+          and attention is None and gguf_path(path) is not None):
+        repack = "auto"  # a file whose linear weights all share one such format keeps it (dtype=: values)
     symmetric = True if symmetric is None else symmetric
     # GPT-2's Conv1D weights stay transposed views of the mapped file until folded or converted (each
     # result is written once, contiguous, in the target dtype; its source pages then leave memory)
@@ -1620,6 +1626,9 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     from .convert.quant import is_quantized
 
     repacked = [n for n, t in tensors.items() if is_quantized(t)] if repack else []
+    if repack == "auto" and repacked:
+        quant, group_size = tensors[repacked[0]].format, 32
+        symmetric = quant != "int4"
     if cfg.quantization is not None:
         tensors = unpack_quantized(cfg, tensors)
         if quant is not None and quant != cfg.quantization:

@@ -440,13 +440,21 @@ def _int8_groups(g: GGUFFile, name: str):
     return codes.reshape(N, K), io._f16(b, 0).reshape(N, K // 32), None
 
 
-def repack_exact(g: GGUFFile, cfg, fmt: str = "int4"):
+def stored_format(g: GGUFFile, cfg):
+    """The packed format every linear weight of GGUF file g is stored in, exactly ("int4" when all are Q4_0 /
+    Q4_1 / Q4_K, else "int8-weight" when all are Q8_0 / Q4_0 / Q5_0), or None (float or mixed types)."""
+    arch = g.metadata["general.architecture"]
+    kinds = {g.tensors[src].type.name for _, src, _, _ in _canonical_sources(g, arch, cfg)}
+    return next((fmt for fmt in ("int4", "int8-weight") if kinds and kinds <= set(REPACKED[fmt])), None)
+
+
+def repack_exact(g: GGUFFile, cfg, fmt: str = "int4", partial: bool = True):
     """({canonical name: QuantizedWeight}, {GGUF names fully packed}) for every linear weight of GGUF file g
     (normengine ModelConfig cfg) whose blocks are `fmt` with groups of 32: their codes and scales repacked,
     nothing re-quantized. fmt "int4": Q4_0 / Q4_1 / Q4_K as asymmetric int4 (see _int4_groups); fmt
     "int8-weight": Q8_0 / Q4_0 / Q5_0 as int8 codes with a scale per 32 (_int8_groups). Weights of other
     types, or with a group the format cannot hold, are left out (the caller quantizes them from their
-    values; a warning counts them)."""
+    values; a warning counts them). partial=False: nothing is packed unless every linear weight is."""
     import torch
 
     from ..ops.quant import QuantizedWeight
@@ -489,6 +497,8 @@ def repack_exact(g: GGUFFile, cfg, fmt: str = "int4"):
         if name not in out:
             t = g.tensors[src].type.name
             left[t] = left.get(t, 0) + 1
+    if left and not partial:
+        return {}, set()
     if left:
         warnings.warn(f"{g.path}: {sum(left.values())} linear weights are not stored in blocks that are {fmt} ("
                       + ", ".join(f"{n} x {t}" for t, n in sorted(left.items()))
@@ -635,5 +645,5 @@ def chat_template_of(g: GGUFFile):
     return src, special
 
 
-__all__ = ["ARCHITECTURES", "REPACKED", "gguf_path", "gguf_config", "gguf_tensors", "repack_exact", "tokenizer_of",
-           "chat_template_of"]
+__all__ = ["ARCHITECTURES", "REPACKED", "gguf_path", "gguf_config", "gguf_tensors", "repack_exact", "stored_format",
+           "tokenizer_of", "chat_template_of"]
