@@ -595,6 +595,8 @@ def _bad_cases():
     yield "missing_tensor", gguf_bytes(kvs, tensors[:3] + tensors[4:]), "q_proj"
     yield "shape", gguf_bytes(kvs, [tensors[0]] + [(tensors[1][0], [16], 0, tensors[1][3], 64)] + tensors[2:]), \
         "shape"
+    odd = [kv for kv in kvs if kv[0] != "llama.attention.head_count"] + [("llama.attention.head_count", 4, _u32(3))]
+    yield "heads", gguf_bytes(odd, tensors), "'blk.0.attn_q.weight': a q / k weight of 32 rows is not 3 heads"
     yield "kv_type", gguf_bytes(kvs[:1] + [("llama.embedding_length", 8, _s("32"))] + kvs[2:], tensors), \
         "expected a int"
 

@@ -108,11 +108,11 @@ class _Meta:
         return v
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+def _unpermute(w: np.ndarray, n_head: int, where: str = "") -> np.ndarray:
     """llama.cpp's rows [h, D/2, 2] (interleaved RoPE pairs) back to transformers' [h, 2, D/2]."""
     rows = w.shape[0]
     if rows % (2 * n_head):
-        raise CheckpointError(f"a q / k weight of {rows} rows is not {n_head} heads of an even size")
+        raise CheckpointError(f"{where}: a q / k weight of {rows} rows is not {n_head} heads of an even size")
     return np.ascontiguousarray(w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2)
                                 .reshape(w.shape))
 
@@ -327,7 +327,7 @@ def gguf_tensors(g: GGUFFile, cfg: dict, placeholders=()):
         if how == "conv1d":
             t = as_torch(a).t() if a.ndim == 2 else as_torch(a)
         elif how.startswith("unpermute:"):
-            t = as_torch(_unpermute(np.asarray(a), int(how.split(":")[1])))
+            t = as_torch(_unpermute(np.asarray(a), int(how.split(":")[1]), f"{path}: tensor {src!r}"))
         elif how.startswith("expert:"):
             t = as_torch(a)[int(how.split(":")[1])]
         elif how == "row":
