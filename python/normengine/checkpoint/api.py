@@ -114,11 +114,9 @@ def load_checkpoint(path, dtype=None, *, transposed_views: bool = False,
         config, g = gguf_config(gpath)
         arch = hf.architecture_of(config, gpath)
         hf_cfg = hf.parse_config(arch, config, gpath)
-        if gguf_repack == "auto":  # the format every linear weight is stored in, when there is one
-            fmt = gguf.stored_format(g, hf_cfg)
-            packed, whole = gguf.repack_exact(g, hf_cfg, fmt, partial=False) if fmt else ({}, ())
-        else:
-            packed, whole = gguf.repack_exact(g, hf_cfg, gguf_repack) if gguf_repack else ({}, ())
+        # "auto": the format every linear weight is stored in, when there is one, and then all of them
+        fmt = gguf.stored_format(g, hf_cfg) if gguf_repack == "auto" else gguf_repack
+        packed, whole = gguf.repack_exact(g, hf_cfg, fmt, partial=gguf_repack != "auto") if fmt else ({}, ())
         raw_tensors, origin = gguf_tensors(g, config, placeholders=whole)
         cfg, tensors = _from_hf(arch, hf_cfg, raw_tensors, config, gpath, origin, transposed_views)
         tensors = _convert(tensors, target)

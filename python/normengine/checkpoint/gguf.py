@@ -355,6 +355,11 @@ INT8_TYPES = ("Q8_0", "Q4_0", "Q5_0")  # signed codes times a scale per 32: int8
 REPACKED = {"int4": INT4_TYPES, "int8-weight": INT8_TYPES}
 
 
+def _rows_cols(info) -> Tuple[int, int]:
+    """A tensor's rows (stacked experts' included) and columns, as its blocks run along the columns."""
+    return int(np.prod(info.shape[:-1])), info.shape[-1]
+
+
 def _int4_groups(g: GGUFFile, name: str):
     """A Q4_0 / Q4_1 / Q4_K tensor as normengine's asymmetric int4 with groups of 32, w = (q - z) s:
     (codes uint8 [N, K] in element order, s float32 [N, K/32], z float32 [N, K/32]); None when a group's
@@ -367,7 +372,7 @@ def _int4_groups(g: GGUFFile, name: str):
 
     info = g.tensors[name]
     b = g.raw(name)
-    N, K = info.shape[0] * (info.shape[1] if len(info.shape) == 3 else 1), info.shape[-1]
+    N, K = _rows_cols(info)
     if info.type.name in ("Q4_0", "Q4_1"):
         codes = io._nibbles(b[:, 2:18] if info.type.name == "Q4_0" else b[:, 4:20])
         s = io._f16(b, 0)[:, 0]
@@ -429,7 +434,7 @@ def _int8_groups(g: GGUFFile, name: str):
 
     info = g.tensors[name]
     b = g.raw(name)
-    N, K = info.shape[0] * (info.shape[1] if len(info.shape) == 3 else 1), info.shape[-1]
+    N, K = _rows_cols(info)
     kind = info.type.name
     if kind == "Q8_0":
         codes = b[:, 2:34].view(np.int8)
@@ -460,9 +465,9 @@ def repack_exact(g: GGUFFile, cfg, fmt: str = "int4", partial: bool = True):
     from ..ops.quant import QuantizedWeight
 
     types, groups = REPACKED[fmt], _int4_groups if fmt == "int4" else _int8_groups
-    arch = g.metadata.get("general.architecture")
+    sources = _canonical_sources(g, g.metadata.get("general.architecture"), cfg)
     out, done, whole_weight = {}, {}, {}
-    for name, src, expert, rows in _canonical_sources(g, arch, cfg):
+    for name, src, expert, rows in sources:
         if src in whole_weight and expert is None and rows is None:  # a tied head: one object for both names
             out[name] = whole_weight[src]
             continue
@@ -492,7 +497,7 @@ def repack_exact(g: GGUFFile, cfg, fmt: str = "int4", partial: bool = True):
     # a GGUF tensor every one of whose readers is packed need not be read as values (an embedding that is
     # not the head, e.g. GPT-2's positions, is never packed)
     users, left = {}, {}
-    for name, src, _, _ in _canonical_sources(g, arch, cfg):
+    for name, src, _, _ in sources:
         users.setdefault(src, []).append(name)
         if name not in out:
             t = g.tensors[src].type.name
@@ -548,7 +553,7 @@ def tokenizer_of(g: GGUFFile):
         warnings.warn(f"{where}: tokenizer model {model!r} is not rebuilt from GGUF (byte-level BPE 'gpt2' and "
                       "SentencePiece BPE 'llama' are); text prompts need a tokenizer: pass token ids", stacklevel=3)
         return None
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, processors
 
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
@@ -563,9 +568,9 @@ def tokenizer_of(g: GGUFFile):
         vocab.setdefault(t, i)  # a repeated string (padding) keeps its first id
     try:
         if model == "gpt2":
-            tok = _byte_level(meta, where, tokens, vocab, Regex, Tokenizer, decoders, models, pre_tokenizers)
+            tok = _byte_level(meta, where, vocab)
         else:
-            tok = _sentencepiece(meta, where, tokens, types, vocab, Tokenizer, decoders, models, pre_tokenizers)
+            tok = _sentencepiece(meta, where, tokens, types, vocab)
     except CheckpointError:
         raise
     except Exception as e:  # (tokenizers raises plain Exceptions)
@@ -587,7 +592,9 @@ def tokenizer_of(g: GGUFFile):
     return tok
 
 
-def _byte_level(meta, where, tokens, vocab, Regex, Tokenizer, decoders, models, pre_tokenizers):
+def _byte_level(meta, where, vocab):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
     pre = meta.get("tokenizer.ggml.pre")
     if pre not in _PRE_SPLITS:
         warnings.warn(f"{where}: tokenizer.ggml.pre {pre!r} is not known here; splitting words as GPT-2 does",
@@ -610,7 +617,9 @@ def _byte_level(meta, where, tokens, vocab, Regex, Tokenizer, decoders, models, 
     return tok
 
 
-def _sentencepiece(meta, where, tokens, types, vocab, Tokenizer, decoders, models, pre_tokenizers):
+def _sentencepiece(meta, where, tokens, types, vocab):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
     scores = meta.get("tokenizer.ggml.scores")
     if scores is None or len(scores) != len(tokens):
         raise CheckpointError(f"{where}: metadata 'tokenizer.ggml.scores' must give one score per token "

@@ -48,7 +48,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from ..errors import CheckpointError
-from .safetensors_io import BF16, _register_map
+from .safetensors_io import BF16, _register_map, bf16_to_f32, is_bf16
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -122,7 +122,7 @@ class GGUFFile:
         """A tensor's stored bytes as a zero-copy view of the file: its elements (numpy dtype, shape)
         for an unquantized type, else uint8 blocks [n_blocks, type_size]."""
         info = self.tensors[name]
-        b = self._bytes()[info.offset: info.offset + info.nbytes]
+        b = self._map[info.offset: info.offset + info.nbytes]
         if not info.type.quantized:
             if info.offset % info.type.dtype.itemsize:  # legal only with an odd alignment; copy to align
                 b = np.array(b, copy=True)
@@ -139,12 +139,8 @@ class GGUFFile:
             with np.errstate(invalid="ignore", over="ignore"):  # (an Inf / NaN scale gives NaN, as in ggml)
                 a = DEQUANTIZE[info.type.name](a).reshape(info.shape)
         if dtype is not None and a.dtype != np.dtype(dtype):
-            a = (a.astype(np.uint32) << 16).view(np.float32) if a.dtype == BF16 else a
-            a = a.astype(dtype)
+            a = (bf16_to_f32(a) if is_bf16(a) else a).astype(dtype)
         return a
-
-    def _bytes(self) -> np.ndarray:
-        return self._map
 
 
 class _Reader:

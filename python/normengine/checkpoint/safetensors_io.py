@@ -58,6 +58,11 @@ def is_bf16(a: np.ndarray) -> bool:
     return a.dtype.metadata is not None and a.dtype.metadata.get("dtype") == "bfloat16"
 
 
+def bf16_to_f32(a: np.ndarray) -> np.ndarray:
+    """The float32 values of an array of bfloat16 bits (exact: bfloat16 is float32's upper half)."""
+    return (a.astype(np.uint32) << 16).view(np.float32)
+
+
 def _torch_to_st() -> dict:
     import torch
 
@@ -241,7 +246,7 @@ def _copy_into(dst, src) -> None:
     if not isinstance(src, np.ndarray):
         dst.copy_(src)
     elif is_bf16(src) and not is_bf16(dst):
-        dst[...] = (src.astype(np.uint32) << 16).view(np.float32)  # bfloat16 is float32's upper half
+        dst[...] = bf16_to_f32(src)
     else:
         np.copyto(dst, src, casting="safe")
 
