@@ -25,6 +25,9 @@ Engines (each in a fresh subprocess, so peak RSS is its own; all with --threads 
   ne-int8, ne-int4, ne-int4m  quant="int8" / "int4" (ne-int4m: with matmul_precision="medium")
   ne-gguf-f32, ne-gguf-f16, ne-gguf-q8_0, ne-gguf-q4_0  normengine.load of the GGUF file llama.cpp reads (Q8_0:
              quant="int8-weight", Q4_0: quant="int4": the file's codes and scales repacked with groups of 32, exact)
+  llama-q4_k_m, ne-gguf-q4_k_m  a Q4_K_M file (Q4_K and Q6_K blocks) made from the f32 GGUF by llama.cpp's own
+             quantizer (llama_model_quantize); normengine's plain load keeps each weight in the format of its
+             blocks (Q4_K: int4 g32 with zero points; Q6_K: int8-weight g16), exactly
   ne-f32s, ne-bf16s, ne-int8s, ne-int4s  normengine.load of the checkpoint `normengine convert`
              (Model.save) wrote from it (fp32, --dtype bf16, --quant int8, --quant int4; made once in
              --workdir): the torch-free path, in a worker that never imports torch (checked), as
@@ -75,7 +78,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENGINES = ("ne-f32", "ne-bf16", "ne-f32m", "ne-bf16m", "hf-f32", "llama-f32", "llama-f16", "ne-int8", "ne-int4", "ne-int4m",
            "llama-q8_0", "llama-q4_0", "ne-f32s", "ne-bf16s", "ne-int8s", "ne-int4s", "ne-gguf-f32", "ne-gguf-f16",
-           "ne-gguf-q8_0", "ne-gguf-q4_0")
+           "ne-gguf-q8_0", "ne-gguf-q4_0", "llama-q4_k_m", "ne-gguf-q4_k_m")
 # the converted engines: `normengine convert` options of the checkpoint each reads
 CONVERTED = {"ne-f32s": [], "ne-bf16s": ["--dtype", "bf16"], "ne-int8s": ["--quant", "int8"],
              "ne-int4s": ["--quant", "int4"]}
@@ -176,6 +179,14 @@ def make_models(workdir: str, archs) -> dict:
     return out
 
 
+# a Q4_K_M file from the f32 one by llama.cpp's quantizer (llama_model_quantize, ftype 15: MOSTLY_Q4_K_M)
+QUANTIZE = """import ctypes, sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype, p.nthread = 15, 2
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))
+"""
+
+
 def weight_info(arch: str) -> dict:
     """Parameter counts of the two models, and the bytes a decode step reads."""
     V, d, L = (50257, 768, 12) if arch == "gpt2" else (32000, 768, 12)
@@ -232,7 +243,8 @@ def worker(a) -> dict:
         if converted:
             m = normengine.load(a.model_dir)
             assert m._arrays and "torch" not in sys.modules, "the torch-free path was not taken"
-        elif a.worker.startswith("ne-gguf-"):  # the GGUF file llama.cpp reads (Q4_0: repacked as int4, exact)
+        elif a.worker.startswith("ne-gguf-"):  # the GGUF file llama.cpp reads (Q4_0: repacked as int4, exact;
+            # Q4_K_M: a plain load, each weight in the format of its blocks)
             m = normengine.load(a.gguf, quant={"q4_0": "int4", "q8_0": "int8-weight"}.get(a.worker.rsplit("-", 1)[1]))
         else:
             quant = {"ne-int8": "int8", "ne-int4": "int4", "ne-int4m": "int4"}.get(a.worker)
@@ -301,6 +313,7 @@ def worker(a) -> dict:
                     logits_all=bool(a.dump_logits), verbose=False, seed=0)
         res["load_s"] = time.perf_counter() - t
         res["llama_cpp_version"] = getattr(llama_cpp, "__version__", "?")
+        res["file_bytes"] = os.path.getsize(a.gguf)
         nv = llm.n_vocab()
         if a.dump_logits:
             llm.reset()
@@ -465,12 +478,15 @@ def main():
     for arch in archs:
         if arch not in GGUF_ARCHS:
             continue  # (no GGUF of it: no llama engines, no llama.cpp logits)
-        for ot in ("f32", "f16", "q8_0", "q4_0"):
+        for ot in ("f32", "f16", "q8_0", "q4_0", "q4_k_m"):
             if (f"llama-{ot}" not in engines and f"ne-gguf-{ot}" not in engines
-                    and not (ot == "f32" and not a.no_check)):
-                continue  # (the logits check reads llama.cpp's f32 logits)
+                    and not (ot == "f32" and (not a.no_check or "llama-q4_k_m" in engines
+                                              or "ne-gguf-q4_k_m" in engines))):
+                continue  # (the logits check reads llama.cpp's f32 logits; Q4_K_M is quantized from the f32 file)
             g = os.path.join(workdir, f"{arch}-{ot}.gguf")
-            if not os.path.exists(g):
+            if not os.path.exists(g) and ot == "q4_k_m":  # K-quants: llama.cpp's own quantizer
+                subprocess.run([sys.executable, "-c", QUANTIZE, ggufs[(arch, "f32")], g], check=True)
+            elif not os.path.exists(g):
                 hf_to_gguf.convert(dirs[arch], g, ot, write_output=False)
             ggufs[(arch, ot)] = g
 
@@ -564,7 +580,9 @@ def main():
 
         for e in arch_engines(arch):
             r = base[e]
-            es = BYTES_PER_WEIGHT[e.split("-", 1)[1]]
+            es = BYTES_PER_WEIGHT.get(e.split("-", 1)[1])
+            if es is None:  # mixed block types (Q4_K_M): the bytes held (ours) or the file's (llama.cpp) per weight
+                es = (r.get("weight_bytes") or r["file_bytes"]) / wi["params"]
             wbytes = r.get("weight_bytes") or wi["bytes"](es)  # normengine's own count, with unquantized parts
             pre, dec = a.prompt / r["prefill_s"], a.gen / r["decode_s"]
             bound = bw / wi["step_bytes"](es)
@@ -588,7 +606,9 @@ def main():
                   f"{row['peak_over_w']:7.2f} {row['inc_over_w']:6.2f} | {row['pre_vs_hf']:6.2f} "
                   f"{row['dec_vs_hf']:6.2f} | {row['pre_vs_l32']:7.2f} {row['dec_vs_l32']:7.2f} "
                   f"{row['pre_vs_l16']:7.2f} {row['dec_vs_l16']:7.2f}")
-        for ours, theirs in (("ne-int8", "llama-q8_0"), ("ne-int4", "llama-q4_0"), ("ne-int4m", "llama-q4_0")):
+        for ours, theirs in (("ne-int8", "llama-q8_0"), ("ne-int4", "llama-q4_0"), ("ne-int4m", "llama-q4_0"),
+                             ("ne-gguf-q4_0", "llama-q4_0"), ("ne-gguf-q8_0", "llama-q8_0"),
+                             ("ne-gguf-f16", "llama-f16"), ("ne-gguf-q4_k_m", "llama-q4_k_m")):
             if ours in base and theirs in base:
                 rp, rd = ratio(ours, theirs, "prefill_s"), ratio(ours, theirs, "decode_s")
                 rows.append(dict(arch=arch, engine=f"{ours} vs {theirs}", pre_ratio=rp, dec_ratio=rd))

@@ -259,8 +259,14 @@ __global__ void __launch_bounds__(256) gemv_kernel(GemvArgs a) {
       float wf[16];
 #pragma unroll
       for (int i = 0; i < 16; ++i) wf[i] = static_cast<float>(static_cast<int8_t>((ww[i >> 2] >> (8 * (i & 3))) & 0xffu));
-      // grouped scales: k = j0 .. j0+15 lie in one group (group % 32 == 0), scaled here; per row: at the end
+      // grouped scales: k = j0 .. j0+15 lie in one group (group % 16 == 0), scaled here; per row: at the end.
+      // Zero points (grouped only): the values (q - z) s
       const float sg = a.group > 0 ? a.sw[n * (a.K / a.group) + j0 / a.group] : 1.0f;
+      if (a.zero) {
+        const float zg = a.zero[n * (a.K / a.group) + j0 / a.group];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) wf[i] -= zg;
+      }
 #pragma unroll
       for (int r = 0; r < MR; ++r) {
         if (m0 + r >= a.M) break;
@@ -655,12 +661,15 @@ __global__ void __launch_bounds__(256) fma_kernel(FmaArgs a) {
       float wv[8];
       if constexpr (F == QFormat::Int8Weight) {
         const int8_t* wr = reinterpret_cast<const int8_t*>(a.W) + n * a.K;
-        // grouped scales dequantize here (a K step of 32 lies in one group); per-row ones in the epilogue
-        const float sg = (a.group > 0 && n < a.N) ? a.sw[n * (a.K / a.group) + k0 / a.group] : 1.0f;
+        // grouped scales dequantize here (a loader's 8 columns lie in one group of 16 or more); per-row ones in
+        // the epilogue
+        const int64_t gi = (a.group > 0 && n < a.N) ? n * (a.K / a.group) + (k0 + lk) / a.group : 0;
+        const float sg = (a.group > 0 && n < a.N) ? a.sw[gi] : 1.0f;
+        const float zg = (a.zero && n < a.N) ? a.zero[gi] : 0.0f;  // (zero points: grouped only)
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           const int64_t k = k0 + lk + i;
-          wv[i] = (n < a.N && k < a.K) ? __fmul_rn(static_cast<float>(wr[k]), sg) : 0.0f;
+          wv[i] = (n < a.N && k < a.K) ? __fmul_rn(static_cast<float>(wr[k]) - zg, sg) : 0.0f;
         }
       } else {  // Int4: K % 32 == 0, so k0 + lk + 8 <= K
         if (n < a.N) {

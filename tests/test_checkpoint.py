@@ -27,7 +27,7 @@ from normengine.checkpoint import (
     write_safetensors,
 )
 from normengine.config import ModelConfig, expected_shapes
-from conftest import smaps_fields
+from conftest import rel_err, smaps_fields
 
 # transformers (and the reference safetensors package) build the HF checkpoints; tests that need
 # them skip without them, the format and safety tests below run anyway.
@@ -1318,3 +1318,58 @@ def test_native_config_fields_are_type_checked(tmp_path, field, value):
     (tmp_path / "config.json").write_text(json.dumps(conf))
     with pytest.raises(ne.CheckpointError, match=rf"config\.{field}"):
         ne.load(tmp_path)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ([], "expected a dict"),
+    ({"blocks.0.attn.q.weight": {"format": "int4", "group_size": 32, "symmetric": False}}, "quantized model"),
+    ({"blocks.9.attn.q.weight": {"format": "none", "group_size": 0, "symmetric": True}}, "not a linear weight"),
+    ({"blocks.0.attn_norm.weight": {"format": "none", "group_size": 0, "symmetric": True}}, "not a linear weight"),
+    ({"blocks.0.attn.q.weight": {"format": "int5", "group_size": 32, "symmetric": True}}, "format expected"),
+    ({"blocks.0.attn.q.weight": {"format": "int4", "group_size": 16, "symmetric": True}}, "int4 needs"),
+    ({"blocks.0.attn.q.weight": {"format": "int8-weight", "group_size": 0, "symmetric": False}}, "zero points"),
+    ({"blocks.0.attn.q.weight": {"format": "int8-weight", "group_size": 16}}, "expected"),
+    ({"lm_head.weight": {"format": "int8-weight", "group_size": 16, "symmetric": True}}, "tied head"),
+])
+def test_quant_overrides_are_checked(tmp_path, overrides, match):
+    """config.quant_overrides (the per-weight formats a mixed GGUF file loads with) is untrusted input too:
+    a wrong type, a name that is not a quantizable weight of the model, an unknown format, a group size or
+    zero points the format does not take, a tied head listed without its embedding: CheckpointError."""
+    quantized = match != "quantized model"
+    (ne.load(quant="int4", group_size=32) if quantized else ne.load()).save(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf["normengine"]["quant_overrides"] = overrides
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ne.CheckpointError, match=rf"config\.quant_overrides.*{match}"):
+        ne.load(tmp_path)
+
+
+def test_quant_overrides_round_trip(tmp_path):
+    """A model whose weights are packed in several formats (int4 g32, int8-weight g16 with zero points, one left
+    dense) saves them with its config's quant_overrides and loads back the same tensors and logits, on the
+    torch-free path and on torch's."""
+    from normengine.convert.quant import record_packing
+    from normengine.ops.quant import QuantizedWeight, quantize_weight
+
+    m = ne.load(quant="int4", group_size=32)
+    tensors = dict(m.tensors)
+    w = tensors["blocks.1.mlp.up.weight"].dequantize()
+    q = quantize_weight(w, "int8-weight", 16)
+    tensors["blocks.1.mlp.up.weight"] = QuantizedWeight("int8-weight", q.shape, q.data, q.scale,
+                                                        torch.full_like(q.scale, 0.5), 16)
+    tensors["blocks.2.attn.o.weight"] = tensors["blocks.2.attn.o.weight"].dequantize()
+    cfg = record_packing(m.config, tensors, "test")
+    assert cfg.quant_overrides == {
+        "blocks.1.mlp.up.weight": {"format": "int8-weight", "group_size": 16, "symmetric": False},
+        "blocks.2.attn.o.weight": {"format": "none", "group_size": 0, "symmetric": True}}
+    mixed = ne.Model(cfg, tensors)
+    assert "also 1 x dense, 1 x int8-weight g16 asym" in mixed.info()["quantization"]
+    ids = torch.randint(0, 1024, (1, 17), generator=torch.Generator().manual_seed(2))
+    want = mixed.logits(ids)
+    assert rel_err(want, m.logits(ids)) > 1e-4  # (the zero points change the weight)
+    mixed.save(tmp_path)
+    for kw in ({}, {"kv_cache_dtype": torch.float32}):
+        back = ne.load(tmp_path, **kw)
+        assert back.config.quant_overrides == cfg.quant_overrides
+        assert torch.equal(back.logits(ids), want)
+        assert not isinstance(back.tensors["blocks.2.attn.o.weight"], QuantizedWeight)

@@ -93,6 +93,8 @@ def _samples():
     yield "quant_linear", (x32, 2, qw.data, qw.scale, qw.zero, 32, 12, None, False)
     qw = ne.ops.quantize_weight(W32, "int8-weight", group_size=32)
     yield "quant_linear", (x32, 1, qw.data, qw.scale, None, 32, 12, None, False)
+    qw = ne.ops.quantize_weight(W32, "int8-weight", group_size=16)  # (with zero points: a GGUF Q2_K's packing)
+    yield "quant_linear", (x32, 1, qw.data, qw.scale, torch.rand(12, 2, generator=g), 16, 12, None, False)
 
 
 @pytest.mark.parametrize("name,args", list(_samples()), ids=lambda v: v if isinstance(v, str) else "")

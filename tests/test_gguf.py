@@ -284,10 +284,10 @@ def test_reader_matches_the_gguf_package(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- K-quant files
-def test_k_quant_file_matches_transformers(tmp_path):
-    """A Qwen2-shaped file whose weights are random blocks of every K-quant type (and Q8_0 / Q5_0
-    embeddings): logits within 1e-4 of transformers' Qwen2 holding gguf-py's dequantization of the same
-    blocks."""
+def _k_quant_file(tmp_path):
+    """A Qwen2-shaped GGUF file whose linear weights are random blocks of every K-quant type (Q8_0 embedding, Q5_0
+    head): (path, transformers' Qwen2 holding gguf-py's dequantization of the same blocks, that state dict,
+    {GGUF name: type}, {GGUF name: transformers name})."""
     gguf = pytest.importorskip("gguf")
     import transformers
 
@@ -309,17 +309,17 @@ def test_k_quant_file_matches_transformers(tmp_path):
     state = {}
     kinds = iter(["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"] * 4)
 
-    kind_of = {}
+    kind_of, hf_of = {}, {}
 
     def put(gname, hname, rows, cols, kind):
         t = _gtype(kind)
         b = random_blocks(kind, rows * cols // t.block, rng)
-        kind_of[gname] = kind
+        kind_of[gname], hf_of[gname] = kind, hname
         if kind == "Q4_K":  # every sub-block scale non-zero (bytes 4-7 low 6 bits: scales 0-3; 12-15 low 4: 4-7)
             b[:, 4:8] |= 1
             b[:, 12:16] |= 1
-        if gname == "blk.1.ffn_up.weight":  # (a Q4_K) a sub-block of scale 0 under a non-zero min:
-            assert kind == "Q4_K"           # not int4 of groups of 32
+        if gname == "blk.1.ffn_up.weight":  # (a Q4_K) a sub-block of scale 0 under a non-zero min: values
+            assert kind == "Q4_K"           # -min, written as codes 0 with z = 1
             b[5, 4] &= 0xC0
             b[5, 8] |= 1
             b[5, 2:4] = np.array([0.01], np.float16).view(np.uint8)
@@ -350,31 +350,78 @@ def test_k_quant_file_matches_transformers(tmp_path):
     w.write_tensors_to_file()
     w.close()
     hf.load_state_dict(state, strict=True)
-    m = ne.load(path)
-    assert m.tokenizer is None  # the file has no vocabulary: token ids only
+    return path, hf, state, kind_of, hf_of
+
+
+def test_k_quant_file_matches_transformers(tmp_path):
+    """The K-quant file: logits within 1e-4 of transformers' model holding gguf-py's dequantization, loaded as
+    values (dtype=) and packed per weight in the formats that hold its blocks exactly (a plain load), which
+    Model.save keeps; quant='int4' keeps the Q4_K codes."""
+    path, hf, state, kind_of, hf_of = _k_quant_file(tmp_path)
+    V = hf.config.vocab_size
     ids = torch.randint(0, V, (2, 21), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = hf(ids).logits
     assert torch.isfinite(want).all()
+    # the values (dtype=): as transformers holding gguf-py's dequantization
+    f = ne.load(path, dtype=torch.float32)
+    assert f.tokenizer is None  # the file has no vocabulary: token ids only
+    assert rel_err(f.logits(ids), want) <= 1e-4
+    assert f.config.source_dtype == "float32" and f.config.quantization is None
+    # a plain load: every weight packed as its blocks are, exactly (Q4_K: int4 g32 asym; Q8_0 / Q5_0: int8-weight
+    # g32; Q6_K / Q3_K: int8-weight g16; Q5_K: int8-weight g32 with zero points; Q2_K: g16 with zero points), the
+    # untied Q8_0 embedding too; the formats recorded per weight
+    m = ne.load(path)
     assert rel_err(m.logits(ids), want) <= 1e-4
-    assert m.config.source_dtype == "float32" and m.config.quantization is None  # (mixed types: values)
-    # quant='int4': the Q4_K weights keep their codes (but the one with a degenerate sub-block), the
-    # others are quantized from their values, with a warning saying how many of which type
+    spec = {"Q4_K": ("int4", 32, False), "Q8_0": ("int8-weight", 32, True), "Q5_0": ("int8-weight", 32, True),
+            "Q6_K": ("int8-weight", 16, True), "Q3_K": ("int8-weight", 16, True),
+            "Q5_K": ("int8-weight", 32, False), "Q2_K": ("int8-weight", 16, False)}
+    canon = {"token_embd": "tok_emb", "output": "lm_head", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v",
+             "attn_output": "attn.o", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up", "ffn_down": "mlp.down"}
+    from normengine.config import quant_of
+
+    for gname, kind in kind_of.items():
+        parts = gname.split(".")
+        name = (f"{canon[parts[0]]}.weight" if len(parts) == 2 else
+                f"blocks.{parts[1]}.{canon[parts[2]]}.weight")
+        t = m.tensors[name]
+        assert (t.format, t.group_size, t.zero is None) == spec[kind] == quant_of(m.config, name), (gname, kind)
+        assert rel_err(t.dequantize(), state[hf_of[gname]]) <= 1e-6, (gname, kind)
+    assert m.config.quantization is not None and m.config.quant_overrides
+    assert "gguf-blocks" in m.config.conversions
+    assert set(spec) - {"Q5_0"} <= set(kind_of.values())
+    # saved and loaded back (with and without torch's path): the same packing, the same logits
+    m.save(str(tmp_path / "saved"))
+    for kw in ({}, {"kv_cache_dtype": torch.float32}):
+        r = ne.load(str(tmp_path / "saved"), **kw)
+        assert r.config.quant_overrides == m.config.quant_overrides
+        assert torch.equal(r.logits(ids), m.logits(ids))
+    # quant='int4': the Q4_K weights keep their codes, the others are quantized from their values, with a
+    # warning saying how many of which type
     from normengine.checkpoint import gguf
 
     exact, _ = gguf.repack_exact(gguf_io.read_gguf(path), m.config, "int4")
     q4k = {n for n, k in kind_of.items() if k == "Q4_K"}
-    assert len(q4k) == 3
     assert {"blk.0.attn_v.weight", "blk.1.attn_q.weight", "blk.1.ffn_up.weight"} == q4k
-    assert set(exact) == {"blocks.0.attn.v.weight", "blocks.1.attn.q.weight"}
-    left = r"13 linear weights .* int4 \(3 x Q2_K, 3 x Q3_K, 1 x Q4_K, .*\): they are quantized to int4"
+    assert set(exact) == {"blocks.0.attn.v.weight", "blocks.1.attn.q.weight", "blocks.1.mlp.up.weight"}
+    left = r"12 linear weights .* int4 \(3 x Q2_K, 3 x Q3_K, 1 x Q5_0, 3 x Q5_K, 2 x Q6_K\): they are quantized to int4"
     with pytest.warns(UserWarning, match=left):
         q = ne.load(path, quant="int4")
     for n, w in exact.items():
+        assert torch.equal(q.tensors[n].data, m.tensors[n].data)
         assert rel_err(q.tensors[n].dequantize(), w.dequantize()) == 0
-        hf_name = {"blocks.0.attn.v.weight": "model.layers.0.self_attn.v_proj.weight",
-                   "blocks.1.attn.q.weight": "model.layers.1.self_attn.q_proj.weight"}[n]
-        assert rel_err(w.dequantize(), state[hf_name]) <= 2e-6
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and ne.cuda_available()), reason="no CUDA GPU visible")
+def test_k_quant_file_on_cuda(tmp_path):
+    """The K-quant file packed per weight (int4 g32, int8-weight g16 / g32, with and without zero points) on the
+    CUDA runner: the CPU runner's logits and greedy tokens."""
+    path = _k_quant_file(tmp_path)[0]
+    cpu, gpu = ne.load(path), ne.load(path, device="cuda")
+    assert gpu.config.quant_overrides == cpu.config.quant_overrides
+    ids = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(1))
+    assert rel_err(gpu.logits(ids).cpu(), cpu.logits(ids)) <= 1e-4
+    assert gpu.generate(ids[0].tolist(), max_new_tokens=12) == cpu.generate(ids[0].tolist(), max_new_tokens=12)
 
 
 # ----------------------------------------------------------------------------------- tokenizer, template

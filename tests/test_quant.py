@@ -175,11 +175,13 @@ def test_int8_kernels(kernel, M, N, K, gen):
     assert rel_err(out, want + acc.double(), floor=scale) < 2e-6
 
 
-@pytest.mark.parametrize("group", [0, 32, 128])
-def test_int8_weight_kernels_every_isa(group, gen):
+@pytest.mark.parametrize("group,zero", [(0, False), (32, False), (128, False), (16, False), (16, True), (32, True),
+                                        (64, True)])
+def test_int8_weight_kernels_every_isa(group, zero, gen):
     """The int8-weight GEMV's register tiles (1, 2 and 4 rows of x against 4 rows of W, a single row of W
-    for the rest) on every ISA this CPU runs, per-row scales (K odd: the scalar tail) and grouped ones,
-    against the float64 reference; then the panel path just past them."""
+    for the rest) on every ISA this CPU runs, per-row scales (K odd: the scalar tail) and grouped ones
+    (groups of 16: K = 48, a last group of 16 past the 32-column steps), with zero points (w = (q - z) s, as
+    GGUF's Q5_K / Q2_K blocks load), against the float64 reference; then the panel path just past them."""
     from normengine import _C
     from conftest import _supported_isas
 
@@ -187,6 +189,10 @@ def test_int8_weight_kernels_every_isa(group, gen):
     N = 37
     w = torch.randn(N, K, generator=gen) * 0.05
     q = ne.ops.quantize_weight(w, "int8-weight", group_size=group)
+    if zero:  # codes 0..31 under a zero point per group
+        data = torch.randint(0, 32, (N, K), generator=gen, dtype=torch.int8)
+        z = torch.rand(N, K // group, generator=gen) * 31
+        q = ne.ops.QuantizedWeight("int8-weight", (N, K), data, q.scale, z, group)
     best = _C.cpu_isa()
     try:
         for isa in _supported_isas():

@@ -1,8 +1,8 @@
 """CUDA quantized GEMMs (cuda/quant_gemm.cu, bound as _C.quant_linear_cuda / _C.quant_activations_cuda)
 against the float64 reference with the same activation quantization (normengine.reference.quant) and
-against the CPU kernels. Every format (int8 W8A8, int8-weight, int4 symmetric / asymmetric and every
-group size, fp8 per tensor / 128 x 128 blocks) at M = 1 and 3 (GEMV), 17 and 200 (tensor-core / tiled
-kernels, M tails), N, K = 128 and 4096 with odd N, K tails (K % 128 != 0, K % 16 != 0), unaligned
+against the CPU kernels. Every format (int8 W8A8, int8-weight (g16 with zero points too), int4 symmetric /
+asymmetric and every group size, fp8 per tensor / 128 x 128 blocks) at M = 1 and 3 (GEMV), 17 and 200
+(tensor-core / tiled kernels, M tails), N, K = 128 and 4096 with odd N, K tails (K % 128 != 0, K % 16 != 0), unaligned
 weights, bf16 / f16 / strided x, bias and accumulate, NaN activations, bad arguments. The activation
 quantization must match the reference bit for bit. Skips without a CUDA GPU."""
 
@@ -27,12 +27,15 @@ VARIANTS = [
     ("int8", None, True),
     ("int8-weight", None, True),
     ("int8-weight", 32, True),
+    ("int8-weight", 16, True),
+    ("int8-weight", 16, False),
     ("int4", 128, True),
     ("int4", 32, False),
     ("fp8", 128, True),
     ("fp8", 0, True),
 ]
-VIDS = ["int8", "int8w", "int8w-g32", "int4-g128", "int4-g32-asym", "fp8-block", "fp8-tensor"]
+VIDS = ["int8", "int8w", "int8w-g32", "int8w-g16", "int8w-g16-asym", "int4-g128", "int4-g32-asym", "fp8-block",
+        "fp8-tensor"]
 # fp32 sums of up to 4096 terms against float64: a few 1e-6 of max |y|
 TOL = 2e-5
 
@@ -52,6 +55,11 @@ def make(gen, M, N, K, fmt, group, sym, scale_rows=True):
     if scale_rows:  # rows of very different magnitude: per-token scales matter
         x = x * torch.logspace(-2, 2, M)[:, None]
     w = torch.randn(N, K, generator=gen) / K**0.5
+    if fmt == "int8-weight" and not sym:  # zero points (GGUF's Q5_K / Q2_K blocks): codes 0..31, w = (q - z) s
+        q = quantize_weight(w, fmt, group)
+        data = torch.randint(0, 32, (N, K), generator=gen, dtype=torch.int8)
+        z = torch.rand(N, K // group, generator=gen) * 31
+        return x.cuda(), QuantizedWeight(fmt, (N, K), data, q.scale, z, group).to("cuda")
     qw = quantize_weight(w.cuda(), fmt, group, symmetric=sym)
     return x.cuda(), qw
 

@@ -5,10 +5,10 @@ of tests/cuda_emu/cuda_emu.h, built by g++ into a ctypes library (tests/cuda_emu
 
 Checked: the activation quantization (int8 per token, FP8 E4M3 per token and 128 channels) bit for bit
 against the CPU's formulas (normengine.reference.quant, what cpp/ops/quant_gemm.cpp computes); every
-format (int8 W8A8, int8-weight per row and g32 / g128, int4 g32/64/128 symmetric and with zero points, fp8 per
-tensor and 128 x 128 blocks) for M in {1, 3, 8, 9, 16, 33, 130} (GEMV and tile kernels), odd N and K where the
-format allows, bias, accumulate, strided x / y with guard regions, against the CPU kernel
-(normengine._C.quant_linear: int8 bit for bit, the fp32-summing formats within fp32 summation error of
+format (int8 W8A8, int8-weight per row, g16 / g32 / g128 and with zero points, int4 g32/64/128 symmetric and
+with zero points, fp8 per tensor and 128 x 128 blocks) for M in {1, 3, 8, 9, 16, 33, 130} (GEMV and tile
+kernels), odd N and K where the format allows, bias, accumulate, strided x / y with guard regions, against
+the CPU kernel (normengine._C.quant_linear: int8 bit for bit, the fp32-summing formats within fp32 summation error of
 the terms) and a float64 reference; the GEMV fallbacks of the 8-bit formats (K % 16 != 0, unaligned W);
 schedules and deferred cp.async landing for the tensor-core tiles; and that every kernel of the file ran.
 
@@ -169,6 +169,10 @@ def test_quant_activations_nan(lib):
 
 def make_weight(fmt, group, sym, N, K, gen):
     w = torch.randn(N, K, generator=gen) * 0.5
+    if fmt == "int8-weight" and not sym:  # zero points (GGUF's Q5_K / Q2_K blocks): codes 0..31, w = (q - z) s
+        q = quantize_weight(w, fmt, group)
+        data = torch.randint(0, 32, (N, K), generator=gen, dtype=torch.int8)
+        return type(q)(fmt, (N, K), data, q.scale, torch.rand(N, K // group, generator=gen) * 31, group)
     return quantize_weight(w, fmt, group if fmt != "int8" else None, sym)
 
 
@@ -260,6 +264,7 @@ def check_case(lib, fmt, group, sym, M, N, K, gen, bias_on=True, acc=False, xdty
 
 
 FORMATS = [("int8", 0, True), ("int8-weight", 0, True), ("int8-weight", 32, True), ("int8-weight", 128, True),
+           ("int8-weight", 16, True), ("int8-weight", 16, False), ("int8-weight", 32, False),
            ("int4", 32, True), ("int4", 64, False),
            ("int4", 128, True), ("int4", 128, False), ("fp8", 0, True), ("fp8", 128, True)]
 MS = [1, 3, 8, 9, 16, 33, 130]

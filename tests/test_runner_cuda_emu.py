@@ -453,6 +453,45 @@ def test_quantized_weights(lib, quant, kw):
     assert len(off) <= (MAX_FLIPPED_ROWS if quant in ("int8", "fp8") else 0), sorted(off)
 
 
+def _int8_groups_of(w, g, zero_points, gen):
+    """w [N, K] as int8-weight with groups of g: symmetric (quantize_weight), or with zero points (codes 0..127,
+    s = (max - min) / 127, z = -min / s: as a GGUF Q5_K / Q2_K block loads), plus noise so no group is exact."""
+    from normengine.ops.quant import QuantizedWeight, quantize_weight
+
+    w = w + 1e-3 * torch.randn(w.shape, generator=gen)
+    if not zero_points:
+        return quantize_weight(w, "int8-weight", g)
+    N, K = w.shape
+    v = w.double().view(N, K // g, g)
+    lo, hi = v.amin(-1), v.amax(-1)
+    s = ((hi - lo) / 127).clamp_min(1e-12)
+    z = -lo / s
+    q = torch.round(v / s[..., None] + z[..., None]).clamp(0, 127).to(torch.int8).view(N, K)
+    return QuantizedWeight("int8-weight", (N, K), q, s.float(), z.float(), g)
+
+
+def test_mixed_weight_formats(lib):
+    """Weights packed in different formats side by side, as a GGUF file of mixed block types loads (Q4_K_M: int4
+    g32 with zero points and int8-weight g16; Q5_K_M: int8-weight g32 with zero points): the projections cycle
+    through int4 g32 asym, int8-weight g16, g16 with zero points and g32 with zero points (the tied head stays
+    int4). Prefill and decode vs the CPU runner on the same tensors, greedy tokens equal."""
+    model = normengine.load(quant="int4", group_size=32, symmetric=False)
+    tensors = dict(model.tensors)
+    gen = torch.Generator().manual_seed(5)
+    kinds = [None, (16, False), (16, True), (32, True)]
+    names = [n for n in tensors if n.startswith("blocks.") and is_quantized(tensors[n])]
+    for i, n in enumerate(names):
+        if kinds[i % 4] is not None:
+            tensors[n] = _int8_groups_of(tensors[n].dequantize(), *kinds[i % 4], gen)
+    assert {(t.format, t.group_size, t.zero is None) for t in tensors.values() if is_quantized(t)} == {
+        ("int4", 32, False), ("int8-weight", 16, True), ("int8-weight", 16, False), ("int8-weight", 32, False)}
+    rows = []
+    worst, launched = prefill_then_decode(lib, model, None, tensors, seed=6, rows=rows)
+    print(f"mixed formats: max rel err {worst:.3g}")
+    assert not any(n.startswith(("gemv<", "gemm_")) for n in launched), sorted(launched)
+    assert len(rows) == 31 and worst <= REL_QUANT["int4"]
+
+
 @pytest.mark.parametrize("name", [None, "rope_gqa_gated_rms_bf16"], ids=["default", "rope_gqa"])
 def test_bf16_kv_cache(lib, model, name):
     """spec.kv_bf16: K and V stored in bfloat16 (rounded to nearest even once, as the CPU runner's bf16

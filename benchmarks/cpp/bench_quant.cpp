@@ -2,11 +2,13 @@
 // the engine's fp32 GEMM (ne::gemm_f32), K = N = 4096, M in {1, 16, 128, 512}.
 //
 //   bench_quant [--threads N] [--repeats K] [--isa avx512|avx2|generic] [--k 4096] [--n 4096]
-//               [--int8-kernel amx|avx512vnni|avxvnni|isa] [--m 1,16,128,512] [--formats int8,int8w,int8w32,int4,fp8]
+//               [--int8-kernel amx|avx512vnni|avxvnni|isa] [--m 1,16,128,512]
+//               [--formats int8,int8w,int8w32,int8w32z,int8w16,int8w16z,int4,int4g32z,fp8]
 //
 // Weights are packed here with the same rules as normengine.ops.quantize_weight (int8 per channel,
-// int8-weight with a scale per 32 columns (int8w32: llama.cpp's Q8_0 layout), int4 groups of 128 symmetric
-// mid-rise, fp8 E4M3 with 128 x 128 block scales); values are random.
+// int8-weight with a scale per 32 columns (int8w32: llama.cpp's Q8_0 layout) or 16 (int8w16: a GGUF Q6_K as
+// loaded), the suffix z with zero points (int8w32z / int8w16z: Q5_K / Q2_K; int4g32z: Q4_K), int4 groups of 128
+// symmetric mid-rise, fp8 E4M3 with 128 x 128 block scales); values are random.
 // Prints the median time, GFLOP/s (2 M N K) and the speed-up over fp32; for M = 1 also the bytes of
 // packed weight streamed per second.
 #include <algorithm>
@@ -73,7 +75,8 @@ int main(int argc, char** argv) {
     else if (a == "--formats" && i + 1 < argc) formats = argv[++i];
     else {
       std::fprintf(stderr, "usage: %s [--threads N] [--repeats K] [--isa avx512|avx2|generic] [--k K] [--n N] "
-                   "[--int8-kernel NAME] [--m 1,16,...] [--formats int8,int8w,int8w32,int4,fp8]\n", argv[0]);
+                   "[--int8-kernel NAME] [--m 1,16,...]\n"
+                   "       [--formats int8,int8w,int8w32,int8w32z,int8w16,int8w16z,int4,int4g32z,fp8]\n", argv[0]);
       return 2;
     }
   }
@@ -102,17 +105,27 @@ int main(int argc, char** argv) {
     s8[n] = amax / 127.0f;
     for (int64_t k = 0; k < K; ++k) q8[n * K + k] = static_cast<int8_t>(std::lrint(w[n * K + k] / s8[n]));
   }
-  // int8 with a scale per 32 columns (int8-weight group 32: llama.cpp's Q8_0 blocks)
-  std::vector<int8_t> q8g(static_cast<size_t>(N * K));
-  std::vector<float> s8g(static_cast<size_t>(N * (K / 32)));
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t g = 0; g < K / 32; ++g) {
-      float amax = 0;
-      for (int64_t k = g * 32; k < g * 32 + 32; ++k) amax = std::max(amax, std::fabs(w[n * K + k]));
-      const float s = amax / 127.0f;
-      s8g[n * (K / 32) + g] = s;
-      for (int64_t k = g * 32; k < g * 32 + 32; ++k) q8g[n * K + k] = static_cast<int8_t>(std::lrint(w[n * K + k] / s));
-    }
+  // int8 with a scale per group of gs columns (int8-weight group 32: llama.cpp's Q8_0 blocks; 16: a GGUF Q6_K's
+  // sub-blocks as normengine loads them)
+  auto int8_groups = [&](int64_t gs, std::vector<int8_t>& q, std::vector<float>& sc) {
+    q.resize(static_cast<size_t>(N * K));
+    sc.resize(static_cast<size_t>(N * (K / gs)));
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t g = 0; g < K / gs; ++g) {
+        float amax = 0;
+        for (int64_t k = g * gs; k < g * gs + gs; ++k) amax = std::max(amax, std::fabs(w[n * K + k]));
+        const float s = amax / 127.0f;
+        sc[n * (K / gs) + g] = s;
+        for (int64_t k = g * gs; k < g * gs + gs; ++k) q[n * K + k] = static_cast<int8_t>(std::lrint(w[n * K + k] / s));
+      }
+  };
+  std::vector<int8_t> q8g, q8g16;
+  std::vector<float> s8g, s8g16;
+  int8_groups(32, q8g, s8g);
+  int8_groups(16, q8g16, s8g16);
+  // zero points for the asymmetric variants (GGUF Q5_K / Q2_K as int8-weight, Q4_K as int4 g32): the values do
+  // not matter for the timing
+  std::vector<float> zeros(static_cast<size_t>(N * (K / 16)), 0.5f);
   // int4, groups of 128, mid-rise
   const int64_t G = K / 128;
   std::vector<uint8_t> q4(static_cast<size_t>(N * K / 2));
@@ -146,11 +159,21 @@ int main(int argc, char** argv) {
   ne::QWeight W8w = W8;
   W8w.format = ne::QFormat::Int8Weight;
   ne::QWeight W8g{ne::QFormat::Int8Weight, N, K, q8g.data(), s8g.data(), nullptr, 32};
+  ne::QWeight W8gz{ne::QFormat::Int8Weight, N, K, q8g.data(), s8g.data(), zeros.data(), 32};
+  ne::QWeight W8g16{ne::QFormat::Int8Weight, N, K, q8g16.data(), s8g16.data(), nullptr, 16};
+  ne::QWeight W8g16z{ne::QFormat::Int8Weight, N, K, q8g16.data(), s8g16.data(), zeros.data(), 16};
   ne::QWeight W4{ne::QFormat::Int4, N, K, q4.data(), s4.data(), nullptr, 128};
+  // int4 with groups of 32 and zero points (a GGUF Q4_K as normengine loads it): the same codes, 4x the scales
+  std::vector<float> s4g32(static_cast<size_t>(N * (K / 32)), 0.01f);
+  ne::QWeight W4g32z{ne::QFormat::Int4, N, K, q4.data(), s4g32.data(), zeros.data(), 32};
   ne::QWeight WF{ne::QFormat::FP8, N, K, qf.data(), sf.data(), nullptr, 128};
   struct Fmt { const char* key; const char* name; const ne::QWeight* w; double bytes; };
   const Fmt all[] = {{"int8", "int8 (W8A8)", &W8, double(N * K + 4 * N)}, {"int8w", "int8-weight", &W8w, double(N * K + 4 * N)},
                      {"int8w32", "int8-w g32", &W8g, double(N * K + 4 * N * (K / 32))},
+                     {"int8w32z", "int8-w g32 z", &W8gz, double(N * K + 8 * N * (K / 32))},
+                     {"int8w16", "int8-w g16", &W8g16, double(N * K + 4 * N * (K / 16))},
+                     {"int8w16z", "int8-w g16 z", &W8g16z, double(N * K + 8 * N * (K / 16))},
+                     {"int4g32z", "int4 g32 z", &W4g32z, double(N * K / 2 + 8 * N * (K / 32))},
                      {"int4", "int4 g128", &W4, double(N * K / 2 + 4 * N * G)}, {"fp8", "fp8 b128", &WF, double(N * K + 4 * NB * KB)}};
   std::vector<Fmt> fmts;
   for (const Fmt& f : all)

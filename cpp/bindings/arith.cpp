@@ -74,7 +74,8 @@ void bind_arith(py::module_& m) {
           throw ne::ShapeError("qweight.scale: expected " + std::to_string(want_scales) + " scales, got " +
                                std::to_string(vs.numel()));
         if (vz.ptr()) {
-          if (!int4) throw ne::ValueError("qweight.zero: only int4 takes zero points");
+          if (!int4 && !(w.format == ne::QFormat::Int8Weight && group > 0))
+            throw ne::ValueError("qweight.zero: only int4 and grouped int8-weight take zero points");
           if (!vz.ptr()->is_contiguous() || vz.ptr()->dtype != ne::DType::F32 || vz.ptr()->numel() != want_scales)
             throw ne::ShapeError("qweight.zero: expected a contiguous float32 tensor of " + std::to_string(want_scales) +
                                  " zero points");

@@ -96,7 +96,8 @@ void bind_quant_cuda(py::module_& m) {
         const int64_t want = ne::qweight_scale_count(w.format, N, K, group);
         contiguous_f32(vs, want);
         if (vz.ptr()) {
-          if (!int4) throw ne::ValueError("qweight.zero: only int4 takes zero points");
+          if (!int4 && !(w.format == ne::QFormat::Int8Weight && group > 0))
+            throw ne::ValueError("qweight.zero: only int4 and grouped int8-weight take zero points");
           contiguous_f32(*vz.ptr(), want);
         }
         if (vb.ptr()) contiguous_f32(*vb.ptr(), N);

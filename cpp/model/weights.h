@@ -396,8 +396,8 @@ QWeight quant_weight(const WeightSlot<Wt>& slot, const std::string& name, int fo
   switch (fmt) {
     case QFormat::Int8:
     case QFormat::Int8Weight:
-      if (group != 0 && (fmt == QFormat::Int8 || (group != 32 && group != 64 && group != 128)))
-        throw ValueError(name + ": int8 (W8A8) takes no group size, int8-weight 0 (per row), 32, 64 or 128; got " +
+      if (group != 0 && (fmt == QFormat::Int8 || (group != 16 && group != 32 && group != 64 && group != 128)))
+        throw ValueError(name + ": int8 (W8A8) takes no group size, int8-weight 0 (per row), 16, 32, 64 or 128; got " +
                          std::to_string(group));
       if (group != 0 && K % group)
         throw ShapeError(name + ": in_features " + std::to_string(K) + " is not a multiple of the group size " +
@@ -407,6 +407,8 @@ QWeight quant_weight(const WeightSlot<Wt>& slot, const std::string& name, int fo
         part(scale, DType::F32, {N, K / group}, "qscale");
       else
         part(scale, DType::F32, {N}, "qscale");
+      if (zero && fmt == QFormat::Int8Weight && group != 0) part(*zero, DType::F32, {N, K / group}, "qzero");
+      else if (zero) throw ValueError(name + ": only int4 and grouped int8-weight take zero points");
       break;
     case QFormat::Int4:
       if (group != 32 && group != 64 && group != 128)
@@ -426,7 +428,7 @@ QWeight quant_weight(const WeightSlot<Wt>& slot, const std::string& name, int fo
       else part(scale, DType::F32, {(N + 127) / 128, (K + 127) / 128}, "qscale");
       break;
   }
-  if (zero && fmt != QFormat::Int4) throw ValueError(name + ": only int4 takes zero points");
+  if (zero && fmt == QFormat::FP8) throw ValueError(name + ": only int4 and grouped int8-weight take zero points");
   q.data = data.data;
   q.scale = static_cast<const float*>(scale.data);
   q.zero = zero ? static_cast<const float*>(zero->data) : nullptr;

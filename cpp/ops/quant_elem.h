@@ -26,16 +26,19 @@ NE_QE_HD float e4m3_to_f32(uint8_t b) {
 }
 
 // w[n, k] of q, exactly as the GEMMs read it:
-//   int8 / int8-weight: q * scale[n] (grouped int8-weight: q * scale[n, k / group])
+//   int8 / int8-weight: q * scale[n] (grouped int8-weight: q * scale[n, k / group], or (q - zero) * scale)
 //   int4: (nibble - zero) * scale per group of q.group along K (symmetric: zero 7.5, mid-rise)
 //   fp8: e4m3(q) * scale (per tensor, or per 128 x 128 block)
 NE_QE_HD float quant_elem(const QWeight& q, int64_t n, int64_t k) {
   const int64_t K = q.K;
   switch (q.format) {
     case QFormat::Int8:
-    case QFormat::Int8Weight:
-      return static_cast<float>(static_cast<const int8_t*>(q.data)[n * K + k]) *
-             (q.group > 0 ? q.scale[n * (K / q.group) + k / q.group] : q.scale[n]);
+    case QFormat::Int8Weight: {
+      const float v = static_cast<float>(static_cast<const int8_t*>(q.data)[n * K + k]);
+      if (q.group == 0) return v * q.scale[n];
+      const int64_t gi = n * (K / q.group) + k / q.group;
+      return q.zero ? (v - q.zero[gi]) * q.scale[gi] : v * q.scale[gi];
+    }
     case QFormat::Int4: {
       const uint8_t byte = static_cast<const uint8_t*>(q.data)[n * (K / 2) + k / 2];
       const int nib = (k & 1) ? (byte >> 4) : (byte & 15);

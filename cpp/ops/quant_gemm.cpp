@@ -131,19 +131,42 @@ void block_int8(const QArgs& a, int64_t n0, int64_t n1) {
 // ---------------------------------------------------------------- Int8Weight: fp32 x, int8 W
 // y = sum_g s_g sum_{k in g} q_k x_k over groups of g columns, each with its own scale (llama.cpp's Q8_0 is
 // g = 32; per-row scales are one group of K): each group's vector sum is scaled once into the running
-// total (one FMA per vector per group) and reduced once. A tile of MR rows of x and NR rows of W: NR streams
-// of W from memory in flight, each load of x serving NR rows and each widened vector of W MR rows (one row
-// of W at a time streamed W at 29 GB/s here, four at 40; a batch of rows of x shares each decode of W).
-template <int MR, int NR>
+// total (one FMA per vector per group) and reduced once. With zero points (ZP: w = (q - z_g) s_g, GGUF's
+// Q5_1 / Q5_K / Q2_K blocks) y takes - sum_g s_g z_g gsum_g at the end, gsum the sums of x over each group (made
+// once per call by the entry point). A tile of MR rows of x and NR rows of W: NR streams of W from memory in flight,
+// each load of x serving NR rows and each widened vector of W MR rows (one row of W at a time streamed W at
+// 29 GB/s here, four at 40; a batch of rows of x shares each decode of W).
+// sum_g s_g z_g gsum_g over G groups: a zero-pointed weight row's offset term
+inline float zero_term(const float* s, const float* z, const float* gsum, int64_t G) {
+  int64_t g = 0;
+  float t = 0.0f;
+#if defined(__AVX512F__)
+  __m512 v = _mm512_setzero_ps();
+  for (; g + 16 <= G; g += 16)
+    v = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(s + g), _mm512_loadu_ps(z + g)), _mm512_loadu_ps(gsum + g), v);
+  t = _mm512_reduce_add_ps(v);
+#elif defined(__AVX2__)
+  __m256 v = _mm256_setzero_ps();
+  for (; g + 8 <= G; g += 8)
+    v = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_loadu_ps(z + g)), _mm256_loadu_ps(gsum + g), v);
+  t = hsum_ps(v);
+#endif
+  for (; g < G; ++g) t += s[g] * z[g] * gsum[g];
+  return t;
+}
+
+template <int MR, int NR, bool ZP>
 void int8w_tile(const QArgs& a, int64_t m, int64_t n) {
   const QWeight& w = *a.w;
   const int64_t K = w.K, g = w.group > 0 ? w.group : K, G = K / g;
   const int8_t* wr[NR];
   const float* sr[NR];
+  const float* zr[NR];
   const float* x[MR];
   for (int c = 0; c < NR; ++c) {
     wr[c] = static_cast<const int8_t*>(w.data) + (n + c) * K;
     sr[c] = w.scale + (n + c) * G;
+    zr[c] = ZP ? w.zero + (n + c) * G : nullptr;
   }
   for (int r = 0; r < MR; ++r) x[r] = a.x + (m + r) * a.ldx;
   float y[MR][NR], tail[MR][NR];
@@ -229,16 +252,112 @@ void int8w_tile(const QArgs& a, int64_t m, int64_t n) {
 #elif defined(__AVX2__)
       y[r][c] += hsum_ps(t[r][c]);
 #endif
+      if constexpr (ZP) y[r][c] -= zero_term(sr[c], zr[c], a.gsum + (m + r) * G, G);
       quant_store(a, m + r, n + c, y[r][c]);
     }
 }
 
+#if defined(__AVX2__)
+// Grouped scales (groups of 16, a GGUF Q6_K / Q3_K / Q2_K sub-block, to 128): each widened vector of codes (one
+// group or part of one) is scaled, q s_g, before the FMAs: one multiply per vector of W, shared by the MR rows
+// of x, and one accumulator per output (a running sum per group and a total, as int8w_tile keeps, took 32
+// registers at AVX-512's 4 x 4 and spilled: 1.05-1.15 ms at M = 4, K = N = 4096, g32; this 0.79). Zero points
+// as int8w_tile. AVX-512: 32 columns a step (two groups of 16, or part of one), K % 32 == 16 one last vector;
+// AVX2: 16 a step.
+template <int MR, int NR, bool ZP>
+void int8w_scaled_tile(const QArgs& a, int64_t m, int64_t n) {
+  const QWeight& w = *a.w;
+  const int64_t K = w.K, g = w.group, G = K / g;
+  const int gshift = __builtin_ctzll(static_cast<unsigned long long>(g));  // (groups are powers of two)
+  const int8_t* wr[NR];
+  const float* sr[NR];
+  const float* zr[NR];
+  const float* x[MR];
+  for (int c = 0; c < NR; ++c) {
+    wr[c] = static_cast<const int8_t*>(w.data) + (n + c) * K;
+    sr[c] = w.scale + (n + c) * G;
+    zr[c] = ZP ? w.zero + (n + c) * G : nullptr;
+  }
+  for (int r = 0; r < MR; ++r) x[r] = a.x + (m + r) * a.ldx;
+#if defined(__AVX512F__)
+  // q s of the 16 codes at column k of W row c
+  auto values = [&](__m128i codes, int c, int64_t k) {
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)), _mm512_set1_ps(sr[c][k >> gshift]));
+  };
+  __m512 t[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) t[r][c] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512 w0[NR], w1[NR];
+    for (int c = 0; c < NR; ++c) {
+      if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(wr[c] + k) + 4096, _MM_HINT_T1);
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[c] + k));
+      w0[c] = values(_mm256_castsi256_si128(b), c, k);
+      w1[c] = values(_mm256_extracti128_si256(b, 1), c, k + 16);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const __m512 x0 = _mm512_loadu_ps(x[r] + k), x1 = _mm512_loadu_ps(x[r] + k + 16);
+      for (int c = 0; c < NR; ++c) t[r][c] = _mm512_fmadd_ps(w1[c], x1, _mm512_fmadd_ps(w0[c], x0, t[r][c]));
+    }
+  }
+  if (k < K) {  // the last 16 columns
+    for (int c = 0; c < NR; ++c) {
+      const __m512 wv = values(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[c] + k)), c, k);
+      for (int r = 0; r < MR; ++r) t[r][c] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x[r] + k), t[r][c]);
+    }
+  }
+#else
+  __m256 t[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) t[r][c] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {  // (16 columns: one group or part of one)
+    __m256 w0[NR], w1[NR];
+    for (int c = 0; c < NR; ++c) {
+      if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(wr[c] + k) + 4096, _MM_HINT_T1);
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[c] + k));
+      const __m256 sg = _mm256_set1_ps(sr[c][k >> gshift]);
+      w0[c] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), sg);
+      w1[c] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), sg);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const __m256 x0 = _mm256_loadu_ps(x[r] + k), x1 = _mm256_loadu_ps(x[r] + k + 8);
+      for (int c = 0; c < NR; ++c) t[r][c] = _mm256_fmadd_ps(w1[c], x1, _mm256_fmadd_ps(w0[c], x0, t[r][c]));
+    }
+  }
+#endif
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) {
+#if defined(__AVX512F__)
+      float y = _mm512_reduce_add_ps(t[r][c]);
+#else
+      float y = hsum_ps(t[r][c]);
+#endif
+      if constexpr (ZP) y -= zero_term(sr[c], zr[c], a.gsum + (m + r) * G, G);
+      quant_store(a, m + r, n + c, y);
+    }
+}
+#endif
+
 // Rows [m, m + MR) of x against rows [n0, n1) of W, NR rows of W at a time (then single rows).
+template <int MR, int NR, bool ZP>
+void int8w_rows_zp(const QArgs& a, int64_t m, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+#if defined(__AVX2__)
+  if (a.w->group > 0) {
+    for (; n + NR <= n1; n += NR) int8w_scaled_tile<MR, NR, ZP>(a, m, n);
+    for (; n < n1; ++n) int8w_scaled_tile<MR, 1, ZP>(a, m, n);
+    return;
+  }
+#endif
+  for (; n + NR <= n1; n += NR) int8w_tile<MR, NR, ZP>(a, m, n);
+  for (; n < n1; ++n) int8w_tile<MR, 1, ZP>(a, m, n);
+}
+
 template <int MR, int NR>
 void int8w_rows(const QArgs& a, int64_t m, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) int8w_tile<MR, NR>(a, m, n);
-  for (; n < n1; ++n) int8w_tile<MR, 1>(a, m, n);
+  if (a.w->zero) int8w_rows_zp<MR, NR, true>(a, m, n0, n1);
+  else int8w_rows_zp<MR, NR, false>(a, m, n0, n1);
 }
 
 // Tiles that fit the register file (accumulators, totals, widened W, x): AVX-512's 32 registers take 4 x 4;
@@ -513,12 +632,17 @@ void dequant_rows(const QWeight& w, int64_t n0, int64_t n1, float* out) {
       const int8_t* q = static_cast<const int8_t*>(w.data) + n * K;
       const float s = w.scale[n];
       for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(q[k]) * s;
-    } else if (w.format == QFormat::Int8Weight) {  // grouped scales
+    } else if (w.format == QFormat::Int8Weight) {  // grouped scales (and zero points: (q - z) s)
       const int8_t* q = static_cast<const int8_t*>(w.data) + n * K;
       const int64_t G = K / w.group;
       for (int64_t g = 0; g < G; ++g) {
         const float s = w.scale[n * G + g];
-        for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) o[k] = static_cast<float>(q[k]) * s;
+        if (w.zero) {
+          const float z = w.zero[n * G + g];
+          for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) o[k] = (static_cast<float>(q[k]) - z) * s;
+        } else {
+          for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) o[k] = static_cast<float>(q[k]) * s;
+        }
       }
     } else if (w.format == QFormat::Int4) {
       const uint8_t* q = static_cast<const uint8_t*>(w.data) + n * (K / 2);
@@ -717,16 +841,16 @@ void check_qweight(const QWeight& w) {
   switch (w.format) {
     case QFormat::Int8:
       if (w.group != 0) throw ValueError("qweight: int8 (W8A8) takes no group size");
-      if (w.zero) throw ValueError("qweight.zero: only int4 takes zero points");
+      if (w.zero) throw ValueError("qweight.zero: only int4 and grouped int8-weight take zero points");
       break;
     case QFormat::Int8Weight:
-      if (w.group != 0 && w.group != 32 && w.group != 64 && w.group != 128)
-        throw ValueError("qweight: int8-weight group size must be 0 (per row), 32, 64 or 128, got " +
+      if (w.group != 0 && w.group != 16 && w.group != 32 && w.group != 64 && w.group != 128)
+        throw ValueError("qweight: int8-weight group size must be 0 (per row), 16, 32, 64 or 128, got " +
                          std::to_string(w.group));
       if (w.group && w.K % w.group)
         throw ShapeError("qweight: in_features " + std::to_string(w.K) + " is not a multiple of the group size " +
                          std::to_string(w.group));
-      if (w.zero) throw ValueError("qweight.zero: only int4 takes zero points");
+      if (w.zero && !w.group) throw ValueError("qweight.zero: only int4 and grouped int8-weight take zero points");
       break;
     case QFormat::Int4:
       if (w.group != 32 && w.group != 64 && w.group != 128)
@@ -737,7 +861,7 @@ void check_qweight(const QWeight& w) {
       break;
     case QFormat::FP8:
       if (w.group != 0 && w.group != 128) throw ValueError("qweight: fp8 scales are per tensor (0) or 128 blocks");
-      if (w.zero) throw ValueError("qweight.zero: only int4 takes zero points");
+      if (w.zero) throw ValueError("qweight.zero: only int4 and grouped int8-weight take zero points");
       break;
     default:
       throw ValueError("qweight: unknown format");
@@ -817,6 +941,16 @@ void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, co
     }
     a.gsum = gs.data();
     a.xf = xf.data();
+  } else if (w.format == QFormat::Int8Weight && w.zero) {  // the sums of x over each group (zero points)
+    const int64_t G = K / w.group;
+    gs.resize(static_cast<size_t>(M * G));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.0f;
+        for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) s += x[m * ldx + k];
+        gs[m * G + g] = s;
+      }
+    a.gsum = gs.data();
   }
   if (a.ep.row_shift && !a.ep.col_sum) throw ValueError("quant_gemm_f32: the epilogue's row_shift needs col_sum");
   // W8A8 with VNNI / AMX where the CPU has them (quant_int8_x86.cpp), else the ISA family's kernel

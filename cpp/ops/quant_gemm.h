@@ -19,8 +19,9 @@ enum class QFormat : int { Int8 = 0, Int8Weight = 1, Int4 = 2, FP8 = 3 };
 struct QWeight {
   QFormat format = QFormat::Int8;
   int64_t N = 0, K = 0;
-  // Int8 / Int8Weight: int8 [N, K], q in [-127, 127], w ~= q * scale[n]; Int8Weight with group > 0 (32, 64 or
-  //       128; K % group == 0): w ~= q * scale[n, k/group] (llama.cpp's Q8_0 blocks are group 32).
+  // Int8 / Int8Weight: int8 [N, K], q in [-127, 127], w ~= q * scale[n]; Int8Weight with group > 0 (16, 32, 64 or
+  //       128; K % group == 0): w ~= q * scale[n, k/group] (llama.cpp's Q8_0 blocks are group 32), or with zero
+  //       points (q - zero[n, k/group]) * scale[n, k/group] (GGUF's Q5_1 / Q5_K / Q2_K blocks).
   // Int4: uint8 [N, K/2]; byte j of row n holds k = 2j in its low nibble and k = 2j+1 in its high nibble;
   //       nibble q in 0..15; w ~= (q - zero[n, k/group]) * scale[n, k/group]; zero == nullptr means symmetric:
   //       zero point 7.5, levels (q - 7.5) s = +-0.5 s ... +-7.5 s, symmetric around 0 (mid-rise).
@@ -29,13 +30,12 @@ struct QWeight {
   // Int8*: [N] (Int8Weight with group > 0: [N, K/group]); Int4: [N, K/group]; FP8: [1] when group == 0 (per tensor),
   // [ceil(N/128), ceil(K/128)] when group == 128 (block scales).
   const float* scale = nullptr;
-  const float* zero = nullptr;  // Int4 asymmetric only: [N, K/group], in quantized units (float)
-  int64_t group = 0;  // Int4: 32, 64 or 128 (K % group == 0); FP8: 0 or 128; Int8: 0; Int8Weight: 0, 32, 64 or 128
+  const float* zero = nullptr;  // Int4 / grouped Int8Weight asymmetric only: [N, K/group], in quantized units
+  int64_t group = 0;  // Int4: 32, 64 or 128 (K % group == 0); FP8: 0 or 128; Int8: 0; Int8Weight: 0, 16 .. 128
 };
 
-// Scales a packed weight carries (zero points: as many as scales, int4 only): Int8*: N (grouped Int8Weight and
-// Int4: N * K / group);
-// FP8: 1 per tensor (group 0) or one per 128 x 128 block.
+// Scales a packed weight carries (zero points: as many as scales, int4 / grouped int8-weight only): Int8*: N
+// (grouped Int8Weight and Int4: N * K / group); FP8: 1 per tensor (group 0) or one per 128 x 128 block.
 inline int64_t qweight_scale_count(QFormat f, int64_t N, int64_t K, int64_t group) {
   if (f == QFormat::Int4 || (f == QFormat::Int8Weight && group > 0)) return N * (K / (group > 0 ? group : 1));
   if (f == QFormat::FP8) return group == 0 ? 1 : ((N + 127) / 128) * ((K + 127) / 128);
@@ -103,7 +103,8 @@ bool bf16_linear(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, c
 // Kp = K rounded up to 64, zero padded; sx [M]); FP8: x / s rounded to E4M3 values held as floats
 // (xf [M, K]) with s per row and 128-channel block (sx [M, ceil(K/128)]); Int4: per-row sums of x
 // over each group (gsum [M, K/group], for the zero points) and x de-interleaved per D = 16 or 32
-// columns, the table's int4_deinterleave (xf [M, K]: D/2 even columns, then the D/2 odd ones); Int8Weight: x as given.
+// columns, the table's int4_deinterleave (xf [M, K]: D/2 even columns, then the D/2 odd ones); Int8Weight: x as
+// given (with zero points also gsum).
 struct QArgs {
   int64_t M;
   const float* x; int64_t ldx;

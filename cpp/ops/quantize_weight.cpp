@@ -142,8 +142,8 @@ bool quantize_weight_rows(const void* w, DType wdtype, int64_t ldw, int64_t N, i
   if (fmt == QFormat::Int4 && (group != 32 && group != 64 && group != 128))
     throw ValueError("quantize_weight_rows: int4 group size must be 32, 64 or 128");
   if (fmt == QFormat::Int8 && group != 0) throw ValueError("quantize_weight_rows: int8 (W8A8) takes no group size");
-  if (fmt == QFormat::Int8Weight && group != 0 && group != 32 && group != 64 && group != 128)
-    throw ValueError("quantize_weight_rows: int8-weight group size must be 0 (per row), 32, 64 or 128");
+  if (fmt == QFormat::Int8Weight && group != 0 && group != 16 && group != 32 && group != 64 && group != 128)
+    throw ValueError("quantize_weight_rows: int8-weight group size must be 0 (per row), 16, 32, 64 or 128");
   if ((fmt == QFormat::Int4 || group > 0) && K % group)
     throw ShapeError("quantize_weight_rows: K is not a multiple of the group size");
   if (fmt == QFormat::Int4 && !symmetric && !zero) throw ValueError("quantize_weight_rows: asymmetric int4 needs zero");

@@ -23,12 +23,13 @@ from ._arena import Arena
 from ._packed import QuantizedWeight
 from .checkpoint.readers import locate, normengine_config, read_located, restore_aliases, weight_files
 from .checkpoint.safetensors_io import copy_releasing, is_bf16
-from .config import _dense_shapes, is_quantized_name, iter_expected_shapes
+from .config import _dense_shapes, iter_expected_shapes, quant_of
 from .model import Model, _adjacent_order, _is_vector, _slots
 
 _FLOATS = ("float32", "float16", "bfloat16")
 # the dtype of each packed part, by format (normengine._packed.QuantizedWeight's layouts)
-_PACKED = {"int8": {"qdata": "int8", "qscale": "float32"}, "int8-weight": {"qdata": "int8", "qscale": "float32"},
+_PACKED = {"int8": {"qdata": "int8", "qscale": "float32"},
+           "int8-weight": {"qdata": "int8", "qscale": "float32", "qzero": "float32"},
            "int4": {"qdata": "uint8", "qscale": "float32", "qzero": "float32"},
            "fp8": {"qdata": "uint8", "qscale": "float32"}}
 
@@ -59,11 +60,12 @@ def load(path: str, *, norm=None, arithmetic=None, lmul_bits: int = 4, lmul_scop
     restore_aliases(raw, arrays)
     if "lm_head.weight" not in arrays and cfg.tied_head and "tok_emb.weight" in arrays:
         arrays["lm_head.weight"] = arrays["tok_emb.weight"]
-    parts = _PACKED.get(cfg.quantization, {})
     count = 0
     for name, shape in iter_expected_shapes(cfg):  # lazily: stops at the first tensor not stored
         a = arrays.get(name)
-        part = parts.get(name.rsplit(".", 1)[-1])
+        base, suffix = name.rsplit(".", 1)
+        spec = quant_of(cfg, base) if suffix.startswith("q") else None
+        part = _PACKED[spec[0]].get(suffix) if spec else None
         if a is None or tuple(a.shape) != tuple(shape) or not a.flags.c_contiguous or (
                 _dtype_name(a) != part if part else _dtype_name(a) not in _FLOATS):
             return None
@@ -93,11 +95,12 @@ def load(path: str, *, norm=None, arithmetic=None, lmul_bits: int = 4, lmul_scop
     if cfg.quantization is not None:  # each quantized weight's parts as one packed weight (shared ones once)
         memo: dict = {}
         for name, shape in _dense_shapes(cfg).items():
-            if is_quantized_name(cfg, name):
+            spec = quant_of(cfg, name)
+            if spec is not None:
                 got = {k: weights.pop(f"{name}.{k}") for k in ("qdata", "qscale", "qzero") if f"{name}.{k}" in weights}
                 key = tuple(id(v) for v in got.values())
                 if key not in memo:
-                    memo[key] = QuantizedWeight.from_tensors(got, cfg.quantization, cfg.quant_group_size, tuple(shape))
+                    memo[key] = QuantizedWeight.from_tensors(got, spec[0], spec[1], tuple(shape))
                 weights[name] = memo[key]
     return Model._from_arrays(cfg, weights, dtype, path=path, arithmetic=arithmetic, lmul_bits=lmul_bits,
                               lmul_scope=lmul_scope, matmul_precision=matmul_precision)

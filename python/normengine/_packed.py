@@ -13,7 +13,8 @@ class QuantizedWeight:
     row holds k = 2j in its low nibble, k = 2j + 1 in its high one) or uint8 [N, K] (fp8: E4M3 bit
     patterns); scale: float32 [N] (int8), [N, K/group] (int4, and int8-weight with group_size 32 / 64 /
     128), [1] or [ceil(N/128), ceil(K/128)] (fp8);
-    zero: float32 [N, K/group] for asymmetric int4, else None."""
+    zero: float32 [N, K/group] for asymmetric int4 (and grouped int8-weight with zero points, w = (q - z) s:
+    GGUF's Q5_1 / Q5_K / Q2_K blocks), else None."""
 
     def __init__(self, format: str, shape, data, scale, zero=None, group_size: int = 0):
         if format not in FORMATS:
@@ -67,10 +68,12 @@ class QuantizedWeight:
         dtype = torch.float32 if dtype is None else dtype
         N, K = self.shape
         if self.format in ("int8", "int8-weight"):
-            if self.group_size:  # a scale per group of columns
+            if self.group_size:  # a scale per group of columns (and a zero point: (q - z) s)
                 g = self.group_size
-                return (self.data.to(torch.float64).view(N, K // g, g) *
-                        self.scale.to(torch.float64)[..., None]).reshape(N, K).to(dtype)
+                q = self.data.to(torch.float64).view(N, K // g, g)
+                if self.zero is not None:
+                    q = q - self.zero.to(torch.float64)[..., None]
+                return (q * self.scale.to(torch.float64)[..., None]).reshape(N, K).to(dtype)
             return (self.data.to(torch.float64) * self.scale.to(torch.float64)[:, None]).to(dtype)
         if self.format == "int4":
             g = self.group_size

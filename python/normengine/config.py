@@ -55,8 +55,13 @@ weight of the blocks (experts included; not the routers) and the head (and a tie
 tensors) is stored as
 `<name>.qdata`, `<name>.qscale` and, for asymmetric int4, `<name>.qzero` (the layouts of
 normengine.ops.QuantizedWeight) instead of `<name>`; `quant_group_size` is the int4 group size, the
-int8-weight group size (0: one scale per output row; 32 / 64 / 128: a scale per group of columns, as
+int8-weight group size (0: one scale per output row; 16 / 32 / 64 / 128: a scale per group of columns, as
 llama.cpp's Q8_0 with 32) or the fp8 block size (0: one fp8 scale per tensor).
+`quant_overrides` names the weights stored another way: {name: {"format": ..., "group_size": ...,
+"symmetric": ...}}, format one of QUANT_FORMATS or "none" (a dense weight, stored as `<name>`); a
+token embedding that is not the head may be listed too (packed; its rows dequantized on lookup). A
+GGUF file of mixed block types (Q4_K_M: Q4_K and Q6_K) loads so, each weight in the format that holds
+its blocks (normengine.checkpoint.gguf).
 """
 
 from __future__ import annotations
@@ -126,8 +131,9 @@ class ModelConfig:
     norm_attention_norm: str = "rms"  # "norm" layers: "rms" or "layer" over each head's outputs
     linear_eps: float = 1e-6
     quantization: str | None = None  # one of QUANT_FORMATS when the linear weights are stored quantized
-    quant_group_size: int = 0         # int4: 32 / 64 / 128; int8-weight: 0 (rows) / 32 / 64 / 128; fp8: 0 or 128
-    quant_symmetric: bool = True      # int4: no stored zero points (mid-rise levels (q - 7.5) s)
+    quant_group_size: int = 0         # int4: 32 / 64 / 128; int8-weight: 0 (rows) / 16 .. 128; fp8: 0 or 128
+    quant_symmetric: bool = True      # int4 / grouped int8-weight: no stored zero points (int4: levels (q - 7.5) s)
+    quant_overrides: dict = field(default_factory=dict)  # name -> its own {"format", "group_size", "symmetric"}
     n_experts: int = 0                # mixture of experts: experts per MoE layer (0: dense MLPs)
     n_experts_used: int = 0           # experts each token goes through (top-k)
     moe_d_ff: int = 0                 # each expert's hidden width
@@ -191,15 +197,9 @@ class ModelConfig:
             raise ArgumentError(f"config.norm_attention_norm: expected 'rms' or 'layer', got {self.norm_attention_norm!r}")
         if self.quantization is not None and self.quantization not in QUANT_FORMATS:
             raise ArgumentError(f"config.quantization: expected None or one of {QUANT_FORMATS}, got {self.quantization!r}")
-        if self.quantization == "int4" and self.quant_group_size not in (32, 64, 128):
-            raise ArgumentError(f"config.quant_group_size: int4 needs 32, 64 or 128, got {self.quant_group_size!r}")
-        if self.quantization == "int8" and self.quant_group_size != 0:
-            raise ArgumentError(f"config.quant_group_size: int8 (W8A8) takes none (0), got {self.quant_group_size!r}")
-        if self.quantization == "int8-weight" and self.quant_group_size not in (0, 32, 64, 128):
-            raise ArgumentError(f"config.quant_group_size: int8-weight needs 0 (per row), 32, 64 or 128, got "
-                                f"{self.quant_group_size!r}")
-        if self.quantization == "fp8" and self.quant_group_size not in (0, 128):
-            raise ArgumentError(f"config.quant_group_size: fp8 needs 0 (per tensor) or 128 (blocks), got {self.quant_group_size!r}")
+        if self.quantization is not None:
+            _check_quant_spec(self.quantization, self.quant_group_size, "config.quant_group_size")
+        self._check_overrides()
         from .rope import check_scaling
 
         check_scaling(self.rope_scaling)
@@ -227,6 +227,34 @@ class ModelConfig:
             raise ArgumentError(
                 f"config.attention: expected {self.n_layers} entries (one per layer), got {len(self.attention)}"
             )
+
+    def _check_overrides(self):
+        qo = self.quant_overrides
+        if not isinstance(qo, dict):
+            raise ArgumentError(f"config.quant_overrides: expected a dict of name -> format, got {qo!r}")
+        if qo and self.quantization is None:
+            raise ArgumentError("config.quant_overrides: needs a quantized model (quantization set)")
+        for name, spec in qo.items():
+            where = f"config.quant_overrides[{name!r}]"
+            if not (isinstance(name, str) and (name == "tok_emb.weight" or _base_quantized(self, name, True))):
+                raise ArgumentError(f"{where}: not a linear weight or embedding of this model")
+            if not (isinstance(spec, dict) and set(spec) == {"format", "group_size", "symmetric"}):
+                raise ArgumentError(f"{where}: expected {{'format', 'group_size', 'symmetric'}}, got {spec!r}")
+            if spec["format"] != "none" and spec["format"] not in QUANT_FORMATS:
+                raise ArgumentError(f"{where}: format expected 'none' or one of {QUANT_FORMATS}, got "
+                                    f"{spec['format']!r}")
+            if not isinstance(spec["symmetric"], bool):
+                raise ArgumentError(f"{where}: symmetric expected true or false, got {spec['symmetric']!r}")
+            g = spec["group_size"]
+            if not (isinstance(g, int) and not isinstance(g, bool)):
+                raise ArgumentError(f"{where}: group_size expected an int, got {g!r}")
+            if spec["format"] != "none":
+                _check_quant_spec(spec["format"], g, f"{where}: group_size")
+                if not spec["symmetric"] and not (spec["format"] == "int4" or spec["format"] == "int8-weight" and g):
+                    raise ArgumentError(f"{where}: zero points (symmetric false) are for int4 and grouped int8-weight")
+        if self.tied_head and qo.get("tok_emb.weight") != qo.get("lm_head.weight"):
+            raise ArgumentError("config.quant_overrides: a tied head's embedding and head are one tensor (list both "
+                                "alike, or neither)")
 
     def _check_moe(self, is_int):
         for name in ("n_experts", "n_experts_used", "moe_d_ff", "shared_expert_d_ff"):
@@ -281,7 +309,10 @@ class ModelConfig:
 def quant_shapes(fmt: str, n: int, k: int, group_size: int, symmetric: bool = True) -> dict:
     """Suffix -> shape of the packed tensors of one [n, k] weight quantized as `fmt`."""
     if fmt in ("int8", "int8-weight"):
-        return {"qdata": (n, k), "qscale": (n, k // group_size) if group_size else (n,)}
+        s = {"qdata": (n, k), "qscale": (n, k // group_size) if group_size else (n,)}
+        if fmt == "int8-weight" and group_size and not symmetric:  # zero points
+            s["qzero"] = (n, k // group_size)
+        return s
     if fmt == "int4":
         s = {"qdata": (n, k // 2), "qscale": (n, k // group_size)}
         if not symmetric:
@@ -292,16 +323,56 @@ def quant_shapes(fmt: str, n: int, k: int, group_size: int, symmetric: bool = Tr
     raise ArgumentError(f"quantization: expected one of {QUANT_FORMATS}, got {fmt!r}")
 
 
+def _check_quant_spec(fmt: str, g, where: str) -> None:
+    """ArgumentError unless g is a group size format `fmt` takes."""
+    ok = {"int4": (32, 64, 128), "int8": (0,), "int8-weight": (0, 16, 32, 64, 128), "fp8": (0, 128)}[fmt]
+    what = {"int4": "int4 needs 32, 64 or 128", "int8": "int8 (W8A8) takes none (0)",
+            "int8-weight": "int8-weight needs 0 (per row), 16, 32, 64 or 128",
+            "fp8": "fp8 needs 0 (per tensor) or 128 (blocks)"}[fmt]
+    if g not in ok:
+        raise ArgumentError(f"{where}: {what}, got {g!r}")
+
+
+def quant_of(cfg: ModelConfig, name: str):
+    """(format, group_size, symmetric) of weight `name` as a quantized checkpoint of this config stores
+    it (its quant_overrides entry, else the model's quantization), or None for a dense tensor."""
+    if cfg.quantization is None:
+        return None
+    spec = cfg.quant_overrides.get(name)
+    if spec is not None:
+        return None if spec["format"] == "none" else (spec["format"], spec["group_size"], spec["symmetric"])
+    if not _base_quantized(cfg, name):
+        return None
+    fmt, g = cfg.quantization, cfg.quant_group_size
+    return fmt, g, cfg.quant_symmetric if fmt == "int4" or fmt == "int8-weight" and g else True
+
+
 def is_quantized_name(cfg: ModelConfig, name: str) -> bool:
     """True when a quantized checkpoint of this config stores `name` as packed tensors."""
-    if cfg.quantization is None:
-        return False
+    return quant_of(cfg, name) is not None
+
+
+def _base_quantized(cfg: ModelConfig, name: str, in_model: bool = False) -> bool:
+    """Whether `name` is one of the weights quantization packs (without overrides); in_model: and its
+    layer and expert are of this model."""
     if name == "lm_head.weight" or (name == "tok_emb.weight" and cfg.tied_head):
         return True
     if not (name.startswith("blocks.") and name.endswith(".weight")):
         return False
-    rest = name.split(".", 2)[2][: -len(".weight")]
-    return rest in QUANT_LINEAR or _EXPERT_LINEAR.fullmatch(rest) is not None
+    layer, rest = (name.split(".", 2) + [""])[1:3]
+    rest = rest[: -len(".weight")]
+    expert = _EXPERT_LINEAR.fullmatch(rest)
+    if not (rest in QUANT_LINEAR or expert is not None):
+        return False
+    if not in_model:
+        return True
+    if not (layer.isdigit() and int(layer) < cfg.n_layers and str(int(layer)) == layer):
+        return False
+    if expert is None:
+        return not cfg.is_moe_layer(int(layer)) or not rest.startswith("mlp.")
+    e = expert.group(1)
+    return cfg.is_moe_layer(int(layer)) and (e == "shared" and cfg.shared_expert_d_ff > 0 or
+                                             e != "shared" and int(e.split(".")[1]) < cfg.n_experts)
 
 
 _EXPERT_LINEAR = re.compile(r"moe\.(experts\.\d+|shared)\.(up|gate|down)")
@@ -317,9 +388,9 @@ def iter_expected_shapes(cfg: ModelConfig):
     """expected_shapes(cfg) as (name, shape) pairs, made one at a time: a checker that stops at the
     first missing tensor never builds the table of a config that names 2**31 layers."""
     for name, shape in _iter_dense_shapes(cfg):
-        if cfg.quantization is not None and is_quantized_name(cfg, name):
-            for suf, qs in quant_shapes(cfg.quantization, shape[0], shape[1], cfg.quant_group_size,
-                                        cfg.quant_symmetric).items():
+        spec = quant_of(cfg, name)
+        if spec is not None:
+            for suf, qs in quant_shapes(spec[0], shape[0], shape[1], spec[1], spec[2]).items():
                 yield f"{name}.{suf}", qs
         else:
             yield name, shape

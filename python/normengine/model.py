@@ -97,6 +97,30 @@ def _experts_text(c: ModelConfig) -> str:
     return text
 
 
+def _quant_text(c) -> str:
+    """config.quantization, and the weights held another way (config.quant_overrides) counted by format."""
+    if c.quantization is None:
+        return "none"
+    if not c.quant_overrides:
+        return c.quantization
+
+    def text(f, g, sym):
+        return "dense" if f == "none" else f + (f" g{g}" if g else "") + ("" if sym else " asym")
+
+    count: dict = {}
+    for name, o in c.quant_overrides.items():
+        if name != "tok_emb.weight" or c.tied_head:
+            key = text(o["format"], o["group_size"], o["symmetric"])
+            count[key] = count.get(key, 0) + 1
+    out = text(c.quantization, c.quant_group_size, c.quant_symmetric)
+    if count:
+        out += "; also " + ", ".join(f"{n} x {k}" for k, n in sorted(count.items()))
+    emb = c.quant_overrides.get("tok_emb.weight")
+    if emb is not None and not c.tied_head:
+        out += "; embedding " + text(emb["format"], emb["group_size"], emb["symmetric"])
+    return out
+
+
 def _windows_text(w: list) -> str:
     """Model.info's sliding_window: 'none', '4096' (every layer) or '4096 (layers 3, 5)'."""
     used = sorted({x for x in w if x})
@@ -1375,7 +1399,7 @@ class Model:
             "fused_norms": self._fused_norms() if c.norm != "none" else False,
             "attention": ",".join(sorted(set(c.attention))) if c.attention else "softmax",
             "sliding_window": _windows_text(c.sliding_window),
-            "quantization": c.quantization or "none",
+            "quantization": _quant_text(c),
             "weight_bytes": self.weight_bytes(),
             "arithmetic": self.arithmetic if self.arithmetic == "exact"
             else f"lmul (mantissa {self.lmul_bits} bits, scope {self.lmul_scope})",
@@ -1529,7 +1553,7 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
 
     quant: quantize the linear weights at load time ('int8' W8A8, 'int8-weight', 'int4', 'fp8'; after
     the norm folding), with group_size (int4: 32/64/128, default 128; int8-weight: 0, a scale per output
-    row (default), or 32/64/128, a scale per group of columns; fp8: 128 x 128 blocks or 0 for
+    row (default), or 16/32/64/128, a scale per group of columns; fp8: 128 x 128 blocks or 0 for
     one scale per tensor) and symmetric (int4 zero points when False; default True); progress shows a bar (default:
     for models above 50M weights). smooth=alpha (e.g. 0.5) first applies SmoothQuant-style smoothing
     folded into the norms' gains (normengine.convert.smooth_model; calibrated on random prompts), which
@@ -1576,9 +1600,12 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     int4 with groups of 32; quant='int8-weight' likewise its Q8_0 (and Q4_0 / Q5_0) weights as int8 codes
     with a scale per 32 columns (group_size 32). The norms' gains then stay in the norms, not folded; the
     other linear weights are quantized to that format from their values. Without quant (and dtype, norm,
-    smooth, attention), a file whose linear weights are all stored in one of those formats (a Q8_0 file;
-    a Q4_0 file whose head is Q4_0 too) loads so, exactly, as llama.cpp runs it; files of mixed types (a
-    Q4_K_M file's Q6_K tensors) load dequantized.
+    smooth, attention), each quantized weight of the file (and an untied token embedding) stays packed in
+    the format that holds its blocks exactly, as llama.cpp runs each tensor in its own type: Q4_0 / Q4_1 /
+    Q4_K as int4 g32 with zero points, Q8_0 / Q5_0 as int8-weight g32, Q6_K / Q3_K as int8-weight g16,
+    Q5_1 / Q5_K (g32) and Q2_K (g16) as int8-weight with zero points (config.quant_overrides records the
+    formats per weight; so a Q4_K_M file runs its own values); its float weights stay as stored. dtype=
+    loads the values instead (float32 or 16-bit).
 
     A checkpoint Model.save wrote (norms folded; quantized or not), loaded on the CPU without dtype,
     quant, smooth, attention or kv_cache_dtype, is read and run without importing torch
@@ -1600,7 +1627,7 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
 
     from .checkpoint import load_checkpoint
     from .convert import convert_norm, fold_norm_affine, smooth_model, swap_attention, unpack_quantized
-    from .convert.quant import Quantizer
+    from .convert.quant import Quantizer, record_packing
 
     from .checkpoint.safetensors_io import live_maps, release_unused
 
@@ -1618,7 +1645,7 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
         symmetric = False if quant == "int4" else symmetric
     elif (quant is None and dtype is None and group_size is None and norm is None and smooth is None
           and attention is None and gguf_path(path) is not None):
-        repack = "auto"  # a file whose linear weights all share one such format keeps it (dtype=: values)
+        repack = "auto"  # each quantized weight in the format of its blocks (dtype=: values)
     symmetric = True if symmetric is None else symmetric
     # GPT-2's Conv1D weights stay transposed views of the mapped file until folded or converted (each
     # result is written once, contiguous, in the target dtype; its source pages then leave memory)
@@ -1626,10 +1653,7 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     from .convert.quant import is_quantized
 
     repacked = [n for n, t in tensors.items() if is_quantized(t)] if repack else []
-    if repack == "auto" and repacked:
-        quant, group_size = tensors[repacked[0]].format, 32
-        symmetric = quant != "int4"
-    if cfg.quantization is not None:
+    if cfg.quantization is not None:  # (a checkpoint Model.save wrote from a quantized model)
         tensors = unpack_quantized(cfg, tensors)
         if quant is not None and quant != cfg.quantization:
             raise ArgumentError(f"quant={quant!r}: the checkpoint is already quantized as {cfg.quantization!r}; "
@@ -1638,6 +1662,9 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
             raise ArgumentError(f"norm={norm!r}: the checkpoint is quantized; norm conversions need the "
                                 "full-precision weights")
         quant = None
+    if repack == "auto" and repacked:
+        # every weight is as the file holds it: packed in its blocks' format, or dense (config.quant_overrides)
+        cfg = record_packing(cfg, tensors, "gguf-blocks")
     if attention is not None:
         cfg = swap_attention(cfg, attention)
     if smooth is not None and quant is None:
@@ -1649,7 +1676,7 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
         # smoothing build new tensors), so its pages can leave memory as they are quantized: lookups
         # read back only the rows of the tokens used
         q = Quantizer(cfg, quant, group_size, symmetric, progress, consume=True, release_shared=True)
-        q.packed.update(repacked)  # (already int4: the GGUF file's own codes)
+        q.packed.update(repacked)  # (already packed: the GGUF file's own codes)
         return q
 
     streaming = None

@@ -102,8 +102,9 @@ def load_checkpoint(path, dtype=None, *, transposed_views: bool = False,
 
     gguf_repack: "int4" / "int8-weight": a GGUF file's linear weights whose blocks are that format with
     groups of 32 (int4: Q4_0 / Q4_1 / Q4_K; int8-weight: Q8_0 / Q4_0 / Q5_0) come back as their exact
-    packing (QuantizedWeight objects: gguf.repack_exact), not as values; "auto": so do all of them when
-    every one is stored in one such format (gguf.stored_format), else none.
+    packing (QuantizedWeight objects: gguf.repack_exact), not as values; "auto": every quantized linear
+    weight (and an untied token embedding) packed in its own format, the one that holds its blocks
+    (gguf.EXACT; other block types as int8-weight from their values), float weights as stored.
 
     Tensors are CPU tensors. A tied head is returned as one tensor object under both tok_emb.weight
     and lm_head.weight. cfg.source_dtype is the dtype the checkpoint stores (not `dtype`).
@@ -114,9 +115,7 @@ def load_checkpoint(path, dtype=None, *, transposed_views: bool = False,
         config, g = gguf_config(gpath)
         arch = hf.architecture_of(config, gpath)
         hf_cfg = hf.parse_config(arch, config, gpath)
-        # "auto": the format every linear weight is stored in, when there is one, and then all of them
-        fmt = gguf.stored_format(g, hf_cfg) if gguf_repack == "auto" else gguf_repack
-        packed, whole = gguf.repack_exact(g, hf_cfg, fmt, partial=gguf_repack != "auto") if fmt else ({}, ())
+        packed, whole = gguf.repack_exact(g, hf_cfg, gguf_repack) if gguf_repack else ({}, ())
         raw_tensors, origin = gguf_tensors(g, config, placeholders=whole)
         cfg, tensors = _from_hf(arch, hf_cfg, raw_tensors, config, gpath, origin, transposed_views)
         tensors = _convert(tensors, target)

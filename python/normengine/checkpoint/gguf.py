@@ -34,9 +34,14 @@ Weights: float32 / float16 / bfloat16 tensors are zero-copy views of the mapped 
 (Q4_0 ... Q8_0, Q2_K ... Q6_K) are dequantized to float32 (exactly llama.cpp's values, see gguf_io), which
 normengine.load then keeps, converts to `dtype`, or quantizes with `quant=`. Blocks that are one of
 normengine's packed formats with groups of 32 are repacked instead, nothing re-quantized (repack_exact):
-Q4_0 / Q4_1 / Q4_K with quant="int4", Q8_0 / Q4_0 / Q5_0 with quant="int8-weight". The head is tied when the
-file has no `output.weight` (or one equal to `token_embd.weight`). Llama 3.1's RoPE scaling is stored as
-a `rope_freqs.weight` tensor of per-frequency divisors; it becomes the "factors" RoPE variant.
+Q4_0 / Q4_1 / Q4_K with quant="int4", Q8_0 / Q4_0 / Q5_0 with quant="int8-weight". A plain normengine.load of
+a quantized file ("auto") keeps each weight packed in its own format, as llama.cpp runs each tensor in its
+type: Q4_0 / Q4_1 / Q4_K as int4 with groups of 32; Q8_0 / Q5_0 as int8-weight with groups of 32, Q6_K / Q3_K
+with groups of 16 (their codes and sub-block scales), Q5_1 / Q5_K (32) and Q2_K (16) as int8-weight with zero
+points; all exactly (to float32 rounding of q d + m); float weights stay dense as stored. So a Q4_K_M file
+(Q4_K and Q6_K blocks), a Q5_K_M one or any other of these types runs exactly its values. The head is tied
+when the file has no `output.weight` (or one equal to `token_embd.weight`). Llama 3.1's RoPE scaling is stored
+as a `rope_freqs.weight` tensor of per-frequency divisors; it becomes the "factors" RoPE variant.
 
 Tokenizer: tokenizer.ggml.model "gpt2" (byte-level BPE: GPT-2, Llama 3, Qwen) is rebuilt as a `tokenizers`
 Tokenizer from the vocabulary, merges, token types and tokenizer.ggml.pre's split pattern; "llama"
@@ -349,10 +354,14 @@ def gguf_tensors(g: GGUFFile, cfg: dict, placeholders=()):
 
 
 # ----------------------------------------------------------------------------------- exact repacking
-# the GGUF types whose blocks are one of normengine's packed formats with groups of 32, exactly
+# the GGUF types whose blocks are quant="int4" / "int8-weight" with groups of 32 (symmetric int8), exactly
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # 4-bit codes, a (scale, offset) per 32: asymmetric int4
 INT8_TYPES = ("Q8_0", "Q4_0", "Q5_0")  # signed codes times a scale per 32: int8-weight (Q4_0 / Q5_0: q - 8, q - 16)
 REPACKED = {"int4": INT4_TYPES, "int8-weight": INT8_TYPES}
+# a per-weight load ("auto"): the format that holds each block type exactly
+EXACT = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8-weight", "Q5_0": "int8-weight",
+         "Q6_K": "int8-weight", "Q3_K": "int8-weight", "Q5_1": "int8-weight", "Q5_K": "int8-weight",
+         "Q2_K": "int8-weight"}  # (Q6_K / Q3_K / Q2_K: groups of 16, their sub-blocks; Q5_1 / Q5_K / Q2_K: zero points)
 
 
 def _rows_cols(info) -> Tuple[int, int]:
@@ -360,33 +369,40 @@ def _rows_cols(info) -> Tuple[int, int]:
     return int(np.prod(info.shape[:-1])), info.shape[-1]
 
 
+def _zero_points(codes: np.ndarray, s: np.ndarray, offset: np.ndarray):
+    """Groups whose values are s q - offset (codes [n, G g], s and offset [n, G]) as (codes, s, z) with values
+    (q - z) s: z = offset / s. A group of zero scale and non-zero offset (all its values -offset) becomes
+    s = offset, z = 1 and codes 0, exactly -offset."""
+    flat = (s == 0) & (offset != 0)
+    if np.any(flat):
+        codes = codes.reshape(*s.shape, -1).copy()
+        codes[flat] = 0
+        codes = codes.reshape(s.shape[0], -1)
+        s = np.where(flat, offset, s)
+    z = np.divide(offset, s, out=np.zeros_like(s), where=s != 0)
+    return codes, s, z
+
+
 def _int4_groups(g: GGUFFile, name: str):
     """A Q4_0 / Q4_1 / Q4_K tensor as normengine's asymmetric int4 with groups of 32, w = (q - z) s:
-    (codes uint8 [N, K] in element order, s float32 [N, K/32], z float32 [N, K/32]); None when a group's
-    offset cannot be written so (a zero scale under a non-zero offset).
+    (codes uint8 [N, K] in element order, s float32 [N, K/32], z float32 [N, K/32]).
         Q4_0  s = d, z = 8                      (exact)
         Q4_1  s = d, z = -m / d                 (q d + m to float32 rounding)
         Q4_K  s = d sc_j, z = dmin m_j / s      (s q - dmin m_j to float32 rounding; as ggml, d sc_j is a
-                                                 float32 product)"""
+                                                 float32 product)
+    (a group of scale 0 and offset m: _zero_points)"""
     from . import gguf_io as io
 
     info = g.tensors[name]
     b = g.raw(name)
     N, K = _rows_cols(info)
-    if info.type.name in ("Q4_0", "Q4_1"):
-        codes = io._nibbles(b[:, 2:18] if info.type.name == "Q4_0" else b[:, 4:20])
-        s = io._f16(b, 0)[:, 0]
-        z = (np.full_like(s, 8.0) if info.type.name == "Q4_0" else
-             np.divide(-io._f16(b, 2)[:, 0], s, out=np.zeros_like(s), where=s != 0))
-        offset = None if info.type.name == "Q4_0" else io._f16(b, 2)[:, 0]
+    if info.type.name == "Q4_0":
+        codes, s = io._nibbles(b[:, 2:18]), io._f16(b, 0)
+        z = np.full_like(s, 8.0)
+    elif info.type.name == "Q4_1":
+        codes, s, z = _zero_points(io._nibbles(b[:, 4:20]), io._f16(b, 0), -io._f16(b, 2))
     else:
-        d, dmin = io._f16(b, 0), io._f16(b, 2)
-        sc, mn = io._scale_min_k4(b[:, 4:16])
-        codes = io._k4_values(b[:, 16:144])
-        s, offset = (d * sc).reshape(-1), (dmin * mn).reshape(-1)
-        z = np.divide(offset, s, out=np.zeros_like(s), where=s != 0)
-    if offset is not None and np.any((s == 0) & (offset != 0)):
-        return None
+        codes, s, z = _zero_points(*io.q4_k_parts(b))
     return codes.reshape(N, K), s.reshape(N, K // 32).astype(np.float32), z.reshape(N, K // 32).astype(np.float32)
 
 
@@ -428,29 +444,33 @@ def _canonical_sources(g: GGUFFile, arch: str, cfg):
 
 
 def _int8_groups(g: GGUFFile, name: str):
-    """A Q8_0 / Q4_0 / Q5_0 tensor as normengine's int8-weight with groups of 32, w = q s (exact):
-    (codes int8 [N, K], s float32 [N, K/32], None). Q8_0: q as stored, s = d; Q4_0: q - 8; Q5_0: q - 16."""
+    """A tensor of codes times a scale per group as normengine's int8-weight, w = q s (exact): (codes int8 [N, K],
+    s float32 [N, K/group], None). Q8_0: q as stored, s = d; Q4_0: q - 8; Q5_0: q - 16 (groups of 32); Q6_K /
+    Q3_K: their codes and sub-block scales (groups of 16). With zero points, w = (q - z) s to float32 rounding
+    (z float32 [N, K/group]; see _zero_points): Q5_1 (s = d, z = -m / d), Q5_K (groups of 32) and Q2_K (of 16)
+    (s = d sc_j, z = dmin m_j / s)."""
     from . import gguf_io as io
 
     info = g.tensors[name]
     b = g.raw(name)
     N, K = _rows_cols(info)
     kind = info.type.name
-    if kind == "Q8_0":
-        codes = b[:, 2:34].view(np.int8)
+    z = None
+    if kind in ("Q6_K", "Q3_K"):
+        codes, s = (io.q6_k_parts if kind == "Q6_K" else io.q3_k_parts)(b)
+    elif kind in ("Q5_K", "Q2_K"):
+        codes, s, z = _zero_points(*(io.q5_k_parts if kind == "Q5_K" else io.q2_k_parts)(b))
+    elif kind == "Q5_1":
+        codes, s, z = _zero_points(io._nibbles(b[:, 8:24]) | io._qh_bits(b[:, 4:8]), io._f16(b, 0), -io._f16(b, 2))
+    elif kind == "Q8_0":
+        codes, s = b[:, 2:34].view(np.int8), io._f16(b, 0)
     elif kind == "Q4_0":
-        codes = io._nibbles(b[:, 2:18]).astype(np.int8) - 8
+        codes, s = io._nibbles(b[:, 2:18]).astype(np.int8) - 8, io._f16(b, 0)
     else:
-        codes = (io._nibbles(b[:, 6:22]) | io._qh_bits(b[:, 2:6])).astype(np.int8) - 16
-    return codes.reshape(N, K), io._f16(b, 0).reshape(N, K // 32), None
-
-
-def stored_format(g: GGUFFile, cfg):
-    """The packed format every linear weight of GGUF file g is stored in, exactly ("int4" when all are Q4_0 /
-    Q4_1 / Q4_K, else "int8-weight" when all are Q8_0 / Q4_0 / Q5_0), or None (float or mixed types)."""
-    arch = g.metadata["general.architecture"]
-    kinds = {g.tensors[src].type.name for _, src, _, _ in _canonical_sources(g, arch, cfg)}
-    return next((fmt for fmt in ("int4", "int8-weight") if kinds and kinds <= set(REPACKED[fmt])), None)
+        codes, s = (io._nibbles(b[:, 6:22]) | io._qh_bits(b[:, 2:6])).astype(np.int8) - 16, io._f16(b, 0)
+    G = s.size // N
+    return (codes.astype(np.int8, copy=False).reshape(N, K), s.reshape(N, G).astype(np.float32, copy=False),
+            None if z is None else z.reshape(N, G).astype(np.float32, copy=False))
 
 
 def repack_exact(g: GGUFFile, cfg, fmt: str = "int4", partial: bool = True):
@@ -458,26 +478,29 @@ def repack_exact(g: GGUFFile, cfg, fmt: str = "int4", partial: bool = True):
     (normengine ModelConfig cfg) whose blocks are `fmt` with groups of 32: their codes and scales repacked,
     nothing re-quantized. fmt "int4": Q4_0 / Q4_1 / Q4_K as asymmetric int4 (see _int4_groups); fmt
     "int8-weight": Q8_0 / Q4_0 / Q5_0 as int8 codes with a scale per 32 (_int8_groups). Weights of other
-    types, or with a group the format cannot hold, are left out (the caller quantizes them from their
-    values; a warning counts them). partial=False: nothing is packed unless every linear weight is."""
+    types are left out (the caller quantizes them from their values; a warning counts them). partial=False:
+    nothing is packed unless every linear weight is. fmt "auto": every quantized weight in the format EXACT
+    names for its type (an untied token embedding too); float weights are left out (dense, as stored)."""
     import torch
 
     from ..ops.quant import QuantizedWeight
 
-    types, groups = REPACKED[fmt], _int4_groups if fmt == "int4" else _int8_groups
+    auto = fmt == "auto"
     sources = _canonical_sources(g, g.metadata.get("general.architecture"), cfg)
+    if auto and not cfg.tied_head and "token_embd.weight" in g.tensors:
+        sources.append(("tok_emb.weight", "token_embd.weight", None, None))
     out, done, whole_weight = {}, {}, {}
     for name, src, expert, rows in sources:
         if src in whole_weight and expert is None and rows is None:  # a tied head: one object for both names
             out[name] = whole_weight[src]
             continue
-        if g.tensors[src].type.name not in types:
+        kind = g.tensors[src].type.name
+        want = EXACT.get(kind) if auto else fmt if kind in REPACKED[fmt] else None
+        if want is None:
             continue
         if src not in done:
-            done[src] = groups(g, src)
+            done[src] = (_int4_groups if want == "int4" else _int8_groups)(g, src)
         packed = done[src]
-        if packed is None:
-            continue
         codes, s, z = packed
         if expert is not None:  # the stacked experts: rows of expert e
             n = g.tensors[src].shape[1]
@@ -485,13 +508,13 @@ def repack_exact(g: GGUFFile, cfg, fmt: str = "int4", partial: bool = True):
             codes, s, z = codes[part], s[part], None if z is None else z[part]
         if rows is not None:
             codes, s, z = codes[rows], s[rows], None if z is None else z[rows]
-        if fmt == "int4":
+        if want == "int4":
             data = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)  # k = 2j low nibble, 2j + 1 high
         else:
             data = codes
         data, s = (torch.from_numpy(np.ascontiguousarray(a)) for a in (data, s))
         z = None if z is None else torch.from_numpy(np.ascontiguousarray(z))
-        out[name] = QuantizedWeight(fmt, codes.shape, data, s, z, 32)
+        out[name] = QuantizedWeight(want, codes.shape, data, s, z, codes.shape[1] // s.shape[1])
         if expert is None and rows is None:
             whole_weight[src] = out[name]
     # a GGUF tensor every one of whose readers is packed need not be read as values (an embedding that is
@@ -502,14 +525,14 @@ def repack_exact(g: GGUFFile, cfg, fmt: str = "int4", partial: bool = True):
         if name not in out:
             t = g.tensors[src].type.name
             left[t] = left.get(t, 0) + 1
-    if left and not partial:
-        return {}, set()
-    if left:
+    if left and not partial or set(out) <= {"tok_emb.weight"}:
+        return {}, set()  # (auto: an embedding alone is not worth a packed model)
+    if left and not auto:
         warnings.warn(f"{g.path}: {sum(left.values())} linear weights are not stored in blocks that are {fmt} ("
                       + ", ".join(f"{n} x {t}" for t, n in sorted(left.items()))
                       + f"): they are quantized to {fmt} from their values", stacklevel=4)
     whole = {src for src, names in users.items() if all(n in out for n in names)}
-    if not cfg.tied_head:
+    if not cfg.tied_head and "tok_emb.weight" not in out:
         whole.discard("token_embd.weight")  # the embedding table is read for its rows
     return out, whole
 
@@ -654,5 +677,5 @@ def chat_template_of(g: GGUFFile):
     return src, special
 
 
-__all__ = ["ARCHITECTURES", "REPACKED", "gguf_path", "gguf_config", "gguf_tensors", "repack_exact", "stored_format",
+__all__ = ["ARCHITECTURES", "REPACKED", "gguf_path", "gguf_config", "gguf_tensors", "repack_exact",
            "tokenizer_of", "chat_template_of"]

@@ -351,49 +351,79 @@ def _k4_values(qs: np.ndarray) -> np.ndarray:
     return np.stack([q & 15, q >> 4], axis=2).reshape(n, 256)
 
 
-def dequantize_q4_k(b):
+def _affine(q, s, offset, sub):
+    """Values s_j q - offset_j of sub-blocks of `sub` elements (q uint8 [n, 256], s / offset [n, 256 / sub])."""
+    n = q.shape[0]
+    return (s[:, :, None] * q.reshape(n, -1, sub).astype(np.float32) - offset[:, :, None]).reshape(n, 256)
+
+
+def q4_k_parts(b):
+    """Q4_K blocks as (codes uint8 [n, 256] in 0..15, s float32 [n, 8] = d sc_j, offset [n, 8] = dmin m_j): the
+    values of sub-block j (32 elements) are s_j q - offset_j."""
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _scale_min_k4(b[:, 4:16])
-    q = _k4_values(b[:, 16:144]).astype(np.float32).reshape(-1, 8, 32)
-    return ((d * sc)[:, :, None] * q - (dmin * mn)[:, :, None]).reshape(-1, 256)
+    return _k4_values(b[:, 16:144]), d * sc, dmin * mn
 
 
-def dequantize_q5_k(b):
+def dequantize_q4_k(b):
+    return _affine(*q4_k_parts(b), 32)
+
+
+def q5_k_parts(b):
+    """Q5_K blocks as (codes uint8 [n, 256] in 0..31, s [n, 8] = d sc_j, offset [n, 8] = dmin m_j), as Q4_K."""
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _scale_min_k4(b[:, 4:16])
     # the fifth bit of element 32 j + l (sub-block j) is bit j of qh[l]
     high = np.unpackbits(b[:, 16:48], axis=1, bitorder="little").reshape(-1, 32, 8).transpose(0, 2, 1)
-    q = (_k4_values(b[:, 48:176]).reshape(-1, 8, 32) | (high << 4)).astype(np.float32)
-    return ((d * sc)[:, :, None] * q - (dmin * mn)[:, :, None]).reshape(-1, 256)
+    q = _k4_values(b[:, 48:176]).reshape(-1, 8, 32) | (high << 4)
+    return q.reshape(-1, 256), d * sc, dmin * mn
 
 
-def dequantize_q6_k(b):
+def dequantize_q5_k(b):
+    return _affine(*q5_k_parts(b), 32)
+
+
+def q6_k_parts(b):
+    """Q6_K blocks as (codes int8 [n, 256] in -32..31, scales float32 [n, 16] = d sc_j, one per 16 elements):
+    the values are codes times their sub-block's scale."""
     ql, qh, sc = b[:, 0:128], b[:, 128:192], b[:, 192:208].view(np.int8).astype(np.float32)
     d = _f16(b, 208)
     n = b.shape[0]
-    out = np.empty((n, 2, 4, 32), dtype=np.float32)
+    out = np.empty((n, 2, 4, 32), dtype=np.int8)
     for half in range(2):  # 128 elements each: ql[64 half : +64], qh[32 half : +32]
         l = ql[:, 64 * half: 64 * half + 64]
         h = qh[:, 32 * half: 32 * half + 32]
         lo = [l[:, :32] & 15, l[:, 32:] & 15, l[:, :32] >> 4, l[:, 32:] >> 4]  # element groups 0..3 of 32
         for g in range(4):
-            out[:, half, g] = (lo[g] | (((h >> (2 * g)) & 3) << 4)).astype(np.float32) - 32.0
+            out[:, half, g] = (lo[g] | (((h >> (2 * g)) & 3) << 4)).astype(np.int8) - 32
     # scale j covers elements 16 j .. 16 j + 15 of the 256
-    return (out.reshape(n, 16, 16) * (d * sc)[:, :, None]).reshape(n, 256)
+    return out.reshape(n, 256), d * sc
 
 
-def dequantize_q2_k(b):
+def dequantize_q6_k(b):
+    q, s = q6_k_parts(b)
+    return (q.reshape(-1, 16, 16).astype(np.float32) * s[:, :, None]).reshape(-1, 256)
+
+
+def q2_k_parts(b):
+    """Q2_K blocks as (codes uint8 [n, 256] in 0..3, s [n, 16] = d (sc_j & 15), offset [n, 16] = dmin (sc_j >> 4)):
+    the values of sub-block j (16 elements) are s_j q - offset_j."""
     sc, qs = b[:, 0:16], b[:, 16:80]
     d, dmin = _f16(b, 80), _f16(b, 82)
     n = b.shape[0]
     # half h (128 elements) reads qs[32 h : 32 h + 32]; its 2-bit field s (shift 2 s) gives elements
     # 128 h + 32 s + l; the 16 scales run in element order, one per 16
     q = np.stack([(qs.reshape(n, 2, 32) >> (2 * s)) & 3 for s in range(4)], axis=2)  # [n, 2, 4, 32]
-    q = q.reshape(n, 16, 16).astype(np.float32)
-    return (q * (d * (sc & 15))[:, :, None] - (dmin * (sc >> 4))[:, :, None]).reshape(n, 256)
+    return q.reshape(n, 256), d * (sc & 15), dmin * (sc >> 4)
 
 
-def dequantize_q3_k(b):
+def dequantize_q2_k(b):
+    return _affine(*q2_k_parts(b), 16)
+
+
+def q3_k_parts(b):
+    """Q3_K blocks as (codes int8 [n, 256] in -4..3, scales float32 [n, 16] = d (s_j - 32), one per 16
+    elements): the values are codes times their sub-block's scale."""
     hmask, qs, s = b[:, 0:32], b[:, 32:96], b[:, 96:108]
     d = _f16(b, 108)
     n = b.shape[0]
@@ -405,8 +435,13 @@ def dequantize_q3_k(b):
     q = np.stack([(qs.reshape(n, 2, 32) >> (2 * f) & 3) for f in range(4)], axis=2)  # [n, 2, 4, 32]
     # element 128 h + 32 f + l subtracts 4 unless bit (4 h + f) of hmask[l] is set
     hbits = np.unpackbits(hmask, axis=1, bitorder="little").reshape(n, 32, 2, 4).transpose(0, 2, 3, 1)
-    v = q.astype(np.float32) - 4.0 * (1 - hbits).astype(np.float32)
-    return (v.reshape(n, 16, 16) * (d * scales)[:, :, None]).reshape(n, 256)
+    v = q.astype(np.int8) - 4 * (1 - hbits).astype(np.int8)
+    return v.reshape(n, 256), d * scales
+
+
+def dequantize_q3_k(b):
+    q, s = q3_k_parts(b)
+    return (q.reshape(-1, 16, 16).astype(np.float32) * s[:, :, None]).reshape(-1, 256)
 
 
 DEQUANTIZE = {

@@ -22,7 +22,7 @@ import weakref
 
 import torch
 
-from ..config import QUANT_FORMATS, ModelConfig, _dense_shapes, is_quantized_name
+from ..config import QUANT_FORMATS, ModelConfig, _dense_shapes, is_quantized_name, quant_of
 from ..errors import ArgumentError, ShapeError
 
 DEFAULT_GROUP = {"int8": 0, "int8-weight": 0, "int4": 128, "fp8": 128}
@@ -88,8 +88,8 @@ class Quantizer:
         if fmt == "int8" and group_size not in (0, None):
             raise ArgumentError(f"group_size: int8 (W8A8) quantizes per output channel and takes no group size, "
                                 f"got {group_size}")
-        if fmt == "int8-weight" and group_size not in (0, 32, 64, 128):
-            raise ArgumentError(f"group_size: int8-weight needs 0 (a scale per output row), 32, 64 or 128, "
+        if fmt == "int8-weight" and group_size not in (0, 16, 32, 64, 128):
+            raise ArgumentError(f"group_size: int8-weight needs 0 (a scale per output row), 16, 32, 64 or 128, "
                                 f"got {group_size!r}")
         if fmt == "int4" and group_size not in (32, 64, 128):
             raise ArgumentError(f"group_size: int4 needs 32, 64 or 128, got {group_size!r}")
@@ -147,17 +147,54 @@ class Quantizer:
             self.bar.step()
 
     def finish(self, cfg: ModelConfig, sd: dict, out: dict):
-        """Pack every quantized weight not packed yet; (cfg with the quantization recorded, out)."""
+        """Pack every quantized weight not packed yet; (cfg with the quantization recorded, out). A weight
+        that holds another packing (a GGUF file's exact blocks: the caller marked it packed) is recorded in
+        cfg.quant_overrides."""
         self.weights(out, self.names, sd)
-        new = ModelConfig.from_dict(cfg.to_dict())
-        new.quantization = self.fmt
-        new.quant_group_size = int(self.group_size or 0)
-        new.quant_symmetric = self.symmetric
-        new.conversions = list(cfg.conversions) + [
-            f"quantize:{self.fmt}" + (f":g{self.group_size}" if self.fmt in ("int4", "fp8") or self.group_size else "")
-            + ("" if new.quant_symmetric else ":asym")
-        ]
-        return new, out
+        conversion = (f"quantize:{self.fmt}" + (f":g{self.group_size}" if self.fmt in ("int4", "fp8") or self.group_size
+                                                else "") + ("" if self.symmetric else ":asym"))
+        return record_packing(cfg, out, conversion, (self.fmt, int(self.group_size or 0), self.symmetric)), out
+
+
+def record_packing(cfg: ModelConfig, out: dict, conversion: str, main=None) -> ModelConfig:
+    """cfg with the packing of the weights in `out` recorded: quantization (format, group size, symmetry)
+    `main`, by default the packing that holds the most weights; each quantizable weight packed otherwise,
+    or left dense, and a packed untied token embedding in quant_overrides; `conversion` appended to
+    cfg.conversions."""
+    if main is None:
+        count: dict = {}
+        for t in out.values():
+            if is_quantized(t):
+                count[_spec(t)] = count.get(_spec(t), 0) + t.numel()
+        main = max(count, key=count.get)
+    new = ModelConfig.from_dict(cfg.to_dict())
+    new.quantization, new.quant_group_size, new.quant_symmetric = main
+    new.quant_overrides = _overrides(new, out, [n for n in _dense_shapes(new) if is_quantized_name(new, n)])
+    new.conversions = list(cfg.conversions) + [conversion]
+    return ModelConfig.from_dict(new.to_dict())  # (the overrides checked)
+
+
+def _spec(t):
+    """A packed weight's (format, group_size, symmetric), None for a dense tensor."""
+    if not is_quantized(t):
+        return None
+    return t.format, t.group_size, t.zero is None or t.format not in ("int4", "int8-weight")
+
+
+def _overrides(cfg: ModelConfig, out: dict, names) -> dict:
+    """quant_overrides of cfg (whose quantization is set) for the weights `out` holds: each of `names`
+    (those the model's format packs) not packed so, and a packed untied embedding."""
+    main = (cfg.quantization, cfg.quant_group_size, cfg.quant_symmetric)
+    got = {}
+    for n in list(names) + (["tok_emb.weight"] if not cfg.tied_head else []):
+        if n not in out:
+            continue
+        spec = _spec(out[n])
+        if spec == (main if n in names else None):  # (an untied embedding is dense unless listed)
+            continue
+        got[n] = ({"format": "none", "group_size": 0, "symmetric": True} if spec is None else
+                  {"format": spec[0], "group_size": spec[1], "symmetric": spec[2]})
+    return got
 
 
 def smooth_model(cfg: ModelConfig, sd: dict, alpha: float = 0.5, calibration=None, n_seqs: int = 4,
@@ -233,14 +270,15 @@ def unpack_quantized(cfg: ModelConfig, sd: dict) -> dict:
     out = {}
     memo = {}
     for n, shape in shapes.items():
-        if not is_quantized_name(cfg, n):
+        spec = quant_of(cfg, n)
+        if spec is None:
             if n in sd:
                 out[n] = sd[n]
             continue
         parts = {k[len(n) + 1:]: v for k, v in sd.items() if k.startswith(n + ".q")}
         key = tuple(sorted((k, id(v)) for k, v in parts.items()))
         if key not in memo:
-            memo[key] = QuantizedWeight.from_tensors(parts, cfg.quantization, cfg.quant_group_size, tuple(shape))
+            memo[key] = QuantizedWeight.from_tensors(parts, spec[0], spec[1], tuple(shape))
         out[n] = memo[key]
     for n, t in sd.items():  # anything else the checkpoint holds (e.g. attention decays)
         base = n.rsplit(".", 1)[0]

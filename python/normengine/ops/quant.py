@@ -50,8 +50,8 @@ def _check_format(format, group_size):
         return 0
     if format == "int8-weight":
         g = 0 if group_size is None else group_size
-        if g not in (0, 32, 64, 128):
-            raise ArgumentError(f"group_size: int8-weight needs 0 (a scale per output row), 32, 64 or 128 (a scale "
+        if g not in (0, 16, 32, 64, 128):
+            raise ArgumentError(f"group_size: int8-weight needs 0 (a scale per output row), 16, 32, 64 or 128 (a scale "
                                 f"per group of columns), got {group_size!r}")
         return g
     if format == "int4":
