@@ -23,8 +23,9 @@ Engines (each in a fresh subprocess, so peak RSS is its own; all with --threads 
   ne-bf16    normengine.load(dir, dtype=torch.bfloat16)
   ne-f32m, ne-bf16m  the same with matmul_precision="medium" (bf16 products on AMX tiles for prefill)
   ne-int8, ne-int4, ne-int4m  quant="int8" / "int4" (ne-int4m: with matmul_precision="medium")
-  ne-gguf-f32, ne-gguf-f16, ne-gguf-q8_0, ne-gguf-q4_0  normengine.load of the GGUF file llama.cpp reads (Q8_0:
-             quant="int8-weight", Q4_0: quant="int4": the file's codes and scales repacked with groups of 32, exact)
+  ne-gguf-f32, ne-gguf-f16, ne-gguf-q8_0, ne-gguf-q4_0  normengine.load of the GGUF file llama.cpp reads (a plain
+             load: Q8_0 as int8-weight g32, Q4_0 as int4 g32, the file's codes and scales repacked, exact; an
+             untied embedding too)
   llama-q4_k_m, ne-gguf-q4_k_m  a Q4_K_M file (Q4_K and Q6_K blocks) made from the f32 GGUF by llama.cpp's own
              quantizer (llama_model_quantize); normengine's plain load keeps each weight in the format of its
              blocks (Q4_K: int4 g32 with zero points; Q6_K: int8-weight g16), exactly
@@ -243,9 +244,9 @@ def worker(a) -> dict:
         if converted:
             m = normengine.load(a.model_dir)
             assert m._arrays and "torch" not in sys.modules, "the torch-free path was not taken"
-        elif a.worker.startswith("ne-gguf-"):  # the GGUF file llama.cpp reads (Q4_0: repacked as int4, exact;
-            # Q4_K_M: a plain load, each weight in the format of its blocks)
-            m = normengine.load(a.gguf, quant={"q4_0": "int4", "q8_0": "int8-weight"}.get(a.worker.rsplit("-", 1)[1]))
+        elif a.worker.startswith("ne-gguf-"):  # the GGUF file llama.cpp reads: a plain load, each quantized weight
+            # (and an untied embedding) in the format of its blocks, exactly (Q4_0: int4 g32; Q8_0: int8-weight g32)
+            m = normengine.load(a.gguf)
         else:
             quant = {"ne-int8": "int8", "ne-int4": "int4", "ne-int4m": "int4"}.get(a.worker)
             m = normengine.load(a.model_dir, dtype=torch.bfloat16 if a.worker.startswith("ne-bf16") else None,
