@@ -136,22 +136,27 @@ void block_int8(const QArgs& a, int64_t n0, int64_t n1) {
 // once per call by the entry point). A tile of MR rows of x and NR rows of W: NR streams of W from memory in flight,
 // each load of x serving NR rows and each widened vector of W MR rows (one row of W at a time streamed W at
 // 29 GB/s here, four at 40; a batch of rows of x shares each decode of W).
-// sum_g s_g z_g gsum_g over G groups: a zero-pointed weight row's offset term
+// sum_g s_g z_g gsum_g over G groups: a zero-pointed weight row's offset term (z null: 7.5 for every group, the
+// symmetric int4 mid-rise levels)
 inline float zero_term(const float* s, const float* z, const float* gsum, int64_t G) {
   int64_t g = 0;
   float t = 0.0f;
 #if defined(__AVX512F__)
   __m512 v = _mm512_setzero_ps();
-  for (; g + 16 <= G; g += 16)
-    v = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(s + g), _mm512_loadu_ps(z + g)), _mm512_loadu_ps(gsum + g), v);
+  for (; g + 16 <= G; g += 16) {
+    const __m512 zg = z ? _mm512_loadu_ps(z + g) : _mm512_set1_ps(7.5f);
+    v = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(s + g), zg), _mm512_loadu_ps(gsum + g), v);
+  }
   t = _mm512_reduce_add_ps(v);
 #elif defined(__AVX2__)
   __m256 v = _mm256_setzero_ps();
-  for (; g + 8 <= G; g += 8)
-    v = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), _mm256_loadu_ps(z + g)), _mm256_loadu_ps(gsum + g), v);
+  for (; g + 8 <= G; g += 8) {
+    const __m256 zg = z ? _mm256_loadu_ps(z + g) : _mm256_set1_ps(7.5f);
+    v = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), zg), _mm256_loadu_ps(gsum + g), v);
+  }
   t = hsum_ps(v);
 #endif
-  for (; g < G; ++g) t += s[g] * z[g] * gsum[g];
+  for (; g < G; ++g) t += s[g] * (z ? z[g] : 7.5f) * gsum[g];
   return t;
 }
 
@@ -383,13 +388,13 @@ void block_int8w(const QArgs& a, int64_t n0, int64_t n1) {
 // to two vectors of 8 floats (low nibbles = even k, high = odd k) that meet x with plain loads. Each
 // group's vector sum is scaled once (one FMA per group) and the output reduced once.
 #if defined(__AVX512F__)
-// y[m .. m + MR, n .. n + NR): per group, sum_k q_k x_k for every (row, column) pair, scaled once by
-// s_g; the zero-point term from each row's group sums of x. A nibble becomes a float by table lookup:
-// vpermps reads only the low 4 bits of each 32-bit index, so the zero-extended byte b indexes
-// {0, 1, ..., 15} by its low nibble as it is, and b >> 4 by its high one (no mask, no int->float
-// convert: 3 shuffles and 1 shift per 32 weights). Each decoded column meets MR rows of x, so
-// small batches (MR = 4) decode W once for four rows. Groups [g0, g1) only; the sums (zero-point term
-// included) are added to part[r * ldp + c].
+// y[m .. m + MR, n .. n + NR): sum_k q_k s_g x_k for every (row, column) pair, then the zero-point term from
+// each row's group sums of x. A nibble becomes its value q s_g by table lookup: vpermps reads only the low 4
+// bits of each 32-bit index, so the zero-extended byte b indexes the group's table {0, s, 2 s, ..., 15 s} (one
+// multiply per group and row of W) by its low nibble as it is, and b >> 4 by its high one (no mask, no
+// int->float convert, no scaling of sums: 3 shuffles and 1 shift per 32 weights, one accumulator per output).
+// Each decoded column meets MR rows of x, so small batches (MR = 4) decode W once for four rows. Groups
+// [g0, g1) only; the sums (zero-point term included) are added to part[r * ldp + c].
 template <int MR, int NR>
 void int4_tile512(const QArgs& a, int64_t m, int64_t n, int64_t g0, int64_t g1, float* part, int64_t ldp) {
   const QWeight& w = *a.w;
@@ -402,10 +407,11 @@ void int4_tile512(const QArgs& a, int64_t m, int64_t n, int64_t g0, int64_t g1, 
     for (int c = 0; c < NR; ++c) total[r][c] = _mm512_setzero_ps();
   for (int64_t gi = g0; gi < g1; ++gi) {
     // decode reads W from memory once: each row's bytes 4 KB ahead are requested (as the int8 GEMV)
-    for (int c = 0; c < NR; ++c) _mm_prefetch(reinterpret_cast<const char*>(wr[c]) + gi * g / 2 + 4096, _MM_HINT_T1);
-    __m512 acc[MR][NR];
-    for (int r = 0; r < MR; ++r)
-      for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
+    __m512 table[NR];
+    for (int c = 0; c < NR; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(wr[c]) + gi * g / 2 + 4096, _MM_HINT_T1);
+      table[c] = _mm512_mul_ps(nibble, _mm512_set1_ps(w.scale[(n + c) * G + gi]));
+    }
     for (int64_t k = gi * g; k < (gi + 1) * g; k += 32) {
       __m512 xe[MR], xo[MR];  // x de-interleaved per 32 columns: 16 even k, then 16 odd k
       for (int r = 0; r < MR; ++r) {
@@ -414,23 +420,18 @@ void int4_tile512(const QArgs& a, int64_t m, int64_t n, int64_t g0, int64_t g1, 
       }
       for (int c = 0; c < NR; ++c) {
         const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[c] + k / 2)));
-        const __m512 qe = _mm512_permutexvar_ps(b, nibble);                       // low nibbles: even k
-        const __m512 qo = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), nibble);  // high nibbles: odd k
-        for (int r = 0; r < MR; ++r) acc[r][c] = _mm512_fmadd_ps(qo, xo[r], _mm512_fmadd_ps(qe, xe[r], acc[r][c]));
+        const __m512 qe = _mm512_permutexvar_ps(b, table[c]);                       // low nibbles: even k
+        const __m512 qo = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table[c]);  // high nibbles: odd k
+        for (int r = 0; r < MR; ++r)
+          total[r][c] = _mm512_fmadd_ps(qo, xo[r], _mm512_fmadd_ps(qe, xe[r], total[r][c]));
       }
-    }
-    for (int c = 0; c < NR; ++c) {
-      const __m512 sg = _mm512_set1_ps(w.scale[(n + c) * G + gi]);
-      for (int r = 0; r < MR; ++r) total[r][c] = _mm512_fmadd_ps(acc[r][c], sg, total[r][c]);
     }
   }
   for (int r = 0; r < MR; ++r) {
-    const float* gs = a.gsum + (m + r) * G;
+    const float* gs = a.gsum + (m + r) * G + g0;
     for (int c = 0; c < NR; ++c) {
-      const float* sc = w.scale + (n + c) * G;
-      const float* zp = w.zero ? w.zero + (n + c) * G : nullptr;
-      float zterm = 0.0f;  // sum_g s_g z_g gsum_g
-      for (int64_t gi = g0; gi < g1; ++gi) zterm += sc[gi] * (zp ? zp[gi] : 7.5f) * gs[gi];
+      const float* zp = w.zero ? w.zero + (n + c) * G + g0 : nullptr;
+      const float zterm = zero_term(w.scale + (n + c) * G + g0, zp, gs, g1 - g0);  // sum_g s_g z_g gsum_g
       part[r * ldp + c] += _mm512_reduce_add_ps(total[r][c]) - zterm;
     }
   }
@@ -468,7 +469,7 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
   // decoded W vector used four times), over K blocks of 1024 columns, so that the four rows' block of
   // x (16 KB) stays in the L1 while the thread's rows of W pass; partial sums in `part`.
   const int64_t GB = std::max<int64_t>(1, 1024 / g);
-  for (; m0 + 4 <= a.M; m0 += 4) int4_rows512<4, 2>(a, m0, n0, n1, GB);
+  for (; m0 + 4 <= a.M; m0 += 4) int4_rows512<4, 4>(a, m0, n0, n1, GB);
   if (m0 + 2 <= a.M) {  // two rows left: four rows of W at a time
     int4_rows512<2, 4>(a, m0, n0, n1, G);
     m0 += 2;

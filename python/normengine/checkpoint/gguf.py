@@ -473,35 +473,39 @@ def _int8_groups(g: GGUFFile, name: str):
             None if z is None else z.reshape(N, G).astype(np.float32, copy=False))
 
 
-def repack_exact(g: GGUFFile, cfg, fmt: str = "int4", partial: bool = True):
+def repack_exact(g: GGUFFile, cfg, fmt: str = "int4"):
     """({canonical name: QuantizedWeight}, {GGUF names fully packed}) for every linear weight of GGUF file g
     (normengine ModelConfig cfg) whose blocks are `fmt` with groups of 32: their codes and scales repacked,
     nothing re-quantized. fmt "int4": Q4_0 / Q4_1 / Q4_K as asymmetric int4 (see _int4_groups); fmt
     "int8-weight": Q8_0 / Q4_0 / Q5_0 as int8 codes with a scale per 32 (_int8_groups). Weights of other
-    types are left out (the caller quantizes them from their values; a warning counts them). partial=False:
-    nothing is packed unless every linear weight is. fmt "auto": every quantized weight in the format EXACT
-    names for its type (an untied token embedding too); float weights are left out (dense, as stored)."""
+    types are left out (the caller quantizes them from their values; a warning counts them). fmt "auto":
+    every quantized weight in the format EXACT names for its type (an untied token embedding too); float
+    weights are left out (dense, as stored). A GGUF tensor's unpacked codes are dropped, and its pages of
+    the mapped file handed back, once its last reader is packed: the file is never resident whole."""
     import torch
 
     from ..ops.quant import QuantizedWeight
+    from .safetensors_io import release_range
 
     auto = fmt == "auto"
     sources = _canonical_sources(g, g.metadata.get("general.architecture"), cfg)
     if auto and not cfg.tied_head and "token_embd.weight" in g.tensors:
         sources.append(("tok_emb.weight", "token_embd.weight", None, None))
-    out, done, whole_weight = {}, {}, {}
-    for name, src, expert, rows in sources:
+    out, done, whole_weight, readers = {}, {}, {}, {}
+    for _, src, _, _ in sources:
+        readers[src] = readers.get(src, 0) + 1
+
+    def pack(name, src, expert, rows):
         if src in whole_weight and expert is None and rows is None:  # a tied head: one object for both names
             out[name] = whole_weight[src]
-            continue
+            return
         kind = g.tensors[src].type.name
         want = EXACT.get(kind) if auto else fmt if kind in REPACKED[fmt] else None
         if want is None:
-            continue
+            return
         if src not in done:
             done[src] = (_int4_groups if want == "int4" else _int8_groups)(g, src)
-        packed = done[src]
-        codes, s, z = packed
+        codes, s, z = done[src]
         if expert is not None:  # the stacked experts: rows of expert e
             n = g.tensors[src].shape[1]
             part = slice(expert * n, (expert + 1) * n)
@@ -517,6 +521,13 @@ def repack_exact(g: GGUFFile, cfg, fmt: str = "int4", partial: bool = True):
         out[name] = QuantizedWeight(want, codes.shape, data, s, z, codes.shape[1] // s.shape[1])
         if expert is None and rows is None:
             whole_weight[src] = out[name]
+
+    for name, src, expert, rows in sources:
+        pack(name, src, expert, rows)
+        readers[src] -= 1
+        if readers[src] == 0 and done.pop(src, None) is not None:  # (its clean pages are read back if needed)
+            b = g.raw(src)
+            release_range(b.ctypes.data, b.ctypes.data + b.nbytes)
     # a GGUF tensor every one of whose readers is packed need not be read as values (an embedding that is
     # not the head, e.g. GPT-2's positions, is never packed)
     users, left = {}, {}
@@ -525,7 +536,7 @@ def repack_exact(g: GGUFFile, cfg, fmt: str = "int4", partial: bool = True):
         if name not in out:
             t = g.tensors[src].type.name
             left[t] = left.get(t, 0) + 1
-    if left and not partial or set(out) <= {"tok_emb.weight"}:
+    if set(out) <= {"tok_emb.weight"}:
         return {}, set()  # (auto: an embedding alone is not worth a packed model)
     if left and not auto:
         warnings.warn(f"{g.path}: {sum(left.values())} linear weights are not stored in blocks that are {fmt} ("
