@@ -500,12 +500,8 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
         const __m256 s = _mm256_set1_ps(sc[gi]);
         for (int r = 0; r < 4; ++r) total[r] = _mm256_fmadd_ps(acc[r], s, total[r]);
       }
-      for (int r = 0; r < 4; ++r) {
-        const float* gs = a.gsum + (m0 + r) * G;
-        float zterm = 0.0f;
-        for (int64_t gi = 0; gi < G; ++gi) zterm += sc[gi] * (zp ? zp[gi] : 7.5f) * gs[gi];
-        quant_store(a, m0 + r, n, hsum_ps(total[r]) - zterm);
-      }
+      for (int r = 0; r < 4; ++r)
+        quant_store(a, m0 + r, n, hsum_ps(total[r]) - zero_term(sc, zp, a.gsum + (m0 + r) * G, G));
     }
   }
 #endif
@@ -516,9 +512,7 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* wr = W + n * (K / 2);
       const float* sc = w.scale + n * G;
-      const float* zp = w.zero ? w.zero + n * G : nullptr;
-      float zterm = 0.0f;  // sum_g s_g z_g gsum_g
-      for (int64_t gi = 0; gi < G; ++gi) zterm += sc[gi] * (zp ? zp[gi] : 7.5f) * gs[gi];
+      const float zterm = zero_term(sc, w.zero ? w.zero + n * G : nullptr, gs, G);  // sum_g s_g z_g gsum_g
 #if defined(__AVX2__)
       const __m256i lo_mask = _mm256_set1_epi32(15);
       __m256 total = _mm256_setzero_ps();
