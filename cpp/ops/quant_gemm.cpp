@@ -619,38 +619,79 @@ void block_fp8(const QArgs& a, int64_t n0, int64_t n1) {
 // out[n - n0, k] = the weight's value in fp32 for rows [n0, n1): Int8Weight q sw[n]; Int4
 // (q - z) s per group; FP8 e4m3(q) sw(n, b) (the block scale folded in). Plain loops over contiguous
 // rows: the compiler vectorizes them for each ISA build.
+// o[0 .. cnt) = (q - z) s for int8 codes q (cnt a multiple of the vector width; z = 0: none). The same two
+// roundings as the scalar loop, so the values are the ones quant_elem gives.
+inline int64_t dequant_int8_run(const int8_t* q, int64_t cnt, float s, float z, float* o) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+  for (; k + 16 <= cnt; k += 16) {
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k))));
+    _mm512_storeu_ps(o + k, _mm512_mul_ps(_mm512_sub_ps(v, vz), vs));
+  }
+#elif defined(__AVX2__)
+  const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+  for (; k + 8 <= cnt; k += 8) {
+    const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k))));
+    _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_sub_ps(v, vz), vs));
+  }
+#endif
+  for (; k < cnt; ++k) o[k] = (static_cast<float>(q[k]) - z) * s;
+  return k;
+}
+
+// o[0 .. 2 nb) = (nibble - z) s for the nb bytes at q (byte j: k = 2j low nibble, 2j + 1 high), as the scalar
+// loop rounds them.
+inline void dequant_int4_run(const uint8_t* q, int64_t nb, float s, float z, float* o) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+  const __m512i lo4 = _mm512_set1_epi32(15);
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (; j + 16 <= nb; j += 16) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j)));
+    const __m512 lo = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, lo4)), vz), vs);
+    const __m512 hi = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), vz), vs);
+    _mm512_storeu_ps(o + 2 * j, _mm512_permutex2var_ps(lo, first, hi));  // lo0 hi0 lo1 hi1 ...
+    _mm512_storeu_ps(o + 2 * j + 16, _mm512_permutex2var_ps(lo, second, hi));
+  }
+#elif defined(__AVX2__)
+  const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+  const __m256i lo4 = _mm256_set1_epi32(15);
+  for (; j + 8 <= nb; j += 8) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j)));
+    const __m256 lo = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, lo4)), vz), vs);
+    const __m256 hi = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), vz), vs);
+    const __m256 a = _mm256_unpacklo_ps(lo, hi), c = _mm256_unpackhi_ps(lo, hi);  // (lo0 hi0 lo1 hi1 | lo4 ..)
+    _mm256_storeu_ps(o + 2 * j, _mm256_permute2f128_ps(a, c, 0x20));
+    _mm256_storeu_ps(o + 2 * j + 8, _mm256_permute2f128_ps(a, c, 0x31));
+  }
+#endif
+  for (; j < nb; ++j) {
+    o[2 * j] = (static_cast<float>(q[j] & 15) - z) * s;
+    o[2 * j + 1] = (static_cast<float>(q[j] >> 4) - z) * s;
+  }
+}
+
 void dequant_rows(const QWeight& w, int64_t n0, int64_t n1, float* out) {
   const int64_t K = w.K;
   for (int64_t n = n0; n < n1; ++n) {
     float* o = out + (n - n0) * K;
     if ((w.format == QFormat::Int8Weight || w.format == QFormat::Int8) && w.group == 0) {
-      const int8_t* q = static_cast<const int8_t*>(w.data) + n * K;
-      const float s = w.scale[n];
-      for (int64_t k = 0; k < K; ++k) o[k] = static_cast<float>(q[k]) * s;
+      dequant_int8_run(static_cast<const int8_t*>(w.data) + n * K, K, w.scale[n], 0.0f, o);
     } else if (w.format == QFormat::Int8Weight) {  // grouped scales (and zero points: (q - z) s)
       const int8_t* q = static_cast<const int8_t*>(w.data) + n * K;
       const int64_t G = K / w.group;
-      for (int64_t g = 0; g < G; ++g) {
-        const float s = w.scale[n * G + g];
-        if (w.zero) {
-          const float z = w.zero[n * G + g];
-          for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) o[k] = (static_cast<float>(q[k]) - z) * s;
-        } else {
-          for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) o[k] = static_cast<float>(q[k]) * s;
-        }
-      }
+      for (int64_t g = 0; g < G; ++g)
+        dequant_int8_run(q + g * w.group, w.group, w.scale[n * G + g], w.zero ? w.zero[n * G + g] : 0.0f,
+                         o + g * w.group);
     } else if (w.format == QFormat::Int4) {
       const uint8_t* q = static_cast<const uint8_t*>(w.data) + n * (K / 2);
       const int64_t G = K / w.group;
-      for (int64_t g = 0; g < G; ++g) {
-        const float s = w.scale[n * G + g], z = w.zero ? w.zero[n * G + g] : 7.5f;
-        const uint8_t* qg = q + g * w.group / 2;
-        float* og = o + g * w.group;
-        for (int64_t j = 0; j < w.group / 2; ++j) {  // byte j: k = 2j low nibble, 2j + 1 high nibble
-          og[2 * j] = (static_cast<float>(qg[j] & 15) - z) * s;
-          og[2 * j + 1] = (static_cast<float>(qg[j] >> 4) - z) * s;
-        }
-      }
+      for (int64_t g = 0; g < G; ++g)
+        dequant_int4_run(q + g * w.group / 2, w.group / 2, w.scale[n * G + g], w.zero ? w.zero[n * G + g] : 7.5f,
+                         o + g * w.group);
     } else {
       const uint8_t* q = static_cast<const uint8_t*>(w.data) + n * K;
       const float* lut = e4m3().v;
@@ -868,7 +909,8 @@ void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, co
   check_qweight(w);
   if (M <= 0) return;
   const int64_t K = w.K;
-  const int64_t gemv_rows = w.format == QFormat::Int4 ? NE_PICK_ISA(quant_table)->int4_max_gemv_rows : kQuantPanelMinRows;
+  const int64_t gemv_rows = w.format == QFormat::Int4 || w.format == QFormat::Int8Weight
+                                ? NE_PICK_ISA(quant_table)->max_gemv_rows : kQuantPanelMinRows;
   if (w.format != QFormat::Int8 && M > gemv_rows) {
     quant_gemm_panels(M, x, ldx, w, bias, y, ldy, accumulate, ep, bf16_products);
     return;

@@ -131,7 +131,7 @@ inline void quant_store(const QArgs& a, int64_t m, int64_t n, float v) {
   y = a.accumulate ? y + v : v;
 }
 
-// More rows than this: Int8Weight / FP8 (Int4: QuantTable::int4_max_gemv_rows) dequantize W panel by panel
+// More rows than this: FP8 (Int4 / Int8Weight: QuantTable::max_gemv_rows) dequantize W panel by panel
 // (about 4 MB of fp32, per calling thread, reused) into the fp32 GEMM; fewer: the GEMV kernels, which
 // dequantize in registers.
 constexpr int64_t kQuantPanelMinRows = 4;
@@ -153,11 +153,12 @@ struct QuantTable {
   // W8A8 activations of rows [m0, m1): xq [M, Kp] (zero past K), sx [M]
   void (*quantize_int8)(const float* x, int64_t ldx, int64_t K, int64_t Kp, int8_t* xq, float* sx, int64_t m0, int64_t m1);
   int int4_deinterleave;  // Int4: x de-interleaved per this many columns (16 or 32; group sizes are multiples of 32)
-  // Int4 with at most this many rows runs the register kernels (which decode each nibble once for four
-  // rows of x), more rows the dequantized panels. Measured at K = N = 4096, 2 threads, against the
-  // panels: AVX-512 12 rows 3.0 ms vs 4.1 ms, 15 rows 3.8 vs 4.4; AVX2 12 rows 4.5 vs 4.7, 15 rows 6.5
-  // vs 5.3; the generic build's scalar kernel loses from 5 rows on (8 rows 59 ms vs 7.8).
-  int int4_max_gemv_rows;
+  // Int4 and Int8Weight with at most this many rows run the register kernels (which decode each weight
+  // once for up to four rows of x), more rows the dequantized panels. Measured at K = N = 4096, 2 threads,
+  // against the panels: int4 AVX-512 12 rows 3.0 ms vs 4.1 ms, 15 rows 3.8 vs 4.4; AVX2 12 rows 4.5 vs 4.7,
+  // 15 rows 6.5 vs 5.3; the generic build's scalar kernel loses from 5 rows on (8 rows 59 ms vs 7.8). Int8Weight
+  // (which had 4): see benchmarks/RESULTS.md.
+  int max_gemv_rows;
   // FP8 activations of rows [m0, m1): xf [M, K] E4M3 values (times the block scale when fold), sx [M, ceil(K/128)] or null
   void (*quantize_fp8)(const float* x, int64_t ldx, int64_t K, float* xf, float* sx, int64_t m0, int64_t m1, bool fold);
 };
