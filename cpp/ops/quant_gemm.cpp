@@ -128,14 +128,6 @@ void block_int8(const QArgs& a, int64_t n0, int64_t n1) {
   }
 }
 
-// ---------------------------------------------------------------- Int8Weight: fp32 x, int8 W
-// y = sum_g s_g sum_{k in g} q_k x_k over groups of g columns, each with its own scale (llama.cpp's Q8_0 is
-// g = 32; per-row scales are one group of K): each group's vector sum is scaled once into the running
-// total (one FMA per vector per group) and reduced once. With zero points (ZP: w = (q - z_g) s_g, GGUF's
-// Q5_1 / Q5_K / Q2_K blocks) y takes - sum_g s_g z_g gsum_g at the end, gsum the sums of x over each group (made
-// once per call by the entry point). A tile of MR rows of x and NR rows of W: NR streams of W from memory in flight,
-// each load of x serving NR rows and each widened vector of W MR rows (one row of W at a time streamed W at
-// 29 GB/s here, four at 40; a batch of rows of x shares each decode of W).
 // sum_g s_g z_g gsum_g over G groups: a zero-pointed weight row's offset term (z null: 7.5 for every group, the
 // symmetric int4 mid-rise levels)
 inline float zero_term(const float* s, const float* z, const float* gsum, int64_t G) {
@@ -160,20 +152,41 @@ inline float zero_term(const float* s, const float* z, const float* gsum, int64_
   return t;
 }
 
+// A tile's operands: rows n .. n + NR of W (codes, their G scales, zero points or null) and rows m .. m + MR of x.
+template <int MR, int NR>
+struct Int8wTile {
+  const int8_t* w[NR];
+  const float* s[NR];
+  const float* z[NR];
+  const float* x[MR];
+  Int8wTile(const QArgs& a, int64_t m, int64_t n, int64_t G) {
+    const QWeight& q = *a.w;
+    for (int c = 0; c < NR; ++c) {
+      w[c] = static_cast<const int8_t*>(q.data) + (n + c) * q.K;
+      s[c] = q.scale + (n + c) * G;
+      z[c] = q.zero ? q.zero + (n + c) * G : nullptr;
+    }
+    for (int r = 0; r < MR; ++r) x[r] = a.x + (m + r) * a.ldx;
+  }
+};
+
+// ---------------------------------------------------------------- Int8Weight: fp32 x, int8 W
+// y = sum_g s_g sum_{k in g} q_k x_k over groups of g columns, each with its own scale (llama.cpp's Q8_0 is
+// g = 32; per-row scales are one group of K): each group's vector sum is scaled once into the running
+// total (one FMA per vector per group) and reduced once. With zero points (ZP: w = (q - z_g) s_g, GGUF's
+// Q5_1 / Q5_K / Q2_K blocks) y takes - sum_g s_g z_g gsum_g at the end, gsum the sums of x over each group (made
+// once per call by the entry point). A tile of MR rows of x and NR rows of W: NR streams of W from memory in flight,
+// each load of x serving NR rows and each widened vector of W MR rows (one row of W at a time streamed W at
+// 29 GB/s here, four at 40; a batch of rows of x shares each decode of W).
 template <int MR, int NR, bool ZP>
 void int8w_tile(const QArgs& a, int64_t m, int64_t n) {
   const QWeight& w = *a.w;
   const int64_t K = w.K, g = w.group > 0 ? w.group : K, G = K / g;
-  const int8_t* wr[NR];
-  const float* sr[NR];
-  const float* zr[NR];
-  const float* x[MR];
-  for (int c = 0; c < NR; ++c) {
-    wr[c] = static_cast<const int8_t*>(w.data) + (n + c) * K;
-    sr[c] = w.scale + (n + c) * G;
-    zr[c] = ZP ? w.zero + (n + c) * G : nullptr;
-  }
-  for (int r = 0; r < MR; ++r) x[r] = a.x + (m + r) * a.ldx;
+  const Int8wTile<MR, NR> p(a, m, n, G);
+  const int8_t* const* wr = p.w;
+  const float* const* sr = p.s;
+  const float* const* zr = p.z;
+  const float* const* x = p.x;
   float y[MR][NR], tail[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NR; ++c) y[r][c] = 0.0f;
@@ -274,16 +287,11 @@ void int8w_scaled_tile(const QArgs& a, int64_t m, int64_t n) {
   const QWeight& w = *a.w;
   const int64_t K = w.K, g = w.group, G = K / g;
   const int gshift = __builtin_ctzll(static_cast<unsigned long long>(g));  // (groups are powers of two)
-  const int8_t* wr[NR];
-  const float* sr[NR];
-  const float* zr[NR];
-  const float* x[MR];
-  for (int c = 0; c < NR; ++c) {
-    wr[c] = static_cast<const int8_t*>(w.data) + (n + c) * K;
-    sr[c] = w.scale + (n + c) * G;
-    zr[c] = ZP ? w.zero + (n + c) * G : nullptr;
-  }
-  for (int r = 0; r < MR; ++r) x[r] = a.x + (m + r) * a.ldx;
+  const Int8wTile<MR, NR> p(a, m, n, G);
+  const int8_t* const* wr = p.w;
+  const float* const* sr = p.s;
+  const float* const* zr = p.z;
+  const float* const* x = p.x;
 #if defined(__AVX512F__)
   // q s of the 16 codes at column k of W row c
   auto values = [&](__m128i codes, int c, int64_t k) {
