@@ -218,9 +218,10 @@ def test_written_head_and_options(hf_model, tmp_path):
 
 
 def test_blocks_repacked_exactly(hf_model, tmp_path):
-    """quant='int4' on a Q4_0 / Q4_1 file and quant='int8-weight' on a Q8_0 / Q4_0 / Q5_0 file keep the
-    file's codes: every linear weight is packed with groups of 32 (asymmetric int4; int8 codes with a scale
-    per group) and its values are the file's (bit for bit; Q4_1 to the float32 rounding of z = -m / d),
+    """quant='int4' on a Q4_0 / Q4_1 file and quant='int8-weight' on a Q8_0 / Q4_0 / Q4_1 / Q5_1 / Q5_0 file keep
+    the file's codes: every linear weight is packed with groups of 32 (asymmetric int4; int8 codes with a scale
+    per group, and zero points for Q4_1 / Q5_1, recorded in quant_overrides) and its values are the file's (bit
+    for bit; Q4_1 / Q5_1 to the float32 rounding of z = -m / d),
     through Llama's row permutation, GPT-2's split q / k / v, the experts and a tied head; the logits equal
     the dequantized model's to float32 rounding; it saves and reloads. symmetric=True (int4) or another
     group size re-quantizes instead."""
@@ -229,7 +230,7 @@ def test_blocks_repacked_exactly(hf_model, tmp_path):
         pytest.skip("the architectures' weight layouts")
     ids = torch.randint(1, 97, (2, 13), generator=torch.Generator().manual_seed(8))
     for ot, fmt in (("q4_0", "int4"), ("q4_1", "int4"), ("q8_0", "int8-weight"), ("q4_0", "int8-weight"),
-                    ("q5_0", "int8-weight")):
+                    ("q4_1", "int8-weight"), ("q5_1", "int8-weight"), ("q5_0", "int8-weight")):
         g = _convert(path, str(tmp_path / f"m-{ot}.gguf"), ot, write_output=name == "llama-tied")
         values, m = _load(g, dtype=torch.float32), _load(g, quant=fmt)  # (dtype=: the dequantized values)
         c = m.config
@@ -241,7 +242,7 @@ def test_blocks_repacked_exactly(hf_model, tmp_path):
         packed = [n for n, w in m.tensors.items() if hasattr(w, "dequantize")]
         assert len(packed) >= 4 * c.n_layers
         for n in packed:
-            tol = 2e-6 if ot == "q4_1" else 0
+            tol = 2e-6 if ot in ("q4_1", "q5_1") else 0
             assert rel_err(m.tensors[n].dequantize(), plain[n]) <= tol, (name, ot, n)
         if c.tied_head:
             assert m.tensors["lm_head.weight"] is m.tensors["tok_emb.weight"]
@@ -410,6 +411,15 @@ def test_k_quant_file_matches_transformers(tmp_path):
     for n, w in exact.items():
         assert torch.equal(q.tensors[n].data, m.tensors[n].data)
         assert rel_err(q.tensors[n].dequantize(), w.dequantize()) == 0
+    # quant='int8-weight': every K-quant type is int8 codes (Q4_K with zero points), nothing quantized from values
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q8 = ne.load(path, quant="int8-weight")
+    assert rel_err(q8.logits(ids), want) <= 1e-4
+    linear = [n for n in q8.tensors if n.endswith(".weight") and "norm" not in n and n != "tok_emb.weight"]
+    assert {q8.tensors[n].format for n in linear} == {"int8-weight"}
+    assert q8.config.quant_overrides["blocks.0.attn.v.weight"] == {"format": "int8-weight", "group_size": 32,
+                                                                  "symmetric": False}  # (a Q4_K)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and ne.cuda_available()), reason="no CUDA GPU visible")

@@ -33,8 +33,8 @@ GGUF architectures read (llama.cpp's `general.architecture`):
 Weights: float32 / float16 / bfloat16 tensors are zero-copy views of the mapped file; quantized ones
 (Q4_0 ... Q8_0, Q2_K ... Q6_K) are dequantized to float32 (exactly llama.cpp's values, see gguf_io), which
 normengine.load then keeps, converts to `dtype`, or quantizes with `quant=`. Blocks that are one of
-normengine's packed formats with groups of 32 are repacked instead, nothing re-quantized (repack_exact):
-Q4_0 / Q4_1 / Q4_K with quant="int4", Q8_0 / Q4_0 / Q5_0 with quant="int8-weight". A plain normengine.load of
+normengine's packed formats are repacked instead, nothing re-quantized (repack_exact): Q4_0 / Q4_1 / Q4_K with
+quant="int4" (groups of 32), every quantized type with quant="int8-weight" (below). A plain normengine.load of
 a quantized file ("auto") keeps each weight packed in its own format, as llama.cpp runs each tensor in its
 type: Q4_0 / Q4_1 / Q4_K as int4 with groups of 32; Q8_0 / Q5_0 as int8-weight with groups of 32, Q6_K / Q3_K
 with groups of 16 (their codes and sub-block scales), Q5_1 / Q5_K (32) and Q2_K (16) as int8-weight with zero
@@ -354,9 +354,11 @@ def gguf_tensors(g: GGUFFile, cfg: dict, placeholders=()):
 
 
 # ----------------------------------------------------------------------------------- exact repacking
-# the GGUF types whose blocks are quant="int4" / "int8-weight" with groups of 32 (symmetric int8), exactly
-INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # 4-bit codes, a (scale, offset) per 32: asymmetric int4
-INT8_TYPES = ("Q8_0", "Q4_0", "Q5_0")  # signed codes times a scale per 32: int8-weight (Q4_0 / Q5_0: q - 8, q - 16)
+# the GGUF types whose blocks quant="int4" / "int8-weight" hold exactly: int4 g32 with zero points the 4-bit ones;
+# int8-weight every type (codes of 8 bits or fewer: groups of 32, of 16 for Q6_K / Q3_K / Q2_K, zero points where
+# a block has an offset)
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+INT8_TYPES = ("Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q4_K", "Q5_1", "Q5_K", "Q6_K", "Q3_K", "Q2_K")
 REPACKED = {"int4": INT4_TYPES, "int8-weight": INT8_TYPES}
 # a per-weight load ("auto"): the format that holds each block type exactly
 EXACT = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8-weight", "Q5_0": "int8-weight",
@@ -444,11 +446,11 @@ def _canonical_sources(g: GGUFFile, arch: str, cfg):
 
 
 def _int8_groups(g: GGUFFile, name: str):
-    """A tensor of codes times a scale per group as normengine's int8-weight, w = q s (exact): (codes int8 [N, K],
-    s float32 [N, K/group], None). Q8_0: q as stored, s = d; Q4_0: q - 8; Q5_0: q - 16 (groups of 32); Q6_K /
-    Q3_K: their codes and sub-block scales (groups of 16). With zero points, w = (q - z) s to float32 rounding
-    (z float32 [N, K/group]; see _zero_points): Q5_1 (s = d, z = -m / d), Q5_K (groups of 32) and Q2_K (of 16)
-    (s = d sc_j, z = dmin m_j / s)."""
+    """A GGUF tensor as normengine's int8-weight, w = q s (exact): (codes int8 [N, K], s float32 [N, K/group],
+    None). Q8_0: q as stored, s = d; Q4_0: q - 8; Q5_0: q - 16 (groups of 32); Q6_K / Q3_K: their codes and
+    sub-block scales (groups of 16). With zero points, w = (q - z) s to float32 rounding (z float32 [N, K/group];
+    see _zero_points): Q4_1 / Q5_1 (s = d, z = -m / d), Q4_K / Q5_K (groups of 32) and Q2_K (of 16) (s = d sc_j,
+    z = dmin m_j / s)."""
     from . import gguf_io as io
 
     info = g.tensors[name]
@@ -460,8 +462,11 @@ def _int8_groups(g: GGUFFile, name: str):
         codes, s = (io.q6_k_parts if kind == "Q6_K" else io.q3_k_parts)(b)
     elif kind in ("Q5_K", "Q2_K"):
         codes, s, z = _zero_points(*(io.q5_k_parts if kind == "Q5_K" else io.q2_k_parts)(b))
-    elif kind == "Q5_1":
-        codes, s, z = _zero_points(io._nibbles(b[:, 8:24]) | io._qh_bits(b[:, 4:8]), io._f16(b, 0), -io._f16(b, 2))
+    elif kind == "Q4_K":
+        codes, s, z = _zero_points(*io.q4_k_parts(b))
+    elif kind in ("Q4_1", "Q5_1"):
+        q = io._nibbles(b[:, 4:20]) if kind == "Q4_1" else io._nibbles(b[:, 8:24]) | io._qh_bits(b[:, 4:8])
+        codes, s, z = _zero_points(q, io._f16(b, 0), -io._f16(b, 2))
     elif kind == "Q8_0":
         codes, s = b[:, 2:34].view(np.int8), io._f16(b, 0)
     elif kind == "Q4_0":
@@ -475,10 +480,11 @@ def _int8_groups(g: GGUFFile, name: str):
 
 def repack_exact(g: GGUFFile, cfg, fmt: str = "int4"):
     """({canonical name: QuantizedWeight}, {GGUF names fully packed}) for every linear weight of GGUF file g
-    (normengine ModelConfig cfg) whose blocks are `fmt` with groups of 32: their codes and scales repacked,
-    nothing re-quantized. fmt "int4": Q4_0 / Q4_1 / Q4_K as asymmetric int4 (see _int4_groups); fmt
-    "int8-weight": Q8_0 / Q4_0 / Q5_0 as int8 codes with a scale per 32 (_int8_groups). Weights of other
-    types are left out (the caller quantizes them from their values; a warning counts them). fmt "auto":
+    (normengine ModelConfig cfg) whose blocks `fmt` holds: their codes and scales repacked, nothing
+    re-quantized. fmt "int4": Q4_0 / Q4_1 / Q4_K as asymmetric int4 with groups of 32 (see _int4_groups); fmt
+    "int8-weight": every quantized type as int8 codes (_int8_groups: a scale per 32 or 16, zero points where
+    the blocks have an offset). Weights of other types (float) are left out (the caller quantizes them from
+    their values; a warning counts them). fmt "auto":
     every quantized weight in the format EXACT names for its type (an untied token embedding too); float
     weights are left out (dense, as stored). A GGUF tensor's unpacked codes are dropped, and its pages of
     the mapped file handed back, once its last reader is packed: the file is never resident whole."""
