@@ -11,10 +11,10 @@ from .errors import ArgumentError, ShapeError
 class QuantizedWeight:
     """A packed [N, K] weight. data: int8 [N, K] (int8 formats), uint8 [N, K/2] (int4: byte j of a
     row holds k = 2j in its low nibble, k = 2j + 1 in its high one) or uint8 [N, K] (fp8: E4M3 bit
-    patterns); scale: float32 [N] (int8), [N, K/group] (int4, and int8-weight with group_size 32 / 64 /
-    128), [1] or [ceil(N/128), ceil(K/128)] (fp8);
+    patterns); scale: float32 [N] (int8), [N, K/group] (int4, and int8-weight with group_size 16 / 32 /
+    64 / 128), [1] or [ceil(N/128), ceil(K/128)] (fp8);
     zero: float32 [N, K/group] for asymmetric int4 (and grouped int8-weight with zero points, w = (q - z) s:
-    GGUF's Q5_1 / Q5_K / Q2_K blocks), else None."""
+    how GGUF blocks with an offset, Q5_1 / Q5_K / Q2_K, load), else None."""
 
     def __init__(self, format: str, shape, data, scale, zero=None, group_size: int = 0):
         if format not in FORMATS:

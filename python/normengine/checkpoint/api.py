@@ -100,11 +100,10 @@ def load_checkpoint(path, dtype=None, *, transposed_views: bool = False,
     views of the stored ones instead of contiguous copies (see hf.map_tensors): for a caller that
     rewrites them anyway.
 
-    gguf_repack: "int4" / "int8-weight": a GGUF file's linear weights whose blocks are that format with
-    groups of 32 (int4: Q4_0 / Q4_1 / Q4_K; int8-weight: Q8_0 / Q4_0 / Q5_0) come back as their exact
-    packing (QuantizedWeight objects: gguf.repack_exact), not as values; "auto": every quantized linear
-    weight (and an untied token embedding) packed in its own format, the one that holds its blocks
-    (gguf.EXACT; other block types as int8-weight from their values), float weights as stored.
+    gguf_repack: "int4" / "int8-weight": a GGUF file's linear weights whose blocks that format holds (int4:
+    Q4_0 / Q4_1 / Q4_K; int8-weight: every quantized type) come back as their exact packing (QuantizedWeight
+    objects: gguf.repack_exact), not as values; "auto": every quantized linear weight (and an untied token
+    embedding) packed in the format that holds its blocks exactly (gguf.EXACT), float weights as stored.
 
     Tensors are CPU tensors. A tied head is returned as one tensor object under both tok_emb.weight
     and lm_head.weight. cfg.source_dtype is the dtype the checkpoint stores (not `dtype`).
