@@ -28,7 +28,9 @@ Engines (each in a fresh subprocess, so peak RSS is its own; all with --threads 
              untied embedding too)
   llama-q4_k_m, ne-gguf-q4_k_m  a Q4_K_M file (Q4_K and Q6_K blocks) made from the f32 GGUF by llama.cpp's own
              quantizer (llama_model_quantize); normengine's plain load keeps each weight in the format of its
-             blocks (Q4_K: int4 g32 with zero points; Q6_K: int8-weight g16), exactly
+             blocks (Q4_K: int4 g32 with zero points; Q6_K: int8-weight g16), exactly. llama-q5_k_m /
+             ne-gguf-q5_k_m, llama-q3_k_m / ne-gguf-q3_k_m: the same for Q5_K_M (Q5_K: int8-weight g32 with
+             zero points) and Q3_K_M (Q3_K: int8-weight g16; Q4_K, Q5_K)
   ne-f32s, ne-bf16s, ne-int8s, ne-int4s  normengine.load of the checkpoint `normengine convert`
              (Model.save) wrote from it (fp32, --dtype bf16, --quant int8, --quant int4; made once in
              --workdir): the torch-free path, in a worker that never imports torch (checked), as
@@ -79,7 +81,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENGINES = ("ne-f32", "ne-bf16", "ne-f32m", "ne-bf16m", "hf-f32", "llama-f32", "llama-f16", "ne-int8", "ne-int4", "ne-int4m",
            "llama-q8_0", "llama-q4_0", "ne-f32s", "ne-bf16s", "ne-int8s", "ne-int4s", "ne-gguf-f32", "ne-gguf-f16",
-           "ne-gguf-q8_0", "ne-gguf-q4_0", "llama-q4_k_m", "ne-gguf-q4_k_m")
+           "ne-gguf-q8_0", "ne-gguf-q4_0", "llama-q4_k_m", "ne-gguf-q4_k_m", "llama-q5_k_m", "ne-gguf-q5_k_m",
+           "llama-q3_k_m", "ne-gguf-q3_k_m")
 # the converted engines: `normengine convert` options of the checkpoint each reads
 CONVERTED = {"ne-f32s": [], "ne-bf16s": ["--dtype", "bf16"], "ne-int8s": ["--quant", "int8"],
              "ne-int4s": ["--quant", "int4"]}
@@ -180,10 +183,12 @@ def make_models(workdir: str, archs) -> dict:
     return out
 
 
-# a Q4_K_M file from the f32 one by llama.cpp's quantizer (llama_model_quantize, ftype 15: MOSTLY_Q4_K_M)
+# K-quant files from the f32 one by llama.cpp's quantizer (llama_model_quantize; llama_ftype 15: MOSTLY_Q4_K_M,
+# 17: MOSTLY_Q5_K_M, 12: MOSTLY_Q3_K_M)
+K_QUANTS = {"q4_k_m": 15, "q5_k_m": 17, "q3_k_m": 12}
 QUANTIZE = """import ctypes, sys, llama_cpp
 p = llama_cpp.llama_model_quantize_default_params()
-p.ftype, p.nthread = 15, 2
+p.ftype, p.nthread = int(sys.argv[3]), 2
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))
 """
 
@@ -479,14 +484,14 @@ def main():
     for arch in archs:
         if arch not in GGUF_ARCHS:
             continue  # (no GGUF of it: no llama engines, no llama.cpp logits)
-        for ot in ("f32", "f16", "q8_0", "q4_0", "q4_k_m"):
+        kq = any(e.endswith(tuple(K_QUANTS)) for e in engines)
+        for ot in ("f32", "f16", "q8_0", "q4_0") + tuple(K_QUANTS):
             if (f"llama-{ot}" not in engines and f"ne-gguf-{ot}" not in engines
-                    and not (ot == "f32" and (not a.no_check or "llama-q4_k_m" in engines
-                                              or "ne-gguf-q4_k_m" in engines))):
-                continue  # (the logits check reads llama.cpp's f32 logits; Q4_K_M is quantized from the f32 file)
+                    and not (ot == "f32" and (not a.no_check or kq))):
+                continue  # (the logits check reads llama.cpp's f32 logits; the K-quants are made from the f32 file)
             g = os.path.join(workdir, f"{arch}-{ot}.gguf")
-            if not os.path.exists(g) and ot == "q4_k_m":  # K-quants: llama.cpp's own quantizer
-                subprocess.run([sys.executable, "-c", QUANTIZE, ggufs[(arch, "f32")], g], check=True)
+            if not os.path.exists(g) and ot in K_QUANTS:  # K-quants: llama.cpp's own quantizer
+                subprocess.run([sys.executable, "-c", QUANTIZE, ggufs[(arch, "f32")], g, str(K_QUANTS[ot])], check=True)
             elif not os.path.exists(g):
                 hf_to_gguf.convert(dirs[arch], g, ot, write_output=False)
             ggufs[(arch, ot)] = g
@@ -609,7 +614,8 @@ def main():
                   f"{row['pre_vs_l16']:7.2f} {row['dec_vs_l16']:7.2f}")
         for ours, theirs in (("ne-int8", "llama-q8_0"), ("ne-int4", "llama-q4_0"), ("ne-int4m", "llama-q4_0"),
                              ("ne-gguf-q4_0", "llama-q4_0"), ("ne-gguf-q8_0", "llama-q8_0"),
-                             ("ne-gguf-f16", "llama-f16"), ("ne-gguf-q4_k_m", "llama-q4_k_m")):
+                             ("ne-gguf-f16", "llama-f16"), ("ne-gguf-q4_k_m", "llama-q4_k_m"),
+                             ("ne-gguf-q5_k_m", "llama-q5_k_m"), ("ne-gguf-q3_k_m", "llama-q3_k_m")):
             if ours in base and theirs in base:
                 rp, rd = ratio(ours, theirs, "prefill_s"), ratio(ours, theirs, "decode_s")
                 rows.append(dict(arch=arch, engine=f"{ours} vs {theirs}", pre_ratio=rp, dec_ratio=rd))
