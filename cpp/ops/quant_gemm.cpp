@@ -177,7 +177,8 @@ struct Int8wTile {
 // Q5_1 / Q5_K / Q2_K blocks) y takes - sum_g s_g z_g gsum_g at the end, gsum the sums of x over each group (made
 // once per call by the entry point). A tile of MR rows of x and NR rows of W: NR streams of W from memory in flight,
 // each load of x serving NR rows and each widened vector of W MR rows (one row of W at a time streamed W at
-// 29 GB/s here, four at 40; a batch of rows of x shares each decode of W).
+// 29 GB/s here, four at 40; a batch of rows of x shares each decode of W). With AVX2 or AVX-512 it takes the
+// per-row scales only; grouped ones go to int8w_scaled_tile there.
 template <int MR, int NR, bool ZP>
 void int8w_tile(const QArgs& a, int64_t m, int64_t n) {
   const QWeight& w = *a.w;
@@ -393,8 +394,9 @@ void block_int8w(const QArgs& a, int64_t n0, int64_t n1) {
 // ---------------------------------------------------------------- Int4: nibbles, groups along K
 // y = sum_g s_g (sum_{k in g} q_k x_k) - sum_g s_g z_g gsum_g. The entry point stores x de-interleaved
 // per D columns (AVX2: D = 16, the 8 even columns then the 8 odd ones; AVX-512: D = 32), so 8 bytes of W (16 nibbles) widen
-// to two vectors of 8 floats (low nibbles = even k, high = odd k) that meet x with plain loads. Each
-// group's vector sum is scaled once (one FMA per group) and the output reduced once.
+// to two vectors of 8 floats (low nibbles = even k, high = odd k) that meet x with plain loads. AVX2 scales each
+// group's vector sum once (one FMA per group), AVX-512 decodes to q s directly (int4_tile512); the output is
+// reduced once.
 #if defined(__AVX512F__)
 // y[m .. m + MR, n .. n + NR): sum_k q_k s_g x_k for every (row, column) pair, then the zero-point term from
 // each row's group sums of x. A nibble becomes its value q s_g by table lookup: vpermps reads only the low 4
@@ -473,9 +475,10 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
 #if defined(__AVX512F__)
   // x de-interleaved per 32 columns here (16 even, then 16 odd): 16 bytes of W widen to two vectors of
   // 16 floats. One row of x (16 KB at K = 4096: it stays in the L1): four rows of W at a time, all
-  // of K (four FMA chains, the loads of x shared). Four rows of x: two rows of W (eight chains, each
-  // decoded W vector used four times), over K blocks of 1024 columns, so that the four rows' block of
-  // x (16 KB) stays in the L1 while the thread's rows of W pass; partial sums in `part`.
+  // of K (four FMA chains, the loads of x shared). Four rows of x: four rows of W (16 chains, each
+  // decoded W vector used four times; with two rows of W, 1.17-1.21 ms against 0.98-1.05 at M = 4, g128),
+  // over K blocks of 1024 columns, so that the four rows' block of x (16 KB) stays in the L1 while the
+  // thread's rows of W pass; partial sums in `part`.
   const int64_t GB = std::max<int64_t>(1, 1024 / g);
   for (; m0 + 4 <= a.M; m0 += 4) int4_rows512<4, 4>(a, m0, n0, n1, GB);
   if (m0 + 2 <= a.M) {  // two rows left: four rows of W at a time
@@ -624,12 +627,12 @@ void block_fp8(const QArgs& a, int64_t n0, int64_t n1) {
 }
 
 // ---------------------------------------------------------------- dequantized panels (prefill)
-// out[n - n0, k] = the weight's value in fp32 for rows [n0, n1): Int8Weight q sw[n]; Int4
-// (q - z) s per group; FP8 e4m3(q) sw(n, b) (the block scale folded in). Plain loops over contiguous
-// rows: the compiler vectorizes them for each ISA build.
-// o[0 .. cnt) = (q - z) s for int8 codes q (cnt a multiple of the vector width; z = 0: none). The same two
-// roundings as the scalar loop, so the values are the ones quant_elem gives.
-inline int64_t dequant_int8_run(const int8_t* q, int64_t cnt, float s, float z, float* o) {
+// out[n - n0, k] = the weight's value in fp32 for rows [n0, n1): Int8Weight q sw[n] (grouped: (q - z) s per
+// group); Int4 (q - z) s per group; FP8 e4m3(q) sw(n, b) (the block scale folded in). The int8 and int4 runs
+// are vectorized by hand (the int4 one interleaves the nibbles back to column order), FP8 a plain loop.
+// o[0 .. cnt) = (q - z) s for int8 codes q (z = 0: none), vectors then a scalar tail: the same two roundings
+// throughout, so the values are the ones quant_elem gives.
+inline void dequant_int8_run(const int8_t* q, int64_t cnt, float s, float z, float* o) {
   int64_t k = 0;
 #if defined(__AVX512F__)
   const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
@@ -645,7 +648,6 @@ inline int64_t dequant_int8_run(const int8_t* q, int64_t cnt, float s, float z, 
   }
 #endif
   for (; k < cnt; ++k) o[k] = (static_cast<float>(q[k]) - z) * s;
-  return k;
 }
 
 // o[0 .. 2 nb) = (nibble - z) s for the nb bytes at q (byte j: k = 2j low nibble, 2j + 1 high), as the scalar
@@ -832,6 +834,18 @@ const QuantTable* quant_table() {
 namespace ne {
 namespace {
 
+// gs[m, g] = the sum of row m of x over group g of w's columns (the zero points' term of int4 / int8-weight)
+void group_sums(const float* x, int64_t ldx, int64_t M, const QWeight& w, std::vector<float>& gs) {
+  const int64_t G = w.K / w.group;
+  gs.resize(static_cast<size_t>(M * G));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.0f;
+      for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) s += x[m * ldx + k];
+      gs[m * G + g] = s;
+    }
+}
+
 // Prefill of the weight-dequantizing formats: W dequantized to fp32 a panel of rows at a time
 // (about 4 MB, never W-sized) and multiplied by the engine's register-blocked
 // fp32 GEMM. FP8 first rounds x to E4M3 per 128-block exactly as the GEMV path does and folds the
@@ -967,16 +981,10 @@ void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, co
     a.ldsx = KB;
   } else if (w.format == QFormat::Int4) {
     // per row: the sums of x over each group (zero points), and x de-interleaved per 16 or 32 columns (the ISA table says)
-    const int64_t G = K / w.group;
-    gs.resize(static_cast<size_t>(M * G));
+    group_sums(x, ldx, M, w, gs);
     xf.resize(static_cast<size_t>(M * K));
     for (int64_t m = 0; m < M; ++m) {
       const float* r = x + m * ldx;
-      for (int64_t g = 0; g < G; ++g) {
-        float s = 0.0f;
-        for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) s += r[k];
-        gs[m * G + g] = s;
-      }
       const int D = NE_PICK_ISA(quant_table)->int4_deinterleave, H = D / 2;
       for (int64_t k0 = 0; k0 < K; k0 += D)
         for (int j = 0; j < H; ++j) {
@@ -987,14 +995,7 @@ void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, co
     a.gsum = gs.data();
     a.xf = xf.data();
   } else if (w.format == QFormat::Int8Weight && w.zero) {  // the sums of x over each group (zero points)
-    const int64_t G = K / w.group;
-    gs.resize(static_cast<size_t>(M * G));
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < G; ++g) {
-        float s = 0.0f;
-        for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) s += x[m * ldx + k];
-        gs[m * G + g] = s;
-      }
+    group_sums(x, ldx, M, w, gs);
     a.gsum = gs.data();
   }
   if (a.ep.row_shift && !a.ep.col_sum) throw ValueError("quant_gemm_f32: the epilogue's row_shift needs col_sum");

@@ -250,7 +250,7 @@ class ModelConfig:
                 raise ArgumentError(f"{where}: group_size expected an int, got {g!r}")
             if spec["format"] != "none":
                 _check_quant_spec(spec["format"], g, f"{where}: group_size")
-                if not spec["symmetric"] and not (spec["format"] == "int4" or spec["format"] == "int8-weight" and g):
+                if not spec["symmetric"] and not takes_zero_points(spec["format"], g):
                     raise ArgumentError(f"{where}: zero points (symmetric false) are for int4 and grouped int8-weight")
         if self.tied_head and qo.get("tok_emb.weight") != qo.get("lm_head.weight"):
             raise ArgumentError("config.quant_overrides: a tied head's embedding and head are one tensor (list both "
@@ -310,7 +310,7 @@ def quant_shapes(fmt: str, n: int, k: int, group_size: int, symmetric: bool = Tr
     """Suffix -> shape of the packed tensors of one [n, k] weight quantized as `fmt`."""
     if fmt in ("int8", "int8-weight"):
         s = {"qdata": (n, k), "qscale": (n, k // group_size) if group_size else (n,)}
-        if fmt == "int8-weight" and group_size and not symmetric:  # zero points
+        if takes_zero_points(fmt, group_size) and not symmetric:
             s["qzero"] = (n, k // group_size)
         return s
     if fmt == "int4":
@@ -321,6 +321,11 @@ def quant_shapes(fmt: str, n: int, k: int, group_size: int, symmetric: bool = Tr
     if fmt == "fp8":
         return {"qdata": (n, k), "qscale": (1,) if group_size == 0 else (-(-n // 128), -(-k // 128))}
     raise ArgumentError(f"quantization: expected one of {QUANT_FORMATS}, got {fmt!r}")
+
+
+def takes_zero_points(fmt: str, group_size: int) -> bool:
+    """Whether a weight packed as `fmt` with this group size may carry zero points (int4, grouped int8-weight)."""
+    return fmt == "int4" or fmt == "int8-weight" and bool(group_size)
 
 
 def _check_quant_spec(fmt: str, g, where: str) -> None:
@@ -344,7 +349,7 @@ def quant_of(cfg: ModelConfig, name: str):
     if not _base_quantized(cfg, name):
         return None
     fmt, g = cfg.quantization, cfg.quant_group_size
-    return fmt, g, cfg.quant_symmetric if fmt == "int4" or fmt == "int8-weight" and g else True
+    return fmt, g, cfg.quant_symmetric or not takes_zero_points(fmt, g)
 
 
 def is_quantized_name(cfg: ModelConfig, name: str) -> bool:

@@ -60,6 +60,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from ..errors import CheckpointError, UnsupportedError
+from . import gguf_io as io
 from .gguf_io import MAGIC, GGUFFile, read_gguf
 
 ARCHITECTURES = ("gpt2", "llama", "qwen2", "qwen3", "phi3", "qwen2moe", "qwen3moe", "gemma", "gemma2", "gemma3")
@@ -385,6 +386,14 @@ def _zero_points(codes: np.ndarray, s: np.ndarray, offset: np.ndarray):
     return codes, s, z
 
 
+# the block types whose values are s q - offset per group: (codes, s, offset) of their blocks
+_OFFSET_PARTS = {
+    "Q4_1": lambda b: (io._nibbles(b[:, 4:20]), io._f16(b, 0), -io._f16(b, 2)),
+    "Q5_1": lambda b: (io._nibbles(b[:, 8:24]) | io._qh_bits(b[:, 4:8]), io._f16(b, 0), -io._f16(b, 2)),
+    "Q4_K": io.q4_k_parts, "Q5_K": io.q5_k_parts, "Q2_K": io.q2_k_parts,
+}
+
+
 def _int4_groups(g: GGUFFile, name: str):
     """A Q4_0 / Q4_1 / Q4_K tensor as normengine's asymmetric int4 with groups of 32, w = (q - z) s:
     (codes uint8 [N, K] in element order, s float32 [N, K/32], z float32 [N, K/32]).
@@ -393,18 +402,14 @@ def _int4_groups(g: GGUFFile, name: str):
         Q4_K  s = d sc_j, z = dmin m_j / s      (s q - dmin m_j to float32 rounding; as ggml, d sc_j is a
                                                  float32 product)
     (a group of scale 0 and offset m: _zero_points)"""
-    from . import gguf_io as io
-
     info = g.tensors[name]
     b = g.raw(name)
     N, K = _rows_cols(info)
     if info.type.name == "Q4_0":
         codes, s = io._nibbles(b[:, 2:18]), io._f16(b, 0)
         z = np.full_like(s, 8.0)
-    elif info.type.name == "Q4_1":
-        codes, s, z = _zero_points(io._nibbles(b[:, 4:20]), io._f16(b, 0), -io._f16(b, 2))
     else:
-        codes, s, z = _zero_points(*io.q4_k_parts(b))
+        codes, s, z = _zero_points(*_OFFSET_PARTS[info.type.name](b))
     return codes.reshape(N, K), s.reshape(N, K // 32).astype(np.float32), z.reshape(N, K // 32).astype(np.float32)
 
 
@@ -451,8 +456,6 @@ def _int8_groups(g: GGUFFile, name: str):
     sub-block scales (groups of 16). With zero points, w = (q - z) s to float32 rounding (z float32 [N, K/group];
     see _zero_points): Q4_1 / Q5_1 (s = d, z = -m / d), Q4_K / Q5_K (groups of 32) and Q2_K (of 16) (s = d sc_j,
     z = dmin m_j / s)."""
-    from . import gguf_io as io
-
     info = g.tensors[name]
     b = g.raw(name)
     N, K = _rows_cols(info)
@@ -460,13 +463,8 @@ def _int8_groups(g: GGUFFile, name: str):
     z = None
     if kind in ("Q6_K", "Q3_K"):
         codes, s = (io.q6_k_parts if kind == "Q6_K" else io.q3_k_parts)(b)
-    elif kind in ("Q5_K", "Q2_K"):
-        codes, s, z = _zero_points(*(io.q5_k_parts if kind == "Q5_K" else io.q2_k_parts)(b))
-    elif kind == "Q4_K":
-        codes, s, z = _zero_points(*io.q4_k_parts(b))
-    elif kind in ("Q4_1", "Q5_1"):
-        q = io._nibbles(b[:, 4:20]) if kind == "Q4_1" else io._nibbles(b[:, 8:24]) | io._qh_bits(b[:, 4:8])
-        codes, s, z = _zero_points(q, io._f16(b, 0), -io._f16(b, 2))
+    elif kind in _OFFSET_PARTS:
+        codes, s, z = _zero_points(*_OFFSET_PARTS[kind](b))
     elif kind == "Q8_0":
         codes, s = b[:, 2:34].view(np.int8), io._f16(b, 0)
     elif kind == "Q4_0":

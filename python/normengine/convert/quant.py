@@ -22,7 +22,7 @@ import weakref
 
 import torch
 
-from ..config import QUANT_FORMATS, ModelConfig, _dense_shapes, is_quantized_name, quant_of
+from ..config import QUANT_FORMATS, ModelConfig, _dense_shapes, is_quantized_name, quant_of, takes_zero_points
 from ..errors import ArgumentError, ShapeError
 
 DEFAULT_GROUP = {"int8": 0, "int8-weight": 0, "int4": 128, "fp8": 128}
@@ -178,19 +178,21 @@ def _spec(t):
     """A packed weight's (format, group_size, symmetric), None for a dense tensor."""
     if not is_quantized(t):
         return None
-    return t.format, t.group_size, t.zero is None or t.format not in ("int4", "int8-weight")
+    return t.format, t.group_size, t.zero is None or not takes_zero_points(t.format, t.group_size)
 
 
 def _overrides(cfg: ModelConfig, out: dict, names) -> dict:
     """quant_overrides of cfg (whose quantization is set) for the weights `out` holds: each of `names`
     (those the model's format packs) not packed so, and a packed untied embedding."""
     main = (cfg.quantization, cfg.quant_group_size, cfg.quant_symmetric)
+    names = list(names)
+    packed_by_main = set(names)
     got = {}
-    for n in list(names) + (["tok_emb.weight"] if not cfg.tied_head else []):
+    for n in names + (["tok_emb.weight"] if not cfg.tied_head else []):
         if n not in out:
             continue
         spec = _spec(out[n])
-        if spec == (main if n in names else None):  # (an untied embedding is dense unless listed)
+        if spec == (main if n in packed_by_main else None):  # (an untied embedding is dense unless listed)
             continue
         got[n] = ({"format": "none", "group_size": 0, "symmetric": True} if spec is None else
                   {"format": spec[0], "group_size": spec[1], "symmetric": spec[2]})
