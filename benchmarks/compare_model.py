@@ -1,7 +1,7 @@
 """End-to-end model runner comparison on the CPU: normengine vs transformers vs llama.cpp.
 
     PYTHONPATH=python python3 benchmarks/compare_model.py [--threads 2] [--repeats 5]
-        [--archs gpt2,llama] [--engines ne-f32,ne-bf16,hf-f32,llama-f32,llama-f16]
+        [--archs gpt2,llama,tinyllama] [--engines ne-f32,ne-bf16,hf-f32,llama-f32,llama-f16]
         [--prompt 128] [--gen 64] [--workdir DIR] [--json OUT.json]
 
 Models: random-weight (seeded) Hugging Face checkpoints saved once to --workdir (a temp dir unless
@@ -10,6 +10,8 @@ given; reused when present):
          tied head;
   llama  LlamaForCausalLM: 12 layers, d 768, 12 heads, 4 KV heads, head_dim 64, d_ff 2048,
          vocab 32000, RMSNorm, SwiGLU, RoPE, untied head.
+  tinyllama  the same architecture in TinyLlama-1.1B's shape: 22 layers, d 2048, 32 heads, 4 KV heads, d_ff 5632
+         (1.1B parameters; 4.4 GB in float32, about 0.67 GB as a Q4_K_M file).
   mixtral MixtralForCausalLM, a mixture-of-experts model of the same attention: 12 layers, d 768, 12 heads,
          4 KV heads, 8 experts of 1024 per layer, 2 per token (a decode step reads the router and 2 of the 8
          experts of each layer), vocab 32000, untied head. Its GGUF is llama.cpp's `llama` architecture
@@ -135,7 +137,13 @@ def proc_jiffies(pid: int) -> int:
 
 
 # ================================================================================== models
-GGUF_ARCHS = ("gpt2", "llama", "mixtral")  # the architectures benchmarks/hf_to_gguf.py converts
+GGUF_ARCHS = ("gpt2", "llama", "tinyllama", "mixtral")  # the architectures benchmarks/hf_to_gguf.py converts
+# the Llama-family shapes: the small "llama" (768 wide, 12 layers) and "tinyllama", TinyLlama-1.1B's shape (2048
+# wide, 22 layers, grouped-query attention with 4 KV heads: 1.1B parameters), both random weights
+LLAMA_SHAPES = {"llama": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                              num_key_value_heads=4, head_dim=64),
+                "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                  num_attention_heads=32, num_key_value_heads=4, head_dim=64)}
 
 
 def make_models(workdir: str, archs) -> dict:
@@ -166,9 +174,8 @@ def make_models(workdir: str, archs) -> dict:
                     if p.dim() == 1:
                         p.add_(0.1 * torch.randn_like(p))
         else:
-            cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
-                                           num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
-                                           head_dim=64, max_position_embeddings=2048, rms_norm_eps=1e-5,
+            cfg = transformers.LlamaConfig(vocab_size=32000, **LLAMA_SHAPES[arch], max_position_embeddings=2048,
+                                           rms_norm_eps=1e-5,
                                            rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=None,
                                            eos_token_id=None, pad_token_id=None)
             model = transformers.LlamaForCausalLM(cfg)
@@ -196,6 +203,9 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 def weight_info(arch: str) -> dict:
     """Parameter counts of the two models, and the bytes a decode step reads."""
     V, d, L = (50257, 768, 12) if arch == "gpt2" else (32000, 768, 12)
+    if arch in LLAMA_SHAPES:
+        sh = LLAMA_SHAPES[arch]
+        d, L = sh["hidden_size"], sh["num_hidden_layers"]
     if arch == "gpt2":
         f, dq, dkv = 3072, 768, 768
         mats = L * (d * (dq + 2 * dkv) + dq * d + 2 * d * f)
@@ -214,7 +224,8 @@ def weight_info(arch: str) -> dict:
         step = lambda es: (attn + experts * k // E + V * d) * es + vecs * 4 + d * es
         pos = 0
     else:
-        f, dq, dkv = 2048, 768, 256
+        sh = LLAMA_SHAPES[arch]
+        f, dq, dkv = sh["intermediate_size"], d, sh["num_key_value_heads"] * sh["head_dim"]
         mats = L * (d * (dq + 2 * dkv) + dq * d + 3 * d * f)
         vecs = L * 2 * d + d
         params = mats + vecs + 2 * V * d

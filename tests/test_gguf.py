@@ -68,6 +68,80 @@ def test_dequantize_matches_the_gguf_package(name, n_blocks):
     np.testing.assert_array_equal(ours.view(np.uint32), want.astype(np.float32).view(np.uint32))
 
 
+@pytest.mark.parametrize("name", QUANT_TYPES)
+@pytest.mark.parametrize("fmt", ["int4", "int8-weight"])
+def test_native_unpack_matches_the_reference(name, fmt):
+    """normengine._C.gguf_unpack (what a GGUF load packs with) against the numpy reference, bit for bit: codes,
+    scales and zero points of random blocks, rows picked and reordered, with special block scales (Inf, NaN,
+    subnormal, 0) and groups of scale 0 under a non-zero offset (the exact -offset encoding); then the packed
+    values against the file's dequantized ones."""
+    from normengine import _C
+    from normengine.checkpoint import gguf
+
+    int4 = fmt == "int4"
+    if int4 and name not in gguf.INT4_TYPES:
+        with pytest.raises(ne.errors.ArgumentError, match=name):
+            _C.gguf_unpack(name, np.zeros((1, _gtype(name).size), np.uint8), _gtype(name).block, None, True,
+                           np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.float32), None)
+        return
+    t = _gtype(name)
+    rng = np.random.default_rng(len(name) * 7 + int4)
+    N, nb = 7, 3  # 7 rows of 3 blocks
+    K = nb * t.block
+    b = random_blocks(name, N * nb, rng)
+    for j, v in enumerate([np.inf, np.nan, 6e-8, 0.0, -0.0]):  # block j of row 1
+        b[nb + j % nb if j < nb else 2 * nb + j - nb, SCALES[name][0]:SCALES[name][0] + 2] = (
+            np.array([v], np.float16).view(np.uint8))
+    if name in ("Q4_K", "Q5_K", "Q2_K"):  # sub-block scales of 0 under a non-zero min (the "flat" groups)
+        b[5 * nb, {"Q4_K": 4, "Q5_K": 4, "Q2_K": 0}[name]] &= 0xC0 if name != "Q2_K" else 0xF0
+    if name in ("Q4_1", "Q5_1"):
+        b[5 * nb, 0:2] = 0  # d = 0, m != 0
+    ref = (gguf.int4_groups_reference if int4 else gguf.int8_groups_reference)(b, name, N, K)
+    group = _C.gguf_group(name)
+    for rows in (None, np.array([6, 0, 5, 5, 2], dtype=np.int64)):
+        n = N if rows is None else rows.size
+        codes = np.full((n, K // 2 if int4 else K), 0x5B, dtype=np.uint8 if int4 else np.int8)
+        s = np.full((n, K // group), -7.0, np.float32)
+        z = np.full_like(s, -7.0) if _C.gguf_has_zero(name, int4) else None
+        _C.gguf_unpack(name, b.reshape(N, -1), K, rows, int4, codes, s, z)
+        pick = slice(None) if rows is None else rows
+        want_codes = ref[0][pick]
+        if int4:
+            want_codes = (want_codes[:, 0::2] | (want_codes[:, 1::2] << 4)).astype(np.uint8)
+        np.testing.assert_array_equal(codes, want_codes)
+        np.testing.assert_array_equal(s.view(np.uint32), ref[1][pick].view(np.uint32))
+        assert (z is None) == (ref[2] is None)
+        if z is not None:
+            np.testing.assert_array_equal(z.view(np.uint32), ref[2][pick].view(np.uint32))
+    # the packing holds the file's values: (q - z) s against the dequantized blocks, where the scales are finite
+    q = ref[0].astype(np.float64).reshape(N, -1, group)
+    with np.errstate(invalid="ignore", over="ignore"):
+        w = (q - (0.0 if ref[2] is None else ref[2][:, :, None])) * ref[1][:, :, None]
+        want = gguf_io.dequantize(b, name).reshape(N, -1, group).astype(np.float64)
+    ok = np.isfinite(want) & np.isfinite(w)
+    assert ok.mean() > 0.5 and rel_err(torch.from_numpy(w[ok]), torch.from_numpy(want[ok])) < 1e-6
+
+
+def test_native_unpack_checks_its_arguments():
+    from normengine import _C
+
+    b = np.zeros((2, 18), np.uint8)
+    ok = dict(codes=np.zeros((2, 16), np.uint8), scale=np.zeros((2, 1), np.float32), zero=np.zeros((2, 1), np.float32))
+    _C.gguf_unpack("Q4_0", b, 32, None, True, **ok)
+    cases = [(dict(type="IQ2_XXS"), "IQ2_XXS"), (dict(K=64), "blocks"), (dict(K=0), "K"),
+             (dict(blocks=b[:, :17]), "blocks"), (dict(blocks=b.reshape(-1)), "blocks"),
+             (dict(rows=np.array([0, 2])), "rows"), (dict(rows=np.array([0, 1], np.int32)), "rows"),
+             (dict(rows=np.array([-1, 0])), "rows"), (dict(codes=np.zeros((2, 16), np.int8)), "codes"),
+             (dict(scale=np.zeros((2, 2), np.float32)), "scale"), (dict(zero=None), "zero"),
+             (dict(zero=np.zeros((2, 1), np.float64)), "zero"),
+             (dict(codes=np.zeros((2, 32), np.uint8)[:, ::2]), "codes")]
+    for change, match in cases:
+        args = dict(type="Q4_0", blocks=b, K=32, rows=None, int4=True, **ok)
+        args.update(change)
+        with pytest.raises(ne.errors.NormEngineError, match=match):
+            _C.gguf_unpack(**args)
+
+
 def test_dequantize_rejects_unknown_types():
     with pytest.raises(ne.errors.CheckpointError, match="IQ2_XXS"):
         gguf_io.dequantize(np.zeros(66, np.uint8), "IQ2_XXS")

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "bindings/interop.h"
+#include "model/gguf_blocks.h"
 #include "normengine/model.h"
 
 namespace py = pybind11;
@@ -123,9 +124,67 @@ void set_quant_tensor(R& r, const std::string& name, int format, py::handle data
   r.set_quant_tensor(name, format, vd, vs, has_zero ? &vz : nullptr, group);
 }
 
+// A contiguous CPU array of `dtype` and shape {rows, cols}, or the error naming it.
+void expect_matrix(const TensorView& v, ne::DType dtype, int64_t rows, int64_t cols) {
+  if (v.device.type != ne::DeviceType::CPU || v.dtype != dtype || v.ndim != 2 || v.shape[0] != rows ||
+      v.shape[1] != cols || !v.is_contiguous())
+    throw ne::ShapeError(std::string(v.name) + ": expected a contiguous CPU " + ne::dtype_name(dtype) + " array [" +
+                         std::to_string(rows) + ", " + std::to_string(cols) + "]");
+}
+
 }  // namespace
 
 void bind_runner(py::module_& m) {
+  // GGUF blocks into int4 / int8-weight packing (cpp/model/gguf_blocks.h): blocks uint8 [R, row_bytes] (a
+  // tensor's rows), rows int64 [n] or None, K elements a row; codes [n, K / 2] uint8 (int4) or [n, K] int8,
+  // scale / zero float32 [n, K / group] (zero None where the type has no zero points in that format).
+  m.def(
+      "gguf_unpack",
+      [](const std::string& type, py::handle blocks, int64_t K, py::handle rows, bool int4, py::handle codes,
+         py::handle scale, py::handle zero) {
+        if (!ne::gguf_unpacks(type, int4))
+          throw ne::ValueError("type: " + type + " blocks do not unpack into " + (int4 ? "int4" : "int8-weight"));
+        Borrowed b;
+        const TensorView vb = view_of(blocks, "blocks", b), vc = view_of(codes, "codes", b),
+                         vs = view_of(scale, "scale", b);
+        const Opt vr = opt_view(rows, "rows", b), vz = opt_view(zero, "zero", b);
+        const int64_t be = ne::gguf_block_elems(type), G = K / (K > 0 ? ne::gguf_group(type) : 1);
+        if (K <= 0 || K % be) throw ne::ValueError("K: " + std::to_string(K) + " is not whole " + type + " blocks");
+        if (vb.ndim != 2) throw ne::ShapeError("blocks: expected a 2-D uint8 array [rows, bytes a row]");
+        expect_matrix(vb, ne::DType::U8, vb.shape[0], K / be * ne::gguf_block_bytes(type));
+        int64_t n = vb.shape[0];
+        if (vr.has) {
+          if (vr.v.ndim != 1 || vr.v.dtype != ne::DType::I64 || !vr.v.is_contiguous() ||
+              vr.v.device.type != ne::DeviceType::CPU)
+            throw ne::ShapeError("rows: expected a contiguous 1-D int64 CPU array");
+          n = vr.v.shape[0];
+        }
+        expect_matrix(vc, int4 ? ne::DType::U8 : ne::DType::I8, n, int4 ? K / 2 : K);
+        expect_matrix(vs, ne::DType::F32, n, G);
+        if (vz.has != ne::gguf_has_zero(type, int4))
+          throw ne::ValueError(std::string("zero: ") + (vz.has ? "expected None: " : "expected an array: ") + type +
+                               (vz.has ? " has no" : " has") + " zero points in this format");
+        if (vz.has) expect_matrix(vz.v, ne::DType::F32, n, G);
+        ne::GgufUnpackArgs a;
+        a.blocks = vb.ptr<const uint8_t>();
+        a.src_rows = vb.shape[0];
+        a.row_bytes = vb.shape[1];
+        a.K = K;
+        a.rows = vr.has ? vr.v.ptr<const int64_t>() : nullptr;
+        a.n_rows = n;
+        a.int4 = int4;
+        a.codes = vc.data;
+        a.scale = vs.ptr<float>();
+        a.zero = vz.has ? vz.v.ptr<float>() : nullptr;
+        py::gil_scoped_release nogil;
+        ne::gguf_unpack(type, a);
+      },
+      py::arg("type"), py::arg("blocks"), py::arg("K"), py::arg("rows"), py::arg("int4"), py::arg("codes"),
+      py::arg("scale"), py::arg("zero"));
+  m.def("gguf_group", &ne::gguf_group, py::arg("type"),
+        "The elements one scale covers when a GGUF type unpacks (16 or 32; 0: not a type gguf_unpack reads)");
+  m.def("gguf_has_zero", &ne::gguf_has_zero, py::arg("type"), py::arg("int4"));
+
   py::class_<ne::Runner>(m, "Runner", "Native transformer runner: weights, KV caches, prefill and decode.")
       .def(py::init([](py::dict spec, int slots, int ctx) { return new ne::Runner(spec_from(spec), slots, ctx); }),
            py::arg("spec"), py::arg("slots"), py::arg("ctx"))

@@ -506,7 +506,12 @@ class Model:
             (names, t, want, follow), plans[k] = plans[k], None  # the source's last references go below
             if want is None:
                 if arena is not None:
-                    parts = {key: arena.take(p.shape, p.dtype).copy_(p) for key, p in t.tensors().items()}
+                    parts = {key: arena.take(p.shape, p.dtype) for key, p in t.tensors().items()}
+                    if hasattr(t, "unpack_into"):  # a GGUF file's blocks: unpacked straight into the arena
+                        t.unpack_into(parts)
+                    else:
+                        for key, p in t.tensors().items():
+                            parts[key].copy_(p)
                     c = QuantizedWeight.from_tensors(parts, t.format, t.group_size, t.shape)
                 else:
                     c = t.to(dev)

@@ -59,6 +59,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from .._packed import QuantizedWeight
 from ..errors import CheckpointError, UnsupportedError
 from . import gguf_io as io
 from .gguf_io import MAGIC, GGUFFile, read_gguf
@@ -394,22 +395,20 @@ _OFFSET_PARTS = {
 }
 
 
-def _int4_groups(g: GGUFFile, name: str):
-    """A Q4_0 / Q4_1 / Q4_K tensor as normengine's asymmetric int4 with groups of 32, w = (q - z) s:
-    (codes uint8 [N, K] in element order, s float32 [N, K/32], z float32 [N, K/32]).
+def int4_groups_reference(b: np.ndarray, kind: str, N: int, K: int):
+    """A Q4_0 / Q4_1 / Q4_K tensor (blocks b, uint8 [n_blocks, type_size], of N rows of K) as normengine's
+    asymmetric int4 with groups of 32, w = (q - z) s: (codes uint8 [N, K] in element order, s float32 [N, K/32],
+    z float32 [N, K/32]). The reference of the native unpacker (unpack_rows), in numpy.
         Q4_0  s = d, z = 8                      (exact)
         Q4_1  s = d, z = -m / d                 (q d + m to float32 rounding)
         Q4_K  s = d sc_j, z = dmin m_j / s      (s q - dmin m_j to float32 rounding; as ggml, d sc_j is a
                                                  float32 product)
     (a group of scale 0 and offset m: _zero_points)"""
-    info = g.tensors[name]
-    b = g.raw(name)
-    N, K = _rows_cols(info)
-    if info.type.name == "Q4_0":
+    if kind == "Q4_0":
         codes, s = io._nibbles(b[:, 2:18]), io._f16(b, 0)
         z = np.full_like(s, 8.0)
     else:
-        codes, s, z = _zero_points(*_OFFSET_PARTS[info.type.name](b))
+        codes, s, z = _zero_points(*_OFFSET_PARTS[kind](b))
     return codes.reshape(N, K), s.reshape(N, K // 32).astype(np.float32), z.reshape(N, K // 32).astype(np.float32)
 
 
@@ -450,16 +449,12 @@ def _canonical_sources(g: GGUFFile, arch: str, cfg):
     return [o for o in out if o[1] in g.tensors]
 
 
-def _int8_groups(g: GGUFFile, name: str):
-    """A GGUF tensor as normengine's int8-weight, w = q s (exact): (codes int8 [N, K], s float32 [N, K/group],
-    None). Q8_0: q as stored, s = d; Q4_0: q - 8; Q5_0: q - 16 (groups of 32); Q6_K / Q3_K: their codes and
-    sub-block scales (groups of 16). With zero points, w = (q - z) s to float32 rounding (z float32 [N, K/group];
-    see _zero_points): Q4_1 / Q5_1 (s = d, z = -m / d), Q4_K / Q5_K (groups of 32) and Q2_K (of 16) (s = d sc_j,
-    z = dmin m_j / s)."""
-    info = g.tensors[name]
-    b = g.raw(name)
-    N, K = _rows_cols(info)
-    kind = info.type.name
+def int8_groups_reference(b: np.ndarray, kind: str, N: int, K: int):
+    """A GGUF tensor (blocks b of N rows of K, as int4_groups_reference) as normengine's int8-weight, w = q s
+    (exact): (codes int8 [N, K], s float32 [N, K/group], None). Q8_0: q as stored, s = d; Q4_0: q - 8; Q5_0:
+    q - 16 (groups of 32); Q6_K / Q3_K: their codes and sub-block scales (groups of 16). With zero points,
+    w = (q - z) s to float32 rounding (z float32 [N, K/group]; see _zero_points): Q4_1 / Q5_1 (s = d, z = -m / d),
+    Q4_K / Q5_K (groups of 32) and Q2_K (of 16) (s = d sc_j, z = dmin m_j / s)."""
     z = None
     if kind in ("Q6_K", "Q3_K"):
         codes, s = (io.q6_k_parts if kind == "Q6_K" else io.q3_k_parts)(b)
@@ -476,62 +471,109 @@ def _int8_groups(g: GGUFFile, name: str):
             None if z is None else z.reshape(N, G).astype(np.float32, copy=False))
 
 
+class GGUFPacked(QuantizedWeight):
+    """A packed weight (a QuantizedWeight of format fmt: "int4" for Q4_0 / Q4_1 / Q4_K, "int8-weight" for every
+    quantized type) still in its GGUF file's blocks: GGUF tensor `name`, its rows of expert `expert`, in the
+    order `rows`, when given. Its parts' shapes and dtypes are known (meta tensors, no memory) until
+    unpack_into writes them into memory the caller gives: normengine.load unpacks each weight straight into
+    its slot of the model's weight arena, so the packed weights are written once and never held twice.
+    Anything else that reads the values (to(), dequantize()) unpacks them into fresh memory first
+    (materialize). The unpacking is the native normengine._C.gguf_unpack, on every thread: the values of
+    int4_groups_reference / int8_groups_reference, bit for bit. `source`: a count, shared by the objects of
+    one GGUF tensor, of those not unpacked yet; the last one hands the tensor's pages of the mapped file
+    back."""
+
+    def __init__(self, g: GGUFFile, name: str, fmt: str, expert=None, rows=None, source=None):
+        import torch
+
+        from .. import _C
+
+        info = g.tensors[name]
+        kind, int4 = info.type.name, fmt == "int4"
+        N, K = _rows_cols(info)
+        idx = None
+        if expert is not None:  # the stacked experts: rows of expert e
+            n = info.shape[1]
+            idx = np.arange(expert * n, (expert + 1) * n, dtype=np.int64)
+        if rows is not None:
+            idx = np.ascontiguousarray((np.arange(N, dtype=np.int64) if idx is None else idx)[rows])
+        n = N if idx is None else idx.shape[0]
+        group = _C.gguf_group(kind)
+
+        def meta(shape, dtype):
+            return torch.empty(shape, dtype=dtype, device="meta")
+
+        super().__init__(fmt, (n, K), meta((n, K // 2 if int4 else K), torch.uint8 if int4 else torch.int8),
+                         meta((n, K // group), torch.float32),
+                         meta((n, K // group), torch.float32) if _C.gguf_has_zero(kind, int4) else None, group)
+        self._g, self._name, self._kind, self._rows, self._source, self._real = g, name, kind, idx, source, None
+
+    def unpack_into(self, parts: dict) -> None:
+        """Unpack into parts {"qdata", "qscale"[, "qzero"]}: contiguous CPU arrays of the meta tensors' shapes and
+        dtypes (torch tensors or numpy arrays)."""
+        from .. import _C
+        from .safetensors_io import release_range
+
+        b = self._g.raw(self._name)
+        _C.gguf_unpack(self._kind, b.reshape(_rows_cols(self._g.tensors[self._name])[0], -1), self.shape[1],
+                       self._rows, self.format == "int4", parts["qdata"], parts["qscale"], parts.get("qzero"))
+        if self._source is not None:
+            self._source[0] -= 1
+            if self._source[0] == 0:  # (its clean pages are read back if needed)
+                release_range(b.ctypes.data, b.ctypes.data + b.nbytes)
+
+    def materialize(self):
+        """The QuantizedWeight itself, unpacked into fresh CPU memory (once)."""
+        import torch
+
+        if self._real is None:
+            parts = {k: torch.empty(p.shape, dtype=p.dtype) for k, p in self.tensors().items()}
+            self.unpack_into(parts)
+            self._real = QuantizedWeight.from_tensors(parts, self.format, self.group_size, self.shape)
+        return self._real
+
+    @property
+    def device(self):
+        import torch
+
+        return torch.device("cpu")
+
+    def to(self, device):
+        return self.materialize().to(device)
+
+    def dequantize(self, dtype=None):
+        return self.materialize().dequantize(dtype)
+
+
 def repack_exact(g: GGUFFile, cfg, fmt: str = "int4"):
     """({canonical name: QuantizedWeight}, {GGUF names fully packed}) for every linear weight of GGUF file g
     (normengine ModelConfig cfg) whose blocks `fmt` holds: their codes and scales repacked, nothing
-    re-quantized. fmt "int4": Q4_0 / Q4_1 / Q4_K as asymmetric int4 with groups of 32 (see _int4_groups); fmt
-    "int8-weight": every quantized type as int8 codes (_int8_groups: a scale per 32 or 16, zero points where
+    re-quantized. fmt "int4": Q4_0 / Q4_1 / Q4_K as asymmetric int4 with groups of 32 (see int4_groups_reference); fmt
+    "int8-weight": every quantized type as int8 codes (int8_groups_reference: a scale per 32 or 16, zero points where
     the blocks have an offset). Weights of other types (float) are left out (the caller quantizes them from
     their values; a warning counts them). fmt "auto":
     every quantized weight in the format EXACT names for its type (an untied token embedding too); float
-    weights are left out (dense, as stored). A GGUF tensor's unpacked codes are dropped, and its pages of
-    the mapped file handed back, once its last reader is packed: the file is never resident whole."""
-    import torch
-
-    from ..ops.quant import QuantizedWeight
-    from .safetensors_io import release_range
-
+    weights are left out (dense, as stored). The packed weights are GGUFPacked objects, unpacked when they
+    are placed (normengine.load: into the weight arena); a GGUF tensor's pages of the mapped file are handed
+    back once its last reader is unpacked: the file is never resident whole."""
     auto = fmt == "auto"
     sources = _canonical_sources(g, g.metadata.get("general.architecture"), cfg)
     if auto and not cfg.tied_head and "token_embd.weight" in g.tensors:
         sources.append(("tok_emb.weight", "token_embd.weight", None, None))
-    out, done, whole_weight, readers = {}, {}, {}, {}
-    for _, src, _, _ in sources:
-        readers[src] = readers.get(src, 0) + 1
-
-    def pack(name, src, expert, rows):
+    out, whole_weight, left_of = {}, {}, {}
+    for name, src, expert, rows in sources:
         if src in whole_weight and expert is None and rows is None:  # a tied head: one object for both names
             out[name] = whole_weight[src]
-            return
+            continue
         kind = g.tensors[src].type.name
         want = EXACT.get(kind) if auto else fmt if kind in REPACKED[fmt] else None
         if want is None:
-            return
-        if src not in done:
-            done[src] = (_int4_groups if want == "int4" else _int8_groups)(g, src)
-        codes, s, z = done[src]
-        if expert is not None:  # the stacked experts: rows of expert e
-            n = g.tensors[src].shape[1]
-            part = slice(expert * n, (expert + 1) * n)
-            codes, s, z = codes[part], s[part], None if z is None else z[part]
-        if rows is not None:
-            codes, s, z = codes[rows], s[rows], None if z is None else z[rows]
-        if want == "int4":
-            data = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)  # k = 2j low nibble, 2j + 1 high
-        else:
-            data = codes
-        data, s = (torch.from_numpy(np.ascontiguousarray(a)) for a in (data, s))
-        z = None if z is None else torch.from_numpy(np.ascontiguousarray(z))
-        out[name] = QuantizedWeight(want, codes.shape, data, s, z, codes.shape[1] // s.shape[1])
+            continue
+        count = left_of.setdefault(src, [0])  # (the objects of this GGUF tensor not unpacked yet)
+        count[0] += 1
+        out[name] = GGUFPacked(g, src, want, expert, rows, count)
         if expert is None and rows is None:
             whole_weight[src] = out[name]
-
-    for name, src, expert, rows in sources:
-        pack(name, src, expert, rows)
-        readers[src] -= 1
-        if readers[src] == 0 and done.pop(src, None) is not None:  # (its clean pages are read back if needed)
-            b = g.raw(src)
-            release_range(b.ctypes.data, b.ctypes.data + b.nbytes)
     # a GGUF tensor every one of whose readers is packed need not be read as values (an embedding that is
     # not the head, e.g. GPT-2's positions, is never packed)
     users, left = {}, {}
