@@ -27,7 +27,8 @@ Engines (each in a fresh subprocess, so peak RSS is its own; all with --threads 
   ne-int8, ne-int4, ne-int4m  quant="int8" / "int4" (ne-int4m: with matmul_precision="medium")
   ne-gguf-f32, ne-gguf-f16, ne-gguf-q8_0, ne-gguf-q4_0  normengine.load of the GGUF file llama.cpp reads (a plain
              load: Q8_0 as int8-weight g32, Q4_0 as int4 g32, the file's codes and scales repacked, exact; an
-             untied embedding too)
+             untied embedding too; a quantized file loads on the torch-free path, in a worker that never imports
+             torch)
   llama-q4_k_m, ne-gguf-q4_k_m  a Q4_K_M file (Q4_K and Q6_K blocks) made from the f32 GGUF by llama.cpp's own
              quantizer (llama_model_quantize); normengine's plain load keeps each weight in the format of its
              blocks (Q4_K: int4 g32 with zero points; Q6_K: int8-weight g16), exactly. llama-q5_k_m /
@@ -247,7 +248,8 @@ def worker(a) -> dict:
     res = {"engine": a.worker, "arch": a.arch}
 
     if a.worker.startswith("ne-"):
-        converted = a.worker in CONVERTED  # a converted checkpoint, no torch in this process
+        # a converted checkpoint or a quantized GGUF file: normengine.load's torch-free path, no torch in this process
+        converted = a.worker in CONVERTED or (a.worker.startswith("ne-gguf-") and a.worker[8:] not in ("f32", "f16"))
         if not converted:
             import torch
 
@@ -257,12 +259,13 @@ def worker(a) -> dict:
         normengine.set_num_threads(n)
         rss0 = rss_kb("VmRSS")
         t = time.perf_counter()
-        if converted:
-            m = normengine.load(a.model_dir)
-            assert m._arrays and "torch" not in sys.modules, "the torch-free path was not taken"
-        elif a.worker.startswith("ne-gguf-"):  # the GGUF file llama.cpp reads: a plain load, each quantized weight
+        if a.worker.startswith("ne-gguf-"):  # the GGUF file llama.cpp reads: a plain load, each quantized weight
             # (and an untied embedding) in the format of its blocks, exactly (Q4_0: int4 g32; Q8_0: int8-weight g32)
             m = normengine.load(a.gguf)
+            assert not converted or (m._arrays and "torch" not in sys.modules), "the torch-free path was not taken"
+        elif converted:
+            m = normengine.load(a.model_dir)
+            assert m._arrays and "torch" not in sys.modules, "the torch-free path was not taken"
         else:
             quant = {"ne-int8": "int8", "ne-int4": "int4", "ne-int4m": "int4"}.get(a.worker)
             m = normengine.load(a.model_dir, dtype=torch.bfloat16 if a.worker.startswith("ne-bf16") else None,

@@ -291,6 +291,44 @@ def test_written_head_and_options(hf_model, tmp_path):
     assert rel_err(_load(d).logits(ids), base) == 0
 
 
+def test_quantized_files_load_without_torch(hf_model, tmp_path):
+    """A plain load of a quantized GGUF file takes the torch-free path (normengine._lite.load_gguf: the blocks
+    unpacked into the weight arena, the float tensors read as numpy arrays, the names and layouts mapped by the
+    same rules) for every architecture: the same config, logits bit for bit and tokens as torch's path (which
+    kv_cache_dtype= takes); in a fresh interpreter it never imports torch, through the CLI too."""
+    name, hf, path = hf_model
+    g = _convert(path, str(tmp_path / "m.gguf"), "q8_0", write_output=name == "llama-tied")
+    lite, full = _load(g), _load(g, kv_cache_dtype=torch.float32)
+    assert lite._arrays and not full._arrays
+    assert lite.config == full.config and "gguf-blocks" in lite.config.conversions
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(6))
+    assert torch.equal(lite.logits(ids), full.logits(ids)), name
+    assert lite.generate(ids[0].tolist(), max_new_tokens=8) == full.generate(ids[0].tolist(), max_new_tokens=8)
+    for n, w in full.tensors.items():  # the same packing, the same bits
+        v = lite.tensors[n]
+        assert type(v) is type(w) and all(torch.equal(a, b) for a, b in zip(
+            getattr(v, "tensors", lambda: {0: v})().values(), getattr(w, "tensors", lambda: {0: w})().values())), n
+    if name in ("gpt2", "mixtral"):
+        from test_torch_free import _run
+
+        # a float file's gains are folded into the linear weights, on torch's path
+        assert not _load(_convert(path, str(tmp_path / "f.gguf"), "f16"))._arrays
+
+        code = ("import json, sys, normengine as ne; m = ne.load(sys.argv[1]); "
+                "print(json.dumps([m._arrays, m.generate([3, 5, 7], max_new_tokens=6), 'torch' in sys.modules]))")
+        assert json.loads(_run(code, g)) == [True, full.generate([3, 5, 7], max_new_tokens=6), False]
+        from test_torch_free import _env
+
+        r = subprocess.run([sys.executable, "-X", "importtime", "-m", "normengine", "generate", g, "--ids", "3,5,7",
+                            "--temperature", "0", "--max-new-tokens", "4"], env=_env(), capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        imported = {ln.split("|")[-1].strip().split(".")[0] for ln in r.stderr.splitlines()
+                    if ln.startswith("import time:")}
+        assert "normengine" in imported and "torch" not in imported
+        assert r.stdout.split() == [str(t) for t in full.generate([3, 5, 7], max_new_tokens=4)]
+
+
 def test_blocks_repacked_exactly(hf_model, tmp_path):
     """quant='int4' on a Q4_0 / Q4_1 file and quant='int8-weight' on a Q8_0 / Q4_0 / Q4_1 / Q5_1 / Q5_0 file keep
     the file's codes: every linear weight is packed with groups of 32 (asymmetric int4; int8 codes with a scale

@@ -10,9 +10,14 @@ what llama.cpp does with a GGUF file, and like it the process then holds little 
 A quantized checkpoint's packed parts (`<name>.qdata`, `.qscale`, `.qzero`) are copied as they are and
 handed to the runner as packed weights (normengine._packed.QuantizedWeight over numpy arrays).
 
+A GGUF file with quantized weights loads here too (load_gguf): each quantized weight (and an untied token
+embedding) unpacked from the file's blocks straight into its slot of the arena in the format that holds them
+(normengine.checkpoint.gguf.repack_exact), the norms' gains kept in the norms, as normengine.load's torch path
+does with it; the float tensors (norms, a float head) copied from the mapped file.
+
 load() returns None whenever anything needs the torch path: a Hugging Face checkpoint (its names,
-layouts and norms are converted with torch), a pickle, a norm conversion, an unexpected tensor, name,
-shape or dtype (the torch path then raises its error naming it).
+layouts and norms are converted with torch), a pickle, a norm conversion, a GGUF file of float weights (its
+gains are folded), an unexpected tensor, name, shape or dtype (the torch path then raises its error naming it).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._arena import Arena
-from ._packed import QuantizedWeight
+from ._packed import QuantizedWeight, is_quantized
 from .checkpoint.readers import locate, normengine_config, read_located, restore_aliases, weight_files
 from .checkpoint.safetensors_io import copy_releasing, is_bf16
 from .config import _dense_shapes, iter_expected_shapes, quant_of
@@ -43,6 +48,12 @@ def load(path: str, *, norm=None, arithmetic=None, lmul_bits: int = 4, lmul_scop
     """The Model of a checkpoint Model.save wrote, read and placed without torch; None when this
     checkpoint (or the options) need normengine.load's torch path. Errors in what both paths read
     (a missing path, a corrupt header or index, a bad normengine config) raise here as they would there."""
+    from .checkpoint.gguf import gguf_path
+
+    gpath = gguf_path(path)
+    if gpath is not None:
+        return load_gguf(gpath, norm=norm, arithmetic=arithmetic, lmul_bits=lmul_bits, lmul_scope=lmul_scope,
+                         matmul_precision=matmul_precision)
     loc = locate(path)
     if loc.config is not None and "normengine" not in loc.config:
         return None  # a Hugging Face checkpoint: mapped to canonical names and folded with torch
@@ -102,5 +113,44 @@ def load(path: str, *, norm=None, arithmetic=None, lmul_bits: int = 4, lmul_scop
                 if key not in memo:
                     memo[key] = QuantizedWeight.from_tensors(got, spec[0], spec[1], tuple(shape))
                 weights[name] = memo[key]
+    return Model._from_arrays(cfg, weights, dtype, path=path, arithmetic=arithmetic, lmul_bits=lmul_bits,
+                              lmul_scope=lmul_scope, matmul_precision=matmul_precision)
+
+
+def load_gguf(path: str, *, norm=None, arithmetic=None, lmul_bits: int = 4, lmul_scope: str = "attention",
+              matmul_precision: str = "highest"):
+    """The Model of a quantized GGUF file, without torch (see the module's docstring); None where the file or the
+    options need the torch path."""
+    from .checkpoint.gguf import load_arrays
+
+    if norm is not None or (arithmetic == "lmul" and lmul_scope == "all"):
+        return None  # a norm conversion, or L-Mul over float32 weights: torch's path (it raises if it cannot)
+    got = load_arrays(path)
+    if got is None:
+        return None
+    cfg, arrays = got
+    if any(not is_quantized(a) and _dtype_name(a) not in _FLOATS for a in arrays.values()):
+        return None  # (torch's path names the tensor of an unexpected dtype)
+    dtype = next((_dtype_name(a) for n, a in arrays.items() if n.endswith("attn.q.weight") and not is_quantized(a)),
+                 "float32")
+    plans = [(names, a, None if is_quantized(a) else np.dtype(np.float32) if vec else a.dtype)
+             for names, a, vec in _slots(arrays)]
+    del arrays
+    plans = _adjacent_order(plans, cfg.n_layers)
+    arena = Arena(sum(Arena.room(p.shape, p.dtype if want is None else want)
+                      for _, a, want, _ in plans for p in (a.tensors().values() if want is None else (a,))))
+    weights = {}
+    for k in range(len(plans)):
+        (names, a, want, follow), plans[k] = plans[k], None
+        if want is None:  # a packed weight: unpacked from the file's blocks into its slots
+            parts = {key: arena.take(p.shape, p.dtype) for key, p in a.tensors().items()}
+            a.unpack_into(parts)
+            slot = QuantizedWeight.from_tensors(parts, a.format, a.group_size, a.shape)
+        else:
+            slot = arena.take(a.shape, want, follow)
+            copy_releasing(a, out=slot)  # (a view of the mapped file: its pages handed back as copied)
+        for n in names:
+            weights[n] = slot
+        del a
     return Model._from_arrays(cfg, weights, dtype, path=path, arithmetic=arithmetic, lmul_bits=lmul_bits,
                               lmul_scope=lmul_scope, matmul_precision=matmul_precision)

@@ -5,6 +5,7 @@ Its methods that compute (to, dequantize) take torch tensors and import torch.""
 from __future__ import annotations
 
 from .config import QUANT_FORMATS as FORMATS
+from .config import ModelConfig, _dense_shapes, is_quantized_name, takes_zero_points
 from .errors import ArgumentError, ShapeError
 
 
@@ -88,3 +89,53 @@ class QuantizedWeight:
             return (v * self.scale.to(torch.float64)[0]).to(dtype)
         s = self.scale.to(torch.float64).repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]
         return (v * s).to(dtype)
+
+
+def is_quantized(t) -> bool:
+    """A packed weight object (normengine.ops.QuantizedWeight, or anything with its tensors() and dequantize())
+    rather than a tensor or array."""
+    return hasattr(t, "tensors") and hasattr(t, "dequantize")
+
+
+# ------------------------------------------------------------------------ recording a model's packing (no torch)
+def record_packing(cfg: ModelConfig, out: dict, conversion: str, main=None) -> ModelConfig:
+    """cfg with the packing of the weights in `out` recorded: quantization (format, group size, symmetry)
+    `main`, by default the packing that holds the most weights; each quantizable weight packed otherwise,
+    or left dense, and a packed untied token embedding in quant_overrides; `conversion` appended to
+    cfg.conversions."""
+    if main is None:
+        count: dict = {}
+        for t in out.values():
+            if is_quantized(t):
+                count[_spec(t)] = count.get(_spec(t), 0) + t.numel()
+        main = max(count, key=count.get)
+    new = ModelConfig.from_dict(cfg.to_dict())
+    new.quantization, new.quant_group_size, new.quant_symmetric = main
+    new.quant_overrides = _overrides(new, out, [n for n in _dense_shapes(new) if is_quantized_name(new, n)])
+    new.conversions = list(cfg.conversions) + [conversion]
+    return ModelConfig.from_dict(new.to_dict())  # (the overrides checked)
+
+
+def _spec(t):
+    """A packed weight's (format, group_size, symmetric), None for a dense tensor."""
+    if not is_quantized(t):
+        return None
+    return t.format, t.group_size, t.zero is None or not takes_zero_points(t.format, t.group_size)
+
+
+def _overrides(cfg: ModelConfig, out: dict, names) -> dict:
+    """quant_overrides of cfg (whose quantization is set) for the weights `out` holds: each of `names`
+    (those the model's format packs) not packed so, and a packed untied embedding."""
+    main = (cfg.quantization, cfg.quant_group_size, cfg.quant_symmetric)
+    names = list(names)
+    packed_by_main = set(names)
+    got = {}
+    for n in names + (["tok_emb.weight"] if not cfg.tied_head else []):
+        if n not in out:
+            continue
+        spec = _spec(out[n])
+        if spec == (main if n in packed_by_main else None):  # (an untied embedding is dense unless listed)
+            continue
+        got[n] = ({"format": "none", "group_size": 0, "symmetric": True} if spec is None else
+                  {"format": spec[0], "group_size": spec[1], "symmetric": spec[2]})
+    return got

@@ -1613,9 +1613,10 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     formats per weight; so a Q4_K_M file runs its own values); its float weights stay as stored. dtype=
     loads the values instead (float32 or 16-bit).
 
-    A checkpoint Model.save wrote (norms folded; quantized or not), loaded on the CPU without dtype,
-    quant, smooth, attention or kv_cache_dtype, is read and run without importing torch
-    (normengine._lite): a process that never imports torch itself stays about 200 MB smaller."""
+    A checkpoint Model.save wrote (norms folded; quantized or not), or a GGUF file with quantized weights
+    (packed per weight as above), loaded on the CPU without dtype, quant, smooth, attention or
+    kv_cache_dtype, is read and run without importing torch (normengine._lite): a process that never
+    imports torch itself stays about 200-250 MB smaller and starts about a second sooner."""
     if dtype is not None and not _is_weight_dtype(dtype):
         raise DTypeError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
     path = DEFAULT_MODEL if path is None else os.fspath(path)

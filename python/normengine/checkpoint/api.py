@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from typing import Dict, Mapping, Tuple
 
 import torch
 
-from ..config import ModelConfig, expected_shapes, iter_expected_shapes
+from ..config import ModelConfig
 from ..errors import ArgumentError, CheckpointError
 from . import hf
 from . import gguf
 from .gguf import gguf_config, gguf_path, gguf_tensors
-from .readers import (CONFIG_NAME, META_ALIASES, META_CONFIG, SAFE_WEIGHTS, locate, normengine_config,
+from .hf import from_hf as _from_hf
+from .readers import (CONFIG_NAME, META_ALIASES, META_CONFIG, SAFE_WEIGHTS, check_tensors, locate, normengine_config,
                       read_located, restore_aliases)
 from .safetensors_io import write_safetensors
 
@@ -45,27 +45,6 @@ def _target_dtype(dtype):
         raise ArgumentError(
             f"dtype: expected None, torch.float32, torch.bfloat16, torch.float16 or torch.float64, got {dtype!r}"
         ) from None
-
-
-def check_tensors(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], where: str, provenance=None, source=None,
-                  error=CheckpointError) -> None:
-    """Every tensor expected_shapes(cfg) names is present with its shape; raises `error` naming the
-    tensor, its expected and found shape (and where it came from)."""
-    provenance = provenance or {}
-    for name, shape in iter_expected_shapes(cfg):
-        t = tensors.get(name)
-        if t is None:
-            src = source(name) if source else None
-            frm = f" (stored as '{src}')" if src else ""
-            raise error(f"{where}: missing tensor '{name}'{frm}: expected shape {tuple(shape)}, found none")
-        if not isinstance(t, torch.Tensor):
-            raise error(f"{where}: tensor '{name}': expected a torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != tuple(shape):
-            frm = f" (from {provenance[name]})" if name in provenance else ""
-            raise error(
-                f"{where}: tensor '{name}'{frm} has the wrong shape for the config: expected {tuple(shape)}, "
-                f"found {tuple(t.shape)}"
-            )
 
 
 def _convert(tensors: Dict[str, torch.Tensor], dtype) -> Dict[str, torch.Tensor]:
@@ -143,23 +122,6 @@ def load_checkpoint(path, dtype=None, *, transposed_views: bool = False,
             )
         cfg, tensors = _from_hf(arch, hf_cfg, raw.tensors, raw.config, where, raw.origin, transposed_views)
     return cfg, _convert(tensors, target)
-
-
-def _from_hf(arch, hf_cfg: ModelConfig, raw_tensors, config: dict, where: str, origin, transposed_views: bool):
-    """(ModelConfig, canonical tensors) of a transformers-named state dict, checked against the config."""
-    cfg, mapped, prov = hf.convert_hf(arch, hf_cfg, raw_tensors, config, where, origin, transposed_views)
-    check_tensors(cfg, mapped, where, prov, source=lambda n: hf.source_name(arch, n))
-    keep = expected_shapes(cfg)
-    tensors = {k: mapped[k] for k in keep}
-    extra = sorted(set(mapped) - set(keep))
-    if extra:
-        warnings.warn(
-            f"{where}: ignoring tensors the config does not use: "
-            + ", ".join(f"{k} (from {prov[k]})" for k in extra[:8])
-            + (f", ... ({len(extra)} in all)" if len(extra) > 8 else ""),
-            stacklevel=3,
-        )
-    return cfg, tensors
 
 
 def save_checkpoint(path_dir, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -43,6 +43,9 @@ points; all exactly (to float32 rounding of q d + m); float weights stay dense a
 when the file has no `output.weight` (or one equal to `token_embd.weight`). Llama 3.1's RoPE scaling is stored
 as a `rope_freqs.weight` tensor of per-frequency divisors; it becomes the "factors" RoPE variant.
 
+A quantized file loads without torch (normengine._lite.load_gguf: load_arrays here, numpy arrays through the same
+name rules, each packed weight a GGUFPacked unpacked natively into the weight arena).
+
 Tokenizer: tokenizer.ggml.model "gpt2" (byte-level BPE: GPT-2, Llama 3, Qwen) is rebuilt as a `tokenizers`
 Tokenizer from the vocabulary, merges, token types and tokenizer.ggml.pre's split pattern; "llama"
 (SentencePiece BPE: Llama 2, Mistral) from the vocabulary and its scores (the merges rebuilt from them),
@@ -307,14 +310,30 @@ def gguf_config(path: str):
     return cfg, g
 
 
-def gguf_tensors(g: GGUFFile, cfg: dict, placeholders=()):
-    """({transformers name: torch tensor}, {name: origin}) of GGUF file g with config cfg (gguf_config's).
-    GGUF tensors named in `placeholders` are not read: they come back as zero-stride float32 views of one
-    zero, of their shape (no memory), for a caller that puts their exact packing in their place
-    (repack_exact)."""
-    import torch
+def gguf_tensors(g: GGUFFile, cfg: dict, placeholders=(), arrays: bool = False):
+    """({transformers name: torch tensor}, {name: origin}) of GGUF file g with config cfg (gguf_config's); with
+    arrays, numpy arrays (bfloat16 as BF16-tagged uint16) and no torch. GGUF tensors named in `placeholders` are
+    not read: they come back as zero-stride float32 views of one zero, of their shape (no memory), for a caller
+    that puts their exact packing in their place (repack_exact)."""
+    if arrays:
+        def as_torch(a):
+            return a
 
-    from .safetensors_io import as_torch
+        def zeros(shape):
+            return np.broadcast_to(np.zeros((), np.float32), shape)
+
+        def transpose(t):
+            return t.T
+    else:
+        import torch
+
+        from .safetensors_io import as_torch
+
+        def zeros(shape):
+            return torch.zeros((), dtype=torch.float32).expand(shape)
+
+        def transpose(t):
+            return t.t()
 
     arch, path = g.metadata["general.architecture"], g.path
     names = _hf_names(g, arch, cfg)
@@ -324,15 +343,15 @@ def gguf_tensors(g: GGUFFile, cfg: dict, placeholders=()):
             continue  # (check_tensors names what the config needs and is missing)
         if src in placeholders:
             shape = g.tensors[src].shape
-            t = torch.zeros((), dtype=torch.float32).expand(shape[1:] if how.startswith("expert:") else shape)
-            tensors[hf_name] = t.t() if how == "conv1d" else t
+            t = zeros(shape[1:] if how.startswith("expert:") else shape)
+            tensors[hf_name] = transpose(t) if how == "conv1d" else t
             origin[hf_name] = f"'{src}' ({g.tensors[src].type.name}) in {path}"
             continue
         if src not in cache:
             cache[src] = g.array(src)
         a = cache[src]
         if how == "conv1d":
-            t = as_torch(a).t() if a.ndim == 2 else as_torch(a)
+            t = transpose(as_torch(a)) if a.ndim == 2 else as_torch(a)
         elif how.startswith("unpermute:"):
             t = as_torch(_unpermute(np.asarray(a), int(how.split(":")[1]), f"{path}: tensor {src!r}"))
         elif how.startswith("expert:"):
@@ -481,11 +500,9 @@ class GGUFPacked(QuantizedWeight):
     (materialize). The unpacking is the native normengine._C.gguf_unpack, on every thread: the values of
     int4_groups_reference / int8_groups_reference, bit for bit. `source`: a count, shared by the objects of
     one GGUF tensor, of those not unpacked yet; the last one hands the tensor's pages of the mapped file
-    back."""
+    back. arrays: the parts are numpy arrays (zero-stride ones until unpacked), for the torch-free load."""
 
-    def __init__(self, g: GGUFFile, name: str, fmt: str, expert=None, rows=None, source=None):
-        import torch
-
+    def __init__(self, g: GGUFFile, name: str, fmt: str, expert=None, rows=None, source=None, arrays=False):
         from .. import _C
 
         info = g.tensors[name]
@@ -500,12 +517,18 @@ class GGUFPacked(QuantizedWeight):
         n = N if idx is None else idx.shape[0]
         group = _C.gguf_group(kind)
 
-        def meta(shape, dtype):
-            return torch.empty(shape, dtype=dtype, device="meta")
+        self._arrays = arrays
 
-        super().__init__(fmt, (n, K), meta((n, K // 2 if int4 else K), torch.uint8 if int4 else torch.int8),
-                         meta((n, K // group), torch.float32),
-                         meta((n, K // group), torch.float32) if _C.gguf_has_zero(kind, int4) else None, group)
+        def meta(shape, dtype):  # (no memory)
+            if arrays:
+                return np.broadcast_to(np.zeros((), dtype), shape)
+            import torch
+
+            return torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+
+        super().__init__(fmt, (n, K), meta((n, K // 2 if int4 else K), "uint8" if int4 else "int8"),
+                         meta((n, K // group), "float32"),
+                         meta((n, K // group), "float32") if _C.gguf_has_zero(kind, int4) else None, group)
         self._g, self._name, self._kind, self._rows, self._source, self._real = g, name, kind, idx, source, None
 
     def unpack_into(self, parts: dict) -> None:
@@ -524,16 +547,22 @@ class GGUFPacked(QuantizedWeight):
 
     def materialize(self):
         """The QuantizedWeight itself, unpacked into fresh CPU memory (once)."""
-        import torch
-
         if self._real is None:
-            parts = {k: torch.empty(p.shape, dtype=p.dtype) for k, p in self.tensors().items()}
+            if self._arrays:
+                empty = np.empty
+            else:
+                import torch
+
+                empty = torch.empty
+            parts = {k: empty(p.shape, dtype=p.dtype) for k, p in self.tensors().items()}
             self.unpack_into(parts)
             self._real = QuantizedWeight.from_tensors(parts, self.format, self.group_size, self.shape)
         return self._real
 
     @property
     def device(self):
+        if self._arrays:
+            return "cpu"
         import torch
 
         return torch.device("cpu")
@@ -545,7 +574,7 @@ class GGUFPacked(QuantizedWeight):
         return self.materialize().dequantize(dtype)
 
 
-def repack_exact(g: GGUFFile, cfg, fmt: str = "int4"):
+def repack_exact(g: GGUFFile, cfg, fmt: str = "int4", arrays: bool = False):
     """({canonical name: QuantizedWeight}, {GGUF names fully packed}) for every linear weight of GGUF file g
     (normengine ModelConfig cfg) whose blocks `fmt` holds: their codes and scales repacked, nothing
     re-quantized. fmt "int4": Q4_0 / Q4_1 / Q4_K as asymmetric int4 with groups of 32 (see int4_groups_reference); fmt
@@ -555,7 +584,8 @@ def repack_exact(g: GGUFFile, cfg, fmt: str = "int4"):
     every quantized weight in the format EXACT names for its type (an untied token embedding too); float
     weights are left out (dense, as stored). The packed weights are GGUFPacked objects, unpacked when they
     are placed (normengine.load: into the weight arena); a GGUF tensor's pages of the mapped file are handed
-    back once its last reader is unpacked: the file is never resident whole."""
+    back once its last reader is unpacked: the file is never resident whole. arrays: for the torch-free load
+    (GGUFPacked.arrays)."""
     auto = fmt == "auto"
     sources = _canonical_sources(g, g.metadata.get("general.architecture"), cfg)
     if auto and not cfg.tied_head and "token_embd.weight" in g.tensors:
@@ -571,7 +601,7 @@ def repack_exact(g: GGUFFile, cfg, fmt: str = "int4"):
             continue
         count = left_of.setdefault(src, [0])  # (the objects of this GGUF tensor not unpacked yet)
         count[0] += 1
-        out[name] = GGUFPacked(g, src, want, expert, rows, count)
+        out[name] = GGUFPacked(g, src, want, expert, rows, count, arrays)
         if expert is None and rows is None:
             whole_weight[src] = out[name]
     # a GGUF tensor every one of whose readers is packed need not be read as values (an embedding that is
@@ -592,6 +622,27 @@ def repack_exact(g: GGUFFile, cfg, fmt: str = "int4"):
     if not cfg.tied_head and "tok_emb.weight" not in out:
         whole.discard("token_embd.weight")  # the embedding table is read for its rows
     return out, whole
+
+
+def load_arrays(path: str):
+    """normengine.load's torch-free path for GGUF file `path` (normengine._lite): (ModelConfig, {canonical name:
+    numpy array or GGUFPacked}) with every quantized weight (and an untied token embedding) in the format of its
+    blocks (repack_exact "auto"; the norms' gains stay in the norms, as on torch's path), the float tensors as
+    numpy views of the mapped file; None for a file with no quantized weight (a float file: its gains are folded
+    into the linear weights, with torch)."""
+    from .._packed import record_packing
+    from . import hf
+
+    config, g = gguf_config(path)
+    arch = hf.architecture_of(config, path)
+    hf_cfg = hf.parse_config(arch, config, path)
+    packed, whole = repack_exact(g, hf_cfg, "auto", arrays=True)
+    if not packed:
+        return None
+    raw, origin = gguf_tensors(g, config, placeholders=whole, arrays=True)
+    cfg, tensors = hf.from_hf(arch, hf_cfg, raw, config, path, origin, True)
+    tensors.update(packed)
+    return record_packing(cfg, tensors, "gguf-blocks"), tensors
 
 
 # tokenizer.ggml.pre -> the regex splitting text into words before byte-level BPE (None: GPT-2's own)

@@ -26,11 +26,11 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-import torch
+import numpy as np
 
-from ..config import ModelConfig
+from ..config import ModelConfig, expected_shapes
 from ..errors import ArgumentError, CheckpointError, UnsupportedError
-from .safetensors_io import release_pages
+from .safetensors_io import bf16_to_f32, is_bf16, release_pages
 
 _ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
@@ -650,23 +650,59 @@ def parse_config(arch: Architecture, config: dict, where: str, generation_config
         raise CheckpointError(f"{where}: {e}") from e
 
 
+# map_tensors takes torch tensors (normengine.load's torch path) or numpy arrays (its torch-free load of a GGUF
+# file: bfloat16 as BF16-tagged uint16 arrays, see safetensors_io.is_bf16); these do the few operations it needs on
+# either
+def _is_array(t) -> bool:
+    return isinstance(t, np.ndarray)
+
+
+def _transpose(t):
+    return t.T if _is_array(t) else t.t()
+
+
+def _contiguous(t):
+    return np.ascontiguousarray(t) if _is_array(t) else t.contiguous()
+
+
+def _split_rows(t, sizes):
+    if _is_array(t):
+        return np.split(t, np.cumsum(sizes)[:-1], axis=0)
+    return t.split(list(sizes), dim=0)
+
+
+def _float32(t):
+    if _is_array(t):
+        return bf16_to_f32(t) if is_bf16(t) else t.astype(np.float32)
+    return t.float()
+
+
+def _float_dtype(t) -> Optional[str]:
+    """The name of t's floating dtype ("float32", "bfloat16", ...), None for an integer tensor."""
+    if _is_array(t):
+        return "bfloat16" if is_bf16(t) else t.dtype.name if t.dtype.kind == "f" else None
+    return str(t.dtype).replace("torch.", "") if t.is_floating_point() else None
+
+
 def _source_dtype(tensors) -> Optional[str]:
     """The floating dtype holding most of the weights' elements."""
-    count: Dict[torch.dtype, int] = {}
+    count: Dict[str, int] = {}
     seen = set()
     for t in tensors.values():
-        if id(t) in seen or not t.is_floating_point():
+        name = _float_dtype(t)
+        if id(t) in seen or name is None:
             continue
         seen.add(id(t))
-        count[t.dtype] = count.get(t.dtype, 0) + t.numel()
+        count[name] = count.get(name, 0) + math.prod(t.shape)
     if not count:
         return None
-    return str(max(count, key=count.get)).replace("torch.", "")
+    return max(count, key=count.get)
 
 
-def map_tensors(arch: Architecture, raw: Dict[str, torch.Tensor], cfg: ModelConfig, where: str, origin=None,
+def map_tensors(arch: Architecture, raw: dict, cfg: ModelConfig, where: str, origin=None,
                 transposed_views: bool = False):
-    """Canonical tensors from an architecture's state dict. Returns (tensors, provenance) where
+    """Canonical tensors from an architecture's state dict (torch tensors, or numpy arrays: then the results
+    are numpy arrays too). Returns (tensors, provenance) where
     provenance maps canonical name -> 'source name (file)' for error messages. Tensors that have no
     canonical name (or belong to none of cfg's layers) are dropped with a warning; known buffers
     silently.
@@ -678,7 +714,7 @@ def map_tensors(arch: Architecture, raw: Dict[str, torch.Tensor], cfg: ModelConf
     origin = origin or {}
     rules = [(_template_regex(src), src, dst, kind) for src, dst, kind in arch.rules]
     ignore = [re.compile(r) for r in arch.ignore]
-    out: Dict[str, torch.Tensor] = {}
+    out: dict = {}
     prov: Dict[str, str] = {}
     dropped: List[str] = []
 
@@ -712,57 +748,57 @@ def map_tensors(arch: Architecture, raw: Dict[str, torch.Tensor], cfg: ModelConf
         if kind == "copy":
             put(fill(dst), t, src_name)
         elif kind == "plus1":  # a Gemma norm gain stored as w - 1
-            put(fill(dst), t.float() + 1.0, src_name)
+            put(fill(dst), _float32(t) + 1.0, src_name)
         elif kind == "t":
-            if t.dim() != 2:
+            if t.ndim != 2:
                 raise CheckpointError(
                     f"{where}: tensor '{src_name}': expected a 2-D Conv1D weight, found shape {tuple(t.shape)}"
                 )
             if transposed_views:
-                put(fill(dst), t.t(), src_name, t.shape)
+                put(fill(dst), _transpose(t), src_name, t.shape)
             else:
-                put(fill(dst), t.t().contiguous(), src_name, t.shape)
+                put(fill(dst), _contiguous(_transpose(t)), src_name, t.shape)
                 release_pages(t)  # the mapped original is not read again: its pages leave our memory
         elif kind in ("t_split3", "split3"):
             src_shape = t.shape
             if kind == "t_split3":
-                if t.dim() != 2:
+                if t.ndim != 2:
                     raise CheckpointError(
                         f"{where}: tensor '{src_name}': expected a 2-D Conv1D weight, found shape {tuple(t.shape)}"
                     )
                 if transposed_views:
-                    t = t.t()
+                    t = _transpose(t)
                 else:
-                    src, t = t, t.t().contiguous()
+                    src, t = t, _contiguous(_transpose(t))
                     release_pages(src)
-            if t.dim() < 1 or t.shape[0] % 3:
+            if t.ndim < 1 or t.shape[0] % 3:
                 raise CheckpointError(
                     f"{where}: tensor '{src_name}': the fused q/k/v dimension of shape {tuple(t.shape)}"
                     f"{' (transposed)' if kind == 't_split3' else ''} is not divisible by 3"
                 )
-            for part, n in zip(t.split(t.shape[0] // 3, dim=0), dst):
+            for part, n in zip(_split_rows(t, [t.shape[0] // 3] * 3), dst):
                 put(fill(n), part, src_name, src_shape)
         elif kind == "split_qkv_heads":  # GPT-NeoX: rows [h, 3, D] (q, k, v of head 0, then of head 1 ...)
             D, H = cfg.head_dim, cfg.n_heads
-            if t.shape[0] != 3 * H * D or t.dim() not in (1, 2):
+            if t.shape[0] != 3 * H * D or t.ndim not in (1, 2):
                 raise CheckpointError(
                     f"{where}: tensor '{src_name}': expected {3 * H * D} rows (q, k, v of {H} heads of {D}) of the "
                     f"fused weight, found shape {tuple(t.shape)}"
                 )
             parts = t.reshape(H, 3, D, *t.shape[1:])
             for j, n in enumerate(dst):  # each a contiguous copy (rows of every third block)
-                put(fill(n), parts[:, j].reshape(H * D, *t.shape[1:]).contiguous(), src_name, t.shape)
+                put(fill(n), _contiguous(parts[:, j].reshape(H * D, *t.shape[1:])), src_name, t.shape)
             release_pages(t)
         elif kind in ("split_qkv", "split_gate_up"):  # fused rows of known sizes
             D = cfg.head_dim
             sizes = ([cfg.n_heads * D, cfg.n_kv_heads * D, cfg.n_kv_heads * D] if kind == "split_qkv"
                      else [cfg.d_ff, cfg.d_ff])
-            if t.dim() != 2 or t.shape[0] != sum(sizes):
+            if t.ndim != 2 or t.shape[0] != sum(sizes):
                 raise CheckpointError(
                     f"{where}: tensor '{src_name}': expected {sum(sizes)} rows ({' + '.join(map(str, sizes))}) "
                     f"of the fused weight, found shape {tuple(t.shape)}"
                 )
-            for part, n in zip(t.split(sizes, dim=0), dst):
+            for part, n in zip(_split_rows(t, sizes), dst):
                 put(fill(n), part, src_name, t.shape)
         elif kind in ("experts_gate_up", "experts_down"):  # stacked experts [E, rows, cols]: views per expert
             E, fe, d = cfg.n_experts, cfg.moe_d_ff, cfg.residual_width
@@ -815,6 +851,26 @@ def convert_hf(arch: Architecture, cfg: ModelConfig, raw_tensors, config: dict, 
     return cfg, tensors, prov
 
 
+def from_hf(arch, hf_cfg: ModelConfig, raw_tensors, config: dict, where: str, origin, transposed_views: bool):
+    """(ModelConfig, canonical tensors) of a transformers-named state dict (torch tensors or numpy arrays),
+    checked against the config; tensors the config does not use are dropped with a warning."""
+    from .readers import check_tensors
+
+    cfg, mapped, prov = convert_hf(arch, hf_cfg, raw_tensors, config, where, origin, transposed_views)
+    check_tensors(cfg, mapped, where, prov, source=lambda n: source_name(arch, n))
+    keep = expected_shapes(cfg)
+    tensors = {k: mapped[k] for k in keep}
+    extra = sorted(set(mapped) - set(keep))
+    if extra:
+        warnings.warn(
+            f"{where}: ignoring tensors the config does not use: "
+            + ", ".join(f"{k} (from {prov[k]})" for k in extra[:8])
+            + (f", ... ({len(extra)} in all)" if len(extra) > 8 else ""),
+            stacklevel=3,
+        )
+    return cfg, tensors
+
+
 __all__ = [
     "ARCHITECTURES",
     "SUPPORTED_ARCHITECTURES",
@@ -824,4 +880,5 @@ __all__ = [
     "map_tensors",
     "source_name",
     "convert_hf",
+    "from_hf",
 ]

@@ -15,7 +15,9 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from ..config import ModelConfig
+import numpy as np
+
+from ..config import ModelConfig, iter_expected_shapes
 from ..errors import ArgumentError, CheckpointError
 from .safetensors_io import map_safetensors, read_safetensors
 
@@ -306,8 +308,38 @@ def read_checkpoint(path) -> RawCheckpoint:
     return read_located(locate(path))
 
 
+
+def _is_tensor(t) -> bool:
+    """A torch tensor (without importing torch: a process that has not imported it holds none) or a numpy array."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return isinstance(t, np.ndarray) or (torch is not None and isinstance(t, torch.Tensor))
+
+
+def check_tensors(cfg: ModelConfig, tensors, where: str, provenance=None, source=None, error=CheckpointError) -> None:
+    """Every tensor expected_shapes(cfg) names is present with its shape (a torch tensor, or a numpy array on the
+    torch-free path); raises `error` naming the tensor, its expected and found shape (and where it came from)."""
+    provenance = provenance or {}
+    for name, shape in iter_expected_shapes(cfg):
+        t = tensors.get(name)
+        if t is None:
+            src = source(name) if source else None
+            frm = f" (stored as '{src}')" if src else ""
+            raise error(f"{where}: missing tensor '{name}'{frm}: expected shape {tuple(shape)}, found none")
+        if not _is_tensor(t):
+            raise error(f"{where}: tensor '{name}': expected a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(shape):
+            frm = f" (from {provenance[name]})" if name in provenance else ""
+            raise error(
+                f"{where}: tensor '{name}'{frm} has the wrong shape for the config: expected {tuple(shape)}, "
+                f"found {tuple(t.shape)}"
+            )
+
+
 __all__ = [
     "RawCheckpoint",
+    "check_tensors",
     "Located",
     "locate",
     "read_located",

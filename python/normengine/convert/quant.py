@@ -22,15 +22,11 @@ import weakref
 
 import torch
 
-from ..config import QUANT_FORMATS, ModelConfig, _dense_shapes, is_quantized_name, quant_of, takes_zero_points
+from ..config import QUANT_FORMATS, ModelConfig, _dense_shapes, is_quantized_name, quant_of
+from .._packed import is_quantized, record_packing
 from ..errors import ArgumentError, ShapeError
 
 DEFAULT_GROUP = {"int8": 0, "int8-weight": 0, "int4": 128, "fp8": 128}
-
-
-def is_quantized(t) -> bool:
-    """A packed weight object (normengine.ops.QuantizedWeight) rather than a tensor."""
-    return not isinstance(t, torch.Tensor) and hasattr(t, "dequantize") and hasattr(t, "tensors")
 
 
 class _Progress:
@@ -154,49 +150,6 @@ class Quantizer:
         conversion = (f"quantize:{self.fmt}" + (f":g{self.group_size}" if self.fmt in ("int4", "fp8") or self.group_size
                                                 else "") + ("" if self.symmetric else ":asym"))
         return record_packing(cfg, out, conversion, (self.fmt, int(self.group_size or 0), self.symmetric)), out
-
-
-def record_packing(cfg: ModelConfig, out: dict, conversion: str, main=None) -> ModelConfig:
-    """cfg with the packing of the weights in `out` recorded: quantization (format, group size, symmetry)
-    `main`, by default the packing that holds the most weights; each quantizable weight packed otherwise,
-    or left dense, and a packed untied token embedding in quant_overrides; `conversion` appended to
-    cfg.conversions."""
-    if main is None:
-        count: dict = {}
-        for t in out.values():
-            if is_quantized(t):
-                count[_spec(t)] = count.get(_spec(t), 0) + t.numel()
-        main = max(count, key=count.get)
-    new = ModelConfig.from_dict(cfg.to_dict())
-    new.quantization, new.quant_group_size, new.quant_symmetric = main
-    new.quant_overrides = _overrides(new, out, [n for n in _dense_shapes(new) if is_quantized_name(new, n)])
-    new.conversions = list(cfg.conversions) + [conversion]
-    return ModelConfig.from_dict(new.to_dict())  # (the overrides checked)
-
-
-def _spec(t):
-    """A packed weight's (format, group_size, symmetric), None for a dense tensor."""
-    if not is_quantized(t):
-        return None
-    return t.format, t.group_size, t.zero is None or not takes_zero_points(t.format, t.group_size)
-
-
-def _overrides(cfg: ModelConfig, out: dict, names) -> dict:
-    """quant_overrides of cfg (whose quantization is set) for the weights `out` holds: each of `names`
-    (those the model's format packs) not packed so, and a packed untied embedding."""
-    main = (cfg.quantization, cfg.quant_group_size, cfg.quant_symmetric)
-    names = list(names)
-    packed_by_main = set(names)
-    got = {}
-    for n in names + (["tok_emb.weight"] if not cfg.tied_head else []):
-        if n not in out:
-            continue
-        spec = _spec(out[n])
-        if spec == (main if n in packed_by_main else None):  # (an untied embedding is dense unless listed)
-            continue
-        got[n] = ({"format": "none", "group_size": 0, "symmetric": True} if spec is None else
-                  {"format": spec[0], "group_size": spec[1], "symmetric": spec[2]})
-    return got
 
 
 def smooth_model(cfg: ModelConfig, sd: dict, alpha: float = 0.5, calibration=None, n_seqs: int = 4,
