@@ -216,6 +216,7 @@ struct GemvArgs {
   bool vec;
   const float* sw;
   const float* zero;
+  float zero_point;  // Int4 without zero: every group's (QWeight::zero_point)
   int64_t group;     // Int4 group; FP8: 0 (per tensor) or 128
   const float* bias;
   float* y;
@@ -311,7 +312,7 @@ __global__ void __launch_bounds__(256) gemv_kernel(GemvArgs a) {
     } else {  // Int4: bytes j0 .. j0+15 hold k = 2 j0 .. 2 j0 + 31 (low nibble first), all in one group
       const int64_t k0 = 2 * j0, g = k0 / a.group;
       const float sc = a.sw[n * G + g];
-      const float z = a.zero ? a.zero[n * G + g] : 7.5f;
+      const float z = a.zero ? a.zero[n * G + g] : a.zero_point;
       float qf[32];
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
@@ -621,6 +622,7 @@ struct FmaArgs {
   const uint8_t* W;
   const float* sw;
   const float* zero;
+  float zero_point;  // Int4 without zero: every group's (QWeight::zero_point)
   int64_t group;
   const float* bias;
   float* y;
@@ -674,7 +676,7 @@ __global__ void __launch_bounds__(256) fma_kernel(FmaArgs a) {
       } else {  // Int4: K % 32 == 0, so k0 + lk + 8 <= K
         if (n < a.N) {
           const int64_t g = k0 / a.group;
-          const float sc = a.sw[n * G + g], z = a.zero ? a.zero[n * G + g] : 7.5f;
+          const float sc = a.sw[n * G + g], z = a.zero ? a.zero[n * G + g] : a.zero_point;
           const uint8_t* wr = a.W + n * (a.K / 2) + (k0 + lk) / 2;
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
@@ -890,6 +892,7 @@ void quant_linear(int64_t M, const void* x, DType xdt, int64_t ldx, const QWeigh
     a.W = static_cast<const uint8_t*>(w.data);
     a.sw = w.scale;
     a.zero = w.zero;
+    a.zero_point = w.zero_point;
     a.group = w.group;
     a.bias = bias;
     a.y = y;
@@ -919,6 +922,7 @@ void quant_linear(int64_t M, const void* x, DType xdt, int64_t ldx, const QWeigh
   a.vec = w_aligned && a.row_bytes % 16 == 0;
   a.sw = w.scale;
   a.zero = w.zero;
+  a.zero_point = w.zero_point;
   a.group = w.group;
   a.bias = bias;
   a.y = y;

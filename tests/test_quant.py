@@ -208,6 +208,39 @@ def test_int8_weight_kernels_every_isa(group, zero, gen):
         _C.force_cpu_isa(best)
 
 
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_constant_zero_point_every_isa(group, gen):
+    """int4 without a zero-point array, every group's zero point QWeight::zero_point (what the runner takes when a
+    weight's zero points are all one value, as a GGUF Q4_0's 8 are): the GEMV tiles (1 .. 15 rows), the 4 x 4
+    tiles and the dequantized panels (16, 40 rows) give the bits of the same weight with the array, on every ISA;
+    the default, 7.5, is the symmetric format."""
+    from normengine import _C
+    from conftest import _supported_isas
+
+    N, K = 37, 4 * group
+    data = torch.randint(0, 256, (N, K // 2), generator=gen, dtype=torch.uint8)
+    s = torch.rand(N, K // group, generator=gen) * 0.01
+    best = _C.cpu_isa()
+    try:
+        for isa in _supported_isas():
+            _C.force_cpu_isa(isa)
+            for M in (1, 3, 4, 7, 15, 16, 40):
+                x = torch.randn(M, K, generator=gen)
+                for zp in (8.0, 7.5, 3.25):
+                    with_array, constant = torch.empty(M, N), torch.empty(M, N)
+                    _C.quant_linear(x, 2, data, s, torch.full((N, K // group), zp), group, N, K, None, with_array)
+                    _C.quant_linear(x, 2, data, s, None, group, N, K, None, constant, zero_point=zp)
+                    assert torch.equal(with_array, constant), (isa, M, zp)
+                default = torch.empty(M, N)
+                _C.quant_linear(x, 2, data, s, None, group, N, K, None, default)
+                assert torch.equal(default, ne.ops.quantized_linear(
+                    x, ne.ops.QuantizedWeight("int4", (N, K), data, s, None, group))), (isa, M)
+    finally:
+        _C.force_cpu_isa(best)
+    with pytest.raises(ne.errors.ArgumentError, match="zero_point"):
+        _C.quant_linear(x, 2, data, s, None, group, N, K, None, torch.empty(40, N), zero_point=float("nan"))
+
+
 def test_int8_kernel_selection():
     from normengine import _C
 

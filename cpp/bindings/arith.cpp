@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <string>
 
 #include "bindings/interop.h"
@@ -52,7 +53,7 @@ void bind_arith(py::module_& m) {
   m.def(
       "quant_linear",
       [](py::handle x, int fmt, py::handle data, py::handle scale, py::handle zero, int64_t group, int64_t N,
-         int64_t K, py::handle bias, py::handle out, bool accumulate, bool bf16_products) {
+         int64_t K, py::handle bias, py::handle out, bool accumulate, bool bf16_products, float zero_point) {
         Borrowed b;
         TensorView vx = view_of(x, "x", b), vd = view_of(data, "qweight.data", b), vs = view_of(scale, "qweight.scale", b),
                    vo = view_of(out, "out", b);
@@ -83,6 +84,8 @@ void bind_arith(py::module_& m) {
         w.data = vd.data;
         w.scale = static_cast<const float*>(vs.data);
         w.zero = vz.ptr() ? static_cast<const float*>(vz.ptr()->data) : nullptr;
+        if (!std::isfinite(zero_point)) throw ne::ValueError("zero_point: expected a finite value");
+        w.zero_point = zero_point;
         const float* pb = vec(vb, N);
         py::gil_scoped_release nogil;
         ne::quant_gemm_f32(M, static_cast<const float*>(vx.data), ldx, w, pb, static_cast<float*>(vo.data), ldy,
@@ -90,8 +93,9 @@ void bind_arith(py::module_& m) {
       },
       py::arg("x"), py::arg("format"), py::arg("data"), py::arg("scale"), py::arg("zero"), py::arg("group"),
       py::arg("N"), py::arg("K"), py::arg("bias"), py::arg("out"), py::arg("accumulate") = false,
-      py::arg("bf16_products") = false,
-      "out[M, N] (+)= x[M, K] @ dequant(W)^T (+ bias), the format's own activation handling (quant_gemm.h).");
+      py::arg("bf16_products") = false, py::arg("zero_point") = 7.5f,
+      "out[M, N] (+)= x[M, K] @ dequant(W)^T (+ bias), the format's own activation handling (quant_gemm.h); "
+      "zero_point: int4 without zero points, every group's (QWeight::zero_point).");
   m.def(
       "quantize_weight_rows",
       [](py::handle w, int fmt, int64_t group, bool symmetric, py::handle data, py::handle scale, py::handle zero) {

@@ -27,7 +27,8 @@ NE_QE_HD float e4m3_to_f32(uint8_t b) {
 
 // w[n, k] of q, exactly as the GEMMs read it:
 //   int8 / int8-weight: q * scale[n] (grouped int8-weight: q * scale[n, k / group], or (q - zero) * scale)
-//   int4: (nibble - zero) * scale per group of q.group along K (symmetric: zero 7.5, mid-rise)
+//   int4: (nibble - zero) * scale per group of q.group along K (no zero array: q.zero_point, 7.5 unless the runner
+//         found a weight's zero points all equal)
 //   fp8: e4m3(q) * scale (per tensor, or per 128 x 128 block)
 NE_QE_HD float quant_elem(const QWeight& q, int64_t n, int64_t k) {
   const int64_t K = q.K;
@@ -43,7 +44,7 @@ NE_QE_HD float quant_elem(const QWeight& q, int64_t n, int64_t k) {
       const uint8_t byte = static_cast<const uint8_t*>(q.data)[n * (K / 2) + k / 2];
       const int nib = (k & 1) ? (byte >> 4) : (byte & 15);
       const int64_t gi = n * (K / q.group) + k / q.group;
-      const float z = q.zero ? q.zero[gi] : 7.5f;
+      const float z = q.zero ? q.zero[gi] : q.zero_point;
       return (static_cast<float>(nib) - z) * q.scale[gi];
     }
     case QFormat::FP8:

@@ -128,27 +128,27 @@ void block_int8(const QArgs& a, int64_t n0, int64_t n1) {
   }
 }
 
-// sum_g s_g z_g gsum_g over G groups: a zero-pointed weight row's offset term (z null: 7.5 for every group, the
-// symmetric int4 mid-rise levels)
-inline float zero_term(const float* s, const float* z, const float* gsum, int64_t G) {
+// sum_g s_g z_g gsum_g over G groups: a zero-pointed weight row's offset term (z null: zc for every group, int4's
+// QWeight::zero_point)
+inline float zero_term(const float* s, const float* z, float zc, const float* gsum, int64_t G) {
   int64_t g = 0;
   float t = 0.0f;
 #if defined(__AVX512F__)
   __m512 v = _mm512_setzero_ps();
   for (; g + 16 <= G; g += 16) {
-    const __m512 zg = z ? _mm512_loadu_ps(z + g) : _mm512_set1_ps(7.5f);
+    const __m512 zg = z ? _mm512_loadu_ps(z + g) : _mm512_set1_ps(zc);
     v = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(s + g), zg), _mm512_loadu_ps(gsum + g), v);
   }
   t = _mm512_reduce_add_ps(v);
 #elif defined(__AVX2__)
   __m256 v = _mm256_setzero_ps();
   for (; g + 8 <= G; g += 8) {
-    const __m256 zg = z ? _mm256_loadu_ps(z + g) : _mm256_set1_ps(7.5f);
+    const __m256 zg = z ? _mm256_loadu_ps(z + g) : _mm256_set1_ps(zc);
     v = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), zg), _mm256_loadu_ps(gsum + g), v);
   }
   t = hsum_ps(v);
 #endif
-  for (; g < G; ++g) t += s[g] * (z ? z[g] : 7.5f) * gsum[g];
+  for (; g < G; ++g) t += s[g] * (z ? z[g] : zc) * gsum[g];
   return t;
 }
 
@@ -271,7 +271,7 @@ void int8w_tile(const QArgs& a, int64_t m, int64_t n) {
 #elif defined(__AVX2__)
       y[r][c] += hsum_ps(t[r][c]);
 #endif
-      if constexpr (ZP) y[r][c] -= zero_term(sr[c], zr[c], a.gsum + (m + r) * G, G);
+      if constexpr (ZP) y[r][c] -= zero_term(sr[c], zr[c], 0.0f, a.gsum + (m + r) * G, G);
       quant_store(a, m + r, n + c, y[r][c]);
     }
 }
@@ -347,7 +347,7 @@ void int8w_scaled_tile(const QArgs& a, int64_t m, int64_t n) {
 #else
       float y = hsum_ps(t[r][c]);
 #endif
-      if constexpr (ZP) y -= zero_term(sr[c], zr[c], a.gsum + (m + r) * G, G);
+      if constexpr (ZP) y -= zero_term(sr[c], zr[c], 0.0f, a.gsum + (m + r) * G, G);
       quant_store(a, m + r, n + c, y);
     }
 }
@@ -441,7 +441,7 @@ void int4_tile512(const QArgs& a, int64_t m, int64_t n, int64_t g0, int64_t g1, 
     const float* gs = a.gsum + (m + r) * G + g0;
     for (int c = 0; c < NR; ++c) {
       const float* zp = w.zero ? w.zero + (n + c) * G + g0 : nullptr;
-      const float zterm = zero_term(w.scale + (n + c) * G + g0, zp, gs, g1 - g0);  // sum_g s_g z_g gsum_g
+      const float zterm = zero_term(w.scale + (n + c) * G + g0, zp, w.zero_point, gs, g1 - g0);  // sum_g s_g z_g gsum_g
       part[r * ldp + c] += _mm512_reduce_add_ps(total[r][c]) - zterm;
     }
   }
@@ -512,7 +512,7 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
         for (int r = 0; r < 4; ++r) total[r] = _mm256_fmadd_ps(acc[r], s, total[r]);
       }
       for (int r = 0; r < 4; ++r)
-        quant_store(a, m0 + r, n, hsum_ps(total[r]) - zero_term(sc, zp, a.gsum + (m0 + r) * G, G));
+        quant_store(a, m0 + r, n, hsum_ps(total[r]) - zero_term(sc, zp, w.zero_point, a.gsum + (m0 + r) * G, G));
     }
   }
 #endif
@@ -523,7 +523,8 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* wr = W + n * (K / 2);
       const float* sc = w.scale + n * G;
-      const float zterm = zero_term(sc, w.zero ? w.zero + n * G : nullptr, gs, G);  // sum_g s_g z_g gsum_g
+      const float* zp = w.zero ? w.zero + n * G : nullptr;
+      const float zterm = zero_term(sc, zp, w.zero_point, gs, G);  // sum_g s_g z_g gsum_g
 #if defined(__AVX2__)
       const __m256i lo_mask = _mm256_set1_epi32(15);
       __m256 total = _mm256_setzero_ps();
@@ -700,8 +701,8 @@ void dequant_rows(const QWeight& w, int64_t n0, int64_t n1, float* out) {
       const uint8_t* q = static_cast<const uint8_t*>(w.data) + n * (K / 2);
       const int64_t G = K / w.group;
       for (int64_t g = 0; g < G; ++g)
-        dequant_int4_run(q + g * w.group / 2, w.group / 2, w.scale[n * G + g], w.zero ? w.zero[n * G + g] : 7.5f,
-                         o + g * w.group);
+        dequant_int4_run(q + g * w.group / 2, w.group / 2, w.scale[n * G + g],
+                         w.zero ? w.zero[n * G + g] : w.zero_point, o + g * w.group);
     } else {
       const uint8_t* q = static_cast<const uint8_t*>(w.data) + n * K;
       const float* lut = e4m3().v;

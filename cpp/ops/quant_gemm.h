@@ -31,6 +31,9 @@ struct QWeight {
   // [ceil(N/128), ceil(K/128)] when group == 128 (block scales).
   const float* scale = nullptr;
   const float* zero = nullptr;  // Int4 / grouped Int8Weight asymmetric only: [N, K/group], in quantized units
+  // Int4 with zero == nullptr: every group's zero point. 7.5 (symmetric, mid-rise) unless the runner found all of a
+  // weight's zero points equal (a GGUF Q4_0's are 8): it then reads this one instead of the [N, K/group] array.
+  float zero_point = 7.5f;
   int64_t group = 0;  // Int4: 32, 64 or 128 (K % group == 0); FP8: 0 or 128; Int8: 0; Int8Weight: 0, 16 .. 128
 };
 
