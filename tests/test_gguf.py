@@ -730,6 +730,23 @@ def test_hand_made_file_loads(tmp_path):
     m = ne.load(p)
     assert m.config.d_model == 32 and m.config.tied_head and m.tokenizer is None
     assert len(m.generate([1, 2, 3], max_new_tokens=4)) == 4
+    p.write_bytes(gguf_bytes(kvs, _as_q8_0(tensors)))  # its linear weights as Q8_0 blocks: the torch-free path
+    m, full = ne.load(p), ne.load(p, kv_cache_dtype=torch.float32)
+    assert m._arrays and not full._arrays and m.config.quantization == "int8-weight"
+    np.testing.assert_array_equal(m.logits([1, 2, 3]).numpy(), full.logits([1, 2, 3]).numpy())  # (NaN where a
+    # block's float16 scale bytes are a NaN: the same on both paths)
+
+
+def _as_q8_0(tensors, rows_of=None):
+    """The tiny file's linear weights as Q8_0 blocks (random bytes), with the row counts `rows_of` gives."""
+    out, off = [], 0
+    for name, ne_, t, _, nb in tensors:
+        if len(ne_) == 2 and name != "token_embd.weight":
+            ne_ = [ne_[0], (rows_of or {}).get(name, ne_[1])]
+            t, nb = 8, ne_[0] // 32 * 34 * ne_[1]
+        out.append((name, ne_, t, off, nb))
+        off += -(-nb // 32) * 32
+    return out
 
 
 def _bad_cases():
@@ -768,6 +785,12 @@ def _bad_cases():
     yield "heads", gguf_bytes(odd, tensors), "'blk.0.attn_q.weight': a q / k weight of 32 rows is not 3 heads"
     yield "kv_type", gguf_bytes(kvs[:1] + [("llama.embedding_length", 8, _s("32"))] + kvs[2:], tensors), \
         "expected a int"
+    # packed weights (the torch-free path): a q weight short of rows (its RoPE row order indexes them), a gate
+    # weight short of rows, a head of another width
+    for name, rows in (("blk.0.attn_q.weight", 16), ("blk.0.ffn_gate.weight", 32), ("blk.0.attn_output.weight", 16)):
+        canonical = {"attn_q": "attn.q", "ffn_gate": "mlp.gate", "attn_output": "attn.o"}[name.split(".")[2]]
+        yield f"q8_{name}", gguf_bytes(kvs, _as_q8_0(tensors, {name: rows})), \
+            f"'{name}' \\(Q8_0, shape \\({rows}, \\d+\\)\\) does not hold 'blocks.0.{canonical}.weight'"
 
 
 @pytest.mark.parametrize("case", list(_bad_cases()), ids=lambda c: c[0])

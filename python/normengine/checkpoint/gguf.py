@@ -590,15 +590,27 @@ def repack_exact(g: GGUFFile, cfg, fmt: str = "int4", arrays: bool = False):
     sources = _canonical_sources(g, g.metadata.get("general.architecture"), cfg)
     if auto and not cfg.tied_head and "token_embd.weight" in g.tensors:
         sources.append(("tok_emb.weight", "token_embd.weight", None, None))
+    from ..config import _dense_shapes
+
+    shapes = _dense_shapes(cfg)  # (each weight's [N, K], whether or not cfg is quantized)
     out, whole_weight, left_of = {}, {}, {}
     for name, src, expert, rows in sources:
         if src in whole_weight and expert is None and rows is None:  # a tied head: one object for both names
             out[name] = whole_weight[src]
             continue
-        kind = g.tensors[src].type.name
+        info = g.tensors[src]
+        kind = info.type.name
         want = EXACT.get(kind) if auto else fmt if kind in REPACKED[fmt] else None
-        if want is None:
-            continue
+        if want is None or name not in shapes:
+            continue  # (a tensor the config does not use is mapped, and dropped with a warning, as any other)
+        # the rows this weight takes must be there (the file is untrusted): checked before any is indexed
+        avail = info.shape[-2] if len(info.shape) >= 2 else 0
+        ok = (len(info.shape) == (3 if expert is not None else 2) and (expert is None or expert < info.shape[0])
+              and (rows is None or (len(rows) > 0 and int(np.max(rows)) < avail))
+              and (avail if rows is None else len(rows), info.shape[-1]) == tuple(shapes[name]))
+        if not ok:
+            raise CheckpointError(f"{g.path}: tensor '{src}' ({kind}, shape {tuple(info.shape)}) does not hold "
+                                  f"'{name}' of shape {tuple(shapes[name])} for this config")
         count = left_of.setdefault(src, [0])  # (the objects of this GGUF tensor not unpacked yet)
         count[0] += 1
         out[name] = GGUFPacked(g, src, want, expert, rows, count, arrays)
