@@ -203,6 +203,22 @@ inline TensorView view_of(py::handle obj, const char* name, Borrowed& b, bool u1
   return with_memory(v, name);
 }
 
+// A CPU tensor of dtype `dt`, `rows` x `cols` elements with unit stride along the columns (cols < 0:
+// any); returns its row stride.
+inline int64_t matrix(const ne::TensorView& t, ne::DType dt, int64_t rows, int64_t cols) {
+  if (t.device.type != ne::DeviceType::CPU)
+    throw ne::DeviceError(std::string(t.name) + ": expected a CPU tensor, got " + t.device.str());
+  if (t.dtype != dt)
+    throw ne::DTypeError(std::string(t.name) + ": expected " + ne::dtype_name(dt) + ", got " + ne::dtype_name(t.dtype));
+  const bool ok = t.ndim == 2 && t.shape[0] == rows && (cols < 0 || t.shape[1] == cols) &&
+                  (t.shape[1] <= 1 || t.strides[1] == 1) && (rows <= 1 || t.strides[0] >= t.shape[1]);
+  if (!ok)
+    throw ne::ShapeError(std::string(t.name) + ": expected a [" + std::to_string(rows) + ", " +
+                         (cols < 0 ? std::string("*") : std::to_string(cols)) + "] matrix with contiguous rows, got " +
+                         ne::shape_str(t));
+  return rows > 1 ? t.strides[0] : t.shape[1];
+}
+
 struct Opt {  // an optional tensor argument
   bool has = false;
   TensorView v;

@@ -124,12 +124,11 @@ void set_quant_tensor(R& r, const std::string& name, int format, py::handle data
   r.set_quant_tensor(name, format, vd, vs, has_zero ? &vz : nullptr, group);
 }
 
-// A contiguous CPU array of `dtype` and shape {rows, cols}, or the error naming it.
+// matrix() (interop.h) whose rows lie back to back, as the GGUF unpacker reads and writes them.
 void expect_matrix(const TensorView& v, ne::DType dtype, int64_t rows, int64_t cols) {
-  if (v.device.type != ne::DeviceType::CPU || v.dtype != dtype || v.ndim != 2 || v.shape[0] != rows ||
-      v.shape[1] != cols || !v.is_contiguous())
-    throw ne::ShapeError(std::string(v.name) + ": expected a contiguous CPU " + ne::dtype_name(dtype) + " array [" +
-                         std::to_string(rows) + ", " + std::to_string(cols) + "]");
+  if (matrix(v, dtype, rows, cols) != cols)
+    throw ne::ShapeError(std::string(v.name) + ": expected a contiguous array (rows back to back), got " +
+                         ne::shape_str(v));
 }
 
 }  // namespace

@@ -216,7 +216,7 @@ void Runner::set_quant_tensor(const std::string& name, int format, const TensorV
   const WeightSlot<W> slot = weight_slot<W>(*impl_, spec_, name);
   QWeight q = quant_weight(slot, name, format, data, scale, zero, group, Device{DeviceType::CPU, 0});
   // int4 whose zero points are all one value (a GGUF Q4_0 weight's are 8): the kernels take that value instead of
-  // reading the array (a quarter of what a decode step streams of the weight at groups of 32), the same sums
+  // reading the array (a sixth of what a decode step streams of the weight at groups of 32), the same sums
   if (q.format == QFormat::Int4 && q.zero) {
     const int64_t n = q.N * (q.K / q.group);
     const float z0 = q.zero[0];

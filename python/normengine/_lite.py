@@ -27,9 +27,10 @@ import numpy as np
 from ._arena import Arena
 from ._packed import QuantizedWeight, is_quantized
 from .checkpoint.readers import locate, normengine_config, read_located, restore_aliases, weight_files
-from .checkpoint.safetensors_io import copy_releasing, is_bf16
+from .checkpoint.safetensors_io import array_dtype_name as _dtype_name
+from .checkpoint.safetensors_io import copy_releasing
 from .config import _dense_shapes, iter_expected_shapes, quant_of
-from .model import Model, _adjacent_order, _is_vector, _slots
+from .model import Model, _adjacent_order, _is_vector, _parts, _slots
 
 _FLOATS = ("float32", "float16", "bfloat16")
 # the dtype of each packed part, by format (normengine._packed.QuantizedWeight's layouts)
@@ -37,10 +38,6 @@ _PACKED = {"int8": {"qdata": "int8", "qscale": "float32"},
            "int8-weight": {"qdata": "int8", "qscale": "float32", "qzero": "float32"},
            "int4": {"qdata": "uint8", "qscale": "float32", "qzero": "float32"},
            "fp8": {"qdata": "uint8", "qscale": "float32"}}
-
-
-def _dtype_name(a: np.ndarray) -> str:
-    return "bfloat16" if is_bf16(a) else a.dtype.name
 
 
 def load(path: str, *, norm=None, arithmetic=None, lmul_bits: int = 4, lmul_scope: str = "attention",
@@ -88,21 +85,7 @@ def load(path: str, *, norm=None, arithmetic=None, lmul_bits: int = 4, lmul_scop
         return None  # L-Mul reads float32 weights: converted on the torch path
     dtype = next((_dtype_name(a) for n, a in arrays.items() if n.endswith("attn.q.weight")), "float32")
 
-    # One slot per stored tensor (a tied head is the embedding's), in the runner's dtype: float32 for
-    # the norms' gains and biases, the stored dtype for the rest (packed parts included); [q; k; v]
-    # and [gate; up] adjacent.
-    plans = [(names, a, np.dtype(np.float32) if vec else a.dtype) for names, a, vec in _slots(arrays)]
-    del arrays
-    plans = _adjacent_order(plans, cfg.n_layers)
-    arena = Arena(sum(Arena.room(a.shape, want) for _, a, want, _ in plans))
-    weights = {}
-    for k in range(len(plans)):
-        (names, a, want, follow), plans[k] = plans[k], None
-        slot = arena.take(a.shape, want, follow)
-        copy_releasing(a, out=slot)  # (each block's pages of the file handed back once copied)
-        for n in names:
-            weights[n] = slot
-        del a
+    weights = _place(cfg, arrays)
     if cfg.quantization is not None:  # each quantized weight's parts as one packed weight (shared ones once)
         memo: dict = {}
         for name, shape in _dense_shapes(cfg).items():
@@ -133,24 +116,33 @@ def load_gguf(path: str, *, norm=None, arithmetic=None, lmul_bits: int = 4, lmul
         return None  # (torch's path names the tensor of an unexpected dtype)
     dtype = next((_dtype_name(a) for n, a in arrays.items() if n.endswith("attn.q.weight") and not is_quantized(a)),
                  "float32")
+    weights = _place(cfg, arrays)
+    return Model._from_arrays(cfg, weights, dtype, path=path, arithmetic=arithmetic, lmul_bits=lmul_bits,
+                              lmul_scope=lmul_scope, matmul_precision=matmul_precision)
+
+
+def _place(cfg, arrays: dict) -> dict:
+    """The runner's weights from `arrays` (emptied: each source is dropped once copied): one slot per stored
+    tensor (a tied head is the embedding's) of one huge-page arena, in the runner's dtype: float32 for the norms'
+    gains and biases, the stored dtype for the rest; [q; k; v] and [gate; up] adjacent. A packed weight (a GGUF
+    file's GGUFPacked) writes its parts into slots of their own."""
     plans = [(names, a, None if is_quantized(a) else np.dtype(np.float32) if vec else a.dtype)
              for names, a, vec in _slots(arrays)]
-    del arrays
+    arrays.clear()
     plans = _adjacent_order(plans, cfg.n_layers)
-    arena = Arena(sum(Arena.room(p.shape, p.dtype if want is None else want)
-                      for _, a, want, _ in plans for p in (a.tensors().values() if want is None else (a,))))
+    arena = Arena(sum(Arena.room(p.shape, p.dtype if want is None else want) for _, a, want, _ in plans
+                      for p in _parts(a)))
     weights = {}
     for k in range(len(plans)):
         (names, a, want, follow), plans[k] = plans[k], None
-        if want is None:  # a packed weight: unpacked from the file's blocks into its slots
+        if want is None:
             parts = {key: arena.take(p.shape, p.dtype) for key, p in a.tensors().items()}
-            a.unpack_into(parts)
+            a.write_into(parts)
             slot = QuantizedWeight.from_tensors(parts, a.format, a.group_size, a.shape)
         else:
             slot = arena.take(a.shape, want, follow)
-            copy_releasing(a, out=slot)  # (a view of the mapped file: its pages handed back as copied)
+            copy_releasing(a, out=slot)  # (a view of a mapped file: each block's pages handed back once copied)
         for n in names:
             weights[n] = slot
         del a
-    return Model._from_arrays(cfg, weights, dtype, path=path, arithmetic=arithmetic, lmul_bits=lmul_bits,
-                              lmul_scope=lmul_scope, matmul_precision=matmul_precision)
+    return weights

@@ -47,6 +47,12 @@ class QuantizedWeight:
             out["qzero"] = self.zero
         return out
 
+    def write_into(self, parts: dict) -> None:
+        """Copy the packed tensors into `parts` (same suffixes, shapes; torch tensors or numpy arrays): how
+        normengine.load places a packed weight in its weight arena (GGUFPacked unpacks its blocks there)."""
+        for key, p in self.tensors().items():
+            parts[key][...] = p
+
     @classmethod
     def from_tensors(cls, tensors: dict, format: str, group_size: int, shape) -> "QuantizedWeight":
         for k in ("qdata", "qscale"):

@@ -507,11 +507,7 @@ class Model:
             if want is None:
                 if arena is not None:
                     parts = {key: arena.take(p.shape, p.dtype) for key, p in t.tensors().items()}
-                    if hasattr(t, "unpack_into"):  # a GGUF file's blocks: unpacked straight into the arena
-                        t.unpack_into(parts)
-                    else:
-                        for key, p in t.tensors().items():
-                            parts[key].copy_(p)
+                    t.write_into(parts)  # (a GGUF file's blocks: unpacked straight into the arena)
                     c = QuantizedWeight.from_tensors(parts, t.format, t.group_size, t.shape)
                 else:
                     c = t.to(dev)

@@ -63,6 +63,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from .._packed import QuantizedWeight
+from ..config import _dense_shapes
 from ..errors import CheckpointError, UnsupportedError
 from . import gguf_io as io
 from .gguf_io import MAGIC, GGUFFile, read_gguf
@@ -417,7 +418,7 @@ _OFFSET_PARTS = {
 def int4_groups_reference(b: np.ndarray, kind: str, N: int, K: int):
     """A Q4_0 / Q4_1 / Q4_K tensor (blocks b, uint8 [n_blocks, type_size], of N rows of K) as normengine's
     asymmetric int4 with groups of 32, w = (q - z) s: (codes uint8 [N, K] in element order, s float32 [N, K/32],
-    z float32 [N, K/32]). The reference of the native unpacker (unpack_rows), in numpy.
+    z float32 [N, K/32]). The reference of the native unpacker (GGUFPacked), in numpy.
         Q4_0  s = d, z = 8                      (exact)
         Q4_1  s = d, z = -m / d                 (q d + m to float32 rounding)
         Q4_K  s = d sc_j, z = dmin m_j / s      (s q - dmin m_j to float32 rounding; as ggml, d sc_j is a
@@ -494,7 +495,7 @@ class GGUFPacked(QuantizedWeight):
     """A packed weight (a QuantizedWeight of format fmt: "int4" for Q4_0 / Q4_1 / Q4_K, "int8-weight" for every
     quantized type) still in its GGUF file's blocks: GGUF tensor `name`, its rows of expert `expert`, in the
     order `rows`, when given. Its parts' shapes and dtypes are known (meta tensors, no memory) until
-    unpack_into writes them into memory the caller gives: normengine.load unpacks each weight straight into
+    write_into writes them into memory the caller gives: normengine.load unpacks each weight straight into
     its slot of the model's weight arena, so the packed weights are written once and never held twice.
     Anything else that reads the values (to(), dequantize()) unpacks them into fresh memory first
     (materialize). The unpacking is the native normengine._C.gguf_unpack, on every thread: the values of
@@ -529,16 +530,17 @@ class GGUFPacked(QuantizedWeight):
         super().__init__(fmt, (n, K), meta((n, K // 2 if int4 else K), "uint8" if int4 else "int8"),
                          meta((n, K // group), "float32"),
                          meta((n, K // group), "float32") if _C.gguf_has_zero(kind, int4) else None, group)
-        self._g, self._name, self._kind, self._rows, self._source, self._real = g, name, kind, idx, source, None
+        self._g, self._name, self._kind, self._src_rows = g, name, kind, N
+        self._rows, self._source, self._real = idx, source, None
 
-    def unpack_into(self, parts: dict) -> None:
+    def write_into(self, parts: dict) -> None:
         """Unpack into parts {"qdata", "qscale"[, "qzero"]}: contiguous CPU arrays of the meta tensors' shapes and
         dtypes (torch tensors or numpy arrays)."""
         from .. import _C
         from .safetensors_io import release_range
 
         b = self._g.raw(self._name)
-        _C.gguf_unpack(self._kind, b.reshape(_rows_cols(self._g.tensors[self._name])[0], -1), self.shape[1],
+        _C.gguf_unpack(self._kind, b.reshape(self._src_rows, -1), self.shape[1],
                        self._rows, self.format == "int4", parts["qdata"], parts["qscale"], parts.get("qzero"))
         if self._source is not None:
             self._source[0] -= 1
@@ -555,7 +557,7 @@ class GGUFPacked(QuantizedWeight):
 
                 empty = torch.empty
             parts = {k: empty(p.shape, dtype=p.dtype) for k, p in self.tensors().items()}
-            self.unpack_into(parts)
+            self.write_into(parts)
             self._real = QuantizedWeight.from_tensors(parts, self.format, self.group_size, self.shape)
         return self._real
 
@@ -590,8 +592,6 @@ def repack_exact(g: GGUFFile, cfg, fmt: str = "int4", arrays: bool = False):
     sources = _canonical_sources(g, g.metadata.get("general.architecture"), cfg)
     if auto and not cfg.tied_head and "token_embd.weight" in g.tensors:
         sources.append(("tok_emb.weight", "token_embd.weight", None, None))
-    from ..config import _dense_shapes
-
     shapes = _dense_shapes(cfg)  # (each weight's [N, K], whether or not cfg is quantized)
     out, whole_weight, left_of = {}, {}, {}
     for name, src, expert, rows in sources:

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..config import ModelConfig, expected_shapes
 from ..errors import ArgumentError, CheckpointError, UnsupportedError
-from .safetensors_io import bf16_to_f32, is_bf16, release_pages
+from .safetensors_io import array_dtype_name, bf16_to_f32, is_bf16, release_pages
 
 _ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
@@ -680,7 +680,7 @@ def _float32(t):
 def _float_dtype(t) -> Optional[str]:
     """The name of t's floating dtype ("float32", "bfloat16", ...), None for an integer tensor."""
     if _is_array(t):
-        return "bfloat16" if is_bf16(t) else t.dtype.name if t.dtype.kind == "f" else None
+        return array_dtype_name(t) if is_bf16(t) or t.dtype.kind == "f" else None
     return str(t.dtype).replace("torch.", "") if t.is_floating_point() else None
 
 

@@ -216,6 +216,11 @@ def release_range(lo: int, hi: int) -> int:
     return 0
 
 
+def array_dtype_name(a: np.ndarray) -> str:
+    """The name of a numpy array's element type, "bfloat16" for a BF16-tagged uint16 array (is_bf16)."""
+    return "bfloat16" if is_bf16(a) else a.dtype.name
+
+
 def copy_releasing(t, dtype=None, chunk_bytes: int = 8 << 20, out=None):
     """A contiguous `dtype` copy of `t` (into `out`, contiguous, of t's shape and `dtype`, if given)
     that the caller will not read again: when `t` is mapped checkpoint memory it is copied in row
