@@ -90,11 +90,15 @@ def _samples():
     yield "linear_attention_forward", (0, 0, True, True, 0, 1e-6, q, q.clone(), q.clone(), None, None, False)
     x32, W32 = torch.randn(6, 32, generator=g), torch.randn(12, 32, generator=g)
     qw = ne.ops.quantize_weight(W32, "int4", group_size=32, symmetric=False)
-    yield "quant_linear", (x32, 2, qw.data, qw.scale, qw.zero, 32, 12, None, False)
+    yield "quant_linear", (x32, 2, qw.data, qw.scale, qw.zero, 32, 12, None, False, None, None, 0)
     qw = ne.ops.quantize_weight(W32, "int8-weight", group_size=32)
-    yield "quant_linear", (x32, 1, qw.data, qw.scale, None, 32, 12, None, False)
+    yield "quant_linear", (x32, 1, qw.data, qw.scale, None, 32, 12, None, False, None, None, 0)
     qw = ne.ops.quantize_weight(W32, "int8-weight", group_size=16)  # (with zero points: a GGUF Q2_K's packing)
-    yield "quant_linear", (x32, 1, qw.data, qw.scale, torch.rand(12, 2, generator=g), 16, 12, None, False)
+    yield "quant_linear", (x32, 1, qw.data, qw.scale, torch.rand(12, 2, generator=g), 16, 12, None, False, None, None,
+                           0)
+    sub = torch.randint(0, 64, (12, 2), generator=g, dtype=torch.int8)  # two-level scales (a GGUF Q5_K's)
+    yield "quant_linear", (x32, 1, qw.data, torch.rand(12, 1, generator=g), torch.rand(12, 1, generator=g), 16, 12,
+                           None, False, sub, sub.flip(1).contiguous(), 2)
 
 
 @pytest.mark.parametrize("name,args", list(_samples()), ids=lambda v: v if isinstance(v, str) else "")

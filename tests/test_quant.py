@@ -208,6 +208,87 @@ def test_int8_weight_kernels_every_isa(group, zero, gen):
         _C.force_cpu_isa(best)
 
 
+TWO_LEVEL = [("int4", 32, 8, True), ("int4", 64, 2, False), ("int8-weight", 16, 16, False),  # Q4_K, -, Q6_K
+             ("int8-weight", 32, 8, True), ("int8-weight", 16, 16, True)]                      # Q5_K, Q2_K
+
+
+def _two_level(fmt, group, S, offsets, N, K, gen):
+    """A random weight with two-level scales (GGUF K-quant-like: float16-valued super-block scales, 6-bit integer
+    sub-scales and mins, signed for int8-weight without offsets as Q6_K's)."""
+    G = K // group
+    data = (torch.randint(0, 256, (N, K // 2), generator=gen, dtype=torch.uint8) if fmt == "int4" else
+            torch.randint(0, 32, (N, K), generator=gen, dtype=torch.int8) if offsets else
+            torch.randint(-32, 32, (N, K), generator=gen, dtype=torch.int8))
+    d = (torch.rand(N, G // S, generator=gen) * 1e-3).half().float()
+    sub = torch.randint(0 if offsets else -64, 64, (N, G), generator=gen, dtype=torch.int8)
+    if not offsets:
+        return ne.ops.QuantizedWeight(fmt, (N, K), data, d, None, group, sub)
+    dmin = (torch.rand(N, G // S, generator=gen) * 1e-3).half().float()
+    mins = torch.randint(0, 64, (N, G), generator=gen, dtype=torch.int8)
+    sub[0, 0] = 0  # a group of scale 0 under an offset: every value -o
+    return ne.ops.QuantizedWeight(fmt, (N, K), data, d, dmin, group, sub, mins)
+
+
+@pytest.mark.parametrize("fmt,group,S,offsets", TWO_LEVEL, ids=lambda v: str(v))
+def test_two_level_scales_every_isa(fmt, group, S, offsets, gen):
+    """Two-level scales (QWeight::sub, how GGUF's K-quants load): s = d sc per group, offsets o = dmin m, w = q s - o.
+    dequantize() is the float32 products q (d sc) - dmin m bit for bit; the GEMV tiles (1 .. 15 rows), 4 x 4 tiles
+    and dequantized panels (16, 40 rows) on every ISA against the float64 reference; the same outputs as the weight
+    expanded to one level (single_level, which the CUDA kernels take) within float32 rounding."""
+    from normengine import _C
+    from conftest import _supported_isas
+
+    N, K = 37, 2 * group * S
+    q = _two_level(fmt, group, S, offsets, N, K, gen)
+    assert q.super_groups == S and set(q.tensors()) >= {"qdata", "qscale", "qsub"}
+    G = K // group
+    codes = (torch.stack([q.data & 15, q.data >> 4], -1).reshape(N, K) if fmt == "int4" else q.data).float()
+    if fmt == "int4" and not offsets:
+        codes = codes - 7.5
+    s32 = q.scale.repeat_interleave(S, 1) * q.sub.float()  # float32 products
+    w32 = codes.view(N, G, group) * s32[..., None]
+    if offsets:
+        w32 = w32 - (q.zero.repeat_interleave(S, 1) * q.sub_zero.float())[..., None]
+    assert torch.equal(q.dequantize(), w32.reshape(N, K))
+    flat = q.single_level()
+    assert flat.sub is None and flat.scale.shape == (N, G)
+    best = _C.cpu_isa()
+    try:
+        for isa in _supported_isas():
+            _C.force_cpu_isa(isa)
+            for M in (1, 2, 3, 4, 5, 7, 15, 16, 40):
+                x = torch.randn(M, K, generator=gen)
+                b = torch.randn(N, generator=gen)
+                got = ne.ops.quantized_linear(x, q, b)
+                want = ref_qlinear(x, q, b, dtype=torch.float64)
+                scale = (x.abs().double() @ q.dequantize(torch.float64).abs().t()).max().item() + b.abs().max().item()
+                assert rel_err(got, want, floor=scale) < 2e-6, (isa, M)
+                assert rel_err(got, ne.ops.quantized_linear(x, flat, b), floor=scale) < 2e-6, (isa, M)
+    finally:
+        _C.force_cpu_isa(best)
+
+
+def test_two_level_scales_are_checked(gen):
+    from normengine import _C
+
+    q = _two_level("int4", 32, 8, True, 5, 512, gen)
+    x, out = torch.randn(2, 512), torch.empty(2, 5)
+    args = dict(x=x, format=2, data=q.data, scale=q.scale, zero=q.zero, group=32, N=5, K=512, bias=None, out=out,
+                sub=q.sub, sub_zero=q.sub_zero, super=8)
+    _C.quant_linear(**args)
+    cases = [(dict(super=3), "super"), (dict(super=0), "super"), (dict(sub=None), "sub"),
+             (dict(zero=None), "zero"), (dict(sub_zero=None), "zero"), (dict(sub=q.sub.to(torch.uint8)), "qweight.sub"),
+             (dict(sub=q.sub[:, :8]), "qweight.sub"), (dict(scale=q.scale[:, :1]), "scale"),
+             (dict(format=3, data=torch.zeros(5, 512, dtype=torch.uint8), zero=None, sub_zero=None), "two-level")]
+    for change, match in cases:
+        with pytest.raises(ne.errors.NormEngineError, match=match):
+            _C.quant_linear(**dict(args, **change))
+    with pytest.raises(ne.errors.ShapeError, match="scale"):
+        ne.ops.QuantizedWeight("int4", (5, 512), q.data, torch.rand(5, 3), q.zero, 32, q.sub, q.sub_zero)
+    with pytest.raises(ne.errors.ArgumentError, match="sub"):
+        ne.ops.QuantizedWeight("int8", (5, 512), q.data, q.scale, None, 0, q.sub)
+
+
 @pytest.mark.parametrize("group", [32, 128])
 def test_int4_constant_zero_point_every_isa(group, gen):
     """int4 without a zero-point array, every group's zero point QWeight::zero_point (what the runner takes when a

@@ -37,7 +37,8 @@ void bind_arith(py::module_& m) {
   m.def(
       "quant_linear",
       [](py::handle x, int fmt, py::handle data, py::handle scale, py::handle zero, int64_t group, int64_t N,
-         int64_t K, py::handle bias, py::handle out, bool accumulate, bool bf16_products, float zero_point) {
+         int64_t K, py::handle bias, py::handle out, bool accumulate, bool bf16_products, float zero_point,
+         py::handle sub, py::handle sub_zero, int64_t super) {
         Borrowed b;
         TensorView vx = view_of(x, "x", b), vd = view_of(data, "qweight.data", b), vs = view_of(scale, "qweight.scale", b),
                    vo = view_of(out, "out", b);
@@ -54,7 +55,23 @@ void bind_arith(py::module_& m) {
         matrix(vd, (w.format == ne::QFormat::FP8 || int4) ? ne::DType::U8 : ne::DType::I8, N, int4 ? K / 2 : K);
         if (!vs.is_contiguous() || vs.dtype != ne::DType::F32 || vs.device.type != ne::DeviceType::CPU)
           throw ne::ShapeError("qweight.scale: expected a contiguous float32 CPU tensor");
-        const int64_t want_scales = ne::qweight_scale_count(w.format, N, K, group);
+        const Opt vu = opt_view(sub, "qweight.sub", b), vuz = opt_view(sub_zero, "qweight.sub_zero", b);
+        if (vu.ptr() || vuz.ptr()) {  // two-level scales: a scale (and offset) per super-block, int8 per group
+          if (!vu.ptr()) throw ne::ValueError("qweight.sub_zero: two-level offsets need the sub-scales (sub) too");
+          if (!(int4 || (w.format == ne::QFormat::Int8Weight && group > 0)))
+            throw ne::ValueError("qweight.sub: two-level scales are for int4 and grouped int8-weight");
+          if (super < 1 || K % group || (K / group) % super)
+            throw ne::ShapeError("super: " + std::to_string(super) + " groups a super-block do not divide a row's " +
+                                 std::to_string(K / group) + " groups");
+          for (const Opt* o : {&vu, &vuz})
+            if (o->ptr() && matrix(*o->ptr(), ne::DType::I8, N, K / group) != K / group)
+              throw ne::ShapeError(std::string(o->ptr()->name) + ": expected a contiguous array");
+          w.sub = static_cast<const int8_t*>(vu.ptr()->data);
+          w.sub_zero = vuz.ptr() ? static_cast<const int8_t*>(vuz.ptr()->data) : nullptr;
+          w.super = super;
+        }
+        const int64_t want_scales = w.sub ? ne::qweight_super_count(N, K, group, super)
+                                          : ne::qweight_scale_count(w.format, N, K, group);
         if (vs.numel() != want_scales)
           throw ne::ShapeError("qweight.scale: expected " + std::to_string(want_scales) + " scales, got " +
                                std::to_string(vs.numel()));
@@ -77,9 +94,11 @@ void bind_arith(py::module_& m) {
       },
       py::arg("x"), py::arg("format"), py::arg("data"), py::arg("scale"), py::arg("zero"), py::arg("group"),
       py::arg("N"), py::arg("K"), py::arg("bias"), py::arg("out"), py::arg("accumulate") = false,
-      py::arg("bf16_products") = false, py::arg("zero_point") = 7.5f,
+      py::arg("bf16_products") = false, py::arg("zero_point") = 7.5f, py::arg("sub") = py::none(),
+      py::arg("sub_zero") = py::none(), py::arg("super") = 0,
       "out[M, N] (+)= x[M, K] @ dequant(W)^T (+ bias), the format's own activation handling (quant_gemm.h); "
-      "zero_point: int4 without zero points, every group's (QWeight::zero_point).");
+      "zero_point: int4 without zero points, every group's (QWeight::zero_point); sub / sub_zero (int8 [N, K / group]) "
+      "and super: two-level scales (scale, zero: [N, K / (group * super)]).");
   m.def(
       "quantize_weight_rows",
       [](py::handle w, int fmt, int64_t group, bool symmetric, py::handle data, py::handle scale, py::handle zero) {

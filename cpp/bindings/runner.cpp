@@ -114,14 +114,14 @@ struct Sampler {
 // Runner / CudaRunner::set_quant_tensor from Python: the packed parts as views named after the weight.
 template <class R>
 void set_quant_tensor(R& r, const std::string& name, int format, py::handle data, py::handle scale, py::handle zero,
-                      int64_t group) {
+                      int64_t group, py::handle sub, py::handle sub_zero, int64_t super) {
   Borrowed b;
-  const std::string dn = name + ".qdata", sn = name + ".qscale", zn = name + ".qzero";
+  const std::string dn = name + ".qdata", sn = name + ".qscale", zn = name + ".qzero", un = name + ".qsub",
+                    uzn = name + ".qsubzero";
   TensorView vd = view_of(data, dn.c_str(), b), vs = view_of(scale, sn.c_str(), b);
-  TensorView vz;
-  const bool has_zero = !zero.is_none();
-  if (has_zero) vz = view_of(zero, zn.c_str(), b);
-  r.set_quant_tensor(name, format, vd, vs, has_zero ? &vz : nullptr, group);
+  const Opt vz = opt_view(zero, zn.c_str(), b), vu = opt_view(sub, un.c_str(), b),
+            vuz = opt_view(sub_zero, uzn.c_str(), b);
+  r.set_quant_tensor(name, format, vd, vs, vz.ptr(), group, ne::SubScales{vu.ptr(), vuz.ptr(), super});
 }
 
 // matrix() (interop.h) whose rows lie back to back, as the GGUF unpacker reads and writes them.
@@ -136,17 +136,19 @@ void expect_matrix(const TensorView& v, ne::DType dtype, int64_t rows, int64_t c
 void bind_runner(py::module_& m) {
   // GGUF blocks into int4 / int8-weight packing (cpp/model/gguf_blocks.h): blocks uint8 [R, row_bytes] (a
   // tensor's rows), rows int64 [n] or None, K elements a row; codes [n, K / 2] uint8 (int4) or [n, K] int8,
-  // scale / zero float32 [n, K / group] (zero None where the type has no zero points in that format).
+  // scale / zero float32 [n, K / group] (zero None where the type has no zero points in that format); with sub
+  // (two-level, the K-quants): scale / zero [n, K / 256] (d, dmin), sub / sub_zero int8 [n, K / group].
   m.def(
       "gguf_unpack",
       [](const std::string& type, py::handle blocks, int64_t K, py::handle rows, bool int4, py::handle codes,
-         py::handle scale, py::handle zero) {
+         py::handle scale, py::handle zero, py::handle sub, py::handle sub_zero) {
         if (!ne::gguf_unpacks(type, int4))
           throw ne::ValueError("type: " + type + " blocks do not unpack into " + (int4 ? "int4" : "int8-weight"));
         Borrowed b;
         const TensorView vb = view_of(blocks, "blocks", b), vc = view_of(codes, "codes", b),
                          vs = view_of(scale, "scale", b);
-        const Opt vr = opt_view(rows, "rows", b), vz = opt_view(zero, "zero", b);
+        const Opt vr = opt_view(rows, "rows", b), vz = opt_view(zero, "zero", b), vu = opt_view(sub, "sub", b),
+                  vuz = opt_view(sub_zero, "sub_zero", b);
         const int64_t be = ne::gguf_block_elems(type), G = K / (K > 0 ? ne::gguf_group(type) : 1);
         if (K <= 0 || K % be) throw ne::ValueError("K: " + std::to_string(K) + " is not whole " + type + " blocks");
         if (vb.ndim != 2) throw ne::ShapeError("blocks: expected a 2-D uint8 array [rows, bytes a row]");
@@ -159,11 +161,22 @@ void bind_runner(py::module_& m) {
           n = vr.v.shape[0];
         }
         expect_matrix(vc, int4 ? ne::DType::U8 : ne::DType::I8, n, int4 ? K / 2 : K);
-        expect_matrix(vs, ne::DType::F32, n, G);
-        if (vz.has != ne::gguf_has_zero(type, int4))
+        // two-level (sub given): scale / zero one per block of 256, sub / sub_zero int8 per group
+        const bool two = vu.has;
+        if (two && !ne::gguf_two_level(type, int4))
+          throw ne::ValueError("sub: " + type + " has no two-level scales in " + (int4 ? "int4" : "int8-weight"));
+        const bool zeros = two ? ne::gguf_has_zero(type, false) : ne::gguf_has_zero(type, int4);
+        const int64_t S = two ? K / be : G;
+        expect_matrix(vs, ne::DType::F32, n, S);
+        if (vz.has != zeros)
           throw ne::ValueError(std::string("zero: ") + (vz.has ? "expected None: " : "expected an array: ") + type +
                                (vz.has ? " has no" : " has") + " zero points in this format");
-        if (vz.has) expect_matrix(vz.v, ne::DType::F32, n, G);
+        if (vz.has) expect_matrix(vz.v, ne::DType::F32, n, S);
+        if (vuz.has != (two && zeros))
+          throw ne::ValueError(std::string("sub_zero: ") + (vuz.has ? "expected None" : "expected an array") +
+                               " (two-level " + type + ")");
+        if (two) expect_matrix(vu.v, ne::DType::I8, n, G);
+        if (vuz.has) expect_matrix(vuz.v, ne::DType::I8, n, G);
         ne::GgufUnpackArgs a;
         a.blocks = vb.ptr<const uint8_t>();
         a.src_rows = vb.shape[0];
@@ -175,11 +188,15 @@ void bind_runner(py::module_& m) {
         a.codes = vc.data;
         a.scale = vs.ptr<float>();
         a.zero = vz.has ? vz.v.ptr<float>() : nullptr;
+        a.sub = two ? vu.v.ptr<int8_t>() : nullptr;
+        a.sub_zero = vuz.has ? vuz.v.ptr<int8_t>() : nullptr;
         py::gil_scoped_release nogil;
         ne::gguf_unpack(type, a);
       },
       py::arg("type"), py::arg("blocks"), py::arg("K"), py::arg("rows"), py::arg("int4"), py::arg("codes"),
-      py::arg("scale"), py::arg("zero"));
+      py::arg("scale"), py::arg("zero"), py::arg("sub") = py::none(), py::arg("sub_zero") = py::none());
+  m.def("gguf_two_level", &ne::gguf_two_level, py::arg("type"), py::arg("int4"),
+        "Whether a GGUF type unpacks with two-level scales (sub / sub_zero: the K-quants; int4 only Q4_K)");
   m.def("gguf_group", &ne::gguf_group, py::arg("type"),
         "The elements one scale covers when a GGUF type unpacks (16 or 32; 0: not a type gguf_unpack reads)");
   m.def("gguf_has_zero", &ne::gguf_has_zero, py::arg("type"), py::arg("int4"));
@@ -197,8 +214,10 @@ void bind_runner(py::module_& m) {
           py::arg("name"), py::arg("tensor"), py::arg("bf16") = false,
           "Hand over a weight; the caller keeps it alive. bf16=True: a uint16 array (numpy) of bfloat16 bits.")
       .def("set_quant_tensor", &set_quant_tensor<ne::Runner>, py::arg("name"), py::arg("format"), py::arg("data"),
-           py::arg("scale"), py::arg("zero"), py::arg("group"),
-           "Hand over a quantized linear weight (QWeight layout); the caller keeps the tensors alive.")
+           py::arg("scale"), py::arg("zero"), py::arg("group"), py::arg("sub") = py::none(),
+           py::arg("sub_zero") = py::none(), py::arg("super") = 0,
+           "Hand over a quantized linear weight (QWeight layout; sub / sub_zero / super: two-level scales); the "
+           "caller keeps the tensors alive.")
       .def("finalize", &ne::Runner::finalize)
       .def("fused_norms", &ne::Runner::fused_norms)
       .def("cache_bytes", &ne::Runner::cache_bytes,
@@ -241,7 +260,8 @@ void bind_runner(py::module_& m) {
           },
           py::arg("name"), py::arg("tensor"), "Hand over a weight (a CUDA tensor); the caller keeps it alive.")
       .def("set_quant_tensor", &set_quant_tensor<ne::CudaRunner>, py::arg("name"), py::arg("format"), py::arg("data"),
-           py::arg("scale"), py::arg("zero"), py::arg("group"),
+           py::arg("scale"), py::arg("zero"), py::arg("group"), py::arg("sub") = py::none(),
+           py::arg("sub_zero") = py::none(), py::arg("super") = 0,
            "Hand over a quantized linear weight or embedding (QWeight layout, CUDA tensors); the caller keeps the "
            "tensors alive.")
       .def("finalize", &ne::CudaRunner::finalize)

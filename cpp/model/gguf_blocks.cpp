@@ -22,6 +22,8 @@
 //                            rounding); a group of s = 0 and o != 0 (all its values -o) becomes q = 0, s = o,
 //                            z = 1, exactly -o; s = 0 and o = 0: z = 0
 // the same operations, in the same float32 arithmetic, as the numpy reference (gguf.py _zero_points).
+// Two-level (the K-quants into QWeight::sub; GgufUnpackArgs::sub set): the block's d (and dmin) and its groups'
+// integers sc_j (and m_j) kept as they are, codes as above; the kernels form d sc_j and dmin m_j, exactly ggml's.
 #include "model/gguf_blocks.h"
 
 #include <cstring>
@@ -33,10 +35,13 @@
 namespace ne {
 namespace {
 
-// One decoded block: codes u (Q8_0: signed), a scale and an offset per group.
+// One decoded block: codes u (Q8_0: signed), a scale and an offset per group; the K-quants also their parts,
+// s_j = d sc_j and o_j = dmin m_j.
 struct Block {
   int16_t u[256];
   float s[16], o[16];
+  float d, dmin;
+  int8_t sc[16], m[16];
 };
 
 enum class T { Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, None };
@@ -101,6 +106,8 @@ void decode(T t, const uint8_t* b, Block& k) {
       // Q5_K: the fifth bit of element 32 j + l is bit j of qh[l]
       const bool five = t == T::Q5_K;
       const float d = f16_at(b), dmin = f16_at(b + 2);
+      k.d = d;
+      k.dmin = dmin;
       const uint8_t* qh = b + 16;
       const uint8_t* qs = b + (five ? 48 : 16);
       for (int j = 0; j < 8; ++j) {
@@ -108,6 +115,8 @@ void decode(T t, const uint8_t* b, Block& k) {
         scale_min_k4(b + 4, j, sc, m);
         k.s[j] = d * static_cast<float>(sc);
         k.o[j] = dmin * static_cast<float>(m);
+        k.sc[j] = static_cast<int8_t>(sc);
+        k.m[j] = static_cast<int8_t>(m);
         const int c = j / 2, shift = 4 * (j % 2);
         for (int l = 0; l < 32; ++l)
           k.u[32 * j + l] =
@@ -120,7 +129,11 @@ void decode(T t, const uint8_t* b, Block& k) {
       // with bits 2g, 2g + 1 of qh[32 h + l] above it; scale j (int8) covers elements 16 j .. 16 j + 15
       const uint8_t *ql = b, *qh = b + 128;
       const float d = f16_at(b + 208);
-      for (int j = 0; j < 16; ++j) k.s[j] = d * static_cast<float>(static_cast<int8_t>(b[192 + j]));
+      k.d = d;
+      for (int j = 0; j < 16; ++j) {
+        k.sc[j] = static_cast<int8_t>(b[192 + j]);
+        k.s[j] = d * static_cast<float>(k.sc[j]);
+      }
       for (int h = 0; h < 2; ++h)
         for (int g = 0; g < 4; ++g)
           for (int l = 0; l < 32; ++l) {
@@ -134,9 +147,13 @@ void decode(T t, const uint8_t* b, Block& k) {
       // o = dmin (sc_j >> 4)
       const uint8_t* qs = b + 16;
       const float d = f16_at(b + 80), dmin = f16_at(b + 82);
+      k.d = d;
+      k.dmin = dmin;
       for (int j = 0; j < 16; ++j) {
-        k.s[j] = d * static_cast<float>(b[j] & 15);
-        k.o[j] = dmin * static_cast<float>(b[j] >> 4);
+        k.sc[j] = static_cast<int8_t>(b[j] & 15);
+        k.m[j] = static_cast<int8_t>(b[j] >> 4);
+        k.s[j] = d * static_cast<float>(k.sc[j]);
+        k.o[j] = dmin * static_cast<float>(k.m[j]);
       }
       for (int h = 0; h < 2; ++h)
         for (int f = 0; f < 4; ++f)
@@ -150,9 +167,11 @@ void decode(T t, const uint8_t* b, Block& k) {
       // field j / 4 of byte 8 + j % 4; s = d (sc - 32)
       const uint8_t *hm = b, *qs = b + 32, *sc = b + 96;
       const float d = f16_at(b + 108);
+      k.d = d;
       for (int j = 0; j < 16; ++j) {
         const int low = j < 8 ? sc[j] & 15 : sc[j - 8] >> 4, top = (sc[8 + j % 4] >> (2 * (j / 4))) & 3;
-        k.s[j] = d * (static_cast<float>(low | (top << 4)) - 32.0f);
+        k.sc[j] = static_cast<int8_t>((low | (top << 4)) - 32);
+        k.s[j] = d * static_cast<float>(k.sc[j]);  // (= d (sc - 32): the integer difference is exact)
       }
       for (int h = 0; h < 2; ++h)
         for (int f = 0; f < 4; ++f)
@@ -180,6 +199,10 @@ bool gguf_has_zero(const std::string& type, bool int4) {
   const TypeInfo* i = info_of(type);
   return i && (int4 || i->offset);
 }
+bool gguf_two_level(const std::string& type, bool int4) {
+  const TypeInfo* i = info_of(type);
+  return i && i->elems == 256 && (!int4 || i->t == T::Q4_K);
+}
 int64_t gguf_block_elems(const std::string& type) {
   const TypeInfo* i = info_of(type);
   return i ? i->elems : 0;
@@ -203,30 +226,42 @@ void gguf_unpack(const std::string& type, const GgufUnpackArgs& a) {
       throw ValueError("gguf_unpack: rows[" + std::to_string(r) + "] = " + std::to_string(src) + " is not a row of " +
                        std::to_string(a.src_rows));
   }
-  const bool zeros = ti.offset || a.int4;
+  const bool two = a.sub != nullptr;
+  if (two && !gguf_two_level(type, a.int4))
+    throw ValueError("gguf_unpack: type " + type + " has no two-level scales in " + (a.int4 ? "int4" : "int8-weight"));
+  const bool zeros = ti.offset || (a.int4 && !two);
   parallel_for(a.n_rows, 16, [&](int64_t r0, int64_t r1, int) {
     Block k;
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* row = a.blocks + (a.rows ? a.rows[r] : r) * a.row_bytes;
-      float* s = a.scale + r * G;
-      float* z = zeros ? a.zero + r * G : nullptr;
+      float* s = a.scale + r * (two ? nb : G);
+      float* z = zeros ? a.zero + r * (two ? nb : G) : nullptr;
       for (int64_t bi = 0; bi < nb; ++bi) {
         decode(ti.t, row + bi * ti.bytes, k);
-        for (int j = 0; j < per; ++j) {
-          int16_t* u = k.u + j * ti.group;
-          const int64_t gi = bi * per + j;
-          if (ti.offset) {
-            float sj = k.s[j];
-            const float oj = k.o[j];
-            if (sj == 0.0f && oj != 0.0f) {  // (NaN != 0 too, as numpy's mask)
-              sj = oj;
-              std::memset(u, 0, sizeof(int16_t) * ti.group);
+        if (two) {  // the block's d (and dmin), its groups' integer scales (and mins) as they are
+          s[bi] = k.d;
+          if (ti.offset) z[bi] = k.dmin;
+          for (int j = 0; j < per; ++j) {
+            a.sub[r * G + bi * per + j] = k.sc[j];
+            if (ti.offset) a.sub_zero[r * G + bi * per + j] = k.m[j];
+          }
+        } else {
+          for (int j = 0; j < per; ++j) {
+            int16_t* u = k.u + j * ti.group;
+            const int64_t gi = bi * per + j;
+            if (ti.offset) {
+              float sj = k.s[j];
+              const float oj = k.o[j];
+              if (sj == 0.0f && oj != 0.0f) {  // (NaN != 0 too, as numpy's mask)
+                sj = oj;
+                std::memset(u, 0, sizeof(int16_t) * ti.group);
+              }
+              s[gi] = sj;
+              z[gi] = sj != 0.0f ? oj / sj : 0.0f;
+            } else {
+              s[gi] = k.s[j];
+              if (a.int4) z[gi] = static_cast<float>(ti.bias);
             }
-            s[gi] = sj;
-            z[gi] = sj != 0.0f ? oj / sj : 0.0f;
-          } else {
-            s[gi] = k.s[j];
-            if (a.int4) z[gi] = static_cast<float>(ti.bias);
           }
         }
         const int64_t k0 = bi * ti.elems;

@@ -19,15 +19,24 @@ struct GgufUnpackArgs {
   void* codes = nullptr;
   float* scale = nullptr;           // [n_rows, K / group]
   float* zero = nullptr;            // [n_rows, K / group]: w = (q - z) s; null where gguf_has_zero is false
+  // Two-level (the K-quants, gguf_two_level; QWeight::sub): the blocks' scales kept as they are. scale and zero
+  // then hold a block's d and dmin ([n_rows, K / 256]; zero only for the types with an offset), sub its groups'
+  // integer scales sc_j ([n_rows, K / group]; Q3_K's sc_j - 32) and sub_zero their mins m_j (offset types):
+  // w = q (d sc_j) - dmin m_j, the float32 products ggml forms; codes as above (offset types unsigned).
+  int8_t* sub = nullptr;
+  int8_t* sub_zero = nullptr;
 };
 
 // Whether `type` (ggml's name: "Q4_0", "Q4_K", ...) unpacks into int4 (the 4-bit types) or int8-weight
 // (every quantized type); the group its scales cover (16 or 32); whether it takes zero points (the types with
-// an offset, and int4 always: Q4_0's are 8); its block's elements and bytes.
+// an offset, and int4 always (single-level: Q4_0's are 8); its block's elements and bytes.
 bool gguf_unpacks(const std::string& type, bool int4);
 int gguf_group(const std::string& type);
 bool gguf_has_zero(const std::string& type, bool int4);
 int64_t gguf_block_elems(const std::string& type);
+// The K-quants (Q2_K .. Q6_K): scales d sc_j that two-level scales hold exactly (GgufUnpackArgs::sub); int4 only
+// Q4_K. A super-block of 256 / gguf_group(type) groups.
+bool gguf_two_level(const std::string& type, bool int4);
 int64_t gguf_block_bytes(const std::string& type);
 
 // Unpacks a.n_rows rows (throws ValueError for a type or a row it cannot take; the binding checks shapes).

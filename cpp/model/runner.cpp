@@ -212,12 +212,12 @@ void Runner::set_tensor(const std::string& name, const TensorView& t) {
 }
 
 void Runner::set_quant_tensor(const std::string& name, int format, const TensorView& data, const TensorView& scale,
-                              const TensorView* zero, int64_t group) {
+                              const TensorView* zero, int64_t group, const SubScales& sub) {
   const WeightSlot<W> slot = weight_slot<W>(*impl_, spec_, name);
-  QWeight q = quant_weight(slot, name, format, data, scale, zero, group, Device{DeviceType::CPU, 0});
+  QWeight q = quant_weight(slot, name, format, data, scale, zero, group, Device{DeviceType::CPU, 0}, sub);
   // int4 whose zero points are all one value (a GGUF Q4_0 weight's are 8): the kernels take that value instead of
   // reading the array (a sixth of what a decode step streams of the weight at groups of 32), the same sums
-  if (q.format == QFormat::Int4 && q.zero) {
+  if (q.format == QFormat::Int4 && q.zero && !q.sub) {
     const int64_t n = q.N * (q.K / q.group);
     const float z0 = q.zero[0];
     bool same = std::isfinite(z0);

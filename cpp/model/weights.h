@@ -365,11 +365,12 @@ void set_dense_weight(const WeightSlot<Wt>& slot, const std::string& name, const
 }
 
 // A packed weight for `slot` (set_quant_tensor): the QWeight of format (a QFormat value), its parts
-// data / scale / zero (null: symmetric int4) and group checked for the slot's [N, K]: dtypes, shapes,
-// contiguity, and every part on `dev` (the runner's device).
+// data / scale / zero (null: symmetric int4), group and two-level scales (sub, model.h) checked for the slot's
+// [N, K]: dtypes, shapes, contiguity, and every part on `dev` (the runner's device).
 template <class Wt>
 QWeight quant_weight(const WeightSlot<Wt>& slot, const std::string& name, int format, const TensorView& data,
-                     const TensorView& scale, const TensorView* zero, int64_t group, const Device& dev) {
+                     const TensorView& scale, const TensorView* zero, int64_t group, const Device& dev,
+                     const SubScales& sub = {}) {
   if (!slot.w || !slot.quantizable)
     throw ValueError(name + ": not a quantizable weight of this model (linear weights and embeddings only)");
   const int64_t N = slot.rows, K = slot.cols;
@@ -388,6 +389,20 @@ QWeight quant_weight(const WeightSlot<Wt>& slot, const std::string& name, int fo
                        shape_str(t));
     }
   };
+  // two-level scales: scale (and zero) one per super-block of S groups, the groups' own in sub (and sub_zero)
+  const int64_t S = sub.sub ? sub.super : 1;
+  if (sub.sub || sub.sub_zero) {
+    if (!sub.sub) throw ValueError(name + ".qsubzero: two-level offsets need the sub-scales (qsub) too");
+    if (dev.type != DeviceType::CPU)
+      throw ValueError(name + ": two-level scales (qsub) are for the CPU runner; the CUDA one takes a scale per group");
+    if (!(fmt == QFormat::Int4 || (fmt == QFormat::Int8Weight && group != 0)))
+      throw ValueError(name + ".qsub: two-level scales are for int4 and grouped int8-weight");
+    if (group <= 0 || K % group || S < 1 || (K / group) % S)
+      throw ShapeError(name + ": super-blocks of " + std::to_string(S) + " groups do not divide the " +
+                       (group > 0 ? std::to_string(K / group) : std::string("?")) + " groups of a row");
+    if (!sub.sub_zero != !zero)
+      throw ValueError(name + ": two-level offsets need both qsubzero and qzero (the super-blocks' offsets)");
+  }
   QWeight q;
   q.format = fmt;
   q.N = N;
@@ -404,10 +419,10 @@ QWeight quant_weight(const WeightSlot<Wt>& slot, const std::string& name, int fo
                          std::to_string(group));
       part(data, DType::I8, {N, K}, "qdata");
       if (group != 0)
-        part(scale, DType::F32, {N, K / group}, "qscale");
+        part(scale, DType::F32, {N, K / group / S}, "qscale");
       else
         part(scale, DType::F32, {N}, "qscale");
-      if (zero && fmt == QFormat::Int8Weight && group != 0) part(*zero, DType::F32, {N, K / group}, "qzero");
+      if (zero && fmt == QFormat::Int8Weight && group != 0) part(*zero, DType::F32, {N, K / group / S}, "qzero");
       else if (zero) throw ValueError(name + ": only int4 and grouped int8-weight take zero points");
       break;
     case QFormat::Int4:
@@ -417,8 +432,8 @@ QWeight quant_weight(const WeightSlot<Wt>& slot, const std::string& name, int fo
         throw ShapeError(name + ": in_features " + std::to_string(K) + " is not a multiple of the group size " +
                          std::to_string(group));
       part(data, DType::U8, {N, K / 2}, "qdata");
-      part(scale, DType::F32, {N, K / group}, "qscale");
-      if (zero) part(*zero, DType::F32, {N, K / group}, "qzero");
+      part(scale, DType::F32, {N, K / group / S}, "qscale");
+      if (zero) part(*zero, DType::F32, {N, K / group / S}, "qzero");
       break;
     case QFormat::FP8:
       if (group != 0 && group != 128)
@@ -432,6 +447,13 @@ QWeight quant_weight(const WeightSlot<Wt>& slot, const std::string& name, int fo
   q.data = data.data;
   q.scale = static_cast<const float*>(scale.data);
   q.zero = zero ? static_cast<const float*>(zero->data) : nullptr;
+  if (sub.sub) {
+    part(*sub.sub, DType::I8, {N, K / group}, "qsub");
+    if (sub.sub_zero) part(*sub.sub_zero, DType::I8, {N, K / group}, "qsubzero");
+    q.sub = static_cast<const int8_t*>(sub.sub->data);
+    q.sub_zero = sub.sub_zero ? static_cast<const int8_t*>(sub.sub_zero->data) : nullptr;
+    q.super = S;
+  }
   return q;
 }
 

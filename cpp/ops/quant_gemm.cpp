@@ -128,43 +128,80 @@ void block_int8(const QArgs& a, int64_t n0, int64_t n1) {
   }
 }
 
-// sum_g s_g z_g gsum_g over G groups: a zero-pointed weight row's offset term (z null: zc for every group, int4's
-// QWeight::zero_point)
-inline float zero_term(const float* s, const float* z, float zc, const float* gsum, int64_t G) {
+// The scales of groups [g0, g1) of one row n of W, as the kernels read them (indexed from g0): pointers into w's
+// arrays, or, for two-level scales (QWeight::sub), the products s = d sc (and offsets o = dmin m) expanded into
+// buf (2 (g1 - g0) floats), a super-block's scale loaded once: the same float32 products as quant_elem.
+struct RowScales {
+  const float* s;  // each group's scale
+  const float* z;  // zero points in quantized units, w = (q - z) s, or null
+  const float* o;  // two-level offsets in weight units, w = q s - o, or null
+  float zc;        // neither: every group's zero point (int4's QWeight::zero_point; 0 for int8-weight)
+};
+inline RowScales row_scales(const QWeight& w, int64_t n, int64_t g0, int64_t g1, float* buf) {
+  const int64_t G = w.K / w.group, len = g1 - g0;
+  const float zc = w.format == QFormat::Int4 && !w.sub_zero ? w.zero_point : 0.0f;
+  if (!w.sub) return {w.scale + n * G + g0, w.zero ? w.zero + n * G + g0 : nullptr, nullptr, zc};
+  auto expand = [&](const float* top, const int8_t* sub, float* out) {
+    for (int64_t g = g0; g < g1;) {
+      const float d = top[(n * G + g) / w.super];
+      const int64_t end = std::min(g1, (g / w.super + 1) * w.super);
+      for (; g < end; ++g) out[g - g0] = d * static_cast<float>(sub[n * G + g]);
+    }
+  };
+  expand(w.scale, w.sub, buf);
+  if (!w.sub_zero) return {buf, nullptr, nullptr, zc};
+  expand(w.zero, w.sub_zero, buf + len);
+  return {buf, nullptr, buf + len, 0.0f};
+}
+
+// Per-thread room for the expanded two-level scales of `rows` rows of W (row_scales' buf, 2 G floats each).
+inline float* scale_room(const QWeight& w, int rows) {
+  thread_local Vec<float> room;
+  const size_t need = w.sub ? static_cast<size_t>(2 * rows * (w.K / w.group)) : 0;
+  if (room.size() < need) room.resize(need);
+  return room.data();
+}
+
+// sum_g (s_g z_g or o_g) gsum_g over G groups (gsum from the rows' first group): a zero-pointed weight row's
+// offset term (z null: zc for every group)
+inline float zero_term(const RowScales& r, const float* gsum, int64_t G) {
   int64_t g = 0;
   float t = 0.0f;
+  const float *s = r.s, *z = r.z, *o = r.o;
+  const float zc = r.zc;
 #if defined(__AVX512F__)
   __m512 v = _mm512_setzero_ps();
   for (; g + 16 <= G; g += 16) {
     const __m512 zg = z ? _mm512_loadu_ps(z + g) : _mm512_set1_ps(zc);
-    v = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(s + g), zg), _mm512_loadu_ps(gsum + g), v);
+    const __m512 f = o ? _mm512_loadu_ps(o + g) : _mm512_mul_ps(_mm512_loadu_ps(s + g), zg);
+    v = _mm512_fmadd_ps(f, _mm512_loadu_ps(gsum + g), v);
   }
   t = _mm512_reduce_add_ps(v);
 #elif defined(__AVX2__)
   __m256 v = _mm256_setzero_ps();
   for (; g + 8 <= G; g += 8) {
     const __m256 zg = z ? _mm256_loadu_ps(z + g) : _mm256_set1_ps(zc);
-    v = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + g), zg), _mm256_loadu_ps(gsum + g), v);
+    const __m256 f = o ? _mm256_loadu_ps(o + g) : _mm256_mul_ps(_mm256_loadu_ps(s + g), zg);
+    v = _mm256_fmadd_ps(f, _mm256_loadu_ps(gsum + g), v);
   }
   t = hsum_ps(v);
 #endif
-  for (; g < G; ++g) t += s[g] * (z ? z[g] : zc) * gsum[g];
+  for (; g < G; ++g) t += (o ? o[g] : s[g] * (z ? z[g] : zc)) * gsum[g];
   return t;
 }
 
-// A tile's operands: rows n .. n + NR of W (codes, their G scales, zero points or null) and rows m .. m + MR of x.
+// A tile's operands: rows n .. n + NR of W (codes, the scales of their G groups) and rows m .. m + MR of x.
 template <int MR, int NR>
 struct Int8wTile {
   const int8_t* w[NR];
-  const float* s[NR];
-  const float* z[NR];
+  RowScales s[NR];
   const float* x[MR];
   Int8wTile(const QArgs& a, int64_t m, int64_t n, int64_t G) {
     const QWeight& q = *a.w;
+    float* room = scale_room(q, NR);
     for (int c = 0; c < NR; ++c) {
       w[c] = static_cast<const int8_t*>(q.data) + (n + c) * q.K;
-      s[c] = q.scale + (n + c) * G;
-      z[c] = q.zero ? q.zero + (n + c) * G : nullptr;
+      s[c] = q.group > 0 ? row_scales(q, n + c, 0, G, room + 2 * c * G) : RowScales{q.scale + n + c, nullptr, nullptr, 0};
     }
     for (int r = 0; r < MR; ++r) x[r] = a.x + (m + r) * a.ldx;
   }
@@ -185,8 +222,7 @@ void int8w_tile(const QArgs& a, int64_t m, int64_t n) {
   const int64_t K = w.K, g = w.group > 0 ? w.group : K, G = K / g;
   const Int8wTile<MR, NR> p(a, m, n, G);
   const int8_t* const* wr = p.w;
-  const float* const* sr = p.s;
-  const float* const* zr = p.z;
+  const RowScales* sr = p.s;
   const float* const* x = p.x;
   float y[MR][NR], tail[MR][NR];
   for (int r = 0; r < MR; ++r)
@@ -227,7 +263,7 @@ void int8w_tile(const QArgs& a, int64_t m, int64_t n) {
       }
     }
     for (int c = 0; c < NR; ++c) {
-      const __m512 sg = _mm512_set1_ps(sr[c][gi]);
+      const __m512 sg = _mm512_set1_ps(sr[c].s[gi]);
       for (int r = 0; r < MR; ++r) t[r][c] = _mm512_fmadd_ps(acc[r][c], sg, t[r][c]);
     }
 #elif defined(__AVX2__)
@@ -248,7 +284,7 @@ void int8w_tile(const QArgs& a, int64_t m, int64_t n) {
       }
     }
     for (int c = 0; c < NR; ++c) {
-      const __m256 sg = _mm256_set1_ps(sr[c][gi]);
+      const __m256 sg = _mm256_set1_ps(sr[c].s[gi]);
       for (int r = 0; r < MR; ++r) t[r][c] = _mm256_fmadd_ps(acc[r][c], sg, t[r][c]);
     }
 #endif
@@ -261,7 +297,7 @@ void int8w_tile(const QArgs& a, int64_t m, int64_t n) {
         for (int r = 0; r < MR; ++r)
           for (int c = 0; c < NR; ++c) tail[r][c] += x[r][k] * static_cast<float>(wr[c][k]);
       for (int r = 0; r < MR; ++r)
-        for (int c = 0; c < NR; ++c) y[r][c] += tail[r][c] * sr[c][gi];
+        for (int c = 0; c < NR; ++c) y[r][c] += tail[r][c] * sr[c].s[gi];
     }
   }
   for (int r = 0; r < MR; ++r)
@@ -271,7 +307,7 @@ void int8w_tile(const QArgs& a, int64_t m, int64_t n) {
 #elif defined(__AVX2__)
       y[r][c] += hsum_ps(t[r][c]);
 #endif
-      if constexpr (ZP) y[r][c] -= zero_term(sr[c], zr[c], 0.0f, a.gsum + (m + r) * G, G);
+      if constexpr (ZP) y[r][c] -= zero_term(sr[c], a.gsum + (m + r) * G, G);
       quant_store(a, m + r, n + c, y[r][c]);
     }
 }
@@ -290,13 +326,12 @@ void int8w_scaled_tile(const QArgs& a, int64_t m, int64_t n) {
   const int gshift = __builtin_ctzll(static_cast<unsigned long long>(g));  // (groups are powers of two)
   const Int8wTile<MR, NR> p(a, m, n, G);
   const int8_t* const* wr = p.w;
-  const float* const* sr = p.s;
-  const float* const* zr = p.z;
+  const RowScales* sr = p.s;
   const float* const* x = p.x;
 #if defined(__AVX512F__)
   // q s of the 16 codes at column k of W row c
   auto values = [&](__m128i codes, int c, int64_t k) {
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)), _mm512_set1_ps(sr[c][k >> gshift]));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)), _mm512_set1_ps(sr[c].s[k >> gshift]));
   };
   __m512 t[MR][NR];
   for (int r = 0; r < MR; ++r)
@@ -330,7 +365,7 @@ void int8w_scaled_tile(const QArgs& a, int64_t m, int64_t n) {
     for (int c = 0; c < NR; ++c) {
       if ((k & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(wr[c] + k) + 4096, _MM_HINT_T1);
       const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[c] + k));
-      const __m256 sg = _mm256_set1_ps(sr[c][k >> gshift]);
+      const __m256 sg = _mm256_set1_ps(sr[c].s[k >> gshift]);
       w0[c] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), sg);
       w1[c] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), sg);
     }
@@ -347,7 +382,7 @@ void int8w_scaled_tile(const QArgs& a, int64_t m, int64_t n) {
 #else
       float y = hsum_ps(t[r][c]);
 #endif
-      if constexpr (ZP) y -= zero_term(sr[c], zr[c], 0.0f, a.gsum + (m + r) * G, G);
+      if constexpr (ZP) y -= zero_term(sr[c], a.gsum + (m + r) * G, G);
       quant_store(a, m + r, n + c, y);
     }
 }
@@ -412,6 +447,9 @@ void int4_tile512(const QArgs& a, int64_t m, int64_t n, int64_t g0, int64_t g1, 
   const __m512 nibble = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const uint8_t* wr[NR];
   for (int c = 0; c < NR; ++c) wr[c] = static_cast<const uint8_t*>(w.data) + (n + c) * (K / 2);
+  RowScales rs[NR];
+  float* room = scale_room(w, NR);
+  for (int c = 0; c < NR; ++c) rs[c] = row_scales(w, n + c, g0, g1, room + 2 * c * (g1 - g0));
   __m512 total[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NR; ++c) total[r][c] = _mm512_setzero_ps();
@@ -420,7 +458,7 @@ void int4_tile512(const QArgs& a, int64_t m, int64_t n, int64_t g0, int64_t g1, 
     __m512 table[NR];
     for (int c = 0; c < NR; ++c) {
       _mm_prefetch(reinterpret_cast<const char*>(wr[c]) + gi * g / 2 + 4096, _MM_HINT_T1);
-      table[c] = _mm512_mul_ps(nibble, _mm512_set1_ps(w.scale[(n + c) * G + gi]));
+      table[c] = _mm512_mul_ps(nibble, _mm512_set1_ps(rs[c].s[gi - g0]));
     }
     for (int64_t k = gi * g; k < (gi + 1) * g; k += 32) {
       __m512 xe[MR], xo[MR];  // x de-interleaved per 32 columns: 16 even k, then 16 odd k
@@ -439,11 +477,8 @@ void int4_tile512(const QArgs& a, int64_t m, int64_t n, int64_t g0, int64_t g1, 
   }
   for (int r = 0; r < MR; ++r) {
     const float* gs = a.gsum + (m + r) * G + g0;
-    for (int c = 0; c < NR; ++c) {
-      const float* zp = w.zero ? w.zero + (n + c) * G + g0 : nullptr;
-      const float zterm = zero_term(w.scale + (n + c) * G + g0, zp, w.zero_point, gs, g1 - g0);  // sum_g s_g z_g gsum_g
-      part[r * ldp + c] += _mm512_reduce_add_ps(total[r][c]) - zterm;
-    }
+    for (int c = 0; c < NR; ++c)  // minus sum_g s_g z_g gsum_g (or o_g gsum_g)
+      part[r * ldp + c] += _mm512_reduce_add_ps(total[r][c]) - zero_term(rs[c], gs, g1 - g0);
   }
 }
 #endif
@@ -493,8 +528,8 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
   for (; m0 + 4 <= a.M; m0 += 4) {
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* wr = W + n * (K / 2);
-      const float* sc = w.scale + n * G;
-      const float* zp = w.zero ? w.zero + n * G : nullptr;
+      const RowScales rs = row_scales(w, n, 0, G, scale_room(w, 1));
+      const float* sc = rs.s;
       __m256 total[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       for (int64_t gi = 0; gi < G; ++gi) {
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -512,7 +547,7 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
         for (int r = 0; r < 4; ++r) total[r] = _mm256_fmadd_ps(acc[r], s, total[r]);
       }
       for (int r = 0; r < 4; ++r)
-        quant_store(a, m0 + r, n, hsum_ps(total[r]) - zero_term(sc, zp, w.zero_point, a.gsum + (m0 + r) * G, G));
+        quant_store(a, m0 + r, n, hsum_ps(total[r]) - zero_term(rs, a.gsum + (m0 + r) * G, G));
     }
   }
 #endif
@@ -522,9 +557,9 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
     const float* gs = a.gsum + m * G;
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* wr = W + n * (K / 2);
-      const float* sc = w.scale + n * G;
-      const float* zp = w.zero ? w.zero + n * G : nullptr;
-      const float zterm = zero_term(sc, zp, w.zero_point, gs, G);  // sum_g s_g z_g gsum_g
+      const RowScales rs = row_scales(w, n, 0, G, scale_room(w, 1));
+      const float* sc = rs.s;
+      const float zterm = zero_term(rs, gs, G);  // sum_g s_g z_g gsum_g (or o_g gsum_g)
 #if defined(__AVX2__)
       const __m256i lo_mask = _mm256_set1_epi32(15);
       __m256 total = _mm256_setzero_ps();
@@ -631,57 +666,58 @@ void block_fp8(const QArgs& a, int64_t n0, int64_t n1) {
 // out[n - n0, k] = the weight's value in fp32 for rows [n0, n1): Int8Weight q sw[n] (grouped: (q - z) s per
 // group); Int4 (q - z) s per group; FP8 e4m3(q) sw(n, b) (the block scale folded in). The int8 and int4 runs
 // are vectorized by hand (the int4 one interleaves the nibbles back to column order), FP8 a plain loop.
-// o[0 .. cnt) = (q - z) s for int8 codes q (z = 0: none), vectors then a scalar tail: the same two roundings
-// throughout, so the values are the ones quant_elem gives.
-inline void dequant_int8_run(const int8_t* q, int64_t cnt, float s, float z, float* o) {
+// o[0 .. cnt) = (q - z) s - off for int8 codes q (z = 0: none; off: a two-level offset, else 0), vectors then a
+// scalar tail: the same three roundings throughout (the last exact when off = 0), so the values are the ones
+// quant_elem gives.
+inline void dequant_int8_run(const int8_t* q, int64_t cnt, float s, float z, float off, float* o) {
   int64_t k = 0;
 #if defined(__AVX512F__)
-  const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+  const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z), vo = _mm512_set1_ps(off);
   for (; k + 16 <= cnt; k += 16) {
     const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k))));
-    _mm512_storeu_ps(o + k, _mm512_mul_ps(_mm512_sub_ps(v, vz), vs));
+    _mm512_storeu_ps(o + k, _mm512_sub_ps(_mm512_mul_ps(_mm512_sub_ps(v, vz), vs), vo));
   }
 #elif defined(__AVX2__)
-  const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+  const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z), vo = _mm256_set1_ps(off);
   for (; k + 8 <= cnt; k += 8) {
     const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k))));
-    _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_sub_ps(v, vz), vs));
+    _mm256_storeu_ps(o + k, _mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(v, vz), vs), vo));
   }
 #endif
-  for (; k < cnt; ++k) o[k] = (static_cast<float>(q[k]) - z) * s;
+  for (; k < cnt; ++k) o[k] = (static_cast<float>(q[k]) - z) * s - off;
 }
 
-// o[0 .. 2 nb) = (nibble - z) s for the nb bytes at q (byte j: k = 2j low nibble, 2j + 1 high), as the scalar
-// loop rounds them.
-inline void dequant_int4_run(const uint8_t* q, int64_t nb, float s, float z, float* o) {
+// o[0 .. 2 nb) = (nibble - z) s - off for the nb bytes at q (byte j: k = 2j low nibble, 2j + 1 high), as the
+// scalar loop rounds them.
+inline void dequant_int4_run(const uint8_t* q, int64_t nb, float s, float z, float off, float* o) {
   int64_t j = 0;
 #if defined(__AVX512F__)
-  const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+  const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z), vo = _mm512_set1_ps(off);
   const __m512i lo4 = _mm512_set1_epi32(15);
   const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   for (; j + 16 <= nb; j += 16) {
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j)));
-    const __m512 lo = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, lo4)), vz), vs);
-    const __m512 hi = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), vz), vs);
+    const __m512 lo = _mm512_sub_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, lo4)), vz), vs), vo);
+    const __m512 hi = _mm512_sub_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), vz), vs), vo);
     _mm512_storeu_ps(o + 2 * j, _mm512_permutex2var_ps(lo, first, hi));  // lo0 hi0 lo1 hi1 ...
     _mm512_storeu_ps(o + 2 * j + 16, _mm512_permutex2var_ps(lo, second, hi));
   }
 #elif defined(__AVX2__)
-  const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+  const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z), vo = _mm256_set1_ps(off);
   const __m256i lo4 = _mm256_set1_epi32(15);
   for (; j + 8 <= nb; j += 8) {
     const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j)));
-    const __m256 lo = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, lo4)), vz), vs);
-    const __m256 hi = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), vz), vs);
+    const __m256 lo = _mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, lo4)), vz), vs), vo);
+    const __m256 hi = _mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), vz), vs), vo);
     const __m256 a = _mm256_unpacklo_ps(lo, hi), c = _mm256_unpackhi_ps(lo, hi);  // (lo0 hi0 lo1 hi1 | lo4 ..)
     _mm256_storeu_ps(o + 2 * j, _mm256_permute2f128_ps(a, c, 0x20));
     _mm256_storeu_ps(o + 2 * j + 8, _mm256_permute2f128_ps(a, c, 0x31));
   }
 #endif
   for (; j < nb; ++j) {
-    o[2 * j] = (static_cast<float>(q[j] & 15) - z) * s;
-    o[2 * j + 1] = (static_cast<float>(q[j] >> 4) - z) * s;
+    o[2 * j] = (static_cast<float>(q[j] & 15) - z) * s - off;
+    o[2 * j + 1] = (static_cast<float>(q[j] >> 4) - z) * s - off;
   }
 }
 
@@ -690,19 +726,20 @@ void dequant_rows(const QWeight& w, int64_t n0, int64_t n1, float* out) {
   for (int64_t n = n0; n < n1; ++n) {
     float* o = out + (n - n0) * K;
     if ((w.format == QFormat::Int8Weight || w.format == QFormat::Int8) && w.group == 0) {
-      dequant_int8_run(static_cast<const int8_t*>(w.data) + n * K, K, w.scale[n], 0.0f, o);
-    } else if (w.format == QFormat::Int8Weight) {  // grouped scales (and zero points: (q - z) s)
-      const int8_t* q = static_cast<const int8_t*>(w.data) + n * K;
+      dequant_int8_run(static_cast<const int8_t*>(w.data) + n * K, K, w.scale[n], 0.0f, 0.0f, o);
+    } else if (w.format == QFormat::Int8Weight || w.format == QFormat::Int4) {
+      // grouped scales (and zero points: (q - z) s; two-level offsets: q s - o)
       const int64_t G = K / w.group;
-      for (int64_t g = 0; g < G; ++g)
-        dequant_int8_run(q + g * w.group, w.group, w.scale[n * G + g], w.zero ? w.zero[n * G + g] : 0.0f,
-                         o + g * w.group);
-    } else if (w.format == QFormat::Int4) {
-      const uint8_t* q = static_cast<const uint8_t*>(w.data) + n * (K / 2);
-      const int64_t G = K / w.group;
-      for (int64_t g = 0; g < G; ++g)
-        dequant_int4_run(q + g * w.group / 2, w.group / 2, w.scale[n * G + g],
-                         w.zero ? w.zero[n * G + g] : w.zero_point, o + g * w.group);
+      const RowScales rs = row_scales(w, n, 0, G, scale_room(w, 1));
+      for (int64_t g = 0; g < G; ++g) {
+        const float z = rs.z ? rs.z[g] : rs.zc, off = rs.o ? rs.o[g] : 0.0f;
+        if (w.format == QFormat::Int8Weight)
+          dequant_int8_run(static_cast<const int8_t*>(w.data) + n * K + g * w.group, w.group, rs.s[g], z, off,
+                           o + g * w.group);
+        else
+          dequant_int4_run(static_cast<const uint8_t*>(w.data) + n * (K / 2) + g * w.group / 2, w.group / 2, rs.s[g],
+                           z, off, o + g * w.group);
+      }
     } else {
       const uint8_t* q = static_cast<const uint8_t*>(w.data) + n * K;
       const float* lut = e4m3().v;
@@ -924,6 +961,16 @@ void check_qweight(const QWeight& w) {
       break;
     default:
       throw ValueError("qweight: unknown format");
+  }
+  if (w.sub || w.sub_zero) {  // two-level scales
+    if (!w.sub) throw ValueError("qweight.sub_zero: two-level offsets need the sub-scales (sub) too");
+    if (!(w.format == QFormat::Int4 || (w.format == QFormat::Int8Weight && w.group > 0)))
+      throw ValueError("qweight.sub: two-level scales are for int4 and grouped int8-weight");
+    if (w.super < 1 || (w.K / w.group) % w.super)
+      throw ShapeError("qweight.super: " + std::to_string(w.super) + " groups a super-block do not divide the " +
+                       std::to_string(w.K / w.group) + " groups of a row");
+    if (!w.sub_zero != !w.zero)
+      throw ValueError("qweight: two-level offsets need both sub_zero and zero (the super-blocks' offsets)");
   }
 }
 

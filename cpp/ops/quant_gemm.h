@@ -35,7 +35,18 @@ struct QWeight {
   // weight's zero points equal (a GGUF Q4_0's are 8): it then reads this one instead of the [N, K/group] array.
   float zero_point = 7.5f;
   int64_t group = 0;  // Int4: 32, 64 or 128 (K % group == 0); FP8: 0 or 128; Int8: 0; Int8Weight: 0, 16 .. 128
+  // Two-level scales (Int4 and grouped Int8Weight; how GGUF's K-quants hold theirs, kept as they are): with sub set,
+  // scale is float32 [N, K / (group * super)], one per super-block of `super` groups, and each group's scale the
+  // product s[n, g] = scale[n, g / super] * sub[n, g] (sub int8 [N, K / group]); with sub_zero (int8 [N, K / group])
+  // also zero (float32 [N, K / (group * super)]), an offset in weight units o[n, g] = zero[n, g / super] *
+  // sub_zero[n, g], and w = q s - o (GGUF's d sc q - dmin m, the same float32 products); without, w = (q - zero_point)
+  // s (int4) or q s (int8-weight). A Q4_K weight: 4.75 bits (4.5 in the file) against 6 with a float32 s and z
+  // per group; Q6_K as int8 8.6 against 10.
+  const int8_t* sub = nullptr;
+  const int8_t* sub_zero = nullptr;
+  int64_t super = 0;
 };
+
 
 // Scales a packed weight carries (zero points: as many as scales, int4 / grouped int8-weight only): Int8*: N
 // (grouped Int8Weight and Int4: N * K / group); FP8: 1 per tensor (group 0) or one per 128 x 128 block.
@@ -43,6 +54,10 @@ inline int64_t qweight_scale_count(QFormat f, int64_t N, int64_t K, int64_t grou
   if (f == QFormat::Int4 || (f == QFormat::Int8Weight && group > 0)) return N * (K / (group > 0 ? group : 1));
   if (f == QFormat::FP8) return group == 0 ? 1 : ((N + 127) / 128) * ((K + 127) / 128);
   return N;
+}
+// Two-level scales: the super-block scales (and offsets) a weight carries, N * K / (group * super).
+inline int64_t qweight_super_count(int64_t N, int64_t K, int64_t group, int64_t super) {
+  return N * (K / (group * super));
 }
 
 // Throws ValueError / ShapeError when w's format, sizes, group size or zero points do not fit together

@@ -15,15 +15,34 @@ class QuantizedWeight:
     patterns); scale: float32 [N] (int8), [N, K/group] (int4, and int8-weight with group_size 16 / 32 /
     64 / 128), [1] or [ceil(N/128), ceil(K/128)] (fp8);
     zero: float32 [N, K/group] for asymmetric int4 (and grouped int8-weight with zero points, w = (q - z) s:
-    how GGUF blocks with an offset, Q5_1 / Q5_K / Q2_K, load), else None."""
+    how GGUF blocks with an offset, Q4_1 / Q5_1, load), else None.
+    Two-level scales (int4 and grouped int8-weight; how GGUF's K-quants load, their scales kept as they are):
+    sub int8 [N, K/group] set, scale float32 [N, K/(group S)] holds one scale per super-block of S groups
+    (super_groups), each group's s = scale * sub (a float32 product, as ggml forms d sc); with sub_zero
+    (int8 [N, K/group]) zero [N, K/(group S)] holds the super-blocks' offsets, o = zero * sub_zero, and
+    w = q s - o (int4 without: (q - 7.5) s; int8-weight: q s)."""
 
-    def __init__(self, format: str, shape, data, scale, zero=None, group_size: int = 0):
+    def __init__(self, format: str, shape, data, scale, zero=None, group_size: int = 0, sub=None, sub_zero=None):
         if format not in FORMATS:
             raise ArgumentError(f"format: expected one of {FORMATS}, got {format!r}")
         self.format = format
         self.shape = (int(shape[0]), int(shape[1]))
         self.data, self.scale, self.zero = data, scale, zero
         self.group_size = int(group_size or 0)
+        self.sub, self.sub_zero = sub, sub_zero
+        self.super_groups = 0
+        if sub is not None or sub_zero is not None:
+            g = self.group_size
+            if sub is None or not takes_zero_points(format, g):
+                raise ArgumentError("sub: two-level scales need sub, and int4 or grouped int8-weight")
+            n_super = int(scale.shape[-1]) if len(scale.shape) == 2 else 0
+            G = self.shape[1] // g
+            if not n_super or G % n_super or self.shape[1] % g:
+                raise ShapeError(f"scale: expected [N, K/(group S)] super-block scales of {G} groups, got shape "
+                                 f"{tuple(scale.shape)}")
+            self.super_groups = G // n_super
+            if (sub_zero is None) != (zero is None):
+                raise ArgumentError("sub_zero: two-level offsets need both sub_zero and zero (super-block offsets)")
 
     # ---------------------------------------------------------------- description
     @property
@@ -45,6 +64,10 @@ class QuantizedWeight:
         out = {"qdata": self.data, "qscale": self.scale}
         if self.zero is not None:
             out["qzero"] = self.zero
+        if self.sub is not None:
+            out["qsub"] = self.sub
+        if self.sub_zero is not None:
+            out["qsubzero"] = self.sub_zero
         return out
 
     def write_into(self, parts: dict) -> None:
@@ -58,13 +81,51 @@ class QuantizedWeight:
         for k in ("qdata", "qscale"):
             if k not in tensors:
                 raise ShapeError(f"packed weight: missing '{k}'")
-        return cls(format, shape, tensors["qdata"], tensors["qscale"], tensors.get("qzero"), group_size)
+        return cls(format, shape, tensors["qdata"], tensors["qscale"], tensors.get("qzero"), group_size,
+                   tensors.get("qsub"), tensors.get("qsubzero"))
 
     def to(self, device) -> "QuantizedWeight":
-        """The packed torch tensors on `device`."""
-        z = self.zero.to(device) if self.zero is not None else None
-        return QuantizedWeight(self.format, self.shape, self.data.to(device), self.scale.to(device), z,
-                               self.group_size)
+        """The packed torch tensors on `device` (two-level scales: on a GPU as one scale per group, single_level;
+        the CUDA kernels read no others)."""
+        import torch
+
+        if self.sub is not None and torch.device(device).type != "cpu":
+            return self.single_level().to(device)
+        parts = [None if t is None else t.to(device) for t in (self.zero, self.sub, self.sub_zero)]
+        return QuantizedWeight(self.format, self.shape, self.data.to(device), self.scale.to(device), parts[0],
+                               self.group_size, *parts[1:])
+
+    def _group_values(self, top, sub):
+        """float32 [N, K/group]: each group's top[n, g // S] * sub[n, g] (a two-level scale or offset)."""
+        import torch
+
+        N, K = self.shape
+        G = K // self.group_size
+        return (top.to(torch.float32).view(N, -1, 1) * sub.to(torch.float32).view(N, -1, self.super_groups)).view(N, G)
+
+    def single_level(self) -> "QuantizedWeight":
+        """This weight with one float32 scale (and zero point) per group, as torch tensors: two-level scales
+        expanded, s = scale * sub, and offsets as zero points z = o / s (values s q - o to float32 rounding;
+        a group of s = 0 and o != 0, all its values -o, as codes 0, s = o, z = 1: exactly -o). Itself when
+        it has one level."""
+        import torch
+
+        if self.sub is None:
+            return self
+        N, K = self.shape
+        g = self.group_size
+        s = self._group_values(self.scale, self.sub)
+        if self.sub_zero is None:
+            return QuantizedWeight(self.format, self.shape, self.data, s, None, g)
+        o = self._group_values(self.zero, self.sub_zero)
+        flat = (s == 0) & (o != 0)
+        data = self.data
+        if bool(flat.any()):
+            data = data.clone()
+            data.view(N, K // g, -1)[flat] = 0
+            s = torch.where(flat, o, s)
+        z = torch.where(s != 0, o / torch.where(s != 0, s, torch.ones_like(s)), torch.zeros_like(s))
+        return QuantizedWeight(self.format, self.shape, data, s, z, g)
 
     # ---------------------------------------------------------------- values
     def dequantize(self, dtype=None):
@@ -74,6 +135,18 @@ class QuantizedWeight:
 
         dtype = torch.float32 if dtype is None else dtype
         N, K = self.shape
+        if self.sub is not None:  # two-level: q s - o with s, o the float32 products the kernels form
+            g = self.group_size
+            if self.format == "int4":
+                q = torch.stack([self.data & 15, self.data >> 4], -1).reshape(N, K).to(torch.float64)
+            else:
+                q = self.data.to(torch.float64)
+            if self.sub_zero is None and self.format == "int4":
+                q = q - 7.5
+            w = q.view(N, K // g, g) * self._group_values(self.scale, self.sub).to(torch.float64)[..., None]
+            if self.sub_zero is not None:
+                w = w - self._group_values(self.zero, self.sub_zero).to(torch.float64)[..., None]
+            return w.reshape(N, K).to(dtype)
         if self.format in ("int8", "int8-weight"):
             if self.group_size:  # a scale per group of columns (and a zero point: (q - z) s)
                 g = self.group_size
@@ -116,7 +189,7 @@ def record_packing(cfg: ModelConfig, out: dict, conversion: str, main=None) -> M
                 count[_spec(t)] = count.get(_spec(t), 0) + t.numel()
         main = max(count, key=count.get)
     new = ModelConfig.from_dict(cfg.to_dict())
-    new.quantization, new.quant_group_size, new.quant_symmetric = main
+    new.quantization, new.quant_group_size, new.quant_symmetric, new.quant_super_groups = main
     new.quant_overrides = _overrides(new, out, [n for n in _dense_shapes(new) if is_quantized_name(new, n)])
     new.conversions = list(cfg.conversions) + [conversion]
     return ModelConfig.from_dict(new.to_dict())  # (the overrides checked)
@@ -126,13 +199,14 @@ def _spec(t):
     """A packed weight's (format, group_size, symmetric), None for a dense tensor."""
     if not is_quantized(t):
         return None
-    return t.format, t.group_size, t.zero is None or not takes_zero_points(t.format, t.group_size)
+    return (t.format, t.group_size, t.zero is None or not takes_zero_points(t.format, t.group_size),
+            getattr(t, "super_groups", 0))
 
 
 def _overrides(cfg: ModelConfig, out: dict, names) -> dict:
     """quant_overrides of cfg (whose quantization is set) for the weights `out` holds: each of `names`
     (those the model's format packs) not packed so, and a packed untied embedding."""
-    main = (cfg.quantization, cfg.quant_group_size, cfg.quant_symmetric)
+    main = (cfg.quantization, cfg.quant_group_size, cfg.quant_symmetric, cfg.quant_super_groups)
     names = list(names)
     packed_by_main = set(names)
     got = {}
@@ -144,4 +218,6 @@ def _overrides(cfg: ModelConfig, out: dict, names) -> dict:
             continue
         got[n] = ({"format": "none", "group_size": 0, "symmetric": True} if spec is None else
                   {"format": spec[0], "group_size": spec[1], "symmetric": spec[2]})
+        if spec is not None and spec[3]:
+            got[n]["super_groups"] = spec[3]
     return got

@@ -56,9 +56,12 @@ tensors) is stored as
 `<name>.qdata`, `<name>.qscale` and, for asymmetric int4, `<name>.qzero` (the layouts of
 normengine.ops.QuantizedWeight) instead of `<name>`; `quant_group_size` is the int4 group size, the
 int8-weight group size (0: one scale per output row; 16 / 32 / 64 / 128: a scale per group of columns, as
-llama.cpp's Q8_0 with 32) or the fp8 block size (0: one fp8 scale per tensor).
+llama.cpp's Q8_0 with 32) or the fp8 block size (0: one fp8 scale per tensor). `quant_super_groups` > 0:
+two-level scales (GGUF's K-quants, kept as they are): `.qscale` (and `.qzero`) hold one float32 per
+super-block of that many groups, `.qsub` (and `.qsubzero`) an int8 per group, s = qscale * qsub and
+w = q s - qzero * qsubzero (normengine.ops.QuantizedWeight).
 `quant_overrides` names the weights stored another way: {name: {"format": ..., "group_size": ...,
-"symmetric": ...}}, format one of QUANT_FORMATS or "none" (a dense weight, stored as `<name>`); a
+"symmetric": ...[, "super_groups": ...]}}, format one of QUANT_FORMATS or "none" (a dense weight, stored as `<name>`); a
 token embedding that is not the head may be listed too (packed; its rows dequantized on lookup). A
 GGUF file of mixed block types (Q4_K_M: Q4_K and Q6_K) loads so, each weight in the format that holds
 its blocks (normengine.checkpoint.gguf).
@@ -133,6 +136,7 @@ class ModelConfig:
     quantization: str | None = None  # one of QUANT_FORMATS when the linear weights are stored quantized
     quant_group_size: int = 0         # int4: 32 / 64 / 128; int8-weight: 0 (rows) / 16 .. 128; fp8: 0 or 128
     quant_symmetric: bool = True      # int4 / grouped int8-weight: no stored zero points (int4: levels (q - 7.5) s)
+    quant_super_groups: int = 0       # int4 / grouped int8-weight: two-level scales, groups a super-block (0: none)
     quant_overrides: dict = field(default_factory=dict)  # name -> its own {"format", "group_size", "symmetric"}
     n_experts: int = 0                # mixture of experts: experts per MoE layer (0: dense MLPs)
     n_experts_used: int = 0           # experts each token goes through (top-k)
@@ -199,6 +203,7 @@ class ModelConfig:
             raise ArgumentError(f"config.quantization: expected None or one of {QUANT_FORMATS}, got {self.quantization!r}")
         if self.quantization is not None:
             _check_quant_spec(self.quantization, self.quant_group_size, "config.quant_group_size")
+        _check_super(self.quantization, self.quant_group_size, self.quant_super_groups, "config.quant_super_groups")
         self._check_overrides()
         from .rope import check_scaling
 
@@ -238,8 +243,10 @@ class ModelConfig:
             where = f"config.quant_overrides[{name!r}]"
             if not (isinstance(name, str) and (name == "tok_emb.weight" or _base_quantized(self, name, True))):
                 raise ArgumentError(f"{where}: not a linear weight or embedding of this model")
-            if not (isinstance(spec, dict) and set(spec) == {"format", "group_size", "symmetric"}):
-                raise ArgumentError(f"{where}: expected {{'format', 'group_size', 'symmetric'}}, got {spec!r}")
+            keys = {"format", "group_size", "symmetric"}
+            if not (isinstance(spec, dict) and keys <= set(spec) <= keys | {"super_groups"}):
+                raise ArgumentError(f"{where}: expected {{'format', 'group_size', 'symmetric'[, 'super_groups']}}, "
+                                    f"got {spec!r}")
             if spec["format"] != "none" and spec["format"] not in QUANT_FORMATS:
                 raise ArgumentError(f"{where}: format expected 'none' or one of {QUANT_FORMATS}, got "
                                     f"{spec['format']!r}")
@@ -252,6 +259,8 @@ class ModelConfig:
                 _check_quant_spec(spec["format"], g, f"{where}: group_size")
                 if not spec["symmetric"] and not takes_zero_points(spec["format"], g):
                     raise ArgumentError(f"{where}: zero points (symmetric false) are for int4 and grouped int8-weight")
+            _check_super(None if spec["format"] == "none" else spec["format"], g, spec.get("super_groups", 0),
+                         f"{where}: super_groups")
         if self.tied_head and qo.get("tok_emb.weight") != qo.get("lm_head.weight"):
             raise ArgumentError("config.quant_overrides: a tied head's embedding and head are one tensor (list both "
                                 "alike, or neither)")
@@ -306,8 +315,18 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def quant_shapes(fmt: str, n: int, k: int, group_size: int, symmetric: bool = True) -> dict:
-    """Suffix -> shape of the packed tensors of one [n, k] weight quantized as `fmt`."""
+def quant_shapes(fmt: str, n: int, k: int, group_size: int, symmetric: bool = True, super_groups: int = 0) -> dict:
+    """Suffix -> shape of the packed tensors of one [n, k] weight quantized as `fmt` (super_groups: two-level
+    scales, see the module's docstring)."""
+    if super_groups:
+        if k % (group_size * super_groups):
+            raise ArgumentError(f"quantization: in_features {k} is not whole super-blocks of {super_groups} groups "
+                                f"of {group_size}")
+        s = {"qdata": (n, k // 2 if fmt == "int4" else k), "qscale": (n, k // group_size // super_groups),
+             "qsub": (n, k // group_size)}
+        if not symmetric:
+            s.update(qzero=s["qscale"], qsubzero=s["qsub"])
+        return s
     if fmt in ("int8", "int8-weight"):
         s = {"qdata": (n, k), "qscale": (n, k // group_size) if group_size else (n,)}
         if takes_zero_points(fmt, group_size) and not symmetric:
@@ -321,6 +340,15 @@ def quant_shapes(fmt: str, n: int, k: int, group_size: int, symmetric: bool = Tr
     if fmt == "fp8":
         return {"qdata": (n, k), "qscale": (1,) if group_size == 0 else (-(-n // 128), -(-k // 128))}
     raise ArgumentError(f"quantization: expected one of {QUANT_FORMATS}, got {fmt!r}")
+
+
+def _check_super(fmt, group_size, super_groups, where: str):
+    """super_groups: 0, or (int4 / grouped int8-weight) a super-block's groups, 1 .. 64."""
+    if not (isinstance(super_groups, int) and not isinstance(super_groups, bool) and 0 <= super_groups <= 64):
+        raise ArgumentError(f"{where}: expected an int in 0 .. 64, got {super_groups!r}")
+    if super_groups and not (fmt is not None and takes_zero_points(fmt, group_size)):
+        raise ArgumentError(f"{where}: two-level scales are for int4 and grouped int8-weight, got {fmt!r} with "
+                            f"group_size {group_size}")
 
 
 def takes_zero_points(fmt: str, group_size: int) -> bool:
@@ -339,17 +367,18 @@ def _check_quant_spec(fmt: str, g, where: str) -> None:
 
 
 def quant_of(cfg: ModelConfig, name: str):
-    """(format, group_size, symmetric) of weight `name` as a quantized checkpoint of this config stores
-    it (its quant_overrides entry, else the model's quantization), or None for a dense tensor."""
+    """(format, group_size, symmetric, super_groups) of weight `name` as a quantized checkpoint of this config
+    stores it (its quant_overrides entry, else the model's quantization), or None for a dense tensor."""
     if cfg.quantization is None:
         return None
     spec = cfg.quant_overrides.get(name)
     if spec is not None:
-        return None if spec["format"] == "none" else (spec["format"], spec["group_size"], spec["symmetric"])
+        return None if spec["format"] == "none" else (spec["format"], spec["group_size"], spec["symmetric"],
+                                                      spec.get("super_groups", 0))
     if not _base_quantized(cfg, name):
         return None
     fmt, g = cfg.quantization, cfg.quant_group_size
-    return fmt, g, cfg.quant_symmetric or not takes_zero_points(fmt, g)
+    return fmt, g, cfg.quant_symmetric or not takes_zero_points(fmt, g), cfg.quant_super_groups
 
 
 def is_quantized_name(cfg: ModelConfig, name: str) -> bool:
@@ -395,7 +424,7 @@ def iter_expected_shapes(cfg: ModelConfig):
     for name, shape in _iter_dense_shapes(cfg):
         spec = quant_of(cfg, name)
         if spec is not None:
-            for suf, qs in quant_shapes(spec[0], shape[0], shape[1], spec[1], spec[2]).items():
+            for suf, qs in quant_shapes(*spec[:1], shape[0], shape[1], *spec[1:]).items():
                 yield f"{name}.{suf}", qs
         else:
             yield name, shape

@@ -769,7 +769,8 @@ class Model:
                 elif _is_tensor(t):
                     r.set_tensor(name, t)
                 else:  # a packed weight
-                    r.set_quant_tensor(name, _QFORMAT[t.format], t.data, t.scale, t.zero, t.group_size)
+                    r.set_quant_tensor(name, _QFORMAT[t.format], t.data, t.scale, t.zero, t.group_size,
+                                       t.sub, t.sub_zero, t.super_groups)
             r.finalize()
             self._runner, self._slots, self._ctx = r, slots, ctx
             self._handed_tensors = dict(self._weights)  # kept alive for as long as the runner reads them

@@ -108,6 +108,16 @@ struct SamplingParams {
   float min_p = 0.f;        // 0: all; else only tokens with p >= min_p * (the top token's p), after top_k / top_p
 };
 
+// Two-level scales of a packed weight (ops/quant_gemm.h QWeight::sub; GGUF K-quants): sub int8 [N, K / group],
+// sub_zero int8 [N, K / group] or null, `super` groups a super-block; scale (and zero: the super-blocks' offsets)
+// then hold one float32 per super-block, [N, K / (group * super)]. CPU runner only (the CUDA one takes them
+// expanded to a scale per group: normengine's QuantizedWeight.to).
+struct SubScales {
+  const TensorView* sub = nullptr;
+  const TensorView* sub_zero = nullptr;
+  int64_t super = 0;
+};
+
 class Runner {
  public:
   // Caches hold `ctx` positions for each of `slots` sequences (ctx <= max_seq_len).
@@ -118,10 +128,10 @@ class Runner {
   void set_tensor(const std::string& name, const TensorView& t);
   // Hand over a quantized linear weight (ops/quant_gemm.h QWeight layouts; format a QFormat value):
   // data int8 [N, K] (int8 formats), uint8 [N, K/2] (int4) or uint8 [N, K] (fp8 E4M3); scale and zero
-  // float32 as QWeight documents (zero null: symmetric). Any linear weight, the head, and the token
+  // float32 as QWeight documents (zero null: symmetric; sub: two-level scales). Any linear weight, the head, and the token
   // embedding (rows dequantized on lookup; a tied model hands the head's tensors under both names).
   void set_quant_tensor(const std::string& name, int format, const TensorView& data, const TensorView& scale,
-                        const TensorView* zero, int64_t group);
+                        const TensorView* zero, int64_t group, const SubScales& sub = {});
   // Checks every required tensor is present (throws naming the first missing one).
   void finalize();
 
@@ -189,7 +199,7 @@ class CudaRunner {
   // runner's device): projections run cuda::quant_linear (cuda/quant_gemm.cu), embedding rows are
   // dequantized on lookup.
   void set_quant_tensor(const std::string& name, int format, const TensorView& data, const TensorView& scale,
-                        const TensorView* zero, int64_t group);
+                        const TensorView* zero, int64_t group, const SubScales& sub = {});
   void finalize();
   void forward(int n_seqs, const int32_t* slots, const int32_t* tokens, const int32_t* lens, float* logits,
                bool all_logits, void* stream = nullptr);

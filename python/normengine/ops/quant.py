@@ -221,18 +221,20 @@ def _emulated(x2: torch.Tensor, qw: QuantizedWeight, bias):
     return ref(x2, qw, bias, dtype=torch.float32)
 
 
-def _ql_fake(x2, fmt, data, scale, zero, group, N, bias, medium, new=torch_empty):
+def _ql_fake(x2, fmt, data, scale, zero, group, N, bias, medium, sub, sub_zero, super_groups, new=torch_empty):
     return new((x2.shape[0], N), torch.float32, x2.device)
 
 
 @native_op("quant_linear", _ql_fake)
 def _native_quant_linear(x2: torch.Tensor, fmt: int, data: torch.Tensor, scale: torch.Tensor,
                          zero: Optional[torch.Tensor], group: int, N: int, bias: Optional[torch.Tensor],
-                         medium: bool) -> torch.Tensor:
+                         medium: bool, sub: Optional[torch.Tensor], sub_zero: Optional[torch.Tensor],
+                         super_groups: int) -> torch.Tensor:
     """y [M, N] float32 = x2 [M, K] (float32, contiguous) times the packed weight's transpose (+ bias), CPU."""
-    y = _ql_fake(x2, fmt, data, scale, zero, group, N, bias, medium, new=empty)
+    y = _ql_fake(x2, fmt, data, scale, zero, group, N, bias, medium, sub, sub_zero, super_groups, new=empty)
     if x2.shape[0]:
-        _C.quant_linear(x2, fmt, data, scale, zero, group, N, x2.shape[1], bias, y, False, medium)
+        _C.quant_linear(x2, fmt, data, scale, zero, group, N, x2.shape[1], bias, y, False, medium,
+                        sub=sub, sub_zero=sub_zero, super=super_groups)
     return y
 
 
@@ -271,7 +273,9 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, ou
             raise ShapeError(f"out: expected a contiguous float32 tensor of shape {tuple(lead) + (N,)} on {x.device}")
         check_no_overlap(out, "out", dict(qweight.tensors(), x=x, bias=bias))
     if x.device.type == "cuda" and hasattr(_C, "quant_linear_cuda"):
-        # cuda/quant_gemm.cu: IMMA / e4m3 MMA tiles, dp4a GEMV for small M; x in its own dtype
+        # cuda/quant_gemm.cu: IMMA / e4m3 MMA tiles, dp4a GEMV for small M; x in its own dtype (two-level
+        # scales expanded: the CUDA kernels read a scale per group)
+        qweight = qweight.single_level()
         xc = x.detach().resolve_neg().reshape(-1, K)
         if xc.stride(-1) != 1 or (xc.shape[0] > 1 and xc.stride(0) < K):
             xc = xc.contiguous()
@@ -293,11 +297,11 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, ou
     group = qweight.group_size
     if out is None:
         return _native_quant_linear(x2, _CODE[qweight.format], qweight.data, qweight.scale, qweight.zero, group, N,
-                                    bias, medium).view(*lead, N)
+                                    bias, medium, qweight.sub, qweight.sub_zero, qweight.super_groups).view(*lead, N)
     y = out.view(-1, N)
     if x2.shape[0]:
         _C.quant_linear(x2, _CODE[qweight.format], qweight.data, qweight.scale, qweight.zero, group, N, K, bias, y,
-                        False, medium)
+                        False, medium, sub=qweight.sub, sub_zero=qweight.sub_zero, super=qweight.super_groups)
     return out
 
 
