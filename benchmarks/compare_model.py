@@ -31,7 +31,8 @@ Engines (each in a fresh subprocess, so peak RSS is its own; all with --threads 
              torch)
   llama-q4_k_m, ne-gguf-q4_k_m  a Q4_K_M file (Q4_K and Q6_K blocks) made from the f32 GGUF by llama.cpp's own
              quantizer (llama_model_quantize); normengine's plain load keeps each weight in the format of its
-             blocks (Q4_K: int4 g32 with zero points; Q6_K: int8-weight g16), exactly. llama-q5_k_m /
+             blocks (Q4_K: int4 g32 with offsets; Q6_K: int8-weight g16; the K-quants' two-level scales, a
+             float32 d / dmin per 256 and int8 sub-block scales / mins, as the file holds them), exactly. llama-q5_k_m /
              ne-gguf-q5_k_m, llama-q3_k_m / ne-gguf-q3_k_m: the same for Q5_K_M (Q5_K: int8-weight g32 with
              zero points) and Q3_K_M (Q3_K: int8-weight g16; Q4_K, Q5_K)
   ne-f32s, ne-bf16s, ne-int8s, ne-int4s  normengine.load of the checkpoint `normengine convert`

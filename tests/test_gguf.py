@@ -122,6 +122,61 @@ def test_native_unpack_matches_the_reference(name, fmt):
     assert ok.mean() > 0.5 and rel_err(torch.from_numpy(w[ok]), torch.from_numpy(want[ok])) < 1e-6
 
 
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("fmt", ["int4", "int8-weight"])
+def test_native_two_level_unpack_is_the_files_values(name, fmt):
+    """The K-quants with two-level scales (what a GGUF load packs them as): q (d sc_j) - dmin m_j in float32, from
+    the unpacked codes, d / dmin and integer sc_j / m_j, is the file's dequantized value bit for bit (ggml's own
+    products, no division), rows picked and reordered, special d (Inf, NaN, subnormal, +-0) and the groups of
+    scale 0 under a min included; the weight's dequantize() and a GEMM with it agree."""
+    from normengine import _C
+
+    int4 = fmt == "int4"
+    if int4 and name != "Q4_K":
+        assert not _C.gguf_two_level(name, True)
+        return
+    t = _gtype(name)
+    rng = np.random.default_rng(len(name) * 11 + int4)
+    N, nb = 7, 3
+    K = nb * t.block
+    b = random_blocks(name, N * nb, rng)
+    for j, v in enumerate([np.inf, np.nan, 6e-8, 0.0, -0.0]):
+        b[nb + j % nb if j < nb else 2 * nb + j - nb, SCALES[name][0]:SCALES[name][0] + 2] = (
+            np.array([v], np.float16).view(np.uint8))
+    if name in ("Q4_K", "Q5_K", "Q2_K"):
+        b[5 * nb, {"Q4_K": 4, "Q5_K": 4, "Q2_K": 0}[name]] &= 0xC0 if name != "Q2_K" else 0xF0
+    group = _C.gguf_group(name)
+    G, S = K // group, 256 // group
+    offsets = _C.gguf_has_zero(name, False)
+    rows = np.array([6, 0, 5, 5, 2, 1, 3, 4], dtype=np.int64)
+    n = rows.size
+    codes = np.full((n, K // 2 if int4 else K), 0x5B, dtype=np.uint8 if int4 else np.int8)
+    d, sub = np.full((n, K // 256), -7.0, np.float32), np.full((n, G), 99, np.int8)
+    dmin, mins = (np.full_like(d, -7.0), np.full_like(sub, 99)) if offsets else (None, None)
+    _C.gguf_unpack(name, b.reshape(N, -1), K, rows, int4, codes, d, dmin, sub, mins)
+    q = (np.stack([codes & 15, codes >> 4], -1).reshape(n, K) if int4 else codes).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = np.repeat(d, S, 1) * sub.astype(np.float32)  # float32 products
+        w = q.reshape(n, G, group) * s[..., None]
+        if offsets:
+            w = w - (np.repeat(dmin, S, 1) * mins.astype(np.float32))[..., None]
+    want = gguf_io.dequantize(b, name).reshape(N, K)[rows]
+    ok = np.isfinite(want)
+    assert ok.mean() > 0.5
+    np.testing.assert_array_equal(w.reshape(n, K)[ok].view(np.uint32), want[ok].view(np.uint32))
+    # the weight object and the kernels read the same values (rows with finite scales)
+    fin = np.isfinite(want).all(1)
+    qw = ne.ops.QuantizedWeight(fmt, (int(fin.sum()), K), *[None if a is None else torch.from_numpy(a[fin].copy())
+                                                            for a in (codes, d, dmin)], group,
+                                *[None if a is None else torch.from_numpy(a[fin].copy()) for a in (sub, mins)])
+    assert qw.super_groups == S
+    np.testing.assert_array_equal(qw.dequantize().numpy().view(np.uint32), want[fin].view(np.uint32))
+    x = torch.randn(3, K, dtype=torch.float64)
+    got = ne.ops.quantized_linear(x.float(), qw).double()
+    ref = x @ torch.from_numpy(want[fin]).double().t()
+    assert rel_err(got, ref) < 1e-5
+
+
 def test_native_unpack_checks_its_arguments():
     from normengine import _C
 
@@ -482,13 +537,15 @@ def test_k_quant_file_matches_transformers(tmp_path):
     assert rel_err(f.logits(ids), want) <= 1e-4
     assert f.config.source_dtype == "float32" and f.config.quantization is None
     # a plain load: every weight packed as its blocks are, exactly (Q4_K: int4 g32 asym; Q8_0 / Q5_0: int8-weight
-    # g32; Q6_K / Q3_K: int8-weight g16; Q5_K: int8-weight g32 with zero points; Q2_K: g16 with zero points), the
-    # untied Q8_0 embedding too; the formats recorded per weight
+    # g32; Q6_K / Q3_K: int8-weight g16; Q5_K: int8-weight g32 with zero points; Q2_K: g16 with zero points; the
+    # K-quants with two-level scales, super-blocks of 256), the untied Q8_0 embedding too; the formats recorded
+    # per weight
     m = ne.load(path)
     assert rel_err(m.logits(ids), want) <= 1e-4
-    spec = {"Q4_K": ("int4", 32, False), "Q8_0": ("int8-weight", 32, True), "Q5_0": ("int8-weight", 32, True),
-            "Q6_K": ("int8-weight", 16, True), "Q3_K": ("int8-weight", 16, True),
-            "Q5_K": ("int8-weight", 32, False), "Q2_K": ("int8-weight", 16, False)}
+    spec = {"Q4_K": ("int4", 32, False, 8), "Q8_0": ("int8-weight", 32, True, 0),
+            "Q5_0": ("int8-weight", 32, True, 0), "Q6_K": ("int8-weight", 16, True, 16),
+            "Q3_K": ("int8-weight", 16, True, 16), "Q5_K": ("int8-weight", 32, False, 8),
+            "Q2_K": ("int8-weight", 16, False, 16)}
     canon = {"token_embd": "tok_emb", "output": "lm_head", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v",
              "attn_output": "attn.o", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up", "ffn_down": "mlp.down"}
     from normengine.config import quant_of
@@ -498,7 +555,8 @@ def test_k_quant_file_matches_transformers(tmp_path):
         name = (f"{canon[parts[0]]}.weight" if len(parts) == 2 else
                 f"blocks.{parts[1]}.{canon[parts[2]]}.weight")
         t = m.tensors[name]
-        assert (t.format, t.group_size, t.zero is None) == spec[kind] == quant_of(m.config, name), (gname, kind)
+        assert (t.format, t.group_size, t.zero is None, t.super_groups) == spec[kind] == quant_of(m.config, name), (
+            gname, kind)
         assert rel_err(t.dequantize(), state[hf_of[gname]]) <= 1e-6, (gname, kind)
     assert m.config.quantization is not None and m.config.quant_overrides
     assert "gguf-blocks" in m.config.conversions
@@ -531,7 +589,7 @@ def test_k_quant_file_matches_transformers(tmp_path):
     linear = [n for n in q8.tensors if n.endswith(".weight") and "norm" not in n and n != "tok_emb.weight"]
     assert {q8.tensors[n].format for n in linear} == {"int8-weight"}
     assert q8.config.quant_overrides["blocks.0.attn.v.weight"] == {"format": "int8-weight", "group_size": 32,
-                                                                  "symmetric": False}  # (a Q4_K)
+                                                                  "symmetric": False, "super_groups": 8}  # (a Q4_K)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and ne.cuda_available()), reason="no CUDA GPU visible")

@@ -498,7 +498,10 @@ class GGUFPacked(QuantizedWeight):
     write_into writes them into memory the caller gives: normengine.load unpacks each weight straight into
     its slot of the model's weight arena, so the packed weights are written once and never held twice.
     Anything else that reads the values (to(), dequantize()) unpacks them into fresh memory first
-    (materialize). The unpacking is the native normengine._C.gguf_unpack, on every thread: the values of
+    (materialize). The unpacking is the native normengine._C.gguf_unpack, on every thread. The K-quants (Q2_K ..
+    Q6_K; int4: Q4_K) keep their two-level scales (QuantizedWeight.sub: a block's d and dmin per 256, its
+    groups' integer scales and mins), so the kernels form ggml's own products d sc and dmin m (Q4_K 4.75 bits a
+    weight against 6 with a float32 scale and zero point per group); the other types take the values of
     int4_groups_reference / int8_groups_reference, bit for bit. `source`: a count, shared by the objects of
     one GGUF tensor, of those not unpacked yet; the last one hands the tensor's pages of the mapped file
     back. arrays: the parts are numpy arrays (zero-stride ones until unpacked), for the torch-free load."""
@@ -517,6 +520,10 @@ class GGUFPacked(QuantizedWeight):
             idx = np.ascontiguousarray((np.arange(N, dtype=np.int64) if idx is None else idx)[rows])
         n = N if idx is None else idx.shape[0]
         group = _C.gguf_group(kind)
+        # the K-quants with two-level scales: a block's d (and dmin) per 256, its groups' integer scales (and mins)
+        two = _C.gguf_two_level(kind, int4)
+        offsets = _C.gguf_has_zero(kind, False) if two else _C.gguf_has_zero(kind, int4)
+        n_scales = K // 256 if two else K // group
 
         self._arrays = arrays
 
@@ -528,20 +535,22 @@ class GGUFPacked(QuantizedWeight):
             return torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
 
         super().__init__(fmt, (n, K), meta((n, K // 2 if int4 else K), "uint8" if int4 else "int8"),
-                         meta((n, K // group), "float32"),
-                         meta((n, K // group), "float32") if _C.gguf_has_zero(kind, int4) else None, group)
+                         meta((n, n_scales), "float32"), meta((n, n_scales), "float32") if offsets else None, group,
+                         meta((n, K // group), "int8") if two else None,
+                         meta((n, K // group), "int8") if two and offsets else None)
         self._g, self._name, self._kind, self._src_rows = g, name, kind, N
         self._rows, self._source, self._real = idx, source, None
 
     def write_into(self, parts: dict) -> None:
-        """Unpack into parts {"qdata", "qscale"[, "qzero"]}: contiguous CPU arrays of the meta tensors' shapes and
-        dtypes (torch tensors or numpy arrays)."""
+        """Unpack into parts {"qdata", "qscale"[, "qzero"][, "qsub"[, "qsubzero"]]}: contiguous CPU arrays of the
+        meta tensors' shapes and dtypes (torch tensors or numpy arrays)."""
         from .. import _C
         from .safetensors_io import release_range
 
         b = self._g.raw(self._name)
         _C.gguf_unpack(self._kind, b.reshape(self._src_rows, -1), self.shape[1],
-                       self._rows, self.format == "int4", parts["qdata"], parts["qscale"], parts.get("qzero"))
+                       self._rows, self.format == "int4", parts["qdata"], parts["qscale"], parts.get("qzero"),
+                       parts.get("qsub"), parts.get("qsubzero"))
         if self._source is not None:
             self._source[0] -= 1
             if self._source[0] == 0:  # (its clean pages are read back if needed)

@@ -149,7 +149,7 @@ class Quantizer:
         self.weights(out, self.names, sd)
         conversion = (f"quantize:{self.fmt}" + (f":g{self.group_size}" if self.fmt in ("int4", "fp8") or self.group_size
                                                 else "") + ("" if self.symmetric else ":asym"))
-        return record_packing(cfg, out, conversion, (self.fmt, int(self.group_size or 0), self.symmetric)), out
+        return record_packing(cfg, out, conversion, (self.fmt, int(self.group_size or 0), self.symmetric, 0)), out
 
 
 def smooth_model(cfg: ModelConfig, sd: dict, alpha: float = 0.5, calibration=None, n_seqs: int = 4,
