@@ -85,6 +85,12 @@ def test_native_unpack_matches_the_reference(name, fmt):
                            np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.float32), None)
         return
     t = _gtype(name)
+    if int4 and _C.gguf_group(name) == 16:  # (Q3_K / Q2_K: into int4 with two-level scales only)
+        G = t.block // 16
+        with pytest.raises(ne.errors.ArgumentError, match="two-level"):
+            _C.gguf_unpack(name, np.zeros((1, t.size), np.uint8), t.block, None, True, np.zeros((1, t.block // 2),
+                           np.uint8), np.zeros((1, G), np.float32), np.zeros((1, G), np.float32))
+        return
     rng = np.random.default_rng(len(name) * 7 + int4)
     N, nb = 7, 3  # 7 rows of 3 blocks
     K = nb * t.block
@@ -127,12 +133,13 @@ def test_native_unpack_matches_the_reference(name, fmt):
 def test_native_two_level_unpack_is_the_files_values(name, fmt):
     """The K-quants with two-level scales (what a GGUF load packs them as): q (d sc_j) - dmin m_j in float32, from
     the unpacked codes, d / dmin and integer sc_j / m_j, is the file's dequantized value bit for bit (ggml's own
-    products, no division), rows picked and reordered, special d (Inf, NaN, subnormal, +-0) and the groups of
-    scale 0 under a min included; the weight's dequantize() and a GEMM with it agree."""
+    products, no division; int4 Q3_K: offsets (4 d) (sc_j - 32)), rows picked and reordered, special d (Inf, NaN,
+    subnormal, +-0) and the groups of scale 0 under a min included; the weight's dequantize() and a GEMM with it
+    (int4 Q3_K / Q2_K: groups of 16) agree, and so does its single_level() form (what a GPU takes)."""
     from normengine import _C
 
     int4 = fmt == "int4"
-    if int4 and name != "Q4_K":
+    if int4 and name in ("Q5_K", "Q6_K"):
         assert not _C.gguf_two_level(name, True)
         return
     t = _gtype(name)
@@ -147,7 +154,8 @@ def test_native_two_level_unpack_is_the_files_values(name, fmt):
         b[5 * nb, {"Q4_K": 4, "Q5_K": 4, "Q2_K": 0}[name]] &= 0xC0 if name != "Q2_K" else 0xF0
     group = _C.gguf_group(name)
     G, S = K // group, 256 // group
-    offsets = _C.gguf_has_zero(name, False)
+    offsets = _C.gguf_has_zero(name, int4, True)
+    assert offsets == (name != "Q6_K" and (int4 or name != "Q3_K"))
     rows = np.array([6, 0, 5, 5, 2, 1, 3, 4], dtype=np.int64)
     n = rows.size
     codes = np.full((n, K // 2 if int4 else K), 0x5B, dtype=np.uint8 if int4 else np.int8)
@@ -163,18 +171,22 @@ def test_native_two_level_unpack_is_the_files_values(name, fmt):
     want = gguf_io.dequantize(b, name).reshape(N, K)[rows]
     ok = np.isfinite(want)
     assert ok.mean() > 0.5
-    np.testing.assert_array_equal(w.reshape(n, K)[ok].view(np.uint32), want[ok].view(np.uint32))
+    # (bit for bit; int4 Q3_K's u s - 4 s is +0 where ggml's d (sc - 32) (u - 4) is -0: equal values)
+    bits = (lambda v: v.view(np.uint32)) if not (int4 and name == "Q3_K") else (lambda v: v)
+    np.testing.assert_array_equal(bits(w.reshape(n, K)[ok]), bits(want[ok]))
     # the weight object and the kernels read the same values (rows with finite scales)
     fin = np.isfinite(want).all(1)
     qw = ne.ops.QuantizedWeight(fmt, (int(fin.sum()), K), *[None if a is None else torch.from_numpy(a[fin].copy())
                                                             for a in (codes, d, dmin)], group,
                                 *[None if a is None else torch.from_numpy(a[fin].copy()) for a in (sub, mins)])
     assert qw.super_groups == S
-    np.testing.assert_array_equal(qw.dequantize().numpy().view(np.uint32), want[fin].view(np.uint32))
-    x = torch.randn(3, K, dtype=torch.float64)
-    got = ne.ops.quantized_linear(x.float(), qw).double()
-    ref = x @ torch.from_numpy(want[fin]).double().t()
-    assert rel_err(got, ref) < 1e-5
+    np.testing.assert_array_equal(bits(qw.dequantize().numpy()), bits(want[fin]))
+    for M in (1, 3, 5, 24):  # (the GEMV tiles, and the dequantized panels)
+        x = torch.randn(M, K, dtype=torch.float64)
+        got = ne.ops.quantized_linear(x.float(), qw).double()
+        ref = x @ torch.from_numpy(want[fin]).double().t()
+        assert rel_err(got, ref) < 1e-5, M
+        assert rel_err(ne.ops.quantized_linear(x.float(), qw.single_level()).double(), ref) < 1e-5, M
 
 
 def test_native_unpack_checks_its_arguments():
@@ -536,16 +548,16 @@ def test_k_quant_file_matches_transformers(tmp_path):
     assert f.tokenizer is None  # the file has no vocabulary: token ids only
     assert rel_err(f.logits(ids), want) <= 1e-4
     assert f.config.source_dtype == "float32" and f.config.quantization is None
-    # a plain load: every weight packed as its blocks are, exactly (Q4_K: int4 g32 asym; Q8_0 / Q5_0: int8-weight
-    # g32; Q6_K / Q3_K: int8-weight g16; Q5_K: int8-weight g32 with zero points; Q2_K: g16 with zero points; the
+    # a plain load: every weight packed as its blocks are, exactly (Q4_K: int4 g32 asym; Q3_K / Q2_K: int4 g16 with
+    # offsets; Q8_0 / Q5_0: int8-weight g32; Q6_K: int8-weight g16; Q5_K: int8-weight g32 with zero points; the
     # K-quants with two-level scales, super-blocks of 256), the untied Q8_0 embedding too; the formats recorded
     # per weight
     m = ne.load(path)
     assert rel_err(m.logits(ids), want) <= 1e-4
     spec = {"Q4_K": ("int4", 32, False, 8), "Q8_0": ("int8-weight", 32, True, 0),
             "Q5_0": ("int8-weight", 32, True, 0), "Q6_K": ("int8-weight", 16, True, 16),
-            "Q3_K": ("int8-weight", 16, True, 16), "Q5_K": ("int8-weight", 32, False, 8),
-            "Q2_K": ("int8-weight", 16, False, 16)}
+            "Q3_K": ("int4", 16, False, 16), "Q5_K": ("int8-weight", 32, False, 8),
+            "Q2_K": ("int4", 16, False, 16)}
     canon = {"token_embd": "tok_emb", "output": "lm_head", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v",
              "attn_output": "attn.o", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up", "ffn_down": "mlp.down"}
     from normengine.config import quant_of
@@ -567,15 +579,16 @@ def test_k_quant_file_matches_transformers(tmp_path):
         r = ne.load(str(tmp_path / "saved"), **kw)
         assert r.config.quant_overrides == m.config.quant_overrides
         assert torch.equal(r.logits(ids), m.logits(ids))
-    # quant='int4': the Q4_K weights keep their codes, the others are quantized from their values, with a
-    # warning saying how many of which type
+    # quant='int4': the Q4_K (and Q3_K / Q2_K) weights keep their codes, the others are quantized from their values,
+    # with a warning saying how many of which type
     from normengine.checkpoint import gguf
 
     exact, _ = gguf.repack_exact(gguf_io.read_gguf(path), m.config, "int4")
     q4k = {n for n, k in kind_of.items() if k == "Q4_K"}
     assert {"blk.0.attn_v.weight", "blk.1.attn_q.weight", "blk.1.ffn_up.weight"} == q4k
-    assert set(exact) == {"blocks.0.attn.v.weight", "blocks.1.attn.q.weight", "blocks.1.mlp.up.weight"}
-    left = r"12 linear weights .* int4 \(3 x Q2_K, 3 x Q3_K, 1 x Q5_0, 3 x Q5_K, 2 x Q6_K\): they are quantized to int4"
+    assert set(exact) == {f"blocks.{g.split('.')[1]}.{canon[g.split('.')[2]]}.weight"
+                          for g, k in kind_of.items() if k in ("Q4_K", "Q3_K", "Q2_K")}
+    left = r"6 linear weights .* int4 \(1 x Q5_0, 3 x Q5_K, 2 x Q6_K\): they are quantized to int4"
     with pytest.warns(UserWarning, match=left):
         q = ne.load(path, quant="int4")
     for n, w in exact.items():

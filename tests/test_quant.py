@@ -209,7 +209,8 @@ def test_int8_weight_kernels_every_isa(group, zero, gen):
 
 
 TWO_LEVEL = [("int4", 32, 8, True), ("int4", 64, 2, False), ("int8-weight", 16, 16, False),  # Q4_K, -, Q6_K
-             ("int8-weight", 32, 8, True), ("int8-weight", 16, 16, True)]                      # Q5_K, Q2_K
+             ("int8-weight", 32, 8, True), ("int8-weight", 16, 16, True),                      # Q5_K, Q2_K
+             ("int4", 16, 16, True), ("int4", 16, 4, False)]                                   # Q3_K / Q2_K, -
 
 
 def _two_level(fmt, group, S, offsets, N, K, gen):

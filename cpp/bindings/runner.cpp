@@ -165,7 +165,7 @@ void bind_runner(py::module_& m) {
         const bool two = vu.has;
         if (two && !ne::gguf_two_level(type, int4))
           throw ne::ValueError("sub: " + type + " has no two-level scales in " + (int4 ? "int4" : "int8-weight"));
-        const bool zeros = two ? ne::gguf_has_zero(type, false) : ne::gguf_has_zero(type, int4);
+        const bool zeros = ne::gguf_has_zero(type, int4, two);
         const int64_t S = two ? K / be : G;
         expect_matrix(vs, ne::DType::F32, n, S);
         if (vz.has != zeros)
@@ -199,7 +199,8 @@ void bind_runner(py::module_& m) {
         "Whether a GGUF type unpacks with two-level scales (sub / sub_zero: the K-quants; int4 only Q4_K)");
   m.def("gguf_group", &ne::gguf_group, py::arg("type"),
         "The elements one scale covers when a GGUF type unpacks (16 or 32; 0: not a type gguf_unpack reads)");
-  m.def("gguf_has_zero", &ne::gguf_has_zero, py::arg("type"), py::arg("int4"));
+  m.def("gguf_has_zero", &ne::gguf_has_zero, py::arg("type"), py::arg("int4"), py::arg("two_level") = false,
+        "Whether a GGUF type unpacks with zero points (two_level: two-level offsets, sub_zero) in that format");
 
   py::class_<ne::Runner>(m, "Runner", "Native transformer runner: weights, KV caches, prefill and decode.")
       .def(py::init([](py::dict spec, int slots, int ctx) { return new ne::Runner(spec_from(spec), slots, ctx); }),

@@ -189,19 +189,19 @@ void decode(T t, const uint8_t* b, Block& k) {
 
 bool gguf_unpacks(const std::string& type, bool int4) {
   const TypeInfo* i = info_of(type);
-  return i && (!int4 || i->t == T::Q4_0 || i->t == T::Q4_1 || i->t == T::Q4_K);
+  return i && (!int4 || i->t == T::Q4_0 || i->t == T::Q4_1 || i->t == T::Q4_K || i->t == T::Q3_K || i->t == T::Q2_K);
 }
 int gguf_group(const std::string& type) {
   const TypeInfo* i = info_of(type);
   return i ? i->group : 0;
 }
-bool gguf_has_zero(const std::string& type, bool int4) {
+bool gguf_has_zero(const std::string& type, bool int4, bool two_level) {
   const TypeInfo* i = info_of(type);
-  return i && (int4 || i->offset);
+  return i && (i->offset || (int4 && (!two_level || i->bias != 0)));
 }
 bool gguf_two_level(const std::string& type, bool int4) {
   const TypeInfo* i = info_of(type);
-  return i && i->elems == 256 && (!int4 || i->t == T::Q4_K);
+  return i && i->elems == 256 && (!int4 || i->t == T::Q4_K || i->t == T::Q3_K || i->t == T::Q2_K);
 }
 int64_t gguf_block_elems(const std::string& type) {
   const TypeInfo* i = info_of(type);
@@ -229,7 +229,9 @@ void gguf_unpack(const std::string& type, const GgufUnpackArgs& a) {
   const bool two = a.sub != nullptr;
   if (two && !gguf_two_level(type, a.int4))
     throw ValueError("gguf_unpack: type " + type + " has no two-level scales in " + (a.int4 ? "int4" : "int8-weight"));
-  const bool zeros = ti.offset || (a.int4 && !two);
+  if (!two && a.int4 && ti.group == 16)
+    throw ValueError("gguf_unpack: type " + type + " unpacks into int4 only with two-level scales (sub)");
+  const bool zeros = gguf_has_zero(type, a.int4, two);
   parallel_for(a.n_rows, 16, [&](int64_t r0, int64_t r1, int) {
     Block k;
     for (int64_t r = r0; r < r1; ++r) {
@@ -240,10 +242,10 @@ void gguf_unpack(const std::string& type, const GgufUnpackArgs& a) {
         decode(ti.t, row + bi * ti.bytes, k);
         if (two) {  // the block's d (and dmin), its groups' integer scales (and mins) as they are
           s[bi] = k.d;
-          if (ti.offset) z[bi] = k.dmin;
+          if (zeros) z[bi] = ti.offset ? k.dmin : k.d * static_cast<float>(ti.bias);  // (int4 Q3_K: o = 4 d sc_j)
           for (int j = 0; j < per; ++j) {
             a.sub[r * G + bi * per + j] = k.sc[j];
-            if (ti.offset) a.sub_zero[r * G + bi * per + j] = k.m[j];
+            if (zeros) a.sub_zero[r * G + bi * per + j] = ti.offset ? k.m[j] : k.sc[j];
           }
         } else {
           for (int j = 0; j < per; ++j) {

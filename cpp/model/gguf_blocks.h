@@ -27,15 +27,17 @@ struct GgufUnpackArgs {
   int8_t* sub_zero = nullptr;
 };
 
-// Whether `type` (ggml's name: "Q4_0", "Q4_K", ...) unpacks into int4 (the 4-bit types) or int8-weight
+// Whether `type` (ggml's name: "Q4_0", "Q4_K", ...) unpacks into int4 (the 4-bit types, and 2 / 3-bit K-quants) or int8-weight
 // (every quantized type); the group its scales cover (16 or 32); whether it takes zero points (the types with
 // an offset, and int4 always (single-level: Q4_0's are 8); its block's elements and bytes.
 bool gguf_unpacks(const std::string& type, bool int4);
 int gguf_group(const std::string& type);
-bool gguf_has_zero(const std::string& type, bool int4);
+bool gguf_has_zero(const std::string& type, bool int4, bool two_level = false);
 int64_t gguf_block_elems(const std::string& type);
-// The K-quants (Q2_K .. Q6_K): scales d sc_j that two-level scales hold exactly (GgufUnpackArgs::sub); int4 only
-// Q4_K. A super-block of 256 / gguf_group(type) groups.
+// The K-quants (Q2_K .. Q6_K): scales d sc_j that two-level scales hold exactly (GgufUnpackArgs::sub); int4: Q4_K,
+// and Q3_K / Q2_K (groups of 16, only so: their codes in nibbles; Q3_K's values d (sc_j - 32) (u - 4) as offsets,
+// s = d (sc_j - 32), o = (4 d) (sc_j - 32), both exact). A super-block of 256 / gguf_group(type) groups; two-level
+// zero points (gguf_has_zero with two_level) are those offsets.
 bool gguf_two_level(const std::string& type, bool int4);
 int64_t gguf_block_bytes(const std::string& type);
 

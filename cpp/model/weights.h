@@ -426,8 +426,10 @@ QWeight quant_weight(const WeightSlot<Wt>& slot, const std::string& name, int fo
       else if (zero) throw ValueError(name + ": only int4 and grouped int8-weight take zero points");
       break;
     case QFormat::Int4:
-      if (group != 32 && group != 64 && group != 128)
-        throw ValueError(name + ": int4 group size must be 32, 64 or 128, got " + std::to_string(group));
+      if (group != 32 && group != 64 && group != 128 && !(group == 16 && sub.sub))
+        throw ValueError(name + ": int4 group size must be 32, 64 or 128 (16 with two-level scales), got " +
+                         std::to_string(group));
+      if (K % 32) throw ShapeError(name + ": int4 in_features must be a multiple of 32, got " + std::to_string(K));
       if (K % group)
         throw ShapeError(name + ": in_features " + std::to_string(K) + " is not a multiple of the group size " +
                          std::to_string(group));

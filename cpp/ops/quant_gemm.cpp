@@ -453,7 +453,33 @@ void int4_tile512(const QArgs& a, int64_t m, int64_t n, int64_t g0, int64_t g1, 
   __m512 total[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NR; ++c) total[r][c] = _mm512_setzero_ps();
-  for (int64_t gi = g0; gi < g1; ++gi) {
+  if (g == 16) {  // (two-level scales: a GGUF Q3_K / Q2_K) two groups a 32-column step, two tables
+    // lanes 0-7 of both halves (columns 2j and 2j + 1, j < 8) are the first group's: index bit 4 picks the table
+    const __m512i lo4 = _mm512_set1_epi32(15);
+    const __m512i second = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
+    for (int64_t gi = g0; gi < g1; gi += 2) {
+      __m512 ta[NR], tb[NR];
+      for (int c = 0; c < NR; ++c) {
+        _mm_prefetch(reinterpret_cast<const char*>(wr[c]) + gi * 8 + 4096, _MM_HINT_T1);
+        ta[c] = _mm512_mul_ps(nibble, _mm512_set1_ps(rs[c].s[gi - g0]));
+        tb[c] = _mm512_mul_ps(nibble, _mm512_set1_ps(rs[c].s[gi + 1 - g0]));
+      }
+      const int64_t k = gi * 16;
+      __m512 xe[MR], xo[MR];
+      for (int r = 0; r < MR; ++r) {
+        xe[r] = _mm512_loadu_ps(a.xf + (m + r) * K + k);
+        xo[r] = _mm512_loadu_ps(a.xf + (m + r) * K + k + 16);
+      }
+      for (int c = 0; c < NR; ++c) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[c] + k / 2)));
+        const __m512 qe = _mm512_permutex2var_ps(ta[c], _mm512_or_si512(_mm512_and_si512(b, lo4), second), tb[c]);
+        const __m512 qo = _mm512_permutex2var_ps(ta[c], _mm512_or_si512(_mm512_srli_epi32(b, 4), second), tb[c]);
+        for (int r = 0; r < MR; ++r)
+          total[r][c] = _mm512_fmadd_ps(qo, xo[r], _mm512_fmadd_ps(qe, xe[r], total[r][c]));
+      }
+    }
+  }
+  for (int64_t gi = g0; g != 16 && gi < g1; ++gi) {
     // decode reads W from memory once: each row's bytes 4 KB ahead are requested (as the int8 GEMV)
     __m512 table[NR];
     for (int c = 0; c < NR; ++c) {
@@ -703,13 +729,16 @@ inline void dequant_int4_run(const uint8_t* q, int64_t nb, float s, float z, flo
     _mm512_storeu_ps(o + 2 * j, _mm512_permutex2var_ps(lo, first, hi));  // lo0 hi0 lo1 hi1 ...
     _mm512_storeu_ps(o + 2 * j + 16, _mm512_permutex2var_ps(lo, second, hi));
   }
-#elif defined(__AVX2__)
-  const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z), vo = _mm256_set1_ps(off);
-  const __m256i lo4 = _mm256_set1_epi32(15);
+#endif
+#if defined(__AVX2__)  // (AVX-512 too: a group of 16, 8 bytes)
+  const __m256 vs8 = _mm256_set1_ps(s), vz8 = _mm256_set1_ps(z), vo8 = _mm256_set1_ps(off);
+  const __m256i low8 = _mm256_set1_epi32(15);
   for (; j + 8 <= nb; j += 8) {
     const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j)));
-    const __m256 lo = _mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, lo4)), vz), vs), vo);
-    const __m256 hi = _mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), vz), vs), vo);
+    const __m256 lo =
+        _mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low8)), vz8), vs8), vo8);
+    const __m256 hi =
+        _mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), vz8), vs8), vo8);
     const __m256 a = _mm256_unpacklo_ps(lo, hi), c = _mm256_unpackhi_ps(lo, hi);  // (lo0 hi0 lo1 hi1 | lo4 ..)
     _mm256_storeu_ps(o + 2 * j, _mm256_permute2f128_ps(a, c, 0x20));
     _mm256_storeu_ps(o + 2 * j + 8, _mm256_permute2f128_ps(a, c, 0x31));
@@ -949,8 +978,10 @@ void check_qweight(const QWeight& w) {
       if (w.zero && !w.group) throw ValueError("qweight.zero: only int4 and grouped int8-weight take zero points");
       break;
     case QFormat::Int4:
-      if (w.group != 32 && w.group != 64 && w.group != 128)
-        throw ValueError("qweight: int4 group size must be 32, 64 or 128, got " + std::to_string(w.group));
+      if (w.group != 32 && w.group != 64 && w.group != 128 && !(w.group == 16 && w.sub))
+        throw ValueError("qweight: int4 group size must be 32, 64 or 128 (16 with two-level scales), got " +
+                         std::to_string(w.group));
+      if (w.K % 32) throw ShapeError("qweight: int4 in_features must be a multiple of 32, got " + std::to_string(w.K));
       if (w.K % w.group)
         throw ShapeError("qweight: in_features " + std::to_string(w.K) + " is not a multiple of the group size " +
                          std::to_string(w.group));

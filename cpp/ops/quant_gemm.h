@@ -34,7 +34,9 @@ struct QWeight {
   // Int4 with zero == nullptr: every group's zero point. 7.5 (symmetric, mid-rise) unless the runner found all of a
   // weight's zero points equal (a GGUF Q4_0's are 8): it then reads this one instead of the [N, K/group] array.
   float zero_point = 7.5f;
-  int64_t group = 0;  // Int4: 32, 64 or 128 (K % group == 0); FP8: 0 or 128; Int8: 0; Int8Weight: 0, 16 .. 128
+  // Int4: 32, 64 or 128 (16 with two-level scales; K % group == 0, K % 32 == 0); FP8: 0 or 128; Int8: 0;
+  // Int8Weight: 0, 16 .. 128
+  int64_t group = 0;
   // Two-level scales (Int4 and grouped Int8Weight; how GGUF's K-quants hold theirs, kept as they are): with sub set,
   // scale is float32 [N, K / (group * super)], one per super-block of `super` groups, and each group's scale the
   // product s[n, g] = scale[n, g / super] * sub[n, g] (sub int8 [N, K / group]); with sub_zero (int8 [N, K / group])

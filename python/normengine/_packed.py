@@ -43,6 +43,8 @@ class QuantizedWeight:
             self.super_groups = G // n_super
             if (sub_zero is None) != (zero is None):
                 raise ArgumentError("sub_zero: two-level offsets need both sub_zero and zero (super-block offsets)")
+        elif format == "int4" and self.group_size == 16:
+            raise ArgumentError("group_size: int4 takes 16 only with two-level scales (sub)")
 
     # ---------------------------------------------------------------- description
     @property
@@ -114,18 +116,22 @@ class QuantizedWeight:
             return self
         N, K = self.shape
         g = self.group_size
+        fmt, data = self.format, self.data
         s = self._group_values(self.scale, self.sub)
+        if fmt == "int4" and g == 16:  # (int4 takes groups of 32 and more: int8 codes, the same values)
+            fmt, data = "int8-weight", torch.stack([data & 15, data >> 4], -1).reshape(N, K).to(torch.int8)
+            if self.sub_zero is None:  # (q - 7.5) s
+                return QuantizedWeight(fmt, self.shape, data, s, torch.full_like(s, 7.5), g)
         if self.sub_zero is None:
-            return QuantizedWeight(self.format, self.shape, self.data, s, None, g)
+            return QuantizedWeight(fmt, self.shape, data, s, None, g)
         o = self._group_values(self.zero, self.sub_zero)
         flat = (s == 0) & (o != 0)
-        data = self.data
         if bool(flat.any()):
             data = data.clone()
             data.view(N, K // g, -1)[flat] = 0
             s = torch.where(flat, o, s)
         z = torch.where(s != 0, o / torch.where(s != 0, s, torch.ones_like(s)), torch.zeros_like(s))
-        return QuantizedWeight(self.format, self.shape, data, s, z, g)
+        return QuantizedWeight(fmt, self.shape, data, s, z, g)
 
     # ---------------------------------------------------------------- values
     def dequantize(self, dtype=None):

@@ -349,6 +349,8 @@ def _check_super(fmt, group_size, super_groups, where: str):
     if super_groups and not (fmt is not None and takes_zero_points(fmt, group_size)):
         raise ArgumentError(f"{where}: two-level scales are for int4 and grouped int8-weight, got {fmt!r} with "
                             f"group_size {group_size}")
+    if fmt == "int4" and group_size == 16 and not super_groups:
+        raise ArgumentError(f"{where}: int4 takes group_size 16 only with two-level scales (super_groups > 0)")
 
 
 def takes_zero_points(fmt: str, group_size: int) -> bool:
@@ -358,8 +360,8 @@ def takes_zero_points(fmt: str, group_size: int) -> bool:
 
 def _check_quant_spec(fmt: str, g, where: str) -> None:
     """ArgumentError unless g is a group size format `fmt` takes."""
-    ok = {"int4": (32, 64, 128), "int8": (0,), "int8-weight": (0, 16, 32, 64, 128), "fp8": (0, 128)}[fmt]
-    what = {"int4": "int4 needs 32, 64 or 128", "int8": "int8 (W8A8) takes none (0)",
+    ok = {"int4": (16, 32, 64, 128), "int8": (0,), "int8-weight": (0, 16, 32, 64, 128), "fp8": (0, 128)}[fmt]
+    what = {"int4": "int4 needs 32, 64 or 128 (16 with two-level scales)", "int8": "int8 (W8A8) takes none (0)",
             "int8-weight": "int8-weight needs 0 (per row), 16, 32, 64 or 128",
             "fp8": "fp8 needs 0 (per tensor) or 128 (blocks)"}[fmt]
     if g not in ok:

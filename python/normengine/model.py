@@ -1599,15 +1599,17 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     dequantized to float32, exactly llama.cpp's values; the tokenizer (byte-level BPE) and chat template
     come from the file's metadata. quant='int4' on a GGUF file (without group_size / symmetric / norm /
     smooth) keeps its Q4_0 / Q4_1 / Q4_K weights as they are: repacked, not re-quantized, as asymmetric
-    int4 with groups of 32; quant='int8-weight' likewise every quantized weight as int8 codes (a scale per
+    int4 with groups of 32 (and Q3_K / Q2_K with groups of 16); quant='int8-weight' likewise every quantized
+    weight as int8 codes (a scale per
     32 columns, per 16 for Q6_K / Q3_K / Q2_K, zero points where the blocks have an offset; the model's
     group_size 32). The norms' gains then stay in the norms, not folded; the other linear weights (int4: the
     non-4-bit types; both: float ones) are quantized to that format from their values. Without quant (and dtype, norm,
     smooth, attention), each quantized weight of the file (and an untied token embedding) stays packed in
     the format that holds its blocks exactly, as llama.cpp runs each tensor in its own type: Q4_0 / Q4_1 /
-    Q4_K as int4 g32 with zero points, Q8_0 / Q5_0 as int8-weight g32, Q6_K / Q3_K as int8-weight g16,
-    Q5_1 / Q5_K (g32) and Q2_K (g16) as int8-weight with zero points (config.quant_overrides records the
-    formats per weight; so a Q4_K_M file runs its own values); its float weights stay as stored. dtype=
+    Q4_K as int4 g32 with zero points, Q3_K / Q2_K as int4 g16 with offsets, Q8_0 / Q5_0 as int8-weight g32,
+    Q6_K as int8-weight g16, Q5_1 / Q5_K (g32) as int8-weight with zero points, the K-quants with their
+    two-level scales (a float per 256 weights, an int8 per group: ggml's own products) (config.quant_overrides
+    records the formats per weight; so a Q4_K_M file runs its own values); its float weights stay as stored. dtype=
     loads the values instead (float32 or 16-bit).
 
     A checkpoint Model.save wrote (norms folded; quantized or not), or a GGUF file with quantized weights

@@ -379,13 +379,13 @@ def gguf_tensors(g: GGUFFile, cfg: dict, placeholders=(), arrays: bool = False):
 # the GGUF types whose blocks quant="int4" / "int8-weight" hold exactly: int4 g32 with zero points the 4-bit ones;
 # int8-weight every type (codes of 8 bits or fewer: groups of 32, of 16 for Q6_K / Q3_K / Q2_K, zero points where
 # a block has an offset)
-INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K")  # (Q3_K / Q2_K: groups of 16, two-level scales only)
 INT8_TYPES = ("Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q4_K", "Q5_1", "Q5_K", "Q6_K", "Q3_K", "Q2_K")
 REPACKED = {"int4": INT4_TYPES, "int8-weight": INT8_TYPES}
 # a per-weight load ("auto"): the format that holds each block type exactly
 EXACT = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8-weight", "Q5_0": "int8-weight",
-         "Q6_K": "int8-weight", "Q3_K": "int8-weight", "Q5_1": "int8-weight", "Q5_K": "int8-weight",
-         "Q2_K": "int8-weight"}  # (Q6_K / Q3_K / Q2_K: groups of 16, their sub-blocks; Q5_1 / Q5_K / Q2_K: zero points)
+         "Q6_K": "int8-weight", "Q3_K": "int4", "Q5_1": "int8-weight", "Q5_K": "int8-weight",
+         "Q2_K": "int4"}  # (Q6_K / Q3_K / Q2_K: groups of 16, their sub-blocks; Q5_1 / Q5_K / Q2_K: zero points)
 
 
 def _rows_cols(info) -> Tuple[int, int]:
@@ -522,7 +522,7 @@ class GGUFPacked(QuantizedWeight):
         group = _C.gguf_group(kind)
         # the K-quants with two-level scales: a block's d (and dmin) per 256, its groups' integer scales (and mins)
         two = _C.gguf_two_level(kind, int4)
-        offsets = _C.gguf_has_zero(kind, False) if two else _C.gguf_has_zero(kind, int4)
+        offsets = _C.gguf_has_zero(kind, int4, two)
         n_scales = K // 256 if two else K // group
 
         self._arrays = arrays
@@ -588,7 +588,8 @@ class GGUFPacked(QuantizedWeight):
 def repack_exact(g: GGUFFile, cfg, fmt: str = "int4", arrays: bool = False):
     """({canonical name: QuantizedWeight}, {GGUF names fully packed}) for every linear weight of GGUF file g
     (normengine ModelConfig cfg) whose blocks `fmt` holds: their codes and scales repacked, nothing
-    re-quantized. fmt "int4": Q4_0 / Q4_1 / Q4_K as asymmetric int4 with groups of 32 (see int4_groups_reference); fmt
+    re-quantized. fmt "int4": Q4_0 / Q4_1 / Q4_K as asymmetric int4 with groups of 32 (see int4_groups_reference),
+    Q3_K / Q2_K with groups of 16 (two-level scales, GGUFPacked); fmt
     "int8-weight": every quantized type as int8 codes (int8_groups_reference: a scale per 32 or 16, zero points where
     the blocks have an offset). Weights of other types (float) are left out (the caller quantizes them from
     their values; a warning counts them). fmt "auto":
