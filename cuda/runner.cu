@@ -775,8 +775,9 @@ void CudaRunner::set_tensor(const std::string& name, const TensorView& t) {
 void CudaRunner::set_quant_tensor(const std::string& name, int format, const TensorView& data, const TensorView& scale,
                                   const TensorView* zero, int64_t group, const SubScales& sub) {
   const WeightSlot<DevW> slot = weight_slot<DevW>(*impl_, spec_, name);
-  set_quant_weight(slot, quant_weight(slot, name, format, data, scale, zero, group, Device{DeviceType::CUDA, impl_->dev},
-                                      sub));  // (two-level scales: refused there, for the CPU only)
+  // (two-level scales: refused by quant_weight, for the CPU only)
+  const Device dev{DeviceType::CUDA, impl_->dev};
+  set_quant_weight(slot, quant_weight(slot, name, format, data, scale, zero, group, dev, sub));
 }
 
 void CudaRunner::finalize() {

@@ -27,7 +27,8 @@ struct GgufUnpackArgs {
   int8_t* sub_zero = nullptr;
 };
 
-// Whether `type` (ggml's name: "Q4_0", "Q4_K", ...) unpacks into int4 (the 4-bit types, and 2 / 3-bit K-quants) or int8-weight
+// Whether `type` (ggml's name: "Q4_0", "Q4_K", ...) unpacks into int4 (the 4-bit types, and the 2 / 3-bit
+// K-quants) or int8-weight
 // (every quantized type); the group its scales cover (16 or 32); whether it takes zero points (the types with
 // an offset, and int4 always (single-level: Q4_0's are 8); its block's elements and bytes.
 bool gguf_unpacks(const std::string& type, bool int4);

@@ -141,11 +141,21 @@ inline RowScales row_scales(const QWeight& w, int64_t n, int64_t g0, int64_t g1,
   const int64_t G = w.K / w.group, len = g1 - g0;
   const float zc = w.format == QFormat::Int4 && !w.sub_zero ? w.zero_point : 0.0f;
   if (!w.sub) return {w.scale + n * G + g0, w.zero ? w.zero + n * G + g0 : nullptr, nullptr, zc};
+  const int64_t S = w.super, first = (n * G + g0) / S;  // (one division a row: a 64-bit idiv costs tens of cycles)
   auto expand = [&](const float* top, const int8_t* sub, float* out) {
-    for (int64_t g = g0; g < g1;) {
-      const float d = top[(n * G + g) / w.super];
-      const int64_t end = std::min(g1, (g / w.super + 1) * w.super);
-      for (; g < end; ++g) out[g - g0] = d * static_cast<float>(sub[n * G + g]);
+    sub += n * G;
+    const float* d_at = top + first;
+    for (int64_t g = g0, next = (g0 / S + 1) * S; g < g1; next += S) {
+      const float d = *d_at++;
+      const int64_t end = std::min(g1, next);
+#if defined(__AVX2__)
+      const __m256 vd = _mm256_set1_ps(d);  // 8 sub-scales a step: int8 -> float, times d
+      for (; g + 8 <= end; g += 8) {
+        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sub + g));
+        _mm256_storeu_ps(out + (g - g0), _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))));
+      }
+#endif
+      for (; g < end; ++g) out[g - g0] = d * static_cast<float>(sub[g]);
     }
   };
   expand(w.scale, w.sub, buf);
@@ -196,12 +206,12 @@ struct Int8wTile {
   const int8_t* w[NR];
   RowScales s[NR];
   const float* x[MR];
-  Int8wTile(const QArgs& a, int64_t m, int64_t n, int64_t G) {
+  Int8wTile(const QArgs& a, int64_t m, int64_t n, int64_t G, float* room) {
     const QWeight& q = *a.w;
-    float* room = scale_room(q, NR);
     for (int c = 0; c < NR; ++c) {
       w[c] = static_cast<const int8_t*>(q.data) + (n + c) * q.K;
-      s[c] = q.group > 0 ? row_scales(q, n + c, 0, G, room + 2 * c * G) : RowScales{q.scale + n + c, nullptr, nullptr, 0};
+      s[c] = q.group > 0 ? row_scales(q, n + c, 0, G, room + 2 * c * G)
+                         : RowScales{q.scale + n + c, nullptr, nullptr, 0.0f};
     }
     for (int r = 0; r < MR; ++r) x[r] = a.x + (m + r) * a.ldx;
   }
@@ -217,10 +227,10 @@ struct Int8wTile {
 // 29 GB/s here, four at 40; a batch of rows of x shares each decode of W). With AVX2 or AVX-512 it takes the
 // per-row scales only; grouped ones go to int8w_scaled_tile there.
 template <int MR, int NR, bool ZP>
-void int8w_tile(const QArgs& a, int64_t m, int64_t n) {
+void int8w_tile(const QArgs& a, int64_t m, int64_t n, float* room) {
   const QWeight& w = *a.w;
   const int64_t K = w.K, g = w.group > 0 ? w.group : K, G = K / g;
-  const Int8wTile<MR, NR> p(a, m, n, G);
+  const Int8wTile<MR, NR> p(a, m, n, G, room);
   const int8_t* const* wr = p.w;
   const RowScales* sr = p.s;
   const float* const* x = p.x;
@@ -320,11 +330,11 @@ void int8w_tile(const QArgs& a, int64_t m, int64_t n) {
 // as int8w_tile. AVX-512: 32 columns a step (two groups of 16, or part of one), K % 32 == 16 one last vector;
 // AVX2: 16 a step.
 template <int MR, int NR, bool ZP>
-void int8w_scaled_tile(const QArgs& a, int64_t m, int64_t n) {
+void int8w_scaled_tile(const QArgs& a, int64_t m, int64_t n, float* room) {
   const QWeight& w = *a.w;
   const int64_t K = w.K, g = w.group, G = K / g;
   const int gshift = __builtin_ctzll(static_cast<unsigned long long>(g));  // (groups are powers of two)
-  const Int8wTile<MR, NR> p(a, m, n, G);
+  const Int8wTile<MR, NR> p(a, m, n, G, room);
   const int8_t* const* wr = p.w;
   const RowScales* sr = p.s;
   const float* const* x = p.x;
@@ -392,15 +402,16 @@ void int8w_scaled_tile(const QArgs& a, int64_t m, int64_t n) {
 template <int MR, int NR, bool ZP>
 void int8w_rows_zp(const QArgs& a, int64_t m, int64_t n0, int64_t n1) {
   int64_t n = n0;
+  float* room = scale_room(*a.w, NR);  // (once a call: a thread_local's address costs a call in a shared library)
 #if defined(__AVX2__)
   if (a.w->group > 0) {
-    for (; n + NR <= n1; n += NR) int8w_scaled_tile<MR, NR, ZP>(a, m, n);
-    for (; n < n1; ++n) int8w_scaled_tile<MR, 1, ZP>(a, m, n);
+    for (; n + NR <= n1; n += NR) int8w_scaled_tile<MR, NR, ZP>(a, m, n, room);
+    for (; n < n1; ++n) int8w_scaled_tile<MR, 1, ZP>(a, m, n, room);
     return;
   }
 #endif
-  for (; n + NR <= n1; n += NR) int8w_tile<MR, NR, ZP>(a, m, n);
-  for (; n < n1; ++n) int8w_tile<MR, 1, ZP>(a, m, n);
+  for (; n + NR <= n1; n += NR) int8w_tile<MR, NR, ZP>(a, m, n, room);
+  for (; n < n1; ++n) int8w_tile<MR, 1, ZP>(a, m, n, room);
 }
 
 template <int MR, int NR>
@@ -440,20 +451,21 @@ void block_int8w(const QArgs& a, int64_t n0, int64_t n1) {
 // int->float convert, no scaling of sums: 3 shuffles and 1 shift per 32 weights, one accumulator per output).
 // Each decoded column meets MR rows of x, so small batches (MR = 4) decode W once for four rows. Groups
 // [g0, g1) only; the sums (zero-point term included) are added to part[r * ldp + c].
-template <int MR, int NR>
-void int4_tile512(const QArgs& a, int64_t m, int64_t n, int64_t g0, int64_t g1, float* part, int64_t ldp) {
+// (G16: groups of 16, its own instance: with both loops in one function GCC kept the sums in memory)
+template <int MR, int NR, bool G16>
+void int4_tile512(const QArgs& a, int64_t m, int64_t n, int64_t g0, int64_t g1, float* part, int64_t ldp,
+                  float* room) {
   const QWeight& w = *a.w;
   const int64_t K = w.K, g = w.group, G = K / g;
   const __m512 nibble = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const uint8_t* wr[NR];
   for (int c = 0; c < NR; ++c) wr[c] = static_cast<const uint8_t*>(w.data) + (n + c) * (K / 2);
   RowScales rs[NR];
-  float* room = scale_room(w, NR);
   for (int c = 0; c < NR; ++c) rs[c] = row_scales(w, n + c, g0, g1, room + 2 * c * (g1 - g0));
   __m512 total[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NR; ++c) total[r][c] = _mm512_setzero_ps();
-  if (g == 16) {  // (two-level scales: a GGUF Q3_K / Q2_K) two groups a 32-column step, two tables
+  if constexpr (G16) {  // (two-level scales: a GGUF Q3_K / Q2_K) two groups a 32-column step, two tables
     // lanes 0-7 of both halves (columns 2j and 2j + 1, j < 8) are the first group's: index bit 4 picks the table
     const __m512i lo4 = _mm512_set1_epi32(15);
     const __m512i second = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
@@ -479,32 +491,43 @@ void int4_tile512(const QArgs& a, int64_t m, int64_t n, int64_t g0, int64_t g1, 
       }
     }
   }
-  for (int64_t gi = g0; g != 16 && gi < g1; ++gi) {
-    // decode reads W from memory once: each row's bytes 4 KB ahead are requested (as the int8 GEMV)
-    __m512 table[NR];
-    for (int c = 0; c < NR; ++c) {
-      _mm_prefetch(reinterpret_cast<const char*>(wr[c]) + gi * g / 2 + 4096, _MM_HINT_T1);
-      table[c] = _mm512_mul_ps(nibble, _mm512_set1_ps(rs[c].s[gi - g0]));
-    }
-    for (int64_t k = gi * g; k < (gi + 1) * g; k += 32) {
-      __m512 xe[MR], xo[MR];  // x de-interleaved per 32 columns: 16 even k, then 16 odd k
-      for (int r = 0; r < MR; ++r) {
-        xe[r] = _mm512_loadu_ps(a.xf + (m + r) * K + k);
-        xo[r] = _mm512_loadu_ps(a.xf + (m + r) * K + k + 16);
-      }
+  // one flat loop over the columns, the tables made anew at each group's first step: with a loop per group nested
+  // in one over the groups, GCC stored the accumulators to the stack at every step
+  const float* xf = a.xf + m * K;
+  __m512 table[NR];
+  for (int64_t k = G16 ? 0 : g0 * g; k < (G16 ? 0 : g1 * g); k += 32) {
+    if ((k & (g - 1)) == 0) {
+      const int64_t gi = k / g;  // (g a power of two)
+      // decode reads W from memory once: each row's bytes 4 KB ahead are requested (as the int8 GEMV)
       for (int c = 0; c < NR; ++c) {
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[c] + k / 2)));
-        const __m512 qe = _mm512_permutexvar_ps(b, table[c]);                       // low nibbles: even k
-        const __m512 qo = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table[c]);  // high nibbles: odd k
-        for (int r = 0; r < MR; ++r)
-          total[r][c] = _mm512_fmadd_ps(qo, xo[r], _mm512_fmadd_ps(qe, xe[r], total[r][c]));
+        _mm_prefetch(reinterpret_cast<const char*>(wr[c]) + k / 2 + 4096, _MM_HINT_T1);
+        table[c] = _mm512_mul_ps(nibble, _mm512_set1_ps(rs[c].s[gi - g0]));
       }
+    }
+    __m512 xe[MR], xo[MR];  // x de-interleaved per 32 columns: 16 even k, then 16 odd k
+    for (int r = 0; r < MR; ++r) {
+      xe[r] = _mm512_loadu_ps(xf + r * K + k);
+      xo[r] = _mm512_loadu_ps(xf + r * K + k + 16);
+    }
+    for (int c = 0; c < NR; ++c) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[c] + k / 2)));
+      const __m512 qe = _mm512_permutexvar_ps(b, table[c]);                       // low nibbles: even k
+      const __m512 qo = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table[c]);  // high nibbles: odd k
+      for (int r = 0; r < MR; ++r)
+        total[r][c] = _mm512_fmadd_ps(qo, xo[r], _mm512_fmadd_ps(qe, xe[r], total[r][c]));
     }
   }
+  // the sums reduced in unrolled loops first: a rolled loop over `total` made GCC keep it in memory, storing the
+  // accumulators to the stack at every step of the loops above
+  float sums[MR][NR];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NR; ++c) sums[r][c] = _mm512_reduce_add_ps(total[r][c]);
   for (int r = 0; r < MR; ++r) {
     const float* gs = a.gsum + (m + r) * G + g0;
     for (int c = 0; c < NR; ++c)  // minus sum_g s_g z_g gsum_g (or o_g gsum_g)
-      part[r * ldp + c] += _mm512_reduce_add_ps(total[r][c]) - zero_term(rs[c], gs, g1 - g0);
+      part[r * ldp + c] += sums[r][c] - zero_term(rs[c], gs, g1 - g0);
   }
 }
 #endif
@@ -517,11 +540,17 @@ void int4_rows512(const QArgs& a, int64_t m, int64_t n0, int64_t n1, int64_t GB)
   const int64_t G = a.w->K / a.w->group, ldp = n1 - n0;
   thread_local Vec<float> part;
   part.assign(static_cast<size_t>(MR * ldp), 0.0f);
+  float* room = scale_room(*a.w, NR);
   for (int64_t gb = 0; gb < G; gb += GB) {
     const int64_t ge = std::min(G, gb + GB);
     int64_t n = n0;
-    for (; n + NR <= n1; n += NR) int4_tile512<MR, NR>(a, m, n, gb, ge, part.data() + (n - n0), ldp);
-    for (; n < n1; ++n) int4_tile512<MR, 1>(a, m, n, gb, ge, part.data() + (n - n0), ldp);
+    if (a.w->group == 16) {
+      for (; n + NR <= n1; n += NR) int4_tile512<MR, NR, true>(a, m, n, gb, ge, part.data() + (n - n0), ldp, room);
+      for (; n < n1; ++n) int4_tile512<MR, 1, true>(a, m, n, gb, ge, part.data() + (n - n0), ldp, room);
+    } else {
+      for (; n + NR <= n1; n += NR) int4_tile512<MR, NR, false>(a, m, n, gb, ge, part.data() + (n - n0), ldp, room);
+      for (; n < n1; ++n) int4_tile512<MR, 1, false>(a, m, n, gb, ge, part.data() + (n - n0), ldp, room);
+    }
   }
   for (int r = 0; r < MR; ++r)
     for (int64_t n = n0; n < n1; ++n) quant_store(a, m + r, n, part[r * ldp + (n - n0)]);
@@ -532,6 +561,7 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
   const QWeight& w = *a.w;
   const int64_t K = w.K, g = w.group, G = K / g;
   const uint8_t* W = static_cast<const uint8_t*>(w.data);
+  [[maybe_unused]] float* room = scale_room(w, 1);  // (AVX-512: the tiles take their own)
   int64_t m0 = 0;
 #if defined(__AVX512F__)
   // x de-interleaved per 32 columns here (16 even, then 16 odd): 16 bytes of W widen to two vectors of
@@ -554,7 +584,7 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
   for (; m0 + 4 <= a.M; m0 += 4) {
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* wr = W + n * (K / 2);
-      const RowScales rs = row_scales(w, n, 0, G, scale_room(w, 1));
+      const RowScales rs = row_scales(w, n, 0, G, room);
       const float* sc = rs.s;
       __m256 total[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       for (int64_t gi = 0; gi < G; ++gi) {
@@ -583,7 +613,7 @@ void block_int4(const QArgs& a, int64_t n0, int64_t n1) {
     const float* gs = a.gsum + m * G;
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* wr = W + n * (K / 2);
-      const RowScales rs = row_scales(w, n, 0, G, scale_room(w, 1));
+      const RowScales rs = row_scales(w, n, 0, G, room);
       const float* sc = rs.s;
       const float zterm = zero_term(rs, gs, G);  // sum_g s_g z_g gsum_g (or o_g gsum_g)
 #if defined(__AVX2__)
@@ -724,8 +754,10 @@ inline void dequant_int4_run(const uint8_t* q, int64_t nb, float s, float z, flo
   const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   for (; j + 16 <= nb; j += 16) {
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j)));
-    const __m512 lo = _mm512_sub_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, lo4)), vz), vs), vo);
-    const __m512 hi = _mm512_sub_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), vz), vs), vo);
+    const __m512 lo =
+        _mm512_sub_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, lo4)), vz), vs), vo);
+    const __m512 hi =
+        _mm512_sub_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), vz), vs), vo);
     _mm512_storeu_ps(o + 2 * j, _mm512_permutex2var_ps(lo, first, hi));  // lo0 hi0 lo1 hi1 ...
     _mm512_storeu_ps(o + 2 * j + 16, _mm512_permutex2var_ps(lo, second, hi));
   }
@@ -752,6 +784,7 @@ inline void dequant_int4_run(const uint8_t* q, int64_t nb, float s, float z, flo
 
 void dequant_rows(const QWeight& w, int64_t n0, int64_t n1, float* out) {
   const int64_t K = w.K;
+  float* room = scale_room(w, 1);
   for (int64_t n = n0; n < n1; ++n) {
     float* o = out + (n - n0) * K;
     if ((w.format == QFormat::Int8Weight || w.format == QFormat::Int8) && w.group == 0) {
@@ -759,7 +792,7 @@ void dequant_rows(const QWeight& w, int64_t n0, int64_t n1, float* out) {
     } else if (w.format == QFormat::Int8Weight || w.format == QFormat::Int4) {
       // grouped scales (and zero points: (q - z) s; two-level offsets: q s - o)
       const int64_t G = K / w.group;
-      const RowScales rs = row_scales(w, n, 0, G, scale_room(w, 1));
+      const RowScales rs = row_scales(w, n, 0, G, room);
       for (int64_t g = 0; g < G; ++g) {
         const float z = rs.z ? rs.z[g] : rs.zc, off = rs.o ? rs.o[g] : 0.0f;
         if (w.format == QFormat::Int8Weight)

@@ -35,7 +35,8 @@ from .model import Model, _adjacent_order, _is_vector, _parts, _slots
 _FLOATS = ("float32", "float16", "bfloat16")
 # the dtype of each packed part, by format (normengine._packed.QuantizedWeight's layouts)
 _PACKED = {"int8": {"qdata": "int8", "qscale": "float32"},
-           "int8-weight": {"qdata": "int8", "qscale": "float32", "qzero": "float32", "qsub": "int8", "qsubzero": "int8"},
+           "int8-weight": {"qdata": "int8", "qscale": "float32", "qzero": "float32", "qsub": "int8",
+                           "qsubzero": "int8"},
            "int4": {"qdata": "uint8", "qscale": "float32", "qzero": "float32", "qsub": "int8", "qsubzero": "int8"},
            "fp8": {"qdata": "uint8", "qscale": "float32"}}
 _PARTS = ("qdata", "qscale", "qzero", "qsub", "qsubzero")

@@ -128,8 +128,8 @@ class Runner {
   void set_tensor(const std::string& name, const TensorView& t);
   // Hand over a quantized linear weight (ops/quant_gemm.h QWeight layouts; format a QFormat value):
   // data int8 [N, K] (int8 formats), uint8 [N, K/2] (int4) or uint8 [N, K] (fp8 E4M3); scale and zero
-  // float32 as QWeight documents (zero null: symmetric; sub: two-level scales). Any linear weight, the head, and the token
-  // embedding (rows dequantized on lookup; a tied model hands the head's tensors under both names).
+  // float32 as QWeight documents (zero null: symmetric; sub: two-level scales). Any linear weight, the head,
+  // and the token embedding (rows dequantized on lookup; a tied model hands the head's tensors under both names).
   void set_quant_tensor(const std::string& name, int format, const TensorView& data, const TensorView& scale,
                         const TensorView* zero, int64_t group, const SubScales& sub = {});
   // Checks every required tensor is present (throws naming the first missing one).
