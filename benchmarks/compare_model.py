@@ -34,7 +34,7 @@ Engines (each in a fresh subprocess, so peak RSS is its own; all with --threads 
              blocks (Q4_K: int4 g32 with offsets; Q6_K: int8-weight g16; the K-quants' two-level scales, a
              float32 d / dmin per 256 and int8 sub-block scales / mins, as the file holds them), exactly. llama-q5_k_m /
              ne-gguf-q5_k_m, llama-q3_k_m / ne-gguf-q3_k_m: the same for Q5_K_M (Q5_K: int8-weight g32 with
-             zero points) and Q3_K_M (Q3_K: int8-weight g16; Q4_K, Q5_K)
+             zero points) and Q3_K_M (Q3_K: int4 g16 with offsets; Q4_K, Q5_K)
   ne-f32s, ne-bf16s, ne-int8s, ne-int4s  normengine.load of the checkpoint `normengine convert`
              (Model.save) wrote from it (fp32, --dtype bf16, --quant int8, --quant int4; made once in
              --workdir): the torch-free path, in a worker that never imports torch (checked), as

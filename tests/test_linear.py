@@ -202,7 +202,7 @@ def test_cuda_medium_bf16_weights(M, gen):
         assert err(y, x, w, want(x, w, b)) > 1e-4  # x was rounded
 
 
-# ------------------------------------------------------------- matmul precision "medium" (AMX-BF16)
+# --------------------------------------- matmul precision "medium" (AMX-BF16, or AVX512-BF16 dot products)
 def bf16_want(x, w, b=None, y0=None):
     """The "medium" contract: x and W rounded to bfloat16, products and sums exact (float64)."""
     return want(x.bfloat16(), w.bfloat16(), b, y0)
@@ -211,8 +211,8 @@ def bf16_want(x, w, b=None, y0=None):
 @pytest.mark.parametrize("wdtype", ["f32", "bf16", "f16"])
 def test_medium_precision_bf16_products(wdtype, gen):
     """matmul_precision="medium" on 16+ rows: bf16-rounded operands, fp32 sums, when the CPU has
-    AMX-BF16 (and the weight is f32 / bf16); elsewhere exactly the "highest" result."""
-    amx = _C.amx_bf16_available() and wdtype != "f16"
+    AMX-BF16 or AVX512-BF16 (and the weight is f32 / bf16); elsewhere exactly the "highest" result."""
+    amx = _C.bf16_products_available() and wdtype != "f16"
     for M, N, K in [(16, 32, 32), (17, 33, 40), (64, 257, 769), (100, 1, 3), (33, 50, 1), (16, 4097, 64), (3, 40, 64)]:
         x = randn(M, K, gen=gen)
         w = randn(N, K, gen=gen, dtype=WDTYPES[wdtype])
@@ -226,8 +226,8 @@ def test_medium_precision_bf16_products(wdtype, gen):
 
 
 def test_medium_precision_accumulate_strides_nan(gen):
-    if not _C.amx_bf16_available():
-        pytest.skip("no AMX-BF16 on this CPU (the medium path falls back to fp32: test_medium_precision_bf16_products)")
+    if not _C.bf16_products_available():
+        pytest.skip("no bf16 products on this CPU (the medium path falls back to fp32: test_medium_precision_bf16_products)")
     x = randn(40, 200, gen=gen)[:, 3:99]  # row stride 200
     w = randn(70, 130, gen=gen)[:, 10:106]  # row stride 130
     b = randn(70, gen=gen)

@@ -291,7 +291,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("lse"), py::arg("grad"), py::arg("row_scale"), py::arg("scale"), py::arg("stream") = 0);
 
   m.def("amx_bf16_available", &ne::amx_bf16_available,
-        "Whether gemm_f32's bf16_products path (AMX-BF16 tiles) can run here, within the active ISA");
+        "Whether gemm_f32's bf16_products path has AMX-BF16 tiles here, within the active ISA");
+  m.def("bf16_products_available", &ne::bf16_products_available,
+        "Whether gemm_f32's bf16_products path runs in bf16 here (AMX-BF16 tiles, or AVX512-BF16 dot products), "
+        "within the active ISA");
 
   // Testing hook: the runner's raw contract ne::gemm_f32 (with `accumulate`), on CPU tensors that
   // ne::linear has already validated as x [M, K], weight [N, K], bias [N] or None, out [M, N].

@@ -506,7 +506,7 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, cons
   }
   const GemmTable& t = cpu_gemm();
   GemmArgs a{M, N, K, x, ldx, w, ldw, bias, y, ldy, accumulate, e, nullptr, 0};
-  if (bf16_products && gemm_bf16_amx(a, wdtype)) return;
+  if (bf16_products && gemm_bf16(a, wdtype)) return;
   if (gemv_rows(M, K)) {
     t.gemv[gemm_wslot(wdtype)](a);
   } else {

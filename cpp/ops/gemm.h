@@ -33,9 +33,9 @@ struct GemmEpilogue {
 // y = x W^T as described above, with
 // bf16_products (the "medium" matmul precision, as torch.set_float32_matmul_precision("medium")):
 // the caller allows x (after the epilogue's row statistics) and float32 W to be rounded to bfloat16,
-// products exact and sums in fp32, on AMX tiles (ops/gemm_bf16_amx.cpp) when the CPU has AMX-BF16,
-// f32 or bf16 weights and M >= kAmxMinRows; otherwise (decode rows, no AMX, f16 weights) the fp32
-// path runs as if it were false.
+// products exact and sums in fp32, on AMX tiles (ops/gemm_bf16_amx.cpp) when the CPU has AMX-BF16, else
+// VDPBF16PS dot products when it has AVX512-BF16 (bf16_products_available), f32 or bf16 weights and
+// M >= kAmxMinRows; otherwise (decode rows, no bf16 products, f16 weights) the fp32 path runs as if it were false.
 void gemm_f32(int64_t M, int64_t N, int64_t K, const float* x, int64_t ldx, const void* w, DType wdtype,
               int64_t ldw, const float* bias, float* y, int64_t ldy, bool accumulate = false,
               const GemmEpilogue* ep = nullptr, bool bf16_products = false);
@@ -62,6 +62,9 @@ DenseLinearArgs dense_args(const LinearShape& L, const TensorView& w, const Tens
 
 // AMX-BF16 usable here (CPU, OS, process permission, and an active ISA of avx512bf16).
 bool amx_bf16_available();
+// gemm_f32's bf16_products run in bf16 here: AMX-BF16, or the AVX512-BF16 dot products (an active ISA of
+// avx512bf16 without AMX: AMD Zen 4, Intel Cooper Lake).
+bool bf16_products_available();
 // At least this many rows of x for the AMX path (fewer are GEMV-like: bound by streaming W).
 constexpr int64_t kAmxMinRows = 16;
 
@@ -99,8 +102,9 @@ struct GemmTable {
   int64_t pack_floats;               // scratch each thread needs for its packed W panel (floats)
 };
 
-// gemm_f32's bf16_products path; false (nothing written) when AMX-BF16 cannot take this call.
-bool gemm_bf16_amx(const GemmArgs& a, DType wdtype);
+// gemm_f32's bf16_products path (AMX-BF16 tiles, else AVX512-BF16 dot products); false (nothing written) when
+// neither can take this call.
+bool gemm_bf16(const GemmArgs& a, DType wdtype);
 
 #if defined(NE_WITH_CUDA)
 namespace cuda {

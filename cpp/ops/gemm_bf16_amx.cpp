@@ -16,6 +16,13 @@
 // of 32, else from a per-thread 32-row panel converted once and reused for every row of x. x' goes
 // once per call into the B tiles' VNNI order, B[kk][2 m + j] = x'[m, k0 + 2 kk + j], zero past M and K.
 // Register blocking 2 x 2: tmm0-3 accumulate 32 n x 32 m, tmm4-5 hold W, tmm6-7 hold x'.
+//
+// Without AMX but with AVX512-BF16 (AMD Zen 4, Intel Cooper Lake) the same contract runs on VDPBF16PS, which
+// adds the two products of each of 16 bf16 pairs into a float lane: dot products of rows, as the GEMV does,
+// y[m, n] = reduce(sum over 32-column steps of dpbf16(W'[n, k ..], x'[m, k ..])), a tile of 4 rows of x by 4 of
+// W (16 accumulators, 8 loads and 16 VDPBF16PS a step: twice the products of an fp32 FMA a cycle). x' is
+// rounded once a call (rows of bf16, zero past K), W' per thread 32 rows at a time (in place when W is bf16
+// with K a multiple of 32), each block of W' meeting every row of x while it sits in the L2.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -37,6 +44,14 @@ namespace ne {
 bool amx_bf16_available() {
 #if defined(NE_GEMM_AMX)
   return active_isa() >= Isa::AVX512BF16 && amx_caps().bf16;
+#else
+  return false;
+#endif
+}
+
+bool bf16_products_available() {
+#if defined(NE_GEMM_AMX)
+  return active_isa() >= Isa::AVX512BF16;
 #else
   return false;
 #endif
@@ -193,14 +208,119 @@ void amx_blocks(const GemmArgs& a, DType wdtype, const uint16_t* Bp, int64_t MB,
   _tile_release();
 }
 
+// ------------------------------------------------------------------ AVX512-BF16 dot products (no AMX)
+constexpr int64_t kDotRows = 32;  // rows of W' a thread rounds at a time
+
+// x' rows [m0, m1) rounded to bf16 into Xb (rows of Kp, zero past K): pack_x's arithmetic, row-major.
+void dot_pack_x(const GemmArgs& a, int64_t Kp, int64_t m0, int64_t m1, uint16_t* Xb) {
+  for (int64_t row = m0; row < m1; ++row) {
+    const float* xr = a.x + row * a.ldx;
+    const __m512 s = _mm512_set1_ps(a.ep.row_scale ? a.ep.row_scale[row] : 1.0f);
+    const __m512 mu = _mm512_set1_ps(a.ep.row_shift ? a.ep.row_shift[row] : 0.0f);
+    for (int64_t k0 = 0; k0 < Kp; k0 += 32) {
+      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(32, a.K - k0));
+      const __mmask16 m0k = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __mmask16 m1k = left >= 32 ? __mmask16(0xFFFF) : left > 16 ? __mmask16((1u << (left - 16)) - 1) : 0;
+      const __m512 lo = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m0k, xr + k0), mu), s);
+      const __m512 hi = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m1k, xr + k0 + 16), mu), s);
+      const __m512i v = reinterpret_cast<__m512i>(
+          _mm512_cvtne2ps_pbh(_mm512_maskz_mov_ps(m1k, hi), _mm512_maskz_mov_ps(m0k, lo)));
+      _mm512_storeu_si512(Xb + row * Kp + k0, v);
+    }
+  }
+}
+
+// W rows [n0, n0 + rows) rounded to bf16 into Wb (rows of Kp, zero past K).
+void dot_pack_w(const GemmArgs& a, DType wdtype, int64_t n0, int64_t rows, int64_t Kp, uint16_t* Wb) {
+  for (int64_t i = 0; i < rows; ++i) {
+    uint16_t* dst = Wb + i * Kp;
+    if (wdtype == DType::BF16) {
+      std::memcpy(dst, static_cast<const uint16_t*>(a.w) + (n0 + i) * a.ldw, static_cast<size_t>(a.K) * 2);
+    } else {
+      const float* src = static_cast<const float*>(a.w) + (n0 + i) * a.ldw;
+      int64_t k = 0;
+      for (; k + 16 <= a.K; k += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), bf16x16(_mm512_loadu_ps(src + k)));
+      for (; k < a.K; ++k) dst[k] = f32_to_bf16(src[k]);
+    }
+    std::memset(dst + a.K, 0, static_cast<size_t>(Kp - a.K) * 2);
+  }
+}
+
+// y[m + r, n + c] for r < MR, c < NR: the dot products of x' rows and W' rows over Kp, + bias (+ y).
+template <int MR, int NR>
+void dot_tile(const GemmArgs& a, const uint16_t* X, int64_t Kp, const uint16_t* W, int64_t ldW, int64_t m,
+              int64_t n) {
+  __m512 acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < Kp; k += 32) {
+    __m512bh w[NR], x[MR];
+    for (int c = 0; c < NR; ++c) w[c] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(W + c * ldW + k));
+    for (int r = 0; r < MR; ++r) x[r] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(X + (m + r) * Kp + k));
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < NR; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], x[r], w[c]);
+  }
+  float sums[MR][NR];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NR; ++c) sums[r][c] = _mm512_reduce_add_ps(acc[r][c]);
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) {
+      float v = sums[r][c] + (a.bias ? a.bias[n + c] : 0.0f);
+      float& y = a.y[(m + r) * a.ldy + n + c];
+      y = a.accumulate ? y + v : v;
+    }
+}
+
+// Output columns [32 b0, 32 b1) against every row of x (Xb: x' rows of Kp).
+void dot_blocks(const GemmArgs& a, DType wdtype, const uint16_t* Xb, int64_t Kp, int64_t b0, int64_t b1) {
+  const bool in_place = wdtype == DType::BF16 && a.K == Kp;
+  thread_local AlignedVec<uint16_t> panel;  // this worker's rounded W rows (grown, never shrunk)
+  if (!in_place) panel.resize(static_cast<size_t>(kDotRows * Kp));
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = kDotRows * b, rows = std::min(kDotRows, a.N - n0);
+    const uint16_t* W = static_cast<const uint16_t*>(a.w) + n0 * a.ldw;
+    int64_t ldW = a.ldw;
+    if (!in_place) {
+      dot_pack_w(a, wdtype, n0, rows, Kp, panel.data());
+      W = panel.data();
+      ldW = Kp;
+    }
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4) {
+      int64_t c = 0;
+      for (; c + 4 <= rows; c += 4) dot_tile<4, 4>(a, Xb, Kp, W + c * ldW, ldW, m, n0 + c);
+      for (; c < rows; ++c) dot_tile<4, 1>(a, Xb, Kp, W + c * ldW, ldW, m, n0 + c);
+    }
+    for (; m < a.M; ++m) {
+      int64_t c = 0;
+      for (; c + 4 <= rows; c += 4) dot_tile<1, 4>(a, Xb, Kp, W + c * ldW, ldW, m, n0 + c);
+      for (; c < rows; ++c) dot_tile<1, 1>(a, Xb, Kp, W + c * ldW, ldW, m, n0 + c);
+    }
+  }
+}
+
+bool gemm_bf16_dot(const GemmArgs& a, DType wdtype) {
+  const int64_t Kp = (a.K + 31) / 32 * 32;
+  thread_local AlignedVec<uint16_t> xb;  // x' as bf16 rows, reused across calls
+  xb.resize(static_cast<size_t>(a.M * Kp));
+  uint16_t* X = xb.data();  // (thread_local: the workers must not name xb itself)
+  parallel_for(a.M, 4, [&](int64_t m0, int64_t m1, int) { dot_pack_x(a, Kp, m0, m1, X); });
+  parallel_for((a.N + kDotRows - 1) / kDotRows, 1,
+               [&](int64_t b0, int64_t b1, int) { dot_blocks(a, wdtype, X, Kp, b0, b1); });
+  return true;
+}
+
 #pragma GCC pop_options
 
 }  // namespace
 #endif  // NE_GEMM_AMX
 
-bool gemm_bf16_amx(const GemmArgs& a, DType wdtype) {
+bool gemm_bf16(const GemmArgs& a, DType wdtype) {
 #if defined(NE_GEMM_AMX)
-  if (!amx_bf16_available() || (wdtype != DType::F32 && wdtype != DType::BF16) || a.M < kAmxMinRows) return false;
+  if (!bf16_products_available() || (wdtype != DType::F32 && wdtype != DType::BF16) || a.M < kAmxMinRows) return false;
+  if (!amx_bf16_available()) return gemm_bf16_dot(a, wdtype);
   const int64_t KS = (a.K + kTileK - 1) / kTileK, MB = (a.M + 15) / 16;
   thread_local AlignedVec<uint16_t> bp;  // x' in B-tile order, reused across calls
   bp.resize(static_cast<size_t>(MB * KS * 512));

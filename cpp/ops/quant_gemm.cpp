@@ -970,7 +970,7 @@ void quant_gemm_panels(int64_t M, const float* x, int64_t ldx, const QWeight& w,
   // columns to keep both threads busy; int4 at M = 128, K = N = 4096: 22.2 ms, with 4 MB 16.4 ms).
   // When the GEMM will take its AMX-BF16 path ("medium", enough rows) the panel holds bf16 (half the
   // bytes, read by the tiles in place) instead of fp32 that the kernel would convert again.
-  const bool bf16_panel = bf16_products && M >= kAmxMinRows && amx_bf16_available();
+  const bool bf16_panel = bf16_products && M >= kAmxMinRows && bf16_products_available();
   const int64_t P = std::min(N, std::max<int64_t>(16, (1048576 / K) / 16 * 16));
   panel.resize(static_cast<size_t>(bf16_panel ? (P * K + 1) / 2 : P * K));
   const QuantTable& t = *NE_PICK_ISA(quant_table);

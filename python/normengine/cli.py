@@ -320,7 +320,8 @@ def _model_options(p) -> None:
     p.add_argument("--lmul-bits", type=int, default=4, help="L-Mul mantissa bits (default 4)")
     p.add_argument("--lmul-scope", choices=["attention", "all"], default="attention")
     p.add_argument("--matmul-precision", choices=["highest", "medium"], default="highest",
-                   help="medium: bfloat16 products on AMX tiles for prefill (as torch's float32 matmul precision)")
+                   help="medium: bfloat16 products (AMX tiles, or AVX512-BF16) for prefill (as torch's float32 matmul "
+                        "precision)")
     p.add_argument("--kv-cache", choices=["float32", "bfloat16", "int8"], default="float32",
                    help="the KV cache's dtype (bfloat16: half its memory and decode traffic; int8: about a quarter)")
 

@@ -86,7 +86,7 @@ QUANT_LINEAR = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.gate", "m
 
 def bf16_products(matmul_precision: str) -> bool:
     """Whether `matmul_precision` ("highest" | "medium", as torch.set_float32_matmul_precision) lets the
-    kernels multiply bfloat16-rounded operands (the AMX-BF16 path of the native GEMMs)."""
+    kernels multiply bfloat16-rounded operands (the AMX-BF16 / AVX512-BF16 path of the native GEMMs)."""
     if matmul_precision not in ("highest", "medium"):
         raise ArgumentError(f"matmul_precision: expected 'highest' or 'medium', got {matmul_precision!r}")
     return matmul_precision == "medium"

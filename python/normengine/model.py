@@ -1575,11 +1575,12 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     matmul_precision, as torch.set_float32_matmul_precision: 'highest' (default) multiplies in fp32
     (16-bit weights widened exactly); 'medium' lets the CPU runner's dense projections round their
     operands to bfloat16 (activations after the norm's statistics, float32 weights on the fly),
-    products exact and sums in fp32, on the CPU's AMX-BF16 tiles where it has them and for 16 or more
-    rows at a time (prefill): about 2.5x (float32 weights) to 4.5x (bfloat16 weights) faster GEMMs at a
+    products exact and sums in fp32, on the CPU's AMX-BF16 tiles where it has them (else its AVX512-BF16 dot
+    products: AMD Zen 4) and for 16 or more
+    rows at a time (prefill): with AMX about 2.5x (float32 weights) to 4.5x (bfloat16 weights) faster GEMMs at a
     relative error of ~2e-3 per projection; int8-weight / int4 / fp8 weights likewise multiply their
-    dequantized prefill panels in bf16. Decode steps, int8 (W8A8) weights and CPUs without AMX-BF16
-    compute as 'highest'. The CUDA runner's bfloat16 weights take the tensor cores under 'medium' for
+    dequantized prefill panels in bf16. Decode steps, int8 (W8A8) weights and CPUs without AMX-BF16 or
+    AVX512-BF16 compute as 'highest'. The CUDA runner's bfloat16 weights take the tensor cores under 'medium' for
     more than 16 rows (activations rounded to bf16, fp32 sums: mma.sync bf16, sm_80+); its other weights
     and its decode steps compute as 'highest'.
 

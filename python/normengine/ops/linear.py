@@ -90,7 +90,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x: float32, or bfloat16 / float16 (e.g. under torch.autocast), widened to float32 for the kernel
     (sums in fp32) with y returned in x's dtype. ``out=`` writes y into a caller's float32 buffer of
     shape x.shape[:-1] + (out_features,). ``matmul_precision="medium"`` (as
-    torch.set_float32_matmul_precision) lets a CPU with AMX-BF16 round x and a float32 weight to
+    torch.set_float32_matmul_precision) lets a CPU with AMX-BF16 or AVX512-BF16 round x and a float32 weight to
     bfloat16 for the products (sums in fp32) when x has 16 or more rows; elsewhere it computes as
     "highest". CUDA tensors: fp32 FMA GEMMs (cuda/gemm.cu: a GEMV up to 16 rows, tiled kernels above);
     "medium" with a bfloat16 weight and more than 16 rows takes the tensor cores (x rounded to bf16,

@@ -134,7 +134,7 @@ def norm_linear(x, weight, bias=None, norm: str = "rms", eps: float | None = Non
     bias: [N] float32. col_sum (LayerNorm only): weight.sum(1) precomputed, else computed per call.
     eps defaults to 1e-5 for 'layer', 1e-6 otherwise. out: a float32 [..., N] tensor to write into
     (reused memory; only when no gradient is needed). matmul_precision="medium": on a CPU with
-    AMX-BF16 and 16+ rows, norm(x) and a float32 weight are rounded to bfloat16 for the products
+    AMX-BF16 or AVX512-BF16 and 16+ rows, norm(x) and a float32 weight are rounded to bfloat16 for the products
     (fp32 sums), as normengine.ops.linear; the backward stays exact (straight through). CUDA tensors:
     the statistics (cuda/norm.cu), then the GEMM with the norm epilogue (cuda/gemm.cu: LayerNorm's
     mean subtracted as x is read, in two parts so rows with a large mean stay exact, rstd on the sums),

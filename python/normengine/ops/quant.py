@@ -242,7 +242,7 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, ou
                      matmul_precision: str = "highest") -> torch.Tensor:
     """y = x @ dequant(qweight)^T (+ bias), x [..., K] float32 / bfloat16 / float16 (computed in
     float32); returns float32 [..., N]. Forward only (normengine.nn.QuantLinear trains through it with
-    a straight-through estimator). matmul_precision="medium": on a CPU with AMX-BF16, the prefill
+    a straight-through estimator). matmul_precision="medium": on a CPU with AMX-BF16 or AVX512-BF16, the prefill
     (16 rows or more) of int8-weight / int4 / fp8 multiplies bf16-rounded dequantized weights and x
     (relative 2^-9, far below the formats' own error); int8 (W8A8) is unchanged."""
     medium = bf16_products(matmul_precision)
