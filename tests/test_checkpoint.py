@@ -1307,6 +1307,7 @@ def test_load_writes_the_weights_into_one_hugepage_arena(kw):
     ("norm_eps", "int4"), ("linear_eps", None), ("rope_theta", float("nan")), ("qkv_bias", "yes"),
     ("o_bias", {}), ("learned_pos", 1), ("eos_token_id", "x"), ("bos_token_id", -3), ("conversions", 3),
     ("attention", "linear"), ("quant_group_size", 2.5), ("n_layers", True), ("arch", 0),
+    ("quant_super_groups", -1), ("quant_super_groups", 8),
 ])
 def test_native_config_fields_are_type_checked(tmp_path, field, value):
     """A normengine-format config (written by Model.save) is untrusted input like any other: each field of
@@ -1320,6 +1321,18 @@ def test_native_config_fields_are_type_checked(tmp_path, field, value):
         ne.load(tmp_path)
 
 
+def test_super_groups_must_divide_the_weights(tmp_path):
+    """Two-level scales whose super-blocks do not divide a weight's rows (a config naming 3 groups of 32 a block
+    for 128-wide rows): CheckpointError naming the field, on the torch-free and the torch path alike."""
+    ne.load(quant="int4", group_size=32, symmetric=False).save(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf["normengine"]["quant_super_groups"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    for kw in ({}, {"kv_cache_dtype": torch.float32}):
+        with pytest.raises(ne.CheckpointError, match=r"config\.quant_super_groups.*super-blocks"):
+            ne.load(tmp_path, **kw)
+
+
 @pytest.mark.parametrize("overrides, match", [
     ([], "expected a dict"),
     ({"blocks.0.attn.q.weight": {"format": "int4", "group_size": 32, "symmetric": False}}, "quantized model"),
@@ -1330,6 +1343,14 @@ def test_native_config_fields_are_type_checked(tmp_path, field, value):
     ({"blocks.0.attn.q.weight": {"format": "int8-weight", "group_size": 0, "symmetric": False}}, "zero points"),
     ({"blocks.0.attn.q.weight": {"format": "int8-weight", "group_size": 16}}, "expected"),
     ({"lm_head.weight": {"format": "int8-weight", "group_size": 16, "symmetric": True}}, "tied head"),
+    # two-level scales (GGUF K-quants): for int4 / grouped int8-weight, a count of groups in 0 .. 64, no other keys
+    ({"blocks.0.attn.q.weight": {"format": "int8", "group_size": 0, "symmetric": True, "super_groups": 8}},
+     "two-level"),
+    ({"blocks.0.attn.q.weight": {"format": "int4", "group_size": 32, "symmetric": False, "super_groups": 65}},
+     "0 .. 64"),
+    ({"blocks.0.attn.q.weight": {"format": "int4", "group_size": 32, "symmetric": False, "super_groups": True}},
+     "0 .. 64"),
+    ({"blocks.0.attn.q.weight": {"format": "int4", "group_size": 32, "symmetric": False, "super": 8}}, "expected"),
 ])
 def test_quant_overrides_are_checked(tmp_path, overrides, match):
     """config.quant_overrides (the per-weight formats a mixed GGUF file loads with) is untrusted input too:

@@ -74,7 +74,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from .errors import ArgumentError
+from .errors import ArgumentError, CheckpointError
 
 NORMS = ("layernorm", "rmsnorm", "crmsnorm", "none")
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
@@ -319,9 +319,9 @@ def quant_shapes(fmt: str, n: int, k: int, group_size: int, symmetric: bool = Tr
     """Suffix -> shape of the packed tensors of one [n, k] weight quantized as `fmt` (super_groups: two-level
     scales, see the module's docstring)."""
     if super_groups:
-        if k % (group_size * super_groups):
-            raise ArgumentError(f"quantization: in_features {k} is not whole super-blocks of {super_groups} groups "
-                                f"of {group_size}")
+        if k % (group_size * super_groups):  # (a checkpoint's config: its shapes are what this reads it by)
+            raise CheckpointError(f"config.quant_super_groups: in_features {k} is not whole super-blocks of "
+                                  f"{super_groups} groups of {group_size}")
         s = {"qdata": (n, k // 2 if fmt == "int4" else k), "qscale": (n, k // group_size // super_groups),
              "qsub": (n, k // group_size)}
         if not symmetric:
@@ -350,7 +350,8 @@ def _check_super(fmt, group_size, super_groups, where: str):
         raise ArgumentError(f"{where}: two-level scales are for int4 and grouped int8-weight, got {fmt!r} with "
                             f"group_size {group_size}")
     if fmt == "int4" and group_size == 16 and not super_groups:
-        raise ArgumentError(f"{where}: int4 takes group_size 16 only with two-level scales (super_groups > 0)")
+        raise ArgumentError(f"{where}: int4 needs group_size 32, 64 or 128 (16 only with two-level scales, "
+                            f"super_groups > 0)")
 
 
 def takes_zero_points(fmt: str, group_size: int) -> bool:
