@@ -68,6 +68,17 @@ constexpr int64_t kTileK = 32;  // bf16 elements per 64-byte tile row
 // 16 floats to 16 bf16 (round to nearest even; the instruction flushes subnormals to zero)
 inline __m256i bf16x16(__m512 v) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)); }
 
+// x'[k0 .. k0 + 32) of row xr, (x - mu) s rounded to 32 bf16 (16 pairs, "units"), zero past K (k0 < K)
+inline __m512i bf16_units(const GemmArgs& a, const float* xr, __m512 mu, __m512 s, int64_t k0) {
+  const int64_t left = std::min<int64_t>(kTileK, a.K - k0);
+  const __mmask16 m0 = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+  const __mmask16 m1 = left >= 32 ? __mmask16(0xFFFF) : left > 16 ? __mmask16((1u << (left - 16)) - 1) : 0;
+  const __m512 lo = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m0, xr + k0), mu), s);
+  const __m512 hi = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m1, xr + k0 + 16), mu), s);
+  // masked-off lanes are (0 - mu) s: zero them after the arithmetic
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_maskz_mov_ps(m1, hi), _mm512_maskz_mov_ps(m0, lo)));
+}
+
 // x' rows [16 mb0, 16 mb1) into B tiles: Bp + (mb * KS + ks) * 512 is the tile of rows 16 mb .. 16 mb
 // + 15 and k in [32 ks, 32 ks + 32); rows past M and k past K are zero.
 void pack_x(const GemmArgs& a, int64_t KS, int64_t mb0, int64_t mb1, uint16_t* Bp) {
@@ -82,15 +93,7 @@ void pack_x(const GemmArgs& a, int64_t KS, int64_t mb0, int64_t mb1, uint16_t* B
       const __m512 s = _mm512_set1_ps(a.ep.row_scale ? a.ep.row_scale[row] : 1.0f);
       const __m512 mu = _mm512_set1_ps(a.ep.row_shift ? a.ep.row_shift[row] : 0.0f);
       for (int64_t ks = 0; ks < KS; ++ks) {
-        const int64_t k0 = ks * kTileK;
-        const int64_t left = std::min<int64_t>(kTileK, a.K - k0);
-        const __mmask16 m0 = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-        const __mmask16 m1 = left >= 32 ? __mmask16(0xFFFF) : left > 16 ? __mmask16((1u << (left - 16)) - 1) : 0;
-        const __m512 lo = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m0, xr + k0), mu), s);
-        const __m512 hi = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m1, xr + k0 + 16), mu), s);
-        // 32 bf16 = 16 pairs (units); masked-off lanes are (0 - mu) s: zero them after the arithmetic
-        const __m512i units = reinterpret_cast<__m512i>(
-            _mm512_cvtne2ps_pbh(_mm512_maskz_mov_ps(m1, hi), _mm512_maskz_mov_ps(m0, lo)));
+        const __m512i units = bf16_units(a, xr, mu, s, ks * kTileK);
         uint32_t* tile = reinterpret_cast<uint32_t*>(Bp + (mb * KS + ks) * 512);
         _mm512_i32scatter_epi32(tile + m, rows, units, 4);
       }
@@ -217,16 +220,8 @@ void dot_pack_x(const GemmArgs& a, int64_t Kp, int64_t m0, int64_t m1, uint16_t*
     const float* xr = a.x + row * a.ldx;
     const __m512 s = _mm512_set1_ps(a.ep.row_scale ? a.ep.row_scale[row] : 1.0f);
     const __m512 mu = _mm512_set1_ps(a.ep.row_shift ? a.ep.row_shift[row] : 0.0f);
-    for (int64_t k0 = 0; k0 < Kp; k0 += 32) {
-      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(32, a.K - k0));
-      const __mmask16 m0k = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-      const __mmask16 m1k = left >= 32 ? __mmask16(0xFFFF) : left > 16 ? __mmask16((1u << (left - 16)) - 1) : 0;
-      const __m512 lo = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m0k, xr + k0), mu), s);
-      const __m512 hi = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m1k, xr + k0 + 16), mu), s);
-      const __m512i v = reinterpret_cast<__m512i>(
-          _mm512_cvtne2ps_pbh(_mm512_maskz_mov_ps(m1k, hi), _mm512_maskz_mov_ps(m0k, lo)));
-      _mm512_storeu_si512(Xb + row * Kp + k0, v);
-    }
+    for (int64_t k0 = 0; k0 < Kp; k0 += kTileK)  // (Kp: K rounded up to 32, so k0 < K)
+      _mm512_storeu_si512(Xb + row * Kp + k0, bf16_units(a, xr, mu, s, k0));
   }
 }
 
