@@ -579,6 +579,14 @@ def test_k_quant_file_matches_transformers(tmp_path):
         r = ne.load(str(tmp_path / "saved"), **kw)
         assert r.config.quant_overrides == m.config.quant_overrides
         assert torch.equal(r.logits(ids), m.logits(ids))
+    # weights held with one scale per group (as a GPU holds the two-level ones: single_level) are saved with a
+    # config recorded from them, and load back as such
+    r.tensors = {n: t.single_level() if hasattr(t, "single_level") else t for n, t in r.tensors.items()}
+    r.save(str(tmp_path / "flat"))
+    f1 = ne.load(str(tmp_path / "flat"))
+    assert "single-level-scales" in f1.config.conversions and f1.config.quant_super_groups == 0
+    assert all(getattr(t, "super_groups", 0) == 0 for t in f1.tensors.values())
+    assert rel_err(f1.logits(ids), m.logits(ids)) <= 1e-5
     # quant='int4': the Q4_K (and Q3_K / Q2_K) weights keep their codes, the others are quantized from their values,
     # with a warning saying how many of which type
     from normengine.checkpoint import gguf

@@ -1417,11 +1417,19 @@ class Model:
         from .checkpoint import save_checkpoint
         from .convert.quant import pack_quantized
 
-        tensors = pack_quantized(self.config, {n: t.to("cpu") if not isinstance(t, torch.Tensor) else t.detach().cpu()
-                                               for n, t in self.tensors.items()})
-        if self.config.tied_head and "tok_emb.weight" in tensors:  # keep the tie explicit for the alias table
+        from ._packed import _spec, record_packing
+        from .config import quant_of
+
+        held = {n: t.to("cpu") if not isinstance(t, torch.Tensor) else t.detach().cpu() for n, t in self.tensors.items()}
+        cfg = self.config
+        # packed weights held otherwise than the config says (two-level scales on a GPU are expanded to one scale
+        # per group: QuantizedWeight.to): the config recorded anew from the weights, so the files agree
+        if any(_spec(t) != quant_of(cfg, n) for n, t in held.items() if not isinstance(t, torch.Tensor)):
+            cfg = record_packing(cfg, held, "single-level-scales")
+        tensors = pack_quantized(cfg, held)
+        if cfg.tied_head and "tok_emb.weight" in tensors:  # keep the tie explicit for the alias table
             tensors["lm_head.weight"] = tensors["tok_emb.weight"]
-        save_checkpoint(path, self.config, tensors)
+        save_checkpoint(path, cfg, tensors)
         if self.tokenizer is not None:
             self.tokenizer.save(os.path.join(path, "tokenizer.json"))
         if self.chat_template is not None:
