@@ -1059,6 +1059,7 @@ void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, co
   a.ldy = ldy;
   a.accumulate = accumulate;
   if (ep) a.ep = *ep;
+  if (a.ep.row_shift && !a.ep.col_sum) throw ValueError("quant_gemm_f32: the epilogue's row_shift needs col_sum");
   // prepared activations: per calling thread, grown and reused
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> xf, sx, gs;
@@ -1094,6 +1095,9 @@ void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, co
   } else if (w.format == QFormat::Int4) {
     // per row: the sums of x over each group (zero points), and x de-interleaved per 16 or 32 columns (the ISA table says)
     group_sums(x, ldx, M, w, gs);
+    a.gsum = gs.data();
+    // matmul precision "medium": x rounded to int8 per 32 columns and integer products, where the CPU has VNNI
+    if (bf16_products && int4_w4a8_x86(a, x, ldx)) return;
     xf.resize(static_cast<size_t>(M * K));
     for (int64_t m = 0; m < M; ++m) {
       const float* r = x + m * ldx;
@@ -1110,7 +1114,6 @@ void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, co
     group_sums(x, ldx, M, w, gs);
     a.gsum = gs.data();
   }
-  if (a.ep.row_shift && !a.ep.col_sum) throw ValueError("quant_gemm_f32: the epilogue's row_shift needs col_sum");
   // W8A8 with VNNI / AMX where the CPU has them (quant_int8_x86.cpp), else the ISA family's kernel
   if (w.format == QFormat::Int8 && int8_gemm_x86(a)) return;
   const QuantTable& t = *NE_PICK_ISA(quant_table);

@@ -26,6 +26,7 @@
 // Everything else (no VNNI, "isa" forced) runs the ISA family's kernel in quant_gemm.cpp (AVX2
 // vpmaddubsw or scalar). The selection: int8_kernel() / force_int8_kernel() below.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -471,6 +472,135 @@ void int8_amx_blocks(const QArgs& a, const int8_t* Bp, int64_t MB, int64_t nb0, 
 }
 #pragma GCC pop_options
 
+// ============================================================================ int4 weights, int8 activations
+// matmul precision "medium" at decode (W4A8): int4 weights against x rounded to int8 per 32 columns, as llama.cpp
+// multiplies its 4-bit blocks. For row m of x and each block b of 32 columns: s_x = max|x_b| / 127, x_q =
+// round-to-nearest-even(x * (1 / s_x)) (quantize_int8's arithmetic, per block); for row n of W:
+//
+//   y[m, n] = sum_b s_g(b) s_x(m, b) sum_{k in b} q[n, k] x_q[m, k]  -  sum_g f_g gsum[m, g]
+//
+// q the nibbles (0..15), s_g the group's scale (two-level: d sc), f_g its zero term's factor (s z, or the offset
+// o = dmin m, or s zero_point) and gsum the exact float32 sums of x over each group (as the fp32 kernels). The
+// entry point lays x_q out per 128 columns as the nibbles fall: 64 bytes of the even columns of four blocks (16
+// each), then 64 of the odd ones, so the low and high nibbles of 64 bytes of W meet them in two VPDPBUSD (u8 x s8,
+// 4 products a lane: lanes 4 j .. 4 j + 3 are block j's); s_x is laid out per lane (a.sx: 16 floats per 128
+// columns). Per 128 weights: 1 load of W, 2 ands, 1 shift, 2 VPDPBUSD, 1 convert, 1 multiply, 1 FMA (the fp32
+// kernel: 24 vector ops). Groups of 32 or more (K % 32 == 0).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")
+// s_g and f_g of row n (G groups, G % 16 == 0 or a scalar tail) into s and f, 16 groups a step: a two-level
+// weight's super-block scales spread over the lanes by a permute when its super-blocks hold 1, 2, 4, 8 or 16
+// groups, else one by one.
+void w4a8_row_scales(const QWeight& w, int64_t n, int64_t G, float* s, float* f) {
+  const int64_t S = w.super;
+  const bool spread = w.sub && S > 0 && (16 % S == 0 || S % 16 == 0);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i idx = spread ? (S >= 16 ? _mm512_setzero_si512() : _mm512_srli_epi32(lane, __builtin_ctzll(S))) : lane;
+  const __m512 zc = _mm512_set1_ps(w.zero_point);
+  int64_t g = 0;
+  if (!w.sub || spread) {
+    for (; g + 16 <= G; g += 16) {
+      const int64_t at = n * G + g;
+      __m512 sg, fg;
+      if (w.sub) {
+        const __m512 d = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(S >= 16 ? 1 : 0xFFFF, w.scale + at / S));
+        sg = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                  reinterpret_cast<const __m128i*>(w.sub + at)))));
+        if (w.sub_zero) {
+          const __m512 dm = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(S >= 16 ? 1 : 0xFFFF, w.zero + at / S));
+          fg = _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                     reinterpret_cast<const __m128i*>(w.sub_zero + at)))));
+        } else {
+          fg = _mm512_mul_ps(sg, zc);
+        }
+      } else {
+        sg = _mm512_loadu_ps(w.scale + at);
+        fg = _mm512_mul_ps(sg, w.zero ? _mm512_loadu_ps(w.zero + at) : zc);
+      }
+      _mm512_storeu_ps(s + g, sg);
+      _mm512_storeu_ps(f + g, fg);
+    }
+  }
+  for (; g < G; ++g) {  // (quant_elem's definitions, one group at a time)
+    const int64_t at = n * G + g;
+    s[g] = w.sub ? w.scale[at / S] * static_cast<float>(w.sub[at]) : w.scale[at];
+    f[g] = w.sub_zero ? w.zero[at / S] * static_cast<float>(w.sub_zero[at])
+                      : s[g] * (w.zero && !w.sub ? w.zero[at] : w.zero_point);
+  }
+}
+
+void int4_block_w4a8(const QArgs& a, int64_t n0, int64_t n1) {
+  const QWeight& w = *a.w;
+  const int64_t K = w.K, g = w.group, G = K / g, nb = K / 32, nb4 = (nb + 3) / 4, per = g / 32;
+  thread_local AlignedVec<float> room;
+  room.resize(static_cast<size_t>(2 * G + 16));
+  float* s = room.data();  // each group's scale (zero past G: the last step's short blocks)
+  float* f = s + G + 8;    // each group's zero-term factor
+  for (int i = 0; i < 8; ++i) s[G + i] = 0.0f;
+  // the lanes of four blocks of 32 columns (4 int32 lanes each) read the scale of their group: s + 4 b4 / per
+  const __m512i lanes = _mm512_srli_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                          __builtin_ctzll(per));
+  const __m512i lo4 = _mm512_set1_epi8(15);
+  const uint8_t* W = static_cast<const uint8_t*>(w.data);
+  for (int64_t n = n0; n < n1; ++n) {
+    w4a8_row_scales(w, n, G, s, f);
+    const uint8_t* wr = W + n * (K / 2);
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int8_t* xr = a.xq + m * a.ldxq;
+      const float* sx = a.sx + m * a.ldsx;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t b4 = 0; b4 < nb4; ++b4) {
+        const int64_t rest = nb - 4 * b4;  // blocks left: the last 64 bytes of W may be short
+        const __mmask64 mask = rest >= 4 ? ~0ULL : (1ULL << (16 * rest)) - 1;
+        const __m512i wb = _mm512_maskz_loadu_epi8(mask, wr + 64 * b4);
+        const __m512i lo = _mm512_and_si512(wb, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(wb, 4), lo4);
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr + 128 * b4));
+        d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xr + 128 * b4 + 64));
+        const __m512 sw = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(s + 4 * b4 / per)));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_loadu_ps(sx + 16 * b4)), acc);
+      }
+      const float* gs = a.gsum + m * G;  // minus sum_g f_g gsum_g
+      __m512 zt = _mm512_setzero_ps();
+      int64_t gi = 0;
+      for (; gi + 16 <= G; gi += 16) zt = _mm512_fmadd_ps(_mm512_loadu_ps(f + gi), _mm512_loadu_ps(gs + gi), zt);
+      float z = _mm512_reduce_add_ps(zt);
+      for (; gi < G; ++gi) z += f[gi] * gs[gi];
+      quant_store(a, m, n, _mm512_reduce_add_ps(acc) - z);
+    }
+  }
+}
+
+// x rows quantized per 32 columns into the layout above: xq [M, ldq] (ldq = 128 nb4), s_x per lane [M, 16 nb4]
+void w4a8_activations(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* xq, int64_t ldq, float* sl,
+                      int64_t m0, int64_t m1) {
+  const int64_t nb = K / 32, nb4 = (nb + 3) / 4;
+  for (int64_t m = m0; m < m1; ++m) {
+    int8_t* q = xq + m * ldq;
+    float* s = sl + m * 16 * nb4;
+    std::memset(q, 0, static_cast<size_t>(ldq));
+    std::memset(s, 0, sizeof(float) * static_cast<size_t>(16 * nb4));
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * ldx + 32 * b;
+      const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float sx = amax / 127.0f, inv = sx > 0.0f ? 1.0f / sx : 0.0f;
+      // round half to even (the default MXCSR mode), within [-127, 127] by construction
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+      alignas(64) int32_t t[32];
+      _mm512_store_si512(t, q0);
+      _mm512_store_si512(t + 16, q1);
+      int8_t* even = q + 128 * (b / 4) + 16 * (b % 4);
+      for (int j = 0; j < 16; ++j) {
+        even[j] = static_cast<int8_t>(std::min(127, std::max(-127, t[2 * j])));
+        even[64 + j] = static_cast<int8_t>(std::min(127, std::max(-127, t[2 * j + 1])));
+      }
+      for (int j = 0; j < 4; ++j) s[16 * (b / 4) + 4 * (b % 4) + j] = sx;
+    }
+  }
+}
+#pragma GCC pop_options
+
 // ============================================================================ selection
 struct Cpu {
   bool avx512vnni = false, avxvnni = false, amx = false;
@@ -541,6 +671,37 @@ void force_int8_kernel(const std::string& name) {
     throw UnsupportedError("int8 kernel '" + name + "' is not available on this CPU (available: " + have + ")");
   }
   g_forced = name;
+}
+
+bool int4_w4a8_x86(QArgs& a, const float* x, int64_t ldx) {
+#if defined(NE_INT8_X86)
+  const QWeight& w = *a.w;
+  const std::string k = int8_kernel();
+  if (!cpu().avx512vnni || (k != "avx512vnni" && k != "amx") || w.format != QFormat::Int4 || w.group < 32) return false;
+  const int64_t M = a.M, K = w.K, nb4 = (K / 32 + 3) / 4;
+  for (int64_t m = 0; m < M; ++m)  // non-finite activations keep the float path (NaN and Inf propagate there)
+    for (int64_t i = 0; i < K; ++i)
+      if (!std::isfinite(x[m * ldx + i])) return false;
+  thread_local AlignedVec<int8_t> xq;
+  thread_local AlignedVec<float> sl;
+  xq.resize(static_cast<size_t>(M * 128 * nb4));
+  sl.resize(static_cast<size_t>(M * 16 * nb4));
+  int8_t* pq = xq.data();  // (thread_local: the workers must not name xq / sl themselves)
+  float* ps = sl.data();
+  parallel_for(M, 1, [&](int64_t m0, int64_t m1, int) { w4a8_activations(x, ldx, M, K, pq, 128 * nb4, ps, m0, m1); });
+  a.xq = pq;
+  a.ldxq = 128 * nb4;
+  a.sx = ps;
+  a.ldsx = 16 * nb4;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M));
+  parallel_for(w.N, grain, [&](int64_t n0, int64_t n1, int) { int4_block_w4a8(a, n0, n1); });
+  return true;
+#else
+  (void)a;
+  (void)x;
+  (void)ldx;
+  return false;
+#endif
 }
 
 bool int8_gemm_x86(const QArgs& a) {
