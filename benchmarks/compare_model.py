@@ -25,6 +25,8 @@ Engines (each in a fresh subprocess, so peak RSS is its own; all with --threads 
   ne-bf16    normengine.load(dir, dtype=torch.bfloat16)
   ne-f32m, ne-bf16m  the same with matmul_precision="medium" (bf16 products on AMX tiles for prefill)
   ne-int8, ne-int4, ne-int4m  quant="int8" / "int4" (ne-int4m: with matmul_precision="medium")
+  ne-ggufm-*  the same GGUF loads with matmul_precision="medium" (bf16 prefill products; int4 decode with int8
+             activations on AVX-512 VNNI, as llama.cpp's)
   ne-gguf-f32, ne-gguf-f16, ne-gguf-q8_0, ne-gguf-q4_0  normengine.load of the GGUF file llama.cpp reads (a plain
              load: Q8_0 as int8-weight g32, Q4_0 as int4 g32, the file's codes and scales repacked, exact; an
              untied embedding too; a quantized file loads on the torch-free path, in a worker that never imports
@@ -86,7 +88,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ENGINES = ("ne-f32", "ne-bf16", "ne-f32m", "ne-bf16m", "hf-f32", "llama-f32", "llama-f16", "ne-int8", "ne-int4", "ne-int4m",
            "llama-q8_0", "llama-q4_0", "ne-f32s", "ne-bf16s", "ne-int8s", "ne-int4s", "ne-gguf-f32", "ne-gguf-f16",
            "ne-gguf-q8_0", "ne-gguf-q4_0", "llama-q4_k_m", "ne-gguf-q4_k_m", "llama-q5_k_m", "ne-gguf-q5_k_m",
-           "llama-q3_k_m", "ne-gguf-q3_k_m")
+           "llama-q3_k_m", "ne-gguf-q3_k_m", "ne-ggufm-q4_k_m", "ne-ggufm-q5_k_m", "ne-ggufm-q3_k_m",
+           "ne-ggufm-q4_0", "ne-ggufm-q8_0")
 # the converted engines: `normengine convert` options of the checkpoint each reads
 CONVERTED = {"ne-f32s": [], "ne-bf16s": ["--dtype", "bf16"], "ne-int8s": ["--quant", "int8"],
              "ne-int4s": ["--quant", "int4"]}
@@ -250,7 +253,8 @@ def worker(a) -> dict:
 
     if a.worker.startswith("ne-"):
         # a converted checkpoint or a quantized GGUF file: normengine.load's torch-free path, no torch in this process
-        converted = a.worker in CONVERTED or (a.worker.startswith("ne-gguf-") and a.worker[8:] not in ("f32", "f16"))
+        gguf = a.worker.startswith(("ne-gguf-", "ne-ggufm-"))
+        converted = a.worker in CONVERTED or (gguf and a.worker.rsplit("-", 1)[1] not in ("f32", "f16"))
         if not converted:
             import torch
 
@@ -260,9 +264,9 @@ def worker(a) -> dict:
         normengine.set_num_threads(n)
         rss0 = rss_kb("VmRSS")
         t = time.perf_counter()
-        if a.worker.startswith("ne-gguf-"):  # the GGUF file llama.cpp reads: a plain load, each quantized weight
-            # (and an untied embedding) in the format of its blocks, exactly (Q4_0: int4 g32; Q8_0: int8-weight g32)
-            m = normengine.load(a.gguf)
+        if gguf:  # the GGUF file llama.cpp reads: a plain load, each quantized weight (and an untied embedding)
+            # in the format of its blocks, exactly (Q4_0: int4 g32; Q8_0: int8-weight g32); ne-ggufm-: "medium"
+            m = normengine.load(a.gguf, matmul_precision="medium" if a.worker.startswith("ne-ggufm-") else "highest")
             assert not converted or (m._arrays and "torch" not in sys.modules), "the torch-free path was not taken"
         elif converted:
             m = normengine.load(a.model_dir)
@@ -485,7 +489,7 @@ def main():
 
     def arch_engines(arch):
         """The engines that run `arch` (llama.cpp only where our converter writes a GGUF of it)."""
-        return [e for e in engines if not e.startswith(("llama", "ne-gguf-")) or arch in GGUF_ARCHS]
+        return [e for e in engines if not e.startswith(("llama", "ne-gguf-", "ne-ggufm-")) or arch in GGUF_ARCHS]
 
     engines = [x for x in a.engines.split(",") if x]
     for e in engines:
@@ -501,7 +505,7 @@ def main():
             continue  # (no GGUF of it: no llama engines, no llama.cpp logits)
         kq = any(e.endswith(tuple(K_QUANTS)) for e in engines)
         for ot in ("f32", "f16", "q8_0", "q4_0") + tuple(K_QUANTS):
-            if (f"llama-{ot}" not in engines and f"ne-gguf-{ot}" not in engines
+            if (f"llama-{ot}" not in engines and f"ne-gguf-{ot}" not in engines and f"ne-ggufm-{ot}" not in engines
                     and not (ot == "f32" and (not a.no_check or kq))):
                 continue  # (the logits check reads llama.cpp's f32 logits; the K-quants are made from the f32 file)
             g = os.path.join(workdir, f"{arch}-{ot}.gguf")
@@ -532,7 +536,7 @@ def main():
         # round), so the noise of a shared machine falls on all of them alike
         ws = {}
         for e in arch_engines(arch):
-            g = ggufs[(arch, e.rsplit("-", 1)[1])] if e.startswith(("llama", "ne-gguf-")) else None
+            g = ggufs[(arch, e.rsplit("-", 1)[1])] if e.startswith(("llama", "ne-gguf-", "ne-ggufm-")) else None
             ws[e] = Worker(a, e, arch, saved.get((arch, e), dirs[arch]), g)
         for e in ws:
             ws[e].call("run")
@@ -630,7 +634,10 @@ def main():
         for ours, theirs in (("ne-int8", "llama-q8_0"), ("ne-int4", "llama-q4_0"), ("ne-int4m", "llama-q4_0"),
                              ("ne-gguf-q4_0", "llama-q4_0"), ("ne-gguf-q8_0", "llama-q8_0"),
                              ("ne-gguf-f16", "llama-f16"), ("ne-gguf-q4_k_m", "llama-q4_k_m"),
-                             ("ne-gguf-q5_k_m", "llama-q5_k_m"), ("ne-gguf-q3_k_m", "llama-q3_k_m")):
+                             ("ne-gguf-q5_k_m", "llama-q5_k_m"), ("ne-gguf-q3_k_m", "llama-q3_k_m"),
+                             ("ne-ggufm-q4_k_m", "llama-q4_k_m"), ("ne-ggufm-q5_k_m", "llama-q5_k_m"),
+                             ("ne-ggufm-q3_k_m", "llama-q3_k_m"), ("ne-ggufm-q4_0", "llama-q4_0"),
+                             ("ne-ggufm-q8_0", "llama-q8_0")):
             if ours in base and theirs in base:
                 rp, rd = ratio(ours, theirs, "prefill_s"), ratio(ours, theirs, "decode_s")
                 rows.append(dict(arch=arch, engine=f"{ours} vs {theirs}", pre_ratio=rp, dec_ratio=rd))
