@@ -269,40 +269,49 @@ def test_two_level_scales_every_isa(fmt, group, S, offsets, gen):
         _C.force_cpu_isa(best)
 
 
-@pytest.mark.parametrize("case", ["g32", "g64-sym", "g128", "q4k", "q3k-g16"])
-def test_int4_decode_int8_activations_medium(case, gen):
+@pytest.mark.parametrize("case", ["g32", "g64-sym", "g128", "q4k", "q3k-g16", "i8w-row", "i8w-g32", "i8w-q6k",
+                                  "i8w-q5k", "i8w-g16-k48"])
+def test_decode_int8_activations_medium(case, gen):
     """matmul_precision="medium" at decode (1 .. 15 rows) on a CPU with AVX-512 VNNI: int4 weights (groups of 32 or
-    more, single- or two-level scales) against x rounded to int8 per 32 columns (reference:
-    int4_linear_int8_activations), every ISA that has it; 13 blocks of 32 (a short last 128 columns); within 2e-2 of
-    "highest". Groups of 16, NaN / Inf in x, CPUs without VNNI: exactly "highest"."""
+    more, single- or two-level scales) and int8-weight ones (1 .. 3 rows; per row, grouped, two-level, offsets)
+    against x rounded to int8 per 32 columns (reference: linear_int8_activations), every ISA that has it; 13 blocks of 32 (a
+    short last step); within 2e-2 of "highest". int4 groups of 16, K not whole blocks of 32, NaN / Inf in x, CPUs
+    without VNNI: exactly "highest"."""
     from normengine import _C
-    from normengine.reference.quant import int4_linear_int8_activations
+    from normengine.reference.quant import linear_int8_activations
     from conftest import _supported_isas
 
-    N, K = 37, 32 * 13 if case != "q4k" and case != "q3k-g16" else 512
-    if case in ("q4k", "q3k-g16"):
-        q = _two_level("int4", 32 if case == "q4k" else 16, 8 if case == "q4k" else 16, True, N, K, gen)
+    N, K = 37, 32 * 13
+    if case in ("q4k", "q3k-g16", "i8w-q6k", "i8w-q5k"):
+        K = 512
+        fmt, g, S, off = {"q4k": ("int4", 32, 8, True), "q3k-g16": ("int4", 16, 16, True),
+                          "i8w-q6k": ("int8-weight", 16, 16, False), "i8w-q5k": ("int8-weight", 32, 8, True)}[case]
+        q = _two_level(fmt, g, S, off, N, K, gen)
+    elif case.startswith("i8w"):
+        g = {"i8w-row": 0, "i8w-g32": 32, "i8w-g16-k48": 16}[case]
+        K = 48 if case.endswith("k48") else K
+        q = ne.ops.quantize_weight(torch.randn(N, K, generator=gen) * 0.05, "int8-weight", group_size=g)
     else:
         g = {"g32": 32, "g64-sym": 64, "g128": 128}[case]
-        K = K // g * g if K % g else K
-        K = max(K, g)
-        w = torch.randn(N, K, generator=gen) * 0.05
-        q = ne.ops.quantize_weight(w, "int4", group_size=g, symmetric=case.endswith("sym"))
+        K = max(g, K // g * g)
+        q = ne.ops.quantize_weight(torch.randn(N, K, generator=gen) * 0.05, "int4", group_size=g,
+                                   symmetric=case.endswith("sym"))
     b = torch.randn(N, generator=gen)
     best = _C.cpu_isa()
     try:
         for isa in _supported_isas():
             _C.force_cpu_isa(isa)
-            vnni = "avx512vnni" in _C.int8_kernels() and q.group_size >= 32
+            vnni = "avx512vnni" in _C.int8_kernels() and K % 32 == 0 and (q.format != "int4" or q.group_size >= 32)
             for M in (1, 2, 3, 4, 5, 15):
+                rows_ok = q.format == "int4" or M <= 3  # (int8-weight: up to 3 rows)
                 x = torch.randn(M, K, generator=gen)
                 x[0, :32] *= 1e-3  # a block of small values: its own scale
                 hi = ne.ops.quantized_linear(x, q, b)
                 md = ne.ops.quantized_linear(x, q, b, matmul_precision="medium")
-                if not vnni:
+                if not (vnni and rows_ok):
                     assert torch.equal(md, hi), (isa, M)
                     continue
-                want = int4_linear_int8_activations(x, q, b)
+                want = linear_int8_activations(x, q, b)
                 scale = (x.abs().double() @ q.dequantize(torch.float64).abs().t()).max().item() + b.abs().max().item()
                 assert rel_err(md, want, floor=scale) < 1e-5, (isa, M)
                 assert 0 < rel_err(md, hi) < 2e-2, (isa, M)  # the rounding happened, at its usual size
@@ -495,9 +504,10 @@ def test_medium_precision_prefill(fmt, kw, gen):
     weight-dequantizing formats multiply in bf16 from a bf16 panel of the dequantized weights: the
     float64 sum of the bf16-rounded products, to fp32 accumulation, and within bf16 accuracy of the
     "highest" result (far inside the formats' own error); fewer rows and W8A8 are bit-identical to
-    "highest", but int4's fewer rows on a CPU with AVX-512 VNNI: int8 activations (test_int4_decode_int8_...)."""
+    "highest", but int4's and int8-weight's fewer rows on a CPU with AVX-512 VNNI: int8 activations
+    (test_decode_int8_activations_medium)."""
     from normengine import _C
-    from normengine.reference.quant import int4_linear_int8_activations
+    from normengine.reference.quant import linear_int8_activations
     w = torch.randn(300, 512, generator=gen) / 16
     q = ne.ops.quantize_weight(w, fmt, **kw)
     b = torch.randn(300, generator=gen)
@@ -506,8 +516,8 @@ def test_medium_precision_prefill(fmt, kw, gen):
         x = torch.randn(M, 512, generator=gen)
         hi = ne.ops.quantized_linear(x, q, b)
         md = ne.ops.quantized_linear(x, q, b, matmul_precision="medium")
-        if M < 16 and fmt == "int4" and "avx512vnni" in _C.int8_kernels():
-            assert rel_err(md, int4_linear_int8_activations(x, q, b), floor=hi.abs().max().item()) < 1e-5, M
+        if (M < 16 and fmt == "int4" or M <= 3 and fmt == "int8-weight") and "avx512vnni" in _C.int8_kernels():
+            assert rel_err(md, linear_int8_activations(x, q, b), floor=hi.abs().max().item()) < 1e-5, M
         elif M < 16 or fmt == "int8" or not _C.bf16_products_available():
             assert torch.equal(md, hi), (fmt, M)
         else:

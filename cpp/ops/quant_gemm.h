@@ -172,6 +172,9 @@ bool int8_gemm_x86(const QArgs& a);
 // runs the whole call; false (nothing written) where the CPU has no AVX-512 VNNI within the active ISA and the
 // int8 kernel choice, for other formats or groups, and when x holds NaN or Inf.
 bool int4_w4a8_x86(QArgs& a, const float* x, int64_t ldx);
+// The same for int8-weight (per-row or grouped scales, with or without zero points; K % 32 == 0; up to 3 rows of
+// x): x rounded to int8 per 32 columns, VPDPBUSD on W's bytes (the formats llama.cpp's Q8_0 / Q6_K / Q5_K load as).
+bool int8w_w8a8_x86(QArgs& a, const float* x, int64_t ldx);
 
 struct QuantTable {
   void (*block[4])(const QArgs& a, int64_t n0, int64_t n1);  // by QFormat: outputs [0, M) x [n0, n1)

@@ -246,7 +246,7 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, ou
     (16 rows or more) of int8-weight / int4 / fp8 multiplies bf16-rounded dequantized weights and x
     (relative 2^-9, far below the formats' own error); on a CPU with AVX-512 VNNI, int4 (groups of 32 or more)
     with fewer rows multiplies x rounded to int8 per 32 columns (normengine.reference.quant.
-    int4_linear_int8_activations); int8 (W8A8) is unchanged."""
+    linear_int8_activations); int8 (W8A8) is unchanged."""
     medium = bf16_products(matmul_precision)
     if not isinstance(qweight, QuantizedWeight):
         raise DTypeError(f"qweight: expected a QuantizedWeight (normengine.ops.quantize_weight), got "

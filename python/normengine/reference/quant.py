@@ -37,26 +37,29 @@ def quantize_activations_fp8(x: torch.Tensor, block: int = 128):
     return xq, s
 
 
-def int4_linear_int8_activations(x: torch.Tensor, qw, bias=None, dtype=torch.float64) -> torch.Tensor:
-    """An int4 weight (groups of 32 or more) against x rounded to int8 per 32 columns: matmul_precision "medium"
-    at decode on a CPU with AVX-512 VNNI (cpp/ops/quant_int8_x86.cpp, W4A8). Per row and block of 32 columns
-    s_x = max|x| / 127 (float32), x_q = round(x * float32(1 / s_x)) (half to even); y = sum_k s_g q_k s_x x_q,k
-    - sum_g f_g gsum_g, with q the nibbles, s_g the group's float32 scale, f_g = q-independent part of the
-    weight's values per group (w = s_g q - f_g) and gsum the exact sums of x over each group."""
+def linear_int8_activations(x: torch.Tensor, qw, bias=None, dtype=torch.float64) -> torch.Tensor:
+    """An int4 (groups of 32 or more) or int8-weight weight against x rounded to int8 per 32 columns: matmul_precision
+    "medium" at decode on a CPU with AVX-512 VNNI (cpp/ops/quant_int8_x86.cpp, W4A8 / W8A8). Per row and block of
+    32 columns s_x = max|x| / 127 (float32), x_q = round(x * float32(1 / s_x)) (half to even); y = sum_k s_g q_k
+    s_x x_q,k - sum_g f_g gsum_g, with q the codes (nibbles, or int8), s_g the group's float32 scale (per row
+    for int8-weight without groups), f_g the rest of the weight's values per group (w = s_g q - f_g) and gsum the
+    exact sums of x over each group."""
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
     M, K = x2.shape
     N = qw.shape[0]
-    g = qw.group_size
+    g = qw.group_size or K
     xb = x2.view(M, K // 32, 32)
     sx = xb.abs().amax(-1, keepdim=True) / 127.0  # float32
     inv = torch.where(sx > 0, 1.0 / sx, torch.zeros_like(sx))
     xq = torch.round(xb * inv).clamp(-127, 127).to(torch.float64) * sx.to(torch.float64)
-    q = torch.stack([qw.data & 15, qw.data >> 4], -1).reshape(N, K).to(torch.float64)
+    if qw.format == "int4":
+        q = torch.stack([qw.data & 15, qw.data >> 4], -1).reshape(N, K).to(torch.float64)
+    else:
+        q = qw.data.to(torch.float64)
     w = qw.dequantize(torch.float64).view(N, K // g, g)
     qg = q.view(N, K // g, g)
-    # per group: w = s q - f, s from two columns' values where they differ (float64: exact for these values)
-    s = _group_scale(qw).to(torch.float64)
-    f = (s[..., None] * qg - w)[..., 0]
+    s = _group_scale(qw).to(torch.float64).view(N, K // g)
+    f = (s[..., None] * qg - w)[..., 0]  # (per group: w = s q - f)
     gsum = x2.to(torch.float64).view(M, K // g, g).sum(-1)
     y = xq.reshape(M, K) @ (s[..., None] * qg).reshape(N, K).t() - gsum @ f.t()
     if bias is not None:
@@ -65,7 +68,7 @@ def int4_linear_int8_activations(x: torch.Tensor, qw, bias=None, dtype=torch.flo
 
 
 def _group_scale(qw) -> torch.Tensor:
-    """float32 [N, K/group]: the scale of each group of an int4 weight (two-level: d sc, as the kernels form it)."""
+    """float32 [N, K/group] ([N] per row): the scale of each group (two-level: d sc, as the kernels form it)."""
     if qw.sub is not None:
         return qw._group_values(qw.scale, qw.sub)
     return qw.scale.to(torch.float32)
