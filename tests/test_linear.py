@@ -227,7 +227,8 @@ def test_medium_precision_bf16_products(wdtype, gen):
 
 def test_medium_precision_accumulate_strides_nan(gen):
     if not _C.bf16_products_available():
-        pytest.skip("no bf16 products on this CPU (the medium path falls back to fp32: test_medium_precision_bf16_products)")
+        pytest.skip("no bf16 products on this CPU (the medium path falls back to fp32: "
+                    "test_medium_precision_bf16_products)")
     x = randn(40, 200, gen=gen)[:, 3:99]  # row stride 200
     w = randn(70, 130, gen=gen)[:, 10:106]  # row stride 130
     b = randn(70, gen=gen)

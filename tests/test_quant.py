@@ -274,9 +274,9 @@ def test_two_level_scales_every_isa(fmt, group, S, offsets, gen):
 def test_decode_int8_activations_medium(case, gen):
     """matmul_precision="medium" at decode (1 .. 15 rows) on a CPU with AVX-512 VNNI: int4 weights (groups of 32 or
     more, single- or two-level scales) and int8-weight ones (1 .. 3 rows; per row, grouped, two-level, offsets)
-    against x rounded to int8 per 32 columns (reference: linear_int8_activations), every ISA that has it; 13 blocks of 32 (a
-    short last step); within 2e-2 of "highest". int4 groups of 16, K not whole blocks of 32, NaN / Inf in x, CPUs
-    without VNNI: exactly "highest"."""
+    against x rounded to int8 per 32 columns (reference: linear_int8_activations), every ISA that has it; 13
+    blocks of 32 (a short last step); within 2e-2 of "highest". int4 groups of 16, K not whole blocks of 32, NaN /
+    Inf in x, CPUs without VNNI: exactly "highest"."""
     from normengine import _C
     from normengine.reference.quant import linear_int8_activations
     from conftest import _supported_isas

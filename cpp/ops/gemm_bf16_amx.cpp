@@ -116,7 +116,8 @@ void pack_w(const GemmArgs& a, DType wdtype, int64_t n0, int64_t KS, uint16_t* W
     } else {  // F32
       const float* src = static_cast<const float*>(a.w) + n * a.ldw;
       int64_t k = 0;
-      for (; k + 16 <= a.K; k += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), bf16x16(_mm512_loadu_ps(src + k)));
+      for (; k + 16 <= a.K; k += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), bf16x16(_mm512_loadu_ps(src + k)));
       for (; k < a.K; ++k) dst[k] = f32_to_bf16(src[k]);
     }
     std::memset(dst + a.K, 0, static_cast<size_t>(Kp - a.K) * 2);
@@ -234,7 +235,8 @@ void dot_pack_w(const GemmArgs& a, DType wdtype, int64_t n0, int64_t rows, int64
     } else {
       const float* src = static_cast<const float*>(a.w) + (n0 + i) * a.ldw;
       int64_t k = 0;
-      for (; k + 16 <= a.K; k += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), bf16x16(_mm512_loadu_ps(src + k)));
+      for (; k + 16 <= a.K; k += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), bf16x16(_mm512_loadu_ps(src + k)));
       for (; k < a.K; ++k) dst[k] = f32_to_bf16(src[k]);
     }
     std::memset(dst + a.K, 0, static_cast<size_t>(Kp - a.K) * 2);

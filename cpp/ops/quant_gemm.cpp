@@ -1097,7 +1097,7 @@ void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, co
     group_sums(x, ldx, M, w, gs);
     a.gsum = gs.data();
     // matmul precision "medium": x rounded to int8 per 32 columns and integer products, where the CPU has VNNI
-    if (bf16_products && int4_w4a8_x86(a, x, ldx)) return;
+    if (bf16_products && int8_activations_decode_x86(a, x, ldx)) return;
     xf.resize(static_cast<size_t>(M * K));
     for (int64_t m = 0; m < M; ++m) {
       const float* r = x + m * ldx;
@@ -1116,7 +1116,7 @@ void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, co
       a.gsum = gs.data();
     }
     // matmul precision "medium": x rounded to int8 per 32 columns and integer products, where the CPU has VNNI
-    if (bf16_products && int8w_w8a8_x86(a, x, ldx)) return;
+    if (bf16_products && int8_activations_decode_x86(a, x, ldx)) return;
   }
   // W8A8 with VNNI / AMX where the CPU has them (quant_int8_x86.cpp), else the ISA family's kernel
   if (w.format == QFormat::Int8 && int8_gemm_x86(a)) return;

@@ -77,8 +77,8 @@ void check_qweight(const QWeight& w);
 // bf16_products (matmul precision "medium"): the prefill of the weight-dequantizing formats (Int8Weight, Int4, FP8;
 // more rows than the GEMV kernels take) may run its dequantized panels through gemm_f32's bf16 path (AMX-BF16 or
 // AVX512-BF16): the panel and x rounded to bf16 (relative 2^-9, far below the formats' own quantization error); Int4
-// decode rows (groups of 32 or more) may round x to int8 per 32 columns for VNNI products (int4_w4a8_x86, as
-// llama.cpp's 4-bit dot products); Int8 (W8A8) and the other formats' decode rows unchanged.
+// and Int8Weight decode rows may round x to int8 per 32 columns for VNNI products (int8_activations_decode_x86, as
+// llama.cpp's 4- and 8-bit dot products); Int8 (W8A8) and FP8 decode rows unchanged.
 void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, const float* bias, float* y, int64_t ldy,
                     bool accumulate = false, const GemmEpilogue* ep = nullptr, bool bf16_products = false);
 
@@ -167,14 +167,13 @@ std::vector<std::string> int8_kernels();
 const char* int8_kernel();
 void force_int8_kernel(const std::string& name);
 bool int8_gemm_x86(const QArgs& a);
-// matmul precision "medium" at decode for int4 weights (groups of 32 or more): x rounded to int8 per 32 columns,
-// VPDPBUSD products (quant_int8_x86.cpp); a.gsum prepared by the caller. Prepares its own activations into a and
-// runs the whole call; false (nothing written) where the CPU has no AVX-512 VNNI within the active ISA and the
-// int8 kernel choice, for other formats or groups, and when x holds NaN or Inf.
-bool int4_w4a8_x86(QArgs& a, const float* x, int64_t ldx);
-// The same for int8-weight (per-row or grouped scales, with or without zero points; K % 32 == 0; up to 3 rows of
-// x): x rounded to int8 per 32 columns, VPDPBUSD on W's bytes (the formats llama.cpp's Q8_0 / Q6_K / Q5_K load as).
-bool int8w_w8a8_x86(QArgs& a, const float* x, int64_t ldx);
+// matmul precision "medium" at decode (quant_int8_x86.cpp): int4 weights (groups of 32 or more) and int8-weight
+// ones (per-row or grouped scales, zero points or none; up to 3 rows of x) against x rounded to int8 per 32 columns,
+// VPDPBUSD products (as llama.cpp's 4- and 8-bit dot products); a.gsum prepared by the caller where there are zero
+// terms. Prepares its own activations into a and runs the whole call; false (nothing written) where the CPU has no
+// AVX-512 VNNI within the active ISA and the int8 kernel choice, for other formats, groups or row counts, K not
+// whole blocks of 32, and when x holds NaN or Inf.
+bool int8_activations_decode_x86(QArgs& a, const float* x, int64_t ldx);
 
 struct QuantTable {
   void (*block[4])(const QArgs& a, int64_t n0, int64_t n1);  // by QFormat: outputs [0, M) x [n0, n1)

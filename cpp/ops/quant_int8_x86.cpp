@@ -769,56 +769,44 @@ bool w8_decode_ok(const QArgs& a, const float* x, int64_t ldx) {
       if (!std::isfinite(x[m * ldx + i])) return false;
   return true;
 }
+
+// One integer-activation decode call: x's rows prepared by prepare(xq, sx, m0, m1) into per-thread room of q_row
+// bytes and s_row floats a row (a's xq / sx then), and block(a, n0, n1) over W's rows on every thread.
+template <class Prepare, class Block>
+void run_w8_decode(QArgs& a, int64_t q_row, int64_t s_row, const Prepare& prepare, const Block& block) {
+  thread_local AlignedVec<int8_t> xq;
+  thread_local AlignedVec<float> sl;
+  xq.resize(static_cast<size_t>(a.M * q_row));
+  sl.resize(static_cast<size_t>(a.M * s_row));
+  int8_t* pq = xq.data();  // (thread_local: the workers must not name xq / sl themselves)
+  float* ps = sl.data();
+  parallel_for(a.M, 1, [&](int64_t m0, int64_t m1, int) { prepare(pq, ps, m0, m1); });
+  a.xq = pq;
+  a.ldxq = q_row;
+  a.sx = ps;
+  a.ldsx = s_row;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, a.w->K * a.M));
+  parallel_for(a.w->N, grain, [&](int64_t n0, int64_t n1, int) { block(a, n0, n1); });
+}
 }  // namespace
 #endif
 
-bool int8w_w8a8_x86(QArgs& a, const float* x, int64_t ldx) {
+bool int8_activations_decode_x86(QArgs& a, const float* x, int64_t ldx) {
 #if defined(NE_INT8_X86)
   const QWeight& w = *a.w;
-  // up to 3 rows: from 4 the float kernel's 4 x 4 tiles share each load of W among four rows of x and win
-  // (Q6_K-like weight, 46M weights, K 2048: 3.54 against 4.00 ms at 4 rows; 1.4-1.8x the other way at 1-3)
-  if (w.format != QFormat::Int8Weight || a.M > 3 || !w8_decode_ok(a, x, ldx)) return false;
-  const int64_t M = a.M, K = w.K, steps = (K + 63) / 64;
-  thread_local AlignedVec<uint8_t> xu;
-  thread_local AlignedVec<float> sl;
-  xu.resize(static_cast<size_t>(M * 64 * steps));
-  sl.resize(static_cast<size_t>(M * 16 * steps));
-  uint8_t* pu = xu.data();  // (thread_local: the workers must not name xu / sl themselves)
-  float* ps = sl.data();
-  parallel_for(M, 1, [&](int64_t m0, int64_t m1, int) { w8a8_activations(x, ldx, K, pu, 64 * steps, ps, m0, m1); });
-  a.xq = reinterpret_cast<const int8_t*>(pu);
-  a.ldxq = 64 * steps;
-  a.sx = ps;
-  a.ldsx = 16 * steps;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M));
-  parallel_for(w.N, grain, [&](int64_t n0, int64_t n1, int) { int8w_block_w8a8(a, n0, n1); });
-  return true;
-#else
-  (void)a;
-  (void)x;
-  (void)ldx;
-  return false;
-#endif
-}
-
-bool int4_w4a8_x86(QArgs& a, const float* x, int64_t ldx) {
-#if defined(NE_INT8_X86)
-  const QWeight& w = *a.w;
-  if (w.format != QFormat::Int4 || w.group < 32 || !w8_decode_ok(a, x, ldx)) return false;
-  const int64_t M = a.M, K = w.K, nb4 = (K / 32 + 3) / 4;
-  thread_local AlignedVec<int8_t> xq;
-  thread_local AlignedVec<float> sl;
-  xq.resize(static_cast<size_t>(M * 128 * nb4));
-  sl.resize(static_cast<size_t>(M * 16 * nb4));
-  int8_t* pq = xq.data();  // (thread_local: the workers must not name xq / sl themselves)
-  float* ps = sl.data();
-  parallel_for(M, 1, [&](int64_t m0, int64_t m1, int) { w4a8_activations(x, ldx, M, K, pq, 128 * nb4, ps, m0, m1); });
-  a.xq = pq;
-  a.ldxq = 128 * nb4;
-  a.sx = ps;
-  a.ldsx = 16 * nb4;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * M));
-  parallel_for(w.N, grain, [&](int64_t n0, int64_t n1, int) { int4_block_w4a8(a, n0, n1); });
+  // int8-weight up to 3 rows: from 4 the float kernel's 4 x 4 tiles share each load of W among four rows of x and
+  // win (Q6_K-like weight, 46M weights, K 2048: 3.54 against 4.00 ms at 4 rows; 1.4-1.8x the other way at 1-3)
+  const bool int4 = w.format == QFormat::Int4 && w.group >= 32, int8w = w.format == QFormat::Int8Weight && a.M <= 3;
+  if (!(int4 || int8w) || !w8_decode_ok(a, x, ldx)) return false;
+  const int64_t M = a.M, K = w.K, steps = (K + 63) / 64, nb4 = (K / 32 + 3) / 4;
+  if (int4)
+    run_w8_decode(a, 128 * nb4, 16 * nb4, [&](int8_t* q, float* sx, int64_t m0, int64_t m1) {
+      w4a8_activations(x, ldx, M, K, q, 128 * nb4, sx, m0, m1);
+    }, int4_block_w4a8);
+  else
+    run_w8_decode(a, 64 * steps, 16 * steps, [&](int8_t* q, float* sx, int64_t m0, int64_t m1) {
+      w8a8_activations(x, ldx, K, reinterpret_cast<uint8_t*>(q), 64 * steps, sx, m0, m1);
+    }, int8w_block_w8a8);
   return true;
 #else
   (void)a;

@@ -1420,7 +1420,8 @@ class Model:
         from ._packed import _spec, record_packing
         from .config import quant_of
 
-        held = {n: t.to("cpu") if not isinstance(t, torch.Tensor) else t.detach().cpu() for n, t in self.tensors.items()}
+        held = {n: t.to("cpu") if not isinstance(t, torch.Tensor) else t.detach().cpu()
+                for n, t in self.tensors.items()}
         cfg = self.config
         # packed weights held otherwise than the config says (two-level scales on a GPU are expanded to one scale
         # per group: QuantizedWeight.to): the config recorded anew from the weights, so the files agree
