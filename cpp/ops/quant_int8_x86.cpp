@@ -485,7 +485,7 @@ void int8_amx_blocks(const QArgs& a, const int8_t* Bp, int64_t MB, int64_t nb0, 
 // each), then 64 of the odd ones, so the low and high nibbles of 64 bytes of W meet them in two VPDPBUSD (u8 x s8,
 // 4 products a lane: lanes 4 j .. 4 j + 3 are block j's); s_x is laid out per lane (a.sx: 16 floats per 128
 // columns). Per 128 weights: 1 load of W, 2 ands, 1 shift, 2 VPDPBUSD, 1 convert, 1 multiply, 1 FMA (the fp32
-// kernel: 24 vector ops). Groups of 32 or more (K % 32 == 0).
+// kernel: 24 vector ops). Groups of 16 (two a block) to 128; K % 32 == 0.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")
 // s_g and f_g of row n (G groups, G % 16 == 0 or a scalar tail) into s and f, 16 groups a step: a two-level
@@ -537,9 +537,13 @@ void int4_block_w4a8(const QArgs& a, int64_t n0, int64_t n1) {
   float* s = room.data();  // each group's scale (zero past G: the last step's short blocks)
   float* f = s + G + 8;    // each group's zero-term factor
   for (int i = 0; i < 8; ++i) s[G + i] = 0.0f;
-  // the lanes of four blocks of 32 columns (4 int32 lanes each) read the scale of their group: s + 4 b4 / per
-  const __m512i lanes = _mm512_srli_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-                                          __builtin_ctzll(per));
+  // the lanes of four blocks of 32 columns (4 int32 lanes each) read the scale of their group: s + 4 b4 / per;
+  // groups of 16 (per 0: a GGUF Q3_K / Q2_K), two a block: bytes 0-7 of a block's 16 are columns 0-15, the first
+  // group, so lanes 4 j, 4 j + 1 read group 2 j of the step's eight, s + 8 b4
+  const bool g16 = g == 16;
+  const __m512i lanes =
+      g16 ? _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7)
+          : _mm512_srli_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), __builtin_ctzll(per));
   const __m512i lo4 = _mm512_set1_epi8(15);
   const uint8_t* W = static_cast<const uint8_t*>(w.data);
   for (int64_t n = n0; n < n1; ++n) {
@@ -556,7 +560,9 @@ void int4_block_w4a8(const QArgs& a, int64_t n0, int64_t n1) {
         const __m512i lo = _mm512_and_si512(wb, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(wb, 4), lo4);
         __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr + 128 * b4));
         d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xr + 128 * b4 + 64));
-        const __m512 sw = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(s + 4 * b4 / per)));
+        const __m512 sw =
+            g16 ? _mm512_permutexvar_ps(lanes, _mm512_castps256_ps512(_mm256_loadu_ps(s + 8 * b4)))
+                : _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(s + 4 * b4 / per)));
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_loadu_ps(sx + 16 * b4)), acc);
       }
       const float* gs = a.gsum + m * G;  // minus sum_g f_g gsum_g
@@ -796,7 +802,7 @@ bool int8_activations_decode_x86(QArgs& a, const float* x, int64_t ldx) {
   const QWeight& w = *a.w;
   // int8-weight up to 3 rows: from 4 the float kernel's 4 x 4 tiles share each load of W among four rows of x and
   // win (Q6_K-like weight, 46M weights, K 2048: 3.54 against 4.00 ms at 4 rows; 1.4-1.8x the other way at 1-3)
-  const bool int4 = w.format == QFormat::Int4 && w.group >= 32, int8w = w.format == QFormat::Int8Weight && a.M <= 3;
+  const bool int4 = w.format == QFormat::Int4, int8w = w.format == QFormat::Int8Weight && a.M <= 3;
   if (!(int4 || int8w) || !w8_decode_ok(a, x, ldx)) return false;
   const int64_t M = a.M, K = w.K, steps = (K + 63) / 64, nb4 = (K / 32 + 3) / 4;
   if (int4)

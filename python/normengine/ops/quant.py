@@ -244,8 +244,8 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, ou
     float32); returns float32 [..., N]. Forward only (normengine.nn.QuantLinear trains through it with
     a straight-through estimator). matmul_precision="medium": on a CPU with AMX-BF16 or AVX512-BF16, the prefill
     (16 rows or more) of int8-weight / int4 / fp8 multiplies bf16-rounded dequantized weights and x
-    (relative 2^-9, far below the formats' own error); on a CPU with AVX-512 VNNI, int4 (groups of 32 or more)
-    with fewer rows multiplies x rounded to int8 per 32 columns (normengine.reference.quant.
+    (relative 2^-9, far below the formats' own error); on a CPU with AVX-512 VNNI, int4 with fewer rows (and
+    int8-weight with up to 3) multiplies x rounded to int8 per 32 columns (normengine.reference.quant.
     linear_int8_activations); int8 (W8A8) is unchanged."""
     medium = bf16_products(matmul_precision)
     if not isinstance(qweight, QuantizedWeight):

@@ -38,7 +38,7 @@ def quantize_activations_fp8(x: torch.Tensor, block: int = 128):
 
 
 def linear_int8_activations(x: torch.Tensor, qw, bias=None, dtype=torch.float64) -> torch.Tensor:
-    """An int4 (groups of 32 or more) or int8-weight weight against x rounded to int8 per 32 columns: matmul_precision
+    """An int4 or int8-weight weight against x rounded to int8 per 32 columns: matmul_precision
     "medium" at decode on a CPU with AVX-512 VNNI (cpp/ops/quant_int8_x86.cpp, W4A8 / W8A8). Per row and block of
     32 columns s_x = max|x| / 127 (float32), x_q = round(x * float32(1 / s_x)) (half to even); y = sum_k s_g q_k
     s_x x_q,k - sum_g f_g gsum_g, with q the codes (nibbles, or int8), s_g the group's float32 scale (per row
