@@ -36,6 +36,7 @@
 #include "core/amx.h"
 #include "core/parallel.h"
 #include "normengine/errors.h"
+#include "ops/quant_elem.h"
 #include "ops/quant_gemm.h"
 
 #if defined(NE_HAVE_X86_ISAS) && defined(__GNUC__)
@@ -523,20 +524,50 @@ void w4a8_row_scales(const QWeight& w, int64_t n, int64_t G, float* s, float* f)
   }
   for (; g < G; ++g) {  // (quant_elem's definitions, one group at a time)
     const int64_t at = n * G + g;
-    s[g] = w.sub ? w.scale[at / S] * static_cast<float>(w.sub[at]) : w.scale[at];
-    f[g] = w.sub_zero ? w.zero[at / S] * static_cast<float>(w.sub_zero[at])
-                      : s[g] * (w.zero && !w.sub ? w.zero[at] : w.zero_point);
+    s[g] = w.sub ? qe_sub_scale(w, at) : w.scale[at];
+    f[g] = w.sub_zero ? qe_sub_offset(w, at) : s[g] * (w.zero && !w.sub ? w.zero[at] : w.zero_point);
   }
+}
+
+// A kernel's per-thread room for one row's group scales s (zero for 8 past G: the last step's short blocks may
+// read them) and zero-term factors f, both G floats.
+struct RowRoom {
+  float *s, *f;
+};
+RowRoom row_room(int64_t G) {
+  thread_local AlignedVec<float> room;
+  room.resize(static_cast<size_t>(2 * G + 16));
+  float* s = room.data();
+  for (int i = 0; i < 8; ++i) s[G + i] = 0.0f;
+  return {s, s + G + 8};
+}
+
+// sum_g f_g gsum_g over G groups: the zero term of a row of y
+inline float zero_dot(const float* f, const float* gs, int64_t G) {
+  __m512 zt = _mm512_setzero_ps();
+  int64_t gi = 0;
+  for (; gi + 16 <= G; gi += 16) zt = _mm512_fmadd_ps(_mm512_loadu_ps(f + gi), _mm512_loadu_ps(gs + gi), zt);
+  float z = _mm512_reduce_add_ps(zt);
+  for (; gi < G; ++gi) z += f[gi] * gs[gi];
+  return z;
+}
+
+// A block of 32 columns of x rounded to int8 (quantize_int8's arithmetic): s_x = max|x| / 127, q = round to
+// nearest even (the default MXCSR mode) of x * (1 / s_x), within [-127, 127] by construction; returns s_x.
+inline float round_block32(const float* xb, __m512i& q0, __m512i& q1) {
+  const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  const float sx = amax / 127.0f, inv = sx > 0.0f ? 1.0f / sx : 0.0f;
+  q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
+  q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+  return sx;
 }
 
 void int4_block_w4a8(const QArgs& a, int64_t n0, int64_t n1) {
   const QWeight& w = *a.w;
   const int64_t K = w.K, g = w.group, G = K / g, nb = K / 32, nb4 = (nb + 3) / 4, per = g / 32;
-  thread_local AlignedVec<float> room;
-  room.resize(static_cast<size_t>(2 * G + 16));
-  float* s = room.data();  // each group's scale (zero past G: the last step's short blocks)
-  float* f = s + G + 8;    // each group's zero-term factor
-  for (int i = 0; i < 8; ++i) s[G + i] = 0.0f;
+  const RowRoom room = row_room(G);
+  float *s = room.s, *f = room.f;
   // the lanes of four blocks of 32 columns (4 int32 lanes each) read the scale of their group: s + 4 b4 / per;
   // groups of 16 (per 0: a GGUF Q3_K / Q2_K), two a block: bytes 0-7 of a block's 16 are columns 0-15, the first
   // group, so lanes 4 j, 4 j + 1 read group 2 j of the step's eight, s + 8 b4
@@ -565,13 +596,7 @@ void int4_block_w4a8(const QArgs& a, int64_t n0, int64_t n1) {
                 : _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(s + 4 * b4 / per)));
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_loadu_ps(sx + 16 * b4)), acc);
       }
-      const float* gs = a.gsum + m * G;  // minus sum_g f_g gsum_g
-      __m512 zt = _mm512_setzero_ps();
-      int64_t gi = 0;
-      for (; gi + 16 <= G; gi += 16) zt = _mm512_fmadd_ps(_mm512_loadu_ps(f + gi), _mm512_loadu_ps(gs + gi), zt);
-      float z = _mm512_reduce_add_ps(zt);
-      for (; gi < G; ++gi) z += f[gi] * gs[gi];
-      quant_store(a, m, n, _mm512_reduce_add_ps(acc) - z);
+      quant_store(a, m, n, _mm512_reduce_add_ps(acc) - zero_dot(f, a.gsum + m * G, G));
     }
   }
 }
@@ -585,11 +610,8 @@ void int4_block_w4a8(const QArgs& a, int64_t n0, int64_t n1) {
 void int8w_block_w8a8(const QArgs& a, int64_t n0, int64_t n1) {
   const QWeight& w = *a.w;
   const int64_t K = w.K, g = w.group > 0 ? w.group : K, G = w.group > 0 ? K / g : 1, steps = (K + 63) / 64;
-  thread_local AlignedVec<float> room;
-  room.resize(static_cast<size_t>(2 * G + 16));
-  float* s = room.data();  // each group's scale (zero past G)
-  float* f = s + G + 8;    // each group's zero-term factor
-  for (int i = 0; i < 8; ++i) s[G + i] = 0.0f;
+  const RowRoom room = row_room(G);
+  float *s = room.s, *f = room.f;
   // lane l of a 64-column step holds columns 4 l .. 4 l + 3: group (64 step + 4 l) / g
   const int64_t lanes_per_group = std::min<int64_t>(16, std::max<int64_t>(1, g / 4));
   const __m512i lane_group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
@@ -603,7 +625,6 @@ void int8w_block_w8a8(const QArgs& a, int64_t n0, int64_t n1) {
       s[0] = w.scale[n];
       f[0] = 0.0f;
     }
-    const bool zp = w.zero != nullptr;
     const int8_t* wr = W + n * K;
     for (int64_t m = 0; m < a.M; ++m) {
       const uint8_t* xr = reinterpret_cast<const uint8_t*>(a.xq) + m * a.ldxq;
@@ -621,15 +642,7 @@ void int8w_block_w8a8(const QArgs& a, int64_t n0, int64_t n1) {
                                       : _mm512_set1_ps(s[0]);
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sw, _mm512_loadu_ps(sx + 16 * st)), acc);
       }
-      float z = 0.0f;
-      if (zp) {  // minus sum_g f_g gsum_g
-        const float* gs = a.gsum + m * G;
-        __m512 zt = _mm512_setzero_ps();
-        int64_t gi = 0;
-        for (; gi + 16 <= G; gi += 16) zt = _mm512_fmadd_ps(_mm512_loadu_ps(f + gi), _mm512_loadu_ps(gs + gi), zt);
-        z = _mm512_reduce_add_ps(zt);
-        for (; gi < G; ++gi) z += f[gi] * gs[gi];
-      }
+      const float z = w.zero ? zero_dot(f, a.gsum + m * G, G) : 0.0f;  // (zero points only)
       quant_store(a, m, n, _mm512_reduce_add_ps(acc) - z);
     }
   }
@@ -645,24 +658,20 @@ void w8a8_activations(const float* x, int64_t ldx, int64_t K, uint8_t* xu, int64
     float* s = sl + m * 16 * steps;
     std::memset(q, 128, static_cast<size_t>(ldq));
     std::memset(s, 0, sizeof(float) * static_cast<size_t>(16 * steps));
+    const __m512i off = _mm512_set1_epi32(128);
     for (int64_t b = 0; b < K / 32; ++b) {
-      const float* xb = x + m * ldx + 32 * b;
-      const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-      const float sx = amax / 127.0f, inv = sx > 0.0f ? 1.0f / sx : 0.0f;
-      const __m512i off = _mm512_set1_epi32(128);
-      const __m512i q0 = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv))), off);
-      const __m512i q1 = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv))), off);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b), _mm512_cvtusepi32_epi8(q0));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b + 16), _mm512_cvtusepi32_epi8(q1));
+      __m512i q0, q1;
+      const float sx = round_block32(x + m * ldx + 32 * b, q0, q1);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b), _mm512_cvtusepi32_epi8(_mm512_add_epi32(q0, off)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * b + 16), _mm512_cvtusepi32_epi8(_mm512_add_epi32(q1, off)));
       for (int j = 0; j < 8; ++j) s[16 * (b / 2) + 8 * (b % 2) + j] = sx;
     }
   }
 }
 
 // x rows quantized per 32 columns into the layout above: xq [M, ldq] (ldq = 128 nb4), s_x per lane [M, 16 nb4]
-void w4a8_activations(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* xq, int64_t ldq, float* sl,
-                      int64_t m0, int64_t m1) {
+void w4a8_activations(const float* x, int64_t ldx, int64_t K, int8_t* xq, int64_t ldq, float* sl, int64_t m0,
+                      int64_t m1) {
   const int64_t nb = K / 32, nb4 = (nb + 3) / 4;
   for (int64_t m = m0; m < m1; ++m) {
     int8_t* q = xq + m * ldq;
@@ -670,13 +679,8 @@ void w4a8_activations(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t*
     std::memset(q, 0, static_cast<size_t>(ldq));
     std::memset(s, 0, sizeof(float) * static_cast<size_t>(16 * nb4));
     for (int64_t b = 0; b < nb; ++b) {
-      const float* xb = x + m * ldx + 32 * b;
-      const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-      const float sx = amax / 127.0f, inv = sx > 0.0f ? 1.0f / sx : 0.0f;
-      // round half to even (the default MXCSR mode), within [-127, 127] by construction
-      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
-      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+      __m512i q0, q1;
+      const float sx = round_block32(x + m * ldx + 32 * b, q0, q1);
       alignas(64) int32_t t[32];
       _mm512_store_si512(t, q0);
       _mm512_store_si512(t + 16, q1);
@@ -804,10 +808,10 @@ bool int8_activations_decode_x86(QArgs& a, const float* x, int64_t ldx) {
   // win (Q6_K-like weight, 46M weights, K 2048: 3.54 against 4.00 ms at 4 rows; 1.4-1.8x the other way at 1-3)
   const bool int4 = w.format == QFormat::Int4, int8w = w.format == QFormat::Int8Weight && a.M <= 3;
   if (!(int4 || int8w) || !w8_decode_ok(a, x, ldx)) return false;
-  const int64_t M = a.M, K = w.K, steps = (K + 63) / 64, nb4 = (K / 32 + 3) / 4;
+  const int64_t K = w.K, steps = (K + 63) / 64, nb4 = (K / 32 + 3) / 4;
   if (int4)
     run_w8_decode(a, 128 * nb4, 16 * nb4, [&](int8_t* q, float* sx, int64_t m0, int64_t m1) {
-      w4a8_activations(x, ldx, M, K, q, 128 * nb4, sx, m0, m1);
+      w4a8_activations(x, ldx, K, q, 128 * nb4, sx, m0, m1);
     }, int4_block_w4a8);
   else
     run_w8_decode(a, 64 * steps, 16 * steps, [&](int8_t* q, float* sx, int64_t m0, int64_t m1) {

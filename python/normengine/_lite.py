@@ -39,7 +39,6 @@ _PACKED = {"int8": {"qdata": "int8", "qscale": "float32"},
                            "qsubzero": "int8"},
            "int4": {"qdata": "uint8", "qscale": "float32", "qzero": "float32", "qsub": "int8", "qsubzero": "int8"},
            "fp8": {"qdata": "uint8", "qscale": "float32"}}
-_PARTS = ("qdata", "qscale", "qzero", "qsub", "qsubzero")
 
 
 def load(path: str, *, norm=None, arithmetic=None, lmul_bits: int = 4, lmul_scope: str = "attention",
@@ -93,7 +92,7 @@ def load(path: str, *, norm=None, arithmetic=None, lmul_bits: int = 4, lmul_scop
         for name, shape in _dense_shapes(cfg).items():
             spec = quant_of(cfg, name)
             if spec is not None:
-                got = {k: weights.pop(f"{name}.{k}") for k in _PARTS if f"{name}.{k}" in weights}
+                got = {k: weights.pop(f"{name}.{k}") for k in _PACKED[spec[0]] if f"{name}.{k}" in weights}
                 key = tuple(id(v) for v in got.values())
                 if key not in memo:
                     memo[key] = QuantizedWeight.from_tensors(got, spec[0], spec[1], tuple(shape))
