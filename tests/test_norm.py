@@ -124,6 +124,65 @@ def test_nan_and_inf_propagate_per_row(name, device, gen):
     assert torch.isfinite(y[0]).all() and torch.isfinite(y[3]).all()
 
 
+def _nan_with_bits(bits):
+    return torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32)[0].item()
+
+
+# NaN payloads that a plain (u + 0x7fff + lsb) >> 16 rounding would carry into the sign (a zero) or the exponent
+NAN_BITS = [0x7FFFFFFF, 0xFFFFFFFF - (1 << 32), 0x7FFF8000, 0xFFC00000 - (1 << 32)]
+
+
+@pytest.mark.parametrize("name", list(OPS) + list(ADD_OPS))
+def test_nan_payloads_in_weights_stay_nan(name, device, gen):
+    """A weight or bias NaN of any payload gives NaN outputs in bf16, forward and backward (the AVX2 bf16 store
+    rounds without a NaN test and relies on the kernels replacing such payloads first)."""
+    op, _, hb = {**OPS, **ADD_OPS}[name]
+    n = 37
+    x = randn(3, n, gen=gen, device=device, dtype=torch.bfloat16).requires_grad_(True)
+    w, b = params(n, gen, device, hb)
+    for j, bits in enumerate(NAN_BITS):
+        w[j] = _nan_with_bits(bits)
+        if hb:
+            b[j + len(NAN_BITS)] = _nan_with_bits(bits)
+    args = (x, torch.zeros_like(x)) if name in ADD_OPS else (x,)
+    y = op(*args, w, b) if hb else op(*args, w)
+    y = y[0] if isinstance(y, tuple) else y
+    nan_cols = torch.zeros(n, dtype=torch.bool)
+    nan_cols[: len(NAN_BITS) * (2 if hb else 1)] = True
+    assert torch.isnan(y[:, nan_cols.to(y.device)]).all()
+    assert torch.isfinite(y[:, ~nan_cols.to(y.device)]).all()
+    y.backward(torch.ones_like(y))
+    assert torch.isnan(x.grad).all()  # every dx of a row sums over g = dy * w
+
+
+def test_bf16_stores_round_to_nearest_even(device, gen):
+    """y = a * x (UN's eval affine: one float32 product, then the bf16 store) bit for bit as torch's float32 ->
+    bf16 conversion: random values, exact ties (x a power of two, a = 1 + 2^-8 or 1 + 3 * 2^-8), values that
+    round up to the next binade or overflow to Inf, subnormals, and NaN / Inf in x."""
+    n = 4097
+    x = randn(5, n, gen=gen, device=device).to(torch.bfloat16)
+    p2 = 2.0 ** torch.randint(-20, 20, (n,), generator=gen).to(torch.float32)
+    x[1] = p2.to(torch.bfloat16).to(device)
+    x[2] = (-p2).to(torch.bfloat16).to(device)
+    x[3, :4] = torch.tensor([3.3895e38, -3.3895e38, 1e-40, float("nan")], dtype=torch.bfloat16)
+    x[3, 4] = float("inf")
+    a = (torch.rand(n, generator=gen, dtype=torch.float32) + 0.5).to(device)
+    a[:2048] = 1 + 2.0 ** -8
+    a[2048:4000] = 1 + 3 * 2.0 ** -8
+    a[:2] = 1.0079  # the largest bf16 times this overflows
+    a[2] = 0.75  # a subnormal product
+    y = torch.empty_like(x)
+    ne._C.channel_affine(x, a, None, y)
+    want = (x.float() * a).to(torch.bfloat16)
+    assert torch.equal(y.view(torch.int16), want.view(torch.int16)) or (
+        torch.equal(torch.isnan(y), torch.isnan(want))
+        and torch.equal(y[~torch.isnan(y)].view(torch.int16), want[~torch.isnan(want)].view(torch.int16)))
+    ours = ne._C.channel_affine  # a scale holding NaN payloads: NaN out
+    a[5:9] = torch.tensor([_nan_with_bits(b) for b in NAN_BITS])
+    ours(x, a, None, y)
+    assert torch.isnan(y[:, 5:9]).all()
+
+
 def test_crms_equals_rms_of_full_zero_mean_vector(device, gen):
     """CRMSNorm of the first d-1 coordinates == RMSNorm of the full zero-mean d-vector, truncated."""
     d = 257
