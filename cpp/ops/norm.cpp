@@ -148,7 +148,7 @@ struct NormRows {
   // ---------------------------------------------------------------- forward, one row
   //   h = x (+ r, stored to h_out in T, and normalized as stored)
   //   LayerNorm: y = (h - mean) * rstd * w + b      RMSNorm / CRMSNorm: y = h * rstd * w
-  static constexpr int64_t kAhead = 4;  // rows prefetched ahead in forward()
+  static constexpr int64_t kAhead = 2;  // rows prefetched ahead in forward()
 
   // Bytes a row matrix of T spans in memory (the last row to its last element).
   static int64_t span_bytes(const RowMatrix& m) {
