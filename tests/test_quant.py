@@ -272,11 +272,11 @@ def test_two_level_scales_every_isa(fmt, group, S, offsets, gen):
 @pytest.mark.parametrize("case", ["g32", "g64-sym", "g128", "q4k", "q3k-g16", "i8w-row", "i8w-g32", "i8w-q6k",
                                   "i8w-q5k", "i8w-g16-k48"])
 def test_decode_int8_activations_medium(case, gen):
-    """matmul_precision="medium" at decode (1 .. 15 rows) on a CPU with AVX-512 VNNI: int4 weights (groups of 16 to
-    128, single- or two-level scales) and int8-weight ones (1 .. 3 rows; per row, grouped, two-level, offsets)
-    against x rounded to int8 per 32 columns (reference: linear_int8_activations), every ISA that has it; 13
-    blocks of 32 (a short last step); within 2e-2 of "highest". K not whole blocks of 32, NaN / Inf in x, CPUs
-    without VNNI: exactly "highest"."""
+    """matmul_precision="medium" at decode (1 .. 15 rows): int4 weights (groups of 16 to 128, single- or two-level
+    scales; AVX-512 VNNI or AVX2) and int8-weight ones (1 .. 3 rows; per row, grouped, two-level, offsets; AVX-512
+    VNNI) against x rounded to int8 per 32 columns (reference: linear_int8_activations), every ISA that has it; 13
+    blocks of 32 (a short last step); within 2e-2 of "highest". K not whole blocks of 32, NaN / Inf in x, the
+    generic build, int8-weight without VNNI: exactly "highest"."""
     from normengine import _C
     from normengine.reference.quant import linear_int8_activations
     from conftest import _supported_isas
@@ -301,14 +301,16 @@ def test_decode_int8_activations_medium(case, gen):
     try:
         for isa in _supported_isas():
             _C.force_cpu_isa(isa)
-            vnni = "avx512vnni" in _C.int8_kernels() and K % 32 == 0
-            for M in (1, 2, 3, 4, 5, 15):
-                rows_ok = q.format == "int4" or M <= 3  # (int8-weight: up to 3 rows)
+            rows = _C.int8_decode_rows().get(q.format, 0) if K % 32 == 0 else 0
+            if isa != "generic" and q.format == "int4":
+                assert rows >= 8  # AVX2 (VPMADDUBSW, 8 rows) or AVX-512 VNNI (15)
+            for M in (1, 2, 3, 4, 5, 8, 9, 15):
+                integer = M <= rows
                 x = torch.randn(M, K, generator=gen)
                 x[0, :32] *= 1e-3  # a block of small values: its own scale
                 hi = ne.ops.quantized_linear(x, q, b)
                 md = ne.ops.quantized_linear(x, q, b, matmul_precision="medium")
-                if not (vnni and rows_ok):
+                if not integer:
                     assert torch.equal(md, hi), (isa, M)
                     continue
                 want = linear_int8_activations(x, q, b)
@@ -504,8 +506,8 @@ def test_medium_precision_prefill(fmt, kw, gen):
     weight-dequantizing formats multiply in bf16 from a bf16 panel of the dequantized weights: the
     float64 sum of the bf16-rounded products, to fp32 accumulation, and within bf16 accuracy of the
     "highest" result (far inside the formats' own error); fewer rows and W8A8 are bit-identical to
-    "highest", but int4's and int8-weight's fewer rows on a CPU with AVX-512 VNNI: int8 activations
-    (test_decode_int8_activations_medium)."""
+    "highest", but int4's decode rows on AVX2 / AVX-512 VNNI and int8-weight's on AVX-512 VNNI (int8_decode_rows):
+    int8 activations (test_decode_int8_activations_medium)."""
     from normengine import _C
     from normengine.reference.quant import linear_int8_activations
     w = torch.randn(300, 512, generator=gen) / 16
@@ -516,7 +518,7 @@ def test_medium_precision_prefill(fmt, kw, gen):
         x = torch.randn(M, 512, generator=gen)
         hi = ne.ops.quantized_linear(x, q, b)
         md = ne.ops.quantized_linear(x, q, b, matmul_precision="medium")
-        if (M < 16 and fmt == "int4" or M <= 3 and fmt == "int8-weight") and "avx512vnni" in _C.int8_kernels():
+        if M <= _C.int8_decode_rows().get(fmt, 0):
             assert rel_err(md, linear_int8_activations(x, q, b), floor=hi.abs().max().item()) < 1e-5, M
         elif M < 16 or fmt == "int8" or not _C.bf16_products_available():
             assert torch.equal(md, hi), (fmt, M)

@@ -31,6 +31,10 @@ void bind_arith(py::module_& m) {
   m.def("int8_kernels", &ne::int8_kernels,
         "The W8A8 int8 GEMM kernels this CPU has, best first: 'amx', 'avx512vnni', 'avxvnni', 'isa' "
         "(the AVX2 vpmaddubsw / scalar kernel of the active ISA).");
+  m.def("int8_decode_rows", &ne::int8_decode_rows,
+        "{format: most rows}: the packed weight formats whose decode rows matmul_precision='medium' multiplies "
+        "with int8 activations under the active ISA ('int4': AVX-512 VNNI or AVX2; 'int8-weight': AVX-512 VNNI), "
+        "and up to how many rows of x.");
   m.def("int8_kernel", &ne::int8_kernel, "The W8A8 kernel in use now (capped by force_cpu_isa).");
   m.def("force_int8_kernel", &ne::force_int8_kernel, py::arg("name"),
         "Use one of int8_kernels() for W8A8 GEMMs ('auto': the best again); for tests and benchmarks.");

@@ -929,6 +929,8 @@ const QuantTable* quant_table() {
 #include <string>
 #include <vector>
 
+#include <map>
+
 #include "normengine/errors.h"
 
 namespace ne {
@@ -1036,6 +1038,13 @@ void check_qweight(const QWeight& w) {
     if (!w.sub_zero != !w.zero)
       throw ValueError("qweight: two-level offsets need both sub_zero and zero (the super-blocks' offsets)");
   }
+}
+
+std::map<std::string, int64_t> int8_decode_rows() {
+  std::map<std::string, int64_t> out;
+  const int64_t gemv = NE_PICK_ISA(quant_table)->max_gemv_rows;  // more rows: the panels, never the decode kernels
+  for (const std::string& f : int8_decode_formats()) out[f] = f == "int4" ? gemv : std::min<int64_t>(3, gemv);
+  return out;
 }
 
 void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, const float* bias, float* y, int64_t ldy,

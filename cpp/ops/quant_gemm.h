@@ -5,6 +5,7 @@
 // the packing itself (quantization) is done in torch there.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -77,8 +78,9 @@ void check_qweight(const QWeight& w);
 // bf16_products (matmul precision "medium"): the prefill of the weight-dequantizing formats (Int8Weight, Int4, FP8;
 // more rows than the GEMV kernels take) may run its dequantized panels through gemm_f32's bf16 path (AMX-BF16 or
 // AVX512-BF16): the panel and x rounded to bf16 (relative 2^-9, far below the formats' own quantization error); Int4
-// and Int8Weight decode rows may round x to int8 per 32 columns for VNNI products (int8_activations_decode_x86, as
-// llama.cpp's 4- and 8-bit dot products); Int8 (W8A8) and FP8 decode rows unchanged.
+// and Int8Weight decode rows may round x to int8 per 32 columns for integer products (int8_activations_decode_x86:
+// VNNI, or for Int4 AVX2's VPMADDUBSW; as llama.cpp's 4- and 8-bit dot products); Int8 (W8A8) and FP8 decode rows
+// unchanged.
 void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, const float* bias, float* y, int64_t ldy,
                     bool accumulate = false, const GemmEpilogue* ep = nullptr, bool bf16_products = false);
 
@@ -174,6 +176,11 @@ bool int8_gemm_x86(const QArgs& a);
 // AVX-512 VNNI within the active ISA and the int8 kernel choice, for other formats or row counts, K not
 // whole blocks of 32, and when x holds NaN or Inf.
 bool int8_activations_decode_x86(QArgs& a, const float* x, int64_t ldx);
+// The weight formats whose decode rows int8_activations_decode_x86 takes under the active ISA and int8 kernel
+// choice: "int4" (AVX-512 VNNI or AVX2), "int8-weight" (AVX-512 VNNI); int8_decode_rows(): each with the most
+// rows of x it takes (int4: the ISA's GEMV rows; int8-weight: 3)
+std::vector<std::string> int8_decode_formats();
+std::map<std::string, int64_t> int8_decode_rows();
 
 struct QuantTable {
   void (*block[4])(const QArgs& a, int64_t n0, int64_t n1);  // by QFormat: outputs [0, M) x [n0, n1)

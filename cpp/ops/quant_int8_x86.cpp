@@ -487,6 +487,19 @@ void int8_amx_blocks(const QArgs& a, const int8_t* Bp, int64_t MB, int64_t nb0, 
 // 4 products a lane: lanes 4 j .. 4 j + 3 are block j's); s_x is laid out per lane (a.sx: 16 floats per 128
 // columns). Per 128 weights: 1 load of W, 2 ands, 1 shift, 2 VPDPBUSD, 1 convert, 1 multiply, 1 FMA (the fp32
 // kernel: 24 vector ops). Groups of 16 (two a block) to 128; K % 32 == 0.
+// A kernel's per-thread room (plain code, outside the ISA regions: called from both kernels) for one row's group scales s (zero for 8 past G: the last step's short blocks may
+// read them) and zero-term factors f, both G floats.
+struct RowRoom {
+  float *s, *f;
+};
+RowRoom row_room(int64_t G) {
+  thread_local AlignedVec<float> room;
+  room.resize(static_cast<size_t>(2 * G + 16));
+  float* s = room.data();
+  for (int i = 0; i < 8; ++i) s[G + i] = 0.0f;
+  return {s, s + G + 8};
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")
 // s_g and f_g of row n (G groups, G % 16 == 0 or a scalar tail) into s and f, 16 groups a step: a two-level
@@ -529,19 +542,6 @@ void w4a8_row_scales(const QWeight& w, int64_t n, int64_t G, float* s, float* f)
   }
 }
 
-// A kernel's per-thread room for one row's group scales s (zero for 8 past G: the last step's short blocks may
-// read them) and zero-term factors f, both G floats.
-struct RowRoom {
-  float *s, *f;
-};
-RowRoom row_room(int64_t G) {
-  thread_local AlignedVec<float> room;
-  room.resize(static_cast<size_t>(2 * G + 16));
-  float* s = room.data();
-  for (int i = 0; i < 8; ++i) s[G + i] = 0.0f;
-  return {s, s + G + 8};
-}
-
 // sum_g f_g gsum_g over G groups: the zero term of a row of y
 inline float zero_dot(const float* f, const float* gs, int64_t G) {
   __m512 zt = _mm512_setzero_ps();
@@ -560,6 +560,14 @@ inline float round_block32(const float* xb, __m512i& q0, __m512i& q1) {
   const float sx = amax / 127.0f, inv = sx > 0.0f ? 1.0f / sx : 0.0f;
   q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
   q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+  return sx;
+}
+// the same into t[32] (w4a8_activations' per-block step)
+float round_block32_512(const float* xb, int32_t* t) {
+  __m512i q0, q1;
+  const float sx = round_block32(xb, q0, q1);
+  _mm512_storeu_si512(t, q0);
+  _mm512_storeu_si512(t + 16, q1);
   return sx;
 }
 
@@ -669,9 +677,134 @@ void w8a8_activations(const float* x, int64_t ldx, int64_t K, uint8_t* xu, int64
   }
 }
 
-// x rows quantized per 32 columns into the layout above: xq [M, ldq] (ldq = 128 nb4), s_x per lane [M, 16 nb4]
+#pragma GCC pop_options
+
+// ============================================================================ int4 weights, int8 activations: AVX2
+// The W4A8 decode above on CPUs without VNNI (AVX2 and FMA only: Haswell .. Zen 3; or "isa" forced): the same
+// activations in the same layout, each VPDPBUSD replaced by VPMADDUBSW (u8 x s8, two products into an int16:
+// 2 * 15 * 127 at most, no saturation; the low and high nibbles' pairs added as int16, 4 * 15 * 127 at most) and
+// VPMADDWD on ones (two int16 into an int32): an int32 lane again sums 4 columns of the low and the high nibbles,
+// lanes 4 j .. 4 j + 3 block j's. 64 weights a step (half of the AVX-512 kernel's 128: 32 bytes of W, blocks 2 h
+// and 2 h + 1 of a 128-column chunk, x's bytes at 32 h and 64 + 32 h of its 128, s_x lanes 8 h .. 8 h + 7).
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+// the super-block scales of 8 groups (super-blocks of S groups) spread over their lanes; 8 int8 codes as floats
+inline __m256 spread8(const float* p, int64_t S, __m256i idx) {
+  return _mm256_permutevar8x32_ps(S >= 8 ? _mm256_set1_ps(*p) : _mm256_loadu_ps(p), idx);
+}
+inline __m256 int8x8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// s_g and f_g of row n (w4a8_row_scales on 8 lanes; super-blocks of 1, 2, 4 or 8 groups or a multiple of 8
+// spread by a permute, else one by one)
+void w4a8_row_scales_avx2(const QWeight& w, int64_t n, int64_t G, float* s, float* f) {
+  const int64_t S = w.super;
+  const bool spread = w.sub && S > 0 && (8 % S == 0 || S % 8 == 0);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i idx = spread ? (S >= 8 ? _mm256_setzero_si256() : _mm256_srli_epi32(lane, __builtin_ctzll(S))) : lane;
+  const __m256 zc = _mm256_set1_ps(w.zero_point);
+  int64_t g = 0;
+  if (!w.sub || spread) {
+    for (; g + 8 <= G; g += 8) {
+      const int64_t at = n * G + g;
+      __m256 sg, fg;
+      if (w.sub) {
+        sg = _mm256_mul_ps(spread8(w.scale + at / S, S, idx), int8x8(w.sub + at));
+        fg = w.sub_zero ? _mm256_mul_ps(spread8(w.zero + at / S, S, idx), int8x8(w.sub_zero + at))
+                        : _mm256_mul_ps(sg, zc);
+      } else {
+        sg = _mm256_loadu_ps(w.scale + at);
+        fg = _mm256_mul_ps(sg, w.zero ? _mm256_loadu_ps(w.zero + at) : zc);
+      }
+      _mm256_storeu_ps(s + g, sg);
+      _mm256_storeu_ps(f + g, fg);
+    }
+  }
+  for (; g < G; ++g) {  // (quant_elem's definitions, one group at a time)
+    const int64_t at = n * G + g;
+    s[g] = w.sub ? qe_sub_scale(w, at) : w.scale[at];
+    f[g] = w.sub_zero ? qe_sub_offset(w, at) : s[g] * (w.zero && !w.sub ? w.zero[at] : w.zero_point);
+  }
+}
+
+inline float hsum256_ps(__m256 v) {
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
+inline float zero_dot_avx2(const float* f, const float* gs, int64_t G) {
+  __m256 zt = _mm256_setzero_ps();
+  int64_t gi = 0;
+  for (; gi + 8 <= G; gi += 8) zt = _mm256_fmadd_ps(_mm256_loadu_ps(f + gi), _mm256_loadu_ps(gs + gi), zt);
+  float z = hsum256_ps(zt);
+  for (; gi < G; ++gi) z += f[gi] * gs[gi];
+  return z;
+}
+
+// round_block32's arithmetic on 8 lanes
+float round_block32_avx2(const float* xb, int32_t* t) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 v[4], mx = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(xb + 8 * i);
+    mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], absmask));
+  }
+  __m128 q = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  q = _mm_max_ps(q, _mm_movehl_ps(q, q));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(q, _mm_movehdup_ps(q)));
+  const float sx = amax / 127.0f, inv = sx > 0.0f ? 1.0f / sx : 0.0f;
+  for (int i = 0; i < 4; ++i)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(t + 8 * i),
+                        _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv))));
+  return sx;
+}
+
+void int4_block_w4a8_avx2(const QArgs& a, int64_t n0, int64_t n1) {
+  const QWeight& w = *a.w;
+  const int64_t K = w.K, g = w.group, G = K / g, nb = K / 32, per = g / 32;
+  const RowRoom room = row_room(G);
+  float *s = room.s, *f = room.f;
+  // the 8 lanes of blocks 2 h, 2 h + 1 of step b4 read their groups' scales: groups of 16, s + 8 b4 + 4 h, lanes
+  // (0, 0, 1, 1, 2, 2, 3, 3); of 32, s + 4 b4 + 2 h, lanes (0 x 4, 1 x 4); of 64 or more, both blocks in group
+  // (4 b4 + 2 h) / per
+  const __m256i lanes = g == 16 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3) : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const __m256i lo4 = _mm256_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const uint8_t* W = static_cast<const uint8_t*>(w.data);
+  for (int64_t n = n0; n < n1; ++n) {
+    w4a8_row_scales_avx2(w, n, G, s, f);
+    const uint8_t* wr = W + n * (K / 2);
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int8_t* xr = a.xq + m * a.ldxq;
+      const float* sx = a.sx + m * a.ldsx;
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t b = 0; b < nb; b += 2) {  // blocks b, b + 1: step b4 = b / 4, half h = (b / 2) % 2
+        const int64_t b4 = b / 4, h = (b / 2) % 2;
+        const __m256i wb = nb - b >= 2 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 16 * b))
+                                       : _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + 16 * b)));
+        const __m256i lo = _mm256_and_si256(wb, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), lo4);
+        const int8_t* xe = xr + 128 * b4 + 32 * h;
+        const __m256i p = _mm256_add_epi16(
+            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe))),
+            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe + 64))));
+        const __m256i d = _mm256_madd_epi16(p, ones);
+        const __m256 sw = g == 16   ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + 8 * b4 + 4 * h), lanes)
+                          : per == 1 ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + b), lanes)
+                                     : _mm256_set1_ps(s[b / per]);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(sw, _mm256_loadu_ps(sx + 16 * b4 + 8 * h)), acc);
+      }
+      quant_store(a, m, n, hsum256_ps(acc) - zero_dot_avx2(f, a.gsum + m * G, G));
+    }
+  }
+}
+#pragma GCC pop_options
+
+// x rows quantized per 32 columns into the layout above: xq [M, ldq] (ldq = 128 nb4), s_x per lane [M, 16 nb4];
+// round(xb, t) rounds one block of 32 into t and returns its s_x (round_block32_512, round_block32_avx2)
 void w4a8_activations(const float* x, int64_t ldx, int64_t K, int8_t* xq, int64_t ldq, float* sl, int64_t m0,
-                      int64_t m1) {
+                      int64_t m1, float (*round)(const float*, int32_t*)) {
   const int64_t nb = K / 32, nb4 = (nb + 3) / 4;
   for (int64_t m = m0; m < m1; ++m) {
     int8_t* q = xq + m * ldq;
@@ -679,11 +812,8 @@ void w4a8_activations(const float* x, int64_t ldx, int64_t K, int8_t* xq, int64_
     std::memset(q, 0, static_cast<size_t>(ldq));
     std::memset(s, 0, sizeof(float) * static_cast<size_t>(16 * nb4));
     for (int64_t b = 0; b < nb; ++b) {
-      __m512i q0, q1;
-      const float sx = round_block32(x + m * ldx + 32 * b, q0, q1);
-      alignas(64) int32_t t[32];
-      _mm512_store_si512(t, q0);
-      _mm512_store_si512(t + 16, q1);
+      int32_t t[32];
+      const float sx = round(x + m * ldx + 32 * b, t);
       int8_t* even = q + 128 * (b / 4) + 16 * (b % 4);
       for (int j = 0; j < 16; ++j) {
         even[j] = static_cast<int8_t>(std::min(127, std::max(-127, t[2 * j])));
@@ -693,7 +823,6 @@ void w4a8_activations(const float* x, int64_t ldx, int64_t K, int8_t* xq, int64_
     }
   }
 }
-#pragma GCC pop_options
 
 // ============================================================================ selection
 struct Cpu {
@@ -769,11 +898,23 @@ void force_int8_kernel(const std::string& name) {
 
 #if defined(NE_INT8_X86)
 namespace {
-// The integer-activation decode kernels apply: AVX-512 VNNI within the active ISA and the int8 kernel choice, whole
-// blocks of 32 columns, and finite activations (NaN and Inf propagate on the float path).
-bool w8_decode_ok(const QArgs& a, const float* x, int64_t ldx) {
+// Which integer-activation decode kernels the active ISA and int8 kernel choice allow: AVX-512 VNNI (int4 and
+// int8-weight), else AVX2 (int4 only: VPMADDUBSW would saturate on int8 weights)
+struct W8Decode {
+  bool vnni512 = false, avx2 = false;
+};
+W8Decode w8_decode_kernels() {
+  W8Decode d;
   const std::string k = int8_kernel();
-  if (!cpu().avx512vnni || (k != "avx512vnni" && k != "amx") || a.w->K % 32) return false;
+  d.vnni512 = cpu().avx512vnni && (k == "avx512vnni" || k == "amx");
+  d.avx2 = !d.vnni512 && active_isa() >= Isa::AVX2;
+  return d;
+}
+
+// ... and the call suits them: whole blocks of 32 columns, finite activations (NaN and Inf propagate on the float
+// path)
+bool w8_decode_ok(const QArgs& a, const float* x, int64_t ldx) {
+  if (a.w->K % 32) return false;
   for (int64_t m = 0; m < a.M; ++m)
     for (int64_t i = 0; i < a.w->K; ++i)
       if (!std::isfinite(x[m * ldx + i])) return false;
@@ -801,18 +942,30 @@ void run_w8_decode(QArgs& a, int64_t q_row, int64_t s_row, const Prepare& prepar
 }  // namespace
 #endif
 
+std::vector<std::string> int8_decode_formats() {
+  std::vector<std::string> out;
+#if defined(NE_INT8_X86)
+  const W8Decode k = w8_decode_kernels();
+  if (k.vnni512 || k.avx2) out.push_back("int4");
+  if (k.vnni512) out.push_back("int8-weight");
+#endif
+  return out;
+}
+
 bool int8_activations_decode_x86(QArgs& a, const float* x, int64_t ldx) {
 #if defined(NE_INT8_X86)
   const QWeight& w = *a.w;
   // int8-weight up to 3 rows: from 4 the float kernel's 4 x 4 tiles share each load of W among four rows of x and
   // win (Q6_K-like weight, 46M weights, K 2048: 3.54 against 4.00 ms at 4 rows; 1.4-1.8x the other way at 1-3)
-  const bool int4 = w.format == QFormat::Int4, int8w = w.format == QFormat::Int8Weight && a.M <= 3;
+  const W8Decode kern = w8_decode_kernels();
+  const bool int4 = w.format == QFormat::Int4 && (kern.vnni512 || kern.avx2);
+  const bool int8w = w.format == QFormat::Int8Weight && a.M <= 3 && kern.vnni512;
   if (!(int4 || int8w) || !w8_decode_ok(a, x, ldx)) return false;
   const int64_t K = w.K, steps = (K + 63) / 64, nb4 = (K / 32 + 3) / 4;
   if (int4)
     run_w8_decode(a, 128 * nb4, 16 * nb4, [&](int8_t* q, float* sx, int64_t m0, int64_t m1) {
-      w4a8_activations(x, ldx, K, q, 128 * nb4, sx, m0, m1);
-    }, int4_block_w4a8);
+      w4a8_activations(x, ldx, K, q, 128 * nb4, sx, m0, m1, kern.vnni512 ? round_block32_512 : round_block32_avx2);
+    }, kern.vnni512 ? int4_block_w4a8 : int4_block_w4a8_avx2);
   else
     run_w8_decode(a, 64 * steps, 16 * steps, [&](int8_t* q, float* sx, int64_t m0, int64_t m1) {
       w8a8_activations(x, ldx, K, reinterpret_cast<uint8_t*>(q), 64 * steps, sx, m0, m1);
