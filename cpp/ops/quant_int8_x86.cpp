@@ -487,8 +487,8 @@ void int8_amx_blocks(const QArgs& a, const int8_t* Bp, int64_t MB, int64_t nb0, 
 // 4 products a lane: lanes 4 j .. 4 j + 3 are block j's); s_x is laid out per lane (a.sx: 16 floats per 128
 // columns). Per 128 weights: 1 load of W, 2 ands, 1 shift, 2 VPDPBUSD, 1 convert, 1 multiply, 1 FMA (the fp32
 // kernel: 24 vector ops). Groups of 16 (two a block) to 128; K % 32 == 0.
-// A kernel's per-thread room (plain code, outside the ISA regions: called from both kernels) for one row's group scales s (zero for 8 past G: the last step's short blocks may
-// read them) and zero-term factors f, both G floats.
+// A kernel's per-thread room for one row's group scales s (zero for 8 past G: the last step's short blocks may read
+// them) and zero-term factors f, both G floats. Plain code, outside the ISA regions: both int4 kernels call it.
 struct RowRoom {
   float *s, *f;
 };
@@ -782,8 +782,9 @@ void int4_block_w4a8_avx2(const QArgs& a, int64_t n0, int64_t n1) {
       __m256 acc = _mm256_setzero_ps();
       for (int64_t b = 0; b < nb; b += 2) {  // blocks b, b + 1: step b4 = b / 4, half h = (b / 2) % 2
         const int64_t b4 = b / 4, h = (b / 2) % 2;
-        const __m256i wb = nb - b >= 2 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 16 * b))
-                                       : _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + 16 * b)));
+        const uint8_t* wp = wr + 16 * b;  // (one block left: its 16 bytes only)
+        const __m256i wb = nb - b >= 2 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp))
+                                       : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp)));
         const __m256i lo = _mm256_and_si256(wb, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), lo4);
         const int8_t* xe = xr + 128 * b4 + 32 * h;
         const __m256i p = _mm256_add_epi16(
