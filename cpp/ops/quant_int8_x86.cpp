@@ -500,6 +500,15 @@ RowRoom row_room(int64_t G) {
   return {s, s + G + 8};
 }
 
+// s_g and f_g of row n for groups g0 .. G - 1, one at a time (quant_elem's definitions): the row scale kernels' tail
+void row_scales_from(const QWeight& w, int64_t n, int64_t G, int64_t g0, float* s, float* f) {
+  for (int64_t g = g0; g < G; ++g) {
+    const int64_t at = n * G + g;
+    s[g] = w.sub ? qe_sub_scale(w, at) : w.scale[at];
+    f[g] = w.sub_zero ? qe_sub_offset(w, at) : s[g] * (w.zero && !w.sub ? w.zero[at] : w.zero_point);
+  }
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")
 // s_g and f_g of row n (G groups, G % 16 == 0 or a scalar tail) into s and f, 16 groups a step: a two-level
@@ -535,11 +544,7 @@ void w4a8_row_scales(const QWeight& w, int64_t n, int64_t G, float* s, float* f)
       _mm512_storeu_ps(f + g, fg);
     }
   }
-  for (; g < G; ++g) {  // (quant_elem's definitions, one group at a time)
-    const int64_t at = n * G + g;
-    s[g] = w.sub ? qe_sub_scale(w, at) : w.scale[at];
-    f[g] = w.sub_zero ? qe_sub_offset(w, at) : s[g] * (w.zero && !w.sub ? w.zero[at] : w.zero_point);
-  }
+  row_scales_from(w, n, G, g, s, f);
 }
 
 // sum_g f_g gsum_g over G groups: the zero term of a row of y
@@ -721,11 +726,7 @@ void w4a8_row_scales_avx2(const QWeight& w, int64_t n, int64_t G, float* s, floa
       _mm256_storeu_ps(f + g, fg);
     }
   }
-  for (; g < G; ++g) {  // (quant_elem's definitions, one group at a time)
-    const int64_t at = n * G + g;
-    s[g] = w.sub ? qe_sub_scale(w, at) : w.scale[at];
-    f[g] = w.sub_zero ? qe_sub_offset(w, at) : s[g] * (w.zero && !w.sub ? w.zero[at] : w.zero_point);
-  }
+  row_scales_from(w, n, G, g, s, f);
 }
 
 inline float hsum256_ps(__m256 v) {

@@ -1588,8 +1588,9 @@ def load(path: str | None = None, device: str = "cpu", dtype=None, norm: str | N
     products: AMD Zen 4) and for 16 or more
     rows at a time (prefill): with AMX about 2.5x (float32 weights) to 4.5x (bfloat16 weights) faster GEMMs at a
     relative error of ~2e-3 per projection; int8-weight / int4 / fp8 weights likewise multiply their
-    dequantized prefill panels in bf16, and int4 / int8-weight weights' decode steps (on a CPU with AVX-512
-    VNNI) round x to int8 per 32 columns for integer products, as llama.cpp's 4- and 8-bit kernels do. Other
+    dequantized prefill panels in bf16, and int4 weights' decode steps (on a CPU with AVX-512 VNNI or AVX2) and
+    int8-weight ones' (AVX-512 VNNI) round x to int8 per 32 columns for integer products, as llama.cpp's 4- and
+    8-bit kernels do. Other
     decode steps, int8 (W8A8) weights and CPUs without AMX-BF16 or AVX512-BF16 compute as 'highest'.
     The CUDA runner's bfloat16 weights take the tensor cores under 'medium' for
     more than 16 rows (activations rounded to bf16, fp32 sums: mma.sync bf16, sm_80+); its other weights

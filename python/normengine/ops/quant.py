@@ -244,9 +244,9 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedWeight, bias=None, *, ou
     float32); returns float32 [..., N]. Forward only (normengine.nn.QuantLinear trains through it with
     a straight-through estimator). matmul_precision="medium": on a CPU with AMX-BF16 or AVX512-BF16, the prefill
     (16 rows or more) of int8-weight / int4 / fp8 multiplies bf16-rounded dequantized weights and x
-    (relative 2^-9, far below the formats' own error); on a CPU with AVX-512 VNNI, int4 with fewer rows (and
-    int8-weight with up to 3) multiplies x rounded to int8 per 32 columns (normengine.reference.quant.
-    linear_int8_activations); int8 (W8A8) is unchanged."""
+    (relative 2^-9, far below the formats' own error); int4 with fewer rows (on a CPU with AVX-512 VNNI or AVX2)
+    and int8-weight with up to 3 (AVX-512 VNNI) multiply x rounded to int8 per 32 columns (normengine.reference.
+    quant.linear_int8_activations; normengine._C.int8_decode_rows() says which apply); int8 (W8A8) is unchanged."""
     medium = bf16_products(matmul_precision)
     if not isinstance(qweight, QuantizedWeight):
         raise DTypeError(f"qweight: expected a QuantizedWeight (normengine.ops.quantize_weight), got "
