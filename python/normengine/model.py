@@ -17,7 +17,7 @@ import os
 import random
 import sys
 import threading
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 
