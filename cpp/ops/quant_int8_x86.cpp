@@ -762,42 +762,55 @@ float round_block32_avx2(const float* xb, int32_t* t) {
   return sx;
 }
 
-void int4_block_w4a8_avx2(const QArgs& a, int64_t n0, int64_t n1) {
+// Rows m0 .. m0 + MR - 1 of x against row n of W (its scales s, zero-term factors f): W's nibbles and the group
+// scales taken once per step for all MR rows.
+template <int MR>
+void w4a8_rows_avx2(const QArgs& a, int64_t n, int64_t m0, const float* s, const float* f) {
   const QWeight& w = *a.w;
   const int64_t K = w.K, g = w.group, G = K / g, nb = K / 32, per = g / 32;
-  const RowRoom room = row_room(G);
-  float *s = room.s, *f = room.f;
   // the 8 lanes of blocks 2 h, 2 h + 1 of step b4 read their groups' scales: groups of 16, s + 8 b4 + 4 h, lanes
   // (0, 0, 1, 1, 2, 2, 3, 3); of 32, s + 4 b4 + 2 h, lanes (0 x 4, 1 x 4); of 64 or more, both blocks in group
   // (4 b4 + 2 h) / per
   const __m256i lanes = g == 16 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3) : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   const __m256i lo4 = _mm256_set1_epi8(15);
   const __m256i ones = _mm256_set1_epi16(1);
-  const uint8_t* W = static_cast<const uint8_t*>(w.data);
+  const uint8_t* wr = static_cast<const uint8_t*>(w.data) + n * (K / 2);
+  __m256 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; b += 2) {  // blocks b, b + 1: step b4 = b / 4, half h = (b / 2) % 2
+    const int64_t b4 = b / 4, h = (b / 2) % 2;
+    const uint8_t* wp = wr + 16 * b;  // (one block left: its 16 bytes only)
+    const __m256i wb = nb - b >= 2 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp))
+                                   : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp)));
+    const __m256i lo = _mm256_and_si256(wb, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), lo4);
+    const __m256 sw = g == 16   ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + 8 * b4 + 4 * h), lanes)
+                      : per == 1 ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + b), lanes)
+                                 : _mm256_set1_ps(s[b / per]);
+    for (int r = 0; r < MR; ++r) {
+      const int8_t* xe = a.xq + (m0 + r) * a.ldxq + 128 * b4 + 32 * h;
+      const __m256i p = _mm256_add_epi16(
+          _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe))),
+          _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe + 64))));
+      const __m256 sx = _mm256_loadu_ps(a.sx + (m0 + r) * a.ldsx + 16 * b4 + 8 * h);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), _mm256_mul_ps(sw, sx), acc[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    quant_store(a, m0 + r, n, hsum256_ps(acc[r]) - zero_dot_avx2(f, a.gsum + (m0 + r) * G, G));
+}
+
+void int4_block_w4a8_avx2(const QArgs& a, int64_t n0, int64_t n1) {
+  const int64_t G = a.w->K / a.w->group;
+  const RowRoom room = row_room(G);
   for (int64_t n = n0; n < n1; ++n) {
-    w4a8_row_scales_avx2(w, n, G, s, f);
-    const uint8_t* wr = W + n * (K / 2);
-    for (int64_t m = 0; m < a.M; ++m) {
-      const int8_t* xr = a.xq + m * a.ldxq;
-      const float* sx = a.sx + m * a.ldsx;
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t b = 0; b < nb; b += 2) {  // blocks b, b + 1: step b4 = b / 4, half h = (b / 2) % 2
-        const int64_t b4 = b / 4, h = (b / 2) % 2;
-        const uint8_t* wp = wr + 16 * b;  // (one block left: its 16 bytes only)
-        const __m256i wb = nb - b >= 2 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp))
-                                       : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp)));
-        const __m256i lo = _mm256_and_si256(wb, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), lo4);
-        const int8_t* xe = xr + 128 * b4 + 32 * h;
-        const __m256i p = _mm256_add_epi16(
-            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe))),
-            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe + 64))));
-        const __m256i d = _mm256_madd_epi16(p, ones);
-        const __m256 sw = g == 16   ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + 8 * b4 + 4 * h), lanes)
-                          : per == 1 ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + b), lanes)
-                                     : _mm256_set1_ps(s[b / per]);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(sw, _mm256_loadu_ps(sx + 16 * b4 + 8 * h)), acc);
-      }
-      quant_store(a, m, n, hsum256_ps(acc) - zero_dot_avx2(f, a.gsum + m * G, G));
+    w4a8_row_scales_avx2(*a.w, n, G, room.s, room.f);
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4) w4a8_rows_avx2<4>(a, n, m, room.s, room.f);
+    switch (a.M - m) {
+      case 3: w4a8_rows_avx2<3>(a, n, m, room.s, room.f); break;
+      case 2: w4a8_rows_avx2<2>(a, n, m, room.s, room.f); break;
+      case 1: w4a8_rows_avx2<1>(a, n, m, room.s, room.f); break;
+      default: break;
     }
   }
 }
