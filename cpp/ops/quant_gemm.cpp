@@ -926,10 +926,9 @@ const QuantTable* quant_table() {
 #if defined(NE_ISA_GENERIC)
 // ==================================================================================== entry points
 #include <algorithm>
+#include <map>
 #include <string>
 #include <vector>
-
-#include <map>
 
 #include "normengine/errors.h"
 
@@ -1043,7 +1042,8 @@ void check_qweight(const QWeight& w) {
 std::map<std::string, int64_t> int8_decode_rows() {
   std::map<std::string, int64_t> out;
   const int64_t gemv = NE_PICK_ISA(quant_table)->max_gemv_rows;  // more rows: the panels, never the decode kernels
-  for (const std::string& f : int8_decode_formats()) out[f] = f == "int4" ? gemv : std::min<int64_t>(3, gemv);
+  for (const std::string& f : int8_decode_formats())
+    out[f] = f == "int4" ? gemv : std::min(kInt8WeightDecodeRows, gemv);
   return out;
 }
 
@@ -1105,7 +1105,7 @@ void quant_gemm_f32(int64_t M, const float* x, int64_t ldx, const QWeight& w, co
     // per row: the sums of x over each group (zero points), and x de-interleaved per 16 or 32 columns (the ISA table says)
     group_sums(x, ldx, M, w, gs);
     a.gsum = gs.data();
-    // matmul precision "medium": x rounded to int8 per 32 columns and integer products, where the CPU has VNNI
+    // matmul precision "medium": x rounded to int8 per 32 columns and integer products (AVX-512 VNNI or AVX2)
     if (bf16_products && int8_activations_decode_x86(a, x, ldx)) return;
     xf.resize(static_cast<size_t>(M * K));
     for (int64_t m = 0; m < M; ++m) {

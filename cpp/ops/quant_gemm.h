@@ -170,11 +170,13 @@ const char* int8_kernel();
 void force_int8_kernel(const std::string& name);
 bool int8_gemm_x86(const QArgs& a);
 // matmul precision "medium" at decode (quant_int8_x86.cpp): int4 weights (any group size) and int8-weight
-// ones (per-row or grouped scales, zero points or none; up to 3 rows of x) against x rounded to int8 per 32 columns,
-// VPDPBUSD products (as llama.cpp's 4- and 8-bit dot products); a.gsum prepared by the caller where there are zero
-// terms. Prepares its own activations into a and runs the whole call; false (nothing written) where the CPU has no
-// AVX-512 VNNI within the active ISA and the int8 kernel choice, for other formats or row counts, K not
-// whole blocks of 32, and when x holds NaN or Inf.
+// ones (per-row or grouped scales, zero points or none; up to kInt8WeightDecodeRows rows of x) against x rounded to
+// int8 per 32 columns, integer products (as llama.cpp's 4- and 8-bit dot products): VPDPBUSD with AVX-512 VNNI, else
+// for int4 AVX2's VPMADDUBSW; a.gsum prepared by the caller where there are zero terms. Prepares its own
+// activations into a and runs the whole call; false (nothing written) where neither applies within the active ISA
+// and the int8 kernel choice (int8_decode_formats), for other formats or row counts, K not whole blocks of 32, and
+// when x holds NaN or Inf.
+constexpr int64_t kInt8WeightDecodeRows = 3;
 bool int8_activations_decode_x86(QArgs& a, const float* x, int64_t ldx);
 // The weight formats whose decode rows int8_activations_decode_x86 takes under the active ISA and int8 kernel
 // choice: "int4" (AVX-512 VNNI or AVX2), "int8-weight" (AVX-512 VNNI); int8_decode_rows(): each with the most

@@ -487,6 +487,7 @@ void int8_amx_blocks(const QArgs& a, const int8_t* Bp, int64_t MB, int64_t nb0, 
 // 4 products a lane: lanes 4 j .. 4 j + 3 are block j's); s_x is laid out per lane (a.sx: 16 floats per 128
 // columns). Per 128 weights: 1 load of W, 2 ands, 1 shift, 2 VPDPBUSD, 1 convert, 1 multiply, 1 FMA (the fp32
 // kernel: 24 vector ops). Groups of 16 (two a block) to 128; K % 32 == 0.
+
 // A kernel's per-thread room for one row's group scales s (zero for 8 past G: the last step's short blocks may read
 // them) and zero-term factors f, both G floats. Plain code, outside the ISA regions: both int4 kernels call it.
 struct RowRoom {
@@ -974,7 +975,7 @@ bool int8_activations_decode_x86(QArgs& a, const float* x, int64_t ldx) {
   // win (Q6_K-like weight, 46M weights, K 2048: 3.54 against 4.00 ms at 4 rows; 1.4-1.8x the other way at 1-3)
   const W8Decode kern = w8_decode_kernels();
   const bool int4 = w.format == QFormat::Int4 && (kern.vnni512 || kern.avx2);
-  const bool int8w = w.format == QFormat::Int8Weight && a.M <= 3 && kern.vnni512;
+  const bool int8w = w.format == QFormat::Int8Weight && a.M <= kInt8WeightDecodeRows && kern.vnni512;
   if (!(int4 || int8w) || !w8_decode_ok(a, x, ldx)) return false;
   const int64_t K = w.K, steps = (K + 63) / 64, nb4 = (K / 32 + 3) / 4;
   if (int4)
