@@ -510,6 +510,22 @@ void row_scales_from(const QWeight& w, int64_t n, int64_t G, int64_t g0, float* 
   }
 }
 
+// Rows n0 .. n1 - 1 of W against every row of x: row n's scales s_g and factors f_g by scales(w, n, G, s, f), then
+// x's rows four at a time by rows[4] (the rest by rows[1 .. 3]). Plain code: both W4A8 kernels drive their own
+// ISA's functions through it.
+using W4A8Scales = void (*)(const QWeight&, int64_t, int64_t, float*, float*);
+using W4A8Rows = void (*)(const QArgs&, int64_t, int64_t, const float*, const float*);
+void w4a8_block(const QArgs& a, int64_t n0, int64_t n1, W4A8Scales scales, const W4A8Rows (&rows)[5]) {
+  const int64_t G = a.w->K / a.w->group;
+  const RowRoom room = row_room(G);
+  for (int64_t n = n0; n < n1; ++n) {
+    scales(*a.w, n, G, room.s, room.f);
+    int64_t m = 0;
+    for (; m + 4 <= a.M; m += 4) rows[4](a, n, m, room.s, room.f);
+    if (m < a.M) rows[a.M - m](a, n, m, room.s, room.f);
+  }
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")
 // s_g and f_g of row n (G groups, G % 16 == 0 or a scalar tail) into s and f, 16 groups a step: a two-level
@@ -577,11 +593,12 @@ float round_block32_512(const float* xb, int32_t* t) {
   return sx;
 }
 
-void int4_block_w4a8(const QArgs& a, int64_t n0, int64_t n1) {
+// Rows m0 .. m0 + MR - 1 of x against row n of W (its scales s, zero-term factors f): each 64 bytes of W are
+// loaded and split into nibbles once, and the step's group scales spread once, for all MR rows.
+template <int MR>
+void w4a8_rows(const QArgs& a, int64_t n, int64_t m0, const float* s, const float* f) {
   const QWeight& w = *a.w;
   const int64_t K = w.K, g = w.group, G = K / g, nb = K / 32, nb4 = (nb + 3) / 4, per = g / 32;
-  const RowRoom room = row_room(G);
-  float *s = room.s, *f = room.f;
   // the lanes of four blocks of 32 columns (4 int32 lanes each) read the scale of their group: s + 4 b4 / per;
   // groups of 16 (per 0: a GGUF Q3_K / Q2_K), two a block: bytes 0-7 of a block's 16 are columns 0-15, the first
   // group, so lanes 4 j, 4 j + 1 read group 2 j of the step's eight, s + 8 b4
@@ -590,29 +607,31 @@ void int4_block_w4a8(const QArgs& a, int64_t n0, int64_t n1) {
       g16 ? _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7)
           : _mm512_srli_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), __builtin_ctzll(per));
   const __m512i lo4 = _mm512_set1_epi8(15);
-  const uint8_t* W = static_cast<const uint8_t*>(w.data);
-  for (int64_t n = n0; n < n1; ++n) {
-    w4a8_row_scales(w, n, G, s, f);
-    const uint8_t* wr = W + n * (K / 2);
-    for (int64_t m = 0; m < a.M; ++m) {
-      const int8_t* xr = a.xq + m * a.ldxq;
-      const float* sx = a.sx + m * a.ldsx;
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t b4 = 0; b4 < nb4; ++b4) {
-        const int64_t rest = nb - 4 * b4;  // blocks left: the last 64 bytes of W may be short
-        const __mmask64 mask = rest >= 4 ? ~0ULL : (1ULL << (16 * rest)) - 1;
-        const __m512i wb = _mm512_maskz_loadu_epi8(mask, wr + 64 * b4);
-        const __m512i lo = _mm512_and_si512(wb, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(wb, 4), lo4);
-        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr + 128 * b4));
-        d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xr + 128 * b4 + 64));
-        const __m512 sw =
-            g16 ? _mm512_permutexvar_ps(lanes, _mm512_castps256_ps512(_mm256_loadu_ps(s + 8 * b4)))
-                : _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(s + 4 * b4 / per)));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_loadu_ps(sx + 16 * b4)), acc);
-      }
-      quant_store(a, m, n, _mm512_reduce_add_ps(acc) - zero_dot(f, a.gsum + m * G, G));
+  const uint8_t* wr = static_cast<const uint8_t*>(w.data) + n * (K / 2);
+  __m512 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b4 = 0; b4 < nb4; ++b4) {
+    const int64_t rest = nb - 4 * b4;  // blocks left: the last 64 bytes of W may be short
+    const __mmask64 mask = rest >= 4 ? ~0ULL : (1ULL << (16 * rest)) - 1;
+    const __m512i wb = _mm512_maskz_loadu_epi8(mask, wr + 64 * b4);
+    const __m512i lo = _mm512_and_si512(wb, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(wb, 4), lo4);
+    const __m512 sw = g16 ? _mm512_permutexvar_ps(lanes, _mm512_castps256_ps512(_mm256_loadu_ps(s + 8 * b4)))
+                          : _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(s + 4 * b4 / per)));
+    for (int r = 0; r < MR; ++r) {
+      const int8_t* xr = a.xq + (m0 + r) * a.ldxq + 128 * b4;
+      __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
+      d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xr + 64));
+      const __m512 sx = _mm512_loadu_ps(a.sx + (m0 + r) * a.ldsx + 16 * b4);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, sx), acc[r]);
     }
   }
+  for (int r = 0; r < MR; ++r)
+    quant_store(a, m0 + r, n, _mm512_reduce_add_ps(acc[r]) - zero_dot(f, a.gsum + (m0 + r) * G, G));
+}
+
+void int4_block_w4a8(const QArgs& a, int64_t n0, int64_t n1) {
+  static constexpr W4A8Rows rows[5] = {nullptr, w4a8_rows<1>, w4a8_rows<2>, w4a8_rows<3>, w4a8_rows<4>};
+  w4a8_block(a, n0, n1, w4a8_row_scales, rows);
 }
 
 // int8-weight (Q8_0, Q6_K, Q5_K as they load) at decode under "medium": the same activations, but in column order
@@ -801,19 +820,9 @@ void w4a8_rows_avx2(const QArgs& a, int64_t n, int64_t m0, const float* s, const
 }
 
 void int4_block_w4a8_avx2(const QArgs& a, int64_t n0, int64_t n1) {
-  const int64_t G = a.w->K / a.w->group;
-  const RowRoom room = row_room(G);
-  for (int64_t n = n0; n < n1; ++n) {
-    w4a8_row_scales_avx2(*a.w, n, G, room.s, room.f);
-    int64_t m = 0;
-    for (; m + 4 <= a.M; m += 4) w4a8_rows_avx2<4>(a, n, m, room.s, room.f);
-    switch (a.M - m) {
-      case 3: w4a8_rows_avx2<3>(a, n, m, room.s, room.f); break;
-      case 2: w4a8_rows_avx2<2>(a, n, m, room.s, room.f); break;
-      case 1: w4a8_rows_avx2<1>(a, n, m, room.s, room.f); break;
-      default: break;
-    }
-  }
+  static constexpr W4A8Rows rows[5] = {nullptr, w4a8_rows_avx2<1>, w4a8_rows_avx2<2>, w4a8_rows_avx2<3>,
+                                       w4a8_rows_avx2<4>};
+  w4a8_block(a, n0, n1, w4a8_row_scales_avx2, rows);
 }
 #pragma GCC pop_options
 
