@@ -69,17 +69,30 @@ struct VF {
   static R zero() { return _mm512_setzero_ps(); }
   static R set1(float a) { return _mm512_set1_ps(a); }
   static R widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
-  static __m256i narrow_bf16(R v) {
-#if defined(__AVX512BF16__)
-    // one instruction: round to nearest even, NaN stays NaN (fp32 denormals flush to zero)
-    return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
-#endif
+  // round to nearest even in integer arithmetic: (u + 0x7fff + lsb) >> 16, NaNs kept quiet NaNs
+  static __m256i narrow_bf16_int(R v) {
     __m512i u = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
     __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
     return _mm512_cvtepi32_epi16(r);
+  }
+#if defined(__AVX512BF16__)
+  // (out of line and cold: the hot loops keep only the test and the branch)
+  __attribute__((noinline, cold)) static __m256i narrow_bf16_rare(R v) { return narrow_bf16_int(v); }
+#endif
+  static __m256i narrow_bf16(R v) {
+#if defined(__AVX512BF16__)
+    // one instruction: round to nearest even, NaN stays NaN; but it reads float32 subnormals as zero, where a
+    // bf16 subnormal is the answer. A result with a zero in any lane (a flushed subnormal, or a true zero) is
+    // done again by the integer rounding: a test of the 256-bit result, cheaper than classifying v.
+    const __m256i r = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+    if (__builtin_expect(_mm256_testn_epi16_mask(r, _mm256_set1_epi16(0x7fff)) != 0, 0)) return narrow_bf16_rare(v);
+    return r;
+#else
+    return narrow_bf16_int(v);
+#endif
   }
   // full loads
   static R load(const float* p) { return _mm512_loadu_ps(p); }
@@ -327,6 +340,22 @@ template <class V, class T> inline typename V::R loadn(const T* p, int k) {
 }
 template <class V, class T> inline void storen(T* p, typename V::R v, int k) {
   if (k == V::N) V::store(p, v); else V::store(p, v, k);
+}
+
+// The 2N elements at p as two vectors whose lanes hold them in an order of the ISA's choosing: only for sums that
+// reduce every lane alike (row statistics). AVX-512 bf16: one 64-byte load, the even elements shifted into place
+// and the odd ones masked, one instruction per 16 values (V::load takes two: vpmovzxwd and a shift).
+template <class V, class T> inline void load_pair(const T* p, typename V::R& a, typename V::R& b) {
+#if defined(NE_ISA_AVX512)
+  if constexpr (std::is_same_v<V, VF> && std::is_same_v<T, bf16>) {
+    const __m512i u = _mm512_loadu_si512(p);
+    a = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+    b = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    return;
+  }
+#endif
+  a = V::load(p);
+  b = V::load(p + V::N);
 }
 
 // exp(x) for float lanes, to ~2 ulp over [-87, 88] (below: 0, above: +Inf, NaN stays NaN).

@@ -10,6 +10,7 @@
 // tensor through memory once: forward reads x (and residual) and writes y (and x + residual);
 // backward reads dy and h and writes dx. That is the traffic of a copy, the bound these kernels aim at.
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "core/aligned.h"
@@ -82,6 +83,25 @@ struct NormRows {
   }
 
   static R load_w(const A* w, int64_t i, int k) { return w ? loadn<V>(w + i, k) : V::set1(A(1)); }
+
+  // f(std::bool_constant<b0>{}, ...) for the run-time flags b0, ...: a loop body that tests them per vector becomes
+  // one loop per case with the tests gone (GCC did not unswitch the forward's w / b / streaming tests: five
+  // branches per 16 bf16 values)
+  template <bool... Bs, class F>
+  static void with_bools(F&& f) { f(std::bool_constant<Bs>{}...); }
+  template <bool... Bs, class F, class... Rest>
+  static void with_bools(F&& f, bool b, Rest... rest) {
+    if (b) with_bools<Bs..., true>(f, rest...);
+    else with_bools<Bs..., false>(f, rest...);
+  }
+  // xhat w + b (one rounding when both), for weight / bias presence known at compile time
+  template <class HW, class HB>
+  static inline __attribute__((always_inline)) R affine(R xhat, const A* w, const A* b, int64_t i, int k, HW, HB) {
+    if constexpr (HW::value && HB::value) return V::fma(xhat, loadn<V>(w + i, k), loadn<V>(b + i, k));
+    else if constexpr (HW::value) return V::mul(xhat, loadn<V>(w + i, k));
+    else if constexpr (HB::value) return V::add(xhat, loadn<V>(b + i, k));
+    else return xhat;
+  }
   static R load_b(const A* b, int64_t i, int k) { return b ? loadn<V>(b + i, k) : V::zero(); }
 
   // ---------------------------------------------------------------- row statistics
@@ -96,35 +116,45 @@ struct NormRows {
     int k = width(n, 0);
     return static_cast<A>(V::reduce(V::load(h, k)) / k);
   }
-  static void ln_stats(const T* h, int64_t n, double eps, A& K, A& delta, A& rstd) {
-    K = ln_shift(h, n);
+  // sum of c = h - K (kSum) and of c^2 over a row (K = 0 unless kShift), as row_sum does (blocks of kBlock, four
+  // accumulators each: the adds' latency, not memory, would bound fewer), the vectors taken by load_pair
+  template <bool kShift, bool kSum>
+  static void row_sums(const T* h, int64_t n, A K, double& sum, double& sq) {
     const R Kv = V::set1(K);
-    double sum = 0.0, sq = 0.0;  // (blocks of kBlock, as row_sum)
+    sum = 0.0, sq = 0.0;
     for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
       const int64_t b1 = n - b0 < kBlock ? n : b0 + kBlock;
-      R s0 = V::zero(), s1 = V::zero(), q0 = V::zero(), q1 = V::zero();
+      R s[4] = {V::zero(), V::zero(), V::zero(), V::zero()}, q[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
       int64_t i = b0;
-      for (; i + 2 * N <= b1; i += 2 * N) {
-        R c0 = V::sub(V::load(h + i), Kv), c1 = V::sub(V::load(h + i + N), Kv);
-        s0 = V::add(s0, c0);
-        s1 = V::add(s1, c1);
-        q0 = V::fma(c0, c0, q0);
-        q1 = V::fma(c1, c1, q1);
+      for (; i + 4 * N <= b1; i += 4 * N) {
+        R c[4];
+        load_pair<V>(h + i, c[0], c[1]);
+        load_pair<V>(h + i + 2 * N, c[2], c[3]);
+        for (int j = 0; j < 4; ++j) {
+          if (kShift) c[j] = V::sub(c[j], Kv);
+          if (kSum) s[j] = V::add(s[j], c[j]);
+          q[j] = V::fma(c[j], c[j], q[j]);
+        }
       }
       for (; i < b1; i += N) {
-        int k = width(b1, i);
-        R c = V::keep(V::sub(loadn<V>(h + i, k), Kv), k);
-        s0 = V::add(s0, c);
-        q0 = V::fma(c, c, q0);
+        const int k = width(b1, i);
+        const R c = kShift ? V::keep(V::sub(loadn<V>(h + i, k), Kv), k) : loadn<V>(h + i, k);
+        if (kSum) s[0] = V::add(s[0], c);
+        q[0] = V::fma(c, c, q[0]);
       }
-      sum += V::reduce(V::add(s0, s1));
-      sq += V::reduce(V::add(q0, q1));
+      if (kSum) sum += V::reduce(V::add(V::add(s[0], s[1]), V::add(s[2], s[3])));
+      sq += V::reduce(V::add(V::add(q[0], q[1]), V::add(q[2], q[3])));
     }
+  }
+  static void ln_stats(const T* h, int64_t n, double eps, A& K, A& delta, A& rstd) {
+    K = ln_shift(h, n);
+    double sum, sq;
+    row_sums<true, true>(h, n, K, sum, sq);
     const double d = sum / n, m2 = sq / n;
     delta = static_cast<A>(d);
     double var = m2 - d * d;
     if (!(var * 4.0 >= m2)) {  // cancelled (or NaN): the exact second pass
-      const R Dv = V::set1(delta);
+      const R Kv = V::set1(K), Dv = V::set1(delta);
       var = row_sum(n, [=](int64_t j, int k) NE_INLINE {
               R c = V::keep(V::sub(V::sub(loadn<V>(h + j, k), Kv), Dv), k);
               return V::mul(c, c);
@@ -134,14 +164,15 @@ struct NormRows {
   }
   // RMSNorm: rstd = 1 / sqrt(mean(h^2) + eps)
   static A rms_rstd(const T* h, int64_t n, double eps) {
-    double q = row_sum(n, [=](int64_t i, int k) NE_INLINE { R v = loadn<V>(h + i, k); return V::mul(v, v); });
+    double s, q;
+    row_sums<false, false>(h, n, A(0), s, q);
     return static_cast<A>(1.0 / __builtin_sqrt(q / n + eps));
   }
   // CRMSNorm over the n = d - 1 stored coordinates; the missing one is -sum(h):
   //   rstd = 1 / sqrt((sum h^2 + (sum h)^2) / d + eps)
   static A crms_rstd(const T* h, int64_t n, double eps, double& s) {
-    s = row_sum(n, [=](int64_t i, int k) NE_INLINE { return loadn<V>(h + i, k); });
-    double q = row_sum(n, [=](int64_t i, int k) NE_INLINE { R v = loadn<V>(h + i, k); return V::mul(v, v); });
+    double q;
+    row_sums<false, true>(h, n, A(0), s, q);
     return static_cast<A>(1.0 / __builtin_sqrt((q + s * s) / static_cast<double>(n + 1) + eps));
   }
 
@@ -156,7 +187,7 @@ struct NormRows {
   }
 
   // y's full vectors: streamed (non-temporal) when the output is large, else plain stores
-  static void store_y(T* p, R v, int k, bool nt) {
+  static inline __attribute__((always_inline)) void store_y(T* p, R v, int k, bool nt) {
     if (nt && k == N) store_stream<V>(p, v);
     else storen<V>(p, v, k);
   }
@@ -192,20 +223,28 @@ struct NormRows {
     if (a.kind == NormKind::LayerNorm) {
       A K, delta;
       ln_stats(h, n, a.eps, K, delta, rstd);
-      mean = K + delta;
-      const R Kv = V::set1(K), Dv = V::set1(delta), Sv = V::set1(rstd);
-      each_vector(n, [=](int64_t i, int k) NE_INLINE {
-        R xhat = V::mul(V::sub(V::sub(loadn<V>(h + i, k), Kv), Dv), Sv);
-        store_y(y + i, V::fma(xhat, load_w(w, i, k), load_b(b, i, k)), k, nt);
-      });
+      // xhat = (h - mean) rstd - rest rstd, mean = K + delta rounded to A and rest what A could not hold of it:
+      // h - mean is exact near the mean (and rounds in proportion to itself away from it), the fma adds a tiny
+      // correction; one subtraction fewer than (h - K - delta) rstd
+      mean = static_cast<A>(static_cast<double>(K) + static_cast<double>(delta));
+      const double rest = (static_cast<double>(K) - static_cast<double>(mean)) + static_cast<double>(delta);
+      const R Mv = V::set1(mean), Sv = V::set1(rstd), NRv = V::set1(static_cast<A>(-rest * rstd));
+      with_bools([=](auto hw, auto hb, auto ntc) {
+        each_vector(n, [=](int64_t i, int k) NE_INLINE {
+          R xhat = V::fma(V::sub(loadn<V>(h + i, k), Mv), Sv, NRv);
+          store_y(y + i, affine(xhat, w, b, i, k, hw, hb), k, ntc);
+        });
+      }, w != nullptr, b != nullptr, nt);
     } else {
       double s = 0;
       rstd = a.kind == NormKind::RMSNorm ? rms_rstd(h, n, a.eps) : crms_rstd(h, n, a.eps, s);
       const R Sv = V::set1(rstd);
-      each_vector(n, [=](int64_t i, int k) NE_INLINE {
-        R xhat = V::mul(loadn<V>(h + i, k), Sv);
-        store_y(y + i, b ? V::fma(xhat, load_w(w, i, k), load_b(b, i, k)) : V::mul(xhat, load_w(w, i, k)), k, nt);
-      });
+      with_bools([=](auto hw, auto hb, auto ntc) {
+        each_vector(n, [=](int64_t i, int k) NE_INLINE {
+          R xhat = V::mul(loadn<V>(h + i, k), Sv);
+          store_y(y + i, affine(xhat, w, b, i, k, hw, hb), k, ntc);
+        });
+      }, w != nullptr, b != nullptr, nt);
     }
     if (a.mean) static_cast<A*>(a.mean)[r] = mean;
     if (a.rstd) static_cast<A*>(a.rstd)[r] = rstd;
