@@ -501,6 +501,25 @@ RowRoom row_room(int64_t G) {
   return {s, s + G + 8};
 }
 
+// The super-block of group n G + g for the row scale kernels' steps of `step` groups (16 or 8), g = 0, step, ...:
+// with S | step a shift, with step | S a count; one division a row (G / S), none a step (64-bit idivs in the
+// step loop cost 8 a row of a Q4_K weight). Only for spread weights: S | step or step | S, S | G (checked on entry).
+struct SuperIndex {
+  int64_t first = 0, sb = 0, left = 0, S = 1, step = 1;
+  int sh = 0;
+  SuperIndex(const QWeight& w, int64_t n, int64_t G, int64_t step_) : step(step_) {
+    if (!w.sub || w.super <= 0) return;
+    S = w.super;
+    first = n * (G / S);
+    left = S;
+    sh = S < step ? __builtin_ctzll(S) : 0;
+  }
+  int64_t at(int64_t g) const { return first + (S < step ? g >> sh : sb); }
+  void next() {
+    if (S >= step && (left -= step) <= 0) ++sb, left = S;
+  }
+};
+
 // s_g and f_g of row n for groups g0 .. G - 1, one at a time (quant_elem's definitions): the row scale kernels' tail
 void row_scales_from(const QWeight& w, int64_t n, int64_t G, int64_t g0, float* s, float* f) {
   for (int64_t g = g0; g < G; ++g) {
@@ -537,17 +556,19 @@ void w4a8_row_scales(const QWeight& w, int64_t n, int64_t G, float* s, float* f)
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i idx = spread ? (S >= 16 ? _mm512_setzero_si512() : _mm512_srli_epi32(lane, __builtin_ctzll(S))) : lane;
   const __m512 zc = _mm512_set1_ps(w.zero_point);
+  SuperIndex si(w, n, G, 16);
   int64_t g = 0;
   if (!w.sub || spread) {
-    for (; g + 16 <= G; g += 16) {
+    for (; g + 16 <= G; g += 16, si.next()) {
       const int64_t at = n * G + g;
       __m512 sg, fg;
       if (w.sub) {
-        const __m512 d = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(S >= 16 ? 1 : 0xFFFF, w.scale + at / S));
+        const int64_t sb = si.at(g);
+        const __m512 d = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(S >= 16 ? 1 : 0xFFFF, w.scale + sb));
         sg = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
                                   reinterpret_cast<const __m128i*>(w.sub + at)))));
         if (w.sub_zero) {
-          const __m512 dm = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(S >= 16 ? 1 : 0xFFFF, w.zero + at / S));
+          const __m512 dm = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(S >= 16 ? 1 : 0xFFFF, w.zero + sb));
           fg = _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
                                      reinterpret_cast<const __m128i*>(w.sub_zero + at)))));
         } else {
@@ -598,7 +619,7 @@ float round_block32_512(const float* xb, int32_t* t) {
 template <int MR>
 void w4a8_rows(const QArgs& a, int64_t n, int64_t m0, const float* s, const float* f) {
   const QWeight& w = *a.w;
-  const int64_t K = w.K, g = w.group, G = K / g, nb = K / 32, nb4 = (nb + 3) / 4, per = g / 32;
+  const int64_t K = w.K, g = w.group, G = K >> __builtin_ctzll(g), nb = K / 32, nb4 = (nb + 3) / 4, per = g / 32;
   // the lanes of four blocks of 32 columns (4 int32 lanes each) read the scale of their group: s + 4 b4 / per;
   // groups of 16 (per 0: a GGUF Q3_K / Q2_K), two a block: bytes 0-7 of a block's 16 are columns 0-15, the first
   // group, so lanes 4 j, 4 j + 1 read group 2 j of the step's eight, s + 8 b4
@@ -608,20 +629,27 @@ void w4a8_rows(const QArgs& a, int64_t n, int64_t m0, const float* s, const floa
           : _mm512_srli_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), __builtin_ctzll(per));
   const __m512i lo4 = _mm512_set1_epi8(15);
   const uint8_t* wr = static_cast<const uint8_t*>(w.data) + n * (K / 2);
+  const int sh = g16 ? 0 : __builtin_ctzll(per);  // 4 b4 / per as a shift (per is 1, 2 or 4: a division per step
+                                                  // cost an idiv in the loop)
+  const int8_t* xr[MR];
+  const float* sxr[MR];
   __m512 acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int r = 0; r < MR; ++r) {
+    xr[r] = a.xq + (m0 + r) * a.ldxq;
+    sxr[r] = a.sx + (m0 + r) * a.ldsx;
+    acc[r] = _mm512_setzero_ps();
+  }
   for (int64_t b4 = 0; b4 < nb4; ++b4) {
     const int64_t rest = nb - 4 * b4;  // blocks left: the last 64 bytes of W may be short
     const __mmask64 mask = rest >= 4 ? ~0ULL : (1ULL << (16 * rest)) - 1;
     const __m512i wb = _mm512_maskz_loadu_epi8(mask, wr + 64 * b4);
     const __m512i lo = _mm512_and_si512(wb, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(wb, 4), lo4);
     const __m512 sw = g16 ? _mm512_permutexvar_ps(lanes, _mm512_castps256_ps512(_mm256_loadu_ps(s + 8 * b4)))
-                          : _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(s + 4 * b4 / per)));
+                          : _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(s + (4 * b4 >> sh))));
     for (int r = 0; r < MR; ++r) {
-      const int8_t* xr = a.xq + (m0 + r) * a.ldxq + 128 * b4;
-      __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
-      d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xr + 64));
-      const __m512 sx = _mm512_loadu_ps(a.sx + (m0 + r) * a.ldsx + 16 * b4);
+      __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr[r] + 128 * b4));
+      d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xr[r] + 128 * b4 + 64));
+      const __m512 sx = _mm512_loadu_ps(sxr[r] + 16 * b4);
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, sx), acc[r]);
     }
   }
@@ -650,6 +678,7 @@ void int8w_block_w8a8(const QArgs& a, int64_t n0, int64_t n1) {
   const __m512i lane_group = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                                __builtin_ctzll(lanes_per_group));
   const __m512i ones = _mm512_set1_epi8(1);
+  const int gsh = w.group > 0 ? __builtin_ctzll(g) : 0;  // (64 st) / g as a shift: groups are powers of two
   const int8_t* W = static_cast<const int8_t*>(w.data);
   for (int64_t n = n0; n < n1; ++n) {
     if (w.group > 0) {
@@ -670,7 +699,7 @@ void int8w_block_w8a8(const QArgs& a, int64_t n0, int64_t n1) {
         const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xr + 64 * st), wv);
         const __m512i c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, wv);  // sum of w, 4 a lane
         const __m512i dot = _mm512_sub_epi32(d, _mm512_slli_epi32(c, 7));       // sum x_q w
-        const int64_t g0 = (64 * st) / g;
+        const int64_t g0 = (64 * st) >> gsh;
         const __m512 sw = w.group > 0 ? _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(_mm_loadu_ps(s + g0)))
                                       : _mm512_set1_ps(s[0]);
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sw, _mm512_loadu_ps(sx + 16 * st)), acc);
@@ -729,14 +758,16 @@ void w4a8_row_scales_avx2(const QWeight& w, int64_t n, int64_t G, float* s, floa
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i idx = spread ? (S >= 8 ? _mm256_setzero_si256() : _mm256_srli_epi32(lane, __builtin_ctzll(S))) : lane;
   const __m256 zc = _mm256_set1_ps(w.zero_point);
+  SuperIndex si(w, n, G, 8);
   int64_t g = 0;
   if (!w.sub || spread) {
-    for (; g + 8 <= G; g += 8) {
+    for (; g + 8 <= G; g += 8, si.next()) {
       const int64_t at = n * G + g;
       __m256 sg, fg;
       if (w.sub) {
-        sg = _mm256_mul_ps(spread8(w.scale + at / S, S, idx), int8x8(w.sub + at));
-        fg = w.sub_zero ? _mm256_mul_ps(spread8(w.zero + at / S, S, idx), int8x8(w.sub_zero + at))
+        const int64_t sb = si.at(g);
+        sg = _mm256_mul_ps(spread8(w.scale + sb, S, idx), int8x8(w.sub + at));
+        fg = w.sub_zero ? _mm256_mul_ps(spread8(w.zero + sb, S, idx), int8x8(w.sub_zero + at))
                         : _mm256_mul_ps(sg, zc);
       } else {
         sg = _mm256_loadu_ps(w.scale + at);
@@ -787,7 +818,7 @@ float round_block32_avx2(const float* xb, int32_t* t) {
 template <int MR>
 void w4a8_rows_avx2(const QArgs& a, int64_t n, int64_t m0, const float* s, const float* f) {
   const QWeight& w = *a.w;
-  const int64_t K = w.K, g = w.group, G = K / g, nb = K / 32, per = g / 32;
+  const int64_t K = w.K, g = w.group, G = K >> __builtin_ctzll(g), nb = K / 32, per = g / 32;
   // the 8 lanes of blocks 2 h, 2 h + 1 of step b4 read their groups' scales: groups of 16, s + 8 b4 + 4 h, lanes
   // (0, 0, 1, 1, 2, 2, 3, 3); of 32, s + 4 b4 + 2 h, lanes (0 x 4, 1 x 4); of 64 or more, both blocks in group
   // (4 b4 + 2 h) / per
@@ -795,6 +826,7 @@ void w4a8_rows_avx2(const QArgs& a, int64_t n, int64_t m0, const float* s, const
   const __m256i lo4 = _mm256_set1_epi8(15);
   const __m256i ones = _mm256_set1_epi16(1);
   const uint8_t* wr = static_cast<const uint8_t*>(w.data) + n * (K / 2);
+  const int sh = g == 16 ? 0 : __builtin_ctzll(per);  // b / per as a shift (no idiv in the loop)
   __m256 acc[MR];
   for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b += 2) {  // blocks b, b + 1: step b4 = b / 4, half h = (b / 2) % 2
@@ -805,7 +837,7 @@ void w4a8_rows_avx2(const QArgs& a, int64_t n, int64_t m0, const float* s, const
     const __m256i lo = _mm256_and_si256(wb, lo4), hi = _mm256_and_si256(_mm256_srli_epi16(wb, 4), lo4);
     const __m256 sw = g == 16   ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + 8 * b4 + 4 * h), lanes)
                       : per == 1 ? _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + b), lanes)
-                                 : _mm256_set1_ps(s[b / per]);
+                                 : _mm256_set1_ps(s[b >> sh]);
     for (int r = 0; r < MR; ++r) {
       const int8_t* xe = a.xq + (m0 + r) * a.ldxq + 128 * b4 + 32 * h;
       const __m256i p = _mm256_add_epi16(
