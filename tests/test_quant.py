@@ -325,6 +325,58 @@ def test_decode_int8_activations_medium(case, gen):
         _C.force_cpu_isa(best)
 
 
+_PAGE_END_SCRIPT = r"""
+import ctypes, mmap, sys, torch
+import normengine as ne
+from normengine import _C
+from conftest import _supported_isas
+from test_quant import _two_level
+
+def at_page_end(t):
+    # a copy of t whose last byte ends a page followed by one that may not be read
+    page = mmap.PAGESIZE
+    n = t.numel() * 4
+    size = (n + page - 1) // page * page
+    buf = mmap.mmap(-1, size + page)
+    keep.append(buf)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    out = torch.frombuffer(buf, dtype=torch.float32, count=t.numel(), offset=size - n).view(t.shape)
+    out.copy_(t)
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(base + size), page, 0) == 0
+    return out
+
+keep = []
+gen = torch.Generator().manual_seed(5)
+for fmt, g, S, off in [("int4", 32, 8, True), ("int4", 32, 2, True), ("int4", 16, 16, True),
+                       ("int8-weight", 16, 16, False), ("int8-weight", 32, 8, True)]:
+    q = _two_level(fmt, g, S, off, 5, 512, gen)
+    z = at_page_end(q.zero) if q.zero is not None else None
+    q2 = ne.ops.QuantizedWeight(fmt, (5, 512), q.data, at_page_end(q.scale), z, g, q.sub, q.sub_zero)
+    for isa in _supported_isas():
+        _C.force_cpu_isa(isa)
+        for M in (1, 4):
+            x = torch.randn(M, 512, generator=gen)
+            for p in ("highest", "medium"):
+                torch.testing.assert_close(ne.ops.quantized_linear(x, q2, None, matmul_precision=p),
+                                           ne.ops.quantized_linear(x, q, None, matmul_precision=p), rtol=0, atol=0)
+print("ok")
+"""
+
+
+def test_two_level_scales_read_within_their_arrays():
+    """The decode kernels read a two-level weight's super-block scales (d, dmin) only as far as the row's last one:
+    with both arrays ending at a page whose successor may not be read, every ISA and precision gives the same
+    outputs as with ordinary arrays (the AVX-512 row scales once read 16 floats for 2, past the end: SIGSEGV). Runs
+    in a child process so a fault fails the test instead of ending the run."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.path.dirname(os.path.dirname(ne.__file__))]))
+    r = subprocess.run([sys.executable, "-c", _PAGE_END_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+
+
 def test_two_level_scales_are_checked(gen):
     from normengine import _C
 

@@ -1,7 +1,8 @@
 // The vector abstraction the CPU kernels are written against. A kernel source file is compiled once
 // per ISA (CMake adds -DNE_ISA_AVX512 / -DNE_ISA_AVX2 / -DNE_ISA_GENERIC with matching -m flags and
 // -DNE_ISA_NS=<namespace>; the avx512bf16 build is the AVX-512 one with -mavx512bf16, which turns
-// the float -> bf16 store into one instruction); this header then defines, inside that namespace:
+// the float -> bf16 store into one instruction and a test for zeros); this header then defines, inside that
+// namespace:
 //
 //   VF  float lanes (16 on AVX-512, 8 on AVX2, 8 plain floats in the generic build)
 //   VD  one double "lane": the same kernels run in float64 for the float64 entry points (gradcheck)

@@ -502,15 +502,15 @@ RowRoom row_room(int64_t G) {
 }
 
 // The super-block of group n G + g for the row scale kernels' steps of `step` groups (16 or 8), g = 0, step, ...:
-// with S | step a shift, with step | S a count; one division a row (G / S), none a step (64-bit idivs in the
-// step loop cost 8 a row of a Q4_K weight). Only for spread weights: S | step or step | S, S | G (checked on entry).
+// with S | step a shift, with step | S a count; no division where S is a power of two (64-bit idivs in the step
+// loop cost 8 a row of a Q4_K weight). Only for spread weights: S | step or step | S, S | G (checked on entry).
 struct SuperIndex {
   int64_t first = 0, sb = 0, left = 0, S = 1, step = 1;
   int sh = 0;
   SuperIndex(const QWeight& w, int64_t n, int64_t G, int64_t step_) : step(step_) {
     if (!w.sub || w.super <= 0) return;
     S = w.super;
-    first = n * (G / S);
+    first = n * ((S & (S - 1)) == 0 ? G >> __builtin_ctzll(S) : G / S);
     left = S;
     sh = S < step ? __builtin_ctzll(S) : 0;
   }
@@ -521,11 +521,12 @@ struct SuperIndex {
 };
 
 // s_g and f_g of row n for groups g0 .. G - 1, one at a time (quant_elem's definitions): the row scale kernels' tail
+// (f null: the scales only)
 void row_scales_from(const QWeight& w, int64_t n, int64_t G, int64_t g0, float* s, float* f) {
   for (int64_t g = g0; g < G; ++g) {
     const int64_t at = n * G + g;
     s[g] = w.sub ? qe_sub_scale(w, at) : w.scale[at];
-    f[g] = w.sub_zero ? qe_sub_offset(w, at) : s[g] * (w.zero && !w.sub ? w.zero[at] : w.zero_point);
+    if (f) f[g] = w.sub_zero ? qe_sub_offset(w, at) : s[g] * (w.zero && !w.sub ? w.zero[at] : w.zero_point);
   }
 }
 
@@ -547,12 +548,14 @@ void w4a8_block(const QArgs& a, int64_t n0, int64_t n1, W4A8Scales scales, const
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")
-// s_g and f_g of row n (G groups, G % 16 == 0 or a scalar tail) into s and f, 16 groups a step: a two-level
-// weight's super-block scales spread over the lanes by a permute when its super-blocks hold 1, 2, 4, 8 or 16
-// groups, else one by one.
+// s_g and f_g of row n (G groups, G % 16 == 0 or a scalar tail) into s and f (null: s only), 16 groups a step: a
+// two-level weight's super-block scales spread over the lanes by a permute when its super-blocks hold 1, 2, 4, 8
+// or 16 groups (the 16 / S a step read, no further: the last row's may end the array), else one by one.
 void w4a8_row_scales(const QWeight& w, int64_t n, int64_t G, float* s, float* f) {
   const int64_t S = w.super;
-  const bool spread = w.sub && S > 0 && (16 % S == 0 || S % 16 == 0);
+  // S | 16 or 16 | S; a power of two is one or the other (no division: 16 % S was an idiv a row)
+  const bool spread = w.sub && S > 0 && ((S & (S - 1)) == 0 || (S & 15) == 0);
+  const __mmask16 dmask = spread && S < 16 ? static_cast<__mmask16>((1u << (16 >> __builtin_ctzll(S))) - 1) : 1;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i idx = spread ? (S >= 16 ? _mm512_setzero_si512() : _mm512_srli_epi32(lane, __builtin_ctzll(S))) : lane;
   const __m512 zc = _mm512_set1_ps(w.zero_point);
@@ -564,11 +567,13 @@ void w4a8_row_scales(const QWeight& w, int64_t n, int64_t G, float* s, float* f)
       __m512 sg, fg;
       if (w.sub) {
         const int64_t sb = si.at(g);
-        const __m512 d = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(S >= 16 ? 1 : 0xFFFF, w.scale + sb));
+        const __m512 d = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(dmask, w.scale + sb));
         sg = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
                                   reinterpret_cast<const __m128i*>(w.sub + at)))));
-        if (w.sub_zero) {
-          const __m512 dm = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(S >= 16 ? 1 : 0xFFFF, w.zero + sb));
+        if (!f) {
+          fg = sg;
+        } else if (w.sub_zero) {
+          const __m512 dm = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(dmask, w.zero + sb));
           fg = _mm512_mul_ps(dm, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
                                      reinterpret_cast<const __m128i*>(w.sub_zero + at)))));
         } else {
@@ -576,10 +581,10 @@ void w4a8_row_scales(const QWeight& w, int64_t n, int64_t G, float* s, float* f)
         }
       } else {
         sg = _mm512_loadu_ps(w.scale + at);
-        fg = _mm512_mul_ps(sg, w.zero ? _mm512_loadu_ps(w.zero + at) : zc);
+        fg = !f ? sg : _mm512_mul_ps(sg, w.zero ? _mm512_loadu_ps(w.zero + at) : zc);
       }
       _mm512_storeu_ps(s + g, sg);
-      _mm512_storeu_ps(f + g, fg);
+      if (f) _mm512_storeu_ps(f + g, fg);
     }
   }
   row_scales_from(w, n, G, g, s, f);
@@ -682,7 +687,7 @@ void int8w_block_w8a8(const QArgs& a, int64_t n0, int64_t n1) {
   const int8_t* W = static_cast<const int8_t*>(w.data);
   for (int64_t n = n0; n < n1; ++n) {
     if (w.group > 0) {
-      w4a8_row_scales(w, n, G, s, f);
+      w4a8_row_scales(w, n, G, s, w.zero ? f : nullptr);  // (f: only zero points make a zero term here)
     } else {
       s[0] = w.scale[n];
       f[0] = 0.0f;
@@ -742,9 +747,13 @@ void w8a8_activations(const float* x, int64_t ldx, int64_t K, uint8_t* xu, int64
 // and 2 h + 1 of a 128-column chunk, x's bytes at 32 h and 64 + 32 h of its 128, s_x lanes 8 h .. 8 h + 7).
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-// the super-block scales of 8 groups (super-blocks of S groups) spread over their lanes; 8 int8 codes as floats
+// the super-block scales of 8 groups (super-blocks of S groups) spread over their lanes, reading the 8 / S there
+// are and no further (the last row's may end the array); 8 int8 codes as floats
 inline __m256 spread8(const float* p, int64_t S, __m256i idx) {
-  return _mm256_permutevar8x32_ps(S >= 8 ? _mm256_set1_ps(*p) : _mm256_loadu_ps(p), idx);
+  if (S >= 8) return _mm256_set1_ps(*p);
+  const __m256i there = _mm256_set1_epi32(8 >> __builtin_ctzll(S));  // 8 / S (S is 1, 2 or 4 here)
+  const __m256i live = _mm256_cmpgt_epi32(there, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_permutevar8x32_ps(_mm256_maskload_ps(p, live), idx);
 }
 inline __m256 int8x8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
@@ -754,7 +763,7 @@ inline __m256 int8x8(const int8_t* p) {
 // spread by a permute, else one by one)
 void w4a8_row_scales_avx2(const QWeight& w, int64_t n, int64_t G, float* s, float* f) {
   const int64_t S = w.super;
-  const bool spread = w.sub && S > 0 && (8 % S == 0 || S % 8 == 0);
+  const bool spread = w.sub && S > 0 && ((S & (S - 1)) == 0 || (S & 7) == 0);  // S | 8 or 8 | S
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i idx = spread ? (S >= 8 ? _mm256_setzero_si256() : _mm256_srli_epi32(lane, __builtin_ctzll(S))) : lane;
   const __m256 zc = _mm256_set1_ps(w.zero_point);
