@@ -300,8 +300,11 @@ struct VF {
 // Whether V's bf16 store wants the float32 arrays a kernel multiplies in to hold no NaN but the default one
 // (VFB: its rounding takes no NaN test)
 template <class V> inline constexpr bool kNeedsPlainNaNs = false;
+// Registers one V::R takes (VFB: two), for kernels sizing their accumulators to the register file
+template <class V> inline constexpr int kRegsPerVec = 1;
 #if defined(NE_ISA_AVX2)
 template <> inline constexpr bool kNeedsPlainNaNs<VFB> = true;
+template <> inline constexpr int kRegsPerVec<VFB> = 2;
 #endif
 
 // Store to memory that will not be read again soon (a large output): a non-temporal store where the

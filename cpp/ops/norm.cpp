@@ -117,7 +117,9 @@ struct NormRows {
     return static_cast<A>(V::reduce(V::load(h, k)) / k);
   }
   // sum of c = h - K (kSum) and of c^2 over a row (K = 0 unless kShift), as row_sum does (blocks of kBlock, four
-  // accumulators each: the adds' latency, not memory, would bound fewer), the vectors taken by load_pair
+  // accumulator registers each: the adds' latency, not memory, would bound fewer; two VFB vectors, whose eight
+  // with their loads overflowed AVX2's sixteen registers and kept one in memory), the vectors taken by load_pair
+  static constexpr int kAcc = 4 / kRegsPerVec<V>;
   template <bool kShift, bool kSum>
   static void row_sums(const T* h, int64_t n, A K, double& sum, double& sq) {
     const R Kv = V::set1(K);
@@ -126,11 +128,10 @@ struct NormRows {
       const int64_t b1 = n - b0 < kBlock ? n : b0 + kBlock;
       R s[4] = {V::zero(), V::zero(), V::zero(), V::zero()}, q[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
       int64_t i = b0;
-      for (; i + 4 * N <= b1; i += 4 * N) {
-        R c[4];
-        load_pair<V>(h + i, c[0], c[1]);
-        load_pair<V>(h + i + 2 * N, c[2], c[3]);
-        for (int j = 0; j < 4; ++j) {
+      for (; i + kAcc * N <= b1; i += kAcc * N) {
+        R c[kAcc];
+        for (int j = 0; j < kAcc; j += 2) load_pair<V>(h + i + j * N, c[j], c[j + 1]);
+        for (int j = 0; j < kAcc; ++j) {
           if (kShift) c[j] = V::sub(c[j], Kv);
           if (kSum) s[j] = V::add(s[j], c[j]);
           q[j] = V::fma(c[j], c[j], q[j]);
