@@ -269,8 +269,8 @@ def test_two_level_scales_every_isa(fmt, group, S, offsets, gen):
         _C.force_cpu_isa(best)
 
 
-@pytest.mark.parametrize("case", ["g32", "g64-sym", "g128", "q4k", "q3k-g16", "i8w-row", "i8w-g32", "i8w-q6k",
-                                  "i8w-q5k", "i8w-g16-k48"])
+@pytest.mark.parametrize("case", ["g32", "g64-sym", "g128", "q4k", "q4k-k768", "q4k-s1-k416", "q4k-s32-nooff",
+                                  "q3k-g16", "i8w-row", "i8w-g32", "i8w-q6k", "i8w-q5k", "i8w-g16-k48"])
 def test_decode_int8_activations_medium(case, gen):
     """matmul_precision="medium" at decode (1 .. 15 rows): int4 weights (groups of 16 to 128, single- or two-level
     scales; AVX-512 VNNI or AVX2) and int8-weight ones (1 .. 3 rows; per row, grouped, two-level, offsets; AVX-512
@@ -282,9 +282,13 @@ def test_decode_int8_activations_medium(case, gen):
     from conftest import _supported_isas
 
     N, K = 37, 32 * 13
-    if case in ("q4k", "q3k-g16", "i8w-q6k", "i8w-q5k"):
-        K = 512
-        fmt, g, S, off = {"q4k": ("int4", 32, 8, True), "q3k-g16": ("int4", 16, 16, True),
+    if case.startswith("q") or case in ("i8w-q6k", "i8w-q5k"):
+        # (Q4_K-like: 16 groups a chunk of the fused kernel, 24 = one and a half, 13 with super-blocks of one, 32
+        # with super-blocks of 32 and no offsets)
+        K = {"q4k-k768": 768, "q4k-s1-k416": 416, "q4k-s32-nooff": 1024}.get(case, 512)
+        fmt, g, S, off = {"q4k": ("int4", 32, 8, True), "q4k-k768": ("int4", 32, 8, True),
+                          "q4k-s1-k416": ("int4", 32, 1, True), "q4k-s32-nooff": ("int4", 32, 32, False),
+                          "q3k-g16": ("int4", 16, 16, True),
                           "i8w-q6k": ("int8-weight", 16, 16, False), "i8w-q5k": ("int8-weight", 32, 8, True)}[case]
         q = _two_level(fmt, g, S, off, N, K, gen)
     elif case.startswith("i8w"):
@@ -316,7 +320,8 @@ def test_decode_int8_activations_medium(case, gen):
                 want = linear_int8_activations(x, q, b)
                 scale = (x.abs().double() @ q.dequantize(torch.float64).abs().t()).max().item() + b.abs().max().item()
                 assert rel_err(md, want, floor=scale) < 1e-5, (isa, M)
-                assert 0 < rel_err(md, hi) < 2e-2, (isa, M)  # the rounding happened, at its usual size
+                # the rounding happened, at its usual size (larger without offsets: y's terms cancel more)
+                assert 0 < rel_err(md, hi) < (5e-2 if case.endswith("nooff") else 2e-2), (isa, M)
                 xn = x.clone()
                 xn[-1, 5] = float("nan")
                 got = ne.ops.quantized_linear(xn, q, b, matmul_precision="medium")
