@@ -270,7 +270,7 @@ def test_two_level_scales_every_isa(fmt, group, S, offsets, gen):
 
 
 @pytest.mark.parametrize("case", ["g32", "g64-sym", "g128", "q4k", "q4k-k768", "q4k-s1-k416", "q4k-s32-nooff",
-                                  "q3k-g16", "i8w-row", "i8w-g32", "i8w-q6k", "i8w-q5k", "i8w-g16-k48"])
+                                  "q3k-g16", "q3k-s2-k416", "i8w-row", "i8w-g32", "i8w-q6k", "i8w-q5k", "i8w-g16-k48"])
 def test_decode_int8_activations_medium(case, gen):
     """matmul_precision="medium" at decode (1 .. 15 rows): int4 weights (groups of 16 to 128, single- or two-level
     scales; AVX-512 VNNI or AVX2) and int8-weight ones (1 .. 3 rows; per row, grouped, two-level, offsets; AVX-512
@@ -284,11 +284,11 @@ def test_decode_int8_activations_medium(case, gen):
     N, K = 37, 32 * 13
     if case.startswith("q") or case in ("i8w-q6k", "i8w-q5k"):
         # (Q4_K-like: 16 groups a chunk of the fused kernel, 24 = one and a half, 13 with super-blocks of one, 32
-        # with super-blocks of 32 and no offsets)
-        K = {"q4k-k768": 768, "q4k-s1-k416": 416, "q4k-s32-nooff": 1024}.get(case, 512)
+        # with super-blocks of 32 and no offsets; Q3_K-like groups of 16: 26 with super-blocks of 2)
+        K = {"q4k-k768": 768, "q4k-s1-k416": 416, "q4k-s32-nooff": 1024, "q3k-s2-k416": 416}.get(case, 512)
         fmt, g, S, off = {"q4k": ("int4", 32, 8, True), "q4k-k768": ("int4", 32, 8, True),
                           "q4k-s1-k416": ("int4", 32, 1, True), "q4k-s32-nooff": ("int4", 32, 32, False),
-                          "q3k-g16": ("int4", 16, 16, True),
+                          "q3k-g16": ("int4", 16, 16, True), "q3k-s2-k416": ("int4", 16, 2, True),
                           "i8w-q6k": ("int8-weight", 16, 16, False), "i8w-q5k": ("int8-weight", 32, 8, True)}[case]
         q = _two_level(fmt, g, S, off, N, K, gen)
     elif case.startswith("i8w"):

@@ -662,17 +662,20 @@ void w4a8_rows(const QArgs& a, int64_t n, int64_t m0, const float* s, const floa
     quant_store(a, m0 + r, n, _mm512_reduce_add_ps(acc[r]) - zero_dot(f, a.gsum + (m0 + r) * G, G));
 }
 
-// w4a8_rows for a two-level weight with groups of 32 (GGUF Q4_K) whose super-blocks spread (S | 16 or 16 | S): each
-// 16 groups' scales d sc and zero factors dmin m (or s zero_point) made in registers, the scales spread to four
-// steps by permutes and the zero term accumulated beside (w4a8_row_scales stored them for the steps to load back:
-// 8-9% of a Q4_K_M decode's samples, against 40% for the steps themselves)
-template <int MR>
-void w4a8_rows_g32_two_level(const QArgs& a, int64_t n, int64_t m0, const float*, const float*) {
+// w4a8_rows for a two-level weight with groups of 32 (GGUF Q4_K) or 16 (Q3_K, Q2_K) whose super-blocks spread (S | 16
+// or 16 | S): each 16 groups' scales d sc and zero factors dmin m (or s zero_point) made in registers, the scales
+// spread to the steps by permutes (four steps of 4 groups, or two of 8) and the zero term accumulated beside
+// (w4a8_row_scales stored them for the steps to load back: 8-9% of a Q4_K_M decode's samples, against 40% for the
+// steps themselves)
+template <int MR, bool G16>
+void w4a8_rows_two_level(const QArgs& a, int64_t n, int64_t m0, const float*, const float*) {
   const QWeight& w = *a.w;
-  const int64_t K = w.K, G = K / 32, nb4 = (G + 3) / 4, S = w.super;
+  constexpr int kPerStep = G16 ? 8 : 4;  // groups a 128-column step
+  const int64_t K = w.K, G = K / (G16 ? 16 : 32), nb = K / 32, nb4 = (nb + 3) / 4, S = w.super;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i idx = S >= 16 ? _mm512_setzero_si512() : _mm512_srli_epi32(lane, __builtin_ctzll(S));
-  const __m512i quad = _mm512_srli_epi32(lane, 2);  // step k of four reads groups 4 k + lane / 4
+  // step k reads groups kPerStep k + lane / 4 (groups of 32: 4 lanes a block) or + lane / 2 (of 16: two a block)
+  const __m512i quad = _mm512_srli_epi32(lane, G16 ? 1 : 2);
   const __m512 zc = _mm512_set1_ps(w.zero_point);
   const __m512i lo4 = _mm512_set1_epi8(15);
   const uint8_t* wr = static_cast<const uint8_t*>(w.data) + n * (K / 2);
@@ -700,12 +703,13 @@ void w4a8_rows_g32_two_level(const QArgs& a, int64_t n, int64_t m0, const float*
                                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(gm, w.sub_zero + at))))
                    : _mm512_mul_ps(sg, zc);
     for (int r = 0; r < MR; ++r) zacc[r] = _mm512_fmadd_ps(fg, _mm512_maskz_loadu_ps(gm, gs[r] + g0), zacc[r]);
-    for (int64_t k = 0, b4 = g0 / 4; k < 4 && b4 < nb4; ++k, ++b4) {
-      const int64_t rest = G - 4 * b4;  // blocks left: the last 64 bytes of W may be short
+    for (int64_t k = 0, b4 = g0 / kPerStep; k < 16 / kPerStep && b4 < nb4; ++k, ++b4) {
+      const int64_t rest = nb - 4 * b4;  // blocks left: the last 64 bytes of W may be short
       const __mmask64 mask = rest >= 4 ? ~0ULL : (1ULL << (16 * rest)) - 1;
       const __m512i wb = _mm512_maskz_loadu_epi8(mask, wr + 64 * b4);
       const __m512i lo = _mm512_and_si512(wb, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(wb, 4), lo4);
-      const __m512 sw = _mm512_permutexvar_ps(_mm512_add_epi32(quad, _mm512_set1_epi32(static_cast<int>(4 * k))), sg);
+      const __m512i at_k = _mm512_add_epi32(quad, _mm512_set1_epi32(static_cast<int>(kPerStep * k)));
+      const __m512 sw = _mm512_permutexvar_ps(at_k, sg);
       for (int r = 0; r < MR; ++r) {
         __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr[r] + 128 * b4));
         d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xr[r] + 128 * b4 + 64));
@@ -721,10 +725,12 @@ void no_row_scales(const QWeight&, int64_t, int64_t, float*, float*) {}
 void int4_block_w4a8(const QArgs& a, int64_t n0, int64_t n1) {
   const QWeight& w = *a.w;
   const int64_t S = w.super;
-  if (w.sub && w.group == 32 && S > 0 && ((S & (S - 1)) == 0 || (S & 15) == 0)) {
-    static constexpr W4A8Rows fused[5] = {nullptr, w4a8_rows_g32_two_level<1>, w4a8_rows_g32_two_level<2>,
-                                          w4a8_rows_g32_two_level<3>, w4a8_rows_g32_two_level<4>};
-    return w4a8_block(a, n0, n1, no_row_scales, fused);
+  if (w.sub && (w.group == 32 || w.group == 16) && S > 0 && ((S & (S - 1)) == 0 || (S & 15) == 0)) {
+    static constexpr W4A8Rows g32[5] = {nullptr, w4a8_rows_two_level<1, false>, w4a8_rows_two_level<2, false>,
+                                        w4a8_rows_two_level<3, false>, w4a8_rows_two_level<4, false>};
+    static constexpr W4A8Rows g16[5] = {nullptr, w4a8_rows_two_level<1, true>, w4a8_rows_two_level<2, true>,
+                                        w4a8_rows_two_level<3, true>, w4a8_rows_two_level<4, true>};
+    return w4a8_block(a, n0, n1, no_row_scales, w.group == 16 ? g16 : g32);
   }
   static constexpr W4A8Rows rows[5] = {nullptr, w4a8_rows<1>, w4a8_rows<2>, w4a8_rows<3>, w4a8_rows<4>};
   w4a8_block(a, n0, n1, w4a8_row_scales, rows);
