@@ -83,6 +83,7 @@ struct NormRows {
   }
 
   static R load_w(const A* w, int64_t i, int k) { return w ? loadn<V>(w + i, k) : V::set1(A(1)); }
+  static R load_b(const A* b, int64_t i, int k) { return b ? loadn<V>(b + i, k) : V::zero(); }
 
   // f(std::bool_constant<b0>{}, ...) for the run-time flags b0, ...: a loop body that tests them per vector becomes
   // one loop per case with the tests gone (GCC did not unswitch the forward's w / b / streaming tests: five
@@ -102,7 +103,6 @@ struct NormRows {
     else if constexpr (HB::value) return V::add(xhat, loadn<V>(b + i, k));
     else return xhat;
   }
-  static R load_b(const A* b, int64_t i, int k) { return b ? loadn<V>(b + i, k) : V::zero(); }
 
   // ---------------------------------------------------------------- row statistics
   // LayerNorm statistics, shifted. K = mean of the row's first vector (up to N values), a value

@@ -504,6 +504,10 @@ RowRoom row_room(int64_t G) {
 // The super-block of group n G + g for the row scale kernels' steps of `step` groups (16 or 8), g = 0, step, ...:
 // with S | step a shift, with step | S a count; no division where S is a power of two (64-bit idivs in the step
 // loop cost 8 a row of a Q4_K weight). Only for spread weights: S | step or step | S, S | G (checked on entry).
+// Whether super-blocks of S groups spread over steps of `step` (a power of two) groups: S | step or step | S (a power
+// of two is one or the other; no division: step % S was an idiv a row)
+inline bool spreads(int64_t S, int64_t step) { return S > 0 && ((S & (S - 1)) == 0 || (S & (step - 1)) == 0); }
+
 struct SuperIndex {
   int64_t first = 0, sb = 0, left = 0, S = 1, step = 1;
   int sh = 0;
@@ -553,8 +557,7 @@ void w4a8_block(const QArgs& a, int64_t n0, int64_t n1, W4A8Scales scales, const
 // or 16 groups (the 16 / S a step read, no further: the last row's may end the array), else one by one.
 void w4a8_row_scales(const QWeight& w, int64_t n, int64_t G, float* s, float* f) {
   const int64_t S = w.super;
-  // S | 16 or 16 | S; a power of two is one or the other (no division: 16 % S was an idiv a row)
-  const bool spread = w.sub && S > 0 && ((S & (S - 1)) == 0 || (S & 15) == 0);
+  const bool spread = w.sub && spreads(S, 16);
   const __mmask16 dmask = spread && S < 16 ? static_cast<__mmask16>((1u << (16 >> __builtin_ctzll(S))) - 1) : 1;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i idx = spread ? (S >= 16 ? _mm512_setzero_si512() : _mm512_srli_epi32(lane, __builtin_ctzll(S))) : lane;
@@ -619,8 +622,26 @@ float round_block32_512(const float* xb, int32_t* t) {
   return sx;
 }
 
-// Rows m0 .. m0 + MR - 1 of x against row n of W (its scales s, zero-term factors f): each 64 bytes of W are
-// loaded and split into nibbles once, and the step's group scales spread once, for all MR rows.
+// One 128-column step b4 of a W row wr (nb blocks of 32 in all) for MR rows of x (their int8 codes xr, lane scales
+// sxr), the step's group scales per lane sw: the 64 bytes of W loaded and split into nibbles once for all rows.
+template <int MR>
+inline __attribute__((always_inline)) void w4a8_step(const uint8_t* wr, int64_t b4, int64_t nb, __m512 sw,
+                                                     const int8_t* const* xr, const float* const* sxr, __m512* acc) {
+  const __m512i lo4 = _mm512_set1_epi8(15);
+  const int64_t rest = nb - 4 * b4;  // blocks left: the last 64 bytes of W may be short
+  const __mmask64 mask = rest >= 4 ? ~0ULL : (1ULL << (16 * rest)) - 1;
+  const __m512i wb = _mm512_maskz_loadu_epi8(mask, wr + 64 * b4);
+  const __m512i lo = _mm512_and_si512(wb, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(wb, 4), lo4);
+  for (int r = 0; r < MR; ++r) {
+    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr[r] + 128 * b4));
+    d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xr[r] + 128 * b4 + 64));
+    const __m512 sx = _mm512_loadu_ps(sxr[r] + 16 * b4);
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, sx), acc[r]);
+  }
+}
+
+// Rows m0 .. m0 + MR - 1 of x against row n of W (its scales s, zero-term factors f): each step's group scales
+// spread once for all MR rows.
 template <int MR>
 void w4a8_rows(const QArgs& a, int64_t n, int64_t m0, const float* s, const float* f) {
   const QWeight& w = *a.w;
@@ -632,7 +653,6 @@ void w4a8_rows(const QArgs& a, int64_t n, int64_t m0, const float* s, const floa
   const __m512i lanes =
       g16 ? _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7)
           : _mm512_srli_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), __builtin_ctzll(per));
-  const __m512i lo4 = _mm512_set1_epi8(15);
   const uint8_t* wr = static_cast<const uint8_t*>(w.data) + n * (K / 2);
   const int sh = g16 ? 0 : __builtin_ctzll(per);  // 4 b4 / per as a shift (per is 1, 2 or 4: a division per step
                                                   // cost an idiv in the loop)
@@ -645,18 +665,9 @@ void w4a8_rows(const QArgs& a, int64_t n, int64_t m0, const float* s, const floa
     acc[r] = _mm512_setzero_ps();
   }
   for (int64_t b4 = 0; b4 < nb4; ++b4) {
-    const int64_t rest = nb - 4 * b4;  // blocks left: the last 64 bytes of W may be short
-    const __mmask64 mask = rest >= 4 ? ~0ULL : (1ULL << (16 * rest)) - 1;
-    const __m512i wb = _mm512_maskz_loadu_epi8(mask, wr + 64 * b4);
-    const __m512i lo = _mm512_and_si512(wb, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(wb, 4), lo4);
     const __m512 sw = g16 ? _mm512_permutexvar_ps(lanes, _mm512_castps256_ps512(_mm256_loadu_ps(s + 8 * b4)))
                           : _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_loadu_ps(s + (4 * b4 >> sh))));
-    for (int r = 0; r < MR; ++r) {
-      __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr[r] + 128 * b4));
-      d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xr[r] + 128 * b4 + 64));
-      const __m512 sx = _mm512_loadu_ps(sxr[r] + 16 * b4);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, sx), acc[r]);
-    }
+    w4a8_step<MR>(wr, b4, nb, sw, xr, sxr, acc);
   }
   for (int r = 0; r < MR; ++r)
     quant_store(a, m0 + r, n, _mm512_reduce_add_ps(acc[r]) - zero_dot(f, a.gsum + (m0 + r) * G, G));
@@ -677,7 +688,6 @@ void w4a8_rows_two_level(const QArgs& a, int64_t n, int64_t m0, const float*, co
   // step k reads groups kPerStep k + lane / 4 (groups of 32: 4 lanes a block) or + lane / 2 (of 16: two a block)
   const __m512i quad = _mm512_srli_epi32(lane, G16 ? 1 : 2);
   const __m512 zc = _mm512_set1_ps(w.zero_point);
-  const __m512i lo4 = _mm512_set1_epi8(15);
   const uint8_t* wr = static_cast<const uint8_t*>(w.data) + n * (K / 2);
   SuperIndex si(w, n, G, 16);
   const int8_t* xr[MR];
@@ -704,18 +714,8 @@ void w4a8_rows_two_level(const QArgs& a, int64_t n, int64_t m0, const float*, co
                    : _mm512_mul_ps(sg, zc);
     for (int r = 0; r < MR; ++r) zacc[r] = _mm512_fmadd_ps(fg, _mm512_maskz_loadu_ps(gm, gs[r] + g0), zacc[r]);
     for (int64_t k = 0, b4 = g0 / kPerStep; k < 16 / kPerStep && b4 < nb4; ++k, ++b4) {
-      const int64_t rest = nb - 4 * b4;  // blocks left: the last 64 bytes of W may be short
-      const __mmask64 mask = rest >= 4 ? ~0ULL : (1ULL << (16 * rest)) - 1;
-      const __m512i wb = _mm512_maskz_loadu_epi8(mask, wr + 64 * b4);
-      const __m512i lo = _mm512_and_si512(wb, lo4), hi = _mm512_and_si512(_mm512_srli_epi16(wb, 4), lo4);
       const __m512i at_k = _mm512_add_epi32(quad, _mm512_set1_epi32(static_cast<int>(kPerStep * k)));
-      const __m512 sw = _mm512_permutexvar_ps(at_k, sg);
-      for (int r = 0; r < MR; ++r) {
-        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr[r] + 128 * b4));
-        d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xr[r] + 128 * b4 + 64));
-        const __m512 sx = _mm512_loadu_ps(sxr[r] + 16 * b4);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, sx), acc[r]);
-      }
+      w4a8_step<MR>(wr, b4, nb, _mm512_permutexvar_ps(at_k, sg), xr, sxr, acc);
     }
   }
   for (int r = 0; r < MR; ++r) quant_store(a, m0 + r, n, _mm512_reduce_add_ps(acc[r]) - _mm512_reduce_add_ps(zacc[r]));
@@ -724,8 +724,7 @@ void no_row_scales(const QWeight&, int64_t, int64_t, float*, float*) {}
 
 void int4_block_w4a8(const QArgs& a, int64_t n0, int64_t n1) {
   const QWeight& w = *a.w;
-  const int64_t S = w.super;
-  if (w.sub && (w.group == 32 || w.group == 16) && S > 0 && ((S & (S - 1)) == 0 || (S & 15) == 0)) {
+  if (w.sub && (w.group == 32 || w.group == 16) && spreads(w.super, 16)) {
     static constexpr W4A8Rows g32[5] = {nullptr, w4a8_rows_two_level<1, false>, w4a8_rows_two_level<2, false>,
                                         w4a8_rows_two_level<3, false>, w4a8_rows_two_level<4, false>};
     static constexpr W4A8Rows g16[5] = {nullptr, w4a8_rows_two_level<1, true>, w4a8_rows_two_level<2, true>,
@@ -832,7 +831,7 @@ inline __m256 int8x8(const int8_t* p) {
 // spread by a permute, else one by one)
 void w4a8_row_scales_avx2(const QWeight& w, int64_t n, int64_t G, float* s, float* f) {
   const int64_t S = w.super;
-  const bool spread = w.sub && S > 0 && ((S & (S - 1)) == 0 || (S & 7) == 0);  // S | 8 or 8 | S
+  const bool spread = w.sub && spreads(S, 8);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i idx = spread ? (S >= 8 ? _mm256_setzero_si256() : _mm256_srli_epi32(lane, __builtin_ctzll(S))) : lane;
   const __m256 zc = _mm256_set1_ps(w.zero_point);
